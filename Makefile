@@ -1,0 +1,52 @@
+# richpref: `make demo` curates the bundled prompts end to end on the tiny profile; `make test` runs the suite.
+# Both create the virtual environment and install what they need on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= data
+MODELS ?= $(DATA)/models/tiny
+RUN ?= demo
+
+# Offline by design: a model that is not local fails at once instead of retrying the Hub.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export TRANSFORMERS_VERBOSITY := error
+
+.PHONY: install models demo test bench clean-runs help
+
+help:
+	@echo "make demo   - install, build tiny models, curate bundled prompts, print a duckdb summary"
+	@echo "make test   - install and run the test suite"
+	@echo "make bench  - run the benchmarks in bench/ (prints figures)"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(MODELS)/BUILD.json: $(VENV)/.installed
+	$(VENV)/bin/richpref models build-tiny $(MODELS)
+
+models: $(MODELS)/BUILD.json
+
+demo: models
+	$(VENV)/bin/richpref --data-dir $(DATA) curate --profile tiny --run $(RUN)
+	@echo
+	@echo "Query it:  $(VENV)/bin/richpref --data-dir $(DATA) inspect $(RUN)"
+	@echo "      or:  duckdb -c \"select status, reason, count(*) from '$(DATA)/runs/$(RUN)/filter/*.parquet' group by all\""
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: models
+	$(PY) bench/demo_budget.py
+
+clean-runs:
+	rm -rf $(DATA)/runs $(DATA)/.prefect

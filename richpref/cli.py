@@ -1,0 +1,134 @@
+"""`richpref` command line: curate, models build-tiny, inspect, summary."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_defaults(data_dir: str) -> None:
+    """Offline-friendly defaults, set before prefect/transformers are imported; the user's env wins."""
+    defaults = {
+        "PREFECT_HOME": str(Path(data_dir).resolve() / ".prefect"),
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "richpref",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from .flows.curate import CurateFailed, curate
+    from .inspect import format_summary, summary
+    from .schemas.config import ProfileError, load_profile
+    from .tasks.source import SourceError
+
+    try:
+        load_profile(args.profile, args.set, args.models_root)  # fail on a bad profile before Prefect starts
+        result = curate(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+                        models_root=args.models_root)
+    except (ProfileError, SourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CurateFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"\npairs (Pick-a-Pic format): {result['pairs']}")
+    print(f"run folder: {result['run_dir']}")
+    print(format_summary(summary(args.data_dir, args.run)))
+    return 0
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> int:
+    import logging
+
+    from .models.tiny import build_tiny_models
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    paths = build_tiny_models(args.dir, seed=args.seed, force=args.force)
+    print(json.dumps(paths, indent=2))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .inspect import format_summary, summary
+
+    s = summary(args.data_dir, args.run)
+    print(json.dumps(s, indent=2, default=str) if args.json else format_summary(s))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import connect
+
+    con, views = connect(args.data_dir, args.run)
+    if args.command:
+        print(con.sql(args.command))
+        return 0
+    print(f"views: {', '.join(views)} (joined on item_id). End a statement with ';', quit with .quit or Ctrl-D.")
+    buf = ""
+    while True:
+        try:
+            line = input("richpref> " if not buf else "   ...> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in (".quit", ".exit", "\\q"):
+            return 0
+        buf += line + "\n"
+        if buf.strip().endswith(";"):
+            try:
+                print(con.sql(buf))
+            except Exception as exc:  # noqa: BLE001 - an interactive shell reports and goes on
+                print(f"error: {exc}")
+            buf = ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="richpref", description=__doc__)
+    p.add_argument("--data-dir", default=os.environ.get("RICHPREF_DATA_DIR", "data"),
+                   help="where runs live (local dir or fsspec URL); default ./data")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("curate", help="run the curate flow (ephemeral Prefect unless PREFECT_API_URL is set)")
+    c.add_argument("--profile", default="tiny", help="profile name in configs/ or a YAML path")
+    c.add_argument("--run", default="demo", help="run name: outputs go to <data-dir>/runs/<run>/")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a profile value, e.g. --set edit.strength=0.6 (repeatable)")
+    c.add_argument("--models-root", default=None, help="directory relative model references resolve against")
+    c.set_defaults(fn=cmd_curate)
+
+    m = sub.add_parser("models", help="model utilities")
+    msub = m.add_subparsers(dest="models_cmd", required=True)
+    b = msub.add_parser("build-tiny", help="build the tiny random-weight models into DIR")
+    b.add_argument("dir", nargs="?", default="data/models/tiny")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build is there")
+    b.set_defaults(fn=cmd_build_tiny)
+
+    s = sub.add_parser("summary", help="rows per stage, rejects by reason, flip rate")
+    s.add_argument("run")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_summary)
+
+    i = sub.add_parser("inspect", help="duckdb with one view per stage of RUN")
+    i.add_argument("run")
+    i.add_argument("-c", "--command", help="run one SQL statement and exit")
+    i.set_defaults(fn=cmd_inspect)
+
+    args = p.parse_args(argv)
+    _quiet_defaults(args.data_dir)
+    import logging
+
+    logging.getLogger("richpref").setLevel(logging.INFO)  # one progress line per shard
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

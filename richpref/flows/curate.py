@@ -1,0 +1,170 @@
+"""The curate flow: source, then every stage in order, each mapped over the run's shards.
+
+Each shard task is cached on (stage, code version, effective stage config, input shard contents,
+output location); never on the flow run, so a new run of the same run name reuses finished shards.
+A failed shard does not stop the other shards; the flow fails at the end, naming the failed ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ..models.runtime import resident
+from ..schemas.config import Profile, load_profile, profile_hash
+from ..storage import RunStore, ShardManifest
+from ..tasks import OUTPUTS, PIPELINE
+from ..tasks.base import Stage, run_stage_shard
+from ..tasks.source import VERSION as SOURCE_VERSION
+from ..tasks.source import shard_source, source_fingerprint
+
+log = logging.getLogger("richpref")
+
+
+class CurateFailed(RuntimeError):
+    pass
+
+
+def _location_key(store: RunStore, stage: str, shard: int, key: str) -> str:
+    where = hashlib.sha256(store.uri(store.shard_path(stage, shard)).encode()).hexdigest()[:16]
+    return f"{stage}-{shard:05d}-{key[:32]}-{where}"
+
+
+def _shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    store = RunStore(parameters["data_dir"], parameters["run"])
+    return _location_key(store, parameters["stage"].out, parameters["shard"], parameters["key"])
+
+
+@task(name="stage-shard", task_run_name="{stage.name}-{shard:05d}", cache_key_fn=_shard_cache_key, persist_result=True)
+def stage_shard(stage: Stage, shard: int, inputs: dict[str, ShardManifest], data_dir: str, run: str,
+                profile: Profile, key: str) -> ShardManifest:
+    """Thin Prefect wrapper around the stage's pure shard function (see tasks/base.py)."""
+    return run_stage_shard(stage, shard, inputs, RunStore(data_dir, run), profile, key)
+
+
+def _source_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    store = RunStore(parameters["data_dir"], parameters["run"])
+    return _location_key(store, "source", 0, parameters["key"])
+
+
+@task(name="source", cache_key_fn=_source_cache_key, persist_result=True)
+def source_shards(data_dir: str, run: str, profile: Profile, key: str) -> list[ShardManifest]:
+    store = RunStore(data_dir, run)
+    existing = store.shards("source")
+    done = [store.committed("source", s, key) for s in existing]
+    if existing and existing == list(range(len(existing))) and all(done):
+        return done  # type: ignore[return-value]
+    t0 = time.perf_counter()
+    tables = shard_source(profile.source)
+    manifests = [store.write_shard("source", i, t, key) for i, t in enumerate(tables)]
+    # A smaller source than last time: shards past the end are not part of this run any more.
+    for out in OUTPUTS:
+        for s in store.shards(out):
+            if s >= len(tables):
+                store.fs.rm(store.shard_path(out, s))
+    rows = sum(m.rows for m in manifests)
+    log.info("source: %d rows in %d shards (%.2fs), rejected %d", rows, len(manifests), time.perf_counter() - t0,
+             sum(m.rejected for m in manifests))
+    store.append_log("work.jsonl", {"stage": "source", "shard": -1, "rows": rows, "kept": sum(m.kept for m in manifests),
+                                    "compute_s": round(time.perf_counter() - t0, 4), "key": key, "at": time.time()})
+    return manifests
+
+
+def _run_storage(store: RunStore) -> Path | None:
+    """Prefect results (the cache records) live with the run, so a run's cache travels with its data."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(store.fs, LocalFileSystem):
+        path = Path(store.root) / "_prefect"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return None  # remote data: use the Prefect profile's result storage (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK)
+
+
+def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], store: RunStore, data_dir: str,
+              run: str, profile: Profile, storage) -> tuple[dict[int, ShardManifest], list[str]]:
+    """Map one stage over every shard whose inputs exist; return its manifests and failures."""
+    shards = sorted(set.intersection(*(set(manifests[r]) for r in stage.reads)))
+    keys = {s: stage.content_key(profile, {r: manifests[r][s] for r in stage.reads}) for s in shards}
+    fresh = [s for s in shards if store.committed(stage.out, s, keys[s]) is not None]
+    # A cache record is only trusted while its shard is on disk; otherwise recompute and overwrite it.
+    stale = [s for s in shards if s not in fresh]
+    futures = {}
+    base = stage_shard.with_options(result_storage=storage) if storage else stage_shard
+    for group, refresh in ((fresh, False), (stale, True)):
+        t = base.with_options(refresh_cache=refresh)
+        for s in group:
+            futures[s] = t.submit(stage, s, {r: manifests[r][s] for r in stage.reads}, data_dir, run, profile, keys[s])
+    done, failed = {}, []
+    for s, fut in sorted(futures.items()):
+        fut.wait()
+        state = fut.state
+        if state.is_completed():
+            done[s] = fut.result()
+        else:
+            try:
+                fut.result()
+                err = state.message or state.name
+            except BaseException as exc:  # noqa: BLE001 - report, do not stop the other shards
+                err = f"{type(exc).__name__}: {exc}"
+            failed.append(f"{stage.name}/part-{s:05d}: {err}")
+            log.error("%s shard %05d failed: %s", stage.name, s, err)
+    return done, failed
+
+
+def failure_message(failures: list[str]) -> str:
+    """Failed shards grouped by error, so one missing model reads as one line, not one per shard."""
+    by_error: dict[str, list[str]] = {}
+    for f in failures:
+        where, err = f.split(": ", 1)
+        by_error.setdefault(err, []).append(where)
+    lines = [f"{', '.join(w)}: {err}" for err, w in by_error.items()]
+    return (f"{len(failures)} shard(s) failed; fix the cause and rerun the same command to redo only those:\n  "
+            + "\n  ".join(lines))
+
+
+@flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", overrides: list[str] | None = None,
+           models_root: str | None = None) -> dict:
+    """Curate preference pairs for `run` with `profile`; returns per-stage counts and the pairs location."""
+    prof = load_profile(profile, overrides, models_root)
+    store = RunStore(data_dir, run)
+    storage = _run_storage(store)
+    store.write_text("profile.json", prof.model_dump_json(indent=2))
+
+    manifests: dict[str, dict[int, ShardManifest]] = {}
+    source_key = hashlib.sha256(f"{SOURCE_VERSION}:{source_fingerprint(prof.source)}".encode()).hexdigest()
+    src_task = source_shards.with_options(result_storage=storage) if storage else source_shards
+    existing = [store.committed("source", s, source_key) for s in store.shards("source")]
+    src_task = src_task.with_options(refresh_cache=not (existing and all(existing)))
+    manifests["source"] = {m.shard: m for m in src_task(data_dir, run, prof, source_key)}
+
+    failures: list[str] = []
+    for stage in PIPELINE:
+        manifests[stage.out], failed = run_stage(stage, manifests, store, data_dir, run, prof, storage)
+        failures += failed
+        resident.release()  # one big model at a time: free this stage's before the next loads
+
+    summary = {
+        "run": run,
+        "profile": prof.name,
+        "profile_hash": profile_hash(prof),
+        "run_dir": store.uri(store.root),
+        "pairs": store.uri(store.stage_dir("pairs")),
+        "stages": {
+            out: {"shards": len(ms), "rows": sum(m.rows for m in ms.values()), "kept": sum(m.kept for m in ms.values())}
+            for out, ms in manifests.items()
+        },
+        "failed": failures,
+        "manifests": {out: [m.to_dict() for m in ms.values()] for out, ms in manifests.items()},
+    }
+    store.write_text("run.json", json.dumps(summary, indent=2))
+    if failures:
+        raise CurateFailed(failure_message(failures))
+    return summary

@@ -1,0 +1,68 @@
+"""Image bytes in and out of tables: decode defensively, encode losslessly."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+MAX_PIXELS = 64_000_000
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; the message is the row's reject reason."""
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes | None) -> Image.Image:
+    """Bytes -> RGB image, or BadImage naming what is wrong."""
+    if data is None or len(data) == 0:
+        raise BadImage("bad_image: empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_PIXELS:
+                raise BadImage(f"bad_image: {img.width}x{img.height} is over {MAX_PIXELS} pixels")
+            img.load()
+    except BadImage:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
+        raise BadImage(f"bad_image: cannot decode ({type(exc).__name__}: {exc})") from None
+    if img.width < 8 or img.height < 8:
+        raise BadImage(f"bad_image: {img.width}x{img.height} is too small (min 8x8)")
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def pixel_change(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute per-pixel difference in [0, 1], after resizing b to a's size."""
+    if a.size != b.size:
+        b = b.resize(a.size, Image.BICUBIC)
+    x = np.asarray(a.convert("RGB"), dtype=np.float32)
+    y = np.asarray(b.convert("RGB"), dtype=np.float32)
+    return float(np.abs(x - y).mean() / 255.0)
+
+
+def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    """Both images at the left one's height, next to each other (for one-image VLM questions)."""
+    h = left.height
+    r = right.resize((max(1, round(right.width * h / right.height)), h), Image.BICUBIC)
+    out = Image.new("RGB", (left.width + r.width, h), (255, 255, 255))
+    out.paste(left.convert("RGB"), (0, 0))
+    out.paste(r.convert("RGB"), (left.width, 0))
+    return out

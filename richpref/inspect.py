@@ -1,0 +1,62 @@
+"""duckdb views over a run: one view per stage (joined on item_id), and the summary the demo prints."""
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from .storage import RunStore
+from .tasks import OUTPUTS
+
+SQL_STRING = str.maketrans({"'": "''"})
+
+
+def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """An in-memory duckdb with a view per stage that has shards (`source`, `sample`, … `pairs`)."""
+    store = RunStore(data_dir, run)
+    con = duckdb.connect()
+    views = []
+    for out in OUTPUTS:
+        files = [store.uri(store.shard_path(out, s)) for s in store.shards(out)]
+        if not files:
+            continue
+        listing = ", ".join("'" + f.translate(SQL_STRING) + "'" for f in files)
+        con.execute(f'create view "{out}" as select * from read_parquet([{listing}], union_by_name=true)')
+        views.append(out)
+    if not views:
+        raise FileNotFoundError(f"run {run!r} has no shards under {store.uri(store.root)}; run `richpref curate --run {run}` first")
+    return con, views
+
+
+def summary(data_dir: str, run: str) -> dict:
+    con, views = connect(data_dir, run)
+    stages = []
+    for v in views:
+        if v == "pairs":
+            n = con.execute('select count(*) from "pairs"').fetchone()[0]
+            stages.append({"stage": v, "rows": n, "kept": n, "rejected": 0, "reasons": {}})
+            continue
+        rows, kept = con.execute(f"select count(*), count(*) filter (where status = 'ok') from \"{v}\"").fetchone()
+        reasons = dict(con.execute(
+            f"select split_part(reason, ':', 1) as r, count(*) from \"{v}\" where status <> 'ok' group by 1 order by 2 desc, 1"
+        ).fetchall())
+        stages.append({"stage": v, "rows": rows, "kept": kept, "rejected": rows - kept, "reasons": reasons})
+    out = {"run": run, "stages": stages}
+    if "relabel" in views:
+        n, flipped = con.execute("select count(*), count(*) filter (where flipped) from relabel where status = 'ok'").fetchone()
+        out["flip_rate"] = (flipped / n) if n else None
+    if "pairs" in views:
+        out["label_0"] = dict(con.execute("select label_0, count(*) from pairs group by 1 order by 1").fetchall())
+    return out
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"run {s['run']}", f"{'stage':<10} {'rows':>6} {'kept':>6} {'rejected':>9}  reasons"]
+    for st in s["stages"]:
+        reasons = ", ".join(f"{k}={v}" for k, v in st["reasons"].items())
+        lines.append(f"{st['stage']:<10} {st['rows']:>6} {st['kept']:>6} {st['rejected']:>9}  {reasons}")
+    if s.get("flip_rate") is not None:
+        lines.append(f"flip rate (edit scored lower than the original): {s['flip_rate']:.1%}")
+    if "label_0" in s:
+        lines.append(f"pairs label_0 counts: {json.dumps({str(k): v for k, v in s['label_0'].items()})}")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""Background removal with rembg: foreground masks and white-background composites.
+
+rembg is imported inside `BackgroundRemover.load`: its first import compiles pymatting with numba
+(~46 s on a fresh machine, ~1.4 s afterwards), which code paths without cut-outs should not pay.
+
+Missing model files are found before rembg is imported: offline, a missing model raises
+`ModelNotAvailable` at once with the expected path, instead of a download attempt.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .runtime import ModelNotAvailable
+
+# rembg sessions whose weights are one file `<name>.onnx`, looked up (in rembg 2.x) at
+# `<home>/models/<name>/<name>.onnx`, then at the legacy flat `<legacy home>/<name>.onnx`.
+SINGLE_FILE_MODELS = (
+    "u2net",
+    "u2netp",
+    "u2net_human_seg",
+    "u2net_cloth_seg",
+    "silueta",
+    "isnet-general-use",
+    "isnet-anime",
+    "bria-rmbg",
+    "birefnet-general",
+    "birefnet-general-lite",
+    "birefnet-general-fp16",
+    "birefnet-portrait",
+    "birefnet-dis",
+    "birefnet-hrsod",
+    "birefnet-cod",
+    "birefnet-massive",
+)
+# Sessions that take the caller's own ONNX file (`model_path`), which rembg requires under its home.
+CUSTOM_MODELS = ("u2net_custom", "dis_custom", "ben_custom")
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def rembg_homes() -> tuple[Path, Path]:
+    """(home, legacy home) exactly as rembg's BaseSession computes them from the environment.
+
+    Replicated here so model files can be checked without importing rembg.
+    """
+    u2net_home = os.getenv("U2NET_HOME")
+    legacy = Path(os.path.expanduser(u2net_home or os.path.join(os.getenv("XDG_DATA_HOME", "~"), ".u2net")))
+    if u2net_home:
+        return legacy, legacy
+    xdg = os.getenv("XDG_DATA_HOME")
+    default = os.path.join(xdg, "rembg") if xdg else os.path.join("~", ".rembg")
+    return Path(os.path.expanduser(os.getenv("REMBG_HOME", default))), legacy
+
+
+def expected_model_path(model: str) -> Path | None:
+    """Where rembg will look for `model`'s weights: the first existing candidate, else the path a
+    download would create. None for sessions whose files this module does not know (e.g. "sam")."""
+    if model not in SINGLE_FILE_MODELS:
+        return None
+    home, legacy = rembg_homes()
+    fname = f"{model}.onnx"
+    candidates = [home / "models" / model / fname, legacy / fname]
+    return next((c for c in candidates if c.exists()), candidates[0])
+
+
+def _missing_model_message(model: str, path: Path) -> str:
+    return (
+        f"rembg model {model!r} is not available: expected its weights at {path} and "
+        + ("we are offline (HF_HUB_OFFLINE=1), so it will not be downloaded. " if _offline() else "the download failed. ")
+        + f"Provide it by running `rembg d {model}` on a connected machine and copying "
+        f"models/{model}/{model}.onnx into the rembg home ({rembg_homes()[0]}; set with home=... or "
+        "U2NET_HOME), or use model='u2net_custom' with model_path=<your .onnx under that home>."
+    )
+
+
+def _onnx_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it (rembg falls back to CPU with a warning), else CPU."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _resolve_custom_path(model: str, model_path: str | None, home: str | None) -> Path:
+    if not model_path:
+        raise ValueError(f"rembg model {model!r} needs model_path=<path to an .onnx file>")
+    p = Path(model_path).expanduser()
+    if not p.is_absolute():
+        # A relative path is read against the given home, where rembg wants custom files anyway.
+        p = (Path(home).expanduser() / p) if home else (Path.cwd() / p)
+    p = p.resolve()
+    if not p.is_file():
+        raise ModelNotAvailable(
+            f"custom rembg model file for {model!r} not found at {p}. Build the tiny test model with "
+            "richpref.models.tiny_rembg.build_tiny_u2net_onnx(<home>) or copy your .onnx there."
+        )
+    roots = [r.resolve() for r in rembg_homes()]
+    if not any(p == r or r in p.parents for r in roots):
+        raise ModelNotAvailable(
+            f"rembg only loads custom models from inside its home ({roots[0]}), but {p} is elsewhere: "
+            f"pass home={str(p.parent)!r} (or set U2NET_HOME) or move the file under the home."
+        )
+    return p
+
+
+class BackgroundRemover:
+    """A rembg session that turns images into (white-background composite, mask) pairs."""
+
+    def __init__(self, session: Any, model_id: str) -> None:
+        self.session = session
+        self.model_id = model_id
+
+    @classmethod
+    def load(
+        cls, model: str = "u2net", *, model_path: str | None = None, home: str | None = None
+    ) -> "BackgroundRemover":
+        """Open a rembg session by name ("u2net", "isnet-general-use", "birefnet-general", "bria-rmbg",
+        ...) or a custom one ("u2net_custom" with `model_path`).
+
+        `home` becomes U2NET_HOME (process-wide: rembg reads it from the environment), the directory
+        rembg looks for model files in and the only place it accepts custom model files from.
+        """
+        if home is not None:
+            os.environ["U2NET_HOME"] = str(Path(home).expanduser().resolve())
+
+        kwargs: dict[str, Any] = {}
+        expected: Path | None = None
+        if model in CUSTOM_MODELS:
+            path = _resolve_custom_path(model, model_path, home)
+            kwargs["model_path"] = str(path)
+            model_id = f"{model}:{path.name}"
+        else:
+            expected = expected_model_path(model)
+            if expected is not None and not expected.exists() and _offline():
+                # Checked before importing rembg, so the error comes in milliseconds, not after retries.
+                raise ModelNotAvailable(_missing_model_message(model, expected))
+            model_id = model
+
+        from rembg import new_session  # lazy: see module docstring
+
+        try:
+            session = new_session(model, providers=_onnx_providers(), **kwargs)
+        except OSError as exc:  # requests/pooch network errors are OSErrors
+            if model in CUSTOM_MODELS:
+                raise
+            raise ModelNotAvailable(
+                _missing_model_message(model, expected or rembg_homes()[0] / "models" / model)
+            ) from exc
+        return cls(session, model_id)
+
+    def remove(self, images: Sequence[Image.Image]) -> list[tuple[Image.Image, Image.Image]]:
+        """For each image: (foreground composited on white, RGB; soft mask, mode "L"), both its size."""
+        if self.session is None:
+            raise RuntimeError("BackgroundRemover is closed")
+        results = []
+        for image in images:
+            rgb = image.convert("RGB")
+            masks = self.session.predict(rgb)
+            # Multi-class sessions (u2net_cloth_seg) return one mask per class: the foreground is their union.
+            arr = np.max(np.stack([np.asarray(m.convert("L").resize(rgb.size)) for m in masks]), axis=0)
+            mask = Image.fromarray(arr.astype(np.uint8))  # 2-D uint8 -> mode "L"
+            results.append((composite_on_white(rgb, mask), mask))
+        return results
+
+    def close(self) -> None:
+        """Drop the ONNX session."""
+        self.session = None
+
+
+def composite_on_white(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """fg·α + 255·(1−α) per channel, α = mask/255: soft edges blend into white, no halo of black."""
+    fg = np.asarray(image.convert("RGB"), dtype=np.float32)
+    alpha = np.asarray(mask.convert("L").resize(image.size), dtype=np.float32)[..., None] / 255.0
+    out = fg * alpha + 255.0 * (1.0 - alpha)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))  # HxWx3 uint8 -> "RGB"
+
+
+def foreground_ratio(mask: Image.Image, threshold: int = 128) -> float:
+    """Fraction of pixels whose mask value is >= `threshold` (0..255)."""
+    arr = np.asarray(mask.convert("L"))
+    if arr.size == 0:
+        return 0.0
+    return float((arr >= threshold).mean())

@@ -1,0 +1,102 @@
+"""Where models come from and how long they stay in memory.
+
+A model reference in a profile is either a local directory (absolute, or relative to the profile's
+`models_root`) or a Hugging Face Hub id. Offline, a Hub id that is not in the local cache fails at
+once with a message naming the model and how to provide it.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+class ModelNotAvailable(RuntimeError):
+    """A model reference that resolves neither to a local directory nor to a reachable Hub id."""
+
+
+def resolve_model_ref(ref: str, models_root: str | os.PathLike | None = None) -> str:
+    """Return a local path for `ref` if one exists, else `ref` itself (a Hub id).
+
+    Offline (HF_HUB_OFFLINE=1) a Hub id missing from the local cache raises ModelNotAvailable
+    immediately instead of letting the loader retry.
+    """
+    candidates = []
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        candidates.append(p)
+    else:
+        if models_root is not None:
+            candidates.append(Path(models_root).expanduser() / ref)
+        candidates.append(Path.cwd() / ref)
+    for c in candidates:
+        if c.exists():
+            return str(c.resolve())
+    if p.is_absolute() or ref.startswith((".", "~")) or ref.count("/") != 1:
+        raise ModelNotAvailable(
+            f"model {ref!r} not found (looked in {', '.join(str(c) for c in candidates)}). "
+            "Give a local directory or a Hub id 'owner/name'; for the tiny profile run "
+            "'richpref models build-tiny <models_root>'."
+        )
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(ref, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any miss means "not cached"
+            raise ModelNotAvailable(
+                f"model {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1. "
+                f"Download it on a connected machine (huggingface-cli download {ref}) and copy the cache, "
+                "or point the profile at a local directory."
+            ) from exc
+    return ref
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' = float16 on GPU, float32 on CPU (half precision is slow or unsupported there)."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+class ResidentModel:
+    """Holds at most one loaded model per process: asking for another releases the current one first.
+
+    Stages run one after another, so one big model on the GPU at a time is enough and keeps memory flat.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._key: Any = None
+        self._model: Any = None
+
+    def get(self, key: Any, load: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._key != key:
+                self.release()
+                self._model = load()
+                self._key = key
+            return self._model
+
+    def release(self) -> None:
+        with self._lock:
+            self._model = None
+            self._key = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+resident = ResidentModel()

@@ -1,0 +1,50 @@
+"""The tiny profile's models: random weights, real architectures, built locally with a fixed seed.
+
+`build_tiny_models(root)` writes each model with `save_pretrained` (the ONNX cutout net as a file under
+the rembg home) so the tiny profile loads them through exactly the code that loads real checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("richpref")
+
+# Bump when any builder changes what it writes: a models dir built by another version is rebuilt.
+TINY_VERSION = "1"
+LAYOUT = {
+    "sd15": "sd15",
+    "controlnet": "controlnet-canny",
+    "critic": "llava-critic",
+    "vlm": "qwen2.5-vl",
+    "clip": "clip",
+    "pickscore": "pickscore",
+    "rembg_home": "rembg",
+}
+
+
+def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str]:
+    """Build every tiny model under `root` (skipped when an up-to-date build is there)."""
+    from .tiny_clip import build_tiny_clip
+    from .tiny_diffusion import build_tiny_controlnet, build_tiny_sd15
+    from .tiny_rembg import build_tiny_u2net_onnx
+    from .tiny_vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
+
+    root = Path(root)
+    stamp = root / "BUILD.json"
+    want = {"version": TINY_VERSION, "seed": seed}
+    paths = {k: str(root / v) for k, v in LAYOUT.items()}
+    if not force and stamp.exists() and json.loads(stamp.read_text()) == want:
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    build_tiny_sd15(root / LAYOUT["sd15"], seed=seed)
+    build_tiny_controlnet(root / LAYOUT["sd15"], root / LAYOUT["controlnet"], seed=seed + 1)
+    build_tiny_llava_onevision(root / LAYOUT["critic"], seed=seed + 2)
+    build_tiny_qwen2_5_vl(root / LAYOUT["vlm"], seed=seed + 3)
+    build_tiny_clip(root / LAYOUT["clip"], seed=seed + 4)
+    build_tiny_clip(root / LAYOUT["pickscore"], seed=seed + 5)
+    build_tiny_u2net_onnx(root / LAYOUT["rembg_home"], seed=seed + 6)
+    stamp.write_text(json.dumps(want))
+    log.info("tiny models built under %s", root)
+    return paths

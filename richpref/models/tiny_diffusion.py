@@ -1,0 +1,167 @@
+"""Tiny random-weight Stable Diffusion 1.5 and ControlNet checkpoints, built offline.
+
+They have the real architectures (UNet with cross-attention, ×8 VAE, CLIP text encoder with the real
+49408-token vocabulary, DDIM scheduler), so every code path of the generator and the editor runs
+end to end on CPU in a fraction of a second. The images are noise-like: these checkpoints exist for
+tests, CI and the offline demo, not for quality.
+
+Weights depend only on `seed`: the same seed gives bit-identical files.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .tokenizers import CLIP_VOCAB_SIZE, clip_tokenizer
+
+# Ids of CLIP's special tokens in the real vocabulary (the last two entries).
+_BOS_ID = CLIP_VOCAB_SIZE - 2  # <|startoftext|>
+_EOS_ID = CLIP_VOCAB_SIZE - 1  # <|endoftext|>, also used as pad
+
+# Tiny SD sizes, shared by the builders so the ControlNet always matches its UNet.
+_TEXT_HIDDEN = 32
+_LATENT_CHANNELS = 4
+
+
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        # Latent side at the pipeline's default size: 8 × 8 (VAE factor) = 64 px images by default.
+        sample_size=8,
+        in_channels=_LATENT_CHANNELS,
+        out_channels=_LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=_TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    # Four blocks -> three downsamplings -> latents 8× smaller than the image, like SD's VAE.
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=_LATENT_CHANNELS,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+    )
+
+
+def _tiny_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=_TEXT_HIDDEN,
+        layer_norm_eps=1e-5,
+        bos_token_id=_BOS_ID,
+        eos_token_id=_EOS_ID,
+        pad_token_id=_EOS_ID,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def _tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    # SD 1.5's own scheduler settings, so swapping in another scheduler via from_config behaves as on SD.
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_sd15(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny random StableDiffusionPipeline at `out_dir` and return the path.
+
+    Loadable offline with `DiffusionPipeline.from_pretrained(out_dir)`. About 7 MB on disk, most of it
+    the text encoder's 49408×32 token embedding (the real CLIP vocabulary keeps prompts meaningful
+    to the tokenizer).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    # fork_rng: seed the components without disturbing the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_unet()
+        torch.manual_seed(seed + 1)
+        vae = _tiny_vae()
+        torch.manual_seed(seed + 2)
+        text_encoder = _tiny_text_encoder()
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=_tiny_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _randomize_control_paths(controlnet) -> None:
+    """Make the control image visibly steer a random ControlNet.
+
+    A fresh ControlNet is a no-op by design (zero convolutions), and with PyTorch's default init the
+    8-conv conditioning embedding shrinks its input to almost nothing. Variance-preserving init for
+    the embedding, a scaled output conv and default-initialised zero convs give residuals that
+    depend on the control image, so tests can tell control kinds apart and catch wiring mistakes.
+    """
+    from torch import nn
+
+    embedding = controlnet.controlnet_cond_embedding
+    with torch.no_grad():
+        for module in embedding.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(embedding.conv_out.weight, std=0.15)
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.reset_parameters()
+
+
+def build_tiny_controlnet(sd_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny random ControlNet matching the UNet saved in `sd_dir` (from `build_tiny_sd15`).
+
+    `from_unet` copies the UNet's encoder weights (as real ControlNet training starts), then the
+    conditioning embedding (4 stages: ×8 down to the latent size) is random under `seed`, and so are
+    the zero convolutions (see `_randomize_control_paths`).
+    """
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(sd_dir) / "unet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256))
+        _randomize_control_paths(controlnet)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    controlnet.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,215 @@
+"""Pydantic configs of every stage and of a profile.
+
+Unknown keys are errors (`extra="forbid"`), so a typo fails before any model loads. `batch_size`,
+`device` and `dtype` only change how fast a stage runs, not what it computes, so they are left out of
+the stage's config hash (and so of its cache key).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageConfig(_Strict):
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class SourceConfig(_Strict):
+    """Where prompts (and optionally images) come from."""
+
+    kind: Literal["prompts", "jsonl", "parquet", "hf"] = "prompts"
+    path: str | None = None  # local file(s) or glob for prompts/jsonl/parquet
+    dataset: str | None = None  # `datasets` name or local dir, for kind "hf"
+    split: str = "train"
+    prompt_column: str = "caption"
+    image_column: str | None = None  # a column of encoded image bytes to use instead of sampling
+    pickapic_preferred: bool = False  # take the preferred image of a Pick-a-Pic pair (jpg_0/jpg_1/label_0)
+    limit: int | None = Field(None, ge=1)
+    shard_size: int = Field(8, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+
+
+class SampleConfig(StageConfig):
+    model: str = "runwayml/stable-diffusion-v1-5"
+    use_dataset_image: bool = True  # when the source row carries an image, keep it instead of generating
+    scheduler: str | None = None
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = 7.5
+    height: int = Field(512, ge=8)
+    width: int = Field(512, ge=8)
+    seed: int = 0  # mixed with item_id: a rerun reproduces the same image
+
+
+class VLMStageConfig(StageConfig):
+    model: str
+    template: str
+    max_new_tokens: int = Field(128, ge=1)
+    trust_remote_code: bool = False
+
+
+class CritiqueConfig(VLMStageConfig):
+    model: str = "lmms-lab/llava-critic-7b"
+    template: str = "critique_v1"
+    max_new_tokens: int = 256
+
+
+class InstructConfig(VLMStageConfig):
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    template: str = "instruct_v1"
+    one_step: bool = False  # instructions from image + prompt only, no critique (RPO ablation)
+    max_instructions: int = Field(5, ge=1)
+    max_instruction_chars: int = Field(200, ge=8)
+
+
+class EditConfig(StageConfig):
+    model: str = "runwayml/stable-diffusion-v1-5"
+    controlnet: str = "lllyasviel/control_v11p_sd15_canny"
+    control: Literal["canny", "tile", "lineart_standard"] = "canny"
+    prompt_mode: Literal["prompt+instructions", "instructions"] = "prompt+instructions"
+    joiner: str = ", "
+    strength: float = Field(0.75, gt=0, le=1)
+    guidance_scale: float = 7.5
+    conditioning_scale: float = 1.0
+    steps: int = Field(20, ge=1)
+    seed: int = 0
+    min_pixel_change: float = Field(0.01, ge=0)  # below this mean |Δ|/255 the edit is "no visible change"
+
+
+class CutoutConfig(StageConfig):
+    model: str = "u2net"  # rembg session name, or "u2net_custom" with model_path
+    model_path: str | None = None
+    home: str | None = None  # U2NET_HOME; relative paths resolve against models_root
+    min_fg_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class FilterConfig(VLMStageConfig):
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    template: str = "filter_v1"
+    min_executed: float = Field(0.5, ge=0, le=1)
+    min_no_stray: float = Field(0.5, ge=0, le=1)
+    min_subject_kept: float = Field(0.5, ge=0, le=1)
+
+
+class RewardSpec(_Strict):
+    kind: Literal["clip", "pickscore"]
+    model: str
+    weight: float = 1.0
+
+
+class RelabelConfig(StageConfig):
+    rewards: dict[str, RewardSpec] = Field(
+        default_factory=lambda: {
+            "pickscore": RewardSpec(kind="pickscore", model="yuvalkirstain/PickScore_v1", weight=1.0),
+            "clip": RewardSpec(kind="clip", model="openai/clip-vit-large-patch14", weight=1.0),
+        }
+    )
+    standardize: Literal["shard", "item"] = "shard"
+    min_margin: float = Field(0.0, ge=0)  # composite margins at or below this are ties: dropped
+
+    @field_validator("rewards")
+    @classmethod
+    def _names(cls, v: dict[str, RewardSpec]) -> dict[str, RewardSpec]:
+        if not v:
+            raise ValueError("relabel.rewards is empty: name at least one reward")
+        for name in v:
+            if not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
+                raise ValueError(f"reward name {name!r}: use lowercase letters, digits and '_' (it names columns)")
+        return v
+
+
+class ExportConfig(_Strict):
+    pass
+
+
+class Profile(_Strict):
+    name: str
+    models_root: str | None = None
+    source: SourceConfig = SourceConfig()
+    sample: SampleConfig = SampleConfig()
+    critique: CritiqueConfig = CritiqueConfig()
+    instruct: InstructConfig = InstructConfig()
+    edit: EditConfig = EditConfig()
+    cutout: CutoutConfig = CutoutConfig()
+    filter: FilterConfig = FilterConfig()
+    relabel: RelabelConfig = RelabelConfig()
+    export: ExportConfig = ExportConfig()
+
+
+STAGE_SECTIONS = ("source", "sample", "critique", "instruct", "edit", "cutout", "filter", "relabel", "export")
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Hash of what a stage computes: its config minus the runtime-only fields."""
+    data = cfg.model_dump(mode="json", exclude=set(RUNTIME_FIELDS) & set(type(cfg).model_fields))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def profile_hash(profile: Profile) -> str:
+    parts = {s: config_hash(getattr(profile, s)) for s in STAGE_SECTIONS}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def configs_dirs() -> list[Path]:
+    here = Path(__file__).resolve().parents[2] / "configs"
+    return [Path.cwd() / "configs", here]
+
+
+def find_profile(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    for d in configs_dirs():
+        c = d / f"{name_or_path}.yaml"
+        if c.exists():
+            return c
+    names = sorted({c.stem for d in configs_dirs() if d.is_dir() for c in d.glob("*.yaml")})
+    raise ProfileError(f"profile {name_or_path!r} not found; give a YAML path or one of: {', '.join(names)}")
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """`stage.key=value` strings (value parsed as YAML) applied on top of the profile's YAML."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ProfileError(f"override {item!r} must look like section.key=value (e.g. edit.strength=0.6)")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ProfileError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_profile(name_or_path: str, overrides: list[str] | None = None, models_root: str | None = None) -> Profile:
+    path = find_profile(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"profile {path}: not valid YAML ({exc})") from exc
+    data = apply_overrides(data, overrides)
+    if models_root or os.environ.get("RICHPREF_MODELS_ROOT"):
+        data["models_root"] = models_root or os.environ["RICHPREF_MODELS_ROOT"]
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(f"profile {path} is invalid:\n{exc}") from exc

@@ -1,0 +1,145 @@
+"""Arrow schemas of every table a run writes.
+
+Every table has `item_id` (the join key across stages) and `status`/`reason`: a stage writes one row
+per input row, kept (`status == "ok"`) or rejected (`status == "rejected"`, `reason` says why), so the
+counts of every stage add up. Images are encoded bytes (PNG) in binary columns: a shard is
+self-contained, queryable with duckdb and loadable with `datasets`.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+OK = "ok"
+REJECTED = "rejected"
+
+_COMMON = [
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("reason", pa.string()),
+]
+
+
+def _schema(*fields: pa.Field) -> pa.Schema:
+    return pa.schema(_COMMON + list(fields))
+
+
+PROMPTS = _schema(
+    pa.field("source", pa.string()),
+    pa.field("source_row", pa.int64()),
+    pa.field("prompt", pa.string()),
+    pa.field("image", pa.binary()),  # given image (e.g. Pick-a-Pic's preferred one), else null
+)
+
+SAMPLES = _schema(
+    pa.field("prompt", pa.string()),
+    pa.field("image", pa.binary()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("seed", pa.int64()),
+    pa.field("origin", pa.string()),  # "generated" or "dataset"
+    pa.field("model_id", pa.string()),
+)
+
+CRITIQUES = _schema(
+    pa.field("prompt", pa.string()),
+    pa.field("critique", pa.string()),
+    pa.field("raw", pa.string()),
+    pa.field("template", pa.string()),
+    pa.field("model_id", pa.string()),
+)
+
+INSTRUCTIONS = _schema(
+    pa.field("prompt", pa.string()),
+    pa.field("instructions", pa.list_(pa.string())),
+    pa.field("raw", pa.string()),
+    pa.field("template", pa.string()),
+    pa.field("model_id", pa.string()),
+)
+
+EDITS = _schema(
+    pa.field("edit_prompt", pa.string()),
+    pa.field("image", pa.binary()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("seed", pa.int64()),
+    pa.field("control", pa.string()),
+    pa.field("pixel_change", pa.float64()),  # mean |edited - original| / 255
+    pa.field("model_id", pa.string()),
+)
+
+CUTOUTS = _schema(
+    pa.field("original_cutout", pa.binary()),
+    pa.field("edited_cutout", pa.binary()),
+    pa.field("original_fg_ratio", pa.float64()),
+    pa.field("edited_fg_ratio", pa.float64()),
+    pa.field("model_id", pa.string()),
+)
+
+VERDICTS = _schema(
+    pa.field("p_executed", pa.float64()),
+    pa.field("p_no_stray", pa.float64()),
+    pa.field("p_subject_kept", pa.float64()),
+    pa.field("verdict", pa.string()),  # "keep" or "drop"
+    pa.field("template", pa.string()),
+    pa.field("model_id", pa.string()),
+)
+
+def scores_schema(rewards: list[str]) -> pa.Schema:
+    """One raw and one standardised column per reward and side (0 = original, 1 = edited)."""
+    fields = []
+    for name in rewards:
+        fields += [
+            pa.field(f"{name}_0", pa.float64()),
+            pa.field(f"{name}_1", pa.float64()),
+            pa.field(f"{name}_z0", pa.float64()),
+            pa.field(f"{name}_z1", pa.float64()),
+        ]
+    return _schema(
+        *fields,
+        pa.field("composite_0", pa.float64()),
+        pa.field("composite_1", pa.float64()),
+        pa.field("margin", pa.float64()),  # |composite_1 - composite_0|
+        pa.field("chosen", pa.int8()),  # 0 = original preferred, 1 = edited preferred
+        pa.field("flipped", pa.bool_()),  # the edit scored lower than the original
+    )
+
+
+PAIRS_BASE = [
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("jpg_0", pa.binary(), nullable=False),  # original (encoded image bytes)
+    pa.field("jpg_1", pa.binary(), nullable=False),  # edited
+    pa.field("label_0", pa.int64(), nullable=False),  # 1 = jpg_0 preferred, 0 = jpg_1 preferred; never 0.5
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("source", pa.string()),
+    pa.field("critique", pa.string()),
+    pa.field("instructions", pa.list_(pa.string())),
+    pa.field("edit_prompt", pa.string()),
+    pa.field("margin", pa.float64()),
+    pa.field("flipped", pa.bool_()),
+    pa.field("scores", pa.string()),  # JSON: every raw and standardised score of both images
+    pa.field("model_ids", pa.string()),  # JSON: stage -> model id
+    pa.field("config_hash", pa.string()),
+]
+PAIRS = pa.schema(PAIRS_BASE)
+
+# Table schema per stage directory; the relabel stage's columns depend on the profile's rewards.
+TABLES: dict[str, pa.Schema] = {
+    "source": PROMPTS,
+    "sample": SAMPLES,
+    "critique": CRITIQUES,
+    "instruct": INSTRUCTIONS,
+    "edit": EDITS,
+    "cutout": CUTOUTS,
+    "filter": VERDICTS,
+    "pairs": PAIRS,
+}
+
+
+def empty_rows(schema: pa.Schema) -> dict[str, list]:
+    return {name: [] for name in schema.names}
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build a table from row dicts; a missing column in a row is null (rejected rows carry little)."""
+    cols = {name: [r.get(name) for r in rows] for name in schema.names}
+    return pa.Table.from_pydict(cols, schema=schema)

@@ -1,0 +1,17 @@
+"""The curate stages, in pipeline order. Each module: a pure function over a shard + its Stage."""
+from . import critique, cutout, edit, export, filter, instruct, relabel, sample
+from .base import Stage
+
+PIPELINE: tuple[Stage, ...] = (
+    sample.STAGE,
+    critique.STAGE,
+    instruct.STAGE,
+    edit.STAGE,
+    cutout.STAGE,
+    filter.STAGE,
+    relabel.STAGE,
+    export.STAGE,
+)
+STAGES: dict[str, Stage] = {s.name: s for s in PIPELINE}
+# Folders of a run in pipeline order (export writes `pairs`).
+OUTPUTS: tuple[str, ...] = ("source",) + tuple(s.out for s in PIPELINE)

@@ -1,0 +1,54 @@
+"""critique: image + prompt -> a critique of how the image misses its prompt (LLaVA-Critic)."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ..images import BadImage, decode_image
+from ..models.runtime import resident, resolve_model_ref
+from ..prompts import load_template, render, template_hash
+from ..schemas.config import Profile, VLMStageConfig
+from ..schemas.tables import CRITIQUES, rows_to_table
+from .base import Stage, StageInputs, kept, rejected
+
+
+def load_vlm(cfg: VLMStageConfig, models_root: str | None):
+    from ..models.vlm import VisionLanguageModel
+
+    path = resolve_model_ref(cfg.model, models_root)
+    return resident.get(
+        ("vlm", path, cfg.device, cfg.dtype, cfg.trust_remote_code),
+        lambda: VisionLanguageModel.load(path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code),
+    )
+
+
+def critique_rows(rows: pa.Table, images: list, cfg: VLMStageConfig, get_vlm) -> pa.Table:
+    template = load_template(cfg.template)
+    out = {}
+    todo = []
+    for r, data in zip(rows.to_pylist(), images):
+        try:
+            todo.append((r, decode_image(data)))
+        except BadImage as exc:
+            out[r["item_id"]] = rejected(r["item_id"], str(exc), prompt=r["prompt"], template=cfg.template)
+    if todo:
+        vlm = get_vlm()
+        texts = vlm.generate([img for _, img in todo], [render(template, prompt=r["prompt"]) for r, _ in todo],
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        for (r, _), text in zip(todo, texts):
+            common = dict(prompt=r["prompt"], raw=text, template=cfg.template, model_id=vlm.model_id)
+            critique = text.strip()
+            if not critique:
+                out[r["item_id"]] = rejected(r["item_id"], "empty_critique: the model returned no text", **common)
+            else:
+                out[r["item_id"]] = kept(r["item_id"], critique=critique, **common)
+    return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], CRITIQUES)
+
+
+def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
+    cfg = profile.critique
+    images = inputs.lookup("sample", ["image"]).column("image").to_pylist()
+    return critique_rows(inputs.rows, images, cfg, lambda: load_vlm(cfg, profile.models_root))
+
+
+STAGE = Stage(name="critique", version="1", section="critique", reads=("sample",), compute=compute,
+              key_extra=lambda p: template_hash(p.critique.template))

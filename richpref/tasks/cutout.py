@@ -1,0 +1,64 @@
+"""cutout: original and edited image -> foreground on white (rembg), for the filter and consistency rewards."""
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+
+from ..images import BadImage, decode_image, encode_png
+from ..models.runtime import resident
+from ..schemas.config import CutoutConfig, Profile
+from ..schemas.tables import CUTOUTS, rows_to_table
+from .base import Stage, StageInputs, kept, rejected
+
+
+def _under_root(path: str | None, models_root: str | None) -> str | None:
+    """Relative cutout paths are relative to the profile's models_root (like every model reference)."""
+    if path is None:
+        return None
+    if not os.path.isabs(path) and models_root is not None:
+        path = os.path.join(models_root, path)
+    return os.path.abspath(path)
+
+
+def load_remover(cfg: CutoutConfig, models_root: str | None):
+    from ..models.cutout import BackgroundRemover
+
+    home = _under_root(cfg.home, models_root)
+    model_path = _under_root(cfg.model_path, models_root)
+    return resident.get(("cutout", cfg.model, model_path, home),
+                        lambda: BackgroundRemover.load(cfg.model, model_path=model_path, home=home))
+
+
+def cutout_rows(rows: pa.Table, originals: list, edits: list, cfg: CutoutConfig, get_remover) -> pa.Table:
+    out, todo = {}, []
+    for iid, a, b in zip(rows.column("item_id").to_pylist(), originals, edits):
+        try:
+            todo.append((iid, decode_image(a), decode_image(b)))
+        except BadImage as exc:
+            out[iid] = rejected(iid, str(exc))
+    if todo:
+        from ..models.cutout import foreground_ratio
+
+        remover = get_remover()
+        results = remover.remove([a for _, a, _ in todo] + [b for _, _, b in todo])
+        n = len(todo)
+        for k, (iid, _, _) in enumerate(todo):
+            (fg0, m0), (fg1, m1) = results[k], results[n + k]
+            r0, r1 = foreground_ratio(m0), foreground_ratio(m1)
+            common = dict(original_fg_ratio=r0, edited_fg_ratio=r1, model_id=remover.model_id)
+            if r0 <= cfg.min_fg_ratio:
+                out[iid] = rejected(iid, f"empty_foreground: original foreground ratio {r0:.3f} <= cutout.min_fg_ratio", **common)
+            else:
+                out[iid] = kept(iid, original_cutout=encode_png(fg0), edited_cutout=encode_png(fg1), **common)
+    return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], CUTOUTS)
+
+
+def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
+    cfg = profile.cutout
+    originals = inputs.lookup("sample", ["image"]).column("image").to_pylist()
+    edits = inputs.rows.column("image").to_pylist()
+    return cutout_rows(inputs.rows, originals, edits, cfg, lambda: load_remover(cfg, profile.models_root))
+
+
+STAGE = Stage(name="cutout", version="1", section="cutout", reads=("edit", "sample"), compute=compute)

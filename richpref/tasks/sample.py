@@ -1,0 +1,53 @@
+"""sample: prompts -> images, generated with diffusers (seeded per item) or taken from the dataset."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ..images import BadImage, decode_image, encode_png
+from ..models.runtime import resident, resolve_model_ref
+from ..schemas.config import Profile, SampleConfig
+from ..schemas.tables import SAMPLES, rows_to_table
+from .base import Stage, StageInputs, item_seed, kept, rejected
+
+
+def load_generator(cfg: SampleConfig, models_root: str | None):
+    from ..models.generator import TextToImage
+
+    path = resolve_model_ref(cfg.model, models_root)
+    return resident.get(("generator", path, cfg.scheduler, cfg.device, cfg.dtype),
+                        lambda: TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler))
+
+
+def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
+    out: dict[str, dict] = {}
+    to_generate = []
+    for r in rows.to_pylist():
+        iid = r["item_id"]
+        if cfg.use_dataset_image and r.get("image") is not None:
+            try:
+                img = decode_image(r["image"])
+            except BadImage as exc:
+                out[iid] = rejected(iid, str(exc), prompt=r["prompt"])
+                continue
+            out[iid] = kept(iid, prompt=r["prompt"], image=r["image"], width=img.width, height=img.height,
+                            seed=None, origin="dataset", model_id=None)
+        else:
+            to_generate.append(r)
+    if to_generate:
+        gen = get_generator()
+        seeds = [item_seed(cfg.seed, r["item_id"]) for r in to_generate]
+        images = gen.generate([r["prompt"] for r in to_generate], seeds, steps=cfg.steps,
+                              guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+                              batch_size=cfg.batch_size)
+        for r, seed, img in zip(to_generate, seeds, images):
+            out[r["item_id"]] = kept(r["item_id"], prompt=r["prompt"], image=encode_png(img), width=img.width,
+                                     height=img.height, seed=seed, origin="generated", model_id=gen.model_id)
+    return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], SAMPLES)
+
+
+def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
+    cfg = profile.sample
+    return sample_rows(inputs.rows, cfg, lambda: load_generator(cfg, profile.models_root))
+
+
+STAGE = Stage(name="sample", version="1", section="sample", reads=("source",), compute=compute)
