@@ -46,7 +46,7 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: models
-	$(PY) bench/demo_budget.py
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean-runs:
 	rm -rf $(DATA)/runs $(DATA)/.prefect

@@ -27,10 +27,11 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from .flows.curate import CurateFailed, curate
     from .inspect import format_summary, summary
     from .schemas.config import ProfileError, load_profile
-    from .tasks.source import SourceError
+    from .tasks.source import SourceError, source_fingerprint
 
     try:
-        load_profile(args.profile, args.set, args.models_root)  # fail on a bad profile before Prefect starts
+        # A bad profile or a missing input file fails here, before Prefect or any model starts.
+        source_fingerprint(load_profile(args.profile, args.set, args.models_root).source)
         result = curate(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
                         models_root=args.models_root)
     except (ProfileError, SourceError) as exc:

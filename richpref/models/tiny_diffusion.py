@@ -165,3 +165,102 @@ def build_tiny_controlnet(sd_dir: str | os.PathLike, out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     controlnet.save_pretrained(out, safe_serialization=True)
     return out
+
+
+# --- SDXL ----------------------------------------------------------------------------------------
+
+# SDXL conditions on both encoders' hidden states concatenated (cross-attention width = their sum)
+# and, through `text_time`, on encoder 2's pooled projection plus six micro-conditioning numbers
+# (original size, crop corner, target size), each embedded in `_SDXL_TIME_DIM` channels.
+_SDXL_TIME_DIM = 8
+_SDXL_POOLED_DIM = _TEXT_HIDDEN  # text_encoder_2's projection_dim
+
+
+def _tiny_sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,  # 64 px images by default, as the SD 1.5 tiny model
+        in_channels=_LATENT_CHANNELS,
+        out_channels=_LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,  # as SDXL's transformer blocks
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=2 * _TEXT_HIDDEN,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * _SDXL_TIME_DIM + _SDXL_POOLED_DIM,
+        norm_num_groups=32,
+    )
+
+
+def _tiny_text_encoder_with_projection():
+    from transformers import CLIPTextModelWithProjection
+
+    # Same sizes as `_tiny_text_encoder`; SDXL reads its penultimate layer, so two layers are the minimum.
+    return CLIPTextModelWithProjection(_tiny_text_encoder().config).eval()
+
+
+def _tiny_sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # SDXL base 1.0's scheduler and settings.
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny random StableDiffusionXLPipeline at `out_dir` and return the path.
+
+    Two CLIP text encoders (the second with a projection, as SDXL's OpenCLIP bigG), a UNet with
+    `addition_embed_type="text_time"`, a ×8 VAE and SDXL's Euler scheduler. About 14 MB on disk,
+    mostly the two real-vocabulary token embeddings. Loadable offline with `DiffusionPipeline`.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    out = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _tiny_sdxl_unet()
+        torch.manual_seed(seed + 1)
+        vae = _tiny_vae()
+        vae.register_to_config(scaling_factor=0.13025)  # SDXL's VAE latent scale
+        torch.manual_seed(seed + 2)
+        text_encoder = _tiny_text_encoder()
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = _tiny_text_encoder_with_projection()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=_tiny_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_tiny_sdxl_controlnet(
+    sdxl_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0
+) -> Path:
+    """Build a tiny random SDXL ControlNet matching the UNet saved in `sdxl_dir` (`build_tiny_sdxl`).
+
+    As `build_tiny_controlnet`: the encoder is copied from the UNet (so it has SDXL's text_time
+    embedding), the control paths are random under `seed`.
+    """
+    return build_tiny_controlnet(sdxl_dir, out_dir, seed=seed)
