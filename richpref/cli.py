@@ -65,6 +65,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from .inspect import format_status, status
+
+    st = status(args.data_dir, args.run)
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import connect
 
@@ -117,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("run")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_summary)
+
+    st = sub.add_parser("status", help="per stage: shards done / missing / failed")
+    st.add_argument("run")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
 
     i = sub.add_parser("inspect", help="duckdb with one view per stage of RUN")
     i.add_argument("run")

@@ -60,3 +60,39 @@ def format_summary(s: dict) -> str:
     if "label_0" in s:
         lines.append(f"pairs label_0 counts: {json.dumps({str(k): v for k, v in s['label_0'].items()})}")
     return "\n".join(lines)
+
+
+def status(data_dir: str, run: str) -> dict:
+    """Per stage: shards done / missing / failed (as of the last curate run), rows kept / rejected."""
+    store = RunStore(data_dir, run)
+    last: dict = {}
+    run_json = store.root + "/run.json"
+    if store.fs.exists(run_json):
+        last = json.loads(store.fs.cat_file(run_json))
+    expected = store.shards("source")
+    failed_by_stage: dict[str, list[int]] = {}
+    for f in last.get("failed", []):
+        where = f.split(":", 1)[0]
+        for part in where.split(", "):
+            stage, _, shard = part.partition("/part-")
+            if shard.isdigit():
+                failed_by_stage.setdefault(stage, []).append(int(shard))
+    stages = []
+    from .tasks import PIPELINE
+
+    names = {s.out: s.name for s in PIPELINE}
+    for out in OUTPUTS:
+        have = store.shards(out)
+        failed = sorted(failed_by_stage.get(names.get(out, out), []))
+        missing = [s for s in expected if s not in have and s not in failed]
+        stages.append({"stage": out, "done": len(have), "missing": missing, "failed": failed})
+    return {"run": run, "state": last.get("state", "unknown"), "shards": len(expected), "stages": stages}
+
+
+def format_status(st: dict) -> str:
+    lines = [f"run {st['run']}: {st['shards']} shard(s), last curate run {st['state']}",
+             f"{'stage':<10} {'done':>5} {'missing':>8} {'failed':>7}"]
+    for s in st["stages"]:
+        lines.append(f"{s['stage']:<10} {s['done']:>5} {len(s['missing']):>8} {len(s['failed']):>7}"
+                     + (f"  failed: {s['failed']}" if s["failed"] else ""))
+    return "\n".join(lines)

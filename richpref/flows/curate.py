@@ -137,6 +137,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     store = RunStore(data_dir, run)
     storage = _run_storage(store)
     store.write_text("profile.json", prof.model_dump_json(indent=2))
+    store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 
     manifests: dict[str, dict[int, ShardManifest]] = {}
     source_key = hashlib.sha256(f"{SOURCE_VERSION}:{source_fingerprint(prof.source)}".encode()).hexdigest()
@@ -153,6 +154,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
 
     summary = {
         "run": run,
+        "state": "failed" if failures else "completed",
         "profile": prof.name,
         "profile_hash": profile_hash(prof),
         "run_dir": store.uri(store.root),
