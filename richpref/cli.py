@@ -57,6 +57,23 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_llava_critic(args: argparse.Namespace) -> int:
+    import logging
+
+    from .models.convert_llava_critic import ConversionError, convert_llava_critic
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = convert_llava_critic(args.src, args.dst, dtype=args.dtype, vision_heads=args.vision_heads,
+                                      vision_layers=args.vision_layers)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"converted {report.tensors_mapped} tensors into {report.dst} (dropped {len(report.tensors_dropped)}); "
+          f"point critique.model at it")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .inspect import format_summary, summary
 
@@ -70,6 +87,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     st = status(args.data_dir, args.run)
     print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.data_dir, args.run, args.out))
     return 0
 
 
@@ -120,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build is there")
     b.set_defaults(fn=cmd_build_tiny)
+    cv = msub.add_parser("convert-llava-critic",
+                         help="convert a LLaVA-NeXT native llava_qwen checkpoint (lmms-lab/llava-critic-7b) "
+                              "to transformers' LLaVA-OneVision layout")
+    cv.add_argument("src", help="directory of the native checkpoint")
+    cv.add_argument("dst", help="new directory for the transformers model + processor")
+    cv.add_argument("--dtype", default="keep", choices=["keep", "float32", "float16", "bfloat16"])
+    cv.add_argument("--vision-heads", type=int, default=None, help="SigLIP attention heads, for towers not built in")
+    cv.add_argument("--vision-layers", type=int, default=None,
+                    help="SigLIP layers to keep (default: tower depth - 1, as LLaVA-NeXT)")
+    cv.set_defaults(fn=cmd_convert_llava_critic)
 
     s = sub.add_parser("summary", help="rows per stage, rejects by reason, flip rate")
     s.add_argument("run")
@@ -130,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("run")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
+
+    r = sub.add_parser("report", help="write a static HTML page of RUN's pairs (thumbnails, texts, scores)")
+    r.add_argument("run")
+    r.add_argument("--out", help="file to write (default <run>/report.html)")
+    r.set_defaults(fn=cmd_report)
 
     i = sub.add_parser("inspect", help="duckdb with one view per stage of RUN")
     i.add_argument("run")

@@ -25,13 +25,42 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
         views.append(out)
     if not views:
         raise FileNotFoundError(f"run {run!r} has no shards under {store.uri(store.root)}; run `richpref curate --run {run}` first")
-    return con, views
+    _create_pairs_full(con, views)
+    return con, views + ["pairs_full"]
+
+
+def _create_pairs_full(con: duckdb.DuckDBPyConnection, views: list[str]) -> None:
+    """Every item with its furthest stage: one row per source item, each stage's columns left-joined.
+
+    A column name already taken by an earlier stage gets the stage as prefix (`critique_status`);
+    image columns are left out to keep the view light (join the stage view for them).
+    """
+    seen: set[str] = set()
+    select, joins = [], []
+    for v in views:
+        cols = con.execute(f'describe "{v}"').fetchall()
+        alias = f"t_{v}"
+        for name, ctype, *_ in cols:
+            if name == "item_id" or ctype.upper().startswith("BLOB"):
+                continue
+            out = name if name not in seen else f"{v}_{name}"
+            seen.add(out)
+            select.append(f'{alias}."{name}" as "{out}"')
+        if v == views[0]:
+            joins.append(f'"{v}" {alias}')
+        else:
+            joins.append(f'left join "{v}" {alias} using (item_id)')
+    if "pairs" in views:
+        select.append("(t_pairs.item_id is not null) as exported")
+    con.execute(f"create view pairs_full as select item_id, {', '.join(select)} from {' '.join(joins)}")
 
 
 def summary(data_dir: str, run: str) -> dict:
     con, views = connect(data_dir, run)
     stages = []
     for v in views:
+        if v == "pairs_full":
+            continue
         if v == "pairs":
             n = con.execute('select count(*) from "pairs"').fetchone()[0]
             stages.append({"stage": v, "rows": n, "kept": n, "rejected": 0, "reasons": {}})

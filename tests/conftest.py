@@ -39,3 +39,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def finished_run(runs_dir, tiny_models, prefect_harness):
+    """The reference tiny run "ref" (12 prompts, 3 shards), curated once per session."""
+    from test_curate_flow import curate_run
+
+    return curate_run(runs_dir, "ref", tiny_models)

@@ -38,17 +38,6 @@ def pair_files(data_dir, run) -> dict[str, str]:
             for s in store.shards("pairs")}
 
 
-@pytest.fixture(scope="session")
-def runs_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="session")
-def finished_run(runs_dir, tiny_models, prefect_harness):
-    summary = curate_run(runs_dir, "ref", tiny_models)
-    return summary
-
-
 def test_every_row_is_kept_or_rejected_at_every_stage(finished_run, runs_dir):
     store = RunStore(str(runs_dir), "ref")
     assert len(store.shards("source")) == N_ITEMS // SHARD

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..models.runtime import resident
@@ -102,8 +104,11 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
         for s in group:
             futures[s] = t.submit(stage, s, {r: manifests[r][s] for r in stage.reads}, data_dir, run, profile, keys[s])
     done, failed = {}, []
-    for s, fut in sorted(futures.items()):
+    progress = create_progress_artifact(0.0, description=f"{run}: {stage.name} shards")
+    for n, (s, fut) in enumerate(sorted(futures.items()), start=1):
         fut.wait()
+        if progress is not None:
+            update_progress_artifact(progress, 100.0 * n / len(futures))
         state = fut.state
         if state.is_completed():
             done[s] = fut.result()
@@ -116,6 +121,29 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
             failed.append(f"{stage.name}/part-{s:05d}: {err}")
             log.error("%s shard %05d failed: %s", stage.name, s, err)
     return done, failed
+
+
+def _artifact_key(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:200]
+
+
+def _stage_artifact(run: str, stage: str, manifests: dict[int, ShardManifest], failed: list[str]) -> None:
+    rows = [{"shard": m.shard, "rows": m.rows, "kept": m.kept, "rejected": m.rejected, "file": m.uri}
+            for m in sorted(manifests.values(), key=lambda m: m.shard)]
+    rows += [{"shard": f.split(":", 1)[0], "rows": None, "kept": None, "rejected": None, "file": f} for f in failed]
+    create_table_artifact(rows, key=_artifact_key(run, stage), description=f"{run}: {stage} shards")
+
+
+def _run_artifact(summary: dict) -> None:
+    lines = [f"# richpref run `{summary['run']}` ({summary['state']})", "",
+             f"profile `{summary['profile']}` ({summary['profile_hash']}); pairs: `{summary['pairs']}`", "",
+             "| stage | shards | rows | kept | rejected |", "|---|---|---|---|---|"]
+    for out, st in summary["stages"].items():
+        lines.append(f"| {out} | {st['shards']} | {st['rows']} | {st['kept']} | {st['rows'] - st['kept']} |")
+    if summary["failed"]:
+        lines += ["", "Failed shards:", *(f"- `{f}`" for f in summary["failed"])]
+    create_markdown_artifact("\n".join(lines), key=_artifact_key(summary["run"], "run"),
+                             description=f"richpref curate {summary['run']}")
 
 
 def failure_message(failures: list[str]) -> str:
@@ -151,6 +179,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
         manifests[stage.out], failed = run_stage(stage, manifests, store, data_dir, run, prof, storage)
         failures += failed
         resident.release()  # one big model at a time: free this stage's before the next loads
+        _stage_artifact(run, stage.name, manifests[stage.out], failed)
 
     summary = {
         "run": run,
@@ -167,6 +196,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
         "manifests": {out: [m.to_dict() for m in ms.values()] for out, ms in manifests.items()},
     }
     store.write_text("run.json", json.dumps(summary, indent=2))
+    _run_artifact(summary)
     if failures:
         raise CurateFailed(failure_message(failures))
     return summary
