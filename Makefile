@@ -16,11 +16,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install models demo test bench clean-runs help
+.PHONY: install models demo test bench serve chromium clean-runs help
 
 help:
 	@echo "make demo   - install, build tiny models, curate bundled prompts, print a duckdb summary"
 	@echo "make test   - install and run the test suite"
+	@echo "make serve  - local Prefect server (127.0.0.1:4200) + work pools + deployments + a worker"
 	@echo "make bench  - run the benchmarks in bench/ (prints figures)"
 
 $(VENV)/.installed: pyproject.toml
@@ -42,8 +43,17 @@ demo: models
 	@echo "Query it:  $(VENV)/bin/richpref --data-dir $(DATA) inspect $(RUN)"
 	@echo "      or:  duckdb -c \"select status, reason, count(*) from '$(DATA)/runs/$(RUN)/filter/*.parquet' group by all\""
 
-test: install
+# The report test renders HTML in Debian's headless chromium: install it when we can (root + apt).
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } \
+	  || echo "note: chromium not installed; the report rendering test will be skipped"
+
+test: install chromium
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+serve: models
+	$(VENV)/bin/richpref --data-dir $(DATA) serve
 
 bench: models
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

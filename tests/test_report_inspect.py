@@ -74,3 +74,19 @@ def test_report_renders_the_pairs_in_headless_chromium(finished_run, runs_dir, t
     img = np.asarray(Image.open(shot).convert("HSV"))
     colourful = (img[..., 1] > 80) & (img[..., 2] > 60)  # the noise thumbnails; text and page are grey/white
     assert colourful.mean() > 0.05, "the screenshot shows no image thumbnails"
+
+
+def test_inspect_notebook_executes_against_a_run(finished_run, runs_dir, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb_path = Path(__file__).resolve().parents[1] / "notebooks" / "inspect.ipynb"
+    nb = nbformat.read(nb_path, as_version=4)
+    monkeypatch.setenv("RICHPREF_DATA_DIR", str(runs_dir))
+    monkeypatch.setenv("RICHPREF_RUN", "ref")
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(nb_path.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "source" in text and "pairs" in text  # the summary table printed
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the pair grid was not drawn"

@@ -14,68 +14,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ..models.runtime import resident
-from ..schemas.config import Profile, load_profile, profile_hash
-from ..storage import RunStore, ShardManifest
-from ..tasks import OUTPUTS, PIPELINE
-from ..tasks.base import Stage, run_stage_shard
-from ..tasks.source import VERSION as SOURCE_VERSION
-from ..tasks.source import shard_source, source_fingerprint
+from richpref.models.runtime import resident
+from richpref.schemas.config import Profile, load_profile, profile_hash
+from richpref.storage import RunStore, ShardManifest
+from richpref.tasks import OUTPUTS, PIPELINE
+from richpref.tasks.base import Stage
+from richpref.tasks.source import VERSION as SOURCE_VERSION
+from richpref.tasks.source import source_fingerprint
+from richpref.tasks.wrappers import source_shards, stage_shard
 
 log = logging.getLogger("richpref")
 
 
 class CurateFailed(RuntimeError):
     pass
-
-
-def _location_key(store: RunStore, stage: str, shard: int, key: str) -> str:
-    where = hashlib.sha256(store.uri(store.shard_path(stage, shard)).encode()).hexdigest()[:16]
-    return f"{stage}-{shard:05d}-{key[:32]}-{where}"
-
-
-def _shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    store = RunStore(parameters["data_dir"], parameters["run"])
-    return _location_key(store, parameters["stage"].out, parameters["shard"], parameters["key"])
-
-
-@task(name="stage-shard", task_run_name="{stage.name}-{shard:05d}", cache_key_fn=_shard_cache_key, persist_result=True)
-def stage_shard(stage: Stage, shard: int, inputs: dict[str, ShardManifest], data_dir: str, run: str,
-                profile: Profile, key: str) -> ShardManifest:
-    """Thin Prefect wrapper around the stage's pure shard function (see tasks/base.py)."""
-    return run_stage_shard(stage, shard, inputs, RunStore(data_dir, run), profile, key)
-
-
-def _source_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    store = RunStore(parameters["data_dir"], parameters["run"])
-    return _location_key(store, "source", 0, parameters["key"])
-
-
-@task(name="source", cache_key_fn=_source_cache_key, persist_result=True)
-def source_shards(data_dir: str, run: str, profile: Profile, key: str) -> list[ShardManifest]:
-    store = RunStore(data_dir, run)
-    existing = store.shards("source")
-    done = [store.committed("source", s, key) for s in existing]
-    if existing and existing == list(range(len(existing))) and all(done):
-        return done  # type: ignore[return-value]
-    t0 = time.perf_counter()
-    tables = shard_source(profile.source)
-    manifests = [store.write_shard("source", i, t, key) for i, t in enumerate(tables)]
-    # A smaller source than last time: shards past the end are not part of this run any more.
-    for out in OUTPUTS:
-        for s in store.shards(out):
-            if s >= len(tables):
-                store.fs.rm(store.shard_path(out, s))
-    rows = sum(m.rows for m in manifests)
-    log.info("source: %d rows in %d shards (%.2fs), rejected %d", rows, len(manifests), time.perf_counter() - t0,
-             sum(m.rejected for m in manifests))
-    store.append_log("work.jsonl", {"stage": "source", "shard": -1, "rows": rows, "kept": sum(m.kept for m in manifests),
-                                    "compute_s": round(time.perf_counter() - t0, 4), "key": key, "at": time.time()})
-    return manifests
 
 
 def _run_storage(store: RunStore) -> Path | None:
@@ -89,6 +45,30 @@ def _run_storage(store: RunStore) -> Path | None:
     return None  # remote data: use the Prefect profile's result storage (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK)
 
 
+def _one_accelerator_per_task():
+    """On a Dask task runner, each shard task claims one `GPU` resource, so a worker started with
+    `resources={"GPU": 1}` runs one model-heavy shard at a time. Elsewhere: no-op."""
+    import contextlib
+
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or type(ctx.task_runner).__name__ != "DaskTaskRunner":
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})
+
+
+def on_dask(n_workers: int):
+    """The curate flow on a local Dask cluster of `n_workers` processes, one `GPU` resource each."""
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
+                                            "resources": {"GPU": 1}, "dashboard_address": None})
+    return curate.with_options(task_runner=runner)
+
+
 def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], store: RunStore, data_dir: str,
               run: str, profile: Profile, storage) -> tuple[dict[int, ShardManifest], list[str]]:
     """Map one stage over every shard whose inputs exist; return its manifests and failures."""
@@ -99,10 +79,11 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     stale = [s for s in shards if s not in fresh]
     futures = {}
     base = stage_shard.with_options(result_storage=storage) if storage else stage_shard
-    for group, refresh in ((fresh, False), (stale, True)):
-        t = base.with_options(refresh_cache=refresh)
-        for s in group:
-            futures[s] = t.submit(stage, s, {r: manifests[r][s] for r in stage.reads}, data_dir, run, profile, keys[s])
+    with _one_accelerator_per_task():
+        for group, refresh in ((fresh, False), (stale, True)):
+            t = base.with_options(refresh_cache=refresh)
+            for s in group:
+                futures[s] = t.submit(stage, s, {r: manifests[r][s] for r in stage.reads}, data_dir, run, profile, keys[s])
     done, failed = {}, []
     progress = create_progress_artifact(0.0, description=f"{run}: {stage.name} shards")
     for n, (s, fut) in enumerate(sorted(futures.items()), start=1):

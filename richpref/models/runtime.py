@@ -90,6 +90,11 @@ class ResidentModel:
                 self._key = key
             return self._model
 
+    def __reduce__(self):
+        # Pickled (e.g. inside a flow shipped to a Dask worker) as a reference to the receiving
+        # process's own slot: a loaded model never travels between processes.
+        return (_process_slot, ())
+
     def release(self) -> None:
         with self._lock:
             self._model = None
@@ -100,3 +105,7 @@ class ResidentModel:
 
 
 resident = ResidentModel()
+
+
+def _process_slot() -> ResidentModel:
+    return resident
