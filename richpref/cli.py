@@ -32,7 +32,12 @@ def cmd_curate(args: argparse.Namespace) -> int:
     try:
         # A bad profile or a missing input file fails here, before Prefect or any model starts.
         source_fingerprint(load_profile(args.profile, args.set, args.models_root).source)
-        result = curate(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+        flow_fn = curate
+        if args.dask_workers:
+            from .flows.curate import on_dask
+
+            flow_fn = on_dask(args.dask_workers)
+        result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
                         models_root=args.models_root)
     except (ProfileError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -97,6 +102,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relabel_dataset(args: argparse.Namespace) -> int:
+    from .schemas.config import ProfileError, load_profile
+    from .tasks.relabel import DatasetError, relabel_dataset
+
+    try:
+        prof = load_profile(args.profile, args.set, args.models_root)
+        result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward)
+    except (ProfileError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: result[k] for k in ("rows", "kept", "rejected", "agreement_with_source_label", "report")}, indent=2))
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from .datacard import push_to_hub, write_run_report
+    from .storage import RunStore
+
+    written = write_run_report(args.data_dir, args.run)
+    print(json.dumps(written, indent=2))
+    if args.push_to_hub:
+        store = RunStore(args.data_dir, args.run)
+        print(push_to_hub(store.uri(store.stage_dir("pairs")), args.push_to_hub, private=not args.public))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve_forever
+
+    return serve_forever(data_dir=args.data_dir, host=args.host, port=args.port, worker_pool=args.pool or None,
+                         verbose=args.verbose)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import connect
 
@@ -135,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a profile value, e.g. --set edit.strength=0.6 (repeatable)")
     c.add_argument("--models-root", default=None, help="directory relative model references resolve against")
+    c.add_argument("--dask-workers", type=int, default=0,
+                   help="spread each stage's shards over N local Dask worker processes (needs prefect-dask; "
+                        "use with a Prefect server, see docs/operations.md)")
     c.set_defaults(fn=cmd_curate)
 
     m = sub.add_parser("models", help="model utilities")
@@ -170,10 +211,36 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", help="file to write (default <run>/report.html)")
     r.set_defaults(fn=cmd_report)
 
+    rd = sub.add_parser("relabel-dataset", help="rescore a Pick-a-Pic-format Parquet dataset's jpg_0/jpg_1 and rewrite label_0")
+    rd.add_argument("src", help="Parquet file(s): a path, glob or fsspec URL (quote globs)")
+    rd.add_argument("out_dir", help="folder for the relabelled part-*.parquet, README.md and plots")
+    rd.add_argument("--profile", default="tiny", help="profile whose relabel.rewards score the images")
+    rd.add_argument("--reward", default=None, help="use only this reward of the profile (e.g. imagereward)")
+    rd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a profile value")
+    rd.add_argument("--models-root", default=None, help="directory relative model references resolve against")
+    rd.set_defaults(fn=cmd_relabel_dataset)
+
+    dc = sub.add_parser("card", help="write RUN's dataset card (pairs/README.md) and plots (plots/*.png)")
+    dc.add_argument("run")
+    dc.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the pairs as a Hub dataset")
+    dc.add_argument("--public", action="store_true", help="with --push-to-hub: create a public repo")
+    dc.set_defaults(fn=cmd_card)
+
+    sv = sub.add_parser("serve", help="local Prefect server + work pools + deployments + a process worker")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=4200)
+    sv.add_argument("--pool", default="cpu", help="work pool the worker serves ('' for no worker)")
+    sv.add_argument("--verbose", action="store_true", help="show server and worker output")
+    sv.set_defaults(fn=cmd_serve)
+
     i = sub.add_parser("inspect", help="duckdb with one view per stage of RUN")
     i.add_argument("run")
     i.add_argument("-c", "--command", help="run one SQL statement and exit")
     i.set_defaults(fn=cmd_inspect)
+
+    from .training.cli import register as register_training  # finetune, evaluate
+
+    register_training(sub)
 
     args = p.parse_args(argv)
     _quiet_defaults(args.data_dir)

@@ -26,13 +26,16 @@ def decode_image(data: bytes | None) -> Image.Image:
         raise BadImage("bad_image: empty image bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own pixel limit below gives the reason; PIL's bomb warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_PIXELS:
                 raise BadImage(f"bad_image: {img.width}x{img.height} is over {MAX_PIXELS} pixels")
             img.load()
     except BadImage:
         raise
+    except Image.DecompressionBombError:
+        raise BadImage(f"bad_image: over {MAX_PIXELS} pixels") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
         raise BadImage(f"bad_image: cannot decode ({type(exc).__name__}: {exc})") from None
     if img.width < 8 or img.height < 8:

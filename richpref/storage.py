@@ -87,7 +87,7 @@ class RunStore:
         return sorted(out)
 
     # shards ---------------------------------------------------------------------------------------
-    def write_shard(self, stage: str, shard: int, table: pa.Table, key: str) -> ShardManifest:
+    def write_shard(self, stage: str, shard: int, table: pa.Table, key: str, before_commit=None) -> ShardManifest:
         meta = dict(table.schema.metadata or {})
         meta[KEY_META] = key.encode()
         table = table.replace_schema_metadata(meta)
@@ -98,6 +98,8 @@ class RunStore:
         self.fs.makedirs(self.stage_dir(stage), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         self.fs.pipe_file(tmp, data)
+        if before_commit is not None:
+            before_commit()
         self.fs.mv(tmp, path)
         return self._manifest(stage, shard, table, data, key)
 
@@ -105,6 +107,14 @@ class RunStore:
         path = self.shard_path(stage, shard)
         with self.fs.open(path, "rb") as f:
             return pq.read_table(f)
+
+    def read_stage(self, stage: str, columns: list[str] | None = None) -> pa.Table:
+        """All shards of a stage as one table (shard order)."""
+        tables = []
+        for s in self.shards(stage):
+            with self.fs.open(self.shard_path(stage, s), "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
     def committed(self, stage: str, shard: int, key: str) -> ShardManifest | None:
         """The manifest of an existing shard computed for `key`, else None."""

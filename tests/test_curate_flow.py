@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -41,7 +40,7 @@ def pair_files(data_dir, run) -> dict[str, str]:
 def test_every_row_is_kept_or_rejected_at_every_stage(finished_run, runs_dir):
     store = RunStore(str(runs_dir), "ref")
     assert len(store.shards("source")) == N_ITEMS // SHARD
-    src = pq.read_table(store.stage_dir("source")).to_pylist()
+    src = store.read_stage("source").to_pylist()
     assert len(src) == N_ITEMS
     for stage in PIPELINE:
         driver = stage.reads[0]
@@ -60,10 +59,10 @@ def test_pairs_are_pickapic_format_and_load_with_datasets(finished_run, runs_dir
     import datasets
 
     store = RunStore(str(runs_dir), "ref")
-    pairs = pq.read_table(store.stage_dir("pairs"))
+    pairs = store.read_stage("pairs")
     assert pairs.num_rows > 0, "the tiny run should export some pairs"
     assert set(pairs.column("label_0").to_pylist()) <= {0, 1}
-    relabel = {r["item_id"]: r for r in pq.read_table(store.stage_dir("relabel")).to_pylist()}
+    relabel = {r["item_id"]: r for r in store.read_stage("relabel").to_pylist()}
     for r in pairs.to_pylist():
         for col in ("jpg_0", "jpg_1"):
             Image.open(io.BytesIO(r[col])).convert("RGB")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,24 +20,9 @@ PY = sys.executable
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models):
-    from richpref import serve
-
-    data = tmp_path_factory.mktemp("served")
-    port = _free_port()
-    log = open(data / "server.log", "w")
-    procs = serve.start(data_dir=str(data), port=port, log=log)
-    env = serve.server_env(str(data), "127.0.0.1", port)
-    yield {"data": data, "env": env, "models": tiny_models}
-    serve.stop(procs)
-    log.close()
+def server(prefect_server):
+    return prefect_server
 
 
 def _run_deployment(server, run: str) -> subprocess.CompletedProcess:

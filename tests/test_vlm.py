@@ -151,3 +151,53 @@ def test_close(tiny_dirs, items):
     model.close()
     with pytest.raises(RuntimeError):
         model.generate(images[:1], prompts[:1])
+
+
+def test_generate_detailed_reports_cut_off_answers(vlm, items):
+    images, prompts = items
+    gens = vlm.generate_detailed(images, prompts, max_new_tokens=6, batch_size=3)
+    assert [g.text for g in gens] == vlm.generate(images, prompts, max_new_tokens=6, batch_size=3)
+    # Random weights never pick the end token within 6 steps here: every answer is cut off.
+    assert all(not g.finished and g.new_tokens == 6 for g in gens)
+
+
+def test_generate_detailed_sees_the_end_token(vlm, items):
+    images, prompts = items
+    # Declare the token the model picks first (greedy) an end token: the answer ends at once.
+    inputs = vlm._encode(images[:1], prompts[:1])
+    with torch.inference_mode():
+        first = int(vlm.model(**inputs).logits[0, -1].argmax())
+    gen = vlm.model.generation_config
+    saved = gen.eos_token_id
+    gen.eos_token_id = [first]
+    try:
+        [g] = vlm.generate_detailed(images[:1], prompts[:1], max_new_tokens=6)
+    finally:
+        gen.eos_token_id = saved
+    assert g.finished and g.new_tokens == 0
+
+
+def test_option_spellings_are_summed(vlm, items):
+    images, prompts = items
+    options = [("Yes", "yes", " Yes"), ("No", "no")]
+    p = vlm.option_probabilities(images, prompts, options, batch_size=2)
+    inputs = vlm._encode(images, prompts)
+    with torch.inference_mode():
+        probs = torch.softmax(vlm.model(**inputs).logits[:, -1].float(), dim=-1).double().numpy()
+    tok = vlm.tokenizer
+    ids = [[tok.encode(s, add_special_tokens=False)[0] for s in group] for group in options]
+    yes = probs[:, ids[0]].sum(axis=1)
+    no = probs[:, ids[1]].sum(axis=1)
+    np.testing.assert_allclose(p[:, 0], yes / (yes + no), atol=1e-5)
+    # p_yes sums every spelling in YES_NO (all single tokens in the tiny vocabularies).
+    from richpref.models.vlm import YES_NO
+
+    ids = [[tok.encode(s, add_special_tokens=False)[0] for s in group] for group in YES_NO]
+    yes, no = probs[:, ids[0]].sum(axis=1), probs[:, ids[1]].sum(axis=1)
+    np.testing.assert_allclose(vlm.p_yes(images, prompts, batch_size=3), yes / (yes + no), atol=1e-5)
+
+
+def test_options_sharing_a_token_are_refused(vlm, items):
+    images, prompts = items
+    with pytest.raises(ValueError, match="share a token"):
+        vlm.option_probabilities(images[:1], prompts[:1], [("Yes", "yes"), ("yes", "No")])

@@ -25,7 +25,8 @@ from richpref.tasks import OUTPUTS, PIPELINE
 from richpref.tasks.base import Stage
 from richpref.tasks.source import VERSION as SOURCE_VERSION
 from richpref.tasks.source import source_fingerprint
-from richpref.tasks.wrappers import source_shards, stage_shard
+from richpref.tasks.wrappers import (_location_key, committed_source, _shard_cache_key, _source_cache_key, serialized_policy,
+                                     source_shards, stage_shard)
 
 log = logging.getLogger("richpref")
 
@@ -43,6 +44,11 @@ def _run_storage(store: RunStore) -> Path | None:
         path.mkdir(parents=True, exist_ok=True)
         return path
     return None  # remote data: use the Prefect profile's result storage (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK)
+
+
+def _drop_record(storage: Path | None, key: str) -> None:
+    if storage is not None:
+        (storage / key).unlink(missing_ok=True)
 
 
 def _one_accelerator_per_task():
@@ -74,16 +80,20 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     """Map one stage over every shard whose inputs exist; return its manifests and failures."""
     shards = sorted(set.intersection(*(set(manifests[r]) for r in stage.reads)))
     keys = {s: stage.content_key(profile, {r: manifests[r][s] for r in stage.reads}) for s in shards}
-    fresh = [s for s in shards if store.committed(stage.out, s, keys[s]) is not None]
-    # A cache record is only trusted while its shard is on disk; otherwise recompute and overwrite it.
-    stale = [s for s in shards if s not in fresh]
+    # A cache record is only trusted while its shard is on disk: drop the records of missing shards
+    # (or, where records live elsewhere, overwrite them) so those shards are computed again.
+    stale = {s for s in shards if store.committed(stage.out, s, keys[s]) is None}
+    for s in stale:
+        _drop_record(storage, _location_key(store, stage.out, s, keys[s]))
     futures = {}
     base = stage_shard.with_options(result_storage=storage) if storage else stage_shard
+    policy = serialized_policy(store, _shard_cache_key)
+    if policy is not None:
+        base = base.with_options(cache_policy=policy)
     with _one_accelerator_per_task():
-        for group, refresh in ((fresh, False), (stale, True)):
-            t = base.with_options(refresh_cache=refresh)
-            for s in group:
-                futures[s] = t.submit(stage, s, {r: manifests[r][s] for r in stage.reads}, data_dir, run, profile, keys[s])
+        for s in shards:
+            t = base.with_options(refresh_cache=True) if s in stale and storage is None else base
+            futures[s] = t.submit(stage, s, {r: manifests[r][s] for r in stage.reads}, data_dir, run, profile, keys[s])
     done, failed = {}, []
     progress = create_progress_artifact(0.0, description=f"{run}: {stage.name} shards")
     for n, (s, fut) in enumerate(sorted(futures.items()), start=1):
@@ -151,8 +161,13 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     manifests: dict[str, dict[int, ShardManifest]] = {}
     source_key = hashlib.sha256(f"{SOURCE_VERSION}:{source_fingerprint(prof.source)}".encode()).hexdigest()
     src_task = source_shards.with_options(result_storage=storage) if storage else source_shards
-    existing = [store.committed("source", s, source_key) for s in store.shards("source")]
-    src_task = src_task.with_options(refresh_cache=not (existing and all(existing)))
+    policy = serialized_policy(store, _source_cache_key)
+    if policy is not None:
+        src_task = src_task.with_options(cache_policy=policy)
+    if committed_source(store, source_key) is None:
+        _drop_record(storage, _location_key(store, "source", 0, source_key))
+        if storage is None:
+            src_task = src_task.with_options(refresh_cache=True)
     manifests["source"] = {m.shard: m for m in src_task(data_dir, run, prof, source_key)}
 
     failures: list[str] = []
@@ -176,6 +191,10 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
         "failed": failures,
         "manifests": {out: [m.to_dict() for m in ms.values()] for out, ms in manifests.items()},
     }
+    if manifests.get("pairs"):
+        from richpref.datacard import write_run_report
+
+        summary["report"] = write_run_report(data_dir, run)  # pairs/README.md dataset card + plots/*.png
     store.write_text("run.json", json.dumps(summary, indent=2))
     _run_artifact(summary)
     if failures:

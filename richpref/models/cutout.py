@@ -165,6 +165,12 @@ class BackgroundRemover:
         results = []
         for image in images:
             rgb = image.convert("RGB")
+            if all(lo == hi for lo, hi in rgb.getextrema()):
+                # A flat image has no foreground. rembg would min-max normalise a constant prediction
+                # (0/0) and cast NaNs to bytes, a platform-dependent mask; say "empty" instead.
+                mask = Image.new("L", rgb.size, 0)
+                results.append((composite_on_white(rgb, mask), mask))
+                continue
             masks = self.session.predict(rgb)
             # Multi-class sessions (u2net_cloth_seg) return one mask per class: the foreground is their union.
             arr = np.max(np.stack([np.asarray(m.convert("L").resize(rgb.size)) for m in masks]), axis=0)

@@ -1,8 +1,10 @@
 """Text-to-image generation with diffusers (SD 1.5, SDXL, anything `DiffusionPipeline` loads).
 
 Reproducibility contract: every image gets its own CPU `torch.Generator` seeded with its seed, so an
-image depends only on (prompt, seed, settings), never on which other items shared its batch. CPU
-generators give the same noise on every machine, whatever device the pipeline runs on.
+image's noise depends only on its seed, never on which other items shared its batch. CPU generators
+give the same noise on every machine, whatever device the pipeline runs on. A rerun with the same
+batches is byte-identical on CPU; the same item in a different batch can differ by a grey level in a
+few pixels (batched matmuls round differently), which is why shards keep their batch composition.
 """
 from __future__ import annotations
 

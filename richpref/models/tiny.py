@@ -16,35 +16,50 @@ TINY_VERSION = "1"
 LAYOUT = {
     "sd15": "sd15",
     "controlnet": "controlnet-canny",
+    "sdxl": "sdxl",
+    "controlnet_sdxl": "controlnet-sdxl",
     "critic": "llava-critic",
     "vlm": "qwen2.5-vl",
     "clip": "clip",
     "pickscore": "pickscore",
     "rembg_home": "rembg",
+    # Reward models in their original checkpoint layouts (models/tiny_rewards.py).
+    "imagereward": "imagereward",
+    "hpsv2": "hpsv2",
+    "aesthetic": "aesthetic",
+    "ict": "ict",
+    "hp": "hp",
+    "dinov2": "dinov2",
 }
 
 
 def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str]:
     """Build every tiny model under `root` (skipped when an up-to-date build is there)."""
     from .tiny_clip import build_tiny_clip
-    from .tiny_diffusion import build_tiny_controlnet, build_tiny_sd15
+    from .tiny_diffusion import build_tiny_controlnet, build_tiny_sd15, build_tiny_sdxl, build_tiny_sdxl_controlnet
     from .tiny_rembg import build_tiny_u2net_onnx
+    from .tiny_rewards import build_tiny_rewards
     from .tiny_vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
 
     root = Path(root)
     stamp = root / "BUILD.json"
     want = {"version": TINY_VERSION, "seed": seed}
     paths = {k: str(root / v) for k, v in LAYOUT.items()}
-    if not force and stamp.exists() and json.loads(stamp.read_text()) == want:
+    # A build from before a model was added to LAYOUT lacks its folder: rebuild then too.
+    complete = all(Path(p).exists() for p in paths.values())
+    if not force and complete and stamp.exists() and json.loads(stamp.read_text()) == want:
         return paths
     root.mkdir(parents=True, exist_ok=True)
     build_tiny_sd15(root / LAYOUT["sd15"], seed=seed)
     build_tiny_controlnet(root / LAYOUT["sd15"], root / LAYOUT["controlnet"], seed=seed + 1)
+    build_tiny_sdxl(root / LAYOUT["sdxl"], seed=seed + 7)
+    build_tiny_sdxl_controlnet(root / LAYOUT["sdxl"], root / LAYOUT["controlnet_sdxl"], seed=seed + 8)
     build_tiny_llava_onevision(root / LAYOUT["critic"], seed=seed + 2)
     build_tiny_qwen2_5_vl(root / LAYOUT["vlm"], seed=seed + 3)
     build_tiny_clip(root / LAYOUT["clip"], seed=seed + 4)
     build_tiny_clip(root / LAYOUT["pickscore"], seed=seed + 5)
     build_tiny_u2net_onnx(root / LAYOUT["rembg_home"], seed=seed + 6)
+    build_tiny_rewards(root, root / LAYOUT["clip"], seed=seed + 20)
     stamp.write_text(json.dumps(want))
     log.info("tiny models built under %s", root)
     return paths

@@ -264,3 +264,26 @@ def build_tiny_sdxl_controlnet(
     embedding), the control paths are random under `seed`.
     """
     return build_tiny_controlnet(sdxl_dir, out_dir, seed=seed)
+
+
+# --- ControlNet annotators -----------------------------------------------------------------------
+
+
+def build_random_annotator(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write random weights for the annotator network behind control `kind` ("softedge_hed",
+    "softedge_pidi", "lineart") to `out_dir`, named and laid out as in lllyasviel/Annotators, and
+    return the file's path.
+
+    The networks keep their real sizes (HED ~59 MB, line art ~17 MB, PiDiNet ~3 MB): their maps
+    follow image content but are not edges. For tests of the loading path and of network controls.
+    """
+    from .editor import ANNOTATOR_FILES, annotator_network, annotator_state_dict
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = annotator_network(kind)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ANNOTATOR_FILES[kind]
+    torch.save(annotator_state_dict(kind, net), path)
+    return path

@@ -1,14 +1,17 @@
 """A tiny random-weight segmentation net exported to ONNX for rembg's `u2net_custom` session.
 
-It honours the U²-Net contract rembg relies on: input (N, 3, 320, 320) normalised with ImageNet
-mean/std, output (N, 1, 320, 320) in [0, 1] (sigmoid), and rembg reads `outputs[0][:, 0]`. The
-weights are random, but the mask follows image content (brighter/structured regions differ from flat
-ones) instead of being constant, so the cut-out code path is exercised for real in tests and demos.
+It honours the contract rembg's sessions rely on: input (N, 3, S, S) normalised by the session,
+output (N, 1, S, S) in [0, 1] (sigmoid), and rembg reads `outputs[0][:, 0]`. S is 320 for U²-Net
+sessions and 1024 for IS-Net, BiRefNet and BRIA RMBG: the exported graph takes any multiple of 4, so
+one file serves every session (`install_as_rembg_model`). The weights are random, but the mask follows
+image content (brighter/structured regions differ from flat ones) instead of being constant, so the
+cut-out code path is exercised for real in tests and demos.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -64,12 +67,17 @@ def build_tiny_seg_net(seed: int = 0) -> nn.Module:
 
 
 def _export(net: nn.Module, dummy: torch.Tensor, path: Path) -> None:
-    """Export with a dynamic batch axis to one self-contained file.
+    """Export with dynamic batch and spatial axes (sides: multiples of 4, for the ×4 context branch)
+    to one self-contained file.
 
     The torch.export-based exporter (torch's default since 2.9) needs onnxscript; without it, fall back
     to the legacy TorchScript exporter, whose deprecation and tracer notices are expected here.
     """
     if importlib.util.find_spec("onnxscript") is not None:
+
+        def side(name: str):
+            return torch.export.Dim(name, min=2, max=1024)  # times 4: 8 to 4096 px
+
         torch.onnx.export(
             net,
             (dummy,),
@@ -78,7 +86,7 @@ def _export(net: nn.Module, dummy: torch.Tensor, path: Path) -> None:
             external_data=False,  # else the weights go to a side "*.onnx.data" file
             input_names=["input"],
             output_names=["mask"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamic_shapes=({0: torch.export.Dim("batch"), 2: 4 * side("h4"), 3: 4 * side("w4")},),
             verbose=False,
         )
         return
@@ -91,7 +99,7 @@ def _export(net: nn.Module, dummy: torch.Tensor, path: Path) -> None:
             dynamo=False,
             input_names=["input"],
             output_names=["mask"],
-            dynamic_axes={"input": {0: "batch"}, "mask": {0: "batch"}},
+            dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "mask": {0: "batch", 2: "height", 3: "width"}},
             opset_version=17,
         )
 
@@ -112,3 +120,18 @@ def build_tiny_u2net_onnx(u2net_home: str | os.PathLike, seed: int = 0) -> Path:
     _export(net, dummy, tmp)
     os.replace(tmp, path)
     return path
+
+
+def install_as_rembg_model(onnx_path: str | os.PathLike, u2net_home: str | os.PathLike, name: str) -> Path:
+    """Copy an ONNX file to where rembg's named session `name` ("u2net", "isnet-general-use",
+    "birefnet-general", "bria-rmbg", ...) finds its weights: `<home>/models/<name>/<name>.onnx`.
+
+    rembg uses a file found there without downloading or checking it, so the named sessions (with
+    their own resizing and normalisation) run offline on the tiny net.
+    """
+    target = Path(u2net_home) / "models" / name / f"{name}.onnx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".onnx.tmp")
+    shutil.copyfile(onnx_path, tmp)
+    os.replace(tmp, target)
+    return target

@@ -4,9 +4,11 @@ One class drives any transformers image-text-to-text checkpoint with a chat temp
 LLaVA-OneVision (the LLaVA-Critic architecture, transformers format) and the tiny random models from
 `richpref.models.tiny_vlm`. Three ways of asking a question about an image:
 
-- `generate`: free text (critiques, edit instructions), greedy;
+- `generate` / `generate_detailed`: free text (critiques, edit instructions), greedy; the detailed
+  form also says whether the model finished or was cut off at `max_new_tokens`;
 - `option_probabilities`: probability of each of a few answers (e.g. "Yes"/"No") read from the
-  logits at the answer position, without generating;
+  logits at the answer position, without generating; an answer may have several spellings
+  ("Yes", "yes", " Yes") whose probabilities are summed; `p_yes` is the yes/no special case;
 - `expected_score`: PortraitRL §3.2 — the probability-weighted score over the digit tokens of a
   rating scale, normalised to [0, 1]; smoother and better calibrated than the argmax digit.
 
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,6 +30,20 @@ from PIL import Image
 from .runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+# An answer option: one string, or several spellings of the same answer whose probabilities add up.
+Option = Union[str, Sequence[str]]
+# Spellings a chat model starts a yes/no answer with; real Qwen2 vocabularies have each as one token.
+YES_NO: tuple[tuple[str, ...], tuple[str, ...]] = (("Yes", "yes", " Yes", " yes"), ("No", "no", " No", " no"))
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer: its text, whether the model ended it itself, and its length in tokens."""
+
+    text: str
+    finished: bool  # an end-of-sequence token came before max_new_tokens ran out
+    new_tokens: int  # tokens generated, the end-of-sequence token excluded
 
 
 def expected_score_from_probs(probs: np.ndarray, values: Sequence[float]) -> np.ndarray:
@@ -48,6 +65,24 @@ def expected_score_from_probs(probs: np.ndarray, values: Sequence[float]) -> np.
         raise ValueError("every row of probs must have a positive sum")
     expected = (p / total) @ v
     return (expected - lo) / (hi - lo)
+
+
+def _refuse_native_llava(path: str) -> None:
+    """A LLaVA-NeXT native checkpoint (e.g. lmms-lab/llava-critic-7b) would fail deep inside transformers."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        return
+    if "LlavaQwenForCausalLM" in archs:
+        raise ValueError(
+            f"{path} is a LLaVA-NeXT native checkpoint (LlavaQwenForCausalLM), which transformers cannot load; "
+            f"convert it once with `richpref models convert-llava-critic {path} <new dir>` and use the new dir")
 
 
 class VisionLanguageModel:
@@ -73,6 +108,7 @@ class VisionLanguageModel:
         """Load processor and model from a local directory or (cached) Hub id, in eval mode."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        _refuse_native_llava(path)
         dev = resolve_device(device)
         if dtype == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported():
             # Qwen2-family VLMs overflow in float16 (NaN logits, "!!!!" outputs); bfloat16 is what
@@ -178,14 +214,34 @@ class VisionLanguageModel:
         max_new_tokens: int = 128,
         batch_size: int = 8,
     ) -> list[str]:
-        """Greedy answer to each (image, prompt); returns only the new text, special tokens removed.
+        """Greedy answer to each (image, prompt); returns only the new text, special tokens removed."""
+        return [g.text for g in self.generate_detailed(images, prompts, max_new_tokens=max_new_tokens,
+                                                        batch_size=batch_size)]
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return {int(i) for i in ids}
+
+    def generate_detailed(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        *,
+        max_new_tokens: int = 128,
+        batch_size: int = 8,
+    ) -> list[Generation]:
+        """Greedy answers with their end state: `finished` is False when `max_new_tokens` cut the answer.
 
         Sampling settings from the checkpoint's generation config are switched off; other logits
         processors it declares (e.g. Qwen's repetition_penalty) stay, as the model authors intended.
         """
         self._check_loaded()
         self._check_lengths(images, prompts)
-        out: list[str] = []
+        eos_ids = self._eos_ids()
+        out: list[Generation] = []
         with torch.inference_mode():
             for sl in self._batches(len(prompts), batch_size):
                 inputs = self._encode(images[sl], prompts[sl])
@@ -198,26 +254,38 @@ class VisionLanguageModel:
                     top_k=None,
                 )
                 # Left padding: every row's prompt ends at the same column.
-                new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-                texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                out.extend(t.strip() for t in texts)
+                new_tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()
+                for row in new_tokens:
+                    end = next((k for k, t in enumerate(row) if t in eos_ids), None)
+                    kept = row if end is None else row[:end]
+                    text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+                    out.append(Generation(text=text, finished=end is not None, new_tokens=len(kept)))
         return out
 
     # ------------------------------------------------------------------ scoring
 
-    def _option_token_ids(self, options: Sequence[str]) -> list[int]:
-        """First token id of each option; options must be distinguishable by that token."""
+    def _option_token_ids(self, options: Sequence[Option]) -> list[list[int]]:
+        """Token ids read for each option: the ids of its spellings that are one token each.
+
+        A spelling of several tokens would be read by its first token, a prefix shared with other
+        words, so it is used only when no spelling of that option is a single token. Options must
+        not share a token, else they cannot be told apart.
+        """
         if not options:
             raise ValueError("options must not be empty")
-        ids = []
+        groups: list[list[int]] = []
         for opt in options:
-            enc = self.tokenizer.encode(opt, add_special_tokens=False)
-            if not enc:
-                raise ValueError(f"option {opt!r} encodes to no tokens")
-            ids.append(int(enc[0]))
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"options {list(options)} share a first token ({ids}); they cannot be told apart")
-        return ids
+            spellings = [opt] if isinstance(opt, str) else list(opt)
+            encoded = [self.tokenizer.encode(sp, add_special_tokens=False) for sp in spellings]
+            if not spellings or any(not e for e in encoded):
+                raise ValueError(f"option {opt!r} has a spelling that encodes to no tokens")
+            single = [e[0] for e in encoded if len(e) == 1]
+            ids = single or [encoded[0][0]]
+            groups.append(sorted({int(i) for i in ids}))
+        flat = [i for g in groups for i in g]
+        if len(set(flat)) != len(flat):
+            raise ValueError(f"options {list(options)} share a token ({groups}); they cannot be told apart")
+        return groups
 
     def _next_token_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits at the answer position (the last column, thanks to left padding), float32."""
@@ -234,27 +302,40 @@ class VisionLanguageModel:
         self,
         images: list[Image.Image],
         prompts: list[str],
-        options: list[str],
+        options: Sequence[Option],
         *,
         batch_size: int = 8,
     ) -> np.ndarray:
         """P(option | image, prompt) for each item, shape (n, len(options)), rows sum to 1.
 
         One forward pass per batch: softmax over the full vocabulary at the first answer position,
-        the probability of each option's FIRST token, renormalised over the options.
+        each option's probability is the sum over its spellings' tokens (see `_option_token_ids`),
+        then the options are renormalised among themselves.
         """
         self._check_loaded()
         self._check_lengths(images, prompts)
-        ids = torch.tensor(self._option_token_ids(options), device=self.device)
+        groups = self._option_token_ids(options)
+        flat = torch.tensor([i for g in groups for i in g], device=self.device)
+        # Column k of `member` is 1 for the token ids of option k: probs @ member sums each group.
+        member = torch.zeros(len(flat), len(groups), dtype=torch.float64, device=self.device)
+        row = 0
+        for k, g in enumerate(groups):
+            member[row : row + len(g), k] = 1.0
+            row += len(g)
         rows = []
         with torch.inference_mode():
             for sl in self._batches(len(prompts), batch_size):
                 logits = self._next_token_logits(self._encode(images[sl], prompts[sl]))
-                probs = torch.softmax(logits, dim=-1)[:, ids].double()
+                probs = torch.softmax(logits, dim=-1)[:, flat].double() @ member
                 rows.append((probs / probs.sum(dim=-1, keepdim=True)).cpu().numpy())
         if not rows:
             return np.zeros((0, len(options)), dtype=np.float64)
         return np.concatenate(rows, axis=0)
+
+    def p_yes(self, images: list[Image.Image], prompts: list[str], *, batch_size: int = 8) -> np.ndarray:
+        """P(yes) / (P(yes) + P(no)) for yes/no questions, summed over the spellings in `YES_NO`."""
+        probs = self.option_probabilities(images, prompts, YES_NO, batch_size=batch_size)
+        return probs[:, 0] if probs.shape[0] else np.zeros(0, dtype=np.float64)
 
     def expected_score(
         self,
@@ -283,4 +364,4 @@ class VisionLanguageModel:
         return f"VisionLanguageModel({self.model_id!r}, {state})"
 
 
-__all__ = ["VisionLanguageModel", "expected_score_from_probs"]
+__all__ = ["Generation", "Option", "VisionLanguageModel", "YES_NO", "expected_score_from_probs"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype"})
 
@@ -63,22 +63,35 @@ class VLMStageConfig(StageConfig):
 
 class CritiqueConfig(VLMStageConfig):
     model: str = "lmms-lab/llava-critic-7b"
-    template: str = "critique_v1"
+    template: str = "critique_v2"
     max_new_tokens: int = 256
+    reject_no_issues: bool = True  # a critique that finds nothing to fix ("No issues.") ends the item
 
 
 class InstructConfig(VLMStageConfig):
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     template: str = "instruct_v1"
     one_step: bool = False  # instructions from image + prompt only, no critique (RPO ablation)
+    onestep_template: str = "instruct_onestep_v1"  # the template used when one_step is set
     max_instructions: int = Field(5, ge=1)
     max_instruction_chars: int = Field(200, ge=8)
+    # Guards (RPO appendix D). Grounding: share of an instruction's content words found in the
+    # prompt + critique (prompt only when one_step); 0 turns it off.
+    min_grounding: float = Field(0.5, ge=0, le=1)
+    # Visibility: P(yes) that the thing an instruction changes is in the image; 0 turns it off.
+    min_visible: float = Field(0.5, ge=0, le=1)
+    visible_template: str = "instruct_visible_v1"
+    drop_truncated: bool = True  # drop the last instruction when max_new_tokens cut the output
+    on_guard_fail: Literal["drop_instruction", "reject_row"] = "drop_instruction"
 
 
 class EditConfig(StageConfig):
     model: str = "runwayml/stable-diffusion-v1-5"
     controlnet: str = "lllyasviel/control_v11p_sd15_canny"
-    control: Literal["canny", "tile", "lineart_standard"] = "canny"
+    control: Literal["canny", "tile", "lineart_standard", "softedge_hed", "softedge_pidi", "lineart"] = "canny"
+    # Annotator weights for the network controls (softedge_*, lineart): a directory in the
+    # lllyasviel/Annotators layout (local, relative to models_root, or a cached Hub id) or the file.
+    control_weights: str | None = None
     prompt_mode: Literal["prompt+instructions", "instructions"] = "prompt+instructions"
     joiner: str = ", "
     strength: float = Field(0.75, gt=0, le=1)
@@ -98,16 +111,60 @@ class CutoutConfig(StageConfig):
 
 class FilterConfig(VLMStageConfig):
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
-    template: str = "filter_v1"
+    template: str = "filter_v2"
+    max_new_tokens: int = 64  # for the attribute list
     min_executed: float = Field(0.5, ge=0, le=1)
+    executed_reduce: Literal["mean", "min"] = "mean"  # over the per-instruction P(yes)
     min_no_stray: float = Field(0.5, ge=0, le=1)
     min_subject_kept: float = Field(0.5, ge=0, le=1)
+    # UPER §3.2.1 attribute check: the VLM lists the subject's key attributes in the original cut-out;
+    # an attribute counts as present where P(yes) >= min_attribute_present. Of the attributes present
+    # in the original, at least min_attributes_kept (a share) must be present in the edit; 0 turns
+    # the check off. Attributes the instructions name are expected to change and are exempt.
+    max_attributes: int = Field(5, ge=1)
+    min_attribute_present: float = Field(0.5, ge=0, le=1)
+    min_attributes_kept: float = Field(0.8, ge=0, le=1)
+    exempt_instructed_attributes: bool = True
+    on_no_attributes: Literal["keep", "drop"] = "keep"  # when no listed attribute is present in the original
+
+
+# Options each reward kind takes besides kind/model/weight (see richpref/models/rewards).
+REWARD_OPTIONS: dict[str, frozenset[str]] = {
+    "clip": frozenset({"processor", "on_cutout"}),
+    "pickscore": frozenset({"processor", "on_cutout"}),
+    "imagereward": frozenset({"processor", "file", "on_cutout"}),
+    "hpsv2": frozenset({"file", "on_cutout"}),
+    "aesthetic": frozenset({"backbone", "file", "on_cutout"}),
+    "ict": frozenset({"backbone", "processor", "file", "on_cutout"}),
+    "hp": frozenset({"backbone", "processor", "file", "on_cutout"}),
+    "dino_patch": frozenset({"patch", "stride", "on_cutout"}),
+    "vlm_score": frozenset({"template", "on_cutout"}),
+}
 
 
 class RewardSpec(_Strict):
-    kind: Literal["clip", "pickscore"]
-    model: str
+    kind: Literal["clip", "pickscore", "imagereward", "hpsv2", "aesthetic", "ict", "hp", "dino_patch", "vlm_score"]
+    model: str  # model dir / Hub id; for aesthetic the head file (or the dir/repo holding `file`)
     weight: float = 1.0
+    processor: str | None = None  # processor/tokenizer source when `model` has none (PickScore: the laion CLIP)
+    backbone: str | None = None  # base CLIP the checkpoint sits on (aesthetic: ViT-L/14; ict/hp: laion ViT-H-14)
+    file: str | None = None  # checkpoint file inside `model` (ImageReward.pt, HPS_v2.1_compressed.pt, …)
+    on_cutout: bool = False  # score the foreground cut-outs (cutout stage) instead of the full images
+    patch: int | None = Field(None, ge=1)  # dino_patch window size (default 224)
+    stride: int | None = Field(None, ge=1)  # dino_patch window stride (default 112)
+    template: str | None = None  # vlm_score question template in richpref/prompts (default reward_score_v1)
+
+    @model_validator(mode="after")
+    def _options_fit_kind(self) -> "RewardSpec":
+        allowed = REWARD_OPTIONS[self.kind]
+        given = {k for k in ("processor", "backbone", "file", "patch", "stride", "template") if getattr(self, k) is not None}
+        given |= {"on_cutout"} if self.on_cutout else set()
+        extra = sorted(given - allowed)
+        if extra:
+            raise ValueError(f"reward kind {self.kind!r} takes no {', '.join(extra)}; it takes {', '.join(sorted(allowed))}")
+        if self.kind == "aesthetic" and self.backbone is None:
+            raise ValueError("reward kind 'aesthetic' needs `backbone:` (the CLIP ViT-L/14 its head was trained on)")
+        return self
 
 
 class RelabelConfig(StageConfig):

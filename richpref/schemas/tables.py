@@ -51,6 +51,9 @@ CRITIQUES = _schema(
 INSTRUCTIONS = _schema(
     pa.field("prompt", pa.string()),
     pa.field("instructions", pa.list_(pa.string())),
+    pa.field("dropped_instructions", pa.list_(pa.string())),  # parsed but removed by a guard
+    pa.field("drop_reasons", pa.list_(pa.string())),  # one `code: detail` per dropped instruction
+    pa.field("truncated", pa.bool_()),  # max_new_tokens cut the model's output
     pa.field("raw", pa.string()),
     pa.field("template", pa.string()),
     pa.field("model_id", pa.string()),
@@ -70,6 +73,8 @@ EDITS = _schema(
 CUTOUTS = _schema(
     pa.field("original_cutout", pa.binary()),
     pa.field("edited_cutout", pa.binary()),
+    pa.field("original_mask", pa.binary()),  # rembg's soft foreground mask, PNG mode "L" (255 = foreground)
+    pa.field("edited_mask", pa.binary()),
     pa.field("original_fg_ratio", pa.float64()),
     pa.field("edited_fg_ratio", pa.float64()),
     pa.field("model_id", pa.string()),
@@ -79,6 +84,14 @@ VERDICTS = _schema(
     pa.field("p_executed", pa.float64()),
     pa.field("p_no_stray", pa.float64()),
     pa.field("p_subject_kept", pa.float64()),
+    pa.field("p_executed_each", pa.list_(pa.float64())),  # per instruction, same order
+    pa.field("attributes", pa.list_(pa.string())),  # key attributes listed from the original cut-out
+    pa.field("p_attr_original", pa.list_(pa.float64())),  # P(attribute present), original cut-out
+    pa.field("p_attr_edited", pa.list_(pa.float64())),  # P(attribute present), edited cut-out
+    pa.field("attr_exempt", pa.list_(pa.bool_())),  # named by an instruction: expected to change
+    pa.field("attributes_kept", pa.float64()),  # share of checked attributes still present; null if none
+    pa.field("attributes_raw", pa.string()),
+    pa.field("checks", pa.string()),  # JSON: check -> "pass" | "fail: …" | "skipped: …"
     pa.field("verdict", pa.string()),  # "keep" or "drop"
     pa.field("template", pa.string()),
     pa.field("model_id", pa.string()),

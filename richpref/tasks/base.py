@@ -30,7 +30,9 @@ class InjectedFault(RuntimeError):
 
 def inject_fault(stage: str, shard: int, when: str) -> None:
     """RICHPREF_FAULTS="edit:1:raise,cutout:0:kill-after" fails shard 1 of edit before computing and
-    SIGKILLs the process right after shard 0 of cutout is committed. Unset in normal runs."""
+    SIGKILLs the process right after shard 0 of cutout is committed. Kinds: raise, kill (before
+    computing), kill-write (output written to its temp name, not yet renamed), kill-after (committed).
+    Unset in normal runs."""
     spec = os.environ.get("RICHPREF_FAULTS", "")
     for item in filter(None, (x.strip() for x in spec.split(","))):
         parts = item.split(":")
@@ -39,7 +41,7 @@ def inject_fault(stage: str, shard: int, when: str) -> None:
             continue
         if kind == "raise" and when == "before":
             raise InjectedFault(f"injected fault in {stage} shard {shard} (RICHPREF_FAULTS)")
-        if kind == "kill" and when == "before" or kind == "kill-after" and when == "after":
+        if (kind, when) in (("kill", "before"), ("kill-write", "write"), ("kill-after", "after")):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -112,7 +114,7 @@ def run_stage_shard(
     out = stage.compute(StageInputs(shard=shard, rows=rows, tables=tables), profile)
     compute_s = time.perf_counter() - t0
     check_rows_accounted(stage.name, shard, rows, out)
-    manifest = store.write_shard(stage.out, shard, out, key)
+    manifest = store.write_shard(stage.out, shard, out, key, before_commit=lambda: inject_fault(stage.name, shard, "write"))
     inject_fault(stage.name, shard, "after")
     wall = time.perf_counter() - started
     reasons = reject_reasons(out)

@@ -6,9 +6,10 @@ import pyarrow as pa
 from ..images import BadImage, decode_image
 from ..models.runtime import resident, resolve_model_ref
 from ..prompts import load_template, render, template_hash
-from ..schemas.config import Profile, VLMStageConfig
+from ..schemas.config import CritiqueConfig, Profile, VLMStageConfig
 from ..schemas.tables import CRITIQUES, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
+from .vlm_text import says_no_issues
 
 
 def load_vlm(cfg: VLMStageConfig, models_root: str | None):
@@ -21,7 +22,17 @@ def load_vlm(cfg: VLMStageConfig, models_root: str | None):
     )
 
 
-def critique_rows(rows: pa.Table, images: list, cfg: VLMStageConfig, get_vlm) -> pa.Table:
+def critique_reason(text: str, cfg: CritiqueConfig) -> str | None:
+    """Why a critique cannot be used, or None."""
+    if not (text or "").strip():
+        return "empty_critique: the model returned no text"
+    if cfg.reject_no_issues and says_no_issues(text):
+        # Nothing to fix: instructions would have to invent content (RPO appendix D).
+        return "no_issues: the critic found no misalignment to fix (critique.reject_no_issues)"
+    return None
+
+
+def critique_rows(rows: pa.Table, images: list, cfg: CritiqueConfig, get_vlm) -> pa.Table:
     template = load_template(cfg.template)
     out = {}
     todo = []
@@ -35,12 +46,10 @@ def critique_rows(rows: pa.Table, images: list, cfg: VLMStageConfig, get_vlm) ->
         texts = vlm.generate([img for _, img in todo], [render(template, prompt=r["prompt"]) for r, _ in todo],
                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         for (r, _), text in zip(todo, texts):
-            common = dict(prompt=r["prompt"], raw=text, template=cfg.template, model_id=vlm.model_id)
-            critique = text.strip()
-            if not critique:
-                out[r["item_id"]] = rejected(r["item_id"], "empty_critique: the model returned no text", **common)
-            else:
-                out[r["item_id"]] = kept(r["item_id"], critique=critique, **common)
+            common = dict(prompt=r["prompt"], raw=text, critique=text.strip(), template=cfg.template,
+                          model_id=vlm.model_id)
+            reason = critique_reason(text, cfg)
+            out[r["item_id"]] = rejected(r["item_id"], reason, **common) if reason else kept(r["item_id"], **common)
     return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], CRITIQUES)
 
 
@@ -50,5 +59,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return critique_rows(inputs.rows, images, cfg, lambda: load_vlm(cfg, profile.models_root))
 
 
-STAGE = Stage(name="critique", version="1", section="critique", reads=("sample",), compute=compute,
+STAGE = Stage(name="critique", version="2", section="critique", reads=("sample",), compute=compute,
               key_extra=lambda p: template_hash(p.critique.template))

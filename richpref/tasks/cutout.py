@@ -47,10 +47,15 @@ def cutout_rows(rows: pa.Table, originals: list, edits: list, cfg: CutoutConfig,
             (fg0, m0), (fg1, m1) = results[k], results[n + k]
             r0, r1 = foreground_ratio(m0), foreground_ratio(m1)
             common = dict(original_fg_ratio=r0, edited_fg_ratio=r1, model_id=remover.model_id)
-            if r0 <= cfg.min_fg_ratio:
-                out[iid] = rejected(iid, f"empty_foreground: original foreground ratio {r0:.3f} <= cutout.min_fg_ratio", **common)
+            # Both sides need a subject: the cut-outs feed the filter and the foreground rewards.
+            empty = [(side, r) for side, r in (("original", r0), ("edited", r1)) if r <= cfg.min_fg_ratio]
+            if empty:
+                detail = ", ".join(f"{side} foreground ratio {r:.3f}" for side, r in empty)
+                out[iid] = rejected(iid, f"empty_foreground: {detail} <= cutout.min_fg_ratio={cfg.min_fg_ratio}",
+                                    **common)
             else:
-                out[iid] = kept(iid, original_cutout=encode_png(fg0), edited_cutout=encode_png(fg1), **common)
+                out[iid] = kept(iid, original_cutout=encode_png(fg0), edited_cutout=encode_png(fg1),
+                                original_mask=encode_png(m0), edited_mask=encode_png(m1), **common)
     return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], CUTOUTS)
 
 
@@ -61,4 +66,4 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return cutout_rows(inputs.rows, originals, edits, cfg, lambda: load_remover(cfg, profile.models_root))
 
 
-STAGE = Stage(name="cutout", version="1", section="cutout", reads=("edit", "sample"), compute=compute)
+STAGE = Stage(name="cutout", version="2", section="cutout", reads=("edit", "sample"), compute=compute)

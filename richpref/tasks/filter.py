@@ -1,10 +1,24 @@
-"""filter: a VLM checks each pair — instruction executed, no stray content, subject kept.
+"""filter: a VLM checks each (original, edited) pair and keeps or drops it, with a reason per check.
 
-Each check is a yes/no question answered by the probability the VLM gives to "yes" over "no" at the
-answer position, so the verdict never depends on parsing free text; thresholds are configurable.
+Checks (UPER §3.2.1 and the failure modes of RPO appendix D), each a yes/no question answered by the
+probability the VLM gives "yes" over "no" at the answer position (`VisionLanguageModel.p_yes`), so
+a verdict never hangs on parsing free text:
+
+- executed: per instruction, "was it carried out?" on original | edited side by side; the
+  per-instruction P(yes) are reduced by mean or min (`executed_reduce`) against `min_executed`;
+- no_stray: no content that neither the prompt nor the instructions asked for (`min_no_stray`);
+- subject_kept: the cut-out subjects side by side are the same subject (`min_subject_kept`);
+- attributes: the VLM lists the subject's key attributes in the original cut-out (generated), each is
+  verified in the original and in the edited cut-out; of those present in the original and not named
+  by an instruction, at least `min_attributes_kept` must still be present in the edit.
+
+`reason` lists every failed check as `code: detail`; `checks` holds every check's outcome as JSON.
 """
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pyarrow as pa
 
 from ..images import BadImage, decode_image, side_by_side
@@ -13,44 +27,156 @@ from ..schemas.config import FilterConfig, Profile
 from ..schemas.tables import VERDICTS, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
 from .critique import load_vlm
+from .vlm_text import ListParseError, content_words, parse_list
 
-CHECKS = (("executed", "min_executed", "not_executed"),
-          ("no_stray", "min_no_stray", "stray_content"),
-          ("subject_kept", "min_subject_kept", "subject_changed"))
-
-
-def verdict(p: dict[str, float], cfg: FilterConfig) -> str | None:
-    """None to keep, else the reason naming every failed check."""
-    failed = [f"{name}(p_yes={p[check]:.2f} < {getattr(cfg, attr)})"
-              for check, attr, name in CHECKS if p[check] < getattr(cfg, attr)]
-    return "filter: " + ", ".join(failed) if failed else None
+# check name -> reject code when it fails
+FAIL_CODES = {"executed": "not_executed", "no_stray": "stray_content", "subject_kept": "subject_changed",
+              "attributes": "attributes_lost"}
+YES_NO_SECTIONS = ("executed", "no_stray", "subject_kept")
+ATTRIBUTE_SECTIONS = ("attributes", "attribute_present")
 
 
-def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[str, list], cfg: FilterConfig, get_vlm) -> pa.Table:
+def attributes_enabled(cfg: FilterConfig) -> bool:
+    return cfg.min_attributes_kept > 0
+
+
+def load_filter_template(cfg: FilterConfig) -> dict[str, str]:
     sections = load_sections(cfg.template)
+    need = YES_NO_SECTIONS + (ATTRIBUTE_SECTIONS if attributes_enabled(cfg) else ())
+    missing = [s for s in need if s not in sections]
+    if missing:
+        raise ValueError(f"filter template {cfg.template!r} has no section(s) {missing}; use filter_v2 or newer, "
+                         "or set filter.min_attributes_kept=0 to turn the attribute check off")
+    return sections
+
+
+def parse_attributes(text: str, max_attributes: int) -> tuple[list[str], str | None]:
+    """Listed attributes (at most `max_attributes`), or ([], why) when none can be read."""
+    try:
+        items = parse_list(text)
+    except ListParseError as exc:
+        return [], f"unparseable attribute list ({exc})"
+    if not items:
+        return [], "the model listed no attribute"
+    return items[:max_attributes], None
+
+
+def attribute_check(attrs: list[str], p_orig: list[float], p_edit: list[float], instructions: list[str],
+                    cfg: FilterConfig) -> tuple[list[bool], float | None, str]:
+    """(exempt flags, share kept or None, outcome) for one pair; outcome is "pass", "fail: …" or "skipped: …".
+
+    An attribute is checked when the original shows it (P >= min_attribute_present) and no instruction
+    names it (it shares no content word with the instructions); it is kept when the edit shows it too.
+    """
+    instructed = content_words(" ".join(instructions)) if cfg.exempt_instructed_attributes else set()
+    exempt = [bool(content_words(a) & instructed) for a in attrs]
+    checked = [j for j in range(len(attrs)) if p_orig[j] >= cfg.min_attribute_present and not exempt[j]]
+    if not checked:
+        why = f"none of the {len(attrs)} listed attributes is present in the original and unnamed by the instructions"
+        return exempt, None, ("fail: " if cfg.on_no_attributes == "drop" else "skipped: ") + why
+    lost = [j for j in checked if p_edit[j] < cfg.min_attribute_present]
+    share = 1.0 - len(lost) / len(checked)
+    if share >= cfg.min_attributes_kept:
+        return exempt, share, "pass"
+    named = ", ".join(f"{attrs[j]!r} (P={p_edit[j]:.3f})" for j in lost)
+    return exempt, share, (f"fail: {share:.2f} of {len(checked)} attributes kept "
+                           f"(< filter.min_attributes_kept={cfg.min_attributes_kept}); lost {named}")
+
+
+def threshold_outcome(p: float, minimum: float, field: str) -> str:
+    return "pass" if p >= minimum else f"fail: P(yes)={p:.3f} < filter.{field}={minimum}"
+
+
+def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[str, list], cfg: FilterConfig,
+                get_vlm) -> pa.Table:
+    sections = load_filter_template(cfg)
     out, todo = {}, []
     for k, iid in enumerate(rows.column("item_id").to_pylist()):
         try:
+            original_cut = decode_image(images["original_cutout"][k])
+            edited_cut = decode_image(images["edited_cutout"][k])
             pair = side_by_side(decode_image(images["original"][k]), decode_image(images["edited"][k]))
-            cut = side_by_side(decode_image(images["original_cutout"][k]), decode_image(images["edited_cutout"][k]))
-            todo.append((iid, prompts[k], "\n".join(f"- {s}" for s in instructions[k]), pair, cut))
+            todo.append(dict(iid=iid, prompt=prompts[k], instructions=list(instructions[k] or []), pair=pair,
+                             cuts=side_by_side(original_cut, edited_cut), original_cut=original_cut,
+                             edited_cut=edited_cut))
         except BadImage as exc:
             out[iid] = rejected(iid, str(exc), verdict="drop", template=cfg.template)
     if todo:
         vlm = get_vlm()
-        probs = {}
-        for check, _, _ in CHECKS:
-            imgs = [cut if check == "subject_kept" else pair for _, _, _, pair, cut in todo]
-            texts = [render(sections[check], prompt=p, instructions=ins) for _, p, ins, _, _ in todo]
-            probs[check] = vlm.option_probabilities(imgs, texts, ["yes", "no"], batch_size=cfg.batch_size)[:, 0]
-        for k, (iid, *_rest) in enumerate(todo):
-            p = {check: float(probs[check][k]) for check, _, _ in CHECKS}
-            common = dict(p_executed=p["executed"], p_no_stray=p["no_stray"], p_subject_kept=p["subject_kept"],
-                          template=cfg.template, model_id=vlm.model_id)
-            reason = verdict(p, cfg)
-            out[iid] = (rejected(iid, reason, verdict="drop", **common) if reason
-                        else kept(iid, verdict="keep", **common))
+
+        def ask(imgs: list, texts: list[str]) -> np.ndarray:
+            return vlm.p_yes(imgs, texts, batch_size=cfg.batch_size)
+
+        # executed: one question per instruction when the template names {instruction}, else one per pair.
+        per_instruction = "{instruction}" in sections["executed"]
+        exec_asks = [(i, ins) for i, t in enumerate(todo)
+                     for ins in (t["instructions"] if per_instruction else ["\n".join(t["instructions"])])]
+        exec_p = ask([todo[i]["pair"] for i, _ in exec_asks],
+                     [render(sections["executed"], instruction=ins, instructions=bullets(todo[i]["instructions"]),
+                             prompt=todo[i]["prompt"]) for i, ins in exec_asks])
+        executed_each: list[list[float]] = [[] for _ in todo]
+        for (i, _), p in zip(exec_asks, exec_p):
+            executed_each[i].append(float(p))
+        no_stray = ask([t["pair"] for t in todo],
+                       [render(sections["no_stray"], prompt=t["prompt"], instructions=bullets(t["instructions"]))
+                        for t in todo])
+        subject = ask([t["cuts"] for t in todo], [render(sections["subject_kept"], prompt=t["prompt"]) for t in todo])
+
+        attrs, attr_p = attribute_probabilities(vlm, todo, sections, cfg) if attributes_enabled(cfg) else (None, None)
+
+        for i, t in enumerate(todo):
+            each = executed_each[i]
+            p_exec = float(min(each) if cfg.executed_reduce == "min" else np.mean(each)) if each else 0.0
+            checks = {
+                "executed": threshold_outcome(p_exec, cfg.min_executed, "min_executed") if each
+                else "fail: the pair has no instruction",
+                "no_stray": threshold_outcome(float(no_stray[i]), cfg.min_no_stray, "min_no_stray"),
+                "subject_kept": threshold_outcome(float(subject[i]), cfg.min_subject_kept, "min_subject_kept"),
+            }
+            values = dict(p_executed=p_exec, p_no_stray=float(no_stray[i]), p_subject_kept=float(subject[i]),
+                          p_executed_each=each, template=cfg.template, model_id=vlm.model_id)
+            if attrs is not None:
+                listed, raw, why = attrs[i]
+                p_orig, p_edit = attr_p[i]
+                if why:
+                    exempt, share = [], None
+                    checks["attributes"] = ("fail: " if cfg.on_no_attributes == "drop" else "skipped: ") + why
+                else:
+                    exempt, share, checks["attributes"] = attribute_check(listed, p_orig, p_edit, t["instructions"], cfg)
+                values.update(attributes=listed, attributes_raw=raw, p_attr_original=p_orig, p_attr_edited=p_edit,
+                              attr_exempt=exempt, attributes_kept=share)
+            else:
+                checks["attributes"] = "skipped: filter.min_attributes_kept=0"
+            failed = [f"{FAIL_CODES[name]}: {outcome[len('fail: '):]}" for name, outcome in checks.items()
+                      if outcome.startswith("fail")]
+            values["checks"] = json.dumps(checks, sort_keys=True)
+            out[t["iid"]] = (rejected(t["iid"], "; ".join(failed), verdict="drop", **values) if failed
+                             else kept(t["iid"], verdict="keep", **values))
     return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], VERDICTS)
+
+
+def bullets(instructions: list[str]) -> str:
+    return "\n".join(f"- {s}" for s in instructions)
+
+
+def attribute_probabilities(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig):
+    """Per pair: (listed attributes, raw text, why none) and (P present in original, P present in edit)."""
+    gens = vlm.generate_detailed([t["original_cut"] for t in todo],
+                                 [render(sections["attributes"], max_attributes=cfg.max_attributes) for _ in todo],
+                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    attrs = []
+    for g in gens:
+        listed, why = parse_attributes(g.text, cfg.max_attributes)
+        attrs.append((listed, g.text, why))
+    asks = [(i, a) for i, (listed, _, _) in enumerate(attrs) for a in listed]
+    questions = [render(sections["attribute_present"], attribute=a) for _, a in asks]
+    p_orig = vlm.p_yes([todo[i]["original_cut"] for i, _ in asks], questions, batch_size=cfg.batch_size)
+    p_edit = vlm.p_yes([todo[i]["edited_cut"] for i, _ in asks], questions, batch_size=cfg.batch_size)
+    per_pair = [([], []) for _ in todo]
+    for (i, _), po, pe in zip(asks, p_orig, p_edit):
+        per_pair[i][0].append(float(po))
+        per_pair[i][1].append(float(pe))
+    return attrs, per_pair
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
@@ -68,5 +194,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
                        lambda: load_vlm(cfg, profile.models_root))
 
 
-STAGE = Stage(name="filter", version="1", section="filter", reads=("cutout", "sample", "edit", "instruct"),
+STAGE = Stage(name="filter", version="2", section="filter", reads=("cutout", "sample", "edit", "instruct"),
               compute=compute, key_extra=lambda p: template_hash(p.filter.template))

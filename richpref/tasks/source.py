@@ -21,7 +21,7 @@ from ..schemas.config import SourceConfig, config_hash
 from ..schemas.tables import PROMPTS, rows_to_table
 from .base import kept, rejected
 
-VERSION = "1"
+VERSION = "2"  # 2: Pick-a-Pic rows without a usable label are rejected
 
 
 class SourceError(ValueError):
@@ -131,6 +131,21 @@ def clean_prompt(value: Any, max_chars: int) -> tuple[str | None, str | None]:
     return text, None
 
 
+def preferred_column(label_0: Any) -> tuple[str | None, str | None]:
+    """(column of the preferred Pick-a-Pic image, None) or (None, reason).
+
+    label_0 is 1 when jpg_0 won, 0 when jpg_1 won, 0.5 for a tie: a tie has no loser, so either
+    image is a preferred one and jpg_0 is taken. A pair without a usable label has no preference.
+    """
+    try:
+        label = float(label_0)
+    except (TypeError, ValueError):
+        return None, f"no_preference: label_0 is {label_0!r}, expected 0, 0.5 or 1"
+    if not 0.0 <= label <= 1.0:  # NaN fails both comparisons
+        return None, f"no_preference: label_0 is {label_0!r}, expected 0, 0.5 or 1"
+    return ("jpg_0" if label >= 0.5 else "jpg_1"), None
+
+
 def iter_source_rows(cfg: SourceConfig) -> Iterator[dict]:
     ds, source_id = _load_dataset(cfg)
     check_columns(list(ds.column_names), cfg, source_id)
@@ -148,8 +163,14 @@ def iter_source_rows(cfg: SourceConfig) -> Iterator[dict]:
             continue
         image = None
         if cfg.pickapic_preferred:
-            label = row.get("label_0")
-            image = _image_bytes(row.get("jpg_0") if label is None or float(label) >= 0.5 else row.get("jpg_1"))
+            column, reason = preferred_column(row.get("label_0"))
+            if reason:
+                yield rejected(item_id, reason, **base, prompt=prompt)
+                continue
+            image = _image_bytes(row.get(column))
+            if image is None:
+                yield rejected(item_id, f"bad_image: the preferred image ({column}) is missing", **base, prompt=prompt)
+                continue
         elif cfg.image_column:
             image = _image_bytes(row.get(cfg.image_column))
         yield kept(item_id, **base, prompt=prompt, image=image)

@@ -1,0 +1,172 @@
+"""Reading and checking the free text the VLM stages generate: lists, content words, edit targets.
+
+Pure string functions, so every rule is tested on fixed strings (random tiny models cannot write
+the text a parser test needs). The guards follow the failure modes RPO reports (appendix D): edit
+instructions that bring in content neither the prompt nor the critique mentions, and instructions
+about things the image does not show.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+# A list item marker: "-", "*", "•", "1." / "1)", "Step 1:".
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|step\s*\d+\s*[:.)])\s*", re.I)
+_FENCE = re.compile(r"^```[a-z]*\s*|\s*```$", re.I)
+
+
+class ListParseError(ValueError):
+    """Text that looks like a structured list but is not one (e.g. broken JSON)."""
+
+
+def parse_list(text: str) -> list[str]:
+    """Model text -> its list items, in order, stripped of markers and quotes.
+
+    Accepted shapes: a JSON array of strings (optionally in a ``` fence); bullet or numbered lines
+    (prose lines around them, such as "Here are the edits:", are ignored); else one item per
+    non-empty line. Raises ListParseError for text that opens a JSON array but is not one.
+    """
+    body = _FENCE.sub("", (text or "").strip()).strip()
+    if body.startswith("["):
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise ListParseError(f"looks like a JSON list but does not parse ({exc.msg} at char {exc.pos})") from None
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise ListParseError("a JSON value that is not a list of strings")
+        return [x.strip() for x in data if x.strip()]
+    lines = [ln for ln in body.splitlines() if ln.strip()]
+    marked = [ln for ln in lines if _BULLET.match(ln)]
+    chosen = marked if marked else lines
+    items = []
+    for ln in chosen:
+        item = _BULLET.sub("", ln).strip().strip('"\u201c\u201d').strip()
+        if item:
+            items.append(item)
+    return items
+
+
+# Function words, and the generic vocabulary of edit instructions (verbs, places in the frame,
+# amounts): they say how to edit, not what, so they neither ground nor unground an instruction.
+_STOPWORDS = frozenset("""
+a an the this that these those it its it's they them their there here of in on at to into onto from by
+with without for and or but nor so as than then too very also just only more less most least much many
+some any all each every both either neither no not none is are was were be been being has have had do
+does did will would should could can may might must shall i you he she we me my your our his her
+which who whom whose what when where why how while if else about above below over under between
+among through across around near next up down out off again further once same other another such own
+everything something anything nothing everyone someone anyone else
+""".split())
+_EDIT_VOCAB = frozenset("""
+add adds adding insert include introduce put place create draw paint remove delete erase eliminate
+get rid replace swap substitute change modify adjust alter edit fix correct make turn set move shift
+rotate flip resize enlarge shrink increase decrease reduce raise lower recolor recolour color colour
+ensure keep show depict render give use let appear look looks visible clearly clear slightly
+image picture photo scene frame area region part parts side left right top bottom front back behind
+center centre middle background foreground corner edge position size shape number amount instead
+new existing current currently entire whole one two three four five six seven eight nine ten
+larger smaller bigger fewer extra additional another rather should needs need
+""".split())
+_WORD = re.compile(r"[a-z][a-z'-]*")
+
+
+def _stem(word: str) -> str:
+    """A light plural/possessive folding so 'apples' matches 'apple' and 'boxes' matches 'box'."""
+    w = word.strip("'-")
+    if w.endswith("'s"):
+        w = w[:-2]
+    if len(w) > 4 and w.endswith("ies"):
+        return w[:-3] + "y"
+    if len(w) > 3 and w.endswith("es") and w[:-2].endswith(("s", "x", "z", "ch", "sh")):
+        return w[:-2]
+    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        return w[:-1]
+    return w
+
+
+def content_words(text: str) -> set[str]:
+    """Stemmed words of `text` that name things or properties (stopwords and edit vocabulary removed)."""
+    out = set()
+    for w in _WORD.findall((text or "").lower()):
+        if w in _STOPWORDS or w in _EDIT_VOCAB:
+            continue
+        s = _stem(w)
+        if len(s) > 1 and s not in _STOPWORDS and s not in _EDIT_VOCAB:
+            out.add(s)
+    return out
+
+
+def grounding(instruction: str, context: str) -> float | None:
+    """Share of the instruction's content words that also occur in `context` (prompt + critique).
+
+    None when the instruction has no content word at all (nothing to ground, e.g. "Fix it.").
+    """
+    words = content_words(instruction)
+    if not words:
+        return None
+    return len(words & content_words(context)) / len(words)
+
+
+# Verbs whose object is new content: it is absent from the image by design, so it is not looked for.
+_ADDITIVE = frozenset("add insert include introduce put place create draw".split())
+# Verbs whose object exists and whose trailing word is the new property ("make the sky orange").
+_PROPERTY = frozenset("make turn paint color colour recolor recolour".split())
+_EDIT_VERBS = frozenset("""
+remove delete erase eliminate replace swap substitute change modify adjust alter edit fix correct make
+turn move shift rotate flip resize enlarge shrink increase decrease reduce raise lower recolor recolour
+color colour paint straighten sharpen blur brighten darken
+""".split()) | _PROPERTY
+# Words that end the object noun phrase of an instruction.
+_BOUNDARY = re.compile(
+    r"\b(?:to|into|with|so|by|and|that|which|while|instead|from|for|until|because|in|on|at|onto|"
+    r"near|behind|next|under|over|above|below)\b|[,.;:!?()]"
+)
+_ATTRIBUTE_OF = re.compile(r"^(?:the\s+)?(?:colou?r|size|shape|position|texture|material|pattern|number|"
+                           r"count|style|pose|expression)s?\s+of\s+", re.I)
+_LEADING = re.compile(r"^(?:please\s+|also\s+|then\s+)+", re.I)
+
+
+def instruction_target(instruction: str) -> str | None:
+    """The thing an instruction acts on, to be looked for in the image; None when not applicable.
+
+    None for additive instructions ("add a boat ..."): their object is new. Otherwise the noun phrase
+    after the leading verb, up to the first preposition/conjunction/punctuation, with a leading
+    "the colour/size/... of" removed; for property verbs ("make the sky orange", "turn the car blue")
+    the last word of a phrase of two words or more, the new property, is dropped. Also None when the first word is not an edit verb.
+    """
+    text = _LEADING.sub("", (instruction or "").strip())
+    m = re.match(r"([A-Za-z]+)\s+(.*)$", text, re.S)
+    if not m:
+        return None
+    verb, rest = m.group(1).lower(), m.group(2)
+    if verb == "get" and rest.lower().startswith("rid of "):
+        verb, rest = "remove", rest[len("rid of "):]
+    if verb in _ADDITIVE or verb not in _EDIT_VERBS:
+        return None
+    cut = _BOUNDARY.search(rest.lower())
+    phrase = rest[: cut.start()] if cut else rest
+    phrase = _ATTRIBUTE_OF.sub("", phrase.strip())
+    words = phrase.split()
+    determiners = 1 if words and words[0].lower() in ("the", "a", "an", "this", "that", "its", "their") else 0
+    if verb in _PROPERTY and len(words) - determiners >= 2:
+        words = words[:-1]  # "make the sky orange": the last word is the new property
+    phrase = " ".join(words).strip()
+    return phrase if content_words(phrase) else None
+
+
+_NO_ISSUES = re.compile(r"^\W*(?:no\s+(?:issues?|problems?|misalignments?)(?:\s+found)?|none)\W*$", re.I)
+
+
+def says_no_issues(critique: str) -> bool:
+    """True when a critique says only that nothing is wrong ("No issues.", "None", "No problems found")."""
+    return bool(_NO_ISSUES.match((critique or "").strip()))
+
+
+__all__ = [
+    "ListParseError",
+    "content_words",
+    "grounding",
+    "instruction_target",
+    "parse_list",
+    "says_no_issues",
+]
