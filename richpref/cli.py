@@ -27,11 +27,11 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from .flows.curate import CurateFailed, curate
     from .inspect import format_summary, summary
     from .schemas.config import ProfileError, load_profile
-    from .tasks.source import SourceError, source_fingerprint
+    from .tasks.source import SourceError, check_source
 
     try:
         # A bad profile or a missing input file fails here, before Prefect or any model starts.
-        source_fingerprint(load_profile(args.profile, args.set, args.models_root).source)
+        check_source(load_profile(args.profile, args.set, args.models_root).source)
         flow_fn = curate
         if args.dask_workers:
             from .flows.curate import on_dask

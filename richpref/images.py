@@ -48,7 +48,7 @@ def decode_image(data: bytes | None) -> Image.Image:
         img = Image.alpha_composite(bg, rgba)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 

@@ -146,6 +146,12 @@ def preferred_column(label_0: Any) -> tuple[str | None, str | None]:
     return ("jpg_0" if label >= 0.5 else "jpg_1"), None
 
 
+def check_source(cfg: SourceConfig) -> None:
+    """Fail early, before Prefect or any model starts: the input exists and has the needed columns."""
+    ds, source_id = _load_dataset(cfg)
+    check_columns(list(ds.column_names), cfg, source_id)
+
+
 def iter_source_rows(cfg: SourceConfig) -> Iterator[dict]:
     ds, source_id = _load_dataset(cfg)
     check_columns(list(ds.column_names), cfg, source_id)

@@ -1,0 +1,186 @@
+"""Bad and hostile input: every row gets a clear reason, counts add up, nothing is evaluated or escapes."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from richpref.images import BadImage, decode_image
+from richpref.prompts import render
+from richpref.schemas.config import SampleConfig, SourceConfig
+from richpref.schemas.tables import PROMPTS, rows_to_table
+from richpref.storage import RunStore
+from richpref.tasks.base import check_rows_accounted
+from richpref.tasks.sample import sample_rows
+from richpref.tasks.source import SourceError, clean_prompt, shard_source
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("P", (32, 32), i * 40) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    return buf.getvalue()
+
+
+GOOD = _png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)))
+IMAGES = {
+    # name: (bytes, expected reason prefix or None when it must decode to RGB)
+    "corrupt": (b"\x89PNG\r\n\x1a\n" + bytes(range(200)), "bad_image: cannot decode"),
+    "zero-byte": (b"", "bad_image: empty"),
+    "truncated": (GOOD[: len(GOOD) // 2], "bad_image: cannot decode"),
+    "1x1": (_png(Image.new("RGB", (1, 1))), "bad_image: 1x1 is too small"),
+    "10000x10000": (_png(Image.new("1", (10000, 10000))), "bad_image: 10000x10000 is over"),
+    "cmyk": (_png(Image.new("CMYK", (32, 32), (0, 255, 0, 0)), format="JPEG"), None),
+    "16-bit": (_png(Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16))), None),
+    "palette": (_png(Image.new("P", (32, 32), 3)), None),
+    "rgba": (_png(Image.new("RGBA", (32, 32), (255, 0, 0, 0))), None),
+    "animated": (_animated_gif(), None),
+}
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_every_odd_image_decodes_to_rgb_or_gets_a_reason(name):
+    data, expected = IMAGES[name]
+    if expected is None:
+        img = decode_image(data)
+        assert img.mode == "RGB" and img.size == (32, 32)
+    else:
+        with pytest.raises(BadImage) as err:
+            decode_image(data)
+        assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_decoded_odd_images_keep_their_content():
+    assert decode_image(IMAGES["rgba"][0]).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert decode_image(IMAGES["16-bit"][0]).getpixel((0, 0)) == (round(40000 / 257),) * 3
+    assert decode_image(IMAGES["cmyk"][0]).getpixel((5, 5))[1] < 60  # magenta ink: little green
+
+
+def test_sample_stage_rejects_bad_dataset_images_with_reasons_and_keeps_the_rest():
+    rows = [{"item_id": f"i{k}", "status": "ok", "reason": None, "source": "t", "source_row": k,
+             "prompt": "a cat", "image": data} for k, (data, _) in enumerate(IMAGES.values())]
+    table = rows_to_table(rows, PROMPTS)
+
+    def no_generator():
+        raise AssertionError("dataset images must not load a generator")
+
+    out = sample_rows(table, SampleConfig(use_dataset_image=True), no_generator)
+    check_rows_accounted("sample", 0, table, out)
+    got = {r["item_id"]: r for r in out.to_pylist()}
+    for k, (name, (_, expected)) in enumerate(IMAGES.items()):
+        r = got[f"i{k}"]
+        assert (r["status"] == "ok") == (expected is None), name
+        if expected:
+            assert r["reason"].startswith("bad_image"), (name, r["reason"])
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("", "bad_prompt: empty"),
+    ("   \t\n ", "bad_prompt: empty"),
+    ("x" * 10_000, "bad_prompt: 10000 characters"),
+    (b"\xff\xfe caf\xe9", "bad_prompt: not valid UTF-8"),
+    (None, "bad_prompt: missing"),
+    (42, "bad_prompt: expected text"),
+])
+def test_bad_prompts_get_reasons(value, reason):
+    prompt, why = clean_prompt(value, 2000)
+    assert prompt is None and why.startswith(reason)
+
+
+def test_control_characters_are_removed_not_passed_to_models():
+    prompt, why = clean_prompt("a\x00 red\x1b[31m cat\u200b\r\nsitting", 2000)
+    assert why is None and prompt == "a red [31m cat sitting"
+
+
+def test_a_source_with_bad_rows_keeps_every_row_with_a_reason(tmp_path):
+    lines = [{"caption": "a dog"}, {"caption": ""}, {"caption": "   "}, {"caption": "y" * 10_000},
+             {"caption": "tab\tand\x07bell"}, {"caption": None}, {"caption": "a dog"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    tables = shard_source(SourceConfig(kind="jsonl", path=str(path), shard_size=3))
+    rows = [r for t in tables for r in t.to_pylist()]
+    assert len(rows) == len(lines)
+    assert len({r["item_id"] for r in rows}) == len(lines)  # same caption twice: two items, two ids
+    assert [r["status"] for r in rows] == ["ok", "rejected", "rejected", "rejected", "ok", "rejected", "ok"]
+    assert all(r["reason"] for r in rows if r["status"] == "rejected")
+
+
+def test_a_missing_column_fails_the_whole_input_before_any_model_loads(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pickapic.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat"], "jpg_0": [GOOD], "jpg_1": [GOOD], "label_0": [1.0]}), path)
+    with pytest.raises(SourceError, match=r"no column\(s\) \['caption'\].*prompt_column"):
+        shard_source(SourceConfig(kind="parquet", path=str(path)))
+    t0 = time.monotonic()
+    done = subprocess.run([str(Path(sys.executable).parent / "richpref"), "--data-dir", str(tmp_path), "curate",
+                           "--run", "x", "--set", "source.kind=parquet", "--set", f"source.path={path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "'caption'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs" / "x" / "source").exists()
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_model_missing_offline_fails_fast_naming_it(monkeypatch):
+    from richpref.models.runtime import ModelNotAvailable, resolve_model_ref
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    with pytest.raises(ModelNotAvailable, match=r"nobody/no-such-model.*(local directory|download)"):
+        resolve_model_ref("nobody/no-such-model", "/nonexistent")
+    assert time.monotonic() - t0 < 5
+
+
+# hostile input ------------------------------------------------------------------------------------
+
+HOSTILE = ["{critique}", "{__class__.__mro__}", "$(rm -rf /)", "`id`", "../../etc/passwd", "'; drop table x; --",
+           "{{7*7}}", "__import__('os').system('id')"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_prompts_are_data_in_templates(text):
+    out = render("Prompt: {prompt}. Critique: {critique}.", prompt=text, critique="C")
+    assert out == f"Prompt: {text}. Critique: C."
+
+
+@pytest.mark.parametrize("run", ["../escape", "/abs", "a/b", "", ".hidden", "x" * 200])
+def test_run_names_cannot_escape_the_data_dir(run, tmp_path):
+    with pytest.raises(ValueError, match="run name"):
+        RunStore(str(tmp_path), run)
+
+
+def test_trust_remote_code_is_off_unless_a_profile_opts_in():
+    from richpref.schemas.config import load_profile
+
+    for name in ("tiny", "sd15-paper", "sdxl-paper"):
+        p = load_profile(name)
+        for section in ("critique", "instruct", "filter"):
+            assert getattr(p, section).trust_remote_code is False, (name, section)
+
+
+def test_serve_binds_to_loopback_by_default():
+    from richpref.serve import server_env
+
+    env = server_env("/tmp/x", "127.0.0.1", 4200)
+    assert env["PREFECT_SERVER_API_HOST"] == "127.0.0.1"
+    import inspect
+
+    from richpref import cli, serve
+
+    assert inspect.signature(serve.start).parameters["host"].default == "127.0.0.1"
+    assert "127.0.0.1" in inspect.getsource(cli.main)
