@@ -107,5 +107,11 @@ class ResidentModel:
 resident = ResidentModel()
 
 
+def free_accelerator_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _process_slot() -> ResidentModel:
     return resident

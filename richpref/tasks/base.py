@@ -28,11 +28,22 @@ class InjectedFault(RuntimeError):
     """Raised where RICHPREF_FAULTS asks for it: how tests and benchmarks simulate crashes."""
 
 
+class SimulatedOutOfMemory(InjectedFault):
+    """An out-of-memory error injected by RICHPREF_FAULTS ("stage:shard:oom")."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (SimulatedOutOfMemory, torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
 def inject_fault(stage: str, shard: int, when: str) -> None:
     """RICHPREF_FAULTS="edit:1:raise,cutout:0:kill-after" fails shard 1 of edit before computing and
     SIGKILLs the process right after shard 0 of cutout is committed. Kinds: raise, kill (before
-    computing), kill-write (output written to its temp name, not yet renamed), kill-after (committed).
-    Unset in normal runs."""
+    computing), kill-write (output written to its temp name, not yet renamed), kill-after (committed),
+    oom (out of memory on the first attempt at the configured batch size). Unset in normal runs."""
     spec = os.environ.get("RICHPREF_FAULTS", "")
     for item in filter(None, (x.strip() for x in spec.split(","))):
         parts = item.split(":")
@@ -41,6 +52,8 @@ def inject_fault(stage: str, shard: int, when: str) -> None:
             continue
         if kind == "raise" and when == "before":
             raise InjectedFault(f"injected fault in {stage} shard {shard} (RICHPREF_FAULTS)")
+        if kind == "oom" and when == "compute-first":
+            raise SimulatedOutOfMemory(f"simulated out of memory in {stage} shard {shard} (RICHPREF_FAULTS)")
         if (kind, when) in (("kill", "before"), ("kill-write", "write"), ("kill-after", "after")):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -111,7 +124,7 @@ def run_stage_shard(
     driver = tables[stage.reads[0]]
     rows = driver.filter(pc.equal(driver.column("status"), OK))
     t0 = time.perf_counter()
-    out = stage.compute(StageInputs(shard=shard, rows=rows, tables=tables), profile)
+    out, batch_size, retries = compute_splitting_on_oom(stage, StageInputs(shard=shard, rows=rows, tables=tables), profile)
     compute_s = time.perf_counter() - t0
     check_rows_accounted(stage.name, shard, rows, out)
     manifest = store.write_shard(stage.out, shard, out, key, before_commit=lambda: inject_fault(stage.name, shard, "write"))
@@ -126,9 +139,35 @@ def run_stage_shard(
     store.append_log(
         "work.jsonl",
         {"stage": stage.name, "shard": shard, "rows": manifest.rows, "kept": manifest.kept,
-         "compute_s": round(compute_s, 4), "wall_s": round(wall, 4), "key": key, "at": time.time()},
+         "compute_s": round(compute_s, 4), "wall_s": round(wall, 4), "key": key, "at": time.time(),
+         "batch_size": batch_size, "oom_retries": retries},
     )
     return manifest
+
+
+def compute_splitting_on_oom(stage: Stage, inputs: StageInputs, profile: Profile) -> tuple[pa.Table, int | None, int]:
+    """Run the stage; on out-of-memory, halve the stage's batch size and retry, down to 1, before the
+    shard fails. Batch size is not part of the cache key, so the output stays the same shard."""
+    cfg = getattr(profile, stage.section)
+    batch_size = getattr(cfg, "batch_size", None)
+    retries = 0
+    while True:
+        try:
+            if retries == 0:
+                inject_fault(stage.name, inputs.shard, "compute-first")
+            return stage.compute(inputs, profile), batch_size, retries
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried, the rest re-raised
+            if not is_out_of_memory(exc) or not batch_size or batch_size <= 1:
+                raise
+            smaller = max(1, batch_size // 2)
+            log.warning("%s shard %05d: out of memory at batch size %d (%s); retrying at batch size %d",
+                        stage.name, inputs.shard, batch_size, type(exc).__name__, smaller)
+            from ..models.runtime import free_accelerator_memory
+
+            free_accelerator_memory()
+            batch_size, retries = smaller, retries + 1
+            profile = profile.model_copy(update={stage.section: cfg.model_copy(update={"batch_size": batch_size})})
+            cfg = getattr(profile, stage.section)
 
 
 def check_rows_accounted(stage: str, shard: int, rows: pa.Table, out: pa.Table) -> None:
