@@ -21,6 +21,8 @@ def _quiet_defaults(data_dir: str) -> None:
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
+    if "://" not in data_dir:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
 
 
 def cmd_curate(args: argparse.Namespace) -> int:

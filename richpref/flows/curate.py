@@ -150,7 +150,7 @@ def failure_message(failures: list[str]) -> str:
 
 @flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", overrides: list[str] | None = None,
-           models_root: str | None = None) -> dict:
+           models_root: str | None = None, finetune_deployment: str | None = None) -> dict:
     """Curate preference pairs for `run` with `profile`; returns per-stage counts and the pairs location."""
     prof = load_profile(profile, overrides, models_root)
     store = RunStore(data_dir, run)
@@ -199,4 +199,8 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     _run_artifact(summary)
     if failures:
         raise CurateFailed(failure_message(failures))
+    if finetune_deployment:  # e.g. "finetune/tiny": launched once per pairs content (flows/launch.py)
+        from richpref.flows.launch import launch_finetune
+
+        summary["finetune_flow_run"] = launch_finetune(summary, finetune_deployment)
     return summary

@@ -237,7 +237,8 @@ def find_profile(name_or_path: str) -> Path:
         c = d / f"{name_or_path}.yaml"
         if c.exists():
             return c
-    names = sorted({c.stem for d in configs_dirs() if d.is_dir() for c in d.glob("*.yaml")})
+    names = sorted({c.stem for d in configs_dirs() if d.is_dir() for c in d.glob("*.yaml")
+                    if not c.stem.startswith(("finetune-", "evaluate-"))})
     raise ProfileError(f"profile {name_or_path!r} not found; give a YAML path or one of: {', '.join(names)}")
 
 

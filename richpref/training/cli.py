@@ -1,0 +1,67 @@
+"""`richpref finetune` and `richpref evaluate`: the two flows from the command line.
+
+Registered by `richpref/cli.py`; nothing heavy is imported until a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..flows.finetune import finetune, with_pairs
+    from ..models.runtime import ModelNotAvailable
+    from ..schemas.config import ProfileError
+    from ..schemas.training import load_finetune_config
+    from ..training.launcher import LaunchFailed
+
+    try:
+        with_pairs(load_finetune_config(args.config, args.set), args.pairs)  # a bad config fails before Prefect starts
+        result = finetune(config=args.config, pairs=args.pairs, output_dir=args.output_dir, overrides=args.set,
+                          num_processes=args.num_processes, max_restarts=args.max_restarts, data_dir=args.data_dir)
+    except (ProfileError, ModelNotAvailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except LaunchFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..flows.evaluate import evaluate, preflight
+    from ..models.runtime import ModelNotAvailable
+    from ..schemas.config import ProfileError
+    from ..schemas.training import load_evaluate_config
+
+    try:
+        preflight(load_evaluate_config(args.config, args.set))  # before Prefect starts
+        result = evaluate(config=args.config, overrides=args.set, output_dir=args.output_dir, data_dir=args.data_dir)
+    except (ProfileError, ModelNotAvailable, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print(f"written to {result['output_dir']} (table.parquet, table.md, scores.parquet, grid.png)")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the `finetune` and `evaluate` subcommands to the `richpref` parser's subparsers."""
+    f = sub.add_parser("finetune", help="Diffusion-DPO fine-tune (the finetune flow, under accelerate launch)")
+    f.add_argument("--config", default="finetune-tiny", help="finetune config: a name in configs/ or a YAML path")
+    f.add_argument("--pairs", default=None, help="Pick-a-Pic Parquet file/folder for the config's `pairs` source "
+                                                 "(e.g. data/runs/demo/pairs)")
+    f.add_argument("--output-dir", default=None, help="default: <data-dir>/finetune/<config name>; rerun to resume")
+    f.add_argument("--num-processes", type=int, default=1, help="accelerate processes (one per GPU)")
+    f.add_argument("--max-restarts", type=int, default=1, help="relaunch after a crash this many times (resumes)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set max_train_steps=100 (repeatable)")
+    f.set_defaults(fn=cmd_finetune)
+
+    e = sub.add_parser("evaluate", help="base vs tuned: same prompts and seeds, reward table and image grid")
+    e.add_argument("--config", default="evaluate-tiny", help="evaluate config: a name in configs/ or a YAML path")
+    e.add_argument("--output-dir", default=None, help="default: <data-dir>/evaluate/<config name>")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    e.set_defaults(fn=cmd_evaluate)

@@ -1,0 +1,106 @@
+"""Start a training run under `accelerate launch`, and start it again after a crash.
+
+The effective config is written to OUTPUT/finetune-config.yaml (provenance, and what every process
+reads). Training resumes from the latest checkpoint on its own, so "retry" is just "launch again".
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from ..schemas.training import FinetuneConfig
+from .models import read_meta
+
+log = logging.getLogger("richpref")
+
+CONFIG_FILE = "finetune-config.yaml"
+
+
+class LaunchFailed(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A port for the process group's rendezvous, so parallel runs on one machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> Path:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG_FILE
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def accelerate_command(config_path: str | os.PathLike, output_dir: str | os.PathLike, num_processes: int = 1,
+                       mixed_precision: str = "no") -> list[str]:
+    """`accelerate launch` running `python -m richpref.training.train` on `num_processes` processes.
+
+    More than one process goes through torchrun (accelerate's --multi_gpu path); the training script
+    then picks NCCL on GPUs and gloo on CPU-only machines.
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+           "--num_processes", str(num_processes), "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    if num_processes > 1:
+        cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
+    return cmd + ["-m", "richpref.training.train", "--config", str(config_path), "--output-dir", str(output_dir)]
+
+
+def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_processes: int = 1,
+                    max_restarts: int = 0, env: dict[str, str] | None = None, log_file: str | None = None,
+                    on_poll: Callable[[], None] | None = None, poll_seconds: float = 10.0) -> dict:
+    """Run training to the end, relaunching up to `max_restarts` times after a crash; return finetune.json.
+
+    `on_poll` is called every `poll_seconds` while training runs (progress reports)."""
+    from .train import finished
+
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    done = finished(cfg, output_dir)
+    if done is not None:  # no processes to start for a run that is complete
+        log.info("finetune %s: already trained to step %d", output_dir, done["steps"])
+        return read_meta(output_dir)
+    config_path = write_config(cfg, output_dir)
+    run_env = {**os.environ, **(env or {})}
+    if num_processes > 1 and "OMP_NUM_THREADS" not in run_env:
+        run_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))
+    codes = []
+    for attempt in range(max_restarts + 1):
+        cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision)
+        log.info("launch %d/%d: %s", attempt + 1, max_restarts + 1, " ".join(cmd))
+        with contextlib.ExitStack() as stack:
+            sink = stack.enter_context(open(log_file, "a", encoding="utf-8")) if log_file else None
+            proc = subprocess.Popen(cmd, env=run_env, stdout=sink, stderr=subprocess.STDOUT if sink else None)
+            while True:
+                try:
+                    code = proc.wait(timeout=poll_seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    if on_poll:
+                        on_poll()
+                except BaseException:  # interrupted (Ctrl-C, flow cancelled): do not leave trainers behind
+                    proc.terminate()
+                    proc.wait()
+                    raise
+        codes.append(code)
+        if code == 0:
+            return read_meta(output_dir)
+        log.warning("training exited with code %d; %s", code,
+                    "relaunching: it resumes from the latest checkpoint" if attempt < max_restarts else "giving up")
+    raise LaunchFailed(
+        f"training in {output_dir} failed {len(codes)} time(s) (exit codes {codes}); see "
+        f"{log_file or 'the output above'}. Launch again to resume from the latest checkpoint."
+    )

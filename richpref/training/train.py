@@ -1,0 +1,411 @@
+"""Diffusion-DPO training under accelerate: SD 1.5 full or LoRA, SDXL LoRA; checkpointed and resumable.
+
+Run it as `accelerate launch [--multi_gpu --num_processes N] -m richpref.training.train --config
+finetune-tiny --output-dir DIR` (or through `richpref finetune` / the finetune flow, which build that
+command). Every K optimizer steps the full training state is saved to DIR/checkpoint-<step>
+(written to a temporary name, then renamed: a crash never leaves a half checkpoint that looks
+whole); a new launch with the same DIR resumes from the latest one, and only the last M are kept.
+The tuned weights land in DIR/final in diffusers' layout (see models.py).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..models.runtime import resolve_model_ref
+from ..schemas.config import ProfileError
+from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
+from .data import Augment, PairBatches, PairMixture, load_sources, seed_for
+from .dpo import diffusion_dpo_terms
+from .models import (FINETUNE_META, AdapterSwitch, add_lora, encode_latents, encode_text, frozen_copy, load_parts,
+                     save_tuned, sdxl_time_ids)
+
+log = logging.getLogger("richpref")
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+LORA_CHECKPOINT = "unet_lora.safetensors"
+METRICS = "metrics.jsonl"
+# Tests simulate crashes with RICHPREF_TRAIN_FAULTS="kill-after-step:3": rank 0 SIGKILLs itself
+# once step 3 is done (logged, and checkpointed if it is a checkpoint step), the first time only.
+FAULTS_ENV = "RICHPREF_TRAIN_FAULTS"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place, trainer state inside), oldest first."""
+    found = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            m = CHECKPOINT.match(p.name)
+            if m and (p / TRAINER_STATE).exists():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def finished(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict | None:
+    """The finetune.json of `output_dir` if it holds this config trained to max_train_steps, else None."""
+    path = Path(output_dir) / "final" / FINETUNE_META
+    if not path.exists():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("config_hash") == finetune_config_hash(cfg) and meta.get("steps", 0) >= cfg.max_train_steps:
+        return meta
+    return None
+
+
+def _inject_fault(step: int, is_main: bool, out: Path) -> None:
+    """Each fault fires once per output dir (a marker file remembers it), so the relaunch survives."""
+    for item in filter(None, (x.strip() for x in os.environ.get(FAULTS_ENV, "").split(","))):
+        kind, _, at = item.partition(":")
+        marker = out / f".fault-{kind}-{at}"
+        if kind == "kill-after-step" and int(at) == step and is_main and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _move(module, device: torch.device, dtype: torch.dtype):
+    """`module.to(device[, dtype])`; the dtype only when it changes (diffusers warns on any dtype cast)."""
+    if any(p.dtype != dtype for p in module.parameters()):
+        return module.to(device, dtype=dtype)
+    return module.to(device)
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def _make_optimizer(cfg: FinetuneConfig, params: list, lr: float, device: torch.device):
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=cfg.weight_decay)
+    # The fused kernel (CPU and CUDA) updates all tensors at once: a large share of a LoRA step on
+    # small models is the per-tensor Python loop of the default implementation.
+    fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                             eps=cfg.adam_epsilon, fused=fused or None)
+
+
+class _Metrics:
+    NAMES = ("loss", "implicit_acc", "reward_margin", "reward_chosen", "reward_rejected", "model_loss", "ref_loss")
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(len(self.NAMES), dtype=torch.float64)
+        self.count = 0
+
+    def add(self, terms) -> None:
+        values = [terms.loss.detach(), terms.implicit_acc, terms.margin.detach().mean(), terms.reward_chosen.mean(),
+                  terms.reward_rejected.mean(), terms.model_loss, terms.ref_loss]
+        self.sums += torch.stack([v.double().cpu() for v in values])
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        return self.sums / max(self.count, 1)
+
+
+def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
+    """Train (or resume, or find already done) the DPO run in `output_dir`; returns its summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+
+    out = Path(output_dir)
+    cfg_hash = finetune_config_hash(cfg)
+    final = out / "final"
+    done = finished(cfg, out)
+    if done is not None:
+        log.info("finetune %s: already trained to step %d, nothing to do", out, done["steps"])
+        return done
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        step_scheduler_with_optimizer=False,  # the lr schedule counts optimizer steps, whatever the world size
+        project_config=ProjectConfiguration(project_dir=str(out)),
+    )
+    is_main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    device = accelerator.device
+    accum = cfg.accumulation_steps(world)
+    lr = cfg.learning_rate_for(world)
+    weight_dtype = _weight_dtype(accelerator.mixed_precision)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    existing = checkpoints(out)
+    resume_from = existing[-1] if existing else None
+    if resume_from:
+        state = json.loads((resume_from[1] / TRAINER_STATE).read_text())
+        if state.get("config_hash") != cfg_hash:
+            raise TrainingError(
+                f"{resume_from[1]} was made with another config (hash {state.get('config_hash')}, now {cfg_hash}): "
+                "use a new output dir, or delete its checkpoint-* folders to start over"
+            )
+
+    model_dir = resolve_model_ref(cfg.model, cfg.models_root)
+    vae_dir = resolve_model_ref(cfg.vae, cfg.models_root) if cfg.vae else None
+    parts = load_parts(model_dir, cfg.arch, vae_dir)
+    if parts.arch == "sdxl" and cfg.mode == "full":
+        log.warning("full fine-tuning of SDXL needs a lot of memory; the reference trained SDXL with LoRA")
+    unet = parts.unet
+    for m in (parts.vae, *parts.text_encoders, unet):
+        m.requires_grad_(False)
+    # The SDXL VAE overflows in fp16 (unless a fixed VAE is given): keep it in float32 then.
+    vae_dtype = torch.float32 if parts.arch == "sdxl" and vae_dir is None else weight_dtype
+    _move(parts.vae, device, vae_dtype)
+    for enc in parts.text_encoders:
+        _move(enc, device, weight_dtype)
+
+    torch.manual_seed(cfg.seed)  # LoRA init: the same on every process
+    if cfg.mode == "lora":
+        _move(unet, device, weight_dtype)
+        add_lora(unet, cfg.lora)
+        for p in unet.parameters():  # trainable weights stay in float32 under mixed precision
+            if p.requires_grad:
+                p.data = p.data.float()
+        reference = None  # set after prepare(): the same UNet with its adapters switched off
+    else:
+        reference = _move(frozen_copy(unet), device, weight_dtype)
+        unet.requires_grad_(True)
+        unet.to(device)
+    unet.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    optimizer = _make_optimizer(cfg, params, lr, device)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    base_unet = accelerator.unwrap_model(unet)
+
+    if cfg.mode == "lora":
+        _register_lora_hooks(accelerator, base_unet)
+        reference = AdapterSwitch(base_unet)
+
+    global_step, samples_seen = 0, 0
+    if resume_from:
+        accelerator.load_state(str(resume_from[1]))
+        state = json.loads((resume_from[1] / TRAINER_STATE).read_text())
+        global_step, samples_seen = state["global_step"], state["samples_seen"]
+        log.info("finetune %s: resumed from %s (step %d)", out, resume_from[1].name, global_step)
+
+    with accelerator.main_process_first():
+        sources, labels = load_sources(cfg.data)
+    mixture = PairMixture([len(s) for s in sources], [c.weight for c in cfg.data], cfg.seed)
+    augment = Augment(cfg.resolution, cfg.random_crop, cfg.hflip, cfg.proportion_empty_prompts, cfg.seed)
+    batches = PairBatches(sources, mixture, augment, cfg.train_batch_size, rank, world, samples_seen, labels)
+    micro_total = (cfg.max_train_steps - global_step) * accum
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(max(micro_total, 0)),
+                                         num_workers=cfg.dataloader_num_workers,
+                                         persistent_workers=False)
+    stream = iter(loader)
+    launch_id = uuid.uuid4().hex[:8]
+    if is_main:
+        log.info("finetune %s: %s %s, %d process(es) × %d pairs × %d accumulation = %d pairs/step, lr %.3g, "
+                 "steps %d→%d", out, parts.arch, cfg.mode, world, cfg.train_batch_size, accum,
+                 world * cfg.train_batch_size * accum, lr, global_step, cfg.max_train_steps)
+
+    step_timer = time.perf_counter()
+    last_logged: dict = {}
+    while global_step < cfg.max_train_steps:
+        metrics = _Metrics()
+        for micro in range(accum):
+            batch = next(stream)
+            sync = micro == accum - 1
+            ctx = accelerator.no_sync(unet) if not sync else contextlib.nullcontext()
+            with ctx:
+                terms = dpo_micro_step(batch, parts, unet, base_unet, reference, cfg, device=device,
+                                       weight_dtype=weight_dtype, vae_dtype=vae_dtype, autocast=accelerator.autocast)
+                accelerator.backward(terms.loss / accum)
+            metrics.add(terms)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        samples_seen += accum * world * cfg.train_batch_size
+
+        if global_step % cfg.log_every == 0 or global_step == cfg.max_train_steps:
+            reduced = accelerator.reduce(metrics.mean().to(device), reduction="mean").cpu().tolist()
+            now = time.perf_counter()
+            with torch.no_grad():
+                param_norm = float(torch.nn.utils.get_total_norm([p.detach() for p in params]))
+            record = {"step": global_step, **dict(zip(_Metrics.NAMES, reduced)),
+                      "grad_norm": float(grad_norm), "param_norm": param_norm,
+                      "lr": lr_scheduler.get_last_lr()[0], "samples_seen": samples_seen,
+                      "step_seconds": (now - step_timer) / cfg.log_every, "launch": launch_id,
+                      "resumed_from": resume_from[0] if resume_from else None, "time": time.time()}
+            step_timer = now
+            last_logged = record
+            if is_main:
+                with open(out / METRICS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info("step %d/%d loss %.4f acc %.2f margin %.4g lr %.3g %.2fs/step", global_step,
+                         cfg.max_train_steps, record["loss"], record["implicit_acc"], record["reward_margin"],
+                         record["lr"], record["step_seconds"])
+
+        if global_step % cfg.checkpointing_steps == 0 and global_step < cfg.max_train_steps:
+            _save_checkpoint(accelerator, out, global_step, samples_seen, cfg_hash, cfg.checkpoints_total_limit)
+        _inject_fault(global_step, is_main, out)
+
+    accelerator.wait_for_everyone()
+    summary = {}
+    if is_main:
+        summary = _write_final(base_unet, out, cfg, cfg_hash, parts.arch, model_dir, global_step, last_logged)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if not is_main:
+        summary = json.loads((final / FINETUNE_META).read_text())
+    return summary
+
+
+def dpo_micro_step(batch: dict, parts, unet, base_unet, reference, cfg: FinetuneConfig, *, device: torch.device,
+                   weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32,
+                   autocast=contextlib.nullcontext):
+    """DPO terms of one micro-batch (a `PairBatches` item); the caller does the backward.
+
+    `unet` is what is trained (possibly wrapped by DDP), `base_unet` the bare module. `reference`
+    is a frozen copy (full fine-tunes) or an `AdapterSwitch` of `base_unet` (LoRA: the same UNet
+    with its adapters off).
+    """
+    positions = batch["positions"].tolist()
+    pixels = batch["pixels"].to(device, dtype=vae_dtype, non_blocking=True)
+    # Per-sample generators: chosen and rejected get their own VAE draw, the pair one noise and one t.
+    vae_gens = [torch.Generator().manual_seed(seed_for(cfg.seed, "vae", p, side)) for side in (0, 1) for p in positions]
+    latents = encode_latents(parts.vae, pixels, vae_gens, cfg.vae_encode_batch_size).to(weight_dtype)
+    noise_gens = [torch.Generator().manual_seed(seed_for(cfg.seed, "noise", p)) for p in positions]
+    num_t = parts.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.stack([torch.randint(0, num_t, (), generator=g) for g in noise_gens]).repeat(2).to(device)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in noise_gens])
+    noise = noise.to(device, latents.dtype).repeat(2, 1, 1, 1)
+    noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = parts.noise_scheduler.config.prediction_type
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "v_prediction":
+        target = parts.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise TrainingError(f"unsupported prediction_type {prediction!r} in the model's scheduler config")
+
+    embeds, pooled = encode_text(parts, list(batch["captions"]), device, weight_dtype)
+    embeds = embeds.repeat(2, 1, 1)
+    kwargs = {}
+    if parts.arch == "sdxl":
+        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], cfg.resolution)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.repeat(2, 1),
+                                       "time_ids": time_ids.to(device, weight_dtype).repeat(2, 1)}
+
+    # Reference first: its activations are freed before the trained model's graph is built.
+    with torch.no_grad(), autocast():
+        if isinstance(reference, AdapterSwitch):
+            with reference.off():
+                ref_pred = base_unet(noisy, timesteps, embeds, **kwargs).sample
+        else:
+            ref_pred = reference(noisy, timesteps, embeds, **kwargs).sample
+    model_pred = unet(noisy, timesteps, embeds, **kwargs).sample
+    return diffusion_dpo_terms(model_pred, ref_pred, target, cfg.beta)
+
+
+def _register_lora_hooks(accelerator, base_unet) -> None:
+    """Checkpoints of a LoRA run hold the adapter weights only (safetensors), not the whole UNet."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            if accelerator.is_main_process:
+                state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(
+                    accelerator.unwrap_model(model)).items()}
+                save_file(state, os.path.join(output_dir, LORA_CHECKPOINT))
+            if weights:
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, LORA_CHECKPOINT)))
+            if getattr(result, "unexpected_keys", None):
+                raise TrainingError(f"{input_dir}: LoRA checkpoint has keys the model lacks: {result.unexpected_keys[:5]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, samples_seen: int, cfg_hash: str, keep: int | None) -> None:
+    """save_state into a temporary folder, then rename it into place and prune the oldest."""
+    tmp = out / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": step, "samples_seen": samples_seen, "config_hash": cfg_hash,
+                 "num_processes": accelerator.num_processes, "time": time.time()}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        dest = out / f"checkpoint-{step}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        if keep is not None:
+            for _, old in checkpoints(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("saved %s", dest)
+    accelerator.wait_for_everyone()
+
+
+def _write_final(unet, out: Path, cfg: FinetuneConfig, cfg_hash: str, arch: str, model_dir: str, step: int,
+                 last: dict) -> dict:
+    tmp = out / f"final.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    save_tuned(unet, tmp, cfg, arch)
+    meta = {"base_model": cfg.model, "base_model_path": model_dir, "arch": arch, "mode": cfg.mode, "steps": step,
+            "config_hash": cfg_hash, "config": cfg.model_dump(mode="json"), "last_metrics": last}
+    (tmp / FINETUNE_META).write_text(json.dumps(meta, indent=2))
+    final = out / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    log.info("finetune %s: tuned weights in %s", out, final)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m richpref.training.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="finetune config: a name in configs/ (finetune-tiny) or a YAML path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--output-dir", required=True, help="checkpoints, metrics.jsonl and final/ go here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # Progress lines from the first process only; the others speak up for warnings and errors.
+    rank = int(os.environ.get("RANK", "0"))
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    try:
+        cfg = load_finetune_config(args.config, args.set)
+    except ProfileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train(cfg, args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The evaluate flow on tiny models: base vs a DPO-tuned tiny SD with the same prompts and seeds,
+scored by the reward registry, tabulated as RPO's Table 1, with an image grid."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from richpref.flows.evaluate import summary_table, to_markdown
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run as fast on one thread, and other load on a shared machine cannot stall them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_summary_table_means_and_win_rates_by_hand():
+    scores = {"pickscore": {"base": [1.0, 2.0, 3.0, 4.0], "tuned": [2.0, 2.0, 1.0, 5.0]},
+              "aesthetic": {"base": [5.0, 5.0, 5.0, 5.0], "tuned": [4.0, 6.0, 6.0, 6.0]}}
+    rows = summary_table(scores, ["base", "tuned"])
+    assert rows[0] == {"model": "base", "images": 4, "pickscore": 2.5, "aesthetic": 5.0,
+                       "pickscore_win_vs_base": None, "aesthetic_win_vs_base": None}
+    # tuned vs base per image: pickscore win, tie, loss, win -> (1 + 0.5 + 0 + 1) / 4; aesthetic 3 of 4
+    assert rows[1] == {"model": "tuned", "images": 4, "pickscore": 2.5, "aesthetic": 5.5,
+                       "pickscore_win_vs_base": 0.625, "aesthetic_win_vs_base": 0.75}
+    md = to_markdown(rows)
+    assert md.splitlines()[0] == "| model | images | pickscore | aesthetic | pickscore_win_vs_base | aesthetic_win_vs_base |"
+    assert "| tuned | 4 | 2.5000 | 5.5000 | 0.6250 | 0.7500 |" in md
+
+
+@pytest.fixture(scope="module")
+def tuned_model(tiny_models, tmp_path_factory):
+    """A full DPO fine-tune of the tiny SD 1.5: 2 steps with a large lr, so its images differ."""
+    from richpref.schemas.training import FinetuneConfig
+    from richpref.training.train import train
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+
+    def png() -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    tmp = tmp_path_factory.mktemp("tuned")
+    data = tmp / "pairs.parquet"
+    pq.write_table(pa.table({"caption": ["a cat", "a dog", "a car", "a cup"], "jpg_0": [png() for _ in range(4)],
+                             "jpg_1": [png() for _ in range(4)], "label_0": [1, 0, 1, 0]}), data)
+    cfg = FinetuneConfig(models_root=str(tiny_models), model="sd15", mode="full", data=[{"path": str(data)}],
+                         resolution=64, learning_rate=1e-3, scale_lr=False, lr_scheduler="constant",
+                         lr_warmup_steps=0, train_batch_size=2, max_train_steps=2, checkpointing_steps=100)
+    train(cfg, tmp / "run")
+    return tmp / "run"
+
+
+def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from richpref.flows.evaluate import artifact_key, evaluate
+    from richpref.models.generator import TextToImage
+    from richpref.models.rewards import load_reward_spec
+    from richpref.schemas.training import load_evaluate_config
+
+    overrides = [f"models_root={tiny_models}", "prompts.limit=3",
+                 f"models=[{{name: base, path: sd15}}, {{name: tuned, path: {tuned_model}}}]"]
+    out = tmp_path / "eval"
+    result = evaluate(config="evaluate-tiny", overrides=overrides, output_dir=str(out))
+    cfg = load_evaluate_config("evaluate-tiny", overrides)
+    assert result["prompts"] == 3 and result["images_per_model"] == 3
+
+    base_imgs = pq.read_table(out / "images" / "base.parquet")
+    tuned_imgs = pq.read_table(out / "images" / "tuned.parquet")
+    prompts = base_imgs.column("prompt").to_pylist()
+    seeds = base_imgs.column("seed").to_pylist()
+    assert tuned_imgs.column("seed").to_pylist() == seeds == [0, 1, 2]
+    assert tuned_imgs.column("prompt").to_pylist() == prompts
+    decode = lambda b: Image.open(io.BytesIO(b)).convert("RGB")  # noqa: E731
+    base_pics = [decode(b) for b in base_imgs.column("image").to_pylist()]
+    tuned_pics = [decode(b) for b in tuned_imgs.column("image").to_pylist()]
+
+    # Identical seeds: the base images are what the generator makes for (prompt, seed) on its own.
+    t2i = TextToImage.load(str(tiny_models / "sd15"))
+    direct = t2i.generate(prompts, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=64, width=64)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(direct, base_pics))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base_pics, tuned_pics))
+
+    # The table's means are the rewards' own scores of the stored images, averaged.
+    table = {r["model"]: r for r in pq.read_table(out / "table.parquet").to_pylist()}
+    assert set(table) == {"base", "tuned"}
+    for name in ("pickscore", "imagereward", "aesthetic", "hpsv2"):
+        reward = load_reward_spec(cfg.rewards[name], cfg.models_root, device="cpu")
+        base_scores = np.asarray(reward.score(base_pics, prompts))
+        tuned_scores = np.asarray(reward.score(tuned_pics, prompts))
+        assert table["base"][name] == pytest.approx(base_scores.mean(), rel=1e-5, abs=1e-6), name
+        assert table["tuned"][name] == pytest.approx(tuned_scores.mean(), rel=1e-5, abs=1e-6), name
+        wins = np.mean((tuned_scores > base_scores) + 0.5 * (tuned_scores == base_scores))
+        assert table["tuned"][f"{name}_win_vs_base"] == pytest.approx(wins)
+    per_image = pq.read_table(out / "scores.parquet")
+    assert per_image.num_rows == 6 and per_image.column("model").to_pylist() == ["base"] * 3 + ["tuned"] * 3
+
+    md = (out / "table.md").read_text()
+    assert md.startswith("| model | images | pickscore |") and "| tuned | 3 |" in md
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * 64, 16 + 3 * 64)
+    assert np.array_equal(np.asarray(grid.convert("RGB"))[16:80, 64:128], np.asarray(tuned_pics[0]))
+
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_latest_artifacts()}
+    table_artifact = artifacts[artifact_key("evaluate-tiny")]
+    assert table_artifact.type == "table" and "tuned" in str(table_artifact.data)
+
+    # Running it again reuses the stored images (same prompts, seeds and settings).
+    stamp = (out / "images" / "base.parquet").stat().st_mtime_ns
+    evaluate(config="evaluate-tiny", overrides=overrides, output_dir=str(out))
+    assert (out / "images" / "base.parquet").stat().st_mtime_ns == stamp
+
+
+def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path):
+    from richpref.flows.evaluate import preflight
+    from richpref.models.runtime import ModelNotAvailable
+    from richpref.schemas.training import load_evaluate_config
+
+    cfg = load_evaluate_config("evaluate-tiny", ["rewards={dino: {kind: dino_patch, model: dinov2}}"])
+    with pytest.raises(ValueError, match="score pairs, not single images"):
+        preflight(cfg)
+    missing = load_evaluate_config("evaluate-tiny", [f"models_root={tiny_models}",
+                                                     f"models=[{{name: tuned, path: {tmp_path / 'nothing'}}}]"])
+    with pytest.raises(ModelNotAvailable, match="evaluate model 'tuned'.*run `richpref finetune` first"):
+        preflight(missing)

@@ -1,0 +1,305 @@
+"""Diffusion-DPO training on the tiny models: data and mixing, full / LoRA / SDXL LoRA runs whose
+weights load back into diffusers pipelines, a 2-process accelerate run killed and resumed, the
+finetune flow, and launching it once per set of curated pairs."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from uuid import UUID
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from richpref.schemas.training import FinetuneConfig, PairSourceConfig
+from richpref.training.data import Augment, DataError, PairBatches, PairMixture, load_pair_source
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run as fast on one thread, and other load on a shared machine cannot stall them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_pairs(path: Path, n: int, seed: int = 0, ties: int = 0) -> Path:
+    """A Pick-a-Pic-format Parquet file of `n` random 64 px pairs (+ `ties` rows labelled 0.5)."""
+    rng = np.random.default_rng(seed)
+    rows = n + ties
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({
+        "caption": [f"a photo of object {i}" for i in range(rows)],
+        "jpg_0": [_png(rng.integers(0, 256, (64, 64, 3))) for _ in range(rows)],
+        "jpg_1": [_png(rng.integers(0, 256, (64, 64, 3))) for _ in range(rows)],
+        "label_0": [float(i % 2) for i in range(n)] + [0.5] * ties,
+    }), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", 12, ties=2)
+
+
+def tiny_config(tiny_models: Path, data: Path, **kw) -> FinetuneConfig:
+    base = dict(models_root=str(tiny_models), model="sd15", mode="lora", data=[{"name": "pairs", "path": str(data)}],
+                resolution=64, learning_rate=1e-3, scale_lr=False, lr_scheduler="constant", lr_warmup_steps=0,
+                train_batch_size=2, max_train_steps=3, checkpointing_steps=100, seed=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def generate(pipe, seed: int = 3) -> np.ndarray:
+    image = pipe(["a red cube"], generator=torch.Generator().manual_seed(seed), output_type="np",
+                 num_inference_steps=2, guidance_scale=5.0, height=64, width=64).images[0]
+    return np.asarray(image)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def test_ties_dropped_and_missing_columns_named(pairs_file, tmp_path):
+    ds = load_pair_source(PairSourceConfig(path=str(pairs_file)))
+    assert len(ds) == 12 and set(ds["label_0"]) == {0.0, 1.0}
+    pq.write_table(pa.table({"caption": ["x"], "jpg_0": [b"x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['jpg_1', 'label_0'\]"):
+        load_pair_source(PairSourceConfig(path=str(tmp_path / "bad.parquet")))
+    with pytest.raises(DataError, match="no .parquet files"):
+        load_pair_source(PairSourceConfig(path=str(tmp_path / "nothing-here")))
+
+
+def test_mixture_weights_epochs_and_resume_offsets():
+    mix = PairMixture([10, 30], [3.0, 1.0], seed=7)
+    where = mix.locate(range(4000))
+    share = sum(s == 0 for s, _ in where) / len(where)
+    assert share == pytest.approx(0.75, abs=0.03)
+    # Within a source, the first pass over its rows is a permutation: no repeats before all are seen.
+    first_pass = [r for s, r in where if s == 0][:10]
+    assert sorted(first_pass) == list(range(10))
+    # Resuming at sample 2500 with a fresh mixture gives the same draws as the uninterrupted stream.
+    assert PairMixture([10, 30], [3.0, 1.0], seed=7).locate(range(2500, 2600)) == where[2500:2600]
+    assert PairMixture([10, 30], [3.0, 1.0], seed=8).locate(range(100)) != where[:100]
+
+
+def test_positions_split_across_processes_like_one_process():
+    mix, aug = PairMixture([5], [1.0], 0), Augment(64)
+    one = PairBatches([None], mix, aug, batch_size=4, rank=0, world=1, start=8)
+    two = [PairBatches([None], mix, aug, batch_size=2, rank=r, world=2, start=8) for r in (0, 1)]
+    for micro in range(3):
+        assert sorted(two[0].positions(micro) + two[1].positions(micro)) == one.positions(micro)
+
+
+def test_batches_put_the_preferred_image_first_and_flip_pairs_together():
+    import datasets
+
+    red, blue = np.zeros((64, 64, 3)), np.zeros((64, 64, 3))
+    red[..., 0], blue[..., 2] = 255, 255
+    red[:, :32] = 0  # left half black: a flip is visible
+    blue[:, :32] = 0
+    ds = datasets.Dataset.from_dict({"caption": ["a", "b"], "jpg_0": [_png(red)] * 2, "jpg_1": [_png(blue)] * 2,
+                                     "label_0": [1, 0]})
+    batches = PairBatches([ds], PairMixture([2], [1.0], 0), Augment(64, hflip=True, seed=1), batch_size=2)
+    for micro in range(4):
+        b = batches[micro]
+        captions = list(b["captions"])
+        px = b["pixels"]  # [chosen..., rejected...], values in [-1, 1]
+        for k, cap in enumerate(captions):
+            chosen, rejected = px[k], px[2 + k]
+            chosen_is_red = chosen[0].max() > 0.9
+            assert chosen_is_red == (cap == "a")  # label_0 = 1 -> jpg_0 (red) preferred
+            assert rejected[0].max() > 0.9 or rejected[2].max() > 0.9
+            # Both images of a pair flip together: their bright halves are on the same side.
+            assert (chosen.max(0).values[:, 0] > 0).all() == (rejected.max(0).values[:, 0] > 0).all()
+    empty = PairBatches([ds], PairMixture([2], [1.0], 0), Augment(64, proportion_empty_prompts=1.0), batch_size=2)
+    assert list(empty[0]["captions"]) == ["", ""]
+
+
+def test_effective_batch_sets_accumulation():
+    cfg = FinetuneConfig(data=[], train_batch_size=2, effective_batch_size=16, learning_rate=1e-8)
+    assert cfg.accumulation_steps(4) == 2
+    assert cfg.learning_rate_for(4) == pytest.approx(1e-8 * 2 * 2 * 4)
+    with pytest.raises(ValueError, match="not a multiple"):
+        cfg.accumulation_steps(3)
+
+
+# --- training in this process ----------------------------------------------------------------------
+
+def test_full_finetune_loads_with_from_pretrained_and_changes_output(tiny_models, pairs_file, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from richpref.training.train import train
+
+    out = tmp_path / "full"
+    cfg = tiny_config(tiny_models, pairs_file, mode="full", max_train_steps=3, train_batch_size=2,
+                      gradient_accumulation_steps=2)
+    meta = train(cfg, out)
+    assert meta["steps"] == 3 and meta["mode"] == "full"
+    log = metrics(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # model = reference before the first update
+    assert log[-1]["samples_seen"] == 3 * 2 * 2
+    assert log[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)
+
+    tuned_unet = UNet2DConditionModel.from_pretrained(out / "final" / "unet")
+    base = StableDiffusionPipeline.from_pretrained(tiny_models / "sd15")
+    base.set_progress_bar_config(disable=True)
+    before = generate(base)
+    base_weights = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    base.unet = tuned_unet
+    after = generate(base)
+    assert any(not torch.equal(base_weights[k], v) for k, v in tuned_unet.state_dict().items())
+    assert np.abs(after - before).mean() > 1e-3
+
+    # Same config again: nothing to do, nothing logged.
+    assert train(cfg, out)["steps"] == 3
+    assert len(metrics(out)) == 3
+
+
+def test_sdxl_lora_loads_into_sdxl_pipeline(tiny_models, pairs_file, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from richpref.training.train import train
+
+    out = tmp_path / "sdxl"
+    meta = train(tiny_config(tiny_models, pairs_file, model="sdxl", mode="lora", max_train_steps=2), out)
+    assert meta["arch"] == "sdxl" and (out / "final" / "pytorch_lora_weights.safetensors").exists()
+    assert metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    before = generate(pipe)
+    pipe.load_lora_weights(str(out / "final"))
+    assert np.abs(generate(pipe) - before).mean() > 1e-4
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_models, pairs_file, tmp_path):
+    from richpref.training.train import TrainingError, train
+
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "samples_seen": 4, "config_hash": "other"}))
+    with pytest.raises(TrainingError, match="another config"):
+        train(tiny_config(tiny_models, pairs_file), tmp_path / "run")
+
+
+# --- the finetune flow: two processes under accelerate launch, killed and relaunched ---------------
+
+@pytest.fixture(scope="module")
+def resumed_lora_run(prefect_harness, tiny_models, pairs_file, tmp_path_factory):
+    """The finetune flow on 2 processes (gloo), checkpoints every 2 steps, keep 1. Rank 0 SIGKILLs
+    itself after step 3; the flow's launcher relaunches and training resumes from checkpoint-2."""
+    import os
+
+    import yaml
+
+    from richpref.flows.finetune import finetune
+
+    tmp = tmp_path_factory.mktemp("lora2")
+    config = tmp / "ft.yaml"
+    cfg = tiny_config(tiny_models, Path("replaced-by-the-pairs-parameter"), mode="lora", max_train_steps=6,
+                      checkpointing_steps=2, checkpoints_total_limit=1, train_batch_size=1)
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp / "run"
+    os.environ["RICHPREF_TRAIN_FAULTS"] = "kill-after-step:3"
+    try:
+        result = finetune(config=str(config), pairs=str(pairs_file.parent), output_dir=str(out), num_processes=2,
+                          max_restarts=1)
+    finally:
+        del os.environ["RICHPREF_TRAIN_FAULTS"]
+    return out, result, config
+
+
+def test_two_process_run_resumes_from_its_checkpoint(resumed_lora_run):
+    out, result, _ = resumed_lora_run
+    log = metrics(out)
+    killed = [r for r in log if r["launch"] == log[0]["launch"]]
+    resumed = [r for r in log if r["launch"] != log[0]["launch"]]
+    assert [r["step"] for r in killed] == [1, 2, 3]
+    assert [r["step"] for r in resumed] == [3, 4, 5, 6]
+    assert all(r["resumed_from"] == 2 for r in resumed)
+    assert (out / "train.log").read_text().count("SIGKILL") >= 1  # the first launch really died
+    # Step 3 again, from the restored weights, optimizer and data position: the same numbers.
+    for key in ("loss", "implicit_acc", "reward_margin", "grad_norm", "param_norm", "samples_seen"):
+        assert resumed[0][key] == pytest.approx(killed[2][key], rel=1e-6, abs=1e-9), key
+    assert resumed[0]["samples_seen"] == 3 * 2  # 2 processes × 1 pair × 3 steps
+    assert result["steps"] == 6 and result["mode"] == "lora"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # keep the last 1
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_finetune_flow_uses_the_pairs_and_is_a_noop_when_done(resumed_lora_run, pairs_file):
+    import yaml
+
+    from richpref.flows.finetune import finetune
+
+    out, result, config = resumed_lora_run
+    saved = yaml.safe_load((out / "finetune-config.yaml").read_text())
+    assert [(d["name"], d["path"]) for d in saved["data"]] == [("pairs", str(pairs_file.parent))]
+    again = finetune(config=str(config), pairs=str(pairs_file.parent), output_dir=str(out), num_processes=2)
+    assert again["steps"] == 6 and len(metrics(out)) == 7  # nothing launched, nothing logged
+
+
+def test_lora_output_loads_into_pipeline_and_changes_output(resumed_lora_run, tiny_models):
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from richpref.training.models import load_finetuned
+
+    out = resumed_lora_run[0]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models / "sd15")
+    pipe.set_progress_bar_config(disable=True)
+    before = generate(pipe)
+    pipe.load_lora_weights(str(out / "final"))
+    saved = load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_active_adapters()[0])
+    assert len(saved) == len(loaded) > 0
+    assert sorted(v.norm().item() for v in saved.values()) == pytest.approx(
+        sorted(v.norm().item() for v in loaded.values()), rel=1e-6)
+    after = generate(pipe)
+    assert np.abs(after - before).mean() > 1e-4
+    tuned = load_finetuned(out)  # what the evaluate flow loads: base + the same LoRA
+    assert np.array_equal(generate(tuned.pipe), after)
+
+
+# --- launching the finetune deployment from curate -------------------------------------------------
+
+def test_curate_launches_the_finetune_deployment_once_per_pairs(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from richpref.flows.finetune import finetune
+    from richpref.flows.launch import launch_finetune
+    from richpref.storage import RunStore
+
+    finetune.to_deployment(name="tiny-test").apply()
+    store = RunStore(str(tmp_path / "data"), "demo")
+    table = pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1], "status": ["ok"]})
+    manifest = store.write_shard("pairs", 0, table, "k1")
+    summary = {"run": "demo", "pairs": store.uri(store.stage_dir("pairs")), "manifests": {"pairs": [manifest.to_dict()]}}
+
+    first = launch_finetune(summary, "finetune/tiny-test")
+    assert launch_finetune(summary, "finetune/tiny-test") == first  # a retried curate run: same flow run
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(first))
+    assert run.parameters["pairs"] == summary["pairs"]
+
+    changed = store.write_shard("pairs", 0, table.set_column(0, "caption", pa.array(["b"])), "k1")
+    other = launch_finetune({**summary, "manifests": {"pairs": [changed.to_dict()]}}, "finetune/tiny-test")
+    assert other != first
+    empty = {**summary, "manifests": {"pairs": [{**manifest.to_dict(), "kept": 0}]}}
+    assert launch_finetune(empty, "finetune/tiny-test") is None
