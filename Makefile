@@ -56,7 +56,15 @@ serve: models
 	$(VENV)/bin/richpref --data-dir $(DATA) serve
 
 bench: models
-	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@echo "Benchmarks print figures; recorded results and their commands: docs/benchmarks.md"
+	$(PY) bench/vlm_stages.py --n 32 --repeats 2
+	$(PY) bench/image_stages.py --repeats 3
+	$(PY) bench/rewards.py --models $(MODELS) --repeats 5
+	$(PY) bench/reliability.py overhead --items 1024 --models $(MODELS)
+	$(PY) bench/reliability.py resume --items 1024 --models $(MODELS)
+	$(PY) bench/reliability.py memory --items 256 4096 --models $(MODELS)
+	$(PY) bench/demo_budget.py
+	@echo "bench/dpo_step.py needs a diffusers checkout: see docs/benchmarks.md"
 
 clean-runs:
 	rm -rf $(DATA)/runs $(DATA)/.prefect
