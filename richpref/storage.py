@@ -116,6 +116,16 @@ class RunStore:
                 tables.append(pq.read_table(f, columns=columns))
         return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
+    def is_committed(self, stage: str, shard: int, key: str) -> bool:
+        """Whether the shard on disk was computed for `key`; reads only the Parquet footer."""
+        path = self.shard_path(stage, shard)
+        try:
+            with self.fs.open(path, "rb") as f:
+                meta = pq.read_schema(f).metadata or {}
+        except Exception:  # noqa: BLE001 - missing or unreadable: not committed
+            return False
+        return meta.get(KEY_META, b"").decode() == key
+
     def committed(self, stage: str, shard: int, key: str) -> ShardManifest | None:
         """The manifest of an existing shard computed for `key`, else None."""
         path = self.shard_path(stage, shard)

@@ -82,7 +82,7 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     keys = {s: stage.content_key(profile, {r: manifests[r][s] for r in stage.reads}) for s in shards}
     # A cache record is only trusted while its shard is on disk: drop the records of missing shards
     # (or, where records live elsewhere, overwrite them) so those shards are computed again.
-    stale = {s for s in shards if store.committed(stage.out, s, keys[s]) is None}
+    stale = {s for s in shards if not store.is_committed(stage.out, s, keys[s])}
     for s in stale:
         _drop_record(storage, _location_key(store, stage.out, s, keys[s]))
     futures = {}
