@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 from .plots import flip_rate_png, margin_histogram_png, reward_distributions_png
 
 PLOTS = ("reward_distributions.png", "flip_rate.png", "margin_histogram.png")
-SCORE_META = ("item_id", "status", "reason", "chosen", "flipped", "margin", "composite_0", "composite_1")
+SCORE_META = ("item_id", "status", "reason", "candidate", "candidate_0", "candidate_1", "chosen", "flipped", "margin",
+              "composite_0", "composite_1")
 
 
 def reward_names(scores: pa.Table) -> list[str]:
@@ -28,9 +29,13 @@ def reward_names(scores: pa.Table) -> list[str]:
 
 
 def scored_rows(scores: pa.Table) -> pa.Table:
-    """Rows that got scores: kept pairs and ties (rejected for a bad image or score have none)."""
+    """Rows that got scores: kept pairs, ties and edits not selected for their item's pair (rejected
+    for a bad image or score have none); of a run's rows, those comparing an edit with its original."""
     status, reason = scores.column("status"), pc.fill_null(scores.column("reason"), "")
-    return scores.filter(pc.or_(pc.equal(status, "ok"), pc.starts_with(reason, "tie:")))
+    scored = pc.or_(pc.equal(status, "ok"), pc.or_(pc.starts_with(reason, "tie:"), pc.starts_with(reason, "not_selected:")))
+    if "candidate_0" in scores.schema.names:
+        scored = pc.and_(scored, pc.equal(pc.fill_null(scores.column("candidate_0"), -1), -1))
+    return scores.filter(scored)
 
 
 def score_stats(scores: pa.Table) -> dict[str, Any]:
@@ -114,8 +119,11 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               "Synthetic preference pairs in Pick-a-Pic format, curated by richpref "
               "(critique → instruct → edit → cutout → filter → relabel → export).", "",
               "`jpg_0` is the original image, `jpg_1` its edit; `label_0` is 1 when the original is preferred "
-              "(a *flipped* pair: the edit scored lower) and 0 when the edit is. No ties (0.5).", "",
-              "Provenance columns: `item_id`, `source`, `critique`, `instructions`, `edit_prompt`, `margin`, `flipped`, "
+              "(a *flipped* pair: the edit scored lower) and 0 when the edit is. No ties (0.5). With several edits "
+              "per item and `relabel.pairing: best_vs_worst`, a pair may hold two edits: `candidate_0`/`candidate_1` "
+              "say which images a pair holds (-1 = the original).", "",
+              "Provenance columns: `item_id`, `source`, `critique`, `instructions`, `edit_prompt`, `candidate_0`, "
+              "`candidate_1`, `margin`, `flipped`, "
               "`scores` (JSON: every raw and z-standardised score), `model_ids` (JSON), `config_hash`.", "",
               "## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]
     for st in summary["stages"]:
@@ -127,7 +135,9 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               f"(label_0 counts: {json.dumps({str(k): v for k, v in summary.get('label_0', {}).items()})})",
               f"- flip rate (the edit scored lower, label_0 = 1): {flip:.1%}" if flip is not None else "- flip rate: –",
               "", "## Scores", "",
-              f"Over the {stats['scored']} scored pairs (kept pairs and dropped ties); standardisation "
+              f"Over the {stats['scored']} scored edits, each against its original (kept pairs, ties, and edits "
+              f"not selected for their item's pair); pairing `{profile.get('relabel', {}).get('pairing', 'best_vs_original')}`, "
+              f"standardisation "
               f"`{profile.get('relabel', {}).get('standardize', '?')}`, ties at margin ≤ "
               f"{profile.get('relabel', {}).get('min_margin', 0)}.", ""]
     lines += _score_table(stats, weights, labels)

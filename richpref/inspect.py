@@ -30,29 +30,40 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
 
 
 def _create_pairs_full(con: duckdb.DuckDBPyConnection, views: list[str]) -> None:
-    """Every item with its furthest stage: one row per source item, each stage's columns left-joined.
+    """Every item with its furthest stage: one row per source item and edit candidate, each stage's
+    columns left-joined (on item_id, and on candidate from the edit stage on).
 
     A column name already taken by an earlier stage gets the stage as prefix (`critique_status`);
-    image columns are left out to keep the view light (join the stage view for them).
+    image columns are left out to keep the view light (join the stage view for them). `exported`
+    says the item has a pair, `in_pair` that this candidate's edit is in it.
     """
     seen: set[str] = set()
     select, joins = [], []
+    candidate_from = None
     for v in views:
         cols = con.execute(f'describe "{v}"').fetchall()
+        names = {name for name, *_ in cols}
         alias = f"t_{v}"
         for name, ctype, *_ in cols:
-            if name == "item_id" or ctype.upper().startswith("BLOB"):
+            if name == "item_id" or ctype.upper().startswith("BLOB") or (name == "candidate" and candidate_from):
                 continue
             out = name if name not in seen else f"{v}_{name}"
             seen.add(out)
             select.append(f'{alias}."{name}" as "{out}"')
         if v == views[0]:
             joins.append(f'"{v}" {alias}')
+        elif "candidate" in names and candidate_from:
+            joins.append(f'left join "{v}" {alias} on {alias}.item_id = t_{views[0]}.item_id '
+                         f'and {alias}.candidate = t_{candidate_from}.candidate')
         else:
-            joins.append(f'left join "{v}" {alias} using (item_id)')
+            joins.append(f'left join "{v}" {alias} on {alias}.item_id = t_{views[0]}.item_id')
+        if "candidate" in names and not candidate_from:
+            candidate_from = v
     if "pairs" in views:
         select.append("(t_pairs.item_id is not null) as exported")
-    con.execute(f"create view pairs_full as select item_id, {', '.join(select)} from {' '.join(joins)}")
+        if candidate_from:
+            select.append(f"coalesce(t_{candidate_from}.candidate in (t_pairs.candidate_0, t_pairs.candidate_1), false) as in_pair")
+    con.execute(f"create view pairs_full as select t_{views[0]}.item_id, {', '.join(select)} from {' '.join(joins)}")
 
 
 def summary(data_dir: str, run: str) -> dict:

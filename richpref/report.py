@@ -86,19 +86,21 @@ def build_report(data_dir: str, run: str) -> str:
     if "relabel" in has:
         score_cols = [c for (c, *_r) in con.execute('describe "relabel"').fetchall()
                       if c.endswith(("_0", "_1")) and not c.startswith("composite")]
-    q = ["select e.item_id, s.prompt, s.image as img0, e.image as img1, e.status as edit_status, e.reason as edit_reason"]
+    q = ["select e.item_id, e.candidate, s.prompt, s.image as img0, e.image as img1, e.status as edit_status, e.reason as edit_reason"]
     q.append(", c.critique" if "critique" in has else ", null as critique")
     q.append(", i.instructions" if "instruct" in has else ", null as instructions")
     q.append(", f.verdict, f.reason as filter_reason" if "filter" in has else ", null as verdict, null as filter_reason")
     q.append(", r.status as relabel_status, r.reason as relabel_reason, r.chosen, r.flipped, r.margin, r.composite_0, r.composite_1"
              + "".join(f', r."{c}"' for c in score_cols) if "relabel" in has else
              ", null as relabel_status, null as relabel_reason, null as chosen, null as flipped, null as margin, null as composite_0, null as composite_1")
-    q.append(", p.item_id is not null as exported" if "pairs" in has else ", false as exported")
+    q.append(", coalesce(e.candidate in (p.candidate_0, p.candidate_1), false) as exported" if "pairs" in has
+             else ", false as exported")
     q.append(" from edit e join sample s using (item_id)")
     for v, a in (("critique", "c"), ("instruct", "i"), ("filter", "f"), ("relabel", "r"), ("pairs", "p")):
         if v in has:
-            q.append(f' left join "{v}" {a} using (item_id)')
-    q.append(" order by e.item_id")
+            on_candidate = f" and {a}.candidate = e.candidate" if v in ("filter", "relabel") else ""
+            q.append(f' left join "{v}" {a} on {a}.item_id = e.item_id{on_candidate}')
+    q.append(" order by e.item_id, e.candidate")
     cur = con.execute("".join(q))
     names = [d[0] for d in cur.description]
     items = [dict(zip(names, row)) for row in cur.fetchall()]
@@ -116,9 +118,10 @@ def build_report(data_dir: str, run: str) -> str:
         reason = it["filter_reason"] or it["relabel_reason"] or it["edit_reason"] or ""
         blocks.append(
             f'<div class="pair" data-verdict="{_esc(verdict)}" data-flipped="{str(bool(it["flipped"])).lower()}" '
-            f'data-exported="{str(bool(it["exported"])).lower()}" data-item="{_esc(it["item_id"])}">'
+            f'data-exported="{str(bool(it["exported"])).lower()}" data-item="{_esc(it["item_id"])}" '
+            f'data-candidate="{it["candidate"]}">'
             f'<div><img alt="original" src="{_thumb(it["img0"])}" class="{"chosen" if chosen == 0 else ""}"><br>original</div>'
-            f'<div><img alt="edited" src="{_thumb(it["img1"])}" class="{"chosen" if chosen == 1 else ""}"><br>edited</div>'
+            f'<div><img alt="edited" src="{_thumb(it["img1"])}" class="{"chosen" if chosen == 1 else ""}"><br>edit {it["candidate"]}</div>'
             f'<div class="meta"><p><b>{_esc(it["prompt"])}</b> <small>{_esc(it["item_id"])}</small></p>'
             f'<p><i>critique:</i> {_esc(it["critique"])}</p><p><i>instructions:</i></p><ul>{instructions}</ul>'
             f'<p class="{"keep" if verdict == "keep" else "drop"}">filter: {_esc(verdict)} {_esc(reason)}</p>'
@@ -135,8 +138,8 @@ def build_report(data_dir: str, run: str) -> str:
                     data = base64.b64encode(store.fs.cat_file(p)).decode()
                     plots.append(f'<img alt="{_esc(p.rsplit("/", 1)[-1])}" src="data:image/png;base64,{data}">')
     kept = sum(1 for it in items if it["verdict"] == "keep")
-    counts = (f"{len(items)} edited items, {kept} kept by the filter, "
-              f"{sum(1 for it in items if it['exported'])} exported pairs, "
+    counts = (f"{len(items)} edits, {kept} kept by the filter, "
+              f"{sum(1 for it in items if it['exported'])} in exported pairs, "
               f"{sum(1 for it in items if it['flipped'])} flipped")
     return PAGE.format(run=_esc(run), thumb=THUMB, counts=_esc(counts), pairs="\n".join(blocks),
                        plots="\n".join(plots) or "<p>none in this run</p>")

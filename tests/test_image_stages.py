@@ -381,6 +381,30 @@ def test_edit_rows_on_tiny_models(model, controlnet, paths, release_resident):
     assert {r["reason"].split(":")[0] for r in strict if r["item_id"].startswith("e")} == {"no_visible_change"}
 
 
+def test_several_edit_candidates_per_item_with_distinct_seeds(paths, release_resident):
+    cfg = EditConfig(model="sd15", controlnet="controlnet-canny", steps=4, seed=5, batch_size=2, device="cpu",
+                     dtype="float32", num_edits=3)
+    rows, originals = _edit_inputs(n=2)
+    get = lambda: load_editor(cfg, str(paths.root))  # noqa: E731
+    out = edit_rows(rows, originals, cfg, get).to_pylist()
+    # three rows per input row, in input order, whatever happened to the item
+    assert [(r["item_id"], r["candidate"]) for r in out] == [(i, c) for i in ("e0", "e1", "bad", "none") for c in range(3)]
+    assert {r["reason"] for r in out if r["item_id"] == "none"} == {"no_instructions: nothing to edit with"}
+    assert all(r["reason"].startswith("bad_image:") for r in out if r["item_id"] == "bad")
+    for item in ("e0", "e1"):
+        cands = [r for r in out if r["item_id"] == item]
+        assert [r["seed"] for r in cands] == [_seed_by_hand(5, item), _seed_by_hand(5, f"{item}#edit1"),
+                                              _seed_by_hand(5, f"{item}#edit2")]
+        images = [_arr(_png(r["image"]).convert("RGB")) for r in cands]
+        for a in range(3):
+            for b in range(a + 1, 3):
+                assert np.abs(images[a] - images[b]).mean() > 1.0, (item, a, b)
+    # candidate 0 is the one-edit run's image: same seed, same batch composition per candidate index
+    one = edit_rows(rows, originals, cfg.model_copy(update={"num_edits": 1, "batch_size": 1}), get).to_pylist()
+    alone = edit_rows(rows, originals, cfg.model_copy(update={"batch_size": 1}), get).to_pylist()
+    assert [r["image"] for r in alone if r["candidate"] == 0] == [r["image"] for r in one]
+
+
 # --- cutout ------------------------------------------------------------------------------------
 
 
@@ -411,7 +435,7 @@ def test_cutout_rows_store_masks_and_ratios(paths, monkeypatch, release_resident
     cfg = CutoutConfig(model="u2net_custom", home="rembg", model_path=f"rembg/{MODEL_FILENAME}")
     get = lambda: load_remover(cfg, str(paths.root))  # noqa: E731
     ids = ["ok", "flat_edit", "undecodable"]
-    rows = rows_to_table([{"item_id": i, "status": "ok", "reason": None} for i in ids], EDITS)
+    rows = rows_to_table([{"item_id": i, "status": "ok", "reason": None, "candidate": 0} for i in ids], EDITS)
     originals = [encode_png(_scene()), encode_png(_scene()), encode_png(_scene())]
     edits = [encode_png(_scene(bg=(90, 30, 60))), encode_png(Image.new("RGB", (64, 64), (200, 200, 200))), b"\x89PNG"]
     out = cutout_rows(rows, originals, edits, cfg, get)
@@ -433,6 +457,28 @@ def test_cutout_rows_store_masks_and_ratios(paths, monkeypatch, release_resident
     assert by_id["undecodable"]["reason"].startswith("bad_image:")
     strict = cutout_rows(rows.slice(0, 1), originals[:1], edits[:1], cfg.model_copy(update={"min_fg_ratio": 0.99}), get)
     assert strict.column("reason").to_pylist()[0].startswith("empty_foreground: original foreground ratio")
+
+
+def test_cutout_cuts_an_items_original_once_for_all_its_edits(paths, monkeypatch, release_resident):
+    monkeypatch.setenv("U2NET_HOME", str(paths.rembg_home))
+    cfg = CutoutConfig(model="u2net_custom", home="rembg", model_path=f"rembg/{MODEL_FILENAME}")
+    remover = load_remover(cfg, str(paths.root))
+    seen = []
+
+    class Counting:
+        model_id = remover.model_id
+
+        def remove(self, images):
+            seen.append(len(images))
+            return remover.remove(images)
+
+    rows = rows_to_table([{"item_id": "x", "status": "ok", "reason": None, "candidate": c} for c in (0, 2)], EDITS)
+    original = encode_png(_scene())
+    edits = [encode_png(_scene(bg=(90, 30, 60))), encode_png(_scene(bg=(20, 130, 60)))]
+    out = cutout_rows(rows, [original, original], edits, cfg, lambda: Counting()).to_pylist()
+    assert seen == [3]  # one original + two edits
+    assert [r["candidate"] for r in out] == [0, 2] and all(r["status"] == "ok" for r in out)
+    assert out[0]["original_cutout"] == out[1]["original_cutout"] and out[0]["edited_cutout"] != out[1]["edited_cutout"]
 
 
 def test_cutout_stage_missing_model_offline_fails_at_once(tmp_path, monkeypatch):

@@ -81,6 +81,63 @@ def test_item_standardisation_and_ties_by_hand():
     assert b["chosen"] is None  # a tie has no label: it can never be exported as 0.5
 
 
+RED = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-", weight=1.0)}, standardize="item")
+
+
+def several_edits(pairing: str, standardize: str = "item"):
+    """Item a: original red 10, edits 30 / 20 / 0; item b: original 40, edits 30 / 10."""
+    ids, cands = ["a", "a", "a", "b", "b"], [0, 1, 2, 0, 1]
+    images = {"original": [solid(10, 0)] * 3 + [solid(40, 0)] * 2,
+              "edited": [solid(30, 0), solid(20, 0), solid(0, 0), solid(30, 0), solid(10, 0)]}
+    cfg = RED.model_copy(update={"pairing": pairing, "standardize": standardize})
+    return relabel_stage.relabel_rows(ids, ["p"] * 5, images, cfg, {"red": ChannelValue(0)}.__getitem__,
+                                      candidates=cands).to_pylist()
+
+
+def test_best_edit_against_the_original_by_hand():
+    a0, a1, a2, b0, b1 = several_edits("best_vs_original")
+    # item a over its 4 images [10, 30, 20, 0]: mean 15, std √125
+    s = math.sqrt(125)
+    assert (a0["status"], a0["candidate_0"], a0["candidate_1"], a0["chosen"], a0["flipped"]) == ("ok", -1, 0, 1, False)
+    assert (a0["composite_0"], a0["composite_1"], a0["margin"]) == (pytest.approx(-5 / s), pytest.approx(15 / s),
+                                                                    pytest.approx(20 / s))
+    for r, c, z in ((a1, 1, 5 / s), (a2, 2, -15 / s)):  # the others: rejected, with their own comparison kept
+        assert r["status"] == "rejected" and r["reason"].startswith("not_selected:") and r["chosen"] is None
+        assert (r["candidate_0"], r["candidate_1"], r["composite_1"]) == (-1, c, pytest.approx(z))
+    # item b [40, 30, 10]: the best edit (30) still loses to the original: a flipped pair
+    assert (b0["status"], b0["candidate_1"], b0["chosen"], b0["flipped"]) == ("ok", 0, 0, True)
+    assert b1["reason"].startswith("not_selected:")
+
+
+def test_best_against_worst_by_hand():
+    a0, a1, a2, b0, b1 = several_edits("best_vs_worst")
+    s = math.sqrt(125)
+    # item a: best edit 0 (30), worst edit 2 (0): the pair is (edit 0, edit 2), carried by edit 2's row
+    assert (a2["status"], a2["candidate_0"], a2["candidate_1"], a2["chosen"], a2["flipped"]) == ("ok", 0, 2, 0, False)
+    assert (a2["red_0"], a2["red_1"], a2["margin"]) == (30, 0, pytest.approx(30 / s))
+    assert a0["status"] == "rejected" and a0["reason"].startswith("not_selected: jpg_0 of candidate 2's pair")
+    assert a1["status"] == "rejected" and a1["reason"].startswith("not_selected:")
+    # item b: the original is best (40) and edit 1 worst (10): original is jpg_0, the pair flipped
+    assert (b1["status"], b1["candidate_0"], b1["candidate_1"], b1["chosen"], b1["flipped"]) == ("ok", -1, 1, 0, True)
+    assert b0["reason"].startswith("not_selected:")
+
+
+def test_shard_standardisation_counts_each_original_once_by_hand():
+    a0, *_rest, b0, b1 = several_edits("best_vs_original", standardize="shard")
+    # the shard's 7 images: originals [10, 40], edits [30, 20, 0, 30, 10]: mean 20, std √(1200/7)
+    s = math.sqrt(1200 / 7)
+    assert a0["composite_0"] == pytest.approx(-10 / s) and a0["composite_1"] == pytest.approx(10 / s)
+    assert b1["composite_0"] == pytest.approx(20 / s) and b1["composite_1"] == pytest.approx(-10 / s)
+
+
+def test_one_edit_per_item_gives_the_same_pairs_under_both_pairings():
+    a = relabel_stage.relabel_rows(["a", "b"], ["p", "q"], HAND_IMAGES, hand_config("shard"), SCORERS.__getitem__).to_pylist()
+    b = relabel_stage.relabel_rows(["a", "b"], ["p", "q"], HAND_IMAGES,
+                                   hand_config("shard").model_copy(update={"pairing": "best_vs_worst"}),
+                                   SCORERS.__getitem__).to_pylist()
+    assert a == b
+
+
 def test_bad_images_and_non_finite_scores_are_rejected_with_a_reason():
     class NaNOnBlue:
         model_id = "nan"
@@ -126,11 +183,11 @@ def write_upstream(store: RunStore) -> dict:
                                    for k, i in enumerate(ids)], CRITIQUES),
         "instruct": rows_to_table([{"item_id": i, **ok, "prompt": PROMPT_TEXT[k], "instructions": [f"fix {k}"], "model_id": "vlm"}
                                    for k, i in enumerate(ids)], INSTRUCTIONS),
-        "edit": rows_to_table([{"item_id": i, **ok, "edit_prompt": f"{PROMPT_TEXT[k]}, fix {k}", "image": encode_png(edits[k]),
+        "edit": rows_to_table([{"item_id": i, **ok, "candidate": 0, "edit_prompt": f"{PROMPT_TEXT[k]}, fix {k}", "image": encode_png(edits[k]),
                                 "width": 64, "height": 64, "seed": k, "model_id": "editor"} for k, i in enumerate(ids)], EDITS),
-        "cutout": rows_to_table([{"item_id": i, **ok, "original_cutout": cut(originals[k]), "edited_cutout": cut(edits[k]),
+        "cutout": rows_to_table([{"item_id": i, **ok, "candidate": 0, "original_cutout": cut(originals[k]), "edited_cutout": cut(edits[k]),
                                   "model_id": "u2net"} for k, i in enumerate(ids)], CUTOUTS),
-        "filter": rows_to_table([{"item_id": i, "status": "rejected" if k == 2 else "ok",
+        "filter": rows_to_table([{"item_id": i, "candidate": 0, "status": "rejected" if k == 2 else "ok",
                                   "reason": "filter: not_executed(p_yes=0.10 < 0.5)" if k == 2 else None,
                                   "verdict": "drop" if k == 2 else "keep"} for k, i in enumerate(ids)], VERDICTS),
     }

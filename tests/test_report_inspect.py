@@ -50,6 +50,18 @@ def test_pairs_full_view_has_one_row_per_source_item(finished_run, runs_dir):
     assert exported == con.execute("select count(*) from pairs").fetchone()[0]
 
 
+def test_every_query_in_the_docs_runs_against_a_run(finished_run, runs_dir):
+    import re
+
+    text = (Path(__file__).parent.parent / "docs" / "queries.md").read_text()
+    queries = [q.strip() for q in re.findall(r"```sql\n(.*?)```", text, flags=re.S)]
+    assert len(queries) >= 10
+    con, _ = connect(str(runs_dir), "ref")
+    item = con.execute("select item_id from pairs limit 1").fetchone()[0]
+    for q in queries:
+        con.execute(q.replace("<item_id>", item)).fetchall()
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

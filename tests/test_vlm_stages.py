@@ -389,6 +389,39 @@ def test_filter_probabilities_are_the_models_answers(vlms):
         assert (r["verdict"] == "keep") == (r["status"] == "ok") == (not outcome.startswith("fail"))
 
 
+def test_filter_lists_an_items_attributes_once_for_all_its_edits(vlms):
+    vlm = vlms["qwen"]
+    calls = []
+
+    class Recording:
+        model_id = vlm.model_id
+
+        def generate_detailed(self, images, texts, **kw):
+            calls.append(("generate", len(images)))
+            return vlm.generate_detailed(images, texts, **kw)
+
+        def p_yes(self, images, texts, **kw):
+            return vlm.p_yes(images, texts, **kw)
+
+    rows, prompts, instructions, images = filter_input(1)
+    two = pa.table({"item_id": ["f0", "f0"], "candidate": pa.array([0, 1], pa.int32())})
+    images2 = {k: v * 2 for k, v in images.items()}
+    images2["edited"] = [images["edited"][0], encode_png(image(77))]
+    images2["edited_cutout"] = [images["edited_cutout"][0], encode_png(image(78, (48, 64)))]
+    cfg = FilterConfig(max_new_tokens=8, min_executed=0, min_no_stray=0, min_subject_kept=0,
+                       min_attribute_present=0.5, min_attributes_kept=0.01)
+    out = filter_stage.filter_rows(two, prompts * 2, instructions * 2, images2, cfg, lambda: Recording()).to_pylist()
+    assert calls == [("generate", 1)]
+    assert [r["candidate"] for r in out] == [0, 1]
+    assert out[0]["attributes"] == out[1]["attributes"] and out[0]["p_attr_original"] == out[1]["p_attr_original"]
+    [alone] = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: vlm).to_pylist()
+    # the same verdict as the edit alone (batched CPU matmuls move probabilities by ~1e-8)
+    assert (alone["attributes"], alone["checks"], alone["status"]) == (out[0]["attributes"], out[0]["checks"], out[0]["status"])
+    for key in ("p_executed", "p_no_stray", "p_subject_kept"):
+        assert alone[key] == pytest.approx(out[0][key], abs=1e-6)
+    np.testing.assert_allclose(alone["p_attr_original"], out[0]["p_attr_original"], atol=1e-6)
+
+
 def test_filter_names_every_failed_check(vlms):
     rows, prompts, instructions, images = filter_input(2)
     cfg = FilterConfig(max_new_tokens=6, min_executed=1.0, min_no_stray=1.0, min_subject_kept=1.0,

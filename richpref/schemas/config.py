@@ -99,6 +99,9 @@ class EditConfig(StageConfig):
     conditioning_scale: float = 1.0
     steps: int = Field(20, ge=1)
     seed: int = 0
+    # Edit candidates per item, each with its own seed (candidate 0 keeps the item's seed); relabel
+    # pairs them by `relabel.pairing`.
+    num_edits: int = Field(1, ge=1, le=64)
     min_pixel_change: float = Field(0.01, ge=0)  # below this mean |Δ|/255 the edit is "no visible change"
 
 
@@ -174,7 +177,10 @@ class RelabelConfig(StageConfig):
             "clip": RewardSpec(kind="clip", model="openai/clip-vit-large-patch14", weight=1.0),
         }
     )
-    standardize: Literal["shard", "item"] = "shard"
+    standardize: Literal["shard", "item"] = "shard"  # z-score group: the shard, or one item's original + edits
+    # With several edits per item: the best edit against the original, or the best image of the item
+    # (original included) against the worst. Identical when num_edits is 1.
+    pairing: Literal["best_vs_original", "best_vs_worst"] = "best_vs_original"
     min_margin: float = Field(0.0, ge=0)  # composite margins at or below this are ties: dropped
 
     @field_validator("rewards")

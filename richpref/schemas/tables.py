@@ -2,8 +2,10 @@
 
 Every table has `item_id` (the join key across stages) and `status`/`reason`: a stage writes one row
 per input row, kept (`status == "ok"`) or rejected (`status == "rejected"`, `reason` says why), so the
-counts of every stage add up. Images are encoded bytes (PNG) in binary columns: a shard is
-self-contained, queryable with duckdb and loadable with `datasets`.
+counts of every stage add up. The edit stage writes `edit.num_edits` rows per item, one per
+`candidate` (0, 1, …); the stages after it keep `candidate`, so their key is (`item_id`, `candidate`).
+Images are encoded bytes (PNG) in binary columns: a shard is self-contained, queryable with duckdb
+and loadable with `datasets`.
 """
 from __future__ import annotations
 
@@ -59,7 +61,10 @@ INSTRUCTIONS = _schema(
     pa.field("model_id", pa.string()),
 )
 
+CANDIDATE = pa.field("candidate", pa.int32(), nullable=False)  # which of an item's edits (0 .. num_edits-1)
+
 EDITS = _schema(
+    CANDIDATE,
     pa.field("edit_prompt", pa.string()),
     pa.field("image", pa.binary()),
     pa.field("width", pa.int32()),
@@ -71,6 +76,7 @@ EDITS = _schema(
 )
 
 CUTOUTS = _schema(
+    CANDIDATE,
     pa.field("original_cutout", pa.binary()),
     pa.field("edited_cutout", pa.binary()),
     pa.field("original_mask", pa.binary()),  # rembg's soft foreground mask, PNG mode "L" (255 = foreground)
@@ -81,6 +87,7 @@ CUTOUTS = _schema(
 )
 
 VERDICTS = _schema(
+    CANDIDATE,
     pa.field("p_executed", pa.float64()),
     pa.field("p_no_stray", pa.float64()),
     pa.field("p_subject_kept", pa.float64()),
@@ -98,8 +105,13 @@ VERDICTS = _schema(
 )
 
 def scores_schema(rewards: list[str]) -> pa.Schema:
-    """One raw and one standardised column per reward and side (0 = original, 1 = edited)."""
-    fields = []
+    """One row per edit candidate. Sides 0 and 1 are the images `candidate_0` and `candidate_1`
+    (-1 = the original, k = edit candidate k): the candidate's own comparison with the original, or,
+    on the row that carries the item's pair, the pair chosen by `relabel.pairing`. One raw and one
+    standardised column per reward and side."""
+    fields = [CANDIDATE,
+              pa.field("candidate_0", pa.int32()),
+              pa.field("candidate_1", pa.int32())]
     for name in rewards:
         fields += [
             pa.field(f"{name}_0", pa.float64()),
@@ -119,14 +131,16 @@ def scores_schema(rewards: list[str]) -> pa.Schema:
 
 PAIRS_BASE = [
     pa.field("caption", pa.string(), nullable=False),
-    pa.field("jpg_0", pa.binary(), nullable=False),  # original (encoded image bytes)
-    pa.field("jpg_1", pa.binary(), nullable=False),  # edited
+    pa.field("jpg_0", pa.binary(), nullable=False),  # the original, or the lower-numbered edit (encoded bytes)
+    pa.field("jpg_1", pa.binary(), nullable=False),  # an edit
     pa.field("label_0", pa.int64(), nullable=False),  # 1 = jpg_0 preferred, 0 = jpg_1 preferred; never 0.5
     pa.field("item_id", pa.string(), nullable=False),
     pa.field("source", pa.string()),
     pa.field("critique", pa.string()),
     pa.field("instructions", pa.list_(pa.string())),
     pa.field("edit_prompt", pa.string()),
+    pa.field("candidate_0", pa.int32()),  # -1 = the original, k = edit candidate k
+    pa.field("candidate_1", pa.int32()),
     pa.field("margin", pa.float64()),
     pa.field("flipped", pa.bool_()),
     pa.field("scores", pa.string()),  # JSON: every raw and standardised score of both images

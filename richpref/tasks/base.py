@@ -62,27 +62,46 @@ class StageContractError(RuntimeError):
     """A stage lost or invented rows: a bug in the stage, never silently accepted."""
 
 
+def row_keys(table: pa.Table) -> list:
+    """A table's row keys: (item_id, candidate) once the edit stage has fanned items out, else item_id."""
+    ids = table.column("item_id").to_pylist()
+    if "candidate" in table.schema.names:
+        return list(zip(ids, table.column("candidate").to_pylist()))
+    return ids
+
+
 @dataclass
 class StageInputs:
-    """The rows a stage works on (the kept rows of its driving input) plus lookups by item_id."""
+    """The rows a stage works on (the kept rows of its driving input) plus lookups by key."""
 
     shard: int
     rows: pa.Table
     tables: dict[str, pa.Table]
 
-    def lookup(self, stage: str, columns: list[str], *, rows: pa.Table | None = None) -> pa.Table:
-        """Columns of `stage`'s table for `rows` (default: this shard's rows), in the same order."""
+    def lookup(self, stage: str, columns: list[str], *, rows: pa.Table | None = None,
+               candidates: list[int] | None = None) -> pa.Table:
+        """Columns of `stage`'s table for `rows` (default: this shard's rows), in the same order.
+
+        Rows match on (item_id, candidate) when both sides have candidates (or `candidates` names one
+        per row), else on item_id: an item's sample serves all of its edit candidates.
+        """
         rows = self.rows if rows is None else rows
         src = self.tables[stage]
         missing = [c for c in columns if c not in src.schema.names]
         if missing:
             raise StageContractError(f"{stage} shard {self.shard} has no column(s) {missing}")
-        index = {iid: i for i, iid in enumerate(src.column("item_id").to_pylist())}
         ids = rows.column("item_id").to_pylist()
-        absent = [i for i in ids if i not in index]
+        by_candidate = "candidate" in src.schema.names and (candidates is not None or "candidate" in rows.schema.names)
+        if by_candidate:
+            cands = candidates if candidates is not None else rows.column("candidate").to_pylist()
+            wanted = list(zip(ids, cands))
+        else:
+            wanted = ids
+        index = {key: i for i, key in enumerate(row_keys(src) if by_candidate else src.column("item_id").to_pylist())}
+        absent = [k for k in wanted if k not in index]
         if absent:
-            raise StageContractError(f"{stage} shard {self.shard} lacks item_id(s) {absent[:3]}")
-        return src.select(columns).take(pa.array([index[i] for i in ids], type=pa.int64()))
+            raise StageContractError(f"{stage} shard {self.shard} lacks row(s) {absent[:3]}")
+        return src.select(columns).take(pa.array([index[k] for k in wanted], type=pa.int64()))
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,8 @@ class Stage:
     compute: Callable[[StageInputs, Profile], pa.Table]
     key_extra: Callable[[Profile], str] = field(default=lambda profile: "")
     output: str = ""  # the folder it writes; defaults to the stage name
+    # Output rows per input row when the stage starts the (item_id, candidate) key (edit), else None.
+    fan_out: Callable[[Profile], int] | None = None
 
     @property
     def out(self) -> str:
@@ -126,7 +147,7 @@ def run_stage_shard(
     t0 = time.perf_counter()
     out, batch_size, retries = compute_splitting_on_oom(stage, StageInputs(shard=shard, rows=rows, tables=tables), profile)
     compute_s = time.perf_counter() - t0
-    check_rows_accounted(stage.name, shard, rows, out)
+    check_rows_accounted(stage.name, shard, rows, out, stage.fan_out(profile) if stage.fan_out else None)
     manifest = store.write_shard(stage.out, shard, out, key, before_commit=lambda: inject_fault(stage.name, shard, "write"))
     inject_fault(stage.name, shard, "after")
     wall = time.perf_counter() - started
@@ -170,21 +191,28 @@ def compute_splitting_on_oom(stage: Stage, inputs: StageInputs, profile: Profile
             cfg = getattr(profile, stage.section)
 
 
-def check_rows_accounted(stage: str, shard: int, rows: pa.Table, out: pa.Table) -> None:
-    """Every input row leaves exactly once (kept or rejected with a reason)."""
-    want = rows.column("item_id").to_pylist()
-    got = out.column("item_id").to_pylist()
-    if sorted(want) != sorted(got):
+def check_rows_accounted(stage: str, shard: int, rows: pa.Table, out: pa.Table, fan_out: int | None = None) -> None:
+    """Every input row leaves exactly once (kept or rejected with a reason); a fanning-out stage
+    writes exactly `fan_out` candidates (0 .. fan_out-1) per input item."""
+    if fan_out is not None:
+        want = sorted((i, c) for i in rows.column("item_id").to_pylist() for c in range(fan_out))
+        got = sorted(row_keys(out))
+    elif "candidate" in out.schema.names and "candidate" in rows.schema.names:
+        want, got = sorted(row_keys(rows)), sorted(row_keys(out))
+    else:
+        want, got = sorted(rows.column("item_id").to_pylist()), sorted(out.column("item_id").to_pylist())
+    if want != got:
         lost = set(want) - set(got)
         extra = set(got) - set(want)
         raise StageContractError(
-            f"{stage} shard {shard}: output rows do not match input rows (lost {sorted(lost)[:3]}, extra {sorted(extra)[:3]})"
+            f"{stage} shard {shard}: output rows do not match input rows (lost {sorted(lost)[:3]}, extra {sorted(extra)[:3]}"
+            f"{', duplicated rows' if not lost and not extra else ''})"
         )
     if "status" not in out.schema.names:  # the exported pairs: every row is a kept pair
         return
     statuses = out.column("status").to_pylist()
     reasons = out.column("reason").to_pylist()
-    for iid, s, r in zip(got, statuses, reasons):
+    for iid, s, r in zip(row_keys(out), statuses, reasons):
         if s not in (OK, REJECTED):
             raise StageContractError(f"{stage} shard {shard}: item {iid} has status {s!r}")
         if s == REJECTED and not r:

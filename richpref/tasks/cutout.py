@@ -31,39 +31,46 @@ def load_remover(cfg: CutoutConfig, models_root: str | None):
 
 
 def cutout_rows(rows: pa.Table, originals: list, edits: list, cfg: CutoutConfig, get_remover) -> pa.Table:
-    out, todo = {}, []
-    for iid, a, b in zip(rows.column("item_id").to_pylist(), originals, edits):
+    """One row per (item, candidate) row of `rows`; an item's original is cut out once for all its edits."""
+    ids = rows.column("item_id").to_pylist()
+    cands = rows.column("candidate").to_pylist() if "candidate" in rows.schema.names else [0] * len(ids)
+    out, todo, first_original = {}, [], {}
+    for iid, c, a, b in zip(ids, cands, originals, edits):
         try:
-            todo.append((iid, decode_image(a), decode_image(b)))
+            original = decode_image(a)
+            todo.append((iid, c, decode_image(b)))
+            first_original.setdefault(iid, original)
         except BadImage as exc:
-            out[iid] = rejected(iid, str(exc))
+            out[iid, c] = rejected(iid, str(exc), candidate=c)
     if todo:
         from ..models.cutout import foreground_ratio
 
         remover = get_remover()
-        results = remover.remove([a for _, a, _ in todo] + [b for _, _, b in todo])
-        n = len(todo)
-        for k, (iid, _, _) in enumerate(todo):
-            (fg0, m0), (fg1, m1) = results[k], results[n + k]
+        unique = list(first_original)
+        results = remover.remove([first_original[i] for i in unique] + [b for _, _, b in todo])
+        by_original = dict(zip(unique, results[: len(unique)]))
+        for (iid, c, _), (fg1, m1) in zip(todo, results[len(unique):]):
+            fg0, m0 = by_original[iid]
             r0, r1 = foreground_ratio(m0), foreground_ratio(m1)
-            common = dict(original_fg_ratio=r0, edited_fg_ratio=r1, model_id=remover.model_id)
+            common = dict(candidate=c, original_fg_ratio=r0, edited_fg_ratio=r1, model_id=remover.model_id)
             # Both sides need a subject: the cut-outs feed the filter and the foreground rewards.
             empty = [(side, r) for side, r in (("original", r0), ("edited", r1)) if r <= cfg.min_fg_ratio]
             if empty:
                 detail = ", ".join(f"{side} foreground ratio {r:.3f}" for side, r in empty)
-                out[iid] = rejected(iid, f"empty_foreground: {detail} <= cutout.min_fg_ratio={cfg.min_fg_ratio}",
-                                    **common)
+                out[iid, c] = rejected(iid, f"empty_foreground: {detail} <= cutout.min_fg_ratio={cfg.min_fg_ratio}",
+                                       **common)
             else:
-                out[iid] = kept(iid, original_cutout=encode_png(fg0), edited_cutout=encode_png(fg1),
-                                original_mask=encode_png(m0), edited_mask=encode_png(m1), **common)
-    return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], CUTOUTS)
+                out[iid, c] = kept(iid, original_cutout=encode_png(fg0), edited_cutout=encode_png(fg1),
+                                   original_mask=encode_png(m0), edited_mask=encode_png(m1), **common)
+    return rows_to_table([out[k] for k in zip(ids, cands)], CUTOUTS)
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     cfg = profile.cutout
     originals = inputs.lookup("sample", ["image"]).column("image").to_pylist()
     edits = inputs.rows.column("image").to_pylist()
-    return cutout_rows(inputs.rows, originals, edits, cfg, lambda: load_remover(cfg, profile.models_root))
+    rows = inputs.rows.select(["item_id", "candidate"])
+    return cutout_rows(rows, originals, edits, cfg, lambda: load_remover(cfg, profile.models_root))
 
 
-STAGE = Stage(name="cutout", version="2", section="cutout", reads=("edit", "sample"), compute=compute)
+STAGE = Stage(name="cutout", version="3", section="cutout", reads=("edit", "sample"), compute=compute)

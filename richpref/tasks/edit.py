@@ -48,36 +48,45 @@ def guard_reason(original, edited, min_pixel_change: float) -> str | None:
     return None
 
 
+def candidate_seed(base: int, item_id: str, candidate: int) -> int:
+    """Candidate 0 keeps the item's seed (a one-edit run reproduces it); the others get their own."""
+    return item_seed(base, item_id if candidate == 0 else f"{item_id}#edit{candidate}")
+
+
 def edit_rows(rows: pa.Table, originals: list, cfg: EditConfig, get_editor) -> pa.Table:
+    """`cfg.num_edits` rows per input row, candidates 0 .. num_edits-1, in input order."""
     out, todo = {}, []
+    candidates = range(cfg.num_edits)
     for r, data in zip(rows.to_pylist(), originals):
         iid = r["item_id"]
         text = edit_prompt(r["prompt"], r["instructions"] or [], cfg)
         if not any(s and s.strip() for s in r["instructions"] or []):
-            out[iid] = rejected(iid, "no_instructions: nothing to edit with", edit_prompt=text)
+            for c in candidates:
+                out[iid, c] = rejected(iid, "no_instructions: nothing to edit with", candidate=c, edit_prompt=text)
             continue
         try:
-            todo.append((r, decode_image(data), text))
+            original = decode_image(data)
         except BadImage as exc:
-            out[iid] = rejected(iid, str(exc), edit_prompt=text)
+            for c in candidates:
+                out[iid, c] = rejected(iid, str(exc), candidate=c, edit_prompt=text)
+            continue
+        todo += [(iid, c, original, text, candidate_seed(cfg.seed, iid, c)) for c in candidates]
     if todo:
         editor = get_editor()
-        seeds = [item_seed(cfg.seed, r["item_id"]) for r, _, _ in todo]
         # The editor was loaded with cfg.control's detector (see load_editor).
-        edited = editor.edit([img for _, img, _ in todo], [t for _, _, t in todo], seeds,
+        edited = editor.edit([t[2] for t in todo], [t[3] for t in todo], [t[4] for t in todo],
                              strength=cfg.strength, guidance_scale=cfg.guidance_scale,
                              conditioning_scale=cfg.conditioning_scale, steps=cfg.steps, batch_size=cfg.batch_size)
-        for (r, original, text), seed, img in zip(todo, seeds, edited):
-            iid = r["item_id"]
+        for (iid, c, original, text, seed), img in zip(todo, edited):
             change = pixel_change(original, img)
-            common = dict(edit_prompt=text, seed=seed, control=cfg.control, pixel_change=change,
+            common = dict(candidate=c, edit_prompt=text, seed=seed, control=cfg.control, pixel_change=change,
                           model_id=editor.model_id, width=img.width, height=img.height)
             reason = guard_reason(original, img, cfg.min_pixel_change)
             if reason:
-                out[iid] = rejected(iid, reason, **common)
+                out[iid, c] = rejected(iid, reason, **common)
             else:
-                out[iid] = kept(iid, image=encode_png(img), **common)
-    return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], EDITS)
+                out[iid, c] = kept(iid, image=encode_png(img), **common)
+    return rows_to_table([out[i, c] for i in rows.column("item_id").to_pylist() for c in candidates], EDITS)
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
@@ -87,4 +96,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return edit_rows(rows, originals, cfg, lambda: load_editor(cfg, profile.models_root))
 
 
-STAGE = Stage(name="edit", version="2", section="edit", reads=("instruct", "sample"), compute=compute)
+STAGE = Stage(name="edit", version="3", section="edit", reads=("instruct", "sample"), compute=compute,
+              fan_out=lambda profile: profile.edit.num_edits)

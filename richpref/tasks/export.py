@@ -1,7 +1,8 @@
 """export: kept, relabelled pairs -> Pick-a-Pic format (`caption`, `jpg_0`, `jpg_1`, `label_0`) + provenance.
 
-jpg_0 is the original image and jpg_1 the edit; `label_0` is 1 when the original won (a flipped pair),
-0 when the edit won. Image bytes are stored as encoded, exactly as the Diffusion-DPO trainers read them.
+jpg_0 is the image relabel put on side 0 (`candidate_0`: -1 = the original, else the lower-numbered of
+two edits) and jpg_1 the edit on side 1 (`candidate_1`); `label_0` is 1 when jpg_0 won (with the
+original as jpg_0: a flipped pair), 0 when jpg_1 won. Image bytes are stored as encoded, exactly as the Diffusion-DPO trainers read them.
 """
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ from ..schemas.tables import PAIRS, rows_to_table
 from .base import Stage, StageInputs
 
 
+SCORE_META = ("item_id", "status", "reason", "candidate", "candidate_0", "candidate_1", "chosen", "flipped", "margin")
+
+
 def export_rows(scores: pa.Table, samples: pa.Table, edits: pa.Table, critiques: pa.Table, instructions: pa.Table,
-                sources: pa.Table, config_hash: str) -> pa.Table:
+                sources: pa.Table, config_hash: str, side0_edits: pa.Table | None = None) -> pa.Table:
+    """One pair per kept scores row. `edits` are the side-1 edits; `side0_edits` the side-0 edits
+    where candidate_0 is an edit (null image elsewhere), else the original is jpg_0."""
     out = []
-    score_cols = [c for c in scores.schema.names if c not in ("item_id", "status", "reason", "chosen", "flipped", "margin")]
+    score_cols = [c for c in scores.schema.names if c not in SCORE_META]
     for k, r in enumerate(scores.to_pylist()):
         chosen = r["chosen"]
         if chosen not in (0, 1):
@@ -26,7 +32,8 @@ def export_rows(scores: pa.Table, samples: pa.Table, edits: pa.Table, critiques:
                      "instruct": instructions["model_id"][k].as_py(), "edit": edits["model_id"][k].as_py()}
         out.append({
             "caption": samples["prompt"][k].as_py(),
-            "jpg_0": samples["image"][k].as_py(),
+            "jpg_0": (samples["image"][k].as_py() if (r.get("candidate_0") is None or r["candidate_0"] < 0)
+                      else side0_edits["image"][k].as_py()),
             "jpg_1": edits["image"][k].as_py(),
             "label_0": 1 if chosen == 0 else 0,
             "item_id": r["item_id"],
@@ -34,6 +41,8 @@ def export_rows(scores: pa.Table, samples: pa.Table, edits: pa.Table, critiques:
             "critique": critiques["critique"][k].as_py(),
             "instructions": instructions["instructions"][k].as_py(),
             "edit_prompt": edits["edit_prompt"][k].as_py(),
+            "candidate_0": -1 if r.get("candidate_0") is None else r["candidate_0"],
+            "candidate_1": r.get("candidate_1", r.get("candidate", 0)),
             "margin": r["margin"],
             "flipped": r["flipped"],
             "scores": json.dumps({c: r[c] for c in score_cols}, sort_keys=True),
@@ -45,16 +54,20 @@ def export_rows(scores: pa.Table, samples: pa.Table, edits: pa.Table, critiques:
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     look = inputs.lookup
+    rows = inputs.rows
+    # Rows pairing the original look up edit 0 (every item has one); that image is not used.
+    side0 = [max(c, 0) for c in rows.column("candidate_0").to_pylist()]
     return export_rows(
-        inputs.rows,
+        rows,
         look("sample", ["prompt", "image", "model_id"]),
-        look("edit", ["image", "edit_prompt", "model_id"]),
+        look("edit", ["image", "edit_prompt", "model_id"], candidates=rows.column("candidate_1").to_pylist()),
         look("critique", ["critique", "model_id"]),
         look("instruct", ["instructions", "model_id"]),
         look("source", ["source"]),
         profile_hash(profile),
+        side0_edits=look("edit", ["image"], candidates=side0),
     )
 
 
-STAGE = Stage(name="export", version="1", section="export", reads=("relabel", "sample", "edit", "critique", "instruct", "source"),
+STAGE = Stage(name="export", version="2", section="export", reads=("relabel", "sample", "edit", "critique", "instruct", "source"),
               compute=compute, output="pairs", key_extra=lambda p: profile_hash(p))

@@ -89,18 +89,21 @@ def threshold_outcome(p: float, minimum: float, field: str) -> str:
 
 def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[str, list], cfg: FilterConfig,
                 get_vlm) -> pa.Table:
+    """One verdict per row of `rows` (item_id, and candidate when the edits have several)."""
     sections = load_filter_template(cfg)
+    ids = rows.column("item_id").to_pylist()
+    cands = rows.column("candidate").to_pylist() if "candidate" in rows.schema.names else [0] * len(ids)
     out, todo = {}, []
-    for k, iid in enumerate(rows.column("item_id").to_pylist()):
+    for k, iid in enumerate(ids):
         try:
             original_cut = decode_image(images["original_cutout"][k])
             edited_cut = decode_image(images["edited_cutout"][k])
             pair = side_by_side(decode_image(images["original"][k]), decode_image(images["edited"][k]))
-            todo.append(dict(iid=iid, prompt=prompts[k], instructions=list(instructions[k] or []), pair=pair,
+            todo.append(dict(k=k, iid=iid, prompt=prompts[k], instructions=list(instructions[k] or []), pair=pair,
                              cuts=side_by_side(original_cut, edited_cut), original_cut=original_cut,
                              edited_cut=edited_cut))
         except BadImage as exc:
-            out[iid] = rejected(iid, str(exc), verdict="drop", template=cfg.template)
+            out[k] = rejected(iid, str(exc), candidate=cands[k], verdict="drop", template=cfg.template)
     if todo:
         vlm = get_vlm()
 
@@ -133,7 +136,7 @@ def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[
                 "no_stray": threshold_outcome(float(no_stray[i]), cfg.min_no_stray, "min_no_stray"),
                 "subject_kept": threshold_outcome(float(subject[i]), cfg.min_subject_kept, "min_subject_kept"),
             }
-            values = dict(p_executed=p_exec, p_no_stray=float(no_stray[i]), p_subject_kept=float(subject[i]),
+            values = dict(candidate=cands[t["k"]], p_executed=p_exec, p_no_stray=float(no_stray[i]), p_subject_kept=float(subject[i]),
                           p_executed_each=each, template=cfg.template, model_id=vlm.model_id)
             if attrs is not None:
                 listed, raw, why = attrs[i]
@@ -150,9 +153,9 @@ def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[
             failed = [f"{FAIL_CODES[name]}: {outcome[len('fail: '):]}" for name, outcome in checks.items()
                       if outcome.startswith("fail")]
             values["checks"] = json.dumps(checks, sort_keys=True)
-            out[t["iid"]] = (rejected(t["iid"], "; ".join(failed), verdict="drop", **values) if failed
-                             else kept(t["iid"], verdict="keep", **values))
-    return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], VERDICTS)
+            out[t["k"]] = (rejected(t["iid"], "; ".join(failed), verdict="drop", **values) if failed
+                           else kept(t["iid"], verdict="keep", **values))
+    return rows_to_table([out[k] for k in range(len(ids))], VERDICTS)
 
 
 def bullets(instructions: list[str]) -> str:
@@ -160,21 +163,32 @@ def bullets(instructions: list[str]) -> str:
 
 
 def attribute_probabilities(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig):
-    """Per pair: (listed attributes, raw text, why none) and (P present in original, P present in edit)."""
-    gens = vlm.generate_detailed([t["original_cut"] for t in todo],
-                                 [render(sections["attributes"], max_attributes=cfg.max_attributes) for _ in todo],
+    """Per pair: (listed attributes, raw text, why none) and (P present in original, P present in edit).
+    The original's attributes are listed and verified once per item, whatever its number of edits."""
+    first = {}
+    for i, t in enumerate(todo):
+        first.setdefault(t["iid"], i)
+    owners = list(first.values())  # one pair per item stands for its original
+    gens = vlm.generate_detailed([todo[i]["original_cut"] for i in owners],
+                                 [render(sections["attributes"], max_attributes=cfg.max_attributes) for _ in owners],
                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    attrs = []
-    for g in gens:
+    listed_by_item = {}
+    for i, g in zip(owners, gens):
         listed, why = parse_attributes(g.text, cfg.max_attributes)
-        attrs.append((listed, g.text, why))
+        listed_by_item[todo[i]["iid"]] = (listed, g.text, why)
+    attrs = [listed_by_item[t["iid"]] for t in todo]
+    orig_asks = [(i, a) for i in owners for a in listed_by_item[todo[i]["iid"]][0]]
+    p_orig_flat = vlm.p_yes([todo[i]["original_cut"] for i, _ in orig_asks],
+                            [render(sections["attribute_present"], attribute=a) for _, a in orig_asks],
+                            batch_size=cfg.batch_size)
+    p_orig_by_item: dict[str, list[float]] = {todo[i]["iid"]: [] for i in owners}
+    for (i, _), po in zip(orig_asks, p_orig_flat):
+        p_orig_by_item[todo[i]["iid"]].append(float(po))
     asks = [(i, a) for i, (listed, _, _) in enumerate(attrs) for a in listed]
-    questions = [render(sections["attribute_present"], attribute=a) for _, a in asks]
-    p_orig = vlm.p_yes([todo[i]["original_cut"] for i, _ in asks], questions, batch_size=cfg.batch_size)
-    p_edit = vlm.p_yes([todo[i]["edited_cut"] for i, _ in asks], questions, batch_size=cfg.batch_size)
-    per_pair = [([], []) for _ in todo]
-    for (i, _), po, pe in zip(asks, p_orig, p_edit):
-        per_pair[i][0].append(float(po))
+    p_edit = vlm.p_yes([todo[i]["edited_cut"] for i, _ in asks],
+                       [render(sections["attribute_present"], attribute=a) for _, a in asks], batch_size=cfg.batch_size)
+    per_pair = [(list(p_orig_by_item[t["iid"]]), []) for t in todo]
+    for (i, _), pe in zip(asks, p_edit):
         per_pair[i][1].append(float(pe))
     return attrs, per_pair
 
@@ -189,10 +203,10 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
         "edited_cutout": rows.column("edited_cutout").to_pylist(),
     }
     meta = inputs.lookup("instruct", ["prompt", "instructions"])
-    return filter_rows(rows.select(["item_id"]), meta.column("prompt").to_pylist(),
+    return filter_rows(rows.select(["item_id", "candidate"]), meta.column("prompt").to_pylist(),
                        meta.column("instructions").to_pylist(), images, cfg,
                        lambda: load_vlm(cfg, profile.models_root))
 
 
-STAGE = Stage(name="filter", version="2", section="filter", reads=("cutout", "sample", "edit", "instruct"),
+STAGE = Stage(name="filter", version="3", section="filter", reads=("cutout", "sample", "edit", "instruct"),
               compute=compute, key_extra=lambda p: template_hash(p.filter.template))

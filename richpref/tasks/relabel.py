@@ -1,11 +1,13 @@
-"""relabel: score original and edit with every reward, standardise, combine, choose; flip when the edit loses.
+"""relabel: score the original and every edit with every reward, standardise, combine, pick the pair.
 
-Per reward, the 2N scores of a shard (`standardize: shard`) or the two of each item (`item`) are
-z-standardised, then combined with the profile's weights (RPO §3.4, seeds 000/001). The higher
-composite is chosen; a pair whose margin is at or below `relabel.min_margin` is a tie and is dropped
-with a reason, so exported labels are always 0 or 1. A reward with `on_cutout: true` scores the
+Per reward, the scores of a shard's images (`standardize: shard`, each original counted once) or of
+each item's original and edits (`item`) are z-standardised, then combined with the profile's weights
+(RPO §3.4, seeds 000/001). Per item, `pairing` picks the pair: the best edit against the original, or
+the item's best image against its worst. The higher composite is chosen; pairs flip when the edit
+scores lower than the original; a pair whose margin is at or below `relabel.min_margin` is a tie and is
+dropped with a reason, so exported labels are always 0 or 1. A reward with `on_cutout: true` scores the
 cutout stage's foreground cut-outs instead of the full images. A pair reward (DINOv2 patch
-consistency) gives the edit its consistency with the original and the original 1.
+consistency) gives each edit its consistency with the original and the original 1.
 
 `relabel_dataset` applies the same scoring to an existing Pick-a-Pic-format dataset (jpg_0 vs jpg_1):
 RPO §4.1's "ImageReward-aligned" data is `relabel_dataset(..., reward="imagereward")`.
@@ -72,75 +74,175 @@ def needs_cutouts(cfg: RelabelConfig) -> bool:
     return any(spec.on_cutout for spec in cfg.rewards.values())
 
 
-def combine(raw: dict[str, np.ndarray], cfg: RelabelConfig) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """raw[name] has shape (n, 2): column 0 original, 1 edited. Returns z per reward and composites."""
-    n = next(iter(raw.values())).shape[0]
-    groups = np.repeat(np.arange(n), 2) if cfg.standardize == "item" else None
-    z = {name: zscore(v.reshape(-1), groups).reshape(n, 2) for name, v in raw.items()}
-    composite = sum(cfg.rewards[name].weight * z[name] for name in raw)
-    return z, composite[:, 0], composite[:, 1]
-
-
-def score_rewards(names: list[str], cfg: RelabelConfig, get_scorer: Callable, prompts: list[str],
-                  images: dict[str, list]) -> dict[str, np.ndarray]:
-    """(n, 2) raw scores per reward; `images` holds decoded original/edited (and cut-out) images."""
-    raw = {}
-    n = len(prompts)
+def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, prompts: list[str],
+                 images: dict[str, list], owner: list[int], item_prompts: list[str],
+                 originals: dict[str, list]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Raw scores per reward: (one per item's original, one per edit row). `images` holds the decoded
+    edits (and edited cut-outs) per row, `originals` the decoded originals (and cut-outs) per item;
+    `owner[k]` is the item of row k. A pair reward scores each edit against its original and gives
+    the original its value from the item's first pair (1 for patch consistency)."""
+    orig_raw, edit_raw = {}, {}
+    m, n = len(item_prompts), len(prompts)
     for name in names:
         spec = cfg.rewards[name]
-        a, b = ((images["original_cutout"], images["edited_cutout"]) if spec.on_cutout
-                else (images["original"], images["edited"]))
+        o_side, e_side = ("original_cutout", "edited_cutout") if spec.on_cutout else ("original", "edited")
         scorer = get_scorer(name)
         if is_pairwise(scorer):
-            s = np.asarray(scorer.score_pairs(a, b, prompts, batch_size=cfg.batch_size), dtype=np.float64)
+            a = [originals[o_side][owner[k]] for k in range(n)]
+            s = np.asarray(scorer.score_pairs(a, images[e_side], prompts, batch_size=cfg.batch_size), dtype=np.float64)
+            if s.shape != (n, 2):
+                raise RuntimeError(f"reward {name!r} returned shape {s.shape} for {n} pairs")
+            first = {}
+            for k in range(n):
+                first.setdefault(owner[k], k)
+            o, e = np.array([s[first[j], 0] for j in range(m)]), s[:, 1]
         else:
-            flat = np.asarray(scorer.score(a + b, prompts * 2, batch_size=cfg.batch_size), dtype=np.float64)
-            s = np.stack([flat[:n], flat[n:]], axis=1)
-        if s.shape != (n, 2):
-            raise RuntimeError(f"reward {name!r} returned shape {s.shape} for {n} pairs")
-        raw[name] = s
-    return raw
+            flat = np.asarray(scorer.score(originals[o_side] + images[e_side], item_prompts + prompts,
+                                           batch_size=cfg.batch_size), dtype=np.float64)
+            if flat.shape != (m + n,):
+                raise RuntimeError(f"reward {name!r} returned shape {flat.shape} for {m + n} images")
+            o, e = flat[:m], flat[m:]
+        orig_raw[name], edit_raw[name] = o, e
+    return orig_raw, edit_raw
 
 
-def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg: RelabelConfig, get_scorer) -> pa.Table:
-    """One scores row per item: kept with `chosen`/`flipped`, or rejected (bad image, bad score, tie).
-    `images` maps original/edited (and original_cutout/edited_cutout when a reward needs them) to bytes."""
+def standardise(orig_raw: dict[str, np.ndarray], edit_raw: dict[str, np.ndarray], owner: np.ndarray,
+                cfg: RelabelConfig) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """z per reward over the shard's images (each original counted once) or within each item's
+    original + edits, and the weighted composites of originals and edits."""
+    m = len(next(iter(orig_raw.values())))
+    groups = np.concatenate([np.arange(m), owner]) if cfg.standardize == "item" else None
+    zo, ze = {}, {}
+    for name in orig_raw:
+        z = zscore(np.concatenate([orig_raw[name], edit_raw[name]]), groups)
+        zo[name], ze[name] = z[:m], z[m:]
+    c_orig = sum(cfg.rewards[name].weight * zo[name] for name in orig_raw)
+    c_edit = sum(cfg.rewards[name].weight * ze[name] for name in orig_raw)
+    return zo, ze, np.asarray(c_orig, dtype=np.float64), np.asarray(c_edit, dtype=np.float64)
+
+
+def choose_pair(composites: dict[int, float], pairing: str) -> tuple[int, int]:
+    """(candidate_0, candidate_1) of an item's pair from the composites of its images (-1 = the
+    original, k = edit k). Side 0 is the lower number, so the original is always jpg_0 when paired."""
+    edits = [c for c in composites if c >= 0]
+    best_edit = max(edits, key=lambda c: (composites[c], -c))
+    if pairing == "best_vs_original":
+        return -1, best_edit
+    best = max(composites, key=lambda c: (composites[c], -c))
+    worst = min(composites, key=lambda c: (composites[c], c))
+    if best == worst:  # every image scored the same: the best edit against the original, a tie
+        return -1, best_edit
+    return min(best, worst), max(best, worst)
+
+
+def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg: RelabelConfig, get_scorer,
+                 candidates: list[int] | None = None) -> pa.Table:
+    """One scores row per (item, edit candidate) row, in input order.
+
+    `images` maps original/edited (and original_cutout/edited_cutout when a reward needs them) to
+    encoded bytes per row; an item's rows share its original. Per item, `relabel.pairing` picks one
+    pair among the original and the edits that scored: the row of the pair's side-1 edit is kept with
+    `chosen`/`flipped` (or rejected as a tie); every other row is rejected as `not_selected`, with its
+    own comparison against the original in its score columns. Undecodable images and non-finite
+    scores reject the row (the whole item when the original is at fault).
+    """
     names = list(cfg.rewards)
-    sides = ["original", "edited"] + (["original_cutout", "edited_cutout"] if needs_cutouts(cfg) else [])
-    out, todo = {}, []
+    n_rows = len(item_ids)
+    candidates = list(candidates) if candidates is not None else [0] * n_rows
+    cut = needs_cutouts(cfg)
+    o_sides = ["original"] + (["original_cutout"] if cut else [])
+    e_sides = ["edited"] + (["edited_cutout"] if cut else [])
+    out: dict[int, dict] = {}
+    items: dict[str, int] = {}  # item_id -> index among decoded originals
+    originals: dict[str, list] = {side: [] for side in o_sides}
+    item_prompts: list[str] = []
+    bad_original: dict[str, str] = {}
+    rows: list[int] = []  # row indices being scored
+    edits: dict[str, list] = {side: [] for side in e_sides}
     for k, iid in enumerate(item_ids):
+        if iid in bad_original:
+            out[k] = rejected(iid, bad_original[iid], candidate=candidates[k])
+            continue
+        if iid not in items:
+            try:
+                decoded = {side: decode_image(images[side][k]) for side in o_sides}
+            except BadImage as exc:
+                bad_original[iid] = str(exc)
+                out[k] = rejected(iid, str(exc), candidate=candidates[k])
+                continue
+            items[iid] = len(item_prompts)
+            item_prompts.append(prompts[k])
+            for side in o_sides:
+                originals[side].append(decoded[side])
         try:
-            todo.append((iid, prompts[k], {side: decode_image(images[side][k]) for side in sides}))
+            decoded = {side: decode_image(images[side][k]) for side in e_sides}
         except BadImage as exc:
-            out[iid] = rejected(iid, str(exc))
-    raw: dict[str, np.ndarray] = {}
-    if todo:
-        decoded = {side: [d[side] for _, _, d in todo] for side in sides}
-        raw = score_rewards(names, cfg, get_scorer, [p for _, p, _ in todo], decoded)
-    # Non-finite scores cannot be ranked: reject those rows and standardise over the rest.
-    finite = [all(np.isfinite(raw[n][k]).all() for n in names) for k in range(len(todo))]
-    for k, (iid, *_x) in enumerate(todo):
-        if not finite[k]:
-            bad = [n for n in names if not np.isfinite(raw[n][k]).all()]
-            out[iid] = rejected(iid, f"bad_score: non-finite {', '.join(bad)} score")
-    good = [k for k in range(len(todo)) if finite[k]]
-    if good:
-        sub = {n: raw[n][good] for n in names}
-        z, c0, c1 = combine(sub, cfg)
-        for j, k in enumerate(good):
-            iid = todo[k][0]
-            values = {}
-            for n in names:
-                values.update({f"{n}_0": float(sub[n][j, 0]), f"{n}_1": float(sub[n][j, 1]),
-                               f"{n}_z0": float(z[n][j, 0]), f"{n}_z1": float(z[n][j, 1])})
-            margin = abs(float(c1[j]) - float(c0[j]))
-            chosen = 1 if c1[j] > c0[j] else 0
-            values.update(composite_0=float(c0[j]), composite_1=float(c1[j]), margin=margin)
-            if margin <= cfg.min_margin or math.isclose(margin, 0.0, abs_tol=1e-12):
-                out[iid] = rejected(iid, f"tie: composite margin {margin:.4g} <= relabel.min_margin", **values)
+            out[k] = rejected(iid, str(exc), candidate=candidates[k])
+            continue
+        rows.append(k)
+        for side in e_sides:
+            edits[side].append(decoded[side])
+    owner = np.array([items[item_ids[k]] for k in rows], dtype=np.int64)
+    if rows:
+        orig_raw, edit_raw = score_images(names, cfg, get_scorer, [prompts[k] for k in rows], edits,
+                                          list(owner), item_prompts, originals)
+        # Non-finite scores cannot be ranked: reject those rows (all of an item's rows when its
+        # original's score is at fault) and standardise over the rest.
+        bad_items = {j: [n for n in names if not np.isfinite(orig_raw[n][j])] for j in range(len(item_prompts))}
+        good = []
+        for r, k in enumerate(rows):
+            bad = sorted(set(bad_items[owner[r]]) | {n for n in names if not np.isfinite(edit_raw[n][r])})
+            if bad:
+                out[k] = rejected(item_ids[k], f"bad_score: non-finite {', '.join(bad)} score", candidate=candidates[k])
             else:
-                out[iid] = kept(iid, chosen=chosen, flipped=chosen == 0, **values)
-    return rows_to_table([out[i] for i in item_ids], scores_schema(names))
+                good.append(r)
+        if good:
+            used_items = sorted({int(owner[r]) for r in good})
+            remap = {j: i for i, j in enumerate(used_items)}
+            sub_owner = np.array([remap[int(owner[r])] for r in good], dtype=np.int64)
+            o_sub = {n: orig_raw[n][used_items] for n in names}
+            e_sub = {n: edit_raw[n][good] for n in names}
+            zo, ze, c_orig, c_edit = standardise(o_sub, e_sub, sub_owner, cfg)
+            by_item: dict[int, list[int]] = {}
+            for g, r in enumerate(good):
+                by_item.setdefault(int(sub_owner[g]), []).append(g)
+
+            def side(j: int, g_of: dict[int, int], c: int) -> dict:
+                """Raw, z and composite of image `c` of item j (-1 = original)."""
+                if c < 0:
+                    return {"raw": {n: o_sub[n][j] for n in names}, "z": {n: zo[n][j] for n in names}, "c": c_orig[j]}
+                g = g_of[c]
+                return {"raw": {n: e_sub[n][g] for n in names}, "z": {n: ze[n][g] for n in names}, "c": c_edit[g]}
+
+            def values(c0: int, c1: int, a: dict, b: dict) -> dict:
+                v = {"candidate_0": c0, "candidate_1": c1}
+                for n in names:
+                    v.update({f"{n}_0": float(a["raw"][n]), f"{n}_1": float(b["raw"][n]),
+                              f"{n}_z0": float(a["z"][n]), f"{n}_z1": float(b["z"][n])})
+                v.update(composite_0=float(a["c"]), composite_1=float(b["c"]), margin=abs(float(b["c"]) - float(a["c"])))
+                return v
+
+            for j, gs in by_item.items():
+                g_of = {candidates[rows[good[g]]]: g for g in gs}
+                composites = {-1: float(c_orig[j]), **{c: float(c_edit[g]) for c, g in g_of.items()}}
+                c0, c1 = choose_pair(composites, cfg.pairing)
+                for c, g in g_of.items():
+                    k = rows[good[g]]
+                    iid = item_ids[k]
+                    if c != c1:
+                        v = values(-1, c, side(j, g_of, -1), side(j, g_of, c))
+                        why = (f"jpg_0 of candidate {c1}'s pair" if c == c0 else
+                               f"composite {composites[c]:.4g} vs the pair's {composites[c0]:.4g} / {composites[c1]:.4g}")
+                        out[k] = rejected(iid, f"not_selected: {why} (relabel.pairing={cfg.pairing})", candidate=c, **v)
+                        continue
+                    v = values(c0, c1, side(j, g_of, c0), side(j, g_of, c1))
+                    margin = v["margin"]
+                    if margin <= cfg.min_margin or math.isclose(margin, 0.0, abs_tol=1e-12):
+                        out[k] = rejected(iid, f"tie: composite margin {margin:.4g} <= relabel.min_margin", candidate=c, **v)
+                    else:
+                        chosen = 1 if v["composite_1"] > v["composite_0"] else 0
+                        out[k] = kept(iid, candidate=c, chosen=chosen, flipped=(c0 == -1 and chosen == 0), **v)
+    return rows_to_table([out[k] for k in range(n_rows)], scores_schema(names))
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
@@ -153,7 +255,8 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
         images.update(original_cutout=cut.column("original_cutout").to_pylist(),
                       edited_cutout=cut.column("edited_cutout").to_pylist())
     return relabel_rows(inputs.rows.column("item_id").to_pylist(), sample.column("prompt").to_pylist(), images, cfg,
-                        lambda name: load_scorer(name, cfg, profile.models_root))
+                        lambda name: load_scorer(name, cfg, profile.models_root),
+                        candidates=inputs.rows.column("candidate").to_pylist())
 
 
 def _templates_key(profile: Profile) -> str:
@@ -162,7 +265,7 @@ def _templates_key(profile: Profile) -> str:
     return ",".join(f"{n}={template_hash(n)}" for n in names)
 
 
-STAGE = Stage(name="relabel", version="2", section="relabel", reads=("filter", "sample", "edit", "cutout"),
+STAGE = Stage(name="relabel", version="3", section="relabel", reads=("filter", "sample", "edit", "cutout"),
               compute=compute, key_extra=_templates_key)
 
 
@@ -214,7 +317,8 @@ def relabel_pickapic_table(table: pa.Table, cfg: RelabelConfig, get_scorer, *, s
     ok = pc.equal(scores.column("status"), "ok")
     rows = table.filter(ok)
     sc = scores.filter(ok)
-    score_cols = [c for c in sc.schema.names if c not in ("item_id", "status", "reason", "chosen", "flipped", "margin")]
+    score_cols = [c for c in sc.schema.names if c not in ("item_id", "status", "reason", "chosen", "flipped", "margin",
+                                                          "candidate", "candidate_0", "candidate_1")]
     new_label = pa.array([1 if c == 0 else 0 for c in sc.column("chosen").to_pylist()], type=pa.int64())
     keep_idx = [k for k, s in enumerate(scores.column("status").to_pylist()) if s == "ok"]
     ids = (rows.column("item_id").to_pylist() if "item_id" in rows.schema.names
