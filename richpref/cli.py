@@ -26,27 +26,41 @@ def _quiet_defaults(data_dir: str) -> None:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    from .flows.curate import CurateFailed, curate
     from .inspect import format_summary, summary
+    from .plan import finished_and_current, plan_run
     from .schemas.config import ProfileError, load_profile
     from .tasks.source import SourceError, check_source
 
     try:
         # A bad profile or a missing input file fails here, before Prefect or any model starts.
-        check_source(load_profile(args.profile, args.set, args.models_root).source)
+        profile = load_profile(args.profile, args.set, args.models_root)
+        check_source(profile.source)
+        if args.plan or not args.force_flow:
+            plan = plan_run(profile, args.data_dir, args.run)
+            if args.plan:
+                print(plan.format())
+                return 0
+            if plan.up_to_date and finished_and_current(profile, args.data_dir, args.run):
+                # Nothing the flow would compute: skip starting Prefect (--force-flow runs it anyway).
+                print(plan.format().splitlines()[0])
+                print(format_summary(summary(args.data_dir, args.run)))
+                return 0
+        from .flows.curate import CurateFailed, curate
+
         flow_fn = curate
         if args.dask_workers:
             from .flows.curate import on_dask
 
             flow_fn = on_dask(args.dask_workers)
-        result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                        models_root=args.models_root)
+        try:
+            result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+                            models_root=args.models_root)
+        except CurateFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     except (ProfileError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except CurateFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     print(f"\npairs (Pick-a-Pic format): {result['pairs']}")
     print(f"run folder: {result['run_dir']}")
     print(format_summary(summary(args.data_dir, args.run)))
@@ -178,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--dask-workers", type=int, default=0,
                    help="spread each stage's shards over N local Dask worker processes (needs prefect-dask; "
                         "use with a Prefect server, see docs/operations.md)")
+    c.add_argument("--plan", action="store_true",
+                   help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
+    c.add_argument("--force-flow", action="store_true",
+                   help="start the flow even when the run is finished and up to date (it then computes nothing)")
     c.set_defaults(fn=cmd_curate)
 
     m = sub.add_parser("models", help="model utilities")

@@ -127,18 +127,24 @@ class RunStore:
         return meta.get(KEY_META, b"").decode() == key
 
     def committed(self, stage: str, shard: int, key: str) -> ShardManifest | None:
-        """The manifest of an existing shard computed for `key`, else None."""
+        """The manifest of an existing shard computed for `key`, else None. Hashes the whole file
+        (downstream keys need it) but decodes only the footer and the status column."""
         path = self.shard_path(stage, shard)
         if not self.fs.exists(path):
             return None
         data = self.fs.cat_file(path)
         try:
-            table = pq.read_table(io.BytesIO(data))
+            pf = pq.ParquetFile(io.BytesIO(data))
+            if (pf.schema_arrow.metadata or {}).get(KEY_META, b"").decode() != key:
+                return None
+            has_status = "status" in pf.schema_arrow.names
+            status = pf.read(columns=["status"]).column("status") if has_status else None
         except Exception:  # noqa: BLE001 - an unreadable file is not committed work
             return None
-        if (table.schema.metadata or {}).get(KEY_META, b"").decode() != key:
-            return None
-        return self._manifest(stage, shard, table, data, key)
+        rows = pf.metadata.num_rows
+        kept = sum(1 for x in status.to_pylist() if x == OK) if status is not None else rows
+        return ShardManifest(stage=stage, shard=shard, uri=self.uri(path), sha256=hashlib.sha256(data).hexdigest(),
+                             rows=rows, kept=kept, key=key)
 
     def _manifest(self, stage: str, shard: int, table: pa.Table, data: bytes, key: str) -> ShardManifest:
         kept = sum(1 for s in table.column("status").to_pylist() if s == OK) if "status" in table.schema.names else table.num_rows

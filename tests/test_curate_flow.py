@@ -37,22 +37,36 @@ def pair_files(data_dir, run) -> dict[str, str]:
             for s in store.shards("pairs")}
 
 
-def test_every_row_is_kept_or_rejected_at_every_stage(finished_run, runs_dir):
-    store = RunStore(str(runs_dir), "ref")
-    assert len(store.shards("source")) == N_ITEMS // SHARD
-    src = store.read_stage("source").to_pylist()
-    assert len(src) == N_ITEMS
+def assert_every_row_accounted(runs_dir, run, num_edits=1):
+    """At every stage and shard: one output row per kept input row (num_edits per item at the edit
+    stage, keyed by candidate from there on), each kept or rejected with a reason."""
+    store = RunStore(str(runs_dir), run)
     for stage in PIPELINE:
         driver = stage.reads[0]
         for s in store.shards(driver):
-            inp = store.read_shard(driver, s)
-            out = store.read_shard(stage.out, s)
-            kept_in = sorted(r["item_id"] for r in inp.to_pylist() if r.get("status", "ok") == "ok")
-            assert sorted(out.column("item_id").to_pylist()) == kept_in, (stage.name, s)
-            if "status" in out.schema.names:
-                for r in out.to_pylist():
+            inp = [r for r in store.read_shard(driver, s).to_pylist() if r.get("status", "ok") == "ok"]
+            out = store.read_shard(stage.out, s).to_pylist()
+            if stage.name == "edit":
+                want = sorted((r["item_id"], c) for r in inp for c in range(num_edits))
+            elif inp and "candidate" in inp[0]:
+                want = sorted((r["item_id"], r["candidate"]) for r in inp)
+            else:
+                want = sorted(r["item_id"] for r in inp)
+            got = sorted((r["item_id"], r["candidate"]) if "candidate" in r else r["item_id"] for r in out)
+            if stage.out == "pairs":
+                want, got = sorted(r["item_id"] for r in inp), sorted(r["item_id"] for r in out)
+            assert got == want, (stage.name, s)
+            for r in out:
+                if "status" in r:
                     assert r["status"] in ("ok", "rejected")
                     assert (r["status"] == "ok") == (r["reason"] is None), r
+
+
+def test_every_row_is_kept_or_rejected_at_every_stage(finished_run, runs_dir):
+    store = RunStore(str(runs_dir), "ref")
+    assert len(store.shards("source")) == N_ITEMS // SHARD
+    assert store.read_stage("source").num_rows == N_ITEMS
+    assert_every_row_accounted(runs_dir, "ref")
 
 
 def test_pairs_are_pickapic_format_and_load_with_datasets(finished_run, runs_dir):
@@ -123,3 +137,89 @@ def test_a_deleted_output_shard_is_recomputed_not_served_from_cache(finished_run
     curate_run(runs_dir, "ref", tiny_models)
     assert ("critique", 2) in work(runs_dir, "ref")[n:]
     assert pair_files(runs_dir, "ref") == before
+
+
+def test_several_edits_per_item_paired_best_against_worst(finished_run, runs_dir, tiny_models):
+    """num_edits=2 on a copy of the reference run: edit and every later stage recompute, nothing
+    before; every candidate is accounted for; each pair's images are the candidates it names."""
+    import shutil
+
+    ref = RunStore(str(runs_dir), "ref")
+    store = RunStore(str(runs_dir), "multi")
+    shutil.copytree(ref.root, store.root)
+    store.fs.rm(store.root + "/_log", recursive=True)
+    curate_run(runs_dir, "multi", tiny_models, extra=["edit.num_edits=2", "relabel.pairing=best_vs_worst"])
+    assert {name for name, _ in work(runs_dir, "multi")} == {"edit", "cutout", "filter", "relabel", "export"}
+    assert_every_row_accounted(runs_dir, "multi", num_edits=2)
+
+    edits = {(r["item_id"], r["candidate"]): r for r in store.read_stage("edit").to_pylist()}
+    assert len(edits) == 2 * ref.read_stage("edit").num_rows
+    ref_edits = {r["item_id"]: r for r in ref.read_stage("edit").to_pylist()}
+    for (iid, c), r in edits.items():  # candidate 0 is the one-edit run's edit (same seed)
+        if c == 0:
+            assert r["seed"] == ref_edits[iid]["seed"]
+        else:
+            assert r["seed"] != ref_edits[iid]["seed"]
+    samples = {r["item_id"]: r["image"] for r in store.read_stage("sample").to_pylist()}
+    relabel = {(r["item_id"], r["candidate"]): r for r in store.read_stage("relabel").to_pylist()}
+    kept = [r for r in relabel.values() if r["status"] == "ok"]
+    pairs = store.read_stage("pairs").to_pylist()
+    assert pairs and len(pairs) == len(kept) == len({r["item_id"] for r in kept})  # at most one pair per item
+    for p in pairs:
+        r = relabel[p["item_id"], p["candidate_1"]]
+        assert (r["candidate_0"], r["candidate_1"]) == (p["candidate_0"], p["candidate_1"])
+        assert p["candidate_0"] < p["candidate_1"]
+        jpg_0 = samples[p["item_id"]] if p["candidate_0"] == -1 else edits[p["item_id"], p["candidate_0"]]["image"]
+        assert p["jpg_0"] == jpg_0 and p["jpg_1"] == edits[p["item_id"], p["candidate_1"]]["image"]
+        assert p["label_0"] == (1 if r["chosen"] == 0 else 0)
+        others = [v for (iid, c), v in relabel.items() if iid == p["item_id"] and c != p["candidate_1"]]
+        assert all(v["status"] == "rejected" for v in others)
+        # best against worst: no image of the item scores outside the pair's composites
+        lo, hi = sorted((r["composite_0"], r["composite_1"]))
+        for v in others:
+            if v["reason"].startswith("not_selected"):
+                assert lo - 1e-9 <= v["composite_1"] <= hi + 1e-9
+
+    from richpref.inspect import connect
+
+    con, _ = connect(str(runs_dir), "multi")
+    n, items, in_pair = con.execute("select count(*), count(distinct item_id), count(*) filter (where in_pair) "
+                                    "from pairs_full").fetchone()
+    assert items == N_ITEMS and n == N_ITEMS + sum(1 for (i, c) in edits if c == 1)
+    assert in_pair == sum(2 if p["candidate_0"] >= 0 else 1 for p in pairs)
+
+
+def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_run, runs_dir, tiny_models,
+                                                                      monkeypatch, capsys):
+    import shutil
+
+    import richpref.flows.curate as curate_flow
+    from richpref.cli import main
+
+    ref = RunStore(str(runs_dir), "ref")
+    store = RunStore(str(runs_dir), "planned")
+    shutil.copytree(ref.root, store.root)
+    argv = ["--data-dir", str(runs_dir), "curate", "--run", "planned", "--models-root", str(tiny_models),
+            *(x for o in OVERRIDES for x in ("--set", o))]
+
+    def no_flow(*a, **k):
+        raise AssertionError("an up-to-date run must not start the flow")
+
+    monkeypatch.setattr(curate_flow, "curate", no_flow)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "up to date, nothing to compute" in out and "flip rate" in out
+
+    # a missing critique shard: that shard is to do, the same shard of every later stage waits on it
+    store.fs.rm(store.shard_path("critique", 1))
+    assert main([*argv, "--plan"]) == 0
+    lines = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()[3:]}
+    assert lines["sample"] == ["3", "0", "0"] and lines["critique"] == ["2", "1", "0"]
+    for later in ("instruct", "edit", "cutout", "filter", "relabel", "export"):
+        assert lines[later] == ["2", "0", "1"], later
+    # a changed edit config: edit and later are to do (or blocked), nothing before
+    assert main([*argv, "--set", "edit.strength=0.5", "--plan"]) == 0
+    lines = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()[3:]}
+    assert lines["instruct"][1] == "0" and lines["edit"][1] == "2" and lines["cutout"][1] == "0"
+    with pytest.raises(AssertionError, match="must not start"):  # not up to date: the flow is started
+        main(argv)
