@@ -69,10 +69,16 @@ def overhead(n: int, models: str) -> None:
     compute = _compute_seconds(data, "first")
     flow = _flow_wall(data, "first")
     rerun, rc = _timed(_cmd(data, "first", n, models), _env(data))
+    assert rc == 0, "re-run failed"
+    # The same re-run through the flow (what a deployment run of a finished run costs): Prefect start,
+    # one cached task per shard and stage.
+    flow_rerun, rc = _timed(_cmd(data, "first", n, models) + ["--force-flow"], _env(data))
+    assert rc == 0, "re-run through the flow failed"
     print(f"items {n}: process wall {wall:.1f}s, flow wall (first shard start -> last shard end) {flow:.1f}s, "
           f"sum of stage compute {compute:.1f}s")
     print(f"orchestration overhead (flow wall / compute): {flow / compute:.3f}   (process wall / compute: {wall / compute:.3f})")
     print(f"re-run of the finished run: {rerun:.1f}s, re-run / first run: {rerun / wall:.3f}")
+    print(f"re-run through the flow (--force-flow): {flow_rerun:.1f}s, / first run: {flow_rerun / wall:.3f}")
 
 
 def resume(n: int, models: str) -> None:

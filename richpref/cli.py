@@ -42,7 +42,12 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 return 0
             if plan.up_to_date and finished_and_current(profile, args.data_dir, args.run):
                 # Nothing the flow would compute: skip starting Prefect (--force-flow runs it anyway).
+                from .storage import RunStore
+
+                store = RunStore(args.data_dir, args.run)
                 print(plan.format().splitlines()[0])
+                print(f"\npairs (Pick-a-Pic format): {store.uri(store.stage_dir('pairs'))}")
+                print(f"run folder: {store.uri(store.root)}")
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
         from .flows.curate import CurateFailed, curate

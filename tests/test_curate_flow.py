@@ -208,7 +208,16 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
     monkeypatch.setattr(curate_flow, "curate", no_flow)
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "up to date, nothing to compute" in out and "flip rate" in out
+    assert "up to date, nothing to compute" in out and "flip rate" in out and "pairs (Pick-a-Pic format)" in out
+    # killed after its last shard but before it wrote its final state: the flow must finish the run
+    import json
+
+    run_json = store.root + "/run.json"
+    final = store.fs.cat_file(run_json)
+    store.fs.pipe_file(run_json, json.dumps({**json.loads(final), "state": "running"}).encode())
+    with pytest.raises(AssertionError, match="must not start"):
+        main(argv)
+    store.fs.pipe_file(run_json, final)
 
     # a missing critique shard: that shard is to do, the same shard of every later stage waits on it
     store.fs.rm(store.shard_path("critique", 1))
