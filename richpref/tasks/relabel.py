@@ -135,6 +135,57 @@ def choose_pair(composites: dict[int, float], pairing: str) -> tuple[int, int]:
     return min(best, worst), max(best, worst)
 
 
+class Scored:
+    """Raw scores of a shard's originals (one per item) and edits, their z-scores and composites."""
+
+    def __init__(self, names: list[str], orig_raw: dict[str, np.ndarray], edit_raw: dict[str, np.ndarray],
+                 owner: np.ndarray, cfg: RelabelConfig) -> None:
+        self.names, self.orig_raw, self.edit_raw = names, orig_raw, edit_raw
+        self.orig_z, self.edit_z, self.orig_c, self.edit_c = standardise(orig_raw, edit_raw, owner, cfg)
+
+    def image(self, item: int, g: int | None) -> dict:
+        """Raw, z and composite of an item's original (g None) or of scored edit g."""
+        if g is None:
+            return {"raw": {n: self.orig_raw[n][item] for n in self.names},
+                    "z": {n: self.orig_z[n][item] for n in self.names}, "c": float(self.orig_c[item])}
+        return {"raw": {n: self.edit_raw[n][g] for n in self.names},
+                "z": {n: self.edit_z[n][g] for n in self.names}, "c": float(self.edit_c[g])}
+
+    def columns(self, c0: int, c1: int, a: dict, b: dict) -> dict:
+        """The score columns of a row comparing image c0 (side 0) with image c1 (side 1)."""
+        v: dict[str, Any] = {"candidate_0": c0, "candidate_1": c1}
+        for n in self.names:
+            v.update({f"{n}_0": float(a["raw"][n]), f"{n}_1": float(b["raw"][n]),
+                      f"{n}_z0": float(a["z"][n]), f"{n}_z1": float(b["z"][n])})
+        v.update(composite_0=a["c"], composite_1=b["c"], margin=abs(b["c"] - a["c"]))
+        return v
+
+
+def pair_rows(scored: Scored, item: int, g_of: dict[int, int], cfg: RelabelConfig) -> dict[int, dict]:
+    """Rows (without item_id/candidate) for one item's scored candidates: the pair `cfg.pairing`
+    picks, carried by its side-1 candidate (kept, or a tie), and every other candidate not selected."""
+    def image(c: int) -> dict:
+        return scored.image(item, None if c < 0 else g_of[c])
+
+    composites = {c: image(c)["c"] for c in [-1, *g_of]}
+    c0, c1 = choose_pair(composites, cfg.pairing)
+    rows = {}
+    for c in g_of:
+        if c != c1:
+            why = (f"jpg_0 of candidate {c1}'s pair" if c == c0 else
+                   f"composite {composites[c]:.4g} vs the pair's {composites[c0]:.4g} / {composites[c1]:.4g}")
+            rows[c] = rejected("", f"not_selected: {why} (relabel.pairing={cfg.pairing})",
+                               **scored.columns(-1, c, image(-1), image(c)))
+            continue
+        v = scored.columns(c0, c1, image(c0), image(c1))
+        if v["margin"] <= cfg.min_margin or math.isclose(v["margin"], 0.0, abs_tol=1e-12):
+            rows[c] = rejected("", f"tie: composite margin {v['margin']:.4g} <= relabel.min_margin", **v)
+        else:
+            chosen = 1 if v["composite_1"] > v["composite_0"] else 0
+            rows[c] = kept("", chosen=chosen, flipped=(c0 == -1 and chosen == 0), **v)
+    return rows
+
+
 def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg: RelabelConfig, get_scorer,
                  candidates: list[int] | None = None) -> pa.Table:
     """One scores row per (item, edit candidate) row, in input order.
@@ -200,48 +251,15 @@ def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cf
             used_items = sorted({int(owner[r]) for r in good})
             remap = {j: i for i, j in enumerate(used_items)}
             sub_owner = np.array([remap[int(owner[r])] for r in good], dtype=np.int64)
-            o_sub = {n: orig_raw[n][used_items] for n in names}
-            e_sub = {n: edit_raw[n][good] for n in names}
-            zo, ze, c_orig, c_edit = standardise(o_sub, e_sub, sub_owner, cfg)
-            by_item: dict[int, list[int]] = {}
+            scored = Scored(names, {n: orig_raw[n][used_items] for n in names}, {n: edit_raw[n][good] for n in names},
+                            sub_owner, cfg)
+            by_item: dict[int, dict[int, int]] = {}  # item -> candidate -> index among scored edits
             for g, r in enumerate(good):
-                by_item.setdefault(int(sub_owner[g]), []).append(g)
-
-            def side(j: int, g_of: dict[int, int], c: int) -> dict:
-                """Raw, z and composite of image `c` of item j (-1 = original)."""
-                if c < 0:
-                    return {"raw": {n: o_sub[n][j] for n in names}, "z": {n: zo[n][j] for n in names}, "c": c_orig[j]}
-                g = g_of[c]
-                return {"raw": {n: e_sub[n][g] for n in names}, "z": {n: ze[n][g] for n in names}, "c": c_edit[g]}
-
-            def values(c0: int, c1: int, a: dict, b: dict) -> dict:
-                v = {"candidate_0": c0, "candidate_1": c1}
-                for n in names:
-                    v.update({f"{n}_0": float(a["raw"][n]), f"{n}_1": float(b["raw"][n]),
-                              f"{n}_z0": float(a["z"][n]), f"{n}_z1": float(b["z"][n])})
-                v.update(composite_0=float(a["c"]), composite_1=float(b["c"]), margin=abs(float(b["c"]) - float(a["c"])))
-                return v
-
-            for j, gs in by_item.items():
-                g_of = {candidates[rows[good[g]]]: g for g in gs}
-                composites = {-1: float(c_orig[j]), **{c: float(c_edit[g]) for c, g in g_of.items()}}
-                c0, c1 = choose_pair(composites, cfg.pairing)
-                for c, g in g_of.items():
-                    k = rows[good[g]]
-                    iid = item_ids[k]
-                    if c != c1:
-                        v = values(-1, c, side(j, g_of, -1), side(j, g_of, c))
-                        why = (f"jpg_0 of candidate {c1}'s pair" if c == c0 else
-                               f"composite {composites[c]:.4g} vs the pair's {composites[c0]:.4g} / {composites[c1]:.4g}")
-                        out[k] = rejected(iid, f"not_selected: {why} (relabel.pairing={cfg.pairing})", candidate=c, **v)
-                        continue
-                    v = values(c0, c1, side(j, g_of, c0), side(j, g_of, c1))
-                    margin = v["margin"]
-                    if margin <= cfg.min_margin or math.isclose(margin, 0.0, abs_tol=1e-12):
-                        out[k] = rejected(iid, f"tie: composite margin {margin:.4g} <= relabel.min_margin", candidate=c, **v)
-                    else:
-                        chosen = 1 if v["composite_1"] > v["composite_0"] else 0
-                        out[k] = kept(iid, candidate=c, chosen=chosen, flipped=(c0 == -1 and chosen == 0), **v)
+                by_item.setdefault(int(sub_owner[g]), {})[candidates[rows[r]]] = g
+            for j, g_of in by_item.items():
+                for c, row in pair_rows(scored, j, g_of, cfg).items():
+                    k = rows[good[g_of[c]]]
+                    out[k] = {**row, "item_id": item_ids[k], "candidate": c}
     return rows_to_table([out[k] for k in range(n_rows)], scores_schema(names))
 
 
