@@ -63,6 +63,7 @@ bench: models
 	$(PY) bench/reliability.py overhead --items 1024 --models $(MODELS)
 	$(PY) bench/reliability.py resume --items 1024 --models $(MODELS)
 	$(PY) bench/reliability.py memory --items 256 4096 --models $(MODELS)
+	$(PY) bench/edit_candidates.py --items 32 --num-edits 1 2 4 --models $(MODELS)
 	$(PY) bench/demo_budget.py
 	@echo "bench/dpo_step.py needs a diffusers checkout: see docs/benchmarks.md"
 
