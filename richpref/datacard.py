@@ -55,7 +55,9 @@ def score_stats(scores: pa.Table) -> dict[str, Any]:
                                 "side_1_lower": float((b < a).mean()) if a.size else None}
     kept_rows = scores.filter(pc.equal(scores.column("status"), "ok"))
     margins = np.asarray(kept_rows.column("margin").to_pylist(), dtype=float)
-    flipped = kept_rows.column("flipped").to_pylist()
+    with_original = (kept_rows.filter(pc.equal(pc.fill_null(kept_rows.column("candidate_0"), -1), -1))
+                     if "candidate_0" in kept_rows.schema.names else kept_rows)
+    flipped = with_original.column("flipped").to_pylist()  # pairs of two edits cannot flip
     out["kept"] = kept_rows.num_rows
     out["composite_flip_rate"] = (sum(bool(f) for f in flipped) / len(flipped)) if flipped else None
     out["margin"] = ({q: float(np.quantile(margins, p)) for q, p in (("min", 0), ("p10", .1), ("median", .5), ("p90", .9), ("max", 1))}
@@ -133,7 +135,7 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
     lines += ["", "## Labels", "",
               f"- pairs exported: {sum(summary.get('label_0', {}).values())} "
               f"(label_0 counts: {json.dumps({str(k): v for k, v in summary.get('label_0', {}).items()})})",
-              f"- flip rate (the edit scored lower, label_0 = 1): {flip:.1%}" if flip is not None else "- flip rate: –",
+              f"- flip rate (of the pairs holding the original: the edit scored lower, label_0 = 1): {flip:.1%}" if flip is not None else "- flip rate: –",
               "", "## Scores", "",
               f"Over the {stats['scored']} scored edits, each against its original (kept pairs, ties, and edits "
               f"not selected for their item's pair); pairing `{profile.get('relabel', {}).get('pairing', 'best_vs_original')}`, "

@@ -83,7 +83,9 @@ def summary(data_dir: str, run: str) -> dict:
         stages.append({"stage": v, "rows": rows, "kept": kept, "rejected": rows - kept, "reasons": reasons})
     out = {"run": run, "stages": stages}
     if "relabel" in views:
-        n, flipped = con.execute("select count(*), count(*) filter (where flipped) from relabel where status = 'ok'").fetchone()
+        # over the pairs that hold the original (best-vs-worst pairs of two edits cannot flip)
+        n, flipped = con.execute("select count(*), count(*) filter (where flipped) from relabel "
+                                 "where status = 'ok' and coalesce(candidate_0, -1) = -1").fetchone()
         out["flip_rate"] = (flipped / n) if n else None
     if "pairs" in views:
         out["label_0"] = dict(con.execute("select label_0, count(*) from pairs group by 1 order by 1").fetchall())

@@ -180,8 +180,12 @@ def test_several_edits_per_item_paired_best_against_worst(finished_run, runs_dir
             if v["reason"].startswith("not_selected"):
                 assert lo - 1e-9 <= v["composite_1"] <= hi + 1e-9
 
-    from richpref.inspect import connect
+    from richpref.inspect import connect, summary
 
+    with_original = [r for r in kept if r["candidate_0"] == -1]  # pairs of two edits cannot flip
+    assert summary(str(runs_dir), "multi")["flip_rate"] == pytest.approx(
+        sum(r["flipped"] for r in with_original) / len(with_original))
+    assert not any(r["flipped"] for r in kept if r["candidate_0"] >= 0)
     con, _ = connect(str(runs_dir), "multi")
     n, items, in_pair = con.execute("select count(*), count(distinct item_id), count(*) filter (where in_pair) "
                                     "from pairs_full").fetchone()

@@ -307,7 +307,7 @@ def test_dataset_card_and_plots(mini_run, capsys):
     assert card.startswith("---\nconfigs:") and 'path: "part-*.parquet"' in card
     relabel = store.read_shard("relabel", 0).to_pylist()
     flips = sum(r["flipped"] for r in relabel if r["status"] == "ok") / len(relabel)
-    assert f"flip rate (the edit scored lower, label_0 = 1): {flips:.1%}" in card
+    assert f"flip rate (of the pairs holding the original: the edit scored lower, label_0 = 1): {flips:.1%}" in card
     assert "| filter | 6 | 5 | 1 | filter: 1 |" in card  # counts with the reject reason
     for name in profile.relabel.rewards:
         a = np.array([r[f"{name}_0"] for r in relabel])
