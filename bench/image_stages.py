@@ -12,27 +12,18 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from timing import best_of  # noqa: E402
 
 
 def _scene(i: int, size: int) -> Image.Image:
     im = Image.new("RGB", (size, size), (30 + 7 * i % 200, 60, 90))
     ImageDraw.Draw(im).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(250, 200, 40))
     return im
-
-
-def _best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -79,14 +70,14 @@ def main() -> None:
         run = lambda b: gen.generate(prompts, seeds, steps=args.steps, guidance_scale=5.0,  # noqa: E731
                                      height=size, width=size, batch_size=b)
         gen.generate(prompts[:1], seeds[:1], steps=args.steps, guidance_scale=5.0, height=size, width=size)
-        rates = [n / _best_of(args.repeats, lambda: run(b)) for b in batch_sizes]
+        rates = [n / best_of(args.repeats, lambda: run(b), warmup=False) for b in batch_sizes]
         print(f"{name:6} {'sample':7} " + " ".join(f"{r:10.1f}" for r in rates), flush=True)
         gen.close()
 
         ed = ControlNetEditor.load(base, controlnet, device="cpu", dtype="float32", control="canny")
         run = lambda b: ed.edit(originals, prompts, seeds, steps=args.steps, strength=0.75, batch_size=b)  # noqa: E731
         ed.edit(originals[:1], prompts[:1], seeds[:1], steps=args.steps)
-        rates = [n / _best_of(args.repeats, lambda: run(b)) for b in batch_sizes]
+        rates = [n / best_of(args.repeats, lambda: run(b), warmup=False) for b in batch_sizes]
         print(f"{name:6} {'edit':7} " + " ".join(f"{r:10.1f}" for r in rates), flush=True)
         ed.close()
     tmp.cleanup()

@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,6 +24,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from timing import best_of  # noqa: E402
 
 from richpref.images import encode_png  # noqa: E402
 from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
@@ -39,16 +39,6 @@ PROMPTS = ["a red apple on a wooden table", "two dogs playing near a lake", "a b
 def _png(seed: int, size: int = 64) -> bytes:
     rng = np.random.RandomState(seed)
     return encode_png(Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)))
-
-
-def _best_of(repeats: int, fn) -> float:
-    fn()  # warm-up: first-call allocations, lazy imports
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -94,7 +84,7 @@ def main() -> None:
         return {
             "critique": lambda: critique_rows(critique_in, images, c, lambda: critic),
             "instruct": lambda: instruct_rows(instruct_in, images, i, lambda: qwen),
-            "filter": lambda: filter_rows(pa.table({"item_id": ids}), prompts, instructions, filter_images, f,
+            "filter": lambda: filter_rows(pa.table({"item_id": ids, "candidate": [0] * len(ids)}), prompts, instructions, filter_images, f,
                                           lambda: qwen),
         }
 
@@ -103,7 +93,7 @@ def main() -> None:
     results: dict[str, dict[int, float]] = {}
     for bs in args.batch_sizes:
         for name, fn in stages(bs).items():
-            seconds = _best_of(args.repeats, fn)
+            seconds = best_of(args.repeats, fn)
             results.setdefault(name, {})[bs] = n / seconds
             print(f"  {name:9s} batch {bs:3d}: {n / seconds:7.2f} items/s ({seconds:.2f} s)", flush=True)
     base, top = args.batch_sizes[0], args.batch_sizes[-1]

@@ -8,7 +8,6 @@ Prefect, when a finished run is up to date.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -60,36 +59,32 @@ def _ranges(xs: list[int]) -> str:
 
 def plan_run(profile: Profile, data_dir: str, run: str) -> RunPlan:
     from .tasks import PIPELINE
-    from .tasks.source import VERSION as SOURCE_VERSION
-    from .tasks.source import source_fingerprint
+    from .tasks.source import source_key
     from .tasks.wrappers import committed_source
 
     t0 = time.perf_counter()
     store = RunStore(data_dir, run)
-    source_key = hashlib.sha256(f"{SOURCE_VERSION}:{source_fingerprint(profile.source)}".encode()).hexdigest()
-    source = committed_source(store, source_key)
-    manifests: dict[str, dict[int, ShardManifest]] = {"source": {m.shard: m for m in source or []}}
-    pending: dict[str, set[int]] = {"source": set() if source is not None else {-1}}
+    source = committed_source(store, source_key(profile.source))
     stages = []
-    for stage in PIPELINE:
-        plan = StagePlan(stage.name)
-        manifests[stage.out], pending[stage.out] = {}, set()
-        shards = sorted(set.union(*(set(manifests[r]) | pending[r] for r in stage.reads)) - {-1}) \
-            if source is not None else []
-        for s in shards:
-            if any(s not in manifests[r] for r in stage.reads):
-                plan.blocked.append(s)
-                pending[stage.out].add(s)
-                continue
-            key = stage.content_key(profile, {r: manifests[r][s] for r in stage.reads})
-            m = store.committed(stage.out, s, key)
-            if m is None:
-                plan.todo.append(s)
-                pending[stage.out].add(s)
-            else:
-                manifests[stage.out][s] = m
-                plan.done.append(s)
-        stages.append(plan)
+    if source is not None:
+        manifests: dict[str, dict[int, ShardManifest]] = {"source": {m.shard: m for m in source}}
+        pending: dict[str, set[int]] = {"source": set()}  # shards to compute: their hashes are unknown yet
+        for stage in PIPELINE:
+            plan = StagePlan(stage.name)
+            manifests[stage.out], pending[stage.out] = {}, set()
+            for s in sorted(set.union(*(set(manifests[r]) | pending[r] for r in stage.reads))):
+                if any(s not in manifests[r] for r in stage.reads):
+                    plan.blocked.append(s)
+                    pending[stage.out].add(s)
+                    continue
+                m = store.committed(stage.out, s, stage.content_key(profile, {r: manifests[r][s] for r in stage.reads}))
+                if m is None:
+                    plan.todo.append(s)
+                    pending[stage.out].add(s)
+                else:
+                    manifests[stage.out][s] = m
+                    plan.done.append(s)
+            stages.append(plan)
     return RunPlan(run=run, source_done=source is not None, stages=stages, seconds=time.perf_counter() - t0)
 
 

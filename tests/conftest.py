@@ -73,3 +73,15 @@ def prefect_server(tmp_path_factory, tiny_models):
     yield {"data": data, "env": env, "models": tiny_models}
     serve.stop(procs)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run as fast on one thread, and other load on a shared machine cannot stall them.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,15 +10,7 @@ import torch.nn.functional as F
 from richpref.training.dpo import diffusion_dpo_terms, dpo_loss, per_sample_mse
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run as fast on one thread, and other load on a shared machine cannot stall them."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_per_sample_mse_by_hand():

@@ -12,15 +12,7 @@ from PIL import Image
 from richpref.flows.evaluate import summary_table, to_markdown
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run as fast on one thread, and other load on a shared machine cannot stall them."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_summary_table_means_and_win_rates_by_hand():

@@ -20,15 +20,8 @@ from richpref.schemas.training import FinetuneConfig, PairSourceConfig
 from richpref.training.data import Augment, DataError, PairBatches, PairMixture, load_pair_source
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run as fast on one thread, and other load on a shared machine cannot stall them."""
-    import torch
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()

@@ -339,7 +339,7 @@ def test_visibility_check_asks_the_vlm_about_each_target(vlms, min_visible, drop
 
 
 def filter_input(n=3):
-    rows = pa.table({"item_id": [f"f{k}" for k in range(n)]})
+    rows = pa.table({"item_id": [f"f{k}" for k in range(n)], "candidate": pa.array([0] * n, pa.int32())})
     instructions = [["Make the apple red", "Remove the blue cup"], ["Add a second dog"], ["Turn the car blue"]][:n]
     images = {
         "original": [encode_png(image(30 + k)) for k in range(n)],

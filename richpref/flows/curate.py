@@ -6,7 +6,6 @@ A failed shard does not stop the other shards; the flow fails at the end, naming
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -23,8 +22,7 @@ from richpref.schemas.config import Profile, load_profile, profile_hash
 from richpref.storage import RunStore, ShardManifest
 from richpref.tasks import OUTPUTS, PIPELINE
 from richpref.tasks.base import Stage
-from richpref.tasks.source import VERSION as SOURCE_VERSION
-from richpref.tasks.source import source_fingerprint
+from richpref.tasks.source import source_key as content_key_of_source
 from richpref.tasks.wrappers import (_location_key, committed_source, _shard_cache_key, _source_cache_key, serialized_policy,
                                      source_shards, stage_shard)
 
@@ -159,7 +157,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 
     manifests: dict[str, dict[int, ShardManifest]] = {}
-    source_key = hashlib.sha256(f"{SOURCE_VERSION}:{source_fingerprint(prof.source)}".encode()).hexdigest()
+    source_key = content_key_of_source(prof.source)
     src_task = source_shards.with_options(result_storage=storage) if storage else source_shards
     policy = serialized_policy(store, _source_cache_key)
     if policy is not None:

@@ -32,8 +32,7 @@ def load_remover(cfg: CutoutConfig, models_root: str | None):
 
 def cutout_rows(rows: pa.Table, originals: list, edits: list, cfg: CutoutConfig, get_remover) -> pa.Table:
     """One row per (item, candidate) row of `rows`; an item's original is cut out once for all its edits."""
-    ids = rows.column("item_id").to_pylist()
-    cands = rows.column("candidate").to_pylist() if "candidate" in rows.schema.names else [0] * len(ids)
+    ids, cands = rows.column("item_id").to_pylist(), rows.column("candidate").to_pylist()
     out, todo, first_original = {}, [], {}
     for iid, c, a, b in zip(ids, cands, originals, edits):
         try:

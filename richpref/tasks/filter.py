@@ -89,10 +89,9 @@ def threshold_outcome(p: float, minimum: float, field: str) -> str:
 
 def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[str, list], cfg: FilterConfig,
                 get_vlm) -> pa.Table:
-    """One verdict per row of `rows` (item_id, and candidate when the edits have several)."""
+    """One verdict per row of `rows` (item_id, candidate)."""
     sections = load_filter_template(cfg)
-    ids = rows.column("item_id").to_pylist()
-    cands = rows.column("candidate").to_pylist() if "candidate" in rows.schema.names else [0] * len(ids)
+    ids, cands = rows.column("item_id").to_pylist(), rows.column("candidate").to_pylist()
     out, todo = {}, []
     for k, iid in enumerate(ids):
         try:

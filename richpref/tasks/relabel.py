@@ -161,8 +161,8 @@ class Scored:
         return v
 
 
-def pair_rows(scored: Scored, item: int, g_of: dict[int, int], cfg: RelabelConfig) -> dict[int, dict]:
-    """Rows (without item_id/candidate) for one item's scored candidates: the pair `cfg.pairing`
+def pair_rows(scored: Scored, item_id: str, item: int, g_of: dict[int, int], cfg: RelabelConfig) -> dict[int, dict]:
+    """Rows of one item's scored candidates, by candidate: the pair `cfg.pairing`
     picks, carried by its side-1 candidate (kept, or a tie), and every other candidate not selected."""
     def image(c: int) -> dict:
         return scored.image(item, None if c < 0 else g_of[c])
@@ -174,15 +174,15 @@ def pair_rows(scored: Scored, item: int, g_of: dict[int, int], cfg: RelabelConfi
         if c != c1:
             why = (f"jpg_0 of candidate {c1}'s pair" if c == c0 else
                    f"composite {composites[c]:.4g} vs the pair's {composites[c0]:.4g} / {composites[c1]:.4g}")
-            rows[c] = rejected("", f"not_selected: {why} (relabel.pairing={cfg.pairing})",
+            rows[c] = rejected(item_id, f"not_selected: {why} (relabel.pairing={cfg.pairing})", candidate=c,
                                **scored.columns(-1, c, image(-1), image(c)))
             continue
         v = scored.columns(c0, c1, image(c0), image(c1))
         if v["margin"] <= cfg.min_margin or math.isclose(v["margin"], 0.0, abs_tol=1e-12):
-            rows[c] = rejected("", f"tie: composite margin {v['margin']:.4g} <= relabel.min_margin", **v)
+            rows[c] = rejected(item_id, f"tie: composite margin {v['margin']:.4g} <= relabel.min_margin", candidate=c, **v)
         else:
             chosen = 1 if v["composite_1"] > v["composite_0"] else 0
-            rows[c] = kept("", chosen=chosen, flipped=(c0 == -1 and chosen == 0), **v)
+            rows[c] = kept(item_id, candidate=c, chosen=chosen, flipped=(c0 == -1 and chosen == 0), **v)
     return rows
 
 
@@ -257,9 +257,9 @@ def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cf
             for g, r in enumerate(good):
                 by_item.setdefault(int(sub_owner[g]), {})[candidates[rows[r]]] = g
             for j, g_of in by_item.items():
-                for c, row in pair_rows(scored, j, g_of, cfg).items():
-                    k = rows[good[g_of[c]]]
-                    out[k] = {**row, "item_id": item_ids[k], "candidate": c}
+                item_id = item_ids[rows[good[next(iter(g_of.values()))]]]
+                for c, row in pair_rows(scored, item_id, j, g_of, cfg).items():
+                    out[rows[good[g_of[c]]]] = row
     return rows_to_table([out[k] for k in range(n_rows)], scores_schema(names))
 
 

@@ -65,6 +65,11 @@ def source_fingerprint(cfg: SourceConfig) -> str:
     return h.hexdigest()
 
 
+def source_key(cfg: SourceConfig) -> str:
+    """The source stage's content key: its code version and what it reads."""
+    return hashlib.sha256(f"{VERSION}:{source_fingerprint(cfg)}".encode()).hexdigest()
+
+
 def _load_dataset(cfg: SourceConfig):
     import datasets
 
