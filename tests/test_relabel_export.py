@@ -154,6 +154,38 @@ def test_bad_images_and_non_finite_scores_are_rejected_with_a_reason():
     assert out[1]["reason"].startswith("bad_image:") and out[2]["reason"] == "bad_score: non-finite nanny score"
 
 
+class BatchNoise:
+    """The red channel, times 1 + 1e-7 * (place in the batch): how batched float32 scores the same image
+    slightly differently on some processors."""
+
+    model_id = "batch-noise"
+
+    def score(self, images, prompts, *, batch_size=8):
+        return np.array([np.asarray(im, dtype=np.float64)[..., 0].mean() * (1 + 1e-7 * k) for k, im in enumerate(images)])
+
+
+def test_identical_images_and_margins_within_float_noise_are_ties_on_any_processor():
+    cfg = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-")}, min_margin=0.0)
+    images = {"original": [solid(10, 0), solid(50, 0), solid(60, 0, 0), solid(40, 0)],
+              "edited": [solid(30, 0), solid(50, 0), solid(60, 0, 1), solid(20, 0)]}
+    out = relabel_stage.relabel_rows(["a", "same", "near", "b"], ["p"] * 4, images, cfg,
+                                     {"red": BatchNoise()}.__getitem__).to_pylist()
+    a, same, near, b = out
+    assert same["margin"] > 0 and near["margin"] > 0  # the noise alone separates them
+    assert same["status"] == "rejected" and same["reason"] == "tie: the two images are the same bytes"
+    assert near["status"] == "rejected" and near["reason"].startswith("tie: composite margin")
+    assert (a["status"], a["chosen"], b["status"], b["chosen"]) == ("ok", 1, "ok", 0)
+
+
+def test_float_noise_of_a_z_score_by_hand():
+    from richpref.pairing import relative_noise, z_noise
+
+    # [1, 2, 3, 4]: max |x| 4, std √1.25; a group without spread has no noise (its z-scores are 0)
+    np.testing.assert_allclose(z_noise(np.array([1.0, 2, 3, 4, 7, 7]), np.array([0, 0, 0, 0, 1, 1]), 1e-3),
+                               [4e-3 / math.sqrt(1.25)] * 4 + [0, 0])
+    assert relative_noise("float32") == 2 ** -15 and relative_noise("torch.float16") == 2 ** -8
+
+
 # ------------------------------------------------------------------ a mini run: relabel + export through the real stages
 
 N_ITEMS = 6

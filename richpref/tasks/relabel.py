@@ -4,8 +4,9 @@ Per reward, the scores of a shard's images (`standardize: shard`, each original 
 each item's original and edits (`item`) are z-standardised, then combined with the profile's weights
 (RPO §3.4, seeds 000/001). Per item, `pairing` picks the pair: the best edit against the original, or
 the item's best image against its worst. The higher composite is chosen; pairs flip when the edit
-scores lower than the original; a pair whose margin is at or below `relabel.min_margin` is a tie and is
-dropped with a reason, so exported labels are always 0 or 1. A reward with `on_cutout: true` scores the
+scores lower than the original; a pair whose margin is at or below `relabel.min_margin` (within float
+noise, see richpref/pairing.py) or whose two images are the same bytes is a tie and is dropped with a
+reason, so exported labels are always 0 or 1. A reward with `on_cutout: true` scores the
 cutout stage's foreground cut-outs instead of the full images. A pair reward (DINOv2 patch
 consistency) gives each edit its consistency with the original and the original 1.
 
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from ..images import BadImage, decode_image
 from ..models.rewards import PAIR_KINDS, is_pairwise, load_reward_spec, zscore
 from ..models.runtime import resident
+from ..pairing import relative_noise, scorer_dtype, z_noise
 from ..prompts import template_hash
 from ..schemas.config import Profile, RelabelConfig
 from ..schemas.tables import rows_to_table, scores_schema
@@ -76,17 +78,19 @@ def needs_cutouts(cfg: RelabelConfig) -> bool:
 
 def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, prompts: list[str],
                  images: dict[str, list], owner: list[int], item_prompts: list[str],
-                 originals: dict[str, list]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                 originals: dict[str, list]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
     """Raw scores per reward: (one per item's original, one per edit row). `images` holds the decoded
     edits (and edited cut-outs) per row, `originals` the decoded originals (and cut-outs) per item;
     `owner[k]` is the item of row k. A pair reward scores each edit against its original and gives
-    the original its value from the item's first pair (1 for patch consistency)."""
-    orig_raw, edit_raw = {}, {}
+    the original its value from the item's first pair (1 for patch consistency). Also the dtype each
+    reward computed in."""
+    orig_raw, edit_raw, dtypes = {}, {}, {}
     m, n = len(item_prompts), len(prompts)
     for name in names:
         spec = cfg.rewards[name]
         o_side, e_side = ("original_cutout", "edited_cutout") if spec.on_cutout else ("original", "edited")
         scorer = get_scorer(name)
+        dtypes[name] = scorer_dtype(scorer)
         if is_pairwise(scorer):
             a = [originals[o_side][owner[k]] for k in range(n)]
             s = np.asarray(scorer.score_pairs(a, images[e_side], prompts, batch_size=cfg.batch_size), dtype=np.float64)
@@ -103,22 +107,26 @@ def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, pro
                 raise RuntimeError(f"reward {name!r} returned shape {flat.shape} for {m + n} images")
             o, e = flat[:m], flat[m:]
         orig_raw[name], edit_raw[name] = o, e
-    return orig_raw, edit_raw
+    return orig_raw, edit_raw, dtypes
 
 
 def standardise(orig_raw: dict[str, np.ndarray], edit_raw: dict[str, np.ndarray], owner: np.ndarray,
-                cfg: RelabelConfig) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+                cfg: RelabelConfig, dtypes: dict[str, str] | None = None) -> tuple[dict, dict, np.ndarray, np.ndarray, np.ndarray]:
     """z per reward over the shard's images (each original counted once) or within each item's
-    original + edits, and the weighted composites of originals and edits."""
+    original + edits, the weighted composites of originals and edits, and how far float noise in the
+    raw scores can move each image's composite (richpref/pairing.py)."""
     m = len(next(iter(orig_raw.values())))
     groups = np.concatenate([np.arange(m), owner]) if cfg.standardize == "item" else None
     zo, ze = {}, {}
+    noise = np.zeros(m + len(owner))
     for name in orig_raw:
-        z = zscore(np.concatenate([orig_raw[name], edit_raw[name]]), groups)
+        raw = np.concatenate([orig_raw[name], edit_raw[name]])
+        z = zscore(raw, groups)
         zo[name], ze[name] = z[:m], z[m:]
+        noise += abs(cfg.rewards[name].weight) * z_noise(raw, groups, relative_noise((dtypes or {}).get(name)))
     c_orig = sum(cfg.rewards[name].weight * zo[name] for name in orig_raw)
     c_edit = sum(cfg.rewards[name].weight * ze[name] for name in orig_raw)
-    return zo, ze, np.asarray(c_orig, dtype=np.float64), np.asarray(c_edit, dtype=np.float64)
+    return zo, ze, np.asarray(c_orig, dtype=np.float64), np.asarray(c_edit, dtype=np.float64), noise
 
 
 def choose_pair(composites: dict[int, float], pairing: str) -> tuple[int, int]:
@@ -136,20 +144,27 @@ def choose_pair(composites: dict[int, float], pairing: str) -> tuple[int, int]:
 
 
 class Scored:
-    """Raw scores of a shard's originals (one per item) and edits, their z-scores and composites."""
+    """Raw scores of a shard's originals (one per item) and edits, their z-scores and composites, the
+    float noise of each composite and a digest of each image's bytes."""
 
     def __init__(self, names: list[str], orig_raw: dict[str, np.ndarray], edit_raw: dict[str, np.ndarray],
-                 owner: np.ndarray, cfg: RelabelConfig) -> None:
+                 owner: np.ndarray, cfg: RelabelConfig, dtypes: dict[str, str] | None = None,
+                 digests: tuple[list, list] | None = None) -> None:
         self.names, self.orig_raw, self.edit_raw = names, orig_raw, edit_raw
-        self.orig_z, self.edit_z, self.orig_c, self.edit_c = standardise(orig_raw, edit_raw, owner, cfg)
+        self.orig_z, self.edit_z, self.orig_c, self.edit_c, noise = standardise(orig_raw, edit_raw, owner, cfg, dtypes)
+        m = len(self.orig_c)
+        self.orig_noise, self.edit_noise = noise[:m], noise[m:]
+        self.orig_digest, self.edit_digest = digests or ([None] * m, [None] * len(owner))
 
     def image(self, item: int, g: int | None) -> dict:
-        """Raw, z and composite of an item's original (g None) or of scored edit g."""
+        """Raw, z, composite, composite noise and digest of an item's original (g None) or of scored edit g."""
         if g is None:
             return {"raw": {n: self.orig_raw[n][item] for n in self.names},
-                    "z": {n: self.orig_z[n][item] for n in self.names}, "c": float(self.orig_c[item])}
+                    "z": {n: self.orig_z[n][item] for n in self.names}, "c": float(self.orig_c[item]),
+                    "noise": float(self.orig_noise[item]), "digest": self.orig_digest[item]}
         return {"raw": {n: self.edit_raw[n][g] for n in self.names},
-                "z": {n: self.edit_z[n][g] for n in self.names}, "c": float(self.edit_c[g])}
+                "z": {n: self.edit_z[n][g] for n in self.names}, "c": float(self.edit_c[g]),
+                "noise": float(self.edit_noise[g]), "digest": self.edit_digest[g]}
 
     def columns(self, c0: int, c1: int, a: dict, b: dict) -> dict:
         """The score columns of a row comparing image c0 (side 0) with image c1 (side 1)."""
@@ -177,9 +192,14 @@ def pair_rows(scored: Scored, item_id: str, item: int, g_of: dict[int, int], cfg
             rows[c] = rejected(item_id, f"not_selected: {why} (relabel.pairing={cfg.pairing})", candidate=c,
                                **scored.columns(-1, c, image(-1), image(c)))
             continue
-        v = scored.columns(c0, c1, image(c0), image(c1))
-        if v["margin"] <= cfg.min_margin or math.isclose(v["margin"], 0.0, abs_tol=1e-12):
-            rows[c] = rejected(item_id, f"tie: composite margin {v['margin']:.4g} <= relabel.min_margin", candidate=c, **v)
+        a, b = image(c0), image(c1)
+        v = scored.columns(c0, c1, a, b)
+        tolerance = a["noise"] + b["noise"]
+        if a["digest"] is not None and a["digest"] == b["digest"]:
+            rows[c] = rejected(item_id, "tie: the two images are the same bytes", candidate=c, **v)
+        elif v["margin"] <= cfg.min_margin + tolerance or math.isclose(v["margin"], 0.0, abs_tol=1e-12):
+            rows[c] = rejected(item_id, f"tie: composite margin {v['margin']:.4g} <= relabel.min_margin "
+                               f"{cfg.min_margin:g} + float noise {tolerance:.2g}", candidate=c, **v)
         else:
             chosen = 1 if v["composite_1"] > v["composite_0"] else 0
             rows[c] = kept(item_id, candidate=c, chosen=chosen, flipped=(c0 == -1 and chosen == 0), **v)
@@ -206,10 +226,12 @@ def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cf
     out: dict[int, dict] = {}
     items: dict[str, int] = {}  # item_id -> index among decoded originals
     originals: dict[str, list] = {side: [] for side in o_sides}
+    orig_digest: list[bytes] = []  # of each decoded original's encoded bytes: identical images are a tie
     item_prompts: list[str] = []
     bad_original: dict[str, str] = {}
     rows: list[int] = []  # row indices being scored
     edits: dict[str, list] = {side: [] for side in e_sides}
+    edit_digest: list[bytes] = []
     for k, iid in enumerate(item_ids):
         if iid in bad_original:
             out[k] = rejected(iid, bad_original[iid], candidate=candidates[k])
@@ -223,6 +245,7 @@ def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cf
                 continue
             items[iid] = len(item_prompts)
             item_prompts.append(prompts[k])
+            orig_digest.append(hashlib.sha256(images["original"][k]).digest())
             for side in o_sides:
                 originals[side].append(decoded[side])
         try:
@@ -231,11 +254,12 @@ def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cf
             out[k] = rejected(iid, str(exc), candidate=candidates[k])
             continue
         rows.append(k)
+        edit_digest.append(hashlib.sha256(images["edited"][k]).digest())
         for side in e_sides:
             edits[side].append(decoded[side])
     owner = np.array([items[item_ids[k]] for k in rows], dtype=np.int64)
     if rows:
-        orig_raw, edit_raw = score_images(names, cfg, get_scorer, [prompts[k] for k in rows], edits,
+        orig_raw, edit_raw, dtypes = score_images(names, cfg, get_scorer, [prompts[k] for k in rows], edits,
                                           list(owner), item_prompts, originals)
         # Non-finite scores cannot be ranked: reject those rows (all of an item's rows when its
         # original's score is at fault) and standardise over the rest.
@@ -252,7 +276,7 @@ def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cf
             remap = {j: i for i, j in enumerate(used_items)}
             sub_owner = np.array([remap[int(owner[r])] for r in good], dtype=np.int64)
             scored = Scored(names, {n: orig_raw[n][used_items] for n in names}, {n: edit_raw[n][good] for n in names},
-                            sub_owner, cfg)
+                            sub_owner, cfg, dtypes, ([orig_digest[j] for j in used_items], [edit_digest[r] for r in good]))
             by_item: dict[int, dict[int, int]] = {}  # item -> candidate -> index among scored edits
             for g, r in enumerate(good):
                 by_item.setdefault(int(sub_owner[g]), {})[candidates[rows[r]]] = g
