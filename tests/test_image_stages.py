@@ -524,7 +524,7 @@ def test_sdxl_paper_profile_is_sd15_paper_on_sdxl():
 
 
 def test_tiny_sdxl_profile_curates_end_to_end(tiny_models, prefect_harness, tmp_path):
-    from richpref.flows.curate import curate
+    from flows.curate import curate
     from richpref.storage import RunStore
 
     summary = curate(profile="tiny-sdxl", run="sdxl", data_dir=str(tmp_path),
