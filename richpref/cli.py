@@ -50,13 +50,13 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 print(f"run folder: {store.uri(store.root)}")
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
-        from .flows.curate import CurateFailed, curate
+        from .entrypoints import CURATE, load_module
 
-        flow_fn = curate
+        curate_flow = load_module(CURATE)  # the flow prefect.yaml deploys, by the same entrypoint
+        CurateFailed = curate_flow.CurateFailed
+        flow_fn = curate_flow.curate
         if args.dask_workers:
-            from .flows.curate import on_dask
-
-            flow_fn = on_dask(args.dask_workers)
+            flow_fn = curate_flow.on_dask(args.dask_workers)
         try:
             result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
                             models_root=args.models_root)

@@ -15,7 +15,7 @@ OVERRIDES = ["source.limit=12", "source.shard_size=4"]
 
 
 def curate_run(data_dir, run, models_root, extra=(), faults=None, monkeypatch=None):
-    from richpref.flows.curate import curate
+    from flows.curate import curate
 
     if faults and monkeypatch:
         monkeypatch.setenv("RICHPREF_FAULTS", faults)
@@ -103,7 +103,7 @@ def test_second_run_executes_no_stage_work(finished_run, runs_dir, tiny_models):
 
 
 def test_resume_after_a_failed_shard_redoes_only_that_shard(finished_run, runs_dir, tiny_models, monkeypatch):
-    from richpref.flows.curate import CurateFailed
+    from flows.curate import CurateFailed
 
     with pytest.raises(CurateFailed, match=r"edit/part-00001"):
         curate_run(runs_dir, "crash", tiny_models, faults="edit:1:raise", monkeypatch=monkeypatch)
@@ -197,7 +197,7 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
                                                                       monkeypatch, capsys):
     import shutil
 
-    import richpref.flows.curate as curate_flow
+    import flows.curate as curate_flow
     from richpref.cli import main
 
     ref = RunStore(str(runs_dir), "ref")

@@ -1,6 +1,6 @@
 """Every reward scorer against a value computed independently in the test.
 
-Each tiny model is written in its release's checkpoint layout (richpref/models/tiny_rewards.py) and
+Each tiny model is written in its release's checkpoint layout (richpref/models/tiny/rewards.py) and
 loaded through the real loader; the expected values come from direct transcriptions of the reference
 code below (plain torch / numpy on the raw state dicts, PIL preprocessing written out by hand).
 """

@@ -233,7 +233,7 @@ def test_old_filter_template_needs_the_attribute_check_off():
 
 @pytest.fixture(scope="module")
 def vlms(tmp_path_factory):
-    from richpref.models.tiny_vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
+    from richpref.models.tiny.vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
     from richpref.models.vlm import VisionLanguageModel
 
     root = tmp_path_factory.mktemp("vlms")

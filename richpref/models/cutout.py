@@ -102,7 +102,7 @@ def _resolve_custom_path(model: str, model_path: str | None, home: str | None) -
     if not p.is_file():
         raise ModelNotAvailable(
             f"custom rembg model file for {model!r} not found at {p}. Build the tiny test model with "
-            "richpref.models.tiny_rembg.build_tiny_u2net_onnx(<home>) or copy your .onnx there."
+            "richpref.models.tiny.rembg.build_tiny_u2net_onnx(<home>) or copy your .onnx there."
         )
     roots = [r.resolve() for r in rembg_homes()]
     if not any(p == r or r in p.parents for r in roots):

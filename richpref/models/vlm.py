@@ -2,7 +2,7 @@
 
 One class drives any transformers image-text-to-text checkpoint with a chat template: Qwen2.5-VL,
 LLaVA-OneVision (the LLaVA-Critic architecture, transformers format) and the tiny random models from
-`richpref.models.tiny_vlm`. Three ways of asking a question about an image:
+`richpref.models.tiny.vlm`. Three ways of asking a question about an image:
 
 - `generate` / `generate_detailed`: free text (critiques, edit instructions), greedy; the detailed
   form also says whether the model finished or was cut off at `max_new_tokens`;
@@ -140,7 +140,7 @@ class VisionLanguageModel:
             if model.config.model_type == "llava_onevision":
                 # Some community LLaVA-Critic conversions ship no template; LLaVA-OneVision-Qwen2
                 # was trained on ChatML, which is what the tiny template renders.
-                from .tiny_vlm import LLAVA_CHAT_TEMPLATE
+                from .tiny.vlm import LLAVA_CHAT_TEMPLATE
 
                 log.warning("%s has no chat template; using ChatML with <image>", path)
                 processor.chat_template = LLAVA_CHAT_TEMPLATE

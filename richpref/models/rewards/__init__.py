@@ -3,7 +3,7 @@
 `load_reward(kind, path, **options)` builds a scorer from resolved local paths (or Hub ids);
 `load_reward_spec(spec, models_root)` does it from a profile's `RewardSpec`, resolving every model
 reference the spec names. Each kind loads the original checkpoint layout of its reference and is
-tested on tiny weights in that layout (`richpref.models.tiny_rewards`).
+tested on tiny weights in that layout (`richpref.models.tiny.rewards`).
 
 | kind | module | per image or pair |
 |---|---|---|

@@ -198,7 +198,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     if failures:
         raise CurateFailed(failure_message(failures))
     if finetune_deployment:  # e.g. "finetune/tiny": launched once per pairs content (flows/launch.py)
-        from richpref.flows.launch import launch_finetune
+        from flows.launch import launch_finetune
 
         summary["finetune_flow_run"] = launch_finetune(summary, finetune_deployment)
     return summary

@@ -23,7 +23,7 @@ LAYOUT = {
     "clip": "clip",
     "pickscore": "pickscore",
     "rembg_home": "rembg",
-    # Reward models in their original checkpoint layouts (models/tiny_rewards.py).
+    # Reward models in their original checkpoint layouts (models/tiny/rewards.py).
     "imagereward": "imagereward",
     "hpsv2": "hpsv2",
     "aesthetic": "aesthetic",
@@ -35,11 +35,11 @@ LAYOUT = {
 
 def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str]:
     """Build every tiny model under `root` (skipped when an up-to-date build is there)."""
-    from .tiny_clip import build_tiny_clip
-    from .tiny_diffusion import build_tiny_controlnet, build_tiny_sd15, build_tiny_sdxl, build_tiny_sdxl_controlnet
-    from .tiny_rembg import build_tiny_u2net_onnx
-    from .tiny_rewards import build_tiny_rewards
-    from .tiny_vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
+    from .clip import build_tiny_clip
+    from .diffusion import build_tiny_controlnet, build_tiny_sd15, build_tiny_sdxl, build_tiny_sdxl_controlnet
+    from .rembg import build_tiny_u2net_onnx
+    from .rewards import build_tiny_rewards
+    from .vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
 
     root = Path(root)
     stamp = root / "BUILD.json"
