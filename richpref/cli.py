@@ -50,16 +50,20 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 print(f"run folder: {store.uri(store.root)}")
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
+        import contextlib
+
         from .flowref import CURATE, load_flow
-        from .orchestration import task_runner
+        from .orchestration import prefect_api_for_workers, task_runner
         from .runner import CurateFailed
 
-        flow_fn = load_flow(CURATE)
+        flow_fn, api = load_flow(CURATE), contextlib.nullcontext()
         if args.workers > 1 or args.dask_address:
             flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
+            api = prefect_api_for_workers()
         try:
-            result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                            models_root=args.models_root)
+            with api:
+                result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+                                 models_root=args.models_root)
         except CurateFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
