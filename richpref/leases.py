@@ -36,12 +36,25 @@ def lease_seconds() -> float:
 
 
 def _process_started(pid: int) -> float | None:
+    """When process `pid` started (tells a live holder from a new process that reuses its pid)."""
     try:
         import psutil
 
         return psutil.Process(pid).create_time()
-    except Exception:  # noqa: BLE001 - gone, or psutil missing: unknown
+    except ImportError:
         return None
+    except Exception:  # noqa: BLE001 - no such process
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def holder_alive(record: dict, now: float | None = None) -> bool:
@@ -51,9 +64,11 @@ def holder_alive(record: dict, now: float | None = None) -> bool:
         return False
     if record.get("host") == socket.gethostname():
         pid = int(record.get("pid", -1))
-        started = _process_started(pid) if pid > 0 else None
-        if started is None or (record.get("started") is not None and abs(started - float(record["started"])) > 1.0):
-            return False  # the process is gone (or its pid now belongs to another process)
+        if pid <= 0 or not _process_alive(pid):
+            return False  # the holder's process is gone
+        started = _process_started(pid)
+        if started is not None and record.get("started") is not None and abs(started - float(record["started"])) > 1.0:
+            return False  # its pid now belongs to another process
     return True
 
 
