@@ -50,16 +50,20 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 print(f"run folder: {store.uri(store.root)}")
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
-        from .entrypoints import CURATE, load_module
+        import contextlib
 
-        curate_flow = load_module(CURATE)  # the flow prefect.yaml deploys, by the same entrypoint
-        CurateFailed = curate_flow.CurateFailed
-        flow_fn = curate_flow.curate
-        if args.dask_workers:
-            flow_fn = curate_flow.on_dask(args.dask_workers)
+        from .entrypoints import CURATE, load_flow
+        from .orchestration import prefect_api_for_workers, task_runner
+        from .runner import CurateFailed
+
+        flow_fn, api = load_flow(CURATE), contextlib.nullcontext()
+        if args.workers > 1 or args.dask_address:
+            flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
+            api = prefect_api_for_workers()
         try:
-            result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                            models_root=args.models_root)
+            with api:
+                result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+                                 models_root=args.models_root)
         except CurateFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -194,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a profile value, e.g. --set edit.strength=0.6 (repeatable)")
     c.add_argument("--models-root", default=None, help="directory relative model references resolve against")
-    c.add_argument("--dask-workers", type=int, default=0,
-                   help="spread each stage's shards over N local Dask worker processes (needs prefect-dask; "
-                        "use with a Prefect server, see docs/operations.md)")
+    c.add_argument("--workers", "--dask-workers", dest="workers", type=int, default=1,
+                   help="spread each stage's shards over a local Dask cluster of N worker processes (one per GPU "
+                        "with dask-cuda on a GPU machine; see docs/operations.md)")
+    c.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
+                   help="run the shards on an existing Dask cluster (workers started with --resources GPU=1)")
     c.add_argument("--plan", action="store_true",
                    help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
     c.add_argument("--force-flow", action="store_true",

@@ -524,8 +524,10 @@ def test_sdxl_paper_profile_is_sd15_paper_on_sdxl():
 
 
 def test_tiny_sdxl_profile_curates_end_to_end(tiny_models, prefect_harness, tmp_path):
-    from flows.curate import curate
+    from richpref.entrypoints import CURATE, load_flow
     from richpref.storage import RunStore
+
+    curate = load_flow(CURATE)
 
     summary = curate(profile="tiny-sdxl", run="sdxl", data_dir=str(tmp_path),
                      overrides=["source.limit=8", "source.shard_size=8"], models_root=str(tiny_models))

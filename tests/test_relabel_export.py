@@ -20,7 +20,7 @@ from richpref.schemas.tables import CRITIQUES, CUTOUTS, EDITS, INSTRUCTIONS, PRO
 from richpref.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
-from richpref.tasks.base import run_stage_shard
+from richpref.runner import content_key, run_shard, write_shard
 
 
 # ------------------------------------------------------------------ composite, flip, tie: by hand
@@ -223,12 +223,12 @@ def write_upstream(store: RunStore) -> dict:
                                   "reason": "filter: not_executed(p_yes=0.10 < 0.5)" if k == 2 else None,
                                   "verdict": "drop" if k == 2 else "keep"} for k, i in enumerate(ids)], VERDICTS),
     }
-    return {name: store.write_shard(name, 0, t, key=f"test-{name}") for name, t in tables.items()}
+    return {name: write_shard(store, name, 0, t, key=f"test-{name}") for name, t in tables.items()}
 
 
 def run_stage(stage, store, profile, manifests):
     inputs = {r: manifests[r] for r in stage.reads}
-    manifests[stage.out] = run_stage_shard(stage, 0, inputs, store, profile, stage.content_key(profile, inputs))
+    manifests[stage.out] = run_shard(stage, 0, inputs, store, profile, content_key(stage, profile, 0, inputs))
 
 
 @pytest.fixture(scope="module")
