@@ -30,6 +30,7 @@ class RunPlan:
     source_done: bool
     stages: list[StagePlan]
     seconds: float
+    source: StagePlan | None = None
 
     @property
     def up_to_date(self) -> bool:
@@ -38,7 +39,9 @@ class RunPlan:
     def format(self) -> str:
         lines = [f"run {self.run}: " + ("up to date, nothing to compute" if self.up_to_date else "work to do")
                  + f" (checked in {self.seconds:.2f}s)",
-                 f"source: {'done' if self.source_done else 'to read'}",
+                 f"source: {'done' if self.source_done else 'to read'}" + (
+                     f" ({len(self.source.done)} of {len(self.source.done) + len(self.source.todo)} shards done)"
+                     if self.source is not None and not self.source_done else ""),
                  f"{'stage':<10} {'done':>5} {'todo':>5} {'blocked':>8}"]
         for s in self.stages:
             lines.append(f"{s.stage:<10} {len(s.done):>5} {len(s.todo):>5} {len(s.blocked):>8}"
@@ -59,33 +62,35 @@ def _ranges(xs: list[int]) -> str:
 
 def plan_run(profile: Profile, data_dir: str, run: str) -> RunPlan:
     from .tasks import PIPELINE
-    from .tasks.source import source_key
-    from .tasks.wrappers import committed_source
+    from .tasks.source import STAGE as SOURCE
 
     t0 = time.perf_counter()
     store = RunStore(data_dir, run)
-    source = committed_source(store, source_key(profile.source))
     stages = []
-    if source is not None:
-        manifests: dict[str, dict[int, ShardManifest]] = {"source": {m.shard: m for m in source}}
-        pending: dict[str, set[int]] = {"source": set()}  # shards to compute: their hashes are unknown yet
-        for stage in PIPELINE:
-            plan = StagePlan(stage.name)
-            manifests[stage.out], pending[stage.out] = {}, set()
-            for s in sorted(set.union(*(set(manifests[r]) | pending[r] for r in stage.reads))):
-                if any(s not in manifests[r] for r in stage.reads):
-                    plan.blocked.append(s)
-                    pending[stage.out].add(s)
-                    continue
-                m = store.committed(stage.out, s, stage.content_key(profile, {r: manifests[r][s] for r in stage.reads}))
-                if m is None:
-                    plan.todo.append(s)
-                    pending[stage.out].add(s)
-                else:
-                    manifests[stage.out][s] = m
-                    plan.done.append(s)
-            stages.append(plan)
-    return RunPlan(run=run, source_done=source is not None, stages=stages, seconds=time.perf_counter() - t0)
+    manifests: dict[str, dict[int, ShardManifest]] = {}
+    pending: dict[str, set[int]] = {}  # shards to compute: their hashes are unknown yet
+    for stage in (SOURCE, *PIPELINE):
+        plan = StagePlan(stage.name)
+        manifests[stage.out], pending[stage.out] = {}, set()
+        if stage.reads:
+            shards = sorted(set.union(*(set(manifests[r]) | pending[r] for r in stage.reads)))
+        else:
+            shards = list(range(stage.count_shards(profile)))
+        for s in shards:
+            if any(s not in manifests[r] for r in stage.reads):
+                plan.blocked.append(s)
+                pending[stage.out].add(s)
+                continue
+            m = store.committed(stage.out, s, stage.content_key(profile, {r: manifests[r][s] for r in stage.reads}, s))
+            if m is None:
+                plan.todo.append(s)
+                pending[stage.out].add(s)
+            else:
+                manifests[stage.out][s] = m
+                plan.done.append(s)
+        stages.append(plan)
+    return RunPlan(run=run, source_done=not stages[0].todo, stages=stages[1:], seconds=time.perf_counter() - t0,
+                   source=stages[0])
 
 
 def finished_and_current(profile: Profile, data_dir: str, run: str) -> bool:

@@ -21,10 +21,9 @@ from richpref.models.runtime import resident
 from richpref.schemas.config import Profile, load_profile, profile_hash
 from richpref.storage import RunStore, ShardManifest
 from richpref.tasks import OUTPUTS, PIPELINE
+from richpref.tasks import source as source_stage
 from richpref.tasks.base import Stage
-from richpref.tasks.source import source_key as content_key_of_source
-from richpref.tasks.wrappers import (_location_key, committed_source, _shard_cache_key, _source_cache_key, serialized_policy,
-                                     source_shards, stage_shard)
+from richpref.tasks.wrappers import _location_key, _shard_cache_key, drop_shards_past, serialized_policy, stage_shard
 
 log = logging.getLogger("richpref")
 
@@ -76,8 +75,11 @@ def on_dask(n_workers: int):
 def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], store: RunStore, data_dir: str,
               run: str, profile: Profile, storage) -> tuple[dict[int, ShardManifest], list[str]]:
     """Map one stage over every shard whose inputs exist; return its manifests and failures."""
-    shards = sorted(set.intersection(*(set(manifests[r]) for r in stage.reads)))
-    keys = {s: stage.content_key(profile, {r: manifests[r][s] for r in stage.reads}) for s in shards}
+    if stage.reads:
+        shards = sorted(set.intersection(*(set(manifests[r]) for r in stage.reads)))
+    else:  # the source: its shards are counted from the data (row counts, offset, limit)
+        shards = list(range(stage.count_shards(profile)))
+    keys = {s: stage.content_key(profile, {r: manifests[r][s] for r in stage.reads}, s) for s in shards}
     # A cache record is only trusted while its shard is on disk: drop the records of missing shards
     # (or, where records live elsewhere, overwrite them) so those shards are computed again.
     stale = {s for s in shards if not store.is_committed(stage.out, s, keys[s])}
@@ -148,8 +150,9 @@ def failure_message(failures: list[str]) -> str:
 
 @flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", overrides: list[str] | None = None,
-           models_root: str | None = None, finetune_deployment: str | None = None) -> dict:
-    """Curate preference pairs for `run` with `profile`; returns per-stage counts and the pairs location."""
+           models_root: str | None = None, finetune_deployment: str | None = None, until: str | None = None) -> dict:
+    """Curate preference pairs for `run` with `profile`; returns per-stage counts and the pairs location.
+    `until` names the last stage to run (a later run without it continues from there)."""
     prof = load_profile(profile, overrides, models_root)
     store = RunStore(data_dir, run)
     storage = _run_storage(store)
@@ -157,27 +160,20 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 
     manifests: dict[str, dict[int, ShardManifest]] = {}
-    source_key = content_key_of_source(prof.source)
-    src_task = source_shards.with_options(result_storage=storage) if storage else source_shards
-    policy = serialized_policy(store, _source_cache_key)
-    if policy is not None:
-        src_task = src_task.with_options(cache_policy=policy)
-    if committed_source(store, source_key) is None:
-        _drop_record(storage, _location_key(store, "source", 0, source_key))
-        if storage is None:
-            src_task = src_task.with_options(refresh_cache=True)
-    manifests["source"] = {m.shard: m for m in src_task(data_dir, run, prof, source_key)}
-
     failures: list[str] = []
-    for stage in PIPELINE:
+    for stage in (source_stage.STAGE, *PIPELINE):
         manifests[stage.out], failed = run_stage(stage, manifests, store, data_dir, run, prof, storage)
         failures += failed
+        if not stage.reads:  # a smaller source than last time: shards past its end leave the run
+            drop_shards_past(store, OUTPUTS, stage.count_shards(prof))
         resident.release()  # one big model at a time: free this stage's before the next loads
         _stage_artifact(run, stage.name, manifests[stage.out], failed)
+        if stage.name == until:
+            break
 
     summary = {
         "run": run,
-        "state": "failed" if failures else "completed",
+        "state": "failed" if failures else "completed" if until in (None, "export") else f"stopped after {until}",
         "profile": prof.name,
         "profile_hash": profile_hash(prof),
         "run_dir": store.uri(store.root),

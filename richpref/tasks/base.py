@@ -75,8 +75,9 @@ class StageInputs:
     """The rows a stage works on (the kept rows of its driving input) plus lookups by key."""
 
     shard: int
-    rows: pa.Table
+    rows: pa.Table | None  # None for the source, whose rows come from outside the run
     tables: dict[str, pa.Table]
+    scratch: str | None = None  # a local folder for what a stage may reuse across its shards (source: dedupe digests)
 
     def lookup(self, stage: str, columns: list[str], *, rows: pa.Table | None = None,
                candidates: list[int] | None = None) -> pa.Table:
@@ -115,13 +116,18 @@ class Stage:
     output: str = ""  # the folder it writes; defaults to the stage name
     # Output rows per input row when the stage starts the (item_id, candidate) key (edit), else None.
     fan_out: Callable[[Profile], int] | None = None
+    # A stage that reads no other stage (the source) counts its shards and keys each one itself.
+    count_shards: Callable[[Profile], int] | None = None
+    shard_key: Callable[[Profile, int], str] | None = None
 
     @property
     def out(self) -> str:
         return self.output or self.name
 
-    def content_key(self, profile: Profile, inputs: dict[str, ShardManifest]) -> str:
+    def content_key(self, profile: Profile, inputs: dict[str, ShardManifest], shard: int | None = None) -> str:
         """Same key <=> same output: stage code version, effective config, input contents."""
+        if self.shard_key is not None:
+            return self.shard_key(profile, shard)
         payload = {
             "stage": self.name,
             "version": self.version,
@@ -142,12 +148,19 @@ def run_stage_shard(
     inject_fault(stage.name, shard, "before")
     started = time.perf_counter()
     tables = {name: store.read_shard(name, shard) for name in stage.reads}
-    driver = tables[stage.reads[0]]
-    rows = driver.filter(pc.equal(driver.column("status"), OK))
+    if stage.reads:
+        driver = tables[stage.reads[0]]
+        rows = driver.filter(pc.equal(driver.column("status"), OK))
+    else:  # the source: its rows come from outside the run
+        rows = None
     t0 = time.perf_counter()
-    out, batch_size, retries = compute_splitting_on_oom(stage, StageInputs(shard=shard, rows=rows, tables=tables), profile)
+    inputs = StageInputs(shard=shard, rows=rows, tables=tables, scratch=store.scratch_dir(stage.out))
+    out, batch_size, retries = compute_splitting_on_oom(stage, inputs, profile)
     compute_s = time.perf_counter() - t0
-    check_rows_accounted(stage.name, shard, rows, out, stage.fan_out(profile) if stage.fan_out else None)
+    if rows is not None:
+        check_rows_accounted(stage.name, shard, rows, out, stage.fan_out(profile) if stage.fan_out else None)
+    else:
+        check_reasons(stage.name, shard, out)
     manifest = store.write_shard(stage.out, shard, out, key, before_commit=lambda: inject_fault(stage.name, shard, "write"))
     inject_fault(stage.name, shard, "after")
     wall = time.perf_counter() - started
@@ -208,6 +221,11 @@ def check_rows_accounted(stage: str, shard: int, rows: pa.Table, out: pa.Table, 
             f"{stage} shard {shard}: output rows do not match input rows (lost {sorted(lost)[:3]}, extra {sorted(extra)[:3]}"
             f"{', duplicated rows' if not lost and not extra else ''})"
         )
+    check_reasons(stage, shard, out)
+
+
+def check_reasons(stage: str, shard: int, out: pa.Table) -> None:
+    """Every row is kept or rejected with a reason."""
     if "status" not in out.schema.names:  # the exported pairs: every row is a kept pair
         return
     statuses = out.column("status").to_pylist()

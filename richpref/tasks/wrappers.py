@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,7 @@ from prefect.locking.filesystem import FileSystemLockManager
 
 from richpref.schemas.config import Profile
 from richpref.storage import RunStore, ShardManifest
-from richpref.tasks import OUTPUTS
-from richpref.tasks.base import Stage, inject_fault, run_stage_shard
-from richpref.tasks.source import shard_source
+from richpref.tasks.base import Stage, run_stage_shard
 
 log = logging.getLogger("richpref")
 
@@ -43,56 +40,17 @@ def stage_shard_fn(stage: Stage, shard: int, inputs: dict[str, ShardManifest], d
     return run_stage_shard(stage, shard, inputs, RunStore(data_dir, run), profile, key)
 
 
-def _source_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    store = RunStore(parameters["data_dir"], parameters["run"])
-    return _location_key(store, "source", 0, parameters["key"])
-
-
-SOURCE_DONE = "source/_done.json"
-
-
-def committed_source(store: RunStore, key: str) -> list[ShardManifest] | None:
-    """The source's shards if all of them were written for `key` (its completion marker says how many)."""
-    marker = f"{store.root}/{SOURCE_DONE}"
-    if not store.fs.exists(marker):
-        return None
-    done = json.loads(store.fs.cat_file(marker))
-    if done.get("key") != key:
-        return None
-    manifests = [store.committed("source", s, key) for s in range(done["shards"])]
-    return manifests if all(manifests) else None  # type: ignore[return-value]
-
-
-def source_shards_fn(data_dir: str, run: str, profile: Profile, key: str) -> list[ShardManifest]:
-    store = RunStore(data_dir, run)
-    done = committed_source(store, key)
-    if done is not None:
-        return done
-    t0 = time.perf_counter()
-    tables = shard_source(profile.source)
-    manifests = []
-    for i, t in enumerate(tables):
-        manifests.append(store.write_shard("source", i, t, key, before_commit=lambda i=i: inject_fault("source", i, "write")))
-        inject_fault("source", i, "after")
-    # A smaller source than last time: shards past the end are not part of this run any more.
-    for out in OUTPUTS:
+def drop_shards_past(store: RunStore, outputs: tuple[str, ...], count: int) -> None:
+    """Remove shards numbered `count` and above from every stage folder (the source shrank)."""
+    for out in outputs:
         for s in store.shards(out):
-            if s >= len(tables):
+            if s >= count:
                 store.fs.rm(store.shard_path(out, s))
-    store.write_text(SOURCE_DONE, json.dumps({"key": key, "shards": len(tables)}))
-    rows = sum(m.rows for m in manifests)
-    log.info("source: %d rows in %d shards (%.2fs), rejected %d", rows, len(manifests), time.perf_counter() - t0,
-             sum(m.rejected for m in manifests))
-    store.append_log("work.jsonl", {"stage": "source", "shard": -1, "rows": rows, "kept": sum(m.kept for m in manifests),
-                                    "compute_s": round(time.perf_counter() - t0, 4), "key": key, "at": time.time()})
-    return manifests
 
 
 # The plain functions keep their own importable names (pickling by reference needs that).
 stage_shard = task(stage_shard_fn, name="stage-shard", task_run_name="{stage.name}-{shard:05d}",
                    cache_policy=CachePolicy.from_cache_key_fn(_shard_cache_key), persist_result=True)
-source_shards = task(source_shards_fn, name="source", cache_policy=CachePolicy.from_cache_key_fn(_source_cache_key),
-                     persist_result=True)
 
 
 class RunLockManager(FileSystemLockManager):
