@@ -42,8 +42,6 @@ def _fault(seed: int) -> str:
     rng = random.Random(seed)
     kind = rng.choice(KINDS)
     stage = rng.choice(STAGES)
-    if stage == "source" and kind == "kill":
-        kind = "kill-after"  # the source has no per-shard "before" point
     return f"{stage}:{rng.randrange(2)}:{kind}"
 
 
@@ -77,8 +75,6 @@ def test_sigkill_at_a_random_point_then_resume_gives_identical_pairs(prefect_ser
     repeated = {w for w in work if work.count(w) > 1}
     stage, shard, kind = fault.split(":")
     allowed = {(stage, int(shard))} if kind != "kill" else set()
-    if stage == "source":
-        allowed = {("source", -1)}
     assert repeated <= allowed, f"{fault}: recomputed {repeated}"
 
 

@@ -89,7 +89,7 @@ def test_pairs_are_pickapic_format_and_load_with_datasets(finished_run, runs_dir
 
 def test_each_shard_was_computed_once(finished_run, runs_dir):
     done = work(runs_dir, "ref")
-    expected = [("source", -1)] + [(s.name, k) for s in PIPELINE for k in range(N_ITEMS // SHARD)]
+    expected = [(s, k) for s in ["source", *(p.name for p in PIPELINE)] for k in range(N_ITEMS // SHARD)]
     assert sorted(done) == sorted(expected)
 
 
@@ -236,3 +236,24 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
     assert lines["instruct"][1] == "0" and lines["edit"][1] == "2" and lines["cutout"][1] == "0"
     with pytest.raises(AssertionError, match="must not start"):  # not up to date: the flow is started
         main(argv)
+
+
+def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, runs_dir, tiny_models):
+    import json
+    import shutil
+
+    store = RunStore(str(runs_dir), "until")
+    shutil.copytree(RunStore(str(runs_dir), "ref").root, store.root)
+    store.fs.rm(store.root + "/_log", recursive=True)
+    for out in OUTPUTS[OUTPUTS.index("critique"):]:
+        store.fs.rm(store.shard_path(out, 1))
+    from richpref.flows.curate import curate
+
+    curate(profile="tiny", run="until", data_dir=str(runs_dir), overrides=OVERRIDES, models_root=str(tiny_models),
+           until="instruct")
+    assert work(runs_dir, "until") == [("critique", 1), ("instruct", 1)]
+    assert json.loads(store.fs.cat_file(store.root + "/run.json"))["state"] == "stopped after instruct"
+    assert 1 not in store.shards("edit")
+    curate_run(runs_dir, "until", tiny_models)
+    assert sorted(work(runs_dir, "until")[2:]) == [(s, 1) for s in ("cutout", "edit", "export", "filter", "relabel")]
+    assert pair_files(runs_dir, "until") == pair_files(runs_dir, "ref")
