@@ -22,8 +22,9 @@ from richpref.tasks import ALL_STAGES
 
 @flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", overrides: list[str] | None = None,
-           models_root: str | None = None, finetune_deployment: str | None = None) -> dict:
-    """Curate preference pairs for `run` with `profile`; returns per-stage counts and the pairs location."""
+           models_root: str | None = None, finetune_deployment: str | None = None, until: str | None = None) -> dict:
+    """Curate preference pairs for `run` with `profile`; returns per-stage counts and the pairs location.
+    `until` names the last stage to run (a later run without it continues from there)."""
     prof = load_profile(profile, overrides, models_root)
     store = RunStore(data_dir, run)
     store.write_text("profile.json", prof.model_dump_json(indent=2))
@@ -36,10 +37,12 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
         failures += failed
         resident.release()  # one big model at a time: free this stage's before the next loads
         stage_artifact(run, stage.name, manifests[stage.out], failed)
+        if stage.name == until:
+            break
 
     summary = {
         "run": run,
-        "state": "failed" if failures else "completed",
+        "state": "failed" if failures else "completed" if until in (None, "export") else f"stopped after {until}",
         "profile": prof.name,
         "profile_hash": profile_hash(prof),
         "run_dir": store.uri(store.root),

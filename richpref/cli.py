@@ -63,7 +63,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
         try:
             with api:
                 result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                                 models_root=args.models_root)
+                                 models_root=args.models_root,
+                                 **({"until": args.until} if args.until else {}))
         except CurateFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -205,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the shards on an existing Dask cluster (workers started with --resources GPU=1)")
     c.add_argument("--plan", action="store_true",
                    help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
+    c.add_argument("--until", metavar="STAGE", default=None,
+                   choices=["source", "sample", "critique", "instruct", "edit", "cutout", "filter", "relabel", "export"],
+                   help="stop after STAGE (e.g. instruct, to read the instructions before paying for edits); "
+                        "a later run without it continues from there")
     c.add_argument("--force-flow", action="store_true",
                    help="start the flow even when the run is finished and up to date (it then computes nothing)")
     c.set_defaults(fn=cmd_curate)

@@ -22,6 +22,7 @@ class RunPlan:
     run: str
     stages: list[StagePlan]
     seconds: float
+    source: StagePlan | None = None
 
     @property
     def up_to_date(self) -> bool:

@@ -67,7 +67,10 @@ class ShardManifest:
 
 
 def content_key(stage: Stage, profile: Profile, shard: int, inputs: dict[str, ShardManifest]) -> str:
-    """Same key <=> same output: code version, effective config, shard, input shards' keys."""
+    """Same key <=> same output: code version, effective config, shard, input shards' keys. A stage
+    that reads no stage (the source) keys each shard itself, from the rows it reads."""
+    if stage.shard_key is not None:
+        return stage.shard_key(profile, shard)
     payload = {
         "stage": stage.name,
         "version": stage.version,
@@ -127,7 +130,7 @@ def stage_shards(stage: Stage, profile: Profile, manifests: dict[str, dict[int, 
     """The shards a stage has this run: its own count when it reads no stage (the source), else the
     shards every input stage has committed."""
     if not stage.reads:
-        return list(range(stage.shard_count(profile)))
+        return list(range(stage.count_shards(profile)))
     return sorted(set.intersection(*(set(manifests[r]) for r in stage.reads)))
 
 
@@ -179,7 +182,8 @@ def _compute(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store: 
     started = time.perf_counter()
     rows, tables = _input_rows(stage, shard, store)
     t0 = time.perf_counter()
-    out, batch_size, retries = compute_splitting_on_oom(stage, StageInputs(shard=shard, rows=rows, tables=tables), profile)
+    out, batch_size, retries = compute_splitting_on_oom(stage, StageInputs(shard=shard, rows=rows, tables=tables,
+                                                                    scratch=store.scratch_dir(stage.out)), profile)
     compute_s = time.perf_counter() - t0
     check_rows_accounted(stage.name, shard, rows, out, stage.fan_out(profile) if stage.fan_out else None,
                          reads_rows=bool(stage.reads))
@@ -237,7 +241,7 @@ def plan_stages(stages: tuple[Stage, ...], profile: Profile, store: RunStore) ->
         plan = StagePlan(stage.name)
         have = stage_manifests(store, stage.out)
         manifests[stage.out], pending[stage.out] = {}, set()
-        candidates = (range(stage.shard_count(profile)) if not stage.reads
+        candidates = (range(stage.count_shards(profile)) if not stage.reads
                       else sorted(set.union(*(set(manifests[r]) | pending[r] for r in stage.reads))))
         for s in candidates:
             if any(s not in manifests[r] for r in stage.reads):

@@ -237,3 +237,24 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
     assert lines["instruct"][1] == "0" and lines["edit"][1] == "2" and lines["cutout"][1] == "0"
     with pytest.raises(AssertionError, match="must not start"):  # not up to date: the flow is started
         main(argv)
+
+
+def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, runs_dir, tiny_models):
+    import json
+    import shutil
+
+    store = RunStore(str(runs_dir), "until")
+    shutil.copytree(RunStore(str(runs_dir), "ref").root, store.root)
+    store.fs.rm(store.root + "/_log", recursive=True)
+    for out in OUTPUTS[OUTPUTS.index("critique"):]:
+        store.fs.rm(store.shard_path(out, 1))
+    from richpref.flows.curate import curate
+
+    curate(profile="tiny", run="until", data_dir=str(runs_dir), overrides=OVERRIDES, models_root=str(tiny_models),
+           until="instruct")
+    assert work(runs_dir, "until") == [("critique", 1), ("instruct", 1)]
+    assert json.loads(store.fs.cat_file(store.root + "/run.json"))["state"] == "stopped after instruct"
+    assert 1 not in store.shards("edit")
+    curate_run(runs_dir, "until", tiny_models)
+    assert sorted(work(runs_dir, "until")[2:]) == [(s, 1) for s in ("cutout", "edit", "export", "filter", "relabel")]
+    assert pair_files(runs_dir, "until") == pair_files(runs_dir, "ref")

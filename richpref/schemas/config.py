@@ -32,15 +32,27 @@ class SourceConfig(_Strict):
     """Where prompts (and optionally images) come from."""
 
     kind: Literal["prompts", "jsonl", "parquet", "hf"] = "prompts"
-    path: str | None = None  # local file(s) or glob for prompts/jsonl/parquet
-    dataset: str | None = None  # `datasets` name or local dir, for kind "hf"
+    path: str | None = None  # local file(s), folder or glob for prompts/jsonl/parquet
+    dataset: str | None = None  # for kind "hf": Hub id (local Hub cache when offline), dir saved with `datasets`, or a folder of data files
     split: str = "train"
+    revision: str | None = None  # Hub revision (branch, tag or commit) for kind "hf"
     prompt_column: str = "caption"
     image_column: str | None = None  # a column of encoded image bytes to use instead of sampling
     pickapic_preferred: bool = False  # take the preferred image of a Pick-a-Pic pair (jpg_0/jpg_1/label_0)
+    # A Pick-a-Pic tie (label_0 = 0.5) has no preferred image: rejected (as the DPO trainers skip
+    # ties), or "keep" takes jpg_0.
+    pickapic_ties: Literal["reject", "keep"] = "reject"
+    # Drop repeats: rows whose image (or prompt) an earlier row of the range already had are rejected
+    # as `duplicate: <item_id of the first>`. Default: "image" for Pick-a-Pic sources, else "none".
+    dedupe: Literal["image", "prompt", "none"] | None = None
+    offset: int = Field(0, ge=0)  # first row read (rows before it are never read)
     limit: int | None = Field(None, ge=1)
     shard_size: int = Field(8, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
+
+    @property
+    def effective_dedupe(self) -> str:
+        return self.dedupe or ("image" if self.pickapic_preferred else "none")
 
 
 class SampleConfig(StageConfig):

@@ -16,7 +16,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in PIPELINE}
 # Folders of a run in pipeline order (export writes `pairs`).
 OUTPUTS: tuple[str, ...] = ("source",) + tuple(s.out for s in PIPELINE)
 
-from . import source_stage  # noqa: E402 - the source, an ordinary stage that reads no stage
+from . import source  # noqa: E402 - the source, an ordinary stage that reads no stage
 
 # Every stage the curate flow runs, in order: the source first.
-ALL_STAGES: tuple[Stage, ...] = (source_stage.STAGE, *PIPELINE)
+ALL_STAGES: tuple[Stage, ...] = (source.STAGE, *PIPELINE)

@@ -33,8 +33,9 @@ class StageInputs:
     """The rows a stage works on (the kept rows of its driving input) plus lookups by key."""
 
     shard: int
-    rows: pa.Table
+    rows: pa.Table | None  # None for the source, whose rows come from outside the run
     tables: dict[str, pa.Table]
+    scratch: str | None = None  # a local folder for what a stage may reuse across its shards (source: dedupe digests)
 
     def lookup(self, stage: str, columns: list[str], *, rows: pa.Table | None = None,
                candidates: list[int] | None = None) -> pa.Table:
@@ -73,8 +74,9 @@ class Stage:
     output: str = ""  # the folder it writes; defaults to the stage name
     # Output rows per input row when the stage starts the (item_id, candidate) key (edit), else None.
     fan_out: Callable[[Profile], int] | None = None
-    # How many shards a stage that reads no stage (the source) makes for a profile.
-    shard_count: Callable[[Profile], int] | None = None
+    # A stage that reads no other stage (the source) counts its shards and keys each one itself.
+    count_shards: Callable[[Profile], int] | None = None
+    shard_key: Callable[[Profile, int], str] | None = None
 
     @property
     def out(self) -> str:
