@@ -248,9 +248,9 @@ def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, ru
     store.fs.rm(store.root + "/_log", recursive=True)
     for out in OUTPUTS[OUTPUTS.index("critique"):]:
         store.fs.rm(store.shard_path(out, 1))
-    from richpref.flows.curate import curate
+    from richpref.entrypoints import CURATE, load_flow
 
-    curate(profile="tiny", run="until", data_dir=str(runs_dir), overrides=OVERRIDES, models_root=str(tiny_models),
+    load_flow(CURATE)(profile="tiny", run="until", data_dir=str(runs_dir), overrides=OVERRIDES, models_root=str(tiny_models),
            until="instruct")
     assert work(runs_dir, "until") == [("critique", 1), ("instruct", 1)]
     assert json.loads(store.fs.cat_file(store.root + "/run.json"))["state"] == "stopped after instruct"
