@@ -51,6 +51,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
         from .entrypoints import CURATE, load_module
+        from .prefect_api import owned_prefect_api
 
         curate_flow = load_module(CURATE)  # the flow prefect.yaml deploys, by the same entrypoint
         CurateFailed = curate_flow.CurateFailed
@@ -58,8 +59,9 @@ def cmd_curate(args: argparse.Namespace) -> int:
         if args.dask_workers:
             flow_fn = curate_flow.on_dask(args.dask_workers)
         try:
-            result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                            models_root=args.models_root)
+            with owned_prefect_api():  # a Prefect server this process starts dies with it
+                result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+                                 models_root=args.models_root)
         except CurateFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -125,7 +127,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_relabel_dataset(args: argparse.Namespace) -> int:
     from .schemas.config import ProfileError, load_profile
-    from .tasks.relabel import DatasetError, relabel_dataset
+    from .relabel_dataset import DatasetError, relabel_dataset
 
     try:
         prof = load_profile(args.profile, args.set, args.models_root)
