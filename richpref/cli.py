@@ -50,18 +50,16 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 print(f"run folder: {store.uri(store.root)}")
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
-        import contextlib
-
         from .entrypoints import CURATE, load_flow
-        from .orchestration import prefect_api_for_workers, task_runner
+        from .orchestration import task_runner
+        from .prefect_api import owned_prefect_api
         from .runner import CurateFailed
 
-        flow_fn, api = load_flow(CURATE), contextlib.nullcontext()
+        flow_fn = load_flow(CURATE)
         if args.workers > 1 or args.dask_address:
             flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
-            api = prefect_api_for_workers()
         try:
-            with api:
+            with owned_prefect_api():  # a Prefect server this process starts dies with it (Dask workers use it too)
                 result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
                                  models_root=args.models_root,
                                  **({"until": args.until} if args.until else {}))
@@ -130,7 +128,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_relabel_dataset(args: argparse.Namespace) -> int:
     from .schemas.config import ProfileError, load_profile
-    from .tasks.relabel import DatasetError, relabel_dataset
+    from .relabel_dataset import DatasetError, relabel_dataset
 
     try:
         prof = load_profile(args.profile, args.set, args.models_root)

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from richpref.images import encode_png
 from richpref.models.runtime import resolve_model_ref
 from richpref.schemas.tables import OK
-from richpref.schemas.training import EvalModelConfig, EvaluateConfig, load_evaluate_config
+from richpref.schemas.training import EvalModelConfig, EvaluateConfig
 
 log = logging.getLogger("richpref")
 

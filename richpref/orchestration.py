@@ -71,25 +71,6 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
                                           "env": {TORCH_THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads)}})
 
 
-@contextlib.contextmanager
-def prefect_api_for_workers():
-    """Dask worker processes must report to the flow's Prefect API. Without a server
-    (PREFECT_API_URL unset) each worker would start an ephemeral one of its own: start it here
-    instead, and hand its address to the workers (started after this, they inherit it)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield  # the server stops at exit, after the last logs are sent to it
-
-
 def _wait_seconds() -> float:
     return min(2.0, max(0.2, lease_seconds() / 10))
 

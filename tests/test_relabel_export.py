@@ -412,7 +412,7 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
 
 
 def test_relabel_dataset_refuses_pair_rewards(tiny_models, tmp_path):
-    from richpref.tasks.relabel import DatasetError, relabel_dataset
+    from richpref.relabel_dataset import DatasetError, relabel_dataset
 
     pq.write_table(pa.table({"caption": ["x"], "jpg_0": [solid(1, 2)], "jpg_1": [solid(3, 4)]}), tmp_path / "a.parquet")
     profile = load_profile("tiny", models_root=str(tiny_models))

@@ -65,7 +65,7 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
     """Run training to the end, relaunching up to `max_restarts` times after a crash; return finetune.json.
 
     `on_poll` is called every `poll_seconds` while training runs (progress reports)."""
-    from .train import finished
+    from .checkpoints import finished
 
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
