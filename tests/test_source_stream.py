@@ -215,6 +215,10 @@ def test_a_file_that_is_not_text_fails_as_a_whole_naming_it(tmp_path):
     pq.write_table(pa.table({"caption": ["x"]}), path)
     with pytest.raises(SourceError, match=r"data.jsonl: line 1 is binary data.*source.kind"):
         check_source(SourceConfig(kind="jsonl", path=str(path)))
+    csv = tmp_path / "table.jsonl"
+    csv.write_text("caption,score\na cat,1\n")
+    with pytest.raises(SourceError, match=r"table.jsonl: line 1: not valid JSON .*one JSON object per line"):
+        check_source(SourceConfig(kind="jsonl", path=str(csv)))
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not really")
     with pytest.raises(SourceError, match=r"broken.parquet: not a readable Parquet file"):
@@ -245,3 +249,24 @@ def test_hf_kind_reads_a_saved_dataset_and_a_hub_layout_folder(tmp_path):
         assert {r["source"] for r in rows} == {dataset}
     with pytest.raises(SourceError, match="no split 'validation'"):
         check_source(SourceConfig(kind="hf", dataset=str(tmp_path / "repo"), split="validation"))
+
+
+def test_hf_kind_reads_a_hub_dataset_from_the_local_hub_cache_offline(tmp_path, monkeypatch):
+    """A Hub id resolves to its cached snapshot (no network); the snapshot's revision is part of the key."""
+    import huggingface_hub.constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--someone--pickapic-mini"
+    data = repo / "snapshots" / sha / "data"
+    data.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    _pickapic(data / "train-00000-of-00001.parquet", 10, row_group_size=5, label_of=lambda i: 1.0)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = SourceConfig(kind="hf", dataset="someone/pickapic-mini", pickapic_preferred=True, limit=6, shard_size=3)
+    rows = _rows(shard_source(cfg))
+    assert [r["prompt"] for r in rows] == [f"prompt {i}" for i in range(6)]
+    assert [r["image"] for r in rows] == [_jpeg(2 * i) for i in range(6)]
+    with pytest.raises(SourceError, match="neither a local folder nor in the local Hub cache"):
+        check_source(cfg.model_copy(update={"dataset": "someone/not-downloaded"}))

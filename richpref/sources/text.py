@@ -97,8 +97,12 @@ class JsonlPart(_LinePart):
     def columns(self) -> list[str]:
         """Keys of the first objects of the file (a row missing a key is a row with a missing value)."""
         keys: dict[str, None] = {}
-        for row in self.read(0, min(100, self.num_rows()), []):
+        first = self.read(0, min(100, self.num_rows()), [])
+        for row in first:
             keys.update(dict.fromkeys(k for k in row if k not in (BAD_ROW, RAW)))
+        if first and all(BAD_ROW in row for row in first):
+            raise SourceError(f"{self.path}: {first[0][BAD_ROW]}, and none of its first {len(first)} rows is a JSON "
+                              "object: write one JSON object per line, or set source.kind to the file's format")
         return list(keys)
 
     def read(self, start: int, stop: int, columns: list[str]) -> list[dict]:

@@ -152,7 +152,8 @@ class SourceView:
         self.start = cfg.offset
         self.stop = total if cfg.limit is None else min(total, cfg.offset + cfg.limit)
         core = cfg.model_dump(mode="json", exclude=RANGE_FIELDS)
-        self.core = hashlib.sha256(json.dumps([VERSION, core, self.reader.source_id], sort_keys=True).encode()).hexdigest()
+        revision = getattr(self.reader, "revision", None)  # a Hub snapshot's commit
+        self.core = hashlib.sha256(json.dumps([VERSION, core, self.reader.source_id, revision], sort_keys=True).encode()).hexdigest()
         # Dedupe digests held in memory belong to this version of the files and this shard layout.
         self.index_key = hashlib.sha256(repr((self.core, cfg.offset, cfg.shard_size, stamp(cfg))).encode()).hexdigest()
         self._own: dict[int, str] = {}
