@@ -175,7 +175,9 @@ def contradiction(instruction: str, prompt: str) -> str | None:
             return _colour_conflict(phrase, new, prompt)
         head, _ = _head(object_phrase(phrase))
         if head in asked and head not in new:
-            return f"turns {object_phrase(phrase)!r}, which the prompt asks for, into {new_text.strip(' .')!r}"
+            replaces = verb in _REPLACE
+            return (f"{'replaces' if replaces else 'turns'} {object_phrase(phrase)!r}, which the prompt asks for, "
+                    f"{'with' if replaces else 'into'} {new_text.strip(' .')!r}")
         return None
     if verb in _RECOLOUR or verb == "turn":
         words = object_phrase(rest).split()
