@@ -87,12 +87,21 @@ class InstructConfig(VLMStageConfig):
     onestep_template: str = "instruct_onestep_v1"  # the template used when one_step is set
     max_instructions: int = Field(5, ge=1)
     max_instruction_chars: int = Field(200, ge=8)
-    # Guards (RPO appendix D). Grounding: share of an instruction's content words found in the
-    # prompt + critique (prompt only when one_step); 0 turns it off.
-    min_grounding: float = Field(0.5, ge=0, le=1)
+    # Guards (RPO appendix D), tuned on tests/data/instruction_corpus.yaml (docs/instruction_guards.md).
+    # Contradiction: drop instructions that remove, replace or recolour what the prompt asks for.
+    drop_contradictions: bool = True
+    drop_vague: bool = True  # drop instructions without a content word ("Improve the overall quality")
+    # Grounding: share of an instruction's content words found in the prompt + critique (prompt
+    # only when one_step); 0 turns it off. Low on purpose: elaborations ("terracotta roofs") are
+    # good instructions; it catches additions that share no word with either.
+    min_grounding: float = Field(0.1, ge=0, le=1)
     # Visibility: P(yes) that the thing an instruction changes is in the image; 0 turns it off.
     min_visible: float = Field(0.5, ge=0, le=1)
     visible_template: str = "instruct_visible_v1"
+    # Model-judged faithfulness: P(yes) that the instruction serves the prompt without removing,
+    # replacing or contradicting what it asks for or adding unrelated content; 0 turns it off.
+    min_faithful: float = Field(0.0, ge=0, le=1)
+    faithful_template: str = "instruct_faithful_v1"
     drop_truncated: bool = True  # drop the last instruction when max_new_tokens cut the output
     on_guard_fail: Literal["drop_instruction", "reject_row"] = "drop_instruction"
 
