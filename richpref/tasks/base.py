@@ -115,6 +115,9 @@ class Stage:
     output: str = ""  # the folder it writes; defaults to the stage name
     # Output rows per input row when the stage starts the (item_id, candidate) key (edit), else None.
     fan_out: Callable[[Profile], int] | None = None
+    # The part of the section's config that decides the output, when not all of it does (a scoring
+    # stage leaves the thresholds to the decision stage after it, so tuning one costs no model call).
+    config_view: Callable[[Any], Any] | None = None
 
     @property
     def out(self) -> str:
@@ -125,7 +128,8 @@ class Stage:
         payload = {
             "stage": self.name,
             "version": self.version,
-            "config": config_hash(getattr(profile, self.section)),
+            "config": config_hash(self.config_view(getattr(profile, self.section)) if self.config_view
+                                  else getattr(profile, self.section)),
             "extra": self.key_extra(profile),
             "inputs": {name: inputs[name].sha256 for name in self.reads},
         }
