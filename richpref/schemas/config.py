@@ -44,7 +44,7 @@ class SourceConfig(_Strict):
 
 
 class SampleConfig(StageConfig):
-    model: str = "runwayml/stable-diffusion-v1-5"
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     use_dataset_image: bool = True  # when the source row carries an image, keep it instead of generating
     scheduler: str | None = None
     steps: int = Field(25, ge=1)
@@ -86,7 +86,7 @@ class InstructConfig(VLMStageConfig):
 
 
 class EditConfig(StageConfig):
-    model: str = "runwayml/stable-diffusion-v1-5"
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     controlnet: str = "lllyasviel/control_v11p_sd15_canny"
     control: Literal["canny", "tile", "lineart_standard", "softedge_hed", "softedge_pidi", "lineart"] = "canny"
     # Annotator weights for the network controls (softedge_*, lineart): a directory in the
