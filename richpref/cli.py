@@ -132,7 +132,7 @@ def cmd_relabel_dataset(args: argparse.Namespace) -> int:
 
     try:
         prof = load_profile(args.profile, args.set, args.models_root)
-        result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward)
+        result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward, drop_near_ties=args.drop_near_ties)
     except (ProfileError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("out_dir", help="folder for the relabelled part-*.parquet, README.md and plots")
     rd.add_argument("--profile", default="tiny", help="profile whose relabel.rewards score the images")
     rd.add_argument("--reward", default=None, help="use only this reward of the profile (e.g. imagereward)")
+    rd.add_argument("--drop-near-ties", action="store_true",
+                    help="also drop pairs whose margin is <= relabel.min_margin (default: the label follows the "
+                         "reward's order; only pairs without one are dropped)")
     rd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a profile value")
     rd.add_argument("--models-root", default=None, help="directory relative model references resolve against")
     rd.set_defaults(fn=cmd_relabel_dataset)

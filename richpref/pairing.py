@@ -9,7 +9,7 @@ score's magnitude (8 float32 ulps). So a tie cannot be `margin <= min_margin` on
 - a margin counts as a tie when it is within float noise of `min_margin`. Noise of relative size `rho`
   on a raw score of magnitude up to `scale` moves its z-score by up to `rho * scale / std` (std of the
   standardisation group); a composite by the weighted sum of that over its rewards; a margin by the
-  noise of both its sides. `rho` is 2^-15 (3.1e-5, 30x the measured float32 noise) for float32 scores,
+  noise of both its sides (rewards with weight 0 add nothing). `rho` is 2^-15 (3.1e-5, 30x the measured float32 noise) for float32 scores,
   4 ulps of the dtype (3.9e-3) for float16 and (3.1e-2) bfloat16: 16-bit models round their outputs
   to a few ulps of their own precision.
 """
@@ -34,14 +34,25 @@ def scorer_dtype(scorer: object) -> str:
     return str(dtype or "float32").removeprefix("torch.")
 
 
-def z_noise(values: np.ndarray, groups: np.ndarray | None, rho: float) -> np.ndarray:
-    """Per value, how far relative noise `rho` on the raw scores can move its z-score within its group:
-    rho * max|x| / std. 0 where the group has no spread (its z-scores are exactly 0)."""
+def standardise(values: np.ndarray, groups: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """(z, spread). Without groups: (x - mean) / std over all values. With groups: each value minus
+    its group's mean, over the spread of all values around their group means (pooled), so a group of
+    two images does not turn any gap, 1e-4 or 2.0, into the same +-1. No spread: z is 0."""
     values = np.asarray(values, dtype=np.float64)
-    groups = np.zeros(len(values), dtype=np.int64) if groups is None else np.asarray(groups)
-    out = np.zeros_like(values)
-    for g in np.unique(groups):
-        m = groups == g
-        std = values[m].std()
-        out[m] = 0.0 if std < 1e-12 else rho * np.abs(values[m]).max() / std
-    return out
+    if groups is None:
+        dev = values - values.mean()
+    else:
+        groups = np.asarray(groups)
+        means = {g: values[groups == g].mean() for g in np.unique(groups)}
+        dev = values - np.array([means[g] for g in groups])
+    spread = float(np.sqrt(np.mean(dev ** 2))) if len(values) else 0.0
+    if spread < 1e-12:
+        return np.zeros_like(values), 0.0
+    return dev / spread, spread
+
+
+def z_noise(values: np.ndarray, spread: float, rho: float) -> float:
+    """How far relative noise `rho` on the raw scores can move a z-score: rho * max|x| / spread
+    (0 without spread: the z-scores are exactly 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    return 0.0 if spread < 1e-12 or not len(values) else float(rho * np.abs(values).max() / spread)

@@ -74,7 +74,8 @@ def content_key(stage: Stage, profile: Profile, shard: int, inputs: dict[str, Sh
     payload = {
         "stage": stage.name,
         "version": stage.version,
-        "config": config_hash(getattr(profile, stage.section)),
+        "config": config_hash(stage.config_view(getattr(profile, stage.section)) if stage.config_view
+                              else getattr(profile, stage.section)),
         "extra": stage.key_extra(profile),
         "shard": shard,
         "inputs": {name: inputs[name].key for name in stage.reads},

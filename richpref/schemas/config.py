@@ -56,7 +56,7 @@ class SourceConfig(_Strict):
 
 
 class SampleConfig(StageConfig):
-    model: str = "runwayml/stable-diffusion-v1-5"
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     use_dataset_image: bool = True  # when the source row carries an image, keep it instead of generating
     scheduler: str | None = None
     steps: int = Field(25, ge=1)
@@ -107,7 +107,7 @@ class InstructConfig(VLMStageConfig):
 
 
 class EditConfig(StageConfig):
-    model: str = "runwayml/stable-diffusion-v1-5"
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     controlnet: str = "lllyasviel/control_v11p_sd15_canny"
     control: Literal["canny", "tile", "lineart_standard", "softedge_hed", "softedge_pidi", "lineart"] = "canny"
     # Annotator weights for the network controls (softedge_*, lineart): a directory in the
@@ -191,14 +191,34 @@ class RewardSpec(_Strict):
         return self
 
 
+class SubjectGateConfig(_Strict):
+    """DINOv2 patch consistency of an edit with its original (UPER §3.1.3) as a gate: an edit that keeps
+    less of its original than `min_consistency` is rejected (`subject_changed: …`). It measures how much
+    an edit changed, not which image is better, so it never votes in the composite."""
+
+    model: str  # a Dinov2Model dir / Hub id (facebook/dinov2-base)
+    patch: int = Field(224, ge=1)  # window size; windows cover the whole image (the last flush with the edge)
+    stride: int = Field(112, ge=1)
+    on_cutout: bool = True  # compare the foreground cut-outs (cutout stage) instead of the full images
+    min_consistency: float = Field(0.0, ge=-1, le=1)  # mean cosine over windows; 0 keeps every edit
+
+
 class RelabelConfig(StageConfig):
+    # RPO relabels with ImageReward alone; the reference scorers run in float32 (16-bit is an opt-in).
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     rewards: dict[str, RewardSpec] = Field(
         default_factory=lambda: {
-            "pickscore": RewardSpec(kind="pickscore", model="yuvalkirstain/PickScore_v1", weight=1.0),
-            "clip": RewardSpec(kind="clip", model="openai/clip-vit-large-patch14", weight=1.0),
+            "imagereward": RewardSpec(kind="imagereward", model="THUDM/ImageReward", file="ImageReward.pt",
+                                      processor="google-bert/bert-base-uncased", weight=1.0),
         }
     )
-    standardize: Literal["shard", "item"] = "shard"  # z-score group: the shard, or one item's original + edits
+    # Rewards with weight 0 are neither loaded nor scored unless named here: then they are scored and
+    # recorded (every pair's `scores`) without a vote.
+    report_only: list[str] = Field(default_factory=list)
+    subject_gate: SubjectGateConfig | None = None
+    # z-score group: the shard, or each item's images centred on the item's mean and scaled by the
+    # shard's spread around the item means (a per-item spread would turn every gap into a +-1 vote).
+    standardize: Literal["shard", "item"] = "shard"
     # With several edits per item: the best edit against the original, or the best image of the item
     # (original included) against the worst. Identical when num_edits is 1.
     pairing: Literal["best_vs_original", "best_vs_worst"] = "best_vs_original"
@@ -212,7 +232,31 @@ class RelabelConfig(StageConfig):
         for name in v:
             if not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
                 raise ValueError(f"reward name {name!r}: use lowercase letters, digits and '_' (it names columns)")
+            if v[name].kind == "dino_patch":
+                raise ValueError(f"reward {name!r}: dino_patch measures how much an edit changed its original, not "
+                                 "which image is better; use it as `relabel.subject_gate: {model: …, min_consistency: …}`")
         return v
+
+    @model_validator(mode="after")
+    def _votes(self) -> "RelabelConfig":
+        unknown = [n for n in self.report_only if n not in self.rewards]
+        if unknown:
+            raise ValueError(f"relabel.report_only names {unknown}, not in relabel.rewards ({', '.join(self.rewards)})")
+        voting = [n for n in self.report_only if self.rewards[n].weight != 0]
+        if voting:
+            raise ValueError(f"relabel.report_only names {voting} with a non-zero weight: set their weight to 0, "
+                             "or remove them from report_only to let them vote")
+        if not self.voting():
+            raise ValueError("every relabel reward has weight 0: give at least one a weight")
+        return self
+
+    def voting(self) -> list[str]:
+        """The rewards in the composite (non-zero weight)."""
+        return [n for n, s in self.rewards.items() if s.weight != 0]
+
+    def scored(self) -> list[str]:
+        """The rewards loaded and scored: the voting ones, then the report-only ones."""
+        return self.voting() + [n for n in self.rewards if n in self.report_only]
 
 
 class ExportConfig(_Strict):
@@ -240,9 +284,9 @@ class ProfileError(ValueError):
     pass
 
 
-def config_hash(cfg: BaseModel) -> str:
-    """Hash of what a stage computes: its config minus the runtime-only fields."""
-    data = cfg.model_dump(mode="json", exclude=set(RUNTIME_FIELDS) & set(type(cfg).model_fields))
+def config_hash(cfg: BaseModel | dict) -> str:
+    """Hash of what a stage computes: its config minus the runtime-only fields (or a stage's own view of it)."""
+    data = cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json", exclude=set(RUNTIME_FIELDS) & set(type(cfg).model_fields))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -104,6 +104,18 @@ VERDICTS = _schema(
     pa.field("model_id", pa.string()),
 )
 
+def reward_scores_schema(rewards: list[str]) -> pa.Schema:
+    """What the reward models measured, one row per edit candidate: per reward the raw score of the
+    item's original (`_0`) and of the edit (`_1`), the DINOv2 consistency of the edit with its original
+    (null without `relabel.subject_gate`), a digest of each image's bytes (identical images are a tie)
+    and the dtype each reward computed in (JSON). Nothing decided: that is the relabel stage's job."""
+    fields = [CANDIDATE]
+    for name in rewards:
+        fields += [pa.field(f"{name}_0", pa.float64()), pa.field(f"{name}_1", pa.float64())]
+    return _schema(*fields, pa.field("subject_consistency", pa.float64()), pa.field("digest_0", pa.string()),
+                   pa.field("digest_1", pa.string()), pa.field("dtypes", pa.string()))
+
+
 def scores_schema(rewards: list[str]) -> pa.Schema:
     """One row per edit candidate. Sides 0 and 1 are the images `candidate_0` and `candidate_1`
     (-1 = the original, k = edit candidate k): the candidate's own comparison with the original, or,
@@ -121,6 +133,7 @@ def scores_schema(rewards: list[str]) -> pa.Schema:
         ]
     return _schema(
         *fields,
+        pa.field("subject_consistency", pa.float64()),  # DINOv2 consistency of candidate_1 with the original
         pa.field("composite_0", pa.float64()),
         pa.field("composite_1", pa.float64()),
         pa.field("margin", pa.float64()),  # |composite_1 - composite_0|

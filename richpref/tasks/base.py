@@ -77,6 +77,9 @@ class Stage:
     # A stage that reads no other stage (the source) counts its shards and keys each one itself.
     count_shards: Callable[[Profile], int] | None = None
     shard_key: Callable[[Profile, int], str] | None = None
+    # The part of the section's config that decides the output, when not all of it does (a scoring
+    # stage leaves the thresholds to the decision stage after it, so tuning one costs no model call).
+    config_view: Callable[[Any], Any] | None = None
 
     @property
     def out(self) -> str:
