@@ -128,21 +128,24 @@ def instruct_rows(rows: pa.Table, images: list, cfg: InstructConfig, get_vlm) ->
         prompts = [instruct_prompt(template, r["prompt"], r.get("critique"), cfg) for r, _ in todo]
         gens = vlm.generate_detailed([img for _, img in todo], prompts, max_new_tokens=cfg.max_new_tokens,
                                      batch_size=cfg.batch_size)
-        checked = [check_text(g.text, g.finished, grounding_context(r["prompt"], r.get("critique"), cfg), cfg)
+        checked = [Checked(reject=g.error) if g.error else
+                   check_text(g.text, g.finished, grounding_context(r["prompt"], r.get("critique"), cfg), cfg)
                    for (r, _), g in zip(todo, gens)]
-        if cfg.min_visible > 0:
-            drop_invisible(vlm, [img for _, img in todo], checked, cfg)
-        for (r, _), g, c in zip(todo, gens, checked):
+        sources = drop_invisible(vlm, [img for _, img in todo], checked, cfg) if cfg.min_visible > 0 else {}
+        for row, ((r, _), g, c) in enumerate(zip(todo, gens, checked)):
             common = dict(prompt=r["prompt"], raw=g.text, truncated=not g.finished, dropped_instructions=c.dropped,
-                          drop_reasons=c.reasons, template=template_name(cfg), model_id=vlm.model_id)
+                          drop_reasons=c.reasons, template=template_name(cfg), model_id=vlm.model_id,
+                          visible_source=sources.get(row))
             reason = finish(c, cfg)
             out[r["item_id"]] = (rejected(r["item_id"], reason, **common) if reason
                                  else kept(r["item_id"], instructions=c.items, **common))
     return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], INSTRUCTIONS)
 
 
-def drop_invisible(vlm, images: list, checked: list[Checked], cfg: InstructConfig) -> None:
-    """Ask, in one batched pass, whether each instruction's target is in its image; drop the absent."""
+def drop_invisible(vlm, images: list, checked: list[Checked], cfg: InstructConfig) -> dict[int, str]:
+    """Ask, in one batched pass, whether each instruction's target is in its image; drop the absent.
+    Returns, per row asked, where its P(yes) came from ("logits", "logprobs" or "answer"); a row whose
+    question could not be answered is rejected with the reason."""
     question = load_template(cfg.visible_template)
     asks = []  # (row, instruction index, target)
     for row, c in enumerate(checked):
@@ -153,16 +156,23 @@ def drop_invisible(vlm, images: list, checked: list[Checked], cfg: InstructConfi
             if target:
                 asks.append((row, k, target))
     if not asks:
-        return
-    p = vlm.p_yes([images[row] for row, _, _ in asks], [render(question, target=t) for _, _, t in asks],
-                  batch_size=cfg.batch_size)
+        return {}
+    answers = vlm.yes_no([images[row] for row, _, _ in asks], [render(question, target=t) for _, _, t in asks],
+                         batch_size=cfg.batch_size)
     drops: dict[int, dict[int, str]] = {}
-    for (row, k, target), p_yes in zip(asks, p):
+    sources: dict[int, str] = {}
+    for (row, k, target), answer in zip(asks, answers):
+        sources[row] = answer.source
+        if answer.error:
+            checked[row].reject = checked[row].reject or answer.error
+            continue
+        p_yes = answer.p
         if p_yes < cfg.min_visible:
             drops.setdefault(row, {})[k] = (f"not_visible: P(yes)={p_yes:.3f} that the image shows {target!r} "
                                             f"(< instruct.min_visible={cfg.min_visible})")
     for row, reasons in drops.items():
         checked[row].drop(reasons)
+    return sources
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
