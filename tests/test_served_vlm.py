@@ -327,3 +327,22 @@ def test_image_caps_resize_before_either_backend():
     with pytest.raises(ValueError):
         ImageCaps(min_pixels=10, max_pixels=5)
     assert np.asarray(ImageCaps(min_pixels=40000).apply(img)).shape[:2] == (141, 282)
+
+
+def test_vlm_score_reward_through_the_server(served):
+    from richpref.models.rewards import load_reward_spec
+    from richpref.schemas.config import RewardSpec
+
+    remote, local = served["qwen"]
+    spec = RewardSpec(kind="vlm_score", model=local.model_id,
+                      engine=EngineConfig(backend="server", endpoint=remote.base_url, served_model=remote.served_name))
+    reward = load_reward_spec(spec)
+    try:
+        imgs, prompts = [image(k) for k in range(3)], PROMPTS
+        got = reward.score(imgs, prompts)
+        # no logprobs from transformers serve: the answered digit (forced to a digit by the logit bias)
+        digits = local.option_probabilities(imgs, reward.questions(prompts), [str(m) for m in range(1, 10)])
+        np.testing.assert_allclose(got, digits.argmax(axis=1) / 8.0)
+    finally:
+        reward.close()
+    assert remote.server.alive()  # a client of an endpoint never stops the server

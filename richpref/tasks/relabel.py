@@ -59,6 +59,8 @@ class RewardSet:
                 s.close()
         self.scorers.clear()
 
+    on_release = close  # a served reward stops the server it launched when the stage ends
+
 
 def reward_set(cfg: RelabelConfig, models_root: str | None) -> RewardSet:
     key = ("rewards", json.dumps({n: s.model_dump() for n, s in cfg.rewards.items()}, sort_keys=True),
