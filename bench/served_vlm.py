@@ -132,24 +132,37 @@ def main() -> None:
             todo.append(dict(iid=ids[k], prompt=prompts[k], instructions=instructions[k], original_cut=oc, edited_cut=ec,
                              pair=side_by_side(decode_image(filter_images["original"][k]), decode_image(filter_images["edited"][k])),
                              cuts=side_by_side(oc, ec)))
-        # The attribute list a served/in-process model writes is gibberish; count with 3 attributes per item.
-        listed = {t["iid"]: (["red colour", "round shape", "shiny surface"], "", None) for t in todo}
+        # The attribute list a tiny model writes is gibberish: count with filter.max_attributes (5) per item.
+        listed = {t["iid"]: (["red colour", "round shape", "shiny surface", "metal handle", "white label"], "", None)
+                  for t in todo}
         qs = filter_stage.pair_questions(todo, sections, True, listed)
-        questions = [(t["original_cut"], filter_stage.render(sections["attributes"], max_attributes=f.max_attributes))
-                     for t in todo] + [(q[2], q[3]) for q in qs]
-        # the attribute list is generated about the original cut-out: same image as its attribute questions
+        # one attribute-list generation per item, about its original cut-out, asked before its questions
         order = []
         for k, t in enumerate(todo):
-            order.append(questions[k])
+            order.append((t["original_cut"], filter_stage.render(sections["attributes"], max_attributes=f.max_attributes)))
             order += [(q[2], q[3]) for q in qs if q[0] == k]
         total, cached, prefixes = prefix_counts(local["qwen"], order)
-        passes = len(order)
-        print(f"\nfilter, {m} pairs, 2 instructions and 3 attributes each, per pair:")
+        from richpref.models import vlm_prefix
+
+        qwen = local["qwen"]
+        plain_s = best_of(args.repeats, lambda: qwen.yes_no([q[2] for q in qs], [q[3] for q in qs], batch_size=16))
+        before = dict(vlm_prefix.STATS)
+        filter_stage.answers_sharing_image(qwen, qs)
+        enc = vlm_prefix.STATS["image_encodings"] - before["image_encodings"]
+        passes_shared = vlm_prefix.STATS["forward_passes"] - before["forward_passes"]
+        shared_s = best_of(args.repeats, lambda: filter_stage.answers_sharing_image(qwen, qs))
+        gens, passes = m, len(order)
+        print(f"\nfilter, {m} pairs, 2 instructions and 5 attributes each, per pair (1 attribute generation + "
+              f"{len(qs) / m:.0f} yes/no questions):")
         print("| | model passes | prompt tokens computed | image encodings |")
         print("|---|---|---|---|")
-        print(f"| before (every question encodes its image) | {passes / m:.1f} | {total / m:.0f} | {passes / m:.1f} |")
-        print(f"| after (shared image+prompt prefix, prefix cache) | {passes / m:.1f} | {cached / m:.0f} | {prefixes / m:.1f} |")
-        print(f"image encodings: {passes / prefixes:.1f}x fewer; prompt tokens computed: {total / cached:.1f}x fewer")
+        print(f"| before: every question encodes its image | {passes / m:.1f} | {total / m:.0f} | {passes / m:.1f} |")
+        print(f"| after, server with a prefix cache (vLLM, SGLang) | {passes / m:.1f} | {cached / m:.0f} | {prefixes / m:.1f} |")
+        print(f"| after, in-process (`share_image_prefix`) | {(passes_shared + gens) / m:.1f} (prefix + suffix) | "
+              f"server's + the generation's image prefix | {(enc + gens) / m:.1f} |")
+        print(f"image encodings per pair: server {passes / prefixes:.1f}x fewer, in-process {passes / (enc + gens):.1f}x "
+              f"fewer; prompt tokens computed {total / cached:.1f}x fewer")
+        print(f"in-process yes/no time for the {m} pairs: batched (16) {plain_s:.2f} s, sharing the image {shared_s:.2f} s")
     finally:
         for s in servers.values():
             s.close()

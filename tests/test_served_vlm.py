@@ -346,3 +346,48 @@ def test_vlm_score_reward_through_the_server(served):
     finally:
         reward.close()
     assert remote.server.alive()  # a client of an endpoint never stops the server
+
+
+def test_in_process_filter_batches_hold_whole_pairs():
+    qs = [(0, "a"), (0, "b"), (0, "c"), (1, "a"), (1, "b"), (2, "a"), (2, "b"), (2, "c"), (2, "d"), (2, "e")]
+    sizes = [[len(b), {q[0] for q in b}] for b in filter_stage.pair_batches(qs, 5, served=False)]
+    assert sizes == [[5, {0, 1}], [5, {2}]]  # pair 2 alone fills a batch; no pair is split
+    assert [len(b) for b in filter_stage.pair_batches(qs, 1, served=False)] == [3, 2, 5]
+    assert filter_stage.pair_batches(qs, 5, served=True) == [qs] and filter_stage.pair_batches([], 5, False) == []
+
+
+def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, runs_dir, tiny_models):
+    """critique, instruct and filter each launch `transformers serve` (one stage at a time: the
+    resident slot stops a stage's server before the next stage starts its own)."""
+    from test_curate_flow import curate_run
+
+    from richpref.procs import registry_dir
+    from richpref.storage import RunStore
+
+    before = set(registry_dir().glob("*.json"))
+    engine = "{backend: server, launch: transformers, startup_timeout_s: 240}"
+    summary = curate_run(runs_dir, "served", tiny_models,
+                         extra=[f"critique.engine={engine}", f"instruct.engine={engine}", f"filter.engine={engine}",
+                                "source.limit=4"])
+    assert summary["state"] == "completed"
+    assert set(registry_dir().glob("*.json")) == before  # every launched server was stopped
+    served, ref = RunStore(str(runs_dir), "served"), RunStore(str(runs_dir), "ref")
+    ref_critique = {r["item_id"]: r for r in ref.read_stage("critique").to_pylist()}
+    for r in served.read_stage("critique").to_pylist():
+        assert r["raw"] == ref_critique[r["item_id"]]["raw"]
+    assert {r["p_source"] for r in served.read_stage("filter").to_pylist() if r["status"] == "ok"} <= {"answer"}
+    assert {r["visible_source"] for r in served.read_stage("instruct").to_pylist()} <= {"answer", None}
+
+
+@pytest.mark.parametrize("name", ["qwen", "critic"])
+def test_questions_about_one_image_share_its_encoding_in_process(served, name):
+    from richpref.models import vlm_prefix
+
+    _, local = served[name]
+    img = image(5, (48, 64))
+    prompts = [f"Does the image show {w}? Answer yes or no." for w in ("a dog", "a red car", "an apple", "it")]
+    before = dict(vlm_prefix.STATS)
+    shared = vlm_prefix.p_yes_sharing_image(local, img, prompts)
+    assert vlm_prefix.STATS["image_encodings"] - before["image_encodings"] == 1
+    assert vlm_prefix.STATS["forward_passes"] - before["forward_passes"] == 1 + len(prompts)
+    np.testing.assert_allclose(shared, local.p_yes([img] * len(prompts), prompts, batch_size=1), atol=1e-5)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .serving import EngineConfig, ImageCaps, key_view
 
-RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype"})
+RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype", "share_image_prefix"})
 
 
 class _Strict(BaseModel):
@@ -133,6 +133,9 @@ class FilterConfig(VLMStageConfig):
     min_attributes_kept: float = Field(0.8, ge=0, le=1)
     exempt_instructed_attributes: bool = True
     on_no_attributes: Literal["keep", "drop"] = "keep"  # when no listed attribute is present in the original
+    # In-process: the questions about one image run on one cached image+prompt prefix (the image is
+    # encoded once per pair and image); same probabilities up to float noise, so not in the key.
+    share_image_prefix: bool = True
 
 
 # Options each reward kind takes besides kind/model/weight (see richpref/models/rewards).

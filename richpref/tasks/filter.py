@@ -223,11 +223,52 @@ def pair_questions(todo: list[dict], sections: dict[str, str], per_instruction: 
     return qs
 
 
+def pair_batches(qs: list, batch_size: int, served: bool) -> list[list]:
+    """In-process: batches of whole pairs (a pair's questions are never split; a pair with more
+    questions than `batch_size` is one batch). Served: one list, the client keeps its requests in flight."""
+    if served or not qs:
+        return [qs] if qs else []
+    batches, current = [], []
+    for k, q in enumerate(qs):
+        current.append(q)
+        pair_ends = k + 1 == len(qs) or qs[k + 1][0] != q[0]
+        if pair_ends and (k + 1 == len(qs) or len(current) + sum(1 for x in qs[k + 1:] if x[0] == qs[k + 1][0])
+                          > batch_size):
+            batches.append(current)
+            current = []
+    return batches
+
+
+def answers_sharing_image(vlm, qs: list) -> list:
+    """In-process: each run of questions about one image encodes that image once (models/vlm_prefix.py)."""
+    from ..models.vlm import YesNo
+    from ..models.vlm_prefix import p_yes_sharing_image
+
+    answers, start = [], 0
+    while start < len(qs):
+        end = start
+        while end < len(qs) and qs[end][2] is qs[start][2]:
+            end += 1
+        p = p_yes_sharing_image(vlm, qs[start][2], [q[3] for q in qs[start:end]])
+        answers += [YesNo(float(x), "logits") for x in p]
+        start = end
+    return answers
+
+
 def ask_pairs(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig, per_instruction: bool,
               listed: dict[str, tuple] | None) -> list[tuple[int, str, object]]:
     """(pair, check, YesNo) per question; a pair whose attribute list failed carries that failure."""
     qs = pair_questions(todo, sections, per_instruction, listed)
-    answers = vlm.yes_no([q[2] for q in qs], [q[3] for q in qs], batch_size=cfg.batch_size) if qs else []
+    from ..models.vlm import VisionLanguageModel
+
+    if isinstance(vlm, VisionLanguageModel) and cfg.share_image_prefix:
+        answers = answers_sharing_image(vlm, qs)
+    else:
+        answers = []
+    for chunk in ([] if answers or not qs else pair_batches(qs, cfg.batch_size, served=hasattr(vlm, "served_name"))):
+        # batch size 1 (what out-of-memory retries end at) still asks one question at a time
+        answers += vlm.yes_no([q[2] for q in chunk], [q[3] for q in chunk],
+                              batch_size=len(chunk) if cfg.batch_size > 1 else 1)
     out = [(i, kind, a) for (i, kind, _, _), a in zip(qs, answers)]
     if listed is not None:
         from ..models.vlm import YesNo
