@@ -402,6 +402,9 @@ def test_filter_lists_an_items_attributes_once_for_all_its_edits(vlms):
         def p_yes(self, images, texts, **kw):
             return vlm.p_yes(images, texts, **kw)
 
+        def yes_no(self, images, texts, **kw):
+            return vlm.yes_no(images, texts, **kw)
+
     rows, prompts, instructions, images = filter_input(1)
     two = pa.table({"item_id": ["f0", "f0"], "candidate": pa.array([0, 1], pa.int32())})
     images2 = {k: v * 2 for k, v in images.items()}

@@ -15,7 +15,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype"})
+from .serving import EngineConfig, ImageCaps, key_view
+
+RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype", "share_image_prefix"})
 
 
 class _Strict(BaseModel):
@@ -71,6 +73,8 @@ class VLMStageConfig(StageConfig):
     template: str
     max_new_tokens: int = Field(128, ge=1)
     trust_remote_code: bool = False
+    engine: EngineConfig = EngineConfig()  # in-process, or an OpenAI-compatible server (schemas/serving.py)
+    image: ImageCaps = ImageCaps()  # pixel caps = image-token caps
 
 
 class CritiqueConfig(VLMStageConfig):
@@ -150,6 +154,9 @@ class FilterConfig(VLMStageConfig):
     min_attributes_kept: float = Field(0.8, ge=0, le=1)
     exempt_instructed_attributes: bool = True
     on_no_attributes: Literal["keep", "drop"] = "keep"  # when no listed attribute is present in the original
+    # In-process: the questions about one image run on one cached image+prompt prefix (the image is
+    # encoded once per pair and image); same probabilities up to float noise, so not in the key.
+    share_image_prefix: bool = True
 
 
 # Options each reward kind takes besides kind/model/weight (see richpref/models/rewards).
@@ -162,7 +169,7 @@ REWARD_OPTIONS: dict[str, frozenset[str]] = {
     "ict": frozenset({"backbone", "processor", "file", "on_cutout"}),
     "hp": frozenset({"backbone", "processor", "file", "on_cutout"}),
     "dino_patch": frozenset({"patch", "stride", "on_cutout"}),
-    "vlm_score": frozenset({"template", "on_cutout"}),
+    "vlm_score": frozenset({"template", "on_cutout", "engine"}),
 }
 
 
@@ -177,12 +184,14 @@ class RewardSpec(_Strict):
     patch: int | None = Field(None, ge=1)  # dino_patch window size (default 224)
     stride: int | None = Field(None, ge=1)  # dino_patch window stride (default 112)
     template: str | None = None  # vlm_score question template in richpref/prompts (default reward_score_v1)
+    engine: EngineConfig = EngineConfig()  # vlm_score: in-process or served (schemas/serving.py)
 
     @model_validator(mode="after")
     def _options_fit_kind(self) -> "RewardSpec":
         allowed = REWARD_OPTIONS[self.kind]
         given = {k for k in ("processor", "backbone", "file", "patch", "stride", "template") if getattr(self, k) is not None}
         given |= {"on_cutout"} if self.on_cutout else set()
+        given |= {"engine"} if self.engine != EngineConfig() else set()
         extra = sorted(given - allowed)
         if extra:
             raise ValueError(f"reward kind {self.kind!r} takes no {', '.join(extra)}; it takes {', '.join(sorted(allowed))}")
@@ -286,7 +295,8 @@ class ProfileError(ValueError):
 
 def config_hash(cfg: BaseModel | dict) -> str:
     """Hash of what a stage computes: its config minus the runtime-only fields (or a stage's own view of it)."""
-    data = cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json", exclude=set(RUNTIME_FIELDS) & set(type(cfg).model_fields))
+    data = cfg if isinstance(cfg, dict) else key_view(
+        cfg, cfg.model_dump(mode="json", exclude=set(RUNTIME_FIELDS) & set(type(cfg).model_fields)))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

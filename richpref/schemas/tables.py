@@ -59,6 +59,9 @@ INSTRUCTIONS = _schema(
     pa.field("raw", pa.string()),
     pa.field("template", pa.string()),
     pa.field("model_id", pa.string()),
+    # where the visibility P(yes) came from: "logits" (in-process), "logprobs" (server) or "answer"
+    # (a server's one-token answer, P is 0 or 1); null when no instruction was checked
+    pa.field("visible_source", pa.string()),
 )
 
 CANDIDATE = pa.field("candidate", pa.int32(), nullable=False)  # which of an item's edits (0 .. num_edits-1)
@@ -102,6 +105,7 @@ VERDICTS = _schema(
     pa.field("verdict", pa.string()),  # "keep" or "drop"
     pa.field("template", pa.string()),
     pa.field("model_id", pa.string()),
+    pa.field("p_source", pa.string()),  # "logits" (in-process), "logprobs" (server) or "answer" (P is 0 or 1)
 )
 
 def reward_scores_schema(rewards: list[str]) -> pa.Schema:

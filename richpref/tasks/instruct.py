@@ -159,55 +159,65 @@ def instruct_rows(rows: pa.Table, images: list, cfg: InstructConfig, get_vlm) ->
         prompts = [instruct_prompt(template, r["prompt"], r.get("critique"), cfg) for r, _ in todo]
         gens = vlm.generate_detailed([img for _, img in todo], prompts, max_new_tokens=cfg.max_new_tokens,
                                      batch_size=cfg.batch_size)
-        checked = [check_text(g.text, g.finished, r["prompt"], r.get("critique"), cfg)
+        checked = [Checked(reject=g.error) if g.error else
+                   check_text(g.text, g.finished, r["prompt"], r.get("critique"), cfg)
                    for (r, _), g in zip(todo, gens)]
+        sources: dict[int, str] = {}
         if cfg.min_visible > 0:
-            drop_invisible(vlm, [img for _, img in todo], checked, cfg)
+            sources.update(drop_invisible(vlm, [img for _, img in todo], checked, cfg))
         if cfg.min_faithful > 0:
-            drop_unfaithful(vlm, [img for _, img in todo], [r["prompt"] for r, _ in todo], checked, cfg)
-        for (r, _), g, c in zip(todo, gens, checked):
+            sources.update(drop_unfaithful(vlm, [img for _, img in todo], [r["prompt"] for r, _ in todo], checked, cfg))
+        for row, ((r, _), g, c) in enumerate(zip(todo, gens, checked)):
             common = dict(prompt=r["prompt"], raw=g.text, truncated=not g.finished, dropped_instructions=c.dropped,
-                          drop_reasons=c.reasons, template=template_name(cfg), model_id=vlm.model_id)
+                          drop_reasons=c.reasons, template=template_name(cfg), model_id=vlm.model_id,
+                          visible_source=sources.get(row))
             reason = finish(c, cfg)
             out[r["item_id"]] = (rejected(r["item_id"], reason, **common) if reason
                                  else kept(r["item_id"], instructions=c.items, **common))
     return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], INSTRUCTIONS)
 
 
-def drop_invisible(vlm, images: list, checked: list[Checked], cfg: InstructConfig) -> None:
-    """Ask, in one batched pass, whether each instruction's target is in its image; drop the absent."""
+def drop_invisible(vlm, images: list, checked: list[Checked], cfg: InstructConfig) -> dict[int, str]:
+    """Ask, in one batched pass, whether each instruction's target is in its image; drop the absent.
+    Returns, per row asked, where its P(yes) came from ("logits", "logprobs" or "answer")."""
     asks = [(row, k, target) for row, c in enumerate(checked) if not c.reject
             for k, target in enumerate(map(instruction_target, c.items)) if target]
     question = load_template(cfg.visible_template)
-    ask_and_drop(vlm, images, checked, [(row, k, render(question, target=t)) for row, k, t in asks],
-                 cfg.min_visible, cfg.batch_size,
-                 lambda j, p: (f"not_visible: P(yes)={p:.3f} that the image shows {asks[j][2]!r} "
-                               f"(< instruct.min_visible={cfg.min_visible})"))
+    return ask_and_drop(vlm, images, checked, [(row, k, render(question, target=t)) for row, k, t in asks],
+                        cfg.min_visible, cfg.batch_size,
+                        lambda j, p: (f"not_visible: P(yes)={p:.3f} that the image shows {asks[j][2]!r} "
+                                      f"(< instruct.min_visible={cfg.min_visible})"))
 
 
-def drop_unfaithful(vlm, images: list, prompts: list[str], checked: list[Checked], cfg: InstructConfig) -> None:
+def drop_unfaithful(vlm, images: list, prompts: list[str], checked: list[Checked], cfg: InstructConfig) -> dict[int, str]:
     """Ask, in one batched pass, whether each instruction serves its prompt; drop those judged not to."""
     question = load_template(cfg.faithful_template)
     asks = [(row, k, render(question, prompt=prompts[row], instruction=item))
             for row, c in enumerate(checked) if not c.reject for k, item in enumerate(c.items)]
-    ask_and_drop(vlm, images, checked, asks, cfg.min_faithful, cfg.batch_size,
-                 lambda j, p: (f"judged_unfaithful: P(yes)={p:.3f} that it serves the prompt without "
-                               f"contradicting it (< instruct.min_faithful={cfg.min_faithful})"))
+    return ask_and_drop(vlm, images, checked, asks, cfg.min_faithful, cfg.batch_size,
+                        lambda j, p: (f"judged_unfaithful: P(yes)={p:.3f} that it serves the prompt without "
+                                      f"contradicting it (< instruct.min_faithful={cfg.min_faithful})"))
 
 
 def ask_and_drop(vlm, images: list, checked: list[Checked], asks: list[tuple[int, int, str]], threshold: float,
-                 batch_size: int, reason) -> None:
+                 batch_size: int, reason) -> dict[int, str]:
     """One batched yes/no pass over (row, instruction index, question); drop where P(yes) < threshold,
-    with `reason(ask index, P(yes))`."""
+    with `reason(ask index, P(yes))`. Returns where each asked row's P(yes) came from."""
     if not asks:
-        return
-    p = vlm.p_yes([images[row] for row, _, _ in asks], [q for _, _, q in asks], batch_size=batch_size)
+        return {}
+    answers = vlm.yes_no([images[row] for row, _, _ in asks], [q for _, _, q in asks], batch_size=batch_size)
     drops: dict[int, dict[int, str]] = {}
-    for j, ((row, k, _), p_yes) in enumerate(zip(asks, p)):
-        if p_yes < threshold:
-            drops.setdefault(row, {})[k] = reason(j, float(p_yes))
+    sources: dict[int, str] = {}
+    for j, ((row, k, _), answer) in enumerate(zip(asks, answers)):
+        sources[row] = answer.source
+        if answer.error:  # the question could not be answered: the row is rejected with the reason
+            checked[row].reject = checked[row].reject or answer.error
+            continue
+        if answer.p < threshold:
+            drops.setdefault(row, {})[k] = reason(j, float(answer.p))
     for row, reasons in drops.items():
         checked[row].drop(reasons)
+    return sources
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:

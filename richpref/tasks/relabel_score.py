@@ -26,6 +26,7 @@ from ..models.runtime import resident, resolve_model_ref
 from ..pairing import scorer_dtype
 from ..prompts import template_hash
 from ..schemas.config import Profile, RelabelConfig
+from ..schemas.serving import key_view
 from ..schemas.tables import reward_scores_schema, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
 
@@ -61,6 +62,8 @@ class RewardSet:
                 s.close()
         self.scorers.clear()
 
+    on_release = close  # a served reward stops the server it launched when the stage ends
+
 
 def reward_set(cfg: RelabelConfig, models_root: str | None) -> RewardSet:
     key = ("rewards", json.dumps(scoring_view(cfg), sort_keys=True), models_root, cfg.device)
@@ -75,7 +78,9 @@ def scoring_view(cfg: RelabelConfig) -> dict:
     """What decides the scores (the score stage's key): the scored rewards without their weights, the
     gate's model without its threshold, and the dtype (16-bit scores differ from float32 ones)."""
     gate = cfg.subject_gate
-    return {"rewards": {n: cfg.rewards[n].model_dump(mode="json", exclude={"weight"}) for n in cfg.scored()},
+    rewards = {n: key_view(cfg.rewards[n], cfg.rewards[n].model_dump(mode="json", exclude={"weight"}))
+               for n in cfg.scored()}  # a served reward's endpoint is not part of the key
+    return {"rewards": rewards,
             "subject_gate": gate.model_dump(mode="json", exclude={"min_consistency"}) if gate else None,
             "dtype": cfg.dtype}
 
