@@ -159,25 +159,27 @@ def test_qwen_conditioning_area_is_restored_after_a_call(tiny_models):
 # --- switching the editor of a finished run ------------------------------------------------------
 
 
-def test_switching_the_editor_recomputes_edit_and_later_stages_only(finished_run, runs_dir, tiny_models):
-    """The curate flow with FLUX.1 Kontext over the reference run: source .. instruct come from the
+@pytest.mark.parametrize("editor", ["instruct_pix2pix", "flux_kontext", "qwen_image_edit"])
+def test_switching_the_editor_recomputes_edit_and_later_stages_only(editor, finished_run, runs_dir, tiny_models):
+    """The curate flow with another editor over the reference run: source .. instruct come from the
     cache, edit .. export are recomputed, every row is accounted for, the pairs and card name the editor."""
     from test_curate_flow import OVERRIDES, assert_every_row_accounted, work
 
     from richpref.flows.curate import curate
 
-    ref, run = RunStore(str(runs_dir), "ref"), RunStore(str(runs_dir), "kontext")
+    profile = load_profile(PROFILES[editor])
+    ref, run = RunStore(str(runs_dir), "ref"), RunStore(str(runs_dir), editor)
     shutil.copytree(ref.root, run.root)
     run.fs.rm(run.root + "/_log", recursive=True)
-    curate(profile="tiny-flux-kontext", run="kontext", data_dir=str(runs_dir), overrides=OVERRIDES,
+    curate(profile=PROFILES[editor], run=editor, data_dir=str(runs_dir), overrides=OVERRIDES,
            models_root=str(tiny_models))
-    stages = {name for name, _ in work(runs_dir, "kontext")}
+    stages = {name for name, _ in work(runs_dir, editor)}
     assert stages == {"edit", "cutout", "filter", "relabel", "export"}
-    assert_every_row_accounted(runs_dir, "kontext")
+    assert_every_row_accounted(runs_dir, editor)
     edits = run.read_stage("edit")
-    assert set(edits.column("editor").to_pylist()) == {"flux_kontext"}
+    assert set(edits.column("editor").to_pylist()) == {editor}
     assert edits.column("image").to_pylist() != ref.read_stage("edit").column("image").to_pylist()
     pairs = run.read_stage("pairs")
-    assert pairs.num_rows > 0 and set(pairs.column("editor").to_pylist()) == {"flux_kontext"}
+    assert pairs.num_rows > 0 and set(pairs.column("editor").to_pylist()) == {editor}
     card = (run.fs.cat_file(run.root + "/pairs/README.md")).decode()
-    assert "Editor: `flux_kontext` (`flux-kontext`)" in card
+    assert f"Editor: `{editor}` (`{profile.edit.model}`)" in card
