@@ -106,6 +106,13 @@ def test_editor_profiles_extend_tiny_and_replace_only_the_edit_section():
         assert "/" in load_profile(paper).edit.model  # a Hub id
 
 
+def test_extends_cycle_is_a_profile_error(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\nname: a\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\nname: b\n")
+    with pytest.raises(ProfileError, match="makes a cycle"):
+        load_profile(str(tmp_path / "a.yaml"))
+
+
 # --- each editor edits a shard -------------------------------------------------------------------
 
 
