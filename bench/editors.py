@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--models-root", default=None, help="an existing tiny build (richpref models build-tiny)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    ap.add_argument("--editors", default=",".join(PROFILES), help="a comma-separated subset of: " + ", ".join(PROFILES))
     args = ap.parse_args()
 
     from richpref.models.editor import editor_settings, load_editor
@@ -67,15 +70,18 @@ def main() -> None:
     originals = [_scene(i, size) for i in range(n)]
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
           f"n={n} images of {size}x{size}, best of {args.repeats}")
-    print(f"{'editor':24} " + " ".join(f"{'bs=' + str(b):>8}" for b in batch_sizes) + "   (images/s)")
-    for name, profile in PROFILES.items():
-        cfg = load_profile(profile, ["edit.device=cpu", "edit.dtype=float32"]).edit
+    print(f"# device {args.device}, {args.dtype}")
+    print(f"{'editor':24} " + " ".join(f"{'bs=' + str(b):>8}" for b in batch_sizes) + "   (images/s)  same seeds, same images")
+    for name in args.editors.split(","):
+        cfg = load_profile(PROFILES[name], [f"edit.device={args.device}", f"edit.dtype={args.dtype}"]).edit
         editor = load_editor(cfg, root)
         settings = editor_settings(cfg)
-        editor.edit(originals[:1], prompts[:1], seeds[:1], **settings)
+        first = editor.edit(originals[:4], prompts[:4], seeds[:4], batch_size=4, **settings)
+        again = editor.edit(originals[:4], prompts[:4], seeds[:4], batch_size=4, **settings)
+        same = all(a.tobytes() == b.tobytes() for a, b in zip(first, again))
         rates = [n / best_of(args.repeats, lambda: editor.edit(originals, prompts, seeds, batch_size=b, **settings),
                              warmup=False) for b in batch_sizes]
-        print(f"{name:24} " + " ".join(f"{r:8.1f}" for r in rates), flush=True)
+        print(f"{name:24} " + " ".join(f"{r:8.1f}" for r in rates) + f"   {'yes' if same else 'NO'}", flush=True)
         resident.release()
     tmp.cleanup()
 

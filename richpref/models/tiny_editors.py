@@ -236,7 +236,8 @@ def build_tiny_qwen_image_edit(out_dir: str | os.PathLike, seed: int = 0) -> Pat
         # head_dim 16: the M-RoPE sections (temporal, height, width) sum to head_dim / 2.
         text_config=dict(vocab_size=len(tok), hidden_size=_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"],
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
