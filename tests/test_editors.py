@@ -190,3 +190,6 @@ def test_switching_the_editor_recomputes_edit_and_later_stages_only(editor, fini
     assert pairs.num_rows > 0 and set(pairs.column("editor").to_pylist()) == {editor}
     card = (run.fs.cat_file(run.root + "/pairs/README.md")).decode()
     assert f"Editor: `{editor}` (`{profile.edit.model}`)" in card
+    from richpref.report import build_report
+
+    assert build_report(str(runs_dir), editor).count('alt="edited"') == edits.num_rows
