@@ -116,6 +116,7 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
     rewards = profile.get("relabel", {}).get("rewards", {})
     weights = {n: r.get("weight", 1.0) for n, r in rewards.items()}
     labels = ("original", "edited")
+    edit = profile.get("edit", {})
     lines = _front_matter(f"richpref pairs ({run})")
     lines += [f"# richpref preference pairs: run `{run}`", "",
               "Synthetic preference pairs in Pick-a-Pic format, curated by richpref "
@@ -124,9 +125,11 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               "(a *flipped* pair: the edit scored lower) and 0 when the edit is. No ties (0.5). With several edits "
               "per item and `relabel.pairing: best_vs_worst`, a pair may hold two edits: `candidate_0`/`candidate_1` "
               "say which images a pair holds (-1 = the original).", "",
+              f"Editor: `{edit.get('kind', 'controlnet_img2img')}` (`{edit.get('model', '?')}`).", "",
               "Provenance columns: `item_id`, `source`, `critique`, `instructions`, `edit_prompt`, `candidate_0`, "
               "`candidate_1`, `margin`, `flipped`, "
-              "`scores` (JSON: every raw and z-standardised score), `model_ids` (JSON), `config_hash`.", "",
+              "`scores` (JSON: every raw and z-standardised score), `model_ids` (JSON), `config_hash`, "
+              "`editor` (`edit.kind`).", "",
               "## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]
     for st in summary["stages"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in st["reasons"].items()) or "–"

@@ -339,7 +339,7 @@ def test_edit_prompt_join_and_instruction_only():
     cfg = EditConfig()
     assert edit_prompt("a cat", ["make it red", "add a hat"], cfg) == "a cat, make it red, add a hat"
     assert edit_prompt("a cat", ["make it red", "  "], cfg.model_copy(update={"joiner": "; "})) == "a cat; make it red"
-    assert edit_prompt("a cat", ["make it red", "add a hat"], cfg.model_copy(update={"prompt_mode": "instructions"})) \
+    assert edit_prompt("a cat", ["make it red", "add a hat"], cfg.model_copy(update={"prompt_mode": "instructions_only"})) \
         == "make it red, add a hat"
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .editors import EditorSettings, PromptMode
 from .serving import EngineConfig, ImageCaps, key_view
 
 RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype", "share_image_prefix"})
@@ -110,19 +111,11 @@ class InstructConfig(VLMStageConfig):
     on_guard_fail: Literal["drop_instruction", "reject_row"] = "drop_instruction"
 
 
-class EditConfig(StageConfig):
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    controlnet: str = "lllyasviel/control_v11p_sd15_canny"
-    control: Literal["canny", "tile", "lineart_standard", "softedge_hed", "softedge_pidi", "lineart"] = "canny"
-    # Annotator weights for the network controls (softedge_*, lineart): a directory in the
-    # lllyasviel/Annotators layout (local, relative to models_root, or a cached Hub id) or the file.
-    control_weights: str | None = None
-    prompt_mode: Literal["prompt+instructions", "instructions"] = "prompt+instructions"
+class EditConfig(EditorSettings, StageConfig):
+    # kind (controlnet_img2img | instruct_pix2pix | flux_kontext | qwen_image_edit) and each kind's
+    # settings: see schemas/editors.py.
+    prompt_mode: PromptMode = "prompt_plus_instructions"
     joiner: str = ", "
-    strength: float = Field(0.75, gt=0, le=1)
-    guidance_scale: float = 7.5
-    conditioning_scale: float = 1.0
-    steps: int = Field(20, ge=1)
     seed: int = 0
     # Edit candidates per item, each with its own seed (candidate 0 keeps the item's seed); relabel
     # pairs them by `relabel.pairing`.
@@ -339,12 +332,26 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def load_profile(name_or_path: str, overrides: list[str] | None = None, models_root: str | None = None) -> Profile:
-    path = find_profile(name_or_path)
+def read_profile_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A profile's YAML as a dict. `extends: <profile>` starts from that profile: each section the
+    file names replaces the base's whole section (so `edit:` in a profile that extends `tiny` sets
+    the editor without inheriting settings of another editor kind)."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ProfileError(f"profile {path}: not valid YAML ({exc})") from exc
+    base = data.pop("extends", None) if isinstance(data, dict) else None
+    if base is None:
+        return data
+    base_path = find_profile(str(base))
+    if base_path.resolve() in seen or base_path.resolve() == path.resolve():
+        raise ProfileError(f"profile {path}: `extends: {base}` makes a cycle")
+    return {**read_profile_data(base_path, (*seen, path.resolve())), **data}
+
+
+def load_profile(name_or_path: str, overrides: list[str] | None = None, models_root: str | None = None) -> Profile:
+    path = find_profile(name_or_path)
+    data = read_profile_data(path)
     data = apply_overrides(data, overrides)
     if models_root or os.environ.get("RICHPREF_MODELS_ROOT"):
         data["models_root"] = models_root or os.environ["RICHPREF_MODELS_ROOT"]

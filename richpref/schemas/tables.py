@@ -76,6 +76,7 @@ EDITS = _schema(
     pa.field("control", pa.string()),
     pa.field("pixel_change", pa.float64()),  # mean |edited - original| / 255
     pa.field("model_id", pa.string()),
+    pa.field("editor", pa.string()),  # edit.kind: controlnet_img2img, instruct_pix2pix, flux_kontext, ...
 )
 
 CUTOUTS = _schema(
@@ -163,6 +164,7 @@ PAIRS_BASE = [
     pa.field("scores", pa.string()),  # JSON: every raw and standardised score of both images
     pa.field("model_ids", pa.string()),  # JSON: stage -> model id
     pa.field("config_hash", pa.string()),
+    pa.field("editor", pa.string()),  # the edit.kind that made jpg_1
 ]
 PAIRS = pa.schema(PAIRS_BASE)
 
