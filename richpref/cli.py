@@ -105,8 +105,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor_checks import DoctorError
     from .schemas.config import ProfileError, load_profile
 
+    # cutout follows cutout.device / cutout.providers: its CUDA needs the onnxruntime-gpu build.
+    model_sections = ("sample", "critique", "instruct", "edit", "filter", "relabel")
+    overrides = [f"{s}.{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v for s in model_sections]
     try:
-        profile = load_profile(args.profile, args.set, args.models_root)
+        profile = load_profile(args.profile, overrides + args.set, args.models_root)
         report = run_doctor(profile, items=args.items, project_items=args.project_items, workers=args.workers,
                             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     except ProfileError as exc:
@@ -252,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a profile value, e.g. --set sample.dtype=float16 (repeatable)")
     d.add_argument("--models-root", default=None, help="directory relative model references resolve against")
+    d.add_argument("--device", default=None, help="run every model stage on this device (e.g. cuda); --set wins")
+    d.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="load every model stage's weights in this dtype; --set wins")
     d.set_defaults(fn=cmd_doctor)
 
     s = sub.add_parser("summary", help="rows per stage, rejects by reason, flip rate")

@@ -15,7 +15,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype"})
+# Also left out: how a stage runs, not what it computes (onnxruntime providers, torch.compile, memory layout).
+RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype", "providers", "compile", "channels_last"})
 
 
 class _Strict(BaseModel):
@@ -109,6 +110,9 @@ class CutoutConfig(StageConfig):
     model: str = "u2net"  # rembg session name, or "u2net_custom" with model_path
     model_path: str | None = None
     home: str | None = None  # U2NET_HOME; relative paths resolve against models_root
+    # onnxruntime execution providers, e.g. [CUDAExecutionProvider, CPUExecutionProvider]; unset: from
+    # `device` (auto: CUDA when this onnxruntime build has it, else CPU). Not part of the cache key.
+    providers: list[str] | None = None
     min_fg_ratio: float = Field(0.0, ge=0, le=1)
 
 
