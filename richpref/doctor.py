@@ -156,6 +156,12 @@ def _load_problem(stage: str, refs: list[ModelRef], exc: BaseException, profile:
     if is_out_of_memory(exc):
         return ModelProblem(stage, models, f"out of memory ({type(exc).__name__}: {exc})", memory_fix(stage, profile),
                             kind="memory")
+    if isinstance(exc, ImportError):
+        package = getattr(exc, "name", None) or "the missing package"
+        return ModelProblem(stage, models, f"{type(exc).__name__}: {exc}",
+                            f"install {package} (pip install {package}) into this environment; a model package's "
+                            "own dependencies are not always pulled in (pip check lists what is missing)",
+                            kind="missing_package")
     return ModelProblem(stage, models, f"{type(exc).__name__}: {exc}",
                         "check that the directory holds a complete checkpoint of the architecture this stage "
                         "expects (re-download or rebuild it); the cause above names the file or key",

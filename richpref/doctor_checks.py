@@ -37,7 +37,7 @@ class ModelProblem(DoctorError):
     model: str
     cause: str
     fix: str
-    kind: str = "unavailable"  # unavailable | native_llava | memory | load_failed
+    kind: str = "unavailable"  # unavailable | native_llava | memory | missing_package | load_failed
 
     exit_code = 3
 
@@ -138,6 +138,12 @@ def resolve(ref: ModelRef, profile: Profile) -> ModelRef:
             fix = (f"point {ref.field} at an existing directory or a Hub id 'owner/name'; for the tiny profile run "
                    "`richpref models build-tiny <models_root>`")
         raise ModelProblem(ref.stage, ref.ref, str(exc), fix) from None
+    variant = getattr(getattr(profile, ref.stage), "variant", None)
+    if ref.kind == "diffusers" and variant and ref.path and Path(ref.path).is_dir() \
+            and not any(f".{variant}." in f.name for f in Path(ref.path).rglob("*")):
+        raise ModelProblem(ref.stage, ref.ref, f"{ref.path} has no {variant!r} weight files (*.{variant}.safetensors)",
+                           f"unset {ref.stage}.variant to load the plain weights (--set {ref.stage}.variant=null)",
+                           kind="load_failed")
     if ref.kind == "vlm" and ref.path and is_native_llava(ref.path):
         raise ModelProblem(
             ref.stage, ref.ref,

@@ -169,3 +169,12 @@ def test_a_bad_profile_fails_before_any_model(capsys, tmp_path):
     bad.write_text("name: bad\nsample: {stepz: 3}\n")
     rc, err, _ = _doctor(capsys, str(bad))
     assert rc == 2 and "stepz" in err
+
+
+def test_a_missing_package_names_the_install(tiny_models):
+    from richpref.doctor import _load_problem
+    from richpref.schemas.config import load_profile
+
+    exc = ModuleNotFoundError("No module named 'platformdirs'", name="platformdirs")
+    problem = _load_problem("cutout", [], exc, load_profile("tiny", None, str(tiny_models)))
+    assert problem.kind == "missing_package" and "pip install platformdirs" in problem.fix

@@ -10,10 +10,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .diffusion import PipelineSettings
 
 # Also left out: how a stage runs, not what it computes (onnxruntime providers, torch.compile, memory layout).
 RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype", "providers", "compile", "channels_last"})
@@ -44,10 +46,12 @@ class SourceConfig(_Strict):
     max_prompt_chars: int = Field(2000, ge=1)
 
 
-class SampleConfig(StageConfig):
+class SampleConfig(StageConfig, PipelineSettings):
+    HASHED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"variant"})  # scheduler was always hashed
+
     model: str = "runwayml/stable-diffusion-v1-5"
     use_dataset_image: bool = True  # when the source row carries an image, keep it instead of generating
-    scheduler: str | None = None
+    variant: str | None = None  # weight files variant to load, e.g. "fp16" (x.fp16.safetensors) where the repo has it
     steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
     height: int = Field(512, ge=8)
@@ -86,7 +90,7 @@ class InstructConfig(VLMStageConfig):
     on_guard_fail: Literal["drop_instruction", "reject_row"] = "drop_instruction"
 
 
-class EditConfig(StageConfig):
+class EditConfig(StageConfig, PipelineSettings):
     model: str = "runwayml/stable-diffusion-v1-5"
     controlnet: str = "lllyasviel/control_v11p_sd15_canny"
     control: Literal["canny", "tile", "lineart_standard", "softedge_hed", "softedge_pidi", "lineart"] = "canny"
@@ -225,7 +229,9 @@ class ProfileError(ValueError):
 
 def config_hash(cfg: BaseModel) -> str:
     """Hash of what a stage computes: its config minus the runtime-only fields."""
-    data = cfg.model_dump(mode="json", exclude=set(RUNTIME_FIELDS) & set(type(cfg).model_fields))
+    exclude = set(RUNTIME_FIELDS) & set(type(cfg).model_fields)
+    exclude |= {f for f in getattr(type(cfg), "HASHED_WHEN_SET", ()) if getattr(cfg, f) is None}
+    data = cfg.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -19,11 +19,18 @@ def load_editor(cfg: EditConfig, models_root: str | None):
     controlnet = resolve_model_ref(cfg.controlnet, models_root)
     # Annotator weights only matter to the network controls; the others ignore them.
     weights = resolve_model_ref(cfg.control_weights, models_root) if cfg.control_weights else None
-    return resident.get(
-        ("editor", base, controlnet, cfg.control, weights, cfg.device, cfg.dtype),
-        lambda: ControlNetEditor.load(base, controlnet, device=cfg.device, dtype=cfg.dtype,
-                                      control=cfg.control, control_weights=weights),
-    )
+    settings = dict(scheduler=cfg.scheduler, compile=cfg.compile, channels_last=cfg.channels_last)
+
+    def load():
+        from ..models.generator import apply_pipeline_settings
+
+        editor = ControlNetEditor.load(base, controlnet, device=cfg.device, dtype=cfg.dtype, control=cfg.control,
+                                       control_weights=weights)
+        apply_pipeline_settings(editor.pipe, **settings)
+        return editor
+
+    return resident.get(("editor", base, controlnet, cfg.control, weights, cfg.device, cfg.dtype, *settings.values()),
+                        load)
 
 
 def edit_prompt(prompt: str, instructions: list[str], cfg: EditConfig) -> str:

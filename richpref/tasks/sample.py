@@ -15,8 +15,9 @@ def load_generator(cfg: SampleConfig, models_root: str | None):
     from ..models.generator import TextToImage
 
     path = resolve_model_ref(cfg.model, models_root)
-    return resident.get(("generator", path, cfg.scheduler, cfg.device, cfg.dtype),
-                        lambda: TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler))
+    settings = dict(scheduler=cfg.scheduler, variant=cfg.variant, compile=cfg.compile, channels_last=cfg.channels_last)
+    return resident.get(("generator", path, cfg.device, cfg.dtype, *settings.values()),
+                        lambda: TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, **settings))
 
 
 def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
