@@ -103,6 +103,30 @@ def cmd_convert_llava_critic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import format_report, run_doctor, write_json
+    from .doctor_checks import DoctorError
+    from .schemas.config import ProfileError, load_profile
+
+    # cutout follows cutout.device / cutout.providers: its CUDA needs the onnxruntime-gpu build.
+    model_sections = ("sample", "critique", "instruct", "edit", "filter", "relabel")
+    overrides = [f"{s}.{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v for s in model_sections]
+    try:
+        profile = load_profile(args.profile, overrides + args.set, args.models_root)
+        report = run_doctor(profile, items=args.items, project_items=args.project_items, workers=args.workers,
+                            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ProfileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DoctorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(format_report(report))
+    if args.json:
+        print(f"table written to {write_json(report, args.json)}")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .inspect import format_summary, summary
 
@@ -229,6 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--vision-layers", type=int, default=None,
                     help="SigLIP layers to keep (default: tower depth - 1, as LLaVA-NeXT)")
     cv.set_defaults(fn=cmd_convert_llava_critic)
+
+    d = sub.add_parser("doctor", help="load every model of a profile, run a few items through every stage and "
+                                      "project the cost of a full run")
+    d.add_argument("--profile", default="tiny", help="profile name in configs/ or a YAML path")
+    d.add_argument("--items", type=int, default=8, help="source items to run through every stage (default 8)")
+    d.add_argument("--project-items", type=int, default=100_000, help="items to project the run's cost to")
+    d.add_argument("--workers", type=int, default=1, help="workers (GPUs) the projected run spreads over")
+    d.add_argument("--json", metavar="PATH", default=None, help="also write the table as JSON")
+    d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a profile value, e.g. --set sample.dtype=float16 (repeatable)")
+    d.add_argument("--models-root", default=None, help="directory relative model references resolve against")
+    d.add_argument("--device", default=None, help="run every model stage on this device (e.g. cuda); --set wins")
+    d.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="load every model stage's weights in this dtype; --set wins")
+    d.set_defaults(fn=cmd_doctor)
 
     s = sub.add_parser("summary", help="rows per stage, rejects by reason, flip rate")
     s.add_argument("run")

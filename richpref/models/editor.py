@@ -38,18 +38,27 @@ def editor_settings(cfg: Any) -> dict[str, Any]:
 
 
 def load_editor(cfg: Any, models_root: str | None) -> Any:
-    """The editor `cfg.kind` with `cfg.model` (a Hub id, or a folder under `models_root`), kept
-    resident in this process: the same config gets the loaded editor back."""
+    """The editor `cfg.kind` with `cfg.model` (a Hub id, or a folder under `models_root`), with the
+    config's scheduler / compile / channels-last applied, kept resident in this process: the same
+    config gets the loaded editor back."""
+    from .generator import apply_pipeline_settings
+
     model = resolve_model_ref(cfg.model, models_root)
+    settings = dict(scheduler=cfg.scheduler, compile=cfg.compile, channels_last=cfg.channels_last)
+
+    def with_settings(editor: Any) -> Any:
+        apply_pipeline_settings(editor.pipe, **settings)
+        return editor
+
     if cfg.kind == "controlnet_img2img":
         controlnet = resolve_model_ref(cfg.controlnet, models_root)
         # Annotator weights only matter to the network controls; the others ignore them.
         weights = resolve_model_ref(cfg.control_weights, models_root) if cfg.control_weights else None
         return resident.get(
-            ("editor", cfg.kind, model, controlnet, cfg.control, weights, cfg.device, cfg.dtype),
-            lambda: ControlNetEditor.load(model, controlnet, device=cfg.device, dtype=cfg.dtype,
-                                          control=cfg.control, control_weights=weights),
+            ("editor", cfg.kind, model, controlnet, cfg.control, weights, cfg.device, cfg.dtype, *settings.values()),
+            lambda: with_settings(ControlNetEditor.load(model, controlnet, device=cfg.device, dtype=cfg.dtype,
+                                                        control=cfg.control, control_weights=weights)),
         )
     cls = EDITORS[cfg.kind]
-    return resident.get(("editor", cfg.kind, model, cfg.device, cfg.dtype),
-                        lambda: cls.load(model, device=cfg.device, dtype=cfg.dtype))
+    return resident.get(("editor", cfg.kind, model, cfg.device, cfg.dtype, *settings.values()),
+                        lambda: with_settings(cls.load(model, device=cfg.device, dtype=cfg.dtype)))

@@ -10,15 +10,19 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .diffusion import PipelineSettings
 from .editors import EditorSettings, PromptMode
 from .serving import EngineConfig, ImageCaps, key_view
 
-RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype", "share_image_prefix"})
+# Also left out: how a stage runs, not what it computes (onnxruntime providers, torch.compile, memory
+# layout, whether a pair's questions share one image prefix).
+RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype", "share_image_prefix", "providers", "compile",
+                            "channels_last"})
 
 
 class _Strict(BaseModel):
@@ -58,10 +62,12 @@ class SourceConfig(_Strict):
         return self.dedupe or ("image" if self.pickapic_preferred else "none")
 
 
-class SampleConfig(StageConfig):
+class SampleConfig(StageConfig, PipelineSettings):
+    HASHED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"variant"})  # scheduler was always hashed
+
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     use_dataset_image: bool = True  # when the source row carries an image, keep it instead of generating
-    scheduler: str | None = None
+    variant: str | None = None  # weight files variant to load, e.g. "fp16" (x.fp16.safetensors) where the repo has it
     steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
     height: int = Field(512, ge=8)
@@ -111,7 +117,7 @@ class InstructConfig(VLMStageConfig):
     on_guard_fail: Literal["drop_instruction", "reject_row"] = "drop_instruction"
 
 
-class EditConfig(EditorSettings, StageConfig):
+class EditConfig(EditorSettings, StageConfig, PipelineSettings):
     # kind (controlnet_img2img | instruct_pix2pix | flux_kontext | qwen_image_edit) and each kind's
     # settings: see schemas/editors.py.
     prompt_mode: PromptMode = "prompt_plus_instructions"
@@ -127,6 +133,9 @@ class CutoutConfig(StageConfig):
     model: str = "u2net"  # rembg session name, or "u2net_custom" with model_path
     model_path: str | None = None
     home: str | None = None  # U2NET_HOME; relative paths resolve against models_root
+    # onnxruntime execution providers, e.g. [CUDAExecutionProvider, CPUExecutionProvider]; unset: from
+    # `device` (auto: CUDA when this onnxruntime build has it, else CPU). Not part of the cache key.
+    providers: list[str] | None = None
     min_fg_ratio: float = Field(0.0, ge=0, le=1)
 
 
@@ -288,8 +297,12 @@ class ProfileError(ValueError):
 
 def config_hash(cfg: BaseModel | dict) -> str:
     """Hash of what a stage computes: its config minus the runtime-only fields (or a stage's own view of it)."""
-    data = cfg if isinstance(cfg, dict) else key_view(
-        cfg, cfg.model_dump(mode="json", exclude=set(RUNTIME_FIELDS) & set(type(cfg).model_fields)))
+    if isinstance(cfg, dict):
+        data = cfg
+    else:
+        exclude = set(RUNTIME_FIELDS) & set(type(cfg).model_fields)
+        exclude |= {f for f in getattr(type(cfg), "HASHED_WHEN_SET", ()) if getattr(cfg, f) is None}
+        data = key_view(cfg, cfg.model_dump(mode="json", exclude=exclude))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

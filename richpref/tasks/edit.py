@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..images import BadImage, decode_image, encode_png, pixel_change
+from ..overlap import Memo, chunks, pipelined
 from ..schemas.config import EditConfig, Profile
 from ..schemas.tables import EDITS, rows_to_table
 from .base import Stage, StageInputs, item_seed, kept, rejected
@@ -44,6 +45,24 @@ def candidate_seed(base: int, item_id: str, candidate: int) -> int:
     return item_seed(base, item_id if candidate == 0 else f"{item_id}#edit{candidate}")
 
 
+def edit_row(iid: str, c: int, original, text: str, seed: int, img, model_id: str, cfg: EditConfig) -> dict:
+    change = pixel_change(original, img)
+    common = dict(candidate=c, edit_prompt=text, seed=seed, control=cfg.control, pixel_change=change,
+                  model_id=model_id, width=img.width, height=img.height, editor=cfg.kind)
+    reason = guard_reason(original, img, cfg.min_pixel_change)
+    return rejected(iid, reason, **common) if reason else kept(iid, image=encode_png(img), **common)
+
+
+def edit_batches(todo: list, editor, batch_size: int, settings: dict) -> list:
+    """The batches `editor.edit` forms for a whole shard: items grouped by the editor's working size
+    in order of first appearance, each group cut into `batch_size` chunks. Calling it batch by batch
+    with these keeps every batch's composition, hence its outputs."""
+    groups: dict = {}
+    for t in todo:
+        groups.setdefault(editor.working_size(t[2].size, **settings), []).append(t)
+    return [batch for group in groups.values() for batch in chunks(group, batch_size)]
+
+
 def edit_rows(rows: pa.Table, originals: list, cfg: EditConfig, get_editor) -> pa.Table:
     """`cfg.num_edits` rows per input row, candidates 0 .. num_edits-1, in input order."""
     out, todo = {}, []
@@ -66,18 +85,35 @@ def edit_rows(rows: pa.Table, originals: list, cfg: EditConfig, get_editor) -> p
         from ..models.editor import editor_settings
 
         editor = get_editor()
-        # The settings of cfg.kind; a ControlNet editor was loaded with cfg.control's detector.
-        edited = editor.edit([t[2] for t in todo], [t[3] for t in todo], [t[4] for t in todo],
-                             batch_size=cfg.batch_size, **editor_settings(cfg))
-        for (iid, c, original, text, seed), img in zip(todo, edited):
-            change = pixel_change(original, img)
-            common = dict(candidate=c, edit_prompt=text, seed=seed, control=cfg.control, pixel_change=change,
-                          model_id=editor.model_id, width=img.width, height=img.height, editor=cfg.kind)
-            reason = guard_reason(original, img, cfg.min_pixel_change)
-            if reason:
-                out[iid, c] = rejected(iid, reason, **common)
-            else:
-                out[iid, c] = kept(iid, image=encode_png(img), **common)
+        settings = editor_settings(cfg)  # the settings of cfg.kind
+        # A ControlNet editor's detector (cfg.control's, see load_editor) makes each control image; they are
+        # computed for the next batch on the pool while the model edits this one.
+        detector = getattr(editor, "detector", None)
+        control = Memo(detector) if callable(detector) else None
+
+        def prepare(batch):
+            if control is not None:
+                control.fill([t[2] for t in batch])
+            return batch
+
+        def run(batch):
+            return editor.edit([t[2] for t in batch], [t[3] for t in batch], [t[4] for t in batch],
+                               batch_size=len(batch), **settings)
+
+        def finish(batch, _, edited):  # guards and PNG encoding overlap the next batch's edit
+            if control is not None:
+                control.drop([t[2] for t in batch])
+            return {(iid, c): edit_row(iid, c, original, text, seed, img, editor.model_id, cfg)
+                    for (iid, c, original, text, seed), img in zip(batch, edited)}
+
+        if control is not None:
+            editor.detector = control
+        try:
+            for done in pipelined(edit_batches(todo, editor, cfg.batch_size, settings), run, prepare=prepare, finish=finish):
+                out.update(done)
+        finally:
+            if control is not None:
+                editor.detector = detector
     return rows_to_table([out[i, c] for i in rows.column("item_id").to_pylist() for c in candidates], EDITS)
 
 

@@ -314,6 +314,10 @@ class ControlNetEditor:
                     results[i] = im
         return results  # type: ignore[return-value]
 
+    def working_size(self, size: tuple[int, int], **settings) -> tuple[int, int]:
+        """The size `edit` works at for an input of `size` (snapped to the VAE factor)."""
+        return _snap(size, int(getattr(self.pipe, "vae_scale_factor", 8)))
+
     def close(self) -> None:
         """Free the pipeline (and the detector's network); the object cannot edit afterwards."""
         self.detector = None  # type: ignore[assignment]
