@@ -5,6 +5,7 @@ import pyarrow as pa
 
 from ..images import BadImage, decode_image, encode_png
 from ..models.runtime import resident, resolve_model_ref
+from ..models.tuned import weights_fingerprint
 from ..schemas.config import Profile, SampleConfig
 from ..schemas.tables import SAMPLES, rows_to_table
 from .base import Stage, StageInputs, item_seed, kept, rejected
@@ -12,10 +13,17 @@ from .base import Stage, StageInputs, item_seed, kept, rejected
 
 def load_generator(cfg: SampleConfig, models_root: str | None):
     from ..models.generator import TextToImage
+    from ..models.tuned import apply_tuned
 
     path = resolve_model_ref(cfg.model, models_root)
-    return resident.get(("generator", path, cfg.scheduler, cfg.device, cfg.dtype),
-                        lambda: TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler))
+
+    def load():
+        t2i = TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
+        apply_tuned(t2i, lora=cfg.lora, unet=cfg.unet)
+        return t2i
+
+    tuned = weights_fingerprint(cfg.lora, cfg.unet)
+    return resident.get(("generator", path, cfg.scheduler, cfg.device, cfg.dtype, tuned), load)
 
 
 def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
@@ -50,4 +58,9 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return sample_rows(inputs.rows, cfg, lambda: load_generator(cfg, profile.models_root))
 
 
-STAGE = Stage(name="sample", version="1", section="sample", reads=("source",), compute=compute)
+def _tuned_key(profile: Profile) -> str:
+    """The tuned weights' content (not only their path: new weights at the same path are a new key)."""
+    return weights_fingerprint(profile.sample.lora, profile.sample.unet)
+
+
+STAGE = Stage(name="sample", version="1", section="sample", reads=("source",), compute=compute, key_extra=_tuned_key)
