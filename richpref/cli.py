@@ -50,18 +50,19 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 print(f"run folder: {store.uri(store.root)}")
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
-        from .entrypoints import CURATE, load_module
+        from .entrypoints import CURATE, load_flow
+        from .orchestration import task_runner
         from .prefect_api import owned_prefect_api
+        from .runner import CurateFailed
 
-        curate_flow = load_module(CURATE)  # the flow prefect.yaml deploys, by the same entrypoint
-        CurateFailed = curate_flow.CurateFailed
-        flow_fn = curate_flow.curate
-        if args.dask_workers:
-            flow_fn = curate_flow.on_dask(args.dask_workers)
+        flow_fn = load_flow(CURATE)
+        if args.workers > 1 or args.dask_address:
+            flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
         try:
-            with owned_prefect_api():  # a Prefect server this process starts dies with it
+            with owned_prefect_api():  # a Prefect server this process starts dies with it (Dask workers use it too)
                 result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                                 models_root=args.models_root)
+                                 models_root=args.models_root,
+                                 **({"until": args.until} if args.until else {}))
         except CurateFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -131,7 +132,7 @@ def cmd_relabel_dataset(args: argparse.Namespace) -> int:
 
     try:
         prof = load_profile(args.profile, args.set, args.models_root)
-        result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward)
+        result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward, drop_near_ties=args.drop_near_ties)
     except (ProfileError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -196,11 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a profile value, e.g. --set edit.strength=0.6 (repeatable)")
     c.add_argument("--models-root", default=None, help="directory relative model references resolve against")
-    c.add_argument("--dask-workers", type=int, default=0,
-                   help="spread each stage's shards over N local Dask worker processes (needs prefect-dask; "
-                        "use with a Prefect server, see docs/operations.md)")
+    c.add_argument("--workers", "--dask-workers", dest="workers", type=int, default=1,
+                   help="spread each stage's shards over a local Dask cluster of N worker processes (one per GPU "
+                        "with dask-cuda on a GPU machine; see docs/operations.md)")
+    c.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
+                   help="run the shards on an existing Dask cluster (workers started with --resources GPU=1)")
     c.add_argument("--plan", action="store_true",
                    help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
+    c.add_argument("--until", metavar="STAGE", default=None,
+                   choices=["source", "sample", "critique", "instruct", "edit", "cutout", "filter", "relabel", "export"],
+                   help="stop after STAGE (e.g. instruct, to read the instructions before paying for edits); "
+                        "a later run without it continues from there")
     c.add_argument("--force-flow", action="store_true",
                    help="start the flow even when the run is finished and up to date (it then computes nothing)")
     c.set_defaults(fn=cmd_curate)
@@ -243,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("out_dir", help="folder for the relabelled part-*.parquet, README.md and plots")
     rd.add_argument("--profile", default="tiny", help="profile whose relabel.rewards score the images")
     rd.add_argument("--reward", default=None, help="use only this reward of the profile (e.g. imagereward)")
+    rd.add_argument("--drop-near-ties", action="store_true",
+                    help="also drop pairs whose margin is <= relabel.min_margin (default: the label follows the "
+                         "reward's order; only pairs without one are dropped)")
     rd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a profile value")
     rd.add_argument("--models-root", default=None, help="directory relative model references resolve against")
     rd.set_defaults(fn=cmd_relabel_dataset)

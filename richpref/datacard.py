@@ -193,8 +193,9 @@ def render_relabel_card(summary: dict, stats: dict) -> str:
     lines = _front_matter("relabelled preference pairs")
     lines += ["# Relabelled preference pairs (richpref relabel-dataset)", "",
               f"`label_0` rewritten by {', '.join(f'`{n}`' for n in summary['rewards'])}: 1 when jpg_0 scores higher, "
-              "0 when jpg_1 does; ties and undecodable rows dropped. The source label is kept as `label_0_source`; "
+              "0 when jpg_1 does; undecodable rows dropped. The source label is kept as `label_0_source`; "
               "`margin` and `scores` (JSON) record why.", "",
+              f"Near-ties: {summary.get('near_ties', 'dropped')}.", "",
               "## Counts", "", f"- source rows: {summary['rows']} in {summary['shards']} shard(s)",
               f"- kept: {summary['kept']}",
               f"- dropped: {json.dumps(summary['rejected']) if summary['rejected'] else 'none'}",
@@ -205,7 +206,7 @@ def render_relabel_card(summary: dict, stats: dict) -> str:
     lines += _score_table(stats, weights, labels)
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}](plots/{p})" for p in PLOTS]
     lines += ["", "## Use", "", USAGE, "", "## Config", "", "```json",
-              json.dumps({k: summary[k] for k in ("source", "rewards", "standardize", "min_margin")}, indent=2), "```", ""]
+              json.dumps({k: summary.get(k) for k in ("source", "rewards", "standardize", "min_margin", "near_ties")}, indent=2), "```", ""]
     return "\n".join(lines)
 
 

@@ -1,7 +1,10 @@
-"""Relabel an existing Pick-a-Pic-format dataset (jpg_0 vs jpg_1) with the relabel stage's scoring.
+"""relabel-dataset: rescore an existing Pick-a-Pic-format dataset (jpg_0 vs jpg_1) and rewrite label_0.
 
-RPO §4.1's "ImageReward-aligned" data is `relabel_dataset(..., reward="imagereward")`. It writes a
-dataset card (richpref/datacard.py), so it lives above the stages, not among them.
+RPO §4.1's "ImageReward-aligned" data is `relabel_dataset(..., reward="imagereward")`: the label
+follows the reward's order. Only pairs without an order are dropped by default (the same bytes on both
+sides, or a margin within float noise of 0); dropping near-ties (margin <= `relabel.min_margin`) is
+the `drop_near_ties` option, and the card says which was used. jpg_0 plays the original of the
+curate pipeline's scoring and decision functions.
 """
 from __future__ import annotations
 
@@ -15,12 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .models.rewards import PAIR_KINDS
 from .schemas.config import Profile, RelabelConfig
-from .tasks.relabel import RewardSet, relabel_rows
+from .tasks.relabel import relabel_rows
+from .tasks.relabel_score import RewardSet
 
 log = logging.getLogger("richpref")
-
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1")
 
@@ -43,16 +45,22 @@ def _content_id(caption: str | None, a: bytes | None, b: bytes | None) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_relabel_config(cfg: RelabelConfig, reward: str | None) -> RelabelConfig:
+def dataset_relabel_config(cfg: RelabelConfig, reward: str | None, drop_near_ties: bool = False) -> RelabelConfig:
+    """The profile's relabel config for independent image pairs: only `reward` (voting, weight 1) when
+    given, no subject gate (nothing was edited), and min_margin 0 unless near-ties are to be dropped."""
     if reward is not None:
         if reward not in cfg.rewards:
             raise DatasetError(f"reward {reward!r} is not in the profile's relabel.rewards ({', '.join(cfg.rewards)})")
-        cfg = cfg.model_copy(update={"rewards": {reward: cfg.rewards[reward]}})
-    unfit = [n for n, s in cfg.rewards.items() if s.kind in PAIR_KINDS or s.on_cutout]
+        spec = cfg.rewards[reward].model_copy(update={"weight": 1.0})
+        cfg = cfg.model_copy(update={"rewards": {reward: spec}, "report_only": []})
+    unfit = [n for n in cfg.scored() if cfg.rewards[n].on_cutout]
     if unfit:
-        raise DatasetError(f"reward(s) {unfit} compare an edit with its original or need cut-outs; a Pick-a-Pic pair "
-                           "has two independent images: pick per-image rewards with --reward")
-    return cfg
+        raise DatasetError(f"reward(s) {unfit} score cut-outs of an edit and its original; a Pick-a-Pic pair has "
+                           "two independent images and no cut-outs: pick a full-image reward with --reward")
+    if cfg.standardize == "item":
+        raise DatasetError("relabel.standardize=item groups an original with its edits; a Pick-a-Pic pair has two "
+                           "independent images: use relabel.standardize=shard (--set relabel.standardize=shard)")
+    return cfg.model_copy(update={"subject_gate": None, "min_margin": cfg.min_margin if drop_near_ties else 0.0})
 
 
 def relabel_pickapic_table(table: pa.Table, cfg: RelabelConfig, get_scorer, *, shard: int = 0) -> tuple[pa.Table, pa.Table]:
@@ -98,17 +106,17 @@ def _write_parquet(fs, path: str, table: pa.Table) -> None:
 
 
 def relabel_dataset(src: str | list[str], out_dir: str, profile: Profile, reward: str | None = None, *,
-                    rows_per_shard: int | None = None) -> dict:
+                    rows_per_shard: int | None = None, drop_near_ties: bool = False) -> dict:
     """Rescore jpg_0/jpg_1 of a Pick-a-Pic-format Parquet dataset (glob, file list or fsspec URLs) with
     the profile's rewards (or only `reward`) and write it to `out_dir` as `part-XXXXX.parquet` with
-    `label_0` rewritten (1 = jpg_0 scores higher), ties and undecodable rows dropped, the source label
-    kept as `label_0_source`, plus `margin` and `scores`. Standardisation groups are the shards
-    (`relabel.standardize: shard`) or the pairs (`item`). Also writes relabel.json, README.md and plots."""
+    `label_0` rewritten (1 = jpg_0 scores higher), pairs without an order (and near-ties, with
+    `drop_near_ties`) and undecodable rows dropped, the source label kept as `label_0_source`, plus
+    `margin` and `scores`. Standardised per shard. Also writes relabel.json, README.md and plots."""
     import fsspec
 
     from .datacard import write_relabel_report
 
-    cfg = dataset_relabel_config(profile.relabel, reward)
+    cfg = dataset_relabel_config(profile.relabel, reward, drop_near_ties)
     files: list[str] = []
     for pattern in [src] if isinstance(src, str) else src:
         fs, _ = fsspec.core.url_to_fs(pattern)
@@ -146,12 +154,15 @@ def relabel_dataset(src: str | list[str], out_dir: str, profile: Profile, reward
                     shard += 1
     finally:
         scorers.close()
-    summary = {"source": files, "out_dir": out_dir, "rewards": {n: s.model_dump() for n, s in cfg.rewards.items()},
-               "standardize": cfg.standardize, "min_margin": cfg.min_margin, "shards": shard, "rows": total,
+    summary = {"source": files, "out_dir": out_dir, "rewards": {n: cfg.rewards[n].model_dump() for n in cfg.scored()},
+               "standardize": cfg.standardize, "min_margin": cfg.min_margin,
+               "near_ties": (f"dropped (margin <= relabel.min_margin {cfg.min_margin:g})" if drop_near_ties else
+                             "kept: labels follow the reward's order; only pairs without one (same bytes, margin "
+                             "within float noise of 0) dropped"), "shards": shard, "rows": total,
                "kept": kept_rows, "rejected": reasons,
                "agreement_with_source_label": (agree / with_label) if with_label else None,
                "source_rows_with_a_label": with_label}
     out_fs.pipe_file(f"{out_root.rstrip('/')}/relabel.json", json.dumps(summary, indent=2).encode())
     summary["report"] = write_relabel_report(out_dir, summary, pa.concat_tables(all_scores) if all_scores else None,
-                                             list(cfg.rewards), cfg.min_margin)
+                                             cfg.scored(), cfg.min_margin)
     return summary

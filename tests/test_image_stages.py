@@ -250,8 +250,10 @@ def test_source_takes_the_preferred_pickapic_image(pickapic):
     assert [r["prompt"] for r in got] == ["a red apple", "a blue car", "two cats", "no label"]
     assert got[0]["image"] == pickapic.rows[0][1]  # label_0 = 1: jpg_0
     assert got[1]["image"] == pickapic.rows[1][2]  # label_0 = 0: jpg_1
-    assert got[2]["image"] == pickapic.rows[2][1]  # tie: jpg_0
+    assert got[2]["status"] == "rejected" and got[2]["reason"].startswith("tie:")  # the DPO trainers skip ties
     assert got[3]["status"] == "rejected" and got[3]["reason"].startswith("no_preference:")
+    [ties] = shard_source(SourceConfig(kind="parquet", path=str(pickapic.path), pickapic_preferred=True, pickapic_ties="keep"))
+    assert ties.to_pylist()[2]["image"] == pickapic.rows[2][1]  # a tie kept: jpg_0
     [chosen] = shard_source(SourceConfig(kind="parquet", path=str(pickapic.path), image_column="jpg_1"))
     assert [r["image"] for r in chosen.to_pylist()] == [r[2] for r in pickapic.rows]
 
@@ -264,7 +266,7 @@ def test_sample_keeps_the_dataset_image(pickapic):
         raise AssertionError("dataset images must not load a generator")
 
     out = sample_rows(rows, SampleConfig(use_dataset_image=True), no_generator).to_pylist()
-    assert [r["origin"] for r in out] == ["dataset"] * 3
+    assert [r["origin"] for r in out] == ["dataset"] * 2
     assert [r["image"] for r in out] == rows.column("image").to_pylist()  # the bytes, untouched
     assert {(r["width"], r["height"]) for r in out} == {(48, 40)}
     assert all(r["seed"] is None and r["model_id"] is None for r in out)
@@ -524,8 +526,10 @@ def test_sdxl_paper_profile_is_sd15_paper_on_sdxl():
 
 
 def test_tiny_sdxl_profile_curates_end_to_end(tiny_models, prefect_harness, tmp_path):
-    from flows.curate import curate
+    from richpref.entrypoints import CURATE, load_flow
     from richpref.storage import RunStore
+
+    curate = load_flow(CURATE)
 
     summary = curate(profile="tiny-sdxl", run="sdxl", data_dir=str(tmp_path),
                      overrides=["source.limit=8", "source.shard_size=8"], models_root=str(tiny_models))

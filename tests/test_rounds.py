@@ -22,9 +22,8 @@ def _overrides(models: Path) -> list[str]:
     return [f"models_root={models}", 'curate_overrides=["source.limit=4"]', 'evaluate_overrides=["prompts.limit=2"]']
 
 
-def _work_log(data: Path, run: str) -> list[str]:
-    path = Path(RunStore(str(data), run).root) / "_log" / "work.jsonl"
-    return path.read_text().splitlines() if path.exists() else []
+def _work_log(data: Path, run: str) -> list[dict]:
+    return RunStore(str(data), run).read_log("work.jsonl")
 
 
 def _samples(data: Path, run: str) -> dict[str, tuple[int, bytes]]:

@@ -54,7 +54,7 @@ class FinetuneConfig(_Strict):
 
     name: str = "finetune"
     models_root: str | None = None
-    model: str = "runwayml/stable-diffusion-v1-5"  # base diffusers pipeline (Hub id or dir)
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # base diffusers pipeline (Hub id or dir)
     arch: Literal["auto", "sd15", "sdxl"] = "auto"  # auto: read from the pipeline's model_index.json
     vae: str | None = None  # another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)
     mode: Literal["full", "lora"] = "full"

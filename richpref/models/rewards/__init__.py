@@ -64,7 +64,7 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "ict": (lambda path, **kw: ICTScore(path, **kw), ("backbone", "processor", "file")),
     "hp": (lambda path, **kw: HPScore(path, **kw), ("backbone", "processor", "file")),
     "dino_patch": (_dino_patch, ("patch", "stride")),
-    "vlm_score": (_vlm_score, ("template",)),
+    "vlm_score": (_vlm_score, ("template", "engine")),
 }
 KINDS = tuple(REGISTRY)
 PAIR_KINDS = ("dino_patch",)

@@ -1,0 +1,90 @@
+"""Source readers: rows [a, b) of a prompt file, JSONL, Parquet folder or `datasets` dataset, read on their own."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from ..schemas.config import SourceConfig
+from .base import BAD_ROW, RAW, ConcatReader, SourceError
+from .hf import hf_reader
+from .parquet import ParquetPart
+from .text import JsonlPart, PromptPart, check_text_file
+
+__all__ = ["BAD_ROW", "RAW", "ConcatReader", "SourceError", "open_reader", "resolve_input_path", "stamp"]
+
+_EXTENSIONS = {"parquet": ("*.parquet",), "jsonl": ("*.jsonl", "*.json"), "prompts": ("*.txt",)}
+
+
+def resolve_input_path(path: str) -> str:
+    """A relative path is taken from the working directory, then from the project root."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if glob.glob(str(base / path)):
+            return str(base / path)
+    raise SourceError(f"source.path {path!r} matches no file (looked in {Path.cwd()} and the project root)")
+
+
+def source_files(cfg: SourceConfig) -> tuple[list[str], str]:
+    """(files in row order, source id). A folder means its files of the kind's extension, recursively."""
+    if not cfg.path:
+        raise SourceError(f"source.kind {cfg.kind!r} needs source.path (a file, folder or glob)")
+    resolved = resolve_input_path(cfg.path)
+    if "://" in resolved:
+        raise SourceError(f"source.path {cfg.path!r}: remote paths are read with source.kind 'hf' (a Hub dataset) "
+                          "or after copying the files locally")
+    if os.path.isdir(resolved):
+        files = sorted(f for ext in _EXTENSIONS[cfg.kind] for f in glob.glob(os.path.join(resolved, "**", ext), recursive=True))
+        source_id = os.path.basename(os.path.normpath(resolved))
+    else:
+        files = sorted(glob.glob(resolved))
+        source_id = ",".join(os.path.basename(f) for f in files)  # as every earlier version named it
+    if not files:
+        raise SourceError(f"source.path {cfg.path!r} matches no {cfg.kind} file")
+    return files, source_id
+
+
+def open_reader(cfg: SourceConfig) -> ConcatReader:
+    if cfg.kind == "hf":
+        if not cfg.dataset:
+            raise SourceError("source.kind 'hf' needs source.dataset (a Hub id, a folder saved with `datasets`, "
+                              "or a folder of Parquet/JSONL files)")
+        dataset = cfg.dataset
+        if not os.path.isabs(dataset) and not os.path.isdir(dataset) and os.path.isdir(resolve_input_path_or_none(dataset)):
+            dataset = resolve_input_path_or_none(dataset)
+        reader = hf_reader(dataset, cfg.split, cfg.revision, cfg.prompt_column,
+                           None if cfg.limit is None else cfg.offset + cfg.limit)
+        reader.source_id = cfg.dataset  # item ids name the dataset as configured
+        return reader
+    files, source_id = source_files(cfg)
+    if cfg.kind == "parquet":
+        return ConcatReader(source_id, [ParquetPart(f) for f in files])
+    for f in files:
+        check_text_file(f)
+    part = PromptPart if cfg.kind == "prompts" else JsonlPart
+    return ConcatReader(source_id, [part(f, cfg.prompt_column) for f in files])
+
+
+def resolve_input_path_or_none(path: str) -> str:
+    try:
+        return resolve_input_path(path)
+    except SourceError:
+        return ""
+
+
+def stamp(cfg: SourceConfig) -> tuple:
+    """What says the source's files are unchanged since last looked at: each file's size and
+    modification time (a Hub id: the id and revision asked for)."""
+    if cfg.kind == "hf":
+        root = cfg.dataset and (cfg.dataset if os.path.isdir(cfg.dataset) else resolve_input_path_or_none(cfg.dataset))
+        if not root or not os.path.isdir(root):
+            return ("hub", cfg.dataset, cfg.revision)
+        files = sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
+    else:
+        files = source_files(cfg)[0]
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append((f, st.st_size, st.st_mtime_ns))
+    return tuple(out)

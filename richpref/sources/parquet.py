@@ -1,0 +1,123 @@
+"""Parquet files read by row group: rows [a, b) cost the row groups that hold them, nothing more.
+
+The row count and the fingerprint come from the footer alone (row-group sizes and column
+statistics), so counting a source's shards or keying one of them reads no data pages. A file's
+parsed footer is kept per (path, size, modification time): it is read again only when the file
+changes.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .base import SourceError
+
+# Row groups up to this size are read whole and kept for the next shard (shards are usually smaller
+# than row groups); larger ones are streamed, reading only up to the last row asked for.
+WHOLE_ROW_GROUP_BYTES = 64 << 20
+
+_FOOTERS: dict[tuple[str, int, int], pq.FileMetaData] = {}
+_LAST_GROUP: dict[tuple, pa.Table] = {}
+# (file name, row group) of every row group whose data pages were read, in order (tests check it).
+ROW_GROUPS_READ: list[tuple[str, int]] = []
+
+
+def footer(path: str) -> pq.FileMetaData:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    meta = _FOOTERS.get(key)
+    if meta is None:
+        try:
+            meta = pq.read_metadata(path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise SourceError(f"{path}: not a readable Parquet file ({exc}); point source.path at Parquet files "
+                              "or set source.kind to the file's format") from exc
+        _FOOTERS[key] = meta
+    return meta
+
+
+class ParquetPart:
+    """One Parquet file; the last row group read is kept for the next shard of the same file version."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = os.path.basename(path)
+
+    def _meta(self) -> pq.FileMetaData:
+        return footer(self.path)
+
+    def num_rows(self) -> int:
+        return self._meta().num_rows
+
+    def columns(self) -> list[str]:
+        return list(self._meta().schema.to_arrow_schema().names)
+
+    def _starts(self) -> list[int]:
+        meta, starts, total = self._meta(), [], 0
+        for i in range(meta.num_row_groups):
+            starts.append(total)
+            total += meta.row_group(i).num_rows
+        return starts
+
+    def _groups(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """(row group, first row of it wanted, end row of it wanted) for rows [start, stop)."""
+        starts, meta = self._starts(), self._meta()
+        out = []
+        i = max(0, bisect.bisect_right(starts, start) - 1)
+        while i < len(starts) and starts[i] < stop:
+            n = meta.row_group(i).num_rows
+            lo, hi = max(start, starts[i]) - starts[i], min(stop, starts[i] + n) - starts[i]
+            if hi > lo:
+                out.append((i, lo, hi))
+            i += 1
+        return out
+
+    def _read_group(self, rg: int, lo: int, hi: int, columns: list[str]) -> pa.Table:
+        st = os.stat(self.path)
+        key = (os.path.abspath(self.path), st.st_size, st.st_mtime_ns, rg, tuple(columns))
+        if key in _LAST_GROUP:
+            return _LAST_GROUP[key].slice(lo, hi - lo)
+        ROW_GROUPS_READ.append((self.name, rg))
+        if self._meta().row_group(rg).total_byte_size <= WHOLE_ROW_GROUP_BYTES:
+            table = pq.ParquetFile(self.path).read_row_group(rg, columns=columns)
+            _LAST_GROUP.clear()
+            _LAST_GROUP[key] = table
+            return table.slice(lo, hi - lo)
+        # A large row group: decode batches up to `hi` only (buffered reads, no whole-chunk prefetch).
+        pf = pq.ParquetFile(self.path, buffer_size=1 << 20, pre_buffer=False)
+        batches, seen = [], 0
+        for batch in pf.iter_batches(batch_size=max(1, min(1024, hi)), row_groups=[rg], columns=columns):
+            if seen + batch.num_rows > lo:
+                batches.append(batch.slice(max(0, lo - seen), min(batch.num_rows, hi - seen) - max(0, lo - seen)))
+            seen += batch.num_rows
+            if seen >= hi:
+                break
+        return pa.Table.from_batches(batches) if batches else pf.schema_arrow.empty_table().select(columns)
+
+    def read(self, start: int, stop: int, columns: list[str]) -> list[dict]:
+        rows: list[dict] = []
+        for rg, lo, hi in self._groups(start, stop):
+            rows += self._read_group(rg, lo, hi, columns).to_pylist()
+        return rows
+
+    def fingerprint(self, start: int, stop: int, columns: list[str]) -> str:
+        """Footer facts of the row groups holding rows [start, stop), for the columns read: row counts,
+        encoded sizes and statistics. A changed value changes its row group's sizes or statistics."""
+        meta = self._meta()
+        h = hashlib.sha256()
+        for rg, lo, hi in self._groups(start, stop):
+            g = meta.row_group(rg)
+            h.update(f"rg{rg}:{g.num_rows}:{lo}:{hi}:{g.total_byte_size}".encode())
+            for i in range(g.num_columns):
+                c = g.column(i)
+                if c.path_in_schema.split(".")[0] not in columns:
+                    continue
+                h.update(f"{c.path_in_schema}:{c.total_compressed_size}:{c.total_uncompressed_size}".encode())
+                s = c.statistics
+                if s is not None:
+                    h.update(repr((s.null_count, s.num_values, s.has_min_max and (s.min, s.max))).encode())
+        return h.hexdigest()

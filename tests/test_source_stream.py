@@ -1,0 +1,272 @@
+"""The source read shard by shard: same rows as reading it whole, only the rows asked for, cheap
+honest keys, dedupe across shards and workers, and bad rows as rejected rows."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from richpref.schemas.config import SourceConfig
+from richpref.sources import parquet as parquet_reader
+from richpref.sources import SourceError
+from richpref.tasks.source import check_source, compute_shard, open_view, shard_source
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _rows(tables) -> list[dict]:
+    return [r for t in tables for r in t.to_pylist()]
+
+
+def _pickapic(path, n: int, *, row_group_size: int, image_of=lambda i: i, label_of=lambda i: float(i % 2),
+              caption_of=lambda i: f"prompt {i}", extra: dict | None = None) -> None:
+    cols = {
+        "caption": [caption_of(i) for i in range(n)],
+        "jpg_0": pa.array([_jpeg(2 * image_of(i)) for i in range(n)], pa.binary()),
+        "jpg_1": pa.array([_jpeg(2 * image_of(i) + 1) for i in range(n)], pa.binary()),
+        "label_0": pa.array([label_of(i) for i in range(n)], pa.float64()),
+        **(extra or {}),
+    }
+    pq.write_table(pa.table(cols), path, row_group_size=row_group_size)
+
+
+# same rows as the whole-file reader of earlier versions ---------------------------------------------
+
+def _reference_ids(source_id: str, builder: str, files: list[str], column: str) -> list[tuple[str, object]]:
+    """Item ids and raw prompts as earlier versions computed them: `datasets` reading the whole input."""
+    import datasets
+
+    ds = datasets.load_dataset(builder, data_files=files, split="train")
+    col = "text" if builder == "text" else column
+    return [(hashlib.sha256(json.dumps([source_id, i, r[col]]).encode()).hexdigest()[:16], r[col]) for i, r in enumerate(ds)]
+
+
+@pytest.mark.parametrize("kind", ["prompts", "jsonl", "parquet"])
+def test_streamed_rows_match_the_whole_file_reader(tmp_path, kind):
+    prompts = [f"a {c} cat number {i}" for i, c in enumerate(["red", "green", "blue", "odd  spaced", "tabbed\tone"] * 5)]
+    images = [_jpeg(i) for i in range(len(prompts))]
+    if kind == "prompts":
+        path = tmp_path / "p.txt"
+        path.write_text("\n".join(prompts) + "\n")
+        cfg = SourceConfig(kind="prompts", path=str(path), shard_size=4)
+        ref = _reference_ids("p.txt", "text", [str(path)], "caption")
+    elif kind == "jsonl":
+        path = tmp_path / "p.jsonl"
+        path.write_text("\n".join(json.dumps({"caption": p, "n": i}) for i, p in enumerate(prompts)) + "\n\n")
+        cfg = SourceConfig(kind="jsonl", path=str(path), shard_size=4)
+        ref = _reference_ids("p.jsonl", "json", [str(path)], "caption")
+    else:
+        for part in range(2):  # two files: rows continue across them
+            half = slice(part * 13, None if part else 13)
+            pq.write_table(pa.table({"caption": prompts[half], "img": pa.array(images[half], pa.binary())}),
+                           tmp_path / f"train-{part}.parquet", row_group_size=5)
+        cfg = SourceConfig(kind="parquet", path=str(tmp_path / "train-*.parquet"), image_column="img", shard_size=4)
+        ref = _reference_ids("train-0.parquet,train-1.parquet", "parquet",
+                             sorted(str(p) for p in tmp_path.glob("*.parquet")), "caption")
+    rows = _rows(shard_source(cfg))
+    assert [(r["item_id"], p) for r, (_, p) in zip(rows, ref)] == ref
+    assert [r["source_row"] for r in rows] == list(range(len(prompts)))
+    assert rows[3]["prompt"] == "a odd spaced cat number 3" and rows[4]["prompt"] == "a tabbed one cat number 4"
+    if kind == "parquet":
+        assert [r["image"] for r in rows] == images
+
+
+# only the rows asked for ---------------------------------------------------------------------------
+
+def test_offset_and_limit_read_only_the_row_groups_holding_those_rows(tmp_path):
+    path = tmp_path / "big.parquet"
+    _pickapic(path, 200, row_group_size=10, label_of=lambda i: 1.0)
+    cfg = SourceConfig(kind="parquet", path=str(path), pickapic_preferred=True, offset=35, limit=20, shard_size=8)
+    parquet_reader.ROW_GROUPS_READ.clear()
+    assert check_source(cfg) == 3  # 20 rows / 8: counted from the footer
+    view = open_view(cfg)
+    keys = [view.shard_key(k) for k in range(3)]
+    assert parquet_reader.ROW_GROUPS_READ == []  # counting and keying read no data
+    rows = _rows(shard_source(cfg))
+    assert [r["source_row"] for r in rows] == list(range(35, 55))
+    assert sorted(set(parquet_reader.ROW_GROUPS_READ)) == [("big.parquet", 3), ("big.parquet", 4), ("big.parquet", 5)]
+    assert len(set(keys)) == 3
+    with pytest.raises(SourceError, match="offset 500 is past its end"):
+        check_source(cfg.model_copy(update={"offset": 500}))
+
+
+def test_a_large_row_group_is_read_only_up_to_the_rows_asked_for(tmp_path, monkeypatch):
+    path = tmp_path / "one-group.parquet"
+    _pickapic(path, 300, row_group_size=300, image_of=lambda i: i % 7)
+    monkeypatch.setattr(parquet_reader, "WHOLE_ROW_GROUP_BYTES", 1)  # force the streaming path
+    cfg = SourceConfig(kind="parquet", path=str(path), image_column="jpg_0", offset=100, limit=5, shard_size=5)
+    [shard] = shard_source(cfg)
+    assert shard.column("source_row").to_pylist() == list(range(100, 105))
+    assert shard.column("image").to_pylist() == [_jpeg(2 * (i % 7)) for i in range(100, 105)]
+
+
+# keys ---------------------------------------------------------------------------------------------
+
+def test_a_changed_row_changes_the_key_of_its_shard_only(tmp_path):
+    path = tmp_path / "train.parquet"
+    changed_caption = lambda i: "a changed caption" if i == 19 else f"prompt {i}"  # noqa: E731 - row 19: shard 2
+    for dedupe, expected in (("none", [2]), ("image", [2, 3, 4])):
+        cfg = SourceConfig(kind="parquet", path=str(path), pickapic_preferred=True, dedupe=dedupe, shard_size=8)
+        _pickapic(path, 40, row_group_size=8)
+        before = [open_view(cfg).shard_key(k) for k in range(5)]
+        _pickapic(path, 40, row_group_size=8, caption_of=changed_caption)
+        after = [open_view(cfg).shard_key(k) for k in range(5)]
+        # with dedupe a shard's rows depend on the rows before it, so later shards change too, never earlier ones
+        assert [k for k in range(5) if before[k] != after[k]] == expected, dedupe
+    # a larger limit keeps the keys of the shards it already had
+    cfg = cfg.model_copy(update={"dedupe": "none"})
+    assert [open_view(cfg.model_copy(update={"limit": 24})).shard_key(k) for k in range(3)] == \
+        [open_view(cfg).shard_key(k) for k in range(3)]
+
+
+# dedupe --------------------------------------------------------------------------------------------
+
+def _dupes_source(tmp_path) -> SourceConfig:
+    """Pick-a-Pic rows whose preferred images repeat across shards (every image once per 7 rows)."""
+    path = tmp_path / "dupes.parquet"
+    _pickapic(path, 40, row_group_size=6, image_of=lambda i: i % 7, label_of=lambda i: 1.0)
+    return SourceConfig(kind="parquet", path=str(path), pickapic_preferred=True, shard_size=5)
+
+
+def _worker(cfg_json: str, shards: list[int], scratch: str | None) -> dict[int, list[dict]]:
+    cfg = SourceConfig.model_validate_json(cfg_json)
+    return {k: compute_shard(cfg, k, scratch).to_pylist() for k in shards}
+
+
+def test_dedupe_keeps_the_first_occurrence_across_shards_whatever_order_and_workers(tmp_path):
+    from richpref.sources import dedupe
+
+    cfg = _dupes_source(tmp_path)
+    one = _rows(shard_source(cfg))
+    kept = [r for r in one if r["status"] == "ok"]
+    assert [r["source_row"] for r in kept] == list(range(7))
+    first = {i % 7: one[i]["item_id"] for i in range(7)}
+    for r in one[7:]:
+        assert r["reason"] == f"duplicate: {first[r['source_row'] % 7]}"
+
+    # two worker processes, each computing every other shard backwards, sharing a scratch folder
+    scratch = str(tmp_path / "scratch")
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        parts = pool.starmap(_worker, [(cfg.model_dump_json(), [7, 5, 3, 1], scratch),
+                                       (cfg.model_dump_json(), [6, 4, 2, 0], scratch)])
+    two = [r for k in range(8) for part in parts if k in part for r in part[k]]
+    assert two == one
+    assert len(os.listdir(scratch)) == 8  # one digest per shard, written once
+    # a resumed process with nothing in memory reads the digests back instead of the earlier rows
+    dedupe._INDEXES.clear()
+    parquet_reader.ROW_GROUPS_READ.clear()
+    parquet_reader._LAST_GROUP.clear()
+    assert _worker(cfg.model_dump_json(), [7], scratch)[7] == [r for r in one if r["source_row"] >= 35]
+    assert {rg for _, rg in parquet_reader.ROW_GROUPS_READ} == {5, 6}  # rows 35-39 only
+
+    by_prompt = _rows(shard_source(cfg.model_copy(update={"dedupe": "prompt"})))
+    assert all(r["status"] == "ok" for r in by_prompt)  # every caption differs
+    assert all(r["status"] == "ok" for r in _rows(shard_source(cfg.model_copy(update={"dedupe": "none"}))))
+
+
+# Pick-a-Pic rows the trainers skip, and bad rows ------------------------------------------------------
+
+def test_pickapic_ties_unlabelled_and_identical_pairs_are_rejected_with_reasons(tmp_path):
+    path = tmp_path / "flags.parquet"
+    _pickapic(path, 5, row_group_size=5, label_of=lambda i: [1.0, 0.5, 0.0, 1.0, 0.0][i],
+              extra={"has_label": [True, True, True, False, True], "are_different": [True, True, True, True, False]})
+    cfg = SourceConfig(kind="parquet", path=str(path), pickapic_preferred=True)
+    rows = _rows(shard_source(cfg))
+    assert [r["reason"] for r in rows] == [
+        None, "tie: label_0 is 0.5, no preferred image (source.pickapic_ties: keep takes jpg_0)", None,
+        "no_label: has_label is false", "same_images: are_different is false"]
+    assert rows[2]["image"] == _jpeg(5)  # label_0 = 0: jpg_1 of row 2
+    keep = _rows(shard_source(cfg.model_copy(update={"pickapic_ties": "keep"})))
+    assert keep[1]["status"] == "ok" and keep[1]["image"] == _jpeg(2)
+
+
+def test_bad_jsonl_lines_are_rejected_rows_naming_their_line(tmp_path):
+    lines = [json.dumps({"case": f"ok{i}", "prompt": f"a cat {i}"}) for i in range(7)]
+    lines += ["", '{"case": "broken_json", "prompt": ', json.dumps({"case": "number", "prompt": 12345}), "[1, 2]",
+              json.dumps({"case": "last", "prompt": "a dog"})]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = SourceConfig(kind="jsonl", path=str(path), prompt_column="prompt", shard_size=4)
+    rows = _rows(shard_source(cfg))
+    assert len(rows) == 11  # the blank line is no row
+    assert rows[7]["reason"] == "bad_row: line 9: not valid JSON (Expecting value at column 34)"
+    assert rows[8]["reason"] == "bad_prompt: expected text, got int"
+    assert rows[9]["reason"] == "bad_row: line 11: expected a JSON object, got list"
+    assert rows[10]["status"] == "ok" and rows[10]["source_row"] == 10
+    assert len({r["item_id"] for r in rows}) == 11
+
+
+def test_a_file_that_is_not_text_fails_as_a_whole_naming_it(tmp_path):
+    path = tmp_path / "data.jsonl"
+    pq.write_table(pa.table({"caption": ["x"]}), path)
+    with pytest.raises(SourceError, match=r"data.jsonl: line 1 is binary data.*source.kind"):
+        check_source(SourceConfig(kind="jsonl", path=str(path)))
+    csv = tmp_path / "table.jsonl"
+    csv.write_text("caption,score\na cat,1\n")
+    with pytest.raises(SourceError, match=r"table.jsonl: line 1: not valid JSON .*one JSON object per line"):
+        check_source(SourceConfig(kind="jsonl", path=str(csv)))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(SourceError, match=r"broken.parquet: not a readable Parquet file"):
+        check_source(SourceConfig(kind="parquet", path=str(broken)))
+
+
+# datasets sources ------------------------------------------------------------------------------------
+
+def test_hf_kind_reads_a_saved_dataset_and_a_hub_layout_folder(tmp_path):
+    import datasets
+
+    prompts = [f"prompt {i}" for i in range(12)]
+    images = [_jpeg(i) for i in range(12)]
+    ds = datasets.Dataset.from_dict({"caption": prompts, "jpg": images})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    pq.write_table(pa.table({"caption": prompts[:7], "jpg": pa.array(images[:7], pa.binary())}),
+                   repo / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"caption": prompts[7:], "jpg": pa.array(images[7:], pa.binary())}),
+                   repo / "train-00001-of-00002.parquet")
+    pq.write_table(pa.table({"caption": ["held out"], "jpg": pa.array([b"x"], pa.binary())}), repo / "test-00000-of-00001.parquet")
+    for dataset in (str(tmp_path / "saved"), str(tmp_path / "repo")):
+        cfg = SourceConfig(kind="hf", dataset=dataset, image_column="jpg", offset=3, limit=6, shard_size=4)
+        rows = _rows(shard_source(cfg))
+        assert [r["prompt"] for r in rows] == prompts[3:9], dataset
+        assert [r["image"] for r in rows] == images[3:9]
+        assert {r["source"] for r in rows} == {dataset}
+    with pytest.raises(SourceError, match="no split 'validation'"):
+        check_source(SourceConfig(kind="hf", dataset=str(tmp_path / "repo"), split="validation"))
+
+
+def test_hf_kind_reads_a_hub_dataset_from_the_local_hub_cache_offline(tmp_path, monkeypatch):
+    """A Hub id resolves to its cached snapshot (no network); the snapshot's revision is part of the key."""
+    import huggingface_hub.constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--someone--pickapic-mini"
+    data = repo / "snapshots" / sha / "data"
+    data.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    _pickapic(data / "train-00000-of-00001.parquet", 10, row_group_size=5, label_of=lambda i: 1.0)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = SourceConfig(kind="hf", dataset="someone/pickapic-mini", pickapic_preferred=True, limit=6, shard_size=3)
+    rows = _rows(shard_source(cfg))
+    assert [r["prompt"] for r in rows] == [f"prompt {i}" for i in range(6)]
+    assert [r["image"] for r in rows] == [_jpeg(2 * i) for i in range(6)]
+    with pytest.raises(SourceError, match="neither a local folder nor in the local Hub cache"):
+        check_source(cfg.model_copy(update={"dataset": "someone/not-downloaded"}))
