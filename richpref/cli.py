@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     from .training.cli import register as register_training  # finetune, evaluate
 
     register_training(sub)
+    from .rounds_cli import register as register_rounds
+
+    register_rounds(sub)
 
     args = p.parse_args(argv)
     _quiet_defaults(args.data_dir)

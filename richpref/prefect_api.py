@@ -61,7 +61,7 @@ def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0):
     port = _free_port()
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    proc = spawn_owned(server_command(port), name="prefect-server", log_path=log_path, env=env)
+    proc = spawn_owned(server_command(port), name="prefect-server", log_path=log_path, env=env)  # errors only
     url = f"http://127.0.0.1:{port}/api"
     try:
         _wait_healthy(proc, url, timeout)

@@ -92,15 +92,16 @@ def _unregister(pid: int) -> None:
 def spawn_owned(cmd: list[str], *, name: str, log_path: str | None = None, env: dict | None = None,
                 cwd: str | None = None) -> subprocess.Popen:
     """Start `cmd` as a child that dies with this process (own process group, pid recorded).
-    stdout and stderr go to `log_path` (appended) or nowhere. Orphans of earlier runs are reaped first."""
+    stdout and stderr go to `log_path` (appended), else to this process's. Orphans of earlier runs
+    are reaped first."""
     reap_orphans()
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    out = open(log_path, "ab") if log_path else None
     try:
         proc = _spawner.submit(subprocess.Popen, [str(c) for c in cmd], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                               stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
                                preexec_fn=_die_with_parent()).result()
     finally:
-        if log_path:
+        if out is not None:
             out.close()  # the child holds its own descriptor
     _register(proc, name, cmd)
     log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(map(str, cmd)))

@@ -5,7 +5,9 @@ tests/stage_versions.json records, per stage, its version and a hash of its code
 and the helper modules of richpref/tasks/ it imports (not the shared runner, not other stages),
 parsed, without docstrings and with the version itself blanked out, so comments, formatting and
 docstrings do not count. After changing a stage, bump its `STAGE = Stage(version=...)` and rewrite
-the file with `python tests/test_stage_versions.py`.
+the file with `python tests/test_stage_versions.py`. A change that cannot alter any output (a
+refactor; a new option whose default computes what the old code did and whose value is in the key)
+keeps its version: rewrite the file alone, and the diff of the file records that decision.
 """
 from __future__ import annotations
 

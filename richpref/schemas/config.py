@@ -73,6 +73,16 @@ class SampleConfig(StageConfig, PipelineSettings):
     height: int = Field(512, ge=8)
     width: int = Field(512, ge=8)
     seed: int = 0  # mixed with item_id: a rerun reproduces the same image
+    # Tuned weights over `model` (RPO rounds): a LoRA (file, folder or finetune output) or a full UNet
+    # (diffusers folder or finetune output). Their content is part of the stage's key.
+    lora: str | None = None
+    unet: str | None = None
+
+    @model_validator(mode="after")
+    def _one_tuning(self) -> "SampleConfig":
+        if self.lora and self.unet:
+            raise ValueError("sample.lora and sample.unet are exclusive: give the LoRA or the tuned UNet")
+        return self
 
 
 class VLMStageConfig(StageConfig):
@@ -325,7 +335,7 @@ def find_profile(name_or_path: str) -> Path:
         if c.exists():
             return c
     names = sorted({c.stem for d in configs_dirs() if d.is_dir() for c in d.glob("*.yaml")
-                    if not c.stem.startswith(("finetune-", "evaluate-"))})
+                    if not c.stem.startswith(("finetune-", "evaluate-", "rounds-"))})
     raise ProfileError(f"profile {name_or_path!r} not found; give a YAML path or one of: {', '.join(names)}")
 
 

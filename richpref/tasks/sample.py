@@ -5,6 +5,7 @@ import pyarrow as pa
 
 from ..images import BadImage, decode_image, encode_png
 from ..models.runtime import resident, resolve_model_ref
+from ..models.tuned import weights_fingerprint
 from ..overlap import chunks, pipelined
 from ..schemas.config import Profile, SampleConfig
 from ..schemas.tables import SAMPLES, rows_to_table
@@ -13,11 +14,22 @@ from .base import Stage, StageInputs, item_seed, kept, rejected
 
 def load_generator(cfg: SampleConfig, models_root: str | None):
     from ..models.generator import TextToImage
+    from ..models.tuned import apply_tuned
 
     path = resolve_model_ref(cfg.model, models_root)
-    settings = dict(scheduler=cfg.scheduler, variant=cfg.variant, compile=cfg.compile, channels_last=cfg.channels_last)
-    return resident.get(("generator", path, cfg.device, cfg.dtype, *settings.values()),
-                        lambda: TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, **settings))
+    settings = dict(scheduler=cfg.scheduler, variant=cfg.variant, channels_last=cfg.channels_last)
+
+    def load():
+        from ..models.generator import apply_pipeline_settings
+
+        t2i = TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, **settings)
+        apply_tuned(t2i, lora=cfg.lora, unet=cfg.unet)
+        if cfg.compile:  # after the tuned weights are in: compile the UNet that will run
+            apply_pipeline_settings(t2i.pipe, compile=True)
+        return t2i
+
+    tuned = weights_fingerprint(cfg.lora, cfg.unet)
+    return resident.get(("generator", path, cfg.device, cfg.dtype, *settings.values(), cfg.compile, tuned), load)
 
 
 def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
@@ -58,4 +70,9 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return sample_rows(inputs.rows, cfg, lambda: load_generator(cfg, profile.models_root))
 
 
-STAGE = Stage(name="sample", version="1", section="sample", reads=("source",), compute=compute)
+def _tuned_key(profile: Profile) -> str:
+    """The tuned weights' content (not only their path: new weights at the same path are a new key)."""
+    return weights_fingerprint(profile.sample.lora, profile.sample.unet)
+
+
+STAGE = Stage(name="sample", version="1", section="sample", reads=("source",), compute=compute, key_extra=_tuned_key)

@@ -109,3 +109,31 @@ def write_final(unet, out: Path, cfg: FinetuneConfig, cfg_hash: str, arch: str, 
     os.replace(tmp, final)
     log.info("finetune %s: tuned weights in %s", out, final)
     return meta
+
+
+def load_init_lora(unet, init_from: str, arch: str) -> None:
+    """Copy the LoRA at `init_from` into `unet`'s (freshly added, same-shaped) adapter."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    from ..models.tuned import lora_file
+    from .models import _pipeline_class
+
+    f = lora_file(init_from)
+    state = _pipeline_class(arch).lora_state_dict(str(f.parent), weight_name=f.name)
+    state = state[0] if isinstance(state, tuple) else state
+    state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+    result = set_peft_model_state_dict(unet, state)
+    if getattr(result, "unexpected_keys", None) or not state:
+        raise TrainingError(f"init_from {init_from}: its LoRA does not fit this one (rank, target modules): "
+                            f"{(getattr(result, 'unexpected_keys', None) or ['no unet weights'])[:3]}")
+
+
+def load_init_unet(unet, init_from: str) -> None:
+    """Copy the full UNet at `init_from` into `unet`."""
+    from diffusers import UNet2DConditionModel
+
+    from ..models.tuned import unet_dir
+
+    tuned = UNet2DConditionModel.from_pretrained(unet_dir(init_from))
+    unet.load_state_dict(tuned.state_dict())

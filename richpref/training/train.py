@@ -25,8 +25,8 @@ import torch
 from ..models.runtime import resolve_model_ref
 from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
-from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, register_lora_hooks, save_checkpoint,
-                          write_final)
+from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, load_init_lora, load_init_unet,
+                          register_lora_hooks, save_checkpoint, write_final)
 from .data import Augment, PairBatches, PairMixture, load_sources, seed_for
 from .dpo import diffusion_dpo_terms
 from .models import (FINETUNE_META, AdapterSwitch, add_lora, encode_latents, encode_text, frozen_copy, load_parts,
@@ -148,12 +148,18 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     if cfg.mode == "lora":
         _move(unet, device, weight_dtype)
         add_lora(unet, cfg.lora)
+        if cfg.init_from:
+            load_init_lora(unet, resolve_model_ref(cfg.init_from, cfg.models_root), parts.arch)
         for p in unet.parameters():  # trainable weights stay in float32 under mixed precision
             if p.requires_grad:
                 p.data = p.data.float()
-        reference = None  # set after prepare(): the same UNet with its adapters switched off
+        # Set after prepare() for a base reference: the same UNet with its adapters switched off.
+        reference = _move(frozen_copy(unet), device, weight_dtype) if cfg.reference == "init" else None
     else:
-        reference = _move(frozen_copy(unet), device, weight_dtype)
+        base = frozen_copy(unet) if cfg.reference == "base" else None
+        if cfg.init_from:
+            load_init_unet(unet, resolve_model_ref(cfg.init_from, cfg.models_root))
+        reference = _move(base if base is not None else frozen_copy(unet), device, weight_dtype)
         unet.requires_grad_(True)
         unet.to(device)
     unet.train()
@@ -169,7 +175,8 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
 
     if cfg.mode == "lora":
         register_lora_hooks(accelerator, base_unet)
-        reference = AdapterSwitch(base_unet)
+        if reference is None:
+            reference = AdapterSwitch(base_unet)
 
     global_step, samples_seen = 0, 0
     if resume_from:
