@@ -1,7 +1,7 @@
 """Seconds per image of model compute and of the CPU work around it, in the sample, edit and cutout
 stages, with the CPU work inline (RICHPREF_CPU_THREADS=0) and overlapped on a thread pool (2).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/overlap.py --models-root data/models/tiny [--n 64] [--batch 16]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/overlap.py --models-root data/models/tiny [--n 64] [--batch 16] [--size 64]
 
 Runs the stages' pure shard functions (sample_rows, edit_rows, cutout_rows) on `n` items at
 `batch` items per model call, best of `repeats` after a warm-up. Torch gets one thread: on a GPU the
@@ -18,12 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 
-def _inputs(n: int, models_root: str, batch: int):
+def _inputs(n: int, models_root: str, batch: int, size: int):
     from richpref.schemas.config import load_profile
     from richpref.schemas.tables import EDITS, INSTRUCTIONS, PROMPTS, rows_to_table
     from richpref.tasks.sample import load_generator, sample_rows
 
-    profile = load_profile("tiny", [f"{s}.batch_size={batch}" for s in ("sample", "edit", "cutout")], models_root)
+    sets = [f"{s}.batch_size={batch}" for s in ("sample", "edit", "cutout")] + [f"sample.height={size}", f"sample.width={size}"]
+    profile = load_profile("tiny", sets, models_root)
     prompts = rows_to_table([{"item_id": f"i{i:04d}", "status": "ok", "reason": None, "source": "bench",
                               "source_row": i, "prompt": f"a photo of object number {i} on a table", "image": None}
                              for i in range(n)], PROMPTS)
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels (edits and cut-outs follow the samples)")
     ap.add_argument("--threads", type=int, default=2, help="pool threads in the overlapped runs")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -51,7 +53,7 @@ def main() -> None:
     from richpref.tasks.sample import load_generator, sample_rows
 
     root = args.models_root
-    profile, prompts, samples, instructions, EDITS, rows_to_table = _inputs(args.n, root, args.batch)
+    profile, prompts, samples, instructions, EDITS, rows_to_table = _inputs(args.n, root, args.batch, args.size)
     originals = [r["image"] for r in samples]
     edits = edit_rows(instructions, originals, profile.edit, lambda: load_editor(profile.edit, root)).to_pylist()
     edit_table = rows_to_table([{**r, "status": "ok"} for r in edits], EDITS).select(["item_id", "candidate"])
@@ -62,7 +64,8 @@ def main() -> None:
         "cutout": lambda: cutout_rows(edit_table, originals, edited, profile.cutout,
                                       lambda: load_remover(profile.cutout, root)),
     }
-    print(f"# torch {torch.__version__}, 1 torch thread; n={args.n} items, batch {args.batch}, best of {args.repeats}; "
+    print(f"# torch {torch.__version__}, 1 torch thread; n={args.n} items of {args.size}x{args.size}, batch {args.batch}, "
+          f"best of {args.repeats}; "
           "seconds per image")
     print(f"{'stage':7} {'model':>8} {'CPU':>8} {'inline wall':>12} {'overlap wall':>13} {'max(m,CPU)':>11} "
           f"{'overlap/max':>12} {'inline/overlap':>15}")

@@ -15,24 +15,28 @@ from richpref.overlap import Memo, chunks, measure, pipelined
 def test_pipelined_keeps_order_and_overlaps_cpu_work():
     model_threads, cpu_threads = set(), set()
 
-    def run(batch):
+    def prepare(batch):
+        cpu_threads.add(threading.current_thread().name)
+        return [x + 1 for x in batch]
+
+    def run(prepared):
         model_threads.add(threading.current_thread().name)
         time.sleep(0.05)
-        return [x * 10 for x in batch]
+        return [x * 10 for x in prepared]
 
     def finish(batch, prepared, result):
         cpu_threads.add(threading.current_thread().name)
         time.sleep(0.05)
-        return [r + p for r, p in zip(result, prepared)]
+        return [r + x for r, x in zip(result, batch)]
 
     batches = chunks(list(range(10)), 3)
     with measure() as stats:
-        out = pipelined(batches, run, prepare=lambda b: [1] * len(b), finish=finish, threads=2)
-    assert out == [[x * 10 + 1 for x in b] for b in batches]
+        out = pipelined(batches, run, prepare=prepare, finish=finish, threads=2)
+    assert out == [[(x + 1) * 10 + x for x in b] for b in batches]
     assert model_threads == {threading.main_thread().name} and threading.main_thread().name not in cpu_threads
     assert stats.batches == 4 and stats.model_s == pytest.approx(0.2, abs=0.1) and stats.cpu_s >= 0.2
     assert stats.wall_s < stats.model_s + stats.cpu_s  # the finishing ran beside the model
-    assert pipelined(batches, run, prepare=lambda b: [1] * len(b), finish=finish, threads=0) == out
+    assert pipelined(batches, run, prepare=prepare, finish=finish, threads=0) == out
 
 
 def test_an_error_in_cpu_work_is_raised():
