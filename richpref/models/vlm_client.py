@@ -196,6 +196,7 @@ class ServedVLM:
             text = (choice["message"]["content"] or "").strip()
             used = int((data.get("usage") or {}).get("completion_tokens") or 0)
             finished = choice.get("finish_reason") != "length"
+            # servers differ on counting the stop token; new_tokens is informational only
             return Generation(text=text, finished=finished, new_tokens=used - 1 if finished and used else used)
 
         out = self._run([self._body(u, p, max_new_tokens) for u, p in zip(self._urls(images), prompts)], parse)

@@ -57,7 +57,9 @@ def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str]) -> 
         STATS["image_encodings"] += 1
         STATS["forward_passes"] += 1
         for row in rows:
-            cache.crop(length)
+            extra = cache.get_seq_length() - length
+            if extra > 0:
+                cache.crop(-extra)  # back to the shared prefix
             suffix = torch.tensor([row[length:]], device=vlm.device)
             logits = vlm.model(input_ids=suffix, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits
             STATS["forward_passes"] += 1
