@@ -69,5 +69,15 @@ def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0):
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
     finally:
+        _drain_logs()  # queued flow-run logs reach the server before it stops
         os.environ.pop("PREFECT_API_URL", None)
         stop_owned(proc)
+
+
+def _drain_logs() -> None:
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    except Exception:  # noqa: BLE001 - a log that cannot be sent must not mask the command's outcome
+        pass
