@@ -125,25 +125,26 @@ def main() -> None:
     p.add_argument("--data")
     p.add_argument("--rows", type=int, default=None, help="rows of the large file (default 30,000 / 1,000,000)")
     p.add_argument("--row-group-size", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=None, help="JPEG side in pixels (default 88: ~7.5 KB; first-shard 8)")
     args = p.parse_args()
     if args.what == "child":
         return child(args)
     tmp = Path(tempfile.mkdtemp(prefix="richpref-bench-source-"))
     try:
         small = tmp / "small.parquet"
-        write_pickapic(small, 300, 48, args.row_group_size)
+        write_pickapic(small, 300, args.image_size or (88 if args.what == "limit" else 8), args.row_group_size)
         big = tmp / "big.parquet"
         if args.what == "limit":
             rows = args.rows or 30_000
             t0 = time.perf_counter()
-            size = write_pickapic(big, rows, 48, args.row_group_size)
+            size = write_pickapic(big, rows, args.image_size or 88, args.row_group_size)
             print(f"large file: {rows} rows, {size / 1e6:.0f} MB, row groups of {args.row_group_size} "
                   f"(written in {time.perf_counter() - t0:.0f}s); small file: 300 rows, {small.stat().st_size / 1e6:.1f} MB")
             best = compare({"large": (big, 64), "small": (small, 64)}, "limit", args.shard_size, tmp)
         else:
             rows = args.rows or 1_000_000
             t0 = time.perf_counter()
-            size = write_pickapic(big, rows, 8, args.row_group_size)
+            size = write_pickapic(big, rows, args.image_size or 8, args.row_group_size)
             print(f"large source: {rows} rows, {size / 1e6:.0f} MB, row groups of {args.row_group_size} "
                   f"(written in {time.perf_counter() - t0:.0f}s); small source: 300 rows")
             best = compare({"large": (big, None), "small": (small, None)}, "first-shard", args.shard_size, tmp)
