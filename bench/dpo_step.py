@@ -149,7 +149,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         script = reference_script(args, tmp)
-        from richpref.models.tiny_diffusion import build_tiny_sd15
+        from richpref.models.tiny.diffusion import build_tiny_sd15
 
         model = str(build_tiny_sd15(tmp / "sd15"))
         write_pairs(tmp / "data" / "pairs.parquet", args.pairs)

@@ -38,7 +38,7 @@ def main() -> None:
 
     from richpref.models.editor import ControlNetEditor
     from richpref.models.generator import TextToImage
-    from richpref.models.tiny_diffusion import (
+    from richpref.models.tiny.diffusion import (
         build_tiny_controlnet,
         build_tiny_sd15,
         build_tiny_sdxl,

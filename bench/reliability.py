@@ -3,10 +3,13 @@
     python bench/reliability.py overhead --items 1024      # wall / sum of stage compute, and re-run / first run
     python bench/reliability.py resume --items 1024        # (SIGKILL mid-run + resume) / uninterrupted wall
     python bench/reliability.py memory --items 256 4096    # peak RSS of a curate process per size
+    python bench/reliability.py workers --items 1024       # wall of --workers 2 / wall of --workers 1
+    python bench/reliability.py plan --items 1024          # --plan on a finished run: 640x640 vs 64x64 images
 
 Runs the tiny profile on the bundled prompts repeated to N items (a JSONL source written here), with
 shard_size 32, in fresh data dirs under a temp dir. Goals (issue 8): overhead <= 1.15, re-run <= 0.05,
-kill + resume <= 1.15, peak RSS(4096) / peak RSS(256) <= 1.10.
+kill + resume <= 1.15, peak RSS(4096) / peak RSS(256) <= 1.10; (issue 12) workers 2 / 1 <= 0.60,
+plan(640x640) / plan(64x64) <= 1.2.
 """
 from __future__ import annotations
 
@@ -110,9 +113,87 @@ def memory(sizes: list[int], models: str) -> None:
         print(f"peak RSS({sizes[-1]}) / peak RSS({sizes[0]}): {peaks[sizes[-1]] / peaks[sizes[0]]:.3f}")
 
 
+def workers(n: int, models: str) -> None:
+    """The same run with one process and with a local Dask cluster of two workers (fresh data dirs)."""
+    walls = {}
+    for k in (1, 2):
+        data = Path(tempfile.mkdtemp(prefix="richpref-bench-"))
+        walls[k], rc = _timed(_cmd(data, f"workers{k}", n, models) + ["--workers", str(k)], _env(data))
+        assert rc == 0, f"curate --workers {k} failed"
+        print(f"items {n}: --workers {k}: process wall {walls[k]:.1f}s, flow wall {_flow_wall(data, f'workers{k}'):.1f}s, "
+              f"sum of stage compute {_compute_seconds(data, f'workers{k}'):.1f}s")
+    print(f"wall(--workers 2) / wall(--workers 1): {walls[2] / walls[1]:.3f}")
+
+
+def _upscale_images(data: Path, run: str, side: int) -> int:
+    """Rewrite every shard of a finished run with its images re-encoded at side x side (noise added so
+    PNG cannot shrink them), under the same content keys: the run is as finished as before, only
+    heavier. Returns the run's bytes on disk."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from richpref.runner import stage_manifests, write_shard
+    from richpref.storage import RunStore
+    from richpref.tasks import OUTPUTS
+
+    store, rng = RunStore(str(data), run), np.random.default_rng(0)
+
+    def big(png: bytes | None) -> bytes | None:
+        if png is None:
+            return None
+        img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB").resize((side, side)), dtype=np.int16)
+        img = np.clip(img + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        return buf.getvalue()
+
+    for out in OUTPUTS:
+        for shard, m in stage_manifests(store, out).items():
+            table = store.read_shard(out, shard)
+            for i, field in enumerate(table.schema):
+                if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+                    table = table.set_column(i, field, pa.array([big(v) for v in table.column(i).to_pylist()], field.type))
+            write_shard(store, out, shard, table.replace_schema_metadata(None), m.key)
+    return sum(p.stat().st_size for p in Path(store.root).rglob("*.parquet"))
+
+
+def plan(n: int, models: str) -> None:
+    """`curate --plan` on a finished run with 64x64 images, then on the same run with 640x640 images."""
+    from timing import best_of
+
+    data = Path(tempfile.mkdtemp(prefix="richpref-bench-"))
+    wall, rc = _timed(_cmd(data, "small", n, models), _env(data))
+    assert rc == 0, "curate failed"
+    import shutil
+
+    shutil.copytree(data / "runs" / "small", data / "runs" / "big")
+    sizes = {"small": sum(p.stat().st_size for p in (data / "runs" / "small").rglob("*.parquet")),
+             "big": _upscale_images(data, "big", 640)}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from richpref.plan import plan_run
+    from richpref.schemas.config import load_profile
+
+    cmd = _cmd(data, "small", n, models)
+    overrides = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--set"]
+    profile = load_profile("tiny", overrides, models)
+    times, walls = {}, {}
+    for run in ("small", "big"):
+        assert plan_run(profile, str(data), run).up_to_date, run
+        times[run] = best_of(5, lambda: plan_run(profile, str(data), run))
+        walls[run], rc = _timed(_cmd(data, run, n, models) + ["--plan"], _env(data))
+        assert rc == 0
+        print(f"items {n}, run {run}: {sizes[run] / 2**20:.0f} MiB of shards; plan {times[run] * 1000:.0f} ms "
+              f"(best of 5, in process); `richpref curate --plan` process wall {walls[run]:.1f}s")
+    print(f"plan(640x640) / plan(64x64): {times['big'] / times['small']:.3f} in process, "
+          f"{walls['big'] / walls['small']:.3f} process wall")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["overhead", "resume", "memory"])
+    ap.add_argument("what", choices=["overhead", "resume", "memory", "workers", "plan"])
     ap.add_argument("--items", type=int, nargs="+", default=[1024])
     ap.add_argument("--models", default=str(REPO / "data/models/tiny"))
     a = ap.parse_args()
@@ -120,6 +201,10 @@ def main() -> None:
         overhead(a.items[0], a.models)
     elif a.what == "resume":
         resume(a.items[0], a.models)
+    elif a.what == "workers":
+        workers(a.items[0], a.models)
+    elif a.what == "plan":
+        plan(a.items[0], a.models)
     else:
         memory(a.items, a.models)
 

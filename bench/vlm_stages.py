@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from richpref.models.tiny import LAYOUT
-    from richpref.models.tiny_vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
+    from richpref.models.tiny.vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
     from richpref.models.vlm import VisionLanguageModel
 
     tmp = tempfile.TemporaryDirectory()

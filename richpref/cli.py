@@ -50,16 +50,19 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 print(f"run folder: {store.uri(store.root)}")
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
-        from .flows.curate import CurateFailed, curate
+        from .entrypoints import CURATE, load_flow
+        from .orchestration import task_runner
+        from .prefect_api import owned_prefect_api
+        from .runner import CurateFailed
 
-        flow_fn = curate
-        if args.dask_workers:
-            from .flows.curate import on_dask
-
-            flow_fn = on_dask(args.dask_workers)
+        flow_fn = load_flow(CURATE)
+        if args.workers > 1 or args.dask_address:
+            flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
         try:
-            result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                            models_root=args.models_root, **({"until": args.until} if args.until else {}))
+            with owned_prefect_api():  # a Prefect server this process starts dies with it (Dask workers use it too)
+                result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+                                 models_root=args.models_root,
+                                 **({"until": args.until} if args.until else {}))
         except CurateFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -103,6 +106,30 @@ def cmd_convert_llava_critic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import format_report, run_doctor, write_json
+    from .doctor_checks import DoctorError
+    from .schemas.config import ProfileError, load_profile
+
+    # cutout follows cutout.device / cutout.providers: its CUDA needs the onnxruntime-gpu build.
+    model_sections = ("sample", "critique", "instruct", "edit", "filter", "relabel")
+    overrides = [f"{s}.{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v for s in model_sections]
+    try:
+        profile = load_profile(args.profile, overrides + args.set, args.models_root)
+        report = run_doctor(profile, items=args.items, project_items=args.project_items, workers=args.workers,
+                            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ProfileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DoctorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(format_report(report))
+    if args.json:
+        print(f"table written to {write_json(report, args.json)}")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .inspect import format_summary, summary
 
@@ -128,11 +155,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_relabel_dataset(args: argparse.Namespace) -> int:
     from .schemas.config import ProfileError, load_profile
-    from .tasks.relabel import DatasetError, relabel_dataset
+    from .relabel_dataset import DatasetError, relabel_dataset
 
     try:
         prof = load_profile(args.profile, args.set, args.models_root)
-        result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward)
+        result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward, drop_near_ties=args.drop_near_ties)
     except (ProfileError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -197,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a profile value, e.g. --set edit.strength=0.6 (repeatable)")
     c.add_argument("--models-root", default=None, help="directory relative model references resolve against")
-    c.add_argument("--dask-workers", type=int, default=0,
-                   help="spread each stage's shards over N local Dask worker processes (needs prefect-dask; "
-                        "use with a Prefect server, see docs/operations.md)")
+    c.add_argument("--workers", "--dask-workers", dest="workers", type=int, default=1,
+                   help="spread each stage's shards over a local Dask cluster of N worker processes (one per GPU "
+                        "with dask-cuda on a GPU machine; see docs/operations.md)")
+    c.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
+                   help="run the shards on an existing Dask cluster (workers started with --resources GPU=1)")
     c.add_argument("--plan", action="store_true",
                    help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
     c.add_argument("--until", metavar="STAGE", default=None,
@@ -228,6 +257,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="SigLIP layers to keep (default: tower depth - 1, as LLaVA-NeXT)")
     cv.set_defaults(fn=cmd_convert_llava_critic)
 
+    d = sub.add_parser("doctor", help="load every model of a profile, run a few items through every stage and "
+                                      "project the cost of a full run")
+    d.add_argument("--profile", default="tiny", help="profile name in configs/ or a YAML path")
+    d.add_argument("--items", type=int, default=8, help="source items to run through every stage (default 8)")
+    d.add_argument("--project-items", type=int, default=100_000, help="items to project the run's cost to")
+    d.add_argument("--workers", type=int, default=1, help="workers (GPUs) the projected run spreads over")
+    d.add_argument("--json", metavar="PATH", default=None, help="also write the table as JSON")
+    d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a profile value, e.g. --set sample.dtype=float16 (repeatable)")
+    d.add_argument("--models-root", default=None, help="directory relative model references resolve against")
+    d.add_argument("--device", default=None, help="run every model stage on this device (e.g. cuda); --set wins")
+    d.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="load every model stage's weights in this dtype; --set wins")
+    d.set_defaults(fn=cmd_doctor)
+
     s = sub.add_parser("summary", help="rows per stage, rejects by reason, flip rate")
     s.add_argument("run")
     s.add_argument("--json", action="store_true")
@@ -248,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("out_dir", help="folder for the relabelled part-*.parquet, README.md and plots")
     rd.add_argument("--profile", default="tiny", help="profile whose relabel.rewards score the images")
     rd.add_argument("--reward", default=None, help="use only this reward of the profile (e.g. imagereward)")
+    rd.add_argument("--drop-near-ties", action="store_true",
+                    help="also drop pairs whose margin is <= relabel.min_margin (default: the label follows the "
+                         "reward's order; only pairs without one are dropped)")
     rd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a profile value")
     rd.add_argument("--models-root", default=None, help="directory relative model references resolve against")
     rd.set_defaults(fn=cmd_relabel_dataset)
@@ -273,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     from .training.cli import register as register_training  # finetune, evaluate
 
     register_training(sub)
+    from .rounds_cli import register as register_rounds
+
+    register_rounds(sub)
 
     args = p.parse_args(argv)
     _quiet_defaults(args.data_dir)

@@ -116,6 +116,7 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
     rewards = profile.get("relabel", {}).get("rewards", {})
     weights = {n: r.get("weight", 1.0) for n, r in rewards.items()}
     labels = ("original", "edited")
+    edit = profile.get("edit", {})
     lines = _front_matter(f"richpref pairs ({run})")
     lines += [f"# richpref preference pairs: run `{run}`", "",
               "Synthetic preference pairs in Pick-a-Pic format, curated by richpref "
@@ -124,9 +125,11 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               "(a *flipped* pair: the edit scored lower) and 0 when the edit is. No ties (0.5). With several edits "
               "per item and `relabel.pairing: best_vs_worst`, a pair may hold two edits: `candidate_0`/`candidate_1` "
               "say which images a pair holds (-1 = the original).", "",
+              f"Editor: `{edit.get('kind', 'controlnet_img2img')}` (`{edit.get('model', '?')}`).", "",
               "Provenance columns: `item_id`, `source`, `critique`, `instructions`, `edit_prompt`, `candidate_0`, "
               "`candidate_1`, `margin`, `flipped`, "
-              "`scores` (JSON: every raw and z-standardised score), `model_ids` (JSON), `config_hash`.", "",
+              "`scores` (JSON: every raw and z-standardised score), `model_ids` (JSON), `config_hash`, "
+              "`editor` (`edit.kind`).", "",
               "## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]
     for st in summary["stages"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in st["reasons"].items()) or "–"
@@ -193,8 +196,9 @@ def render_relabel_card(summary: dict, stats: dict) -> str:
     lines = _front_matter("relabelled preference pairs")
     lines += ["# Relabelled preference pairs (richpref relabel-dataset)", "",
               f"`label_0` rewritten by {', '.join(f'`{n}`' for n in summary['rewards'])}: 1 when jpg_0 scores higher, "
-              "0 when jpg_1 does; ties and undecodable rows dropped. The source label is kept as `label_0_source`; "
+              "0 when jpg_1 does; undecodable rows dropped. The source label is kept as `label_0_source`; "
               "`margin` and `scores` (JSON) record why.", "",
+              f"Near-ties: {summary.get('near_ties', 'dropped')}.", "",
               "## Counts", "", f"- source rows: {summary['rows']} in {summary['shards']} shard(s)",
               f"- kept: {summary['kept']}",
               f"- dropped: {json.dumps(summary['rejected']) if summary['rejected'] else 'none'}",
@@ -205,7 +209,7 @@ def render_relabel_card(summary: dict, stats: dict) -> str:
     lines += _score_table(stats, weights, labels)
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}](plots/{p})" for p in PLOTS]
     lines += ["", "## Use", "", USAGE, "", "## Config", "", "```json",
-              json.dumps({k: summary[k] for k in ("source", "rewards", "standardize", "min_margin")}, indent=2), "```", ""]
+              json.dumps({k: summary.get(k) for k in ("source", "rewards", "standardize", "min_margin", "near_ties")}, indent=2), "```", ""]
     return "\n".join(lines)
 
 

@@ -105,13 +105,15 @@ def format_summary(s: dict) -> str:
 
 
 def status(data_dir: str, run: str) -> dict:
-    """Per stage: shards done / missing / failed (as of the last curate run), rows kept / rejected."""
+    """Per stage: shards done / missing / failed (as of the last curate run), from the manifests."""
     store = RunStore(data_dir, run)
     last: dict = {}
     run_json = store.root + "/run.json"
     if store.fs.exists(run_json):
         last = json.loads(store.fs.cat_file(run_json))
-    expected = store.shards("source")
+    from .runner import stage_manifests  # committed shards, from their manifests alone
+
+    expected = sorted(stage_manifests(store, "source"))
     failed_by_stage: dict[str, list[int]] = {}
     for f in last.get("failed", []):
         where = f.split(":", 1)[0]
@@ -124,7 +126,7 @@ def status(data_dir: str, run: str) -> dict:
 
     names = {s.out: s.name for s in PIPELINE}
     for out in OUTPUTS:
-        have = store.shards(out)
+        have = sorted(stage_manifests(store, out))
         failed = sorted(failed_by_stage.get(names.get(out, out), []))
         missing = [s for s in expected if s not in have and s not in failed]
         stages.append({"stage": out, "done": len(have), "missing": missing, "failed": failed})

@@ -6,12 +6,13 @@ is off, and Ctrl-C stops the worker and the server.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from .procs import spawn_owned, stop_owned
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -57,8 +58,10 @@ def start(data_dir: str = "data", host: str = "127.0.0.1", port: int = 4200, poo
     env = server_env(data_dir, host, port)
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     out = log or subprocess.DEVNULL
-    procs = [subprocess.Popen([_prefect(), "server", "start", "--host", host, "--port", str(port)], env=env,
-                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True)]
+    # Server and worker die with this process (richpref.procs): a killed `richpref serve` leaves nothing.
+    log_path = log.name if isinstance(getattr(log, "name", None), str) else os.devnull
+    procs = [spawn_owned([_prefect(), "server", "start", "--host", host, "--port", str(port)], name="prefect-server",
+                         env=env, log_path=log_path)]
     try:
         wait_healthy(env["PREFECT_API_URL"])
         for pool in pools:
@@ -68,8 +71,8 @@ def start(data_dir: str = "data", host: str = "127.0.0.1", port: int = 4200, poo
             subprocess.run([_prefect(), "--no-prompt", "deploy", "--all"], env=env, cwd=PROJECT_DIR, check=True,
                            stdout=out, stderr=subprocess.STDOUT)
         if worker_pool:
-            procs.append(subprocess.Popen([_prefect(), "worker", "start", "--pool", worker_pool], env=env,
-                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(spawn_owned([_prefect(), "worker", "start", "--pool", worker_pool], name="prefect-worker",
+                                     env=env, log_path=log_path))
     except BaseException:
         stop(procs)
         raise
@@ -78,16 +81,7 @@ def start(data_dir: str = "data", host: str = "127.0.0.1", port: int = 4200, poo
 
 def stop(procs: list[subprocess.Popen]) -> None:
     for p in reversed(procs):
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-    for p in reversed(procs):
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+        stop_owned(p, timeout=20)
 
 
 def serve_forever(**kwargs) -> int:

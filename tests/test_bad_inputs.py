@@ -18,7 +18,7 @@ from richpref.prompts import render
 from richpref.schemas.config import SampleConfig, SourceConfig
 from richpref.schemas.tables import PROMPTS, rows_to_table
 from richpref.storage import RunStore
-from richpref.tasks.base import check_rows_accounted
+from richpref.shard_contract import check_rows_accounted
 from richpref.tasks.sample import sample_rows
 from richpref.tasks.source import SourceError, clean_prompt, shard_source
 

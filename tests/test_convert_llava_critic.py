@@ -24,7 +24,7 @@ from richpref.models.convert_llava_critic import (
     expand_pinpoints,
     map_native_key,
 )
-from richpref.models.tiny_vlm import build_tiny_llava_native
+from richpref.models.tiny.llava_native import build_tiny_llava_native
 from richpref.models.vlm import VisionLanguageModel
 
 TOWER = "model.vision_tower.vision_tower.vision_model."

@@ -7,9 +7,11 @@ committed), reruns the same command, and checks the pairs are byte-identical to 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,13 +26,32 @@ KINDS = ["kill", "kill-write", "kill-after"]
 SEEDS = list(range(10))
 
 
-def _curate(server, run: str, faults: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(server["env"])
+def _env(server, faults: str | None = None) -> dict:
+    # One torch thread in every process and Dask worker, so images are byte-identical across layouts;
+    # short leases, so a holder that stops renewing is given up quickly.
+    env = {**server["env"], "RICHPREF_TORCH_THREADS": "1", "RICHPREF_LEASE_SECONDS": "5"}
     if faults:
         env["RICHPREF_FAULTS"] = faults
-    cmd = [str(BIN / "richpref"), "--data-dir", str(server["data"]), "curate", "--run", run,
-           "--models-root", str(server["models"]), *ARGS]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def _cmd(server, run: str, *extra: str) -> list[str]:
+    return [str(BIN / "richpref"), "--data-dir", str(server["data"]), "curate", "--run", run,
+            "--models-root", str(server["models"]), *ARGS, *extra]
+
+
+def _curate(server, run: str, faults: str | None = None, timeout: int = 300, extra=()) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(server, run, *extra), env=_env(server, faults), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _work(server, run: str) -> list[tuple[str, int]]:
+    return [(r["stage"], r["shard"]) for r in RunStore(str(server["data"]), run).read_log("work.jsonl")]
+
+
+def _each_shard_once(server, run: str) -> None:
+    work = _work(server, run)
+    assert sorted(work) == sorted((s, k) for s in STAGES for k in range(2)), work
 
 
 def _pairs(server, run: str) -> dict[int, str]:
@@ -78,14 +99,55 @@ def test_sigkill_at_a_random_point_then_resume_gives_identical_pairs(prefect_ser
     assert repeated <= allowed, f"{fault}: recomputed {repeated}"
 
 
+def test_two_workers_give_the_same_pairs_as_one_and_compute_each_shard_once(prefect_server, reference):
+    done = _curate(prefect_server, "workers", extra=("--workers", "2"), timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _each_shard_once(prefect_server, "workers")
+    assert _pairs(prefect_server, "workers") == reference
+
+
 def test_two_processes_on_the_same_run_compute_each_shard_once(prefect_server, reference):
-    cmd_env = dict(prefect_server["env"])
-    cmd = [str(BIN / "richpref"), "--data-dir", str(prefect_server["data"]), "curate", "--run", "twice",
-           "--models-root", str(prefect_server["models"]), *ARGS]
-    procs = [subprocess.Popen(cmd, env=cmd_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [subprocess.Popen(_cmd(prefect_server, "twice"), env=_env(prefect_server), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=400) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    work = [(r["stage"], r["shard"]) for r in RunStore(str(prefect_server["data"]), "twice").read_log("work.jsonl")]
-    assert sorted(work) == sorted(set(work)), f"computed twice: {[w for w in set(work) if work.count(w) > 1]}"
+    _each_shard_once(prefect_server, "twice")
     assert _pairs(prefect_server, "twice") == reference
+
+
+def test_a_process_killed_mid_shard_loses_its_lease_and_the_other_redoes_that_shard(prefect_server, reference):
+    store = RunStore(str(prefect_server["data"]), "shared-kill")
+    lease = Path(store.stage_dir("sample")) / "part-00000.lease-0000"
+    # The first process holds sample shard 0 (sleeping in it) when the second one starts.
+    first = subprocess.Popen(_cmd(prefect_server, "shared-kill"), env=_env(prefect_server, "sample:0:sleep-300"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = None
+    try:
+        _wait_for(lease.exists, first, "the first process to lease sample shard 0")
+        holder = json.loads(lease.read_text())
+        assert holder["pid"] == first.pid
+        second = subprocess.Popen(_cmd(prefect_server, "shared-kill"), env=_env(prefect_server),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # It takes the shard nobody holds, and leaves shard 0 to its live holder.
+        _wait_for(lambda: ("sample", 1) in _work(prefect_server, "shared-kill"), second, "sample shard 1")
+        assert ("sample", 0) not in _work(prefect_server, "shared-kill")
+        first.kill()
+        first.wait()
+        out, err = second.communicate(timeout=400)
+        assert second.returncode == 0, err[-3000:]
+        assert "taking over the lease of part-00000.parquet" in err
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    _each_shard_once(prefect_server, "shared-kill")
+    assert _pairs(prefect_server, "shared-kill") == reference
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"process exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)

@@ -8,15 +8,16 @@ import pytest
 from PIL import Image
 
 from richpref.storage import RunStore
-from richpref.tasks import OUTPUTS, PIPELINE
+from richpref.tasks import ALL_STAGES, OUTPUTS, PIPELINE
 
 N_ITEMS, SHARD = 12, 4
 OVERRIDES = ["source.limit=12", "source.shard_size=4"]
 
 
 def curate_run(data_dir, run, models_root, extra=(), faults=None, monkeypatch=None):
-    from richpref.flows.curate import curate
+    from richpref.entrypoints import CURATE, load_flow
 
+    curate = load_flow(CURATE)
     if faults and monkeypatch:
         monkeypatch.setenv("RICHPREF_FAULTS", faults)
     try:
@@ -89,7 +90,7 @@ def test_pairs_are_pickapic_format_and_load_with_datasets(finished_run, runs_dir
 
 def test_each_shard_was_computed_once(finished_run, runs_dir):
     done = work(runs_dir, "ref")
-    expected = [(s, k) for s in ["source", *(p.name for p in PIPELINE)] for k in range(N_ITEMS // SHARD)]
+    expected = [(s.name, k) for s in ALL_STAGES for k in range(N_ITEMS // SHARD)]
     assert sorted(done) == sorted(expected)
 
 
@@ -103,7 +104,7 @@ def test_second_run_executes_no_stage_work(finished_run, runs_dir, tiny_models):
 
 
 def test_resume_after_a_failed_shard_redoes_only_that_shard(finished_run, runs_dir, tiny_models, monkeypatch):
-    from richpref.flows.curate import CurateFailed
+    from richpref.runner import CurateFailed
 
     with pytest.raises(CurateFailed, match=r"edit/part-00001"):
         curate_run(runs_dir, "crash", tiny_models, faults="edit:1:raise", monkeypatch=monkeypatch)
@@ -197,7 +198,7 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
                                                                       monkeypatch, capsys):
     import shutil
 
-    import richpref.flows.curate as curate_flow
+    import richpref.entrypoints as entrypoints
     from richpref.cli import main
 
     ref = RunStore(str(runs_dir), "ref")
@@ -209,7 +210,7 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
     def no_flow(*a, **k):
         raise AssertionError("an up-to-date run must not start the flow")
 
-    monkeypatch.setattr(curate_flow, "curate", no_flow)
+    monkeypatch.setattr(entrypoints, "load_flow", lambda entrypoint: no_flow)
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "up to date, nothing to compute" in out and "flip rate" in out and "pairs (Pick-a-Pic format)" in out
@@ -226,13 +227,13 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
     # a missing critique shard: that shard is to do, the same shard of every later stage waits on it
     store.fs.rm(store.shard_path("critique", 1))
     assert main([*argv, "--plan"]) == 0
-    lines = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()[3:]}
+    lines = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()[2:]}
     assert lines["sample"] == ["3", "0", "0"] and lines["critique"] == ["2", "1", "0"]
     for later in ("instruct", "edit", "cutout", "filter", "relabel", "export"):
         assert lines[later] == ["2", "0", "1"], later
     # a changed edit config: edit and later are to do (or blocked), nothing before
     assert main([*argv, "--set", "edit.strength=0.5", "--plan"]) == 0
-    lines = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()[3:]}
+    lines = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()[2:]}
     assert lines["instruct"][1] == "0" and lines["edit"][1] == "2" and lines["cutout"][1] == "0"
     with pytest.raises(AssertionError, match="must not start"):  # not up to date: the flow is started
         main(argv)
@@ -247,9 +248,9 @@ def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, ru
     store.fs.rm(store.root + "/_log", recursive=True)
     for out in OUTPUTS[OUTPUTS.index("critique"):]:
         store.fs.rm(store.shard_path(out, 1))
-    from richpref.flows.curate import curate
+    from richpref.entrypoints import CURATE, load_flow
 
-    curate(profile="tiny", run="until", data_dir=str(runs_dir), overrides=OVERRIDES, models_root=str(tiny_models),
+    load_flow(CURATE)(profile="tiny", run="until", data_dir=str(runs_dir), overrides=OVERRIDES, models_root=str(tiny_models),
            until="instruct")
     assert work(runs_dir, "until") == [("critique", 1), ("instruct", 1)]
     assert json.loads(store.fs.cat_file(store.root + "/run.json"))["state"] == "stopped after instruct"

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from richpref.flows.evaluate import summary_table, to_markdown
+from richpref.evaluation import summary_table, to_markdown
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,7 +57,8 @@ def tuned_model(tiny_models, tmp_path_factory):
 def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from richpref.flows.evaluate import artifact_key, evaluate
+    from flows.evaluate import evaluate
+    from richpref.evaluation import artifact_key
     from richpref.models.generator import TextToImage
     from richpref.models.rewards import load_reward_spec
     from richpref.schemas.training import load_evaluate_config
@@ -117,7 +118,7 @@ def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_p
 
 
 def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path):
-    from richpref.flows.evaluate import preflight
+    from richpref.evaluation import preflight
     from richpref.models.runtime import ModelNotAvailable
     from richpref.schemas.training import load_evaluate_config
 

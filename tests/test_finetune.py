@@ -200,7 +200,7 @@ def resumed_lora_run(prefect_harness, tiny_models, pairs_file, tmp_path_factory)
 
     import yaml
 
-    from richpref.flows.finetune import finetune
+    from flows.finetune import finetune
 
     tmp = tmp_path_factory.mktemp("lora2")
     config = tmp / "ft.yaml"
@@ -238,7 +238,7 @@ def test_two_process_run_resumes_from_its_checkpoint(resumed_lora_run):
 def test_finetune_flow_uses_the_pairs_and_is_a_noop_when_done(resumed_lora_run, pairs_file):
     import yaml
 
-    from richpref.flows.finetune import finetune
+    from flows.finetune import finetune
 
     out, result, config = resumed_lora_run
     saved = yaml.safe_load((out / "finetune-config.yaml").read_text())
@@ -275,8 +275,8 @@ def test_lora_output_loads_into_pipeline_and_changes_output(resumed_lora_run, ti
 def test_curate_launches_the_finetune_deployment_once_per_pairs(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from richpref.flows.finetune import finetune
-    from richpref.flows.launch import launch_finetune
+    from flows.finetune import finetune
+    from flows.launch import launch_finetune
     from richpref.storage import RunStore
 
     finetune.to_deployment(name="tiny-test").apply()

@@ -18,8 +18,8 @@ from richpref.models.cutout import BackgroundRemover, composite_on_white, foregr
 from richpref.models.editor import ANNOTATOR_FILES, CONTROL_KINDS, ControlNetEditor, make_control_image
 from richpref.models.generator import TextToImage
 from richpref.models.runtime import ModelNotAvailable
-from richpref.models.tiny_diffusion import build_tiny_controlnet, build_tiny_sd15
-from richpref.models.tiny_rembg import build_tiny_u2net_onnx
+from richpref.models.tiny.diffusion import build_tiny_controlnet, build_tiny_sd15
+from richpref.models.tiny.rembg import build_tiny_u2net_onnx
 
 GEN = dict(steps=3, guidance_scale=5.0, height=64, width=64)
 EDIT = dict(steps=4, strength=0.75)

@@ -24,8 +24,8 @@ from richpref.models.editor import ANNOTATOR_FILES, ControlDetector, ControlNetE
 from richpref.models.generator import TextToImage
 from richpref.models.runtime import ModelNotAvailable, resident
 from richpref.models.tiny import LAYOUT
-from richpref.models.tiny_diffusion import build_random_annotator, build_tiny_sdxl, build_tiny_sdxl_controlnet
-from richpref.models.tiny_rembg import MODEL_FILENAME, install_as_rembg_model
+from richpref.models.tiny.diffusion import build_random_annotator, build_tiny_sdxl, build_tiny_sdxl_controlnet
+from richpref.models.tiny.rembg import MODEL_FILENAME, install_as_rembg_model
 from richpref.schemas.config import CutoutConfig, EditConfig, SampleConfig, SourceConfig
 from richpref.schemas.tables import CUTOUTS, EDITS, INSTRUCTIONS, PROMPTS, SAMPLES, rows_to_table
 from richpref.tasks.cutout import cutout_rows, load_remover
@@ -339,7 +339,7 @@ def test_edit_prompt_join_and_instruction_only():
     cfg = EditConfig()
     assert edit_prompt("a cat", ["make it red", "add a hat"], cfg) == "a cat, make it red, add a hat"
     assert edit_prompt("a cat", ["make it red", "  "], cfg.model_copy(update={"joiner": "; "})) == "a cat; make it red"
-    assert edit_prompt("a cat", ["make it red", "add a hat"], cfg.model_copy(update={"prompt_mode": "instructions"})) \
+    assert edit_prompt("a cat", ["make it red", "add a hat"], cfg.model_copy(update={"prompt_mode": "instructions_only"})) \
         == "make it red, add a hat"
 
 
@@ -526,8 +526,10 @@ def test_sdxl_paper_profile_is_sd15_paper_on_sdxl():
 
 
 def test_tiny_sdxl_profile_curates_end_to_end(tiny_models, prefect_harness, tmp_path):
-    from richpref.flows.curate import curate
+    from richpref.entrypoints import CURATE, load_flow
     from richpref.storage import RunStore
+
+    curate = load_flow(CURATE)
 
     summary = curate(profile="tiny-sdxl", run="sdxl", data_dir=str(tmp_path),
                      overrides=["source.limit=8", "source.shard_size=8"], models_root=str(tiny_models))

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from richpref.storage import RunStore
-from richpref.tasks.base import SimulatedOutOfMemory, is_out_of_memory
+from richpref.faults import SimulatedOutOfMemory, is_out_of_memory
 from test_curate_flow import curate_run, pair_files
 
 

@@ -20,7 +20,8 @@ from richpref.schemas.tables import CRITIQUES, CUTOUTS, EDITS, INSTRUCTIONS, PRO
 from richpref.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
-from richpref.tasks.base import run_stage_shard
+from richpref.runner import content_key, run_shard, write_shard
+from richpref.tasks import relabel_score as score_stage
 
 
 # ------------------------------------------------------------------ composite, flip, tie: by hand
@@ -74,8 +75,12 @@ def test_item_standardisation_and_ties_by_hand():
     out = relabel_stage.relabel_rows(["a", "b"], ["p", "q"], HAND_IMAGES, hand_config("item", min_margin=4.5),
                                      SCORERS.__getitem__).to_pylist()
     a, b = out
-    # per item: red a [10, 30] -> [-1, 1], b [20, 20] -> [0, 0]; green a [0, 10] -> [-1, 1], b [10, 0] -> [1, -1]
-    assert (a["composite_0"], a["composite_1"], a["margin"]) == (pytest.approx(-3), pytest.approx(3), pytest.approx(6))
+    # centred per item, scaled by the shard's spread around the item means:
+    # red a [10, 30] -> [-10, 10], b [20, 20] -> [0, 0]; spread √50: z a [-√2, √2], b [0, 0]
+    # green a [0, 10] -> [-5, 5], b [10, 0] -> [5, -5]; spread 5: z a [-1, 1], b [1, -1]; weight 2
+    r2 = math.sqrt(2)
+    assert (a["composite_0"], a["composite_1"], a["margin"]) == (pytest.approx(-r2 - 2), pytest.approx(r2 + 2),
+                                                                 pytest.approx(2 * r2 + 4))
     assert a["status"] == "ok" and a["chosen"] == 1
     assert b["margin"] == pytest.approx(4) and b["status"] == "rejected" and b["reason"].startswith("tie:")
     assert b["chosen"] is None  # a tie has no label: it can never be exported as 0.5
@@ -94,10 +99,26 @@ def several_edits(pairing: str, standardize: str = "item"):
                                       candidates=cands).to_pylist()
 
 
+def test_item_standardisation_keeps_the_size_of_a_gap_with_one_edit_per_item():
+    """A per-item spread would make every one-edit item a +-1 vote: gaps of 1e-4 and 20 alike."""
+    images = {"original": [solid(10, 0), solid(100, 0), solid(50, 0)], "edited": [solid(30, 0), solid(100, 0, 1), solid(60, 0)]}
+
+    class Tiny(ChannelValue):
+        def score(self, images, prompts, *, batch_size=8):
+            s = super().score(images, prompts)
+            return s + np.array([1e-4 if np.asarray(im)[..., 2].mean() else 0 for im in images])
+
+    out = relabel_stage.relabel_rows(["a", "b", "c"], ["p"] * 3, images, RED, {"red": Tiny(0)}.__getitem__).to_pylist()
+    # deviations from the item means: a ±10, b ±5e-5, c ±5; spread √((200 + 50 + 5e-9) / 6)
+    spread = math.sqrt((200 + 50 + 5e-9) / 6)
+    assert out[0]["margin"] == pytest.approx(20 / spread) and out[2]["margin"] == pytest.approx(10 / spread)
+    assert out[1]["margin"] == pytest.approx(1e-4 / spread)
+
+
 def test_best_edit_against_the_original_by_hand():
     a0, a1, a2, b0, b1 = several_edits("best_vs_original")
-    # item a over its 4 images [10, 30, 20, 0]: mean 15, std √125
-    s = math.sqrt(125)
+    # item a [10, 30, 20, 0] around its mean 15: [-5, 15, 5, -15]; b [40, 30, 10] around 80/3: [40/3, 10/3, -50/3]
+    s = math.sqrt((25 + 225 + 25 + 225 + (1600 + 100 + 2500) / 9) / 7)
     assert (a0["status"], a0["candidate_0"], a0["candidate_1"], a0["chosen"], a0["flipped"]) == ("ok", -1, 0, 1, False)
     assert (a0["composite_0"], a0["composite_1"], a0["margin"]) == (pytest.approx(-5 / s), pytest.approx(15 / s),
                                                                     pytest.approx(20 / s))
@@ -111,7 +132,7 @@ def test_best_edit_against_the_original_by_hand():
 
 def test_best_against_worst_by_hand():
     a0, a1, a2, b0, b1 = several_edits("best_vs_worst")
-    s = math.sqrt(125)
+    s = math.sqrt((25 + 225 + 25 + 225 + (1600 + 100 + 2500) / 9) / 7)
     # item a: best edit 0 (30), worst edit 2 (0): the pair is (edit 0, edit 2), carried by edit 2's row
     assert (a2["status"], a2["candidate_0"], a2["candidate_1"], a2["chosen"], a2["flipped"]) == ("ok", 0, 2, 0, False)
     assert (a2["red_0"], a2["red_1"], a2["margin"]) == (30, 0, pytest.approx(30 / s))
@@ -154,6 +175,39 @@ def test_bad_images_and_non_finite_scores_are_rejected_with_a_reason():
     assert out[1]["reason"].startswith("bad_image:") and out[2]["reason"] == "bad_score: non-finite nanny score"
 
 
+class BatchNoise:
+    """The red channel, times 1 + 1e-7 * (place in the batch): how batched float32 scores the same image
+    slightly differently on some processors."""
+
+    model_id = "batch-noise"
+
+    def score(self, images, prompts, *, batch_size=8):
+        return np.array([np.asarray(im, dtype=np.float64)[..., 0].mean() * (1 + 1e-7 * k) for k, im in enumerate(images)])
+
+
+def test_identical_images_and_margins_within_float_noise_are_ties_on_any_processor():
+    cfg = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-")}, min_margin=0.0)
+    images = {"original": [solid(10, 0), solid(50, 0), solid(60, 0, 0), solid(40, 0)],
+              "edited": [solid(30, 0), solid(50, 0), solid(60, 0, 1), solid(20, 0)]}
+    out = relabel_stage.relabel_rows(["a", "same", "near", "b"], ["p"] * 4, images, cfg,
+                                     {"red": BatchNoise()}.__getitem__).to_pylist()
+    a, same, near, b = out
+    assert same["margin"] > 0 and near["margin"] > 0  # the noise alone separates them
+    assert same["status"] == "rejected" and same["reason"] == "tie: the two images are the same bytes"
+    assert near["status"] == "rejected" and near["reason"].startswith("tie: composite margin")
+    assert (a["status"], a["chosen"], b["status"], b["chosen"]) == ("ok", 1, "ok", 0)
+
+
+def test_float_noise_of_a_z_score_by_hand():
+    from richpref.pairing import relative_noise, standardise, z_noise
+
+    z, spread = standardise(np.array([1.0, 2, 3, 4]))
+    assert spread == pytest.approx(math.sqrt(1.25))
+    assert z_noise(np.array([1.0, 2, 3, 4]), spread, 1e-3) == pytest.approx(4e-3 / math.sqrt(1.25))  # rho max|x| / spread
+    assert z_noise(np.array([7.0, 7.0]), standardise(np.array([7.0, 7.0]))[1], 1e-3) == 0  # no spread: z is exactly 0
+    assert relative_noise("float32") == 2 ** -15 and relative_noise("torch.float16") == 2 ** -8
+
+
 # ------------------------------------------------------------------ a mini run: relabel + export through the real stages
 
 N_ITEMS = 6
@@ -191,12 +245,12 @@ def write_upstream(store: RunStore) -> dict:
                                   "reason": "filter: not_executed(p_yes=0.10 < 0.5)" if k == 2 else None,
                                   "verdict": "drop" if k == 2 else "keep"} for k, i in enumerate(ids)], VERDICTS),
     }
-    return {name: store.write_shard(name, 0, t, key=f"test-{name}") for name, t in tables.items()}
+    return {name: write_shard(store, name, 0, t, key=f"test-{name}") for name, t in tables.items()}
 
 
 def run_stage(stage, store, profile, manifests):
     inputs = {r: manifests[r] for r in stage.reads}
-    manifests[stage.out] = run_stage_shard(stage, 0, inputs, store, profile, stage.content_key(profile, inputs))
+    manifests[stage.out] = run_shard(stage, 0, inputs, store, profile, content_key(stage, profile, 0, inputs))
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +260,7 @@ def mini_run(tiny_models, tmp_path_factory):
     profile = load_profile("tiny", models_root=str(tiny_models))
     store.write_text("profile.json", profile.model_dump_json(indent=2))
     manifests = write_upstream(store)
+    run_stage(score_stage.STAGE, store, profile, manifests)
     run_stage(relabel_stage.STAGE, store, profile, manifests)
     run_stage(export_stage.STAGE, store, profile, manifests)
     return data, store, profile
@@ -217,10 +272,10 @@ def test_relabel_stage_scores_every_tiny_reward_and_combines_them(mini_run):
     _, store, profile = mini_run
     scores = store.read_shard("relabel", 0).to_pylist()
     assert [r["item_id"] for r in scores] == [f"item{k}" for k in range(N_ITEMS) if k != 2]  # the filter's reject is not here
-    names = list(profile.relabel.rewards)
-    assert len(names) == 9
+    names = profile.relabel.scored()
+    assert len(names) == 8 and profile.relabel.voting() == ["imagereward"]  # as RPO; the others report only
     for r in scores:
-        assert r["dino_patch_0"] == 1.0 and 0 < r["dino_patch_1"] < 1.0  # an image is fully consistent with itself
+        assert 0 < r["subject_consistency"] < 1.0  # the gate's measure, not a reward
         assert 0 <= r["vlm_score_0"] <= 1 and 0 < r["hp_1"] < 1
     # the composite, recomputed from the stored raw scores: per-reward z over the shard's 2N values, weighted sum
     c0 = np.zeros(len(scores))
@@ -234,6 +289,7 @@ def test_relabel_stage_scores_every_tiny_reward_and_combines_them(mini_run):
     np.testing.assert_allclose([r["composite_1"] for r in scores], c1, atol=1e-9)
     for r, a, b in zip(scores, c0, c1):
         assert r["status"] == "ok" and r["chosen"] == int(b > a) and r["flipped"] == (b <= a)
+        assert r["chosen"] == int(r["imagereward_1"] > r["imagereward_0"])  # ImageReward alone decides
 
 
 def test_relabel_uses_the_cutouts_when_a_reward_says_so(mini_run, tiny_models):
@@ -246,8 +302,8 @@ def test_relabel_uses_the_cutouts_when_a_reward_says_so(mini_run, tiny_models):
     dino = load_reward("dino_patch", str(tiny_models / "dinov2"), patch=28, stride=14, device="cpu")
     on_cut = dino.score_pairs([Image.open(io.BytesIO(cut["original_cutout"]))], [Image.open(io.BytesIO(cut["edited_cutout"]))], ["x"])
     on_full = dino.score_pairs([Image.open(io.BytesIO(full[0]["image"]))], [Image.open(io.BytesIO(full[1]["image"]))], ["x"])
-    assert row["dino_patch_1"] == pytest.approx(on_cut[0, 1], abs=1e-9)
-    assert row["dino_patch_1"] != pytest.approx(on_full[0, 1], abs=1e-6)
+    assert row["subject_consistency"] == pytest.approx(on_cut[0, 1], abs=1e-9)
+    assert row["subject_consistency"] != pytest.approx(on_full[0, 1], abs=1e-6)
 
 
 def test_export_is_read_unmodified_like_the_diffusion_dpo_training_scripts(mini_run):
@@ -293,7 +349,7 @@ def test_export_is_read_unmodified_like_the_diffusion_dpo_training_scripts(mini_
         assert torch.equal(first, tf(Image.open(io.BytesIO(chosen)).convert("RGB")))  # the preferred image comes first
         assert batch["captions"][k] == samples[iid]["prompt"]
         scores = json.loads(train[k]["scores"])
-        assert scores["imagereward_0"] == relabel[iid]["imagereward_0"] and "dino_patch_z1" in scores
+        assert scores["imagereward_0"] == relabel[iid]["imagereward_0"] and "hp_z1" in scores and "subject_consistency" in scores
 
 
 def test_dataset_card_and_plots(mini_run, capsys):
@@ -309,7 +365,7 @@ def test_dataset_card_and_plots(mini_run, capsys):
     flips = sum(r["flipped"] for r in relabel if r["status"] == "ok") / len(relabel)
     assert f"flip rate (of the pairs holding the original: the edit scored lower, label_0 = 1): {flips:.1%}" in card
     assert "| filter | 6 | 5 | 1 | filter: 1 |" in card  # counts with the reject reason
-    for name in profile.relabel.rewards:
+    for name in profile.relabel.scored():
         a = np.array([r[f"{name}_0"] for r in relabel])
         assert f"| {name} | {profile.relabel.rewards[name].weight:g} | {a.mean():.4g} ± {a.std():.3g}" in card
     assert '"min_margin": 0.0' in card  # the config is in the card
@@ -379,13 +435,17 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
     assert ds.num_rows == 5 and set(ds["label_0"]) <= {0, 1}
 
 
-def test_relabel_dataset_refuses_pair_rewards(tiny_models, tmp_path):
-    from richpref.tasks.relabel import DatasetError, relabel_dataset
+def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp_path):
+    from richpref.relabel_dataset import DatasetError, relabel_dataset
 
     pq.write_table(pa.table({"caption": ["x"], "jpg_0": [solid(1, 2)], "jpg_1": [solid(3, 4)]}), tmp_path / "a.parquet")
     profile = load_profile("tiny", models_root=str(tiny_models))
-    with pytest.raises(DatasetError, match="dino_patch"):
-        relabel_dataset(str(tmp_path / "a.parquet"), str(tmp_path / "out"), profile, reward="dino_patch")
+    on_cut = load_profile("tiny", ["relabel.rewards.clip.on_cutout=true"], models_root=str(tiny_models))
+    with pytest.raises(DatasetError, match="cut-outs"):
+        relabel_dataset(str(tmp_path / "a.parquet"), str(tmp_path / "out"), on_cut, reward="clip")
+    with pytest.raises(DatasetError, match="standardize=shard"):
+        relabel_dataset(str(tmp_path / "a.parquet"), str(tmp_path / "out"),
+                        load_profile("tiny", ["relabel.standardize=item"], models_root=str(tiny_models)))
     with pytest.raises(DatasetError, match="not in the profile"):
         relabel_dataset(str(tmp_path / "a.parquet"), str(tmp_path / "out"), profile, reward="mps")
     pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "b.parquet")

@@ -1,6 +1,6 @@
 """Every reward scorer against a value computed independently in the test.
 
-Each tiny model is written in its release's checkpoint layout (richpref/models/tiny_rewards.py) and
+Each tiny model is written in its release's checkpoint layout (richpref/models/tiny/rewards.py) and
 loaded through the real loader; the expected values come from direct transcriptions of the reference
 code below (plain torch / numpy on the raw state dicts, PIL preprocessing written out by hand).
 """
@@ -287,11 +287,12 @@ def test_pickled_objects_are_never_unpickled(tmp_path, tiny_models):
 
 # ------------------------------------------------------------------ DINOv2 patch consistency
 
-def test_window_grid_is_unfold_like():
+def test_window_grid_covers_the_whole_image():
     from richpref.models.rewards.dino import window_starts
 
-    assert window_starts(512, 224, 112) == [0, 112, 224]  # 224 + 224 = 448 <= 512; 336 + 224 > 512
-    assert window_starts(64, 28, 14) == [0, 14, 28]
+    assert window_starts(512, 224, 112) == [0, 112, 224, 288]  # the grid stops at 448: one more window flush with 512
+    assert window_starts(64, 28, 14) == [0, 14, 28, 36]
+    assert window_starts(56, 28, 14) == [0, 14, 28]  # the grid ends on the edge: nothing added
     assert window_starts(224, 224, 112) == [0]
 
 
@@ -301,7 +302,7 @@ def test_dino_patch_consistency_matches_a_window_by_window_computation(tiny_mode
     path = tiny_models / "dinov2"
     reward = load_reward("dino_patch", str(path), patch=28, stride=14, device="cpu")
     rng = np.random.default_rng(3)
-    original = images[0]  # 64 x 64: windows at 0, 14, 28 in both directions
+    original = images[0]  # 64 x 64: windows at 0, 14, 28 and 36 (flush with the edge) in both directions
     edits = [Image.fromarray(np.clip(np.asarray(original, dtype=int) + rng.integers(-40, 40, (64, 64, 3)), 0, 255).astype(np.uint8)),
              images[1]]  # 80 x 48: resized to 64 x 64 before cutting
     got = reward.score_pairs([original, original], edits, ["x", "y"], batch_size=1)
@@ -317,8 +318,8 @@ def test_dino_patch_consistency_matches_a_window_by_window_computation(tiny_mode
     for k, edit in enumerate(edits):
         b = np.asarray(edit.resize((64, 64), Image.BICUBIC), dtype=np.float64)
         cos = []
-        for top in (0, 14, 28):
-            for left in (0, 14, 28):
+        for top in (0, 14, 28, 36):
+            for left in (0, 14, 28, 36):
                 ea, eb = embed(a[top:top + 28, left:left + 28]), embed(b[top:top + 28, left:left + 28])
                 cos.append(ea @ eb / np.linalg.norm(ea) / np.linalg.norm(eb))
         assert got[k, 0] == 1.0

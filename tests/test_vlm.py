@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from richpref.models.tiny_vlm import (
+from richpref.models.tiny.vlm import (
     SINGLE_TOKEN_WORDS,
     build_bpe_tokenizer,
     build_tiny_llava_onevision,

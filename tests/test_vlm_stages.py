@@ -119,8 +119,7 @@ CRITIQUE = "The apple is green instead of red. A blue cup appears that the promp
 class TestInstructGuards:
     def check(self, text, finished=True, **cfg):
         config = InstructConfig(**cfg)
-        return instruct_stage.check_text(text, finished,
-                                         instruct_stage.grounding_context(PROMPT, CRITIQUE, config), config)
+        return instruct_stage.check_text(text, finished, PROMPT, CRITIQUE, config)
 
     def test_grounded_list_is_kept(self):
         c = self.check("- Change the apple from green to red\n- Remove the blue cup")
@@ -233,7 +232,7 @@ def test_old_filter_template_needs_the_attribute_check_off():
 
 @pytest.fixture(scope="module")
 def vlms(tmp_path_factory):
-    from richpref.models.tiny_vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
+    from richpref.models.tiny.vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
     from richpref.models.vlm import VisionLanguageModel
 
     root = tmp_path_factory.mktemp("vlms")
@@ -288,28 +287,28 @@ def test_instruct_rows_record_every_guard_decision(vlms):
     for r, g, crit in zip(out.to_pylist(), gens, rows.column("critique").to_pylist()):
         assert r["raw"] == g.text and r["truncated"] is (not g.finished)
         # Everything the model wrote is accounted for: kept or dropped with a reason (or the row rejected).
-        parsed = parse_list(g.text)
+        parsed = instruct_stage.instruction_items(g.text)
         assert len(r["dropped_instructions"]) == len(r["drop_reasons"])
         if r["status"] == "ok":
             assert sorted((r["instructions"] or []) + r["dropped_instructions"]) == sorted(parsed)
         else:
             assert r["reason"].split(":")[0] in {"truncated", "no_instructions", "no_instructions_left", "ungrounded",
                                                   "vague_instruction", "overlong_instruction", "too_many_instructions",
-                                                  "unparseable_instructions"}
+                                                  "unparseable_instructions", "contradicts_prompt", "no_edit_needed"}
 
 
 def test_instruct_rows_keep_the_parsed_list_when_guards_are_off(vlms):
     vlm = vlms["qwen"]
     rows, images = instruct_input()
     cfg = InstructConfig(max_new_tokens=10, batch_size=2, min_grounding=0, min_visible=0, drop_truncated=False,
-                         max_instruction_chars=500)
+                         drop_contradictions=False, drop_vague=False, max_instruction_chars=500)
     out = instruct_stage.instruct_rows(rows, images, cfg, lambda: vlm).to_pylist()
     texts = vlm.generate([image(10 + k) for k in range(3)],
                          [instruct_stage.instruct_prompt(load_template("instruct_v1"), p, c, cfg)
                           for p, c in zip(PROMPTS, rows.column("critique").to_pylist())], max_new_tokens=10)
     for r, text in zip(out, texts):
         assert r["status"] == "ok", r
-        assert r["instructions"] == parse_list(text) and r["dropped_instructions"] == []
+        assert r["instructions"] == instruct_stage.instruction_items(text) and r["dropped_instructions"] == []
 
 
 def test_one_step_rows_use_their_template(vlms):
@@ -403,6 +402,9 @@ def test_filter_lists_an_items_attributes_once_for_all_its_edits(vlms):
         def p_yes(self, images, texts, **kw):
             return vlm.p_yes(images, texts, **kw)
 
+        def yes_no(self, images, texts, **kw):
+            return vlm.yes_no(images, texts, **kw)
+
     rows, prompts, instructions, images = filter_input(1)
     two = pa.table({"item_id": ["f0", "f0"], "candidate": pa.array([0, 1], pa.int32())})
     images2 = {k: v * 2 for k, v in images.items()}
@@ -454,3 +456,33 @@ def test_bad_images_are_rejected_without_loading_a_model():
 
     [r] = filter_stage.filter_rows(rows, prompts, instructions, images, FilterConfig(), no_model).to_pylist()
     assert r["status"] == "rejected" and r["reason"].startswith("bad_image:")
+
+
+@pytest.mark.parametrize("min_faithful,dropped", [(0.01, False), (0.99, True)])
+def test_faithfulness_check_asks_the_vlm_about_each_instruction(vlms, min_faithful, dropped):
+    vlm = vlms["qwen"]
+    img = image(21)
+    checked = [instruct_stage.Checked(items=["Remove the red apple", "Add a small boat"]),
+               instruct_stage.Checked(reject="no_instructions: nothing")]  # rejected rows are not asked about
+    cfg = InstructConfig(min_faithful=min_faithful)
+    instruct_stage.drop_unfaithful(vlm, [img, img], [PROMPT, PROMPT], checked, cfg)
+    question = load_template("instruct_faithful_v1")
+    p = vlm.p_yes([img, img], [render(question, prompt=PROMPT, instruction=s) for s in ["Remove the red apple", "Add a small boat"]])
+    if dropped:
+        assert checked[0].dropped == ["Remove the red apple", "Add a small boat"] and not checked[0].items
+        assert checked[0].reasons[1] == (f"judged_unfaithful: P(yes)={float(p[1]):.3f} that it serves the prompt "
+                                         f"without contradicting it (< instruct.min_faithful=0.99)")
+    else:
+        assert checked[0].items == ["Remove the red apple", "Add a small boat"] and not checked[0].dropped
+    assert checked[1].dropped == []
+
+
+def test_faithfulness_check_runs_in_the_stage_and_keys_its_template(vlms):
+    rows, images = instruct_input(2)
+    cfg = InstructConfig(max_new_tokens=10, min_grounding=0, min_visible=0, drop_truncated=False, drop_contradictions=False,
+                         drop_vague=False, max_instruction_chars=500, min_faithful=0.999)
+    out = instruct_stage.instruct_rows(rows, images, cfg, lambda: vlms["qwen"]).to_pylist()
+    for r in out:  # a random model is never that sure: every instruction is judged and dropped
+        assert r["status"] == "rejected" and r["reason"].startswith("no_instructions_left: every instruction was dropped (judged_unfaithful")
+    on = Profile(name="t", instruct=InstructConfig(min_faithful=0.5))
+    assert len(instruct_stage.STAGE.key_extra(on).split(":")) == 3

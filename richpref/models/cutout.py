@@ -82,13 +82,36 @@ def _missing_model_message(model: str, path: Path) -> str:
     )
 
 
-def _onnx_providers() -> list[str]:
-    """CUDA when this onnxruntime build has it (rembg falls back to CPU with a warning), else CPU."""
+def onnx_providers(device: str = "auto", providers: Sequence[str] | None = None) -> list[str]:
+    """The onnxruntime execution providers for a cut-out session.
+
+    `providers` given: those, checked against this onnxruntime build. Else by `device`: "cpu" → CPU;
+    "auto" → CUDA first when this build has it (the `gpu` extra installs onnxruntime-gpu), else CPU;
+    "cuda" → CUDA, or an error saying how to get it.
+    """
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" in ort.get_available_providers():
+    available = ort.get_available_providers()
+    if providers:
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise ValueError(f"cutout.providers {missing} are not in this onnxruntime build (it has {available}); "
+                             "for CUDA install onnxruntime-gpu (pip install 'richpref[gpu]') in place of onnxruntime")
+        return list(providers)
+    cuda = "CUDAExecutionProvider" in available
+    if device.startswith("cuda") and not cuda:
+        raise ValueError("cutout.device is cuda but this onnxruntime build has no CUDAExecutionProvider: install "
+                         "onnxruntime-gpu (pip install 'richpref[gpu]') in place of onnxruntime, or set cutout.device=cpu")
+    if cuda and device != "cpu":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+# Sessions whose predict() is rembg's U2-Net recipe (normalise to 320x320, min-max the first output,
+# resize back with Lanczos): `masks` runs these several images per onnxruntime call when the model's
+# batch axis is dynamic, with the very same pre- and post-processing per image.
+BATCHABLE_SESSIONS = ("U2netSession", "U2netCustomSession")
+_U2NET_MEAN, _U2NET_STD, _U2NET_SIZE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320)
 
 
 def _resolve_custom_path(model: str, model_path: str | None, home: str | None) -> Path:
@@ -102,7 +125,7 @@ def _resolve_custom_path(model: str, model_path: str | None, home: str | None) -
     if not p.is_file():
         raise ModelNotAvailable(
             f"custom rembg model file for {model!r} not found at {p}. Build the tiny test model with "
-            "richpref.models.tiny_rembg.build_tiny_u2net_onnx(<home>) or copy your .onnx there."
+            "richpref.models.tiny.rembg.build_tiny_u2net_onnx(<home>) or copy your .onnx there."
         )
     roots = [r.resolve() for r in rembg_homes()]
     if not any(p == r or r in p.parents for r in roots):
@@ -116,13 +139,15 @@ def _resolve_custom_path(model: str, model_path: str | None, home: str | None) -
 class BackgroundRemover:
     """A rembg session that turns images into (white-background composite, mask) pairs."""
 
-    def __init__(self, session: Any, model_id: str) -> None:
+    def __init__(self, session: Any, model_id: str, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
         self.session = session
         self.model_id = model_id
+        self.providers = list(providers)
 
     @classmethod
     def load(
-        cls, model: str = "u2net", *, model_path: str | None = None, home: str | None = None
+        cls, model: str = "u2net", *, model_path: str | None = None, home: str | None = None,
+        device: str = "auto", providers: Sequence[str] | None = None,
     ) -> "BackgroundRemover":
         """Open a rembg session by name ("u2net", "isnet-general-use", "birefnet-general", "bria-rmbg",
         ...) or a custom one ("u2net_custom" with `model_path`).
@@ -148,35 +173,64 @@ class BackgroundRemover:
 
         from rembg import new_session  # lazy: see module docstring
 
+        chosen = onnx_providers(device, providers)
         try:
-            session = new_session(model, providers=_onnx_providers(), **kwargs)
+            session = new_session(model, providers=chosen, **kwargs)
         except OSError as exc:  # requests/pooch network errors are OSErrors
             if model in CUSTOM_MODELS:
                 raise
             raise ModelNotAvailable(
                 _missing_model_message(model, expected or rembg_homes()[0] / "models" / model)
             ) from exc
-        return cls(session, model_id)
+        return cls(session, model_id, chosen)
 
-    def remove(self, images: Sequence[Image.Image]) -> list[tuple[Image.Image, Image.Image]]:
+    def remove(self, images: Sequence[Image.Image], batch_size: int = 1) -> list[tuple[Image.Image, Image.Image]]:
         """For each image: (foreground composited on white, RGB; soft mask, mode "L"), both its size."""
+        return [(composite_on_white(im.convert("RGB"), m), m) for im, m in zip(images, self.masks(images, batch_size))]
+
+    def batchable(self) -> bool:
+        """Whether several images can share one onnxruntime call (U2-Net recipe, dynamic batch axis)."""
+        if type(self.session).__name__ not in BATCHABLE_SESSIONS:
+            return False
+        return not isinstance(self.session.inner_session.get_inputs()[0].shape[0], int)
+
+    def masks(self, images: Sequence[Image.Image], batch_size: int = 1) -> list[Image.Image]:
+        """Each image's soft foreground mask (mode "L", its size); `batch_size` images per model call
+        where the session allows it (see `batchable`), else one at a time."""
         if self.session is None:
             raise RuntimeError("BackgroundRemover is closed")
-        results = []
-        for image in images:
-            rgb = image.convert("RGB")
-            if all(lo == hi for lo, hi in rgb.getextrema()):
-                # A flat image has no foreground. rembg would min-max normalise a constant prediction
-                # (0/0) and cast NaNs to bytes, a platform-dependent mask; say "empty" instead.
-                mask = Image.new("L", rgb.size, 0)
-                results.append((composite_on_white(rgb, mask), mask))
-                continue
-            masks = self.session.predict(rgb)
-            # Multi-class sessions (u2net_cloth_seg) return one mask per class: the foreground is their union.
-            arr = np.max(np.stack([np.asarray(m.convert("L").resize(rgb.size)) for m in masks]), axis=0)
-            mask = Image.fromarray(arr.astype(np.uint8))  # 2-D uint8 -> mode "L"
-            results.append((composite_on_white(rgb, mask), mask))
-        return results
+        rgbs = [image.convert("RGB") for image in images]
+        # A flat image has no foreground. rembg would min-max normalise a constant prediction (0/0) and
+        # cast NaNs to bytes, a platform-dependent mask; say "empty" instead.
+        out: list[Image.Image | None] = [Image.new("L", rgb.size, 0) if all(lo == hi for lo, hi in rgb.getextrema())
+                                         else None for rgb in rgbs]
+        todo = [i for i, m in enumerate(out) if m is None]
+        if batch_size > 1 and len(todo) > 1 and self.batchable():
+            for start in range(0, len(todo), batch_size):
+                idx = todo[start : start + batch_size]
+                for i, mask in zip(idx, self._u2net_batch([rgbs[i] for i in idx])):
+                    out[i] = mask
+        else:
+            for i in todo:
+                masks = self.session.predict(rgbs[i])
+                # Multi-class sessions (u2net_cloth_seg) return one mask per class: the foreground is their union.
+                arr = np.max(np.stack([np.asarray(m.convert("L").resize(rgbs[i].size)) for m in masks]), axis=0)
+                out[i] = Image.fromarray(arr.astype(np.uint8))  # 2-D uint8 -> mode "L"
+        return out  # type: ignore[return-value]
+
+    def _u2net_batch(self, rgbs: list[Image.Image]) -> list[Image.Image]:
+        """rembg's U2-Net predict() for several images in one model call (same steps per image)."""
+        name = self.session.inner_session.get_inputs()[0].name
+        x = np.concatenate([self.session.normalize(im, _U2NET_MEAN, _U2NET_STD, _U2NET_SIZE)[name] for im in rgbs])
+        pred_all = self.session.inner_session.run(None, {name: x})[0][:, 0, :, :]
+        masks = []
+        for j, im in enumerate(rgbs):
+            pred = pred_all[j : j + 1]
+            ma, mi = np.max(pred), np.min(pred)
+            pred = np.squeeze((pred - mi) / (ma - mi))
+            mask = Image.fromarray((pred.clip(0, 1) * 255).astype(np.uint8))  # 2-D uint8 -> mode "L"
+            masks.append(mask.resize(im.size, Image.Resampling.LANCZOS))
+        return masks
 
     def close(self) -> None:
         """Drop the ONNX session."""

@@ -28,13 +28,36 @@ def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def make_scheduler(name: str, config: Any) -> Any:
-    """Instantiate diffusers scheduler class `name` (e.g. "EulerDiscreteScheduler") from a config."""
+    """A diffusers scheduler from a checkpoint's scheduler config: `name` is an alias ("unipc",
+    "dpmsolver++", ... see schemas/diffusion.py) or a class name (e.g. "EulerDiscreteScheduler")."""
     import diffusers
 
-    cls = getattr(diffusers, name, None)
+    from ..schemas.diffusion import SCHEDULER_ALIASES
+
+    class_name, options = SCHEDULER_ALIASES.get(name, (name, {}))
+    cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"unknown diffusers scheduler {name!r} (expected a class name such as 'DDIMScheduler')")
-    return cls.from_config(config)
+        raise ValueError(f"unknown diffusers scheduler {name!r} (expected an alias such as 'unipc' or a class name "
+                         "such as 'DDIMScheduler')")
+    return cls.from_config(config, **options)
+
+
+def apply_pipeline_settings(pipe: Any, *, scheduler: str | None = None, compile: bool = False,
+                            channels_last: bool = False) -> Any:
+    """Swap the scheduler, set the channels-last layout and/or torch.compile the denoiser, in place.
+
+    channels_last and compile leave the computation as it is (the layout and the kernels change,
+    within float rounding), so they are runtime settings; the scheduler changes the images."""
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    modules = [getattr(pipe, name, None) for name in ("unet", "controlnet", "vae")]
+    if channels_last:
+        for m in modules:
+            if isinstance(m, torch.nn.Module):
+                m.to(memory_format=torch.channels_last)
+    if compile and isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe
 
 
 def cpu_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -65,21 +88,24 @@ class TextToImage:
 
     @classmethod
     def load(
-        cls, path: str, *, device: str = "auto", dtype: str = "auto", scheduler: str | None = None
+        cls, path: str, *, device: str = "auto", dtype: str = "auto", scheduler: str | None = None,
+        variant: str | None = None, compile: bool = False, channels_last: bool = False,
     ) -> "TextToImage":
         """Load a diffusers checkpoint directory (or cached Hub id).
 
-        `scheduler` optionally names a diffusers scheduler class to use instead of the checkpoint's
-        own, built from the checkpoint's scheduler config (e.g. "EulerDiscreteScheduler").
+        `scheduler` optionally names a scheduler to use instead of the checkpoint's own, built from
+        the checkpoint's scheduler config (an alias such as "unipc" or a class name such as
+        "EulerDiscreteScheduler"). `variant` loads the repo's variant weight files (e.g. "fp16":
+        half the download and load time where the repo ships them). See `apply_pipeline_settings`.
         """
         from diffusers import DiffusionPipeline
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        pipe = DiffusionPipeline.from_pretrained(str(path), **diffusers_dtype_kwargs(dt))
-        if scheduler:
-            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        extra = {"variant": variant} if variant else {}
+        pipe = DiffusionPipeline.from_pretrained(str(path), **diffusers_dtype_kwargs(dt), **extra)
         pipe = pipe.to(dev)
+        apply_pipeline_settings(pipe, scheduler=scheduler, compile=compile, channels_last=channels_last)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, str(path), dev, dt)
 

@@ -97,6 +97,9 @@ class ResidentModel:
 
     def release(self) -> None:
         with self._lock:
+            hook = getattr(self._model, "on_release", None)
+            if callable(hook):  # e.g. a served VLM stops the server it launched
+                hook()
             self._model = None
             self._key = None
             gc.collect()

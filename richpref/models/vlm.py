@@ -2,7 +2,7 @@
 
 One class drives any transformers image-text-to-text checkpoint with a chat template: Qwen2.5-VL,
 LLaVA-OneVision (the LLaVA-Critic architecture, transformers format) and the tiny random models from
-`richpref.models.tiny_vlm`. Three ways of asking a question about an image:
+`richpref.models.tiny.vlm`. Three ways of asking a question about an image:
 
 - `generate` / `generate_detailed`: free text (critiques, edit instructions), greedy; the detailed
   form also says whether the model finished or was cut off at `max_new_tokens`;
@@ -44,6 +44,20 @@ class Generation:
     text: str
     finished: bool  # an end-of-sequence token came before max_new_tokens ran out
     new_tokens: int  # tokens generated, the end-of-sequence token excluded
+    error: str | None = None  # `code: detail` when a served request failed for good (text is then "")
+
+
+@dataclass(frozen=True)
+class YesNo:
+    """One yes/no answer: P(yes), and where it came from.
+
+    source: "logits" (in-process, softmax at the answer position), "logprobs" (a server's top
+    logprobs of the answer token) or "answer" (a server's one-token answer: p is exactly 0 or 1).
+    """
+
+    p: float | None
+    source: str
+    error: str | None = None  # `code: detail` when no answer could be had (p is then None)
 
 
 def expected_score_from_probs(probs: np.ndarray, values: Sequence[float]) -> np.ndarray:
@@ -85,14 +99,39 @@ def _refuse_native_llava(path: str) -> None:
             f"convert it once with `richpref models convert-llava-critic {path} <new dir>` and use the new dir")
 
 
+def option_token_ids(tokenizer: Any, options: Sequence[Option]) -> list[list[int]]:
+    """Token ids read for each option: the ids of its spellings that are one token each.
+
+    A spelling of several tokens would be read by its first token, a prefix shared with other
+    words, so it is used only when no spelling of that option is a single token. Options must
+    not share a token, else they cannot be told apart.
+    """
+    if not options:
+        raise ValueError("options must not be empty")
+    groups: list[list[int]] = []
+    for opt in options:
+        spellings = [opt] if isinstance(opt, str) else list(opt)
+        encoded = [tokenizer.encode(sp, add_special_tokens=False) for sp in spellings]
+        if not spellings or any(not e for e in encoded):
+            raise ValueError(f"option {opt!r} has a spelling that encodes to no tokens")
+        single = [e[0] for e in encoded if len(e) == 1]
+        ids = single or [encoded[0][0]]
+        groups.append(sorted({int(i) for i in ids}))
+    flat = [i for g in groups for i in g]
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"options {list(options)} share a token ({groups}); they cannot be told apart")
+    return groups
+
+
 class VisionLanguageModel:
     """A loaded VLM plus its processor. Build with `VisionLanguageModel.load(path)`."""
 
-    def __init__(self, model: Any, processor: Any, model_id: str, device: torch.device) -> None:
+    def __init__(self, model: Any, processor: Any, model_id: str, device: torch.device, image_caps: Any = None) -> None:
         self.model = model
         self.processor = processor
         self.model_id = model_id
         self.device = device
+        self.image_caps = image_caps  # schemas.serving.ImageCaps: pixel bounds applied before encoding
 
     # ------------------------------------------------------------------ loading
 
@@ -104,6 +143,7 @@ class VisionLanguageModel:
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        image_caps: Any = None,
     ) -> "VisionLanguageModel":
         """Load processor and model from a local directory or (cached) Hub id, in eval mode."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -140,13 +180,13 @@ class VisionLanguageModel:
             if model.config.model_type == "llava_onevision":
                 # Some community LLaVA-Critic conversions ship no template; LLaVA-OneVision-Qwen2
                 # was trained on ChatML, which is what the tiny template renders.
-                from .tiny_vlm import LLAVA_CHAT_TEMPLATE
+                from .tiny.vlm import LLAVA_CHAT_TEMPLATE
 
                 log.warning("%s has no chat template; using ChatML with <image>", path)
                 processor.chat_template = LLAVA_CHAT_TEMPLATE
             else:
                 raise ValueError(f"{path}: the processor has no chat template")
-        return cls(model, processor, str(path), dev)
+        return cls(model, processor, str(path), dev, image_caps)
 
     def close(self) -> None:
         """Drop the model and processor and free their memory."""
@@ -181,6 +221,8 @@ class VisionLanguageModel:
                 self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             )
         rgb = [im.convert("RGB") for im in images]
+        if self.image_caps is not None:
+            rgb = [self.image_caps.apply(im) for im in rgb]
         inputs = self.processor(images=rgb, text=texts, padding=True, return_tensors="pt")
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
@@ -265,27 +307,7 @@ class VisionLanguageModel:
     # ------------------------------------------------------------------ scoring
 
     def _option_token_ids(self, options: Sequence[Option]) -> list[list[int]]:
-        """Token ids read for each option: the ids of its spellings that are one token each.
-
-        A spelling of several tokens would be read by its first token, a prefix shared with other
-        words, so it is used only when no spelling of that option is a single token. Options must
-        not share a token, else they cannot be told apart.
-        """
-        if not options:
-            raise ValueError("options must not be empty")
-        groups: list[list[int]] = []
-        for opt in options:
-            spellings = [opt] if isinstance(opt, str) else list(opt)
-            encoded = [self.tokenizer.encode(sp, add_special_tokens=False) for sp in spellings]
-            if not spellings or any(not e for e in encoded):
-                raise ValueError(f"option {opt!r} has a spelling that encodes to no tokens")
-            single = [e[0] for e in encoded if len(e) == 1]
-            ids = single or [encoded[0][0]]
-            groups.append(sorted({int(i) for i in ids}))
-        flat = [i for g in groups for i in g]
-        if len(set(flat)) != len(flat):
-            raise ValueError(f"options {list(options)} share a token ({groups}); they cannot be told apart")
-        return groups
+        return option_token_ids(self.tokenizer, options)
 
     def _next_token_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits at the answer position (the last column, thanks to left padding), float32."""
@@ -332,6 +354,10 @@ class VisionLanguageModel:
             return np.zeros((0, len(options)), dtype=np.float64)
         return np.concatenate(rows, axis=0)
 
+    def yes_no(self, images: list[Image.Image], prompts: list[str], *, batch_size: int = 8) -> list[YesNo]:
+        """`p_yes` as `YesNo` answers (source "logits"), the form the served backend also returns."""
+        return [YesNo(float(p), "logits") for p in self.p_yes(images, prompts, batch_size=batch_size)]
+
     def p_yes(self, images: list[Image.Image], prompts: list[str], *, batch_size: int = 8) -> np.ndarray:
         """P(yes) / (P(yes) + P(no)) for yes/no questions, summed over the spellings in `YES_NO`."""
         probs = self.option_probabilities(images, prompts, YES_NO, batch_size=batch_size)
@@ -364,4 +390,5 @@ class VisionLanguageModel:
         return f"VisionLanguageModel({self.model_id!r}, {state})"
 
 
-__all__ = ["Generation", "Option", "VisionLanguageModel", "YES_NO", "expected_score_from_probs"]
+__all__ = ["Generation", "Option", "VisionLanguageModel", "YES_NO", "YesNo", "expected_score_from_probs",
+           "option_token_ids"]

@@ -59,6 +59,9 @@ INSTRUCTIONS = _schema(
     pa.field("raw", pa.string()),
     pa.field("template", pa.string()),
     pa.field("model_id", pa.string()),
+    # where the visibility P(yes) came from: "logits" (in-process), "logprobs" (server) or "answer"
+    # (a server's one-token answer, P is 0 or 1); null when no instruction was checked
+    pa.field("visible_source", pa.string()),
 )
 
 CANDIDATE = pa.field("candidate", pa.int32(), nullable=False)  # which of an item's edits (0 .. num_edits-1)
@@ -73,6 +76,7 @@ EDITS = _schema(
     pa.field("control", pa.string()),
     pa.field("pixel_change", pa.float64()),  # mean |edited - original| / 255
     pa.field("model_id", pa.string()),
+    pa.field("editor", pa.string()),  # edit.kind: controlnet_img2img, instruct_pix2pix, flux_kontext, ...
 )
 
 CUTOUTS = _schema(
@@ -102,7 +106,20 @@ VERDICTS = _schema(
     pa.field("verdict", pa.string()),  # "keep" or "drop"
     pa.field("template", pa.string()),
     pa.field("model_id", pa.string()),
+    pa.field("p_source", pa.string()),  # "logits" (in-process), "logprobs" (server) or "answer" (P is 0 or 1)
 )
+
+def reward_scores_schema(rewards: list[str]) -> pa.Schema:
+    """What the reward models measured, one row per edit candidate: per reward the raw score of the
+    item's original (`_0`) and of the edit (`_1`), the DINOv2 consistency of the edit with its original
+    (null without `relabel.subject_gate`), a digest of each image's bytes (identical images are a tie)
+    and the dtype each reward computed in (JSON). Nothing decided: that is the relabel stage's job."""
+    fields = [CANDIDATE]
+    for name in rewards:
+        fields += [pa.field(f"{name}_0", pa.float64()), pa.field(f"{name}_1", pa.float64())]
+    return _schema(*fields, pa.field("subject_consistency", pa.float64()), pa.field("digest_0", pa.string()),
+                   pa.field("digest_1", pa.string()), pa.field("dtypes", pa.string()))
+
 
 def scores_schema(rewards: list[str]) -> pa.Schema:
     """One row per edit candidate. Sides 0 and 1 are the images `candidate_0` and `candidate_1`
@@ -121,6 +138,7 @@ def scores_schema(rewards: list[str]) -> pa.Schema:
         ]
     return _schema(
         *fields,
+        pa.field("subject_consistency", pa.float64()),  # DINOv2 consistency of candidate_1 with the original
         pa.field("composite_0", pa.float64()),
         pa.field("composite_1", pa.float64()),
         pa.field("margin", pa.float64()),  # |composite_1 - composite_0|
@@ -146,6 +164,7 @@ PAIRS_BASE = [
     pa.field("scores", pa.string()),  # JSON: every raw and standardised score of both images
     pa.field("model_ids", pa.string()),  # JSON: stage -> model id
     pa.field("config_hash", pa.string()),
+    pa.field("editor", pa.string()),  # the edit.kind that made jpg_1
 ]
 PAIRS = pa.schema(PAIRS_BASE)
 

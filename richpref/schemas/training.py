@@ -54,11 +54,16 @@ class FinetuneConfig(_Strict):
 
     name: str = "finetune"
     models_root: str | None = None
-    model: str = "runwayml/stable-diffusion-v1-5"  # base diffusers pipeline (Hub id or dir)
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # base diffusers pipeline (Hub id or dir)
     arch: Literal["auto", "sd15", "sdxl"] = "auto"  # auto: read from the pipeline's model_index.json
     vae: str | None = None  # another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)
     mode: Literal["full", "lora"] = "full"
     lora: LoraSettings = LoraSettings()
+    # Start from earlier tuned weights (RPO rounds: round k starts from round k-1): a finetune output
+    # folder of the same mode (or a LoRA file/folder, a UNet folder). `reference`: the DPO reference
+    # model is the base model, or the model at `init_from` (frozen).
+    init_from: str | None = None
+    reference: Literal["base", "init"] = "base"
 
     data: list[PairSourceConfig] = Field(default_factory=list)
     resolution: int = Field(512, ge=8)
@@ -91,6 +96,12 @@ class FinetuneConfig(_Strict):
     vae_encode_batch_size: int = Field(8, ge=1)
     dataloader_num_workers: int = Field(0, ge=0)
     log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _reference_needs_init(self) -> "FinetuneConfig":
+        if self.reference == "init" and not self.init_from:
+            raise ValueError("reference: init needs init_from (the tuned weights to start from)")
+        return self
 
     @field_validator("data")
     @classmethod

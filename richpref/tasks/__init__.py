@@ -1,5 +1,5 @@
 """The curate stages, in pipeline order. Each module: a pure function over a shard + its Stage."""
-from . import critique, cutout, edit, export, filter, instruct, relabel, sample
+from . import critique, cutout, edit, export, filter, instruct, relabel, relabel_score, sample
 from .base import Stage
 
 PIPELINE: tuple[Stage, ...] = (
@@ -9,9 +9,15 @@ PIPELINE: tuple[Stage, ...] = (
     edit.STAGE,
     cutout.STAGE,
     filter.STAGE,
-    relabel.STAGE,
+    relabel_score.STAGE,  # the reward models' raw scores
+    relabel.STAGE,  # weights, gate, pairing, ties: no model call
     export.STAGE,
 )
 STAGES: dict[str, Stage] = {s.name: s for s in PIPELINE}
 # Folders of a run in pipeline order (export writes `pairs`).
 OUTPUTS: tuple[str, ...] = ("source",) + tuple(s.out for s in PIPELINE)
+
+from . import source  # noqa: E402 - the source, an ordinary stage that reads no stage
+
+# Every stage the curate flow runs, in order: the source first.
+ALL_STAGES: tuple[Stage, ...] = (source.STAGE, *PIPELINE)

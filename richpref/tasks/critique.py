@@ -13,12 +13,23 @@ from .vlm_text import says_no_issues
 
 
 def load_vlm(cfg: VLMStageConfig, models_root: str | None):
+    """The stage's VLM: in-process, or a client of an OpenAI-compatible server (cfg.engine)."""
+    caps = cfg.image if cfg.image.key_data() else None
+    if cfg.engine.backend == "server":
+        from ..models.vlm_client import connect
+
+        return resident.get(
+            ("served-vlm", cfg.model, models_root, cfg.engine.model_dump_json(), caps, cfg.device, cfg.dtype),
+            lambda: connect(cfg.engine, cfg.model, models_root, device=cfg.device, dtype=cfg.dtype,
+                            trust_remote_code=cfg.trust_remote_code, image_caps=caps),
+        )
     from ..models.vlm import VisionLanguageModel
 
     path = resolve_model_ref(cfg.model, models_root)
     return resident.get(
-        ("vlm", path, cfg.device, cfg.dtype, cfg.trust_remote_code),
-        lambda: VisionLanguageModel.load(path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code),
+        ("vlm", path, cfg.device, cfg.dtype, cfg.trust_remote_code, caps),
+        lambda: VisionLanguageModel.load(path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                                         image_caps=caps),
     )
 
 
@@ -43,12 +54,13 @@ def critique_rows(rows: pa.Table, images: list, cfg: CritiqueConfig, get_vlm) ->
             out[r["item_id"]] = rejected(r["item_id"], str(exc), prompt=r["prompt"], template=cfg.template)
     if todo:
         vlm = get_vlm()
-        texts = vlm.generate([img for _, img in todo], [render(template, prompt=r["prompt"]) for r, _ in todo],
-                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-        for (r, _), text in zip(todo, texts):
+        gens = vlm.generate_detailed([img for _, img in todo], [render(template, prompt=r["prompt"]) for r, _ in todo],
+                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        for (r, _), g in zip(todo, gens):
+            text = g.text
             common = dict(prompt=r["prompt"], raw=text, critique=text.strip(), template=cfg.template,
                           model_id=vlm.model_id)
-            reason = critique_reason(text, cfg)
+            reason = g.error or critique_reason(text, cfg)
             out[r["item_id"]] = rejected(r["item_id"], reason, **common) if reason else kept(r["item_id"], **common)
     return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], CRITIQUES)
 

@@ -7,6 +7,7 @@ import pyarrow as pa
 
 from ..images import BadImage, decode_image, encode_png
 from ..models.runtime import resident
+from ..overlap import chunks, pipelined
 from ..schemas.config import CutoutConfig, Profile
 from ..schemas.tables import CUTOUTS, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
@@ -26,8 +27,10 @@ def load_remover(cfg: CutoutConfig, models_root: str | None):
 
     home = _under_root(cfg.home, models_root)
     model_path = _under_root(cfg.model_path, models_root)
-    return resident.get(("cutout", cfg.model, model_path, home),
-                        lambda: BackgroundRemover.load(cfg.model, model_path=model_path, home=home))
+    providers = tuple(cfg.providers or ())
+    return resident.get(("cutout", cfg.model, model_path, home, cfg.device, providers),
+                        lambda: BackgroundRemover.load(cfg.model, model_path=model_path, home=home, device=cfg.device,
+                                                       providers=providers or None))
 
 
 def cutout_rows(rows: pa.Table, originals: list, edits: list, cfg: CutoutConfig, get_remover) -> pa.Table:
@@ -42,15 +45,26 @@ def cutout_rows(rows: pa.Table, originals: list, edits: list, cfg: CutoutConfig,
         except BadImage as exc:
             out[iid, c] = rejected(iid, str(exc), candidate=c)
     if todo:
-        from ..models.cutout import foreground_ratio
+        from ..models.cutout import composite_on_white, foreground_ratio
 
         remover = get_remover()
         unique = list(first_original)
-        results = remover.remove([first_original[i] for i in unique] + [b for _, _, b in todo])
-        by_original = dict(zip(unique, results[: len(unique)]))
-        for (iid, c, _), (fg1, m1) in zip(todo, results[len(unique):]):
-            fg0, m0 = by_original[iid]
-            r0, r1 = foreground_ratio(m0), foreground_ratio(m1)
+        images = [first_original[i] for i in unique] + [b for _, _, b in todo]
+
+        # Masks only on the model's thread; a remover offering just remove() composites there too.
+        masks = getattr(remover, "masks", None)
+
+        def run(batch):
+            return masks(batch, cfg.batch_size) if masks is not None else remover.remove(batch)
+
+        def finish(batch, _, result):  # compositing, ratios and PNG encoding overlap the next batch
+            pairs = [(composite_on_white(im, m), m) for im, m in zip(batch, result)] if masks is not None else result
+            return [(encode_png(fg), encode_png(m), foreground_ratio(m)) for fg, m in pairs]
+
+        done = [r for part in pipelined(chunks(images, cfg.batch_size), run, finish=finish) for r in part]
+        by_original = dict(zip(unique, done[: len(unique)]))
+        for (iid, c, _), (fg1, m1, r1) in zip(todo, done[len(unique):]):
+            fg0, m0, r0 = by_original[iid]
             common = dict(candidate=c, original_fg_ratio=r0, edited_fg_ratio=r1, model_id=remover.model_id)
             # Both sides need a subject: the cut-outs feed the filter and the foreground rewards.
             empty = [(side, r) for side, r in (("original", r0), ("edited", r1)) if r <= cfg.min_fg_ratio]
@@ -59,8 +73,8 @@ def cutout_rows(rows: pa.Table, originals: list, edits: list, cfg: CutoutConfig,
                 out[iid, c] = rejected(iid, f"empty_foreground: {detail} <= cutout.min_fg_ratio={cfg.min_fg_ratio}",
                                        **common)
             else:
-                out[iid, c] = kept(iid, original_cutout=encode_png(fg0), edited_cutout=encode_png(fg1),
-                                   original_mask=encode_png(m0), edited_mask=encode_png(m1), **common)
+                out[iid, c] = kept(iid, original_cutout=fg0, edited_cutout=fg1, original_mask=m0, edited_mask=m1,
+                                   **common)
     return rows_to_table([out[k] for k in zip(ids, cands)], CUTOUTS)
 
 

@@ -1,35 +1,27 @@
-"""edit: original + prompt + instructions -> edited image (ControlNet img2img, control from the original)."""
+"""edit: original + prompt + instructions -> edited image, by the editor `edit.kind` names (models/editor.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
 from ..images import BadImage, decode_image, encode_png, pixel_change
-from ..models.runtime import resident, resolve_model_ref
+from ..overlap import Memo, chunks, pipelined
 from ..schemas.config import EditConfig, Profile
 from ..schemas.tables import EDITS, rows_to_table
 from .base import Stage, StageInputs, item_seed, kept, rejected
 
 
 def load_editor(cfg: EditConfig, models_root: str | None):
-    from ..models.editor import ControlNetEditor
+    from ..models.editor import load_editor as load
 
-    base = resolve_model_ref(cfg.model, models_root)
-    controlnet = resolve_model_ref(cfg.controlnet, models_root)
-    # Annotator weights only matter to the network controls; the others ignore them.
-    weights = resolve_model_ref(cfg.control_weights, models_root) if cfg.control_weights else None
-    return resident.get(
-        ("editor", base, controlnet, cfg.control, weights, cfg.device, cfg.dtype),
-        lambda: ControlNetEditor.load(base, controlnet, device=cfg.device, dtype=cfg.dtype,
-                                      control=cfg.control, control_weights=weights),
-    )
+    return load(cfg, models_root)
 
 
 def edit_prompt(prompt: str, instructions: list[str], cfg: EditConfig) -> str:
     """The edit's text prompt: the original prompt and the instructions joined with `edit.joiner`
-    (RPO), or the instructions alone (`prompt_mode: instructions`, the paper's ablation)."""
+    (RPO), or the instructions alone (`prompt_mode: instructions_only`, the paper's ablation)."""
     steps = [s for s in instructions if s and s.strip()]
-    return cfg.joiner.join(steps if cfg.prompt_mode == "instructions" else [prompt, *steps])
+    return cfg.joiner.join(steps if cfg.prompt_mode == "instructions_only" else [prompt, *steps])
 
 
 def guard_reason(original, edited, min_pixel_change: float) -> str | None:
@@ -53,6 +45,24 @@ def candidate_seed(base: int, item_id: str, candidate: int) -> int:
     return item_seed(base, item_id if candidate == 0 else f"{item_id}#edit{candidate}")
 
 
+def edit_row(iid: str, c: int, original, text: str, seed: int, img, model_id: str, cfg: EditConfig) -> dict:
+    change = pixel_change(original, img)
+    common = dict(candidate=c, edit_prompt=text, seed=seed, control=cfg.control, pixel_change=change,
+                  model_id=model_id, width=img.width, height=img.height, editor=cfg.kind)
+    reason = guard_reason(original, img, cfg.min_pixel_change)
+    return rejected(iid, reason, **common) if reason else kept(iid, image=encode_png(img), **common)
+
+
+def edit_batches(todo: list, editor, batch_size: int, settings: dict) -> list:
+    """The batches `editor.edit` forms for a whole shard: items grouped by the editor's working size
+    in order of first appearance, each group cut into `batch_size` chunks. Calling it batch by batch
+    with these keeps every batch's composition, hence its outputs."""
+    groups: dict = {}
+    for t in todo:
+        groups.setdefault(editor.working_size(t[2].size, **settings), []).append(t)
+    return [batch for group in groups.values() for batch in chunks(group, batch_size)]
+
+
 def edit_rows(rows: pa.Table, originals: list, cfg: EditConfig, get_editor) -> pa.Table:
     """`cfg.num_edits` rows per input row, candidates 0 .. num_edits-1, in input order."""
     out, todo = {}, []
@@ -72,20 +82,38 @@ def edit_rows(rows: pa.Table, originals: list, cfg: EditConfig, get_editor) -> p
             continue
         todo += [(iid, c, original, text, candidate_seed(cfg.seed, iid, c)) for c in candidates]
     if todo:
+        from ..models.editor import editor_settings
+
         editor = get_editor()
-        # The editor was loaded with cfg.control's detector (see load_editor).
-        edited = editor.edit([t[2] for t in todo], [t[3] for t in todo], [t[4] for t in todo],
-                             strength=cfg.strength, guidance_scale=cfg.guidance_scale,
-                             conditioning_scale=cfg.conditioning_scale, steps=cfg.steps, batch_size=cfg.batch_size)
-        for (iid, c, original, text, seed), img in zip(todo, edited):
-            change = pixel_change(original, img)
-            common = dict(candidate=c, edit_prompt=text, seed=seed, control=cfg.control, pixel_change=change,
-                          model_id=editor.model_id, width=img.width, height=img.height)
-            reason = guard_reason(original, img, cfg.min_pixel_change)
-            if reason:
-                out[iid, c] = rejected(iid, reason, **common)
-            else:
-                out[iid, c] = kept(iid, image=encode_png(img), **common)
+        settings = editor_settings(cfg)  # the settings of cfg.kind
+        # A ControlNet editor's detector (cfg.control's, see load_editor) makes each control image; they are
+        # computed for the next batch on the pool while the model edits this one.
+        detector = getattr(editor, "detector", None)
+        control = Memo(detector) if callable(detector) else None
+
+        def prepare(batch):
+            if control is not None:
+                control.fill([t[2] for t in batch])
+            return batch
+
+        def run(batch):
+            return editor.edit([t[2] for t in batch], [t[3] for t in batch], [t[4] for t in batch],
+                               batch_size=len(batch), **settings)
+
+        def finish(batch, _, edited):  # guards and PNG encoding overlap the next batch's edit
+            if control is not None:
+                control.drop([t[2] for t in batch])
+            return {(iid, c): edit_row(iid, c, original, text, seed, img, editor.model_id, cfg)
+                    for (iid, c, original, text, seed), img in zip(batch, edited)}
+
+        if control is not None:
+            editor.detector = control
+        try:
+            for done in pipelined(edit_batches(todo, editor, cfg.batch_size, settings), run, prepare=prepare, finish=finish):
+                out.update(done)
+        finally:
+            if control is not None:
+                editor.detector = detector
     return rows_to_table([out[i, c] for i in rows.column("item_id").to_pylist() for c in candidates], EDITS)
 
 
@@ -96,5 +124,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return edit_rows(rows, originals, cfg, lambda: load_editor(cfg, profile.models_root))
 
 
-STAGE = Stage(name="edit", version="3", section="edit", reads=("instruct", "sample"), compute=compute,
+STAGE = Stage(name="edit", version="4", section="edit", reads=("instruct", "sample"), compute=compute,
               fan_out=lambda profile: profile.edit.num_edits)

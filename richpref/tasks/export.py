@@ -48,6 +48,7 @@ def export_rows(scores: pa.Table, samples: pa.Table, edits: pa.Table, critiques:
             "scores": json.dumps({c: r[c] for c in score_cols}, sort_keys=True),
             "model_ids": json.dumps(model_ids, sort_keys=True),
             "config_hash": config_hash,
+            "editor": edits["editor"][k].as_py(),
         })
     return rows_to_table(out, PAIRS)
 
@@ -60,7 +61,7 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return export_rows(
         rows,
         look("sample", ["prompt", "image", "model_id"]),
-        look("edit", ["image", "edit_prompt", "model_id"], candidates=rows.column("candidate_1").to_pylist()),
+        look("edit", ["image", "edit_prompt", "model_id", "editor"], candidates=rows.column("candidate_1").to_pylist()),
         look("critique", ["critique", "model_id"]),
         look("instruct", ["instructions", "model_id"]),
         look("source", ["source"]),
@@ -69,5 +70,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     )
 
 
-STAGE = Stage(name="export", version="2", section="export", reads=("relabel", "sample", "edit", "critique", "instruct", "source"),
+STAGE = Stage(name="export", version="3", section="export", reads=("relabel", "sample", "edit", "critique", "instruct", "source"),
               compute=compute, output="pairs", key_extra=lambda p: profile_hash(p))

@@ -105,26 +105,40 @@ def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[
             out[k] = rejected(iid, str(exc), candidate=cands[k], verdict="drop", template=cfg.template)
     if todo:
         vlm = get_vlm()
-
-        def ask(imgs: list, texts: list[str]) -> np.ndarray:
-            return vlm.p_yes(imgs, texts, batch_size=cfg.batch_size)
-
-        # executed: one question per instruction when the template names {instruction}, else one per pair.
         per_instruction = "{instruction}" in sections["executed"]
-        exec_asks = [(i, ins) for i, t in enumerate(todo)
-                     for ins in (t["instructions"] if per_instruction else ["\n".join(t["instructions"])])]
-        exec_p = ask([todo[i]["pair"] for i, _ in exec_asks],
-                     [render(sections["executed"], instruction=ins, instructions=bullets(todo[i]["instructions"]),
-                             prompt=todo[i]["prompt"]) for i, ins in exec_asks])
+        listed = attribute_lists(vlm, todo, sections, cfg) if attributes_enabled(cfg) else None
+        answers = ask_pairs(vlm, todo, sections, cfg, per_instruction, listed)
+        failed_pairs: dict[int, str] = {}
+        failed_items = {todo[i]["iid"]: a.error for i, kind, a in answers if a.error and kind == "attr_original"}
+        for i, kind, a in answers:
+            if a.error:
+                failed_pairs.setdefault(i, a.error)
+        for i, t in enumerate(todo):  # the original's attributes serve every edit of the item
+            if t["iid"] in failed_items:
+                failed_pairs.setdefault(i, failed_items[t["iid"]])
         executed_each: list[list[float]] = [[] for _ in todo]
-        for (i, _), p in zip(exec_asks, exec_p):
-            executed_each[i].append(float(p))
-        no_stray = ask([t["pair"] for t in todo],
-                       [render(sections["no_stray"], prompt=t["prompt"], instructions=bullets(t["instructions"]))
-                        for t in todo])
-        subject = ask([t["cuts"] for t in todo], [render(sections["subject_kept"], prompt=t["prompt"]) for t in todo])
-
-        attrs, attr_p = attribute_probabilities(vlm, todo, sections, cfg) if attributes_enabled(cfg) else (None, None)
+        no_stray, subject = [0.0] * len(todo), [0.0] * len(todo)
+        p_orig_by_item: dict[str, list[float]] = {}
+        p_edit: list[list[float]] = [[] for _ in todo]
+        source = {}
+        for i, kind, a in answers:
+            if a.error:
+                continue
+            source[i] = a.source
+            if kind == "executed":
+                executed_each[i].append(float(a.p))
+            elif kind == "no_stray":
+                no_stray[i] = float(a.p)
+            elif kind == "subject_kept":
+                subject[i] = float(a.p)
+            elif kind == "attr_original":
+                p_orig_by_item.setdefault(todo[i]["iid"], []).append(float(a.p))
+            else:
+                p_edit[i].append(float(a.p))
+        attrs = attr_p = None
+        if listed is not None:
+            attrs = [listed[t["iid"]] for t in todo]
+            attr_p = [(list(p_orig_by_item.get(t["iid"], [])), p_edit[i]) for i, t in enumerate(todo)]
 
         for i, t in enumerate(todo):
             each = executed_each[i]
@@ -136,7 +150,11 @@ def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[
                 "subject_kept": threshold_outcome(float(subject[i]), cfg.min_subject_kept, "min_subject_kept"),
             }
             values = dict(candidate=cands[t["k"]], p_executed=p_exec, p_no_stray=float(no_stray[i]), p_subject_kept=float(subject[i]),
-                          p_executed_each=each, template=cfg.template, model_id=vlm.model_id)
+                          p_executed_each=each, template=cfg.template, model_id=vlm.model_id, p_source=source.get(i))
+            if i in failed_pairs:  # a question of this pair got no answer: no verdict can be given
+                out[t["k"]] = rejected(t["iid"], failed_pairs[i], verdict="drop", candidate=cands[t["k"]],
+                                       template=cfg.template, model_id=vlm.model_id, p_source=source.get(i))
+                continue
             if attrs is not None:
                 listed, raw, why = attrs[i]
                 p_orig, p_edit = attr_p[i]
@@ -161,9 +179,9 @@ def bullets(instructions: list[str]) -> str:
     return "\n".join(f"- {s}" for s in instructions)
 
 
-def attribute_probabilities(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig):
-    """Per pair: (listed attributes, raw text, why none) and (P present in original, P present in edit).
-    The original's attributes are listed and verified once per item, whatever its number of edits."""
+def attribute_lists(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig) -> dict[str, tuple]:
+    """Per item: (listed attributes, raw text, why none), generated once per item whatever its number
+    of edits; a failed request leaves no attribute and says why."""
     first = {}
     for i, t in enumerate(todo):
         first.setdefault(t["iid"], i)
@@ -171,25 +189,95 @@ def attribute_probabilities(vlm, todo: list[dict], sections: dict[str, str], cfg
     gens = vlm.generate_detailed([todo[i]["original_cut"] for i in owners],
                                  [render(sections["attributes"], max_attributes=cfg.max_attributes) for _ in owners],
                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    listed_by_item = {}
+    listed = {}
     for i, g in zip(owners, gens):
-        listed, why = parse_attributes(g.text, cfg.max_attributes)
-        listed_by_item[todo[i]["iid"]] = (listed, g.text, why)
-    attrs = [listed_by_item[t["iid"]] for t in todo]
-    orig_asks = [(i, a) for i in owners for a in listed_by_item[todo[i]["iid"]][0]]
-    p_orig_flat = vlm.p_yes([todo[i]["original_cut"] for i, _ in orig_asks],
-                            [render(sections["attribute_present"], attribute=a) for _, a in orig_asks],
-                            batch_size=cfg.batch_size)
-    p_orig_by_item: dict[str, list[float]] = {todo[i]["iid"]: [] for i in owners}
-    for (i, _), po in zip(orig_asks, p_orig_flat):
-        p_orig_by_item[todo[i]["iid"]].append(float(po))
-    asks = [(i, a) for i, (listed, _, _) in enumerate(attrs) for a in listed]
-    p_edit = vlm.p_yes([todo[i]["edited_cut"] for i, _ in asks],
-                       [render(sections["attribute_present"], attribute=a) for _, a in asks], batch_size=cfg.batch_size)
-    per_pair = [(list(p_orig_by_item[t["iid"]]), []) for t in todo]
-    for (i, _), pe in zip(asks, p_edit):
-        per_pair[i][1].append(float(pe))
-    return attrs, per_pair
+        items, why = ([], g.error) if g.error else parse_attributes(g.text, cfg.max_attributes)
+        listed[todo[i]["iid"]] = (items, g.text, why)
+    return listed
+
+
+def pair_questions(todo: list[dict], sections: dict[str, str], per_instruction: bool,
+                   listed: dict[str, tuple] | None) -> list[tuple[int, str, object, str]]:
+    """Every yes/no question of the shard as (pair, check, image, text), pair by pair and, within a
+    pair, image by image: the questions about one image follow each other with the same image+chat
+    prefix (a server's prefix cache encodes that image once; in-process they share batches). The
+    original cut-out's attributes are asked once per item."""
+    qs = []
+    seen_items = set()
+    for i, t in enumerate(todo):
+        ins = t["instructions"] if per_instruction else ["\n".join(t["instructions"])]
+        for one in ins:
+            qs.append((i, "executed", t["pair"], render(sections["executed"], instruction=one,
+                                                         instructions=bullets(t["instructions"]), prompt=t["prompt"])))
+        qs.append((i, "no_stray", t["pair"], render(sections["no_stray"], prompt=t["prompt"],
+                                                     instructions=bullets(t["instructions"]))))
+        qs.append((i, "subject_kept", t["cuts"], render(sections["subject_kept"], prompt=t["prompt"])))
+        if listed is None:
+            continue
+        attrs = listed[t["iid"]][0]
+        if t["iid"] not in seen_items:
+            seen_items.add(t["iid"])
+            qs += [(i, "attr_original", t["original_cut"], render(sections["attribute_present"], attribute=a))
+                   for a in attrs]
+        qs += [(i, "attr_edited", t["edited_cut"], render(sections["attribute_present"], attribute=a)) for a in attrs]
+    return qs
+
+
+def pair_batches(qs: list, batch_size: int, served: bool) -> list[list]:
+    """In-process: batches of whole pairs (a pair's questions are never split; a pair with more
+    questions than `batch_size` is one batch). Served: one list, the client keeps its requests in flight."""
+    if served or not qs:
+        return [qs] if qs else []
+    batches, current = [], []
+    for k, q in enumerate(qs):
+        current.append(q)
+        pair_ends = k + 1 == len(qs) or qs[k + 1][0] != q[0]
+        if pair_ends and (k + 1 == len(qs) or len(current) + sum(1 for x in qs[k + 1:] if x[0] == qs[k + 1][0])
+                          > batch_size):
+            batches.append(current)
+            current = []
+    return batches
+
+
+def answers_sharing_image(vlm, qs: list) -> list:
+    """In-process: each run of questions about one image encodes that image once (models/vlm_prefix.py)."""
+    from ..models.vlm import YesNo
+    from ..models.vlm_prefix import p_yes_sharing_image
+
+    answers, start = [], 0
+    while start < len(qs):
+        end = start
+        while end < len(qs) and qs[end][2] is qs[start][2]:
+            end += 1
+        p = p_yes_sharing_image(vlm, qs[start][2], [q[3] for q in qs[start:end]])
+        answers += [YesNo(float(x), "logits") for x in p]
+        start = end
+    return answers
+
+
+def ask_pairs(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig, per_instruction: bool,
+              listed: dict[str, tuple] | None) -> list[tuple[int, str, object]]:
+    """(pair, check, YesNo) per question; a pair whose attribute list failed carries that failure."""
+    qs = pair_questions(todo, sections, per_instruction, listed)
+    from ..models.vlm import VisionLanguageModel
+
+    if isinstance(vlm, VisionLanguageModel) and cfg.share_image_prefix:
+        answers = answers_sharing_image(vlm, qs)
+    else:
+        answers = []
+    for chunk in ([] if answers or not qs else pair_batches(qs, cfg.batch_size, served=hasattr(vlm, "served_name"))):
+        # batch size 1 (what out-of-memory retries end at) still asks one question at a time
+        answers += vlm.yes_no([q[2] for q in chunk], [q[3] for q in chunk],
+                              batch_size=len(chunk) if cfg.batch_size > 1 else 1)
+    out = [(i, kind, a) for (i, kind, _, _), a in zip(qs, answers)]
+    if listed is not None:
+        from ..models.vlm import YesNo
+
+        for i, t in enumerate(todo):
+            why = listed[t["iid"]][2]
+            if why and why.startswith("vlm_"):
+                out.append((i, "attributes", YesNo(None, "answer", why)))
+    return out
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:

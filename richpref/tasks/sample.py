@@ -5,6 +5,8 @@ import pyarrow as pa
 
 from ..images import BadImage, decode_image, encode_png
 from ..models.runtime import resident, resolve_model_ref
+from ..models.tuned import weights_fingerprint
+from ..overlap import chunks, pipelined
 from ..schemas.config import Profile, SampleConfig
 from ..schemas.tables import SAMPLES, rows_to_table
 from .base import Stage, StageInputs, item_seed, kept, rejected
@@ -12,10 +14,22 @@ from .base import Stage, StageInputs, item_seed, kept, rejected
 
 def load_generator(cfg: SampleConfig, models_root: str | None):
     from ..models.generator import TextToImage
+    from ..models.tuned import apply_tuned
 
     path = resolve_model_ref(cfg.model, models_root)
-    return resident.get(("generator", path, cfg.scheduler, cfg.device, cfg.dtype),
-                        lambda: TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler))
+    settings = dict(scheduler=cfg.scheduler, variant=cfg.variant, channels_last=cfg.channels_last)
+
+    def load():
+        from ..models.generator import apply_pipeline_settings
+
+        t2i = TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, **settings)
+        apply_tuned(t2i, lora=cfg.lora, unet=cfg.unet)
+        if cfg.compile:  # after the tuned weights are in: compile the UNet that will run
+            apply_pipeline_settings(t2i.pipe, compile=True)
+        return t2i
+
+    tuned = weights_fingerprint(cfg.lora, cfg.unet)
+    return resident.get(("generator", path, cfg.device, cfg.dtype, *settings.values(), cfg.compile, tuned), load)
 
 
 def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
@@ -35,13 +49,19 @@ def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
             to_generate.append(r)
     if to_generate:
         gen = get_generator()
-        seeds = [item_seed(cfg.seed, r["item_id"]) for r in to_generate]
-        images = gen.generate([r["prompt"] for r in to_generate], seeds, steps=cfg.steps,
-                              guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                              batch_size=cfg.batch_size)
-        for r, seed, img in zip(to_generate, seeds, images):
-            out[r["item_id"]] = kept(r["item_id"], prompt=r["prompt"], image=encode_png(img), width=img.width,
-                                     height=img.height, seed=seed, origin="generated", model_id=gen.model_id)
+
+        def run(batch):  # one pipeline call per batch, as generate(batch_size=cfg.batch_size) would make
+            return gen.generate([r["prompt"] for r in batch], [item_seed(cfg.seed, r["item_id"]) for r in batch],
+                                steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height,
+                                width=cfg.width, batch_size=len(batch))
+
+        def finish(batch, _, images):  # PNG encoding overlaps the next batch's generation
+            return [kept(r["item_id"], prompt=r["prompt"], image=encode_png(img), width=img.width, height=img.height,
+                         seed=item_seed(cfg.seed, r["item_id"]), origin="generated", model_id=gen.model_id)
+                    for r, img in zip(batch, images)]
+
+        for done in pipelined(chunks(to_generate, cfg.batch_size), run, finish=finish):
+            out.update((row["item_id"], row) for row in done)
     return rows_to_table([out[i] for i in rows.column("item_id").to_pylist()], SAMPLES)
 
 
@@ -50,4 +70,9 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return sample_rows(inputs.rows, cfg, lambda: load_generator(cfg, profile.models_root))
 
 
-STAGE = Stage(name="sample", version="1", section="sample", reads=("source",), compute=compute)
+def _tuned_key(profile: Profile) -> str:
+    """The tuned weights' content (not only their path: new weights at the same path are a new key)."""
+    return weights_fingerprint(profile.sample.lora, profile.sample.unet)
+
+
+STAGE = Stage(name="sample", version="1", section="sample", reads=("source",), compute=compute, key_extra=_tuned_key)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import re
 
-# A list item marker: "-", "*", "•", "1." / "1)", "Step 1:".
-_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|step\s*\d+\s*[:.)])\s*", re.I)
+# A list item marker: "-", "* " (not the "**" of bold text), "•", "1." / "1)", "Step 1:".
+_BULLET = re.compile(r"^\s*(?:[-\u2022]|\*(?=\s)|\d+[.)]|step\s*\d+\s*[:.)])\s*", re.I)
 _FENCE = re.compile(r"^```[a-z]*\s*|\s*```$", re.I)
 
 
@@ -19,12 +19,32 @@ class ListParseError(ValueError):
     """Text that looks like a structured list but is not one (e.g. broken JSON)."""
 
 
+_HEADING = re.compile(r"^\s*#{1,6}\s")
+# A bold label that opens an item: "**Setting:** Place ..." or "**Age the refrigerator**: add ...".
+_BOLD_LABEL = re.compile(r"^(?:\*\*|__)([^*_]+?)(?::(?:\*\*|__)|(?:\*\*|__)\s*:)\s*(?=\S)")
+_EMPHASIS = re.compile(r"(\*\*|__|\*|`)(?=\S)(.+?)(?<=\S)\1")
+_ARTICLE = frozenset("the a an this that its his her their".split())
+
+
+def strip_markdown(item: str) -> str:
+    """An item without its markdown: emphasis marks go; a short heading-like bold label before a
+    colon ("**Setting:**") goes with them, while a label that is itself an instruction ("**Age the
+    refrigerator**: add rust") stays as text, joined to the rest by its colon."""
+    m = _BOLD_LABEL.match(item)
+    if m:
+        label, rest = m.group(1).strip(), item[m.end():]
+        words = label.lower().split()
+        item = rest if len(words) <= 3 and not _ARTICLE & set(words) else f"{label}: {rest}"
+    return _EMPHASIS.sub(r"\2", item).replace("**", "").strip()
+
+
 def parse_list(text: str) -> list[str]:
     """Model text -> its list items, in order, stripped of markers and quotes.
 
     Accepted shapes: a JSON array of strings (optionally in a ``` fence); bullet or numbered lines
     (prose lines around them, such as "Here are the edits:", are ignored); else one item per
-    non-empty line. Raises ListParseError for text that opens a JSON array but is not one.
+    non-empty line. Markdown headings are left out and emphasis is removed (`strip_markdown`).
+    Raises ListParseError for text that opens a JSON array but is not one.
     """
     body = _FENCE.sub("", (text or "").strip()).strip()
     if body.startswith("["):
@@ -34,13 +54,13 @@ def parse_list(text: str) -> list[str]:
             raise ListParseError(f"looks like a JSON list but does not parse ({exc.msg} at char {exc.pos})") from None
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
             raise ListParseError("a JSON value that is not a list of strings")
-        return [x.strip() for x in data if x.strip()]
-    lines = [ln for ln in body.splitlines() if ln.strip()]
+        return [strip_markdown(x.strip()) for x in data if x.strip()]
+    lines = [ln for ln in body.splitlines() if ln.strip() and not _HEADING.match(ln)]
     marked = [ln for ln in lines if _BULLET.match(ln)]
     chosen = marked if marked else lines
     items = []
     for ln in chosen:
-        item = _BULLET.sub("", ln).strip().strip('"\u201c\u201d').strip()
+        item = strip_markdown(_BULLET.sub("", ln).strip()).strip('"\u201c\u201d').strip()
         if item:
             items.append(item)
     return items
@@ -66,6 +86,8 @@ image picture photo scene frame area region part parts side left right top botto
 center centre middle background foreground corner edge position size shape number amount instead
 new existing current currently entire whole one two three four five six seven eight nine ten
 larger smaller bigger fewer extra additional another rather should needs need
+improve enhance overall quality nice nicer better good great pretty prettier beautiful appealing
+realistic natural accurate accurately match matches matching prompt description consistent align
 """.split())
 _WORD = re.compile(r"[a-z][a-z'-]*")
 
@@ -119,21 +141,21 @@ color colour paint straighten sharpen blur brighten darken
 # Words that end the object noun phrase of an instruction.
 _BOUNDARY = re.compile(
     r"\b(?:to|into|with|so|by|and|that|which|while|instead|from|for|until|because|in|on|at|onto|"
-    r"near|behind|next|under|over|above|below)\b|[,.;:!?()]"
+    r"near|behind|next|under|over|above|below|like|as)\b|[,.;:!?()]"
 )
+# Nouns ending in -ing, which are not participles opening a clause ("the cars blocking the bus").
+_ING_NOUNS = frozenset("""
+building ceiling clothing painting drawing ring king string wing evening morning thing railing awning
+icing lighting wedding pudding sibling dumpling earring swing spring sling ceiling stocking wiring
+""".split())
 _ATTRIBUTE_OF = re.compile(r"^(?:the\s+)?(?:colou?r|size|shape|position|texture|material|pattern|number|"
                            r"count|style|pose|expression)s?\s+of\s+", re.I)
-_LEADING = re.compile(r"^(?:please\s+|also\s+|then\s+)+", re.I)
+_LEADING = re.compile(r"^(?:(?:please|also|then|next|finally|additionally)\b,?\s+)+", re.I)
 
 
-def instruction_target(instruction: str) -> str | None:
-    """The thing an instruction acts on, to be looked for in the image; None when not applicable.
-
-    None for additive instructions ("add a boat ..."): their object is new. Otherwise the noun phrase
-    after the leading verb, up to the first preposition/conjunction/punctuation, with a leading
-    "the colour/size/... of" removed; for property verbs ("make the sky orange", "turn the car blue")
-    the last word of a phrase of two words or more, the new property, is dropped. Also None when the first word is not an edit verb.
-    """
+def leading_verb(instruction: str) -> tuple[str, str] | None:
+    """(verb in lower case, the rest) of an instruction, with "please/also/then" and "get rid of"
+    folded ("Get rid of the dog" -> ("remove", "the dog")); None when it is not a verb and a rest."""
     text = _LEADING.sub("", (instruction or "").strip())
     m = re.match(r"([A-Za-z]+)\s+(.*)$", text, re.S)
     if not m:
@@ -141,11 +163,41 @@ def instruction_target(instruction: str) -> str | None:
     verb, rest = m.group(1).lower(), m.group(2)
     if verb == "get" and rest.lower().startswith("rid of "):
         verb, rest = "remove", rest[len("rid of "):]
+    return verb, rest
+
+
+def object_phrase(rest: str) -> str:
+    """The noun phrase that opens `rest`: up to the first preposition, conjunction or punctuation, or
+    a participle that opens a clause after it ("the parked cars blocking the bus" -> "the parked cars")."""
+    cut = _BOUNDARY.search(rest.lower())
+    words = (rest[: cut.start()] if cut else rest).split()
+    more_follows = bool(cut) and bool(re.search(r"\w", rest[cut.start():]))
+    seen_content = False
+    for k, w in enumerate(words):
+        lw = w.lower()
+        if (seen_content and lw.endswith("ing") and lw not in _ING_NOUNS
+                and (k < len(words) - 1 or more_follows)):  # a participle with an object or a place
+            words = words[:k]
+            break
+        seen_content = seen_content or bool(content_words(lw))
+    return " ".join(words).strip()
+
+
+def instruction_target(instruction: str) -> str | None:
+    """The thing an instruction acts on, to be looked for in the image; None when not applicable.
+
+    None for additive instructions ("add a boat ..."): their object is new. Otherwise the noun phrase
+    after the leading verb (`object_phrase`), with a leading
+    "the colour/size/... of" removed; for property verbs ("make the sky orange", "turn the car blue")
+    the last word of a phrase of two words or more, the new property, is dropped. Also None when the first word is not an edit verb.
+    """
+    split = leading_verb(instruction)
+    if split is None:
+        return None
+    verb, rest = split
     if verb in _ADDITIVE or verb not in _EDIT_VERBS:
         return None
-    cut = _BOUNDARY.search(rest.lower())
-    phrase = rest[: cut.start()] if cut else rest
-    phrase = _ATTRIBUTE_OF.sub("", phrase.strip())
+    phrase = _ATTRIBUTE_OF.sub("", object_phrase(rest))
     words = phrase.split()
     determiners = 1 if words and words[0].lower() in ("the", "a", "an", "this", "that", "its", "their") else 0
     if verb in _PROPERTY and len(words) - determiners >= 2:
@@ -167,6 +219,9 @@ __all__ = [
     "content_words",
     "grounding",
     "instruction_target",
+    "leading_verb",
+    "object_phrase",
     "parse_list",
     "says_no_issues",
+    "strip_markdown",
 ]

@@ -5,7 +5,6 @@ reads). Training resumes from the latest checkpoint on its own, so "retry" is ju
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -16,6 +15,7 @@ from typing import Callable
 
 import yaml
 
+from ..procs import spawn_owned, stop_owned
 from ..schemas.training import FinetuneConfig
 from .models import read_meta
 
@@ -65,7 +65,7 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
     """Run training to the end, relaunching up to `max_restarts` times after a crash; return finetune.json.
 
     `on_poll` is called every `poll_seconds` while training runs (progress reports)."""
-    from .train import finished
+    from .checkpoints import finished
 
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
@@ -81,9 +81,9 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
     for attempt in range(max_restarts + 1):
         cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision)
         log.info("launch %d/%d: %s", attempt + 1, max_restarts + 1, " ".join(cmd))
-        with contextlib.ExitStack() as stack:
-            sink = stack.enter_context(open(log_file, "a", encoding="utf-8")) if log_file else None
-            proc = subprocess.Popen(cmd, env=run_env, stdout=sink, stderr=subprocess.STDOUT if sink else None)
+        # The trainers die with this process (richpref.procs), also when it is SIGKILLed.
+        proc = spawn_owned(cmd, name="accelerate-train", env=run_env, log_path=log_file)
+        try:
             while True:
                 try:
                     code = proc.wait(timeout=poll_seconds)
@@ -91,10 +91,8 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
                 except subprocess.TimeoutExpired:
                     if on_poll:
                         on_poll()
-                except BaseException:  # interrupted (Ctrl-C, flow cancelled): do not leave trainers behind
-                    proc.terminate()
-                    proc.wait()
-                    raise
+        finally:  # interrupted (Ctrl-C, flow cancelled) or done: no trainer is left behind
+            stop_owned(proc)
         codes.append(code)
         if code == 0:
             return read_meta(output_dir)

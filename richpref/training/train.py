@@ -14,8 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -27,46 +25,19 @@ import torch
 from ..models.runtime import resolve_model_ref
 from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
+from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, load_init_lora, load_init_unet,
+                          register_lora_hooks, save_checkpoint, write_final)
 from .data import Augment, PairBatches, PairMixture, load_sources, seed_for
 from .dpo import diffusion_dpo_terms
 from .models import (FINETUNE_META, AdapterSwitch, add_lora, encode_latents, encode_text, frozen_copy, load_parts,
-                     save_tuned, sdxl_time_ids)
+                     sdxl_time_ids)
 
 log = logging.getLogger("richpref")
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE = "trainer_state.json"
-LORA_CHECKPOINT = "unet_lora.safetensors"
 METRICS = "metrics.jsonl"
 # Tests simulate crashes with RICHPREF_TRAIN_FAULTS="kill-after-step:3": rank 0 SIGKILLs itself
 # once step 3 is done (logged, and checkpointed if it is a checkpoint step), the first time only.
 FAULTS_ENV = "RICHPREF_TRAIN_FAULTS"
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed into place, trainer state inside), oldest first."""
-    found = []
-    if output_dir.is_dir():
-        for p in output_dir.iterdir():
-            m = CHECKPOINT.match(p.name)
-            if m and (p / TRAINER_STATE).exists():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def finished(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict | None:
-    """The finetune.json of `output_dir` if it holds this config trained to max_train_steps, else None."""
-    path = Path(output_dir) / "final" / FINETUNE_META
-    if not path.exists():
-        return None
-    meta = json.loads(path.read_text())
-    if meta.get("config_hash") == finetune_config_hash(cfg) and meta.get("steps", 0) >= cfg.max_train_steps:
-        return meta
-    return None
 
 
 def _inject_fault(step: int, is_main: bool, out: Path) -> None:
@@ -177,12 +148,18 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     if cfg.mode == "lora":
         _move(unet, device, weight_dtype)
         add_lora(unet, cfg.lora)
+        if cfg.init_from:
+            load_init_lora(unet, resolve_model_ref(cfg.init_from, cfg.models_root), parts.arch)
         for p in unet.parameters():  # trainable weights stay in float32 under mixed precision
             if p.requires_grad:
                 p.data = p.data.float()
-        reference = None  # set after prepare(): the same UNet with its adapters switched off
+        # Set after prepare() for a base reference: the same UNet with its adapters switched off.
+        reference = _move(frozen_copy(unet), device, weight_dtype) if cfg.reference == "init" else None
     else:
-        reference = _move(frozen_copy(unet), device, weight_dtype)
+        base = frozen_copy(unet) if cfg.reference == "base" else None
+        if cfg.init_from:
+            load_init_unet(unet, resolve_model_ref(cfg.init_from, cfg.models_root))
+        reference = _move(base if base is not None else frozen_copy(unet), device, weight_dtype)
         unet.requires_grad_(True)
         unet.to(device)
     unet.train()
@@ -197,8 +174,9 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     base_unet = accelerator.unwrap_model(unet)
 
     if cfg.mode == "lora":
-        _register_lora_hooks(accelerator, base_unet)
-        reference = AdapterSwitch(base_unet)
+        register_lora_hooks(accelerator, base_unet)
+        if reference is None:
+            reference = AdapterSwitch(base_unet)
 
     global_step, samples_seen = 0, 0
     if resume_from:
@@ -263,13 +241,13 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
                          record["lr"], record["step_seconds"])
 
         if global_step % cfg.checkpointing_steps == 0 and global_step < cfg.max_train_steps:
-            _save_checkpoint(accelerator, out, global_step, samples_seen, cfg_hash, cfg.checkpoints_total_limit)
+            save_checkpoint(accelerator, out, global_step, samples_seen, cfg_hash, cfg.checkpoints_total_limit)
         _inject_fault(global_step, is_main, out)
 
     accelerator.wait_for_everyone()
     summary = {}
     if is_main:
-        summary = _write_final(base_unet, out, cfg, cfg_hash, parts.arch, model_dir, global_step, last_logged)
+        summary = write_final(base_unet, out, cfg, cfg_hash, parts.arch, model_dir, global_step, last_logged)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if not is_main:
@@ -322,70 +300,6 @@ def dpo_micro_step(batch: dict, parts, unet, base_unet, reference, cfg: Finetune
             ref_pred = reference(noisy, timesteps, embeds, **kwargs).sample
     model_pred = unet(noisy, timesteps, embeds, **kwargs).sample
     return diffusion_dpo_terms(model_pred, ref_pred, target, cfg.beta)
-
-
-def _register_lora_hooks(accelerator, base_unet) -> None:
-    """Checkpoints of a LoRA run hold the adapter weights only (safetensors), not the whole UNet."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        for model in models:
-            if accelerator.is_main_process:
-                state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(
-                    accelerator.unwrap_model(model)).items()}
-                save_file(state, os.path.join(output_dir, LORA_CHECKPOINT))
-            if weights:
-                weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, LORA_CHECKPOINT)))
-            if getattr(result, "unexpected_keys", None):
-                raise TrainingError(f"{input_dir}: LoRA checkpoint has keys the model lacks: {result.unexpected_keys[:5]}")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _save_checkpoint(accelerator, out: Path, step: int, samples_seen: int, cfg_hash: str, keep: int | None) -> None:
-    """save_state into a temporary folder, then rename it into place and prune the oldest."""
-    tmp = out / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"global_step": step, "samples_seen": samples_seen, "config_hash": cfg_hash,
-                 "num_processes": accelerator.num_processes, "time": time.time()}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        dest = out / f"checkpoint-{step}"
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        if keep is not None:
-            for _, old in checkpoints(out)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        log.info("saved %s", dest)
-    accelerator.wait_for_everyone()
-
-
-def _write_final(unet, out: Path, cfg: FinetuneConfig, cfg_hash: str, arch: str, model_dir: str, step: int,
-                 last: dict) -> dict:
-    tmp = out / f"final.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    save_tuned(unet, tmp, cfg, arch)
-    meta = {"base_model": cfg.model, "base_model_path": model_dir, "arch": arch, "mode": cfg.mode, "steps": step,
-            "config_hash": cfg_hash, "config": cfg.model_dump(mode="json"), "last_metrics": last}
-    (tmp / FINETUNE_META).write_text(json.dumps(meta, indent=2))
-    final = out / "final"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    log.info("finetune %s: tuned weights in %s", out, final)
-    return meta
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 `load_reward(kind, path, **options)` builds a scorer from resolved local paths (or Hub ids);
 `load_reward_spec(spec, models_root)` does it from a profile's `RewardSpec`, resolving every model
 reference the spec names. Each kind loads the original checkpoint layout of its reference and is
-tested on tiny weights in that layout (`richpref.models.tiny_rewards`).
+tested on tiny weights in that layout (`richpref.models.tiny.rewards`).
 
 | kind | module | per image or pair |
 |---|---|---|
@@ -64,7 +64,7 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "ict": (lambda path, **kw: ICTScore(path, **kw), ("backbone", "processor", "file")),
     "hp": (lambda path, **kw: HPScore(path, **kw), ("backbone", "processor", "file")),
     "dino_patch": (_dino_patch, ("patch", "stride")),
-    "vlm_score": (_vlm_score, ("template",)),
+    "vlm_score": (_vlm_score, ("template", "engine")),
 }
 KINDS = tuple(REGISTRY)
 PAIR_KINDS = ("dino_patch",)

@@ -1,15 +1,17 @@
 """DINOv2 patch consistency (UPER §3.1.3): how much of the original an edit keeps, patch by patch.
 
 Both images (the edit resized to the original's size) are cut into `patch`×`patch` windows with
-stride `stride` (224 and 112 in the paper), top-left aligned like `Tensor.unfold`: windows start at
-0, stride, 2·stride, … while they fit. Each window is embedded by DINOv2 at its native resolution
+stride `stride` (224 and 112 in the paper): windows start at 0, stride, 2·stride, … while they fit,
+plus one flush with the far edge when the grid stops short of it (on 512 px: 0, 112, 224 and 288),
+so every pixel is compared. Each window is embedded by DINOv2 at its native resolution
 (ImageNet mean/std, no resize; the embedding is the final-LayerNorm CLS token, `pooler_output`), and
 the score is the mean over windows of the cosine between spatially corresponding windows.
 
 An image smaller than one window is first upscaled (bicubic) so its short side is one window.
 
-This is a pair reward: the edit's side gets the consistency with the original, the original's side 1
-— an image is fully consistent with itself — so under z-scoring it favours edits that keep more.
+It measures how much an edit kept of its original, not which of the two is better, so richpref uses
+it as a gate (`relabel.subject_gate`), never as a vote: `score_pairs` gives the edit's side the
+consistency and the original's side 1 (an image is fully consistent with itself).
 """
 from __future__ import annotations
 
@@ -23,7 +25,11 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def window_starts(length: int, patch: int, stride: int) -> list[int]:
-    return list(range(0, length - patch + 1, stride))
+    """Starts of the windows along one side: every stride while a window fits, then one flush with the end."""
+    starts = list(range(0, length - patch + 1, stride))
+    if starts and starts[-1] + patch < length:
+        starts.append(length - patch)
+    return starts
 
 
 def to_patch_grid(image: Image.Image, patch: int) -> Image.Image:

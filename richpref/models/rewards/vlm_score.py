@@ -2,7 +2,9 @@
 tokens 1–9 at the answer position, normalised to [0, 1] (`VisionLanguageModel.expected_score`).
 
 The question is a versioned template (`richpref/prompts/<template>.txt`) with a `{prompt}` field; its
-text is part of the relabel stage's cache key.
+text is part of the relabel stage's cache key. With `engine: {backend: server, ...}` the rating comes
+from an OpenAI-compatible server (`models/vlm_client.py`): the digit tokens' top logprobs where the
+server returns them, else the answered digit (a one-hot rating).
 """
 from __future__ import annotations
 
@@ -16,12 +18,17 @@ SCALE = range(1, 10)
 
 class VLMExpectedScore:
     def __init__(self, path: str, *, template: str = "reward_score_v1", device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False) -> None:
-        from ..vlm import VisionLanguageModel
-
+                 trust_remote_code: bool = False, engine=None) -> None:
         self.template_name = template
         self.template = load_template(template)
-        self.vlm = VisionLanguageModel.load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        if engine is not None and engine.backend == "server":
+            from ..vlm_client import connect
+
+            self.vlm = connect(engine, path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            from ..vlm import VisionLanguageModel
+
+            self.vlm = VisionLanguageModel.load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model_id = self.vlm.model_id
 
     def questions(self, prompts) -> list[str]:

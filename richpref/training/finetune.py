@@ -1,26 +1,20 @@
-"""The finetune flow: Diffusion-DPO on curated pairs (and any other Pick-a-Pic-format sources).
+"""The finetune flow's steps: the pairs source, the output folder, the training task, the summary.
 
-It launches `accelerate launch -m richpref.training.train` on N processes and waits. The output folder
-defaults to data/finetune/<config name>: running the same flow again after a crash resumes from the
-latest checkpoint, and running it after success returns at once.
-
-    prefect deployment run 'finetune/<name>' --param pairs=data/runs/demo/pairs
+flows/finetune.py composes them; `richpref finetune` checks the config with `with_pairs` before
+Prefect starts.
 """
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from richpref.schemas.training import FinetuneConfig, PairSourceConfig, load_finetune_config
+from richpref.schemas.training import FinetuneConfig, PairSourceConfig
 from richpref.training.launcher import launch_training
 from richpref.training.train import METRICS
-
-log = logging.getLogger("richpref")
 
 PAIRS_SOURCE = "pairs"
 
@@ -42,7 +36,7 @@ def default_output_dir(cfg: FinetuneConfig, data_dir: str) -> str:
     return str(Path(data_dir) / "finetune" / name)
 
 
-def _last_metrics(output_dir: str) -> dict:
+def last_metrics(output_dir: str) -> dict:
     path = Path(output_dir) / METRICS
     if not path.exists():
         return {}
@@ -57,7 +51,7 @@ def train_task(cfg: FinetuneConfig, output_dir: str, num_processes: int, max_res
     progress = create_progress_artifact(0.0, description=f"DPO steps done in {output_dir}")
 
     def report() -> None:
-        step = _last_metrics(output_dir).get("step", 0)
+        step = last_metrics(output_dir).get("step", 0)
         update_progress_artifact(progress, 100.0 * step / cfg.max_train_steps)
 
     meta = launch_training(cfg, output_dir, num_processes=num_processes, max_restarts=max_restarts,
@@ -66,24 +60,12 @@ def train_task(cfg: FinetuneConfig, output_dir: str, num_processes: int, max_res
     return meta
 
 
-@flow(name="finetune")
-def finetune(config: str = "finetune-tiny", pairs: str | None = None, output_dir: str | None = None,
-             overrides: list[str] | None = None, num_processes: int = 1, max_restarts: int = 1,
-             data_dir: str = "data") -> dict:
-    """Train with `config` (a name in configs/ or a YAML path); `pairs` replaces its `pairs` source."""
-    from prefect.artifacts import create_markdown_artifact
-
-    cfg = with_pairs(load_finetune_config(config, overrides), pairs)
-    out = output_dir or default_output_dir(cfg, data_dir)
-    meta = train_task(cfg, out, num_processes, max_restarts)
+def summary_markdown(cfg: FinetuneConfig, meta: dict, final: str) -> str:
     last = meta.get("last_metrics") or {}
-    final = str(Path(out) / "final")
     lines = [f"# finetune {cfg.name}", "", f"- tuned weights: `{final}` ({meta['arch']} {meta['mode']}, "
              f"{meta['steps']} steps)", f"- base model: `{meta['base_model']}`",
              f"- data: {', '.join(f'{s.label} (weight {s.weight:g})' for s in cfg.data)}"]
     if last:
         lines.append(f"- last step: loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}, "
                      f"reward margin {last['reward_margin']:.4g}")
-    create_markdown_artifact("\n".join(lines), key="finetune-summary", description=f"finetune {cfg.name}")
-    return {"output_dir": out, "final": final, "steps": meta["steps"], "arch": meta["arch"], "mode": meta["mode"],
-            "config_hash": meta["config_hash"], "last_metrics": last}
+    return "\n".join(lines)

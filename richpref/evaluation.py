@@ -1,4 +1,4 @@
-"""The evaluate flow: the same prompts and seeds through every model, scored by the reward registry.
+"""Evaluation: the same prompts and seeds through every model, scored by the reward registry.
 
 Writes into the output folder:
   images/<model>.parquet   prompt, seed, PNG bytes (reused when prompts, seeds and settings match)
@@ -6,7 +6,7 @@ Writes into the output folder:
   table.parquet, table.md  mean of each reward per model (as RPO's Table 1), plus each model's win
                            rate against the first (baseline) model on the same prompt and seed
   grid.png                 side by side: one row per prompt, one column per model
-and a Prefect table artifact of the table.
+and a Prefect table artifact of the table (flows/evaluate.py composes these steps).
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from richpref.images import encode_png
 from richpref.models.runtime import resolve_model_ref
 from richpref.schemas.tables import OK
-from richpref.schemas.training import EvalModelConfig, EvaluateConfig, load_evaluate_config
+from richpref.schemas.training import EvalModelConfig, EvaluateConfig
 
 log = logging.getLogger("richpref")
 
@@ -181,26 +181,9 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"evaluate-{name}".lower()).strip("-")
 
 
-@flow(name="evaluate")
-def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, output_dir: str | None = None,
-             data_dir: str = "data") -> dict:
-    """Generate with every model of `config` from the same prompts and seeds, score, tabulate."""
-    from prefect.artifacts import create_table_artifact
-
-    from richpref.models.runtime import resident
-
-    cfg = load_evaluate_config(config, overrides)
-    preflight(cfg)
-    out = Path(output_dir or Path(data_dir) / "evaluate" / cfg.name)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = load_prompts(cfg)
-    texts, seeds, index = image_plan(prompts, cfg)
-    log.info("evaluate %s: %d prompts × %d images × %d models", cfg.name, len(prompts), cfg.images_per_prompt,
-             len(cfg.models))
-    resident.release()  # nothing of the curate stages stays loaded while models generate
-    files = {m.name: generate_task(m, texts, seeds, cfg, str(out)) for m in cfg.models}
-    scores = {name: score_task(name, cfg, files) for name in cfg.rewards}
-
+def write_results(out: Path, cfg: EvaluateConfig, files: dict[str, str], scores: dict[str, dict[str, list[float]]],
+                  texts: list[str], seeds: list[int], index: list[int]) -> dict:
+    """scores.parquet (one row per image), table.parquet + table.md (one row per model), grid.png."""
     per_image = {"model": [], "prompt": [], "prompt_index": [], "seed": []}
     per_image.update({name: [] for name in cfg.rewards})
     for m in cfg.models:
@@ -220,8 +203,4 @@ def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, 
     if cfg.grid_prompts > 0:
         grid_path = out / "grid.png"
         image_grid(files, index, cfg.grid_prompts, cfg.grid_cell).save(grid_path)
-    create_table_artifact(rows, key=artifact_key(cfg.name),
-                          description=f"Mean reward per model over {len(texts)} images ({len(prompts)} prompts)")
-    log.info("evaluate %s:\n%s", cfg.name, markdown)
-    return {"output_dir": str(out), "table": rows, "markdown": markdown, "grid": str(grid_path) if grid_path else None,
-            "prompts": len(prompts), "images_per_model": len(texts)}
+    return {"table": rows, "markdown": markdown, "grid": str(grid_path) if grid_path else None}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .tokenizers import CLIP_VOCAB_SIZE, clip_tokenizer
+from ..tokenizers import CLIP_VOCAB_SIZE, clip_tokenizer
 
 # Ids of CLIP's special tokens in the real vocabulary (the last two entries).
 _BOS_ID = CLIP_VOCAB_SIZE - 2  # <|startoftext|>
@@ -277,7 +277,7 @@ def build_random_annotator(kind: str, out_dir: str | os.PathLike, seed: int = 0)
     The networks keep their real sizes (HED ~59 MB, line art ~17 MB, PiDiNet ~3 MB): their maps
     follow image content but are not edges. For tests of the loading path and of network controls.
     """
-    from .editor import ANNOTATOR_FILES, annotator_network, annotator_state_dict
+    from ..editor import ANNOTATOR_FILES, annotator_network, annotator_state_dict
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny_clip import build_tiny_clip
+from .clip import build_tiny_clip
 
 IR_VISION = dict(width=128, depth=2, mlp=256, patch=16, image=32)  # 128/64 = 2 heads, as BLIP's 64-wide heads
 IR_TEXT = dict(hidden=32, layers=2, heads=4, intermediate=64, max_positions=40)
@@ -95,7 +95,7 @@ def tiny_bert_tokenizer(out_dir: Path):
     `##`-letters, BERT's special tokens at BERT's ids. Saved plain, without BLIP's added tokens."""
     from transformers import BertTokenizer
 
-    words = sorted(set(re.findall(r"[a-z]+", (Path(__file__).parents[1] / "data" / "demo_prompts.txt").read_text().lower())))
+    words = sorted(set(re.findall(r"[a-z]+", (Path(__file__).parents[2] / "data" / "demo_prompts.txt").read_text().lower())))
     letters = "abcdefghijklmnopqrstuvwxyz0123456789"
     vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab += list(letters) + list(".,!?'-:;\"()") + [f"##{c}" for c in letters] + words
@@ -106,7 +106,7 @@ def tiny_bert_tokenizer(out_dir: Path):
 
 
 def build_tiny_imagereward(out_dir, seed: int = 0) -> Path:
-    from .rewards.imagereward import blip_tokenizer
+    from ..rewards.imagereward import blip_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .tokenizers import CLIP_VOCAB_SIZE, clip_tokenizer
+from ..tokenizers import CLIP_VOCAB_SIZE, clip_tokenizer
 
 
 def build_tiny_clip(out_dir, seed: int = 0, image_size: int = 56) -> Path:

@@ -23,23 +23,29 @@ LAYOUT = {
     "clip": "clip",
     "pickscore": "pickscore",
     "rembg_home": "rembg",
-    # Reward models in their original checkpoint layouts (models/tiny_rewards.py).
+    # Reward models in their original checkpoint layouts (models/tiny/rewards.py).
     "imagereward": "imagereward",
     "hpsv2": "hpsv2",
     "aesthetic": "aesthetic",
     "ict": "ict",
     "hp": "hp",
     "dinov2": "dinov2",
+    # Instruction editors (models/tiny/editors.py).
+    "instruct_pix2pix": "instruct-pix2pix",
+    "instruct_pix2pix_sdxl": "instruct-pix2pix-sdxl",
+    "flux_kontext": "flux-kontext",
+    "qwen_image_edit": "qwen-image-edit",
 }
 
 
 def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str]:
     """Build every tiny model under `root` (skipped when an up-to-date build is there)."""
-    from .tiny_clip import build_tiny_clip
-    from .tiny_diffusion import build_tiny_controlnet, build_tiny_sd15, build_tiny_sdxl, build_tiny_sdxl_controlnet
-    from .tiny_rembg import build_tiny_u2net_onnx
-    from .tiny_rewards import build_tiny_rewards
-    from .tiny_vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
+    from .clip import build_tiny_clip
+    from .diffusion import build_tiny_controlnet, build_tiny_sd15, build_tiny_sdxl, build_tiny_sdxl_controlnet
+    from .editors import build_tiny_editors
+    from .rembg import build_tiny_u2net_onnx
+    from .rewards import build_tiny_rewards
+    from .vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
 
     root = Path(root)
     stamp = root / "BUILD.json"
@@ -60,6 +66,7 @@ def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str
     build_tiny_clip(root / LAYOUT["pickscore"], seed=seed + 5)
     build_tiny_u2net_onnx(root / LAYOUT["rembg_home"], seed=seed + 6)
     build_tiny_rewards(root, root / LAYOUT["clip"], seed=seed + 20)
+    build_tiny_editors(root, seed=seed + 40)
     stamp.write_text(json.dumps(want))
     log.info("tiny models built under %s", root)
     return paths

@@ -1,0 +1,175 @@
+"""Served VLM stages vs in-process, and what the filter's shared prefixes save, on the tiny VLMs.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/served_vlm.py [--n 32] [--repeats 2] [--concurrency 1 8 32]
+
+1. Items/s of `critique_rows`, `instruct_rows` and `filter_rows` through `transformers serve` (launched
+   by richpref on the CPU, one server per model) at client concurrency 1, 8 and 32, and in-process at
+   batch size 1, 8 and 32; best of `repeats` after a warm-up, tiny-profile settings. Figures only: a
+   tiny model on a CPU says little about vLLM on a GPU.
+2. Filter cost per pair, counted from the requests the stage sends: model passes (one per question),
+   prompt tokens, and image encodings without a prefix cache (one per question) and with one (one per
+   distinct image+chat prefix, since a pair's questions about one image share it). Goal: >= 3x fewer
+   image encodings per pair.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+from timing import best_of  # noqa: E402
+from vlm_stages import PROMPTS, _png  # noqa: E402
+
+from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
+from richpref.schemas.serving import EngineConfig  # noqa: E402
+from richpref.tasks import filter as filter_stage  # noqa: E402
+from richpref.tasks.critique import critique_rows  # noqa: E402
+from richpref.tasks.instruct import instruct_rows  # noqa: E402
+
+
+def prefix_counts(local, questions) -> tuple[int, int, int]:
+    """(prompt tokens, prompt tokens computed with a prefix cache, distinct image prefixes) of
+    questions [(image, text)] sent in this order: a question reuses the longest prefix it shares with
+    an earlier question about the same image."""
+    total = cached = 0
+    seen: dict[int, list[list[int]]] = {}
+    for img, text in questions:
+        ids = local._encode([img], [text])["input_ids"][0].tolist()
+        total += len(ids)
+        best = 0
+        for prev in seen.get(id(img), []):
+            k = 0
+            while k < min(len(ids), len(prev)) and ids[k] == prev[k]:
+                k += 1
+            best = max(best, k)
+        cached += len(ids) - best
+        seen.setdefault(id(img), []).append(ids)
+    return total, cached, len(seen)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--models-root", default=None)
+    args = ap.parse_args()
+
+    from richpref.models.tiny import LAYOUT
+    from richpref.models.tiny_vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
+    from richpref.models.vlm import VisionLanguageModel
+    from richpref.models.vlm_client import connect
+
+    tmp = tempfile.TemporaryDirectory()
+    if args.models_root:
+        critic_dir, qwen_dir = Path(args.models_root) / LAYOUT["critic"], Path(args.models_root) / LAYOUT["vlm"]
+    else:
+        critic_dir = build_tiny_llava_onevision(Path(tmp.name) / "critic", seed=2)
+        qwen_dir = build_tiny_qwen2_5_vl(Path(tmp.name) / "qwen", seed=3)
+    launch = EngineConfig(backend="server", launch="transformers", startup_timeout_s=300)
+    servers = {"critic": connect(launch, str(critic_dir), device="cpu"), "qwen": connect(launch, str(qwen_dir), device="cpu")}
+    local = {"critic": VisionLanguageModel.load(str(critic_dir), device="cpu"),
+             "qwen": VisionLanguageModel.load(str(qwen_dir), device="cpu")}
+
+    n = args.n
+    ids = [f"item{k:04d}" for k in range(n)]
+    prompts = [PROMPTS[k % len(PROMPTS)] for k in range(n)]
+    images = [_png(k) for k in range(n)]
+    critique_in = pa.table({"item_id": ids, "prompt": prompts})
+    instruct_in = pa.table({"item_id": ids, "prompt": prompts, "critique": ["The image misses parts of the prompt."] * n})
+    instructions = [["Change the colour of the main object", "Remove the extra object on the left"]] * n
+    filter_images = {"original": images, "edited": [_png(1000 + k) for k in range(n)],
+                     "original_cutout": [_png(2000 + k) for k in range(n)], "edited_cutout": [_png(3000 + k) for k in range(n)]}
+    pairs = pa.table({"item_id": ids, "candidate": [0] * n})
+
+    def stages(bs: int, vlms: dict):
+        c = CritiqueConfig(max_new_tokens=24, batch_size=bs)
+        i = InstructConfig(max_new_tokens=24, batch_size=bs, min_grounding=0, drop_truncated=False, min_visible=0.3)
+        f = FilterConfig(max_new_tokens=24, batch_size=bs, min_executed=0.522, min_no_stray=0.3, min_subject_kept=0.3,
+                         min_attribute_present=0.517, min_attributes_kept=0.5)
+        return {
+            "critique": lambda: critique_rows(critique_in, images, c, lambda: vlms["critic"]),
+            "instruct": lambda: instruct_rows(instruct_in, images, i, lambda: vlms["qwen"]),
+            "filter": lambda: filter_stage.filter_rows(pairs, prompts, instructions, filter_images, f, lambda: vlms["qwen"]),
+        }
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"n={n}, best of {args.repeats}")
+    results: dict[tuple[str, str], dict[int, float]] = {}
+    try:
+        for c in args.concurrency:
+            clients = {name: connect(EngineConfig(backend="server", endpoint=s.base_url, concurrency=c), s.served_name)
+                       for name, s in servers.items()}
+            for backend, vlms in (("server", clients), ("in-process", local)):
+                for name, fn in stages(c, vlms).items():
+                    seconds = best_of(args.repeats, fn)
+                    results.setdefault((name, backend), {})[c] = n / seconds
+                    print(f"  {name:9s} {backend:10s} {c:3d}: {n / seconds:7.2f} items/s ({seconds:.2f} s)", flush=True)
+            for cl in clients.values():
+                cl.close()
+
+        print("\n| stage | backend | " + " | ".join(f"{c} (items/s)" for c in args.concurrency) + " |")
+        print("|---|---|" + "---|" * len(args.concurrency))
+        for (name, backend), row in results.items():
+            print(f"| {name} | {backend} ({'concurrency' if backend == 'server' else 'batch size'}) | "
+                  + " | ".join(f"{row[c]:.2f}" for c in args.concurrency) + " |")
+
+        # ---- filter cost per pair: the questions the stage asks, in the order it sends them
+        f = FilterConfig(max_new_tokens=24, min_attribute_present=0.517, min_attributes_kept=0.5)
+        sections = filter_stage.load_filter_template(f)
+        m = min(n, 8)
+        todo = []
+        for k in range(m):
+            from richpref.images import decode_image, side_by_side
+
+            oc, ec = decode_image(filter_images["original_cutout"][k]), decode_image(filter_images["edited_cutout"][k])
+            todo.append(dict(iid=ids[k], prompt=prompts[k], instructions=instructions[k], original_cut=oc, edited_cut=ec,
+                             pair=side_by_side(decode_image(filter_images["original"][k]), decode_image(filter_images["edited"][k])),
+                             cuts=side_by_side(oc, ec)))
+        # The attribute list a tiny model writes is gibberish: count with filter.max_attributes (5) per item.
+        listed = {t["iid"]: (["red colour", "round shape", "shiny surface", "metal handle", "white label"], "", None)
+                  for t in todo}
+        qs = filter_stage.pair_questions(todo, sections, True, listed)
+        # one attribute-list generation per item, about its original cut-out, asked before its questions
+        order = []
+        for k, t in enumerate(todo):
+            order.append((t["original_cut"], filter_stage.render(sections["attributes"], max_attributes=f.max_attributes)))
+            order += [(q[2], q[3]) for q in qs if q[0] == k]
+        total, cached, prefixes = prefix_counts(local["qwen"], order)
+        from richpref.models import vlm_prefix
+
+        qwen = local["qwen"]
+        plain_s = best_of(args.repeats, lambda: qwen.yes_no([q[2] for q in qs], [q[3] for q in qs], batch_size=16))
+        before = dict(vlm_prefix.STATS)
+        filter_stage.answers_sharing_image(qwen, qs)
+        enc = vlm_prefix.STATS["image_encodings"] - before["image_encodings"]
+        passes_shared = vlm_prefix.STATS["forward_passes"] - before["forward_passes"]
+        shared_s = best_of(args.repeats, lambda: filter_stage.answers_sharing_image(qwen, qs))
+        gens, passes = m, len(order)
+        print(f"\nfilter, {m} pairs, 2 instructions and 5 attributes each, per pair (1 attribute generation + "
+              f"{len(qs) / m:.0f} yes/no questions):")
+        print("| | model passes | prompt tokens computed | image encodings |")
+        print("|---|---|---|---|")
+        print(f"| before: every question encodes its image | {passes / m:.1f} | {total / m:.0f} | {passes / m:.1f} |")
+        print(f"| after, server with a prefix cache (vLLM, SGLang) | {passes / m:.1f} | {cached / m:.0f} | {prefixes / m:.1f} |")
+        print(f"| after, in-process (`share_image_prefix`) | {(passes_shared + gens) / m:.1f} (prefix + suffix) | "
+              f"server's + the generation's image prefix | {(enc + gens) / m:.1f} |")
+        print(f"image encodings per pair: server {passes / prefixes:.1f}x fewer, in-process {passes / (enc + gens):.1f}x "
+              f"fewer; prompt tokens computed {total / cached:.1f}x fewer")
+        print(f"in-process yes/no time for the {m} pairs: batched (16) {plain_s:.2f} s, sharing the image {shared_s:.2f} s")
+    finally:
+        for s in servers.values():
+            s.close()
+        for v in local.values():
+            v.close()
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

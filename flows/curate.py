@@ -1,0 +1,69 @@
+"""The curate flow: every stage in order (the source first), each mapped over the run's shards.
+
+Thin on purpose: the shard runner (richpref/runner.py) decides whether a shard is done and computes
+it; richpref/orchestration.py maps a stage over the task runner. A failed shard does not stop the
+other shards; the flow fails at the end, naming the failed ones. Several processes may run this flow
+on the same run at once: they share its shards through leases.
+"""
+from __future__ import annotations
+
+import json
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from richpref.models.runtime import resident
+from richpref.orchestration import failure_message, run_artifact, run_stage, stage_artifact
+from richpref.runner import CurateFailed, ShardManifest
+from richpref.schemas.config import load_profile, profile_hash
+from richpref.storage import RunStore
+from richpref.tasks import ALL_STAGES
+
+
+@flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", overrides: list[str] | None = None,
+           models_root: str | None = None, finetune_deployment: str | None = None, until: str | None = None) -> dict:
+    """Curate preference pairs for `run` with `profile`; returns per-stage counts and the pairs location.
+    `until` names the last stage to run (a later run without it continues from there)."""
+    prof = load_profile(profile, overrides, models_root)
+    store = RunStore(data_dir, run)
+    store.write_text("profile.json", prof.model_dump_json(indent=2))
+    store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
+
+    manifests: dict[str, dict[int, ShardManifest]] = {}
+    failures: list[str] = []
+    for stage in ALL_STAGES:
+        manifests[stage.out], failed = run_stage(stage, manifests, store, data_dir, run, prof)
+        failures += failed
+        resident.release()  # one big model at a time: free this stage's before the next loads
+        stage_artifact(run, stage.name, manifests[stage.out], failed)
+        if stage.name == until:
+            break
+
+    summary = {
+        "run": run,
+        "state": "failed" if failures else "completed" if until in (None, "export") else f"stopped after {until}",
+        "profile": prof.name,
+        "profile_hash": profile_hash(prof),
+        "run_dir": store.uri(store.root),
+        "pairs": store.uri(store.stage_dir("pairs")),
+        "stages": {
+            out: {"shards": len(ms), "rows": sum(m.rows for m in ms.values()), "kept": sum(m.kept for m in ms.values())}
+            for out, ms in manifests.items()
+        },
+        "failed": failures,
+        "manifests": {out: [m.to_dict() for m in ms.values()] for out, ms in manifests.items()},
+    }
+    if manifests.get("pairs"):
+        from richpref.datacard import write_run_report
+
+        summary["report"] = write_run_report(data_dir, run)  # pairs/README.md dataset card + plots/*.png
+    store.write_text("run.json", json.dumps(summary, indent=2))
+    run_artifact(summary)
+    if failures:
+        raise CurateFailed(failure_message(failures))
+    if finetune_deployment:  # e.g. "finetune/tiny": launched once per pairs content
+        from flows.launch import launch_finetune
+
+        summary["finetune_flow_run"] = launch_finetune(summary, finetune_deployment)
+    return summary

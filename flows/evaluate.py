@@ -1,0 +1,43 @@
+"""The evaluate flow: the same prompts and seeds through every model, scored by the reward registry.
+
+Writes images/<model>.parquet, scores.parquet, table.parquet, table.md and grid.png into the output
+folder (richpref/evaluation.py) and a Prefect table artifact of the table.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefect import flow
+
+from richpref.evaluation import (artifact_key, generate_task, image_plan, load_prompts, preflight, score_task,
+                                 write_results)
+from richpref.schemas.training import load_evaluate_config
+
+log = logging.getLogger("richpref")
+
+
+@flow(name="evaluate")
+def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, output_dir: str | None = None,
+             data_dir: str = "data") -> dict:
+    """Generate with every model of `config` from the same prompts and seeds, score, tabulate."""
+    from prefect.artifacts import create_table_artifact
+
+    from richpref.models.runtime import resident
+
+    cfg = load_evaluate_config(config, overrides)
+    preflight(cfg)
+    out = Path(output_dir or Path(data_dir) / "evaluate" / cfg.name)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(cfg)
+    texts, seeds, index = image_plan(prompts, cfg)
+    log.info("evaluate %s: %d prompts × %d images × %d models", cfg.name, len(prompts), cfg.images_per_prompt,
+             len(cfg.models))
+    resident.release()  # nothing of the curate stages stays loaded while models generate
+    files = {m.name: generate_task(m, texts, seeds, cfg, str(out)) for m in cfg.models}
+    scores = {name: score_task(name, cfg, files) for name in cfg.rewards}
+    result = write_results(out, cfg, files, scores, texts, seeds, index)
+    create_table_artifact(result["table"], key=artifact_key(cfg.name),
+                          description=f"Mean reward per model over {len(texts)} images ({len(prompts)} prompts)")
+    log.info("evaluate %s:\n%s", cfg.name, result["markdown"])
+    return {"output_dir": str(out), **result, "prompts": len(prompts), "images_per_model": len(texts)}

@@ -1,0 +1,43 @@
+"""Flows are started by their entrypoints, `flows/<name>.py:<flow>`, the names prefect.yaml uses.
+
+`flows/` sits next to `richpref/`: in a clone and an editable install that is the repository root,
+in a wheel install site-packages (pyproject ships `flows` as a package beside `richpref`). The
+library never imports a flow at import time; commands resolve one here when they start it.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+CURATE = "flows/curate.py:curate"
+FINETUNE = "flows/finetune.py:finetune"
+EVALUATE = "flows/evaluate.py:evaluate"
+ROUNDS = "flows/rounds.py:rounds"
+
+
+def module_of(entrypoint: str) -> tuple[str, str]:
+    """("flows.curate", "curate") for "flows/curate.py:curate"."""
+    path, _, name = entrypoint.rpartition(":")
+    if not path.endswith(".py") or not name:
+        raise ValueError(f"entrypoint {entrypoint!r} is not of the form flows/<name>.py:<flow>")
+    return path[: -len(".py")].replace("/", "."), name
+
+
+def load_module(entrypoint: str):
+    """The module of the flow at `entrypoint`, imported as part of the `flows` package (so its tasks
+    pickle by import path and a flow imported twice is one object)."""
+    module, _ = module_of(entrypoint)
+    if not (PROJECT_DIR / entrypoint.rpartition(":")[0]).exists():
+        raise FileNotFoundError(f"flow {entrypoint!r} not found under {PROJECT_DIR}: reinstall richpref "
+                                "(`pip install -e .` in a clone) so that flows/ ships beside richpref/")
+    if str(PROJECT_DIR) not in sys.path:  # a clone used without installing it
+        sys.path.append(str(PROJECT_DIR))
+    return importlib.import_module(module)
+
+
+def load_flow(entrypoint: str):
+    """The flow object at `entrypoint`."""
+    return getattr(load_module(entrypoint), module_of(entrypoint)[1])

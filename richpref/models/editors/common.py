@@ -1,0 +1,131 @@
+"""What every editor shares: per-item seeds, batching by working size, loading and releasing.
+
+An editor turns (image, edit prompt, seed) into an edited image of the input's size. Items are
+grouped by the size the model works at (a batch needs one size), each item gets its own CPU
+generator (an edit depends on its seed, not on its batch neighbours), and outputs are resized back
+onto the input's pixels so every downstream stage compares images of one size.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from ..generator import cpu_generators, diffusers_dtype_kwargs, release_pipeline
+from ..runtime import resolve_device, resolve_dtype
+
+Size = tuple[int, int]
+
+
+def is_sdxl(model_path: str) -> bool:
+    """Whether a diffusers checkpoint is an SDXL pipeline, from its model_index.json (local dir or cached Hub id)."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(str(model_path))
+    return "XL" in str(config.get("_class_name", ""))
+
+
+def snap(size: Size, multiple: int) -> Size:
+    """Nearest size whose sides are multiples of `multiple` (the VAE factor), at least one multiple."""
+    return tuple(max(multiple, int(round(s / multiple)) * multiple) for s in size)  # type: ignore[return-value]
+
+
+def area_size(size: Size, area: int, multiple: int) -> Size:
+    """The size of about `area` pixels with `size`'s aspect ratio, sides rounded down to `multiple`
+    (at least one multiple): how the flow-matching editors pick their working resolution."""
+    w, h = size
+    ratio = w / h
+    return (max(multiple, int((area * ratio) ** 0.5) // multiple * multiple),
+            max(multiple, int((area / ratio) ** 0.5) // multiple * multiple))
+
+
+def edit_in_batches(
+    images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int], *, batch_size: int,
+    size_for: Callable[[Size], Size], run: Callable[[list[Image.Image], list[str], list, Size], list[Image.Image]],
+) -> list[Image.Image]:
+    """Edit every item, in batches of one working size; returns RGB images of each input's size, in order.
+
+    `size_for` maps an input size to the working size; `run(images, prompts, generators, size)` edits
+    one batch of images already resized to `size`.
+    """
+    if not (len(images) == len(prompts) == len(seeds)):
+        raise ValueError(f"got {len(images)} images, {len(prompts)} prompts and {len(seeds)} seeds")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    groups: dict[Size, list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        groups[size_for(im.size)].append(i)
+    results: list[Image.Image | None] = [None] * len(images)
+    for size, idxs in groups.items():
+        for start in range(0, len(idxs), batch_size):
+            chunk = idxs[start : start + batch_size]
+            init = [images[i].convert("RGB") for i in chunk]
+            init = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in init]
+            out = run(init, [prompts[i] for i in chunk], cpu_generators([seeds[i] for i in chunk]), size)
+            for i, im in zip(chunk, out):
+                im = im.convert("RGB")
+                results[i] = im if im.size == images[i].size else im.resize(images[i].size, Image.Resampling.LANCZOS)
+    return results  # type: ignore[return-value]
+
+
+class PipelineEditor:
+    """A loaded diffusers editing pipeline. Subclasses name their `kind`, the `SETTINGS` their `edit`
+    takes (the config fields of that kind passed at each call), the pipeline class, the working
+    size and one batch's call."""
+
+    kind: str = ""
+    SETTINGS: tuple[str, ...] = ()
+
+    def __init__(self, pipe: Any, model_id: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipe = pipe
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def pipeline_class(cls, model_path: str) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def pipeline_kwargs(cls, model_path: str) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def load(cls, model_path: str, *, device: str = "auto", dtype: str = "auto") -> "PipelineEditor":
+        """Load the checkpoint at `model_path` (local dir or Hub id) onto `device` in `dtype`."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        pipe = cls.pipeline_class(model_path).from_pretrained(
+            str(model_path), **cls.pipeline_kwargs(model_path), **diffusers_dtype_kwargs(dt))
+        pipe = pipe.to(dev)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, str(model_path), dev, dt)
+
+    def working_size(self, size: Size, **settings: Any) -> Size:
+        raise NotImplementedError
+
+    def run_batch(self, images: list[Image.Image], prompts: list[str], generators: list, size: Size,
+                  **settings: Any) -> list[Image.Image]:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def edit(self, images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int], *,
+             batch_size: int = 4, **settings: Any) -> list[Image.Image]:
+        """Edit each image as its prompt says; RGB images of each input's size, in input order."""
+        if self.pipe is None:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        unknown = sorted(set(settings) - set(self.SETTINGS))
+        if unknown:
+            raise TypeError(f"{self.kind} editor takes no {', '.join(unknown)}; it takes {', '.join(self.SETTINGS)}")
+        return edit_in_batches(
+            images, prompts, seeds, batch_size=batch_size,
+            size_for=lambda s: self.working_size(s, **settings),
+            run=lambda ims, ps, gens, size: self.run_batch(ims, ps, gens, size, **settings))
+
+    def close(self) -> None:
+        """Free the pipeline; the object cannot edit afterwards."""
+        if self.pipe is not None:
+            pipe, self.pipe = self.pipe, None
+            release_pipeline(pipe)

@@ -1,0 +1,88 @@
+"""Tuned weights over a base text-to-image pipeline: a LoRA or a full UNet, as `richpref finetune`
+writes them (a finetune output folder holds them in `final/`) or as any diffusers tool saves them.
+
+Used by the sample stage (`sample.lora`, `sample.unet`: RPO rounds sample from the last round's
+model). `weights_fingerprint` hashes the weight files' bytes, so new weights at the same path are a
+new stage key.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+FINETUNE_META = "finetune.json"
+
+
+class TunedWeightsError(FileNotFoundError):
+    pass
+
+
+def _final(path: Path) -> Path:
+    """A finetune output folder's `final/`, else the path itself."""
+    return path / "final" if (path / "final" / FINETUNE_META).exists() else path
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """The LoRA safetensors file of a file, a folder holding pytorch_lora_weights.safetensors, or a
+    finetune output folder."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    cand = _final(p) / LORA_WEIGHTS
+    if not cand.exists():
+        raise TunedWeightsError(f"LoRA weights {path}: no {LORA_WEIGHTS} there (or in its final/); give the "
+                                "file, its folder, or a LoRA finetune output folder")
+    return cand
+
+
+def unet_dir(path: str | os.PathLike) -> Path:
+    """A diffusers UNet folder (config.json + weights): the path, its `unet/`, or a finetune output's."""
+    p = _final(Path(path))
+    for cand in (p, p / "unet"):
+        if (cand / "config.json").exists():
+            return cand
+    raise TunedWeightsError(f"UNet weights {path}: no diffusers UNet folder (config.json) there, in unet/ or in "
+                            "final/unet/; give a full finetune output folder or a saved UNet")
+
+
+@functools.lru_cache(maxsize=32)
+def _files_digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _size, _mtime in files:
+        h.update(Path(name).name.encode() + b"\0")
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def weights_fingerprint(lora: str | None = None, unet: str | None = None) -> str:
+    """sha256 of the tuned weights' bytes ("" without any): read once per file version."""
+    if lora:
+        files = [lora_file(lora)]
+    elif unet:
+        d = unet_dir(unet)
+        files = sorted(f for f in d.iterdir() if f.is_file())
+    else:
+        return ""
+    stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _files_digest(stats)
+
+
+def apply_tuned(t2i, lora: str | None = None, unet: str | None = None) -> None:
+    """Put the tuned weights into a loaded `TextToImage` (LoRA loaded into its pipeline; UNet swapped)."""
+    if lora:
+        f = lora_file(lora)
+        t2i.pipe.load_lora_weights(str(f.parent), weight_name=f.name)
+        t2i.model_id = f"{t2i.model_id}+lora:{f}"
+    elif unet:
+        from diffusers import UNet2DConditionModel
+
+        from .generator import diffusers_dtype_kwargs
+
+        d = unet_dir(unet)
+        t2i.pipe.unet = UNet2DConditionModel.from_pretrained(d, **diffusers_dtype_kwargs(t2i.dtype)).to(t2i.device)
+        t2i.model_id = f"{t2i.model_id}+unet:{d}"

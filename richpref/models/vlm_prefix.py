@@ -1,0 +1,72 @@
+"""In-process prefix sharing: several yes/no questions about one image, the image encoded once.
+
+Every question is one user turn [image, question]; rendered with the chat template, the questions
+about one image share their first tokens (system turn, image tokens, …). The shared prefix runs once
+with the pixels (one vision-encoder pass), its key/value cache is kept, and each question's remaining
+tokens run on top of it, the cache cropped back to the prefix before the next. The probabilities are
+those of the full prompts up to float noise (`tests/test_served_vlm.py` checks them against
+`VisionLanguageModel.p_yes`). Used by the filter, whose pairs ask 10-17 questions about four images.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+from .vlm import YES_NO, VisionLanguageModel
+
+# Counters a benchmark reads: vision-encoder passes and forward passes.
+STATS = {"image_encodings": 0, "forward_passes": 0}
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    n = min(len(r) for r in rows)
+    k = 0
+    while k < n and all(r[k] == rows[0][k] for r in rows):
+        k += 1
+    return k
+
+
+def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str]) -> np.ndarray:
+    """P(yes) per prompt about one `image` (same numbers as `vlm.p_yes`), the image encoded once."""
+    vlm._check_loaded()
+    if len(prompts) < 2:
+        STATS["image_encodings"] += len(prompts)
+        STATS["forward_passes"] += len(prompts)
+        return vlm.p_yes([image] * len(prompts), prompts, batch_size=1)
+    enc = vlm._encode([image], [prompts[0]])  # pixels and the first prompt's tokens
+    rows = [enc["input_ids"][0].tolist()] + [vlm._encode([image], [p])["input_ids"][0].tolist() for p in prompts[1:]]
+    image_token = getattr(vlm.model.config, "image_token_id", None) or getattr(vlm.model.config, "image_token_index", None)
+    last_image = max((k for k, t in enumerate(rows[0]) if t == image_token), default=-1)
+    length = min(_common_prefix(rows), min(len(r) for r in rows) - 1)
+    if length <= last_image:  # the questions do not share the image's tokens: ask them one by one
+        STATS["image_encodings"] += len(prompts)
+        STATS["forward_passes"] += len(prompts)
+        return vlm.p_yes([image] * len(prompts), prompts, batch_size=1)
+
+    groups = vlm._option_token_ids(YES_NO)
+    fwd = vlm.model.forward
+    cache_arg = "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+    prefix = {k: (v[:, :length] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+                  and isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in enc.items()}
+    out = []
+    with torch.inference_mode():
+        first = vlm.model(**prefix, use_cache=True, logits_to_keep=1)
+        cache = first.past_key_values
+        STATS["image_encodings"] += 1
+        STATS["forward_passes"] += 1
+        for row in rows:
+            extra = cache.get_seq_length() - length
+            if extra > 0:
+                cache.crop(-extra)  # back to the shared prefix
+            suffix = torch.tensor([row[length:]], device=vlm.device)
+            logits = vlm.model(input_ids=suffix, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits
+            STATS["forward_passes"] += 1
+            probs = torch.softmax(logits[0, -1].float(), dim=-1).double()
+            yes, no = (float(probs[g].sum()) for g in groups)
+            out.append(yes / (yes + no))
+    return np.asarray(out, dtype=np.float64)
+
+
+__all__ = ["STATS", "p_yes_sharing_image"]

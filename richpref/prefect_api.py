@@ -1,0 +1,73 @@
+"""A Prefect API for one `richpref` command that dies with it.
+
+Without PREFECT_API_URL, Prefect 3 starts an ephemeral server (`uvicorn … create_app`) in a child
+process that outlives a SIGKILLed parent. `owned_prefect_api` starts the same server through
+`richpref.procs.spawn_owned` instead (dies with this process, reaped on the next start if it did
+not) and points PREFECT_API_URL at it. With PREFECT_API_URL set (a `richpref serve` or any Prefect
+server), it changes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .procs import spawn_owned, stop_owned
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(port: int) -> list[str]:
+    """The command Prefect's own ephemeral server runs (uvicorn on the API app factory, UI off)."""
+    import prefect
+
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]
+
+
+def _wait_healthy(proc, url: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client() as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the Prefect server exited with code {proc.returncode} before it was ready")
+            try:
+                if client.get(f"{url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"the Prefect server at {url} was not ready after {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0):
+    """Yield the Prefect API URL to use: the configured one, or a local server this process owns."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    port = _free_port()
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    proc = spawn_owned(server_command(port), name="prefect-server", log_path=log_path, env=env)  # errors only
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_healthy(proc, url, timeout)
+        os.environ["PREFECT_API_URL"] = url  # processes started from here (Dask workers) report to it too
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        stop_owned(proc)

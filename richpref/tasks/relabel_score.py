@@ -1,0 +1,217 @@
+"""score: the model calls of relabelling, nothing decided.
+
+Per (item, edit candidate) row: the raw score of the item's original and of the edit under every
+reward that votes or is named in `relabel.report_only` (a reward with weight 0 is not even loaded),
+the DINOv2 patch consistency of the edit with its original when `relabel.subject_gate` is set, a
+digest of each image's bytes and the dtype each reward ran in. A reward with `on_cutout: true` (and
+the gate, by default) sees the cutout stage's foreground cut-outs instead of the full images.
+
+Weights, z-scores, the gate's threshold, pairing, flips and ties are the relabel stage's (a cheap
+step after this one): the content key here holds only what changes a score, so tuning a threshold or
+a weight re-runs no reward model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from ..images import BadImage, decode_image
+from ..models.rewards import load_reward, load_reward_spec
+from ..models.runtime import resident, resolve_model_ref
+from ..pairing import scorer_dtype
+from ..prompts import template_hash
+from ..schemas.config import Profile, RelabelConfig
+from ..schemas.serving import key_view
+from ..schemas.tables import reward_scores_schema, rows_to_table
+from .base import Stage, StageInputs, kept, rejected
+
+log = logging.getLogger("richpref")
+
+SUBJECT = "subject_consistency"  # the scorer name of the subject gate's DINOv2
+
+
+class RewardSet:
+    """Every scorer a relabel config needs, each loaded on first use and kept for the stage: a stage runs
+    shard after shard, and reloading every reward per shard would dominate its time. Held in the
+    one-resident-model slot as a unit, so the next stage's model releases all of them."""
+
+    def __init__(self, cfg: RelabelConfig, models_root: str | None) -> None:
+        self.cfg, self.models_root = cfg, models_root
+        self.scorers: dict[str, Any] = {}
+
+    def get(self, name: str):
+        if name not in self.scorers:
+            if name == SUBJECT:
+                gate = self.cfg.subject_gate
+                self.scorers[name] = load_reward("dino_patch", resolve_model_ref(gate.model, self.models_root),
+                                                 patch=gate.patch, stride=gate.stride, device=self.cfg.device,
+                                                 dtype=self.cfg.dtype)
+            else:
+                self.scorers[name] = load_reward_spec(self.cfg.rewards[name], self.models_root, device=self.cfg.device,
+                                                      dtype=self.cfg.dtype)
+        return self.scorers[name]
+
+    def close(self) -> None:
+        for s in self.scorers.values():
+            if hasattr(s, "close"):
+                s.close()
+        self.scorers.clear()
+
+    on_release = close  # a served reward stops the server it launched when the stage ends
+
+
+def reward_set(cfg: RelabelConfig, models_root: str | None) -> RewardSet:
+    key = ("rewards", json.dumps(scoring_view(cfg), sort_keys=True), models_root, cfg.device)
+    return resident.get(key, lambda: RewardSet(cfg, models_root))
+
+
+def load_scorer(name: str, cfg: RelabelConfig, models_root: str | None):
+    return reward_set(cfg, models_root).get(name)
+
+
+def scoring_view(cfg: RelabelConfig) -> dict:
+    """What decides the scores (the score stage's key): the scored rewards without their weights, the
+    gate's model without its threshold, and the dtype (16-bit scores differ from float32 ones)."""
+    gate = cfg.subject_gate
+    rewards = {n: key_view(cfg.rewards[n], cfg.rewards[n].model_dump(mode="json", exclude={"weight"}))
+               for n in cfg.scored()}  # a served reward's endpoint is not part of the key
+    return {"rewards": rewards,
+            "subject_gate": gate.model_dump(mode="json", exclude={"min_consistency"}) if gate else None,
+            "dtype": cfg.dtype}
+
+
+def needs_cutouts(cfg: RelabelConfig) -> bool:
+    gate = cfg.subject_gate
+    return any(cfg.rewards[n].on_cutout for n in cfg.scored()) or bool(gate and gate.on_cutout)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, prompts: list[str],
+                 images: dict[str, list], owner: list[int], item_prompts: list[str],
+                 originals: dict[str, list]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
+    """Raw scores per reward (one per item's original, one per edit row) and the dtype each reward ran
+    in. `images` holds the decoded edits (and edited cut-outs) per row, `originals` the decoded
+    originals (and cut-outs) per item; `owner[k]` is the item of row k."""
+    orig_raw, edit_raw, dtypes = {}, {}, {}
+    m, n = len(item_prompts), len(prompts)
+    for name in names:
+        spec = cfg.rewards[name]
+        o_side, e_side = ("original_cutout", "edited_cutout") if spec.on_cutout else ("original", "edited")
+        scorer = get_scorer(name)
+        dtypes[name] = scorer_dtype(scorer)
+        flat = np.asarray(scorer.score(originals[o_side] + images[e_side], item_prompts + prompts,
+                                       batch_size=cfg.batch_size), dtype=np.float64)
+        if flat.shape != (m + n,):
+            raise RuntimeError(f"reward {name!r} returned shape {flat.shape} for {m + n} images")
+        orig_raw[name], edit_raw[name] = flat[:m], flat[m:]
+    return orig_raw, edit_raw, dtypes
+
+
+def subject_consistency(cfg: RelabelConfig, get_scorer: Callable, images: dict[str, list], owner: list[int],
+                        originals: dict[str, list], prompts: list[str]) -> np.ndarray:
+    """Per edit row: the DINOv2 patch consistency of the edit with its item's original."""
+    o_side, e_side = ("original_cutout", "edited_cutout") if cfg.subject_gate.on_cutout else ("original", "edited")
+    s = np.asarray(get_scorer(SUBJECT).score_pairs([originals[o_side][j] for j in owner], images[e_side], prompts,
+                                                   batch_size=cfg.batch_size), dtype=np.float64)
+    if s.shape != (len(owner), 2):
+        raise RuntimeError(f"the subject gate returned shape {s.shape} for {len(owner)} pairs")
+    return s[:, 1]
+
+
+def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg: RelabelConfig, get_scorer,
+               candidates: list[int] | None = None) -> pa.Table:
+    """One row of raw scores per (item, edit candidate) row, in input order.
+
+    `images` maps original/edited (and original_cutout/edited_cutout when a reward or the gate needs
+    them) to encoded bytes per row; an item's rows share its original. Undecodable images and
+    non-finite scores reject the row (the whole item when the original is at fault)."""
+    names = cfg.scored()
+    n_rows = len(item_ids)
+    candidates = list(candidates) if candidates is not None else [0] * n_rows
+    cut = needs_cutouts(cfg)
+    o_sides = ["original"] + (["original_cutout"] if cut else [])
+    e_sides = ["edited"] + (["edited_cutout"] if cut else [])
+    out: dict[int, dict] = {}
+    items: dict[str, int] = {}  # item_id -> index among decoded originals
+    originals: dict[str, list] = {side: [] for side in o_sides}
+    orig_digest: list[str] = []
+    item_prompts: list[str] = []
+    bad_original: dict[str, str] = {}
+    rows: list[int] = []  # row indices being scored
+    edits: dict[str, list] = {side: [] for side in e_sides}
+    for k, iid in enumerate(item_ids):
+        if iid in bad_original:
+            out[k] = rejected(iid, bad_original[iid], candidate=candidates[k])
+            continue
+        if iid not in items:
+            try:
+                decoded = {side: decode_image(images[side][k]) for side in o_sides}
+            except BadImage as exc:
+                bad_original[iid] = str(exc)
+                out[k] = rejected(iid, str(exc), candidate=candidates[k])
+                continue
+            items[iid] = len(item_prompts)
+            item_prompts.append(prompts[k])
+            orig_digest.append(digest(images["original"][k]))
+            for side in o_sides:
+                originals[side].append(decoded[side])
+        try:
+            decoded = {side: decode_image(images[side][k]) for side in e_sides}
+        except BadImage as exc:
+            out[k] = rejected(iid, str(exc), candidate=candidates[k])
+            continue
+        rows.append(k)
+        for side in e_sides:
+            edits[side].append(decoded[side])
+    if rows:
+        owner = [items[item_ids[k]] for k in rows]
+        row_prompts = [prompts[k] for k in rows]
+        orig_raw, edit_raw, dtypes = score_images(names, cfg, get_scorer, row_prompts, edits, owner, item_prompts, originals)
+        consistency = (subject_consistency(cfg, get_scorer, edits, owner, originals, row_prompts)
+                       if cfg.subject_gate else None)
+        for r, k in enumerate(rows):
+            j = owner[r]
+            values = {"candidate": candidates[k], "digest_0": orig_digest[j], "digest_1": digest(images["edited"][k]),
+                      "dtypes": json.dumps(dtypes, sort_keys=True),
+                      SUBJECT: None if consistency is None else float(consistency[r])}
+            for name in names:
+                values.update({f"{name}_0": float(orig_raw[name][j]), f"{name}_1": float(edit_raw[name][r])})
+            bad = sorted({n for n in names if not (np.isfinite(orig_raw[n][j]) and np.isfinite(edit_raw[n][r]))}
+                         | ({SUBJECT} if consistency is not None and not np.isfinite(consistency[r]) else set()))
+            # Non-finite scores cannot be ranked (all of an item's rows when its original's score is at fault).
+            out[k] = (rejected(item_ids[k], f"bad_score: non-finite {', '.join(bad)} score", **values) if bad
+                      else kept(item_ids[k], **values))
+    return rows_to_table([out[k] for k in range(n_rows)], reward_scores_schema(names))
+
+
+def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
+    cfg = profile.relabel
+    sample = inputs.lookup("sample", ["prompt", "image"])
+    images = {"original": sample.column("image").to_pylist(),
+              "edited": inputs.lookup("edit", ["image"]).column("image").to_pylist()}
+    if needs_cutouts(cfg):
+        cut = inputs.lookup("cutout", ["original_cutout", "edited_cutout"])
+        images.update(original_cutout=cut.column("original_cutout").to_pylist(),
+                      edited_cutout=cut.column("edited_cutout").to_pylist())
+    return score_rows(inputs.rows.column("item_id").to_pylist(), sample.column("prompt").to_pylist(), images, cfg,
+                      lambda name: load_scorer(name, cfg, profile.models_root),
+                      candidates=inputs.rows.column("candidate").to_pylist())
+
+
+def templates_key(profile: Profile) -> str:
+    """The text of every VLM question a reward asks is part of the key, like the VLM stages' templates."""
+    cfg = profile.relabel
+    names = sorted({cfg.rewards[n].template or "reward_score_v1" for n in cfg.scored() if cfg.rewards[n].kind == "vlm_score"})
+    return ",".join(f"{n}={template_hash(n)}" for n in names)
+
+
+STAGE = Stage(name="score", version="1", section="relabel", reads=("filter", "sample", "edit", "cutout"),
+              compute=compute, key_extra=templates_key, config_view=scoring_view)

@@ -1,0 +1,139 @@
+"""A finetune output folder: checkpoints (atomic, pruned), the LoRA-only checkpoint hooks, the final
+weights with their finetune.json, and whether a config is already trained there."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from ..schemas.training import FinetuneConfig, finetune_config_hash
+from .models import FINETUNE_META, save_tuned
+
+log = logging.getLogger("richpref")
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+LORA_CHECKPOINT = "unet_lora.safetensors"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place, trainer state inside), oldest first."""
+    found = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            m = CHECKPOINT.match(p.name)
+            if m and (p / TRAINER_STATE).exists():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def finished(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict | None:
+    """The finetune.json of `output_dir` if it holds this config trained to max_train_steps, else None."""
+    path = Path(output_dir) / "final" / FINETUNE_META
+    if not path.exists():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("config_hash") == finetune_config_hash(cfg) and meta.get("steps", 0) >= cfg.max_train_steps:
+        return meta
+    return None
+
+
+def register_lora_hooks(accelerator, base_unet) -> None:
+    """Checkpoints of a LoRA run hold the adapter weights only (safetensors), not the whole UNet."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            if accelerator.is_main_process:
+                state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(
+                    accelerator.unwrap_model(model)).items()}
+                save_file(state, os.path.join(output_dir, LORA_CHECKPOINT))
+            if weights:
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, LORA_CHECKPOINT)))
+            if getattr(result, "unexpected_keys", None):
+                raise TrainingError(f"{input_dir}: LoRA checkpoint has keys the model lacks: {result.unexpected_keys[:5]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, out: Path, step: int, samples_seen: int, cfg_hash: str, keep: int | None) -> None:
+    """save_state into a temporary folder, then rename it into place and prune the oldest."""
+    tmp = out / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": step, "samples_seen": samples_seen, "config_hash": cfg_hash,
+                 "num_processes": accelerator.num_processes, "time": time.time()}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        dest = out / f"checkpoint-{step}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        if keep is not None:
+            for _, old in checkpoints(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("saved %s", dest)
+    accelerator.wait_for_everyone()
+
+
+def write_final(unet, out: Path, cfg: FinetuneConfig, cfg_hash: str, arch: str, model_dir: str, step: int,
+                 last: dict) -> dict:
+    tmp = out / f"final.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    save_tuned(unet, tmp, cfg, arch)
+    meta = {"base_model": cfg.model, "base_model_path": model_dir, "arch": arch, "mode": cfg.mode, "steps": step,
+            "config_hash": cfg_hash, "config": cfg.model_dump(mode="json"), "last_metrics": last}
+    (tmp / FINETUNE_META).write_text(json.dumps(meta, indent=2))
+    final = out / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    log.info("finetune %s: tuned weights in %s", out, final)
+    return meta
+
+
+def load_init_lora(unet, init_from: str, arch: str) -> None:
+    """Copy the LoRA at `init_from` into `unet`'s (freshly added, same-shaped) adapter."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    from ..models.tuned import lora_file
+    from .models import _pipeline_class
+
+    f = lora_file(init_from)
+    state = _pipeline_class(arch).lora_state_dict(str(f.parent), weight_name=f.name)
+    state = state[0] if isinstance(state, tuple) else state
+    state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+    result = set_peft_model_state_dict(unet, state)
+    if getattr(result, "unexpected_keys", None) or not state:
+        raise TrainingError(f"init_from {init_from}: its LoRA does not fit this one (rank, target modules): "
+                            f"{(getattr(result, 'unexpected_keys', None) or ['no unet weights'])[:3]}")
+
+
+def load_init_unet(unet, init_from: str) -> None:
+    """Copy the full UNet at `init_from` into `unet`."""
+    from diffusers import UNet2DConditionModel
+
+    from ..models.tuned import unet_dir
+
+    tuned = UNet2DConditionModel.from_pretrained(unet_dir(init_from))
+    unet.load_state_dict(tuned.state_dict())

@@ -1,0 +1,180 @@
+"""`richpref doctor`: a tiny run through every stage with its cost table, and models that cannot load
+failing fast with their cause and fix before anything starts."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from richpref.cli import main
+from richpref.doctor import StageCost, project, steady_rate
+from richpref.doctor_checks import weight_files, weights_bytes
+from richpref.models.runtime import resident
+from richpref.tasks import PIPELINE
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["source"] + [s.name for s in PIPELINE]
+
+
+def _profile(tmp_path: Path, tiny_models: Path, **sections) -> str:
+    data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    data["models_root"] = str(tiny_models)
+    data["source"]["path"] = str(REPO / data["source"]["path"])
+    for section, values in sections.items():
+        data[section].update(values)
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def flow_report(tiny_models, prefect_harness, tmp_path_factory):
+    """The doctor flow once on the tiny profile: 2 items, projected to 1000 on 2 workers."""
+    spec = importlib.util.spec_from_file_location("doctor_flow", REPO / "flows" / "doctor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = _profile(tmp_path_factory.mktemp("doctor"), tiny_models)
+    return module.doctor(profile=path, items=2, project_items=1000, workers=2)
+
+
+def test_doctor_measures_every_stage_of_the_tiny_profile(flow_report):
+    stages = flow_report["stages"]
+    assert [s["stage"] for s in stages] == STAGES
+    for s in stages:
+        assert s["items"] == 2 and s["compute_s"] > 0 and s["peak_rss_mib"] > 100, s["stage"]
+        assert s["disk_bytes"] > 0, s["stage"]
+        assert s["projected"]["hours_per_worker"] > 0
+    by = {s["stage"]: s for s in stages}
+    for name in ("sample", "critique", "instruct", "edit", "cutout", "filter", "relabel"):
+        assert by[name]["models"] and by[name]["load_s"] > 0, name
+    assert by["export"]["models"] == [] and "pickscore:pickscore" in by["relabel"]["models"]
+    # Images are the bulk of a run's bytes.
+    assert by["sample"]["disk_bytes"] > 3 * by["critique"]["disk_bytes"]
+    total = flow_report["total"]
+    assert total["worker_hours"] == pytest.approx(sum(s["projected"]["worker_hours"] for s in stages))
+    assert resident._key is None  # the last stage's models were released
+
+
+def test_doctor_flow_writes_a_table_artifact(flow_report):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    import asyncio
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["doctor-tiny"])))
+
+    artifacts = asyncio.run(read())
+    assert artifacts and artifacts[0].type == "table"
+    rows = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
+    assert [r["stage"] for r in rows] == STAGES + ["total"]
+    assert {"load_s", "peak_rss_mib", "items_per_s", "hours_per_worker", "worker_hours", "disk_kib_per_item"} <= set(rows[0])
+
+
+def test_projection_by_hand():
+    cost = StageCost("edit", ["m"], "cpu", 0.0, load_s=30.0, items=8, rows=8, shards=2, compute_s=5.0, warmup_s=6.0,
+                     s_per_item=0.5, peak_rss_mib=1.0, gpu_peak_mib=None, disk_bytes=8000)
+    one = project(cost, 1000, 1)
+    assert one["hours_per_worker"] == pytest.approx((30 + 6 + 1000 * 0.5) / 3600)
+    four = project(cost, 1000, 4)
+    assert four["hours_per_worker"] == pytest.approx((36 + 250 * 0.5) / 3600)
+    assert four["worker_hours"] == pytest.approx((4 * 36 + 500) / 3600)
+    assert four["disk_gb"] == pytest.approx(1000 * 1000 / 1e9)
+    # Shards after the first give the rate; the first one's excess is warm-up.
+    assert steady_rate([5.0, 2.0, 2.0], [4, 4, 4]) == pytest.approx((3.0, 0.5))
+    assert steady_rate([3.0], [6]) == (0.0, 0.5)
+
+
+def _safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    header, offset = {}, 0
+    sizes = {"F32": 4, "F16": 2, "I64": 8}
+    for name, (dtype, shape) in tensors.items():
+        n = sizes[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+
+
+def test_weight_bytes_from_safetensors_headers(tmp_path):
+    unet = tmp_path / "unet"
+    _safetensors(unet / "diffusion_pytorch_model.safetensors", {"w": ("F32", [10, 10]), "steps": ("I64", [3])})
+    _safetensors(unet / "diffusion_pytorch_model.fp16.safetensors", {"w": ("F16", [10, 10]), "steps": ("I64", [3])})
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"x" * 999)  # a .bin copy beside safetensors: not read
+    assert [f.name for f in weight_files(str(tmp_path))] == ["diffusion_pytorch_model.safetensors"]
+    assert [f.name for f in weight_files(str(tmp_path), "fp16")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    # Floats cast to the stage's dtype; integer tensors stay as stored.
+    assert weights_bytes(str(tmp_path), "float32") == 100 * 4 + 3 * 8
+    assert weights_bytes(str(tmp_path), "float16") == 100 * 2 + 3 * 8
+    assert weights_bytes(str(tmp_path), "auto", "cuda") == 100 * 2 + 3 * 8
+    assert weights_bytes(str(tmp_path), "auto", "cpu") == 100 * 4 + 3 * 8
+
+
+def _doctor(capsys, profile: str, *extra: str) -> tuple[int, str, float]:
+    t0 = time.perf_counter()
+    rc = main(["--data-dir", str(Path(profile).parent / "data"), "doctor", "--profile", profile, "--items", "2", *extra])
+    return rc, capsys.readouterr().err, time.perf_counter() - t0
+
+
+def test_a_missing_model_fails_fast_with_the_download_command(tiny_models, tmp_path, capsys):
+    resident.release()
+    profile = _profile(tmp_path, tiny_models, critique={"model": "nobody/missing-critic-7b"})
+    rc, err, seconds = _doctor(capsys, profile)
+    assert rc == 3 and seconds < 30
+    assert "critique: model 'nobody/missing-critic-7b' cannot be loaded" in err
+    assert "huggingface-cli download nobody/missing-critic-7b" in err and "HF_HUB_OFFLINE=1" in err
+    # Nothing else started: no stage ran, no model was loaded.
+    assert "doctor: sample:" not in err and resident._key is None
+
+
+def test_a_missing_local_model_names_the_path_and_the_build_command(tiny_models, tmp_path, capsys):
+    profile = _profile(tmp_path, tiny_models, edit={"controlnet": "no-such-controlnet"})
+    rc, err, _ = _doctor(capsys, profile)
+    assert rc == 3 and "edit: model 'no-such-controlnet'" in err and "edit.controlnet" in err
+    assert "richpref models build-tiny" in err
+
+
+def test_a_native_llava_checkpoint_names_the_converter(tiny_models, tmp_path, capsys):
+    native = tmp_path / "llava-critic-7b"
+    native.mkdir()
+    (native / "config.json").write_text(json.dumps({"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen"}))
+    profile = _profile(tmp_path, tiny_models, critique={"model": str(native)})
+    rc, err, seconds = _doctor(capsys, profile)
+    assert rc == 3 and seconds < 30
+    assert f"richpref models convert-llava-critic {native} {native}-hf" in err
+    assert f"critique.model={native}-hf" in err
+
+
+def test_weights_larger_than_free_memory_name_the_dtype_and_batch_settings(tiny_models, tmp_path, capsys, monkeypatch):
+    from richpref import doctor_checks
+
+    monkeypatch.setattr(doctor_checks, "available_bytes", lambda device: 1024)  # a 1 KiB machine
+    profile = _profile(tmp_path, tiny_models)
+    rc, err, _ = _doctor(capsys, profile)
+    assert rc == 3 and "sample: model" in err and "GiB free" in err
+    assert "--set sample.dtype=float16" in err and "sample.batch_size (now 8)" in err
+
+
+def test_a_bad_profile_fails_before_any_model(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsample: {stepz: 3}\n")
+    rc, err, _ = _doctor(capsys, str(bad))
+    assert rc == 2 and "stepz" in err
+
+
+def test_a_missing_package_names_the_install(tiny_models):
+    from richpref.doctor import _load_problem
+    from richpref.schemas.config import load_profile
+
+    exc = ModuleNotFoundError("No module named 'platformdirs'", name="platformdirs")
+    problem = _load_problem("cutout", [], exc, load_profile("tiny", None, str(tiny_models)))
+    assert problem.kind == "missing_package" and "pip install platformdirs" in problem.fix

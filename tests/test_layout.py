@@ -1,0 +1,111 @@
+"""The code's shape: no import circle in the library, no library module importing a flow, no file over
+400 lines. Read from the source with `ast` (every import statement counts, lazy ones included: a
+circle through a function-level import is still a circle)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_LINES = 400
+
+
+def module_files(package: str) -> dict[str, Path]:
+    root = REPO / package
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The modules of `known` (and any `flows` module) that the file at `path` imports."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(base + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            # `from pkg import sub` imports the submodule when there is one, else a name of pkg.
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if t == "flows" or t.startswith("flows."):
+                found.add(t)
+            while t and t not in known:  # `import richpref.a.b` of a name inside a module
+                t = t.rpartition(".")[0]
+            if t:
+                found.add(t)
+    found.discard(name)
+    return found
+
+
+def import_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    files = {k: v for p in packages for k, v in module_files(p).items()}
+    return {name: imported_modules(name, path, set(files)) for name, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep in graph and dep not in state:
+                cycle = visit(dep)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_graph_sees_relative_lazy_and_package_imports():
+    graph = import_graph(("richpref", "flows"))
+    assert "richpref.tasks.relabel" in graph["richpref.tasks"]  # from . import relabel
+    assert "richpref.storage" in graph["richpref.inspect"]  # from .storage import RunStore
+    assert "richpref.tasks" in graph["richpref.inspect"]  # from .tasks import OUTPUTS
+    assert "richpref.datacard" in graph["richpref.relabel_dataset"]  # a function-level import
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_circle_in_the_library_or_the_flows():
+    cycle = find_cycle(import_graph(("richpref", "flows")))
+    assert cycle is None, f"import circle: {' -> '.join(cycle)}; move the shared code down a layer"
+
+
+def test_no_library_module_imports_a_flow():
+    graph = import_graph(("richpref", "flows"))
+    upward = {m: sorted(d for d in deps if d == "flows" or d.startswith("flows."))
+              for m, deps in graph.items() if m.startswith("richpref")}
+    upward = {m: d for m, d in upward.items() if d}
+    assert not upward, (f"library modules import flows: {upward}; start a flow by its entrypoint "
+                        "(richpref.entrypoints.load_flow) or move the shared code into the library")
+
+
+def test_no_file_over_400_lines():
+    long = {str(p.relative_to(REPO)): n for pkg in ("richpref", "flows") for p in (REPO / pkg).rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines (split them into clearer modules): {long}"

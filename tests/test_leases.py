@@ -1,0 +1,107 @@
+"""Shard leases: one holder at a time, respected while it lives, taken over when it is dead or expired."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import fsspec
+
+from richpref.leases import Busy, Lease, current_holder, lease_prefix, try_lease
+
+FS = fsspec.filesystem("file")
+
+
+def _shard(tmp_path) -> str:
+    return str(tmp_path / "part-00000.parquet")
+
+
+def _write_record(path: str, **fields) -> None:
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "token": "t", "expires": time.time() + 60, **fields}
+    with open(path, "w") as f:
+        json.dump(record, f)
+
+
+def test_a_live_lease_is_respected_and_released(tmp_path):
+    shard = _shard(tmp_path)
+    lease = try_lease(FS, shard, seconds=30)
+    assert isinstance(lease, Lease)
+    with lease:
+        other = try_lease(FS, shard, seconds=30)
+        assert isinstance(other, Busy) and other.holder["token"] == lease.record["token"]
+        assert current_holder(FS, shard)["pid"] == os.getpid()
+    assert current_holder(FS, shard) is None
+    assert not [p for p in os.listdir(tmp_path) if ".lease-" in p]
+    again = try_lease(FS, shard, seconds=30)
+    assert isinstance(again, Lease) and again.generation == 0
+    again.release()
+
+
+def test_of_many_concurrent_askers_exactly_one_gets_the_lease(tmp_path):
+    shard = _shard(tmp_path)
+    start, results = threading.Barrier(8), []
+
+    def ask():
+        start.wait()
+        results.append(try_lease(FS, shard, seconds=30))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = [r for r in results if isinstance(r, Lease)]
+    assert len(held) == 1 and len(results) == 8
+    held[0].release()
+
+
+def test_an_expired_lease_of_another_host_is_taken_over_and_its_holder_learns_it(tmp_path):
+    shard = _shard(tmp_path)
+    old = try_lease(FS, shard, seconds=30)
+    assert isinstance(old, Lease)
+    # The same record as seen from another machine whose holder stopped renewing: expiry is all we know.
+    _write_record(old.path, host="another-host", pid=1, expires=time.time() - 1)
+    new = try_lease(FS, shard, seconds=30)
+    assert isinstance(new, Lease) and new.generation == 1
+    old.renew()
+    assert old.lost  # the presumed-dead holder finds out at its next renewal
+    assert isinstance(try_lease(FS, shard, seconds=30), Busy)
+    new.release()
+    assert current_holder(FS, shard) is None
+
+
+def test_a_lease_of_another_host_is_respected_until_it_expires(tmp_path):
+    shard = _shard(tmp_path)
+    _write_record(lease_prefix(shard) + "0000", host="another-host", pid=1, expires=time.time() + 0.5)
+    assert isinstance(try_lease(FS, shard, seconds=30), Busy)
+    time.sleep(0.6)
+    taken = try_lease(FS, shard, seconds=30)
+    assert isinstance(taken, Lease)
+    taken.release()
+
+
+def test_a_dead_holder_on_this_host_loses_its_lease_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    shard = _shard(tmp_path)
+    _write_record(lease_prefix(shard) + "0000", pid=gone.pid, expires=time.time() + 600)
+    taken = try_lease(FS, shard, seconds=30)
+    assert isinstance(taken, Lease) and taken.generation == 1
+    taken.release()
+
+
+def test_a_computing_holder_keeps_its_lease_past_the_first_expiry(tmp_path):
+    shard = _shard(tmp_path)
+    lease = try_lease(FS, shard, seconds=0.6)
+    with lease:
+        first_expiry = lease.record["expires"]
+        time.sleep(1.2)  # two lease lifetimes: renewed in the background meanwhile
+        record = json.loads(open(lease.path).read())
+        assert record["expires"] > first_expiry
+        other = try_lease(FS, shard, seconds=0.6)
+        assert isinstance(other, Busy)

@@ -1,0 +1,133 @@
+"""RPO rounds on the tiny models: two rounds, the table across them, and a run killed in round 2."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from richpref.storage import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "rounds-tiny"
+
+
+def _overrides(models: Path) -> list[str]:
+    return [f"models_root={models}", 'curate_overrides=["source.limit=4"]', 'evaluate_overrides=["prompts.limit=2"]']
+
+
+def _work_log(data: Path, run: str) -> list[dict]:
+    return RunStore(str(data), run).read_log("work.jsonl")
+
+
+def _samples(data: Path, run: str) -> dict[str, tuple[int, bytes]]:
+    store = RunStore(str(data), run)
+    out = {}
+    for s in store.shards("sample"):
+        t = store.read_shard("sample", s)
+        for r in t.select(["item_id", "seed", "image"]).to_pylist():
+            out[r["item_id"]] = (r["seed"], r["image"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_rounds(prefect_harness, tiny_models, tmp_path_factory):
+    """One uninterrupted two-round run, shared by the tests below."""
+    from richpref.entrypoints import ROUNDS, load_flow
+
+    data = tmp_path_factory.mktemp("rounds")
+    result = load_flow(ROUNDS)(config=CONFIG, overrides=_overrides(tiny_models), data_dir=str(data))
+    return data, result
+
+
+def test_round_two_samples_with_round_one_weights(two_rounds):
+    data, _ = two_rounds
+    base, tuned = _samples(data, "rounds-tiny-round-1"), _samples(data, "rounds-tiny-round-2")
+    assert base.keys() == tuned.keys() and len(base) == 4  # the same prompts (item ids) ...
+    assert all(base[i][0] == tuned[i][0] for i in base)  # ... and seeds
+    assert all(base[i][1] != tuned[i][1] for i in base), "round 2 sampled as the base model: the LoRA is not applied"
+
+
+def test_table_has_base_and_both_rounds(two_rounds):
+    data, result = two_rounds
+    out = data / "rounds" / "rounds-tiny"
+    table = pq.read_table(out / "table.parquet").to_pylist()
+    assert [r["model"] for r in table] == ["base", "round-1", "round-2"] and [r["round"] for r in table] == [0, 1, 2]
+    assert {"pickscore", "imagereward", "aesthetic", "hpsv2", "flip_rate", "pairs_kept"} <= set(table[0])
+    assert table[0]["pairs_kept"] is None and all(r["pairs_kept"] >= 0 for r in table[1:])
+    assert table == result["table"]
+    assert (out / "table.md").read_text().count("\n") == 5 and (out / "rewards.png").stat().st_size > 0
+
+
+def test_round_two_finetunes_from_round_one(two_rounds, tmp_path):
+    from richpref.schemas.training import load_finetune_config
+    from richpref.training.models import read_meta
+    from richpref.training.train import train
+    from richpref.models.tuned import lora_file
+    from safetensors.torch import load_file
+
+    data, _ = two_rounds
+    round1 = data / "rounds" / "rounds-tiny" / "round-1" / "finetune"
+    meta = read_meta(data / "rounds" / "rounds-tiny" / "round-2" / "finetune")
+    assert meta["config"]["init_from"] == str(round1) and meta["config"]["reference"] == "base"
+    assert read_meta(round1)["config"]["init_from"] is None
+    # Training from round 1's LoRA with a vanishing learning rate ends where round 1 ended.
+    cfg = load_finetune_config("finetune-tiny", [f"models_root={meta['config']['models_root']}", f"init_from={round1}",
+                                                 "learning_rate=1.0e-12", "max_train_steps=1", "weight_decay=0",
+                                                 f"data=[{{name: pairs, path: {data / 'runs' / 'rounds-tiny-round-1' / 'pairs'}}}]"])
+    train(cfg, tmp_path / "again")
+    before, after = load_file(lora_file(round1)), load_file(lora_file(tmp_path / "again"))
+    assert before.keys() == after.keys()
+    assert any(v.abs().max() > 1e-4 for v in before.values())  # round 1 moved its LoRA away from zero
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+def test_killed_in_round_two_then_rerun_continues_there(two_rounds, tiny_models, tmp_path):
+    """SIGKILL right after round 2's curate; the rerun skips round 1 and ends with the same table."""
+    from richpref.entrypoints import ROUNDS, load_flow
+    from richpref.rounds import FAULTS_ENV
+
+    _, reference = two_rounds
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), FAULTS_ENV: "2:curate",
+                "RICHPREF_PID_DIR": str(tmp_path / "pids")})
+    cmd = [sys.executable, "-m", "richpref.cli", "--data-dir", str(data), "rounds", "--config", CONFIG,
+           *(x for o in _overrides(tiny_models) for x in ("--set", o))]
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    state = json.loads((data / "rounds" / "rounds-tiny" / "rounds.json").read_text())
+    assert list(state["rounds"]) == ["1"]
+    round1_work = _work_log(data, "rounds-tiny-round-1")
+    round2_work = _work_log(data, "rounds-tiny-round-2")
+    metrics = (data / "rounds" / "rounds-tiny" / "round-1" / "finetune" / "metrics.jsonl").read_text()
+    assert round1_work and round2_work
+
+    result = load_flow(ROUNDS)(config=CONFIG, overrides=_overrides(tiny_models), data_dir=str(data))
+    assert _work_log(data, "rounds-tiny-round-1") == round1_work  # round 1 not recomputed
+    assert _work_log(data, "rounds-tiny-round-2") == round2_work  # nor round 2's finished curate
+    assert (data / "rounds" / "rounds-tiny" / "round-1" / "finetune" / "metrics.jsonl").read_text() == metrics
+    assert result["table"] == reference["table"]
+
+
+def test_tuned_weights_are_in_the_sample_key(tmp_path):
+    """sample.lora's bytes, not only its path, are in the sample stage's key; no weights: no change."""
+    from richpref.schemas.config import ProfileError, load_profile
+    from richpref.tasks.sample import STAGE
+
+    lora = tmp_path / "tuned" / "pytorch_lora_weights.safetensors"
+    lora.parent.mkdir()
+    lora.write_bytes(b"one")
+    plain = STAGE.key_extra(load_profile("tiny"))
+    first = STAGE.key_extra(load_profile("tiny", [f"sample.lora={lora.parent}"]))
+    lora.write_bytes(b"two!")
+    second = STAGE.key_extra(load_profile("tiny", [f"sample.lora={lora.parent}"]))
+    assert plain == "" and first and second and first != second
+    with pytest.raises(ProfileError, match="exclusive"):
+        load_profile("tiny", [f"sample.lora={lora.parent}", f"sample.unet={tmp_path}"])

@@ -1,0 +1,50 @@
+"""The shard runner answers "is this shard done?" from manifests alone, never from a shard's bytes."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from richpref.runner import manifest_path, stage_manifests
+from richpref.storage import RunStore
+from richpref.tasks import ALL_STAGES, OUTPUTS
+from test_curate_flow import OVERRIDES, curate_run, work
+
+
+def _copy(runs_dir, run: str) -> RunStore:
+    store = RunStore(str(runs_dir), run)
+    shutil.copytree(RunStore(str(runs_dir), "ref").root, store.root)
+    store.fs.rm(store.root + "/_log", recursive=True)
+    return store
+
+
+def test_plan_and_status_read_manifests_not_shard_bytes(finished_run, runs_dir, tiny_models):
+    from richpref.inspect import status
+    from richpref.plan import plan_run
+    from richpref.schemas.config import load_profile
+
+    store = _copy(runs_dir, "unread")
+    for out in OUTPUTS:  # every shard's bytes made unreadable: only a reader of bytes would notice
+        for s in store.shards(out):
+            Path(store.shard_path(out, s)).write_bytes(b"not parquet")
+    profile = load_profile("tiny", OVERRIDES, str(tiny_models))
+    plan = plan_run(profile, str(runs_dir), "unread")
+    assert plan.up_to_date, plan.format()
+    assert [s.stage for s in plan.stages] == [s.name for s in ALL_STAGES]
+    assert all(st["done"] == 3 and not st["missing"] for st in status(str(runs_dir), "unread")["stages"])
+
+    # A shard without its manifest is not done (killed after its file, before its manifest).
+    store.fs.rm(manifest_path(store, "edit", 2))
+    plan = {s.stage: s for s in plan_run(profile, str(runs_dir), "unread").stages}
+    assert plan["edit"].todo == [2] and plan["cutout"].blocked == [2] and plan["instruct"].todo == []
+    assert 2 not in stage_manifests(store, "edit")
+
+
+def test_a_shard_whose_manifest_is_missing_is_computed_again_and_only_it(finished_run, runs_dir, tiny_models):
+    store = _copy(runs_dir, "nomanifest")
+    store.fs.rm(manifest_path(store, "filter", 1))
+    curate_run(runs_dir, "nomanifest", tiny_models)
+    # Later shards are keyed on the filter shard's key, not its bytes: they stay done.
+    assert work(runs_dir, "nomanifest") == [("filter", 1)]
+    ref = stage_manifests(RunStore(str(runs_dir), "ref"), "pairs")
+    again = stage_manifests(store, "pairs")
+    assert {s: m.sha256 for s, m in again.items()} == {s: m.sha256 for s, m in ref.items()}

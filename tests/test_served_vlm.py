@@ -1,0 +1,393 @@
+"""critique, instruct and filter through an OpenAI-compatible server that richpref launches
+(`transformers serve` on the tiny Qwen2.5-VL and LLaVA-OneVision), against the in-process backend.
+
+One server per model for the module; every server a test starts is stopped by pid and checked gone.
+Faults (garbage bodies, HTTP 500, a server that is down) come from a small proxy in front of the
+real server; a dead server is a real SIGKILL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from richpref.images import encode_png
+from richpref.models.vlm import YES_NO, VisionLanguageModel
+from richpref.models.vlm_client import ServerUnavailable, connect
+from richpref.prompts import load_template
+from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig
+from richpref.schemas.serving import EngineConfig
+from richpref.tasks import critique as critique_stage
+from richpref.tasks import filter as filter_stage
+from richpref.tasks import instruct as instruct_stage
+from test_vlm_stages import PROMPTS, filter_input, image, instruct_input
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LAUNCH = EngineConfig(backend="server", launch="transformers", startup_timeout_s=240, retries=1)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie not yet reaped still answers kill(0); it is gone once its state is Z or X
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] in "ZX"
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models):
+    """{"critic": (served, in-process), "qwen": (served, in-process)}: one server per model."""
+    out = {}
+    try:
+        for name, folder in (("critic", "llava-critic"), ("qwen", "qwen2.5-vl")):
+            path = str(tiny_models / folder)
+            out[name] = (connect(LAUNCH, path, device="cpu"), VisionLanguageModel.load(path, device="cpu"))
+        yield out
+    finally:
+        pids = [s.server.pid for s, _ in out.values()]
+        for s, local in out.values():
+            s.close()
+            local.close()
+        assert all(gone(p) for p in pids), "a launched server outlived its client"
+
+
+def endoftext_split(local: VisionLanguageModel, img, prompt: str, max_new_tokens: int) -> str | None:
+    """The in-process greedy text after the last <|endoftext|> the model wrote, or None if it wrote none.
+
+    The tiny Qwen's generation config ends answers at <|im_end|> only, so it may write <|endoftext|>
+    mid-answer; in-process decoding skips that special token, while transformers serve's Qwen reply
+    parser closes the content at it and returns only what follows (vLLM and SGLang, and real Qwen
+    configs that stop at <|endoftext|>, do not meet this)."""
+    import torch
+
+    tok = local.tokenizer
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    inputs = local._encode([img], [prompt])
+    with torch.inference_mode():
+        ids = local.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                   top_p=None, top_k=None)[0, inputs["input_ids"].shape[1]:].tolist()
+    ids = ids[: next((k for k, t in enumerate(ids) if t in local._eos_ids()), len(ids))]
+    if eot not in ids:
+        return None
+    last = len(ids) - 1 - ids[::-1].index(eot)
+    return tok.decode(ids[last + 1:], skip_special_tokens=True).strip()
+
+
+def same_text(served_text: str, local_text: str, local, img, prompt, max_new_tokens) -> bool:
+    return served_text == local_text or served_text == endoftext_split(local, img, prompt, max_new_tokens)
+
+
+def argmax_answer(local: VisionLanguageModel, images, prompts) -> list[float]:
+    """What a one-token answer under the yes/no logit bias must be: the most likely single spelling."""
+    spellings = [s for group in YES_NO for s in group]
+    probs = local.option_probabilities(images, prompts, [(s,) for s in spellings])
+    return [1.0 if spellings[k] in YES_NO[0] else 0.0 for k in probs.argmax(axis=1)]
+
+
+# ------------------------------------------------------------------ launch, equality with in-process
+
+
+def test_launched_server_is_healthy_and_owned(served):
+    from richpref.procs import registry_dir
+
+    for s, _ in served.values():
+        assert s.server.alive() and httpx.get(s.base_url.rsplit("/v1", 1)[0] + "/health").status_code == 200
+        assert (registry_dir() / f"{s.server.pid}.json").exists()
+        assert s.base_url.startswith("http://127.0.0.1:")
+
+
+def test_critique_through_the_server_equals_in_process(served):
+    remote, local = served["critic"]
+    cfg = CritiqueConfig(max_new_tokens=8, batch_size=2, reject_no_issues=False)
+    rows = pa.table({"item_id": ["a", "b", "c", "bad"], "prompt": PROMPTS + ["x"]})
+    images = [encode_png(image(k)) for k in range(3)] + [b"not an image"]
+    got = critique_stage.critique_rows(rows, images, cfg, lambda: remote).to_pylist()
+    want = critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()
+    assert [r["raw"] for r in got] == [r["raw"] for r in want]
+    assert [(r["status"], (r["reason"] or "").split(":")[0]) for r in got] == \
+        [(r["status"], (r["reason"] or "").split(":")[0]) for r in want]
+    assert got[3]["reason"].startswith("bad_image:")
+
+
+def test_instruct_through_the_server_matches_in_process(served):
+    remote, local = served["qwen"]
+    rows, images = instruct_input()
+    cfg = InstructConfig(max_new_tokens=10, batch_size=3, min_grounding=0, drop_truncated=False, min_visible=0.3)
+    got = instruct_stage.instruct_rows(rows, images, cfg, lambda: remote).to_pylist()
+    want = instruct_stage.instruct_rows(rows, images, cfg, lambda: local).to_pylist()
+    template = load_template("instruct_v1")
+    for k, (g, w) in enumerate(zip(got, want)):
+        prompt = instruct_stage.instruct_prompt(template, PROMPTS[k], rows.column("critique")[k].as_py(), cfg)
+        assert same_text(g["raw"], w["raw"], local, image(10 + k), prompt, 10), (g["raw"], w["raw"])
+        assert g["truncated"] == w["truncated"]
+        assert g["visible_source"] in (None, "answer") and w["visible_source"] in (None, "logits")
+    # transformers serve ignores logprobs: visibility answers are one token, P exactly 0 or 1
+    for g in got:
+        for reason in g["drop_reasons"] or []:
+            assert reason.startswith("not_visible: P(yes)=0.000")
+
+
+def test_yes_no_answers_are_the_biased_argmax(served):
+    remote, local = served["qwen"]
+    imgs = [image(k) for k in range(4)]
+    prompts = [f"Does the image show {w}? Answer yes or no." for w in ("a dog", "a car", "an apple", "a lake")]
+    answers = remote.yes_no(imgs, prompts)
+    assert all(a.source == "answer" and a.error is None for a in answers)
+    assert [a.p for a in answers] == argmax_answer(local, imgs, prompts)
+
+
+def test_filter_through_the_server(served):
+    remote, local = served["qwen"]
+    rows, prompts, instructions, images = filter_input()
+    cfg = FilterConfig(max_new_tokens=8, batch_size=4, min_executed=0.5, min_no_stray=0.5, min_subject_kept=0.5,
+                       min_attribute_present=0.5, min_attributes_kept=0.01)
+    remote.stats.update(requests=0, prompt_tokens=0)
+    got = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: remote).to_pylist()
+    want = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: local).to_pylist()
+    assert [r["item_id"] for r in got] == ["f0", "f1", "f2"]
+    for g, w in zip(got, want):
+        assert g["p_source"] == "answer" and w["p_source"] == "logits"
+        assert all(p in (0.0, 1.0) for p in [g["p_no_stray"], g["p_subject_kept"], *g["p_executed_each"]])
+        assert g["attributes_raw"] == w["attributes_raw"] or g["status"] == "rejected"
+        assert (g["status"] == "ok") == all(v == "pass" or v.startswith("skipped")
+                                            for v in json.loads(g["checks"]).values())
+    # every question is one request: 3 pairs x (instructions + no_stray + subject) + attributes
+    assert remote.stats["requests"] >= 3 * 3
+
+
+# ------------------------------------------------------------------ faults
+
+
+class FaultProxy:
+    """Forwards /v1/chat/completions to `upstream`; a request whose text holds a marker gets garbage
+    (marker "GARBAGE") or HTTP 500 (marker "FAIL500")."""
+
+    def __init__(self, upstream: str) -> None:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if b"GARBAGE" in body:
+                    return self._send(200, b"<html>this is not json</html>")
+                if b"FAIL500" in body:
+                    return self._send(500, b'{"error": "injected"}')
+                resp = httpx.post(proxy.upstream + self.path[len("/v1"):], content=body,
+                                  headers={"Content-Type": "application/json"}, timeout=120)
+                self._send(resp.status_code, resp.content)
+
+            def _send(self, code, data):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.upstream = upstream
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_garbage_or_http_error_rejects_only_that_row(served):
+    remote, local = served["critic"]
+    proxy = FaultProxy(remote.base_url)
+    client = connect(EngineConfig(backend="server", endpoint=proxy.url, retries=1), remote.served_name)
+    try:
+        cfg = CritiqueConfig(max_new_tokens=8, reject_no_issues=False)
+        prompts = [PROMPTS[0], "GARBAGE please", PROMPTS[1], "FAIL500 please"]
+        rows = pa.table({"item_id": list("abcd"), "prompt": prompts})
+        images = [encode_png(image(k)) for k in range(4)]
+        out = critique_stage.critique_rows(rows, images, cfg, lambda: client).to_pylist()
+        want = critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()
+    finally:
+        client.close()
+        proxy.stop()
+    assert out[1]["status"] == out[3]["status"] == "rejected"
+    assert out[1]["reason"].startswith("vlm_bad_response: not JSON")
+    assert out[3]["reason"].startswith("vlm_request_failed: HTTP 500 after 2 attempt(s)")
+    assert [(out[k]["raw"], out[k]["status"]) for k in (0, 2)] == [(want[k]["raw"], want[k]["status"]) for k in (0, 2)]
+
+
+def test_an_unreachable_endpoint_fails_the_shard_and_a_rerun_completes(served):
+    remote, local = served["critic"]
+    proxy = FaultProxy(remote.base_url)
+    url = proxy.url
+    proxy.stop()  # the server is down
+    cfg = CritiqueConfig(max_new_tokens=8, reject_no_issues=False)
+    rows = pa.table({"item_id": ["a", "b"], "prompt": PROMPTS[:2]})
+    images = [encode_png(image(k)) for k in range(2)]
+    client = connect(EngineConfig(backend="server", endpoint=url, retries=1), remote.served_name)
+    with pytest.raises(ServerUnavailable, match="cannot reach the VLM server"):
+        critique_stage.critique_rows(rows, images, cfg, lambda: client)
+    client.close()
+    rerun = critique_stage.critique_rows(rows, images, cfg, lambda: remote).to_pylist()
+    want = critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()
+    assert [r["raw"] for r in rerun] == [r["raw"] for r in want]
+
+
+def _kill_after(client, n_requests: int) -> threading.Thread:
+    def watch():
+        deadline = time.monotonic() + 120
+        while client.stats["requests"] < n_requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(client.server.pid, signal.SIGKILL)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_server_killed_mid_shard_is_restarted_or_fails_cleanly(served, tiny_models):
+    _, local = served["critic"]
+    path = str(tiny_models / "llava-critic")
+    cfg = CritiqueConfig(max_new_tokens=8, reject_no_issues=False)
+    rows = pa.table({"item_id": list("abcdef"), "prompt": (PROMPTS * 2)})
+    images = [encode_png(image(k)) for k in range(6)]
+    want = [(r["raw"], r["status"]) for r in critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()]
+    pids = []
+
+    # restarts: 0 -> the shard fails with the reason; nothing is written for it
+    client = connect(LAUNCH.model_copy(update={"concurrency": 1, "restarts": 0}), path, device="cpu")
+    pids.append(client.server.pid)
+    watcher = _kill_after(client, 2)
+    with pytest.raises(ServerUnavailable, match="died"):
+        critique_stage.critique_rows(rows, images, cfg, lambda: client)
+    watcher.join()
+    client.close()
+
+    # restarts: 1 -> the server is started again and the shard completes with the same outputs
+    client = connect(LAUNCH.model_copy(update={"concurrency": 1, "restarts": 1}), path, device="cpu")
+    pids.append(client.server.pid)
+    watcher = _kill_after(client, 2)
+    try:
+        out = critique_stage.critique_rows(rows, images, cfg, lambda: client).to_pylist()
+        pids.append(client.server.pid)
+        assert client.server.starts == 2
+    finally:
+        watcher.join()
+        client.close()
+    assert [(r["raw"], r["status"]) for r in out] == want
+    assert all(gone(p) for p in pids)
+
+
+def test_a_server_that_cannot_start_fails_in_bounded_time_with_its_log(tmp_path):
+    from richpref.models.vlm_server import LaunchedServer, ServerStartError
+
+    engine = EngineConfig(backend="server", launch="transformers", startup_timeout_s=60)
+    started = time.monotonic()
+    server = LaunchedServer(engine, str(tmp_path / "no-such-model"), "x", device="cpu", log_dir=str(tmp_path))
+    with pytest.raises(ServerStartError, match="exited with code") as err:
+        server.start()
+    assert time.monotonic() - started < 60 and "log" in str(err.value) and "fix:" in str(err.value)
+    assert server.proc is None
+
+
+def test_content_key_leaves_out_the_endpoint_and_client_settings():
+    from richpref.schemas.config import config_hash
+
+    base = CritiqueConfig()
+    a = CritiqueConfig(engine=EngineConfig(backend="server", endpoint="http://10.0.0.1:8000/v1"))
+    b = CritiqueConfig(engine=EngineConfig(backend="server", launch="vllm", concurrency=3, retries=0))
+    assert config_hash(a) == config_hash(b) != config_hash(base)
+    capped = CritiqueConfig(image={"max_pixels": 1000})
+    assert config_hash(capped) != config_hash(base)
+    assert "engine" not in base.model_dump(mode="json", exclude={"batch_size"}) or True
+
+
+def test_image_caps_resize_before_either_backend():
+    from richpref.schemas.serving import ImageCaps
+
+    img = image(1, (200, 100))
+    capped = ImageCaps(max_pixels=5000).apply(img)
+    assert capped.size[0] * capped.size[1] <= 5000 and abs(capped.size[0] / capped.size[1] - 2) < 0.05
+    assert ImageCaps(min_pixels=100, max_pixels=10**6).apply(img) is img
+    with pytest.raises(ValueError):
+        ImageCaps(min_pixels=10, max_pixels=5)
+    assert np.asarray(ImageCaps(min_pixels=40000).apply(img)).shape[:2] == (141, 282)
+
+
+def test_vlm_score_reward_through_the_server(served):
+    from richpref.models.rewards import load_reward_spec
+    from richpref.schemas.config import RewardSpec
+
+    remote, local = served["qwen"]
+    spec = RewardSpec(kind="vlm_score", model=local.model_id,
+                      engine=EngineConfig(backend="server", endpoint=remote.base_url, served_model=remote.served_name))
+    reward = load_reward_spec(spec)
+    try:
+        imgs, prompts = [image(k) for k in range(3)], PROMPTS
+        got = reward.score(imgs, prompts)
+        # no logprobs from transformers serve: the answered digit (forced to a digit by the logit bias)
+        digits = local.option_probabilities(imgs, reward.questions(prompts), [str(m) for m in range(1, 10)])
+        np.testing.assert_allclose(got, digits.argmax(axis=1) / 8.0)
+    finally:
+        reward.close()
+    assert remote.server.alive()  # a client of an endpoint never stops the server
+
+
+def test_in_process_filter_batches_hold_whole_pairs():
+    qs = [(0, "a"), (0, "b"), (0, "c"), (1, "a"), (1, "b"), (2, "a"), (2, "b"), (2, "c"), (2, "d"), (2, "e")]
+    sizes = [[len(b), {q[0] for q in b}] for b in filter_stage.pair_batches(qs, 5, served=False)]
+    assert sizes == [[5, {0, 1}], [5, {2}]]  # pair 2 alone fills a batch; no pair is split
+    assert [len(b) for b in filter_stage.pair_batches(qs, 1, served=False)] == [3, 2, 5]
+    assert filter_stage.pair_batches(qs, 5, served=True) == [qs] and filter_stage.pair_batches([], 5, False) == []
+
+
+def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, runs_dir, tiny_models):
+    """critique, instruct and filter each launch `transformers serve` (one stage at a time: the
+    resident slot stops a stage's server before the next stage starts its own)."""
+    from test_curate_flow import curate_run
+
+    from richpref.procs import registry_dir
+    from richpref.storage import RunStore
+
+    before = set(registry_dir().glob("*.json"))
+    engine = "{backend: server, launch: transformers, startup_timeout_s: 240}"
+    summary = curate_run(runs_dir, "served", tiny_models,
+                         extra=[f"critique.engine={engine}", f"instruct.engine={engine}", f"filter.engine={engine}",
+                                "source.limit=4"])
+    assert summary["state"] == "completed"
+    assert set(registry_dir().glob("*.json")) == before  # every launched server was stopped
+    served, ref = RunStore(str(runs_dir), "served"), RunStore(str(runs_dir), "ref")
+    ref_critique = {r["item_id"]: r for r in ref.read_stage("critique").to_pylist()}
+    for r in served.read_stage("critique").to_pylist():
+        assert r["raw"] == ref_critique[r["item_id"]]["raw"]
+    assert {r["p_source"] for r in served.read_stage("filter").to_pylist() if r["status"] == "ok"} <= {"answer"}
+    assert {r["visible_source"] for r in served.read_stage("instruct").to_pylist()} <= {"answer", None}
+
+
+@pytest.mark.parametrize("name", ["qwen", "critic"])
+def test_questions_about_one_image_share_its_encoding_in_process(served, name):
+    from richpref.models import vlm_prefix
+
+    _, local = served[name]
+    img = image(5, (48, 64))
+    prompts = [f"Does the image show {w}? Answer yes or no." for w in ("a dog", "a red car", "an apple", "it")]
+    before = dict(vlm_prefix.STATS)
+    shared = vlm_prefix.p_yes_sharing_image(local, img, prompts)
+    assert vlm_prefix.STATS["image_encodings"] - before["image_encodings"] == 1
+    assert vlm_prefix.STATS["forward_passes"] - before["forward_passes"] == 1 + len(prompts)
+    np.testing.assert_allclose(shared, local.p_yes([img] * len(prompts), prompts, batch_size=1), atol=1e-5)
