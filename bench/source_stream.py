@@ -65,9 +65,9 @@ def write_pickapic(path: Path, rows: int, image_size: int, row_group_size: int) 
 def child(args) -> None:
     """One measured case, in its own process: prints a JSON line."""
     from richpref.schemas.config import SourceConfig
-    from richpref.storage import RunStore
-    from richpref.tasks.base import run_stage_shard
+    from richpref.runner import content_key, run_shard
     from richpref.schemas.config import Profile
+    from richpref.storage import RunStore
     from richpref.tasks import source
 
     cfg = SourceConfig(kind="parquet", path=args.path, pickapic_preferred=True, limit=args.limit, shard_size=args.shard_size)
@@ -77,13 +77,13 @@ def child(args) -> None:
         n = source.check_source(cfg)
         rows = 0
         for k in range(n):
-            source.STAGE.content_key(profile, {}, k)
+            content_key(source.STAGE, profile, k, {})
             rows += source.compute_shard(cfg, k).num_rows
         assert rows == args.limit, rows
     else:  # check the source, count its shards, then key, compute and commit shard 0
         n = source.check_source(cfg)
         store = RunStore(args.data, "bench")
-        run_stage_shard(source.STAGE, 0, {}, store, profile, source.STAGE.content_key(profile, {}, 0))
+        run_shard(source.STAGE, 0, {}, store, profile, content_key(source.STAGE, profile, 0, {}))
     seconds = time.perf_counter() - t0
     cache = Path(os.environ["HF_DATASETS_CACHE"])
     cached = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.exists() else 0
