@@ -69,7 +69,10 @@ def cmd_curate(args: argparse.Namespace) -> int:
     except (ProfileError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"\npairs (Pick-a-Pic format): {result['pairs']}")
+    if result["state"].startswith("stopped"):
+        print(f"\n{result['state']} (--until); run the same command without --until to continue")
+    else:
+        print(f"\npairs (Pick-a-Pic format): {result['pairs']}")
     print(f"run folder: {result['run_dir']}")
     print(format_summary(summary(args.data_dir, args.run)))
     return 0

@@ -28,7 +28,7 @@ class PartReader(Protocol):
 
     def columns(self) -> list[str]: ...
 
-    def read(self, start: int, stop: int, columns: list[str]) -> list[dict]: ...
+    def read(self, start: int, stop: int, columns: list[str], until: int | None = None) -> list[dict]: ...
 
     def fingerprint(self, start: int, stop: int, columns: list[str]) -> str: ...
 
@@ -78,10 +78,14 @@ class ConcatReader:
             i += 1
         return out
 
-    def read(self, start: int, stop: int, columns: list[str]) -> list[dict]:
+    def read(self, start: int, stop: int, columns: list[str], until: int | None = None) -> list[dict]:
+        """Rows [start, stop). `until`: where the rows the caller will ask for stop, so a part may read
+        ahead up to there (and no further) and serve the next calls from what it read."""
         rows: list[dict] = []
+        ends = self._cumulative()
         for s in self.spans(start, stop):
-            rows += self.parts[s.part].read(s.start, s.stop, columns)
+            ahead = None if until is None else until - (ends[s.part - 1] if s.part else 0)
+            rows += self.parts[s.part].read(s.start, s.stop, columns, ahead)
         return rows
 
     def fingerprint(self, start: int, stop: int, columns: list[str]) -> str:

@@ -50,7 +50,7 @@ class SavedDatasetPart:
     def columns(self) -> list[str]:
         return list(self.ds.column_names)
 
-    def read(self, start: int, stop: int, columns: list[str]) -> list[dict]:
+    def read(self, start: int, stop: int, columns: list[str], until: int | None = None) -> list[dict]:
         return self.ds[start:stop].select(columns).to_pylist()
 
     def fingerprint(self, start: int, stop: int, columns: list[str]) -> str:
@@ -87,7 +87,7 @@ class StreamingPart:
     def columns(self) -> list[str]:
         return list(self.ds.column_names or [])
 
-    def read(self, start: int, stop: int, columns: list[str]) -> list[dict]:
+    def read(self, start: int, stop: int, columns: list[str], until: int | None = None) -> list[dict]:
         return [{c: row.get(c) for c in columns} for row in self.ds.skip(start).take(stop - start)]
 
     def fingerprint(self, start: int, stop: int, columns: list[str]) -> str:

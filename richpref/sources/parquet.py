@@ -21,7 +21,7 @@ from .base import SourceError
 WHOLE_ROW_GROUP_BYTES = 64 << 20
 
 _FOOTERS: dict[tuple[str, int, int], pq.FileMetaData] = {}
-_LAST_GROUP: dict[tuple, pa.Table] = {}
+_LAST_GROUP: dict[tuple, tuple[int, pa.Table]] = {}  # the last rows read: (first row in its group, rows)
 # (file name, row group) of every row group whose data pages were read, in order (tests check it).
 ROW_GROUPS_READ: list[tuple[str, int]] = []
 
@@ -76,32 +76,40 @@ class ParquetPart:
             i += 1
         return out
 
-    def _read_group(self, rg: int, lo: int, hi: int, columns: list[str]) -> pa.Table:
+    def _read_group(self, rg: int, lo: int, hi: int, end: int, columns: list[str]) -> pa.Table:
+        """Rows [lo, hi) of row group `rg`. It reads rows [lo, end) (`end`: where the source's selected
+        rows stop in this group) and keeps them for the next shards of the group."""
         st = os.stat(self.path)
         key = (os.path.abspath(self.path), st.st_size, st.st_mtime_ns, rg, tuple(columns))
-        if key in _LAST_GROUP:
-            return _LAST_GROUP[key].slice(lo, hi - lo)
+        got = _LAST_GROUP.get(key)
+        if got is not None and got[0] <= lo and hi <= got[0] + got[1].num_rows:
+            return got[1].slice(lo - got[0], hi - lo)
         ROW_GROUPS_READ.append((self.name, rg))
-        if self._meta().row_group(rg).total_byte_size <= WHOLE_ROW_GROUP_BYTES:
-            table = pq.ParquetFile(self.path).read_row_group(rg, columns=columns)
-            _LAST_GROUP.clear()
-            _LAST_GROUP[key] = table
-            return table.slice(lo, hi - lo)
-        # A large row group: decode batches up to `hi` only (buffered reads, no whole-chunk prefetch).
-        pf = pq.ParquetFile(self.path, buffer_size=1 << 20, pre_buffer=False)
-        batches, seen = [], 0
-        for batch in pf.iter_batches(batch_size=max(1, min(1024, hi)), row_groups=[rg], columns=columns):
-            if seen + batch.num_rows > lo:
-                batches.append(batch.slice(max(0, lo - seen), min(batch.num_rows, hi - seen) - max(0, lo - seen)))
-            seen += batch.num_rows
-            if seen >= hi:
-                break
-        return pa.Table.from_batches(batches) if batches else pf.schema_arrow.empty_table().select(columns)
+        group = self._meta().row_group(rg)
+        if (end - lo) * 2 >= group.num_rows and group.total_byte_size <= WHOLE_ROW_GROUP_BYTES:
+            table = pq.ParquetFile(self.path).read_row_group(rg, columns=columns).slice(lo, end - lo)
+        else:  # only part of the group: decode batches up to `end` only (buffered reads, no whole-chunk prefetch)
+            pf = pq.ParquetFile(self.path, buffer_size=1 << 20, pre_buffer=False)
+            batches, seen = [], 0
+            for batch in pf.iter_batches(batch_size=max(1, min(1024, end)), row_groups=[rg], columns=columns):
+                if seen + batch.num_rows > lo:
+                    a = max(0, lo - seen)
+                    batches.append(batch.slice(a, min(batch.num_rows, end - seen) - a))
+                seen += batch.num_rows
+                if seen >= end:
+                    break
+            table = pa.Table.from_batches(batches) if batches else pf.schema_arrow.empty_table().select(columns)
+        _LAST_GROUP.clear()
+        _LAST_GROUP[key] = (lo, table)
+        return table.slice(0, hi - lo)
 
-    def read(self, start: int, stop: int, columns: list[str]) -> list[dict]:
+    def read(self, start: int, stop: int, columns: list[str], until: int | None = None) -> list[dict]:
         rows: list[dict] = []
+        starts = self._starts()
         for rg, lo, hi in self._groups(start, stop):
-            rows += self._read_group(rg, lo, hi, columns).to_pylist()
+            n = self._meta().row_group(rg).num_rows
+            end = n if until is None else max(hi, min(n, until - starts[rg]))
+            rows += self._read_group(rg, lo, hi, end, columns).to_pylist()
         return rows
 
     def fingerprint(self, start: int, stop: int, columns: list[str]) -> str:

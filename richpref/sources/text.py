@@ -77,7 +77,7 @@ class PromptPart(_LinePart):
     def columns(self) -> list[str]:
         return [self.column]
 
-    def read(self, start: int, stop: int, columns: list[str]) -> list[dict]:
+    def read(self, start: int, stop: int, columns: list[str], until: int | None = None) -> list[dict]:
         rows = []
         for number, raw in self._raw(start, stop):
             text = raw.rstrip(b"\n").rstrip(b"\r")
@@ -105,7 +105,7 @@ class JsonlPart(_LinePart):
                               "object: write one JSON object per line, or set source.kind to the file's format")
         return list(keys)
 
-    def read(self, start: int, stop: int, columns: list[str]) -> list[dict]:
+    def read(self, start: int, stop: int, columns: list[str], until: int | None = None) -> list[dict]:
         rows = []
         for number, raw in self._raw(start, stop):
             text = raw.decode("utf-8", errors="replace").strip()

@@ -185,7 +185,7 @@ class SourceView:
         return self._chain[shard]
 
     def raw_rows(self, start: int, stop: int) -> list[tuple[dict, bytes | None]]:
-        rows = self.reader.read(start, stop, self.columns)
+        rows = self.reader.read(start, stop, self.columns, until=self.stop)
         if len(rows) != stop - start:
             raise SourceError(f"source {self.reader.source_id!r} gave {len(rows)} rows for rows {start}-{stop}")
         return [build_row(self.cfg, self.reader.source_id, start + i, r) for i, r in enumerate(rows)]
