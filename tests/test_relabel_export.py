@@ -362,8 +362,7 @@ def test_dataset_card_and_plots(mini_run, capsys):
     assert written["README.md"].endswith("mini/pairs/README.md")
     assert card.startswith("---\nconfigs:") and 'path: "part-*.parquet"' in card
     relabel = store.read_shard("relabel", 0).to_pylist()
-    flips = sum(r["flipped"] for r in relabel if r["status"] == "ok") / len(relabel)
-    assert f"flip rate (of the pairs holding the original: the edit scored lower, label_0 = 1): {flips:.1%}" in card
+    assert f"flip rate (of the pairs holding the original: the edit scored lower, label_0 = 1): {_flip_rate(relabel):.1%}" in card
     assert "| filter | 6 | 5 | 1 | filter: 1 |" in card  # counts with the reject reason
     for name in profile.relabel.scored():
         a = np.array([r[f"{name}_0"] for r in relabel])
@@ -375,6 +374,13 @@ def test_dataset_card_and_plots(mini_run, capsys):
         assert f"../plots/{png}" in card
     # the card and plots do not disturb readers of the pairs folder
     assert len(store.shards("pairs")) == 1
+
+
+def _flip_rate(relabel_rows: list[dict]) -> float:
+    """The product's flip rate: of the kept pairs that hold the original (candidate_0 = −1), the share
+    where the edit scored lower. Ties and other rejects are not pairs; pairs of two edits cannot flip."""
+    with_original = [r for r in relabel_rows if r["status"] == "ok" and r.get("candidate_0") in (None, -1)]
+    return sum(bool(r["flipped"]) for r in with_original) / len(with_original)
 
 
 # ------------------------------------------------------------------ relabel an existing Pick-a-Pic dataset

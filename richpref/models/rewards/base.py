@@ -125,6 +125,22 @@ def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: s
         )
 
 
+def load_lenient(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> list[str]:
+    """load_state_dict that fails only on missing weights, as the references that load with
+    `strict=False` do when their checkpoint holds extra tensors; returns the unexpected keys (the
+    caller logs them). Position-id buffers are ignored both ways."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise RewardLoadError(
+            f"{what}: checkpoint lacks {len(missing)} weights the model needs "
+            f"({missing[:5]}{'…' if len(missing) > 5 else ''}; it has these the model does not use: "
+            f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}); is it the right checkpoint for this reward kind?"
+        )
+    return list(unexpected)
+
+
 def subdict(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
@@ -136,7 +152,7 @@ class LinearHead(torch.nn.Module):
 
     LINEAR_AT = (0, 2, 4, 6, 7)
 
-    def __init__(self, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    def __init__(self, sd: Mapping[str, torch.Tensor], what: str, strict: bool = True) -> None:
         super().__init__()
         try:
             shapes = [tuple(sd[f"layers.{i}.weight"].shape) for i in self.LINEAR_AT]
@@ -151,7 +167,7 @@ class LinearHead(torch.nn.Module):
             else:
                 mods.append(torch.nn.Identity())  # Dropout in the reference: identity at inference
         self.layers = torch.nn.Sequential(*mods)
-        load_strict(self, sd, what)
+        self.unused_keys = load_lenient(self, sd, what) if not strict else load_strict(self, sd, what) or []
         self.in_features = shapes[0][1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..runtime import resolve_device, resolve_dtype
-from .base import LinearHead, RewardLoadError, batches, check_lengths, checkpoint_file, load_state_dict, load_strict, subdict
+from .base import (LinearHead, RewardLoadError, batches, check_lengths, checkpoint_file, load_lenient, load_state_dict,
+                   log, subdict)
 from .preprocess import clip_pixels
 
 REWARD_MEAN = 0.16717362830052426
@@ -33,8 +34,10 @@ VIT_HEAD_DIM = 64
 DEFAULT_TOKENIZER = "google-bert/bert-base-uncased"
 
 
-def vit_state_to_transformers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BLIP/timm ViT names -> transformers `BlipVisionModel` names (same tensors, fused qkv kept)."""
+def vit_state_to_transformers(sd: dict[str, torch.Tensor], unknown: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """BLIP/timm ViT names -> transformers `BlipVisionModel` names (same tensors, fused qkv kept).
+
+    A key of no known shape raises, or, given an `unknown` list, is left out and listed there."""
     top = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
            "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
            "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
@@ -47,11 +50,12 @@ def vit_state_to_transformers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             out[top[k]] = v
             continue
         parts = k.split(".")
-        if parts[0] != "blocks" or len(parts) < 4:
-            raise RewardLoadError(f"ImageReward: unexpected vision key blip.visual_encoder.{k}")
         inner = ".".join(parts[2:-1])
-        if inner not in block:
-            raise RewardLoadError(f"ImageReward: unexpected vision key blip.visual_encoder.{k}")
+        if parts[0] != "blocks" or len(parts) < 4 or inner not in block:
+            if unknown is None:
+                raise RewardLoadError(f"ImageReward: unexpected vision key blip.visual_encoder.{k}")
+            unknown.append(f"blip.visual_encoder.{k}")
+            continue
         out[f"encoder.layers.{parts[1]}.{block[inner]}.{parts[-1]}"] = v
     return out
 
@@ -109,25 +113,34 @@ class ImageReward:
         with open(checkpoint_file(path, "med_config.json"), encoding="utf-8") as f:
             med = json.load(f)
         what = f"ImageReward {path}"
+        # The reference loads with strict=False: tensors it does not use are ignored (logged here);
+        # only missing weights are an error.
         known = ("blip.visual_encoder.", "blip.text_encoder.", "blip.vision_proj.", "blip.text_proj.", "mlp.")
         stray = [k for k in sd if not k.startswith(known)]
-        if stray:
-            raise RewardLoadError(f"{what}: unexpected keys {stray[:5]}; is it ImageReward.pt?")
 
         vis_sd = subdict(sd, "blip.visual_encoder.")
         if "cls_token" not in vis_sd:
             raise RewardLoadError(f"{what}: no blip.visual_encoder.cls_token; is it ImageReward.pt?")
         vision_cfg = vision_config_from_state(vis_sd)
         self.vision = BlipVisionModel(vision_cfg)
-        load_strict(self.vision, vit_state_to_transformers(vis_sd), f"{what} (vision)")
+        vis_converted = vit_state_to_transformers(vis_sd, stray)
+        try:
+            stray += [f"blip.visual_encoder.{k}" for k in load_lenient(self.vision, vis_converted, f"{what} (vision)")]
+        except RewardLoadError as exc:  # name the tensors the conversion could not place too
+            raise RewardLoadError(f"{exc} Vision tensors of no known name: {stray[:5]}") from None
 
         self.tokenizer = blip_tokenizer(processor or DEFAULT_TOKENIZER)
         text_cfg = text_config_from_med(med, vision_cfg.hidden_size, self.tokenizer)
         text_cfg._attn_implementation = "eager"
         self.text = BlipTextModel(text_cfg, add_pooling_layer=False)
-        load_strict(self.text, subdict(sd, "blip.text_encoder."), f"{what} (text)")
+        stray += [f"blip.text_encoder.{k}" for k in load_lenient(self.text, subdict(sd, "blip.text_encoder."), f"{what} (text)")]
 
-        self.mlp = LinearHead(subdict(sd, "mlp."), f"{what} (mlp)")
+        self.mlp = LinearHead(subdict(sd, "mlp."), f"{what} (mlp)", strict=False)
+        stray += [f"mlp.{k}" for k in self.mlp.unused_keys]
+        if stray:
+            log.warning("%s: %d checkpoint tensors unused, as in the reference's non-strict load (e.g. %s)", what,
+                        len(stray), stray[:3])
+        self.unused_keys = stray
         if len(self.tokenizer) != text_cfg.vocab_size:
             raise RewardLoadError(f"{what}: tokenizer {processor or DEFAULT_TOKENIZER} has {len(self.tokenizer)} ids "
                                   f"but the text encoder {text_cfg.vocab_size}; use bert-base-uncased")
