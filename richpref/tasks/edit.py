@@ -29,8 +29,8 @@ def load_editor(cfg: EditConfig, models_root: str | None):
         apply_pipeline_settings(editor.pipe, **settings)
         return editor
 
-    return resident.get(("editor", base, controlnet, cfg.control, weights, cfg.device, cfg.dtype, *settings.values()),
-                        load)
+    key = ("editor", base, controlnet, cfg.control, weights, cfg.device, cfg.dtype)
+    return resident.get(key + (tuple(settings.values()) if any(settings.values()) else ()), load)
 
 
 def edit_prompt(prompt: str, instructions: list[str], cfg: EditConfig) -> str:

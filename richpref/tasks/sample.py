@@ -15,9 +15,10 @@ def load_generator(cfg: SampleConfig, models_root: str | None):
     from ..models.generator import TextToImage
 
     path = resolve_model_ref(cfg.model, models_root)
-    settings = dict(scheduler=cfg.scheduler, variant=cfg.variant, compile=cfg.compile, channels_last=cfg.channels_last)
-    return resident.get(("generator", path, cfg.device, cfg.dtype, *settings.values()),
-                        lambda: TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, **settings))
+    extra = dict(variant=cfg.variant, compile=cfg.compile, channels_last=cfg.channels_last)
+    key = ("generator", path, cfg.scheduler, cfg.device, cfg.dtype) + (tuple(extra.values()) if any(extra.values()) else ())
+    return resident.get(key, lambda: TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                                                      **extra))
 
 
 def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
