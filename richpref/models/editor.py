@@ -45,6 +45,7 @@ def load_editor(cfg: Any, models_root: str | None) -> Any:
 
     model = resolve_model_ref(cfg.model, models_root)
     settings = dict(scheduler=cfg.scheduler, compile=cfg.compile, channels_last=cfg.channels_last)
+    set_ = tuple(settings.values()) if any(settings.values()) else ()  # a plain config keeps its old key
 
     def with_settings(editor: Any) -> Any:
         apply_pipeline_settings(editor.pipe, **settings)
@@ -55,10 +56,10 @@ def load_editor(cfg: Any, models_root: str | None) -> Any:
         # Annotator weights only matter to the network controls; the others ignore them.
         weights = resolve_model_ref(cfg.control_weights, models_root) if cfg.control_weights else None
         return resident.get(
-            ("editor", cfg.kind, model, controlnet, cfg.control, weights, cfg.device, cfg.dtype, *settings.values()),
+            ("editor", cfg.kind, model, controlnet, cfg.control, weights, cfg.device, cfg.dtype, *set_),
             lambda: with_settings(ControlNetEditor.load(model, controlnet, device=cfg.device, dtype=cfg.dtype,
                                                         control=cfg.control, control_weights=weights)),
         )
     cls = EDITORS[cfg.kind]
-    return resident.get(("editor", cfg.kind, model, cfg.device, cfg.dtype, *settings.values()),
+    return resident.get(("editor", cfg.kind, model, cfg.device, cfg.dtype, *set_),
                         lambda: with_settings(cls.load(model, device=cfg.device, dtype=cfg.dtype)))

@@ -17,19 +17,22 @@ def load_generator(cfg: SampleConfig, models_root: str | None):
     from ..models.tuned import apply_tuned
 
     path = resolve_model_ref(cfg.model, models_root)
-    settings = dict(scheduler=cfg.scheduler, variant=cfg.variant, channels_last=cfg.channels_last)
+    extra = dict(variant=cfg.variant, compile=cfg.compile, channels_last=cfg.channels_last)
 
     def load():
         from ..models.generator import apply_pipeline_settings
 
-        t2i = TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, **settings)
+        t2i = TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                               **{**extra, "compile": False})
         apply_tuned(t2i, lora=cfg.lora, unet=cfg.unet)
         if cfg.compile:  # after the tuned weights are in: compile the UNet that will run
             apply_pipeline_settings(t2i.pipe, compile=True)
         return t2i
 
-    tuned = weights_fingerprint(cfg.lora, cfg.unet)
-    return resident.get(("generator", path, cfg.device, cfg.dtype, *settings.values(), cfg.compile, tuned), load)
+    # The key of a plain config stays what it was before these settings existed.
+    key = ("generator", path, cfg.scheduler, cfg.device, cfg.dtype) + (tuple(extra.values()) if any(extra.values()) else ())
+    tuned = weights_fingerprint(cfg.lora, cfg.unet) if (cfg.lora or cfg.unet) else None
+    return resident.get(key + ((tuned,) if tuned else ()), load)
 
 
 def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
