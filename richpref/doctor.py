@@ -25,6 +25,7 @@ from typing import Any, Callable
 import pyarrow.compute as pc
 
 from .doctor_checks import DoctorError, ModelProblem, ModelRef, memory_fix, preflight
+from .runner import write_shard
 from .schemas.config import Profile
 from .schemas.tables import OK
 
@@ -150,7 +151,7 @@ def stage_loaders(profile: Profile) -> dict[str, Callable[[], list[str]]]:
 
 
 def _load_problem(stage: str, refs: list[ModelRef], exc: BaseException, profile: Profile) -> ModelProblem:
-    from .tasks.base import is_out_of_memory
+    from .faults import is_out_of_memory
 
     models = ", ".join(r.ref for r in refs if r.stage == stage) or stage
     if is_out_of_memory(exc):
@@ -190,7 +191,7 @@ def run_stage_shards(stage, store, profile: Profile, shards: list[int]) -> list[
         rows = driver.filter(pc.equal(driver.column("status"), OK))
         out = stage.compute(StageInputs(shard=s, rows=rows, tables=tables), profile)
         check_rows_accounted(stage.name, s, rows, out, stage.fan_out(profile) if stage.fan_out else None)
-        store.write_shard(stage.out, s, out, "doctor")
+        write_shard(store, stage.out, s, out, "doctor")
         seconds.append(time.perf_counter() - t0)
     return seconds
 
@@ -234,7 +235,7 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
             t2 = time.perf_counter()
             tables = shard_source(prof.source)
             for i, t in enumerate(tables):
-                store.write_shard("source", i, t, "doctor")
+                write_shard(store, "source", i, t, "doctor")
             t3 = time.perf_counter()
         shards = list(range(len(tables)))
         per_shard_items = [t.num_rows for t in tables]
@@ -257,7 +258,7 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
                 try:
                     seconds = run_stage_shards(stage, store, prof, shards)
                 except Exception as exc:  # noqa: BLE001 - out of memory while computing is a settings problem
-                    from .tasks.base import is_out_of_memory
+                    from .faults import is_out_of_memory
 
                     if is_out_of_memory(exc):
                         raise _load_problem(stage.name, refs, exc, prof) from exc

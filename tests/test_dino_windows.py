@@ -11,17 +11,16 @@ from richpref.models.rewards.dino import extract_windows, window_starts
 
 # The flush-last-window rule is part of the reward-composition change; until it is in dino.py these
 # cases fail. strict: once it lands they pass, and this marker must go.
-FLUSH_RULE_PENDING = pytest.mark.xfail(strict=True, reason="last DINOv2 window flush with the edge: not yet in dino.py")
 
 # Hand-placed: every stride step that fits, then one window flush with the edge if the last one
 # does not reach it.
 HAND = [
-    pytest.param((512, 224, 112), [0, 112, 224, 288], marks=FLUSH_RULE_PENDING),  # 448 < 512: one more at 512 − 224
+    pytest.param((512, 224, 112), [0, 112, 224, 288]),  # 448 < 512: one more at 512 − 224
     ((448, 224, 112), [0, 112, 224]),  # 224 + 224 = 448: the grid already ends at the edge
     ((224, 224, 112), [0]),
-    pytest.param((300, 224, 112), [0, 76], marks=FLUSH_RULE_PENDING),
-    pytest.param((64, 28, 14), [0, 14, 28, 36], marks=FLUSH_RULE_PENDING),
-    pytest.param((50, 28, 14), [0, 14, 22], marks=FLUSH_RULE_PENDING),
+    pytest.param((300, 224, 112), [0, 76]),
+    pytest.param((64, 28, 14), [0, 14, 28, 36]),
+    pytest.param((50, 28, 14), [0, 14, 22]),
     ((56, 28, 28), [0, 28]),
 ]
 
@@ -31,7 +30,6 @@ def test_window_starts_by_hand(args, starts):
     assert window_starts(*args) == starts
 
 
-@FLUSH_RULE_PENDING
 def test_windows_are_cut_where_placed_and_cover_every_pixel():
     # Each pixel carries its own coordinates: red = x, green = y.
     w, h = 64, 50

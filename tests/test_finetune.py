@@ -277,12 +277,13 @@ def test_curate_launches_the_finetune_deployment_once_per_pairs(prefect_harness,
 
     from flows.finetune import finetune
     from flows.launch import launch_finetune
+    from richpref.runner import write_shard
     from richpref.storage import RunStore
 
     finetune.to_deployment(name="tiny-test").apply()
     store = RunStore(str(tmp_path / "data"), "demo")
     table = pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1], "status": ["ok"]})
-    manifest = store.write_shard("pairs", 0, table, "k1")
+    manifest = write_shard(store, "pairs", 0, table, "k1")
     summary = {"run": "demo", "pairs": store.uri(store.stage_dir("pairs")), "manifests": {"pairs": [manifest.to_dict()]}}
 
     first = launch_finetune(summary, "finetune/tiny-test")
@@ -291,7 +292,7 @@ def test_curate_launches_the_finetune_deployment_once_per_pairs(prefect_harness,
         run = client.read_flow_run(UUID(first))
     assert run.parameters["pairs"] == summary["pairs"]
 
-    changed = store.write_shard("pairs", 0, table.set_column(0, "caption", pa.array(["b"])), "k1")
+    changed = write_shard(store, "pairs", 0, table.set_column(0, "caption", pa.array(["b"])), "k1")
     other = launch_finetune({**summary, "manifests": {"pairs": [changed.to_dict()]}}, "finetune/tiny-test")
     assert other != first
     empty = {**summary, "manifests": {"pairs": [{**manifest.to_dict(), "kept": 0}]}}
