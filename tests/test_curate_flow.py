@@ -150,7 +150,7 @@ def test_several_edits_per_item_paired_best_against_worst(finished_run, runs_dir
     shutil.copytree(ref.root, store.root)
     store.fs.rm(store.root + "/_log", recursive=True)
     curate_run(runs_dir, "multi", tiny_models, extra=["edit.num_edits=2", "relabel.pairing=best_vs_worst"])
-    assert {name for name, _ in work(runs_dir, "multi")} == {"edit", "cutout", "filter", "relabel", "export"}
+    assert {name for name, _ in work(runs_dir, "multi")} == {"edit", "cutout", "check", "filter", "score", "relabel", "export"}
     assert_every_row_accounted(runs_dir, "multi", num_edits=2)
 
     edits = {(r["item_id"], r["candidate"]): r for r in store.read_stage("edit").to_pylist()}
