@@ -116,7 +116,7 @@ def test_tuning_thresholds_and_weights_calls_no_model_and_equals_a_fresh_run(fin
 
 
 def test_relabel_dataset_follows_the_reward_and_drops_near_ties_only_when_asked():
-    from richpref.tasks.relabel_dataset import dataset_relabel_config
+    from richpref.relabel_dataset import dataset_relabel_config
 
     cfg = RelabelConfig(rewards={"ir": RewardSpec(kind="clip", model="-"), "clip": RewardSpec(kind="clip", model="-", weight=0.0)},
                         min_margin=0.3, subject_gate=SubjectGateConfig(model="-", min_consistency=0.5))
