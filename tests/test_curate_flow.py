@@ -256,5 +256,5 @@ def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, ru
     assert json.loads(store.fs.cat_file(store.root + "/run.json"))["state"] == "stopped after instruct"
     assert 1 not in store.shards("edit")
     curate_run(runs_dir, "until", tiny_models)
-    assert sorted(work(runs_dir, "until")[2:]) == [(s, 1) for s in ("cutout", "edit", "export", "filter", "relabel")]
+    assert sorted(work(runs_dir, "until")[2:]) == [(s, 1) for s in ("check", "cutout", "edit", "export", "filter", "relabel", "score")]
     assert pair_files(runs_dir, "until") == pair_files(runs_dir, "ref")

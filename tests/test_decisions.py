@@ -104,7 +104,7 @@ def test_tuning_thresholds_and_weights_calls_no_model_and_equals_a_fresh_run(fin
     curate_run(runs_dir, "tuned", tiny_models, extra=TUNED)
     assert {name for name, _ in work(runs_dir, "tuned")} == {"filter", "relabel", "export"}  # no VLM, no reward model
     # The fresh run computes every stage the settings belong to from nothing: the VLM's and the rewards' too.
-    for out in ("check", "filter", "score", "relabel", "pairs", "_prefect"):
+    for out in ("check", "filter", "score", "relabel", "pairs"):
         fresh.fs.rm(f"{fresh.root}/{out}", recursive=True)
     curate_run(runs_dir, "fresh", tiny_models, extra=TUNED)
     assert {"check", "score"} <= {name for name, _ in work(runs_dir, "fresh")}
