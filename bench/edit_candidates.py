@@ -4,7 +4,7 @@
 
 Curates the bundled prompts (repeated to N items) once, then re-runs the same run with each
 `edit.num_edits`: sample, critique and instruct are cached, so each run computes only edit, cutout,
-filter, relabel and export. Prints each stage's compute seconds (from the work log), seconds per
+check, filter, score, relabel and export. Prints each stage's compute seconds (from the work log), seconds per
 edit candidate, and the pairs exported. An item's original is cut out, attribute-listed and scored
 once whatever its number of edits, so cutout, filter and relabel grow slower than the candidates.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROMPTS = (REPO / "richpref/data/demo_prompts.txt").read_text().splitlines()
-STAGES = ("edit", "cutout", "filter", "relabel", "export")
+STAGES = ("edit", "cutout", "check", "filter", "score", "relabel", "export")
 
 
 def main() -> None:

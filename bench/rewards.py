@@ -2,7 +2,7 @@
 
     python bench/rewards.py [--models data/models/tiny] [--images 32] [--repeats 3] [--device cpu]
 
-Scores `--images` random 64x64 images (pairs for dino_patch) with every reward of the tiny profile,
+Scores `--images` random 64x64 images (pairs for dino_patch) with every reward of the tiny profile and its subject gate's DINOv2,
 after one warm-up call, and prints the best of `--repeats` runs per scorer and batch size. The tiny
 models are random-weight stand-ins of the real architectures, so the figures measure the code path
 (preprocessing, batching, model call), not the real models' cost.
@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 def main() -> None:
     from richpref.models.rewards import is_pairwise, load_reward_spec
     from richpref.models.tiny import build_tiny_models
-    from richpref.schemas.config import load_profile
+    from richpref.schemas.config import RewardSpec, load_profile
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="data/models/tiny")
@@ -43,7 +43,10 @@ def main() -> None:
     prompts = ["a red bicycle leaning against a yellow brick wall"] * args.images
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.images} images of 64x64")
     print(f"{'reward':<12} {'load s':>7} {'img/s b=1':>10} {'img/s b=8':>10}")
-    for name, spec in profile.relabel.rewards.items():
+    gate = profile.relabel.subject_gate
+    specs = {n: profile.relabel.rewards[n] for n in profile.relabel.scored()}
+    specs["dino_patch"] = RewardSpec(kind="dino_patch", model=gate.model, patch=gate.patch, stride=gate.stride)
+    for name, spec in specs.items():
         t0 = time.perf_counter()
         scorer = load_reward_spec(spec, profile.models_root, device=args.device, dtype="float32")
         load_s = time.perf_counter() - t0

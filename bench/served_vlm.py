@@ -29,6 +29,7 @@ from vlm_stages import PROMPTS, _png  # noqa: E402
 from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
 from richpref.schemas.serving import EngineConfig  # noqa: E402
 from richpref.tasks import filter as filter_stage  # noqa: E402
+from richpref.tasks import filter_check  # noqa: E402
 from richpref.tasks.critique import critique_rows  # noqa: E402
 from richpref.tasks.instruct import instruct_rows  # noqa: E402
 
@@ -122,7 +123,7 @@ def main() -> None:
 
         # ---- filter cost per pair: the questions the stage asks, in the order it sends them
         f = FilterConfig(max_new_tokens=24, min_attribute_present=0.517, min_attributes_kept=0.5)
-        sections = filter_stage.load_filter_template(f)
+        sections = filter_check.load_filter_template(f)
         m = min(n, 8)
         todo = []
         for k in range(m):
@@ -135,11 +136,11 @@ def main() -> None:
         # The attribute list a tiny model writes is gibberish: count with filter.max_attributes (5) per item.
         listed = {t["iid"]: (["red colour", "round shape", "shiny surface", "metal handle", "white label"], "", None)
                   for t in todo}
-        qs = filter_stage.pair_questions(todo, sections, True, listed)
+        qs = filter_check.pair_questions(todo, sections, True, listed)
         # one attribute-list generation per item, about its original cut-out, asked before its questions
         order = []
         for k, t in enumerate(todo):
-            order.append((t["original_cut"], filter_stage.render(sections["attributes"], max_attributes=f.max_attributes)))
+            order.append((t["original_cut"], filter_check.render(sections["attributes"], max_attributes=f.max_attributes)))
             order += [(q[2], q[3]) for q in qs if q[0] == k]
         total, cached, prefixes = prefix_counts(local["qwen"], order)
         from richpref.models import vlm_prefix
@@ -147,10 +148,10 @@ def main() -> None:
         qwen = local["qwen"]
         plain_s = best_of(args.repeats, lambda: qwen.yes_no([q[2] for q in qs], [q[3] for q in qs], batch_size=16))
         before = dict(vlm_prefix.STATS)
-        filter_stage.answers_sharing_image(qwen, qs)
+        filter_check.answers_sharing_image(qwen, qs)
         enc = vlm_prefix.STATS["image_encodings"] - before["image_encodings"]
         passes_shared = vlm_prefix.STATS["forward_passes"] - before["forward_passes"]
-        shared_s = best_of(args.repeats, lambda: filter_stage.answers_sharing_image(qwen, qs))
+        shared_s = best_of(args.repeats, lambda: filter_check.answers_sharing_image(qwen, qs))
         gens, passes = m, len(order)
         print(f"\nfilter, {m} pairs, 2 instructions and 5 attributes each, per pair (1 attribute generation + "
               f"{len(qs) / m:.0f} yes/no questions):")

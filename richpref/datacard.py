@@ -90,7 +90,13 @@ def _front_matter(title: str) -> list[str]:
             f"pretty_name: {json.dumps(title)}", "---", ""]
 
 
-def _score_table(stats: dict, weights: dict[str, float], labels: tuple[str, str]) -> list[str]:
+def reward_titles(rewards: dict[str, dict]) -> dict[str, str]:
+    """Reward name -> how the tables name it: `hpsv2 (HPSv2 v2.0)` (v2.0 and v2.1 scores are not comparable)."""
+    return {n: f"{n} (HPSv2 {r.get('version') or 'v2.0'})" if r.get("kind") == "hpsv2" else n for n, r in rewards.items()}
+
+
+def _score_table(stats: dict, weights: dict[str, float], labels: tuple[str, str],
+                 titles: dict[str, str] | None = None) -> list[str]:
     def fmt(d: dict) -> str:
         return f"{d['mean']:.4g} ± {d['std']:.3g} [{d['min']:.4g}, {d['max']:.4g}]" if d else "–"
 
@@ -98,7 +104,7 @@ def _score_table(stats: dict, weights: dict[str, float], labels: tuple[str, str]
              "|---|---|---|---|---|"]
     for name, s in stats["rewards"].items():
         lower = f"{s['side_1_lower']:.1%}" if s["side_1_lower"] is not None else "–"
-        lines.append(f"| {name} | {weights.get(name, 1.0):g} | {fmt(s['side_0'])} | {fmt(s['side_1'])} | {lower} |")
+        lines.append(f"| {(titles or {}).get(name, name)} | {weights.get(name, 1.0):g} | {fmt(s['side_0'])} | {fmt(s['side_1'])} | {lower} |")
     return lines
 
 
@@ -145,7 +151,7 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               f"standardisation "
               f"`{profile.get('relabel', {}).get('standardize', '?')}`, ties at margin ≤ "
               f"{profile.get('relabel', {}).get('min_margin', 0)}.", ""]
-    lines += _score_table(stats, weights, labels)
+    lines += _score_table(stats, weights, labels, reward_titles(rewards))
     if stats["margin"]:
         m = stats["margin"]
         lines += ["", f"Composite margin of the kept pairs: min {m['min']:.4g}, p10 {m['p10']:.4g}, "
@@ -206,7 +212,7 @@ def render_relabel_card(summary: dict, stats: dict) -> str:
               + (f"{agree:.1%}" if agree is not None else "–"),
               f"- jpg_1 preferred: {1 - stats['composite_flip_rate']:.1%}" if stats.get("composite_flip_rate") is not None else "",
               "", "## Scores", ""]
-    lines += _score_table(stats, weights, labels)
+    lines += _score_table(stats, weights, labels, reward_titles(summary["rewards"]))
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}](plots/{p})" for p in PLOTS]
     lines += ["", "## Use", "", USAGE, "", "## Config", "", "```json",
               json.dumps({k: summary.get(k) for k in ("source", "rewards", "standardize", "min_margin", "near_ties")}, indent=2), "```", ""]

@@ -153,10 +153,18 @@ def summary_table(scores: dict[str, dict[str, list[float]]], models: list[str]) 
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
+def to_markdown(rows: list[dict], titles: dict[str, str] | None = None) -> str:
+    """The table; `titles` names a reward's columns where its name alone is not enough (HPSv2's version)."""
     cols = list(rows[0])
     fmt = lambda v: "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def head(c: str) -> str:
+        for name, title in (titles or {}).items():
+            if c == name or c.startswith(f"{name}_win_vs_"):
+                return c.replace(name, title, 1)
+        return c
+
+    lines = ["| " + " | ".join(head(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -197,7 +205,9 @@ def write_results(out: Path, cfg: EvaluateConfig, files: dict[str, str], scores:
 
     rows = summary_table(scores, [m.name for m in cfg.models])
     pq.write_table(pa.Table.from_pylist(rows), out / "table.parquet")
-    markdown = to_markdown(rows)
+    from richpref.datacard import reward_titles
+
+    markdown = to_markdown(rows, reward_titles({n: s.model_dump() for n, s in cfg.rewards.items()}))
     (out / "table.md").write_text(markdown, encoding="utf-8")
     grid_path = None
     if cfg.grid_prompts > 0:

@@ -97,6 +97,7 @@ def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_p
         assert table["tuned"][name] == pytest.approx(tuned_scores.mean(), rel=1e-5, abs=1e-6), name
         wins = np.mean((tuned_scores > base_scores) + 0.5 * (tuned_scores == base_scores))
         assert table["tuned"][f"{name}_win_vs_base"] == pytest.approx(wins)
+    assert "| hpsv2 (HPSv2 v2.0) |" in (out / "table.md").read_text()  # v2.0 and v2.1 are not comparable
     per_image = pq.read_table(out / "scores.parquet")
     assert per_image.num_rows == 6 and per_image.column("model").to_pylist() == ["base"] * 3 + ["tuned"] * 3
 

@@ -15,3 +15,25 @@ def test_no_profile_or_default_names_the_removed_sd15_repo():
         assert removed not in f.read_text(encoding="utf-8"), f
     assert SampleConfig().model == EditConfig().model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert FinetuneConfig.model_fields["model"].default == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_the_hpsv2_version_is_explicit_and_named_in_every_table():
+    import pytest
+    from pydantic import ValidationError
+
+    from richpref.datacard import reward_titles
+    from richpref.flows.evaluate import to_markdown
+    from richpref.schemas.config import RewardSpec
+    from richpref.schemas.training import load_evaluate_config
+
+    assert RewardSpec(kind="hpsv2", model="m").version == "v2.0"  # the hpsv2 package's default, RPO Table 1's
+    assert RewardSpec(kind="hpsv2", model="m", file="HPS_v2.1_compressed.pt").version == "v2.1"
+    with pytest.raises(ValidationError, match="is HPSv2 v2.1"):
+        RewardSpec(kind="hpsv2", model="m", version="v2.0", file="HPS_v2.1_compressed.pt")
+    with pytest.raises(ValidationError, match="takes no version"):
+        RewardSpec(kind="clip", model="m", version="v2.0")
+    paper = load_evaluate_config("evaluate-sd15-paper")  # compared with published tables: v2.0
+    assert paper.rewards["hpsv2"].version == "v2.0"
+    titles = reward_titles({n: s.model_dump() for n, s in paper.rewards.items()})
+    table = to_markdown([{"model": "sd15", "hpsv2": 0.27, "hpsv2_win_vs_sd15": None}], titles)
+    assert table.startswith("| model | hpsv2 (HPSv2 v2.0) | hpsv2 (HPSv2 v2.0)_win_vs_sd15 |")

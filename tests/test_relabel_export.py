@@ -16,7 +16,7 @@ from PIL import Image
 
 from richpref.images import encode_png
 from richpref.schemas.config import RelabelConfig, RewardSpec, load_profile
-from richpref.schemas.tables import CRITIQUES, CUTOUTS, EDITS, INSTRUCTIONS, PROMPTS, SAMPLES, VERDICTS, rows_to_table
+from richpref.schemas.tables import CHECKS, CRITIQUES, CUTOUTS, EDITS, INSTRUCTIONS, PROMPTS, SAMPLES, VERDICTS, rows_to_table
 from richpref.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
@@ -220,7 +220,7 @@ def _image(rng, size=64):
 
 
 def write_upstream(store: RunStore) -> dict:
-    """Shard 0 of every stage before relabel, with one item dropped by the filter."""
+    """Shard 0 of every stage before the reward scores, with one item dropped by the filter."""
     rng = np.random.default_rng(11)
     ids = [f"item{k}" for k in range(N_ITEMS)]
     originals = [_image(rng) for _ in ids]
@@ -241,6 +241,7 @@ def write_upstream(store: RunStore) -> dict:
                                 "width": 64, "height": 64, "seed": k, "model_id": "editor"} for k, i in enumerate(ids)], EDITS),
         "cutout": rows_to_table([{"item_id": i, **ok, "candidate": 0, "original_cutout": cut(originals[k]), "edited_cutout": cut(edits[k]),
                                   "model_id": "u2net"} for k, i in enumerate(ids)], CUTOUTS),
+        "check": rows_to_table([{"item_id": i, **ok, "candidate": 0} for i in ids], CHECKS),
         "filter": rows_to_table([{"item_id": i, "candidate": 0, "status": "rejected" if k == 2 else "ok",
                                   "reason": "filter: not_executed(p_yes=0.10 < 0.5)" if k == 2 else None,
                                   "verdict": "drop" if k == 2 else "keep"} for k, i in enumerate(ids)], VERDICTS),
@@ -366,7 +367,8 @@ def test_dataset_card_and_plots(mini_run, capsys):
     assert "| filter | 6 | 5 | 1 | filter: 1 |" in card  # counts with the reject reason
     for name in profile.relabel.scored():
         a = np.array([r[f"{name}_0"] for r in relabel])
-        assert f"| {name} | {profile.relabel.rewards[name].weight:g} | {a.mean():.4g} ± {a.std():.3g}" in card
+        title = f"{name} (HPSv2 v2.0)" if name == "hpsv2" else name  # the version is named wherever HPSv2 shows
+        assert f"| {title} | {profile.relabel.rewards[name].weight:g} | {a.mean():.4g} ± {a.std():.3g}" in card
     assert '"min_margin": 0.0' in card  # the config is in the card
     for png in ("reward_distributions.png", "flip_rate.png", "margin_histogram.png"):
         im = Image.open(written[png])
@@ -435,7 +437,7 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
     assert (summary["rows"], summary["kept"], summary["rejected"]) == (7, 5, {"tie": 1, "bad_image": 1})
     agree = [w == o for w, o in zip(want[:2], [1, 0])]
     assert summary["agreement_with_source_label"] == pytest.approx(sum(agree) / 2)
-    assert "`clip`" in (out / "README.md").read_text()
+    assert "`clip`" in (out / "README.md").read_text() and "Near-ties: kept" in (out / "README.md").read_text()
     assert Image.open(out / "plots" / "reward_distributions.png").format == "PNG"
     ds = datasets.load_dataset("parquet", data_files=str(out / "part-*.parquet"), split="train")
     assert ds.num_rows == 5 and set(ds["label_0"]) <= {0, 1}

@@ -18,11 +18,12 @@ def test_summary_counts_add_up(finished_run, runs_dir):
     s = summary(str(runs_dir), "ref")
     stages = {st["stage"]: st for st in s["stages"]}
     assert stages["source"]["rows"] == 12
-    order = ["source", "sample", "critique", "instruct", "edit", "cutout", "filter", "relabel", "pairs"]
+    order = ["source", "sample", "critique", "instruct", "edit", "cutout", "check", "filter", "relabel", "pairs"]
     for a, b in zip(order, order[1:]):
         assert stages[b]["rows"] == stages[a]["kept"], (a, b)
         assert stages[a]["rows"] == stages[a]["kept"] + stages[a]["rejected"]
         assert sum(stages[a]["reasons"].values()) == stages[a]["rejected"]
+    assert stages["score"]["rows"] == stages["check"]["kept"]  # every answered pair is scored, whatever the filter says
 
 
 def test_status_reports_missing_and_failed_shards(finished_run, runs_dir):

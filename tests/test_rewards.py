@@ -159,7 +159,7 @@ def test_hps_matches_the_reference_computation(tiny_models, images):
     for key in ("visual.conv1.weight", "visual.class_embedding", "visual.transformer.resblocks.1.attn.in_proj_weight",
                 "token_embedding.weight", "positional_embedding", "text_projection", "logit_scale", "ln_final.weight"):
         assert key in ckpt["state_dict"], key
-    got = load_reward("hpsv2", str(root), device="cpu", dtype="float32").score(images, PROMPTS, batch_size=2)
+    got = load_reward("hpsv2", str(root), version="v2.1", device="cpu", dtype="float32").score(images, PROMPTS, batch_size=2)
 
     cfg = json.loads((root / "open_clip_config.json").read_text())["model_cfg"]
     model = open_clip.CLIP(**cfg).eval()

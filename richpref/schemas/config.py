@@ -176,13 +176,16 @@ REWARD_OPTIONS: dict[str, frozenset[str]] = {
     "clip": frozenset({"processor", "on_cutout"}),
     "pickscore": frozenset({"processor", "on_cutout"}),
     "imagereward": frozenset({"processor", "file", "on_cutout"}),
-    "hpsv2": frozenset({"file", "on_cutout"}),
+    "hpsv2": frozenset({"file", "version", "on_cutout"}),
     "aesthetic": frozenset({"backbone", "file", "on_cutout"}),
     "ict": frozenset({"backbone", "processor", "file", "on_cutout"}),
     "hp": frozenset({"backbone", "processor", "file", "on_cutout"}),
     "dino_patch": frozenset({"patch", "stride", "on_cutout"}),
     "vlm_score": frozenset({"template", "on_cutout", "engine"}),
 }
+
+
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # in xswu/HPSv2
 
 
 class RewardSpec(_Strict):
@@ -197,11 +200,14 @@ class RewardSpec(_Strict):
     stride: int | None = Field(None, ge=1)  # dino_patch window stride (default 112)
     template: str | None = None  # vlm_score question template in richpref/prompts (default reward_score_v1)
     engine: EngineConfig = EngineConfig()  # vlm_score: in-process or served (schemas/serving.py)
+    # hpsv2: which HPS. v2.0 and v2.1 scores are not comparable (SD1.4: 26.95 vs 25.35); RPO's Table 1 and
+    # Diffusion-DPO report v2.0, the hpsv2 package's default. Unset: read from `file`, else v2.0.
+    version: Literal["v2.0", "v2.1"] | None = None
 
     @model_validator(mode="after")
     def _options_fit_kind(self) -> "RewardSpec":
         allowed = REWARD_OPTIONS[self.kind]
-        given = {k for k in ("processor", "backbone", "file", "patch", "stride", "template") if getattr(self, k) is not None}
+        given = {k for k in ("processor", "backbone", "file", "patch", "stride", "template", "version") if getattr(self, k) is not None}
         given |= {"on_cutout"} if self.on_cutout else set()
         given |= {"engine"} if self.engine != EngineConfig() else set()
         extra = sorted(given - allowed)
@@ -209,7 +215,17 @@ class RewardSpec(_Strict):
             raise ValueError(f"reward kind {self.kind!r} takes no {', '.join(extra)}; it takes {', '.join(sorted(allowed))}")
         if self.kind == "aesthetic" and self.backbone is None:
             raise ValueError("reward kind 'aesthetic' needs `backbone:` (the CLIP ViT-L/14 its head was trained on)")
+        if self.kind == "hpsv2":
+            named = {f: v for v, f in HPS_FILES.items()}.get(Path(self.file).name if self.file else "")
+            if self.version and named and named != self.version:
+                raise ValueError(f"hpsv2 version {self.version} but file {self.file!r} is HPSv2 {named}: "
+                                 f"drop `file:` or use {HPS_FILES[self.version]}")
+            self.version = self.version or named or "v2.0"
         return self
+
+    def title(self) -> str:
+        """How tables and cards name what this reward measures (HPSv2 scores differ by version)."""
+        return f"HPSv2 {self.version}" if self.kind == "hpsv2" else self.kind
 
 
 class SubjectGateConfig(_Strict):

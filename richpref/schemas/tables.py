@@ -90,6 +90,21 @@ CUTOUTS = _schema(
     pa.field("model_id", pa.string()),
 )
 
+CHECKS = _schema(  # the VLM's answers to the filter's questions; the thresholds are applied in VERDICTS
+    CANDIDATE,
+    pa.field("p_executed_each", pa.list_(pa.float64())),  # per instruction, same order
+    pa.field("p_no_stray", pa.float64()),
+    pa.field("p_subject_kept", pa.float64()),
+    pa.field("attributes", pa.list_(pa.string())),  # null when the attribute check is off
+    pa.field("attributes_raw", pa.string()),
+    pa.field("attributes_error", pa.string()),  # why no attribute could be read, else null
+    pa.field("p_attr_original", pa.list_(pa.float64())),
+    pa.field("p_attr_edited", pa.list_(pa.float64())),
+    pa.field("template", pa.string()),
+    pa.field("model_id", pa.string()),
+    pa.field("p_source", pa.string()),  # "logits" (in-process), "logprobs" (server) or "answer" (P is 0 or 1)
+)
+
 VERDICTS = _schema(
     CANDIDATE,
     pa.field("p_executed", pa.float64()),
@@ -176,6 +191,7 @@ TABLES: dict[str, pa.Schema] = {
     "instruct": INSTRUCTIONS,
     "edit": EDITS,
     "cutout": CUTOUTS,
+    "check": CHECKS,
     "filter": VERDICTS,
     "pairs": PAIRS,
 }

@@ -1,5 +1,5 @@
 """The curate stages, in pipeline order. Each module: a pure function over a shard + its Stage."""
-from . import critique, cutout, edit, export, filter, instruct, relabel, relabel_score, sample
+from . import critique, cutout, edit, export, filter, filter_check, instruct, relabel, relabel_score, sample
 from .base import Stage
 
 PIPELINE: tuple[Stage, ...] = (
@@ -8,7 +8,8 @@ PIPELINE: tuple[Stage, ...] = (
     instruct.STAGE,
     edit.STAGE,
     cutout.STAGE,
-    filter.STAGE,
+    filter_check.STAGE,  # the VLM's answers as probabilities
+    filter.STAGE,  # thresholds: keep or drop, no model call
     relabel_score.STAGE,  # the reward models' raw scores
     relabel.STAGE,  # weights, gate, pairing, ties: no model call
     export.STAGE,

@@ -176,7 +176,8 @@ def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cf
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
-    return decide_rows(inputs.rows, profile.relabel)
+    """The pairs the filter kept, decided from their scores."""
+    return decide_rows(inputs.lookup("score", inputs.tables["score"].schema.names), profile.relabel)
 
 
-STAGE = Stage(name="relabel", version="4", section="relabel", reads=("score",), compute=compute)
+STAGE = Stage(name="relabel", version="5", section="relabel", reads=("filter", "score"), compute=compute)

@@ -1,6 +1,6 @@
 """score: the model calls of relabelling, nothing decided.
 
-Per (item, edit candidate) row: the raw score of the item's original and of the edit under every
+Per (item, edit candidate) row the check stage answered (whatever the filter's verdict): the raw score of the item's original and of the edit under every
 reward that votes or is named in `relabel.report_only` (a reward with weight 0 is not even loaded),
 the DINOv2 patch consistency of the edit with its original when `relabel.subject_gate` is set, a
 digest of each image's bytes and the dtype each reward ran in. A reward with `on_cutout: true` (and
@@ -213,5 +213,7 @@ def templates_key(profile: Profile) -> str:
     return ",".join(f"{n}={template_hash(n)}" for n in names)
 
 
-STAGE = Stage(name="score", version="1", section="relabel", reads=("filter", "sample", "edit", "cutout"),
+# Driven by the check stage's rows, not the filter's verdicts: every pair the VLM answered is scored,
+# so a filter threshold can move without a reward model running again.
+STAGE = Stage(name="score", version="2", section="relabel", reads=("check", "sample", "edit", "cutout"),
               compute=compute, key_extra=templates_key, config_view=scoring_view)

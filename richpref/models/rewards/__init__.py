@@ -59,7 +59,7 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "clip": (_clip, ("processor",)),
     "pickscore": (_pickscore, ("processor",)),
     "imagereward": (_imagereward, ("processor", "file")),
-    "hpsv2": (_hpsv2, ("file",)),
+    "hpsv2": (_hpsv2, ("file", "version")),
     "aesthetic": (lambda path, **kw: AestheticScore(path, **kw), ("backbone", "file")),
     "ict": (lambda path, **kw: ICTScore(path, **kw), ("backbone", "processor", "file")),
     "hp": (lambda path, **kw: HPScore(path, **kw), ("backbone", "processor", "file")),

@@ -20,7 +20,7 @@ from ..runtime import resolve_device, resolve_dtype
 from .base import RewardLoadError, batches, check_lengths, checkpoint_file, load_state_dict, load_strict
 from .preprocess import hps_pixels
 
-DEFAULT_FILE = "HPS_v2.1_compressed.pt"
+FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # not comparable with each other
 ARCH = "ViT-H-14"
 
 
@@ -38,8 +38,8 @@ def open_clip_model_config(checkpoint: str, arch: str = ARCH) -> dict:
 
 
 class HPSv2:
-    def __init__(self, path: str, *, file: str | None = None, antialias: bool = False, device: str = "auto",
-                 dtype: str = "auto") -> None:
+    def __init__(self, path: str, *, file: str | None = None, version: str = "v2.0", antialias: bool = False,
+                 device: str = "auto", dtype: str = "auto") -> None:
         import open_clip
         from open_clip.tokenizer import SimpleTokenizer
 
@@ -47,7 +47,10 @@ class HPSv2:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.antialias = antialias
-        ckpt = checkpoint_file(path, file or DEFAULT_FILE)
+        if version not in FILES:
+            raise RewardLoadError(f"HPS {path}: unknown version {version!r}; one of {', '.join(FILES)}")
+        self.version = version
+        ckpt = checkpoint_file(path, file or FILES[version])
         cfg = open_clip_model_config(ckpt)
         if cfg.get("custom_text") or "hf_model_name" in cfg.get("text_cfg", {}):
             raise RewardLoadError(f"HPS {path}: expected a plain open_clip CLIP config, got {cfg}")

@@ -6,7 +6,7 @@ much smaller sizes, so the tiny profile and the tests load them through the real
 | builder | files (as released) |
 |---|---|
 | `build_tiny_imagereward` | `ImageReward.pt` (keys `blip.visual_encoder.*`, `blip.text_encoder.*`, `blip.{vision,text}_proj.*`, `mlp.layers.{0,2,4,6,7}.*`), `med_config.json`; plus `tokenizer/` standing in for bert-base-uncased |
-| `build_tiny_hps` | `HPS_v2.1_compressed.pt` (`{'state_dict': open_clip CLIP}`), `open_clip_config.json` (the real one uses open_clip's built-in ViT-H-14 config) |
+| `build_tiny_hps` | `HPS_v2.1_compressed.pt` and `HPS_v2_compressed.pt` (`{'state_dict': open_clip CLIP}`), `open_clip_config.json` (the real one uses open_clip's built-in ViT-H-14 config) |
 | `build_tiny_aesthetic_head` | `sac+logos+ava1-l14-linearMSE.pth` (keys `layers.{0,2,4,6,7}.*`) |
 | `build_tiny_ict` | `pytorch_model.bin` (a CLIPModel state dict, laid over the backbone) |
 | `build_tiny_hp` | `hp_backbone/pytorch_model.bin`, `hp_scorer/mlp_pytorch_model.bin` |
@@ -143,9 +143,10 @@ def build_tiny_hps(out_dir, seed: int = 0) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_OPEN_CLIP)
-    torch.save({"state_dict": model.state_dict()}, out / "HPS_v2.1_compressed.pt")
+    for k, name in enumerate(("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt")):  # v2.1 and v2.0: two checkpoints
+        torch.manual_seed(seed + 100 * k)
+        model = open_clip.CLIP(**TINY_OPEN_CLIP)
+        torch.save({"state_dict": model.state_dict()}, out / name)
     (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}, indent=2))
     return out
 
