@@ -14,10 +14,14 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 _lock = threading.Lock()
+# PDEATHSIG fires when the *thread* that forked the child ends, not the process: children are forked
+# from this one long-lived thread, so a child outlives the (e.g. task-runner) thread that asked for it.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="richpref-spawn")
 
 
 def registry_dir() -> Path:
@@ -49,8 +53,8 @@ def spawn_owned(cmd: list[str], *, name: str, log_path: str | None = None, env: 
     """Start `cmd` as an owned child (own process group, dies with this process, pid recorded)."""
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
+        proc = _SPAWNER.submit(subprocess.Popen, cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env=env, cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent).result()
     finally:
         if log_path:
             log.close()
