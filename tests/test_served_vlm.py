@@ -357,7 +357,8 @@ def test_in_process_filter_batches_hold_whole_pairs():
     assert filter_check.pair_batches(qs, 5, served=True) == [qs] and filter_check.pair_batches([], 5, False) == []
 
 
-def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, runs_dir, tiny_models):
+def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, runs_dir, tiny_models, tmp_path,
+                                                                   monkeypatch):
     """critique, instruct and filter each launch `transformers serve` (one stage at a time: the
     resident slot stops a stage's server before the next stage starts its own)."""
     from test_curate_flow import curate_run
@@ -365,13 +366,13 @@ def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, 
     from richpref.procs import registry_dir
     from richpref.storage import RunStore
 
-    before = set(registry_dir().glob("*.json"))
+    monkeypatch.setenv("RICHPREF_PID_DIR", str(tmp_path / "pids"))  # this test's servers only
     engine = "{backend: server, launch: transformers, startup_timeout_s: 240}"
     summary = curate_run(runs_dir, "served", tiny_models,
                          extra=[f"critique.engine={engine}", f"instruct.engine={engine}", f"filter.engine={engine}",
                                 "source.limit=4"])
     assert summary["state"] == "completed"
-    assert set(registry_dir().glob("*.json")) == before  # every launched server was stopped
+    assert list(registry_dir().glob("*.json")) == []  # every launched server was stopped
     served, ref = RunStore(str(runs_dir), "served"), RunStore(str(runs_dir), "ref")
     ref_critique = {r["item_id"]: r for r in ref.read_stage("critique").to_pylist()}
     for r in served.read_stage("critique").to_pylist():

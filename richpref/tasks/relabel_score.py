@@ -62,7 +62,12 @@ class RewardSet:
                 s.close()
         self.scorers.clear()
 
-    on_release = close  # a served reward stops the server it launched when the stage ends
+    def on_release(self) -> None:
+        """When the stage ends: a served reward (vlm_score) stops the server it launched."""
+        for s in self.scorers.values():
+            hook = getattr(getattr(s, "vlm", None), "on_release", None)
+            if callable(hook):
+                hook()
 
 
 def reward_set(cfg: RelabelConfig, models_root: str | None) -> RewardSet:
