@@ -125,7 +125,7 @@ def stage_loaders(profile: Profile) -> dict[str, Callable[[], list[str]]]:
     """Per stage, a function that loads its models through the stage's own loader (so the stage then
     finds them resident) and returns what it loaded. Stages without a model are absent."""
     from .doctor_checks import uses_sample_model
-    from .tasks import critique, cutout, edit, relabel, sample
+    from .tasks import critique, cutout, edit, relabel_score, sample
 
     root = profile.models_root
 
@@ -133,17 +133,22 @@ def stage_loaders(profile: Profile) -> dict[str, Callable[[], list[str]]]:
         cfg = getattr(profile, section)
         return lambda: [critique.load_vlm(cfg, root).model_id]
 
-    def rewards() -> list[str]:
-        rs = relabel.reward_set(profile.relabel, root)
-        for name in profile.relabel.rewards:
+    def rewards() -> list[str]:  # what the score stage loads: the scored rewards and the subject gate
+        rs = relabel_score.reward_set(profile.relabel, root)
+        names = list(profile.relabel.scored())
+        for name in names:
             rs.get(name)
-        return [f"{n}:{s.kind}" for n, s in profile.relabel.rewards.items()]
+        loaded = [f"{n}:{profile.relabel.rewards[n].kind}" for n in names]
+        if profile.relabel.subject_gate is not None:
+            rs.get(relabel_score.SUBJECT)
+            loaded.append(f"{relabel_score.SUBJECT}:dino_patch")
+        return loaded
 
     loaders: dict[str, Callable[[], list[str]]] = {
         "critique": vlm("critique"), "instruct": vlm("instruct"),
         "edit": lambda: [edit.load_editor(profile.edit, root).model_id],
         "cutout": lambda: [cutout.load_remover(profile.cutout, root).model_id],
-        "filter": vlm("filter"), "relabel": rewards,
+        "check": vlm("filter"), "score": rewards,
     }
     if uses_sample_model(profile):
         loaders["sample"] = lambda: [sample.load_generator(profile.sample, root).model_id]
@@ -181,7 +186,8 @@ def _stage_disk_bytes(store, stage: str) -> int:
 
 def run_stage_shards(stage, store, profile: Profile, shards: list[int]) -> list[float]:
     """The stage's pure shard function over every scratch shard; seconds per shard (read, compute, write)."""
-    from .tasks.base import StageInputs, check_rows_accounted
+    from .shard_contract import check_rows_accounted
+    from .tasks.base import StageInputs
 
     seconds = []
     for s in shards:
@@ -189,7 +195,7 @@ def run_stage_shards(stage, store, profile: Profile, shards: list[int]) -> list[
         tables = {name: store.read_shard(name, s) for name in stage.reads}
         driver = tables[stage.reads[0]]
         rows = driver.filter(pc.equal(driver.column("status"), OK))
-        out = stage.compute(StageInputs(shard=s, rows=rows, tables=tables), profile)
+        out = stage.compute(StageInputs(shard=s, rows=rows, tables=tables, scratch=store.scratch_dir(stage.out)), profile)
         check_rows_accounted(stage.name, s, rows, out, stage.fan_out(profile) if stage.fan_out else None)
         write_shard(store, stage.out, s, out, "doctor")
         seconds.append(time.perf_counter() - t0)

@@ -84,11 +84,14 @@ def model_refs(profile: Profile) -> list[ModelRef]:
     add("edit", "edit.controlnet", p.edit.controlnet, "diffusers", p.edit)
     add("edit", "edit.control_weights", p.edit.control_weights, "annotator", p.edit)
     add("cutout", "cutout.model", p.cutout.model, "rembg", p.cutout)
-    add("filter", "filter.model", p.filter.model, "vlm", p.filter)
-    for name, spec in p.relabel.rewards.items():
-        add("relabel", f"relabel.rewards.{name}.model", spec.model, "reward", p.relabel)
+    add("check", "filter.model", p.filter.model, "vlm", p.filter)  # the check stage asks the filter's questions
+    for name in p.relabel.scored():  # the score stage loads the scored rewards (weight-0 ones only if report_only)
+        spec = p.relabel.rewards[name]
+        add("score", f"relabel.rewards.{name}.model", spec.model, "reward", p.relabel)
         for opt in ("processor", "backbone"):
-            add("relabel", f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", p.relabel)
+            add("score", f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", p.relabel)
+    if p.relabel.subject_gate is not None:
+        add("score", "relabel.subject_gate.model", p.relabel.subject_gate.model, "reward", p.relabel)
     return refs
 
 
@@ -138,7 +141,7 @@ def resolve(ref: ModelRef, profile: Profile) -> ModelRef:
             fix = (f"point {ref.field} at an existing directory or a Hub id 'owner/name'; for the tiny profile run "
                    "`richpref models build-tiny <models_root>`")
         raise ModelProblem(ref.stage, ref.ref, str(exc), fix) from None
-    variant = getattr(getattr(profile, ref.stage), "variant", None)
+    variant = getattr(getattr(profile, section_of(ref.stage)), "variant", None)
     if ref.kind == "diffusers" and variant and ref.path and Path(ref.path).is_dir() \
             and not any(f".{variant}." in f.name for f in Path(ref.path).rglob("*")):
         raise ModelProblem(ref.stage, ref.ref, f"{ref.path} has no {variant!r} weight files (*.{variant}.safetensors)",
@@ -234,12 +237,20 @@ def available_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def section_of(stage: str) -> str:
+    """The profile section that configures a stage (check runs the filter's models, score relabel's)."""
+    from .tasks import STAGES
+
+    return STAGES[stage].section if stage in STAGES else stage
+
+
 def memory_fix(stage: str, profile: Profile) -> str:
-    cfg = getattr(profile, stage)
-    half = "bfloat16" if stage in ("critique", "instruct", "filter") else "float16"
-    return (f"load it in half precision (--set {stage}.dtype={half}; now {cfg.dtype}) and/or lower "
-            f"{stage}.batch_size (now {cfg.batch_size}); or run the stage on a device with more memory "
-            f"({stage}.device, now {cfg.device})")
+    section = section_of(stage)
+    cfg = getattr(profile, section)
+    half = "bfloat16" if section in ("critique", "instruct", "filter") else "float16"
+    return (f"load it in half precision (--set {section}.dtype={half}; now {cfg.dtype}) and/or lower "
+            f"{section}.batch_size (now {cfg.batch_size}); or run the stage on a device with more memory "
+            f"({section}.device, now {cfg.device})")
 
 
 def check_memory(refs: list[ModelRef], profile: Profile) -> dict[str, int]:
@@ -247,7 +258,7 @@ def check_memory(refs: list[ModelRef], profile: Profile) -> dict[str, int]:
     per_stage: dict[str, int] = {}
     device_of: dict[str, str] = {}
     for ref in refs:
-        variant = getattr(getattr(profile, ref.stage), "variant", None)
+        variant = getattr(getattr(profile, section_of(ref.stage)), "variant", None)
         per_stage[ref.stage] = per_stage.get(ref.stage, 0) + weights_bytes(ref.path, ref.dtype, ref.device, variant)
         device_of[ref.stage] = ref.device
     for stage, need in per_stage.items():
@@ -255,7 +266,7 @@ def check_memory(refs: list[ModelRef], profile: Profile) -> dict[str, int]:
         if need > have:
             models = ", ".join(r.ref for r in refs if r.stage == stage)
             raise ModelProblem(stage, models, f"its weights need {need / 2**30:.1f} GiB at dtype "
-                               f"{getattr(profile, stage).dtype} but {device_of[stage]} has {have / 2**30:.1f} GiB free",
+                               f"{getattr(profile, section_of(stage)).dtype} but {device_of[stage]} has {have / 2**30:.1f} GiB free",
                                memory_fix(stage, profile), kind="memory")
     return per_stage
 

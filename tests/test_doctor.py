@@ -50,9 +50,10 @@ def test_doctor_measures_every_stage_of_the_tiny_profile(flow_report):
         assert s["disk_bytes"] > 0, s["stage"]
         assert s["projected"]["hours_per_worker"] > 0
     by = {s["stage"]: s for s in stages}
-    for name in ("sample", "critique", "instruct", "edit", "cutout", "filter", "relabel"):
+    for name in ("sample", "critique", "instruct", "edit", "cutout", "check", "score"):  # the stages that load models
         assert by[name]["models"] and by[name]["load_s"] > 0, name
-    assert by["export"]["models"] == [] and "pickscore:pickscore" in by["relabel"]["models"]
+    assert by["export"]["models"] == [] and by["filter"]["models"] == [] and by["relabel"]["models"] == []
+    assert "pickscore:pickscore" in by["score"]["models"]
     # Images are the bulk of a run's bytes.
     assert by["sample"]["disk_bytes"] > 3 * by["critique"]["disk_bytes"]
     total = flow_report["total"]
