@@ -282,7 +282,7 @@ def test_curate_launches_the_finetune_deployment_once_per_pairs(prefect_harness,
 
     finetune.to_deployment(name="tiny-test").apply()
     store = RunStore(str(tmp_path / "data"), "demo")
-    table = pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1], "status": ["ok"]})
+    table = pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1]})
     manifest = write_shard(store, "pairs", 0, table, "k1")
     summary = {"run": "demo", "pairs": store.uri(store.stage_dir("pairs")), "manifests": {"pairs": [manifest.to_dict()]}}
 

@@ -9,6 +9,7 @@ import pytest
 from richpref.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
+from richpref.tasks import relabel_score as score_stage
 from test_relabel_export import _flip_rate, mini_run, run_stage, write_upstream  # noqa: F401 (mini_run: a fixture)
 
 
@@ -26,6 +27,7 @@ def test_flip_rate_of_a_run_with_ties_counts_only_its_pairs(mini_run, capsys):
     tied = RunStore(str(data), "mini-ties")
     tied.write_text("profile.json", tied_profile.model_dump_json(indent=2))
     manifests = write_upstream(tied)
+    run_stage(score_stage.STAGE, tied, tied_profile, manifests)
     run_stage(relabel_stage.STAGE, tied, tied_profile, manifests)
     run_stage(export_stage.STAGE, tied, tied_profile, manifests)
     relabel = tied.read_shard("relabel", 0).to_pylist()

@@ -22,7 +22,7 @@ def test_the_hpsv2_version_is_explicit_and_named_in_every_table():
     from pydantic import ValidationError
 
     from richpref.datacard import reward_titles
-    from richpref.flows.evaluate import to_markdown
+    from richpref.evaluation import to_markdown
     from richpref.schemas.config import RewardSpec
     from richpref.schemas.training import load_evaluate_config
 
