@@ -224,14 +224,16 @@ def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, 
     pq.write_table(pa.Table.from_pylist(rows), out / "table.parquet")
     from richpref.datacard import reward_titles
 
-    markdown = to_markdown(rows, reward_titles({n: s.model_dump() for n, s in cfg.rewards.items()}))
+    titles = reward_titles({n: s.model_dump() for n, s in cfg.rewards.items()})
+    markdown = to_markdown(rows, titles)
     (out / "table.md").write_text(markdown, encoding="utf-8")
     grid_path = None
     if cfg.grid_prompts > 0:
         grid_path = out / "grid.png"
         image_grid(files, index, cfg.grid_prompts, cfg.grid_cell).save(grid_path)
     create_table_artifact(rows, key=artifact_key(cfg.name),
-                          description=f"Mean reward per model over {len(texts)} images ({len(prompts)} prompts)")
+                          description=f"Mean reward per model over {len(texts)} images ({len(prompts)} prompts)"
+                          + "".join(f"; {t}" for n, t in titles.items() if t != n))
     log.info("evaluate %s:\n%s", cfg.name, markdown)
     return {"output_dir": str(out), "table": rows, "markdown": markdown, "grid": str(grid_path) if grid_path else None,
             "prompts": len(prompts), "images_per_model": len(texts)}
