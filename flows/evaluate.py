@@ -38,6 +38,7 @@ def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, 
     scores = {name: score_task(name, cfg, files) for name in cfg.rewards}
     result = write_results(out, cfg, files, scores, texts, seeds, index)
     create_table_artifact(result["table"], key=artifact_key(cfg.name),
-                          description=f"Mean reward per model over {len(texts)} images ({len(prompts)} prompts)")
+                          description=f"Mean reward per model over {len(texts)} images ({len(prompts)} prompts)"
+                          + "".join(f"; {t}" for n, t in result.pop("titles").items() if t != n))
     log.info("evaluate %s:\n%s", cfg.name, result["markdown"])
     return {"output_dir": str(out), **result, "prompts": len(prompts), "images_per_model": len(texts)}

@@ -118,6 +118,17 @@ Image.open(io.BytesIO(row[chosen]))   # exactly how the Diffusion-DPO training s
 ```"""
 
 
+def _votes_line(relabel: dict) -> str:
+    """Which rewards decide the labels, which are only recorded, and the subject gate."""
+    rewards = relabel.get("rewards", {})
+    votes = [f"`{n}` ({r.get('weight', 1.0):g})" for n, r in rewards.items() if r.get("weight", 1.0) != 0]
+    only = relabel.get("report_only") or []
+    gate = relabel.get("subject_gate")
+    return (f"Labels decided by {', '.join(votes) or '–'}; recorded without a vote: "
+            f"{', '.join(f'`{n}`' for n in only) or 'none'}; subject gate: "
+            + (f"DINOv2 patch consistency ≥ {gate.get('min_consistency')} (`{gate.get('model')}`)." if gate else "off."))
+
+
 def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_rel: str) -> str:
     rewards = profile.get("relabel", {}).get("rewards", {})
     weights = {n: r.get("weight", 1.0) for n, r in rewards.items()}
@@ -126,7 +137,7 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
     lines = _front_matter(f"richpref pairs ({run})")
     lines += [f"# richpref preference pairs: run `{run}`", "",
               "Synthetic preference pairs in Pick-a-Pic format, curated by richpref "
-              "(critique → instruct → edit → cutout → filter → relabel → export).", "",
+              "(critique → instruct → edit → cutout → check → filter → score → relabel → export).", "",
               "`jpg_0` is the original image, `jpg_1` its edit; `label_0` is 1 when the original is preferred "
               "(a *flipped* pair: the edit scored lower) and 0 when the edit is. No ties (0.5). With several edits "
               "per item and `relabel.pairing: best_vs_worst`, a pair may hold two edits: `candidate_0`/`candidate_1` "
@@ -150,7 +161,8 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               f"not selected for their item's pair); pairing `{profile.get('relabel', {}).get('pairing', 'best_vs_original')}`, "
               f"standardisation "
               f"`{profile.get('relabel', {}).get('standardize', '?')}`, ties at margin ≤ "
-              f"{profile.get('relabel', {}).get('min_margin', 0)}.", ""]
+              f"{profile.get('relabel', {}).get('min_margin', 0)} (and within float noise of it, or the same bytes).", "",
+              _votes_line(profile.get("relabel", {})), ""]
     lines += _score_table(stats, weights, labels, reward_titles(rewards))
     if stats["margin"]:
         m = stats["margin"]

@@ -207,10 +207,11 @@ def write_results(out: Path, cfg: EvaluateConfig, files: dict[str, str], scores:
     pq.write_table(pa.Table.from_pylist(rows), out / "table.parquet")
     from richpref.datacard import reward_titles
 
-    markdown = to_markdown(rows, reward_titles({n: s.model_dump() for n, s in cfg.rewards.items()}))
+    titles = reward_titles({n: s.model_dump() for n, s in cfg.rewards.items()})
+    markdown = to_markdown(rows, titles)
     (out / "table.md").write_text(markdown, encoding="utf-8")
     grid_path = None
     if cfg.grid_prompts > 0:
         grid_path = out / "grid.png"
         image_grid(files, index, cfg.grid_prompts, cfg.grid_cell).save(grid_path)
-    return {"table": rows, "markdown": markdown, "grid": str(grid_path) if grid_path else None}
+    return {"table": rows, "markdown": markdown, "grid": str(grid_path) if grid_path else None, "titles": titles}
