@@ -163,6 +163,10 @@ class VisionLanguageModel:
             path, dtype=torch_dtype, device_map=str(dev), trust_remote_code=trust_remote_code
         )
         model.eval()
+        if getattr(image_caps, "max_tiles", None):
+            from .vlm_grid import cap_loaded
+
+            cap_loaded(model, processor, image_caps.max_tiles)
 
         tok = processor.tokenizer
         # Left padding: generation appends after the last column, and the answer position of

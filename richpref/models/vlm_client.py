@@ -303,6 +303,14 @@ def connect(engine: EngineConfig, model_ref: str, models_root: str | None = None
             raise
         path = model_ref  # a remote server may hold a model this machine does not have
     tokenizer = _local_tokenizer(path, trust_remote_code)
+    if image_caps is not None and image_caps.max_tiles:
+        if not engine.launch:
+            raise ValueError(f"image.max_tiles cannot be applied to a server richpref does not start ({engine.endpoint}): "
+                             "cap the grid where that server is started (e.g. vLLM --hf-overrides with "
+                             "image_grid_pinpoints), or drop image.max_tiles, or let richpref launch it (engine.launch)")
+        from .vlm_grid import capped_model_dir
+
+        path = str(capped_model_dir(path, image_caps.max_tiles))  # the server reads the capped grid
     if engine.launch:
         # `transformers serve` names the model by the path it serves; vLLM/SGLang take a served name.
         name = path if engine.launch == "transformers" else (engine.served_model or model_ref)

@@ -62,13 +62,15 @@ class ImageCaps(BaseModel):
 
     Qwen2.5-VL spends one token per 28x28 pixels, so `max_pixels` caps its image tokens at
     max_pixels / 784; LLaVA-OneVision tiles an image into a grid of 384 px crops (anyres, up to 3x3),
-    so `max_pixels` of 384*384*k keeps it to about k crops plus the base view.
+    so `max_pixels` of 384*384*k keeps it to about k crops plus the base view. `max_tiles` caps that
+    grid without shrinking the image (anyres models only; see models/vlm_grid.py).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
+    max_tiles: int | None = Field(None, ge=1)  # LLaVA-OneVision / LLaVA-NeXT anyres grid: tiles per image
 
     @model_validator(mode="after")
     def _ordered(self) -> "ImageCaps":
@@ -78,7 +80,9 @@ class ImageCaps(BaseModel):
 
     def key_data(self) -> dict | None:
         data = self.model_dump()
-        return None if data == {"min_pixels": None, "max_pixels": None} else data
+        if data.pop("max_tiles") is not None:  # left out when unset: keys made before it existed stay
+            data["max_tiles"] = self.max_tiles
+        return None if all(v is None for v in data.values()) else data
 
     def apply(self, image):
         """`image` resized (bicubic, aspect kept) into [min_pixels, max_pixels]; unchanged if inside."""
