@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .runtime import ModelNotAvailable
+from .runtime import ModelNotAvailable, keep_torch_threads
 
 # rembg sessions whose weights are one file `<name>.onnx`, looked up (in rembg 2.x) at
 # `<home>/models/<name>/<name>.onnx`, then at the legacy flat `<legacy home>/<name>.onnx`.
@@ -171,7 +171,8 @@ class BackgroundRemover:
                 raise ModelNotAvailable(_missing_model_message(model, expected))
             model_id = model
 
-        from rembg import new_session  # lazy: see module docstring
+        with keep_torch_threads():  # rembg imports numba, whose OpenMP start resets torch's thread count
+            from rembg import new_session  # lazy: see module docstring
 
         chosen = onnx_providers(device, providers)
         try:

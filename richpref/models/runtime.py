@@ -6,6 +6,7 @@ once with a message naming the model and how to provide it.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -69,6 +70,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+@contextlib.contextmanager
+def keep_torch_threads():
+    """Undo a library's change to torch's intra-op thread count (torch and numba share libgomp, and
+    numba's OpenMP layer sets it to every core when it starts): oversubscribed cores make the small
+    ops of a model run many times slower when several workers share a machine."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 class ResidentModel:

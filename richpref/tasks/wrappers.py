@@ -17,17 +17,17 @@ from richpref.storage import RunStore
 from richpref.tasks.base import Stage
 
 TORCH_THREADS_ENV = "RICHPREF_TORCH_THREADS"  # set for each worker of a local CPU cluster
-_threads_set = False
 
 
 def _split_threads() -> None:
-    """A local CPU cluster's workers share the cores: each runs torch on its own share of them."""
-    global _threads_set
-    if not _threads_set and os.environ.get(TORCH_THREADS_ENV):
+    """A local CPU cluster's workers share the cores: each runs torch on its own share of them.
+    Asserted before every shard, since a library may have changed it (see keep_torch_threads)."""
+    wanted = os.environ.get(TORCH_THREADS_ENV)
+    if wanted:
         import torch
 
-        torch.set_num_threads(int(os.environ[TORCH_THREADS_ENV]))
-        _threads_set = True
+        if torch.get_num_threads() != int(wanted):
+            torch.set_num_threads(int(wanted))
 
 
 def shard_fn(stage: Stage, shard: int, inputs: dict[str, ShardManifest], data_dir: str, run: str, profile: Profile,
