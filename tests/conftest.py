@@ -1,9 +1,11 @@
-"""Session fixtures: offline env, an isolated Prefect, and the tiny models built once."""
+"""Session fixtures: offline env, an isolated Prefect, the tiny models built once, and the fixtures tests
+in tests/ and tests/stages/ share. Fixtures only the stage tests share: tests/stages/conftest.py."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 # Before anything imports prefect/transformers: offline, quiet, and Prefect state in a throwaway home.
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="richpref-tests-"))
@@ -31,6 +33,34 @@ def tiny_models() -> Path:
     root = _SESSION_TMP / "models"
     build_tiny_models(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def paths(tiny_models):
+    """The tiny models' folders by name (richpref.models.tiny.LAYOUT: `paths.sd15`, `paths.sdxl`, ...)
+    and their root (`paths.root`)."""
+    from richpref.models.tiny import LAYOUT
+
+    return SimpleNamespace(**{k: Path(tiny_models) / v for k, v in LAYOUT.items()}, root=Path(tiny_models))
+
+
+@pytest.fixture
+def release_resident():
+    """After the test, release the resident image model (models.runtime.resident)."""
+    from richpref.models.runtime import resident
+
+    yield
+    resident.release()  # the next test starts with no model loaded
+
+
+@pytest.fixture(scope="session")
+def mini_run(tiny_models, tmp_path_factory):
+    """(data dir, store, profile) of the mini run "mini": shard 0 of every stage up to the filter written
+    by hand, then score, relabel and export through the real stages (tests/relabel_helpers.py). Built
+    once per session for the score, relabel and export stage tests and tests/test_flip_rate.py."""
+    from relabel_helpers import build_mini_run
+
+    return build_mini_run(tiny_models, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

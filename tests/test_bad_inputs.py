@@ -1,26 +1,18 @@
-"""Bad and hostile input: every row gets a clear reason, counts add up, nothing is evaluated or escapes."""
+"""Bad and hostile input: every row gets a clear reason, counts add up, nothing is evaluated or escapes.
+One stage's bad input is tested with that stage (tests/stages/): the source's bad rows, prompts and
+missing columns in test_source.py, the sample stage's bad dataset images in test_sample.py."""
 from __future__ import annotations
 
 import io
-import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 
 from richpref.images import BadImage, decode_image
 from richpref.prompts import render
-from richpref.schemas.config import SampleConfig, SourceConfig
-from richpref.schemas.tables import PROMPTS, rows_to_table
 from richpref.storage import RunStore
-from richpref.shard_contract import check_rows_accounted
-from richpref.tasks.sample import sample_rows
-from richpref.tasks.source import SourceError, clean_prompt, shard_source
 
 
 def _png(img: Image.Image, **kw) -> bytes:
@@ -68,72 +60,6 @@ def test_decoded_odd_images_keep_their_content():
     assert decode_image(IMAGES["rgba"][0]).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
     assert decode_image(IMAGES["16-bit"][0]).getpixel((0, 0)) == (round(40000 / 257),) * 3
     assert decode_image(IMAGES["cmyk"][0]).getpixel((5, 5))[1] < 60  # magenta ink: little green
-
-
-def test_sample_stage_rejects_bad_dataset_images_with_reasons_and_keeps_the_rest():
-    rows = [{"item_id": f"i{k}", "status": "ok", "reason": None, "source": "t", "source_row": k,
-             "prompt": "a cat", "image": data} for k, (data, _) in enumerate(IMAGES.values())]
-    table = rows_to_table(rows, PROMPTS)
-
-    def no_generator():
-        raise AssertionError("dataset images must not load a generator")
-
-    out = sample_rows(table, SampleConfig(use_dataset_image=True), no_generator)
-    check_rows_accounted("sample", 0, table, out)
-    got = {r["item_id"]: r for r in out.to_pylist()}
-    for k, (name, (_, expected)) in enumerate(IMAGES.items()):
-        r = got[f"i{k}"]
-        assert (r["status"] == "ok") == (expected is None), name
-        if expected:
-            assert r["reason"].startswith("bad_image"), (name, r["reason"])
-
-
-@pytest.mark.parametrize("value,reason", [
-    ("", "bad_prompt: empty"),
-    ("   \t\n ", "bad_prompt: empty"),
-    ("x" * 10_000, "bad_prompt: 10000 characters"),
-    (b"\xff\xfe caf\xe9", "bad_prompt: not valid UTF-8"),
-    (None, "bad_prompt: missing"),
-    (42, "bad_prompt: expected text"),
-])
-def test_bad_prompts_get_reasons(value, reason):
-    prompt, why = clean_prompt(value, 2000)
-    assert prompt is None and why.startswith(reason)
-
-
-def test_control_characters_are_removed_not_passed_to_models():
-    prompt, why = clean_prompt("a\x00 red\x1b[31m cat\u200b\r\nsitting", 2000)
-    assert why is None and prompt == "a red [31m cat sitting"
-
-
-def test_a_source_with_bad_rows_keeps_every_row_with_a_reason(tmp_path):
-    lines = [{"caption": "a dog"}, {"caption": ""}, {"caption": "   "}, {"caption": "y" * 10_000},
-             {"caption": "tab\tand\x07bell"}, {"caption": None}, {"caption": "a dog"}]
-    path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(json.dumps(x) for x in lines))
-    tables = shard_source(SourceConfig(kind="jsonl", path=str(path), shard_size=3))
-    rows = [r for t in tables for r in t.to_pylist()]
-    assert len(rows) == len(lines)
-    assert len({r["item_id"] for r in rows}) == len(lines)  # same caption twice: two items, two ids
-    assert [r["status"] for r in rows] == ["ok", "rejected", "rejected", "rejected", "ok", "rejected", "ok"]
-    assert all(r["reason"] for r in rows if r["status"] == "rejected")
-
-
-def test_a_missing_column_fails_the_whole_input_before_any_model_loads(tmp_path):
-    import pyarrow.parquet as pq
-
-    path = tmp_path / "pickapic.parquet"
-    pq.write_table(pa.table({"prompt": ["a cat"], "jpg_0": [GOOD], "jpg_1": [GOOD], "label_0": [1.0]}), path)
-    with pytest.raises(SourceError, match=r"no column\(s\) \['caption'\].*prompt_column"):
-        shard_source(SourceConfig(kind="parquet", path=str(path)))
-    t0 = time.monotonic()
-    done = subprocess.run([str(Path(sys.executable).parent / "richpref"), "--data-dir", str(tmp_path), "curate",
-                           "--run", "x", "--set", "source.kind=parquet", "--set", f"source.path={path}"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "'caption'" in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "runs" / "x" / "source").exists()
-    assert time.monotonic() - t0 < 60
 
 
 def test_a_model_missing_offline_fails_fast_naming_it(monkeypatch):

@@ -10,7 +10,7 @@ from richpref.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
 from richpref.tasks import relabel_score as score_stage
-from test_relabel_export import _flip_rate, mini_run, run_stage, write_upstream  # noqa: F401 (mini_run: a fixture)
+from relabel_helpers import _flip_rate, run_stage, write_upstream
 
 
 def test_flip_rate_of_a_run_with_ties_counts_only_its_pairs(mini_run, capsys):

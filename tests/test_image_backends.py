@@ -1,4 +1,5 @@
-"""Image backends on tiny random models: text-to-image, ControlNet editing, control maps, cut-outs.
+"""Image backends on tiny random models: text-to-image, ControlNet editing, control maps, cut-outs
+(rembg sessions by name), and one image model resident at a time.
 
 Everything runs offline on CPU at 64×64 with 2-4 steps; the tiny checkpoints are built once per session.
 """
@@ -19,7 +20,10 @@ from richpref.models.editor import ANNOTATOR_FILES, CONTROL_KINDS, ControlNetEdi
 from richpref.models.generator import TextToImage
 from richpref.models.runtime import ModelNotAvailable
 from richpref.models.tiny.diffusion import build_tiny_controlnet, build_tiny_sd15
-from richpref.models.tiny.rembg import build_tiny_u2net_onnx
+from richpref.models.tiny.rembg import MODEL_FILENAME, build_tiny_u2net_onnx, install_as_rembg_model
+from richpref.schemas.config import EditConfig, SampleConfig
+from richpref.tasks.edit import load_editor
+from richpref.tasks.sample import load_generator
 
 GEN = dict(steps=3, guidance_scale=5.0, height=64, width=64)
 EDIT = dict(steps=4, strength=0.75)
@@ -217,6 +221,28 @@ def test_custom_model_outside_home_is_explained(tiny, tmp_path, monkeypatch):
         BackgroundRemover.load("u2net_custom", model_path=str(tiny.onnx))
 
 
+SESSIONS = ("u2net", "isnet-general-use", "birefnet-general", "bria-rmbg")
+
+
+@pytest.fixture(scope="module")
+def rembg_home(paths, tmp_path_factory):
+    """A rembg home with the tiny net installed under each named session's own file name."""
+    home = tmp_path_factory.mktemp("rembg_home")
+    for name in SESSIONS:
+        install_as_rembg_model(paths.rembg_home / MODEL_FILENAME, home, name)
+    return home
+
+
+@pytest.mark.parametrize("name", SESSIONS)
+def test_rembg_sessions_by_name(name, rembg_home, monkeypatch):
+    monkeypatch.setenv("U2NET_HOME", str(rembg_home))  # restored after the test; load() sets it
+    remover = BackgroundRemover.load(name, home=str(rembg_home))
+    assert remover.model_id == name
+    [(fg, mask)] = remover.remove([_scene((64, 48))])
+    assert fg.size == mask.size == (64, 48) and mask.mode == "L"
+    assert 0.0 < foreground_ratio(mask) < 1.0
+
+
 # --- builders ----------------------------------------------------------------------------------
 
 
@@ -251,3 +277,19 @@ def test_tiny_sd_loads_with_diffusers(tiny):
     assert pipe.text_encoder.config.vocab_size == 49408
     assert pipe.vae_scale_factor == 8
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+
+# --- one image model resident at a time (the stages' loaders) ----------------------------------
+
+
+def test_one_image_model_resident_at_a_time(paths, release_resident):
+    import gc
+    import weakref
+
+    gen = load_generator(SampleConfig(model="sd15", device="cpu"), str(paths.root))
+    unet = weakref.ref(gen.pipe.unet)
+    del gen
+    editor = load_editor(EditConfig(model="sdxl", controlnet="controlnet-sdxl", device="cpu"), str(paths.root))
+    gc.collect()
+    assert unet() is None  # loading the editor released the generator's weights
+    assert load_editor(EditConfig(model="sdxl", controlnet="controlnet-sdxl", device="cpu"), str(paths.root)) is editor

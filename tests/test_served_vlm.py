@@ -29,7 +29,7 @@ from richpref.tasks import critique as critique_stage
 from richpref.tasks import filter as filter_stage
 from richpref.tasks import filter_check
 from richpref.tasks import instruct as instruct_stage
-from test_vlm_stages import PROMPTS, filter_input, image, instruct_input
+from vlm_helpers import PROMPTS, filter_input, image, instruct_input
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

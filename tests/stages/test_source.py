@@ -1,5 +1,6 @@
-"""The source read shard by shard: same rows as reading it whole, only the rows asked for, cheap
-honest keys, dedupe across shards and workers, and bad rows as rejected rows."""
+"""The source stage (richpref/tasks/source.py), read shard by shard: same rows as reading it whole,
+only the rows asked for, cheap honest keys, dedupe across shards and workers, Pick-a-Pic's preferred
+image, and bad rows and prompts as rejected rows (a missing column fails the whole input)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +8,10 @@ import io
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +22,8 @@ from PIL import Image
 from richpref.schemas.config import SourceConfig
 from richpref.sources import parquet as parquet_reader
 from richpref.sources import SourceError
-from richpref.tasks.source import check_source, compute_shard, open_view, shard_source
+from richpref.tasks.source import check_source, clean_prompt, compute_shard, open_view, shard_source
+from test_bad_inputs import GOOD
 
 
 def _jpeg(seed: int) -> bytes:
@@ -194,6 +200,20 @@ def test_pickapic_ties_unlabelled_and_identical_pairs_are_rejected_with_reasons(
     assert keep[1]["status"] == "ok" and keep[1]["image"] == _jpeg(2)
 
 
+def test_source_takes_the_preferred_pickapic_image(pickapic):
+    [shard] = shard_source(SourceConfig(kind="parquet", path=str(pickapic.path), pickapic_preferred=True))
+    got = shard.to_pylist()
+    assert [r["prompt"] for r in got] == ["a red apple", "a blue car", "two cats", "no label"]
+    assert got[0]["image"] == pickapic.rows[0][1]  # label_0 = 1: jpg_0
+    assert got[1]["image"] == pickapic.rows[1][2]  # label_0 = 0: jpg_1
+    assert got[2]["status"] == "rejected" and got[2]["reason"].startswith("tie:")  # the DPO trainers skip ties
+    assert got[3]["status"] == "rejected" and got[3]["reason"].startswith("no_preference:")
+    [ties] = shard_source(SourceConfig(kind="parquet", path=str(pickapic.path), pickapic_preferred=True, pickapic_ties="keep"))
+    assert ties.to_pylist()[2]["image"] == pickapic.rows[2][1]  # a tie kept: jpg_0
+    [chosen] = shard_source(SourceConfig(kind="parquet", path=str(pickapic.path), image_column="jpg_1"))
+    assert [r["image"] for r in chosen.to_pylist()] == [r[2] for r in pickapic.rows]
+
+
 def test_bad_jsonl_lines_are_rejected_rows_naming_their_line(tmp_path):
     lines = [json.dumps({"case": f"ok{i}", "prompt": f"a cat {i}"}) for i in range(7)]
     lines += ["", '{"case": "broken_json", "prompt": ', json.dumps({"case": "number", "prompt": 12345}), "[1, 2]",
@@ -223,6 +243,54 @@ def test_a_file_that_is_not_text_fails_as_a_whole_naming_it(tmp_path):
     broken.write_bytes(b"PAR1 not really")
     with pytest.raises(SourceError, match=r"broken.parquet: not a readable Parquet file"):
         check_source(SourceConfig(kind="parquet", path=str(broken)))
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("", "bad_prompt: empty"),
+    ("   \t\n ", "bad_prompt: empty"),
+    ("x" * 10_000, "bad_prompt: 10000 characters"),
+    (b"\xff\xfe caf\xe9", "bad_prompt: not valid UTF-8"),
+    (None, "bad_prompt: missing"),
+    (42, "bad_prompt: expected text"),
+])
+def test_bad_prompts_get_reasons(value, reason):
+    prompt, why = clean_prompt(value, 2000)
+    assert prompt is None and why.startswith(reason)
+
+
+def test_control_characters_are_removed_not_passed_to_models():
+    prompt, why = clean_prompt("a\x00 red\x1b[31m cat\u200b\r\nsitting", 2000)
+    assert why is None and prompt == "a red [31m cat sitting"
+
+
+def test_a_source_with_bad_rows_keeps_every_row_with_a_reason(tmp_path):
+    lines = [{"caption": "a dog"}, {"caption": ""}, {"caption": "   "}, {"caption": "y" * 10_000},
+             {"caption": "tab\tand\x07bell"}, {"caption": None}, {"caption": "a dog"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    tables = shard_source(SourceConfig(kind="jsonl", path=str(path), shard_size=3))
+    rows = [r for t in tables for r in t.to_pylist()]
+    assert len(rows) == len(lines)
+    assert len({r["item_id"] for r in rows}) == len(lines)  # same caption twice: two items, two ids
+    assert [r["status"] for r in rows] == ["ok", "rejected", "rejected", "rejected", "ok", "rejected", "ok"]
+    assert all(r["reason"] for r in rows if r["status"] == "rejected")
+
+
+def test_a_missing_column_fails_the_whole_input_before_any_model_loads(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pickapic.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat"], "jpg_0": [GOOD], "jpg_1": [GOOD], "label_0": [1.0]}), path)
+    with pytest.raises(SourceError, match=r"no column\(s\) \['caption'\].*prompt_column"):
+        shard_source(SourceConfig(kind="parquet", path=str(path)))
+    t0 = time.monotonic()
+    done = subprocess.run([str(Path(sys.executable).parent / "richpref"), "--data-dir", str(tmp_path), "curate",
+                           "--run", "x", "--set", "source.kind=parquet", "--set", f"source.path={path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "'caption'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs" / "x" / "source").exists()
+    assert time.monotonic() - t0 < 60
 
 
 # datasets sources ------------------------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""The filter stage (richpref/tasks/filter.py): keep or drop each pair from the check stage's answers,
+no model call: the attribute rule by hand, and every failed check named in the reason. The VLM's
+answers themselves: test_check.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from richpref.schemas.config import FilterConfig
+from richpref.tasks import filter as filter_stage
+from vlm_helpers import filter_input
+
+
+class TestAttributeCheck:
+    cfg = FilterConfig(min_attribute_present=0.5, min_attributes_kept=0.6)
+
+    def test_share_of_kept_attributes_by_hand(self):
+        attrs = ["red scarf", "long brown hair", "round glasses", "green shirt"]
+        p_orig = [0.9, 0.8, 0.3, 0.9]  # round glasses: not in the original -> not checked
+        p_edit = [0.7, 0.2, 0.9, 0.1]
+        # "green shirt" is named by the instruction -> exempt; checked: scarf (kept), hair (lost) -> 1/2
+        exempt, share, outcome = filter_stage.attribute_check(attrs, p_orig, p_edit, ["Make the shirt blue"], self.cfg)
+        assert exempt == [False, False, False, True]
+        assert share == 0.5
+        assert outcome.startswith("fail: 0.50 of 2 attributes kept") and "'long brown hair' (P=0.200)" in outcome
+        lenient = self.cfg.model_copy(update={"min_attributes_kept": 0.5})
+        assert filter_stage.attribute_check(attrs, p_orig, p_edit, ["Make the shirt blue"], lenient)[2] == "pass"
+        no_exempt = self.cfg.model_copy(update={"exempt_instructed_attributes": False})
+        # the shirt now counts and is lost too: 1/3
+        assert filter_stage.attribute_check(attrs, p_orig, p_edit, ["Make the shirt blue"], no_exempt)[1] == pytest.approx(1 / 3)
+
+    def test_nothing_to_check(self):
+        _, share, outcome = filter_stage.attribute_check(["red scarf"], [0.1], [0.9], [], self.cfg)
+        assert share is None and outcome.startswith("skipped:")
+        strict = self.cfg.model_copy(update={"on_no_attributes": "drop"})
+        assert filter_stage.attribute_check(["red scarf"], [0.1], [0.9], [], strict)[2].startswith("fail:")
+
+    def test_parse_attributes(self):
+        assert filter_stage.parse_attributes("- a\n- b\n- c", 2) == (["a", "b"], None)
+        assert filter_stage.parse_attributes("", 5)[1] == "the model listed no attribute"
+        assert filter_stage.parse_attributes("[1", 5)[1].startswith("unparseable")
+
+
+def test_filter_names_every_failed_check(vlms):
+    rows, prompts, instructions, images = filter_input(2)
+    cfg = FilterConfig(max_new_tokens=6, min_executed=1.0, min_no_stray=1.0, min_subject_kept=1.0,
+                       min_attribute_present=0.0, min_attributes_kept=1.0, executed_reduce="min")
+    out = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: vlms["qwen"]).to_pylist()
+    for r in out:
+        assert r["status"] == "rejected" and r["verdict"] == "drop"
+        codes = [part.split(":")[0] for part in r["reason"].split("; ")]
+        assert codes[:3] == ["not_executed", "stray_content", "subject_changed"]
+        assert r["p_executed"] == pytest.approx(min(r["p_executed_each"]))
+        checks = json.loads(r["checks"])
+        # P(present) >= 0 always holds: every non-exempt attribute is checked and kept -> the check passes.
+        assert checks["attributes"] in ("pass",) or checks["attributes"].startswith("skipped")

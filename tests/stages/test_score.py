@@ -1,0 +1,56 @@
+"""The score stage (richpref/tasks/relabel_score.py): the reward models' raw scores, nothing decided.
+Bad images and non-finite scores are rejected with a reason, a weight-0 reward is not loaded unless
+reported, and a reward (or the subject gate) with `on_cutout` scores the cut-outs."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from relabel_helpers import ChannelValue, solid
+from richpref.schemas.config import RelabelConfig, RewardSpec
+from richpref.tasks import relabel as relabel_stage
+
+
+def test_bad_images_and_non_finite_scores_are_rejected_with_a_reason():
+    class NaNOnBlue:
+        model_id = "nan"
+
+        def score(self, images, prompts, *, batch_size=8):
+            return np.array([np.nan if np.asarray(im)[..., 2].mean() > 0 else 1.0 for im in images])
+
+    cfg = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-"), "nanny": RewardSpec(kind="clip", model="-")})
+    images = {"original": [solid(1, 0), b"not an image", solid(5, 0), solid(7, 0)],
+              "edited": [solid(2, 0), solid(3, 0), solid(6, 0, 9), solid(9, 0)]}
+    out = relabel_stage.relabel_rows(["a", "b", "c", "d"], ["p"] * 4, images, cfg,
+                                     {"red": ChannelValue(0), "nanny": NaNOnBlue()}.__getitem__).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "rejected", "rejected", "ok"]
+    assert out[1]["reason"].startswith("bad_image:") and out[2]["reason"] == "bad_score: non-finite nanny score"
+
+
+def test_a_weight_0_reward_is_not_loaded_unless_reported():
+    images = {"original": [solid(10, 5), solid(20, 10)], "edited": [solid(30, 0), solid(20, 30)]}
+    both = {"red": RewardSpec(kind="clip", model="-"), "green": RewardSpec(kind="clip", model="-", weight=0.0)}
+    only_red = {"red": ChannelValue(0)}  # asking for green would raise KeyError
+    out = relabel_stage.relabel_rows(["a", "b"], ["p"] * 2, images, RelabelConfig(rewards=both), only_red.__getitem__)
+    assert "green_0" not in out.schema.names and out.column("status").to_pylist() == ["ok", "rejected"]
+    reported = RelabelConfig(rewards=both, report_only=["green"])
+    out = relabel_stage.relabel_rows(["a", "b"], ["p"] * 2, images, reported, {**only_red, "green": ChannelValue(1)}.__getitem__)
+    a = out.to_pylist()[0]
+    assert (a["green_0"], a["green_1"]) == (5, 0) and a["chosen"] == 1  # green fell, red rose: red alone votes
+
+
+def test_relabel_uses_the_cutouts_when_a_reward_says_so(mini_run, tiny_models):
+    from richpref.models.rewards import load_reward
+
+    _, store, _ = mini_run
+    row = store.read_shard("relabel", 0).to_pylist()[0]
+    cut = store.read_shard("cutout", 0).to_pylist()[0]
+    full = store.read_shard("sample", 0).to_pylist()[0], store.read_shard("edit", 0).to_pylist()[0]
+    dino = load_reward("dino_patch", str(tiny_models / "dinov2"), patch=28, stride=14, device="cpu")
+    on_cut = dino.score_pairs([Image.open(io.BytesIO(cut["original_cutout"]))], [Image.open(io.BytesIO(cut["edited_cutout"]))], ["x"])
+    on_full = dino.score_pairs([Image.open(io.BytesIO(full[0]["image"]))], [Image.open(io.BytesIO(full[1]["image"]))], ["x"])
+    assert row["subject_consistency"] == pytest.approx(on_cut[0, 1], abs=1e-9)
+    assert row["subject_consistency"] != pytest.approx(on_full[0, 1], abs=1e-6)

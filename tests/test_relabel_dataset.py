@@ -1,0 +1,101 @@
+"""`richpref relabel-dataset` (richpref/relabel_dataset.py): an existing Pick-a-Pic dataset relabelled
+from the command line with the relabel stage's rules, the settings it takes from a profile and the
+ones it refuses. Not a curate stage: the relabel stage itself is tests/stages/test_relabel.py."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from relabel_helpers import _image, solid
+from richpref.schemas.config import RelabelConfig, RewardSpec, SubjectGateConfig, load_profile
+
+
+def _jpeg(im):
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_path):
+    import datasets
+
+    from richpref.cli import main
+    from richpref.models.rewards import load_reward
+
+    rng = np.random.default_rng(5)
+    a = [_jpeg(_image(rng)) for _ in range(5)]
+    b = [_jpeg(_image(rng)) for _ in range(5)]
+    b[3] = a[3]  # identical images: a tie, dropped
+    a[4] = b"\xff\xd8 broken jpeg"  # undecodable: dropped with a reason
+    captions = ["a red bicycle", "three green apples", "a cat in a box", "a lighthouse", "a teapot"]
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"caption": captions, "jpg_0": a, "jpg_1": b, "label_0": [1.0, 0.0, 0.5, 1.0, 0.0],
+                             "ranking_id": [10, 11, 12, 13, 14]}), src / "train-0.parquet")
+    # the same rows as a `datasets` Image column ({bytes, path} structs), as Hub Parquet exports store them
+    feats = datasets.Features({"caption": datasets.Value("string"), "jpg_0": datasets.Image(), "jpg_1": datasets.Image()})
+    datasets.Dataset.from_dict({"caption": captions[:2], "jpg_0": [{"bytes": x, "path": None} for x in a[:2]],
+                                "jpg_1": [{"bytes": x, "path": None} for x in b[:2]]}, features=feats).to_parquet(str(src / "train-1.parquet"))
+
+    out = tmp_path / "relabelled"
+    rc = main(["relabel-dataset", str(src / "*.parquet"), str(out), "--profile", "tiny", "--reward", "clip",
+               "--models-root", str(tiny_models)])
+    assert rc == 0
+    clip = load_reward("clip", str(tiny_models / "clip"), device="cpu")
+    dec = lambda x: Image.open(io.BytesIO(x)).convert("RGB")  # noqa: E731
+    s0 = clip.score([dec(x) for x in a[:3]], captions[:3])
+    s1 = clip.score([dec(x) for x in b[:3]], captions[:3])
+    want = [1 if x > y else 0 for x, y in zip(s0, s1)]
+
+    first = pq.read_table(out / "part-00000.parquet").to_pylist()
+    assert [r["ranking_id"] for r in first] == [10, 11, 12]  # tie (13) and broken (14) dropped, other columns kept
+    assert [r["label_0"] for r in first] == want
+    assert [r["label_0_source"] for r in first] == [1.0, 0.0, 0.5]
+    assert all(r["jpg_0"] == a[k] and r["jpg_1"] == b[k] for k, r in enumerate(first))  # bytes untouched
+    second = pq.read_table(out / "part-00001.parquet")
+    assert second.schema.field("jpg_0").type == pa.binary()  # structs become raw bytes, as the trainers read them
+    assert second.column("label_0").to_pylist() == want[:2]  # standardised per shard: the order within a pair is what counts
+
+    summary = json.loads((out / "relabel.json").read_text())
+    assert (summary["rows"], summary["kept"], summary["rejected"]) == (7, 5, {"tie": 1, "bad_image": 1})
+    agree = [w == o for w, o in zip(want[:2], [1, 0])]
+    assert summary["agreement_with_source_label"] == pytest.approx(sum(agree) / 2)
+    assert "`clip`" in (out / "README.md").read_text() and "Near-ties: kept" in (out / "README.md").read_text()
+    assert Image.open(out / "plots" / "reward_distributions.png").format == "PNG"
+    ds = datasets.load_dataset("parquet", data_files=str(out / "part-*.parquet"), split="train")
+    assert ds.num_rows == 5 and set(ds["label_0"]) <= {0, 1}
+
+
+def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp_path):
+    from richpref.relabel_dataset import DatasetError, relabel_dataset
+
+    pq.write_table(pa.table({"caption": ["x"], "jpg_0": [solid(1, 2)], "jpg_1": [solid(3, 4)]}), tmp_path / "a.parquet")
+    profile = load_profile("tiny", models_root=str(tiny_models))
+    on_cut = load_profile("tiny", ["relabel.rewards.clip.on_cutout=true"], models_root=str(tiny_models))
+    with pytest.raises(DatasetError, match="cut-outs"):
+        relabel_dataset(str(tmp_path / "a.parquet"), str(tmp_path / "out"), on_cut, reward="clip")
+    with pytest.raises(DatasetError, match="standardize=shard"):
+        relabel_dataset(str(tmp_path / "a.parquet"), str(tmp_path / "out"),
+                        load_profile("tiny", ["relabel.standardize=item"], models_root=str(tiny_models)))
+    with pytest.raises(DatasetError, match="not in the profile"):
+        relabel_dataset(str(tmp_path / "a.parquet"), str(tmp_path / "out"), profile, reward="mps")
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "b.parquet")
+    with pytest.raises(DatasetError, match="caption, jpg_0, jpg_1"):
+        relabel_dataset(str(tmp_path / "b.parquet"), str(tmp_path / "out"), profile, reward="clip")
+
+
+def test_relabel_dataset_follows_the_reward_and_drops_near_ties_only_when_asked():
+    from richpref.relabel_dataset import dataset_relabel_config
+
+    cfg = RelabelConfig(rewards={"ir": RewardSpec(kind="clip", model="-"), "clip": RewardSpec(kind="clip", model="-", weight=0.0)},
+                        min_margin=0.3, subject_gate=SubjectGateConfig(model="-", min_consistency=0.5))
+    one = dataset_relabel_config(cfg, "clip")  # a weight-0 reward picked by --reward is the one vote
+    assert one.scored() == ["clip"] and one.rewards["clip"].weight == 1.0
+    assert one.min_margin == 0.0 and one.subject_gate is None  # the reward's order; nothing was edited
+    assert dataset_relabel_config(cfg, "clip", drop_near_ties=True).min_margin == 0.3
