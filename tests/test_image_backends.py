@@ -4,6 +4,8 @@
 Everything runs offline on CPU at 64×64 with 2-4 steps; the tiny checkpoints are built once per session.
 """
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -293,3 +295,18 @@ def test_one_image_model_resident_at_a_time(paths, release_resident):
     gc.collect()
     assert unet() is None  # loading the editor released the generator's weights
     assert load_editor(EditConfig(model="sdxl", controlnet="controlnet-sdxl", device="cpu"), str(paths.root)) is editor
+
+
+def test_loading_the_background_remover_keeps_torchs_thread_count(tiny):
+    # rembg imports numba, whose OpenMP layer sets the shared libgomp to one thread per core;
+    # a Dask worker given one core then ran every later model on more threads than it has cores.
+    code = (
+        "import torch; torch.set_num_threads(1); assert torch.get_num_threads() == 1  # torch's state is set up\n"
+        "from richpref.models.cutout import BackgroundRemover\n"
+        f"BackgroundRemover.load('u2net_custom', model_path={str(tiny.onnx)!r}, home={str(tiny.u2net_home)!r})\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"
