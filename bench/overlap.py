@@ -4,7 +4,7 @@ stages, with the CPU work inline (RICHPREF_CPU_THREADS=0) and overlapped on a th
     HF_HUB_OFFLINE=1 .venv/bin/python bench/overlap.py --models-root data/models/tiny [--n 64] [--batch 16] [--size 64]
 
 Runs the stages' pure shard functions (sample_rows, edit_rows, cutout_rows) on `n` items at
-`batch` items per model call, best of `repeats` after a warm-up. Torch gets one thread: on a GPU the
+`batch` items per model call, best of `repeats` after a warm-up. The model (torch, onnxruntime) gets one thread: on a GPU the
 model's compute leaves the CPU cores free, and one core for the model and the rest for the pool is
 the nearest a CPU machine comes to that. The goal: overlapped stage wall <= 1.10 x max(model, CPU).
 """
@@ -14,6 +14,9 @@ import argparse
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread for the model's runtime, torch and onnxruntime alike (rembg sizes its session from this):
+# the model keeps one core, the pool gets the rest.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 

@@ -48,3 +48,27 @@ def test_a_shard_whose_manifest_is_missing_is_computed_again_and_only_it(finishe
     ref = stage_manifests(RunStore(str(runs_dir), "ref"), "pairs")
     again = stage_manifests(store, "pairs")
     assert {s: m.sha256 for s, m in again.items()} == {s: m.sha256 for s, m in ref.items()}
+
+
+def _worker_env() -> dict:
+    import os
+
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "RICHPREF_TORCH_THREADS", "OMP_NUM_THREADS")}
+
+
+def test_local_cpu_workers_get_their_share_of_cores_and_glibcs_own_malloc_thresholds():
+    import os
+
+    # Dask's default MALLOC_TRIM_THRESHOLD_=65536 made every worker's model buffers mmap'd afresh.
+    from distributed import Client, LocalCluster
+
+    from richpref.orchestration import task_runner
+
+    runner = task_runner(workers=2)
+    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        envs = list(client.run(_worker_env).values())
+    assert len(envs) == 2
+    for env in envs:
+        assert env["MALLOC_TRIM_THRESHOLD_"] is None
+        share = os.environ.get("RICHPREF_TORCH_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
+        assert env["RICHPREF_TORCH_THREADS"] == env["OMP_NUM_THREADS"] == share
