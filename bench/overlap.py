@@ -1,7 +1,7 @@
 """Seconds per image of model compute and of the CPU work around it, in the sample, edit and cutout
 stages, with the CPU work inline (RICHPREF_CPU_THREADS=0) and overlapped on a thread pool (2).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/overlap.py --models-root data/models/tiny [--n 64] [--batch 16] [--size 64]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/overlap.py --models-root data/models/tiny [--n 64] [--batch 16] [--size 64] [--stages cutout]
 
 Runs the stages' pure shard functions (sample_rows, edit_rows, cutout_rows) on `n` items at
 `batch` items per model call, best of `repeats` after a warm-up. The model (torch, onnxruntime) gets one thread: on a GPU the
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (edits and cut-outs follow the samples)")
     ap.add_argument("--threads", type=int, default=2, help="pool threads in the overlapped runs")
+    ap.add_argument("--stages", nargs="+", default=["sample", "edit", "cutout"], choices=["sample", "edit", "cutout"])
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -72,7 +73,7 @@ def main() -> None:
           "seconds per image")
     print(f"{'stage':7} {'model':>8} {'CPU':>8} {'inline wall':>12} {'overlap wall':>13} {'max(m,CPU)':>11} "
           f"{'overlap/max':>12} {'inline/overlap':>15}")
-    for name, run in stages.items():
+    for name, run in ((k, v) for k, v in stages.items() if k in args.stages):
         run()  # warm-up: the model loads and its first batch pays one-time costs
         best = {}
         for threads in (0, args.threads):
