@@ -27,29 +27,13 @@ from richpref.schemas.config import EditConfig, SampleConfig
 from richpref.tasks.edit import load_editor
 from richpref.tasks.sample import load_generator
 
-GEN = dict(steps=3, guidance_scale=5.0, height=64, width=64)
-EDIT = dict(steps=4, strength=0.75)
-
-
-def _arr(im: Image.Image) -> np.ndarray:
-    return np.asarray(im).astype(np.int16)
-
-
-def _scene(size=(64, 64), bg=(30, 60, 90), fg=(250, 200, 40)) -> Image.Image:
-    """A flat background with a bright ellipse: clear edges, clear object."""
-    im = Image.new("RGB", size, bg)
-    w, h = size
-    ImageDraw.Draw(im).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=fg)
-    return im
-
+from image_helpers import EDIT, GEN, _arr, _scene
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    sd = build_tiny_sd15(root / "sd15", seed=0)
-    cn = build_tiny_controlnet(sd, root / "controlnet", seed=0)
-    onnx = build_tiny_u2net_onnx(root / "u2net_home", seed=0)
-    return SimpleNamespace(root=root, sd=sd, controlnet=cn, onnx=onnx, u2net_home=onnx.parent)
+def tiny(paths):
+    """The session's tiny build (tests/conftest.py), under the names these tests use."""
+    home = paths.rembg_home
+    return SimpleNamespace(sd=paths.sd15, controlnet=paths.controlnet, onnx=home / MODEL_FILENAME, u2net_home=home)
 
 
 @pytest.fixture(scope="session")
@@ -253,18 +237,19 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def test_builders_are_seed_deterministic(tiny, tmp_path):
+    # The session's build seeds sd15 with 0, its controlnet with 1 and the U2-Net with 6.
     sd_same = build_tiny_sd15(tmp_path / "sd_same", seed=0)
     sd_other = build_tiny_sd15(tmp_path / "sd_other", seed=1)
     assert _files(sd_same) == _files(tiny.sd)
     assert _files(sd_other)["unet/diffusion_pytorch_model.safetensors"] != _files(tiny.sd)["unet/diffusion_pytorch_model.safetensors"]
 
-    cn_same = build_tiny_controlnet(tiny.sd, tmp_path / "cn_same", seed=0)
-    cn_other = build_tiny_controlnet(tiny.sd, tmp_path / "cn_other", seed=1)
+    cn_same = build_tiny_controlnet(tiny.sd, tmp_path / "cn_same", seed=1)
+    cn_other = build_tiny_controlnet(tiny.sd, tmp_path / "cn_other", seed=2)
     assert _files(cn_same) == _files(tiny.controlnet)
     assert _files(cn_other) != _files(tiny.controlnet)
 
-    onnx_same = build_tiny_u2net_onnx(tmp_path / "h_same", seed=0)
-    onnx_other = build_tiny_u2net_onnx(tmp_path / "h_other", seed=1)
+    onnx_same = build_tiny_u2net_onnx(tmp_path / "h_same", seed=6)
+    onnx_other = build_tiny_u2net_onnx(tmp_path / "h_other", seed=7)
     assert onnx_same.name == "tiny-u2net.onnx"
     assert onnx_same.read_bytes() == tiny.onnx.read_bytes()
     assert onnx_other.read_bytes() != tiny.onnx.read_bytes()

@@ -100,8 +100,9 @@ def test_cuda_providers_explain_the_gpu_extra():
     assert onnx_providers("cpu", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime has CUDA")
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # onnxruntime-gpu: CUDA first, CPU behind
+        assert onnx_providers("auto") == onnx_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return
     assert onnx_providers("auto") == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match=r"richpref\[gpu\]"):
         onnx_providers("cuda")
