@@ -50,19 +50,16 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 print(f"run folder: {store.uri(store.root)}")
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
-        from .entrypoints import CURATE, load_flow
+        from .entrypoints import CURATE, load_flow, run_flow
         from .orchestration import task_runner
-        from .prefect_api import owned_prefect_api
         from .runner import CurateFailed
 
         flow_fn = load_flow(CURATE)
         if args.workers > 1 or args.dask_address:
             flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
         try:
-            with owned_prefect_api():  # a Prefect server this process starts dies with it (Dask workers use it too)
-                result = flow_fn(profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                                 models_root=args.models_root,
-                                 **({"until": args.until} if args.until else {}))
+            result = run_flow(flow_fn, profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+                              models_root=args.models_root, **({"until": args.until} if args.until else {}))
         except CurateFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -41,3 +41,13 @@ def load_module(entrypoint: str):
 def load_flow(entrypoint: str):
     """The flow object at `entrypoint`."""
     return getattr(load_module(entrypoint), module_of(entrypoint)[1])
+
+
+def run_flow(flow, **params):
+    """Run `flow` (an entrypoint such as CURATE, or a flow object) with `params`, under a Prefect API
+    this process owns: an ephemeral server it starts for the run dies with it (Dask workers use it too)."""
+    from .prefect_api import owned_prefect_api
+
+    fn = load_flow(flow) if isinstance(flow, str) else flow
+    with owned_prefect_api():
+        return fn(**params)

@@ -6,9 +6,8 @@ import sys
 
 
 def cmd_rounds(args: argparse.Namespace) -> int:
-    from .entrypoints import ROUNDS, load_flow
+    from .entrypoints import ROUNDS, run_flow
     from .models.runtime import ModelNotAvailable
-    from .prefect_api import owned_prefect_api
     from .schemas.config import ProfileError, load_profile
     from .schemas.rounds import load_rounds_config
     from .schemas.training import load_evaluate_config, load_finetune_config
@@ -18,8 +17,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
         load_finetune_config(cfg.finetune, cfg.finetune_overrides)
         load_evaluate_config(cfg.evaluate, cfg.evaluate_overrides)
-        with owned_prefect_api():
-            result = load_flow(ROUNDS)(config=args.config, overrides=args.set, data_dir=args.data_dir)
+        result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir)
     except (ProfileError, ModelNotAvailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

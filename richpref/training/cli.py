@@ -10,9 +10,8 @@ import sys
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..entrypoints import FINETUNE, load_flow
+    from ..entrypoints import FINETUNE, run_flow
     from ..models.runtime import ModelNotAvailable
-    from ..prefect_api import owned_prefect_api
     from ..schemas.config import ProfileError
     from ..schemas.training import load_finetune_config
     from ..training.finetune import with_pairs
@@ -20,10 +19,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     try:
         with_pairs(load_finetune_config(args.config, args.set), args.pairs)  # a bad config fails before Prefect starts
-        with owned_prefect_api():
-            result = load_flow(FINETUNE)(config=args.config, pairs=args.pairs, output_dir=args.output_dir,
-                                         overrides=args.set, num_processes=args.num_processes,
-                                         max_restarts=args.max_restarts, data_dir=args.data_dir)
+        result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
+                          overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
+                          data_dir=args.data_dir)
     except (ProfileError, ModelNotAvailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -35,18 +33,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..entrypoints import EVALUATE, load_flow
+    from ..entrypoints import EVALUATE, run_flow
     from ..evaluation import preflight
     from ..models.runtime import ModelNotAvailable
-    from ..prefect_api import owned_prefect_api
     from ..schemas.config import ProfileError
     from ..schemas.training import load_evaluate_config
 
     try:
         preflight(load_evaluate_config(args.config, args.set))  # before Prefect starts
-        with owned_prefect_api():
-            result = load_flow(EVALUATE)(config=args.config, overrides=args.set, output_dir=args.output_dir,
-                                         data_dir=args.data_dir)
+        result = run_flow(EVALUATE, config=args.config, overrides=args.set, output_dir=args.output_dir,
+                          data_dir=args.data_dir)
     except (ProfileError, ModelNotAvailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
