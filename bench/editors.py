@@ -19,8 +19,7 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-from timing import best_of  # noqa: E402
+from timing import best_of, scene  # noqa: E402
 
 PROFILES = {
     "controlnet_img2img": "tiny",
@@ -29,12 +28,6 @@ PROFILES = {
     "flux_kontext": "tiny-flux-kontext",
     "qwen_image_edit": "tiny-qwen-image-edit",
 }
-
-
-def _scene(i: int, size: int) -> Image.Image:
-    im = Image.new("RGB", (size, size), (30 + 7 * i % 200, 60, 90))
-    ImageDraw.Draw(im).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(250, 200, 40))
-    return im
 
 
 def main() -> None:
@@ -67,7 +60,7 @@ def main() -> None:
     n, size = args.n, args.size
     prompts = [f"a photo of object number {i} on a table, make it blue" for i in range(n)]
     seeds = list(range(n))
-    originals = [_scene(i, size) for i in range(n)]
+    originals = [scene(i, size) for i in range(n)]
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
           f"n={n} images of {size}x{size}, best of {args.repeats}")
     print(f"# device {args.device}, {args.dtype}")
