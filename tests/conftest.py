@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_models() -> Path:
     from richpref.models.tiny import build_tiny_models
 
-    root = _SESSION_TMP / "models"
+    # RICHPREF_TEST_MODELS: a folder kept between sessions (rebuilt only when the builders change).
+    root = Path(os.environ.get("RICHPREF_TEST_MODELS") or _SESSION_TMP / "models")
     build_tiny_models(root)
     return root
 

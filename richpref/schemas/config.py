@@ -13,26 +13,13 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from .common import RUNTIME_FIELDS, StageConfig, _Strict
 from .diffusion import PipelineSettings
 from .editors import EditorSettings, PromptMode
+from .relabel import HPS_FILES, REWARD_OPTIONS, RelabelConfig, RewardSpec, SubjectGateConfig  # noqa: F401 - re-exported
 from .serving import EngineConfig, ImageCaps, key_view
-
-# Also left out: how a stage runs, not what it computes (onnxruntime providers, torch.compile, memory
-# layout, whether a pair's questions share one image prefix).
-RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype", "share_image_prefix", "providers", "compile",
-                            "channels_last"})
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StageConfig(_Strict):
-    batch_size: int = Field(8, ge=1)
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
 
 class SourceConfig(_Strict):
@@ -169,131 +156,6 @@ class FilterConfig(VLMStageConfig):
     # In-process: the questions about one image run on one cached image+prompt prefix (the image is
     # encoded once per pair and image); same probabilities up to float noise, so not in the key.
     share_image_prefix: bool = True
-
-
-# Options each reward kind takes besides kind/model/weight (see richpref/models/rewards).
-REWARD_OPTIONS: dict[str, frozenset[str]] = {
-    "clip": frozenset({"processor", "on_cutout"}),
-    "pickscore": frozenset({"processor", "on_cutout"}),
-    "imagereward": frozenset({"processor", "file", "on_cutout"}),
-    "hpsv2": frozenset({"file", "version", "on_cutout"}),
-    "aesthetic": frozenset({"backbone", "file", "on_cutout"}),
-    "ict": frozenset({"backbone", "processor", "file", "on_cutout"}),
-    "hp": frozenset({"backbone", "processor", "file", "on_cutout"}),
-    "dino_patch": frozenset({"patch", "stride", "on_cutout"}),
-    "vlm_score": frozenset({"template", "on_cutout", "engine"}),
-}
-
-
-HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # in xswu/HPSv2
-
-
-class RewardSpec(_Strict):
-    kind: Literal["clip", "pickscore", "imagereward", "hpsv2", "aesthetic", "ict", "hp", "dino_patch", "vlm_score"]
-    model: str  # model dir / Hub id; for aesthetic the head file (or the dir/repo holding `file`)
-    weight: float = 1.0
-    processor: str | None = None  # processor/tokenizer source when `model` has none (PickScore: the laion CLIP)
-    backbone: str | None = None  # base CLIP the checkpoint sits on (aesthetic: ViT-L/14; ict/hp: laion ViT-H-14)
-    file: str | None = None  # checkpoint file inside `model` (ImageReward.pt, HPS_v2.1_compressed.pt, …)
-    on_cutout: bool = False  # score the foreground cut-outs (cutout stage) instead of the full images
-    patch: int | None = Field(None, ge=1)  # dino_patch window size (default 224)
-    stride: int | None = Field(None, ge=1)  # dino_patch window stride (default 112)
-    template: str | None = None  # vlm_score question template in richpref/prompts (default reward_score_v1)
-    engine: EngineConfig = EngineConfig()  # vlm_score: in-process or served (schemas/serving.py)
-    # hpsv2: which HPS. v2.0 and v2.1 scores are not comparable (SD1.4: 26.95 vs 25.35); RPO's Table 1 and
-    # Diffusion-DPO report v2.0, the hpsv2 package's default. Unset: read from `file`, else v2.0.
-    version: Literal["v2.0", "v2.1"] | None = None
-
-    @model_validator(mode="after")
-    def _options_fit_kind(self) -> "RewardSpec":
-        allowed = REWARD_OPTIONS[self.kind]
-        given = {k for k in ("processor", "backbone", "file", "patch", "stride", "template", "version") if getattr(self, k) is not None}
-        given |= {"on_cutout"} if self.on_cutout else set()
-        given |= {"engine"} if self.engine != EngineConfig() else set()
-        extra = sorted(given - allowed)
-        if extra:
-            raise ValueError(f"reward kind {self.kind!r} takes no {', '.join(extra)}; it takes {', '.join(sorted(allowed))}")
-        if self.kind == "aesthetic" and self.backbone is None:
-            raise ValueError("reward kind 'aesthetic' needs `backbone:` (the CLIP ViT-L/14 its head was trained on)")
-        if self.kind == "hpsv2":
-            named = {f: v for v, f in HPS_FILES.items()}.get(Path(self.file).name if self.file else "")
-            if self.version and named and named != self.version:
-                raise ValueError(f"hpsv2 version {self.version} but file {self.file!r} is HPSv2 {named}: "
-                                 f"drop `file:` or use {HPS_FILES[self.version]}")
-            self.version = self.version or named or "v2.0"
-        return self
-
-    def title(self) -> str:
-        """How tables and cards name what this reward measures (HPSv2 scores differ by version)."""
-        return f"HPSv2 {self.version}" if self.kind == "hpsv2" else self.kind
-
-
-class SubjectGateConfig(_Strict):
-    """DINOv2 patch consistency of an edit with its original (UPER §3.1.3) as a gate: an edit that keeps
-    less of its original than `min_consistency` is rejected (`subject_changed: …`). It measures how much
-    an edit changed, not which image is better, so it never votes in the composite."""
-
-    model: str  # a Dinov2Model dir / Hub id (facebook/dinov2-base)
-    patch: int = Field(224, ge=1)  # window size; windows cover the whole image (the last flush with the edge)
-    stride: int = Field(112, ge=1)
-    on_cutout: bool = True  # compare the foreground cut-outs (cutout stage) instead of the full images
-    min_consistency: float = Field(0.0, ge=-1, le=1)  # mean cosine over windows; 0 keeps every edit
-
-
-class RelabelConfig(StageConfig):
-    # RPO relabels with ImageReward alone; the reference scorers run in float32 (16-bit is an opt-in).
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
-    rewards: dict[str, RewardSpec] = Field(
-        default_factory=lambda: {
-            "imagereward": RewardSpec(kind="imagereward", model="THUDM/ImageReward", file="ImageReward.pt",
-                                      processor="google-bert/bert-base-uncased", weight=1.0),
-        }
-    )
-    # Rewards with weight 0 are neither loaded nor scored unless named here: then they are scored and
-    # recorded (every pair's `scores`) without a vote.
-    report_only: list[str] = Field(default_factory=list)
-    subject_gate: SubjectGateConfig | None = None
-    # z-score group: the shard, or each item's images centred on the item's mean and scaled by the
-    # shard's spread around the item means (a per-item spread would turn every gap into a +-1 vote).
-    standardize: Literal["shard", "item"] = "shard"
-    # With several edits per item: the best edit against the original, or the best image of the item
-    # (original included) against the worst. Identical when num_edits is 1.
-    pairing: Literal["best_vs_original", "best_vs_worst"] = "best_vs_original"
-    min_margin: float = Field(0.0, ge=0)  # composite margins at or below this are ties: dropped
-
-    @field_validator("rewards")
-    @classmethod
-    def _names(cls, v: dict[str, RewardSpec]) -> dict[str, RewardSpec]:
-        if not v:
-            raise ValueError("relabel.rewards is empty: name at least one reward")
-        for name in v:
-            if not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
-                raise ValueError(f"reward name {name!r}: use lowercase letters, digits and '_' (it names columns)")
-            if v[name].kind == "dino_patch":
-                raise ValueError(f"reward {name!r}: dino_patch measures how much an edit changed its original, not "
-                                 "which image is better; use it as `relabel.subject_gate: {model: …, min_consistency: …}`")
-        return v
-
-    @model_validator(mode="after")
-    def _votes(self) -> "RelabelConfig":
-        unknown = [n for n in self.report_only if n not in self.rewards]
-        if unknown:
-            raise ValueError(f"relabel.report_only names {unknown}, not in relabel.rewards ({', '.join(self.rewards)})")
-        voting = [n for n in self.report_only if self.rewards[n].weight != 0]
-        if voting:
-            raise ValueError(f"relabel.report_only names {voting} with a non-zero weight: set their weight to 0, "
-                             "or remove them from report_only to let them vote")
-        if not self.voting():
-            raise ValueError("every relabel reward has weight 0: give at least one a weight")
-        return self
-
-    def voting(self) -> list[str]:
-        """The rewards in the composite (non-zero weight)."""
-        return [n for n, s in self.rewards.items() if s.weight != 0]
-
-    def scored(self) -> list[str]:
-        """The rewards loaded and scored: the voting ones, then the report-only ones."""
-        return self.voting() + [n for n in self.rewards if n in self.report_only]
 
 
 class ExportConfig(_Strict):

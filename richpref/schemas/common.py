@@ -1,0 +1,21 @@
+"""What every stage config shares: unknown keys are errors, and the runtime-only fields."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Also left out: how a stage runs, not what it computes (onnxruntime providers, torch.compile, memory
+# layout, whether a pair's questions share one image prefix).
+RUNTIME_FIELDS = frozenset({"batch_size", "device", "dtype", "share_image_prefix", "providers", "compile",
+                            "channels_last"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageConfig(_Strict):
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
