@@ -1,4 +1,4 @@
-"""`richpref` command line: curate, models build-tiny, inspect, summary."""
+"""`richpref` command line: curate, models build-tiny, inspect, summary, export."""
 from __future__ import annotations
 
 import argparse
@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     from .rounds_cli import register as register_rounds
 
     register_rounds(sub)
+    from .export_run import register as register_export  # export RUN --format ... --out DIR
+
+    register_export(sub)
 
     args = p.parse_args(argv)
     _quiet_defaults(args.data_dir)
