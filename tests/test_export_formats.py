@@ -227,3 +227,20 @@ def test_cli_prints_counts_and_refuses_a_run_without_pairs(run_dir, tmp_path, ca
     assert "shard 3 left out: not_committed" in text
     assert main(["--data-dir", str(tmp_path / "none"), "export", "r", "--format", "jsonl", "--out", str(tmp_path / "p")]) == 2
     assert "no committed pairs shards" in capsys.readouterr().err
+
+
+def test_every_format_takes_the_export_stage_output(mini_run, tmp_path):
+    """The pairs the real export stage wrote (the session's mini run): every pair lands in every format,
+    the winner being jpg_0 exactly where label_0 = 1."""
+    data, store, _profile = mini_run
+    pairs = store.read_stage("pairs").to_pylist()
+    assert pairs
+    expected = {p["item_id"]: (" ".join(p["caption"].split()), p["jpg_0"] if p["label_0"] == 1 else p["jpg_1"],
+                               p["jpg_1"] if p["label_0"] == 1 else p["jpg_0"]) for p in pairs}
+    counts = {f: export_run(str(data), "mini", f, tmp_path / f)["written"] for f in ("pickapic", "kohya-wl", "simpletuner", "jsonl")}
+    assert counts == dict.fromkeys(counts, len(pairs))
+    assert kohya_pairs(str(tmp_path / "kohya-wl" / "1_pairs"), ".txt") == expected
+    got = simpletuner_pairs(json.loads((tmp_path / "simpletuner" / "multidatabackend.json").read_text()))
+    assert {k: (c[0], w, l) for k, (c, w, l, _m) in got.items()} == expected
+    recs = flow_factory_records(tmp_path / "jsonl" / "train.jsonl")
+    assert {r["metadata"]["item_id"]: (r["prompt"], r["chosen"], r["rejected"]) for r in recs} == expected
