@@ -129,6 +129,21 @@ def _votes_line(relabel: dict) -> str:
             + (f"DINOv2 patch consistency ≥ {gate.get('min_consistency')} (`{gate.get('model')}`)." if gate else "off."))
 
 
+def _profile_line(run: str, profile: dict) -> str:
+    """Which profile made the run and what it adds to RPO's pipeline (its `description`)."""
+    name = profile.get("name", "?")
+    return f"Profile: `{name}`" + (f": {profile['description'].strip()}" if profile.get("description") else ".")
+
+
+def _sample_line(sample: dict) -> str:
+    """How originals were made: the safety checker setting and the flat-image bar."""
+    checker = sample.get("safety_checker", False)
+    return (f"Sampling: `sample.safety_checker: {str(bool(checker)).lower()}` (generated originals "
+            + ("pass the checkpoint's safety checker; flagged ones come out black" if checker else
+               "are not blacked out by a safety checker")
+            + f"); originals flatter than pixel std {sample.get('min_image_std', 1.0):g} are rejected as `flat_image`.")
+
+
 def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_rel: str) -> str:
     rewards = profile.get("relabel", {}).get("rewards", {})
     weights = {n: r.get("weight", 1.0) for n, r in rewards.items()}
@@ -142,6 +157,8 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               "(a *flipped* pair: the edit scored lower) and 0 when the edit is. No ties (0.5). With several edits "
               "per item and `relabel.pairing: best_vs_worst`, a pair may hold two edits: `candidate_0`/`candidate_1` "
               "say which images a pair holds (-1 = the original).", "",
+              _profile_line(run, profile), "",
+              _sample_line(profile.get("sample", {})), "",
               f"Editor: `{edit.get('kind', 'controlnet_img2img')}` (`{edit.get('model', '?')}`).", "",
               "Provenance columns: `item_id`, `source`, `critique`, `instructions`, `edit_prompt`, `candidate_0`, "
               "`candidate_1`, `margin`, `flipped`, "

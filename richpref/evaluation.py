@@ -59,7 +59,8 @@ def image_plan(prompts: list[str], cfg: EvaluateConfig) -> tuple[list[str], list
 
 def _generation_key(model: EvalModelConfig, texts: list[str], seeds: list[int], cfg: EvaluateConfig) -> str:
     settings = {"path": model.path, "models_root": cfg.models_root, "texts": texts, "seeds": seeds,
-                **cfg.model_dump(mode="json", include={"steps", "guidance_scale", "height", "width", "scheduler"})}
+                **cfg.model_dump(mode="json", include={"steps", "guidance_scale", "height", "width", "scheduler",
+                                           "safety_checker"})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -69,9 +70,10 @@ def load_model(model: EvalModelConfig, cfg: EvaluateConfig):
     from richpref.training.models import is_finetune_output, load_finetuned
 
     if is_finetune_output(model.path):
-        return load_finetuned(model.path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
+        return load_finetuned(model.path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                              safety_checker=cfg.safety_checker)
     return TextToImage.load(resolve_model_ref(model.path, cfg.models_root), device=cfg.device, dtype=cfg.dtype,
-                            scheduler=cfg.scheduler)
+                            scheduler=cfg.scheduler, safety_checker=cfg.safety_checker)
 
 
 @task(name="eval-generate", task_run_name="generate-{model.name}", cache_policy=NO_CACHE)

@@ -61,6 +61,18 @@ def pixel_change(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(x - y).mean() / 255.0)
 
 
+def flat_reason(image: Image.Image, min_std: float) -> str | None:
+    """`flat_image: ...` when the pixels are near-constant (every channel's std over the pixels, 0-255,
+    is below `min_std`, as the edit stage's blank check): a safety checker's black output, a blank
+    upload. None otherwise."""
+    if min_std <= 0:
+        return None
+    std = float(np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3).std(axis=0).max())
+    if std >= min_std:
+        return None
+    return f"flat_image: pixel std {std:.2f} < {min_std:g} (near-constant, e.g. a safety checker's black image)"
+
+
 def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
     """Both images at the left one's height, next to each other (for one-image VLM questions)."""
     h = left.height

@@ -17,6 +17,7 @@ def test_tiny_sdxl_profile_is_the_tiny_profile_with_sdxl_models():
     assert (sdxl["sample"]["model"], sdxl["edit"]["model"], sdxl["edit"]["controlnet"]) == ("sdxl", "sdxl", "controlnet-sdxl")
     # Everything else follows the tiny profile: when tiny.yaml changes, change tiny-sdxl.yaml alike.
     sdxl["name"], sdxl["sample"]["model"] = tiny["name"], tiny["sample"]["model"]
+    sdxl["description"] = tiny["description"]  # each says what it is
     sdxl["edit"]["model"], sdxl["edit"]["controlnet"] = tiny["edit"]["model"], tiny["edit"]["controlnet"]
     assert sdxl == tiny
 
@@ -32,7 +33,7 @@ def test_sdxl_paper_profile_is_sd15_paper_on_sdxl():
     assert profile.edit.controlnet == "diffusers/controlnet-canny-sdxl-1.0"
     sd15 = yaml.safe_load(find_profile("sd15-paper").read_text())
     sdxl = yaml.safe_load(find_profile("sdxl-paper").read_text())
-    for section in ("name", "sample", "edit"):
+    for section in ("name", "description", "sample", "edit"):
         sd15.pop(section), sdxl.pop(section)
     assert sdxl == sd15  # every other stage is the paper's: change both files alike
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,29 @@ def test_the_hpsv2_version_is_explicit_and_named_in_every_table():
     titles = reward_titles({n: s.model_dump() for n, s in paper.rewards.items()})
     table = to_markdown([{"model": "sd15", "hpsv2": 0.27, "hpsv2_win_vs_sd15": None}], titles)
     assert table.startswith("| model | hpsv2 (HPSv2 v2.0) | hpsv2 (HPSv2 v2.0)_win_vs_sd15 |")
+
+
+def test_rpo_recipe_is_dpo_on_100k_pickapic_rows_then_the_pairs_alone_from_that_checkpoint():
+    """RPO §4.1: DPO-SD1.5 on the first 100k Pick-a-Pic v2 rows, then from it on the RPO pairs alone,
+    the reference being the init (as the reference code's --unet_init)."""
+    import re
+
+    from richpref.schemas.training import load_finetune_config
+
+    stage1 = load_finetune_config("finetune-sd15-dpo-pickapic100k")
+    stage2 = load_finetune_config("finetune-sd15-rpo")
+    [pickapic] = stage1.data
+    assert (pickapic.dataset, pickapic.limit, stage1.init_from, stage1.reference) == \
+        ("yuvalkirstain/pickapic_v2", 100_000, None, "base")
+    assert [s.name for s in stage2.data] == ["pairs"] and stage2.data[0].dataset is None  # no Pick-a-Pic mixing
+    assert stage2.init_from == f"data/finetune/{stage1.name}" and stage2.reference == "init"  # the default output dir
+    for cfg in (stage1, stage2):  # the reference launchers' settings
+        assert (cfg.model, cfg.mode, cfg.beta, cfg.effective_batch_size, cfg.max_train_steps, cfg.lr_warmup_steps) == \
+            ("stable-diffusion-v1-5/stable-diffusion-v1-5", "full", 5000, 2048, 2000, 500)
+        assert cfg.learning_rate_for(8) == pytest.approx(2.048e-5)
+    mixing = (REPO / "configs" / "finetune-sd15-dpo.yaml").read_text()
+    assert "NOT RPO's recipe" in mixing
+    readme = (REPO / "README.md").read_text()
+    assert re.search(r"--config finetune-sd15-dpo-pickapic100k.*\n.*--config finetune-sd15-rpo --pairs", readme)
+    for f in REPO.glob("configs/*.yaml"):  # every config says what it is
+        assert f.read_text().startswith("# "), f

@@ -75,7 +75,7 @@ def test_round_two_finetunes_from_round_one(two_rounds, tmp_path):
     data, _ = two_rounds
     round1 = data / "rounds" / "rounds-tiny" / "round-1" / "finetune"
     meta = read_meta(data / "rounds" / "rounds-tiny" / "round-2" / "finetune")
-    assert meta["config"]["init_from"] == str(round1) and meta["config"]["reference"] == "base"
+    assert meta["config"]["init_from"] == str(round1) and meta["config"]["reference"] == "init"
     assert read_meta(round1)["config"]["init_from"] is None
     # Training from round 1's LoRA with a vanishing learning rate ends where round 1 ended.
     cfg = load_finetune_config("finetune-tiny", [f"models_root={meta['config']['models_root']}", f"init_from={round1}",

@@ -73,6 +73,15 @@ def release_pipeline(pipe: Any) -> None:
         torch.cuda.empty_cache()
 
 
+def without_safety_checker(path: str) -> dict[str, Any]:
+    """`from_pretrained` keywords that skip loading a pipeline's safety checker, if it lists one."""
+    from diffusers import DiffusionPipeline
+
+    if "safety_checker" not in DiffusionPipeline.load_config(path):
+        return {}
+    return {"safety_checker": None, "requires_safety_checker": False}
+
+
 class TextToImage:
     """A loaded text-to-image pipeline.
 
@@ -90,6 +99,7 @@ class TextToImage:
     def load(
         cls, path: str, *, device: str = "auto", dtype: str = "auto", scheduler: str | None = None,
         variant: str | None = None, compile: bool = False, channels_last: bool = False,
+        safety_checker: bool = False,
     ) -> "TextToImage":
         """Load a diffusers checkpoint directory (or cached Hub id).
 
@@ -97,12 +107,16 @@ class TextToImage:
         the checkpoint's scheduler config (an alias such as "unipc" or a class name such as
         "EulerDiscreteScheduler"). `variant` loads the repo's variant weight files (e.g. "fp16":
         half the download and load time where the repo ships them). See `apply_pipeline_settings`.
+        `safety_checker`: keep the checkpoint's safety checker (SD 1.5 ships one). Off by default: it
+        turns every image it flags into a black one, which would then be critiqued, scored and paired.
         """
         from diffusers import DiffusionPipeline
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         extra = {"variant": variant} if variant else {}
+        if not safety_checker:
+            extra.update(without_safety_checker(str(path)))
         pipe = DiffusionPipeline.from_pretrained(str(path), **diffusers_dtype_kwargs(dt), **extra)
         pipe = pipe.to(dev)
         apply_pipeline_settings(pipe, scheduler=scheduler, compile=compile, channels_last=channels_last)

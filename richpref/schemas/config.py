@@ -60,6 +60,12 @@ class SampleConfig(StageConfig, PipelineSettings):
     height: int = Field(512, ge=8)
     width: int = Field(512, ge=8)
     seed: int = 0  # mixed with item_id: a rerun reproduces the same image
+    # Keep the checkpoint's safety checker (SD 1.5 ships one): off by default, as the reference
+    # Diffusion-DPO sampling does; on, every image it flags comes out black (then rejected as flat).
+    safety_checker: bool = False
+    # Images (generated or from the dataset) whose pixel std (0-255) is below this are rejected as
+    # `flat_image` (near-constant: a safety checker's black output, a blank image); 0 turns it off.
+    min_image_std: float = Field(1.0, ge=0)
     # Tuned weights over `model` (RPO rounds): a LoRA (file, folder or finetune output) or a full UNet
     # (diffusers folder or finetune output). Their content is part of the stage's key.
     lora: str | None = None
@@ -164,6 +170,8 @@ class ExportConfig(_Strict):
 
 class Profile(_Strict):
     name: str
+    # What the profile is and what it adds to RPO's pipeline; the dataset card quotes it. Not hashed.
+    description: str | None = None
     models_root: str | None = None
     source: SourceConfig = SourceConfig()
     sample: SampleConfig = SampleConfig()

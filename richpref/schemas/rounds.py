@@ -22,8 +22,9 @@ class RoundsConfig(BaseModel):
     # Round k > 1 curates the same source rows (`same`) or the next `prompts_per_round` of them (`next`).
     prompts: Literal["same", "next"] = "same"
     prompts_per_round: int | None = Field(None, ge=1)
-    # The DPO reference of round k > 1: the base model, or round k-1's tuned model.
-    reference: Literal["base", "previous"] = "base"
+    # The DPO reference of round k > 1: round k-1's tuned model (the weights it starts from, so each
+    # round starts at loss log 2), or the base model.
+    reference: Literal["base", "previous"] = "previous"
     # Earlier rounds' pairs join round k's training data with this weight each (0: only round k's pairs).
     mix_previous: float = Field(0.0, ge=0)
     curate_overrides: list[str] = Field(default_factory=list)  # profile `--set`s for every round

@@ -59,11 +59,14 @@ class FinetuneConfig(_Strict):
     vae: str | None = None  # another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)
     mode: Literal["full", "lora"] = "full"
     lora: LoraSettings = LoraSettings()
-    # Start from earlier tuned weights (RPO rounds: round k starts from round k-1): a finetune output
-    # folder of the same mode (or a LoRA file/folder, a UNet folder). `reference`: the DPO reference
-    # model is the base model, or the model at `init_from` (frozen).
+    # Start from earlier tuned weights (RPO §4.1: from DPO-SD1.5; rounds: round k starts from round
+    # k-1): a finetune output folder of the same mode (or a LoRA file/folder, a UNet folder).
     init_from: str | None = None
-    reference: Literal["base", "init"] = "base"
+    # The frozen DPO reference: `base` (the `model`), or `init` (the weights at `init_from`, as the
+    # reference code loads its reference from --unet_init; `previous` says the same in rounds, where the
+    # init is the previous round). Unset: `init` when init_from is set, else `base`. With `init` the
+    # first step starts at loss log 2 and implicit accuracy 0.5 (model = reference).
+    reference: Literal["base", "init", "previous"] | None = None
 
     data: list[PairSourceConfig] = Field(default_factory=list)
     resolution: int = Field(512, ge=8)
@@ -99,8 +102,13 @@ class FinetuneConfig(_Strict):
 
     @model_validator(mode="after")
     def _reference_needs_init(self) -> "FinetuneConfig":
-        if self.reference == "init" and not self.init_from:
-            raise ValueError("reference: init needs init_from (the tuned weights to start from)")
+        if self.reference in ("init", "previous") and not self.init_from:
+            raise ValueError(f"reference: {self.reference} needs init_from (the tuned weights to start from); "
+                             "or set reference: base")
+        if self.reference is None:  # resolved here, so the recorded config and its hash say which
+            self.reference = "init" if self.init_from else "base"
+        elif self.reference == "previous":
+            self.reference = "init"
         return self
 
     @field_validator("data")
@@ -172,6 +180,7 @@ class EvaluateConfig(_Strict):
     height: int = Field(512, ge=8)
     width: int = Field(512, ge=8)
     scheduler: str | None = None
+    safety_checker: bool = False  # keep the checkpoint's safety checker (flagged images come out black)
     batch_size: int = Field(4, ge=1)
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..images import BadImage, decode_image, encode_png
+from ..images import BadImage, decode_image, encode_png, flat_reason
 from ..models.runtime import resident, resolve_model_ref
 from ..models.tuned import weights_fingerprint
 from ..overlap import chunks, pipelined
@@ -18,12 +18,13 @@ def load_generator(cfg: SampleConfig, models_root: str | None):
 
     path = resolve_model_ref(cfg.model, models_root)
     extra = dict(variant=cfg.variant, compile=cfg.compile, channels_last=cfg.channels_last)
+    checker = {"safety_checker": True} if cfg.safety_checker else {}
 
     def load():
         from ..models.generator import apply_pipeline_settings
 
         t2i = TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
-                               **{**extra, "compile": False})
+                               **{**extra, "compile": False}, **checker)
         apply_tuned(t2i, lora=cfg.lora, unet=cfg.unet)
         if cfg.compile:  # after the tuned weights are in: compile the UNet that will run
             apply_pipeline_settings(t2i.pipe, compile=True)
@@ -31,6 +32,7 @@ def load_generator(cfg: SampleConfig, models_root: str | None):
 
     # The key of a plain config stays what it was before these settings existed.
     key = ("generator", path, cfg.scheduler, cfg.device, cfg.dtype) + (tuple(extra.values()) if any(extra.values()) else ())
+    key += tuple(checker.items())
     tuned = weights_fingerprint(cfg.lora, cfg.unet) if (cfg.lora or cfg.unet) else None
     return resident.get(key + ((tuned,) if tuned else ()), load)
 
@@ -46,6 +48,9 @@ def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
             except BadImage as exc:
                 out[iid] = rejected(iid, str(exc), prompt=r["prompt"])
                 continue
+            if flat := flat_reason(img, cfg.min_image_std):
+                out[iid] = rejected(iid, flat, prompt=r["prompt"])
+                continue
             out[iid] = kept(iid, prompt=r["prompt"], image=r["image"], width=img.width, height=img.height,
                             seed=None, origin="dataset", model_id=None)
         else:
@@ -59,8 +64,9 @@ def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
                                 width=cfg.width, batch_size=len(batch))
 
         def finish(batch, _, images):  # PNG encoding overlaps the next batch's generation
-            return [kept(r["item_id"], prompt=r["prompt"], image=encode_png(img), width=img.width, height=img.height,
-                         seed=item_seed(cfg.seed, r["item_id"]), origin="generated", model_id=gen.model_id)
+            return [rejected(r["item_id"], flat, prompt=r["prompt"]) if (flat := flat_reason(img, cfg.min_image_std))
+                    else kept(r["item_id"], prompt=r["prompt"], image=encode_png(img), width=img.width, height=img.height,
+                              seed=item_seed(cfg.seed, r["item_id"]), origin="generated", model_id=gen.model_id)
                     for r, img in zip(batch, images)]
 
         for done in pipelined(chunks(to_generate, cfg.batch_size), run, finish=finish):
@@ -78,4 +84,4 @@ def _tuned_key(profile: Profile) -> str:
     return weights_fingerprint(profile.sample.lora, profile.sample.unet)
 
 
-STAGE = Stage(name="sample", version="1", section="sample", reads=("source",), compute=compute, key_extra=_tuned_key)
+STAGE = Stage(name="sample", version="2", section="sample", reads=("source",), compute=compute, key_extra=_tuned_key)

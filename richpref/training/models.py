@@ -206,7 +206,8 @@ def is_finetune_output(path: str | os.PathLike) -> bool:
     return (p / FINETUNE_META).exists() or (p / "final" / FINETUNE_META).exists()
 
 
-def load_finetuned(path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", scheduler: str | None = None):
+def load_finetuned(path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", scheduler: str | None = None,
+                   safety_checker: bool = False):
     """A `TextToImage` of the base model with the tuned weights in: the UNet swapped for a full
     fine-tune, `load_lora_weights` for LoRA."""
     from diffusers import UNet2DConditionModel
@@ -214,7 +215,8 @@ def load_finetuned(path: str | os.PathLike, *, device: str = "auto", dtype: str 
     from ..models.generator import TextToImage, diffusers_dtype_kwargs
 
     meta = read_meta(path)
-    t2i = TextToImage.load(meta["base_model_path"], device=device, dtype=dtype, scheduler=scheduler)
+    t2i = TextToImage.load(meta["base_model_path"], device=device, dtype=dtype, scheduler=scheduler,
+                           safety_checker=safety_checker)
     final = Path(meta["_dir"])
     if meta["mode"] == "lora":
         t2i.pipe.load_lora_weights(str(final), weight_name=LORA_WEIGHTS)

@@ -29,6 +29,7 @@ from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, l
                           register_lora_hooks, save_checkpoint, write_final)
 from .data import Augment, PairBatches, PairMixture, load_sources, seed_for
 from .dpo import diffusion_dpo_terms
+from .reference import log_start
 from .models import (FINETUNE_META, AdapterSwitch, add_lora, encode_latents, encode_text, frozen_copy, load_parts,
                      sdxl_time_ids)
 
@@ -214,6 +215,10 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
                                        weight_dtype=weight_dtype, vae_dtype=vae_dtype, autocast=accelerator.autocast)
                 accelerator.backward(terms.loss / accum)
             metrics.add(terms)
+        if global_step == 0:  # a fresh start: these metrics are the model's before any update
+            start = accelerator.reduce(metrics.mean().to(device), reduction="mean").cpu().tolist()
+            if is_main:
+                log_start(start[0], start[1], cfg.reference)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()

@@ -76,6 +76,8 @@ def test_dataset_card_and_plots(mini_run, capsys):
         title = f"{name} (HPSv2 v2.0)" if name == "hpsv2" else name  # the version is named wherever HPSv2 shows
         assert f"| {title} | {profile.relabel.rewards[name].weight:g} | {a.mean():.4g} ± {a.std():.3g}" in card
     assert '"min_margin": 0.0' in card  # the config is in the card
+    assert f"Profile: `tiny`: {profile.description.strip()}" in card  # which profile, and what it adds
+    assert "Sampling: `sample.safety_checker: false`" in card
     for png in ("reward_distributions.png", "flip_rate.png", "margin_histogram.png"):
         im = Image.open(written[png])
         assert im.format == "PNG" and im.width > 100

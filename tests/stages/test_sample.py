@@ -2,6 +2,9 @@
 a reason), SD1.5 and SDXL generation seeded per item, the generator's settings from the profile."""
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -71,7 +74,8 @@ def test_sample_stage_rejects_bad_dataset_images_with_reasons_and_keeps_the_rest
     def no_generator():
         raise AssertionError("dataset images must not load a generator")
 
-    out = sample_rows(table, SampleConfig(use_dataset_image=True), no_generator)
+    # Several of these decode to one flat colour: flat images have their own test below.
+    out = sample_rows(table, SampleConfig(use_dataset_image=True, min_image_std=0), no_generator)
     check_rows_accounted("sample", 0, table, out)
     got = {r["item_id"]: r for r in out.to_pylist()}
     for k, (name, (_, expected)) in enumerate(IMAGES.items()):
@@ -79,3 +83,77 @@ def test_sample_stage_rejects_bad_dataset_images_with_reasons_and_keeps_the_rest
         assert (r["status"] == "ok") == (expected is None), name
         if expected:
             assert r["reason"].startswith("bad_image"), (name, r["reason"])
+
+
+def test_flat_dataset_images_are_rejected_with_a_reason():
+    from PIL import Image
+
+    flat = _png_bytes(Image.new("RGB", (32, 32), (0, 0, 0)))
+    almost = np.zeros((32, 32, 3), np.uint8)
+    almost[0, 0] = 3  # one pixel off black: still flat
+    varied = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    images = [flat, _png_bytes(Image.fromarray(almost)), _png_bytes(Image.fromarray(varied))]
+    table = rows_to_table([{"item_id": f"i{k}", "status": "ok", "reason": None, "source": "t", "source_row": k,
+                            "prompt": "a cat", "image": data} for k, data in enumerate(images)], PROMPTS)
+    out = sample_rows(table, SampleConfig(), lambda: None).to_pylist()
+    assert [r["status"] for r in out] == ["rejected", "rejected", "ok"]
+    assert all(r["reason"].startswith("flat_image: pixel std") for r in out[:2])
+    # 0 turns the check off
+    assert [r["status"] for r in sample_rows(table, SampleConfig(min_image_std=0), lambda: None).to_pylist()] == ["ok"] * 3
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sd15_with_safety_checker(paths, tmp_path_factory):
+    """The tiny SD 1.5 with a real (tiny, random) StableDiffusionSafetyChecker whose thresholds flag
+    every image, saved as a pipeline that lists it in model_index.json, as SD 1.5's release does."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():  # a threshold of -2 is below any cosine similarity: every concept fires
+        checker.concept_embeds_weights.fill_(-2.0)
+        checker.special_care_embeds_weights.fill_(-2.0)
+    base = StableDiffusionPipeline.from_pretrained(str(paths.sd15))
+    pipe = StableDiffusionPipeline(**{**base.components, "safety_checker": checker,
+                                      "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                              crop_size={"height": 32, "width": 32})},
+                                   requires_safety_checker=True)
+    out = tmp_path_factory.mktemp("sd15-checker") / "sd15-checker"
+    pipe.save_pretrained(out, safe_serialization=True)
+    assert "safety_checker" in json.loads((out / "model_index.json").read_text())
+    return out
+
+
+def test_safety_checker_is_off_by_default_and_its_black_images_are_rejected(sd15_with_safety_checker, release_resident):
+    cfg = SampleConfig(model=str(sd15_with_safety_checker), steps=2, guidance_scale=5.0, height=64, width=64,
+                       batch_size=2, device="cpu", dtype="float32")
+    rows = _prompt_rows(["a robot tiger", "a red cube"])
+    default = sample_rows(rows, cfg, lambda: load_generator(cfg, None)).to_pylist()
+    assert [r["status"] for r in default] == ["ok", "ok"]
+    assert all(np.asarray(_png(r["image"])).std() > 1.0 for r in default)  # not black
+    assert load_generator(cfg, None).pipe.safety_checker is None
+
+    on = cfg.model_copy(update={"safety_checker": True})
+    gen = load_generator(on, None)
+    assert gen.pipe.safety_checker is not None
+    black = gen.generate(["a robot tiger"], [0], steps=2, guidance_scale=5.0, height=64, width=64)[0]
+    assert np.asarray(black).max() == 0  # the checker flagged it
+    out = sample_rows(rows, on, lambda: load_generator(on, None)).to_pylist()
+    assert [r["status"] for r in out] == ["rejected", "rejected"]
+    assert all(r["reason"].startswith("flat_image:") for r in out)
