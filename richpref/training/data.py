@@ -111,9 +111,13 @@ def split_heldout(ds, fraction: float, seed: int, label: str):
     if fraction <= 0:
         return ds, None
     held = [r for r in range(len(ds)) if seed_for(seed, "heldout", label, r) % 100_000 < fraction * 100_000]
-    if not held or len(held) == len(ds):
-        raise DataError(f"data source {label!r}: heldout_fraction {fraction} leaves {len(ds) - len(held)} training "
-                        f"and {len(held)} held-out pairs of {len(ds)}; change heldout_fraction or add pairs")
+    if len(held) == len(ds):
+        raise DataError(f"data source {label!r}: heldout_fraction {fraction} holds out all {len(ds)} pairs; lower "
+                        "heldout_fraction or add pairs")
+    if not held:
+        log.warning("data source %s: heldout_fraction %g of %d pairs holds none out; no held-out metrics from it",
+                    label, fraction, len(ds))
+        return ds, None
     held_set = set(held)
     return ds.select([r for r in range(len(ds)) if r not in held_set]), ds.select(held)
 

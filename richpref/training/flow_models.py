@@ -183,13 +183,14 @@ def pipeline_class(arch: str):
 
 
 def save_flow_lora(transformer, out_dir: Path, arch: str, weight_name: str) -> None:
-    """The transformer's LoRA in diffusers' layout: `pipe.load_lora_weights(out_dir)` loads it."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The transformer's LoRA in diffusers' layout: `pipe.load_lora_weights(out_dir)` loads it. The peft
+    keys as they are (lora_A / lora_B), as diffusers' SD3/FLUX LoRA scripts save them; the UNet-era
+    conversion would rename some attention keys to lora.down/up and the loader would skip them."""
     from peft.utils import get_peft_model_state_dict
 
     metadata = transformer.peft_config["default"].to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(transformer))
+    layers = get_peft_model_state_dict(transformer)
     pipeline_class(arch).save_lora_weights(out_dir, transformer_lora_layers=layers, weight_name=weight_name,
                                            transformer_lora_adapter_metadata=metadata)
 
