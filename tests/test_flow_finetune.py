@@ -221,3 +221,87 @@ def test_flux_lora_loads_into_the_flux_pipeline(tiny_models, pairs, tmp_path):
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
     after = pipe("a photo", generator=torch.Generator().manual_seed(0), **kw).images[0]
     assert np.abs(after - before).mean() > 1e-5
+
+
+# --- refused before training -----------------------------------------------------------------------
+
+def test_configs_for_another_family_are_refused_naming_the_fix(tiny_models, pairs, tmp_path, monkeypatch):
+    from richpref.training import setup as setup_mod
+    from richpref.training.flow_models import ArchMismatch
+    from richpref.training.setup import preflight
+
+    with pytest.raises(ArchMismatch, match=r"'sd15' is a sd15 UNet checkpoint.*remove `flow`"):
+        preflight(flow_config(tiny_models, pairs, "sd15"))
+    with pytest.raises(ArchMismatch, match=r"'flux' is a flux checkpoint but the config says arch: sdxl"):
+        preflight(flow_config(tiny_models, pairs, "flux", flow=None, arch="sdxl"))
+    with pytest.raises(ArchMismatch, match=r"'sd15' is a sd15 checkpoint but the config says arch: qwen_image"):
+        preflight(flow_config(tiny_models, pairs, "sd15", flow=None, arch="qwen_image"))
+    assert preflight(flow_config(tiny_models, pairs, "flux", flow=None)) == "flux"  # arch auto: read, not assumed
+
+    # init_from made for another base (its finetune.json says so)
+    other = tmp_path / "sd15-lora"
+    other.mkdir()
+    (other / "finetune.json").write_text(json.dumps({"arch": "sd15", "mode": "lora"}))
+    with pytest.raises(ArchMismatch, match=r"init_from .*made for a sd15 model.*drop init_from"):
+        preflight(flow_config(tiny_models, pairs, "flux", init_from=str(other)))
+
+    # a full fine-tune of a 12B+ transformer (the tiny one stands in with the threshold lowered)
+    monkeypatch.setattr(setup_mod, "BIG_TRANSFORMER", 1)
+    with pytest.raises(ArchMismatch, match=r"use mode: lora.*fsdp: true and gradient_checkpointing: true"):
+        preflight(flow_config(tiny_models, pairs, "flux", mode="full"))
+    assert preflight(flow_config(tiny_models, pairs, "flux", mode="full", fsdp=True, gradient_checkpointing=True)) == "flux"
+
+    # edit_region on pairs without edit masks
+    with pytest.raises(ValueError, match=r"no 'edit_mask' column.*set loss_mask: none"):
+        preflight(flow_config(tiny_models, pairs, "flux", loss_mask="edit_region"))
+
+
+def test_lora_keys_of_another_base_are_refused():
+    from richpref.training.flow_models import ArchMismatch, lora_base_check
+
+    with pytest.raises(ArchMismatch, match=r"holds \['unet'\] weights, not transformer weights of a flux model"):
+        lora_base_check(None, {"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1)}, "flux", "old.safetensors")
+    lora_base_check(None, {"transformer.x.lora_A.weight": torch.zeros(1)}, "flux", "ok.safetensors")
+
+
+def test_long_captions_are_truncated_and_counted(tiny_models, tmp_path):
+    from richpref.training.text_cache import build_text_cache
+
+    long = "a dog running on a beach near the water " * 20
+    cache = build_text_cache(str(tiny_models / "flux"), "flux", ["a cat", long], tmp_path, max_sequence_length=16)
+    assert cache.meta["truncated"] == 1 and cache.meta["captions"] == 3  # with "" for empty prompts
+    batch = cache.batch([long, "a cat"], "cpu", torch.float32)
+    assert batch["prompt_embeds"].shape[:2] == (2, 16) and batch["pooled_prompt_embeds"].shape[0] == 2
+    again = build_text_cache(str(tiny_models / "flux"), "flux", ["a cat"], tmp_path, max_sequence_length=16)
+    assert again.meta == cache.meta  # reused, not encoded again
+
+
+def test_chance_warning():
+    from richpref.training.heldout import chance_warning
+
+    assert "held-out implicit accuracy stays near 0.5" in chance_warning([0.69, 0.6, 0.5, 0.4], [0.5, 0.52, 0.48])
+    assert chance_warning([0.69, 0.6, 0.5, 0.4], [0.5, 0.7, 0.75]) is None  # it generalises
+    assert chance_warning([0.69, 0.69, 0.68], [0.5, 0.5]) is None  # the loss did not fall
+
+
+def test_unet_dpo_edit_region_all_ones_equals_unmasked(tiny_models, tmp_path):
+    from richpref.training.data import Augment, PairBatches, PairMixture, load_sources
+    from richpref.training.models import AdapterSwitch
+    from richpref.training.setup import setup_model
+    from richpref.training.unet_step import dpo_micro_step
+
+    data = write_brightness_pairs(tmp_path / "m.parquet", 4, masks=True)
+    cfg = flow_config(tiny_models, data, "sd15", flow=None, resolution=64, loss_mask="edit_region", mask_floor=1.0)
+    s = setup_model(cfg, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for n, p in s.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    sources, _ = load_sources(cfg.data, need_mask=True)
+    batch = PairBatches(sources, PairMixture([4], [1.0], 0), Augment(64), 2, masks=True)[0]
+    args = (s.parts, s.model, s.model, AdapterSwitch(s.model))
+    floor_one = dpo_micro_step(batch, *args, cfg, device=torch.device("cpu"))  # floor 1: every weight is 1
+    plain = dpo_micro_step(batch, *args, cfg.model_copy(update={"loss_mask": "none"}), device=torch.device("cpu"))
+    assert torch.allclose(floor_one.margin, plain.margin, rtol=1e-4, atol=1e-5) and plain.margin.abs().max() > 0
+    half = dpo_micro_step(batch, *args, cfg.model_copy(update={"mask_floor": 0.0}), device=torch.device("cpu"))
+    assert not torch.allclose(half.margin, plain.margin)
