@@ -305,3 +305,18 @@ def test_unet_dpo_edit_region_all_ones_equals_unmasked(tiny_models, tmp_path):
     assert torch.allclose(floor_one.margin, plain.margin, rtol=1e-4, atol=1e-5) and plain.margin.abs().max() > 0
     half = dpo_micro_step(batch, *args, cfg.model_copy(update={"mask_floor": 0.0}), device=torch.device("cpu"))
     assert not torch.allclose(half.margin, plain.margin)
+
+
+def test_memory_estimate_counts_lora_full_and_fsdp(tiny_models, pairs):
+    from richpref.training.memory import estimate_memory
+    from richpref.training.setup import setup_model
+
+    lora_cfg = flow_config(tiny_models, pairs, "flux", mixed_precision="bf16")
+    est = estimate_memory(lora_cfg)
+    trained = sum(p.numel() for p in setup_model(lora_cfg, torch.device("cpu"), torch.float32).model.parameters()
+                  if p.requires_grad)
+    assert est["trainable"] == trained and est["reference_gb"] == 0  # LoRA: no second copy
+    assert est["weights_gb"] == pytest.approx(est["params"] * 2 / 1024**3)
+    full = estimate_memory(flow_config(tiny_models, pairs, "flux", mode="full"))
+    sharded = estimate_memory(flow_config(tiny_models, pairs, "flux", mode="full", fsdp=True), num_processes=4)
+    assert full["reference_gb"] == pytest.approx(full["weights_gb"]) and sharded["total_gb"] == pytest.approx(full["total_gb"] / 4)
