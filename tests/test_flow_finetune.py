@@ -320,3 +320,12 @@ def test_memory_estimate_counts_lora_full_and_fsdp(tiny_models, pairs):
     full = estimate_memory(flow_config(tiny_models, pairs, "flux", mode="full"))
     sharded = estimate_memory(flow_config(tiny_models, pairs, "flux", mode="full", fsdp=True), num_processes=4)
     assert full["reference_gb"] == pytest.approx(full["weights_gb"]) and sharded["total_gb"] == pytest.approx(full["total_gb"] / 4)
+
+
+def test_unet_config_hashes_unchanged_by_the_new_options():
+    """Finished runs and checkpoints of UNet configs made before Flow-DPO still match their config
+    (hashes computed with the code of commit 2269300)."""
+    from richpref.schemas.training import finetune_config_hash, load_finetune_config
+
+    assert [finetune_config_hash(load_finetune_config(n, [])) for n in ("finetune-tiny", "finetune-sdxl-lora")] == \
+        ["6c431cad536f8d88", "a01870a1d329b642"]
