@@ -104,6 +104,19 @@ def cmd_convert_llava_critic(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.finetune:  # a finetune config: memory estimate from the checkpoint's headers
+        from .models.runtime import ModelNotAvailable
+        from .schemas.config import ProfileError
+        from .schemas.training import load_finetune_config
+        from .training.memory import estimate_memory, format_estimate
+
+        try:
+            cfg = load_finetune_config(args.finetune, args.set)
+            print(format_estimate(cfg, estimate_memory(cfg, args.workers), args.workers))
+        except (ProfileError, ModelNotAvailable, ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     from .doctor import format_report, run_doctor, write_json
     from .doctor_checks import DoctorError
     from .schemas.config import ProfileError, load_profile
@@ -268,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--device", default=None, help="run every model stage on this device (e.g. cuda); --set wins")
     d.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                    help="load every model stage's weights in this dtype; --set wins")
+    d.add_argument("--finetune", metavar="CONFIG", default=None,
+                   help="instead: estimate the memory of a finetune config (precision, LoRA, FSDP over --workers)")
     d.set_defaults(fn=cmd_doctor)
 
     s = sub.add_parser("summary", help="rows per stage, rejects by reason, flip rate")

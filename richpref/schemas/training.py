@@ -48,6 +48,25 @@ class LoraSettings(_Strict):
     init: Literal["gaussian", "default"] = "gaussian"
 
 
+FLOW_ARCHS = ("sd3", "flux", "qwen_image")
+
+
+class FlowSettings(_Strict):
+    """Flow-DPO (flow-matching transformers: SD3/SD3.5, FLUX.1, Qwen-Image). σ sampling and loss
+    weighting as diffusers' train_dreambooth_lora_sd3.py / _flux.py (`--weighting_scheme` etc.)."""
+
+    weighting_scheme: Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    # σ = shift·u / (1 + (shift − 1)·u) on the sampled u; None: the checkpoint scheduler's own sigma table
+    # (SD3: shift 3; FLUX/Qwen-Image use dynamic shifting at inference, so their table is unshifted).
+    shift: float | None = Field(None, gt=0)
+    guidance_scale: float = 3.5  # FLUX.1-dev's guidance embedding during training (diffusers' default)
+    max_sequence_length: int | None = Field(None, ge=1)  # T5 / Qwen tokens; None: the pipeline's default
+    text_encode_batch_size: int = Field(8, ge=1)
+
+
 class FinetuneConfig(_Strict):
     """Diffusion-DPO training. Defaults follow the reference launchers (β 5000, AdamW, constant with
     warmup, lr 1e-8 scaled by the effective batch)."""
@@ -55,7 +74,10 @@ class FinetuneConfig(_Strict):
     name: str = "finetune"
     models_root: str | None = None
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # base diffusers pipeline (Hub id or dir)
-    arch: Literal["auto", "sd15", "sdxl"] = "auto"  # auto: read from the pipeline's model_index.json
+    # auto: read from the pipeline folder (model_index.json, scheduler and transformer classes). A named
+    # arch is checked against the checkpoint: a Flow-DPO config on a UNet checkpoint is refused.
+    arch: Literal["auto", "sd15", "sdxl", "sd3", "flux", "qwen_image"] = "auto"
+    flow: FlowSettings | None = None  # set: a Flow-DPO config (needs a flow-matching checkpoint)
     vae: str | None = None  # another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)
     mode: Literal["full", "lora"] = "full"
     lora: LoraSettings = LoraSettings()
@@ -73,6 +95,17 @@ class FinetuneConfig(_Strict):
     random_crop: bool = False
     hflip: bool = True  # one flip decision per pair: both images flip together
     proportion_empty_prompts: float = Field(0.0, ge=0, le=1)
+
+    # edit_region: the per-latent-pixel MSE weighted by the pair's `edit_mask` (resized to the latent
+    # grid), `mask_floor` outside it (0: the unchanged region is ignored).
+    loss_mask: Literal["none", "edit_region"] = "none"
+    mask_floor: float = Field(0.1, ge=0, le=1)
+    # Held-out pairs (a fixed fraction of each source, never trained on): implicit accuracy and reward
+    # margin every `eval_every` steps in metrics.jsonl.
+    heldout_fraction: float = Field(0.0, ge=0, lt=1)
+    heldout_max_pairs: int = Field(64, ge=1)
+    heldout_draws: int = Field(2, ge=1)  # (noise, σ) draws per held-out pair, fixed for the run
+    eval_every: int = Field(50, ge=1)
 
     beta: float = Field(5000.0, gt=0)
     learning_rate: float = Field(1e-8, gt=0)
@@ -92,6 +125,9 @@ class FinetuneConfig(_Strict):
     max_train_steps: int = Field(2000, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # Shard the model with FSDP (accelerate launch --use_fsdp): needed for a full fine-tune of a 12B+
+    # transformer (FLUX.1, Qwen-Image), together with gradient_checkpointing.
+    fsdp: bool = False
     seed: int = 0
 
     checkpointing_steps: int = Field(500, ge=1)
@@ -109,6 +145,17 @@ class FinetuneConfig(_Strict):
             self.reference = "init" if self.init_from else "base"
         elif self.reference == "previous":
             self.reference = "init"
+        return self
+
+    @property
+    def is_flow(self) -> bool:
+        return self.flow is not None or self.arch in FLOW_ARCHS
+
+    @model_validator(mode="after")
+    def _flow_consistent(self) -> "FinetuneConfig":
+        if self.arch in ("sd15", "sdxl") and self.flow is not None:
+            raise ValueError(f"arch {self.arch} is a UNet (Diffusion-DPO) but the config has a `flow` section "
+                             "(Flow-DPO): remove `flow`, or set arch to sd3, flux or qwen_image")
         return self
 
     @field_validator("data")
@@ -143,11 +190,20 @@ class FinetuneConfig(_Strict):
 _RUNTIME_FIELDS = {
     "name", "models_root", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "vae_encode_batch_size", "dataloader_num_workers", "log_every", "mixed_precision", "gradient_checkpointing",
+    "fsdp", "heldout_max_pairs", "heldout_draws", "eval_every",
 }
+
+
+# Options added later, left out of the hash at their defaults: configs made before them keep their hash
+# (and their checkpoints resume).
+_LATER_DEFAULTS = {"flow": None, "loss_mask": "none", "mask_floor": 0.1, "heldout_fraction": 0.0}
 
 
 def finetune_config_hash(cfg: FinetuneConfig) -> str:
     data = cfg.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
+    for key, default in _LATER_DEFAULTS.items():
+        if data.get(key) == default:
+            data.pop(key)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

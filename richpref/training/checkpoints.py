@@ -119,14 +119,21 @@ def load_init_lora(unet, init_from: str, arch: str) -> None:
     from ..models.tuned import lora_file
     from .models import _pipeline_class
 
+    from .flow_models import FLOW_ARCHS, lora_base_check, pipeline_class
+
     f = lora_file(init_from)
-    state = _pipeline_class(arch).lora_state_dict(str(f.parent), weight_name=f.name)
+    cls = pipeline_class(arch) if arch in FLOW_ARCHS else _pipeline_class(arch)
+    state = cls.lora_state_dict(str(f.parent), weight_name=f.name)
     state = state[0] if isinstance(state, tuple) else state
-    state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+    lora_base_check(None, state, arch, init_from)
+    prefix = "transformer." if arch in FLOW_ARCHS else "unet."
+    state = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     result = set_peft_model_state_dict(unet, state)
     if getattr(result, "unexpected_keys", None) or not state:
-        raise TrainingError(f"init_from {init_from}: its LoRA does not fit this one (rank, target modules): "
-                            f"{(getattr(result, 'unexpected_keys', None) or ['no unet weights'])[:3]}")
+        raise TrainingError(f"init_from {init_from}: its LoRA does not fit this one (rank, target modules, or a "
+                            f"LoRA for another base model): "
+                            f"{(getattr(result, 'unexpected_keys', None) or ['no ' + prefix[:-1] + ' weights'])[:3]}; "
+                            "give a LoRA trained with the same base and lora settings, or drop init_from")
 
 
 def load_init_unet(unet, init_from: str) -> None:

@@ -15,14 +15,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..schemas.config import ProfileError
     from ..schemas.training import load_finetune_config
     from ..training.finetune import with_pairs
+    from ..training.data import DataError
     from ..training.launcher import LaunchFailed
+    from ..training.setup import preflight
 
     try:
-        with_pairs(load_finetune_config(args.config, args.set), args.pairs)  # a bad config fails before Prefect starts
+        # A bad config, a checkpoint of another family, pairs without the masks it needs: refused before
+        # Prefect starts and before any model loads.
+        preflight(with_pairs(load_finetune_config(args.config, args.set), args.pairs))
         result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
                           overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
                           data_dir=args.data_dir)
-    except (ProfileError, ModelNotAvailable) as exc:
+    except (ProfileError, ModelNotAvailable, DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except LaunchFailed as exc:
@@ -53,7 +57,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add the `finetune` and `evaluate` subcommands to the `richpref` parser's subparsers."""
-    f = sub.add_parser("finetune", help="Diffusion-DPO fine-tune (the finetune flow, under accelerate launch)")
+    f = sub.add_parser("finetune", help="Diffusion-DPO (SD1.5/SDXL) or Flow-DPO (SD3, FLUX.1, Qwen-Image) "
+                                              "fine-tune (the finetune flow, under accelerate launch)")
     f.add_argument("--config", default="finetune-tiny", help="finetune config: a name in configs/ or a YAML path")
     f.add_argument("--pairs", default=None, help="Pick-a-Pic Parquet file/folder for the config's `pairs` source "
                                                  "(e.g. data/runs/demo/pairs)")

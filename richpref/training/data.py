@@ -27,6 +27,9 @@ from ..schemas.training import PairSourceConfig
 log = logging.getLogger("richpref")
 
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+# Binary PNG (mode L, 0 = unchanged, 255 = changed), the size of jpg_0/jpg_1, may be null: where the
+# edit changed the original. Read only under `loss_mask: edit_region`.
+MASK_COLUMN = "edit_mask"
 
 
 class DataError(ValueError):
@@ -55,8 +58,9 @@ def parquet_files(path: str) -> list[str]:
     return files
 
 
-def load_pair_source(src: PairSourceConfig):
-    """The source as a `datasets.Dataset` of the four Pick-a-Pic columns, ties and bad labels dropped."""
+def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
+    """The source as a `datasets.Dataset` of the four Pick-a-Pic columns (and `edit_mask` when
+    `need_mask`), ties and bad labels dropped."""
     import datasets
 
     if src.path is not None:
@@ -75,7 +79,11 @@ def load_pair_source(src: PairSourceConfig):
             f"data source {src.label!r} lacks column(s) {missing} (has {sorted(ds.column_names)}); "
             "training needs Pick-a-Pic columns caption, jpg_0, jpg_1, label_0"
         )
-    ds = ds.select_columns(list(PAIR_COLUMNS))
+    if need_mask and MASK_COLUMN not in ds.column_names:
+        raise DataError(
+            f"data source {src.label!r} has no {MASK_COLUMN!r} column, which loss_mask: edit_region needs: export "
+            f"the pairs again with a richpref that writes edit masks (export stage), or set loss_mask: none")
+    ds = ds.select_columns(list(PAIR_COLUMNS) + ([MASK_COLUMN] if need_mask else []))
     if src.limit is not None:
         ds = ds.select(range(min(src.limit, len(ds))))
     labels = np.asarray(ds["label_0"], dtype=np.float64)
@@ -86,7 +94,32 @@ def load_pair_source(src: PairSourceConfig):
         ds = ds.select(keep)
     if len(ds) == 0:
         raise DataError(f"data source {src.label!r} has no usable pairs (no rows with label_0 in {{0, 1}})")
+    if need_mask:
+        present = sum(m is not None for m in ds[MASK_COLUMN])
+        if present == 0:
+            raise DataError(f"data source {src.label!r}: every {MASK_COLUMN} is null, loss_mask: edit_region has no "
+                            "region to weight: export the pairs with edit masks, or set loss_mask: none")
+        if present < len(ds):
+            log.info("data source %s: %d of %d pairs have no edit_mask; their loss covers the whole image",
+                     src.label, len(ds) - present, len(ds))
     return ds
+
+
+def split_heldout(ds, fraction: float, seed: int, label: str):
+    """(train, held-out) rows of a source: row r is held out when a hash of (seed, label, r) falls below
+    `fraction`, so the split is fixed for a run whatever the process count."""
+    if fraction <= 0:
+        return ds, None
+    held = [r for r in range(len(ds)) if seed_for(seed, "heldout", label, r) % 100_000 < fraction * 100_000]
+    if len(held) == len(ds):
+        raise DataError(f"data source {label!r}: heldout_fraction {fraction} holds out all {len(ds)} pairs; lower "
+                        "heldout_fraction or add pairs")
+    if not held:
+        log.warning("data source %s: heldout_fraction %g of %d pairs holds none out; no held-out metrics from it",
+                    label, fraction, len(ds))
+        return ds, None
+    held_set = set(held)
+    return ds.select([r for r in range(len(ds)) if r not in held_set]), ds.select(held)
 
 
 class PairMixture:
@@ -172,7 +205,8 @@ class Augment:
     proportion_empty_prompts: float = 0.0
     seed: int = 0
 
-    def __call__(self, caption: str, img0: Image.Image, img1: Image.Image, label_0: float, position: int) -> dict:
+    def __call__(self, caption: str, img0: Image.Image, img1: Image.Image, label_0: float, position: int,
+                 mask: Image.Image | None = None) -> dict:
         rng = np.random.default_rng(seed_for(self.seed, "augment", position))
         drop_prompt, flip, crop_u, crop_v = rng.random(4)
         original = (img0.height, img0.width)
@@ -194,7 +228,14 @@ class Augment:
             if do_flip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
             arrays.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+        if mask is not None:  # the same resize, crop and flip as the pair's images
+            mask = mask.resize(img0.size, Image.NEAREST) if mask.size != img0.size else mask
+            mask = mask.resize(size, Image.BILINEAR).crop((left, top, left + res, top + res))
+            if do_flip:
+                mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+            mask = np.asarray(mask, dtype=np.float32)[None] / 255.0
         return {
+            "mask": mask,
             "chosen": arrays[0],
             "rejected": arrays[1],
             "caption": "" if drop_prompt < self.proportion_empty_prompts else caption,
@@ -211,7 +252,9 @@ class PairBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources: list, mixture: PairMixture, augment: Augment, batch_size: int,
-                 rank: int = 0, world: int = 1, start: int = 0, labels: Sequence[str] | None = None) -> None:
+                 rank: int = 0, world: int = 1, start: int = 0, labels: Sequence[str] | None = None,
+                 masks: bool = False) -> None:
+        self.masks = masks
         self.sources = sources
         self.mixture = mixture
         self.augment = augment
@@ -235,17 +278,25 @@ class PairBatches(torch.utils.data.Dataset):
         for s in sorted({s for s, _ in where}):  # one batched read per source
             idx = [r for s2, r in where if s2 == s]
             cols = self.sources[s][idx]
+            names = PAIR_COLUMNS + ((MASK_COLUMN,) if self.masks else ())
             for k, r in enumerate(idx):
-                rows[(s, r)] = {c: cols[c][k] for c in PAIR_COLUMNS}
+                rows[(s, r)] = {c: cols[c][k] for c in names}
         samples = []
         for p, (s, r) in zip(positions, where):
             row = rows[(s, r)]
             at = f"data source {self.labels[s]!r} row {r}"
+            mask = _mask(row.get(MASK_COLUMN), at) if self.masks else None
             samples.append(self.augment(str(row["caption"] or ""), _image(row["jpg_0"], at), _image(row["jpg_1"], at),
-                                        float(row["label_0"]), p))
+                                        float(row["label_0"]), p, mask))
         # Chosen images first, then rejected ones: the layout the DPO loss splits in halves.
         pixels = np.stack([x["chosen"] for x in samples] + [x["rejected"] for x in samples])
+        out = {}
+        if self.masks:  # one mask per pair (a null mask weighs the whole image)
+            res = self.augment.resolution
+            out["masks"] = torch.from_numpy(np.stack([x["mask"] if x["mask"] is not None
+                                                      else np.ones((1, res, res), np.float32) for x in samples]))
         return {
+            **out,
             "pixels": torch.from_numpy(pixels),
             "captions": [x["caption"] for x in samples],
             "positions": torch.tensor(positions, dtype=torch.int64),
@@ -254,10 +305,21 @@ class PairBatches(torch.utils.data.Dataset):
         }
 
 
-def load_sources(configs: list[PairSourceConfig]) -> tuple[list, list[str]]:
+def _mask(value: Any, where: str) -> Image.Image | None:
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        return None
+    try:
+        return Image.open(io.BytesIO(value)).convert("L")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
+        raise DataError(f"{where}: cannot decode edit_mask ({type(exc).__name__}: {exc})") from None
+
+
+def load_sources(configs: list[PairSourceConfig], need_mask: bool = False) -> tuple[list, list[str]]:
     if not configs:
         raise DataError("finetune.data is empty: give at least one Pick-a-Pic-format source (path or dataset)")
-    sources = [load_pair_source(c) for c in configs]
+    sources = [load_pair_source(c, need_mask) for c in configs]
     labels = [c.label for c in configs]
     for c, ds in zip(configs, sources):
         log.info("data source %s: %d pairs, weight %g", c.label, len(ds), c.weight)

@@ -68,4 +68,12 @@ def summary_markdown(cfg: FinetuneConfig, meta: dict, final: str) -> str:
     if last:
         lines.append(f"- last step: loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}, "
                      f"reward margin {last['reward_margin']:.4g}")
+    if "heldout_implicit_acc" in last:
+        lines.append(f"- held-out ({last['heldout_pairs']} pairs × {last['heldout_draws']} draws): implicit accuracy "
+                     f"{last['heldout_implicit_acc']:.3f}, reward margin {last['heldout_reward_margin']:.4g}")
+    if last.get("warning"):
+        lines.append(f"- **warning**: {last['warning']}")
+    plot = Path(final).parent / "heldout.png"
+    if plot.exists():
+        lines.append(f"- curves: `{plot}`")
     return "\n".join(lines)

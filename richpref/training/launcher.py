@@ -46,7 +46,7 @@ def write_config(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> Path:
 
 
 def accelerate_command(config_path: str | os.PathLike, output_dir: str | os.PathLike, num_processes: int = 1,
-                       mixed_precision: str = "no") -> list[str]:
+                       mixed_precision: str = "no", fsdp: bool = False) -> list[str]:
     """`accelerate launch` running `python -m richpref.training.train` on `num_processes` processes.
 
     More than one process goes through torchrun (accelerate's --multi_gpu path); the training script
@@ -54,7 +54,10 @@ def accelerate_command(config_path: str | os.PathLike, output_dir: str | os.Path
     """
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
            "--num_processes", str(num_processes), "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
-    if num_processes > 1:
+    if fsdp:  # full sharding, transformer blocks wrapped, as accelerate's FSDP defaults for diffusers models
+        cmd += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy",
+                "TRANSFORMER_BASED_WRAP", "--main_process_port", str(free_port())]
+    elif num_processes > 1:
         cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
     return cmd + ["-m", "richpref.training.train", "--config", str(config_path), "--output-dir", str(output_dir)]
 
@@ -79,7 +82,7 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
         run_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))
     codes = []
     for attempt in range(max_restarts + 1):
-        cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision)
+        cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision, cfg.fsdp)
         log.info("launch %d/%d: %s", attempt + 1, max_restarts + 1, " ".join(cmd))
         # The trainers die with this process (richpref.procs), also when it is SIGKILLed.
         proc = spawn_owned(cmd, name="accelerate-train", env=run_env, log_path=log_file)

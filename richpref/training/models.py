@@ -183,13 +183,17 @@ def save_tuned(unet, out_dir: Path, cfg: FinetuneConfig, arch: str) -> None:
     """Write the tuned weights in diffusers' own layout into `out_dir`."""
     if any(p.dtype != torch.float32 for p in unet.parameters()):
         unet = unet.to(torch.float32)
-    if cfg.mode == "lora":
+    from .flow_models import FLOW_ARCHS, save_flow_lora
+
+    if cfg.mode == "lora" and arch in FLOW_ARCHS:
+        save_flow_lora(unet, out_dir, arch, LORA_WEIGHTS)
+    elif cfg.mode == "lora":
         metadata = unet.peft_config["default"].to_dict()
         metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
         _pipeline_class(arch).save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet),
                                                 weight_name=LORA_WEIGHTS, unet_lora_adapter_metadata=metadata)
     else:
-        unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+        unet.save_pretrained(out_dir / ("transformer" if arch in FLOW_ARCHS else "unet"), safe_serialization=True)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -220,6 +224,9 @@ def load_finetuned(path: str | os.PathLike, *, device: str = "auto", dtype: str 
     final = Path(meta["_dir"])
     if meta["mode"] == "lora":
         t2i.pipe.load_lora_weights(str(final), weight_name=LORA_WEIGHTS)
+    elif (final / "transformer").is_dir():  # a full Flow-DPO fine-tune: the pipeline's transformer class
+        cls = type(t2i.pipe.transformer)
+        t2i.pipe.transformer = cls.from_pretrained(final / "transformer", **diffusers_dtype_kwargs(t2i.dtype)).to(t2i.device)
     else:
         unet = UNet2DConditionModel.from_pretrained(final / "unet", **diffusers_dtype_kwargs(t2i.dtype))
         t2i.pipe.unet = unet.to(t2i.device)

@@ -22,16 +22,15 @@ from pathlib import Path
 
 import torch
 
-from ..models.runtime import resolve_model_ref
 from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
-from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, load_init_lora, load_init_unet,
-                          register_lora_hooks, save_checkpoint, write_final)
-from .data import Augment, PairBatches, PairMixture, load_sources, seed_for
-from .dpo import diffusion_dpo_terms
+from .checkpoints import TRAINER_STATE, TrainingError, checkpoints, finished, register_lora_hooks, save_checkpoint, write_final
+from .data import Augment, PairBatches, PairMixture, load_sources, split_heldout
+from .heldout import HeldOut, plot_metrics
+from .models import FINETUNE_META, AdapterSwitch
 from .reference import log_start
-from .models import (FINETUNE_META, AdapterSwitch, add_lora, encode_latents, encode_text, frozen_copy, load_parts,
-                     sdxl_time_ids)
+from .setup import setup_model
+from .unet_step import dpo_micro_step  # noqa: F401 - the UNet step, imported from here by callers
 
 log = logging.getLogger("richpref")
 
@@ -49,13 +48,6 @@ def _inject_fault(step: int, is_main: bool, out: Path) -> None:
         if kind == "kill-after-step" and int(at) == step and is_main and not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _move(module, device: torch.device, dtype: torch.dtype):
-    """`module.to(device[, dtype])`; the dtype only when it changes (diffusers warns on any dtype cast)."""
-    if any(p.dtype != dtype for p in module.parameters()):
-        return module.to(device, dtype=dtype)
-    return module.to(device)
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -131,41 +123,11 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
                 "use a new output dir, or delete its checkpoint-* folders to start over"
             )
 
-    model_dir = resolve_model_ref(cfg.model, cfg.models_root)
-    vae_dir = resolve_model_ref(cfg.vae, cfg.models_root) if cfg.vae else None
-    parts = load_parts(model_dir, cfg.arch, vae_dir)
-    if parts.arch == "sdxl" and cfg.mode == "full":
-        log.warning("full fine-tuning of SDXL needs a lot of memory; the reference trained SDXL with LoRA")
-    unet = parts.unet
-    for m in (parts.vae, *parts.text_encoders, unet):
-        m.requires_grad_(False)
-    # The SDXL VAE overflows in fp16 (unless a fixed VAE is given): keep it in float32 then.
-    vae_dtype = torch.float32 if parts.arch == "sdxl" and vae_dir is None else weight_dtype
-    _move(parts.vae, device, vae_dtype)
-    for enc in parts.text_encoders:
-        _move(enc, device, weight_dtype)
+    from accelerate.utils import DistributedType
 
-    torch.manual_seed(cfg.seed)  # LoRA init: the same on every process
-    if cfg.mode == "lora":
-        _move(unet, device, weight_dtype)
-        add_lora(unet, cfg.lora)
-        if cfg.init_from:
-            load_init_lora(unet, resolve_model_ref(cfg.init_from, cfg.models_root), parts.arch)
-        for p in unet.parameters():  # trainable weights stay in float32 under mixed precision
-            if p.requires_grad:
-                p.data = p.data.float()
-        # Set after prepare() for a base reference: the same UNet with its adapters switched off.
-        reference = _move(frozen_copy(unet), device, weight_dtype) if cfg.reference == "init" else None
-    else:
-        base = frozen_copy(unet) if cfg.reference == "base" else None
-        if cfg.init_from:
-            load_init_unet(unet, resolve_model_ref(cfg.init_from, cfg.models_root))
-        reference = _move(base if base is not None else frozen_copy(unet), device, weight_dtype)
-        unet.requires_grad_(True)
-        unet.to(device)
-    unet.train()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    setup = setup_model(cfg, device, weight_dtype, fsdp=accelerator.distributed_type == DistributedType.FSDP)
+    parts, unet, reference, vae_dtype, model_dir = (setup.parts, setup.model, setup.reference, setup.vae_dtype,
+                                                    setup.model_dir)
     params = [p for p in unet.parameters() if p.requires_grad]
 
     optimizer = _make_optimizer(cfg, params, lr, device)
@@ -186,11 +148,39 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
         global_step, samples_seen = state["global_step"], state["samples_seen"]
         log.info("finetune %s: resumed from %s (step %d)", out, resume_from[1].name, global_step)
 
+    masks = cfg.loss_mask == "edit_region"
     with accelerator.main_process_first():
-        sources, labels = load_sources(cfg.data)
+        sources, labels = load_sources(cfg.data, need_mask=masks)
+    split = [split_heldout(ds, cfg.heldout_fraction, cfg.seed, label) for ds, label in zip(sources, labels)]
+    sources = [train_ds for train_ds, _ in split]
+    held = [h for _, h in split if h is not None]
+    heldout = HeldOut(held, cfg, cfg.train_batch_size) if held else None
+    text = None
+    if setup.flow is not None:  # every caption encoded once, then the encoders are gone
+        from .text_cache import build_text_cache
+
+        captions = [str(c or "") for ds in sources + held for c in ds["caption"]]
+        with accelerator.main_process_first():
+            text = build_text_cache(model_dir, setup.arch, captions, out,
+                                    max_sequence_length=setup.flow.max_sequence_length,
+                                    batch_size=setup.flow.text_encode_batch_size, device=device)
+        from .flow_dpo import SigmaTable
+
+        sigma_table = SigmaTable(parts.scheduler, setup.flow.shift)
+
+    def micro_step(batch: dict, tag: str = "noise", grad: bool = True):
+        if setup.flow is not None:
+            from .flow_step import flow_micro_step
+
+            return flow_micro_step(batch, parts, unet, base_unet, reference, cfg, text=text, sigma_table=sigma_table,
+                                   device=device, weight_dtype=weight_dtype, autocast=accelerator.autocast, tag=tag,
+                                   grad=grad)
+        return dpo_micro_step(batch, parts, unet, base_unet, reference, cfg, device=device, weight_dtype=weight_dtype,
+                              vae_dtype=vae_dtype, autocast=accelerator.autocast, tag=tag, grad=grad)
+
     mixture = PairMixture([len(s) for s in sources], [c.weight for c in cfg.data], cfg.seed)
     augment = Augment(cfg.resolution, cfg.random_crop, cfg.hflip, cfg.proportion_empty_prompts, cfg.seed)
-    batches = PairBatches(sources, mixture, augment, cfg.train_batch_size, rank, world, samples_seen, labels)
+    batches = PairBatches(sources, mixture, augment, cfg.train_batch_size, rank, world, samples_seen, labels, masks)
     micro_total = (cfg.max_train_steps - global_step) * accum
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(max(micro_total, 0)),
                                          num_workers=cfg.dataloader_num_workers,
@@ -199,11 +189,12 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     launch_id = uuid.uuid4().hex[:8]
     if is_main:
         log.info("finetune %s: %s %s, %d process(es) × %d pairs × %d accumulation = %d pairs/step, lr %.3g, "
-                 "steps %d→%d", out, parts.arch, cfg.mode, world, cfg.train_batch_size, accum,
+                 "steps %d→%d", out, setup.arch, cfg.mode, world, cfg.train_batch_size, accum,
                  world * cfg.train_batch_size * accum, lr, global_step, cfg.max_train_steps)
 
     step_timer = time.perf_counter()
     last_logged: dict = {}
+    train_losses: list[float] = []
     while global_step < cfg.max_train_steps:
         metrics = _Metrics()
         for micro in range(accum):
@@ -211,8 +202,7 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
             sync = micro == accum - 1
             ctx = accelerator.no_sync(unet) if not sync else contextlib.nullcontext()
             with ctx:
-                terms = dpo_micro_step(batch, parts, unet, base_unet, reference, cfg, device=device,
-                                       weight_dtype=weight_dtype, vae_dtype=vae_dtype, autocast=accelerator.autocast)
+                terms = micro_step(batch)
                 accelerator.backward(terms.loss / accum)
             metrics.add(terms)
         if global_step == 0:  # a fresh start: these metrics are the model's before any update
@@ -238,12 +228,26 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
                       "resumed_from": resume_from[0] if resume_from else None, "time": time.time()}
             step_timer = now
             last_logged = record
+            train_losses.append(record["loss"])
             if is_main:
                 with open(out / METRICS, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 log.info("step %d/%d loss %.4f acc %.2f margin %.4g lr %.3g %.2fs/step", global_step,
                          cfg.max_train_steps, record["loss"], record["implicit_acc"], record["reward_margin"],
                          record["lr"], record["step_seconds"])
+
+        if heldout is not None and (global_step % cfg.eval_every == 0 or global_step == cfg.max_train_steps):
+            unet.eval()
+            result = heldout.record(global_step, heldout.evaluate(lambda b, tag: micro_step(b, tag, grad=False)),
+                                    train_losses)
+            unet.train()
+            last_logged = {**last_logged, **{k: v for k, v in result.items() if k not in ("step", "kind")}}
+            if is_main:
+                with open(out / METRICS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({**result, "time": time.time()}) + "\n")
+                log.info("step %d held-out: acc %.3f margin %.4g (%d pairs × %d draws)", global_step,
+                         result["heldout_implicit_acc"], result["heldout_reward_margin"], result["heldout_pairs"],
+                         result["heldout_draws"])
 
         if global_step % cfg.checkpointing_steps == 0 and global_step < cfg.max_train_steps:
             save_checkpoint(accelerator, out, global_step, samples_seen, cfg_hash, cfg.checkpoints_total_limit)
@@ -252,59 +256,14 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     accelerator.wait_for_everyone()
     summary = {}
     if is_main:
-        summary = write_final(base_unet, out, cfg, cfg_hash, parts.arch, model_dir, global_step, last_logged)
+        summary = write_final(base_unet, out, cfg, cfg_hash, setup.arch, model_dir, global_step, last_logged)
+        if heldout is not None:
+            plot_metrics(out, METRICS)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if not is_main:
         summary = json.loads((final / FINETUNE_META).read_text())
     return summary
-
-
-def dpo_micro_step(batch: dict, parts, unet, base_unet, reference, cfg: FinetuneConfig, *, device: torch.device,
-                   weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32,
-                   autocast=contextlib.nullcontext):
-    """DPO terms of one micro-batch (a `PairBatches` item); the caller does the backward.
-
-    `unet` is what is trained (possibly wrapped by DDP), `base_unet` the bare module. `reference`
-    is a frozen copy (full fine-tunes) or an `AdapterSwitch` of `base_unet` (LoRA: the same UNet
-    with its adapters off).
-    """
-    positions = batch["positions"].tolist()
-    pixels = batch["pixels"].to(device, dtype=vae_dtype, non_blocking=True)
-    # Per-sample generators: chosen and rejected get their own VAE draw, the pair one noise and one t.
-    vae_gens = [torch.Generator().manual_seed(seed_for(cfg.seed, "vae", p, side)) for side in (0, 1) for p in positions]
-    latents = encode_latents(parts.vae, pixels, vae_gens, cfg.vae_encode_batch_size).to(weight_dtype)
-    noise_gens = [torch.Generator().manual_seed(seed_for(cfg.seed, "noise", p)) for p in positions]
-    num_t = parts.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.stack([torch.randint(0, num_t, (), generator=g) for g in noise_gens]).repeat(2).to(device)
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in noise_gens])
-    noise = noise.to(device, latents.dtype).repeat(2, 1, 1, 1)
-    noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = parts.noise_scheduler.config.prediction_type
-    if prediction == "epsilon":
-        target = noise
-    elif prediction == "v_prediction":
-        target = parts.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise TrainingError(f"unsupported prediction_type {prediction!r} in the model's scheduler config")
-
-    embeds, pooled = encode_text(parts, list(batch["captions"]), device, weight_dtype)
-    embeds = embeds.repeat(2, 1, 1)
-    kwargs = {}
-    if parts.arch == "sdxl":
-        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], cfg.resolution)
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.repeat(2, 1),
-                                       "time_ids": time_ids.to(device, weight_dtype).repeat(2, 1)}
-
-    # Reference first: its activations are freed before the trained model's graph is built.
-    with torch.no_grad(), autocast():
-        if isinstance(reference, AdapterSwitch):
-            with reference.off():
-                ref_pred = base_unet(noisy, timesteps, embeds, **kwargs).sample
-        else:
-            ref_pred = reference(noisy, timesteps, embeds, **kwargs).sample
-    model_pred = unet(noisy, timesteps, embeds, **kwargs).sample
-    return diffusion_dpo_terms(model_pred, ref_pred, target, cfg.beta)
 
 
 def main(argv: list[str] | None = None) -> int:

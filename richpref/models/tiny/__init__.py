@@ -12,7 +12,7 @@ from pathlib import Path
 log = logging.getLogger("richpref")
 
 # Bump when any builder changes what it writes: a models dir built by another version is rebuilt.
-TINY_VERSION = "3"
+TINY_VERSION = "4"
 LAYOUT = {
     "sd15": "sd15",
     "controlnet": "controlnet-canny",
@@ -35,6 +35,10 @@ LAYOUT = {
     "instruct_pix2pix_sdxl": "instruct-pix2pix-sdxl",
     "flux_kontext": "flux-kontext",
     "qwen_image_edit": "qwen-image-edit",
+    # Flow-matching text-to-image pipelines (models/tiny/flow.py).
+    "sd3": "sd3",
+    "flux": "flux",
+    "qwen_image": "qwen-image",
 }
 
 
@@ -43,6 +47,7 @@ def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str
     from .clip import build_tiny_clip
     from .diffusion import build_tiny_controlnet, build_tiny_sd15, build_tiny_sdxl, build_tiny_sdxl_controlnet
     from .editors import build_tiny_editors
+    from .flow import build_tiny_flow
     from .rembg import build_tiny_u2net_onnx
     from .rewards import build_tiny_rewards
     from .vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
@@ -67,6 +72,7 @@ def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str
     build_tiny_u2net_onnx(root / LAYOUT["rembg_home"], seed=seed + 6)
     build_tiny_rewards(root, root / LAYOUT["clip"], seed=seed + 20)
     build_tiny_editors(root, seed=seed + 40)
+    build_tiny_flow(root, seed=seed + 60)
     stamp.write_text(json.dumps(want))
     log.info("tiny models built under %s", root)
     return paths

@@ -186,10 +186,11 @@ def build_tiny_instruct_pix2pix_sdxl(out_dir: str | os.PathLike, seed: int = 0) 
 # --- FLUX.1 Kontext ------------------------------------------------------------------------------
 
 
-def build_tiny_flux_kontext(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """FluxKontextPipeline: a Flux transformer with guidance embedding (Kontext [dev] is guidance
-    distilled), CLIP for the pooled prompt, T5 for the token sequence, a 16-channel ×8 VAE."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+def flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
+    """The parts every tiny FLUX.1 pipeline shares (FluxPipeline, FluxKontextPipeline): a Flux MMDiT
+    (with the guidance embedding of the distilled [dev] models, or without as [schnell]), CLIP for the
+    pooled prompt, T5 for the token sequence, a 16-channel ×8 VAE and the dynamic-shift scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     clip_tok, t5_tok = small_clip_tokenizer(), small_t5_tokenizer()
@@ -197,31 +198,36 @@ def build_tiny_flux_kontext(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     transformer = _seeded(seed, lambda: FluxTransformer2DModel(
         patch_size=1, in_channels=latent * 4, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=_TEXT_HIDDEN, pooled_projection_dim=_TEXT_HIDDEN,
-        guidance_embeds=True, axes_dims_rope=[4, 6, 6]))
+        guidance_embeds=guidance_embeds, axes_dims_rope=[4, 6, 6]))
     t5 = _seeded(seed + 1, lambda: T5EncoderModel(T5Config(
         vocab_size=len(t5_tok), d_model=_TEXT_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).eval())
     vae = _seeded(seed + 2, lambda: _sd_vae(latent, use_quant_conv=False, use_post_quant_conv=False,
                                             shift_factor=0.1159, scaling_factor=0.3611))
-    assert isinstance(vae, AutoencoderKL)
-    pipe = FluxKontextPipeline(
+    return dict(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                   max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
         vae=vae, text_encoder=_seeded(seed + 3, lambda: _clip_text_encoder(len(clip_tok))), tokenizer=clip_tok,
         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
-    return _save(pipe, out_dir)
+
+
+def build_tiny_flux_kontext(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """FluxKontextPipeline: the tiny FLUX.1 parts with guidance embedding (Kontext [dev] is guidance
+    distilled)."""
+    from diffusers import FluxKontextPipeline
+
+    return _save(FluxKontextPipeline(**flux_components(seed, guidance_embeds=True)), out_dir)
 
 
 # --- Qwen-Image-Edit -----------------------------------------------------------------------------
 
 
-def build_tiny_qwen_image_edit(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """QwenImageEditPipeline: a Qwen-Image transformer, a Qwen2.5-VL text encoder that also sees the
-    original image, the Wan-style ×8 VAE with 16 latent channels."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline,
-                           QwenImageTransformer2DModel)
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+def qwen_image_components(seed: int = 0) -> dict:
+    """The parts every tiny Qwen-Image pipeline shares (QwenImagePipeline, QwenImageEditPipeline): a
+    Qwen-Image MMDiT, a Qwen2.5-VL text encoder (vision tower included: the editor shows it the
+    original), its tokenizer, the Wan-style ×8 VAE with 16 latent channels and the scheduler."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tok = small_qwen2_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
@@ -246,16 +252,25 @@ def build_tiny_qwen_image_edit(out_dir: str | os.PathLike, seed: int = 0) -> Pat
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False)
     text_encoder = _seeded(seed + 2, lambda: Qwen2_5_VLForConditionalGeneration(config).eval())
-    # The VLM sees the original at 56..112 px (4..16 merged vision tokens).
-    pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(**pixels))
-    pipe = QwenImageEditPipeline(
+    return dict(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                                                   base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                                                   time_shift_type="exponential"),
-        vae=vae, text_encoder=text_encoder, tokenizer=tok, processor=processor, transformer=transformer)
-    return _save(pipe, out_dir)
+        vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+
+
+def build_tiny_qwen_image_edit(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """QwenImageEditPipeline: the tiny Qwen-Image parts, with a processor so the Qwen2.5-VL text
+    encoder also sees the original image."""
+    from diffusers import QwenImageEditPipeline
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    parts = qwen_image_components(seed)
+    # The VLM sees the original at 56..112 px (4..16 merged vision tokens).
+    pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=parts["tokenizer"],
+                                 video_processor=Qwen2VLVideoProcessor(**pixels))
+    return _save(QwenImageEditPipeline(**parts, processor=processor), out_dir)
 
 
 def build_tiny_editors(root: str | os.PathLike, seed: int = 0) -> dict[str, str]:

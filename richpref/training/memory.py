@@ -1,0 +1,73 @@
+"""Memory a DPO run's trained model needs per device, from the checkpoint's safetensors headers (no
+weights loaded): `richpref doctor --finetune CONFIG`.
+
+Counted: the denoiser's weights in the training precision; LoRA weights, their gradients and AdamW
+states in float32; for a full fine-tune the float32 trainable weights, gradients, AdamW's two states
+and the frozen reference copy, sharded over the processes under FSDP. Not counted: activations (batch,
+resolution, gradient checkpointing), the VAE (small), and the text encoders, which a Flow-DPO run
+releases after caching the caption embeddings (a UNet run keeps them: listed apart).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..models.runtime import resolve_model_ref
+from ..schemas.training import FinetuneConfig
+from .flow_models import FLOW_ARCHS, LORA_TARGETS, UNET_LORA_TARGETS, detect_family
+
+GB = 1024**3
+
+
+def _shapes(folder: Path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            out.update({k: st.get_slice(k).get_shape() for k in st.keys()})
+    return out
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def estimate_memory(cfg: FinetuneConfig, num_processes: int = 1) -> dict:
+    model_dir = resolve_model_ref(cfg.model, cfg.models_root)
+    arch = detect_family(model_dir)
+    sub = "transformer" if arch in FLOW_ARCHS else "unet"
+    shapes = _shapes(Path(model_dir) / sub)
+    n = sum(_numel(s) for s in shapes.values())
+    wbytes = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
+    targets = list(cfg.lora.target_modules)
+    if arch in FLOW_ARCHS and targets == UNET_LORA_TARGETS:
+        targets = LORA_TARGETS[arch]
+    est = {"arch": arch, "params": n, "weights_gb": n * wbytes / GB}
+    if cfg.mode == "lora":
+        lora = sum(cfg.lora.rank * (s[0] + s[1]) for k, s in shapes.items()
+                   if len(s) == 2 and any(k.endswith(f"{t}.weight") for t in targets))
+        est.update(trainable=lora, training_state_gb=lora * 16 / GB, reference_gb=0.0)
+    else:
+        shard = num_processes if cfg.fsdp else 1
+        est.update(trainable=n, training_state_gb=n * 16 / GB / shard, reference_gb=n * wbytes / GB / shard)
+        est["weights_gb"] /= shard
+    text = 0
+    if arch not in FLOW_ARCHS:
+        for enc in ("text_encoder", "text_encoder_2"):
+            if (Path(model_dir) / enc).is_dir():
+                text += sum(_numel(s) for s in _shapes(Path(model_dir) / enc).values())
+    est["text_encoders_gb"] = text * wbytes / GB
+    est["total_gb"] = est["weights_gb"] + est["training_state_gb"] + est["reference_gb"] + est["text_encoders_gb"]
+    return est
+
+
+def format_estimate(cfg: FinetuneConfig, est: dict, num_processes: int) -> str:
+    return (f"finetune {cfg.name}: {est['arch']} {cfg.mode}, {est['params'] / 1e9:.3g}B parameters, "
+            f"{est['trainable'] / 1e6:.3g}M trained, mixed precision {cfg.mixed_precision}, "
+            f"{'FSDP over ' + str(num_processes) + ' processes, ' if cfg.fsdp else ''}per device: weights "
+            f"{est['weights_gb']:.3g} GB + trained weights/grads/AdamW {est['training_state_gb']:.3g} GB + reference "
+            f"{est['reference_gb']:.3g} GB + text encoders {est['text_encoders_gb']:.3g} GB = {est['total_gb']:.3g} GB "
+            "before activations")

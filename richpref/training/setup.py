@@ -1,0 +1,147 @@
+"""Before a DPO run trains: checks that refuse a config the checkpoint or the data cannot serve
+(`preflight`, run by `richpref finetune` before Prefect starts and again by the training process),
+and the model side of a run (`setup_model`): UNet or flow transformer, LoRA or full, the reference.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.runtime import resolve_model_ref
+from ..schemas.training import FinetuneConfig, FlowSettings
+from .checkpoints import TrainingError, load_init_lora, load_init_unet
+from .data import MASK_COLUMN, parquet_files
+from .flow_models import FLOW_ARCHS, LORA_TARGETS, UNET_LORA_TARGETS, ArchMismatch, check_arch, load_flow_parts
+from .models import add_lora, frozen_copy, load_parts
+
+log = logging.getLogger("richpref")
+
+BIG_TRANSFORMER = 12e9  # parameters: FLUX.1 (12B), Qwen-Image (20B)
+
+
+def transformer_params(model_dir: str) -> int:
+    """Parameter count of a pipeline's transformer, from its safetensors headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted((Path(model_dir) / "transformer").glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def _init_from_arch(path: str) -> str | None:
+    for cand in (Path(path) / "finetune.json", Path(path) / "final" / "finetune.json", Path(path).parent / "finetune.json"):
+        if cand.is_file():
+            return json.loads(cand.read_text()).get("arch")
+    return None
+
+
+def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
+    """The checkpoint's family, after refusing what cannot train: a Flow-DPO config on a UNet (or the
+    reverse), init_from made for another base, a 12B+ full fine-tune without FSDP and gradient
+    checkpointing, edit_region without edit masks. Each message names the input and the fix."""
+    model_dir = resolve_model_ref(cfg.model, cfg.models_root)
+    family = check_arch(model_dir, cfg.arch, cfg.is_flow, cfg.model)
+    if cfg.init_from:
+        other = _init_from_arch(resolve_model_ref(cfg.init_from, cfg.models_root))
+        if other and other != family:
+            raise ArchMismatch(f"init_from {cfg.init_from}: made for a {other} model, this run trains {cfg.model!r} "
+                               f"({family}); give weights trained on the same base, or drop init_from")
+    if family in FLOW_ARCHS and cfg.mode == "full":
+        n = transformer_params(model_dir)
+        on_fsdp = cfg.fsdp if fsdp is None else fsdp
+        if n >= BIG_TRANSFORMER and not (on_fsdp and cfg.gradient_checkpointing):
+            raise ArchMismatch(
+                f"model {cfg.model!r}: a full fine-tune of its {n / 1e9:.1f}B-parameter transformer (plus its "
+                "reference) does not fit one device: use mode: lora (the reference is then the same transformer "
+                "with adapters off), or set fsdp: true and gradient_checkpointing: true and launch on several GPUs")
+    if cfg.loss_mask == "edit_region":
+        import pyarrow.parquet as pq
+
+        for src in cfg.data:
+            if src.path is None:
+                continue  # a `datasets` source: checked when loaded
+            names = pq.read_schema(parquet_files(src.path)[0]).names
+            if MASK_COLUMN not in names:
+                raise ValueError(f"data source {src.label!r} ({src.path}) has no {MASK_COLUMN!r} column, which "
+                                 "loss_mask: edit_region needs: export the pairs again with a richpref that writes "
+                                 "edit masks (export stage), or set loss_mask: none")
+    return family
+
+
+@dataclass
+class ModelSetup:
+    arch: str
+    parts: Any  # DiffusionParts (UNet) or FlowParts
+    model: Any  # the module trained (UNet or transformer)
+    reference: Any  # a frozen module, or None: the same module with adapters off (set after prepare)
+    vae_dtype: torch.dtype
+    model_dir: str
+    flow: FlowSettings | None
+
+
+def _move(module, device: torch.device, dtype: torch.dtype):
+    if any(p.dtype != dtype for p in module.parameters()):
+        return module.to(device, dtype=dtype)
+    return module.to(device)
+
+
+def setup_model(cfg: FinetuneConfig, device: torch.device, weight_dtype: torch.dtype, fsdp: bool = False) -> ModelSetup:
+    model_dir = resolve_model_ref(cfg.model, cfg.models_root)
+    vae_dir = resolve_model_ref(cfg.vae, cfg.models_root) if cfg.vae else None
+    arch = preflight(cfg, fsdp=fsdp)
+    flow = (cfg.flow or FlowSettings()) if arch in FLOW_ARCHS else None
+    if flow is not None:
+        parts = load_flow_parts(model_dir, arch, vae_dir)
+        text_encoders = []
+    else:
+        parts = load_parts(model_dir, arch, vae_dir)
+        text_encoders = parts.text_encoders
+    model = parts.unet
+    if arch == "sdxl" and cfg.mode == "full":
+        log.warning("full fine-tuning of SDXL needs a lot of memory; the reference trained SDXL with LoRA")
+    for m in (parts.vae, *text_encoders, model):
+        m.requires_grad_(False)
+    # The SDXL VAE overflows in fp16 (unless a fixed VAE is given): keep it in float32 then; Flow-DPO
+    # VAEs run in float32 too (encoding is a small share of a transformer step).
+    vae_dtype = torch.float32 if (arch == "sdxl" and vae_dir is None) or flow is not None else weight_dtype
+    _move(parts.vae, device, vae_dtype)
+    for enc in text_encoders:
+        _move(enc, device, weight_dtype)
+
+    torch.manual_seed(cfg.seed)  # LoRA init: the same on every process
+    if cfg.mode == "lora":
+        _move(model, device, weight_dtype)
+        settings = cfg.lora
+        if flow is not None and list(settings.target_modules) == UNET_LORA_TARGETS:
+            settings = settings.model_copy(update={"target_modules": LORA_TARGETS[arch]})
+        add_lora(model, settings)
+        if cfg.init_from:
+            load_init_lora(model, resolve_model_ref(cfg.init_from, cfg.models_root), arch)
+        for p in model.parameters():  # trainable weights stay in float32 under mixed precision
+            if p.requires_grad:
+                p.data = p.data.float()
+        reference = _move(frozen_copy(model), device, weight_dtype) if cfg.reference == "init" else None
+    else:
+        base = frozen_copy(model) if cfg.reference == "base" else None
+        if cfg.init_from:
+            if flow is not None:
+                raise TrainingError("init_from with mode: full is for UNet runs; Flow-DPO continues LoRA runs only")
+            load_init_unet(model, resolve_model_ref(cfg.init_from, cfg.models_root))
+        reference = _move(base if base is not None else frozen_copy(model), device, weight_dtype)
+        model.requires_grad_(True)
+        model.to(device)
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return ModelSetup(arch, parts, model, reference, vae_dtype, model_dir, flow)

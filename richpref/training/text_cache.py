@@ -1,0 +1,137 @@
+"""Text embeddings of a Flow-DPO run, computed once per caption and kept with the run.
+
+The text encoders of SD3 (CLIP-L, CLIP-G, T5-XXL), FLUX.1 (CLIP-L, T5-XXL) and Qwen-Image (Qwen2.5-VL)
+weigh 5–9 GB; training needs only their outputs. Before training, the pipeline is loaded without its
+transformer and VAE, its own `encode_prompt` encodes every distinct caption (and the empty one, for
+`proportion_empty_prompts`), and the results are written to `<output_dir>/text_embeds/<key>/` as one
+safetensors file plus an index; the encoders are then released. A rerun with the same model and
+sequence length reuses the files.
+
+Captions longer than an encoder takes are truncated as the pipelines (and diffusers' training
+scripts) truncate them: CLIP at 77 tokens, T5 / Qwen at `max_sequence_length`. They are counted and
+logged, and the count is kept in the cache's meta.json.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .flow_models import pipeline_class
+
+log = logging.getLogger("richpref")
+
+# diffusers' DreamBooth LoRA scripts' --max_sequence_length defaults
+DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 77, "flux": 512, "qwen_image": 512}
+EMBEDS = "embeds.safetensors"
+INDEX = "index.json"
+META = "meta.json"
+
+
+def _encode(pipe, arch: str, captions: list[str], device, max_len: int) -> list[dict]:
+    with torch.no_grad():
+        if arch == "sd3":
+            pe, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=max_len)
+            return [{"prompt_embeds": pe[i], "pooled_prompt_embeds": pooled[i]} for i in range(len(captions))]
+        if arch == "flux":
+            pe, pooled, _ = pipe.encode_prompt(captions, None, device=device, max_sequence_length=max_len)
+            return [{"prompt_embeds": pe[i], "pooled_prompt_embeds": pooled[i]} for i in range(len(captions))]
+        pe, mask = pipe.encode_prompt(captions, device=device, max_sequence_length=max_len)
+        lengths = mask.sum(1).tolist() if mask is not None else [pe.shape[1]] * len(captions)
+        return [{"prompt_embeds": pe[i, : int(n)]} for i, n in enumerate(lengths)]
+
+
+def _token_limits(pipe, arch: str, max_len: int) -> list[tuple[object, int]]:
+    if arch == "qwen_image":
+        return [(pipe.tokenizer, max_len)]
+    toks = [(pipe.tokenizer, pipe.tokenizer.model_max_length)]
+    if arch == "sd3":
+        toks.append((pipe.tokenizer_2, pipe.tokenizer_2.model_max_length))
+    toks.append((pipe.tokenizer_3 if arch == "sd3" else pipe.tokenizer_2, max_len))
+    return toks
+
+
+def count_truncated(pipe, arch: str, captions: list[str], max_len: int) -> int:
+    """Captions with more tokens than one of the encoders takes (they are cut there)."""
+    n = 0
+    for c in captions:
+        if any(len(tok(c, truncation=False).input_ids) > limit for tok, limit in _token_limits(pipe, arch, max_len)):
+            n += 1
+    return n
+
+
+class TextEmbeddings:
+    """Caption -> the tensors its transformer call needs, batched (Qwen-Image's padded, with a mask)."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.index = json.loads((folder / INDEX).read_text())
+        self.tensors = load_file(str(folder / EMBEDS))
+        self.meta = json.loads((folder / META).read_text())
+
+    def batch(self, captions: list[str], device, dtype) -> dict:
+        rows = [self.index[c] for c in captions]
+        pe = [self.tensors[f"{r}.prompt_embeds"] for r in rows]
+        out = {}
+        if f"{rows[0]}.pooled_prompt_embeds" in self.tensors:
+            out["pooled_prompt_embeds"] = torch.stack([self.tensors[f"{r}.pooled_prompt_embeds"] for r in rows])
+            out["prompt_embeds"] = torch.stack(pe)
+        else:
+            longest = max(e.shape[0] for e in pe)
+            out["prompt_embeds"] = torch.stack([torch.cat([e, e.new_zeros(longest - e.shape[0], e.shape[1])]) for e in pe])
+            out["prompt_embeds_mask"] = torch.stack([torch.arange(longest) < e.shape[0] for e in pe]).long()
+        return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in out.items()}
+
+
+def cache_key(model_dir: str, arch: str, max_len: int) -> str:
+    return hashlib.sha256(json.dumps([os.path.abspath(model_dir), arch, max_len]).encode()).hexdigest()[:12]
+
+
+def build_text_cache(model_dir: str, arch: str, captions: list[str], output_dir: str | os.PathLike, *,
+                     max_sequence_length: int | None = None, batch_size: int = 8,
+                     device: torch.device | str = "cpu") -> TextEmbeddings:
+    """Encode every distinct caption (and "") once; reuse the run's cache when it holds them all."""
+    from safetensors.torch import save_file
+
+    max_len = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[arch]
+    folder = Path(output_dir) / "text_embeds" / f"{arch}-{cache_key(model_dir, arch, max_len)}"
+    wanted = sorted(set(captions) | {""})
+    if (folder / META).exists():
+        cached = TextEmbeddings(folder)
+        if all(c in cached.index for c in wanted):
+            log.info("text embeddings: %d captions from %s", len(cached.index), folder)
+            return cached
+    pipe = pipeline_class(arch).from_pretrained(model_dir, transformer=None, vae=None)
+    pipe.to(device)
+    truncated = count_truncated(pipe, arch, wanted, max_len)
+    tensors: dict[str, torch.Tensor] = {}
+    for start in range(0, len(wanted), batch_size):
+        chunk = wanted[start: start + batch_size]
+        for i, rec in enumerate(_encode(pipe, arch, chunk, device, max_len)):
+            for name, t in rec.items():
+                tensors[f"{start + i}.{name}"] = t.detach().float().cpu().contiguous()
+    del pipe
+    gc.collect()
+    if truncated:
+        log.warning("text embeddings: %d of %d captions are longer than the text encoders take (CLIP 77 tokens, "
+                    "%d for the long encoder) and were truncated, as the pipelines do", truncated, len(wanted), max_len)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / EMBEDS))
+    (tmp / INDEX).write_text(json.dumps({c: i for i, c in enumerate(wanted)}))
+    (tmp / META).write_text(json.dumps({"model": model_dir, "arch": arch, "max_sequence_length": max_len,
+                                        "captions": len(wanted), "truncated": truncated}))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    log.info("text embeddings: %d captions encoded into %s", len(wanted), folder)
+    return TextEmbeddings(folder)
