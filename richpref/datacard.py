@@ -129,6 +129,17 @@ def _votes_line(relabel: dict) -> str:
             + (f"DINOv2 patch consistency ≥ {gate.get('min_consistency')} (`{gate.get('model')}`)." if gate else "off."))
 
 
+def _images_line(export: dict) -> str:
+    """How the pair's images are stored, and what `edit_mask` is."""
+    fmt = export.get("image_format", "png")
+    enc = ("PNG (lossless)" if fmt == "png" else
+           f"JPEG at quality {export.get('jpeg_quality') or 'of the source image'}")
+    return (f"Images: both `jpg_0` and `jpg_1` at the edit's size, both {enc} (`export.image_format: {fmt}`). "
+            "`edit_mask`: PNG, mode L, the pair's size, 255 where the two images differ (largest channel "
+            f"difference > {export.get('mask_threshold', 32)}/255, specks removed, dilated by "
+            f"{export.get('mask_dilation', 8)} px), 0 elsewhere.")
+
+
 def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_rel: str) -> str:
     rewards = profile.get("relabel", {}).get("rewards", {})
     weights = {n: r.get("weight", 1.0) for n, r in rewards.items()}
@@ -142,11 +153,13 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               "(a *flipped* pair: the edit scored lower) and 0 when the edit is. No ties (0.5). With several edits "
               "per item and `relabel.pairing: best_vs_worst`, a pair may hold two edits: `candidate_0`/`candidate_1` "
               "say which images a pair holds (-1 = the original).", "",
-              f"Editor: `{edit.get('kind', 'controlnet_img2img')}` (`{edit.get('model', '?')}`).", "",
+              f"Editor: `{edit.get('kind', 'controlnet_img2img')}` (`{edit.get('model', '?')}`), edit resolution "
+              f"`{edit.get('resolution', 'native')}`.", "",
+              _images_line(profile.get("export", {})), "",
               "Provenance columns: `item_id`, `source`, `critique`, `instructions`, `edit_prompt`, `candidate_0`, "
               "`candidate_1`, `margin`, `flipped`, "
               "`scores` (JSON: every raw and z-standardised score), `model_ids` (JSON), `config_hash`, "
-              "`editor` (`edit.kind`).", "",
+              "`editor` (`edit.kind`), `edit_mask`.", "",
               "## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]
     for st in summary["stages"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in st["reasons"].items()) or "–"
