@@ -1,4 +1,7 @@
-"""edit: original + prompt + instructions -> edited image, by the editor `edit.kind` names (models/editor.py)."""
+"""edit: original + prompt + instructions -> edited image, by the editor `edit.kind` names (models/editor.py).
+
+Each edit is made and stored at the editor's working size (`edit.resolution`, native by default);
+export brings the original to that size (richpref/pair_images.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -98,7 +101,7 @@ def edit_rows(rows: pa.Table, originals: list, cfg: EditConfig, get_editor) -> p
 
         def run(batch):
             return editor.edit([t[2] for t in batch], [t[3] for t in batch], [t[4] for t in batch],
-                               batch_size=len(batch), **settings)
+                               batch_size=len(batch), output_size="working", **settings)
 
         def finish(batch, _, edited):  # guards and PNG encoding overlap the next batch's edit
             if control is not None:
@@ -124,5 +127,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return edit_rows(rows, originals, cfg, lambda: load_editor(cfg, profile.models_root))
 
 
-STAGE = Stage(name="edit", version="4", section="edit", reads=("instruct", "sample"), compute=compute,
+STAGE = Stage(name="edit", version="5", section="edit", reads=("instruct", "sample"), compute=compute,
               fan_out=lambda profile: profile.edit.num_edits)
