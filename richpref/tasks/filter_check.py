@@ -69,6 +69,8 @@ def checking_view(cfg: FilterConfig) -> dict:
     exclude = set(DECISION_FIELDS) | (set(RUNTIME_FIELDS) & set(type(cfg).model_fields))
     view = key_view(cfg, cfg.model_dump(mode="json", exclude=exclude))  # a server's endpoint is not part of it
     view["attributes"] = attributes_enabled(cfg)
+    if cfg.engine.answer_key():  # the launcher decides whether answers are probabilities or 0/1
+        view["answers"] = cfg.engine.answer_key()
     return view
 
 
