@@ -124,6 +124,10 @@ class EditConfig(EditorSettings, StageConfig, PipelineSettings):
     # pairs them by `relabel.pairing`.
     num_edits: int = Field(1, ge=1, le=64)
     min_pixel_change: float = Field(0.01, ge=0)  # below this mean |Δ|/255 the edit is "no visible change"
+    # An edit prompt past a text encoder's limit (CLIP: 77 tokens): "cap" keeps the leading
+    # instructions that fit and records the rest; "truncate" gives it whole (the encoder cuts it) and
+    # records those past the cut. Check asks only about the instructions that reached the editor.
+    long_prompt: Literal["cap", "truncate"] = "cap"
 
 
 class CutoutConfig(StageConfig):

@@ -77,6 +77,11 @@ EDITS = _schema(
     pa.field("pixel_change", pa.float64()),  # mean |edited - original| / 255
     pa.field("model_id", pa.string()),
     pa.field("editor", pa.string()),  # edit.kind: controlnet_img2img, instruct_pix2pix, flux_kontext, ...
+    # The instructions that reached the editor's text encoders whole, those that did not (past the
+    # token limit: `edit.long_prompt`), and why (tasks/edit_prompts.py).
+    pa.field("edit_instructions", pa.list_(pa.string())),
+    pa.field("dropped_instructions", pa.list_(pa.string())),
+    pa.field("prompt_note", pa.string()),
 )
 
 CUTOUTS = _schema(

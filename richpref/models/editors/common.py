@@ -59,6 +59,24 @@ def resolution_size(size: Size, resolution: Resolution, native_area: int, multip
     raise ValueError(f"edit.resolution {resolution!r}: expected native, keep or a side in pixels")
 
 
+def tokenizer_limits(pipe: Any, attrs: Sequence[str] = ("tokenizer", "tokenizer_2"),
+                     limit: int | None = None) -> list[tuple[str, Any, int]]:
+    """(name, tokenizer, most tokens its encoder reads) for each of `pipe`'s tokenizers in `attrs`:
+    the tokenizer's own model_max_length (CLIP: 77 with its start and end tokens), or `limit`."""
+    out = []
+    for attr in attrs:
+        tok = getattr(pipe, attr, None)
+        if tok is not None:
+            out.append((f"{attr} ({type(tok).__name__})", tok, int(limit or tok.model_max_length)))
+    return out
+
+
+def count_tokens(limits: list[tuple[str, Any, int]], text: str) -> list[tuple[str, int, int]]:
+    """(name, tokens of `text` with the special tokens its encoder sees, limit) per tokenizer."""
+    return [(name, len(tok(text, add_special_tokens=True, verbose=False)["input_ids"]), lim)
+            for name, tok, lim in limits]
+
+
 def unet_native_side(pipe: Any, model_id: str) -> int:
     """The side a UNet checkpoint is trained at: its UNet's `sample_size` times the VAE factor (SD 1.5:
     64 x 8 = 512, SDXL: 128 x 8 = 1024), or the resolution a checkpoint's name states where its
@@ -141,6 +159,13 @@ class PipelineEditor:
 
     def working_size(self, size: Size, *, resolution: Resolution = "native", **settings: Any) -> Size:
         raise NotImplementedError
+
+    def text_limits(self) -> list[tuple[str, Any, int]]:
+        """The tokenizers whose encoders read the edit prompt, with how many tokens each reads."""
+        return tokenizer_limits(self.pipe)
+
+    def count_tokens(self, text: str) -> list[tuple[str, int, int]]:
+        return count_tokens(self.text_limits(), text)
 
     def run_batch(self, images: list[Image.Image], prompts: list[str], generators: list, size: Size,
                   **settings: Any) -> list[Image.Image]:

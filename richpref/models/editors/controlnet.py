@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..generator import cpu_generators, diffusers_dtype_kwargs, release_pipeline
 from ..runtime import ModelNotAvailable, resolve_device, resolve_dtype
-from .common import Resolution, resolution_size, unet_native_side
+from .common import Resolution, count_tokens, resolution_size, tokenizer_limits, unet_native_side
 from .common import is_sdxl as _is_sdxl
 
 CONTROL_KINDS = ("canny", "tile", "lineart_standard", "softedge_hed", "softedge_pidi", "lineart")
@@ -326,6 +326,10 @@ class ControlNetEditor:
         multiples of the VAE factor; `keep`: the input's size snapped to it; N: about N x N."""
         side = unet_native_side(self.pipe, self.model_id.split("+")[0])
         return resolution_size(size, resolution, side * side, int(getattr(self.pipe, "vae_scale_factor", 8)))
+
+    def count_tokens(self, text: str) -> list[tuple[str, int, int]]:
+        """(tokenizer, tokens of `text`, tokens its CLIP encoder reads) for SD 1.5's one and SDXL's two."""
+        return count_tokens(tokenizer_limits(self.pipe), text)
 
     def close(self) -> None:
         """Free the pipeline (and the detector's network); the object cannot edit afterwards."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from .common import PipelineEditor, Resolution, Size, resolution_size
+from .common import PipelineEditor, Resolution, Size, resolution_size, tokenizer_limits
 
 
 class FluxKontextEditor(PipelineEditor):
@@ -32,6 +32,10 @@ class FluxKontextEditor(PipelineEditor):
         if resolution != "native":
             return resolution_size(size, resolution, max_area, multiple)
         return kontext_size(size, max_area, multiple)
+
+    def text_limits(self) -> list:
+        # T5 reads the prompt (max_sequence_length 512); CLIP only gives the pooled vector, cut at 77 by design.
+        return tokenizer_limits(self.pipe, ("tokenizer_2",), limit=512)
 
     def run_batch(self, images: list[Image.Image], prompts: list[str], generators: list, size: Size, *,
                   guidance_scale: float, steps: int, max_area: int) -> list[Image.Image]:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from .common import PipelineEditor, Resolution, Size, resolution_size, round_area_size
+from .common import PipelineEditor, Resolution, Size, resolution_size, round_area_size, tokenizer_limits
 
 PIPELINE_AREA = 1024 * 1024  # the conditioning area QwenImageEditPipeline resizes every input to
 _AREA_LOCK = threading.Lock()
@@ -57,6 +57,10 @@ class QwenImageEditor(PipelineEditor):
         if resolution == "native":
             return round_area_size(size, max_area, 32)  # = calculate_dimensions(max_area, ratio)
         return resolution_size(size, resolution, max_area, 32)
+
+    def text_limits(self) -> list:
+        # Qwen2.5-VL reads the instruction; the pipeline keeps max_sequence_length = 512 of its tokens.
+        return tokenizer_limits(self.pipe, ("tokenizer",), limit=512)
 
     def run_batch(self, images: list[Image.Image], prompts: list[str], generators: list, size: Size, *,
                   guidance_scale: float, steps: int, max_area: int, negative_prompt: str) -> list[Image.Image]:
