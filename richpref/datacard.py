@@ -154,7 +154,8 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               "per item and `relabel.pairing: best_vs_worst`, a pair may hold two edits: `candidate_0`/`candidate_1` "
               "say which images a pair holds (-1 = the original).", "",
               f"Editor: `{edit.get('kind', 'controlnet_img2img')}` (`{edit.get('model', '?')}`), edit resolution "
-              f"`{edit.get('resolution', 'native')}`.", "",
+              f"`{edit.get('resolution', 'native')}`, edit prompts past a text encoder's limit: "
+              f"`{edit.get('long_prompt', 'cap')}` (instructions that did not reach the editor are not checked).", "",
               _images_line(profile.get("export", {})), "",
               "Provenance columns: `item_id`, `source`, `critique`, `instructions`, `edit_prompt`, `candidate_0`, "
               "`candidate_1`, `margin`, `flipped`, "
