@@ -144,6 +144,17 @@ def _sample_line(sample: dict) -> str:
             + f"); originals flatter than pixel std {sample.get('min_image_std', 1.0):g} are rejected as `flat_image`.")
 
 
+def _images_line(export: dict) -> str:
+    """How the pair's images are stored, and what `edit_mask` is."""
+    fmt = export.get("image_format", "png")
+    enc = ("PNG (lossless)" if fmt == "png" else
+           f"JPEG at quality {export.get('jpeg_quality') or 'of the source image'}")
+    return (f"Images: both `jpg_0` and `jpg_1` at the edit's size, both {enc} (`export.image_format: {fmt}`). "
+            "`edit_mask`: PNG, mode L, the pair's size, 255 where the two images differ (largest channel "
+            f"difference > {export.get('mask_threshold', 32)}/255, specks removed, dilated by "
+            f"{export.get('mask_dilation', 8)} px), 0 elsewhere.")
+
+
 def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_rel: str) -> str:
     rewards = profile.get("relabel", {}).get("rewards", {})
     weights = {n: r.get("weight", 1.0) for n, r in rewards.items()}
@@ -159,11 +170,14 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               "say which images a pair holds (-1 = the original).", "",
               _profile_line(run, profile), "",
               _sample_line(profile.get("sample", {})), "",
-              f"Editor: `{edit.get('kind', 'controlnet_img2img')}` (`{edit.get('model', '?')}`).", "",
+              f"Editor: `{edit.get('kind', 'controlnet_img2img')}` (`{edit.get('model', '?')}`), edit resolution "
+              f"`{edit.get('resolution', 'native')}`, edit prompts past a text encoder's limit: "
+              f"`{edit.get('long_prompt', 'cap')}` (instructions that did not reach the editor are not checked).", "",
+              _images_line(profile.get("export", {})), "",
               "Provenance columns: `item_id`, `source`, `critique`, `instructions`, `edit_prompt`, `candidate_0`, "
               "`candidate_1`, `margin`, `flipped`, "
               "`scores` (JSON: every raw and z-standardised score), `model_ids` (JSON), `config_hash`, "
-              "`editor` (`edit.kind`).", "",
+              "`editor` (`edit.kind`), `edit_mask`.", "",
               "## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]
     for st in summary["stages"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in st["reasons"].items()) or "–"

@@ -43,11 +43,20 @@ class TestContentWords:
     def test_plurals_and_possessives_fold(self):
         assert content_words("boxes dogs' cherries dog's glass") == {"box", "dog", "cherry", "glass"}
 
+    def test_verb_forms_fold(self):
+        """-ing and -ed forms ground their verb: 'smile' is in a prompt that says 'smiling'."""
+        assert content_words("smiling smiled smiles smile") == {"smile"}
+        assert content_words("running hopping raining opening dressed falling") == {
+            "run", "hop", "rain", "open", "dress", "fall"}
+        assert content_words("a red bed, speed, string") == {"red", "bed", "speed", "string"}  # not suffixes
+        assert grounding("Make the girl smile", "a girl smiling at the camera") == 1.0
+        assert grounding("Show the dog running", "a dog runs in a park") == 1.0
+
     def test_grounding_share_by_hand(self):
         context = "a red apple on a wooden table. The apple is green."
         # {apple, green, red} all in the context -> 3/3
         assert grounding("Change the apple's color from green to red", context) == 1.0
-        # {cat, sitting, apple}: only apple -> 1/3
+        # {cat, sit, apple}: only apple -> 1/3
         assert grounding("Add a cat sitting next to the apple", context) == pytest.approx(1 / 3)
         assert grounding("Fix it.", context) is None
 

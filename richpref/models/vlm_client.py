@@ -292,8 +292,10 @@ def _local_tokenizer(path: str, trust_remote_code: bool):
 
 
 def connect(engine: EngineConfig, model_ref: str, models_root: str | None = None, *, device: str = "auto",
-            dtype: str = "auto", trust_remote_code: bool = False, image_caps: ImageCaps | None = None) -> ServedVLM:
-    """A client for `model_ref` at engine.endpoint, or on a server it launches (engine.launch)."""
+            dtype: str = "auto", trust_remote_code: bool = False, image_caps: ImageCaps | None = None,
+            max_new_tokens: int = 256) -> ServedVLM:
+    """A client for `model_ref` at engine.endpoint, or on a server it launches (engine.launch), whose
+    context is sized for requests of one image and `max_new_tokens` new tokens (`stage_max_model_len`)."""
     from .runtime import ModelNotAvailable, resolve_model_ref
 
     try:
@@ -314,8 +316,11 @@ def connect(engine: EngineConfig, model_ref: str, models_root: str | None = None
     if engine.launch:
         # `transformers serve` names the model by the path it serves; vLLM/SGLang take a served name.
         name = path if engine.launch == "transformers" else (engine.served_model or model_ref)
-        server = LaunchedServer(engine, path, name, device=device, dtype=dtype,
-                                trust_remote_code=trust_remote_code).start()
+        from .vlm_server import stage_max_model_len
+
+        server = LaunchedServer(engine, path, name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                max_model_len=stage_max_model_len(path, max_new_tokens=max_new_tokens,
+                                                                  caps=image_caps)).start()
         return ServedVLM(engine, name, path, server=server, tokenizer=tokenizer, image_caps=image_caps)
     return ServedVLM(engine, engine.served_model or model_ref, path, base_url=engine.endpoint, tokenizer=tokenizer,
                      image_caps=image_caps)

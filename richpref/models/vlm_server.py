@@ -6,6 +6,8 @@ stopped by pid when the stage ends. Startup is bounded: a server that exits or i
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import socket
@@ -17,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from ..procs import spawn_owned, stop_owned
-from ..schemas.serving import EngineConfig
+from ..schemas.serving import EngineConfig, ImageCaps
 
 
 class ServerStartError(RuntimeError):
@@ -45,13 +47,75 @@ def _gpu_env(device: str) -> dict[str, str]:
     return env
 
 
+# Text tokens of one request (template, prompt, instructions, chat markup), generously; the margin
+# over the whole need; and the fallback image budget where a model's config does not tell.
+TEXT_TOKENS = 2048
+MARGIN = 1.25
+FALLBACK_IMAGE_TOKENS = 8192
+
+
+def _read_json(folder: str, name: str) -> dict:
+    try:
+        return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def image_tokens(model_path: str, caps: ImageCaps | None = None) -> int:
+    """The most tokens one image can cost `model_path` (a local checkpoint folder) under `caps`.
+
+    Qwen2-VL / Qwen2.5-VL: one token per (patch x merge)² pixels (28x28) up to the processor's
+    max_pixels (12845056: 16384 tokens) or `caps.max_pixels`; LLaVA-OneVision / LLaVA-NeXT: (tiles of
+    the anyres grid, at most 9 or `caps.max_tiles`, + the base view) x (image_size / patch_size)²,
+    plus 10% for the row-end tokens. Unknown layouts: FALLBACK_IMAGE_TOKENS.
+    """
+    pre, config = _read_json(model_path, "preprocessor_config.json"), _read_json(model_path, "config.json")
+    if "merge_size" in pre and "patch_size" in pre:
+        max_pixels = pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge") or 12845056
+        if caps is not None and caps.max_pixels:
+            max_pixels = min(max_pixels, caps.max_pixels)
+        return math.ceil(max_pixels / (pre["patch_size"] * pre["merge_size"]) ** 2)
+    vision = config.get("vision_config") or {}
+    if config.get("image_grid_pinpoints") and vision.get("image_size") and vision.get("patch_size"):
+        side = vision["image_size"]
+        grid = max((h // side) * (w // side) for h, w in config["image_grid_pinpoints"])
+        tiles = min(grid, 9, (caps.max_tiles if caps is not None and caps.max_tiles else grid)) + 1
+        return math.ceil(tiles * (side // vision["patch_size"]) ** 2 * 1.1)
+    return FALLBACK_IMAGE_TOKENS
+
+
+def context_length(model_path: str) -> int | None:
+    """The model's own context (max_position_embeddings of its text model), when its config says."""
+    config = _read_json(model_path, "config.json")
+    for block in (config.get("text_config") or {}, config):
+        if block.get("max_position_embeddings"):
+            return int(block["max_position_embeddings"])
+    return None
+
+
+def stage_max_model_len(model_path: str, *, max_new_tokens: int, caps: ImageCaps | None = None,
+                        images: int = 1) -> int:
+    """What a stage needs of a served model's context: (TEXT_TOKENS + `images` images' tokens +
+    `max_new_tokens`) x MARGIN, rounded up to 1024, at most the model's own context. vLLM sizes its
+    KV cache for this instead of the model's full context (Qwen2.5-VL: 128k, which does not fit next
+    to a 7B model on a 24 GB GPU)."""
+    need = math.ceil((TEXT_TOKENS + images * image_tokens(model_path, caps) + max_new_tokens) * MARGIN)
+    need = -(-need // 1024) * 1024
+    own = context_length(model_path)
+    return min(need, own) if own else need
+
+
 def launch_command(launch: str, model_path: str, served_name: str, port: int, *, device: str = "auto",
-                   dtype: str = "auto", trust_remote_code: bool = False, extra_args: list[str] = ()) -> list[str]:
-    """The command line that serves `model_path` as `served_name` on 127.0.0.1:`port`."""
+                   dtype: str = "auto", trust_remote_code: bool = False, extra_args: list[str] = (),
+                   max_model_len: int | None = None) -> list[str]:
+    """The command line that serves `model_path` as `served_name` on 127.0.0.1:`port`; vLLM gets
+    `--max-model-len` unless `extra_args` sets it."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
     if launch == "vllm":
         cmd = [shutil.which("vllm") or "vllm", "serve", model_path, *host, "--served-model-name", served_name,
                "--enable-prefix-caching", "--dtype", dtype, "--limit-mm-per-prompt", '{"image": 1}']
+        if max_model_len and not any(a.split("=")[0] == "--max-model-len" for a in extra_args):
+            cmd += ["--max-model-len", str(max_model_len)]
         cmd += ["--trust-remote-code"] if trust_remote_code else []
     elif launch == "sglang":
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, *host,
@@ -71,7 +135,9 @@ class LaunchedServer:
     """One server process serving one model; `base_url` ends in /v1."""
 
     def __init__(self, engine: EngineConfig, model_path: str, served_name: str, *, device: str = "auto",
-                 dtype: str = "auto", trust_remote_code: bool = False, log_dir: str | None = None) -> None:
+                 dtype: str = "auto", trust_remote_code: bool = False, log_dir: str | None = None,
+                 max_model_len: int | None = None) -> None:
+        self.max_model_len = engine.max_model_len or max_model_len
         self.engine = engine
         self.launch = engine.launch
         self.model_path = model_path
@@ -112,7 +178,7 @@ class LaunchedServer:
         self.port = self.engine.port or free_port()
         cmd = launch_command(self.launch, self.model_path, self.served_name, self.port, device=self.device,
                              dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-                             extra_args=self.engine.extra_args)
+                             extra_args=self.engine.extra_args, max_model_len=self.max_model_len)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.proc = spawn_owned(cmd, name=f"{self.launch}:{self.served_name}", log_path=str(self.log_path),
@@ -160,4 +226,4 @@ class LaunchedServer:
         self.stop()
 
 
-__all__ = ["LaunchedServer", "ServerStartError", "free_port", "launch_command"]
+__all__ = ["LaunchedServer", "ServerStartError", "free_port", "image_tokens", "launch_command", "stage_max_model_len"]

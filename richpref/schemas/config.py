@@ -130,6 +130,10 @@ class EditConfig(EditorSettings, StageConfig, PipelineSettings):
     # pairs them by `relabel.pairing`.
     num_edits: int = Field(1, ge=1, le=64)
     min_pixel_change: float = Field(0.01, ge=0)  # below this mean |Δ|/255 the edit is "no visible change"
+    # An edit prompt past a text encoder's limit (CLIP: 77 tokens): "cap" keeps the leading
+    # instructions that fit and records the rest; "truncate" gives it whole (the encoder cuts it) and
+    # records those past the cut. Check asks only about the instructions that reached the editor.
+    long_prompt: Literal["cap", "truncate"] = "cap"
 
 
 class CutoutConfig(StageConfig):
@@ -165,7 +169,14 @@ class FilterConfig(VLMStageConfig):
 
 
 class ExportConfig(_Strict):
-    pass
+    # Both images of a pair leave at the edit's size in one encoding: png (lossless) or jpeg at
+    # `jpeg_quality` (unset: the source image's quality, read from its quantisation tables).
+    image_format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int | None = Field(None, ge=1, le=100)
+    # edit_mask: changed where max-channel |jpg_0 - jpg_1| > mask_threshold (0..255), specks removed,
+    # dilated by mask_dilation px (see richpref/pair_images.py, docs/labels.md).
+    mask_threshold: int = Field(32, ge=0, le=254)
+    mask_dilation: int = Field(8, ge=0, le=256)
 
 
 class Profile(_Strict):

@@ -69,6 +69,11 @@ class EditorSettings(BaseModel):
     # flux_kontext, qwen_image_edit: working resolution in pixels (the input's aspect ratio kept)
     max_area: int | None = Field(None, ge=32 * 32)
     negative_prompt: str | None = None  # qwen_image_edit: the classifier-free guidance's negative prompt
+    # The size every kind edits at: "native" (the checkpoint's own: SD 1.5 512², SDXL 1024²,
+    # sdxl-instructpix2pix-768 768², Kontext's preferred resolutions, Qwen-Image-Edit max_area; the
+    # input's aspect ratio kept, sides multiples of what the model takes), "keep" (the input's size,
+    # snapped to those multiples) or N (about N x N pixels). Edits are stored at that size.
+    resolution: Literal["native", "keep"] | Annotated[int, Field(ge=64, le=4096)] = "native"
 
     @model_validator(mode="after")
     def _settings_fit_kind(self) -> "EditorSettings":

@@ -7,9 +7,13 @@
 - `backend: server` with `launch: vllm | sglang | transformers` — richpref starts the server on the
   worker's device, waits for its health check, and stops it when the stage ends.
 
-Only `backend` is part of the stage's content key: the endpoint, the launcher and the client's
-concurrency, timeouts and retries change how fast outputs come, not what they are. `image` caps the
-pixels of every image before the model sees it (both backends), so it is part of the key.
+Only `backend` is part of a stage's content key: the endpoint and the client's concurrency, timeouts
+and retries change how fast outputs come, not what they are. The launcher is part of the key of the
+stages that read probabilities (check's yes/no questions, the `vlm_score` reward): `transformers serve`
+returns no logprobs, so its answers come back as 0/1, while vLLM and SGLang give probabilities
+(`answer_key`). `image` caps the pixels of every image before the model sees it (both backends), so
+it is part of the key. A launched vLLM gets `--max-model-len` from the stage's needs
+(`max_model_len`), so a model with a long context (Qwen2.5-VL: 128k) does not need a KV cache for all of it.
 """
 from __future__ import annotations
 
@@ -50,6 +54,14 @@ class EngineConfig(BaseModel):
         if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
             raise ValueError(f"engine.endpoint {self.endpoint!r} must be an http(s) URL ending in /v1")
         return self
+
+    max_model_len: int | None = Field(None, ge=256)  # vLLM --max-model-len; unset: from the stage's needs
+
+    def answer_key(self) -> dict | None:
+        """What the launcher adds to the key of a stage that reads answer probabilities: the launcher
+        (transformers serve answers 0/1, vLLM / SGLang give probabilities); None for a running
+        endpoint or in-process, so their keys stay."""
+        return {"launch": self.launch} if self.launch else None
 
     def key_data(self) -> dict | None:
         """The part of the content key; None (left out) at the default, so existing keys stay."""

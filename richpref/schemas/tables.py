@@ -77,6 +77,11 @@ EDITS = _schema(
     pa.field("pixel_change", pa.float64()),  # mean |edited - original| / 255
     pa.field("model_id", pa.string()),
     pa.field("editor", pa.string()),  # edit.kind: controlnet_img2img, instruct_pix2pix, flux_kontext, ...
+    # The instructions that reached the editor's text encoders whole, those that did not (past the
+    # token limit: `edit.long_prompt`), and why (tasks/edit_prompts.py).
+    pa.field("edit_instructions", pa.list_(pa.string())),
+    pa.field("dropped_instructions", pa.list_(pa.string())),
+    pa.field("prompt_note", pa.string()),
 )
 
 CUTOUTS = _schema(
@@ -180,6 +185,9 @@ PAIRS_BASE = [
     pa.field("model_ids", pa.string()),  # JSON: stage -> model id
     pa.field("config_hash", pa.string()),
     pa.field("editor", pa.string()),  # the edit.kind that made jpg_1
+    # Where jpg_0 and jpg_1 differ: PNG, mode "L", 0 = unchanged, 255 = changed, their width/height;
+    # null when not computable (richpref/pair_images.py).
+    pa.field("edit_mask", pa.binary()),
 ]
 PAIRS = pa.schema(PAIRS_BASE)
 

@@ -21,7 +21,8 @@ def load_vlm(cfg: VLMStageConfig, models_root: str | None):
         return resident.get(
             ("served-vlm", cfg.model, models_root, cfg.engine.model_dump_json(), caps, cfg.device, cfg.dtype),
             lambda: connect(cfg.engine, cfg.model, models_root, device=cfg.device, dtype=cfg.dtype,
-                            trust_remote_code=cfg.trust_remote_code, image_caps=caps),
+                            trust_remote_code=cfg.trust_remote_code, image_caps=caps,
+                            max_new_tokens=getattr(cfg, "max_new_tokens", 256)),
         )
     from ..models.vlm import VisionLanguageModel
 

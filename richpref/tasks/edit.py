@@ -1,4 +1,7 @@
-"""edit: original + prompt + instructions -> edited image, by the editor `edit.kind` names (models/editor.py)."""
+"""edit: original + prompt + instructions -> edited image, by the editor `edit.kind` names (models/editor.py).
+
+Each edit is made and stored at the editor's working size (`edit.resolution`, native by default);
+export brings the original to that size (richpref/pair_images.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,19 +12,13 @@ from ..overlap import Memo, chunks, pipelined
 from ..schemas.config import EditConfig, Profile
 from ..schemas.tables import EDITS, rows_to_table
 from .base import Stage, StageInputs, item_seed, kept, rejected
+from .edit_prompts import edit_prompt, fit_prompt  # noqa: F401 - edit_prompt re-exported
 
 
 def load_editor(cfg: EditConfig, models_root: str | None):
     from ..models.editor import load_editor as load
 
     return load(cfg, models_root)
-
-
-def edit_prompt(prompt: str, instructions: list[str], cfg: EditConfig) -> str:
-    """The edit's text prompt: the original prompt and the instructions joined with `edit.joiner`
-    (RPO), or the instructions alone (`prompt_mode: instructions_only`, the paper's ablation)."""
-    steps = [s for s in instructions if s and s.strip()]
-    return cfg.joiner.join(steps if cfg.prompt_mode == "instructions_only" else [prompt, *steps])
 
 
 def guard_reason(original, edited, min_pixel_change: float) -> str | None:
@@ -45,10 +42,11 @@ def candidate_seed(base: int, item_id: str, candidate: int) -> int:
     return item_seed(base, item_id if candidate == 0 else f"{item_id}#edit{candidate}")
 
 
-def edit_row(iid: str, c: int, original, text: str, seed: int, img, model_id: str, cfg: EditConfig) -> dict:
+def edit_row(iid: str, c: int, original, fitted, seed: int, img, model_id: str, cfg: EditConfig) -> dict:
     change = pixel_change(original, img)
-    common = dict(candidate=c, edit_prompt=text, seed=seed, control=cfg.control, pixel_change=change,
-                  model_id=model_id, width=img.width, height=img.height, editor=cfg.kind)
+    common = dict(candidate=c, edit_prompt=fitted.text, seed=seed, control=cfg.control, pixel_change=change,
+                  model_id=model_id, width=img.width, height=img.height, editor=cfg.kind,
+                  edit_instructions=fitted.used, dropped_instructions=fitted.dropped, prompt_note=fitted.note)
     reason = guard_reason(original, img, cfg.min_pixel_change)
     return rejected(iid, reason, **common) if reason else kept(iid, image=encode_png(img), **common)
 
@@ -64,8 +62,9 @@ def edit_batches(todo: list, editor, batch_size: int, settings: dict) -> list:
 
 
 def edit_rows(rows: pa.Table, originals: list, cfg: EditConfig, get_editor) -> pa.Table:
-    """`cfg.num_edits` rows per input row, candidates 0 .. num_edits-1, in input order."""
-    out, todo = {}, []
+    """`cfg.num_edits` rows per input row, candidates 0 .. num_edits-1, in input order. The edit
+    prompt keeps the instructions the editor's text encoders read whole (`fit_prompt`)."""
+    out, ready, todo = {}, [], []
     candidates = range(cfg.num_edits)
     for r, data in zip(rows.to_pylist(), originals):
         iid = r["item_id"]
@@ -75,16 +74,22 @@ def edit_rows(rows: pa.Table, originals: list, cfg: EditConfig, get_editor) -> p
                 out[iid, c] = rejected(iid, "no_instructions: nothing to edit with", candidate=c, edit_prompt=text)
             continue
         try:
-            original = decode_image(data)
+            ready.append((iid, r, decode_image(data)))
         except BadImage as exc:
             for c in candidates:
                 out[iid, c] = rejected(iid, str(exc), candidate=c, edit_prompt=text)
+    editor = get_editor() if ready else None
+    for iid, r, original in ready:
+        fitted = fit_prompt(r["prompt"], r["instructions"] or [], cfg, editor.count_tokens)
+        if fitted.reject:
+            for c in candidates:
+                out[iid, c] = rejected(iid, fitted.reject, candidate=c, edit_prompt=fitted.text,
+                                       dropped_instructions=fitted.dropped)
             continue
-        todo += [(iid, c, original, text, candidate_seed(cfg.seed, iid, c)) for c in candidates]
+        todo += [(iid, c, original, fitted, candidate_seed(cfg.seed, iid, c)) for c in candidates]
     if todo:
         from ..models.editor import editor_settings
 
-        editor = get_editor()
         settings = editor_settings(cfg)  # the settings of cfg.kind
         # A ControlNet editor's detector (cfg.control's, see load_editor) makes each control image; they are
         # computed for the next batch on the pool while the model edits this one.
@@ -97,14 +102,14 @@ def edit_rows(rows: pa.Table, originals: list, cfg: EditConfig, get_editor) -> p
             return batch
 
         def run(batch):
-            return editor.edit([t[2] for t in batch], [t[3] for t in batch], [t[4] for t in batch],
-                               batch_size=len(batch), **settings)
+            return editor.edit([t[2] for t in batch], [t[3].text for t in batch], [t[4] for t in batch],
+                               batch_size=len(batch), output_size="working", **settings)
 
         def finish(batch, _, edited):  # guards and PNG encoding overlap the next batch's edit
             if control is not None:
                 control.drop([t[2] for t in batch])
-            return {(iid, c): edit_row(iid, c, original, text, seed, img, editor.model_id, cfg)
-                    for (iid, c, original, text, seed), img in zip(batch, edited)}
+            return {(iid, c): edit_row(iid, c, original, fitted, seed, img, editor.model_id, cfg)
+                    for (iid, c, original, fitted, seed), img in zip(batch, edited)}
 
         if control is not None:
             editor.detector = control
@@ -124,5 +129,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return edit_rows(rows, originals, cfg, lambda: load_editor(cfg, profile.models_root))
 
 
-STAGE = Stage(name="edit", version="4", section="edit", reads=("instruct", "sample"), compute=compute,
+STAGE = Stage(name="edit", version="6", section="edit", reads=("instruct", "sample"), compute=compute,
               fan_out=lambda profile: profile.edit.num_edits)

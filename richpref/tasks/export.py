@@ -2,7 +2,9 @@
 
 jpg_0 is the image relabel put on side 0 (`candidate_0`: -1 = the original, else the lower-numbered of
 two edits) and jpg_1 the edit on side 1 (`candidate_1`); `label_0` is 1 when jpg_0 won (with the
-original as jpg_0: a flipped pair), 0 when jpg_1 won. Image bytes are stored as encoded, exactly as the Diffusion-DPO trainers read them.
+original as jpg_0: a flipped pair), 0 when jpg_1 won. Both images leave at the edit's size in one
+encoding (`export.image_format`), with `edit_mask`, the PNG mask of where they differ
+(richpref/pair_images.py), read by the trainers as encoded bytes.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import json
 
 import pyarrow as pa
 
-from ..schemas.config import Profile, profile_hash
+from ..pair_images import edit_mask, pair_images, pair_quality
+from ..schemas.config import ExportConfig, Profile, profile_hash
 from ..schemas.tables import PAIRS, rows_to_table
 from .base import Stage, StageInputs
 
@@ -19,9 +22,11 @@ SCORE_META = ("item_id", "status", "reason", "candidate", "candidate_0", "candid
 
 
 def export_rows(scores: pa.Table, samples: pa.Table, edits: pa.Table, critiques: pa.Table, instructions: pa.Table,
-                sources: pa.Table, config_hash: str, side0_edits: pa.Table | None = None) -> pa.Table:
+                sources: pa.Table, config_hash: str, side0_edits: pa.Table | None = None,
+                cfg: ExportConfig | None = None) -> pa.Table:
     """One pair per kept scores row. `edits` are the side-1 edits; `side0_edits` the side-0 edits
     where candidate_0 is an edit (null image elsewhere), else the original is jpg_0."""
+    cfg = cfg or ExportConfig()
     out = []
     score_cols = [c for c in scores.schema.names if c not in SCORE_META]
     for k, r in enumerate(scores.to_pylist()):
@@ -30,11 +35,16 @@ def export_rows(scores: pa.Table, samples: pa.Table, edits: pa.Table, critiques:
             raise ValueError(f"relabel row {r['item_id']} has chosen={chosen!r}; expected 0 or 1")
         model_ids = {"sample": samples["model_id"][k].as_py(), "critique": critiques["model_id"][k].as_py(),
                      "instruct": instructions["model_id"][k].as_py(), "edit": edits["model_id"][k].as_py()}
+        original = samples["image"][k].as_py()
+        is_original = r.get("candidate_0") is None or r["candidate_0"] < 0
+        jpg_0, jpg_1 = pair_images(original if is_original else side0_edits["image"][k].as_py(), edits["image"][k].as_py(),
+                                   image_format=cfg.image_format, side0_is_source=is_original,
+                                   quality=pair_quality(original, cfg.jpeg_quality))
         out.append({
             "caption": samples["prompt"][k].as_py(),
-            "jpg_0": (samples["image"][k].as_py() if (r.get("candidate_0") is None or r["candidate_0"] < 0)
-                      else side0_edits["image"][k].as_py()),
-            "jpg_1": edits["image"][k].as_py(),
+            "jpg_0": jpg_0,
+            "jpg_1": jpg_1,
+            "edit_mask": edit_mask(jpg_0, jpg_1, threshold=cfg.mask_threshold, dilation=cfg.mask_dilation),
             "label_0": 1 if chosen == 0 else 0,
             "item_id": r["item_id"],
             "source": sources["source"][k].as_py(),
@@ -67,8 +77,9 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
         look("source", ["source"]),
         profile_hash(profile),
         side0_edits=look("edit", ["image"], candidates=side0),
+        cfg=profile.export,
     )
 
 
-STAGE = Stage(name="export", version="3", section="export", reads=("relabel", "sample", "edit", "critique", "instruct", "source"),
+STAGE = Stage(name="export", version="4", section="export", reads=("relabel", "sample", "edit", "critique", "instruct", "source"),
               compute=compute, output="pairs", key_extra=lambda p: profile_hash(p))

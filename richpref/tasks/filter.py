@@ -108,4 +108,4 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return decide_rows(inputs.rows, instructions, profile.filter)
 
 
-STAGE = Stage(name="filter", version="4", section="filter", reads=("check", "instruct"), compute=compute)
+STAGE = Stage(name="filter", version="5", section="filter", reads=("check", "instruct"), compute=compute)

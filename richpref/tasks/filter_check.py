@@ -69,6 +69,8 @@ def checking_view(cfg: FilterConfig) -> dict:
     exclude = set(DECISION_FIELDS) | (set(RUNTIME_FIELDS) & set(type(cfg).model_fields))
     view = key_view(cfg, cfg.model_dump(mode="json", exclude=exclude))  # a server's endpoint is not part of it
     view["attributes"] = attributes_enabled(cfg)
+    if cfg.engine.answer_key():  # the launcher decides whether answers are probabilities or 0/1
+        view["answers"] = cfg.engine.answer_key()
     return view
 
 
@@ -244,16 +246,20 @@ def ask_pairs(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     cfg = profile.filter
     rows = inputs.rows
+    edits = inputs.lookup("edit", ["image", "edit_instructions"])
     images = {
         "original": inputs.lookup("sample", ["image"]).column("image").to_pylist(),
-        "edited": inputs.lookup("edit", ["image"]).column("image").to_pylist(),
+        "edited": edits.column("image").to_pylist(),
         "original_cutout": rows.column("original_cutout").to_pylist(),
         "edited_cutout": rows.column("edited_cutout").to_pylist(),
     }
     meta = inputs.lookup("instruct", ["prompt", "instructions"])
+    # Only the instructions that reached the editor's text encoders are asked about (tasks/edit_prompts.py).
+    reached = [used if used is not None else every for used, every in
+               zip(edits.column("edit_instructions").to_pylist(), meta.column("instructions").to_pylist())]
     return check_rows(rows.select(["item_id", "candidate"]), meta.column("prompt").to_pylist(),
-                      meta.column("instructions").to_pylist(), images, cfg, lambda: load_vlm(cfg, profile.models_root))
+                      reached, images, cfg, lambda: load_vlm(cfg, profile.models_root))
 
 
-STAGE = Stage(name="check", version="2", section="filter", reads=("cutout", "sample", "edit", "instruct"),
+STAGE = Stage(name="check", version="3", section="filter", reads=("cutout", "sample", "edit", "instruct"),
               compute=compute, key_extra=lambda p: template_hash(p.filter.template), config_view=checking_view)

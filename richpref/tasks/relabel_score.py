@@ -85,6 +85,9 @@ def scoring_view(cfg: RelabelConfig) -> dict:
     gate = cfg.subject_gate
     rewards = {n: key_view(cfg.rewards[n], cfg.rewards[n].model_dump(mode="json", exclude={"weight"}))
                for n in cfg.scored()}  # a served reward's endpoint is not part of the key
+    for n in rewards:  # a launched vlm_score server's kind is: transformers serve answers digits, not logprobs
+        if cfg.rewards[n].engine.answer_key():
+            rewards[n]["answers"] = cfg.rewards[n].engine.answer_key()
     return {"rewards": rewards,
             "subject_gate": gate.model_dump(mode="json", exclude={"min_consistency"}) if gate else None,
             "dtype": cfg.dtype}

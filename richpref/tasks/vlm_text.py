@@ -92,8 +92,40 @@ realistic natural accurate accurately match matches matching prompt description 
 _WORD = re.compile(r"[a-z][a-z'-]*")
 
 
+_VOWELS = frozenset("aeiou")
+
+
+def _measure(stem: str) -> int:
+    """Porter's m: the number of vowel-consonant runs in `stem` ("smil": 1, "open": 2)."""
+    kinds = "".join("v" if c in _VOWELS or (c == "y" and i > 0 and stem[i - 1] not in _VOWELS) else "c"
+                    for i, c in enumerate(stem))
+    return re.sub(r"(.)\1+", r"\1", kinds).count("vc")
+
+
+def _ends_cvc(stem: str) -> bool:
+    """consonant-vowel-consonant at the end, the last not w, x or y ("smil", "hop", not "rain")."""
+    return (len(stem) >= 3 and stem[-1] not in _VOWELS and stem[-1] not in "wxy" and stem[-2] in _VOWELS
+            and stem[-3] not in _VOWELS)
+
+
+def _strip_ing_ed(w: str) -> str:
+    """'smiling'/'smiled' -> 'smile', 'running' -> 'run', 'raining' -> 'rain' (Porter's step 1b)."""
+    for suffix in ("ing", "ed"):
+        stem = w[: -len(suffix)]
+        if not w.endswith(suffix) or len(stem) < 3 or not (set(stem) & _VOWELS) or w.endswith("eed"):
+            continue
+        if len(stem) > 3 and stem[-1] == stem[-2] and stem[-1] not in "lsz" and stem[-1] not in _VOWELS:
+            return stem[:-1]  # running -> run, but falling -> fall, dressed -> dress
+        if _measure(stem) == 1 and _ends_cvc(stem):
+            return stem + "e"  # smiling -> smile, hoped -> hope
+        return stem
+    return w
+
+
 def _stem(word: str) -> str:
-    """A light plural/possessive folding so 'apples' matches 'apple' and 'boxes' matches 'box'."""
+    """A light folding: plurals and possessives ('apples' -> 'apple', 'boxes' -> 'box') and the -ing
+    and -ed forms of a verb ('smiling', 'smiled' -> 'smile'), so an instruction's word matches its
+    other forms in the prompt or critique."""
     w = word.strip("'-")
     if w.endswith("'s"):
         w = w[:-2]
@@ -103,7 +135,7 @@ def _stem(word: str) -> str:
         return w[:-2]
     if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
         return w[:-1]
-    return w
+    return _strip_ing_ed(w)
 
 
 def content_words(text: str) -> set[str]:

@@ -175,3 +175,34 @@ def test_the_check_key_leaves_out_thresholds_transport_and_prefix_sharing():
     other = EngineConfig(backend="server", endpoint="http://10.0.0.5:8000/v1", concurrency=4)
     assert view(FilterConfig(engine=endpoint)) == view(FilterConfig(engine=other)) != base  # the backend counts
     assert view(FilterConfig(max_attributes=3)) != base
+
+
+def test_check_asks_only_about_the_instructions_that_reached_the_editor(vlms, monkeypatch):
+    """An edit whose prompt dropped instructions past the text encoder's limit (edit's
+    `edit_instructions`) is checked on those it kept; an edit table without the column falls back
+    to every instruction."""
+    from richpref.schemas.config import load_profile
+    from richpref.tasks.base import StageInputs
+
+    rows, prompts, instructions, images = filter_input(2)
+    every = [["Make the apple red", "Remove the blue cup", "Add a hat", "Paint the wall green"], ["Add a second dog"]]
+    profile = load_profile("tiny", ["filter.max_new_tokens=4", "filter.min_attributes_kept=0"])
+    cutout = rows.append_column("original_cutout", pa.array(images["original_cutout"], pa.binary())) \
+        .append_column("edited_cutout", pa.array(images["edited_cutout"], pa.binary()))
+    tables = {
+        "cutout": cutout,
+        "sample": pa.table({"item_id": rows.column("item_id"), "image": pa.array(images["original"], pa.binary())}),
+        "edit": pa.table({"item_id": rows.column("item_id"), "candidate": rows.column("candidate"),
+                          "image": pa.array(images["edited"], pa.binary()),
+                          "edit_instructions": pa.array([every[0][:2], None], pa.list_(pa.string()))}),
+        "instruct": pa.table({"item_id": rows.column("item_id"), "prompt": prompts, "instructions": every}),
+    }
+    monkeypatch.setattr(filter_check, "load_vlm", lambda cfg, root: vlms["qwen"])
+    out = filter_check.compute(StageInputs(0, cutout, tables), profile).to_pylist()
+    assert [len(r["p_executed_each"]) for r in out] == [2, 1]
+    sections = load_sections(profile.filter.template)
+    from richpref.images import decode_image, side_by_side
+
+    pair = side_by_side(decode_image(images["original"][0]), decode_image(images["edited"][0]))
+    np.testing.assert_allclose(out[0]["p_executed_each"], vlms["qwen"].p_yes(
+        [pair] * 2, [render(sections["executed"], instruction=s) for s in every[0][:2]]), atol=1e-6)

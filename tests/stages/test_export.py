@@ -55,6 +55,9 @@ def test_export_is_read_unmodified_like_the_diffusion_dpo_training_scripts(mini_
         first = batch["pixel_values"][k][:3]
         assert torch.equal(first, tf(Image.open(io.BytesIO(chosen)).convert("RGB")))  # the preferred image comes first
         assert batch["captions"][k] == samples[iid]["prompt"]
+        pair = [Image.open(io.BytesIO(train[k][c])) for c in ("jpg_0", "jpg_1", "edit_mask")]
+        assert pair[0].size == pair[1].size == pair[2].size and pair[0].format == pair[1].format == "PNG"
+        assert pair[2].mode == "L" and set(np.unique(np.asarray(pair[2]))) <= {0, 255}
         scores = json.loads(train[k]["scores"])
         assert scores["imagereward_0"] == relabel[iid]["imagereward_0"] and "hp_z1" in scores and "subject_consistency" in scores
 
@@ -78,6 +81,7 @@ def test_dataset_card_and_plots(mini_run, capsys):
     assert '"min_margin": 0.0' in card  # the config is in the card
     assert f"Profile: `tiny`: {profile.description.strip()}" in card  # which profile, and what it adds
     assert "Sampling: `sample.safety_checker: false`" in card
+    assert "both PNG (lossless) (`export.image_format: png`)" in card and "`edit_mask`: PNG, mode L" in card
     for png in ("reward_distributions.png", "flip_rate.png", "margin_histogram.png"):
         im = Image.open(written[png])
         assert im.format == "PNG" and im.width > 100

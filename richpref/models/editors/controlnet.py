@@ -20,8 +20,8 @@ from PIL import Image
 
 from ..generator import cpu_generators, diffusers_dtype_kwargs, release_pipeline
 from ..runtime import ModelNotAvailable, resolve_device, resolve_dtype
+from .common import Resolution, count_tokens, resolution_size, tokenizer_limits, unet_native_side
 from .common import is_sdxl as _is_sdxl
-from .common import snap as _snap
 
 CONTROL_KINDS = ("canny", "tile", "lineart_standard", "softedge_hed", "softedge_pidi", "lineart")
 # Control kinds computed by a network, and the weights file each loads, named as in lllyasviel/Annotators
@@ -195,7 +195,7 @@ class ControlNetEditor:
     """A loaded ControlNet img2img pipeline: base checkpoint + one ControlNet."""
 
     kind = "controlnet_img2img"
-    SETTINGS = ("strength", "guidance_scale", "conditioning_scale", "steps")  # `control` is chosen at load
+    SETTINGS = ("strength", "guidance_scale", "conditioning_scale", "steps", "resolution")  # `control` is chosen at load
 
     def __init__(
         self, pipe: Any, model_id: str, device: torch.device, dtype: torch.dtype,
@@ -261,8 +261,12 @@ class ControlNetEditor:
         conditioning_scale: float = 1.0,
         steps: int = 20,
         batch_size: int = 4,
+        resolution: Resolution = "native",
+        output_size: str = "input",
     ) -> list[Image.Image]:
-        """Edit each image toward its prompt; returns RGB images of each input's size, in input order.
+        """Edit each image toward its prompt at the working size `resolution` gives (`working_size`);
+        returns RGB images in input order, of each input's size or (`output_size="working"`) the
+        working size.
 
         `strength` is the img2img noise level (0 keeps the original, 1 ignores it); the ControlNet
         keeps the structure given by `control`: a ControlDetector, a weightless kind ("canny",
@@ -277,13 +281,14 @@ class ControlNetEditor:
         detector = control if isinstance(control, ControlDetector) else (
             self.detector if control is None else ControlDetector(control)
         )
-        factor = int(getattr(self.pipe, "vae_scale_factor", 8))
+        if output_size not in ("input", "working"):
+            raise ValueError(f"output_size {output_size!r}: expected input or working")
 
-        # A batch needs one size: group items by working size (input snapped to the VAE factor),
-        # keeping input order inside each group so results can be put back in place.
+        # A batch needs one size: group items by working size, keeping input order inside each
+        # group so results can be put back in place.
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, im in enumerate(images):
-            groups[_snap(im.size, factor)].append(i)
+            groups[self.working_size(im.size, resolution=resolution)].append(i)
 
         results: list[Image.Image | None] = [None] * len(images)
         for (w, h), idxs in groups.items():
@@ -309,14 +314,22 @@ class ControlNetEditor:
                 )
                 for i, im in zip(chunk, out.images):
                     im = im.convert("RGB")
-                    if im.size != images[i].size:
-                        im = im.resize(images[i].size, Image.Resampling.LANCZOS)
+                    target = images[i].size if output_size == "input" else (w, h)
+                    if im.size != target:
+                        im = im.resize(target, Image.Resampling.LANCZOS)
                     results[i] = im
         return results  # type: ignore[return-value]
 
-    def working_size(self, size: tuple[int, int], **settings) -> tuple[int, int]:
-        """The size `edit` works at for an input of `size` (snapped to the VAE factor)."""
-        return _snap(size, int(getattr(self.pipe, "vae_scale_factor", 8)))
+    def working_size(self, size: tuple[int, int], *, resolution: Resolution = "native", **settings) -> tuple[int, int]:
+        """The size `edit` works at for an input of `size` under `edit.resolution`: natively the base's
+        training side squared (SD 1.5: 512², SDXL: 1024²) with the input's aspect ratio, sides
+        multiples of the VAE factor; `keep`: the input's size snapped to it; N: about N x N."""
+        side = unet_native_side(self.pipe, self.model_id.split("+")[0])
+        return resolution_size(size, resolution, side * side, int(getattr(self.pipe, "vae_scale_factor", 8)))
+
+    def count_tokens(self, text: str) -> list[tuple[str, int, int]]:
+        """(tokenizer, tokens of `text`, tokens its CLIP encoder reads) for SD 1.5's one and SDXL's two."""
+        return count_tokens(tokenizer_limits(self.pipe), text)
 
     def close(self) -> None:
         """Free the pipeline (and the detector's network); the object cannot edit afterwards."""

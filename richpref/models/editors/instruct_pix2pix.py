@@ -3,7 +3,9 @@
 The UNet reads the original's latents beside the noise and follows the instruction text; two
 guidance scales: `guidance_scale` (text) and `image_guidance_scale` (how close to the original;
 1.5 in the paper). The pipeline class follows the checkpoint (SDXL bases get the XL variant).
-Works at the input's own size, snapped to the VAE factor.
+Works at `edit.resolution`: natively at the checkpoint's training side (SD 1.5: 512; the SDXL
+diffusers/sdxl-instructpix2pix-768: 768) as an area with the input's aspect, sides multiples of the
+VAE factor.
 """
 from __future__ import annotations
 
@@ -11,12 +13,12 @@ from typing import Any
 
 from PIL import Image
 
-from .common import PipelineEditor, Size, is_sdxl, snap
+from .common import PipelineEditor, Resolution, Size, is_sdxl, resolution_size, unet_native_side
 
 
 class InstructPix2PixEditor(PipelineEditor):
     kind = "instruct_pix2pix"
-    SETTINGS = ("guidance_scale", "image_guidance_scale", "steps")
+    SETTINGS = ("guidance_scale", "image_guidance_scale", "steps", "resolution")
 
     @classmethod
     def pipeline_class(cls, model_path: str) -> Any:
@@ -31,8 +33,9 @@ class InstructPix2PixEditor(PipelineEditor):
         # Edits are filtered downstream; the NSFW checker would only blank images here.
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
-    def working_size(self, size: Size, **settings: Any) -> Size:
-        return snap(size, int(getattr(self.pipe, "vae_scale_factor", 8)))
+    def working_size(self, size: Size, *, resolution: Resolution = "native", **settings: Any) -> Size:
+        side = unet_native_side(self.pipe, self.model_id)
+        return resolution_size(size, resolution, side * side, int(getattr(self.pipe, "vae_scale_factor", 8)))
 
     def run_batch(self, images: list[Image.Image], prompts: list[str], generators: list, size: Size, *,
                   guidance_scale: float, image_guidance_scale: float, steps: int) -> list[Image.Image]:
