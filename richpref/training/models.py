@@ -218,6 +218,9 @@ def load_finetuned(path: str | os.PathLike, *, device: str = "auto", dtype: str 
     final = Path(meta["_dir"])
     if meta["mode"] == "lora":
         t2i.pipe.load_lora_weights(str(final), weight_name=LORA_WEIGHTS)
+    elif (final / "transformer").is_dir():  # a full fine-tune of a flow-matching transformer
+        cls = type(t2i.pipe.transformer)
+        t2i.pipe.transformer = cls.from_pretrained(final / "transformer", **diffusers_dtype_kwargs(t2i.dtype)).to(t2i.device)
     else:
         unet = UNet2DConditionModel.from_pretrained(final / "unet", **diffusers_dtype_kwargs(t2i.dtype))
         t2i.pipe.unet = unet.to(t2i.device)
