@@ -142,10 +142,13 @@ def preflight(cfg: EvaluateConfig) -> None:
             if ref is not None:
                 resolve_model_ref(ref, cfg.models_root)
     for model in cfg.models:
-        if model.lora:
-            from richpref.models.tuned import lora_file
+        if model.lora:  # a missing LoRA fails now
+            from richpref.models.tuned import TunedWeightsError, lora_file
 
-            lora_file(model.lora)  # a missing LoRA fails now
+            try:
+                lora_file(model.lora)
+            except TunedWeightsError as exc:
+                raise ModelNotAvailable(f"evaluate model {model.name!r}: {exc}") from None
         if not is_finetune_output(model.path):
             try:
                 resolve_model_ref(model.path, cfg.models_root)
