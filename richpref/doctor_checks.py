@@ -257,10 +257,27 @@ def section_of(stage: str) -> str:
     return STAGES[stage].section if stage in STAGES else stage
 
 
+def _half_dtype(section: str, profile: Profile) -> str:
+    """bfloat16 for the VLMs and the flow-matching transformers (FLUX.1 overflows in float16), else float16."""
+    if section in ("critique", "instruct", "filter"):
+        return "bfloat16"
+    if section == "edit" and profile.edit.kind in ("flux_kontext", "qwen_image_edit"):
+        return "bfloat16"
+    if section == "sample":
+        from .models.families import FLOW_FAMILIES, detect_checkpoint_family
+
+        try:
+            if detect_checkpoint_family(resolve_model_ref(profile.sample.model, profile.models_root)) in FLOW_FAMILIES:
+                return "bfloat16"
+        except (OSError, ValueError, ModelNotAvailable):  # not a local pipeline folder: the UNet default
+            pass
+    return "float16"
+
+
 def memory_fix(stage: str, profile: Profile) -> str:
     section = section_of(stage)
     cfg = getattr(profile, section)
-    half = "bfloat16" if section in ("critique", "instruct", "filter") else "float16"
+    half = _half_dtype(section, profile)
     return (f"load it in half precision (--set {section}.dtype={half}; now {cfg.dtype}) and/or lower "
             f"{section}.batch_size (now {cfg.batch_size}); or run the stage on a device with more memory "
             f"({section}.device, now {cfg.device})")

@@ -148,7 +148,8 @@ def test_evaluate_loads_a_flow_lora_over_its_base(paths, tmp_path):
     assert _generation_key(cfg.models[0], ["a"], [1], cfg) != _generation_key(cfg.models[1], ["a"], [1], cfg)
 
 
-def test_doctor_names_a_missing_file_of_a_flow_pipeline_offline(paths, tmp_path):
+def test_doctor_names_a_missing_file_of_a_flow_pipeline_offline(paths, tmp_path, monkeypatch):
+    from richpref import doctor_checks
     from richpref.doctor_checks import ModelProblem, preflight, weight_files
     from richpref.schemas.config import load_profile
 
@@ -159,6 +160,10 @@ def test_doctor_names_a_missing_file_of_a_flow_pipeline_offline(paths, tmp_path)
     profile = load_profile("tiny-flux", [f"sample.model={broken}"], models_root=str(paths.root))
     refs, per_stage = preflight(profile)
     assert per_stage["sample"] > 0
+    with monkeypatch.context() as m:  # too little memory: half precision is bfloat16 for FLUX.1 (float16 overflows)
+        m.setattr(doctor_checks, "available_bytes", lambda device: 1024)
+        with pytest.raises(ModelProblem, match=r"--set sample.dtype=bfloat16"):
+            preflight(profile)
     (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ModelProblem) as err:
         preflight(profile)
