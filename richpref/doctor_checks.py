@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .doctor_pipelines import PipelineProblem, check_pipeline_files, check_text_to_image, components
 from .models.runtime import ModelNotAvailable, resolve_device, resolve_model_ref
 from .schemas.config import Profile
 
@@ -141,6 +142,14 @@ def resolve(ref: ModelRef, profile: Profile) -> ModelRef:
             fix = (f"point {ref.field} at an existing directory or a Hub id 'owner/name'; for the tiny profile run "
                    "`richpref models build-tiny <models_root>`")
         raise ModelProblem(ref.stage, ref.ref, str(exc), fix) from None
+    if ref.kind == "diffusers" and ref.path and (Path(ref.path) / "model_index.json").exists():
+        try:  # classes and files of the pipeline folder (sample: also a family richpref generates with)
+            if ref.field == "sample.model":
+                check_text_to_image(ref.path, ref.field)
+            else:
+                check_pipeline_files(ref.path)
+        except PipelineProblem as exc:
+            raise ModelProblem(ref.stage, ref.ref, exc.cause, exc.fix, kind="load_failed") from None
     variant = getattr(getattr(profile, section_of(ref.stage)), "variant", None)
     if ref.kind == "diffusers" and variant and ref.path and Path(ref.path).is_dir() \
             and not any(f".{variant}." in f.name for f in Path(ref.path).rglob("*")):
@@ -182,13 +191,17 @@ def weight_files(path: str, variant: str | None = None) -> list[Path]:
     """The weight files a loader would read from `path` (a file or a directory tree).
 
     Where a directory holds both a plain and a variant copy (`x.safetensors`, `x.fp16.safetensors`),
-    only one counts: the variant when asked for, else the plain one; safetensors win over .bin.
+    only one counts: the variant when asked for, else the plain one; safetensors win over .bin. In a
+    pipeline folder only the components model_index.json lists count.
     """
     p = Path(path)
     if p.is_file():
         return [p]
     if not p.is_dir():
         return []
+    parts_of_pipeline = components(p)
+    if parts_of_pipeline:
+        return [f for name in parts_of_pipeline for f in weight_files(str(p / name), variant)]
     groups: dict[tuple[Path, str], list[tuple[bool, Path]]] = {}
     for f in sorted(p.rglob("*")):
         if not (f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)):
@@ -244,10 +257,27 @@ def section_of(stage: str) -> str:
     return STAGES[stage].section if stage in STAGES else stage
 
 
+def _half_dtype(section: str, profile: Profile) -> str:
+    """bfloat16 for the VLMs and the flow-matching transformers (FLUX.1 overflows in float16), else float16."""
+    if section in ("critique", "instruct", "filter"):
+        return "bfloat16"
+    if section == "edit" and profile.edit.kind in ("flux_kontext", "qwen_image_edit"):
+        return "bfloat16"
+    if section == "sample":
+        from .models.families import FLOW_FAMILIES, detect_checkpoint_family
+
+        try:
+            if detect_checkpoint_family(resolve_model_ref(profile.sample.model, profile.models_root)) in FLOW_FAMILIES:
+                return "bfloat16"
+        except (OSError, ValueError, ModelNotAvailable):  # not a local pipeline folder: the UNet default
+            pass
+    return "float16"
+
+
 def memory_fix(stage: str, profile: Profile) -> str:
     section = section_of(stage)
     cfg = getattr(profile, section)
-    half = "bfloat16" if section in ("critique", "instruct", "filter") else "float16"
+    half = _half_dtype(section, profile)
     return (f"load it in half precision (--set {section}.dtype={half}; now {cfg.dtype}) and/or lower "
             f"{section}.batch_size (now {cfg.batch_size}); or run the stage on a device with more memory "
             f"({section}.device, now {cfg.device})")

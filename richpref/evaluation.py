@@ -58,22 +58,34 @@ def image_plan(prompts: list[str], cfg: EvaluateConfig) -> tuple[list[str], list
 
 
 def _generation_key(model: EvalModelConfig, texts: list[str], seeds: list[int], cfg: EvaluateConfig) -> str:
+    from richpref.models.tuned import weights_fingerprint
+
     settings = {"path": model.path, "models_root": cfg.models_root, "texts": texts, "seeds": seeds,
                 **cfg.model_dump(mode="json", include={"steps", "guidance_scale", "height", "width", "scheduler",
                                            "safety_checker"})}
+    # Added later: in the key only when set, so the images of older configs stay up to date.
+    if cfg.max_sequence_length is not None:
+        settings["max_sequence_length"] = cfg.max_sequence_length
+    if model.lora:
+        settings["lora"] = weights_fingerprint(lora=model.lora)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def load_model(model: EvalModelConfig, cfg: EvaluateConfig):
-    """A finetune output folder (its base plus the tuned weights) or a plain diffusers pipeline."""
+    """A finetune output folder (its base plus the tuned weights) or a plain diffusers pipeline, with
+    `model.lora` (a LoRA of its UNet or flow-matching transformer) loaded over it when given."""
     from richpref.models.generator import TextToImage
+    from richpref.models.tuned import apply_tuned
     from richpref.training.models import is_finetune_output, load_finetuned
 
     if is_finetune_output(model.path):
-        return load_finetuned(model.path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+        t2i = load_finetuned(model.path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
                               safety_checker=cfg.safety_checker)
-    return TextToImage.load(resolve_model_ref(model.path, cfg.models_root), device=cfg.device, dtype=cfg.dtype,
-                            scheduler=cfg.scheduler, safety_checker=cfg.safety_checker)
+    else:
+        t2i = TextToImage.load(resolve_model_ref(model.path, cfg.models_root), device=cfg.device, dtype=cfg.dtype,
+                               scheduler=cfg.scheduler, safety_checker=cfg.safety_checker)
+    apply_tuned(t2i, lora=model.lora)
+    return t2i
 
 
 @task(name="eval-generate", task_run_name="generate-{model.name}", cache_policy=NO_CACHE)
@@ -86,7 +98,7 @@ def generate_task(model: EvalModelConfig, texts: list[str], seeds: list[int], cf
     t2i = load_model(model, cfg)
     try:
         images = t2i.generate(texts, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height,
-                              width=cfg.width, batch_size=cfg.batch_size)
+                              width=cfg.width, batch_size=cfg.batch_size, max_sequence_length=cfg.max_sequence_length)
     finally:
         t2i.close()
     table = pa.table({"prompt": texts, "seed": pa.array(seeds, pa.int64()), "image": [encode_png(im) for im in images]})
@@ -132,6 +144,13 @@ def preflight(cfg: EvaluateConfig) -> None:
             if ref is not None:
                 resolve_model_ref(ref, cfg.models_root)
     for model in cfg.models:
+        if model.lora:  # a missing LoRA fails now
+            from richpref.models.tuned import TunedWeightsError, lora_file
+
+            try:
+                lora_file(model.lora)
+            except TunedWeightsError as exc:
+                raise ModelNotAvailable(f"evaluate model {model.name!r}: {exc}") from None
         if not is_finetune_output(model.path):
             try:
                 resolve_model_ref(model.path, cfg.models_root)

@@ -1,4 +1,5 @@
-"""Text-to-image generation with diffusers (SD 1.5, SDXL, anything `DiffusionPipeline` loads).
+"""Text-to-image generation with diffusers: SD 1.5, SDXL (UNet) and the flow-matching SD3/SD3.5,
+FLUX.1 and Qwen-Image, each called with its own arguments (models/families.py).
 
 Reproducibility contract: every image gets its own CPU `torch.Generator` seeded with its seed, so an
 image's noise depends only on its seed, never on which other items shared its batch. CPU generators
@@ -9,12 +10,15 @@ few pixels (batched matmuls round differently), which is why shards keep their b
 from __future__ import annotations
 
 import gc
+import logging
 from typing import Any
 
 import torch
 from PIL import Image
 
 from .runtime import resolve_device, resolve_dtype
+
+log = logging.getLogger("richpref")
 
 
 def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
@@ -55,8 +59,10 @@ def apply_pipeline_settings(pipe: Any, *, scheduler: str | None = None, compile:
         for m in modules:
             if isinstance(m, torch.nn.Module):
                 m.to(memory_format=torch.channels_last)
-    if compile and isinstance(getattr(pipe, "unet", None), torch.nn.Module):
-        pipe.unet = torch.compile(pipe.unet)
+    if compile:
+        for name in ("unet", "transformer"):  # the denoiser: a UNet, or a flow-matching transformer
+            if isinstance(getattr(pipe, name, None), torch.nn.Module):
+                setattr(pipe, name, torch.compile(getattr(pipe, name)))
     return pipe
 
 
@@ -86,10 +92,14 @@ class TextToImage:
     """A loaded text-to-image pipeline.
 
     `DiffusionPipeline.from_pretrained` reads the checkpoint's model_index.json and picks the class
-    (StableDiffusionPipeline, StableDiffusionXLPipeline, ...), so one wrapper covers SD 1.5 and SDXL.
+    (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline,
+    QwenImagePipeline); `family` (models/families.py) says which arguments each call takes.
     """
 
     def __init__(self, pipe: Any, model_id: str, device: torch.device, dtype: torch.dtype) -> None:
+        from .families import detect_pipeline_family
+
+        self.family = detect_pipeline_family(pipe, what=f"text-to-image model {model_id}")
         self.pipe = pipe
         self.model_id = model_id
         self.device = device
@@ -110,8 +120,14 @@ class TextToImage:
         `safety_checker`: keep the checkpoint's safety checker (SD 1.5 ships one). Off by default: it
         turns every image it flags into a black one, which would then be critiqued, scored and paired.
         """
+        from pathlib import Path
+
         from diffusers import DiffusionPipeline
 
+        from .families import detect_checkpoint_family
+
+        if (Path(path) / "model_index.json").exists():  # an unknown pipeline fails before its weights load
+            detect_checkpoint_family(path)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         extra = {"variant": variant} if variant else {}
@@ -135,27 +151,38 @@ class TextToImage:
         width: int,
         batch_size: int = 4,
         negative_prompt: str | None = None,
+        max_sequence_length: int | None = None,
     ) -> list[Image.Image]:
-        """One RGB image of `width`×`height` per (prompt, seed), in input order."""
+        """One RGB image of `width`×`height` per (prompt, seed), in input order; sides are rounded to
+        the nearest size the pipeline takes (`families.size_multiple`). `max_sequence_length`: prompt
+        tokens of the T5 / Qwen2.5-VL encoders (flow-matching families; None: the pipeline's default)."""
+        from .families import call_kwargs, round_size, size_multiple
+
         if self.pipe is None:
             raise RuntimeError("TextToImage is closed")
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        multiple = size_multiple(self.family, getattr(self.pipe, "vae_scale_factor", 8))
+        h, w = round_size(height, multiple), round_size(width, multiple)
+        if (h, w) != (height, width) and not getattr(self, "_warned_size", False):
+            self._warned_size = True
+            log.warning("%s takes sides in multiples of %d: generating %dx%d instead of %dx%d", self.model_id,
+                        multiple, w, h, width, height)
         images: list[Image.Image] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             gens = cpu_generators(list(seeds[start : start + batch_size]))
             out = self.pipe(
                 prompt=chunk,
-                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt is not None else None,
                 num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
+                height=h,
+                width=w,
                 generator=gens,
                 output_type="pil",
+                **call_kwargs(self.family, guidance_scale=guidance_scale, n=len(chunk),
+                              negative_prompt=negative_prompt, max_sequence_length=max_sequence_length),
             )
             images.extend(im.convert("RGB") for im in out.images)
         return images

@@ -1,4 +1,4 @@
-"""Tuned weights over a base text-to-image pipeline: a LoRA or a full UNet, as `richpref finetune`
+"""Tuned weights over a base text-to-image pipeline: a LoRA (UNet or flow-matching transformer) or a full UNet, as `richpref finetune`
 writes them (a finetune output folder holds them in `final/`) or as any diffusers tool saves them.
 
 Used by the sample stage (`sample.lora`, `sample.unet`: RPO rounds sample from the last round's
@@ -81,8 +81,12 @@ def apply_tuned(t2i, lora: str | None = None, unet: str | None = None) -> None:
     elif unet:
         from diffusers import UNet2DConditionModel
 
+        from .families import FLOW_FAMILIES
         from .generator import diffusers_dtype_kwargs
 
+        if t2i.family in FLOW_FAMILIES:
+            raise TunedWeightsError(f"UNet weights {unet}: {t2i.model_id} is a {t2i.family} flow-matching transformer, "
+                                    "not a UNet; give its tuned LoRA instead (sample.lora)")
         d = unet_dir(unet)
         t2i.pipe.unet = UNet2DConditionModel.from_pretrained(d, **diffusers_dtype_kwargs(t2i.dtype)).to(t2i.device)
         t2i.model_id = f"{t2i.model_id}+unet:{d}"

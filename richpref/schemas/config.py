@@ -50,7 +50,7 @@ class SourceConfig(_Strict):
 
 
 class SampleConfig(StageConfig, PipelineSettings):
-    HASHED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"variant"})  # scheduler was always hashed
+    HASHED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"variant", "max_sequence_length"})  # scheduler was always hashed
 
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     use_dataset_image: bool = True  # when the source row carries an image, keep it instead of generating
@@ -66,6 +66,8 @@ class SampleConfig(StageConfig, PipelineSettings):
     # Images (generated or from the dataset) whose pixel std (0-255) is below this are rejected as
     # `flat_image` (near-constant: a safety checker's black output, a blank image); 0 turns it off.
     min_image_std: float = Field(1.0, ge=0)
+    # Prompt tokens of the T5 / Qwen2.5-VL encoders of flow-matching models (None: the pipeline's default).
+    max_sequence_length: int | None = Field(None, ge=1)
     # Tuned weights over `model` (RPO rounds): a LoRA (file, folder or finetune output) or a full UNet
     # (diffusers folder or finetune output). Their content is part of the stage's key.
     lora: str | None = None

@@ -10,10 +10,9 @@ import hashlib
 import json
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import ProfileError, RewardSpec, SourceConfig, apply_overrides, find_profile
+from .config import ProfileError, RewardSpec, SourceConfig, apply_overrides, find_profile, read_profile_data
 
 
 class _Strict(BaseModel):
@@ -212,6 +211,7 @@ class EvalModelConfig(_Strict):
 
     name: str
     path: str
+    lora: str | None = None  # a LoRA over `path` (file, folder with pytorch_lora_weights.safetensors, finetune output)
 
     @field_validator("name")
     @classmethod
@@ -237,6 +237,8 @@ class EvaluateConfig(_Strict):
     width: int = Field(512, ge=8)
     scheduler: str | None = None
     safety_checker: bool = False  # keep the checkpoint's safety checker (flagged images come out black)
+    # Prompt tokens of the T5 / Qwen2.5-VL encoders of flow-matching models (None: the pipeline's default).
+    max_sequence_length: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -265,12 +267,10 @@ class EvaluateConfig(_Strict):
 
 
 def _load_yaml(name_or_path: str, overrides: list[str] | None) -> tuple[dict, str]:
+    """The config's YAML; `extends: <config>` starts from another config, each key it names replacing
+    the base's whole value (as profiles do)."""
     path = find_profile(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"config {path}: not valid YAML ({exc})") from exc
-    return apply_overrides(data, overrides), str(path)
+    return apply_overrides(read_profile_data(path), overrides), str(path)
 
 
 def load_finetune_config(name_or_path: str, overrides: list[str] | None = None) -> FinetuneConfig:

@@ -26,7 +26,7 @@ def load_generator(cfg: SampleConfig, models_root: str | None):
         t2i = TextToImage.load(path, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
                                **{**extra, "compile": False}, **checker)
         apply_tuned(t2i, lora=cfg.lora, unet=cfg.unet)
-        if cfg.compile:  # after the tuned weights are in: compile the UNet that will run
+        if cfg.compile:  # after the tuned weights are in: compile the denoiser that will run
             apply_pipeline_settings(t2i.pipe, compile=True)
         return t2i
 
@@ -61,7 +61,7 @@ def sample_rows(rows: pa.Table, cfg: SampleConfig, get_generator) -> pa.Table:
         def run(batch):  # one pipeline call per batch, as generate(batch_size=cfg.batch_size) would make
             return gen.generate([r["prompt"] for r in batch], [item_seed(cfg.seed, r["item_id"]) for r in batch],
                                 steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height,
-                                width=cfg.width, batch_size=len(batch))
+                                width=cfg.width, batch_size=len(batch), max_sequence_length=cfg.max_sequence_length)
 
         def finish(batch, _, images):  # PNG encoding overlaps the next batch's generation
             return [rejected(r["item_id"], flat, prompt=r["prompt"]) if (flat := flat_reason(img, cfg.min_image_std))

@@ -12,7 +12,7 @@ from pathlib import Path
 log = logging.getLogger("richpref")
 
 # Bump when any builder changes what it writes: a models dir built by another version is rebuilt.
-TINY_VERSION = "4"
+TINY_VERSION = "5"
 LAYOUT = {
     "sd15": "sd15",
     "controlnet": "controlnet-canny",

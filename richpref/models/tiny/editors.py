@@ -83,6 +83,11 @@ def small_t5_tokenizer(vocab_size: int = 400):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+# Qwen-Image's system prompt (diffusers' QwenImagePipeline template): trained into the tiny Qwen BPE so
+# that, as with Qwen's real vocabulary, the template before the user's text is 34 tokens, the number
+# the pipeline drops from the encoder's output (its `prompt_template_encode_start_idx`).
+QWEN_IMAGE_SYSTEM = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+                     "relationships of the objects and background:")
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
 
@@ -96,7 +101,7 @@ def small_qwen2_tokenizer(vocab_size: int = 600):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 4 + [QWEN_IMAGE_SYSTEM, "system", "user", "assistant"] * 10, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
     qwen = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, model_max_length=4096)
