@@ -11,7 +11,9 @@ from pathlib import Path
 def _quiet_defaults(data_dir: str) -> None:
     """Offline-friendly defaults, set before prefect/transformers are imported; the user's env wins."""
     defaults = {
-        "PREFECT_HOME": str(Path(data_dir).resolve() / ".prefect"),
+        # A data dir on an object store keeps Prefect's local state in the working directory.
+        "PREFECT_HOME": str((Path(data_dir).resolve() if "://" not in data_dir else Path.cwd() / ".richpref")
+                            / ".prefect"),
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "richpref",
@@ -23,6 +25,10 @@ def _quiet_defaults(data_dir: str) -> None:
         os.environ.setdefault(k, v)
     if "://" not in data_dir:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
+    else:  # fail in seconds, naming the data dir and the fix, not after models have loaded
+        from .objstore import check_reachable
+
+        check_reachable(data_dir)
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -323,7 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     register_rounds(sub)
 
     args = p.parse_args(argv)
-    _quiet_defaults(args.data_dir)
+    from .objstore import DataDirError
+
+    try:
+        _quiet_defaults(args.data_dir)
+    except DataDirError as exc:
+        print(f"richpref: {exc}", file=sys.stderr)
+        return 2
     import logging
 
     logging.getLogger("richpref").setLevel(logging.INFO)  # one progress line per shard

@@ -11,10 +11,11 @@ import json
 import re
 import uuid
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .objstore import url_to_fs
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -35,7 +36,7 @@ class RunStore:
     def __init__(self, data_dir: str, run: str) -> None:
         self.run = check_run_name(run)
         self.data_dir = str(data_dir).rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.data_dir)
+        self.fs, root = url_to_fs(self.data_dir)
         self._proto = "" if self.data_dir == root else self.data_dir[: len(self.data_dir) - len(root)]
         self.root = join(root, "runs", run)
 
