@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 
 
+def _local_prefect_home() -> str:
+    """Prefect's local state for a data dir on an object store: the user's cache folder."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "richpref" / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    return str(home)
+
+
 def _quiet_defaults(data_dir: str) -> None:
     """Offline-friendly defaults, set before prefect/transformers are imported; the user's env wins."""
     defaults = {
-        # A data dir on an object store keeps Prefect's local state in the working directory.
-        "PREFECT_HOME": str((Path(data_dir).resolve() if "://" not in data_dir else Path.cwd() / ".richpref")
-                            / ".prefect"),
+        "PREFECT_HOME": str(Path(data_dir).resolve() / ".prefect") if "://" not in data_dir else _local_prefect_home(),
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "richpref",

@@ -50,7 +50,7 @@ def check_reachable(url: str, timeout_s: float = 5.0) -> None:
     extra: dict = {"skip_instance_cache": True}
     if proto in ("s3", "s3a"):
         # One attempt with short timeouts: a wrong endpoint must not spend minutes in retries.
-        extra.update(retries=1, config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s,
+        extra.update(config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s,
                                                "retries": {"max_attempts": 1, "mode": "standard"}})
     fs, root = url_to_fs(url, **extra)
     bucket = root.split("/", 1)[0]
