@@ -34,6 +34,7 @@ import uuid
 from fsspec.implementations.local import LocalFileSystem
 
 from .leases import Lease, create_exclusive
+from .objstore import cat_small
 
 log = logging.getLogger("richpref")
 
@@ -48,7 +49,7 @@ def claim_path(shard_path: str, key: str) -> str:
 
 def _read_claim(fs, path: str) -> dict | None:
     try:
-        return json.loads(fs.cat_file(path))
+        return json.loads(cat_small(fs, path))
     except FileNotFoundError:
         return None
     except ValueError:

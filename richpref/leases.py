@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from fsspec.implementations.local import LocalFileSystem
 
-from .objstore import list_names
+from .objstore import cat_small, list_names
 
 log = logging.getLogger("richpref")
 
@@ -159,7 +159,7 @@ def _generations(fs, prefix: str) -> list[int]:
 
 def _read(fs, path: str) -> dict | None:
     try:
-        return json.loads(fs.cat_file(path))
+        return json.loads(cat_small(fs, path))
     except (FileNotFoundError, ValueError):
         return None  # released a moment ago, or being written right now
 

@@ -75,3 +75,12 @@ def list_names(fs, folder: str, prefix: str = "") -> list[str]:
     else:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
     return [n for n in names if n.startswith(prefix)]
+
+
+def cat_small(fs, path: str) -> bytes:
+    """A small file's bytes in one request: s3fs otherwise asks for the size first (a HEAD per read)
+    to split large reads; manifests, leases and claims are a few hundred bytes."""
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "s3" in protos:
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from .faults import inject_fault
 from .commit import LeaseLost, commit_once, recover
 from .leases import Busy, Lease, current_holder, holder_alive, lease_prefix, try_lease
+from .objstore import cat_small
 from .schemas.config import Profile, config_hash
 from .schemas.tables import OK
 from .shard_contract import check_rows_accounted, compute_splitting_on_oom, reject_reasons
@@ -102,7 +103,7 @@ def _parse(text: bytes) -> ShardManifest | None:
 def committed(store: RunStore, out: str, shard: int, key: str) -> ShardManifest | None:
     """The shard's manifest if it was committed for `key` and its file is there, else None."""
     try:
-        m = _parse(store.fs.cat_file(manifest_path(store, out, shard)))
+        m = _parse(cat_small(store.fs, manifest_path(store, out, shard)))
     except FileNotFoundError:
         return None
     if m is None or m.key != key or not store.fs.exists(store.shard_path(out, shard)):
@@ -122,7 +123,7 @@ def read_many(fs, paths: list[str]) -> dict[str, bytes | None]:
     """The bytes of small files, read concurrently (None for a file that is gone)."""
     def one(path: str) -> bytes | None:
         try:
-            return fs.cat_file(path)
+            return cat_small(fs, path)
         except FileNotFoundError:
             return None
 

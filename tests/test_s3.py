@@ -161,3 +161,30 @@ def test_a_wrong_credential_or_endpoint_fails_in_seconds_naming_the_data_dir_and
     assert "AWS_ENDPOINT_URL_S3" in r.stderr and "Traceback" not in r.stderr
     assert ("access denied" if broken == "secret" else "cannot be reached") in r.stderr
     assert took < 30, took  # the CLI's own start is most of it
+
+
+def test_a_parquet_source_on_s3_is_read_by_row_group_and_gives_the_local_shards(s3, bucket, tmp_path):
+    from stages.test_source import _pickapic
+
+    from richpref.objstore import url_to_fs
+    from richpref.schemas.config import SourceConfig
+    from richpref.sources import parquet as parquet_reader
+    from richpref.tasks.source import check_source, open_view, shard_source
+
+    local = tmp_path / "src" / "big.parquet"
+    local.parent.mkdir()
+    _pickapic(local, 200, row_group_size=10, label_of=lambda i: 1.0)
+    fs, _ = url_to_fs(f"s3://{bucket}")
+    fs.put_file(str(local), f"{bucket}/src/big.parquet")
+    common = dict(kind="parquet", pickapic_preferred=True, offset=35, limit=20, shard_size=8)
+    remote_cfg = SourceConfig(path=f"s3://{bucket}/src", **common)
+    parquet_reader.ROW_GROUPS_READ.clear()
+    assert check_source(remote_cfg) == 3
+    view = open_view(remote_cfg)
+    keys = [view.shard_key(k) for k in range(3)]
+    assert parquet_reader.ROW_GROUPS_READ == []  # counting and keying read the footer only
+    remote = shard_source(remote_cfg)
+    assert sorted(set(parquet_reader.ROW_GROUPS_READ)) == [("big.parquet", 3), ("big.parquet", 4), ("big.parquet", 5)]
+    local_cfg = SourceConfig(path=str(local.parent), **common)
+    assert [t.to_pylist() for t in remote] == [t.to_pylist() for t in shard_source(local_cfg)]
+    assert len(set(keys)) == 3  # (the path is part of the key: not equal to the local file's keys)
