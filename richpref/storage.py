@@ -50,11 +50,9 @@ class RunStore:
     def shard_path(self, stage: str, shard: int) -> str:
         return join(self.stage_dir(stage), f"part-{shard:05d}.parquet")
 
-    def scratch_dir(self, stage: str) -> str | None:
-        """A local folder beside the run for what a stage reuses across its shards; None for remote runs."""
-        if not isinstance(self.fs, LocalFileSystem):
-            return None
-        return join(self.root, "_scratch", stage)
+    def scratch_dir(self, stage: str) -> str:
+        """A folder in the run for what a stage reuses across its shards (a URL on an object store)."""
+        return self.uri(join(self.root, "_scratch", stage))
 
     def shards(self, stage: str) -> list[int]:
         d = self.stage_dir(stage)

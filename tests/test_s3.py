@@ -188,3 +188,28 @@ def test_a_parquet_source_on_s3_is_read_by_row_group_and_gives_the_local_shards(
     local_cfg = SourceConfig(path=str(local.parent), **common)
     assert [t.to_pylist() for t in remote] == [t.to_pylist() for t in shard_source(local_cfg)]
     assert len(set(keys)) == 3  # (the path is part of the key: not equal to the local file's keys)
+
+
+def test_dedupe_digests_are_written_once_into_an_s3_run_folder_and_read_back_by_other_workers(s3, bucket, tmp_path):
+    from stages.test_source import _dupes_source
+
+    from richpref.sources import dedupe
+    from richpref.sources import parquet as parquet_reader
+    from richpref.storage import RunStore
+    from richpref.tasks.source import compute_shard, shard_source
+
+    cfg = _dupes_source(tmp_path)
+    one = [r for t in shard_source(cfg) for r in t.to_pylist()]
+    store = RunStore(f"s3://{bucket}/data", "r")
+    scratch = store.scratch_dir("source")
+    assert scratch.startswith(f"s3://{bucket}/data/runs/r/_scratch/source")
+    dedupe._INDEXES.clear()
+    got = {k: compute_shard(cfg, k, scratch).to_pylist() for k in range(7)}
+    assert len(store.fs.ls(f"{bucket}/data/runs/r/_scratch/source")) == 7  # one digest per shard, written once
+    # another worker, nothing in memory: it reads the 7 digests, not the earlier shards' image columns
+    dedupe._INDEXES.clear()
+    parquet_reader.ROW_GROUPS_READ.clear()
+    parquet_reader._LAST_GROUP.clear()
+    got[7] = compute_shard(cfg, 7, scratch).to_pylist()
+    assert {rg for _, rg in parquet_reader.ROW_GROUPS_READ} == {5, 6}  # rows 35-39 only
+    assert [r for k in range(8) for r in got[k]] == one
