@@ -213,3 +213,31 @@ def test_dedupe_digests_are_written_once_into_an_s3_run_folder_and_read_back_by_
     got[7] = compute_shard(cfg, 7, scratch).to_pylist()
     assert {rg for _, rg in parquet_reader.ROW_GROUPS_READ} == {5, 6}  # rows 35-39 only
     assert [r for k in range(8) for r in got[k]] == one
+
+
+def test_training_pairs_on_s3_are_read_by_row_group_and_match_the_local_file(s3, bucket, tmp_path):
+    import pyarrow.parquet as pq
+
+    from richpref.objstore import url_to_fs
+    from richpref.schemas.training import PairSourceConfig
+    from richpref.training import remote_pairs
+    from richpref.training.data import load_pair_source
+
+    n = 40
+    labels = [0.5 if i % 5 == 0 else float(i % 2) for i in range(n)]  # ties dropped
+    table = pa.table({"caption": [f"c{i}" for i in range(n)], "jpg_0": [b"a%d" % i for i in range(n)],
+                      "jpg_1": [b"b%d" % i for i in range(n)], "label_0": labels, "extra": list(range(n))})
+    local = tmp_path / "pairs" / "part-00000.parquet"
+    local.parent.mkdir()
+    pq.write_table(table, local, row_group_size=8)
+    fs, _ = url_to_fs(f"s3://{bucket}")
+    fs.put_file(str(local), f"{bucket}/pairs/part-00000.parquet")
+    want = load_pair_source(PairSourceConfig(path=str(local.parent)))
+    remote_pairs.ROW_GROUPS_READ.clear()
+    got = load_pair_source(PairSourceConfig(path=f"s3://{bucket}/pairs/"))
+    assert len(got) == len(want) == 32 and got["label_0"] == want["label_0"]
+    assert remote_pairs.ROW_GROUPS_READ == []  # counting and labels: footers and the label column only
+    rows = [0, 1, 30, 31]
+    assert got[rows] == {c: want[rows][c] for c in got.column_names}
+    assert got.column_names == ["caption", "jpg_0", "jpg_1", "label_0"]
+    assert sorted({g for _, g in remote_pairs.ROW_GROUPS_READ}) == [0, 4]  # the batch's row groups only
