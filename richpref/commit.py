@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import uuid
 
 from fsspec.implementations.local import LocalFileSystem
@@ -69,7 +70,12 @@ def _place(fs, tmp: str, path: str) -> bool:
     try:
         if isinstance(fs, LocalFileSystem):
             link = f"{path}.tmp-{uuid.uuid4().hex}"
-            os.link(tmp, link)  # a second name for the same bytes, renamed into place atomically
+            try:
+                os.link(tmp, link)  # a second name for the same bytes, renamed into place atomically
+            except FileNotFoundError:
+                raise
+            except OSError:  # a filesystem without hard links: a copy, renamed into place
+                shutil.copyfile(tmp, link)
             os.replace(link, path)
         else:
             fs.copy(tmp, path)  # server-side copy; one object PUT, atomic for readers
