@@ -65,18 +65,21 @@ def _shards(store, stages):
     return out
 
 
-def test_the_cli_curates_to_s3_the_same_shards_as_to_a_local_folder(s3, bucket, tiny_models, tmp_path):
+def test_the_cli_curates_to_s3_the_same_shards_as_to_a_local_folder(s3, bucket, tiny_models, tmp_path,
+                                                                     prefect_harness, one_torch_thread):
+    from richpref.entrypoints import CURATE, load_flow
     from richpref.storage import RunStore
 
     env = _env(s3, tiny_models, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    common = ["curate", "--profile", "tiny", "--run", "r", "--until", "sample",
-              "--set", "source.limit=4", "--set", "source.shard_size=2"]
+    overrides = ["source.limit=4", "source.shard_size=2"]
     url = f"s3://{bucket}/data"
-    remote = _cli(["--data-dir", url, *common], env)
+    remote = _cli(["--data-dir", url, "curate", "--profile", "tiny", "--run", "r", "--until", "sample",
+                   *(a for o in overrides for a in ("--set", o))], env)
     assert remote.returncode == 0, remote.stderr[-3000:]
     assert f"run folder: {url}/runs/r" in remote.stdout and "sample" in remote.stdout  # the summary read S3
-    local = _cli(["--data-dir", str(tmp_path / "local"), *common], env)
-    assert local.returncode == 0, local.stderr[-3000:]
+    # the same run on a local folder, in this process (one torch thread, as the CLI run had)
+    load_flow(CURATE)(profile="tiny", run="r", data_dir=str(tmp_path / "local"), overrides=overrides,
+                      models_root=str(tiny_models), until="sample")
     got = _shards(RunStore(url, "r"), ["source", "sample"])
     assert len(got) == 4
     assert got == _shards(RunStore(str(tmp_path / "local"), "r"), ["source", "sample"])
