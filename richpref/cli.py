@@ -8,10 +8,17 @@ import sys
 from pathlib import Path
 
 
+def _local_prefect_home() -> str:
+    """Prefect's local state for a data dir on an object store: the user's cache folder."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "richpref" / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    return str(home)
+
+
 def _quiet_defaults(data_dir: str) -> None:
     """Offline-friendly defaults, set before prefect/transformers are imported; the user's env wins."""
     defaults = {
-        "PREFECT_HOME": str(Path(data_dir).resolve() / ".prefect"),
+        "PREFECT_HOME": str(Path(data_dir).resolve() / ".prefect") if "://" not in data_dir else _local_prefect_home(),
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "richpref",
@@ -23,6 +30,10 @@ def _quiet_defaults(data_dir: str) -> None:
         os.environ.setdefault(k, v)
     if "://" not in data_dir:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
+    else:  # fail in seconds, naming the data dir and the fix, not after models have loaded
+        from .objstore import check_reachable
+
+        check_reachable(data_dir)
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -341,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     register_export(sub)
 
     args = p.parse_args(argv)
-    _quiet_defaults(args.data_dir)
+    from .objstore import DataDirError
+
+    try:
+        _quiet_defaults(args.data_dir)
+    except DataDirError as exc:
+        print(f"richpref: {exc}", file=sys.stderr)
+        return 2
     import logging
 
     logging.getLogger("richpref").setLevel(logging.INFO)  # one progress line per shard

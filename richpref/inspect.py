@@ -15,6 +15,12 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
     """An in-memory duckdb with a view per stage that has shards (`source`, `sample`, … `pairs`)."""
     store = RunStore(data_dir, run)
     con = duckdb.connect()
+    if "://" in store.data_dir:
+        # Remote runs are read through the run's own fsspec filesystem (same endpoint and credentials
+        # as the curate that wrote them), not duckdb's httpfs extension, which would be downloaded on
+        # first use (impossible offline) and configured apart.
+        con.execute("SET autoinstall_known_extensions = false")
+        con.register_filesystem(store.fs)
     views = []
     for out in OUTPUTS:
         files = [store.uri(store.shard_path(out, s)) for s in store.shards(out)]

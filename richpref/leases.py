@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 from fsspec.implementations.local import LocalFileSystem
 
+from .objstore import cat_small, list_names
+
 log = logging.getLogger("richpref")
 
 LEASE_SECONDS_ENV = "RICHPREF_LEASE_SECONDS"
@@ -101,11 +103,21 @@ class Lease:
             except Exception as exc:  # noqa: BLE001 - a missed renewal is retried; expiry is the backstop
                 log.warning("could not renew lease %s: %s", self.path, exc)
 
-    def renew(self) -> None:
-        if _generations(self.fs, self.prefix)[-1:] != [self.generation]:
-            if not self.lost:
-                log.warning("lease %s was taken over by another process (this one was presumed dead)", self.path)
+    def still_held(self) -> bool:
+        """Ask the store now (one listing) whether this lease is still the newest generation; sets
+        `lost` when another process has taken it over (or it was removed). Checked right before a commit."""
+        if not self.lost and _generations(self.fs, self.prefix)[-1:] != [self.generation]:
+            log.warning("lease %s was taken over by another process (this one was presumed dead)", self.path)
             self.lost = True
+        return not self.lost
+
+    @property
+    def fencing_token(self) -> str:
+        """Names this holding: the generation and the holder's token (recorded in the commit claim)."""
+        return f"{self.generation:04d}-{self.record['token']}"
+
+    def renew(self) -> None:
+        if not self.still_held():
             return
         self.record = {**self.record, "expires": time.time() + self.seconds}
         _replace(self.fs, self.path, json.dumps(self.record).encode())
@@ -138,8 +150,8 @@ def _generations(fs, prefix: str) -> list[int]:
     try:
         if isinstance(fs, LocalFileSystem):
             entries = os.listdir(folder)
-        else:
-            entries = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+        else:  # on S3 a listing of this shard's lease keys only, whatever the folder holds
+            entries = list_names(fs, folder, name)
     except FileNotFoundError:
         return []
     return sorted(int(e[len(name):]) for e in entries if e.startswith(name) and e[len(name):].isdigit())
@@ -147,7 +159,7 @@ def _generations(fs, prefix: str) -> list[int]:
 
 def _read(fs, path: str) -> dict | None:
     try:
-        return json.loads(fs.cat_file(path))
+        return json.loads(cat_small(fs, path))
     except (FileNotFoundError, ValueError):
         return None  # released a moment ago, or being written right now
 
@@ -164,7 +176,7 @@ def _replace(fs, path: str, data: bytes) -> None:
 _warned_no_exclusive: set[str] = set()
 
 
-def _create_exclusive(fs, path: str, data: bytes) -> bool:
+def create_exclusive(fs, path: str, data: bytes) -> bool:
     """Create `path` only if it does not exist; False when another process created it first."""
     if isinstance(fs, LocalFileSystem):
         try:
@@ -219,6 +231,6 @@ def try_lease(fs, shard_path: str, seconds: float | None = None) -> Lease | Busy
     record = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_started(os.getpid()),
               "token": uuid.uuid4().hex, "expires": time.time() + seconds}
     path = f"{prefix}{generation:04d}"
-    if not _create_exclusive(fs, path, json.dumps(record).encode()):
+    if not create_exclusive(fs, path, json.dumps(record).encode()):
         return Busy(_read(fs, path))
     return Lease(fs=fs, path=path, prefix=prefix, generation=generation, record=record, seconds=seconds)

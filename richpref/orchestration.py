@@ -15,7 +15,7 @@ import time
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from .leases import Busy, lease_seconds
-from .runner import ShardManifest, committed, content_key, drop_shards_from, leased_elsewhere, stage_manifests, stage_shards
+from .runner import ShardManifest, committed_many, content_key, drop_shards_from, leased_shards, stage_manifests, stage_shards
 from .schemas.config import Profile
 from .storage import RunStore
 from .tasks import OUTPUTS
@@ -98,7 +98,8 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
                                         description=f"{run}: {stage.name} shards") if pending else None
     announced = False
     while pending:
-        free = [s for s in pending if leased_elsewhere(store, stage.out, s) is None]
+        held = leased_shards(store, stage.out, pending)  # one listing per loop, not one per shard
+        free = [s for s in pending if s not in held]
         with _one_accelerator_per_task():
             futures = {s: shard_task.submit(stage, s, inputs[s], data_dir, run, profile, keys[s]) for s in free}
         busy = set(pending) - set(free)
@@ -124,11 +125,9 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
                          stage.name, len(pending))
                 announced = True
             time.sleep(_wait_seconds())
-            for s in list(pending):
-                m = committed(store, stage.out, s, keys[s])
-                if m is not None:
-                    done[s] = m
-                    pending.remove(s)
+            now = committed_many(store, stage.out, {s: keys[s] for s in pending})
+            done.update(now)
+            pending = [s for s in pending if s not in now]
     return done, failed
 
 

@@ -21,7 +21,9 @@ import io
 import json
 import logging
 import math
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
@@ -29,7 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .faults import inject_fault
-from .leases import Busy, current_holder, try_lease
+from .commit import LeaseLost, commit_once, recover
+from .leases import Busy, Lease, current_holder, holder_alive, lease_prefix, try_lease
+from .objstore import cat_small
 from .schemas.config import Profile, config_hash
 from .schemas.tables import OK
 from .shard_contract import check_rows_accounted, compute_splitting_on_oom, reject_reasons
@@ -38,6 +42,7 @@ from .tasks.base import Stage, StageInputs
 
 log = logging.getLogger("richpref")
 
+READ_THREADS = 16  # small files (manifests, lease records) read at once from an object store
 KEY_META = b"richpref.key"  # also recorded in the Parquet footer, as provenance
 
 
@@ -98,7 +103,7 @@ def _parse(text: bytes) -> ShardManifest | None:
 def committed(store: RunStore, out: str, shard: int, key: str) -> ShardManifest | None:
     """The shard's manifest if it was committed for `key` and its file is there, else None."""
     try:
-        m = _parse(store.fs.cat_file(manifest_path(store, out, shard)))
+        m = _parse(cat_small(store.fs, manifest_path(store, out, shard)))
     except FileNotFoundError:
         return None
     if m is None or m.key != key or not store.fs.exists(store.shard_path(out, shard)):
@@ -106,25 +111,77 @@ def committed(store: RunStore, out: str, shard: int, key: str) -> ShardManifest 
     return replace(m, uri=store.uri(store.shard_path(out, shard)))  # where it is now (runs can be copied)
 
 
-def stage_manifests(store: RunStore, out: str) -> dict[int, ShardManifest]:
-    """Every committed shard of a stage folder, whatever its key (one listing + the manifests)."""
-    folder = store.stage_dir(out)
+def _listing(store: RunStore, out: str) -> set[str]:
+    """Names in a stage folder: one listing (a few pages on an object store), empty if no folder."""
     try:
-        names = {p.rsplit("/", 1)[-1] for p in store.fs.ls(folder, detail=False)}
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.stage_dir(out), detail=False)}
     except FileNotFoundError:
-        return {}
+        return set()
+
+
+def read_many(fs, paths: list[str]) -> dict[str, bytes | None]:
+    """The bytes of small files, read concurrently (None for a file that is gone)."""
+    def one(path: str) -> bytes | None:
+        try:
+            return cat_small(fs, path)
+        except FileNotFoundError:
+            return None
+
+    if len(paths) <= 1:
+        return {p: one(p) for p in paths}
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
+        return dict(zip(paths, pool.map(one, paths)))
+
+
+def _manifests(store: RunStore, out: str, names: set[str], shards) -> dict[int, ShardManifest]:
+    folder = store.stage_dir(out)
+    wanted = [s for s in shards if f"part-{s:05d}.manifest.json" in names and f"part-{s:05d}.parquet" in names]
+    got = read_many(store.fs, [f"{folder}/part-{s:05d}.manifest.json" for s in wanted])
     found = {}
-    for name in sorted(names):
-        if name.startswith("part-") and name.endswith(".manifest.json"):
-            shard = int(name[5:-14])
-            if f"part-{shard:05d}.parquet" in names:
-                try:
-                    m = _parse(store.fs.cat_file(f"{folder}/{name}"))
-                except FileNotFoundError:
-                    continue
-                if m is not None:
-                    found[shard] = replace(m, uri=store.uri(store.shard_path(out, shard)))
+    for s in wanted:
+        data = got[f"{folder}/part-{s:05d}.manifest.json"]
+        m = _parse(data) if data is not None else None
+        if m is not None:
+            found[s] = replace(m, uri=store.uri(store.shard_path(out, s)))
     return found
+
+
+def stage_manifests(store: RunStore, out: str) -> dict[int, ShardManifest]:
+    """Every committed shard of a stage folder, whatever its key (one listing + the manifests, read
+    concurrently)."""
+    names = _listing(store, out)
+    shards = sorted(int(n[5:-14]) for n in names if n.startswith("part-") and n.endswith(".manifest.json"))
+    return _manifests(store, out, names, shards)
+
+
+def committed_many(store: RunStore, out: str, keys: dict[int, str]) -> dict[int, ShardManifest]:
+    """`committed` for many shards of one stage: one listing, their manifests read concurrently."""
+    found = _manifests(store, out, _listing(store, out), sorted(keys))
+    return {s: m for s, m in found.items() if m.key == keys[s]}
+
+
+def leased_shards(store: RunStore, out: str, shards: list[int]) -> set[int]:
+    """Which of `shards` a live holder is computing now: one listing of the stage folder, and the
+    newest lease record of each leased shard, read concurrently."""
+    names = _listing(store, out)
+    tops: dict[int, int] = {}
+    for n in names:
+        m = re.fullmatch(r"part-(\d+)\.lease-(\d+)", n)
+        if m:
+            s, g = int(m.group(1)), int(m.group(2))
+            tops[s] = max(g, tops.get(s, -1))
+    wanted = {s: f"{lease_prefix(store.shard_path(out, s))}{tops[s]:04d}" for s in shards if s in tops}
+    got = read_many(store.fs, list(wanted.values()))
+    held = set()
+    for s, path in wanted.items():
+        try:
+            record = json.loads(got[path]) if got[path] is not None else None
+        except ValueError:
+            record = None  # being written: its writer is alive
+            held.add(s)
+        if record is not None and holder_alive(record):
+            held.add(s)
+    return held
 
 
 def stage_shards(stage: Stage, profile: Profile, manifests: dict[str, dict[int, ShardManifest]]) -> list[int]:
@@ -163,10 +220,15 @@ def run_shard(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store:
     if isinstance(lease, Busy):
         return lease
     with lease:
+        recover(store, store.shard_path(stage.out, shard), manifest_path(store, stage.out, shard), key)
         done = committed(store, stage.out, shard, key)  # finished by another holder just before ours
         if done is not None:
             return done
-        return _compute(stage, shard, inputs, store, profile, key)
+        try:
+            return _compute(stage, shard, inputs, store, profile, key, lease)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+            return Busy(None)  # the process that took the lease over commits it
 
 
 def _input_rows(stage: Stage, shard: int, store: RunStore) -> tuple[pa.Table, dict[str, pa.Table]]:
@@ -178,7 +240,7 @@ def _input_rows(stage: Stage, shard: int, store: RunStore) -> tuple[pa.Table, di
 
 
 def _compute(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store: RunStore, profile: Profile,
-             key: str) -> ShardManifest:
+             key: str, lease: Lease | None = None) -> ShardManifest | Busy:
     inject_fault(stage.name, shard, "before")
     started = time.perf_counter()
     rows, tables = _input_rows(stage, shard, store)
@@ -188,7 +250,10 @@ def _compute(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store: 
     compute_s = time.perf_counter() - t0
     check_rows_accounted(stage.name, shard, rows, out, stage.fan_out(profile) if stage.fan_out else None,
                          reads_rows=bool(stage.reads))
-    manifest = write_shard(store, stage.out, shard, out, key, before_commit=lambda: inject_fault(stage.name, shard, "write"))
+    manifest = write_shard(store, stage.out, shard, out, key, before_commit=lambda: inject_fault(stage.name, shard, "write"),
+                           lease=lease)
+    if manifest is None:
+        return Busy(None)  # another holder committed this key first
     inject_fault(stage.name, shard, "after")
     wall = time.perf_counter() - started
     log.info(
@@ -205,21 +270,28 @@ def _compute(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store: 
     return manifest
 
 
-def write_shard(store: RunStore, out: str, shard: int, table: pa.Table, key: str, before_commit=None) -> ShardManifest:
+def write_shard(store: RunStore, out: str, shard: int, table: pa.Table, key: str, before_commit=None,
+                lease: Lease | None = None) -> ShardManifest | None:
     """Parquet to a temporary name, renamed into place, then the manifest: readers never see a
-    partial shard, and a shard without its manifest is not done."""
+    partial shard, and a shard without its manifest is not done. Under a `lease` the commit is made
+    once per content key (richpref/commit.py): None when another holder committed it; LeaseLost
+    when the lease was taken over."""
     meta = dict(table.schema.metadata or {})
     meta[KEY_META] = key.encode()
     table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue()
-    store.write_bytes(store.shard_path(out, shard), data, before_commit=before_commit)
     kept = (sum(1 for s in table.column("status").to_pylist() if s == OK) if "status" in table.schema.names
             else table.num_rows)
     manifest = ShardManifest(stage=out, shard=shard, uri=store.uri(store.shard_path(out, shard)), key=key,
                              rows=table.num_rows, kept=kept, sha256=hashlib.sha256(data).hexdigest(),
                              reasons=reject_reasons(table))
+    if lease is not None:
+        won = commit_once(store, store.shard_path(out, shard), manifest_path(store, out, shard), data,
+                          manifest.to_dict(), lease, before_commit=before_commit)
+        return manifest if won else None
+    store.write_bytes(store.shard_path(out, shard), data, before_commit=before_commit)
     store.write_bytes(manifest_path(store, out, shard), json.dumps(manifest.to_dict(), indent=1).encode())
     return manifest
 

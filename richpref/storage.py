@@ -11,10 +11,11 @@ import json
 import re
 import uuid
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .objstore import url_to_fs
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -35,7 +36,7 @@ class RunStore:
     def __init__(self, data_dir: str, run: str) -> None:
         self.run = check_run_name(run)
         self.data_dir = str(data_dir).rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.data_dir)
+        self.fs, root = url_to_fs(self.data_dir)
         self._proto = "" if self.data_dir == root else self.data_dir[: len(self.data_dir) - len(root)]
         self.root = join(root, "runs", run)
 
@@ -49,11 +50,9 @@ class RunStore:
     def shard_path(self, stage: str, shard: int) -> str:
         return join(self.stage_dir(stage), f"part-{shard:05d}.parquet")
 
-    def scratch_dir(self, stage: str) -> str | None:
-        """A local folder beside the run for what a stage reuses across its shards; None for remote runs."""
-        if not isinstance(self.fs, LocalFileSystem):
-            return None
-        return join(self.root, "_scratch", stage)
+    def scratch_dir(self, stage: str) -> str:
+        """A folder in the run for what a stage reuses across its shards (a URL on an object store)."""
+        return self.uri(join(self.root, "_scratch", stage))
 
     def shards(self, stage: str) -> list[int]:
         d = self.stage_dir(stage)

@@ -20,10 +20,10 @@ from PIL import Image
 
 from richpref.export_run import MANIFEST, ExportError, export_run
 from richpref.runner import write_shard
-from richpref.schemas.tables import PAIRS_BASE, rows_to_table
+from richpref.schemas.tables import PAIRS, rows_to_table
 from richpref.storage import RunStore
 
-SCHEMA = pa.schema(PAIRS_BASE + [pa.field("edit_mask", pa.binary())])  # the edit_mask column (PNG "L", 255 = changed)
+SCHEMA = PAIRS  # with the edit_mask column (PNG "L", 255 = changed)
 
 
 def img(color, fmt="PNG", mode="RGB") -> bytes:

@@ -32,8 +32,7 @@ def source_files(cfg: SourceConfig) -> tuple[list[str], str]:
         raise SourceError(f"source.kind {cfg.kind!r} needs source.path (a file, folder or glob)")
     resolved = resolve_input_path(cfg.path)
     if "://" in resolved:
-        raise SourceError(f"source.path {cfg.path!r}: remote paths are read with source.kind 'hf' (a Hub dataset) "
-                          "or after copying the files locally")
+        return remote_files(cfg, resolved)
     if os.path.isdir(resolved):
         files = sorted(f for ext in _EXTENSIONS[cfg.kind] for f in glob.glob(os.path.join(resolved, "**", ext), recursive=True))
         source_id = os.path.basename(os.path.normpath(resolved))
@@ -42,6 +41,34 @@ def source_files(cfg: SourceConfig) -> tuple[list[str], str]:
         source_id = ",".join(os.path.basename(f) for f in files)  # as every earlier version named it
     if not files:
         raise SourceError(f"source.path {cfg.path!r} matches no {cfg.kind} file")
+    return files, source_id
+
+
+def remote_files(cfg: SourceConfig, url: str) -> tuple[list[str], str]:
+    """Parquet files behind an fsspec URL (s3://, gs://, hf://datasets/...): a folder (its Parquet
+    files, recursively), a file or a glob. They are read by row group, never downloaded whole."""
+    from ..objstore import DataDirError, url_to_fs
+
+    if cfg.kind != "parquet":
+        raise SourceError(f"source.path {cfg.path!r}: remote {cfg.kind} files are not read in place; use Parquet "
+                          "(source.kind: parquet) or copy the files locally")
+    try:
+        fs, inner = url_to_fs(url)
+        proto = url[: url.index("://") + 3]
+        if fs.isdir(inner):
+            found = fs.glob(inner.rstrip("/") + "/**/*.parquet")
+            source_id = inner.rstrip("/").rsplit("/", 1)[-1]
+        else:
+            found = fs.glob(inner)
+            source_id = ",".join(f.rsplit("/", 1)[-1] for f in sorted(found))
+    except DataDirError as exc:
+        raise SourceError(f"source.path {cfg.path!r}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"source.path {cfg.path!r} cannot be listed ({type(exc).__name__}: {exc}); check the "
+                          "store's credentials and endpoint (docs/operations.md)") from exc
+    files = sorted(proto + f for f in found)
+    if not files:
+        raise SourceError(f"source.path {cfg.path!r} matches no parquet file")
     return files, source_id
 
 
@@ -83,8 +110,13 @@ def stamp(cfg: SourceConfig) -> tuple:
         files = sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
     else:
         files = source_files(cfg)[0]
+    from .parquet import file_version, is_url
+
     out = []
     for f in files:
-        st = os.stat(f)
-        out.append((f, st.st_size, st.st_mtime_ns))
+        if is_url(f):
+            out.append(file_version(f))
+        else:
+            st = os.stat(f)
+            out.append((f, st.st_size, st.st_mtime_ns))
     return tuple(out)

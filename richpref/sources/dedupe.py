@@ -4,8 +4,9 @@ Each range of source rows has a digest: for every row that would be kept, the ha
 prompt) with its row number and item id, first occurrences only. A shard consults the digests of
 every range before it, so the first occurrence in row order wins whichever worker computes which
 shard in which order. Digests depend only on their range's rows: a process keeps the ones it has
-seen, and with a scratch folder they are written once (atomically) and read by every later shard and
-worker of the run.
+seen, and they are written once (atomically) into the run folder (`_scratch/source/`, also on an
+object store) and read there by every later shard and worker of the run, which then never re-read
+earlier shards' image columns.
 """
 from __future__ import annotations
 
@@ -56,20 +57,45 @@ def index_for(source_key: str) -> SeenIndex:
     return _INDEXES[source_key]
 
 
+def _fs(path: str):
+    """(filesystem, path in it): the run folder may be local or on an object store."""
+    if "://" not in path:
+        return None, path
+    from ..objstore import url_to_fs
+
+    return url_to_fs(path)
+
+
 def _read(path: str) -> Digest | None:
+    fs, inner = _fs(path)
     try:
-        t = pq.read_table(path)
+        if fs is None:
+            t = pq.read_table(inner)
+        else:
+            with fs.open(inner, "rb") as f:
+                t = pq.read_table(f)
     except (OSError, pa.ArrowInvalid):
         return None  # absent or half-written by a crashed writer: computed again
     return list(zip(t.column("hash").to_pylist(), t.column("row").to_pylist(), t.column("item_id").to_pylist()))
 
 
 def _write(path: str, digest: Digest) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     table = pa.table([[d[0] for d in digest], [d[1] for d in digest], [d[2] for d in digest]], schema=_SCHEMA)
+    fs, inner = _fs(path)
+    if fs is not None:  # one PUT: an object appears whole
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        fs.pipe_file(inner, buf.getvalue().to_pybytes())
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+
+
+def _exists(path: str) -> bool:
+    fs, inner = _fs(path)
+    return os.path.exists(inner) if fs is None else fs.exists(inner)
 
 
 def ensure_ranges(index: SeenIndex, ranges: list[tuple[int, int, str]], compute: Callable[[int, int], Digest],
@@ -79,7 +105,7 @@ def ensure_ranges(index: SeenIndex, ranges: list[tuple[int, int, str]], compute:
     for start, stop, key in ranges:
         if (start, stop) in index.merged:
             continue
-        path = os.path.join(scratch, f"{key[:40]}.parquet") if scratch else None
+        path = f"{scratch.rstrip('/')}/{key[:40]}.parquet" if scratch else None
         digest = _read(path) if path else None
         if digest is None:
             digest = compute(start, stop)
@@ -92,6 +118,6 @@ def save_digest(index: SeenIndex, rng: tuple[int, int], key: str, digest: Digest
     """Record a range's digest computed as part of its shard, for the shards after it."""
     index.merge(rng, digest)
     if scratch:
-        path = os.path.join(scratch, f"{key[:40]}.parquet")
-        if not os.path.exists(path):
+        path = f"{scratch.rstrip('/')}/{key[:40]}.parquet"
+        if not _exists(path):
             _write(path, digest)

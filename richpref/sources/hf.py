@@ -75,6 +75,8 @@ class StreamingPart:
             if isinstance(feature, datasets.Image):  # the encoded bytes, never a decoded picture
                 ds = ds.cast_column(col, datasets.Image(decode=False))
         self.ds = ds
+        self._cursor: tuple[int, object] | None = None  # (next row, the open stream)
+        self.skips = 0  # streams opened (tests check that shards in order open one)
         known = ds.info.splits[split].num_examples if ds.info.splits and split in ds.info.splits else None
         self._rows = known if known is not None else rows
         if self._rows is None:
@@ -88,7 +90,20 @@ class StreamingPart:
         return list(self.ds.column_names or [])
 
     def read(self, start: int, stop: int, columns: list[str], until: int | None = None) -> list[dict]:
-        return [{c: row.get(c) for c in columns} for row in self.ds.skip(start).take(stop - start)]
+        """Rows [start, stop). Shards asked in order continue one stream where the last one stopped;
+        only a jump (a shard out of order, another process's first shard) skips from the start."""
+        pos, it = self._cursor if self._cursor is not None else (-1, None)
+        if pos != start or it is None:
+            it = iter(self.ds.skip(start)) if start else iter(self.ds)
+            self.skips += 1
+        out = []
+        for _ in range(stop - start):
+            row = next(it, None)
+            if row is None:
+                break
+            out.append({c: row.get(c) for c in columns})
+        self._cursor = (start + len(out), it)
+        return out
 
     def fingerprint(self, start: int, stop: int, columns: list[str]) -> str:
         return hashlib.sha256(f"{self.revision}:{start}:{stop}".encode()).hexdigest()
@@ -122,6 +137,23 @@ def file_parts(files: list[str], prompt_column: str) -> list:
     return [ParquetPart(f) if kinds == {"parquet"} else JsonlPart(f, prompt_column) for f in files]
 
 
+def hub_parquet_reader(dataset: str, split: str, revision: str | None, prompt_column: str) -> ConcatReader | None:
+    """A Hub dataset whose split is Parquet files, read in place by row group through `hf://` (no
+    download, no streaming skip); None when its files are of another format (then it is streamed)."""
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().dataset_info(dataset, revision=revision).sha
+        files = split_files(f"hf://datasets/{dataset}@{sha}", split)
+    except SourceError:
+        return None
+    if not files or any(not f.endswith(".parquet") for f in files):
+        return None
+    reader = ConcatReader(dataset, [ParquetPart(f if f.startswith("hf://") else f"hf://{f}") for f in files])
+    reader.revision = sha  # type: ignore[attr-defined]
+    return reader
+
+
 def hf_reader(dataset: str, split: str, revision: str | None, prompt_column: str, rows: int | None) -> ConcatReader:
     """A reader for `source.kind: hf`: a local folder, the local Hub cache, or (online) the Hub."""
     if os.path.isdir(dataset):
@@ -138,7 +170,8 @@ def hf_reader(dataset: str, split: str, revision: str | None, prompt_column: str
             raise SourceError(f"dataset {dataset!r} is neither a local folder nor in the local Hub cache and the Hub is "
                               f"offline; download it first (`hf download --repo-type dataset {dataset}`) or point "
                               "source.dataset at a local copy") from exc
-        return ConcatReader(dataset, [StreamingPart(dataset, split, revision, rows)])
+        return hub_parquet_reader(dataset, split, revision, prompt_column) or \
+            ConcatReader(dataset, [StreamingPart(dataset, split, revision, rows)])
     reader = ConcatReader(dataset, file_parts(split_files(snapshot, split), prompt_column))
     reader.revision = os.path.basename(snapshot)  # type: ignore[attr-defined]
     return reader

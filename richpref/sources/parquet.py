@@ -26,13 +26,40 @@ _LAST_GROUP: dict[tuple, tuple[int, pa.Table]] = {}  # the last rows read: (firs
 ROW_GROUPS_READ: list[tuple[str, int]] = []
 
 
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def file_version(path: str) -> tuple[str, int, object]:
+    """(path, size, version): a local file's modification time; a remote object's ETag (or mtime)."""
+    if not is_url(path):
+        st = os.stat(path)
+        return os.path.abspath(path), st.st_size, st.st_mtime_ns
+    from ..objstore import url_to_fs
+
+    fs, inner = url_to_fs(path)
+    info = fs.info(inner)
+    version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or info.get("blob_id")
+    return path, int(info.get("size") or 0), str(version)
+
+
+def open_parquet(path: str, **kw) -> pq.ParquetFile:
+    """A local file, or a remote object through fsspec: reads fetch the byte ranges asked for (the
+    footer, then the row groups' column chunks), never the whole object."""
+    if not is_url(path):
+        return pq.ParquetFile(path, **kw)
+    from ..objstore import url_to_fs
+
+    fs, inner = url_to_fs(path)
+    return pq.ParquetFile(fs.open(inner, "rb", cache_type="none"), **kw)
+
+
 def footer(path: str) -> pq.FileMetaData:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    key = file_version(path)
     meta = _FOOTERS.get(key)
     if meta is None:
         try:
-            meta = pq.read_metadata(path)
+            meta = open_parquet(path).metadata
         except (OSError, pa.ArrowInvalid) as exc:
             raise SourceError(f"{path}: not a readable Parquet file ({exc}); point source.path at Parquet files "
                               "or set source.kind to the file's format") from exc
@@ -45,7 +72,7 @@ class ParquetPart:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.name = os.path.basename(path)
+        self.name = os.path.basename(path.rstrip("/"))
 
     def _meta(self) -> pq.FileMetaData:
         return footer(self.path)
@@ -79,17 +106,16 @@ class ParquetPart:
     def _read_group(self, rg: int, lo: int, hi: int, end: int, columns: list[str]) -> pa.Table:
         """Rows [lo, hi) of row group `rg`. It reads rows [lo, end) (`end`: where the source's selected
         rows stop in this group) and keeps them for the next shards of the group."""
-        st = os.stat(self.path)
-        key = (os.path.abspath(self.path), st.st_size, st.st_mtime_ns, rg, tuple(columns))
+        key = (*file_version(self.path), rg, tuple(columns))
         got = _LAST_GROUP.get(key)
         if got is not None and got[0] <= lo and hi <= got[0] + got[1].num_rows:
             return got[1].slice(lo - got[0], hi - lo)
         ROW_GROUPS_READ.append((self.name, rg))
         group = self._meta().row_group(rg)
         if (end - lo) * 2 >= group.num_rows and group.total_byte_size <= WHOLE_ROW_GROUP_BYTES:
-            table = pq.ParquetFile(self.path).read_row_group(rg, columns=columns).slice(lo, end - lo)
+            table = open_parquet(self.path).read_row_group(rg, columns=columns).slice(lo, end - lo)
         else:  # only part of the group: decode batches up to `end` only (buffered reads, no whole-chunk prefetch)
-            pf = pq.ParquetFile(self.path, buffer_size=1 << 20, pre_buffer=False)
+            pf = open_parquet(self.path, buffer_size=1 << 20, pre_buffer=False)
             batches, seen = [], 0
             for batch in pf.iter_batches(batch_size=max(1, min(1024, end)), row_groups=[rg], columns=columns):
                 if seen + batch.num_rows > lo:

@@ -35,7 +35,7 @@ class StageInputs:
     shard: int
     rows: pa.Table | None  # None for the source, whose rows come from outside the run
     tables: dict[str, pa.Table]
-    scratch: str | None = None  # a local folder for what a stage may reuse across its shards (source: dedupe digests)
+    scratch: str | None = None  # a folder (local path or URL) for what a stage may reuse across its shards (source: dedupe digests)
 
     def lookup(self, stage: str, columns: list[str], *, rows: pa.Table | None = None,
                candidates: list[int] | None = None) -> pa.Table:

@@ -63,7 +63,14 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
     `need_mask`), ties and bad labels dropped."""
     import datasets
 
-    if src.path is not None:
+    if src.path is not None and "://" in src.path:  # s3://, gs://, hf://: by row group, no local copy
+        from .remote_pairs import RemotePairs, remote_parquet_files
+
+        files = remote_parquet_files(src.path)
+        if not files:
+            raise DataError(f"data source path {src.path!r} has no .parquet files (give a file, a folder of them or a glob)")
+        ds = RemotePairs(files)
+    elif src.path is not None:
         ds = datasets.load_dataset("parquet", data_files=parquet_files(src.path), split="train")
     else:
         try:

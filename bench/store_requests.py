@@ -1,0 +1,151 @@
+"""Object-store requests of a no-op `richpref curate --plan` (a finished run, nothing to do) over N shards.
+
+The fake run: a prompt file of N lines with `source.shard_size: 1` (N shards), and for every stage a
+tiny manifest carrying the key the plan expects beside an empty Parquet file, so the plan finds every
+shard done. Requests are counted two ways:
+
+- `--s3` (small N): against a real S3 server (moto, tests/s3_server.py), from its request log;
+- otherwise: the run on a local folder behind a wrapper that counts each filesystem call as the S3
+  requests it costs (a listing: one LIST per 1,000 keys; a read: one GET; exists/info: one HEAD; a
+  write: one PUT). `--s3 --n 20` checks the wrapper's count against the server's own.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/store_requests.py                 # N = 500 1000 2000 4000
+    PYTHONPATH=$PWD .venv/bin/python bench/store_requests.py --s3 --n 20     # the same on moto
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+class CountingFS:
+    """A filesystem proxy that counts the S3 requests each call would make."""
+
+    def __init__(self, fs) -> None:
+        self.fs, self.counts = fs, Counter()
+        self.protocol = fs.protocol
+
+    def ls(self, path, detail=False, **kw):
+        out = self.fs.ls(path, detail=detail, **kw)
+        self.counts["LIST"] += max(1, math.ceil(len(out) / 1000))
+        return out
+
+    def find(self, path, prefix="", **kw):
+        out = [p for p in self.fs.find(path, **kw) if p.rsplit("/", 1)[-1].startswith(prefix)]
+        self.counts["LIST"] += max(1, math.ceil(len(out) / 1000))
+        return out
+
+    def cat_file(self, path, *a, max_concurrency=None, **kw):
+        self.counts["GET"] += 1
+        return self.fs.cat_file(path, *a, **kw)
+
+    def exists(self, path, **kw):
+        self.counts["HEAD"] += 1
+        return self.fs.exists(path, **kw)
+
+    def info(self, path, **kw):
+        self.counts["HEAD"] += 1
+        return self.fs.info(path, **kw)
+
+    def pipe_file(self, path, data, **kw):
+        self.counts["PUT"] += 1
+        return self.fs.pipe_file(path, data, **kw)
+
+    def __getattr__(self, name):  # anything else: counted by name, so it shows in the table
+        self.counts[name] += 1
+        return getattr(self.fs, name)
+
+
+def fake_run(store, profile, stages) -> None:
+    """Every stage's shards committed for the keys the plan computes, with empty Parquet files."""
+    from richpref.runner import ShardManifest, content_key, manifest_path, stage_shards
+
+    manifests: dict[str, dict[int, ShardManifest]] = {}
+    files: dict[str, bytes] = {}
+    for stage in stages:
+        manifests[stage.out] = {}
+        for s in stage_shards(stage, profile, manifests):
+            key = content_key(stage, profile, s, {r: manifests[r][s] for r in stage.reads})
+            m = ShardManifest(stage=stage.out, shard=s, uri="", key=key, rows=1, kept=1)
+            manifests[stage.out][s] = m
+            files[manifest_path(store, stage.out, s)] = json.dumps(m.to_dict()).encode()
+            files[store.shard_path(stage.out, s)] = b""
+    for out in {st.out for st in stages}:
+        store.fs.makedirs(store.stage_dir(out), exist_ok=True)
+    store.fs.pipe(files)
+
+
+def plan_requests(n: int, data_dir: str, work: Path, s3=None) -> dict:
+    from richpref.schemas.config import load_profile
+    from richpref.runner import plan_stages
+    from richpref.storage import RunStore
+    from richpref.tasks import ALL_STAGES
+
+    prompts = work / f"prompts-{n}.txt"
+    prompts.write_text("".join(f"a photo of thing {i}\n" for i in range(n)))
+    profile = load_profile("tiny", [f"source.path={prompts}", "source.shard_size=1", "source.limit=null"])
+    run = f"plan-{n}"
+    fake_run(RunStore(data_dir, run), profile, ALL_STAGES)
+    store = RunStore(data_dir, run)
+    before = len(s3.requests()) if s3 else 0
+    if s3 is None:
+        store.fs = CountingFS(store.fs)
+    t0 = time.perf_counter()
+    plans = plan_stages(ALL_STAGES, profile, store)
+    seconds = time.perf_counter() - t0
+    assert all(not p.todo and not p.blocked and len(p.done) == n for p in plans), "the fake run is not up to date"
+    if s3 is not None:
+        reqs = s3.requests()[before:]
+        counts = Counter("LIST" if "list-type" in r else r.split(" ", 1)[0] for r in reqs)
+    else:
+        counts = store.fs.counts
+    total = sum(counts.values())
+    return {"shards": n, "stages": len(ALL_STAGES), "requests": total, "per_shard_stage": total / (n * len(ALL_STAGES)),
+            "by_kind": dict(sorted(counts.items())), "plan_s": round(seconds, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[500, 1000, 2000, 4000])
+    ap.add_argument("--s3", action="store_true", help="against a moto S3 server (slow to fill: keep N small)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="store-requests-"))
+    s3 = None
+    if args.s3:
+        from s3_server import S3Server
+
+        s3 = S3Server(work)
+        os.environ.update(s3.env())
+        s3.make_bucket("bench")
+    try:
+        rows = []
+        for n in args.n:
+            if s3 is not None:
+                # the counting wrapper's figure for the same N, beside the server's own
+                local = plan_requests(n, str(work / "local"), work)
+                rows.append({**plan_requests(n, "s3://bench/data", work, s3), "wrapper_requests": local["requests"]})
+            else:
+                rows.append(plan_requests(n, str(work / "local"), work))
+            print(json.dumps(rows[-1]), flush=True)
+        if len(rows) > 1:
+            a, b = rows[0], rows[-1]
+            growth = (b["requests"] / a["requests"]) / (b["shards"] / a["shards"])
+            print(f"requests grow {growth:.3f}x as fast as shards ({a['shards']} -> {b['shards']} shards: "
+                  f"{a['requests']} -> {b['requests']} requests); 1.0 = linear")
+    finally:
+        if s3 is not None:
+            s3.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Data dirs on object stores (s3://, gs://, ...): opening their filesystem, and checking in seconds
+that one can be reached with the credentials at hand, before any work starts.
+
+Credentials and endpoint come from the store's own environment variables (for S3: botocore's
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_REGION`, and
+`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` for an S3-compatible server such as MinIO or Ceph).
+"""
+from __future__ import annotations
+
+import fsspec
+
+# Filesystems whose listings fsspec would otherwise cache: several processes write one run folder, so
+# a cached listing misses other processes' leases and manifests.
+_NO_LISTING_CACHE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+             "abfss": "adlfs", "hf": "huggingface_hub"}
+S3_ENV_HINT = ("set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for the credentials and "
+               "AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL) for an S3-compatible server other than AWS")
+
+
+class DataDirError(RuntimeError):
+    """The data dir cannot be used: unknown protocol, package missing, unreachable, or access denied."""
+
+
+def protocol(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def storage_options(url: str) -> dict:
+    return {"use_listings_cache": False} if protocol(url) in _NO_LISTING_CACHE else {}
+
+
+def url_to_fs(url: str, **extra):
+    """(filesystem, path inside it) for `url`; a missing fsspec backend names the package to install."""
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options(url), **extra)
+    except ImportError as exc:
+        pkg = _PACKAGES.get(protocol(url), f"the fsspec backend for {protocol(url)}://")
+        raise DataDirError(f"{url}: reading {protocol(url)}:// needs {pkg} (pip install {pkg}); {exc}") from exc
+    except ValueError as exc:
+        raise DataDirError(f"{url}: {exc}") from exc
+
+
+def check_reachable(url: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming `url` and the fix, when the store behind `url` cannot be listed (wrong
+    credentials, unreachable endpoint, no such bucket). Local paths: nothing to check."""
+    proto = protocol(url)
+    if proto == "file":
+        return
+    extra: dict = {"skip_instance_cache": True}
+    if proto in ("s3", "s3a"):
+        # One attempt with short timeouts: a wrong endpoint must not spend minutes in retries.
+        extra.update(config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                               "retries": {"max_attempts": 1, "mode": "standard"}})
+    fs, root = url_to_fs(url, **extra)
+    bucket = root.split("/", 1)[0]
+    hint = S3_ENV_HINT if proto in ("s3", "s3a") else f"check the {proto}:// credentials and endpoint"
+    try:
+        fs.ls(bucket, detail=False)
+    except FileNotFoundError as exc:
+        raise DataDirError(f"data dir {url}: bucket {bucket!r} does not exist (create it, or fix --data-dir); "
+                           f"{type(exc).__name__}: {exc}") from exc
+    except PermissionError as exc:
+        raise DataDirError(f"data dir {url}: access denied ({exc}); {hint}") from exc
+    except Exception as exc:  # noqa: BLE001 - every other failure: unreachable endpoint, bad signature, ...
+        raise DataDirError(f"data dir {url} cannot be reached: {type(exc).__name__}: {exc}; {hint}") from exc
+
+
+def list_names(fs, folder: str, prefix: str = "") -> list[str]:
+    """Names of the files in `folder` that start with `prefix`: on S3 one listing of just those keys
+    (a server-side prefix), elsewhere the folder's listing filtered. FileNotFoundError if no folder."""
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if prefix and "s3" in protos:
+        names = [p.rsplit("/", 1)[-1] for p in fs.find(folder, prefix=prefix)]
+    else:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+    return [n for n in names if n.startswith(prefix)]
+
+
+def cat_small(fs, path: str) -> bytes:
+    """A small file's bytes in one request: s3fs otherwise asks for the size first (a HEAD per read)
+    to split large reads; manifests, leases and claims are a few hundred bytes."""
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "s3" in protos:
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)

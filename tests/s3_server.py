@@ -1,0 +1,87 @@
+"""A real S3 server for tests and benchmarks: moto's server (what s3fs's own tests run against) as a
+subprocess on 127.0.0.1 and a free port, stopped by pid. Its request log counts object-store calls."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+# The server checks signatures (moto's IAM auth: the first 3 requests, which create the user, its
+# key and its policy, go unchecked), so a wrong secret is refused as on AWS.
+NO_AUTH_REQUESTS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"moto-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        # werkzeug logs one line per request on stderr: the request count comes from there.
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(NO_AUTH_REQUESTS)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start: {self.log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+        self.key, self.secret = self._user()
+
+    def _user(self) -> tuple[str, str]:
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, aws_access_key_id="bootstrap",
+                           aws_secret_access_key="bootstrap", region_name="us-east-1")
+        iam.create_user(UserName="richpref")
+        key = iam.create_access_key(UserName="richpref")["AccessKey"]
+        iam.put_user_policy(UserName="richpref", PolicyName="s3", PolicyDocument=(
+            '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}'))
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_ENDPOINT_URL_S3": self.endpoint,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def requests(self) -> list[str]:
+        """The request lines logged so far ('GET /bucket/key?...', ...)."""
+        self._log.flush()
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"' in line and " HTTP/1." in line:
+                req = line.split('"', 2)[1]
+                if not req.split(" ", 1)[-1].startswith("/moto-api"):
+                    out.append(req)
+        return out
+
+    def make_bucket(self, name: str) -> None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key, aws_secret_access_key=self.secret,
+                     region_name="us-east-1").create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()

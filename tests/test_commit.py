@@ -1,0 +1,57 @@
+"""A shard commit made once per content key (richpref/commit.py), on a local run folder: an
+interrupted commit is finished from its claim by the next holder, and a completed claim does not
+block the same key from being committed again after the manifest moved on."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pyarrow as pa
+
+from richpref import commit
+from richpref.leases import Lease, try_lease
+from richpref.runner import manifest_path, stage_manifests, write_shard
+from richpref.storage import RunStore
+
+
+def _table(value: str) -> pa.Table:
+    return pa.table({"item_id": ["a"], "status": ["ok"], "reason": pa.array([None], pa.string()), "prompt": [value]})
+
+
+def test_a_commit_interrupted_after_its_claim_is_finished_by_the_next_holder(tmp_path, monkeypatch):
+    store = RunStore(str(tmp_path), "r")
+    path = store.shard_path("sample", 0)
+    os.makedirs(store.stage_dir("sample"))
+    lease = try_lease(store.fs, path, seconds=30)
+    assert isinstance(lease, Lease)
+    monkeypatch.setattr(commit, "_finish", lambda *a: None)  # the holder dies right after its claim
+    m = write_shard(store, "sample", 0, _table("x"), "k1", lease=lease)
+    monkeypatch.undo()
+    lease.release()
+    assert not os.path.exists(path) and stage_manifests(store, "sample") == {}
+    [tmp] = [n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n]
+    # the next holder, before computing: it finishes that commit from the claim
+    commit.recover(store, path, manifest_path(store, "sample", 0), "k1")
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == m.sha256
+    assert stage_manifests(store, "sample")[0].key == "k1"
+    assert not os.path.exists(os.path.join(store.stage_dir("sample"), tmp))
+    # a second holder computing the same key now cannot commit over it
+    other = try_lease(store.fs, path, seconds=30)
+    assert write_shard(store, "sample", 0, _table("y"), "k1", lease=other) is None
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == m.sha256
+    other.release()
+
+
+def test_a_key_committed_then_replaced_can_be_committed_again(tmp_path):
+    store = RunStore(str(tmp_path), "r")
+    path = store.shard_path("sample", 0)
+    os.makedirs(store.stage_dir("sample"))
+    for key, value in (("k1", "x"), ("k2", "y"), ("k1", "z")):
+        lease = try_lease(store.fs, path, seconds=30)
+        commit.recover(store, path, manifest_path(store, "sample", 0), key)  # as run_shard does
+        m = write_shard(store, "sample", 0, _table(value), key, lease=lease)
+        lease.release()
+        assert m is not None, key
+        assert json.loads(open(manifest_path(store, "sample", 0)).read())["key"] == key
+    assert store.read_shard("sample", 0).column("prompt").to_pylist() == ["z"]

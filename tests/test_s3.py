@@ -1,0 +1,246 @@
+"""Runs on S3, against a real S3 server (moto, started once for the module on a free port): the CLI
+curates to s3:// the same shards as to a local folder; of 32 processes asking for one shard's lease
+exactly one gets it; a holder whose lease was taken over cannot commit; a wrong credential or an
+unreachable endpoint fails in seconds, naming the data dir and the fix."""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pyarrow as pa
+import pytest
+
+from s3_server import S3Server
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3):
+    name = f"b-{uuid.uuid4().hex[:10]}"
+    s3.make_bucket(name)
+    return name
+
+
+def _cli(args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "richpref.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _env(s3, tiny_models, **extra):
+    return {**os.environ, **s3.env(), "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "RICHPREF_TORCH_THREADS": "1",
+            "RICHPREF_MODELS_ROOT": str(tiny_models), **extra}
+
+
+def _shards(store, stages):
+    """{stage/part: (sha256 of the Parquet bytes, manifest key)} of a run."""
+    from richpref.runner import stage_manifests
+
+    out = {}
+    for st in stages:
+        for s, m in stage_manifests(store, st).items():
+            data = store.fs.cat_file(store.shard_path(st, s))
+            assert hashlib.sha256(data).hexdigest() == m.sha256
+            out[f"{st}/part-{s:05d}"] = (m.sha256, m.key)
+    return out
+
+
+def test_the_cli_curates_to_s3_the_same_shards_as_to_a_local_folder(s3, bucket, tiny_models, tmp_path,
+                                                                     prefect_harness, one_torch_thread):
+    from richpref.entrypoints import CURATE, load_flow
+    from richpref.storage import RunStore
+
+    env = _env(s3, tiny_models, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    overrides = ["source.limit=4", "source.shard_size=2"]
+    url = f"s3://{bucket}/data"
+    remote = _cli(["--data-dir", url, "curate", "--profile", "tiny", "--run", "r", "--until", "sample",
+                   *(a for o in overrides for a in ("--set", o))], env)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert f"run folder: {url}/runs/r" in remote.stdout and "sample" in remote.stdout  # the summary read S3
+    # the same run on a local folder, in this process (one torch thread, as the CLI run had)
+    load_flow(CURATE)(profile="tiny", run="r", data_dir=str(tmp_path / "local"), overrides=overrides,
+                      models_root=str(tiny_models), until="sample")
+    got = _shards(RunStore(url, "r"), ["source", "sample"])
+    assert len(got) == 4
+    assert got == _shards(RunStore(str(tmp_path / "local"), "r"), ["source", "sample"])
+    names = RunStore(url, "r").fs.ls(f"{bucket}/data/runs/r/sample", detail=False)
+    assert not [n for n in names if ".tmp-" in n or ".lease-" in n]  # nothing left half-done
+
+
+def _race(url: str, start, asked, out) -> None:
+    from richpref.leases import Lease, try_lease
+    from richpref.storage import RunStore
+
+    store = RunStore(url, "race")
+    path = store.shard_path("sample", 0)
+    store.fs.ls(store.root.split("/", 1)[0])  # connect before the start line
+    start.wait()
+    got = try_lease(store.fs, path, seconds=60)
+    out.put(isinstance(got, Lease))
+    asked.wait()  # the winner holds it until every process has asked
+    if isinstance(got, Lease):
+        got.release()
+
+
+def test_of_32_processes_racing_for_one_lease_on_s3_exactly_one_wins(s3, bucket):
+    ctx = mp.get_context("fork")  # fsspec starts its event loop afresh in a forked child
+    out, start, asked = ctx.Queue(), ctx.Barrier(32), ctx.Barrier(32)
+    url = f"s3://{bucket}/data"
+    procs = [ctx.Process(target=_race, args=(url, start, asked, out)) for _ in range(32)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert sum(results) == 1 and len(results) == 32
+
+
+def _table(value: str) -> pa.Table:
+    return pa.table({"item_id": ["a", "b"], "status": ["ok", "ok"], "reason": [None, None], "prompt": [value, value]},
+                    schema=pa.schema([("item_id", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+                                      ("prompt", pa.string())]))
+
+
+def test_a_holder_whose_lease_was_taken_over_cannot_commit(s3, bucket, monkeypatch):
+    from richpref.commit import LeaseLost
+    from richpref.leases import Lease, try_lease
+    from richpref.runner import manifest_path, stage_manifests, write_shard
+    from richpref.storage import RunStore
+
+    store = RunStore(f"s3://{bucket}/data", "r")
+    path = store.shard_path("sample", 0)
+    old = try_lease(store.fs, path, seconds=0.5)  # not entered: no renewal, so it expires
+    assert isinstance(old, Lease)
+    time.sleep(0.7)
+    new = try_lease(store.fs, path, seconds=60)
+    assert isinstance(new, Lease) and new.generation == old.generation + 1  # taken over
+    with pytest.raises(LeaseLost):
+        write_shard(store, "sample", 0, _table("old"), "k", lease=old)
+    assert not store.fs.exists(manifest_path(store, "sample", 0)) and not store.fs.exists(path)
+    mine = write_shard(store, "sample", 0, _table("new"), "k", lease=new)
+    assert mine is not None
+    # The old holder passes its check just before the takeover, and writes after the new holder's commit:
+    # the conditional commit still refuses it.
+    monkeypatch.setattr(Lease, "still_held", lambda self: True)
+    assert write_shard(store, "sample", 0, _table("old"), "k", lease=old) is None
+    after = stage_manifests(store, "sample")[0]
+    assert after.sha256 == mine.sha256 == hashlib.sha256(store.fs.cat_file(path)).hexdigest()
+    assert json.loads(store.fs.cat_file(manifest_path(store, "sample", 0)))["sha256"] == mine.sha256
+    assert not [n for n in store.fs.ls(store.stage_dir("sample"), detail=False) if ".tmp-" in n]
+    new.release()
+
+
+@pytest.mark.parametrize("broken", ["secret", "endpoint"])
+def test_a_wrong_credential_or_endpoint_fails_in_seconds_naming_the_data_dir_and_the_fix(s3, bucket, tiny_models,
+                                                                                         tmp_path, broken):
+    bad = {"AWS_SECRET_ACCESS_KEY": "not-the-secret"} if broken == "secret" else \
+        {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    env = _env(s3, tiny_models, XDG_CACHE_HOME=str(tmp_path / "cache"), **bad)
+    t0 = time.time()
+    r = _cli(["--data-dir", f"s3://{bucket}/data", "curate", "--profile", "tiny", "--run", "r"], env, timeout=120)
+    took = time.time() - t0
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"data dir s3://{bucket}/data" in r.stderr and "AWS_SECRET_ACCESS_KEY" in r.stderr
+    assert "AWS_ENDPOINT_URL_S3" in r.stderr and "Traceback" not in r.stderr
+    assert ("access denied" if broken == "secret" else "cannot be reached") in r.stderr
+    assert took < 30, took  # the CLI's own start is most of it
+
+
+def test_a_parquet_source_on_s3_is_read_by_row_group_and_gives_the_local_shards(s3, bucket, tmp_path):
+    from stages.test_source import _pickapic
+
+    from richpref.objstore import url_to_fs
+    from richpref.schemas.config import SourceConfig
+    from richpref.sources import parquet as parquet_reader
+    from richpref.tasks.source import check_source, open_view, shard_source
+
+    local = tmp_path / "src" / "big.parquet"
+    local.parent.mkdir()
+    _pickapic(local, 200, row_group_size=10, label_of=lambda i: 1.0)
+    fs, _ = url_to_fs(f"s3://{bucket}")
+    fs.put_file(str(local), f"{bucket}/src/big.parquet")
+    common = dict(kind="parquet", pickapic_preferred=True, offset=35, limit=20, shard_size=8)
+    remote_cfg = SourceConfig(path=f"s3://{bucket}/src", **common)
+    parquet_reader.ROW_GROUPS_READ.clear()
+    assert check_source(remote_cfg) == 3
+    view = open_view(remote_cfg)
+    keys = [view.shard_key(k) for k in range(3)]
+    assert parquet_reader.ROW_GROUPS_READ == []  # counting and keying read the footer only
+    remote = shard_source(remote_cfg)
+    assert sorted(set(parquet_reader.ROW_GROUPS_READ)) == [("big.parquet", 3), ("big.parquet", 4), ("big.parquet", 5)]
+    local_cfg = SourceConfig(path=str(local.parent), **common)
+    assert [t.to_pylist() for t in remote] == [t.to_pylist() for t in shard_source(local_cfg)]
+    assert len(set(keys)) == 3  # (the path is part of the key: not equal to the local file's keys)
+
+
+def test_dedupe_digests_are_written_once_into_an_s3_run_folder_and_read_back_by_other_workers(s3, bucket, tmp_path):
+    from stages.test_source import _dupes_source
+
+    from richpref.sources import dedupe
+    from richpref.sources import parquet as parquet_reader
+    from richpref.storage import RunStore
+    from richpref.tasks.source import compute_shard, shard_source
+
+    cfg = _dupes_source(tmp_path)
+    one = [r for t in shard_source(cfg) for r in t.to_pylist()]
+    store = RunStore(f"s3://{bucket}/data", "r")
+    scratch = store.scratch_dir("source")
+    assert scratch.startswith(f"s3://{bucket}/data/runs/r/_scratch/source")
+    dedupe._INDEXES.clear()
+    got = {k: compute_shard(cfg, k, scratch).to_pylist() for k in range(7)}
+    assert len(store.fs.ls(f"{bucket}/data/runs/r/_scratch/source")) == 7  # one digest per shard, written once
+    # another worker, nothing in memory: it reads the 7 digests, not the earlier shards' image columns
+    dedupe._INDEXES.clear()
+    parquet_reader.ROW_GROUPS_READ.clear()
+    parquet_reader._LAST_GROUP.clear()
+    got[7] = compute_shard(cfg, 7, scratch).to_pylist()
+    assert {rg for _, rg in parquet_reader.ROW_GROUPS_READ} == {5, 6}  # rows 35-39 only
+    assert [r for k in range(8) for r in got[k]] == one
+
+
+def test_training_pairs_on_s3_are_read_by_row_group_and_match_the_local_file(s3, bucket, tmp_path):
+    import pyarrow.parquet as pq
+
+    from richpref.objstore import url_to_fs
+    from richpref.schemas.training import PairSourceConfig
+    from richpref.training import remote_pairs
+    from richpref.training.data import load_pair_source
+
+    n = 40
+    labels = [0.5 if i % 5 == 0 else float(i % 2) for i in range(n)]  # ties dropped
+    table = pa.table({"caption": [f"c{i}" for i in range(n)], "jpg_0": [b"a%d" % i for i in range(n)],
+                      "jpg_1": [b"b%d" % i for i in range(n)], "label_0": labels, "extra": list(range(n))})
+    local = tmp_path / "pairs" / "part-00000.parquet"
+    local.parent.mkdir()
+    pq.write_table(table, local, row_group_size=8)
+    fs, _ = url_to_fs(f"s3://{bucket}")
+    fs.put_file(str(local), f"{bucket}/pairs/part-00000.parquet")
+    want = load_pair_source(PairSourceConfig(path=str(local.parent)))
+    remote_pairs.ROW_GROUPS_READ.clear()
+    got = load_pair_source(PairSourceConfig(path=f"s3://{bucket}/pairs/"))
+    assert len(got) == len(want) == 32 and got["label_0"] == want["label_0"]
+    assert remote_pairs.ROW_GROUPS_READ == []  # counting and labels: footers and the label column only
+    rows = [0, 1, 30, 31]
+    assert got[rows] == {c: want[rows][c] for c in got.column_names}
+    assert got.column_names == ["caption", "jpg_0", "jpg_1", "label_0"]
+    assert sorted({g for _, g in remote_pairs.ROW_GROUPS_READ}) == [0, 4]  # the batch's row groups only
