@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from richpref.models.runtime import resident
-from richpref.orchestration import failure_message, run_artifact, run_stage, stage_artifact
+from richpref.orchestration import failure_message, preflight, run_artifact, run_stage, stage_artifact
 from richpref.runner import CurateFailed, ShardManifest
 from richpref.schemas.config import load_profile, profile_hash
 from richpref.storage import RunStore
@@ -30,6 +30,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     store.write_text("profile.json", prof.model_dump_json(indent=2))
     store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 
+    preflight(data_dir, ALL_STAGES)  # on a Dask cluster: every worker can take part, or fail now naming it
     manifests: dict[str, dict[int, ShardManifest]] = {}
     failures: list[str] = []
     for stage in ALL_STAGES:

@@ -23,19 +23,44 @@ from .tasks.base import Stage
 from .tasks.wrappers import TORCH_THREADS_ENV, shard_task
 
 log = logging.getLogger("richpref")
+CPU_SLOTS = 1  # threads per local Dask worker beside its GPU slot, for shards of model-free stages
 
 
-def _one_accelerator_per_task():
-    """On a Dask task runner, each shard task claims one `GPU` resource, so a worker started with
-    `resources={"GPU": 1}` runs one model-heavy shard at a time. Elsewhere: no-op."""
+def _dask_runner():
+    """The flow's DaskTaskRunner, or None on any other task runner."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
     if ctx is None or type(ctx.task_runner).__name__ != "DaskTaskRunner":
+        return None
+    return ctx.task_runner
+
+
+def _one_accelerator_per_task(stage: Stage):
+    """On a Dask task runner, each shard task of a stage that loads a model claims one `GPU` resource,
+    so a worker started with `resources={"GPU": 1}` runs one model-heavy shard at a time. Shards of
+    model-free stages claim none: they run on any worker's free thread. Elsewhere: no-op."""
+    if not stage.loads_model or _dask_runner() is None:
         return contextlib.nullcontext()
     import dask
 
     return dask.annotate(resources={"GPU": 1})
+
+
+def preflight(data_dir: str, stages: tuple[Stage, ...]) -> None:
+    """Before the first shard on a Dask cluster: every worker's resources, device, versions, and its
+    reach of the data dir and the Prefect API (richpref/cluster.py). Fails in seconds, naming the worker."""
+    runner = _dask_runner()
+    if runner is None:
+        return
+    from prefect.settings import get_current_settings
+
+    from .cluster import check_cluster, refuse_loopback_api
+
+    api = get_current_settings().api.url
+    client = runner.client
+    refuse_loopback_api(api, client.scheduler.address)
+    check_cluster(client, data_dir, api, need_gpu=any(s.loads_model for s in stages))
 
 
 def task_runner(workers: int = 1, dask_address: str | None = None):
@@ -58,7 +83,8 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
     # threshold: every activation buffer is then mapped and unmapped afresh (the edit stage ran 1.4x
     # slower per shard). Leave glibc's own adaptive thresholds to model workers.
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-    common = {"threads_per_worker": 1, "resources": {"GPU": 1}, "dashboard_address": None}
+    # Two threads per worker: one for a model stage's shard (the GPU slot), one for a model-free shard.
+    common = {"threads_per_worker": CPU_SLOTS + 1, "resources": {"GPU": 1}, "dashboard_address": None}
     if torch.cuda.is_available():
         try:
             import dask_cuda  # noqa: F401
@@ -99,7 +125,7 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     announced = False
     while pending:
         free = [s for s in pending if leased_elsewhere(store, stage.out, s) is None]
-        with _one_accelerator_per_task():
+        with _one_accelerator_per_task(stage):
             futures = {s: shard_task.submit(stage, s, inputs[s], data_dir, run, profile, keys[s]) for s in free}
         busy = set(pending) - set(free)
         for s, fut in sorted(futures.items()):
