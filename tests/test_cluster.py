@@ -2,6 +2,8 @@
 clusters, no mocks. The multi-node run itself: tests/test_multinode.py."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -90,8 +92,10 @@ def test_curate_on_a_cluster_without_gpu_workers_exits_in_seconds(cpu_only_clust
 
 
 def test_curate_refuses_a_loopback_prefect_api_with_a_remote_scheduler_before_starting_anything(tmp_path, tiny_models):
+    # In a network namespace of its own where we can, so that even a broken refusal sends nothing out.
+    isolated = ["unshare", "-n"] if os.geteuid() == 0 and shutil.which("unshare") else []
     done = subprocess.run(
-        [str(BIN / "richpref"), "--data-dir", str(tmp_path), "curate", "--run", "x", "--models-root",
+        [*isolated, str(BIN / "richpref"), "--data-dir", str(tmp_path), "curate", "--run", "x", "--models-root",
          str(tiny_models), "--set", "source.limit=2", "--dask-address", "tcp://10.224.24.1:8786"],
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-3000:]
