@@ -210,3 +210,33 @@ def check_cluster(client, data_dir: str, api_url: str | None, *, need_gpu: bool 
     log.info("preflight: %d worker(s), %d with a GPU slot\n  %s", len(reports), gpus,
              "\n  ".join(r.line() for r in reports.values()))
     return list(reports.values())
+
+
+def gpu_wait_seconds() -> float:
+    return float(os.environ.get("RICHPREF_GPU_WAIT_SECONDS", "120"))
+
+
+class GpuWatch:
+    """While model shards wait on a Dask cluster: fail once no worker has held the `GPU` resource for
+    `grace` seconds (all GPU workers lost), rather than wait forever for a worker that may never come."""
+
+    def __init__(self, client, grace: float | None = None):
+        self.client, self.grace = client, gpu_wait_seconds() if grace is None else grace
+        self.since: float | None = None
+
+    def gpu_workers(self) -> list[str]:
+        infos = self.client.scheduler_info(n_workers=-1)["workers"]
+        return [a for a, i in infos.items() if (i.get("resources") or {}).get("GPU", 0) >= 1]
+
+    def check(self) -> None:
+        import time
+
+        if self.gpu_workers():
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since >= self.grace:
+            raise ClusterError(f"no Dask worker with the GPU resource has been in the cluster for {self.grace:.0f}s "
+                               f"(RICHPREF_GPU_WAIT_SECONDS), so model shards cannot run. Start GPU workers "
+                               f"({GPU_FIX}) and rerun the same command: finished shards are kept")

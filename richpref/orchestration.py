@@ -47,6 +47,27 @@ def _one_accelerator_per_task(stage: Stage):
     return dask.annotate(resources={"GPU": 1})
 
 
+def _gpu_watch(stage: Stage):
+    runner = _dask_runner() if stage.loads_model else None
+    if runner is None:
+        return None
+    from .cluster import GpuWatch
+
+    return GpuWatch(runner.client)
+
+
+def _wait(fut, watch) -> None:
+    """Wait for a shard's task; on a Dask cluster, raise ClusterError once no worker can run it."""
+    if watch is None:
+        fut.wait()
+        return
+    while True:
+        fut.wait(timeout=2.0)
+        if fut.wrapped_future.done():
+            return
+        watch.check()
+
+
 def preflight(data_dir: str, stages: tuple[Stage, ...]) -> None:
     """Before the first shard on a Dask cluster: every worker's resources, device, versions, and its
     reach of the data dir and the Prefect API (richpref/cluster.py). Fails in seconds, naming the worker."""
@@ -128,8 +149,9 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
         with _one_accelerator_per_task(stage):
             futures = {s: shard_task.submit(stage, s, inputs[s], data_dir, run, profile, keys[s]) for s in free}
         busy = set(pending) - set(free)
+        watch = _gpu_watch(stage)
         for s, fut in sorted(futures.items()):
-            fut.wait()
+            _wait(fut, watch)
             try:
                 result = fut.result()
             except BaseException as exc:  # noqa: BLE001 - report, do not stop the other shards

@@ -100,3 +100,19 @@ def test_curate_refuses_a_loopback_prefect_api_with_a_remote_scheduler_before_st
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "loopback" in done.stderr and "--prefect-host" in done.stderr
+
+
+def test_a_cluster_that_loses_its_last_gpu_worker_fails_after_the_grace_period():
+    from distributed import Client, LocalCluster
+
+    from richpref.cluster import GpuWatch
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        watch = GpuWatch(client, grace=0.5)
+        watch.check()
+        client.retire_workers(list(client.scheduler_info(n_workers=-1)["workers"]))
+        watch.check()  # gone, but within the grace period (a worker may be restarting)
+        time.sleep(0.6)
+        with pytest.raises(ClusterError, match="no Dask worker with the GPU resource"):
+            watch.check()
