@@ -128,10 +128,12 @@ def _wait_seconds() -> float:
 
 
 def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], store: RunStore, data_dir: str,
-              run: str, profile: Profile) -> tuple[dict[int, ShardManifest], list[str]]:
+              run: str, profile: Profile, failed_before: dict[int, str] | None = None
+              ) -> tuple[dict[int, ShardManifest], list[str]]:
     """Every shard of a stage whose inputs exist: committed ones as they are, the others computed on
     the task runner. Shards another live process holds are waited for (their holder commits them, or
-    dies and this process takes them over). Returns the stage's manifests and its failures."""
+    dies and this process takes them over). Returns the stage's manifests and its failures.
+    `failed_before`: shards that failed in this run's pipelined pass, reported and not run again."""
     shards = stage_shards(stage, profile, manifests)
     if not stage.reads:
         drop_shards_from(store, list(OUTPUTS), len(shards))
@@ -139,8 +141,8 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     keys = {s: content_key(stage, profile, s, inputs[s]) for s in shards}
     have = stage_manifests(store, stage.out)
     done = {s: have[s] for s in shards if s in have and have[s].key == keys[s]}
-    pending = [s for s in shards if s not in done]
-    failed: list[str] = []
+    failed = [f"{stage.name}/part-{s:05d}: {err}" for s, err in sorted((failed_before or {}).items()) if s not in done]
+    pending = [s for s in shards if s not in done and s not in (failed_before or {})]
     progress = create_progress_artifact(100.0 * len(done) / max(1, len(shards)),
                                         description=f"{run}: {stage.name} shards") if pending else None
     announced = False
