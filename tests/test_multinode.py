@@ -183,24 +183,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.timeout(1500)  # two tiny curates and the servers' start, on a shared 2-core machine
 def test_a_curate_over_two_nodes_survives_a_killed_worker_and_equals_a_local_run(cluster):
     data, env = cluster["data"], cluster["env"]
-    run = subprocess.Popen(_in("a", *cluster["curate"], "--run", "multi", "--dask-address", SCHEDULER,
-                               "--prefect-host", IP["a"]),
-                           env={**env, "PREFECT_API_DATABASE_CONNECTION_URL": PG_URL},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = cluster["base"] / "curate.log"
+    with open(log, "w") as sink:
+        run = subprocess.Popen(_in("a", *cluster["curate"], "--run", "multi", "--dask-address", SCHEDULER,
+                                   "--prefect-host", IP["a"]),
+                               env={**env, "PREFECT_API_DATABASE_CONNECTION_URL": PG_URL},
+                               stdout=sink, stderr=subprocess.STDOUT)
     stage, shard = HOLD.split(":")
     lease = Path(RunStore(str(data), "multi").stage_dir(stage)) / f"part-{int(shard):05d}.lease-0000"
     try:
-        _wait(lease.exists, f"a worker to hold {HOLD}", timeout=400, procs=[run])
+        _wait(lease.exists, f"a worker to hold {HOLD}", timeout=600, procs=[run])
         holder = json.loads(lease.read_text())["pid"]
         victim = next(n for n, w in cluster["workers"].items() if w.pid == holder)
         os.kill(holder, signal.SIGKILL)  # the node's worker dies mid-shard
-        out, err = run.communicate(timeout=400)
+        run.wait(timeout=600)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
+        err = log.read_text()
+        print(err[-6000:])
     assert run.returncode == 0, err[-4000:]
     assert "preflight: 2 worker(s), 2 with a GPU slot" in err
     cluster["workers"][victim].wait(timeout=10)
