@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -93,14 +94,11 @@ def main() -> None:
     ap.add_argument("--doctor-json", default=None, help="a `richpref doctor --json` file (default: built-in table)")
     args = ap.parse_args()
 
-    from distributed import Client, LocalCluster
     from prefect import flow
-    from prefect_dask import DaskTaskRunner
 
     from richpref.models.runtime import resident
     from richpref.orchestration import run_stage
     from richpref.pipeline import model_swaps, pipeline_pass
-    from richpref.prefect_api import owned_prefect_api
     from richpref.schemas.config import load_profile
     from richpref.storage import RunStore
 
@@ -132,17 +130,30 @@ def main() -> None:
 
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     env = {"OMP_NUM_THREADS": "1", "RICHPREF_TORCH_THREADS": "1"}
-    with owned_prefect_api(), LocalCluster(n_workers=args.workers, threads_per_worker=2, resources={"GPU": 1},
-                                           processes=True, dashboard_address=None, env=env) as cluster:
-        with Client(cluster) as client:
-            client.run(lambda: __import__("richpref.tasks"))  # imports done before the clock starts
-        bench.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()
+    try:
+        _run(args, bench, env, cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 2,
+                                               "resources": {"GPU": 1}, "processes": True,
+                                               "dashboard_address": None, "env": env})
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
     wall, models = figures["wall"], figures["models"]
     ideal = model_s / args.workers
     print(f"{args.workers} simulated GPU workers, {args.shards} shards x {args.items} items, time scale "
           f"{args.time_scale}; per-item times from {args.doctor_json or 'the built-in doctor table (tiny, H200, bf16)'}")
     print(f"model seconds {model_s:.1f}, ideal wall {ideal:.1f}s, wall {wall:.1f}s, model loads {models['loads']}")
     print(f"busy={model_s / (args.workers * wall):.3f} wall/ideal={wall / ideal:.3f} swaps={models['swaps']}")
+
+
+def _run(args, bench, env, cluster_kwargs) -> None:
+    from distributed import Client, LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from richpref.prefect_api import owned_prefect_api
+
+    with owned_prefect_api(), LocalCluster(**cluster_kwargs) as cluster:
+        with Client(cluster) as client:
+            client.run(lambda: __import__("richpref.tasks"))  # imports done before the clock starts
+        bench.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()
 
 
 if __name__ == "__main__":
