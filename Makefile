@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install models demo test bench serve chromium clean-runs help
+.PHONY: install models demo test bench serve chromium postgresql clean-runs help
 
 help:
 	@echo "make demo   - install, build tiny models, curate bundled prompts, print a duckdb summary"
@@ -49,7 +49,13 @@ chromium:
 	  && (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } \
 	  || echo "note: chromium not installed; the report rendering test will be skipped"
 
-test: install chromium
+# The multi-node test (tests/test_multinode.py) runs the Prefect server on PostgreSQL: Debian's package.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { [ "$$(id -u)" = 0 ] \
+	  && command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq postgresql iproute2) >/dev/null 2>&1; } \
+	  || echo "note: PostgreSQL not installed; the multi-node test will fail (apt-get install postgresql)"
+
+test: install chromium postgresql
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 serve: models

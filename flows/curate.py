@@ -13,7 +13,8 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from richpref.models.runtime import resident
-from richpref.orchestration import failure_message, run_artifact, run_stage, stage_artifact
+from richpref.orchestration import failure_message, preflight, run_artifact, run_stage, stage_artifact
+from richpref.pipeline import model_swaps, pipeline_pass
 from richpref.runner import CurateFailed, ShardManifest
 from richpref.schemas.config import load_profile, profile_hash
 from richpref.storage import RunStore
@@ -30,15 +31,17 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     store.write_text("profile.json", prof.model_dump_json(indent=2))
     store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 
+    stages = ALL_STAGES if until is None else ALL_STAGES[: [s.name for s in ALL_STAGES].index(until) + 1]
+    preflight(data_dir, stages)  # on a Dask cluster: every worker can take part, or fail now naming it
+    failed_before = pipeline_pass(stages, store, data_dir, run, prof)  # on Dask: no stage barrier
     manifests: dict[str, dict[int, ShardManifest]] = {}
     failures: list[str] = []
-    for stage in ALL_STAGES:
-        manifests[stage.out], failed = run_stage(stage, manifests, store, data_dir, run, prof)
+    for stage in stages:
+        manifests[stage.out], failed = run_stage(stage, manifests, store, data_dir, run, prof,
+                                                 failed_before.get(stage.name))
         failures += failed
         resident.release()  # one big model at a time: free this stage's before the next loads
         stage_artifact(run, stage.name, manifests[stage.out], failed)
-        if stage.name == until:
-            break
 
     summary = {
         "run": run,
@@ -52,6 +55,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
             for out, ms in manifests.items()
         },
         "failed": failures,
+        "models": model_swaps(),  # Dask workers' model loads and swaps (None in-process)
         "manifests": {out: [m.to_dict() for m in ms.values()] for out, ms in manifests.items()},
     }
     if manifests.get("pairs"):

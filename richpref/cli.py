@@ -36,7 +36,19 @@ def _quiet_defaults(data_dir: str) -> None:
         check_reachable(data_dir)
 
 
+def _prefect_api_for(args: argparse.Namespace) -> dict:
+    """Where the Prefect server richpref starts listens (--prefect-host), and the URL workers get."""
+    from .cluster import reachable_address, refuse_loopback_api
+
+    host = args.prefect_host
+    url_host = reachable_address(args.dask_address) if host in ("0.0.0.0", "::") and args.dask_address else None
+    configured = os.environ.get("PREFECT_API_URL")
+    refuse_loopback_api(configured or f"http://{url_host or host}:4200/api", args.dask_address)
+    return {"api_host": host, "api_url_host": url_host}
+
+
 def cmd_curate(args: argparse.Namespace) -> int:
+    from .cluster import ClusterError
     from .inspect import format_summary, summary
     from .plan import finished_and_current, plan_run
     from .schemas.config import ProfileError, load_profile
@@ -68,13 +80,14 @@ def cmd_curate(args: argparse.Namespace) -> int:
         flow_fn = load_flow(CURATE)
         if args.workers > 1 or args.dask_address:
             flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
+        api = _prefect_api_for(args)  # refuses a loopback API with a remote scheduler before anything starts
         try:
-            result = run_flow(flow_fn, profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+            result = run_flow(flow_fn, **api, profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
                               models_root=args.models_root, **({"until": args.until} if args.until else {}))
         except CurateFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    except (ProfileError, SourceError) as exc:
+    except (ProfileError, SourceError, ClusterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if result["state"].startswith("stopped"):
@@ -249,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="spread each stage's shards over a local Dask cluster of N worker processes (one per GPU "
                         "with dask-cuda on a GPU machine; see docs/operations.md)")
     c.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
-                   help="run the shards on an existing Dask cluster (workers started with --resources GPU=1)")
+                   help="run the shards on an existing Dask cluster (GPU workers started with --resources GPU=1)")
+    c.add_argument("--prefect-host", default=os.environ.get("PREFECT_SERVER_API_HOST", "127.0.0.1"), metavar="HOST",
+                   help="address the Prefect server this command starts listens on (no PREFECT_API_URL set): an "
+                        "address the Dask workers reach, or 0.0.0.0 (default 127.0.0.1, this machine only)")
     c.add_argument("--plan", action="store_true",
                    help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
     c.add_argument("--until", metavar="STAGE", default=None,

@@ -43,11 +43,12 @@ def load_flow(entrypoint: str):
     return getattr(load_module(entrypoint), module_of(entrypoint)[1])
 
 
-def run_flow(flow, **params):
+def run_flow(flow, *, api_host: str = "127.0.0.1", api_url_host: str | None = None, **params):
     """Run `flow` (an entrypoint such as CURATE, or a flow object) with `params`, under a Prefect API
-    this process owns: an ephemeral server it starts for the run dies with it (Dask workers use it too)."""
+    this process owns: an ephemeral server it starts for the run dies with it (Dask workers use it too;
+    `api_host`: the address it listens on, for workers on other nodes)."""
     from .prefect_api import owned_prefect_api
 
     fn = load_flow(flow) if isinstance(flow, str) else flow
-    with owned_prefect_api():
+    with owned_prefect_api(host=api_host, url_host=api_url_host):
         return fn(**params)

@@ -23,19 +23,65 @@ from .tasks.base import Stage
 from .tasks.wrappers import TORCH_THREADS_ENV, shard_task
 
 log = logging.getLogger("richpref")
+CPU_SLOTS = 1  # threads per local Dask worker beside its GPU slot, for shards of model-free stages
 
 
-def _one_accelerator_per_task():
-    """On a Dask task runner, each shard task claims one `GPU` resource, so a worker started with
-    `resources={"GPU": 1}` runs one model-heavy shard at a time. Elsewhere: no-op."""
+def _dask_runner():
+    """The flow's DaskTaskRunner, or None on any other task runner."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
     if ctx is None or type(ctx.task_runner).__name__ != "DaskTaskRunner":
+        return None
+    return ctx.task_runner
+
+
+def _one_accelerator_per_task(stage: Stage):
+    """On a Dask task runner, each shard task of a stage that loads a model claims one `GPU` resource,
+    so a worker started with `resources={"GPU": 1}` runs one model-heavy shard at a time. Shards of
+    model-free stages claim none: they run on any worker's free thread. Elsewhere: no-op."""
+    if not stage.loads_model or _dask_runner() is None:
         return contextlib.nullcontext()
     import dask
 
     return dask.annotate(resources={"GPU": 1})
+
+
+def _gpu_watch(stage: Stage):
+    runner = _dask_runner() if stage.loads_model else None
+    if runner is None:
+        return None
+    from .cluster import GpuWatch
+
+    return GpuWatch(runner.client)
+
+
+def _wait(fut, watch) -> None:
+    """Wait for a shard's task; on a Dask cluster, raise ClusterError once no worker can run it."""
+    if watch is None:
+        fut.wait()
+        return
+    while True:
+        fut.wait(timeout=2.0)
+        if fut.wrapped_future.done():
+            return
+        watch.check()
+
+
+def preflight(data_dir: str, stages: tuple[Stage, ...]) -> None:
+    """Before the first shard on a Dask cluster: every worker's resources, device, versions, and its
+    reach of the data dir and the Prefect API (richpref/cluster.py). Fails in seconds, naming the worker."""
+    runner = _dask_runner()
+    if runner is None:
+        return
+    from prefect.settings import get_current_settings
+
+    from .cluster import check_cluster, refuse_loopback_api
+
+    api = get_current_settings().api.url
+    client = runner.client
+    refuse_loopback_api(api, client.scheduler.address)
+    check_cluster(client, data_dir, api, need_gpu=any(s.loads_model for s in stages))
 
 
 def task_runner(workers: int = 1, dask_address: str | None = None):
@@ -58,7 +104,8 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
     # threshold: every activation buffer is then mapped and unmapped afresh (the edit stage ran 1.4x
     # slower per shard). Leave glibc's own adaptive thresholds to model workers.
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-    common = {"threads_per_worker": 1, "resources": {"GPU": 1}, "dashboard_address": None}
+    # Two threads per worker: one for a model stage's shard (the GPU slot), one for a model-free shard.
+    common = {"threads_per_worker": CPU_SLOTS + 1, "resources": {"GPU": 1}, "dashboard_address": None}
     if torch.cuda.is_available():
         try:
             import dask_cuda  # noqa: F401
@@ -81,10 +128,12 @@ def _wait_seconds() -> float:
 
 
 def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], store: RunStore, data_dir: str,
-              run: str, profile: Profile) -> tuple[dict[int, ShardManifest], list[str]]:
+              run: str, profile: Profile, failed_before: dict[int, str] | None = None
+              ) -> tuple[dict[int, ShardManifest], list[str]]:
     """Every shard of a stage whose inputs exist: committed ones as they are, the others computed on
     the task runner. Shards another live process holds are waited for (their holder commits them, or
-    dies and this process takes them over). Returns the stage's manifests and its failures."""
+    dies and this process takes them over). Returns the stage's manifests and its failures.
+    `failed_before`: shards that failed in this run's pipelined pass, reported and not run again."""
     shards = stage_shards(stage, profile, manifests)
     if not stage.reads:
         drop_shards_from(store, list(OUTPUTS), len(shards))
@@ -92,19 +141,20 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     keys = {s: content_key(stage, profile, s, inputs[s]) for s in shards}
     have = stage_manifests(store, stage.out)
     done = {s: have[s] for s in shards if s in have and have[s].key == keys[s]}
-    pending = [s for s in shards if s not in done]
-    failed: list[str] = []
+    failed = [f"{stage.name}/part-{s:05d}: {err}" for s, err in sorted((failed_before or {}).items()) if s not in done]
+    pending = [s for s in shards if s not in done and s not in (failed_before or {})]
     progress = create_progress_artifact(100.0 * len(done) / max(1, len(shards)),
                                         description=f"{run}: {stage.name} shards") if pending else None
     announced = False
     while pending:
         held = leased_shards(store, stage.out, pending)  # one listing per loop, not one per shard
         free = [s for s in pending if s not in held]
-        with _one_accelerator_per_task():
+        with _one_accelerator_per_task(stage):
             futures = {s: shard_task.submit(stage, s, inputs[s], data_dir, run, profile, keys[s]) for s in free}
         busy = set(pending) - set(free)
+        watch = _gpu_watch(stage)
         for s, fut in sorted(futures.items()):
-            fut.wait()
+            _wait(fut, watch)
             try:
                 result = fut.result()
             except BaseException as exc:  # noqa: BLE001 - report, do not stop the other shards

@@ -18,18 +18,18 @@ from pathlib import Path
 from .procs import spawn_owned, stop_owned
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def server_command(port: int) -> list[str]:
+def server_command(port: int, host: str = "127.0.0.1") -> list[str]:
     """The command Prefect's own ephemeral server runs (uvicorn on the API app factory, UI off)."""
     import prefect
 
     return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
-            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "prefect.server.api.server:create_app", "--host", host, "--port", str(port),
             "--log-level", "error", "--lifespan", "on"]
 
 
@@ -51,18 +51,22 @@ def _wait_healthy(proc, url: str, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0):
-    """Yield the Prefect API URL to use: the configured one, or a local server this process owns."""
+def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
+                      url_host: str | None = None):
+    """Yield the Prefect API URL to use: the configured one, or a local server this process owns,
+    listening on `host` (127.0.0.1: this machine only; an address of this node, or 0.0.0.0, for Dask
+    workers on other nodes) and announced to the flow and its workers as `url_host` (default `host`).
+    Its database is Prefect's: SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL."""
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
-    port = _free_port()
+    port = _free_port(host)
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    proc = spawn_owned(server_command(port), name="prefect-server", log_path=log_path, env=env)  # errors only
-    url = f"http://127.0.0.1:{port}/api"
+    proc = spawn_owned(server_command(port, host), name="prefect-server", log_path=log_path, env=env)  # errors only
+    url = f"http://{url_host or ('127.0.0.1' if host in ('0.0.0.0', '::') else host)}:{port}/api"
     try:
         _wait_healthy(proc, url, timeout)
         os.environ["PREFECT_API_URL"] = url  # processes started from here (Dask workers) report to it too

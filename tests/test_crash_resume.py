@@ -96,10 +96,16 @@ def test_sigkill_in_every_stage_each_then_resumed_gives_identical_pairs(prefect_
 
 
 def test_two_workers_give_the_same_pairs_as_one_and_compute_each_shard_once(prefect_server, reference):
-    done = _curate(prefect_server, "workers", extra=("--workers", "2"), timeout=500)
+    # sample shard 1 is slow: without a stage barrier the other worker carries shard 0 on meanwhile.
+    done = _curate(prefect_server, "workers", faults="sample:1:sleep-10", extra=("--workers", "2"), timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
     _each_shard_once(prefect_server, "workers")
     assert _pairs(prefect_server, "workers") == reference
+    store = RunStore(str(prefect_server["data"]), "workers")
+    at = {(r["stage"], r["shard"]): r["at"] for r in store.read_log("work.jsonl")}
+    assert at[("critique", 0)] < at[("sample", 1)], "critique shard 0 waited for the whole sample stage"
+    models = json.loads((Path(prefect_server["data"]) / "runs" / "workers" / "run.json").read_text())["models"]
+    assert models["workers"] == 2 and models["loads"] >= 5 and models["swaps"] < models["loads"], models
 
 
 def test_two_processes_on_the_same_run_compute_each_shard_once(prefect_server, reference):

@@ -397,3 +397,24 @@ def test_questions_about_one_image_share_its_encoding_in_process(served, name):
     assert vlm_prefix.STATS["image_encodings"] - before["image_encodings"] == 1
     assert vlm_prefix.STATS["forward_passes"] - before["forward_passes"] == 1 + len(prompts)
     np.testing.assert_allclose(shared, local.p_yes([img] * len(prompts), prompts, batch_size=1), atol=1e-5)
+
+
+def test_each_image_is_encoded_once_by_the_request_worker_that_needs_it(monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from richpref.models import vlm_client
+
+    calls: list[str] = []
+    encode = vlm_client.image_data_url
+    monkeypatch.setattr(vlm_client, "image_data_url",
+                        lambda im, caps: calls.append(threading.current_thread().name) or encode(im, caps))
+    a, b = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    urls = vlm_client._DataUrls([a, a, b, a, b, b], None)  # several questions about each image
+    assert calls == []  # nothing encoded up front, before the first request
+    with ThreadPoolExecutor(6, thread_name_prefix="request") as pool:
+        out = list(pool.map(urls.__getitem__, range(6)))
+    assert len(calls) == 2 and all(name.startswith("request") for name in calls)
+    assert out[0] == out[1] == out[3] == encode(a) and out[2] == out[4] == out[5] == encode(b)

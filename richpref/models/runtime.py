@@ -95,13 +95,17 @@ class ResidentModel:
         self._lock = threading.RLock()
         self._key: Any = None
         self._model: Any = None
+        self.loads = 0  # models loaded by this process
+        self.swaps = 0  # of which, loads that replaced another resident model
 
     def get(self, key: Any, load: Callable[[], Any]) -> Any:
         with self._lock:
             if self._key != key:
+                self.swaps += self._key is not None
                 self.release()
                 self._model = load()
                 self._key = key
+                self.loads += 1
             return self._model
 
     def __reduce__(self):

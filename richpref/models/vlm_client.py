@@ -20,7 +20,7 @@ import io
 import logging
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import httpx
@@ -60,6 +60,30 @@ def image_data_url(image, caps: ImageCaps | None = None) -> str:
     buf = io.BytesIO()
     rgb.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _DataUrls:
+    """The data URL of image k, made by the first request worker that needs it: each image is encoded
+    once however many questions ask about it, and the others asking wait for that one encoding."""
+
+    def __init__(self, images: Sequence, caps: ImageCaps | None) -> None:
+        self.images, self.caps = images, caps
+        self._lock = threading.Lock()
+        self._made: dict[int, Future] = {}
+
+    def __getitem__(self, k: int) -> str:
+        im = self.images[k]
+        with self._lock:
+            fut = self._made.get(id(im))
+            mine = fut is None
+            if mine:
+                fut = self._made[id(im)] = Future()
+        if mine:
+            try:
+                fut.set_result(image_data_url(im, self.caps))
+            except BaseException as exc:  # noqa: BLE001 - every asker of this image sees the error
+                fut.set_exception(exc)
+        return fut.result()
 
 
 def _spelling_groups(options: Sequence[Option]) -> list[tuple[str, ...]]:
@@ -135,14 +159,16 @@ class ServedVLM:
             self.stats["completion_tokens"] += int(usage.get("completion_tokens") or 0)
         return data
 
-    def _run(self, bodies: list[dict], parse) -> list:
-        """parse(response) per body, concurrently, in order; a RowFailure becomes that item's result."""
-        results: list = [None] * len(bodies)
-        pending = list(range(len(bodies)))
+    def _run(self, n: int, body, parse) -> list:
+        """parse(response) for body(k), k < n, concurrently, in order; a RowFailure becomes that item's
+        result. Each request worker builds its own body (encoding its image there: the PNG encoding of
+        a shard's images is spread over the workers and overlaps the requests in flight)."""
+        results: list = [None] * n
+        pending = list(range(n))
 
         def one(k: int):
             try:
-                return parse(self._post(bodies[k]))
+                return parse(self._post(body(k)))
             except RowFailure as exc:
                 return exc
 
@@ -175,13 +201,8 @@ class ServedVLM:
             "max_tokens": max_tokens,
         }
 
-    def _urls(self, images: Sequence) -> list[str]:
-        """Data URLs, each image encoded once however many questions ask about it."""
-        cache: dict[int, str] = {}
-        for im in images:
-            if id(im) not in cache:
-                cache[id(im)] = image_data_url(im, self.image_caps)
-        return [cache[id(im)] for im in images]
+    def _urls(self, images: Sequence) -> "_DataUrls":
+        return _DataUrls(images, self.image_caps)
 
     # ------------------------------------------------------------------ the VLM interface
 
@@ -199,7 +220,8 @@ class ServedVLM:
             # servers differ on counting the stop token; new_tokens is informational only
             return Generation(text=text, finished=finished, new_tokens=used - 1 if finished and used else used)
 
-        out = self._run([self._body(u, p, max_new_tokens) for u, p in zip(self._urls(images), prompts)], parse)
+        urls = self._urls(images)
+        out = self._run(len(prompts), lambda k: self._body(urls[k], prompts[k], max_new_tokens), parse)
         return [Generation(text="", finished=False, new_tokens=0, error=r.reason) if isinstance(r, RowFailure) else r
                 for r in out]
 
@@ -227,14 +249,19 @@ class ServedVLM:
             return None, "answer", (f"unparseable_answer: {answer[:40]!r} is none of "
                                     f"{[g[0].strip() for g in groups]}")
 
-        bodies = []
-        for u, p in zip(self._urls(images), prompts):
-            body = self._body(u, p, 1)
-            body.update(logprobs=True, top_logprobs=self.engine.top_logprobs)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        urls = self._urls(images)
+
+        def body(k: int) -> dict:
+            out = self._body(urls[k], prompts[k], 1)
+            out.update(logprobs=True, top_logprobs=self.engine.top_logprobs)
             if bias:
-                body["logit_bias"] = bias
-            bodies.append(body)
-        return [(None, "answer", r.reason) if isinstance(r, RowFailure) else r for r in self._run(bodies, parse)]
+                out["logit_bias"] = bias
+            return out
+
+        return [(None, "answer", r.reason) if isinstance(r, RowFailure) else r
+                for r in self._run(len(prompts), body, parse)]
 
     def yes_no(self, images: list, prompts: list[str], *, batch_size: int = 8) -> list[YesNo]:
         return [YesNo(None if p is None else float(p[0]), source, error)

@@ -80,6 +80,9 @@ class Stage:
     # The part of the section's config that decides the output, when not all of it does (a scoring
     # stage leaves the thresholds to the decision stage after it, so tuning one costs no model call).
     config_view: Callable[[Any], Any] | None = None
+    # Whether its shards load a model: only those claim a `GPU` resource on a Dask cluster; the
+    # others (source, filter, relabel, export) run on any worker's CPU slots.
+    loads_model: bool = True
 
     @property
     def out(self) -> str:

@@ -108,4 +108,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return decide_rows(inputs.rows, instructions, profile.filter)
 
 
-STAGE = Stage(name="filter", version="5", section="filter", reads=("check", "instruct"), compute=compute)
+STAGE = Stage(name="filter", version="5", section="filter", reads=("check", "instruct"), compute=compute,
+              loads_model=False)

@@ -180,4 +180,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return decide_rows(inputs.lookup("score", inputs.tables["score"].schema.names), profile.relabel)
 
 
-STAGE = Stage(name="relabel", version="5", section="relabel", reads=("filter", "score"), compute=compute)
+STAGE = Stage(name="relabel", version="5", section="relabel", reads=("filter", "score"), compute=compute,
+              loads_model=False)

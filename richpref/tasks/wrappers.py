@@ -32,6 +32,9 @@ def _split_threads() -> None:
 
 def shard_fn(stage: Stage, shard: int, inputs: dict[str, ShardManifest], data_dir: str, run: str, profile: Profile,
              key: str) -> ShardManifest | Busy:
+    for given in inputs.values():
+        if isinstance(given, Busy):  # an input another process holds (pipelined): the stage pass redoes it
+            return given
     _split_threads()
     return run_shard(stage, shard, inputs, RunStore(data_dir, run), profile, key)
 

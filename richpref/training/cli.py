@@ -19,6 +19,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..training.launcher import LaunchFailed
     from ..training.setup import preflight
 
+    import os
+
+    from ..training.launcher import Machines
+
+    try:
+        machines = Machines(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if machines.num_machines > 1:
+        os.environ.update(machines.to_env())  # the launcher (in this process's flow) reads them
     try:
         # A bad config, a checkpoint of another family, pairs without the masks it needs: refused before
         # Prefect starts and before any model loads.
@@ -63,7 +74,14 @@ def register(sub) -> None:
     f.add_argument("--pairs", default=None, help="Pick-a-Pic Parquet file/folder for the config's `pairs` source "
                                                  "(e.g. data/runs/demo/pairs)")
     f.add_argument("--output-dir", default=None, help="default: <data-dir>/finetune/<config name>; rerun to resume")
-    f.add_argument("--num-processes", type=int, default=1, help="accelerate processes (one per GPU)")
+    f.add_argument("--num-processes", type=int, default=1, help="accelerate processes on this machine (one per GPU)")
+    f.add_argument("--num-machines", type=int, default=1,
+                   help="machines training together (run the same command on each, with its own --machine-rank)")
+    f.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0..M-1 (0: the main one)")
+    f.add_argument("--main-process-ip", default=None, metavar="HOST",
+                   help="address of the rank-0 machine, reachable from every machine (with --num-machines > 1)")
+    f.add_argument("--main-process-port", type=int, default=None, metavar="PORT",
+                   help="rendezvous port on the rank-0 machine (default 29500; the same on every machine)")
     f.add_argument("--max-restarts", type=int, default=1, help="relaunch after a crash this many times (resumes)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set max_train_steps=100 (repeatable)")

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MACHINES_ENV = ("RICHPREF_NUM_MACHINES", "RICHPREF_MACHINE_RANK", "RICHPREF_MAIN_PROCESS_IP", "RICHPREF_MAIN_PROCESS_PORT")
+DEFAULT_MAIN_PORT = 29500  # every machine must name the same port: no free-port pick across machines
+
+
+@dataclass(frozen=True)
+class Machines:
+    """Where this machine stands in a multi-machine run: `num_machines` machines, each running
+    `num_processes` processes (one per GPU), rank 0's `main_process_ip`:`main_process_port` the
+    rendezvous every machine connects to."""
+
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_machines < 1:
+            raise ValueError(f"--num-machines must be >= 1, got {self.num_machines}")
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise ValueError(f"--machine-rank {self.machine_rank} is outside 0..{self.num_machines - 1} "
+                             f"(--num-machines {self.num_machines}); give each machine its own rank, 0 on the main one")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError(f"--num-machines {self.num_machines} needs --main-process-ip: the address of the "
+                             "machine with --machine-rank 0, reachable from every machine")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Machines":
+        """From RICHPREF_NUM_MACHINES, RICHPREF_MACHINE_RANK, RICHPREF_MAIN_PROCESS_IP and
+        RICHPREF_MAIN_PROCESS_PORT (set by `richpref finetune --num-machines ...`, or in the environment
+        of each machine's Prefect worker)."""
+        env = os.environ if env is None else env
+        n, rank, ip, port = (env.get(k) for k in MACHINES_ENV)
+        return cls(int(n or 1), int(rank or 0), ip or None, int(port) if port else None)
+
+    def to_env(self) -> dict[str, str]:
+        values = (self.num_machines, self.machine_rank, self.main_process_ip or "", self.main_process_port or "")
+        return {k: str(v) for k, v in zip(MACHINES_ENV, values)}
+
+
 def write_config(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,28 +86,39 @@ def write_config(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> Path:
 
 
 def accelerate_command(config_path: str | os.PathLike, output_dir: str | os.PathLike, num_processes: int = 1,
-                       mixed_precision: str = "no", fsdp: bool = False) -> list[str]:
-    """`accelerate launch` running `python -m richpref.training.train` on `num_processes` processes.
+                       mixed_precision: str = "no", fsdp: bool = False, machines: Machines | None = None) -> list[str]:
+    """`accelerate launch` running `python -m richpref.training.train` on `num_processes` processes
+    on this machine (× `machines.num_machines` in all: accelerate counts processes over all machines).
 
     More than one process goes through torchrun (accelerate's --multi_gpu path); the training script
-    then picks NCCL on GPUs and gloo on CPU-only machines.
+    then picks NCCL on GPUs and gloo on CPU-only machines. On several machines, every machine runs this
+    command with its own `machine_rank` and the same rendezvous address.
     """
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-           "--num_processes", str(num_processes), "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    m = machines or Machines()
+    total = num_processes * m.num_machines
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", str(m.num_machines),
+           "--num_processes", str(total), "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
     if fsdp:  # full sharding, transformer blocks wrapped, as accelerate's FSDP defaults for diffusers models
         cmd += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy",
-                "TRANSFORMER_BASED_WRAP", "--main_process_port", str(free_port())]
-    elif num_processes > 1:
-        cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
+                "TRANSFORMER_BASED_WRAP"]
+    if m.num_machines > 1:  # every machine names the same rendezvous port
+        cmd += ([] if fsdp else ["--multi_gpu"]) + [
+            "--machine_rank", str(m.machine_rank), "--main_process_ip", m.main_process_ip,
+            "--main_process_port", str(m.main_process_port or DEFAULT_MAIN_PORT)]
+    elif fsdp or num_processes > 1:
+        cmd += ([] if fsdp else ["--multi_gpu"]) + ["--main_process_port", str(free_port())]
     return cmd + ["-m", "richpref.training.train", "--config", str(config_path), "--output-dir", str(output_dir)]
 
 
 def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_processes: int = 1,
                     max_restarts: int = 0, env: dict[str, str] | None = None, log_file: str | None = None,
-                    on_poll: Callable[[], None] | None = None, poll_seconds: float = 10.0) -> dict:
+                    on_poll: Callable[[], None] | None = None, poll_seconds: float = 10.0,
+                    machines: Machines | None = None) -> dict:
     """Run training to the end, relaunching up to `max_restarts` times after a crash; return finetune.json.
 
-    `on_poll` is called every `poll_seconds` while training runs (progress reports)."""
+    `on_poll` is called every `poll_seconds` while training runs (progress reports). `machines`
+    (default: from RICHPREF_NUM_MACHINES etc., see Machines.from_env) spreads it over several
+    machines; their output_dir must then be one shared folder."""
     from .checkpoints import finished
 
     if num_processes < 1:
@@ -82,7 +133,8 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
         run_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))
     codes = []
     for attempt in range(max_restarts + 1):
-        cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision, cfg.fsdp)
+        cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision, cfg.fsdp,
+                                 machines or Machines.from_env(run_env))
         log.info("launch %d/%d: %s", attempt + 1, max_restarts + 1, " ".join(cmd))
         # The trainers die with this process (richpref.procs), also when it is SIGKILLed.
         proc = spawn_owned(cmd, name="accelerate-train", env=run_env, log_path=log_file)

@@ -1,0 +1,160 @@
+"""How busy the GPUs of a curate run are: the real shard runner and curate scheduling (the pipelined
+pass of richpref/pipeline.py, then the stage pass of richpref/orchestration.py) under Prefect on a
+real local Dask cluster of simulated GPU workers, each stage's model call replaced by a sleep.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/schedule.py [--workers 8] [--shards 256] [--items 8]
+        [--time-scale 0.5] [--doctor-json doctor.json]
+
+Per-item seconds and model load seconds come from a `richpref doctor` table: by default the tiny
+profile on one H200 (docs/benchmarks.md, "`richpref doctor` on a GPU", bfloat16 run, commit 4d081d0),
+or `--doctor-json` (written by `richpref doctor --json`). Every time is multiplied by --time-scale.
+Each worker has one GPU slot (`GPU=1`) and one CPU slot. A model stage's shard sleeps
+items x seconds-per-item (GPU busy) after its model is resident (a load sleeps load seconds, counted
+as idle); model-free stages sleep on CPU slots. Shards are real Parquet files in a temp run folder.
+
+busy = model sleep seconds / (workers x wall); ideal = model sleep seconds / workers;
+swaps = loads that replaced another resident model, summed over the workers.
+The last line: `busy=<fraction> wall/ideal=<ratio> swaps=<n>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# items/s and load s per stage: tiny profile, one H200, bfloat16 (docs/benchmarks.md, commit 4d081d0)
+DEFAULT_TABLE = {
+    "source": (6665.945, 0.27), "sample": (111.573, 10.29), "critique": (16.534, 0.44), "instruct": (33.129, 0.35),
+    "edit": (41.461, 1.37), "cutout": (37.871, 0.94), "check": (4.143, 0.4), "filter": (1161.558, 0.0),
+    "score": (34.682, 2.44), "relabel": (1067.914, 0.0), "export": (581.051, 0.0),
+}
+
+
+def _table(path: str | None) -> dict[str, tuple[float, float]]:
+    if not path:
+        return DEFAULT_TABLE
+    stages = json.loads(Path(path).read_text())["report"]["stages"]
+    return {s["stage"]: (s["items_per_s"], s["load_s"]) for s in stages}
+
+
+def _sleeping(name: str, per_item: float, load_s: float, loads_model: bool, items: int):
+    """The shard function of a simulated stage: sleeps instead of the model; rows pass through."""
+
+    def compute(inputs, profile):
+        import pyarrow as pa
+
+        from richpref.models.runtime import resident
+
+        rows = inputs.rows
+        ids = [f"i{inputs.shard:05d}-{k}" for k in range(items)] if name == "source" else rows.column("item_id").to_pylist()
+        if loads_model:
+            resident.get(("sim", name), lambda: time.sleep(load_s) or name)
+        time.sleep(len(ids) * per_item)
+        cols = {"item_id": ids, "status": ["ok"] * len(ids), "reason": pa.nulls(len(ids), pa.string())}
+        if name == "edit" or (rows is not None and "candidate" in rows.schema.names):
+            cols["candidate"] = [0] * len(ids) if name == "edit" else rows.column("candidate").to_pylist()
+        return pa.table(cols)
+
+    return compute
+
+
+def simulated_stages(table, scale: float, items: int, shards: int):
+    from richpref.tasks import ALL_STAGES
+
+    out = []
+    for st in ALL_STAGES:
+        rate, load = table[st.name]
+        per_item, load_s = scale / rate, scale * load
+        stage = replace(st, compute=_sleeping(st.name, per_item, load_s, st.loads_model, items), version="sim",
+                        fan_out=(lambda p: 1) if st.fan_out else None, config_view=None,
+                        key_extra=lambda p: "", output=st.output)
+        if not st.reads:
+            stage = replace(stage, count_shards=lambda p: shards, shard_key=lambda p, s, n=items: f"sim-{s}-{n}")
+        out.append((stage, per_item if st.loads_model else 0.0))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--shards", type=int, default=256)
+    ap.add_argument("--items", type=int, default=8, help="items per shard")
+    ap.add_argument("--time-scale", type=float, default=0.5, help="multiplies every per-item and load time")
+    ap.add_argument("--doctor-json", default=None, help="a `richpref doctor --json` file (default: built-in table)")
+    args = ap.parse_args()
+
+    from prefect import flow
+
+    from richpref.models.runtime import resident
+    from richpref.orchestration import run_stage
+    from richpref.pipeline import model_swaps, pipeline_pass
+    from richpref.schemas.config import load_profile
+    from richpref.storage import RunStore
+
+    stages = simulated_stages(_table(args.doctor_json), args.time_scale, args.items, args.shards)
+    model_s = sum(per_item * args.items * args.shards for _, per_item in stages)
+    data = tempfile.mkdtemp(prefix="richpref-schedule-")
+    os.environ.setdefault("PREFECT_HOME", f"{data}/.prefect")
+    profile = load_profile("tiny")
+    figures = {}
+
+    @flow(name="schedule-bench")
+    def bench() -> None:
+        store = RunStore(data, "sim")
+        chain = tuple(s for s, _ in stages)
+        t0 = time.perf_counter()
+        failed_before = pipeline_pass(chain, store, data, "sim", profile)
+        manifests, failures = {}, []
+        for stage in chain:
+            manifests[stage.out], failed = run_stage(stage, manifests, store, data, "sim", profile,
+                                                     failed_before.get(stage.name))
+            failures += failed
+        figures["wall"] = time.perf_counter() - t0
+        figures["models"] = model_swaps()
+        assert not failures, failures[:3]
+        assert len(manifests["pairs"]) == args.shards
+
+    resident.release()
+    import dask
+
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    env = {"OMP_NUM_THREADS": "1", "RICHPREF_TORCH_THREADS": "1"}
+    try:
+        _run(args, bench, env, cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 2,
+                                               "resources": {"GPU": 1}, "processes": True,
+                                               "dashboard_address": None, "env": env})
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    wall, models = figures["wall"], figures["models"]
+    ideal = model_s / args.workers
+    print(f"{args.workers} simulated GPU workers, {args.shards} shards x {args.items} items, time scale "
+          f"{args.time_scale}; per-item times from {args.doctor_json or 'the built-in doctor table (tiny, H200, bf16)'}")
+    print(f"model seconds {model_s:.1f}, ideal wall {ideal:.1f}s, wall {wall:.1f}s, model loads {models['loads']}")
+    print(f"busy={model_s / (args.workers * wall):.3f} wall/ideal={wall / ideal:.3f} swaps={models['swaps']}")
+
+
+def _run(args, bench, env, cluster_kwargs) -> None:
+    from distributed import Client, LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from richpref.prefect_api import owned_prefect_api
+
+    with owned_prefect_api(), LocalCluster(**cluster_kwargs) as cluster:
+        with Client(cluster) as client:
+            client.run(lambda: __import__("richpref.tasks"))  # imports done before the clock starts
+        bench.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()
+
+
+if __name__ == "__main__":
+    main()

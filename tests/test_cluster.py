@@ -1,0 +1,118 @@
+"""Preflight of a Dask cluster (richpref/cluster.py) and which shards claim a GPU: real local Dask
+clusters, no mocks. The multi-node run itself: tests/test_multinode.py."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from richpref.cluster import ClusterError, check_cluster, refuse_loopback_api
+from richpref.tasks import ALL_STAGES
+
+BIN = Path(sys.executable).parent
+
+
+def test_only_stages_that_load_a_model_claim_a_gpu():
+    gpu = {s.name for s in ALL_STAGES if s.loads_model}
+    assert gpu == {"sample", "critique", "instruct", "edit", "cutout", "check", "score"}
+
+
+@pytest.mark.parametrize("api, scheduler, refused", [
+    ("http://127.0.0.1:4200/api", "tcp://10.224.24.1:8786", True),
+    ("http://localhost:4200/api", "10.224.24.1:8786", True),
+    ("http://127.0.0.1:4200/api", "tcp://127.0.0.1:8786", False),
+    ("http://10.224.24.1:4200/api", "tcp://10.224.24.1:8786", False),
+    (None, "tcp://10.224.24.1:8786", False),
+])
+def test_a_loopback_prefect_api_is_refused_with_a_remote_scheduler(api, scheduler, refused):
+    if refused:
+        with pytest.raises(ClusterError, match="--prefect-host"):
+            refuse_loopback_api(api, scheduler)
+    else:
+        refuse_loopback_api(api, scheduler)
+
+
+@pytest.fixture(scope="module")
+def cpu_only_cluster():
+    """Two real worker processes without the GPU resource."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def test_workers_without_the_gpu_resource_fail_in_seconds_naming_them_and_the_fix(cpu_only_cluster, tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError) as err:
+        check_cluster(cpu_only_cluster, str(tmp_path), None)
+    assert time.monotonic() - t0 < 10
+    for addr in cpu_only_cluster.scheduler_info(n_workers=-1)["workers"]:
+        assert addr in str(err.value)
+    assert "--resources GPU=1" in str(err.value)
+    # A run of model-free stages only needs no GPU, and every worker passes the other checks.
+    reports = check_cluster(cpu_only_cluster, str(tmp_path), None, need_gpu=False)
+    assert len(reports) == 2 and all(r.device == "cpu" and not r.errors for r in reports)
+    assert not (tmp_path / "_preflight").exists() or not any((tmp_path / "_preflight").iterdir())
+
+
+def test_an_unreachable_prefect_api_and_an_unshared_data_dir_name_each_worker(cpu_only_cluster):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # memory:// lives inside each process: the workers do not see this process's probe file, as
+    # workers on other nodes do not see a node-local folder.
+    with pytest.raises(ClusterError) as err:
+        check_cluster(cpu_only_cluster, "memory://richpref-preflight", f"http://127.0.0.1:{port}/api",
+                      need_gpu=False)
+    msg = str(err.value)
+    for addr in cpu_only_cluster.scheduler_info(n_workers=-1)["workers"]:
+        assert f"({addr})" in msg
+    assert msg.count("cannot reach the Prefect API") == 2
+    assert msg.count("cannot read and write the data dir memory://richpref-preflight") == 2
+
+
+def test_curate_on_a_cluster_without_gpu_workers_exits_in_seconds(cpu_only_cluster, tmp_path, tiny_models):
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [str(BIN / "richpref"), "--data-dir", str(tmp_path), "curate", "--run", "nogpu", "--models-root",
+         str(tiny_models), "--set", "source.limit=2", "--dask-address", cpu_only_cluster.scheduler.address],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "no Dask worker has the GPU resource" in done.stderr and "--resources GPU=1" in done.stderr
+    assert time.monotonic() - t0 < 60  # the CLI's own Prefect server start included
+    assert not (tmp_path / "runs" / "nogpu" / "source").exists() or not any((tmp_path / "runs" / "nogpu" / "source").glob("*.parquet"))
+
+
+def test_curate_refuses_a_loopback_prefect_api_with_a_remote_scheduler_before_starting_anything(tmp_path, tiny_models):
+    # In a network namespace of its own where we can, so that even a broken refusal sends nothing out.
+    isolated = ["unshare", "-n"] if os.geteuid() == 0 and shutil.which("unshare") else []
+    done = subprocess.run(
+        [*isolated, str(BIN / "richpref"), "--data-dir", str(tmp_path), "curate", "--run", "x", "--models-root",
+         str(tiny_models), "--set", "source.limit=2", "--dask-address", "tcp://10.224.24.1:8786"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "loopback" in done.stderr and "--prefect-host" in done.stderr
+
+
+def test_a_cluster_that_loses_its_last_gpu_worker_fails_after_the_grace_period():
+    from distributed import Client, LocalCluster
+
+    from richpref.cluster import GpuWatch
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        watch = GpuWatch(client, grace=0.5)
+        watch.check()
+        client.retire_workers(list(client.scheduler_info(n_workers=-1)["workers"]))
+        watch.check()  # gone, but within the grace period (a worker may be restarting)
+        time.sleep(0.6)
+        with pytest.raises(ClusterError, match="no Dask worker with the GPU resource"):
+            watch.check()
