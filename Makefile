@@ -56,7 +56,7 @@ postgresql:
 	  || echo "note: PostgreSQL not installed; the multi-node test will fail (apt-get install postgresql)"
 
 test: install chromium postgresql
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 serve: models
 	$(VENV)/bin/richpref --data-dir $(DATA) serve
