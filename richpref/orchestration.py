@@ -104,6 +104,10 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
     # threshold: every activation buffer is then mapped and unmapped afresh (the edit stage ran 1.4x
     # slower per shard). Leave glibc's own adaptive thresholds to model workers.
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    # A cluster started earlier in this process (rounds, tests) left Dask's value in os.environ, which
+    # new workers would inherit.
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":
+        del os.environ["MALLOC_TRIM_THRESHOLD_"]
     # Two threads per worker: one for a model stage's shard (the GPU slot), one for a model-free shard.
     common = {"threads_per_worker": CPU_SLOTS + 1, "resources": {"GPU": 1}, "dashboard_address": None}
     if torch.cuda.is_available():

@@ -26,6 +26,23 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+# distributed's Nanny writes its pre-spawn environment (MALLOC_TRIM_THRESHOLD_, OMP/MKL/OPENBLAS
+# threads = 1) into the parent's os.environ; a test that starts a local Dask cluster would otherwise
+# hand those to every later test's subprocesses (fewer threads: other float rounding).
+_DASK_PRESPAWN = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def _restore_dask_prespawn_env():
+    before = {k: os.environ.get(k) for k in _DASK_PRESPAWN}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
     from richpref.models.tiny import build_tiny_models

@@ -25,9 +25,10 @@ def test_scheduler_and_variant_are_in_the_key_compile_and_layout_are_not():
     assert config_hash(EditConfig(scheduler="dpmsolver++")) != config_hash(EditConfig())
     assert config_hash(EditConfig(compile=True, channels_last=True)) == config_hash(EditConfig())
     # Unset, the new fields leave earlier keys as they were: the sample key is still the hash of the
-    # fields it always had (scheduler included), the edit key never saw a scheduler.
+    # fields it always had (scheduler included; safety_checker and min_image_std since sample v2), the
+    # edit key never saw a scheduler; variant and max_sequence_length count only when set.
     old = {k: v for k, v in base.model_dump(mode="json").items()
-           if k not in ("batch_size", "device", "dtype", "compile", "channels_last", "variant")}
+           if k not in ("batch_size", "device", "dtype", "compile", "channels_last", "variant", "max_sequence_length")}
     assert config_hash(base) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert "scheduler" not in EditConfig().model_dump(exclude={"scheduler"})
 
