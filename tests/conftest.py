@@ -32,11 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 _DASK_PRESPAWN = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+_PRESPAWN_BASELINE = {k: os.environ.get(k) for k in _DASK_PRESPAWN}  # before any test (or module fixture) ran
+
+
 @pytest.fixture(autouse=True)
 def _restore_dask_prespawn_env():
-    before = {k: os.environ.get(k) for k in _DASK_PRESPAWN}
+    # Back to the session's baseline, not to the values at this test's start: a module-scoped cluster
+    # fixture has already written Dask's values by then.
     yield
-    for k, v in before.items():
+    for k, v in _PRESPAWN_BASELINE.items():
         if v is None:
             os.environ.pop(k, None)
         else:
