@@ -72,6 +72,20 @@ def common_reason(p: Pair) -> str | None:
     return None
 
 
+def folder_reason(p: Pair, empty_caption: str) -> str | None:
+    """What an image-folder format cannot hold: `common_reason`, an image without a known file
+    extension, or an empty caption file (`empty_caption` says why the trainer refuses it)."""
+    reason = common_reason(p)
+    if reason:
+        return reason
+    for side in ("jpg_0", "jpg_1"):
+        if image_ext(p.row[side]) is None:
+            return f"unknown_image_format: {side} is not PNG, JPEG or WebP"
+    if not one_line(p.row.get("caption")):
+        return f"empty_caption: {empty_caption}"
+    return None
+
+
 def _json_safe(v):
     """JSON without NaN or infinity (Flow-Factory's schema refuses them): those become null."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -167,15 +181,7 @@ class KohyaWLWriter(Writer):
     image_dir = "1_pairs"
 
     def holds(self, p: Pair) -> str | None:
-        reason = common_reason(p)
-        if reason:
-            return reason
-        for side in ("jpg_0", "jpg_1"):
-            if image_ext(p.row[side]) is None:
-                return f"unknown_image_format: {side} is not PNG, JPEG or WebP"
-        if not one_line(p.row.get("caption")):
-            return "empty_caption: kohya fails on an empty caption file"
-        return None
+        return folder_reason(p, "kohya fails on an empty caption file")
 
     def add(self, p: Pair) -> None:
         caption = (one_line(p.row["caption"]) + "\n").encode()
@@ -208,17 +214,13 @@ class SimpleTunerWriter(Writer):
     doc = "https://github.com/bghira/SimpleTuner/blob/main/documentation/experimental/FLOW_DPO.md"
 
     def holds(self, p: Pair) -> str | None:
-        reason = common_reason(p)
+        reason = folder_reason(p, "a textfile caption must not be empty")
         if reason:
             return reason
         ext0, ext1 = image_ext(p.row["jpg_0"]), image_ext(p.row["jpg_1"])
-        if ext0 is None or ext1 is None:
-            return f"unknown_image_format: {'jpg_0' if ext0 is None else 'jpg_1'} is not PNG, JPEG or WebP"
         if ext0 != ext1:
             return (f"image_formats_differ: jpg_0 is {ext0[1:]}, jpg_1 is {ext1[1:]}; SimpleTuner pairs the "
                     "rejected image by the preferred one's file name, extension included")
-        if not one_line(p.row.get("caption")):
-            return "empty_caption: a textfile caption must not be empty"
         return None
 
     def add(self, p: Pair) -> None:
