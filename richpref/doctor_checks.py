@@ -89,7 +89,7 @@ def model_refs(profile: Profile) -> list[ModelRef]:
     for name in p.relabel.scored():  # the score stage loads the scored rewards (weight-0 ones only if report_only)
         spec = p.relabel.rewards[name]
         add("score", f"relabel.rewards.{name}.model", spec.model, "reward", p.relabel)
-        for opt in ("processor", "backbone"):
+        for opt in ("processor", "backbone", "adapter"):
             add("score", f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", p.relabel)
     if p.relabel.subject_gate is not None:
         add("score", "relabel.subject_gate.model", p.relabel.subject_gate.model, "reward", p.relabel)

@@ -20,14 +20,18 @@ REWARD_OPTIONS: dict[str, frozenset[str]] = {
     "hp": frozenset({"backbone", "processor", "file", "on_cutout"}),
     "dino_patch": frozenset({"patch", "stride", "on_cutout"}),
     "vlm_score": frozenset({"template", "on_cutout", "engine"}),
+    "unified_reward": frozenset({"template", "on_cutout", "engine", "max_new_tokens"}),
+    "edit_score": frozenset({"adapter", "template", "engine", "max_new_tokens"}),
 }
+EDIT_JUDGE_KINDS = ("edit_score",)  # score (original, instruction, edited): see models/rewards/edit_score.py
 
 
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # in xswu/HPSv2
 
 
 class RewardSpec(_Strict):
-    kind: Literal["clip", "pickscore", "imagereward", "hpsv2", "aesthetic", "ict", "hp", "dino_patch", "vlm_score"]
+    kind: Literal["clip", "pickscore", "imagereward", "hpsv2", "aesthetic", "ict", "hp", "dino_patch", "vlm_score",
+                  "unified_reward", "edit_score"]
     model: str  # model dir / Hub id; for aesthetic the head file (or the dir/repo holding `file`)
     weight: float = 1.0
     processor: str | None = None  # processor/tokenizer source when `model` has none (PickScore: the laion CLIP)
@@ -38,6 +42,8 @@ class RewardSpec(_Strict):
     stride: int | None = Field(None, ge=1)  # dino_patch window stride (default 112)
     template: str | None = None  # vlm_score question template in richpref/prompts (default reward_score_v1)
     engine: EngineConfig = EngineConfig()  # vlm_score: in-process or served (schemas/serving.py)
+    adapter: str | None = None  # edit_score: the LoRA adapter (EditScore/EditScore-7B) on `model` (its base VLM)
+    max_new_tokens: int | None = Field(None, ge=1)  # generative judges: answer length (default 512, as the references)
     # hpsv2: which HPS. v2.0 and v2.1 scores are not comparable (SD1.4: 26.95 vs 25.35); RPO's Table 1 and
     # Diffusion-DPO report v2.0, the hpsv2 package's default. Unset: read from `file`, else v2.0.
     version: Literal["v2.0", "v2.1"] | None = None
@@ -45,7 +51,8 @@ class RewardSpec(_Strict):
     @model_validator(mode="after")
     def _options_fit_kind(self) -> "RewardSpec":
         allowed = REWARD_OPTIONS[self.kind]
-        given = {k for k in ("processor", "backbone", "file", "patch", "stride", "template", "version") if getattr(self, k) is not None}
+        given = {k for k in ("processor", "backbone", "file", "patch", "stride", "template", "version",
+                                                "adapter", "max_new_tokens") if getattr(self, k) is not None}
         given |= {"on_cutout"} if self.on_cutout else set()
         given |= {"engine"} if self.engine != EngineConfig() else set()
         extra = sorted(given - allowed)

@@ -26,12 +26,14 @@ from ..models.runtime import resident, resolve_model_ref
 from ..pairing import scorer_dtype
 from ..prompts import template_hash
 from ..schemas.config import Profile, RelabelConfig
+from ..schemas.relabel import EDIT_JUDGE_KINDS
 from ..schemas.serving import key_view
 from ..schemas.tables import reward_scores_schema, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
 
 log = logging.getLogger("richpref")
 
+JUDGE_TEMPLATES = {"unified_reward": "unified_reward_v1", "edit_score": "edit_score_v1"}  # default questions
 SUBJECT = "subject_consistency"  # the scorer name of the subject gate's DINOv2
 
 
@@ -83,14 +85,19 @@ def scoring_view(cfg: RelabelConfig) -> dict:
     """What decides the scores (the score stage's key): the scored rewards without their weights, the
     gate's model without its threshold, and the dtype (16-bit scores differ from float32 ones)."""
     gate = cfg.subject_gate
-    rewards = {n: key_view(cfg.rewards[n], cfg.rewards[n].model_dump(mode="json", exclude={"weight"}))
-               for n in cfg.scored()}  # a served reward's endpoint is not part of the key
+    rewards = {n: key_view(cfg.rewards[n], cfg.rewards[n].model_dump(
+        mode="json", exclude={"weight"} | unset_judge_options(cfg.rewards[n]))) for n in cfg.scored()}  # a served reward's endpoint is not part of the key
     for n in rewards:  # a launched vlm_score server's kind is: transformers serve answers digits, not logprobs
         if cfg.rewards[n].engine.answer_key():
             rewards[n]["answers"] = cfg.rewards[n].engine.answer_key()
     return {"rewards": rewards,
             "subject_gate": gate.model_dump(mode="json", exclude={"min_consistency"}) if gate else None,
             "dtype": cfg.dtype}
+
+
+def unset_judge_options(spec) -> set[str]:
+    """The judges' options left unset: out of the key, so rewards keep the keys they had before them."""
+    return {f for f in ("adapter", "max_new_tokens") if getattr(spec, f) is None}
 
 
 def needs_cutouts(cfg: RelabelConfig) -> bool:
@@ -104,10 +111,15 @@ def digest(data: bytes) -> str:
 
 def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, prompts: list[str],
                  images: dict[str, list], owner: list[int], item_prompts: list[str],
-                 originals: dict[str, list]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
+                 originals: dict[str, list], instructions: list[str] | None = None,
+                 item_instructions: list[str] | None = None,
+                 unparsed: dict[str, dict[int, str]] | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
     """Raw scores per reward (one per item's original, one per edit row) and the dtype each reward ran
     in. `images` holds the decoded edits (and edited cut-outs) per row, `originals` the decoded
-    originals (and cut-outs) per item; `owner[k]` is the item of row k."""
+    originals (and cut-outs) per item; `owner[k]` is the item of row k. An edit judge scores each
+    edit from (original, instruction, edit) and each original as the edit that changes nothing; a
+    generative judge's answers that gave no score land in `unparsed[name]` (position -> raw answer)."""
     orig_raw, edit_raw, dtypes = {}, {}, {}
     m, n = len(item_prompts), len(prompts)
     for name in names:
@@ -115,12 +127,32 @@ def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, pro
         o_side, e_side = ("original_cutout", "edited_cutout") if spec.on_cutout else ("original", "edited")
         scorer = get_scorer(name)
         dtypes[name] = scorer_dtype(scorer)
-        flat = np.asarray(scorer.score(originals[o_side] + images[e_side], item_prompts + prompts,
-                                       batch_size=cfg.batch_size), dtype=np.float64)
+        if getattr(scorer, "edit_judge", False):
+            if instructions is None or item_instructions is None:
+                raise ValueError(f"reward {name!r} ({spec.kind}) judges edits: it needs each edit's instructions")
+            flat = np.asarray(scorer.score_edits(
+                originals[o_side] + [originals[o_side][j] for j in owner], originals[o_side] + images[e_side],
+                item_instructions + instructions, batch_size=cfg.batch_size), dtype=np.float64)
+        else:
+            flat = np.asarray(scorer.score(originals[o_side] + images[e_side], item_prompts + prompts,
+                                           batch_size=cfg.batch_size), dtype=np.float64)
         if flat.shape != (m + n,):
             raise RuntimeError(f"reward {name!r} returned shape {flat.shape} for {m + n} images")
+        if unparsed is not None and getattr(scorer, "unparsed", None):
+            unparsed[name] = dict(scorer.unparsed)
         orig_raw[name], edit_raw[name] = flat[:m], flat[m:]
     return orig_raw, edit_raw, dtypes
+
+
+def unparsed_reason(names: list[str], unparsed: dict[str, dict[int, str]], positions: tuple[int, int]) -> str | None:
+    """`unparsed_answer: …` with the raw answer of the first judge whose answer (at the original's
+    or the edit's position) gave no score; None when every answer gave one."""
+    for name in names:
+        for pos in positions:
+            raw = unparsed.get(name, {}).get(pos)
+            if raw is not None:
+                return f"unparsed_answer: {name} answered {raw[:400]!r}"
+    return None
 
 
 def subject_consistency(cfg: RelabelConfig, get_scorer: Callable, images: dict[str, list], owner: list[int],
@@ -135,7 +167,7 @@ def subject_consistency(cfg: RelabelConfig, get_scorer: Callable, images: dict[s
 
 
 def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg: RelabelConfig, get_scorer,
-               candidates: list[int] | None = None) -> pa.Table:
+               candidates: list[int] | None = None, instructions: list[str] | None = None) -> pa.Table:
     """One row of raw scores per (item, edit candidate) row, in input order.
 
     `images` maps original/edited (and original_cutout/edited_cutout when a reward or the gate needs
@@ -152,6 +184,7 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
     originals: dict[str, list] = {side: [] for side in o_sides}
     orig_digest: list[str] = []
     item_prompts: list[str] = []
+    item_instructions: list[str] = []
     bad_original: dict[str, str] = {}
     rows: list[int] = []  # row indices being scored
     edits: dict[str, list] = {side: [] for side in e_sides}
@@ -168,6 +201,7 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
                 continue
             items[iid] = len(item_prompts)
             item_prompts.append(prompts[k])
+            item_instructions.append(instructions[k] if instructions is not None else "")
             orig_digest.append(digest(images["original"][k]))
             for side in o_sides:
                 originals[side].append(decoded[side])
@@ -182,7 +216,11 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
     if rows:
         owner = [items[item_ids[k]] for k in rows]
         row_prompts = [prompts[k] for k in rows]
-        orig_raw, edit_raw, dtypes = score_images(names, cfg, get_scorer, row_prompts, edits, owner, item_prompts, originals)
+        unparsed: dict[str, dict[int, str]] = {}
+        orig_raw, edit_raw, dtypes = score_images(
+            names, cfg, get_scorer, row_prompts, edits, owner, item_prompts, originals,
+            instructions=None if instructions is None else [instructions[k] for k in rows],
+            item_instructions=item_instructions, unparsed=unparsed)
         consistency = (subject_consistency(cfg, get_scorer, edits, owner, originals, row_prompts)
                        if cfg.subject_gate else None)
         for r, k in enumerate(rows):
@@ -195,29 +233,40 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
             bad = sorted({n for n in names if not (np.isfinite(orig_raw[n][j]) and np.isfinite(edit_raw[n][r]))}
                          | ({SUBJECT} if consistency is not None and not np.isfinite(consistency[r]) else set()))
             # Non-finite scores cannot be ranked (all of an item's rows when its original's score is at fault).
-            out[k] = (rejected(item_ids[k], f"bad_score: non-finite {', '.join(bad)} score", **values) if bad
-                      else kept(item_ids[k], **values))
+            why = (unparsed_reason(names, unparsed, (j, len(item_prompts) + r)) if bad else None) or \
+                f"bad_score: non-finite {', '.join(bad)} score"
+            out[k] = rejected(item_ids[k], why, **values) if bad else kept(item_ids[k], **values)
     return rows_to_table([out[k] for k in range(n_rows)], reward_scores_schema(names))
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     cfg = profile.relabel
     sample = inputs.lookup("sample", ["prompt", "image"])
-    images = {"original": sample.column("image").to_pylist(),
-              "edited": inputs.lookup("edit", ["image"]).column("image").to_pylist()}
+    judges = needs_instructions(cfg)
+    edit = inputs.lookup("edit", ["image", "edit_instructions"] if judges else ["image"])
+    images = {"original": sample.column("image").to_pylist(), "edited": edit.column("image").to_pylist()}
+    instructions = ([" ".join(s.strip() for s in (row or [])) for row in edit.column("edit_instructions").to_pylist()]
+                    if judges else None)
     if needs_cutouts(cfg):
         cut = inputs.lookup("cutout", ["original_cutout", "edited_cutout"])
         images.update(original_cutout=cut.column("original_cutout").to_pylist(),
                       edited_cutout=cut.column("edited_cutout").to_pylist())
     return score_rows(inputs.rows.column("item_id").to_pylist(), sample.column("prompt").to_pylist(), images, cfg,
                       lambda name: load_scorer(name, cfg, profile.models_root),
-                      candidates=inputs.rows.column("candidate").to_pylist())
+                      candidates=inputs.rows.column("candidate").to_pylist(), instructions=instructions)
+
+
+def needs_instructions(cfg: RelabelConfig) -> bool:
+    """Whether an edit judge is scored: it reads each edit's instructions (the edit stage's)."""
+    return any(cfg.rewards[n].kind in EDIT_JUDGE_KINDS for n in cfg.scored())
 
 
 def templates_key(profile: Profile) -> str:
     """The text of every VLM question a reward asks is part of the key, like the VLM stages' templates."""
     cfg = profile.relabel
-    names = sorted({cfg.rewards[n].template or "reward_score_v1" for n in cfg.scored() if cfg.rewards[n].kind == "vlm_score"})
+    defaults = {"vlm_score": "reward_score_v1", **JUDGE_TEMPLATES}
+    names = sorted({cfg.rewards[n].template or defaults[cfg.rewards[n].kind] for n in cfg.scored()
+                    if cfg.rewards[n].kind in defaults})
     return ",".join(f"{n}={template_hash(n)}" for n in names)
 
 

@@ -12,6 +12,8 @@ tested on tiny weights in that layout (`richpref.models.tiny.rewards`).
 | hpsv2 | `hps` | image |
 | dino_patch | `dino` | pair (edit vs original) |
 | vlm_score | `vlm_score` | image |
+| unified_reward | `unified_reward` | image (generative judge) |
+| edit_score | `edit_score` | edit: (original, instruction, edited) (generative judge) |
 """
 from __future__ import annotations
 
@@ -54,6 +56,18 @@ def _vlm_score(path, **kw):
     return VLMExpectedScore(path, **kw)
 
 
+def _unified_reward(path, **kw):
+    from .unified_reward import UnifiedReward
+
+    return UnifiedReward(path, **kw)
+
+
+def _edit_score(path, **kw):
+    from .edit_score import EditScore
+
+    return EditScore(path, **kw)
+
+
 # kind -> (loader, the spec options it takes besides device/dtype)
 REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "clip": (_clip, ("processor",)),
@@ -65,10 +79,12 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "hp": (lambda path, **kw: HPScore(path, **kw), ("backbone", "processor", "file")),
     "dino_patch": (_dino_patch, ("patch", "stride")),
     "vlm_score": (_vlm_score, ("template", "engine")),
+    "unified_reward": (_unified_reward, ("template", "engine", "max_new_tokens")),
+    "edit_score": (_edit_score, ("adapter", "template", "engine", "max_new_tokens")),
 }
 KINDS = tuple(REGISTRY)
 PAIR_KINDS = ("dino_patch",)
-MODEL_REF_OPTIONS = ("processor", "backbone")  # options that name models (resolved like `model`)
+MODEL_REF_OPTIONS = ("processor", "backbone", "adapter")  # options that name models (resolved like `model`)
 
 
 def load_reward(kind: str, path: str, *, device: str = "auto", dtype: str = "auto", **options: Any):

@@ -20,6 +20,7 @@ LAYOUT = {
     "controlnet_sdxl": "controlnet-sdxl",
     "critic": "llava-critic",
     "vlm": "qwen2.5-vl",
+    "edit_score_lora": "editscore-lora",  # a LoRA on the tiny Qwen2.5-VL, laid out like EditScore's (judges.py)
     "clip": "clip",
     "pickscore": "pickscore",
     "rembg_home": "rembg",
@@ -67,6 +68,9 @@ def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str
     build_tiny_sdxl_controlnet(root / LAYOUT["sdxl"], root / LAYOUT["controlnet_sdxl"], seed=seed + 8)
     build_tiny_llava_onevision(root / LAYOUT["critic"], seed=seed + 2)
     build_tiny_qwen2_5_vl(root / LAYOUT["vlm"], seed=seed + 3)
+    from .judges import build_tiny_lora
+
+    build_tiny_lora(root / LAYOUT["vlm"], root / LAYOUT["edit_score_lora"], seed=seed + 9)
     build_tiny_clip(root / LAYOUT["clip"], seed=seed + 4)
     build_tiny_clip(root / LAYOUT["pickscore"], seed=seed + 5)
     build_tiny_u2net_onnx(root / LAYOUT["rembg_home"], seed=seed + 6)
