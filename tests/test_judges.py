@@ -1,0 +1,173 @@
+"""The generative judges `unified_reward` and `edit_score`: answer parsing against hand-worked
+answers, the questions they ask, in-process scoring on the tiny Qwen2.5-VL (and its tiny LoRA), the
+score stage's handling of answers that give no score, config and missing-weight errors."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from richpref.images import encode_png
+from richpref.models.rewards import load_reward, load_reward_spec
+from richpref.models.rewards.judge_chat import ask, qwen_resize
+from richpref.models.rewards.judge_parse import edit_score, final_score, score_list
+from richpref.schemas.config import RelabelConfig, RewardSpec
+from vlm_helpers import PROMPTS, image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(autouse=True)
+def merged_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RICHPREF_CACHE", str(tmp_path_factory.getbasetemp() / "richpref-cache"))
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_final_score_reads_the_first_final_score_in_range():
+    assert final_score("cat (object): 1\ndog (object): 0\nFinal Score: 4") == 4.0
+    assert final_score("Final Score: 3.5 then Final Score: 2") == 3.5
+    assert final_score("Final Score:\n 5.") == 5.0
+    for bad in ("Final Score: 7", "final score: 3", "Score: 4", "", None, "Final Score: 0"):
+        assert final_score(bad) is None, bad
+
+
+def test_score_list_reads_json_python_literals_bad_quotes_and_bare_numbers():
+    assert score_list('{"reasoning": "ok", "score": [20, 15]}') == [20.0, 15.0]
+    assert score_list("Here: {'reasoning': 'fine', 'score': [7, 8.5]} done") == [7.0, 8.5]
+    assert score_list('{"reasoning": "the "hat" is there", "score": [9, 3]}') == [9.0, 3.0]  # unescaped quotes
+    assert score_list('{reasoning: "x", score: [1, 2]}') == [1.0, 2.0]  # bare keys
+    assert score_list('reasoning: weird, "score": 12 and 4') == [12.0, 4.0]  # no object: numbers after score
+    assert score_list('{"reasoning": "no numbers here"}') == []
+    assert score_list("") == [] and score_list(None) == []
+
+
+def test_edit_score_is_sqrt_of_the_minima_on_ten_and_nan_without_a_usable_score():
+    got = edit_score('{"reasoning": "a", "score": [20, 15]}', '{"reasoning": "b", "score": [25, 10]}', 25)
+    assert got["semantics"] == pytest.approx(6.0) and got["quality"] == pytest.approx(4.0)
+    assert got["overall"] == pytest.approx(math.sqrt(24.0))
+    assert math.isnan(edit_score('{"reasoning": "a"}', '{"score": [5, 5]}', 25)["overall"])  # no SC score
+    assert math.isnan(edit_score('{"score": [30, 27]}', '{"score": [5, 5]}', 25)["overall"])  # min 27/2.5 > 10
+    assert math.isnan(edit_score('{"score": [-1, 20]}', '{"score": [5, 5]}', 25)["overall"])
+    assert edit_score('{"score": [0, 9]}', '{"score": [5]}', 10)["overall"] == 0.0
+
+
+# ---------------------------------------------------------------- questions and preprocessing
+
+
+def test_qwen_resize_rounds_sides_to_multiples_of_28_within_the_pixel_bounds():
+    assert qwen_resize(image(0, (100, 60))).size == (112, 56)
+    assert qwen_resize(image(0, (10, 10))).size == (56, 56)  # below 4*28*28 pixels: scaled up
+    big = qwen_resize(image(0, (5000, 4000)), max_pixels=1000 * 28 * 28)
+    assert big.size[0] % 28 == 0 and big.size[1] % 28 == 0 and big.size[0] * big.size[1] <= 1000 * 28 * 28
+
+
+def test_edit_score_asks_the_labelled_two_image_question_the_reference_renders(tiny_models):
+    judge = load_reward("edit_score", str(tiny_models / "qwen2.5-vl"), adapter=str(tiny_models / "editscore-lora"),
+                        device="cpu", dtype="float32", max_new_tokens=4)
+    try:
+        sem, qual = judge.questions(image(1), image(2), "Make the apple red")
+        content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in sem]
+        text = judge.vlm.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                       tokenize=False)
+        assert "user\n<img1>: <|vision_start|><|image_pad|><|vision_end|><img2>: <|vision_start|>" in text
+        assert text.rstrip().endswith("Editing instruction: Make the apple red<|im_end|>\n<|im_start|>assistant")
+        assert "0 to 25" in sem[-1] and "{" in sem[-1] and "0 to 25" in qual[-1]
+        assert [p.size for p in sem if not isinstance(p, str)] == [(56, 56), (56, 56)] and len(qual) == 3
+    finally:
+        judge.close()
+
+
+# ---------------------------------------------------------------- in-process on tiny twins
+
+
+def test_unified_reward_scores_are_the_parsed_greedy_answers(tiny_models):
+    reward = load_reward("unified_reward", str(tiny_models / "qwen2.5-vl"), device="cpu", dtype="float32",
+                         max_new_tokens=12)
+    try:
+        imgs = [image(k) for k in range(3)]
+        got = reward.score(imgs, PROMPTS)
+        answers = reward.answers(imgs, PROMPTS, batch_size=1)  # batch composition does not change the answer
+        want = [final_score(a.text) for a in answers]
+        assert [None if math.isnan(g) else g for g in got] == want
+        assert reward.unparsed == {k: a.text for k, a in enumerate(answers) if want[k] is None}
+        assert "Text Caption: [a red apple on a wooden table]" in reward.question(imgs[0], PROMPTS[0])[1]
+    finally:
+        reward.close()
+
+
+def test_the_tiny_lora_changes_the_judge_and_is_merged_once(tiny_models, tmp_path):
+    from richpref.models.rewards.judge_chat import merged_dir
+
+    base, lora = str(tiny_models / "qwen2.5-vl"), str(tiny_models / "editscore-lora")
+    first = merged_dir(base, lora)
+    assert merged_dir(base, lora) == first and (first / "config.json").is_file()
+    judge = load_reward("edit_score", base, adapter=lora, device="cpu", dtype="float32", max_new_tokens=10)
+    plain = load_reward("unified_reward", base, device="cpu", dtype="float32")
+    try:
+        q = [judge.questions(image(1), image(2), "Add a hat")[0]]
+        assert ask(judge.vlm, q, max_new_tokens=10)[0].text != ask(plain.vlm, q, max_new_tokens=10)[0].text
+        s = judge.score_edits([image(1), image(3)], [image(2), image(4)], ["Add a hat", "Turn the car blue"])
+        assert s.shape == (2,) and len(judge.details) == 2
+        assert all(math.isnan(v) == (k in judge.unparsed) for k, v in enumerate(s))
+        with pytest.raises(TypeError, match="score_edits"):
+            judge.score([image(1)], ["x"])
+    finally:
+        judge.close()
+        plain.close()
+
+
+# ---------------------------------------------------------------- the score stage
+
+
+def test_score_stage_rejects_an_unparsed_judge_answer_keeping_the_raw_text(tiny_models):
+    from richpref.tasks.relabel_score import score_rows
+
+    cfg = RelabelConfig(device="cpu", rewards={"es": {"kind": "edit_score", "model": str(tiny_models / "qwen2.5-vl"),
+                                                      "adapter": str(tiny_models / "editscore-lora"),
+                                                      "max_new_tokens": 6}})
+    judge = load_reward_spec(cfg.rewards["es"], device="cpu", dtype="float32")
+    try:
+        images = {"original": [encode_png(image(1)), encode_png(image(1))],
+                  "edited": [encode_png(image(2)), encode_png(image(3))]}
+        instr = ["Add a hat", "Add a scarf"]
+        table = score_rows(["a", "a"], [PROMPTS[0]] * 2, images, cfg, lambda name: judge, candidates=[0, 1],
+                           instructions=instr).to_pylist()
+        # what the judge answers when asked directly: the original as the edit that changes nothing
+        direct = judge.score_edits([image(1), image(1), image(1)], [image(1), image(2), image(3)],
+                                   ["Add a hat", "Add a hat", "Add a scarf"])
+        for k, row in enumerate(table):
+            if math.isnan(direct[0]) or math.isnan(direct[k + 1]):
+                raw = judge.unparsed[0] if math.isnan(direct[0]) else judge.unparsed[k + 1]
+                assert row["status"] == "rejected" and row["reason"].startswith("unparsed_answer: es answered ")
+                assert row["reason"].endswith(repr(raw[:400]))
+            else:
+                assert row["status"] == "ok" and row["es_1"] == pytest.approx(direct[k + 1])
+        with pytest.raises(ValueError, match="instructions"):
+            score_rows(["a"], [PROMPTS[0]], {k: v[:1] for k, v in images.items()}, cfg, lambda name: judge)
+    finally:
+        judge.close()
+
+
+# ---------------------------------------------------------------- configs and missing weights
+
+
+def test_judge_options_fit_their_kind_and_stay_out_of_other_rewards_keys():
+    with pytest.raises(ValueError, match="takes no adapter"):
+        RewardSpec(kind="unified_reward", model="CodeGoat24/UnifiedReward-qwen-7b", adapter="x/y")
+    with pytest.raises(ValueError, match="takes no max_new_tokens"):
+        RewardSpec(kind="clip", model="openai/clip", max_new_tokens=3)
+    from richpref.tasks.relabel_score import scoring_view
+
+    view = scoring_view(RelabelConfig())["rewards"]["imagereward"]
+    assert "adapter" not in view and "max_new_tokens" not in view  # keys of existing runs stay
+
+
+def test_a_missing_adapter_fails_naming_it(tiny_models, tmp_path):
+    from richpref.models.runtime import ModelNotAvailable
+
+    spec = RewardSpec(kind="edit_score", model=str(tiny_models / "qwen2.5-vl"), adapter=str(tmp_path / "no-lora"))
+    with pytest.raises(ModelNotAvailable, match="no-lora"):
+        load_reward_spec(spec, device="cpu")
