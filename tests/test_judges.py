@@ -171,3 +171,25 @@ def test_a_missing_adapter_fails_naming_it(tiny_models, tmp_path):
     spec = RewardSpec(kind="edit_score", model=str(tiny_models / "qwen2.5-vl"), adapter=str(tmp_path / "no-lora"))
     with pytest.raises(ModelNotAvailable, match="no-lora"):
         load_reward_spec(spec, device="cpu")
+
+
+def test_tiny_judges_profile_resolves_its_judges_and_keys_their_questions(tiny_models, tmp_path):
+    from richpref.doctor_checks import ModelProblem, preflight
+    from richpref.schemas.config import load_profile
+    from richpref.tasks.relabel_score import templates_key
+
+    profile = load_profile("tiny-judges", models_root=str(tiny_models))
+    assert profile.relabel.scored() == ["imagereward", "unified_reward", "edit_score"]
+    refs, _ = preflight(profile)
+    assert {r.field for r in refs} >= {"relabel.rewards.edit_score.adapter", "relabel.rewards.unified_reward.model"}
+    key = templates_key(profile)
+    assert "edit_score_v1=" in key and "unified_reward_v1=" in key
+    # doctor's preflight names a judge whose adapter is missing, and the fix
+    root = tmp_path / "models"
+    root.mkdir()
+    for sub in tiny_models.iterdir():
+        if not (root / sub.name).exists() and sub.name != "editscore-lora":
+            (root / sub.name).symlink_to(sub)
+    with pytest.raises(ModelProblem) as exc:
+        preflight(load_profile("tiny-judges", models_root=str(root)))
+    assert "editscore-lora" in str(exc.value) and "build-tiny" in str(exc.value)
