@@ -193,3 +193,17 @@ def test_tiny_judges_profile_resolves_its_judges_and_keys_their_questions(tiny_m
     with pytest.raises(ModelProblem) as exc:
         preflight(load_profile("tiny-judges", models_root=str(root)))
     assert "editscore-lora" in str(exc.value) and "build-tiny" in str(exc.value)
+
+
+def test_a_launched_vllm_takes_the_edit_judges_two_images_per_request():
+    from richpref.models.rewards.judge_chat import judge_engine
+    from richpref.models.vlm_server import launch_command
+    from richpref.schemas.serving import EngineConfig
+
+    vllm = EngineConfig(backend="server", launch="vllm")
+    cmd = launch_command("vllm", "m", "m", 8000, extra_args=judge_engine(vllm, 2).extra_args)
+    flags = [k for k, a in enumerate(cmd) if a == "--limit-mm-per-prompt"]
+    assert cmd[flags[-1] + 1] == '{"image": 2}'  # the last one given is the one vLLM keeps
+    assert judge_engine(vllm, 1) is vllm and judge_engine(None, 2) is None
+    mine = EngineConfig(backend="server", launch="vllm", extra_args=["--limit-mm-per-prompt", '{"image": 4}'])
+    assert judge_engine(mine, 2) is mine

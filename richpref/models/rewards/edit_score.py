@@ -42,7 +42,7 @@ class EditScore:
         self.template_name, self.scale, self.max_new_tokens = template, scale, max_new_tokens
         self.edit_q = render(sections["edit"], scale=scale, instruction="{instruction}")
         self.quality_q = render(sections["quality"], scale=scale)
-        self.vlm = load_judge_vlm(path, engine=engine, adapter=adapter, device=device, dtype=dtype)
+        self.vlm = load_judge_vlm(path, engine=engine, adapter=adapter, device=device, dtype=dtype, images=2)
         self.model_id = self.vlm.model_id if adapter is None else f"{path}+{adapter}"
         self.unparsed: dict[int, str] = {}
         self.details: list[dict] = []  # per edit of the last call: semantics, quality, overall

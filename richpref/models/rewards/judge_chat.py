@@ -85,9 +85,23 @@ def model_type(path: str) -> str:
         return ""
 
 
+def judge_engine(engine, images: int):
+    """`engine` with a launched vLLM allowed `images` images per request (richpref launches it with
+    one, what the VLM stages send); unchanged when the user's `extra_args` already set the limit."""
+    if engine is None or engine.launch != "vllm" or images <= 1 or "--limit-mm-per-prompt" in engine.extra_args:
+        return engine
+    import json
+
+    # vLLM's parser keeps the last value of a repeated option: this one, appended after the default.
+    return engine.model_copy(update={"extra_args": [*engine.extra_args, "--limit-mm-per-prompt",
+                                                    json.dumps({"image": images})]})
+
+
 def load_judge_vlm(path: str, *, engine=None, adapter: str | None = None, device: str = "auto",
-                   dtype: str = "auto"):
-    """The judge's VLM: in-process (`VisionLanguageModel`) or a client of a server (`ServedVLM`)."""
+                   dtype: str = "auto", images: int = 1):
+    """The judge's VLM: in-process (`VisionLanguageModel`) or a client of a server (`ServedVLM`) that
+    takes `images` images per question."""
+    engine = judge_engine(engine, images)
     served = engine is not None and engine.backend == "server"
     if adapter is not None and not (served and engine.endpoint):  # a running server holds its own weights
         path = str(merged_dir(path, adapter))
@@ -157,4 +171,4 @@ def ask(vlm, questions: Sequence[Sequence[Part]], *, max_new_tokens: int, batch_
     return _served(vlm, questions, max_new_tokens)
 
 
-__all__ = ["Part", "ask", "load_judge_vlm", "merged_dir", "model_type", "qwen_resize"]
+__all__ = ["Part", "ask", "judge_engine", "load_judge_vlm", "merged_dir", "model_type", "qwen_resize"]
