@@ -83,10 +83,12 @@ def test_edit_score_asks_the_labelled_two_image_question_the_reference_renders(t
 # ---------------------------------------------------------------- in-process on tiny twins
 
 
-def test_unified_reward_scores_are_the_parsed_greedy_answers(tiny_models):
-    reward = load_reward("unified_reward", str(tiny_models / "qwen2.5-vl"), device="cpu", dtype="float32",
+@pytest.mark.parametrize("folder", ["qwen2.5-vl", "llava-critic"])  # UnifiedReward-qwen-* / UnifiedReward-7b
+def test_unified_reward_scores_are_the_parsed_greedy_answers(tiny_models, folder):
+    reward = load_reward("unified_reward", str(tiny_models / folder), device="cpu", dtype="float32",
                          max_new_tokens=12)
     try:
+        assert reward.qwen == (folder == "qwen2.5-vl")  # the qwen_vl_utils resize is Qwen's reference's alone
         imgs = [image(k) for k in range(3)]
         got = reward.score(imgs, PROMPTS)
         answers = reward.answers(imgs, PROMPTS, batch_size=1)  # batch composition does not change the answer
