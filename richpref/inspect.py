@@ -6,7 +6,7 @@ import json
 import duckdb
 
 from .storage import RunStore
-from .tasks import OUTPUTS
+from .tasks import ALL_OUTPUTS, OUTPUTS, PAIR_KEYED
 
 SQL_STRING = str.maketrans({"'": "''"})
 
@@ -22,7 +22,7 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
         con.execute("SET autoinstall_known_extensions = false")
         con.register_filesystem(store.fs)
     views = []
-    for out in OUTPUTS:
+    for out in ALL_OUTPUTS:
         files = [store.uri(store.shard_path(out, s)) for s in store.shards(out)]
         if not files:
             continue
@@ -31,7 +31,7 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
         views.append(out)
     if not views:
         raise FileNotFoundError(f"run {run!r} has no shards under {store.uri(store.root)}; run `richpref curate --run {run}` first")
-    _create_pairs_full(con, views)
+    _create_pairs_full(con, [v for v in views if v not in PAIR_KEYED])
     return con, views + ["pairs_full"]
 
 
