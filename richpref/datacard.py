@@ -222,6 +222,8 @@ def write_run_report(data_dir: str, run: str) -> dict[str, str]:
     summary = run_summary(data_dir, run)
     profile_path = join(store.root, "profile.json")
     profile = json.loads(store.fs.cat_file(profile_path)) if store.fs.exists(profile_path) else {}
+    if profile.get("pipeline") == "rebuild":
+        return _write_rebuild_card(store, run, summary, profile)
     scores = _read_stage(store, "relabel")
     stats = score_stats(scores) if scores is not None else {"scored": 0, "rewards": {}, "margin": {}}
     min_margin = profile.get("relabel", {}).get("min_margin", 0.0)
@@ -236,6 +238,20 @@ def write_run_report(data_dir: str, run: str) -> dict[str, str]:
     store.fs.pipe_file(card, render_run_card(run, summary, stats, profile, "../plots").encode())
     out["README.md"] = store.uri(card)
     return out
+
+
+def _write_rebuild_card(store, run: str, summary: dict, profile: dict) -> dict[str, str]:
+    from .datacard_rebuild import rebuild_stats, render_rebuild_card
+    from .storage import join
+
+    relabel = profile.get("relabel", {})
+    names = list(relabel.get("rewards", {}))
+    scored = [n for n in names if relabel["rewards"][n].get("weight", 1.0) != 0 or n in (relabel.get("report_only") or [])]
+    stats = rebuild_stats(_read_stage(store, "rewards"), _read_stage(store, "ranked"), scored)
+    store.fs.makedirs(store.stage_dir("pairs"), exist_ok=True)
+    card = join(store.stage_dir("pairs"), "README.md")
+    store.fs.pipe_file(card, render_rebuild_card(run, summary, stats, profile).encode())
+    return {"README.md": store.uri(card)}
 
 
 def render_relabel_card(summary: dict, stats: dict) -> str:
