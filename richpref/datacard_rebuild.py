@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .datacard import USAGE, _front_matter, reward_titles
+from .card_parts import USAGE, _front_matter, reward_titles
 
 PAIRING = {"best_vs_worst": "each prompt's best sample against its worst",
            "all_with_margin": "every pair of a prompt's samples"}
@@ -93,3 +93,18 @@ def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict) -> 
 def _description(profile: dict) -> str:
     name = profile.get("name", "?")
     return f"Profile: `{name}`" + (f": {profile['description'].strip()}" if profile.get("description") else ".")
+
+
+def write_rebuild_card(store, run: str, summary: dict, profile: dict, scores: pa.Table | None,
+                       ranked: pa.Table | None) -> dict[str, str]:
+    """<run>/pairs/README.md of a rebuild run; returns its location."""
+    from .storage import join
+
+    relabel = profile.get("relabel", {})
+    rewards = relabel.get("rewards", {})
+    scored = [n for n, r in rewards.items() if r.get("weight", 1.0) != 0 or n in (relabel.get("report_only") or [])]
+    stats = rebuild_stats(scores, ranked, scored)
+    store.fs.makedirs(store.stage_dir("pairs"), exist_ok=True)
+    card = join(store.stage_dir("pairs"), "README.md")
+    store.fs.pipe_file(card, render_rebuild_card(run, summary, stats, profile).encode())
+    return {"README.md": store.uri(card)}
