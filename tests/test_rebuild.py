@@ -216,3 +216,21 @@ def test_profiles_refuse_what_does_not_fit_their_pipeline():
         p = load_profile(name)
         assert p.pipeline == "rebuild" and p.sample.num_samples == 4 and p.source.prompt_column == "caption"
     assert load_profile("flux-dev-rebuild").sample.model == "black-forest-labs/FLUX.1-dev"
+
+
+def test_status_plan_and_views_follow_the_rebuild(rebuilt, tiny_models):
+    from richpref.inspect import connect, status
+    from richpref.plan import plan_run
+
+    data, store, prof, _ = rebuilt
+    st = status(data, "r")
+    assert [s["stage"] for s in st["stages"]] == ["source", "samples", "rewards", "ranked", "pairs"]
+    assert not any(s["missing"] or s["failed"] for s in st["stages"])
+    assert all(not s.todo and not s.blocked for s in plan_run(prof, data, "r").stages)
+    con, views = connect(data, "r")
+    assert {"samples", "rewards", "ranked", "pairs", "pairs_full"} <= set(views)
+    # pairs_full: one row per source row and sample (ranked, keyed by pair, is not joined in)
+    assert con.execute("select count(*) from pairs_full").fetchone()[0] == 2 + 6 * N
+    in_pair = con.execute("select count(*) from pairs_full where in_pair").fetchone()[0]
+    assert in_pair == len({(i, c) for i, a, b in con.execute("select item_id, candidate_0, candidate_1 from pairs").fetchall()
+                           for c in (a, b)})
