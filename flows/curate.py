@@ -32,7 +32,10 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 
     pipeline = stages_for(prof)
-    stages = pipeline if until is None else pipeline[: [s.name for s in pipeline].index(until) + 1]
+    names = [s.name for s in pipeline]
+    if until is not None and until not in names:
+        raise ValueError(f"--until {until}: profile {prof.name!r} ({prof.pipeline} pipeline) runs {', '.join(names)}")
+    stages = pipeline if until is None else pipeline[: names.index(until) + 1]
     preflight(data_dir, stages)  # on a Dask cluster: every worker can take part, or fail now naming it
     failed_before = pipeline_pass(stages, store, data_dir, run, prof)  # on Dask: no stage barrier
     manifests: dict[str, dict[int, ShardManifest]] = {}

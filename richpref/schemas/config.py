@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from .common import RUNTIME_FIELDS, StageConfig, _Strict
 from .diffusion import PipelineSettings
 from .editors import EditorSettings, PromptMode
+from .rebuild import check_pipeline
 from .relabel import HPS_FILES, REWARD_OPTIONS, RelabelConfig, RewardSpec, SubjectGateConfig  # noqa: F401 - re-exported
 from .serving import EngineConfig, ImageCaps, key_view
 
@@ -204,8 +205,6 @@ class Profile(_Strict):
 
     @model_validator(mode="after")
     def _pipeline_fits(self) -> "Profile":
-        from .rebuild import check_pipeline
-
         check_pipeline(self)
         return self
 

@@ -1,7 +1,7 @@
 """ranked (rebuild): every possible pair of a prompt's samples, kept with a label from the rewards or
 rejected with a reason; no model call.
 
-Per voting reward the raw scores of the shard's valid samples are z-standardised (`relabel.standardize:
+Per voting reward the raw scores of the shard's valid samples (of prompts with two or more) are z-standardised (`relabel.standardize:
 shard`, or centred per prompt and scaled by the pooled spread: `item`) and combined with the rewards'
 weights. `relabel.pairing` picks the pairs: `best_vs_worst` keeps the prompt's best sample against its
 worst, `all_with_margin` every pair whose composite margin is above `relabel.min_margin`. A pair whose
