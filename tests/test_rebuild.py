@@ -234,3 +234,19 @@ def test_status_plan_and_views_follow_the_rebuild(rebuilt, tiny_models):
     in_pair = con.execute("select count(*) from pairs_full where in_pair").fetchone()[0]
     assert in_pair == len({(i, c) for i, a, b in con.execute("select item_id, candidate_0, candidate_1 from pairs").fetchall()
                            for c in (a, b)})
+
+
+def test_flux_dev_rebuild_samples_with_the_flux_family(tiny_models):
+    """flux-dev-rebuild's sample section on the tiny FLUX.1 [dev] twin: N seeded samples per prompt
+    through the generator's FLUX family (distilled guidance, T5 tokens)."""
+    from richpref.tasks.rebuild_sample import sample_many
+    from richpref.tasks.sample import load_generator
+
+    prof = load_profile("flux-dev-rebuild", ["sample.model=flux", "sample.steps=2", "sample.height=64", "sample.width=64",
+                                             "sample.max_sequence_length=64", "sample.dtype=float32", "sample.num_samples=2"],
+                        models_root=str(tiny_models))
+    rows = pa.table({"item_id": ["i0"], "prompt": ["a red bicycle"]})
+    out = sample_many(rows, prof.sample, lambda: load_generator(prof.sample, prof.models_root)).to_pylist()
+    assert [(r["candidate"], r["status"]) for r in out] == [(0, OK), (1, OK)]
+    assert out[0]["seed"] != out[1]["seed"] and out[0]["image"] != out[1]["image"]
+    assert Image.open(io.BytesIO(out[0]["image"])).size == (64, 64)
