@@ -18,7 +18,7 @@ from richpref.pipeline import model_swaps, pipeline_pass
 from richpref.runner import CurateFailed, ShardManifest
 from richpref.schemas.config import load_profile, profile_hash
 from richpref.storage import RunStore
-from richpref.tasks import ALL_STAGES
+from richpref.tasks import stages_for
 
 
 @flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -31,7 +31,11 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     store.write_text("profile.json", prof.model_dump_json(indent=2))
     store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 
-    stages = ALL_STAGES if until is None else ALL_STAGES[: [s.name for s in ALL_STAGES].index(until) + 1]
+    pipeline = stages_for(prof)
+    names = [s.name for s in pipeline]
+    if until is not None and until not in names:
+        raise ValueError(f"--until {until}: profile {prof.name!r} ({prof.pipeline} pipeline) runs {', '.join(names)}")
+    stages = pipeline if until is None else pipeline[: names.index(until) + 1]
     preflight(data_dir, stages)  # on a Dask cluster: every worker can take part, or fail now naming it
     failed_before = pipeline_pass(stages, store, data_dir, run, prof)  # on Dask: no stage barrier
     manifests: dict[str, dict[int, ShardManifest]] = {}
@@ -45,7 +49,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
 
     summary = {
         "run": run,
-        "state": "failed" if failures else "completed" if until in (None, "export") else f"stopped after {until}",
+        "state": "failed" if failures else "completed" if until in (None, pipeline[-1].name) else f"stopped after {until}",
         "profile": prof.name,
         "profile_hash": profile_hash(prof),
         "run_dir": store.uri(store.root),

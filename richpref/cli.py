@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
     c.add_argument("--until", metavar="STAGE", default=None,
                    choices=["source", "sample", "critique", "instruct", "edit", "cutout", "check", "filter", "score",
-                            "relabel", "export"],
+                            "relabel", "export", "samples", "rewards", "ranked", "rebuild_export"],
                    help="stop after STAGE (e.g. instruct, to read the instructions before paying for edits); "
                         "a later run without it continues from there")
     c.add_argument("--force-flow", action="store_true",

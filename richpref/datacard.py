@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .card_parts import USAGE, _front_matter, reward_titles  # noqa: F401 - reward_titles re-exported
 from .plots import flip_rate_png, margin_histogram_png, reward_distributions_png
 
 PLOTS = ("reward_distributions.png", "flip_rate.png", "margin_histogram.png")
@@ -84,17 +85,6 @@ def plots_for(scores: pa.Table | None, min_margin: float, labels: tuple[str, str
             "margin_histogram.png": margin_histogram_png(margins, min_margin)}
 
 
-def _front_matter(title: str) -> list[str]:
-    return ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train", '    path: "part-*.parquet"',
-            "task_categories:", "- text-to-image", "tags:", "- preference", "- dpo", "- pick-a-pic-format", "- richpref",
-            f"pretty_name: {json.dumps(title)}", "---", ""]
-
-
-def reward_titles(rewards: dict[str, dict]) -> dict[str, str]:
-    """Reward name -> how the tables name it: `hpsv2 (HPSv2 v2.0)` (v2.0 and v2.1 scores are not comparable)."""
-    return {n: f"{n} (HPSv2 {r.get('version') or 'v2.0'})" if r.get("kind") == "hpsv2" else n for n, r in rewards.items()}
-
-
 def _score_table(stats: dict, weights: dict[str, float], labels: tuple[str, str],
                  titles: dict[str, str] | None = None) -> list[str]:
     def fmt(d: dict) -> str:
@@ -106,16 +96,6 @@ def _score_table(stats: dict, weights: dict[str, float], labels: tuple[str, str]
         lower = f"{s['side_1_lower']:.1%}" if s["side_1_lower"] is not None else "–"
         lines.append(f"| {(titles or {}).get(name, name)} | {weights.get(name, 1.0):g} | {fmt(s['side_0'])} | {fmt(s['side_1'])} | {lower} |")
     return lines
-
-
-USAGE = """```python
-import io, datasets
-from PIL import Image
-ds = datasets.load_dataset("parquet", data_files="part-*.parquet", split="train")
-row = ds[0]
-chosen, rejected = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")
-Image.open(io.BytesIO(row[chosen]))   # exactly how the Diffusion-DPO training scripts read it
-```"""
 
 
 def _votes_line(relabel: dict) -> str:
@@ -222,6 +202,10 @@ def write_run_report(data_dir: str, run: str) -> dict[str, str]:
     summary = run_summary(data_dir, run)
     profile_path = join(store.root, "profile.json")
     profile = json.loads(store.fs.cat_file(profile_path)) if store.fs.exists(profile_path) else {}
+    if profile.get("pipeline") == "rebuild":
+        from .datacard_rebuild import write_rebuild_card
+
+        return write_rebuild_card(store, run, summary, profile, _read_stage(store, "rewards"), _read_stage(store, "ranked"))
     scores = _read_stage(store, "relabel")
     stats = score_stats(scores) if scores is not None else {"scored": 0, "rewards": {}, "margin": {}}
     min_margin = profile.get("relabel", {}).get("min_margin", 0.0)

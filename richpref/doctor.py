@@ -222,6 +222,10 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
 
     if items < 1 or project_items < 1 or workers < 1:
         raise DoctorError("--items, --project-items and --workers must be at least 1")
+    if profile.pipeline == "rebuild":
+        raise DoctorError(f"profile {profile.name!r} is a rebuild (pipeline: rebuild): doctor measures the edit "
+                          "pipeline's stages only; try the rebuild on a few prompts instead "
+                          "(richpref curate --set source.limit=8, then richpref status)")
     say = progress or (lambda msg: log.info("%s", msg))
     refs, weights = preflight(profile)
     say(f"doctor: {len(refs)} model reference(s) resolve and fit; running {items} item(s) through every stage")

@@ -6,7 +6,7 @@ import json
 import duckdb
 
 from .storage import RunStore
-from .tasks import OUTPUTS
+from .tasks import ALL_OUTPUTS, OUTPUTS, PAIR_KEYED
 
 SQL_STRING = str.maketrans({"'": "''"})
 
@@ -22,7 +22,7 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
         con.execute("SET autoinstall_known_extensions = false")
         con.register_filesystem(store.fs)
     views = []
-    for out in OUTPUTS:
+    for out in ALL_OUTPUTS:
         files = [store.uri(store.shard_path(out, s)) for s in store.shards(out)]
         if not files:
             continue
@@ -31,11 +31,13 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
         views.append(out)
     if not views:
         raise FileNotFoundError(f"run {run!r} has no shards under {store.uri(store.root)}; run `richpref curate --run {run}` first")
-    _create_pairs_full(con, views)
+    # A rebuild's pairs (several per item, keyed by pair index) are looked up, not joined.
+    apart = PAIR_KEYED & set(views)
+    _create_pairs_full(con, [v for v in views if v not in apart and not (apart and v == "pairs")], pairs_apart=bool(apart))
     return con, views + ["pairs_full"]
 
 
-def _create_pairs_full(con: duckdb.DuckDBPyConnection, views: list[str]) -> None:
+def _create_pairs_full(con: duckdb.DuckDBPyConnection, views: list[str], pairs_apart: bool = False) -> None:
     """Every item with its furthest stage: one row per source item and edit candidate, each stage's
     columns left-joined (on item_id, and on candidate from the edit stage on).
 
@@ -65,7 +67,13 @@ def _create_pairs_full(con: duckdb.DuckDBPyConnection, views: list[str]) -> None
             joins.append(f'left join "{v}" {alias} on {alias}.item_id = t_{views[0]}.item_id')
         if "candidate" in names and not candidate_from:
             candidate_from = v
-    if "pairs" in views:
+    if pairs_apart:  # rebuild: an item may have several pairs, each of two samples
+        first = f"t_{views[0]}.item_id"
+        select.append(f"exists (select 1 from pairs p where p.item_id = {first}) as exported")
+        if candidate_from:
+            select.append(f"coalesce(exists (select 1 from pairs p where p.item_id = {first} and "
+                          f"t_{candidate_from}.candidate in (p.candidate_0, p.candidate_1)), false) as in_pair")
+    elif "pairs" in views:
         select.append("(t_pairs.item_id is not null) as exported")
         if candidate_from:
             select.append(f"coalesce(t_{candidate_from}.candidate in (t_pairs.candidate_0, t_pairs.candidate_1), false) as in_pair")
@@ -128,10 +136,12 @@ def status(data_dir: str, run: str) -> dict:
             if shard.isdigit():
                 failed_by_stage.setdefault(stage, []).append(int(shard))
     stages = []
-    from .tasks import PIPELINE
+    from .tasks import PIPELINE, REBUILD, REBUILD_OUTPUTS
 
-    names = {s.out: s.name for s in PIPELINE}
-    for out in OUTPUTS:
+    profile_json = store.root + "/profile.json"
+    rebuild = store.fs.exists(profile_json) and json.loads(store.fs.cat_file(profile_json)).get("pipeline") == "rebuild"
+    names = {s.out: s.name for s in (REBUILD if rebuild else PIPELINE)}
+    for out in (REBUILD_OUTPUTS if rebuild else OUTPUTS):
         have = sorted(stage_manifests(store, out))
         failed = sorted(failed_by_stage.get(names.get(out, out), []))
         missing = [s for s in expected if s not in have and s not in failed]

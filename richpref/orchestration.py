@@ -18,7 +18,7 @@ from .leases import Busy, lease_seconds
 from .runner import ShardManifest, committed_many, content_key, drop_shards_from, leased_shards, stage_manifests, stage_shards
 from .schemas.config import Profile
 from .storage import RunStore
-from .tasks import OUTPUTS
+from .tasks import ALL_OUTPUTS
 from .tasks.base import Stage
 from .tasks.wrappers import TORCH_THREADS_ENV, shard_task
 
@@ -140,7 +140,7 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     `failed_before`: shards that failed in this run's pipelined pass, reported and not run again."""
     shards = stage_shards(stage, profile, manifests)
     if not stage.reads:
-        drop_shards_from(store, list(OUTPUTS), len(shards))
+        drop_shards_from(store, list(ALL_OUTPUTS), len(shards))
     inputs = {s: {r: manifests[r][s] for r in stage.reads} for s in shards}
     keys = {s: content_key(stage, profile, s, inputs[s]) for s in shards}
     have = stage_manifests(store, stage.out)

@@ -19,7 +19,7 @@ from .leases import Busy
 from .runner import ShardManifest, content_key, drop_shards_from, stage_manifests
 from .schemas.config import Profile
 from .storage import RunStore
-from .tasks import OUTPUTS
+from .tasks import ALL_OUTPUTS
 from .tasks.base import Stage
 from .tasks.wrappers import shard_task
 
@@ -50,7 +50,7 @@ def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run
     if _dask_runner() is None or not stages or stages[0].reads:
         return {}
     first = stages[0].count_shards(profile)
-    drop_shards_from(store, list(OUTPUTS), first)
+    drop_shards_from(store, list(ALL_OUTPUTS), first)
     refs: dict[str, dict[int, ShardManifest | Submitted]] = {}
     futures: dict[tuple[str, int], object] = {}
     order: list[tuple[Stage, int]] = []

@@ -50,10 +50,10 @@ def _ranges(xs: list[int]) -> str:
 
 
 def plan_run(profile: Profile, data_dir: str, run: str) -> RunPlan:
-    from .tasks import ALL_STAGES
+    from .tasks import stages_for
 
     t0 = time.perf_counter()
-    stages = plan_stages(ALL_STAGES, profile, RunStore(data_dir, run))
+    stages = plan_stages(stages_for(profile), profile, RunStore(data_dir, run))
     return RunPlan(run=run, stages=stages, seconds=time.perf_counter() - t0)
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from .common import RUNTIME_FIELDS, StageConfig, _Strict
 from .diffusion import PipelineSettings
 from .editors import EditorSettings, PromptMode
+from .rebuild import check_pipeline
 from .relabel import HPS_FILES, REWARD_OPTIONS, RelabelConfig, RewardSpec, SubjectGateConfig  # noqa: F401 - re-exported
 from .serving import EngineConfig, ImageCaps, key_view
 
@@ -50,7 +51,7 @@ class SourceConfig(_Strict):
 
 
 class SampleConfig(StageConfig, PipelineSettings):
-    HASHED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"variant", "max_sequence_length"})  # scheduler was always hashed
+    HASHED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"variant", "max_sequence_length", "num_samples"})  # scheduler was always hashed
 
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     use_dataset_image: bool = True  # when the source row carries an image, keep it instead of generating
@@ -72,6 +73,9 @@ class SampleConfig(StageConfig, PipelineSettings):
     # (diffusers folder or finetune output). Their content is part of the stage's key.
     lora: str | None = None
     unet: str | None = None
+    # Images per prompt (`pipeline: rebuild`): sample k of an item is seeded from (seed, item, k), sample 0
+    # with the item's own seed (the image an edit-pipeline run makes). Unset: one.
+    num_samples: int | None = Field(None, ge=1, le=64)
 
     @model_validator(mode="after")
     def _one_tuning(self) -> "SampleConfig":
@@ -183,6 +187,9 @@ class ExportConfig(_Strict):
 
 class Profile(_Strict):
     name: str
+    # Which stages run: RPO's edit pipeline, or `rebuild` (prompts -> sample.num_samples images ->
+    # rewards -> pairs of samples ranked by the rewards; docs/rebuild.md). Not hashed: the stages' keys differ.
+    pipeline: Literal["edit", "rebuild"] = "edit"
     # What the profile is and what it adds to RPO's pipeline; the dataset card quotes it. Not hashed.
     description: str | None = None
     models_root: str | None = None
@@ -195,6 +202,11 @@ class Profile(_Strict):
     filter: FilterConfig = FilterConfig()
     relabel: RelabelConfig = RelabelConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _pipeline_fits(self) -> "Profile":
+        check_pipeline(self)
+        return self
 
 
 STAGE_SECTIONS = ("source", "sample", "critique", "instruct", "edit", "cutout", "filter", "relabel", "export")

@@ -102,8 +102,10 @@ class RelabelConfig(StageConfig):
     # shard's spread around the item means (a per-item spread would turn every gap into a +-1 vote).
     standardize: Literal["shard", "item"] = "shard"
     # With several edits per item: the best edit against the original, or the best image of the item
-    # (original included) against the worst. Identical when num_edits is 1.
-    pairing: Literal["best_vs_original", "best_vs_worst"] = "best_vs_original"
+    # (original included) against the worst. Identical when num_edits is 1. `pipeline: rebuild` pairs
+    # samples: best_vs_worst, or all_with_margin (every pair of an item's samples whose margin is above
+    # min_margin).
+    pairing: Literal["best_vs_original", "best_vs_worst", "all_with_margin"] = "best_vs_original"
     min_margin: float = Field(0.0, ge=0)  # composite margins at or below this are ties: dropped
 
     @field_validator("rewards")

@@ -191,6 +191,36 @@ PAIRS_BASE = [
 ]
 PAIRS = pa.schema(PAIRS_BASE)
 
+# The rebuild pipeline (`pipeline: rebuild`): `sample.num_samples` images per prompt, keyed
+# (item_id, candidate = sample index); then one row per possible pair of an item's samples, keyed
+# (item_id, candidate = pair index p of (candidate_0, candidate_1), candidate_0 < candidate_1, in
+# order (0,1), (0,2), …, (1,2), …).
+REBUILD_SAMPLES = pa.schema(list(SAMPLES) + [CANDIDATE])
+
+
+def sample_scores_schema(rewards: list[str]) -> pa.Schema:
+    """One row per sample: the raw score under every scored reward, a digest of the image's bytes and
+    the dtype each reward ran in (JSON). Nothing decided."""
+    return _schema(CANDIDATE, *[pa.field(name, pa.float64()) for name in rewards],
+                   pa.field("seed", pa.int64()), pa.field("digest", pa.string()), pa.field("dtypes", pa.string()))
+
+
+def ranked_schema(rewards: list[str]) -> pa.Schema:
+    """One row per possible pair of an item's samples: raw and z-scored rewards of both sides, their
+    composites, the margin and `chosen` (0: candidate_0 preferred, 1: candidate_1) of a kept pair."""
+    fields = [CANDIDATE, pa.field("candidate_0", pa.int32()), pa.field("candidate_1", pa.int32()),
+              pa.field("seed_0", pa.int64()), pa.field("seed_1", pa.int64())]
+    for name in rewards:
+        fields += [pa.field(f"{name}_0", pa.float64()), pa.field(f"{name}_1", pa.float64()),
+                   pa.field(f"{name}_z0", pa.float64()), pa.field(f"{name}_z1", pa.float64())]
+    return _schema(*fields, pa.field("composite_0", pa.float64()), pa.field("composite_1", pa.float64()),
+                   pa.field("margin", pa.float64()), pa.field("chosen", pa.int8()), pa.field("flipped", pa.bool_()))
+
+
+# A rebuild's pairs: the Pick-a-Pic columns and provenance of PAIRS (critique, instructions,
+# edit_prompt, editor and edit_mask null: nothing was edited) plus the pair index and both seeds.
+REBUILD_PAIRS = pa.schema(PAIRS_BASE + [CANDIDATE, pa.field("seed_0", pa.int64()), pa.field("seed_1", pa.int64())])
+
 # Table schema per stage directory; the relabel stage's columns depend on the profile's rewards.
 TABLES: dict[str, pa.Schema] = {
     "source": PROMPTS,

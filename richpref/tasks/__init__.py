@@ -1,5 +1,6 @@
 """The curate stages, in pipeline order. Each module: a pure function over a shard + its Stage."""
-from . import critique, cutout, edit, export, filter, filter_check, instruct, relabel, relabel_score, sample
+from . import (critique, cutout, edit, export, filter, filter_check, instruct, rebuild_export, rebuild_pair, rebuild_score,
+               rebuild_sample, relabel, relabel_score, sample)
 from .base import Stage
 
 PIPELINE: tuple[Stage, ...] = (
@@ -22,3 +23,17 @@ from . import source  # noqa: E402 - the source, an ordinary stage that reads no
 
 # Every stage the curate flow runs, in order: the source first.
 ALL_STAGES: tuple[Stage, ...] = (source.STAGE, *PIPELINE)
+
+# `pipeline: rebuild`: prompts -> sample.num_samples images -> rewards -> ranked pairs -> Pick-a-Pic.
+REBUILD: tuple[Stage, ...] = (source.STAGE, rebuild_sample.STAGE, rebuild_score.STAGE, rebuild_pair.STAGE,
+                              rebuild_export.STAGE)
+REBUILD_OUTPUTS: tuple[str, ...] = tuple(s.out for s in REBUILD)
+# Every folder either pipeline writes, in pipeline order (the views of `richpref inspect`).
+ALL_OUTPUTS: tuple[str, ...] = OUTPUTS[:-1] + REBUILD_OUTPUTS[1:]
+# Views keyed by something other than an item's images (ranked: a pair index): not joined into pairs_full.
+PAIR_KEYED: frozenset[str] = frozenset({rebuild_pair.STAGE.out})
+
+
+def stages_for(profile) -> tuple[Stage, ...]:
+    """The stages a profile's `pipeline` runs, in order (the source first)."""
+    return REBUILD if profile.pipeline == "rebuild" else ALL_STAGES

@@ -1,0 +1,40 @@
+"""What a profile with `pipeline: rebuild` must hold, and what the edit pipeline must not.
+
+A rebuild regenerates a preference set from prompts alone: `sample.num_samples` images per prompt,
+scored by `relabel.rewards`, paired by `relabel.pairing` (best_vs_worst | all_with_margin). It has no
+original, no edit and no cut-out, so the settings that name them are refused here, before any model
+loads, with the fix in the message.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+REBUILD_PAIRINGS = ("best_vs_worst", "all_with_margin")
+
+
+def check_pipeline(profile: Any) -> None:
+    """Raise ValueError naming the setting and the fix when the profile's sections do not fit its pipeline."""
+    n = profile.sample.num_samples
+    relabel = profile.relabel
+    if profile.pipeline == "edit":
+        if n is not None and n > 1:
+            raise ValueError(f"sample.num_samples is {n}: several samples per prompt are paired by the rebuild "
+                             "pipeline; set `pipeline: rebuild` (or drop sample.num_samples)")
+        if relabel.pairing == "all_with_margin":
+            raise ValueError("relabel.pairing all_with_margin pairs samples of a prompt: it needs `pipeline: rebuild`; "
+                             "the edit pipeline pairs with best_vs_original or best_vs_worst")
+        return
+    if n is None or n < 2:
+        raise ValueError(f"pipeline rebuild pairs samples of a prompt: set sample.num_samples to 2 or more (it is {n})")
+    if relabel.pairing not in REBUILD_PAIRINGS:
+        raise ValueError(f"relabel.pairing {relabel.pairing!r} pairs an edit with its original; a rebuild has no "
+                         f"original: set relabel.pairing to one of {', '.join(REBUILD_PAIRINGS)}")
+    if relabel.subject_gate is not None:
+        raise ValueError("relabel.subject_gate compares an edit with its original; a rebuild has neither: "
+                         "remove relabel.subject_gate")
+    cut = [name for name in relabel.scored() if relabel.rewards[name].on_cutout]
+    if cut:
+        raise ValueError(f"reward(s) {cut} score cut-outs; a rebuild makes none: set on_cutout: false")
+    if profile.source.image_column or profile.source.pickapic_preferred:
+        raise ValueError("a rebuild samples every image from the prompt: unset source.image_column and "
+                         "source.pickapic_preferred (a prompt-only set such as Pick-a-Pic v2 no-images needs neither)")
