@@ -20,6 +20,8 @@ REWARD_OPTIONS: dict[str, frozenset[str]] = {
     "hp": frozenset({"backbone", "processor", "file", "on_cutout"}),
     "dino_patch": frozenset({"patch", "stride", "on_cutout"}),
     "vlm_score": frozenset({"template", "on_cutout", "engine"}),
+    "hpsv3": frozenset({"backbone", "file", "on_cutout"}),
+    "edit_reward": frozenset({"backbone", "file", "on_cutout"}),
 }
 
 
@@ -27,7 +29,8 @@ HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  
 
 
 class RewardSpec(_Strict):
-    kind: Literal["clip", "pickscore", "imagereward", "hpsv2", "aesthetic", "ict", "hp", "dino_patch", "vlm_score"]
+    kind: Literal["clip", "pickscore", "imagereward", "hpsv2", "aesthetic", "ict", "hp", "dino_patch", "vlm_score",
+                  "hpsv3", "edit_reward"]
     model: str  # model dir / Hub id; for aesthetic the head file (or the dir/repo holding `file`)
     weight: float = 1.0
     processor: str | None = None  # processor/tokenizer source when `model` has none (PickScore: the laion CLIP)

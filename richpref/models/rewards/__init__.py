@@ -12,6 +12,8 @@ tested on tiny weights in that layout (`richpref.models.tiny.rewards`).
 | hpsv2 | `hps` | image |
 | dino_patch | `dino` | pair (edit vs original) |
 | vlm_score | `vlm_score` | image |
+| hpsv3 | `hpsv3` (+ `qwen_head`) | image |
+| edit_reward | `edit_reward` (+ `qwen_head`) | pair (original, instruction, edit) |
 """
 from __future__ import annotations
 
@@ -54,6 +56,18 @@ def _vlm_score(path, **kw):
     return VLMExpectedScore(path, **kw)
 
 
+def _hpsv3(path, **kw):
+    from .hpsv3 import HPSv3
+
+    return HPSv3(path, **kw)
+
+
+def _edit_reward(path, **kw):
+    from .edit_reward import EditReward
+
+    return EditReward(path, **kw)
+
+
 # kind -> (loader, the spec options it takes besides device/dtype)
 REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "clip": (_clip, ("processor",)),
@@ -65,9 +79,11 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "hp": (lambda path, **kw: HPScore(path, **kw), ("backbone", "processor", "file")),
     "dino_patch": (_dino_patch, ("patch", "stride")),
     "vlm_score": (_vlm_score, ("template", "engine")),
+    "hpsv3": (_hpsv3, ("backbone", "file")),
+    "edit_reward": (_edit_reward, ("backbone", "file")),
 }
 KINDS = tuple(REGISTRY)
-PAIR_KINDS = ("dino_patch",)
+PAIR_KINDS = ("dino_patch", "edit_reward")
 MODEL_REF_OPTIONS = ("processor", "backbone")  # options that name models (resolved like `model`)
 
 
