@@ -248,3 +248,55 @@ def test_judge_options_are_checked_by_the_profile():
     RewardSpec(kind="hpsv3", model="MizzenAI/HPSv3", backbone="Qwen/Qwen2-VL-7B-Instruct", file="HPSv3.safetensors")
     with pytest.raises(ValidationError, match="reward kind 'edit_reward' takes no template"):
         RewardSpec(kind="edit_reward", model="x", template="reward_score_v1")
+
+
+class PairJudge:
+    """A deterministic edit judge: red mean of the judged image plus the instruction's length; records calls."""
+
+    model_id, pairwise = "pair-judge", True
+
+    def __init__(self):
+        self.calls = []
+
+    def score_pairs(self, originals, edits, prompts, *, batch_size=8):
+        self.calls.append(list(prompts))
+        red = lambda im: float(np.asarray(im, dtype=np.float64)[..., 0].mean())  # noqa: E731
+        return np.array([[red(a) + len(p), red(b) + len(p)] for a, b, p in zip(originals, edits, prompts)])
+
+
+def test_an_edit_judge_votes_in_relabel_on_the_edit_instructions():
+    from relabel_helpers import ChannelValue, solid
+    from richpref.schemas.config import RelabelConfig, RewardSpec
+    from richpref.tasks import relabel as relabel_stage
+
+    judge = PairJudge()
+    cfg = RelabelConfig(rewards={"edits": RewardSpec(kind="edit_reward", model="-"),
+                                 "green": RewardSpec(kind="clip", model="-", weight=0.0)}, report_only=["green"])
+    # item a: two candidates; item b: one. The judge reads each row's instructions, not the prompt.
+    images = {"original": [solid(10, 0), solid(10, 0), solid(50, 0)], "edited": [solid(30, 0), solid(5, 0), solid(20, 0)],
+              "instruction": ["make it red", "dim it", "x"]}
+    out = relabel_stage.relabel_rows(["a", "a", "b"], ["prompt a", "prompt a", "prompt b"], images, cfg,
+                                     {"edits": judge, "green": ChannelValue(1)}.__getitem__, candidates=[0, 1, 0]).to_pylist()
+    assert judge.calls == [["make it red", "dim it", "x"]]
+    by = {(r["item_id"], r["candidate"]): r for r in out}
+    # The original's side: the original judged under its item's first row's instructions.
+    assert by["a", 0]["edits_0"] == by["a", 1]["edits_0"] == 10 + len("make it red")
+    assert (by["a", 0]["edits_1"], by["a", 1]["edits_1"], by["b", 0]["edits_1"]) == (30 + 11, 5 + 6, 20 + 1)
+    assert by["b", 0]["edits_0"] == 50 + 1
+    assert by["a", 1]["status"] == "rejected" and by["a", 1]["reason"].startswith("not_selected")
+    assert by["a", 0]["chosen"] == 1 and by["b", 0]["chosen"] == 0  # b's edit judged worse than no edit: flipped
+
+
+def test_a_tiny_edit_reward_scores_through_relabel_as_it_does_alone(tiny_models, images):
+    from richpref.images import encode_png
+    from richpref.schemas.config import RelabelConfig, RewardSpec
+    from richpref.tasks.relabel_score import score_rows
+
+    root = tiny_models / "edit-reward"
+    judge = load_reward("edit_reward", str(root), backbone=str(root / "base"), device="cpu", dtype="float32")
+    cfg = RelabelConfig(rewards={"edit_reward": RewardSpec(kind="edit_reward", model=str(root), backbone=str(root / "base"))})
+    edit = images[0].transpose(Image.FLIP_TOP_BOTTOM)
+    row = score_rows(["a"], ["a prompt"], {"original": [encode_png(images[0])], "edited": [encode_png(edit)],
+                                           "instruction": [INSTRUCTIONS[0]]}, cfg, lambda name: judge).to_pylist()[0]
+    want = judge.score_pairs([images[0]], [edit], INSTRUCTIONS[:1])[0]
+    assert (row["edit_reward_0"], row["edit_reward_1"]) == pytest.approx(tuple(want), abs=1e-6)

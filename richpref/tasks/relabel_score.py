@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..images import BadImage, decode_image
-from ..models.rewards import load_reward, load_reward_spec
+from ..models.rewards import is_pairwise, load_reward, load_reward_spec
 from ..models.runtime import resident, resolve_model_ref
 from ..pairing import scorer_dtype
 from ..prompts import template_hash
@@ -104,10 +104,13 @@ def digest(data: bytes) -> str:
 
 def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, prompts: list[str],
                  images: dict[str, list], owner: list[int], item_prompts: list[str],
-                 originals: dict[str, list]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
+                 originals: dict[str, list], instructions: list[str] | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
     """Raw scores per reward (one per item's original, one per edit row) and the dtype each reward ran
     in. `images` holds the decoded edits (and edited cut-outs) per row, `originals` the decoded
-    originals (and cut-outs) per item; `owner[k]` is the item of row k."""
+    originals (and cut-outs) per item; `owner[k]` is the item of row k. An edit judge (a pair reward:
+    edit_reward) scores (original, the row's edit instructions, edit), and the original as an
+    unchanged edit of itself under its item's first row's instructions."""
     orig_raw, edit_raw, dtypes = {}, {}, {}
     m, n = len(item_prompts), len(prompts)
     for name in names:
@@ -115,12 +118,28 @@ def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, pro
         o_side, e_side = ("original_cutout", "edited_cutout") if spec.on_cutout else ("original", "edited")
         scorer = get_scorer(name)
         dtypes[name] = scorer_dtype(scorer)
+        if is_pairwise(scorer):
+            judged = edit_judge_scores(scorer, [originals[o_side][j] for j in owner], images[e_side],
+                                       instructions if instructions is not None else prompts, cfg.batch_size)
+            first = {j: r for r, j in reversed(list(enumerate(owner)))}
+            # An item whose every edit failed to decode has no row: its original is never compared.
+            orig_raw[name] = np.array([judged[first[j], 0] if j in first else np.nan for j in range(m)])
+            edit_raw[name] = judged[:, 1]
+            continue
         flat = np.asarray(scorer.score(originals[o_side] + images[e_side], item_prompts + prompts,
                                        batch_size=cfg.batch_size), dtype=np.float64)
         if flat.shape != (m + n,):
             raise RuntimeError(f"reward {name!r} returned shape {flat.shape} for {m + n} images")
         orig_raw[name], edit_raw[name] = flat[:m], flat[m:]
     return orig_raw, edit_raw, dtypes
+
+
+def edit_judge_scores(scorer, originals: list, edits: list, instructions: list[str], batch_size: int) -> np.ndarray:
+    """(rows, 2) from an edit judge: the original judged as an unchanged edit, and the edit."""
+    s = np.asarray(scorer.score_pairs(originals, edits, instructions, batch_size=batch_size), dtype=np.float64)
+    if s.shape != (len(edits), 2):
+        raise RuntimeError(f"edit judge returned shape {s.shape} for {len(edits)} pairs")
+    return s
 
 
 def subject_consistency(cfg: RelabelConfig, get_scorer: Callable, images: dict[str, list], owner: list[int],
@@ -182,7 +201,9 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
     if rows:
         owner = [items[item_ids[k]] for k in rows]
         row_prompts = [prompts[k] for k in rows]
-        orig_raw, edit_raw, dtypes = score_images(names, cfg, get_scorer, row_prompts, edits, owner, item_prompts, originals)
+        row_instructions = [images["instruction"][k] for k in rows] if "instruction" in images else None
+        orig_raw, edit_raw, dtypes = score_images(names, cfg, get_scorer, row_prompts, edits, owner, item_prompts, originals,
+                                                  instructions=row_instructions)
         consistency = (subject_consistency(cfg, get_scorer, edits, owner, originals, row_prompts)
                        if cfg.subject_gate else None)
         for r, k in enumerate(rows):
@@ -203,8 +224,10 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     cfg = profile.relabel
     sample = inputs.lookup("sample", ["prompt", "image"])
-    images = {"original": sample.column("image").to_pylist(),
-              "edited": inputs.lookup("edit", ["image"]).column("image").to_pylist()}
+    edit = inputs.lookup("edit", ["image", "edit_instructions"])
+    images = {"original": sample.column("image").to_pylist(), "edited": edit.column("image").to_pylist(),
+              # what an edit judge reads as the instruction: the instructions the editor was given
+              "instruction": [" ".join(i or []) for i in edit.column("edit_instructions").to_pylist()]}
     if needs_cutouts(cfg):
         cut = inputs.lookup("cutout", ["original_cutout", "edited_cutout"])
         images.update(original_cutout=cut.column("original_cutout").to_pylist(),
