@@ -300,3 +300,25 @@ def test_a_tiny_edit_reward_scores_through_relabel_as_it_does_alone(tiny_models,
                                            "instruction": [INSTRUCTIONS[0]]}, cfg, lambda name: judge).to_pylist()[0]
     want = judge.score_pairs([images[0]], [edit], INSTRUCTIONS[:1])[0]
     assert (row["edit_reward_0"], row["edit_reward_1"]) == pytest.approx(tuple(want), abs=1e-6)
+
+
+def test_an_edit_judge_gates_edits_it_scores_below_the_threshold():
+    from pydantic import ValidationError
+
+    from relabel_helpers import ChannelValue, solid
+    from richpref.schemas.config import RelabelConfig, RewardSpec, config_hash
+    from richpref.tasks import relabel as relabel_stage
+
+    rewards = {"red": RewardSpec(kind="clip", model="-"), "judge": RewardSpec(kind="edit_reward", model="-", weight=0.0)}
+    cfg = RelabelConfig(rewards=rewards, report_only=["judge"], edit_gate={"reward": "judge", "min_score": 20})
+    images = {"original": [solid(10, 0), solid(50, 0)], "edited": [solid(30, 0), solid(12, 0)], "instruction": ["x", "y"]}
+    out = relabel_stage.relabel_rows(["a", "b"], ["p", "p"], images, cfg,
+                                     {"red": ChannelValue(0), "judge": PairJudge()}.__getitem__).to_pylist()
+    assert out[0]["status"] == "ok" and out[0]["chosen"] == 1
+    assert out[1]["status"] == "rejected"
+    assert out[1]["reason"] == "edit_judged_poor: judge 13 < relabel.edit_gate.min_score 20"
+    # Unset, the gate leaves the key of every earlier relabel config as it was; the gate must name a scored judge.
+    unset = RelabelConfig(rewards=rewards, report_only=["judge"])
+    assert "edit_gate" in RelabelConfig.HASHED_WHEN_SET and config_hash(unset) != config_hash(cfg)
+    with pytest.raises(ValidationError, match="edit_gate.reward 'red' is not a scored edit judge.*scored ones here: \\['judge'\\]"):
+        RelabelConfig(rewards=rewards, report_only=["judge"], edit_gate={"reward": "red", "min_score": 0})
