@@ -322,3 +322,37 @@ def test_an_edit_judge_gates_edits_it_scores_below_the_threshold():
     assert "edit_gate" in RelabelConfig.HASHED_WHEN_SET and config_hash(unset) != config_hash(cfg)
     with pytest.raises(ValidationError, match="edit_gate.reward 'red' is not a scored edit judge.*scored ones here: \\['judge'\\]"):
         RelabelConfig(rewards=rewards, report_only=["judge"], edit_gate={"reward": "red", "min_score": 0})
+
+
+def _doctor_with(tmp_path, tiny_models, capsys, reward: dict) -> tuple[int, str]:
+    from pathlib import Path
+
+    import yaml
+
+    from richpref.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
+    data.update(models_root=str(tiny_models))
+    data["source"]["path"] = str(repo / data["source"]["path"])
+    data["relabel"]["rewards"]["judge"] = reward
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump(data))
+    rc = main(["--data-dir", str(tmp_path / "data"), "doctor", "--profile", str(tmp_path / "profile.yaml"), "--items", "2"])
+    return rc, capsys.readouterr().err
+
+
+def test_doctor_fails_on_a_judge_not_downloaded_naming_it_and_the_download(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, err = _doctor_with(tmp_path, tiny_models, capsys, {"kind": "hpsv3", "model": "nobody/HPSv3-missing",
+                                                           "backbone": "hpsv3/base", "weight": 1.0})
+    assert rc == 3 and "score: model 'nobody/HPSv3-missing' cannot be loaded" in err
+    assert "huggingface-cli download nobody/HPSv3-missing" in err and "doctor: sample:" not in err
+
+
+def test_doctor_fails_on_a_judge_folder_without_its_checkpoint(tiny_models, tmp_path, capsys):
+    judge = tmp_path / "edit-judge"
+    shutil.copytree(tiny_models / "edit-reward" / "base", judge / "base")
+    rc, err = _doctor_with(tmp_path, tiny_models, capsys, {"kind": "edit_reward", "model": str(judge),
+                                                           "backbone": str(judge / "base"), "weight": 1.0})
+    assert rc == 3 and f"{judge} holds no reward checkpoint 'model.safetensors'" in err
+    assert f"--local-dir {judge}" in err and "relabel.rewards.judge.file" in err

@@ -25,6 +25,8 @@ REWARD_OPTIONS: dict[str, frozenset[str]] = {
 }
 
 
+# The checkpoint file of a reward kind when `file:` is unset (its reference's name, in its Hub repo).
+JUDGE_FILES = {"hpsv3": "HPSv3.safetensors", "edit_reward": "model.safetensors"}
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # in xswu/HPSv2
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...prompts import load_template, render
+from ...schemas.relabel import JUDGE_FILES
 from .base import batches
 from .qwen_head import QwenHeadReward, fit_image
 
@@ -32,7 +33,7 @@ class EditReward(QwenHeadReward):
 
     def __init__(self, path: str, *, backbone: str | None = None, file: str | None = None, device: str = "auto",
                  dtype: str = "auto") -> None:
-        super().__init__(path, backbone=backbone or "Qwen/Qwen2.5-VL-7B-Instruct", file=file or "model.safetensors",
+        super().__init__(path, backbone=backbone or "Qwen/Qwen2.5-VL-7B-Instruct", file=file or JUDGE_FILES["edit_reward"],
                          device=device, dtype=dtype)
         self.templates = [load_template(t) for t in TEMPLATES]
 

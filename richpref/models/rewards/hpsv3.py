@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...prompts import load_template, render
+from ...schemas.relabel import JUDGE_FILES
 from .base import batches, check_lengths
 from .qwen_head import QwenHeadReward, fit_image
 
@@ -24,7 +25,7 @@ class HPSv3(QwenHeadReward):
 
     def __init__(self, path: str, *, backbone: str | None = None, file: str | None = None, device: str = "auto",
                  dtype: str = "auto") -> None:
-        super().__init__(path, backbone=backbone or "Qwen/Qwen2-VL-7B-Instruct", file=file or "HPSv3.safetensors",
+        super().__init__(path, backbone=backbone or "Qwen/Qwen2-VL-7B-Instruct", file=file or JUDGE_FILES["hpsv3"],
                          device=device, dtype=dtype)
         self.template = load_template(TEMPLATE)
 
