@@ -160,8 +160,12 @@ def test_smart_size_matches_the_reference():
 def test_hpsv3_matches_its_reference(tiny_models, images):
     from richpref.prompts import load_template, render
 
-    root = tiny_models / "hpsv3"
-    reward = load_reward("hpsv3", str(root), backbone=str(root / "base"), device="cpu", dtype="float32")
+    from richpref.models.rewards import load_reward_spec
+    from richpref.schemas.relabel import RewardSpec
+
+    root = tiny_models / "hpsv3"  # through a profile's spec: `model` and `backbone` resolve under models_root
+    reward = load_reward_spec(RewardSpec(kind="hpsv3", model="hpsv3", backbone="hpsv3/base"), str(tiny_models),
+                              device="cpu", dtype="float32")
     got = reward.score(images, PROMPTS, batch_size=2)
 
     proc, special = ref_processor(root / "base")
@@ -264,12 +268,24 @@ class PairJudge:
         return np.array([[red(a) + len(p), red(b) + len(p)] for a, b, p in zip(originals, edits, prompts)])
 
 
-def test_an_edit_judge_votes_in_relabel_on_the_edit_instructions():
+class EditsJudge(PairJudge):
+    """The same judge with `score_edits` (as EditReward has): relabel then judges each original once."""
+
+    def score_edits(self, originals, instructions, edits, *, batch_size=8):
+        self.calls.append(list(instructions))
+        return self.score_pairs(originals, edits, instructions)[:, 1]
+
+
+@pytest.mark.parametrize("judge_cls,calls", [
+    (PairJudge, [["make it red", "dim it", "x"]]),
+    (EditsJudge, [["make it red", "dim it", "x"], ["make it red", "x"]] * 2),  # each score_edits call also records score_pairs'
+])
+def test_an_edit_judge_votes_in_relabel_on_the_edit_instructions(judge_cls, calls):
     from relabel_helpers import ChannelValue, solid
     from richpref.schemas.config import RelabelConfig, RewardSpec
     from richpref.tasks import relabel as relabel_stage
 
-    judge = PairJudge()
+    judge = judge_cls()
     cfg = RelabelConfig(rewards={"edits": RewardSpec(kind="edit_reward", model="-"),
                                  "green": RewardSpec(kind="clip", model="-", weight=0.0)}, report_only=["green"])
     # item a: two candidates; item b: one. The judge reads each row's instructions, not the prompt.
@@ -277,7 +293,7 @@ def test_an_edit_judge_votes_in_relabel_on_the_edit_instructions():
               "instruction": ["make it red", "dim it", "x"]}
     out = relabel_stage.relabel_rows(["a", "a", "b"], ["prompt a", "prompt a", "prompt b"], images, cfg,
                                      {"edits": judge, "green": ChannelValue(1)}.__getitem__, candidates=[0, 1, 0]).to_pylist()
-    assert judge.calls == [["make it red", "dim it", "x"]]
+    assert sorted(judge.calls) == sorted(calls)
     by = {(r["item_id"], r["candidate"]): r for r in out}
     # The original's side: the original judged under its item's first row's instructions.
     assert by["a", 0]["edits_0"] == by["a", 1]["edits_0"] == 10 + len("make it red")

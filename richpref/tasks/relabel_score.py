@@ -119,12 +119,9 @@ def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, pro
         scorer = get_scorer(name)
         dtypes[name] = scorer_dtype(scorer)
         if is_pairwise(scorer):
-            judged = edit_judge_scores(scorer, [originals[o_side][j] for j in owner], images[e_side],
-                                       instructions if instructions is not None else prompts, cfg.batch_size)
-            first = {j: r for r, j in reversed(list(enumerate(owner)))}
-            # An item whose every edit failed to decode has no row: its original is never compared.
-            orig_raw[name] = np.array([judged[first[j], 0] if j in first else np.nan for j in range(m)])
-            edit_raw[name] = judged[:, 1]
+            instr = instructions if instructions is not None else prompts
+            orig_raw[name], edit_raw[name] = edit_judge_scores(scorer, originals[o_side], owner, images[e_side], instr,
+                                                               cfg.batch_size)
             continue
         flat = np.asarray(scorer.score(originals[o_side] + images[e_side], item_prompts + prompts,
                                        batch_size=cfg.batch_size), dtype=np.float64)
@@ -134,12 +131,29 @@ def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, pro
     return orig_raw, edit_raw, dtypes
 
 
-def edit_judge_scores(scorer, originals: list, edits: list, instructions: list[str], batch_size: int) -> np.ndarray:
-    """(rows, 2) from an edit judge: the original judged as an unchanged edit, and the edit."""
-    s = np.asarray(scorer.score_pairs(originals, edits, instructions, batch_size=batch_size), dtype=np.float64)
-    if s.shape != (len(edits), 2):
-        raise RuntimeError(f"edit judge returned shape {s.shape} for {len(edits)} pairs")
-    return s
+def edit_judge_scores(scorer, originals: list, owner: list[int], edits: list, instructions: list[str],
+                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """An edit judge's raw scores: per item, its original judged as an unchanged edit of itself under
+    its first row's instructions (NaN for an item with no row: never compared); per row, the edit.
+    A judge with `score_edits` judges each original once, whatever its number of candidates."""
+    first = {j: r for r, j in reversed(list(enumerate(owner)))}
+    items = sorted(first)
+    if hasattr(scorer, "score_edits"):
+        edit = np.asarray(scorer.score_edits([originals[j] for j in owner], instructions, edits, batch_size=batch_size),
+                          dtype=np.float64)
+        same = [originals[j] for j in items]
+        orig = np.asarray(scorer.score_edits(same, [instructions[first[j]] for j in items], same, batch_size=batch_size),
+                          dtype=np.float64)
+    else:
+        s = np.asarray(scorer.score_pairs([originals[j] for j in owner], edits, instructions, batch_size=batch_size),
+                       dtype=np.float64)
+        if s.shape != (len(edits), 2):
+            raise RuntimeError(f"edit judge returned shape {s.shape} for {len(edits)} pairs")
+        edit, orig = s[:, 1], s[[first[j] for j in items], 0]
+    if edit.shape != (len(edits),) or orig.shape != (len(items),):
+        raise RuntimeError(f"edit judge returned shapes {edit.shape}, {orig.shape} for {len(edits)} edits of {len(items)} items")
+    by_item = dict(zip(items, orig))
+    return np.array([by_item.get(j, np.nan) for j in range(len(originals))]), edit
 
 
 def subject_consistency(cfg: RelabelConfig, get_scorer: Callable, images: dict[str, list], owner: list[int],
