@@ -372,3 +372,13 @@ def test_doctor_fails_on_a_judge_folder_without_its_checkpoint(tiny_models, tmp_
                                                            "backbone": str(judge / "base"), "weight": 1.0})
     assert rc == 3 and f"{judge} holds no reward checkpoint 'model.safetensors'" in err
     assert f"--local-dir {judge}" in err and "relabel.rewards.judge.file" in err
+
+
+def test_relabel_dataset_refuses_an_edit_judge_on_independent_pairs():
+    from richpref.relabel_dataset import DatasetError, dataset_relabel_config
+    from richpref.schemas.config import RelabelConfig, RewardSpec
+
+    cfg = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-"), "judge": RewardSpec(kind="edit_reward", model="-")})
+    with pytest.raises(DatasetError, match=r"\['judge'\] judge an edit against its original"):
+        dataset_relabel_config(cfg, None)
+    assert list(dataset_relabel_config(cfg, "red").rewards) == ["red"]
