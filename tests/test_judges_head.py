@@ -382,3 +382,18 @@ def test_relabel_dataset_refuses_an_edit_judge_on_independent_pairs():
     with pytest.raises(DatasetError, match=r"\['judge'\] judge an edit against its original"):
         dataset_relabel_config(cfg, None)
     assert list(dataset_relabel_config(cfg, "red").rewards) == ["red"]
+
+
+def test_the_judges_prompt_texts_are_part_of_the_score_key():
+    from richpref.models.rewards.edit_reward import TEMPLATES
+    from richpref.models.rewards.hpsv3 import TEMPLATE
+    from richpref.schemas.config import RelabelConfig, RewardSpec
+    from richpref.tasks.relabel_score import JUDGE_TEMPLATES, templates_key
+
+    assert JUDGE_TEMPLATES == {"hpsv3": (TEMPLATE,), "edit_reward": TEMPLATES}
+
+    class P:
+        relabel = RelabelConfig(rewards={"h": RewardSpec(kind="hpsv3", model="-"), "e": RewardSpec(kind="edit_reward", model="-")})
+
+    key = templates_key(P)
+    assert all(f"{t}=" in key for t in (TEMPLATE, *TEMPLATES))

@@ -32,7 +32,9 @@ from .base import Stage, StageInputs, kept, rejected
 
 log = logging.getLogger("richpref")
 
-SUBJECT = "subject_consistency"  # the scorer name of the subject gate's DINOv2
+SUBJECT = "subject_consistency"
+# The prompt templates of reward kinds that ask fixed questions (models/rewards/hpsv3.py, edit_reward.py).
+JUDGE_TEMPLATES = {"hpsv3": ("hpsv3_v1",), "edit_reward": ("edit_reward_following_v1", "edit_reward_quality_v1")}  # the scorer name of the subject gate's DINOv2
 
 
 class RewardSet:
@@ -254,7 +256,10 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 def templates_key(profile: Profile) -> str:
     """The text of every VLM question a reward asks is part of the key, like the VLM stages' templates."""
     cfg = profile.relabel
-    names = sorted({cfg.rewards[n].template or "reward_score_v1" for n in cfg.scored() if cfg.rewards[n].kind == "vlm_score"})
+    names = {cfg.rewards[n].template or "reward_score_v1" for n in cfg.scored() if cfg.rewards[n].kind == "vlm_score"}
+    for n in cfg.scored():  # the judges' fixed prompts (their references' texts)
+        names |= set(JUDGE_TEMPLATES.get(cfg.rewards[n].kind, ()))
+    names = sorted(names)
     return ",".join(f"{n}={template_hash(n)}" for n in names)
 
 
