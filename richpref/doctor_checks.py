@@ -16,6 +16,7 @@ from typing import Any
 from .doctor_pipelines import PipelineProblem, check_pipeline_files, check_text_to_image, components
 from .models.runtime import ModelNotAvailable, resolve_device, resolve_model_ref
 from .schemas.config import Profile
+from .schemas.relabel import JUDGE_FILES
 
 # Bytes per element of each safetensors dtype; floating ones are cast to the stage's dtype at load.
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -55,6 +56,7 @@ class ModelRef:
     ref: str
     kind: str  # diffusers | vlm | rembg | reward | annotator
     path: str | None = None  # local directory or file, once resolved
+    file: str | None = None  # a checkpoint file a resolved directory must hold (a reward's `file:`)
     device: str = "cpu"
     dtype: str = "auto"
 
@@ -73,9 +75,9 @@ def model_refs(profile: Profile) -> list[ModelRef]:
     p = profile
     refs: list[ModelRef] = []
 
-    def add(stage: str, field: str, ref: str | None, kind: str, cfg: Any) -> None:
+    def add(stage: str, field: str, ref: str | None, kind: str, cfg: Any, file: str | None = None) -> None:
         if ref:
-            refs.append(ModelRef(stage, field, ref, kind, device=str(resolve_device(cfg.device)), dtype=cfg.dtype))
+            refs.append(ModelRef(stage, field, ref, kind, file=file, device=str(resolve_device(cfg.device)), dtype=cfg.dtype))
 
     if uses_sample_model(p):
         add("sample", "sample.model", p.sample.model, "diffusers", p.sample)
@@ -88,7 +90,7 @@ def model_refs(profile: Profile) -> list[ModelRef]:
     add("check", "filter.model", p.filter.model, "vlm", p.filter)  # the check stage asks the filter's questions
     for name in p.relabel.scored():  # the score stage loads the scored rewards (weight-0 ones only if report_only)
         spec = p.relabel.rewards[name]
-        add("score", f"relabel.rewards.{name}.model", spec.model, "reward", p.relabel)
+        add("score", f"relabel.rewards.{name}.model", spec.model, "reward", p.relabel, spec.file or JUDGE_FILES.get(spec.kind))
         for opt in ("processor", "backbone", "adapter"):
             add("score", f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", p.relabel)
     if p.relabel.subject_gate is not None:
@@ -142,6 +144,10 @@ def resolve(ref: ModelRef, profile: Profile) -> ModelRef:
             fix = (f"point {ref.field} at an existing directory or a Hub id 'owner/name'; for the tiny profile run "
                    "`richpref models build-tiny <models_root>`")
         raise ModelProblem(ref.stage, ref.ref, str(exc), fix) from None
+    if ref.file and ref.path and Path(ref.path).is_dir() and not (Path(ref.path) / ref.file).is_file():
+        hub = f"huggingface-cli download <its Hub repo> {ref.file} --local-dir {ref.path}"
+        raise ModelProblem(ref.stage, ref.ref, f"{ref.path} holds no reward checkpoint {ref.file!r}",
+                           f"put it there ({hub}) or set {ref.field.rsplit('.', 1)[0]}.file to the checkpoint's name")
     if ref.kind == "diffusers" and ref.path and (Path(ref.path) / "model_index.json").exists():
         try:  # classes and files of the pipeline folder (sample: also a family richpref generates with)
             if ref.field == "sample.model":

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .schemas.config import Profile, RelabelConfig
+from .schemas.relabel import EDIT_JUDGES
 from .tasks.relabel import relabel_rows
 from .tasks.relabel_score import RewardSet
 
@@ -57,10 +58,14 @@ def dataset_relabel_config(cfg: RelabelConfig, reward: str | None, drop_near_tie
     if unfit:
         raise DatasetError(f"reward(s) {unfit} score cut-outs of an edit and its original; a Pick-a-Pic pair has "
                            "two independent images and no cut-outs: pick a full-image reward with --reward")
+    judges = [n for n in cfg.scored() if cfg.rewards[n].kind in EDIT_JUDGES]
+    if judges:
+        raise DatasetError(f"reward(s) {judges} judge an edit against its original and instructions; a Pick-a-Pic "
+                           "pair has two independent images: pick an image reward with --reward")
     if cfg.standardize == "item":
         raise DatasetError("relabel.standardize=item groups an original with its edits; a Pick-a-Pic pair has two "
                            "independent images: use relabel.standardize=shard (--set relabel.standardize=shard)")
-    return cfg.model_copy(update={"subject_gate": None, "min_margin": cfg.min_margin if drop_near_ties else 0.0})
+    return cfg.model_copy(update={"subject_gate": None, "edit_gate": None, "min_margin": cfg.min_margin if drop_near_ties else 0.0})
 
 
 def relabel_pickapic_table(table: pa.Table, cfg: RelabelConfig, get_scorer, *, shard: int = 0) -> tuple[pa.Table, pa.Table]:

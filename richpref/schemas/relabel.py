@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -22,16 +22,20 @@ REWARD_OPTIONS: dict[str, frozenset[str]] = {
     "vlm_score": frozenset({"template", "on_cutout", "engine"}),
     "unified_reward": frozenset({"template", "on_cutout", "engine", "max_new_tokens"}),
     "edit_score": frozenset({"adapter", "template", "engine", "max_new_tokens"}),
+    "hpsv3": frozenset({"backbone", "file", "on_cutout"}),
+    "edit_reward": frozenset({"backbone", "file", "on_cutout"}),
 }
 EDIT_JUDGE_KINDS = ("edit_score",)  # score (original, instruction, edited): see models/rewards/edit_score.py
 
 
+# The checkpoint file of a reward kind when `file:` is unset (its reference's name, in its Hub repo).
+JUDGE_FILES = {"hpsv3": "HPSv3.safetensors", "edit_reward": "model.safetensors"}
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # in xswu/HPSv2
 
 
 class RewardSpec(_Strict):
     kind: Literal["clip", "pickscore", "imagereward", "hpsv2", "aesthetic", "ict", "hp", "dino_patch", "vlm_score",
-                  "unified_reward", "edit_score"]
+                  "unified_reward", "edit_score", "hpsv3", "edit_reward"]
     model: str  # model dir / Hub id; for aesthetic the head file (or the dir/repo holding `file`)
     weight: float = 1.0
     processor: str | None = None  # processor/tokenizer source when `model` has none (PickScore: the laion CLIP)
@@ -85,7 +89,21 @@ class SubjectGateConfig(_Strict):
     min_consistency: float = Field(0.0, ge=-1, le=1)  # mean cosine over windows; 0 keeps every edit
 
 
+EDIT_JUDGES = ("edit_reward",)  # reward kinds that judge (original, instruction, edit): usable as `edit_gate`
+
+
+class EditGateConfig(_Strict):
+    """An edit judge's score as a gate: an edit it scores below `min_score` is rejected
+    (`edit_judged_poor: …`) before any vote. `reward` names a scored reward of relabel.rewards (it may
+    also vote; give it weight 0 and name it in report_only to gate without voting). The threshold is
+    not part of the score stage's key: moving it re-runs no model."""
+
+    reward: str
+    min_score: float
+
+
 class RelabelConfig(StageConfig):
+    HASHED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"edit_gate"})  # unset: the keys of earlier runs hold
     # RPO relabels with ImageReward alone; the reference scorers run in float32 (16-bit is an opt-in).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     rewards: dict[str, RewardSpec] = Field(
@@ -98,6 +116,7 @@ class RelabelConfig(StageConfig):
     # recorded (every pair's `scores`) without a vote.
     report_only: list[str] = Field(default_factory=list)
     subject_gate: SubjectGateConfig | None = None
+    edit_gate: EditGateConfig | None = None
     # z-score group: the shard, or each item's images centred on the item's mean and scaled by the
     # shard's spread around the item means (a per-item spread would turn every gap into a +-1 vote).
     standardize: Literal["shard", "item"] = "shard"
@@ -132,6 +151,12 @@ class RelabelConfig(StageConfig):
                              "or remove them from report_only to let them vote")
         if not self.voting():
             raise ValueError("every relabel reward has weight 0: give at least one a weight")
+        gate = self.edit_gate
+        if gate is not None and (gate.reward not in self.scored() or self.rewards[gate.reward].kind not in EDIT_JUDGES):
+            judges = [n for n in self.scored() if self.rewards[n].kind in EDIT_JUDGES]
+            raise ValueError(f"relabel.edit_gate.reward {gate.reward!r} is not a scored edit judge (kinds "
+                             f"{', '.join(EDIT_JUDGES)}; scored ones here: {judges or 'none'}): add it to relabel.rewards "
+                             "with a weight, or with weight 0 and its name in report_only")
         return self
 
     def voting(self) -> list[str]:

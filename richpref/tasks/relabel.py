@@ -1,7 +1,8 @@
 """relabel: from the score stage's raw scores to one labelled pair per item: no model call.
 
 An edit whose DINOv2 consistency with its original is below `relabel.subject_gate.min_consistency`
-is rejected (`subject_changed`). Per voting reward, the scores of a shard's images (`standardize:
+is rejected (`subject_changed`), one an edit judge scores below `relabel.edit_gate.min_score`
+(`edit_judged_poor`) too. Per voting reward, the scores of a shard's images (`standardize:
 shard`, each original counted once) are z-standardised, or centred within each item and scaled by
 the shard's spread around the item means (`item`); they are combined with the profile's weights (RPO
 §3.4, seeds 000/001). Rewards in `relabel.report_only` are standardised and recorded, not combined.
@@ -122,7 +123,7 @@ def pair_rows(scored: Scored, item_id: str, item: int, g_of: dict[int, int], cfg
 
 def decide_rows(scores: pa.Table, cfg: RelabelConfig) -> pa.Table:
     """One relabel row per score row, in order: rows the score stage rejected stay rejected; edits
-    below the subject gate are rejected; per item, the pair `relabel.pairing` picks among the rest is
+    below the subject gate or the edit gate are rejected; per item, the pair `relabel.pairing` picks among the rest is
     kept with `chosen`/`flipped` (or rejected as a tie), every other edit rejected as `not_selected`
     with its own comparison against the original in its score columns."""
     names = cfg.scored()
@@ -130,7 +131,7 @@ def decide_rows(scores: pa.Table, cfg: RelabelConfig) -> pa.Table:
     if missing:
         raise StageContractError(f"the scores lack {missing}: the score stage ran with other relabel.rewards")
     rows = scores.to_pylist()
-    gate = cfg.subject_gate
+    gate, edit_gate = cfg.subject_gate, cfg.edit_gate
     out: dict[int, dict] = {}
     good: list[int] = []
     for k, r in enumerate(rows):
@@ -141,6 +142,10 @@ def decide_rows(scores: pa.Table, cfg: RelabelConfig) -> pa.Table:
             why = ("not scored: run the score stage with relabel.subject_gate set" if r[SUBJECT] is None else
                    f"DINOv2 patch consistency {r[SUBJECT]:.4g} < relabel.subject_gate.min_consistency {gate.min_consistency:g}")
             out[k] = rejected(r["item_id"], f"subject_changed: {why}", candidate=r["candidate"],
+                              subject_consistency=r[SUBJECT], **raw)
+        elif edit_gate is not None and r[f"{edit_gate.reward}_1"] < edit_gate.min_score:
+            out[k] = rejected(r["item_id"], f"edit_judged_poor: {edit_gate.reward} {r[f'{edit_gate.reward}_1']:.4g} < "
+                              f"relabel.edit_gate.min_score {edit_gate.min_score:g}", candidate=r["candidate"],
                               subject_consistency=r[SUBJECT], **raw)
         else:
             good.append(k)

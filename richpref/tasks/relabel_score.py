@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..images import BadImage, decode_image
-from ..models.rewards import load_reward, load_reward_spec
+from ..models.rewards import is_pairwise, load_reward, load_reward_spec
 from ..models.runtime import resident, resolve_model_ref
 from ..pairing import scorer_dtype
 from ..prompts import template_hash
@@ -33,8 +33,11 @@ from .base import Stage, StageInputs, kept, rejected
 
 log = logging.getLogger("richpref")
 
-JUDGE_TEMPLATES = {"unified_reward": "unified_reward_v1", "edit_score": "edit_score_v1"}  # default questions
 SUBJECT = "subject_consistency"  # the scorer name of the subject gate's DINOv2
+# The default questions of the generative judges (a spec's `template` replaces it).
+JUDGE_TEMPLATES = {"unified_reward": "unified_reward_v1", "edit_score": "edit_score_v1"}
+# The fixed prompts of the judges with a head (models/rewards/hpsv3.py, edit_reward.py).
+HEAD_JUDGE_PROMPTS = {"hpsv3": ("hpsv3_v1",), "edit_reward": ("edit_reward_following_v1", "edit_reward_quality_v1")}
 
 
 class RewardSet:
@@ -118,8 +121,10 @@ def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, pro
     """Raw scores per reward (one per item's original, one per edit row) and the dtype each reward ran
     in. `images` holds the decoded edits (and edited cut-outs) per row, `originals` the decoded
     originals (and cut-outs) per item; `owner[k]` is the item of row k. An edit judge scores each
-    edit from (original, instruction, edit) and each original as the edit that changes nothing; a
-    generative judge's answers that gave no score land in `unparsed[name]` (position -> raw answer)."""
+    edit from (original, instruction, edit) and each original as the edit that changes nothing (under
+    its item's first row's instructions): a pair reward (edit_reward) through `edit_judge_scores`, a
+    generative one (edit_score) in one pass; a generative judge's answers that gave no score land in
+    `unparsed[name]` (position -> raw answer)."""
     orig_raw, edit_raw, dtypes = {}, {}, {}
     m, n = len(item_prompts), len(prompts)
     for name in names:
@@ -127,6 +132,11 @@ def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, pro
         o_side, e_side = ("original_cutout", "edited_cutout") if spec.on_cutout else ("original", "edited")
         scorer = get_scorer(name)
         dtypes[name] = scorer_dtype(scorer)
+        if is_pairwise(scorer):
+            instr = instructions if instructions is not None else prompts
+            orig_raw[name], edit_raw[name] = edit_judge_scores(scorer, originals[o_side], owner, images[e_side], instr,
+                                                               cfg.batch_size)
+            continue
         if getattr(scorer, "edit_judge", False):
             if instructions is None or item_instructions is None:
                 raise ValueError(f"reward {name!r} ({spec.kind}) judges edits: it needs each edit's instructions")
@@ -155,6 +165,31 @@ def unparsed_reason(names: list[str], unparsed: dict[str, dict[int, str]], posit
     return None
 
 
+def edit_judge_scores(scorer, originals: list, owner: list[int], edits: list, instructions: list[str],
+                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """An edit judge's raw scores: per item, its original judged as an unchanged edit of itself under
+    its first row's instructions (NaN for an item with no row: never compared); per row, the edit.
+    A judge with `score_edits` judges each original once, whatever its number of candidates."""
+    first = {j: r for r, j in reversed(list(enumerate(owner)))}
+    items = sorted(first)
+    if hasattr(scorer, "score_edits"):
+        edit = np.asarray(scorer.score_edits([originals[j] for j in owner], edits, instructions, batch_size=batch_size),
+                          dtype=np.float64)
+        same = [originals[j] for j in items]
+        orig = np.asarray(scorer.score_edits(same, same, [instructions[first[j]] for j in items], batch_size=batch_size),
+                          dtype=np.float64)
+    else:
+        s = np.asarray(scorer.score_pairs([originals[j] for j in owner], edits, instructions, batch_size=batch_size),
+                       dtype=np.float64)
+        if s.shape != (len(edits), 2):
+            raise RuntimeError(f"edit judge returned shape {s.shape} for {len(edits)} pairs")
+        edit, orig = s[:, 1], s[[first[j] for j in items], 0]
+    if edit.shape != (len(edits),) or orig.shape != (len(items),):
+        raise RuntimeError(f"edit judge returned shapes {edit.shape}, {orig.shape} for {len(edits)} edits of {len(items)} items")
+    by_item = dict(zip(items, orig))
+    return np.array([by_item.get(j, np.nan) for j in range(len(originals))]), edit
+
+
 def subject_consistency(cfg: RelabelConfig, get_scorer: Callable, images: dict[str, list], owner: list[int],
                         originals: dict[str, list], prompts: list[str]) -> np.ndarray:
     """Per edit row: the DINOv2 patch consistency of the edit with its item's original."""
@@ -175,6 +210,8 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
     non-finite scores reject the row (the whole item when the original is at fault)."""
     names = cfg.scored()
     n_rows = len(item_ids)
+    if instructions is None and "instruction" in images:  # the edit instructions given with the images
+        instructions = images["instruction"]
     candidates = list(candidates) if candidates is not None else [0] * n_rows
     cut = needs_cutouts(cfg)
     o_sides = ["original"] + (["original_cutout"] if cut else [])
@@ -258,15 +295,18 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 def needs_instructions(cfg: RelabelConfig) -> bool:
     """Whether an edit judge is scored: it reads each edit's instructions (the edit stage's)."""
-    return any(cfg.rewards[n].kind in EDIT_JUDGE_KINDS for n in cfg.scored())
+    return any(cfg.rewards[n].kind in (*EDIT_JUDGE_KINDS, "edit_reward") for n in cfg.scored())
 
 
 def templates_key(profile: Profile) -> str:
     """The text of every VLM question a reward asks is part of the key, like the VLM stages' templates."""
     cfg = profile.relabel
     defaults = {"vlm_score": "reward_score_v1", **JUDGE_TEMPLATES}
-    names = sorted({cfg.rewards[n].template or defaults[cfg.rewards[n].kind] for n in cfg.scored()
-                    if cfg.rewards[n].kind in defaults})
+    names = {cfg.rewards[n].template or defaults[cfg.rewards[n].kind] for n in cfg.scored()
+             if cfg.rewards[n].kind in defaults}
+    for n in cfg.scored():  # the head judges' fixed prompts
+        names |= set(HEAD_JUDGE_PROMPTS.get(cfg.rewards[n].kind, ()))
+    names = sorted(names)
     return ",".join(f"{n}={template_hash(n)}" for n in names)
 
 

@@ -14,6 +14,8 @@ tested on tiny weights in that layout (`richpref.models.tiny.rewards`).
 | vlm_score | `vlm_score` | image |
 | unified_reward | `unified_reward` | image (generative judge) |
 | edit_score | `edit_score` | edit: (original, instruction, edited) (generative judge) |
+| hpsv3 | `hpsv3` (+ `qwen_head`) | image |
+| edit_reward | `edit_reward` (+ `qwen_head`) | pair (original, instruction, edit) |
 """
 from __future__ import annotations
 
@@ -68,6 +70,18 @@ def _edit_score(path, **kw):
     return EditScore(path, **kw)
 
 
+def _hpsv3(path, **kw):
+    from .hpsv3 import HPSv3
+
+    return HPSv3(path, **kw)
+
+
+def _edit_reward(path, **kw):
+    from .edit_reward import EditReward
+
+    return EditReward(path, **kw)
+
+
 # kind -> (loader, the spec options it takes besides device/dtype)
 REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "clip": (_clip, ("processor",)),
@@ -81,9 +95,11 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "vlm_score": (_vlm_score, ("template", "engine")),
     "unified_reward": (_unified_reward, ("template", "engine", "max_new_tokens")),
     "edit_score": (_edit_score, ("adapter", "template", "engine", "max_new_tokens")),
+    "hpsv3": (_hpsv3, ("backbone", "file")),
+    "edit_reward": (_edit_reward, ("backbone", "file")),
 }
 KINDS = tuple(REGISTRY)
-PAIR_KINDS = ("dino_patch",)
+PAIR_KINDS = ("dino_patch", "edit_reward")
 MODEL_REF_OPTIONS = ("processor", "backbone", "adapter")  # options that name models (resolved like `model`)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 log = logging.getLogger("richpref")
 
 # Bump when any builder changes what it writes: a models dir built by another version is rebuilt.
-TINY_VERSION = "5"
+TINY_VERSION = "6"
 LAYOUT = {
     "sd15": "sd15",
     "controlnet": "controlnet-canny",
@@ -31,6 +31,8 @@ LAYOUT = {
     "ict": "ict",
     "hp": "hp",
     "dinov2": "dinov2",
+    "hpsv3": "hpsv3",  # Qwen-VL reward judges with a head (models/tiny/head_judges.py)
+    "edit_reward": "edit-reward",
     # Instruction editors (models/tiny/editors.py).
     "instruct_pix2pix": "instruct-pix2pix",
     "instruct_pix2pix_sdxl": "instruct-pix2pix-sdxl",
@@ -49,6 +51,7 @@ def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str
     from .diffusion import build_tiny_controlnet, build_tiny_sd15, build_tiny_sdxl, build_tiny_sdxl_controlnet
     from .editors import build_tiny_editors
     from .flow import build_tiny_flow
+    from .head_judges import build_tiny_judges
     from .rembg import build_tiny_u2net_onnx
     from .rewards import build_tiny_rewards
     from .vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
@@ -77,6 +80,7 @@ def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str
     build_tiny_rewards(root, root / LAYOUT["clip"], seed=seed + 20)
     build_tiny_editors(root, seed=seed + 40)
     build_tiny_flow(root, seed=seed + 60)
+    build_tiny_judges(root, seed=seed + 80)
     stamp.write_text(json.dumps(want))
     log.info("tiny models built under %s", root)
     return paths
