@@ -13,7 +13,9 @@ items x seconds-per-item (GPU busy) after its model is resident (a load sleeps l
 as idle); model-free stages sleep on CPU slots. Shards are real Parquet files in a temp run folder.
 
 busy = model sleep seconds / (workers x wall); ideal = model sleep seconds / workers;
-swaps = loads that replaced another resident model, summed over the workers.
+swaps = loads that replaced another resident model, summed over the workers. Printed first: the
+bound of a schedule in which every worker loads every model once (its loads are idle GPU time), for
+the table at hand. Raw figures go to bench/results/schedule-<commit>.json (`--no-record`: not).
 The last line: `busy=<fraction> wall/ideal=<ratio> swaps=<n>`.
 """
 from __future__ import annotations
@@ -92,6 +94,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=8, help="items per shard")
     ap.add_argument("--time-scale", type=float, default=0.5, help="multiplies every per-item and load time")
     ap.add_argument("--doctor-json", default=None, help="a `richpref doctor --json` file (default: built-in table)")
+    ap.add_argument("--no-record", action="store_true", help="do not write bench/results/schedule-<commit>.json")
     args = ap.parse_args()
 
     from prefect import flow
@@ -102,8 +105,13 @@ def main() -> None:
     from richpref.schemas.config import load_profile
     from richpref.storage import RunStore
 
-    stages = simulated_stages(_table(args.doctor_json), args.time_scale, args.items, args.shards)
+    table = _table(args.doctor_json)
+    stages = simulated_stages(table, args.time_scale, args.items, args.shards)
     model_s = sum(per_item * args.items * args.shards for _, per_item in stages)
+    load_s = sum(args.time_scale * table[s.name][1] for s, _ in stages if s.loads_model)
+    bound = (model_s / args.workers + load_s) / (model_s / args.workers)
+    print(f"bound when every worker loads every model once ({load_s:.1f}s of loads each): "
+          f"busy<={1 / bound:.3f} wall/ideal>={bound:.3f}", flush=True)
     data = tempfile.mkdtemp(prefix="richpref-schedule-")
     os.environ.setdefault("PREFECT_HOME", f"{data}/.prefect")
     profile = load_profile("tiny")
@@ -141,7 +149,31 @@ def main() -> None:
     print(f"{args.workers} simulated GPU workers, {args.shards} shards x {args.items} items, time scale "
           f"{args.time_scale}; per-item times from {args.doctor_json or 'the built-in doctor table (tiny, H200, bf16)'}")
     print(f"model seconds {model_s:.1f}, ideal wall {ideal:.1f}s, wall {wall:.1f}s, model loads {models['loads']}")
-    print(f"busy={model_s / (args.workers * wall):.3f} wall/ideal={wall / ideal:.3f} swaps={models['swaps']}")
+    busy = model_s / (args.workers * wall)
+    if not args.no_record:
+        _record(args, {"wall_s": wall, "ideal_s": ideal, "model_s": model_s, "busy": busy, "wall_over_ideal": wall / ideal,
+                       "loads": models["loads"], "swaps": models["swaps"], "bound_wall_over_ideal": bound})
+    print(f"busy={busy:.3f} wall/ideal={wall / ideal:.3f} swaps={models['swaps']}")
+
+
+def _record(args, run: dict) -> None:
+    """bench/results/schedule-<commit>.json, in the shared format of bench results."""
+    import subprocess
+    from datetime import datetime, timezone
+
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    out = repo / "bench" / "results" / f"schedule-{commit or 'unknown'}.json"
+    out.parent.mkdir(exist_ok=True)
+    summary = {k: {"median": v, "min": v, "max": v} for k, v in run.items()}
+    out.write_text(json.dumps({
+        "bench": "schedule", "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
+        "command": " ".join(["bench/schedule.py", *sys.argv[1:]]), "repeats": 1,
+        "runs": [{"side": "a", "repeat": 0, **run}], "summary": summary,
+        "headline": {"name": "busy", "value": round(run["busy"], 3), "unit": "fraction", "goal": ">= 0.90",
+                     "met": run["busy"] >= 0.90 and run["wall_over_ideal"] <= 1.15},
+    }, indent=2) + "\n")
 
 
 def _run(args, bench, env, cluster_kwargs) -> None:

@@ -97,11 +97,11 @@ def probe_worker(data_dir: str, token: str, api_url: str | None, timeout: float 
     """Run on each worker (Client.run): what it is, and whether it reaches the run's storage and API.
     It reads the client's probe file (the same storage, not a node-local folder of the same name)
     and writes its own, which the client reads back."""
-    import fsspec
+    from .objstore import credentials_hint, protocol, quick_fs
 
     out: dict = {"host": socket.gethostname(), "device": _device(), "versions": versions(), "errors": []}
     try:
-        fs, root = fsspec.core.url_to_fs(data_dir)
+        fs, root = quick_fs(data_dir, timeout)  # an object store: one attempt, short timeouts
         base = f"{root.rstrip('/')}/{PROBE_DIR}/{token}"
         with fs.open(f"{base}/client", "rb") as f:
             if f.read() != token.encode():
@@ -111,9 +111,10 @@ def probe_worker(data_dir: str, token: str, api_url: str | None, timeout: float 
             f.write(token.encode())
         out["probe"] = mine
     except Exception as exc:  # noqa: BLE001 - reported with the worker's name
-        out["errors"].append(f"cannot read and write the data dir {data_dir} ({type(exc).__name__}: {exc}); "
-                             "mount the same shared storage on every node (or use an object store URL), "
-                             "with the same path")
+        fix = (f"give this worker the store's credentials and endpoint: {credentials_hint(data_dir)}"
+               if protocol(data_dir) != "file" else
+               "mount the same shared storage on every node (or use an object store URL), with the same path")
+        out["errors"].append(f"cannot read and write the data dir {data_dir} ({type(exc).__name__}: {exc}); {fix}")
     if api_url:
         import httpx
 

@@ -41,20 +41,30 @@ def url_to_fs(url: str, **extra):
         raise DataDirError(f"{url}: {exc}") from exc
 
 
+def quick_fs(url: str, timeout_s: float = 5.0):
+    """(filesystem, path) for a check that must answer in seconds: a fresh instance and, on S3, one
+    attempt with short timeouts (a wrong endpoint must not spend minutes in retries)."""
+    extra: dict = {"skip_instance_cache": True}
+    if protocol(url) in ("s3", "s3a"):
+        extra.update(config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                    "retries": {"max_attempts": 1, "mode": "standard"}})
+    return url_to_fs(url, **extra)
+
+
+def credentials_hint(url: str) -> str:
+    """Where the credentials and endpoint of `url`'s store come from."""
+    proto = protocol(url)
+    return S3_ENV_HINT if proto in ("s3", "s3a") else f"check the {proto}:// credentials and endpoint"
+
+
 def check_reachable(url: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, naming `url` and the fix, when the store behind `url` cannot be listed (wrong
     credentials, unreachable endpoint, no such bucket). Local paths: nothing to check."""
-    proto = protocol(url)
-    if proto == "file":
+    if protocol(url) == "file":
         return
-    extra: dict = {"skip_instance_cache": True}
-    if proto in ("s3", "s3a"):
-        # One attempt with short timeouts: a wrong endpoint must not spend minutes in retries.
-        extra.update(config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s,
-                                               "retries": {"max_attempts": 1, "mode": "standard"}})
-    fs, root = url_to_fs(url, **extra)
+    fs, root = quick_fs(url, timeout_s)
     bucket = root.split("/", 1)[0]
-    hint = S3_ENV_HINT if proto in ("s3", "s3a") else f"check the {proto}:// credentials and endpoint"
+    hint = credentials_hint(url)
     try:
         fs.ls(bucket, detail=False)
     except FileNotFoundError as exc:

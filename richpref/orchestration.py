@@ -14,6 +14,7 @@ import time
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
+from .gpu_claims import gpu_claim
 from .leases import Busy, lease_seconds
 from .runner import ShardManifest, committed_many, content_key, drop_shards_from, leased_shards, stage_manifests, stage_shards
 from .schemas.config import Profile
@@ -36,15 +37,17 @@ def _dask_runner():
     return ctx.task_runner
 
 
-def _one_accelerator_per_task(stage: Stage):
-    """On a Dask task runner, each shard task of a stage that loads a model claims one `GPU` resource,
-    so a worker started with `resources={"GPU": 1}` runs one model-heavy shard at a time. Shards of
-    model-free stages claim none: they run on any worker's free thread. Elsewhere: no-op."""
-    if not stage.loads_model or _dask_runner() is None:
+def _one_accelerator_per_task(stage: Stage, profile: Profile):
+    """On a Dask task runner, each shard task of a stage that loads a model claims the `GPU` resource
+    (half of it for a served VLM: richpref/gpu_claims.py), so a worker started with
+    `resources={"GPU": 1}` runs one model-heavy shard at a time. Shards of model-free stages claim
+    none: they run on any worker's free thread. Elsewhere: no-op."""
+    claim = gpu_claim(stage, profile)
+    if not claim or _dask_runner() is None:
         return contextlib.nullcontext()
     import dask
 
-    return dask.annotate(resources={"GPU": 1})
+    return dask.annotate(resources={"GPU": claim})
 
 
 def _gpu_watch(stage: Stage):
@@ -153,7 +156,7 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     while pending:
         held = leased_shards(store, stage.out, pending)  # one listing per loop, not one per shard
         free = [s for s in pending if s not in held]
-        with _one_accelerator_per_task(stage):
+        with _one_accelerator_per_task(stage, profile):
             futures = {s: shard_task.submit(stage, s, inputs[s], data_dir, run, profile, keys[s]) for s in free}
         busy = set(pending) - set(free)
         watch = _gpu_watch(stage)

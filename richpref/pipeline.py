@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .gpu_claims import gpu_claim
 from .leases import Busy
 from .runner import ShardManifest, content_key, drop_shards_from, stage_manifests
 from .schemas.config import Profile
@@ -33,10 +34,11 @@ class Submitted:
     key: str
 
 
-def _annotations(stage: Stage, priority: int):
+def _annotations(stage: Stage, priority: int, profile: Profile):
     import dask
 
-    extra = {"resources": {"GPU": 1}} if stage.loads_model else {}
+    claim = gpu_claim(stage, profile)
+    extra = {"resources": {"GPU": claim}} if claim else {}
     return dask.annotate(priority=priority, **extra)
 
 
@@ -66,7 +68,7 @@ def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run
                 refs[stage.out][s] = m
                 continue
             params = {r: futures[(r, s)] if isinstance(v, Submitted) else v for r, v in inputs.items()}
-            with _annotations(stage, len(stages) - idx):
+            with _annotations(stage, len(stages) - idx, profile):
                 futures[(stage.out, s)] = shard_task.submit(stage, s, params, data_dir, run, profile, key)
             refs[stage.out][s] = Submitted(key)
             order.append((stage, s))

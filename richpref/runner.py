@@ -16,6 +16,7 @@ and log one line to the run's work log.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -239,14 +240,24 @@ def _input_rows(stage: Stage, shard: int, store: RunStore) -> tuple[pa.Table, di
     return driver.filter(pc.equal(driver.column("status"), OK)), tables
 
 
+def _model_scope(stage: Stage):
+    """The resident model a shard uses stays until the shard ends (two shards may share a process)."""
+    if not stage.loads_model:
+        return contextlib.nullcontext()
+    from .models.runtime import resident
+
+    return resident.shard()
+
+
 def _compute(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store: RunStore, profile: Profile,
              key: str, lease: Lease | None = None) -> ShardManifest | Busy:
     inject_fault(stage.name, shard, "before")
     started = time.perf_counter()
     rows, tables = _input_rows(stage, shard, store)
     t0 = time.perf_counter()
-    out, batch_size, retries = compute_splitting_on_oom(stage, StageInputs(shard=shard, rows=rows, tables=tables,
-                                                                    scratch=store.scratch_dir(stage.out)), profile)
+    with _model_scope(stage):
+        out, batch_size, retries = compute_splitting_on_oom(stage, StageInputs(shard=shard, rows=rows, tables=tables,
+                                                                        scratch=store.scratch_dir(stage.out)), profile)
     compute_s = time.perf_counter() - t0
     check_rows_accounted(stage.name, shard, rows, out, stage.fan_out(profile) if stage.fan_out else None,
                          reads_rows=bool(stage.reads))

@@ -23,26 +23,37 @@ def free_port() -> int:
 
 
 class S3Server:
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+    """On 127.0.0.1 and a free port, with IAM auth (a user and its key made at start). Or, for a test
+    whose nodes are network namespaces, on `host` inside a namespace (`wrap` = `ip netns exec NS`),
+    where this process cannot connect: then no auth (any key is accepted; the test still hands its
+    processes a key as a user would), and readiness is read from the server's log."""
+
+    def __init__(self, log_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
+                 wrap: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"http://{host}:{self.port}"
         self.log_path = Path(log_dir) / f"moto-{self.port}.log"
         self._log = open(self.log_path, "w")
         # werkzeug logs one line per request on stderr: the request count comes from there.
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(NO_AUTH_REQUESTS)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(NO_AUTH_REQUESTS)} if not wrap else dict(os.environ)
+        self.proc = subprocess.Popen([*(wrap or []), sys.executable, "-m", "moto.server", "-H", host, "-p", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"moto server did not start: {self.log_path.read_text()[-2000:]}")
-                time.sleep(0.2)
-        self.key, self.secret = self._user()
+        while not self._ready(bool(wrap)):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"moto server did not start: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        self.key, self.secret = ("richpref-key", "richpref-secret") if wrap else self._user()
+
+    def _ready(self, from_log: bool) -> bool:
+        if from_log:
+            return "Running on" in self.log_path.read_text(errors="replace")
+        try:
+            urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2)
+            return True
+        except OSError:
+            return False
 
     def _user(self) -> tuple[str, str]:
         import boto3
@@ -61,13 +72,17 @@ class S3Server:
 
     def requests(self) -> list[str]:
         """The request lines logged so far ('GET /bucket/key?...', ...)."""
+        return [req for _, req, _ in self.requests_from()]
+
+    def requests_from(self) -> list[tuple[str, str, str]]:
+        """(client address, request line, status) of each request logged so far."""
         self._log.flush()
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
             if '"' in line and " HTTP/1." in line:
-                req = line.split('"', 2)[1]
+                client, req, rest = line.split('"', 2)
                 if not req.split(" ", 1)[-1].startswith("/moto-api"):
-                    out.append(req)
+                    out.append((client.split(" ", 1)[0], req, rest.split()[0] if rest.split() else ""))
         return out
 
     def make_bucket(self, name: str) -> None:

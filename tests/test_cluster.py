@@ -42,8 +42,10 @@ def cpu_only_cluster():
     """Two real worker processes without the GPU resource."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    # preloaded as docs/operations.md starts workers: a first import of torch on a worker's event loop
+    # (in its preflight answer) would otherwise count in the "seconds" these tests bound
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      preload=["richpref.tasks.wrappers"]) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -61,17 +63,23 @@ def test_workers_without_the_gpu_resource_fail_in_seconds_naming_them_and_the_fi
     assert not (tmp_path / "_preflight").exists() or not any((tmp_path / "_preflight").iterdir())
 
 
-def test_an_unreachable_prefect_api_and_an_unshared_data_dir_name_each_worker(cpu_only_cluster):
+def test_an_unreachable_prefect_api_and_an_unshared_data_dir_name_each_worker_in_seconds(cpu_only_cluster):
     import socket
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # memory:// lives inside each process: the workers do not see this process's probe file, as
-    # workers on other nodes do not see a node-local folder.
-    with pytest.raises(ClusterError) as err:
-        check_cluster(cpu_only_cluster, "memory://richpref-preflight", f"http://127.0.0.1:{port}/api",
-                      need_gpu=False)
+    # A port that takes connections and never answers (a firewall or a hung server): the workers must
+    # give up on their own timeout, not wait for the preflight's.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        # memory:// lives inside each process: the workers do not see this process's probe file, as
+        # workers on other nodes do not see a node-local folder.
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError) as err:
+            check_cluster(cpu_only_cluster, "memory://richpref-preflight", f"http://127.0.0.1:{port}/api",
+                          need_gpu=False)
+        took = time.monotonic() - t0
+    assert took < 20, took  # the workers' 5 s timeout, not the preflight's 60 s
     msg = str(err.value)
     for addr in cpu_only_cluster.scheduler_info(n_workers=-1)["workers"]:
         assert f"({addr})" in msg
@@ -116,3 +124,16 @@ def test_a_cluster_that_loses_its_last_gpu_worker_fails_after_the_grace_period()
         time.sleep(0.6)
         with pytest.raises(ClusterError, match="no Dask worker with the GPU resource"):
             watch.check()
+
+
+def test_a_worker_running_other_versions_fails_the_preflight_naming_the_package(cpu_only_cluster, tmp_path, monkeypatch):
+    import richpref.cluster as cluster
+
+    real = cluster.versions()
+    # This process (the client) pretends to run another diffusers: the workers (other processes) do not.
+    monkeypatch.setattr(cluster, "versions", lambda: {**real, "diffusers": "0.0.1"})
+    with pytest.raises(ClusterError) as err:
+        check_cluster(cpu_only_cluster, str(tmp_path), None, need_gpu=False)
+    msg = str(err.value)
+    assert msg.count("runs other versions than this process") == 2
+    assert f"diffusers {real['diffusers']} here 0.0.1" in msg and "install the same richpref" in msg

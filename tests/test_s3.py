@@ -244,3 +244,23 @@ def test_training_pairs_on_s3_are_read_by_row_group_and_match_the_local_file(s3,
     assert got[rows] == {c: want[rows][c] for c in got.column_names}
     assert got.column_names == ["caption", "jpg_0", "jpg_1", "label_0"]
     assert sorted({g for _, g in remote_pairs.ROW_GROUPS_READ}) == [0, 4]  # the batch's row groups only
+
+
+def test_a_worker_with_a_wrong_s3_credential_fails_the_preflight_in_seconds_naming_it(s3, bucket):
+    from distributed import Client, LocalCluster
+
+    from richpref.cluster import ClusterError, check_cluster
+
+    url = f"s3://{bucket}/data"
+    bad = {**s3.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}  # the worker's own environment
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, env=bad,
+                      preload=["richpref.tasks.wrappers"]) as cluster, Client(cluster) as client:
+        worker = next(iter(client.scheduler_info(n_workers=-1)["workers"]))
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError) as err:
+            check_cluster(client, url, None, need_gpu=False)
+        took = time.monotonic() - t0
+    msg = str(err.value)
+    assert f"({worker})" in msg and f"cannot read and write the data dir {url}" in msg, msg
+    assert "AWS_SECRET_ACCESS_KEY" in msg and "AWS_ENDPOINT_URL_S3" in msg, msg
+    assert took < 15, took

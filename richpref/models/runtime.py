@@ -89,23 +89,49 @@ class ResidentModel:
     """Holds at most one loaded model per process: asking for another releases the current one first.
 
     Stages run one after another, so one big model on the GPU at a time is enough and keeps memory flat.
+    Two shards may compute at once in one process (two shards of a served-VLM stage on a Dask worker
+    share its GPU slot): inside `shard()`, a thread asking for another model than the one a thread
+    still computing a shard uses waits for that shard to end instead of releasing the model under it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
         self._key: Any = None
         self._model: Any = None
+        self._users: dict[int, Any] = {}  # thread -> the key its current shard uses
+        self._in_shard = threading.local()
         self.loads = 0  # models loaded by this process
         self.swaps = 0  # of which, loads that replaced another resident model
 
+    @contextlib.contextmanager
+    def shard(self):
+        """Around one shard's computation: the model it gets stays resident until it ends."""
+        self._in_shard.on = True
+        try:
+            yield
+        finally:
+            self._in_shard.on = False
+            with self._changed:
+                self._users.pop(threading.get_ident(), None)
+                self._changed.notify_all()
+
+    def _used_by_others(self, me: int) -> bool:
+        return any(t != me and k == self._key for t, k in self._users.items())
+
     def get(self, key: Any, load: Callable[[], Any]) -> Any:
-        with self._lock:
+        me = threading.get_ident()
+        with self._changed:
+            while self._key != key and self._key is not None and self._used_by_others(me):
+                self._changed.wait()
             if self._key != key:
                 self.swaps += self._key is not None
                 self.release()
                 self._model = load()
                 self._key = key
                 self.loads += 1
+            if getattr(self._in_shard, "on", False):
+                self._users[me] = key
             return self._model
 
     def __reduce__(self):
