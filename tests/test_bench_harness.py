@@ -91,3 +91,34 @@ def test_report_uses_newest_file_per_bench_and_keeps_prose(tmp_path):
     report.main(["--results", str(res), "--doc", str(doc)])
     text = doc.read_text()
     assert text.count(report.BEGIN) == 1 and "| two " not in text and "## Prose kept" in text
+
+
+def _guards_bench():
+    import importlib.util
+
+    if "instruction_guards_bench" in sys.modules:
+        return sys.modules["instruction_guards_bench"]
+    spec = importlib.util.spec_from_file_location("instruction_guards_bench", ROOT / "bench" / "instruction_guards.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_instruction_guard_scores_wilson_intervals_and_unparsed_apart():
+    g = _guards_bench()
+    lo, hi = g.wilson(8, 10)  # by hand: centre 0.71674, half-width 0.18441
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert g.wilson(0, 0) == (0.0, 1.0)
+    D = g.Decision
+    ds = [D("e", "a", "keep", "keep", "x"), D("e", "b", "stray_content", "ungrounded", "x"),
+          D("e", "c", "keep", "unparsed", "x"), D("e", "d", "commentary", "unparsed", "x")]
+    s = g.scores(ds)
+    assert (s["tp"], s["fp"], s["fn"], s["tn"], s["unparsed"], s["n"]) == (1, 0, 0, 1, 2, 2)
+
+
+def test_the_held_out_set_is_the_frozen_one():
+    g = _guards_bench()
+    corpus = g.frozen_heldout()
+    assert sum(len(e["instructions"]) for e in corpus) >= 100
+    assert {e["split"] for e in corpus} == {"held_out_2"}
