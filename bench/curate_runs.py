@@ -5,7 +5,8 @@
     python bench/curate_runs.py resume --quick | memory --quick          # small sizes, `--until sample`
 
 resume: three sides alternated each repeat, each in a fresh data dir and Prefect home:
-  full     one uninterrupted run: process wall, sum of stage compute (work log), process wall / compute
+  full     one uninterrupted run: process wall, sum of stage compute (work log), process wall / compute;
+           then the same command again on the finished run (re-run / first run, goal <= 0.05)
   between  SIGKILL before a shard of the middle of a stage (RICHPREF_FAULTS kill: the shards before it
            committed), then a second process resumes: (killed wall + resume wall) / the same repeat's full wall
   inside   SIGKILL half-way through a shard's computation (the harness watches the log for the shard
@@ -102,7 +103,10 @@ def resume(a) -> None:
             r = harness.run_process(cmd, env, a.timeout)
             assert r["rc"] == 0, f"curate failed:\n{r['stderr'][-3000:]}"
             c = compute_s(data)
-            return {"wall_s": r["wall_s"], "compute_s": c, "wall_over_compute": r["wall_s"] / c, "maxrss_mib": r["maxrss_mib"]}
+            again = harness.run_process(cmd, env, a.timeout)  # the finished run again: the plan only, no Prefect
+            assert again["rc"] == 0, again["stderr"][-2000:]
+            return {"wall_s": r["wall_s"], "compute_s": c, "wall_over_compute": r["wall_s"] / c, "maxrss_mib": r["maxrss_mib"],
+                    "rerun_wall_s": again["wall_s"], "rerun_over_first": again["wall_s"] / r["wall_s"]}
         if name == "between":
             killed = harness.run_process(cmd, {**env, "RICHPREF_FAULTS": f"{a.kill_stage}:{k}:kill"}, a.timeout)
             assert killed["rc"] == -9, f"expected SIGKILL, got {killed['rc']}:\n{killed['stderr'][-2000:]}"
@@ -117,13 +121,17 @@ def resume(a) -> None:
 
     runs = b.alternate(["full", "between", "inside"], side)
     full = [r for r in runs if r["side"] == "full"]
-    over = [{"side": "full", "repeat": r["repeat"], **{x: r[x] for x in ("wall_s", "compute_s", "wall_over_compute")}}
+    over = [{"side": "full", "repeat": r["repeat"], **{x: r[x] for x in ("wall_s", "compute_s", "wall_over_compute",
+                                                                          "rerun_wall_s", "rerun_over_first")}}
             for r in full]
     s = harness.summarize(over)
     b.write(harness.headline("wall_over_compute", s["wall_over_compute"]["median"], "x", GOAL,
                              note=f"process wall / sum of stage compute, {a.items} items, shard size {a.shard_size}"
                                   + (f", --until {a.until}" if a.until else "")),
             runs=over, name="flow_overhead")
+    b.write(harness.headline("rerun_over_first", s["rerun_over_first"]["median"], "x", "<= 0.05",
+                             note="`richpref curate` again on the finished run (process wall) / the first run's process wall"),
+            runs=over, name="rerun_finished")
     for which in ("between", "inside"):
         sel = [r for r in runs if r["side"] in ("full", which)]
         rat = harness.ratios(sel, (which, "wall_s"), ("full", "wall_s"), "kill_resume_over_full")
