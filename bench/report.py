@@ -45,6 +45,8 @@ def _num(v) -> str:
         return f"{v:,}"
     if isinstance(v, float):
         a = abs(v)
+        if v.is_integer() and a >= 1:
+            return f"{int(v):,}"
         return f"{v:.3f}" if a < 10 else f"{v:.1f}" if a < 1000 else f"{v:,.0f}"
     return str(v)
 
@@ -93,10 +95,12 @@ def detail_tables(recs: list[dict]) -> list[str]:
         out += ["", f"#### {r['bench']} (`bench/results/{r['_file']}`)", ""]
         if (r.get("headline") or {}).get("note"):
             out += [r["headline"]["note"], ""]
-        out += ["| figure | median | min | max | n |", "|---|---|---|---|---|"]
+        out += ["<details><summary>every figure: median, min, max over the runs</summary>", "",
+                "| figure | median | min | max | n |", "|---|---|---|---|---|"]
         for k, s in summary.items():
             out.append(f"| {_cell(k)} | {_num(s.get('median'))} | {_num(s.get('min'))} | {_num(s.get('max'))} | "
                        f"{s.get('n', '—')} |")
+        out += ["", "</details>"]
     return out
 
 
@@ -106,7 +110,7 @@ def render(recs: list[dict]) -> str:
         lines.append("No result files yet: run `python bench/run_all.py --quick`.")
     else:
         lines += headline_table(recs)
-        lines += ["", "### Every figure of those runs (generated)"]
+        lines += ["", "### What each headline measured, and every figure of those runs (generated)"]
         lines += detail_tables(recs)
     lines += ["", END]
     return "\n".join(lines)
