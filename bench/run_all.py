@@ -36,9 +36,11 @@ def plan(quick: bool, models: str, diffusers: str | None) -> list[tuple[str, lis
         ("overlap", [B + "overlap.py", "--models-root", models]
          + (["--n", "16", "--batch", "8", "--repeats", "2"] if q else ["--n", "64", "--batch", "16"])),
         ("dpo_step", [B + "dpo_step.py", "--diffusers-git", diffusers or "",]
-         + (["--steps", "10", "--warmup", "3", "--rounds", "2"] if q else [])),
-        ("curate_resume", [B + "curate_runs.py", "resume", "--models", models] + (["--quick"] if q else [])),
-        ("memory", [B + "curate_runs.py", "memory", "--models", models] + (["--quick", "--repeats", "1"] if q else [])),
+         + (["--steps", "8", "--warmup", "2", "--rounds", "2"] if q else [])),
+        # Each curate process costs 1-3 min on a loaded 2-core machine: one repeat at quick size.
+        ("curate_resume", [B + "curate_runs.py", "resume", "--models", models] + (["--quick", "--repeats", "1"] if q else [])),
+        ("memory", [B + "curate_runs.py", "memory", "--models", models]
+         + (["--quick", "--repeats", "1", "--items", "4", "8", "16"] if q else [])),
     ]
     return jobs
 
