@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     goal = "< 900" if a.quick else None
     b.write(harness.headline("total.wall_s", total, "s", goal,
                              note="wall time of every benchmark of the quick set, one after another"
-                                  + (f"; failed: {', '.join(failed)}" if failed else "")))
+                                  + (f"; failed: {', '.join(failed)}" if failed else "")), runs=runs)
     b.cleanup()
     subprocess.run([PY, B + "report.py"], cwd=REPO, env=env, check=True)
     print(f"[run_all] total {total:.0f} s; failed: {failed or 'none'}")

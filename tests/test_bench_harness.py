@@ -122,3 +122,23 @@ def test_the_held_out_set_is_the_frozen_one():
     corpus = g.frozen_heldout()
     assert sum(len(e["instructions"]) for e in corpus) >= 100
     assert {e["split"] for e in corpus} == {"held_out_2"}
+
+
+def test_memory_slope_is_least_squares_in_units_per_item():
+    import curate_runs
+
+    assert curate_runs.slope([4, 8, 16], [100.0, 104.0, 112.0]) == pytest.approx(1.0)
+    assert curate_runs.slope([8, 8], [1.0, 2.0]) == 0.0
+
+
+def test_source_bytes_needed_are_the_row_groups_holding_the_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import source_stream
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": list(range(100))}), path, row_group_size=10)
+    md = pq.ParquetFile(path).metadata
+    rg = lambda i: md.row_group(i).column(0).total_compressed_size  # noqa: E731
+    assert source_stream.needed_mb(path, 10) * 1e6 == md.serialized_size + rg(0)
+    assert source_stream.needed_mb(path, 11) * 1e6 == md.serialized_size + rg(0) + rg(1)
