@@ -5,7 +5,11 @@ Pick-a-Pic-format Parquet file: 2 pairs per step, 64 px, fp32, one process, β 5
 --beta_dpo 2500 without the ½ is the same objective), constant lr, no checkpoints. Each trainer runs
 in its own fresh interpreter with the same thread count (--threads); a step's time is the interval between two consecutive optimizer-step
 completions (data loading, VAE and text encoding included), taken from the example's progress-bar
-updates and from richpref's metrics.jsonl. The first `--warmup` steps are dropped; runs alternate.
+updates and from richpref's metrics.jsonl. The first `--warmup` steps are dropped. Each run is a fresh
+process with its own caches and Prefect home (bench/harness.py); the two sides alternate (example first
+in even rounds, richpref first in odd ones). Every dataloader starts outside the timed window: the first
+interval starts at the first step's end, and the file holds at least (steps + 1) batches, so no epoch
+ends (and no dataloader restarts) inside a run.
 
 The example script is not part of this project: give its path (`--reference-script`), or a diffusers
 git checkout or mirror (`--diffusers-git`, the file is read with `git show` into a temp dir). It
@@ -14,8 +18,9 @@ stand-in module is registered when wandb is not installed.
 
     .venv/bin/python bench/dpo_step.py --diffusers-git /path/to/diffusers [--steps 40 --rounds 3]
 
-Prints per-round figures, then the ratio richpref / example (goal: ≤ 1.0) of the median and of the
-10th percentile of all steps pooled; on a machine shared with other work the p10 is the steadier one.
+Prints per-round figures, then the ratio richpref / example (goal: ≤ 1.0) of each round's medians
+(median and spread over rounds: the headline) and of the pooled medians and 10th percentiles; raw runs
+go to bench/results/dpo_step-<commit>.json.
 """
 from __future__ import annotations
 
@@ -144,34 +149,47 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
+    import harness
+
+    bench = harness.Bench("dpo_step", args.rounds)
+    pairs = max(args.pairs, 2 * (args.steps + 1))  # no epoch ends inside a run: no dataloader restart timed
+    try:
+        tmp = bench.tmp
         script = reference_script(args, tmp)
         from richpref.models.tiny.diffusion import build_tiny_sd15
 
         model = str(build_tiny_sd15(tmp / "sd15"))
-        write_pairs(tmp / "data" / "pairs.parquet", args.pairs)
+        write_pairs(tmp / "data" / "pairs.parquet", pairs)
         pooled: dict[str, list[float]] = {"richpref": [], "example": []}
-        for r in range(args.rounds):
-            for name in ("example", "richpref"):
-                cmd = [sys.executable, __file__, "--worker", name, "--model", model, "--data", str(tmp / "data"),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--reference-script", script]
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    sys.exit(f"{name} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-                times = json.loads(lines[-1][len("RESULT "):])
-                pooled[name] += times
-                print(f"round {r + 1} {name:8s}: median {statistics.median(times) * 1000:.1f} ms/step, "
-                      f"p10 {percentile(times, 10) * 1000:.1f} over {len(times)} steps", flush=True)
-    print()
-    for label, stat in (("median", statistics.median), ("p10", lambda t: percentile(t, 10))):
-        ours, theirs = stat(pooled["richpref"]), stat(pooled["example"])
-        print(f"{label:6s}: richpref {ours * 1000:.1f} ms/step, diffusers example {theirs * 1000:.1f} ms/step, "
-              f"ratio {ours / theirs:.3f} (goal <= 1.0)")
+
+        def side(name: str, r: int) -> dict:
+            root, env = bench.fresh(f"{name}{r}", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+            cmd = [sys.executable, __file__, "--worker", name, "--model", model, "--data", str(tmp / "data"),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--reference-script", script]
+            proc = harness.run_process(cmd, env, timeout=3600, cwd=str(root))
+            lines = [l for l in proc["stdout"].splitlines() if l.startswith("RESULT ")]
+            if proc["rc"] != 0 or not lines:
+                sys.exit(f"{name} run failed (exit {proc['rc']}):\n{proc['stderr'][-3000:]}")
+            times = json.loads(lines[-1][len("RESULT "):])
+            pooled[name] += times
+            return {"median_ms": statistics.median(times) * 1000, "p10_ms": percentile(times, 10) * 1000,
+                    "steps_timed": len(times), "process_wall_s": proc["wall_s"], "maxrss_mib": proc["maxrss_mib"]}
+
+        runs = bench.alternate(["example", "richpref"], side)
+        rat = harness.ratios(runs, ("richpref", "median_ms"), ("example", "median_ms"), "ratio_of_medians")
+        print()
+        for label, stat in (("median", statistics.median), ("p10", lambda t: percentile(t, 10))):
+            ours, theirs = stat(pooled["richpref"]), stat(pooled["example"])
+            print(f"pooled {label:6s}: richpref {ours * 1000:.1f} ms/step, diffusers example {theirs * 1000:.1f} ms/step, "
+                  f"ratio {ours / theirs:.3f} (goal <= 1.0)")
+        s = harness.summarize(rat)
+        bench.write(harness.headline("ratio_of_medians", s["ratio_of_medians"]["median"], "x", "<= 1.0",
+                                     note=f"richpref / diffusers example, ms per optimizer step (median of a run's steps), "
+                                          f"tiny SD1.5 LoRA rank 4, 2 pairs per step, 64 px, {args.steps} steps, first "
+                                          f"{args.warmup} dropped, {args.threads} torch thread(s)"),
+                    runs=runs + rat)
+    finally:
+        bench.cleanup()
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,8 +1,9 @@
-"""Orchestration overhead, re-run cost, kill + resume cost and peak memory of the curate flow.
+"""Orchestration overhead, kill + resume cost and peak memory of the curate flow (now in
+bench/curate_runs.py, on the harness: `overhead` and `resume` run its `resume`, `memory` its `memory`),
+and --workers 2 vs 1 and --plan on heavy shards (not on the harness yet: one run each, no raw file).
 
-    python bench/reliability.py overhead --items 1024      # wall / sum of stage compute, and re-run / first run
-    python bench/reliability.py resume --items 1024        # (SIGKILL mid-run + resume) / uninterrupted wall
-    python bench/reliability.py memory --items 256 4096    # peak RSS of a curate process per size
+    python bench/reliability.py overhead --items 1024      # = curate_runs.py resume: process wall / compute, kill + resume
+    python bench/reliability.py memory --items 256 1024 4096  # = curate_runs.py memory: MiB per 1k items
     python bench/reliability.py workers --items 1024       # wall of --workers 2 / wall of --workers 1
     python bench/reliability.py plan --items 1024          # --plan on a finished run: 640x640 vs 64x64 images
 
@@ -63,54 +64,6 @@ def _flow_wall(data: Path, run: str) -> float:
     log = data / "runs" / run / "_log" / "work.jsonl"
     recs = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
     return max(r["at"] for r in recs) - min(r["at"] - r.get("wall_s", r["compute_s"]) for r in recs)
-
-
-def overhead(n: int, models: str) -> None:
-    data = Path(tempfile.mkdtemp(prefix="richpref-bench-"))
-    wall, rc = _timed(_cmd(data, "first", n, models), _env(data))
-    assert rc == 0, "curate failed"
-    compute = _compute_seconds(data, "first")
-    flow = _flow_wall(data, "first")
-    rerun, rc = _timed(_cmd(data, "first", n, models), _env(data))
-    assert rc == 0, "re-run failed"
-    # The same re-run through the flow (what a deployment run of a finished run costs): Prefect start,
-    # one cached task per shard and stage.
-    flow_rerun, rc = _timed(_cmd(data, "first", n, models) + ["--force-flow"], _env(data))
-    assert rc == 0, "re-run through the flow failed"
-    print(f"items {n}: process wall {wall:.1f}s, flow wall (first shard start -> last shard end) {flow:.1f}s, "
-          f"sum of stage compute {compute:.1f}s")
-    print(f"orchestration overhead (flow wall / compute): {flow / compute:.3f}   (process wall / compute: {wall / compute:.3f})")
-    print(f"re-run of the finished run: {rerun:.1f}s, re-run / first run: {rerun / wall:.3f}")
-    print(f"re-run through the flow (--force-flow): {flow_rerun:.1f}s, / first run: {flow_rerun / wall:.3f}")
-
-
-def resume(n: int, models: str) -> None:
-    data = Path(tempfile.mkdtemp(prefix="richpref-bench-"))
-    full, rc = _timed(_cmd(data, "full", n, models), _env(data))
-    assert rc == 0
-    shards = (n + 31) // 32
-    fault = f"edit:{shards // 2}:kill"
-    killed, rc = _timed(_cmd(data, "killed", n, models), _env(data, fault))
-    assert rc == -9, f"expected SIGKILL, got {rc}"
-    resumed, rc = _timed(_cmd(data, "killed", n, models), _env(data))
-    assert rc == 0
-    print(f"items {n}: uninterrupted {full:.1f}s; killed at {fault} after {killed:.1f}s, resume {resumed:.1f}s")
-    print(f"(kill + resume) / uninterrupted: {(killed + resumed) / full:.3f}")
-
-
-def memory(sizes: list[int], models: str) -> None:
-    peaks = {}
-    for n in sizes:
-        data = Path(tempfile.mkdtemp(prefix="richpref-bench-"))
-        code = ("import resource, subprocess, sys; "
-                f"rc = subprocess.run({_cmd(data, 'mem', n, models)!r}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
-                "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-        out = subprocess.run([sys.executable, "-c", code], env=_env(data), capture_output=True, text=True).stdout.split()
-        assert out[0] == "0", "curate failed"
-        peaks[n] = int(out[1]) / 1024
-        print(f"items {n}: peak RSS of the curate process {peaks[n]:.0f} MiB")
-    if len(sizes) >= 2:
-        print(f"peak RSS({sizes[-1]}) / peak RSS({sizes[0]}): {peaks[sizes[-1]] / peaks[sizes[0]]:.3f}")
 
 
 def workers(n: int, models: str) -> None:
@@ -197,16 +150,16 @@ def main() -> None:
     ap.add_argument("--items", type=int, nargs="+", default=[1024])
     ap.add_argument("--models", default=str(REPO / "data/models/tiny"))
     a = ap.parse_args()
-    if a.what == "overhead":
-        overhead(a.items[0], a.models)
-    elif a.what == "resume":
-        resume(a.items[0], a.models)
-    elif a.what == "workers":
+    if a.what in ("overhead", "resume", "memory"):
+        # On the harness (bench/curate_runs.py): repeats, alternated sides, fresh Prefect homes, raw results.
+        import curate_runs
+
+        items = [str(n) for n in a.items]
+        return curate_runs.main(["resume" if a.what != "memory" else "memory", "--models", a.models, "--items", *items])
+    if a.what == "workers":
         workers(a.items[0], a.models)
     elif a.what == "plan":
         plan(a.items[0], a.models)
-    else:
-        memory(a.items, a.models)
 
 
 if __name__ == "__main__":

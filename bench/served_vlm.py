@@ -6,7 +6,9 @@
    by richpref on the CPU, one server per model) at client concurrency 1, 8 and 32, and in-process at
    batch size 1, 8 and 32; best of `repeats` after a warm-up, tiny-profile settings. Figures only: a
    tiny model on a CPU says little about vLLM on a GPU.
-2. Filter cost per pair, counted from the requests the stage sends: model passes (one per question),
+2. Filter cost per pair, CALCULATED (not measured) from the requests the stage would send, with 5
+   attributes per item assumed and a perfect prefix cache on the server; bench/filter_encodings.py
+   measures the in-process count with a hook on the vision tower: model passes (one per question),
    prompt tokens, and image encodings without a prefix cache (one per question) and with one (one per
    distinct image+chat prefix, since a pair's questions about one image share it). Goal: >= 3x fewer
    image encodings per pair.
@@ -158,10 +160,11 @@ def main() -> None:
         print("| | model passes | prompt tokens computed | image encodings |")
         print("|---|---|---|---|")
         print(f"| before: every question encodes its image | {passes / m:.1f} | {total / m:.0f} | {passes / m:.1f} |")
-        print(f"| after, server with a prefix cache (vLLM, SGLang) | {passes / m:.1f} | {cached / m:.0f} | {prefixes / m:.1f} |")
+        print(f"| after, server with a prefix cache (vLLM, SGLang): CALCULATED | {passes / m:.1f} | {cached / m:.0f} | {prefixes / m:.1f} |")
         print(f"| after, in-process (`share_image_prefix`) | {(passes_shared + gens) / m:.1f} (prefix + suffix) | "
               f"server's + the generation's image prefix | {(enc + gens) / m:.1f} |")
-        print(f"image encodings per pair: server {passes / prefixes:.1f}x fewer, in-process {passes / (enc + gens):.1f}x "
+        print(f"image encodings per pair: server {passes / prefixes:.1f}x fewer (calculated: a perfect prefix cache "
+              f"and 5 attributes per item assumed; measured in process: bench/filter_encodings.py), in-process {passes / (enc + gens):.1f}x "
               f"fewer; prompt tokens computed {total / cached:.1f}x fewer")
         print(f"in-process yes/no time for the {m} pairs: batched (16) {plain_s:.2f} s, sharing the image {shared_s:.2f} s")
     finally:

@@ -5,9 +5,13 @@
 
 Files are Pick-a-Pic-format Parquet (caption, jpg_0, jpg_1, label_0, has_label, are_different) of
 random JPEG bytes, written to a temp dir and deleted afterwards. Each case runs in a fresh process
-(`child`), which reports its time for the source work (imports excluded: the same in every case),
-its peak RSS and whether the `datasets` cache gained anything. Best of 3, cases interleaved.
-Goals (issue 13): limit time and peak RSS ratios <= 1.2, no cache copy; first shard ratio <= 2.
+(`child`, fresh Prefect home and caches: bench/harness.py), which reports its time for the source work
+(imports excluded: the same in every case), the bytes it read meanwhile (read_mb: bytes Arrow read from the
+Parquet file, counted by a file object the source's `open_parquet` is given in the child; rchar_mb:
+/proc/self/io rchar of the source work, every read of the process, lazy imports included), its peak RSS and whether the `datasets` cache gained anything.
+N repeats (--repeats, default 3), cases alternated; raw runs in bench/results/.
+Headline: bytes read from the large file / bytes of the row groups that hold the rows read, plus
+the footer (goal <= 1.2); large / small bytes and time ratios are derived figures.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 
 def _jpegs(n: int, size: int, seed: int) -> list[bytes]:
@@ -62,8 +68,67 @@ def write_pickapic(path: Path, rows: int, image_size: int, row_group_size: int) 
     return path.stat().st_size
 
 
+def _rchar() -> int:
+    """Bytes this process has passed through read()/pread() calls (/proc/self/io `rchar`): every
+    file read, Arrow's native ones included, whether or not the page cache served it."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no rchar in /proc/self/io")
+
+
+class _CountingFile(io.RawIOBase):
+    """A file that counts the bytes read through it (Arrow reads a Python file object by read/seek)."""
+
+    total = 0
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos, whence=0):
+        return self._f.seek(pos, whence)
+
+    def tell(self):
+        return self._f.tell()
+
+    def readinto(self, b) -> int:
+        n = self._f.readinto(b)
+        _CountingFile.total += n or 0
+        return n
+
+    def read(self, n=-1) -> bytes:
+        data = self._f.read(n)
+        _CountingFile.total += len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _count_parquet_reads() -> None:
+    """Every Parquet file the source opens is opened through a _CountingFile."""
+    from richpref.sources import parquet
+
+    real = parquet.open_parquet
+
+    def counted(path: str, **kw):
+        if parquet.is_url(path):
+            return real(path, **kw)
+        return parquet.pq.ParquetFile(_CountingFile(path), **kw)
+
+    parquet.open_parquet = counted
+
+
 def child(args) -> None:
     """One measured case, in its own process: prints a JSON line."""
+    _count_parquet_reads()
     from richpref.schemas.config import SourceConfig
     from richpref.runner import content_key, run_shard
     from richpref.schemas.config import Profile
@@ -72,6 +137,7 @@ def child(args) -> None:
 
     cfg = SourceConfig(kind="parquet", path=args.path, pickapic_preferred=True, limit=args.limit, shard_size=args.shard_size)
     profile = Profile(name="bench", source=cfg)
+    rchar0 = _rchar()
     t0 = time.perf_counter()
     if args.case == "limit":  # what a run does with the source: check it, key and compute every shard
         n = source.check_source(cfg)
@@ -85,35 +151,46 @@ def child(args) -> None:
         store = RunStore(args.data, "bench")
         run_shard(source.STAGE, 0, {}, store, profile, content_key(source.STAGE, profile, 0, {}))
     seconds = time.perf_counter() - t0
+    read_bytes = _rchar() - rchar0
     cache = Path(os.environ["HF_DATASETS_CACHE"])
     cached = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.exists() else 0
     print(json.dumps({"seconds": seconds, "shards": n, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "datasets_cache_bytes": cached}))
+                      "datasets_cache_bytes": cached, "read_bytes": read_bytes,
+                      "file_read_bytes": _CountingFile.total}))
 
 
-def run_case(path: Path, what: str, limit: int | None, shard_size: int, tmp: Path) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp / "datasets-cache"),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    data = tempfile.mkdtemp(dir=tmp)
+def needed_mb(path: Path, rows: int) -> float:
+    """MB of the row groups that hold rows [0, rows) of a Parquet file, plus its footer: what a
+    reader of those rows cannot avoid reading."""
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(path).metadata
+    total, seen = md.serialized_size, 0
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        total += sum(rg.column(j).total_compressed_size for j in range(rg.num_columns))
+        seen += rg.num_rows
+        if seen >= rows:
+            break
+    return total / 1e6
+
+
+def run_case(bench, path: Path, limit: int | None, what: str, shard_size: int, name: str, rep: int) -> dict:
+    """One case in a fresh process with its own caches (the `datasets` cache included)."""
+    root, env = bench.fresh(f"{name}{rep}")
     cmd = [sys.executable, __file__, "child", "--case", what, "--path", str(path), "--shard-size", str(shard_size),
-           "--data", data] + (["--limit", str(limit)] if limit else [])
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["process_seconds"] = time.perf_counter() - t0
-    shutil.rmtree(data)
+           "--data", str(root / "data")] + (["--limit", str(limit)] if limit else [])
+    r = harness.run_process(cmd, env, timeout=1800)
+    assert r["rc"] == 0, r["stderr"][-3000:]
+    result = json.loads(r["stdout"].strip().splitlines()[-1])
+    result["process_seconds"] = r["wall_s"]
+    shutil.rmtree(root, ignore_errors=True)
     return result
 
 
-def compare(cases: dict[str, tuple[Path, int | None]], what: str, shard_size: int, tmp: Path, repeats: int = 3) -> dict:
+def compare(bench, cases: dict[str, tuple[Path, int | None]], what: str, shard_size: int) -> list[dict]:
     os.sync()  # the files just written are flushed before anything is timed
-    best: dict[str, dict] = {}
-    for i in range(repeats):
-        for name, (path, limit) in (cases.items() if i % 2 == 0 else reversed(cases.items())):
-            r = run_case(path, what, limit, shard_size, tmp)
-            if name not in best or r["seconds"] < best[name]["seconds"]:
-                best[name] = {**r, "peak_rss_mib": min(r["peak_rss_mib"], best.get(name, r)["peak_rss_mib"])}
-    return best
+    return bench.alternate(list(cases), lambda name, rep: run_case(bench, *cases[name], what, shard_size, name, rep))
 
 
 def main() -> None:
@@ -126,37 +203,42 @@ def main() -> None:
     p.add_argument("--data")
     p.add_argument("--rows", type=int, default=None, help="rows of the large file (default 30,000 / 1,000,000)")
     p.add_argument("--row-group-size", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None, help="JPEG side in pixels (default 88: ~7.5 KB; first-shard 8)")
     args = p.parse_args()
     if args.what == "child":
         return child(args)
-    tmp = Path(tempfile.mkdtemp(prefix="richpref-bench-source-"))
+    bench = harness.Bench(f"source_stream_{args.what.replace('-', '_')}", args.repeats)
+    tmp = bench.tmp
     try:
         small = tmp / "small.parquet"
         write_pickapic(small, 300, args.image_size or (88 if args.what == "limit" else 8), args.row_group_size)
         big = tmp / "big.parquet"
-        if args.what == "limit":
-            rows = args.rows or 30_000
-            t0 = time.perf_counter()
-            size = write_pickapic(big, rows, args.image_size or 88, args.row_group_size)
-            print(f"large file: {rows} rows, {size / 1e6:.0f} MB, row groups of {args.row_group_size} "
-                  f"(written in {time.perf_counter() - t0:.0f}s); small file: 300 rows, {small.stat().st_size / 1e6:.1f} MB")
-            best = compare({"large": (big, 64), "small": (small, 64)}, "limit", args.shard_size, tmp)
-        else:
-            rows = args.rows or 1_000_000
-            t0 = time.perf_counter()
-            size = write_pickapic(big, rows, args.image_size or 8, args.row_group_size)
-            print(f"large source: {rows} rows, {size / 1e6:.0f} MB, row groups of {args.row_group_size} "
-                  f"(written in {time.perf_counter() - t0:.0f}s); small source: 300 rows")
-            best = compare({"large": (big, None), "small": (small, None)}, "first-shard", args.shard_size, tmp)
-        for name, r in best.items():
-            print(f"{name}: {r['seconds']:.3f}s source work ({r['process_seconds']:.2f}s process), "
-                  f"{r['shards']} shards, peak RSS {r['peak_rss_mib']:.0f} MiB, datasets cache {r['datasets_cache_bytes']} bytes")
-        print(f"time ratio large/small: {best['large']['seconds'] / best['small']['seconds']:.2f}")
-        print(f"peak RSS ratio large/small: {best['large']['peak_rss_mib'] / best['small']['peak_rss_mib']:.2f}")
+        rows = args.rows or (30_000 if args.what == "limit" else 1_000_000)
+        t0 = time.perf_counter()
+        size = write_pickapic(big, rows, args.image_size or (88 if args.what == "limit" else 8), args.row_group_size)
+        print(f"large file: {rows} rows, {size / 1e6:.0f} MB, row groups of {args.row_group_size} "
+              f"(written in {time.perf_counter() - t0:.0f}s); small file: 300 rows, {small.stat().st_size / 1e6:.1f} MB")
+        limit = 64 if args.what == "limit" else None
+        runs = compare(bench, {"large": (big, limit), "small": (small, limit)}, args.what, args.shard_size)
+        rows_read = limit or args.shard_size
+        need = {"large": needed_mb(big, rows_read), "small": needed_mb(small, rows_read)}
+        for r in runs:
+            r.update(rchar_mb=r.pop("read_bytes") / 1e6, read_mb=r.pop("file_read_bytes") / 1e6,
+                     file_mb=(size if r["side"] == "large" else small.stat().st_size) / 1e6, needed_mb=need[r["side"]])
+            r["read_over_needed"] = r["read_mb"] / r["needed_mb"]
+        rat = harness.ratios(runs, ("large", "read_mb"), ("small", "read_mb"), "read_ratio")
+        rat = [{**x, **y} for x, y in zip(rat, harness.ratios(runs, ("large", "seconds"), ("small", "seconds"), "time_ratio"))]
+        s = harness.summarize(runs + rat)
+        what = (f"bytes read from a {rows:,}-row {size / 1e6:.0f} MB file for limit 64"
+                if args.what == "limit" else
+                f"bytes read from a {rows:,}-row {size / 1e6:.0f} MB source to commit its first shard")
+        what += (f" / bytes of the row groups holding those rows and the footer ({need['large']:.1f} MB; row groups of "
+                 f"{args.row_group_size} rows); large / small-file (300 rows) bytes read and times are the derived figures")
+        bench.write(harness.headline("large.read_over_needed", s["large.read_over_needed"]["median"], "x", "<= 1.2",
+                                     note=what), runs=runs + rat)
     finally:
-        shutil.rmtree(tmp)
-
+        bench.cleanup()
 
 if __name__ == "__main__":
     main()

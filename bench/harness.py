@@ -1,0 +1,257 @@
+"""The benchmark harness every script in bench/ uses (imported as `harness`: a script's folder is on sys.path).
+
+- repeats (default 3), the sides of a ratio alternated: repeat i runs the sides rotated by i
+  (a, b / b, a / a, b ...), so neither side always runs first;
+- each side a fresh process with its own Prefect home and caches (`fresh_env`): HF caches, the
+  `datasets` cache, XDG caches and a temp dir all under a new folder;
+- the commit and the machine (cpus, load average before and after, python and torch versions)
+  recorded; every run's raw figures written to bench/results/<bench>-<shortcommit>.json with the keys
+  `bench, commit, date, machine, command, repeats, runs, summary, headline`;
+- the median and the spread (min, max) of every metric printed.
+
+`bench/report.py` turns the result files into the tables of docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+KEYS = ("bench", "commit", "date", "machine", "command", "repeats", "runs", "summary", "headline")
+
+
+# ---- pure parts -------------------------------------------------------------------------------
+
+def median(values: Sequence[float]) -> float:
+    if not values:
+        raise ValueError("median of no values")
+    return float(statistics.median(values))
+
+
+def spread(values: Sequence[float]) -> tuple[float, float]:
+    """(min, max) of the values."""
+    if not values:
+        raise ValueError("spread of no values")
+    return float(min(values)), float(max(values))
+
+
+def alternation(sides: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """The order to run `sides` in, `repeats` times: (repeat, side) pairs, each repeat the sides
+    rotated by one more place, so every side runs first as often as the others (two sides: a b, b a, ...)."""
+    if not sides:
+        raise ValueError("no sides to alternate")
+    n = len(sides)
+    order = []
+    for r in range(repeats):
+        k = r % n
+        order += [(r, s) for s in list(sides[k:]) + list(sides[:k])]
+    return order
+
+
+def summarize(runs: Iterable[dict], by_side: bool = True) -> dict:
+    """{metric: {"median", "min", "max", "n"}} over the runs' numeric figures; with by_side, a metric
+    of a run of side s is named "s.metric" when the runs have more than one side."""
+    runs = list(runs)
+    sides = {r.get("side") for r in runs}
+    values: dict[str, list[float]] = {}
+    for r in runs:
+        for k, v in r.items():
+            if k in ("side", "repeat") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            name = f"{r.get('side')}.{k}" if by_side and len(sides) > 1 and r.get("side") != "derived" else k
+            values.setdefault(name, []).append(float(v))
+    out = {}
+    for k, vs in values.items():
+        lo, hi = spread(vs)
+        out[k] = {"median": median(vs), "min": lo, "max": hi, "n": len(vs)}
+    return out
+
+
+def ratios(runs: Sequence[dict], num: tuple[str, str], den: tuple[str, str], name: str) -> list[dict]:
+    """One derived run per repeat: num side's metric / den side's metric of the same repeat."""
+    by = {(r.get("side"), r.get("repeat"), ): r for r in runs}
+    out = []
+    for (side, rep), r in sorted(by.items(), key=lambda x: (x[0][1], str(x[0][0]))):
+        if side != num[0] or (den[0], rep) not in by:
+            continue
+        d = by[(den[0], rep)].get(den[1])
+        if r.get(num[1]) is not None and d:
+            out.append({"side": "derived", "repeat": rep, name: r[num[1]] / d})
+    return out
+
+
+def goal_met(value: float | None, goal: str | None) -> bool | None:
+    """Whether `value` meets a goal written "<= 1.15", ">= 3", "< 15" or "> 0.9"; None without one."""
+    if value is None or not goal:
+        return None
+    g = goal.strip()
+    for op, fn in (("<=", lambda a, b: a <= b), (">=", lambda a, b: a >= b),
+                   ("<", lambda a, b: a < b), (">", lambda a, b: a > b)):
+        if g.startswith(op):
+            try:
+                return bool(fn(value, float(g[len(op):].strip().split()[0])))
+            except ValueError:
+                return None
+    return None
+
+
+def headline(name: str, value: float | None, unit: str, goal: str | None, **extra) -> dict:
+    return {"name": name, "value": value, "unit": unit, "goal": goal, "met": goal_met(value, goal), **extra}
+
+
+def result(bench: str, commit: str, machine: dict, command: str, repeats: int, runs: list[dict],
+           head: dict, date: str | None = None, summary: dict | None = None) -> dict:
+    """The result record, keys in the shared order."""
+    return {"bench": bench, "commit": commit,
+            "date": date or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "machine": machine, "command": command, "repeats": repeats, "runs": runs,
+            "summary": summary if summary is not None else summarize(runs), "headline": head}
+
+
+def format_summary(summary: dict) -> str:
+    lines = []
+    for k, s in summary.items():
+        lines.append(f"  {k:40s} median {s['median']:.4g}   spread {s['min']:.4g} .. {s['max']:.4g}   (n={s.get('n', '?')})")
+    return "\n".join(lines)
+
+
+# ---- machine, commit, processes ----------------------------------------------------------------
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg()), "python": platform.python_version(),
+            "torch": _version("torch"), "platform": platform.platform()}
+
+
+def under_load(m: dict) -> bool:
+    """A machine whose 1-minute load average, before or after, was over a quarter of its cores."""
+    cpus = m.get("cpus") or 1
+    loads = [m.get("loadavg") or [0], m.get("loadavg_after") or [0]]
+    return max(l[0] for l in loads) > cpus / 4
+
+
+def fresh_env(root: Path, **extra: str) -> dict:
+    """Environment of a fresh process: its own Prefect home, HF / datasets / XDG caches and temp dir
+    under `root`; offline Hub; this checkout first on PYTHONPATH."""
+    root.mkdir(parents=True, exist_ok=True)
+    drop = ("RICHPREF_FAULTS", "PREFECT_API_URL", "RICHPREF_CPU_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    for sub in ("prefect", "hf", "hf/datasets", "xdg-cache", "tmp"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    env.update(PREFECT_HOME=str(root / "prefect"), HF_HOME=str(root / "hf"), HF_DATASETS_CACHE=str(root / "hf/datasets"),
+               XDG_CACHE_HOME=str(root / "xdg-cache"), TMPDIR=str(root / "tmp"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO) + (os.pathsep + os.environ["PYTHONPATH"]
+                                                                if os.environ.get("PYTHONPATH") else ""))
+    env.update(extra)
+    return env
+
+
+def run_process(cmd: list[str], env: dict, timeout: float = 1800, cwd: str | None = None) -> dict:
+    """Run `cmd` to its end: {"wall_s", "rc", "maxrss_mib" (peak RSS of that process, from wait4),
+    "stdout", "stderr"}. A timeout kills its process group (rc -9) rather than raising."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, text=True, start_new_session=True)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - t0 > timeout:
+                os.killpg(proc.pid, 9)
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        return {"wall_s": wall, "rc": proc.returncode, "maxrss_mib": usage.ru_maxrss / 1024,
+                "stdout": out.read(), "stderr": err.read()}
+
+
+def child_result(stdout: str, tag: str = "RESULT ") -> dict:
+    """The JSON a child process printed on its last line starting with `tag`."""
+    lines = [l for l in stdout.splitlines() if l.startswith(tag)]
+    if not lines:
+        raise ValueError(f"no {tag.strip()} line in the child's output")
+    return json.loads(lines[-1][len(tag):])
+
+
+def print_child(tag: str, figures: dict) -> None:
+    print(tag + json.dumps(figures), flush=True)
+
+
+class Bench:
+    """One benchmark's record: `run` sides alternated, collect runs, write and print."""
+
+    def __init__(self, name: str, repeats: int = 3, command: str | None = None, results_dir: Path | None = None):
+        self.name, self.repeats = name, repeats
+        self.command = command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)
+        self.results_dir = results_dir or RESULTS
+        self.machine = machine()
+        self.commit = commit()
+        self.runs: list[dict] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"richpref-bench-{name}-"))
+
+    def fresh(self, label: str, **extra: str) -> tuple[Path, dict]:
+        """A new folder and the environment of a fresh process living in it."""
+        root = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.tmp))
+        return root, fresh_env(root, **extra)
+
+    def alternate(self, sides: Sequence[str], fn: Callable[[str, int], dict]) -> list[dict]:
+        """fn(side, repeat) -> figures, in alternated order; each becomes a run."""
+        for rep, side in alternation(sides, self.repeats):
+            figures = fn(side, rep)
+            run = {"side": side, "repeat": rep, **figures}
+            self.runs.append(run)
+            print(f"[{self.name}] repeat {rep} side {side}: " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()), flush=True)
+        return self.runs
+
+    def write(self, head: dict, runs: list[dict] | None = None, name: str | None = None,
+              extra_machine: dict | None = None) -> Path:
+        runs = self.runs if runs is None else runs
+        m = {**self.machine, "loadavg_after": list(os.getloadavg()), **(extra_machine or {})}
+        m["under_load"] = under_load(m)
+        rec = result(name or self.name, self.commit, m, self.command, self.repeats, runs, head)
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        path = self.results_dir / f"{rec['bench']}-{rec['commit']}.json"
+        path.write_text(json.dumps(rec, indent=1) + "\n")
+        print(f"\n{rec['bench']} at {rec['commit']}, N={self.repeats}, load {m['loadavg'][0]:.1f} -> "
+              f"{m['loadavg_after'][0]:.1f} on {m['cpus']} cpus")
+        print(format_summary(rec["summary"]))
+        v = head.get("value")
+        print(f"headline: {head['name']} = {v if v is None else round(v, 4)} {head.get('unit', '')} "
+              f"(goal {head.get('goal')}: {'met' if head.get('met') else 'not met' if head.get('met') is False else '-'})")
+        print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
+        return path
+
+    def cleanup(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,144 @@
+"""The benchmark harness's pure parts (median, spread, alternation, ratios, goals, the result record's
+keys) and the doc generator (bench/report.py): no benchmark runs here."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import harness  # noqa: E402
+import report  # noqa: E402
+
+
+def test_median_and_spread():
+    assert harness.median([3.0, 1.0, 2.0]) == 2.0
+    assert harness.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert harness.spread([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    with pytest.raises(ValueError):
+        harness.median([])
+
+
+def test_alternation_rotates_sides_so_each_runs_first_in_turn():
+    assert harness.alternation(["a", "b"], 3) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b")]
+    order = harness.alternation(["a", "b", "c"], 3)
+    firsts = [order[i * 3][1] for i in range(3)]
+    assert firsts == ["a", "b", "c"]
+    assert sorted(s for _, s in order) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+
+
+def test_summary_per_side_and_ratios_per_repeat():
+    runs = [{"side": "a", "repeat": 0, "wall_s": 10.0, "ok": True}, {"side": "b", "repeat": 0, "wall_s": 5.0},
+            {"side": "b", "repeat": 1, "wall_s": 4.0}, {"side": "a", "repeat": 1, "wall_s": 12.0}]
+    s = harness.summarize(runs)
+    assert s["a.wall_s"] == {"median": 11.0, "min": 10.0, "max": 12.0, "n": 2}
+    assert "a.ok" not in s  # booleans are not figures
+    r = harness.ratios(runs, ("a", "wall_s"), ("b", "wall_s"), "ratio")
+    assert [x["ratio"] for x in r] == [2.0, 3.0]
+    assert harness.summarize(r)["ratio"]["median"] == 2.5
+
+
+def test_goal_met():
+    assert harness.goal_met(1.1, "<= 1.15") is True
+    assert harness.goal_met(1.2, "<= 1.15") is False
+    assert harness.goal_met(3.8, ">= 3") is True
+    assert harness.goal_met(None, "<= 1") is None
+    assert harness.goal_met(1.0, None) is None
+
+
+def test_result_record_has_exactly_the_shared_keys(tmp_path):
+    b = harness.Bench("demo", repeats=2, command="python bench/demo.py", results_dir=tmp_path)
+    b.alternate(["a", "b"], lambda side, rep: {"wall_s": 1.0 + rep + (side == "b")})
+    path = b.write(harness.headline("a.wall_s", 1.5, "s", "<= 2"))
+    b.cleanup()
+    rec = json.loads(path.read_text())
+    assert tuple(rec) == harness.KEYS
+    assert path.name == f"demo-{rec['commit']}.json"
+    assert {"cpus", "loadavg"} <= set(rec["machine"])
+    assert rec["repeats"] == 2 and [r["side"] for r in rec["runs"]] == ["a", "b", "b", "a"]
+    assert rec["summary"]["a.wall_s"]["median"] == 1.5
+    assert rec["headline"] == {"name": "a.wall_s", "value": 1.5, "unit": "s", "goal": "<= 2", "met": True}
+
+
+def _rec(bench, date, value, met):
+    return harness.result(bench, "abc1234", {"cpus": 2, "loadavg": [3.0, 2.0, 1.0]}, f"python bench/{bench}.py",
+                          3, [{"side": "a", "repeat": i, "x": value + i} for i in range(3)],
+                          harness.headline("x", value + 1, "s", "<= 2"), date=date)
+
+
+def test_report_uses_newest_file_per_bench_and_keeps_prose(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "one-old.json").write_text(json.dumps(_rec("one", "2026-01-01T00:00:00+00:00", 5.0, False)))
+    (res / "one-new.json").write_text(json.dumps(_rec("one", "2026-02-01T00:00:00+00:00", 0.5, True)))
+    (res / "two-x.json").write_text(json.dumps(_rec("two", "2026-02-01T00:00:00+00:00", 3.0, False)))
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\nIntro.\n\n## Prose kept\n\nText.\n")
+    assert report.main(["--results", str(res), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nIntro.\n\n" + report.BEGIN) and text.endswith("## Prose kept\n\nText.\n")
+    rows = [l for l in text.splitlines() if l.startswith("| one ") or l.startswith("| two ")]
+    assert len(rows) == 2
+    assert "1.500 s | <= 2 | **met** | 3 | 1.500 (0.500 – 2.500) | abc1234" in rows[0]
+    assert "**not met**" in rows[1] and "under load" in rows[1]
+    assert report.main(["--results", str(res), "--doc", str(doc), "--check"]) == 0
+    # a second generation replaces the block, it does not add one
+    (res / "two-x.json").unlink()
+    report.main(["--results", str(res), "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.count(report.BEGIN) == 1 and "| two " not in text and "## Prose kept" in text
+
+
+def _guards_bench():
+    import importlib.util
+
+    if "instruction_guards_bench" in sys.modules:
+        return sys.modules["instruction_guards_bench"]
+    spec = importlib.util.spec_from_file_location("instruction_guards_bench", ROOT / "bench" / "instruction_guards.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_instruction_guard_scores_wilson_intervals_and_unparsed_apart():
+    g = _guards_bench()
+    lo, hi = g.wilson(8, 10)  # by hand: centre 0.71674, half-width 0.18441
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert g.wilson(0, 0) == (0.0, 1.0)
+    D = g.Decision
+    ds = [D("e", "a", "keep", "keep", "x"), D("e", "b", "stray_content", "ungrounded", "x"),
+          D("e", "c", "keep", "unparsed", "x"), D("e", "d", "commentary", "unparsed", "x")]
+    s = g.scores(ds)
+    assert (s["tp"], s["fp"], s["fn"], s["tn"], s["unparsed"], s["n"]) == (1, 0, 0, 1, 2, 2)
+
+
+def test_the_held_out_set_is_the_frozen_one():
+    g = _guards_bench()
+    corpus = g.frozen_heldout()
+    assert sum(len(e["instructions"]) for e in corpus) >= 100
+    assert {e["split"] for e in corpus} == {"held_out_2"}
+
+
+def test_memory_slope_is_least_squares_in_units_per_item():
+    import curate_runs
+
+    assert curate_runs.slope([4, 8, 16], [100.0, 104.0, 112.0]) == pytest.approx(1.0)
+    assert curate_runs.slope([8, 8], [1.0, 2.0]) == 0.0
+
+
+def test_source_bytes_needed_are_the_row_groups_holding_the_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import source_stream
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": list(range(100))}), path, row_group_size=10)
+    md = pq.ParquetFile(path).metadata
+    rg = lambda i: md.row_group(i).column(0).total_compressed_size  # noqa: E731
+    assert source_stream.needed_mb(path, 10) * 1e6 == md.serialized_size + rg(0)
+    assert source_stream.needed_mb(path, 11) * 1e6 == md.serialized_size + rg(0) + rg(1)
