@@ -181,11 +181,12 @@ def test_tiny_judges_profile_resolves_its_judges_and_keys_their_questions(tiny_m
     from richpref.tasks.relabel_score import templates_key
 
     profile = load_profile("tiny-judges", models_root=str(tiny_models))
-    assert profile.relabel.scored() == ["imagereward", "unified_reward", "edit_score"]
+    assert profile.relabel.scored() == ["imagereward", "unified_reward", "edit_score", "hpsv3", "edit_reward"]
     refs, _ = preflight(profile)
-    assert {r.field for r in refs} >= {"relabel.rewards.edit_score.adapter", "relabel.rewards.unified_reward.model"}
+    assert {r.field for r in refs} >= {"relabel.rewards.edit_score.adapter", "relabel.rewards.unified_reward.model",
+                                       "relabel.rewards.hpsv3.backbone", "relabel.rewards.edit_reward.model"}
     key = templates_key(profile)
-    assert "edit_score_v1=" in key and "unified_reward_v1=" in key
+    assert "edit_score_v1=" in key and "unified_reward_v1=" in key and "hpsv3_v1=" in key
     # doctor's preflight names a judge whose adapter is missing, and the fix
     root = tmp_path / "models"
     root.mkdir()

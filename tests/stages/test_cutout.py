@@ -75,4 +75,4 @@ def test_cutout_stage_missing_model_offline_fails_at_once(tmp_path, monkeypatch)
     start = time.monotonic()
     with pytest.raises(ModelNotAvailable, match=r"'bria-rmbg' is not available.*bria-rmbg\.onnx"):
         load_remover(CutoutConfig(model="bria-rmbg", home=str(tmp_path / "home")), None)
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0  # no download retries (minutes); the margin is for a loaded machine
