@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import io
 import json
-import os
 import statistics
 import subprocess
 import sys
