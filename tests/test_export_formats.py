@@ -14,7 +14,6 @@ import os
 import tomllib
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 from PIL import Image
 
