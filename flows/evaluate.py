@@ -25,7 +25,7 @@ def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, 
 
     from richpref.models.runtime import resident
 
-    cfg = load_evaluate_config(config, overrides)
+    cfg = with_data_dir(load_evaluate_config(config, overrides), data_dir)
     preflight(cfg)
     out = Path(output_dir or Path(data_dir) / "evaluate" / cfg.name)
     out.mkdir(parents=True, exist_ok=True)

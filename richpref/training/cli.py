@@ -49,13 +49,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..entrypoints import EVALUATE, run_flow
-    from ..evaluation import preflight
+    from ..evaluation import preflight, with_data_dir
     from ..models.runtime import ModelNotAvailable
     from ..schemas.config import ProfileError
     from ..schemas.training import load_evaluate_config
 
     try:
-        preflight(load_evaluate_config(args.config, args.set))  # before Prefect starts
+        preflight(with_data_dir(load_evaluate_config(args.config, args.set), args.data_dir))  # before Prefect starts
         result = run_flow(EVALUATE, config=args.config, overrides=args.set, output_dir=args.output_dir,
                           data_dir=args.data_dir)
     except (ProfileError, ModelNotAvailable, ValueError) as exc:
