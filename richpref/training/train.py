@@ -71,13 +71,14 @@ class _Metrics:
     NAMES = ("loss", "implicit_acc", "reward_margin", "reward_chosen", "reward_rejected", "model_loss", "ref_loss")
 
     def __init__(self) -> None:
-        self.sums = torch.zeros(len(self.NAMES), dtype=torch.float64)
+        self.sums: torch.Tensor | None = None  # on the step's device: no host sync per micro-step
         self.count = 0
 
     def add(self, terms) -> None:
         values = [terms.loss.detach(), terms.implicit_acc, terms.margin.detach().mean(), terms.reward_chosen.mean(),
                   terms.reward_rejected.mean(), terms.model_loss, terms.ref_loss]
-        self.sums += torch.stack([v.double().cpu() for v in values])
+        row = torch.stack([v.float() for v in values])
+        self.sums = row if self.sums is None else self.sums + row
         self.count += 1
 
     def mean(self) -> torch.Tensor:
