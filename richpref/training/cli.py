@@ -16,7 +16,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..schemas.training import load_finetune_config
     from ..training.finetune import with_pairs
     from ..training.data import DataError
-    from ..training.launcher import LaunchFailed
+    from ..training.launcher import LaunchFailed, check_fsdp_device
     from ..training.setup import preflight
 
     import os
@@ -33,7 +33,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         # A bad config, a checkpoint of another family, pairs without the masks it needs: refused before
         # Prefect starts and before any model loads.
-        preflight(with_pairs(load_finetune_config(args.config, args.set), args.pairs))
+        cfg = with_pairs(load_finetune_config(args.config, args.set), args.pairs)
+        preflight(cfg)
+        check_fsdp_device(cfg)
         result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
                           overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
                           data_dir=args.data_dir)

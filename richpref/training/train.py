@@ -105,6 +105,14 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
         step_scheduler_with_optimizer=False,  # the lr schedule counts optimizer steps, whatever the world size
         project_config=ProjectConfiguration(project_dir=str(out)),
     )
+    from accelerate.utils import DistributedType
+
+    if cfg.fsdp and accelerator.distributed_type != DistributedType.FSDP:
+        from .launcher import FSDP_NEEDS_GPUS
+
+        raise TrainingError(f"fsdp: true, but accelerate set up {accelerator.distributed_type.value}, not FSDP: launch "
+                            "with `richpref finetune --num-processes N` on N GPUs (it passes --use_fsdp); "
+                            f"{FSDP_NEEDS_GPUS}. Or use mode: lora with fsdp: false")
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
@@ -123,8 +131,6 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
                 f"{resume_from[1]} was made with another config (hash {state.get('config_hash')}, now {cfg_hash}): "
                 "use a new output dir, or delete its checkpoint-* folders to start over"
             )
-
-    from accelerate.utils import DistributedType
 
     setup = setup_model(cfg, device, weight_dtype, fsdp=accelerator.distributed_type == DistributedType.FSDP)
     parts, unet, reference, vae_dtype, model_dir = (setup.parts, setup.model, setup.reference, setup.vae_dtype,
