@@ -180,6 +180,11 @@ def main() -> None:
 
     sides = ["richpref", "loop", "loop-encode"]
     runs: list[dict] = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=REPO).stdout.strip()
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory() as tmp:
         data = str(write_brightness_pairs(Path(tmp) / "pairs.parquet", 32))
         for r in range(args.repeats):
@@ -196,6 +201,11 @@ def main() -> None:
                 runs.append(run)
                 print(f"repeat {r + 1} {kind:12s} median {run['step_ms']:7.1f} ms/step (min {run['step_ms_min']:.1f})  "
                       f"peak RSS {run['peak_mb']:.0f} MB (training {run['train_mb']:.0f} MB)", flush=True)
+                _write(args, commit, dirty, command, started, runs)  # what is done so far, if stopped early
+
+
+def _write(args, commit: str, dirty: str, command: str, started: str, runs: list[dict]) -> None:
+    sides = ["richpref", "loop", "loop-encode"]
 
     def of(side: str, key: str) -> list[float]:
         return [x[key] for x in runs if x["side"] == side]
@@ -203,7 +213,10 @@ def main() -> None:
     def ratios(a: str, b: str, key: str) -> list[float]:
         return [x / y for x, y in zip(of(a, key), of(b, key))]
 
-    summary = {f"{side}_{key}": _summary(of(side, key)) for side in sides for key in ("step_ms", "peak_mb", "train_mb")}
+    summary = {f"{side}_{key}": _summary(of(side, key)) for side in sides for key in ("step_ms", "peak_mb", "train_mb")
+               if of(side, key)}
+    if not all(of(side, "step_ms") for side in sides):
+        return
     summary.update({"time_ratio": _summary(ratios("richpref", "loop", "step_ms")),
                     "peak_memory_ratio": _summary(ratios("richpref", "loop", "peak_mb")),
                     "training_memory_ratio": _summary(ratios("richpref", "loop", "train_mb")),
@@ -212,11 +225,9 @@ def main() -> None:
         s = summary[key]
         print(f"{key:30s} median {s['median']:.3f}  (min {s['min']:.3f}, max {s['max']:.3f})")
     met = summary["time_ratio"]["median"] <= 1.0 and summary["peak_memory_ratio"]["median"] <= 1.0
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    record = {"bench": "flow_dpo_step", "commit": commit,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "repeats": args.repeats,
+    record = {"bench": "flow_dpo_step", "commit": commit, "uncommitted_changes": bool(dirty), "date": started,
+              "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "note": "shared machine under load"},
+              "command": command, "repeats": len({x["repeat"] for x in runs}),
               "settings": {"steps": args.steps, "warmup": args.warmup, "pairs_per_step": 2, "resolution": 64,
                            "dtype": "float32", "lora_rank": 4, "torch_threads": 1},
               "runs": runs, "summary": summary,
@@ -226,7 +237,6 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"flow_dpo_step-{commit}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"written to {path}")
 
 
 if __name__ == "__main__":
