@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow
 
 from richpref.evaluation import (artifact_key, generate_task, image_plan, load_prompts, preflight, score_task,
-                                 write_results)
+                                 with_data_dir, write_results)
 from richpref.schemas.training import load_evaluate_config
 
 log = logging.getLogger("richpref")

@@ -159,3 +159,12 @@ def test_tuned_model_paths_resolve_against_the_data_dir(tiny_models, tmp_path, m
     resolved = with_data_dir(cfg, str(data))
     assert resolved.models[0].lora == str((data / "loras" / "x").resolve())
     assert resolved.models[1].path == str(tiny_models / "flux")
+
+
+def test_the_evaluate_flow_resolves_against_its_data_dir(tiny_models, tmp_path):
+    """The flow itself applies the data dir (a missing tuned model is named from there, before anything loads)."""
+    from flows.evaluate import evaluate
+    from richpref.models.runtime import ModelNotAvailable
+
+    with pytest.raises(ModelNotAvailable, match=r"evaluate model 'tuned'.*finetune/finetune-tiny-flux"):
+        evaluate.fn(config="evaluate-tiny-flux", overrides=[f"models_root={tiny_models}"], data_dir=str(tmp_path))
