@@ -13,16 +13,24 @@ lr, no checkpoints, no held-out split):
   reference pass with the adapters disabled (`disable_adapters`), policy pass, loss, backward, AdamW.
 - `loop-encode`: the same loop encoding the captions with the text encoders every step.
 
-A step's time is the interval between consecutive optimizer-step completions; the first `--warmup`
-steps are dropped. Peak memory is the worker's peak RSS (ru_maxrss). Prints the medians and the ratios
-richpref / loop (goal ≤ 1.0) and loop-encode / loop.
+Fair by construction: every run is a fresh interpreter that first imports the same modules (richpref's
+trainer, accelerate, datasets, diffusers, peft), so neither side's peak memory carries imports the other
+lacks; the sides run in turn within each repeat, the order rotating from repeat to repeat (machine load
+drifts); same data, batch, dtype, steps and warm-up on every side. A step's time is the interval
+between consecutive optimizer-step completions, the first `--warmup` intervals dropped on every side;
+a run's figure is its median step. Memory: the run's peak RSS (ru_maxrss), and its growth over the RSS
+after the common imports (what training itself holds: models, data, activations, optimizer state).
+Ratios are taken per repeat (the runs of one repeat are close in time) and summarised by their median,
+min and max. Raw figures go to bench/results/flow_dpo_step-<commit>.json.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/flow_dpo_step.py --models /path/to/tiny/models [--steps 30 --rounds 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/flow_dpo_step.py --models /path/to/tiny/models [--steps 16 --repeats 5]
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -119,10 +127,27 @@ def run_loop(models: str, data: str, steps: int, encode_every_step: bool) -> lis
     return stamps
 
 
+COMMON_IMPORTS = ("accelerate", "datasets", "peft", "pyarrow.parquet", "diffusers", "richpref.training.train",
+                  "richpref.training.flow_step", "richpref.training.text_cache")
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def worker(args) -> None:
+    import importlib
+
     import torch
 
     torch.set_num_threads(1)
+    for name in COMMON_IMPORTS:
+        importlib.import_module(name)
+    from diffusers import FluxPipeline  # noqa: F401 - resolved lazily by diffusers: resolve it on every side
+    base_mb = _rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         if args.worker == "richpref":
             stamps = run_richpref(args.models, args.data, tmp, args.steps)
@@ -130,48 +155,88 @@ def worker(args) -> None:
             stamps = run_loop(args.models, args.data, args.steps, args.worker == "loop-encode")
     times = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup:]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"times": times, "peak_mb": peak_mb}))
+    print("RESULT " + json.dumps({"times": times, "peak_mb": peak_mb, "train_mb": peak_mb - base_mb}))
+
+
+def _summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", required=True, help="tiny models folder (richpref models build-tiny)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=900, help="seconds one run may take (the machine may be loaded)")
     p.add_argument("--worker", choices=["richpref", "loop", "loop-encode"])
     p.add_argument("--data")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder of the raw-figures JSON")
     args = p.parse_args()
     if args.worker:
         return worker(args)
     sys.path.insert(0, str(REPO / "tests"))
     from test_flow_finetune import write_brightness_pairs
 
+    sides = ["richpref", "loop", "loop-encode"]
+    runs: list[dict] = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=REPO).stdout.strip()
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory() as tmp:
         data = str(write_brightness_pairs(Path(tmp) / "pairs.parquet", 32))
-        pooled: dict[str, dict] = {k: {"times": [], "peak_mb": []} for k in ("richpref", "loop", "loop-encode")}
-        for r in range(args.rounds):
-            for kind in pooled:
+        for r in range(args.repeats):
+            for kind in sides[r % 3:] + sides[:r % 3]:  # the order rotates: no side always runs first
                 cmd = [sys.executable, __file__, "--worker", kind, "--models", args.models, "--data", data,
                        "--steps", str(args.steps), "--warmup", str(args.warmup)]
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
                     sys.exit(f"{kind} failed:\n{out.stderr[-3000:]}")
                 res = json.loads(line[7:])
-                pooled[kind]["times"] += res["times"]
-                pooled[kind]["peak_mb"].append(res["peak_mb"])
-                print(f"round {r + 1} {kind:12s} median {1000 * statistics.median(res['times']):7.1f} ms/step  "
-                      f"peak RSS {res['peak_mb']:.0f} MB", flush=True)
-    med = {k: statistics.median(v["times"]) for k, v in pooled.items()}
-    p10 = {k: statistics.quantiles(v["times"], n=10)[0] for k, v in pooled.items()}
-    peak = {k: max(v["peak_mb"]) for k, v in pooled.items()}
-    for k in pooled:
-        print(f"{k:12s} median {1000 * med[k]:7.1f} ms/step  p10 {1000 * p10[k]:7.1f}  peak RSS {peak[k]:.0f} MB")
-    print(f"richpref / loop: time {med['richpref'] / med['loop']:.3f} (medians), {p10['richpref'] / p10['loop']:.3f} "
-          f"(p10), peak memory {peak['richpref'] / peak['loop']:.3f} (goal ≤ 1.0)")
-    print(f"encode every step / cached: time {med['loop-encode'] / med['loop']:.3f} (medians), "
-          f"{p10['loop-encode'] / p10['loop']:.3f} (p10)")
+                run = {"side": kind, "repeat": r, "step_ms": 1000 * statistics.median(res["times"]),
+                       "step_ms_min": 1000 * min(res["times"]), "peak_mb": res["peak_mb"], "train_mb": res["train_mb"]}
+                runs.append(run)
+                print(f"repeat {r + 1} {kind:12s} median {run['step_ms']:7.1f} ms/step (min {run['step_ms_min']:.1f})  "
+                      f"peak RSS {run['peak_mb']:.0f} MB (training {run['train_mb']:.0f} MB)", flush=True)
+                _write(args, commit, dirty, command, started, runs)  # what is done so far, if stopped early
+
+
+def _write(args, commit: str, dirty: str, command: str, started: str, runs: list[dict]) -> None:
+    sides = ["richpref", "loop", "loop-encode"]
+
+    def of(side: str, key: str) -> list[float]:
+        return [x[key] for x in runs if x["side"] == side]
+
+    def ratios(a: str, b: str, key: str) -> list[float]:
+        return [x / y for x, y in zip(of(a, key), of(b, key))]
+
+    summary = {f"{side}_{key}": _summary(of(side, key)) for side in sides for key in ("step_ms", "peak_mb", "train_mb")
+               if of(side, key)}
+    if not all(of(side, "step_ms") for side in sides):
+        return
+    summary.update({"time_ratio": _summary(ratios("richpref", "loop", "step_ms")),
+                    "peak_memory_ratio": _summary(ratios("richpref", "loop", "peak_mb")),
+                    "training_memory_ratio": _summary(ratios("richpref", "loop", "train_mb")),
+                    "encode_every_step_time_ratio": _summary(ratios("loop-encode", "loop", "step_ms"))})
+    for key in ("time_ratio", "peak_memory_ratio", "training_memory_ratio", "encode_every_step_time_ratio"):
+        s = summary[key]
+        print(f"{key:30s} median {s['median']:.3f}  (min {s['min']:.3f}, max {s['max']:.3f})")
+    met = summary["time_ratio"]["median"] <= 1.0 and summary["peak_memory_ratio"]["median"] <= 1.0
+    record = {"bench": "flow_dpo_step", "commit": commit, "uncommitted_changes": bool(dirty), "date": started,
+              "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "note": "shared machine under load"},
+              "command": command, "repeats": len({x["repeat"] for x in runs}),
+              "settings": {"steps": args.steps, "warmup": args.warmup, "pairs_per_step": 2, "resolution": 64,
+                           "dtype": "float32", "lora_rank": 4, "torch_threads": 1},
+              "runs": runs, "summary": summary,
+              "headline": {"name": "richpref / minimal loop, Flow-DPO step time (median of per-repeat ratios)",
+                           "value": summary["time_ratio"]["median"], "unit": "ratio", "goal": "<= 1.0 (time and peak memory)",
+                           "met": met}}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"flow_dpo_step-{commit}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

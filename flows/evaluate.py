@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow
 
 from richpref.evaluation import (artifact_key, generate_task, image_plan, load_prompts, preflight, score_task,
-                                 write_results)
+                                 with_data_dir, write_results)
 from richpref.schemas.training import load_evaluate_config
 
 log = logging.getLogger("richpref")
@@ -25,7 +25,7 @@ def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, 
 
     from richpref.models.runtime import resident
 
-    cfg = load_evaluate_config(config, overrides)
+    cfg = with_data_dir(load_evaluate_config(config, overrides), data_dir)
     preflight(cfg)
     out = Path(output_dir or Path(data_dir) / "evaluate" / cfg.name)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,25 @@ log = logging.getLogger("richpref")
 KEY_META = b"richpref.eval_key"
 
 
+def with_data_dir(cfg: EvaluateConfig, data_dir: str) -> EvaluateConfig:
+    """`cfg` with each relative model `path` that names a finetune output under the data dir (the shipped
+    configs say `finetune/<finetune config>`, where `richpref finetune` writes) and each relative `lora`
+    found there made absolute; other references keep resolving against models_root, then the cwd."""
+    from richpref.training.models import is_finetune_output
+
+    root = Path(data_dir).expanduser()
+
+    def under(ref: str | None, accept) -> str | None:
+        if ref is None or Path(ref).expanduser().is_absolute():
+            return ref
+        cand = root / ref
+        return str(cand.resolve()) if accept(cand) else ref
+
+    models = [m.model_copy(update={"path": under(m.path, is_finetune_output), "lora": under(m.lora, Path.exists)})
+              for m in cfg.models]
+    return cfg.model_copy(update={"models": models})
+
+
 def load_prompts(cfg: EvaluateConfig) -> list[str]:
     """Kept prompts of the configured source, first occurrence of each (benchmarks repeat prompts)."""
     from richpref.tasks.source import iter_source_rows

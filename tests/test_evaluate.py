@@ -130,3 +130,41 @@ def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path
                                                      f"models=[{{name: tuned, path: {tmp_path / 'nothing'}}}]"])
     with pytest.raises(ModelNotAvailable, match="evaluate model 'tuned'.*run `richpref finetune` first"):
         preflight(missing)
+
+
+def test_tuned_model_paths_resolve_against_the_data_dir(tiny_models, tmp_path, monkeypatch):
+    """The shipped evaluate configs name the tuned model relative to the data dir (where `richpref
+    finetune` writes it), so `--data-dir X` finds X/finetune/<config>, whatever the working directory."""
+    import json
+
+    from richpref.evaluation import preflight, with_data_dir
+    from richpref.schemas.training import load_evaluate_config
+
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    data = tmp_path / "scratch-data"
+    for name in ("evaluate-tiny", "evaluate-tiny-flux", "evaluate-tiny-sd3", "evaluate-tiny-qwen-image"):
+        cfg = load_evaluate_config(name, [f"models_root={tiny_models}"])
+        tuned = cfg.models[-1]
+        (data / tuned.path / "final").mkdir(parents=True, exist_ok=True)
+        (data / tuned.path / "final" / "finetune.json").write_text(json.dumps({"arch": "x"}))
+        resolved = with_data_dir(cfg, str(data))
+        assert resolved.models[-1].path == str((data / tuned.path).resolve())
+        assert resolved.models[0].path == cfg.models[0].path  # a base model still resolves against models_root
+        preflight(resolved)
+    # a LoRA folder named relative to the data dir, too; absolute paths are left alone
+    (data / "loras" / "x").mkdir(parents=True)
+    cfg = load_evaluate_config("evaluate-tiny-flux", [f"models_root={tiny_models}",
+                                                      "models=[{name: a, path: flux, lora: loras/x}, "
+                                                      f"{{name: b, path: {tiny_models / 'flux'}}}]"])
+    resolved = with_data_dir(cfg, str(data))
+    assert resolved.models[0].lora == str((data / "loras" / "x").resolve())
+    assert resolved.models[1].path == str(tiny_models / "flux")
+
+
+def test_the_evaluate_flow_resolves_against_its_data_dir(tiny_models, tmp_path):
+    """The flow itself applies the data dir (a missing tuned model is named from there, before anything loads)."""
+    from flows.evaluate import evaluate
+    from richpref.models.runtime import ModelNotAvailable
+
+    with pytest.raises(ModelNotAvailable, match=r"evaluate model 'tuned'.*finetune/finetune-tiny-flux"):
+        evaluate.fn(config="evaluate-tiny-flux", overrides=[f"models_root={tiny_models}"], data_dir=str(tmp_path))

@@ -129,3 +129,12 @@ def test_mask_on_flux_packed_tokens_gives_the_same_loss():
     grid = weighted_per_sample_mse(pred, target, w)
     tokens = weighted_per_sample_mse(pack(pred), pack(target), pack(w.expand(-1, 16, -1, -1)))
     assert torch.allclose(grid, tokens, rtol=1e-6)
+
+
+def test_only_sigma_sqrt_and_cosmap_weight_the_loss():
+    """The micro-step skips the per-sample weight for the schemes diffusers weights by 1."""
+    from richpref.training.flow_dpo import LOSS_WEIGHTED, loss_weighting
+
+    s = torch.tensor([0.1, 0.5, 0.9])
+    for scheme in ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"):
+        assert (scheme in LOSS_WEIGHTED) == (not torch.equal(loss_weighting(scheme, s), torch.ones(3)))

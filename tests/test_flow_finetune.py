@@ -319,7 +319,28 @@ def test_memory_estimate_counts_lora_full_and_fsdp(tiny_models, pairs):
     assert est["weights_gb"] == pytest.approx(est["params"] * 2 / 1024**3)
     full = estimate_memory(flow_config(tiny_models, pairs, "flux", mode="full"))
     sharded = estimate_memory(flow_config(tiny_models, pairs, "flux", mode="full", fsdp=True), num_processes=4)
-    assert full["reference_gb"] == pytest.approx(full["weights_gb"]) and sharded["total_gb"] == pytest.approx(full["total_gb"] / 4)
+    assert full["reference_gb"] == pytest.approx(full["weights_gb"])
+    # FSDP shards the trained copy and its optimizer state; the frozen reference stays whole on each device
+    assert sharded["reference_gb"] == pytest.approx(full["reference_gb"])
+    assert sharded["weights_gb"] + sharded["training_state_gb"] == pytest.approx(
+        (full["weights_gb"] + full["training_state_gb"]) / 4)
+
+
+def test_fsdp_without_cuda_is_refused_before_launch_and_in_the_trainer(tiny_models, pairs, tmp_path):
+    """accelerate (1.16) runs FSDP on GPUs only: on CPU its plugin refuses sync_module_states, and without
+    it the processes run unsharded data parallelism. `fsdp: true` there is refused, not silently unsharded."""
+    from richpref.training.checkpoints import TrainingError
+    from richpref.training.launcher import launch_training
+    from richpref.training.train import train
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may run FSDP")
+    cfg = flow_config(tiny_models, pairs, "flux", mode="full", fsdp=True, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match=r"fsdp: true, but this machine has no CUDA device.*use mode: lora"):
+        launch_training(cfg, tmp_path / "launched", num_processes=2)
+    assert not (tmp_path / "launched").exists()  # refused before anything was written or started
+    with pytest.raises(TrainingError, match=r"fsdp: true, but accelerate set up NO, not FSDP.*mode: lora"):
+        train(cfg, tmp_path / "direct")
 
 
 def test_unet_config_hashes_unchanged_by_the_new_options():

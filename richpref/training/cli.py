@@ -16,7 +16,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..schemas.training import load_finetune_config
     from ..training.finetune import with_pairs
     from ..training.data import DataError
-    from ..training.launcher import LaunchFailed
+    from ..training.launcher import LaunchFailed, check_fsdp_device
     from ..training.setup import preflight
 
     import os
@@ -33,7 +33,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         # A bad config, a checkpoint of another family, pairs without the masks it needs: refused before
         # Prefect starts and before any model loads.
-        preflight(with_pairs(load_finetune_config(args.config, args.set), args.pairs))
+        cfg = with_pairs(load_finetune_config(args.config, args.set), args.pairs)
+        preflight(cfg)
+        check_fsdp_device(cfg)
         result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
                           overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
                           data_dir=args.data_dir)
@@ -49,13 +51,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..entrypoints import EVALUATE, run_flow
-    from ..evaluation import preflight
+    from ..evaluation import preflight, with_data_dir
     from ..models.runtime import ModelNotAvailable
     from ..schemas.config import ProfileError
     from ..schemas.training import load_evaluate_config
 
     try:
-        preflight(load_evaluate_config(args.config, args.set))  # before Prefect starts
+        preflight(with_data_dir(load_evaluate_config(args.config, args.set), args.data_dir))  # before Prefect starts
         result = run_flow(EVALUATE, config=args.config, overrides=args.set, output_dir=args.output_dir,
                           data_dir=args.data_dir)
     except (ProfileError, ModelNotAvailable, ValueError) as exc:

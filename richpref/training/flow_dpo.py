@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .dpo import DPOTerms, dpo_loss
 
 DENSITY_SCHEMES = ("logit_normal", "mode", "uniform")
+LOSS_WEIGHTED = ("sigma_sqrt", "cosmap")  # schemes whose per-sample loss weight is not 1
 
 
 def sample_u(n: int, scheme: str, *, logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,

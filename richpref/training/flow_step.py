@@ -11,7 +11,7 @@ import torch
 
 from ..schemas.training import FinetuneConfig
 from .data import seed_for
-from .flow_dpo import flow_dpo_terms, flow_noisy, loss_weighting, mask_weights, sample_u
+from .flow_dpo import LOSS_WEIGHTED, flow_dpo_terms, flow_noisy, loss_weighting, mask_weights, sample_u
 from .flow_models import encode_flow_latents, predict
 from .models import AdapterSwitch
 
@@ -49,7 +49,9 @@ def flow_micro_step(batch: dict, parts, model, base_model, reference, cfg: Finet
     weight = None
     if cfg.loss_mask == "edit_region" and "masks" in batch:
         weight = mask_weights(batch["masks"].to(device), tuple(latents.shape[-2:]), cfg.mask_floor).repeat(2, 1, 1, 1)
-    sample_weight = loss_weighting(cfg.flow.weighting_scheme, sigmas)
+    # sigma_sqrt and cosmap weight each sample; the density schemes weight all alike (diffusers returns ones)
+    scheme = cfg.flow.weighting_scheme
+    sample_weight = loss_weighting(scheme, sigmas) if scheme in LOSS_WEIGHTED else None
     guidance = cfg.flow.guidance_scale
 
     with torch.no_grad(), autocast():

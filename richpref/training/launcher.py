@@ -110,6 +110,21 @@ def accelerate_command(config_path: str | os.PathLike, output_dir: str | os.Path
     return cmd + ["-m", "richpref.training.train", "--config", str(config_path), "--output-dir", str(output_dir)]
 
 
+FSDP_NEEDS_GPUS = ("accelerate shards a model with FSDP on GPUs only: on a machine without CUDA its FSDP plugin "
+                   "refuses to start (sync_module_states is not supported on cpu) and, told not to sync, it sets up "
+                   "plain multi-CPU data parallelism instead (an unsharded copy per process)")
+
+
+def check_fsdp_device(cfg: FinetuneConfig) -> None:
+    """Refuse `fsdp: true` where accelerate cannot shard (no CUDA device), before any process starts."""
+    import torch
+
+    if cfg.fsdp and not torch.cuda.is_available():
+        raise ValueError(f"finetune {cfg.name}: fsdp: true, but this machine has no CUDA device; {FSDP_NEEDS_GPUS}. "
+                         "Launch it on GPUs, or use mode: lora (the reference is then the same transformer with "
+                         "adapters off) with fsdp: false")
+
+
 def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_processes: int = 1,
                     max_restarts: int = 0, env: dict[str, str] | None = None, log_file: str | None = None,
                     on_poll: Callable[[], None] | None = None, poll_seconds: float = 10.0,
@@ -127,6 +142,7 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
     if done is not None:  # no processes to start for a run that is complete
         log.info("finetune %s: already trained to step %d", output_dir, done["steps"])
         return read_meta(output_dir)
+    check_fsdp_device(cfg)
     config_path = write_config(cfg, output_dir)
     run_env = {**os.environ, **(env or {})}
     if num_processes > 1 and "OMP_NUM_THREADS" not in run_env:

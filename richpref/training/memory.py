@@ -2,9 +2,10 @@
 weights loaded): `richpref doctor --finetune CONFIG`.
 
 Counted: the denoiser's weights in the training precision; LoRA weights, their gradients and AdamW
-states in float32; for a full fine-tune the float32 trainable weights, gradients, AdamW's two states
-and the frozen reference copy, sharded over the processes under FSDP. Not counted: activations (batch,
-resolution, gradient checkpointing), the VAE (small), and the text encoders, which a Flow-DPO run
+states in float32; for a full fine-tune the float32 trainable weights, gradients and AdamW's two states,
+sharded over the processes under FSDP, and the frozen reference copy (whole on every device: accelerate
+does not prepare it). Not counted: activations (batch, resolution, gradient checkpointing), the VAE
+(small), and the text encoders, which a Flow-DPO run
 releases after caching the caption embeddings (a UNet run keeps them: listed apart).
 """
 from __future__ import annotations
@@ -52,7 +53,8 @@ def estimate_memory(cfg: FinetuneConfig, num_processes: int = 1) -> dict:
         est.update(trainable=lora, training_state_gb=lora * 16 / GB, reference_gb=0.0)
     else:
         shard = num_processes if cfg.fsdp else 1
-        est.update(trainable=n, training_state_gb=n * 16 / GB / shard, reference_gb=n * wbytes / GB / shard)
+        # The frozen reference is not prepared by accelerate: a whole copy on every device, also under FSDP.
+        est.update(trainable=n, training_state_gb=n * 16 / GB / shard, reference_gb=n * wbytes / GB)
         est["weights_gb"] /= shard
     text = 0
     if arch not in FLOW_ARCHS:

@@ -71,13 +71,14 @@ class _Metrics:
     NAMES = ("loss", "implicit_acc", "reward_margin", "reward_chosen", "reward_rejected", "model_loss", "ref_loss")
 
     def __init__(self) -> None:
-        self.sums = torch.zeros(len(self.NAMES), dtype=torch.float64)
+        self.sums: torch.Tensor | None = None  # on the step's device: no host sync per micro-step
         self.count = 0
 
     def add(self, terms) -> None:
         values = [terms.loss.detach(), terms.implicit_acc, terms.margin.detach().mean(), terms.reward_chosen.mean(),
                   terms.reward_rejected.mean(), terms.model_loss, terms.ref_loss]
-        self.sums += torch.stack([v.double().cpu() for v in values])
+        row = torch.stack([v.float() for v in values])
+        self.sums = row if self.sums is None else self.sums + row
         self.count += 1
 
     def mean(self) -> torch.Tensor:
@@ -104,6 +105,14 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
         step_scheduler_with_optimizer=False,  # the lr schedule counts optimizer steps, whatever the world size
         project_config=ProjectConfiguration(project_dir=str(out)),
     )
+    from accelerate.utils import DistributedType
+
+    if cfg.fsdp and accelerator.distributed_type != DistributedType.FSDP:
+        from .launcher import FSDP_NEEDS_GPUS
+
+        raise TrainingError(f"fsdp: true, but accelerate set up {accelerator.distributed_type.value}, not FSDP: launch "
+                            "with `richpref finetune --num-processes N` on N GPUs (it passes --use_fsdp); "
+                            f"{FSDP_NEEDS_GPUS}. Or use mode: lora with fsdp: false")
     is_main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
@@ -122,8 +131,6 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
                 f"{resume_from[1]} was made with another config (hash {state.get('config_hash')}, now {cfg_hash}): "
                 "use a new output dir, or delete its checkpoint-* folders to start over"
             )
-
-    from accelerate.utils import DistributedType
 
     setup = setup_model(cfg, device, weight_dtype, fsdp=accelerator.distributed_type == DistributedType.FSDP)
     parts, unet, reference, vae_dtype, model_dir = (setup.parts, setup.model, setup.reference, setup.vae_dtype,
