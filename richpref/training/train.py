@@ -216,7 +216,8 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
             start = accelerator.reduce(metrics.mean().to(device), reduction="mean").cpu().tolist()
             if is_main:
                 log_start(start[0], start[1], cfg.reference)
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        # the prepared model's parameters: under FSDP, the norm is taken over every shard together
+        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
