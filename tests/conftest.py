@@ -94,6 +94,15 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
+def prefect_api_env(prefect_harness) -> dict:
+    """PREFECT_API_URL of the session's harness, for a subprocess that runs flows: without it each such
+    process starts a temporary Prefect server of its own (10+ s of CPU; under load it can time out)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+@pytest.fixture(scope="session")
 def runs_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
