@@ -55,8 +55,10 @@ postgresql:
 	  && command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq postgresql iproute2) >/dev/null 2>&1; } \
 	  || echo "note: PostgreSQL not installed; the multi-node test will fail (apt-get install postgresql)"
 
+# The tests build the tiny models into $(MODELS) once and reuse them there (as `make demo` does); they
+# are rebuilt when their builders change (tests/conftest.py `tiny_models`). Saves ~100 s a run.
 test: install chromium postgresql
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	RICHPREF_TEST_MODELS="$${RICHPREF_TEST_MODELS:-$(abspath $(MODELS))}" $(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 serve: models
 	$(VENV)/bin/richpref --data-dir $(DATA) serve

@@ -18,9 +18,11 @@ import pytest
 
 from richpref.storage import RunStore
 from richpref.tasks import OUTPUTS, PIPELINE
+from run_sizes import ONE_REWARD, as_set_args
 
 BIN = Path(sys.executable).parent
-ARGS = ["--set", "source.limit=4", "--set", "source.shard_size=2"]
+# Every run here is the runner's business, not the rewards': one voting reward (tests/run_sizes.py).
+ARGS = as_set_args(["source.limit=4", "source.shard_size=2", *ONE_REWARD])
 STAGES = ["source"] + [s.name for s in PIPELINE]
 KINDS = ["kill", "kill-write", "kill-after"]
 # One kill per stage, in the order the run reaches them; the kinds and shards rotate.

@@ -34,6 +34,22 @@ def stages_from(first: str) -> list[str]:
     return names[names.index(first):]
 
 
+def copy_run(runs_dir, src: str, dst: str, drop_from: str | None = None) -> RunStore:
+    """A copy of run `src` as run `dst` without its work log; with `drop_from`, without that stage's
+    output and every later one. A test that needs a run's early stages starts from the session's
+    reference run this way instead of computing them again (their content keys match)."""
+    import shutil
+
+    store = RunStore(str(runs_dir), dst)
+    shutil.copytree(RunStore(str(runs_dir), src).root, store.root)
+    store.fs.rm(store.root + "/_log", recursive=True)
+    if drop_from is not None:
+        first = OUTPUTS.index(next(s.out for s in ALL_STAGES if s.name == drop_from))
+        for out in OUTPUTS[first:]:
+            store.fs.rm(f"{store.root}/{out}", recursive=True)
+    return store
+
+
 def work(data_dir, run):
     return [(r["stage"], r["shard"]) for r in RunStore(str(data_dir), run).read_log("work.jsonl")]
 
@@ -112,9 +128,11 @@ def test_second_run_executes_no_stage_work(finished_run, runs_dir, tiny_models):
 def test_resume_after_a_failed_shard_redoes_only_that_shard(finished_run, runs_dir, tiny_models, monkeypatch):
     from richpref.runner import CurateFailed
 
+    copy_run(runs_dir, "ref", "crash", drop_from="edit")  # source .. instruct as the reference run has them
     with pytest.raises(CurateFailed, match=r"edit/part-00001"):
         curate_run(runs_dir, "crash", tiny_models, faults="edit:1:raise", monkeypatch=monkeypatch)
     first = work(runs_dir, "crash")
+    assert {name for name, _ in first} == set(stages_from("edit"))
     assert ("edit", 1) not in first
     assert ("export", 0) in first and ("export", 2) in first  # the other shards went all the way
     curate_run(runs_dir, "crash", tiny_models)

@@ -172,6 +172,7 @@ def test_qwen_conditioning_area_is_restored_after_a_call(tiny_models):
 def test_switching_the_editor_recomputes_edit_and_later_stages_only(editor, finished_run, runs_dir, tiny_models):
     """The curate flow with another editor over the reference run: source .. instruct come from the
     cache, edit .. export are recomputed, every row is accounted for, the pairs and card name the editor."""
+    from run_sizes import ONE_REWARD
     from test_curate_flow import OVERRIDES, assert_every_row_accounted, work
 
     from richpref.entrypoints import CURATE, load_flow
@@ -182,8 +183,8 @@ def test_switching_the_editor_recomputes_edit_and_later_stages_only(editor, fini
     ref, run = RunStore(str(runs_dir), "ref"), RunStore(str(runs_dir), editor)
     shutil.copytree(ref.root, run.root)
     run.fs.rm(run.root + "/_log", recursive=True)
-    curate(profile=PROFILES[editor], run=editor, data_dir=str(runs_dir), overrides=OVERRIDES,
-           models_root=str(tiny_models))
+    curate(profile=PROFILES[editor], run=editor, data_dir=str(runs_dir), overrides=[*OVERRIDES, *ONE_REWARD],
+           models_root=str(tiny_models))  # score recomputes anyway: one voting reward (tests/run_sizes.py)
     stages = {name for name, _ in work(runs_dir, editor)}
     names = [s.name for s in ALL_STAGES]
     assert stages == set(names[names.index("edit"):])

@@ -175,13 +175,14 @@ def test_doctor_names_a_missing_file_of_a_flow_pipeline_offline(paths, tmp_path,
 
 def test_curate_runs_end_to_end_on_flux(runs_dir, tiny_models, prefect_harness):
     """`curate --profile tiny-flux` through the real runner: FLUX.1 [dev] draws, FLUX.1 Kontext edits."""
+    from run_sizes import ONE_REWARD
     from test_curate_flow import assert_every_row_accounted
 
     from richpref.entrypoints import CURATE, load_flow
     from richpref.storage import RunStore
 
     load_flow(CURATE)(profile="tiny-flux", run="flux", data_dir=str(runs_dir), models_root=str(tiny_models),
-                      overrides=["source.limit=4", "source.shard_size=4"])
+                      overrides=["source.limit=4", "source.shard_size=4", *ONE_REWARD])
     assert_every_row_accounted(runs_dir, "flux")
     run = RunStore(str(runs_dir), "flux")
     samples = run.read_stage("sample")

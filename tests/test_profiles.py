@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from image_helpers import _png
+from run_sizes import ONE_REWARD
 
 
 def test_tiny_sdxl_profile_is_the_tiny_profile_with_sdxl_models():
@@ -45,7 +46,7 @@ def test_tiny_sdxl_profile_curates_end_to_end(tiny_models, prefect_harness, tmp_
     curate = load_flow(CURATE)
 
     summary = curate(profile="tiny-sdxl", run="sdxl", data_dir=str(tmp_path),
-                     overrides=["source.limit=8", "source.shard_size=8"], models_root=str(tiny_models))
+                     overrides=["source.limit=8", "source.shard_size=8", *ONE_REWARD], models_root=str(tiny_models))
     store = RunStore(str(tmp_path), "sdxl")
 
     def stage_table(stage: str) -> pa.Table:

@@ -13,13 +13,16 @@ import pytest
 import torch
 
 from richpref.storage import RunStore
+from run_sizes import ONE_REWARD
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "rounds-tiny"
 
 
 def _overrides(models: Path) -> list[str]:
-    return [f"models_root={models}", 'curate_overrides=["source.limit=4"]', 'evaluate_overrides=["prompts.limit=2"]']
+    # Each round's curate keeps one voting reward (tests/run_sizes.py); the evaluation scores every reward.
+    return [f"models_root={models}", f"curate_overrides={json.dumps(['source.limit=4', *ONE_REWARD])}",
+            'evaluate_overrides=["prompts.limit=2"]']
 
 
 def _work_log(data: Path, run: str) -> list[dict]:
@@ -88,16 +91,32 @@ def test_round_two_finetunes_from_round_one(two_rounds, tmp_path):
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
 
 
-def test_killed_in_round_two_then_rerun_continues_there(two_rounds, tiny_models, tmp_path):
-    """SIGKILL right after round 2's curate; the rerun skips round 1 and ends with the same table."""
+def _round_one_of(src: Path, dst: Path) -> None:
+    """Round 1 of the finished two-round run in `src`, copied into `dst` as a run stopped after round 1
+    leaves it: round 1's curate run, its fine-tune, and rounds.json with round 1's record (paths moved)."""
+    import shutil
+
+    out = Path("rounds") / CONFIG
+    shutil.copytree(src / "runs" / f"{CONFIG}-round-1", dst / "runs" / f"{CONFIG}-round-1")
+    shutil.copytree(src / out / "round-1", dst / out / "round-1")
+    state = json.loads((src / out / "rounds.json").read_text())
+    state["rounds"] = {"1": state["rounds"]["1"]}
+    (dst / out / "rounds.json").write_text(json.dumps(state, indent=2).replace(str(src), str(dst)))
+
+
+def test_killed_in_round_two_then_rerun_continues_there(two_rounds, tiny_models, tmp_path, prefect_api_env):
+    """SIGKILL right after round 2's curate; the rerun skips round 1 and ends with the same table.
+    Round 1 comes from the uninterrupted run (the first process skips it too): only round 2 is computed."""
     from richpref.entrypoints import ROUNDS, load_flow
     from richpref.rounds import FAULTS_ENV
 
-    _, reference = two_rounds
+    ref_data, reference = two_rounds
     data = tmp_path / "data"
+    _round_one_of(ref_data, data)
+    copied_work = _work_log(data, "rounds-tiny-round-1")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update({"PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), FAULTS_ENV: "2:curate",
-                "RICHPREF_PID_DIR": str(tmp_path / "pids")})
+                "RICHPREF_PID_DIR": str(tmp_path / "pids"), **prefect_api_env})  # the session's Prefect API
     cmd = [sys.executable, "-m", "richpref.cli", "--data-dir", str(data), "rounds", "--config", CONFIG,
            *(x for o in _overrides(tiny_models) for x in ("--set", o))]
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -107,7 +126,7 @@ def test_killed_in_round_two_then_rerun_continues_there(two_rounds, tiny_models,
     round1_work = _work_log(data, "rounds-tiny-round-1")
     round2_work = _work_log(data, "rounds-tiny-round-2")
     metrics = (data / "rounds" / "rounds-tiny" / "round-1" / "finetune" / "metrics.jsonl").read_text()
-    assert round1_work and round2_work
+    assert round1_work == copied_work and round2_work  # the killed process did not redo round 1 either
 
     result = load_flow(ROUNDS)(config=CONFIG, overrides=_overrides(tiny_models), data_dir=str(data))
     assert _work_log(data, "rounds-tiny-round-1") == round1_work  # round 1 not recomputed

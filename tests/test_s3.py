@@ -66,11 +66,12 @@ def _shards(store, stages):
 
 
 def test_the_cli_curates_to_s3_the_same_shards_as_to_a_local_folder(s3, bucket, tiny_models, tmp_path,
-                                                                     prefect_harness, one_torch_thread):
+                                                                     prefect_api_env, one_torch_thread):
     from richpref.entrypoints import CURATE, load_flow
     from richpref.storage import RunStore
 
-    env = _env(s3, tiny_models, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    # On the session's Prefect API: the CLI's own temporary server is not what this test is about.
+    env = _env(s3, tiny_models, XDG_CACHE_HOME=str(tmp_path / "cache"), **prefect_api_env)
     overrides = ["source.limit=4", "source.shard_size=2"]
     url = f"s3://{bucket}/data"
     remote = _cli(["--data-dir", url, "curate", "--profile", "tiny", "--run", "r", "--until", "sample",

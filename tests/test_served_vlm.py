@@ -365,6 +365,7 @@ def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, 
                                                                    monkeypatch):
     """critique, instruct and filter each launch `transformers serve` (one stage at a time: the
     resident slot stops a stage's server before the next stage starts its own)."""
+    from run_sizes import ONE_REWARD
     from test_curate_flow import curate_run
 
     from richpref.procs import registry_dir
@@ -374,7 +375,7 @@ def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, 
     engine = "{backend: server, launch: transformers, startup_timeout_s: 240}"
     summary = curate_run(runs_dir, "served", tiny_models,
                          extra=[f"critique.engine={engine}", f"instruct.engine={engine}", f"filter.engine={engine}",
-                                "source.limit=4"])
+                                "source.limit=4", *ONE_REWARD])
     assert summary["state"] == "completed"
     assert list(registry_dir().glob("*.json")) == []  # every launched server was stopped
     served, ref = RunStore(str(runs_dir), "served"), RunStore(str(runs_dir), "ref")

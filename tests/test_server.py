@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from richpref.storage import RunStore
+from run_sizes import ONE_REWARD
 
-OVERRIDES = '["source.limit=8", "source.shard_size=4"]'
+OVERRIDES = json.dumps(["source.limit=8", "source.shard_size=4", *ONE_REWARD])  # one voting reward: tests/run_sizes.py
 PY = sys.executable
 BIN = Path(sys.executable).parent
 
