@@ -141,6 +141,8 @@ class ResidentModel:
 
     def release(self) -> None:
         with self._lock:
+            if self._model is None and self._key is None:
+                return  # nothing resident: a full gc.collect() here cost seconds per stage, for nothing
             hook = getattr(self._model, "on_release", None)
             if callable(hook):  # e.g. a served VLM stops the server it launched
                 hook()
