@@ -36,8 +36,9 @@ log = logging.getLogger("richpref")
 SUBJECT = "subject_consistency"  # the scorer name of the subject gate's DINOv2
 # The default questions of the generative judges (a spec's `template` replaces it).
 JUDGE_TEMPLATES = {"unified_reward": "unified_reward_v1", "edit_score": "edit_score_v1"}
-# The fixed prompts of the judges with a head (models/rewards/hpsv3.py, edit_reward.py).
-HEAD_JUDGE_PROMPTS = {"hpsv3": ("hpsv3_v1",), "edit_reward": ("edit_reward_following_v1", "edit_reward_quality_v1")}
+# The default prompts of the judges with a head (models/rewards/hpsv3.py, edit_reward.py), by option.
+HEAD_JUDGE_PROMPTS = {"hpsv3": {"template": "hpsv3_v1"},
+                      "edit_reward": {"template": "edit_reward_following_v1", "quality_template": "edit_reward_quality_v1"}}
 
 
 class RewardSet:
@@ -100,7 +101,7 @@ def scoring_view(cfg: RelabelConfig) -> dict:
 
 def unset_judge_options(spec) -> set[str]:
     """The judges' options left unset: out of the key, so rewards keep the keys they had before them."""
-    return {f for f in ("adapter", "max_new_tokens") if getattr(spec, f) is None}
+    return {f for f in ("adapter", "max_new_tokens", "quality_template") if getattr(spec, f) is None}
 
 
 def needs_cutouts(cfg: RelabelConfig) -> bool:
@@ -304,8 +305,9 @@ def templates_key(profile: Profile) -> str:
     defaults = {"vlm_score": "reward_score_v1", **JUDGE_TEMPLATES}
     names = {cfg.rewards[n].template or defaults[cfg.rewards[n].kind] for n in cfg.scored()
              if cfg.rewards[n].kind in defaults}
-    for n in cfg.scored():  # the head judges' fixed prompts
-        names |= set(HEAD_JUDGE_PROMPTS.get(cfg.rewards[n].kind, ()))
+    for n in cfg.scored():  # the head judges' prompts (each option, else its default)
+        spec = cfg.rewards[n]
+        names |= {getattr(spec, opt) or default for opt, default in HEAD_JUDGE_PROMPTS.get(spec.kind, {}).items()}
     names = sorted(names)
     return ",".join(f"{n}={template_hash(n)}" for n in names)
 
