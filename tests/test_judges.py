@@ -181,11 +181,12 @@ def test_tiny_judges_profile_resolves_its_judges_and_keys_their_questions(tiny_m
     from richpref.tasks.relabel_score import templates_key
 
     profile = load_profile("tiny-judges", models_root=str(tiny_models))
-    assert profile.relabel.scored() == ["imagereward", "unified_reward", "edit_score"]
+    assert profile.relabel.scored() == ["imagereward", "unified_reward", "edit_score", "hpsv3", "edit_reward"]
     refs, _ = preflight(profile)
     assert {r.field for r in refs} >= {"relabel.rewards.edit_score.adapter", "relabel.rewards.unified_reward.model"}
     key = templates_key(profile)
-    assert "edit_score_v1=" in key and "unified_reward_v1=" in key
+    assert all(f"{t}_v1=" in key for t in ("edit_score", "unified_reward", "hpsv3", "edit_reward_following",
+                                           "edit_reward_quality"))
     # doctor's preflight names a judge whose adapter is missing, and the fix
     root = tmp_path / "models"
     root.mkdir()
