@@ -208,8 +208,11 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
 
     `images` maps original/edited (and original_cutout/edited_cutout when a reward or the gate needs
     them) to encoded bytes per row; an item's rows share its original. Undecodable images and
-    non-finite scores reject the row (the whole item when the original is at fault)."""
+    non-finite scores of a reward that votes or gates reject the row (the whole item when the original
+    is at fault); a report-only reward's non-finite score leaves it NaN, says why in `unscored`, and
+    keeps the row."""
     names = cfg.scored()
+    deciding = set(cfg.voting()) | ({cfg.edit_gate.reward} if cfg.edit_gate else set())  # the rest only report
     n_rows = len(item_ids)
     if instructions is None and "instruction" in images:  # the edit instructions given with the images
         instructions = images["instruction"]
@@ -268,11 +271,16 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
                       SUBJECT: None if consistency is None else float(consistency[r])}
             for name in names:
                 values.update({f"{name}_0": float(orig_raw[name][j]), f"{name}_1": float(edit_raw[name][r])})
-            bad = sorted({n for n in names if not (np.isfinite(orig_raw[n][j]) and np.isfinite(edit_raw[n][r]))}
+            unscored = [n for n in names if not (np.isfinite(orig_raw[n][j]) and np.isfinite(edit_raw[n][r]))]
+            bad = sorted({n for n in unscored if n in deciding}
                          | ({SUBJECT} if consistency is not None and not np.isfinite(consistency[r]) else set()))
-            # Non-finite scores cannot be ranked (all of an item's rows when its original's score is at fault).
-            why = (unparsed_reason(names, unparsed, (j, len(item_prompts) + r)) if bad else None) or \
+            # Non-finite scores of a reward that decides cannot be ranked (all of an item's rows when its
+            # original's score is at fault); a report-only reward's are recorded (NaN, and why) and the row kept.
+            positions = (j, len(item_prompts) + r)
+            why = (unparsed_reason([n for n in names if n in bad], unparsed, positions) if bad else None) or \
                 f"bad_score: non-finite {', '.join(bad)} score"
+            values["unscored"] = "; ".join((unparsed_reason([n], unparsed, positions) or f"{n}: non-finite score")
+                                           .removeprefix("unparsed_answer: ") for n in unscored) or None
             out[k] = rejected(item_ids[k], why, **values) if bad else kept(item_ids[k], **values)
     return rows_to_table([out[k] for k in range(n_rows)], reward_scores_schema(names))
 
@@ -314,5 +322,5 @@ def templates_key(profile: Profile) -> str:
 
 # Driven by the check stage's rows, not the filter's verdicts: every pair the VLM answered is scored,
 # so a filter threshold can move without a reward model running again.
-STAGE = Stage(name="score", version="2", section="relabel", reads=("check", "sample", "edit", "cutout"),
+STAGE = Stage(name="score", version="3", section="relabel", reads=("check", "sample", "edit", "cutout"),
               compute=compute, key_extra=templates_key, config_view=scoring_view)

@@ -30,6 +30,40 @@ def test_bad_images_and_non_finite_scores_are_rejected_with_a_reason():
     assert out[1]["reason"].startswith("bad_image:") and out[2]["reason"] == "bad_score: non-finite nanny score"
 
 
+class Mute:
+    """A generative judge whose answers on images with any blue hold no score (NaN, raw answer in `unparsed`)."""
+
+    model_id = "mute"
+
+    def score(self, images, prompts, *, batch_size=8):
+        blue = [np.asarray(im)[..., 2].mean() > 0 for im in images]
+        self.unparsed = {k: "I cannot say" for k, b in enumerate(blue) if b}
+        return np.array([np.nan if b else float(np.asarray(im)[..., 1].mean()) for b, im in zip(blue, images)])
+
+
+def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
+    from richpref.tasks.relabel_score import score_rows
+
+    images = {"original": [solid(1, 0), solid(5, 0), solid(7, 3)], "edited": [solid(2, 0), solid(6, 0, 9), solid(9, 1)]}
+    rewards = {"red": RewardSpec(kind="clip", model="-"), "mute": RewardSpec(kind="unified_reward", model="-", weight=0.0)}
+    scorers = {"red": ChannelValue(0), "mute": Mute()}.__getitem__
+    reported = RelabelConfig(rewards=rewards, report_only=["mute"])
+    scores = score_rows(["a", "b", "c"], ["p"] * 3, images, reported, scorers).to_pylist()
+    assert [r["status"] for r in scores] == ["ok", "ok", "ok"]
+    assert np.isnan(scores[1]["mute_1"]) and scores[1]["unscored"] == "mute answered 'I cannot say'"
+    assert scores[0]["unscored"] is None and scores[2]["mute_1"] == 1
+    out = relabel_stage.decide_rows(relabel_stage.score_rows(["a", "b", "c"], ["p"] * 3, images, reported, scorers),
+                                    reported).to_pylist()
+    assert [(r["status"], r["chosen"]) for r in out] == [("ok", 1), ("ok", 1), ("ok", 1)]  # red alone decides
+    assert np.isnan(out[1]["mute_z1"]) and all(np.isfinite(r["composite_1"]) and np.isfinite(r["mute_z0"]) for r in out)
+    assert out[2]["mute_z1"] != 0  # z over the scored images only
+    # The same reward voting still rejects the row it cannot score, with the raw answer.
+    voting = RelabelConfig(rewards={**rewards, "mute": RewardSpec(kind="unified_reward", model="-", weight=1.0)})
+    scores = score_rows(["a", "b", "c"], ["p"] * 3, images, voting, scorers).to_pylist()
+    assert [r["status"] for r in scores] == ["ok", "rejected", "ok"]
+    assert scores[1]["reason"] == "unparsed_answer: mute answered 'I cannot say'"
+
+
 def test_a_weight_0_reward_is_not_loaded_unless_reported():
     images = {"original": [solid(10, 5), solid(20, 10)], "edited": [solid(30, 0), solid(20, 30)]}
     both = {"red": RewardSpec(kind="clip", model="-"), "green": RewardSpec(kind="clip", model="-", weight=0.0)}
