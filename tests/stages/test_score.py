@@ -42,6 +42,7 @@ class Mute:
 
 
 def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
+    from richpref.datacard import score_stats
     from richpref.tasks.relabel_score import score_rows
 
     images = {"original": [solid(1, 0), solid(5, 0), solid(7, 3)], "edited": [solid(2, 0), solid(6, 0, 9), solid(9, 1)]}
@@ -52,8 +53,11 @@ def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
     assert [r["status"] for r in scores] == ["ok", "ok", "ok"]
     assert np.isnan(scores[1]["mute_1"]) and scores[1]["unscored"] == "mute answered 'I cannot say'"
     assert scores[0]["unscored"] is None and scores[2]["mute_1"] == 1
-    out = relabel_stage.decide_rows(relabel_stage.score_rows(["a", "b", "c"], ["p"] * 3, images, reported, scorers),
-                                    reported).to_pylist()
+    table = relabel_stage.decide_rows(relabel_stage.score_rows(["a", "b", "c"], ["p"] * 3, images, reported, scorers),
+                                      reported)
+    out = table.to_pylist()
+    stats = score_stats(table)["rewards"]["mute"]  # the card: over the rows it scored
+    assert stats["side_1"]["max"] == 1 and stats["side_1_lower"] == 0.5
     assert [(r["status"], r["chosen"]) for r in out] == [("ok", 1), ("ok", 1), ("ok", 1)]  # red alone decides
     assert np.isnan(out[1]["mute_z1"]) and all(np.isfinite(r["composite_1"]) and np.isfinite(r["mute_z0"]) for r in out)
     assert out[2]["mute_z1"] != 0  # z over the scored images only
