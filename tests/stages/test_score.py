@@ -4,6 +4,7 @@ reported, and a reward (or the subject gate) with `on_cutout` scores the cut-out
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ class Mute:
 
 def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
     from richpref.datacard import score_stats
+    from richpref.tasks.export import scores_json
     from richpref.tasks.relabel_score import score_rows
 
     images = {"original": [solid(1, 0), solid(5, 0), solid(7, 3)], "edited": [solid(2, 0), solid(6, 0, 9), solid(9, 1)]}
@@ -61,6 +63,9 @@ def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
     assert [(r["status"], r["chosen"]) for r in out] == [("ok", 1), ("ok", 1), ("ok", 1)]  # red alone decides
     assert np.isnan(out[1]["mute_z1"]) and all(np.isfinite(r["composite_1"]) and np.isfinite(r["mute_z0"]) for r in out)
     assert out[2]["mute_z1"] != 0  # z over the scored images only
+    exported = json.loads(scores_json(out[1], ["mute_1", "mute_z1", "red_1"]),
+                          parse_constant=lambda c: pytest.fail(f"{c} in the exported scores"))  # strict JSON
+    assert exported["mute_1"] is None and exported["mute_z1"] is None and exported["red_1"] == 6
     # The same reward voting still rejects the row it cannot score, with the raw answer.
     voting = RelabelConfig(rewards={**rewards, "mute": RewardSpec(kind="unified_reward", model="-", weight=1.0)})
     scores = score_rows(["a", "b", "c"], ["p"] * 3, images, voting, scorers).to_pylist()
