@@ -73,6 +73,24 @@ def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
     assert scores[1]["reason"] == "unparsed_answer: mute answered 'I cannot say'"
 
 
+def test_a_report_only_edit_judge_that_gates_still_rejects_what_it_cannot_score():
+    from richpref.tasks.relabel_score import score_rows
+
+    class NoScore:
+        model_id, pairwise = "no-score", True
+
+        def score_pairs(self, originals, edits, prompts, *, batch_size=8):
+            return np.array([[1.0, np.nan if np.asarray(b)[..., 2].mean() > 0 else 2.0] for b in edits])
+
+    rewards = {"red": RewardSpec(kind="clip", model="-"), "judge": RewardSpec(kind="edit_reward", model="-", weight=0.0)}
+    images = {"original": [solid(1, 0), solid(5, 0)], "edited": [solid(2, 0), solid(6, 0, 9)], "instruction": ["x", "y"]}
+    scorers = {"red": ChannelValue(0), "judge": NoScore()}.__getitem__
+    gated = RelabelConfig(rewards=rewards, report_only=["judge"], edit_gate={"reward": "judge", "min_score": 0.0})
+    assert [r["status"] for r in score_rows(["a", "b"], ["p"] * 2, images, gated, scorers).to_pylist()] == ["ok", "rejected"]
+    reported = RelabelConfig(rewards=rewards, report_only=["judge"])
+    assert [r["status"] for r in score_rows(["a", "b"], ["p"] * 2, images, reported, scorers).to_pylist()] == ["ok", "ok"]
+
+
 def test_a_weight_0_reward_is_not_loaded_unless_reported():
     images = {"original": [solid(10, 5), solid(20, 10)], "edited": [solid(30, 0), solid(20, 30)]}
     both = {"red": RewardSpec(kind="clip", model="-"), "green": RewardSpec(kind="clip", model="-", weight=0.0)}
