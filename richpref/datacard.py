@@ -47,6 +47,8 @@ def score_stats(scores: pa.Table) -> dict[str, Any]:
     for name in reward_names(scores):
         a = np.asarray(rows.column(f"{name}_0").to_pylist(), dtype=float)
         b = np.asarray(rows.column(f"{name}_1").to_pylist(), dtype=float)
+        both = np.isfinite(a) & np.isfinite(b)  # a report-only reward may have no score (NaN) on a row
+        a, b = a[both], b[both]
 
         def describe(x: np.ndarray) -> dict:
             return ({"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}

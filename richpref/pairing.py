@@ -37,8 +37,14 @@ def scorer_dtype(scorer: object) -> str:
 def standardise(values: np.ndarray, groups: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """(z, spread). Without groups: (x - mean) / std over all values. With groups: each value minus
     its group's mean, over the spread of all values around their group means (pooled), so a group of
-    two images does not turn any gap, 1e-4 or 2.0, into the same +-1. No spread: z is 0."""
+    two images does not turn any gap, 1e-4 or 2.0, into the same +-1. No spread: z is 0. Non-finite
+    values (a report-only reward with no score) take no part and get NaN."""
     values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.all():
+        z = np.full_like(values, np.nan)
+        z[finite], spread = standardise(values[finite], None if groups is None else np.asarray(groups)[finite])
+        return z, spread
     if groups is None:
         dev = values - values.mean()
     else:
@@ -55,4 +61,5 @@ def z_noise(values: np.ndarray, spread: float, rho: float) -> float:
     """How far relative noise `rho` on the raw scores can move a z-score: rho * max|x| / spread
     (0 without spread: the z-scores are exactly 0)."""
     values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
     return 0.0 if spread < 1e-12 or not len(values) else float(rho * np.abs(values).max() / spread)

@@ -185,7 +185,8 @@ def test_tiny_judges_profile_resolves_its_judges_and_keys_their_questions(tiny_m
     assert {r.field for r in refs} >= {"relabel.rewards.edit_score.adapter", "relabel.rewards.unified_reward.model",
                                        "relabel.rewards.hpsv3.backbone", "relabel.rewards.edit_reward.model"}
     key = templates_key(profile)
-    assert "edit_score_v1=" in key and "unified_reward_v1=" in key and "hpsv3_v1=" in key
+    assert all(f"{t}_v1=" in key for t in ("edit_score", "unified_reward", "hpsv3", "edit_reward_following",
+                                           "edit_reward_quality"))
     # doctor's preflight names a judge whose adapter is missing, and the fix
     root = tmp_path / "models"
     root.mkdir()

@@ -19,7 +19,6 @@ non-padding token under right padding. The transcription below calls today's tex
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 
@@ -129,24 +128,7 @@ def ref_batch(proc, conversations, images):
                 images=images, padding=True, return_tensors="pt")
 
 
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 # --- tests -------------------------------------------------------------------------------------------
-
-def test_prompt_texts_are_the_references(tiny_models):
-    """The sha256 of each reference's final prompt for 'a cat', computed from the reference sources
-    (data_collator_qwen.py INSTRUCTION.format(...) + prompt_with_special_token; EditReward's two)."""
-    from richpref.models.rewards.edit_reward import TEMPLATES
-    from richpref.models.rewards.hpsv3 import TEMPLATE
-    from richpref.prompts import load_template, render
-
-    assert sha(render(load_template(TEMPLATE), prompt="a cat")) == "58f765b8739946ac474c741df3766ebc3df8c43e966cea2edbdce196c41a2bd4"
-    assert [sha(render(load_template(t), prompt="a cat")) for t in TEMPLATES] == [
-        "13a6123e12cf23da2ae4300c1b6bd991d284995e79449854dea7fd8f00746f4e",  # INSTRUCTION_EDIT_FOLLOWING, head 0
-        "c6d619d09a018d2abfb19c9ffa253248c35f32d6fcc07790ec0ca7cb3e24ef52"]  # INSTRUCTION_EDIT_QUALITY, head 1
-
 
 def test_smart_size_matches_the_reference():
     from richpref.models.rewards.qwen_head import smart_size
@@ -157,20 +139,38 @@ def test_smart_size_matches_the_reference():
         smart_size(10, 2100)
 
 
-def test_hpsv3_matches_its_reference(tiny_models, images):
+OWN = "Score this picture for the caption <{prompt}>.\nScore: <|Reward|>"  # a user's template file
+
+
+def own_template(tmp_path, name: str, text: str = OWN) -> str:
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    return str(tmp_path / name)
+
+
+def spy(reward) -> list:
+    """What the model sees: every (texts, head) its `run` is given."""
+    seen, run = [], reward.run
+    reward.run = lambda texts, ims, head: seen.append((texts, head)) or run(texts, ims, head)
+    return seen
+
+
+@pytest.mark.parametrize("own", [False, True])  # richpref's default wording, or a user's template file
+def test_hpsv3_matches_its_reference(tiny_models, images, tmp_path, own):
     from richpref.prompts import load_template, render
 
     from richpref.models.rewards import load_reward_spec
     from richpref.schemas.relabel import RewardSpec
 
     root = tiny_models / "hpsv3"  # through a profile's spec: `model` and `backbone` resolve under models_root
-    reward = load_reward_spec(RewardSpec(kind="hpsv3", model="hpsv3", backbone="hpsv3/base"), str(tiny_models),
-                              device="cpu", dtype="float32")
+    spec = RewardSpec(kind="hpsv3", model="hpsv3", backbone="hpsv3/base", template=own_template(tmp_path, "h.txt") if own else None)
+    reward = load_reward_spec(spec, str(tiny_models), device="cpu", dtype="float32")
+    seen = spy(reward)
     got = reward.score(images, PROMPTS, batch_size=2)
 
     proc, special = ref_processor(root / "base")
     model, (head,) = ref_model(root / "base", str(root / "HPSv3.safetensors"), ("rm_head",))
-    template = load_template("hpsv3_v1")  # pinned to the reference's text by test_prompt_texts_are_the_references
+    template = OWN if own else load_template("hpsv3_v1")  # the same prompt text on both sides
+    assert [render(template, prompt=p) in t for t, p in zip(seen[0][0], PROMPTS)] == [True, True]
     conversations = [[{"role": "user", "content": [
         {"type": "image", "image": im, "min_pixels": 200704, "max_pixels": 200704},
         {"type": "text", "text": render(template, prompt=p)}]}] for im, p in zip(images, PROMPTS)]
@@ -182,24 +182,30 @@ def test_hpsv3_matches_its_reference(tiny_models, images):
     np.testing.assert_allclose(reward.score(images[:1], PROMPTS[:1]), got[:1], rtol=0, atol=1e-5)
 
 
-def test_edit_reward_matches_its_reference(tiny_models, images):
+@pytest.mark.parametrize("own", [False, True])  # richpref's default wording, or a user's two template files
+def test_edit_reward_matches_its_reference(tiny_models, images, tmp_path, own):
     from richpref.models.rewards.edit_reward import TEMPLATES
     from richpref.prompts import load_template, render
 
     root = tiny_models / "edit-reward"
-    reward = load_reward("edit_reward", str(root), backbone=str(root / "base"), device="cpu", dtype="float32")
+    texts = [OWN, "Is the edit clean? {prompt}\n<|Reward|>"] if own else [load_template(t) for t in TEMPLATES]
+    files = {"template": own_template(tmp_path, "f.txt", texts[0]),
+             "quality_template": own_template(tmp_path, "q.txt", texts[1])} if own else {}
+    reward = load_reward("edit_reward", str(root), backbone=str(root / "base"), device="cpu", dtype="float32", **files)
+    seen = spy(reward)
     edits = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
     got = reward.score_pairs(images, edits, INSTRUCTIONS, batch_size=2)
+    assert [(head, render(texts[head], prompt=INSTRUCTIONS[0]) in t[0]) for t, head in seen[:2]] == [(0, True), (1, True)]
 
     proc, special = ref_processor(root / "base")
     model, heads = ref_model(root / "base", str(root / "model.safetensors"), ("rm_heads.head_0", "rm_heads.head_1"))
 
     def ref_reward(srcs, outs):  # inference_vl_edit.py:111-194: one batch per head (dim1, dim2), mean of heads
         per_head = []
-        for head, name in zip(heads, TEMPLATES):
+        for head, text in zip(heads, texts):  # the same prompt texts as ours were given
             conversations = [[{"role": "user", "content": [
                 {"type": "image", "image": a}, {"type": "image", "image": b},
-                {"type": "text", "text": render(load_template(name), prompt=t)}]}] for a, b, t in zip(srcs, outs, INSTRUCTIONS)]
+                {"type": "text", "text": render(text, prompt=t)}]}] for a, b, t in zip(srcs, outs, INSTRUCTIONS)]
             fetched = [ref_fetch_image(im) for a, b in zip(srcs, outs) for im in (a, b)]
             per_head.append(ref_forward(model, head, ref_batch(proc, conversations, fetched), special))
         return torch.mean(torch.stack(per_head, dim=0), dim=0)[:, 0].numpy()  # pooling_strategy: mean; mu
@@ -242,16 +248,6 @@ def test_legacy_key_names_map_to_todays():
     assert modern_keys(sd) == {"model.language_model.layers.0.mlp.up_proj.weight": 1,
                                "model.visual.blocks.0.attn.qkv.weight": 2, "lm_head.weight": 3,
                                "model.language_model.norm.weight": 4, "model.visual.merger.mlp.0.bias": 5}
-
-
-def test_judge_options_are_checked_by_the_profile():
-    from pydantic import ValidationError
-
-    from richpref.schemas.relabel import RewardSpec
-
-    RewardSpec(kind="hpsv3", model="MizzenAI/HPSv3", backbone="Qwen/Qwen2-VL-7B-Instruct", file="HPSv3.safetensors")
-    with pytest.raises(ValidationError, match="reward kind 'edit_reward' takes no template"):
-        RewardSpec(kind="edit_reward", model="x", template="reward_score_v1")
 
 
 class PairJudge:
@@ -382,18 +378,3 @@ def test_relabel_dataset_refuses_an_edit_judge_on_independent_pairs():
     with pytest.raises(DatasetError, match=r"\['judge'\] judge an edit against its original"):
         dataset_relabel_config(cfg, None)
     assert list(dataset_relabel_config(cfg, "red").rewards) == ["red"]
-
-
-def test_the_judges_prompt_texts_are_part_of_the_score_key():
-    from richpref.models.rewards.edit_reward import TEMPLATES
-    from richpref.models.rewards.hpsv3 import TEMPLATE
-    from richpref.schemas.config import RelabelConfig, RewardSpec
-    from richpref.tasks.relabel_score import HEAD_JUDGE_PROMPTS, templates_key
-
-    assert HEAD_JUDGE_PROMPTS == {"hpsv3": (TEMPLATE,), "edit_reward": TEMPLATES}
-
-    class P:
-        relabel = RelabelConfig(rewards={"h": RewardSpec(kind="hpsv3", model="-"), "e": RewardSpec(kind="edit_reward", model="-")})
-
-    key = templates_key(P)
-    assert all(f"{t}=" in key for t in (TEMPLATE, *TEMPLATES))

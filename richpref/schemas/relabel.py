@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..prompts import load_head_template
 from .common import StageConfig, _Strict
 from .serving import EngineConfig
 
@@ -22,8 +23,8 @@ REWARD_OPTIONS: dict[str, frozenset[str]] = {
     "vlm_score": frozenset({"template", "on_cutout", "engine"}),
     "unified_reward": frozenset({"template", "on_cutout", "engine", "max_new_tokens"}),
     "edit_score": frozenset({"adapter", "template", "engine", "max_new_tokens"}),
-    "hpsv3": frozenset({"backbone", "file", "on_cutout"}),
-    "edit_reward": frozenset({"backbone", "file", "on_cutout"}),
+    "hpsv3": frozenset({"backbone", "file", "template", "on_cutout"}),
+    "edit_reward": frozenset({"backbone", "file", "template", "quality_template", "on_cutout"}),
 }
 EDIT_JUDGE_KINDS = ("edit_score",)  # score (original, instruction, edited): see models/rewards/edit_score.py
 
@@ -44,7 +45,11 @@ class RewardSpec(_Strict):
     on_cutout: bool = False  # score the foreground cut-outs (cutout stage) instead of the full images
     patch: int | None = Field(None, ge=1)  # dino_patch window size (default 224)
     stride: int | None = Field(None, ge=1)  # dino_patch window stride (default 112)
-    template: str | None = None  # vlm_score question template in richpref/prompts (default reward_score_v1)
+    # The question a VLM judge is asked: a template of richpref/prompts by name, or a text file's path
+    # (vlm_score: reward_score_v1; unified_reward, edit_score, hpsv3: <kind>_v1; edit_reward: its
+    # instruction-following question, edit_reward_following_v1).
+    template: str | None = None
+    quality_template: str | None = None  # edit_reward's visual-quality question (default edit_reward_quality_v1)
     engine: EngineConfig = EngineConfig()  # vlm_score: in-process or served (schemas/serving.py)
     adapter: str | None = None  # edit_score: the LoRA adapter (EditScore/EditScore-7B) on `model` (its base VLM)
     max_new_tokens: int | None = Field(None, ge=1)  # generative judges: answer length (default 512, as the references)
@@ -55,13 +60,17 @@ class RewardSpec(_Strict):
     @model_validator(mode="after")
     def _options_fit_kind(self) -> "RewardSpec":
         allowed = REWARD_OPTIONS[self.kind]
-        given = {k for k in ("processor", "backbone", "file", "patch", "stride", "template", "version",
-                                                "adapter", "max_new_tokens") if getattr(self, k) is not None}
+        given = {k for k in ("processor", "backbone", "file", "patch", "stride", "template", "quality_template",
+                             "version", "adapter", "max_new_tokens") if getattr(self, k) is not None}
         given |= {"on_cutout"} if self.on_cutout else set()
         given |= {"engine"} if self.engine != EngineConfig() else set()
         extra = sorted(given - allowed)
         if extra:
             raise ValueError(f"reward kind {self.kind!r} takes no {', '.join(extra)}; it takes {', '.join(sorted(allowed))}")
+        if self.kind in ("hpsv3", "edit_reward"):  # a bad head-judge template fails before any model loads
+            for t in (self.template, self.quality_template):
+                if t is not None:
+                    load_head_template(t)
         if self.kind == "aesthetic" and self.backbone is None:
             raise ValueError("reward kind 'aesthetic' needs `backbone:` (the CLIP ViT-L/14 its head was trained on)")
         if self.kind == "hpsv2":

@@ -9,6 +9,7 @@ encoding (`export.image_format`), with `edit_mask`, the PNG mask of where they d
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 
@@ -19,6 +20,12 @@ from .base import Stage, StageInputs
 
 
 SCORE_META = ("item_id", "status", "reason", "candidate", "candidate_0", "candidate_1", "chosen", "flipped", "margin")
+
+
+def scores_json(row: dict, columns: list[str]) -> str:
+    """The row's scores as strict JSON: a report-only reward's missing score (NaN) is null."""
+    return json.dumps({c: None if isinstance(row[c], float) and not math.isfinite(row[c]) else row[c] for c in columns},
+                      sort_keys=True, allow_nan=False)
 
 
 def export_rows(scores: pa.Table, samples: pa.Table, edits: pa.Table, critiques: pa.Table, instructions: pa.Table,
@@ -55,7 +62,7 @@ def export_rows(scores: pa.Table, samples: pa.Table, edits: pa.Table, critiques:
             "candidate_1": r.get("candidate_1", r.get("candidate", 0)),
             "margin": r["margin"],
             "flipped": r["flipped"],
-            "scores": json.dumps({c: r[c] for c in score_cols}, sort_keys=True),
+            "scores": scores_json(r, score_cols),
             "model_ids": json.dumps(model_ids, sort_keys=True),
             "config_hash": config_hash,
             "editor": edits["editor"][k].as_py(),

@@ -62,6 +62,8 @@ class Scored:
             z, spread = standardise(raw, groups)
             self.orig_z[name], self.edit_z[name] = z[:m], z[m:]
             weight = cfg.rewards[name].weight
+            if weight == 0:  # report-only: recorded, and its NaN (no score) must not reach a composite
+                continue
             self.orig_c += weight * z[:m]
             self.edit_c += weight * z[m:]
             self.noise += abs(weight) * z_noise(raw, spread, relative_noise(dtypes.get(name)))

@@ -36,8 +36,9 @@ log = logging.getLogger("richpref")
 SUBJECT = "subject_consistency"  # the scorer name of the subject gate's DINOv2
 # The default questions of the generative judges (a spec's `template` replaces it).
 JUDGE_TEMPLATES = {"unified_reward": "unified_reward_v1", "edit_score": "edit_score_v1"}
-# The fixed prompts of the judges with a head (models/rewards/hpsv3.py, edit_reward.py).
-HEAD_JUDGE_PROMPTS = {"hpsv3": ("hpsv3_v1",), "edit_reward": ("edit_reward_following_v1", "edit_reward_quality_v1")}
+# The default prompts of the judges with a head (models/rewards/hpsv3.py, edit_reward.py), by option.
+HEAD_JUDGE_PROMPTS = {"hpsv3": {"template": "hpsv3_v1"},
+                      "edit_reward": {"template": "edit_reward_following_v1", "quality_template": "edit_reward_quality_v1"}}
 
 
 class RewardSet:
@@ -100,7 +101,7 @@ def scoring_view(cfg: RelabelConfig) -> dict:
 
 def unset_judge_options(spec) -> set[str]:
     """The judges' options left unset: out of the key, so rewards keep the keys they had before them."""
-    return {f for f in ("adapter", "max_new_tokens") if getattr(spec, f) is None}
+    return {f for f in ("adapter", "max_new_tokens", "quality_template") if getattr(spec, f) is None}
 
 
 def needs_cutouts(cfg: RelabelConfig) -> bool:
@@ -207,8 +208,11 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
 
     `images` maps original/edited (and original_cutout/edited_cutout when a reward or the gate needs
     them) to encoded bytes per row; an item's rows share its original. Undecodable images and
-    non-finite scores reject the row (the whole item when the original is at fault)."""
+    non-finite scores of a reward that votes or gates reject the row (the whole item when the original
+    is at fault); a report-only reward's non-finite score leaves it NaN, says why in `unscored`, and
+    keeps the row."""
     names = cfg.scored()
+    deciding = set(cfg.voting()) | ({cfg.edit_gate.reward} if cfg.edit_gate else set())  # the rest only report
     n_rows = len(item_ids)
     if instructions is None and "instruction" in images:  # the edit instructions given with the images
         instructions = images["instruction"]
@@ -267,11 +271,16 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
                       SUBJECT: None if consistency is None else float(consistency[r])}
             for name in names:
                 values.update({f"{name}_0": float(orig_raw[name][j]), f"{name}_1": float(edit_raw[name][r])})
-            bad = sorted({n for n in names if not (np.isfinite(orig_raw[n][j]) and np.isfinite(edit_raw[n][r]))}
+            unscored = [n for n in names if not (np.isfinite(orig_raw[n][j]) and np.isfinite(edit_raw[n][r]))]
+            bad = sorted({n for n in unscored if n in deciding}
                          | ({SUBJECT} if consistency is not None and not np.isfinite(consistency[r]) else set()))
-            # Non-finite scores cannot be ranked (all of an item's rows when its original's score is at fault).
-            why = (unparsed_reason(names, unparsed, (j, len(item_prompts) + r)) if bad else None) or \
+            # Non-finite scores of a reward that decides cannot be ranked (all of an item's rows when its
+            # original's score is at fault); a report-only reward's are recorded (NaN, and why) and the row kept.
+            positions = (j, len(item_prompts) + r)
+            why = (unparsed_reason([n for n in names if n in bad], unparsed, positions) if bad else None) or \
                 f"bad_score: non-finite {', '.join(bad)} score"
+            values["unscored"] = "; ".join((unparsed_reason([n], unparsed, positions) or f"{n}: non-finite score")
+                                           .removeprefix("unparsed_answer: ") for n in unscored) or None
             out[k] = rejected(item_ids[k], why, **values) if bad else kept(item_ids[k], **values)
     return rows_to_table([out[k] for k in range(n_rows)], reward_scores_schema(names))
 
@@ -304,13 +313,14 @@ def templates_key(profile: Profile) -> str:
     defaults = {"vlm_score": "reward_score_v1", **JUDGE_TEMPLATES}
     names = {cfg.rewards[n].template or defaults[cfg.rewards[n].kind] for n in cfg.scored()
              if cfg.rewards[n].kind in defaults}
-    for n in cfg.scored():  # the head judges' fixed prompts
-        names |= set(HEAD_JUDGE_PROMPTS.get(cfg.rewards[n].kind, ()))
+    for n in cfg.scored():  # the head judges' prompts (each option, else its default)
+        spec = cfg.rewards[n]
+        names |= {getattr(spec, opt) or default for opt, default in HEAD_JUDGE_PROMPTS.get(spec.kind, {}).items()}
     names = sorted(names)
     return ",".join(f"{n}={template_hash(n)}" for n in names)
 
 
 # Driven by the check stage's rows, not the filter's verdicts: every pair the VLM answered is scored,
 # so a filter threshold can move without a reward model running again.
-STAGE = Stage(name="score", version="2", section="relabel", reads=("check", "sample", "edit", "cutout"),
+STAGE = Stage(name="score", version="3", section="relabel", reads=("check", "sample", "edit", "cutout"),
               compute=compute, key_extra=templates_key, config_view=scoring_view)

@@ -4,6 +4,7 @@ reported, and a reward (or the subject gate) with `on_cutout` scores the cut-out
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -28,6 +29,66 @@ def test_bad_images_and_non_finite_scores_are_rejected_with_a_reason():
                                      {"red": ChannelValue(0), "nanny": NaNOnBlue()}.__getitem__).to_pylist()
     assert [r["status"] for r in out] == ["ok", "rejected", "rejected", "ok"]
     assert out[1]["reason"].startswith("bad_image:") and out[2]["reason"] == "bad_score: non-finite nanny score"
+
+
+class Mute:
+    """A generative judge whose answers on images with any blue hold no score (NaN, raw answer in `unparsed`)."""
+
+    model_id = "mute"
+
+    def score(self, images, prompts, *, batch_size=8):
+        blue = [np.asarray(im)[..., 2].mean() > 0 for im in images]
+        self.unparsed = {k: "I cannot say" for k, b in enumerate(blue) if b}
+        return np.array([np.nan if b else float(np.asarray(im)[..., 1].mean()) for b, im in zip(blue, images)])
+
+
+def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
+    from richpref.datacard import score_stats
+    from richpref.tasks.export import scores_json
+    from richpref.tasks.relabel_score import score_rows
+
+    images = {"original": [solid(1, 0), solid(5, 0), solid(7, 3)], "edited": [solid(2, 0), solid(6, 0, 9), solid(9, 1)]}
+    rewards = {"red": RewardSpec(kind="clip", model="-"), "mute": RewardSpec(kind="unified_reward", model="-", weight=0.0)}
+    scorers = {"red": ChannelValue(0), "mute": Mute()}.__getitem__
+    reported = RelabelConfig(rewards=rewards, report_only=["mute"])
+    scores = score_rows(["a", "b", "c"], ["p"] * 3, images, reported, scorers).to_pylist()
+    assert [r["status"] for r in scores] == ["ok", "ok", "ok"]
+    assert np.isnan(scores[1]["mute_1"]) and scores[1]["unscored"] == "mute answered 'I cannot say'"
+    assert scores[0]["unscored"] is None and scores[2]["mute_1"] == 1
+    table = relabel_stage.decide_rows(relabel_stage.score_rows(["a", "b", "c"], ["p"] * 3, images, reported, scorers),
+                                      reported)
+    out = table.to_pylist()
+    stats = score_stats(table)["rewards"]["mute"]  # the card: over the rows it scored
+    assert stats["side_1"]["max"] == 1 and stats["side_1_lower"] == 0.5
+    assert [(r["status"], r["chosen"]) for r in out] == [("ok", 1), ("ok", 1), ("ok", 1)]  # red alone decides
+    assert np.isnan(out[1]["mute_z1"]) and all(np.isfinite(r["composite_1"]) and np.isfinite(r["mute_z0"]) for r in out)
+    assert out[2]["mute_z1"] != 0  # z over the scored images only
+    exported = json.loads(scores_json(out[1], ["mute_1", "mute_z1", "red_1"]),
+                          parse_constant=lambda c: pytest.fail(f"{c} in the exported scores"))  # strict JSON
+    assert exported["mute_1"] is None and exported["mute_z1"] is None and exported["red_1"] == 6
+    # The same reward voting still rejects the row it cannot score, with the raw answer.
+    voting = RelabelConfig(rewards={**rewards, "mute": RewardSpec(kind="unified_reward", model="-", weight=1.0)})
+    scores = score_rows(["a", "b", "c"], ["p"] * 3, images, voting, scorers).to_pylist()
+    assert [r["status"] for r in scores] == ["ok", "rejected", "ok"]
+    assert scores[1]["reason"] == "unparsed_answer: mute answered 'I cannot say'"
+
+
+def test_a_report_only_edit_judge_that_gates_still_rejects_what_it_cannot_score():
+    from richpref.tasks.relabel_score import score_rows
+
+    class NoScore:
+        model_id, pairwise = "no-score", True
+
+        def score_pairs(self, originals, edits, prompts, *, batch_size=8):
+            return np.array([[1.0, np.nan if np.asarray(b)[..., 2].mean() > 0 else 2.0] for b in edits])
+
+    rewards = {"red": RewardSpec(kind="clip", model="-"), "judge": RewardSpec(kind="edit_reward", model="-", weight=0.0)}
+    images = {"original": [solid(1, 0), solid(5, 0)], "edited": [solid(2, 0), solid(6, 0, 9)], "instruction": ["x", "y"]}
+    scorers = {"red": ChannelValue(0), "judge": NoScore()}.__getitem__
+    gated = RelabelConfig(rewards=rewards, report_only=["judge"], edit_gate={"reward": "judge", "min_score": 0.0})
+    assert [r["status"] for r in score_rows(["a", "b"], ["p"] * 2, images, gated, scorers).to_pylist()] == ["ok", "rejected"]
+    reported = RelabelConfig(rewards=rewards, report_only=["judge"])
+    assert [r["status"] for r in score_rows(["a", "b"], ["p"] * 2, images, reported, scorers).to_pylist()] == ["ok", "ok"]
 
 
 def test_a_weight_0_reward_is_not_loaded_unless_reported():

@@ -95,8 +95,8 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "vlm_score": (_vlm_score, ("template", "engine")),
     "unified_reward": (_unified_reward, ("template", "engine", "max_new_tokens")),
     "edit_score": (_edit_score, ("adapter", "template", "engine", "max_new_tokens")),
-    "hpsv3": (_hpsv3, ("backbone", "file")),
-    "edit_reward": (_edit_reward, ("backbone", "file")),
+    "hpsv3": (_hpsv3, ("backbone", "file", "template")),
+    "edit_reward": (_edit_reward, ("backbone", "file", "template", "quality_template")),
 }
 KINDS = tuple(REGISTRY)
 PAIR_KINDS = ("dino_patch", "edit_reward")

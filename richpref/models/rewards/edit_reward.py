@@ -6,9 +6,11 @@ Reference: github.com/TIGER-AI-Lab/EditReward, `EditReward/inference_vl_edit.py`
 (`rm_head_type: ranknet_multi_head`, `pooling_strategy: mean`). The checkpoint dir holds
 `model.safetensors` (a whole state dict); the base is `Qwen/Qwen2.5-VL-7B-Instruct` (`backbone:`).
 
-Each pair is judged twice, once per head: head 0 on the instruction-following question, head 1 on
-the visual-quality question (`richpref/prompts/edit_reward_{following,quality}_v1.txt`), each with the
-source image then the edited image in one user turn; the score is the mean of the two heads' mu.
+Each pair is judged twice, once per head: head 0 on the instruction-following question (`template`,
+default `edit_reward_following_v1`), head 1 on the visual-quality question (`quality_template`, default
+`edit_reward_quality_v1`), each with the source image then the edited image in one user turn. The
+default questions are in richpref's words; the checkpoint was trained with its authors' wording, which
+a user may supply as text files (docs/judges.md); the score is the mean of the two heads' mu.
 
 As a pair reward, `score_pairs` gives the edit's side that score and the original's side the score
 of the original judged as its own edit (no change made), so an edit that is worse than doing nothing
@@ -18,12 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...prompts import load_template, render
+from ...prompts import load_head_template, render
 from ...schemas.relabel import JUDGE_FILES
 from .base import batches
 from .qwen_head import QwenHeadReward, fit_image
 
-TEMPLATES = ("edit_reward_following_v1", "edit_reward_quality_v1")  # one per head, in head order
+TEMPLATES = ("edit_reward_following_v1", "edit_reward_quality_v1")  # the defaults, one per head, in head order
 
 
 class EditReward(QwenHeadReward):
@@ -32,10 +34,10 @@ class EditReward(QwenHeadReward):
     pairwise = True
 
     def __init__(self, path: str, *, backbone: str | None = None, file: str | None = None, device: str = "auto",
-                 dtype: str = "auto") -> None:
+                 dtype: str = "auto", template: str = TEMPLATES[0], quality_template: str = TEMPLATES[1]) -> None:
+        self.templates = [load_head_template(t) for t in (template, quality_template)]  # head order
         super().__init__(path, backbone=backbone or "Qwen/Qwen2.5-VL-7B-Instruct", file=file or JUDGE_FILES["edit_reward"],
                          device=device, dtype=dtype)
-        self.templates = [load_template(t) for t in TEMPLATES]
 
     def score_edits(self, originals, edits, instructions, *, batch_size: int = 8) -> np.ndarray:
         """One score per (original, instruction, edit)."""

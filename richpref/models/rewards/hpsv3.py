@@ -3,15 +3,16 @@
 Reference: `hpsv3` 1.0.0 on PyPI, `hpsv3/inference.py` (`HPSv3RewardInferencer.prepare_batch`, `reward`)
 and `hpsv3/model/qwen2vl_trainer.py` (`Qwen2VLRewardModelBT.forward`). Weights: `MizzenAI/HPSv3`,
 file `HPSv3.safetensors` (a whole state dict), on the base `Qwen/Qwen2-VL-7B-Instruct` (config,
-tokenizer, processor: the reward's `backbone:`). One image per conversation, the prompt inside the
-reference's instruction text (`richpref/prompts/hpsv3_v1.txt`, ending in `<|Reward|>`); the score is the
+tokenizer, processor: the reward's `backbone:`). One image per conversation, the prompt inside an instruction
+text ending in `<|Reward|>`: `template` (default `hpsv3_v1`, in richpref's words; the checkpoint was
+trained with its authors' wording, which a user may supply as a text file, docs/judges.md); the score is the
 head's mu (the reference prints `rewards[i][0]`). See `qwen_head.py` for what is shared with EditReward.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ...prompts import load_template, render
+from ...prompts import load_head_template, render
 from ...schemas.relabel import JUDGE_FILES
 from .base import batches, check_lengths
 from .qwen_head import QwenHeadReward, fit_image
@@ -24,10 +25,10 @@ class HPSv3(QwenHeadReward):
     head_prefixes = ("rm_head",)
 
     def __init__(self, path: str, *, backbone: str | None = None, file: str | None = None, device: str = "auto",
-                 dtype: str = "auto") -> None:
+                 dtype: str = "auto", template: str = TEMPLATE) -> None:
+        self.template = load_head_template(template)  # before the weights load: a bad template fails at once
         super().__init__(path, backbone=backbone or "Qwen/Qwen2-VL-7B-Instruct", file=file or JUDGE_FILES["hpsv3"],
                          device=device, dtype=dtype)
-        self.template = load_template(TEMPLATE)
 
     def score(self, images, prompts, *, batch_size: int = 8) -> np.ndarray:
         check_lengths(images, prompts)

@@ -26,10 +26,10 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from ...prompts import REWARD_TOKEN
 from ..runtime import resolve_device, resolve_dtype
 from .base import RewardLoadError, checkpoint_file, load_state_dict, load_strict, subdict
 
-REWARD_TOKEN = "<|Reward|>"
 FACTOR = 28  # patch 14 x spatial merge 2
 PIXELS = 256 * 28 * 28  # the references' min_pixels = max_pixels
 MAX_RATIO = 200
