@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cli(args: list[str], env: dict) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "richpref.cli", *args], check=True, env=env, cwd=REPO,
+    subprocess.run([sys.executable, "-m", "richpref.cli.commands", *args], check=True, env=env, cwd=REPO,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
 

@@ -46,7 +46,7 @@ def _inputs(n: int, models_root: str, batch: int, size: int):
 def child(args) -> None:
     """One repeat: every stage warmed up, then run once per side in the given order; prints RESULT json."""
     torch.set_num_threads(1)
-    from richpref import overlap
+    from richpref.common import overlap
     from richpref.models.runtime import resident
     from richpref.tasks.cutout import cutout_rows, load_remover
     from richpref.tasks.edit import edit_rows, load_editor

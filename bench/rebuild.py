@@ -3,7 +3,7 @@
     python bench/rebuild.py [--models DIR] [--limit 8] [--num-samples 3] [--pairing all_with_margin] [--repeats 1]
 
 Rebuilds the first `--limit` rows of the bundled Pick-a-Pic v2 no-images sample (distinct captions
-after dedupe) into a fresh run per repeat, in this process through the shard runner (richpref/inline.py,
+after dedupe) into a fresh run per repeat, in this process through the shard runner (richpref/recipes/inline.py,
 no Prefect): source -> samples -> rewards -> ranked -> pairs. Prints the exported pairs, the wall time
 (model loads included: a cold run), pairs/s, samples/s and each stage's compute seconds from the work
 log; writes bench/results/rebuild-<commit>.json (format: COMMON bench JSON).
@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO))
 
 
 def one_run(models: str, overrides: list[str]) -> dict:
-    from richpref.inline import run_inline
+    from richpref.recipes.inline import run_inline
     from richpref.models.runtime import resident
     from richpref.schemas.config import load_profile
-    from richpref.storage import RunStore
+    from richpref.run.storage import RunStore
 
     data = tempfile.mkdtemp(prefix="richpref-bench-rebuild-")
     prof = load_profile("tiny-rebuild", overrides, models_root=models)

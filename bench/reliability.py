@@ -88,8 +88,8 @@ def _upscale_images(data: Path, run: str, side: int) -> int:
     import pyarrow as pa
     from PIL import Image
 
-    from richpref.runner import stage_manifests, write_shard
-    from richpref.storage import RunStore
+    from richpref.run.runner import stage_manifests, write_shard
+    from richpref.run.storage import RunStore
     from richpref.tasks import OUTPUTS
 
     store, rng = RunStore(str(data), run), np.random.default_rng(0)
@@ -126,7 +126,7 @@ def plan(n: int, models: str) -> None:
     sizes = {"small": sum(p.stat().st_size for p in (data / "runs" / "small").rglob("*.parquet")),
              "big": _upscale_images(data, "big", 640)}
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from richpref.plan import plan_run
+    from richpref.run.plan import plan_run
     from richpref.schemas.config import load_profile
 
     cmd = _cmd(data, "small", n, models)

@@ -5,7 +5,7 @@
 Scores `--images` random 64x64 images with every per-image reward of the tiny profile in float32 and
 in `--dtype`, and prints per reward: the largest and the mean |difference| relative to the float32
 scores' spread (std), the share of image pairs whose order flips, and the tie tolerance richpref
-gives scores of that dtype (richpref/pairing.py) in the same units. The tiny models are random-weight
+gives scores of that dtype (richpref/tasks/pairing.py) in the same units. The tiny models are random-weight
 stand-ins of the real architectures: the figures measure what 16-bit arithmetic does to these
 networks' outputs, not to the real checkpoints'.
 """
@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 def main() -> None:
     from richpref.models.rewards import load_reward_spec
     from richpref.models.tiny import build_tiny_models
-    from richpref.pairing import relative_noise
+    from richpref.tasks.pairing import relative_noise
     from richpref.schemas.config import load_profile
 
     ap = argparse.ArgumentParser()

@@ -1,5 +1,5 @@
 """How busy the GPUs of a curate run are: the real shard runner and curate scheduling (the pipelined
-pass of richpref/pipeline.py, then the stage pass of richpref/orchestration.py) under Prefect on a
+pass of richpref/run/pipeline.py, then the stage pass of richpref/run/orchestration.py) under Prefect on a
 real local Dask cluster of simulated GPU workers, each stage's model call replaced by a sleep.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/schedule.py [--workers 8] [--shards 256] [--items 8]
@@ -100,10 +100,10 @@ def main() -> None:
     from prefect import flow
 
     from richpref.models.runtime import resident
-    from richpref.orchestration import run_stage
-    from richpref.pipeline import model_swaps, pipeline_pass
+    from richpref.run.orchestration import run_stage
+    from richpref.run.pipeline import model_swaps, pipeline_pass
     from richpref.schemas.config import load_profile
-    from richpref.storage import RunStore
+    from richpref.run.storage import RunStore
 
     table = _table(args.doctor_json)
     stages = simulated_stages(table, args.time_scale, args.items, args.shards)
@@ -180,7 +180,7 @@ def _run(args, bench, env, cluster_kwargs) -> None:
     from distributed import Client, LocalCluster
     from prefect_dask import DaskTaskRunner
 
-    from richpref.prefect_api import owned_prefect_api
+    from richpref.ops.prefect_api import owned_prefect_api
 
     with owned_prefect_api(), LocalCluster(**cluster_kwargs) as cluster:
         with Client(cluster) as client:

@@ -129,7 +129,7 @@ def main() -> None:
         m = min(n, 8)
         todo = []
         for k in range(m):
-            from richpref.images import decode_image, side_by_side
+            from richpref.common.images import decode_image, side_by_side
 
             oc, ec = decode_image(filter_images["original_cutout"][k]), decode_image(filter_images["edited_cutout"][k])
             todo.append(dict(iid=ids[k], prompt=prompts[k], instructions=instructions[k], original_cut=oc, edited_cut=ec,

@@ -128,9 +128,9 @@ def child(args) -> None:
     """One measured case, in its own process: prints a JSON line."""
     _count_parquet_reads()
     from richpref.schemas.config import SourceConfig
-    from richpref.runner import content_key, run_shard
+    from richpref.run.runner import content_key, run_shard
     from richpref.schemas.config import Profile
-    from richpref.storage import RunStore
+    from richpref.run.storage import RunStore
     from richpref.tasks import source
 
     cfg = SourceConfig(kind="parquet", path=args.path, pickapic_preferred=True, limit=args.limit, shard_size=args.shard_size)

@@ -68,7 +68,7 @@ class CountingFS:
 
 def fake_run(store, profile, stages) -> None:
     """Every stage's shards committed for the keys the plan computes, with empty Parquet files."""
-    from richpref.runner import ShardManifest, content_key, manifest_path, stage_shards
+    from richpref.run.runner import ShardManifest, content_key, manifest_path, stage_shards
 
     manifests: dict[str, dict[int, ShardManifest]] = {}
     files: dict[str, bytes] = {}
@@ -87,8 +87,8 @@ def fake_run(store, profile, stages) -> None:
 
 def plan_requests(n: int, data_dir: str, work: Path, s3=None) -> dict:
     from richpref.schemas.config import load_profile
-    from richpref.runner import plan_stages
-    from richpref.storage import RunStore
+    from richpref.run.runner import plan_stages
+    from richpref.run.storage import RunStore
     from richpref.tasks import ALL_STAGES
 
     prompts = work / f"prompts-{n}.txt"

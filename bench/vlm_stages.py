@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from timing import best_of  # noqa: E402
 
-from richpref.images import encode_png  # noqa: E402
+from richpref.common.images import encode_png  # noqa: E402
 from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
 from richpref.tasks.critique import critique_rows  # noqa: E402
 from richpref.tasks.filter import filter_rows  # noqa: E402

@@ -1,7 +1,7 @@
 """The curate flow: every stage in order (the source first), each mapped over the run's shards.
 
-Thin on purpose: the shard runner (richpref/runner.py) decides whether a shard is done and computes
-it; richpref/orchestration.py maps a stage over the task runner. A failed shard does not stop the
+Thin on purpose: the shard runner (richpref/run/runner.py) decides whether a shard is done and computes
+it; richpref/run/orchestration.py maps a stage over the task runner. A failed shard does not stop the
 other shards; the flow fails at the end, naming the failed ones. Several processes may run this flow
 on the same run at once: they share its shards through leases.
 """
@@ -13,11 +13,11 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from richpref.models.runtime import resident
-from richpref.orchestration import failure_message, preflight, run_artifact, run_stage, stage_artifact
-from richpref.pipeline import model_swaps, pipeline_pass
-from richpref.runner import CurateFailed, ShardManifest
+from richpref.run.orchestration import failure_message, preflight, run_artifact, run_stage, stage_artifact
+from richpref.run.pipeline import model_swaps, pipeline_pass
+from richpref.run.runner import CurateFailed, ShardManifest
 from richpref.schemas.config import load_profile, profile_hash
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from richpref.tasks import stages_for
 
 
@@ -63,7 +63,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
         "manifests": {out: [m.to_dict() for m in ms.values()] for out, ms in manifests.items()},
     }
     if manifests.get("pairs"):
-        from richpref.datacard import write_run_report
+        from richpref.views.datacard import write_run_report
 
         summary["report"] = write_run_report(data_dir, run)  # pairs/README.md dataset card + plots/*.png
     store.write_text("run.json", json.dumps(summary, indent=2))

@@ -7,7 +7,7 @@ import re
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from richpref.doctor import format_report, run_doctor, table_rows
+from richpref.doctor.measure import format_report, run_doctor, table_rows
 from richpref.schemas.config import load_profile
 
 

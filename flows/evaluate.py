@@ -1,7 +1,7 @@
 """The evaluate flow: the same prompts and seeds through every model, scored by the reward registry.
 
 Writes images/<model>.parquet, scores.parquet, table.parquet, table.md and grid.png into the output
-folder (richpref/evaluation.py) and a Prefect table artifact of the table.
+folder (richpref/training/evaluation.py) and a Prefect table artifact of the table.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from richpref.evaluation import (artifact_key, generate_task, image_plan, load_prompts, preflight, score_task,
+from richpref.training.evaluation import (artifact_key, generate_task, image_plan, load_prompts, preflight, score_task,
                                  with_data_dir, write_results)
 from richpref.schemas.training import load_evaluate_config
 

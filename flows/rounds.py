@@ -1,6 +1,6 @@
 """The rounds flow: RPO's iterative DPO. Round k curates (round k > 1 samples with round k-1's tuned
 weights), fine-tunes (from round k-1's weights), then base and every round are evaluated on the same
-prompts and seeds into one table. The steps are richpref/rounds.py's; a rerun continues at the
+prompts and seeds into one table. The steps are richpref/recipes/rounds.py's; a rerun continues at the
 interrupted round.
 
     prefect deployment run 'rounds/tiny' --watch
@@ -14,10 +14,10 @@ from prefect import flow
 from flows.curate import curate
 from flows.evaluate import evaluate
 from flows.finetune import finetune
-from richpref.rounds import (RoundsState, curate_overrides, curate_stats, evaluate_overrides, finetune_dir,
+from richpref.recipes.rounds import (RoundsState, curate_overrides, curate_stats, evaluate_overrides, finetune_dir,
                              finetune_overrides, inject_fault, round_run, rounds_dir, rounds_table, write_table)
 from richpref.schemas.rounds import load_rounds_config
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 
 log = logging.getLogger("richpref")
 

@@ -133,7 +133,7 @@ def prefect_server(tmp_path_factory, tiny_models):
     worker (`richpref serve`), shared by the tests that run flows in subprocesses."""
     import socket
 
-    from richpref import serve
+    from richpref.ops import serve
 
     data = tmp_path_factory.mktemp("served")
     with socket.socket() as s:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from richpref.images import encode_png
-from richpref.runner import content_key, run_shard, write_shard
+from richpref.common.images import encode_png
+from richpref.run.runner import content_key, run_shard, write_shard
 from richpref.schemas.config import load_profile
 from richpref.schemas.tables import CHECKS, CRITIQUES, CUTOUTS, EDITS, INSTRUCTIONS, PROMPTS, SAMPLES, VERDICTS, rows_to_table
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
 from richpref.tasks import relabel_score as score_stage

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from richpref.images import BadImage, decode_image
+from richpref.common.images import BadImage, decode_image
 from richpref.prompts import render
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 
 
 def _png(img: Image.Image, **kw) -> bytes:
@@ -100,13 +100,14 @@ def test_trust_remote_code_is_off_unless_a_profile_opts_in():
 
 
 def test_serve_binds_to_loopback_by_default():
-    from richpref.serve import server_env
+    from richpref.ops.serve import server_env
 
     env = server_env("/tmp/x", "127.0.0.1", 4200)
     assert env["PREFECT_SERVER_API_HOST"] == "127.0.0.1"
     import inspect
 
-    from richpref import cli, serve
+    from richpref.cli import commands as cli
+    from richpref.ops import serve
 
     assert inspect.signature(serve.start).parameters["host"].default == "127.0.0.1"
     assert "127.0.0.1" in inspect.getsource(cli.main)

@@ -1,4 +1,4 @@
-"""Preflight of a Dask cluster (richpref/cluster.py) and which shards claim a GPU: real local Dask
+"""Preflight of a Dask cluster (richpref/run/cluster.py) and which shards claim a GPU: real local Dask
 clusters, no mocks. The multi-node run itself: tests/test_multinode.py."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from richpref.cluster import ClusterError, check_cluster, refuse_loopback_api
+from richpref.run.cluster import ClusterError, check_cluster, refuse_loopback_api
 from richpref.tasks import ALL_STAGES
 
 BIN = Path(sys.executable).parent
@@ -45,7 +45,7 @@ def cpu_only_cluster():
     # preloaded as docs/operations.md starts workers: a first import of torch on a worker's event loop
     # (in its preflight answer) would otherwise count in the "seconds" these tests bound
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      preload=["richpref.tasks.wrappers"]) as cluster, Client(cluster) as client:
+                      preload=["richpref.run.shard_task"]) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -113,7 +113,7 @@ def test_curate_refuses_a_loopback_prefect_api_with_a_remote_scheduler_before_st
 def test_a_cluster_that_loses_its_last_gpu_worker_fails_after_the_grace_period():
     from distributed import Client, LocalCluster
 
-    from richpref.cluster import GpuWatch
+    from richpref.run.cluster import GpuWatch
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
                       dashboard_address=None) as cluster, Client(cluster) as client:
@@ -127,7 +127,7 @@ def test_a_cluster_that_loses_its_last_gpu_worker_fails_after_the_grace_period()
 
 
 def test_a_worker_running_other_versions_fails_the_preflight_naming_the_package(cpu_only_cluster, tmp_path, monkeypatch):
-    import richpref.cluster as cluster
+    import richpref.run.cluster as cluster
 
     real = cluster.versions()
     # This process (the client) pretends to run another diffusers: the workers (other processes) do not.

@@ -1,4 +1,4 @@
-"""A shard commit made once per content key (richpref/commit.py), on a local run folder: an
+"""A shard commit made once per content key (richpref/run/commit.py), on a local run folder: an
 interrupted commit is finished from its claim by the next holder, and a completed claim does not
 block the same key from being committed again after the manifest moved on."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import os
 
 import pyarrow as pa
 
-from richpref import commit
-from richpref.leases import Lease, try_lease
-from richpref.runner import manifest_path, stage_manifests, write_shard
-from richpref.storage import RunStore
+from richpref.run import commit
+from richpref.run.leases import Lease, try_lease
+from richpref.run.runner import manifest_path, stage_manifests, write_shard
+from richpref.run.storage import RunStore
 
 
 def _table(value: str) -> pa.Table:

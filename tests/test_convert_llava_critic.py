@@ -242,7 +242,7 @@ def test_pinpoint_ranges_expand_in_tiles():
 
 
 def test_cli_converts(native_dir, tmp_path):
-    from richpref.cli import main
+    from richpref.cli.commands import main
 
     dst = tmp_path / "cli"
     assert main(["models", "convert-llava-critic", str(native_dir), str(dst), "--vision-heads", "2",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from richpref.tasks import OUTPUTS, PIPELINE
 from run_sizes import ONE_REWARD, as_set_args
 

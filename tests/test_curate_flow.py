@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from richpref.tasks import ALL_STAGES, OUTPUTS, PIPELINE
 
 N_ITEMS, SHARD = 12, 4
@@ -15,7 +15,7 @@ OVERRIDES = ["source.limit=12", "source.shard_size=4"]
 
 
 def curate_run(data_dir, run, models_root, extra=(), faults=None, monkeypatch=None):
-    from richpref.entrypoints import CURATE, load_flow
+    from richpref.ops.entrypoints import CURATE, load_flow
 
     curate = load_flow(CURATE)
     if faults and monkeypatch:
@@ -126,7 +126,7 @@ def test_second_run_executes_no_stage_work(finished_run, runs_dir, tiny_models):
 
 
 def test_resume_after_a_failed_shard_redoes_only_that_shard(finished_run, runs_dir, tiny_models, monkeypatch):
-    from richpref.runner import CurateFailed
+    from richpref.run.runner import CurateFailed
 
     copy_run(runs_dir, "ref", "crash", drop_from="edit")  # source .. instruct as the reference run has them
     with pytest.raises(CurateFailed, match=r"edit/part-00001"):
@@ -205,7 +205,7 @@ def test_several_edits_per_item_paired_best_against_worst(finished_run, runs_dir
             if v["reason"].startswith("not_selected"):
                 assert lo - 1e-9 <= v["composite_1"] <= hi + 1e-9
 
-    from richpref.inspect import connect, summary
+    from richpref.views.inspect import connect, summary
 
     with_original = [r for r in kept if r["candidate_0"] == -1]  # pairs of two edits cannot flip
     assert summary(str(runs_dir), "multi")["flip_rate"] == pytest.approx(
@@ -222,8 +222,8 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
                                                                       monkeypatch, capsys):
     import shutil
 
-    import richpref.entrypoints as entrypoints
-    from richpref.cli import main
+    import richpref.ops.entrypoints as entrypoints
+    from richpref.cli.commands import main
 
     ref = RunStore(str(runs_dir), "ref")
     store = RunStore(str(runs_dir), "planned")
@@ -272,7 +272,7 @@ def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, ru
     store.fs.rm(store.root + "/_log", recursive=True)
     for out in OUTPUTS[OUTPUTS.index("critique"):]:
         store.fs.rm(store.shard_path(out, 1))
-    from richpref.entrypoints import CURATE, load_flow
+    from richpref.ops.entrypoints import CURATE, load_flow
 
     load_flow(CURATE)(profile="tiny", run="until", data_dir=str(runs_dir), overrides=OVERRIDES, models_root=str(tiny_models),
            until="instruct")

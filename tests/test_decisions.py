@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import shutil
 
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from test_curate_flow import curate_run, work
 
 
 def test_model_stages_key_on_what_the_models_measure_not_on_thresholds():
     from types import SimpleNamespace
 
-    from richpref.runner import content_key
+    from richpref.run.runner import content_key
     from richpref.schemas.config import load_profile
     from richpref.tasks import STAGES
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from richpref.images import encode_png
+from richpref.common.images import encode_png
 from richpref.models.generator import TextToImage
 from richpref.models.runtime import resident
 from richpref.schemas.config import EditConfig, SampleConfig, config_hash
@@ -88,7 +88,7 @@ def test_edit_stage_takes_the_scheduler(tiny_models):
 
 
 def test_doctor_names_a_missing_variant(tiny_models, tmp_path):
-    from richpref.doctor_checks import ModelProblem, preflight
+    from richpref.doctor.checks import ModelProblem, preflight
     from richpref.schemas.config import load_profile
 
     profile = load_profile("tiny", ["sample.variant=fp16"], str(tiny_models))

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from richpref.cli import main
-from richpref.doctor import StageCost, project, steady_rate
-from richpref.doctor_checks import weight_files, weights_bytes
+from richpref.cli.commands import main
+from richpref.doctor.measure import StageCost, project, steady_rate
+from richpref.doctor.checks import weight_files, weights_bytes
 from richpref.models.runtime import resident
 from richpref.tasks import PIPELINE
 
@@ -156,7 +156,7 @@ def test_a_native_llava_checkpoint_names_the_converter(tiny_models, tmp_path, ca
 
 
 def test_weights_larger_than_free_memory_name_the_dtype_and_batch_settings(tiny_models, tmp_path, capsys, monkeypatch):
-    from richpref import doctor_checks
+    from richpref.doctor import checks as doctor_checks
 
     monkeypatch.setattr(doctor_checks, "available_bytes", lambda device: 1024)  # a 1 KiB machine
     profile = _profile(tmp_path, tiny_models)
@@ -173,7 +173,7 @@ def test_a_bad_profile_fails_before_any_model(capsys, tmp_path):
 
 
 def test_a_missing_package_names_the_install(tiny_models):
-    from richpref.doctor import _load_problem
+    from richpref.doctor.measure import _load_problem
     from richpref.schemas.config import load_profile
 
     exc = ModuleNotFoundError("No module named 'platformdirs'", name="platformdirs")

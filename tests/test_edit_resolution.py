@@ -65,7 +65,7 @@ def test_qwen_image_edit_works_at_the_size_its_pipeline_conditions_on(size):
 
 
 def test_a_1000x667_original_is_edited_at_the_editors_size_and_the_pair_leaves_at_one_size(tiny_models):
-    from richpref.pair_images import pair_images, pair_quality
+    from richpref.tasks.pair_images import pair_images, pair_quality
     from richpref.tasks.edit import edit_rows, load_editor
 
     cfg = load_profile("tiny", ["edit.device=cpu", "edit.dtype=float32", "edit.steps=2"]).edit

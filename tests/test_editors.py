@@ -13,7 +13,7 @@ from richpref.tasks import ALL_STAGES
 from PIL import Image
 
 from richpref.schemas.config import EditConfig, ProfileError, load_profile
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from richpref.tasks.edit import edit_prompt, edit_rows, load_editor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -175,7 +175,7 @@ def test_switching_the_editor_recomputes_edit_and_later_stages_only(editor, fini
     from run_sizes import ONE_REWARD
     from test_curate_flow import OVERRIDES, assert_every_row_accounted, work
 
-    from richpref.entrypoints import CURATE, load_flow
+    from richpref.ops.entrypoints import CURATE, load_flow
 
     curate = load_flow(CURATE)
 
@@ -196,6 +196,6 @@ def test_switching_the_editor_recomputes_edit_and_later_stages_only(editor, fini
     assert pairs.num_rows > 0 and set(pairs.column("editor").to_pylist()) == {editor}
     card = (run.fs.cat_file(run.root + "/pairs/README.md")).decode()
     assert f"Editor: `{editor}` (`{profile.edit.model}`)" in card
-    from richpref.report import build_report
+    from richpref.views.report import build_report
 
     assert build_report(str(runs_dir), editor).count('alt="edited"') == edits.num_rows

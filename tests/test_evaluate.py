@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from richpref.evaluation import summary_table, to_markdown
+from richpref.training.evaluation import summary_table, to_markdown
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,7 +58,7 @@ def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_p
     from prefect.client.orchestration import get_client
 
     from flows.evaluate import evaluate
-    from richpref.evaluation import artifact_key
+    from richpref.training.evaluation import artifact_key
     from richpref.models.generator import TextToImage
     from richpref.models.rewards import load_reward_spec
     from richpref.schemas.training import load_evaluate_config
@@ -119,7 +119,7 @@ def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_p
 
 
 def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path):
-    from richpref.evaluation import preflight
+    from richpref.training.evaluation import preflight
     from richpref.models.runtime import ModelNotAvailable
     from richpref.schemas.training import load_evaluate_config
 
@@ -137,7 +137,7 @@ def test_tuned_model_paths_resolve_against_the_data_dir(tiny_models, tmp_path, m
     finetune` writes it), so `--data-dir X` finds X/finetune/<config>, whatever the working directory."""
     import json
 
-    from richpref.evaluation import preflight, with_data_dir
+    from richpref.training.evaluation import preflight, with_data_dir
     from richpref.schemas.training import load_evaluate_config
 
     monkeypatch.chdir(tmp_path)  # no data/ here

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from richpref.export_run import MANIFEST, ExportError, export_run
-from richpref.runner import write_shard
+from richpref.exports.writer import MANIFEST, ExportError, export_run
+from richpref.run.runner import write_shard
 from richpref.schemas.tables import PAIRS, rows_to_table
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 
 SCHEMA = PAIRS  # with the edit_mask column (PNG "L", 255 = changed)
 
@@ -218,7 +218,7 @@ def test_same_item_twice_gets_two_names(tmp_path):
 
 
 def test_cli_prints_counts_and_refuses_a_run_without_pairs(run_dir, tmp_path, capsys):
-    from richpref.cli import main
+    from richpref.cli.commands import main
 
     assert main(["--data-dir", run_dir, "export", "r", "--format", "simpletuner", "--out", str(tmp_path / "o")]) == 0
     text = capsys.readouterr().out

@@ -277,8 +277,8 @@ def test_curate_launches_the_finetune_deployment_once_per_pairs(prefect_harness,
 
     from flows.finetune import finetune
     from flows.launch import launch_finetune
-    from richpref.runner import write_shard
-    from richpref.storage import RunStore
+    from richpref.run.runner import write_shard
+    from richpref.run.storage import RunStore
 
     finetune.to_deployment(name="tiny-test").apply()
     store = RunStore(str(tmp_path / "data"), "demo")

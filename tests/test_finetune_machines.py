@@ -50,7 +50,7 @@ def test_machines_come_from_the_environment_of_a_prefect_worker():
     (["--num-machines", "0"], "must be >= 1"),
 ])
 def test_bad_machine_flags_fail_before_anything_starts(argv, message, capsys):
-    from richpref.cli import main
+    from richpref.cli.commands import main
 
     assert main(["finetune", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
 from richpref.tasks import relabel_score as score_stage
@@ -16,8 +16,8 @@ from relabel_helpers import _flip_rate, run_stage, write_upstream
 def test_flip_rate_of_a_run_with_ties_counts_only_its_pairs(mini_run, capsys):
     """The mini run again with `relabel.min_margin` at its smallest margin: that pair becomes a tie, so
     a flip rate over every relabel row would differ from the product's."""
-    from richpref.cli import main
-    from richpref.inspect import summary
+    from richpref.cli.commands import main
+    from richpref.views.inspect import summary
 
     data, store, profile = mini_run
     kept = sorted((r for r in store.read_shard("relabel", 0).to_pylist() if r["status"] == "ok"), key=lambda r: r["margin"])

@@ -128,7 +128,7 @@ def _flux_lora(paths, out):
 
 
 def test_evaluate_loads_a_flow_lora_over_its_base(paths, tmp_path):
-    from richpref.evaluation import _generation_key, load_model
+    from richpref.training.evaluation import _generation_key, load_model
     from richpref.schemas.training import EvaluateConfig
 
     lora = _flux_lora(paths, tmp_path / "lora")
@@ -149,8 +149,8 @@ def test_evaluate_loads_a_flow_lora_over_its_base(paths, tmp_path):
 
 
 def test_doctor_names_a_missing_file_of_a_flow_pipeline_offline(paths, tmp_path, monkeypatch):
-    from richpref import doctor_checks
-    from richpref.doctor_checks import ModelProblem, preflight, weight_files
+    from richpref.doctor import checks as doctor_checks
+    from richpref.doctor.checks import ModelProblem, preflight, weight_files
     from richpref.schemas.config import load_profile
 
     broken = tmp_path / "flux"
@@ -178,8 +178,8 @@ def test_curate_runs_end_to_end_on_flux(runs_dir, tiny_models, prefect_harness):
     from run_sizes import ONE_REWARD
     from test_curate_flow import assert_every_row_accounted
 
-    from richpref.entrypoints import CURATE, load_flow
-    from richpref.storage import RunStore
+    from richpref.ops.entrypoints import CURATE, load_flow
+    from richpref.run.storage import RunStore
 
     load_flow(CURATE)(profile="tiny-flux", run="flux", data_dir=str(runs_dir), models_root=str(tiny_models),
                       overrides=["source.limit=4", "source.shard_size=4", *ONE_REWARD])

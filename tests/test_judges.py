@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from richpref.images import encode_png
+from richpref.common.images import encode_png
 from richpref.models.rewards import load_reward, load_reward_spec
 from richpref.models.rewards.judge_chat import ask, qwen_resize
 from richpref.models.rewards.judge_parse import edit_score, final_score, score_list
@@ -175,7 +175,7 @@ def test_a_missing_adapter_fails_naming_it(tiny_models, tmp_path):
 
 
 def test_tiny_judges_profile_resolves_its_judges_and_keys_their_questions(tiny_models, tmp_path):
-    from richpref.doctor_checks import ModelProblem, preflight
+    from richpref.doctor.checks import ModelProblem, preflight
     from richpref.schemas.config import load_profile
     from richpref.tasks.relabel_score import templates_key
 

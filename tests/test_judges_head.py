@@ -300,7 +300,7 @@ def test_an_edit_judge_votes_in_relabel_on_the_edit_instructions(judge_cls, call
 
 
 def test_a_tiny_edit_reward_scores_through_relabel_as_it_does_alone(tiny_models, images):
-    from richpref.images import encode_png
+    from richpref.common.images import encode_png
     from richpref.schemas.config import RelabelConfig, RewardSpec
     from richpref.tasks.relabel_score import score_rows
 
@@ -341,7 +341,7 @@ def _doctor_with(tmp_path, tiny_models, capsys, reward: dict) -> tuple[int, str]
 
     import yaml
 
-    from richpref.cli import main
+    from richpref.cli.commands import main
 
     repo = Path(__file__).resolve().parents[1]
     data = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
@@ -371,7 +371,7 @@ def test_doctor_fails_on_a_judge_folder_without_its_checkpoint(tiny_models, tmp_
 
 
 def test_relabel_dataset_refuses_an_edit_judge_on_independent_pairs():
-    from richpref.relabel_dataset import DatasetError, dataset_relabel_config
+    from richpref.recipes.relabel_dataset import DatasetError, dataset_relabel_config
     from richpref.schemas.config import RelabelConfig, RewardSpec
 
     cfg = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-"), "judge": RewardSpec(kind="edit_reward", model="-")})

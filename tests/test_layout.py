@@ -84,9 +84,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_sees_relative_lazy_and_package_imports():
     graph = import_graph(("richpref", "flows"))
     assert "richpref.tasks.relabel" in graph["richpref.tasks"]  # from . import relabel
-    assert "richpref.storage" in graph["richpref.inspect"]  # from .storage import RunStore
-    assert "richpref.tasks" in graph["richpref.inspect"]  # from .tasks import OUTPUTS
-    assert "richpref.datacard" in graph["richpref.relabel_dataset"]  # a function-level import
+    assert "richpref.run.storage" in graph["richpref.views.inspect"]  # from .storage import RunStore
+    assert "richpref.tasks" in graph["richpref.views.inspect"]  # from .tasks import OUTPUTS
+    assert "richpref.views.datacard" in graph["richpref.recipes.relabel_dataset"]  # a function-level import
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -102,7 +102,7 @@ def test_no_library_module_imports_a_flow():
               for m, deps in graph.items() if m.startswith("richpref")}
     upward = {m: d for m, d in upward.items() if d}
     assert not upward, (f"library modules import flows: {upward}; start a flow by its entrypoint "
-                        "(richpref.entrypoints.load_flow) or move the shared code into the library")
+                        "(richpref.ops.entrypoints.load_flow) or move the shared code into the library")
 
 
 def test_no_file_over_400_lines():

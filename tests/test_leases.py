@@ -9,7 +9,7 @@ import time
 
 import fsspec
 
-from richpref.leases import Busy, Lease, current_holder, lease_prefix, try_lease
+from richpref.run.leases import Busy, Lease, current_holder, lease_prefix, try_lease
 
 FS = fsspec.filesystem("file")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from richpref.tasks import ALL_STAGES
 from s3_server import S3Server
 
@@ -42,7 +42,7 @@ DATA = f"s3://{BUCKET}/data"
 ARGS = ["--set", "source.limit=4", "--set", "source.shard_size=2"]
 STAGES = [s.name for s in ALL_STAGES]
 HOLD = "edit:0"  # the shard whose holder is killed
-PRELOAD = "richpref.tasks.wrappers"
+PRELOAD = "richpref.run.shard_task"
 
 
 def _sh(*cmd: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -197,7 +197,7 @@ def _pairs(data: Path, run: str) -> dict[int, str]:
 # Run on node a (this process cannot reach the S3 server): the run's pairs, work log and leftovers.
 _READ_RUN = """
 import hashlib, json, sys
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 store = RunStore(sys.argv[1], sys.argv[2])
 pairs = {s: hashlib.sha256(store.fs.cat_file(store.shard_path("pairs", s))).hexdigest() for s in store.shards("pairs")}
 names = [st + "/" + n.rsplit("/", 1)[-1] for st in sys.argv[3:] for n in store.fs.ls(store.stage_dir(st), detail=False)]

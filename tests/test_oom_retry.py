@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from richpref.storage import RunStore
-from richpref.faults import SimulatedOutOfMemory, is_out_of_memory
+from richpref.run.storage import RunStore
+from richpref.common.faults import SimulatedOutOfMemory, is_out_of_memory
 from test_curate_flow import curate_run, pair_files
 
 

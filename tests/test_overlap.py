@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from richpref.overlap import Memo, chunks, measure, pipelined
+from richpref.common.overlap import Memo, chunks, measure, pipelined
 
 
 def test_pipelined_keeps_order_and_overlaps_cpu_work():

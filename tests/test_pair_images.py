@@ -1,4 +1,4 @@
-"""The exported pair's images (richpref/pair_images.py): one size, one encoding, and `edit_mask`,
+"""The exported pair's images (richpref/tasks/pair_images.py): one size, one encoding, and `edit_mask`,
 on hand-built images (no model)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from richpref.pair_images import change_mask, edit_mask, jpeg_quality, pair_images, pair_quality
+from richpref.tasks.pair_images import change_mask, edit_mask, jpeg_quality, pair_images, pair_quality
 
 
 def _bytes(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from richpref import procs
+from richpref.common import procs
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -67,7 +67,7 @@ def test_spawn_registers_and_stop_kills_the_group_and_forgets_it(registry, tmp_p
 
 OWNER = textwrap.dedent("""
     import sys, threading, time
-    from richpref.procs import spawn_owned
+    from richpref.common.procs import spawn_owned
     # spawned from a thread that ends at once: the child must still live as long as this process
     t = threading.Thread(target=lambda: print(spawn_owned(["sleep", "60"], name="child").pid, flush=True))
     t.start(); t.join()
@@ -119,7 +119,7 @@ def test_sigkilled_curate_leaves_no_prefect_server(registry, tiny_models, tmp_pa
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "RICHPREF_FAULTS"}
     env.update({procs.PID_DIR_ENV: str(registry), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")})
     data = tmp_path / "data"
-    cmd = [sys.executable, "-m", "richpref.cli", "--data-dir", str(data), "curate", "--run", "killed",
+    cmd = [sys.executable, "-m", "richpref.cli.commands", "--data-dir", str(data), "curate", "--run", "killed",
            "--models-root", str(tiny_models), "--set", "source.limit=2", "--set", "source.shard_size=2"]
     curate = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

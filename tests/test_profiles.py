@@ -40,8 +40,8 @@ def test_sdxl_paper_profile_is_sd15_paper_on_sdxl():
 
 
 def test_tiny_sdxl_profile_curates_end_to_end(tiny_models, prefect_harness, tmp_path):
-    from richpref.entrypoints import CURATE, load_flow
-    from richpref.storage import RunStore
+    from richpref.ops.entrypoints import CURATE, load_flow
+    from richpref.run.storage import RunStore
 
     curate = load_flow(CURATE)
 

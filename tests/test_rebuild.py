@@ -12,11 +12,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from richpref.faults import InjectedFault
-from richpref.inline import run_inline
+from richpref.common.faults import InjectedFault
+from richpref.recipes.inline import run_inline
 from richpref.schemas.config import ProfileError, load_profile
 from richpref.schemas.tables import OK, sample_scores_schema, rows_to_table
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from richpref.tasks.rebuild_pair import pair_index, rank_items
 from richpref.tasks.rebuild_sample import sample_seed
 
@@ -165,7 +165,7 @@ def test_ties_too_few_samples_and_missing_samples_have_reasons():
 def test_export_reads_back_as_pick_a_pic(rebuilt, tmp_path):
     import datasets
 
-    from richpref.export_run import export_run
+    from richpref.exports.writer import export_run
     from richpref.training.data import load_pair_source
     from richpref.schemas.training import PairSourceConfig
 
@@ -219,8 +219,8 @@ def test_profiles_refuse_what_does_not_fit_their_pipeline():
 
 
 def test_status_plan_and_views_follow_the_rebuild(rebuilt, tiny_models):
-    from richpref.inspect import connect, status
-    from richpref.plan import plan_run
+    from richpref.views.inspect import connect, status
+    from richpref.run.plan import plan_run
 
     data, store, prof, _ = rebuilt
     st = status(data, "r")

@@ -1,4 +1,4 @@
-"""`richpref relabel-dataset` (richpref/relabel_dataset.py): an existing Pick-a-Pic dataset relabelled
+"""`richpref relabel-dataset` (richpref/recipes/relabel_dataset.py): an existing Pick-a-Pic dataset relabelled
 from the command line with the relabel stage's rules, the settings it takes from a profile and the
 ones it refuses. Not a curate stage: the relabel stage itself is tests/stages/test_relabel.py."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _jpeg(im):
 def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_path):
     import datasets
 
-    from richpref.cli import main
+    from richpref.cli.commands import main
     from richpref.models.rewards import load_reward
 
     rng = np.random.default_rng(5)
@@ -73,7 +73,7 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
 
 
 def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp_path):
-    from richpref.relabel_dataset import DatasetError, relabel_dataset
+    from richpref.recipes.relabel_dataset import DatasetError, relabel_dataset
 
     pq.write_table(pa.table({"caption": ["x"], "jpg_0": [solid(1, 2)], "jpg_1": [solid(3, 4)]}), tmp_path / "a.parquet")
     profile = load_profile("tiny", models_root=str(tiny_models))
@@ -91,7 +91,7 @@ def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp
 
 
 def test_relabel_dataset_follows_the_reward_and_drops_near_ties_only_when_asked():
-    from richpref.relabel_dataset import dataset_relabel_config
+    from richpref.recipes.relabel_dataset import dataset_relabel_config
 
     cfg = RelabelConfig(rewards={"ir": RewardSpec(kind="clip", model="-"), "clip": RewardSpec(kind="clip", model="-", weight=0.0)},
                         min_margin=0.3, subject_gate=SubjectGateConfig(model="-", min_consistency=0.5))

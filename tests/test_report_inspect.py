@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from richpref.inspect import connect, status, summary
+from richpref.views.inspect import connect, status, summary
 
 
 def test_summary_counts_add_up(finished_run, runs_dir):
@@ -69,7 +69,7 @@ def _chromium() -> str | None:
 
 @pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (make test installs it as root)")
 def test_report_renders_the_pairs_in_headless_chromium(finished_run, runs_dir, tmp_path):
-    from richpref.report import write_report
+    from richpref.views.report import write_report
 
     page = write_report(str(runs_dir), "ref", str(tmp_path / "report.html"))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from run_sizes import ONE_REWARD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _samples(data: Path, run: str) -> dict[str, tuple[int, bytes]]:
 @pytest.fixture(scope="module")
 def two_rounds(prefect_harness, tiny_models, tmp_path_factory):
     """One uninterrupted two-round run, shared by the tests below."""
-    from richpref.entrypoints import ROUNDS, load_flow
+    from richpref.ops.entrypoints import ROUNDS, load_flow
 
     data = tmp_path_factory.mktemp("rounds")
     result = load_flow(ROUNDS)(config=CONFIG, overrides=_overrides(tiny_models), data_dir=str(data))
@@ -107,8 +107,8 @@ def _round_one_of(src: Path, dst: Path) -> None:
 def test_killed_in_round_two_then_rerun_continues_there(two_rounds, tiny_models, tmp_path, prefect_api_env):
     """SIGKILL right after round 2's curate; the rerun skips round 1 and ends with the same table.
     Round 1 comes from the uninterrupted run (the first process skips it too): only round 2 is computed."""
-    from richpref.entrypoints import ROUNDS, load_flow
-    from richpref.rounds import FAULTS_ENV
+    from richpref.ops.entrypoints import ROUNDS, load_flow
+    from richpref.recipes.rounds import FAULTS_ENV
 
     ref_data, reference = two_rounds
     data = tmp_path / "data"
@@ -117,7 +117,7 @@ def test_killed_in_round_two_then_rerun_continues_there(two_rounds, tiny_models,
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update({"PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), FAULTS_ENV: "2:curate",
                 "RICHPREF_PID_DIR": str(tmp_path / "pids"), **prefect_api_env})  # the session's Prefect API
-    cmd = [sys.executable, "-m", "richpref.cli", "--data-dir", str(data), "rounds", "--config", CONFIG,
+    cmd = [sys.executable, "-m", "richpref.cli.commands", "--data-dir", str(data), "rounds", "--config", CONFIG,
            *(x for o in _overrides(tiny_models) for x in ("--set", o))]
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]

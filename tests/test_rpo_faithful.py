@@ -10,7 +10,7 @@ import pytest
 
 from relabel_helpers import run_stage, write_upstream
 from richpref.schemas.config import load_profile
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
 from richpref.tasks import relabel_score as score_stage
@@ -53,7 +53,7 @@ def test_rpo_faithful_filter_keeps_every_pair_whatever_the_answers():
 
 
 def test_every_edit_that_reaches_relabel_leaves_as_a_pair_flipped_when_it_scores_lower(tiny_models, tmp_path, capsys):
-    from richpref.cli import main
+    from richpref.cli.commands import main
 
     store = RunStore(str(tmp_path), "faithful")
     profile = load_profile("tiny-rpo-faithful", models_root=str(tiny_models))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from richpref.runner import manifest_path, stage_manifests
-from richpref.storage import RunStore
+from richpref.run.runner import manifest_path, stage_manifests
+from richpref.run.storage import RunStore
 from richpref.tasks import ALL_STAGES, OUTPUTS
 from test_curate_flow import OVERRIDES, curate_run, work
 
@@ -18,8 +18,8 @@ def _copy(runs_dir, run: str) -> RunStore:
 
 
 def test_plan_and_status_read_manifests_not_shard_bytes(finished_run, runs_dir, tiny_models):
-    from richpref.inspect import status
-    from richpref.plan import plan_run
+    from richpref.views.inspect import status
+    from richpref.run.plan import plan_run
     from richpref.schemas.config import load_profile
 
     store = _copy(runs_dir, "unread")
@@ -62,7 +62,7 @@ def test_local_cpu_workers_get_their_share_of_cores_and_glibcs_own_malloc_thresh
     # Dask's default MALLOC_TRIM_THRESHOLD_=65536 made every worker's model buffers mmap'd afresh.
     from distributed import Client, LocalCluster
 
-    from richpref.orchestration import task_runner
+    from richpref.run.orchestration import task_runner
 
     runner = task_runner(workers=2)
     with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:

@@ -43,7 +43,7 @@ def bucket(s3):
 
 
 def _cli(args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "richpref.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "richpref.cli.commands", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -54,7 +54,7 @@ def _env(s3, tiny_models, **extra):
 
 def _shards(store, stages):
     """{stage/part: (sha256 of the Parquet bytes, manifest key)} of a run."""
-    from richpref.runner import stage_manifests
+    from richpref.run.runner import stage_manifests
 
     out = {}
     for st in stages:
@@ -67,8 +67,8 @@ def _shards(store, stages):
 
 def test_the_cli_curates_to_s3_the_same_shards_as_to_a_local_folder(s3, bucket, tiny_models, tmp_path,
                                                                      prefect_api_env, one_torch_thread):
-    from richpref.entrypoints import CURATE, load_flow
-    from richpref.storage import RunStore
+    from richpref.ops.entrypoints import CURATE, load_flow
+    from richpref.run.storage import RunStore
 
     # On the session's Prefect API: the CLI's own temporary server is not what this test is about.
     env = _env(s3, tiny_models, XDG_CACHE_HOME=str(tmp_path / "cache"), **prefect_api_env)
@@ -89,8 +89,8 @@ def test_the_cli_curates_to_s3_the_same_shards_as_to_a_local_folder(s3, bucket, 
 
 
 def _race(url: str, start, asked, out) -> None:
-    from richpref.leases import Lease, try_lease
-    from richpref.storage import RunStore
+    from richpref.run.leases import Lease, try_lease
+    from richpref.run.storage import RunStore
 
     store = RunStore(url, "race")
     path = store.shard_path("sample", 0)
@@ -123,10 +123,10 @@ def _table(value: str) -> pa.Table:
 
 
 def test_a_holder_whose_lease_was_taken_over_cannot_commit(s3, bucket, monkeypatch):
-    from richpref.commit import LeaseLost
-    from richpref.leases import Lease, try_lease
-    from richpref.runner import manifest_path, stage_manifests, write_shard
-    from richpref.storage import RunStore
+    from richpref.run.commit import LeaseLost
+    from richpref.run.leases import Lease, try_lease
+    from richpref.run.runner import manifest_path, stage_manifests, write_shard
+    from richpref.run.storage import RunStore
 
     store = RunStore(f"s3://{bucket}/data", "r")
     path = store.shard_path("sample", 0)
@@ -170,7 +170,7 @@ def test_a_wrong_credential_or_endpoint_fails_in_seconds_naming_the_data_dir_and
 def test_a_parquet_source_on_s3_is_read_by_row_group_and_gives_the_local_shards(s3, bucket, tmp_path):
     from stages.test_source import _pickapic
 
-    from richpref.objstore import url_to_fs
+    from richpref.common.objstore import url_to_fs
     from richpref.schemas.config import SourceConfig
     from richpref.sources import parquet as parquet_reader
     from richpref.tasks.source import check_source, open_view, shard_source
@@ -199,7 +199,7 @@ def test_dedupe_digests_are_written_once_into_an_s3_run_folder_and_read_back_by_
 
     from richpref.sources import dedupe
     from richpref.sources import parquet as parquet_reader
-    from richpref.storage import RunStore
+    from richpref.run.storage import RunStore
     from richpref.tasks.source import compute_shard, shard_source
 
     cfg = _dupes_source(tmp_path)
@@ -222,7 +222,7 @@ def test_dedupe_digests_are_written_once_into_an_s3_run_folder_and_read_back_by_
 def test_training_pairs_on_s3_are_read_by_row_group_and_match_the_local_file(s3, bucket, tmp_path):
     import pyarrow.parquet as pq
 
-    from richpref.objstore import url_to_fs
+    from richpref.common.objstore import url_to_fs
     from richpref.schemas.training import PairSourceConfig
     from richpref.training import remote_pairs
     from richpref.training.data import load_pair_source
@@ -250,12 +250,12 @@ def test_training_pairs_on_s3_are_read_by_row_group_and_match_the_local_file(s3,
 def test_a_worker_with_a_wrong_s3_credential_fails_the_preflight_in_seconds_naming_it(s3, bucket):
     from distributed import Client, LocalCluster
 
-    from richpref.cluster import ClusterError, check_cluster
+    from richpref.run.cluster import ClusterError, check_cluster
 
     url = f"s3://{bucket}/data"
     bad = {**s3.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}  # the worker's own environment
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, env=bad,
-                      preload=["richpref.tasks.wrappers"]) as cluster, Client(cluster) as client:
+                      preload=["richpref.run.shard_task"]) as cluster, Client(cluster) as client:
         worker = next(iter(client.scheduler_info(n_workers=-1)["workers"]))
         t0 = time.monotonic()
         with pytest.raises(ClusterError) as err:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from image_helpers import EDIT, GEN, _arr, _scene
-from richpref.images import encode_png
+from richpref.common.images import encode_png
 from richpref.models.editor import ControlNetEditor
 from richpref.models.generator import TextToImage
 from richpref.models.tiny.diffusion import build_tiny_sdxl, build_tiny_sdxl_controlnet

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from richpref.gpu_claims import gpu_claim
+from richpref.run.gpu_claims import gpu_claim
 from richpref.models.runtime import ResidentModel
 from richpref.schemas.config import load_profile
 from richpref.tasks import ALL_STAGES

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from richpref.images import encode_png
+from richpref.common.images import encode_png
 from richpref.models.vlm import YES_NO, VisionLanguageModel
 from richpref.models.vlm_client import ServerUnavailable, connect
 from richpref.prompts import load_template
@@ -103,7 +103,7 @@ def argmax_answer(local: VisionLanguageModel, images, prompts) -> list[float]:
 
 
 def test_launched_server_is_healthy_and_owned(served):
-    from richpref.procs import registry_dir
+    from richpref.common.procs import registry_dir
 
     for s, _ in served.values():
         assert s.server.alive() and httpx.get(s.base_url.rsplit("/v1", 1)[0] + "/health").status_code == 200
@@ -368,8 +368,8 @@ def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, 
     from run_sizes import ONE_REWARD
     from test_curate_flow import curate_run
 
-    from richpref.procs import registry_dir
-    from richpref.storage import RunStore
+    from richpref.common.procs import registry_dir
+    from richpref.run.storage import RunStore
 
     monkeypatch.setenv("RICHPREF_PID_DIR", str(tmp_path / "pids"))  # this test's servers only
     engine = "{backend: server, launch: transformers, startup_timeout_s: 240}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from richpref.storage import RunStore
+from richpref.run.storage import RunStore
 from run_sizes import ONE_REWARD
 
 OVERRIDES = json.dumps(["source.limit=8", "source.shard_size=4", *ONE_REWARD])  # one voting reward: tests/run_sizes.py

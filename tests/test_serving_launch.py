@@ -74,7 +74,7 @@ def test_the_launched_server_passes_the_stage_context(tmp_path, monkeypatch):
 
 
 def _key(stage_name: str, overrides: list[str]) -> str:
-    from richpref.runner import content_key
+    from richpref.run.runner import content_key
     from richpref.tasks import ALL_STAGES
 
     stage = next(s for s in ALL_STAGES if s.name == stage_name)

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from richpref.images import encode_png
+from richpref.common.images import encode_png
 
 
 def image(seed: int, size=(64, 64)) -> Image.Image:

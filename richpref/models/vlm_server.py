@@ -1,6 +1,6 @@
 """Starting and stopping an OpenAI-compatible VLM server (vLLM, SGLang or `transformers serve`).
 
-The server is an owned child (`richpref.procs`): its own process group, killed with this process,
+The server is an owned child (`richpref.common.procs`): its own process group, killed with this process,
 stopped by pid when the stage ends. Startup is bounded: a server that exits or is not healthy within
 `startup_timeout_s` fails the stage with the tail of its log and what to do about it.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from ..procs import spawn_owned, stop_owned
+from richpref.common.procs import spawn_owned, stop_owned
 from ..schemas.serving import EngineConfig, ImageCaps
 
 

@@ -180,7 +180,7 @@ class ExportConfig(_Strict):
     image_format: Literal["png", "jpeg"] = "png"
     jpeg_quality: int | None = Field(None, ge=1, le=100)
     # edit_mask: changed where max-channel |jpg_0 - jpg_1| > mask_threshold (0..255), specks removed,
-    # dilated by mask_dilation px (see richpref/pair_images.py, docs/labels.md).
+    # dilated by mask_dilation px (see richpref/tasks/pair_images.py, docs/labels.md).
     mask_threshold: int = Field(32, ge=0, le=254)
     mask_dilation: int = Field(8, ge=0, le=256)
 

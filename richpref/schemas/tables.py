@@ -187,7 +187,7 @@ PAIRS_BASE = [
     pa.field("config_hash", pa.string()),
     pa.field("editor", pa.string()),  # the edit.kind that made jpg_1
     # Where jpg_0 and jpg_1 differ: PNG, mode "L", 0 = unchanged, 255 = changed, their width/height;
-    # null when not computable (richpref/pair_images.py).
+    # null when not computable (richpref/tasks/pair_images.py).
     pa.field("edit_mask", pa.binary()),
 ]
 PAIRS = pa.schema(PAIRS_BASE)

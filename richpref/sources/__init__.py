@@ -47,7 +47,7 @@ def source_files(cfg: SourceConfig) -> tuple[list[str], str]:
 def remote_files(cfg: SourceConfig, url: str) -> tuple[list[str], str]:
     """Parquet files behind an fsspec URL (s3://, gs://, hf://datasets/...): a folder (its Parquet
     files, recursively), a file or a glob. They are read by row group, never downloaded whole."""
-    from ..objstore import DataDirError, url_to_fs
+    from richpref.common.objstore import DataDirError, url_to_fs
 
     if cfg.kind != "parquet":
         raise SourceError(f"source.path {cfg.path!r}: remote {cfg.kind} files are not read in place; use Parquet "

@@ -61,7 +61,7 @@ def _fs(path: str):
     """(filesystem, path in it): the run folder may be local or on an object store."""
     if "://" not in path:
         return None, path
-    from ..objstore import url_to_fs
+    from richpref.common.objstore import url_to_fs
 
     return url_to_fs(path)
 

@@ -35,7 +35,7 @@ def file_version(path: str) -> tuple[str, int, object]:
     if not is_url(path):
         st = os.stat(path)
         return os.path.abspath(path), st.st_size, st.st_mtime_ns
-    from ..objstore import url_to_fs
+    from richpref.common.objstore import url_to_fs
 
     fs, inner = url_to_fs(path)
     info = fs.info(inner)
@@ -48,7 +48,7 @@ def open_parquet(path: str, **kw) -> pq.ParquetFile:
     footer, then the row groups' column chunks), never the whole object."""
     if not is_url(path):
         return pq.ParquetFile(path, **kw)
-    from ..objstore import url_to_fs
+    from richpref.common.objstore import url_to_fs
 
     fs, inner = url_to_fs(path)
     return pq.ParquetFile(fs.open(inner, "rb", cache_type="none"), **kw)

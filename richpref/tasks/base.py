@@ -1,7 +1,7 @@
 """What every stage shares: its declaration and the view of its input rows.
 
 A stage is a pure function from its input shard(s) to one output shard (`compute`). Keys, files,
-leases, logs and retries live in the shard runner (richpref/runner.py), so a stage module holds only
+leases, logs and retries live in the shard runner (richpref/run/runner.py), so a stage module holds only
 what its stage does.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..images import BadImage, decode_image
+from richpref.common.images import BadImage, decode_image
 from ..models.runtime import resident, resolve_model_ref
 from ..prompts import load_template, render, template_hash
 from ..schemas.config import CritiqueConfig, Profile, VLMStageConfig

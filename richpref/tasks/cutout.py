@@ -5,9 +5,9 @@ import os
 
 import pyarrow as pa
 
-from ..images import BadImage, decode_image, encode_png
+from richpref.common.images import BadImage, decode_image, encode_png
 from ..models.runtime import resident
-from ..overlap import chunks, pipelined
+from richpref.common.overlap import chunks, pipelined
 from ..schemas.config import CutoutConfig, Profile
 from ..schemas.tables import CUTOUTS, rows_to_table
 from .base import Stage, StageInputs, kept, rejected

@@ -1,14 +1,14 @@
 """edit: original + prompt + instructions -> edited image, by the editor `edit.kind` names (models/editor.py).
 
 Each edit is made and stored at the editor's working size (`edit.resolution`, native by default);
-export brings the original to that size (richpref/pair_images.py)."""
+export brings the original to that size (richpref/tasks/pair_images.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from ..images import BadImage, decode_image, encode_png, pixel_change
-from ..overlap import Memo, chunks, pipelined
+from richpref.common.images import BadImage, decode_image, encode_png, pixel_change
+from richpref.common.overlap import Memo, chunks, pipelined
 from ..schemas.config import EditConfig, Profile
 from ..schemas.tables import EDITS, rows_to_table
 from .base import Stage, StageInputs, item_seed, kept, rejected

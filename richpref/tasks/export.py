@@ -4,7 +4,7 @@ jpg_0 is the image relabel put on side 0 (`candidate_0`: -1 = the original, else
 two edits) and jpg_1 the edit on side 1 (`candidate_1`); `label_0` is 1 when jpg_0 won (with the
 original as jpg_0: a flipped pair), 0 when jpg_1 won. Both images leave at the edit's size in one
 encoding (`export.image_format`), with `edit_mask`, the PNG mask of where they differ
-(richpref/pair_images.py), read by the trainers as encoded bytes.
+(richpref/tasks/pair_images.py), read by the trainers as encoded bytes.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import math
 
 import pyarrow as pa
 
-from ..pair_images import edit_mask, pair_images, pair_quality
+from richpref.tasks.pair_images import edit_mask, pair_images, pair_quality
 from ..schemas.config import ExportConfig, Profile, profile_hash
 from ..schemas.tables import PAIRS, rows_to_table
 from .base import Stage, StageInputs

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..images import BadImage, decode_image, side_by_side
+from richpref.common.images import BadImage, decode_image, side_by_side
 from ..prompts import load_sections, render, template_hash
 from ..schemas.config import RUNTIME_FIELDS, FilterConfig, Profile
 from ..schemas.serving import key_view

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from ..images import BadImage, decode_image
+from richpref.common.images import BadImage, decode_image
 from ..prompts import load_template, render, template_hash
 from ..schemas.config import InstructConfig, Profile
 from ..schemas.tables import INSTRUCTIONS, rows_to_table

@@ -12,7 +12,7 @@ import json
 
 import pyarrow as pa
 
-from ..pair_images import pair_images, pair_quality
+from richpref.tasks.pair_images import pair_images, pair_quality
 from ..schemas.config import Profile, profile_hash
 from ..schemas.tables import REBUILD_PAIRS, rows_to_table
 from .base import Stage, StageInputs

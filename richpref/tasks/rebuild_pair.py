@@ -5,7 +5,7 @@ Per voting reward the raw scores of the shard's valid samples (of prompts with t
 shard`, or centred per prompt and scaled by the pooled spread: `item`) and combined with the rewards'
 weights. `relabel.pairing` picks the pairs: `best_vs_worst` keeps the prompt's best sample against its
 worst, `all_with_margin` every pair whose composite margin is above `relabel.min_margin`. A pair whose
-margin is at or below `min_margin` (within float noise of it, richpref/pairing.py) or whose two images
+margin is at or below `min_margin` (within float noise of it, richpref/tasks/pairing.py) or whose two images
 are the same bytes is a tie, dropped with its reason, so exported labels are always 0 or 1. A prompt
 with fewer than two valid samples has no pair: each of its pair rows says so.
 
@@ -19,7 +19,7 @@ from itertools import combinations
 import numpy as np
 import pyarrow as pa
 
-from ..pairing import relative_noise, standardise, z_noise
+from richpref.tasks.pairing import relative_noise, standardise, z_noise
 from ..schemas.config import Profile, RelabelConfig
 from ..schemas.tables import OK, ranked_schema, rows_to_table
 from .base import Stage, StageContractError, StageInputs, kept, rejected

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..images import encode_png, flat_reason
-from ..overlap import chunks, pipelined
+from richpref.common.images import encode_png, flat_reason
+from richpref.common.overlap import chunks, pipelined
 from ..schemas.config import Profile, SampleConfig
 from ..schemas.tables import REBUILD_SAMPLES, rows_to_table
 from .base import Stage, StageInputs, item_seed, kept, rejected

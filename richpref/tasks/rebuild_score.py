@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from ..images import BadImage, decode_image
-from ..pairing import scorer_dtype
+from richpref.common.images import BadImage, decode_image
+from richpref.tasks.pairing import scorer_dtype
 from ..schemas.config import Profile, RelabelConfig
 from ..schemas.tables import rows_to_table, sample_scores_schema
 from .base import Stage, StageInputs, kept, rejected

@@ -9,7 +9,7 @@ the shard's spread around the item means (`item`); they are combined with the pr
 Per item, `pairing` picks the pair: the best edit against the original, or the item's best image
 against its worst. The higher composite is chosen; pairs flip when the edit scores lower than the
 original; a pair whose margin is at or below `relabel.min_margin` (within float noise, see
-richpref/pairing.py) or whose two images are the same bytes is a tie and is dropped with a reason, so
+richpref/tasks/pairing.py) or whose two images are the same bytes is a tie and is dropped with a reason, so
 exported labels are always 0 or 1.
 
 Everything here is a cheap function of the scores and the thresholds: changing a threshold or a
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..pairing import relative_noise, standardise, z_noise
+from richpref.tasks.pairing import relative_noise, standardise, z_noise
 from ..schemas.config import Profile, RelabelConfig
 from ..schemas.tables import OK, rows_to_table, scores_schema
 from .base import Stage, StageContractError, StageInputs, kept, rejected
@@ -56,7 +56,7 @@ class Scored:
         groups = np.concatenate([np.arange(m), owner]) if cfg.standardize == "item" else None
         self.orig_z, self.edit_z = {}, {}
         self.orig_c, self.edit_c = np.zeros(m), np.zeros(len(owner))
-        self.noise = 0.0  # how far float noise can move any one composite (richpref/pairing.py)
+        self.noise = 0.0  # how far float noise can move any one composite (richpref/tasks/pairing.py)
         for name in names:
             raw = np.concatenate([orig_raw[name], edit_raw[name]])
             z, spread = standardise(raw, groups)

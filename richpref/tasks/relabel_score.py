@@ -20,10 +20,10 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from ..images import BadImage, decode_image
+from richpref.common.images import BadImage, decode_image
 from ..models.rewards import is_pairwise, load_reward, load_reward_spec
 from ..models.runtime import resident, resolve_model_ref
-from ..pairing import scorer_dtype
+from richpref.tasks.pairing import scorer_dtype
 from ..prompts import template_hash
 from ..schemas.config import Profile, RelabelConfig
 from ..schemas.relabel import EDIT_JUDGE_KINDS

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..images import BadImage, decode_image, encode_png, flat_reason
+from richpref.common.images import BadImage, decode_image, encode_png, flat_reason
 from ..models.runtime import resident, resolve_model_ref
 from ..models.tuned import weights_fingerprint
-from ..overlap import chunks, pipelined
+from richpref.common.overlap import chunks, pipelined
 from ..schemas.config import Profile, SampleConfig
 from ..schemas.tables import SAMPLES, rows_to_table
 from .base import Stage, StageInputs, item_seed, kept, rejected

@@ -16,7 +16,7 @@ from typing import Callable
 
 import yaml
 
-from ..procs import spawn_owned, stop_owned
+from richpref.common.procs import spawn_owned, stop_owned
 from ..schemas.training import FinetuneConfig
 from .models import read_meta
 
@@ -152,7 +152,7 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
         cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision, cfg.fsdp,
                                  machines or Machines.from_env(run_env))
         log.info("launch %d/%d: %s", attempt + 1, max_restarts + 1, " ".join(cmd))
-        # The trainers die with this process (richpref.procs), also when it is SIGKILLed.
+        # The trainers die with this process (richpref.common.procs), also when it is SIGKILLed.
         proc = spawn_owned(cmd, name="accelerate-train", env=run_env, log_path=log_file)
         try:
             while True:

@@ -76,7 +76,7 @@ class RemotePairs:
 
 def remote_parquet_files(url: str) -> list[str]:
     """The Parquet files behind a URL: a folder's (recursively), a file, or a glob's matches."""
-    from ..objstore import url_to_fs
+    from richpref.common.objstore import url_to_fs
 
     fs, inner = url_to_fs(url)
     proto = url[: url.index("://") + 3]

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from richpref.images import encode_png
+from richpref.common.images import encode_png
 from richpref.models.vlm import YesNo
 from richpref.prompts import load_sections, render
 from richpref.schemas.config import FilterConfig
@@ -35,7 +35,7 @@ def test_old_filter_template_needs_the_attribute_check_off():
 
 
 def test_filter_probabilities_are_the_models_answers(vlms):
-    from richpref.images import decode_image, side_by_side
+    from richpref.common.images import decode_image, side_by_side
 
     vlm = vlms["qwen"]
     rows, prompts, instructions, images = filter_input()
@@ -201,7 +201,7 @@ def test_check_asks_only_about_the_instructions_that_reached_the_editor(vlms, mo
     out = filter_check.compute(StageInputs(0, cutout, tables), profile).to_pylist()
     assert [len(r["p_executed_each"]) for r in out] == [2, 1]
     sections = load_sections(profile.filter.template)
-    from richpref.images import decode_image, side_by_side
+    from richpref.common.images import decode_image, side_by_side
 
     pair = side_by_side(decode_image(images["original"][0]), decode_image(images["edited"][0]))
     np.testing.assert_allclose(out[0]["p_executed_each"], vlms["qwen"].p_yes(

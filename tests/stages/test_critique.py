@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from richpref.images import encode_png
+from richpref.common.images import encode_png
 from richpref.prompts import load_template, render
 from richpref.schemas.config import CritiqueConfig
 from richpref.schemas.tables import CRITIQUES

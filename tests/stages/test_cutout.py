@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from image_helpers import _arr, _png, _scene
-from richpref.images import encode_png
+from richpref.common.images import encode_png
 from richpref.models.runtime import ModelNotAvailable
 from richpref.models.tiny.rembg import MODEL_FILENAME
 from richpref.schemas.config import CutoutConfig

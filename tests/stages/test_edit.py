@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from image_helpers import _arr, _png, _scene, _seed_by_hand
-from richpref.images import encode_png
+from richpref.common.images import encode_png
 from richpref.schemas.config import EditConfig
 from richpref.schemas.tables import EDITS, INSTRUCTIONS, rows_to_table
 from richpref.tasks.edit import edit_prompt, edit_rows, guard_reason, load_editor

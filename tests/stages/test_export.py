@@ -63,7 +63,7 @@ def test_export_is_read_unmodified_like_the_diffusion_dpo_training_scripts(mini_
 
 
 def test_dataset_card_and_plots(mini_run, capsys):
-    from richpref.cli import main
+    from richpref.cli.commands import main
 
     data, store, profile = mini_run
     assert main(["--data-dir", str(data), "card", "mini"]) == 0

@@ -159,7 +159,7 @@ def test_identical_images_and_margins_within_float_noise_are_ties_on_any_process
 
 
 def test_float_noise_of_a_z_score_by_hand():
-    from richpref.pairing import relative_noise, standardise, z_noise
+    from richpref.tasks.pairing import relative_noise, standardise, z_noise
 
     z, spread = standardise(np.array([1.0, 2, 3, 4]))
     assert spread == pytest.approx(math.sqrt(1.25))

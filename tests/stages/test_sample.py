@@ -14,7 +14,7 @@ from richpref.models.runtime import resident
 from richpref.models.tiny import LAYOUT
 from richpref.schemas.config import SampleConfig, SourceConfig
 from richpref.schemas.tables import PROMPTS, SAMPLES, rows_to_table
-from richpref.shard_contract import check_rows_accounted
+from richpref.run.shard_contract import check_rows_accounted
 from richpref.tasks.sample import load_generator, sample_rows
 from richpref.tasks.source import shard_source
 from test_bad_inputs import IMAGES

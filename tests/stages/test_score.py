@@ -43,7 +43,7 @@ class Mute:
 
 
 def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
-    from richpref.datacard import score_stats
+    from richpref.views.datacard import score_stats
     from richpref.tasks.export import scores_json
     from richpref.tasks.relabel_score import score_rows
 

@@ -1,0 +1,34 @@
+"""`richpref rounds`: RPO rounds (curate -> fine-tune -> sample from the tuned model -> curate again)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_rounds(args: argparse.Namespace) -> int:
+    from richpref.ops.entrypoints import ROUNDS, run_flow
+    from richpref.models.runtime import ModelNotAvailable
+    from richpref.schemas.config import ProfileError, load_profile
+    from richpref.schemas.rounds import load_rounds_config
+    from richpref.schemas.training import load_evaluate_config, load_finetune_config
+
+    try:
+        cfg = load_rounds_config(args.config, args.set)  # bad configs fail before Prefect or a model starts
+        load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
+        load_finetune_config(cfg.finetune, cfg.finetune_overrides)
+        load_evaluate_config(cfg.evaluate, cfg.evaluate_overrides)
+        result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir)
+    except (ProfileError, ModelNotAvailable, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print(f"written to {result['rounds_dir']} (table.parquet, table.md, rewards.png; round-<k>/finetune)")
+    return 0
+
+
+def register(sub) -> None:
+    r = sub.add_parser("rounds", help="RPO rounds: curate, fine-tune, sample from the tuned model, curate again")
+    r.add_argument("--config", default="rounds-tiny", help="rounds config: a name in configs/ or a YAML path")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a rounds config value, e.g. --set rounds=3 (repeatable)")
+    r.set_defaults(fn=cmd_rounds)

@@ -1,0 +1,96 @@
+"""`richpref finetune` and `richpref evaluate`: the two flows from the command line.
+
+Registered by `richpref/cli/commands.py`; nothing heavy is imported until a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from richpref.ops.entrypoints import FINETUNE, run_flow
+    from richpref.models.runtime import ModelNotAvailable
+    from richpref.schemas.config import ProfileError
+    from richpref.schemas.training import load_finetune_config
+    from richpref.training.finetune import with_pairs
+    from richpref.training.data import DataError
+    from richpref.training.launcher import LaunchFailed, check_fsdp_device
+    from richpref.training.setup import preflight
+
+    import os
+
+    from richpref.training.launcher import Machines
+
+    try:
+        machines = Machines(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if machines.num_machines > 1:
+        os.environ.update(machines.to_env())  # the launcher (in this process's flow) reads them
+    try:
+        # A bad config, a checkpoint of another family, pairs without the masks it needs: refused before
+        # Prefect starts and before any model loads.
+        cfg = with_pairs(load_finetune_config(args.config, args.set), args.pairs)
+        preflight(cfg)
+        check_fsdp_device(cfg)
+        result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
+                          overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
+                          data_dir=args.data_dir)
+    except (ProfileError, ModelNotAvailable, DataError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except LaunchFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from richpref.ops.entrypoints import EVALUATE, run_flow
+    from richpref.training.evaluation import preflight, with_data_dir
+    from richpref.models.runtime import ModelNotAvailable
+    from richpref.schemas.config import ProfileError
+    from richpref.schemas.training import load_evaluate_config
+
+    try:
+        preflight(with_data_dir(load_evaluate_config(args.config, args.set), args.data_dir))  # before Prefect starts
+        result = run_flow(EVALUATE, config=args.config, overrides=args.set, output_dir=args.output_dir,
+                          data_dir=args.data_dir)
+    except (ProfileError, ModelNotAvailable, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print(f"written to {result['output_dir']} (table.parquet, table.md, scores.parquet, grid.png)")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the `finetune` and `evaluate` subcommands to the `richpref` parser's subparsers."""
+    f = sub.add_parser("finetune", help="Diffusion-DPO (SD1.5/SDXL) or Flow-DPO (SD3, FLUX.1, Qwen-Image) "
+                                              "fine-tune (the finetune flow, under accelerate launch)")
+    f.add_argument("--config", default="finetune-tiny", help="finetune config: a name in configs/ or a YAML path")
+    f.add_argument("--pairs", default=None, help="Pick-a-Pic Parquet file/folder for the config's `pairs` source "
+                                                 "(e.g. data/runs/demo/pairs)")
+    f.add_argument("--output-dir", default=None, help="default: <data-dir>/finetune/<config name>; rerun to resume")
+    f.add_argument("--num-processes", type=int, default=1, help="accelerate processes on this machine (one per GPU)")
+    f.add_argument("--num-machines", type=int, default=1,
+                   help="machines training together (run the same command on each, with its own --machine-rank)")
+    f.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0..M-1 (0: the main one)")
+    f.add_argument("--main-process-ip", default=None, metavar="HOST",
+                   help="address of the rank-0 machine, reachable from every machine (with --num-machines > 1)")
+    f.add_argument("--main-process-port", type=int, default=None, metavar="PORT",
+                   help="rendezvous port on the rank-0 machine (default 29500; the same on every machine)")
+    f.add_argument("--max-restarts", type=int, default=1, help="relaunch after a crash this many times (resumes)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set max_train_steps=100 (repeatable)")
+    f.set_defaults(fn=cmd_finetune)
+
+    e = sub.add_parser("evaluate", help="base vs tuned: same prompts and seeds, reward table and image grid")
+    e.add_argument("--config", default="evaluate-tiny", help="evaluate config: a name in configs/ or a YAML path")
+    e.add_argument("--output-dir", default=None, help="default: <data-dir>/evaluate/<config name>")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    e.set_defaults(fn=cmd_evaluate)

@@ -1,0 +1,355 @@
+"""`richpref doctor`: know before a long run that every model loads and fits, and what the run costs.
+
+The doctor checks every model reference first (doctor_checks.preflight: nothing loads until all of
+them resolve and fit), then, stage by stage, loads the stage's models through the stage's own loader
+(one stage's models at a time), pushes N source items through the stage's pure shard function over a
+scratch run, and measures: load seconds, peak memory (process RSS; the GPU's max allocated where
+there is one), items/s and disk bytes per item. From those it projects a run of `project_items`
+items on `workers` workers, each loading every model once.
+
+Projection, per stage: load + warm-up + items × steady seconds per source item, where the steady rate
+comes from the shards after the first (the first pays one-time costs: kernels, caches) when the
+scratch run has more than one shard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.compute as pc
+
+from richpref.doctor.checks import DoctorError, ModelProblem, ModelRef, memory_fix, preflight
+from richpref.run.runner import write_shard
+from richpref.schemas.config import Profile
+from richpref.schemas.tables import OK
+
+log = logging.getLogger("richpref")
+
+
+@dataclass
+class StageCost:
+    """What one stage cost on the scratch run, and what it projects to."""
+
+    stage: str
+    models: list[str]
+    device: str
+    weights_gib: float
+    load_s: float
+    items: int  # source items that went through the stage
+    rows: int  # rows it wrote (kept + rejected)
+    shards: int
+    compute_s: float  # every shard: read inputs, compute, write
+    warmup_s: float  # what the first shard cost beyond the steady rate
+    s_per_item: float  # steady seconds per source item
+    peak_rss_mib: float
+    gpu_peak_mib: float | None
+    disk_bytes: int
+    projected: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def items_per_s(self) -> float:
+        return 1.0 / self.s_per_item if self.s_per_item > 0 else float("inf")
+
+
+@dataclass
+class DoctorReport:
+    profile: str
+    items: int
+    project_items: int
+    workers: int
+    stages: list[StageCost]
+    total: dict[str, float]
+    scratch: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for s, cost in zip(data["stages"], self.stages):
+            s["items_per_s"] = round(cost.items_per_s, 4)
+        return data
+
+
+def project(cost: StageCost, items: int, workers: int) -> dict[str, float]:
+    """Hours for `items` items on `workers` workers: each worker loads the models once and takes an
+    equal share; `hours_per_worker` is also the stage's wall time, `worker_hours` what it bills."""
+    fixed = cost.load_s + cost.warmup_s
+    per_worker = fixed + items / workers * cost.s_per_item
+    return {"hours_per_worker": per_worker / 3600, "worker_hours": (workers * fixed + items * cost.s_per_item) / 3600,
+            "disk_gb": cost.disk_bytes / max(cost.items, 1) * items / 1e9}
+
+
+class PeakMemory:
+    """Peak process RSS (sampled every 10 ms on a thread) and the GPU's peak allocation in a block."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.rss = 0
+        self.gpu: int | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.rss = max(self.rss, self._proc.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        self._cuda = torch.cuda.is_available()
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.rss = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        self._stop.set()
+        self._thread.join()
+        self.rss = max(self.rss, self._proc.memory_info().rss)
+        if self._cuda:
+            self.gpu = int(torch.cuda.max_memory_allocated())
+
+
+def stage_loaders(profile: Profile) -> dict[str, Callable[[], list[str]]]:
+    """Per stage, a function that loads its models through the stage's own loader (so the stage then
+    finds them resident) and returns what it loaded. Stages without a model are absent."""
+    from richpref.doctor.checks import uses_sample_model
+    from richpref.tasks import critique, cutout, edit, relabel_score, sample
+
+    root = profile.models_root
+
+    def vlm(section: str) -> Callable[[], list[str]]:
+        cfg = getattr(profile, section)
+        return lambda: [critique.load_vlm(cfg, root).model_id]
+
+    def rewards() -> list[str]:  # what the score stage loads: the scored rewards and the subject gate
+        rs = relabel_score.reward_set(profile.relabel, root)
+        names = list(profile.relabel.scored())
+        for name in names:
+            rs.get(name)
+        loaded = [f"{n}:{profile.relabel.rewards[n].kind}" for n in names]
+        if profile.relabel.subject_gate is not None:
+            rs.get(relabel_score.SUBJECT)
+            loaded.append(f"{relabel_score.SUBJECT}:dino_patch")
+        return loaded
+
+    loaders: dict[str, Callable[[], list[str]]] = {
+        "critique": vlm("critique"), "instruct": vlm("instruct"),
+        "edit": lambda: [edit.load_editor(profile.edit, root).model_id],
+        "cutout": lambda: [cutout.load_remover(profile.cutout, root).model_id],
+        "check": vlm("filter"), "score": rewards,
+    }
+    if uses_sample_model(profile):
+        loaders["sample"] = lambda: [sample.load_generator(profile.sample, root).model_id]
+    return loaders
+
+
+def _load_problem(stage: str, refs: list[ModelRef], exc: BaseException, profile: Profile) -> ModelProblem:
+    from richpref.common.faults import is_out_of_memory
+
+    models = ", ".join(r.ref for r in refs if r.stage == stage) or stage
+    if is_out_of_memory(exc):
+        return ModelProblem(stage, models, f"out of memory ({type(exc).__name__}: {exc})", memory_fix(stage, profile),
+                            kind="memory")
+    if isinstance(exc, ImportError):
+        package = getattr(exc, "name", None) or "the missing package"
+        return ModelProblem(stage, models, f"{type(exc).__name__}: {exc}",
+                            f"install {package} (pip install {package}) into this environment; a model package's "
+                            "own dependencies are not always pulled in (pip check lists what is missing)",
+                            kind="missing_package")
+    return ModelProblem(stage, models, f"{type(exc).__name__}: {exc}",
+                        "check that the directory holds a complete checkpoint of the architecture this stage "
+                        "expects (re-download or rebuild it); the cause above names the file or key",
+                        kind="load_failed")
+
+
+def scratch_profile(profile: Profile, items: int) -> Profile:
+    """The profile reading only `items` source rows, in shards no larger than the profile's."""
+    src = profile.source.model_copy(update={"limit": items, "shard_size": min(profile.source.shard_size, items)})
+    return profile.model_copy(update={"source": src})
+
+
+def _stage_disk_bytes(store, stage: str) -> int:
+    return sum(store.fs.size(store.shard_path(stage, s)) for s in store.shards(stage))
+
+
+def run_stage_shards(stage, store, profile: Profile, shards: list[int]) -> list[float]:
+    """The stage's pure shard function over every scratch shard; seconds per shard (read, compute, write)."""
+    from richpref.run.shard_contract import check_rows_accounted
+    from richpref.tasks.base import StageInputs
+
+    seconds = []
+    for s in shards:
+        t0 = time.perf_counter()
+        tables = {name: store.read_shard(name, s) for name in stage.reads}
+        driver = tables[stage.reads[0]]
+        rows = driver.filter(pc.equal(driver.column("status"), OK))
+        out = stage.compute(StageInputs(shard=s, rows=rows, tables=tables, scratch=store.scratch_dir(stage.out)), profile)
+        check_rows_accounted(stage.name, s, rows, out, stage.fan_out(profile) if stage.fan_out else None)
+        write_shard(store, stage.out, s, out, "doctor")
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def steady_rate(seconds: list[float], items: list[int]) -> tuple[float, float]:
+    """(warm-up seconds, steady seconds per item): the shards after the first give the steady rate;
+    with a single shard it is all steady (the projection then errs high, never low)."""
+    if len(seconds) < 2 or sum(items[1:]) == 0:
+        return 0.0, sum(seconds) / max(sum(items), 1)
+    rate = sum(seconds[1:]) / sum(items[1:])
+    return max(0.0, seconds[0] - rate * items[0]), rate
+
+
+def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000, workers: int = 1,
+               scratch_dir: str | None = None, progress: Callable[[str], None] | None = None) -> DoctorReport:
+    """Check, load and run every stage of `profile` on `items` source items; raise ModelProblem on the
+    first model that cannot be loaded (before anything else starts when the preflight finds it)."""
+    from richpref.models.runtime import resident
+    from richpref.run.storage import RunStore
+    from richpref.tasks import PIPELINE
+    from richpref.tasks.source import shard_source
+
+    if items < 1 or project_items < 1 or workers < 1:
+        raise DoctorError("--items, --project-items and --workers must be at least 1")
+    if profile.pipeline == "rebuild":
+        raise DoctorError(f"profile {profile.name!r} is a rebuild (pipeline: rebuild): doctor measures the edit "
+                          "pipeline's stages only; try the rebuild on a few prompts instead "
+                          "(richpref curate --set source.limit=8, then richpref status)")
+    say = progress or (lambda msg: log.info("%s", msg))
+    refs, weights = preflight(profile)
+    say(f"doctor: {len(refs)} model reference(s) resolve and fit; running {items} item(s) through every stage")
+    prof = scratch_profile(profile, items)
+    tmp = None if scratch_dir else tempfile.TemporaryDirectory(prefix="richpref-doctor-")
+    store = RunStore(scratch_dir or tmp.name, "doctor")
+    costs: list[StageCost] = []
+    try:
+        with PeakMemory() as mem:
+            # Opening a source is a fixed cost (imports, a dataset's Arrow conversion): a one-row read
+            # pays it (twice: cold, then warm), the N-row read adds the per-item part.
+            t0 = time.perf_counter()
+            one = prof.source.model_copy(update={"limit": 1})
+            shard_source(one)
+            t1 = time.perf_counter()
+            shard_source(one)
+            t2 = time.perf_counter()
+            tables = shard_source(prof.source)
+            for i, t in enumerate(tables):
+                write_shard(store, "source", i, t, "doctor")
+            t3 = time.perf_counter()
+        shards = list(range(len(tables)))
+        per_shard_items = [t.num_rows for t in tables]
+        n = sum(per_shard_items)
+        per_item = max(t3 - t2 - (t2 - t1), 0.0) / n
+        costs.append(StageCost("source", [], "cpu", 0.0, t1 - t0, n, n, len(shards), t3 - t2,
+                               t2 - t1, per_item, mem.rss / 2**20, None, _stage_disk_bytes(store, "source")))
+        loaders = stage_loaders(prof)
+        for stage in PIPELINE:
+            resident.release()  # one stage's models at a time, as in a run
+            with PeakMemory() as mem:
+                t0 = time.perf_counter()
+                try:
+                    models = loaders[stage.name]() if stage.name in loaders else []
+                except DoctorError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every load failure is reported the same way
+                    raise _load_problem(stage.name, refs, exc, prof) from exc
+                load_s = time.perf_counter() - t0
+                try:
+                    seconds = run_stage_shards(stage, store, prof, shards)
+                except Exception as exc:  # noqa: BLE001 - out of memory while computing is a settings problem
+                    from richpref.common.faults import is_out_of_memory
+
+                    if is_out_of_memory(exc):
+                        raise _load_problem(stage.name, refs, exc, prof) from exc
+                    raise
+            warmup, rate = steady_rate(seconds, per_shard_items)
+            device = {r.stage: r.device for r in refs}.get(stage.name, "cpu")
+            rows = sum(store.read_shard(stage.out, s).num_rows for s in shards)
+            cost = StageCost(stage.name, models, device, weights.get(stage.name, 0) / 2**30, load_s, n, rows,
+                             len(shards), sum(seconds), warmup, rate, mem.rss / 2**20,
+                             None if mem.gpu is None else mem.gpu / 2**20, _stage_disk_bytes(store, stage.out))
+            costs.append(cost)
+            say(f"doctor: {stage.name}: load {load_s:.2f}s, {n / sum(seconds):.2f} items/s, peak RSS {cost.peak_rss_mib:.0f} MiB")
+        resident.release()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    for c in costs:
+        # One process reads the source for the whole run; the model stages spread over the workers.
+        c.projected = project(c, project_items, 1 if c.stage == "source" else workers)
+    total = {
+        "hours_per_worker": sum(c.projected["hours_per_worker"] for c in costs),
+        "worker_hours": sum(c.projected["worker_hours"] for c in costs),
+        "disk_gb": sum(c.projected["disk_gb"] for c in costs),
+        "disk_bytes_per_item": sum(c.disk_bytes for c in costs) / max(costs[0].items, 1),
+        "peak_rss_mib": max(c.peak_rss_mib for c in costs),
+    }
+    gpu = [c.gpu_peak_mib for c in costs if c.gpu_peak_mib is not None]
+    if gpu:
+        total["gpu_peak_mib"] = max(gpu)
+    return DoctorReport(profile.name, items, project_items, workers, costs, total, scratch=scratch_dir)
+
+
+def table_rows(report: DoctorReport) -> list[dict[str, Any]]:
+    """One row per stage plus the total: the doctor's table for JSON, Prefect artifacts and printing."""
+    k = report.workers
+    rows = []
+    for c in report.stages:
+        rows.append({
+            "stage": c.stage, "device": c.device, "models": ", ".join(c.models) or "-",
+            "weights_gib": round(c.weights_gib, 3), "load_s": round(c.load_s, 2),
+            "peak_rss_mib": round(c.peak_rss_mib), "gpu_peak_mib": None if c.gpu_peak_mib is None else round(c.gpu_peak_mib),
+            "items_per_s": round(c.items_per_s, 3), "warmup_s": round(c.warmup_s, 2),
+            "hours_per_worker": round(c.projected["hours_per_worker"], 4),
+            "worker_hours": round(c.projected["worker_hours"], 4),
+            "disk_kib_per_item": round(c.disk_bytes / max(c.items, 1) / 1024, 2),
+            "disk_gb": round(c.projected["disk_gb"], 3),
+        })
+    t = report.total
+    rows.append({"stage": "total", "device": "", "models": "", "weights_gib": None, "load_s": round(sum(c.load_s for c in report.stages), 2),
+                 "peak_rss_mib": round(t["peak_rss_mib"]), "gpu_peak_mib": t.get("gpu_peak_mib") and round(t["gpu_peak_mib"]),
+                 "items_per_s": None, "warmup_s": None, "hours_per_worker": round(t["hours_per_worker"], 4),
+                 "worker_hours": round(t["worker_hours"], 4),
+                 "disk_kib_per_item": round(t["disk_bytes_per_item"] / 1024, 2), "disk_gb": round(t["disk_gb"], 3)})
+    if k == 1:
+        for r in rows:
+            r.pop("worker_hours")
+    return rows
+
+
+def format_report(report: DoctorReport) -> str:
+    rows = table_rows(report)
+    k = report.workers
+    heads = {"stage": "stage", "device": "device", "load_s": "load s", "peak_rss_mib": "peak RSS MiB",
+             "gpu_peak_mib": "GPU max MiB", "items_per_s": "items/s", "warmup_s": "warm-up s",
+             "hours_per_worker": "h/worker" if k > 1 else "hours", "worker_hours": f"worker-h (x{k})",
+             "disk_kib_per_item": "KiB/item", "disk_gb": "disk GB"}
+    cols = [c for c in heads if c in rows[0]]
+    cells = [[heads[c] for c in cols]] + [["-" if r[c] is None else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = [f"doctor: profile {report.profile}, measured on {report.items} item(s), projected to "
+             f"{report.project_items} item(s) on {k} worker(s)"]
+    for j, row in enumerate(cells):
+        lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+        if j == 0 or j == len(cells) - 2:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("models: " + "; ".join(f"{c.stage}: {', '.join(c.models)}" for c in report.stages if c.models))
+    return "\n".join(lines)
+
+
+def write_json(report: DoctorReport, path: str) -> str:
+    data = {"report": report.to_dict(), "table": table_rows(report)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return path

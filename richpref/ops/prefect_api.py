@@ -1,0 +1,87 @@
+"""A Prefect API for one `richpref` command that dies with it.
+
+Without PREFECT_API_URL, Prefect 3 starts an ephemeral server (`uvicorn … create_app`) in a child
+process that outlives a SIGKILLed parent. `owned_prefect_api` starts the same server through
+`richpref.common.procs.spawn_owned` instead (dies with this process, reaped on the next start if it did
+not) and points PREFECT_API_URL at it. With PREFECT_API_URL set (a `richpref serve` or any Prefect
+server), it changes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from richpref.common.procs import spawn_owned, stop_owned
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def server_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command Prefect's own ephemeral server runs (uvicorn on the API app factory, UI off)."""
+    import prefect
+
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+            "prefect.server.api.server:create_app", "--host", host, "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]
+
+
+def _wait_healthy(proc, url: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client() as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the Prefect server exited with code {proc.returncode} before it was ready")
+            try:
+                if client.get(f"{url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"the Prefect server at {url} was not ready after {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
+                      url_host: str | None = None):
+    """Yield the Prefect API URL to use: the configured one, or a local server this process owns,
+    listening on `host` (127.0.0.1: this machine only; an address of this node, or 0.0.0.0, for Dask
+    workers on other nodes) and announced to the flow and its workers as `url_host` (default `host`).
+    Its database is Prefect's: SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    port = _free_port(host)
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    proc = spawn_owned(server_command(port, host), name="prefect-server", log_path=log_path, env=env)  # errors only
+    url = f"http://{url_host or ('127.0.0.1' if host in ('0.0.0.0', '::') else host)}:{port}/api"
+    try:
+        _wait_healthy(proc, url, timeout)
+        os.environ["PREFECT_API_URL"] = url  # processes started from here (Dask workers) report to it too
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        _drain_logs()  # queued flow-run logs reach the server before it stops
+        os.environ.pop("PREFECT_API_URL", None)
+        stop_owned(proc)
+
+
+def _drain_logs() -> None:
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    except Exception:  # noqa: BLE001 - a log that cannot be sent must not mask the command's outcome
+        pass

@@ -1,0 +1,1 @@
+"""Work made of several flows or stages: RPO rounds, relabelling a Pick-a-Pic dataset."""

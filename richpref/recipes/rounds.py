@@ -1,0 +1,181 @@
+"""RPO rounds: curate -> fine-tune -> sample from the tuned model -> curate again (iterative DPO).
+
+The steps of the rounds flow (flows/rounds.py). Round k is its own curate run (`<name>-round-<k>`)
+and its own finetune output (`<data>/rounds/<name>/round-<k>/finetune`); round k > 1 samples with
+round k-1's tuned weights (`sample.lora` / `sample.unet`) and fine-tunes from them (`init_from`).
+`<data>/rounds/<name>/rounds.json` records each finished round: a rerun skips those and enters the
+interrupted round, whose curate shards, finetune checkpoints and evaluation images are reused by
+their own keys. After each round, base and every round are evaluated on the same prompts and seeds
+into one table (table.parquet, table.md, rewards.png).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from richpref.schemas.config import load_profile
+from richpref.schemas.rounds import RoundsConfig
+from richpref.schemas.tables import OK
+from richpref.schemas.training import load_evaluate_config, load_finetune_config
+
+# Tests stop a rounds run where they want it: "2:curate" SIGKILLs this process right after round 2's
+# curate ("2:finetune" after its fine-tune).
+FAULTS_ENV = "RICHPREF_ROUNDS_FAULTS"
+STATE = "rounds.json"
+
+
+def rounds_dir(data_dir: str, cfg: RoundsConfig) -> Path:
+    return Path(data_dir) / "rounds" / cfg.name
+
+
+def round_run(cfg: RoundsConfig, k: int) -> str:
+    return f"{cfg.name}-round-{k}"
+
+
+def finetune_dir(data_dir: str, cfg: RoundsConfig, k: int) -> str:
+    return str(rounds_dir(data_dir, cfg) / f"round-{k}" / "finetune")
+
+
+def inject_fault(k: int, step: str) -> None:
+    if f"{k}:{step}" in {x.strip() for x in os.environ.get(FAULTS_ENV, "").split(",")}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _set(key: str, value) -> str:
+    return f"{key}={json.dumps(value)}"  # JSON is YAML: paths and lists pass through the override parser
+
+
+def _models_root(cfg: RoundsConfig) -> list[str]:
+    return [_set("models_root", cfg.models_root)] if cfg.models_root else []
+
+
+def prompt_slice(cfg: RoundsConfig, k: int, data_dir: str) -> str:
+    """Round k's rows of the profile's source (`prompts: next`) as a prompts file; returns its path."""
+    from richpref.tasks.source import iter_source_rows
+
+    source = load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root).source
+    n = cfg.prompts_per_round
+    lo, hi = (k - 1) * n, k * n
+    prompts = []
+    for i, row in enumerate(iter_source_rows(source.model_copy(update={"limit": hi}))):
+        if i >= lo and row["status"] == OK:
+            prompts.append(row["prompt"].replace("\n", " "))
+    if not prompts:
+        raise ValueError(f"round {k}: the source has no usable rows {lo}..{hi - 1} (prompts: next); lower rounds "
+                         "or prompts_per_round, or use prompts: same")
+    path = rounds_dir(data_dir, cfg) / f"round-{k}" / "prompts.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def curate_overrides(cfg: RoundsConfig, k: int, data_dir: str, previous: dict | None) -> list[str]:
+    """The profile overrides of round k: the source slice, and round k-1's weights for sampling."""
+    out = list(cfg.curate_overrides)
+    if cfg.prompts == "next":
+        out += [_set("source.kind", "prompts"), _set("source.path", prompt_slice(cfg, k, data_dir)),
+                _set("source.limit", None), _set("source.image_column", None), _set("source.pickapic_preferred", False)]
+    if previous is not None:
+        key = "sample.lora" if previous["mode"] == "lora" else "sample.unet"
+        out += [_set(key, previous["output_dir"]), _set("sample.use_dataset_image", False)]
+    return out
+
+
+def finetune_overrides(cfg: RoundsConfig, previous: dict | None, earlier_pairs: list[str]) -> list[str]:
+    """Round k's finetune overrides: start from round k-1's weights; mix in earlier rounds' pairs."""
+    out = [*cfg.finetune_overrides, *_models_root(cfg)]
+    if previous is not None:
+        out += [_set("init_from", previous["output_dir"]),
+                _set("reference", "init" if cfg.reference == "previous" else "base")]
+    if cfg.mix_previous > 0 and earlier_pairs:
+        base = load_finetune_config(cfg.finetune, out)
+        data = [s.model_dump(mode="json", exclude_none=True) for s in base.data]
+        data += [{"name": f"round-{j}", "path": p, "weight": cfg.mix_previous} for j, p in enumerate(earlier_pairs, 1)]
+        out.append(_set("data", data))
+    return out
+
+
+def evaluate_overrides(cfg: RoundsConfig, finals: list[str]) -> list[str]:
+    """The evaluate config's first model (the base) and every round's tuned model, in round order."""
+    out = [*cfg.evaluate_overrides, *_models_root(cfg)]
+    base = load_evaluate_config(cfg.evaluate, out).models[0]
+    models = [{"name": base.name, "path": base.path}] + [{"name": f"round-{k}", "path": d}
+                                                          for k, d in enumerate(finals, 1)]
+    return [*out, _set("models", models)]
+
+
+def curate_stats(data_dir: str, run: str) -> dict:
+    """Pairs kept and flip rate of a finished curate run."""
+    from richpref.views.inspect import summary
+
+    s = summary(data_dir, run)
+    pairs = next((st["kept"] for st in s["stages"] if st["stage"] == "pairs"), 0)
+    return {"run": run, "pairs_kept": pairs, "flip_rate": s.get("flip_rate")}
+
+
+def rounds_table(eval_rows: list[dict], curated: list[dict]) -> list[dict]:
+    """One row per model (base, round 1, …): the evaluation's columns, then the round's curate figures."""
+    rows = []
+    for i, er in enumerate(eval_rows):
+        c = curated[i - 1] if 0 < i <= len(curated) else {}
+        rows.append({"model": er["model"], "round": i, **{k: v for k, v in er.items() if k != "model"},
+                     "flip_rate": c.get("flip_rate"), "pairs_kept": c.get("pairs_kept")})
+    return rows
+
+
+def rewards_plot(rows: list[dict], rewards: list[str], path: Path) -> None:
+    """Each reward's mean per round (round 0 = base), one panel per reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rewards), figsize=(3 * len(rewards), 2.6), squeeze=False)
+    x = [r["round"] for r in rows]
+    for ax, name in zip(axes[0], rewards):
+        ax.plot(x, [r[name] for r in rows], marker="o")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(x, ["base" if i == 0 else str(i) for i in x], fontsize=8)
+        ax.set_xlabel("round", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_table(out: Path, rows: list[dict], rewards: list[str]) -> str:
+    """table.parquet, table.md and rewards.png under `out`; returns the markdown."""
+    from richpref.training.evaluation import to_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / "table.parquet")
+    markdown = to_markdown(rows)
+    (out / "table.md").write_text(markdown, encoding="utf-8")
+    rewards_plot(rows, rewards, out / "rewards.png")
+    return markdown
+
+
+class RoundsState:
+    """`rounds.json`: the finished rounds of this config (another config starts the record afresh)."""
+
+    def __init__(self, data_dir: str, cfg: RoundsConfig) -> None:
+        self.path = rounds_dir(data_dir, cfg) / STATE
+        self.config = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.rounds: dict[str, dict] = data.get("rounds", {}) if data.get("config") == self.config else {}
+
+    def done(self, k: int) -> dict | None:
+        rec = self.rounds.get(str(k))
+        return rec if rec and Path(rec["finetune"]["output_dir"], "final").exists() else None
+
+    def finish(self, k: int, record: dict) -> None:
+        self.rounds[str(k)] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": self.config, "rounds": self.rounds}, indent=2))
+        tmp.replace(self.path)

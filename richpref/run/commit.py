@@ -1,0 +1,137 @@
+"""Committing a computed shard exactly once, also when its holder lost its lease while computing.
+
+A holder that was presumed dead (its lease expired and another process took the next generation)
+may still be alive. Two rules keep it from committing over the new holder's work:
+
+1. Right before committing, the holder asks the store whether its lease is still the newest
+   generation (`Lease.still_held`); if not, it drops its output (`LeaseLost`).
+2. The commit itself is conditional, so a takeover between that check and the write still cannot
+   produce two commits: the holder first writes its Parquet bytes to a name of its own
+   (`part-00003.parquet.tmp-<uuid>`), then creates the shard's commit claim for the content key,
+   `part-00003.commit-<key[:16]>`, with an exclusive create (`O_EXCL` locally, a conditional put
+   `If-None-Match: *` on S3). Of all holders of any generation, one creates it; the others drop
+   their output. The claim records the manifest, the temporary name and the lease's fencing token.
+   The winner then copies the temporary file into place, writes the manifest, and only then removes
+   the temporary file.
+
+Recovery: a claim whose temporary file is still there is a commit that was interrupted (or is still
+going on in a paused process): whoever holds the shard's lease next finishes it from the claim
+(the same bytes and manifest, so finishing it twice writes the same thing). A claim whose temporary
+file is gone was completed; when its key is wanted again later (a config changed and changed back)
+the next holder removes it before computing. Claims stay beside the shard (a few hundred bytes).
+
+Where a filesystem has no exclusive create, the claim is a check-then-write guarded by the lease's
+fencing token (the claim is read back and must carry this holder's token): advisory, see
+docs/operations.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+
+from fsspec.implementations.local import LocalFileSystem
+
+from richpref.run.leases import Lease, create_exclusive
+from richpref.common.objstore import cat_small
+
+log = logging.getLogger("richpref")
+
+
+class LeaseLost(RuntimeError):
+    """This process's lease on the shard was taken over: it must not commit (another holder does)."""
+
+
+def claim_path(shard_path: str, key: str) -> str:
+    return shard_path[: -len(".parquet")] + f".commit-{key[:16]}"
+
+
+def _read_claim(fs, path: str) -> dict | None:
+    try:
+        return json.loads(cat_small(fs, path))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}  # being written right now (stores without atomic puts): treat as taken
+
+
+def _rm(fs, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def _place(fs, tmp: str, path: str) -> bool:
+    """Put the bytes of `tmp` at `path` and keep `tmp` (it marks the commit as not finished). False
+    when `tmp` is gone: another process finished this commit."""
+    try:
+        if isinstance(fs, LocalFileSystem):
+            link = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                os.link(tmp, link)  # a second name for the same bytes, renamed into place atomically
+            except FileNotFoundError:
+                raise
+            except OSError:  # a filesystem without hard links: a copy, renamed into place
+                shutil.copyfile(tmp, link)
+            os.replace(link, path)
+        else:
+            fs.copy(tmp, path)  # server-side copy; one object PUT, atomic for readers
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _finish(store, manifest_file: str, claim: dict) -> None:
+    """Carry out a claimed commit: bytes into place, manifest, then remove the temporary file."""
+    fs = store.fs
+    if not _place(fs, claim["tmp"], claim["path"]):
+        return
+    store.write_bytes(manifest_file, json.dumps(claim["manifest"], indent=1).encode())
+    _rm(fs, claim["tmp"])
+
+
+def commit_once(store, shard_path: str, manifest_file: str, data: bytes, manifest: dict, lease: Lease | None,
+                before_commit=None) -> bool:
+    """Write `data` at `shard_path` and `manifest` at `manifest_file` unless another holder commits this
+    key. True when this call committed; False when another holder has (or is finishing) the commit.
+    Raises LeaseLost when the lease was taken over before the commit."""
+    fs = store.fs
+    fs.makedirs(shard_path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{shard_path}.tmp-{uuid.uuid4().hex}"
+    fs.pipe_file(tmp, data)
+    if before_commit is not None:
+        before_commit()
+    if lease is not None and not lease.still_held():
+        _rm(fs, tmp)
+        raise LeaseLost(f"{shard_path}: the lease was taken over by another process; not committing")
+    claim = {"path": shard_path, "tmp": tmp, "manifest": manifest,
+             "fence": lease.fencing_token if lease is not None else None}
+    claim_file = claim_path(shard_path, manifest["key"])
+    payload = json.dumps(claim).encode()
+    won = create_exclusive(fs, claim_file, payload)
+    if won and not isinstance(fs, LocalFileSystem) and _read_claim(fs, claim_file) != claim:
+        won = False  # no exclusive create here: a later writer's claim replaced ours
+    if not won:
+        _rm(fs, tmp)
+        log.info("%s: another holder commits content key %s; dropping this copy", shard_path, manifest["key"][:12])
+        return False
+    _finish(store, manifest_file, claim)
+    return True
+
+
+def recover(store, shard_path: str, manifest_file: str, key: str) -> None:
+    """Under the shard's lease, before computing it for `key`: finish an interrupted commit of `key`
+    (its temporary file is still there), or remove a completed claim whose manifest was replaced since."""
+    fs = store.fs
+    path = claim_path(shard_path, key)
+    claim = _read_claim(fs, path)
+    if claim is None:
+        return
+    if claim and fs.exists(claim["tmp"]):
+        log.warning("%s: finishing a commit its holder (%s) did not finish", shard_path, claim.get("fence"))
+        _finish(store, manifest_file, claim)
+        return
+    _rm(fs, path)

@@ -1,0 +1,70 @@
+"""What a curate run would compute, worked out from the shard manifests alone (no Prefect, no model).
+
+The shard runner's own rule (richpref/run/runner.py), applied ahead of the flow: a shard is done when its
+manifest carries the content key the flow would compute for it now. A shard whose inputs are
+themselves to be computed cannot be keyed yet: it is `blocked`. `richpref curate --plan` prints this;
+`richpref curate` uses it to return at once, without starting Prefect, when a finished run is up to
+date. No shard's bytes are read.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from richpref.schemas.config import Profile, profile_hash
+from richpref.run.runner import StagePlan, plan_stages
+from richpref.run.storage import RunStore
+
+
+@dataclass
+class RunPlan:
+    run: str
+    stages: list[StagePlan]
+    seconds: float
+    source: StagePlan | None = None
+
+    @property
+    def up_to_date(self) -> bool:
+        return all(not s.todo and not s.blocked for s in self.stages)
+
+    def format(self) -> str:
+        lines = [f"run {self.run}: " + ("up to date, nothing to compute" if self.up_to_date else "work to do")
+                 + f" (checked in {self.seconds:.2f}s)",
+                 f"{'stage':<10} {'done':>5} {'todo':>5} {'blocked':>8}"]
+        for s in self.stages:
+            lines.append(f"{s.stage:<10} {len(s.done):>5} {len(s.todo):>5} {len(s.blocked):>8}"
+                         + (f"  todo: {_ranges(s.todo)}" if s.todo else ""))
+        return "\n".join(lines)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)
+
+
+def plan_run(profile: Profile, data_dir: str, run: str) -> RunPlan:
+    from richpref.tasks import stages_for
+
+    t0 = time.perf_counter()
+    stages = plan_stages(stages_for(profile), profile, RunStore(data_dir, run))
+    return RunPlan(run=run, stages=stages, seconds=time.perf_counter() - t0)
+
+
+def finished_and_current(profile: Profile, data_dir: str, run: str) -> bool:
+    """The last curate of `run` completed with this very profile (its report and run.json are final)."""
+    store = RunStore(data_dir, run)
+    path = f"{store.root}/run.json"
+    if not store.fs.exists(path):
+        return False
+    try:
+        last = json.loads(store.fs.cat_file(path))
+    except ValueError:
+        return False
+    return last.get("state") == "completed" and last.get("profile_hash") == profile_hash(profile)

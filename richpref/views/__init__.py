@@ -1,0 +1,1 @@
+"""Read-only views of a run: duckdb inspect, HTML report, dataset card, plots."""

@@ -1,0 +1,110 @@
+"""The dataset card of a rebuild run (`pipeline: rebuild`): it says the set is regenerated and how
+(generator, samples per prompt and their seeds, rewards and weights, pairing, margin), with the counts
+of every stage, the label balance, per-reward score summaries over the samples and the kept pairs'
+composite margins."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from richpref.views.card_parts import USAGE, _front_matter, reward_titles
+
+PAIRING = {"best_vs_worst": "each prompt's best sample against its worst",
+           "all_with_margin": "every pair of a prompt's samples"}
+
+
+def rebuild_stats(scores: pa.Table | None, ranked: pa.Table | None, names: list[str]) -> dict[str, Any]:
+    """Per reward: mean/std/min/max over the scored samples; margins of the kept pairs; pairs per prompt."""
+    out: dict[str, Any] = {"rewards": {}, "margin": {}, "pairs_per_prompt": {}}
+    if scores is not None:
+        ok = scores.filter(pc.equal(scores.column("status"), "ok"))
+        for n in names:
+            x = np.asarray(ok.column(n).to_pylist(), dtype=float) if n in ok.schema.names else np.zeros(0)
+            out["rewards"][n] = ({"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
+                                  "max": float(x.max()), "n": int(x.size)} if x.size else None)
+    if ranked is not None:
+        kept = ranked.filter(pc.equal(ranked.column("status"), "ok"))
+        m = np.asarray(kept.column("margin").to_pylist(), dtype=float)
+        if m.size:
+            out["margin"] = {q: float(np.quantile(m, p)) for q, p in (("min", 0), ("median", .5), ("max", 1))}
+        per: dict[str, int] = {}
+        for iid in kept.column("item_id").to_pylist():
+            per[iid] = per.get(iid, 0) + 1
+        for k in per.values():
+            out["pairs_per_prompt"][k] = out["pairs_per_prompt"].get(k, 0) + 1
+    return out
+
+
+def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict) -> str:
+    sample, relabel = profile.get("sample", {}), profile.get("relabel", {})
+    rewards = relabel.get("rewards", {})
+    titles = reward_titles(rewards)
+    n = sample.get("num_samples")
+    pairing = relabel.get("pairing", "?")
+    votes = ", ".join(f"`{titles[k]}` ({r.get('weight', 1.0):g})" for k, r in rewards.items() if r.get("weight", 1.0) != 0)
+    only = ", ".join(f"`{titles[k]}`" for k in relabel.get("report_only") or []) or "none"
+    src = profile.get("source", {})
+    where = src.get("dataset") or src.get("path") or "?"
+    lines = _front_matter(f"richpref regenerated pairs ({run})")
+    lines += [f"# Regenerated preference pairs: run `{run}`", "",
+              "**A regenerated set.** Not human preferences: every image was sampled by richpref from a prompt, and "
+              "every label comes from reward models (source → samples → rewards → ranked → export).", "",
+              f"- Prompts: `{where}` (column `{src.get('prompt_column', 'caption')}`, duplicates by "
+              f"`{src.get('dedupe') or 'none'}` dropped).",
+              f"- Generator: `{sample.get('model')}`, {sample.get('steps')} steps, guidance {sample.get('guidance_scale')}, "
+              f"{sample.get('width')}×{sample.get('height')}.",
+              f"- Samples per prompt: N = {n}; sample k of a prompt is seeded from (`sample.seed` = {sample.get('seed', 0)}, "
+              "item id, k), sample 0 with the item's own seed, so each image can be drawn again on its own "
+              "(`seed_0`/`seed_1` of every pair).",
+              f"- Rewards: {votes} vote on z-scores (`relabel.standardize: {relabel.get('standardize', 'shard')}`) "
+              f"combined by weight; recorded without a vote: {only}.",
+              f"- Pairing: `{pairing}`: {PAIRING.get(pairing, pairing)}, kept when the composite margin is above "
+              f"`relabel.min_margin` = {relabel.get('min_margin', 0)} (and float noise); ties and pairs under the "
+              "margin are dropped with their reason, as are prompts with fewer than 2 valid samples.", "",
+              _description(profile), "",
+              "`label_0` is 1 when `jpg_0` (sample `candidate_0`) has the higher composite reward, 0 when `jpg_1` "
+              "(sample `candidate_1`) does; never 0.5. Provenance columns: `item_id`, `source`, `candidate` (pair index), "
+              "`candidate_0`, `candidate_1`, `seed_0`, `seed_1`, `margin`, `scores` (JSON: raw and z-scored rewards and "
+              "composites of both images), `model_ids` (JSON: the generator), `config_hash`. `critique`, "
+              "`instructions`, `edit_prompt`, `editor`, `edit_mask` are null (nothing was edited).", "",
+              "## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]
+    for st in summary["stages"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in st["reasons"].items()) or "–"
+        lines.append(f"| {st['stage']} | {st['rows']} | {st['kept']} | {st['rejected']} | {reasons} |")
+    per = ", ".join(f"{k} pair(s): {v} prompt(s)" for k, v in sorted(stats["pairs_per_prompt"].items())) or "–"
+    lines += ["", "## Labels", "", f"- label_0 counts: {json.dumps(summary.get('label_0', {}), sort_keys=True)}",
+              f"- pairs per prompt: {per}"]
+    if stats["margin"]:
+        m = stats["margin"]
+        lines.append(f"- composite margin of the kept pairs: min {m['min']:.4g}, median {m['median']:.4g}, max {m['max']:.4g}")
+    lines += ["", "## Rewards over the scored samples", "", "| reward | weight | mean ± std [min, max] | samples |", "|---|---|---|---|"]
+    for name, s in stats["rewards"].items():
+        cell = f"{s['mean']:.4g} ± {s['std']:.3g} [{s['min']:.4g}, {s['max']:.4g}]" if s else "–"
+        lines.append(f"| {titles.get(name, name)} | {rewards.get(name, {}).get('weight', 1.0):g} | {cell} | {s['n'] if s else 0} |")
+    lines += ["", "## Use", "", USAGE, "", "## Config", "", "The effective profile of the run:", "", "```json",
+              json.dumps(profile, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def _description(profile: dict) -> str:
+    name = profile.get("name", "?")
+    return f"Profile: `{name}`" + (f": {profile['description'].strip()}" if profile.get("description") else ".")
+
+
+def write_rebuild_card(store, run: str, summary: dict, profile: dict, scores: pa.Table | None,
+                       ranked: pa.Table | None) -> dict[str, str]:
+    """<run>/pairs/README.md of a rebuild run; returns its location."""
+    from richpref.run.storage import join
+
+    relabel = profile.get("relabel", {})
+    rewards = relabel.get("rewards", {})
+    scored = [n for n, r in rewards.items() if r.get("weight", 1.0) != 0 or n in (relabel.get("report_only") or [])]
+    stats = rebuild_stats(scores, ranked, scored)
+    store.fs.makedirs(store.stage_dir("pairs"), exist_ok=True)
+    card = join(store.stage_dir("pairs"), "README.md")
+    store.fs.pipe_file(card, render_rebuild_card(run, summary, stats, profile).encode())
+    return {"README.md": store.uri(card)}

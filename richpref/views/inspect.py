@@ -1,0 +1,158 @@
+"""duckdb views over a run: one view per stage (joined on item_id), and the summary the demo prints."""
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from richpref.run.storage import RunStore
+from richpref.tasks import ALL_OUTPUTS, OUTPUTS, PAIR_KEYED
+
+SQL_STRING = str.maketrans({"'": "''"})
+
+
+def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """An in-memory duckdb with a view per stage that has shards (`source`, `sample`, … `pairs`)."""
+    store = RunStore(data_dir, run)
+    con = duckdb.connect()
+    if "://" in store.data_dir:
+        # Remote runs are read through the run's own fsspec filesystem (same endpoint and credentials
+        # as the curate that wrote them), not duckdb's httpfs extension, which would be downloaded on
+        # first use (impossible offline) and configured apart.
+        con.execute("SET autoinstall_known_extensions = false")
+        con.register_filesystem(store.fs)
+    views = []
+    for out in ALL_OUTPUTS:
+        files = [store.uri(store.shard_path(out, s)) for s in store.shards(out)]
+        if not files:
+            continue
+        listing = ", ".join("'" + f.translate(SQL_STRING) + "'" for f in files)
+        con.execute(f'create view "{out}" as select * from read_parquet([{listing}], union_by_name=true)')
+        views.append(out)
+    if not views:
+        raise FileNotFoundError(f"run {run!r} has no shards under {store.uri(store.root)}; run `richpref curate --run {run}` first")
+    # A rebuild's pairs (several per item, keyed by pair index) are looked up, not joined.
+    apart = PAIR_KEYED & set(views)
+    _create_pairs_full(con, [v for v in views if v not in apart and not (apart and v == "pairs")], pairs_apart=bool(apart))
+    return con, views + ["pairs_full"]
+
+
+def _create_pairs_full(con: duckdb.DuckDBPyConnection, views: list[str], pairs_apart: bool = False) -> None:
+    """Every item with its furthest stage: one row per source item and edit candidate, each stage's
+    columns left-joined (on item_id, and on candidate from the edit stage on).
+
+    A column name already taken by an earlier stage gets the stage as prefix (`critique_status`);
+    image columns are left out to keep the view light (join the stage view for them). `exported`
+    says the item has a pair, `in_pair` that this candidate's edit is in it.
+    """
+    seen: set[str] = set()
+    select, joins = [], []
+    candidate_from = None
+    for v in views:
+        cols = con.execute(f'describe "{v}"').fetchall()
+        names = {name for name, *_ in cols}
+        alias = f"t_{v}"
+        for name, ctype, *_ in cols:
+            if name == "item_id" or ctype.upper().startswith("BLOB") or (name == "candidate" and candidate_from):
+                continue
+            out = name if name not in seen else f"{v}_{name}"
+            seen.add(out)
+            select.append(f'{alias}."{name}" as "{out}"')
+        if v == views[0]:
+            joins.append(f'"{v}" {alias}')
+        elif "candidate" in names and candidate_from:
+            joins.append(f'left join "{v}" {alias} on {alias}.item_id = t_{views[0]}.item_id '
+                         f'and {alias}.candidate = t_{candidate_from}.candidate')
+        else:
+            joins.append(f'left join "{v}" {alias} on {alias}.item_id = t_{views[0]}.item_id')
+        if "candidate" in names and not candidate_from:
+            candidate_from = v
+    if pairs_apart:  # rebuild: an item may have several pairs, each of two samples
+        first = f"t_{views[0]}.item_id"
+        select.append(f"exists (select 1 from pairs p where p.item_id = {first}) as exported")
+        if candidate_from:
+            select.append(f"coalesce(exists (select 1 from pairs p where p.item_id = {first} and "
+                          f"t_{candidate_from}.candidate in (p.candidate_0, p.candidate_1)), false) as in_pair")
+    elif "pairs" in views:
+        select.append("(t_pairs.item_id is not null) as exported")
+        if candidate_from:
+            select.append(f"coalesce(t_{candidate_from}.candidate in (t_pairs.candidate_0, t_pairs.candidate_1), false) as in_pair")
+    con.execute(f"create view pairs_full as select t_{views[0]}.item_id, {', '.join(select)} from {' '.join(joins)}")
+
+
+def summary(data_dir: str, run: str) -> dict:
+    con, views = connect(data_dir, run)
+    stages = []
+    for v in views:
+        if v == "pairs_full":
+            continue
+        if v == "pairs":
+            n = con.execute('select count(*) from "pairs"').fetchone()[0]
+            stages.append({"stage": v, "rows": n, "kept": n, "rejected": 0, "reasons": {}})
+            continue
+        rows, kept = con.execute(f"select count(*), count(*) filter (where status = 'ok') from \"{v}\"").fetchone()
+        reasons = dict(con.execute(
+            f"select split_part(reason, ':', 1) as r, count(*) from \"{v}\" where status <> 'ok' group by 1 order by 2 desc, 1"
+        ).fetchall())
+        stages.append({"stage": v, "rows": rows, "kept": kept, "rejected": rows - kept, "reasons": reasons})
+    out = {"run": run, "stages": stages}
+    if "relabel" in views:
+        # over the pairs that hold the original (best-vs-worst pairs of two edits cannot flip)
+        n, flipped = con.execute("select count(*), count(*) filter (where flipped) from relabel "
+                                 "where status = 'ok' and coalesce(candidate_0, -1) = -1").fetchone()
+        out["flip_rate"] = (flipped / n) if n else None
+    if "pairs" in views:
+        out["label_0"] = dict(con.execute("select label_0, count(*) from pairs group by 1 order by 1").fetchall())
+    return out
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"run {s['run']}", f"{'stage':<10} {'rows':>6} {'kept':>6} {'rejected':>9}  reasons"]
+    for st in s["stages"]:
+        reasons = ", ".join(f"{k}={v}" for k, v in st["reasons"].items())
+        lines.append(f"{st['stage']:<10} {st['rows']:>6} {st['kept']:>6} {st['rejected']:>9}  {reasons}")
+    if s.get("flip_rate") is not None:
+        lines.append(f"flip rate (edit scored lower than the original): {s['flip_rate']:.1%}")
+    if "label_0" in s:
+        lines.append(f"pairs label_0 counts: {json.dumps({str(k): v for k, v in s['label_0'].items()})}")
+    return "\n".join(lines)
+
+
+def status(data_dir: str, run: str) -> dict:
+    """Per stage: shards done / missing / failed (as of the last curate run), from the manifests."""
+    store = RunStore(data_dir, run)
+    last: dict = {}
+    run_json = store.root + "/run.json"
+    if store.fs.exists(run_json):
+        last = json.loads(store.fs.cat_file(run_json))
+    from richpref.run.runner import stage_manifests  # committed shards, from their manifests alone
+
+    expected = sorted(stage_manifests(store, "source"))
+    failed_by_stage: dict[str, list[int]] = {}
+    for f in last.get("failed", []):
+        where = f.split(":", 1)[0]
+        for part in where.split(", "):
+            stage, _, shard = part.partition("/part-")
+            if shard.isdigit():
+                failed_by_stage.setdefault(stage, []).append(int(shard))
+    stages = []
+    from richpref.tasks import PIPELINE, REBUILD, REBUILD_OUTPUTS
+
+    profile_json = store.root + "/profile.json"
+    rebuild = store.fs.exists(profile_json) and json.loads(store.fs.cat_file(profile_json)).get("pipeline") == "rebuild"
+    names = {s.out: s.name for s in (REBUILD if rebuild else PIPELINE)}
+    for out in (REBUILD_OUTPUTS if rebuild else OUTPUTS):
+        have = sorted(stage_manifests(store, out))
+        failed = sorted(failed_by_stage.get(names.get(out, out), []))
+        missing = [s for s in expected if s not in have and s not in failed]
+        stages.append({"stage": out, "done": len(have), "missing": missing, "failed": failed})
+    return {"run": run, "state": last.get("state", "unknown"), "shards": len(expected), "stages": stages}
+
+
+def format_status(st: dict) -> str:
+    lines = [f"run {st['run']}: {st['shards']} shard(s), last curate run {st['state']}",
+             f"{'stage':<10} {'done':>5} {'missing':>8} {'failed':>7}"]
+    for s in st["stages"]:
+        lines.append(f"{s['stage']:<10} {s['done']:>5} {len(s['missing']):>8} {len(s['failed']):>7}"
+                     + (f"  failed: {s['failed']}" if s["failed"] else ""))
+    return "\n".join(lines)
