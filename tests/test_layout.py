@@ -109,3 +109,53 @@ def test_no_file_over_400_lines():
     long = {str(p.relative_to(REPO)): n for pkg in ("richpref", "flows") for p in (REPO / pkg).rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines (split them into clearer modules): {long}"
+
+
+# The packages of the library, lowest layer first. A module may import its own package and any package of a
+# lower layer, never a higher one: the tree shows the architecture (docs/architecture.md draws it).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("common", "prompts", "data"),  # generic helpers, prompt templates, bundled data
+    ("schemas",),                   # configs and table schemas
+    ("models", "sources"),          # model backends; source readers
+    ("tasks",),                     # the stages: pure functions over shards
+    ("run",),                       # the shard runner and its orchestration
+    ("training",),                  # finetune and evaluate
+    ("views", "exports"),           # read a finished run: inspect, report, card; exports for other trainers
+    ("doctor", "recipes"),          # measure a run's cost; recipes of several flows (rounds, relabel-dataset)
+    ("ops",),                       # processes richpref owns: Prefect server, pools, entrypoints
+    ("cli",),                       # the command line
+)
+MAX_ROOT_MODULES = 1  # richpref/__init__.py only
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    if len(parts) < 2 or parts[0] != "richpref":
+        return None
+    return next((i for i, pkgs in enumerate(LAYERS) if parts[1] in pkgs), None)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for mod, deps in graph.items():
+        here = layer_of(mod)
+        for dep in deps:
+            there = layer_of(dep)
+            if here is not None and there is not None and there > here:
+                out.append(f"{mod} -> {dep}")
+    return sorted(out)
+
+
+def test_every_package_has_a_layer_and_the_root_holds_no_loose_modules():
+    packages = {p.name for p in (REPO / "richpref").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    known = {p for pkgs in LAYERS for p in pkgs}
+    assert packages <= known, f"packages without a layer in LAYERS: {sorted(packages - known)}"
+    loose = sorted(p.name for p in (REPO / "richpref").glob("*.py"))
+    assert len(loose) <= MAX_ROOT_MODULES, f"loose modules at richpref/'s root (move them into a package): {loose}"
+
+
+def test_no_module_imports_a_higher_layer():
+    assert upward_imports({"richpref.tasks.a": {"richpref.run.runner"}}) == ["richpref.tasks.a -> richpref.run.runner"]
+    assert upward_imports({"richpref.run.a": {"richpref.tasks.b", "richpref.run.c"}}) == []
+    up = upward_imports(import_graph(("richpref",)))
+    assert not up, f"imports from a lower layer into a higher one (move the shared code down): {up}"

@@ -23,7 +23,7 @@ def test_the_hpsv2_version_is_explicit_and_named_in_every_table():
     import pytest
     from pydantic import ValidationError
 
-    from richpref.views.datacard import reward_titles
+    from richpref.schemas.reward_titles import reward_titles
     from richpref.training.evaluation import to_markdown
     from richpref.schemas.config import RewardSpec
     from richpref.schemas.training import load_evaluate_config

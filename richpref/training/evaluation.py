@@ -245,7 +245,7 @@ def write_results(out: Path, cfg: EvaluateConfig, files: dict[str, str], scores:
 
     rows = summary_table(scores, [m.name for m in cfg.models])
     pq.write_table(pa.Table.from_pylist(rows), out / "table.parquet")
-    from richpref.views.datacard import reward_titles
+    from richpref.schemas.reward_titles import reward_titles
 
     titles = reward_titles({n: s.model_dump() for n, s in cfg.rewards.items()})
     markdown = to_markdown(rows, titles)

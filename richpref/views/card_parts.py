@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import json
 
+from richpref.schemas.reward_titles import reward_titles  # noqa: F401 - the cards' names for rewards
+
 
 def _front_matter(title: str) -> list[str]:
     return ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train", '    path: "part-*.parquet"',
             "task_categories:", "- text-to-image", "tags:", "- preference", "- dpo", "- pick-a-pic-format", "- richpref",
             f"pretty_name: {json.dumps(title)}", "---", ""]
-
-
-def reward_titles(rewards: dict[str, dict]) -> dict[str, str]:
-    """Reward name -> how the tables name it: `hpsv2 (HPSv2 v2.0)` (v2.0 and v2.1 scores are not comparable)."""
-    return {n: f"{n} (HPSv2 {r.get('version') or 'v2.0'})" if r.get("kind") == "hpsv2" else n for n, r in rewards.items()}
 
 
 USAGE = """```python

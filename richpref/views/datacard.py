@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from richpref.views.card_parts import USAGE, _front_matter, reward_titles  # noqa: F401 - reward_titles re-exported
+from richpref.schemas.reward_titles import reward_titles
+from richpref.views.card_parts import USAGE, _front_matter  # noqa: F401 - USAGE re-exported
 from richpref.views.plots import flip_rate_png, margin_histogram_png, reward_distributions_png
 
 PLOTS = ("reward_distributions.png", "flip_rate.png", "margin_histogram.png")
