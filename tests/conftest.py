@@ -1,5 +1,5 @@
 """Session fixtures: offline env, an isolated Prefect, the tiny models built once, and the fixtures tests
-in tests/ and tests/stages/ share. Fixtures only the stage tests share: tests/stages/conftest.py."""
+in tests/ and tests/tasks/ share. Fixtures only the stage tests share: tests/tasks/conftest.py."""
 from __future__ import annotations
 
 import os
@@ -24,6 +24,14 @@ os.environ.pop("RICHPREF_FAULTS", None)
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests mirror the packages in folders; a test may reuse another's helpers by module name
+# (`from test_curate_flow import curate_run`), whichever folder either sits in.
+import sys  # noqa: E402
+
+for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and p.name not in ("data", "__pycache__")):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 
 def pytest_collection_finish(session):
@@ -91,7 +99,7 @@ def release_resident():
 def mini_run(tiny_models, tmp_path_factory):
     """(data dir, store, profile) of the mini run "mini": shard 0 of every stage up to the filter written
     by hand, then score, relabel and export through the real stages (tests/relabel_helpers.py). Built
-    once per session for the score, relabel and export stage tests and tests/test_flip_rate.py."""
+    once per session for the score, relabel and export stage tests and tests/tasks/test_flip_rate.py."""
     from relabel_helpers import build_mini_run
 
     return build_mini_run(tiny_models, tmp_path_factory)

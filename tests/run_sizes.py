@@ -4,7 +4,7 @@ Most of a tiny run's time is fixed cost (imports, model loads, Prefect calls), n
 the score stage of the tiny profile loads eight rewards, seven of them report-only. Tests of the
 runner (crash/resume, leases, workers, deployments, rounds) keep ImageReward, the one reward that
 votes, and the DINOv2 subject gate, so the pairs are still decided by the real relabel path.
-Tests of the rewards themselves use the full tiny profile (tests/test_rewards.py, tests/stages/).
+Tests of the rewards themselves use the full tiny profile (tests/models/test_rewards.py, tests/tasks/).
 """
 from __future__ import annotations
 

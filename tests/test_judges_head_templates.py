@@ -1,5 +1,5 @@
 """The questions of the reward-head judges (HPSv3, EditReward): richpref's default wording, a user's
-template file in its place (what the model then sees: tests/test_judges_head.py), checked before any
+template file in its place (what the model then sees: tests/models/test_judges_head.py), checked before any
 model loads, and part of the score stage's key."""
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ For a pair (x0_w, x0_l) with one noise sample ε and one noise level σ shared b
     L(x) = mean over latent elements of w·(v_θ(x_t) − v)² / mean(w)     (w = 1 without a mask)
     loss = −log σ(−β/2 · ((L_w − L_w,ref) − (L_l − L_l,ref)))
 
-as yifan123/flow_grpo's scripts/train_sd3_dpo.py computes it (tests/test_flow_dpo.py cites the lines).
+as yifan123/flow_grpo's scripts/train_sd3_dpo.py computes it (tests/training/test_flow_dpo.py cites the lines).
 σ is drawn as diffusers' SD3/FLUX DreamBooth scripts draw it: u from `weighting_scheme` (logit-normal,
 mode, uniform), then the scheduler's sigma table at index ⌊u·N⌋ (the table carries the shift). The
 optional per-element weight `w` is the edit-region mask on the latent grid with a floor outside it.

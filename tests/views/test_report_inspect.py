@@ -54,7 +54,7 @@ def test_pairs_full_view_has_one_row_per_source_item(finished_run, runs_dir):
 def test_every_query_in_the_docs_runs_against_a_run(finished_run, runs_dir):
     import re
 
-    text = (Path(__file__).parent.parent / "docs" / "queries.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "queries.md").read_text()
     queries = [q.strip() for q in re.findall(r"```sql\n(.*?)```", text, flags=re.S)]
     assert len(queries) >= 10
     con, _ = connect(str(runs_dir), "ref")
@@ -93,7 +93,7 @@ def test_inspect_notebook_executes_against_a_run(finished_run, runs_dir, monkeyp
     import nbformat
     from nbclient import NotebookClient
 
-    nb_path = Path(__file__).resolve().parents[1] / "notebooks" / "inspect.ipynb"
+    nb_path = Path(__file__).resolve().parents[2] / "notebooks" / "inspect.ipynb"
     nb = nbformat.read(nb_path, as_version=4)
     monkeypatch.setenv("RICHPREF_DATA_DIR", str(runs_dir))
     monkeypatch.setenv("RICHPREF_RUN", "ref")

@@ -1,6 +1,6 @@
 """The critique stage (richpref/tasks/critique.py): the reject rules on fixed strings, then critique
 rows on the tiny LLaVA-OneVision critic checked against a direct call of the model. "No issues." on
-fixed strings: tests/test_vlm_text.py."""
+fixed strings: tests/tasks/test_vlm_text.py."""
 from __future__ import annotations
 
 import pyarrow as pa

@@ -15,7 +15,7 @@ import torch
 from richpref.run.storage import RunStore
 from run_sizes import ONE_REWARD
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = "rounds-tiny"
 
 

@@ -30,7 +30,7 @@ from richpref.run.storage import RunStore
 from richpref.tasks import ALL_STAGES
 from s3_server import S3Server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TAG = f"{os.getpid() % 100000}"
 NS = {"a": f"rp-a-{TAG}", "b": f"rp-b-{TAG}"}

@@ -17,7 +17,7 @@ from richpref.doctor.checks import weight_files, weights_bytes
 from richpref.models.runtime import resident
 from richpref.tasks import PIPELINE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ["source"] + [s.name for s in PIPELINE]
 
 

@@ -1,4 +1,4 @@
-"""Fixtures the stage test files (tests/stages/test_<stage>.py) share: `vlms` (critique, instruct,
+"""Fixtures the stage test files (tests/tasks/test_<stage>.py) share: `vlms` (critique, instruct,
 check, filter) and `pickapic` (source, sample). Each was module-scoped in the one file that held its
 users (and `vlms` again in test_check_stage.py, by import); the split spreads those users over
 several modules, so both are session-scoped here: built once, never more often than before.

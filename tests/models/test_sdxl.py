@@ -1,6 +1,6 @@
 """The tiny SDXL (richpref/models/tiny/diffusion.py) and the image backends on it: the SDXL architecture,
 seed-deterministic builders, seeded text-to-image, batch composition, ControlNet img2img. Runs
-offline on CPU at 64×64 with 2-4 steps. The sample and edit stages on SDXL: tests/stages/."""
+offline on CPU at 64×64 with 2-4 steps. The sample and edit stages on SDXL: tests/tasks/."""
 from __future__ import annotations
 
 from pathlib import Path

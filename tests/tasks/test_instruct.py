@@ -1,8 +1,8 @@
 """The instruct stage (richpref/tasks/instruct.py): its guards and the one-step variant on fixed
 strings (random-weight models cannot write an instruction about an apple), then instruct rows and
 the visibility and faithfulness questions on the tiny Qwen2.5-VL, checked against direct calls of the
-model. The text guards on a corpus of realistic answers: tests/test_instruction_guards.py; list
-parsing, grounding and edit targets: tests/test_vlm_text.py."""
+model. The text guards on a corpus of realistic answers: tests/tasks/test_instruction_guards.py; list
+parsing, grounding and edit targets: tests/tasks/test_vlm_text.py."""
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,5 @@
 """Bad and hostile input: every row gets a clear reason, counts add up, nothing is evaluated or escapes.
-One stage's bad input is tested with that stage (tests/stages/): the source's bad rows, prompts and
+One stage's bad input is tested with that stage (tests/tasks/): the source's bad rows, prompts and
 missing columns in test_source.py, the sample stage's bad dataset images in test_sample.py."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The VLM stages' text helpers (richpref/tasks/vlm_text.py) on fixed strings: lists, content words and
 grounding, edit targets, "no issues". Random-weight models cannot write a bullet list, a "No issues."
 or an instruction about an apple, so every rule is pinned down here; the stages that use them are in
-tests/stages/."""
+tests/tasks/."""
 from __future__ import annotations
 
 import pytest

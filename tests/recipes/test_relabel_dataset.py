@@ -1,6 +1,6 @@
 """`richpref relabel-dataset` (richpref/recipes/relabel_dataset.py): an existing Pick-a-Pic dataset relabelled
 from the command line with the relabel stage's rules, the settings it takes from a profile and the
-ones it refuses. Not a curate stage: the relabel stage itself is tests/stages/test_relabel.py."""
+ones it refuses. Not a curate stage: the relabel stage itself is tests/tasks/test_relabel.py."""
 from __future__ import annotations
 
 import io

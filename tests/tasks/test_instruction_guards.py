@@ -13,7 +13,7 @@ from richpref.tasks import instruct as instruct_stage
 from richpref.tasks.instruction_guards import contradiction, is_commentary, says_no_edit, split_sentences
 from richpref.tasks.vlm_text import instruction_target, object_phrase, parse_list, strip_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():

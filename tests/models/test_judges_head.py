@@ -343,7 +343,7 @@ def _doctor_with(tmp_path, tiny_models, capsys, reward: dict) -> tuple[int, str]
 
     from richpref.cli.commands import main
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     data = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
     data.update(models_root=str(tiny_models))
     data["source"]["path"] = str(repo / data["source"]["path"])
