@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+from richpref.common.atomic import write_atomic
 
 log = logging.getLogger("richpref")
 
@@ -80,9 +81,7 @@ def _register(proc: subprocess.Popen, name: str, cmd: list[str]) -> None:
     record = {"pid": proc.pid, "start_time": start_time(proc.pid), "name": name, "parent_pid": os.getpid(),
               "parent_start_time": start_time(os.getpid()), "cmd": [str(c) for c in cmd]}
     path = _record_path(proc.pid)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(record).encode())
 
 
 def _unregister(pid: int) -> None:

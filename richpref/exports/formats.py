@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from richpref.common.atomic import write_atomic
 
 FORMATS = ("pickapic", "kohya-wl", "simpletuner", "jsonl")
 KNOWN_LABELS = (0, 1)
@@ -117,10 +116,7 @@ class Writer:
         self.files.append(rel)
         if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
 
     def note(self, key: str) -> None:
         self.notes[key] = self.notes.get(key, 0) + 1

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pyarrow.parquet as pq
 from richpref.exports.formats import FORMATS, WRITERS, Pair
 from richpref.run.runner import stage_manifests
 from richpref.run.storage import RunStore
+from richpref.common.atomic import write_atomic
 
 MANIFEST = "richpref-export.json"
 SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -72,10 +71,7 @@ def _sha256(fs, path: str) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def _previous(out: Path, fmt: str) -> dict:

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +21,7 @@ from richpref.schemas.config import Profile, RelabelConfig
 from richpref.schemas.relabel import EDIT_JUDGES
 from richpref.tasks.relabel import relabel_rows
 from richpref.tasks.relabel_score import RewardSet
+from richpref.common.atomic import write_atomic
 
 log = logging.getLogger("richpref")
 
@@ -105,9 +105,7 @@ def relabel_pickapic_table(table: pa.Table, cfg: RelabelConfig, get_scorer, *, s
 def _write_parquet(fs, path: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    fs.pipe_file(tmp, buf.getvalue())
-    fs.mv(tmp, path)
+    write_atomic(path, buf.getvalue(), fs=fs)
 
 
 def relabel_dataset(src: str | list[str], out_dir: str, profile: Profile, reward: str | None = None, *,

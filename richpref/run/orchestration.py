@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from richpref.run.gpu_claims import gpu_claim
 from richpref.run.leases import Busy, lease_seconds
-from richpref.run.runner import ShardManifest, committed_many, content_key, drop_shards_from, leased_shards, stage_manifests, stage_shards
+from richpref.run.runner import ShardManifest, committed_many, drop_shards_from, leased_shards, stage_state
 from richpref.schemas.config import Profile
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_OUTPUTS
@@ -141,13 +141,11 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     the task runner. Shards another live process holds are waited for (their holder commits them, or
     dies and this process takes them over). Returns the stage's manifests and its failures.
     `failed_before`: shards that failed in this run's pipelined pass, reported and not run again."""
-    shards = stage_shards(stage, profile, manifests)
-    if not stage.reads:
-        drop_shards_from(store, list(ALL_OUTPUTS), len(shards))
-    inputs = {s: {r: manifests[r][s] for r in stage.reads} for s in shards}
-    keys = {s: content_key(stage, profile, s, inputs[s]) for s in shards}
-    have = stage_manifests(store, stage.out)
-    done = {s: have[s] for s in shards if s in have and have[s].key == keys[s]}
+    count = None if stage.reads else stage.count_shards(profile)
+    if count is not None:
+        drop_shards_from(store, list(ALL_OUTPUTS), count)
+    state = stage_state(stage, profile, store, manifests, source_shards=count)  # the runner says what is done
+    shards, inputs, keys, done = sorted(state.keys), state.inputs, state.keys, dict(state.done)
     failed = [f"{stage.name}/part-{s:05d}: {err}" for s, err in sorted((failed_before or {}).items()) if s not in done]
     pending = [s for s in shards if s not in done and s not in (failed_before or {})]
     progress = create_progress_artifact(100.0 * len(done) / max(1, len(shards)),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from richpref.run.gpu_claims import gpu_claim
 from richpref.run.leases import Busy
-from richpref.run.runner import ShardManifest, content_key, drop_shards_from, stage_manifests
+from richpref.run.runner import ShardManifest, content_key, drop_shards_from, is_current, stage_manifests
 from richpref.schemas.config import Profile
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_OUTPUTS
@@ -64,7 +64,7 @@ def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run
             inputs = {r: refs[r][s] for r in stage.reads}
             key = content_key(stage, profile, s, inputs)
             m = have.get(s)
-            if m is not None and m.key == key:
+            if is_current(m, key):
                 refs[stage.out][s] = m
                 continue
             params = {r: futures[(r, s)] if isinstance(v, Submitted) else v for r, v in inputs.items()}

@@ -101,13 +101,19 @@ def _parse(text: bytes) -> ShardManifest | None:
         return None  # unreadable or of another layout: not committed
 
 
+def is_current(manifest: ShardManifest | None, key: str) -> bool:
+    """The rule of completion, in one place: a shard is done when a committed manifest (its Parquet
+    file listed beside it) carries the content key the shard has now."""
+    return manifest is not None and manifest.key == key
+
+
 def committed(store: RunStore, out: str, shard: int, key: str) -> ShardManifest | None:
     """The shard's manifest if it was committed for `key` and its file is there, else None."""
     try:
         m = _parse(cat_small(store.fs, manifest_path(store, out, shard)))
     except FileNotFoundError:
         return None
-    if m is None or m.key != key or not store.fs.exists(store.shard_path(out, shard)):
+    if not is_current(m, key) or not store.fs.exists(store.shard_path(out, shard)):
         return None
     return replace(m, uri=store.uri(store.shard_path(out, shard)))  # where it is now (runs can be copied)
 
@@ -158,7 +164,7 @@ def stage_manifests(store: RunStore, out: str) -> dict[int, ShardManifest]:
 def committed_many(store: RunStore, out: str, keys: dict[int, str]) -> dict[int, ShardManifest]:
     """`committed` for many shards of one stage: one listing, their manifests read concurrently."""
     found = _manifests(store, out, _listing(store, out), sorted(keys))
-    return {s: m for s, m in found.items() if m.key == keys[s]}
+    return {s: m for s, m in found.items() if is_current(m, keys[s])}
 
 
 def leased_shards(store: RunStore, out: str, shards: list[int]) -> set[int]:
@@ -307,7 +313,47 @@ def write_shard(store: RunStore, out: str, shard: int, table: pa.Table, key: str
     return manifest
 
 
-# planning -----------------------------------------------------------------------------------------
+# what is done -------------------------------------------------------------------------------------
+@dataclass
+class StageState:
+    """A stage's shards as the runner sees them now: done (committed for their current key), to do
+    (inputs committed; output missing or of another key), blocked (an input shard is not done)."""
+    stage: str
+    done: dict[int, ShardManifest] = field(default_factory=dict)
+    todo: dict[int, str] = field(default_factory=dict)  # shard -> the key it is to be computed for
+    blocked: list[int] = field(default_factory=list)
+    inputs: dict[int, dict[str, ShardManifest]] = field(default_factory=dict)  # of done and to-do shards
+
+    @property
+    def keys(self) -> dict[int, str]:
+        return {**{s: m.key for s, m in self.done.items()}, **self.todo}
+
+
+def stage_state(stage: Stage, profile: Profile, store: RunStore, upstream: dict[str, dict[int, ShardManifest]],
+                upstream_pending: dict[str, set[int]] | None = None, source_shards: int | None = None) -> StageState:
+    """Which shards of `stage` are done, to do or blocked, given its input stages' done shards
+    (`upstream`) and, for a plan, the input shards still to do (`upstream_pending`: they block).
+    `source_shards`: a stage that reads no stage's shard count, when the caller has counted it."""
+    state = StageState(stage.name)
+    pending = upstream_pending or {}
+    count = source_shards if source_shards is not None else (0 if stage.reads else stage.count_shards(profile))
+    candidates = (range(count) if not stage.reads
+                  else sorted(set.union(*(set(upstream[r]) | pending.get(r, set()) for r in stage.reads))))
+    have = stage_manifests(store, stage.out)
+    for s in candidates:
+        if any(s not in upstream[r] for r in stage.reads):
+            state.blocked.append(s)
+            continue
+        inputs = {r: upstream[r][s] for r in stage.reads}
+        key = content_key(stage, profile, s, inputs)
+        state.inputs[s] = inputs
+        if is_current(have.get(s), key):
+            state.done[s] = have[s]
+        else:
+            state.todo[s] = key
+    return state
+
+
 @dataclass
 class StagePlan:
     stage: str
@@ -318,29 +364,14 @@ class StagePlan:
 
 def plan_stages(stages: tuple[Stage, ...], profile: Profile, store: RunStore) -> list[StagePlan]:
     """Per stage: shards done, to do, or blocked on an input to do; from the manifests alone."""
-    manifests: dict[str, dict[int, ShardManifest]] = {}
+    done: dict[str, dict[int, ShardManifest]] = {}
     pending: dict[str, set[int]] = {}  # shards to compute: their keys are unknown yet
     plans = []
     for stage in stages:
-        plan = StagePlan(stage.name)
-        have = stage_manifests(store, stage.out)
-        manifests[stage.out], pending[stage.out] = {}, set()
-        candidates = (range(stage.count_shards(profile)) if not stage.reads
-                      else sorted(set.union(*(set(manifests[r]) | pending[r] for r in stage.reads))))
-        for s in candidates:
-            if any(s not in manifests[r] for r in stage.reads):
-                plan.blocked.append(s)
-                pending[stage.out].add(s)
-                continue
-            key = content_key(stage, profile, s, {r: manifests[r][s] for r in stage.reads})
-            m = have.get(s)
-            if m is None or m.key != key:
-                plan.todo.append(s)
-                pending[stage.out].add(s)
-            else:
-                manifests[stage.out][s] = m
-                plan.done.append(s)
-        plans.append(plan)
+        state = stage_state(stage, profile, store, done, pending)
+        done[stage.out] = state.done
+        pending[stage.out] = set(state.todo) | set(state.blocked)
+        plans.append(StagePlan(stage.name, sorted(state.done), sorted(state.todo), state.blocked))
     return plans
 
 

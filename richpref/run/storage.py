@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from richpref.common.objstore import url_to_fs
+from richpref.common.atomic import write_atomic
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -68,12 +69,7 @@ class RunStore:
     # shards ---------------------------------------------------------------------------------------
     def write_bytes(self, path: str, data: bytes, before_commit=None) -> None:
         """Write to a temporary name, then rename into place: a reader never sees a partial file."""
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        self.fs.pipe_file(tmp, data)
-        if before_commit is not None:
-            before_commit()
-        self.fs.mv(tmp, path)
+        write_atomic(path, data, fs=self.fs, before_commit=before_commit)
 
     def read_shard(self, stage: str, shard: int) -> pa.Table:
         path = self.shard_path(stage, shard)

@@ -11,12 +11,12 @@ earlier shards' image columns.
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from richpref.common.atomic import write_atomic
 
 Digest = list[tuple[bytes, int, str]]  # (dedupe hash, row, item_id) of first occurrences
 
@@ -87,10 +87,9 @@ def _write(path: str, digest: Digest) -> None:
         pq.write_table(table, buf)
         fs.pipe_file(inner, buf.getvalue().to_pybytes())
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    write_atomic(path, buf.getvalue().to_pybytes())
 
 
 def _exists(path: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Callable
 import yaml
 
 from richpref.common.procs import spawn_owned, stop_owned
+from richpref.common.atomic import write_atomic
 from ..schemas.training import FinetuneConfig
 from .models import read_meta
 
@@ -79,9 +80,7 @@ def write_config(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_FILE
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
     return path
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from richpref.run.runner import stage_manifests
 from richpref.schemas.reward_titles import reward_titles
 from richpref.views.card_parts import USAGE, _front_matter  # noqa: F401 - USAGE re-exported
 from richpref.views.plots import flip_rate_png, margin_histogram_png, reward_distributions_png
@@ -189,7 +190,7 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
 
 
 def _read_stage(store, stage: str) -> pa.Table | None:
-    tables = [store.read_shard(stage, s) for s in store.shards(stage)]
+    tables = [store.read_shard(stage, s) for s in sorted(stage_manifests(store, stage))]  # committed shards only
     if not tables:
         return None
     return pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="default")

@@ -5,8 +5,9 @@ import json
 
 import duckdb
 
+from richpref.run.runner import stage_manifests
 from richpref.run.storage import RunStore
-from richpref.tasks import ALL_OUTPUTS, OUTPUTS, PAIR_KEYED
+from richpref.tasks import ALL_OUTPUTS, PAIR_KEYED
 
 SQL_STRING = str.maketrans({"'": "''"})
 
@@ -23,7 +24,7 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
         con.register_filesystem(store.fs)
     views = []
     for out in ALL_OUTPUTS:
-        files = [store.uri(store.shard_path(out, s)) for s in store.shards(out)]
+        files = [m.uri for _, m in sorted(stage_manifests(store, out).items())]  # committed shards only
         if not files:
             continue
         listing = ", ".join("'" + f.translate(SQL_STRING) + "'" for f in files)
@@ -119,15 +120,18 @@ def format_summary(s: dict) -> str:
 
 
 def status(data_dir: str, run: str) -> dict:
-    """Per stage: shards done / missing / failed (as of the last curate run), from the manifests."""
+    """Per stage of the run's pipeline: shards done / missing / failed (as of the last curate run).
+    Done is the runner's answer: committed for the key the shard has under the run's profile
+    (profile.json); a run without its profile counts every committed shard."""
+    from richpref.run.runner import plan_stages
+    from richpref.schemas.config import Profile
+    from richpref.tasks import ALL_STAGES, stages_for
+
     store = RunStore(data_dir, run)
     last: dict = {}
     run_json = store.root + "/run.json"
     if store.fs.exists(run_json):
         last = json.loads(store.fs.cat_file(run_json))
-    from richpref.run.runner import stage_manifests  # committed shards, from their manifests alone
-
-    expected = sorted(stage_manifests(store, "source"))
     failed_by_stage: dict[str, list[int]] = {}
     for f in last.get("failed", []):
         where = f.split(":", 1)[0]
@@ -135,17 +139,21 @@ def status(data_dir: str, run: str) -> dict:
             stage, _, shard = part.partition("/part-")
             if shard.isdigit():
                 failed_by_stage.setdefault(stage, []).append(int(shard))
-    stages = []
-    from richpref.tasks import PIPELINE, REBUILD, REBUILD_OUTPUTS
-
     profile_json = store.root + "/profile.json"
-    rebuild = store.fs.exists(profile_json) and json.loads(store.fs.cat_file(profile_json)).get("pipeline") == "rebuild"
-    names = {s.out: s.name for s in (REBUILD if rebuild else PIPELINE)}
-    for out in (REBUILD_OUTPUTS if rebuild else OUTPUTS):
-        have = sorted(stage_manifests(store, out))
-        failed = sorted(failed_by_stage.get(names.get(out, out), []))
+    if store.fs.exists(profile_json):
+        profile = Profile.model_validate_json(store.fs.cat_file(profile_json))
+        stages_run = stages_for(profile)
+        done = {st.out: plan.done for st, plan in zip(stages_run, plan_stages(stages_run, profile, store))}
+    else:
+        stages_run = ALL_STAGES
+        done = {st.out: sorted(stage_manifests(store, st.out)) for st in stages_run}
+    expected = sorted(set(done.get("source", [])) | set(stage_manifests(store, "source")))
+    stages = []
+    for st in stages_run:
+        have = done.get(st.out, [])
+        failed = sorted(failed_by_stage.get(st.name, []))
         missing = [s for s in expected if s not in have and s not in failed]
-        stages.append({"stage": out, "done": len(have), "missing": missing, "failed": failed})
+        stages.append({"stage": st.out, "done": len(have), "missing": missing, "failed": failed})
     return {"run": run, "state": last.get("state", "unknown"), "shards": len(expected), "stages": stages}
 
 

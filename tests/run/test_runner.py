@@ -37,6 +37,19 @@ def test_plan_and_status_read_manifests_not_shard_bytes(finished_run, runs_dir, 
     plan = {s.stage: s for s in plan_run(profile, str(runs_dir), "unread").stages}
     assert plan["edit"].todo == [2] and plan["cutout"].blocked == [2] and plan["instruct"].todo == []
     assert 2 not in stage_manifests(store, "edit")
+    # status asks the runner too: cutout's shard 2 still has its manifest, but it waits on edit's.
+    st = {s["stage"]: s for s in status(str(runs_dir), "unread")["stages"]}
+    assert st["edit"]["missing"] == [2] and st["cutout"]["missing"] == [2] and st["instruct"]["missing"] == []
+
+
+def test_views_read_committed_shards_only(finished_run, runs_dir):
+    from richpref.views.inspect import connect
+
+    store = _copy(runs_dir, "uncommitted")
+    rows = connect(str(runs_dir), "uncommitted")[0].execute('select count(*) from "edit"').fetchone()[0]
+    store.fs.rm(manifest_path(store, "edit", 2))  # its Parquet file stays: not committed, not read
+    left = connect(str(runs_dir), "uncommitted")[0].execute('select count(*) from "edit"').fetchone()[0]
+    assert left == rows - stage_manifests(RunStore(str(runs_dir), "ref"), "edit")[2].rows
 
 
 def test_a_shard_whose_manifest_is_missing_is_computed_again_and_only_it(finished_run, runs_dir, tiny_models):

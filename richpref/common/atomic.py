@@ -1,0 +1,30 @@
+"""Files a reader never sees half-written: the bytes go to `<name>.tmp-<unique>` beside the target,
+then one rename puts them in place (on an object store, fsspec's move of the whole object)."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+
+def temp_name(path: str | os.PathLike) -> str:
+    return f"{os.fspath(path)}.tmp-{uuid.uuid4().hex}"
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, fs=None, before_commit: Callable[[], None] | None = None) -> None:
+    """Write `data` to `path` through a temporary name. `fs`: an fsspec filesystem (None: the local
+    one). `before_commit` runs between the write and the rename (fault injection in tests)."""
+    tmp = temp_name(path)
+    if fs is None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(tmp).write_bytes(data)
+        if before_commit is not None:
+            before_commit()
+        os.replace(tmp, path)
+        return
+    fs.makedirs(os.fspath(path).rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(tmp, data)
+    if before_commit is not None:
+        before_commit()
+    fs.mv(tmp, os.fspath(path))
