@@ -127,12 +127,30 @@ def runs_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_torch_threads() -> int:
+    """torch's thread count as the session starts. Float sums on 1 and on 2 threads differ in the last
+    bits, and a tiny random VLM turns that into other words: runs compared with one another must be
+    computed on the same count, whichever module (one_torch_thread or not) first asks for them."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 @pytest.fixture(scope="session")
-def finished_run(runs_dir, tiny_models, prefect_harness):
-    """The reference tiny run "ref" (12 prompts, 3 shards), curated once per session."""
+def finished_run(runs_dir, tiny_models, prefect_harness, session_torch_threads):
+    """The reference tiny run "ref" (12 prompts, 3 shards), curated once per session on the session's
+    torch thread count (the tests that recompute its stages and compare run on it)."""
+    import torch
+
     from test_curate_flow import curate_run
 
-    return curate_run(runs_dir, "ref", tiny_models)
+    before = torch.get_num_threads()
+    torch.set_num_threads(session_torch_threads)
+    try:
+        return curate_run(runs_dir, "ref", tiny_models)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,8 @@ def test_scheduler_and_variant_are_in_the_key_compile_and_layout_are_not():
     # fields it always had (scheduler included; safety_checker and min_image_std since sample v2), the
     # edit key never saw a scheduler; variant and max_sequence_length count only when set.
     old = {k: v for k, v in base.model_dump(mode="json").items()
-           if k not in ("batch_size", "device", "dtype", "compile", "channels_last", "variant", "max_sequence_length")}
+           if k not in ("batch_size", "device", "dtype", "compile", "channels_last", "variant", "max_sequence_length",
+                        "num_samples")}
     assert config_hash(base) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert "scheduler" not in EditConfig().model_dump(exclude={"scheduler"})
 

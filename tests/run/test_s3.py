@@ -168,7 +168,7 @@ def test_a_wrong_credential_or_endpoint_fails_in_seconds_naming_the_data_dir_and
 
 
 def test_a_parquet_source_on_s3_is_read_by_row_group_and_gives_the_local_shards(s3, bucket, tmp_path):
-    from stages.test_source import _pickapic
+    from test_source import _pickapic
 
     from richpref.common.objstore import url_to_fs
     from richpref.schemas.config import SourceConfig
@@ -195,7 +195,7 @@ def test_a_parquet_source_on_s3_is_read_by_row_group_and_gives_the_local_shards(
 
 
 def test_dedupe_digests_are_written_once_into_an_s3_run_folder_and_read_back_by_other_workers(s3, bucket, tmp_path):
-    from stages.test_source import _dupes_source
+    from test_source import _dupes_source
 
     from richpref.sources import dedupe
     from richpref.sources import parquet as parquet_reader
