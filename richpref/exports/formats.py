@@ -71,15 +71,24 @@ def common_reason(p: Pair) -> str | None:
     return None
 
 
-def folder_reason(p: Pair, empty_caption: str) -> str | None:
-    """What an image-folder format cannot hold: `common_reason`, an image without a known file
-    extension, or an empty caption file (`empty_caption` says why the trainer refuses it)."""
+def file_reason(p: Pair) -> str | None:
+    """What a format writing each image to its own file cannot hold: `common_reason`, or an image
+    without a known file extension."""
     reason = common_reason(p)
     if reason:
         return reason
     for side in ("jpg_0", "jpg_1"):
         if image_ext(p.row[side]) is None:
             return f"unknown_image_format: {side} is not PNG, JPEG or WebP"
+    return None
+
+
+def folder_reason(p: Pair, empty_caption: str) -> str | None:
+    """What an image-folder format cannot hold: `common_reason`, an image without a known file
+    extension, or an empty caption file (`empty_caption` says why the trainer refuses it)."""
+    reason = file_reason(p)
+    if reason:
+        return reason
     if not one_line(p.row.get("caption")):
         return f"empty_caption: {empty_caption}"
     return None
@@ -279,13 +288,7 @@ class JsonlWriter(Writer):
         self._lines: list[str] = []
 
     def holds(self, p: Pair) -> str | None:
-        reason = common_reason(p)
-        if reason:
-            return reason
-        for side in ("jpg_0", "jpg_1"):
-            if image_ext(p.row[side]) is None:
-                return f"unknown_image_format: {side} is not PNG, JPEG or WebP"
-        return None
+        return file_reason(p)
 
     def add(self, p: Pair) -> None:
         paths = {}

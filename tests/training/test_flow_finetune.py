@@ -326,6 +326,7 @@ def test_memory_estimate_counts_lora_full_and_fsdp(tiny_models, pairs):
         (full["weights_gb"] + full["training_state_gb"]) / 4)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine may run FSDP")
 def test_fsdp_without_cuda_is_refused_before_launch_and_in_the_trainer(tiny_models, pairs, tmp_path):
     """accelerate (1.16) runs FSDP on GPUs only: on CPU its plugin refuses sync_module_states, and without
     it the processes run unsharded data parallelism. `fsdp: true` there is refused, not silently unsharded."""
@@ -333,8 +334,6 @@ def test_fsdp_without_cuda_is_refused_before_launch_and_in_the_trainer(tiny_mode
     from richpref.training.launcher import launch_training
     from richpref.training.train import train
 
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA machine may run FSDP")
     cfg = flow_config(tiny_models, pairs, "flux", mode="full", fsdp=True, gradient_checkpointing=True)
     with pytest.raises(ValueError, match=r"fsdp: true, but this machine has no CUDA device.*use mode: lora"):
         launch_training(cfg, tmp_path / "launched", num_processes=2)

@@ -62,16 +62,9 @@ def qwen_resize(image: Image.Image, factor: int = 28, min_pixels: int = 4 * 28 *
     """The Qwen-VL reference's own resize (qwen_vl_utils): each side to a multiple of `factor`, the
     area into [min_pixels, max_pixels], aspect kept, bicubic. Done before either backend sees the
     image, so the server gets the pixels the in-process model gets."""
-    import math
+    from .qwen_head import smart_size
 
-    w, h = image.size
-    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
-    if hb * wb > max_pixels:
-        beta = math.sqrt(h * w / max_pixels)
-        hb, wb = math.floor(h / beta / factor) * factor, math.floor(w / beta / factor) * factor
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
-        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    hb, wb = smart_size(image.height, image.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     rgb = image.convert("RGB")
     return rgb if (wb, hb) == rgb.size else rgb.resize((wb, hb), Image.Resampling.BICUBIC)
 

@@ -36,19 +36,21 @@ MAX_RATIO = 200
 HEAD_LINEAR_AT = (0, 3, 5)  # Linear, ReLU, Dropout, Linear, ReLU, Linear
 
 
-def smart_size(height: int, width: int, pixels: int = PIXELS, factor: int = FACTOR) -> tuple[int, int]:
-    """(h, w), multiples of `factor`, with the aspect ratio kept and h·w brought to about `pixels`
-    (min = max pixels, as both references ask): round each side, then scale down (floor) when over,
-    up (ceil) when under."""
+def smart_size(height: int, width: int, pixels: int = PIXELS, factor: int = FACTOR,
+               min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+    """(h, w), multiples of `factor`, with the aspect ratio kept and h·w brought into [min_pixels,
+    max_pixels] (both `pixels` unless given: min = max, as the reward references ask), as qwen_vl_utils'
+    smart_resize does: round each side, then scale down (floor) when over, up (ceil) when under."""
+    lo, hi = min_pixels or pixels, max_pixels or pixels
     if max(height, width) / min(height, width) > MAX_RATIO:
-        raise ValueError(f"image of {width}x{height}: aspect ratio over {MAX_RATIO}, which Qwen-VL rewards refuse")
+        raise ValueError(f"image of {width}x{height}: aspect ratio over {MAX_RATIO}, which Qwen-VL refuses")
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
-    if h * w > pixels:
-        s = math.sqrt(height * width / pixels)
+    if h * w > hi:
+        s = math.sqrt(height * width / hi)
         h, w = math.floor(height / s / factor) * factor, math.floor(width / s / factor) * factor
-    elif h * w < pixels:
-        s = math.sqrt(pixels / (height * width))
+    elif h * w < lo:
+        s = math.sqrt(lo / (height * width))
         h, w = math.ceil(height * s / factor) * factor, math.ceil(width * s / factor) * factor
     return h, w
 
