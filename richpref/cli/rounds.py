@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from richpref.cli.errors import fail
 
 
 def cmd_rounds(args: argparse.Namespace) -> int:
@@ -19,8 +20,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         load_evaluate_config(cfg.evaluate, cfg.evaluate_overrides)
         result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir)
     except (ProfileError, ModelNotAvailable, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(result["markdown"])
     print(f"written to {result['rounds_dir']} (table.parquet, table.md, rewards.png; round-<k>/finetune)")
     return 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from richpref.cli.errors import fail
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -26,8 +27,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         machines = Machines(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     if machines.num_machines > 1:
         os.environ.update(machines.to_env())  # the launcher (in this process's flow) reads them
     try:
@@ -40,11 +40,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
                           data_dir=args.data_dir)
     except (ProfileError, ModelNotAvailable, DataError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     except LaunchFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(exc, 1)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -61,8 +59,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = run_flow(EVALUATE, config=args.config, overrides=args.set, output_dir=args.output_dir,
                           data_dir=args.data_dir)
     except (ProfileError, ModelNotAvailable, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(result["markdown"])
     print(f"written to {result['output_dir']} (table.parquet, table.md, scores.parquet, grid.png)")
     return 0

@@ -170,26 +170,3 @@ def format_result(m: dict, out: str | Path, show: int = 20) -> str:
         lines.append(f"with the edit masks (masked Flow-DPO): {Path(out) / m['config_masked']}")
     lines.append(f"manifest: {Path(out) / MANIFEST}")
     return "\n".join(lines)
-
-
-def cmd_export(args) -> int:
-    import sys
-
-    try:
-        m = export_run(args.data_dir, args.run, args.format, args.out)
-    except (ExportError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_result(m, args.out))
-    return 0
-
-
-def register(sub) -> None:
-    e = sub.add_parser("export", help="write RUN's committed pairs in another trainer's layout "
-                                      "(Pick-a-Pic Parquet, kohya w/l folders, SimpleTuner Flow-DPO, Flow-Factory jsonl)")
-    e.add_argument("run")
-    e.add_argument("--format", required=True, choices=FORMATS,
-                   help="pickapic: Parquet; kohya-wl: sd-scripts preference w/ and l/ folders; simpletuner: "
-                        "Flow-DPO win/lose datasets; jsonl: Flow-Factory offline-DPO train.jsonl")
-    e.add_argument("--out", required=True, help="folder to write (created; a rerun updates it in place)")
-    e.set_defaults(fn=cmd_export)

@@ -1,0 +1,96 @@
+"""`richpref curate`: run the curate flow, or print its plan (--plan)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from richpref.cli.errors import fail
+
+
+def _prefect_api_for(args: argparse.Namespace) -> dict:
+    """Where the Prefect server richpref starts listens (--prefect-host), and the URL workers get."""
+    from richpref.run.cluster import reachable_address, refuse_loopback_api
+
+    host = args.prefect_host
+    url_host = reachable_address(args.dask_address) if host in ("0.0.0.0", "::") and args.dask_address else None
+    configured = os.environ.get("PREFECT_API_URL")
+    refuse_loopback_api(configured or f"http://{url_host or host}:4200/api", args.dask_address)
+    return {"api_host": host, "api_url_host": url_host}
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from richpref.run.cluster import ClusterError
+    from richpref.views.inspect import format_summary, summary
+    from richpref.run.plan import finished_and_current, plan_run
+    from richpref.schemas.config import ProfileError, load_profile
+    from richpref.tasks.source import SourceError, check_source
+
+    try:
+        # A bad profile or a missing input file fails here, before Prefect or any model starts.
+        profile = load_profile(args.profile, args.set, args.models_root)
+        check_source(profile.source)
+        if args.plan or not args.force_flow:
+            plan = plan_run(profile, args.data_dir, args.run)
+            if args.plan:
+                print(plan.format())
+                return 0
+            if plan.up_to_date and finished_and_current(profile, args.data_dir, args.run):
+                # Nothing the flow would compute: skip starting Prefect (--force-flow runs it anyway).
+                from richpref.run.storage import RunStore
+
+                store = RunStore(args.data_dir, args.run)
+                print(plan.format().splitlines()[0])
+                print(f"\npairs (Pick-a-Pic format): {store.uri(store.stage_dir('pairs'))}")
+                print(f"run folder: {store.uri(store.root)}")
+                print(format_summary(summary(args.data_dir, args.run)))
+                return 0
+        from richpref.ops.entrypoints import CURATE, load_flow, run_flow
+        from richpref.run.orchestration import task_runner
+        from richpref.run.runner import CurateFailed
+
+        flow_fn = load_flow(CURATE)
+        if args.workers > 1 or args.dask_address:
+            flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
+        api = _prefect_api_for(args)  # refuses a loopback API with a remote scheduler before anything starts
+        try:
+            result = run_flow(flow_fn, **api, profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+                              models_root=args.models_root, **({"until": args.until} if args.until else {}))
+        except CurateFailed as exc:
+            return fail(exc, 1)
+    except (ProfileError, SourceError, ClusterError) as exc:
+        return fail(exc)
+    if result["state"].startswith("stopped"):
+        print(f"\n{result['state']} (--until); run the same command without --until to continue")
+    else:
+        print(f"\npairs (Pick-a-Pic format): {result['pairs']}")
+    print(f"run folder: {result['run_dir']}")
+    print(format_summary(summary(args.data_dir, args.run)))
+    return 0
+
+
+
+def register(sub) -> None:
+    c = sub.add_parser("curate", help="run the curate flow (ephemeral Prefect unless PREFECT_API_URL is set)")
+    c.add_argument("--profile", default="tiny", help="profile name in configs/ or a YAML path")
+    c.add_argument("--run", default="demo", help="run name: outputs go to <data-dir>/runs/<run>/")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a profile value, e.g. --set edit.strength=0.6 (repeatable)")
+    c.add_argument("--models-root", default=None, help="directory relative model references resolve against")
+    c.add_argument("--workers", "--dask-workers", dest="workers", type=int, default=1,
+                   help="spread each stage's shards over a local Dask cluster of N worker processes (one per GPU "
+                        "with dask-cuda on a GPU machine; see docs/operations.md)")
+    c.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
+                   help="run the shards on an existing Dask cluster (GPU workers started with --resources GPU=1)")
+    c.add_argument("--prefect-host", default=os.environ.get("PREFECT_SERVER_API_HOST", "127.0.0.1"), metavar="HOST",
+                   help="address the Prefect server this command starts listens on (no PREFECT_API_URL set): an "
+                        "address the Dask workers reach, or 0.0.0.0 (default 127.0.0.1, this machine only)")
+    c.add_argument("--plan", action="store_true",
+                   help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
+    c.add_argument("--until", metavar="STAGE", default=None,
+                   choices=["source", "sample", "critique", "instruct", "edit", "cutout", "check", "filter", "score",
+                            "relabel", "export", "samples", "rewards", "ranked", "rebuild_export"],
+                   help="stop after STAGE (e.g. instruct, to read the instructions before paying for edits); "
+                        "a later run without it continues from there")
+    c.add_argument("--force-flow", action="store_true",
+                   help="start the flow even when the run is finished and up to date (it then computes nothing)")
+    c.set_defaults(fn=cmd_curate)

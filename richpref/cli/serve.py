@@ -1,0 +1,22 @@
+"""`richpref serve`: a local Prefect server, work pools, deployments and a process worker."""
+from __future__ import annotations
+
+import argparse
+
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from richpref.ops.serve import serve_forever
+
+    return serve_forever(data_dir=args.data_dir, host=args.host, port=args.port, worker_pool=args.pool or None,
+                         verbose=args.verbose)
+
+
+
+def register(sub) -> None:
+    sv = sub.add_parser("serve", help="local Prefect server + work pools + deployments + a process worker")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=4200)
+    sv.add_argument("--pool", default="cpu", help="work pool the worker serves ('' for no worker)")
+    sv.add_argument("--verbose", action="store_true", help="show server and worker output")
+    sv.set_defaults(fn=cmd_serve)

@@ -1,0 +1,96 @@
+"""`richpref summary | status | report | card | inspect`: read a run (committed shards only)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from richpref.views.inspect import format_summary, summary
+
+    s = summary(args.data_dir, args.run)
+    print(json.dumps(s, indent=2, default=str) if args.json else format_summary(s))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from richpref.views.inspect import format_status, status
+
+    st = status(args.data_dir, args.run)
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from richpref.views.report import write_report
+
+    print(write_report(args.data_dir, args.run, args.out))
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from richpref.views.datacard import push_to_hub, write_run_report
+    from richpref.run.storage import RunStore
+
+    written = write_run_report(args.data_dir, args.run)
+    print(json.dumps(written, indent=2))
+    if args.push_to_hub:
+        store = RunStore(args.data_dir, args.run)
+        print(push_to_hub(store.uri(store.stage_dir("pairs")), args.push_to_hub, private=not args.public))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from richpref.views.inspect import connect
+
+    con, views = connect(args.data_dir, args.run)
+    if args.command:
+        print(con.sql(args.command))
+        return 0
+    print(f"views: {', '.join(views)} (joined on item_id). End a statement with ';', quit with .quit or Ctrl-D.")
+    buf = ""
+    while True:
+        try:
+            line = input("richpref> " if not buf else "   ...> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in (".quit", ".exit", "\\q"):
+            return 0
+        buf += line + "\n"
+        if buf.strip().endswith(";"):
+            try:
+                print(con.sql(buf))
+            except Exception as exc:  # noqa: BLE001 - an interactive shell reports and goes on
+                print(f"error: {exc}")
+            buf = ""
+
+
+
+def register(sub) -> None:
+    s = sub.add_parser("summary", help="rows per stage, rejects by reason, flip rate")
+    s.add_argument("run")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_summary)
+
+    st = sub.add_parser("status", help="per stage: shards done / missing / failed")
+    st.add_argument("run")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    r = sub.add_parser("report", help="write a static HTML page of RUN's pairs (thumbnails, texts, scores)")
+    r.add_argument("run")
+    r.add_argument("--out", help="file to write (default <run>/report.html)")
+    r.set_defaults(fn=cmd_report)
+
+    dc = sub.add_parser("card", help="write RUN's dataset card (pairs/README.md) and plots (plots/*.png)")
+    dc.add_argument("run")
+    dc.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the pairs as a Hub dataset")
+    dc.add_argument("--public", action="store_true", help="with --push-to-hub: create a public repo")
+    dc.set_defaults(fn=cmd_card)
+
+    i = sub.add_parser("inspect", help="duckdb with one view per stage of RUN")
+    i.add_argument("run")
+    i.add_argument("-c", "--command", help="run one SQL statement and exit")
+    i.set_defaults(fn=cmd_inspect)
