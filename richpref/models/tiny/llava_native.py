@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .vlm import IM_END, PAD, build_bpe_tokenizer
+from .vlm import IM_END, build_bpe_tokenizer
 
 
 def native_llava_qwen_shapes(text: dict, vision: dict, vocab_rows: int, *, vision_layers: int,
@@ -81,7 +81,7 @@ def build_tiny_llava_native(out_dir: str | os.PathLike, seed: int = 0, *, spare_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_bpe_tokenizer([])
-    eos, pad = tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(PAD)
+    eos = tok.convert_tokens_to_ids(IM_END)
     rows = len(tok) + spare_vocab_rows
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     vision = dict(hidden_size=32, intermediate_size=64, patch_size=14, image_size=56, num_attention_heads=2)
