@@ -14,8 +14,8 @@ tested on tiny weights in that layout (`richpref.models.tiny.rewards`).
 | vlm_score | `vlm_score` | image |
 | unified_reward | `unified_reward` | image (generative judge) |
 | edit_score | `edit_score` | edit: (original, instruction, edited) (generative judge) |
-| hpsv3 | `hpsv3` (+ `qwen_head`) | image |
-| edit_reward | `edit_reward` (+ `qwen_head`) | pair (original, instruction, edit) |
+| hpsv3 | `hpsv3` (+ `qwen_head`; served: `served_head`) | image |
+| edit_reward | `edit_reward` (+ `qwen_head`; served: `served_head`) | pair (original, instruction, edit) |
 """
 from __future__ import annotations
 
@@ -70,16 +70,25 @@ def _edit_score(path, **kw):
     return EditScore(path, **kw)
 
 
-def _hpsv3(path, **kw):
+def _served_head(kind: str, path: str, engine, kw: dict):
+    """A head judge through richpref's judge server (engine.backend: server), else None."""
+    if engine is None or engine.backend != "server":
+        return None
+    from .served_head import SERVED
+
+    return SERVED[kind](path, engine=engine, **kw)
+
+
+def _hpsv3(path, engine=None, **kw):
     from .hpsv3 import HPSv3
 
-    return HPSv3(path, **kw)
+    return _served_head("hpsv3", path, engine, kw) or HPSv3(path, **kw)
 
 
-def _edit_reward(path, **kw):
+def _edit_reward(path, engine=None, **kw):
     from .edit_reward import EditReward
 
-    return EditReward(path, **kw)
+    return _served_head("edit_reward", path, engine, kw) or EditReward(path, **kw)
 
 
 # kind -> (loader, the spec options it takes besides device/dtype)
@@ -95,8 +104,8 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "vlm_score": (_vlm_score, ("template", "engine")),
     "unified_reward": (_unified_reward, ("template", "engine", "max_new_tokens")),
     "edit_score": (_edit_score, ("adapter", "template", "engine", "max_new_tokens")),
-    "hpsv3": (_hpsv3, ("backbone", "file", "template")),
-    "edit_reward": (_edit_reward, ("backbone", "file", "template", "quality_template")),
+    "hpsv3": (_hpsv3, ("backbone", "file", "template", "engine")),
+    "edit_reward": (_edit_reward, ("backbone", "file", "template", "quality_template", "engine")),
 }
 KINDS = tuple(REGISTRY)
 PAIR_KINDS = ("dino_patch", "edit_reward")
