@@ -34,10 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger("richpref")
 
-HEAD_JUDGES = ("hpsv3", "edit_reward")
-ROUTES = {"hpsv3": "/v1/score", "edit_reward": "/v1/score_edits"}
-FIELDS = {"hpsv3": ("images", "prompts"), "edit_reward": ("originals", "edits", "instructions")}
-IMAGE_FIELDS = ("images", "originals", "edits")
+HEAD_JUDGES = ("hpsv3", "edit_reward")  # routes and fields: rewards/served_head.py (imported when serving: torch)
 
 
 class BadRequest(ValueError):
@@ -71,6 +68,8 @@ class JudgeApp:
                 "device": str(self.judge.device), "batch_size": self.batch_size}
 
     def score(self, route: str, body: dict) -> list:
+        from .rewards.served_head import FIELDS, IMAGE_FIELDS, ROUTES
+
         if route != ROUTES[self.kind]:
             raise BadRequest(f"this server judges {self.kind}: POST {ROUTES[self.kind]}, not {route}")
         fields = FIELDS[self.kind]

@@ -19,10 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from ..judge_server import ROUTES
 from .base import batches, check_lengths
 
 log = logging.getLogger("richpref")
+
+# The judge server's routes and request fields per kind (models/judge_server.py).
+ROUTES = {"hpsv3": "/v1/score", "edit_reward": "/v1/score_edits"}
+FIELDS = {"hpsv3": ("images", "prompts"), "edit_reward": ("originals", "edits", "instructions")}
+IMAGE_FIELDS = ("images", "originals", "edits")
 
 
 class JudgeServerError(RuntimeError):
@@ -98,7 +102,7 @@ class ServedHeadJudge:
         slices = list(batches(n, batch_size))
 
         def one(sl: slice) -> list:
-            body = {k: (_b64(v[sl]) if k in ("images", "originals", "edits") else list(v[sl])) for k, v in fields.items()}
+            body = {k: (_b64(v[sl]) if k in IMAGE_FIELDS else list(v[sl])) for k, v in fields.items()}
             scores = self._call("POST", ROUTES[self.kind].removeprefix("/v1"), {**body, "batch_size": batch_size})["scores"]
             if len(scores) != sl.stop - sl.start:
                 raise JudgeServerError(f"the judge server answered {len(scores)} scores for {sl.stop - sl.start} items")
@@ -146,4 +150,4 @@ class ServedEditReward(ServedHeadJudge):
 
 SERVED = {"hpsv3": ServedHPSv3, "edit_reward": ServedEditReward}
 
-__all__ = ["JudgeServerError", "SERVED", "ServedEditReward", "ServedHPSv3", "ServedHeadJudge"]
+__all__ = ["FIELDS", "IMAGE_FIELDS", "JudgeServerError", "ROUTES", "SERVED", "ServedEditReward", "ServedHPSv3", "ServedHeadJudge"]
