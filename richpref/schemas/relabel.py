@@ -102,14 +102,22 @@ class SubjectGateConfig(_Strict):
     min_consistency: float = Field(0.0, ge=-1, le=1)  # mean cosine over windows; 0 keeps every edit
 
 
-EDIT_JUDGES = ("edit_reward",)  # reward kinds that judge (original, instruction, edit): usable as `edit_gate`
+EDIT_JUDGES = ("edit_reward", "edit_score")  # reward kinds that judge (original, instruction, edit): usable as `edit_gate`
+# What `edit_gate.min_score` is measured in, per judge: its raw score's range (None: unbounded).
+GATE_SCALES = {"edit_reward": None, "edit_score": (0.0, 10.0)}
 
 
 class EditGateConfig(_Strict):
     """An edit judge's score as a gate: an edit it scores below `min_score` is rejected
     (`edit_judged_poor: …`) before any vote. `reward` names a scored reward of relabel.rewards (it may
     also vote; give it weight 0 and name it in report_only to gate without voting). The threshold is
-    not part of the score stage's key: moving it re-runs no model."""
+    not part of the score stage's key: moving it re-runs no model.
+
+    `min_score` is on the judge's raw scale: `edit_reward` the mean of its two heads' mu (unbounded,
+    centred near 0 for the released checkpoint: compare with the scores of a few edits you trust);
+    `edit_score` the overall sqrt(semantics x quality) on 0..10 (5: half-way on both questions), so a
+    threshold outside 0..10 is refused. An edit the gating judge gave no score is rejected
+    (`unparsed_answer: …` for edit_score), never let through."""
 
     reward: str
     min_score: float
@@ -170,6 +178,10 @@ class RelabelConfig(StageConfig):
             raise ValueError(f"relabel.edit_gate.reward {gate.reward!r} is not a scored edit judge (kinds "
                              f"{', '.join(EDIT_JUDGES)}; scored ones here: {judges or 'none'}): add it to relabel.rewards "
                              "with a weight, or with weight 0 and its name in report_only")
+        scale = GATE_SCALES[self.rewards[gate.reward].kind] if gate is not None else None
+        if scale is not None and not scale[0] <= gate.min_score <= scale[1]:
+            raise ValueError(f"relabel.edit_gate.min_score {gate.min_score:g} is outside {self.rewards[gate.reward].kind}'s "
+                             f"scale {scale[0]:g}..{scale[1]:g}: it would keep every edit or reject every one")
         return self
 
     def voting(self) -> list[str]:
