@@ -3,7 +3,7 @@ in-process, on the tiny twins: the same scores (<= 1e-5).
 
 Two real servers on 127.0.0.1: edit_reward's started by `richpref serve judge` (as a user would,
 then used as an endpoint), hpsv3's launched by the reward itself (`engine.launch: richpref`). The
-CLI one starts first so both load while the in-process judges score. Each is stopped by its pid and
+servers start first and load while the in-process judges score. Each is stopped by its pid and
 checked gone.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -56,27 +57,33 @@ def test_head_judges_served_score_as_in_process(tiny_models, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = spawn_owned(cli, name="judge-server-test", log_path=str(tmp_path / "judge.log"), env=env)
     launched = None
+    hps_spec = dict(kind="hpsv3", model="hpsv3", backbone="hpsv3/base")
+    launch = EngineConfig(backend="server", launch="richpref", startup_timeout_s=120, retries=1)
+    pool = ThreadPoolExecutor(1)  # the reward launches its server while the in-process judges score
+    starting = pool.submit(load_reward_spec, RewardSpec(**hps_spec, engine=launch), str(tiny_models), device="cpu",
+                           dtype="float32")
     try:
-        hps_spec = dict(kind="hpsv3", model="hpsv3", backbone="hpsv3/base")
         local_hps = load_reward_spec(RewardSpec(**hps_spec), str(tiny_models), device="cpu", dtype="float32")
         want_hps = local_hps.score(images(1), PROMPTS, batch_size=2)
         local_er = load_reward("edit_reward", str(er), backbone=str(er / "base"), device="cpu", dtype="float32")
         originals, edits = images(2), images(3)
         want_er = local_er.score_pairs(originals, edits, INSTRUCTIONS, batch_size=2)
 
-        launch = EngineConfig(backend="server", launch="richpref", startup_timeout_s=120, retries=1)
-        launched = load_reward_spec(RewardSpec(**hps_spec, engine=launch), str(tiny_models), device="cpu", dtype="float32")
+        launched = starting.result()
         got_hps = launched.score(images(1), PROMPTS, batch_size=2)
         np.testing.assert_allclose(got_hps, want_hps, rtol=0, atol=1e-5)
         assert launched.dtype == "float32" and np.ptp(want_hps) > 1e-6
 
         url = f"http://127.0.0.1:{port}/v1"
         wait_healthy(url.removesuffix("/v1"), proc)
-        served_er = load_reward("edit_reward", str(er), engine=EngineConfig(backend="server", endpoint=url, retries=0),
-                                device="cpu")
+        # Through a profile's spec: the weights live with the server, not here (a Hub id this machine lacks).
+        spec = RewardSpec(kind="edit_reward", model="TIGER-Lab/EditReward-not-here",
+                          engine=EngineConfig(backend="server", endpoint=url, retries=0))
+        served_er = load_reward_spec(spec, str(tiny_models), device="cpu")
         got_er = served_er.score_pairs(originals, edits, INSTRUCTIONS, batch_size=2)
+        served_er.close()
         np.testing.assert_allclose(got_er, want_er, rtol=0, atol=1e-5)
-        assert served_er.model_id == str(er.resolve())
+        assert served_er.model_id == str(er.resolve())  # what the server judges with
         # A bad request is the request's fault, named: 400 with why.
         r = httpx.post(f"{url}/score", json={"images": [], "prompts": []})
         assert r.status_code == 400 and "POST /v1/score_edits" in r.json()["error"]
@@ -84,12 +91,13 @@ def test_head_judges_served_score_as_in_process(tiny_models, tmp_path):
         with pytest.raises(RuntimeError, match="judges 'edit_reward', not 'hpsv3'"):
             load_reward("hpsv3", "hpsv3", engine=EngineConfig(backend="server", endpoint=url, retries=0))
     finally:
-        pid = launched.server.pid if launched is not None and launched.server is not None else None
-        if launched is not None:
-            launched.close()
         stop_owned(proc, timeout=15.0)
+        launched = launched or starting.result()  # a start that failed raises here (its server already stopped)
+        pool.shutdown()
+        pid = launched.server.pid
+        launched.close()
     assert gone(proc.pid), "richpref serve judge outlived its stop"
-    assert pid is not None and gone(pid), "a launched judge server outlived its judge"
+    assert gone(pid), "a launched judge server outlived its judge"
 
 
 def test_engine_launchers_fit_what_they_serve():

@@ -109,7 +109,8 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
 }
 KINDS = tuple(REGISTRY)
 PAIR_KINDS = ("dino_patch", "edit_reward")
-MODEL_REF_OPTIONS = ("processor", "backbone", "adapter")  # options that name models (resolved like `model`)
+MODEL_REF_OPTIONS = ("processor", "backbone", "adapter")
+SERVED_HEAD_KINDS = ("hpsv3", "edit_reward")  # served by richpref's judge server (served_head.py)  # options that name models (resolved like `model`)
 
 
 def load_reward(kind: str, path: str, *, device: str = "auto", dtype: str = "auto", **options: Any):
@@ -126,14 +127,22 @@ def load_reward(kind: str, path: str, *, device: str = "auto", dtype: str = "aut
 def load_reward_spec(spec, models_root: str | None = None, *, device: str = "auto", dtype: str = "auto"):
     """A scorer from a profile's `RewardSpec`: `model`, `processor` and `backbone` resolve like every
     model reference (local dir under models_root, or a Hub id; offline misses fail at once)."""
-    from ..runtime import resolve_model_ref
+    from ..runtime import ModelNotAvailable, resolve_model_ref
+
+    def resolve(ref: str) -> str:
+        try:
+            return resolve_model_ref(ref, models_root)
+        except ModelNotAvailable:
+            if spec.kind in SERVED_HEAD_KINDS and spec.engine.endpoint:  # the judge server holds the weights
+                return ref
+            raise
 
     _, allowed = REGISTRY[spec.kind]
     options = {k: getattr(spec, k) for k in allowed}
     for k in MODEL_REF_OPTIONS:
         if options.get(k) is not None:
-            options[k] = resolve_model_ref(options[k], models_root)
-    return load_reward(spec.kind, resolve_model_ref(spec.model, models_root), device=device, dtype=dtype, **options)
+            options[k] = resolve(options[k])
+    return load_reward(spec.kind, resolve(spec.model), device=device, dtype=dtype, **options)
 
 
 __all__ = ["KINDS", "PAIR_KINDS", "REGISTRY", "AestheticScore", "CLIPSimilarity", "HPScore", "ICTScore", "LinearHead",
