@@ -85,6 +85,8 @@ def model_refs(profile: Profile) -> list[ModelRef]:
         add(sample_stage, "sample.model", p.sample.model, "diffusers", p.sample)
     for name in p.relabel.scored():  # the score stage loads the scored rewards (weight-0 ones only if report_only)
         spec = p.relabel.rewards[name]
+        if spec.engine.endpoint:  # served by a server someone runs: its weights live there
+            continue
         add(score_stage, f"relabel.rewards.{name}.model", spec.model, "reward", p.relabel, spec.file or JUDGE_FILES.get(spec.kind))
         for opt in ("processor", "backbone", "adapter"):
             add(score_stage, f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", p.relabel)

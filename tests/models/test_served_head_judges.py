@@ -110,3 +110,14 @@ def test_engine_launchers_fit_what_they_serve():
     with pytest.raises(ValueError, match="critique: engine.launch=richpref"):
         CritiqueConfig(engine={"backend": "server", "launch": "richpref"})
     RewardSpec(kind="edit_reward", model="m", engine=EngineConfig(backend="server", endpoint="http://h:1/v1"))
+
+
+def test_doctor_looks_for_no_weights_of_a_judge_served_at_an_endpoint():
+    from richpref.doctor.checks import model_refs
+    from richpref.schemas.config import load_profile
+
+    p = load_profile("tiny-rebuild")
+    judge = RewardSpec(kind="hpsv3", model="MizzenAI/HPSv3", engine=EngineConfig(backend="server", endpoint="http://gpu:8700/v1"))
+    relabel = p.relabel.model_copy(update={"rewards": {**p.relabel.rewards, "hpsv3": judge}})
+    fields = [r.field for r in model_refs(p.model_copy(update={"relabel": relabel}))]
+    assert "relabel.rewards.imagereward.model" in fields and not any("hpsv3" in f for f in fields)

@@ -109,8 +109,7 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
 }
 KINDS = tuple(REGISTRY)
 PAIR_KINDS = ("dino_patch", "edit_reward")
-MODEL_REF_OPTIONS = ("processor", "backbone", "adapter")
-SERVED_HEAD_KINDS = ("hpsv3", "edit_reward")  # served by richpref's judge server (served_head.py)  # options that name models (resolved like `model`)
+MODEL_REF_OPTIONS = ("processor", "backbone", "adapter")  # options that name models (resolved like `model`)
 
 
 def load_reward(kind: str, path: str, *, device: str = "auto", dtype: str = "auto", **options: Any):
@@ -133,7 +132,7 @@ def load_reward_spec(spec, models_root: str | None = None, *, device: str = "aut
         try:
             return resolve_model_ref(ref, models_root)
         except ModelNotAvailable:
-            if spec.kind in SERVED_HEAD_KINDS and spec.engine.endpoint:  # the judge server holds the weights
+            if spec.engine.endpoint:  # a server someone runs holds the weights, not this machine
                 return ref
             raise
 
