@@ -20,3 +20,7 @@ def register(sub) -> None:
     sv.add_argument("--pool", default="cpu", help="work pool the worker serves ('' for no worker)")
     sv.add_argument("--verbose", action="store_true", help="show server and worker output")
     sv.set_defaults(fn=cmd_serve)
+    from richpref.models.judge_server import parser as judge_parser, serve as serve_judge  # serve judge --kind …
+
+    judge_parser(sv.add_subparsers(dest="serving", metavar="judge").add_parser(
+        "judge", help="richpref's judge server: a head judge (hpsv3, edit_reward) over HTTP")).set_defaults(fn=serve_judge)

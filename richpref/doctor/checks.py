@@ -79,8 +79,19 @@ def model_refs(profile: Profile) -> list[ModelRef]:
         if ref:
             refs.append(ModelRef(stage, field, ref, kind, file=file, device=str(resolve_device(cfg.device)), dtype=cfg.dtype))
 
+    rebuild = p.pipeline == "rebuild"  # its stages: samples (the generator) and rewards (relabel.rewards)
+    sample_stage, score_stage = ("samples", "rewards") if rebuild else ("sample", "score")
     if uses_sample_model(p):
-        add("sample", "sample.model", p.sample.model, "diffusers", p.sample)
+        add(sample_stage, "sample.model", p.sample.model, "diffusers", p.sample)
+    for name in p.relabel.scored():  # the score stage loads the scored rewards (weight-0 ones only if report_only)
+        spec = p.relabel.rewards[name]
+        if spec.engine.endpoint:  # served by a server someone runs: its weights live there
+            continue
+        add(score_stage, f"relabel.rewards.{name}.model", spec.model, "reward", p.relabel, spec.file or JUDGE_FILES.get(spec.kind))
+        for opt in ("processor", "backbone", "adapter"):
+            add(score_stage, f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", p.relabel)
+    if rebuild:
+        return refs
     add("critique", "critique.model", p.critique.model, "vlm", p.critique)
     add("instruct", "instruct.model", p.instruct.model, "vlm", p.instruct)
     add("edit", "edit.model", p.edit.model, "diffusers", p.edit)
@@ -88,11 +99,6 @@ def model_refs(profile: Profile) -> list[ModelRef]:
     add("edit", "edit.control_weights", p.edit.control_weights, "annotator", p.edit)
     add("cutout", "cutout.model", p.cutout.model, "rembg", p.cutout)
     add("check", "filter.model", p.filter.model, "vlm", p.filter)  # the check stage asks the filter's questions
-    for name in p.relabel.scored():  # the score stage loads the scored rewards (weight-0 ones only if report_only)
-        spec = p.relabel.rewards[name]
-        add("score", f"relabel.rewards.{name}.model", spec.model, "reward", p.relabel, spec.file or JUDGE_FILES.get(spec.kind))
-        for opt in ("processor", "backbone", "adapter"):
-            add("score", f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", p.relabel)
     if p.relabel.subject_gate is not None:
         add("score", "relabel.subject_gate.model", p.relabel.subject_gate.model, "reward", p.relabel)
     return refs
@@ -258,9 +264,10 @@ def available_bytes(device: str) -> int:
 
 def section_of(stage: str) -> str:
     """The profile section that configures a stage (check runs the filter's models, score relabel's)."""
-    from richpref.tasks import STAGES
+    from richpref.tasks import REBUILD, STAGES
 
-    return STAGES[stage].section if stage in STAGES else stage
+    stages = {**STAGES, **{s.name: s for s in REBUILD}}
+    return stages[stage].section if stage in stages else stage
 
 
 def _half_dtype(section: str, profile: Profile) -> str:

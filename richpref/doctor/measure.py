@@ -7,6 +7,8 @@ scratch run, and measures: load seconds, peak memory (process RSS; the GPU's max
 there is one), items/s and disk bytes per item. From those it projects a run of `project_items`
 items on `workers` workers, each loading every model once.
 
+A `pipeline: rebuild` profile is measured on its own stages (samples, rewards, ranked, rebuild_export).
+
 Projection, per stage: load + warm-up + items × steady seconds per source item, where the steady rate
 comes from the shards after the first (the first pays one-time costs: kernels, caches) when the
 scratch run has more than one shard.
@@ -152,6 +154,8 @@ def stage_loaders(profile: Profile) -> dict[str, Callable[[], list[str]]]:
     }
     if uses_sample_model(profile):
         loaders["sample"] = lambda: [sample.load_generator(profile.sample, root).model_id]
+    if profile.pipeline == "rebuild":  # the same loaders under the rebuild's stage names
+        return {"samples": loaders["sample"], "rewards": rewards} if "sample" in loaders else {"rewards": rewards}
     return loaders
 
 
@@ -217,15 +221,11 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
     first model that cannot be loaded (before anything else starts when the preflight finds it)."""
     from richpref.models.runtime import resident
     from richpref.run.storage import RunStore
-    from richpref.tasks import PIPELINE
+    from richpref.tasks import stages_for
     from richpref.tasks.source import shard_source
 
     if items < 1 or project_items < 1 or workers < 1:
         raise DoctorError("--items, --project-items and --workers must be at least 1")
-    if profile.pipeline == "rebuild":
-        raise DoctorError(f"profile {profile.name!r} is a rebuild (pipeline: rebuild): doctor measures the edit "
-                          "pipeline's stages only; try the rebuild on a few prompts instead "
-                          "(richpref curate --set source.limit=8, then richpref status)")
     say = progress or (lambda msg: log.info("%s", msg))
     refs, weights = preflight(profile)
     say(f"doctor: {len(refs)} model reference(s) resolve and fit; running {items} item(s) through every stage")
@@ -254,7 +254,7 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
         costs.append(StageCost("source", [], "cpu", 0.0, t1 - t0, n, n, len(shards), t3 - t2,
                                t2 - t1, per_item, mem.rss / 2**20, None, _stage_disk_bytes(store, "source")))
         loaders = stage_loaders(prof)
-        for stage in PIPELINE:
+        for stage in stages_for(prof)[1:]:  # the edit pipeline, or the rebuild's samples, rewards, ranked, export
             resident.release()  # one stage's models at a time, as in a run
             with PeakMemory() as mem:
                 t0 = time.perf_counter()

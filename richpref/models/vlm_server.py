@@ -1,4 +1,5 @@
-"""Starting and stopping an OpenAI-compatible VLM server (vLLM, SGLang or `transformers serve`).
+"""Starting and stopping an OpenAI-compatible VLM server (vLLM, SGLang or `transformers serve`), or
+richpref's judge server for the head judges (`launch: richpref`, models/judge_server.py).
 
 The server is an owned child (`richpref.common.procs`): its own process group, killed with this process,
 stopped by pid when the stage ends. Startup is bounded: a server that exits or is not healthy within
@@ -29,6 +30,7 @@ class ServerStartError(RuntimeError):
 INSTALL_HINT = {
     "vllm": "install vLLM on the GPU worker (pip install vllm)",
     "sglang": "install SGLang on the GPU worker (pip install 'sglang[all]')",
+    "richpref": "check the judge's model and backbone paths in the log",
     "transformers": "install the serving extra (pip install 'transformers[serving]', which brings openai, fastapi, uvicorn)",
 }
 
@@ -121,13 +123,16 @@ def launch_command(launch: str, model_path: str, served_name: str, port: int, *,
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, *host,
                "--served-model-name", served_name, "--dtype", dtype]
         cmd += ["--trust-remote-code"] if trust_remote_code else []
+    elif launch == "richpref":  # the head judges' server; its --kind and options come in extra_args
+        cmd = [sys.executable, "-m", "richpref.models.judge_server", "--model", model_path, *host,
+               "--device", device, "--dtype", dtype]
     elif launch == "transformers":
         exe = Path(sys.executable).parent / "transformers"
         cmd = [str(exe) if exe.exists() else "transformers", "serve", model_path, *host,
                "--device", "auto" if device == "auto" else device, "--dtype", dtype, "--log-level", "info"]
         cmd += ["--trust-remote-code"] if trust_remote_code else []
     else:
-        raise ValueError(f"unknown launcher {launch!r}; use vllm, sglang or transformers")
+        raise ValueError(f"unknown launcher {launch!r}; use vllm, sglang, transformers or richpref")
     return cmd + list(extra_args)
 
 

@@ -20,7 +20,7 @@ from .diffusion import PipelineSettings
 from .editors import EditorSettings, PromptMode
 from .rebuild import check_pipeline
 from .relabel import HPS_FILES, REWARD_OPTIONS, RelabelConfig, RewardSpec, SubjectGateConfig  # noqa: F401 - re-exported
-from .serving import EngineConfig, ImageCaps, key_view
+from .serving import EngineConfig, ImageCaps, check_launcher, key_view
 
 
 class SourceConfig(_Strict):
@@ -91,6 +91,11 @@ class VLMStageConfig(StageConfig):
     trust_remote_code: bool = False
     engine: EngineConfig = EngineConfig()  # in-process, or an OpenAI-compatible server (schemas/serving.py)
     image: ImageCaps = ImageCaps()  # pixel caps = image-token caps
+
+    @model_validator(mode="after")
+    def _chat_launcher(self) -> "VLMStageConfig":
+        check_launcher(self.engine, type(self).__name__.removesuffix("Config").lower(), head_judge=False)
+        return self
 
 
 class CritiqueConfig(VLMStageConfig):

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..prompts import load_head_template
 from .common import StageConfig, _Strict
-from .serving import EngineConfig
+from .serving import EngineConfig, check_launcher
 
 # Options each reward kind takes besides kind/model/weight (see richpref/models/rewards).
 REWARD_OPTIONS: dict[str, frozenset[str]] = {
@@ -23,9 +23,10 @@ REWARD_OPTIONS: dict[str, frozenset[str]] = {
     "vlm_score": frozenset({"template", "on_cutout", "engine"}),
     "unified_reward": frozenset({"template", "on_cutout", "engine", "max_new_tokens"}),
     "edit_score": frozenset({"adapter", "template", "engine", "max_new_tokens"}),
-    "hpsv3": frozenset({"backbone", "file", "template", "on_cutout"}),
-    "edit_reward": frozenset({"backbone", "file", "template", "quality_template", "on_cutout"}),
+    "hpsv3": frozenset({"backbone", "file", "template", "on_cutout", "engine"}),
+    "edit_reward": frozenset({"backbone", "file", "template", "quality_template", "on_cutout", "engine"}),
 }
+HEAD_JUDGE_KINDS = ("hpsv3", "edit_reward")  # a reward head on a Qwen-VL: served by richpref's judge server
 EDIT_JUDGE_KINDS = ("edit_score",)  # score (original, instruction, edited): see models/rewards/edit_score.py
 
 
@@ -50,7 +51,8 @@ class RewardSpec(_Strict):
     # instruction-following question, edit_reward_following_v1).
     template: str | None = None
     quality_template: str | None = None  # edit_reward's visual-quality question (default edit_reward_quality_v1)
-    engine: EngineConfig = EngineConfig()  # vlm_score: in-process or served (schemas/serving.py)
+    # vlm_score and the judges: in-process or served (schemas/serving.py; hpsv3, edit_reward: launch: richpref)
+    engine: EngineConfig = EngineConfig()
     adapter: str | None = None  # edit_score: the LoRA adapter (EditScore/EditScore-7B) on `model` (its base VLM)
     max_new_tokens: int | None = Field(None, ge=1)  # generative judges: answer length (default 512, as the references)
     # hpsv2: which HPS. v2.0 and v2.1 scores are not comparable (SD1.4: 26.95 vs 25.35); RPO's Table 1 and
@@ -67,7 +69,9 @@ class RewardSpec(_Strict):
         extra = sorted(given - allowed)
         if extra:
             raise ValueError(f"reward kind {self.kind!r} takes no {', '.join(extra)}; it takes {', '.join(sorted(allowed))}")
-        if self.kind in ("hpsv3", "edit_reward"):  # a bad head-judge template fails before any model loads
+        if "engine" in allowed:
+            check_launcher(self.engine, f"reward kind {self.kind!r}", head_judge=self.kind in HEAD_JUDGE_KINDS)
+        if self.kind in HEAD_JUDGE_KINDS:  # a bad head-judge template fails before any model loads
             for t in (self.template, self.quality_template):
                 if t is not None:
                     load_head_template(t)
@@ -98,14 +102,22 @@ class SubjectGateConfig(_Strict):
     min_consistency: float = Field(0.0, ge=-1, le=1)  # mean cosine over windows; 0 keeps every edit
 
 
-EDIT_JUDGES = ("edit_reward",)  # reward kinds that judge (original, instruction, edit): usable as `edit_gate`
+EDIT_JUDGES = ("edit_reward", "edit_score")  # reward kinds that judge (original, instruction, edit): usable as `edit_gate`
+# What `edit_gate.min_score` is measured in, per judge: its raw score's range (None: unbounded).
+GATE_SCALES = {"edit_reward": None, "edit_score": (0.0, 10.0)}
 
 
 class EditGateConfig(_Strict):
     """An edit judge's score as a gate: an edit it scores below `min_score` is rejected
     (`edit_judged_poor: …`) before any vote. `reward` names a scored reward of relabel.rewards (it may
     also vote; give it weight 0 and name it in report_only to gate without voting). The threshold is
-    not part of the score stage's key: moving it re-runs no model."""
+    not part of the score stage's key: moving it re-runs no model.
+
+    `min_score` is on the judge's raw scale: `edit_reward` the mean of its two heads' mu (unbounded,
+    centred near 0 for the released checkpoint: compare with the scores of a few edits you trust);
+    `edit_score` the overall sqrt(semantics x quality) on 0..10 (5: half-way on both questions), so a
+    threshold outside 0..10 is refused. An edit the gating judge gave no score is rejected
+    (`unparsed_answer: …` for edit_score), never let through."""
 
     reward: str
     min_score: float
@@ -166,6 +178,10 @@ class RelabelConfig(StageConfig):
             raise ValueError(f"relabel.edit_gate.reward {gate.reward!r} is not a scored edit judge (kinds "
                              f"{', '.join(EDIT_JUDGES)}; scored ones here: {judges or 'none'}): add it to relabel.rewards "
                              "with a weight, or with weight 0 and its name in report_only")
+        scale = GATE_SCALES[self.rewards[gate.reward].kind] if gate is not None else None
+        if scale is not None and not scale[0] <= gate.min_score <= scale[1]:
+            raise ValueError(f"relabel.edit_gate.min_score {gate.min_score:g} is outside {self.rewards[gate.reward].kind}'s "
+                             f"scale {scale[0]:g}..{scale[1]:g}: it would keep every edit or reject every one")
         return self
 
     def voting(self) -> list[str]:

@@ -7,6 +7,11 @@
 - `backend: server` with `launch: vllm | sglang | transformers` — richpref starts the server on the
   worker's device, waits for its health check, and stops it when the stage ends.
 
+The head judges (rewards `hpsv3`, `edit_reward`) are not chat models: a chat server cannot return
+their head's value. They take `launch: richpref` (richpref's own judge server, `richpref serve
+judge`, models/judge_server.py) or an `endpoint` where one runs; the chat launchers are refused for
+them, and `launch: richpref` for everything else.
+
 Only `backend` is part of a stage's content key: the endpoint and the client's concurrency, timeouts
 and retries change how fast outputs come, not what they are. The launcher is part of the key of the
 stages that read probabilities (check's yes/no questions, the `vlm_score` reward): `transformers serve`
@@ -21,7 +26,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LAUNCHERS = ("vllm", "sglang", "transformers")
+LAUNCHERS = ("vllm", "sglang", "transformers", "richpref")
+CHAT_LAUNCHERS = LAUNCHERS[:3]  # OpenAI-compatible chat servers; `richpref`: the head judges' server
 
 
 class EngineConfig(BaseModel):
@@ -29,7 +35,7 @@ class EngineConfig(BaseModel):
 
     backend: Literal["transformers", "server"] = "transformers"
     endpoint: str | None = None  # base URL of a running server, e.g. http://10.0.0.5:8000/v1
-    launch: Literal["vllm", "sglang", "transformers"] | None = None  # start this server instead
+    launch: Literal["vllm", "sglang", "transformers", "richpref"] | None = None  # start this server instead
     served_model: str | None = None  # model name the server expects (default: the stage's model)
     extra_args: list[str] = Field(default_factory=list)  # appended to the launch command
     port: int | None = Field(None, ge=1, le=65535)  # launch port; default: a free one
@@ -136,4 +142,15 @@ def key_view(model: BaseModel, data: dict) -> dict:
     return data
 
 
-__all__ = ["EngineConfig", "ImageCaps", "LAUNCHERS", "key_view"]
+def check_launcher(engine: EngineConfig, what: str, head_judge: bool) -> None:
+    """Refuse a launcher that cannot serve `what`: chat launchers for a head judge, `richpref` for the rest."""
+    if head_judge and engine.launch in CHAT_LAUNCHERS:
+        raise ValueError(f"{what}: engine.launch={engine.launch} serves chat answers, not a reward head's value; "
+                         "use engine.launch: richpref (richpref's judge server) or an engine.endpoint where "
+                         "`richpref serve judge` runs")
+    if not head_judge and engine.launch == "richpref":
+        raise ValueError(f"{what}: engine.launch=richpref serves the head judges (rewards hpsv3, edit_reward) "
+                         f"only; use one of {', '.join(CHAT_LAUNCHERS)}")
+
+
+__all__ = ["CHAT_LAUNCHERS", "EngineConfig", "ImageCaps", "LAUNCHERS", "check_launcher", "key_view"]

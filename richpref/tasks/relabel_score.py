@@ -69,9 +69,9 @@ class RewardSet:
         self.scorers.clear()
 
     def on_release(self) -> None:
-        """When the stage ends: a served reward (vlm_score) stops the server it launched."""
+        """When the stage ends: a served reward (vlm_score, a judge) stops the server it launched."""
         for s in self.scorers.values():
-            hook = getattr(getattr(s, "vlm", None), "on_release", None)
+            hook = getattr(s, "on_release", None) or getattr(getattr(s, "vlm", None), "on_release", None)
             if callable(hook):
                 hook()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -21,8 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 STAGES = ["source"] + [s.name for s in PIPELINE]
 
 
-def _profile(tmp_path: Path, tiny_models: Path, **sections) -> str:
-    data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+def _profile(tmp_path: Path, tiny_models: Path, base: str = "tiny", **sections) -> str:
+    data = yaml.safe_load((REPO / "configs" / f"{base}.yaml").read_text())
     data["models_root"] = str(tiny_models)
     data["source"]["path"] = str(REPO / data["source"]["path"])
     for section, values in sections.items():
@@ -179,3 +180,26 @@ def test_a_missing_package_names_the_install(tiny_models):
     exc = ModuleNotFoundError("No module named 'platformdirs'", name="platformdirs")
     problem = _load_problem("cutout", [], exc, load_profile("tiny", None, str(tiny_models)))
     assert problem.kind == "missing_package" and "pip install platformdirs" in problem.fix
+
+
+def test_doctor_measures_the_rebuild_stages_and_checks_their_judges(tiny_models, tmp_path, capsys):
+    from richpref.doctor.measure import run_doctor
+    from richpref.schemas.config import load_profile
+
+    resident.release()
+    profile = load_profile(_profile(tmp_path, tiny_models, "tiny-rebuild"), None, str(tiny_models))
+    report = run_doctor(profile, items=1, project_items=100)
+    by = {s.stage: s for s in report.stages}
+    assert list(by) == ["source", "samples", "rewards", "ranked", "rebuild_export"]
+    assert by["samples"].rows == 4 and by["ranked"].rows == 6  # sample.num_samples 4: 6 pairs of one prompt
+    assert by["samples"].models and by["samples"].weights_gib > 0 and by["samples"].load_s > 0
+    assert by["rewards"].models == ["imagereward:imagereward", "pickscore:pickscore", "hpsv2:hpsv2"]
+    assert by["ranked"].models == [] and by["rebuild_export"].disk_bytes > 0 and resident._key is None
+    # A judge whose checkpoint is missing fails before anything runs, naming the rebuild's stage, the file and the fix.
+    judge = tmp_path / "hps-judge"
+    shutil.copytree(tiny_models / "hpsv3" / "base", judge / "base")
+    rewards = {**yaml.safe_load((REPO / "configs" / "tiny-rebuild.yaml").read_text())["relabel"]["rewards"],
+               "hpsv3": {"kind": "hpsv3", "model": str(judge), "backbone": str(judge / "base"), "weight": 1.0}}
+    rc, err, seconds = _doctor(capsys, _profile(tmp_path, tiny_models, "tiny-rebuild", relabel={"rewards": rewards}))
+    assert rc == 3 and "rewards: model" in err and f"{judge} holds no reward checkpoint 'HPSv3.safetensors'" in err
+    assert f"--local-dir {judge}" in err and "relabel.rewards.hpsv3.file" in err and "doctor: samples:" not in err

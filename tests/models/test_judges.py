@@ -210,3 +210,34 @@ def test_a_launched_vllm_takes_the_edit_judges_two_images_per_request():
     assert judge_engine(vllm, 1) is vllm and judge_engine(None, 2) is None
     mine = EngineConfig(backend="server", launch="vllm", extra_args=["--limit-mm-per-prompt", '{"image": 4}'])
     assert judge_engine(mine, 2) is mine
+
+
+class RedEditJudge:
+    """A deterministic edit_score stand-in on its 0..10 scale: the judged edit's red mean / 25.5; no
+    score (NaN, raw answer kept) for an edit with any blue."""
+
+    model_id, edit_judge = "red-edit-judge", True
+
+    def score_edits(self, originals, edits, instructions, *, batch_size=8):
+        import numpy as np
+
+        px = [np.asarray(e, dtype=np.float64) for e in edits]
+        self.unparsed = {k: "I cannot tell." for k, p in enumerate(px) if p[..., 2].mean() > 0}
+        return np.array([math.nan if k in self.unparsed else p[..., 0].mean() / 25.5 for k, p in enumerate(px)])
+
+
+def test_edit_score_gates_edits_on_its_0_to_10_scale():
+    from relabel_helpers import ChannelValue, solid
+    from richpref.tasks import relabel as relabel_stage
+
+    rewards = {"red": RewardSpec(kind="clip", model="-"), "es": RewardSpec(kind="edit_score", model="-", weight=0.0)}
+    cfg = RelabelConfig(rewards=rewards, report_only=["es"], edit_gate={"reward": "es", "min_score": 5})
+    images = {"original": [solid(10, 0), solid(50, 0), solid(40, 0)], "edited": [solid(204, 0), solid(102, 0), solid(200, 0, 9)],
+              "instruction": ["x", "y", "z"]}
+    out = relabel_stage.relabel_rows(["a", "b", "c"], ["p"] * 3, images, cfg,
+                                     {"red": ChannelValue(0), "es": RedEditJudge()}.__getitem__).to_pylist()
+    assert out[0]["status"] == "ok" and out[0]["es_1"] == pytest.approx(8.0)  # 204 / 25.5
+    assert out[1]["reason"] == "edit_judged_poor: es 4 < relabel.edit_gate.min_score 5"
+    assert out[2]["reason"] == "unparsed_answer: es answered 'I cannot tell.'"  # no score: never let through
+    with pytest.raises(ValueError, match="min_score 20 is outside edit_score's scale 0..10"):
+        RelabelConfig(rewards=rewards, report_only=["es"], edit_gate={"reward": "es", "min_score": 20})

@@ -14,8 +14,8 @@ tested on tiny weights in that layout (`richpref.models.tiny.rewards`).
 | vlm_score | `vlm_score` | image |
 | unified_reward | `unified_reward` | image (generative judge) |
 | edit_score | `edit_score` | edit: (original, instruction, edited) (generative judge) |
-| hpsv3 | `hpsv3` (+ `qwen_head`) | image |
-| edit_reward | `edit_reward` (+ `qwen_head`) | pair (original, instruction, edit) |
+| hpsv3 | `hpsv3` (+ `qwen_head`; served: `served_head`) | image |
+| edit_reward | `edit_reward` (+ `qwen_head`; served: `served_head`) | pair (original, instruction, edit) |
 """
 from __future__ import annotations
 
@@ -70,16 +70,25 @@ def _edit_score(path, **kw):
     return EditScore(path, **kw)
 
 
-def _hpsv3(path, **kw):
+def _served_head(kind: str, path: str, engine, kw: dict):
+    """A head judge through richpref's judge server (engine.backend: server), else None."""
+    if engine is None or engine.backend != "server":
+        return None
+    from .served_head import SERVED
+
+    return SERVED[kind](path, engine=engine, **kw)
+
+
+def _hpsv3(path, engine=None, **kw):
     from .hpsv3 import HPSv3
 
-    return HPSv3(path, **kw)
+    return _served_head("hpsv3", path, engine, kw) or HPSv3(path, **kw)
 
 
-def _edit_reward(path, **kw):
+def _edit_reward(path, engine=None, **kw):
     from .edit_reward import EditReward
 
-    return EditReward(path, **kw)
+    return _served_head("edit_reward", path, engine, kw) or EditReward(path, **kw)
 
 
 # kind -> (loader, the spec options it takes besides device/dtype)
@@ -95,8 +104,8 @@ REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "vlm_score": (_vlm_score, ("template", "engine")),
     "unified_reward": (_unified_reward, ("template", "engine", "max_new_tokens")),
     "edit_score": (_edit_score, ("adapter", "template", "engine", "max_new_tokens")),
-    "hpsv3": (_hpsv3, ("backbone", "file", "template")),
-    "edit_reward": (_edit_reward, ("backbone", "file", "template", "quality_template")),
+    "hpsv3": (_hpsv3, ("backbone", "file", "template", "engine")),
+    "edit_reward": (_edit_reward, ("backbone", "file", "template", "quality_template", "engine")),
 }
 KINDS = tuple(REGISTRY)
 PAIR_KINDS = ("dino_patch", "edit_reward")
@@ -117,14 +126,22 @@ def load_reward(kind: str, path: str, *, device: str = "auto", dtype: str = "aut
 def load_reward_spec(spec, models_root: str | None = None, *, device: str = "auto", dtype: str = "auto"):
     """A scorer from a profile's `RewardSpec`: `model`, `processor` and `backbone` resolve like every
     model reference (local dir under models_root, or a Hub id; offline misses fail at once)."""
-    from ..runtime import resolve_model_ref
+    from ..runtime import ModelNotAvailable, resolve_model_ref
+
+    def resolve(ref: str) -> str:
+        try:
+            return resolve_model_ref(ref, models_root)
+        except ModelNotAvailable:
+            if spec.engine.endpoint:  # a server someone runs holds the weights, not this machine
+                return ref
+            raise
 
     _, allowed = REGISTRY[spec.kind]
     options = {k: getattr(spec, k) for k in allowed}
     for k in MODEL_REF_OPTIONS:
         if options.get(k) is not None:
-            options[k] = resolve_model_ref(options[k], models_root)
-    return load_reward(spec.kind, resolve_model_ref(spec.model, models_root), device=device, dtype=dtype, **options)
+            options[k] = resolve(options[k])
+    return load_reward(spec.kind, resolve(spec.model), device=device, dtype=dtype, **options)
 
 
 __all__ = ["KINDS", "PAIR_KINDS", "REGISTRY", "AestheticScore", "CLIPSimilarity", "HPScore", "ICTScore", "LinearHead",
