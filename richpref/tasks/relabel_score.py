@@ -26,7 +26,7 @@ from ..models.runtime import resident, resolve_model_ref
 from richpref.tasks.pairing import scorer_dtype
 from ..prompts import template_hash
 from ..schemas.config import Profile, RelabelConfig
-from ..schemas.relabel import EDIT_JUDGE_KINDS
+from ..schemas.rewards import REWARD_KINDS
 from ..schemas.serving import key_view
 from ..schemas.tables import reward_scores_schema, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
@@ -34,11 +34,8 @@ from .base import Stage, StageInputs, kept, rejected
 log = logging.getLogger("richpref")
 
 SUBJECT = "subject_consistency"  # the scorer name of the subject gate's DINOv2
-# The default questions of the generative judges (a spec's `template` replaces it).
-JUDGE_TEMPLATES = {"unified_reward": "unified_reward_v1", "edit_score": "edit_score_v1"}
-# The default prompts of the judges with a head (models/rewards/hpsv3.py, edit_reward.py), by option.
-HEAD_JUDGE_PROMPTS = {"hpsv3": {"template": "hpsv3_v1"},
-                      "edit_reward": {"template": "edit_reward_following_v1", "quality_template": "edit_reward_quality_v1"}}
+# The options that name a question a VLM judge is asked (a prompt template): their text is keyed.
+TEMPLATE_OPTIONS = ("template", "quality_template")
 
 
 class RewardSet:
@@ -304,18 +301,16 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 def needs_instructions(cfg: RelabelConfig) -> bool:
     """Whether an edit judge is scored: it reads each edit's instructions (the edit stage's)."""
-    return any(cfg.rewards[n].kind in (*EDIT_JUDGE_KINDS, "edit_reward") for n in cfg.scored())
+    return any(REWARD_KINDS[cfg.rewards[n].kind].reads_instruction for n in cfg.scored())
 
 
 def templates_key(profile: Profile) -> str:
     """The text of every VLM question a reward asks is part of the key, like the VLM stages' templates."""
     cfg = profile.relabel
-    defaults = {"vlm_score": "reward_score_v1", **JUDGE_TEMPLATES}
-    names = {cfg.rewards[n].template or defaults[cfg.rewards[n].kind] for n in cfg.scored()
-             if cfg.rewards[n].kind in defaults}
-    for n in cfg.scored():  # the head judges' prompts (each option, else its default)
-        spec = cfg.rewards[n]
-        names |= {getattr(spec, opt) or default for opt, default in HEAD_JUDGE_PROMPTS.get(spec.kind, {}).items()}
+    names = set()
+    for n in cfg.scored():  # each template option of a judge: the one set, else the kind's default
+        spec, defaults = cfg.rewards[n], REWARD_KINDS[cfg.rewards[n].kind].defaults
+        names |= {getattr(spec, opt) or defaults[opt] for opt in TEMPLATE_OPTIONS if opt in defaults}
     names = sorted(names)
     return ",".join(f"{n}={template_hash(n)}" for n in names)
 
