@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from richpref.common.images import BadImage, decode_image
-from ..models.rewards import is_pairwise, load_reward, load_reward_spec
+from ..models.rewards import MODEL_REF_OPTIONS, is_pairwise, load_reward, load_reward_spec
 from ..models.runtime import resident, resolve_model_ref
 from richpref.tasks.pairing import scorer_dtype
 from ..prompts import template_hash
@@ -29,7 +29,7 @@ from ..schemas.config import Profile, RelabelConfig
 from ..schemas.rewards import REWARD_KINDS
 from ..schemas.serving import key_view
 from ..schemas.tables import reward_scores_schema, rows_to_table
-from .base import Stage, StageInputs, kept, rejected
+from .base import ModelUse, Stage, StageInputs, kept, rejected
 
 log = logging.getLogger("richpref")
 
@@ -317,5 +317,32 @@ def templates_key(profile: Profile) -> str:
 
 # Driven by the check stage's rows, not the filter's verdicts: every pair the VLM answered is scored,
 # so a filter threshold can move without a reward model running again.
+def reward_models(profile: Profile, gate: bool = True) -> list[ModelUse]:
+    """The scored rewards' models (weight-0 ones only if report_only) and the subject gate's."""
+    cfg, uses = profile.relabel, []
+    for name in cfg.scored():
+        spec = cfg.rewards[name]
+        uses.append(ModelUse(f"relabel.rewards.{name}.model", spec.model, "reward", cfg,
+                             spec.file or REWARD_KINDS[spec.kind].defaults.get("file")))
+        uses += [ModelUse(f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", cfg) for opt in MODEL_REF_OPTIONS]
+    if gate and cfg.subject_gate is not None:
+        uses.append(ModelUse("relabel.subject_gate.model", cfg.subject_gate.model, "reward", cfg))
+    return uses
+
+
+def load_models(profile: Profile, gate: bool = True) -> list[str]:
+    """Loads what the stage loads (the scored rewards, the subject gate) into its resident reward set."""
+    cfg = profile.relabel
+    rs = reward_set(cfg, profile.models_root)
+    for name in cfg.scored():
+        rs.get(name)
+    loaded = [f"{n}:{cfg.rewards[n].kind}" for n in cfg.scored()]
+    if gate and cfg.subject_gate is not None:
+        rs.get(SUBJECT)
+        loaded.append(f"{SUBJECT}:dino_patch")
+    return loaded
+
+
 STAGE = Stage(name="score", version="3", section="relabel", reads=("check", "sample", "edit", "cutout"),
-              compute=compute, key_extra=templates_key, config_view=scoring_view)
+              compute=compute, key_extra=templates_key, config_view=scoring_view,
+              schema=lambda p: reward_scores_schema(p.relabel.scored()), models=reward_models, load=load_models)
