@@ -90,9 +90,8 @@ def test_a_new_declaration_module_is_found(tmp_path, monkeypatch):
     assert set(REWARD_KINDS) < set(found)
 
 
-def _kind_lists(path: Path) -> list[int]:
-    """Lines of literal lists, tuples, sets or dicts that name three or more reward kinds."""
-    kinds = set(REWARD_KINDS)
+def literal_lists(path: Path, kinds: set[str]) -> list[int]:
+    """Lines of literal lists, tuples, sets or dicts that name three or more of `kinds`."""
     lines = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
@@ -110,5 +109,5 @@ def _kind_lists(path: Path) -> list[int]:
 def test_no_module_lists_the_kinds_by_hand():
     decls = ROOT / "richpref" / "schemas" / "rewards"
     found = {str(p.relative_to(ROOT)): lines for p in sorted((ROOT / "richpref").rglob("*.py"))
-             if decls not in p.parents and (lines := _kind_lists(p))}
+             if decls not in p.parents and (lines := literal_lists(p, set(REWARD_KINDS)))}
     assert not found, f"reward kinds listed outside richpref/schemas/rewards/: {found}"

@@ -20,14 +20,6 @@ from pathlib import Path
 
 import torch
 
-# Folder of each tiny editor under the tiny models root.
-EDITOR_LAYOUT = {
-    "instruct_pix2pix": "instruct-pix2pix",
-    "instruct_pix2pix_sdxl": "instruct-pix2pix-sdxl",
-    "flux_kontext": "flux-kontext",
-    "qwen_image_edit": "qwen-image-edit",
-}
-
 _CORPUS = """\
 make the sky orange and purple at sunset
 add a red hat to the cat and keep everything else the same
@@ -279,10 +271,7 @@ def build_tiny_qwen_image_edit(out_dir: str | os.PathLike, seed: int = 0) -> Pat
 
 
 def build_tiny_editors(root: str | os.PathLike, seed: int = 0) -> dict[str, str]:
-    """Build every tiny instruction editor under `root`; returns kind -> folder."""
-    root = Path(root)
-    build_tiny_instruct_pix2pix(root / EDITOR_LAYOUT["instruct_pix2pix"], seed=seed)
-    build_tiny_instruct_pix2pix_sdxl(root / EDITOR_LAYOUT["instruct_pix2pix_sdxl"], seed=seed + 10)
-    build_tiny_flux_kontext(root / EDITOR_LAYOUT["flux_kontext"], seed=seed + 20)
-    build_tiny_qwen_image_edit(root / EDITOR_LAYOUT["qwen_image_edit"], seed=seed + 30)
-    return {k: str(root / v) for k, v in EDITOR_LAYOUT.items()}
+    """Build every tiny instruction editor under `root` as the tiny set does (`seed`: the set's); key -> folder."""
+    from . import EDITOR_TWINS, build_twins
+
+    return build_twins(root, EDITOR_TWINS, seed=seed)

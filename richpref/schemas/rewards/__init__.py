@@ -12,29 +12,12 @@ Adding a reward: its scorer (richpref/models/rewards/<kind>.py), its declaration
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..plugins import TinyTwin, discover
 
-@dataclass(frozen=True)
-class TinyTwin:
-    """A reward's tiny random-weight twin: `key` names it in richpref.models.tiny.LAYOUT (`paths.<key>` in
-    tests). `build` (`module:function` of richpref/models/tiny) is called as
-    `function(<root>/<folder>, *(<root>/<LAYOUT[n]> for n in needs), *args, seed=<build seed> + seed)`;
-    empty when the twin is a model the tiny set builds anyway (the tiny CLIP, the tiny Qwen2.5-VL)."""
-
-    key: str
-    folder: str = ""  # under the tiny models root; default: key
-    build: str = ""
-    seed: int = 0
-    needs: tuple[str, ...] = ()  # tiny models it is built on (their LAYOUT keys), built before it
-    args: tuple[Any, ...] = ()
-
-    @property
-    def path(self) -> str:
-        return self.folder or self.key
+__all__ = ["KIND_NAMES", "REWARD_KINDS", "RewardKind", "TinyTwin"]
 
 
 @dataclass(frozen=True)
@@ -57,14 +40,7 @@ class RewardKind:
 
 
 def _discover() -> dict[str, RewardKind]:
-    kinds: dict[str, RewardKind] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for decl in getattr(module, "KINDS", ()):
-            if decl.kind in kinds:
-                raise RuntimeError(f"reward kind {decl.kind!r} declared twice (richpref/schemas/rewards/{info.name}.py)")
-            kinds[decl.kind] = decl
-    return kinds
+    return discover(__name__, __path__, "reward kind")
 
 
 REWARD_KINDS: dict[str, RewardKind] = _discover()
