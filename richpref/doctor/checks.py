@@ -62,13 +62,6 @@ class ModelRef:
         return self.ref if self.path in (None, self.ref) else f"{self.ref} ({self.path})"
 
 
-def uses_sample_model(profile: Profile) -> bool:
-    """False when every source row brings its own image and sample keeps it."""
-    from richpref.tasks.sample import uses_model
-
-    return uses_model(profile)
-
-
 def model_refs(profile: Profile) -> list[ModelRef]:
     """Every model the profile's stages load, in pipeline order: what each stage declares (`Stage.models`)."""
     from richpref.tasks import PIPELINE
