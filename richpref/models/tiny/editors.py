@@ -9,7 +9,7 @@ pipeline edits a 64 px image in well under a second on CPU and takes a few MB on
 
 Tokenizers are trained in memory (`tokenizers`) on a small built-in corpus: a truncated real CLIP
 BPE, a Unigram for T5, a byte-level BPE with Qwen's special tokens. Weights depend only on `seed`.
-The module is self-contained: `build_tiny_editors(root, seed)` writes every editor under `root`.
+Each editor kind's declaration (richpref/schemas/editor_kinds/) names its builders here.
 """
 from __future__ import annotations
 
@@ -268,10 +268,3 @@ def build_tiny_qwen_image_edit(out_dir: str | os.PathLike, seed: int = 0) -> Pat
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=parts["tokenizer"],
                                  video_processor=Qwen2VLVideoProcessor(**pixels))
     return _save(QwenImageEditPipeline(**parts, processor=processor), out_dir)
-
-
-def build_tiny_editors(root: str | os.PathLike, seed: int = 0) -> dict[str, str]:
-    """Build every tiny instruction editor under `root` as the tiny set does (`seed`: the set's); key -> folder."""
-    from . import EDITOR_TWINS, build_twins
-
-    return build_twins(root, EDITOR_TWINS, seed=seed)
