@@ -49,12 +49,12 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="richpref-bench-")
     root = args.models_root
     if root is None:
-        from richpref.models.tiny_diffusion import build_tiny_controlnet, build_tiny_sd15
-        from richpref.models.tiny.editors import build_tiny_editors
+        from richpref.models.tiny import EDITOR_TWINS, build_twins
+        from richpref.models.tiny.diffusion import build_tiny_controlnet, build_tiny_sd15
 
         root = tmp.name
         build_tiny_controlnet(build_tiny_sd15(f"{root}/sd15"), f"{root}/controlnet-canny", seed=1)
-        build_tiny_editors(root)
+        build_twins(root, EDITOR_TWINS)
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     n, size = args.n, args.size

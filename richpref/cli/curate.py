@@ -24,11 +24,16 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from richpref.run.plan import finished_and_current, plan_run
     from richpref.schemas.config import ProfileError, load_profile
     from richpref.tasks.source import SourceError, check_source
+    from richpref.tasks import stages_for
 
     try:
         # A bad profile or a missing input file fails here, before Prefect or any model starts.
         profile = load_profile(args.profile, args.set, args.models_root)
         check_source(profile.source)
+        stages = [s.name for s in stages_for(profile)]
+        if args.until is not None and args.until not in stages:
+            raise ProfileError(f"--until {args.until}: profile {profile.name!r} ({profile.pipeline} pipeline) runs "
+                               f"{', '.join(stages)}")
         if args.plan or not args.force_flow:
             plan = plan_run(profile, args.data_dir, args.run)
             if args.plan:
@@ -87,10 +92,8 @@ def register(sub) -> None:
     c.add_argument("--plan", action="store_true",
                    help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
     c.add_argument("--until", metavar="STAGE", default=None,
-                   choices=["source", "sample", "critique", "instruct", "edit", "cutout", "check", "filter", "score",
-                            "relabel", "export", "samples", "rewards", "ranked", "rebuild_export"],
-                   help="stop after STAGE (e.g. instruct, to read the instructions before paying for edits); "
-                        "a later run without it continues from there")
+                   help="stop after STAGE, a stage of the profile's pipeline (e.g. instruct, to read the instructions "
+                        "before paying for edits; --plan lists them); a later run without it continues from there")
     c.add_argument("--force-flow", action="store_true",
                    help="start the flow even when the run is finished and up to date (it then computes nothing)")
     c.set_defaults(fn=cmd_curate)

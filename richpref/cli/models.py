@@ -52,8 +52,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from richpref.doctor.checks import DoctorError
     from richpref.schemas.config import ProfileError, load_profile
 
-    # cutout follows cutout.device / cutout.providers: its CUDA needs the onnxruntime-gpu build.
-    model_sections = ("sample", "critique", "instruct", "edit", "filter", "relabel")
+    from richpref.tasks import PIPELINE
+
+    # The sections of the stages that load a model; cutout follows cutout.device / cutout.providers: its
+    # CUDA needs the onnxruntime-gpu build.
+    model_sections = list(dict.fromkeys(s.section for s in PIPELINE if s.loads_model and s.section != "cutout"))
     overrides = [f"{s}.{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v for s in model_sections]
     try:
         profile = load_profile(args.profile, overrides + args.set, args.models_root)

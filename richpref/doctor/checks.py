@@ -11,12 +11,10 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from richpref.doctor.pipelines import PipelineProblem, check_pipeline_files, check_text_to_image, components
 from richpref.models.runtime import ModelNotAvailable, resolve_device, resolve_model_ref
 from richpref.schemas.config import Profile
-from richpref.schemas.relabel import JUDGE_FILES
 
 # Bytes per element of each safetensors dtype; floating ones are cast to the stage's dtype at load.
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -64,44 +62,13 @@ class ModelRef:
         return self.ref if self.path in (None, self.ref) else f"{self.ref} ({self.path})"
 
 
-def uses_sample_model(profile: Profile) -> bool:
-    """False when every source row brings its own image and sample keeps it."""
-    src = profile.source
-    return not (profile.sample.use_dataset_image and (src.pickapic_preferred or src.image_column))
-
-
 def model_refs(profile: Profile) -> list[ModelRef]:
-    """Every model the profile's stages load, in pipeline order."""
-    p = profile
-    refs: list[ModelRef] = []
+    """Every model the profile's stages load, in pipeline order: what each stage declares (`Stage.models`)."""
+    from richpref.tasks import stages_for
 
-    def add(stage: str, field: str, ref: str | None, kind: str, cfg: Any, file: str | None = None) -> None:
-        if ref:
-            refs.append(ModelRef(stage, field, ref, kind, file=file, device=str(resolve_device(cfg.device)), dtype=cfg.dtype))
-
-    rebuild = p.pipeline == "rebuild"  # its stages: samples (the generator) and rewards (relabel.rewards)
-    sample_stage, score_stage = ("samples", "rewards") if rebuild else ("sample", "score")
-    if uses_sample_model(p):
-        add(sample_stage, "sample.model", p.sample.model, "diffusers", p.sample)
-    for name in p.relabel.scored():  # the score stage loads the scored rewards (weight-0 ones only if report_only)
-        spec = p.relabel.rewards[name]
-        if spec.engine.endpoint:  # served by a server someone runs: its weights live there
-            continue
-        add(score_stage, f"relabel.rewards.{name}.model", spec.model, "reward", p.relabel, spec.file or JUDGE_FILES.get(spec.kind))
-        for opt in ("processor", "backbone", "adapter"):
-            add(score_stage, f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", p.relabel)
-    if rebuild:
-        return refs
-    add("critique", "critique.model", p.critique.model, "vlm", p.critique)
-    add("instruct", "instruct.model", p.instruct.model, "vlm", p.instruct)
-    add("edit", "edit.model", p.edit.model, "diffusers", p.edit)
-    add("edit", "edit.controlnet", p.edit.controlnet, "diffusers", p.edit)
-    add("edit", "edit.control_weights", p.edit.control_weights, "annotator", p.edit)
-    add("cutout", "cutout.model", p.cutout.model, "rembg", p.cutout)
-    add("check", "filter.model", p.filter.model, "vlm", p.filter)  # the check stage asks the filter's questions
-    if p.relabel.subject_gate is not None:
-        add("score", "relabel.subject_gate.model", p.relabel.subject_gate.model, "reward", p.relabel)
-    return refs
+    return [ModelRef(stage.name, use.field, use.ref, use.kind, file=use.file, device=str(resolve_device(use.cfg.device)),
+                     dtype=use.cfg.dtype)
+            for stage in stages_for(profile) if stage.models is not None for use in stage.models(profile) if use.ref]
 
 
 def _cutout_check(ref: ModelRef, profile: Profile) -> None:

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,39 +125,11 @@ class PeakMemory:
 
 
 def stage_loaders(profile: Profile) -> dict[str, Callable[[], list[str]]]:
-    """Per stage, a function that loads its models through the stage's own loader (so the stage then
-    finds them resident) and returns what it loaded. Stages without a model are absent."""
-    from richpref.doctor.checks import uses_sample_model
-    from richpref.tasks import critique, cutout, edit, relabel_score, sample
+    """Per stage, a function that loads its models through the stage's own loader (`Stage.load`: the
+    stage then finds them resident) and returns what it loaded. Stages without a model are absent."""
+    from richpref.tasks import stages_for
 
-    root = profile.models_root
-
-    def vlm(section: str) -> Callable[[], list[str]]:
-        cfg = getattr(profile, section)
-        return lambda: [critique.load_vlm(cfg, root).model_id]
-
-    def rewards() -> list[str]:  # what the score stage loads: the scored rewards and the subject gate
-        rs = relabel_score.reward_set(profile.relabel, root)
-        names = list(profile.relabel.scored())
-        for name in names:
-            rs.get(name)
-        loaded = [f"{n}:{profile.relabel.rewards[n].kind}" for n in names]
-        if profile.relabel.subject_gate is not None:
-            rs.get(relabel_score.SUBJECT)
-            loaded.append(f"{relabel_score.SUBJECT}:dino_patch")
-        return loaded
-
-    loaders: dict[str, Callable[[], list[str]]] = {
-        "critique": vlm("critique"), "instruct": vlm("instruct"),
-        "edit": lambda: [edit.load_editor(profile.edit, root).model_id],
-        "cutout": lambda: [cutout.load_remover(profile.cutout, root).model_id],
-        "check": vlm("filter"), "score": rewards,
-    }
-    if uses_sample_model(profile):
-        loaders["sample"] = lambda: [sample.load_generator(profile.sample, root).model_id]
-    if profile.pipeline == "rebuild":  # the same loaders under the rebuild's stage names
-        return {"samples": loaders["sample"], "rewards": rewards} if "sample" in loaders else {"rewards": rewards}
-    return loaders
+    return {stage.name: partial(stage.load, profile) for stage in stages_for(profile) if stage.load is not None}
 
 
 def _load_problem(stage: str, refs: list[ModelRef], exc: BaseException, profile: Profile) -> ModelProblem:

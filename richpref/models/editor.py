@@ -2,11 +2,12 @@
 
 Every editor has `edit(images, prompts, seeds, *, batch_size, **settings) -> images` (RGB, each
 input's size, input order, one CPU generator per item), `model_id`, `kind` and `close()`; `SETTINGS`
-names the config fields its `edit` takes. The ControlNet names are re-exported here for the code that
+names the config fields its `edit` takes. Each kind is declared in richpref/schemas/editor_kinds/. The ControlNet names are re-exported here for the code that
 imports them from this module.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from .editors.controlnet import (  # noqa: F401 - re-exported
@@ -19,17 +20,17 @@ from .editors.controlnet import (  # noqa: F401 - re-exported
     load_annotator_network,
     make_control_image,
 )
-from .editors.flux_kontext import FluxKontextEditor
-from .editors.instruct_pix2pix import InstructPix2PixEditor
-from .editors.qwen_image_edit import QwenImageEditor
+from ..schemas.editor_kinds import EDITOR_KINDS
 from .runtime import resident, resolve_model_ref
 
-EDITORS: dict[str, type] = {
-    "controlnet_img2img": ControlNetEditor,
-    "instruct_pix2pix": InstructPix2PixEditor,
-    "flux_kontext": FluxKontextEditor,
-    "qwen_image_edit": QwenImageEditor,
-}
+
+def _editor_class(decl) -> type:
+    module, name = decl.editor.split(":")
+    return getattr(importlib.import_module(f"{__package__}.editors.{module}"), name)
+
+
+# kind -> its editor class, from the kinds' declarations (richpref/schemas/editor_kinds/).
+EDITORS: dict[str, type] = {k: _editor_class(d) for k, d in EDITOR_KINDS.items()}
 
 
 def editor_settings(cfg: Any) -> dict[str, Any]:

@@ -11,27 +11,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-EditorKind = Literal["controlnet_img2img", "instruct_pix2pix", "flux_kontext", "qwen_image_edit"]
+from .editor_kinds import EDITOR_KINDS, EDITOR_NAMES
+
+EditorKind = Literal[EDITOR_NAMES]  # every kind declared in richpref/schemas/editor_kinds/
 ControlKind = Literal["canny", "tile", "lineart_standard", "softedge_hed", "softedge_pidi", "lineart"]
 
-# Each kind's settings and their defaults (the real checkpoints' recommended values).
-EDITOR_DEFAULTS: dict[str, dict[str, Any]] = {
-    "controlnet_img2img": {
-        "model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "controlnet": "lllyasviel/control_v11p_sd15_canny",
-        "control": "canny", "control_weights": None, "strength": 0.75, "guidance_scale": 7.5,
-        "conditioning_scale": 1.0, "steps": 20,
-    },
-    "instruct_pix2pix": {
-        "model": "timbrooks/instruct-pix2pix", "guidance_scale": 7.5, "image_guidance_scale": 1.5, "steps": 20,
-    },
-    "flux_kontext": {
-        "model": "black-forest-labs/FLUX.1-Kontext-dev", "guidance_scale": 2.5, "steps": 28, "max_area": 1024 * 1024,
-    },
-    "qwen_image_edit": {
-        "model": "Qwen/Qwen-Image-Edit", "guidance_scale": 4.0, "steps": 50, "max_area": 1024 * 1024,
-        "negative_prompt": " ",
-    },
-}
+# Each kind's settings and their defaults (the real checkpoints' recommended values): its declaration.
+EDITOR_DEFAULTS: dict[str, dict[str, Any]] = {k: dict(d.defaults) for k, d in EDITOR_KINDS.items()}
 EDITOR_FIELDS = ("model", "controlnet", "control", "control_weights", "strength", "guidance_scale",
                  "conditioning_scale", "image_guidance_scale", "steps", "max_area", "negative_prompt")
 

@@ -8,36 +8,24 @@ from pydantic import Field, field_validator, model_validator
 
 from ..prompts import load_head_template
 from .common import StageConfig, _Strict
+from .rewards import KIND_NAMES, REWARD_KINDS
 from .serving import EngineConfig, check_launcher
 
-# Options each reward kind takes besides kind/model/weight (see richpref/models/rewards).
-REWARD_OPTIONS: dict[str, frozenset[str]] = {
-    "clip": frozenset({"processor", "on_cutout"}),
-    "pickscore": frozenset({"processor", "on_cutout"}),
-    "imagereward": frozenset({"processor", "file", "on_cutout"}),
-    "hpsv2": frozenset({"file", "version", "on_cutout"}),
-    "aesthetic": frozenset({"backbone", "file", "on_cutout"}),
-    "ict": frozenset({"backbone", "processor", "file", "on_cutout"}),
-    "hp": frozenset({"backbone", "processor", "file", "on_cutout"}),
-    "dino_patch": frozenset({"patch", "stride", "on_cutout"}),
-    "vlm_score": frozenset({"template", "on_cutout", "engine"}),
-    "unified_reward": frozenset({"template", "on_cutout", "engine", "max_new_tokens"}),
-    "edit_score": frozenset({"adapter", "template", "engine", "max_new_tokens"}),
-    "hpsv3": frozenset({"backbone", "file", "template", "on_cutout", "engine"}),
-    "edit_reward": frozenset({"backbone", "file", "template", "quality_template", "on_cutout", "engine"}),
-}
-HEAD_JUDGE_KINDS = ("hpsv3", "edit_reward")  # a reward head on a Qwen-VL: served by richpref's judge server
-EDIT_JUDGE_KINDS = ("edit_score",)  # score (original, instruction, edited): see models/rewards/edit_score.py
+# Options each reward kind takes besides kind/model/weight: from its declaration (schemas/rewards/).
+REWARD_OPTIONS: dict[str, frozenset[str]] = {k: d.allowed for k, d in REWARD_KINDS.items()}
+# Kinds that score (original, instruction, edited) one by one: see models/rewards/edit_score.py.
+EDIT_JUDGE_KINDS = tuple(k for k, d in REWARD_KINDS.items() if d.reads_instruction and not d.pairwise)
+# A reward head on a Qwen-VL: served by richpref's judge server (`richpref serve judge`), not a chat server.
+HEAD_JUDGE_KINDS = tuple(k for k, d in REWARD_KINDS.items() if d.judge_server)
 
 
 # The checkpoint file of a reward kind when `file:` is unset (its reference's name, in its Hub repo).
-JUDGE_FILES = {"hpsv3": "HPSv3.safetensors", "edit_reward": "model.safetensors"}
+JUDGE_FILES = {k: d.defaults["file"] for k, d in REWARD_KINDS.items() if "file" in d.defaults}
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # in xswu/HPSv2
 
 
 class RewardSpec(_Strict):
-    kind: Literal["clip", "pickscore", "imagereward", "hpsv2", "aesthetic", "ict", "hp", "dino_patch", "vlm_score",
-                  "unified_reward", "edit_score", "hpsv3", "edit_reward"]
+    kind: Literal[KIND_NAMES]  # every kind declared in richpref/schemas/rewards/
     model: str  # model dir / Hub id; for aesthetic the head file (or the dir/repo holding `file`)
     weight: float = 1.0
     processor: str | None = None  # processor/tokenizer source when `model` has none (PickScore: the laion CLIP)
@@ -102,9 +90,9 @@ class SubjectGateConfig(_Strict):
     min_consistency: float = Field(0.0, ge=-1, le=1)  # mean cosine over windows; 0 keeps every edit
 
 
-EDIT_JUDGES = ("edit_reward", "edit_score")  # reward kinds that judge (original, instruction, edit): usable as `edit_gate`
+EDIT_JUDGES = tuple(k for k, d in REWARD_KINDS.items() if d.edit_gate)  # reward kinds that judge (original, instruction, edit): usable as `edit_gate`
 # What `edit_gate.min_score` is measured in, per judge: its raw score's range (None: unbounded).
-GATE_SCALES = {"edit_reward": None, "edit_score": (0.0, 10.0)}
+GATE_SCALES = {k: REWARD_KINDS[k].gate_scale for k in EDIT_JUDGES}
 
 
 class EditGateConfig(_Strict):

@@ -222,20 +222,6 @@ def ranked_schema(rewards: list[str]) -> pa.Schema:
 # edit_prompt, editor and edit_mask null: nothing was edited) plus the pair index and both seeds.
 REBUILD_PAIRS = pa.schema(PAIRS_BASE + [CANDIDATE, pa.field("seed_0", pa.int64()), pa.field("seed_1", pa.int64())])
 
-# Table schema per stage directory; the relabel stage's columns depend on the profile's rewards.
-TABLES: dict[str, pa.Schema] = {
-    "source": PROMPTS,
-    "sample": SAMPLES,
-    "critique": CRITIQUES,
-    "instruct": INSTRUCTIONS,
-    "edit": EDITS,
-    "cutout": CUTOUTS,
-    "check": CHECKS,
-    "filter": VERDICTS,
-    "pairs": PAIRS,
-}
-
-
 def empty_rows(schema: pa.Schema) -> dict[str, list]:
     return {name: [] for name in schema.names}
 

@@ -37,3 +37,8 @@ PAIR_KEYED: frozenset[str] = frozenset({rebuild_pair.STAGE.out})
 def stages_for(profile) -> tuple[Stage, ...]:
     """The stages a profile's `pipeline` runs, in order (the source first)."""
     return REBUILD if profile.pipeline == "rebuild" else ALL_STAGES
+
+
+def table_schemas(profile) -> dict:
+    """The table schema of each folder a profile's run writes, in pipeline order (each stage declares its own)."""
+    return {s.out: s.output_schema(profile) for s in stages_for(profile)}

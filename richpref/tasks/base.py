@@ -64,6 +64,18 @@ class StageInputs:
 
 
 @dataclass(frozen=True)
+class ModelUse:
+    """One model a stage loads, as the profile names it: doctor resolves and sizes every one before
+    anything loads (richpref/doctor/checks.py)."""
+
+    field: str  # the profile key, e.g. "edit.controlnet" or "relabel.rewards.clip.model"
+    ref: str | None  # the model reference (None: not used by this profile)
+    kind: str  # diffusers | vlm | rembg | reward | annotator
+    cfg: Any  # the section it runs under (its device and dtype)
+    file: str | None = None  # a checkpoint file a resolved directory must hold (a reward's `file:`)
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     version: str  # bump when the stage's code changes what it computes
@@ -83,10 +95,23 @@ class Stage:
     # Whether its shards load a model: only those claim a `GPU` resource on a Dask cluster; the
     # others (source, filter, relabel, export) run on any worker's CPU slots.
     loads_model: bool = True
+    # Its output table's schema (richpref/schemas/tables.py), or a function of the profile when its
+    # columns depend on it (one per reward).
+    schema: pa.Schema | Callable[[Profile], pa.Schema] | None = None
+    # The models its shards load: `models(profile)` names them (doctor's preflight), `load(profile)`
+    # loads them through the stage's own loader, so its shards then find them resident, and returns
+    # their ids (doctor's measured load). Both absent on a stage that loads no model.
+    models: Callable[[Profile], list[ModelUse]] | None = None
+    load: Callable[[Profile], list[str]] | None = None
 
     @property
     def out(self) -> str:
         return self.output or self.name
+
+    def output_schema(self, profile: Profile) -> pa.Schema:
+        if self.schema is None:
+            raise StageContractError(f"stage {self.name} declares no output schema")
+        return self.schema if isinstance(self.schema, pa.Schema) else self.schema(profile)
 
 
 def item_seed(base: int, item_id: str) -> int:

@@ -8,7 +8,7 @@ from ..models.runtime import resident, resolve_model_ref
 from ..prompts import load_template, render, template_hash
 from ..schemas.config import CritiqueConfig, Profile, VLMStageConfig
 from ..schemas.tables import CRITIQUES, rows_to_table
-from .base import Stage, StageInputs, kept, rejected
+from .base import ModelUse, Stage, StageInputs, kept, rejected
 from .vlm_text import says_no_issues
 
 
@@ -72,5 +72,17 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return critique_rows(inputs.rows, images, cfg, lambda: load_vlm(cfg, profile.models_root))
 
 
+def vlm_models(section: str) -> dict:
+    """A VLM stage's models (`Stage.models`, `Stage.load`): the VLM of its config section."""
+    def models(profile: Profile) -> list[ModelUse]:
+        cfg = getattr(profile, section)
+        return [ModelUse(f"{section}.model", cfg.model, "vlm", cfg)]
+
+    def load(profile: Profile) -> list[str]:
+        return [load_vlm(getattr(profile, section), profile.models_root).model_id]
+
+    return {"models": models, "load": load}
+
+
 STAGE = Stage(name="critique", version="2", section="critique", reads=("sample",), compute=compute,
-              key_extra=lambda p: template_hash(p.critique.template))
+              key_extra=lambda p: template_hash(p.critique.template), schema=CRITIQUES, **vlm_models("critique"))

@@ -10,7 +10,7 @@ from ..models.runtime import resident
 from richpref.common.overlap import chunks, pipelined
 from ..schemas.config import CutoutConfig, Profile
 from ..schemas.tables import CUTOUTS, rows_to_table
-from .base import Stage, StageInputs, kept, rejected
+from .base import ModelUse, Stage, StageInputs, kept, rejected
 
 
 def _under_root(path: str | None, models_root: str | None) -> str | None:
@@ -86,4 +86,6 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return cutout_rows(rows, originals, edits, cfg, lambda: load_remover(cfg, profile.models_root))
 
 
-STAGE = Stage(name="cutout", version="3", section="cutout", reads=("edit", "sample"), compute=compute)
+STAGE = Stage(name="cutout", version="3", section="cutout", reads=("edit", "sample"), compute=compute, schema=CUTOUTS,
+              models=lambda p: [ModelUse("cutout.model", p.cutout.model, "rembg", p.cutout)],
+              load=lambda p: [load_remover(p.cutout, p.models_root).model_id])

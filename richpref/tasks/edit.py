@@ -11,7 +11,7 @@ from richpref.common.images import BadImage, decode_image, encode_png, pixel_cha
 from richpref.common.overlap import Memo, chunks, pipelined
 from ..schemas.config import EditConfig, Profile
 from ..schemas.tables import EDITS, rows_to_table
-from .base import Stage, StageInputs, item_seed, kept, rejected
+from .base import ModelUse, Stage, StageInputs, item_seed, kept, rejected
 from .edit_prompts import edit_prompt, fit_prompt  # noqa: F401 - edit_prompt re-exported
 
 
@@ -129,5 +129,12 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return edit_rows(rows, originals, cfg, lambda: load_editor(cfg, profile.models_root))
 
 
+def models(profile: Profile) -> list[ModelUse]:
+    e = profile.edit
+    return [ModelUse("edit.model", e.model, "diffusers", e), ModelUse("edit.controlnet", e.controlnet, "diffusers", e),
+            ModelUse("edit.control_weights", e.control_weights, "annotator", e)]
+
+
 STAGE = Stage(name="edit", version="6", section="edit", reads=("instruct", "sample"), compute=compute,
-              fan_out=lambda profile: profile.edit.num_edits)
+              fan_out=lambda profile: profile.edit.num_edits, schema=EDITS, models=models,
+              load=lambda profile: [load_editor(profile.edit, profile.models_root).model_id])

@@ -90,4 +90,4 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 STAGE = Stage(name="export", version="4", section="export", reads=("relabel", "sample", "edit", "critique", "instruct", "source"),
               compute=compute, output="pairs", key_extra=lambda p: profile_hash(p),
-              loads_model=False)
+              loads_model=False, schema=PAIRS)

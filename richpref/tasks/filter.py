@@ -109,4 +109,4 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 
 STAGE = Stage(name="filter", version="5", section="filter", reads=("check", "instruct"), compute=compute,
-              loads_model=False)
+              loads_model=False, schema=VERDICTS)

@@ -28,7 +28,7 @@ from ..schemas.config import RUNTIME_FIELDS, FilterConfig, Profile
 from ..schemas.serving import key_view
 from ..schemas.tables import CHECKS, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
-from .critique import load_vlm
+from .critique import load_vlm, vlm_models
 from .vlm_text import ListParseError, parse_list
 
 YES_NO_SECTIONS = ("executed", "no_stray", "subject_kept")
@@ -262,4 +262,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 
 STAGE = Stage(name="check", version="3", section="filter", reads=("cutout", "sample", "edit", "instruct"),
-              compute=compute, key_extra=lambda p: template_hash(p.filter.template), config_view=checking_view)
+              compute=compute, key_extra=lambda p: template_hash(p.filter.template), config_view=checking_view,
+              schema=CHECKS, **vlm_models("filter"))  # the check stage asks the filter's questions

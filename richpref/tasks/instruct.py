@@ -33,7 +33,7 @@ from ..prompts import load_template, render, template_hash
 from ..schemas.config import InstructConfig, Profile
 from ..schemas.tables import INSTRUCTIONS, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
-from .critique import load_vlm
+from .critique import load_vlm, vlm_models
 from .instruction_guards import contradiction, is_commentary, says_no_edit, split_sentences
 from .vlm_text import ListParseError, grounding, instruction_target, parse_list
 
@@ -237,4 +237,4 @@ def _key_extra(profile: Profile) -> str:
 
 
 STAGE = Stage(name="instruct", version="4", section="instruct", reads=("critique", "sample"), compute=compute,
-              key_extra=_key_extra)
+              key_extra=_key_extra, schema=INSTRUCTIONS, **vlm_models("instruct"))

@@ -56,4 +56,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 
 STAGE = Stage(name="rebuild_export", version="1", section="export", reads=("ranked", "samples", "source"),
-              compute=compute, output="pairs", key_extra=lambda p: profile_hash(p), loads_model=False)
+              compute=compute, output="pairs", key_extra=lambda p: profile_hash(p), loads_model=False,
+              schema=REBUILD_PAIRS)

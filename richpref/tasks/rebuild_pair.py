@@ -127,4 +127,4 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 # Driven by the source's kept prompts (one per item), so a prompt none of whose samples survived
 # still leaves with its reason.
 STAGE = Stage(name="ranked", version="1", section="relabel", reads=("source", "samples", "rewards"), compute=compute,
-              fan_out=num_pairs, loads_model=False)
+              fan_out=num_pairs, loads_model=False, schema=lambda p: ranked_schema(p.relabel.scored()))

@@ -15,6 +15,8 @@ from ..schemas.config import Profile, SampleConfig
 from ..schemas.tables import REBUILD_SAMPLES, rows_to_table
 from .base import Stage, StageInputs, item_seed, kept, rejected
 from .sample import _tuned_key, load_generator
+from .sample import load_models as load_sample_models
+from .sample import models as sample_models
 
 
 def sample_seed(base: int, item_id: str, k: int) -> int:
@@ -62,4 +64,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 
 STAGE = Stage(name="samples", version="1", section="sample", reads=("source",), compute=compute,
-              key_extra=_tuned_key, fan_out=num_samples)
+              key_extra=_tuned_key, fan_out=num_samples, schema=REBUILD_SAMPLES, models=sample_models,
+              load=load_sample_models)

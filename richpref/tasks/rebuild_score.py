@@ -17,7 +17,7 @@ from richpref.tasks.pairing import scorer_dtype
 from ..schemas.config import Profile, RelabelConfig
 from ..schemas.tables import rows_to_table, sample_scores_schema
 from .base import Stage, StageInputs, kept, rejected
-from .relabel_score import digest, load_scorer, scoring_view, templates_key
+from .relabel_score import digest, load_models, load_scorer, reward_models, scoring_view, templates_key
 
 
 def score_samples(rows: pa.Table, cfg: RelabelConfig, get_scorer) -> pa.Table:
@@ -58,4 +58,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 
 STAGE = Stage(name="rewards", version="1", section="relabel", reads=("samples",), compute=compute,
-              key_extra=templates_key, config_view=scoring_view)
+              key_extra=templates_key, config_view=scoring_view, schema=lambda p: sample_scores_schema(p.relabel.scored()),
+              models=lambda p: reward_models(p, gate=False), load=lambda p: load_models(p, gate=False))

@@ -188,4 +188,4 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 
 STAGE = Stage(name="relabel", version="5", section="relabel", reads=("filter", "score"), compute=compute,
-              loads_model=False)
+              loads_model=False, schema=lambda p: scores_schema(p.relabel.scored()))

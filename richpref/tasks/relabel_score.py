@@ -21,24 +21,21 @@ import numpy as np
 import pyarrow as pa
 
 from richpref.common.images import BadImage, decode_image
-from ..models.rewards import is_pairwise, load_reward, load_reward_spec
+from ..models.rewards import MODEL_REF_OPTIONS, is_pairwise, load_reward, load_reward_spec
 from ..models.runtime import resident, resolve_model_ref
 from richpref.tasks.pairing import scorer_dtype
 from ..prompts import template_hash
 from ..schemas.config import Profile, RelabelConfig
-from ..schemas.relabel import EDIT_JUDGE_KINDS
+from ..schemas.rewards import REWARD_KINDS
 from ..schemas.serving import key_view
 from ..schemas.tables import reward_scores_schema, rows_to_table
-from .base import Stage, StageInputs, kept, rejected
+from .base import ModelUse, Stage, StageInputs, kept, rejected
 
 log = logging.getLogger("richpref")
 
 SUBJECT = "subject_consistency"  # the scorer name of the subject gate's DINOv2
-# The default questions of the generative judges (a spec's `template` replaces it).
-JUDGE_TEMPLATES = {"unified_reward": "unified_reward_v1", "edit_score": "edit_score_v1"}
-# The default prompts of the judges with a head (models/rewards/hpsv3.py, edit_reward.py), by option.
-HEAD_JUDGE_PROMPTS = {"hpsv3": {"template": "hpsv3_v1"},
-                      "edit_reward": {"template": "edit_reward_following_v1", "quality_template": "edit_reward_quality_v1"}}
+# The options that name a question a VLM judge is asked (a prompt template): their text is keyed.
+TEMPLATE_OPTIONS = ("template", "quality_template")
 
 
 class RewardSet:
@@ -304,23 +301,50 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 def needs_instructions(cfg: RelabelConfig) -> bool:
     """Whether an edit judge is scored: it reads each edit's instructions (the edit stage's)."""
-    return any(cfg.rewards[n].kind in (*EDIT_JUDGE_KINDS, "edit_reward") for n in cfg.scored())
+    return any(REWARD_KINDS[cfg.rewards[n].kind].reads_instruction for n in cfg.scored())
 
 
 def templates_key(profile: Profile) -> str:
     """The text of every VLM question a reward asks is part of the key, like the VLM stages' templates."""
     cfg = profile.relabel
-    defaults = {"vlm_score": "reward_score_v1", **JUDGE_TEMPLATES}
-    names = {cfg.rewards[n].template or defaults[cfg.rewards[n].kind] for n in cfg.scored()
-             if cfg.rewards[n].kind in defaults}
-    for n in cfg.scored():  # the head judges' prompts (each option, else its default)
-        spec = cfg.rewards[n]
-        names |= {getattr(spec, opt) or default for opt, default in HEAD_JUDGE_PROMPTS.get(spec.kind, {}).items()}
+    names = set()
+    for n in cfg.scored():  # each template option of a judge: the one set, else the kind's default
+        spec, defaults = cfg.rewards[n], REWARD_KINDS[cfg.rewards[n].kind].defaults
+        names |= {getattr(spec, opt) or defaults[opt] for opt in TEMPLATE_OPTIONS if opt in defaults}
     names = sorted(names)
     return ",".join(f"{n}={template_hash(n)}" for n in names)
 
 
 # Driven by the check stage's rows, not the filter's verdicts: every pair the VLM answered is scored,
 # so a filter threshold can move without a reward model running again.
+def reward_models(profile: Profile, gate: bool = True) -> list[ModelUse]:
+    """The scored rewards' models (weight-0 ones only if report_only) and the subject gate's."""
+    cfg, uses = profile.relabel, []
+    for name in cfg.scored():
+        spec = cfg.rewards[name]
+        if spec.engine.endpoint:  # served by a server someone runs: its weights live there
+            continue
+        uses.append(ModelUse(f"relabel.rewards.{name}.model", spec.model, "reward", cfg,
+                             spec.file or REWARD_KINDS[spec.kind].defaults.get("file")))
+        uses += [ModelUse(f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", cfg) for opt in MODEL_REF_OPTIONS]
+    if gate and cfg.subject_gate is not None:
+        uses.append(ModelUse("relabel.subject_gate.model", cfg.subject_gate.model, "reward", cfg))
+    return uses
+
+
+def load_models(profile: Profile, gate: bool = True) -> list[str]:
+    """Loads what the stage loads (the scored rewards, the subject gate) into its resident reward set."""
+    cfg = profile.relabel
+    rs = reward_set(cfg, profile.models_root)
+    for name in cfg.scored():
+        rs.get(name)
+    loaded = [f"{n}:{cfg.rewards[n].kind}" for n in cfg.scored()]
+    if gate and cfg.subject_gate is not None:
+        rs.get(SUBJECT)
+        loaded.append(f"{SUBJECT}:dino_patch")
+    return loaded
+
+
 STAGE = Stage(name="score", version="3", section="relabel", reads=("check", "sample", "edit", "cutout"),
-              compute=compute, key_extra=templates_key, config_view=scoring_view)
+              compute=compute, key_extra=templates_key, config_view=scoring_view,
+              schema=lambda p: reward_scores_schema(p.relabel.scored()), models=reward_models, load=load_models)

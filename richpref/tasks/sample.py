@@ -9,7 +9,7 @@ from ..models.tuned import weights_fingerprint
 from richpref.common.overlap import chunks, pipelined
 from ..schemas.config import Profile, SampleConfig
 from ..schemas.tables import SAMPLES, rows_to_table
-from .base import Stage, StageInputs, item_seed, kept, rejected
+from .base import ModelUse, Stage, StageInputs, item_seed, kept, rejected
 
 
 def load_generator(cfg: SampleConfig, models_root: str | None):
@@ -84,4 +84,19 @@ def _tuned_key(profile: Profile) -> str:
     return weights_fingerprint(profile.sample.lora, profile.sample.unet)
 
 
-STAGE = Stage(name="sample", version="2", section="sample", reads=("source",), compute=compute, key_extra=_tuned_key)
+def uses_model(profile: Profile) -> bool:
+    """False when every source row brings its own image and sample keeps it."""
+    src = profile.source
+    return not (profile.sample.use_dataset_image and (src.pickapic_preferred or src.image_column))
+
+
+def models(profile: Profile) -> list[ModelUse]:
+    return [ModelUse("sample.model", profile.sample.model, "diffusers", profile.sample)] if uses_model(profile) else []
+
+
+def load_models(profile: Profile) -> list[str]:
+    return [load_generator(profile.sample, profile.models_root).model_id] if uses_model(profile) else []
+
+
+STAGE = Stage(name="sample", version="2", section="sample", reads=("source",), compute=compute, key_extra=_tuned_key,
+              schema=SAMPLES, models=models, load=load_models)

@@ -253,7 +253,7 @@ STAGE = Stage(
     name="source", version=VERSION, section="source", reads=(), compute=_compute,
     count_shards=lambda profile: open_view(profile.source).num_shards,
     shard_key=lambda profile, shard: open_view(profile.source).shard_key(shard),
-    loads_model=False,
+    loads_model=False, schema=PROMPTS,
 )
 
 

@@ -8,7 +8,12 @@ from pydantic import ValidationError
 
 from richpref.prompts import REWARD_TOKEN, load_head_template
 from richpref.schemas.config import RelabelConfig, RewardSpec
-from richpref.tasks.relabel_score import HEAD_JUDGE_PROMPTS, templates_key
+from richpref.schemas.rewards import REWARD_KINDS
+from richpref.tasks.relabel_score import TEMPLATE_OPTIONS, templates_key
+
+# The default prompts of the judges with a head, by option (their declarations, richpref/schemas/rewards/).
+HEAD_JUDGE_PROMPTS = {k: {o: REWARD_KINDS[k].defaults[o] for o in TEMPLATE_OPTIONS if o in REWARD_KINDS[k].defaults}
+                      for k in ("hpsv3", "edit_reward")}
 
 
 def key(**rewards) -> str:

@@ -1,5 +1,8 @@
 """Reward models behind two small interfaces, a registry keyed by kind, and z-scores.
 
+Each kind is declared once, in richpref/schemas/rewards/ (options, defaults, loader, tiny twin); the
+registry here is read from those declarations.
+
 `load_reward(kind, path, **options)` builds a scorer from resolved local paths (or Hub ids);
 `load_reward_spec(spec, models_root)` does it from a profile's `RewardSpec`, resolving every model
 reference the spec names. Each kind loads the original checkpoint layout of its reference and is
@@ -19,96 +22,30 @@ tested on tiny weights in that layout (`richpref.models.tiny.rewards`).
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
+from ...schemas.rewards import REWARD_KINDS
 from .base import (LinearHead, PairReward, Reward, RewardLoadError, checkpoint_file, is_pairwise, load_state_dict,
                    zscore)
 from .clip import AestheticScore, CLIPSimilarity, HPScore, ICTScore
 
 
-def _clip(path, **kw):
-    return CLIPSimilarity(path, scaled=False, **kw)
+def _loader(kind: str) -> Callable[..., Any]:
+    """The kind's declared loader (richpref/schemas/rewards/), its module imported at the first call."""
+    decl = REWARD_KINDS[kind]
+    module, attr = decl.loader.split(":")
+
+    def load(path, **kw):
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)(path, **decl.fixed, **kw)
+
+    return load
 
 
-def _pickscore(path, **kw):
-    return CLIPSimilarity(path, scaled=True, **kw)
-
-
-def _imagereward(path, **kw):
-    from .imagereward import ImageReward
-
-    return ImageReward(path, **kw)
-
-
-def _hpsv2(path, **kw):
-    from .hps import HPSv2
-
-    return HPSv2(path, **kw)
-
-
-def _dino_patch(path, **kw):
-    from .dino import DinoPatchConsistency
-
-    return DinoPatchConsistency(path, **kw)
-
-
-def _vlm_score(path, **kw):
-    from .vlm_score import VLMExpectedScore
-
-    return VLMExpectedScore(path, **kw)
-
-
-def _unified_reward(path, **kw):
-    from .unified_reward import UnifiedReward
-
-    return UnifiedReward(path, **kw)
-
-
-def _edit_score(path, **kw):
-    from .edit_score import EditScore
-
-    return EditScore(path, **kw)
-
-
-def _served_head(kind: str, path: str, engine, kw: dict):
-    """A head judge through richpref's judge server (engine.backend: server), else None."""
-    if engine is None or engine.backend != "server":
-        return None
-    from .served_head import SERVED
-
-    return SERVED[kind](path, engine=engine, **kw)
-
-
-def _hpsv3(path, engine=None, **kw):
-    from .hpsv3 import HPSv3
-
-    return _served_head("hpsv3", path, engine, kw) or HPSv3(path, **kw)
-
-
-def _edit_reward(path, engine=None, **kw):
-    from .edit_reward import EditReward
-
-    return _served_head("edit_reward", path, engine, kw) or EditReward(path, **kw)
-
-
-# kind -> (loader, the spec options it takes besides device/dtype)
-REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
-    "clip": (_clip, ("processor",)),
-    "pickscore": (_pickscore, ("processor",)),
-    "imagereward": (_imagereward, ("processor", "file")),
-    "hpsv2": (_hpsv2, ("file", "version")),
-    "aesthetic": (lambda path, **kw: AestheticScore(path, **kw), ("backbone", "file")),
-    "ict": (lambda path, **kw: ICTScore(path, **kw), ("backbone", "processor", "file")),
-    "hp": (lambda path, **kw: HPScore(path, **kw), ("backbone", "processor", "file")),
-    "dino_patch": (_dino_patch, ("patch", "stride")),
-    "vlm_score": (_vlm_score, ("template", "engine")),
-    "unified_reward": (_unified_reward, ("template", "engine", "max_new_tokens")),
-    "edit_score": (_edit_score, ("adapter", "template", "engine", "max_new_tokens")),
-    "hpsv3": (_hpsv3, ("backbone", "file", "template", "engine")),
-    "edit_reward": (_edit_reward, ("backbone", "file", "template", "quality_template", "engine")),
-}
+# kind -> (loader, the spec options it takes besides device/dtype): from the kinds' declarations.
+REGISTRY: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {k: (_loader(k), d.options) for k, d in REWARD_KINDS.items()}
 KINDS = tuple(REGISTRY)
-PAIR_KINDS = ("dino_patch", "edit_reward")
+PAIR_KINDS = tuple(k for k, d in REWARD_KINDS.items() if d.pairwise)
 MODEL_REF_OPTIONS = ("processor", "backbone", "adapter")  # options that name models (resolved like `model`)
 
 

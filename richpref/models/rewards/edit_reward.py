@@ -58,3 +58,13 @@ class EditReward(QwenHeadReward):
             raise ValueError(f"{len(originals)} originals but {len(edits)} edits")
         return np.stack([self.score_edits(originals, originals, prompts, batch_size=batch_size),
                          self.score_edits(originals, edits, prompts, batch_size=batch_size)], axis=1)
+
+
+def load(path: str, engine=None, **options):
+    """The reward's loader: in this process, or through richpref's judge server when `engine.backend` is
+    `server` (the same code then runs in the server: models/judge_server.py)."""
+    if engine is not None and engine.backend == "server":
+        from .served_head import SERVED
+
+        return SERVED["edit_reward"](path, engine=engine, **options)
+    return EditReward(path, **options)

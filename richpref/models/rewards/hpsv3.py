@@ -38,3 +38,13 @@ class HPSv3(QwenHeadReward):
             mu_sigma = self.run(texts, [fit_image(im) for im in images[sl]], head=0)
             out[sl] = mu_sigma[:, 0].double().cpu().numpy()
         return out
+
+
+def load(path: str, engine=None, **options):
+    """The reward's loader: in this process, or through richpref's judge server when `engine.backend` is
+    `server` (the same code then runs in the server: models/judge_server.py)."""
+    if engine is not None and engine.backend == "server":
+        from .served_head import SERVED
+
+        return SERVED["hpsv3"](path, engine=engine, **options)
+    return HPSv3(path, **options)

@@ -9,6 +9,10 @@ import json
 import logging
 from pathlib import Path
 
+from ...schemas.editor_kinds import EDITOR_KINDS
+from ...schemas.plugins import TinyTwin
+from ...schemas.rewards import REWARD_KINDS
+
 log = logging.getLogger("richpref")
 
 # Bump when any builder changes what it writes: a models dir built by another version is rebuilt.
@@ -24,36 +28,37 @@ LAYOUT = {
     "clip": "clip",
     "pickscore": "pickscore",
     "rembg_home": "rembg",
-    # Reward models in their original checkpoint layouts (models/tiny/rewards.py).
-    "imagereward": "imagereward",
-    "hpsv2": "hpsv2",
-    "aesthetic": "aesthetic",
-    "ict": "ict",
-    "hp": "hp",
-    "dinov2": "dinov2",
-    "hpsv3": "hpsv3",  # Qwen-VL reward judges with a head (models/tiny/head_judges.py)
-    "edit_reward": "edit-reward",
-    # Instruction editors (models/tiny/editors.py).
-    "instruct_pix2pix": "instruct-pix2pix",
-    "instruct_pix2pix_sdxl": "instruct-pix2pix-sdxl",
-    "flux_kontext": "flux-kontext",
-    "qwen_image_edit": "qwen-image-edit",
     # Flow-matching text-to-image pipelines (models/tiny/flow.py).
     "sd3": "sd3",
     "flux": "flux",
     "qwen_image": "qwen-image",
 }
+# Reward models in their original checkpoint layouts and the instruction editors: each kind's declared
+# twins (richpref/schemas/rewards/, richpref/schemas/editor_kinds/; builders in models/tiny/rewards.py,
+# head_judges.py, editors.py).
+REWARD_TWINS = {t.key: t for t in (d.tiny for d in REWARD_KINDS.values()) if t is not None and t.build}
+EDITOR_TWINS = {t.key: t for d in EDITOR_KINDS.values() for t in d.tiny if t.build}
+LAYOUT.update({key: t.path for key, t in (REWARD_TWINS | EDITOR_TWINS).items()})
+
+
+def build_twins(root, twins: dict[str, TinyTwin], seed: int = 0) -> dict[str, str]:
+    """Each declared twin under `root` (the models it needs built first), seeded `seed` + its own offset."""
+    import importlib
+
+    root = Path(root)
+    for t in twins.values():
+        module, name = t.build.split(":")
+        build = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        build(root / t.path, *(root / LAYOUT[n] for n in t.needs), *t.args, seed=seed + t.seed)
+    return {key: str(root / t.path) for key, t in twins.items()}
 
 
 def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str]:
     """Build every tiny model under `root` (skipped when an up-to-date build is there)."""
     from .clip import build_tiny_clip
     from .diffusion import build_tiny_controlnet, build_tiny_sd15, build_tiny_sdxl, build_tiny_sdxl_controlnet
-    from .editors import build_tiny_editors
     from .flow import build_tiny_flow
-    from .head_judges import build_tiny_judges
     from .rembg import build_tiny_u2net_onnx
-    from .rewards import build_tiny_rewards
     from .vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
 
     root = Path(root)
@@ -77,10 +82,9 @@ def build_tiny_models(root, seed: int = 0, force: bool = False) -> dict[str, str
     build_tiny_clip(root / LAYOUT["clip"], seed=seed + 4)
     build_tiny_clip(root / LAYOUT["pickscore"], seed=seed + 5)
     build_tiny_u2net_onnx(root / LAYOUT["rembg_home"], seed=seed + 6)
-    build_tiny_rewards(root, root / LAYOUT["clip"], seed=seed + 20)
-    build_tiny_editors(root, seed=seed + 40)
+    build_twins(root, REWARD_TWINS, seed=seed)
+    build_twins(root, EDITOR_TWINS, seed=seed)
     build_tiny_flow(root, seed=seed + 60)
-    build_tiny_judges(root, seed=seed + 80)
     stamp.write_text(json.dumps(want))
     log.info("tiny models built under %s", root)
     return paths

@@ -9,7 +9,7 @@ pipeline edits a 64 px image in well under a second on CPU and takes a few MB on
 
 Tokenizers are trained in memory (`tokenizers`) on a small built-in corpus: a truncated real CLIP
 BPE, a Unigram for T5, a byte-level BPE with Qwen's special tokens. Weights depend only on `seed`.
-The module is self-contained: `build_tiny_editors(root, seed)` writes every editor under `root`.
+Each editor kind's declaration (richpref/schemas/editor_kinds/) names its builders here.
 """
 from __future__ import annotations
 
@@ -19,14 +19,6 @@ import os
 from pathlib import Path
 
 import torch
-
-# Folder of each tiny editor under the tiny models root.
-EDITOR_LAYOUT = {
-    "instruct_pix2pix": "instruct-pix2pix",
-    "instruct_pix2pix_sdxl": "instruct-pix2pix-sdxl",
-    "flux_kontext": "flux-kontext",
-    "qwen_image_edit": "qwen-image-edit",
-}
 
 _CORPUS = """\
 make the sky orange and purple at sunset
@@ -276,13 +268,3 @@ def build_tiny_qwen_image_edit(out_dir: str | os.PathLike, seed: int = 0) -> Pat
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=parts["tokenizer"],
                                  video_processor=Qwen2VLVideoProcessor(**pixels))
     return _save(QwenImageEditPipeline(**parts, processor=processor), out_dir)
-
-
-def build_tiny_editors(root: str | os.PathLike, seed: int = 0) -> dict[str, str]:
-    """Build every tiny instruction editor under `root`; returns kind -> folder."""
-    root = Path(root)
-    build_tiny_instruct_pix2pix(root / EDITOR_LAYOUT["instruct_pix2pix"], seed=seed)
-    build_tiny_instruct_pix2pix_sdxl(root / EDITOR_LAYOUT["instruct_pix2pix_sdxl"], seed=seed + 10)
-    build_tiny_flux_kontext(root / EDITOR_LAYOUT["flux_kontext"], seed=seed + 20)
-    build_tiny_qwen_image_edit(root / EDITOR_LAYOUT["qwen_image_edit"], seed=seed + 30)
-    return {k: str(root / v) for k, v in EDITOR_LAYOUT.items()}

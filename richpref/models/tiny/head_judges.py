@@ -109,9 +109,3 @@ def build_tiny_judge(out_dir: str | os.PathLike, family: str, seed: int = 0) -> 
         sd = sd | ranknet_state(gen, "rm_heads.head_0", 64) | ranknet_state(gen, "rm_heads.head_1", 64)
         save_file(sd, str(out / "model.safetensors"))
     return out
-
-
-def build_tiny_judges(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
-    root = Path(root)
-    return {"hpsv3": build_tiny_judge(root / "hpsv3", "qwen2_vl", seed=seed),
-            "edit_reward": build_tiny_judge(root / "edit-reward", "qwen2_5_vl", seed=seed + 5)}

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import torch
 
-from .clip import build_tiny_clip
-
 IR_VISION = dict(width=128, depth=2, mlp=256, patch=16, image=32)  # 128/64 = 2 heads, as BLIP's 64-wide heads
 IR_TEXT = dict(hidden=32, layers=2, heads=4, intermediate=64, max_positions=40)
 IR_HEAD = (32, 24, 16, 8, 4, 1)  # real: 768, 1024, 128, 64, 16, 1
@@ -196,25 +194,3 @@ def build_tiny_dinov2(out_dir, seed: int = 0) -> Path:
     BitImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(out)
     return out
-
-
-# Folder of each tiny reward model under the tiny models root (see models/tiny.py LAYOUT).
-REWARD_LAYOUT = {"imagereward": "imagereward", "hpsv2": "hpsv2", "aesthetic": "aesthetic", "ict": "ict", "hp": "hp",
-                 "dinov2": "dinov2"}
-
-
-def build_tiny_rewards(root, clip_dir, seed: int = 0) -> dict[str, Path]:
-    """Every tiny reward model under `root`; ICT, HP and the aesthetic head sit on the tiny CLIP at
-    `clip_dir` (their real backbones are laion ViT-H-14 and OpenAI ViT-L/14)."""
-    root = Path(root)
-    clip_dir = Path(clip_dir)
-    if not (clip_dir / "config.json").is_file():
-        build_tiny_clip(clip_dir, seed=seed)
-    return {
-        "imagereward": build_tiny_imagereward(root / REWARD_LAYOUT["imagereward"], seed=seed),
-        "hpsv2": build_tiny_hps(root / REWARD_LAYOUT["hpsv2"], seed=seed + 1),
-        "aesthetic": build_tiny_aesthetic_head(root / REWARD_LAYOUT["aesthetic"], seed=seed + 2),
-        "ict": build_tiny_ict(root / REWARD_LAYOUT["ict"], clip_dir, seed=seed + 3),
-        "hp": build_tiny_hp(root / REWARD_LAYOUT["hp"], clip_dir, seed=seed + 4),
-        "dinov2": build_tiny_dinov2(root / REWARD_LAYOUT["dinov2"], seed=seed + 6),
-    }
