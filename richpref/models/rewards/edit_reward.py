@@ -60,9 +60,13 @@ class EditReward(QwenHeadReward):
                          self.score_edits(originals, edits, prompts, batch_size=batch_size)], axis=1)
 
 
-def load(path: str, engine=None, **options):
+
+def load(path: str, *, backbone: str | None = None, file: str | None = None, template: str = TEMPLATES[0],
+         quality_template: str = TEMPLATES[1], engine=None, device: str = "auto",
+         dtype: str = "auto"):
     """The reward's loader: in this process, or through richpref's judge server when `engine.backend` is
     `server` (the same code then runs in the server: models/judge_server.py)."""
+    options = dict(backbone=backbone, file=file, template=template, quality_template=quality_template, device=device, dtype=dtype)
     if engine is not None and engine.backend == "server":
         from .served_head import SERVED
 

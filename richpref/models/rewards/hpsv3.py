@@ -40,9 +40,12 @@ class HPSv3(QwenHeadReward):
         return out
 
 
-def load(path: str, engine=None, **options):
+
+def load(path: str, *, backbone: str | None = None, file: str | None = None, template: str = TEMPLATE, engine=None, device: str = "auto",
+         dtype: str = "auto"):
     """The reward's loader: in this process, or through richpref's judge server when `engine.backend` is
     `server` (the same code then runs in the server: models/judge_server.py)."""
+    options = dict(backbone=backbone, file=file, template=template, device=device, dtype=dtype)
     if engine is not None and engine.backend == "server":
         from .served_head import SERVED
 
