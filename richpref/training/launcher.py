@@ -144,6 +144,8 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
     check_fsdp_device(cfg)
     config_path = write_config(cfg, output_dir)
     run_env = {**os.environ, **(env or {})}
+    if cfg.models_root:  # the trainers read the written config; the environment must not send them elsewhere
+        run_env["RICHPREF_MODELS_ROOT"] = cfg.models_root
     if num_processes > 1 and "OMP_NUM_THREADS" not in run_env:
         run_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))
     codes = []
