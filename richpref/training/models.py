@@ -186,8 +186,9 @@ def save_tuned(unet, out_dir: Path, cfg: FinetuneConfig, arch: str, state_dict: 
 
     if state_dict is None and any(p.dtype != torch.float32 for p in unet.parameters()):
         unet = unet.to(torch.float32)
-    if state_dict is not None:
-        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    if state_dict is not None:  # LoRA: only its own weights (peft keeps the `lora_` keys), not a float copy of the base
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()
+                      if cfg.mode == "full" or "lora_" in k}
     if cfg.mode == "lora" and arch in FLOW_ARCHS:
         save_flow_lora(unet, out_dir, arch, LORA_WEIGHTS, state_dict)
     elif cfg.mode == "lora":
