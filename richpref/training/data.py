@@ -71,7 +71,13 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
             raise DataError(f"data source path {src.path!r} has no .parquet files (give a file, a folder of them or a glob)")
         ds = RemotePairs(files)
     elif src.path is not None:
-        ds = datasets.load_dataset("parquet", data_files=parquet_files(src.path), split="train")
+        import pyarrow.parquet as pq
+
+        files = parquet_files(src.path)
+        # A run's shard that kept no pair is an empty file, which `datasets` cannot read ("BatchSize must be
+        # greater than 0"): left out, unless every file is empty (then the schema still names missing columns).
+        files = [f for f in files if pq.ParquetFile(f).metadata.num_rows > 0] or files[:1]
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")
     else:
         try:
             ds = datasets.load_dataset(src.dataset, split=src.split)
