@@ -123,10 +123,13 @@ def split_heldout(ds, fraction: float, seed: int, label: str):
     `fraction`, so the split is fixed for a run whatever the process count."""
     if fraction <= 0:
         return ds, None
-    held = [r for r in range(len(ds)) if seed_for(seed, "heldout", label, r) % 100_000 < fraction * 100_000]
-    if len(held) == len(ds):
-        raise DataError(f"data source {label!r}: heldout_fraction {fraction} holds out all {len(ds)} pairs; lower "
-                        "heldout_fraction or add pairs")
+    draws = [seed_for(seed, "heldout", label, r) % 100_000 for r in range(len(ds))]
+    held = [r for r in range(len(ds)) if draws[r] < fraction * 100_000]
+    if held and len(held) == len(ds):  # a handful of pairs can all draw low: the highest draw trains
+        keep = max(held, key=lambda r: draws[r])
+        log.warning("data source %s: heldout_fraction %g drew all %d pairs; pair %d trains", label, fraction,
+                    len(ds), keep)
+        held.remove(keep)
     if not held:
         log.warning("data source %s: heldout_fraction %g of %d pairs holds none out; no held-out metrics from it",
                     label, fraction, len(ds))

@@ -83,6 +83,18 @@ def test_ties_dropped_and_missing_columns_named(pairs_file, tmp_path):
         load_pair_source(PairSourceConfig(path=str(tmp_path / "nothing-here")))
 
 
+def test_heldout_split_always_leaves_a_pair_to_train():
+    import datasets
+
+    from richpref.training.data import split_heldout
+
+    two = datasets.Dataset.from_dict({"caption": ["a", "b"]})
+    train, held = split_heldout(two, 0.25, 0, "pairs")  # both rows draw below 0.25 (a tiny curate run's pairs)
+    assert (len(train), len(held)) == (1, 1)
+    train, held = split_heldout(two.select([0]), 0.25, 0, "pairs")
+    assert len(train) == 1 and held is None
+
+
 def test_mixture_weights_epochs_and_resume_offsets():
     mix = PairMixture([10, 30], [3.0, 1.0], seed=7)
     where = mix.locate(range(4000))
