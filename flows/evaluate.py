@@ -19,13 +19,14 @@ log = logging.getLogger("richpref")
 
 @flow(name="evaluate")
 def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, output_dir: str | None = None,
-             data_dir: str = "data") -> dict:
-    """Generate with every model of `config` from the same prompts and seeds, score, tabulate."""
+             data_dir: str = "data", models_root: str | None = None) -> dict:
+    """Generate with every model of `config` from the same prompts and seeds, score, tabulate;
+    `models_root` (else RICHPREF_MODELS_ROOT) replaces its models_root."""
     from prefect.artifacts import create_table_artifact
 
     from richpref.models.runtime import resident
 
-    cfg = with_data_dir(load_evaluate_config(config, overrides), data_dir)
+    cfg = with_data_dir(load_evaluate_config(config, overrides, models_root), data_dir)
     preflight(cfg)
     out = Path(output_dir or Path(data_dir) / "evaluate" / cfg.name)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,12 @@ from richpref.training.finetune import default_output_dir, summary_markdown, tra
 @flow(name="finetune")
 def finetune(config: str = "finetune-tiny", pairs: str | None = None, output_dir: str | None = None,
              overrides: list[str] | None = None, num_processes: int = 1, max_restarts: int = 1,
-             data_dir: str = "data") -> dict:
-    """Train with `config` (a name in configs/ or a YAML path); `pairs` replaces its `pairs` source."""
+             data_dir: str = "data", models_root: str | None = None) -> dict:
+    """Train with `config` (a name in configs/ or a YAML path); `pairs` replaces its `pairs` source;
+    `models_root` (else RICHPREF_MODELS_ROOT) replaces its models_root."""
     from prefect.artifacts import create_markdown_artifact
 
-    cfg = with_pairs(load_finetune_config(config, overrides), pairs)
+    cfg = with_pairs(load_finetune_config(config, overrides, models_root), pairs)
     out = output_dir or default_output_dir(cfg, data_dir)
     meta = train_task(cfg, out, num_processes, max_restarts)
     final = str(Path(out) / "final")

@@ -46,12 +46,13 @@ def rounds(config: str = "rounds-tiny", overrides: list[str] | None = None, data
         store = RunStore(data_dir, run)
         pairs = store.uri(store.stage_dir("pairs"))
         tuned = finetune(config=cfg.finetune, pairs=pairs, output_dir=finetune_dir(data_dir, cfg, k),
-                         overrides=finetune_overrides(cfg, previous, [r["pairs"] for r in finished]), data_dir=data_dir)
+                         overrides=finetune_overrides(cfg, previous, [r["pairs"] for r in finished]), data_dir=data_dir,
+                         models_root=cfg.models_root)
         inject_fault(k, "finetune")
         finished.append({"round": k, "run": run, "pairs": pairs, "curate": curate_stats(data_dir, run),
                          "finetune": {"output_dir": tuned["output_dir"], "mode": tuned["mode"], "steps": tuned["steps"]}})
         evaluated = evaluate(config=cfg.evaluate, overrides=evaluate_overrides(cfg, [r["finetune"]["output_dir"] for r in finished]),
-                             output_dir=str(out / "evaluate"), data_dir=data_dir)
+                             output_dir=str(out / "evaluate"), data_dir=data_dir, models_root=cfg.models_root)
         rows = rounds_table(evaluated["table"], [r["curate"] for r in finished])
         rewards = [c for c in evaluated["table"][0] if c not in ("model", "images") and "_win_vs_" not in c]
         markdown = write_table(out, rows, rewards)

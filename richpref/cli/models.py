@@ -43,7 +43,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         from richpref.training.memory import estimate_memory, format_estimate
 
         try:
-            cfg = load_finetune_config(args.finetune, args.set)
+            cfg = load_finetune_config(args.finetune, args.set, args.models_root)
             print(format_estimate(cfg, estimate_memory(cfg, args.workers), args.workers))
         except (ProfileError, ModelNotAvailable, ValueError, FileNotFoundError) as exc:
             return fail(exc)

@@ -33,12 +33,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         # A bad config, a checkpoint of another family, pairs without the masks it needs: refused before
         # Prefect starts and before any model loads.
-        cfg = with_pairs(load_finetune_config(args.config, args.set), args.pairs)
+        cfg = with_pairs(load_finetune_config(args.config, args.set, args.models_root), args.pairs)
         preflight(cfg)
         check_fsdp_device(cfg)
         result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
                           overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
-                          data_dir=args.data_dir)
+                          data_dir=args.data_dir, models_root=args.models_root)
     except (ProfileError, ModelNotAvailable, DataError, ValueError, FileNotFoundError) as exc:
         return fail(exc)
     except LaunchFailed as exc:
@@ -55,14 +55,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from richpref.schemas.training import load_evaluate_config
 
     try:
-        preflight(with_data_dir(load_evaluate_config(args.config, args.set), args.data_dir))  # before Prefect starts
+        # before Prefect starts
+        preflight(with_data_dir(load_evaluate_config(args.config, args.set, args.models_root), args.data_dir))
         result = run_flow(EVALUATE, config=args.config, overrides=args.set, output_dir=args.output_dir,
-                          data_dir=args.data_dir)
+                          data_dir=args.data_dir, models_root=args.models_root)
     except (ProfileError, ModelNotAvailable, ValueError) as exc:
         return fail(exc)
     print(result["markdown"])
     print(f"written to {result['output_dir']} (table.parquet, table.md, scores.parquet, grid.png)")
     return 0
+
+
+_ROOT_HELP = ("directory relative model references resolve against (default: RICHPREF_MODELS_ROOT, else the "
+              "config's models_root)")
 
 
 def register(sub) -> None:
@@ -84,10 +89,12 @@ def register(sub) -> None:
     f.add_argument("--max-restarts", type=int, default=1, help="relaunch after a crash this many times (resumes)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set max_train_steps=100 (repeatable)")
+    f.add_argument("--models-root", default=None, help=_ROOT_HELP)
     f.set_defaults(fn=cmd_finetune)
 
     e = sub.add_parser("evaluate", help="base vs tuned: same prompts and seeds, reward table and image grid")
     e.add_argument("--config", default="evaluate-tiny", help="evaluate config: a name in configs/ or a YAML path")
     e.add_argument("--output-dir", default=None, help="default: <data-dir>/evaluate/<config name>")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    e.add_argument("--models-root", default=None, help=_ROOT_HELP)
     e.set_defaults(fn=cmd_evaluate)

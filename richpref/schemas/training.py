@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -266,24 +267,31 @@ class EvaluateConfig(_Strict):
         return v
 
 
-def _load_yaml(name_or_path: str, overrides: list[str] | None) -> tuple[dict, str]:
+def _load_yaml(name_or_path: str, overrides: list[str] | None, models_root: str | None = None) -> tuple[dict, str]:
     """The config's YAML; `extends: <config>` starts from another config, each key it names replacing
-    the base's whole value (as profiles do)."""
+    the base's whole value (as profiles do). `models_root` (the command's --models-root), else
+    RICHPREF_MODELS_ROOT, replaces the config's `models_root`, as for curate profiles."""
     path = find_profile(name_or_path)
-    return apply_overrides(read_profile_data(path), overrides), str(path)
+    data = apply_overrides(read_profile_data(path), overrides)
+    root = models_root or os.environ.get("RICHPREF_MODELS_ROOT")
+    if root:
+        data["models_root"] = root
+    return data, str(path)
 
 
-def load_finetune_config(name_or_path: str, overrides: list[str] | None = None) -> FinetuneConfig:
+def load_finetune_config(name_or_path: str, overrides: list[str] | None = None,
+                         models_root: str | None = None) -> FinetuneConfig:
     """`configs/<name>.yaml` (e.g. finetune-tiny) or a YAML path, with `key=value` overrides."""
-    data, path = _load_yaml(name_or_path, overrides)
+    data, path = _load_yaml(name_or_path, overrides, models_root)
     try:
         return FinetuneConfig.model_validate(data)
     except ValidationError as exc:
         raise ProfileError(f"finetune config {path} is invalid:\n{exc}") from exc
 
 
-def load_evaluate_config(name_or_path: str, overrides: list[str] | None = None) -> EvaluateConfig:
-    data, path = _load_yaml(name_or_path, overrides)
+def load_evaluate_config(name_or_path: str, overrides: list[str] | None = None,
+                         models_root: str | None = None) -> EvaluateConfig:
+    data, path = _load_yaml(name_or_path, overrides, models_root)
     try:
         return EvaluateConfig.model_validate(data)
     except ValidationError as exc:

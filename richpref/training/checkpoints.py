@@ -95,11 +95,25 @@ def save_checkpoint(accelerator, out: Path, step: int, samples_seen: int, cfg_ha
     accelerator.wait_for_everyone()
 
 
+def full_state_dict(model) -> dict | None:
+    """The whole weights of a model sharded by FSDP (accelerate's FSDP wrapper, or torch's fully_shard),
+    on the main process ({} on the others); None for a model that is not sharded. Under FSDP every
+    process must call it (it gathers the shards)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if not any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def write_final(unet, out: Path, cfg: FinetuneConfig, cfg_hash: str, arch: str, model_dir: str, step: int,
-                 last: dict) -> dict:
+                last: dict, state_dict: dict | None = None) -> dict:
+    """final/: the tuned weights (`state_dict`: gathered by full_state_dict from a sharded model) and finetune.json."""
     tmp = out / f"final.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    save_tuned(unet, tmp, cfg, arch)
+    save_tuned(unet, tmp, cfg, arch, state_dict)
     meta = {"base_model": cfg.model, "base_model_path": model_dir, "arch": arch, "mode": cfg.mode, "steps": step,
             "config_hash": cfg_hash, "config": cfg.model_dump(mode="json"), "last_metrics": last}
     (tmp / FINETUNE_META).write_text(json.dumps(meta, indent=2))

@@ -71,7 +71,13 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
             raise DataError(f"data source path {src.path!r} has no .parquet files (give a file, a folder of them or a glob)")
         ds = RemotePairs(files)
     elif src.path is not None:
-        ds = datasets.load_dataset("parquet", data_files=parquet_files(src.path), split="train")
+        import pyarrow.parquet as pq
+
+        files = parquet_files(src.path)
+        # A run's shard that kept no pair is an empty file, which `datasets` cannot read ("BatchSize must be
+        # greater than 0"): left out, unless every file is empty (then the schema still names missing columns).
+        files = [f for f in files if pq.ParquetFile(f).metadata.num_rows > 0] or files[:1]
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")
     else:
         try:
             ds = datasets.load_dataset(src.dataset, split=src.split)
@@ -117,10 +123,13 @@ def split_heldout(ds, fraction: float, seed: int, label: str):
     `fraction`, so the split is fixed for a run whatever the process count."""
     if fraction <= 0:
         return ds, None
-    held = [r for r in range(len(ds)) if seed_for(seed, "heldout", label, r) % 100_000 < fraction * 100_000]
-    if len(held) == len(ds):
-        raise DataError(f"data source {label!r}: heldout_fraction {fraction} holds out all {len(ds)} pairs; lower "
-                        "heldout_fraction or add pairs")
+    draws = [seed_for(seed, "heldout", label, r) % 100_000 for r in range(len(ds))]
+    held = [r for r in range(len(ds)) if draws[r] < fraction * 100_000]
+    if held and len(held) == len(ds):  # a handful of pairs can all draw low: the highest draw trains
+        keep = max(held, key=lambda r: draws[r])
+        log.warning("data source %s: heldout_fraction %g drew all %d pairs; pair %d trains", label, fraction,
+                    len(ds), keep)
+        held.remove(keep)
     if not held:
         log.warning("data source %s: heldout_fraction %g of %d pairs holds none out; no held-out metrics from it",
                     label, fraction, len(ds))

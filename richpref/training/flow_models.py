@@ -182,7 +182,7 @@ def pipeline_class(arch: str):
     return getattr(diffusers, PIPELINE[arch])
 
 
-def save_flow_lora(transformer, out_dir: Path, arch: str, weight_name: str) -> None:
+def save_flow_lora(transformer, out_dir: Path, arch: str, weight_name: str, state_dict: dict | None = None) -> None:
     """The transformer's LoRA in diffusers' layout: `pipe.load_lora_weights(out_dir)` loads it. The peft
     keys as they are (lora_A / lora_B), as diffusers' SD3/FLUX LoRA scripts save them; the UNet-era
     conversion would rename some attention keys to lora.down/up and the loader would skip them."""
@@ -190,7 +190,7 @@ def save_flow_lora(transformer, out_dir: Path, arch: str, weight_name: str) -> N
 
     metadata = transformer.peft_config["default"].to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-    layers = get_peft_model_state_dict(transformer)
+    layers = get_peft_model_state_dict(transformer, state_dict=state_dict)  # state_dict: gathered from FSDP shards
     pipeline_class(arch).save_lora_weights(out_dir, transformer_lora_layers=layers, weight_name=weight_name,
                                            transformer_lora_adapter_metadata=metadata)
 

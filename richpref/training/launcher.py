@@ -109,9 +109,11 @@ def accelerate_command(config_path: str | os.PathLike, output_dir: str | os.Path
     return cmd + ["-m", "richpref.training.train", "--config", str(config_path), "--output-dir", str(output_dir)]
 
 
-FSDP_NEEDS_GPUS = ("accelerate shards a model with FSDP on GPUs only: on a machine without CUDA its FSDP plugin "
-                   "refuses to start (sync_module_states is not supported on cpu) and, told not to sync, it sets up "
-                   "plain multi-CPU data parallelism instead (an unsharded copy per process)")
+FSDP_NEEDS_GPUS = ("accelerate shards a model with FSDP on GPUs only: on a machine without CUDA its "
+                   "FullyShardedDataParallelPlugin refuses to start (\"FSDP parameter initialization with "
+                   "`sync_module_states=True` is not supported on cpu\"), and without that option AcceleratorState "
+                   "turns FSDP on only for GPU-like devices, so the processes run MULTI_CPU data parallelism with an "
+                   "unsharded copy each")
 
 
 def check_fsdp_device(cfg: FinetuneConfig) -> None:
@@ -144,6 +146,8 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
     check_fsdp_device(cfg)
     config_path = write_config(cfg, output_dir)
     run_env = {**os.environ, **(env or {})}
+    if cfg.models_root:  # the trainers read the written config; the environment must not send them elsewhere
+        run_env["RICHPREF_MODELS_ROOT"] = cfg.models_root
     if num_processes > 1 and "OMP_NUM_THREADS" not in run_env:
         run_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))
     codes = []

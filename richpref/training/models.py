@@ -166,11 +166,11 @@ class AdapterSwitch:
                 layer._disable_adapters = False
 
 
-def lora_state_dict(unet) -> dict:
+def lora_state_dict(unet, state_dict: dict | None = None) -> dict:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
 
 
 def _pipeline_class(arch: str):
@@ -179,21 +179,32 @@ def _pipeline_class(arch: str):
     return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
 
-def save_tuned(unet, out_dir: Path, cfg: FinetuneConfig, arch: str) -> None:
-    """Write the tuned weights in diffusers' own layout into `out_dir`."""
-    if any(p.dtype != torch.float32 for p in unet.parameters()):
-        unet = unet.to(torch.float32)
+def save_tuned(unet, out_dir: Path, cfg: FinetuneConfig, arch: str, state_dict: dict | None = None) -> None:
+    """Write the tuned weights in diffusers' own layout into `out_dir`. `state_dict`: the whole weights
+    gathered from a sharded (FSDP) model, whose own parameters are only this process's shard."""
     from .flow_models import FLOW_ARCHS, save_flow_lora
 
+    if state_dict is None and any(p.dtype != torch.float32 for p in unet.parameters()):
+        unet = unet.to(torch.float32)
+    if state_dict is not None:  # LoRA: only its own weights (peft keeps the `lora_` keys), not a float copy of the base
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()
+                      if cfg.mode == "full" or "lora_" in k}
     if cfg.mode == "lora" and arch in FLOW_ARCHS:
-        save_flow_lora(unet, out_dir, arch, LORA_WEIGHTS)
+        save_flow_lora(unet, out_dir, arch, LORA_WEIGHTS, state_dict)
     elif cfg.mode == "lora":
         metadata = unet.peft_config["default"].to_dict()
         metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-        _pipeline_class(arch).save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet),
+        _pipeline_class(arch).save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet, state_dict),
                                                 weight_name=LORA_WEIGHTS, unet_lora_adapter_metadata=metadata)
-    else:
+    elif state_dict is None:
         unet.save_pretrained(out_dir / ("transformer" if arch in FLOW_ARCHS else "unet"), safe_serialization=True)
+    else:  # what save_pretrained writes (config, 10 GB safetensors shards, their index), from the gathered weights
+        from huggingface_hub import save_torch_state_dict
+
+        folder = out_dir / ("transformer" if arch in FLOW_ARCHS else "unet")
+        unet.save_config(folder)
+        save_torch_state_dict(state_dict, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                              max_shard_size="10GB")
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -24,7 +24,8 @@ import torch
 
 from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
-from .checkpoints import TRAINER_STATE, TrainingError, checkpoints, finished, register_lora_hooks, save_checkpoint, write_final
+from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, full_state_dict, register_lora_hooks,
+                          save_checkpoint, write_final)
 from .data import Augment, PairBatches, PairMixture, load_sources, split_heldout
 from .heldout import HeldOut, plot_metrics
 from .models import FINETUNE_META, AdapterSwitch
@@ -263,8 +264,9 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
 
     accelerator.wait_for_everyone()
     summary = {}
+    gathered = full_state_dict(unet)  # under FSDP each process holds a shard: every one takes part in the gather
     if is_main:
-        summary = write_final(base_unet, out, cfg, cfg_hash, setup.arch, model_dir, global_step, last_logged)
+        summary = write_final(base_unet, out, cfg, cfg_hash, setup.arch, model_dir, global_step, last_logged, gathered)
         if heldout is not None:
             plot_metrics(out, METRICS)
     accelerator.wait_for_everyone()

@@ -68,13 +68,31 @@ def generate(pipe, seed: int = 3) -> np.ndarray:
 # --- data -------------------------------------------------------------------------------------------
 
 def test_ties_dropped_and_missing_columns_named(pairs_file, tmp_path):
-    ds = load_pair_source(PairSourceConfig(path=str(pairs_file)))
+    # a run's pairs/ folder where one shard kept no pair: the empty file is left out
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    table = pq.read_table(pairs_file)
+    pq.write_table(table, folder / "part-00000.parquet")
+    pq.write_table(table.slice(0, 0), folder / "part-00001.parquet")
+    ds = load_pair_source(PairSourceConfig(path=str(folder)))
     assert len(ds) == 12 and set(ds["label_0"]) == {0.0, 1.0}
     pq.write_table(pa.table({"caption": ["x"], "jpg_0": [b"x"]}), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"lacks column\(s\) \['jpg_1', 'label_0'\]"):
         load_pair_source(PairSourceConfig(path=str(tmp_path / "bad.parquet")))
     with pytest.raises(DataError, match="no .parquet files"):
         load_pair_source(PairSourceConfig(path=str(tmp_path / "nothing-here")))
+
+
+def test_heldout_split_always_leaves_a_pair_to_train():
+    import datasets
+
+    from richpref.training.data import split_heldout
+
+    two = datasets.Dataset.from_dict({"caption": ["a", "b"]})
+    train, held = split_heldout(two, 0.25, 0, "pairs")  # both rows draw below 0.25 (a tiny curate run's pairs)
+    assert (len(train), len(held)) == (1, 1)
+    train, held = split_heldout(two.select([0]), 0.25, 0, "pairs")
+    assert len(train) == 1 and held is None
 
 
 def test_mixture_weights_epochs_and_resume_offsets():
@@ -139,14 +157,14 @@ def test_full_finetune_loads_with_from_pretrained_and_changes_output(tiny_models
     from richpref.training.train import train
 
     out = tmp_path / "full"
-    cfg = tiny_config(tiny_models, pairs_file, mode="full", max_train_steps=3, train_batch_size=2,
+    cfg = tiny_config(tiny_models, pairs_file, mode="full", max_train_steps=2, train_batch_size=2,
                       gradient_accumulation_steps=2)
     meta = train(cfg, out)
-    assert meta["steps"] == 3 and meta["mode"] == "full"
+    assert meta["steps"] == 2 and meta["mode"] == "full"
     log = metrics(out)
-    assert [r["step"] for r in log] == [1, 2, 3]
+    assert [r["step"] for r in log] == [1, 2]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # model = reference before the first update
-    assert log[-1]["samples_seen"] == 3 * 2 * 2
+    assert log[-1]["samples_seen"] == 2 * 2 * 2
     assert log[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)
 
     tuned_unet = UNet2DConditionModel.from_pretrained(out / "final" / "unet")
@@ -160,8 +178,8 @@ def test_full_finetune_loads_with_from_pretrained_and_changes_output(tiny_models
     assert np.abs(after - before).mean() > 1e-3
 
     # Same config again: nothing to do, nothing logged.
-    assert train(cfg, out)["steps"] == 3
-    assert len(metrics(out)) == 3
+    assert train(cfg, out)["steps"] == 2
+    assert len(metrics(out)) == 2
 
 
 def test_sdxl_lora_loads_into_sdxl_pipeline(tiny_models, pairs_file, tmp_path):

@@ -1,0 +1,35 @@
+"""Finetune and evaluate configs find their models as curate profiles do: `--models-root`, else
+RICHPREF_MODELS_ROOT, else the config's own `models_root` (relative to the cwd)."""
+from __future__ import annotations
+
+from richpref.cli.commands import main
+from richpref.schemas.training import load_evaluate_config, load_finetune_config
+from richpref.training.evaluation import preflight as evaluate_preflight
+from richpref.training.finetune import with_pairs
+from richpref.training.setup import preflight as finetune_preflight
+
+
+def test_finetune_and_evaluate_configs_honour_models_root(tiny_models, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the configs' own models_root (data/models/tiny) is not here
+    root = str(tiny_models)
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    monkeypatch.setenv("RICHPREF_MODELS_ROOT", root)
+    cfg = with_pairs(load_finetune_config("finetune-tiny-flux"), str(pairs))
+    assert cfg.models_root == root and finetune_preflight(cfg) == "flux"
+    ev = load_evaluate_config("evaluate-tiny-flux", ["models=[{name: base, path: flux}]"])
+    assert ev.models_root == root
+    evaluate_preflight(ev)
+    # an explicit root (the command's --models-root) wins over the environment
+    assert load_finetune_config("finetune-tiny-sd3", models_root="/elsewhere").models_root == "/elsewhere"
+    assert load_evaluate_config("evaluate-tiny-sd3", models_root="/elsewhere").models_root == "/elsewhere"
+
+    monkeypatch.delenv("RICHPREF_MODELS_ROOT")
+    assert load_finetune_config("finetune-tiny-flux").models_root == "data/models/tiny"
+    assert main(["doctor", "--finetune", "finetune-tiny-flux", "--models-root", root]) == 0
+    assert "finetune finetune-tiny-flux: flux lora" in capsys.readouterr().out
+    for command in (["finetune", "--config", "finetune-tiny-flux", "--set", "model=gone"],
+                    ["evaluate", "--config", "evaluate-tiny-flux", "--set", "models=[{name: a, path: gone}]"]):
+        args = ["--data-dir", str(tmp_path / "data"), *command, "--models-root", "/no/such/root"]
+        assert main(args) == 2  # refused before Prefect starts, naming the root it looked in
+        assert "looked in /no/such/root/" in capsys.readouterr().err
