@@ -53,7 +53,7 @@ def test_doctor_reads_its_model_lists_from_the_stages(monkeypatch):
     extra = replace(PIPELINE[-1], name="upscale", output="upscaled", loads_model=True,
                     models=lambda p: [ModelUse("edit.model", "some/upscaler", "diffusers", p.edit)],
                     load=lambda p: ["some/upscaler"])
-    monkeypatch.setattr(tasks, "PIPELINE", (*PIPELINE, extra))
+    monkeypatch.setattr(tasks, "ALL_STAGES", (*tasks.ALL_STAGES, extra))  # what stages_for(profile) returns
     assert [(r.stage, r.field, r.ref) for r in model_refs(tiny)][-1] == ("upscale", "edit.model", "some/upscaler")
     loaders = stage_loaders(tiny)
     assert list(loaders) == [*loading, "upscale"] and loaders["upscale"]() == ["some/upscaler"]
