@@ -114,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             skipped[name] = why
             continue
         print(f"[run_all] {name}: {' '.join(args)}", flush=True)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        before, load = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0]
         t0 = time.perf_counter()
         rc = subprocess.run([PY] + args if args[0].endswith(".py") else args, cwd=REPO, env=env).returncode
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        runs.append({"side": name, "repeat": 0, "wall_s": wall, "cpu_s": cpu, "rc": rc})
+        runs.append({"side": name, "repeat": 0, "wall_s": wall, "cpu_s": cpu, "rc": rc, "load_before": load,
+                     "load_after": os.getloadavg()[0]})
         print(f"[run_all] {name}: exit {rc} after {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
         if rc:
             failed.append(name)

@@ -164,7 +164,7 @@ def main() -> None:
     b = harness.Bench("store_requests" + ("_s3" if args.s3 else ""), args.repeats)
     b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["plan"])
     s = harness.summarize(b.runs)
-    b.write(harness.headline("max_per_shard_stage", s["max_per_shard_stage"]["median"], "requests", None,
+    b.write(harness.headline("plan.max_per_shard_stage", s["plan.max_per_shard_stage"]["median"], "requests", None,
                              note=f"object-store requests of a no-op `curate --plan` per shard and stage, the largest "
                                   f"over N = {', '.join(map(str, args.n))} shards ("
                                   f"{'moto S3 server' if args.s3 else 'counting wrapper on a local folder'}); "
