@@ -168,7 +168,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "training")]  # the test helper that writes pairs
     from test_flow_finetune import write_brightness_pairs
 
     import harness

@@ -38,7 +38,7 @@ def load(results: Path) -> list[dict]:
     quick-run table shows them)."""
     newest: dict[str, dict] = {}
     for rec in records(results):
-        if rec["bench"].endswith("_partial"):
+        if "_partial" in rec["bench"]:
             continue
         old = newest.get(rec["bench"])
         if old is None or str(rec.get("date", "")) >= str(old.get("date", "")):

@@ -6,7 +6,9 @@
 Each benchmark writes bench/results/<bench>-<commit>.json itself; this script prints each benchmark's
 wall and CPU seconds (user + system of its processes) and the total, writes
 bench/results/run_all[_quick]-<commit>.json (headline: the total wall, goal < 15 min for --quick; a
-run limited by --only / --skip is recorded as run_all[_quick]_partial) and then runs bench/report.py.
+run limited by --only / --skip is recorded as run_all[_quick]_partial_<its first benchmark>[+n]) and
+then runs bench/report.py (docs/benchmarks.md: each benchmark's newest wall and CPU seconds, whole run
+or partial, and their sums).
 A benchmark that fails is reported and the others still run. A benchmark that cannot run here (a GPU,
 a clean clone and install) is listed with the reason it is skipped, and the report shows that line.
 The DPO step comparison needs diffusers' example script: --diffusers-git (a diffusers git dir) or
@@ -102,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {'skipped: ' + why if why else ' '.join(args)}")
         return 0
     partial = bool(a.only or a.skip)
-    b = harness.Bench("run_all" + ("_quick" if a.quick else "") + ("_partial" if partial else ""), repeats=1)
+    chosen = [n for n in names if (not a.only or n in a.only) and n not in a.skip]
+    # a partial run's record is named after its first benchmark, so runs of other benchmarks keep theirs
+    tag = f"_partial_{chosen[0]}" + (f"+{len(chosen) - 1}" if len(chosen) > 1 else "") if partial and chosen else ""
+    b = harness.Bench("run_all" + ("_quick" if a.quick else "") + tag, repeats=1)
     env = {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
            "HF_HUB_OFFLINE": "1", "RICHPREF_MODELS_ROOT": a.models_root}
     runs, failed, skipped, t_all = [], [], {}, time.perf_counter()
