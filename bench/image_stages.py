@@ -1,6 +1,7 @@
 """Images/s of the sample and edit backends vs batch size, on the tiny SD1.5 and SDXL models.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/image_stages.py [--n 16] [--steps 4] [--size 64] [--batch-sizes 1,4,16] [--repeats 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/image_stages.py [--n 16] [--steps 4] [--size 64] [--batch-sizes 1,4,16]
+        [--models sd15,sdxl] [--repeats 3]
 
 Each figure is `n` images generated (or edited) in batches of 1, 4 and 16, after one warm-up batch. On
 the harness: each repeat a fresh process that loads each pipeline once, then times one call per batch
@@ -43,6 +44,7 @@ def child(args) -> None:
             "sd15": (str(sd), str(build_tiny_controlnet(sd, f"{tmp.name}/cn", seed=1))),
             "sdxl": (str(xl), str(build_tiny_sdxl_controlnet(xl, f"{tmp.name}/cnxl", seed=8))),
         }
+    models = {k: v for k, v in models.items() if k in args.models.split(",")}
     n, size = args.n, args.size
     prompts = [f"a photo of object number {i} on a table" for i in range(n)]
     seeds = list(range(n))
@@ -76,6 +78,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--batch-sizes", default="1,4,16")
     ap.add_argument("--models-root", default=None, help="an existing tiny build (richpref models build-tiny)")
+    ap.add_argument("--models", default="sd15,sdxl", help="a comma-separated subset of: sd15, sdxl")
     args = harness.child_args(ap, repeats=3).parse_args()
     if args.child:
         return child(args)
@@ -86,7 +89,7 @@ def main() -> None:
     s = harness.summarize(b.runs)
     b.write(harness.headline("worst_speedup", s["worst_speedup"]["median"], "x", None,
                              note=f"images/s at batch {sides[-1][1:]} / batch {sides[0][1:]}, the smallest of sample and "
-                                  f"ControlNet edit on the tiny SD1.5 and SDXL; {args.n} images of {args.size}x{args.size}, "
+                                  f"ControlNet edit on the tiny {args.models}; {args.n} images of {args.size}x{args.size}, "
                                   f"{args.steps} steps, one timed call per batch size after a warm-up"))
     b.cleanup()
 

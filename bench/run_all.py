@@ -29,6 +29,10 @@ REPO = harness.REPO
 PY = sys.executable
 B = "bench/"
 GPU = "needs a CUDA GPU"
+# Skipped by the quick set unless named by --only: several fresh `richpref curate` processes per repeat,
+# each ~30 s of CPU even at 8-16 items, so N >= 2 of any of them takes over 2 minutes on 2 idle cores.
+SLOW = "too slow for the quick set"
+HEAVY = SLOW + ": {} fresh `richpref curate` processes per repeat, N >= 2, over 2 min even at 8-16 items; run it alone with --only {}"
 
 
 def plan(quick: bool, models: str, diffusers: str | None) -> list[tuple[str, list[str], str | None]]:
@@ -46,10 +50,10 @@ def plan(quick: bool, models: str, diffusers: str | None) -> list[tuple[str, lis
         ("source_stream_limit", [B + "source_stream.py", "limit"] + sz(["--rows", "3000"]), None),
         ("source_stream_first_shard", [B + "source_stream.py", "first-shard"] + sz(["--rows", "20000"]), None),
         ("reward_dtype_drift", [B + "reward_dtype_drift.py", "--models", models] + sz(["--images", "16"]), None),
-        ("rewards", [B + "rewards.py", "--models", models] + sz(["--images", "8", "--repeats", "2"]), None),
-        ("vlm_stages", [B + "vlm_stages.py", *m] + sz(["--n", "4", "--batch-sizes", "1", "4", "--repeats", "2"]), None),
-        ("image_stages", [B + "image_stages.py", *m] + sz(["--n", "4", "--steps", "2", "--batch-sizes", "1,4",
-                                                          "--repeats", "2"]), None),
+        ("rewards", [B + "rewards.py", "--models", models] + sz(["--images", "4", "--repeats", "2"]), None),
+        ("vlm_stages", [B + "vlm_stages.py", *m] + sz(["--n", "2", "--batch-sizes", "1", "2", "--repeats", "2"]), None),
+        ("image_stages", [B + "image_stages.py", *m] + sz(["--n", "2", "--steps", "2", "--batch-sizes", "1,2",
+                                                          "--models", "sd15", "--repeats", "2"]), None),
         ("editors", [B + "editors.py", *m] + sz(["--n", "4", "--batch-sizes", "1,4", "--repeats", "2"]), None),
         ("filter_encodings", [B + "filter_encodings.py", *m] + sz(["--pairs", "4", "--repeats", "2"]), None),
         ("served_vlm", [B + "served_vlm.py", *m] + sz(["--n", "4", "--concurrency", "1", "4", "--repeats", "2"]), None),
@@ -68,13 +72,14 @@ def plan(quick: bool, models: str, diffusers: str | None) -> list[tuple[str, lis
         ("curate_resume", [B + "curate_runs.py", "resume", "--models", models] + sz(["--quick", "--repeats", "1"]), None),
         ("memory", [B + "curate_runs.py", "memory", "--models", models] + sz(["--quick", "--repeats", "1", "--items", "4", "8", "16"]),
          None),
-        ("doctor_projection", [B + "doctor_projection.py", *m] + sz(["--items", "4", "--run-items", "8", "--repeats", "1"]),
-         None),
-        ("workers", [B + "reliability.py", "workers", "--models", models] + sz(["--items", "16", "--repeats", "1"]), None),
-        ("plan_heavy_shards", [B + "reliability.py", "plan", "--models", models] + sz(["--items", "16", "--repeats", "1"]),
-         None),
-        ("edit_candidates", [B + "edit_candidates.py", "--models", models] + sz(["--items", "4", "--num-edits", "1", "2", "--repeats", "1"]),
-         None),
+        ("doctor_projection", [B + "doctor_projection.py", *m] + sz(["--items", "4", "--run-items", "8", "--repeats", "2"]),
+         HEAVY.format(2, "doctor_projection") if q else None),
+        ("workers", [B + "reliability.py", "workers", "--models", models] + sz(["--items", "16", "--repeats", "2"]),
+         HEAVY.format(2, "workers") if q else None),
+        ("plan_heavy_shards", [B + "reliability.py", "plan", "--models", models] + sz(["--items", "16", "--repeats", "2"]),
+         HEAVY.format("1 + 2", "plan_heavy_shards") if q else None),
+        ("edit_candidates", [B + "edit_candidates.py", "--models", models]
+         + sz(["--items", "4", "--num-edits", "1", "2", "--repeats", "2"]), HEAVY.format(3, "edit_candidates") if q else None),
         ("editor_cost", [B + "editor_cost.py"], GPU + ": each real editor's denoiser at its real size (up to 20B) in bfloat16"),
         ("doctor_gpu", ["bench/doctor_gpu.sh"], GPU + ": `richpref doctor --device cuda` in float16 / bfloat16"),
         ("demo_budget", [B + "demo_budget.py"] + sz(["--no-test"]),
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, args, why in jobs:
         if (a.only and name not in a.only) or name in a.skip:
             continue
+        if why and why.startswith(SLOW) and a.only:  # named: run it
+            why = None
         if why:
             print(f"[run_all] {name}: skipped{' in --quick' if a.quick else ''}: {why}", flush=True)
             skipped[name] = why
