@@ -230,3 +230,18 @@ def test_report_quick_table_sums_benchmarks_and_lists_the_skipped(tmp_path):
     assert "| **sum** | **15** | **12** |" in text
     assert "- `gpu`: needs a CUDA GPU" in text
     assert report.main(["--results", str(res), "--doc", str(doc), "--check"]) == 0
+
+
+def test_run_all_lists_every_benchmark_in_bench_with_a_command_or_a_reason():
+    import run_all
+
+    helpers = {"harness.py", "report.py", "run_all.py", "timing.py"}
+    scripts = {p.name for p in (ROOT / "bench").iterdir() if p.suffix in (".py", ".sh")} - helpers
+    for quick in (True, False):
+        jobs = run_all.plan(quick, "/models", "/diffusers")
+        listed = {Path(a).name for _, args, _ in jobs for a in args[:1]}
+        assert scripts <= listed, f"not in run_all.py: {sorted(scripts - listed)}"
+        assert len({n for n, _, _ in jobs}) == len(jobs)
+    skipped = {n: why for n, _, why in run_all.plan(True, "/models", "/diffusers") if why}
+    assert set(skipped) >= {"editor_cost", "doctor_gpu", "demo_budget"} and all(len(w) > 20 for w in skipped.values())
+    assert not any(why for _, _, why in run_all.plan(False, "/models", "/diffusers") if why and "GPU" not in why)
