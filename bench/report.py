@@ -115,8 +115,8 @@ def detail_tables(recs: list[dict]) -> list[str]:
 
 
 def quick_table(all_recs: list[dict]) -> list[str]:
-    """Wall and CPU seconds of each benchmark in its newest `run_all.py --quick` (whole or --only), their
-    sums, and the benchmarks the quick set skips, with why."""
+    """Wall and CPU seconds of each benchmark in its newest successful `run_all.py --quick` (whole or
+    --only; a failed run when it never succeeded), their sums, and the benchmarks the quick set skips."""
     runs = sorted((r for r in all_recs if r["bench"].startswith("run_all_quick")), key=lambda r: str(r.get("date", "")))
     if not runs:
         return []
@@ -125,7 +125,9 @@ def quick_table(all_recs: list[dict]) -> list[str]:
     for rec in runs:
         for run in rec.get("runs") or []:
             if run.get("side") not in (None, "total") and "wall_s" in run:
-                newest[run["side"]] = (run, rec)
+                old = newest.get(run["side"])
+                if old is None or not (old[0].get("rc") == 0 and run.get("rc") != 0):  # newest, a success first
+                    newest[run["side"]] = (run, rec)
         skipped.update((rec.get("headline") or {}).get("skipped") or {})
     for name in newest:
         skipped.pop(name, None)

@@ -215,7 +215,8 @@ def test_report_quick_table_sums_benchmarks_and_lists_the_skipped(tmp_path):
                            date="2026-01-01T00:00:00+00:00")
     part = harness.result("run_all_quick_partial_two", "abc1234", m, "python bench/run_all.py --quick --only two", 1,
                           [{"side": "two", "repeat": 0, "wall_s": 5.0, "cpu_s": 4.0, "rc": 0, "load_before": 3.0,
-                            "load_after": 4.0}, {"side": "total", "repeat": 0, "wall_s": 5.0, "cpu_s": 4.0}],
+                            "load_after": 4.0}, {"side": "one", "repeat": 0, "wall_s": 1.0, "cpu_s": 1.0, "rc": 1},
+                           {"side": "total", "repeat": 0, "wall_s": 6.0, "cpu_s": 5.0}],
                           harness.headline("total.wall_s", 5.0, "s", None, skipped={}), date="2026-02-01T00:00:00+00:00")
     (res / "run_all_quick-abc1234.json").write_text(json.dumps(whole))
     (res / "run_all_quick_partial_two-abc1234.json").write_text(json.dumps(part))
@@ -226,7 +227,7 @@ def test_report_quick_table_sums_benchmarks_and_lists_the_skipped(tmp_path):
     rows = [l for l in text.splitlines() if l.startswith("| ")]
     assert not any(l.startswith("| run_all_quick_partial") for l in rows)  # not a headline row
     assert "| two | 5 | 4 | 0 | 3.0 → 4.0 |" in text  # the newer (partial) figure
-    assert "| one | 10 | 8 | 0 |" in text
+    assert "| one | 10 | 8 | 0 |" in text  # a later failed run does not hide the success
     assert "| **sum** | **15** | **12** |" in text
     assert "- `gpu`: needs a CUDA GPU" in text
     assert report.main(["--results", str(res), "--doc", str(doc), "--check"]) == 0
