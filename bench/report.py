@@ -120,17 +120,17 @@ def quick_table(all_recs: list[dict]) -> list[str]:
     runs = sorted((r for r in all_recs if r["bench"].startswith("run_all_quick")), key=lambda r: str(r.get("date", "")))
     if not runs:
         return []
+    import run_all
+
     newest: dict[str, tuple[dict, dict]] = {}
-    skipped: dict[str, str] = {}
+    # what the quick set skips and why: from run_all.py's plan (a diffusers checkout assumed given)
+    skipped = {name: why for name, _, why in run_all.plan(True, "MODELS", "DIFFUSERS_GIT") if why}
     for rec in runs:
         for run in rec.get("runs") or []:
             if run.get("side") not in (None, "total") and "wall_s" in run:
                 old = newest.get(run["side"])
                 if old is None or not (old[0].get("rc") == 0 and run.get("rc") != 0):  # newest, a success first
                     newest[run["side"]] = (run, rec)
-        skipped.update((rec.get("headline") or {}).get("skipped") or {})
-    for name in newest:
-        skipped.pop(name, None)
     out = ["", "### The quick set, benchmark by benchmark (generated)", "",
            "Wall and CPU (user + system of the benchmark's processes) seconds of each benchmark's newest "
            "`run_all.py --quick` run (a whole run or `--only`). On an idle 2-core machine a benchmark's wall is "
@@ -147,7 +147,8 @@ def quick_table(all_recs: list[dict]) -> list[str]:
                    f"{rec.get('commit', '?')} | {str(rec.get('date', '?'))[:16]} | `{rec['_file']}` |")
     out.append(f"| **sum** | **{_num(wall)}** | **{_num(cpu)}** | | | | | |")
     if skipped:
-        out += ["", "Skipped in `--quick`:", ""] + [f"- `{k}`: {_cell(v)}" for k, v in sorted(skipped.items())]
+        out += ["", "Skipped in `--quick` (`bench/run_all.py`'s plan; a \"too slow\" one runs when named by `--only`):", ""]
+        out += [f"- `{k}`: {_cell(v)}" for k, v in skipped.items()]
     return out
 
 

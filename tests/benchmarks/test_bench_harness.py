@@ -229,7 +229,7 @@ def test_report_quick_table_sums_benchmarks_and_lists_the_skipped(tmp_path):
     assert "| two | 5 | 4 | 0 | 3.0 → 4.0 |" in text  # the newer (partial) figure
     assert "| one | 10 | 8 | 0 |" in text  # a later failed run does not hide the success
     assert "| **sum** | **15** | **12** |" in text
-    assert "- `gpu`: needs a CUDA GPU" in text
+    assert "- `editor_cost`: needs a CUDA GPU" in text and "- `workers`: too slow for the quick set" in text
     assert report.main(["--results", str(res), "--doc", str(doc), "--check"]) == 0
 
 
