@@ -1,10 +1,12 @@
 """Seconds per edit of each real editor's denoiser at its real size, on a GPU, without its weights.
 
-    python bench/editor_cost.py [--repeats 5] [--batch 1]
+    python bench/editor_cost.py [--passes 5] [--repeats 3] [--batch 1]
 
 Each editor's denoising network is built from its real architecture (diffusers' classes at the
 published checkpoints' sizes) with random weights in bfloat16, fed inputs of the real shapes at the
-editor profile's working size, and timed per forward pass (mean of `repeats` after two warm-ups).
+editor profile's working size, and timed per forward pass (mean of `passes` after two warm-ups). On the
+harness: each repeat a fresh process timing every editor, in alternated order; raw figures in
+bench/results/editor_cost-<commit>.json.
 Seconds per edit = steps × passes per step × seconds per pass ÷ batch: the denoiser dominates an
 edit's cost; the text encoders (once per edit) and the VAE (twice) are left out, so these are lower
 bounds. Random weights cost the same FLOPs as trained ones. Shapes (profile defaults):
@@ -18,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 
 import torch
+
+import harness
 
 
 def _sync() -> None:
@@ -101,27 +106,46 @@ EDITORS = {"controlnet_img2img": controlnet_img2img, "instruct_pix2pix": instruc
            "flux_kontext": flux_kontext, "qwen_image_edit": qwen_image_edit}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--editors", default=",".join(EDITORS))
-    ap.add_argument("--device", default="cuda")
-    args = ap.parse_args()
-    where = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    print(f"# {where}, torch {torch.__version__}, bfloat16, batch {args.batch}, "
-          f"mean of {args.repeats} passes after 2 warm-ups")
-    print(f"{'editor':20} {'s/pass':>8} {'passes':>7} {'s/edit':>8} {'GPU-h/100k':>11}")
-    for name in args.editors.split(","):
+def child(args) -> None:
+    out: dict[str, dict] = {}
+    for name in args.order:
         torch.set_default_dtype(torch.bfloat16)
         with torch.device(args.device), torch.inference_mode():
-            per_pass, passes = EDITORS[name](args.batch, args.repeats)
+            per_pass, passes = EDITORS[name](args.batch, args.passes)
         torch.set_default_dtype(torch.float32)
         per_edit = per_pass * passes / args.batch
+        out[name] = {"s_per_pass": per_pass, "passes": passes, "s_per_edit": per_edit,
+                     "gpu_h_per_100k": per_edit * 1e5 / 3600}
         print(f"{name:20} {per_pass:8.3f} {passes:7d} {per_edit:8.2f} {per_edit * 1e5 / 3600:11.1f}", flush=True)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    harness.print_child("RESULT ", out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--passes", type=int, default=5, help="timed forward passes per editor (after two warm-ups)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--editors", default=",".join(EDITORS))
+    ap.add_argument("--device", default="cuda")
+    args = harness.child_args(ap, repeats=3).parse_args()
+    if args.child:
+        return child(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("editor_cost needs a CUDA GPU (--device cuda): the real editors' denoisers at their real sizes")
+    names = args.editors.split(",")
+    b = harness.Bench("editor_cost", args.repeats)
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), names)
+    s = harness.summarize(b.runs)
+    worst = max(names, key=lambda n: s[f"{n}.gpu_h_per_100k"]["median"])
+    where = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    b.write(harness.headline(f"{worst}.gpu_h_per_100k", s[f"{worst}.gpu_h_per_100k"]["median"], "GPU-h per 100k edits",
+                             None, note=f"{where}, bfloat16, batch {args.batch}: seconds per edit of each editor's "
+                                        f"denoiser at its real size (steps x passes x s/pass, mean of {args.passes} "
+                                        f"passes after 2 warm-ups), the costliest editor as headline; each repeat a "
+                                        f"fresh process, editors in alternated order"))
+    b.cleanup()
 
 
 if __name__ == "__main__":

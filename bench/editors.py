@@ -1,10 +1,11 @@
 """Images/s of each editor (`edit.kind`) on its tiny model, at batch 1 and 8.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/editors.py [--n 16] [--size 64] [--repeats 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/editors.py [--n 16] [--size 64] [--repeats 3]
 
 Each editor runs with the edit settings of its tiny profile (configs/tiny*.yaml: 4 steps; ControlNet
-img2img at strength 0.75 runs 3 of them) on `n` 64 px images, after one warm-up batch; each figure is
-the best of `repeats` timings (the machine is shared: the best run is the least disturbed). The tiny
+img2img at strength 0.75 runs 3 of them) on `n` 64 px images, after one warm-up batch. On the harness:
+each repeat a fresh process that loads each editor once, then times one call per batch size in
+alternated order; raw runs go to bench/results/editors-<commit>.json. The tiny
 models are random and a few MB: the figures compare the pipelines' overheads, not the real models'
 cost (docs/benchmarks.md estimates that from public figures). Models are built into a temporary
 directory unless --models-root points at a tiny build (richpref models build-tiny).
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from timing import best_of, scene  # noqa: E402
+import harness  # noqa: E402
+from timing import scene  # noqa: E402
 
 PROFILES = {
     "controlnet_img2img": "tiny",
@@ -30,18 +32,7 @@ PROFILES = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=16, help="images per timing")
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
-    ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--models-root", default=None, help="an existing tiny build (richpref models build-tiny)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    ap.add_argument("--editors", default=",".join(PROFILES), help="a comma-separated subset of: " + ", ".join(PROFILES))
-    args = ap.parse_args()
-
+def child(args) -> None:
     from richpref.models.editor import editor_settings, load_editor
     from richpref.models.runtime import resident
     from richpref.schemas.config import load_profile
@@ -55,28 +46,52 @@ def main() -> None:
         root = tmp.name
         build_tiny_controlnet(build_tiny_sd15(f"{root}/sd15"), f"{root}/controlnet-canny", seed=1)
         build_twins(root, EDITOR_TWINS)
-
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     n, size = args.n, args.size
     prompts = [f"a photo of object number {i} on a table, make it blue" for i in range(n)]
     seeds = list(range(n))
     originals = [scene(i, size) for i in range(n)]
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-          f"n={n} images of {size}x{size}, best of {args.repeats}")
-    print(f"# device {args.device}, {args.dtype}")
-    print(f"{'editor':24} " + " ".join(f"{'bs=' + str(b):>8}" for b in batch_sizes) + "   (images/s)  same seeds, same images")
+    out: dict[str, dict] = {s: {} for s in args.order}
+    out["same_seeds"] = {}
     for name in args.editors.split(","):
         cfg = load_profile(PROFILES[name], [f"edit.device={args.device}", f"edit.dtype={args.dtype}"]).edit
         editor = load_editor(cfg, root)
         settings = editor_settings(cfg)
-        first = editor.edit(originals[:4], prompts[:4], seeds[:4], batch_size=4, **settings)
+        first = editor.edit(originals[:4], prompts[:4], seeds[:4], batch_size=4, **settings)  # also the warm-up
         again = editor.edit(originals[:4], prompts[:4], seeds[:4], batch_size=4, **settings)
-        same = all(a.tobytes() == b.tobytes() for a, b in zip(first, again))
-        rates = [n / best_of(args.repeats, lambda: editor.edit(originals, prompts, seeds, batch_size=b, **settings),
-                             warmup=False) for b in batch_sizes]
-        print(f"{name:24} " + " ".join(f"{r:8.1f}" for r in rates) + f"   {'yes' if same else 'NO'}", flush=True)
+        key = name.replace(" ", "_").replace("(", "").replace(")", "")
+        out["same_seeds"][f"{key}.same_images"] = float(all(a.tobytes() == b.tobytes() for a, b in zip(first, again)))
+        for side in args.order:
+            t0 = time.perf_counter()
+            editor.edit(originals, prompts, seeds, batch_size=int(side[1:]), **settings)
+            out[side][f"{key}.images_per_s"] = n / (time.perf_counter() - t0)
         resident.release()
     tmp.cleanup()
+    harness.print_child("RESULT ", out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16, help="images per timing")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--models-root", default=None, help="an existing tiny build (richpref models build-tiny)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    ap.add_argument("--editors", default=",".join(PROFILES), help="a comma-separated subset of: " + ", ".join(PROFILES))
+    args = harness.child_args(ap, repeats=3).parse_args()
+    if args.child:
+        return child(args)
+    sides = [f"b{int(x)}" for x in args.batch_sizes.split(",")]
+    b = harness.Bench("editors", args.repeats)
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), sides,
+                 derive=lambda res: {**harness.rate_ratios(res, sides, "images_per_s"), **res["same_seeds"]})
+    s = harness.summarize(b.runs)
+    b.write(harness.headline("worst_speedup", s["worst_speedup"]["median"], "x", None,
+                             note=f"images/s at batch {sides[-1][1:]} / batch {sides[0][1:]}, the smallest over the "
+                                  f"editors ({args.editors}); {args.n} images of {args.size}x{args.size}, each editor's "
+                                  f"tiny profile settings, device {args.device}, {args.dtype}; `same_images` = 1 when "
+                                  f"the same seeds gave the same images"))
+    b.cleanup()
 
 
 if __name__ == "__main__":

@@ -21,19 +21,16 @@ between consecutive optimizer-step completions, the first `--warmup` intervals d
 a run's figure is its median step. Memory: the run's peak RSS (ru_maxrss), and its growth over the RSS
 after the common imports (what training itself holds: models, data, activations, optimizer state).
 Ratios are taken per repeat (the runs of one repeat are close in time) and summarised by their median,
-min and max. Raw figures go to bench/results/flow_dpo_step-<commit>.json.
+min and max. On the harness (bench/harness.py): raw figures go to bench/results/flow_dpo_step-<commit>.json.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/flow_dpo_step.py --models /path/to/tiny/models [--steps 16 --repeats 5]
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -158,10 +155,6 @@ def worker(args) -> None:
     print("RESULT " + json.dumps({"times": times, "peak_mb": peak_mb, "train_mb": peak_mb - base_mb}))
 
 
-def _summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", required=True, help="tiny models folder (richpref models build-tiny)")
@@ -175,68 +168,45 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "training")]  # the test helper that writes pairs
     from test_flow_finetune import write_brightness_pairs
 
+    import harness
+
     sides = ["richpref", "loop", "loop-encode"]
-    runs: list[dict] = []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    command = " ".join([Path(sys.executable).name, *sys.argv])
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    b = harness.Bench("flow_dpo_step", args.repeats, results_dir=Path(args.out))
     with tempfile.TemporaryDirectory() as tmp:
         data = str(write_brightness_pairs(Path(tmp) / "pairs.parquet", 32))
-        for r in range(args.repeats):
-            for kind in sides[r % 3:] + sides[:r % 3]:  # the order rotates: no side always runs first
-                cmd = [sys.executable, __file__, "--worker", kind, "--models", args.models, "--data", data,
-                       "--steps", str(args.steps), "--warmup", str(args.warmup)]
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
-                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    sys.exit(f"{kind} failed:\n{out.stderr[-3000:]}")
-                res = json.loads(line[7:])
-                run = {"side": kind, "repeat": r, "step_ms": 1000 * statistics.median(res["times"]),
-                       "step_ms_min": 1000 * min(res["times"]), "peak_mb": res["peak_mb"], "train_mb": res["train_mb"]}
-                runs.append(run)
-                print(f"repeat {r + 1} {kind:12s} median {run['step_ms']:7.1f} ms/step (min {run['step_ms_min']:.1f})  "
-                      f"peak RSS {run['peak_mb']:.0f} MB (training {run['train_mb']:.0f} MB)", flush=True)
-                _write(args, commit, dirty, command, started, runs)  # what is done so far, if stopped early
 
+        def one(kind: str, rep: int) -> dict:
+            _, env = b.fresh(f"{kind}-{rep}")
+            cmd = [sys.executable, __file__, "--worker", kind, "--models", args.models, "--data", data,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            out = harness.run_process(cmd, env, timeout=args.timeout, cwd=str(REPO))
+            if out["rc"] != 0:
+                sys.exit(f"{kind} failed:\n{out['stderr'][-3000:]}")
+            res = harness.child_result(out["stdout"])
+            return {"step_ms": 1000 * statistics.median(res["times"]), "step_ms_min": 1000 * min(res["times"]),
+                    "peak_mb": res["peak_mb"], "train_mb": res["train_mb"], "process_wall_s": out["wall_s"]}
 
-def _write(args, commit: str, dirty: str, command: str, started: str, runs: list[dict]) -> None:
-    sides = ["richpref", "loop", "loop-encode"]
-
-    def of(side: str, key: str) -> list[float]:
-        return [x[key] for x in runs if x["side"] == side]
-
-    def ratios(a: str, b: str, key: str) -> list[float]:
-        return [x / y for x, y in zip(of(a, key), of(b, key))]
-
-    summary = {f"{side}_{key}": _summary(of(side, key)) for side in sides for key in ("step_ms", "peak_mb", "train_mb")
-               if of(side, key)}
-    if not all(of(side, "step_ms") for side in sides):
-        return
-    summary.update({"time_ratio": _summary(ratios("richpref", "loop", "step_ms")),
-                    "peak_memory_ratio": _summary(ratios("richpref", "loop", "peak_mb")),
-                    "training_memory_ratio": _summary(ratios("richpref", "loop", "train_mb")),
-                    "encode_every_step_time_ratio": _summary(ratios("loop-encode", "loop", "step_ms"))})
-    for key in ("time_ratio", "peak_memory_ratio", "training_memory_ratio", "encode_every_step_time_ratio"):
-        s = summary[key]
-        print(f"{key:30s} median {s['median']:.3f}  (min {s['min']:.3f}, max {s['max']:.3f})")
-    met = summary["time_ratio"]["median"] <= 1.0 and summary["peak_memory_ratio"]["median"] <= 1.0
-    record = {"bench": "flow_dpo_step", "commit": commit, "uncommitted_changes": bool(dirty), "date": started,
-              "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "note": "shared machine under load"},
-              "command": command, "repeats": len({x["repeat"] for x in runs}),
-              "settings": {"steps": args.steps, "warmup": args.warmup, "pairs_per_step": 2, "resolution": 64,
-                           "dtype": "float32", "lora_rank": 4, "torch_threads": 1},
-              "runs": runs, "summary": summary,
-              "headline": {"name": "richpref / minimal loop, Flow-DPO step time (median of per-repeat ratios)",
-                           "value": summary["time_ratio"]["median"], "unit": "ratio", "goal": "<= 1.0 (time and peak memory)",
-                           "met": met}}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"flow_dpo_step-{commit}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+        b.alternate(sides, one)  # the order rotates: no side always runs first
+    derived: dict[int, dict] = {}
+    for name, (num, den, key) in {"time_ratio": ("richpref", "loop", "step_ms"),
+                                  "peak_memory_ratio": ("richpref", "loop", "peak_mb"),
+                                  "training_memory_ratio": ("richpref", "loop", "train_mb"),
+                                  "encode_every_step_time_ratio": ("loop-encode", "loop", "step_ms")}.items():
+        for r in harness.ratios(b.runs, (num, key), (den, key), name):
+            derived.setdefault(r["repeat"], {"side": "derived", "repeat": r["repeat"]})[name] = r[name]
+    runs = b.runs + list(derived.values())
+    s = harness.summarize(runs)
+    head = harness.headline("time_ratio", s["time_ratio"]["median"], "x", "<= 1.0",
+                            note=f"richpref / minimal loop, Flow-DPO median step time per repeat; goal also peak memory "
+                                 f"ratio <= 1.0 (peak_memory_ratio {s['peak_memory_ratio']['median']:.3f}); tiny FLUX.1 "
+                                 f"LoRA rank 4, 2 pairs per step, 64 px, fp32, {args.steps} steps, first {args.warmup} "
+                                 f"dropped, 1 torch thread, each side a fresh process")
+    head["met"] = bool(head["met"] and s["peak_memory_ratio"]["median"] <= 1.0)
+    b.write(head, runs=runs)
+    b.cleanup()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -93,10 +94,17 @@ def ratios(runs: Sequence[dict], num: tuple[str, str], den: tuple[str, str], nam
 
 
 def goal_met(value: float | None, goal: str | None) -> bool | None:
-    """Whether `value` meets a goal written "<= 1.15", ">= 3", "< 15" or "> 0.9"; None without one."""
+    """Whether `value` meets a goal written "<= 1.15", ">= 3", "< 15", "> 0.9" or "in [0.75, 1.25]"; None
+    without one."""
     if value is None or not goal:
         return None
     g = goal.strip()
+    if g.startswith("in [") and g.endswith("]"):  # a range: "in [0.75, 1.25]"
+        try:
+            lo, hi = (float(x) for x in g[4:-1].split(","))
+        except ValueError:
+            return None
+        return bool(lo <= value <= hi)
     for op, fn in (("<=", lambda a, b: a <= b), (">=", lambda a, b: a >= b),
                    ("<", lambda a, b: a < b), (">", lambda a, b: a > b)):
         if g.startswith(op):
@@ -174,7 +182,7 @@ def fresh_env(root: Path, **extra: str) -> dict:
 
 def run_process(cmd: list[str], env: dict, timeout: float = 1800, cwd: str | None = None) -> dict:
     """Run `cmd` to its end: {"wall_s", "rc", "maxrss_mib" (peak RSS of that process, from wait4),
-    "stdout", "stderr"}. A timeout kills its process group (rc -9) rather than raising."""
+    "cpu_s" (its user + system seconds), "stdout", "stderr"}. A timeout kills its process group (rc -9) rather than raising."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, text=True, start_new_session=True)
@@ -191,6 +199,7 @@ def run_process(cmd: list[str], env: dict, timeout: float = 1800, cwd: str | Non
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         return {"wall_s": wall, "rc": proc.returncode, "maxrss_mib": usage.ru_maxrss / 1024,
+                "cpu_s": usage.ru_utime + usage.ru_stime,
                 "stdout": out.read(), "stderr": err.read()}
 
 
@@ -204,6 +213,41 @@ def child_result(stdout: str, tag: str = "RESULT ") -> dict:
 
 def print_child(tag: str, figures: dict) -> None:
     print(tag + json.dumps(figures), flush=True)
+
+
+def child_args(ap: argparse.ArgumentParser, repeats: int = 3) -> argparse.ArgumentParser:
+    """--repeats, and the hidden --child / --order of a script whose repeats are fresh processes of itself
+    (`Bench.per_repeat`)."""
+    ap.add_argument("--repeats", type=int, default=repeats, help=f"fresh processes, sides alternated (default {repeats})")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--order", nargs="+", help=argparse.SUPPRESS)
+    return ap
+
+
+def child_argv(argv: Sequence[str]) -> list[str]:
+    """A script's own arguments less --repeats and its value (a child runs one repeat)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--repeats":
+            skip = True
+        elif not a.startswith("--repeats="):
+            out.append(a)
+    return out
+
+
+def rate_ratios(res: dict, sides: Sequence[str], metric: str, name: str = "speedup") -> dict:
+    """One repeat's ratios of `metric` between the last side and the first, for every figure named
+    `<thing>.<metric>` of both: {"<thing>.<name>": last / first} plus "worst_<name>" (the smallest)."""
+    first, last = res[sides[0]], res[sides[-1]]
+    out = {}
+    for k, v in first.items():
+        if k.endswith("." + metric) and v and last.get(k) is not None:
+            out[k[: -len(metric) - 1] + "." + name] = last[k] / v
+    if out:
+        out["worst_" + name] = min(out.values())
+    return out
 
 
 class Bench:
@@ -231,6 +275,29 @@ class Bench:
             self.runs.append(run)
             print(f"[{self.name}] repeat {rep} side {side}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()), flush=True)
+        return self.runs
+
+    def per_repeat(self, script: str, args: Sequence[str], sides: Sequence[str], derive: Callable[[dict], dict] | None = None,
+                   timeout: float = 3600, **env: str) -> list[dict]:
+        """Each repeat one fresh process `python script *args --child --order <sides rotated by the repeat>`
+        (own Prefect home and caches) that prints `RESULT {side: {figure: value}}`; every side becomes a
+        run, `derive(result)` (ratios within the repeat) a "derived" run, and the process's wall, CPU seconds
+        and peak RSS a "process" run. For benchmarks whose sides share models loaded once per process."""
+        for rep in range(self.repeats):
+            order = [s for r, s in alternation(sides, self.repeats) if r == rep]
+            _, e = self.fresh(f"rep{rep}", **env)
+            r = run_process([sys.executable, script, *args, "--child", "--order", *order], e, timeout=timeout)
+            if r["rc"] != 0:
+                raise RuntimeError(f"{self.name} repeat {rep} exited {r['rc']}:\n{r['stderr'][-3000:]}")
+            res = child_result(r["stdout"])
+            for side in order:
+                self.runs.append({"side": side, "repeat": rep, **res[side]})
+            if derive is not None:
+                self.runs.append({"side": "derived", "repeat": rep, **derive(res)})
+            self.runs.append({"side": "process", "repeat": rep, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
+                              "maxrss_mib": r["maxrss_mib"]})
+            print(f"[{self.name}] repeat {rep} ({' then '.join(order)}): process {r['wall_s']:.1f} s wall, "
+                  f"{r['cpu_s']:.1f} s CPU", flush=True)
         return self.runs
 
     def write(self, head: dict, runs: list[dict] | None = None, name: str | None = None,

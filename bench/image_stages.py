@@ -1,34 +1,29 @@
 """Images/s of the sample and edit backends vs batch size, on the tiny SD1.5 and SDXL models.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/image_stages.py [--n 16] [--steps 4] [--size 64] [--repeats 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/image_stages.py [--n 16] [--steps 4] [--size 64] [--batch-sizes 1,4,16]
+        [--models sd15,sdxl] [--repeats 3]
 
-Each figure is `n` images generated (or edited) in batches of 1, 4 and 16, after one warm-up batch,
-the best of `repeats` timings (the machine is shared: the best run is the least disturbed). Models
-are built into a temporary directory unless --models-root points at a tiny build.
+Each figure is `n` images generated (or edited) in batches of 1, 4 and 16, after one warm-up batch. On
+the harness: each repeat a fresh process that loads each pipeline once, then times one call per batch
+size in alternated order; raw runs go to bench/results/image_stages-<commit>.json. Headline: the
+smallest speedup of the largest batch over batch 1 (no goal). Models are built into a temporary
+directory unless --models-root points at a tiny build.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from timing import best_of, scene  # noqa: E402
+import harness  # noqa: E402
+from timing import scene  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=16, help="images per timing")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
-    ap.add_argument("--batch-sizes", default="1,4,16")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--models-root", default=None, help="an existing tiny build (richpref models build-tiny)")
-    args = ap.parse_args()
-
+def child(args) -> None:
     from richpref.models.editor import ControlNetEditor
     from richpref.models.generator import TextToImage
     from richpref.models.tiny.diffusion import (
@@ -49,31 +44,54 @@ def main() -> None:
             "sd15": (str(sd), str(build_tiny_controlnet(sd, f"{tmp.name}/cn", seed=1))),
             "sdxl": (str(xl), str(build_tiny_sdxl_controlnet(xl, f"{tmp.name}/cnxl", seed=8))),
         }
-
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    models = {k: v for k, v in models.items() if k in args.models.split(",")}
     n, size = args.n, args.size
     prompts = [f"a photo of object number {i} on a table" for i in range(n)]
     seeds = list(range(n))
     originals = [scene(i, size) for i in range(n)]
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-          f"n={n} images of {size}x{size}, {args.steps} steps, best of {args.repeats}")
-    print(f"{'model':6} {'stage':7} " + " ".join(f"{'bs=' + str(b):>10}" for b in batch_sizes) + "   (images/s)")
+    out: dict[str, dict] = {s: {} for s in args.order}
+
+    def timed(name: str, run) -> None:
+        for side in args.order:
+            t0 = time.perf_counter()
+            run(int(side[1:]))
+            out[side][f"{name}.images_per_s"] = n / (time.perf_counter() - t0)
+
     for name, (base, controlnet) in models.items():
         gen = TextToImage.load(base, device="cpu", dtype="float32")
-        run = lambda b: gen.generate(prompts, seeds, steps=args.steps, guidance_scale=5.0,  # noqa: E731
-                                     height=size, width=size, batch_size=b)
         gen.generate(prompts[:1], seeds[:1], steps=args.steps, guidance_scale=5.0, height=size, width=size)
-        rates = [n / best_of(args.repeats, lambda: run(b), warmup=False) for b in batch_sizes]
-        print(f"{name:6} {'sample':7} " + " ".join(f"{r:10.1f}" for r in rates), flush=True)
+        timed(f"{name}.sample", lambda b: gen.generate(prompts, seeds, steps=args.steps, guidance_scale=5.0,
+                                                       height=size, width=size, batch_size=b))
         gen.close()
-
         ed = ControlNetEditor.load(base, controlnet, device="cpu", dtype="float32", control="canny")
-        run = lambda b: ed.edit(originals, prompts, seeds, steps=args.steps, strength=0.75, batch_size=b)  # noqa: E731
         ed.edit(originals[:1], prompts[:1], seeds[:1], steps=args.steps)
-        rates = [n / best_of(args.repeats, lambda: run(b), warmup=False) for b in batch_sizes]
-        print(f"{name:6} {'edit':7} " + " ".join(f"{r:10.1f}" for r in rates), flush=True)
+        timed(f"{name}.edit", lambda b: ed.edit(originals, prompts, seeds, steps=args.steps, strength=0.75, batch_size=b))
         ed.close()
     tmp.cleanup()
+    harness.print_child("RESULT ", out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16, help="images per timing")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--batch-sizes", default="1,4,16")
+    ap.add_argument("--models-root", default=None, help="an existing tiny build (richpref models build-tiny)")
+    ap.add_argument("--models", default="sd15,sdxl", help="a comma-separated subset of: sd15, sdxl")
+    args = harness.child_args(ap, repeats=3).parse_args()
+    if args.child:
+        return child(args)
+    sides = [f"b{int(x)}" for x in args.batch_sizes.split(",")]
+    b = harness.Bench("image_stages", args.repeats)
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), sides,
+                 derive=lambda res: harness.rate_ratios(res, sides, "images_per_s"))
+    s = harness.summarize(b.runs)
+    b.write(harness.headline("worst_speedup", s["worst_speedup"]["median"], "x", None,
+                             note=f"images/s at batch {sides[-1][1:]} / batch {sides[0][1:]}, the smallest of sample and "
+                                  f"ControlNet edit on the tiny {args.models}; {args.n} images of {args.size}x{args.size}, "
+                                  f"{args.steps} steps, one timed call per batch size after a warm-up"))
+    b.cleanup()
 
 
 if __name__ == "__main__":

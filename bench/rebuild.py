@@ -1,21 +1,17 @@
 """Pairs per second of the rebuild pipeline (`pipeline: rebuild`) on the tiny models (CPU).
 
-    python bench/rebuild.py [--models DIR] [--limit 8] [--num-samples 3] [--pairing all_with_margin] [--repeats 1]
+    python bench/rebuild.py [--models DIR] [--limit 8] [--num-samples 3] [--pairing all_with_margin] [--repeats 3]
 
 Rebuilds the first `--limit` rows of the bundled Pick-a-Pic v2 no-images sample (distinct captions
-after dedupe) into a fresh run per repeat, in this process through the shard runner (richpref/recipes/inline.py,
+after dedupe) into a fresh run per repeat, each repeat a fresh process (bench/harness.py), through the shard runner (richpref/recipes/inline.py,
 no Prefect): source -> samples -> rewards -> ranked -> pairs. Prints the exported pairs, the wall time
 (model loads included: a cold run), pairs/s, samples/s and each stage's compute seconds from the work
-log; writes bench/results/rebuild-<commit>.json (format: COMMON bench JSON).
+log; writes bench/results/rebuild-<commit>.json (on the harness: median and spread over the repeats).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import harness  # noqa: E402
 
 
 def one_run(models: str, overrides: list[str]) -> dict:
@@ -48,38 +46,27 @@ def one_run(models: str, overrides: list[str]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=os.environ.get("RICHPREF_MODELS_ROOT", str(REPO / "data/models/tiny")))
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--num-samples", type=int, default=3)
     ap.add_argument("--pairing", default="all_with_margin", choices=["all_with_margin", "best_vs_worst"])
-    ap.add_argument("--repeats", type=int, default=1)
-    a = ap.parse_args()
+    a = harness.child_args(ap, repeats=3).parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     overrides = [f"source.limit={a.limit}", f"sample.num_samples={a.num_samples}", f"relabel.pairing={a.pairing}"]
-    runs = []
-    for i in range(a.repeats):
+    if a.child:
         r = one_run(a.models, overrides)
-        runs.append({"side": "a", "repeat": i, **r})
-        print(f"repeat {i}: {r['prompts']} prompts, {r['samples']} samples, {r['pairs']} pairs in {r['wall_s']:.1f} s "
-              f"= {r['pairs_per_s']:.3f} pairs/s, {r['samples_per_s']:.3f} samples/s; stage compute s {r['stage_compute_s']}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    def stat(key):
-        xs = sorted(r[key] for r in runs)
-        return {"median": xs[len(xs) // 2], "min": xs[0], "max": xs[-1]}
-
-    out = {"bench": "rebuild", "commit": commit, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg())},
-           "command": " ".join(shlex.quote(x) for x in ["python", "bench/rebuild.py", *sys.argv[1:]]),
-           "repeats": a.repeats, "runs": runs,
-           "summary": {k: stat(k) for k in ("pairs_per_s", "samples_per_s", "wall_s", "pairs")},
-           "headline": {"name": "rebuild pairs/s (tiny, CPU, cold: model loads included)",
-                        "value": stat("pairs_per_s")["median"], "unit": "pairs/s", "goal": None, "met": None}}
-    path = REPO / "bench" / "results" / f"rebuild-{commit}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path.relative_to(REPO)}")
+        stages = r.pop("stage_compute_s")
+        harness.print_child("RESULT ", {"rebuild": {**r, **{f"compute.{k}_s": v for k, v in stages.items()}}})
+        return
+    b = harness.Bench("rebuild", a.repeats)
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["rebuild"])
+    s = harness.summarize(b.runs)
+    b.write(harness.headline("rebuild.pairs_per_s", s["rebuild.pairs_per_s"]["median"], "pairs/s", None,
+                             note=f"`tiny-rebuild`, source.limit={a.limit}, {a.num_samples} samples per prompt, "
+                                  f"{a.pairing}; in process through the shard runner (no Prefect), a fresh process and "
+                                  f"run per repeat, model loads included (cold)"))
+    b.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Orchestration overhead, kill + resume cost and peak memory of the curate flow (now in
 bench/curate_runs.py, on the harness: `overhead` and `resume` run its `resume`, `memory` its `memory`),
-and --workers 2 vs 1 and --plan on heavy shards (not on the harness yet: one run each, no raw file).
+and --workers 2 vs 1 and --plan on heavy shards (on the harness too: bench/results/workers-<commit>.json,
+bench/results/plan_heavy_shards-<commit>.json).
 
     python bench/reliability.py overhead --items 1024      # = curate_runs.py resume: process wall / compute, kill + resume
     python bench/reliability.py memory --items 256 1024 4096  # = curate_runs.py memory: MiB per 1k items
@@ -9,7 +10,7 @@ and --workers 2 vs 1 and --plan on heavy shards (not on the harness yet: one run
 
 Runs the tiny profile on the bundled prompts repeated to N items (a JSONL source written here), with
 shard_size 32, in fresh data dirs under a temp dir. Goals (issue 8): overhead <= 1.15, re-run <= 0.05,
-kill + resume <= 1.15, peak RSS(4096) / peak RSS(256) <= 1.10; (issue 12) workers 2 / 1 <= 0.60,
+kill + resume <= 1.15; (issue 24) workers 2 / 1 <= 0.80 on a 2-core machine; (issue 12)
 plan(640x640) / plan(64x64) <= 1.2.
 """
 from __future__ import annotations
@@ -17,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -41,20 +41,6 @@ def _cmd(data: Path, run: str, n: int, models: str) -> list[str]:
             "--set", "source.kind=jsonl", "--set", f"source.path={_source(data, n)}", "--set", "source.shard_size=32"]
 
 
-def _env(data: Path, faults: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RICHPREF_FAULTS"}
-    env.update(HF_HUB_OFFLINE="1", PREFECT_HOME=str(data / ".prefect"))
-    if faults:
-        env["RICHPREF_FAULTS"] = faults
-    return env
-
-
-def _timed(cmd, env) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    rc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-    return time.perf_counter() - t0, rc
-
-
 def _compute_seconds(data: Path, run: str) -> float:
     log = data / "runs" / run / "_log" / "work.jsonl"
     return sum(json.loads(l)["compute_s"] for l in log.read_text().splitlines() if l.strip())
@@ -66,16 +52,24 @@ def _flow_wall(data: Path, run: str) -> float:
     return max(r["at"] for r in recs) - min(r["at"] - r.get("wall_s", r["compute_s"]) for r in recs)
 
 
-def workers(n: int, models: str) -> None:
-    """The same run with one process and with a local Dask cluster of two workers (fresh data dirs)."""
-    walls = {}
-    for k in (1, 2):
-        data = Path(tempfile.mkdtemp(prefix="richpref-bench-"))
-        walls[k], rc = _timed(_cmd(data, f"workers{k}", n, models) + ["--workers", str(k)], _env(data))
-        assert rc == 0, f"curate --workers {k} failed"
-        print(f"items {n}: --workers {k}: process wall {walls[k]:.1f}s, flow wall {_flow_wall(data, f'workers{k}'):.1f}s, "
-              f"sum of stage compute {_compute_seconds(data, f'workers{k}'):.1f}s")
-    print(f"wall(--workers 2) / wall(--workers 1): {walls[2] / walls[1]:.3f}")
+def workers(n: int, models: str, repeats: int) -> None:
+    """The same run with one process and with a local Dask cluster of two workers, each a fresh process
+    in a fresh data dir (own Prefect home and caches), alternated per repeat."""
+    b = harness.Bench("workers", repeats)
+
+    def side(k: str, rep: int) -> dict:
+        data, env = b.fresh(f"{k}-{rep}")
+        r = harness.run_process(_cmd(data, "w", n, models) + ["--workers", k[1:]], env, timeout=7200)
+        assert r["rc"] == 0, f"curate --workers {k[1:]} failed:\n{r['stderr'][-3000:]}"
+        return {"wall_s": r["wall_s"], "flow_wall_s": _flow_wall(data, "w"), "compute_s": _compute_seconds(data, "w")}
+
+    b.alternate(["w1", "w2"], side)
+    runs = b.runs + harness.ratios(b.runs, ("w2", "wall_s"), ("w1", "wall_s"), "w2_over_w1")
+    s = harness.summarize(runs)
+    b.write(harness.headline("w2_over_w1", s["w2_over_w1"]["median"], "x", "<= 0.80",
+                             note=f"process wall of `richpref curate --workers 2` (a local Dask cluster) / `--workers 1`, "
+                                  f"tiny profile, {n} items, shard size 32, on {os.cpu_count()} cores"), runs=runs)
+    b.cleanup()
 
 
 def _upscale_images(data: Path, run: str, side: int) -> int:
@@ -113,15 +107,17 @@ def _upscale_images(data: Path, run: str, side: int) -> int:
     return sum(p.stat().st_size for p in Path(store.root).rglob("*.parquet"))
 
 
-def plan(n: int, models: str) -> None:
-    """`curate --plan` on a finished run with 64x64 images, then on the same run with 640x640 images."""
-    from timing import best_of
-
-    data = Path(tempfile.mkdtemp(prefix="richpref-bench-"))
-    wall, rc = _timed(_cmd(data, "small", n, models), _env(data))
-    assert rc == 0, "curate failed"
+def plan(n: int, models: str, repeats: int) -> None:
+    """`curate --plan` on a finished run with 64x64 images and on the same run with 640x640 images: the
+    process walls (fresh processes, alternated per repeat) and the in-process plan time."""
     import shutil
 
+    from timing import best_of
+
+    b = harness.Bench("plan_heavy_shards", repeats)
+    data, env = b.fresh("data")
+    r = harness.run_process(_cmd(data, "small", n, models), env, timeout=7200)
+    assert r["rc"] == 0, f"curate failed:\n{r['stderr'][-3000:]}"
     shutil.copytree(data / "runs" / "small", data / "runs" / "big")
     sizes = {"small": sum(p.stat().st_size for p in (data / "runs" / "small").rglob("*.parquet")),
              "big": _upscale_images(data, "big", 640)}
@@ -130,18 +126,25 @@ def plan(n: int, models: str) -> None:
     from richpref.schemas.config import load_profile
 
     cmd = _cmd(data, "small", n, models)
-    overrides = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--set"]
-    profile = load_profile("tiny", overrides, models)
-    times, walls = {}, {}
-    for run in ("small", "big"):
+    profile = load_profile("tiny", [cmd[i + 1] for i, x in enumerate(cmd) if x == "--set"], models)
+
+    def side(run: str, rep: int) -> dict:
         assert plan_run(profile, str(data), run).up_to_date, run
-        times[run] = best_of(5, lambda: plan_run(profile, str(data), run))
-        walls[run], rc = _timed(_cmd(data, run, n, models) + ["--plan"], _env(data))
-        assert rc == 0
-        print(f"items {n}, run {run}: {sizes[run] / 2**20:.0f} MiB of shards; plan {times[run] * 1000:.0f} ms "
-              f"(best of 5, in process); `richpref curate --plan` process wall {walls[run]:.1f}s")
-    print(f"plan(640x640) / plan(64x64): {times['big'] / times['small']:.3f} in process, "
-          f"{walls['big'] / walls['small']:.3f} process wall")
+        _, e = b.fresh(f"{run}-{rep}")
+        r = harness.run_process(_cmd(data, run, n, models) + ["--plan"], e)
+        assert r["rc"] == 0, r["stderr"][-3000:]
+        return {"process_wall_s": r["wall_s"], "in_process_s": best_of(3, lambda: plan_run(profile, str(data), run)),
+                "shards_mib": sizes[run] / 2**20}
+
+    b.alternate(["small", "big"], side)
+    runs = b.runs + harness.ratios(b.runs, ("big", "process_wall_s"), ("small", "process_wall_s"), "big_over_small")
+    runs += harness.ratios(b.runs, ("big", "in_process_s"), ("small", "in_process_s"), "big_over_small_in_process")
+    s = harness.summarize(runs)
+    b.write(harness.headline("big_over_small", s["big_over_small"]["median"], "x", "<= 1.2",
+                             note=f"`richpref curate --plan` process wall on a finished run of {n} items with 640x640 "
+                                  f"images / with 64x64 images (in process, best of 3: big_over_small_in_process)"),
+            runs=runs)
+    b.cleanup()
 
 
 def main() -> None:
@@ -149,6 +152,7 @@ def main() -> None:
     ap.add_argument("what", choices=["overhead", "resume", "memory", "workers", "plan"])
     ap.add_argument("--items", type=int, nargs="+", default=[1024])
     ap.add_argument("--models", default=str(REPO / "data/models/tiny"))
+    ap.add_argument("--repeats", type=int, default=3, help="workers and plan: fresh processes, sides alternated")
     a = ap.parse_args()
     if a.what in ("overhead", "resume", "memory"):
         # On the harness (bench/curate_runs.py): repeats, alternated sides, fresh Prefect homes, raw results.
@@ -157,9 +161,9 @@ def main() -> None:
         items = [str(n) for n in a.items]
         return curate_runs.main(["resume" if a.what != "memory" else "memory", "--models", a.models, "--items", *items])
     if a.what == "workers":
-        workers(a.items[0], a.models)
+        workers(a.items[0], a.models, a.repeats)
     elif a.what == "plan":
-        plan(a.items[0], a.models)
+        plan(a.items[0], a.models, a.repeats)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ in `--dtype`, and prints per reward: the largest and the mean |difference| relat
 scores' spread (std), the share of image pairs whose order flips, and the tie tolerance richpref
 gives scores of that dtype (richpref/tasks/pairing.py) in the same units. The tiny models are random-weight
 stand-ins of the real architectures: the figures measure what 16-bit arithmetic does to these
-networks' outputs, not to the real checkpoints'.
+networks' outputs, not to the real checkpoints'. On the harness (a fresh process; deterministic, so one
+repeat by default): bench/results/reward_dtype_drift-<commit>.json.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -21,27 +23,20 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import harness  # noqa: E402
 
-def main() -> None:
+
+def child(args) -> None:
     from richpref.models.rewards import load_reward_spec
-    from richpref.models.tiny import build_tiny_models
-    from richpref.tasks.pairing import relative_noise
     from richpref.schemas.config import load_profile
+    from richpref.tasks.pairing import relative_noise
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="data/models/tiny")
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    args = ap.parse_args()
-    build_tiny_models(args.models)
     profile = load_profile("tiny", models_root=args.models)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(args.images)]
     prompts = ["a red bicycle leaning against a yellow brick wall"] * args.images
-    print(f"{args.images} images of 64x64, device {args.device}: {args.dtype} against float32")
-    print(f"{'reward':<12} {'max |d|/std':>12} {'mean |d|/std':>13} {'order flips':>12} {'tie tol/std':>12}")
     i, j = np.triu_indices(args.images, 1)
+    out = {}
     for name in profile.relabel.scored():
         spec = profile.relabel.rewards[name]
         full = np.asarray(load_reward_spec(spec, profile.models_root, device=args.device, dtype="float32")
@@ -50,9 +45,33 @@ def main() -> None:
                           .score(images, prompts), dtype=np.float64)
         std = full.std()
         d = np.abs(half - full) / std
-        flips = np.mean(np.sign(full[i] - full[j]) != np.sign(half[i] - half[j]))
-        tol = relative_noise(args.dtype) * np.abs(full).max() / std
-        print(f"{name:<12} {d.max():>12.2e} {d.mean():>13.2e} {flips:>12.2%} {tol:>12.2e}")
+        out[f"{name}.max_diff_over_std"] = float(d.max())
+        out[f"{name}.mean_diff_over_std"] = float(d.mean())
+        out[f"{name}.order_flips"] = float(np.mean(np.sign(full[i] - full[j]) != np.sign(half[i] - half[j])))
+        out[f"{name}.tie_tol_over_std"] = float(relative_noise(args.dtype) * np.abs(full).max() / std)
+        print(f"{name:<12} {d.max():>12.2e} {d.mean():>13.2e} {out[f'{name}.order_flips']:>12.2%} "
+              f"{out[f'{name}.tie_tol_over_std']:>12.2e}", flush=True)
+    out["worst_order_flips"] = max(v for k, v in out.items() if k.endswith(".order_flips"))
+    harness.print_child("RESULT ", {"drift": out})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="data/models/tiny")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    args = harness.child_args(ap, repeats=1).parse_args()
+    if args.child:
+        return child(args)
+    b = harness.Bench("reward_dtype_drift", args.repeats)
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["drift"])
+    s = harness.summarize(b.runs)
+    b.write(harness.headline("drift.worst_order_flips", s["drift.worst_order_flips"]["median"], "share of pairs", None,
+                             note=f"{args.dtype} against float32 on {args.images} random 64x64 images, device "
+                                  f"{args.device}: the largest share of image pairs whose order flips over the tiny "
+                                  f"profile's rewards; deterministic, so N = 1 by default"))
+    b.cleanup()
 
 
 if __name__ == "__main__":

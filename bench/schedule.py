@@ -15,8 +15,9 @@ as idle); model-free stages sleep on CPU slots. Shards are real Parquet files in
 busy = model sleep seconds / (workers x wall); ideal = model sleep seconds / workers;
 swaps = loads that replaced another resident model, summed over the workers. Printed first: the
 bound of a schedule in which every worker loads every model once (its loads are idle GPU time), for
-the table at hand. Raw figures go to bench/results/schedule-<commit>.json (`--no-record`: not).
-The last line: `busy=<fraction> wall/ideal=<ratio> swaps=<n>`.
+the table at hand. On the harness: each repeat (default 1) a fresh process with its own Prefect home;
+raw figures go to bench/results/schedule-<commit>.json (`--no-record`: not). Headline: busy (goal
+>= 0.90, and wall/ideal <= 1.15).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import harness  # noqa: E402
 
 # items/s and load s per stage: tiny profile, one H200, bfloat16 (docs/benchmarks.md, commit 4d081d0)
 DEFAULT_TABLE = {
@@ -95,8 +98,26 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=0.5, help="multiplies every per-item and load time")
     ap.add_argument("--doctor-json", default=None, help="a `richpref doctor --json` file (default: built-in table)")
     ap.add_argument("--no-record", action="store_true", help="do not write bench/results/schedule-<commit>.json")
-    args = ap.parse_args()
+    args = harness.child_args(ap, repeats=1).parse_args()
+    if args.child:
+        return child(args)
+    b = harness.Bench("schedule", args.repeats)
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["schedule"])
+    s = harness.summarize(b.runs)
+    head = harness.headline("schedule.busy", s["schedule.busy"]["median"], "fraction", ">= 0.90",
+                            note=f"{args.workers} simulated GPU workers, {args.shards} shards x {args.items} items, time "
+                                 f"scale {args.time_scale}, per-item times from {args.doctor_json or 'the built-in doctor table (tiny, H200, bf16)'}; "
+                                 f"also goal wall/ideal <= 1.15 (schedule.wall_over_ideal); the bound of every worker "
+                                 f"loading every model once: schedule.bound_wall_over_ideal")
+    head["met"] = head["met"] and s["schedule.wall_over_ideal"]["median"] <= 1.15
+    if args.no_record:
+        print(harness.format_summary(s))
+    else:
+        b.write(head)
+    b.cleanup()
 
+
+def child(args) -> None:
     from prefect import flow
 
     from richpref.models.runtime import resident
@@ -150,30 +171,10 @@ def main() -> None:
           f"{args.time_scale}; per-item times from {args.doctor_json or 'the built-in doctor table (tiny, H200, bf16)'}")
     print(f"model seconds {model_s:.1f}, ideal wall {ideal:.1f}s, wall {wall:.1f}s, model loads {models['loads']}")
     busy = model_s / (args.workers * wall)
-    if not args.no_record:
-        _record(args, {"wall_s": wall, "ideal_s": ideal, "model_s": model_s, "busy": busy, "wall_over_ideal": wall / ideal,
-                       "loads": models["loads"], "swaps": models["swaps"], "bound_wall_over_ideal": bound})
-    print(f"busy={busy:.3f} wall/ideal={wall / ideal:.3f} swaps={models['swaps']}")
-
-
-def _record(args, run: dict) -> None:
-    """bench/results/schedule-<commit>.json, in the shared format of bench results."""
-    import subprocess
-    from datetime import datetime, timezone
-
-    repo = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    out = repo / "bench" / "results" / f"schedule-{commit or 'unknown'}.json"
-    out.parent.mkdir(exist_ok=True)
-    summary = {k: {"median": v, "min": v, "max": v} for k, v in run.items()}
-    out.write_text(json.dumps({
-        "bench": "schedule", "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
-        "command": " ".join(["bench/schedule.py", *sys.argv[1:]]), "repeats": 1,
-        "runs": [{"side": "a", "repeat": 0, **run}], "summary": summary,
-        "headline": {"name": "busy", "value": round(run["busy"], 3), "unit": "fraction", "goal": ">= 0.90",
-                     "met": run["busy"] >= 0.90 and run["wall_over_ideal"] <= 1.15},
-    }, indent=2) + "\n")
+    print(f"busy={busy:.3f} wall/ideal={wall / ideal:.3f} swaps={models['swaps']}", flush=True)
+    harness.print_child("RESULT ", {"schedule": {
+        "wall_s": wall, "ideal_s": ideal, "model_s": model_s, "busy": busy, "wall_over_ideal": wall / ideal,
+        "loads": models["loads"], "swaps": models["swaps"], "bound_wall_over_ideal": bound}})
 
 
 def _run(args, bench, env, cluster_kwargs) -> None:

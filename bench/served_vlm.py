@@ -4,28 +4,32 @@
 
 1. Items/s of `critique_rows`, `instruct_rows` and `filter_rows` through `transformers serve` (launched
    by richpref on the CPU, one server per model) at client concurrency 1, 8 and 32, and in-process at
-   batch size 1, 8 and 32; best of `repeats` after a warm-up, tiny-profile settings. Figures only: a
-   tiny model on a CPU says little about vLLM on a GPU.
+   batch size 1, 8 and 32; one timed call per side after a warm-up, tiny-profile settings. Figures
+   only: a tiny model on a CPU says little about vLLM on a GPU.
 2. Filter cost per pair, CALCULATED (not measured) from the requests the stage would send, with 5
    attributes per item assumed and a perfect prefix cache on the server; bench/filter_encodings.py
    measures the in-process count with a hook on the vision tower: model passes (one per question),
    prompt tokens, and image encodings without a prefix cache (one per question) and with one (one per
    distinct image+chat prefix, since a pair's questions about one image share it). Goal: >= 3x fewer
    image encodings per pair.
+
+On the harness: each repeat a fresh process (servers started once in it) that times the sides
+(backend x concurrency) in alternated order; raw runs go to bench/results/served_vlm-<commit>.json.
+Headline: the calculated encodings saving (labelled calculated).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
-from timing import best_of  # noqa: E402
+import harness  # noqa: E402
 from vlm_stages import PROMPTS, _png  # noqa: E402
 
 from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
@@ -56,16 +60,45 @@ def prefix_counts(local, questions) -> tuple[int, int, int]:
     return total, cached, len(seen)
 
 
+def sides_of(concurrency) -> list[str]:
+    return [f"{backend}.c{c}" for c in concurrency for backend in ("server", "inproc")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--models-root", default=None)
-    args = ap.parse_args()
+    args = harness.child_args(ap, repeats=3).parse_args()
+    if args.child:
+        return child(args)
+    b = harness.Bench("served_vlm", args.repeats)
+    sides = sides_of(args.concurrency)
 
+    def derive(res: dict) -> dict:
+        out = dict(res["filter_cost"])
+        top = args.concurrency[-1]
+        for k, v in res[f"inproc.c{top}"].items():
+            if k.endswith(".items_per_s") and res[f"server.c{top}"].get(k):
+                out[k.replace(".items_per_s", f".inproc_over_server_c{top}")] = v / res[f"server.c{top}"][k]
+        return out
+
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), sides, derive=derive)
+    s = harness.summarize(b.runs)
+    b.write(harness.headline("server_fewer_encodings", s["server_fewer_encodings"]["median"], "x", ">= 3",
+                             kind="calculated",
+                             note=f"filter: image encodings per pair without / with a server's prefix cache, CALCULATED "
+                                  f"from the requests the stage sends (a perfect prefix cache and 5 attributes per item "
+                                  f"assumed; bench/filter_encodings.py measures the in-process count); beside it, "
+                                  f"items/s of critique, instruct and filter through `transformers serve` on the CPU at "
+                                  f"client concurrency {', '.join(map(str, args.concurrency))} and in process at those "
+                                  f"batch sizes, {args.n} items, one timed call per side after a warm-up"))
+    b.cleanup()
+
+
+def child(args) -> None:
     from richpref.models.tiny import LAYOUT
-    from richpref.models.tiny_vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
+    from richpref.models.tiny.vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
     from richpref.models.vlm import VisionLanguageModel
     from richpref.models.vlm_client import connect
 
@@ -102,26 +135,21 @@ def main() -> None:
             "filter": lambda: filter_stage.filter_rows(pairs, prompts, instructions, filter_images, f, lambda: vlms["qwen"]),
         }
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"n={n}, best of {args.repeats}")
-    results: dict[tuple[str, str], dict[int, float]] = {}
+    out: dict[str, dict] = {side: {} for side in args.order}
     try:
-        for c in args.concurrency:
-            clients = {name: connect(EngineConfig(backend="server", endpoint=s.base_url, concurrency=c), s.served_name)
-                       for name, s in servers.items()}
-            for backend, vlms in (("server", clients), ("in-process", local)):
-                for name, fn in stages(c, vlms).items():
-                    seconds = best_of(args.repeats, fn)
-                    results.setdefault((name, backend), {})[c] = n / seconds
-                    print(f"  {name:9s} {backend:10s} {c:3d}: {n / seconds:7.2f} items/s ({seconds:.2f} s)", flush=True)
-            for cl in clients.values():
-                cl.close()
-
-        print("\n| stage | backend | " + " | ".join(f"{c} (items/s)" for c in args.concurrency) + " |")
-        print("|---|---|" + "---|" * len(args.concurrency))
-        for (name, backend), row in results.items():
-            print(f"| {name} | {backend} ({'concurrency' if backend == 'server' else 'batch size'}) | "
-                  + " | ".join(f"{row[c]:.2f}" for c in args.concurrency) + " |")
+        clients = {c: {name: connect(EngineConfig(backend="server", endpoint=s.base_url, concurrency=c), s.served_name)
+                       for name, s in servers.items()} for c in args.concurrency}
+        for name in ("critique", "instruct", "filter"):
+            stages(max(args.concurrency), local)[name]()  # warm-ups: first calls of each backend
+            stages(1, clients[args.concurrency[0]])[name]()
+            for side in args.order:
+                backend, c = side.split(".c")
+                fn = stages(int(c), local if backend == "inproc" else clients[int(c)])[name]
+                t0 = time.perf_counter()
+                fn()
+                out[side][f"{name}.items_per_s"] = n / (time.perf_counter() - t0)
+        for cl in (x for per in clients.values() for x in per.values()):
+            cl.close()
 
         # ---- filter cost per pair: the questions the stage asks, in the order it sends them
         f = FilterConfig(max_new_tokens=24, min_attribute_present=0.517, min_attributes_kept=0.5)
@@ -148,25 +176,17 @@ def main() -> None:
         from richpref.models import vlm_prefix
 
         qwen = local["qwen"]
-        plain_s = best_of(args.repeats, lambda: qwen.yes_no([q[2] for q in qs], [q[3] for q in qs], batch_size=16))
         before = dict(vlm_prefix.STATS)
         filter_check.answers_sharing_image(qwen, qs)
         enc = vlm_prefix.STATS["image_encodings"] - before["image_encodings"]
-        passes_shared = vlm_prefix.STATS["forward_passes"] - before["forward_passes"]
-        shared_s = best_of(args.repeats, lambda: filter_check.answers_sharing_image(qwen, qs))
         gens, passes = m, len(order)
-        print(f"\nfilter, {m} pairs, 2 instructions and 5 attributes each, per pair (1 attribute generation + "
-              f"{len(qs) / m:.0f} yes/no questions):")
-        print("| | model passes | prompt tokens computed | image encodings |")
-        print("|---|---|---|---|")
-        print(f"| before: every question encodes its image | {passes / m:.1f} | {total / m:.0f} | {passes / m:.1f} |")
-        print(f"| after, server with a prefix cache (vLLM, SGLang): CALCULATED | {passes / m:.1f} | {cached / m:.0f} | {prefixes / m:.1f} |")
-        print(f"| after, in-process (`share_image_prefix`) | {(passes_shared + gens) / m:.1f} (prefix + suffix) | "
-              f"server's + the generation's image prefix | {(enc + gens) / m:.1f} |")
-        print(f"image encodings per pair: server {passes / prefixes:.1f}x fewer (calculated: a perfect prefix cache "
-              f"and 5 attributes per item assumed; measured in process: bench/filter_encodings.py), in-process {passes / (enc + gens):.1f}x "
-              f"fewer; prompt tokens computed {total / cached:.1f}x fewer")
-        print(f"in-process yes/no time for the {m} pairs: batched (16) {plain_s:.2f} s, sharing the image {shared_s:.2f} s")
+        out["filter_cost"] = {"passes_per_pair": passes / m, "prompt_tokens_per_pair": total / m,
+                              "prompt_tokens_cached_per_pair": cached / m, "server_encodings_per_pair": prefixes / m,
+                              "inproc_encodings_per_pair": (enc + gens) / m, "server_fewer_encodings": passes / prefixes,
+                              "inproc_fewer_encodings": passes / (enc + gens), "fewer_prompt_tokens": total / cached}
+        print(f"image encodings per pair: server {passes / prefixes:.1f}x fewer (CALCULATED), in-process "
+              f"{passes / (enc + gens):.1f}x fewer; prompt tokens computed {total / cached:.1f}x fewer", flush=True)
+        harness.print_child("RESULT ", out)
     finally:
         for s in servers.values():
             s.close()

@@ -9,6 +9,9 @@ shard done. Requests are counted two ways:
   requests it costs (a listing: one LIST per 1,000 keys; a read: one GET; exists/info: one HEAD; a
   write: one PUT). `--s3 --n 20` checks the wrapper's count against the server's own.
 
+On the harness (a fresh process; the counts are deterministic, so one repeat by default): raw figures
+in bench/results/store_requests-<commit>.json (store_requests_s3 with --s3).
+
     PYTHONPATH=$PWD .venv/bin/python bench/store_requests.py                 # N = 500 1000 2000 4000
     PYTHONPATH=$PWD .venv/bin/python bench/store_requests.py --s3 --n 20     # the same on moto
 """
@@ -26,6 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+
+import harness  # noqa: E402
 
 
 class CountingFS:
@@ -114,11 +119,7 @@ def plan_requests(n: int, data_dir: str, work: Path, s3=None) -> dict:
             "by_kind": dict(sorted(counts.items())), "plan_s": round(seconds, 2)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=[500, 1000, 2000, 4000])
-    ap.add_argument("--s3", action="store_true", help="against a moto S3 server (slow to fill: keep N small)")
-    args = ap.parse_args()
+def child(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="store-requests-"))
     s3 = None
     if args.s3:
@@ -137,14 +138,38 @@ def main() -> None:
             else:
                 rows.append(plan_requests(n, str(work / "local"), work))
             print(json.dumps(rows[-1]), flush=True)
-        if len(rows) > 1:
-            a, b = rows[0], rows[-1]
-            growth = (b["requests"] / a["requests"]) / (b["shards"] / a["shards"])
-            print(f"requests grow {growth:.3f}x as fast as shards ({a['shards']} -> {b['shards']} shards: "
-                  f"{a['requests']} -> {b['requests']} requests); 1.0 = linear")
     finally:
         if s3 is not None:
             s3.stop()
+    out = {}
+    for r in rows:
+        for k in ("requests", "per_shard_stage", "plan_s", "wrapper_requests"):
+            if k in r:
+                out[f"n{r['shards']}.{k}"] = r[k]
+        for kind, c in r["by_kind"].items():
+            out[f"n{r['shards']}.{kind}"] = c
+    a, b = rows[0], rows[-1]
+    out["growth_over_shards"] = (b["requests"] / a["requests"]) / (b["shards"] / a["shards"]) if len(rows) > 1 else 1.0
+    out["max_per_shard_stage"] = max(r["per_shard_stage"] for r in rows)
+    harness.print_child("RESULT ", {"plan": out})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[500, 1000, 2000, 4000])
+    ap.add_argument("--s3", action="store_true", help="against a moto S3 server (slow to fill: keep N small)")
+    args = harness.child_args(ap, repeats=1).parse_args()
+    if args.child:
+        return child(args)
+    b = harness.Bench("store_requests" + ("_s3" if args.s3 else ""), args.repeats)
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["plan"])
+    s = harness.summarize(b.runs)
+    b.write(harness.headline("plan.max_per_shard_stage", s["plan.max_per_shard_stage"]["median"], "requests", None,
+                             note=f"object-store requests of a no-op `curate --plan` per shard and stage, the largest "
+                                  f"over N = {', '.join(map(str, args.n))} shards ("
+                                  f"{'moto S3 server' if args.s3 else 'counting wrapper on a local folder'}); "
+                                  f"growth_over_shards = 1 is linear; counts are deterministic, so N = 1 by default"))
+    b.cleanup()
 
 
 if __name__ == "__main__":

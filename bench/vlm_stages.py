@@ -4,27 +4,28 @@
 
 Each figure is `n` items through the stage function (`critique_rows`, `instruct_rows`,
 `filter_rows`: decoding, prompts, generation, yes/no passes, parsing and guards included, model
-loading excluded) with the stage's `batch_size` set to 1, 4 and 16, after one warm-up call, the best
-of `repeats` timings (the machine is shared: the best run is the least disturbed). Settings follow
+loading excluded) with the stage's `batch_size` set to 1, 4 and 16, after one warm-up call. Settings follow
 the tiny profile (24 new tokens, 64 px images, its guard and filter settings). Goal: >= 3x items/s
-at batch 16 vs batch 1. Models are built into a temporary directory unless --models-root points at
+at batch 16 vs batch 1. On the harness: each repeat a fresh process that loads the models once, warms
+every stage up, then times one call per batch size in alternated order; raw runs go to
+bench/results/vlm_stages-<commit>.json. Models are built into a temporary directory unless --models-root points at
 a tiny build (`richpref models build-tiny`).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
+import harness  # noqa: E402
 from PIL import Image  # noqa: E402
-from timing import best_of  # noqa: E402
 
 from richpref.common.images import encode_png  # noqa: E402
 from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
@@ -41,14 +42,7 @@ def _png(seed: int, size: int = 64) -> bytes:
     return encode_png(Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--models-root", default=None)
-    args = ap.parse_args()
-
+def child(args) -> None:
     from richpref.models.tiny import LAYOUT
     from richpref.models.tiny.vlm import build_tiny_llava_onevision, build_tiny_qwen2_5_vl
     from richpref.models.vlm import VisionLanguageModel
@@ -84,27 +78,42 @@ def main() -> None:
         return {
             "critique": lambda: critique_rows(critique_in, images, c, lambda: critic),
             "instruct": lambda: instruct_rows(instruct_in, images, i, lambda: qwen),
-            "filter": lambda: filter_rows(pa.table({"item_id": ids, "candidate": [0] * len(ids)}), prompts, instructions, filter_images, f,
-                                          lambda: qwen),
+            "filter": lambda: filter_rows(pa.table({"item_id": ids, "candidate": [0] * len(ids)}), prompts, instructions,
+                                          filter_images, f, lambda: qwen),
         }
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"n={n}, best of {args.repeats}")
-    results: dict[str, dict[int, float]] = {}
-    for bs in args.batch_sizes:
-        for name, fn in stages(bs).items():
-            seconds = best_of(args.repeats, fn)
-            results.setdefault(name, {})[bs] = n / seconds
-            print(f"  {name:9s} batch {bs:3d}: {n / seconds:7.2f} items/s ({seconds:.2f} s)", flush=True)
-    base, top = args.batch_sizes[0], args.batch_sizes[-1]
-    print(f"\n| stage | " + " | ".join(f"batch {b} (items/s)" for b in args.batch_sizes) + f" | {top} vs {base} |")
-    print("|---|" + "---|" * (len(args.batch_sizes) + 1))
-    for name, row in results.items():
-        cells = " | ".join(f"{row[b]:.2f}" for b in args.batch_sizes)
-        print(f"| {name} | {cells} | {row[top] / row[base]:.1f}x |")
+    out: dict[str, dict] = {s: {} for s in args.order}
+    for name in ("critique", "instruct", "filter"):
+        stages(max(args.batch_sizes))[name]()  # warm-up
+        for side in args.order:
+            fn = stages(int(side[1:]))[name]
+            t0 = time.perf_counter()
+            fn()
+            out[side][f"{name}.items_per_s"] = n / (time.perf_counter() - t0)
     critic.close()
     qwen.close()
     tmp.cleanup()
+    harness.print_child("RESULT ", out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--models-root", default=None)
+    args = harness.child_args(ap, repeats=3).parse_args()
+    if args.child:
+        return child(args)
+    sides = [f"b{bs}" for bs in args.batch_sizes]
+    b = harness.Bench("vlm_stages", args.repeats)
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), sides,
+                 derive=lambda res: harness.rate_ratios(res, sides, "items_per_s"))
+    s = harness.summarize(b.runs)
+    b.write(harness.headline("worst_speedup", s["worst_speedup"]["median"], "x", ">= 3",
+                             note=f"items/s at batch {args.batch_sizes[-1]} / batch {args.batch_sizes[0]}, the smallest "
+                                  f"of critique, instruct and filter; {args.n} items, tiny VLMs, 24 new tokens, one "
+                                  f"timed call per batch size after a warm-up"))
+    b.cleanup()
 
 
 if __name__ == "__main__":

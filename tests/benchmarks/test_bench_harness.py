@@ -142,3 +142,107 @@ def test_source_bytes_needed_are_the_row_groups_holding_the_rows(tmp_path):
     rg = lambda i: md.row_group(i).column(0).total_compressed_size  # noqa: E731
     assert source_stream.needed_mb(path, 10) * 1e6 == md.serialized_size + rg(0)
     assert source_stream.needed_mb(path, 11) * 1e6 == md.serialized_size + rg(0) + rg(1)
+
+
+def test_goal_in_a_range():
+    assert harness.goal_met(0.86, "in [0.75, 1.25]") is True
+    assert harness.goal_met(1.3, "in [0.75, 1.25]") is False
+    assert harness.goal_met(0.7, "in [0.75, 1.25]") is False
+    assert harness.goal_met(1.0, "in [a, b]") is None
+
+
+def test_rate_ratios_last_side_over_first_and_the_worst():
+    res = {"b1": {"x.items_per_s": 2.0, "y.items_per_s": 4.0, "x.other": 1.0},
+           "b8": {"x.items_per_s": 8.0, "y.items_per_s": 6.0}}
+    r = harness.rate_ratios(res, ["b1", "b8"], "items_per_s")
+    assert r == {"x.speedup": 4.0, "y.speedup": 1.5, "worst_speedup": 1.5}
+
+
+def test_child_argv_drops_repeats():
+    assert harness.child_argv(["--n", "4", "--repeats", "2", "--x"]) == ["--n", "4", "--x"]
+    assert harness.child_argv(["--repeats=3", "--n", "4"]) == ["--n", "4"]
+
+
+CHILD = '''
+import argparse, os, sys
+sys.path.insert(0, {bench!r})
+import harness
+ap = harness.child_args(argparse.ArgumentParser(), repeats=2)
+ap.add_argument("--n", type=int)
+a = ap.parse_args()
+assert a.child and a.repeats == 2 and a.n == 4
+# each side's figure: its position in this process's order, and whether the process had a fresh Prefect home
+harness.print_child("RESULT ", {{s: {{"pos": float(i), "fresh": float("richpref-bench-" in os.environ["PREFECT_HOME"])}}
+                                for i, s in enumerate(a.order)}})
+'''
+
+
+def test_per_repeat_runs_a_fresh_process_per_repeat_with_the_sides_rotated(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(bench=str(ROOT / "bench")))
+    b = harness.Bench("demo", repeats=2, command="python child.py", results_dir=tmp_path)
+    b.per_repeat(str(script), ["--n", "4"], ["a", "b"], derive=lambda res: {"d": res["b"]["pos"] - res["a"]["pos"]},
+                 timeout=60)
+    b.cleanup()
+    by = {(r["side"], r["repeat"]): r for r in b.runs}
+    assert by[("a", 0)]["pos"] == 0 and by[("b", 0)]["pos"] == 1  # repeat 0: a then b
+    assert by[("b", 1)]["pos"] == 0 and by[("a", 1)]["pos"] == 1  # repeat 1: b then a
+    assert all(r["fresh"] == 1.0 for r in b.runs if r["side"] in "ab")
+    assert [by[("derived", i)]["d"] for i in (0, 1)] == [1.0, -1.0]
+    assert by[("process", 0)]["wall_s"] > 0 and "cpu_s" in by[("process", 1)]
+    s = harness.summarize(b.runs)
+    assert s["a.pos"]["n"] == 2 and s["d"]["median"] == 0.0 and "process.wall_s" in s
+
+
+def test_a_failing_child_raises_with_its_stderr(tmp_path):
+    script = tmp_path / "bad.py"
+    script.write_text("import sys; sys.exit('broken on purpose')")
+    b = harness.Bench("demo", repeats=1, results_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        b.per_repeat(str(script), [], ["a"], timeout=60)
+    b.cleanup()
+
+
+def test_report_quick_table_sums_benchmarks_and_lists_the_skipped(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    m = {"cpus": 2, "loadavg": [1.0, 1.0, 1.0]}
+    whole = harness.result("run_all_quick", "abc1234", m, "python bench/run_all.py --quick", 1,
+                           [{"side": "one", "repeat": 0, "wall_s": 10.0, "cpu_s": 8.0, "rc": 0},
+                            {"side": "two", "repeat": 0, "wall_s": 20.0, "cpu_s": 15.0, "rc": 0},
+                            {"side": "total", "repeat": 0, "wall_s": 30.0, "cpu_s": 23.0}],
+                           harness.headline("total.wall_s", 30.0, "s", "< 900", skipped={"gpu": "needs a CUDA GPU"}),
+                           date="2026-01-01T00:00:00+00:00")
+    part = harness.result("run_all_quick_partial_two", "abc1234", m, "python bench/run_all.py --quick --only two", 1,
+                          [{"side": "two", "repeat": 0, "wall_s": 5.0, "cpu_s": 4.0, "rc": 0, "load_before": 3.0,
+                            "load_after": 4.0}, {"side": "one", "repeat": 0, "wall_s": 1.0, "cpu_s": 1.0, "rc": 1},
+                           {"side": "total", "repeat": 0, "wall_s": 6.0, "cpu_s": 5.0}],
+                          harness.headline("total.wall_s", 5.0, "s", None, skipped={}), date="2026-02-01T00:00:00+00:00")
+    (res / "run_all_quick-abc1234.json").write_text(json.dumps(whole))
+    (res / "run_all_quick_partial_two-abc1234.json").write_text(json.dumps(part))
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\nIntro.\n\nProse.\n")
+    assert report.main(["--results", str(res), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    rows = [l for l in text.splitlines() if l.startswith("| ")]
+    assert not any(l.startswith("| run_all_quick_partial") for l in rows)  # not a headline row
+    assert "| two | 5 | 4 | 0 | 3.0 → 4.0 |" in text  # the newer (partial) figure
+    assert "| one | 10 | 8 | 0 |" in text  # a later failed run does not hide the success
+    assert "| **sum** | **15** | **12** |" in text
+    assert "- `editor_cost`: needs a CUDA GPU" in text and "- `workers`: too slow for the quick set" in text
+    assert report.main(["--results", str(res), "--doc", str(doc), "--check"]) == 0
+
+
+def test_run_all_lists_every_benchmark_in_bench_with_a_command_or_a_reason():
+    import run_all
+
+    helpers = {"harness.py", "report.py", "run_all.py", "timing.py"}
+    scripts = {p.name for p in (ROOT / "bench").iterdir() if p.suffix in (".py", ".sh")} - helpers
+    for quick in (True, False):
+        jobs = run_all.plan(quick, "/models", "/diffusers")
+        listed = {Path(a).name for _, args, _ in jobs for a in args[:1]}
+        assert scripts <= listed, f"not in run_all.py: {sorted(scripts - listed)}"
+        assert len({n for n, _, _ in jobs}) == len(jobs)
+    skipped = {n: why for n, _, why in run_all.plan(True, "/models", "/diffusers") if why}
+    assert set(skipped) >= {"editor_cost", "doctor_gpu", "demo_budget"} and all(len(w) > 20 for w in skipped.values())
+    assert not any(why for _, _, why in run_all.plan(False, "/models", "/diffusers") if why and "GPU" not in why)
