@@ -184,3 +184,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def small_reference(prefect_server) -> dict:
+    """One uninterrupted `richpref curate` of the runner tests' small run (tests/run_sizes.py SMALL_ARGS), on
+    one torch thread, against the served Prefect: {"data", "run", "pairs": sha256 of each pairs shard}.
+    Computed once per session; the crash/resume, lease and multi-node tests compare their pairs with it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from richpref.run.storage import RunStore
+    from run_sizes import SMALL_ARGS
+
+    data, run = prefect_server["data"], "uninterrupted"
+    cmd = [str(Path(sys.executable).parent / "richpref"), "--data-dir", str(data), "curate", "--run", run,
+           "--models-root", str(prefect_server["models"]), *SMALL_ARGS]
+    done = subprocess.run(cmd, env={**prefect_server["env"], "RICHPREF_TORCH_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = RunStore(str(data), run)
+    pairs = {s: hashlib.sha256(Path(store.shard_path("pairs", s)).read_bytes()).hexdigest() for s in store.shards("pairs")}
+    assert pairs
+    return {"data": data, "run": run, "pairs": pairs}

@@ -13,7 +13,7 @@ import pytest
 from richpref.run.storage import RunStore
 from run_sizes import ONE_REWARD
 
-OVERRIDES = json.dumps(["source.limit=8", "source.shard_size=4", *ONE_REWARD])  # one voting reward: tests/run_sizes.py
+OVERRIDES = json.dumps(["source.limit=4", "source.shard_size=2", *ONE_REWARD])  # one voting reward: tests/run_sizes.py
 PY = sys.executable
 BIN = Path(sys.executable).parent
 
