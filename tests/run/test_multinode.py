@@ -251,7 +251,7 @@ def test_a_curate_over_two_nodes_on_s3_survives_a_killed_worker_and_equals_a_loc
     assert sorted(tuple(w) for w in got["work"]) == every, got["work"]
     assert len(got["claims"]) == len(set(got["claims"])) == len(every), got["claims"]
     assert got["left"] == []  # no temporary file, no lease left behind
-    assert got["pairs"] == small_reference["pairs"] != {}
+    assert got["pairs"] == small_reference.pairs != {}
     # The flow ran against PostgreSQL: its flow run is recorded there.
     rows = subprocess.run(_in("a", _pg_bin("psql"), "-h", "127.0.0.1", "-U", "postgres", "-tAc",
                               "select count(*) from flow_run where name is not null"),
