@@ -184,3 +184,48 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class SmallReference:
+    """The uninterrupted small run, computed in the background: `pairs` waits for it."""
+
+    def __init__(self, proc, data: Path, run: str) -> None:
+        self.proc, self.data, self.run, self._pairs = proc, data, run, None
+
+    @property
+    def pairs(self) -> dict[int, str]:
+        """sha256 of each pairs shard of the finished run."""
+        import hashlib
+
+        from richpref.run.storage import RunStore
+
+        if self._pairs is None:
+            _, err = self.proc.communicate(timeout=600)
+            assert self.proc.returncode == 0, err[-3000:]
+            store = RunStore(str(self.data), self.run)
+            self._pairs = {s: hashlib.sha256(Path(store.shard_path("pairs", s)).read_bytes()).hexdigest()
+                           for s in store.shards("pairs")}
+            assert self._pairs
+        return self._pairs
+
+
+@pytest.fixture(scope="session")
+def small_reference(prefect_server):
+    """One uninterrupted `richpref curate` of the runner tests' small run (tests/run_sizes.py SMALL_ARGS) on
+    one torch thread, against the served Prefect. Started once per session, in the background: the first
+    test that asks for it goes on with its own processes meanwhile and reads `.pairs` (sha256 of each
+    pairs shard) when it compares. The crash/resume, lease and multi-node tests compare with it."""
+    import subprocess
+    import sys
+
+    from run_sizes import SMALL_ARGS
+
+    data, run = prefect_server["data"], "uninterrupted"
+    cmd = [str(Path(sys.executable).parent / "richpref"), "--data-dir", str(data), "curate", "--run", run,
+           "--models-root", str(prefect_server["models"]), *SMALL_ARGS]
+    proc = subprocess.Popen(cmd, env={**prefect_server["env"], "RICHPREF_TORCH_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    yield SmallReference(proc, data, run)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

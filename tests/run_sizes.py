@@ -18,3 +18,8 @@ ONE_REWARD = [
 def as_set_args(overrides: list[str]) -> list[str]:
     """`--set` arguments of the CLI for a list of overrides."""
     return [x for o in overrides for x in ("--set", o)]
+
+
+# The runner tests' small run: 4 prompts in 2 shards, one voting reward. The crash/resume, lease and
+# multi-node tests compare their pairs with one uninterrupted run of it (tests/conftest.py small_reference).
+SMALL_ARGS = as_set_args(["source.limit=4", "source.shard_size=2", *ONE_REWARD])

@@ -268,29 +268,26 @@ def test_a_server_killed_mid_shard_is_restarted_or_fails_cleanly(served, tiny_mo
     rows = pa.table({"item_id": list("abcdef"), "prompt": (PROMPTS * 2)})
     images = [encode_png(image(k)) for k in range(6)]
     want = [(r["raw"], r["status"]) for r in critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()]
-    pids = []
-
-    # restarts: 0 -> the shard fails with the reason; nothing is written for it
-    client = connect(LAUNCH.model_copy(update={"concurrency": 1, "restarts": 0}), path, device="cpu")
-    pids.append(client.server.pid)
-    watcher = _kill_after(client, 2)
-    with pytest.raises(ServerUnavailable, match="died"):
-        critique_stage.critique_rows(rows, images, cfg, lambda: client)
-    watcher.join()
-    client.close()
-
-    # restarts: 1 -> the server is started again and the shard completes with the same outputs
+    # restarts: 1 -> the server is started again and the shard completes with the same outputs; then,
+    # no restart left (as with restarts: 0), the next death fails the shard with the reason and nothing
+    # is returned for it. One launched server serves both cases.
     client = connect(LAUNCH.model_copy(update={"concurrency": 1, "restarts": 1}), path, device="cpu")
-    pids.append(client.server.pid)
-    watcher = _kill_after(client, 2)
+    pids = [client.server.pid]
     try:
+        watcher = _kill_after(client, 2)
         out = critique_stage.critique_rows(rows, images, cfg, lambda: client).to_pylist()
-        pids.append(client.server.pid)
-        assert client.server.starts == 2
-    finally:
         watcher.join()
+        pids.append(client.server.pid)
+        assert client.server.starts == 2 and client.restarts_left == 0
+        assert [(r["raw"], r["status"]) for r in out] == want
+
+        watcher = _kill_after(client, client.stats["requests"] + 2)
+        with pytest.raises(ServerUnavailable, match="died"):
+            critique_stage.critique_rows(rows, images, cfg, lambda: client)
+        watcher.join()
+        assert client.server.starts == 2  # not started a third time
+    finally:
         client.close()
-    assert [(r["raw"], r["status"]) for r in out] == want
     assert all(gone(p) for p in pids)
 
 

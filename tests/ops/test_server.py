@@ -13,8 +13,7 @@ import pytest
 from richpref.run.storage import RunStore
 from run_sizes import ONE_REWARD
 
-OVERRIDES = json.dumps(["source.limit=8", "source.shard_size=4", *ONE_REWARD])  # one voting reward: tests/run_sizes.py
-PY = sys.executable
+OVERRIDES = json.dumps(["source.limit=4", "source.shard_size=2", *ONE_REWARD])  # one voting reward: tests/run_sizes.py
 BIN = Path(sys.executable).parent
 
 
@@ -31,17 +30,16 @@ def _run_deployment(server, run: str) -> subprocess.CompletedProcess:
 
 
 def _task_states_of_latest_run(server) -> list[tuple[str, str]]:
-    code = (
-        "import json\n"
-        "from prefect.client.orchestration import get_client\n"
-        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId\n"
-        "from prefect.client.schemas.sorting import FlowRunSort\n"
-        "with get_client(sync_client=True) as c:\n"
-        "    fr = c.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]\n"
-        "    trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))\n"
-        "    print(json.dumps([[t.name, t.state.name] for t in trs]))\n")
-    out = subprocess.run([PY, "-c", code], env=server["env"], capture_output=True, text=True, timeout=120, check=True)
-    return [tuple(x) for x in json.loads(out.stdout.strip().splitlines()[-1])]
+    """(name, state) of each task run of the served server's latest flow run (read in this process)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server["env"]["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        fr = c.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+        return [(t.name, t.state.name) for t in trs]
 
 
 def _pairs(data, run) -> dict[int, str]:

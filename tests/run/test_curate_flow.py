@@ -128,16 +128,17 @@ def test_second_run_executes_no_stage_work(finished_run, runs_dir, tiny_models):
 def test_resume_after_a_failed_shard_redoes_only_that_shard(finished_run, runs_dir, tiny_models, monkeypatch):
     from richpref.run.runner import CurateFailed
 
-    copy_run(runs_dir, "ref", "crash", drop_from="edit")  # source .. instruct as the reference run has them
-    with pytest.raises(CurateFailed, match=r"edit/part-00001"):
-        curate_run(runs_dir, "crash", tiny_models, faults="edit:1:raise", monkeypatch=monkeypatch)
+    # source .. filter as the reference run has them; the shard fails in score, a stage with models loaded
+    copy_run(runs_dir, "ref", "crash", drop_from="score")
+    with pytest.raises(CurateFailed, match=r"score/part-00001"):
+        curate_run(runs_dir, "crash", tiny_models, faults="score:1:raise", monkeypatch=monkeypatch)
     first = work(runs_dir, "crash")
-    assert {name for name, _ in first} == set(stages_from("edit"))
-    assert ("edit", 1) not in first
+    assert {name for name, _ in first} == set(stages_from("score"))
+    assert ("score", 1) not in first
     assert ("export", 0) in first and ("export", 2) in first  # the other shards went all the way
     curate_run(runs_dir, "crash", tiny_models)
     redone = work(runs_dir, "crash")[len(first):]
-    downstream = [s.name for s in PIPELINE[PIPELINE.index(next(p for p in PIPELINE if p.name == "edit")):]]
+    downstream = [s.name for s in PIPELINE[PIPELINE.index(next(p for p in PIPELINE if p.name == "score")):]]
     assert sorted(redone) == sorted((name, 1) for name in downstream)
     assert pair_files(runs_dir, "crash") == pair_files(runs_dir, "ref")
 
@@ -148,10 +149,9 @@ def test_config_change_recomputes_that_stage_and_later_only(finished_run, runs_d
     store = RunStore(str(runs_dir), "ref")
     shutil.copytree(store.root, RunStore(str(runs_dir), "cfg").root)
     RunStore(str(runs_dir), "cfg").fs.rm(RunStore(str(runs_dir), "cfg").root + "/_log", recursive=True)
-    curate_run(runs_dir, "cfg", tiny_models, extra=["instruct.max_new_tokens=20"])
-    stages = {name for name, _ in work(runs_dir, "cfg")}
-    assert "source" not in stages and "sample" not in stages and "critique" not in stages
-    assert "instruct" in stages and "export" in stages
+    # a threshold of the relabel stage: the scores (and every earlier stage) stay, relabel and export redo
+    curate_run(runs_dir, "cfg", tiny_models, extra=["relabel.min_margin=0.5"])
+    assert sorted(work(runs_dir, "cfg")) == sorted((name, k) for name in stages_from("relabel") for k in range(3))
 
 
 def test_a_deleted_output_shard_is_recomputed_not_served_from_cache(finished_run, runs_dir, tiny_models):

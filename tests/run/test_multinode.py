@@ -5,7 +5,8 @@ which both nodes reach over the veth pair; every process gets the key and endpoi
 variables, as a user exports them).
 
 One worker is SIGKILLed while it holds a shard; the run completes, every shard is committed exactly
-once, the pairs equal a local one-process run's, and no process is left. Needs root (network
+once, the pairs equal a local one-process run's (the session's small_reference: the same small run on a
+local folder, tests/conftest.py), and no process is left. Needs root (network
 namespaces) and PostgreSQL (`make test` installs Debian's `postgresql`); skipped only without root or
 network namespaces. Traffic stays on loopback and inside the namespaces this module creates (this
 process reads the S3 run through a helper started on node A).
@@ -13,7 +14,6 @@ process reads the S3 run through a helper started on node A).
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +28,7 @@ import pytest
 
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_STAGES
+from run_sizes import SMALL_ARGS
 from s3_server import S3Server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ SCHEDULER = f"tcp://{IP['a']}:8786"
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"  # inside node A
 BUCKET = "richpref"
 DATA = f"s3://{BUCKET}/data"
-ARGS = ["--set", "source.limit=4", "--set", "source.shard_size=2"]
+ARGS = SMALL_ARGS  # 4 prompts, 2 shards, one voting reward (tests/run_sizes.py)
 STAGES = [s.name for s in ALL_STAGES]
 HOLD = "edit:0"  # the shard whose holder is killed
 PRELOAD = "richpref.run.shard_task"
@@ -126,11 +127,11 @@ def _ok(cmd: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster(nodes, tiny_models):
-    """PostgreSQL, an S3 server and the Dask scheduler on node a, one GPU worker per node; a local
-    reference run (a local folder) computed meanwhile. Every process is stopped by pid at the end."""
+    """PostgreSQL, an S3 server and the Dask scheduler on node a, one GPU worker per node. Every process
+    is stopped by pid at the end."""
     base = Path(tempfile.mkdtemp(prefix="richpref-multinode-"))
     base.chmod(0o755)  # postgres (not root) must reach its folder below
-    data, pg = base / "data", base / "pg"
+    pg = base / "pg"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RICHPREF_TORCH_THREADS": "1",
            "OMP_NUM_THREADS": "1", "RICHPREF_LEASE_SECONDS": "5", "PREFECT_HOME": str(base / "prefect")}
     env.pop("PREFECT_API_URL", None)
@@ -138,9 +139,6 @@ def cluster(nodes, tiny_models):
     curate = [str(BIN / "richpref"), "--data-dir", DATA, "curate", "--models-root", str(tiny_models), *ARGS]
     procs: list[subprocess.Popen] = []
     logs = open(base / "servers.log", "w")
-    reference = subprocess.Popen([str(BIN / "richpref"), "--data-dir", str(data), *curate[3:], "--run", "local"],
-                                 env={**env, "PREFECT_HOME": str(base / "prefect-local")},
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     s3 = None
     try:
         pg.mkdir()
@@ -168,13 +166,8 @@ def cluster(nodes, tiny_models):
         ready = ("from distributed import Client; c = Client('%s', timeout=300); c.wait_for_workers(2, timeout=300)"
                  % SCHEDULER)
         _sh(*_in("a", sys.executable, "-c", ready), timeout=330)
-        out, err = reference.communicate(timeout=600)
-        assert reference.returncode == 0, err[-3000:]
-        yield {"base": base, "data": data, "env": env, "curate": curate, "workers": workers, "procs": procs, "s3": s3}
+        yield {"base": base, "env": env, "curate": curate, "workers": workers, "procs": procs, "s3": s3}
     finally:
-        if reference.poll() is None:
-            reference.kill()
-            reference.wait()
         _stop(procs)
         if s3 is not None:
             s3.stop()
@@ -187,11 +180,6 @@ def cluster(nodes, tiny_models):
             assert p.poll() is not None
         shutil.rmtree(base, ignore_errors=True)
         assert left == {"a": [], "b": []}, f"processes left in the namespaces: {left}"
-
-
-def _pairs(data: Path, run: str) -> dict[int, str]:
-    store = RunStore(str(data), run)
-    return {s: hashlib.sha256(Path(store.shard_path("pairs", s)).read_bytes()).hexdigest() for s in store.shards("pairs")}
 
 
 # Run on node a (this process cannot reach the S3 server): the run's pairs, work log and leftovers.
@@ -231,8 +219,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.timeout(1500)  # two tiny curates and the servers' start, on a shared 2-core machine
-def test_a_curate_over_two_nodes_on_s3_survives_a_killed_worker_and_equals_a_local_run(cluster):
-    data, env, s3 = cluster["data"], cluster["env"], cluster["s3"]
+def test_a_curate_over_two_nodes_on_s3_survives_a_killed_worker_and_equals_a_local_run(small_reference, cluster):
+    env, s3 = cluster["env"], cluster["s3"]
     log = cluster["base"] / "curate.log"
     with open(log, "w") as sink:
         run = subprocess.Popen(_in("a", *cluster["curate"], "--run", "multi", "--dask-address", SCHEDULER,
@@ -263,7 +251,7 @@ def test_a_curate_over_two_nodes_on_s3_survives_a_killed_worker_and_equals_a_loc
     assert sorted(tuple(w) for w in got["work"]) == every, got["work"]
     assert len(got["claims"]) == len(set(got["claims"])) == len(every), got["claims"]
     assert got["left"] == []  # no temporary file, no lease left behind
-    assert got["pairs"] == _pairs(data, "local") != {}
+    assert got["pairs"] == small_reference.pairs != {}
     # The flow ran against PostgreSQL: its flow run is recorded there.
     rows = subprocess.run(_in("a", _pg_bin("psql"), "-h", "127.0.0.1", "-U", "postgres", "-tAc",
                               "select count(*) from flow_run where name is not null"),
