@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 DATA ?= data
 MODELS ?= $(DATA)/models/tiny
 RUN ?= demo
+TEST_WORKERS ?= 2
 
 # Offline by design: a model that is not local fails at once instead of retrying the Hub.
 export HF_HUB_OFFLINE := 1
@@ -57,8 +58,12 @@ postgresql:
 
 # The tests build the tiny models into $(MODELS) once and reuse them there (as `make demo` does); they
 # are rebuilt when their builders change (tests/conftest.py `tiny_models`). Saves ~100 s a run.
+# Two pytest workers, one test file each at a time (module fixtures stay shared): the suite is mostly
+# one busy core, so the second core halves its wall. The tiny models are built once before they start.
 test: install chromium postgresql
-	RICHPREF_TEST_MODELS="$${RICHPREF_TEST_MODELS:-$(abspath $(MODELS))}" $(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	export RICHPREF_TEST_MODELS="$${RICHPREF_TEST_MODELS:-$(abspath $(MODELS))}"; \
+	$(VENV)/bin/richpref models build-tiny "$$RICHPREF_TEST_MODELS" > /dev/null && \
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 serve: models
 	$(VENV)/bin/richpref --data-dir $(DATA) serve

@@ -69,11 +69,15 @@ def _restore_dask_prespawn_env():
 
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
+    from filelock import FileLock
+
     from richpref.models.tiny import build_tiny_models
 
     # RICHPREF_TEST_MODELS: a folder kept between sessions (rebuilt only when the builders change).
     root = Path(os.environ.get("RICHPREF_TEST_MODELS") or _SESSION_TMP / "models")
-    build_tiny_models(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{root}.lock"):  # pytest-xdist workers share the folder: one builds, the others wait
+        build_tiny_models(root)
     return root
 
 
