@@ -66,6 +66,20 @@ def build_tiny_seg_net(seed: int = 0) -> nn.Module:
     return net.eval()
 
 
+def _drop_unordered_metadata(path: Path) -> None:
+    """torch.export writes its symbolic shape ranges as a printed dict whose order follows Python's hash
+    seed, so two builds in two processes differ in that string alone: drop it (diagnostic only) so the
+    same seed gives the same bytes."""
+    import onnx
+
+    model = onnx.load(str(path))
+    keep = [p for p in model.graph.metadata_props if not p.key.endswith(".range_constraints")]
+    if len(keep) != len(model.graph.metadata_props):
+        del model.graph.metadata_props[:]
+        model.graph.metadata_props.extend(keep)
+        onnx.save(model, str(path))
+
+
 def _export(net: nn.Module, dummy: torch.Tensor, path: Path) -> None:
     """Export with dynamic batch and spatial axes (sides: multiples of 4, for the ×4 context branch)
     to one self-contained file.
@@ -89,6 +103,7 @@ def _export(net: nn.Module, dummy: torch.Tensor, path: Path) -> None:
             dynamic_shapes=({0: torch.export.Dim("batch"), 2: 4 * side("h4"), 3: 4 * side("w4")},),
             verbose=False,
         )
+        _drop_unordered_metadata(path)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
