@@ -67,7 +67,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             buf = ""
 
 
-
 def register(sub) -> None:
     s = sub.add_parser("summary", help="rows per stage, rejects by reason, flip rate")
     s.add_argument("run")

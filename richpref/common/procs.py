@@ -159,3 +159,22 @@ def reap_orphans(timeout: float = 5.0) -> list[int]:
             reaped.append(rec["pid"])
         path.unlink(missing_ok=True)
     return reaped
+
+
+def wait_healthy(url: str, what: str, proc=None, timeout: float = 90.0, poll_s: float = 0.2) -> None:
+    """Wait until `GET {url}/health` answers 200. Fails fast when `proc` (the server's process) exits,
+    and after `timeout` seconds otherwise, naming `what` (e.g. "the Prefect server") and the url."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client() as client:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")
+            try:
+                if client.get(f"{url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(poll_s)
+    raise TimeoutError(f"{what} at {url} was not ready after {timeout:.0f}s")

@@ -12,10 +12,9 @@ import contextlib
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
-from richpref.common.procs import spawn_owned, stop_owned
+from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -31,23 +30,6 @@ def server_command(port: int, host: str = "127.0.0.1") -> list[str]:
     return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
             "prefect.server.api.server:create_app", "--host", host, "--port", str(port),
             "--log-level", "error", "--lifespan", "on"]
-
-
-def _wait_healthy(proc, url: str, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    with httpx.Client() as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the Prefect server exited with code {proc.returncode} before it was ready")
-            try:
-                if client.get(f"{url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"the Prefect server at {url} was not ready after {timeout:.0f}s")
 
 
 @contextlib.contextmanager
@@ -68,7 +50,7 @@ def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0, host:
     proc = spawn_owned(server_command(port, host), name="prefect-server", log_path=log_path, env=env)  # errors only
     url = f"http://{url_host or ('127.0.0.1' if host in ('0.0.0.0', '::') else host)}:{port}/api"
     try:
-        _wait_healthy(proc, url, timeout)
+        wait_healthy(url, "the Prefect server", proc, timeout, poll_s=0.1)
         os.environ["PREFECT_API_URL"] = url  # processes started from here (Dask workers) report to it too
         with temporary_settings({PREFECT_API_URL: url}):
             yield url

@@ -9,10 +9,9 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from richpref.common.procs import spawn_owned, stop_owned
+from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -39,19 +38,6 @@ def _prefect() -> str:
     return str(exe) if exe.exists() else "prefect"
 
 
-def wait_healthy(url: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"Prefect server at {url} not healthy after {timeout:.0f}s")
-
-
 def start(data_dir: str = "data", host: str = "127.0.0.1", port: int = 4200, pools=("cpu", "gpu"),
           worker_pool: str | None = "cpu", deploy: bool = True, log=None) -> list[subprocess.Popen]:
     """Start server (+ pools, deployments, worker); returns the processes (server first)."""
@@ -63,7 +49,7 @@ def start(data_dir: str = "data", host: str = "127.0.0.1", port: int = 4200, poo
     procs = [spawn_owned([_prefect(), "server", "start", "--host", host, "--port", str(port)], name="prefect-server",
                          env=env, log_path=log_path)]
     try:
-        wait_healthy(env["PREFECT_API_URL"])
+        wait_healthy(env["PREFECT_API_URL"], "the Prefect server", procs[0], timeout=90.0, poll_s=0.5)
         for pool in pools:
             subprocess.run([_prefect(), "work-pool", "create", pool, "--type", "process", "--overwrite"], env=env,
                            check=True, stdout=out, stderr=subprocess.STDOUT)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from richpref.common.procs import spawn_owned, stop_owned
+from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
 from richpref.models.rewards import load_reward, load_reward_spec
 from richpref.models.vlm_server import free_port
 from richpref.schemas.relabel import RewardSpec
@@ -34,19 +33,6 @@ INSTRUCTIONS = ["make the wall blue", "add a small boat", "remove the mat"]
 def images(seed: int) -> list:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((64, 64), (48, 90), (56, 40))]
-
-
-def wait_healthy(url: str, proc, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"richpref serve judge exited with {proc.returncode}"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"no judge server at {url} after {timeout:g}s")
 
 
 def test_head_judges_served_score_as_in_process(tiny_models, tmp_path):
@@ -75,7 +61,7 @@ def test_head_judges_served_score_as_in_process(tiny_models, tmp_path):
         assert launched.dtype == "float32" and np.ptp(want_hps) > 1e-6
 
         url = f"http://127.0.0.1:{port}/v1"
-        wait_healthy(url.removesuffix("/v1"), proc)
+        wait_healthy(url.removesuffix("/v1"), "richpref serve judge", proc, timeout=120.0)
         # Through a profile's spec: the weights live with the server, not here (a Hub id this machine lacks).
         spec = RewardSpec(kind="edit_reward", model="TIGER-Lab/EditReward-not-here",
                           engine=EngineConfig(backend="server", endpoint=url, retries=0))

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from richpref.run.storage import RunStore
 from richpref.tasks import OUTPUTS, PIPELINE

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from richpref.run.storage import RunStore
 from richpref.tasks import ALL_STAGES
 from run_sizes import SMALL_ARGS
 from s3_server import S3Server
