@@ -287,6 +287,17 @@ def _compute(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store: 
     return manifest
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A shard's Parquet bytes. A shard that kept no row is written with no row group: a row group of
+    0 rows is refused by `datasets` ("BatchSize must be greater than 0"), so a pairs folder with one
+    empty shard could not be loaded with the card's `load_dataset` line."""
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, table.schema, compression="zstd") as writer:
+        if table.num_rows:
+            writer.write_table(table)
+    return buf.getvalue()
+
+
 def write_shard(store: RunStore, out: str, shard: int, table: pa.Table, key: str, before_commit=None,
                 lease: Lease | None = None) -> ShardManifest | None:
     """Parquet to a temporary name, renamed into place, then the manifest: readers never see a
@@ -296,9 +307,7 @@ def write_shard(store: RunStore, out: str, shard: int, table: pa.Table, key: str
     meta = dict(table.schema.metadata or {})
     meta[KEY_META] = key.encode()
     table = table.replace_schema_metadata(meta)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
+    data = parquet_bytes(table)
     kept = (sum(1 for s in table.column("status").to_pylist() if s == OK) if "status" in table.schema.names
             else table.num_rows)
     manifest = ShardManifest(stage=out, shard=shard, uri=store.uri(store.shard_path(out, shard)), key=key,

@@ -85,3 +85,24 @@ def test_local_cpu_workers_get_their_share_of_cores_and_glibcs_own_malloc_thresh
         assert env["MALLOC_TRIM_THRESHOLD_"] is None
         share = os.environ.get("RICHPREF_TORCH_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
         assert env["RICHPREF_TORCH_THREADS"] == env["OMP_NUM_THREADS"] == share
+
+
+def test_a_shard_that_kept_no_row_loads_with_datasets_beside_one_that_did(tmp_path):
+    # The card's `load_dataset("parquet", data_files="part-*.parquet")` line failed on a run with an
+    # empty shard: a 0-row row group is refused by `datasets`.
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from richpref.run.runner import parquet_bytes
+
+    full = pa.table({"caption": ["a", "b"], "label_0": [1, 0]})
+    (tmp_path / "part-00000.parquet").write_bytes(parquet_bytes(full))
+    (tmp_path / "part-00001.parquet").write_bytes(parquet_bytes(full.slice(0, 0)))
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "part-*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    assert ds["caption"] == ["a", "b"]
+    # A non-empty shard's bytes are those of a plain write: runs made before stay byte-identical.
+    plain = pa.BufferOutputStream()
+    pq.write_table(full, plain, compression="zstd")
+    assert parquet_bytes(full) == plain.getvalue().to_pybytes()
