@@ -19,7 +19,7 @@ import yaml
 from richpref.common.procs import spawn_owned, stop_owned
 from richpref.common.atomic import write_atomic
 from ..schemas.training import FinetuneConfig
-from .models import read_meta
+from .models import REFUSED_INPUT, read_meta
 
 log = logging.getLogger("richpref")
 
@@ -150,6 +150,8 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
         run_env["RICHPREF_MODELS_ROOT"] = cfg.models_root
     if num_processes > 1 and "OMP_NUM_THREADS" not in run_env:
         run_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))
+    refused = Path(output_dir) / REFUSED_INPUT
+    refused.unlink(missing_ok=True)  # left by an earlier launch on input that has been fixed since
     codes = []
     for attempt in range(max_restarts + 1):
         cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision, cfg.fsdp,
@@ -170,6 +172,10 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
         codes.append(code)
         if code == 0:
             return read_meta(output_dir)
+        if refused.exists():
+            raise LaunchFailed(f"training in {output_dir} stopped on its input: {refused.read_text().strip()}. "
+                               "Fix the data and launch again; it resumes from the latest checkpoint "
+                               "(not relaunched: the same input would fail the same way).")
         log.warning("training exited with code %d; %s", code,
                     "relaunching: it resumes from the latest checkpoint" if attempt < max_restarts else "giving up")
     raise LaunchFailed(

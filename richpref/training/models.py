@@ -19,6 +19,9 @@ import torch
 
 from ..schemas.training import FinetuneConfig
 
+# Written by a trainer that stops on bad input (richpref.training.data.DataError): relaunching
+# would fail the same way, so the launcher stops and shows the message instead.
+REFUSED_INPUT = "refused-input.txt"
 FINETUNE_META = "finetune.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 

@@ -26,9 +26,9 @@ from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
 from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, full_state_dict, register_lora_hooks,
                           save_checkpoint, write_final)
-from .data import Augment, PairBatches, PairMixture, load_sources, split_heldout
+from .data import Augment, DataError, PairBatches, PairMixture, load_sources, split_heldout
 from .heldout import HeldOut, plot_metrics
-from .models import FINETUNE_META, AdapterSwitch
+from .models import FINETUNE_META, REFUSED_INPUT, AdapterSwitch
 from .reference import log_start
 from .setup import setup_model
 from .unet_step import dpo_micro_step  # noqa: F401 - the UNet step, imported from here by callers
@@ -291,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     except ProfileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    train(cfg, args.output_dir)
+    try:
+        train(cfg, args.output_dir)
+    except DataError as exc:  # e.g. an image that cannot be decoded, met at some step
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / REFUSED_INPUT).write_text(f"{exc}\n", encoding="utf-8")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
