@@ -108,6 +108,22 @@ def full_state_dict(model) -> dict | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def param_norm(model, params) -> float:
+    """The L2 norm of `params` (of `model`). Under FSDP each process holds a part of every weight, so the
+    squared norms of the local parts are summed over the processes: every process gets the whole
+    model's norm (not its own shard's), and every process must call it."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
+    squared = torch.nn.utils.get_total_norm(local).double() ** 2
+    if dist.is_available() and dist.is_initialized() and any(
+            isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+        dist.all_reduce(squared)
+    return float(squared.sqrt())
+
+
 def write_final(unet, out: Path, cfg: FinetuneConfig, cfg_hash: str, arch: str, model_dir: str, step: int,
                 last: dict, state_dict: dict | None = None) -> dict:
     """final/: the tuned weights (`state_dict`: gathered by full_state_dict from a sharded model) and finetune.json."""

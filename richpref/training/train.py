@@ -24,8 +24,8 @@ import torch
 
 from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
-from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, full_state_dict, register_lora_hooks,
-                          save_checkpoint, write_final)
+from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, full_state_dict, param_norm,
+                          register_lora_hooks, save_checkpoint, write_final)
 from .data import Augment, DataError, PairBatches, PairMixture, load_sources, split_heldout
 from .heldout import HeldOut, plot_metrics
 from .models import FINETUNE_META, REFUSED_INPUT, AdapterSwitch
@@ -229,9 +229,9 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
             reduced = accelerator.reduce(metrics.mean().to(device), reduction="mean").cpu().tolist()
             now = time.perf_counter()
             with torch.no_grad():
-                param_norm = float(torch.nn.utils.get_total_norm([p.detach() for p in params]))
+                weights_norm = param_norm(unet, params)
             record = {"step": global_step, **dict(zip(_Metrics.NAMES, reduced)),
-                      "grad_norm": float(grad_norm), "param_norm": param_norm,
+                      "grad_norm": float(grad_norm), "param_norm": weights_norm,
                       "lr": lr_scheduler.get_last_lr()[0], "samples_seen": samples_seen,
                       "step_seconds": (now - step_timer) / cfg.log_every, "launch": launch_id,
                       "resumed_from": resume_from[0] if resume_from else None, "time": time.time()}

@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from richpref.schemas.training import FinetuneConfig
-from richpref.training.checkpoints import full_state_dict
+from richpref.training.checkpoints import full_state_dict, param_norm
 from richpref.training.models import save_tuned
 
 
@@ -42,8 +42,13 @@ def main(rank: int, world: int, port: int, model_dir: str, out: str, steps: int 
         pred.pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
+    norm = param_norm(model, list(model.parameters()))
     gathered = full_state_dict(model)
     if rank == 0:
+        whole = torch.nn.utils.get_total_norm([v.float() for v in gathered.values()])
+        shard = torch.nn.utils.get_total_norm([p.detach().to_local() for p in model.parameters()])
+        assert float(shard) < 0.9 * float(whole)  # rank 0's shard alone is not the model
+        assert abs(norm - float(whole)) <= 1e-4 * float(whole), (norm, float(whole))
         cfg = FinetuneConfig(model=model_dir, mode="full", gradient_checkpointing=True, fsdp=True)
         save_tuned(model, Path(out), cfg, "flux", gathered)
     dist.barrier()
