@@ -140,3 +140,37 @@ def test_a_worker_running_other_versions_fails_the_preflight_naming_the_package(
     msg = str(err.value)
     assert msg.count("runs other versions than this process") == 2
     assert f"diffusers {real['diffusers']} here 0.0.1" in msg and "install the same richpref" in msg
+
+
+def test_the_slurm_recipe_in_the_docs_starts_workers_that_pass_the_preflight(tmp_path):
+    """The Slurm recipe of docs/operations.md, run without Slurm: its SLURMCluster (dask-jobqueue) writes
+    the job script sbatch would run on a GPU node; here bash runs that script (its #SBATCH lines are
+    comments), and the worker it starts joins the recipe's scheduler with the GPU slot and passes the
+    preflight."""
+    import signal
+
+    from distributed import Client
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    recipe = doc.split("cat > cluster.py <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    setup = recipe.split("cluster.scale(", 1)[0]  # up to the submission: there is no sbatch here
+    local = setup.replace('"host": "0.0.0.0", "port": 8786', '"host": "127.0.0.1", "port": 0')
+    assert local != setup, "the recipe's scheduler_options changed: update this test"
+    names: dict = {}
+    exec(local, names)
+    cluster, worker = names["cluster"], None
+    try:
+        script = cluster.job_script()
+        assert "#SBATCH --gres=gpu:1" in script and "GPU=1" in script and "richpref.run.shard_task" in script
+        (tmp_path / "job.sh").write_text(script)
+        worker = subprocess.Popen(["bash", str(tmp_path / "job.sh")], cwd=tmp_path, start_new_session=True,
+                                  env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=90)
+            reports = check_cluster(client, str(tmp_path / "data"), None)
+        assert [r.resources for r in reports] == [{"GPU": 1}] and not reports[0].errors
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        cluster.close()
