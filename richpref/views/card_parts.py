@@ -6,6 +6,15 @@ import json
 from richpref.schemas.reward_titles import reward_titles  # noqa: F401 - the cards' names for rewards
 
 
+def counts_table(stages: list[dict]) -> list[str]:
+    """The card's "Counts" section: one row per stage, its kept and rejected rows and why."""
+    lines = ["## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]
+    for st in stages:
+        reasons = ", ".join(f"{k}: {v}" for k, v in st["reasons"].items()) or "–"
+        lines.append(f"| {st['stage']} | {st['rows']} | {st['kept']} | {st['rejected']} | {reasons} |")
+    return lines
+
+
 def _front_matter(title: str) -> list[str]:
     return ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train", '    path: "part-*.parquet"',
             "task_categories:", "- text-to-image", "tags:", "- preference", "- dpo", "- pick-a-pic-format", "- richpref",

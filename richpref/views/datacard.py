@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from richpref.run.runner import stage_manifests
 from richpref.schemas.reward_titles import reward_titles
-from richpref.views.card_parts import USAGE, _front_matter  # noqa: F401 - USAGE re-exported
+from richpref.views.card_parts import USAGE, _front_matter, counts_table  # noqa: F401 - USAGE re-exported
 from richpref.views.plots import flip_rate_png, margin_histogram_png, reward_distributions_png
 
 PLOTS = ("reward_distributions.png", "flip_rate.png", "margin_histogram.png")
@@ -162,10 +162,7 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               "`candidate_1`, `margin`, `flipped`, "
               "`scores` (JSON: every raw and z-standardised score), `model_ids` (JSON), `config_hash`, "
               "`editor` (`edit.kind`), `edit_mask`.", "",
-              "## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]
-    for st in summary["stages"]:
-        reasons = ", ".join(f"{k}: {v}" for k, v in st["reasons"].items()) or "–"
-        lines.append(f"| {st['stage']} | {st['rows']} | {st['kept']} | {st['rejected']} | {reasons} |")
+              *counts_table(summary["stages"])]
     flip = summary.get("flip_rate")
     lines += ["", "## Labels", "",
               f"- pairs exported: {sum(summary.get('label_0', {}).values())} "

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from richpref.views.card_parts import USAGE, _front_matter, reward_titles
+from richpref.views.card_parts import USAGE, _front_matter, counts_table, reward_titles
 
 PAIRING = {"best_vs_worst": "each prompt's best sample against its worst",
            "all_with_margin": "every pair of a prompt's samples"}
@@ -71,10 +71,7 @@ def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict) -> 
               "`candidate_0`, `candidate_1`, `seed_0`, `seed_1`, `margin`, `scores` (JSON: raw and z-scored rewards and "
               "composites of both images), `model_ids` (JSON: the generator), `config_hash`. `critique`, "
               "`instructions`, `edit_prompt`, `editor`, `edit_mask` are null (nothing was edited).", "",
-              "## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]
-    for st in summary["stages"]:
-        reasons = ", ".join(f"{k}: {v}" for k, v in st["reasons"].items()) or "–"
-        lines.append(f"| {st['stage']} | {st['rows']} | {st['kept']} | {st['rejected']} | {reasons} |")
+              *counts_table(summary["stages"])]
     per = ", ".join(f"{k} pair(s): {v} prompt(s)" for k, v in sorted(stats["pairs_per_prompt"].items())) or "–"
     lines += ["", "## Labels", "", f"- label_0 counts: {json.dumps(summary.get('label_0', {}), sort_keys=True)}",
               f"- pairs per prompt: {per}"]
