@@ -95,13 +95,17 @@ def save_checkpoint(accelerator, out: Path, step: int, samples_seen: int, cfg_ha
     accelerator.wait_for_everyone()
 
 
-def full_state_dict(model) -> dict | None:
-    """The whole weights of a model sharded by FSDP (accelerate's FSDP wrapper, or torch's fully_shard),
-    on the main process ({} on the others); None for a model that is not sharded. Under FSDP every
-    process must call it (it gathers the shards)."""
+def is_sharded(model) -> bool:
+    """Whether FSDP (accelerate's FSDP wrapper, or torch's fully_shard) shards `model` over processes."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    if not any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def full_state_dict(model) -> dict | None:
+    """The whole weights of a model sharded by FSDP, on the main process ({} on the others); None for a
+    model that is not sharded. Under FSDP every process must call it (it gathers the shards)."""
+    if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -114,12 +118,10 @@ def param_norm(model, params) -> float:
     model's norm (not its own shard's), and every process must call it."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
     squared = torch.nn.utils.get_total_norm(local).double() ** 2
-    if dist.is_available() and dist.is_initialized() and any(
-            isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+    if dist.is_available() and dist.is_initialized() and is_sharded(model):
         dist.all_reduce(squared)
     return float(squared.sqrt())
 

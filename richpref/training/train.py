@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..common.atomic import write_atomic
 from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
 from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, full_state_dict, param_norm,
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, args.output_dir)
     except DataError as exc:  # e.g. an image that cannot be decoded, met at some step
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / REFUSED_INPUT).write_text(f"{exc}\n", encoding="utf-8")
+        write_atomic(Path(args.output_dir) / REFUSED_INPUT, f"{exc}\n".encode())  # every process may write it
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
