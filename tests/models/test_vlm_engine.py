@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from richpref.schemas import vlm_engines as engine_decls
 from richpref.schemas.serving import EngineConfig
 from richpref.schemas.vlm_engines import BACKENDS, CHAT_LAUNCHERS, LAUNCHERS, VLM_ENGINES, engine_of
-from test_reward_registry import ROOT, literal_lists
+from test_plugins import ROOT, literal_lists
 
 
 def test_the_config_allows_exactly_the_declared_engines():
