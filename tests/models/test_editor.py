@@ -21,7 +21,8 @@ from richpref.tasks.edit import edit_prompt, edit_rows, load_editor
 from richpref.models.editor import ANNOTATOR_FILES, ControlDetector, ControlNetEditor, annotator_network
 from richpref.models.runtime import ModelNotAvailable
 from richpref.models.tiny.diffusion import build_random_annotator
-from image_helpers import EDIT, _arr, _scene
+from image_helpers import EDIT, _arr
+from image_helpers import _scene as ellipse_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -221,7 +222,7 @@ def annotators(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", sorted(ANNOTATOR_FILES))
 def test_annotator_loads_from_the_annotators_layout(kind, annotators):
-    img = _scene((70, 50))
+    img = ellipse_scene((70, 50))
     loaded = ControlDetector.load(kind, annotators)
     # The same seeded network handed over directly gives the same map: the file round-trips.
     import torch
@@ -238,8 +239,8 @@ def test_annotator_loads_from_the_annotators_layout(kind, annotators):
 
 def test_hed_map_follows_content(annotators):
     hed = ControlDetector.load("softedge_hed", annotators)
-    scene = _arr(hed(_scene()))
-    shifted = _arr(hed(_scene(fg=(20, 220, 120))))
+    scene = _arr(hed(ellipse_scene()))
+    shifted = _arr(hed(ellipse_scene(fg=(20, 220, 120))))
     assert scene.std() > 5.0  # not a constant map
     assert np.abs(scene - shifted).mean() > 1.0
 
@@ -260,7 +261,7 @@ def test_edit_with_a_network_control(paths, annotators):
                                    control="softedge_hed", control_weights=str(annotators))
     try:
         assert editor.detector.kind == "softedge_hed"
-        img = _scene()
+        img = ellipse_scene()
         hed = editor.edit([img], ["a ball"], [5], **EDIT)[0]
         canny = editor.edit([img], ["a ball"], [5], control="canny", **EDIT)[0]
         assert hed.size == img.size
