@@ -50,7 +50,7 @@ chromium:
 	  && (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } \
 	  || echo "note: chromium not installed; the report rendering test will be skipped"
 
-# The multi-node test (tests/run/test_multinode.py) runs the Prefect server on PostgreSQL: Debian's package.
+# The multi-node test (tests/scenarios/test_multinode.py) runs the Prefect server on PostgreSQL: Debian's package.
 postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { [ "$$(id -u)" = 0 ] \
 	  && command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq postgresql iproute2) >/dev/null 2>&1; } \

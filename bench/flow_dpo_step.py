@@ -169,7 +169,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "training")]  # the test helper that writes pairs
-    from test_flow_finetune import write_brightness_pairs
+    from test_flow_step import write_brightness_pairs
 
     import harness
 

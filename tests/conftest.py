@@ -103,7 +103,7 @@ def release_resident():
 def mini_run(tiny_models, tmp_path_factory):
     """(data dir, store, profile) of the mini run "mini": shard 0 of every stage up to the filter written
     by hand, then score, relabel and export through the real stages (tests/relabel_helpers.py). Built
-    once per session for the score, relabel and export stage tests and tests/tasks/test_flip_rate.py."""
+    once per session for the score, relabel and export stage tests and tests/scenarios/test_flip_rate.py."""
     from relabel_helpers import build_mini_run
 
     return build_mini_run(tiny_models, tmp_path_factory)

@@ -1,5 +1,5 @@
 """Image helpers the stage tests (tests/tasks/) share with the image backend tests outside that
-folder (test_sdxl.py, test_annotators.py, test_profiles.py): diffusion settings for 64×64 runs, a
+folder (tests/models/, tests/scenarios/): diffusion settings for 64×64 runs, a
 flat scene with a bright ellipse, PNG decoding, the per-item seed transcribed from its contract.
 Not a test module."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Reward stand-ins and the mini run, shared by the score, relabel and export tests (tests/tasks/),
-tests/tasks/test_flip_rate.py and tests/recipes/test_relabel_dataset.py: a deterministic channel-mean reward,
+tests/scenarios/test_flip_rate.py and tests/recipes/test_relabel_dataset.py: a deterministic channel-mean reward,
 solid test images, shard 0 of every stage before the reward scores written by hand, and the mini
 run that scores, relabels and exports it through the real stages (the `mini_run` fixture in
 tests/conftest.py). Not a test module."""

@@ -1,5 +1,5 @@
 """Inputs of the VLM stages, shared by the critique, instruct, check and filter tests
-(tests/tasks/) and tests/models/test_served_vlm.py: seeded noise images, three prompts, and the rows and
+(tests/tasks/) and tests/models/test_vlm_client.py: seeded noise images, three prompts, and the rows and
 images an instruct or check/filter call takes. Not a test module."""
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ import numpy as np
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..schemas.serving import EngineConfig, ImageCaps
+from ..schemas.vlm_engines import VLM_ENGINES
 from .vlm import YES_NO, Generation, Option, YesNo, expected_score_from_probs, option_token_ids
 from .vlm_server import LaunchedServer
 
@@ -341,8 +342,8 @@ def connect(engine: EngineConfig, model_ref: str, models_root: str | None = None
 
         path = str(capped_model_dir(path, image_caps.max_tiles))  # the server reads the capped grid
     if engine.launch:
-        # `transformers serve` names the model by the path it serves; vLLM/SGLang take a served name.
-        name = path if engine.launch == "transformers" else (engine.served_model or model_ref)
+        # `transformers serve` names the model by the path it serves (`served_by_path`); vLLM/SGLang take a served name.
+        name = path if VLM_ENGINES[engine.launch].served_by_path else (engine.served_model or model_ref)
         from .vlm_server import stage_max_model_len
 
         server = LaunchedServer(engine, path, name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,

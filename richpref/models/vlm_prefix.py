@@ -4,7 +4,7 @@ Every question is one user turn [image, question]; rendered with the chat templa
 about one image share their first tokens (system turn, image tokens, …). The shared prefix runs once
 with the pixels (one vision-encoder pass), its key/value cache is kept, and each question's remaining
 tokens run on top of it, the cache cropped back to the prefix before the next. The probabilities are
-those of the full prompts up to float noise (`tests/models/test_served_vlm.py` checks them against
+those of the full prompts up to float noise (`tests/models/test_vlm_client.py` checks them against
 `VisionLanguageModel.p_yes`). Used by the filter, whose pairs ask 10-17 questions about four images.
 """
 from __future__ import annotations

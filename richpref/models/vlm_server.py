@@ -1,5 +1,5 @@
-"""Starting and stopping an OpenAI-compatible VLM server (vLLM, SGLang or `transformers serve`), or
-richpref's judge server for the head judges (`launch: richpref`, models/judge_server.py).
+"""Starting and stopping a launched VLM engine (schemas/vlm_engines/: an OpenAI-compatible server such
+as vLLM, SGLang or `transformers serve`, or richpref's judge server for the head judges).
 
 The server is an owned child (`richpref.common.procs`): its own process group, killed with this process,
 stopped by pid when the stage ends. Startup is bounded: a server that exits or is not healthy within
@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,18 +19,11 @@ import httpx
 
 from richpref.common.procs import spawn_owned, stop_owned
 from ..schemas.serving import EngineConfig, ImageCaps
+from ..schemas.vlm_engines import LAUNCHERS, VLM_ENGINES
 
 
 class ServerStartError(RuntimeError):
     """A launched server exited or did not become healthy in time."""
-
-
-INSTALL_HINT = {
-    "vllm": "install vLLM on the GPU worker (pip install vllm)",
-    "sglang": "install SGLang on the GPU worker (pip install 'sglang[all]')",
-    "richpref": "check the judge's model and backbone paths in the log",
-    "transformers": "install the serving extra (pip install 'transformers[serving]', which brings openai, fastapi, uvicorn)",
-}
 
 
 def free_port() -> int:
@@ -110,30 +101,14 @@ def stage_max_model_len(model_path: str, *, max_new_tokens: int, caps: ImageCaps
 def launch_command(launch: str, model_path: str, served_name: str, port: int, *, device: str = "auto",
                    dtype: str = "auto", trust_remote_code: bool = False, extra_args: list[str] = (),
                    max_model_len: int | None = None) -> list[str]:
-    """The command line that serves `model_path` as `served_name` on 127.0.0.1:`port`; vLLM gets
-    `--max-model-len` unless `extra_args` sets it."""
+    """The command line that serves `model_path` as `served_name` on 127.0.0.1:`port`: the launched
+    engine's own (schemas/vlm_engines/<kind>.py), then `extra_args`."""
+    decl = VLM_ENGINES.get(launch)
+    if decl is None or not decl.launched:
+        raise ValueError(f"unknown launcher {launch!r}; use one of {', '.join(LAUNCHERS)}")
     host = ["--host", "127.0.0.1", "--port", str(port)]
-    if launch == "vllm":
-        cmd = [shutil.which("vllm") or "vllm", "serve", model_path, *host, "--served-model-name", served_name,
-               "--enable-prefix-caching", "--dtype", dtype, "--limit-mm-per-prompt", '{"image": 1}']
-        if max_model_len and not any(a.split("=")[0] == "--max-model-len" for a in extra_args):
-            cmd += ["--max-model-len", str(max_model_len)]
-        cmd += ["--trust-remote-code"] if trust_remote_code else []
-    elif launch == "sglang":
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, *host,
-               "--served-model-name", served_name, "--dtype", dtype]
-        cmd += ["--trust-remote-code"] if trust_remote_code else []
-    elif launch == "richpref":  # the head judges' server; its --kind and options come in extra_args
-        cmd = [sys.executable, "-m", "richpref.models.judge_server", "--model", model_path, *host,
-               "--device", device, "--dtype", dtype]
-    elif launch == "transformers":
-        exe = Path(sys.executable).parent / "transformers"
-        cmd = [str(exe) if exe.exists() else "transformers", "serve", model_path, *host,
-               "--device", "auto" if device == "auto" else device, "--dtype", dtype, "--log-level", "info"]
-        cmd += ["--trust-remote-code"] if trust_remote_code else []
-    else:
-        raise ValueError(f"unknown launcher {launch!r}; use vllm, sglang, transformers or richpref")
-    return cmd + list(extra_args)
+    return decl.command(model_path, served_name, host, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                        extra_args=list(extra_args), max_model_len=max_model_len) + list(extra_args)
 
 
 class LaunchedServer:
@@ -189,7 +164,7 @@ class LaunchedServer:
             self.proc = spawn_owned(cmd, name=f"{self.launch}:{self.served_name}", log_path=str(self.log_path),
                                     env=_gpu_env(self.device))
         except FileNotFoundError as exc:
-            raise ServerStartError(f"cannot start {self.launch} ({exc}); {INSTALL_HINT[self.launch]}") from None
+            raise ServerStartError(f"cannot start {self.launch} ({exc}); {VLM_ENGINES[self.launch].install}") from None
         self.starts += 1
         self._wait_healthy(cmd)
         return self
@@ -204,7 +179,7 @@ class LaunchedServer:
                 raise ServerStartError(
                     f"{self.launch} server for {self.model_path} exited with code {code} before it was healthy.\n"
                     f"command: {' '.join(cmd)}\nlog {self.log_path} ends with:\n{self.log_tail()}\n"
-                    f"fix: check the log; if the launcher is missing, {INSTALL_HINT[self.launch]}")
+                    f"fix: check the log; if the launcher is missing, {VLM_ENGINES[self.launch].install}")
             try:
                 if httpx.get(health, timeout=2.0).status_code == 200:
                     return

@@ -1,4 +1,5 @@
-"""What the plug-in registries share (reward kinds: schemas/rewards/, editor kinds: schemas/editor_kinds/):
+"""What the plug-in registries share (reward kinds: schemas/rewards/, editor kinds: schemas/editor_kinds/,
+VLM engines: schemas/vlm_engines/):
 finding the declarations in a package, and a plug-in's tiny random-weight twin."""
 from __future__ import annotations
 

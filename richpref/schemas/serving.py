@@ -1,6 +1,7 @@
 """Where a VLM stage's model runs, and how many image tokens it may spend.
 
-`engine` chooses the backend of critique, instruct, filter and the `vlm_score` reward:
+`engine` chooses the backend of critique, instruct, filter and the VLM rewards, one of the engines
+declared in richpref/schemas/vlm_engines/ (which the allowed `backend` and `launch` values come from):
 
 - `backend: transformers` — in-process `generate` (the default; what the tiny profile uses);
 - `backend: server` with `endpoint: http://HOST:PORT/v1` — an OpenAI-compatible server the user runs;
@@ -26,16 +27,17 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LAUNCHERS = ("vllm", "sglang", "transformers", "richpref")
-CHAT_LAUNCHERS = LAUNCHERS[:3]  # OpenAI-compatible chat servers; `richpref`: the head judges' server
+from .vlm_engines import BACKENDS, CHAT_LAUNCHERS, LAUNCHERS, VLM_ENGINES
+
+# CHAT_LAUNCHERS: OpenAI-compatible chat servers; the rest of LAUNCHERS serve the head judges.
 
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["transformers", "server"] = "transformers"
+    backend: Literal[BACKENDS] = "transformers"  # in-process, or `server` (the backends of schemas/vlm_engines/)
     endpoint: str | None = None  # base URL of a running server, e.g. http://10.0.0.5:8000/v1
-    launch: Literal["vllm", "sglang", "transformers", "richpref"] | None = None  # start this server instead
+    launch: Literal[LAUNCHERS] | None = None  # start this server instead (a launched engine of schemas/vlm_engines/)
     served_model: str | None = None  # model name the server expects (default: the stage's model)
     extra_args: list[str] = Field(default_factory=list)  # appended to the launch command
     port: int | None = Field(None, ge=1, le=65535)  # launch port; default: a free one
@@ -148,8 +150,8 @@ def check_launcher(engine: EngineConfig, what: str, head_judge: bool) -> None:
         raise ValueError(f"{what}: engine.launch={engine.launch} serves chat answers, not a reward head's value; "
                          "use engine.launch: richpref (richpref's judge server) or an engine.endpoint where "
                          "`richpref serve judge` runs")
-    if not head_judge and engine.launch == "richpref":
-        raise ValueError(f"{what}: engine.launch=richpref serves the head judges (rewards hpsv3, edit_reward) "
+    if not head_judge and engine.launch and VLM_ENGINES[engine.launch].head:
+        raise ValueError(f"{what}: engine.launch={engine.launch} serves the head judges (rewards hpsv3, edit_reward) "
                          f"only; use one of {', '.join(CHAT_LAUNCHERS)}")
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from richpref.common.images import BadImage, decode_image
-from ..models.runtime import resident, resolve_model_ref
+from ..models.runtime import resident
+from ..models.vlm_engine import load_vlm as load_engine_vlm
 from ..prompts import load_template, render, template_hash
 from ..schemas.config import CritiqueConfig, Profile, VLMStageConfig
 from ..schemas.tables import CRITIQUES, rows_to_table
@@ -13,24 +14,13 @@ from .vlm_text import says_no_issues
 
 
 def load_vlm(cfg: VLMStageConfig, models_root: str | None):
-    """The stage's VLM: in-process, or a client of an OpenAI-compatible server (cfg.engine)."""
+    """The stage's VLM on its engine (cfg.engine: in-process or an OpenAI-compatible server), kept resident."""
     caps = cfg.image if cfg.image.key_data() else None
-    if cfg.engine.backend == "server":
-        from ..models.vlm_client import connect
-
-        return resident.get(
-            ("served-vlm", cfg.model, models_root, cfg.engine.model_dump_json(), caps, cfg.device, cfg.dtype),
-            lambda: connect(cfg.engine, cfg.model, models_root, device=cfg.device, dtype=cfg.dtype,
-                            trust_remote_code=cfg.trust_remote_code, image_caps=caps,
-                            max_new_tokens=getattr(cfg, "max_new_tokens", 256)),
-        )
-    from ..models.vlm import VisionLanguageModel
-
-    path = resolve_model_ref(cfg.model, models_root)
     return resident.get(
-        ("vlm", path, cfg.device, cfg.dtype, cfg.trust_remote_code, caps),
-        lambda: VisionLanguageModel.load(path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                                         image_caps=caps),
+        ("vlm", cfg.model, models_root, cfg.engine.model_dump_json(), caps, cfg.device, cfg.dtype, cfg.trust_remote_code),
+        lambda: load_engine_vlm(cfg.engine, cfg.model, models_root, device=cfg.device, dtype=cfg.dtype,
+                                trust_remote_code=cfg.trust_remote_code, image_caps=caps,
+                                max_new_tokens=getattr(cfg, "max_new_tokens", 256)),
     )
 
 

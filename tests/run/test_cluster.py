@@ -1,5 +1,5 @@
 """Preflight of a Dask cluster (richpref/run/cluster.py) and which shards claim a GPU: real local Dask
-clusters, no mocks. The multi-node run itself: tests/run/test_multinode.py."""
+clusters, no mocks. The multi-node run itself: tests/scenarios/test_multinode.py."""
 from __future__ import annotations
 
 import os

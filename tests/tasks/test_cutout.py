@@ -1,6 +1,6 @@
 """The cutout stage (richpref/tasks/cutout.py): masks, foreground ratios and white backgrounds per row,
 an item's original cut once for all its edits, a missing model failing at once. The rembg sessions
-themselves: tests/models/test_image_backends.py."""
+themselves: tests/scenarios/test_image_backends.py."""
 from __future__ import annotations
 
 import time

@@ -1,6 +1,6 @@
 """The edit stage (richpref/tasks/edit.py): the guard against blank and unchanged edits, the edit
 prompt, edit rows on the tiny SD1.5 and SDXL ControlNets, several candidates per item with distinct
-seeds. The editors `edit.kind` picks: tests/models/test_editors.py; the backends: tests/models/test_image_backends.py."""
+seeds. The editors `edit.kind` picks: tests/models/test_editor.py; the backends: tests/scenarios/test_image_backends.py."""
 from __future__ import annotations
 
 import numpy as np

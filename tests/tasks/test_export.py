@@ -1,6 +1,6 @@
 """The export stage (richpref/tasks/export.py): the pairs in Pick-a-Pic format read exactly as the
 Diffusion-DPO training scripts read them, and the dataset card and plots beside them. The flip rate
-on a run with ties: tests/tasks/test_flip_rate.py."""
+on a run with ties: tests/scenarios/test_flip_rate.py."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,4 @@
-"""One process of tests/training/test_fsdp_cpu.py (forked by it, gloo on CPU): the tiny FLUX.1
+"""One process of tests/training/test_checkpoints.py (forked by it, gloo on CPU): the tiny FLUX.1
 transformer sharded with torch's fully_shard over the processes, gradient checkpointing on, a few full
 fine-tune steps, then the whole weights gathered (richpref.training.checkpoints.full_state_dict) and
 saved by richpref.training.models.save_tuned on the main process."""

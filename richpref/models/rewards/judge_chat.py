@@ -22,7 +22,9 @@ from typing import Sequence, Union
 import torch
 from PIL import Image
 
+from ...schemas.vlm_engines import engine_of
 from ..vlm import Generation, VisionLanguageModel
+from ..vlm_engine import load_vlm
 
 log = logging.getLogger("richpref")
 
@@ -79,30 +81,26 @@ def model_type(path: str) -> str:
 
 
 def judge_engine(engine, images: int):
-    """`engine` with a launched vLLM allowed `images` images per request (richpref launches it with
-    one, what the VLM stages send); unchanged when the user's `extra_args` already set the limit."""
-    if engine is None or engine.launch != "vllm" or images <= 1 or "--limit-mm-per-prompt" in engine.extra_args:
+    """`engine` with a launched server allowed `images` images per request (richpref launches one with
+    one, what the VLM stages send) where its declaration has an option for it (vLLM's
+    --limit-mm-per-prompt); unchanged when the user's `extra_args` already set it."""
+    flag = engine_of(engine).images_flag if engine is not None else None
+    if flag is None or images <= 1 or flag in engine.extra_args:
         return engine
     import json
 
     # vLLM's parser keeps the last value of a repeated option: this one, appended after the default.
-    return engine.model_copy(update={"extra_args": [*engine.extra_args, "--limit-mm-per-prompt",
-                                                    json.dumps({"image": images})]})
+    return engine.model_copy(update={"extra_args": [*engine.extra_args, flag, json.dumps({"image": images})]})
 
 
 def load_judge_vlm(path: str, *, engine=None, adapter: str | None = None, device: str = "auto",
                    dtype: str = "auto", images: int = 1):
-    """The judge's VLM: in-process (`VisionLanguageModel`) or a client of a server (`ServedVLM`) that
-    takes `images` images per question."""
+    """The judge's VLM on its engine (models/vlm_engine.py): in-process (`VisionLanguageModel`) or a
+    client of a server (`ServedVLM`) that takes `images` images per question."""
     engine = judge_engine(engine, images)
-    served = engine is not None and engine.backend == "server"
-    if adapter is not None and not (served and engine.endpoint):  # a running server holds its own weights
+    if adapter is not None and not (engine is not None and engine.endpoint):  # a running server holds its own weights
         path = str(merged_dir(path, adapter))
-    if engine is not None and engine.backend == "server":
-        from ..vlm_client import connect
-
-        return connect(engine, path, device=device, dtype=dtype, max_new_tokens=1024)
-    return VisionLanguageModel.load(path, device=device, dtype=dtype)
+    return load_vlm(engine, path, device=device, dtype=dtype, max_new_tokens=1024)
 
 
 def _in_process(vlm: VisionLanguageModel, questions: Sequence[Sequence[Part]], max_new_tokens: int,

@@ -21,14 +21,9 @@ class VLMExpectedScore:
                  trust_remote_code: bool = False, engine=None) -> None:
         self.template_name = template
         self.template = load_template(template)
-        if engine is not None and engine.backend == "server":
-            from ..vlm_client import connect
+        from ..vlm_engine import load_vlm
 
-            self.vlm = connect(engine, path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        else:
-            from ..vlm import VisionLanguageModel
-
-            self.vlm = VisionLanguageModel.load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.vlm = load_vlm(engine, path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model_id = self.vlm.model_id
 
     def questions(self, prompts) -> list[str]:

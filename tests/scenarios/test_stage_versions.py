@@ -1,11 +1,11 @@
 """A stage's code cannot change while its version stays: the version is in every shard's content key,
 so an unbumped change would let a resumed run keep shards the new code computes differently.
 
-tests/stage_versions.json records, per stage, its version and a hash of its code: the stage's module
+tests/scenarios/stage_versions.json records, per stage, its version and a hash of its code: the stage's module
 and the helper modules of richpref/tasks/ it imports (not the shared runner, not other stages),
 parsed, without docstrings and with the version itself blanked out, so comments, formatting and
 docstrings do not count. After changing a stage, bump its `STAGE = Stage(version=...)` and rewrite
-the file with `python tests/test_stage_versions.py`. A change that cannot alter any output (a
+the file with `python tests/scenarios/test_stage_versions.py`. A change that cannot alter any output (a
 refactor; a new option whose default computes what the old code did and whose value is in the key)
 keeps its version: rewrite the file alone, and the diff of the file records that decision.
 """
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECORD = Path(__file__).with_name("stage_versions.json")
 TASKS = REPO / "richpref" / "tasks"
 SHARED = {"__init__", "base", "wrappers"}  # the runner every stage goes through, not a stage's own code
@@ -74,13 +74,13 @@ def test_every_stage_bumped_its_version_when_its_code_changed():
     for name, now in current().items():
         was = recorded.get(name)
         if was is None:
-            problems.append(f"stage {name} is not in {RECORD.name}: run `python tests/test_stage_versions.py`")
+            problems.append(f"stage {name} is not in {RECORD.name}: run `python tests/scenarios/test_stage_versions.py`")
         elif was["code"] != now["code"] and was["version"] == now["version"]:
             problems.append(f"stage {name}'s code changed ({', '.join(now['files'])}): bump STAGE version "
-                            f"(now {now['version']!r}) and update the file with `python tests/test_stage_versions.py`")
+                            f"(now {now['version']!r}) and update the file with `python tests/scenarios/test_stage_versions.py`")
         elif was != now:
             problems.append(f"stage {name}: version {was['version']!r} -> {now['version']!r}; update "
-                            f"{RECORD.name} with `python tests/test_stage_versions.py`")
+                            f"{RECORD.name} with `python tests/scenarios/test_stage_versions.py`")
     assert not problems, "\n".join(problems)
 
 

@@ -1,12 +1,12 @@
 """The code's shape: no import circle in the library, no library module importing a flow, no file over
-400 lines. Read from the source with `ast` (every import statement counts, lazy ones included: a
+400 lines, and tests named after the module they test. Read from the source with `ast` (every import statement counts, lazy ones included: a
 circle through a function-level import is still a circle)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_LINES = 400
 
 
@@ -159,3 +159,30 @@ def test_no_module_imports_a_higher_layer():
     assert upward_imports({"richpref.run.a": {"richpref.tasks.b", "richpref.run.c"}}) == []
     up = upward_imports(import_graph(("richpref",)))
     assert not up, f"imports from a lower layer into a higher one (move the shared code down): {up}"
+
+
+def test_tests_mirror_the_source():
+    """tests/<pkg>/.../test_<m>.py tests richpref/<pkg>/.../<m>.py (or its subpackage <m>/), and tests/bench/
+    bench/<m>.py: one test file per module, found by its name. Tests across modules (a whole run, crashes,
+    several nodes, the CLI's bad inputs, profiles, the layout) live in tests/scenarios/, each saying in
+    its docstring what it covers. A file name is used once in tests/: pytest imports test files by it."""
+    tests = REPO / "tests"
+    wrong, undocumented, names = [], [], {}
+    for path in sorted(tests.rglob("test_*.py")):
+        rel = path.relative_to(tests)
+        names.setdefault(path.name, []).append(str(rel))
+        if rel.parts[0] == "scenarios" and len(rel.parts) == 2:
+            if not (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").strip():
+                undocumented.append(str(rel))
+            continue
+        if len(rel.parts) == 1:
+            wrong.append(f"{rel} (a test of several modules belongs in tests/scenarios/)")
+            continue
+        base = REPO.joinpath("bench", *rel.parts[1:-1]) if rel.parts[0] == "bench" else REPO.joinpath("richpref", *rel.parts[:-1])
+        module = path.stem.removeprefix("test_")
+        if not ((base / f"{module}.py").is_file() or (base / module / "__init__.py").is_file()):
+            wrong.append(f"{rel} (no module {base.relative_to(REPO) / module})")
+    assert not wrong, f"test files named after no module: {wrong}"
+    assert not undocumented, f"scenario tests without a docstring saying what they cover: {undocumented}"
+    twice = {n: p for n, p in names.items() if len(p) > 1}
+    assert not twice, f"test file names used twice: {twice}"

@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from richpref.schemas.editor_kinds import EDITOR_KINDS
-from test_reward_registry import ROOT, literal_lists
+from test_plugins import ROOT, literal_lists
 
 
 def test_the_config_allows_exactly_the_declared_editors():

@@ -90,8 +90,8 @@ def test_a_new_declaration_module_is_found(tmp_path, monkeypatch):
     assert set(REWARD_KINDS) < set(found)
 
 
-def literal_lists(path: Path, kinds: set[str]) -> list[int]:
-    """Lines of literal lists, tuples, sets or dicts that name three or more of `kinds`."""
+def literal_lists(path: Path, kinds: set[str], least: int = 3) -> list[int]:
+    """Lines of literal lists, tuples, sets or dicts that name `least` or more of `kinds`."""
     lines = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
@@ -101,7 +101,7 @@ def literal_lists(path: Path, kinds: set[str]) -> list[int]:
         else:
             continue
         named = {i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)} & kinds
-        if len(named) >= 3:
+        if len(named) >= least:
             lines.append(node.lineno)
     return lines
 
