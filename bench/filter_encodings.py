@@ -39,7 +39,7 @@ def child(a) -> None:
 
     from richpref.models.tiny import LAYOUT
     from richpref.models.vlm import VisionLanguageModel
-    from richpref.schemas.config import FilterConfig
+    from richpref.schemas.config import CheckConfig, FilterConfig
     from richpref.tasks import filter as filter_stage
 
     import pyarrow as pa
@@ -60,11 +60,11 @@ def child(a) -> None:
     images = {"original": [_png(k) for k in range(n)], "edited": [_png(1000 + k) for k in range(n)],
               "original_cutout": [_png(2000 + k) for k in range(n)], "edited_cutout": [_png(3000 + k) for k in range(n)]}
     instructions = [["Change the colour of the main object", "Remove the extra object on the left"]] * n
-    cfg = FilterConfig(max_new_tokens=24, batch_size=8, share_image_prefix=a.side == "shared",
-                       min_attribute_present=0.517, min_attributes_kept=0.5)
+    check = CheckConfig(max_new_tokens=24, batch_size=8, share_image_prefix=a.side == "shared")
+    cfg = FilterConfig(min_attribute_present=0.517, min_attributes_kept=0.5)
     pairs = pa.table({"item_id": ids, "candidate": [0] * n})
     t0 = time.perf_counter()
-    filter_stage.filter_rows(pairs, prompts, instructions, images, cfg, lambda: vlm)
+    filter_stage.filter_rows(pairs, prompts, instructions, images, check, cfg, lambda: vlm)
     wall = time.perf_counter() - t0
     print("RESULT " + json.dumps({"encoder_calls": seen["calls"], "images_encoded": seen["images"],
                                   "images_per_pair": seen["images"] / n, "filter_s": wall}), flush=True)

@@ -13,7 +13,7 @@ from richpref.schemas.config import Profile
 from richpref.tasks.base import Stage
 
 SERVED_SHARE = 0.5
-# Stages whose one model is their section's VLM (critique, instruct; check asks the filter's VLM).
+# Stages whose one model is their section's VLM (critique, instruct, check).
 SERVED_VLM_STAGES = frozenset({"critique", "instruct", "check"})
 
 

@@ -23,7 +23,7 @@ from richpref.common.images import encode_png
 from richpref.models.vlm import YES_NO, VisionLanguageModel
 from richpref.models.vlm_client import ServerUnavailable, connect
 from richpref.prompts import load_template
-from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig
+from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, InstructConfig
 from richpref.schemas.serving import EngineConfig
 from richpref.tasks import critique as critique_stage
 from richpref.tasks import filter as filter_stage
@@ -116,8 +116,8 @@ def test_critique_through_the_server_equals_in_process(served):
     cfg = CritiqueConfig(max_new_tokens=8, batch_size=2, reject_no_issues=False)
     rows = pa.table({"item_id": ["a", "b", "c", "bad"], "prompt": PROMPTS + ["x"]})
     images = [encode_png(image(k)) for k in range(3)] + [b"not an image"]
-    got = critique_stage.critique_rows(rows, images, cfg, lambda: remote).to_pylist()
-    want = critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()
+    got = critique_stage.critique_rows(rows, images, check, cfg, lambda: remote).to_pylist()
+    want = critique_stage.critique_rows(rows, images, check, cfg, lambda: local).to_pylist()
     assert [r["raw"] for r in got] == [r["raw"] for r in want]
     assert [(r["status"], (r["reason"] or "").split(":")[0]) for r in got] == \
         [(r["status"], (r["reason"] or "").split(":")[0]) for r in want]
@@ -128,8 +128,8 @@ def test_instruct_through_the_server_matches_in_process(served):
     remote, local = served["qwen"]
     rows, images = instruct_input()
     cfg = InstructConfig(max_new_tokens=10, batch_size=3, min_grounding=0, drop_truncated=False, min_visible=0.3)
-    got = instruct_stage.instruct_rows(rows, images, cfg, lambda: remote).to_pylist()
-    want = instruct_stage.instruct_rows(rows, images, cfg, lambda: local).to_pylist()
+    got = instruct_stage.instruct_rows(rows, images, check, cfg, lambda: remote).to_pylist()
+    want = instruct_stage.instruct_rows(rows, images, check, cfg, lambda: local).to_pylist()
     template = load_template("instruct_v1")
     for k, (g, w) in enumerate(zip(got, want)):
         prompt = instruct_stage.instruct_prompt(template, PROMPTS[k], rows.column("critique")[k].as_py(), cfg)
@@ -154,11 +154,12 @@ def test_yes_no_answers_are_the_biased_argmax(served):
 def test_filter_through_the_server(served):
     remote, local = served["qwen"]
     rows, prompts, instructions, images = filter_input()
-    cfg = FilterConfig(max_new_tokens=8, batch_size=4, min_executed=0.5, min_no_stray=0.5, min_subject_kept=0.5,
-                       min_attribute_present=0.5, min_attributes_kept=0.01)
+    check = CheckConfig(max_new_tokens=8, batch_size=4)
+    cfg = FilterConfig(min_executed=0.5, min_no_stray=0.5, min_subject_kept=0.5, min_attribute_present=0.5,
+                       min_attributes_kept=0.01)
     remote.stats.update(requests=0, prompt_tokens=0)
-    got = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: remote).to_pylist()
-    want = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: local).to_pylist()
+    got = filter_stage.filter_rows(rows, prompts, instructions, images, check, cfg, lambda: remote).to_pylist()
+    want = filter_stage.filter_rows(rows, prompts, instructions, images, check, cfg, lambda: local).to_pylist()
     assert [r["item_id"] for r in got] == ["f0", "f1", "f2"]
     for g, w in zip(got, want):
         assert g["p_source"] == "answer" and w["p_source"] == "logits"
@@ -222,7 +223,7 @@ def test_garbage_or_http_error_rejects_only_that_row(served):
         rows = pa.table({"item_id": list("abcd"), "prompt": prompts})
         images = [encode_png(image(k)) for k in range(4)]
         out = critique_stage.critique_rows(rows, images, cfg, lambda: client).to_pylist()
-        want = critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()
+        want = critique_stage.critique_rows(rows, images, check, cfg, lambda: local).to_pylist()
     finally:
         client.close()
         proxy.stop()
@@ -244,8 +245,8 @@ def test_an_unreachable_endpoint_fails_the_shard_and_a_rerun_completes(served):
     with pytest.raises(ServerUnavailable, match="cannot reach the VLM server"):
         critique_stage.critique_rows(rows, images, cfg, lambda: client)
     client.close()
-    rerun = critique_stage.critique_rows(rows, images, cfg, lambda: remote).to_pylist()
-    want = critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()
+    rerun = critique_stage.critique_rows(rows, images, check, cfg, lambda: remote).to_pylist()
+    want = critique_stage.critique_rows(rows, images, check, cfg, lambda: local).to_pylist()
     assert [r["raw"] for r in rerun] == [r["raw"] for r in want]
 
 
@@ -267,7 +268,7 @@ def test_a_server_killed_mid_shard_is_restarted_or_fails_cleanly(served, tiny_mo
     cfg = CritiqueConfig(max_new_tokens=8, reject_no_issues=False)
     rows = pa.table({"item_id": list("abcdef"), "prompt": (PROMPTS * 2)})
     images = [encode_png(image(k)) for k in range(6)]
-    want = [(r["raw"], r["status"]) for r in critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()]
+    want = [(r["raw"], r["status"]) for r in critique_stage.critique_rows(rows, images, check, cfg, lambda: local).to_pylist()]
     # restarts: 1 -> the server is started again and the shard completes with the same outputs; then,
     # no restart left (as with restarts: 0), the next death fails the shard with the reason and nothing
     # is returned for it. One launched server serves both cases.
@@ -371,7 +372,7 @@ def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, 
     monkeypatch.setenv("RICHPREF_PID_DIR", str(tmp_path / "pids"))  # this test's servers only
     engine = "{backend: server, launch: transformers, startup_timeout_s: 240}"
     summary = curate_run(runs_dir, "served", tiny_models,
-                         extra=[f"critique.engine={engine}", f"instruct.engine={engine}", f"filter.engine={engine}",
+                         extra=[f"critique.engine={engine}", f"instruct.engine={engine}", f"check.engine={engine}",
                                 "source.limit=4", *ONE_REWARD])
     assert summary["state"] == "completed"
     assert list(registry_dir().glob("*.json")) == []  # every launched server was stopped

@@ -82,7 +82,7 @@ def _key(stage_name: str, overrides: list[str]) -> str:
     return content_key(stage, profile, 0, {name: type("M", (), {"key": "k"})() for name in stage.reads})
 
 
-@pytest.mark.parametrize("section, stage", [("filter", "check")])
+@pytest.mark.parametrize("section, stage", [("check", "check")])
 def test_switching_launcher_recomputes_check_the_endpoint_alone_does_not(section, stage):
     vllm = _key(stage, [f"{section}.engine.backend=server", f"{section}.engine.launch=vllm"])
     serve = _key(stage, [f"{section}.engine.backend=server", f"{section}.engine.launch=transformers"])

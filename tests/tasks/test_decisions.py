@@ -30,7 +30,7 @@ def test_model_stages_key_on_what_the_models_measure_not_on_thresholds():
         k = keys(setting)
         assert (k["check"], k["score"]) == (base["check"], base["score"]), setting
         assert k["filter"] != base["filter"] or k["relabel"] != base["relabel"], setting
-    for setting in ("filter.max_attributes=3", "filter.min_attributes_kept=0"):  # what the VLM is asked
+    for setting in ("check.max_attributes=3", "check.attributes=false"):  # what the VLM is asked
         assert keys(setting)["check"] != base["check"], setting
     for setting in ("relabel.dtype=float16", "relabel.subject_gate.patch=14", "relabel.report_only=[clip]"):
         assert keys(setting)["score"] != base["score"], setting
