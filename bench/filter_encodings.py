@@ -4,8 +4,8 @@ counts the images it really encodes while `filter_rows` runs on the tiny Qwen2.5
     HF_HUB_OFFLINE=1 .venv/bin/python bench/filter_encodings.py --models-root MODELS [--pairs 8] [--repeats 3]
 
 Sides, alternated, each a fresh process (bench/harness.py):
-  plain    `filter.share_image_prefix: false`: every yes/no question sends its image through the tower
-  shared   `filter.share_image_prefix: true` (the default): each image's prefix is encoded once and its
+  plain    `check.share_image_prefix: false`: every yes/no question sends its image through the tower
+  shared   `check.share_image_prefix: true` (the default): each image's prefix is encoded once and its
            questions' suffixes run on the cached keys/values
 Both with the tiny profile's questions (2 instructions per pair; the attribute list the tiny model
 writes decides how many attribute questions follow, the same on both sides since generation is greedy).
