@@ -50,7 +50,7 @@ class ModelRef:
     """One model a stage loads: the profile's reference, what it resolved to, where it will run."""
 
     stage: str
-    field: str  # the profile key, e.g. "edit.controlnet" or "relabel.rewards.clip.model"
+    field: str  # the profile key, e.g. "edit.controlnet" or "score.rewards.clip.model"
     ref: str
     kind: str  # diffusers | vlm | rembg | reward | annotator
     path: str | None = None  # local directory or file, once resolved

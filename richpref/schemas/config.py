@@ -6,6 +6,7 @@ the stage's config hash (and so of its cache key).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,11 +20,13 @@ from .common import RUNTIME_FIELDS, StageConfig, _Strict
 from .diffusion import PipelineSettings
 from .editors import EditorSettings, PromptMode
 from .rebuild import check_pipeline
-from .relabel import HPS_FILES, REWARD_OPTIONS, RelabelConfig, RewardSpec, SubjectGateConfig  # noqa: F401 - re-exported
+from .relabel import HPS_FILES, REWARD_OPTIONS, RewardModel, RewardSpec  # noqa: F401 - re-exported
 from .migrate import migrate, move_override, move_sections, warn_moved
 from .serving import key_view
 from .stages.check import CheckConfig
 from .stages.filter import FilterConfig
+from .stages.relabel import RelabelConfig, check_votes
+from .stages.score import ScoreConfig, SubjectGateConfig  # noqa: F401 - re-exported
 from .vlm import VLMStageConfig  # noqa: F401 - re-exported
 
 
@@ -174,6 +177,7 @@ class Profile(_Strict):
     cutout: CutoutConfig = CutoutConfig()
     check: CheckConfig = CheckConfig()
     filter: FilterConfig = FilterConfig()
+    score: ScoreConfig = ScoreConfig()
     relabel: RelabelConfig = RelabelConfig()
     export: ExportConfig = ExportConfig()
 
@@ -181,16 +185,20 @@ class Profile(_Strict):
     @classmethod
     def _previous_layout(cls, data):
         """A saved profile of the previous layout (a run's profile.json) still loads, with a warning."""
-        warn_moved(migrate(data, "data"), "data")
+        if isinstance(data, dict) and {"filter", "relabel"} & set(data):
+            data = copy.deepcopy(data)  # the caller's dict stays as given
+            warn_moved(migrate(data, "data"), "data")
         return data
 
     @model_validator(mode="after")
     def _pipeline_fits(self) -> "Profile":
+        check_votes(self.score, self.relabel)
         check_pipeline(self)
         return self
 
 
-STAGE_SECTIONS = ("source", "sample", "critique", "instruct", "edit", "cutout", "check", "filter", "relabel", "export")
+STAGE_SECTIONS = ("source", "sample", "critique", "instruct", "edit", "cutout", "check", "filter", "score", "relabel",
+                  "export")
 
 
 class ProfileError(ValueError):

@@ -132,7 +132,7 @@ VERDICTS = _schema(
 def reward_scores_schema(rewards: list[str]) -> pa.Schema:
     """What the reward models measured, one row per edit candidate: per reward the raw score of the
     item's original (`_0`) and of the edit (`_1`), the DINOv2 consistency of the edit with its original
-    (null without `relabel.subject_gate`), a digest of each image's bytes (identical images are a tie)
+    (null without `score.subject_gate`), a digest of each image's bytes (identical images are a tie)
     and the dtype each reward computed in (JSON). Nothing decided: that is the relabel stage's job."""
     fields = [CANDIDATE]
     for name in rewards:

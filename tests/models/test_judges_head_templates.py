@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from richpref.prompts import REWARD_TOKEN, load_head_template
-from richpref.schemas.config import RelabelConfig, RewardSpec
+from richpref.schemas.config import RewardSpec, ScoreConfig
 from richpref.schemas.rewards import REWARD_KINDS
 from richpref.tasks.relabel_score import TEMPLATE_OPTIONS, templates_key
 
@@ -18,7 +18,7 @@ HEAD_JUDGE_PROMPTS = {k: {o: REWARD_KINDS[k].defaults[o] for o in TEMPLATE_OPTIO
 
 def key(**rewards) -> str:
     class P:
-        relabel = RelabelConfig(rewards=rewards)
+        score = ScoreConfig(rewards=rewards)
 
     return templates_key(P)
 

@@ -79,3 +79,49 @@ def test_a_saved_profile_of_the_old_layout_validates():
     with pytest.warns(ProfileMigrationWarning, match="filter.template is now check.template"):
         profile = Profile.model_validate(data)
     assert (profile.check.model, profile.filter.min_executed) == ("m", 0.3)
+
+
+OLD_RELABEL = """name: old-relabel
+extends: tiny
+relabel:
+  rewards:
+    imagereward: {kind: imagereward, model: imagereward, processor: imagereward/tokenizer, weight: 1.0}
+    pickscore: {kind: pickscore, model: pickscore, weight: 0.5}
+    clip: {kind: clip, model: clip, weight: 0.0}
+    hpsv2: {kind: hpsv2, model: hpsv2, weight: 0.0}
+  report_only: [clip]
+  subject_gate: {model: dinov2, patch: 28, stride: 14, min_consistency: 0.3}
+  dtype: float16
+  batch_size: 4
+  min_margin: 0.1
+"""
+
+
+def test_old_relabel_rewards_split_into_score_models_and_relabel_weights(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(OLD_RELABEL)
+    profile, [message] = loaded(path)
+    # scored as before: the voting rewards and the report-only one; hpsv2 (weight 0, not reported) never was
+    assert profile.score.scored() == ["imagereward", "pickscore", "clip"]
+    assert profile.relabel.voting(profile.score.scored()) == ["imagereward", "pickscore"]
+    assert (profile.relabel.weight("pickscore"), profile.relabel.weight("clip")) == (0.5, 0.0)
+    assert (profile.score.dtype, profile.score.batch_size, profile.score.subject_gate.patch) == ("float16", 4, 28)
+    assert (profile.relabel.min_consistency, profile.relabel.min_margin) == (0.3, 0.1)
+    for note in ("relabel.rewards is now score.rewards", "relabel.dtype is now score.dtype",
+                 "relabel.subject_gate is now score.subject_gate", "relabel.rewards.hpsv2 (weight 0, not in report_only)"):
+        assert note in message
+
+
+def test_old_relabel_overrides_move_to_their_sections():
+    profile, [message] = loaded("tiny", ["relabel.rewards.imagereward.weight=2", "relabel.rewards.clip.model=other",
+                                         "relabel.subject_gate.min_consistency=0.2", "relabel.subject_gate.patch=14",
+                                         "relabel.dtype=float16"])
+    assert profile.relabel.weights == {"imagereward": 2.0} and profile.score.rewards["clip"].model == "other"
+    assert (profile.relabel.min_consistency, profile.score.subject_gate.patch, profile.score.dtype) == (0.2, 14, "float16")
+    for note in ("relabel.rewards.imagereward.weight is now relabel.weights.imagereward",
+                 "relabel.rewards.clip.model is now score.rewards.clip.model",
+                 "relabel.subject_gate.min_consistency is now relabel.min_consistency"):
+        assert note in message
+    # a whole old rewards block given on the command line replaces score.rewards, as it replaced relabel.rewards
+    profile, _ = loaded("tiny", ["relabel.rewards={clip: {kind: clip, model: clip}}", "relabel.report_only=[]"])
+    assert profile.score.scored() == ["clip"] and profile.relabel.weights == {"clip": 1.0}
