@@ -230,7 +230,7 @@ def available_bytes(device: str) -> int:
 
 
 def section_of(stage: str) -> str:
-    """The profile section that configures a stage (score runs relabel's models)."""
+    """The profile section that configures a stage (the rebuild's rewards stage runs score's models)."""
     from richpref.tasks import REBUILD, STAGES
 
     stages = {**STAGES, **{s.name: s for s in REBUILD}}

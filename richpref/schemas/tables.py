@@ -139,7 +139,7 @@ def reward_scores_schema(rewards: list[str]) -> pa.Schema:
         fields += [pa.field(f"{name}_0", pa.float64()), pa.field(f"{name}_1", pa.float64())]
     return _schema(*fields, pa.field("subject_consistency", pa.float64()), pa.field("digest_0", pa.string()),
                    pa.field("digest_1", pa.string()), pa.field("dtypes", pa.string()),
-                   pa.field("unscored", pa.string()))  # report-only rewards with no score on a kept row, and why
+                   pa.field("unscored", pa.string()))  # rewards with no score (NaN) on a row, and why
 
 
 def scores_schema(rewards: list[str]) -> pa.Schema:
