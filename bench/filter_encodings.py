@@ -4,8 +4,8 @@ counts the images it really encodes while `filter_rows` runs on the tiny Qwen2.5
     HF_HUB_OFFLINE=1 .venv/bin/python bench/filter_encodings.py --models-root MODELS [--pairs 8] [--repeats 3]
 
 Sides, alternated, each a fresh process (bench/harness.py):
-  plain    `filter.share_image_prefix: false`: every yes/no question sends its image through the tower
-  shared   `filter.share_image_prefix: true` (the default): each image's prefix is encoded once and its
+  plain    `check.share_image_prefix: false`: every yes/no question sends its image through the tower
+  shared   `check.share_image_prefix: true` (the default): each image's prefix is encoded once and its
            questions' suffixes run on the cached keys/values
 Both with the tiny profile's questions (2 instructions per pair; the attribute list the tiny model
 writes decides how many attribute questions follow, the same on both sides since generation is greedy).
@@ -39,7 +39,7 @@ def child(a) -> None:
 
     from richpref.models.tiny import LAYOUT
     from richpref.models.vlm import VisionLanguageModel
-    from richpref.schemas.config import FilterConfig
+    from richpref.schemas.config import CheckConfig, FilterConfig
     from richpref.tasks import filter as filter_stage
 
     import pyarrow as pa
@@ -60,11 +60,11 @@ def child(a) -> None:
     images = {"original": [_png(k) for k in range(n)], "edited": [_png(1000 + k) for k in range(n)],
               "original_cutout": [_png(2000 + k) for k in range(n)], "edited_cutout": [_png(3000 + k) for k in range(n)]}
     instructions = [["Change the colour of the main object", "Remove the extra object on the left"]] * n
-    cfg = FilterConfig(max_new_tokens=24, batch_size=8, share_image_prefix=a.side == "shared",
-                       min_attribute_present=0.517, min_attributes_kept=0.5)
+    check = CheckConfig(max_new_tokens=24, batch_size=8, share_image_prefix=a.side == "shared")
+    cfg = FilterConfig(min_attribute_present=0.517, min_attributes_kept=0.5)
     pairs = pa.table({"item_id": ids, "candidate": [0] * n})
     t0 = time.perf_counter()
-    filter_stage.filter_rows(pairs, prompts, instructions, images, cfg, lambda: vlm)
+    filter_stage.filter_rows(pairs, prompts, instructions, images, check, cfg, lambda: vlm)
     wall = time.perf_counter() - t0
     print("RESULT " + json.dumps({"encoder_calls": seen["calls"], "images_encoded": seen["images"],
                                   "images_per_pair": seen["images"] / n, "filter_s": wall}), flush=True)

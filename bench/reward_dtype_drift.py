@@ -37,8 +37,8 @@ def child(args) -> None:
     prompts = ["a red bicycle leaning against a yellow brick wall"] * args.images
     i, j = np.triu_indices(args.images, 1)
     out = {}
-    for name in profile.relabel.scored():
-        spec = profile.relabel.rewards[name]
+    for name in profile.score.scored():
+        spec = profile.score.rewards[name]
         full = np.asarray(load_reward_spec(spec, profile.models_root, device=args.device, dtype="float32")
                           .score(images, prompts), dtype=np.float64)
         half = np.asarray(load_reward_spec(spec, profile.models_root, device=args.device, dtype=args.dtype)

@@ -40,8 +40,8 @@ def child(args) -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(args.images)]
     prompts = ["a red bicycle leaning against a yellow brick wall"] * args.images
-    gate = profile.relabel.subject_gate
-    specs = {n: profile.relabel.rewards[n] for n in profile.relabel.scored()}
+    gate = profile.score.subject_gate
+    specs = {n: profile.score.rewards[n] for n in profile.score.scored()}
     specs["dino_patch"] = RewardSpec(kind="dino_patch", model=gate.model, patch=gate.patch, stride=gate.stride)
     out: dict[str, dict] = {s: {} for s in args.order}
     out["load"] = {}

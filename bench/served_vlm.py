@@ -32,7 +32,7 @@ import pyarrow as pa  # noqa: E402
 import harness  # noqa: E402
 from vlm_stages import PROMPTS, _png  # noqa: E402
 
-from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
+from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
 from richpref.schemas.serving import EngineConfig  # noqa: E402
 from richpref.tasks import filter as filter_stage  # noqa: E402
 from richpref.tasks import filter_check  # noqa: E402
@@ -127,12 +127,13 @@ def child(args) -> None:
     def stages(bs: int, vlms: dict):
         c = CritiqueConfig(max_new_tokens=24, batch_size=bs)
         i = InstructConfig(max_new_tokens=24, batch_size=bs, min_grounding=0, drop_truncated=False, min_visible=0.3)
-        f = FilterConfig(max_new_tokens=24, batch_size=bs, min_executed=0.522, min_no_stray=0.3, min_subject_kept=0.3,
-                         min_attribute_present=0.517, min_attributes_kept=0.5)
+        ch = CheckConfig(max_new_tokens=24, batch_size=bs)
+        f = FilterConfig(min_executed=0.522, min_no_stray=0.3, min_subject_kept=0.3, min_attribute_present=0.517,
+                         min_attributes_kept=0.5)
         return {
             "critique": lambda: critique_rows(critique_in, images, c, lambda: vlms["critic"]),
             "instruct": lambda: instruct_rows(instruct_in, images, i, lambda: vlms["qwen"]),
-            "filter": lambda: filter_stage.filter_rows(pairs, prompts, instructions, filter_images, f, lambda: vlms["qwen"]),
+            "filter": lambda: filter_stage.filter_rows(pairs, prompts, instructions, filter_images, ch, f, lambda: vlms["qwen"]),
         }
 
     out: dict[str, dict] = {side: {} for side in args.order}
@@ -152,7 +153,7 @@ def child(args) -> None:
             cl.close()
 
         # ---- filter cost per pair: the questions the stage asks, in the order it sends them
-        f = FilterConfig(max_new_tokens=24, min_attribute_present=0.517, min_attributes_kept=0.5)
+        f = CheckConfig(max_new_tokens=24)
         sections = filter_check.load_filter_template(f)
         m = min(n, 8)
         todo = []
@@ -163,7 +164,7 @@ def child(args) -> None:
             todo.append(dict(iid=ids[k], prompt=prompts[k], instructions=instructions[k], original_cut=oc, edited_cut=ec,
                              pair=side_by_side(decode_image(filter_images["original"][k]), decode_image(filter_images["edited"][k])),
                              cuts=side_by_side(oc, ec)))
-        # The attribute list a tiny model writes is gibberish: count with filter.max_attributes (5) per item.
+        # The attribute list a tiny model writes is gibberish: count with check.max_attributes (5) per item.
         listed = {t["iid"]: (["red colour", "round shape", "shiny surface", "metal handle", "white label"], "", None)
                   for t in todo}
         qs = filter_check.pair_questions(todo, sections, True, listed)

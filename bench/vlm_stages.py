@@ -28,7 +28,7 @@ import harness  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from richpref.common.images import encode_png  # noqa: E402
-from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
+from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
 from richpref.tasks.critique import critique_rows  # noqa: E402
 from richpref.tasks.filter import filter_rows  # noqa: E402
 from richpref.tasks.instruct import instruct_rows  # noqa: E402
@@ -73,13 +73,14 @@ def child(args) -> None:
         # Tiny-profile settings (configs/tiny.yaml), batch size varied.
         c = CritiqueConfig(max_new_tokens=24, batch_size=bs)
         i = InstructConfig(max_new_tokens=24, batch_size=bs, min_grounding=0, drop_truncated=False, min_visible=0.3)
-        f = FilterConfig(max_new_tokens=24, batch_size=bs, min_executed=0.522, min_no_stray=0.3, min_subject_kept=0.3,
-                         min_attribute_present=0.517, min_attributes_kept=0.5)
+        ch = CheckConfig(max_new_tokens=24, batch_size=bs)
+        f = FilterConfig(min_executed=0.522, min_no_stray=0.3, min_subject_kept=0.3, min_attribute_present=0.517,
+                         min_attributes_kept=0.5)
         return {
             "critique": lambda: critique_rows(critique_in, images, c, lambda: critic),
             "instruct": lambda: instruct_rows(instruct_in, images, i, lambda: qwen),
             "filter": lambda: filter_rows(pa.table({"item_id": ids, "candidate": [0] * len(ids)}), prompts, instructions,
-                                          filter_images, f, lambda: qwen),
+                                          filter_images, ch, f, lambda: qwen),
         }
 
     out: dict[str, dict] = {s: {} for s in args.order}

@@ -9,9 +9,8 @@ Tests of the rewards themselves use the full tiny profile (tests/models/test_rew
 from __future__ import annotations
 
 ONE_REWARD = [
-    "relabel.rewards={imagereward: {kind: imagereward, model: imagereward, processor: imagereward/tokenizer, "
-    "weight: 1.0}}",
-    "relabel.report_only=[]",
+    "score.rewards={imagereward: {kind: imagereward, model: imagereward, processor: imagereward/tokenizer}}",
+    "relabel.weights={imagereward: 1.0}",
 ]
 
 

@@ -25,7 +25,7 @@ def register(sub) -> None:
     rd = sub.add_parser("relabel-dataset", help="rescore a Pick-a-Pic-format Parquet dataset's jpg_0/jpg_1 and rewrite label_0")
     rd.add_argument("src", help="Parquet file(s): a path, glob or fsspec URL (quote globs)")
     rd.add_argument("out_dir", help="folder for the relabelled part-*.parquet, README.md and plots")
-    rd.add_argument("--profile", default="tiny", help="profile whose relabel.rewards score the images")
+    rd.add_argument("--profile", default="tiny", help="profile whose score.rewards score the images")
     rd.add_argument("--reward", default=None, help="use only this reward of the profile (e.g. imagereward)")
     rd.add_argument("--drop-near-ties", action="store_true",
                     help="also drop pairs whose margin is <= relabel.min_margin (default: the label follows the "

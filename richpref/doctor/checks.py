@@ -50,7 +50,7 @@ class ModelRef:
     """One model a stage loads: the profile's reference, what it resolved to, where it will run."""
 
     stage: str
-    field: str  # the profile key, e.g. "edit.controlnet" or "relabel.rewards.clip.model"
+    field: str  # the profile key, e.g. "edit.controlnet" or "score.rewards.clip.model"
     ref: str
     kind: str  # diffusers | vlm | rembg | reward | annotator
     path: str | None = None  # local directory or file, once resolved
@@ -230,7 +230,7 @@ def available_bytes(device: str) -> int:
 
 
 def section_of(stage: str) -> str:
-    """The profile section that configures a stage (check runs the filter's models, score relabel's)."""
+    """The profile section that configures a stage (the rebuild's rewards stage runs score's models)."""
     from richpref.tasks import REBUILD, STAGES
 
     stages = {**STAGES, **{s.name: s for s in REBUILD}}
@@ -239,7 +239,7 @@ def section_of(stage: str) -> str:
 
 def _half_dtype(section: str, profile: Profile) -> str:
     """bfloat16 for the VLMs and the flow-matching transformers (FLUX.1 overflows in float16), else float16."""
-    if section in ("critique", "instruct", "filter"):
+    if section in ("critique", "instruct", "check"):
         return "bfloat16"
     if section == "edit" and profile.edit.kind in ("flux_kontext", "qwen_image_edit"):
         return "bfloat16"

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from richpref.schemas.config import Profile, RelabelConfig
+from richpref.schemas.config import Profile, RelabelConfig, ScoreConfig
 from richpref.schemas.relabel import EDIT_JUDGES
 from richpref.tasks.relabel import relabel_rows
 from richpref.tasks.relabel_score import RewardSet
@@ -46,29 +46,33 @@ def _content_id(caption: str | None, a: bytes | None, b: bytes | None) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_relabel_config(cfg: RelabelConfig, reward: str | None, drop_near_ties: bool = False) -> RelabelConfig:
-    """The profile's relabel config for independent image pairs: only `reward` (voting, weight 1) when
-    given, no subject gate (nothing was edited), and min_margin 0 unless near-ties are to be dropped."""
+def dataset_relabel_config(score: ScoreConfig, cfg: RelabelConfig, reward: str | None,
+                           drop_near_ties: bool = False) -> tuple[ScoreConfig, RelabelConfig]:
+    """The profile's score and relabel configs for independent image pairs: only `reward` (voting,
+    weight 1) when given, no subject gate (nothing was edited), and min_margin 0 unless near-ties are
+    to be dropped."""
     if reward is not None:
-        if reward not in cfg.rewards:
-            raise DatasetError(f"reward {reward!r} is not in the profile's relabel.rewards ({', '.join(cfg.rewards)})")
-        spec = cfg.rewards[reward].model_copy(update={"weight": 1.0})
-        cfg = cfg.model_copy(update={"rewards": {reward: spec}, "report_only": []})
-    unfit = [n for n in cfg.scored() if cfg.rewards[n].on_cutout]
+        if reward not in score.rewards:
+            raise DatasetError(f"reward {reward!r} is not in the profile's score.rewards ({', '.join(score.rewards)})")
+        score = score.model_copy(update={"rewards": {reward: score.rewards[reward]}})
+        cfg = cfg.model_copy(update={"weights": {reward: 1.0}})
+    unfit = [n for n in score.scored() if score.rewards[n].on_cutout]
     if unfit:
         raise DatasetError(f"reward(s) {unfit} score cut-outs of an edit and its original; a Pick-a-Pic pair has "
                            "two independent images and no cut-outs: pick a full-image reward with --reward")
-    judges = [n for n in cfg.scored() if cfg.rewards[n].kind in EDIT_JUDGES]
+    judges = [n for n in score.scored() if score.rewards[n].kind in EDIT_JUDGES]
     if judges:
         raise DatasetError(f"reward(s) {judges} judge an edit against its original and instructions; a Pick-a-Pic "
                            "pair has two independent images: pick an image reward with --reward")
     if cfg.standardize == "item":
         raise DatasetError("relabel.standardize=item groups an original with its edits; a Pick-a-Pic pair has two "
                            "independent images: use relabel.standardize=shard (--set relabel.standardize=shard)")
-    return cfg.model_copy(update={"subject_gate": None, "edit_gate": None, "min_margin": cfg.min_margin if drop_near_ties else 0.0})
+    return (score.model_copy(update={"subject_gate": None}),
+            cfg.model_copy(update={"min_consistency": 0.0, "edit_gate": None,
+                                   "min_margin": cfg.min_margin if drop_near_ties else 0.0}))
 
 
-def relabel_pickapic_table(table: pa.Table, cfg: RelabelConfig, get_scorer, *, shard: int = 0) -> tuple[pa.Table, pa.Table]:
+def relabel_pickapic_table(table: pa.Table, score: ScoreConfig, cfg: RelabelConfig, get_scorer, *, shard: int = 0) -> tuple[pa.Table, pa.Table]:
     """(kept rows with label_0 rewritten, the scores table of every row). jpg_0 plays the original."""
     missing = [c for c in PICKAPIC_COLUMNS if c not in table.schema.names]
     if missing:
@@ -77,7 +81,7 @@ def relabel_pickapic_table(table: pa.Table, cfg: RelabelConfig, get_scorer, *, s
     a, b = _image_bytes(table.column("jpg_0")), _image_bytes(table.column("jpg_1"))
     keys = [f"{shard:05d}-{k:07d}" for k in range(table.num_rows)]  # unique even for duplicate rows
     prompts = [c if isinstance(c, str) else "" for c in captions]
-    scores = relabel_rows(keys, prompts, {"original": a, "edited": b}, cfg, get_scorer)
+    scores = relabel_rows(keys, prompts, {"original": a, "edited": b}, score, cfg, get_scorer)
     ok = pc.equal(scores.column("status"), "ok")
     rows = table.filter(ok)
     sc = scores.filter(ok)
@@ -119,7 +123,7 @@ def relabel_dataset(src: str | list[str], out_dir: str, profile: Profile, reward
 
     from richpref.views.datacard import write_relabel_report
 
-    cfg = dataset_relabel_config(profile.relabel, reward, drop_near_ties)
+    score, cfg = dataset_relabel_config(profile.score, profile.relabel, reward, drop_near_ties)
     files: list[str] = []
     for pattern in [src] if isinstance(src, str) else src:
         fs, _ = fsspec.core.url_to_fs(pattern)
@@ -130,7 +134,7 @@ def relabel_dataset(src: str | list[str], out_dir: str, profile: Profile, reward
     out_fs, out_root = fsspec.core.url_to_fs(out_dir)
     out_fs.makedirs(out_root, exist_ok=True)
     step = rows_per_shard or profile.source.shard_size
-    scorers = RewardSet(cfg, profile.models_root)
+    scorers = RewardSet(score, profile.models_root)
     shard, total, kept_rows, reasons = 0, 0, 0, {}
     agree, with_label, all_scores = 0, 0, []
     try:
@@ -139,7 +143,7 @@ def relabel_dataset(src: str | list[str], out_dir: str, profile: Profile, reward
                 pf = pq.ParquetFile(fh)
                 for batch in pf.iter_batches(batch_size=step):
                     table = pa.Table.from_batches([batch])
-                    rows, scores = relabel_pickapic_table(table, cfg, scorers.get, shard=shard)
+                    rows, scores = relabel_pickapic_table(table, score, cfg, scorers.get, shard=shard)
                     _write_parquet(out_fs, f"{out_root.rstrip('/')}/part-{shard:05d}.parquet", rows)
                     all_scores.append(scores)
                     total += table.num_rows
@@ -157,7 +161,8 @@ def relabel_dataset(src: str | list[str], out_dir: str, profile: Profile, reward
                     shard += 1
     finally:
         scorers.close()
-    summary = {"source": files, "out_dir": out_dir, "rewards": {n: cfg.rewards[n].model_dump() for n in cfg.scored()},
+    summary = {"source": files, "out_dir": out_dir, "rewards": {n: {**score.rewards[n].model_dump(), "weight": cfg.weight(n)}
+                                                               for n in score.scored()},
                "standardize": cfg.standardize, "min_margin": cfg.min_margin,
                "near_ties": (f"dropped (margin <= relabel.min_margin {cfg.min_margin:g})" if drop_near_ties else
                              "kept: labels follow the reward's order; only pairs without one (same bytes, margin "
@@ -167,5 +172,5 @@ def relabel_dataset(src: str | list[str], out_dir: str, profile: Profile, reward
                "source_rows_with_a_label": with_label}
     out_fs.pipe_file(f"{out_root.rstrip('/')}/relabel.json", json.dumps(summary, indent=2).encode())
     summary["report"] = write_relabel_report(out_dir, summary, pa.concat_tables(all_scores) if all_scores else None,
-                                             cfg.scored(), cfg.min_margin)
+                                             score.scored(), cfg.min_margin)
     return summary

@@ -6,6 +6,7 @@ the stage's config hash (and so of its cache key).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -13,14 +14,20 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from .common import RUNTIME_FIELDS, StageConfig, _Strict
 from .diffusion import PipelineSettings
 from .editors import EditorSettings, PromptMode
 from .rebuild import check_pipeline
-from .relabel import HPS_FILES, REWARD_OPTIONS, RelabelConfig, RewardSpec, SubjectGateConfig  # noqa: F401 - re-exported
-from .serving import EngineConfig, ImageCaps, check_launcher, key_view
+from .relabel import HPS_FILES, REWARD_OPTIONS, RewardModel, RewardSpec  # noqa: F401 - re-exported
+from .migrate import migrate, move_override, move_sections, warn_moved
+from .serving import key_view
+from .stages.check import CheckConfig
+from .stages.filter import FilterConfig
+from .stages.relabel import RelabelConfig, check_votes
+from .stages.score import ScoreConfig, SubjectGateConfig  # noqa: F401 - re-exported
+from .vlm import VLMStageConfig  # noqa: F401 - re-exported
 
 
 class SourceConfig(_Strict):
@@ -84,20 +91,6 @@ class SampleConfig(StageConfig, PipelineSettings):
         return self
 
 
-class VLMStageConfig(StageConfig):
-    model: str
-    template: str
-    max_new_tokens: int = Field(128, ge=1)
-    trust_remote_code: bool = False
-    engine: EngineConfig = EngineConfig()  # in-process, or an OpenAI-compatible server (schemas/serving.py)
-    image: ImageCaps = ImageCaps()  # pixel caps = image-token caps
-
-    @model_validator(mode="after")
-    def _chat_launcher(self) -> "VLMStageConfig":
-        check_launcher(self.engine, type(self).__name__.removesuffix("Config").lower(), head_judge=False)
-        return self
-
-
 class CritiqueConfig(VLMStageConfig):
     model: str = "lmms-lab/llava-critic-7b"
     template: str = "critique_v2"
@@ -157,28 +150,6 @@ class CutoutConfig(StageConfig):
     min_fg_ratio: float = Field(0.0, ge=0, le=1)
 
 
-class FilterConfig(VLMStageConfig):
-    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
-    template: str = "filter_v2"
-    max_new_tokens: int = 64  # for the attribute list
-    min_executed: float = Field(0.5, ge=0, le=1)
-    executed_reduce: Literal["mean", "min"] = "mean"  # over the per-instruction P(yes)
-    min_no_stray: float = Field(0.5, ge=0, le=1)
-    min_subject_kept: float = Field(0.5, ge=0, le=1)
-    # UPER §3.2.1 attribute check: the VLM lists the subject's key attributes in the original cut-out;
-    # an attribute counts as present where P(yes) >= min_attribute_present. Of the attributes present
-    # in the original, at least min_attributes_kept (a share) must be present in the edit; 0 turns
-    # the check off. Attributes the instructions name are expected to change and are exempt.
-    max_attributes: int = Field(5, ge=1)
-    min_attribute_present: float = Field(0.5, ge=0, le=1)
-    min_attributes_kept: float = Field(0.8, ge=0, le=1)
-    exempt_instructed_attributes: bool = True
-    on_no_attributes: Literal["keep", "drop"] = "keep"  # when no listed attribute is present in the original
-    # In-process: the questions about one image run on one cached image+prompt prefix (the image is
-    # encoded once per pair and image); same probabilities up to float noise, so not in the key.
-    share_image_prefix: bool = True
-
-
 class ExportConfig(_Strict):
     # Both images of a pair leave at the edit's size in one encoding: png (lossless) or jpeg at
     # `jpeg_quality` (unset: the source image's quality, read from its quantisation tables).
@@ -204,31 +175,46 @@ class Profile(_Strict):
     instruct: InstructConfig = InstructConfig()
     edit: EditConfig = EditConfig()
     cutout: CutoutConfig = CutoutConfig()
+    check: CheckConfig = CheckConfig()
     filter: FilterConfig = FilterConfig()
+    score: ScoreConfig = ScoreConfig()
     relabel: RelabelConfig = RelabelConfig()
     export: ExportConfig = ExportConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _previous_layout(cls, data):
+        """A saved profile of the previous layout (a run's profile.json) still loads, with a warning."""
+        if isinstance(data, dict) and {"filter", "relabel"} & set(data):
+            data = copy.deepcopy(data)  # the caller's dict stays as given
+            warn_moved(migrate(data, "data"), "data")
+        return data
+
     @model_validator(mode="after")
     def _pipeline_fits(self) -> "Profile":
+        check_votes(self.score, self.relabel)
         check_pipeline(self)
         return self
 
 
-STAGE_SECTIONS = ("source", "sample", "critique", "instruct", "edit", "cutout", "filter", "relabel", "export")
+STAGE_SECTIONS = ("source", "sample", "critique", "instruct", "edit", "cutout", "check", "filter", "score", "relabel",
+                  "export")
 
 
 class ProfileError(ValueError):
     pass
 
 
+def config_data(cfg: BaseModel) -> dict:
+    """What a stage computes from its section: the section minus the runtime-only fields."""
+    exclude = set(RUNTIME_FIELDS) & set(type(cfg).model_fields)
+    exclude |= {f for f in getattr(type(cfg), "HASHED_WHEN_SET", ()) if getattr(cfg, f) is None}
+    return key_view(cfg, cfg.model_dump(mode="json", exclude=exclude))
+
+
 def config_hash(cfg: BaseModel | dict) -> str:
     """Hash of what a stage computes: its config minus the runtime-only fields (or a stage's own view of it)."""
-    if isinstance(cfg, dict):
-        data = cfg
-    else:
-        exclude = set(RUNTIME_FIELDS) & set(type(cfg).model_fields)
-        exclude |= {f for f in getattr(type(cfg), "HASHED_WHEN_SET", ()) if getattr(cfg, f) is None}
-        data = key_view(cfg, cfg.model_dump(mode="json", exclude=exclude))
+    data = cfg if isinstance(cfg, dict) else config_data(cfg)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -271,30 +257,42 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def read_profile_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_profile_data(path: Path, seen: tuple[Path, ...] = (), notes: list[str] | None = None) -> dict:
     """A profile's YAML as a dict. `extends: <profile>` starts from that profile: each section the
     file names replaces the base's whole section (so `edit:` in a profile that extends `tiny` sets
-    the editor without inheriting settings of another editor kind)."""
+    the editor without inheriting settings of another editor kind). Each file's keys of the previous
+    layout move to their sections before the merge (schemas/migrate.py); `notes` collects the moves."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ProfileError(f"profile {path}: not valid YAML ({exc})") from exc
+    try:
+        moved = move_sections(data, f"profile {path}")
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from exc
+    if notes is not None:
+        notes += moved
     base = data.pop("extends", None) if isinstance(data, dict) else None
     if base is None:
         return data
     base_path = find_profile(str(base))
     if base_path.resolve() in seen or base_path.resolve() == path.resolve():
         raise ProfileError(f"profile {path}: `extends: {base}` makes a cycle")
-    return {**read_profile_data(base_path, (*seen, path.resolve())), **data}
+    return {**read_profile_data(base_path, (*seen, path.resolve()), notes), **data}
 
 
 def load_profile(name_or_path: str, overrides: list[str] | None = None, models_root: str | None = None) -> Profile:
     path = find_profile(name_or_path)
-    data = read_profile_data(path)
-    data = apply_overrides(data, overrides)
+    notes: list[str] = []
+    data = read_profile_data(path, notes=notes)
+    moved = [move_override(o.split("=", 1)[0].strip()) + (o,) if "=" in o else (o, None, o) for o in overrides or []]
+    notes += [why for _, why, _ in moved if why]
+    data = apply_overrides(data, [f"{new}={o.split('=', 1)[1]}" if why else o for new, why, o in moved])
     if models_root or os.environ.get("RICHPREF_MODELS_ROOT"):
         data["models_root"] = models_root or os.environ["RICHPREF_MODELS_ROOT"]
     try:
+        notes += migrate(data, f"profile {path}")
+        warn_moved(notes, str(path))
         return Profile.model_validate(data)
-    except ValidationError as exc:
+    except ValueError as exc:  # a ValidationError, or a key given in both layouts
         raise ProfileError(f"profile {path} is invalid:\n{exc}") from exc

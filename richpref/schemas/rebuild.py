@@ -1,7 +1,7 @@
 """What a profile with `pipeline: rebuild` must hold, and what the edit pipeline must not.
 
 A rebuild regenerates a preference set from prompts alone: `sample.num_samples` images per prompt,
-scored by `relabel.rewards`, paired by `relabel.pairing` (best_vs_worst | all_with_margin). It has no
+scored by `score.rewards`, paired by `relabel.pairing` (best_vs_worst | all_with_margin). It has no
 original, no edit and no cut-out, so the settings that name them are refused here, before any model
 loads, with the fix in the message.
 """
@@ -15,7 +15,7 @@ REBUILD_PAIRINGS = ("best_vs_worst", "all_with_margin")
 def check_pipeline(profile: Any) -> None:
     """Raise ValueError naming the setting and the fix when the profile's sections do not fit its pipeline."""
     n = profile.sample.num_samples
-    relabel = profile.relabel
+    relabel, score = profile.relabel, profile.score
     if profile.pipeline == "edit":
         if n is not None and n > 1:
             raise ValueError(f"sample.num_samples is {n}: several samples per prompt are paired by the rebuild "
@@ -29,10 +29,10 @@ def check_pipeline(profile: Any) -> None:
     if relabel.pairing not in REBUILD_PAIRINGS:
         raise ValueError(f"relabel.pairing {relabel.pairing!r} pairs an edit with its original; a rebuild has no "
                          f"original: set relabel.pairing to one of {', '.join(REBUILD_PAIRINGS)}")
-    if relabel.subject_gate is not None:
-        raise ValueError("relabel.subject_gate compares an edit with its original; a rebuild has neither: "
-                         "remove relabel.subject_gate")
-    cut = [name for name in relabel.scored() if relabel.rewards[name].on_cutout]
+    if score.subject_gate is not None:
+        raise ValueError("score.subject_gate compares an edit with its original; a rebuild has neither: "
+                         "remove score.subject_gate")
+    cut = [name for name in score.scored() if score.rewards[name].on_cutout]
     if cut:
         raise ValueError(f"reward(s) {cut} score cut-outs; a rebuild makes none: set on_cutout: false")
     if profile.source.image_column or profile.source.pickapic_preferred:

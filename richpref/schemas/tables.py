@@ -132,14 +132,14 @@ VERDICTS = _schema(
 def reward_scores_schema(rewards: list[str]) -> pa.Schema:
     """What the reward models measured, one row per edit candidate: per reward the raw score of the
     item's original (`_0`) and of the edit (`_1`), the DINOv2 consistency of the edit with its original
-    (null without `relabel.subject_gate`), a digest of each image's bytes (identical images are a tie)
+    (null without `score.subject_gate`), a digest of each image's bytes (identical images are a tie)
     and the dtype each reward computed in (JSON). Nothing decided: that is the relabel stage's job."""
     fields = [CANDIDATE]
     for name in rewards:
         fields += [pa.field(f"{name}_0", pa.float64()), pa.field(f"{name}_1", pa.float64())]
     return _schema(*fields, pa.field("subject_consistency", pa.float64()), pa.field("digest_0", pa.string()),
                    pa.field("digest_1", pa.string()), pa.field("dtypes", pa.string()),
-                   pa.field("unscored", pa.string()))  # report-only rewards with no score on a kept row, and why
+                   pa.field("unscored", pa.string()))  # rewards with no score (NaN) on a row, and why
 
 
 def scores_schema(rewards: list[str]) -> pa.Schema:

@@ -68,7 +68,7 @@ class ModelUse:
     """One model a stage loads, as the profile names it: doctor resolves and sizes every one before
     anything loads (richpref/doctor/checks.py)."""
 
-    field: str  # the profile key, e.g. "edit.controlnet" or "relabel.rewards.clip.model"
+    field: str  # the profile key, e.g. "edit.controlnet" or "score.rewards.clip.model"
     ref: str | None  # the model reference (None: not used by this profile)
     kind: str  # diffusers | vlm | rembg | reward | annotator
     cfg: Any  # the section it runs under (its device and dtype)

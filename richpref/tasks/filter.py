@@ -6,10 +6,12 @@ Each check against its threshold (UPER §3.2.1 and the failure modes of RPO appe
 - no_stray: P(yes) >= `min_no_stray`;
 - subject_kept: P(yes) >= `min_subject_kept`;
 - attributes: of the listed attributes present in the original (P >= `min_attribute_present`) and not
-  named by an instruction, at least `min_attributes_kept` must still be present in the edit.
+  named by an instruction, at least `min_attributes_kept` must still be present in the edit (when
+  `check.attributes` asked about them).
 
 `reason` lists every failed check as `code: detail`; `checks` holds every check's outcome as JSON.
-Changing a threshold recomputes this stage only: the VLM's answers are the check stage's.
+Changing a threshold (the `filter:` section) recomputes this stage only: the VLM's answers are the
+check stage's (the `check:` section).
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from ..schemas.config import FilterConfig, Profile
+from ..schemas.config import CheckConfig, FilterConfig, Profile
 from ..schemas.tables import OK, VERDICTS, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
-from .filter_check import attributes_enabled, check_rows, load_filter_template, parse_attributes  # noqa: F401
+from .filter_check import check_rows, load_filter_template, parse_attributes  # noqa: F401
 from .vlm_text import content_words
 
 # check name -> reject code when it fails
@@ -55,9 +57,10 @@ def threshold_outcome(p: float, minimum: float, field: str) -> str:
     return "pass" if p >= minimum else f"fail: P(yes)={p:.3f} < filter.{field}={minimum}"
 
 
-def decide_rows(checks: pa.Table, instructions: list, cfg: FilterConfig) -> pa.Table:
+def decide_rows(checks: pa.Table, instructions: list, cfg: FilterConfig, attributes_asked: bool = True) -> pa.Table:
     """One verdict per row of the check stage's answers (`instructions` per row, for the attribute
-    exemption); rows the check stage rejected stay rejected."""
+    exemption); rows the check stage rejected stay rejected. `attributes_asked`: the check stage's
+    `check.attributes` (its key is among this stage's inputs' keys)."""
     out = []
     for r, ins in zip(checks.to_pylist(), instructions):
         if r["status"] != OK:
@@ -74,11 +77,13 @@ def decide_rows(checks: pa.Table, instructions: list, cfg: FilterConfig) -> pa.T
         }
         values = {k: r[k] for k in ("candidate", "p_no_stray", "p_subject_kept", "template", "model_id")}
         values.update(p_executed=p_exec, p_executed_each=each, p_source=r.get("p_source"))  # where P(yes) came from
-        if not attributes_enabled(cfg):
+        if cfg.min_attributes_kept <= 0:
             checks["attributes"] = "skipped: filter.min_attributes_kept=0"
+        elif not attributes_asked:
+            checks["attributes"] = "skipped: check.attributes=false"
         elif r["attributes"] is None:
             raise ValueError(f"filter: the check stage's answers for {r['item_id']} have no attributes; it ran with "
-                             "filter.min_attributes_kept=0 (rerun with the same setting, or let the check stage recompute)")
+                             "check.attributes=false (rerun with the same setting, or let the check stage recompute)")
         else:
             listed, why = list(r["attributes"]), r["attributes_error"]
             p_orig, p_edit = list(r["p_attr_original"] or []), list(r["p_attr_edited"] or [])
@@ -97,15 +102,16 @@ def decide_rows(checks: pa.Table, instructions: list, cfg: FilterConfig) -> pa.T
     return rows_to_table(out, VERDICTS)
 
 
-def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[str, list], cfg: FilterConfig,
-                get_vlm) -> pa.Table:
+def filter_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[str, list], check: CheckConfig,
+                cfg: FilterConfig, get_vlm) -> pa.Table:
     """Ask (model calls) and decide in one go: one verdict per row of `rows` (item_id, candidate)."""
-    return decide_rows(check_rows(rows, prompts, instructions, images, cfg, get_vlm), instructions, cfg)
+    return decide_rows(check_rows(rows, prompts, instructions, images, check, get_vlm), instructions, cfg,
+                       check.attributes)
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     instructions = inputs.lookup("instruct", ["instructions"]).column("instructions").to_pylist()
-    return decide_rows(inputs.rows, instructions, profile.filter)
+    return decide_rows(inputs.rows, instructions, profile.filter, profile.check.attributes)
 
 
 STAGE = Stage(name="filter", version="5", section="filter", reads=("check", "instruct"), compute=compute,

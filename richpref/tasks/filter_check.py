@@ -7,16 +7,16 @@ free text (UPER §3.2.1 and the failure modes of RPO appendix D):
 - executed: per instruction, "was it carried out?" on original | edited side by side;
 - no_stray: no content that neither the prompt nor the instructions asked for;
 - subject_kept: the cut-out subjects side by side are the same subject;
-- attributes (unless `filter.min_attributes_kept` is 0): the VLM lists the subject's key attributes
+- attributes (unless `check.attributes` is false): the VLM lists the subject's key attributes
   in the original cut-out (generated), and each is verified in the original and in the edited cut-out.
 
-In-process or through a server (`filter.engine`); a pair's questions about one image are asked one
+In-process or through a server (`check.engine`); a pair's questions about one image are asked one
 after the other with the same image+prompt prefix (a server's prefix cache, or in-process
-`filter.share_image_prefix`, encodes that image once). `p_source` says where P(yes) came from. A pair
+`check.share_image_prefix`, encodes that image once). `p_source` says where P(yes) came from. A pair
 with a question no request could answer is rejected with that failure (`vlm_request_failed: …`).
 
-The thresholds that turn these into keep/drop are the filter stage's (a cheap step after this one):
-they are not part of this stage's key, so tuning one asks the VLM nothing again.
+The thresholds that turn these into keep/drop are the filter stage's (a cheap step after this one,
+the `filter:` section): this stage keys on the `check:` section only, so tuning one asks the VLM nothing again.
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ import pyarrow as pa
 
 from richpref.common.images import BadImage, decode_image, side_by_side
 from ..prompts import load_sections, render, template_hash
-from ..schemas.config import RUNTIME_FIELDS, FilterConfig, Profile
-from ..schemas.serving import key_view
+from ..schemas.config import CheckConfig, Profile, config_data
 from ..schemas.tables import CHECKS, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
 from .critique import load_vlm, vlm_models
@@ -33,22 +32,15 @@ from .vlm_text import ListParseError, parse_list
 
 YES_NO_SECTIONS = ("executed", "no_stray", "subject_kept")
 ATTRIBUTE_SECTIONS = ("attributes", "attribute_present")
-# The thresholds and rules applied to the answers: the filter stage's, not this stage's key.
-DECISION_FIELDS = frozenset({"min_executed", "executed_reduce", "min_no_stray", "min_subject_kept", "min_attribute_present",
-                             "min_attributes_kept", "exempt_instructed_attributes", "on_no_attributes"})
 
 
-def attributes_enabled(cfg: FilterConfig) -> bool:
-    return cfg.min_attributes_kept > 0
-
-
-def load_filter_template(cfg: FilterConfig) -> dict[str, str]:
+def load_filter_template(cfg: CheckConfig) -> dict[str, str]:
     sections = load_sections(cfg.template)
-    need = YES_NO_SECTIONS + (ATTRIBUTE_SECTIONS if attributes_enabled(cfg) else ())
+    need = YES_NO_SECTIONS + (ATTRIBUTE_SECTIONS if cfg.attributes else ())
     missing = [s for s in need if s not in sections]
     if missing:
-        raise ValueError(f"filter template {cfg.template!r} has no section(s) {missing}; use filter_v2 or newer, "
-                         "or set filter.min_attributes_kept=0 to turn the attribute check off")
+        raise ValueError(f"check template {cfg.template!r} has no section(s) {missing}; use filter_v2 or newer, "
+                         "or set check.attributes=false to ask no attribute question")
     return sections
 
 
@@ -63,18 +55,16 @@ def parse_attributes(text: str, max_attributes: int) -> tuple[list[str], str | N
     return items[:max_attributes], None
 
 
-def checking_view(cfg: FilterConfig) -> dict:
-    """What decides the answers (this stage's key): the model, template and generation settings, and
-    whether the attributes are asked about at all; not the thresholds."""
-    exclude = set(DECISION_FIELDS) | (set(RUNTIME_FIELDS) & set(type(cfg).model_fields))
-    view = key_view(cfg, cfg.model_dump(mode="json", exclude=exclude))  # a server's endpoint is not part of it
-    view["attributes"] = attributes_enabled(cfg)
-    if cfg.engine.answer_key():  # the launcher decides whether answers are probabilities or 0/1
+def checking_view(cfg: CheckConfig) -> dict:
+    """This stage's key: the whole `check:` section (less the runtime-only fields and a server's
+    endpoint), and the launcher where it decides whether answers are probabilities or 0/1."""
+    view = config_data(cfg)
+    if cfg.engine.answer_key():
         view["answers"] = cfg.engine.answer_key()
     return view
 
 
-def check_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[str, list], cfg: FilterConfig,
+def check_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[str, list], cfg: CheckConfig,
                get_vlm) -> pa.Table:
     """One row of answers per row of `rows` (item_id, candidate); undecodable images reject the row."""
     sections = load_filter_template(cfg)
@@ -93,7 +83,7 @@ def check_rows(rows: pa.Table, prompts: list, instructions: list, images: dict[s
     if todo:
         vlm = get_vlm()
         per_instruction = "{instruction}" in sections["executed"]
-        listed = attribute_lists(vlm, todo, sections, cfg) if attributes_enabled(cfg) else None
+        listed = attribute_lists(vlm, todo, sections, cfg) if cfg.attributes else None
         answers = ask_pairs(vlm, todo, sections, cfg, per_instruction, listed)
         failed_pairs: dict[int, str] = {}
         failed_items = {todo[i]["iid"]: a.error for i, kind, a in answers if a.error and kind == "attr_original"}
@@ -142,7 +132,7 @@ def bullets(instructions: list[str]) -> str:
     return "\n".join(f"- {s}" for s in instructions)
 
 
-def attribute_lists(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig) -> dict[str, tuple]:
+def attribute_lists(vlm, todo: list[dict], sections: dict[str, str], cfg: CheckConfig) -> dict[str, tuple]:
     """Per item: (listed attributes, raw text, why none), generated once per item whatever its number
     of edits; a failed request leaves no attribute and says why."""
     first = {}
@@ -218,7 +208,7 @@ def answers_sharing_image(vlm, qs: list) -> list:
     return answers
 
 
-def ask_pairs(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig, per_instruction: bool,
+def ask_pairs(vlm, todo: list[dict], sections: dict[str, str], cfg: CheckConfig, per_instruction: bool,
               listed: dict[str, tuple] | None) -> list[tuple[int, str, object]]:
     """(pair, check, YesNo) per question; a pair whose attribute list failed carries that failure."""
     qs = pair_questions(todo, sections, per_instruction, listed)
@@ -244,7 +234,7 @@ def ask_pairs(vlm, todo: list[dict], sections: dict[str, str], cfg: FilterConfig
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
-    cfg = profile.filter
+    cfg = profile.check
     rows = inputs.rows
     edits = inputs.lookup("edit", ["image", "edit_instructions"])
     images = {
@@ -261,6 +251,6 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
                       reached, images, cfg, lambda: load_vlm(cfg, profile.models_root))
 
 
-STAGE = Stage(name="check", version="3", section="filter", reads=("cutout", "sample", "edit", "instruct"),
-              compute=compute, key_extra=lambda p: template_hash(p.filter.template), config_view=checking_view,
-              schema=CHECKS, **vlm_models("filter"))  # the check stage asks the filter's questions
+STAGE = Stage(name="check", version="3", section="check", reads=("cutout", "sample", "edit", "instruct"),
+              compute=compute, key_extra=lambda p: template_hash(p.check.template), config_view=checking_view,
+              schema=CHECKS, **vlm_models("check"))

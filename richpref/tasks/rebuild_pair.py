@@ -2,8 +2,8 @@
 rejected with a reason; no model call.
 
 Per voting reward the raw scores of the shard's valid samples (of prompts with two or more) are z-standardised (`relabel.standardize:
-shard`, or centred per prompt and scaled by the pooled spread: `item`) and combined with the rewards'
-weights. `relabel.pairing` picks the pairs: `best_vs_worst` keeps the prompt's best sample against its
+shard`, or centred per prompt and scaled by the pooled spread: `item`) and combined with
+`relabel.weights`. `relabel.pairing` picks the pairs: `best_vs_worst` keeps the prompt's best sample against its
 worst, `all_with_margin` every pair whose composite margin is above `relabel.min_margin`. A pair whose
 margin is at or below `min_margin` (within float noise of it, richpref/tasks/pairing.py) or whose two images
 are the same bytes is a tie, dropped with its reason, so exported labels are always 0 or 1. A prompt
@@ -43,20 +43,20 @@ def composites(raw: dict[str, np.ndarray], groups: np.ndarray, cfg: RelabelConfi
     for name, values in raw.items():
         z, spread = standardise(values, groups if cfg.standardize == "item" else None)
         z_all[name] = z
-        weight = cfg.rewards[name].weight
+        weight = cfg.weight(name)
         comp += weight * z
         noise += abs(weight) * z_noise(values, spread, relative_noise(dtypes.get(name)))
     return z_all, comp, noise
 
 
-def rank_items(item_ids: list[str], samples: pa.Table, scores: pa.Table, cfg: RelabelConfig, n: int) -> pa.Table:
+def rank_items(item_ids: list[str], samples: pa.Table, scores: pa.Table, cfg: RelabelConfig, n: int,
+               names: list[str]) -> pa.Table:
     """n·(n-1)/2 rows per item of `item_ids`, in order: its pairs, kept or rejected with a reason.
     `samples` are the samples stage's rows (for the reasons of rejected samples), `scores` the rewards
-    stage's rows."""
-    names = cfg.scored()
+    stage's rows, `names` its rewards (score.rewards)."""
     missing = [x for x in names if x not in scores.schema.names]
     if missing:
-        raise StageContractError(f"the sample scores lack {missing}: the rewards stage ran with other relabel.rewards")
+        raise StageContractError(f"the sample scores lack {missing}: the rewards stage ran with other score.rewards")
     why: dict[tuple[str, int], str] = {}
     for r in samples.select(["item_id", "candidate", "status", "reason"]).to_pylist():
         if r["status"] != OK:
@@ -121,10 +121,10 @@ def rank_items(item_ids: list[str], samples: pa.Table, scores: pa.Table, cfg: Re
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return rank_items(inputs.rows.column("item_id").to_pylist(), inputs.tables["samples"], inputs.tables["rewards"],
-                      profile.relabel, num_samples(profile))
+                      profile.relabel, num_samples(profile), profile.score.scored())
 
 
 # Driven by the source's kept prompts (one per item), so a prompt none of whose samples survived
 # still leaves with its reason.
 STAGE = Stage(name="ranked", version="1", section="relabel", reads=("source", "samples", "rewards"), compute=compute,
-              fan_out=num_pairs, loads_model=False, schema=lambda p: ranked_schema(p.relabel.scored()))
+              fan_out=num_pairs, loads_model=False, schema=lambda p: ranked_schema(p.score.scored()))

@@ -1,9 +1,9 @@
 """rewards (rebuild): the raw score of every sample under every reward the profile scores; nothing decided.
 
-The rewards are the edit pipeline's (`relabel.rewards`, loaded once per stage through the score
-stage's reward set); their weights, the z-scores, pairing and ties are the `ranked` stage's, so
-changing a weight or the margin re-runs no reward model (the key holds `scoring_view` only). An
-undecodable image or a non-finite score rejects that sample with its reason.
+The rewards are the edit pipeline's (the `score:` section, loaded once per stage through the score
+stage's reward set); their weights, the z-scores, pairing and ties are the `ranked` stage's
+(`relabel:`), so changing a weight or the margin re-runs no reward model (the key is the `score:`
+section, `scoring_view`). An undecodable image or a non-finite score rejects that sample with its reason.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import pyarrow as pa
 
 from richpref.common.images import BadImage, decode_image
 from richpref.tasks.pairing import scorer_dtype
-from ..schemas.config import Profile, RelabelConfig
+from ..schemas.config import Profile, ScoreConfig
 from ..schemas.tables import rows_to_table, sample_scores_schema
 from .base import Stage, StageInputs, kept, rejected
 from .relabel_score import digest, load_models, load_scorer, reward_models, scoring_view, templates_key
 
 
-def score_samples(rows: pa.Table, cfg: RelabelConfig, get_scorer) -> pa.Table:
+def score_samples(rows: pa.Table, cfg: ScoreConfig, get_scorer) -> pa.Table:
     """One row per sample row (item_id, candidate, prompt, image, seed), in input order."""
     names = cfg.scored()
     out: dict[int, dict] = {}
@@ -53,10 +53,10 @@ def score_samples(rows: pa.Table, cfg: RelabelConfig, get_scorer) -> pa.Table:
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
-    cfg = profile.relabel
+    cfg = profile.score
     return score_samples(inputs.rows, cfg, lambda name: load_scorer(name, cfg, profile.models_root))
 
 
-STAGE = Stage(name="rewards", version="1", section="relabel", reads=("samples",), compute=compute,
-              key_extra=templates_key, config_view=scoring_view, schema=lambda p: sample_scores_schema(p.relabel.scored()),
+STAGE = Stage(name="rewards", version="1", section="score", reads=("samples",), compute=compute,
+              key_extra=templates_key, config_view=scoring_view, schema=lambda p: sample_scores_schema(p.score.scored()),
               models=lambda p: reward_models(p, gate=False), load=lambda p: load_models(p, gate=False))

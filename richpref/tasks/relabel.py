@@ -1,11 +1,13 @@
 """relabel: from the score stage's raw scores to one labelled pair per item: no model call.
 
-An edit whose DINOv2 consistency with its original is below `relabel.subject_gate.min_consistency`
-is rejected (`subject_changed`), one an edit judge scores below `relabel.edit_gate.min_score`
-(`edit_judged_poor`) too. Per voting reward, the scores of a shard's images (`standardize:
-shard`, each original counted once) are z-standardised, or centred within each item and scaled by
-the shard's spread around the item means (`item`); they are combined with the profile's weights (RPO
-§3.4, seeds 000/001). Rewards in `relabel.report_only` are standardised and recorded, not combined.
+A pair a voting or gating reward could not score (NaN: `bad_score`, `unparsed_answer`) is rejected.
+An edit whose DINOv2 consistency with its original (`score.subject_gate`) is below
+`relabel.min_consistency` is rejected (`subject_changed`), one an edit judge scores below
+`relabel.edit_gate.min_score` (`edit_judged_poor`) too. Per voting reward, the scores of a shard's
+images (`standardize: shard`, each original counted once) are z-standardised, or centred within
+each item and scaled by the shard's spread around the item means (`item`); they are combined with
+`relabel.weights` (RPO §3.4, seeds 000/001). Rewards not named there are standardised and
+recorded, not combined.
 Per item, `pairing` picks the pair: the best edit against the original, or the item's best image
 against its worst. The higher composite is chosen; pairs flip when the edit scores lower than the
 original; a pair whose margin is at or below `relabel.min_margin` (within float noise, see
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from richpref.tasks.pairing import relative_noise, standardise, z_noise
-from ..schemas.config import Profile, RelabelConfig
+from ..schemas.config import Profile, RelabelConfig, ScoreConfig
 from ..schemas.tables import OK, rows_to_table, scores_schema
 from .base import Stage, StageContractError, StageInputs, kept, rejected
 from .relabel_score import SUBJECT, score_rows
@@ -61,7 +64,7 @@ class Scored:
             raw = np.concatenate([orig_raw[name], edit_raw[name]])
             z, spread = standardise(raw, groups)
             self.orig_z[name], self.edit_z[name] = z[:m], z[m:]
-            weight = cfg.rewards[name].weight
+            weight = cfg.weight(name)
             if weight == 0:  # report-only: recorded, and its NaN (no score) must not reach a composite
                 continue
             self.orig_c += weight * z[:m]
@@ -123,26 +126,45 @@ def pair_rows(scored: Scored, item_id: str, item: int, g_of: dict[int, int], cfg
     return rows
 
 
-def decide_rows(scores: pa.Table, cfg: RelabelConfig) -> pa.Table:
-    """One relabel row per score row, in order: rows the score stage rejected stay rejected; edits
-    below the subject gate or the edit gate are rejected; per item, the pair `relabel.pairing` picks among the rest is
-    kept with `chosen`/`flipped` (or rejected as a tie), every other edit rejected as `not_selected`
-    with its own comparison against the original in its score columns."""
-    names = cfg.scored()
+def unscored_reason(row: dict, names: list[str], deciding: set[str]) -> str | None:
+    """Why a pair cannot be decided: a reward that votes or gates has no score for one of its images
+    (the judge's unparsed answer, from the score stage's `unscored`); None when every one has."""
+    bad = [n for n in names if n in deciding and not all(math.isfinite(row[f"{n}_{s}"]) for s in (0, 1))]
+    if not bad:
+        return None
+    split = re.compile("; (?=(?:" + "|".join(map(re.escape, names)) + ")(?: answered |: non-finite score))")
+    entries = split.split(row.get("unscored") or "")
+    for n in bad:
+        said = next((e for e in entries if e.startswith(f"{n} answered ")), None)
+        if said is not None:
+            return f"unparsed_answer: {said}"
+    return f"bad_score: non-finite {', '.join(sorted(bad))} score"
+
+
+def decide_rows(scores: pa.Table, score: ScoreConfig, cfg: RelabelConfig) -> pa.Table:
+    """One relabel row per score row, in order: rows the score stage rejected stay rejected, and rows
+    a voting or gating reward could not score; edits below the subject gate or the edit gate are
+    rejected; per item, the pair `relabel.pairing` picks among the rest is kept with `chosen`/`flipped`
+    (or rejected as a tie), every other edit rejected as `not_selected` with its own comparison
+    against the original in its score columns. `score` is the score stage's section (its rewards,
+    whether it measured the subject gate)."""
+    names = score.scored()
     missing = [f"{n}_1" for n in names if f"{n}_1" not in scores.schema.names]
     if missing:
-        raise StageContractError(f"the scores lack {missing}: the score stage ran with other relabel.rewards")
+        raise StageContractError(f"the scores lack {missing}: the score stage ran with other score.rewards")
     rows = scores.to_pylist()
-    gate, edit_gate = cfg.subject_gate, cfg.edit_gate
+    deciding = cfg.deciding(names)
+    gate, edit_gate = score.subject_gate, cfg.edit_gate
     out: dict[int, dict] = {}
     good: list[int] = []
     for k, r in enumerate(rows):
         raw = {c: r[c] for n in names for c in (f"{n}_0", f"{n}_1")}
-        if r["status"] != OK:
-            out[k] = rejected(r["item_id"], r["reason"], candidate=r["candidate"], **raw)
-        elif gate is not None and (r[SUBJECT] is None or r[SUBJECT] < gate.min_consistency):
-            why = ("not scored: run the score stage with relabel.subject_gate set" if r[SUBJECT] is None else
-                   f"DINOv2 patch consistency {r[SUBJECT]:.4g} < relabel.subject_gate.min_consistency {gate.min_consistency:g}")
+        unscored = unscored_reason(r, names, deciding) if r["status"] == OK else None
+        if r["status"] != OK or unscored:
+            out[k] = rejected(r["item_id"], unscored or r["reason"], candidate=r["candidate"], **raw)
+        elif gate is not None and (r[SUBJECT] is None or r[SUBJECT] < cfg.min_consistency):
+            why = ("not scored: run the score stage with score.subject_gate set" if r[SUBJECT] is None else
+                   f"DINOv2 patch consistency {r[SUBJECT]:.4g} < relabel.min_consistency {cfg.min_consistency:g}")
             out[k] = rejected(r["item_id"], f"subject_changed: {why}", candidate=r["candidate"],
                               subject_consistency=r[SUBJECT], **raw)
         elif edit_gate is not None and r[f"{edit_gate.reward}_1"] < edit_gate.min_score:
@@ -176,16 +198,16 @@ def decide_rows(scores: pa.Table, cfg: RelabelConfig) -> pa.Table:
     return rows_to_table([out[k] for k in range(len(rows))], scores_schema(names))
 
 
-def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg: RelabelConfig, get_scorer,
-                 candidates: list[int] | None = None) -> pa.Table:
+def relabel_rows(item_ids: list[str], prompts: list, images: dict[str, list], score: ScoreConfig, cfg: RelabelConfig,
+                 get_scorer, candidates: list[int] | None = None) -> pa.Table:
     """Score (model calls) and decide in one go: `decide_rows(score_rows(...))`."""
-    return decide_rows(score_rows(item_ids, prompts, images, cfg, get_scorer, candidates=candidates), cfg)
+    return decide_rows(score_rows(item_ids, prompts, images, score, get_scorer, candidates=candidates), score, cfg)
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     """The pairs the filter kept, decided from their scores."""
-    return decide_rows(inputs.lookup("score", inputs.tables["score"].schema.names), profile.relabel)
+    return decide_rows(inputs.lookup("score", inputs.tables["score"].schema.names), profile.score, profile.relabel)
 
 
-STAGE = Stage(name="relabel", version="5", section="relabel", reads=("filter", "score"), compute=compute,
-              loads_model=False, schema=lambda p: scores_schema(p.relabel.scored()))
+STAGE = Stage(name="relabel", version="6", section="relabel", reads=("filter", "score"), compute=compute,
+              loads_model=False, schema=lambda p: scores_schema(p.score.scored()))

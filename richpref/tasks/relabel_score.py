@@ -1,14 +1,15 @@
 """score: the model calls of relabelling, nothing decided.
 
 Per (item, edit candidate) row the check stage answered (whatever the filter's verdict): the raw score of the item's original and of the edit under every
-reward that votes or is named in `relabel.report_only` (a reward with weight 0 is not even loaded),
-the DINOv2 patch consistency of the edit with its original when `relabel.subject_gate` is set, a
-digest of each image's bytes and the dtype each reward ran in. A reward with `on_cutout: true` (and
-the gate, by default) sees the cutout stage's foreground cut-outs instead of the full images.
+reward of `score.rewards`, the DINOv2 patch consistency of the edit with its original when
+`score.subject_gate` is set, a digest of each image's bytes and the dtype each reward ran in. A
+reward with `on_cutout: true` (and the gate, by default) sees the cutout stage's foreground cut-outs
+instead of the full images. A non-finite score is recorded as NaN and why in `unscored`; whether it
+rejects the pair (it does for a reward that votes or gates) is relabel's to say.
 
-Weights, z-scores, the gate's threshold, pairing, flips and ties are the relabel stage's (a cheap
-step after this one): the content key here holds only what changes a score, so tuning a threshold or
-a weight re-runs no reward model.
+Weights, z-scores, the gates' thresholds, pairing, flips and ties are the relabel stage's (a cheap
+step after this one, the `relabel:` section): this stage keys on the `score:` section, so tuning a
+threshold or a weight re-runs no reward model.
 """
 from __future__ import annotations
 
@@ -25,9 +26,8 @@ from ..models.rewards import MODEL_REF_OPTIONS, is_pairwise, load_reward, load_r
 from ..models.runtime import resident, resolve_model_ref
 from richpref.tasks.pairing import scorer_dtype
 from ..prompts import template_hash
-from ..schemas.config import Profile, RelabelConfig
+from ..schemas.config import Profile, ScoreConfig, config_data
 from ..schemas.rewards import REWARD_KINDS
-from ..schemas.serving import key_view
 from ..schemas.tables import reward_scores_schema, rows_to_table
 from .base import ModelUse, Stage, StageInputs, kept, rejected
 
@@ -39,11 +39,11 @@ TEMPLATE_OPTIONS = ("template", "quality_template")
 
 
 class RewardSet:
-    """Every scorer a relabel config needs, each loaded on first use and kept for the stage: a stage runs
+    """Every scorer a score config needs, each loaded on first use and kept for the stage: a stage runs
     shard after shard, and reloading every reward per shard would dominate its time. Held in the
     one-resident-model slot as a unit, so the next stage's model releases all of them."""
 
-    def __init__(self, cfg: RelabelConfig, models_root: str | None) -> None:
+    def __init__(self, cfg: ScoreConfig, models_root: str | None) -> None:
         self.cfg, self.models_root = cfg, models_root
         self.scorers: dict[str, Any] = {}
 
@@ -73,35 +73,28 @@ class RewardSet:
                 hook()
 
 
-def reward_set(cfg: RelabelConfig, models_root: str | None) -> RewardSet:
+def reward_set(cfg: ScoreConfig, models_root: str | None) -> RewardSet:
     key = ("rewards", json.dumps(scoring_view(cfg), sort_keys=True), models_root, cfg.device)
     return resident.get(key, lambda: RewardSet(cfg, models_root))
 
 
-def load_scorer(name: str, cfg: RelabelConfig, models_root: str | None):
+def load_scorer(name: str, cfg: ScoreConfig, models_root: str | None):
     return reward_set(cfg, models_root).get(name)
 
 
-def scoring_view(cfg: RelabelConfig) -> dict:
-    """What decides the scores (the score stage's key): the scored rewards without their weights, the
-    gate's model without its threshold, and the dtype (16-bit scores differ from float32 ones)."""
-    gate = cfg.subject_gate
-    rewards = {n: key_view(cfg.rewards[n], cfg.rewards[n].model_dump(
-        mode="json", exclude={"weight"} | unset_judge_options(cfg.rewards[n]))) for n in cfg.scored()}  # a served reward's endpoint is not part of the key
-    for n in rewards:  # a launched vlm_score server's kind is: transformers serve answers digits, not logprobs
+def scoring_view(cfg: ScoreConfig) -> dict:
+    """The score stage's key: the whole `score:` section (less batch size and device, and a served
+    reward's endpoint; the dtype counts: 16-bit scores differ from float32 ones), and each launched
+    server's kind (transformers serve answers digits, not logprobs)."""
+    view = config_data(cfg)
+    view["dtype"] = cfg.dtype
+    for n in cfg.scored():
         if cfg.rewards[n].engine.answer_key():
-            rewards[n]["answers"] = cfg.rewards[n].engine.answer_key()
-    return {"rewards": rewards,
-            "subject_gate": gate.model_dump(mode="json", exclude={"min_consistency"}) if gate else None,
-            "dtype": cfg.dtype}
+            view["rewards"][n]["answers"] = cfg.rewards[n].engine.answer_key()
+    return view
 
 
-def unset_judge_options(spec) -> set[str]:
-    """The judges' options left unset: out of the key, so rewards keep the keys they had before them."""
-    return {f for f in ("adapter", "max_new_tokens", "quality_template") if getattr(spec, f) is None}
-
-
-def needs_cutouts(cfg: RelabelConfig) -> bool:
+def needs_cutouts(cfg: ScoreConfig) -> bool:
     gate = cfg.subject_gate
     return any(cfg.rewards[n].on_cutout for n in cfg.scored()) or bool(gate and gate.on_cutout)
 
@@ -110,7 +103,7 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def score_images(names: list[str], cfg: RelabelConfig, get_scorer: Callable, prompts: list[str],
+def score_images(names: list[str], cfg: ScoreConfig, get_scorer: Callable, prompts: list[str],
                  images: dict[str, list], owner: list[int], item_prompts: list[str],
                  originals: dict[str, list], instructions: list[str] | None = None,
                  item_instructions: list[str] | None = None,
@@ -188,7 +181,7 @@ def edit_judge_scores(scorer, originals: list, owner: list[int], edits: list, in
     return np.array([by_item.get(j, np.nan) for j in range(len(originals))]), edit
 
 
-def subject_consistency(cfg: RelabelConfig, get_scorer: Callable, images: dict[str, list], owner: list[int],
+def subject_consistency(cfg: ScoreConfig, get_scorer: Callable, images: dict[str, list], owner: list[int],
                         originals: dict[str, list], prompts: list[str]) -> np.ndarray:
     """Per edit row: the DINOv2 patch consistency of the edit with its item's original."""
     o_side, e_side = ("original_cutout", "edited_cutout") if cfg.subject_gate.on_cutout else ("original", "edited")
@@ -199,17 +192,16 @@ def subject_consistency(cfg: RelabelConfig, get_scorer: Callable, images: dict[s
     return s[:, 1]
 
 
-def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg: RelabelConfig, get_scorer,
+def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg: ScoreConfig, get_scorer,
                candidates: list[int] | None = None, instructions: list[str] | None = None) -> pa.Table:
     """One row of raw scores per (item, edit candidate) row, in input order.
 
     `images` maps original/edited (and original_cutout/edited_cutout when a reward or the gate needs
-    them) to encoded bytes per row; an item's rows share its original. Undecodable images and
-    non-finite scores of a reward that votes or gates reject the row (the whole item when the original
-    is at fault); a report-only reward's non-finite score leaves it NaN, says why in `unscored`, and
-    keeps the row."""
+    them) to encoded bytes per row; an item's rows share its original. Undecodable images and a
+    non-finite subject consistency reject the row (the whole item when the original is at fault); a
+    reward's non-finite score is left NaN with why in `unscored` (relabel rejects the pair when that
+    reward votes or gates)."""
     names = cfg.scored()
-    deciding = set(cfg.voting()) | ({cfg.edit_gate.reward} if cfg.edit_gate else set())  # the rest only report
     n_rows = len(item_ids)
     if instructions is None and "instruction" in images:  # the edit instructions given with the images
         instructions = images["instruction"]
@@ -269,13 +261,10 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
             for name in names:
                 values.update({f"{name}_0": float(orig_raw[name][j]), f"{name}_1": float(edit_raw[name][r])})
             unscored = [n for n in names if not (np.isfinite(orig_raw[n][j]) and np.isfinite(edit_raw[n][r]))]
-            bad = sorted({n for n in unscored if n in deciding}
-                         | ({SUBJECT} if consistency is not None and not np.isfinite(consistency[r]) else set()))
-            # Non-finite scores of a reward that decides cannot be ranked (all of an item's rows when its
-            # original's score is at fault); a report-only reward's are recorded (NaN, and why) and the row kept.
+            bad = consistency is not None and not np.isfinite(consistency[r])
+            why = f"bad_score: non-finite {SUBJECT} score"
+            # A reward's non-finite scores are recorded (NaN, and why); relabel rejects the pairs they decide.
             positions = (j, len(item_prompts) + r)
-            why = (unparsed_reason([n for n in names if n in bad], unparsed, positions) if bad else None) or \
-                f"bad_score: non-finite {', '.join(bad)} score"
             values["unscored"] = "; ".join((unparsed_reason([n], unparsed, positions) or f"{n}: non-finite score")
                                            .removeprefix("unparsed_answer: ") for n in unscored) or None
             out[k] = rejected(item_ids[k], why, **values) if bad else kept(item_ids[k], **values)
@@ -283,7 +272,7 @@ def score_rows(item_ids: list[str], prompts: list, images: dict[str, list], cfg:
 
 
 def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
-    cfg = profile.relabel
+    cfg = profile.score
     sample = inputs.lookup("sample", ["prompt", "image"])
     judges = needs_instructions(cfg)
     edit = inputs.lookup("edit", ["image", "edit_instructions"] if judges else ["image"])
@@ -299,14 +288,14 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
                       candidates=inputs.rows.column("candidate").to_pylist(), instructions=instructions)
 
 
-def needs_instructions(cfg: RelabelConfig) -> bool:
+def needs_instructions(cfg: ScoreConfig) -> bool:
     """Whether an edit judge is scored: it reads each edit's instructions (the edit stage's)."""
     return any(REWARD_KINDS[cfg.rewards[n].kind].reads_instruction for n in cfg.scored())
 
 
 def templates_key(profile: Profile) -> str:
     """The text of every VLM question a reward asks is part of the key, like the VLM stages' templates."""
-    cfg = profile.relabel
+    cfg = profile.score
     names = set()
     for n in cfg.scored():  # each template option of a judge: the one set, else the kind's default
         spec, defaults = cfg.rewards[n], REWARD_KINDS[cfg.rewards[n].kind].defaults
@@ -318,23 +307,23 @@ def templates_key(profile: Profile) -> str:
 # Driven by the check stage's rows, not the filter's verdicts: every pair the VLM answered is scored,
 # so a filter threshold can move without a reward model running again.
 def reward_models(profile: Profile, gate: bool = True) -> list[ModelUse]:
-    """The scored rewards' models (weight-0 ones only if report_only) and the subject gate's."""
-    cfg, uses = profile.relabel, []
+    """The scored rewards' models and the subject gate's."""
+    cfg, uses = profile.score, []
     for name in cfg.scored():
         spec = cfg.rewards[name]
         if spec.engine.endpoint:  # served by a server someone runs: its weights live there
             continue
-        uses.append(ModelUse(f"relabel.rewards.{name}.model", spec.model, "reward", cfg,
+        uses.append(ModelUse(f"score.rewards.{name}.model", spec.model, "reward", cfg,
                              spec.file or REWARD_KINDS[spec.kind].defaults.get("file")))
-        uses += [ModelUse(f"relabel.rewards.{name}.{opt}", getattr(spec, opt), "reward", cfg) for opt in MODEL_REF_OPTIONS]
+        uses += [ModelUse(f"score.rewards.{name}.{opt}", getattr(spec, opt), "reward", cfg) for opt in MODEL_REF_OPTIONS]
     if gate and cfg.subject_gate is not None:
-        uses.append(ModelUse("relabel.subject_gate.model", cfg.subject_gate.model, "reward", cfg))
+        uses.append(ModelUse("score.subject_gate.model", cfg.subject_gate.model, "reward", cfg))
     return uses
 
 
 def load_models(profile: Profile, gate: bool = True) -> list[str]:
     """Loads what the stage loads (the scored rewards, the subject gate) into its resident reward set."""
-    cfg = profile.relabel
+    cfg = profile.score
     rs = reward_set(cfg, profile.models_root)
     for name in cfg.scored():
         rs.get(name)
@@ -345,6 +334,6 @@ def load_models(profile: Profile, gate: bool = True) -> list[str]:
     return loaded
 
 
-STAGE = Stage(name="score", version="3", section="relabel", reads=("check", "sample", "edit", "cutout"),
+STAGE = Stage(name="score", version="4", section="score", reads=("check", "sample", "edit", "cutout"),
               compute=compute, key_extra=templates_key, config_view=scoring_view,
-              schema=lambda p: reward_scores_schema(p.relabel.scored()), models=reward_models, load=load_models)
+              schema=lambda p: reward_scores_schema(p.score.scored()), models=reward_models, load=load_models)

@@ -1,8 +1,10 @@
 """What the dataset cards share: the Hub front matter, reward titles and the usage snippet."""
 from __future__ import annotations
 
+import copy
 import json
 
+from richpref.schemas.migrate import migrate
 from richpref.schemas.reward_titles import reward_titles  # noqa: F401 - the cards' names for rewards
 
 
@@ -13,6 +15,19 @@ def counts_table(stages: list[dict]) -> list[str]:
         reasons = ", ".join(f"{k}: {v}" for k, v in st["reasons"].items()) or "–"
         lines.append(f"| {st['stage']} | {st['rows']} | {st['kept']} | {st['rejected']} | {reasons} |")
     return lines
+
+
+def votes(profile: dict) -> tuple[dict[str, dict], dict[str, float], dict | None, float]:
+    """From a run's saved profile (of this layout or the previous one): the scored rewards' specs
+    (score.rewards), each one's weight (0: recorded without a vote), the subject gate's model
+    settings (score.subject_gate) and its threshold (relabel.min_consistency)."""
+    data = copy.deepcopy(profile)
+    migrate(data, "run profile")
+    score, relabel = data.get("score") or {}, data.get("relabel") or {}
+    rewards = score.get("rewards") or {"imagereward": {"kind": "imagereward"}}
+    given = relabel.get("weights")
+    weights = {n: 1.0 if given is None else float(given.get(n, 0.0)) for n in rewards}
+    return rewards, weights, score.get("subject_gate"), relabel.get("min_consistency", 0.0)
 
 
 def _front_matter(title: str) -> list[str]:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from richpref.run.runner import stage_manifests
 from richpref.schemas.reward_titles import reward_titles
-from richpref.views.card_parts import USAGE, _front_matter, counts_table  # noqa: F401 - USAGE re-exported
+from richpref.views.card_parts import USAGE, _front_matter, counts_table, votes  # noqa: F401 - USAGE re-exported
 from richpref.views.plots import flip_rate_png, margin_histogram_png, reward_distributions_png
 
 PLOTS = ("reward_distributions.png", "flip_rate.png", "margin_histogram.png")
@@ -102,15 +102,14 @@ def _score_table(stats: dict, weights: dict[str, float], labels: tuple[str, str]
     return lines
 
 
-def _votes_line(relabel: dict) -> str:
+def _votes_line(profile: dict) -> str:
     """Which rewards decide the labels, which are only recorded, and the subject gate."""
-    rewards = relabel.get("rewards", {})
-    votes = [f"`{n}` ({r.get('weight', 1.0):g})" for n, r in rewards.items() if r.get("weight", 1.0) != 0]
-    only = relabel.get("report_only") or []
-    gate = relabel.get("subject_gate")
-    return (f"Labels decided by {', '.join(votes) or '–'}; recorded without a vote: "
+    _, weights, gate, min_consistency = votes(profile)
+    voting = [f"`{n}` ({w:g})" for n, w in weights.items() if w != 0]
+    only = [n for n, w in weights.items() if w == 0]
+    return (f"Labels decided by {', '.join(voting) or '–'}; recorded without a vote: "
             f"{', '.join(f'`{n}`' for n in only) or 'none'}; subject gate: "
-            + (f"DINOv2 patch consistency ≥ {gate.get('min_consistency')} (`{gate.get('model')}`)." if gate else "off."))
+            + (f"DINOv2 patch consistency ≥ {min_consistency} (`{gate.get('model')}`)." if gate else "off."))
 
 
 def _profile_line(run: str, profile: dict) -> str:
@@ -140,8 +139,7 @@ def _images_line(export: dict) -> str:
 
 
 def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_rel: str) -> str:
-    rewards = profile.get("relabel", {}).get("rewards", {})
-    weights = {n: r.get("weight", 1.0) for n, r in rewards.items()}
+    rewards, weights, _, _ = votes(profile)
     labels = ("original", "edited")
     edit = profile.get("edit", {})
     lines = _front_matter(f"richpref pairs ({run})")
@@ -174,7 +172,7 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               f"standardisation "
               f"`{profile.get('relabel', {}).get('standardize', '?')}`, ties at margin ≤ "
               f"{profile.get('relabel', {}).get('min_margin', 0)} (and within float noise of it, or the same bytes).", "",
-              _votes_line(profile.get("relabel", {})), ""]
+              _votes_line(profile), ""]
     lines += _score_table(stats, weights, labels, reward_titles(rewards))
     if stats["margin"]:
         m = stats["margin"]

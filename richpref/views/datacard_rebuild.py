@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from richpref.views.card_parts import USAGE, _front_matter, counts_table, reward_titles
+from richpref.views.card_parts import USAGE, _front_matter, counts_table, reward_titles, votes
 
 PAIRING = {"best_vs_worst": "each prompt's best sample against its worst",
            "all_with_margin": "every pair of a prompt's samples"}
@@ -41,12 +41,12 @@ def rebuild_stats(scores: pa.Table | None, ranked: pa.Table | None, names: list[
 
 def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict) -> str:
     sample, relabel = profile.get("sample", {}), profile.get("relabel", {})
-    rewards = relabel.get("rewards", {})
+    rewards, weights, _, _ = votes(profile)
     titles = reward_titles(rewards)
     n = sample.get("num_samples")
     pairing = relabel.get("pairing", "?")
-    votes = ", ".join(f"`{titles[k]}` ({r.get('weight', 1.0):g})" for k, r in rewards.items() if r.get("weight", 1.0) != 0)
-    only = ", ".join(f"`{titles[k]}`" for k in relabel.get("report_only") or []) or "none"
+    voting = ", ".join(f"`{titles[k]}` ({w:g})" for k, w in weights.items() if w != 0)
+    only = ", ".join(f"`{titles[k]}`" for k, w in weights.items() if w == 0) or "none"
     src = profile.get("source", {})
     where = src.get("dataset") or src.get("path") or "?"
     lines = _front_matter(f"richpref regenerated pairs ({run})")
@@ -60,7 +60,7 @@ def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict) -> 
               f"- Samples per prompt: N = {n}; sample k of a prompt is seeded from (`sample.seed` = {sample.get('seed', 0)}, "
               "item id, k), sample 0 with the item's own seed, so each image can be drawn again on its own "
               "(`seed_0`/`seed_1` of every pair).",
-              f"- Rewards: {votes} vote on z-scores (`relabel.standardize: {relabel.get('standardize', 'shard')}`) "
+              f"- Rewards: {voting} vote on z-scores (`relabel.standardize: {relabel.get('standardize', 'shard')}`) "
               f"combined by weight; recorded without a vote: {only}.",
               f"- Pairing: `{pairing}`: {PAIRING.get(pairing, pairing)}, kept when the composite margin is above "
               f"`relabel.min_margin` = {relabel.get('min_margin', 0)} (and float noise); ties and pairs under the "
@@ -97,9 +97,7 @@ def write_rebuild_card(store, run: str, summary: dict, profile: dict, scores: pa
     """<run>/pairs/README.md of a rebuild run; returns its location."""
     from richpref.run.storage import join
 
-    relabel = profile.get("relabel", {})
-    rewards = relabel.get("rewards", {})
-    scored = [n for n, r in rewards.items() if r.get("weight", 1.0) != 0 or n in (relabel.get("report_only") or [])]
+    scored = list(votes(profile)[0])
     stats = rebuild_stats(scores, ranked, scored)
     store.fs.makedirs(store.stage_dir("pairs"), exist_ok=True)
     card = join(store.stage_dir("pairs"), "README.md")

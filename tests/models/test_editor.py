@@ -107,7 +107,7 @@ def test_prompt_mode_new_names_and_old_spellings():
 def test_editor_profiles_extend_tiny_and_replace_only_the_edit_section():
     base, kontext = load_profile("tiny"), load_profile("tiny-flux-kontext")
     assert kontext.name == "tiny-flux-kontext" and kontext.edit.kind == "flux_kontext"
-    for section in ("source", "sample", "critique", "instruct", "cutout", "filter", "relabel"):
+    for section in ("source", "sample", "critique", "instruct", "cutout", "check", "filter", "relabel"):
         assert getattr(kontext, section) == getattr(base, section), section
     for name in PROFILES.values():
         load_profile(name)

@@ -370,7 +370,7 @@ def test_every_tiny_profile_reward_loads_from_its_spec(tiny_models, images):
     from richpref.schemas.config import load_profile
 
     profile = load_profile("tiny", models_root=str(tiny_models))
-    for name, spec in profile.relabel.rewards.items():
+    for name, spec in profile.score.rewards.items():
         scorer = load_reward_spec(spec, profile.models_root, device="cpu", dtype="float32")
         if is_pairwise(scorer):
             s = scorer.score_pairs(images[:2], images[1:], PROMPTS[:2])

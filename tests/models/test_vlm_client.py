@@ -23,7 +23,7 @@ from richpref.common.images import encode_png
 from richpref.models.vlm import YES_NO, VisionLanguageModel
 from richpref.models.vlm_client import ServerUnavailable, connect
 from richpref.prompts import load_template
-from richpref.schemas.config import CritiqueConfig, FilterConfig, InstructConfig
+from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, InstructConfig
 from richpref.schemas.serving import EngineConfig
 from richpref.tasks import critique as critique_stage
 from richpref.tasks import filter as filter_stage
@@ -154,11 +154,12 @@ def test_yes_no_answers_are_the_biased_argmax(served):
 def test_filter_through_the_server(served):
     remote, local = served["qwen"]
     rows, prompts, instructions, images = filter_input()
-    cfg = FilterConfig(max_new_tokens=8, batch_size=4, min_executed=0.5, min_no_stray=0.5, min_subject_kept=0.5,
-                       min_attribute_present=0.5, min_attributes_kept=0.01)
+    check = CheckConfig(max_new_tokens=8, batch_size=4)
+    cfg = FilterConfig(min_executed=0.5, min_no_stray=0.5, min_subject_kept=0.5, min_attribute_present=0.5,
+                       min_attributes_kept=0.01)
     remote.stats.update(requests=0, prompt_tokens=0)
-    got = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: remote).to_pylist()
-    want = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: local).to_pylist()
+    got = filter_stage.filter_rows(rows, prompts, instructions, images, check, cfg, lambda: remote).to_pylist()
+    want = filter_stage.filter_rows(rows, prompts, instructions, images, check, cfg, lambda: local).to_pylist()
     assert [r["item_id"] for r in got] == ["f0", "f1", "f2"]
     for g, w in zip(got, want):
         assert g["p_source"] == "answer" and w["p_source"] == "logits"
@@ -371,7 +372,7 @@ def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, 
     monkeypatch.setenv("RICHPREF_PID_DIR", str(tmp_path / "pids"))  # this test's servers only
     engine = "{backend: server, launch: transformers, startup_timeout_s: 240}"
     summary = curate_run(runs_dir, "served", tiny_models,
-                         extra=[f"critique.engine={engine}", f"instruct.engine={engine}", f"filter.engine={engine}",
+                         extra=[f"critique.engine={engine}", f"instruct.engine={engine}", f"check.engine={engine}",
                                 "source.limit=4", *ONE_REWARD])
     assert summary["state"] == "completed"
     assert list(registry_dir().glob("*.json")) == []  # every launched server was stopped

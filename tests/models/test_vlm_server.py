@@ -82,7 +82,7 @@ def _key(stage_name: str, overrides: list[str]) -> str:
     return content_key(stage, profile, 0, {name: type("M", (), {"key": "k"})() for name in stage.reads})
 
 
-@pytest.mark.parametrize("section, stage", [("filter", "check")])
+@pytest.mark.parametrize("section, stage", [("check", "check")])
 def test_switching_launcher_recomputes_check_the_endpoint_alone_does_not(section, stage):
     vllm = _key(stage, [f"{section}.engine.backend=server", f"{section}.engine.launch=vllm"])
     serve = _key(stage, [f"{section}.engine.backend=server", f"{section}.engine.launch=transformers"])
@@ -98,11 +98,11 @@ def test_switching_launcher_recomputes_check_the_endpoint_alone_does_not(section
 
 
 def test_switching_a_vlm_score_rewards_launcher_recomputes_score():
-    from richpref.schemas.relabel import RelabelConfig
+    from richpref.schemas.config import ScoreConfig
     from richpref.tasks.relabel_score import scoring_view
 
     def view(engine):
-        cfg = RelabelConfig(rewards={"vlm_score": {"kind": "vlm_score", "model": "qwen", "engine": engine}})
+        cfg = ScoreConfig(rewards={"vlm_score": {"kind": "vlm_score", "model": "qwen", "engine": engine}})
         return scoring_view(cfg)
 
     assert view({"backend": "server", "launch": "vllm"}) != view({"backend": "server", "launch": "transformers"})

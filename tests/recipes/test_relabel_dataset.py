@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from relabel_helpers import _image, solid
-from richpref.schemas.config import RelabelConfig, RewardSpec, SubjectGateConfig, load_profile
+from richpref.schemas.config import RelabelConfig, RewardModel, ScoreConfig, SubjectGateConfig, load_profile
 
 
 def _jpeg(im):
@@ -77,7 +77,7 @@ def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp
 
     pq.write_table(pa.table({"caption": ["x"], "jpg_0": [solid(1, 2)], "jpg_1": [solid(3, 4)]}), tmp_path / "a.parquet")
     profile = load_profile("tiny", models_root=str(tiny_models))
-    on_cut = load_profile("tiny", ["relabel.rewards.clip.on_cutout=true"], models_root=str(tiny_models))
+    on_cut = load_profile("tiny", ["score.rewards.clip.on_cutout=true"], models_root=str(tiny_models))
     with pytest.raises(DatasetError, match="cut-outs"):
         relabel_dataset(str(tmp_path / "a.parquet"), str(tmp_path / "out"), on_cut, reward="clip")
     with pytest.raises(DatasetError, match="standardize=shard"):
@@ -93,9 +93,10 @@ def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp
 def test_relabel_dataset_follows_the_reward_and_drops_near_ties_only_when_asked():
     from richpref.recipes.relabel_dataset import dataset_relabel_config
 
-    cfg = RelabelConfig(rewards={"ir": RewardSpec(kind="clip", model="-"), "clip": RewardSpec(kind="clip", model="-", weight=0.0)},
-                        min_margin=0.3, subject_gate=SubjectGateConfig(model="-", min_consistency=0.5))
-    one = dataset_relabel_config(cfg, "clip")  # a weight-0 reward picked by --reward is the one vote
-    assert one.scored() == ["clip"] and one.rewards["clip"].weight == 1.0
-    assert one.min_margin == 0.0 and one.subject_gate is None  # the reward's order; nothing was edited
-    assert dataset_relabel_config(cfg, "clip", drop_near_ties=True).min_margin == 0.3
+    score = ScoreConfig(rewards={"ir": RewardModel(kind="clip", model="-"), "clip": RewardModel(kind="clip", model="-")},
+                        subject_gate=SubjectGateConfig(model="-"))
+    cfg = RelabelConfig(weights={"ir": 1.0}, min_margin=0.3, min_consistency=0.5)
+    one_score, one = dataset_relabel_config(score, cfg, "clip")  # a reward without a vote picked by --reward is the one vote
+    assert one_score.scored() == ["clip"] and one.voting(one_score.scored()) == ["clip"] and one.weight("clip") == 1.0
+    assert one.min_margin == 0.0 and one_score.subject_gate is None  # the reward's order; nothing was edited
+    assert dataset_relabel_config(score, cfg, "clip", drop_near_ties=True)[1].min_margin == 0.3

@@ -95,7 +95,7 @@ def test_trust_remote_code_is_off_unless_a_profile_opts_in():
 
     for name in ("tiny", "sd15-paper", "sdxl-paper"):
         p = load_profile(name)
-        for section in ("critique", "instruct", "filter"):
+        for section in ("critique", "instruct", "check"):
             assert getattr(p, section).trust_remote_code is False, (name, section)
 
 

@@ -24,19 +24,19 @@ def test_model_stages_key_on_what_the_models_measure_not_on_thresholds():
 
     base = keys()
     decisions = ["filter.min_executed=0.1", "filter.executed_reduce=min", "filter.min_attributes_kept=0.9",
-                 "relabel.min_margin=0.5", "relabel.rewards.imagereward.weight=3", "relabel.pairing=best_vs_worst",
-                 "relabel.standardize=item", "relabel.subject_gate.min_consistency=0.9"]
+                 "relabel.min_margin=0.5", "relabel.weights.imagereward=3", "relabel.pairing=best_vs_worst",
+                 "relabel.standardize=item", "relabel.min_consistency=0.9", "relabel.weights.clip=1"]
     for setting in decisions:
         k = keys(setting)
         assert (k["check"], k["score"]) == (base["check"], base["score"]), setting
         assert k["filter"] != base["filter"] or k["relabel"] != base["relabel"], setting
-    for setting in ("filter.max_attributes=3", "filter.min_attributes_kept=0"):  # what the VLM is asked
+    for setting in ("check.max_attributes=3", "check.attributes=false"):  # what the VLM is asked
         assert keys(setting)["check"] != base["check"], setting
-    for setting in ("relabel.dtype=float16", "relabel.subject_gate.patch=14", "relabel.report_only=[clip]"):
+    for setting in ("score.dtype=float16", "score.subject_gate.patch=14", "score.rewards.clip.model=other"):
         assert keys(setting)["score"] != base["score"], setting
 
 
-TUNED = ["filter.min_executed=0.521", "relabel.min_margin=0.5", "relabel.rewards.imagereward.weight=2.0"]
+TUNED = ["filter.min_executed=0.521", "relabel.min_margin=0.5", "relabel.weights.imagereward=2.0"]
 
 
 def test_tuning_thresholds_and_weights_calls_no_model_and_equals_a_fresh_run(finished_run, runs_dir, tiny_models, tmp_path):

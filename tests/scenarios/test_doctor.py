@@ -193,13 +193,14 @@ def test_doctor_measures_the_rebuild_stages_and_checks_their_judges(tiny_models,
     assert list(by) == ["source", "samples", "rewards", "ranked", "rebuild_export"]
     assert by["samples"].rows == 4 and by["ranked"].rows == 6  # sample.num_samples 4: 6 pairs of one prompt
     assert by["samples"].models and by["samples"].weights_gib > 0 and by["samples"].load_s > 0
-    assert by["rewards"].models == ["imagereward:imagereward", "pickscore:pickscore", "hpsv2:hpsv2"]
+    # score.rewards in the profile's order (the YAML written here sorts its keys)
+    assert by["rewards"].models == ["hpsv2:hpsv2", "imagereward:imagereward", "pickscore:pickscore"]
     assert by["ranked"].models == [] and by["rebuild_export"].disk_bytes > 0 and resident._key is None
     # A judge whose checkpoint is missing fails before anything runs, naming the rebuild's stage, the file and the fix.
     judge = tmp_path / "hps-judge"
     shutil.copytree(tiny_models / "hpsv3" / "base", judge / "base")
-    rewards = {**yaml.safe_load((REPO / "configs" / "tiny-rebuild.yaml").read_text())["relabel"]["rewards"],
-               "hpsv3": {"kind": "hpsv3", "model": str(judge), "backbone": str(judge / "base"), "weight": 1.0}}
-    rc, err, seconds = _doctor(capsys, _profile(tmp_path, tiny_models, "tiny-rebuild", relabel={"rewards": rewards}))
+    rewards = {**yaml.safe_load((REPO / "configs" / "tiny-rebuild.yaml").read_text())["score"]["rewards"],
+               "hpsv3": {"kind": "hpsv3", "model": str(judge), "backbone": str(judge / "base")}}
+    rc, err, seconds = _doctor(capsys, _profile(tmp_path, tiny_models, "tiny-rebuild", score={"rewards": rewards}))
     assert rc == 3 and "rewards: model" in err and f"{judge} holds no reward checkpoint 'HPSv3.safetensors'" in err
-    assert f"--local-dir {judge}" in err and "relabel.rewards.hpsv3.file" in err and "doctor: samples:" not in err
+    assert f"--local-dir {judge}" in err and "score.rewards.hpsv3.file" in err and "doctor: samples:" not in err

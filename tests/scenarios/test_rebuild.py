@@ -101,7 +101,7 @@ def _z(x):
 def test_labels_come_from_the_rewards(rebuilt):
     """Hand-check: z-score each voting reward over a shard's samples, weigh, compare the two sides."""
     data, store, prof, _ = rebuilt
-    weights = {n: s.weight for n, s in prof.relabel.rewards.items() if s.weight}
+    weights = {n: prof.relabel.weight(n) for n in prof.score.scored() if prof.relabel.weight(n)}
     assert len(weights) == 2  # two rewards combined
     checked = 0
     for shard in store.shards("pairs"):
@@ -137,7 +137,7 @@ def _scores(rows):
 
 
 def test_ties_too_few_samples_and_missing_samples_have_reasons():
-    cfg = load_profile("tiny-rebuild", ["relabel.rewards={a: {kind: clip, model: clip}}", "relabel.report_only=[]",
+    cfg = load_profile("tiny-rebuild", ["score.rewards={a: {kind: clip, model: clip}}", "relabel.weights={a: 1.0}",
                                        "relabel.min_margin=0"]).relabel
     ok = lambda i, c, a, d: {"item_id": i, "status": OK, "candidate": c, "a": a, "seed": c, "digest": d,  # noqa: E731
                              "dtypes": "{}"}
@@ -148,7 +148,7 @@ def test_ties_too_few_samples_and_missing_samples_have_reasons():
                              {"item_id": "z", "status": "rejected", "reason": "flat_image: std 0", "candidate": 1},
                              {"item_id": "z", "status": "rejected", "reason": "flat_image: std 0", "candidate": 2}],
                             sample_scores_schema(["a"]))
-    out = rank_items(["x", "y", "z"], samples, scores, cfg, 3).to_pylist()
+    out = rank_items(["x", "y", "z"], samples, scores, cfg, 3, ["a"]).to_pylist()
     assert [(r["candidate_0"], r["candidate_1"]) for r in out[:3]] == pair_index(3) == [(0, 1), (0, 2), (1, 2)]
     x, y, z = out[:3], out[3:6], out[6:]
     assert x[0]["reason"].startswith("tie: composite margin 0") and x[1]["status"] == x[2]["status"] == OK
@@ -157,7 +157,8 @@ def test_ties_too_few_samples_and_missing_samples_have_reasons():
     assert all(r["reason"].startswith("missing_sample: sample 2 was rejected (flat_image") for r in y[1:])
     assert all(r["reason"].startswith("too_few_samples: 1 valid sample(s) of 3") for r in z)
     # best_vs_worst: one pair per item (x: 2 vs 0), the others not selected
-    bvw = rank_items(["x"], samples, scores, cfg.model_copy(update={"pairing": "best_vs_worst"}), 3).to_pylist()
+    bvw = rank_items(["x"], samples, scores, cfg.model_copy(update={"pairing": "best_vs_worst"}), 3,
+                     ["a"]).to_pylist()
     assert [r["status"] for r in bvw] == ["rejected", OK, "rejected"]
     assert bvw[0]["reason"].startswith("not_selected")
 

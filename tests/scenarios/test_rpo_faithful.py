@@ -29,8 +29,8 @@ def test_rpo_faithful_turns_off_what_sd15_paper_adds(name):
     f = p.filter
     assert f.min_executed == f.min_no_stray == f.min_subject_kept == f.min_attributes_kept == 0  # no pair filter
     r = p.relabel
-    assert r.min_margin == 0 and r.subject_gate is None and not r.report_only
-    assert {n: s.weight for n, s in r.rewards.items()} == {"imagereward": 1.0}  # ImageReward alone votes
+    assert r.min_margin == 0 and p.score.subject_gate is None and p.score.scored() == ["imagereward"]
+    assert r.weights == {"imagereward": 1.0}  # ImageReward alone votes
     paper = load_profile("sd15-paper" if name == "rpo-faithful" else "tiny")
     assert "plus" in paper.description and paper.description != p.description
     if name == "rpo-faithful":  # the same models as sd15-paper

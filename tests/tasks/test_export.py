@@ -74,10 +74,10 @@ def test_dataset_card_and_plots(mini_run, capsys):
     relabel = store.read_shard("relabel", 0).to_pylist()
     assert f"flip rate (of the pairs holding the original: the edit scored lower, label_0 = 1): {_flip_rate(relabel):.1%}" in card
     assert "| filter | 6 | 5 | 1 | filter: 1 |" in card  # counts with the reject reason
-    for name in profile.relabel.scored():
+    for name in profile.score.scored():
         a = np.array([r[f"{name}_0"] for r in relabel])
         title = f"{name} (HPSv2 v2.0)" if name == "hpsv2" else name  # the version is named wherever HPSv2 shows
-        assert f"| {title} | {profile.relabel.rewards[name].weight:g} | {a.mean():.4g} ± {a.std():.3g}" in card
+        assert f"| {title} | {profile.relabel.weight(name):g} | {a.mean():.4g} ± {a.std():.3g}" in card
     assert '"min_margin": 0.0' in card  # the config is in the card
     assert f"Profile: `tiny`: {profile.description.strip()}" in card  # which profile, and what it adds
     assert "Sampling: `sample.safety_checker: false`" in card

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from richpref.schemas.config import FilterConfig
+from richpref.schemas.config import CheckConfig, FilterConfig
 from richpref.tasks import filter as filter_stage
 from vlm_helpers import filter_input
 
@@ -44,9 +44,10 @@ class TestAttributeCheck:
 
 def test_filter_names_every_failed_check(vlms):
     rows, prompts, instructions, images = filter_input(2)
-    cfg = FilterConfig(max_new_tokens=6, min_executed=1.0, min_no_stray=1.0, min_subject_kept=1.0,
-                       min_attribute_present=0.0, min_attributes_kept=1.0, executed_reduce="min")
-    out = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: vlms["qwen"]).to_pylist()
+    cfg = FilterConfig(min_executed=1.0, min_no_stray=1.0, min_subject_kept=1.0, min_attribute_present=0.0,
+                       min_attributes_kept=1.0, executed_reduce="min")
+    out = filter_stage.filter_rows(rows, prompts, instructions, images, CheckConfig(max_new_tokens=6), cfg,
+                                   lambda: vlms["qwen"]).to_pylist()
     for r in out:
         assert r["status"] == "rejected" and r["verdict"] == "drop"
         codes = [part.split(":")[0] for part in r["reason"].split("; ")]

@@ -17,7 +17,7 @@ import pytest
 from richpref.common.images import encode_png
 from richpref.models.vlm import YesNo
 from richpref.prompts import load_sections, render
-from richpref.schemas.config import FilterConfig
+from richpref.schemas.config import CheckConfig, FilterConfig
 from richpref.schemas.serving import EngineConfig
 from richpref.schemas.tables import CHECKS, VERDICTS
 from richpref.tasks import filter as filter_stage
@@ -29,9 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_old_filter_template_needs_the_attribute_check_off():
-    with pytest.raises(ValueError, match="min_attributes_kept=0"):
-        filter_stage.load_filter_template(FilterConfig(template="filter_v1"))
-    assert "attributes" not in filter_stage.load_filter_template(FilterConfig(template="filter_v1", min_attributes_kept=0))
+    with pytest.raises(ValueError, match="check.attributes=false"):
+        filter_stage.load_filter_template(CheckConfig(template="filter_v1"))
+    assert "attributes" not in filter_stage.load_filter_template(CheckConfig(template="filter_v1", attributes=False))
 
 
 def test_filter_probabilities_are_the_models_answers(vlms):
@@ -39,9 +39,10 @@ def test_filter_probabilities_are_the_models_answers(vlms):
 
     vlm = vlms["qwen"]
     rows, prompts, instructions, images = filter_input()
-    cfg = FilterConfig(max_new_tokens=8, batch_size=4, min_executed=0, min_no_stray=0, min_subject_kept=0,
-                       min_attribute_present=0.5, min_attributes_kept=0.01)
-    out = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: vlm)
+    cfg = FilterConfig(min_executed=0, min_no_stray=0, min_subject_kept=0, min_attribute_present=0.5,
+                       min_attributes_kept=0.01)
+    out = filter_stage.filter_rows(rows, prompts, instructions, images, CheckConfig(max_new_tokens=8, batch_size=4), cfg,
+                                   lambda: vlm)
     assert out.schema == VERDICTS
     sections = load_sections("filter_v2")
     for k, r in enumerate(out.to_pylist()):
@@ -95,13 +96,15 @@ def test_filter_lists_an_items_attributes_once_for_all_its_edits(vlms):
     images2 = {k: v * 2 for k, v in images.items()}
     images2["edited"] = [images["edited"][0], encode_png(image(77))]
     images2["edited_cutout"] = [images["edited_cutout"][0], encode_png(image(78, (48, 64)))]
-    cfg = FilterConfig(max_new_tokens=8, min_executed=0, min_no_stray=0, min_subject_kept=0,
-                       min_attribute_present=0.5, min_attributes_kept=0.01)
-    out = filter_stage.filter_rows(two, prompts * 2, instructions * 2, images2, cfg, lambda: Recording()).to_pylist()
+    check = CheckConfig(max_new_tokens=8)
+    cfg = FilterConfig(min_executed=0, min_no_stray=0, min_subject_kept=0, min_attribute_present=0.5,
+                       min_attributes_kept=0.01)
+    out = filter_stage.filter_rows(two, prompts * 2, instructions * 2, images2, check, cfg,
+                                   lambda: Recording()).to_pylist()
     assert calls == [("generate", 1)]
     assert [r["candidate"] for r in out] == [0, 1]
     assert out[0]["attributes"] == out[1]["attributes"] and out[0]["p_attr_original"] == out[1]["p_attr_original"]
-    [alone] = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: vlm).to_pylist()
+    [alone] = filter_stage.filter_rows(rows, prompts, instructions, images, check, cfg, lambda: vlm).to_pylist()
     # the same verdict as the edit alone (batched CPU matmuls move probabilities by ~1e-8)
     assert (alone["attributes"], alone["checks"], alone["status"]) == (out[0]["attributes"], out[0]["checks"], out[0]["status"])
     for key in ("p_executed", "p_no_stray", "p_subject_kept"):
@@ -111,10 +114,11 @@ def test_filter_lists_an_items_attributes_once_for_all_its_edits(vlms):
 
 def test_filter_without_the_attribute_check_generates_nothing(vlms):
     rows, prompts, instructions, images = filter_input(1)
-    cfg = FilterConfig(min_attributes_kept=0, min_executed=0, min_no_stray=0, min_subject_kept=0)
-    [r] = filter_stage.filter_rows(rows, prompts, instructions, images, cfg, lambda: vlms["qwen"]).to_pylist()
+    cfg = FilterConfig(min_executed=0, min_no_stray=0, min_subject_kept=0)
+    [r] = filter_stage.filter_rows(rows, prompts, instructions, images, CheckConfig(attributes=False), cfg,
+                                   lambda: vlms["qwen"]).to_pylist()
     assert r["status"] == "ok" and r["attributes"] is None
-    assert json.loads(r["checks"])["attributes"] == "skipped: filter.min_attributes_kept=0"
+    assert json.loads(r["checks"])["attributes"] == "skipped: check.attributes=false"
 
 
 def test_bad_images_are_rejected_without_loading_a_model():
@@ -124,7 +128,7 @@ def test_bad_images_are_rejected_without_loading_a_model():
     def no_model():
         raise AssertionError("no row needs the model")
 
-    [r] = filter_stage.filter_rows(rows, prompts, instructions, images, FilterConfig(), no_model).to_pylist()
+    [r] = filter_stage.filter_rows(rows, prompts, instructions, images, CheckConfig(), FilterConfig(), no_model).to_pylist()
     assert r["status"] == "rejected" and r["reason"].startswith("bad_image:")
 
 
@@ -146,15 +150,16 @@ class FailingOnePair:
 
 def test_a_failed_request_rejects_its_pair_in_check_and_filter(vlms):
     rows, prompts, instructions, images = filter_input()
-    cfg = FilterConfig(max_new_tokens=8, min_executed=0, min_no_stray=0, min_subject_kept=0, min_attributes_kept=0.01)
+    check = CheckConfig(max_new_tokens=8)
+    cfg = FilterConfig(min_executed=0, min_no_stray=0, min_subject_kept=0, min_attributes_kept=0.01)
     vlm = FailingOnePair(vlms["qwen"], "second dog")  # pair f1's instruction
-    checks = filter_check.check_rows(rows, prompts, instructions, images, cfg, lambda: vlm)
+    checks = filter_check.check_rows(rows, prompts, instructions, images, check, lambda: vlm)
     assert checks.schema == CHECKS
     a, b, c = checks.to_pylist()
     assert b["status"] == "rejected" and b["reason"] == "vlm_request_failed: HTTP 500 after 2 attempt(s)"
     assert (a["status"], c["status"]) == ("ok", "ok") and a["p_source"] == c["p_source"] == "logits"
     # the other pairs' answers are those of a run without the failure
-    clean = filter_check.check_rows(rows, prompts, instructions, images, cfg, lambda: vlms["qwen"]).to_pylist()
+    clean = filter_check.check_rows(rows, prompts, instructions, images, check, lambda: vlms["qwen"]).to_pylist()
     for got, want in ((a, clean[0]), (c, clean[2])):
         assert got["p_executed_each"] == pytest.approx(want["p_executed_each"], abs=1e-6)
         assert got["p_attr_edited"] == pytest.approx(want["p_attr_edited"], abs=1e-6)
@@ -166,15 +171,15 @@ def test_a_failed_request_rejects_its_pair_in_check_and_filter(vlms):
     assert va["p_source"] == vc["p_source"] == "logits" and va["verdict"] == "keep"
 
 
-def test_the_check_key_leaves_out_thresholds_transport_and_prefix_sharing():
+def test_the_check_key_leaves_out_transport_and_prefix_sharing():
+    """The thresholds are another section's (tests/schemas/test_config.py keys the stages)."""
     view = filter_check.checking_view
-    base = view(FilterConfig())
-    assert view(FilterConfig(min_executed=0.9, min_subject_kept=0.1)) == base
-    assert view(FilterConfig(share_image_prefix=False, batch_size=2)) == base
+    base = view(CheckConfig())
+    assert view(CheckConfig(share_image_prefix=False, batch_size=2)) == base
     endpoint = EngineConfig(backend="server", endpoint="http://127.0.0.1:8000/v1")
     other = EngineConfig(backend="server", endpoint="http://10.0.0.5:8000/v1", concurrency=4)
-    assert view(FilterConfig(engine=endpoint)) == view(FilterConfig(engine=other)) != base  # the backend counts
-    assert view(FilterConfig(max_attributes=3)) != base
+    assert view(CheckConfig(engine=endpoint)) == view(CheckConfig(engine=other)) != base  # the backend counts
+    assert view(CheckConfig(max_attributes=3)) != base != view(CheckConfig(attributes=False))
 
 
 def test_check_asks_only_about_the_instructions_that_reached_the_editor(vlms, monkeypatch):
@@ -186,7 +191,7 @@ def test_check_asks_only_about_the_instructions_that_reached_the_editor(vlms, mo
 
     rows, prompts, instructions, images = filter_input(2)
     every = [["Make the apple red", "Remove the blue cup", "Add a hat", "Paint the wall green"], ["Add a second dog"]]
-    profile = load_profile("tiny", ["filter.max_new_tokens=4", "filter.min_attributes_kept=0"])
+    profile = load_profile("tiny", ["check.max_new_tokens=4", "check.attributes=false"])
     cutout = rows.append_column("original_cutout", pa.array(images["original_cutout"], pa.binary())) \
         .append_column("edited_cutout", pa.array(images["edited_cutout"], pa.binary()))
     tables = {
@@ -200,7 +205,7 @@ def test_check_asks_only_about_the_instructions_that_reached_the_editor(vlms, mo
     monkeypatch.setattr(filter_check, "load_vlm", lambda cfg, root: vlms["qwen"])
     out = filter_check.compute(StageInputs(0, cutout, tables), profile).to_pylist()
     assert [len(r["p_executed_each"]) for r in out] == [2, 1]
-    sections = load_sections(profile.filter.template)
+    sections = load_sections(profile.check.template)
     from richpref.common.images import decode_image, side_by_side
 
     pair = side_by_side(decode_image(images["original"][0]), decode_image(images["edited"][0]))

@@ -10,16 +10,28 @@ import pytest
 from pydantic import ValidationError
 
 from relabel_helpers import N_ITEMS, ChannelValue, solid
-from richpref.schemas.config import RelabelConfig, RewardSpec, SubjectGateConfig
+from richpref.schemas.config import Profile, RelabelConfig, RewardModel, ScoreConfig, SubjectGateConfig
 from richpref.tasks import relabel as relabel_stage
 
 
 # ------------------------------------------------------------------ composite, flip, tie and pairing: by hand
 
+def relabel(ids, prompts, images, cfgs: tuple[ScoreConfig, RelabelConfig], get_scorer, **kw):
+    """relabel_rows with the (score, relabel) sections of a test."""
+    return relabel_stage.relabel_rows(ids, prompts, images, *cfgs, get_scorer, **kw)
+
+
+def with_(cfgs: tuple[ScoreConfig, RelabelConfig], **update) -> tuple[ScoreConfig, RelabelConfig]:
+    return cfgs[0], cfgs[1].model_copy(update=update)
+
+
+def clip(*names: str) -> ScoreConfig:
+    return ScoreConfig(rewards={n: RewardModel(kind="clip", model="-") for n in names})
+
+
 def hand_config(standardize="shard", min_margin=0.0):
-    return RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-", weight=1.0),
-                                  "green": RewardSpec(kind="clip", model="-", weight=2.0)},
-                         standardize=standardize, min_margin=min_margin)
+    return clip("red", "green"), RelabelConfig(weights={"red": 1.0, "green": 2.0}, standardize=standardize,
+                                               min_margin=min_margin)
 
 
 # item a: red 10 -> 30, green 0 -> 10; item b: red 20 -> 20, green 10 -> 0
@@ -35,7 +47,7 @@ def test_zscore_by_hand():
 
 
 def test_shard_standardised_weighted_composite_flip_and_margin_by_hand():
-    out = relabel_stage.relabel_rows(["a", "b"], ["p", "q"], HAND_IMAGES, hand_config("shard"), SCORERS.__getitem__).to_pylist()
+    out = relabel(["a", "b"], ["p", "q"], HAND_IMAGES, hand_config("shard"), SCORERS.__getitem__).to_pylist()
     # red over the shard: [10, 30, 20, 20] -> mean 20, std sqrt(50): z = [-√2, √2, 0, 0]
     # green over the shard: [0, 10, 10, 0] -> mean 5, std 5: z = [-1, 1, 1, -1]; weight 2
     r2 = math.sqrt(2)
@@ -48,7 +60,7 @@ def test_shard_standardised_weighted_composite_flip_and_margin_by_hand():
 
 
 def test_item_standardisation_and_ties_by_hand():
-    out = relabel_stage.relabel_rows(["a", "b"], ["p", "q"], HAND_IMAGES, hand_config("item", min_margin=4.5),
+    out = relabel(["a", "b"], ["p", "q"], HAND_IMAGES, hand_config("item", min_margin=4.5),
                                      SCORERS.__getitem__).to_pylist()
     a, b = out
     # centred per item, scaled by the shard's spread around the item means:
@@ -62,7 +74,7 @@ def test_item_standardisation_and_ties_by_hand():
     assert b["chosen"] is None  # a tie has no label: it can never be exported as 0.5
 
 
-RED = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-", weight=1.0)}, standardize="item")
+RED = clip("red"), RelabelConfig(standardize="item")
 
 
 def several_edits(pairing: str, standardize: str = "item"):
@@ -70,8 +82,8 @@ def several_edits(pairing: str, standardize: str = "item"):
     ids, cands = ["a", "a", "a", "b", "b"], [0, 1, 2, 0, 1]
     images = {"original": [solid(10, 0)] * 3 + [solid(40, 0)] * 2,
               "edited": [solid(30, 0), solid(20, 0), solid(0, 0), solid(30, 0), solid(10, 0)]}
-    cfg = RED.model_copy(update={"pairing": pairing, "standardize": standardize})
-    return relabel_stage.relabel_rows(ids, ["p"] * 5, images, cfg, {"red": ChannelValue(0)}.__getitem__,
+    cfg = with_(RED, pairing=pairing, standardize=standardize)
+    return relabel(ids, ["p"] * 5, images, cfg, {"red": ChannelValue(0)}.__getitem__,
                                       candidates=cands).to_pylist()
 
 
@@ -84,7 +96,7 @@ def test_item_standardisation_keeps_the_size_of_a_gap_with_one_edit_per_item():
             s = super().score(images, prompts)
             return s + np.array([1e-4 if np.asarray(im)[..., 2].mean() else 0 for im in images])
 
-    out = relabel_stage.relabel_rows(["a", "b", "c"], ["p"] * 3, images, RED, {"red": Tiny(0)}.__getitem__).to_pylist()
+    out = relabel(["a", "b", "c"], ["p"] * 3, images, RED, {"red": Tiny(0)}.__getitem__).to_pylist()
     # deviations from the item means: a ±10, b ±5e-5, c ±5; spread √((200 + 50 + 5e-9) / 6)
     spread = math.sqrt((200 + 50 + 5e-9) / 6)
     assert out[0]["margin"] == pytest.approx(20 / spread) and out[2]["margin"] == pytest.approx(10 / spread)
@@ -128,9 +140,9 @@ def test_shard_standardisation_counts_each_original_once_by_hand():
 
 
 def test_one_edit_per_item_gives_the_same_pairs_under_both_pairings():
-    a = relabel_stage.relabel_rows(["a", "b"], ["p", "q"], HAND_IMAGES, hand_config("shard"), SCORERS.__getitem__).to_pylist()
-    b = relabel_stage.relabel_rows(["a", "b"], ["p", "q"], HAND_IMAGES,
-                                   hand_config("shard").model_copy(update={"pairing": "best_vs_worst"}),
+    a = relabel(["a", "b"], ["p", "q"], HAND_IMAGES, hand_config("shard"), SCORERS.__getitem__).to_pylist()
+    b = relabel(["a", "b"], ["p", "q"], HAND_IMAGES,
+                                   with_(hand_config("shard"), pairing="best_vs_worst"),
                                    SCORERS.__getitem__).to_pylist()
     assert a == b
 
@@ -146,10 +158,10 @@ class BatchNoise:
 
 
 def test_identical_images_and_margins_within_float_noise_are_ties_on_any_processor():
-    cfg = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-")}, min_margin=0.0)
+    cfg = clip("red"), RelabelConfig(min_margin=0.0)
     images = {"original": [solid(10, 0), solid(50, 0), solid(60, 0, 0), solid(40, 0)],
               "edited": [solid(30, 0), solid(50, 0), solid(60, 0, 1), solid(20, 0)]}
-    out = relabel_stage.relabel_rows(["a", "same", "near", "b"], ["p"] * 4, images, cfg,
+    out = relabel(["a", "same", "near", "b"], ["p"] * 4, images, cfg,
                                      {"red": BatchNoise()}.__getitem__).to_pylist()
     a, same, near, b = out
     assert same["margin"] > 0 and near["margin"] > 0  # the noise alone separates them
@@ -181,12 +193,12 @@ class Consistency:
 
 
 def test_the_subject_gate_rejects_edits_that_changed_too_much_and_never_votes():
-    gate = SubjectGateConfig(model="-", on_cutout=False, min_consistency=0.9)
-    cfg = RelabelConfig(rewards={"green": RewardSpec(kind="clip", model="-")}, subject_gate=gate)
+    gate = SubjectGateConfig(model="-", on_cutout=False)
+    cfg = clip("green").model_copy(update={"subject_gate": gate}), RelabelConfig(min_consistency=0.9)
     # a: red 10 -> 20 (consistency 0.96), green up; b: red 10 -> 200 (0.25), green up; c: red 50 -> 50, green down
     images = {"original": [solid(10, 10), solid(10, 10), solid(50, 40)], "edited": [solid(20, 30), solid(200, 30), solid(50, 0)]}
     scorers = {"green": ChannelValue(1), "subject_consistency": Consistency()}
-    a, b, c = relabel_stage.relabel_rows(["a", "b", "c"], ["p"] * 3, images, cfg, scorers.__getitem__).to_pylist()
+    a, b, c = relabel(["a", "b", "c"], ["p"] * 3, images, cfg, scorers.__getitem__).to_pylist()
     assert b["status"] == "rejected" and b["reason"].startswith("subject_changed: DINOv2 patch consistency 0.2")
     assert (a["status"], a["chosen"], c["status"], c["chosen"]) == ("ok", 1, "ok", 0)
     # the consistency is recorded, not combined: the composite is green's z alone (over a's and c's images)
@@ -196,17 +208,26 @@ def test_the_subject_gate_rejects_edits_that_changed_too_much_and_never_votes():
 
 
 def test_relabel_config_rules():
-    ok = RewardSpec(kind="clip", model="-")
+    """What relabel decides must name what score measures (checked where the two sections meet, the Profile)."""
     with pytest.raises(ValidationError, match="subject_gate"):
-        RelabelConfig(rewards={"dino": RewardSpec(kind="dino_patch", model="-")})
-    with pytest.raises(ValidationError, match="not in relabel.rewards"):
-        RelabelConfig(rewards={"clip": ok}, report_only=["hps"])
-    with pytest.raises(ValidationError, match="non-zero weight"):
-        RelabelConfig(rewards={"clip": ok}, report_only=["clip"])
-    with pytest.raises(ValidationError, match="every relabel reward has weight 0"):
-        RelabelConfig(rewards={"clip": ok.model_copy(update={"weight": 0.0})})
-    default = RelabelConfig()
-    assert default.voting() == ["imagereward"] and default.dtype == "float32"  # as RPO and the reference scorer
+        ScoreConfig(rewards={"dino": RewardModel(kind="dino_patch", model="-")})
+
+    def profile(**relabel):
+        return Profile(name="p", score=clip("clip", "pick"), relabel=RelabelConfig(**relabel))
+
+    with pytest.raises(ValidationError, match="not in score.rewards"):
+        profile(weights={"clip": 1.0, "hps": 1.0})
+    with pytest.raises(ValidationError, match="weight 0"):
+        profile(weights={"clip": 0.0})
+    with pytest.raises(ValidationError, match="not a scored edit judge"):
+        profile(edit_gate={"reward": "clip", "min_score": 0.0})
+    with pytest.raises(ValidationError, match="score.subject_gate"):
+        profile(min_consistency=0.5)
+    assert profile(weights={"pick": 2.0}).relabel.voting(["clip", "pick"]) == ["pick"]  # clip: recorded only
+    assert RelabelConfig().voting(["clip", "pick"]) == ["clip", "pick"]  # unset: every reward, weight 1
+    default = Profile(name="p")
+    assert default.relabel.voting(default.score.scored()) == ["imagereward"]
+    assert default.score.dtype == "float32"  # as RPO and the reference scorer
 
 
 # ------------------------------------------------------------------ the mini run: every tiny reward, combined
@@ -217,8 +238,8 @@ def test_relabel_stage_scores_every_tiny_reward_and_combines_them(mini_run):
     _, store, profile = mini_run
     scores = store.read_shard("relabel", 0).to_pylist()
     assert [r["item_id"] for r in scores] == [f"item{k}" for k in range(N_ITEMS) if k != 2]  # the filter's reject is not here
-    names = profile.relabel.scored()
-    assert len(names) == 8 and profile.relabel.voting() == ["imagereward"]  # as RPO; the others report only
+    names = profile.score.scored()
+    assert len(names) == 8 and profile.relabel.voting(names) == ["imagereward"]  # as RPO; the others report only
     for r in scores:
         assert 0 < r["subject_consistency"] < 1.0  # the gate's measure, not a reward
         assert 0 <= r["vlm_score_0"] <= 1 and 0 < r["hp_1"] < 1
@@ -227,7 +248,7 @@ def test_relabel_stage_scores_every_tiny_reward_and_combines_them(mini_run):
     c1 = np.zeros(len(scores))
     for n in names:
         z = zscore(np.array([r[f"{n}_0"] for r in scores] + [r[f"{n}_1"] for r in scores]))
-        w = profile.relabel.rewards[n].weight
+        w = profile.relabel.weight(n)
         c0 += w * z[: len(scores)]
         c1 += w * z[len(scores):]
     np.testing.assert_allclose([r["composite_0"] for r in scores], c0, atol=1e-9)

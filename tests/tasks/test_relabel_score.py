@@ -1,6 +1,7 @@
 """The score stage (richpref/tasks/relabel_score.py): the reward models' raw scores, nothing decided.
-Bad images and non-finite scores are rejected with a reason, a weight-0 reward is not loaded unless
-reported, and a reward (or the subject gate) with `on_cutout` scores the cut-outs."""
+Bad images are rejected with a reason, a non-finite score is recorded (and rejects the pair in relabel
+when its reward votes or gates), every reward of `score.rewards` and only those are loaded, and a
+reward (or the subject gate) with `on_cutout` scores the cut-outs."""
 from __future__ import annotations
 
 import io
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from relabel_helpers import ChannelValue, solid
-from richpref.schemas.config import RelabelConfig, RewardSpec
+from richpref.schemas.config import RelabelConfig, RewardModel, ScoreConfig
 from richpref.tasks import relabel as relabel_stage
 
 
@@ -22,10 +23,10 @@ def test_bad_images_and_non_finite_scores_are_rejected_with_a_reason():
         def score(self, images, prompts, *, batch_size=8):
             return np.array([np.nan if np.asarray(im)[..., 2].mean() > 0 else 1.0 for im in images])
 
-    cfg = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-"), "nanny": RewardSpec(kind="clip", model="-")})
+    score = ScoreConfig(rewards={"red": RewardModel(kind="clip", model="-"), "nanny": RewardModel(kind="clip", model="-")})
     images = {"original": [solid(1, 0), b"not an image", solid(5, 0), solid(7, 0)],
               "edited": [solid(2, 0), solid(3, 0), solid(6, 0, 9), solid(9, 0)]}
-    out = relabel_stage.relabel_rows(["a", "b", "c", "d"], ["p"] * 4, images, cfg,
+    out = relabel_stage.relabel_rows(["a", "b", "c", "d"], ["p"] * 4, images, score, RelabelConfig(),
                                      {"red": ChannelValue(0), "nanny": NaNOnBlue()}.__getitem__).to_pylist()
     assert [r["status"] for r in out] == ["ok", "rejected", "rejected", "ok"]
     assert out[1]["reason"].startswith("bad_image:") and out[2]["reason"] == "bad_score: non-finite nanny score"
@@ -48,15 +49,16 @@ def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
     from richpref.tasks.relabel_score import score_rows
 
     images = {"original": [solid(1, 0), solid(5, 0), solid(7, 3)], "edited": [solid(2, 0), solid(6, 0, 9), solid(9, 1)]}
-    rewards = {"red": RewardSpec(kind="clip", model="-"), "mute": RewardSpec(kind="unified_reward", model="-", weight=0.0)}
+    score = ScoreConfig(rewards={"red": RewardModel(kind="clip", model="-"),
+                                 "mute": RewardModel(kind="unified_reward", model="-")})
     scorers = {"red": ChannelValue(0), "mute": Mute()}.__getitem__
-    reported = RelabelConfig(rewards=rewards, report_only=["mute"])
-    scores = score_rows(["a", "b", "c"], ["p"] * 3, images, reported, scorers).to_pylist()
+    reported = RelabelConfig(weights={"red": 1.0})
+    scores = score_rows(["a", "b", "c"], ["p"] * 3, images, score, scorers).to_pylist()
     assert [r["status"] for r in scores] == ["ok", "ok", "ok"]
     assert np.isnan(scores[1]["mute_1"]) and scores[1]["unscored"] == "mute answered 'I cannot say'"
     assert scores[0]["unscored"] is None and scores[2]["mute_1"] == 1
-    table = relabel_stage.decide_rows(relabel_stage.score_rows(["a", "b", "c"], ["p"] * 3, images, reported, scorers),
-                                      reported)
+    table = relabel_stage.decide_rows(relabel_stage.score_rows(["a", "b", "c"], ["p"] * 3, images, score, scorers),
+                                      score, reported)
     out = table.to_pylist()
     stats = score_stats(table)["rewards"]["mute"]  # the card: over the rows it scored
     assert stats["side_1"]["max"] == 1 and stats["side_1_lower"] == 0.5
@@ -66,11 +68,11 @@ def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
     exported = json.loads(scores_json(out[1], ["mute_1", "mute_z1", "red_1"]),
                           parse_constant=lambda c: pytest.fail(f"{c} in the exported scores"))  # strict JSON
     assert exported["mute_1"] is None and exported["mute_z1"] is None and exported["red_1"] == 6
-    # The same reward voting still rejects the row it cannot score, with the raw answer.
-    voting = RelabelConfig(rewards={**rewards, "mute": RewardSpec(kind="unified_reward", model="-", weight=1.0)})
-    scores = score_rows(["a", "b", "c"], ["p"] * 3, images, voting, scorers).to_pylist()
-    assert [r["status"] for r in scores] == ["ok", "rejected", "ok"]
-    assert scores[1]["reason"] == "unparsed_answer: mute answered 'I cannot say'"
+    # The same reward voting rejects (in relabel) the row it cannot score, with the raw answer.
+    voting = relabel_stage.decide_rows(relabel_stage.score_rows(["a", "b", "c"], ["p"] * 3, images, score, scorers),
+                                       score, RelabelConfig()).to_pylist()
+    assert [r["status"] for r in voting] == ["ok", "rejected", "ok"]
+    assert voting[1]["reason"] == "unparsed_answer: mute answered 'I cannot say'"
 
 
 def test_a_report_only_edit_judge_that_gates_still_rejects_what_it_cannot_score():
@@ -82,23 +84,29 @@ def test_a_report_only_edit_judge_that_gates_still_rejects_what_it_cannot_score(
         def score_pairs(self, originals, edits, prompts, *, batch_size=8):
             return np.array([[1.0, np.nan if np.asarray(b)[..., 2].mean() > 0 else 2.0] for b in edits])
 
-    rewards = {"red": RewardSpec(kind="clip", model="-"), "judge": RewardSpec(kind="edit_reward", model="-", weight=0.0)}
+    score = ScoreConfig(rewards={"red": RewardModel(kind="clip", model="-"),
+                                 "judge": RewardModel(kind="edit_reward", model="-")})
     images = {"original": [solid(1, 0), solid(5, 0)], "edited": [solid(2, 0), solid(6, 0, 9)], "instruction": ["x", "y"]}
-    scorers = {"red": ChannelValue(0), "judge": NoScore()}.__getitem__
-    gated = RelabelConfig(rewards=rewards, report_only=["judge"], edit_gate={"reward": "judge", "min_score": 0.0})
-    assert [r["status"] for r in score_rows(["a", "b"], ["p"] * 2, images, gated, scorers).to_pylist()] == ["ok", "rejected"]
-    reported = RelabelConfig(rewards=rewards, report_only=["judge"])
-    assert [r["status"] for r in score_rows(["a", "b"], ["p"] * 2, images, reported, scorers).to_pylist()] == ["ok", "ok"]
+    scores = score_rows(["a", "b"], ["p"] * 2, images, score, {"red": ChannelValue(0), "judge": NoScore()}.__getitem__)
+    assert scores.column("status").to_pylist() == ["ok", "ok"]  # the score stage decides nothing
+    gated = RelabelConfig(weights={"red": 1.0}, edit_gate={"reward": "judge", "min_score": 0.0})
+    out = relabel_stage.decide_rows(scores, score, gated).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "rejected"]
+    assert out[1]["reason"] == "bad_score: non-finite judge score"
+    reported = RelabelConfig(weights={"red": 1.0})
+    assert relabel_stage.decide_rows(scores, score, reported).column("status").to_pylist() == ["ok", "ok"]
 
 
-def test_a_weight_0_reward_is_not_loaded_unless_reported():
+def test_only_the_rewards_of_score_are_loaded_and_only_weighted_ones_vote():
     images = {"original": [solid(10, 5), solid(20, 10)], "edited": [solid(30, 0), solid(20, 30)]}
-    both = {"red": RewardSpec(kind="clip", model="-"), "green": RewardSpec(kind="clip", model="-", weight=0.0)}
+    red = {"red": RewardModel(kind="clip", model="-")}
     only_red = {"red": ChannelValue(0)}  # asking for green would raise KeyError
-    out = relabel_stage.relabel_rows(["a", "b"], ["p"] * 2, images, RelabelConfig(rewards=both), only_red.__getitem__)
+    out = relabel_stage.relabel_rows(["a", "b"], ["p"] * 2, images, ScoreConfig(rewards=red), RelabelConfig(),
+                                     only_red.__getitem__)
     assert "green_0" not in out.schema.names and out.column("status").to_pylist() == ["ok", "rejected"]
-    reported = RelabelConfig(rewards=both, report_only=["green"])
-    out = relabel_stage.relabel_rows(["a", "b"], ["p"] * 2, images, reported, {**only_red, "green": ChannelValue(1)}.__getitem__)
+    both = ScoreConfig(rewards={**red, "green": RewardModel(kind="clip", model="-")})
+    out = relabel_stage.relabel_rows(["a", "b"], ["p"] * 2, images, both, RelabelConfig(weights={"red": 1.0}),
+                                     {**only_red, "green": ChannelValue(1)}.__getitem__)
     a = out.to_pylist()[0]
     assert (a["green_0"], a["green_1"]) == (5, 0) and a["chosen"] == 1  # green fell, red rose: red alone votes
 

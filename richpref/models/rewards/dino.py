@@ -10,7 +10,7 @@ the score is the mean over windows of the cosine between spatially corresponding
 An image smaller than one window is first upscaled (bicubic) so its short side is one window.
 
 It measures how much an edit kept of its original, not which of the two is better, so richpref uses
-it as a gate (`relabel.subject_gate`), never as a vote: `score_pairs` gives the edit's side the
+it as a gate (`score.subject_gate`, `relabel.min_consistency`), never as a vote: `score_pairs` gives the edit's side the
 consistency and the original's side 1 (an image is fully consistent with itself).
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each module here declares the kinds of one scorer module of richpref/models/rewa
 as `KINDS = (RewardKind(...), ...)`: the kind's name, the options a profile may set for it and what an
 unset one means, how to load it (a `module:callable` of richpref/models/rewards, imported only when a
 profile scores with it) and its tiny random-weight twin (a builder of richpref/models/tiny). The
-config's allowed kinds (`relabel.rewards.*.kind`), the options each takes, the loader table and the
+config's allowed kinds (`score.rewards.*.kind`), the options each takes, the loader table and the
 tiny models' layout are all read from `REWARD_KINDS`; nothing else lists the kinds.
 
 Adding a reward: its scorer (richpref/models/rewards/<kind>.py), its declaration here

@@ -18,7 +18,7 @@ from richpref.common.images import encode_png
 from richpref.models.rewards import load_reward, load_reward_spec
 from richpref.models.rewards.judge_chat import ask, qwen_resize
 from richpref.models.rewards.judge_parse import edit_score, final_score, score_list
-from richpref.schemas.config import RelabelConfig, RewardSpec
+from richpref.schemas.config import Profile, RelabelConfig, RewardModel, RewardSpec, ScoreConfig
 from richpref.schemas.serving import EngineConfig
 from test_vlm_client import gone
 from vlm_helpers import PROMPTS, image
@@ -132,10 +132,11 @@ def test_the_tiny_lora_changes_the_judge_and_is_merged_once(tiny_models, tmp_pat
 # ---------------------------------------------------------------- the score stage
 
 
-def test_score_stage_rejects_an_unparsed_judge_answer_keeping_the_raw_text(tiny_models):
+def test_an_unparsed_judge_answer_is_recorded_and_rejects_its_pair_keeping_the_raw_text(tiny_models):
+    from richpref.tasks.relabel import decide_rows
     from richpref.tasks.relabel_score import score_rows
 
-    cfg = RelabelConfig(device="cpu", rewards={"es": {"kind": "edit_score", "model": str(tiny_models / "qwen2.5-vl"),
+    cfg = ScoreConfig(device="cpu", rewards={"es": {"kind": "edit_score", "model": str(tiny_models / "qwen2.5-vl"),
                                                       "adapter": str(tiny_models / "editscore-lora"),
                                                       "max_new_tokens": 6}})
     judge = load_reward_spec(cfg.rewards["es"], device="cpu", dtype="float32")
@@ -143,8 +144,10 @@ def test_score_stage_rejects_an_unparsed_judge_answer_keeping_the_raw_text(tiny_
         images = {"original": [encode_png(image(1)), encode_png(image(1))],
                   "edited": [encode_png(image(2)), encode_png(image(3))]}
         instr = ["Add a hat", "Add a scarf"]
-        table = score_rows(["a", "a"], [PROMPTS[0]] * 2, images, cfg, lambda name: judge, candidates=[0, 1],
-                           instructions=instr).to_pylist()
+        scores = score_rows(["a", "a"], [PROMPTS[0]] * 2, images, cfg, lambda name: judge, candidates=[0, 1],
+                            instructions=instr)
+        assert scores.column("status").to_pylist() == ["ok", "ok"]  # the score stage records, relabel decides
+        table = decide_rows(scores, cfg, RelabelConfig()).to_pylist()
         # what the judge answers when asked directly: the original as the edit that changes nothing
         direct = judge.score_edits([image(1), image(1), image(1)], [image(1), image(2), image(3)],
                                    ["Add a hat", "Add a hat", "Add a scarf"])
@@ -171,8 +174,9 @@ def test_judge_options_fit_their_kind_and_stay_out_of_other_rewards_keys():
         RewardSpec(kind="clip", model="openai/clip", max_new_tokens=3)
     from richpref.tasks.relabel_score import scoring_view
 
-    view = scoring_view(RelabelConfig())["rewards"]["imagereward"]
-    assert "adapter" not in view and "max_new_tokens" not in view  # keys of existing runs stay
+    view = scoring_view(ScoreConfig())["rewards"]["imagereward"]
+    judged = ScoreConfig(rewards={**ScoreConfig().rewards, "es": RewardModel(kind="edit_score", model="m", adapter="a")})
+    assert scoring_view(judged)["rewards"]["imagereward"] == view and view["adapter"] is None
 
 
 def test_a_missing_adapter_fails_naming_it(tiny_models, tmp_path):
@@ -189,10 +193,10 @@ def test_tiny_judges_profile_resolves_its_judges_and_keys_their_questions(tiny_m
     from richpref.tasks.relabel_score import templates_key
 
     profile = load_profile("tiny-judges", models_root=str(tiny_models))
-    assert profile.relabel.scored() == ["imagereward", "unified_reward", "edit_score", "hpsv3", "edit_reward"]
+    assert profile.score.scored() == ["imagereward", "unified_reward", "edit_score", "hpsv3", "edit_reward"]
     refs, _ = preflight(profile)
-    assert {r.field for r in refs} >= {"relabel.rewards.edit_score.adapter", "relabel.rewards.unified_reward.model",
-                                       "relabel.rewards.hpsv3.backbone", "relabel.rewards.edit_reward.model"}
+    assert {r.field for r in refs} >= {"score.rewards.edit_score.adapter", "score.rewards.unified_reward.model",
+                                       "score.rewards.hpsv3.backbone", "score.rewards.edit_reward.model"}
     key = templates_key(profile)
     assert all(f"{t}_v1=" in key for t in ("edit_score", "unified_reward", "hpsv3", "edit_reward_following",
                                            "edit_reward_quality"))
@@ -239,17 +243,17 @@ def test_edit_score_gates_edits_on_its_0_to_10_scale():
     from relabel_helpers import ChannelValue, solid
     from richpref.tasks import relabel as relabel_stage
 
-    rewards = {"red": RewardSpec(kind="clip", model="-"), "es": RewardSpec(kind="edit_score", model="-", weight=0.0)}
-    cfg = RelabelConfig(rewards=rewards, report_only=["es"], edit_gate={"reward": "es", "min_score": 5})
+    score = ScoreConfig(rewards={"red": RewardModel(kind="clip", model="-"), "es": RewardModel(kind="edit_score", model="-")})
+    cfg = RelabelConfig(weights={"red": 1.0}, edit_gate={"reward": "es", "min_score": 5})
     images = {"original": [solid(10, 0), solid(50, 0), solid(40, 0)], "edited": [solid(204, 0), solid(102, 0), solid(200, 0, 9)],
               "instruction": ["x", "y", "z"]}
-    out = relabel_stage.relabel_rows(["a", "b", "c"], ["p"] * 3, images, cfg,
+    out = relabel_stage.relabel_rows(["a", "b", "c"], ["p"] * 3, images, score, cfg,
                                      {"red": ChannelValue(0), "es": RedEditJudge()}.__getitem__).to_pylist()
     assert out[0]["status"] == "ok" and out[0]["es_1"] == pytest.approx(8.0)  # 204 / 25.5
     assert out[1]["reason"] == "edit_judged_poor: es 4 < relabel.edit_gate.min_score 5"
     assert out[2]["reason"] == "unparsed_answer: es answered 'I cannot tell.'"  # no score: never let through
     with pytest.raises(ValueError, match="min_score 20 is outside edit_score's scale 0..10"):
-        RelabelConfig(rewards=rewards, report_only=["es"], edit_gate={"reward": "es", "min_score": 20})
+        Profile(name="p", score=score, relabel=RelabelConfig(weights={"red": 1.0}, edit_gate={"reward": "es", "min_score": 20}))
 
 
 # The generative judges through an OpenAI-compatible server against the in-process judges

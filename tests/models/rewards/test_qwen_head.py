@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from richpref.models.rewards import RewardLoadError, load_reward
 from richpref.models.rewards.qwen_head import modern_keys
 from richpref.prompts import REWARD_TOKEN, load_head_template
-from richpref.schemas.config import RelabelConfig, RewardSpec
+from richpref.schemas.config import RewardSpec, ScoreConfig
 from richpref.schemas.rewards import REWARD_KINDS
 from richpref.tasks.relabel_score import TEMPLATE_OPTIONS, templates_key
 
@@ -286,16 +286,17 @@ class EditsJudge(PairJudge):
 ])
 def test_an_edit_judge_votes_in_relabel_on_the_edit_instructions(judge_cls, calls):
     from relabel_helpers import ChannelValue, solid
-    from richpref.schemas.config import RelabelConfig, RewardSpec
+    from richpref.schemas.config import RelabelConfig, RewardModel, ScoreConfig
     from richpref.tasks import relabel as relabel_stage
 
     judge = judge_cls()
-    cfg = RelabelConfig(rewards={"edits": RewardSpec(kind="edit_reward", model="-"),
-                                 "green": RewardSpec(kind="clip", model="-", weight=0.0)}, report_only=["green"])
+    score = ScoreConfig(rewards={"edits": RewardModel(kind="edit_reward", model="-"),
+                                 "green": RewardModel(kind="clip", model="-")})
+    cfg = RelabelConfig(weights={"edits": 1.0})
     # item a: two candidates; item b: one. The judge reads each row's instructions, not the prompt.
     images = {"original": [solid(10, 0), solid(10, 0), solid(50, 0)], "edited": [solid(30, 0), solid(5, 0), solid(20, 0)],
               "instruction": ["make it red", "dim it", "x"]}
-    out = relabel_stage.relabel_rows(["a", "a", "b"], ["prompt a", "prompt a", "prompt b"], images, cfg,
+    out = relabel_stage.relabel_rows(["a", "a", "b"], ["prompt a", "prompt a", "prompt b"], images, score, cfg,
                                      {"edits": judge, "green": ChannelValue(1)}.__getitem__, candidates=[0, 1, 0]).to_pylist()
     assert sorted(judge.calls) == sorted(calls)
     by = {(r["item_id"], r["candidate"]): r for r in out}
@@ -309,12 +310,12 @@ def test_an_edit_judge_votes_in_relabel_on_the_edit_instructions(judge_cls, call
 
 def test_a_tiny_edit_reward_scores_through_relabel_as_it_does_alone(tiny_models, images):
     from richpref.common.images import encode_png
-    from richpref.schemas.config import RelabelConfig, RewardSpec
+    from richpref.schemas.config import RewardModel, ScoreConfig
     from richpref.tasks.relabel_score import score_rows
 
     root = tiny_models / "edit-reward"
     judge = load_reward("edit_reward", str(root), backbone=str(root / "base"), device="cpu", dtype="float32")
-    cfg = RelabelConfig(rewards={"edit_reward": RewardSpec(kind="edit_reward", model=str(root), backbone=str(root / "base"))})
+    cfg = ScoreConfig(rewards={"edit_reward": RewardModel(kind="edit_reward", model=str(root), backbone=str(root / "base"))})
     edit = images[0].transpose(Image.FLIP_TOP_BOTTOM)
     row = score_rows(["a"], ["a prompt"], {"original": [encode_png(images[0])], "edited": [encode_png(edit)],
                                            "instruction": [INSTRUCTIONS[0]]}, cfg, lambda name: judge).to_pylist()[0]
@@ -326,22 +327,21 @@ def test_an_edit_judge_gates_edits_it_scores_below_the_threshold():
     from pydantic import ValidationError
 
     from relabel_helpers import ChannelValue, solid
-    from richpref.schemas.config import RelabelConfig, RewardSpec, config_hash
+    from richpref.schemas.config import Profile, RelabelConfig, RewardModel, ScoreConfig, config_hash
     from richpref.tasks import relabel as relabel_stage
 
-    rewards = {"red": RewardSpec(kind="clip", model="-"), "judge": RewardSpec(kind="edit_reward", model="-", weight=0.0)}
-    cfg = RelabelConfig(rewards=rewards, report_only=["judge"], edit_gate={"reward": "judge", "min_score": 20})
+    score = ScoreConfig(rewards={"red": RewardModel(kind="clip", model="-"), "judge": RewardModel(kind="edit_reward", model="-")})
+    cfg = RelabelConfig(weights={"red": 1.0}, edit_gate={"reward": "judge", "min_score": 20})
     images = {"original": [solid(10, 0), solid(50, 0)], "edited": [solid(30, 0), solid(12, 0)], "instruction": ["x", "y"]}
-    out = relabel_stage.relabel_rows(["a", "b"], ["p", "p"], images, cfg,
+    out = relabel_stage.relabel_rows(["a", "b"], ["p", "p"], images, score, cfg,
                                      {"red": ChannelValue(0), "judge": PairJudge()}.__getitem__).to_pylist()
     assert out[0]["status"] == "ok" and out[0]["chosen"] == 1
     assert out[1]["status"] == "rejected"
     assert out[1]["reason"] == "edit_judged_poor: judge 13 < relabel.edit_gate.min_score 20"
-    # Unset, the gate leaves the key of every earlier relabel config as it was; the gate must name a scored judge.
-    unset = RelabelConfig(rewards=rewards, report_only=["judge"])
-    assert "edit_gate" in RelabelConfig.HASHED_WHEN_SET and config_hash(unset) != config_hash(cfg)
-    with pytest.raises(ValidationError, match="edit_gate.reward 'red' is not a scored edit judge.*scored ones here: \\['judge'\\]"):
-        RelabelConfig(rewards=rewards, report_only=["judge"], edit_gate={"reward": "red", "min_score": 0})
+    # The gate is relabel's (its key), and must name an edit judge of score.rewards.
+    assert config_hash(RelabelConfig(weights={"red": 1.0})) != config_hash(cfg)
+    with pytest.raises(ValidationError, match="edit_gate.reward 'red' is not a scored edit judge.*in score.rewards: \\['judge'\\]"):
+        Profile(name="p", score=score, relabel=RelabelConfig(weights={"red": 1.0}, edit_gate={"reward": "red", "min_score": 0}))
 
 
 def _doctor_with(tmp_path, tiny_models, capsys, reward: dict) -> tuple[int, str]:
@@ -355,7 +355,7 @@ def _doctor_with(tmp_path, tiny_models, capsys, reward: dict) -> tuple[int, str]
     data = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
     data.update(models_root=str(tiny_models))
     data["source"]["path"] = str(repo / data["source"]["path"])
-    data["relabel"]["rewards"]["judge"] = reward
+    data["score"]["rewards"]["judge"] = reward
     (tmp_path / "profile.yaml").write_text(yaml.safe_dump(data))
     rc = main(["--data-dir", str(tmp_path / "data"), "doctor", "--profile", str(tmp_path / "profile.yaml"), "--items", "2"])
     return rc, capsys.readouterr().err
@@ -364,7 +364,7 @@ def _doctor_with(tmp_path, tiny_models, capsys, reward: dict) -> tuple[int, str]
 def test_doctor_fails_on_a_judge_not_downloaded_naming_it_and_the_download(tiny_models, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rc, err = _doctor_with(tmp_path, tiny_models, capsys, {"kind": "hpsv3", "model": "nobody/HPSv3-missing",
-                                                           "backbone": "hpsv3/base", "weight": 1.0})
+                                                           "backbone": "hpsv3/base"})
     assert rc == 3 and "score: model 'nobody/HPSv3-missing' cannot be loaded" in err
     assert "huggingface-cli download nobody/HPSv3-missing" in err and "doctor: sample:" not in err
 
@@ -373,19 +373,19 @@ def test_doctor_fails_on_a_judge_folder_without_its_checkpoint(tiny_models, tmp_
     judge = tmp_path / "edit-judge"
     shutil.copytree(tiny_models / "edit-reward" / "base", judge / "base")
     rc, err = _doctor_with(tmp_path, tiny_models, capsys, {"kind": "edit_reward", "model": str(judge),
-                                                           "backbone": str(judge / "base"), "weight": 1.0})
+                                                           "backbone": str(judge / "base")})
     assert rc == 3 and f"{judge} holds no reward checkpoint 'model.safetensors'" in err
-    assert f"--local-dir {judge}" in err and "relabel.rewards.judge.file" in err
+    assert f"--local-dir {judge}" in err and "score.rewards.judge.file" in err
 
 
 def test_relabel_dataset_refuses_an_edit_judge_on_independent_pairs():
     from richpref.recipes.relabel_dataset import DatasetError, dataset_relabel_config
-    from richpref.schemas.config import RelabelConfig, RewardSpec
+    from richpref.schemas.config import RelabelConfig, RewardModel, ScoreConfig
 
-    cfg = RelabelConfig(rewards={"red": RewardSpec(kind="clip", model="-"), "judge": RewardSpec(kind="edit_reward", model="-")})
+    score = ScoreConfig(rewards={"red": RewardModel(kind="clip", model="-"), "judge": RewardModel(kind="edit_reward", model="-")})
     with pytest.raises(DatasetError, match=r"\['judge'\] judge an edit against its original"):
-        dataset_relabel_config(cfg, None)
-    assert list(dataset_relabel_config(cfg, "red").rewards) == ["red"]
+        dataset_relabel_config(score, RelabelConfig(), None)
+    assert list(dataset_relabel_config(score, RelabelConfig(), "red")[0].rewards) == ["red"]
 
 
 # The head judges' questions: default wording, a user's template, checked before any model loads, in the score key
@@ -397,7 +397,7 @@ HEAD_JUDGE_PROMPTS = {k: {o: REWARD_KINDS[k].defaults[o] for o in TEMPLATE_OPTIO
 
 def key(**rewards) -> str:
     class P:
-        relabel = RelabelConfig(rewards=rewards)
+        score = ScoreConfig(rewards=rewards)
 
     return templates_key(P)
 

@@ -104,6 +104,6 @@ def test_doctor_looks_for_no_weights_of_a_judge_served_at_an_endpoint():
 
     p = load_profile("tiny-rebuild")
     judge = RewardSpec(kind="hpsv3", model="MizzenAI/HPSv3", engine=EngineConfig(backend="server", endpoint="http://gpu:8700/v1"))
-    relabel = p.relabel.model_copy(update={"rewards": {**p.relabel.rewards, "hpsv3": judge}})
-    fields = [r.field for r in model_refs(p.model_copy(update={"relabel": relabel}))]
-    assert "relabel.rewards.imagereward.model" in fields and not any("hpsv3" in f for f in fields)
+    score = p.score.model_copy(update={"rewards": {**p.score.rewards, "hpsv3": judge}})
+    fields = [r.field for r in model_refs(p.model_copy(update={"score": score}))]
+    assert "score.rewards.imagereward.model" in fields and not any("hpsv3" in f for f in fields)

@@ -1,0 +1,1 @@
+"""One module per stage whose config is its own profile section (the rest live in schemas/config.py)."""

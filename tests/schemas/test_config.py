@@ -1,0 +1,61 @@
+"""The profile (richpref/schemas/config.py) by stage: each stage reads its own section, and a stage's
+content key follows its section only, so a threshold tuned in `filter:` (or a weight in `relabel:`)
+leaves the check stage's answers (the score stage's scores) where they are, and a setting of
+`check:` (`score:`) asks the model again."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from richpref.run.runner import content_key
+from richpref.schemas.config import (CheckConfig, FilterConfig, Profile, ProfileError, RelabelConfig, ScoreConfig,
+                                     load_profile)
+from richpref.tasks import STAGES
+
+
+def keys(*overrides: str) -> dict[str, str]:
+    profile = load_profile("tiny", list(overrides))
+    inputs = {r: SimpleNamespace(key="same input") for s in STAGES.values() for r in s.reads}
+    return {name: content_key(STAGES[name], profile, 0, inputs) for name in ("check", "filter", "score", "relabel")}
+
+
+def test_check_and_filter_are_sections_of_their_own():
+    p = Profile(name="p")
+    assert isinstance(p.check, CheckConfig) and isinstance(p.filter, FilterConfig)
+    assert not set(CheckConfig.model_fields) & set(FilterConfig.model_fields)
+    assert STAGES["check"].section == "check" and STAGES["filter"].section == "filter"
+    assert STAGES["score"].section == "score" and STAGES["relabel"].section == "relabel"
+    assert not set(ScoreConfig.model_fields) & set(RelabelConfig.model_fields)
+    tiny = load_profile("tiny")
+    assert (tiny.check.model, tiny.check.max_new_tokens, tiny.filter.min_executed) == ("qwen2.5-vl", 24, 0.522)
+    with pytest.raises(ProfileError, match="min_executed"):  # a threshold has no place in check:
+        load_profile("tiny", ["check.min_executed=0.5"])
+
+
+def test_a_filter_threshold_leaves_the_check_key_a_check_setting_changes_it():
+    base = keys()
+    for setting in ("filter.min_executed=0.1", "filter.min_no_stray=0.9", "filter.executed_reduce=min",
+                    "filter.min_attribute_present=0.7", "filter.min_attributes_kept=0.9"):
+        k = keys(setting)
+        assert k["check"] == base["check"] and k["filter"] != base["filter"], setting
+    for setting in ("check.max_new_tokens=12", "check.template=filter_v1", "check.max_attributes=3",
+                    "check.attributes=false", "check.model=other-vlm"):
+        k = keys(setting)
+        assert k["check"] != base["check"] and k["filter"] == base["filter"], setting
+    # how the check stage runs is no part of what it computes
+    assert keys("check.batch_size=2", "check.share_image_prefix=false")["check"] == base["check"]
+
+
+def test_a_relabel_decision_leaves_the_score_key_a_score_setting_changes_it():
+    base = keys()
+    for setting in ("relabel.weights={imagereward: 2.0}", "relabel.weights={imagereward: 1.0, clip: 1.0}",
+                    "relabel.min_margin=0.3", "relabel.pairing=best_vs_worst", "relabel.standardize=item",
+                    "relabel.min_consistency=0.5"):
+        k = keys(setting)
+        assert k["score"] == base["score"] and k["relabel"] != base["relabel"], setting
+    for setting in ("score.dtype=float16", "score.subject_gate.patch=14", "score.rewards.clip.model=other",
+                    "score.rewards={imagereward: {kind: imagereward, model: imagereward}}"):
+        k = keys(setting)
+        assert k["score"] != base["score"], setting
+    assert keys("score.batch_size=2", "score.device=cpu")["score"] == base["score"]
