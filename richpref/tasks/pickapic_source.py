@@ -46,12 +46,16 @@ def check_pickapic_columns(files: list[str]) -> None:
 
 
 def shard_ranges(profile: Profile) -> list[tuple[str, int, int]]:
-    """(file, first row, end row) of every shard, in order: `source.shard_size` rows of one file each."""
-    step = profile.source.shard_size
+    """(file, first row, end row) of every shard, in order: `source.shard_size` rows of one file each,
+    the first `source.limit` rows of the dataset when it is set (doctor's scratch run)."""
+    step, left = profile.source.shard_size, profile.source.limit
     out = []
     for f in pickapic_files(profile):
-        n = ParquetPart(f).num_rows()
+        n = ParquetPart(f).num_rows() if left is None else min(left, ParquetPart(f).num_rows())
         out += [(f, a * step, min(n, (a + 1) * step)) for a in range(math.ceil(n / step))]
+        left = None if left is None else left - n
+        if left == 0:
+            break
     return out
 
 
