@@ -175,7 +175,7 @@ def run_stage_shards(stage, store, profile: Profile, upstream: dict) -> tuple[di
         seconds.append(time.perf_counter() - t0)
         if isinstance(result, Busy):
             raise DoctorError(f"{stage.name} shard {s} of the scratch run {store.uri(store.root)} is leased by another "
-                              "process: give each doctor its own --scratch-dir")
+                              "process: give each doctor its own scratch_dir")
         manifests[s] = result
     return manifests, seconds
 
