@@ -17,6 +17,8 @@ import json
 import logging
 import os
 
+import pyarrow.parquet as pq
+
 from richpref.schemas.config import Profile, RelabelConfig
 from richpref.schemas.rebuild import independent_pairs_problem
 from richpref.sources import SourceError
@@ -91,8 +93,10 @@ def relabel_dataset(src: str, out_dir: str, profile: Profile, reward: str | None
         raise RuntimeError(f"run {run}: {rows} source rows but {kept} kept and {sum(reasons.values())} rejected")
     agree = with_label = 0
     for s in sorted(pairs):
-        table = store.read_shard("pairs", s)
-        if "label_0_source" in table.schema.names:
+        with store.fs.open(store.shard_path("pairs", s), "rb") as f:  # the two label columns, not the images
+            pf = pq.ParquetFile(f)
+            table = pf.read(columns=["label_0_source", "label_0"]) if "label_0_source" in pf.schema_arrow.names else None
+        if table is not None:
             for old, new in zip(table.column("label_0_source").to_pylist(), table.column("label_0").to_pylist()):
                 if old in (0.0, 1.0):
                     with_label += 1
