@@ -2,12 +2,14 @@
 
 The doctor checks every model reference first (doctor_checks.preflight: nothing loads until all of
 them resolve and fit), then, stage by stage, loads the stage's models through the stage's own loader
-(one stage's models at a time), pushes N source items through the stage's pure shard function over a
-scratch run, and measures: load seconds, peak memory (process RSS; the GPU's max allocated where
+(one stage's models at a time), pushes N source items through the shard runner's own path
+(runner.run_shard: key, lease, read, compute, rows-accounted check, commit, work log) into a fresh
+scratch run, so it measures what a run does, and measures: load seconds, peak memory (process RSS; the GPU's max allocated where
 there is one), items/s and disk bytes per item. From those it projects a run of `project_items`
 items on `workers` workers, each loading every model once.
 
-A `pipeline: rebuild` profile is measured on its own stages (samples, rewards, ranked, rebuild_export).
+A `pipeline: rebuild` profile is measured on its own stages (samples, rewards, ranked, rebuild_export),
+a `pipeline: relabel_dataset` profile on its (pickapic_source, pickapic_score, ...).
 
 Projection, per stage: load + warm-up + items × steady seconds per source item, where the steady rate
 comes from the shards after the first (the first pays one-time costs: kernels, caches) when the
@@ -25,12 +27,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow.compute as pc
-
 from richpref.doctor.checks import DoctorError, ModelProblem, ModelRef, memory_fix, preflight
-from richpref.run.runner import write_shard
 from richpref.schemas.config import Profile
-from richpref.schemas.tables import OK
 
 log = logging.getLogger("richpref")
 
@@ -161,22 +159,35 @@ def _stage_disk_bytes(store, stage: str) -> int:
     return sum(store.fs.size(store.shard_path(stage, s)) for s in store.shards(stage))
 
 
-def run_stage_shards(stage, store, profile: Profile, shards: list[int]) -> list[float]:
-    """The stage's pure shard function over every scratch shard; seconds per shard (read, compute, write)."""
-    from richpref.run.shard_contract import check_rows_accounted
-    from richpref.tasks.base import StageInputs
+def run_stage_shards(stage, store, profile: Profile, upstream: dict) -> tuple[dict, list[float]]:
+    """Every shard of `stage` through the shard runner itself (richpref/run/runner.run_shard: content
+    key, lease, input read, the stage's function with out-of-memory halving, the rows-accounted
+    check, Parquet then manifest, the work log), exactly as a run computes it. Returns the stage's
+    manifests and the seconds of each shard."""
+    from richpref.run.leases import Busy
+    from richpref.run.runner import content_key, run_shard, stage_shards
 
-    seconds = []
-    for s in shards:
+    manifests, seconds = {}, []
+    for s in stage_shards(stage, profile, upstream):
+        inputs = {r: upstream[r][s] for r in stage.reads}
         t0 = time.perf_counter()
-        tables = {name: store.read_shard(name, s) for name in stage.reads}
-        driver = tables[stage.reads[0]]
-        rows = driver.filter(pc.equal(driver.column("status"), OK))
-        out = stage.compute(StageInputs(shard=s, rows=rows, tables=tables, scratch=store.scratch_dir(stage.out)), profile)
-        check_rows_accounted(stage.name, s, rows, out, stage.fan_out(profile) if stage.fan_out else None)
-        write_shard(store, stage.out, s, out, "doctor")
+        result = run_shard(stage, s, inputs, store, profile, content_key(stage, profile, s, inputs))
         seconds.append(time.perf_counter() - t0)
-    return seconds
+        if isinstance(result, Busy):
+            raise DoctorError(f"{stage.name} shard {s} of the scratch run {store.uri(store.root)} is leased by another "
+                              "process: give each doctor its own scratch_dir")
+        manifests[s] = result
+    return manifests, seconds
+
+
+def fresh_store(data_dir: str, run: str):
+    """An empty scratch run: a doctor measures computing shards, never finding them committed."""
+    from richpref.run.storage import RunStore
+
+    store = RunStore(data_dir, run)
+    if store.fs.exists(store.root):
+        store.fs.rm(store.root, recursive=True)
+    return store
 
 
 def steady_rate(seconds: list[float], items: list[int]) -> tuple[float, float]:
@@ -193,9 +204,7 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
     """Check, load and run every stage of `profile` on `items` source items; raise ModelProblem on the
     first model that cannot be loaded (before anything else starts when the preflight finds it)."""
     from richpref.models.runtime import resident
-    from richpref.run.storage import RunStore
     from richpref.tasks import stages_for
-    from richpref.tasks.source import shard_source
 
     if items < 1 or project_items < 1 or workers < 1:
         raise DoctorError("--items, --project-items and --workers must be at least 1")
@@ -203,31 +212,31 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
     refs, weights = preflight(profile)
     say(f"doctor: {len(refs)} model reference(s) resolve and fit; running {items} item(s) through every stage")
     prof = scratch_profile(profile, items)
+    source, *stages = stages_for(prof)
     tmp = None if scratch_dir else tempfile.TemporaryDirectory(prefix="richpref-doctor-")
-    store = RunStore(scratch_dir or tmp.name, "doctor")
+    root = scratch_dir or tmp.name
+    store = fresh_store(root, "doctor")
     costs: list[StageCost] = []
     try:
         with PeakMemory() as mem:
-            # Opening a source is a fixed cost (imports, a dataset's Arrow conversion): a one-row read
-            # pays it (twice: cold, then warm), the N-row read adds the per-item part.
+            # Opening a source is a fixed cost paid once per process (imports, a dataset's Arrow
+            # conversion, footers): a one-row scratch run pays it; the N-row run's shards then give
+            # the per-item rate, as every other stage's do.
+            opened = fresh_store(root, "doctor-open")
             t0 = time.perf_counter()
-            one = prof.source.model_copy(update={"limit": 1})
-            shard_source(one)
-            t1 = time.perf_counter()
-            shard_source(one)
-            t2 = time.perf_counter()
-            tables = shard_source(prof.source)
-            for i, t in enumerate(tables):
-                write_shard(store, "source", i, t, "doctor")
-            t3 = time.perf_counter()
-        shards = list(range(len(tables)))
-        per_shard_items = [t.num_rows for t in tables]
+            run_stage_shards(source, opened, prof.model_copy(update={"source": prof.source.model_copy(
+                update={"limit": 1, "shard_size": 1})}), {})
+            load_s = time.perf_counter() - t0
+            done, seconds = run_stage_shards(source, store, prof, {})
+        opened.fs.rm(opened.root, recursive=True)
+        manifests = {source.out: done}
+        per_shard_items = [done[s].rows for s in sorted(done)]
         n = sum(per_shard_items)
-        per_item = max(t3 - t2 - (t2 - t1), 0.0) / n
-        costs.append(StageCost("source", [], "cpu", 0.0, t1 - t0, n, n, len(shards), t3 - t2,
-                               t2 - t1, per_item, mem.rss / 2**20, None, _stage_disk_bytes(store, "source")))
+        warmup, rate = steady_rate(seconds, per_shard_items)
+        costs.append(StageCost(source.name, [], "cpu", 0.0, load_s, n, n, len(done), sum(seconds), warmup, rate,
+                               mem.rss / 2**20, None, _stage_disk_bytes(store, source.out)))
         loaders = stage_loaders(prof)
-        for stage in stages_for(prof)[1:]:  # the edit pipeline, or the rebuild's samples, rewards, ranked, export
+        for stage in stages:  # the edit pipeline, or the rebuild's samples, rewards, ranked, export
             resident.release()  # one stage's models at a time, as in a run
             with PeakMemory() as mem:
                 t0 = time.perf_counter()
@@ -239,7 +248,9 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
                     raise _load_problem(stage.name, refs, exc, prof) from exc
                 load_s = time.perf_counter() - t0
                 try:
-                    seconds = run_stage_shards(stage, store, prof, shards)
+                    manifests[stage.out], seconds = run_stage_shards(stage, store, prof, manifests)
+                except DoctorError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - out of memory while computing is a settings problem
                     from richpref.common.faults import is_out_of_memory
 
@@ -248,9 +259,9 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
                     raise
             warmup, rate = steady_rate(seconds, per_shard_items)
             device = {r.stage: r.device for r in refs}.get(stage.name, "cpu")
-            rows = sum(store.read_shard(stage.out, s).num_rows for s in shards)
+            rows = sum(m.rows for m in manifests[stage.out].values())
             cost = StageCost(stage.name, models, device, weights.get(stage.name, 0) / 2**30, load_s, n, rows,
-                             len(shards), sum(seconds), warmup, rate, mem.rss / 2**20,
+                             len(seconds), sum(seconds), warmup, rate, mem.rss / 2**20,
                              None if mem.gpu is None else mem.gpu / 2**20, _stage_disk_bytes(store, stage.out))
             costs.append(cost)
             say(f"doctor: {stage.name}: load {load_s:.2f}s, {n / sum(seconds):.2f} items/s, peak RSS {cost.peak_rss_mib:.0f} MiB")
@@ -260,7 +271,7 @@ def run_doctor(profile: Profile, *, items: int = 8, project_items: int = 100_000
             tmp.cleanup()
     for c in costs:
         # One process reads the source for the whole run; the model stages spread over the workers.
-        c.projected = project(c, project_items, 1 if c.stage == "source" else workers)
+        c.projected = project(c, project_items, 1 if c is costs[0] else workers)
     total = {
         "hours_per_worker": sum(c.projected["hours_per_worker"] for c in costs),
         "worker_hours": sum(c.projected["worker_hours"] for c in costs),

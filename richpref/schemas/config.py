@@ -164,8 +164,9 @@ class ExportConfig(_Strict):
 class Profile(_Strict):
     name: str
     # Which stages run: RPO's edit pipeline, or `rebuild` (prompts -> sample.num_samples images ->
-    # rewards -> pairs of samples ranked by the rewards; docs/rebuild.md). Not hashed: the stages' keys differ.
-    pipeline: Literal["edit", "rebuild"] = "edit"
+    # rewards -> pairs of samples ranked by the rewards; docs/rebuild.md), or `relabel_dataset` (a
+    # Pick-a-Pic-format Parquet source's pairs rescored: richpref relabel-dataset). Not hashed: the stages' keys differ.
+    pipeline: Literal["edit", "rebuild", "relabel_dataset"] = "edit"
     # What the profile is and what it adds to RPO's pipeline; the dataset card quotes it. Not hashed.
     description: str | None = None
     models_root: str | None = None

@@ -1,4 +1,4 @@
-"""What a profile with `pipeline: rebuild` must hold, and what the edit pipeline must not.
+"""What a profile with `pipeline: rebuild` (or `relabel_dataset`) must hold, and what the edit pipeline must not.
 
 A rebuild regenerates a preference set from prompts alone: `sample.num_samples` images per prompt,
 scored by `score.rewards`, paired by `relabel.pairing` (best_vs_worst | all_with_margin). It has no
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .relabel import EDIT_JUDGES
+
 REBUILD_PAIRINGS = ("best_vs_worst", "all_with_margin")
 
 
@@ -16,6 +18,11 @@ def check_pipeline(profile: Any) -> None:
     """Raise ValueError naming the setting and the fix when the profile's sections do not fit its pipeline."""
     n = profile.sample.num_samples
     relabel, score = profile.relabel, profile.score
+    if profile.pipeline == "relabel_dataset":
+        problem = independent_pairs_problem(score, relabel)
+        if problem:
+            raise ValueError(problem)
+        return
     if profile.pipeline == "edit":
         if n is not None and n > 1:
             raise ValueError(f"sample.num_samples is {n}: several samples per prompt are paired by the rebuild "
@@ -38,3 +45,22 @@ def check_pipeline(profile: Any) -> None:
     if profile.source.image_column or profile.source.pickapic_preferred:
         raise ValueError("a rebuild samples every image from the prompt: unset source.image_column and "
                          "source.pickapic_preferred (a prompt-only set such as Pick-a-Pic v2 no-images needs neither)")
+
+
+def independent_pairs_problem(score: Any, relabel: Any) -> str | None:
+    """Why score and relabel configs cannot score a Pick-a-Pic pair (two independent images, nothing
+    edited, no cut-out), with the fix; None when they can (`pipeline: relabel_dataset`, richpref relabel-dataset)."""
+    unfit = [n for n in score.scored() if score.rewards[n].on_cutout]
+    if unfit:
+        return (f"reward(s) {unfit} score cut-outs of an edit and its original; a Pick-a-Pic pair has "
+                "two independent images and no cut-outs: pick a full-image reward with --reward")
+    judges = [n for n in score.scored() if score.rewards[n].kind in EDIT_JUDGES]
+    if judges:
+        return (f"reward(s) {judges} judge an edit against its original and instructions; a Pick-a-Pic "
+                "pair has two independent images: pick an image reward with --reward")
+    if relabel.standardize == "item":
+        return ("relabel.standardize=item groups an original with its edits; a Pick-a-Pic pair has two "
+                "independent images: use relabel.standardize=shard (--set relabel.standardize=shard)")
+    if score.subject_gate is not None or relabel.edit_gate is not None:
+        return "score.subject_gate and relabel.edit_gate judge an edit; a Pick-a-Pic pair has none: remove them"
+    return None

@@ -1,6 +1,6 @@
 """The curate stages, in pipeline order. Each module: a pure function over a shard + its Stage."""
-from . import (critique, cutout, edit, export, filter, filter_check, instruct, rebuild_export, rebuild_pair, rebuild_score,
-               rebuild_sample, relabel, relabel_score, sample)
+from . import (critique, cutout, edit, export, filter, filter_check, instruct, pickapic_relabel, pickapic_source,
+               rebuild_export, rebuild_pair, rebuild_score, rebuild_sample, relabel, relabel_score, sample)
 from .base import Stage
 
 PIPELINE: tuple[Stage, ...] = (
@@ -28,6 +28,10 @@ ALL_STAGES: tuple[Stage, ...] = (source.STAGE, *PIPELINE)
 REBUILD: tuple[Stage, ...] = (source.STAGE, rebuild_sample.STAGE, rebuild_score.STAGE, rebuild_pair.STAGE,
                               rebuild_export.STAGE)
 REBUILD_OUTPUTS: tuple[str, ...] = tuple(s.out for s in REBUILD)
+# `pipeline: relabel_dataset` (richpref relabel-dataset): a Pick-a-Pic dataset's pairs -> raw scores ->
+# labels -> Pick-a-Pic. Its folders are the edit pipeline's source, score, relabel and pairs.
+RELABEL_DATASET: tuple[Stage, ...] = (pickapic_source.STAGE, pickapic_relabel.SCORE, pickapic_relabel.RELABEL,
+                                      pickapic_relabel.EXPORT)
 # Every folder either pipeline writes, in pipeline order (the views of `richpref inspect`).
 ALL_OUTPUTS: tuple[str, ...] = OUTPUTS[:-1] + REBUILD_OUTPUTS[1:]
 # Views keyed by something other than an item's images (ranked: a pair index): not joined into pairs_full.
@@ -36,7 +40,7 @@ PAIR_KEYED: frozenset[str] = frozenset({rebuild_pair.STAGE.out})
 
 def stages_for(profile) -> tuple[Stage, ...]:
     """The stages a profile's `pipeline` runs, in order (the source first)."""
-    return REBUILD if profile.pipeline == "rebuild" else ALL_STAGES
+    return {"rebuild": REBUILD, "relabel_dataset": RELABEL_DATASET}.get(profile.pipeline, ALL_STAGES)
 
 
 def table_schemas(profile) -> dict:

@@ -76,7 +76,8 @@ def _create_pairs_full(con: duckdb.DuckDBPyConnection, views: list[str], pairs_a
                           f"t_{candidate_from}.candidate in (p.candidate_0, p.candidate_1)), false) as in_pair")
     elif "pairs" in views:
         select.append("(t_pairs.item_id is not null) as exported")
-        if candidate_from:
+        # A relabelled Pick-a-Pic dataset's pairs name no candidates: its pair is the item's two images.
+        if candidate_from and "candidate_0" in {name for name, *_ in con.execute('describe "pairs"').fetchall()}:
             select.append(f"coalesce(t_{candidate_from}.candidate in (t_pairs.candidate_0, t_pairs.candidate_1), false) as in_pair")
     con.execute(f"create view pairs_full as select t_{views[0]}.item_id, {', '.join(select)} from {' '.join(joins)}")
 

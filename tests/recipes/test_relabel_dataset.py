@@ -1,6 +1,7 @@
 """`richpref relabel-dataset` (richpref/recipes/relabel_dataset.py): an existing Pick-a-Pic dataset relabelled
 from the command line with the relabel stage's rules, the settings it takes from a profile and the
-ones it refuses. Not a curate stage: the relabel stage itself is tests/tasks/test_relabel.py."""
+ones it refuses; a run of the shard runner (`pipeline: relabel_dataset`) that resumes where it stopped.
+The relabel stage itself is tests/tasks/test_relabel.py."""
 from __future__ import annotations
 
 import io
@@ -53,22 +54,23 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
     s1 = clip.score([dec(x) for x in b[:3]], captions[:3])
     want = [1 if x > y else 0 for x, y in zip(s0, s1)]
 
-    first = pq.read_table(out / "part-00000.parquet").to_pylist()
+    pairs = out / "runs" / "relabel" / "pairs"  # the run's pairs folder, as curate's
+    first = pq.read_table(pairs / "part-00000.parquet").to_pylist()
     assert [r["ranking_id"] for r in first] == [10, 11, 12]  # tie (13) and broken (14) dropped, other columns kept
     assert [r["label_0"] for r in first] == want
     assert [r["label_0_source"] for r in first] == [1.0, 0.0, 0.5]
     assert all(r["jpg_0"] == a[k] and r["jpg_1"] == b[k] for k, r in enumerate(first))  # bytes untouched
-    second = pq.read_table(out / "part-00001.parquet")
+    second = pq.read_table(pairs / "part-00001.parquet")
     assert second.schema.field("jpg_0").type == pa.binary()  # structs become raw bytes, as the trainers read them
     assert second.column("label_0").to_pylist() == want[:2]  # standardised per shard: the order within a pair is what counts
 
-    summary = json.loads((out / "relabel.json").read_text())
+    summary = json.loads((out / "runs" / "relabel" / "relabel.json").read_text())
     assert (summary["rows"], summary["kept"], summary["rejected"]) == (7, 5, {"tie": 1, "bad_image": 1})
     agree = [w == o for w, o in zip(want[:2], [1, 0])]
     assert summary["agreement_with_source_label"] == pytest.approx(sum(agree) / 2)
-    assert "`clip`" in (out / "README.md").read_text() and "Near-ties: kept" in (out / "README.md").read_text()
-    assert Image.open(out / "plots" / "reward_distributions.png").format == "PNG"
-    ds = datasets.load_dataset("parquet", data_files=str(out / "part-*.parquet"), split="train")
+    assert "`clip`" in (pairs / "README.md").read_text() and "Near-ties: kept" in (pairs / "README.md").read_text()
+    assert Image.open(pairs / "plots" / "reward_distributions.png").format == "PNG"
+    ds = datasets.load_dataset("parquet", data_files=str(pairs / "part-*.parquet"), split="train")
     assert ds.num_rows == 5 and set(ds["label_0"]) <= {0, 1}
 
 
@@ -100,3 +102,50 @@ def test_relabel_dataset_follows_the_reward_and_drops_near_ties_only_when_asked(
     assert one_score.scored() == ["clip"] and one.voting(one_score.scored()) == ["clip"] and one.weight("clip") == 1.0
     assert one.min_margin == 0.0 and one_score.subject_gate is None  # the reward's order; nothing was edited
     assert dataset_relabel_config(score, cfg, "clip", drop_near_ties=True)[1].min_margin == 0.3
+
+
+def test_relabel_dataset_resumes_only_the_missing_shards_and_counts_every_row(tiny_models, tmp_path, monkeypatch):
+    from richpref.common.faults import InjectedFault
+    from richpref.recipes.relabel_dataset import relabel_dataset
+    from richpref.run.plan import plan_run
+    from richpref.run.storage import RunStore
+    from richpref.views.inspect import status, summary as run_summary
+
+    rng = np.random.default_rng(7)
+    a = [_jpeg(_image(rng)) for _ in range(5)]
+    b = [_jpeg(_image(rng)) for _ in range(5)]
+    b[1] = a[1]  # a tie
+    pq.write_table(pa.table({"caption": [f"prompt {k}" for k in range(5)], "jpg_0": a, "jpg_1": b,
+                             "label_0": [1.0, 0.0, 1.0, 0.0, 1.0]}), tmp_path / "src.parquet")
+    profile = load_profile("tiny", models_root=str(tiny_models))
+    out, store = tmp_path / "out", RunStore(str(tmp_path / "out"), "relabel")
+
+    def work() -> list[tuple[str, int]]:
+        return sorted((r["stage"], r["shard"]) for r in store.read_log("work.jsonl"))
+
+    monkeypatch.setenv("RICHPREF_FAULTS", "pickapic_score:1:raise")  # the run stops in the score stage's shard 1
+    with pytest.raises(InjectedFault):
+        relabel_dataset(str(tmp_path / "src.parquet"), str(out), profile, reward="clip", rows_per_shard=2)
+    assert work() == [("pickapic_score", 0), ("pickapic_source", 0), ("pickapic_source", 1), ("pickapic_source", 2)]
+    monkeypatch.delenv("RICHPREF_FAULTS")
+    run_profile = profile.model_validate_json((out / "runs" / "relabel" / "profile.json").read_text())
+    plan = {p.stage: (p.done, p.todo, p.blocked) for p in plan_run(run_profile, str(out), "relabel").stages}
+    assert plan["pickapic_source"] == ([0, 1, 2], [], []) and plan["pickapic_score"] == ([0], [1, 2], [])
+
+    before = len(work())
+    summary = relabel_dataset(str(tmp_path / "src.parquet"), str(out), profile, reward="clip", rows_per_shard=2)
+    redone = sorted((r["stage"], r["shard"]) for r in store.read_log("work.jsonl")[before:])
+    assert redone == [("pickapic_export", s) for s in range(3)] + [("pickapic_relabel", s) for s in range(3)] + \
+        [("pickapic_score", 1), ("pickapic_score", 2)]
+    assert (summary["rows"], summary["kept"], summary["rejected"]) == (5, 4, {"tie": 1})
+    assert summary["shards"] == 3 and all(s["done"] == 3 and not s["missing"] for s in status(str(out), "relabel")["stages"])
+    views = run_summary(str(out), "relabel")["stages"]  # the inspect views of a curate run, pairs_full too
+    assert [(v["stage"], v["rows"], v["kept"]) for v in views] == [("source", 5, 5), ("score", 5, 5), ("relabel", 5, 4),
+                                                                   ("pairs", 4, 4)]
+
+    # A committed pairs shard whose manifest is gone is the only shard computed again.
+    (out / "runs" / "relabel" / "pairs" / "part-00001.manifest.json").unlink()
+    before = len(work())
+    again = relabel_dataset(str(tmp_path / "src.parquet"), str(out), profile, reward="clip", rows_per_shard=2)
+    assert [(r["stage"], r["shard"]) for r in store.read_log("work.jsonl")[before:]] == [("pickapic_export", 1)]
+    assert {k: again[k] for k in ("rows", "kept", "rejected")} == {k: summary[k] for k in ("rows", "kept", "rejected")}

@@ -188,9 +188,16 @@ def test_doctor_measures_the_rebuild_stages_and_checks_their_judges(tiny_models,
 
     resident.release()
     profile = load_profile(_profile(tmp_path, tiny_models, "tiny-rebuild"), None, str(tiny_models))
-    report = run_doctor(profile, items=1, project_items=100)
+    report = run_doctor(profile, items=1, project_items=100, scratch_dir=str(tmp_path / "scratch"))
     by = {s.stage: s for s in report.stages}
     assert list(by) == ["source", "samples", "rewards", "ranked", "rebuild_export"]
+    # Doctor computed its scratch run through the shard runner: committed for the keys a run has, in the work log.
+    from richpref.doctor.measure import scratch_profile
+    from richpref.run.plan import plan_run
+    from richpref.run.storage import RunStore
+
+    assert plan_run(scratch_profile(profile, 1), str(tmp_path / "scratch"), "doctor").up_to_date
+    assert [r["stage"] for r in RunStore(str(tmp_path / "scratch"), "doctor").read_log("work.jsonl")] == list(by)
     assert by["samples"].rows == 4 and by["ranked"].rows == 6  # sample.num_samples 4: 6 pairs of one prompt
     assert by["samples"].models and by["samples"].weights_gib > 0 and by["samples"].load_s > 0
     # score.rewards in the profile's order (the YAML written here sorts its keys)

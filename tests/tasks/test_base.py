@@ -9,12 +9,12 @@ import pyarrow as pa
 
 from richpref.run.storage import RunStore
 from richpref.schemas.config import load_profile
-from richpref.tasks import ALL_STAGES, OUTPUTS, PIPELINE, REBUILD, REBUILD_OUTPUTS, table_schemas
+from richpref.tasks import ALL_STAGES, OUTPUTS, PIPELINE, REBUILD, REBUILD_OUTPUTS, RELABEL_DATASET, table_schemas
 from richpref.tasks.base import ModelUse
 
 
 def test_every_stage_declares_a_schema_and_its_models_exactly_when_it_loads_one():
-    for stage in (*ALL_STAGES, *REBUILD):
+    for stage in (*ALL_STAGES, *REBUILD, *RELABEL_DATASET):
         assert stage.schema is not None, stage.name
         assert (stage.models is not None) == (stage.load is not None) == stage.loads_model, stage.name
 
