@@ -25,7 +25,7 @@ def test_the_config_allows_exactly_the_declared_kinds(tmp_path):
     assert typing.get_args(RewardSpec.model_fields["kind"].annotation) == tuple(REWARD_KINDS)
     assert REWARD_OPTIONS == {k: d.allowed for k, d in REWARD_KINDS.items()}
     bad = tmp_path / "bad.yaml"
-    bad.write_text("extends: tiny\nrelabel:\n  rewards:\n    r: {kind: imagerewrd, model: x}\n")
+    bad.write_text("extends: tiny\nscore:\n  rewards:\n    r: {kind: imagerewrd, model: x}\n")
     with pytest.raises(ProfileError) as err:
         load_profile(str(bad))
     assert "imagerewrd" in str(err.value)
