@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,7 @@ def plan(tasks: list[Task], workers: int) -> Plan:
     home: dict[tuple[str, int], int] = {}
     rank: dict[tuple[str, int], int] = {}
     stages_of: dict[int, list[str]] = {}
-    loads = 0
+    loads = waits = 0
     todo = sum(1 for t in tasks if t.seconds > 0)
     while len(home) < todo:
         w = min(range(workers), key=lambda i: (free[i], i))
@@ -154,10 +155,13 @@ def plan(tasks: list[Task], workers: int) -> Plan:
         pick = resident[w] if resident[w] in ready else _switch_to(w, ready, resident, left, by_key, queues, workers)
         if pick is None:  # wait for the next input or the next worker to finish
             later = [q[0][0] for q in queues.values() if q and q[0][0] > now] + [f for f in free if f > now]
-            if not later:
+            waits = 0 if later else waits + 1
+            if waits > workers:  # every worker asked at this time since the last pick, none can go on
                 raise RuntimeError("plan: model shards left whose inputs never finish")
-            free[w] = min(later)
+            # Nothing later yet: the workers free at this same time decide first (one may pick).
+            free[w] = min(later) if later else math.nextafter(now, math.inf)
             continue
+        waits = 0
         _, shard = heapq.heappop(queues[pick])
         task = by_key[(pick, shard)]
         if resident[w] != pick:

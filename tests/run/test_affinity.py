@@ -48,6 +48,18 @@ def test_the_default_table_plan_loads_fewer_models_than_every_worker_loading_eve
     assert [w for w, st in p.stages_of.items() if "sample" in st] == [0]  # its 5 s load is paid once
 
 
+def test_the_plan_of_a_curate_chain_with_several_inputs_per_stage_finishes():
+    # The real stages' reads; at the end workers wait at the same instant while one of them holds
+    # the last stage's model: that one is asked before the plan gives up.
+    from richpref.run.pipeline import affinity_plan
+    from richpref.schemas.config import load_profile
+    from richpref.tasks import ALL_STAGES
+
+    todo = [(i, st, s) for i, st in enumerate(ALL_STAGES) for s in range(16)]
+    p = affinity_plan(todo, load_profile("tiny"), DEFAULT_COSTS, 4)
+    assert len(p.home) == 7 * 16 and p.loads < 4 * 7
+
+
 def test_the_table_comes_from_a_doctor_file_or_the_built_in_one(tmp_path):
     path = tmp_path / "doctor.json"
     path.write_text(json.dumps({"report": {"stages": [{"stage": "sample", "s_per_item": 0.5, "load_s": 3.0},
