@@ -134,6 +134,11 @@ def child(args) -> None:
                                            for k, (rate, load) in table.items()}
     print(f"bound when every worker loads every model once ({load_s:.1f}s of loads each): "
           f"busy<={1 / bound:.3f} wall/ideal>={bound:.3f}", flush=True)
+    # Any schedule: no model shard starts before the first model stage's model has loaded somewhere.
+    first_load = next(args.time_scale * table[s.name][1] for s, _ in stages if s.loads_model)
+    any_bound = (model_s / args.workers + first_load) / (model_s / args.workers)
+    print(f"bound of any schedule (every worker idles while the first model stage loads, {first_load:.1f}s): "
+          f"busy<={1 / any_bound:.3f} wall/ideal>={any_bound:.3f}", flush=True)
     data = tempfile.mkdtemp(prefix="richpref-schedule-")
     os.environ.setdefault("PREFECT_HOME", f"{data}/.prefect")
     profile = load_profile("tiny")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 
 from richpref.run.affinity import Plan, StageCost, Task, costs_for, plan
@@ -88,15 +89,24 @@ def no_work_stealing(client):
             client.run_on_scheduler(_work_stealing, on=True)
 
 
+def shard_overhead_s() -> float:
+    """What a model shard holds its GPU slot for beyond its model calls (the Prefect task, reading its
+    inputs, writing and committing its output): `RICHPREF_SHARD_OVERHEAD_S`, default 0.1 s. A stage
+    of many tiny shards is otherwise planned onto too few workers."""
+    return float(os.environ.get("RICHPREF_SHARD_OVERHEAD_S", "0.1"))
+
+
 def affinity_plan(todo: list[tuple[int, Stage, int]], profile: Profile, costs: dict[str, StageCost],
                   workers: int) -> Plan:
     """The plan of the shards to submit ((stage index, stage, shard), inputs first), each model
-    shard's GPU seconds = the source items of a shard x the table's seconds per item."""
+    shard's GPU-slot seconds = the source items of a shard x the table's seconds per item + the
+    fixed cost of a shard task (`shard_overhead_s`)."""
     table = costs_for(list(dict.fromkeys(st.name for _, st, _ in todo)), costs)
     items = getattr(getattr(profile, "source", None), "shard_size", 1)
+    overhead = shard_overhead_s()
     outs = {(st.out, s) for _, st, s in todo}
     tasks = [Task(st.out, s, tuple((r, s) for r in st.reads if (r, s) in outs),
-                  items * table[st.name].s_per_item if st.loads_model else 0.0, table[st.name].load_s)
+                  items * table[st.name].s_per_item + overhead if st.loads_model else 0.0, table[st.name].load_s)
              for _, st, s in todo]
     return plan(tasks, workers)
 
