@@ -17,6 +17,8 @@ a rank (the order its worker should start it). The rule a free worker follows in
 Dask then places each shard on its home (a loose restriction: if the home worker is gone, any worker
 takes it) and a worker starts its ready shards in rank order, so a timing that differs from the table
 only reorders shards that are ready. Model-free stages are not planned: they take no GPU time here.
+The caller (richpref/run/pipeline.py) gives each model shard its table seconds plus a fixed cost per
+shard task, which the GPU slot holds too.
 """
 from __future__ import annotations
 
