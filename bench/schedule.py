@@ -3,7 +3,7 @@ pass of richpref/run/pipeline.py, then the stage pass of richpref/run/orchestrat
 real local Dask cluster of simulated GPU workers, each stage's model call replaced by a sleep.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/schedule.py [--workers 8] [--shards 256] [--items 8]
-        [--time-scale 0.5] [--doctor-json doctor.json]
+        [--time-scale 0.5] [--doctor-json doctor.json] [--no-affinity]
 
 Per-item seconds and model load seconds come from a `richpref doctor` table: by default the tiny
 profile on one H200 (docs/benchmarks.md, "`richpref doctor` on a GPU", bfloat16 run, commit 4d081d0),
@@ -11,6 +11,8 @@ or `--doctor-json` (written by `richpref doctor --json`). Every time is multipli
 Each worker has one GPU slot (`GPU=1`) and one CPU slot. A model stage's shard sleeps
 items x seconds-per-item (GPU busy) after its model is resident (a load sleeps load seconds, counted
 as idle); model-free stages sleep on CPU slots. Shards are real Parquet files in a temp run folder.
+The model shards follow the affinity plan weighted by the same table (richpref/run/affinity.py), as a
+curate run does; `--no-affinity`: without it (each shard where its input is, earlier stages first).
 
 busy = model sleep seconds / (workers x wall); ideal = model sleep seconds / workers;
 swaps = loads that replaced another resident model, summed over the workers. Printed first: the
@@ -22,7 +24,6 @@ raw figures go to bench/results/schedule-<commit>.json (`--no-record`: not). Hea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -38,19 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
 
-# items/s and load s per stage: tiny profile, one H200, bfloat16 (docs/benchmarks.md, commit 4d081d0)
-DEFAULT_TABLE = {
-    "source": (6665.945, 0.27), "sample": (111.573, 10.29), "critique": (16.534, 0.44), "instruct": (33.129, 0.35),
-    "edit": (41.461, 1.37), "cutout": (37.871, 0.94), "check": (4.143, 0.4), "filter": (1161.558, 0.0),
-    "score": (34.682, 2.44), "relabel": (1067.914, 0.0), "export": (581.051, 0.0),
-}
-
-
 def _table(path: str | None) -> dict[str, tuple[float, float]]:
-    if not path:
-        return DEFAULT_TABLE
-    stages = json.loads(Path(path).read_text())["report"]["stages"]
-    return {s["stage"]: (s["items_per_s"], s["load_s"]) for s in stages}
+    """items/s and load seconds per stage: a `richpref doctor --json` file, else the library's built-in
+    table (richpref/run/affinity.py: tiny profile, one H200, bfloat16)."""
+    from richpref.run.affinity import stage_costs
+
+    costs, _ = stage_costs(path)
+    return {k: (1.0 / c.s_per_item, c.load_s) for k, c in costs.items()}
 
 
 def _sleeping(name: str, per_item: float, load_s: float, loads_model: bool, items: int):
@@ -97,6 +92,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=8, help="items per shard")
     ap.add_argument("--time-scale", type=float, default=0.5, help="multiplies every per-item and load time")
     ap.add_argument("--doctor-json", default=None, help="a `richpref doctor --json` file (default: built-in table)")
+    ap.add_argument("--no-affinity", action="store_true",
+                    help="no affinity plan: each shard runs where its input is, earlier stages first (as before)")
     ap.add_argument("--no-record", action="store_true", help="do not write bench/results/schedule-<commit>.json")
     args = harness.child_args(ap, repeats=1).parse_args()
     if args.child:
@@ -121,6 +118,7 @@ def child(args) -> None:
     from prefect import flow
 
     from richpref.models.runtime import resident
+    from richpref.run.affinity import StageCost
     from richpref.run.orchestration import run_stage
     from richpref.run.pipeline import model_swaps, pipeline_pass
     from richpref.schemas.config import load_profile
@@ -131,8 +129,16 @@ def child(args) -> None:
     model_s = sum(per_item * args.items * args.shards for _, per_item in stages)
     load_s = sum(args.time_scale * table[s.name][1] for s, _ in stages if s.loads_model)
     bound = (model_s / args.workers + load_s) / (model_s / args.workers)
+    # The plan weighs the times the simulated stages sleep: the table's, times --time-scale.
+    costs = None if args.no_affinity else {k: StageCost(args.time_scale / rate, args.time_scale * load)
+                                           for k, (rate, load) in table.items()}
     print(f"bound when every worker loads every model once ({load_s:.1f}s of loads each): "
           f"busy<={1 / bound:.3f} wall/ideal>={bound:.3f}", flush=True)
+    # Any schedule: no model shard starts before the first model stage's model has loaded somewhere.
+    first_load = next(args.time_scale * table[s.name][1] for s, _ in stages if s.loads_model)
+    any_bound = (model_s / args.workers + first_load) / (model_s / args.workers)
+    print(f"bound of any schedule (every worker idles while the first model stage loads, {first_load:.1f}s): "
+          f"busy<={1 / any_bound:.3f} wall/ideal>={any_bound:.3f}", flush=True)
     data = tempfile.mkdtemp(prefix="richpref-schedule-")
     os.environ.setdefault("PREFECT_HOME", f"{data}/.prefect")
     profile = load_profile("tiny")
@@ -143,14 +149,17 @@ def child(args) -> None:
         store = RunStore(data, "sim")
         chain = tuple(s for s, _ in stages)
         t0 = time.perf_counter()
-        failed_before = pipeline_pass(chain, store, data, "sim", profile)
+        before = model_swaps()
+        passed = pipeline_pass(chain, store, data, "sim", profile, costs)
+        failed_before = passed.failed
         manifests, failures = {}, []
         for stage in chain:
             manifests[stage.out], failed = run_stage(stage, manifests, store, data, "sim", profile,
                                                      failed_before.get(stage.name))
             failures += failed
         figures["wall"] = time.perf_counter() - t0
-        figures["models"] = model_swaps()
+        figures["models"] = model_swaps(since=before)
+        figures["plan"] = passed.plan
         assert not failures, failures[:3]
         assert len(manifests["pairs"]) == args.shards
 
@@ -170,11 +179,16 @@ def child(args) -> None:
     print(f"{args.workers} simulated GPU workers, {args.shards} shards x {args.items} items, time scale "
           f"{args.time_scale}; per-item times from {args.doctor_json or 'the built-in doctor table (tiny, H200, bf16)'}")
     print(f"model seconds {model_s:.1f}, ideal wall {ideal:.1f}s, wall {wall:.1f}s, model loads {models['loads']}")
+    if figures["plan"]:
+        p = figures["plan"]
+        print(f"affinity plan (simulated with the table): busy={p['busy']:.3f} wall/ideal={p['wall_s'] / ideal:.3f} "
+              f"loads={p['loads']}; stages per worker: {p['stages_of']}")
     busy = model_s / (args.workers * wall)
     print(f"busy={busy:.3f} wall/ideal={wall / ideal:.3f} swaps={models['swaps']}", flush=True)
     harness.print_child("RESULT ", {"schedule": {
         "wall_s": wall, "ideal_s": ideal, "model_s": model_s, "busy": busy, "wall_over_ideal": wall / ideal,
-        "loads": models["loads"], "swaps": models["swaps"], "bound_wall_over_ideal": bound}})
+        "loads": models["loads"], "swaps": models["swaps"], "bound_wall_over_ideal": bound,
+        **({"plan_busy": figures["plan"]["busy"], "plan_loads": figures["plan"]["loads"]} if figures["plan"] else {})}})
 
 
 def _run(args, bench, env, cluster_kwargs) -> None:

@@ -14,7 +14,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from richpref.models.runtime import resident
 from richpref.run.orchestration import failure_message, preflight, run_artifact, run_stage, stage_artifact
-from richpref.run.pipeline import model_swaps, pipeline_pass
+from richpref.run.affinity import stage_costs
+from richpref.run.pipeline import model_swaps, models_used, pipeline_pass
 from richpref.run.runner import CurateFailed, ShardManifest
 from richpref.schemas.config import load_profile, profile_hash
 from richpref.run.storage import RunStore
@@ -23,9 +24,12 @@ from richpref.tasks import stages_for
 
 @flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", overrides: list[str] | None = None,
-           models_root: str | None = None, finetune_deployment: str | None = None, until: str | None = None) -> dict:
+           models_root: str | None = None, finetune_deployment: str | None = None, until: str | None = None,
+           doctor_json: str | None = None, affinity: bool = True) -> dict:
     """Curate preference pairs for `run` with `profile`; returns per-stage counts and the pairs location.
-    `until` names the last stage to run (a later run without it continues from there)."""
+    `until` names the last stage to run (a later run without it continues from there). On Dask, the
+    model shards follow an affinity plan weighted by `doctor_json` (a `richpref doctor --json` file;
+    default: the built-in table), unless `affinity` is False."""
     prof = load_profile(profile, overrides, models_root)
     store = RunStore(data_dir, run)
     store.write_text("profile.json", prof.model_dump_json(indent=2))
@@ -37,7 +41,10 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
         raise ValueError(f"--until {until}: profile {prof.name!r} ({prof.pipeline} pipeline) runs {', '.join(names)}")
     stages = pipeline if until is None else pipeline[: names.index(until) + 1]
     preflight(data_dir, stages)  # on a Dask cluster: every worker can take part, or fail now naming it
-    failed_before = pipeline_pass(stages, store, data_dir, run, prof)  # on Dask: no stage barrier
+    costs, table = stage_costs(doctor_json) if affinity else (None, None)
+    models_before = model_swaps()
+    passed = pipeline_pass(stages, store, data_dir, run, prof, costs)  # on Dask: no stage barrier
+    failed_before = passed.failed
     manifests: dict[str, dict[int, ShardManifest]] = {}
     failures: list[str] = []
     for stage in stages:
@@ -59,7 +66,8 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
             for out, ms in manifests.items()
         },
         "failed": failures,
-        "models": model_swaps(),  # Dask workers' model loads and swaps (None in-process)
+        "models": models_used(models_before),  # Dask workers' model loads and swaps in this run (None in-process)
+        "schedule": {"table": table, "plan": passed.plan},  # the affinity plan's table and simulated figures
         "manifests": {out: [m.to_dict() for m in ms.values()] for out, ms in manifests.items()},
     }
     if manifests.get("pairs"):

@@ -30,6 +30,13 @@ def cmd_curate(args: argparse.Namespace) -> int:
         # A bad profile or a missing input file fails here, before Prefect or any model starts.
         profile = load_profile(args.profile, args.set, args.models_root)
         check_source(profile.source)
+        if args.doctor_json:
+            from richpref.run.affinity import read_doctor_table
+
+            try:
+                read_doctor_table(args.doctor_json)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ProfileError(f"--doctor-json {args.doctor_json}: not a `richpref doctor --json` file ({exc})") from exc
         stages = [s.name for s in stages_for(profile)]
         if args.until is not None and args.until not in stages:
             raise ProfileError(f"--until {args.until}: profile {profile.name!r} ({profile.pipeline} pipeline) runs "
@@ -59,7 +66,9 @@ def cmd_curate(args: argparse.Namespace) -> int:
         api = _prefect_api_for(args)  # refuses a loopback API with a remote scheduler before anything starts
         try:
             result = run_flow(flow_fn, **api, profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                              models_root=args.models_root, **({"until": args.until} if args.until else {}))
+                              models_root=args.models_root, **({"until": args.until} if args.until else {}),
+                              **({"doctor_json": args.doctor_json} if args.doctor_json else {}),
+                              **({"affinity": False} if args.no_affinity else {}))
         except CurateFailed as exc:
             return fail(exc, 1)
     except (ProfileError, SourceError, ClusterError) as exc:
@@ -86,6 +95,11 @@ def register(sub) -> None:
                         "with dask-cuda on a GPU machine; see docs/operations.md)")
     c.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
                    help="run the shards on an existing Dask cluster (GPU workers started with --resources GPU=1)")
+    c.add_argument("--doctor-json", default=None, metavar="PATH",
+                   help="on Dask, weigh the plan of which GPU worker runs which stage with this `richpref doctor --json` "
+                        "file (seconds per item and model load seconds per stage; default: a built-in table)")
+    c.add_argument("--no-affinity", action="store_true",
+                   help="on Dask, no affinity plan: each shard runs where its input is, earlier stages first")
     c.add_argument("--prefect-host", default=os.environ.get("PREFECT_SERVER_API_HOST", "127.0.0.1"), metavar="HOST",
                    help="address the Prefect server this command starts listens on (no PREFECT_API_URL set): an "
                         "address the Dask workers reach, or 0.0.0.0 (default 127.0.0.1, this machine only)")

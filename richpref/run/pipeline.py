@@ -3,18 +3,24 @@ each depending only on its own input shards, so a shard of stage k+1 starts as s
 committed instead of when the slowest shard of stage k ends.
 
 A shard's content key follows from its inputs' keys alone (richpref/run/runner.py), so the whole chain is
-keyed before anything runs. Earlier stages have a higher Dask priority: a worker takes the next
-stage's shards only when no ready shard of the current one is left for it, so it keeps its resident
-model while it has work for it (the workers' model loads and swaps are reported at the end).
+keyed before anything runs. Given a stage cost table (a `richpref doctor --json` file, or the built-in
+one), the model shards follow an affinity plan (richpref/run/affinity.py): each gets a home GPU worker
+and a rank, so a worker keeps its resident model while it has work for it and a stage runs on about
+its share of the workers; model-free shards run first wherever their input is. Without a table,
+earlier stages have the higher Dask priority and Dask places each shard where its input is. The
+workers' model loads and swaps are counted and reported at the end.
 
 What this pass leaves undone (a shard another process holds, a failure) the stage-by-stage pass of
 richpref/run/orchestration.py finishes; shards that failed here are reported, not computed twice.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
+from richpref.run.affinity import Plan, StageCost, Task, costs_for, plan
 from richpref.run.gpu_claims import gpu_claim
 from richpref.run.leases import Busy
 from richpref.run.runner import ShardManifest, content_key, drop_shards_from, is_current, stage_manifests
@@ -34,28 +40,94 @@ class Submitted:
     key: str
 
 
-def _annotations(stage: Stage, priority: int, profile: Profile):
+@dataclass
+class PassResult:
+    failed: dict[str, dict[int, str]] = field(default_factory=dict)  # {stage name: {shard: error}}
+    plan: dict | None = None  # the affinity plan's summary (None: no plan, or nothing to plan)
+
+
+def _annotations(stage: Stage, priority: int, profile: Profile, home: str | None = None):
     import dask
 
     claim = gpu_claim(stage, profile)
     extra = {"resources": {"GPU": claim}} if claim else {}
+    if home is not None:  # loose: a shard whose home worker left runs on another
+        extra.update(workers=[home], allow_other_workers=True)
     return dask.annotate(priority=priority, **extra)
 
 
-def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run: str,
-                  profile: Profile) -> dict[str, dict[int, str]]:
-    """Submit every shard not committed for its key, chained on its inputs, and wait for them all.
-    Returns the shards that failed in this pass ({stage name: {shard: error}}); their downstream
-    shards are not failures of their own. Only on a Dask task runner; elsewhere it does nothing."""
-    from richpref.run.orchestration import _dask_runner, _gpu_watch, _wait
+def gpu_workers(client) -> list[str]:
+    """The addresses of the workers with a `GPU` slot, in name order (the plan's workers 0..n-1)."""
+    infos = client.scheduler_info(n_workers=-1)["workers"]
+    gpu = [(str(i.get("name", a)), a) for a, i in infos.items() if (i.get("resources") or {}).get("GPU", 0) >= 1]
+    return [a for _, a in sorted(gpu)]
 
-    if _dask_runner() is None or not stages or stages[0].reads:
-        return {}
+
+async def _work_stealing(dask_scheduler, on: bool) -> bool:
+    """Start or stop the scheduler's work stealing; returns whether it was running."""
+    steal = dask_scheduler.extensions.get("stealing")
+    if steal is None:
+        return False
+    was = "stealing" in dask_scheduler.periodic_callbacks
+    await (steal.start() if on else steal.stop())
+    return was
+
+
+@contextlib.contextmanager
+def no_work_stealing(client):
+    """While the planned shards run: an idle worker would otherwise steal shards from a busy home
+    (a loose restriction allows it) and load their model, undoing the plan. Restored afterwards."""
+    try:
+        was = client.run_on_scheduler(_work_stealing, on=False)
+    except Exception as exc:  # noqa: BLE001 - a scheduler without richpref installed: plan without it
+        log.warning("could not pause the Dask scheduler's work stealing (%s); shards may leave their planned worker", exc)
+        was = False
+    try:
+        yield
+    finally:
+        if was:
+            client.run_on_scheduler(_work_stealing, on=True)
+
+
+def shard_overhead_s() -> float:
+    """What a model shard holds its GPU slot for beyond its model calls (the Prefect task, reading its
+    inputs, writing and committing its output): `RICHPREF_SHARD_OVERHEAD_S`, default 0.1 s. A stage
+    of many tiny shards is otherwise planned onto too few workers."""
+    return float(os.environ.get("RICHPREF_SHARD_OVERHEAD_S", "0.1"))
+
+
+def affinity_plan(todo: list[tuple[int, Stage, int]], profile: Profile, costs: dict[str, StageCost],
+                  workers: int) -> Plan:
+    """The plan of the shards to submit ((stage index, stage, shard), inputs first), each model
+    shard's GPU-slot seconds = the source items of a shard x the table's seconds per item + the
+    fixed cost of a shard task (`shard_overhead_s`)."""
+    table = costs_for(list(dict.fromkeys(st.name for _, st, _ in todo)), costs)
+    items = getattr(getattr(profile, "source", None), "shard_size", 1)
+    overhead = shard_overhead_s()
+    outs = {(st.out, s) for _, st, s in todo}
+    tasks = [Task(st.out, s, tuple((r, s) for r in st.reads if (r, s) in outs),
+                  items * table[st.name].s_per_item + overhead if st.loads_model else 0.0, table[st.name].load_s)
+             for _, st, s in todo]
+    return plan(tasks, workers)
+
+
+def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run: str, profile: Profile,
+                  costs: dict[str, StageCost] | None = None) -> PassResult:
+    """Submit every shard not committed for its key, chained on its inputs, and wait for them all.
+    `costs`: the stage cost table the affinity plan weighs (None: no plan). Returns the shards that
+    failed in this pass (their downstream shards are not failures of their own) and the plan.
+    Only on a Dask task runner; elsewhere it does nothing."""
+    from richpref.run.orchestration import _dask_runner
+
+    runner = _dask_runner()
+    if runner is None or not stages or stages[0].reads:
+        return PassResult()
     first = stages[0].count_shards(profile)
     drop_shards_from(store, list(ALL_OUTPUTS), first)
     refs: dict[str, dict[int, ShardManifest | Submitted]] = {}
-    futures: dict[tuple[str, int], object] = {}
-    order: list[tuple[Stage, int]] = []
+    todo: list[tuple[int, Stage, int]] = []
+    inputs_of: dict[tuple[str, int], dict] = {}
+    keys: dict[tuple[str, int], str] = {}
     for idx, stage in enumerate(stages):
         have = stage_manifests(store, stage.out)
         refs[stage.out] = {}
@@ -67,17 +139,41 @@ def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run
             if is_current(m, key):
                 refs[stage.out][s] = m
                 continue
-            params = {r: futures[(r, s)] if isinstance(v, Submitted) else v for r, v in inputs.items()}
-            with _annotations(stage, len(stages) - idx, profile):
-                futures[(stage.out, s)] = shard_task.submit(stage, s, params, data_dir, run, profile, key)
             refs[stage.out][s] = Submitted(key)
-            order.append((stage, s))
-    if order:
-        log.info("pipelined: %d shard(s) of %d stage(s) submitted at once", len(order), len({st.name for st, _ in order}))
+            inputs_of[(stage.out, s)], keys[(stage.out, s)] = inputs, key
+            todo.append((idx, stage, s))
+    homes = gpu_workers(runner.client) if costs is not None and any(st.loads_model for _, st, _ in todo) else []
+    the_plan = affinity_plan(todo, profile, costs, len(homes)) if homes else None
+    with no_work_stealing(runner.client) if the_plan else contextlib.nullcontext():
+        failed = _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, the_plan, homes)
+    return PassResult(failed, the_plan.summary() if the_plan else None)
+
+
+def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, the_plan, homes) -> dict:
+    """Submit the shards (with the plan: each model shard on its home, in its rank), wait for them all;
+    returns the failed ones."""
+    from richpref.run.orchestration import _gpu_watch, _wait
+
+    futures: dict[tuple[str, int], object] = {}
+    for idx, stage, s in todo:
+        params = {r: futures[(r, s)] if isinstance(v, Submitted) else v for r, v in inputs_of[(stage.out, s)].items()}
+        if the_plan is None:
+            how = _annotations(stage, len(stages) - idx, profile)
+        elif stage.loads_model:  # its worker starts it in the plan's order
+            how = _annotations(stage, len(todo) - the_plan.rank[(stage.out, s)], profile,
+                               homes[the_plan.home[(stage.out, s)]])
+        else:  # no GPU time: before any model shard, wherever its input is
+            how = _annotations(stage, len(todo) + len(stages) - idx, profile)
+        with how:
+            futures[(stage.out, s)] = shard_task.submit(stage, s, params, data_dir, run, profile, keys[(stage.out, s)])
+    if todo:
+        log.info("pipelined: %d shard(s) of %d stage(s) submitted at once%s", len(todo), len({st.name for _, st, _ in todo}),
+                 f"; affinity plan over {len(homes)} GPU worker(s): {the_plan.loads} model loads, simulated busy "
+                 f"{the_plan.busy:.3f}" if the_plan else "")
     ok: dict[tuple[str, int], bool] = {}
     failed: dict[str, dict[int, str]] = {}
     watches = {}
-    for stage, s in order:
+    for _, stage, s in todo:
         fut = futures[(stage.out, s)]
         if stage.name not in watches:
             watches[stage.name] = _gpu_watch(stage)
@@ -102,8 +198,9 @@ def _worker_models() -> dict:
     return {"loads": resident.loads, "swaps": resident.swaps}
 
 
-def model_swaps() -> dict | None:
-    """Model loads and swaps summed over the Dask workers (None on another task runner)."""
+def model_swaps(since: dict | None = None) -> dict | None:
+    """Model loads and swaps summed over the Dask workers (None on another task runner); `since`: an
+    earlier answer, subtracted (workers of a cluster kept between runs count from their start)."""
     from richpref.run.orchestration import _dask_runner
 
     runner = _dask_runner()
@@ -111,4 +208,15 @@ def model_swaps() -> dict | None:
         return None
     per = runner.client.run(_worker_models, on_error="return")
     counts = [c for c in per.values() if isinstance(c, dict)]
-    return {"workers": len(counts), "loads": sum(c["loads"] for c in counts), "swaps": sum(c["swaps"] for c in counts)}
+    out = {"workers": len(counts), "loads": sum(c["loads"] for c in counts), "swaps": sum(c["swaps"] for c in counts)}
+    if since:
+        out.update(loads=max(0, out["loads"] - since["loads"]), swaps=max(0, out["swaps"] - since["swaps"]))
+    return out
+
+
+def models_used(before: dict | None) -> dict | None:
+    """The workers' model loads and swaps since `before` (a model_swaps() answer), also logged."""
+    now = model_swaps(since=before)
+    if now is not None:
+        log.info("models on %d Dask worker(s): %d load(s), %d swap(s)", now["workers"], now["loads"], now["swaps"])
+    return now

@@ -1,0 +1,71 @@
+"""The affinity plan of richpref/run/affinity.py: worker shares, and a small plan traced by hand."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from richpref.run.affinity import DEFAULT_COSTS, StageCost, Task, costs_for, plan, read_doctor_table, stage_costs, worker_shares
+
+
+def test_worker_shares_are_proportional_to_work():
+    assert worker_shares({"a": 1.0, "b": 3.0}, 4) == {"a": 1.0, "b": 3.0}
+    assert worker_shares({"a": 2.0, "b": 2.0, "c": 4.0}, 8) == {"a": 2.0, "b": 2.0, "c": 4.0}
+    assert worker_shares({"a": 0.0}, 3) == {"a": 0.0}
+
+
+def test_a_cheap_stage_with_a_long_load_runs_on_one_worker_the_heavy_one_on_the_others():
+    # a: 0.5 s per shard after a 10 s load; b (reads a): 1 s per shard after a 0.1 s load; 3 workers.
+    # t=0   w0 loads a, runs a0 -> 10.5. w1, w2: a is held and its load (10 s) exceeds the work they
+    #       would take over (2.5 s left / 2), nothing else is ready: they wait for w0.
+    # 10.5  w0 a1 -> 11.0; w1 loads b (no holder), b0 -> 11.6; w2 waits for b1 (ready at 11.0).
+    # 11.0  w0 a2 -> 11.5; w2 loads b, b1 -> 12.1.   11.5  w0 a3 -> 12.0.   11.6  w1 b2 -> 12.6.
+    # 12.0  w0 a4 -> 12.5.   12.1  w2 b3 -> 13.1.   12.5  w0 a5 -> 13.0.   12.6  w1 b4 -> 13.6.
+    # 13.0  w0: no a left, b5 ready, 0.1 s load <= 1 s left / 3: loads b, b5 -> 14.1.
+    tasks = [Task("a", s, (), 0.5, 10.0) for s in range(6)] + [Task("b", s, (("a", s),), 1.0, 0.1) for s in range(6)]
+    p = plan(tasks, 3)
+    assert {s: p.home[("a", s)] for s in range(6)} == {s: 0 for s in range(6)}
+    assert {s: p.home[("b", s)] for s in range(6)} == {0: 1, 1: 2, 2: 1, 3: 2, 4: 1, 5: 0}
+    assert p.stages_of == {0: ["a", "b"], 1: ["b"], 2: ["b"]} and p.loads == 4
+    assert p.wall_s == pytest.approx(14.1)
+    assert [k for k, _ in sorted(p.rank.items(), key=lambda kv: kv[1])][:3] == [("a", 0), ("a", 1), ("b", 0)]
+
+
+def test_model_free_stages_pass_their_inputs_time_on_and_get_no_home():
+    tasks = [Task("a", s, (), 1.0, 0.0) for s in range(2)] + [Task("f", s, (("a", s),), 0.0) for s in range(2)] + \
+            [Task("b", s, (("f", s),), 1.0, 0.0) for s in range(2)]
+    p = plan(tasks, 1)
+    assert set(p.home) == {("a", 0), ("a", 1), ("b", 0), ("b", 1)} and p.wall_s == pytest.approx(4.0)
+
+
+def test_the_default_table_plan_loads_fewer_models_than_every_worker_loading_every_one():
+    names = list(DEFAULT_COSTS)
+    model = {"sample", "critique", "instruct", "edit", "cutout", "check", "score"}
+    tasks = [Task(n, s, ((names[i - 1], s),) if i else (), 4 * DEFAULT_COSTS[n].s_per_item if n in model else 0.0,
+                  0.5 * DEFAULT_COSTS[n].load_s) for i, n in enumerate(names) for s in range(256)]
+    p = plan(tasks, 8)
+    assert len(p.home) == 7 * 256 and p.loads < 8 * 7
+    assert [w for w, st in p.stages_of.items() if "sample" in st] == [0]  # its 5 s load is paid once
+
+
+def test_the_plan_of_a_curate_chain_with_several_inputs_per_stage_finishes():
+    # The real stages' reads; at the end workers wait at the same instant while one of them holds
+    # the last stage's model: that one is asked before the plan gives up.
+    from richpref.run.pipeline import affinity_plan
+    from richpref.schemas.config import load_profile
+    from richpref.tasks import ALL_STAGES
+
+    todo = [(i, st, s) for i, st in enumerate(ALL_STAGES) for s in range(16)]
+    p = affinity_plan(todo, load_profile("tiny"), DEFAULT_COSTS, 4)
+    assert len(p.home) == 7 * 16 and p.loads < 4 * 7
+
+
+def test_the_table_comes_from_a_doctor_file_or_the_built_in_one(tmp_path):
+    path = tmp_path / "doctor.json"
+    path.write_text(json.dumps({"report": {"stages": [{"stage": "sample", "s_per_item": 0.5, "load_s": 3.0},
+                                                      {"stage": "check", "s_per_item": 1.5, "load_s": 1.0}]}}))
+    costs, where = stage_costs(str(path))
+    assert costs == read_doctor_table(path) == {"sample": StageCost(0.5, 3.0), "check": StageCost(1.5, 1.0)}
+    assert str(path) in where
+    assert stage_costs(None)[0] is DEFAULT_COSTS
+    assert costs_for(["sample", "score"], costs)["score"] == StageCost(1.0, 2.0)  # missing: the medians

@@ -1,0 +1,96 @@
+"""The pipelined pass on a real Dask cluster with the affinity plan: fewer model swaps than without it,
+and every shard computed once. Model calls are sleeps; the shards are real Parquet files."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from richpref.run.affinity import StageCost
+
+SHARDS, WORKERS = 8, 4
+SECONDS = {"sample": 0.02, "critique": 0.25}  # per shard
+LOADS = {"sample": 0.6, "critique": 0.05}
+_lock = threading.Lock()
+_held: dict[str, str] = {}  # worker name -> the stage whose model it holds
+_log: list[tuple[str, str, int]] = []  # (worker, stage, shard) per computation
+_swaps = Counter()
+
+
+def _sleeping(name: str, module: str = __name__):
+    def compute(inputs, profile):
+        import importlib
+
+        import pyarrow as pa
+        from distributed import get_worker
+
+        me = importlib.import_module(module)  # its state, not a copy pickled with the function
+        SECONDS, LOADS, _lock, _held, _swaps, _log = me.SECONDS, me.LOADS, me._lock, me._held, me._swaps, me._log
+        ids = [f"i{inputs.shard:05d}-{k}" for k in range(2)] if inputs.rows is None else inputs.rows.column("item_id").to_pylist()
+        if name in SECONDS:  # a model stage: a load when the worker held another model
+            worker = get_worker().name
+            with _lock:
+                switched = _held.get(worker) != name
+                _swaps[worker] += switched and worker in _held
+                _held[worker] = name
+                _log.append((worker, name, inputs.shard))
+            time.sleep((LOADS[name] if switched else 0) + SECONDS[name])
+        return pa.table({"item_id": ids, "status": ["ok"] * len(ids), "reason": pa.nulls(len(ids), pa.string())})
+
+    return compute
+
+
+def _stages():
+    from richpref.tasks import ALL_STAGES
+
+    by = {s.name: s for s in ALL_STAGES}
+    out = []
+    for name in ("source", "sample", "critique"):
+        st = replace(by[name], compute=_sleeping(name), version="sim", config_view=None, key_extra=lambda p: "")
+        if not st.reads:
+            st = replace(st, count_shards=lambda p: SHARDS, shard_key=lambda p, s: f"sim-{s}")
+        out.append(st)
+    return tuple(out)
+
+
+def _run(tmp_path, costs) -> tuple[int, list]:
+    from distributed import LocalCluster
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from richpref.run.pipeline import pipeline_pass
+    from richpref.run.runner import stage_manifests
+    from richpref.run.storage import RunStore
+    from richpref.schemas.config import load_profile
+
+    _held.clear(), _log.clear(), _swaps.clear()
+    profile = load_profile("tiny")
+    per_item = {k: v / profile.source.shard_size for k, v in SECONDS.items()}
+    table = None if costs is None else {k: StageCost(per_item[k], LOADS[k]) for k in SECONDS}
+    result = {}
+
+    @flow(name="affinity-test")
+    def passes():
+        result["pass"] = pipeline_pass(_stages(), RunStore(str(tmp_path), "sim"), str(tmp_path), "sim", profile, table)
+
+    with LocalCluster(n_workers=WORKERS, threads_per_worker=2, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster:
+        passes.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()
+    assert result["pass"].failed == {}
+    assert sorted(stage_manifests(RunStore(str(tmp_path), "sim"), "critique")) == list(range(SHARDS))
+    return sum(_swaps.values()), list(_log), result["pass"].plan
+
+
+def test_with_the_plan_a_worker_keeps_its_model_and_every_shard_runs_once(tmp_path, prefect_harness):
+    swaps_without, log_without, no_plan = _run(tmp_path / "without", None)
+    swaps_with, log_with, plan = _run(tmp_path / "with", "table")
+    for log in (log_without, log_with):  # no shard lost or computed twice
+        assert Counter((st, s) for _, st, s in log) == Counter({(st, s): 1 for st in SECONDS for s in range(SHARDS)})
+    assert no_plan is None and plan["workers"] == WORKERS
+    # Without the plan each critique shard runs where its sample shard ran: every worker loads both.
+    # With it, sample (a long load, little work) runs on one worker, critique on the others.
+    assert swaps_with < swaps_without, (log_with, log_without)
+    assert len({w for w, st, _ in log_with if st == "sample"}) == 1
