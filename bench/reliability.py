@@ -98,7 +98,7 @@ def workers(n: int, models: str, repeats: int, shard_size: int | None = None) ->
                              note=f"process wall of `richpref curate --workers 2` (a local Dask cluster) / `--workers 1`, "
                                   f"tiny profile, {n} items, shard size {size}, on {os.cpu_count()} cores; CPU "
                                   f"seconds of each command and its children (cpu_s), of its shards (shard_cpu_s) "
-                                  f"and the rest (other_cpu_s), which load does not inflate as it does walls"),
+                                  f"and the rest (other_cpu_s), which load inflates less than walls"),
             runs=runs)
     b.cleanup()
 
