@@ -5,7 +5,7 @@ bench/results/plan_heavy_shards-<commit>.json).
 
     python bench/reliability.py overhead --items 1024      # = curate_runs.py resume: process wall / compute, kill + resume
     python bench/reliability.py memory --items 256 1024 4096  # = curate_runs.py memory: MiB per 1k items
-    python bench/reliability.py workers --items 1024       # wall of --workers 2 / wall of --workers 1
+    python bench/reliability.py workers --items 1024       # wall of --workers 2 / wall of --workers 1, CPU seconds
     python bench/reliability.py plan --items 1024          # --plan on a finished run: 640x640 vs 64x64 images
 
 Runs the tiny profile on the bundled prompts repeated to N items (a JSONL source written here), with
@@ -36,9 +36,32 @@ def _source(dir_: Path, n: int) -> Path:
     return path
 
 
-def _cmd(data: Path, run: str, n: int, models: str) -> list[str]:
+def _cmd(data: Path, run: str, n: int, models: str, shard_size: int = 32) -> list[str]:
     return [str(BIN / "richpref"), "--data-dir", str(data), "curate", "--run", run, "--models-root", models,
-            "--set", "source.kind=jsonl", "--set", f"source.path={_source(data, n)}", "--set", "source.shard_size=32"]
+            "--set", "source.kind=jsonl", "--set", f"source.path={_source(data, n)}",
+            "--set", f"source.shard_size={shard_size}"]
+
+
+def _work(data: Path, run: str) -> list[dict]:
+    log = data / "runs" / run / "_log" / "work.jsonl"
+    return [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+
+
+def _cpu_accounting(data: Path, run: str, process_cpu_s: float) -> dict:
+    """CPU seconds, which the load of other jobs does not inflate as it does walls: the shards' (their
+    processes' CPU while each computed), the rest of the command's (start, Prefect, Dask, planning,
+    export), per stage; the worker processes, their torch threads, and their model loads and swaps."""
+    work = _work(data, run)
+    shard_cpu = sum(r.get("cpu_s", 0.0) for r in work)
+    out = {"cpu_s": process_cpu_s, "shard_cpu_s": shard_cpu, "other_cpu_s": process_cpu_s - shard_cpu,
+           "shard_processes": len({r.get("pid") for r in work}),
+           "torch_threads": max((r.get("torch_threads") or 0) for r in work)}
+    for r in work:
+        key = f"cpu_{r['stage']}_s"
+        out[key] = out.get(key, 0.0) + r.get("cpu_s", 0.0)
+    models = json.loads((data / "runs" / run / "run.json").read_text()).get("models") or {}
+    out.update({f"model_{k}": v for k, v in models.items() if k in ("loads", "swaps")})
+    return out
 
 
 def _compute_seconds(data: Path, run: str) -> float:
@@ -52,23 +75,31 @@ def _flow_wall(data: Path, run: str) -> float:
     return max(r["at"] for r in recs) - min(r["at"] - r.get("wall_s", r["compute_s"]) for r in recs)
 
 
-def workers(n: int, models: str, repeats: int) -> None:
+def workers(n: int, models: str, repeats: int, shard_size: int | None = None) -> None:
     """The same run with one process and with a local Dask cluster of two workers, each a fresh process
-    in a fresh data dir (own Prefect home and caches), alternated per repeat."""
+    in a fresh data dir (own Prefect home and caches), alternated per repeat. The shard size is 32, or
+    n / 4 for fewer than 128 items: with one shard per stage the second worker has nothing to do."""
     b = harness.Bench("workers", repeats)
+    size = shard_size or max(1, min(32, n // 4))
 
     def side(k: str, rep: int) -> dict:
         data, env = b.fresh(f"{k}-{rep}")
-        r = harness.run_process(_cmd(data, "w", n, models) + ["--workers", k[1:]], env, timeout=7200)
+        r = harness.run_process(_cmd(data, "w", n, models, size) + ["--workers", k[1:]], env, timeout=7200)
         assert r["rc"] == 0, f"curate --workers {k[1:]} failed:\n{r['stderr'][-3000:]}"
-        return {"wall_s": r["wall_s"], "flow_wall_s": _flow_wall(data, "w"), "compute_s": _compute_seconds(data, "w")}
+        return {"wall_s": r["wall_s"], "flow_wall_s": _flow_wall(data, "w"), "compute_s": _compute_seconds(data, "w"),
+                **_cpu_accounting(data, "w", r["cpu_s"])}
 
     b.alternate(["w1", "w2"], side)
     runs = b.runs + harness.ratios(b.runs, ("w2", "wall_s"), ("w1", "wall_s"), "w2_over_w1")
+    runs += harness.ratios(b.runs, ("w2", "cpu_s"), ("w1", "cpu_s"), "w2_over_w1_cpu")
+    runs += harness.ratios(b.runs, ("w2", "shard_cpu_s"), ("w1", "shard_cpu_s"), "w2_over_w1_shard_cpu")
     s = harness.summarize(runs)
     b.write(harness.headline("w2_over_w1", s["w2_over_w1"]["median"], "x", "<= 0.80",
                              note=f"process wall of `richpref curate --workers 2` (a local Dask cluster) / `--workers 1`, "
-                                  f"tiny profile, {n} items, shard size 32, on {os.cpu_count()} cores"), runs=runs)
+                                  f"tiny profile, {n} items, shard size {size}, on {os.cpu_count()} cores; CPU "
+                                  f"seconds of each command and its children (cpu_s), of its shards (shard_cpu_s) "
+                                  f"and the rest (other_cpu_s), which load inflates less than walls"),
+            runs=runs)
     b.cleanup()
 
 
@@ -153,6 +184,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, nargs="+", default=[1024])
     ap.add_argument("--models", default=str(REPO / "data/models/tiny"))
     ap.add_argument("--repeats", type=int, default=3, help="workers and plan: fresh processes, sides alternated")
+    ap.add_argument("--shard-size", type=int, default=None, help="workers: default 32, or items / 4 below 128 items")
     a = ap.parse_args()
     if a.what in ("overhead", "resume", "memory"):
         # On the harness (bench/curate_runs.py): repeats, alternated sides, fresh Prefect homes, raw results.
@@ -161,7 +193,7 @@ def main() -> None:
         items = [str(n) for n in a.items]
         return curate_runs.main(["resume" if a.what != "memory" else "memory", "--models", a.models, "--items", *items])
     if a.what == "workers":
-        workers(a.items[0], a.models, a.repeats)
+        workers(a.items[0], a.models, a.repeats, a.shard_size)
     elif a.what == "plan":
         plan(a.items[0], a.models, a.repeats)
 

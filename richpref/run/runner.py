@@ -22,7 +22,9 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -260,11 +262,11 @@ def _compute(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store: 
     inject_fault(stage.name, shard, "before")
     started = time.perf_counter()
     rows, tables = _input_rows(stage, shard, store)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with _model_scope(stage):
         out, batch_size, retries = compute_splitting_on_oom(stage, StageInputs(shard=shard, rows=rows, tables=tables,
                                                                         scratch=store.scratch_dir(stage.out)), profile)
-    compute_s = time.perf_counter() - t0
+    compute_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     check_rows_accounted(stage.name, shard, rows, out, stage.fan_out(profile) if stage.fan_out else None,
                          reads_rows=bool(stage.reads))
     manifest = write_shard(store, stage.out, shard, out, key, before_commit=lambda: inject_fault(stage.name, shard, "write"),
@@ -282,7 +284,7 @@ def _compute(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store: 
         "work.jsonl",
         {"stage": stage.name, "shard": shard, "rows": manifest.rows, "kept": manifest.kept,
          "compute_s": round(compute_s, 4), "wall_s": round(wall, 4), "key": key, "at": time.time(),
-         "batch_size": batch_size, "oom_retries": retries},
+         "batch_size": batch_size, "oom_retries": retries, **_cpu_record(cpu_s)},
     )
     return manifest
 
@@ -296,6 +298,15 @@ def parquet_bytes(table: pa.Table) -> bytes:
         if table.num_rows:
             writer.write_table(table)
     return buf.getvalue()
+
+
+def _cpu_record(cpu_s: float) -> dict:
+    """Where the shard ran and on how many cores: CPU seconds of its process while it computed (all
+    its threads, so a shard computed beside another in one process shares the other's), the process,
+    and torch's thread count (2 workers × 2 threads on 2 cores is oversubscribed)."""
+    torch = sys.modules.get("torch")
+    return {"cpu_s": round(cpu_s, 4), "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads() if torch is not None else None}
 
 
 def write_shard(store: RunStore, out: str, shard: int, table: pa.Table, key: str, before_commit=None,

@@ -13,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from richpref.schemas.training import FinetuneConfig, PairSourceConfig
-from richpref.training.launcher import launch_training
+from richpref.training.launcher import Machines, launch_training
 from richpref.training.train import METRICS
 
 PAIRS_SOURCE = "pairs"
@@ -55,7 +55,7 @@ def train_task(cfg: FinetuneConfig, output_dir: str, num_processes: int, max_res
         update_progress_artifact(progress, 100.0 * step / cfg.max_train_steps)
 
     meta = launch_training(cfg, output_dir, num_processes=num_processes, max_restarts=max_restarts,
-                           log_file=str(Path(output_dir) / "train.log"), on_poll=report)
+                           log_file=str(Path(output_dir) / Machines.from_env().log_name()), on_poll=report)
     update_progress_artifact(progress, 100.0)
     return meta
 

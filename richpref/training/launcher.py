@@ -71,6 +71,11 @@ class Machines:
         n, rank, ip, port = (env.get(k) for k in MACHINES_ENV)
         return cls(int(n or 1), int(rank or 0), ip or None, int(port) if port else None)
 
+    def log_name(self) -> str:
+        """This machine's launcher log in the shared output folder: train.log on the main machine,
+        train-machine<R>.log on the others (one file each, not interleaved appends)."""
+        return "train.log" if self.machine_rank == 0 else f"train-machine{self.machine_rank}.log"
+
     def to_env(self) -> dict[str, str]:
         values = (self.num_machines, self.machine_rank, self.main_process_ip or "", self.main_process_port or "")
         return {k: str(v) for k, v in zip(MACHINES_ENV, values)}

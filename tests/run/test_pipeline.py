@@ -7,7 +7,6 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-import pytest
 
 from richpref.run.affinity import StageCost
 

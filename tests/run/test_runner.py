@@ -58,9 +58,21 @@ def test_a_shard_whose_manifest_is_missing_is_computed_again_and_only_it(finishe
     curate_run(runs_dir, "nomanifest", tiny_models)
     # Later shards are keyed on the filter shard's key, not its bytes: they stay done.
     assert work(runs_dir, "nomanifest") == [("filter", 1)]
+    _assert_cpu_recorded(store.read_log("work.jsonl")[0])
     ref = stage_manifests(RunStore(str(runs_dir), "ref"), "pairs")
     again = stage_manifests(store, "pairs")
     assert {s: m.sha256 for s, m in again.items()} == {s: m.sha256 for s, m in ref.items()}
+
+
+def _assert_cpu_recorded(record: dict) -> None:
+    """The work log says where a shard ran and on how many threads (bench/reliability.py workers adds
+    up its CPU seconds: figures that load does not inflate as it does walls)."""
+    import os
+
+    import torch
+
+    assert record["pid"] == os.getpid() and record["torch_threads"] == torch.get_num_threads()
+    assert 0 <= record["cpu_s"] < 60
 
 
 def _worker_env() -> dict:

@@ -1,14 +1,23 @@
 """Training on several machines: the `accelerate launch` command `richpref finetune --num-machines M
---machine-rank R --main-process-ip HOST` builds, checked against accelerate's own parser, and the
-bad inputs it refuses before anything starts; a trainer that stops on bad input is not relaunched."""
+--machine-rank R --main-process-ip HOST` builds, checked against accelerate's own parser, the bad
+inputs it refuses before anything starts, a real two-machine run (two `richpref finetune` processes
+on this machine, one process group over gloo), and a trainer that stops on bad input, not relaunched."""
 from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from richpref.training.launcher import DEFAULT_MAIN_PORT, Machines, accelerate_command
-from test_finetune import tiny_config, write_pairs
+from richpref.training.launcher import DEFAULT_MAIN_PORT, Machines, accelerate_command, free_port
+from test_finetune import metrics, pairs_file, tiny_config, write_pairs  # noqa: F401 - pairs_file is a fixture
 
 
 def _parsed(cmd: list[str]):
@@ -73,3 +82,52 @@ def test_a_trainer_that_stops_on_bad_input_is_not_relaunched(tiny_models, tmp_pa
         launch_training(cfg, out, max_restarts=2, log_file=str(tmp_path / "train.log"))
     assert "not relaunched" in str(err.value)
     assert (tmp_path / "train.log").read_text().count("Traceback") <= 1  # one launch, not three
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a `richpref finetune` and everything it started (its own process group), by its pid."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_two_machines_train_as_one_process_group(tiny_models, pairs_file, prefect_api_env, tmp_path):  # noqa: F811 - the fixture imported above
+    from safetensors.torch import load_file
+
+    config = tmp_path / "ft.yaml"
+    cfg = tiny_config(tiny_models, pairs_file.parent, max_train_steps=2, checkpointing_steps=1,
+                      checkpoints_total_limit=1)
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "shared"  # the output folder both machines see
+    port = free_port()
+    # One Prefect API for both (a machine of its own would run its own server; two servers starting on
+    # one SQLite file under one PREFECT_HOME race on its migrations).
+    env = {**os.environ, **prefect_api_env, "OMP_NUM_THREADS": "1"}
+    procs = []
+    try:
+        for rank in (0, 1):
+            cmd = [sys.executable, "-m", "richpref.cli.commands", "finetune", "--config", str(config),
+                   "--output-dir", str(out), "--num-machines", "2", "--machine-rank", str(rank),
+                   "--main-process-ip", "127.0.0.1", "--main-process-port", str(port), "--max-restarts", "0"]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, start_new_session=True))
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            _stop(p)
+    for rank, (p, text) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"machine {rank}:\n{text[-3000:]}"
+    # Each machine's command returns the one run's summary (the other machine read what rank 0 wrote).
+    summaries = [json.loads(text[text.index("\n{\n"):]) for text in outputs]
+    assert summaries[0] == summaries[1] and summaries[0]["steps"] == 2
+    # Two processes in one group: each step saw 2 processes × 2 pairs; rank 0 logged it once.
+    assert [(r["step"], r["samples_seen"]) for r in metrics(out)] == [(1, 4), (2, 8)]
+    assert "2 process(es) × 2 pairs × 1 accumulation = 4 pairs/step" in (out / "train.log").read_text()
+    assert (out / "train-machine1.log").exists()  # each machine's launcher output in a file of its own
+    # The checkpoint holds the random state of both processes, the weights once (rank 0 saved them).
+    ckpt = out / "checkpoint-1"
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    lora = load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    ups = [t for k, t in lora.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and any(t.abs().max() > 0 for t in ups)  # LoRA's up-projections start at zero: training moved them
+    assert not list(Path(out).glob("*.tmp*"))
