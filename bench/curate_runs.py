@@ -17,10 +17,14 @@ included; goal <= 1.15); kill_resume_between and kill_resume_inside (goal <= 1.1
 memory: one run per size, alternated order; the curate process's peak RSS (wait4) and the post-import
 baseline: the peak RSS of `richpref curate --plan` on the same source (imports, profile, plan; no model).
 Headline: the slope of peak RSS over items (least squares over the sizes), in MiB per 1000 items.
+Every memory run reports to one Prefect server the bench starts (PREFECT_API_URL): the measure is the
+curate process's peak RSS, which a server of its own (a separate, smaller process) does not change,
+and each run is spared that server's start.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -150,18 +154,45 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
 
 
+@contextlib.contextmanager
+def prefect_server():
+    """A Prefect API server in a fresh folder, as `richpref curate` starts its own; yields its URL."""
+    import shutil
+    import tempfile
+
+    import socket
+
+    from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
+    from richpref.ops.prefect_api import server_command
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(tempfile.mkdtemp(prefix="richpref-bench-prefect-"))
+    env = harness.fresh_env(root, PREFECT_UI_ENABLED="0", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = spawn_owned(server_command(port), name="prefect-server", env=env, log_path=str(root / "server.log"))
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_healthy(url, "the Prefect server", proc, timeout=120, poll_s=0.2)
+        yield url
+    finally:
+        stop_owned(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def memory(a) -> None:
-    b = harness.Bench("memory", a.repeats)
     sides = [str(n) for n in a.items]
+    base: dict = {}
 
-    # The post-import baseline: `curate --plan` imports what a run imports, reads the profile and plans.
-    root, env = b.fresh("baseline")
-    base = harness.run_process(curate_cmd(root / "data", source_file(root, a.items[0]), a) + ["--plan"], env, a.timeout)
-    assert base["rc"] == 0, base["stderr"][-2000:]
-
-    def side(name: str, rep: int) -> dict:
+    def side(b: harness.Bench, name: str, rep: int) -> dict:
+        if not base:  # the post-import baseline: `curate --plan` imports what a run imports, reads the profile and plans
+            root, env = b.fresh("baseline")
+            base.update(harness.run_process(curate_cmd(root / "data", source_file(root, a.items[0]), a) + ["--plan"],
+                                            env, a.timeout))
+            assert base["rc"] == 0, base["stderr"][-2000:]
+            base["server"] = stack.enter_context(prefect_server())
         n = int(name)
-        root, env = b.fresh(f"mem{n}-{rep}")
+        root, env = b.fresh(f"mem{n}-{rep}", PREFECT_API_URL=base["server"])
         data = root / "data"
         src = source_file(root, n)
         r = harness.run_process(curate_cmd(data, src, a), env, a.timeout)
@@ -169,25 +200,24 @@ def memory(a) -> None:
         return {"items": n, "peak_rss_mib": r["maxrss_mib"], "baseline_rss_mib": base["maxrss_mib"],
                 "above_baseline_mib": r["maxrss_mib"] - base["maxrss_mib"], "wall_s": r["wall_s"]}
 
-    runs = b.alternate(sides, side)
-    per_rep = []
-    for rep in range(a.repeats):
-        rs = [r for r in runs if r["repeat"] == rep]
-        per_rep.append({"side": "derived", "repeat": rep,
-                        "mib_per_1k_items": 1000 * slope([r["items"] for r in rs], [r["peak_rss_mib"] for r in rs])})
-    s = harness.summarize(per_rep)
-    b.write(harness.headline("mib_per_1k_items", s["mib_per_1k_items"]["median"], "MiB per 1k items", a.goal_mib,
-                             note=f"slope of the curate process's peak RSS over {', '.join(sides)} items (least squares, "
-                                  "per repeat); each size's RSS above its `curate --plan` baseline is in the runs"
-                                  + (f"; --until {a.until}" if a.until else "")),
-            runs=runs + per_rep)
-    b.cleanup()
+    def per_repeat(runs: list[dict]) -> list[dict]:
+        return [{"side": "derived", "repeat": rep,
+                 "mib_per_1k_items": 1000 * slope([r["items"] for r in runs if r["repeat"] == rep],
+                                                  [r["peak_rss_mib"] for r in runs if r["repeat"] == rep])}
+                for rep in range(a.repeats)]
+
+    with contextlib.ExitStack() as stack:  # started with the first run, stopped after the last
+        harness.run("memory", a.repeats, sides, "mib_per_1k_items", "MiB per 1k items", a.goal_mib, side=side,
+                    extra_runs=per_repeat,
+                    note=f"slope of the curate process's peak RSS over {', '.join(sides)} items (least squares, "
+                         "per repeat); each size's RSS above its `curate --plan` baseline is in the runs; every run "
+                         "reports to one Prefect server started by the bench" + (f"; --until {a.until}" if a.until else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["resume", "memory"])
-    p.add_argument("--quick", action="store_true", help="small sizes: --until sample, 8 items (memory 8 16 32), N=2")
+    p.add_argument("--quick", action="store_true", help="small sizes: --until sample, 8 items (memory 2 4 8), N=3")
     p.add_argument("--items", type=int, nargs="+")
     p.add_argument("--shard-size", type=int)
     p.add_argument("--repeats", type=int)
@@ -200,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.quick:
         a.until = a.until or "sample"
-        a.items = a.items or ([8] if a.what == "resume" else [8, 16, 32])
+        # resume: 4 shards, so the kill inside lands in shard 2, timed from shard 1 (shard 0 loads the model)
+        a.items = a.items or ([8] if a.what == "resume" else [2, 4, 8])
         a.shard_size = a.shard_size or 2
-        a.repeats = a.repeats or 2
+        a.repeats = a.repeats or 3
     a.items = a.items or ([1024] if a.what == "resume" else [256, 1024, 4096])
     a.shard_size = a.shard_size or 32
     a.repeats = a.repeats or 3

@@ -135,17 +135,15 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("editor_cost needs a CUDA GPU (--device cuda): the real editors' denoisers at their real sizes")
     names = args.editors.split(",")
-    b = harness.Bench("editor_cost", args.repeats)
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), names)
-    s = harness.summarize(b.runs)
-    worst = max(names, key=lambda n: s[f"{n}.gpu_h_per_100k"]["median"])
     where = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    b.write(harness.headline(f"{worst}.gpu_h_per_100k", s[f"{worst}.gpu_h_per_100k"]["median"], "GPU-h per 100k edits",
-                             None, note=f"{where}, bfloat16, batch {args.batch}: seconds per edit of each editor's "
-                                        f"denoiser at its real size (steps x passes x s/pass, mean of {args.passes} "
-                                        f"passes after 2 warm-ups), the costliest editor as headline; each repeat a "
-                                        f"fresh process, editors in alternated order"))
-    b.cleanup()
+    # the headline: the costliest editor
+    harness.run("editor_cost", args.repeats, names,
+                lambda s: max((f"{n}.gpu_h_per_100k" for n in names), key=lambda k: s[k]["median"]),
+                "GPU-h per 100k edits", script=__file__, args=harness.child_argv(sys.argv[1:]),
+                note=f"{where}, bfloat16, batch {args.batch}: seconds per edit of each editor's "
+                     f"denoiser at its real size (steps x passes x s/pass, mean of {args.passes} "
+                     f"passes after 2 warm-ups), the costliest editor as headline; each repeat a "
+                     f"fresh process, editors in alternated order")
 
 
 if __name__ == "__main__":

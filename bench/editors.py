@@ -82,16 +82,12 @@ def main() -> None:
     if args.child:
         return child(args)
     sides = [f"b{int(x)}" for x in args.batch_sizes.split(",")]
-    b = harness.Bench("editors", args.repeats)
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), sides,
-                 derive=lambda res: {**harness.rate_ratios(res, sides, "images_per_s"), **res["same_seeds"]})
-    s = harness.summarize(b.runs)
-    b.write(harness.headline("worst_speedup", s["worst_speedup"]["median"], "x", None,
-                             note=f"images/s at batch {sides[-1][1:]} / batch {sides[0][1:]}, the smallest over the "
-                                  f"editors ({args.editors}); {args.n} images of {args.size}x{args.size}, each editor's "
-                                  f"tiny profile settings, device {args.device}, {args.dtype}; `same_images` = 1 when "
-                                  f"the same seeds gave the same images"))
-    b.cleanup()
+    harness.run("editors", args.repeats, sides, "worst_speedup", "x", script=__file__, args=harness.child_argv(sys.argv[1:]),
+                derive=lambda res: {**harness.rate_ratios(res, sides, "images_per_s"), **res["same_seeds"]},
+                note=f"images/s at batch {sides[-1][1:]} / batch {sides[0][1:]}, the smallest over the "
+                     f"editors ({args.editors}); {args.n} images of {args.size}x{args.size}, each editor's "
+                     f"tiny profile settings, device {args.device}, {args.dtype}; `same_images` = 1 when "
+                     f"the same seeds gave the same images")
 
 
 if __name__ == "__main__":

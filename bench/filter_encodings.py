@@ -81,23 +81,20 @@ def main(argv: list[str] | None = None) -> None:
         return child(a)
     import harness
 
-    b = harness.Bench("filter_encodings", a.repeats)
-
-    def side(name: str, rep: int) -> dict:
+    def side(b: harness.Bench, name: str, rep: int) -> dict:
         root, env = b.fresh(f"{name}{rep}", OMP_NUM_THREADS="1")
         r = harness.run_process([sys.executable, __file__, "--side", name, "--models-root", a.models_root,
                                  "--pairs", str(a.pairs)], env, timeout=3600)
         assert r["rc"] == 0, r["stderr"][-3000:]
         return {**harness.child_result(r["stdout"]), "process_wall_s": r["wall_s"]}
 
-    runs = b.alternate(["plain", "shared"], side)
-    rat = harness.ratios(runs, ("plain", "images_per_pair"), ("shared", "images_per_pair"), "fewer_encodings")
-    s = harness.summarize(rat)
-    b.write(harness.headline("fewer_encodings", s["fewer_encodings"]["median"], "x", ">= 3", kind="measured",
-                             note=f"images through the vision tower per pair (forward hook), share_image_prefix off / on, "
-                                  f"{a.pairs} pairs, tiny Qwen2.5-VL in process; a prefix-caching server's count is "
-                                  "calculated, not measured (bench/served_vlm.py)"), runs=runs + rat)
-    b.cleanup()
+    harness.run("filter_encodings", a.repeats, ["plain", "shared"], "fewer_encodings", "x", ">= 3", side=side,
+                extra_runs=lambda runs: harness.ratios(runs, ("plain", "images_per_pair"), ("shared", "images_per_pair"),
+                                                       "fewer_encodings"),
+                kind="measured",
+                note=f"images through the vision tower per pair (forward hook), share_image_prefix off / on, "
+                     f"{a.pairs} pairs, tiny Qwen2.5-VL in process; a prefix-caching server's count is "
+                     "calculated, not measured (bench/served_vlm.py)")
 
 
 if __name__ == "__main__":

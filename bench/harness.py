@@ -322,3 +322,32 @@ class Bench:
         import shutil
 
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run(name: str, repeats: int, sides: Sequence[str], metric: str | Callable[[dict], str], unit: str,
+        goal: str | None = None, *, script: str | None = None, args: Sequence[str] = (),
+        derive: Callable[[dict], dict] | None = None, side: Callable[["Bench", str, int], dict] | None = None,
+        extra_runs: Callable[[list[dict]], list[dict]] | None = None, results_dir: Path | None = None,
+        timeout: float = 3600, **head: object) -> dict:
+    """One benchmark from start to written record: a `Bench`, its runs (`script` given: `per_repeat`, each
+    repeat a fresh process of the script; else `side(bench, side, repeat)` alternated, the bench giving
+    `fresh` folders), `extra_runs(runs)` added
+    (ratios within a repeat), the summary, the headline (the median of `metric`, or of the metric that
+    `metric(summary)` names) written to bench/results, and the temp folder removed. A value of `head`
+    that is callable is called with the summary (a note that names the worst side). Returns the record."""
+    if (script is None) == (side is None):
+        raise ValueError("give exactly one of script (per_repeat) or side (alternate)")
+    b = Bench(name, repeats, results_dir=results_dir)
+    try:
+        if script is not None:
+            b.per_repeat(script, args, sides, derive=derive, timeout=timeout)
+        else:
+            b.alternate(sides, lambda s, rep: side(b, s, rep))
+        runs = b.runs + (extra_runs(b.runs) if extra_runs else [])
+        s = summarize(runs)
+        key = metric(s) if callable(metric) else metric
+        extra = {k: v(s) if callable(v) else v for k, v in head.items()}
+        path = b.write(headline(key, s[key]["median"], unit, goal, **extra), runs=runs)
+    finally:
+        b.cleanup()
+    return json.loads(path.read_text())

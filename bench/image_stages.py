@@ -83,15 +83,11 @@ def main() -> None:
     if args.child:
         return child(args)
     sides = [f"b{int(x)}" for x in args.batch_sizes.split(",")]
-    b = harness.Bench("image_stages", args.repeats)
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), sides,
-                 derive=lambda res: harness.rate_ratios(res, sides, "images_per_s"))
-    s = harness.summarize(b.runs)
-    b.write(harness.headline("worst_speedup", s["worst_speedup"]["median"], "x", None,
-                             note=f"images/s at batch {sides[-1][1:]} / batch {sides[0][1:]}, the smallest of sample and "
-                                  f"ControlNet edit on the tiny {args.models}; {args.n} images of {args.size}x{args.size}, "
-                                  f"{args.steps} steps, one timed call per batch size after a warm-up"))
-    b.cleanup()
+    harness.run("image_stages", args.repeats, sides, "worst_speedup", "x", script=__file__,
+                args=harness.child_argv(sys.argv[1:]), derive=lambda res: harness.rate_ratios(res, sides, "images_per_s"),
+                note=f"images/s at batch {sides[-1][1:]} / batch {sides[0][1:]}, the smallest of sample and "
+                     f"ControlNet edit on the tiny {args.models}; {args.n} images of {args.size}x{args.size}, "
+                     f"{args.steps} steps, one timed call per batch size after a warm-up")
 
 
 if __name__ == "__main__":

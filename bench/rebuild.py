@@ -59,14 +59,11 @@ def main() -> None:
         stages = r.pop("stage_compute_s")
         harness.print_child("RESULT ", {"rebuild": {**r, **{f"compute.{k}_s": v for k, v in stages.items()}}})
         return
-    b = harness.Bench("rebuild", a.repeats)
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["rebuild"])
-    s = harness.summarize(b.runs)
-    b.write(harness.headline("rebuild.pairs_per_s", s["rebuild.pairs_per_s"]["median"], "pairs/s", None,
-                             note=f"`tiny-rebuild`, source.limit={a.limit}, {a.num_samples} samples per prompt, "
-                                  f"{a.pairing}; in process through the shard runner (no Prefect), a fresh process and "
-                                  f"run per repeat, model loads included (cold)"))
-    b.cleanup()
+    harness.run("rebuild", a.repeats, ["rebuild"], "rebuild.pairs_per_s", "pairs/s", script=__file__,
+                args=harness.child_argv(sys.argv[1:]),
+                note=f"`tiny-rebuild`, source.limit={a.limit}, {a.num_samples} samples per prompt, "
+                     f"{a.pairing}; in process through the shard runner (no Prefect), a fresh process and "
+                     f"run per repeat, model loads included (cold)")
 
 
 if __name__ == "__main__":

@@ -64,14 +64,11 @@ def main() -> None:
     args = harness.child_args(ap, repeats=1).parse_args()
     if args.child:
         return child(args)
-    b = harness.Bench("reward_dtype_drift", args.repeats)
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["drift"])
-    s = harness.summarize(b.runs)
-    b.write(harness.headline("drift.worst_order_flips", s["drift.worst_order_flips"]["median"], "share of pairs", None,
-                             note=f"{args.dtype} against float32 on {args.images} random 64x64 images, device "
-                                  f"{args.device}: the largest share of image pairs whose order flips over the tiny "
-                                  f"profile's rewards; deterministic, so N = 1 by default"))
-    b.cleanup()
+    harness.run("reward_dtype_drift", args.repeats, ["drift"], "drift.worst_order_flips", "share of pairs",
+                script=__file__, args=harness.child_argv(sys.argv[1:]),
+                note=f"{args.dtype} against float32 on {args.images} random 64x64 images, device "
+                     f"{args.device}: the largest share of image pairs whose order flips over the tiny "
+                     f"profile's rewards; deterministic, so N = 1 by default")
 
 
 if __name__ == "__main__":

@@ -74,15 +74,11 @@ def main() -> None:
     args = harness.child_args(ap, repeats=3).parse_args()
     if args.child:
         return child(args)
-    b = harness.Bench("rewards", args.repeats)
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), SIDES,
-                 derive=lambda res: {**harness.rate_ratios(res, SIDES, "images_per_s"), **res["load"]})
-    s = harness.summarize(b.runs)
-    b.write(harness.headline("worst_speedup", s["worst_speedup"]["median"], "x", None,
-                             note=f"images/s at batch 8 / batch 1, the smallest over the tiny profile's rewards and "
-                                  f"dino_patch; {args.images} random 64x64 images, one timed call per batch size "
-                                  f"after a warm-up, device {args.device}"))
-    b.cleanup()
+    harness.run("rewards", args.repeats, SIDES, "worst_speedup", "x", script=__file__, args=harness.child_argv(sys.argv[1:]),
+                derive=lambda res: {**harness.rate_ratios(res, SIDES, "images_per_s"), **res["load"]},
+                note=f"images/s at batch 8 / batch 1, the smallest over the tiny profile's rewards and "
+                     f"dino_patch; {args.images} random 64x64 images, one timed call per batch size "
+                     f"after a warm-up, device {args.device}")
 
 
 if __name__ == "__main__":

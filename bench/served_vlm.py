@@ -72,7 +72,6 @@ def main() -> None:
     args = harness.child_args(ap, repeats=3).parse_args()
     if args.child:
         return child(args)
-    b = harness.Bench("served_vlm", args.repeats)
     sides = sides_of(args.concurrency)
 
     def derive(res: dict) -> dict:
@@ -83,17 +82,14 @@ def main() -> None:
                 out[k.replace(".items_per_s", f".inproc_over_server_c{top}")] = v / res[f"server.c{top}"][k]
         return out
 
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), sides, derive=derive)
-    s = harness.summarize(b.runs)
-    b.write(harness.headline("server_fewer_encodings", s["server_fewer_encodings"]["median"], "x", ">= 3",
-                             kind="calculated",
-                             note=f"filter: image encodings per pair without / with a server's prefix cache, CALCULATED "
-                                  f"from the requests the stage sends (a perfect prefix cache and 5 attributes per item "
-                                  f"assumed; bench/filter_encodings.py measures the in-process count); beside it, "
-                                  f"items/s of critique, instruct and filter through `transformers serve` on the CPU at "
-                                  f"client concurrency {', '.join(map(str, args.concurrency))} and in process at those "
-                                  f"batch sizes, {args.n} items, one timed call per side after a warm-up"))
-    b.cleanup()
+    harness.run("served_vlm", args.repeats, sides, "server_fewer_encodings", "x", ">= 3", script=__file__,
+                args=harness.child_argv(sys.argv[1:]), derive=derive, kind="calculated",
+                note=f"filter: image encodings per pair without / with a server's prefix cache, CALCULATED "
+                     f"from the requests the stage sends (a perfect prefix cache and 5 attributes per item "
+                     f"assumed; bench/filter_encodings.py measures the in-process count); beside it, "
+                     f"items/s of critique, instruct and filter through `transformers serve` on the CPU at "
+                     f"client concurrency {', '.join(map(str, args.concurrency))} and in process at those "
+                     f"batch sizes, {args.n} items, one timed call per side after a warm-up")
 
 
 def child(args) -> None:

@@ -161,15 +161,12 @@ def main() -> None:
     args = harness.child_args(ap, repeats=1).parse_args()
     if args.child:
         return child(args)
-    b = harness.Bench("store_requests" + ("_s3" if args.s3 else ""), args.repeats)
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["plan"])
-    s = harness.summarize(b.runs)
-    b.write(harness.headline("plan.max_per_shard_stage", s["plan.max_per_shard_stage"]["median"], "requests", None,
-                             note=f"object-store requests of a no-op `curate --plan` per shard and stage, the largest "
-                                  f"over N = {', '.join(map(str, args.n))} shards ("
-                                  f"{'moto S3 server' if args.s3 else 'counting wrapper on a local folder'}); "
-                                  f"growth_over_shards = 1 is linear; counts are deterministic, so N = 1 by default"))
-    b.cleanup()
+    harness.run("store_requests" + ("_s3" if args.s3 else ""), args.repeats, ["plan"], "plan.max_per_shard_stage",
+                "requests", script=__file__, args=harness.child_argv(sys.argv[1:]),
+                note=f"object-store requests of a no-op `curate --plan` per shard and stage, the largest "
+                     f"over N = {', '.join(map(str, args.n))} shards ("
+                     f"{'moto S3 server' if args.s3 else 'counting wrapper on a local folder'}); "
+                     f"growth_over_shards = 1 is linear; counts are deterministic, so N = 1 by default")
 
 
 if __name__ == "__main__":

@@ -106,15 +106,11 @@ def main() -> None:
     if args.child:
         return child(args)
     sides = [f"b{bs}" for bs in args.batch_sizes]
-    b = harness.Bench("vlm_stages", args.repeats)
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), sides,
-                 derive=lambda res: harness.rate_ratios(res, sides, "items_per_s"))
-    s = harness.summarize(b.runs)
-    b.write(harness.headline("worst_speedup", s["worst_speedup"]["median"], "x", ">= 3",
-                             note=f"items/s at batch {args.batch_sizes[-1]} / batch {args.batch_sizes[0]}, the smallest "
-                                  f"of critique, instruct and filter; {args.n} items, tiny VLMs, 24 new tokens, one "
-                                  f"timed call per batch size after a warm-up"))
-    b.cleanup()
+    harness.run("vlm_stages", args.repeats, sides, "worst_speedup", "x", ">= 3", script=__file__,
+                args=harness.child_argv(sys.argv[1:]), derive=lambda res: harness.rate_ratios(res, sides, "items_per_s"),
+                note=f"items/s at batch {args.batch_sizes[-1]} / batch {args.batch_sizes[0]}, the smallest "
+                     f"of critique, instruct and filter; {args.n} items, tiny VLMs, 24 new tokens, one "
+                     f"timed call per batch size after a warm-up")
 
 
 if __name__ == "__main__":

@@ -203,6 +203,38 @@ def test_a_failing_child_raises_with_its_stderr(tmp_path):
     b.cleanup()
 
 
+def test_run_writes_the_record_with_the_headline_from_the_summary_and_removes_its_folder(tmp_path):
+    folders = []
+
+    def side(b, name, rep):
+        root, env = b.fresh(f"{name}{rep}")
+        folders.append(root)
+        return {"wall_s": {"a": 2.0, "b": 1.0}[name] * (1 + rep)}
+
+    rec = harness.run("demo", 3, ["a", "b"], "speedup", "x", ">= 2", side=side,
+                      extra_runs=lambda runs: harness.ratios(runs, ("a", "wall_s"), ("b", "wall_s"), "speedup"),
+                      results_dir=tmp_path, note=lambda s: f"a median {s['a.wall_s']['median']:.0f} s")
+    assert tuple(rec) == harness.KEYS and rec["repeats"] == 3
+    assert [(r["repeat"], r["side"]) for r in rec["runs"][:6]] == harness.alternation(["a", "b"], 3)
+    assert rec["headline"] == {"name": "speedup", "value": 2.0, "unit": "x", "goal": ">= 2", "met": True,
+                               "note": "a median 4 s"}
+    assert rec["summary"]["speedup"]["n"] == 3 and rec["summary"]["a.wall_s"]["max"] == 6.0
+    assert json.loads((tmp_path / f"demo-{rec['commit']}.json").read_text()) == rec
+    assert folders and not any(f.exists() for f in folders)  # the bench's temp folder is gone
+
+
+def test_run_per_repeat_and_a_headline_metric_chosen_from_the_summary(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(bench=str(ROOT / "bench")))
+    rec = harness.run("demo", 2, ["a", "b"], lambda s: max(("a.pos", "b.pos"), key=lambda k: s[k]["max"]), "",
+                      script=str(script), args=["--n", "4"], derive=lambda res: {"d": res["b"]["pos"] - res["a"]["pos"]},
+                      timeout=60, results_dir=tmp_path)
+    assert rec["headline"]["name"] in ("a.pos", "b.pos") and rec["headline"]["value"] == 0.5
+    assert {r["side"] for r in rec["runs"]} == {"a", "b", "derived", "process"}
+    with pytest.raises(ValueError):
+        harness.run("demo", 1, ["a"], "x", "", results_dir=tmp_path)  # neither a script nor a side
+
+
 def test_report_quick_table_sums_benchmarks_and_lists_the_skipped(tmp_path):
     res = tmp_path / "results"
     res.mkdir()
