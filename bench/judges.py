@@ -21,7 +21,9 @@ Figures only: tiny random weights on a CPU measure the code path, not the 7B mod
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -54,7 +56,9 @@ def main() -> None:
     if not args.models_root:
         sys.exit("give --models-root (or RICHPREF_MODELS_ROOT): a folder from `richpref models build-tiny`")
     torch.set_num_threads(1)
-    os.environ.setdefault("RICHPREF_CACHE", tempfile.mkdtemp(prefix="judges-bench-"))
+    if "RICHPREF_CACHE" not in os.environ:  # the merged LoRA judge: a cache of this run only, removed at exit
+        os.environ["RICHPREF_CACHE"] = tempfile.mkdtemp(prefix="judges-bench-")
+        atexit.register(shutil.rmtree, os.environ["RICHPREF_CACHE"], True)
     root = Path(args.models_root)
     sizes = [int(s) for s in args.sizes.split(",")]
     bench = Bench("judges", repeats=args.repeats)
