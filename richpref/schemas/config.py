@@ -198,8 +198,14 @@ class Profile(_Strict):
         return self
 
 
-STAGE_SECTIONS = ("source", "sample", "critique", "instruct", "edit", "cutout", "check", "filter", "score", "relabel",
-                  "export")
+def sections(profile_type: type[BaseModel]) -> tuple[str, ...]:
+    """The sections stages key on: every field of the profile that is a config model, in profile order
+    (a new stage's section is a Profile field and nothing else to list)."""
+    return tuple(name for name, field in profile_type.model_fields.items()
+                 if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+
+
+STAGE_SECTIONS = sections(Profile)
 
 
 class ProfileError(ValueError):
@@ -220,7 +226,7 @@ def config_hash(cfg: BaseModel | dict) -> str:
 
 
 def profile_hash(profile: Profile) -> str:
-    parts = {s: config_hash(getattr(profile, s)) for s in STAGE_SECTIONS}
+    parts = {s: config_hash(getattr(profile, s)) for s in sections(type(profile))}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -59,3 +59,18 @@ def test_a_relabel_decision_leaves_the_score_key_a_score_setting_changes_it():
         k = keys(setting)
         assert k["score"] != base["score"], setting
     assert keys("score.batch_size=2", "score.device=cpu")["score"] == base["score"]
+
+
+
+def test_a_section_added_to_the_profile_is_in_the_run_hash_with_nothing_else_to_list():
+    """A new stage's section is one Profile field: the sections and profile_hash follow it."""
+    from pydantic import create_model
+
+    from richpref.schemas.config import STAGE_SECTIONS, StageConfig, profile_hash, sections
+
+    assert STAGE_SECTIONS == ("source", "sample", "critique", "instruct", "edit", "cutout", "check", "filter", "score",
+                              "relabel", "export")
+    extra = create_model("ExtraConfig", __base__=StageConfig, level=(int, 1))
+    bigger = create_model("BiggerProfile", __base__=Profile, extra_stage=(extra, extra()))
+    assert sections(bigger) == (*STAGE_SECTIONS, "extra_stage")
+    assert profile_hash(bigger(name="p")) != profile_hash(bigger(name="p", extra_stage=extra(level=2)))
