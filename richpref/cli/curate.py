@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 from richpref.cli.errors import fail
 
@@ -23,6 +24,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from richpref.views.inspect import format_summary, summary
     from richpref.run.plan import finished_and_current, plan_run
     from richpref.schemas.config import ProfileError, load_profile
+    from richpref.schemas.migrate import ProfileMigrationWarning
     from richpref.tasks.source import SourceError, check_source
     from richpref.tasks import stages_for
 
@@ -65,10 +67,12 @@ def cmd_curate(args: argparse.Namespace) -> int:
             flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
         api = _prefect_api_for(args)  # refuses a loopback API with a remote scheduler before anything starts
         try:
-            result = run_flow(flow_fn, **api, profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
-                              models_root=args.models_root, **({"until": args.until} if args.until else {}),
-                              **({"doctor_json": args.doctor_json} if args.doctor_json else {}),
-                              **({"affinity": False} if args.no_affinity else {}))
+            with warnings.catch_warnings():  # the flow loads the profile again: its migration was shown above
+                warnings.simplefilter("ignore", ProfileMigrationWarning)
+                result = run_flow(flow_fn, **api, profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
+                                  models_root=args.models_root, **({"until": args.until} if args.until else {}),
+                                  **({"doctor_json": args.doctor_json} if args.doctor_json else {}),
+                                  **({"affinity": False} if args.no_affinity else {}))
         except CurateFailed as exc:
             return fail(exc, 1)
     except (ProfileError, SourceError, ClusterError) as exc:

@@ -72,12 +72,14 @@ def test_the_cli_curates_to_s3_the_same_shards_as_to_a_local_folder(s3, bucket, 
 
     # On the session's Prefect API: the CLI's own temporary server is not what this test is about.
     env = _env(s3, tiny_models, XDG_CACHE_HOME=str(tmp_path / "cache"), **prefect_api_env)
-    overrides = ["source.limit=4", "source.shard_size=2"]
+    # relabel.dtype: a key of the previous layout (now score.dtype), whose warning the CLI shows once
+    overrides = ["source.limit=4", "source.shard_size=2", "relabel.dtype=float32"]
     url = f"s3://{bucket}/data"
     remote = _cli(["--data-dir", url, "curate", "--profile", "tiny", "--run", "r", "--until", "sample",
                    *(a for o in overrides for a in ("--set", o))], env)
     assert remote.returncode == 0, remote.stderr[-3000:]
     assert f"run folder: {url}/runs/r" in remote.stdout and "sample" in remote.stdout  # the summary read S3
+    assert remote.stderr.count("uses the previous layout (relabel.dtype is now score.dtype") == 1, remote.stderr[-3000:]
     # the same run on a local folder, in this process (one torch thread, as the CLI run had)
     load_flow(CURATE)(profile="tiny", run="r", data_dir=str(tmp_path / "local"), overrides=overrides,
                       models_root=str(tiny_models), until="sample")
