@@ -131,6 +131,11 @@ def quick_table(all_recs: list[dict]) -> list[str]:
                 old = newest.get(run["side"])
                 if old is None or not (old[0].get("rc") == 0 and run.get("rc") != 0):  # newest, a success first
                     newest[run["side"]] = (run, rec)
+    # the quick set is what its newest whole run ran: a benchmark since dropped or renamed leaves the table
+    whole = [r for r in runs if r["bench"] == "run_all_quick"]
+    if whole:
+        current = {run.get("side") for run in whole[-1].get("runs") or []}
+        newest = {name: v for name, v in newest.items() if name in current}
     out = ["", "### The quick set, benchmark by benchmark (generated)", "",
            "Wall and CPU (user + system of the benchmark's processes) seconds of each benchmark's newest "
            "`run_all.py --quick` run (a whole run or `--only`). On an idle 2-core machine a benchmark's wall is "

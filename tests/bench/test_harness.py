@@ -250,6 +250,10 @@ def test_report_quick_table_sums_benchmarks_and_lists_the_skipped(tmp_path):
                             "load_after": 4.0}, {"side": "one", "repeat": 0, "wall_s": 1.0, "cpu_s": 1.0, "rc": 1},
                            {"side": "total", "repeat": 0, "wall_s": 6.0, "cpu_s": 5.0}],
                           harness.headline("total.wall_s", 5.0, "s", None, skipped={}), date="2026-02-01T00:00:00+00:00")
+    older = harness.result("run_all_quick", "0ld0000", m, "python bench/run_all.py --quick", 1,
+                           [{"side": "gone", "repeat": 0, "wall_s": 7.0, "cpu_s": 7.0, "rc": 0}],
+                           harness.headline("total.wall_s", 7.0, "s", "< 900", skipped={}), date="2025-12-01T00:00:00+00:00")
+    (res / "run_all_quick-0ld0000.json").write_text(json.dumps(older))
     (res / "run_all_quick-abc1234.json").write_text(json.dumps(whole))
     (res / "run_all_quick_partial_two-abc1234.json").write_text(json.dumps(part))
     doc = tmp_path / "b.md"
@@ -260,7 +264,7 @@ def test_report_quick_table_sums_benchmarks_and_lists_the_skipped(tmp_path):
     assert not any(l.startswith("| run_all_quick_partial") for l in rows)  # not a headline row
     assert "| two | 5 | 4 | 0 | 3.0 → 4.0 |" in text  # the newer (partial) figure
     assert "| one | 10 | 8 | 0 |" in text  # a later failed run does not hide the success
-    assert "| **sum** | **15** | **12** |" in text
+    assert "| **sum** | **15** | **12** |" in text and "| gone |" not in text  # not in the newest whole run
     assert "- `editor_cost`: needs a CUDA GPU" in text and "- `workers`: too slow for the quick set" in text
     assert report.main(["--results", str(res), "--doc", str(doc), "--check"]) == 0
 
