@@ -304,34 +304,6 @@ def test_a_server_that_cannot_start_fails_in_bounded_time_with_its_log(tmp_path)
     assert server.proc is None
 
 
-def test_content_key_leaves_out_the_endpoint_and_client_settings():
-    from richpref.schemas.config import config_hash
-
-    base = CritiqueConfig()
-    a = CritiqueConfig(engine=EngineConfig(backend="server", endpoint="http://10.0.0.1:8000/v1"))
-    b = CritiqueConfig(engine=EngineConfig(backend="server", launch="vllm", concurrency=3, retries=0))
-    assert config_hash(a) == config_hash(b) != config_hash(base)
-    capped = CritiqueConfig(image={"max_pixels": 1000})
-    assert config_hash(capped) != config_hash(base)
-    from richpref.schemas.serving import key_view
-
-    # At the defaults, neither block is in the key: profiles written before they existed keep theirs.
-    keyed = key_view(base, base.model_dump(mode="json"))
-    assert "engine" not in keyed and "image" not in keyed
-
-
-def test_image_caps_resize_before_either_backend():
-    from richpref.schemas.serving import ImageCaps
-
-    img = image(1, (200, 100))
-    capped = ImageCaps(max_pixels=5000).apply(img)
-    assert capped.size[0] * capped.size[1] <= 5000 and abs(capped.size[0] / capped.size[1] - 2) < 0.05
-    assert ImageCaps(min_pixels=100, max_pixels=10**6).apply(img) is img
-    with pytest.raises(ValueError):
-        ImageCaps(min_pixels=10, max_pixels=5)
-    assert np.asarray(ImageCaps(min_pixels=40000).apply(img)).shape[:2] == (141, 282)
-
-
 def test_vlm_score_reward_through_the_server(served):
     from richpref.models.rewards import load_reward_spec
     from richpref.schemas.config import RewardSpec
