@@ -217,7 +217,7 @@ def memory(a) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["resume", "memory"])
-    p.add_argument("--quick", action="store_true", help="small sizes: --until sample, 8 items (memory 2 4 8), N=3")
+    p.add_argument("--quick", action="store_true", help="small sizes: --until sample, 8 items (memory 2 4 8), N=2")
     p.add_argument("--items", type=int, nargs="+")
     p.add_argument("--shard-size", type=int)
     p.add_argument("--repeats", type=int)
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         # resume: 4 shards, so the kill inside lands in shard 2, timed from shard 1 (shard 0 loads the model)
         a.items = a.items or ([8] if a.what == "resume" else [2, 4, 8])
         a.shard_size = a.shard_size or 2
-        a.repeats = a.repeats or 3
+        # N=2 here: each repeat is 3-9 fresh curate processes, and the quick set must fit 15 minutes
+        a.repeats = a.repeats or 2
     a.items = a.items or ([1024] if a.what == "resume" else [256, 1024, 4096])
     a.shard_size = a.shard_size or 32
     a.repeats = a.repeats or 3
