@@ -157,9 +157,36 @@ def machine() -> dict:
             "torch": _version("torch"), "platform": platform.platform()}
 
 
+def cpu_seconds() -> dict | None:
+    """CPU seconds so far: the whole machine's busy time (/proc/stat) and this process's own, its
+    waited-for children included; None where /proc/stat is missing."""
+    import resource
+
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    own = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return {"t": time.monotonic(), "busy_s": (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), "own_s": own}
+
+
+def others_share(start: dict | None, end: dict | None, cpus: int) -> float | None:
+    """The share of the machine's cores that other processes kept busy between two `cpu_seconds()`."""
+    if not start or not end or end["t"] <= start["t"]:
+        return None
+    others = (end["busy_s"] - start["busy_s"]) - (end["own_s"] - start["own_s"])
+    return max(0.0, others) / ((end["t"] - start["t"]) * cpus)
+
+
 def under_load(m: dict) -> bool:
-    """A machine whose 1-minute load average, before or after, was over a quarter of its cores."""
+    """Whether other work shared the machine: other processes kept over a quarter of its cores busy
+    during the benchmark (`others_cpu_share`, measured); without that figure, a 1-minute load average
+    before or after over a quarter of the cores (which the benchmark's own processes also reach)."""
     cpus = m.get("cpus") or 1
+    if m.get("others_cpu_share") is not None:
+        return m["others_cpu_share"] > 0.25
     loads = [m.get("loadavg") or [0], m.get("loadavg_after") or [0]]
     return max(l[0] for l in loads) > cpus / 4
 
@@ -258,6 +285,7 @@ class Bench:
         self.command = command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv)
         self.results_dir = results_dir or RESULTS
         self.machine = machine()
+        self._cpu_start = cpu_seconds()
         self.commit = commit()
         self.runs: list[dict] = []
         self.tmp = Path(tempfile.mkdtemp(prefix=f"richpref-bench-{name}-"))
@@ -303,7 +331,9 @@ class Bench:
     def write(self, head: dict, runs: list[dict] | None = None, name: str | None = None,
               extra_machine: dict | None = None) -> Path:
         runs = self.runs if runs is None else runs
-        m = {**self.machine, "loadavg_after": list(os.getloadavg()), **(extra_machine or {})}
+        m = {**self.machine, "loadavg_after": list(os.getloadavg()),
+             "others_cpu_share": others_share(self._cpu_start, cpu_seconds(), self.machine["cpus"] or 1),
+             **(extra_machine or {})}
         m["under_load"] = under_load(m)
         rec = result(name or self.name, self.commit, m, self.command, self.repeats, runs, head)
         self.results_dir.mkdir(parents=True, exist_ok=True)

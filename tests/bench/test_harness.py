@@ -282,3 +282,18 @@ def test_run_all_lists_every_benchmark_in_bench_with_a_command_or_a_reason():
     skipped = {n: why for n, _, why in run_all.plan(True, "/models", "/diffusers") if why}
     assert set(skipped) >= {"editor_cost", "doctor_gpu", "demo_budget"} and all(len(w) > 20 for w in skipped.values())
     assert not any(why for _, _, why in run_all.plan(False, "/models", "/diffusers") if why and "GPU" not in why)
+
+
+def test_under_load_is_other_processes_cpu_not_the_benchmarks_own():
+    start = {"t": 0.0, "busy_s": 100.0, "own_s": 10.0}
+    # 10 s on 2 cores: 12 s busy in all, 10 of them the benchmark's own -> others kept 10% of the machine
+    alone = harness.others_share(start, {"t": 10.0, "busy_s": 112.0, "own_s": 20.0}, 2)
+    shared = harness.others_share(start, {"t": 10.0, "busy_s": 118.0, "own_s": 20.0}, 2)
+    assert alone == pytest.approx(0.1) and shared == pytest.approx(0.4)
+    loaded_by_itself = {"cpus": 2, "loadavg": [1.9], "loadavg_after": [2.0]}
+    assert not harness.under_load({**loaded_by_itself, "others_cpu_share": alone})
+    assert harness.under_load({**loaded_by_itself, "others_cpu_share": shared})
+    assert harness.under_load(loaded_by_itself)  # no measure: the load average decides, as before
+    assert harness.others_share(None, start, 2) is None
+    now = harness.cpu_seconds()
+    assert now is None or (now["busy_s"] > 0 and now["own_s"] > 0)
