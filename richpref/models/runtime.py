@@ -15,6 +15,12 @@ from typing import Any, Callable
 
 import torch
 
+# transformers (>= 5.2x, with the `kernels` package installed) swaps layers of a model loaded on CUDA
+# for kernels it downloads from the Hub at load time: an offline GPU node then cannot load LLaVA or a
+# pipeline's text encoders at all, and online, a run's numerics depend on what the Hub served that day.
+# Off unless the user asks for them (USE_HUB_KERNELS=YES).
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
+
 
 class ModelNotAvailable(RuntimeError):
     """A model reference that resolves neither to a local directory nor to a reachable Hub id."""
