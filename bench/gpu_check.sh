@@ -17,7 +17,7 @@ dtype=${DTYPE:-bfloat16}
 work=$(mktemp -d)
 models=$work/models
 log="$out/gpu_check.log"
-rp() { $py -m richpref.cli.commands "$@"; }
+rp=("$py" -m richpref.cli.commands)
 step() {  # step NAME CMD...: runs CMD, logs its output and wall seconds
   local name=$1; shift
   local t0=$EPOCHREALTIME
@@ -35,18 +35,18 @@ step() {  # step NAME CMD...: runs CMD, logs its output and wall seconds
 'prefect', prefect.__version__)"
   git rev-parse --short HEAD 2>/dev/null; nproc; } > "$log" 2>&1
 cat "$log"
-step build-tiny rp models build-tiny "$models" || { tail -40 "$log"; exit 1; }
-step "doctor tiny-flux" rp --data-dir "$work/doctor-tiny-flux" doctor --profile tiny-flux --models-root "$models" \
+step build-tiny "${rp[@]}" models build-tiny "$models" || { tail -40 "$log"; exit 1; }
+step "doctor tiny-flux" "${rp[@]}" --data-dir "$work/doctor-tiny-flux" doctor --profile tiny-flux --models-root "$models" \
   --items "$items" --workers 2 --project-items 100000 --device "$device" --dtype "$dtype" --json "$out/doctor-tiny-flux.json"
-step "curate tiny-flux --workers 2" rp --data-dir "$work/data" curate --profile tiny-flux --models-root "$models" \
+step "curate tiny-flux --workers 2" "${rp[@]}" --data-dir "$work/data" curate --profile tiny-flux --models-root "$models" \
   --run gpu --workers 2 || tail -60 "$log"
 # The fine-tune needs pairs: should the Dask run fail (its log says why), curate in-process instead.
-[ -d "$work/data/runs/gpu/pairs" ] || step "curate tiny-flux --workers 1" rp --data-dir "$work/data" curate \
+[ -d "$work/data/runs/gpu/pairs" ] || step "curate tiny-flux --workers 1" "${rp[@]}" --data-dir "$work/data" curate \
   --profile tiny-flux --models-root "$models" --run gpu || tail -60 "$log"
-step "finetune finetune-tiny-flux" rp --data-dir "$work/data" finetune --config finetune-tiny-flux \
+step "finetune finetune-tiny-flux" "${rp[@]}" --data-dir "$work/data" finetune --config finetune-tiny-flux \
   --models-root "$models" --pairs "$work/data/runs/gpu/pairs" --output-dir "$work/ft" || tail -60 "$log"
 for profile in ${PROFILES:-tiny tiny-sd3 tiny-qwen-image}; do
-  step "doctor $profile" rp --data-dir "$work/doctor-$profile" doctor --profile "$profile" --models-root "$models" \
+  step "doctor $profile" "${rp[@]}" --data-dir "$work/doctor-$profile" doctor --profile "$profile" --models-root "$models" \
     --items "$items" --workers 2 --project-items 100000 --device "$device" --dtype "$dtype" \
     --json "$out/doctor-$profile.json"
 done
