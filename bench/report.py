@@ -69,6 +69,8 @@ def _load(machine: dict) -> str:
     la = machine.get("loadavg") or []
     after = machine.get("loadavg_after") or []
     cpus = machine.get("cpus")
+    if not la and machine.get("gpu"):  # a GPU machine's run (bench/gpu_check_record.py): no load was read there
+        return f"{machine['gpu']}, {cpus} cpus"
     load = f"{la[0]:.1f}" + (f"→{after[0]:.1f}" if after else "") if la else "?"
     under = machine.get("under_load")
     if under is None and la:

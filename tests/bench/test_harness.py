@@ -272,7 +272,7 @@ def test_report_quick_table_sums_benchmarks_and_lists_the_skipped(tmp_path):
 def test_run_all_lists_every_benchmark_in_bench_with_a_command_or_a_reason():
     import run_all
 
-    helpers = {"harness.py", "report.py", "run_all.py", "timing.py"}
+    helpers = {"harness.py", "report.py", "run_all.py", "timing.py", "gpu_check_record.py"}
     scripts = {p.name for p in (ROOT / "bench").iterdir() if p.suffix in (".py", ".sh")} - helpers
     for quick in (True, False):
         jobs = run_all.plan(quick, "/models", "/diffusers")
