@@ -174,3 +174,50 @@ def test_the_slurm_recipe_in_the_docs_starts_workers_that_pass_the_preflight(tmp
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         cluster.close()
+
+
+def test_the_kubernetes_recipe_in_the_docs_starts_workers_that_pass_the_preflight(tmp_path):
+    """The Kubernetes recipe of docs/operations.md, run without Kubernetes: the scheduler and worker
+    containers' commands of its DaskCluster run as processes here, with the environment the dask operator
+    gives a worker pod (DASK_SCHEDULER_ADDRESS, DASK_WORKER_NAME); the worker joins with the GPU slot and
+    passes the preflight, and the client pod's --dask-address names the scheduler service the manifest
+    declares."""
+    import json
+    import re
+    import signal
+    import socket
+
+    import yaml
+    from distributed import Client
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    manifest = yaml.safe_load(doc.split("cat > richpref-dask.yaml <<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0])
+    overrides = json.loads(re.search(r"--overrides '(.*?)'\n", doc, re.S).group(1).replace("\n", " "))
+    client_args = overrides["spec"]["containers"][0]["args"]
+    service = manifest["spec"]["scheduler"]["service"]
+    port = service["ports"][0]["port"]
+    assert client_args[client_args.index("--dask-address") + 1] == f"tcp://{manifest['metadata']['name']}-scheduler:{port}"
+    (scheduler_args,) = [c["args"] for c in manifest["spec"]["scheduler"]["spec"]["containers"]]
+    (worker_args,) = [c["args"] for c in manifest["spec"]["worker"]["spec"]["containers"]]
+
+    with socket.socket() as s:  # the manifest's port may be taken on this machine
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    scheduler_cmd = [a if a != str(port) else str(free) for a in scheduler_args] + ["--host", "127.0.0.1"]
+    pod_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DASK_WORKER_NAME": "richpref-worker-0",
+               "DASK_SCHEDULER_ADDRESS": f"tcp://127.0.0.1:{free}"}
+    # Kubernetes expands $(VAR) in args from the container's environment.
+    worker_cmd = [re.sub(r"\$\((\w+)\)", lambda m: pod_env[m.group(1)], a) for a in worker_args]
+    procs = []
+    try:
+        procs.append(subprocess.Popen(scheduler_cmd, cwd=tmp_path, env=pod_env, start_new_session=True))
+        procs.append(subprocess.Popen(worker_cmd, cwd=tmp_path, env=pod_env, start_new_session=True))
+        with Client(pod_env["DASK_SCHEDULER_ADDRESS"], timeout=60) as client:
+            client.wait_for_workers(1, timeout=90)
+            reports = check_cluster(client, str(tmp_path / "data"), None)
+        assert [r.resources for r in reports] == [{"GPU": 1}] and not reports[0].errors
+        assert reports[0].name == "richpref-worker-0"
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
