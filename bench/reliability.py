@@ -75,16 +75,18 @@ def _flow_wall(data: Path, run: str) -> float:
     return max(r["at"] for r in recs) - min(r["at"] - r.get("wall_s", r["compute_s"]) for r in recs)
 
 
-def workers(n: int, models: str, repeats: int, shard_size: int | None = None) -> None:
+def workers(n: int, models: str, repeats: int, shard_size: int | None = None, doctor_json: str | None = None) -> None:
     """The same run with one process and with a local Dask cluster of two workers, each a fresh process
     in a fresh data dir (own Prefect home and caches), alternated per repeat. The shard size is 32, or
-    n / 4 for fewer than 128 items: with one shard per stage the second worker has nothing to do."""
+    n / 4 for fewer than 128 items: with one shard per stage the second worker has nothing to do.
+    `doctor_json`: the two-worker run's affinity plan weighs this `richpref doctor --json` table."""
     b = harness.Bench("workers", repeats)
     size = shard_size or max(1, min(32, n // 4))
 
     def side(k: str, rep: int) -> dict:
         data, env = b.fresh(f"{k}-{rep}")
-        r = harness.run_process(_cmd(data, "w", n, models, size) + ["--workers", k[1:]], env, timeout=7200)
+        table = ["--doctor-json", doctor_json] if doctor_json and k == "w2" else []
+        r = harness.run_process(_cmd(data, "w", n, models, size) + ["--workers", k[1:]] + table, env, timeout=7200)
         assert r["rc"] == 0, f"curate --workers {k[1:]} failed:\n{r['stderr'][-3000:]}"
         return {"wall_s": r["wall_s"], "flow_wall_s": _flow_wall(data, "w"), "compute_s": _compute_seconds(data, "w"),
                 **_cpu_accounting(data, "w", r["cpu_s"])}
@@ -98,7 +100,8 @@ def workers(n: int, models: str, repeats: int, shard_size: int | None = None) ->
                              note=f"process wall of `richpref curate --workers 2` (a local Dask cluster) / `--workers 1`, "
                                   f"tiny profile, {n} items, shard size {size}, on {os.cpu_count()} cores; CPU "
                                   f"seconds of each command and its children (cpu_s), of its shards (shard_cpu_s) "
-                                  f"and the rest (other_cpu_s), which load inflates less than walls"),
+                                  f"and the rest (other_cpu_s), which load inflates less than walls; the two-worker "
+                                  f"plan weighs {doctor_json or 'the built-in doctor table'}"),
             runs=runs)
     b.cleanup()
 
@@ -185,6 +188,7 @@ def main() -> None:
     ap.add_argument("--models", default=str(REPO / "data/models/tiny"))
     ap.add_argument("--repeats", type=int, default=3, help="workers and plan: fresh processes, sides alternated")
     ap.add_argument("--shard-size", type=int, default=None, help="workers: default 32, or items / 4 below 128 items")
+    ap.add_argument("--doctor-json", default=None, help="workers: the --workers 2 run's plan weighs this doctor table")
     a = ap.parse_args()
     if a.what in ("overhead", "resume", "memory"):
         # On the harness (bench/curate_runs.py): repeats, alternated sides, fresh Prefect homes, raw results.
@@ -193,7 +197,7 @@ def main() -> None:
         items = [str(n) for n in a.items]
         return curate_runs.main(["resume" if a.what != "memory" else "memory", "--models", a.models, "--items", *items])
     if a.what == "workers":
-        workers(a.items[0], a.models, a.repeats, a.shard_size)
+        workers(a.items[0], a.models, a.repeats, a.shard_size, a.doctor_json)
     elif a.what == "plan":
         plan(a.items[0], a.models, a.repeats)
 
