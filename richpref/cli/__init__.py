@@ -1,2 +1,1 @@
-"""The `richpref` command, one module per command family."""
-from richpref.cli.commands import main  # noqa: F401 - the console script richpref.cli:main
+"""The `richpref` command, one module per command family (the console script: richpref.cli.commands:main)."""
