@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The device checks of a GPU machine in one script, every model on the GPU: `richpref doctor` (2 workers)
 # on tiny-flux, a tiny-flux curate with --workers 2, a short Flow-DPO fine-tune on its pairs, then
-# doctor on the other tiny profiles (PROFILES, default tiny tiny-sd3 tiny-qwen-image).
+# doctor on the other tiny profiles: PROFILES, entries PROFILE or PROFILE:DTYPE (default tiny tiny-sd3
+# tiny-qwen-image; e.g. "tiny:float16 tiny:bfloat16 tiny-sdxl:float16" for dtypes side by side).
 #   bench/gpu_check.sh OUT_DIR [ITEMS]
-# OUT_DIR gets gpu_check.log (everything, with each step's wall), doctor-<profile>.json and the
-# fine-tune's metrics.jsonl and train.log. DEVICE=cpu DTYPE=float32: the same without a GPU.
+# OUT_DIR gets gpu_check.log (everything, with each step's wall), doctor-<profile>[-<dtype>].json and the
+# fine-tune's metrics.jsonl and train.log; then `python bench/gpu_check_record.py OUT_DIR --commit SHA`
+# here writes bench/results/gpu_check-<sha>.json. DEVICE=cpu DTYPE=float32: the same without a GPU.
 set -u
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [ITEMS]}
 items=${2:-16}
@@ -28,6 +30,12 @@ step() {  # step NAME CMD...: runs CMD, logs its output and wall seconds
     | tee -a "$log"
   return $rc
 }
+doctor() {  # doctor PROFILE[:DTYPE]
+  local profile=${1%%:*} d=$dtype tag=$1
+  [ "$1" != "$profile" ] && d=${1##*:} tag="$profile-$d"
+  step "doctor $tag" "${rp[@]}" --data-dir "$work/doctor-$tag" doctor --profile "$profile" --models-root "$models" \
+    --items "$items" --workers 2 --project-items 100000 --device "$device" --dtype "$d" --json "$out/doctor-$tag.json"
+}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   $py -c "import torch, transformers, diffusers, prefect; print('torch', torch.__version__, 'cuda', torch.version.cuda,
@@ -36,8 +44,7 @@ step() {  # step NAME CMD...: runs CMD, logs its output and wall seconds
   git rev-parse --short HEAD 2>/dev/null; nproc; } > "$log" 2>&1
 cat "$log"
 step build-tiny "${rp[@]}" models build-tiny "$models" || { tail -40 "$log"; exit 1; }
-step "doctor tiny-flux" "${rp[@]}" --data-dir "$work/doctor-tiny-flux" doctor --profile tiny-flux --models-root "$models" \
-  --items "$items" --workers 2 --project-items 100000 --device "$device" --dtype "$dtype" --json "$out/doctor-tiny-flux.json"
+doctor tiny-flux
 step "curate tiny-flux --workers 2" "${rp[@]}" --data-dir "$work/data" curate --profile tiny-flux --models-root "$models" \
   --run gpu --workers 2 || tail -60 "$log"
 # The fine-tune needs pairs: should the Dask run fail (its log says why), curate in-process instead.
@@ -45,10 +52,8 @@ step "curate tiny-flux --workers 2" "${rp[@]}" --data-dir "$work/data" curate --
   --profile tiny-flux --models-root "$models" --run gpu || tail -60 "$log"
 step "finetune finetune-tiny-flux" "${rp[@]}" --data-dir "$work/data" finetune --config finetune-tiny-flux \
   --models-root "$models" --pairs "$work/data/runs/gpu/pairs" --output-dir "$work/ft" || tail -60 "$log"
-for profile in ${PROFILES:-tiny tiny-sd3 tiny-qwen-image}; do
-  step "doctor $profile" "${rp[@]}" --data-dir "$work/doctor-$profile" doctor --profile "$profile" --models-root "$models" \
-    --items "$items" --workers 2 --project-items 100000 --device "$device" --dtype "$dtype" \
-    --json "$out/doctor-$profile.json"
+for run in ${PROFILES:-tiny tiny-sd3 tiny-qwen-image}; do
+  doctor "$run"
 done
 # One line per doctor run: hours per worker and each stage's device and items/s.
 for f in "$out"/doctor-*.json; do

@@ -83,7 +83,6 @@ def plan(quick: bool, models: str, diffusers: str | None) -> list[tuple[str, lis
         ("edit_candidates", [B + "edit_candidates.py", "--models", models]
          + sz(["--items", "4", "--num-edits", "1", "2", "--repeats", "2"]), HEAVY.format(3, "edit_candidates") if q else None),
         ("editor_cost", [B + "editor_cost.py"], GPU + ": each real editor's denoiser at its real size (up to 20B) in bfloat16"),
-        ("doctor_gpu", ["bench/doctor_gpu.sh"], GPU + ": `richpref doctor --device cuda` in float16 / bfloat16"),
         ("gpu_check", ["bench/gpu_check.sh", "OUT", "16"], GPU + ": doctor on the tiny profiles (flow-matching ones too), "
          "curate --workers 2, a Flow-DPO fine-tune; then `bench/gpu_check_record.py OUT` here"),
         ("demo_budget", [B + "demo_budget.py"] + sz(["--no-test"]),

@@ -280,7 +280,7 @@ def test_run_all_lists_every_benchmark_in_bench_with_a_command_or_a_reason():
         assert scripts <= listed, f"not in run_all.py: {sorted(scripts - listed)}"
         assert len({n for n, _, _ in jobs}) == len(jobs)
     skipped = {n: why for n, _, why in run_all.plan(True, "/models", "/diffusers") if why}
-    assert set(skipped) >= {"editor_cost", "doctor_gpu", "demo_budget"} and all(len(w) > 20 for w in skipped.values())
+    assert set(skipped) >= {"editor_cost", "gpu_check", "demo_budget"} and all(len(w) > 20 for w in skipped.values())
     assert not any(why for _, _, why in run_all.plan(False, "/models", "/diffusers") if why and "GPU" not in why)
 
 
