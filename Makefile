@@ -25,10 +25,11 @@ help:
 	@echo "make serve  - local Prefect server (127.0.0.1:4200) + work pools + deployments + a worker"
 	@echo "make bench  - run the benchmarks in bench/ (prints figures)"
 
-$(VENV)/.installed: pyproject.toml
+# uv installs what pip would, from pip's own indexes and constraints, in a quarter of pip's time
+# (tools/install.py; pip is the fallback).
+$(VENV)/.installed: pyproject.toml tools/install.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PYTHON) tools/install.py $(PY) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

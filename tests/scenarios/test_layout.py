@@ -106,7 +106,7 @@ def test_no_library_module_imports_a_flow():
 
 
 def test_no_file_over_400_lines():
-    long = {str(p.relative_to(REPO)): n for pkg in ("richpref", "flows", "bench", "tests") for p in (REPO / pkg).rglob("*.py")
+    long = {str(p.relative_to(REPO)): n for pkg in ("richpref", "flows", "bench", "tools", "tests") for p in (REPO / pkg).rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines (split them into clearer modules): {long}"
 
@@ -162,8 +162,8 @@ def test_no_module_imports_a_higher_layer():
 
 
 def test_tests_mirror_the_source():
-    """tests/<pkg>/.../test_<m>.py tests richpref/<pkg>/.../<m>.py (or its subpackage <m>/), and tests/bench/
-    bench/<m>.py: one test file per module, found by its name. Tests across modules (a whole run, crashes,
+    """tests/<pkg>/.../test_<m>.py tests richpref/<pkg>/.../<m>.py (or its subpackage <m>/), tests/bench/ bench/<m>.py
+    and tests/tools/ tools/<m>.py: one test file per module, found by its name. Tests across modules (a whole run, crashes,
     several nodes, the CLI's bad inputs, profiles, the layout) live in tests/scenarios/, each saying in
     its docstring what it covers. A file name is used once in tests/: pytest imports test files by it."""
     tests = REPO / "tests"
@@ -178,7 +178,8 @@ def test_tests_mirror_the_source():
         if len(rel.parts) == 1:
             wrong.append(f"{rel} (a test of several modules belongs in tests/scenarios/)")
             continue
-        base = REPO.joinpath("bench", *rel.parts[1:-1]) if rel.parts[0] == "bench" else REPO.joinpath("richpref", *rel.parts[:-1])
+        top = ("richpref",) if rel.parts[0] not in ("bench", "tools") else ()
+        base = REPO.joinpath(*top, *rel.parts[:-1])
         module = path.stem.removeprefix("test_")
         if not ((base / f"{module}.py").is_file() or (base / module / "__init__.py").is_file()):
             wrong.append(f"{rel} (no module {base.relative_to(REPO) / module})")
