@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install models demo test bench serve chromium postgresql clean-runs help
+.PHONY: install models demo test bench serve system-packages clean-runs help
 
 help:
 	@echo "make demo   - install, build tiny models, curate bundled prompts, print a duckdb summary"
@@ -45,26 +45,28 @@ demo: models
 	@echo "Query it:  $(VENV)/bin/richpref --data-dir $(DATA) inspect $(RUN)"
 	@echo "      or:  duckdb -c \"select status, reason, count(*) from '$(DATA)/runs/$(RUN)/filter/*.parquet' group by all\""
 
-# The report test renders HTML in Debian's headless chromium: install it when we can (root + apt).
-chromium:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } \
-	  || echo "note: chromium not installed; the report rendering test will be skipped"
-
-# The multi-node test (tests/scenarios/test_multinode.py) runs the Prefect server on PostgreSQL: Debian's package.
-postgresql:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { [ "$$(id -u)" = 0 ] \
-	  && command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq postgresql iproute2) >/dev/null 2>&1; } \
-	  || echo "note: PostgreSQL not installed; the multi-node test will fail (apt-get install postgresql)"
+# Debian packages some tests need, installed in one apt-get call where missing (when we can: root + apt):
+# chromium renders the report test's HTML; postgresql and iproute2 run the multi-node test's Prefect server
+# and network namespaces (tests/scenarios/test_multinode.py).
+system-packages:
+	@missing=""; command -v chromium >/dev/null || missing=" chromium"; \
+	{ ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && apt-get install -y -qq $$missing) >/dev/null 2>&1; } \
+	  || echo "note: could not install$$missing (apt-get install$$missing); the tests that need them will fail or skip"
 
 # The tests build the tiny models into $(MODELS) once and reuse them there (as `make demo` does); they
 # are rebuilt when their builders change (tests/conftest.py `tiny_models`). Saves ~100 s a run.
-# Two pytest workers, one test file each at a time (module fixtures stay shared): the suite is mostly
-# one busy core, so the second core halves its wall. The tiny models are built once before they start.
-test: install chromium postgresql
+# Two pytest workers, one test file each at a time (module fixtures stay shared; the files sharing a costly
+# session fixture go to one worker: tests/conftest.py `xdist_groups`): the suite is mostly one busy core,
+# so the second core halves its wall. The tiny models are built once before they start.
+# The venv install and the Debian packages run side by side (apt mostly waits on the network and disk).
+test:
+	$(MAKE) --no-print-directory -j2 install system-packages
 	export RICHPREF_TEST_MODELS="$${RICHPREF_TEST_MODELS:-$(abspath $(MODELS))}"; \
 	$(VENV)/bin/richpref models build-tiny "$$RICHPREF_TEST_MODELS" > /dev/null && \
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
 
 serve: models
 	$(VENV)/bin/richpref --data-dir $(DATA) serve

@@ -34,6 +34,28 @@ for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() a
         sys.path.append(str(_folder))
 
 
+# `make test` runs two pytest-xdist workers with `--dist loadgroup`. Each test file is one group, as with
+# `--dist loadfile` (module fixtures built once), except that the files asking for one of these costly
+# session fixtures form one group: one worker builds it, instead of both (the reference run ~40 CPU s;
+# the served Prefect with its worker ~30 s and its background polling; the small reference run ~25 s).
+SHARED_SESSION_FIXTURES = {"finished_run": "finished-run", "prefect_server": "served", "small_reference": "served"}
+
+
+def xdist_groups(files: dict[str, set[str]]) -> dict[str, str]:
+    """Each test file's xdist group, from the fixtures its tests use (transitively)."""
+    return {path: next((g for f, g in SHARED_SESSION_FIXTURES.items() if f in used), path)
+            for path, used in files.items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    files: dict[str, set[str]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], set()).update(item.fixturenames)
+    groups = xdist_groups(files)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid.split("::")[0]]))
+
+
 def pytest_collection_finish(session):
     """Everything collection imported (torch, transformers, diffusers, Prefect, the tests) lives for the
     whole session: move it out of the cyclic collector's reach. The runner calls gc.collect() whenever

@@ -187,3 +187,13 @@ def test_tests_mirror_the_source():
     assert not undocumented, f"scenario tests without a docstring saying what they cover: {undocumented}"
     twice = {n: p for n, p in names.items() if len(p) > 1}
     assert not twice, f"test file names used twice: {twice}"
+
+
+def test_the_files_sharing_a_costly_session_fixture_form_one_xdist_group():
+    from conftest import xdist_groups
+
+    groups = xdist_groups({"tests/a.py": {"tmp_path", "finished_run"}, "tests/b.py": {"finished_run"},
+                           "tests/c.py": {"small_reference", "prefect_server"}, "tests/d.py": {"prefect_server"},
+                           "tests/e.py": {"tmp_path"}})
+    assert groups == {"tests/a.py": "finished-run", "tests/b.py": "finished-run", "tests/c.py": "served",
+                      "tests/d.py": "served", "tests/e.py": "tests/e.py"}
