@@ -189,8 +189,9 @@ def test_tests_mirror_the_source():
     assert not twice, f"test file names used twice: {twice}"
 
 
-def test_the_files_sharing_a_costly_session_fixture_form_one_xdist_group():
-    from conftest import xdist_groups
+def test_the_files_sharing_a_costly_session_fixture_form_one_xdist_group(request):
+    # tests/conftest.py by its path: pytest registers each conftest under it (tests/tasks/ has one too).
+    xdist_groups = request.config.pluginmanager.get_plugin(str(REPO / "tests" / "conftest.py")).xdist_groups
 
     groups = xdist_groups({"tests/a.py": {"tmp_path", "finished_run"}, "tests/b.py": {"finished_run"},
                            "tests/c.py": {"small_reference", "prefect_server"}, "tests/d.py": {"prefect_server"},
