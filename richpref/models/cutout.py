@@ -82,6 +82,20 @@ def _missing_model_message(model: str, path: Path) -> str:
     )
 
 
+def session_options() -> Any:
+    """onnxruntime's options for a cut-out session: its CPU pool takes the process's torch thread count
+    (a Dask worker's share of the cores), not one thread per core. On cores that other work shares, a
+    pool of one thread per core waits at every per-op barrier for its own descheduled threads (in the
+    test suite a 2-second cut-out test took 75 s beside busy neighbours)."""
+    import onnxruntime as ort
+    import torch
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1  # the default sequential executor runs one node at a time
+    return opts
+
+
 def onnx_providers(device: str = "auto", providers: Sequence[str] | None = None) -> list[str]:
     """The onnxruntime execution providers for a cut-out session.
 
@@ -176,7 +190,7 @@ class BackgroundRemover:
 
         chosen = onnx_providers(device, providers)
         try:
-            session = new_session(model, providers=chosen, **kwargs)
+            session = new_session(model, providers=chosen, sess_opts=session_options(), **kwargs)
         except OSError as exc:  # requests/pooch network errors are OSErrors
             if model in CUSTOM_MODELS:
                 raise

@@ -315,3 +315,20 @@ def test_loading_the_background_remover_keeps_torchs_thread_count(tiny):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "1"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_onnx_session_takes_torchs_thread_count_not_one_thread_per_core(tiny, threads, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("U2NET_HOME", os.environ.get("U2NET_HOME", str(tiny.u2net_home)))  # load() sets it
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        remover = BackgroundRemover.load("u2net_custom", model_path=str(tiny.onnx), home=str(tiny.u2net_home),
+                                         device="cpu")
+        opts = remover.session.inner_session.get_session_options()
+        assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (threads, 1)
+        remover.close()
+    finally:
+        torch.set_num_threads(before)
