@@ -86,7 +86,7 @@ def session_options() -> Any:
     """onnxruntime's options for a cut-out session: its CPU pool takes the process's torch thread count
     (a Dask worker's share of the cores), not one thread per core. On cores that other work shares, a
     pool of one thread per core waits at every per-op barrier for its own descheduled threads (in the
-    test suite a 2-second cut-out test took 75 s beside busy neighbours)."""
+    test suite a cut-out test that takes ~1 s alone took 54-76 s beside busy neighbours)."""
     import onnxruntime as ort
     import torch
 

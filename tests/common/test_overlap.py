@@ -11,6 +11,10 @@ from PIL import Image, ImageDraw
 
 from richpref.common.overlap import Memo, chunks, measure, pipelined
 
+# One torch thread, so the cut-out session below gets one onnxruntime thread too (models/cutout.py
+# session_options): with one per core it took 54-76 s instead of ~1 s beside the other pytest worker.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def test_pipelined_keeps_order_and_overlaps_cpu_work():
     model_threads, cpu_threads = set(), set()
