@@ -11,12 +11,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from richpref.run.leases import Busy
+from richpref.run.prefect_tls import share_prefect_tls_context
 from richpref.run.runner import ShardManifest, run_shard
 from richpref.schemas.config import Profile
 from richpref.run.storage import RunStore
 from richpref.tasks.base import Stage
 
 TORCH_THREADS_ENV = "RICHPREF_TORCH_THREADS"  # set for each worker of a local CPU cluster
+
+# Every process that runs shard tasks imports this module (a Dask worker, when it unpickles the task)
+# before its first task run makes Prefect clients: from here on they share one TLS context.
+share_prefect_tls_context()
 
 
 def _split_threads() -> None:
