@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 
+import richpref.models.runtime as runtime
 from richpref.models.runtime import ResidentModel
 
 
 def test_release_collects_garbage_only_when_a_model_leaves(monkeypatch):
     calls = []
     monkeypatch.setattr(gc, "collect", lambda *a: calls.append(1) or 0)
+    monkeypatch.setattr(runtime, "freeze_loaded_modules", lambda: None)  # tested below, in its own process
     slot = ResidentModel()
     slot.release()  # nothing resident: a full collection here cost seconds per stage
     assert calls == []
@@ -19,6 +21,33 @@ def test_release_collects_garbage_only_when_a_model_leaves(monkeypatch):
     assert calls == [1] and slot.swaps == 1
     slot.release()
     assert calls == [1, 1]
+
+
+FREEZE_CHECK = """
+import gc, time, weakref
+from richpref.models.runtime import ResidentModel
+
+class Model:  # a model whose parts point back at it: only a full collection frees it
+    def __init__(self):
+        self.parts = [self]
+
+slot = ResidentModel()
+gone = weakref.ref(slot.get("a", Model))  # made by its loader, after the freeze, as a model is
+frozen = gc.get_freeze_count()
+slot.get("b", Model)
+print(frozen, gone() is None, gc.get_freeze_count() == frozen)
+"""
+
+
+def test_the_first_load_freezes_the_loaded_modules_and_released_models_are_still_freed():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FREEZE_CHECK], capture_output=True, text=True, check=True)
+    frozen, freed, once = out.stdout.split()
+    assert int(frozen) > 10_000  # torch's and richpref's modules, frozen before the first model
+    assert freed == "True"  # the released model's cycle was collected: it was made after the freeze
+    assert once == "True"  # the second load froze nothing more
 
 
 def _hub_kernels_enabled(env: dict) -> bool:
