@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from richpref.run.leases import Busy
-from richpref.run.prefect_tls import share_prefect_tls_context
+from richpref.run.prefect_reuse import reuse_prefect_setup
 from richpref.run.runner import ShardManifest, run_shard
 from richpref.schemas.config import Profile
 from richpref.run.storage import RunStore
@@ -20,8 +20,8 @@ from richpref.tasks.base import Stage
 TORCH_THREADS_ENV = "RICHPREF_TORCH_THREADS"  # set for each worker of a local CPU cluster
 
 # Every process that runs shard tasks imports this module (a Dask worker, when it unpickles the task)
-# before its first task run makes Prefect clients: from here on they share one TLS context.
-share_prefect_tls_context()
+# before its first task run starts: from here on its task runs share their settings and TLS context.
+reuse_prefect_setup()
 
 
 def _split_threads() -> None:
