@@ -156,9 +156,7 @@ class ResidentModel:
                 hook()
             self._model = None
             self._key = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_accelerator_memory()
 
 
 resident = ResidentModel()
@@ -177,6 +175,7 @@ def freeze_loaded_modules() -> None:
 
 
 def free_accelerator_memory() -> None:
+    """Free what dropped models left: their reference cycles, then the accelerator's cached blocks."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

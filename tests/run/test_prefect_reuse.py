@@ -50,8 +50,11 @@ def test_other_tls_contexts_are_not_shared():
 
 def _settings_inside(serialized: dict):
     client = SyncPrefectClient("http://127.0.0.1:9/api")  # given, so that no API server is started
-    with task_engine.hydrated_context(serialized, client):
-        return get_current_settings()
+    try:
+        with task_engine.hydrated_context(serialized, client):
+            return get_current_settings()
+    finally:
+        client._client.close()
 
 
 def test_task_runs_share_the_settings_their_serialized_context_validates_to():
