@@ -9,15 +9,24 @@ Prefect (3.9) rebuilds, for every such run, things that are the same for all of 
 - a TLS context for each of its two API clients, loading certifi's CA bundle: about 28 ms each
   with OpenSSL 3.
 
+The flow's side pays per submitted shard too: Prefect dumps the settings into the shard's context
+(about 16 ms of CPU), and Dask hashes the whole submission to name it (about 12 ms), though Prefect
+gives every task run a fresh id, so that name is unique anyway.
+
 `reuse_prefect_setup()` makes a process build each once: the task runs of a process share one
 settings object per distinct serialized settings (the object that dict validated into the first
 time), and Prefect's clients share one verifying TLS context per CA file (CPython's SSLContext holds
 no connection and is safe to share between threads). The insecure context
 (PREFECT_API_TLS_INSECURE_SKIP_VERIFY), made without a CA file and then changed by Prefect, is
-left as it is. Where Prefect's modules no longer have the names replaced here, nothing is changed.
+left as it is. A settings context is dumped once and its dump copied for each submission (Prefect
+makes a new settings object for every change, `temporary_settings`; one changed in place after its
+first dump would be sent as it was). Task runs submitted to Dask get a random key instead of a hash
+of their arguments (`pure=False`); other Dask submissions keep theirs. Where Prefect's modules no
+longer have the names replaced here, nothing is changed.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import ssl
@@ -95,9 +104,70 @@ def _share_settings() -> bool:
     return True
 
 
+# the flow's side: what each submission to Dask dumps and hashes ----------------------------------
+_dumps: dict[tuple[int, bool], tuple[object, object, dict]] = {}
+
+
+def _dumped_once(serialize):
+    @functools.wraps(serialize)
+    def dump(self, include_secrets: bool = True) -> dict:
+        key = (id(self), include_secrets)
+        with _lock:
+            held = _dumps.get(key)
+            if held is None or held[0] is not self or held[1] is not self.settings:
+                if len(_dumps) >= 8:
+                    _dumps.clear()
+                # the context and its settings are held, so their ids are not reused while cached
+                held = _dumps[key] = (self, self.settings, serialize(self, include_secrets=include_secrets))
+        return copy.deepcopy(held[2])  # each submission gets its own, as from Prefect
+
+    dump.richpref_dumped_once = True
+    return dump
+
+
+def _dump_settings_once() -> bool:
+    from prefect.context import SettingsContext
+
+    current = SettingsContext.__dict__.get("serialize")
+    if current is None:
+        return False
+    if not getattr(current, "richpref_dumped_once", False):
+        SettingsContext.serialize = _dumped_once(current)
+    return True
+
+
+def _unhashed(submit):
+    from prefect import Task
+
+    @functools.wraps(submit)
+    def submit_task(self, func, *args, **kwargs):
+        if isinstance(func, Task):  # its arguments hold a fresh task run id: the hash names nothing new
+            kwargs.setdefault("pure", False)
+        return submit(self, func, *args, **kwargs)
+
+    submit_task.richpref_unhashed = True
+    return submit_task
+
+
+def _submit_task_runs_unhashed() -> bool:
+    try:
+        from prefect_dask.client import PrefectDaskClient
+    except ImportError:  # no Dask extra: nothing submits to Dask
+        return True
+    current = PrefectDaskClient.__dict__.get("submit")
+    if current is None:
+        return False
+    if not getattr(current, "richpref_unhashed", False):
+        PrefectDaskClient.submit = _unhashed(current)
+    return True
+
+
 def reuse_prefect_setup() -> bool:
-    """Share settings and TLS contexts between the Prefect task runs of this process (idempotent).
-    False where Prefect's modules changed and something could not be shared."""
+    """Share settings and TLS contexts between the Prefect task runs of this process, and a settings
+    dump between the submissions of a flow (idempotent). False where Prefect's modules changed and
+    something could not be shared."""
     tls = _share_tls_context()
     settings = _share_settings()
-    return tls and settings
+    dumps = _dump_settings_once()
+    unhashed = _submit_task_runs_unhashed()
+    return tls and settings and dumps and unhashed

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
+import types
 
 import certifi
 import prefect.client.orchestration as orchestration
@@ -72,3 +73,49 @@ def test_sharing_is_idempotent():
     assert reuse_prefect_setup() and reuse_prefect_setup()
     assert orchestration.ssl.create_default_context.__module__ == "richpref.run.prefect_reuse"
     assert task_engine.hydrated_context.__wrapped__.__module__ == "prefect.context"
+
+
+def test_a_flow_dumps_its_settings_once_for_all_its_submissions(monkeypatch):
+    from prefect.context import ContextModel
+
+    dumps = []
+    real = ContextModel.serialize
+
+    def counting(self, *args, **kwargs):
+        if isinstance(self, SettingsContext):
+            dumps.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContextModel, "serialize", counting)
+    with temporary_settings({PREFECT_TASKS_DEFAULT_RETRIES: 5}):
+        first, second = serialize_context(), serialize_context()
+        assert len(dumps) == 1
+        assert first["settings_context"] == second["settings_context"]
+        assert first["settings_context"] is not second["settings_context"]  # each its own copy
+        first["settings_context"]["settings"]["tasks"]["default_retries"] = 0
+        assert serialize_context()["settings_context"]["settings"]["tasks"]["default_retries"] == 5
+        dumps.clear()
+        monkeypatch.setattr(ContextModel, "serialize", real)
+        assert serialize_context()["settings_context"] == SettingsContext.get().serialize.__wrapped__(
+            SettingsContext.get())  # what Prefect itself dumps
+    with temporary_settings({PREFECT_TASKS_DEFAULT_RETRIES: 6}):  # new settings: dumped again
+        assert serialize_context()["settings_context"]["settings"]["tasks"]["default_retries"] == 6
+
+
+def test_task_runs_submitted_to_dask_are_not_hashed_for_their_key(monkeypatch):
+    import distributed
+    from prefect import task
+    from prefect_dask.client import PrefectDaskClient
+
+    seen = []
+
+    def parent_submit(self, func, *args, **kwargs):
+        seen.append(kwargs.get("pure", True))
+        return types.SimpleNamespace()
+
+    monkeypatch.setattr(distributed.Client, "submit", parent_submit)
+    client = object.__new__(PrefectDaskClient)  # no cluster: only what Prefect hands to Dask is looked at
+    client.submit(task(lambda x: x, name="t"), parameters={"x": 1})
+    client.submit(lambda x: x, 1)  # not a task run: Dask's own default
+    client.submit(task(lambda x: x, name="t"), parameters={"x": 1}, pure=True)  # asked for: kept
+    assert seen == [False, True, True]
