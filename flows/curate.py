@@ -12,7 +12,7 @@ import json
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from richpref.models.runtime import resident
+from richpref.models.runtime import freeze_at_exit, resident
 from richpref.run.orchestration import failure_message, preflight, run_artifact, run_stage, stage_artifact
 from richpref.run.affinity import stage_costs
 from richpref.run.pipeline import model_swaps, models_used, pipeline_pass
@@ -30,6 +30,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     `until` names the last stage to run (a later run without it continues from there). On Dask, the
     model shards follow an affinity plan weighted by `doctor_json` (a `richpref doctor --json` file;
     default: the built-in table), unless `affinity` is False."""
+    freeze_at_exit()  # the process of a Dask run's flow loads no model, and holds all the imports too
     prof = load_profile(profile, overrides, models_root)
     store = RunStore(data_dir, run)
     store.write_text("profile.json", prof.model_dump_json(indent=2))

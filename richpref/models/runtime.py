@@ -6,6 +6,7 @@ once with a message naming the model and how to provide it.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import os
@@ -172,6 +173,25 @@ def freeze_loaded_modules() -> None:
     if gc.get_freeze_count() == 0:
         gc.collect()
         gc.freeze()
+    freeze_at_exit()
+
+
+_freeze_at_exit = threading.Lock()
+_freezes_at_exit = False
+
+
+def freeze_at_exit() -> None:
+    """Once per process: at its exit, the objects still alive move to the permanent generation before
+    Python's final garbage collection, which then does not walk them. That walk over what the
+    imports and models left took a Dask worker about a second to stop (docs/benchmarks.md). Exit
+    handlers registered later (Prefect's log and event flushes) run before it; what handlers make
+    after it is collected as usual. Cyclic garbage frozen with the rest is not finalized, which
+    Python does not promise at exit either."""
+    global _freezes_at_exit
+    with _freeze_at_exit:
+        if not _freezes_at_exit:
+            atexit.register(gc.freeze)
+            _freezes_at_exit = True
 
 
 def free_accelerator_memory() -> None:

@@ -50,6 +50,26 @@ def test_the_first_load_freezes_the_loaded_modules_and_released_models_are_still
     assert once == "True"  # the second load froze nothing more
 
 
+EXIT_FREEZE_CHECK = """
+import atexit, gc
+from richpref.models.runtime import freeze_at_exit
+
+atexit.register(lambda: print("at-exit", gc.get_freeze_count() > 10_000))  # runs after freeze_at_exit's
+before = atexit._ncallbacks()
+freeze_at_exit()
+freeze_at_exit()
+print("registered", atexit._ncallbacks() - before, "frozen-now", gc.get_freeze_count())
+"""
+
+
+def test_a_process_freezes_its_objects_at_exit_once_and_not_before():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", EXIT_FREEZE_CHECK], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["registered", "1", "frozen-now", "0", "at-exit", "True"]
+
+
 def _hub_kernels_enabled(env: dict) -> bool:
     """What transformers decides about Hub kernels in a fresh process that loaded richpref's runtime."""
     import subprocess
