@@ -59,12 +59,13 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 print(format_summary(summary(args.data_dir, args.run)))
                 return 0
         from richpref.ops.entrypoints import CURATE, load_flow, run_flow
-        from richpref.run.orchestration import task_runner
+        from richpref.run.orchestration import close_early_cluster, start_cluster_early, task_runner
         from richpref.run.runner import CurateFailed
 
-        flow_fn = load_flow(CURATE)
+        flow_fn, runner = load_flow(CURATE), None
         if args.workers > 1 or args.dask_address:
-            flow_fn = flow_fn.with_options(task_runner=task_runner(args.workers, args.dask_address))
+            runner = task_runner(args.workers, args.dask_address)
+            flow_fn = flow_fn.with_options(task_runner=runner)
         api = _prefect_api_for(args)  # refuses a loopback API with a remote scheduler before anything starts
         try:
             with warnings.catch_warnings():  # the flow loads the profile again: its migration was shown above
@@ -72,9 +73,13 @@ def cmd_curate(args: argparse.Namespace) -> int:
                 result = run_flow(flow_fn, **api, profile=args.profile, run=args.run, data_dir=args.data_dir, overrides=args.set,
                                   models_root=args.models_root, **({"until": args.until} if args.until else {}),
                                   **({"doctor_json": args.doctor_json} if args.doctor_json else {}),
-                                  **({"affinity": False} if args.no_affinity else {}))
+                                  **({"affinity": False} if args.no_affinity else {}),
+                                  # a local Dask cluster starts while the Prefect server does
+                                  while_server_starts=lambda url: start_cluster_early(runner, url))
         except CurateFailed as exc:
             return fail(exc, 1)
+        finally:
+            close_early_cluster(runner)
     except (ProfileError, SourceError, ClusterError) as exc:
         return fail(exc)
     if result["state"].startswith("stopped"):

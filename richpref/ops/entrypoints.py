@@ -43,12 +43,14 @@ def load_flow(entrypoint: str):
     return getattr(load_module(entrypoint), module_of(entrypoint)[1])
 
 
-def run_flow(flow, *, api_host: str = "127.0.0.1", api_url_host: str | None = None, **params):
+def run_flow(flow, *, api_host: str = "127.0.0.1", api_url_host: str | None = None, while_server_starts=None,
+             **params):
     """Run `flow` (an entrypoint such as CURATE, or a flow object) with `params`, under a Prefect API
     this process owns: an ephemeral server it starts for the run dies with it (Dask workers use it too;
-    `api_host`: the address it listens on, for workers on other nodes)."""
+    `api_host`: the address it listens on, for workers on other nodes). `while_server_starts(url)`:
+    called once the server is spawned, before it answers."""
     from richpref.ops.prefect_api import owned_prefect_api
 
     fn = load_flow(flow) if isinstance(flow, str) else flow
-    with owned_prefect_api(host=api_host, url_host=api_url_host):
+    with owned_prefect_api(host=api_host, url_host=api_url_host, meanwhile=while_server_starts):
         return fn(**params)

@@ -34,14 +34,18 @@ def server_command(port: int, host: str = "127.0.0.1") -> list[str]:
 
 @contextlib.contextmanager
 def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
-                      url_host: str | None = None):
+                      url_host: str | None = None, meanwhile=None):
     """Yield the Prefect API URL to use: the configured one, or a local server this process owns,
     listening on `host` (127.0.0.1: this machine only; an address of this node, or 0.0.0.0, for Dask
     workers on other nodes) and announced to the flow and its workers as `url_host` (default `host`).
-    Its database is Prefect's: SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL."""
+    Its database is Prefect's: SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL.
+    `meanwhile(url)`: called once the server is spawned, before it is waited for (its start takes
+    seconds: a Dask cluster can start meanwhile)."""
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if PREFECT_API_URL.value():
+        if meanwhile is not None:
+            meanwhile(PREFECT_API_URL.value())
         yield PREFECT_API_URL.value()
         return
     port = _free_port(host)
@@ -50,6 +54,8 @@ def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0, host:
     proc = spawn_owned(server_command(port, host), name="prefect-server", log_path=log_path, env=env)  # errors only
     url = f"http://{url_host or ('127.0.0.1' if host in ('0.0.0.0', '::') else host)}:{port}/api"
     try:
+        if meanwhile is not None:
+            meanwhile(url)
         wait_healthy(url, "the Prefect server", proc, timeout, poll_s=0.1)
         os.environ["PREFECT_API_URL"] = url  # processes started from here (Dask workers) report to it too
         with temporary_settings({PREFECT_API_URL: url}):

@@ -14,6 +14,7 @@ import time
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
+from richpref.run.early_cluster import EarlyCluster
 from richpref.run.gpu_claims import gpu_claim
 from richpref.run.leases import Busy, lease_seconds
 from richpref.run.runner import ShardManifest, committed_many, drop_shards_from, leased_shards, stage_state
@@ -126,8 +127,29 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
         return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
                               cluster_kwargs={**common, "n_workers": min(workers, gpus)})
     threads = int(os.environ.get(TORCH_THREADS_ENV) or max(1, (os.cpu_count() or 1) // workers))
-    return DaskTaskRunner(cluster_kwargs={**common, "n_workers": workers, "processes": True,
+    # Started by start_cluster_early while the Prefect server starts, each worker importing the shard task.
+    return DaskTaskRunner(cluster_class=EarlyCluster().take,
+                          cluster_kwargs={**common, "n_workers": workers, "processes": True,
+                                          "preload": ["richpref.run.shard_task"],
                                           "env": {TORCH_THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads)}})
+
+
+def _early(runner) -> EarlyCluster | None:
+    early = getattr(getattr(runner, "cluster_class", None), "__self__", None)
+    return early if isinstance(early, EarlyCluster) else None
+
+
+def start_cluster_early(runner, api_url: str) -> None:
+    """Start the local cluster of `runner` (a task_runner answer) now, its workers reporting to
+    `api_url`; nothing for other runners."""
+    if (early := _early(runner)) is not None:
+        early.start(api_url, **runner.cluster_kwargs)
+
+
+def close_early_cluster(runner) -> None:
+    """Close the local cluster `start_cluster_early` started, where no flow took and closed it."""
+    if (early := _early(runner)) is not None:
+        early.close()
 
 
 def _wait_seconds() -> float:

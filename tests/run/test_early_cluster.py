@@ -1,0 +1,62 @@
+"""A local Dask cluster that starts while the Prefect server does (richpref/run/early_cluster.py)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from distributed import Client
+
+from richpref.run.early_cluster import EarlyCluster
+from richpref.run.orchestration import close_early_cluster, start_cluster_early, task_runner
+
+
+def _worker_state() -> dict:
+    return {"api": os.environ.get("PREFECT_API_URL"), "shard_task": "richpref.run.shard_task" in sys.modules}
+
+
+def test_the_runner_takes_the_cluster_started_early_with_the_shard_task_imported_and_the_api_set():
+    runner = task_runner(workers=2)
+    start_cluster_early(runner, "http://127.0.0.1:9/api")  # the server is not up yet: nothing asks it
+    taken = runner.duplicate().cluster_class(**runner.cluster_kwargs)  # as the flow's runner makes its cluster
+    try:
+        with Client(taken) as client:
+            states = list(client.run(_worker_state).values())
+        assert states == [{"api": "http://127.0.0.1:9/api", "shard_task": True}] * 2  # before any task
+        assert runner.cluster_class(**runner.cluster_kwargs) is taken  # one cluster, however often asked
+    finally:
+        close_early_cluster(runner)
+    assert taken.status.name == "closed"
+    close_early_cluster(runner)  # again: nothing left to close
+
+
+def test_a_cluster_not_started_early_is_made_when_taken_and_errors_reach_the_taker():
+    made = []
+
+    def cluster_class(**kwargs):
+        made.append(kwargs)
+        if kwargs.get("fail"):
+            raise RuntimeError("no cluster")
+        return "cluster"
+
+    assert EarlyCluster(cluster_class).take(n=1) == "cluster" and made == [{"n": 1}]
+    failing = EarlyCluster(cluster_class)
+    failing.start(None, fail=True)
+    try:
+        failing.take()
+    except RuntimeError as exc:
+        assert str(exc) == "no cluster"
+    else:
+        raise AssertionError("the error of the cluster's start was lost")
+    EarlyCluster(cluster_class).close()  # never started: nothing to close
+
+
+def test_a_copy_sent_with_each_task_carries_no_thread_lock_or_cluster():
+    import cloudpickle
+
+    early = EarlyCluster(dict)
+    early.start(None, n=1)
+    early.take()
+    copy = cloudpickle.loads(cloudpickle.dumps(task_runner(workers=2).duplicate()))  # as Prefect sends it
+    assert type(copy.cluster_class.__self__) is EarlyCluster
+    again = cloudpickle.loads(cloudpickle.dumps(early))
+    assert again.take(n=2) == {"n": 2}  # a fresh one: not the original's cluster
