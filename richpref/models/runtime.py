@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import os
 import threading
@@ -176,10 +177,7 @@ def freeze_loaded_modules() -> None:
     freeze_at_exit()
 
 
-_freeze_at_exit = threading.Lock()
-_freezes_at_exit = False
-
-
+@functools.cache  # once per process
 def freeze_at_exit() -> None:
     """Once per process: at its exit, the objects still alive move to the permanent generation before
     Python's final garbage collection, which then does not walk them. That walk over what the
@@ -187,11 +185,7 @@ def freeze_at_exit() -> None:
     handlers registered later (Prefect's log and event flushes) run before it; what handlers make
     after it is collected as usual. Cyclic garbage frozen with the rest is not finalized, which
     Python does not promise at exit either."""
-    global _freezes_at_exit
-    with _freeze_at_exit:
-        if not _freezes_at_exit:
-            atexit.register(gc.freeze)
-            _freezes_at_exit = True
+    atexit.register(gc.freeze)
 
 
 def free_accelerator_memory() -> None:

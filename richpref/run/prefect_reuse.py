@@ -89,19 +89,7 @@ def _with_shared_settings(hydrate):
                                   "settings_context": {**given, "settings": settings_for(given)}}
         return hydrate(serialized_context, client)
 
-    hydrated_context.richpref_shared_settings = True
     return hydrated_context
-
-
-def _share_settings() -> bool:
-    import prefect.task_engine as task_engine
-
-    current = getattr(task_engine, "hydrated_context", None)
-    if current is None:
-        return False
-    if not getattr(current, "richpref_shared_settings", False):
-        task_engine.hydrated_context = _with_shared_settings(current)
-    return True
 
 
 # the flow's side: what each submission to Dask dumps and hashes ----------------------------------
@@ -121,19 +109,7 @@ def _dumped_once(serialize):
                 held = _dumps[key] = (self, self.settings, serialize(self, include_secrets=include_secrets))
         return copy.deepcopy(held[2])  # each submission gets its own, as from Prefect
 
-    dump.richpref_dumped_once = True
     return dump
-
-
-def _dump_settings_once() -> bool:
-    from prefect.context import SettingsContext
-
-    current = SettingsContext.__dict__.get("serialize")
-    if current is None:
-        return False
-    if not getattr(current, "richpref_dumped_once", False):
-        SettingsContext.serialize = _dumped_once(current)
-    return True
 
 
 def _unhashed(submit):
@@ -145,20 +121,19 @@ def _unhashed(submit):
             kwargs.setdefault("pure", False)
         return submit(self, func, *args, **kwargs)
 
-    submit_task.richpref_unhashed = True
     return submit_task
 
 
-def _submit_task_runs_unhashed() -> bool:
-    try:
-        from prefect_dask.client import PrefectDaskClient
-    except ImportError:  # no Dask extra: nothing submits to Dask
-        return True
-    current = PrefectDaskClient.__dict__.get("submit")
+def _wrap_once(owner, name: str, wrap) -> bool:
+    """Replace `owner.name` (a module's function, a class's own method) by `wrap(it)`, once per
+    process. False where Prefect no longer has it."""
+    current = vars(owner).get(name)
     if current is None:
         return False
-    if not getattr(current, "richpref_unhashed", False):
-        PrefectDaskClient.submit = _unhashed(current)
+    if not getattr(current, "richpref_wrapped", False):
+        wrapped = wrap(current)
+        wrapped.richpref_wrapped = True
+        setattr(owner, name, wrapped)
     return True
 
 
@@ -166,8 +141,13 @@ def reuse_prefect_setup() -> bool:
     """Share settings and TLS contexts between the Prefect task runs of this process, and a settings
     dump between the submissions of a flow (idempotent). False where Prefect's modules changed and
     something could not be shared."""
-    tls = _share_tls_context()
-    settings = _share_settings()
-    dumps = _dump_settings_once()
-    unhashed = _submit_task_runs_unhashed()
-    return tls and settings and dumps and unhashed
+    import prefect.task_engine as task_engine
+    from prefect.context import SettingsContext
+
+    shared = [_share_tls_context(), _wrap_once(task_engine, "hydrated_context", _with_shared_settings),
+              _wrap_once(SettingsContext, "serialize", _dumped_once)]
+    try:
+        from prefect_dask.client import PrefectDaskClient
+    except ImportError:  # no Dask extra: nothing submits to Dask
+        return all(shared)
+    return all(shared) and _wrap_once(PrefectDaskClient, "submit", _unhashed)
