@@ -14,11 +14,13 @@ a rank (the order its worker should start it). The rule a free worker follows in
   (`worker_shares`: in proportion to its remaining work) first;
 - else it waits for its own stage's next input.
 
-Dask then places each shard on its home (a loose restriction: if the home worker is gone, any worker
-takes it) and a worker starts its ready shards in rank order, so a timing that differs from the table
-only reorders shards that are ready. Model-free stages are not planned: they take no GPU time here.
-The caller (richpref/run/pipeline.py) gives each model shard its table seconds plus a fixed cost per
-shard task, which the GPU slot holds too.
+A run does not follow the plan's homes and ranks: fixed in advance, they held only where the
+cluster's times were the table's. The live dispatch (richpref/run/dispatch.py) applies the same rule
+(`choose_stage`; and a worker whose own stage has shards to come leaves it only for ready work that
+pays the loads there and back) to the run's own events; the plan is what that rule gives with the table's times
+(logged, and the bound bench/schedule.py reports). Model-free stages are not planned: they take no
+GPU time here. The caller (richpref/run/pipeline.py) gives each model shard its table seconds plus a
+fixed cost per shard task, which the GPU slot holds too.
 """
 from __future__ import annotations
 
@@ -182,11 +184,20 @@ def plan(tasks: list[Task], workers: int) -> Plan:
 
 def _switch_to(w: int, ready: list[str], resident: list[str | None], left: dict[str, float],
                by_key: dict, queues: dict, workers: int) -> str | None:
-    if not ready:
-        return None
     holders = {k: sum(1 for j, r in enumerate(resident) if j != w and r == k) for k in ready}
     load = {k: by_key[(k, queues[k][0][1])].load_s for k in ready}
-    worth = [k for k in ready if holders[k] == 0 or load[k] <= left[k] / (holders[k] + 1)]
+    return choose_stage(ready, holders, load, left, workers)
+
+
+def choose_stage(ready: list[str], holders: dict[str, int], load_s: dict[str, float], left: dict[str, float],
+                 workers: int) -> str | None:
+    """The stage a free worker whose resident model has no ready shard switches to, or None (it waits):
+    among the stages with a ready shard (`ready`, in pipeline order), those nobody else holds
+    (`holders`: the other workers whose resident model is the stage's) or whose model load
+    (`load_s`) costs at most the work it takes over (`left`: a stage's remaining seconds, shared with
+    its holders); of those, the stage furthest below its share of the workers. The plan's simulation
+    and the live dispatch (richpref/run/dispatch.py) both decide by it."""
+    worth = [k for k in ready if holders[k] == 0 or load_s[k] <= left[k] / (holders[k] + 1)]
     if not worth:
         return None
     share = worker_shares(left, workers)

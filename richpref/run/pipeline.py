@@ -1,14 +1,14 @@
-"""Curate on a Dask cluster without a stage barrier: every shard of every stage is submitted at once,
-each depending only on its own input shards, so a shard of stage k+1 starts as soon as its inputs are
-committed instead of when the slowest shard of stage k ends.
+"""Curate on a Dask cluster without a stage barrier: each shard of stage k+1 starts as soon as its
+inputs are committed instead of when the slowest shard of stage k ends.
 
 A shard's content key follows from its inputs' keys alone (richpref/run/runner.py), so the whole chain is
 keyed before anything runs. Given a stage cost table (a `richpref doctor --json` file, or the built-in
-one), the model shards follow an affinity plan (richpref/run/affinity.py): each gets a home GPU worker
-and a rank, so a worker keeps its resident model while it has work for it and a stage runs on about
-its share of the workers; model-free shards run first wherever their input is. Without a table,
-earlier stages have the higher Dask priority and Dask places each shard where its input is. The
-workers' model loads and swaps are counted and reported at the end.
+one), the model shards are dispatched live (richpref/run/dispatch.py): each goes to a GPU worker when
+its inputs are committed, so a worker keeps its resident model while it has work for it and a stage
+runs on about its share of the workers; model-free shards are submitted with their inputs and run
+wherever their input is. Without a table every shard is submitted at once, earlier stages with the
+higher Dask priority, each placed by Dask where its input is. The workers' model loads and swaps are
+counted and reported at the end.
 
 What this pass leaves undone (a shard another process holds, a failure) the stage-by-stage pass of
 richpref/run/orchestration.py finishes; shards that failed here are reported, not computed twice.
@@ -96,17 +96,27 @@ def shard_overhead_s() -> float:
     return float(os.environ.get("RICHPREF_SHARD_OVERHEAD_S", "0.1"))
 
 
-def affinity_plan(todo: list[tuple[int, Stage, int]], profile: Profile, costs: dict[str, StageCost],
-                  workers: int) -> Plan:
-    """The plan of the shards to submit ((stage index, stage, shard), inputs first), each model
-    shard's GPU-slot seconds = the source items of a shard x the table's seconds per item + the
-    fixed cost of a shard task (`shard_overhead_s`)."""
+def _model_seconds(todo: list[tuple[int, Stage, int]], profile: Profile, costs: dict[str, StageCost]
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """Per stage output name: a model shard's GPU-slot seconds (the source items of a shard x the
+    table's seconds per item + the fixed cost of a shard task, `shard_overhead_s`) and its model load
+    seconds; 0 for a model-free stage."""
     table = costs_for(list(dict.fromkeys(st.name for _, st, _ in todo)), costs)
     items = getattr(getattr(profile, "source", None), "shard_size", 1)
     overhead = shard_overhead_s()
+    stages = {st.out: st for _, st, _ in todo}
+    seconds = {o: items * table[st.name].s_per_item + overhead if st.loads_model else 0.0 for o, st in stages.items()}
+    return seconds, {o: table[st.name].load_s for o, st in stages.items()}
+
+
+def affinity_plan(todo: list[tuple[int, Stage, int]], profile: Profile, costs: dict[str, StageCost],
+                  workers: int) -> Plan:
+    """The plan's simulation of the shards to submit ((stage index, stage, shard), inputs first) with
+    the table's times (`_model_seconds`): what the live dispatch's rule gives where the cluster's
+    times are the table's (logged and reported; the run itself is dispatched live)."""
+    seconds, load = _model_seconds(todo, profile, costs)
     outs = {(st.out, s) for _, st, s in todo}
-    tasks = [Task(st.out, s, tuple((r, s) for r in st.reads if (r, s) in outs),
-                  items * table[st.name].s_per_item + overhead if st.loads_model else 0.0, table[st.name].load_s)
+    tasks = [Task(st.out, s, tuple((r, s) for r in st.reads if (r, s) in outs), seconds[st.out], load[st.out])
              for _, st, s in todo]
     return plan(tasks, workers)
 
@@ -144,32 +154,58 @@ def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run
             todo.append((idx, stage, s))
     homes = gpu_workers(runner.client) if costs is not None and any(st.loads_model for _, st, _ in todo) else []
     the_plan = affinity_plan(todo, profile, costs, len(homes)) if homes else None
-    with no_work_stealing(runner.client) if the_plan else contextlib.nullcontext():
-        failed = _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, the_plan, homes)
-    return PassResult(failed, the_plan.summary() if the_plan else None)
+    live = Live(homes, *_model_seconds(todo, profile, costs)) if homes else None
+    with no_work_stealing(runner.client) if live else contextlib.nullcontext():
+        failed, dispatched = _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live)
+    summary = the_plan.summary() if the_plan else None
+    if summary is not None and dispatched is not None:
+        summary["dispatch"] = dispatched.summary()
+    return PassResult(failed, summary)
 
 
-def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, the_plan, homes) -> dict:
-    """Submit the shards (with the plan: each model shard on its home, in its rank), wait for them all;
-    returns the failed ones."""
+@dataclass(frozen=True)
+class Live:
+    """The live dispatch's inputs (richpref/run/dispatch.py): the GPU workers, and per stage output
+    name the table's seconds of a model shard and of its model load."""
+
+    homes: list[str]
+    shard_seconds: dict[str, float]
+    load_s: dict[str, float]
+
+
+def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live: Live | None):
+    """Submit the shards (with `live`: each model shard on the worker the live dispatch gives it, when
+    its inputs are committed), wait for them all; returns the failed ones and what the dispatch did."""
     from richpref.run.orchestration import _gpu_watch, _wait
 
     futures: dict[tuple[str, int], object] = {}
-    for idx, stage, s in todo:
+    order = iter(range(len(todo), 0, -1))  # Dask priority: earlier submissions first on a worker
+
+    def submit(idx: int, stage: Stage, s: int, home: str | None) -> None:
         params = {r: futures[(r, s)] if isinstance(v, Submitted) else v for r, v in inputs_of[(stage.out, s)].items()}
-        if the_plan is None:
+        if live is None:
             how = _annotations(stage, len(stages) - idx, profile)
-        elif stage.loads_model:  # its worker starts it in the plan's order
-            how = _annotations(stage, len(todo) - the_plan.rank[(stage.out, s)], profile,
-                               homes[the_plan.home[(stage.out, s)]])
+        elif stage.loads_model:
+            how = _annotations(stage, next(order), profile, home)
         else:  # no GPU time: before any model shard, wherever its input is
             how = _annotations(stage, len(todo) + len(stages) - idx, profile)
         with how:
             futures[(stage.out, s)] = shard_task.submit(stage, s, params, data_dir, run, profile, keys[(stage.out, s)])
+
+    dispatched = None
+    if live is None:
+        for idx, stage, s in todo:
+            submit(idx, stage, s, None)
+    else:
+        from richpref.run.dispatch import Dispatcher
+
+        watch = next((_gpu_watch(st) for _, st, _ in todo if st.loads_model), None)
+        dispatched = Dispatcher(todo, inputs_of, futures, submit, live.homes, live.shard_seconds, live.load_s,
+                                watch).run()
     if todo:
-        log.info("pipelined: %d shard(s) of %d stage(s) submitted at once%s", len(todo), len({st.name for _, st, _ in todo}),
-                 f"; affinity plan over {len(homes)} GPU worker(s): {the_plan.loads} model loads, simulated busy "
-                 f"{the_plan.busy:.3f}" if the_plan else "")
+        log.info("pipelined: %d shard(s) of %d stage(s)%s", len(todo), len({st.name for _, st, _ in todo}),
+                 f"; model shards dispatched live over {len(live.homes)} GPU worker(s): {dispatched.switches} "
+                 f"stage switch(es)" if live else " submitted at once")
     ok: dict[tuple[str, int], bool] = {}
     failed: dict[str, dict[int, str]] = {}
     watches = {}
@@ -189,7 +225,7 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, the_
                 log.error("%s shard %05d failed: %s", stage.name, s, err)
             continue
         ok[(stage.out, s)] = not isinstance(result, Busy)
-    return failed
+    return failed, dispatched
 
 
 def _worker_models() -> dict:

@@ -1,0 +1,190 @@
+"""Model affinity decided live: which Dask GPU worker runs which model shard, chosen when the shard's
+inputs are committed and a worker is free, by the rule the affinity plan simulates
+(richpref/run/affinity.py).
+
+Fixed in advance from a stage cost table, the plan's homes and ranks only held where the cluster's
+times were the table's: with a CPU doctor table on a CPU cluster a 1,024-item run made 112 model loads
+where 14 were planned (a worker started whichever of its planned shards was ready, switching models
+back and forth), and with the built-in H200 table a worker idled 12 s waiting for its planned stage.
+Here the rule is applied to the run's own events instead:
+
+- a worker's next model shard is one of its resident stage's ready shards, up to `DEPTH` in flight,
+  so that the worker never waits on this process between two shards;
+- a worker with nothing in flight and nothing of its own stage ready switches by
+  `affinity.choose_stage` (the stage's remaining work against its model load; the stage furthest below
+  its share of the workers first); while its own stage has shards to come and another worker computes,
+  only to a stage whose ready shards pay the loads there and back; else it waits for the next shard;
+- a stage's seconds per shard and per model load are the medians of what this run timed (a worker's
+  shard after one of the same stage, and after one of another stage, less a shard), the table's before.
+
+Model-free shards are submitted as soon as their inputs are: they claim no GPU and run on any
+worker's CPU slot, where their input is.
+"""
+from __future__ import annotations
+
+import heapq
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from richpref.run.affinity import choose_stage
+
+DEPTH = 2  # model shards in flight per worker: one computing, one queued on the worker
+
+
+@dataclass
+class _Worker:
+    address: str
+    stage: str | None = None  # resident: the stage of the last model shard it was given
+    in_flight: int = 0
+    last_done: float = 0.0  # when its last model shard finished (as seen here)
+    last_stage: str | None = None  # the stage of that shard
+
+
+@dataclass
+class Dispatch:
+    """What the live dispatch did: model shards given to each worker and the stage switches it decided."""
+
+    shards: dict[str, int] = field(default_factory=dict)  # worker address -> model shards
+    switches: int = 0  # times a worker was given another stage than its resident one (incl. the first)
+
+    def summary(self) -> dict:
+        return {"shards": dict(sorted(self.shards.items())), "switches": self.switches}
+
+
+class Dispatcher:
+    """Submits every task of `todo` ((stage index, stage, shard), inputs first) through `submit`
+    (which returns its Prefect future and records it in `futures`), the model shards as workers
+    free up; returns when every submitted future is done."""
+
+    def __init__(self, todo, inputs_of: dict, futures: dict, submit, homes: list[str],
+                 shard_seconds: dict[str, float], load_s: dict[str, float], watch=None, wait_s: float = 2.0):
+        self.todo, self.futures, self.submit, self.watch, self.wait_s = todo, futures, submit, watch, wait_s
+        self.workers = [_Worker(a) for a in homes]
+        self.table_s, self.load_s = shard_seconds, load_s  # per stage output name, from the cost table
+        self.model_stages = list(dict.fromkeys(st.out for _, st, _ in todo if st.loads_model))
+        self.task = {(st.out, s): (i, st, s) for i, st, s in todo}
+        self.readers: dict[tuple[str, int], list[tuple[str, int]]] = {}
+        self.unsubmitted: dict[tuple[str, int], int] = {}  # model-free task -> inputs without a future yet
+        self.not_done: dict[tuple[str, int], int] = {}  # model task -> inputs not finished
+        self.ready = {k: [] for k in self.model_stages}  # heaps of ready shards
+        self.left = {k: 0 for k in self.model_stages}  # model shards not yet submitted, per stage
+        self.timed: dict[str, list[float]] = {k: [] for k in self.model_stages}  # shard walls, no load
+        self.first: dict[str, list[float]] = {k: [] for k in self.model_stages}  # with the model's load
+        self.flying: dict[tuple[str, int], tuple[_Worker | None, float]] = {}
+        self.report = Dispatch()
+        for _, st, s in todo:
+            ins = [(r, s) for r in st.reads if (r, s) in self.task]  # inputs computed in this pass
+            for dep in ins:
+                self.readers.setdefault(dep, []).append((st.out, s))
+            (self.not_done if st.loads_model else self.unsubmitted)[(st.out, s)] = len(ins)
+            if st.loads_model:
+                self.left[st.out] += 1
+
+    def run(self) -> Dispatch:
+        for key, n in list(self.unsubmitted.items()):
+            if n == 0:
+                self._submit_free(key)
+        for key, n in self.not_done.items():
+            if n == 0:
+                heapq.heappush(self.ready[key[0]], key[1])
+        while True:
+            self._fill()
+            if not self.flying:
+                if any(self.left.values()) or self.unsubmitted:
+                    raise RuntimeError("dispatch: shards left whose inputs never finish")
+                return self.report
+            self._wait()
+
+    def _submit_free(self, key) -> None:
+        del self.unsubmitted[key]
+        idx, stage, s = self.task[key]
+        self.flying[key] = (None, self._now())
+        self.submit(idx, stage, s, None)
+        self._submitted(key)
+
+    def _submitted(self, key) -> None:
+        for r in self.readers.get(key, ()):
+            if r in self.unsubmitted:
+                self.unsubmitted[r] -= 1
+                if self.unsubmitted[r] == 0:
+                    self._submit_free(r)
+
+    def _finished(self, key) -> None:
+        for r in self.readers.get(key, ()):
+            if r in self.not_done:
+                self.not_done[r] -= 1
+                if self.not_done[r] == 0:
+                    heapq.heappush(self.ready[r[0]], r[1])
+
+    def seconds(self, stage: str) -> float:
+        timed = self.timed[stage]
+        return statistics.median(timed) if timed else self.table_s[stage]
+
+    def load(self, stage: str) -> float:
+        """A stage's model load seconds: a worker's first shard of it less a shard, once timed here."""
+        firsts = self.first[stage]
+        return max(0.0, statistics.median(firsts) - self.seconds(stage)) if firsts else self.load_s[stage]
+
+    def _fill(self) -> None:
+        for w in sorted(self.workers, key=lambda w: w.in_flight):
+            while w.in_flight < DEPTH:
+                pick = w.stage if w.stage is not None and self.ready[w.stage] else None
+                if pick is None and w.in_flight == 0:
+                    ready = [k for k in self.model_stages if self.ready[k]]
+                    if w.stage is not None and self.left[w.stage] and self._producing(w):
+                        # Its own stage has shards to come: leave it only for enough ready work to pay
+                        # the loads there and back (else it swaps back and forth as inputs trickle in).
+                        ready = [k for k in ready if len(self.ready[k]) * self.seconds(k) >= self.load(k) + self.load(w.stage)]
+                    holders = {k: sum(1 for o in self.workers if o is not w and o.stage == k) for k in ready}
+                    left = {k: n * self.seconds(k) for k, n in self.left.items()}
+                    pick = choose_stage(ready, holders, {k: self.load(k) for k in ready}, left, len(self.workers))
+                if pick is None:
+                    break
+                self._give(w, pick, heapq.heappop(self.ready[pick]))
+
+    def _producing(self, w: _Worker) -> bool:
+        """Whether another worker computes a model shard now (whose outputs may make `w`'s ready)."""
+        return any(o is not w and o.in_flight for o in self.workers)
+
+    def _give(self, w: _Worker, stage: str, shard: int) -> None:
+        key = (stage, shard)
+        self.report.switches += w.stage != stage
+        self.report.shards[w.address] = self.report.shards.get(w.address, 0) + 1
+        w.stage, w.in_flight = stage, w.in_flight + 1
+        self.left[stage] -= 1
+        self.flying[key] = (w, self._now())
+        idx, st, s = self.task[key]
+        self.submit(idx, st, s, w.address)
+        self._submitted(key)
+
+    def _block(self, keys: list) -> None:
+        """Until one of the futures of `keys` finishes, or `wait_s` passes."""
+        from distributed import wait
+
+        pending = [self.futures[k].wrapped_future for k in keys]
+        try:
+            with pending[0].client.as_current():  # Prefect's client is not Dask's default one
+                wait(pending, timeout=self.wait_s, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            if self.watch is not None:
+                self.watch.check()  # all GPU workers gone: fail instead of waiting forever
+
+    def _done(self, key) -> bool:
+        return self.futures[key].wrapped_future.done()
+
+    def _now(self) -> float:
+        return time.monotonic()
+
+    def _wait(self) -> None:
+        self._block(list(self.flying))
+        now = self._now()
+        for key in [k for k in self.flying if self._done(k)]:
+            w, submitted = self.flying.pop(key)
+            if w is not None:
+                # Its shard started when it was submitted or when the worker's previous one finished.
+                if w.last_done < now:  # not one of a batch seen finished at once
+                    # After a shard of the same stage: no load in it; after another: the load too.
+                    (self.timed if w.last_stage == key[0] else self.first)[key[0]].append(now - max(submitted, w.last_done))
+                w.in_flight, w.last_done, w.last_stage = w.in_flight - 1, now, key[0]
+            self._finished(key)
