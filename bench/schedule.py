@@ -11,8 +11,9 @@ or `--doctor-json` (written by `richpref doctor --json`). Every time is multipli
 Each worker has one GPU slot (`GPU=1`) and one CPU slot. A model stage's shard sleeps
 items x seconds-per-item (GPU busy) after its model is resident (a load sleeps load seconds, counted
 as idle); model-free stages sleep on CPU slots. Shards are real Parquet files in a temp run folder.
-The model shards follow the affinity plan weighted by the same table (richpref/run/affinity.py), as a
+The model shards are dispatched live (richpref/run/dispatch.py), starting from the same table, as a
 curate run does; `--no-affinity`: without it (each shard where its input is, earlier stages first).
+Also printed: the affinity plan, the rule simulated with the table's times (richpref/run/affinity.py).
 
 busy = model sleep seconds / (workers x wall); ideal = model sleep seconds / workers;
 swaps = loads that replaced another resident model, summed over the workers. Printed first: the
@@ -69,6 +70,18 @@ def _sleeping(name: str, per_item: float, load_s: float, loads_model: bool, item
     return compute
 
 
+def _sleeping_load(name: str, load_s: float):
+    """A simulated stage's `load` (the live dispatch loads a stage ahead on an idle worker)."""
+
+    def load(profile):
+        from richpref.models.runtime import resident
+
+        resident.get(("sim", name), lambda: time.sleep(load_s) or name)
+        return [name]
+
+    return load
+
+
 def simulated_stages(table, scale: float, items: int, shards: int):
     from richpref.tasks import ALL_STAGES
 
@@ -78,7 +91,8 @@ def simulated_stages(table, scale: float, items: int, shards: int):
         per_item, load_s = scale / rate, scale * load
         stage = replace(st, compute=_sleeping(st.name, per_item, load_s, st.loads_model, items), version="sim",
                         fan_out=(lambda p: 1) if st.fan_out else None, config_view=None,
-                        key_extra=lambda p: "", output=st.output)
+                        key_extra=lambda p: "", output=st.output,
+                        load=_sleeping_load(st.name, load_s) if st.loads_model else None)
         if not st.reads:
             stage = replace(stage, count_shards=lambda p: shards, shard_key=lambda p, s, n=items: f"sim-{s}-{n}")
         out.append((stage, per_item if st.loads_model else 0.0))

@@ -108,7 +108,8 @@ def register(sub) -> None:
                    help="on Dask, weigh the plan of which GPU worker runs which stage with this `richpref doctor --json` "
                         "file (seconds per item and model load seconds per stage; default: a built-in table)")
     c.add_argument("--no-affinity", action="store_true",
-                   help="on Dask, no affinity plan: each shard runs where its input is, earlier stages first")
+                   help="on Dask, no live model affinity: every shard submitted at once, each where its input "
+                        "is, earlier stages first")
     c.add_argument("--prefect-host", default=os.environ.get("PREFECT_SERVER_API_HOST", "127.0.0.1"), metavar="HOST",
                    help="address the Prefect server this command starts listens on (no PREFECT_API_URL set): an "
                         "address the Dask workers reach, or 0.0.0.0 (default 127.0.0.1, this machine only)")

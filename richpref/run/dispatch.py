@@ -14,8 +14,13 @@ Here the rule is applied to the run's own events instead:
   `affinity.choose_stage` (the stage's remaining work against its model load; the stage furthest below
   its share of the workers first); while its own stage has shards to come and another worker computes,
   only to a stage whose ready shards pay the loads there and back; else it waits for the next shard;
+- a worker left with nothing to do and no shards of its own stage to come, while another computes,
+  loads the models of the first stage with shards to come that no worker holds (`Stage.load`, as a
+  Dask task on that worker), so its load overlaps the work that makes that stage's inputs instead
+  of following it;
 - a stage's seconds per shard and per model load are the medians of what this run timed (a worker's
-  shard after one of the same stage, and after one of another stage, less a shard), the table's before.
+  shard after one of the same stage, and after one of another stage less a shard; a load ahead), the
+  table's before.
 
 Model-free shards are submitted as soon as their inputs are: they claim no GPU and run on any
 worker's CPU slot, where their input is.
@@ -23,12 +28,14 @@ worker's CPU slot, where their input is.
 from __future__ import annotations
 
 import heapq
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
 
 from richpref.run.affinity import choose_stage
 
+log = logging.getLogger("richpref")
 DEPTH = 2  # model shards in flight per worker: one computing, one queued on the worker
 
 
@@ -47,9 +54,10 @@ class Dispatch:
 
     shards: dict[str, int] = field(default_factory=dict)  # worker address -> model shards
     switches: int = 0  # times a worker was given another stage than its resident one (incl. the first)
+    preloads: int = 0  # of which, models an idle worker loaded ahead of their stage's shards
 
     def summary(self) -> dict:
-        return {"shards": dict(sorted(self.shards.items())), "switches": self.switches}
+        return {"shards": dict(sorted(self.shards.items())), "switches": self.switches, "preloads": self.preloads}
 
 
 class Dispatcher:
@@ -58,8 +66,12 @@ class Dispatcher:
     free up; returns when every submitted future is done."""
 
     def __init__(self, todo, inputs_of: dict, futures: dict, submit, homes: list[str],
-                 shard_seconds: dict[str, float], load_s: dict[str, float], watch=None, wait_s: float = 2.0):
+                 shard_seconds: dict[str, float], load_s: dict[str, float], watch=None, wait_s: float = 2.0,
+                 preload=None):
         self.todo, self.futures, self.submit, self.watch, self.wait_s = todo, futures, submit, watch, wait_s
+        # preload(stage output, worker address): a Dask future of that worker loading the stage's
+        # models, or None where the stage cannot be loaded ahead; None: no preloading.
+        self.preload, self.loading = preload, {}
         self.workers = [_Worker(a) for a in homes]
         self.table_s, self.load_s = shard_seconds, load_s  # per stage output name, from the cost table
         self.model_stages = list(dict.fromkeys(st.out for _, st, _ in todo if st.loads_model))
@@ -71,6 +83,7 @@ class Dispatcher:
         self.left = {k: 0 for k in self.model_stages}  # model shards not yet submitted, per stage
         self.timed: dict[str, list[float]] = {k: [] for k in self.model_stages}  # shard walls, no load
         self.first: dict[str, list[float]] = {k: [] for k in self.model_stages}  # with the model's load
+        self.load_timed: dict[str, list[float]] = {k: [] for k in self.model_stages}  # preloads
         self.flying: dict[tuple[str, int], tuple[_Worker | None, float]] = {}
         self.report = Dispatch()
         for _, st, s in todo:
@@ -122,9 +135,10 @@ class Dispatcher:
         return statistics.median(timed) if timed else self.table_s[stage]
 
     def load(self, stage: str) -> float:
-        """A stage's model load seconds: a worker's first shard of it less a shard, once timed here."""
-        firsts = self.first[stage]
-        return max(0.0, statistics.median(firsts) - self.seconds(stage)) if firsts else self.load_s[stage]
+        """A stage's model load seconds: a preload, or a worker's first shard of it less a shard, once
+        timed here."""
+        seen = [f - self.seconds(stage) for f in self.first[stage]] + self.load_timed[stage]
+        return max(0.0, statistics.median(seen)) if seen else self.load_s[stage]
 
     def _fill(self) -> None:
         for w in sorted(self.workers, key=lambda w: w.in_flight):
@@ -135,13 +149,37 @@ class Dispatcher:
                     if w.stage is not None and self.left[w.stage] and self._producing(w):
                         # Its own stage has shards to come: leave it only for enough ready work to pay
                         # the loads there and back (else it swaps back and forth as inputs trickle in).
-                        ready = [k for k in ready if len(self.ready[k]) * self.seconds(k) >= self.load(k) + self.load(w.stage)]
+                        ready = [k for k in ready
+                                 if len(self.ready[k]) * self.seconds(k) >= self.load(k) + self.load(w.stage)]
                     holders = {k: sum(1 for o in self.workers if o is not w and o.stage == k) for k in ready}
                     left = {k: n * self.seconds(k) for k, n in self.left.items()}
                     pick = choose_stage(ready, holders, {k: self.load(k) for k in ready}, left, len(self.workers))
                 if pick is None:
+                    if w.in_flight == 0:
+                        self._load_ahead(w)
                     break
                 self._give(w, pick, heapq.heappop(self.ready[pick]))
+
+    def _load_ahead(self, w: _Worker) -> None:
+        """An idle worker with no shards of its own to come loads the model of the first stage with
+        shards to come that nobody holds, while those shards' inputs are computed elsewhere. Not
+        before another worker computes: at the start, a stage is about to be ready and the rule
+        decides who takes it."""
+        if self.preload is None or (w.stage is not None and self.left[w.stage]) or not self._producing(w):
+            return
+        held = {o.stage for o in self.workers}
+        for k in self.model_stages:
+            if self.left[k] and k not in held and not self.ready[k]:
+                fut = self.preload(k, w.address)
+                if fut is None:
+                    continue
+                key = ("load", k, w.address)
+                self.loading[key] = fut
+                self.flying[key] = (w, self._now())
+                self.report.switches += 1
+                self.report.preloads += 1
+                w.stage, w.in_flight = k, w.in_flight + 1
+                return
 
     def _producing(self, w: _Worker) -> bool:
         """Whether another worker computes a model shard now (whose outputs may make `w`'s ready)."""
@@ -162,7 +200,7 @@ class Dispatcher:
         """Until one of the futures of `keys` finishes, or `wait_s` passes."""
         from distributed import wait
 
-        pending = [self.futures[k].wrapped_future for k in keys]
+        pending = [self._future(k) for k in keys]
         try:
             with pending[0].client.as_current():  # Prefect's client is not Dask's default one
                 wait(pending, timeout=self.wait_s, return_when="FIRST_COMPLETED")
@@ -170,8 +208,11 @@ class Dispatcher:
             if self.watch is not None:
                 self.watch.check()  # all GPU workers gone: fail instead of waiting forever
 
+    def _future(self, key):
+        return self.loading[key] if key in self.loading else self.futures[key].wrapped_future
+
     def _done(self, key) -> bool:
-        return self.futures[key].wrapped_future.done()
+        return self._future(key).done()
 
     def _now(self) -> float:
         return time.monotonic()
@@ -181,10 +222,23 @@ class Dispatcher:
         now = self._now()
         for key in [k for k in self.flying if self._done(k)]:
             w, submitted = self.flying.pop(key)
+            if key in self.loading:  # a preload: the worker now holds the stage's models
+                self._loaded(key, w, now - submitted, now)
+                continue
             if w is not None:
                 # Its shard started when it was submitted or when the worker's previous one finished.
                 if w.last_done < now:  # not one of a batch seen finished at once
                     # After a shard of the same stage: no load in it; after another: the load too.
-                    (self.timed if w.last_stage == key[0] else self.first)[key[0]].append(now - max(submitted, w.last_done))
+                    took = now - max(submitted, w.last_done)
+                    (self.timed if w.last_stage == key[0] else self.first)[key[0]].append(took)
                 w.in_flight, w.last_done, w.last_stage = w.in_flight - 1, now, key[0]
             self._finished(key)
+
+    def _loaded(self, key, w: _Worker, took: float, now: float) -> None:
+        stage = key[1]
+        fut = self.loading.pop(key)
+        if fut.status == "finished":
+            self.load_timed[stage].append(took)
+        else:  # its shards load it themselves and report what fails
+            log.warning("loading %s ahead on %s failed: %s", stage, w.address, fut.exception())
+        w.in_flight, w.last_done, w.last_stage = w.in_flight - 1, now, stage

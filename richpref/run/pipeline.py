@@ -201,11 +201,12 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
 
         watch = next((_gpu_watch(st) for _, st, _ in todo if st.loads_model), None)
         dispatched = Dispatcher(todo, inputs_of, futures, submit, live.homes, live.shard_seconds, live.load_s,
-                                watch).run()
+                                watch, preload=_preloader(todo, profile)).run()
     if todo:
         log.info("pipelined: %d shard(s) of %d stage(s)%s", len(todo), len({st.name for _, st, _ in todo}),
                  f"; model shards dispatched live over {len(live.homes)} GPU worker(s): {dispatched.switches} "
-                 f"stage switch(es)" if live else " submitted at once")
+                 f"stage switch(es), {dispatched.preloads} of them models loaded ahead"
+                 if live else " submitted at once")
     ok: dict[tuple[str, int], bool] = {}
     failed: dict[str, dict[int, str]] = {}
     watches = {}
@@ -226,6 +227,26 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
             continue
         ok[(stage.out, s)] = not isinstance(result, Busy)
     return failed, dispatched
+
+
+def _preloader(todo, profile: Profile):
+    """The live dispatch's preload: a Dask task on a given worker loading a stage's models
+    (richpref/run/shard_task.py), for a stage whose shards claim a whole GPU slot and that declares
+    its loader; None for the others (a served VLM's shards start their server themselves)."""
+    from richpref.run.orchestration import _dask_runner
+    from richpref.run.shard_task import load_stage_models
+
+    client = _dask_runner().client
+    stages = {st.out: st for _, st, _ in todo}
+
+    def preload(out: str, address: str):
+        st = stages[out]
+        if st.load is None or gpu_claim(st, profile) < 1:
+            return None
+        return client.submit(load_stage_models, st, profile, workers=[address], allow_other_workers=True,
+                             resources={"GPU": 1}, priority=len(todo) + len(stages) + 1, pure=False)
+
+    return preload
 
 
 def _worker_models() -> dict:

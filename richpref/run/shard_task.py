@@ -44,6 +44,13 @@ def shard_fn(stage: Stage, shard: int, inputs: dict[str, ShardManifest], data_di
     return run_shard(stage, shard, inputs, RunStore(data_dir, run), profile, key)
 
 
+def load_stage_models(stage: Stage, profile: Profile) -> list[str]:
+    """On a Dask GPU worker, ahead of a stage's shards (richpref/run/dispatch.py): load the stage's
+    models through its own loader, so that its shards find them resident. Returns what it loaded."""
+    _split_threads()
+    return stage.load(profile)
+
+
 # The plain function keeps its own importable name (pickling by reference needs that).
 shard_task = task(shard_fn, name="shard", task_run_name="{stage.name}-{shard:05d}", cache_policy=NO_CACHE,
                   persist_result=False)

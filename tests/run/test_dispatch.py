@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pytest import approx
+
 from richpref.run.dispatch import Dispatcher
 
 
@@ -19,11 +21,16 @@ class _Stage:
         return self.name
 
 
+class _Loaded:
+    status = "finished"
+
+
 class _Simulated(Dispatcher):
     """Submissions go to a simulated cluster with the true seconds per shard and per load."""
 
-    def __init__(self, todo, true_s, true_load, homes, table_s, table_load):
-        super().__init__(todo, {}, {}, self._run_on, homes, table_s, table_load)
+    def __init__(self, todo, true_s, true_load, homes, table_s, table_load, preload=True):
+        super().__init__(todo, {}, {}, self._run_on, homes, table_s, table_load,
+                         preload=self._load_on if preload else None)
         self.true_s, self.true_load, self.clock = true_s, true_load, 0.0
         self.ends: dict[tuple[str, int], float] = {}
         self.free_at = {a: 0.0 for a in homes}
@@ -44,6 +51,14 @@ class _Simulated(Dispatcher):
         self.ends[key] = self.free_at[home] = start + load + self.true_s[stage.name]
         self.ran[home].append(f"{stage.name}{shard}")
 
+    def _load_on(self, stage: str, home: str):
+        start = max(self.clock, self.free_at[home])
+        self.ends[("load", stage, home)] = self.free_at[home] = start + self.true_load[stage]
+        self.holds[home] = stage
+        self.loads += 1
+        self.ran[home].append(f"load {stage}")
+        return _Loaded()
+
     def _block(self, keys) -> None:
         self.clock = max(self.clock, min(self.ends[k] for k in keys))
 
@@ -61,39 +76,44 @@ def _chain(shards: int):
     return [(i, st, s) for i, st in enumerate(stages) for s in range(shards)]
 
 
-def _dispatch(table_s, table_load, shards=16, workers=2):
+def _dispatch(table_s, table_load, shards=16, workers=2, preload=True):
     true_s, true_load = {"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 0.3, "b": 0.3, "c": 0.3}
-    sim = _Simulated(_chain(shards), true_s, true_load, [f"w{i}" for i in range(workers)], table_s, table_load)
+    sim = _Simulated(_chain(shards), true_s, true_load, [f"w{i}" for i in range(workers)], table_s, table_load, preload)
     report = sim.run()
     return sim, report
 
 
 def test_every_shard_runs_once_on_a_worker_and_model_free_ones_follow():
     sim, report = _dispatch({"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 0.3, "b": 0.3, "c": 0.3})
-    ran = sorted(x for xs in sim.ran.values() for x in xs)
+    ran = sorted(x for xs in sim.ran.values() for x in xs if not x.startswith("load"))
     assert ran == sorted(f"{st}{s}" for st in "abc" for s in range(16))
-    assert set(sim.ends) == {(st, s) for st in ("source", "a", "b", "c", "export") for s in range(16)}
+    stages = ("source", "a", "b", "c", "export")
+    assert {k for k in sim.ends if k[0] != "load"} == {(st, s) for st in stages for s in range(16)}
     assert sum(report.shards.values()) == 48
 
 
 def _changes(ran: list[str]) -> int:
-    return sum(a[0] != b[0] for a, b in zip(ran, ran[1:]))
+    stages = [x.split()[-1][0] for x in ran]
+    return sum(a != b for a, b in zip(stages, stages[1:]))
 
 
 def test_a_table_that_makes_loads_look_free_does_not_swap_models_back_and_forth():
     # The table says stage a's load takes 10 s, so one worker takes a and the other b, and that b's
     # and c's loads cost nothing (they take 0.3 s): switching to c whenever a shard of it is ready
-    # looked free, and the worker holding b went b, c, b, c, ... as a's shards trickled in (8 loads,
-    # 4.0 s). Once the run has timed b's load, that worker waits for b's inputs instead.
-    sim, report = _dispatch({"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 10.0, "b": 0.0, "c": 0.0})
-    assert max(_changes(ran) for ran in sim.ran.values()) <= 2, sim.ran
-    assert sim.loads <= 5 and report.switches == sim.loads, sim.ran
-    assert sim.clock < 3.6
+    # looked free, and the worker holding b went b, c, b, c, ... as a's shards trickled in (5 to 6
+    # changes of stage on one worker). Once the run has timed b's load, that worker leaves b only for
+    # enough ready work.
+    for preload in (False, True):
+        sim, report = _dispatch({"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 10.0, "b": 0.0, "c": 0.0}, preload=preload)
+        assert max(_changes(ran) for ran in sim.ran.values()) <= 3, sim.ran
+        assert report.switches == sim.loads, sim.ran
 
 
-def test_a_worker_idle_at_the_start_takes_the_next_stage_and_both_finish():
-    # One worker is enough for stage a's load to be worth it alone (10 s in the table): the other
-    # waits for the first shard of a, then runs b and c.
-    sim, _ = _dispatch({"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 10.0, "b": 0.3, "c": 0.3})
-    firsts = {w: ran[0][0] for w, ran in sim.ran.items()}
-    assert sorted(firsts.values()) == ["a", "b"], sim.ran
+def test_a_worker_idle_while_the_first_stage_computes_loads_the_next_stage_meanwhile():
+    # Stage a's load (10 s in the table) is worth one worker only: the other, idle, loads stage b's
+    # model while a's first shard is computed, so b's first shard ends a load (0.3 s) sooner.
+    with_preload, report = _dispatch({"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 10.0, "b": 0.3, "c": 0.3})
+    without, _ = _dispatch({"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 10.0, "b": 0.3, "c": 0.3}, preload=False)
+    assert report.preloads == 1 and any(ran[0] == "load b" for ran in with_preload.ran.values()), with_preload.ran
+    assert sorted(ran[0] for ran in without.ran.values()) == ["a0", "b0"], without.ran
+    assert with_preload.ends[("b", 0)] == approx(without.ends[("b", 0)] - 0.3)

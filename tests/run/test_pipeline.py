@@ -42,13 +42,33 @@ def _sleeping(name: str, module: str = __name__):
     return compute
 
 
+def _loading(name: str, module: str = __name__):
+    """A stage's `load`, as the live dispatch calls it ahead on an idle worker: the worker then holds it."""
+    def load(profile):
+        import importlib
+
+        from distributed import get_worker
+
+        me = importlib.import_module(module)
+        worker = get_worker().name
+        with me._lock:
+            switched = me._held.get(worker) != name
+            me._swaps[worker] += switched and worker in me._held
+            me._held[worker] = name
+        time.sleep(me.LOADS[name] if switched else 0)
+        return [name]
+
+    return load
+
+
 def _stages():
     from richpref.tasks import ALL_STAGES
 
     by = {s.name: s for s in ALL_STAGES}
     out = []
     for name in ("source", "sample", "critique"):
-        st = replace(by[name], compute=_sleeping(name), version="sim", config_view=None, key_extra=lambda p: "")
+        st = replace(by[name], compute=_sleeping(name), version="sim", config_view=None, key_extra=lambda p: "",
+                     load=_loading(name) if by[name].load is not None else None)
         if not st.reads:
             st = replace(st, count_shards=lambda p: SHARDS, shard_key=lambda p, s: f"sim-{s}")
         out.append(st)
