@@ -79,7 +79,7 @@ def workers(n: int, models: str, repeats: int, shard_size: int | None = None, do
     """The same run with one process and with a local Dask cluster of two workers, each a fresh process
     in a fresh data dir (own Prefect home and caches), alternated per repeat. The shard size is 32, or
     n / 4 for fewer than 128 items: with one shard per stage the second worker has nothing to do.
-    `doctor_json`: the two-worker run's affinity plan weighs this `richpref doctor --json` table."""
+    `doctor_json`: the two-worker run's live dispatch starts from this `richpref doctor --json` table."""
     b = harness.Bench("workers", repeats)
     size = shard_size or max(1, min(32, n // 4))
 
@@ -101,7 +101,7 @@ def workers(n: int, models: str, repeats: int, shard_size: int | None = None, do
                                   f"tiny profile, {n} items, shard size {size}, on {os.cpu_count()} cores; CPU "
                                   f"seconds of each command and its children (cpu_s), of its shards (shard_cpu_s) "
                                   f"and the rest (other_cpu_s), which load inflates less than walls; the two-worker "
-                                  f"plan weighs {doctor_json or 'the built-in doctor table'}"),
+                                  f"dispatch starts from {doctor_json or 'the built-in doctor table'}"),
             runs=runs)
     b.cleanup()
 
