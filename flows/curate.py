@@ -68,7 +68,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
         },
         "failed": failures,
         "models": models_used(models_before),  # Dask workers' model loads and swaps in this run (None in-process)
-        "schedule": {"table": table, "plan": passed.plan},  # the affinity plan's table and simulated figures
+        "schedule": {"table": table, "plan": passed.plan},  # the table, its simulated plan, the dispatch
         "manifests": {out: [m.to_dict() for m in ms.values()] for out, ms in manifests.items()},
     }
     if manifests.get("pairs"):

@@ -109,6 +109,7 @@ def test_with_the_plan_a_worker_keeps_its_model_and_every_shard_runs_once(tmp_pa
     for log in (log_without, log_with):  # no shard lost or computed twice
         assert Counter((st, s) for _, st, s in log) == Counter({(st, s): 1 for st in SECONDS for s in range(SHARDS)})
     assert no_plan is None and plan["workers"] == WORKERS
+    assert sum(plan["dispatch"]["shards"].values()) == len(SECONDS) * SHARDS  # what the live dispatch did
     # Without the plan each critique shard runs where its sample shard ran: every worker loads both.
     # With it, sample (a long load, little work) runs on one worker, critique on the others.
     assert swaps_with < swaps_without, (log_with, log_without)
