@@ -8,8 +8,9 @@ where 14 were planned (a worker started whichever of its planned shards was read
 back and forth), and with the built-in H200 table a worker idled 12 s waiting for its planned stage.
 Here the rule is applied to the run's own events instead:
 
-- a worker's next model shard is one of its resident stage's ready shards, up to `DEPTH` in flight,
-  so that the worker never waits on this process between two shards;
+- a worker's next model shard is one of its resident stage's ready shards, up to `DEPTH` in flight
+  per shard its GPU slot runs at once (two for a served VLM's stage), so that the worker never waits
+  on this process between two shards;
 - a worker with nothing in flight and nothing of its own stage ready switches by
   `affinity.choose_stage` (the stage's remaining work against its model load; the stage furthest below
   its share of the workers first); while its own stage has shards to come and another worker computes,
@@ -67,11 +68,12 @@ class Dispatcher:
 
     def __init__(self, todo, inputs_of: dict, futures: dict, submit, homes: list[str],
                  shard_seconds: dict[str, float], load_s: dict[str, float], watch=None, wait_s: float = 2.0,
-                 preload=None):
+                 preload=None, at_once: dict[str, int] | None = None):
         self.todo, self.futures, self.submit, self.watch, self.wait_s = todo, futures, submit, watch, wait_s
         # preload(stage output, worker address): a Dask future of that worker loading the stage's
         # models, or None where the stage cannot be loaded ahead; None: no preloading.
         self.preload, self.loading = preload, {}
+        self.at_once = at_once or {}  # per stage output name: shards one GPU slot runs at once (default 1)
         self.workers = [_Worker(a) for a in homes]
         self.table_s, self.load_s = shard_seconds, load_s  # per stage output name, from the cost table
         self.model_stages = list(dict.fromkeys(st.out for _, st, _ in todo if st.loads_model))
@@ -142,7 +144,7 @@ class Dispatcher:
 
     def _fill(self) -> None:
         for w in sorted(self.workers, key=lambda w: w.in_flight):
-            while w.in_flight < DEPTH:
+            while w.in_flight < DEPTH * self.at_once.get(w.stage, 1):
                 pick = w.stage if w.stage is not None and self.ready[w.stage] else None
                 if pick is None and w.in_flight == 0:
                     ready = [k for k in self.model_stages if self.ready[k]]

@@ -200,8 +200,9 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
         from richpref.run.dispatch import Dispatcher
 
         watch = next((_gpu_watch(st) for _, st, _ in todo if st.loads_model), None)
+        at_once = {st.out: round(1 / gpu_claim(st, profile)) for _, st, _ in todo if st.loads_model}
         dispatched = Dispatcher(todo, inputs_of, futures, submit, live.homes, live.shard_seconds, live.load_s,
-                                watch, preload=_preloader(todo, profile)).run()
+                                watch, preload=_preloader(todo, profile), at_once=at_once).run()
     if todo:
         log.info("pipelined: %d shard(s) of %d stage(s)%s", len(todo), len({st.name for _, st, _ in todo}),
                  f"; model shards dispatched live over {len(live.homes)} GPU worker(s): {dispatched.switches} "

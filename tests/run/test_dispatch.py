@@ -35,9 +35,11 @@ class _LoadFailed:
 class _Simulated(Dispatcher):
     """Submissions go to a simulated cluster with the true seconds per shard and per load."""
 
-    def __init__(self, todo, true_s, true_load, homes, table_s, table_load, preload=True, load_result=_Loaded):
+    def __init__(self, todo, true_s, true_load, homes, table_s, table_load, preload=True, load_result=_Loaded,
+                 at_once=None):
         super().__init__(todo, {}, {}, self._run_on, homes, table_s, table_load,
-                         preload=self._load_on if preload else None)
+                         preload=self._load_on if preload else None, at_once=at_once)
+        self.most_in_flight: dict[str, int] = {}  # per stage: the most shards of it in flight on one worker
         self.true_s, self.true_load, self.clock, self.load_result = true_s, true_load, 0.0, load_result
         self.ends: dict[tuple[str, int], float] = {}
         self.free_at = {a: 0.0 for a in homes}
@@ -57,6 +59,9 @@ class _Simulated(Dispatcher):
         start = max(self.clock, self.free_at[home], after)
         self.ends[key] = self.free_at[home] = start + load + self.true_s[stage.name]
         self.ran[home].append(f"{stage.name}{shard}")
+        mine = sum(1 for (st, _), (w, _) in self.flying.items()
+                   if st == stage.out and w is not None and w.address == home)
+        self.most_in_flight[stage.out] = max(self.most_in_flight.get(stage.out, 0), mine)
 
     def _load_on(self, stage: str, home: str):
         start = max(self.clock, self.free_at[home])
@@ -83,10 +88,10 @@ def _chain(shards: int):
     return [(i, st, s) for i, st in enumerate(stages) for s in range(shards)]
 
 
-def _dispatch(table_s, table_load, shards=16, workers=2, preload=True, load_result=_Loaded):
+def _dispatch(table_s, table_load, shards=16, workers=2, preload=True, load_result=_Loaded, at_once=None):
     true_s, true_load = {"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 0.3, "b": 0.3, "c": 0.3}
     sim = _Simulated(_chain(shards), true_s, true_load, [f"w{i}" for i in range(workers)], table_s, table_load, preload,
-                     load_result)
+                     load_result, at_once)
     report = sim.run()
     return sim, report
 
@@ -134,3 +139,10 @@ def test_a_load_ahead_that_fails_is_reported_and_the_run_goes_on(caplog):
     assert report.preloads == 1 and sum(report.shards.values()) == 48
     assert sim.load_timed["b"] == []
     assert "loading b ahead on w1 failed: no such model directory" in caplog.text
+
+
+def test_a_worker_gets_twice_as_many_shards_in_flight_of_a_stage_its_slot_runs_two_at_once():
+    # A served VLM's stage claims half a GPU slot: its worker computes two shards at once, and a
+    # third and fourth wait on it, so it never waits on the flow between shards.
+    sim, _ = _dispatch({"a": 0.01, "b": 0.05, "c": 0.05}, {"a": 0.3, "b": 0.3, "c": 0.3}, workers=1, at_once={"b": 2})
+    assert sim.most_in_flight == {"a": 2, "b": 4, "c": 2}, sim.most_in_flight
