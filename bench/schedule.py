@@ -55,12 +55,10 @@ def _sleeping(name: str, per_item: float, load_s: float, loads_model: bool, item
     def compute(inputs, profile):
         import pyarrow as pa
 
-        from richpref.models.runtime import resident
-
         rows = inputs.rows
         ids = [f"i{inputs.shard:05d}-{k}" for k in range(items)] if name == "source" else rows.column("item_id").to_pylist()
         if loads_model:
-            resident.get(("sim", name), lambda: time.sleep(load_s) or name)
+            _sleeping_load(name, load_s)(profile)
         time.sleep(len(ids) * per_item)
         cols = {"item_id": ids, "status": ["ok"] * len(ids), "reason": pa.nulls(len(ids), pa.string())}
         if name == "edit" or (rows is not None and "candidate" in rows.schema.names):

@@ -66,7 +66,7 @@ class Dispatcher:
     (which returns its Prefect future and records it in `futures`), the model shards as workers
     free up; returns when every submitted future is done."""
 
-    def __init__(self, todo, inputs_of: dict, futures: dict, submit, homes: list[str],
+    def __init__(self, todo, futures: dict, submit, homes: list[str],
                  shard_seconds: dict[str, float], load_s: dict[str, float], watch=None, wait_s: float = 2.0,
                  preload=None, at_once: dict[str, int] | None = None):
         self.todo, self.futures, self.submit, self.watch, self.wait_s = todo, futures, submit, watch, wait_s
@@ -119,18 +119,18 @@ class Dispatcher:
         self._submitted(key)
 
     def _submitted(self, key) -> None:
-        for r in self.readers.get(key, ()):
-            if r in self.unsubmitted:
-                self.unsubmitted[r] -= 1
-                if self.unsubmitted[r] == 0:
-                    self._submit_free(r)
+        self._count_down(key, self.unsubmitted, self._submit_free)
 
     def _finished(self, key) -> None:
+        self._count_down(key, self.not_done, lambda r: heapq.heappush(self.ready[r[0]], r[1]))
+
+    def _count_down(self, key, waiting: dict, then) -> None:
+        """One input of each reader of `key` less in `waiting`; `then(reader)` when it has none left."""
         for r in self.readers.get(key, ()):
-            if r in self.not_done:
-                self.not_done[r] -= 1
-                if self.not_done[r] == 0:
-                    heapq.heappush(self.ready[r[0]], r[1])
+            if r in waiting:
+                waiting[r] -= 1
+                if waiting[r] == 0:
+                    then(r)
 
     def seconds(self, stage: str) -> float:
         timed = self.timed[stage]

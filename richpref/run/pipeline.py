@@ -109,12 +109,11 @@ def _model_seconds(todo: list[tuple[int, Stage, int]], profile: Profile, costs: 
     return seconds, {o: table[st.name].load_s for o, st in stages.items()}
 
 
-def affinity_plan(todo: list[tuple[int, Stage, int]], profile: Profile, costs: dict[str, StageCost],
+def affinity_plan(todo: list[tuple[int, Stage, int]], seconds: dict[str, float], load: dict[str, float],
                   workers: int) -> Plan:
     """The plan's simulation of the shards to submit ((stage index, stage, shard), inputs first) with
     the table's times (`_model_seconds`): what the live dispatch's rule gives where the cluster's
     times are the table's (logged and reported; the run itself is dispatched live)."""
-    seconds, load = _model_seconds(todo, profile, costs)
     outs = {(st.out, s) for _, st, s in todo}
     tasks = [Task(st.out, s, tuple((r, s) for r in st.reads if (r, s) in outs), seconds[st.out], load[st.out])
              for _, st, s in todo]
@@ -153,8 +152,8 @@ def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run
             inputs_of[(stage.out, s)], keys[(stage.out, s)] = inputs, key
             todo.append((idx, stage, s))
     homes = gpu_workers(runner.client) if costs is not None and any(st.loads_model for _, st, _ in todo) else []
-    the_plan = affinity_plan(todo, profile, costs, len(homes)) if homes else None
     live = Live(homes, *_model_seconds(todo, profile, costs)) if homes else None
+    the_plan = affinity_plan(todo, live.shard_seconds, live.load_s, len(homes)) if live else None
     with no_work_stealing(runner.client) if live else contextlib.nullcontext():
         failed, dispatched = _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live)
     summary = the_plan.summary() if the_plan else None
@@ -201,7 +200,7 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
 
         watch = next((_gpu_watch(st) for _, st, _ in todo if st.loads_model), None)
         at_once = {st.out: round(1 / gpu_claim(st, profile)) for _, st, _ in todo if st.loads_model}
-        dispatched = Dispatcher(todo, inputs_of, futures, submit, live.homes, live.shard_seconds, live.load_s,
+        dispatched = Dispatcher(todo, futures, submit, live.homes, live.shard_seconds, live.load_s,
                                 watch, preload=_preloader(todo, profile), at_once=at_once).run()
     if todo:
         log.info("pipelined: %d shard(s) of %d stage(s)%s", len(todo), len({st.name for _, st, _ in todo}),

@@ -51,12 +51,12 @@ def test_the_default_table_plan_loads_fewer_models_than_every_worker_loading_eve
 def test_the_plan_of_a_curate_chain_with_several_inputs_per_stage_finishes():
     # The real stages' reads; at the end workers wait at the same instant while one of them holds
     # the last stage's model: that one is asked before the plan gives up.
-    from richpref.run.pipeline import affinity_plan
+    from richpref.run.pipeline import _model_seconds, affinity_plan
     from richpref.schemas.config import load_profile
     from richpref.tasks import ALL_STAGES
 
     todo = [(i, st, s) for i, st in enumerate(ALL_STAGES) for s in range(16)]
-    p = affinity_plan(todo, load_profile("tiny"), DEFAULT_COSTS, 4)
+    p = affinity_plan(todo, *_model_seconds(todo, load_profile("tiny"), DEFAULT_COSTS), 4)
     assert len(p.home) == 7 * 16 and p.loads < 4 * 7
 
 

@@ -37,7 +37,7 @@ class _Simulated(Dispatcher):
 
     def __init__(self, todo, true_s, true_load, homes, table_s, table_load, preload=True, load_result=_Loaded,
                  at_once=None):
-        super().__init__(todo, {}, {}, self._run_on, homes, table_s, table_load,
+        super().__init__(todo, {}, self._run_on, homes, table_s, table_load,
                          preload=self._load_on if preload else None, at_once=at_once)
         self.most_in_flight: dict[str, int] = {}  # per stage: the most shards of it in flight on one worker
         self.true_s, self.true_load, self.clock, self.load_result = true_s, true_load, 0.0, load_result

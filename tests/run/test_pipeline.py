@@ -27,19 +27,28 @@ def _sleeping(name: str, module: str = __name__):
         from distributed import get_worker
 
         me = importlib.import_module(module)  # its state, not a copy pickled with the function
-        SECONDS, LOADS, _lock, _held, _swaps, _log = me.SECONDS, me.LOADS, me._lock, me._held, me._swaps, me._log
+        SECONDS, _lock, _log = me.SECONDS, me._lock, me._log
         ids = [f"i{inputs.shard:05d}-{k}" for k in range(2)] if inputs.rows is None else inputs.rows.column("item_id").to_pylist()
         if name in SECONDS:  # a model stage: a load when the worker held another model
-            worker = get_worker().name
+            _hold(me, name)
             with _lock:
-                switched = _held.get(worker) != name
-                _swaps[worker] += switched and worker in _held
-                _held[worker] = name
-                _log.append((worker, name, inputs.shard))
-            time.sleep((LOADS[name] if switched else 0) + SECONDS[name])
+                _log.append((get_worker().name, name, inputs.shard))
+            time.sleep(SECONDS[name])
         return pa.table({"item_id": ids, "status": ["ok"] * len(ids), "reason": pa.nulls(len(ids), pa.string())})
 
     return compute
+
+
+def _hold(me, name: str) -> None:
+    """This worker now holds `name`'s model: a load (and a swap, after another model) when it did not."""
+    from distributed import get_worker
+
+    worker = get_worker().name
+    with me._lock:
+        switched = me._held.get(worker) != name
+        me._swaps[worker] += switched and worker in me._held
+        me._held[worker] = name
+    time.sleep(me.LOADS[name] if switched else 0)
 
 
 def _loading(name: str, module: str = __name__):
@@ -47,15 +56,7 @@ def _loading(name: str, module: str = __name__):
     def load(profile):
         import importlib
 
-        from distributed import get_worker
-
-        me = importlib.import_module(module)
-        worker = get_worker().name
-        with me._lock:
-            switched = me._held.get(worker) != name
-            me._swaps[worker] += switched and worker in me._held
-            me._held[worker] = name
-        time.sleep(me.LOADS[name] if switched else 0)
+        _hold(importlib.import_module(module), name)
         return [name]
 
     return load
