@@ -1,9 +1,15 @@
 """A real S3 server for tests and benchmarks: moto's server (what s3fs's own tests run against) as a
-subprocess on 127.0.0.1 and a free port, stopped by pid. Its request log counts object-store calls."""
+subprocess on 127.0.0.1 and a free port, stopped by pid. Its request log counts object-store calls.
+
+Run as a script, this file is that server: moto's, with one change that makes it keep S3's promise
+for conditional writes. moto's threaded server checks a PUT's If-None-Match (or If-Match) and then
+writes, with no lock between the two, so two requests racing for one new key can both win; S3 makes
+the check and the write one step, and the shard leases and commit claims rely on that."""
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import socket
 import subprocess
 import sys
@@ -36,7 +42,7 @@ class S3Server:
         self._log = open(self.log_path, "w")
         # werkzeug logs one line per request on stderr: the request count comes from there.
         env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(NO_AUTH_REQUESTS)} if not wrap else dict(os.environ)
-        self.proc = subprocess.Popen([*(wrap or []), sys.executable, "-m", "moto.server", "-H", host, "-p", str(self.port)],
+        self.proc = subprocess.Popen([*(wrap or []), sys.executable, os.path.abspath(__file__), "-H", host, "-p", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + 60
         while not self._ready(bool(wrap)):
@@ -100,3 +106,27 @@ class S3Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
+
+
+def _conditional_writes_one_at_a_time() -> None:
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    # put_object: a one-shot PUT; _key_response_post: CompleteMultipartUpload, which also takes If-None-Match
+    for name in ("put_object", "_key_response_post"):
+        plain = getattr(S3Response, name)
+
+        def guarded(self, *args, _plain=plain, **kwargs):
+            if "If-None-Match" in self.headers or "If-Match" in self.headers:
+                with lock:
+                    return _plain(self, *args, **kwargs)
+            return _plain(self, *args, **kwargs)
+
+        setattr(S3Response, name, guarded)
+
+
+if __name__ == "__main__":
+    from moto import server
+
+    _conditional_writes_one_at_a_time()
+    server.main(sys.argv[1:])
