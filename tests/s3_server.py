@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
