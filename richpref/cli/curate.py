@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
 
@@ -19,7 +20,38 @@ def _prefect_api_for(args: argparse.Namespace) -> dict:
     return {"api_host": host, "api_url_host": url_host}
 
 
+def _run_finished_before(args: argparse.Namespace) -> bool:
+    """Whether the run's last flow completed (run.json): a re-run then likely has nothing to compute."""
+    try:
+        from richpref.run.storage import RunStore, join
+
+        store = RunStore(args.data_dir, args.run)
+        return json.loads(store.fs.cat_file(join(store.root, "run.json"))).get("state") == "completed"
+    except Exception:  # noqa: BLE001 - no run yet, or not readable: the checks below say why, if it matters
+        return False
+
+
+def _spawn_server_early(args: argparse.Namespace):
+    """The command's own Prefect server, spawned before the heavy imports and checks so that its start
+    (seconds) overlaps them; None where a server is configured in the environment, where no flow runs
+    (--plan), or where the run finished before (the plan most likely finds nothing to do)."""
+    if args.plan or os.environ.get("PREFECT_API_URL") or args.dask_address or _run_finished_before(args):
+        return None
+    from richpref.ops.prefect_api import spawn_server
+
+    return spawn_server(host=args.prefect_host)
+
+
 def cmd_curate(args: argparse.Namespace) -> int:
+    server = _spawn_server_early(args)
+    try:
+        return _curate(args, server)
+    finally:
+        if server is not None:
+            server.stop()  # unused (an error, nothing to do) or already stopped by the flow's run
+
+
+def _curate(args: argparse.Namespace, server) -> int:
     from richpref.run.cluster import ClusterError
     from richpref.views.inspect import format_summary, summary
     from richpref.run.plan import finished_and_current, plan_run
@@ -74,6 +106,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
                                   models_root=args.models_root, **({"until": args.until} if args.until else {}),
                                   **({"doctor_json": args.doctor_json} if args.doctor_json else {}),
                                   **({"affinity": False} if args.no_affinity else {}),
+                                  spawned_server=server,
                                   # a local Dask cluster starts while the Prefect server does
                                   while_server_starts=lambda url: start_cluster_early(runner, url))
         except CurateFailed as exc:

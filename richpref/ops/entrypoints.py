@@ -44,13 +44,15 @@ def load_flow(entrypoint: str):
 
 
 def run_flow(flow, *, api_host: str = "127.0.0.1", api_url_host: str | None = None, while_server_starts=None,
-             **params):
+             spawned_server=None, **params):
     """Run `flow` (an entrypoint such as CURATE, or a flow object) with `params`, under a Prefect API
     this process owns: an ephemeral server it starts for the run dies with it (Dask workers use it too;
     `api_host`: the address it listens on, for workers on other nodes). `while_server_starts(url)`:
-    called once the server is spawned, before it answers."""
+    called once the server is spawned, before it answers. `spawned_server`: the server the command
+    spawned earlier for this run (richpref.ops.prefect_api.spawn_server), used and stopped here."""
     from richpref.ops.prefect_api import owned_prefect_api
 
     fn = load_flow(flow) if isinstance(flow, str) else flow
-    with owned_prefect_api(host=api_host, url_host=api_url_host, meanwhile=while_server_starts):
+    with owned_prefect_api(host=api_host, url_host=api_url_host, meanwhile=while_server_starts,
+                           spawned=spawned_server):
         return fn(**params)

@@ -4,14 +4,19 @@ Without PREFECT_API_URL, Prefect 3 starts an ephemeral server (`uvicorn … crea
 process that outlives a SIGKILLed parent. `owned_prefect_api` starts the same server through
 `richpref.common.procs.spawn_owned` instead (dies with this process, reaped on the next start if it did
 not) and points PREFECT_API_URL at it. With PREFECT_API_URL set (a `richpref serve` or any Prefect
-server), it changes nothing.
+server), it changes nothing. `richpref curate` spawns it first thing (`spawn_server`, no Prefect
+import needed), so that its start (3 s; 7 s on a fresh PREFECT_HOME, which migrates its database)
+overlaps the command's own imports and checks.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
@@ -25,20 +30,48 @@ def _free_port(host: str = "127.0.0.1") -> int:
 
 def server_command(port: int, host: str = "127.0.0.1") -> list[str]:
     """The command Prefect's own ephemeral server runs (uvicorn on the API app factory, UI off)."""
-    import prefect
-
-    return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+    # Found without importing Prefect (a second of imports): a command spawns this first thing.
+    prefect_dir = importlib.util.find_spec("prefect").submodule_search_locations[0]
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect_dir).parent), "--factory",
             "prefect.server.api.server:create_app", "--host", host, "--port", str(port),
             "--log-level", "error", "--lifespan", "on"]
 
 
+@dataclass
+class SpawnedServer:
+    """A Prefect server this process spawned and owns: its process and the URL to announce."""
+
+    proc: subprocess.Popen
+    url: str
+    stopped: bool = False
+
+    def stop(self) -> None:
+        if not self.stopped:  # once: a reaped server's process group id may belong to another group later
+            self.stopped = True
+            stop_owned(self.proc)
+
+
+def spawn_server(log_path: str | None = None, host: str = "127.0.0.1", url_host: str | None = None,
+                 settings_env: dict | None = None) -> SpawnedServer:
+    """Spawn this command's own Prefect server now, without waiting for it (its start takes seconds:
+    the caller goes on meanwhile). `settings_env`: this process's Prefect settings as environment
+    variables, where they may differ from what the server reads itself (environment, PREFECT_HOME's
+    profile); without them this needs no Prefect import, so a command can spawn it first thing."""
+    port = _free_port(host)
+    env = {**os.environ, **(settings_env or {}), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    proc = spawn_owned(server_command(port, host), name="prefect-server", log_path=log_path, env=env)  # errors only
+    return SpawnedServer(proc, f"http://{url_host or ('127.0.0.1' if host in ('0.0.0.0', '::') else host)}:{port}/api")
+
+
 @contextlib.contextmanager
 def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0, host: str = "127.0.0.1",
-                      url_host: str | None = None, meanwhile=None):
+                      url_host: str | None = None, meanwhile=None, spawned: SpawnedServer | None = None):
     """Yield the Prefect API URL to use: the configured one, or a local server this process owns,
     listening on `host` (127.0.0.1: this machine only; an address of this node, or 0.0.0.0, for Dask
     workers on other nodes) and announced to the flow and its workers as `url_host` (default `host`).
     Its database is Prefect's: SQLite under PREFECT_HOME, or PREFECT_API_DATABASE_CONNECTION_URL.
+    `spawned`: the server `spawn_server` started earlier for this, used instead of a new one.
     `meanwhile(url)`: called once the server is spawned, before it is waited for (its start takes
     seconds: a Dask cluster can start meanwhile)."""
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
@@ -48,22 +81,19 @@ def owned_prefect_api(log_path: str | None = None, timeout: float = 120.0, host:
             meanwhile(PREFECT_API_URL.value())
         yield PREFECT_API_URL.value()
         return
-    port = _free_port(host)
-    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    proc = spawn_owned(server_command(port, host), name="prefect-server", log_path=log_path, env=env)  # errors only
-    url = f"http://{url_host or ('127.0.0.1' if host in ('0.0.0.0', '::') else host)}:{port}/api"
+    server = spawned or spawn_server(log_path, host, url_host,
+                                     get_current_settings().to_environment_variables(exclude_unset=True))
     try:
         if meanwhile is not None:
-            meanwhile(url)
-        wait_healthy(url, "the Prefect server", proc, timeout, poll_s=0.1)
-        os.environ["PREFECT_API_URL"] = url  # processes started from here (Dask workers) report to it too
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
+            meanwhile(server.url)
+        wait_healthy(server.url, "the Prefect server", server.proc, timeout, poll_s=0.1)
+        os.environ["PREFECT_API_URL"] = server.url  # processes started from here (Dask workers) report to it too
+        with temporary_settings({PREFECT_API_URL: server.url}):
+            yield server.url
     finally:
         _drain_logs()  # queued flow-run logs reach the server before it stops
         os.environ.pop("PREFECT_API_URL", None)
-        stop_owned(proc)
+        server.stop()
 
 
 def _drain_logs() -> None:

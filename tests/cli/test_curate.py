@@ -13,3 +13,37 @@ def test_a_doctor_json_that_is_not_a_doctor_table_is_refused_before_the_flow(tmp
         err = capsys.readouterr().err
         assert code == 2 and f"--doctor-json {path}: not a `richpref doctor --json` file" in err, err
     assert not (tmp_path / "data" / "runs").exists()  # refused before any run folder was made
+
+
+def test_the_prefect_server_is_spawned_before_the_heavy_imports_and_stopped_when_unused(tmp_path):
+    """Its start takes seconds: spawned before torch and Prefect load, it starts while they do. A
+    command that then fails (here: a bad --until) stops it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = f"""
+import json, sys
+import richpref.ops.prefect_api as api
+from richpref.cli.commands import main
+seen = {{}}
+spawn = api.spawn_server
+def spawn_and_look(*a, **k):
+    seen.update(torch="torch" in sys.modules, prefect="prefect" in sys.modules)
+    seen["server"] = server = spawn(*a, **k)
+    return server
+api.spawn_server = spawn_and_look
+code = main(["--data-dir", {str(tmp_path / "data")!r}, "curate", "--run", "r", "--until", "no-such-stage"])
+server = seen.pop("server")
+print(json.dumps({{**seen, "code": code, "server_exit": server.proc.poll()}}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False and got["prefect"] is False, got
+    assert got["code"] == 2 and "--until no-such-stage" in out.stderr
+    assert got["server_exit"] is not None  # stopped and reaped when the command returned
