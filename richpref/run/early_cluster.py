@@ -7,15 +7,41 @@ database), and each worker then imports torch, transformers and Prefect before i
 as soon as the server is spawned, its workers importing the shard task meanwhile (a Dask preload);
 the runner takes that cluster when the flow starts (`take`) and closes it as it closes its own.
 `close()` closes one that no flow took (the server did not start, the command failed first).
+
+With `preimport`, its workers are forked from one process that imported those modules (a Python
+forkserver) instead of each starting afresh and importing them: every worker of a local cluster
+imports torch, transformers and diffusers before its first model, about 6 CPU s each on this
+project's CPU machine, and the workers of a local cluster share that machine's cores.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
+
+# What a local CPU cluster's workers import before their models: richpref's stages (torch) and the
+# model libraries their loaders import (lazily, in each worker that loads a model).
+WORKER_IMPORTS = ("richpref.tasks", "transformers", "diffusers", "diffusers.models", "diffusers.pipelines.stable_diffusion",
+                  "diffusers.pipelines.controlnet", "transformers.models.llava", "transformers.models.qwen2_5_vl",
+                  "transformers.models.clip", "open_clip", "rembg", "pandas")
+
+
+@contextlib.contextmanager
+def workers_forked_after(modules: tuple[str, ...]):
+    """While a cluster starts: its worker processes are forked from a forkserver that imported
+    `modules` once. The forkserver starts with the first worker and serves this process's later
+    clusters too; it ends with this process. A worker the nanny restarts later is spawned afresh."""
+    import dask
+    from distributed.utils import get_mp_context
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        get_mp_context().set_forkserver_preload(["distributed", *modules])  # after Dask's own list: replaces it
+        yield
 
 
 class EarlyCluster:
-    def __init__(self, cluster_class=None):
+    def __init__(self, cluster_class=None, preimport: tuple[str, ...] = ()):
         self._cluster_class = cluster_class
+        self._preimport = tuple(preimport)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._cluster = None
@@ -24,10 +50,10 @@ class EarlyCluster:
     # Prefect sends the flow, its task runner and so this object with every task it submits: a copy
     # carries only the cluster class (a worker never starts a cluster from it).
     def __getstate__(self) -> dict:
-        return {"cluster_class": self._cluster_class}
+        return {"cluster_class": self._cluster_class, "preimport": self._preimport}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["cluster_class"])
+        self.__init__(state["cluster_class"], state.get("preimport", ()))
 
     def _make(self, kwargs: dict) -> None:
         try:
@@ -35,7 +61,8 @@ class EarlyCluster:
                 from distributed import LocalCluster
 
                 self._cluster_class = LocalCluster
-            self._cluster = self._cluster_class(**kwargs)
+            with workers_forked_after(self._preimport) if self._preimport else contextlib.nullcontext():
+                self._cluster = self._cluster_class(**kwargs)
         except BaseException as exc:  # noqa: BLE001 - raised where the runner takes the cluster
             self._error = exc
 

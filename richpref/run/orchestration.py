@@ -14,7 +14,7 @@ import time
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from richpref.run.early_cluster import EarlyCluster
+from richpref.run.early_cluster import WORKER_IMPORTS, EarlyCluster
 from richpref.run.gpu_claims import gpu_claim
 from richpref.run.leases import Busy, lease_seconds
 from richpref.run.runner import ShardManifest, committed_many, drop_shards_from, leased_shards, stage_state
@@ -128,7 +128,8 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
                               cluster_kwargs={**common, "n_workers": min(workers, gpus)})
     threads = int(os.environ.get(TORCH_THREADS_ENV) or max(1, (os.cpu_count() or 1) // workers))
     # Started by start_cluster_early while the Prefect server starts, each worker importing the shard task.
-    return DaskTaskRunner(cluster_class=EarlyCluster().take,
+    # Its workers are forked from one process that imported the stages and model libraries once.
+    return DaskTaskRunner(cluster_class=EarlyCluster(preimport=WORKER_IMPORTS).take,
                           cluster_kwargs={**common, "n_workers": workers, "processes": True,
                                           "preload": ["richpref.run.shard_task"],
                                           "env": {TORCH_THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads)}})

@@ -11,7 +11,12 @@ from richpref.run.orchestration import close_early_cluster, start_cluster_early,
 
 
 def _worker_state() -> dict:
-    return {"api": os.environ.get("PREFECT_API_URL"), "shard_task": "richpref.run.shard_task" in sys.modules}
+    import psutil
+
+    return {"api": os.environ.get("PREFECT_API_URL"), "shard_task": "richpref.run.shard_task" in sys.modules,
+            # forked from the one process that imported the model libraries (not spawned, each importing them)
+            "model_libraries": "transformers" in sys.modules and "diffusers.models" in sys.modules,
+            "forked": "forkserver" in " ".join(psutil.Process(os.getppid()).cmdline())}
 
 
 def test_the_runner_takes_the_cluster_started_early_with_the_shard_task_imported_and_the_api_set():
@@ -21,7 +26,8 @@ def test_the_runner_takes_the_cluster_started_early_with_the_shard_task_imported
     try:
         with Client(taken) as client:
             states = list(client.run(_worker_state).values())
-        assert states == [{"api": "http://127.0.0.1:9/api", "shard_task": True}] * 2  # before any task
+        assert states == [{"api": "http://127.0.0.1:9/api", "shard_task": True, "model_libraries": True,
+                           "forked": True}] * 2  # before any task
         assert runner.cluster_class(**runner.cluster_kwargs) is taken  # one cluster, however often asked
     finally:
         close_early_cluster(runner)
