@@ -38,6 +38,17 @@ def workers_forked_after(modules: tuple[str, ...]):
         yield
 
 
+def _stop_forkserver() -> None:
+    """End this process's forkserver and wait for it. It reaped the workers it forked, so their CPU
+    then counts in this process's children's (wait4, `time`), and nothing outlives the command. CPython's
+    own stop (private, used by its tests); a later cluster starts a new forkserver."""
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        stop()
+
+
 class EarlyCluster:
     def __init__(self, cluster_class=None, preimport: tuple[str, ...] = ()):
         self._cluster_class = cluster_class
@@ -94,3 +105,5 @@ class EarlyCluster:
         thread.join()
         if self._cluster is not None:
             self._cluster.close()
+        if self._preimport:
+            _stop_forkserver()

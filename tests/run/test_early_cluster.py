@@ -32,6 +32,9 @@ def test_the_runner_takes_the_cluster_started_early_with_the_shard_task_imported
     finally:
         close_early_cluster(runner)
     assert taken.status.name == "closed"
+    import psutil  # the forkserver ended with the cluster, waited for: nothing outlives the command
+
+    assert not [c for c in psutil.Process().children() if "forkserver" in " ".join(c.cmdline())]
     close_early_cluster(runner)  # again: nothing left to close
 
 
