@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import warnings
 
@@ -23,11 +22,10 @@ def _prefect_api_for(args: argparse.Namespace) -> dict:
 def _run_finished_before(args: argparse.Namespace) -> bool:
     """Whether the run's last flow completed (run.json): a re-run then likely has nothing to compute."""
     try:
-        from richpref.run.storage import RunStore, join
+        from richpref.run.storage import RunStore
 
-        store = RunStore(args.data_dir, args.run)
-        return json.loads(store.fs.cat_file(join(store.root, "run.json"))).get("state") == "completed"
-    except Exception:  # noqa: BLE001 - no run yet, or not readable: the checks below say why, if it matters
+        return RunStore(args.data_dir, args.run).last_run().get("state") == "completed"
+    except Exception:  # noqa: BLE001 - a bad run name or data dir: the checks below say why
         return False
 
 

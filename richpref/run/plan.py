@@ -8,7 +8,6 @@ date. No shard's bytes are read.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -60,12 +59,5 @@ def plan_run(profile: Profile, data_dir: str, run: str) -> RunPlan:
 
 def finished_and_current(profile: Profile, data_dir: str, run: str) -> bool:
     """The last curate of `run` completed with this very profile (its report and run.json are final)."""
-    store = RunStore(data_dir, run)
-    path = f"{store.root}/run.json"
-    if not store.fs.exists(path):
-        return False
-    try:
-        last = json.loads(store.fs.cat_file(path))
-    except ValueError:
-        return False
+    last = RunStore(data_dir, run).last_run()
     return last.get("state") == "completed" and last.get("profile_hash") == profile_hash(profile)

@@ -90,6 +90,13 @@ class RunStore:
         self.write_bytes(path, text.encode())
         return self.uri(path)
 
+    def last_run(self) -> dict:
+        """run.json, the curate flow's record of this run ({} before its first flow, or unreadable)."""
+        try:
+            return json.loads(self.fs.cat_file(join(self.root, "run.json")))
+        except (FileNotFoundError, ValueError):
+            return {}
+
     def append_log(self, name: str, record: dict) -> None:
         """One JSON line per computed shard: the run's audit trail of real work done."""
         path = join(self.root, "_log", name)

@@ -129,10 +129,7 @@ def status(data_dir: str, run: str) -> dict:
     from richpref.tasks import ALL_STAGES, stages_for
 
     store = RunStore(data_dir, run)
-    last: dict = {}
-    run_json = store.root + "/run.json"
-    if store.fs.exists(run_json):
-        last = json.loads(store.fs.cat_file(run_json))
+    last = store.last_run()
     failed_by_stage: dict[str, list[int]] = {}
     for f in last.get("failed", []):
         where = f.split(":", 1)[0]

@@ -118,3 +118,14 @@ def test_a_shard_that_kept_no_row_loads_with_datasets_beside_one_that_did(tmp_pa
     plain = pa.BufferOutputStream()
     pq.write_table(full, plain, compression="zstd")
     assert parquet_bytes(full) == plain.getvalue().to_pybytes()
+
+
+def test_last_run_is_run_json_or_nothing_before_a_first_flow_or_while_it_is_written(tmp_path):
+    from richpref.run.storage import RunStore
+
+    store = RunStore(str(tmp_path), "r")
+    assert store.last_run() == {}  # no run yet
+    store.write_text("run.json", '{"run": "r", "state": "completed"}')
+    assert store.last_run() == {"run": "r", "state": "completed"}
+    store.write_text("run.json", '{"run": "r", "sta')  # cut short
+    assert store.last_run() == {}
