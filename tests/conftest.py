@@ -8,7 +8,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 # Before anything imports prefect/transformers: offline, quiet, and Prefect state in a throwaway home.
+# Every temporary folder of the session, its subprocesses' included (served VLMs' logs, Dask's scratch,
+# torch's elastic launcher, multiprocessing's sockets), goes under one root: removed when the session
+# passes (`pytest_unconfigure`), kept for a look when it fails.
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="richpref-tests-"))
+_SESSION_TMP.chmod(0o755)  # the multi-node test's PostgreSQL runs as its own user below it
+(_SESSION_TMP / "tmp").mkdir(mode=0o755)
+os.environ["TMPDIR"] = tempfile.tempdir = str(_SESSION_TMP / "tmp")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")
@@ -54,6 +60,25 @@ def pytest_collection_modifyitems(config, items):
     groups = xdist_groups(files)
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[item.nodeid.split("::")[0]]))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus != 0:
+        print(f"\ntemporary files of this session kept in {_SESSION_TMP}", file=sys.stderr)
+        _REMOVE_AT_EXIT.cancel()
+
+
+def _remove_session_tmp() -> None:
+    import shutil
+
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+# At exit, after multiprocessing's own exit handlers (priority -100) have removed this process's
+# folder in it. xdist workers' roots sit inside the controller's, which goes last.
+from multiprocessing.util import Finalize  # noqa: E402
+
+_REMOVE_AT_EXIT = Finalize(None, _remove_session_tmp, exitpriority=-200)
 
 
 def pytest_collection_finish(session):

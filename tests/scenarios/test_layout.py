@@ -1,5 +1,5 @@
 """The code's shape: no import circle in the library, no library module importing a flow, no file over
-400 lines, and tests named after the module they test. Read from the source with `ast` (every import statement counts, lazy ones included: a
+400 lines, tests named after the module they test, and a test session that leaves no temporary files. Read from the source with `ast` (every import statement counts, lazy ones included: a
 circle through a function-level import is still a circle)."""
 from __future__ import annotations
 
@@ -198,3 +198,39 @@ def test_the_files_sharing_a_costly_session_fixture_form_one_xdist_group(request
                            "tests/e.py": {"tmp_path"}})
     assert groups == {"tests/a.py": "finished-run", "tests/b.py": "finished-run", "tests/c.py": "served",
                       "tests/d.py": "served", "tests/e.py": "tests/e.py"}
+
+
+PROBE = '''
+import multiprocessing.util, subprocess, sys, tempfile
+
+def test_probe(tmp_path):
+    (tmp_path / "made-by-the-test").write_text("x")
+    multiprocessing.util.get_temp_dir()
+    subprocess.run([sys.executable, "-c", "import tempfile; tempfile.mkdtemp(prefix='made-by-a-subprocess-')"], check=True)
+    assert {PASS}
+'''
+
+
+def _session_in(tmp_path, passes: bool) -> list[str]:
+    """Run tests/conftest.py's session around one probe test with TMPDIR in `tmp_path`; what is left there."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    suite, root = tmp_path / "suite", tmp_path / "tmp"
+    suite.mkdir(parents=True)
+    root.mkdir()
+    shutil.copy(REPO / "tests" / "conftest.py", suite / "conftest.py")
+    (suite / "test_probe.py").write_text(PROBE.replace("{PASS}", str(passes)))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)],
+                         cwd=suite, env={**os.environ, "TMPDIR": str(root)}, capture_output=True, text=True)
+    assert (run.returncode == 0) == passes, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr, run.stderr  # e.g. an exit handler finding its folder gone
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_passing_session_leaves_no_temporary_files_and_a_failing_one_keeps_them(tmp_path):
+    assert _session_in(tmp_path / "passing", passes=True) == []
+    left = _session_in(tmp_path / "failing", passes=False)
+    assert any("made-by-a-subprocess-" in p for p in left) and any(p.endswith("made-by-the-test") for p in left), left
