@@ -1,6 +1,7 @@
 """The code's shape: no import circle in the library, no library module importing a flow, no file over
-400 lines, tests named after the module they test, and a test session that leaves no temporary files. Read from the source with `ast` (every import statement counts, lazy ones included: a
-circle through a function-level import is still a circle)."""
+400 lines, and tests named after the module they test. Read from the source with `ast` (every import
+statement counts, lazy ones included: a circle through a function-level import is still a circle).
+Also: a test session leaves no temporary files behind when it passes (tests/conftest.py)."""
 from __future__ import annotations
 
 import ast
