@@ -8,7 +8,8 @@ real local Dask cluster of simulated GPU workers, each stage's model call replac
 Per-item seconds and model load seconds come from a `richpref doctor` table: by default the tiny
 profile on one H200 (docs/benchmarks.md, "`richpref doctor` on a GPU", bfloat16 run, commit 4d081d0),
 or `--doctor-json` (written by `richpref doctor --json`). Every time is multiplied by --time-scale.
-Each worker has one GPU slot (`GPU=1`) and one CPU slot. A model stage's shard sleeps
+Each worker has one GPU slot (`GPU=1`, two model shards at once: richpref/run/gpu_claims.py)
+and one CPU slot: three threads, as a curate run's local workers. A model stage's shard sleeps
 items x seconds-per-item (GPU busy) after its model is resident (a load sleeps load seconds, counted
 as idle); model-free stages sleep on CPU slots. Shards are real Parquet files in a temp run folder.
 The model shards are dispatched live (richpref/run/dispatch.py), starting from the same table, as a
@@ -181,7 +182,7 @@ def child(args) -> None:
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     env = {"OMP_NUM_THREADS": "1", "RICHPREF_TORCH_THREADS": "1"}
     try:
-        _run(args, bench, env, cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 2,
+        _run(args, bench, env, cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 3,
                                                "resources": {"GPU": 1}, "processes": True,
                                                "dashboard_address": None, "env": env})
     finally:

@@ -19,7 +19,7 @@ log = logging.getLogger("richpref")
 PACKAGES = ("richpref", "torch", "diffusers", "transformers", "prefect")
 PROBE_DIR = "_preflight"
 GPU_FIX = ("start each GPU worker with the resource shards of model stages claim, one per GPU: "
-           "`dask worker tcp://SCHEDULER:8786 --nthreads 2 --resources GPU=1` "
+           "`dask worker tcp://SCHEDULER:8786 --nthreads 3 --resources GPU=1` "
            "(or `dask cuda worker tcp://SCHEDULER:8786 --resources GPU=1`)")
 
 

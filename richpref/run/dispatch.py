@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from richpref.run.affinity import choose_stage
 
 log = logging.getLogger("richpref")
-DEPTH = 2  # model shards in flight per worker: one computing, one queued on the worker
+DEPTH = 2  # model shards in flight per worker and shard computing at once: the next one starts meanwhile
 
 
 @dataclass

@@ -1,19 +1,29 @@
-"""How much of a Dask worker's `GPU` slot (`dask worker --resources GPU=1`) a stage's shard claims.
+"""How much of a Dask worker's `GPU` slot (`dask worker --resources GPU=1`) a stage's shard claims, and
+whether shards sharing a slot compute at once or take turns.
 
-A stage that loads a model on the worker claims the whole slot: one such shard at a time per GPU.
-A stage whose models (its declaration's `models(profile)`) are all VLMs served by their section's
-engine (`engine.backend: server`) claims half of it, so a worker runs two of its shards at once: the
-next shard's requests reach the server while the previous shard's last ones finish and its output is
-written, instead of the server idling between shards. Two shards of different served stages may share
-a worker too; the process's resident-model slot keeps each shard's client until that shard ends
-(richpref/models/runtime.py). Model-free stages claim nothing.
+Every shard of a stage that loads a model claims half the slot, so a worker runs two at once:
+- a stage whose models (its declaration's `models(profile)`) are all VLMs served by their section's
+  engine (`engine.backend: server`) computes both at once: the next shard's requests reach the server
+  while the previous shard's last ones finish and its output is written;
+- a stage with a model in the worker's own process takes turns (`takes_turns`; the runner's compute
+  turn, richpref/run/runner.py): one shard computes while the next one starts its task run and reads
+  its inputs, or the last one writes and commits its output, so the GPU does not wait on that work.
+  One model computes at a time, as with a whole slot; a diffusers pipeline is not safe to call from
+  two threads at once anyway.
+Two shards of different stages may share a worker too; the process's resident-model slot keeps each
+shard's model until that shard ends (richpref/models/runtime.py), so one in-process model is loaded at
+a time. Model-free stages claim nothing.
 """
 from __future__ import annotations
+
+import contextlib
+import sys
+import threading
 
 from richpref.schemas.config import Profile
 from richpref.tasks.base import Stage
 
-SERVED_SHARE = 0.5
+GPU_SHARE = 0.5  # of a worker's GPU slot, per model shard: two in flight on each GPU
 
 
 def served_vlm(stage: Stage, profile: Profile) -> bool:
@@ -24,8 +34,46 @@ def served_vlm(stage: Stage, profile: Profile) -> bool:
 
 
 def gpu_claim(stage: Stage, profile: Profile | None) -> float:
+    return GPU_SHARE if stage.loads_model else 0.0
+
+
+def takes_turns(stage: Stage, profile: Profile | None) -> bool:
+    """Whether the stage's shards sharing a GPU slot compute one at a time (a model in this process)."""
+    return stage.loads_model and not (profile is not None and served_vlm(stage, profile))
+
+
+def computing_at_once(stage: Stage, profile: Profile | None) -> int:
+    """How many of the stage's shards one GPU slot computes at once."""
+    return round(1 / GPU_SHARE) if stage.loads_model and not takes_turns(stage, profile) else 1
+
+
+_TURNS: dict[str, threading.Lock] = {}  # Dask worker address ("" outside one) -> its compute turn
+_TURNS_GUARD = threading.Lock()
+
+
+def _compute_turn() -> threading.Lock:
+    """One in-process model computes at a time on a Dask worker (it has one GPU); per worker, not per
+    process, since a threaded cluster runs several workers in one process."""
+    address = ""
+    if "distributed" in sys.modules:  # not imported: not on a Dask worker
+        from distributed import get_worker
+
+        try:
+            address = get_worker().address
+        except ValueError:
+            pass
+    with _TURNS_GUARD:
+        return _TURNS.setdefault(address, threading.Lock())
+
+
+@contextlib.contextmanager
+def shard_model_scope(stage: Stage, profile: Profile):
+    """Around a shard's computation: the resident model it uses stays until the shard ends (two shards
+    may share a process), and a stage whose model runs in this process waits for its turn first."""
     if not stage.loads_model:
-        return 0.0
-    if profile is not None and served_vlm(stage, profile):
-        return SERVED_SHARE
-    return 1.0
+        yield
+        return
+    from richpref.models.runtime import resident
+
+    with _compute_turn() if takes_turns(stage, profile) else contextlib.nullcontext(), resident.shard():
+        yield

@@ -15,7 +15,7 @@ import time
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from richpref.run.early_cluster import WORKER_IMPORTS, EarlyCluster
-from richpref.run.gpu_claims import gpu_claim
+from richpref.run.gpu_claims import GPU_SHARE, gpu_claim
 from richpref.run.leases import Busy, lease_seconds
 from richpref.run.runner import ShardManifest, committed_many, drop_shards_from, leased_shards, stage_state
 from richpref.schemas.config import Profile
@@ -26,6 +26,7 @@ from richpref.run.shard_task import TORCH_THREADS_ENV, shard_task
 
 log = logging.getLogger("richpref")
 CPU_SLOTS = 1  # threads per local Dask worker beside its GPU slot, for shards of model-free stages
+GPU_SLOT_THREADS = round(1 / GPU_SHARE)  # the model shards a worker's GPU slot holds at once
 
 
 def _dask_runner():
@@ -39,10 +40,11 @@ def _dask_runner():
 
 
 def _one_accelerator_per_task(stage: Stage, profile: Profile):
-    """On a Dask task runner, each shard task of a stage that loads a model claims the `GPU` resource
-    (half of it for a served VLM: richpref/run/gpu_claims.py), so a worker started with
-    `resources={"GPU": 1}` runs one model-heavy shard at a time. Shards of model-free stages claim
-    none: they run on any worker's free thread. Elsewhere: no-op."""
+    """On a Dask task runner, each shard task of a stage that loads a model claims half the `GPU`
+    resource (richpref/run/gpu_claims.py), so a worker started with `resources={"GPU": 1}` holds two
+    model shards at once: one computing, the other starting or finishing (a served VLM's: both
+    computing). Shards of model-free stages claim none: they run on any worker's free thread.
+    Elsewhere: no-op."""
     claim = gpu_claim(stage, profile)
     if not claim or _dask_runner() is None:
         return contextlib.nullcontext()
@@ -112,8 +114,9 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
     # new workers would inherit.
     if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
-    # Two threads per worker: one for a model stage's shard (the GPU slot), one for a model-free shard.
-    common = {"threads_per_worker": CPU_SLOTS + 1, "resources": {"GPU": 1}, "dashboard_address": None}
+    # Three threads per worker: two for the model stages' shards sharing the GPU slot (one computing, the
+    # next starting: richpref/run/gpu_claims.py), one for a model-free shard.
+    common = {"threads_per_worker": CPU_SLOTS + GPU_SLOT_THREADS, "resources": {"GPU": 1}, "dashboard_address": None}
     if torch.cuda.is_available():
         try:
             import dask_cuda  # noqa: F401

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 
 from richpref.run.affinity import Plan, StageCost, Task, costs_for, plan
-from richpref.run.gpu_claims import gpu_claim
+from richpref.run.gpu_claims import computing_at_once, gpu_claim, takes_turns
 from richpref.run.leases import Busy
 from richpref.run.runner import ShardManifest, content_key, drop_shards_from, is_current, stage_manifests
 from richpref.schemas.config import Profile
@@ -199,7 +199,7 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
         from richpref.run.dispatch import Dispatcher
 
         watch = next((_gpu_watch(st) for _, st, _ in todo if st.loads_model), None)
-        at_once = {st.out: round(1 / gpu_claim(st, profile)) for _, st, _ in todo if st.loads_model}
+        at_once = {st.out: computing_at_once(st, profile) for _, st, _ in todo if st.loads_model}
         dispatched = Dispatcher(todo, futures, submit, live.homes, live.shard_seconds, live.load_s,
                                 watch, preload=_preloader(todo, profile), at_once=at_once).run()
     if todo:
@@ -231,7 +231,7 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
 
 def _preloader(todo, profile: Profile):
     """The live dispatch's preload: a Dask task on a given worker loading a stage's models
-    (richpref/run/shard_task.py), for a stage whose shards claim a whole GPU slot and that declares
+    (richpref/run/shard_task.py), for a stage whose models run in the worker's process and that declares
     its loader; None for the others (a served VLM's shards start their server themselves)."""
     from richpref.run.orchestration import _dask_runner
     from richpref.run.shard_task import load_stage_models
@@ -241,7 +241,7 @@ def _preloader(todo, profile: Profile):
 
     def preload(out: str, address: str):
         st = stages[out]
-        if st.load is None or gpu_claim(st, profile) < 1:
+        if st.load is None or not takes_turns(st, profile):
             return None
         return client.submit(load_stage_models, st, profile, workers=[address], allow_other_workers=True,
                              resources={"GPU": 1}, priority=len(todo) + len(stages) + 1, pure=False)

@@ -16,7 +16,6 @@ and log one line to the run's work log.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -35,6 +34,7 @@ import pyarrow.parquet as pq
 
 from richpref.common.faults import inject_fault
 from richpref.run.commit import LeaseLost, commit_once, recover
+from richpref.run.gpu_claims import shard_model_scope
 from richpref.run.leases import Busy, Lease, current_holder, holder_alive, lease_prefix, try_lease
 from richpref.common.objstore import cat_small
 from richpref.schemas.config import Profile, config_hash
@@ -248,25 +248,16 @@ def _input_rows(stage: Stage, shard: int, store: RunStore) -> tuple[pa.Table, di
     return driver.filter(pc.equal(driver.column("status"), OK)), tables
 
 
-def _model_scope(stage: Stage):
-    """The resident model a shard uses stays until the shard ends (two shards may share a process)."""
-    if not stage.loads_model:
-        return contextlib.nullcontext()
-    from richpref.models.runtime import resident
-
-    return resident.shard()
-
-
 def _compute(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store: RunStore, profile: Profile,
              key: str, lease: Lease | None = None) -> ShardManifest | Busy:
     inject_fault(stage.name, shard, "before")
     started = time.perf_counter()
     rows, tables = _input_rows(stage, shard, store)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    with _model_scope(stage):
+    with shard_model_scope(stage, profile):
+        t0, cpu0 = time.perf_counter(), time.process_time()  # from its turn: the wait for it is not compute
         out, batch_size, retries = compute_splitting_on_oom(stage, StageInputs(shard=shard, rows=rows, tables=tables,
                                                                         scratch=store.scratch_dir(stage.out)), profile)
-    compute_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+        compute_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     check_rows_accounted(stage.name, shard, rows, out, stage.fan_out(profile) if stage.fan_out else None,
                          reads_rows=bool(stage.reads))
     manifest = write_shard(store, stage.out, shard, out, key, before_commit=lambda: inject_fault(stage.name, shard, "write"),

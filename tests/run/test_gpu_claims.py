@@ -1,8 +1,9 @@
-"""Shards of a served-VLM stage overlap on a Dask worker: such a shard claims half of the worker's GPU
-slot, so two run at once (the next shard's requests reach the server while the last ones of the
-previous shard finish), and the process's resident-model slot keeps each shard's model until that
-shard ends. Real threads and a real Dask cluster; the "models" here are plain objects, since what is
-tested is the slot and the schedule, not a model."""
+"""Two model shards share a Dask worker's GPU slot: each claims half of it. Those of a served-VLM stage
+compute at once (the next shard's requests reach the server while the last ones of the previous shard
+finish); those of a stage whose model runs in the worker's process take turns to compute, the next one
+starting (its task run, its inputs) while the other computes. The process's resident-model slot keeps
+each shard's model until that shard ends. Real threads and a real Dask cluster; the "models" here are
+plain objects, since what is tested is the slot and the schedule, not a model."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from richpref.run.gpu_claims import gpu_claim
+from richpref.run.gpu_claims import computing_at_once, gpu_claim, shard_model_scope, takes_turns
 from richpref.models.runtime import ResidentModel
 from richpref.schemas.config import load_profile
 from richpref.tasks import ALL_STAGES
@@ -19,12 +20,14 @@ BY_NAME = {s.name: s for s in ALL_STAGES}
 SERVED = ["critique.engine.backend=server", "critique.engine.endpoint=http://127.0.0.1:9/v1"]
 
 
-def test_a_served_vlm_stage_claims_half_a_gpu_slot_and_in_process_models_the_whole():
+def test_every_model_stage_claims_half_a_gpu_slot_and_only_in_process_models_take_turns():
     local, served = load_profile("tiny"), load_profile("tiny", overrides=SERVED)
-    assert gpu_claim(BY_NAME["critique"], local) == 1.0
-    assert gpu_claim(BY_NAME["critique"], served) == 0.5
-    assert gpu_claim(BY_NAME["instruct"], served) == 1.0  # its own engine is still in-process
-    assert gpu_claim(BY_NAME["score"], served) == 1.0 and gpu_claim(BY_NAME["filter"], served) == 0.0
+    assert gpu_claim(BY_NAME["critique"], local) == gpu_claim(BY_NAME["critique"], served) == 0.5
+    assert gpu_claim(BY_NAME["score"], served) == 0.5 and gpu_claim(BY_NAME["filter"], served) == 0.0
+    assert takes_turns(BY_NAME["critique"], local) and not takes_turns(BY_NAME["critique"], served)
+    assert takes_turns(BY_NAME["instruct"], served)  # its own engine is still in-process
+    assert not takes_turns(BY_NAME["filter"], local)
+    assert computing_at_once(BY_NAME["critique"], served) == 2 and computing_at_once(BY_NAME["critique"], local) == 1
 
 
 class _Model:
@@ -81,21 +84,49 @@ def test_two_shards_of_one_model_share_one_load():
     assert loaded == [1] and slot.loads == 1
 
 
-@pytest.mark.parametrize("overrides, overlap", [(SERVED, True), ([], False)])
-def test_a_gpu_worker_runs_two_served_shards_at_once_and_one_in_process_shard(overrides, overlap):
+@pytest.mark.parametrize("overrides, computes_at_once", [(SERVED, True), ([], False)])
+def test_a_gpu_worker_holds_two_shards_which_compute_at_once_when_served_and_take_turns_in_process(
+        overrides, computes_at_once):
+    """Each shard 'starts' (0.3 s: its task run, its inputs) and then computes (0.5 s) inside the scope
+    the runner puts around a computation. Both shards start at once; in-process, the second computes
+    after the first, its start hidden under the first's computation."""
     import dask
     from distributed import Client, LocalCluster
 
-    claim = gpu_claim(BY_NAME["critique"], load_profile("tiny", overrides=overrides))
+    profile = load_profile("tiny", overrides=overrides)
+    stage = BY_NAME["critique"]
 
     def shard(k):
-        t0 = time.monotonic()
-        time.sleep(0.5)
-        return t0, time.monotonic()
+        started = time.monotonic()
+        time.sleep(0.3)
+        with shard_model_scope(stage, profile):
+            t0 = time.monotonic()
+            time.sleep(0.5)
+            return started, t0, time.monotonic()
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, resources={"GPU": 1},
+    with LocalCluster(n_workers=1, threads_per_worker=3, processes=False, resources={"GPU": 1},
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        with dask.annotate(resources={"GPU": claim}):
+        with dask.annotate(resources={"GPU": gpu_claim(stage, profile)}):
             futs = [client.submit(shard, k, pure=False) for k in range(2)]
-        (s0, e0), (s1, e1) = client.gather(futs)
-    assert (max(s0, s1) < min(e0, e1)) == overlap
+        (a_start, a0, a1), (b_start, b0, b1) = sorted(client.gather(futs), key=lambda r: r[1])
+    assert abs(a_start - b_start) < 0.2  # both in flight on the one GPU slot
+    assert (b0 < a1) == computes_at_once
+
+
+def test_in_process_turns_are_per_worker_not_per_process():
+    """A threaded cluster runs its workers in one process: each worker (one GPU each) has its own turn."""
+    from distributed import Client, LocalCluster
+
+    profile, stage = load_profile("tiny"), BY_NAME["critique"]
+
+    def shard():
+        with shard_model_scope(stage, profile):
+            t0 = time.monotonic()
+            time.sleep(0.5)
+            return t0, time.monotonic()
+
+    with LocalCluster(n_workers=2, threads_per_worker=3, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        futs = [client.submit(shard, workers=[w], pure=False) for w in client.scheduler_info()["workers"]]
+        (a0, a1), (b0, b1) = client.gather(futs)
+    assert max(a0, b0) < min(a1, b1)

@@ -159,7 +159,7 @@ def cluster(nodes, tiny_models):
         for n in "ab":  # sleeps in the held shard, so a test can kill its holder mid-shard
             workers[n] = subprocess.Popen(
                 _in(n, str(BIN / "dask"), "worker", SCHEDULER, "--host", IP[n], "--name", f"node-{n}", "--nthreads",
-                    "2", "--resources", "GPU=1", "--no-nanny", "--no-dashboard", "--preload", PRELOAD),
+                    "3", "--resources", "GPU=1", "--no-nanny", "--no-dashboard", "--preload", PRELOAD),
                 env={**env, "RICHPREF_FAULTS": f"{HOLD}:sleep-8"}, stdout=logs, stderr=logs)
             procs.append(workers[n])
         ready = ("from distributed import Client; c = Client('%s', timeout=300); c.wait_for_workers(2, timeout=300)"
