@@ -17,7 +17,10 @@ curate run does; `--no-affinity`: without it (each shard where its input is, ear
 Also printed: the affinity plan, the rule simulated with the table's times (richpref/run/affinity.py).
 
 busy = model sleep seconds / (workers x wall); ideal = model sleep seconds / workers;
-swaps = loads that replaced another resident model, summed over the workers. Printed first: the
+swaps = loads that replaced another resident model, summed over the workers. Where the rest of
+the workers' time goes is read from their traced sleeps (`idle_breakdown`): slot_compute_s, slot_load_s,
+slot_gap_same_model_s (between two shards of the model a worker holds), slot_gap_switch_s (around a
+load or a switch of stage), slot_head_s and slot_tail_s (before a worker's first and after its last). Printed first: the
 bound of a schedule in which every worker loads every model once (its loads are idle GPU time), for
 the table at hand. On the harness: each repeat (default 1) a fresh process with its own Prefect home;
 raw figures go to bench/results/schedule-<commit>.json (`--no-record`: not). Headline: busy (goal
@@ -60,7 +63,10 @@ def _sleeping(name: str, per_item: float, load_s: float, loads_model: bool, item
         ids = [f"i{inputs.shard:05d}-{k}" for k in range(items)] if name == "source" else rows.column("item_id").to_pylist()
         if loads_model:
             _sleeping_load(name, load_s)(profile)
+        t0 = time.time()
         time.sleep(len(ids) * per_item)
+        if loads_model:
+            _trace("compute", name, t0)
         cols = {"item_id": ids, "status": ["ok"] * len(ids), "reason": pa.nulls(len(ids), pa.string())}
         if name == "edit" or (rows is not None and "candidate" in rows.schema.names):
             cols["candidate"] = [0] * len(ids) if name == "edit" else rows.column("candidate").to_pylist()
@@ -75,10 +81,45 @@ def _sleeping_load(name: str, load_s: float):
     def load(profile):
         from richpref.models.runtime import resident
 
-        resident.get(("sim", name), lambda: time.sleep(load_s) or name)
+        def sleep_load():
+            t0 = time.time()
+            time.sleep(load_s)
+            _trace("load", name, t0)
+            return name
+
+        resident.get(("sim", name), sleep_load)
         return [name]
 
     return load
+
+
+TRACE_ENV = "RICHPREF_SCHEDULE_TRACE"  # a file each worker appends its model sleeps to
+
+
+def _trace(kind: str, stage: str, t0: float) -> None:
+    with open(os.environ[TRACE_ENV], "a") as f:
+        f.write(f"{os.getpid()} {kind} {stage} {t0:.4f} {time.time():.4f}\n")
+
+
+def idle_breakdown(lines: list[str], start: float, end: float) -> dict[str, float]:
+    """Seconds of GPU-slot time over all workers between `start` and `end`, from the traced sleeps: model
+    computation, model loads, and the idle rest split into the gaps between two shards of the model the
+    worker holds, the gaps around a model load or stage switch, and each worker's head and tail."""
+    by_worker: dict[str, list[tuple[float, float, str, str]]] = {}
+    for line in lines:
+        pid, kind, stage, t0, t1 = line.split()
+        by_worker.setdefault(pid, []).append((float(t0), float(t1), kind, stage))
+    out = {"compute": 0.0, "load": 0.0, "gap_same_model": 0.0, "gap_switch": 0.0, "head": 0.0, "tail": 0.0}
+    for events in by_worker.values():
+        events.sort()
+        out["head"] += events[0][0] - start
+        out["tail"] += max(0.0, end - events[-1][1])
+        for (a0, a1, ak, ast), (b0, b1, bk, bst) in zip(events, events[1:]):
+            gap = max(0.0, b0 - a1)
+            out["gap_same_model" if ak == bk == "compute" and ast == bst else "gap_switch"] += gap
+        for t0, t1, kind, _ in events:
+            out[kind] += t1 - t0
+    return out
 
 
 def simulated_stages(table, scale: float, items: int, shards: int):
@@ -161,7 +202,7 @@ def child(args) -> None:
     def bench() -> None:
         store = RunStore(data, "sim")
         chain = tuple(s for s, _ in stages)
-        t0 = time.perf_counter()
+        t0, figures["start"] = time.perf_counter(), time.time()
         before = model_swaps()
         passed = pipeline_pass(chain, store, data, "sim", profile, costs)
         failed_before = passed.failed
@@ -171,6 +212,7 @@ def child(args) -> None:
                                                      failed_before.get(stage.name))
             failures += failed
         figures["wall"] = time.perf_counter() - t0
+        figures["idle"] = idle_breakdown(Path(trace).read_text().splitlines(), figures["start"], time.time())
         figures["models"] = model_swaps(since=before)
         figures["plan"] = passed.plan
         assert not failures, failures[:3]
@@ -180,7 +222,8 @@ def child(args) -> None:
     import dask
 
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-    env = {"OMP_NUM_THREADS": "1", "RICHPREF_TORCH_THREADS": "1"}
+    trace = os.path.join(data, "sleeps.txt")
+    env = {"OMP_NUM_THREADS": "1", "RICHPREF_TORCH_THREADS": "1", TRACE_ENV: trace}
     try:
         _run(args, bench, env, cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 3,
                                                "resources": {"GPU": 1}, "processes": True,
@@ -196,11 +239,15 @@ def child(args) -> None:
         p = figures["plan"]
         print(f"affinity plan (simulated with the table): busy={p['busy']:.3f} wall/ideal={p['wall_s'] / ideal:.3f} "
               f"loads={p['loads']}; stages per worker: {p['stages_of']}")
+    idle = figures["idle"]
+    print("GPU-slot seconds over the workers: " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items())
+          + f" (of {args.workers * wall:.1f})", flush=True)
     busy = model_s / (args.workers * wall)
     print(f"busy={busy:.3f} wall/ideal={wall / ideal:.3f} swaps={models['swaps']}", flush=True)
     harness.print_child("RESULT ", {"schedule": {
         "wall_s": wall, "ideal_s": ideal, "model_s": model_s, "busy": busy, "wall_over_ideal": wall / ideal,
         "loads": models["loads"], "swaps": models["swaps"], "bound_wall_over_ideal": bound,
+        **{f"slot_{k}_s": v for k, v in idle.items()},
         **({"plan_busy": figures["plan"]["busy"], "plan_loads": figures["plan"]["loads"]} if figures["plan"] else {})}})
 
 
