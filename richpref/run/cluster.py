@@ -210,7 +210,21 @@ def check_cluster(client, data_dir: str, api_url: str | None, *, need_gpu: bool 
     gpus = sum(1 for r in reports.values() if r.resources.get("GPU", 0) >= 1)
     log.info("preflight: %d worker(s), %d with a GPU slot\n  %s", len(reports), gpus,
              "\n  ".join(r.line() for r in reports.values()))
+    _warn_few_threads(reports, infos)
     return list(reports.values())
+
+
+def _warn_few_threads(reports: dict[str, WorkerReport], infos: dict[str, dict]) -> None:
+    """A GPU worker's threads: the model shards its GPU slot holds (richpref/run/gpu_claims.py) and one
+    for a model-free shard. With fewer, model-free shards wait for the model shards."""
+    from richpref.run.gpu_claims import GPU_SHARE
+
+    wanted = round(1 / GPU_SHARE) + 1
+    few = [f"{r.name} ({infos[a].get('nthreads')})" for a, r in reports.items()
+           if r.resources.get("GPU", 0) >= 1 and infos[a].get("nthreads", 0) < wanted]
+    if few:
+        log.warning("GPU worker(s) with fewer than %d threads: %s. The model shards of a GPU slot take them, "
+                    "so model-free shards wait; start GPU workers with --nthreads %d", wanted, ", ".join(few), wanted)
 
 
 def gpu_wait_seconds() -> float:

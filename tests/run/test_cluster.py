@@ -221,3 +221,17 @@ def test_the_kubernetes_recipe_in_the_docs_starts_workers_that_pass_the_prefligh
         for p in procs:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+@pytest.mark.parametrize("threads, warned", [(2, True), (3, False)])
+def test_the_preflight_warns_of_a_gpu_worker_with_too_few_threads_for_its_two_model_shards(threads, warned, tmp_path,
+                                                                                         caplog):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        with caplog.at_level("WARNING", logger="richpref"):
+            check_cluster(client, str(tmp_path), None)
+    hits = [r.getMessage() for r in caplog.records if "fewer than 3 threads" in r.getMessage()]
+    assert bool(hits) == warned, hits
+    assert not warned or "--nthreads 3" in hits[0]
