@@ -173,6 +173,7 @@ def child(args) -> None:
 
     from richpref.models.runtime import resident
     from richpref.run.affinity import StageCost
+    from richpref.run.gpu_claims import GPU_WORKER_THREADS
     from richpref.run.orchestration import run_stage
     from richpref.run.pipeline import model_swaps, pipeline_pass
     from richpref.schemas.config import load_profile
@@ -225,7 +226,7 @@ def child(args) -> None:
     trace = os.path.join(data, "sleeps.txt")
     env = {"OMP_NUM_THREADS": "1", "RICHPREF_TORCH_THREADS": "1", TRACE_ENV: trace}
     try:
-        _run(args, bench, env, cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 3,
+        _run(args, bench, env, cluster_kwargs={"n_workers": args.workers, "threads_per_worker": GPU_WORKER_THREADS,
                                                "resources": {"GPU": 1}, "processes": True,
                                                "dashboard_address": None, "env": env})
     finally:

@@ -14,12 +14,14 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from richpref.run.gpu_claims import GPU_WORKER_THREADS
+
 log = logging.getLogger("richpref")
 
 PACKAGES = ("richpref", "torch", "diffusers", "transformers", "prefect")
 PROBE_DIR = "_preflight"
 GPU_FIX = ("start each GPU worker with the resource shards of model stages claim, one per GPU: "
-           "`dask worker tcp://SCHEDULER:8786 --nthreads 3 --resources GPU=1` "
+           f"`dask worker tcp://SCHEDULER:8786 --nthreads {GPU_WORKER_THREADS} --resources GPU=1` "
            "(or `dask cuda worker tcp://SCHEDULER:8786 --resources GPU=1`)")
 
 
@@ -215,16 +217,13 @@ def check_cluster(client, data_dir: str, api_url: str | None, *, need_gpu: bool 
 
 
 def _warn_few_threads(reports: dict[str, WorkerReport], infos: dict[str, dict]) -> None:
-    """A GPU worker's threads: the model shards its GPU slot holds (richpref/run/gpu_claims.py) and one
-    for a model-free shard. With fewer, model-free shards wait for the model shards."""
-    from richpref.run.gpu_claims import GPU_SHARE
-
-    wanted = round(1 / GPU_SHARE) + 1
+    """With fewer threads than GPU_WORKER_THREADS, a GPU worker's model-free shards wait for its model shards."""
     few = [f"{r.name} ({infos[a].get('nthreads')})" for a, r in reports.items()
-           if r.resources.get("GPU", 0) >= 1 and infos[a].get("nthreads", 0) < wanted]
+           if r.resources.get("GPU", 0) >= 1 and infos[a].get("nthreads", 0) < GPU_WORKER_THREADS]
     if few:
         log.warning("GPU worker(s) with fewer than %d threads: %s. The model shards of a GPU slot take them, "
-                    "so model-free shards wait; start GPU workers with --nthreads %d", wanted, ", ".join(few), wanted)
+                    "so model-free shards wait; start GPU workers with --nthreads %d", GPU_WORKER_THREADS,
+                    ", ".join(few), GPU_WORKER_THREADS)
 
 
 def gpu_wait_seconds() -> float:

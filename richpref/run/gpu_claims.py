@@ -5,9 +5,10 @@ Every shard of a stage that loads a model claims half the slot, so a worker runs
 - a stage whose models (its declaration's `models(profile)`) are all VLMs served by their section's
   engine (`engine.backend: server`) computes both at once: the next shard's requests reach the server
   while the previous shard's last ones finish and its output is written;
-- a stage with a model in the worker's own process takes turns (`takes_turns`; the runner's compute
-  turn, richpref/run/runner.py): one shard computes while the next one starts its task run and reads
-  its inputs, or the last one writes and commits its output, so the GPU does not wait on that work.
+- a stage with a model in the worker's own process takes turns (`takes_turns`; a compute turn per
+  worker, taken in `shard_model_scope` around the runner's computation): one shard computes while the
+  next one starts its task run and reads its inputs, or the last one writes and commits its output,
+  so the GPU does not wait on that work.
   One model computes at a time, as with a whole slot; a diffusers pipeline is not safe to call from
   two threads at once anyway.
 Two shards of different stages may share a worker too; the process's resident-model slot keeps each
@@ -20,10 +21,15 @@ import contextlib
 import sys
 import threading
 
-from richpref.schemas.config import Profile
-from richpref.tasks.base import Stage
+from typing import TYPE_CHECKING
 
-GPU_SHARE = 0.5  # of a worker's GPU slot, per model shard: two in flight on each GPU
+if TYPE_CHECKING:  # light to import: the preflight reads GPU_WORKER_THREADS before the stages load
+    from richpref.schemas.config import Profile
+    from richpref.tasks.base import Stage
+
+GPU_SHARE = 0.5  # of a worker's GPU slot, per model shard
+SHARDS_PER_SLOT = round(1 / GPU_SHARE)  # model shards in flight on each GPU
+GPU_WORKER_THREADS = SHARDS_PER_SLOT + 1  # a GPU worker's threads: its slot's model shards and a model-free one
 
 
 def served_vlm(stage: Stage, profile: Profile) -> bool:
@@ -44,7 +50,7 @@ def takes_turns(stage: Stage, profile: Profile | None) -> bool:
 
 def computing_at_once(stage: Stage, profile: Profile | None) -> int:
     """How many of the stage's shards one GPU slot computes at once."""
-    return round(1 / GPU_SHARE) if stage.loads_model and not takes_turns(stage, profile) else 1
+    return SHARDS_PER_SLOT if stage.loads_model and not takes_turns(stage, profile) else 1
 
 
 _TURNS: dict[str, threading.Lock] = {}  # Dask worker address ("" outside one) -> its compute turn

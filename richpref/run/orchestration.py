@@ -15,7 +15,7 @@ import time
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from richpref.run.early_cluster import WORKER_IMPORTS, EarlyCluster
-from richpref.run.gpu_claims import GPU_SHARE, gpu_claim
+from richpref.run.gpu_claims import GPU_WORKER_THREADS, gpu_claim
 from richpref.run.leases import Busy, lease_seconds
 from richpref.run.runner import ShardManifest, committed_many, drop_shards_from, leased_shards, stage_state
 from richpref.schemas.config import Profile
@@ -25,8 +25,6 @@ from richpref.tasks.base import Stage
 from richpref.run.shard_task import TORCH_THREADS_ENV, shard_task
 
 log = logging.getLogger("richpref")
-CPU_SLOTS = 1  # threads per local Dask worker beside its GPU slot, for shards of model-free stages
-GPU_SLOT_THREADS = round(1 / GPU_SHARE)  # the model shards a worker's GPU slot holds at once
 
 
 def _dask_runner():
@@ -114,9 +112,9 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
     # new workers would inherit.
     if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
-    # Three threads per worker: two for the model stages' shards sharing the GPU slot (one computing, the
-    # next starting: richpref/run/gpu_claims.py), one for a model-free shard.
-    common = {"threads_per_worker": CPU_SLOTS + GPU_SLOT_THREADS, "resources": {"GPU": 1}, "dashboard_address": None}
+    # The model shards sharing the GPU slot (one computing, the next starting: richpref/run/gpu_claims.py)
+    # and a model-free shard each get a thread.
+    common = {"threads_per_worker": GPU_WORKER_THREADS, "resources": {"GPU": 1}, "dashboard_address": None}
     if torch.cuda.is_available():
         try:
             import dask_cuda  # noqa: F401
