@@ -174,10 +174,7 @@ def child(args) -> None:
     from richpref.models.runtime import resident
     from richpref.run.affinity import StageCost
     from richpref.run.gpu_claims import GPU_WORKER_THREADS
-    from richpref.run.orchestration import run_stage
-    from richpref.run.pipeline import model_swaps, pipeline_pass
     from richpref.schemas.config import load_profile
-    from richpref.run.storage import RunStore
 
     table = _table(args.doctor_json)
     stages = simulated_stages(table, args.time_scale, args.items, args.shards)
@@ -196,41 +193,27 @@ def child(args) -> None:
           f"busy<={1 / any_bound:.3f} wall/ideal>={any_bound:.3f}", flush=True)
     data = tempfile.mkdtemp(prefix="richpref-schedule-")
     os.environ.setdefault("PREFECT_HOME", f"{data}/.prefect")
-    profile = load_profile("tiny")
-    figures = {}
-
-    @flow(name="schedule-bench")
-    def bench() -> None:
-        store = RunStore(data, "sim")
-        chain = tuple(s for s, _ in stages)
-        t0, figures["start"] = time.perf_counter(), time.time()
-        before = model_swaps()
-        passed = pipeline_pass(chain, store, data, "sim", profile, costs)
-        failed_before = passed.failed
-        manifests, failures = {}, []
-        for stage in chain:
-            manifests[stage.out], failed = run_stage(stage, manifests, store, data, "sim", profile,
-                                                     failed_before.get(stage.name))
-            failures += failed
-        figures["wall"] = time.perf_counter() - t0
-        figures["idle"] = idle_breakdown(Path(trace).read_text().splitlines(), figures["start"], time.time())
-        figures["models"] = model_swaps(since=before)
-        figures["plan"] = passed.plan
-        assert not failures, failures[:3]
-        assert len(manifests["pairs"]) == args.shards
-
-    resident.release()
-    import dask
-
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     trace = os.path.join(data, "sleeps.txt")
+    # The flow's function is taken from this module imported by name (bench/ is on the workers' path):
+    # Prefect sends the flow with every shard task, and a function of __main__ would go whole, with
+    # the stages its closure holds (32 KB a shard, where curate's flow goes as its name).
+    import schedule as importable
+
+    importable.STATE.update(stages=stages, data=data, trace=trace, costs=costs, profile=load_profile("tiny"),
+                            shards=args.shards, figures={})
+    resident.release()
+    from richpref.run.orchestration import configure_local_workers
+
+    configure_local_workers()
     env = {"OMP_NUM_THREADS": "1", "RICHPREF_TORCH_THREADS": "1", TRACE_ENV: trace}
     try:
-        _run(args, bench, env, cluster_kwargs={"n_workers": args.workers, "threads_per_worker": GPU_WORKER_THREADS,
-                                               "resources": {"GPU": 1}, "processes": True,
-                                               "dashboard_address": None, "env": env})
+        _run(flow(name="schedule-bench")(importable.bench_flow), env,
+             cluster_kwargs={"n_workers": args.workers, "threads_per_worker": GPU_WORKER_THREADS,
+                             "resources": {"GPU": 1}, "processes": True, "dashboard_address": None,
+                             "preload": ["richpref.run.shard_task"], "env": env})
     finally:
         shutil.rmtree(data, ignore_errors=True)
+    figures = importable.STATE["figures"]
     wall, models = figures["wall"], figures["models"]
     ideal = model_s / args.workers
     print(f"{args.workers} simulated GPU workers, {args.shards} shards x {args.items} items, time scale "
@@ -252,16 +235,50 @@ def child(args) -> None:
         **({"plan_busy": figures["plan"]["busy"], "plan_loads": figures["plan"]["loads"]} if figures["plan"] else {})}})
 
 
-def _run(args, bench, env, cluster_kwargs) -> None:
-    from distributed import Client, LocalCluster
+STATE: dict = {}  # what the flow of a child process works on, set before it runs
+
+
+def bench_flow() -> None:
+    """The curate scheduling (pipelined pass, then the stage pass) over the simulated stages."""
+    from richpref.run.orchestration import run_stage
+    from richpref.run.pipeline import model_swaps, pipeline_pass
+    from richpref.run.storage import RunStore
+
+    st, figures = STATE, STATE["figures"]
+    store = RunStore(st["data"], "sim")
+    chain = tuple(s for s, _ in st["stages"])
+    t0, figures["start"] = time.perf_counter(), time.time()
+    before = model_swaps()
+    passed = pipeline_pass(chain, store, st["data"], "sim", st["profile"], st["costs"])
+    manifests, failures = {}, []
+    for stage in chain:
+        manifests[stage.out], failed = run_stage(stage, manifests, store, st["data"], "sim", st["profile"],
+                                                 passed.failed.get(stage.name))
+        failures += failed
+    figures["wall"] = time.perf_counter() - t0
+    figures["idle"] = idle_breakdown(Path(st["trace"]).read_text().splitlines(), figures["start"], time.time())
+    figures["models"] = model_swaps(since=before)
+    figures["plan"] = passed.plan
+    assert not failures, failures[:3]
+    assert len(manifests["pairs"]) == st["shards"]
+
+
+def _run(bench, env, cluster_kwargs) -> None:
+    """The flow on a local cluster made as a curate run makes its own (richpref/run/orchestration.py):
+    workers forked from one process that imported the stages, model libraries and pandas, the shard
+    task preloaded."""
     from prefect_dask import DaskTaskRunner
 
     from richpref.ops.prefect_api import owned_prefect_api
+    from richpref.run.early_cluster import WORKER_IMPORTS, EarlyCluster
 
-    with owned_prefect_api(), LocalCluster(**cluster_kwargs) as cluster:
-        with Client(cluster) as client:
-            client.run(lambda: __import__("richpref.tasks"))  # imports done before the clock starts
-        bench.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()
+    early = EarlyCluster(preimport=WORKER_IMPORTS)
+    with owned_prefect_api():
+        try:
+            cluster = early.take(**cluster_kwargs)  # started before the clock, as curate's is while Prefect starts
+            bench.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()
+        finally:
+            early.close()
 
 
 if __name__ == "__main__":

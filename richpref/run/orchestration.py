@@ -88,6 +88,23 @@ def preflight(data_dir: str, stages: tuple[Stage, ...]) -> None:
     check_cluster(client, data_dir, api, need_gpu=any(s.loads_model for s in stages))
 
 
+def configure_local_workers() -> None:
+    """Dask's settings for the workers of the local clusters this process starts (its nannies pass
+    Dask's config on to them)."""
+    import dask
+
+    dask.config.set({
+        # Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
+        # threshold: every activation buffer is then mapped and unmapped afresh (the edit stage ran
+        # 1.4x slower per shard). Leave glibc's own adaptive thresholds to model workers.
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    })
+    # A cluster started earlier in this process (rounds, tests) left Dask's value in os.environ, which
+    # new workers would inherit.
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":
+        del os.environ["MALLOC_TRIM_THRESHOLD_"]
+
+
 def task_runner(workers: int = 1, dask_address: str | None = None):
     """The curate flow's task runner: in-process for one worker; a local Dask cluster of `workers`
     processes (one per GPU with dask-cuda on a GPU machine); or the cluster at `dask_address`."""
@@ -101,17 +118,9 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
 
-    import dask
     import torch
 
-    # Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
-    # threshold: every activation buffer is then mapped and unmapped afresh (the edit stage ran 1.4x
-    # slower per shard). Leave glibc's own adaptive thresholds to model workers.
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-    # A cluster started earlier in this process (rounds, tests) left Dask's value in os.environ, which
-    # new workers would inherit.
-    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":
-        del os.environ["MALLOC_TRIM_THRESHOLD_"]
+    configure_local_workers()
     # The model shards sharing the GPU slot (one computing, the next starting: richpref/run/gpu_claims.py)
     # and a model-free shard each get a thread.
     common = {"threads_per_worker": GPU_WORKER_THREADS, "resources": {"GPU": 1}, "dashboard_address": None}
