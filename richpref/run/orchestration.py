@@ -98,6 +98,9 @@ def configure_local_workers() -> None:
         # threshold: every activation buffer is then mapped and unmapped afresh (the edit stage ran
         # 1.4x slower per shard). Leave glibc's own adaptive thresholds to model workers.
         "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+        # Dask's statistical profiler reads every worker thread's stack each 10 ms for a dashboard
+        # that local clusters do not serve: about 6% of a worker's CPU in a run (docs/benchmarks.md).
+        "distributed.worker.profile.enabled": False,
     })
     # A cluster started earlier in this process (rounds, tests) left Dask's value in os.environ, which
     # new workers would inherit.

@@ -75,16 +75,18 @@ def _assert_cpu_recorded(record: dict) -> None:
     assert 0 <= record["cpu_s"] < 60
 
 
-def _worker_env() -> dict:
+def _worker_env(dask_worker) -> dict:
     import os
 
-    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "RICHPREF_TORCH_THREADS", "OMP_NUM_THREADS")}
+    return {**{k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "RICHPREF_TORCH_THREADS", "OMP_NUM_THREADS")},
+            "profiling": "profile" in dask_worker.periodic_callbacks}
 
 
-def test_local_cpu_workers_get_their_share_of_cores_and_glibcs_own_malloc_thresholds():
+def test_local_cpu_workers_get_their_share_of_cores_glibcs_own_malloc_thresholds_and_no_profiler():
     import os
 
     # Dask's default MALLOC_TRIM_THRESHOLD_=65536 made every worker's model buffers mmap'd afresh.
+    # Dask's profiler sampled every worker thread for a dashboard these clusters do not have.
     from distributed import Client, LocalCluster
 
     from richpref.run.orchestration import task_runner
@@ -95,6 +97,7 @@ def test_local_cpu_workers_get_their_share_of_cores_and_glibcs_own_malloc_thresh
     assert len(envs) == 2
     for env in envs:
         assert env["MALLOC_TRIM_THRESHOLD_"] is None
+        assert env["profiling"] is False
         share = os.environ.get("RICHPREF_TORCH_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
         assert env["RICHPREF_TORCH_THREADS"] == env["OMP_NUM_THREADS"] == share
 
