@@ -34,7 +34,8 @@ def workers_forked_after(modules: tuple[str, ...]):
     from distributed.utils import get_mp_context
 
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        get_mp_context().set_forkserver_preload(["distributed", *modules])  # after Dask's own list: replaces it
+        # After Dask's own list: replaces it. The last one makes the forkserver's own exit quick.
+        get_mp_context().set_forkserver_preload(["distributed", *modules, "richpref.run.forkserver_exit"])
         yield
 
 

@@ -6,7 +6,7 @@ import sys
 
 from distributed import Client
 
-from richpref.run.early_cluster import EarlyCluster
+from richpref.run.early_cluster import EarlyCluster, _stop_forkserver, workers_forked_after
 from richpref.run.orchestration import close_early_cluster, start_cluster_early, task_runner
 
 
@@ -69,3 +69,29 @@ def test_a_copy_sent_with_each_task_carries_no_thread_lock_or_cluster():
     assert type(copy.cluster_class.__self__) is EarlyCluster
     again = cloudpickle.loads(cloudpickle.dumps(early))
     assert again.take(n=2) == {"n": 2}  # a fresh one: not the original's cluster
+
+
+def _objects_frozen_after_exit_handlers(queue) -> None:
+    import atexit
+    import gc
+
+    atexit._run_exitfuncs()  # what this process would run at its exit, inherited from the forkserver
+    queue.put(gc.get_freeze_count())
+
+
+def test_the_forkserver_of_a_local_cluster_freezes_its_objects_at_exit():
+    # Its exit (the final garbage collection over torch, transformers and diffusers) took 1.5 s of
+    # every `curate --workers N`, which waits for it.
+    from distributed.utils import get_mp_context
+
+    _stop_forkserver()  # one started by another test
+    try:
+        with workers_forked_after(("richpref.tasks",)):
+            ctx = get_mp_context()
+            queue = ctx.SimpleQueue()
+            child = ctx.Process(target=_objects_frozen_after_exit_handlers, args=(queue,))
+            child.start()
+            child.join(120)
+        assert child.exitcode == 0 and queue.get() > 0
+    finally:
+        _stop_forkserver()
