@@ -9,9 +9,10 @@ Per-item seconds and model load seconds come from a `richpref doctor` table: by 
 profile on one H200 (docs/benchmarks.md, "`richpref doctor` on a GPU", bfloat16 run, commit 4d081d0),
 or `--doctor-json` (written by `richpref doctor --json`). Every time is multiplied by --time-scale.
 Each worker has one GPU slot (`GPU=1`, two model shards at once: richpref/run/gpu_claims.py)
-and one CPU slot: three threads, as a curate run's local workers. A model stage's shard sleeps
-items x seconds-per-item (GPU busy) after its model is resident (a load sleeps load seconds, counted
-as idle); model-free stages sleep on CPU slots. Shards are real Parquet files in a temp run folder.
+and one CPU slot: three threads, made as a curate run's local workers are (forked from one process
+that imported the stages and model libraries, the shard task preloaded, curate's Dask settings). A
+model stage's shard sleeps items x seconds-per-item (GPU busy) after its model is resident (a load
+sleeps load seconds, counted as idle); model-free stages sleep on CPU slots. Shards are real Parquet files in a temp run folder.
 The model shards are dispatched live (richpref/run/dispatch.py), starting from the same table, as a
 curate run does; `--no-affinity`: without it (each shard where its input is, earlier stages first).
 Also printed: the affinity plan, the rule simulated with the table's times (richpref/run/affinity.py).
@@ -207,7 +208,7 @@ def child(args) -> None:
     configure_local_workers()
     env = {"OMP_NUM_THREADS": "1", "RICHPREF_TORCH_THREADS": "1", TRACE_ENV: trace}
     try:
-        _run(flow(name="schedule-bench")(importable.bench_flow), env,
+        _run(flow(name="schedule-bench")(importable.bench_flow),
              cluster_kwargs={"n_workers": args.workers, "threads_per_worker": GPU_WORKER_THREADS,
                              "resources": {"GPU": 1}, "processes": True, "dashboard_address": None,
                              "preload": ["richpref.run.shard_task"], "env": env})
@@ -263,7 +264,7 @@ def bench_flow() -> None:
     assert len(manifests["pairs"]) == st["shards"]
 
 
-def _run(bench, env, cluster_kwargs) -> None:
+def _run(bench, cluster_kwargs) -> None:
     """The flow on a local cluster made as a curate run makes its own (richpref/run/orchestration.py):
     workers forked from one process that imported the stages, model libraries and pandas, the shard
     task preloaded."""
