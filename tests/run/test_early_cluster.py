@@ -75,7 +75,7 @@ def _objects_frozen_after_exit_handlers(queue) -> None:
     import atexit
     import gc
 
-    atexit._run_exitfuncs()  # what this process would run at its exit, inherited from the forkserver
+    atexit._run_exitfuncs()  # the exit handlers of the forkserver, which forked this process
     queue.put(gc.get_freeze_count())
 
 
