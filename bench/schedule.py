@@ -174,7 +174,6 @@ def child(args) -> None:
 
     from richpref.models.runtime import resident
     from richpref.run.affinity import StageCost
-    from richpref.run.gpu_claims import GPU_WORKER_THREADS
     from richpref.schemas.config import load_profile
 
     table = _table(args.doctor_json)
@@ -203,15 +202,12 @@ def child(args) -> None:
     importable.STATE.update(stages=stages, data=data, trace=trace, costs=costs, profile=load_profile("tiny"),
                             shards=args.shards, figures={})
     resident.release()
-    from richpref.run.orchestration import configure_local_workers
+    from richpref.run.orchestration import configure_local_workers, local_cpu_cluster_kwargs
 
     configure_local_workers()
     env = {"OMP_NUM_THREADS": "1", "RICHPREF_TORCH_THREADS": "1", TRACE_ENV: trace}
     try:
-        _run(flow(name="schedule-bench")(importable.bench_flow),
-             cluster_kwargs={"n_workers": args.workers, "threads_per_worker": GPU_WORKER_THREADS,
-                             "resources": {"GPU": 1}, "processes": True, "dashboard_address": None,
-                             "preload": ["richpref.run.shard_task"], "env": env})
+        _run(flow(name="schedule-bench")(importable.bench_flow), local_cpu_cluster_kwargs(args.workers, env))
     finally:
         shutil.rmtree(data, ignore_errors=True)
     figures = importable.STATE["figures"]

@@ -88,6 +88,11 @@ def preflight(data_dir: str, stages: tuple[Stage, ...]) -> None:
     check_cluster(client, data_dir, api, need_gpu=any(s.loads_model for s in stages))
 
 
+# A local worker: one GPU slot, its model shards (one computing, the next starting:
+# richpref/run/gpu_claims.py) and a model-free shard each with a thread, no dashboard.
+LOCAL_GPU_WORKER = {"threads_per_worker": GPU_WORKER_THREADS, "resources": {"GPU": 1}, "dashboard_address": None}
+
+
 def configure_local_workers() -> None:
     """Dask's settings for the workers of the local clusters this process starts (its nannies pass
     Dask's config on to them)."""
@@ -124,9 +129,6 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
     import torch
 
     configure_local_workers()
-    # The model shards sharing the GPU slot (one computing, the next starting: richpref/run/gpu_claims.py)
-    # and a model-free shard each get a thread.
-    common = {"threads_per_worker": GPU_WORKER_THREADS, "resources": {"GPU": 1}, "dashboard_address": None}
     if torch.cuda.is_available():
         try:
             import dask_cuda  # noqa: F401
@@ -138,14 +140,20 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
         # One worker per GPU, each with CUDA_VISIBLE_DEVICES set to its own device first: inside a
         # worker, device "cuda" is that worker's GPU.
         return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                              cluster_kwargs={**common, "n_workers": min(workers, gpus)})
+                              cluster_kwargs={**LOCAL_GPU_WORKER, "n_workers": min(workers, gpus)})
     threads = int(os.environ.get(TORCH_THREADS_ENV) or max(1, (os.cpu_count() or 1) // workers))
-    # Started by start_cluster_early while the Prefect server starts, each worker importing the shard task.
-    # Its workers are forked from one process that imported the stages and model libraries once.
+    # Started by start_cluster_early while the Prefect server starts.
     return DaskTaskRunner(cluster_class=EarlyCluster(preimport=WORKER_IMPORTS).take,
-                          cluster_kwargs={**common, "n_workers": workers, "processes": True,
-                                          "preload": ["richpref.run.shard_task"],
-                                          "env": {TORCH_THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads)}})
+                          cluster_kwargs=local_cpu_cluster_kwargs(workers, {TORCH_THREADS_ENV: str(threads),
+                                                                            "OMP_NUM_THREADS": str(threads)}))
+
+
+def local_cpu_cluster_kwargs(workers: int, env: dict[str, str]) -> dict:
+    """A local CPU cluster's arguments (for an `EarlyCluster(preimport=WORKER_IMPORTS)`, whose workers
+    are forked from one process that imported the stages and model libraries): `workers` processes
+    with `env`, each importing the shard task before its first task."""
+    return {**LOCAL_GPU_WORKER, "n_workers": workers, "processes": True, "preload": ["richpref.run.shard_task"],
+            "env": env}
 
 
 def _early(runner) -> EarlyCluster | None:
