@@ -83,8 +83,9 @@ class Task:
     stage: str  # the stage's output name (its shards' key with `shard`)
     shard: int
     after: tuple[tuple[str, int], ...]  # input shards computed in the same pass
-    seconds: float  # GPU seconds; 0 for a model-free stage (not planned, passes its input's time on)
+    seconds: float  # GPU-slot seconds; 0 for a model-free stage (not planned, passes its input's time on)
     load_s: float = 0.0
+    fixed_s: float = 0.0  # of `seconds`, what the slot holds beyond the model calls (the task's fixed cost)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Plan:
     workers: int
     loads: int  # model loads the simulation made
     wall_s: float  # the simulated wall time
-    model_s: float  # GPU seconds of all model shards
+    model_s: float  # seconds of model calls of all model shards (their slot time less its fixed cost)
     stages_of: dict[int, list[str]] = field(default_factory=dict)  # worker -> the stages it runs, in order
 
     @property
@@ -178,7 +179,7 @@ def plan(tasks: list[Task], workers: int) -> Plan:
         free[w] = now
         left[pick] -= task.seconds
         finished((pick, shard), now)
-    model_s = sum(t.seconds for t in tasks)
+    model_s = sum(t.seconds - t.fixed_s for t in tasks)
     return Plan(home, rank, workers, loads, max(free) if todo else 0.0, model_s, stages_of)
 
 

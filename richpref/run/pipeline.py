@@ -110,12 +110,15 @@ def _model_seconds(todo: list[tuple[int, Stage, int]], profile: Profile, costs: 
 
 
 def affinity_plan(todo: list[tuple[int, Stage, int]], seconds: dict[str, float], load: dict[str, float],
-                  workers: int) -> Plan:
+                  workers: int, fixed_s: float | None = None) -> Plan:
     """The plan's simulation of the shards to submit ((stage index, stage, shard), inputs first) with
     the table's times (`_model_seconds`): what the live dispatch's rule gives where the cluster's
-    times are the table's (logged and reported; the run itself is dispatched live)."""
+    times are the table's (logged and reported; the run itself is dispatched live). Its busy counts the
+    model calls only, not a shard's fixed cost (`fixed_s`, default `shard_overhead_s`) that `seconds` holds."""
+    fixed = shard_overhead_s() if fixed_s is None else fixed_s
     outs = {(st.out, s) for _, st, s in todo}
-    tasks = [Task(st.out, s, tuple((r, s) for r in st.reads if (r, s) in outs), seconds[st.out], load[st.out])
+    tasks = [Task(st.out, s, tuple((r, s) for r in st.reads if (r, s) in outs), seconds[st.out], load[st.out],
+                  fixed if st.loads_model else 0.0)
              for _, st, s in todo]
     return plan(tasks, workers)
 

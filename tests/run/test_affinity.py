@@ -69,3 +69,23 @@ def test_the_table_comes_from_a_doctor_file_or_the_built_in_one(tmp_path):
     assert str(path) in where
     assert stage_costs(None)[0] is DEFAULT_COSTS
     assert costs_for(["sample", "score"], costs)["score"] == StageCost(1.0, 2.0)  # missing: the medians
+
+
+def test_the_plans_busy_counts_model_calls_not_a_shards_fixed_cost():
+    # 4 shards of 1 s slot time each, 0.25 s of it the task's fixed cost, on 2 workers: wall 2 s,
+    # model calls 4 x 0.75 = 3 s, busy 3 / (2 x 2) = 0.75 (not 1.0, the slots' held fraction).
+    p = plan([Task("a", s, (), 1.0, 0.0, fixed_s=0.25) for s in range(4)], 2)
+    assert p.wall_s == pytest.approx(2.0) and p.model_s == pytest.approx(3.0) and p.busy == pytest.approx(0.75)
+
+
+def test_a_curate_plans_model_seconds_leave_out_the_shard_overhead(monkeypatch):
+    from richpref.run.pipeline import _model_seconds, affinity_plan
+    from richpref.schemas.config import load_profile
+    from richpref.tasks import ALL_STAGES
+
+    monkeypatch.setenv("RICHPREF_SHARD_OVERHEAD_S", "0.3")
+    profile = load_profile("tiny")
+    todo = [(i, st, s) for i, st in enumerate(ALL_STAGES) for s in range(4)]
+    p = affinity_plan(todo, *_model_seconds(todo, profile, DEFAULT_COSTS), 2)
+    calls = 4 * profile.source.shard_size * sum(DEFAULT_COSTS[st.name].s_per_item for st in ALL_STAGES if st.loads_model)
+    assert p.model_s == pytest.approx(calls)
