@@ -23,7 +23,11 @@ the workers' time goes is read from their traced sleeps (`idle_breakdown`): slot
 slot_gap_same_model_s (between two shards of the model a worker holds), slot_gap_switch_s (around a
 load or a switch of stage), slot_head_s and slot_tail_s (before a worker's first and after its last). Printed first: the
 bound of a schedule in which every worker loads every model once (its loads are idle GPU time), for
-the table at hand. On the harness: each repeat (default 1) a fresh process with its own Prefect home;
+the table at hand; the bound of any schedule (every worker idles while the first model stage loads);
+and the dispatch rule simulated with the sleeps alone (`rule_busy`: what the rule reaches where a
+shard task costs nothing). After the run: the CPU seconds of the flow's process, the Prefect server
+and the workers over the flow's wall, and per shard (one task run each), which say whether the
+cores, not the schedule, set the wall. On the harness: each repeat (default 1) a fresh process with its own Prefect home;
 raw figures go to bench/results/schedule-<commit>.json (`--no-record`: not). Headline: busy (goal
 >= 0.90, and wall/ideal <= 1.15).
 """
@@ -191,6 +195,9 @@ def child(args) -> None:
     any_bound = (model_s / args.workers + first_load) / (model_s / args.workers)
     print(f"bound of any schedule (every worker idles while the first model stage loads, {first_load:.1f}s): "
           f"busy<={1 / any_bound:.3f} wall/ideal>={any_bound:.3f}", flush=True)
+    rule = _rule_without_fixed_cost(stages, args, table)
+    print(f"the dispatch rule simulated with the sleeps alone (no cost of a shard task, no loads ahead): "
+          f"busy={rule.busy:.3f} wall/ideal={rule.wall_s / (model_s / args.workers):.3f} loads={rule.loads}", flush=True)
     data = tempfile.mkdtemp(prefix="richpref-schedule-")
     os.environ.setdefault("PREFECT_HOME", f"{data}/.prefect")
     trace = os.path.join(data, "sleeps.txt")
@@ -218,18 +225,36 @@ def child(args) -> None:
     print(f"model seconds {model_s:.1f}, ideal wall {ideal:.1f}s, wall {wall:.1f}s, model loads {models['loads']}")
     if figures["plan"]:
         p = figures["plan"]
-        print(f"affinity plan (simulated with the table): busy={p['busy']:.3f} wall/ideal={p['wall_s'] / ideal:.3f} "
+        print(f"affinity plan as curate makes it (the table's times + a shard task's fixed cost): busy={p['busy']:.3f} wall/ideal={p['wall_s'] / ideal:.3f} "
               f"loads={p['loads']}; stages per worker: {p['stages_of']}")
     idle = figures["idle"]
     print("GPU-slot seconds over the workers: " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items())
           + f" (of {args.workers * wall:.1f})", flush=True)
+    cpu, runs = figures["cpu"], figures["task_runs"]
+    print(f"CPU seconds over the flow's wall: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+          + f"; {sum(cpu.values()) / (os.cpu_count() * wall):.2f} of this machine's {os.cpu_count()} cores; "
+          f"{1000 * sum(cpu.values()) / runs:.1f} ms a shard ({runs} shards, one task run each)", flush=True)
     busy = model_s / (args.workers * wall)
     print(f"busy={busy:.3f} wall/ideal={wall / ideal:.3f} swaps={models['swaps']}", flush=True)
     harness.print_child("RESULT ", {"schedule": {
         "wall_s": wall, "ideal_s": ideal, "model_s": model_s, "busy": busy, "wall_over_ideal": wall / ideal,
         "loads": models["loads"], "swaps": models["swaps"], "bound_wall_over_ideal": bound,
+        "any_bound_busy": 1 / any_bound, "rule_busy": rule.busy,
+        "shards_run": runs, "cores_used": sum(cpu.values()) / (os.cpu_count() * wall),
+        **{f"cpu_{k}_s": v for k, v in cpu.items()},
         **{f"slot_{k}_s": v for k, v in idle.items()},
         **({"plan_busy": figures["plan"]["busy"], "plan_loads": figures["plan"]["loads"]} if figures["plan"] else {})}})
+
+
+def _rule_without_fixed_cost(stages, args, table):
+    """The affinity plan of the simulated stages with their sleeps alone: the busy the dispatch rule
+    reaches where a shard task costs nothing beyond its model time (curate plans 0.1 s more a shard)."""
+    from richpref.run.pipeline import affinity_plan
+
+    todo = [(i, st, s) for i, (st, _) in enumerate(stages) for s in range(args.shards)]
+    seconds = {st.out: per_item * args.items for st, per_item in stages}
+    load = {st.out: args.time_scale * table[st.name][1] for st, _ in stages}
+    return affinity_plan(todo, seconds, load, args.workers, fixed_s=0.0)
 
 
 STATE: dict = {}  # what the flow of a child process works on, set before it runs
@@ -244,6 +269,7 @@ def bench_flow() -> None:
     st, figures = STATE, STATE["figures"]
     store = RunStore(st["data"], "sim")
     chain = tuple(s for s, _ in st["stages"])
+    cpu0 = _cpu_by_process()
     t0, figures["start"] = time.perf_counter(), time.time()
     before = model_swaps()
     passed = pipeline_pass(chain, store, st["data"], "sim", st["profile"], st["costs"])
@@ -253,11 +279,33 @@ def bench_flow() -> None:
                                                  passed.failed.get(stage.name))
         failures += failed
     figures["wall"] = time.perf_counter() - t0
+    cpu1 = _cpu_by_process()
+    figures["cpu"] = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
+    figures["task_runs"] = sum(len(m) for m in manifests.values())
     figures["idle"] = idle_breakdown(Path(st["trace"]).read_text().splitlines(), figures["start"], time.time())
     figures["models"] = model_swaps(since=before)
     figures["plan"] = passed.plan
     assert not failures, failures[:3]
     assert len(manifests["pairs"]) == st["shards"]
+
+
+def _cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of this process (the flow, the Dask scheduler and client), of the Prefect
+    server it started, and of the Dask workers (with the process they are forked from)."""
+    import psutil
+
+    def cpu(p):
+        t = p.cpu_times()
+        return t.user + t.system
+
+    out = {"flow": cpu(psutil.Process()), "prefect_server": 0.0, "workers": 0.0}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            kind = "prefect_server" if "uvicorn" in " ".join(child.cmdline()) else "workers"
+            out[kind] += cpu(child)
+        except psutil.Error:
+            pass
+    return out
 
 
 def _run(bench, cluster_kwargs) -> None:
