@@ -22,7 +22,7 @@ from richpref.schemas.config import Profile
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_OUTPUTS
 from richpref.tasks.base import Stage
-from richpref.run.shard_task import TORCH_THREADS_ENV, shard_task
+from richpref.run.shard_task import TORCH_THREADS_ENV, submit_shard
 
 log = logging.getLogger("richpref")
 
@@ -199,7 +199,7 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
         held = leased_shards(store, stage.out, pending)  # one listing per loop, not one per shard
         free = [s for s in pending if s not in held]
         with _one_accelerator_per_task(stage, profile):
-            futures = {s: shard_task.submit(stage, s, inputs[s], data_dir, run, profile, keys[s]) for s in free}
+            futures = {s: submit_shard(stage, s, inputs[s], data_dir, run, profile, keys[s]) for s in free}
         busy = set(pending) - set(free)
         watch = _gpu_watch(stage)
         for s, fut in sorted(futures.items()):

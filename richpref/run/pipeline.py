@@ -28,7 +28,7 @@ from richpref.schemas.config import Profile
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_OUTPUTS
 from richpref.tasks.base import Stage
-from richpref.run.shard_task import shard_task
+from richpref.run.shard_task import submit_shard
 
 log = logging.getLogger("richpref")
 
@@ -192,7 +192,7 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
         else:  # no GPU time: before any model shard, wherever its input is
             how = _annotations(stage, len(todo) + len(stages) - idx, profile)
         with how:
-            futures[(stage.out, s)] = shard_task.submit(stage, s, params, data_dir, run, profile, keys[(stage.out, s)])
+            futures[(stage.out, s)] = submit_shard(stage, s, params, data_dir, run, profile, keys[(stage.out, s)])
 
     dispatched = None
     if live is None:

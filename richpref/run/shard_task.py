@@ -35,8 +35,30 @@ def _split_threads() -> None:
             torch.set_num_threads(int(wanted))
 
 
-def shard_fn(stage: Stage, shard: int, inputs: dict[str, ShardManifest], data_dir: str, run: str, profile: Profile,
-             key: str) -> ShardManifest | Busy:
+class Unwalked:
+    """A shard task's argument handed to the task as it is. Prefect walks every argument of a task for
+    futures, at the submission, at the task run's start and when it resolves them, into dataclasses and
+    pydantic models: a Profile is a deep config (about 2 ms a walk at the tiny profile). Prefect's
+    `quote` says the same but is a tuple, which Dask's transport delivers as a plain tuple."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def _given(arg):
+    return arg.value if isinstance(arg, Unwalked) else arg
+
+
+def shard_run_name(parameters: dict) -> str:
+    """A shard task run's name: `<stage>-<shard>`, e.g. `critique-00003`."""
+    return f"{_given(parameters['stage']).name}-{parameters['shard']:05d}"
+
+
+def shard_fn(stage: Stage | Unwalked, shard: int, inputs: dict[str, ShardManifest], data_dir: str, run: str,
+             profile: Profile | Unwalked, key: str) -> ShardManifest | Busy:
+    stage, profile = _given(stage), _given(profile)
     for given in inputs.values():
         if isinstance(given, Busy):  # an input another process holds (pipelined): the stage pass redoes it
             return given
@@ -52,5 +74,11 @@ def load_stage_models(stage: Stage, profile: Profile) -> list[str]:
 
 
 # The plain function keeps its own importable name (pickling by reference needs that).
-shard_task = task(shard_fn, name="shard", task_run_name="{stage.name}-{shard:05d}", cache_policy=NO_CACHE,
+shard_task = task(shard_fn, name="shard", task_run_name=shard_run_name, cache_policy=NO_CACHE,
                   persist_result=False)
+
+
+def submit_shard(stage: Stage, shard: int, inputs: dict, data_dir: str, run: str, profile: Profile, key: str):
+    """Submit one shard task on the flow's task runner; returns its Prefect future. Only `inputs` can
+    hold futures (of the input shards): the stage and the profile go `Unwalked`."""
+    return shard_task.submit(Unwalked(stage), shard, inputs, data_dir, run, Unwalked(profile), key)

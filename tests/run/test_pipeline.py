@@ -115,3 +115,32 @@ def test_with_the_plan_a_worker_keeps_its_model_and_every_shard_runs_once(tmp_pa
     # With it, sample (a long load, little work) runs on one worker, critique on the others.
     assert swaps_with < swaps_without, (log_with, log_without)
     assert len({w for w, st, _ in log_with if st == "sample"}) == 1
+
+
+def test_a_submitted_shard_task_gets_its_stage_and_profile_without_prefect_walking_them(tmp_path, prefect_harness,
+                                                                                         monkeypatch):
+    import prefect.utilities.engine as engine
+    from prefect import flow
+
+    from richpref.run.runner import ShardManifest, content_key
+    from richpref.run.shard_task import Unwalked, shard_run_name, submit_shard
+    from richpref.schemas.config import Profile, load_profile
+
+    visited, walk = [], engine.visit_collection
+
+    def spying(expr, visit_fn, *args, **kwargs):  # every element Prefect looks at for futures
+        def seen(x, *ctx):
+            visited.append(type(x))
+            return visit_fn(x, *ctx)
+        return walk(expr, seen, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "visit_collection", spying)
+    profile, source = load_profile("tiny"), _stages()[0]
+
+    @flow(name="quoted-test")
+    def one():
+        return submit_shard(source, 0, {}, str(tmp_path), "sim", profile, content_key(source, profile, 0, {})).result()
+
+    assert isinstance(one(), ShardManifest)
+    assert visited and Profile not in visited and type(source) not in visited
+    assert shard_run_name({"stage": Unwalked(source), "shard": 3}) == "source-00003"
