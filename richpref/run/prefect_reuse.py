@@ -11,14 +11,17 @@ Prefect (3.9) rebuilds, for every such run, things that are the same for all of 
 
 The flow's side pays per submitted shard too: Prefect dumps the settings into the shard's context
 (about 16 ms of CPU), and Dask hashes the whole submission to name it (about 12 ms), though Prefect
-gives every task run a fresh id, so that name is unique anyway.
+gives every task run a fresh id, so that name is unique anyway. Dumping the flow's result store into
+that context, Prefect asks its storage block which fields hold secrets, which builds the block class's
+JSON schema anew for each field (about 0.3 ms a submission).
 
 `reuse_prefect_setup()` makes a process build each once: the task runs of a process share one
 settings object per distinct serialized settings (the object that dict validated into the first
 time), and Prefect's clients share one verifying TLS context per CA file (CPython's SSLContext holds
 no connection and is safe to share between threads). The insecure context
 (PREFECT_API_TLS_INSECURE_SKIP_VERIFY), made without a CA file and then changed by Prefect, is
-left as it is. A settings context is dumped once and its dump copied for each submission (Prefect
+left as it is. Whether a field of a block class holds secrets is found once per class and field.
+A settings context is dumped once and its dump copied for each submission (Prefect
 makes a new settings object for every change, `temporary_settings`; one changed in place after its
 first dump would be sent as it was). Task runs submitted to Dask get a random key instead of a hash
 of their arguments (`pure=False`); other Dask submissions keep theirs. Where Prefect's modules no
@@ -112,6 +115,19 @@ def _dumped_once(serialize):
     return dump
 
 
+def _secrets_once_per_field(has_secrets):
+    found: dict[tuple[type, str], bool] = {}
+
+    @functools.wraps(has_secrets)
+    def field_has_secrets(self, field_name: str) -> bool:
+        key = (type(self), field_name)  # from the class's JSON schema: the same for all its blocks
+        if key not in found:
+            found[key] = has_secrets(self, field_name)
+        return found[key]
+
+    return field_has_secrets
+
+
 def _unhashed(submit):
     from prefect import Task
 
@@ -138,14 +154,16 @@ def _wrap_once(owner, name: str, wrap) -> bool:
 
 
 def reuse_prefect_setup() -> bool:
-    """Share settings and TLS contexts between the Prefect task runs of this process, and a settings
-    dump between the submissions of a flow (idempotent). False where Prefect's modules changed and
-    something could not be shared."""
+    """Share settings and TLS contexts between the Prefect task runs of this process, a settings dump
+    between the submissions of a flow, and which fields of a block class hold secrets (idempotent).
+    False where Prefect's modules changed and something could not be shared."""
     import prefect.task_engine as task_engine
+    from prefect.blocks.core import Block
     from prefect.context import SettingsContext
 
     shared = [_share_tls_context(), _wrap_once(task_engine, "hydrated_context", _with_shared_settings),
-              _wrap_once(SettingsContext, "serialize", _dumped_once)]
+              _wrap_once(SettingsContext, "serialize", _dumped_once),
+              _wrap_once(Block, "_field_has_secrets", _secrets_once_per_field)]
     try:
         from prefect_dask.client import PrefectDaskClient
     except ImportError:  # no Dask extra: nothing submits to Dask

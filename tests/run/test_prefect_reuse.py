@@ -119,3 +119,25 @@ def test_task_runs_submitted_to_dask_are_not_hashed_for_their_key(monkeypatch):
     client.submit(lambda x: x, 1)  # not a task run: Dask's own default
     client.submit(task(lambda x: x, name="t"), parameters={"x": 1}, pure=True)  # asked for: kept
     assert seen == [False, True, True]
+
+
+def test_a_block_classs_secret_fields_are_found_once_per_field_and_still_kept_secret(monkeypatch):
+    from prefect.blocks.core import Block
+    from pydantic import SecretStr
+
+    class ShardStoreCreds(Block):  # a class no earlier dump of this process saw
+        user: str
+        password: SecretStr
+
+    schemas = []
+    real = ShardStoreCreds.model_json_schema.__func__
+    monkeypatch.setattr(ShardStoreCreds, "model_json_schema",
+                        classmethod(lambda cls, *a, **kw: schemas.append(cls) or real(cls, *a, **kw)))
+    creds = ShardStoreCreds(user="u", password="p")
+    dumps = [creds.model_dump(context={"include_secrets": True}) for _ in range(5)]  # as a task's context
+    assert len(schemas) == 2  # one per field, not one per field and dump
+    assert dumps[-1] == dumps[0] and dumps[0]["user"] == "u" and dumps[0]["password"] == "p"
+    assert creds.model_dump(context={"include_secrets": False})["password"] != "p"
+    has_secrets = Block._field_has_secrets
+    assert has_secrets(creds, "password") and not has_secrets(creds, "user")
+    assert has_secrets.__wrapped__(creds, "password") and not has_secrets.__wrapped__(creds, "user")
