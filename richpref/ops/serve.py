@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
+from richpref.ops.prefect_api import RECORDER_BATCHES
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def server_env(data_dir: str, host: str, port: int) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {**RECORDER_BATCHES, **os.environ}
     env.update({
         "PREFECT_HOME": str(Path(data_dir).resolve() / ".prefect-server"),
         "PREFECT_API_URL": f"http://{host}:{port}/api",
