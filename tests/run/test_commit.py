@@ -55,3 +55,47 @@ def test_a_key_committed_then_replaced_can_be_committed_again(tmp_path):
         assert m is not None, key
         assert json.loads(open(manifest_path(store, "sample", 0)).read())["key"] == key
     assert store.read_shard("sample", 0).column("prompt").to_pylist() == ["z"]
+
+
+def test_a_holder_killed_before_its_claim_leaves_a_temporary_file_the_next_holder_removes(tmp_path, monkeypatch):
+    store = RunStore(str(tmp_path), "r")
+    path = store.shard_path("sample", 0)
+    os.makedirs(store.stage_dir("sample"))
+
+    def killed():
+        raise KeyboardInterrupt  # the holder dies between writing its bytes and claiming the commit
+
+    lease = try_lease(store.fs, path, seconds=30)
+    try:
+        write_shard(store, "sample", 0, _table("x"), "k1", lease=lease, before_commit=killed)
+    except KeyboardInterrupt:
+        pass
+    lease.release()
+    [orphan] = [n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n]
+    other = try_lease(store.fs, path, seconds=30)
+    commit.recover(store, path, manifest_path(store, "sample", 0), "k1")  # as run_shard does
+    assert write_shard(store, "sample", 0, _table("y"), "k1", lease=other) is not None
+    other.release()
+    assert [n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n] == [], orphan
+    assert store.read_shard("sample", 0).column("prompt").to_pylist() == ["y"]
+
+
+def test_a_holder_killed_after_committing_leaves_nothing_once_its_stage_is_done(tmp_path, monkeypatch):
+    store = RunStore(str(tmp_path), "r")
+    path = store.shard_path("sample", 0)
+    os.makedirs(store.stage_dir("sample"))
+    lease = try_lease(store.fs, path, seconds=30)
+    monkeypatch.setattr(commit, "_rm", lambda fs, p: None)  # killed after its manifest, before cleaning up
+    assert write_shard(store, "sample", 0, _table("x"), "k1", lease=lease) is not None
+    monkeypatch.undo()
+    left = sorted(n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n or ".lease-" in n)
+    assert len(left) == 2  # its temporary file and its lease record (never released)
+    commit.tidy_done(store, store.stage_dir("sample"), {0})  # its holder is this live process: all stays
+    assert sorted(n for n in os.listdir(store.stage_dir("sample")) if n in left) == left
+    lease_file = [n for n in left if ".lease-" in n][0]
+    record = json.loads(open(os.path.join(store.stage_dir("sample"), lease_file)).read())
+    record["pid"] = 2 ** 22 + 12345  # no such process
+    open(os.path.join(store.stage_dir("sample"), lease_file), "w").write(json.dumps(record))
+    commit.tidy_done(store, store.stage_dir("sample"), {0})
+    assert [n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n or ".lease-" in n] == []
+    assert store.read_shard("sample", 0).column("prompt").to_pylist() == ["x"]
