@@ -230,7 +230,7 @@ def child(args) -> None:
     idle = figures["idle"]
     print("GPU-slot seconds over the workers: " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items())
           + f" (of {args.workers * wall:.1f})", flush=True)
-    cpu, runs = figures["cpu"], figures["task_runs"]
+    cpu, runs = figures["cpu"], figures["shards"]
     print(f"CPU seconds over the flow's wall: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
           + f"; {sum(cpu.values()) / (os.cpu_count() * wall):.2f} of this machine's {os.cpu_count()} cores; "
           f"{1000 * sum(cpu.values()) / runs:.1f} ms a shard ({runs} shards, one task run each)", flush=True)
@@ -283,7 +283,7 @@ def bench_flow() -> None:
     figures["wall"] = time.perf_counter() - t0
     cpu1 = _cpu_by_process()
     figures["cpu"] = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
-    figures["task_runs"] = sum(len(m) for m in manifests.values())
+    figures["shards"] = sum(len(m) for m in manifests.values())
     figures["idle"] = idle_breakdown(Path(st["trace"]).read_text().splitlines(), figures["start"], time.time())
     figures["models"] = model_swaps(since=before)
     figures["plan"] = passed.plan

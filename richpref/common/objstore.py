@@ -7,6 +7,8 @@ Credentials and endpoint come from the store's own environment variables (for S3
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import fsspec
 
 # Filesystems whose listings fsspec would otherwise cache: several processes write one run folder, so
@@ -94,3 +96,20 @@ def cat_small(fs, path: str) -> bytes:
     if "s3" in protos:
         return fs.cat_file(path, max_concurrency=1)
     return fs.cat_file(path)
+
+
+READ_THREADS = 16  # small files (manifests, lease records) read at once from an object store
+
+
+def read_many(fs, paths: list[str]) -> dict[str, bytes | None]:
+    """The bytes of small files, read concurrently (None for a file that is gone)."""
+    def one(path: str) -> bytes | None:
+        try:
+            return cat_small(fs, path)
+        except FileNotFoundError:
+            return None
+
+    if len(paths) <= 1:
+        return {p: one(p) for p in paths}
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
+        return dict(zip(paths, pool.map(one, paths)))

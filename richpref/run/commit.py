@@ -29,13 +29,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 
 from fsspec.implementations.local import LocalFileSystem
 
-from richpref.run.leases import Lease, create_exclusive, holder_alive
+from richpref.run.leases import Lease, create_exclusive
 from richpref.common.objstore import cat_small, list_names
 
 log = logging.getLogger("richpref")
@@ -150,35 +149,3 @@ def _remove_orphans(fs, shard_path: str, keep: str | None) -> None:
             log.info("%s: removing %s, left by a holder that did not commit", shard_path, orphan)
             _rm(fs, f"{folder}/{orphan}")
 
-
-def tidy_done(store, stage_dir: str, done: set[int]) -> None:
-    """After a stage's shards are committed: remove what holders killed inside their commit left beside
-    shards that are done now, their lease records and temporary files, where no live process holds
-    the shard. One listing of the stage folder; nothing is read when nothing is left."""
-    fs = store.fs
-    try:
-        names = list_names(fs, stage_dir)
-    except FileNotFoundError:
-        return
-    left: dict[int, list[str]] = {}
-    for n in names:
-        m = re.fullmatch(r"part-(\d+)\.(lease-\d+|parquet\.tmp-\w+)", n)
-        if m and int(m.group(1)) in done:
-            left.setdefault(int(m.group(1)), []).append(n)
-    for shard, files in sorted(left.items()):
-        leases = [f"{stage_dir}/{n}" for n in files if ".lease-" in n]
-        if any(_held(fs, path) for path in leases):
-            continue  # a live holder (another process recomputing it) cleans up after itself
-        for n in files:
-            _rm(fs, f"{stage_dir}/{n}")
-        log.info("%s/part-%05d: removed %s, left by a holder killed while committing it",
-                 stage_dir.rsplit("/", 1)[-1], shard, ", ".join(sorted(files)))
-
-
-def _held(fs, lease_file: str) -> bool:
-    try:
-        return holder_alive(json.loads(cat_small(fs, lease_file)))
-    except FileNotFoundError:
-        return False
-    except ValueError:
-        return True  # being written: its writer is alive

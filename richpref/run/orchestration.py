@@ -14,11 +14,11 @@ import time
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from richpref.run.commit import tidy_done
 from richpref.run.early_cluster import WORKER_IMPORTS, EarlyCluster
 from richpref.run.gpu_claims import GPU_WORKER_THREADS, gpu_claim
 from richpref.run.leases import Busy, lease_seconds
-from richpref.run.runner import ShardManifest, committed_many, drop_shards_from, leased_shards, stage_state
+from richpref.run.runner import (ShardManifest, committed_many, drop_shards_from, leased_shards, stage_state,
+                                 tidy_done)
 from richpref.schemas.config import Profile
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_OUTPUTS
@@ -228,7 +228,7 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
             now = committed_many(store, stage.out, {s: keys[s] for s in pending})
             done.update(now)
             pending = [s for s in pending if s not in now]
-    tidy_done(store, store.stage_dir(stage.out), set(done))  # what holders killed while committing left
+    tidy_done(store, stage.out, set(done))  # what holders killed while committing left
     return done, failed
 
 

@@ -16,6 +16,7 @@ and log one line to the run's work log.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,7 +26,6 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
@@ -36,7 +36,7 @@ from richpref.common.faults import inject_fault
 from richpref.run.commit import LeaseLost, commit_once, recover
 from richpref.run.gpu_claims import shard_model_scope
 from richpref.run.leases import Busy, Lease, current_holder, holder_alive, lease_prefix, try_lease
-from richpref.common.objstore import cat_small
+from richpref.common.objstore import cat_small, read_many
 from richpref.schemas.config import Profile, config_hash
 from richpref.schemas.tables import OK
 from richpref.run.shard_contract import check_rows_accounted, compute_splitting_on_oom, reject_reasons
@@ -45,7 +45,6 @@ from richpref.tasks.base import Stage, StageInputs
 
 log = logging.getLogger("richpref")
 
-READ_THREADS = 16  # small files (manifests, lease records) read at once from an object store
 KEY_META = b"richpref.key"  # also recorded in the Parquet footer, as provenance
 
 
@@ -128,20 +127,6 @@ def _listing(store: RunStore, out: str) -> set[str]:
         return set()
 
 
-def read_many(fs, paths: list[str]) -> dict[str, bytes | None]:
-    """The bytes of small files, read concurrently (None for a file that is gone)."""
-    def one(path: str) -> bytes | None:
-        try:
-            return cat_small(fs, path)
-        except FileNotFoundError:
-            return None
-
-    if len(paths) <= 1:
-        return {p: one(p) for p in paths}
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
-        return dict(zip(paths, pool.map(one, paths)))
-
-
 def _manifests(store: RunStore, out: str, names: set[str], shards) -> dict[int, ShardManifest]:
     folder = store.stage_dir(out)
     wanted = [s for s in shards if f"part-{s:05d}.manifest.json" in names and f"part-{s:05d}.parquet" in names]
@@ -169,10 +154,10 @@ def committed_many(store: RunStore, out: str, keys: dict[int, str]) -> dict[int,
     return {s: m for s, m in found.items() if is_current(m, keys[s])}
 
 
-def leased_shards(store: RunStore, out: str, shards: list[int]) -> set[int]:
-    """Which of `shards` a live holder is computing now: one listing of the stage folder, and the
-    newest lease record of each leased shard, read concurrently."""
-    names = _listing(store, out)
+def leased_shards(store: RunStore, out: str, shards: list[int], names: set[str] | None = None) -> set[int]:
+    """Which of `shards` a live holder is computing now: one listing of the stage folder (or `names`,
+    one made already), and the newest lease record of each leased shard, read concurrently."""
+    names = _listing(store, out) if names is None else names
     tops: dict[int, int] = {}
     for n in names:
         m = re.fullmatch(r"part-(\d+)\.lease-(\d+)", n)
@@ -191,6 +176,26 @@ def leased_shards(store: RunStore, out: str, shards: list[int]) -> set[int]:
         if record is not None and holder_alive(record):
             held.add(s)
     return held
+
+
+def tidy_done(store: RunStore, out: str, done: set[int]) -> None:
+    """After a stage's pass: remove what holders killed inside their commit left beside shards that are
+    done now (their temporary files and lease records) where no live holder has the shard. One
+    listing of the stage folder; lease records are read only where something was left."""
+    names = _listing(store, out)
+    left: dict[int, list[str]] = {}
+    for n in names:
+        m = re.fullmatch(r"part-(\d+)\.(lease-\d+|parquet\.tmp-\w+)", n)
+        if m and int(m.group(1)) in done:
+            left.setdefault(int(m.group(1)), []).append(n)
+    held = leased_shards(store, out, sorted(left), names) if left else set()
+    for shard, files in sorted(left.items()):
+        if shard not in held:  # a live holder (another process recomputing it) cleans up after itself
+            for n in files:
+                with contextlib.suppress(FileNotFoundError):
+                    store.fs.rm_file(f"{store.stage_dir(out)}/{n}")
+            log.info("%s/part-%05d: removed %s, left by a holder killed while committing it", out, shard,
+                     ", ".join(sorted(files)))
 
 
 def stage_shards(stage: Stage, profile: Profile, manifests: dict[str, dict[int, ShardManifest]]) -> list[int]:

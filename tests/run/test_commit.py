@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from richpref.run import commit
 from richpref.run.leases import Lease, try_lease
-from richpref.run.runner import manifest_path, stage_manifests, write_shard
+from richpref.run.runner import manifest_path, stage_manifests, tidy_done, write_shard
 from richpref.run.storage import RunStore
 
 
@@ -90,12 +90,12 @@ def test_a_holder_killed_after_committing_leaves_nothing_once_its_stage_is_done(
     monkeypatch.undo()
     left = sorted(n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n or ".lease-" in n)
     assert len(left) == 2  # its temporary file and its lease record (never released)
-    commit.tidy_done(store, store.stage_dir("sample"), {0})  # its holder is this live process: all stays
+    tidy_done(store, "sample", {0})  # its holder is this live process: all stays
     assert sorted(n for n in os.listdir(store.stage_dir("sample")) if n in left) == left
     lease_file = [n for n in left if ".lease-" in n][0]
     record = json.loads(open(os.path.join(store.stage_dir("sample"), lease_file)).read())
     record["pid"] = 2 ** 22 + 12345  # no such process
     open(os.path.join(store.stage_dir("sample"), lease_file), "w").write(json.dumps(record))
-    commit.tidy_done(store, store.stage_dir("sample"), {0})
+    tidy_done(store, "sample", {0})
     assert [n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n or ".lease-" in n] == []
     assert store.read_shard("sample", 0).column("prompt").to_pylist() == ["x"]
