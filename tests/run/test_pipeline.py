@@ -144,3 +144,63 @@ def test_a_submitted_shard_task_gets_its_stage_and_profile_without_prefect_walki
     assert isinstance(one(), ShardManifest)
     assert visited and Profile not in visited and type(source) not in visited
     assert shard_run_name({"stage": Unwalked(source), "shard": 3}) == "source-00003"
+
+
+def _failing(shard: int):
+    def compute(inputs, profile):
+        if inputs.shard == shard:
+            raise ValueError(f"no good shard {shard}")
+        return _sleeping("critique")(inputs, profile)
+
+    return compute
+
+
+def test_a_shard_that_fails_in_the_pipelined_pass_is_reported_once_with_its_error(tmp_path, prefect_harness):
+    from distributed import LocalCluster
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from richpref.run.pipeline import pipeline_pass
+    from richpref.run.runner import stage_manifests
+    from richpref.run.storage import RunStore
+    from richpref.schemas.config import load_profile
+
+    source, sample, critique = _stages()
+    stages = (source, sample, replace(critique, compute=_failing(3)))
+    profile, store, result = load_profile("tiny"), RunStore(str(tmp_path), "sim"), {}
+    table = {k: StageCost(0.001, 0.0) for k in SECONDS}
+
+    @flow(name="failing-test")
+    def passes():
+        result["pass"] = pipeline_pass(stages, store, str(tmp_path), "sim", profile, table)
+
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster:
+        passes.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()
+    failed = result["pass"].failed
+    assert list(failed) == ["critique"] and list(failed["critique"]) == [3], failed
+    assert "no good shard 3" in failed["critique"][3]
+    assert sorted(stage_manifests(store, "critique")) == [s for s in range(SHARDS) if s != 3]
+
+
+def test_final_states_fetches_prefect_states_and_leaves_a_dask_failure_to_its_future(prefect_harness):
+    from uuid import uuid4
+
+    import pytest
+    from distributed import Client, LocalCluster
+    from prefect.states import Completed
+    from prefect_dask.task_runners import PrefectDaskFuture
+
+    from richpref.run.pipeline import final_states
+
+    def boom():
+        raise RuntimeError("worker-level failure")
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        futures = [PrefectDaskFuture(wrapped_future=client.submit(Completed, data=k, pure=False), task_run_id=uuid4())
+                   for k in range(3)]
+        futures.append(PrefectDaskFuture(wrapped_future=client.submit(boom, pure=False), task_run_id=uuid4()))
+        states = final_states(futures)
+        assert [s.result() for s in states[:3]] == [0, 1, 2] and states[3] is None
+        with pytest.raises(RuntimeError, match="worker-level failure"):
+            futures[3].result()
