@@ -23,9 +23,10 @@ no connection and is safe to share between threads). The insecure context
 left as it is. Whether a field of a block class holds secrets is found once per class and field.
 A settings context is dumped once and its dump copied for each submission (Prefect
 makes a new settings object for every change, `temporary_settings`; one changed in place after its
-first dump would be sent as it was). Task runs submitted to Dask get a random key instead of a hash
-of their arguments (`pure=False`); other Dask submissions keep theirs. Where Prefect's modules no
-longer have the names replaced here, nothing is changed.
+first dump would be sent as it was). Task runs submitted to Dask go sealed
+(richpref/run/dask_submission.py), under a key of their run id instead of a hash of their arguments;
+other Dask submissions keep theirs. Where Prefect's modules no longer have the names replaced here,
+nothing is changed.
 """
 from __future__ import annotations
 
@@ -128,18 +129,6 @@ def _secrets_once_per_field(has_secrets):
     return field_has_secrets
 
 
-def _unhashed(submit):
-    from prefect import Task
-
-    @functools.wraps(submit)
-    def submit_task(self, func, *args, **kwargs):
-        if isinstance(func, Task):  # its arguments hold a fresh task run id: the hash names nothing new
-            kwargs.setdefault("pure", False)
-        return submit(self, func, *args, **kwargs)
-
-    return submit_task
-
-
 def _wrap_once(owner, name: str, wrap) -> bool:
     """Replace `owner.name` (a module's function, a class's own method) by `wrap(it)`, once per
     process. False where Prefect no longer has it."""
@@ -168,4 +157,6 @@ def reuse_prefect_setup() -> bool:
         from prefect_dask.client import PrefectDaskClient
     except ImportError:  # no Dask extra: nothing submits to Dask
         return all(shared)
-    return all(shared) and _wrap_once(PrefectDaskClient, "submit", _unhashed)
+    from richpref.run.dask_submission import sealed_submit
+
+    return all(shared) and _wrap_once(PrefectDaskClient, "submit", sealed_submit)

@@ -102,25 +102,6 @@ def test_a_flow_dumps_its_settings_once_for_all_its_submissions(monkeypatch):
         assert serialize_context()["settings_context"]["settings"]["tasks"]["default_retries"] == 6
 
 
-def test_task_runs_submitted_to_dask_are_not_hashed_for_their_key(monkeypatch):
-    import distributed
-    from prefect import task
-    from prefect_dask.client import PrefectDaskClient
-
-    seen = []
-
-    def parent_submit(self, func, *args, **kwargs):
-        seen.append(kwargs.get("pure", True))
-        return types.SimpleNamespace()
-
-    monkeypatch.setattr(distributed.Client, "submit", parent_submit)
-    client = object.__new__(PrefectDaskClient)  # no cluster: only what Prefect hands to Dask is looked at
-    client.submit(task(lambda x: x, name="t"), parameters={"x": 1})
-    client.submit(lambda x: x, 1)  # not a task run: Dask's own default
-    client.submit(task(lambda x: x, name="t"), parameters={"x": 1}, pure=True)  # asked for: kept
-    assert seen == [False, True, True]
-
-
 def test_a_block_classs_secret_fields_are_found_once_per_field_and_still_kept_secret(monkeypatch):
     from prefect.blocks.core import Block
     from pydantic import SecretStr
