@@ -24,7 +24,8 @@ Here the rule is applied to the run's own events instead:
   table's before.
 
 Model-free shards are submitted as soon as their inputs are: they claim no GPU and run on any
-worker's CPU slot, where their input is.
+worker's CPU slot, where their input is, at a lower Dask priority than model shards, so that a model
+shard given to a worker does not wait behind the model-free shards queued there.
 """
 from __future__ import annotations
 

@@ -189,8 +189,8 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
             how = _annotations(stage, len(stages) - idx, profile)
         elif stage.loads_model:
             how = _annotations(stage, next(order), profile, home)
-        else:  # no GPU time: before any model shard, wherever its input is
-            how = _annotations(stage, len(todo) + len(stages) - idx, profile)
+        else:  # no GPU time, wherever its input is; after the model shards its worker was given
+            how = _annotations(stage, -1 - idx, profile)
         with how:
             futures[(stage.out, s)] = submit_shard(stage, s, params, data_dir, run, profile, keys[(stage.out, s)])
 

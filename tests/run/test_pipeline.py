@@ -204,3 +204,54 @@ def test_final_states_fetches_prefect_states_and_leaves_a_dask_failure_to_its_fu
         assert [s.result() for s in states[:3]] == [0, 1, 2] and states[3] is None
         with pytest.raises(RuntimeError, match="worker-level failure"):
             futures[3].result()
+
+
+STARTS: list[tuple[str, int, float]] = []
+
+
+def _timed(name: str, seconds: float):
+    def compute(inputs, profile):
+        import importlib
+
+        import pyarrow as pa
+
+        importlib.import_module(__name__).STARTS.append((name, inputs.shard, time.monotonic()))
+        time.sleep(seconds)
+        ids = [f"i{inputs.shard:05d}-0"] if inputs.rows is None else inputs.rows.column("item_id").to_pylist()
+        return pa.table({"item_id": ids, "status": ["ok"] * len(ids), "reason": pa.nulls(len(ids), pa.string())})
+
+    return compute
+
+
+def test_a_model_shard_given_to_a_worker_starts_before_the_model_free_shards_queued_there(tmp_path, prefect_harness):
+    from distributed import LocalCluster
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from richpref.run.pipeline import pipeline_pass
+    from richpref.run.storage import RunStore
+    from richpref.schemas.config import load_profile
+    from richpref.tasks import ALL_STAGES
+
+    source, sample, _ = _stages()
+    shards = 24
+    side = next(s for s in ALL_STAGES if s.name == "filter")  # model-free
+    stages = (replace(source, compute=_timed("source", 0.0), count_shards=lambda p: shards),
+              replace(side, reads=("source",), compute=_timed("side", 0.1), version="sim", config_view=None,
+                      key_extra=lambda p: ""),
+              replace(sample, compute=_timed("sample", 0.0), load=None))
+    profile, store = load_profile("tiny"), RunStore(str(tmp_path), "sim")
+    STARTS.clear()
+
+    @flow(name="priority-test")
+    def passes():
+        pipeline_pass(stages, store, str(tmp_path), "sim", profile, {"sample": StageCost(0.001, 0.0)})
+
+    with LocalCluster(n_workers=1, threads_per_worker=3, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster:
+        passes.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()
+    first_sample = min(t for name, _, t in STARTS if name == "sample")
+    late = [s for name, s, t in STARTS if name == "side" and t > first_sample]
+    # The model-free shards of `side` (0.1 s each, 3 threads) queue on the worker as their inputs are
+    # done; a model shard given to the worker meanwhile goes before them, not after them all.
+    assert len(late) >= shards // 2, [(n, s, round(t - STARTS[0][2], 3)) for n, s, t in sorted(STARTS, key=lambda x: x[2])]
