@@ -95,3 +95,26 @@ def test_the_forkserver_of_a_local_cluster_freezes_its_objects_at_exit():
         assert child.exitcode == 0 and queue.get() > 0
     finally:
         _stop_forkserver()
+
+
+def _freeze_count(queue) -> None:
+    import gc
+
+    queue.put(gc.get_freeze_count())
+
+
+def test_a_worker_forked_from_the_forkserver_starts_with_the_imported_objects_frozen():
+    # Its first model load then skips the full collection over them (about 1 s of each worker's CPU).
+    from distributed.utils import get_mp_context
+
+    _stop_forkserver()
+    try:
+        with workers_forked_after(("richpref.tasks",)):
+            ctx = get_mp_context()
+            queue = ctx.SimpleQueue()
+            child = ctx.Process(target=_freeze_count, args=(queue,))
+            child.start()
+            child.join(120)
+        assert child.exitcode == 0 and queue.get() > 100_000
+    finally:
+        _stop_forkserver()
