@@ -15,6 +15,8 @@ Here the rule is applied to the run's own events instead:
   `affinity.choose_stage` (the stage's remaining work against its model load; the stage furthest below
   its share of the workers first); while its own stage has shards to come and another worker computes,
   only to a stage whose ready shards pay the loads there and back; else it waits for the next shard;
+- at the start, while the first model stage's inputs are computed, the workers the rule would give
+  that stage load its models (`Stage.load`, as a Dask task on each), so the loads overlap that work;
 - a worker left with nothing to do and no shards of its own stage to come, while another computes,
   loads the models of the first stage with shards to come that no worker holds (`Stage.load`, as a
   Dask task on that worker), so its load overlaps the work that makes that stage's inputs instead
@@ -98,12 +100,13 @@ class Dispatcher:
                 self.left[st.out] += 1
 
     def run(self) -> Dispatch:
-        for key, n in list(self.unsubmitted.items()):
-            if n == 0:
-                self._submit_free(key)
         for key, n in self.not_done.items():
             if n == 0:
                 heapq.heappush(self.ready[key[0]], key[1])
+        self._load_first()  # before the model-free shards: the loads reach the workers first
+        for key, n in list(self.unsubmitted.items()):
+            if n == 0:
+                self._submit_free(key)
         while True:
             self._fill()
             if not self.flying:
@@ -163,6 +166,35 @@ class Dispatcher:
                     break
                 self._give(w, pick, heapq.heappop(self.ready[pick]))
 
+    def _load_first(self) -> None:
+        """At the start, while the first model stage's inputs are computed (no model shard ready yet):
+        the workers the rule would give that stage (`choose_stage`, as if its shards were ready) load its
+        models now, so the loads overlap that work instead of following it."""
+        if self.preload is None or any(self.ready.values()):
+            return
+        first = next((k for k in self.model_stages if self.left[k]), None)
+        if first is None:
+            return
+        left = {k: n * self.seconds(k) for k, n in self.left.items()}
+        for w in self.workers:
+            holders = sum(1 for o in self.workers if o.stage == first)
+            if choose_stage([first], {first: holders}, {first: self.load(first)}, left, len(self.workers)) is None:
+                return
+            self._start_load(w, first)
+
+    def _start_load(self, w: _Worker, stage: str) -> bool:
+        """`w` loads `stage`'s models as a Dask task; False where the stage cannot be loaded ahead."""
+        fut = self.preload(stage, w.address)
+        if fut is None:
+            return False
+        key = ("load", stage, w.address)
+        self.loading[key] = fut
+        self.flying[key] = (w, self._now())
+        self.report.switches += 1
+        self.report.preloads += 1
+        w.stage, w.in_flight = stage, w.in_flight + 1
+        return True
+
     def _load_ahead(self, w: _Worker) -> None:
         """An idle worker with no shards of its own to come loads the model of the first stage with
         shards to come that nobody holds, while those shards' inputs are computed elsewhere. Not
@@ -172,16 +204,7 @@ class Dispatcher:
             return
         held = {o.stage for o in self.workers}
         for k in self.model_stages:
-            if self.left[k] and k not in held and not self.ready[k]:
-                fut = self.preload(k, w.address)
-                if fut is None:
-                    continue
-                key = ("load", k, w.address)
-                self.loading[key] = fut
-                self.flying[key] = (w, self._now())
-                self.report.switches += 1
-                self.report.preloads += 1
-                w.stage, w.in_flight = k, w.in_flight + 1
+            if self.left[k] and k not in held and not self.ready[k] and self._start_load(w, k):
                 return
 
     def _producing(self, w: _Worker) -> bool:
