@@ -73,11 +73,11 @@ def _submit_sealed(client, task, *, parameters: dict, wait_for=None, dependencie
 
     task_run_id = uuid4()
     inputs = {k: collect_task_run_inputs_sync(v, future_cls=Future) for k, v in parameters.items()}
+    with_futures = {k: v for k, v in parameters.items() if inputs[k]}  # what Dask must see to resolve
     if dependencies:
         inputs = {k: v.union(dependencies.get(k, set())) for k, v in inputs.items()}
     context = serialize_context(asset_ctx_kwargs={"task": task, "task_run_id": task_run_id, "task_inputs": inputs,
                                                   "copy_to_child_ctx": True})
-    with_futures = {k: v for k, v in parameters.items() if inputs[k]}  # what Dask must see to resolve
     sealed = Sealed.of({"task": task, "task_run_id": task_run_id, "return_type": return_type,
                         "dependencies": inputs, "context": context,
                         "parameters": {k: v for k, v in parameters.items() if k not in with_futures}})
