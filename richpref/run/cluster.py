@@ -254,3 +254,16 @@ class GpuWatch:
             raise ClusterError(f"no Dask worker with the GPU resource has been in the cluster for {self.grace:.0f}s "
                                f"(RICHPREF_GPU_WAIT_SECONDS), so model shards cannot run. Start GPU workers "
                                f"({GPU_FIX}) and rerun the same command: finished shards are kept")
+
+
+def wait_watched(futures: list, watch: GpuWatch | None, timeout: float, return_when: str = "ALL_COMPLETED") -> None:
+    """One wait on Dask futures (of Prefect's client, made current here) up to `timeout`; when it times
+    out, `watch` fails the run if no GPU worker is left, instead of waiting forever."""
+    from distributed import wait
+
+    try:
+        with futures[0].client.as_current():  # Prefect's client is not Dask's default one
+            wait(futures, timeout=timeout, return_when=return_when)
+    except TimeoutError:
+        if watch is not None:
+            watch.check()

@@ -39,6 +39,7 @@ class Sealed:
         return cls(cloudpickle.dumps(value))
 
     def open(self):
+        # Made by this run's flow process (`of`), as every call Dask delivers is: the same trust.
         return pickle.loads(self.blob)
 
 

@@ -224,15 +224,9 @@ class Dispatcher:
 
     def _block(self, keys: list) -> None:
         """Until one of the futures of `keys` finishes, or `wait_s` passes."""
-        from distributed import wait
+        from richpref.run.cluster import wait_watched
 
-        pending = [self._future(k) for k in keys]
-        try:
-            with pending[0].client.as_current():  # Prefect's client is not Dask's default one
-                wait(pending, timeout=self.wait_s, return_when="FIRST_COMPLETED")
-        except TimeoutError:
-            if self.watch is not None:
-                self.watch.check()  # all GPU workers gone: fail instead of waiting forever
+        wait_watched([self._future(k) for k in keys], self.watch, self.wait_s, "FIRST_COMPLETED")
 
     def _future(self, key):
         return self.loading[key] if key in self.loading else self.futures[key].wrapped_future

@@ -236,23 +236,18 @@ def final_states(futures: list, watch=None) -> list:
     each (1.4 ms a shard, 3.9 s after the last shard of a 2,816-shard run: docs/benchmarks.md). None
     where Dask holds no state (the task itself failed on Dask: its future says why). `watch`: fail
     once no GPU worker is left while waiting."""
-    from distributed import wait
     from prefect.states import State
+
+    from richpref.run.cluster import wait_watched
 
     if not futures:
         return []
     wrapped = [f.wrapped_future for f in futures]
-    client = wrapped[0].client
-    with client.as_current():  # Prefect's Dask client is not Dask's default one
-        pending = wrapped
-        while pending:
-            try:
-                wait(pending, timeout=2.0)
-            except TimeoutError:
-                if watch is not None:
-                    watch.check()
-            pending = [f for f in pending if not f.done()]
-        got = client.gather(dict(enumerate(wrapped)), errors="skip")
+    pending = wrapped
+    while pending:
+        wait_watched(pending, watch, 2.0)
+        pending = [f for f in pending if not f.done()]
+    got = wrapped[0].client.gather(dict(enumerate(wrapped)), errors="skip")
     return [got[i] if isinstance(got.get(i), State) else None for i in range(len(futures))]
 
 

@@ -79,9 +79,9 @@ def _objects_frozen_after_exit_handlers(queue) -> None:
     queue.put(gc.get_freeze_count())
 
 
-def test_the_forkserver_of_a_local_cluster_freezes_its_objects_at_exit():
-    # Its exit (the final garbage collection over torch, transformers and diffusers) took 1.5 s of
-    # every `curate --workers N`, which waits for it.
+def _in_a_forked_worker(target):
+    """What `target(queue)` puts, run in a process forked from a fresh forkserver as a local
+    cluster's workers are."""
     from distributed.utils import get_mp_context
 
     _stop_forkserver()  # one started by another test
@@ -89,12 +89,19 @@ def test_the_forkserver_of_a_local_cluster_freezes_its_objects_at_exit():
         with workers_forked_after(("richpref.tasks",)):
             ctx = get_mp_context()
             queue = ctx.SimpleQueue()
-            child = ctx.Process(target=_objects_frozen_after_exit_handlers, args=(queue,))
+            child = ctx.Process(target=target, args=(queue,))
             child.start()
             child.join(120)
-        assert child.exitcode == 0 and queue.get() > 0
+        assert child.exitcode == 0
+        return queue.get()
     finally:
         _stop_forkserver()
+
+
+def test_the_forkserver_of_a_local_cluster_freezes_its_objects_at_exit():
+    # Its exit (the final garbage collection over torch, transformers and diffusers) took 1.5 s of
+    # every `curate --workers N`, which waits for it.
+    assert _in_a_forked_worker(_objects_frozen_after_exit_handlers) > 0
 
 
 def _freeze_count(queue) -> None:
@@ -105,16 +112,4 @@ def _freeze_count(queue) -> None:
 
 def test_a_worker_forked_from_the_forkserver_starts_with_the_imported_objects_frozen():
     # Its first model load then skips the full collection over them (about 1 s of each worker's CPU).
-    from distributed.utils import get_mp_context
-
-    _stop_forkserver()
-    try:
-        with workers_forked_after(("richpref.tasks",)):
-            ctx = get_mp_context()
-            queue = ctx.SimpleQueue()
-            child = ctx.Process(target=_freeze_count, args=(queue,))
-            child.start()
-            child.join(120)
-        assert child.exitcode == 0 and queue.get() > 100_000
-    finally:
-        _stop_forkserver()
+    assert _in_a_forked_worker(_freeze_count) > 100_000
