@@ -71,7 +71,9 @@ class Dispatcher:
 
     def __init__(self, todo, futures: dict, submit, homes: list[str],
                  shard_seconds: dict[str, float], load_s: dict[str, float], watch=None, wait_s: float = 2.0,
-                 preload=None, at_once: dict[str, int] | None = None):
+                 preload=None, at_once: dict[str, int] | None = None, finished=None):
+        # finished(keys): told of the shards seen finished, after the workers they freed were given more
+        self.finished, self.seen_finished = finished, []
         self.todo, self.futures, self.submit, self.watch, self.wait_s = todo, futures, submit, watch, wait_s
         # preload(stage output, worker address): a Dask future of that worker loading the stage's
         # models, or None where the stage cannot be loaded ahead; None: no preloading.
@@ -113,6 +115,9 @@ class Dispatcher:
                 if any(self.left.values()) or self.unsubmitted:
                     raise RuntimeError("dispatch: shards left whose inputs never finish")
                 return self.report
+            if self.finished is not None and self.seen_finished:
+                self.finished(self.seen_finished)
+                self.seen_finished = []
             self._wait()
 
     def _submit_free(self, key) -> None:
@@ -252,6 +257,7 @@ class Dispatcher:
                     took = now - max(submitted, w.last_done)
                     (self.timed if w.last_stage == key[0] else self.first)[key[0]].append(took)
                 w.in_flight, w.last_done, w.last_stage = w.in_flight - 1, now, key[0]
+            self.seen_finished.append(key)
             self._finished(key)
 
     def _loaded(self, key, w: _Worker, took: float, now: float) -> None:

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 
 from richpref.run.affinity import Plan, StageCost, Task, costs_for, plan
+from richpref.run.final_states import FinalStates
 from richpref.run.gpu_claims import computing_at_once, gpu_claim, takes_turns
 from richpref.run.leases import Busy
 from richpref.run.runner import ShardManifest, content_key, drop_shards_from, is_current, stage_manifests
@@ -195,6 +196,7 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
             futures[(stage.out, s)] = submit_shard(stage, s, params, data_dir, run, profile, keys[(stage.out, s)])
 
     dispatched = None
+    collected = FinalStates()
     watch = next((_gpu_watch(st) for _, st, _ in todo if st.loads_model), None)
     if live is None:
         for idx, stage, s in todo:
@@ -204,51 +206,35 @@ def _submit_and_wait(todo, stages, profile, data_dir, run, inputs_of, keys, live
 
         at_once = {st.out: computing_at_once(st, profile) for _, st, _ in todo if st.loads_model}
         dispatched = Dispatcher(todo, futures, submit, live.homes, live.shard_seconds, live.load_s,
-                                watch, preload=_preloader(todo, profile), at_once=at_once).run()
+                                watch, preload=_preloader(todo, profile), at_once=at_once,
+                                finished=lambda keys: collected.add([futures[k] for k in keys])).run()
     if todo:
         log.info("pipelined: %d shard(s) of %d stage(s)%s", len(todo), len({st.name for _, st, _ in todo}),
                  f"; model shards dispatched live over {len(live.homes)} GPU worker(s): {dispatched.switches} "
                  f"stage switch(es), {dispatched.preloads} of them models loaded ahead"
                  if live else " submitted at once")
-    states = final_states([futures[(st.out, s)] for _, st, s in todo], watch)
+    outcomes = collected.outcomes([futures[(st.out, s)] for _, st, s in todo], watch)
     ok: dict[tuple[str, int], bool] = {}
     failed: dict[str, dict[int, str]] = {}
-    for (_, stage, s), state in zip(todo, states):
+    for (_, stage, s), end in zip(todo, outcomes):
         fut = futures[(stage.out, s)]
         upstream_ok = all(ok.get((r, s), True) for r in stage.reads)
-        try:
-            result = fut.result() if state is None else state.result(raise_on_failure=True)
-        except BaseException as exc:  # noqa: BLE001 - report, do not stop the other shards
+        result, exc = end.result, end.error
+        if end.state is None:  # failed on Dask itself: its future raises why
+            try:
+                result = fut.result()
+            except BaseException as dask_exc:  # noqa: BLE001 - report, do not stop the other shards
+                exc = dask_exc
+        if exc is not None:
             ok[(stage.out, s)] = False
             if upstream_ok:  # its own failure, not the echo of an input's
-                message = (state or fut.state).message
+                message = (end.state or fut.state).message
                 err = message if not str(exc) else f"{type(exc).__name__}: {exc}"
                 failed.setdefault(stage.name, {})[s] = err
                 log.error("%s shard %05d failed: %s", stage.name, s, err)
             continue
         ok[(stage.out, s)] = not isinstance(result, Busy)
     return failed, dispatched
-
-
-def final_states(futures: list, watch=None) -> list:
-    """The final Prefect state of each shard task future (Dask futures of Prefect task runs), fetched
-    in one gather once all are done, rather than one round trip to the Dask scheduler's event loop
-    each (1.4 ms a shard, 3.9 s after the last shard of a 2,816-shard run: docs/benchmarks.md). None
-    where Dask holds no state (the task itself failed on Dask: its future says why). `watch`: fail
-    once no GPU worker is left while waiting."""
-    from prefect.states import State
-
-    from richpref.run.cluster import wait_watched
-
-    if not futures:
-        return []
-    wrapped = [f.wrapped_future for f in futures]
-    pending = wrapped
-    while pending:
-        wait_watched(pending, watch, 2.0)
-        pending = [f for f in pending if not f.done()]
-    got = wrapped[0].client.gather(dict(enumerate(wrapped)), errors="skip")
-    return [got[i] if isinstance(got.get(i), State) else None for i in range(len(futures))]
 
 
 def _preloader(todo, profile: Profile):

@@ -37,8 +37,10 @@ class _Simulated(Dispatcher):
 
     def __init__(self, todo, true_s, true_load, homes, table_s, table_load, preload=True, load_result=_Loaded,
                  at_once=None, free_s=0.0):
+        self.told_finished: list[tuple[str, int]] = []  # what the dispatch said finished, in order
         super().__init__(todo, {}, self._run_on, homes, table_s, table_load,
-                         preload=self._load_on if preload else None, at_once=at_once)
+                         preload=self._load_on if preload else None, at_once=at_once,
+                         finished=self.told_finished.extend)
         self.most_in_flight: dict[str, int] = {}  # per stage: the most shards of it in flight on one worker
         self.true_s, self.true_load, self.clock, self.load_result = true_s, true_load, 0.0, load_result
         self.free_s = free_s  # a model-free shard's seconds after its inputs (CPU slots to spare)
@@ -104,6 +106,11 @@ def test_every_shard_runs_once_on_a_worker_and_model_free_ones_follow():
     stages = ("source", "a", "b", "c", "export")
     assert {k for k in sim.ends if k[0] != "load"} == {(st, s) for st in stages for s in range(16)}
     assert sum(report.shards.values()) == 48
+    # Each shard is told finished once (to fetch its final state while the run goes on), loads not;
+    # the last ones when the dispatch ends are left to the caller's final wait.
+    told = sim.told_finished
+    assert len(told) == len(set(told)) and all(k[0] != "load" for k in told)
+    assert {("a", s) for s in range(16)} <= set(told) and len(told) >= 16 * 4
 
 
 def _changes(ran: list[str]) -> int:

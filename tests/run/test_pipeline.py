@@ -183,29 +183,6 @@ def test_a_shard_that_fails_in_the_pipelined_pass_is_reported_once_with_its_erro
     assert sorted(stage_manifests(store, "critique")) == [s for s in range(SHARDS) if s != 3]
 
 
-def test_final_states_fetches_prefect_states_and_leaves_a_dask_failure_to_its_future(prefect_harness):
-    from uuid import uuid4
-
-    import pytest
-    from distributed import Client, LocalCluster
-    from prefect.states import Completed
-    from prefect_dask.task_runners import PrefectDaskFuture
-
-    from richpref.run.pipeline import final_states
-
-    def boom():
-        raise RuntimeError("worker-level failure")
-
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
-        futures = [PrefectDaskFuture(wrapped_future=client.submit(Completed, data=k, pure=False), task_run_id=uuid4())
-                   for k in range(3)]
-        futures.append(PrefectDaskFuture(wrapped_future=client.submit(boom, pure=False), task_run_id=uuid4()))
-        states = final_states(futures)
-        assert [s.result() for s in states[:3]] == [0, 1, 2] and states[3] is None
-        with pytest.raises(RuntimeError, match="worker-level failure"):
-            futures[3].result()
-
-
 STARTS: list[tuple[str, int, float]] = []
 
 
