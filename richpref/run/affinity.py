@@ -7,12 +7,21 @@ pipelined pass (richpref/run/pipeline.py) instead: it simulates the run on `work
 each stage's seconds per item and model load seconds, and gives every model shard a home worker and
 a rank (the order its worker should start it). The rule a free worker follows in the simulation:
 
-- it keeps its resident model while a shard of that stage is ready;
+- it keeps its resident model while a shard of that stage is ready, unless a stage with ready shards
+  that nobody holds pulls it away (`pulled_to`: that stage's share of the workers is a whole worker
+  and more than its own stage would lack without it, and its ready shards pay the loads);
+- it waits for its own stage's next input while fewer other workers hold that stage than its whole
+  share of the workers (`waits_for_inputs`);
 - otherwise it may switch to a stage with a ready shard when nobody holds that stage's model, or when
   the model's load costs at most the work it would take over (the stage's remaining work shared with
   the workers already holding it); among those, the stage furthest below its share of the workers
   (`worker_shares`: in proportion to its remaining work) first;
 - else it waits for its own stage's next input.
+
+The middle two keep a stage of short shards fed by a long one (score after check) running alongside
+it: left to the others, every worker keeps the long stage while its shards are ready, to its end,
+and the short stage's shards all run then, where each shard task's fixed cost, not the GPU, sets
+the pace (bench/schedule.py).
 
 A run does not follow the plan's homes and ranks: fixed in advance, they held only where the
 cluster's times were the table's. The live dispatch (richpref/run/dispatch.py) applies the same rule
@@ -153,11 +162,22 @@ def plan(tasks: list[Task], workers: int) -> Plan:
     stages_of: dict[int, list[str]] = {}
     loads = waits = 0
     todo = sum(1 for t in tasks if t.seconds > 0)
+    stage_load = {t.stage: t.load_s for t in tasks if t.seconds > 0}
     while len(home) < todo:
         w = min(range(workers), key=lambda i: (free[i], i))
         now = free[w]
         ready = [k for k in model_stages if queues[k] and queues[k][0][0] <= now]
-        pick = resident[w] if resident[w] in ready else _switch_to(w, ready, resident, left, by_key, queues, workers)
+        share = worker_shares(left, workers)
+        mates = sum(1 for j, r in enumerate(resident) if j != w and r == resident[w])
+        if resident[w] in ready:
+            def ready_s(k: str, now: float = now) -> float:
+                return sum(by_key[(k, s)].seconds for at, s in queues[k] if at <= now)
+
+            pick = pulled_to(resident[w], ready, ready_s, set(resident), share, mates + 1, stage_load) or resident[w]
+        elif resident[w] is not None and left[resident[w]] > 1e-9 and waits_for_inputs(mates, share[resident[w]]):
+            pick = None
+        else:
+            pick = _switch_to(w, ready, resident, left, by_key, queues, workers)
         if pick is None:  # wait for the next input or the next worker to finish
             later = [q[0][0] for q in queues.values() if q and q[0][0] > now] + [f for f in free if f > now]
             waits = 0 if later else waits + 1
@@ -203,3 +223,30 @@ def choose_stage(ready: list[str], holders: dict[str, int], load_s: dict[str, fl
         return None
     share = worker_shares(left, workers)
     return max(worth, key=lambda k: (share[k] - holders[k], -ready.index(k)))
+
+
+def waits_for_inputs(mates: int, share: float) -> bool:
+    """Whether a worker whose stage has shards to come but none ready waits for them rather than
+    switching: while the other workers holding the stage (`mates`) are fewer than its whole share of
+    the workers. Else a stage of short shards fed by a long one is left by all its workers whenever
+    its inputs run out, and its shards wait for the long one's end, to run all at once."""
+    return mates < int(share)
+
+
+def pulled_to(own: str, ready: list[str], ready_s, held: set, share: dict[str, float], holders_of_own: int,
+              load_s: dict[str, float]) -> str | None:
+    """The stage a worker holding `own` (which has ready shards) leaves it for, or None: one nobody
+    holds (`held`) among the stages with ready shards (`ready`), whose share of the workers is at least
+    one and more than what `own` would lack of its share without this worker, and whose ready shards'
+    seconds (`ready_s(stage)`) pay the loads there and back. Else a stage of short shards fed by a long
+    one is taken up only when the long one runs out. Never the last holder of `own`: its ready shards
+    would wait for a worker to run out of work of its own (in a traced run, 8 shards of instruct
+    waited 36 s for the end)."""
+    if holders_of_own < 2:
+        return None
+    for k in ready:
+        if k == own or k in held or share[k] < 1 or share[k] <= share[own] - (holders_of_own - 1):
+            continue
+        if ready_s(k) >= load_s[k] + load_s[own]:
+            return k
+    return None

@@ -14,7 +14,10 @@ Here the rule is applied to the run's own events instead:
 - a worker with nothing in flight and nothing of its own stage ready switches by
   `affinity.choose_stage` (the stage's remaining work against its model load; the stage furthest below
   its share of the workers first); while its own stage has shards to come and another worker computes,
-  only to a stage whose ready shards pay the loads there and back; else it waits for the next shard;
+  it waits for them while fewer others hold the stage than its whole share (`affinity.waits_for_inputs`),
+  else switches only to a stage whose ready shards pay the loads there and back;
+- a worker whose stage has ready shards leaves it for a stage nobody holds that `affinity.pulled_to`
+  gives, once its shards in flight end (one model in use at a time);
 - at the start, while the first model stage's inputs are computed, the workers the rule would give
   that stage load its models (`Stage.load`, as a Dask task on each), so the loads overlap that work;
 - a worker left with nothing to do and no shards of its own stage to come, while another computes,
@@ -37,7 +40,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from richpref.run.affinity import choose_stage
+from richpref.run.affinity import choose_stage, pulled_to, waits_for_inputs, worker_shares
 
 log = logging.getLogger("richpref")
 DEPTH = 2  # model shards in flight per worker and shard computing at once: the next one starts meanwhile
@@ -50,6 +53,7 @@ class _Worker:
     in_flight: int = 0
     last_done: float = 0.0  # when its last model shard finished (as seen here)
     last_stage: str | None = None  # the stage of that shard
+    leaving_for: str | None = None  # a stage nobody holds that it takes once its shards in flight end
 
 
 @dataclass
@@ -155,21 +159,41 @@ class Dispatcher:
         for w in sorted(self.workers, key=lambda w: w.in_flight):
             while w.in_flight < DEPTH * self.at_once.get(w.stage, 1):
                 pick = w.stage if w.stage is not None and self.ready[w.stage] else None
+                if pick is not None and w.leaving_for is None:
+                    w.leaving_for = self._pulled_away(w)
+                if w.leaving_for is not None:
+                    if w.in_flight:
+                        break  # its shards in flight end first: one model in use at a time
+                    target, w.leaving_for = w.leaving_for, None
+                    pick = target if self.ready[target] else pick
                 if pick is None and w.in_flight == 0:
                     ready = [k for k in self.model_stages if self.ready[k]]
-                    if w.stage is not None and self.left[w.stage] and self._producing(w):
-                        # Its own stage has shards to come: leave it only for enough ready work to pay
-                        # the loads there and back (else it swaps back and forth as inputs trickle in).
-                        ready = [k for k in ready
-                                 if len(self.ready[k]) * self.seconds(k) >= self.load(k) + self.load(w.stage)]
-                    holders = {k: sum(1 for o in self.workers if o is not w and o.stage == k) for k in ready}
                     left = {k: n * self.seconds(k) for k, n in self.left.items()}
+                    if w.stage is not None and self.left[w.stage] and self._producing(w):
+                        # Its own stage has shards to come: it waits for them (`waits_for_inputs`), or
+                        # leaves only for enough ready work to pay the loads there and back (else it
+                        # swaps back and forth as inputs trickle in).
+                        mates = sum(1 for o in self.workers if o is not w and o.stage == w.stage)
+                        ready = [] if waits_for_inputs(mates, worker_shares(left, len(self.workers))[w.stage]) else \
+                            [k for k in ready if len(self.ready[k]) * self.seconds(k) >= self.load(k) + self.load(w.stage)]
+                    holders = {k: sum(1 for o in self.workers if o is not w and o.stage == k) for k in ready}
                     pick = choose_stage(ready, holders, {k: self.load(k) for k in ready}, left, len(self.workers))
                 if pick is None:
                     if w.in_flight == 0:
                         self._load_ahead(w)
                     break
                 self._give(w, pick, heapq.heappop(self.ready[pick]))
+
+    def _pulled_away(self, w: _Worker) -> str | None:
+        """A stage nobody holds or is leaving for that `w` leaves its own for (`affinity.pulled_to`)."""
+        left = {k: n * self.seconds(k) for k, n in self.left.items()}
+        held = {o.stage for o in self.workers} | {o.leaving_for for o in self.workers}
+        ready = [k for k in self.model_stages if self.ready[k] and k not in held]
+        if not ready:
+            return None
+        return pulled_to(w.stage, ready, lambda k: len(self.ready[k]) * self.seconds(k), held,
+                         worker_shares(left, len(self.workers)), sum(1 for o in self.workers if o.stage == w.stage),
+                         {k: self.load(k) for k in ready + [w.stage]})
 
     def _load_first(self) -> None:
         """At the start, while the first model stage's inputs are computed (no model shard ready yet):

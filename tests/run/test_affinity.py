@@ -89,3 +89,28 @@ def test_a_curate_plans_model_seconds_leave_out_the_shard_overhead(monkeypatch):
     p = affinity_plan(todo, *_model_seconds(todo, profile, DEFAULT_COSTS), 2)
     calls = 4 * profile.source.shard_size * sum(DEFAULT_COSTS[st.name].s_per_item for st in ALL_STAGES if st.loads_model)
     assert p.model_s == pytest.approx(calls)
+
+
+def test_the_plan_runs_a_short_stage_fed_by_a_long_one_alongside_it():
+    # b's shards take 1 s, c's (fed by b) 0.4 s: c's share of the 4 workers is more than one. Without
+    # `pulled_to` every worker kept b while a shard of it was ready, and all 16 of c's shards came
+    # after b's last; now a worker leaves b for c while b runs (7 after).
+    tasks = [Task("a", s, (), 0.05, 0.3) for s in range(16)]
+    tasks += [Task("b", s, (("a", s),), 1.0, 0.3) for s in range(16)]
+    tasks += [Task("c", s, (("b", s),), 0.4, 0.3) for s in range(16)]
+    p = plan(tasks, 4)
+    last_b = max(p.rank[("b", s)] for s in range(16))
+    assert sum(p.rank[("c", s)] > last_b for s in range(16)) <= 8
+    assert sorted(k for k in p.home if k[0] == "c") == [("c", s) for s in range(16)]
+
+
+def test_the_last_holder_of_a_stage_with_ready_shards_is_not_pulled_away():
+    from richpref.run.affinity import pulled_to
+
+    share, loads = {"instruct": 0.1, "check": 5.4, "score": 1.5}, {"instruct": 0.2, "check": 0.2, "score": 1.2}
+    ask = dict(ready=["instruct", "score"], ready_s=lambda k: 10.0, held={"instruct", "check"}, share=share, load_s=loads)
+    # Its last 8 shards would wait for a worker holding check to run out of check's, at the end.
+    assert pulled_to("instruct", holders_of_own=1, **ask) is None
+    assert pulled_to("instruct", holders_of_own=2, **ask) == "score"
+    assert pulled_to("check", holders_of_own=6, **ask) == "score"
+    assert pulled_to("check", holders_of_own=6, **{**ask, "ready_s": lambda k: 1.0}) is None  # pays no loads

@@ -168,3 +168,32 @@ def test_the_first_model_stage_loads_while_its_inputs_are_computed():
     assert sim.ends[("a", 0)] == approx(0.7) and without.ends[("a", 0)] == approx(1.0)
     assert sorted(x for xs in sim.ran.values() for x in xs if not x.startswith("load")) == \
         sorted(f"{st}{s}" for st in "abc" for s in range(16))
+
+
+def _long_then_short(preload: bool) -> tuple[int, _Simulated]:
+    """b's shards take 1 s, c's (fed by b) 0.4 s, on 4 workers: how many of c's shards end after b's last."""
+    stages = [_Stage("source", (), loads_model=False), _Stage("a", ("source",)), _Stage("b", ("a",)),
+              _Stage("c", ("b",))]
+    todo = [(i, st, s) for i, st in enumerate(stages) for s in range(16)]
+    true_s, loads = {"a": 0.05, "b": 1.0, "c": 0.4}, {"a": 0.3, "b": 0.3, "c": 0.3}
+    sim = _Simulated(todo, true_s, loads, [f"w{i}" for i in range(4)], true_s, loads, preload=preload)
+    sim.run()
+    assert sorted(x for xs in sim.ran.values() for x in xs if x.startswith("c")) == sorted(f"c{s}" for s in range(16))
+    b_end = max(sim.ends[("b", s)] for s in range(16))
+    return sum(sim.ends[("c", s)] > b_end for s in range(16)), sim
+
+
+def test_the_last_holder_of_a_short_stage_fed_by_a_long_one_waits_for_its_inputs():
+    # c's share of the 4 workers is more than one. The worker that loaded c ahead used to leave it
+    # for b whenever c's ready shards ran out; b's shards are ready until b's end, so every worker
+    # then kept b and c's 16 shards all ran after it. The last holder of c now waits for its inputs
+    # while c's share is a whole worker.
+    after_b, sim = _long_then_short(preload=True)
+    assert after_b <= 6, (after_b, sim.ran)  # 8 when it left
+
+
+def test_a_worker_leaves_a_long_stage_for_a_short_one_nobody_holds():
+    # Nobody loads c ahead: every worker holds b, whose shards are ready until its end. One now
+    # leaves b for c once c's ready shards pay the loads there and back.
+    after_b, sim = _long_then_short(preload=False)
+    assert after_b <= 8, (after_b, sim.ran)  # all 16 before; one holder of c cannot keep up with 3 of b
