@@ -19,7 +19,6 @@ that are not a task runner's, go to Prefect's own submit.
 from __future__ import annotations
 
 import functools
-import pickle
 from uuid import uuid4
 
 
@@ -34,13 +33,16 @@ class Sealed:
 
     @classmethod
     def of(cls, value) -> Sealed:
-        import cloudpickle
+        from distributed.protocol.pickle import dumps
 
-        return cls(cloudpickle.dumps(value))
+        return cls(dumps(value))
 
     def open(self):
-        # Made by this run's flow process (`of`), as every call Dask delivers is: the same trust.
-        return pickle.loads(self.blob)
+        # Dask's own serializer for the calls it delivers (pickle, cloudpickle where pickle cannot):
+        # the blob was made by this run's flow process (`of`), as every call Dask delivers is.
+        from distributed.protocol.pickle import loads
+
+        return loads(self.blob)
 
 
 def run_sealed(sealed: Sealed, parameters: dict, wait_for=None):

@@ -66,11 +66,10 @@ def _wait(fut, watch) -> None:
     if watch is None:
         fut.wait()
         return
-    while True:
-        fut.wait(timeout=2.0)
-        if fut.wrapped_future.done():
-            return
-        watch.check()
+    from richpref.run.cluster import wait_watched
+
+    while not fut.wrapped_future.done():
+        wait_watched([fut.wrapped_future], watch, 2.0)
 
 
 def preflight(data_dir: str, stages: tuple[Stage, ...]) -> None:

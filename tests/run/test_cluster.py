@@ -129,6 +129,23 @@ def test_a_cluster_that_loses_its_last_gpu_worker_fails_after_the_grace_period()
             watch.check()
 
 
+def test_a_wait_on_shards_no_worker_can_run_fails_once_no_gpu_worker_is_left():
+    # The dispatch's wait, the pass's final wait and the stage pass's wait all go through
+    # wait_watched: a model shard on a cluster without GPU workers fails it instead of hanging.
+    from distributed import Client, LocalCluster
+
+    from richpref.run.cluster import GpuWatch, wait_watched
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        stuck = client.submit(sum, [1, 2], resources={"GPU": 1}, pure=False)  # no worker has the resource
+        wait_watched([stuck], None, 0.2)  # without a watch: returns at the timeout
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match="no Dask worker with the GPU resource"):
+            wait_watched([stuck], GpuWatch(client, grace=0.0), 0.2)
+        assert time.monotonic() - t0 < 5
+
+
 def test_a_worker_running_other_versions_fails_the_preflight_naming_the_package(cpu_only_cluster, tmp_path, monkeypatch):
     import richpref.run.cluster as cluster
 
