@@ -139,13 +139,16 @@ def recover(store, shard_path: str, manifest_file: str, key: str) -> None:
 
 
 def _remove_orphans(fs, shard_path: str, keep: str | None) -> None:
+    """The shard's temporary files: its Parquet bytes' and its manifest's (a holder killed inside the
+    manifest's write, or on S3 between the copy and the delete that make its rename)."""
     folder, name = shard_path.rsplit("/", 1)
+    stem = name[: -len(".parquet")]
     try:
-        names = list_names(fs, folder, f"{name}.tmp-")  # one listing of just these names on S3
+        names = list_names(fs, folder, f"{stem}.")  # one listing of just this shard's names on S3
     except FileNotFoundError:
         return
     for orphan in names:
-        if f"{folder}/{orphan}" != keep:
+        if orphan.startswith((f"{name}.tmp-", f"{stem}.manifest.json.tmp-")) and f"{folder}/{orphan}" != keep:
             log.info("%s: removing %s, left by a holder that did not commit", shard_path, orphan)
             _rm(fs, f"{folder}/{orphan}")
 

@@ -185,7 +185,7 @@ def tidy_done(store: RunStore, out: str, done: set[int]) -> None:
     names = _listing(store, out)
     left: dict[int, list[str]] = {}
     for n in names:
-        m = re.fullmatch(r"part-(\d+)\.(lease-\d+|parquet\.tmp-\w+)", n)
+        m = re.fullmatch(r"part-(\d+)\.(lease-\d+|(?:parquet|manifest\.json)\.tmp-\w+)", n)
         if m and int(m.group(1)) in done:
             left.setdefault(int(m.group(1)), []).append(n)
     held = leased_shards(store, out, sorted(left), names) if left else set()

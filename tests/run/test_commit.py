@@ -9,6 +9,7 @@ import os
 
 import pyarrow as pa
 
+from richpref.common.atomic import write_atomic
 from richpref.run import commit
 from richpref.run.leases import Lease, try_lease
 from richpref.run.runner import manifest_path, stage_manifests, tidy_done, write_shard
@@ -99,3 +100,47 @@ def test_a_holder_killed_after_committing_leaves_nothing_once_its_stage_is_done(
     tidy_done(store, "sample", {0})
     assert [n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n or ".lease-" in n] == []
     assert store.read_shard("sample", 0).column("prompt").to_pylist() == ["x"]
+
+
+def test_a_holder_killed_inside_its_manifest_write_leaves_no_temporary_file_once_the_shard_is_done(
+        tmp_path, monkeypatch):
+    """The manifest goes to a temporary name first; a holder killed before its rename (on S3: after the
+    copy, before the delete that make the rename) leaves that file, which the next holder's recovery
+    or the stage's tidy-up removes."""
+    store = RunStore(str(tmp_path), "r")
+    path = store.shard_path("sample", 0)
+    folder = store.stage_dir("sample")
+    os.makedirs(folder)
+
+    def killed():
+        raise KeyboardInterrupt
+
+    lease = try_lease(store.fs, path, seconds=30)
+    monkeypatch.setattr(store, "write_bytes", lambda p, data: write_atomic(p, data, fs=store.fs, before_commit=killed))
+    try:  # killed between the manifest's bytes and its rename: the commit is not finished
+        write_shard(store, "sample", 0, _table("x"), "k1", lease=lease)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    lease.release()
+    assert stage_manifests(store, "sample") == {}
+    commit.recover(store, path, manifest_path(store, "sample", 0), "k1")  # the next holder finishes it
+    assert stage_manifests(store, "sample")[0].key == "k1"
+    assert [n for n in os.listdir(folder) if ".tmp-" in n] == []
+
+    # killed after the manifest is in place, before its temporary name is removed (S3's rename is a copy
+    # and a delete), by a holder that is gone: the shard is done, and the stage's tidy-up removes it
+    lease = try_lease(store.fs, path, seconds=30)
+    commit.recover(store, path, manifest_path(store, "sample", 0), "k2")
+    monkeypatch.setattr(store.fs, "mv", lambda a, b, **kw: store.fs.copy(a, b))
+    monkeypatch.setattr(commit, "_rm", lambda fs, p: None)
+    assert write_shard(store, "sample", 0, _table("y"), "k2", lease=lease) is not None
+    monkeypatch.undo()
+    lease_file = os.path.join(folder, lease.path.rsplit("/", 1)[-1])
+    record = json.loads(open(lease_file).read())
+    record["pid"] = 2 ** 22 + 12345  # no such process
+    open(lease_file, "w").write(json.dumps(record))
+    assert any(".manifest.json.tmp-" in n for n in os.listdir(folder))
+    tidy_done(store, "sample", {0})
+    assert [n for n in os.listdir(folder) if ".tmp-" in n or ".lease-" in n] == []
+    assert stage_manifests(store, "sample")[0].key == "k2"
