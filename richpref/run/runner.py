@@ -180,12 +180,13 @@ def leased_shards(store: RunStore, out: str, shards: list[int], names: set[str] 
 
 def tidy_done(store: RunStore, out: str, done: set[int]) -> None:
     """After a stage's pass: remove what holders killed inside their commit left beside shards that are
-    done now (their temporary files and lease records) where no live holder has the shard. One
-    listing of the stage folder; lease records are read only where something was left."""
+    done now (lease records, and the temporary files of the shard, its manifest or a lease record's
+    renewal) where no live holder has the shard. One listing of the stage folder; lease records are
+    read only where something was left."""
     names = _listing(store, out)
     left: dict[int, list[str]] = {}
     for n in names:
-        m = re.fullmatch(r"part-(\d+)\.(lease-\d+|(?:parquet|manifest\.json)\.tmp-\w+)", n)
+        m = re.fullmatch(r"part-(\d+)\.(lease-\d+(?:\.tmp-\w+)?|(?:parquet|manifest\.json)\.tmp-\w+)", n)
         if m and int(m.group(1)) in done:
             left.setdefault(int(m.group(1)), []).append(n)
     held = leased_shards(store, out, sorted(left), names) if left else set()

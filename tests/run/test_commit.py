@@ -106,7 +106,7 @@ def test_a_holder_killed_inside_its_manifest_write_leaves_no_temporary_file_once
         tmp_path, monkeypatch):
     """The manifest goes to a temporary name first; a holder killed before its rename (on S3: after the
     copy, before the delete that make the rename) leaves that file, which the next holder's recovery
-    or the stage's tidy-up removes."""
+    or the stage's tidy-up removes; so is a lease record's, from a renewal killed the same way."""
     store = RunStore(str(tmp_path), "r")
     path = store.shard_path("sample", 0)
     folder = store.stage_dir("sample")
@@ -132,6 +132,13 @@ def test_a_holder_killed_inside_its_manifest_write_leaves_no_temporary_file_once
     # and a delete), by a holder that is gone: the shard is done, and the stage's tidy-up removes it
     lease = try_lease(store.fs, path, seconds=30)
     commit.recover(store, path, manifest_path(store, "sample", 0), "k2")
+    monkeypatch.setattr(os, "replace", lambda *a: killed())  # and one inside a renewal of its lease
+    try:
+        lease.renew()
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert any(".lease-0000.tmp-" in n for n in os.listdir(folder))
     monkeypatch.setattr(store.fs, "mv", lambda a, b, **kw: store.fs.copy(a, b))
     monkeypatch.setattr(commit, "_rm", lambda fs, p: None)
     assert write_shard(store, "sample", 0, _table("y"), "k2", lease=lease) is not None
