@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from typing import Any
 
 import torch
@@ -29,6 +30,16 @@ def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
         return {"dtype": dtype}
     except ImportError:
         return {"torch_dtype": dtype}
+
+
+def quiet_loading() -> None:
+    """diffusers' bar while a pipeline loads ("Loading pipeline components...") follows
+    HF_HUB_DISABLE_PROGRESS_BARS, as the Hub's downloads do: richpref sets it by default (the user's env
+    wins), and diffusers does not read it. Its sampling bars are off always (`set_progress_bar_config`)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        diffusers_logging.disable_progress_bar()
 
 
 def make_scheduler(name: str, config: Any) -> Any:
@@ -133,6 +144,7 @@ class TextToImage:
         extra = {"variant": variant} if variant else {}
         if not safety_checker:
             extra.update(without_safety_checker(str(path)))
+        quiet_loading()
         pipe = DiffusionPipeline.from_pretrained(str(path), **diffusers_dtype_kwargs(dt), **extra)
         pipe = pipe.to(dev)
         apply_pipeline_settings(pipe, scheduler=scheduler, compile=compile, channels_last=channels_last)

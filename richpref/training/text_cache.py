@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from richpref.models.generator import quiet_loading
+
 from .flow_models import pipeline_class
 
 log = logging.getLogger("richpref")
@@ -108,6 +110,7 @@ def build_text_cache(model_dir: str, arch: str, captions: list[str], output_dir:
         if all(c in cached.index for c in wanted):
             log.info("text embeddings: %d captions from %s", len(cached.index), folder)
             return cached
+    quiet_loading()
     pipe = pipeline_class(arch).from_pretrained(model_dir, transformer=None, vae=None)
     pipe.to(device)
     truncated = count_truncated(pipe, arch, wanted, max_len)

@@ -96,3 +96,20 @@ def test_doctor_names_a_missing_variant(tiny_models, tmp_path):
     with pytest.raises(ModelProblem, match="no 'fp16' weight files") as info:
         preflight(profile)
     assert "sample.variant=null" in info.value.fix
+
+
+def test_loading_a_pipeline_shows_its_bar_only_where_progress_bars_are_on(tiny_models, monkeypatch, capfd):
+    """richpref's commands set HF_HUB_DISABLE_PROGRESS_BARS=1 (the user's env wins); diffusers does not
+    read it, so each model load printed "Loading pipeline components..." into the run's output."""
+    from diffusers.utils import logging as diffusers_logging
+
+    was_on = diffusers_logging.is_progress_bar_enabled()
+    try:
+        for value, shown in (("0", True), ("1", False)):
+            diffusers_logging.enable_progress_bar()  # as in a fresh process
+            monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", value)
+            capfd.readouterr()
+            TextToImage.load(str(tiny_models / "sd15"), device="cpu")
+            assert ("Loading pipeline components" in capfd.readouterr().err) == shown, value
+    finally:
+        (diffusers_logging.enable_progress_bar if was_on else diffusers_logging.disable_progress_bar)()

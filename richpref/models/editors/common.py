@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from ..generator import cpu_generators, diffusers_dtype_kwargs, release_pipeline
+from ..generator import cpu_generators, diffusers_dtype_kwargs, quiet_loading, release_pipeline
 from ..runtime import resolve_device, resolve_dtype
 
 Size = tuple[int, int]
@@ -151,6 +151,7 @@ class PipelineEditor:
         """Load the checkpoint at `model_path` (local dir or Hub id) onto `device` in `dtype`."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        quiet_loading()
         pipe = cls.pipeline_class(model_path).from_pretrained(
             str(model_path), **cls.pipeline_kwargs(model_path), **diffusers_dtype_kwargs(dt))
         pipe = pipe.to(dev)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..generator import cpu_generators, diffusers_dtype_kwargs, release_pipeline
+from ..generator import cpu_generators, diffusers_dtype_kwargs, quiet_loading, release_pipeline
 from ..runtime import ModelNotAvailable, resolve_device, resolve_dtype
 from .common import Resolution, count_tokens, resolution_size, tokenizer_limits, unet_native_side
 from .common import is_sdxl as _is_sdxl
@@ -229,6 +229,7 @@ class ControlNetEditor:
         # The detector first: a missing annotator fails before gigabytes of pipeline are read.
         detector = ControlDetector.load(control, control_weights, device=dev)
         dtype_kw = diffusers_dtype_kwargs(dt)
+        quiet_loading()
         controlnet = ControlNetModel.from_pretrained(str(controlnet_path), **dtype_kw)
         if _is_sdxl(base_path):
             pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
