@@ -151,3 +151,25 @@ def test_a_holder_killed_inside_its_manifest_write_leaves_no_temporary_file_once
     tidy_done(store, "sample", {0})
     assert [n for n in os.listdir(folder) if ".tmp-" in n or ".lease-" in n] == []
     assert stage_manifests(store, "sample")[0].key == "k2"
+
+
+def test_a_presumed_dead_holder_whose_manifest_write_the_next_holder_cleans_up_ends_without_an_error(tmp_path,
+                                                                                                     monkeypatch):
+    """The next holder finishes the commit and removes the temporary manifest of the first, which was
+    only paused: the first's rename then finds no file, and its commit is the one now in place."""
+    store = RunStore(str(tmp_path), "r")
+    path = store.shard_path("sample", 0)
+    os.makedirs(store.stage_dir("sample"))
+    lease = try_lease(store.fs, path, seconds=30)
+
+    def next_holder_meanwhile():  # between the first holder's manifest bytes and their rename
+        monkeypatch.undo()  # the next holder writes as usual
+        commit.recover(store, path, manifest_path(store, "sample", 0), "k1")
+
+    monkeypatch.setattr(store, "write_bytes",
+                        lambda p, data: write_atomic(p, data, fs=store.fs, before_commit=next_holder_meanwhile))
+    m = write_shard(store, "sample", 0, _table("x"), "k1", lease=lease)
+    monkeypatch.undo()
+    lease.release()
+    assert m is not None and stage_manifests(store, "sample")[0].sha256 == m.sha256
+    assert [n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n] == []
