@@ -306,11 +306,12 @@ class Bench:
         return self.runs
 
     def per_repeat(self, script: str, args: Sequence[str], sides: Sequence[str], derive: Callable[[dict], dict] | None = None,
-                   timeout: float = 3600, **env: str) -> list[dict]:
+                   timeout: float = 3600, echo: bool = False, **env: str) -> list[dict]:
         """Each repeat one fresh process `python script *args --child --order <sides rotated by the repeat>`
         (own Prefect home and caches) that prints `RESULT {side: {figure: value}}`; every side becomes a
         run, `derive(result)` (ratios within the repeat) a "derived" run, and the process's wall, CPU seconds
-        and peak RSS a "process" run. For benchmarks whose sides share models loaded once per process."""
+        and peak RSS a "process" run. For benchmarks whose sides share models loaded once per process.
+        `echo`: also print the rest of the child's output (the figures it explains its result with)."""
         for rep in range(self.repeats):
             order = [s for r, s in alternation(sides, self.repeats) if r == rep]
             _, e = self.fresh(f"rep{rep}", **env)
@@ -318,6 +319,8 @@ class Bench:
             if r["rc"] != 0:
                 raise RuntimeError(f"{self.name} repeat {rep} exited {r['rc']}:\n{r['stderr'][-3000:]}")
             res = child_result(r["stdout"])
+            if echo:
+                print("\n".join(l for l in r["stdout"].splitlines() if not l.startswith("RESULT ")), flush=True)
             for side in order:
                 self.runs.append({"side": side, "repeat": rep, **res[side]})
             if derive is not None:

@@ -20,8 +20,9 @@ Also printed: the affinity plan, the rule simulated with the table's times (rich
 busy = model sleep seconds / (workers x wall); ideal = model sleep seconds / workers;
 swaps = loads that replaced another resident model, summed over the workers. Where the rest of
 the workers' time goes is read from their traced sleeps (`idle_breakdown`): slot_compute_s, slot_load_s,
-slot_gap_same_model_s (between two shards of the model a worker holds), slot_gap_switch_s (around a
-load or a switch of stage), slot_head_s and slot_tail_s (before a worker's first and after its last). Printed first: the
+slot_gap_same_model_s (between two shards of the model a worker holds; printed by stage too),
+slot_gap_switch_s (around a load or a switch of stage), slot_head_s and slot_tail_s (before a
+worker's first and after its last). Printed first: the
 bound of a schedule in which every worker loads every model once (its loads are idle GPU time), for
 the table at hand; the bound of any schedule (every worker idles while the first model stage loads);
 and the dispatch rule simulated with the sleeps alone (`rule_busy`: what the rule reaches where a
@@ -127,6 +128,22 @@ def idle_breakdown(lines: list[str], start: float, end: float) -> dict[str, floa
     return out
 
 
+def same_model_gaps_by_stage(lines: list[str]) -> dict[str, float]:
+    """Of `idle_breakdown`'s gap_same_model, each stage's seconds: where a stage's shards are short next
+    to a shard task's cost on the cores, its gaps are where the slots wait on them."""
+    by_worker: dict[str, list[tuple[float, float, str, str]]] = {}
+    for line in lines:
+        pid, kind, stage, t0, t1 = line.split()
+        by_worker.setdefault(pid, []).append((float(t0), float(t1), kind, stage))
+    out: dict[str, float] = {}
+    for events in by_worker.values():
+        events.sort()
+        for (_, a1, ak, ast), (b0, _, bk, bst) in zip(events, events[1:]):
+            if ak == bk == "compute" and ast == bst:
+                out[ast] = out.get(ast, 0.0) + max(0.0, b0 - a1)
+    return out
+
+
 def simulated_stages(table, scale: float, items: int, shards: int):
     from richpref.tasks import ALL_STAGES
 
@@ -158,7 +175,7 @@ def main() -> None:
     if args.child:
         return child(args)
     b = harness.Bench("schedule", args.repeats)
-    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["schedule"])
+    b.per_repeat(__file__, harness.child_argv(sys.argv[1:]), ["schedule"], echo=True)
     s = harness.summarize(b.runs)
     head = harness.headline("schedule.busy", s["schedule.busy"]["median"], "fraction", ">= 0.90",
                             note=f"{args.workers} simulated GPU workers, {args.shards} shards x {args.items} items, time "
@@ -229,7 +246,8 @@ def child(args) -> None:
               f"loads={p['loads']}; stages per worker: {p['stages_of']}")
     idle = figures["idle"]
     print("GPU-slot seconds over the workers: " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items())
-          + f" (of {args.workers * wall:.1f})", flush=True)
+          + f" (of {args.workers * wall:.1f}); same-model gaps by stage: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in figures["gaps_by_stage"].items()), flush=True)
     cpu, runs = figures["cpu"], figures["shards"]
     print(f"CPU seconds over the flow's wall: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
           + f"; {sum(cpu.values()) / (os.cpu_count() * wall):.2f} of this machine's {os.cpu_count()} cores; "
@@ -284,7 +302,9 @@ def bench_flow() -> None:
     cpu1 = _cpu_by_process()
     figures["cpu"] = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
     figures["shards"] = sum(len(m) for m in manifests.values())
-    figures["idle"] = idle_breakdown(Path(st["trace"]).read_text().splitlines(), figures["start"], time.time())
+    traced = Path(st["trace"]).read_text().splitlines()
+    figures["idle"] = idle_breakdown(traced, figures["start"], time.time())
+    figures["gaps_by_stage"] = same_model_gaps_by_stage(traced)
     figures["models"] = model_swaps(since=before)
     figures["plan"] = passed.plan
     assert not failures, failures[:3]
