@@ -24,9 +24,9 @@ Here the rule is applied to the run's own events instead:
   loads the models of the first stage with shards to come that no worker holds (`Stage.load`, as a
   Dask task on that worker), so its load overlaps the work that makes that stage's inputs instead
   of following it;
-- a stage's seconds per shard and per model load are the medians of what this run timed (a worker's
-  shard after one of the same stage, and after one of another stage less a shard; a load ahead), the
-  table's before.
+- a stage's seconds per shard and per model load are the medians of what this run timed, its latest
+  `TIMED` timings (a worker's shard after one of the same stage, and after one of another stage less a
+  shard; a load ahead), the table's before.
 
 Model-free shards are submitted as soon as their inputs are: they claim no GPU and run on any
 worker's CPU slot, where their input is, at a lower Dask priority than model shards, so that a model
@@ -38,12 +38,17 @@ import heapq
 import logging
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from richpref.run.affinity import choose_stage, pulled_to, waits_for_inputs, worker_shares
 
 log = logging.getLogger("richpref")
 DEPTH = 2  # model shards in flight per worker and shard computing at once: the next one starts meanwhile
+# A stage's medians are over its latest timings: a cost that drifts is followed, and a median stays as
+# cheap at the 100,000th shard as at the 100th (over all of them, the sorts grew with the run: 0.1 ms
+# of dispatch a shard at 16,000 shards a stage, docs/benchmarks.md).
+TIMED = 255
 
 
 @dataclass
@@ -92,9 +97,9 @@ class Dispatcher:
         self.not_done: dict[tuple[str, int], int] = {}  # model task -> inputs not finished
         self.ready = {k: [] for k in self.model_stages}  # heaps of ready shards
         self.left = {k: 0 for k in self.model_stages}  # model shards not yet submitted, per stage
-        self.timed: dict[str, list[float]] = {k: [] for k in self.model_stages}  # shard walls, no load
-        self.first: dict[str, list[float]] = {k: [] for k in self.model_stages}  # with the model's load
-        self.load_timed: dict[str, list[float]] = {k: [] for k in self.model_stages}  # preloads
+        self.timed: dict[str, deque[float]] = {k: deque(maxlen=TIMED) for k in self.model_stages}  # no load
+        self.first: dict[str, deque[float]] = {k: deque(maxlen=TIMED) for k in self.model_stages}  # with a load
+        self.load_timed: dict[str, deque[float]] = {k: deque(maxlen=TIMED) for k in self.model_stages}  # preloads
         self.flying: dict[tuple[str, int], tuple[_Worker | None, float]] = {}
         self.report = Dispatch()
         for _, st, s in todo:
@@ -152,7 +157,8 @@ class Dispatcher:
     def load(self, stage: str) -> float:
         """A stage's model load seconds: a preload, or a worker's first shard of it less a shard, once
         timed here."""
-        seen = [f - self.seconds(stage) for f in self.first[stage]] + self.load_timed[stage]
+        shard_s = self.seconds(stage)
+        seen = [f - shard_s for f in self.first[stage]] + list(self.load_timed[stage])
         return max(0.0, statistics.median(seen)) if seen else self.load_s[stage]
 
     def _fill(self) -> None:

@@ -146,7 +146,7 @@ def test_a_load_ahead_that_fails_is_reported_and_the_run_goes_on(caplog):
     # no timing of the stage's load.
     sim, report = _dispatch({"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 10.0, "b": 0.3, "c": 0.3}, load_result=_LoadFailed)
     assert report.preloads == 2 and sum(report.shards.values()) == 48
-    assert sim.load_timed["a"] == sim.load_timed["b"] == []
+    assert list(sim.load_timed["a"]) == list(sim.load_timed["b"]) == []
     assert "loading b ahead on w1 failed: no such model directory" in caplog.text
 
 
@@ -197,3 +197,16 @@ def test_a_worker_leaves_a_long_stage_for_a_short_one_nobody_holds():
     # leaves b for c once c's ready shards pay the loads there and back.
     after_b, sim = _long_then_short(preload=False)
     assert after_b <= 8, (after_b, sim.ran)  # all 16 before; one holder of c cannot keep up with 3 of b
+
+
+def test_a_stages_seconds_are_the_median_of_its_latest_timings():
+    # The medians are over the latest TIMED timings: a cost that drifts is followed, and each median
+    # sorts at most TIMED values (over every timing, the sorts grew with the run, quadratic in shards).
+    from richpref.run.dispatch import TIMED
+
+    sim = _Simulated(_chain(1), {}, {}, ["w0"], {"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 0.3, "b": 0.3, "c": 0.3})
+    assert sim.seconds("a") == 0.2 and sim.load("a") == 0.3  # the table's, until timed
+    sim.timed["a"].extend([1.0] * 300 + [2.0] * TIMED)
+    sim.first["a"].extend([5.0] * 300 + [4.0] * TIMED)
+    assert sim.seconds("a") == 2.0 and sim.load("a") == approx(2.0)
+    assert len(sim.timed["a"]) == len(sim.first["a"]) == TIMED
