@@ -47,6 +47,7 @@ def plan(quick: bool, models: str, diffusers: str | None) -> list[tuple[str, lis
     jobs = [
         ("instruction_guards", [B + "instruction_guards.py"], None),
         ("store_requests", [B + "store_requests.py"] + sz(["--n", "50", "100"]), None),
+        ("dispatch_scale", [B + "dispatch_scale.py"] + sz(["--n", "100", "400"]), None),
         ("source_stream_limit", [B + "source_stream.py", "limit"] + sz(["--rows", "3000"]), None),
         ("source_stream_first_shard", [B + "source_stream.py", "first-shard"] + sz(["--rows", "20000"]), None),
         ("reward_dtype_drift", [B + "reward_dtype_drift.py", "--models", models] + sz(["--images", "16"]), None),
