@@ -1,10 +1,11 @@
 """CPU seconds the live dispatch (richpref/run/dispatch.py) spends per model shard, as a run grows.
 
 The dispatch runs in the flow's process and decides, for every shard that finishes, what each worker
-runs next; its cost per shard should not grow with the run. Here its real code runs against a
-simulated cluster (no Dask, no Prefect: a clock, 8 workers that run their shards one after another,
-a load when the stage changes), so the figure is the dispatch's own decisions and bookkeeping: a
-chain of three model stages (0.1, 1.0 and 0.4 s a shard, 1 s loads), N shards each.
+runs next; its cost per shard should not grow with the run. Here its real code runs against the
+tests' simulated cluster (tests/dispatch_sim.py; no Dask, no Prefect: a clock, 8 workers that run
+their shards one after another, a load when the stage changes), so the figure is the dispatch's own
+decisions and bookkeeping plus the simulation's: a chain of three model stages (0.1, 1.0 and 0.4 s a
+shard, 1 s loads), N shards each.
 
 On the harness (a fresh process; one repeat by default): raw figures in
 bench/results/dispatch_scale-<commit>.json. Headline: the CPU per shard at the largest N over that at
@@ -17,64 +18,23 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
 import harness  # noqa: E402
+from dispatch_sim import Simulated, Stage  # noqa: E402 - the tests' simulated cluster
 
 SHARD_S = {"a": 0.1, "b": 1.0, "c": 0.4}
-LOAD_S = 1.0
-
-
-@dataclass(frozen=True)
-class _Stage:
-    name: str
-    reads: tuple[str, ...]
-    loads_model: bool = True
-
-    @property
-    def out(self) -> str:
-        return self.name
-
-
-def _simulated(todo, workers: int):
-    from richpref.run.dispatch import Dispatcher
-
-    class Simulated(Dispatcher):
-        """Submissions end on a clock: after the shard's inputs, its worker's previous shard and a
-        load when the worker's stage changes."""
-
-        def __init__(self):
-            homes = [f"w{i}" for i in range(workers)]
-            super().__init__(todo, {}, self._run_on, homes, SHARD_S, {k: LOAD_S for k in SHARD_S})
-            self.clock, self.ends = 0.0, {}
-            self.free_at, self.holds = {h: 0.0 for h in homes}, {}
-
-        def _run_on(self, idx, stage, shard, home) -> None:
-            after = max([self.ends[(r, shard)] for r in stage.reads], default=self.clock)
-            load = LOAD_S if self.holds.get(home) != stage.name else 0.0
-            self.holds[home] = stage.name
-            start = max(self.clock, self.free_at[home], after)
-            self.ends[(stage.out, shard)] = self.free_at[home] = start + load + SHARD_S[stage.name]
-
-        def _block(self, keys) -> None:
-            self.clock = max(self.clock, min(self.ends[k] for k in keys))
-
-        def _done(self, key) -> bool:
-            return self.ends[key] <= self.clock
-
-        def _now(self) -> float:
-            return self.clock
-
-    return Simulated()
+LOAD_S = {"a": 1.0, "b": 1.0, "c": 1.0}
 
 
 def dispatch_cpu(n: int, workers: int = 8) -> dict:
-    stages = [_Stage("a", ()), _Stage("b", ("a",)), _Stage("c", ("b",))]
+    stages = [Stage("a", ()), Stage("b", ("a",)), Stage("c", ("b",))]
     todo = [(i, st, s) for i, st in enumerate(stages) for s in range(n)]
-    sim = _simulated(todo, workers)
+    sim = Simulated(todo, SHARD_S, LOAD_S, [f"w{i}" for i in range(workers)], SHARD_S, LOAD_S, preload=False)
     t0 = time.process_time()
     report = sim.run()
     cpu = time.process_time() - t0

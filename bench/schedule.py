@@ -107,41 +107,32 @@ def _trace(kind: str, stage: str, t0: float) -> None:
         f.write(f"{os.getpid()} {kind} {stage} {t0:.4f} {time.time():.4f}\n")
 
 
-def idle_breakdown(lines: list[str], start: float, end: float) -> dict[str, float]:
+def idle_breakdown(lines: list[str], start: float, end: float) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds of GPU-slot time over all workers between `start` and `end`, from the traced sleeps: model
     computation, model loads, and the idle rest split into the gaps between two shards of the model the
-    worker holds, the gaps around a model load or stage switch, and each worker's head and tail."""
+    worker holds, the gaps around a model load or stage switch, and each worker's head and tail; and the
+    same-model gaps by stage (where a stage's shards are short next to a shard task's cost on the
+    cores, its gaps are where the slots wait on them)."""
     by_worker: dict[str, list[tuple[float, float, str, str]]] = {}
     for line in lines:
         pid, kind, stage, t0, t1 = line.split()
         by_worker.setdefault(pid, []).append((float(t0), float(t1), kind, stage))
     out = {"compute": 0.0, "load": 0.0, "gap_same_model": 0.0, "gap_switch": 0.0, "head": 0.0, "tail": 0.0}
+    by_stage: dict[str, float] = {}
     for events in by_worker.values():
         events.sort()
         out["head"] += events[0][0] - start
         out["tail"] += max(0.0, end - events[-1][1])
         for (a0, a1, ak, ast), (b0, b1, bk, bst) in zip(events, events[1:]):
             gap = max(0.0, b0 - a1)
-            out["gap_same_model" if ak == bk == "compute" and ast == bst else "gap_switch"] += gap
+            if ak == bk == "compute" and ast == bst:
+                out["gap_same_model"] += gap
+                by_stage[ast] = by_stage.get(ast, 0.0) + gap
+            else:
+                out["gap_switch"] += gap
         for t0, t1, kind, _ in events:
             out[kind] += t1 - t0
-    return out
-
-
-def same_model_gaps_by_stage(lines: list[str]) -> dict[str, float]:
-    """Of `idle_breakdown`'s gap_same_model, each stage's seconds: where a stage's shards are short next
-    to a shard task's cost on the cores, its gaps are where the slots wait on them."""
-    by_worker: dict[str, list[tuple[float, float, str, str]]] = {}
-    for line in lines:
-        pid, kind, stage, t0, t1 = line.split()
-        by_worker.setdefault(pid, []).append((float(t0), float(t1), kind, stage))
-    out: dict[str, float] = {}
-    for events in by_worker.values():
-        events.sort()
-        for (_, a1, ak, ast), (b0, _, bk, bst) in zip(events, events[1:]):
-            if ak == bk == "compute" and ast == bst:
-                out[ast] = out.get(ast, 0.0) + max(0.0, b0 - a1)
-    return out
+    return out, by_stage
 
 
 def simulated_stages(table, scale: float, items: int, shards: int):
@@ -302,9 +293,8 @@ def bench_flow() -> None:
     cpu1 = _cpu_by_process()
     figures["cpu"] = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
     figures["shards"] = sum(len(m) for m in manifests.values())
-    traced = Path(st["trace"]).read_text().splitlines()
-    figures["idle"] = idle_breakdown(traced, figures["start"], time.time())
-    figures["gaps_by_stage"] = same_model_gaps_by_stage(traced)
+    figures["idle"], figures["gaps_by_stage"] = idle_breakdown(Path(st["trace"]).read_text().splitlines(),
+                                                               figures["start"], time.time())
     figures["models"] = model_swaps(since=before)
     figures["plan"] = passed.plan
     assert not failures, failures[:3]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 
@@ -38,6 +39,16 @@ from richpref.run.leases import Lease, create_exclusive
 from richpref.common.objstore import cat_small, list_names
 
 log = logging.getLogger("richpref")
+
+
+_TEMPORARY = re.compile(r"part-\d+\.(?:parquet|manifest\.json)\.tmp-\w+")
+
+
+def commit_temporary(name: str) -> bool:
+    """Whether a stage folder's file `name` is a commit's temporary file: a shard's Parquet bytes or its
+    manifest before their rename (a holder killed there leaves it; on S3 a rename is a copy and a
+    delete, so also after the copy)."""
+    return _TEMPORARY.fullmatch(name) is not None
 
 
 class LeaseLost(RuntimeError):
@@ -146,16 +157,13 @@ def recover(store, shard_path: str, manifest_file: str, key: str) -> None:
 
 
 def _remove_orphans(fs, shard_path: str, keep: str | None) -> None:
-    """The shard's temporary files: its Parquet bytes' and its manifest's (a holder killed inside the
-    manifest's write, or on S3 between the copy and the delete that make its rename)."""
     folder, name = shard_path.rsplit("/", 1)
-    stem = name[: -len(".parquet")]
-    try:
-        names = list_names(fs, folder, f"{stem}.")  # one listing of just this shard's names on S3
+    try:  # one listing of just this shard's names on S3
+        names = list_names(fs, folder, name[: -len("parquet")])
     except FileNotFoundError:
         return
     for orphan in names:
-        if orphan.startswith((f"{name}.tmp-", f"{stem}.manifest.json.tmp-")) and f"{folder}/{orphan}" != keep:
+        if commit_temporary(orphan) and f"{folder}/{orphan}" != keep:
             log.info("%s: removing %s, left by a holder that did not commit", shard_path, orphan)
             _rm(fs, f"{folder}/{orphan}")
 

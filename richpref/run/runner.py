@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from richpref.common.faults import inject_fault
-from richpref.run.commit import LeaseLost, commit_once, recover
+from richpref.run.commit import LeaseLost, commit_once, commit_temporary, recover
 from richpref.run.gpu_claims import shard_model_scope
 from richpref.run.leases import Busy, Lease, current_holder, holder_alive, lease_prefix, try_lease
 from richpref.common.objstore import cat_small, read_many
@@ -186,8 +186,9 @@ def tidy_done(store: RunStore, out: str, done: set[int]) -> None:
     names = _listing(store, out)
     left: dict[int, list[str]] = {}
     for n in names:
-        m = re.fullmatch(r"part-(\d+)\.(lease-\d+(?:\.tmp-\w+)?|(?:parquet|manifest\.json)\.tmp-\w+)", n)
-        if m and int(m.group(1)) in done:
+        m = re.match(r"part-(\d+)\.", n)
+        left_behind = commit_temporary(n) or re.fullmatch(r"part-\d+\.lease-\d+(\.tmp-\w+)?", n)
+        if m and left_behind and int(m.group(1)) in done:
             left.setdefault(int(m.group(1)), []).append(n)
     held = leased_shards(store, out, sorted(left), names) if left else set()
     for shard, files in sorted(left.items()):

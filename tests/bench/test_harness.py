@@ -303,11 +303,12 @@ def test_the_schedule_bench_splits_a_workers_slot_time_as_its_trace_says():
     import schedule
 
     trace = ["1 load a 0.0 1.0", "1 compute a 1.5 2.0", "1 compute a 2.25 3.0", "1 load b 3.5 4.0",
-             "1 compute b 4.0 5.0", "2 compute b 1.0 2.0", "2 compute b 2.5 3.0", "2 compute c 3.5 4.0"]
-    got = schedule.idle_breakdown(trace, start=0.0, end=6.0)
-    # worker 1: computes 2.25, loads 1.5, head 0, gaps 0.5 (load -> a) + 0.25 (a -> a) + 0.5 (a -> load
-    # b) + 0 (load -> b), tail 1.0; worker 2: computes 2.0, head 1.0, gaps 0.5 (b -> b) + 0.5 (b -> c),
-    # tail 2.0
-    assert got == pytest.approx({"compute": 2.25 + 2.0, "load": 1.5, "gap_same_model": 0.25 + 0.5,
-                                 "gap_switch": 1.0 + 0.5, "head": 1.0, "tail": 3.0})
-    assert schedule.same_model_gaps_by_stage(trace) == pytest.approx({"a": 0.25, "b": 0.5})
+             "1 compute b 4.0 5.0", "1 compute b 5.25 5.5", "2 compute b 1.0 2.0", "2 compute b 2.5 3.0",
+             "2 compute c 3.5 4.0"]
+    got, by_stage = schedule.idle_breakdown(trace, start=0.0, end=6.0)
+    # worker 1: computes 2.5, loads 1.5, head 0, gaps 0.5 (load -> a) + 0.25 (a -> a) + 0.5 (a -> load
+    # b) + 0 (load -> b) + 0.25 (b -> b), tail 0.5; worker 2: computes 2.0, head 1.0, gaps 0.5 (b -> b)
+    # + 0.5 (b -> c), tail 2.0
+    assert got == pytest.approx({"compute": 2.5 + 2.0, "load": 1.5, "gap_same_model": 0.25 + 0.25 + 0.5,
+                                 "gap_switch": 1.0 + 0.5, "head": 1.0, "tail": 2.5})
+    assert by_stage == pytest.approx({"a": 0.25, "b": 0.75})

@@ -1,99 +1,21 @@
-"""The live dispatch of richpref/run/dispatch.py against a simulated cluster: a clock, workers that
-run their model shards one after another (a load when the stage changes), model-free shards that
-finish when their inputs do. The stage cost table the dispatch starts from is wrong on purpose."""
+"""The live dispatch of richpref/run/dispatch.py against a simulated cluster (tests/dispatch_sim.py). The
+stage cost table the dispatch starts from is wrong on purpose."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from dispatch_sim import Loaded, LoadFailed, Simulated, Stage
 from pytest import approx
-
-from richpref.run.dispatch import Dispatcher
-
-
-@dataclass(frozen=True)
-class _Stage:
-    name: str
-    reads: tuple[str, ...]
-    loads_model: bool = True
-
-    @property
-    def out(self) -> str:
-        return self.name
-
-
-class _Loaded:
-    status = "finished"
-
-
-class _LoadFailed:
-    status = "error"
-
-    def exception(self):
-        return OSError("no such model directory")
-
-
-class _Simulated(Dispatcher):
-    """Submissions go to a simulated cluster with the true seconds per shard and per load."""
-
-    def __init__(self, todo, true_s, true_load, homes, table_s, table_load, preload=True, load_result=_Loaded,
-                 at_once=None, free_s=0.0):
-        self.told_finished: list[tuple[str, int]] = []  # what the dispatch said finished, in order
-        super().__init__(todo, {}, self._run_on, homes, table_s, table_load,
-                         preload=self._load_on if preload else None, at_once=at_once,
-                         finished=self.told_finished.extend)
-        self.most_in_flight: dict[str, int] = {}  # per stage: the most shards of it in flight on one worker
-        self.true_s, self.true_load, self.clock, self.load_result = true_s, true_load, 0.0, load_result
-        self.free_s = free_s  # a model-free shard's seconds after its inputs (CPU slots to spare)
-        self.ends: dict[tuple[str, int], float] = {}
-        self.free_at = {a: 0.0 for a in homes}
-        self.holds: dict[str, str] = {}
-        self.ran: dict[str, list[str]] = {a: [] for a in homes}
-        self.loads = 0
-
-    def _run_on(self, idx, stage, shard, home) -> None:
-        key = (stage.out, shard)
-        after = max([self.ends[(r, shard)] for r in stage.reads if (r, shard) in self.ends], default=self.clock)
-        if home is None:  # model-free: done when its inputs are, and its own seconds
-            self.ends[key] = after + self.free_s
-            return
-        load = self.true_load[stage.name] if self.holds.get(home) != stage.name else 0.0
-        self.loads += load > 0
-        self.holds[home] = stage.name
-        start = max(self.clock, self.free_at[home], after)
-        self.ends[key] = self.free_at[home] = start + load + self.true_s[stage.name]
-        self.ran[home].append(f"{stage.name}{shard}")
-        mine = sum(1 for k, (w, _) in self.flying.items()  # model shards: (stage, shard); loads: ("load", ..)
-                   if len(k) == 2 and k[0] == stage.out and w is not None and w.address == home)
-        self.most_in_flight[stage.out] = max(self.most_in_flight.get(stage.out, 0), mine)
-
-    def _load_on(self, stage: str, home: str):
-        start = max(self.clock, self.free_at[home])
-        self.ends[("load", stage, home)] = self.free_at[home] = start + self.true_load[stage]
-        self.holds[home] = stage
-        self.loads += 1
-        self.ran[home].append(f"load {stage}")
-        return self.load_result()
-
-    def _block(self, keys) -> None:
-        self.clock = max(self.clock, min(self.ends[k] for k in keys))
-
-    def _done(self, key) -> bool:
-        return self.ends[key] <= self.clock
-
-    def _now(self) -> float:
-        return self.clock
 
 
 def _chain(shards: int):
-    stages = [_Stage("source", ()), _Stage("a", ("source",)), _Stage("b", ("a",)), _Stage("c", ("b",)),
-              _Stage("export", ("c",), loads_model=False)]
-    stages[0] = _Stage("source", (), loads_model=False)
+    stages = [Stage("source", ()), Stage("a", ("source",)), Stage("b", ("a",)), Stage("c", ("b",)),
+              Stage("export", ("c",), loads_model=False)]
+    stages[0] = Stage("source", (), loads_model=False)
     return [(i, st, s) for i, st in enumerate(stages) for s in range(shards)]
 
 
-def _dispatch(table_s, table_load, shards=16, workers=2, preload=True, load_result=_Loaded, at_once=None, free_s=0.0):
+def _dispatch(table_s, table_load, shards=16, workers=2, preload=True, load_result=Loaded, at_once=None, free_s=0.0):
     true_s, true_load = {"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 0.3, "b": 0.3, "c": 0.3}
-    sim = _Simulated(_chain(shards), true_s, true_load, [f"w{i}" for i in range(workers)], table_s, table_load, preload,
+    sim = Simulated(_chain(shards), true_s, true_load, [f"w{i}" for i in range(workers)], table_s, table_load, preload,
                      load_result, at_once, free_s)
     report = sim.run()
     return sim, report
@@ -144,7 +66,7 @@ def test_a_worker_idle_while_the_first_stage_computes_loads_the_next_stage_meanw
 def test_a_load_ahead_that_fails_is_reported_and_the_run_goes_on(caplog):
     # The shards of that stage load their models themselves and report what fails; the failed load is
     # no timing of the stage's load.
-    sim, report = _dispatch({"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 10.0, "b": 0.3, "c": 0.3}, load_result=_LoadFailed)
+    sim, report = _dispatch({"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 10.0, "b": 0.3, "c": 0.3}, load_result=LoadFailed)
     assert report.preloads == 2 and sum(report.shards.values()) == 48
     assert list(sim.load_timed["a"]) == list(sim.load_timed["b"]) == []
     assert "loading b ahead on w1 failed: no such model directory" in caplog.text
@@ -170,13 +92,13 @@ def test_the_first_model_stage_loads_while_its_inputs_are_computed():
         sorted(f"{st}{s}" for st in "abc" for s in range(16))
 
 
-def _long_then_short(preload: bool) -> tuple[int, _Simulated]:
+def _long_then_short(preload: bool) -> tuple[int, Simulated]:
     """b's shards take 1 s, c's (fed by b) 0.4 s, on 4 workers: how many of c's shards end after b's last."""
-    stages = [_Stage("source", (), loads_model=False), _Stage("a", ("source",)), _Stage("b", ("a",)),
-              _Stage("c", ("b",))]
+    stages = [Stage("source", (), loads_model=False), Stage("a", ("source",)), Stage("b", ("a",)),
+              Stage("c", ("b",))]
     todo = [(i, st, s) for i, st in enumerate(stages) for s in range(16)]
     true_s, loads = {"a": 0.05, "b": 1.0, "c": 0.4}, {"a": 0.3, "b": 0.3, "c": 0.3}
-    sim = _Simulated(todo, true_s, loads, [f"w{i}" for i in range(4)], true_s, loads, preload=preload)
+    sim = Simulated(todo, true_s, loads, [f"w{i}" for i in range(4)], true_s, loads, preload=preload)
     sim.run()
     assert sorted(x for xs in sim.ran.values() for x in xs if x.startswith("c")) == sorted(f"c{s}" for s in range(16))
     b_end = max(sim.ends[("b", s)] for s in range(16))
@@ -204,7 +126,7 @@ def test_a_stages_seconds_are_the_median_of_its_latest_timings():
     # sorts at most TIMED values (over every timing, the sorts grew with the run, quadratic in shards).
     from richpref.run.dispatch import TIMED
 
-    sim = _Simulated(_chain(1), {}, {}, ["w0"], {"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 0.3, "b": 0.3, "c": 0.3})
+    sim = Simulated(_chain(1), {}, {}, ["w0"], {"a": 0.2, "b": 0.05, "c": 0.05}, {"a": 0.3, "b": 0.3, "c": 0.3})
     assert sim.seconds("a") == 0.2 and sim.load("a") == 0.3  # the table's, until timed
     sim.timed["a"].extend([1.0] * 300 + [2.0] * TIMED)
     sim.first["a"].extend([5.0] * 300 + [4.0] * TIMED)
