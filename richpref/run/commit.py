@@ -158,8 +158,9 @@ def recover(store, shard_path: str, manifest_file: str, key: str) -> None:
 
 def _remove_orphans(fs, shard_path: str, keep: str | None) -> None:
     folder, name = shard_path.rsplit("/", 1)
+    shard_prefix = name[: -len("parquet")]  # "part-00003.": its Parquet, manifest, claims, leases
     try:  # one listing of just this shard's names on S3
-        names = list_names(fs, folder, name[: -len("parquet")])
+        names = list_names(fs, folder, shard_prefix)
     except FileNotFoundError:
         return
     for orphan in names:
