@@ -8,23 +8,28 @@ import sys
 from richpref.cli.errors import fail
 
 
-def cmd_build_tiny(args: argparse.Namespace) -> int:
+def _progress_lines() -> None:
+    """richpref's progress lines on stderr; other libraries' INFO records stay out (the ONNX
+    exporter's optimizer logs a line per pass while the tiny cut-out net is built)."""
     import logging
 
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("richpref").setLevel(logging.INFO)
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> int:
     from richpref.models.tiny import build_tiny_models
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _progress_lines()
     paths = build_tiny_models(args.dir, seed=args.seed, force=args.force)
     print(json.dumps(paths, indent=2))
     return 0
 
 
 def cmd_convert_llava_critic(args: argparse.Namespace) -> int:
-    import logging
-
     from richpref.models.convert_llava_critic import ConversionError, convert_llava_critic
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _progress_lines()
     try:
         report = convert_llava_critic(args.src, args.dst, dtype=args.dtype, vision_heads=args.vision_heads,
                                       vision_layers=args.vision_layers)

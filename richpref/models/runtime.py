@@ -12,6 +12,7 @@ import functools
 import gc
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,6 +79,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around peft wrapping a transformers model: peft asks the model for transformers' deprecated
+    `is_gradient_checkpointing`, whose FutureWarning is about peft's code, not the user's (it showed
+    in `make demo` and in every merge of a judge's LoRA)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager

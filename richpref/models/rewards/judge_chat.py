@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ...schemas.vlm_engines import engine_of
+from ..runtime import peft_wrapping
 from ..vlm import Generation, VisionLanguageModel
 from ..vlm_engine import load_vlm
 
@@ -45,7 +46,8 @@ def merged_dir(base: str, adapter: str) -> Path:
     if (out / "config.json").is_file():
         return out
     model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto")
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     AutoProcessor.from_pretrained(base).save_pretrained(tmp)

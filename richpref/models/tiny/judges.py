@@ -17,6 +17,9 @@ def build_tiny_lora(base_dir, out_dir, seed: int = 0) -> Path:
     # init_lora_weights=False: A and B both random, so the merged model differs from its base.
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
                      init_lora_weights=False, lora_dropout=0.0)
-    peft_model = get_peft_model(model, cfg)
+    from richpref.models.runtime import peft_wrapping
+
+    with peft_wrapping():
+        peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(str(out))
     return out

@@ -129,6 +129,20 @@ def test_the_tiny_lora_changes_the_judge_and_is_merged_once(tiny_models, tmp_pat
         plain.close()
 
 
+
+def test_merging_a_judges_lora_shows_no_deprecation_notice_of_peft(tiny_models, tmp_path, monkeypatch):
+    """peft reads transformers' deprecated `is_gradient_checkpointing`: the FutureWarning names peft's
+    code, not the user's, and showed at every merge (and in `make demo`'s tiny build)."""
+    import warnings
+
+    from richpref.models.rewards.judge_chat import merged_dir
+
+    monkeypatch.setenv("RICHPREF_CACHE", str(tmp_path))  # a fresh cache: the merge runs here
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        merged_dir(str(tiny_models / "qwen2.5-vl"), str(tiny_models / "editscore-lora"))
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
 # ---------------------------------------------------------------- the score stage
 
 
