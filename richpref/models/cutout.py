@@ -1,7 +1,8 @@
 """Background removal with rembg: foreground masks and white-background composites.
 
-rembg is imported inside `BackgroundRemover.load`: its first import compiles pymatting with numba
-(~46 s on a fresh machine, ~1.4 s afterwards), which code paths without cut-outs should not pay.
+rembg is imported inside `BackgroundRemover.load` (models/rembg_import.py: without compiling the
+pymatting functions it imports, 27 s of CPU in a fresh environment), and only there: code paths
+without cut-outs do not pay its import.
 
 Missing model files are found before rembg is imported: offline, a missing model raises
 `ModelNotAvailable` at once with the expected path, instead of a download attempt.
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .runtime import ModelNotAvailable, keep_torch_threads
+from .runtime import ModelNotAvailable
 
 # rembg sessions whose weights are one file `<name>.onnx`, looked up (in rembg 2.x) at
 # `<home>/models/<name>/<name>.onnx`, then at the legacy flat `<legacy home>/<name>.onnx`.
@@ -185,8 +186,7 @@ class BackgroundRemover:
                 raise ModelNotAvailable(_missing_model_message(model, expected))
             model_id = model
 
-        with keep_torch_threads():  # rembg imports numba, whose OpenMP start resets torch's thread count
-            from rembg import new_session  # lazy: see module docstring
+        from .rembg_import import new_session  # lazy: see module docstring
 
         chosen = onnx_providers(device, providers)
         try:

@@ -22,7 +22,7 @@ import threading
 # model libraries their loaders import (lazily, in each worker that loads a model).
 WORKER_IMPORTS = ("richpref.tasks", "transformers", "diffusers", "diffusers.models", "diffusers.pipelines.stable_diffusion",
                   "diffusers.pipelines.controlnet", "transformers.models.llava", "transformers.models.qwen2_5_vl",
-                  "transformers.models.clip", "open_clip", "rembg", "pandas")
+                  "transformers.models.clip", "open_clip", "richpref.models.rembg_import", "pandas")
 
 
 @contextlib.contextmanager

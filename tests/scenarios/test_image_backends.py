@@ -317,6 +317,27 @@ def test_loading_the_background_remover_keeps_torchs_thread_count(tiny):
     assert out.stdout.split()[-1] == "1"
 
 
+def test_rembg_is_imported_without_compiling_pymatting_by_the_workers_preload_and_by_the_loader(tiny):
+    # rembg imports pymatting (alpha matting, unused here), whose functions numba compiled as they were
+    # defined: 27 s of CPU in every fresh environment. The forkserver of a local cluster imports
+    # WORKER_IMPORTS first, then a worker loads the remover; numba's switch is set back after.
+    code = (
+        "import importlib, numba\n"
+        "from numba.core.dispatcher import Dispatcher\n"
+        "from richpref.run.early_cluster import WORKER_IMPORTS\n"
+        "for m in WORKER_IMPORTS: importlib.import_module(m)\n"
+        "from richpref.models.cutout import BackgroundRemover\n"
+        f"BackgroundRemover.load('u2net_custom', model_path={str(tiny.onnx)!r}, home={str(tiny.u2net_home)!r})\n"
+        "from pymatting.util.boxfilter import boxfilter_rows_full\n"
+        "compiled_later = numba.njit(lambda x: x + 1)\n"
+        "print(isinstance(boxfilter_rows_full, Dispatcher), bool(numba.config.DISABLE_JIT), isinstance(compiled_later, Dispatcher))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["False", "False", "True"]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_onnx_session_takes_torchs_thread_count_not_one_thread_per_core(tiny, threads, monkeypatch):
     import torch
