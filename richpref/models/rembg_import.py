@@ -17,8 +17,11 @@ from .runtime import keep_torch_threads
 
 
 def _import_rembg() -> None:
-    import numba
-
+    try:
+        import numba
+    except ImportError:  # then no pymatting to compile either: rembg's own import names what is missing
+        import rembg  # noqa: F401
+        return
     compiling = numba.config.DISABLE_JIT
     numba.config.DISABLE_JIT = True
     try:
