@@ -20,11 +20,13 @@ def _prefect_api_for(args: argparse.Namespace) -> dict:
 
 
 def _run_finished_before(args: argparse.Namespace) -> bool:
-    """Whether the run's last flow completed (run.json): a re-run then likely has nothing to compute."""
+    """Whether the run's last flow recorded what this command computes (run.json: it completed, or
+    stopped after the same `--until` stage): a re-run then likely has nothing to compute."""
     try:
+        from richpref.run.plan import covers
         from richpref.run.storage import RunStore
 
-        return RunStore(args.data_dir, args.run).last_run().get("state") == "completed"
+        return covers(RunStore(args.data_dir, args.run).last_run().get("state"), args.until)
     except Exception:  # noqa: BLE001 - a bad run name or data dir: the checks below say why
         return False
 
@@ -51,7 +53,6 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 def _curate(args: argparse.Namespace, server) -> int:
     from richpref.run.cluster import ClusterError
-    from richpref.views.inspect import format_summary, summary
     from richpref.run.plan import finished_and_current, plan_run
     from richpref.schemas.config import ProfileError, load_profile
     from richpref.schemas.migrate import ProfileMigrationWarning
@@ -74,20 +75,18 @@ def _curate(args: argparse.Namespace, server) -> int:
             raise ProfileError(f"--until {args.until}: profile {profile.name!r} ({profile.pipeline} pipeline) runs "
                                f"{', '.join(stages)}")
         if args.plan or not args.force_flow:
-            plan = plan_run(profile, args.data_dir, args.run)
+            plan = plan_run(profile, args.data_dir, args.run, args.until)
             if args.plan:
                 print(plan.format())
                 return 0
-            if plan.up_to_date and finished_and_current(profile, args.data_dir, args.run):
+            if plan.up_to_date and finished_and_current(profile, args.data_dir, args.run, args.until):
                 # Nothing the flow would compute: skip starting Prefect (--force-flow runs it anyway).
                 from richpref.run.storage import RunStore
 
                 store = RunStore(args.data_dir, args.run)
                 print(plan.format().splitlines()[0])
-                print(f"\npairs (Pick-a-Pic format): {store.uri(store.stage_dir('pairs'))}")
-                print(f"run folder: {store.uri(store.root)}")
-                print(format_summary(summary(args.data_dir, args.run)))
-                return 0
+                return _outcome(args, store.last_run().get("state", ""), store.uri(store.stage_dir("pairs")),
+                                store.uri(store.root))
         from richpref.ops.entrypoints import CURATE, load_flow, run_flow
         from richpref.run.orchestration import close_early_cluster, start_cluster_early, task_runner
         from richpref.run.runner import CurateFailed
@@ -113,14 +112,22 @@ def _curate(args: argparse.Namespace, server) -> int:
             close_early_cluster(runner)
     except (ProfileError, SourceError, ClusterError) as exc:
         return fail(exc)
-    if result["state"].startswith("stopped"):
-        print(f"\n{result['state']} (--until); run the same command without --until to continue")
+    return _outcome(args, result["state"], result["pairs"], result["run_dir"])
+
+
+def _outcome(args: argparse.Namespace, state: str, pairs: str, run_dir: str) -> int:
+    """What a curate that ended in `state` prints: where its pairs are (or how to go on after
+    `--until`), the run folder and the run's summary."""
+    from richpref.run.plan import STOPPED_AFTER
+    from richpref.views.inspect import format_summary, summary
+
+    if state.startswith(STOPPED_AFTER):
+        print(f"\n{state} (--until); run the same command without --until to continue")
     else:
-        print(f"\npairs (Pick-a-Pic format): {result['pairs']}")
-    print(f"run folder: {result['run_dir']}")
+        print(f"\npairs (Pick-a-Pic format): {pairs}")
+    print(f"run folder: {run_dir}")
     print(format_summary(summary(args.data_dir, args.run)))
     return 0
-
 
 
 def register(sub) -> None:

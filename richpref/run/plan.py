@@ -49,15 +49,40 @@ def _ranges(xs: list[int]) -> str:
     return ", ".join(out)
 
 
-def plan_run(profile: Profile, data_dir: str, run: str) -> RunPlan:
+def plan_run(profile: Profile, data_dir: str, run: str, until: str | None = None) -> RunPlan:
+    """The plan of `run`'s stages, up to `until` (the last stage a `--until` run computes; None: all)."""
     from richpref.tasks import stages_for
 
     t0 = time.perf_counter()
-    stages = plan_stages(stages_for(profile), profile, RunStore(data_dir, run))
+    pipeline = stages_for(profile)
+    if until is not None:
+        pipeline = pipeline[: [s.name for s in pipeline].index(until) + 1]
+    stages = plan_stages(pipeline, profile, RunStore(data_dir, run))
     return RunPlan(run=run, stages=stages, seconds=time.perf_counter() - t0)
 
 
-def finished_and_current(profile: Profile, data_dir: str, run: str) -> bool:
-    """The last curate of `run` completed with this very profile (its report and run.json are final)."""
+STOPPED_AFTER = "stopped after "  # the state of a flow run with `until` (flows/curate.py): "stopped after <stage>"
+
+
+def covers(state: str | None, until: str | None, stages: list[str] | None = None) -> bool:
+    """Whether a last flow that ended in `state` recorded every stage up to `until` (None: all):
+    "completed" does; "stopped after S" does for an `until` at or before S in `stages` (the pipeline's
+    stage names; without them, only S itself)."""
+    if state == "completed":
+        return True
+    if until is None or not state or not state.startswith(STOPPED_AFTER):
+        return False
+    last = state[len(STOPPED_AFTER):]
+    if stages is None or last not in stages or until not in stages:
+        return last == until
+    return stages.index(last) >= stages.index(until)
+
+
+def finished_and_current(profile: Profile, data_dir: str, run: str, until: str | None = None) -> bool:
+    """The last curate of `run` ran with this very profile and recorded every stage up to `until`
+    (None: all): its report and run.json are final for what this command would compute."""
+    from richpref.tasks import stages_for
+
     last = RunStore(data_dir, run).last_run()
-    return last.get("state") == "completed" and last.get("profile_hash") == profile_hash(profile)
+    return (last.get("profile_hash") == profile_hash(profile)
+            and covers(last.get("state"), until, [s.name for s in stages_for(profile)]))

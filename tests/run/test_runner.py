@@ -132,3 +132,16 @@ def test_last_run_is_run_json_or_nothing_before_a_first_flow_or_while_it_is_writ
     assert store.last_run() == {"run": "r", "state": "completed"}
     store.write_text("run.json", '{"run": "r", "sta')  # cut short
     assert store.last_run() == {}
+
+
+def test_a_last_flows_state_covers_the_stages_it_recorded():
+    from richpref.run.plan import covers
+
+    names = ["source", "sample", "critique", "instruct", "edit"]
+    assert covers("completed", None, names) and covers("completed", "sample", names)
+    assert covers("stopped after critique", "critique", names) and covers("stopped after critique", "sample", names)
+    assert not covers("stopped after critique", "instruct", names)
+    assert not covers("stopped after critique", None, names)  # a whole run: more than was recorded
+    assert covers("stopped after critique", "critique") and not covers("stopped after critique", "sample")
+    for state in ("running", "failed", None, "stopped after no-such-stage"):
+        assert not covers(state, "sample", names), state

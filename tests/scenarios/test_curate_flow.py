@@ -263,9 +263,24 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
         main(argv)
 
 
-def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, runs_dir, tiny_models):
+def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, runs_dir, tiny_models, capsys):
     import json
     import shutil
+
+    import richpref.ops.entrypoints as entrypoints
+    from richpref.cli.commands import main
+
+    def no_flow(*a, **k):
+        raise AssertionError("an up-to-date run must not start the flow")
+
+    def until(stage: str, *extra: str) -> str:
+        """`richpref curate --until stage` on the run, where starting the flow fails: what it printed."""
+        argv = ["--data-dir", str(runs_dir), "curate", "--run", "until", "--models-root", str(tiny_models),
+                *(x for o in OVERRIDES for x in ("--set", o)), "--until", stage, *extra]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(entrypoints, "load_flow", lambda entrypoint: no_flow)
+            assert main(argv) == 0
+        return capsys.readouterr().out
 
     store = RunStore(str(runs_dir), "until")
     shutil.copytree(RunStore(str(runs_dir), "ref").root, store.root)
@@ -279,6 +294,16 @@ def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, ru
     assert work(runs_dir, "until") == [("critique", 1), ("instruct", 1)]
     assert json.loads(store.fs.cat_file(store.root + "/run.json"))["state"] == "stopped after instruct"
     assert 1 not in store.shards("edit")
+    # The same command again, or an earlier --until, has nothing to compute: no Prefect, no flow.
+    assert "stopped after instruct (--until); run the same command without --until" in until("instruct")
+    assert "up to date, nothing to compute" in until("critique")
+    with pytest.raises(AssertionError, match="must not start"):  # edit's shard 1 is to do
+        until("edit")
+    planned = [ln.split()[0] for ln in until("edit", "--plan").splitlines()[2:]]
+    assert planned == ["source", "sample", "critique", "instruct", "edit"]  # the stages this command computes
     curate_run(runs_dir, "until", tiny_models)
     assert sorted(work(runs_dir, "until")[2:]) == sorted((s, 1) for s in stages_from("edit"))
     assert pair_files(runs_dir, "until") == pair_files(runs_dir, "ref")
+    out = until("edit")  # a completed run covers every stage, and its record stays the whole run's
+    assert "up to date, nothing to compute" in out and "pairs (Pick-a-Pic format)" in out
+    assert json.loads(store.fs.cat_file(store.root + "/run.json"))["state"] == "completed"
