@@ -23,7 +23,7 @@ def _run_finished_before(args: argparse.Namespace) -> bool:
     """Whether the run's last flow recorded what this command computes (run.json: it completed, or
     stopped after the same `--until` stage): a re-run then likely has nothing to compute."""
     try:
-        from richpref.run.plan import covers
+        from richpref.run.run_state import covers
         from richpref.run.storage import RunStore
 
         return covers(RunStore(args.data_dir, args.run).last_run().get("state"), args.until)
@@ -118,7 +118,7 @@ def _curate(args: argparse.Namespace, server) -> int:
 def _outcome(args: argparse.Namespace, state: str, pairs: str, run_dir: str) -> int:
     """What a curate that ended in `state` prints: where its pairs are (or how to go on after
     `--until`), the run folder and the run's summary."""
-    from richpref.run.plan import STOPPED_AFTER
+    from richpref.run.run_state import STOPPED_AFTER
     from richpref.views.inspect import format_summary, summary
 
     if state.startswith(STOPPED_AFTER):

@@ -13,6 +13,7 @@ from richpref.run.leases import Busy
 from richpref.models.runtime import resident
 from richpref.run.runner import ShardManifest, content_key, drop_shards_from, run_shard, stage_shards
 from richpref.schemas.config import Profile
+from richpref.run.run_state import COMPLETED, stopped_after
 from richpref.run.storage import RunStore
 
 
@@ -21,9 +22,8 @@ def run_inline(profile: Profile, data_dir: str, run: str, *, until: str | None =
     """Compute every stage of `profile`'s pipeline (up to `until`) for `run`; return their manifests."""
     from richpref.tasks import ALL_OUTPUTS, stages_for
 
-    stages = stages_for(profile)
-    if until is not None:
-        stages = stages[: [s.name for s in stages].index(until) + 1]
+    pipeline = stages_for(profile)
+    stages = pipeline if until is None else pipeline[: [s.name for s in pipeline].index(until) + 1]
     store = RunStore(data_dir, run)
     store.write_text("profile.json", profile.model_dump_json(indent=2))
     manifests: dict[str, dict[int, ShardManifest]] = {}
@@ -40,7 +40,8 @@ def run_inline(profile: Profile, data_dir: str, run: str, *, until: str | None =
             done[s] = result
         manifests[stage.out] = done
         resident.release()
-    summary = {"run": run, "profile": profile.name, "state": "completed",
+    state = COMPLETED if len(stages) == len(pipeline) else stopped_after(stages[-1].name)
+    summary = {"run": run, "profile": profile.name, "state": state,
                "stages": {out: {"shards": len(ms), "rows": sum(m.rows for m in ms.values()),
                                 "kept": sum(m.kept for m in ms.values())} for out, ms in manifests.items()}}
     store.write_text("run.json", json.dumps(summary, indent=2))

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from richpref.schemas.config import Profile, profile_hash
+from richpref.run.run_state import covers
 from richpref.run.runner import StagePlan, plan_stages
 from richpref.run.storage import RunStore
 
@@ -59,23 +60,6 @@ def plan_run(profile: Profile, data_dir: str, run: str, until: str | None = None
         pipeline = pipeline[: [s.name for s in pipeline].index(until) + 1]
     stages = plan_stages(pipeline, profile, RunStore(data_dir, run))
     return RunPlan(run=run, stages=stages, seconds=time.perf_counter() - t0)
-
-
-STOPPED_AFTER = "stopped after "  # the state of a flow run with `until` (flows/curate.py): "stopped after <stage>"
-
-
-def covers(state: str | None, until: str | None, stages: list[str] | None = None) -> bool:
-    """Whether a last flow that ended in `state` recorded every stage up to `until` (None: all):
-    "completed" does; "stopped after S" does for an `until` at or before S in `stages` (the pipeline's
-    stage names; without them, only S itself)."""
-    if state == "completed":
-        return True
-    if until is None or not state or not state.startswith(STOPPED_AFTER):
-        return False
-    last = state[len(STOPPED_AFTER):]
-    if stages is None or last not in stages or until not in stages:
-        return last == until
-    return stages.index(last) >= stages.index(until)
 
 
 def finished_and_current(profile: Profile, data_dir: str, run: str, until: str | None = None) -> bool:

@@ -135,7 +135,7 @@ def test_last_run_is_run_json_or_nothing_before_a_first_flow_or_while_it_is_writ
 
 
 def test_a_last_flows_state_covers_the_stages_it_recorded():
-    from richpref.run.plan import covers
+    from richpref.run.run_state import covers
 
     names = ["source", "sample", "critique", "instruct", "edit"]
     assert covers("completed", None, names) and covers("completed", "sample", names)

@@ -1,0 +1,26 @@
+"""A run's state as its last curate flow recorded it (run.json's "state"), and which stages it covers.
+
+No heavy import here: `richpref curate` asks it before spawning its Prefect server, ahead of torch.
+"""
+from __future__ import annotations
+
+COMPLETED = "completed"
+STOPPED_AFTER = "stopped after "  # + the last stage of a flow run with `until`
+
+
+def stopped_after(stage: str) -> str:
+    return STOPPED_AFTER + stage
+
+
+def covers(state: str | None, until: str | None, stages: list[str] | None = None) -> bool:
+    """Whether a last flow that ended in `state` recorded every stage up to `until` (None: all):
+    "completed" does; "stopped after S" does for an `until` at or before S in `stages` (the pipeline's
+    stage names; without them, only S itself)."""
+    if state == COMPLETED:
+        return True
+    if until is None or not state or not state.startswith(STOPPED_AFTER):
+        return False
+    last = state[len(STOPPED_AFTER):]
+    if stages is None or last not in stages or until not in stages:
+        return last == until
+    return stages.index(last) >= stages.index(until)
