@@ -4,7 +4,6 @@ fine-tune steps, then the whole weights gathered (richpref.training.checkpoints.
 saved by richpref.training.models.save_tuned on the main process."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -18,10 +17,12 @@ from richpref.training.checkpoints import full_state_dict, param_norm
 from richpref.training.models import save_tuned
 
 
-def main(rank: int, world: int, port: int, model_dir: str, out: str, steps: int = 2) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def main(rank: int, world: int, model_dir: str, out: str, steps: int = 2) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not rank 0's TCP store: rank 0 could exit, taking its store server with it, while
+    # rank 1 was still tearing its group down, which then aborted (exit -6, once in a full suite).
+    dist.init_process_group("gloo", init_method=f"file://{Path(out) / 'process-group-store'}", rank=rank,
+                            world_size=world)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
     model.enable_gradient_checkpointing()

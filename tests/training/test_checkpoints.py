@@ -9,14 +9,13 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from fsdp_worker import main as worker
 
-from richpref.training.launcher import free_port
 
 
 def test_sharded_full_finetune_saves_the_whole_transformer(paths, tmp_path):
     # spawned, not forked: a fork of a process whose autograd threads already ran (an earlier training test
     # in the same pytest worker) fails in the child's backward
-    ctx, port = multiprocessing.get_context("spawn"), free_port()
-    procs = [ctx.Process(target=worker, args=(rank, 2, port, str(paths.flux), str(tmp_path))) for rank in range(2)]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(rank, 2, str(paths.flux), str(tmp_path))) for rank in range(2)]
     for p in procs:
         p.start()
     try:
