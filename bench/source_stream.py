@@ -116,9 +116,9 @@ def _count_parquet_reads() -> None:
 
     real = parquet.open_parquet
 
-    def counted(path: str, **kw):
+    def counted(path: str, size: int | None = None, **kw):
         if parquet.is_url(path):
-            return real(path, **kw)
+            return real(path, size=size, **kw)
         return parquet.pq.ParquetFile(_CountingFile(path), **kw)
 
     parquet.open_parquet = counted

@@ -43,23 +43,26 @@ def file_version(path: str) -> tuple[str, int, object]:
     return path, int(info.get("size") or 0), str(version)
 
 
-def open_parquet(path: str, **kw) -> pq.ParquetFile:
+def open_parquet(path: str, size: int | None = None, **kw) -> pq.ParquetFile:
     """A local file, or a remote object through fsspec: reads fetch the byte ranges asked for (the
-    footer, then the row groups' column chunks), never the whole object."""
+    footer, then the row groups' column chunks), never the whole object. `size`: the object's size
+    where known (its version), which spares a remote open its request for it."""
     if not is_url(path):
         return pq.ParquetFile(path, **kw)
     from richpref.common.objstore import url_to_fs
 
     fs, inner = url_to_fs(path)
-    return pq.ParquetFile(fs.open(inner, "rb", cache_type="none"), **kw)
+    return pq.ParquetFile(fs.open(inner, "rb", cache_type="none", **({"size": size} if size else {})), **kw)
 
 
-def footer(path: str) -> pq.FileMetaData:
-    key = file_version(path)
+def footer(path: str, version: tuple | None = None) -> pq.FileMetaData:
+    """The parsed footer of `path` at `version` (default: as it is now, which on an object store costs
+    a request)."""
+    key = version or file_version(path)
     meta = _FOOTERS.get(key)
     if meta is None:
         try:
-            meta = open_parquet(path).metadata
+            meta = open_parquet(path, size=key[1]).metadata
         except (OSError, pa.ArrowInvalid) as exc:
             raise SourceError(f"{path}: not a readable Parquet file ({exc}); point source.path at Parquet files "
                               "or set source.kind to the file's format") from exc
@@ -68,14 +71,24 @@ def footer(path: str) -> pq.FileMetaData:
 
 
 class ParquetPart:
-    """One Parquet file; the last row group read is kept for the next shard of the same file version."""
+    """One Parquet file, at the version it had when first asked (a reader that must see a changed file
+    makes a new part: a source's view is opened again when its files' stamp changes). The last row
+    group read is kept for the next shard of the same file version."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.name = os.path.basename(path.rstrip("/"))
+        self._version: tuple | None = None
+
+    def version(self) -> tuple:
+        # Asked once: on an object store each ask is a request (HEAD), and a shard asked for the footer
+        # about nine times (435 HEADs to read a 400-row source in 50 shards from S3).
+        if self._version is None:
+            self._version = file_version(self.path)
+        return self._version
 
     def _meta(self) -> pq.FileMetaData:
-        return footer(self.path)
+        return footer(self.path, self.version())
 
     def num_rows(self) -> int:
         return self._meta().num_rows
@@ -106,16 +119,19 @@ class ParquetPart:
     def _read_group(self, rg: int, lo: int, hi: int, end: int, columns: list[str]) -> pa.Table:
         """Rows [lo, hi) of row group `rg`. It reads rows [lo, end) (`end`: where the source's selected
         rows stop in this group) and keeps them for the next shards of the group."""
-        key = (*file_version(self.path), rg, tuple(columns))
+        key = (*self.version(), rg, tuple(columns))
         got = _LAST_GROUP.get(key)
         if got is not None and got[0] <= lo and hi <= got[0] + got[1].num_rows:
             return got[1].slice(lo - got[0], hi - lo)
         ROW_GROUPS_READ.append((self.name, rg))
-        group = self._meta().row_group(rg)
+        group_meta = self._meta()  # the footer parsed once per file version: not read again for each group
+        group = group_meta.row_group(rg)
         if (end - lo) * 2 >= group.num_rows and group.total_byte_size <= WHOLE_ROW_GROUP_BYTES:
-            table = open_parquet(self.path).read_row_group(rg, columns=columns).slice(lo, end - lo)
+            table = (open_parquet(self.path, size=self.version()[1], metadata=group_meta)
+                     .read_row_group(rg, columns=columns).slice(lo, end - lo))
         else:  # only part of the group: decode batches up to `end` only (buffered reads, no whole-chunk prefetch)
-            pf = open_parquet(self.path, buffer_size=1 << 20, pre_buffer=False)
+            pf = open_parquet(self.path, size=self.version()[1], metadata=group_meta, buffer_size=1 << 20,
+                              pre_buffer=False)
             batches, seen = [], 0
             for batch in pf.iter_batches(batch_size=max(1, min(1024, end)), row_groups=[rg], columns=columns):
                 if seen + batch.num_rows > lo:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from ..schemas.config import Profile
 from ..schemas.tables import OK
 from ..sources import SourceError, source_files
-from ..sources.parquet import ParquetPart, file_version, open_parquet
+from ..sources.parquet import ParquetPart, file_version, footer, open_parquet
 from .base import Stage, StageInputs
 
 VERSION = "1"
@@ -86,7 +86,7 @@ def content_id(caption, a: bytes | None, b: bytes | None) -> str:
 
 def read_rows(path: str, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
-    pf = open_parquet(path)
+    pf = open_parquet(path, metadata=footer(path))  # the footer parsed once per file version, not per shard
     meta, first, groups, seen = pf.metadata, None, [], 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows

@@ -196,6 +196,29 @@ def test_a_parquet_source_on_s3_is_read_by_row_group_and_gives_the_local_shards(
     assert len(set(keys)) == 3  # (the path is part of the key: not equal to the local file's keys)
 
 
+def test_a_parquet_source_on_s3_is_read_with_one_version_check_and_footer_a_view(s3, bucket, tmp_path):
+    """A shard asked the store for the file's version (a HEAD) each time it needed the footer, about nine
+    times a shard, and fetched the footer again for each row group it read."""
+    from test_source import _pickapic
+
+    from richpref.common.objstore import url_to_fs
+    from richpref.schemas.config import SourceConfig
+    from richpref.tasks.source import shard_source
+
+    local = tmp_path / "big.parquet"
+    _pickapic(local, 400, row_group_size=50, label_of=lambda i: 1.0)
+    fs, _ = url_to_fs(f"s3://{bucket}")
+    fs.put_file(str(local), f"{bucket}/src/big.parquet")
+    before = len(s3.requests())
+    tables = shard_source(SourceConfig(kind="parquet", path=f"s3://{bucket}/src", pickapic_preferred=True, shard_size=8))
+    asked = s3.requests()[before:]
+    assert len(tables) == 50 and sum(t.num_rows for t in tables) == 400
+    heads = [r for r in asked if r.startswith("HEAD")]
+    reads = [r for r in asked if r.startswith("GET") and "big.parquet" in r]
+    assert len(heads) < len(tables), heads  # the listing and version checks of a view, not ~9 a shard
+    assert len(reads) <= 8 + 2, reads  # 8 row groups, and the footer once (its tail, then the rest)
+
+
 def test_dedupe_digests_are_written_once_into_an_s3_run_folder_and_read_back_by_other_workers(s3, bucket, tmp_path):
     from test_source import _dupes_source
 

@@ -119,6 +119,36 @@ def test_a_large_row_group_is_read_only_up_to_the_rows_asked_for(tmp_path, monke
     assert shard.column("image").to_pylist() == [_jpeg(2 * (i % 7)) for i in range(100, 105)]
 
 
+@pytest.mark.parametrize("whole_groups", [True, False])
+def test_a_files_footer_is_parsed_once_however_many_shards_and_row_groups_are_read(tmp_path, monkeypatch,
+                                                                                 whole_groups):
+    """Each row group read opened the file afresh and parsed its footer again: on an object store a
+    footer is one or two requests more per shard, and a big file's footer is megabytes."""
+    from richpref.tasks.pickapic_source import read_rows
+
+    path = tmp_path / "groups.parquet"
+    _pickapic(path, 60, row_group_size=10, label_of=lambda i: 1.0)
+    if not whole_groups:
+        monkeypatch.setattr(parquet_reader, "WHOLE_ROW_GROUP_BYTES", 1)  # the streaming path
+    parsed = []
+
+    class Counting(pq.ParquetFile):
+        def __init__(self, source, *args, metadata=None, **kwargs):
+            if metadata is None:
+                parsed.append(source)
+            super().__init__(source, *args, metadata=metadata, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", Counting)
+    cfg = SourceConfig(kind="parquet", path=str(path), pickapic_preferred=True, shard_size=8)
+    parquet_reader.ROW_GROUPS_READ.clear()
+    assert len(_rows(shard_source(cfg))) == 60
+    assert len(set(parquet_reader.ROW_GROUPS_READ)) == 6 and len(parsed) == 1
+    copy = tmp_path / "relabel.parquet"  # relabel-dataset's reader, on a file of its own
+    copy.write_bytes(path.read_bytes())
+    assert sum(read_rows(str(copy), a, a + 8).num_rows for a in range(0, 60, 8)) == 60
+    assert len(parsed) == 2
+
+
 # keys ---------------------------------------------------------------------------------------------
 
 def test_a_changed_row_changes_the_key_of_its_shard_only(tmp_path):
