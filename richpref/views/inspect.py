@@ -5,7 +5,7 @@ import json
 
 import duckdb
 
-from richpref.run.runner import stage_manifests
+from richpref.run.runner import ShardManifest, stage_manifests
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_OUTPUTS, PAIR_KEYED
 
@@ -15,6 +15,20 @@ SQL_STRING = str.maketrans({"'": "''"})
 def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     """An in-memory duckdb with a view per stage that has shards (`source`, `sample`, … `pairs`)."""
     store = RunStore(data_dir, run)
+    con = _duckdb_for(store)
+    views = []
+    for out in ALL_OUTPUTS:
+        if _create_stage_view(con, out, stage_manifests(store, out)):
+            views.append(out)
+    if not views:
+        raise FileNotFoundError(_no_shards(store, run))
+    # A rebuild's pairs (several per item, keyed by pair index) are looked up, not joined.
+    apart = PAIR_KEYED & set(views)
+    _create_pairs_full(con, [v for v in views if v not in apart and not (apart and v == "pairs")], pairs_apart=bool(apart))
+    return con, views + ["pairs_full"]
+
+
+def _duckdb_for(store: RunStore) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     if "://" in store.data_dir:
         # Remote runs are read through the run's own fsspec filesystem (same endpoint and credentials
@@ -22,20 +36,21 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
         # first use (impossible offline) and configured apart.
         con.execute("SET autoinstall_known_extensions = false")
         con.register_filesystem(store.fs)
-    views = []
-    for out in ALL_OUTPUTS:
-        files = [m.uri for _, m in sorted(stage_manifests(store, out).items())]  # committed shards only
-        if not files:
-            continue
-        listing = ", ".join("'" + f.translate(SQL_STRING) + "'" for f in files)
-        con.execute(f'create view "{out}" as select * from read_parquet([{listing}], union_by_name=true)')
-        views.append(out)
-    if not views:
-        raise FileNotFoundError(f"run {run!r} has no shards under {store.uri(store.root)}; run `richpref curate --run {run}` first")
-    # A rebuild's pairs (several per item, keyed by pair index) are looked up, not joined.
-    apart = PAIR_KEYED & set(views)
-    _create_pairs_full(con, [v for v in views if v not in apart and not (apart and v == "pairs")], pairs_apart=bool(apart))
-    return con, views + ["pairs_full"]
+    return con
+
+
+def _create_stage_view(con: duckdb.DuckDBPyConnection, out: str, manifests: dict[int, ShardManifest]) -> bool:
+    """A view of the stage's committed shards (those `manifests` name); False where it has none."""
+    files = [m.uri for _, m in sorted(manifests.items())]
+    if not files:
+        return False
+    listing = ", ".join("'" + f.translate(SQL_STRING) + "'" for f in files)
+    con.execute(f'create view "{out}" as select * from read_parquet([{listing}], union_by_name=true)')
+    return True
+
+
+def _no_shards(store: RunStore, run: str) -> str:
+    return f"run {run!r} has no shards under {store.uri(store.root)}; run `richpref curate --run {run}` first"
 
 
 def _create_pairs_full(con: duckdb.DuckDBPyConnection, views: list[str], pairs_apart: bool = False) -> None:
@@ -83,28 +98,45 @@ def _create_pairs_full(con: duckdb.DuckDBPyConnection, views: list[str], pairs_a
 
 
 def summary(data_dir: str, run: str) -> dict:
-    con, views = connect(data_dir, run)
-    stages = []
-    for v in views:
-        if v == "pairs_full":
+    """Rows, kept, rejected and reasons of every stage with shards, from its manifests (the runner
+    counts them as it commits: no shard is opened), and the flip rate and label counts, from the
+    relabel and pairs shards' columns. Every curate prints it at its end: read through duckdb, every
+    shard of every stage was opened, on S3 about 35 requests a shard."""
+    store = RunStore(data_dir, run)
+    con = _duckdb_for(store)
+    stages, present = [], {}
+    for out in ALL_OUTPUTS:
+        manifests = stage_manifests(store, out)
+        if not manifests:
             continue
-        if v == "pairs":
-            n = con.execute('select count(*) from "pairs"').fetchone()[0]
-            stages.append({"stage": v, "rows": n, "kept": n, "rejected": 0, "reasons": {}})
+        present[out] = manifests
+        rows = sum(m.rows for m in manifests.values())
+        if out == "pairs":  # exported pairs are all kept
+            stages.append({"stage": out, "rows": rows, "kept": rows, "rejected": 0, "reasons": {}})
             continue
-        rows, kept = con.execute(f"select count(*), count(*) filter (where status = 'ok') from \"{v}\"").fetchone()
-        reasons = dict(con.execute(
-            f"select split_part(reason, ':', 1) as r, count(*) from \"{v}\" where status <> 'ok' group by 1 order by 2 desc, 1"
-        ).fetchall())
-        stages.append({"stage": v, "rows": rows, "kept": kept, "rejected": rows - kept, "reasons": reasons})
+        kept = sum(m.kept for m in manifests.values())
+        reasons: dict[str, int] = {}
+        for m in manifests.values():
+            for r, n in m.reasons.items():
+                reasons[r] = reasons.get(r, 0) + n
+        if sum(reasons.values()) != rows - kept:  # manifests written before they held the reasons
+            _create_stage_view(con, out, manifests)
+            reasons = dict(con.execute(f"select split_part(reason, ':', 1), count(*) from \"{out}\" "
+                                       "where status <> 'ok' group by 1").fetchall())
+        reasons = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        stages.append({"stage": out, "rows": rows, "kept": kept, "rejected": rows - kept, "reasons": reasons})
+    if not present:
+        raise FileNotFoundError(_no_shards(store, run))
     out = {"run": run, "stages": stages}
-    if "relabel" in views:
+    if "relabel" in present:
+        _create_stage_view(con, "relabel_rows", present["relabel"])
         # over the pairs that hold the original (best-vs-worst pairs of two edits cannot flip)
-        n, flipped = con.execute("select count(*), count(*) filter (where flipped) from relabel "
+        n, flipped = con.execute("select count(*), count(*) filter (where flipped) from relabel_rows "
                                  "where status = 'ok' and coalesce(candidate_0, -1) = -1").fetchone()
         out["flip_rate"] = (flipped / n) if n else None
-    if "pairs" in views:
-        out["label_0"] = dict(con.execute("select label_0, count(*) from pairs group by 1 order by 1").fetchall())
+    if "pairs" in present:
+        _create_stage_view(con, "pairs_rows", present["pairs"])
+        out["label_0"] = dict(con.execute("select label_0, count(*) from pairs_rows group by 1 order by 1").fetchall())
     return out
 
 
