@@ -71,10 +71,10 @@ class RunStore:
         """Write to a temporary name, then rename into place: a reader never sees a partial file."""
         write_atomic(path, data, fs=self.fs, before_commit=before_commit)
 
-    def read_shard(self, stage: str, shard: int) -> pa.Table:
+    def read_shard(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:
         path = self.shard_path(stage, shard)
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f)
+            return pq.read_table(f, columns=columns)
 
     def read_stage(self, stage: str, columns: list[str] | None = None) -> pa.Table:
         """All shards of a stage as one table (shard order)."""
