@@ -37,11 +37,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     store.write_text("profile.json", prof.model_dump_json(indent=2))
     store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 
-    pipeline = stages_for(prof)
-    names = [s.name for s in pipeline]
-    if until is not None and until not in names:
-        raise ValueError(f"--until {until}: profile {prof.name!r} ({prof.pipeline} pipeline) runs {', '.join(names)}")
-    stages = pipeline if until is None else pipeline[: names.index(until) + 1]
+    stages = stages_for(prof, until)
     preflight(data_dir, stages)  # on a Dask cluster: every worker can take part, or fail now naming it
     costs, table = stage_costs(doctor_json) if affinity else (None, None)
     models_before = model_swaps()
@@ -58,7 +54,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
 
     summary = {
         "run": run,
-        "state": "failed" if failures else COMPLETED if until in (None, pipeline[-1].name) else stopped_after(until),
+        "state": "failed" if failures else COMPLETED if len(stages) == len(stages_for(prof)) else stopped_after(until),
         "profile": prof.name,
         "profile_hash": profile_hash(prof),
         "run_dir": store.uri(store.root),

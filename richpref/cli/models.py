@@ -9,12 +9,12 @@ from richpref.cli.errors import fail
 
 
 def _progress_lines() -> None:
-    """richpref's progress lines on stderr; other libraries' INFO records stay out (the ONNX
-    exporter's optimizer logs a line per pass while the tiny cut-out net is built)."""
+    """A handler for richpref's progress lines (its logger is at INFO: `commands.main`); other
+    libraries' INFO records stay out (the ONNX exporter's optimizer logs a line per pass while the
+    tiny cut-out net is built)."""
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("richpref").setLevel(logging.INFO)
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:

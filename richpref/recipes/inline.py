@@ -22,8 +22,7 @@ def run_inline(profile: Profile, data_dir: str, run: str, *, until: str | None =
     """Compute every stage of `profile`'s pipeline (up to `until`) for `run`; return their manifests."""
     from richpref.tasks import ALL_OUTPUTS, stages_for
 
-    pipeline = stages_for(profile)
-    stages = pipeline if until is None else pipeline[: [s.name for s in pipeline].index(until) + 1]
+    stages = stages_for(profile, until)
     store = RunStore(data_dir, run)
     store.write_text("profile.json", profile.model_dump_json(indent=2))
     manifests: dict[str, dict[int, ShardManifest]] = {}
@@ -40,7 +39,7 @@ def run_inline(profile: Profile, data_dir: str, run: str, *, until: str | None =
             done[s] = result
         manifests[stage.out] = done
         resident.release()
-    state = COMPLETED if len(stages) == len(pipeline) else stopped_after(stages[-1].name)
+    state = COMPLETED if len(stages) == len(stages_for(profile)) else stopped_after(stages[-1].name)
     summary = {"run": run, "profile": profile.name, "state": state,
                "stages": {out: {"shards": len(ms), "rows": sum(m.rows for m in ms.values()),
                                 "kept": sum(m.kept for m in ms.values())} for out, ms in manifests.items()}}

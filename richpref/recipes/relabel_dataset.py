@@ -79,6 +79,7 @@ def relabel_dataset(src: str, out_dir: str, profile: Profile, reward: str | None
     source label kept as `label_0_source`, plus `margin` and `scores`. Standardised per shard. Also
     writes README.md and plots/ beside them and the summary as the run's relabel.json."""
     from richpref.recipes.inline import run_inline
+    from richpref.run.runner import reason_counts
     from richpref.run.storage import RunStore
     from richpref.views.datacard import write_relabel_report
 
@@ -88,10 +89,7 @@ def relabel_dataset(src: str, out_dir: str, profile: Profile, reward: str | None
     store = RunStore(out_dir, run)
     source, decided, pairs = manifests["source"], manifests["relabel"], manifests["pairs"]
     rows, kept = sum(m.rows for m in source.values()), sum(m.rows for m in pairs.values())
-    reasons: dict[str, int] = {}
-    for m in decided.values():
-        for code, n in m.reasons.items():
-            reasons[code] = reasons.get(code, 0) + n
+    reasons = reason_counts(decided.values())
     if rows != kept + sum(reasons.values()):
         raise RuntimeError(f"run {run}: {rows} source rows but {kept} kept and {sum(reasons.values())} rejected")
     agree = with_label = 0

@@ -55,10 +55,7 @@ def plan_run(profile: Profile, data_dir: str, run: str, until: str | None = None
     from richpref.tasks import stages_for
 
     t0 = time.perf_counter()
-    pipeline = stages_for(profile)
-    if until is not None:
-        pipeline = pipeline[: [s.name for s in pipeline].index(until) + 1]
-    stages = plan_stages(pipeline, profile, RunStore(data_dir, run))
+    stages = plan_stages(stages_for(profile, until), profile, RunStore(data_dir, run))
     return RunPlan(run=run, stages=stages, seconds=time.perf_counter() - t0)
 
 

@@ -90,6 +90,10 @@ class ParquetPart:
     def _meta(self) -> pq.FileMetaData:
         return footer(self.path, self.version())
 
+    def _open(self, **kw) -> pq.ParquetFile:
+        """The file at this part's version, its footer already parsed: neither asked for again."""
+        return open_parquet(self.path, size=self.version()[1], metadata=self._meta(), **kw)
+
     def num_rows(self) -> int:
         return self._meta().num_rows
 
@@ -124,14 +128,11 @@ class ParquetPart:
         if got is not None and got[0] <= lo and hi <= got[0] + got[1].num_rows:
             return got[1].slice(lo - got[0], hi - lo)
         ROW_GROUPS_READ.append((self.name, rg))
-        group_meta = self._meta()  # the footer parsed once per file version: not read again for each group
-        group = group_meta.row_group(rg)
+        group = self._meta().row_group(rg)
         if (end - lo) * 2 >= group.num_rows and group.total_byte_size <= WHOLE_ROW_GROUP_BYTES:
-            table = (open_parquet(self.path, size=self.version()[1], metadata=group_meta)
-                     .read_row_group(rg, columns=columns).slice(lo, end - lo))
+            table = self._open().read_row_group(rg, columns=columns).slice(lo, end - lo)
         else:  # only part of the group: decode batches up to `end` only (buffered reads, no whole-chunk prefetch)
-            pf = open_parquet(self.path, size=self.version()[1], metadata=group_meta, buffer_size=1 << 20,
-                              pre_buffer=False)
+            pf = self._open(buffer_size=1 << 20, pre_buffer=False)
             batches, seen = [], 0
             for batch in pf.iter_batches(batch_size=max(1, min(1024, end)), row_groups=[rg], columns=columns):
                 if seen + batch.num_rows > lo:

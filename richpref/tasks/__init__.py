@@ -38,9 +38,16 @@ ALL_OUTPUTS: tuple[str, ...] = OUTPUTS[:-1] + REBUILD_OUTPUTS[1:]
 PAIR_KEYED: frozenset[str] = frozenset({rebuild_pair.STAGE.out})
 
 
-def stages_for(profile) -> tuple[Stage, ...]:
-    """The stages a profile's `pipeline` runs, in order (the source first)."""
-    return {"rebuild": REBUILD, "relabel_dataset": RELABEL_DATASET}.get(profile.pipeline, ALL_STAGES)
+def stages_for(profile, until: str | None = None) -> tuple[Stage, ...]:
+    """The stages a profile's `pipeline` runs, in order (the source first), up to the stage named
+    `until` (a `--until` run; None: all of them)."""
+    stages = {"rebuild": REBUILD, "relabel_dataset": RELABEL_DATASET}.get(profile.pipeline, ALL_STAGES)
+    if until is None:
+        return stages
+    names = [s.name for s in stages]
+    if until not in names:
+        raise ValueError(f"--until {until}: profile {profile.name!r} ({profile.pipeline} pipeline) runs {', '.join(names)}")
+    return stages[: names.index(until) + 1]
 
 
 def table_schemas(profile) -> dict:

@@ -5,7 +5,7 @@ import json
 
 import duckdb
 
-from richpref.run.runner import ShardManifest, stage_manifests
+from richpref.run.runner import ShardManifest, reason_counts, stage_manifests
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_OUTPUTS, PAIR_KEYED
 
@@ -111,14 +111,8 @@ def summary(data_dir: str, run: str) -> dict:
             continue
         present[out] = manifests
         rows = sum(m.rows for m in manifests.values())
-        if out == "pairs":  # exported pairs are all kept
-            stages.append({"stage": out, "rows": rows, "kept": rows, "rejected": 0, "reasons": {}})
-            continue
-        kept = sum(m.kept for m in manifests.values())
-        reasons: dict[str, int] = {}
-        for m in manifests.values():
-            for r, n in m.reasons.items():
-                reasons[r] = reasons.get(r, 0) + n
+        kept = sum(m.kept for m in manifests.values())  # a table without a status column (pairs): all rows
+        reasons = reason_counts(manifests.values())
         if sum(reasons.values()) != rows - kept:  # manifests written before they held the reasons
             con = con or _duckdb_for(store)
             _create_stage_view(con, out, manifests)
