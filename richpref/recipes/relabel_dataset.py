@@ -79,7 +79,7 @@ def relabel_dataset(src: str, out_dir: str, profile: Profile, reward: str | None
     source label kept as `label_0_source`, plus `margin` and `scores`. Standardised per shard. Also
     writes README.md and plots/ beside them and the summary as the run's relabel.json."""
     from richpref.recipes.inline import run_inline
-    from richpref.run.runner import reason_counts
+    from richpref.run.shard_contract import reason_counts
     from richpref.run.storage import RunStore
     from richpref.views.datacard import write_relabel_report
 

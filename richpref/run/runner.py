@@ -73,15 +73,6 @@ class ShardManifest:
         return asdict(self)
 
 
-def reason_counts(manifests) -> dict[str, int]:
-    """The reject reasons of several shards' manifests, summed."""
-    out: dict[str, int] = {}
-    for m in manifests:
-        for code, n in m.reasons.items():
-            out[code] = out.get(code, 0) + n
-    return out
-
-
 def content_key(stage: Stage, profile: Profile, shard: int, inputs: dict[str, ShardManifest]) -> str:
     """Same key <=> same output: code version, effective config, shard, input shards' keys. A stage
     that reads no stage (the source) keys each shard itself, from the rows it reads."""

@@ -72,6 +72,15 @@ def check_rows_accounted(stage: str, shard: int, rows: pa.Table, out: pa.Table, 
             raise StageContractError(f"{stage} shard {shard}: item {iid} rejected without a reason")
 
 
+def reason_counts(manifests) -> dict[str, int]:
+    """The reject reasons (`reject_reasons`, as each shard's manifest holds them) of several shards, summed."""
+    out: dict[str, int] = {}
+    for m in manifests:
+        for code, n in m.reasons.items():
+            out[code] = out.get(code, 0) + n
+    return out
+
+
 def reject_reasons(table: pa.Table) -> dict[str, int]:
     counts: dict[str, int] = {}
     if "status" not in table.schema.names:

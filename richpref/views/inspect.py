@@ -5,7 +5,8 @@ import json
 
 import duckdb
 
-from richpref.run.runner import ShardManifest, reason_counts, stage_manifests
+from richpref.run.runner import ShardManifest, stage_manifests
+from richpref.run.shard_contract import reason_counts
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_OUTPUTS, PAIR_KEYED
 
