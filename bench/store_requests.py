@@ -9,11 +9,17 @@ shard done. Requests are counted two ways:
   requests it costs (a listing: one LIST per 1,000 keys; a read: one GET; exists/info: one HEAD; a
   write: one PUT). `--s3 --n 20` checks the wrapper's count against the server's own.
 
+`--curate`: the requests of a whole tiny `richpref curate` (the CLI, every stage, on the tiny models)
+into s3:// on the moto server, per committed shard: what the shard runner's leases, claims, commits
+and input reads cost on an object store, plus the plan, the flow and the summary around them.
+
 On the harness (a fresh process; the counts are deterministic, so one repeat by default): raw figures
-in bench/results/store_requests-<commit>.json (store_requests_s3 with --s3).
+in bench/results/store_requests-<commit>.json (store_requests_s3 with --s3, store_requests_curate
+with --curate).
 
     PYTHONPATH=$PWD .venv/bin/python bench/store_requests.py                 # N = 500 1000 2000 4000
     PYTHONPATH=$PWD .venv/bin/python bench/store_requests.py --s3 --n 20     # the same on moto
+    PYTHONPATH=$PWD .venv/bin/python bench/store_requests.py --curate --models data/models/tiny
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,7 +126,47 @@ def plan_requests(n: int, data_dir: str, work: Path, s3=None) -> dict:
             "by_kind": dict(sorted(counts.items())), "plan_s": round(seconds, 2)}
 
 
+def curate_requests(s3, models: str, items: int, shard_size: int) -> dict:
+    """Requests of one tiny curate (all stages) into s3://bench/curate, by kind, and per committed shard."""
+    from richpref.run.runner import stage_manifests
+    from richpref.run.storage import RunStore
+    from richpref.tasks import ALL_STAGES
+
+    env = {**os.environ, **s3.env(), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RICHPREF_TORCH_THREADS": "1",
+           "RICHPREF_MODELS_ROOT": models}
+    before = len(s3.requests())
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "richpref.cli.commands", "--data-dir", "s3://bench/curate", "curate",
+                           "--profile", "tiny", "--run", "r", "--set", f"source.limit={items}",
+                           "--set", f"source.shard_size={shard_size}"], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(f"curate failed:\n{done.stderr[-3000:]}")
+    reqs = s3.requests()[before:]
+    store = RunStore("s3://bench/curate", "r")
+    shards = sum(len(stage_manifests(store, out)) for out in {st.out for st in ALL_STAGES})
+    counts = Counter("LIST" if "list-type" in r else r.split(" ", 1)[0] for r in reqs)
+    return {"shards": shards, "requests": len(reqs), "per_shard": len(reqs) / shards, "curate_s": round(seconds, 1),
+            "by_kind": dict(sorted(counts.items()))}
+
+
 def child(args) -> None:
+    if args.curate:
+        from s3_server import S3Server
+
+        work = Path(tempfile.mkdtemp(prefix="store-requests-"))
+        s3 = S3Server(work)
+        os.environ.update(s3.env())
+        s3.make_bucket("bench")
+        try:
+            row = curate_requests(s3, args.models, args.items, args.shard_size)
+        finally:
+            s3.stop()
+        print(json.dumps(row), flush=True)
+        out = {k: row[k] for k in ("shards", "requests", "per_shard", "curate_s")}
+        out.update({f"by_kind.{k}": c for k, c in row["by_kind"].items()})
+        harness.print_child("RESULT ", {"curate": out})
+        return
     work = Path(tempfile.mkdtemp(prefix="store-requests-"))
     s3 = None
     if args.s3:
@@ -158,9 +205,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     ap.add_argument("--s3", action="store_true", help="against a moto S3 server (slow to fill: keep N small)")
+    ap.add_argument("--curate", action="store_true", help="a whole tiny curate into s3:// on moto (needs --models)")
+    ap.add_argument("--models", default=str(REPO / "data" / "models" / "tiny"), help="the tiny models (--curate)")
+    ap.add_argument("--items", type=int, default=8, help="source.limit of the --curate run")
+    ap.add_argument("--shard-size", type=int, default=2, help="source.shard_size of the --curate run")
     args = harness.child_args(ap, repeats=1).parse_args()
     if args.child:
         return child(args)
+    if args.curate:
+        return harness.run("store_requests_curate", args.repeats, ["curate"], "curate.per_shard", "requests",
+                           script=__file__, args=harness.child_argv(sys.argv[1:]),
+                           note=f"object-store requests of a whole tiny `richpref curate` into s3:// on a moto server "
+                                f"({args.items} items, shards of {args.shard_size}), per committed shard of every "
+                                f"stage; the plan, the flow's listings and the summary included")
     harness.run("store_requests" + ("_s3" if args.s3 else ""), args.repeats, ["plan"], "plan.max_per_shard_stage",
                 "requests", script=__file__, args=harness.child_argv(sys.argv[1:]),
                 note=f"object-store requests of a no-op `curate --plan` per shard and stage, the largest "

@@ -1,11 +1,14 @@
 """Files a reader never sees half-written: the bytes go to `<name>.tmp-<unique>` beside the target,
-then one rename puts them in place (on an object store, fsspec's move of the whole object)."""
+then one rename puts them in place. On an object store an upload is already all-or-nothing, so the
+bytes go straight to the target in one PUT (a rename there would be a copy and a delete)."""
 from __future__ import annotations
 
 import os
 import uuid
 from pathlib import Path
 from typing import Callable
+
+from richpref.common.objstore import ensure_folder, is_object_store
 
 
 def temp_name(path: str | os.PathLike) -> str:
@@ -14,7 +17,8 @@ def temp_name(path: str | os.PathLike) -> str:
 
 def write_atomic(path: str | os.PathLike, data: bytes, fs=None, before_commit: Callable[[], None] | None = None) -> None:
     """Write `data` to `path` through a temporary name. `fs`: an fsspec filesystem (None: the local
-    one). `before_commit` runs between the write and the rename (fault injection in tests)."""
+    one). `before_commit` runs between the write and the rename (fault injection in tests); on an object
+    store, before the one PUT."""
     tmp = temp_name(path)
     if fs is None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -23,7 +27,12 @@ def write_atomic(path: str | os.PathLike, data: bytes, fs=None, before_commit: C
             before_commit()
         os.replace(tmp, path)
         return
-    fs.makedirs(os.fspath(path).rsplit("/", 1)[0], exist_ok=True)
+    if is_object_store(fs):
+        if before_commit is not None:
+            before_commit()
+        fs.pipe_file(os.fspath(path), data)
+        return
+    ensure_folder(fs, os.fspath(path).rsplit("/", 1)[0])
     fs.pipe_file(tmp, data)
     if before_commit is not None:
         before_commit()

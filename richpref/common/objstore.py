@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 
-# Filesystems whose listings fsspec would otherwise cache: several processes write one run folder, so
-# a cached listing misses other processes' leases and manifests.
-_NO_LISTING_CACHE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+# Object stores: no folders, and an object appears whole when its upload completes. fsspec would cache
+# their listings; several processes write one run folder, so a cached listing misses other processes'
+# leases and manifests.
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
              "abfss": "adlfs", "hf": "huggingface_hub"}
 S3_ENV_HINT = ("set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for the credentials and "
@@ -29,7 +30,21 @@ def protocol(url: str) -> str:
 
 
 def storage_options(url: str) -> dict:
-    return {"use_listings_cache": False} if protocol(url) in _NO_LISTING_CACHE else {}
+    return {"use_listings_cache": False} if protocol(url) in OBJECT_STORES else {}
+
+
+def is_object_store(fs) -> bool:
+    """Whether `fs` is an object store: a write there is one PUT that readers see whole or not at all
+    (no temporary name and rename needed), and there are no folders to make."""
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return any(p in OBJECT_STORES for p in protos)
+
+
+def ensure_folder(fs, path: str) -> None:
+    """Make the folder `path` where folders exist. Not on an object store, where s3fs's makedirs would
+    only ask whether the bucket exists (a request per call, several a shard)."""
+    if not is_object_store(fs):
+        fs.makedirs(path, exist_ok=True)
 
 
 def url_to_fs(url: str, **extra):

@@ -36,7 +36,7 @@ import uuid
 from fsspec.implementations.local import LocalFileSystem
 
 from richpref.run.leases import Lease, create_exclusive
-from richpref.common.objstore import cat_small, list_names
+from richpref.common.objstore import cat_small, ensure_folder, list_names
 
 log = logging.getLogger("richpref")
 
@@ -46,8 +46,8 @@ _TEMPORARY = re.compile(r"part-\d+\.(?:parquet|manifest\.json)\.tmp-\w+")
 
 def commit_temporary(name: str) -> bool:
     """Whether a stage folder's file `name` is a commit's temporary file: a shard's Parquet bytes or its
-    manifest before their rename (a holder killed there leaves it; on S3 a rename is a copy and a
-    delete, so also after the copy)."""
+    manifest before their rename (a holder killed there leaves it). On an object store only the
+    Parquet's: a manifest goes straight to its name there."""
     return _TEMPORARY.fullmatch(name) is not None
 
 
@@ -88,8 +88,12 @@ def _place(fs, tmp: str, path: str) -> bool:
             except OSError:  # a filesystem without hard links: a copy, renamed into place
                 shutil.copyfile(tmp, link)
             os.replace(link, path)
+            try:  # rename(2) leaves both names when they are one file already (a re-finished commit)
+                os.unlink(link)
+            except FileNotFoundError:
+                pass
         else:
-            fs.copy(tmp, path)  # server-side copy; one object PUT, atomic for readers
+            fs.cp_file(tmp, path)  # server-side copy, atomic for readers (not copy(): it lists both names first)
     except FileNotFoundError:
         return False
     return True
@@ -117,7 +121,7 @@ def commit_once(store, shard_path: str, manifest_file: str, data: bytes, manifes
     key. True when this call committed; False when another holder has (or is finishing) the commit.
     Raises LeaseLost when the lease was taken over before the commit."""
     fs = store.fs
-    fs.makedirs(shard_path.rsplit("/", 1)[0], exist_ok=True)
+    ensure_folder(fs, shard_path.rsplit("/", 1)[0])
     tmp = f"{shard_path}.tmp-{uuid.uuid4().hex}"
     fs.pipe_file(tmp, data)
     if before_commit is not None:
@@ -129,10 +133,7 @@ def commit_once(store, shard_path: str, manifest_file: str, data: bytes, manifes
              "fence": lease.fencing_token if lease is not None else None}
     claim_file = claim_path(shard_path, manifest["key"])
     payload = json.dumps(claim).encode()
-    won = create_exclusive(fs, claim_file, payload)
-    if won and not isinstance(fs, LocalFileSystem) and _read_claim(fs, claim_file) != claim:
-        won = False  # no exclusive create here: a later writer's claim replaced ours
-    if not won:
+    if not create_exclusive(fs, claim_file, payload):
         _rm(fs, tmp)
         log.info("%s: another holder commits content key %s; dropping this copy", shard_path, manifest["key"][:12])
         return False
@@ -140,31 +141,31 @@ def commit_once(store, shard_path: str, manifest_file: str, data: bytes, manifes
     return True
 
 
-def recover(store, shard_path: str, manifest_file: str, key: str) -> None:
+def recover(store, shard_path: str, manifest_file: str, key: str) -> bool:
     """Under the shard's lease, before computing it for `key`: finish an interrupted commit of `key`
     (its temporary file is still there), or remove a completed claim whose manifest was replaced since;
     then remove the shard's temporary files that no claim of `key` holds (a holder killed before its
-    claim left them, and nobody else would)."""
+    claim left them, and nobody else would). All from one listing of the shard's names, so a shard
+    never started costs no reads. Returns whether the shard's manifest is there to be read (listed,
+    or written now): False means it is not committed."""
     fs = store.fs
+    folder, name = shard_path.rsplit("/", 1)
+    try:  # "part-00003.": its Parquet, manifest, claims, leases; on S3 one listing of just these keys
+        names = set(list_names(fs, folder, name[: -len("parquet")]))
+    except FileNotFoundError:
+        names = set()
     path = claim_path(shard_path, key)
-    claim = _read_claim(fs, path)
-    if claim and fs.exists(claim["tmp"]):
+    claim = _read_claim(fs, path) if path.rsplit("/", 1)[-1] in names else None
+    finished = False
+    if claim and claim["tmp"].rsplit("/", 1)[-1] in names:
         log.warning("%s: finishing a commit its holder (%s) did not finish", shard_path, claim.get("fence"))
         _finish(store, manifest_file, claim)
+        finished = True
     elif claim is not None:
         _rm(fs, path)
-    _remove_orphans(fs, shard_path, keep=claim.get("tmp") if claim else None)
-
-
-def _remove_orphans(fs, shard_path: str, keep: str | None) -> None:
-    folder, name = shard_path.rsplit("/", 1)
-    shard_prefix = name[: -len("parquet")]  # "part-00003.": its Parquet, manifest, claims, leases
-    try:  # one listing of just this shard's names on S3
-        names = list_names(fs, folder, shard_prefix)
-    except FileNotFoundError:
-        return
-    for orphan in names:
+    keep = claim.get("tmp") if claim else None
+    for orphan in sorted(names):
         if commit_temporary(orphan) and f"{folder}/{orphan}" != keep:
             log.info("%s: removing %s, left by a holder that did not commit", shard_path, orphan)
             _rm(fs, f"{folder}/{orphan}")
-
+    return finished or manifest_file.rsplit("/", 1)[-1] in names

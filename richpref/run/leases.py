@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from fsspec.implementations.local import LocalFileSystem
 
-from richpref.common.objstore import cat_small, list_names
+from richpref.common.objstore import cat_small, is_object_store, list_names
 
 log = logging.getLogger("richpref")
 
@@ -84,6 +84,7 @@ class Lease:
     generation: int
     record: dict
     seconds: float
+    older: tuple[int, ...] = ()  # the generations before ours, seen when it was taken (their holders are gone)
     lost: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -126,8 +127,7 @@ class Lease:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        for g in _generations(self.fs, self.prefix):
-            if g <= self.generation:  # ours and the dead holders' before us
+        for g in (*self.older, self.generation):  # ours and the dead holders' before us, without a listing
                 try:
                     self.fs.rm_file(f"{self.prefix}{g:04d}")
                 except FileNotFoundError:
@@ -165,6 +165,9 @@ def _read(fs, path: str) -> dict | None:
 
 
 def _replace(fs, path: str, data: bytes) -> None:
+    if is_object_store(fs):  # one PUT, seen whole or not at all
+        fs.pipe_file(path, data)
+        return
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     fs.pipe_file(tmp, data)
     if isinstance(fs, LocalFileSystem):
@@ -176,8 +179,17 @@ def _replace(fs, path: str, data: bytes) -> None:
 _warned_no_exclusive: set[str] = set()
 
 
+def _put_is_conditional(fs) -> bool:
+    """Whether `fs.open(path, "xb")` is one conditional request that the store decides (s3fs: a PUT with
+    `If-None-Match: *`). Elsewhere "xb" may be an exists() check before the write, so the winner
+    reads its bytes back."""
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protos or "s3a" in protos
+
+
 def create_exclusive(fs, path: str, data: bytes) -> bool:
-    """Create `path` only if it does not exist; False when another process created it first."""
+    """Create `path` only if it does not exist; False when another process created it first. Where
+    the store cannot refuse a second create, a later writer's bytes may replace ours: then False too."""
     if isinstance(fs, LocalFileSystem):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -189,7 +201,7 @@ def create_exclusive(fs, path: str, data: bytes) -> bool:
     try:
         with fs.open(path, "xb") as f:
             f.write(data)
-        return True
+        return _put_is_conditional(fs) or _reads_back(fs, path, data)
     except FileExistsError:
         return False
     except (NotImplementedError, ValueError, TypeError):
@@ -201,7 +213,14 @@ def create_exclusive(fs, path: str, data: bytes) -> bool:
         if fs.exists(path):
             return False
         fs.pipe_file(path, data)
-        return True
+        return _reads_back(fs, path, data)
+
+
+def _reads_back(fs, path: str, data: bytes) -> bool:
+    try:
+        return cat_small(fs, path) == data
+    except FileNotFoundError:
+        return False
 
 
 def current_holder(fs, shard_path: str) -> dict | None:
@@ -233,4 +252,5 @@ def try_lease(fs, shard_path: str, seconds: float | None = None) -> Lease | Busy
     path = f"{prefix}{generation:04d}"
     if not create_exclusive(fs, path, json.dumps(record).encode()):
         return Busy(_read(fs, path))
-    return Lease(fs=fs, path=path, prefix=prefix, generation=generation, record=record, seconds=seconds)
+    return Lease(fs=fs, path=path, prefix=prefix, generation=generation, record=record, seconds=seconds,
+                 older=tuple(gens))

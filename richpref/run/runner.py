@@ -36,7 +36,7 @@ from richpref.common.faults import inject_fault
 from richpref.run.commit import LeaseLost, commit_once, commit_temporary, recover
 from richpref.run.gpu_claims import shard_model_scope
 from richpref.run.leases import Busy, Lease, current_holder, holder_alive, lease_prefix, try_lease
-from richpref.common.objstore import cat_small, read_many
+from richpref.common.objstore import cat_small, ensure_folder, read_many
 from richpref.schemas.config import Profile, config_hash
 from richpref.schemas.tables import OK
 from richpref.run.shard_contract import check_rows_accounted, compute_splitting_on_oom, reject_reasons
@@ -231,13 +231,13 @@ def run_shard(stage: Stage, shard: int, inputs: dict[str, ShardManifest], store:
     done = committed(store, stage.out, shard, key)
     if done is not None:
         return done
-    store.fs.makedirs(store.stage_dir(stage.out), exist_ok=True)
+    ensure_folder(store.fs, store.stage_dir(stage.out))
     lease = try_lease(store.fs, store.shard_path(stage.out, shard))
     if isinstance(lease, Busy):
         return lease
     with lease:
-        recover(store, store.shard_path(stage.out, shard), manifest_path(store, stage.out, shard), key)
-        done = committed(store, stage.out, shard, key)  # finished by another holder just before ours
+        listed = recover(store, store.shard_path(stage.out, shard), manifest_path(store, stage.out, shard), key)
+        done = committed(store, stage.out, shard, key) if listed else None  # finished by another holder just before ours
         if done is not None:
             return done
         try:

@@ -15,7 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from richpref.common.objstore import url_to_fs
+from richpref.common.objstore import cat_small, is_object_store, url_to_fs
 from richpref.common.atomic import write_atomic
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -68,11 +68,14 @@ class RunStore:
 
     # shards ---------------------------------------------------------------------------------------
     def write_bytes(self, path: str, data: bytes, before_commit=None) -> None:
-        """Write to a temporary name, then rename into place: a reader never sees a partial file."""
+        """Write to a temporary name, then rename into place (on an object store, one PUT): a reader
+        never sees a partial file."""
         write_atomic(path, data, fs=self.fs, before_commit=before_commit)
 
     def read_shard(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:
         path = self.shard_path(stage, shard)
+        if columns is None and is_object_store(self.fs):  # the whole file: one GET, no HEAD for its size first
+            return pq.read_table(pa.BufferReader(cat_small(self.fs, path)))
         with self.fs.open(path, "rb") as f:
             return pq.read_table(f, columns=columns)
 
@@ -100,9 +103,9 @@ class RunStore:
     def append_log(self, name: str, record: dict) -> None:
         """One JSON line per computed shard: the run's audit trail of real work done."""
         path = join(self.root, "_log", name)
-        self.fs.makedirs(join(self.root, "_log"), exist_ok=True)
         line = json.dumps(record, sort_keys=True) + "\n"
         if isinstance(self.fs, LocalFileSystem):
+            self.fs.makedirs(join(self.root, "_log"), exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:
                 f.write(line)
         else:  # object stores cannot append: one object per record

@@ -8,6 +8,7 @@ import threading
 import time
 
 import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
 
 from richpref.run.leases import Busy, Lease, current_holder, lease_prefix, try_lease
 
@@ -105,3 +106,27 @@ def test_a_computing_holder_keeps_its_lease_past_the_first_expiry(tmp_path):
         assert record["expires"] > first_expiry
         other = try_lease(FS, shard, seconds=0.6)
         assert isinstance(other, Busy)
+
+
+def test_where_a_store_cannot_refuse_a_second_create_the_writer_whose_bytes_were_replaced_does_not_win(monkeypatch):
+    """A store without a conditional put: its exclusive create is a check, then a write. When another
+    writer's bytes land between our write and our look, ours are gone: we must not count as the creator
+    (the commit claim relied on that, and the lease now does too)."""
+    from richpref.run import leases
+
+    class NoConditionalPut(MemoryFileSystem):
+        protocol = ("nocond",)
+
+        def _open(self, path, mode="rb", **kw):
+            if mode == "xb":
+                raise NotImplementedError("no conditional put")
+            return super()._open(path, mode, **kw)
+
+    fs = NoConditionalPut(skip_instance_cache=True)
+    fs.store.clear()
+    assert leases.create_exclusive(fs, "/claims/a", b"ours")
+    assert not leases.create_exclusive(fs, "/claims/a", b"again")  # it exists
+    plain = fs.pipe_file
+    monkeypatch.setattr(fs, "pipe_file", lambda p, data, **kw: (plain(p, data), plain(p, b"theirs")))
+    assert not leases.create_exclusive(fs, "/claims/b", b"ours")
+    assert fs.cat_file("/claims/b") == b"theirs"
