@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -125,7 +126,10 @@ class LaunchedServer:
         self.device = device
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
-        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="richpref-vlm-server-"))
+        # None: a temporary folder made at start, removed when the server is stopped, kept when it failed
+        # to start (the error names its log)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self._own_log_dir = log_dir is None
         self.proc = None
         self.port = None
         self.starts = 0
@@ -135,8 +139,8 @@ class LaunchedServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"{self.launch}-{self.port}.log"
+    def log_path(self) -> Path | None:
+        return self.log_dir / f"{self.launch}-{self.port}.log" if self.log_dir is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -148,17 +152,19 @@ class LaunchedServer:
     def log_tail(self, lines: int = 20) -> str:
         try:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
+        except (OSError, AttributeError):
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
     def start(self) -> "LaunchedServer":
         """Start the server and wait until GET /health answers 200, within engine.startup_timeout_s."""
-        self.stop()
+        self.stop(keep_log=True)  # a restart: the last process's log stays beside the new one
         self.port = self.engine.port or free_port()
         cmd = launch_command(self.launch, self.model_path, self.served_name, self.port, device=self.device,
                              dtype=self.dtype, trust_remote_code=self.trust_remote_code,
                              extra_args=self.engine.extra_args, max_model_len=self.max_model_len)
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="richpref-vlm-server-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.proc = spawn_owned(cmd, name=f"{self.launch}:{self.served_name}", log_path=str(self.log_path),
@@ -175,7 +181,7 @@ class LaunchedServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 code = self.proc.returncode
-                self.stop()
+                self._keep_log()
                 raise ServerStartError(
                     f"{self.launch} server for {self.model_path} exited with code {code} before it was healthy.\n"
                     f"command: {' '.join(cmd)}\nlog {self.log_path} ends with:\n{self.log_tail()}\n"
@@ -187,17 +193,25 @@ class LaunchedServer:
                 pass
             time.sleep(0.5)
         tail = self.log_tail()
-        self.stop()
+        self._keep_log()
         raise ServerStartError(
             f"{self.launch} server for {self.model_path} was not healthy within "
             f"engine.startup_timeout_s={self.engine.startup_timeout_s:g}s (stopped it).\n"
             f"command: {' '.join(cmd)}\nlog {self.log_path} ends with:\n{tail}\n"
             "fix: raise engine.startup_timeout_s when the model is large or the disk slow, or check the log")
 
-    def stop(self) -> None:
+    def _keep_log(self) -> None:
+        """Stopped after a failed start: its log, which the error names, outlives this object."""
+        self.stop(keep_log=True)
+        self._own_log_dir = False
+
+    def stop(self, keep_log: bool = False) -> None:
         if self.proc is not None:
             stop_owned(self.proc, timeout=15.0)
             self.proc = None
+        if not keep_log and self._own_log_dir and self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            self.log_dir = None
 
     def __enter__(self) -> "LaunchedServer":
         return self.start()

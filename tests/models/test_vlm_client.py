@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -60,10 +61,12 @@ def served(tiny_models):
         yield out
     finally:
         pids = [s.server.pid for s, _ in out.values()]
+        log_dirs = [s.server.log_dir for s, _ in out.values()]
         for s, local in out.values():
             s.close()
             local.close()
         assert all(gone(p) for p in pids), "a launched server outlived its client"
+        assert not [d for d in log_dirs if d.exists()], "a stopped server's temporary log folder was left behind"
 
 
 def endoftext_split(local: VisionLanguageModel, img, prompt: str, max_new_tokens: int) -> str | None:
@@ -297,11 +300,16 @@ def test_a_server_that_cannot_start_fails_in_bounded_time_with_its_log(tmp_path)
 
     engine = EngineConfig(backend="server", launch="transformers", startup_timeout_s=60)
     started = time.monotonic()
-    server = LaunchedServer(engine, str(tmp_path / "no-such-model"), "x", device="cpu", log_dir=str(tmp_path))
+    server = LaunchedServer(engine, str(tmp_path / "no-such-model"), "x", device="cpu")
     with pytest.raises(ServerStartError, match="exited with code") as err:
         server.start()
     assert time.monotonic() - started < 60 and "log" in str(err.value) and "fix:" in str(err.value)
     assert server.proc is None
+    # the log the error names stays (its temporary folder too), also once the server is stopped again
+    log = server.log_path
+    server.stop()
+    assert str(log) in str(err.value) and log.exists()
+    shutil.rmtree(log.parent)
 
 
 def test_vlm_score_reward_through_the_server(served):
