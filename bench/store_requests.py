@@ -11,7 +11,9 @@ shard done. Requests are counted two ways:
 
 `--curate`: the requests of a whole tiny `richpref curate` (the CLI, every stage, on the tiny models)
 into s3:// on the moto server, per committed shard: what the shard runner's leases, claims, commits
-and input reads cost on an object store, plus the plan, the flow and the summary around them.
+and input reads cost on an object store, plus the plan, the flow and the summary around them. With
+`--latency-ms`, the server waits that long before each answer, as a remote store's round trip, and
+the CLI's wall (`curate_s`) is what a user would feel of them.
 
 On the harness (a fresh process; the counts are deterministic, so one repeat by default): raw figures
 in bench/results/store_requests-<commit>.json (store_requests_s3 with --s3, store_requests_curate
@@ -155,7 +157,7 @@ def child(args) -> None:
         from s3_server import S3Server
 
         work = Path(tempfile.mkdtemp(prefix="store-requests-"))
-        s3 = S3Server(work)
+        s3 = S3Server(work, latency_ms=args.latency_ms)
         os.environ.update(s3.env())
         s3.make_bucket("bench")
         try:
@@ -209,6 +211,8 @@ def main() -> None:
     ap.add_argument("--models", default=str(REPO / "data" / "models" / "tiny"), help="the tiny models (--curate)")
     ap.add_argument("--items", type=int, default=8, help="source.limit of the --curate run")
     ap.add_argument("--shard-size", type=int, default=2, help="source.shard_size of the --curate run")
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="the S3 server waits this long before each answer (--curate: a remote store's round trip)")
     args = harness.child_args(ap, repeats=1).parse_args()
     if args.child:
         return child(args)
@@ -216,8 +220,10 @@ def main() -> None:
         return harness.run("store_requests_curate", args.repeats, ["curate"], "curate.per_shard", "requests",
                            script=__file__, args=harness.child_argv(sys.argv[1:]),
                            note=f"object-store requests of a whole tiny `richpref curate` into s3:// on a moto server "
-                                f"({args.items} items, shards of {args.shard_size}), per committed shard of every "
-                                f"stage; the plan, the flow's listings and the summary included")
+                                f"({args.items} items, shards of {args.shard_size}"
+                                f"{f', {args.latency_ms:g} ms a request' if args.latency_ms else ''}), per committed "
+                                f"shard of every stage; the plan, the flow's listings and the summary included; "
+                                f"curate_s: the CLI's wall")
     harness.run("store_requests" + ("_s3" if args.s3 else ""), args.repeats, ["plan"], "plan.max_per_shard_stage",
                 "requests", script=__file__, args=harness.child_argv(sys.argv[1:]),
                 note=f"object-store requests of a no-op `curate --plan` per shard and stage, the largest "

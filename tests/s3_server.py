@@ -20,6 +20,9 @@ from pathlib import Path
 # The server checks signatures (moto's IAM auth: the first 3 requests, which create the user, its
 # key and its policy, go unchecked), so a wrong secret is refused as on AWS.
 NO_AUTH_REQUESTS = 3
+# Seconds/1000 the server waits before answering each request: a remote store's round trip (S3 from
+# EC2 in its region: a GET of a small object takes about 10-30 ms), for benchmarks that time a run.
+LATENCY_ENV = "RICHPREF_S3_LATENCY_MS"
 
 
 def free_port() -> int:
@@ -35,13 +38,14 @@ class S3Server:
     processes a key as a user would), and readiness is read from the server's log."""
 
     def __init__(self, log_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
-                 wrap: list[str] | None = None) -> None:
+                 wrap: list[str] | None = None, latency_ms: float = 0.0) -> None:
         self.port = port or free_port()
         self.endpoint = f"http://{host}:{self.port}"
         self.log_path = Path(log_dir) / f"moto-{self.port}.log"
         self._log = open(self.log_path, "w")
         # werkzeug logs one line per request on stderr: the request count comes from there.
         env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(NO_AUTH_REQUESTS)} if not wrap else dict(os.environ)
+        env[LATENCY_ENV] = str(latency_ms)
         self.proc = subprocess.Popen([*(wrap or []), sys.executable, os.path.abspath(__file__), "-H", host, "-p", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + 60
@@ -125,8 +129,22 @@ def _conditional_writes_one_at_a_time() -> None:
         setattr(S3Response, name, guarded)
 
 
+def _answer_after(latency_s: float) -> None:
+    from werkzeug.serving import WSGIRequestHandler
+
+    plain = WSGIRequestHandler.run_wsgi
+
+    def delayed(self):
+        time.sleep(latency_s)
+        return plain(self)
+
+    WSGIRequestHandler.run_wsgi = delayed
+
+
 if __name__ == "__main__":
     from moto import server
 
     _conditional_writes_one_at_a_time()
+    if float(os.environ.get(LATENCY_ENV) or 0) > 0:
+        _answer_after(float(os.environ[LATENCY_ENV]) / 1000)
     server.main(sys.argv[1:])
