@@ -217,7 +217,8 @@ def main() -> None:
     if args.child:
         return child(args)
     if args.curate:
-        return harness.run("store_requests_curate", args.repeats, ["curate"], "curate.per_shard", "requests",
+        name = "store_requests_curate" + (f"_latency{args.latency_ms:g}ms" if args.latency_ms else "")
+        return harness.run(name, args.repeats, ["curate"], "curate.per_shard", "requests",
                            script=__file__, args=harness.child_argv(sys.argv[1:]),
                            note=f"object-store requests of a whole tiny `richpref curate` into s3:// on a moto server "
                                 f"({args.items} items, shards of {args.shard_size}"
