@@ -128,10 +128,10 @@ class Lease:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         for g in (*self.older, self.generation):  # ours and the dead holders' before us, without a listing
-                try:
-                    self.fs.rm_file(f"{self.prefix}{g:04d}")
-                except FileNotFoundError:
-                    pass
+            try:
+                self.fs.rm_file(f"{self.prefix}{g:04d}")
+            except FileNotFoundError:
+                pass
 
 
 @dataclass(frozen=True)
