@@ -16,7 +16,7 @@ from richpref.models.runtime import freeze_at_exit, resident
 from richpref.run.orchestration import failure_message, preflight, run_artifact, run_stage, stage_artifact
 from richpref.run.affinity import stage_costs
 from richpref.run.pipeline import model_swaps, models_used, pipeline_pass
-from richpref.run.run_state import COMPLETED, stopped_after
+from richpref.run.run_state import ended
 from richpref.run.runner import CurateFailed, ShardManifest
 from richpref.schemas.config import load_profile, profile_hash
 from richpref.run.storage import RunStore
@@ -54,7 +54,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
 
     summary = {
         "run": run,
-        "state": "failed" if failures else COMPLETED if len(stages) == len(stages_for(prof)) else stopped_after(until),
+        "state": "failed" if failures else ended([s.name for s in stages], [s.name for s in stages_for(prof)]),
         "profile": prof.name,
         "profile_hash": profile_hash(prof),
         "run_dir": store.uri(store.root),

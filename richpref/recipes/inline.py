@@ -13,7 +13,7 @@ from richpref.run.leases import Busy
 from richpref.models.runtime import resident
 from richpref.run.runner import ShardManifest, content_key, drop_shards_from, run_shard, stage_shards
 from richpref.schemas.config import Profile
-from richpref.run.run_state import COMPLETED, stopped_after
+from richpref.run.run_state import ended
 from richpref.run.storage import RunStore
 
 
@@ -39,8 +39,8 @@ def run_inline(profile: Profile, data_dir: str, run: str, *, until: str | None =
             done[s] = result
         manifests[stage.out] = done
         resident.release()
-    state = COMPLETED if len(stages) == len(stages_for(profile)) else stopped_after(stages[-1].name)
-    summary = {"run": run, "profile": profile.name, "state": state,
+    summary = {"run": run, "profile": profile.name,
+               "state": ended([s.name for s in stages], [s.name for s in stages_for(profile)]),
                "stages": {out: {"shards": len(ms), "rows": sum(m.rows for m in ms.values()),
                                 "kept": sum(m.kept for m in ms.values())} for out, ms in manifests.items()}}
     store.write_text("run.json", json.dumps(summary, indent=2))

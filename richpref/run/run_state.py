@@ -8,8 +8,10 @@ COMPLETED = "completed"
 STOPPED_AFTER = "stopped after "  # + the last stage of a flow run with `until`
 
 
-def stopped_after(stage: str) -> str:
-    return STOPPED_AFTER + stage
+def ended(ran: list[str], pipeline: list[str]) -> str:
+    """The state of a flow that computed the stages `ran` (a prefix of the `pipeline`'s stage names)
+    without a failure: completed, or stopped after its last stage (a `--until` run)."""
+    return COMPLETED if len(ran) == len(pipeline) else STOPPED_AFTER + ran[-1]
 
 
 def covers(state: str | None, until: str | None, stages: list[str] | None = None) -> bool:

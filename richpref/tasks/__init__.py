@@ -2,6 +2,7 @@
 from . import (critique, cutout, edit, export, filter, filter_check, instruct, pickapic_relabel, pickapic_source,
                rebuild_export, rebuild_pair, rebuild_score, rebuild_sample, relabel, relabel_score, sample)
 from .base import Stage
+from ..schemas.config import ProfileError
 
 PIPELINE: tuple[Stage, ...] = (
     sample.STAGE,
@@ -46,7 +47,7 @@ def stages_for(profile, until: str | None = None) -> tuple[Stage, ...]:
         return stages
     names = [s.name for s in stages]
     if until not in names:
-        raise ValueError(f"--until {until}: profile {profile.name!r} ({profile.pipeline} pipeline) runs {', '.join(names)}")
+        raise ProfileError(f"--until {until}: profile {profile.name!r} ({profile.pipeline} pipeline) runs {', '.join(names)}")
     return stages[: names.index(until) + 1]
 
 
