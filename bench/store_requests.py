@@ -152,14 +152,20 @@ def curate_requests(s3, models: str, items: int, shard_size: int) -> dict:
             "by_kind": dict(sorted(counts.items()))}
 
 
-def child(args) -> None:
-    if args.curate:
-        from s3_server import S3Server
+def start_s3(work: Path, latency_ms: float = 0.0):
+    """The moto server with bucket `bench`, its credentials in this process's environment."""
+    from s3_server import S3Server
 
-        work = Path(tempfile.mkdtemp(prefix="store-requests-"))
-        s3 = S3Server(work, latency_ms=args.latency_ms)
-        os.environ.update(s3.env())
-        s3.make_bucket("bench")
+    s3 = S3Server(work, latency_ms=latency_ms)
+    os.environ.update(s3.env())
+    s3.make_bucket("bench")
+    return s3
+
+
+def child(args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="store-requests-"))
+    if args.curate:
+        s3 = start_s3(work, args.latency_ms)
         try:
             row = curate_requests(s3, args.models, args.items, args.shard_size)
         finally:
@@ -169,14 +175,7 @@ def child(args) -> None:
         out.update({f"by_kind.{k}": c for k, c in row["by_kind"].items()})
         harness.print_child("RESULT ", {"curate": out})
         return
-    work = Path(tempfile.mkdtemp(prefix="store-requests-"))
-    s3 = None
-    if args.s3:
-        from s3_server import S3Server
-
-        s3 = S3Server(work)
-        os.environ.update(s3.env())
-        s3.make_bucket("bench")
+    s3 = start_s3(work) if args.s3 else None
     try:
         rows = []
         for n in args.n:

@@ -33,11 +33,15 @@ def storage_options(url: str) -> dict:
     return {"use_listings_cache": False} if protocol(url) in OBJECT_STORES else {}
 
 
+def protocols(fs) -> tuple[str, ...]:
+    """The protocol names an fsspec filesystem answers to (s3fs: ("s3", "s3a"))."""
+    return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+
+
 def is_object_store(fs) -> bool:
     """Whether `fs` is an object store: a write there is one PUT that readers see whole or not at all
     (no temporary name and rename needed), and there are no folders to make."""
-    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return any(p in OBJECT_STORES for p in protos)
+    return any(p in OBJECT_STORES for p in protocols(fs))
 
 
 def ensure_folder(fs, path: str) -> None:
@@ -96,8 +100,7 @@ def check_reachable(url: str, timeout_s: float = 5.0) -> None:
 def list_names(fs, folder: str, prefix: str = "") -> list[str]:
     """Names of the files in `folder` that start with `prefix`: on S3 one listing of just those keys
     (a server-side prefix), elsewhere the folder's listing filtered. FileNotFoundError if no folder."""
-    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if prefix and "s3" in protos:
+    if prefix and "s3" in protocols(fs):
         names = [p.rsplit("/", 1)[-1] for p in fs.find(folder, prefix=prefix)]
     else:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
@@ -107,8 +110,7 @@ def list_names(fs, folder: str, prefix: str = "") -> list[str]:
 def cat_small(fs, path: str) -> bytes:
     """A small file's bytes in one request: s3fs otherwise asks for the size first (a HEAD per read)
     to split large reads; manifests, leases and claims are a few hundred bytes."""
-    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "s3" in protos:
+    if "s3" in protocols(fs):
         return fs.cat_file(path, max_concurrency=1)
     return fs.cat_file(path)
 

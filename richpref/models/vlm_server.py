@@ -150,9 +150,11 @@ class LaunchedServer:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, lines: int = 20) -> str:
+        if self.log_path is None:  # never started
+            return "(no log)"
         try:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except (OSError, AttributeError):
+        except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 from fsspec.implementations.local import LocalFileSystem
 
-from richpref.common.objstore import cat_small, is_object_store, list_names
+from richpref.common.atomic import write_atomic
+from richpref.common.objstore import cat_small, list_names, protocols
 
 log = logging.getLogger("richpref")
 
@@ -121,7 +122,9 @@ class Lease:
         if not self.still_held():
             return
         self.record = {**self.record, "expires": time.time() + self.seconds}
-        _replace(self.fs, self.path, json.dumps(self.record).encode())
+        # seen whole: a temporary name and os.replace on a local disk, one PUT on an object store
+        write_atomic(self.path, json.dumps(self.record).encode(),
+                     fs=None if isinstance(self.fs, LocalFileSystem) else self.fs)
 
     def release(self) -> None:
         self._stop.set()
@@ -164,18 +167,6 @@ def _read(fs, path: str) -> dict | None:
         return None  # released a moment ago, or being written right now
 
 
-def _replace(fs, path: str, data: bytes) -> None:
-    if is_object_store(fs):  # one PUT, seen whole or not at all
-        fs.pipe_file(path, data)
-        return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    fs.pipe_file(tmp, data)
-    if isinstance(fs, LocalFileSystem):
-        os.replace(tmp, path)
-    else:
-        fs.mv(tmp, path)
-
-
 _warned_no_exclusive: set[str] = set()
 
 
@@ -183,8 +174,7 @@ def _put_is_conditional(fs) -> bool:
     """Whether `fs.open(path, "xb")` is one conditional request that the store decides (s3fs: a PUT with
     `If-None-Match: *`). Elsewhere "xb" may be an exists() check before the write, so the winner
     reads its bytes back."""
-    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "s3" in protos or "s3a" in protos
+    return bool({"s3", "s3a"} & set(protocols(fs)))
 
 
 def create_exclusive(fs, path: str, data: bytes) -> bool:
