@@ -49,7 +49,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
         manifests[stage.out], failed = run_stage(stage, manifests, store, data_dir, run, prof,
                                                  failed_before.get(stage.name))
         failures += failed
-        resident.release()  # one big model at a time: free this stage's before the next loads
+        resident.release(freeze_survivors=True)  # one big model at a time: free this stage's before the next loads
         stage_artifact(run, stage.name, manifests[stage.out], failed)
 
     summary = {

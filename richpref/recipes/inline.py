@@ -38,7 +38,7 @@ def run_inline(profile: Profile, data_dir: str, run: str, *, until: str | None =
                 raise RuntimeError(f"{stage.name} shard {s} is leased by another live process; run curate to wait for it")
             done[s] = result
         manifests[stage.out] = done
-        resident.release()
+        resident.release(freeze_survivors=True)
     summary = {"run": run, "profile": profile.name,
                "state": ended([s.name for s in stages], [s.name for s in stages_for(profile)]),
                "stages": {out: {"shards": len(ms), "rows": sum(m.rows for m in ms.values()),

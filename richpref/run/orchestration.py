@@ -174,6 +174,32 @@ def close_early_cluster(runner) -> None:
         early.close()
 
 
+# An update of a progress artifact is a round trip to the Prefect API: one per shard was 17 ms a shard
+# of the flow's thread on a 2-core machine, 5 s of a 1,024-item run (docs/benchmarks.md).
+PROGRESS_EVERY_S = 2.0
+
+
+class StageProgress:
+    """A stage's progress artifact in the Prefect UI: created at once, then updated at most every
+    `every_s` seconds, and with the stage's last count at its end."""
+
+    def __init__(self, description: str, total: int, done: int, every_s: float = PROGRESS_EVERY_S,
+                 clock=time.monotonic) -> None:
+        self.total, self.every_s, self.clock = max(1, total), every_s, clock
+        self.shown = done
+        self.artifact = create_progress_artifact(self._percent(done), description=description)
+        self.at = clock()
+
+    def _percent(self, done: int) -> float:
+        return 100.0 * done / self.total
+
+    def report(self, done: int, final: bool = False) -> None:
+        if done == self.shown or (not final and self.clock() - self.at < self.every_s):
+            return
+        update_progress_artifact(self.artifact, self._percent(done))
+        self.shown, self.at = done, self.clock()
+
+
 def _wait_seconds() -> float:
     return min(2.0, max(0.2, lease_seconds() / 10))
 
@@ -192,8 +218,7 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
     shards, inputs, keys, done = sorted(state.keys), state.inputs, state.keys, dict(state.done)
     failed = [f"{stage.name}/part-{s:05d}: {err}" for s, err in sorted((failed_before or {}).items()) if s not in done]
     pending = [s for s in shards if s not in done and s not in (failed_before or {})]
-    progress = create_progress_artifact(100.0 * len(done) / max(1, len(shards)),
-                                        description=f"{run}: {stage.name} shards") if pending else None
+    progress = StageProgress(f"{run}: {stage.name} shards", len(shards), len(done)) if pending else None
     announced = False
     while pending:
         held = leased_shards(store, stage.out, pending)  # one listing per loop, not one per shard
@@ -216,7 +241,7 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
             else:
                 done[s] = result
             if progress is not None:
-                update_progress_artifact(progress, 100.0 * len(done) / len(shards))
+                progress.report(len(done))
         pending = sorted(busy)
         if pending:
             if not announced:
@@ -227,6 +252,8 @@ def run_stage(stage: Stage, manifests: dict[str, dict[int, ShardManifest]], stor
             now = committed_many(store, stage.out, {s: keys[s] for s in pending})
             done.update(now)
             pending = [s for s in pending if s not in now]
+    if progress is not None:
+        progress.report(len(done), final=True)
     tidy_done(store, stage.out, set(done))  # what holders killed while committing left
     return done, failed
 

@@ -1,5 +1,5 @@
-"""The model runtime: the one-resident-model slot frees memory when a model leaves it, and only then; Hub
-kernels stay off unless the user turns them on."""
+"""The model runtime: the one-resident-model slot frees memory when a model leaves it, and only then; what
+survives a stage's end is not walked again; Hub kernels stay off unless the user turns them on."""
 from __future__ import annotations
 
 import gc
@@ -48,6 +48,39 @@ def test_the_first_load_freezes_the_loaded_modules_and_released_models_are_still
     assert int(frozen) > 10_000  # torch's and richpref's modules, frozen before the first model
     assert freed == "True"  # the released model's cycle was collected: it was made after the freeze
     assert once == "True"  # the second load froze nothing more
+
+
+STAGE_END_CHECK = """
+import gc, weakref
+from richpref.models.runtime import ResidentModel
+
+class Model:
+    def __init__(self):
+        self.parts = [self]
+
+def tracked(obj):  # gc.get_objects() leaves out the permanent generation
+    return any(o is obj for o in gc.get_objects())
+
+slot = ResidentModel()
+first = weakref.ref(slot.get("a", Model))
+library = [{"made": "by the stage, after the first freeze"}]  # e.g. a module its model's library imported
+slot.release(freeze_survivors=True)
+second = weakref.ref(slot.get("b", Model))
+swapped_in = [{"made": "during the second stage"}]
+slot.get("c", Model)  # a swap inside a stage: collects, freezes nothing
+print(first() is None, tracked(library), second() is None, tracked(swapped_in))
+"""
+
+
+def test_a_stage_end_release_frees_the_model_and_freezes_what_survives_it():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", STAGE_END_CHECK], capture_output=True, text=True, check=True)
+    first_freed, library_walked, second_freed, swap_walked = out.stdout.split()
+    assert first_freed == "True" and second_freed == "True"  # each released model's cycle was collected
+    assert library_walked == "False"  # alive at the stage's end: no later collection walks it again
+    assert swap_walked == "True"  # a swap's survivors stay collectable
 
 
 EXIT_FREEZE_CHECK = """

@@ -116,6 +116,22 @@ def test_each_shard_was_computed_once(finished_run, runs_dir):
     assert sorted(done) == sorted(expected)
 
 
+def test_each_stage_progress_artifact_ends_at_its_last_count(finished_run):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    found, page = [], None
+    with get_client(sync_client=True) as client:
+        while page is None or len(page) == 200:  # the session's other runs made progress artifacts too
+            page = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+                                         sort=ArtifactSort.CREATED_DESC, limit=200, offset=len(found))
+            found += page
+    first = {a.description: a.data for a in found if (a.description or "").startswith("ref: ")}  # the oldest wins
+    assert set(first) == {f"ref: {s.name} shards" for s in ALL_STAGES}
+    assert {float(v) for v in first.values()} == {100.0}  # updates between shards are throttled; the last one is not
+
+
 def test_second_run_executes_no_stage_work(finished_run, runs_dir, tiny_models):
     before = work(runs_dir, "ref")
     files = pair_files(runs_dir, "ref")
