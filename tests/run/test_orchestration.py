@@ -1,5 +1,5 @@
-"""A stage's progress artifact: one API round trip every few seconds at most, and the stage's last count
-at its end."""
+"""The curate flow's side of Prefect: a stage's progress artifact costs one API round trip every few
+seconds at most, and shows the stage's last count at its end."""
 from __future__ import annotations
 
 import richpref.run.orchestration as orchestration
