@@ -206,8 +206,8 @@ def free_accelerator_memory(freeze_survivors: bool = False) -> None:
     `freeze_survivors`: then move the objects still alive to the permanent generation, as
     freeze_loaded_modules does before the first load, so that the next release's full collection walks
     only what was made after this one. Each stage imports its model libraries after that first freeze:
-    by the third stage of a tiny run, a release walked 320,000-420,000 objects (250 ms) to free a few
-    hundred (docs/benchmarks.md). For a process whose survivors are the run's long-lived objects (the
+    each release of a tiny run walked 320,000-415,000 objects (0.18-0.22 s) to free a few hundred;
+    with the freeze, 0.001-0.021 s after the first (docs/benchmarks.md). For a process whose survivors are the run's long-lived objects (the
     curate flow's between stages), not for a Dask worker's model swaps, where the tasks then in
     memory would stay frozen after they end."""
     gc.collect()
