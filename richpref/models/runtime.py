@@ -207,9 +207,9 @@ def free_accelerator_memory(freeze_survivors: bool = False) -> None:
     freeze_loaded_modules does before the first load, so that the next release's full collection walks
     only what was made after this one. Each stage imports its model libraries after that first freeze:
     each release of a tiny run walked 320,000-415,000 objects (0.18-0.22 s) to free a few hundred;
-    with the freeze, 0.001-0.021 s after the first (docs/benchmarks.md). For a process whose survivors are the run's long-lived objects (the
-    curate flow's between stages), not for a Dask worker's model swaps, where the tasks then in
-    memory would stay frozen after they end."""
+    with the freeze, 0.001-0.021 s after the first (docs/benchmarks.md). For a process whose
+    survivors are the run's long-lived objects (the curate flow's between stages), not for a Dask
+    worker's model swaps, where the tasks then in memory would stay frozen after they end."""
     gc.collect()
     if freeze_survivors:
         gc.freeze()
