@@ -108,8 +108,9 @@ def list_names(fs, folder: str, prefix: str = "") -> list[str]:
 
 
 def cat_small(fs, path: str) -> bytes:
-    """A small file's bytes in one request: s3fs otherwise asks for the size first (a HEAD per read)
-    to split large reads; manifests, leases and claims are a few hundred bytes."""
+    """A whole file's bytes in one request: s3fs otherwise asks for the size first (a HEAD per read)
+    to split large reads. For manifests, leases and claims (a few hundred bytes) and whole input
+    shards, which are read entire anyway."""
     if "s3" in protocols(fs):
         return fs.cat_file(path, max_concurrency=1)
     return fs.cat_file(path)
