@@ -8,8 +8,6 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from fsspec.implementations.local import LocalFileSystem
-
 from richpref.common.objstore import ensure_folder, is_object_store
 
 
@@ -18,11 +16,11 @@ def temp_name(path: str | os.PathLike) -> str:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, fs=None, before_commit: Callable[[], None] | None = None) -> None:
-    """Write `data` to `path` through a temporary name. `fs`: an fsspec filesystem (None or fsspec's
-    local one: this machine's disk, os.replace). `before_commit` runs between the write and the rename
-    (fault injection in tests); on an object store, before the one PUT."""
+    """Write `data` to `path` through a temporary name. `fs`: an fsspec filesystem (None: the local
+    one). `before_commit` runs between the write and the rename (fault injection in tests); on an object
+    store, before the one PUT."""
     tmp = temp_name(path)
-    if fs is None or isinstance(fs, LocalFileSystem):
+    if fs is None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(tmp).write_bytes(data)
         if before_commit is not None:

@@ -122,7 +122,9 @@ class Lease:
         if not self.still_held():
             return
         self.record = {**self.record, "expires": time.time() + self.seconds}
-        write_atomic(self.path, json.dumps(self.record).encode(), fs=self.fs)  # seen whole
+        # seen whole: a temporary name and os.replace on a local disk, one PUT on an object store
+        write_atomic(self.path, json.dumps(self.record).encode(),
+                     fs=None if isinstance(self.fs, LocalFileSystem) else self.fs)
 
     def release(self) -> None:
         self._stop.set()
