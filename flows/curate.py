@@ -12,9 +12,10 @@ import json
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from richpref.models.runtime import freeze_at_exit, resident
+from richpref.models.runtime import freeze_at_exit
 from richpref.run.orchestration import failure_message, preflight, run_artifact, run_stage, stage_artifact
 from richpref.run.affinity import stage_costs
+from richpref.run.gpu_claims import release_after_stage
 from richpref.run.pipeline import model_swaps, models_used, pipeline_pass
 from richpref.run.run_state import ended
 from richpref.run.runner import CurateFailed, ShardManifest
@@ -49,7 +50,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
         manifests[stage.out], failed = run_stage(stage, manifests, store, data_dir, run, prof,
                                                  failed_before.get(stage.name))
         failures += failed
-        resident.release(freeze_survivors=True)  # one big model at a time: free this stage's before the next loads
+        release_after_stage(stage)  # one big model at a time (a model-free stage keeps one loaded ahead)
         stage_artifact(run, stage.name, manifests[stage.out], failed)
 
     summary = {

@@ -70,7 +70,8 @@ def _curate(args: argparse.Namespace, server) -> int:
                 read_doctor_table(args.doctor_json)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ProfileError(f"--doctor-json {args.doctor_json}: not a `richpref doctor --json` file ({exc})") from exc
-        stages_for(profile, args.until)  # an unknown --until stage: a ProfileError naming the stages
+        stages = stages_for(profile, args.until)  # an unknown --until stage: a ProfileError naming the stages
+        plan = None
         if args.plan or not args.force_flow:
             plan = plan_run(profile, args.data_dir, args.run, args.until)
             if args.plan:
@@ -93,6 +94,12 @@ def _curate(args: argparse.Namespace, server) -> int:
             runner = task_runner(args.workers, args.dask_address)
             flow_fn = flow_fn.with_options(task_runner=runner)
         api = _prefect_api_for(args)  # refuses a loopback API with a remote scheduler before anything starts
+
+        def while_server_starts(url: str) -> None:
+            start_cluster_early(runner, url)  # a local Dask cluster starts while the Prefect server does
+            if runner is None and plan is not None:  # on this process's task runner: its first model loads meanwhile
+                _load_first_model_ahead(stages, plan, profile, args)
+
         try:
             with warnings.catch_warnings():  # the flow loads the profile again: its migration was shown above
                 warnings.simplefilter("ignore", ProfileMigrationWarning)
@@ -100,9 +107,7 @@ def _curate(args: argparse.Namespace, server) -> int:
                                   models_root=args.models_root, **({"until": args.until} if args.until else {}),
                                   **({"doctor_json": args.doctor_json} if args.doctor_json else {}),
                                   **({"affinity": False} if args.no_affinity else {}),
-                                  spawned_server=server,
-                                  # a local Dask cluster starts while the Prefect server does
-                                  while_server_starts=lambda url: start_cluster_early(runner, url))
+                                  spawned_server=server, while_server_starts=while_server_starts)
         except CurateFailed as exc:
             return fail(exc, 1)
         finally:
@@ -110,6 +115,15 @@ def _curate(args: argparse.Namespace, server) -> int:
     except (ProfileError, SourceError, ClusterError) as exc:
         return fail(exc)
     return _outcome(args, result["state"], result["pairs"], result["run_dir"])
+
+
+def _load_first_model_ahead(stages, plan, profile, args: argparse.Namespace) -> None:
+    from richpref.run.load_ahead import load_ahead, stage_to_load
+    from richpref.run.storage import RunStore
+
+    stage = stage_to_load(stages, plan.stages, profile)
+    if stage is not None:
+        load_ahead(stage, profile, RunStore(args.data_dir, args.run))
 
 
 def _outcome(args: argparse.Namespace, state: str, pairs: str, run_dir: str) -> int:

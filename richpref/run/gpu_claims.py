@@ -57,9 +57,10 @@ _TURNS: dict[str, threading.Lock] = {}  # Dask worker address ("" outside one) -
 _TURNS_GUARD = threading.Lock()
 
 
-def _compute_turn() -> threading.Lock:
+def compute_turn() -> threading.Lock:
     """One in-process model computes at a time on a Dask worker (it has one GPU); per worker, not per
-    process, since a threaded cluster runs several workers in one process."""
+    process, since a threaded cluster runs several workers in one process. Outside a worker, one per
+    process: a model loaded ahead of its stage holds it (richpref/run/load_ahead.py)."""
     address = ""
     if "distributed" in sys.modules:  # not imported: not on a Dask worker
         from distributed import get_worker
@@ -75,11 +76,24 @@ def _compute_turn() -> threading.Lock:
 @contextlib.contextmanager
 def shard_model_scope(stage: Stage, profile: Profile):
     """Around a shard's computation: the resident model it uses stays until the shard ends (two shards
-    may share a process), and a stage whose model runs in this process waits for its turn first."""
+    may share a process), and a stage whose model runs in this process waits for its turn first (a
+    model being loaded ahead holds it: the wait for that load is not the shard's compute)."""
     if not stage.loads_model:
         yield
         return
     from richpref.models.runtime import resident
 
-    with _compute_turn() if takes_turns(stage, profile) else contextlib.nullcontext(), resident.shard():
+    with compute_turn() if takes_turns(stage, profile) else contextlib.nullcontext(), resident.shard():
         yield
+
+
+def release_after_stage(stage: Stage, slot=None) -> None:
+    """In a process that runs the stages one after another, after each: one big model at a time, so a
+    stage that loads one frees it before the next stage loads its own. A model-free stage leaves the
+    slot as it is: what `richpref curate` loaded ahead for a later stage stays (richpref/run/load_ahead.py).
+    `slot`: the process's resident slot unless given."""
+    if not stage.loads_model:
+        return
+    from richpref.models.runtime import resident
+
+    (slot or resident).release(freeze_survivors=True)

@@ -132,3 +132,29 @@ def test_in_process_turns_are_per_worker_not_per_process():
         futs = [client.submit(shard, workers=[w], pure=False) for w in client.scheduler_info()["workers"]]
         (a0, a1), (b0, b1) = client.gather(futs)
     assert max(a0, b0) < min(a1, b1)
+
+
+def test_after_a_model_free_stage_the_model_loaded_ahead_for_the_next_one_stays():
+    """The curate flow's release after each stage (flows/curate.py): a model-free stage (the source)
+    leaves what `richpref curate` loaded ahead for the next stage (richpref/run/load_ahead.py) resident;
+    a model stage frees its model. In a fresh process: the release freezes what survives it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = """
+from richpref.models.runtime import ResidentModel
+from richpref.run.gpu_claims import release_after_stage
+from richpref.tasks import ALL_STAGES
+by_name = {s.name: s for s in ALL_STAGES}
+slot = ResidentModel()
+slot.get(("generator", "tiny"), lambda: object())
+release_after_stage(by_name["source"], slot)
+kept = slot._key
+release_after_stage(by_name["sample"], slot)
+print(kept, slot._key)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == "('generator', 'tiny') None", out.stdout
