@@ -9,8 +9,8 @@ this process takes before its compute starts: a shard that comes while the load 
 for it, uncounted, then finds the model resident (richpref/models/runtime.py).
 
 The load is that stage's compute, done before its first shard: `_log/loads.jsonl` records its seconds
-(wall, and the CPU of its thread) beside the shards' own in `_log/work.jsonl`. A load that fails is left to the shard, which loads the
-model itself and reports what fails.
+(wall, and the CPU of its thread) beside the shards' own in `_log/work.jsonl`. A load that fails is
+left to the shard, which loads the model itself and reports what fails.
 """
 from __future__ import annotations
 
