@@ -131,3 +131,14 @@ def read_many(fs, paths: list[str]) -> dict[str, bytes | None]:
         return {p: one(p) for p in paths}
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
         return dict(zip(paths, pool.map(one, paths)))
+
+
+def read_parquet(f, columns: list[str] | None = None):
+    """A Parquet file's table (or those `columns`), from an open file object or an Arrow buffer, read
+    through pyarrow's file reader. Not `pyarrow.parquet.read_table(f)`: its dataset scanner reads a
+    Python file object from pyarrow's threads, and a thread it left behind aborted the interpreter at
+    exit (`terminate called without an active exception`, SIGABRT) after one process in five to eight
+    that had read a run's shards: `richpref summary`, a curate of a finished run."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(f).read(columns=columns)

@@ -13,9 +13,8 @@ import uuid
 
 from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from richpref.common.objstore import cat_small, is_object_store, url_to_fs
+from richpref.common.objstore import cat_small, is_object_store, read_parquet, url_to_fs
 from richpref.common.atomic import write_atomic
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -75,16 +74,16 @@ class RunStore:
     def read_shard(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:
         path = self.shard_path(stage, shard)
         if columns is None and is_object_store(self.fs):  # the whole file: one GET, no HEAD for its size first
-            return pq.read_table(pa.BufferReader(cat_small(self.fs, path)))
+            return read_parquet(pa.BufferReader(cat_small(self.fs, path)))
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            return read_parquet(f, columns)
 
     def read_stage(self, stage: str, columns: list[str] | None = None) -> pa.Table:
         """All shards of a stage as one table (shard order)."""
         tables = []
         for s in self.shards(stage):
             with self.fs.open(self.shard_path(stage, s), "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
+                tables.append(read_parquet(f, columns))
         return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
     # small run files ------------------------------------------------------------------------------

@@ -72,8 +72,10 @@ def _read(path: str) -> Digest | None:
         if fs is None:
             t = pq.read_table(inner)
         else:
+            from richpref.common.objstore import read_parquet
+
             with fs.open(inner, "rb") as f:
-                t = pq.read_table(f)
+                t = read_parquet(f)
     except (OSError, pa.ArrowInvalid):
         return None  # absent or half-written by a crashed writer: computed again
     return list(zip(t.column("hash").to_pylist(), t.column("row").to_pylist(), t.column("item_id").to_pylist()))
