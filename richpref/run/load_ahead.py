@@ -63,7 +63,8 @@ def load_ahead(stage: Stage, profile: Profile, store: RunStore) -> threading.Thr
         # Both: the load shares the cores with the server's start, so its wall counts their contention too.
         store.append_log(LOADS_LOG, {"stage": stage.name, "models": list(models), "load_s": round(seconds, 4),
                                      "thread_cpu_s": round(cpu, 4), "at": time.time()})
-        log.info("%s: models loaded ahead of its shards in %.2fs", stage.name, seconds)
+        # Debug: before the flow run there is no run to send an INFO line to (Prefect warns about it).
+        log.debug("%s: models loaded ahead of its shards in %.2fs", stage.name, seconds)
 
     thread = threading.Thread(target=load, name=f"load-ahead {stage.name}", daemon=True)
     try:
