@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from richpref.run.leases import Busy
-from richpref.models.runtime import resident
+from richpref.run.gpu_claims import release_after_stage
 from richpref.run.runner import ShardManifest, content_key, drop_shards_from, run_shard, stage_shards
 from richpref.schemas.config import Profile
 from richpref.run.run_state import ended
@@ -38,7 +38,7 @@ def run_inline(profile: Profile, data_dir: str, run: str, *, until: str | None =
                 raise RuntimeError(f"{stage.name} shard {s} is leased by another live process; run curate to wait for it")
             done[s] = result
         manifests[stage.out] = done
-        resident.release(freeze_survivors=True)
+        release_after_stage(stage)
     summary = {"run": run, "profile": profile.name,
                "state": ended([s.name for s in stages], [s.name for s in stages_for(profile)]),
                "stages": {out: {"shards": len(ms), "rows": sum(m.rows for m in ms.values()),

@@ -87,13 +87,13 @@ def shard_model_scope(stage: Stage, profile: Profile):
         yield
 
 
-def release_after_stage(stage: Stage, slot=None) -> None:
-    """In a process that runs the stages one after another, after each: one big model at a time, so a
-    stage that loads one frees it before the next stage loads its own. A model-free stage leaves the
-    slot as it is: what `richpref curate` loaded ahead for a later stage stays (richpref/run/load_ahead.py).
-    `slot`: the process's resident slot unless given."""
+def release_after_stage(stage: Stage) -> None:
+    """In a process that runs the stages one after another (the curate flow, the inline recipe), after
+    each: one big model at a time, so a stage that loads one frees it before the next stage loads its
+    own. A model-free stage leaves the slot as it is: what `richpref curate` loaded ahead for a later
+    stage stays (richpref/run/load_ahead.py)."""
     if not stage.loads_model:
         return
     from richpref.models.runtime import resident
 
-    (slot or resident).release(freeze_survivors=True)
+    resident.release(freeze_survivors=True)

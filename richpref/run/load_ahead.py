@@ -3,8 +3,8 @@
 `richpref curate` waits for the Prefect server it starts: 3-4 s in a used PREFECT_HOME, about 10 s in
 a new one (the server migrates its database first). On this process's own task runner (no Dask; a
 Dask run loads ahead on its workers, richpref/run/dispatch.py), the first stage with work that loads
-a model in this process loads it on a thread meanwhile, through the stage's own loader. The load
-holds the process's compute turn (richpref/run/gpu_claims.py), which a shard of a stage with a model in
+a model in this process loads it on a thread meanwhile, through the function a Dask worker loading
+ahead calls (shard_task.load_stage_models). The load holds the process's compute turn (richpref/run/gpu_claims.py), which a shard of a stage with a model in
 this process takes before its compute starts: a shard that comes while the load is under way waits
 for it, uncounted, then finds the model resident (richpref/models/runtime.py).
 
@@ -53,7 +53,9 @@ def load_ahead(stage: Stage, profile: Profile, store: RunStore) -> threading.Thr
     def load() -> None:
         t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
-            models = stage.load(profile)
+            from richpref.run.shard_task import load_stage_models
+
+            models = load_stage_models(stage, profile)
         except Exception as exc:  # noqa: BLE001 - the stage's first shard loads it and reports the error
             log.debug("%s: loading its models ahead failed (%s); its first shard loads them", stage.name, exc)
             return

@@ -67,8 +67,9 @@ def shard_fn(stage: Stage | Unwalked, shard: int, inputs: dict[str, ShardManifes
 
 
 def load_stage_models(stage: Stage, profile: Profile) -> list[str]:
-    """On a Dask GPU worker, ahead of a stage's shards (richpref/run/dispatch.py): load the stage's
-    models through its own loader, so that its shards find them resident. Returns what it loaded."""
+    """Ahead of a stage's shards, on a Dask GPU worker (richpref/run/dispatch.py) or in the process of a
+    local curate while its Prefect server starts (richpref/run/load_ahead.py): load the stage's models
+    through its own loader, so that its shards find them resident. Returns what it loaded."""
     _split_threads()
     return stage.load(profile)
 

@@ -143,16 +143,15 @@ def test_after_a_model_free_stage_the_model_loaded_ahead_for_the_next_one_stays(
     from pathlib import Path
 
     probe = """
-from richpref.models.runtime import ResidentModel
+from richpref.models.runtime import resident
 from richpref.run.gpu_claims import release_after_stage
 from richpref.tasks import ALL_STAGES
 by_name = {s.name: s for s in ALL_STAGES}
-slot = ResidentModel()
-slot.get(("generator", "tiny"), lambda: object())
-release_after_stage(by_name["source"], slot)
-kept = slot._key
-release_after_stage(by_name["sample"], slot)
-print(kept, slot._key)
+resident.get(("generator", "tiny"), lambda: object())
+release_after_stage(by_name["source"])
+kept = resident._key
+release_after_stage(by_name["sample"])
+print(kept, resident._key)
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[2])
