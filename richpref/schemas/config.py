@@ -235,7 +235,12 @@ def configs_dirs() -> list[Path]:
     return [Path.cwd() / "configs", here]
 
 
-def find_profile(name_or_path: str) -> Path:
+CONFIG_KINDS = ("finetune", "evaluate", "rounds")  # configs/<kind>-<name>.yaml; the other YAMLs are profiles
+
+
+def find_profile(name_or_path: str, kind: str = "profile") -> Path:
+    """The YAML of a profile (`kind` "profile") or of a finetune, evaluate or rounds config: a path, or a
+    name under configs/. Not found: the message lists the names of that kind only."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
         return p
@@ -243,9 +248,11 @@ def find_profile(name_or_path: str) -> Path:
         c = d / f"{name_or_path}.yaml"
         if c.exists():
             return c
-    names = sorted({c.stem for d in configs_dirs() if d.is_dir() for c in d.glob("*.yaml")
-                    if not c.stem.startswith(("finetune-", "evaluate-", "rounds-"))})
-    raise ProfileError(f"profile {name_or_path!r} not found; give a YAML path or one of: {', '.join(names)}")
+    stems = {c.stem for d in configs_dirs() if d.is_dir() for c in d.glob("*.yaml")}
+    names = sorted(n for n in stems if (n.startswith(f"{kind}-") if kind in CONFIG_KINDS
+                                        else not n.startswith(tuple(f"{k}-" for k in CONFIG_KINDS))))
+    what = "profile" if kind not in CONFIG_KINDS else f"{kind} config"
+    raise ProfileError(f"{what} {name_or_path!r} not found; give a YAML path or one of: {', '.join(names)}")
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:

@@ -40,7 +40,7 @@ class RoundsConfig(BaseModel):
 
 def load_rounds_config(name_or_path: str, overrides: list[str] | None = None) -> RoundsConfig:
     """`configs/<name>.yaml` (e.g. rounds-tiny) or a YAML path, with `key=value` overrides."""
-    path = find_profile(name_or_path)
+    path = find_profile(name_or_path, "rounds")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

@@ -267,11 +267,12 @@ class EvaluateConfig(_Strict):
         return v
 
 
-def _load_yaml(name_or_path: str, overrides: list[str] | None, models_root: str | None = None) -> tuple[dict, str]:
+def _load_yaml(name_or_path: str, overrides: list[str] | None, models_root: str | None = None,
+               kind: str = "finetune") -> tuple[dict, str]:
     """The config's YAML; `extends: <config>` starts from another config, each key it names replacing
     the base's whole value (as profiles do). `models_root` (the command's --models-root), else
     RICHPREF_MODELS_ROOT, replaces the config's `models_root`, as for curate profiles."""
-    path = find_profile(name_or_path)
+    path = find_profile(name_or_path, kind)
     data = apply_overrides(read_profile_data(path), overrides)
     root = models_root or os.environ.get("RICHPREF_MODELS_ROOT")
     if root:
@@ -291,7 +292,7 @@ def load_finetune_config(name_or_path: str, overrides: list[str] | None = None,
 
 def load_evaluate_config(name_or_path: str, overrides: list[str] | None = None,
                          models_root: str | None = None) -> EvaluateConfig:
-    data, path = _load_yaml(name_or_path, overrides, models_root)
+    data, path = _load_yaml(name_or_path, overrides, models_root, "evaluate")
     try:
         return EvaluateConfig.model_validate(data)
     except ValidationError as exc:

@@ -74,3 +74,21 @@ def test_a_section_added_to_the_profile_is_in_the_run_hash_with_nothing_else_to_
     bigger = create_model("BiggerProfile", __base__=Profile, extra_stage=(extra, extra()))
     assert sections(bigger) == (*STAGE_SECTIONS, "extra_stage")
     assert profile_hash(bigger(name="p")) != profile_hash(bigger(name="p", extra_stage=extra(level=2)))
+
+
+def test_a_config_not_found_lists_the_names_of_its_own_kind():
+    from richpref.schemas.config import find_profile
+
+    def listed(kind: str) -> tuple[str, list[str]]:
+        with pytest.raises(ProfileError) as err:
+            find_profile("no-such-name", kind)
+        head, names = str(err.value).split("; give a YAML path or one of: ")
+        return head, names.split(", ")
+
+    head, names = listed("evaluate")
+    assert head == "evaluate config 'no-such-name' not found" and "evaluate-tiny" in names
+    assert all(n.startswith("evaluate-") for n in names)
+    head, names = listed("profile")
+    assert head == "profile 'no-such-name' not found" and "tiny" in names
+    assert not any(n.startswith(("evaluate-", "finetune-", "rounds-")) for n in names)
+    assert listed("rounds")[1] == ["rounds-tiny"]
