@@ -2,10 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
+from richpref.cli.errors import fail
 
 
+def _refuses_missing_run(cmd):
+    """A run with no shards is a bad argument: `error: <message with the fix>` and exit 2, no traceback."""
+    @functools.wraps(cmd)
+    def wrapped(args: argparse.Namespace) -> int:
+        from richpref.views.inspect import RunNotFound
+
+        try:
+            return cmd(args)
+        except RunNotFound as exc:
+            return fail(exc)
+    return wrapped
+
+
+@_refuses_missing_run
 def cmd_summary(args: argparse.Namespace) -> int:
     from richpref.views.inspect import format_summary, summary
 
@@ -22,6 +38,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+@_refuses_missing_run
 def cmd_report(args: argparse.Namespace) -> int:
     from richpref.views.report import write_report
 
@@ -29,6 +46,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+@_refuses_missing_run
 def cmd_card(args: argparse.Namespace) -> int:
     from richpref.views.datacard import push_to_hub, write_run_report
     from richpref.run.storage import RunStore
@@ -41,6 +59,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+@_refuses_missing_run
 def cmd_inspect(args: argparse.Namespace) -> int:
     from richpref.views.inspect import connect
 

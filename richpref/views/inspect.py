@@ -22,7 +22,7 @@ def connect(data_dir: str, run: str) -> tuple[duckdb.DuckDBPyConnection, list[st
         if _create_stage_view(con, out, stage_manifests(store, out)):
             views.append(out)
     if not views:
-        raise FileNotFoundError(_no_shards(store, run))
+        raise RunNotFound(_no_shards(store, run))
     # A rebuild's pairs (several per item, keyed by pair index) are looked up, not joined.
     apart = PAIR_KEYED & set(views)
     _create_pairs_full(con, [v for v in views if v not in apart and not (apart and v == "pairs")], pairs_apart=bool(apart))
@@ -48,6 +48,10 @@ def _create_stage_view(con: duckdb.DuckDBPyConnection, out: str, manifests: dict
     listing = ", ".join("'" + f.translate(SQL_STRING) + "'" for f in files)
     con.execute(f'create view "{out}" as select * from read_parquet([{listing}], union_by_name=true)')
     return True
+
+
+class RunNotFound(FileNotFoundError):
+    """A view of a run that has no committed shard (a typo in the run's name, or another --data-dir)."""
 
 
 def _no_shards(store: RunStore, run: str) -> str:
@@ -122,7 +126,7 @@ def summary(data_dir: str, run: str) -> dict:
         reasons = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
         stages.append({"stage": out, "rows": rows, "kept": kept, "rejected": rows - kept, "reasons": reasons})
     if not present:
-        raise FileNotFoundError(_no_shards(store, run))
+        raise RunNotFound(_no_shards(store, run))
     out = {"run": run, "stages": stages}
     if "relabel" in present:
         # over the pairs that hold the original (best-vs-worst pairs of two edits cannot flip)

@@ -13,7 +13,7 @@ import io
 
 from PIL import Image
 
-from richpref.views.inspect import connect
+from richpref.views.inspect import RunNotFound, connect
 from richpref.run.storage import RunStore, join
 
 THUMB = 160
@@ -80,7 +80,7 @@ def _esc(value) -> str:
 def build_report(data_dir: str, run: str) -> str:
     con, views = connect(data_dir, run)
     if "edit" not in views:
-        raise FileNotFoundError(f"run {run!r} has no edit stage output yet: nothing to show")
+        raise RunNotFound(f"run {run!r} has no edit stage output yet: nothing to show")
     has = set(views)
     score_cols = []
     if "relabel" in has:
