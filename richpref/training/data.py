@@ -58,18 +58,41 @@ def parquet_files(path: str) -> list[str]:
     return files
 
 
+def pair_files(path: str) -> list[str]:
+    """The Parquet files of a pair source's path: local (`parquet_files`) or a URL (s3://, gs://, hf://,
+    listed without copying anything); DataError naming the path when it has none."""
+    if "://" not in path:
+        return parquet_files(path)
+    from .remote_pairs import remote_parquet_files
+
+    files = remote_parquet_files(path)
+    if not files:
+        raise DataError(f"data source path {path!r} has no .parquet files (give a file, a folder of them or a glob)")
+    return files
+
+
+def parquet_columns(file: str) -> list[str]:
+    """The column names of one Parquet file, local or at a URL (its footer only)."""
+    import pyarrow.parquet as pq
+
+    if "://" not in file:
+        return pq.read_schema(file).names
+    from richpref.common.objstore import url_to_fs
+
+    fs, inner = url_to_fs(file)
+    with fs.open(inner, "rb") as fh:
+        return pq.ParquetFile(fh).schema_arrow.names
+
+
 def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
     """The source as a `datasets.Dataset` of the four Pick-a-Pic columns (and `edit_mask` when
     `need_mask`), ties and bad labels dropped."""
     import datasets
 
     if src.path is not None and "://" in src.path:  # s3://, gs://, hf://: by row group, no local copy
-        from .remote_pairs import RemotePairs, remote_parquet_files
+        from .remote_pairs import RemotePairs
 
-        files = remote_parquet_files(src.path)
-        if not files:
-            raise DataError(f"data source path {src.path!r} has no .parquet files (give a file, a folder of them or a glob)")
-        ds = RemotePairs(files)
+        ds = RemotePairs(pair_files(src.path))
     elif src.path is not None:
         import pyarrow.parquet as pq
 

@@ -15,7 +15,7 @@ import torch
 from ..models.runtime import resolve_model_ref
 from ..schemas.training import FinetuneConfig, FlowSettings
 from .checkpoints import TrainingError, load_init_lora, load_init_unet
-from .data import MASK_COLUMN, parquet_files
+from .data import MASK_COLUMN, pair_files, parquet_columns
 from .flow_models import FLOW_ARCHS, LORA_TARGETS, UNET_LORA_TARGETS, ArchMismatch, check_arch, load_flow_parts
 from .models import add_lora, frozen_copy, load_parts
 
@@ -49,7 +49,8 @@ def _init_from_arch(path: str) -> str | None:
 def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
     """The checkpoint's family, after refusing what cannot train: a Flow-DPO config on a UNet (or the
     reverse), init_from made for another base, a 12B+ full fine-tune without FSDP and gradient
-    checkpointing, edit_region without edit masks. Each message names the input and the fix."""
+    checkpointing, a pairs path with no Parquet file, edit_region without edit masks (a footer read, also
+    of pairs at an s3:// URL). Each message names the input and the fix."""
     model_dir = resolve_model_ref(cfg.model, cfg.models_root)
     family = check_arch(model_dir, cfg.arch, cfg.is_flow, cfg.model)
     if cfg.init_from:
@@ -65,17 +66,14 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
                 f"model {cfg.model!r}: a full fine-tune of its {n / 1e9:.1f}B-parameter transformer (plus its "
                 "reference) does not fit one device: use mode: lora (the reference is then the same transformer "
                 "with adapters off), or set fsdp: true and gradient_checkpointing: true and launch on several GPUs")
-    if cfg.loss_mask == "edit_region":
-        import pyarrow.parquet as pq
-
-        for src in cfg.data:
-            if src.path is None:
-                continue  # a `datasets` source: checked when loaded
-            names = pq.read_schema(parquet_files(src.path)[0]).names
-            if MASK_COLUMN not in names:
-                raise ValueError(f"data source {src.label!r} ({src.path}) has no {MASK_COLUMN!r} column, which "
-                                 "loss_mask: edit_region needs: export the pairs again with a richpref that writes "
-                                 "edit masks (export stage), or set loss_mask: none")
+    for src in cfg.data:
+        if src.path is None:
+            continue  # a `datasets` source: checked when loaded
+        files = pair_files(src.path)  # a path with no pairs: refused before Prefect and accelerate start
+        if cfg.loss_mask == "edit_region" and MASK_COLUMN not in parquet_columns(files[0]):
+            raise ValueError(f"data source {src.label!r} ({src.path}) has no {MASK_COLUMN!r} column, which "
+                             "loss_mask: edit_region needs: export the pairs again with a richpref that writes "
+                             "edit masks (export stage), or set loss_mask: none")
     return family
 
 

@@ -281,6 +281,29 @@ def test_training_pairs_on_s3_are_read_by_row_group_and_match_the_local_file(s3,
     assert sorted({g for _, g in remote_pairs.ROW_GROUPS_READ}) == [0, 4]  # the batch's row groups only
 
 
+def test_the_finetune_preflight_reads_s3_pairs_footers_for_edit_masks_and_refuses_an_empty_url(s3, bucket, tiny_models,
+                                                                                                  tmp_path):
+    import pyarrow.parquet as pq
+
+    from richpref.common.objstore import url_to_fs
+    from richpref.schemas.training import load_finetune_config
+    from richpref.training.data import DataError
+    from richpref.training.finetune import with_pairs
+    from richpref.training.setup import preflight
+
+    fs, _ = url_to_fs(f"s3://{bucket}")
+    cols = {"caption": ["c"], "jpg_0": [b"a"], "jpg_1": [b"b"], "label_0": [0.0]}
+    for name, extra in (("masked", {"edit_mask": pa.array([None], pa.binary())}), ("plain", {})):
+        pq.write_table(pa.table({**cols, **extra}), tmp_path / f"{name}.parquet")
+        fs.put_file(str(tmp_path / f"{name}.parquet"), f"{bucket}/{name}/part-00000.parquet")
+    cfg = load_finetune_config("finetune-tiny-flux", ["loss_mask=edit_region"], models_root=str(tiny_models))
+    assert preflight(with_pairs(cfg, f"s3://{bucket}/masked/")) == "flux"
+    with pytest.raises(ValueError, match="has no 'edit_mask' column"):
+        preflight(with_pairs(cfg, f"s3://{bucket}/plain/"))
+    with pytest.raises(DataError, match="no .parquet files"):
+        preflight(with_pairs(cfg, f"s3://{bucket}/nothing/"))
+
+
 def test_a_worker_with_a_wrong_s3_credential_fails_the_preflight_in_seconds_naming_it(s3, bucket):
     from distributed import Client, LocalCluster
 

@@ -2,6 +2,9 @@
 RICHPREF_MODELS_ROOT, else the config's own `models_root` (relative to the cwd)."""
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from richpref.cli.commands import main
 from richpref.schemas.training import load_evaluate_config, load_finetune_config
 from richpref.training.evaluation import preflight as evaluate_preflight
@@ -14,6 +17,7 @@ def test_finetune_and_evaluate_configs_honour_models_root(tiny_models, tmp_path,
     root = str(tiny_models)
     pairs = tmp_path / "pairs"
     pairs.mkdir()
+    pq.write_table(pa.table({"caption": ["c"]}), pairs / "part-00000.parquet")  # the preflight lists, not reads
     monkeypatch.setenv("RICHPREF_MODELS_ROOT", root)
     cfg = with_pairs(load_finetune_config("finetune-tiny-flux"), str(pairs))
     assert cfg.models_root == root and finetune_preflight(cfg) == "flux"
@@ -33,3 +37,12 @@ def test_finetune_and_evaluate_configs_honour_models_root(tiny_models, tmp_path,
         args = ["--data-dir", str(tmp_path / "data"), *command, "--models-root", "/no/such/root"]
         assert main(args) == 2  # refused before Prefect starts, naming the root it looked in
         assert "looked in /no/such/root/" in capsys.readouterr().err
+
+
+def test_finetune_refuses_a_pairs_path_without_parquet_before_prefect_starts(tiny_models, tmp_path, capsys):
+    data = tmp_path / "data"
+    args = ["--data-dir", str(data), "finetune", "--config", "finetune-tiny-flux", "--models-root", str(tiny_models),
+            "--pairs", str(tmp_path / "no-pairs-here")]
+    assert main(args) == 2  # 1 (and a Prefect traceback) once the flow had launched accelerate
+    assert f"data source path '{tmp_path / 'no-pairs-here'}' has no .parquet files" in capsys.readouterr().err
+    assert not (data / "finetune").exists()
