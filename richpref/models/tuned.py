@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,25 @@ FINETUNE_META = "finetune.json"
 
 class TunedWeightsError(FileNotFoundError):
     pass
+
+
+class _NoTextEncoderKeysNote(logging.Filter):
+    """diffusers warns, for each text encoder, when a LoRA has no keys for it: a UNet or transformer LoRA
+    (every LoRA richpref trains) never has, so the warning would be printed at every load, for nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+def load_lora(pipe, folder: str | os.PathLike, weight_name: str = LORA_WEIGHTS) -> None:
+    """`pipe.load_lora_weights` without diffusers' note that the LoRA has no text-encoder keys."""
+    note = logging.getLogger("diffusers.loaders.lora_base")
+    quiet = _NoTextEncoderKeysNote()
+    note.addFilter(quiet)
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=weight_name)
+    finally:
+        note.removeFilter(quiet)
 
 
 def _final(path: Path) -> Path:
@@ -76,7 +96,7 @@ def apply_tuned(t2i, lora: str | None = None, unet: str | None = None) -> None:
     """Put the tuned weights into a loaded `TextToImage` (LoRA loaded into its pipeline; UNet swapped)."""
     if lora:
         f = lora_file(lora)
-        t2i.pipe.load_lora_weights(str(f.parent), weight_name=f.name)
+        load_lora(t2i.pipe, f.parent, f.name)
         t2i.model_id = f"{t2i.model_id}+lora:{f}"
     elif unet:
         from diffusers import UNet2DConditionModel

@@ -231,13 +231,14 @@ def load_finetuned(path: str | os.PathLike, *, device: str = "auto", dtype: str 
     from diffusers import UNet2DConditionModel
 
     from ..models.generator import TextToImage, diffusers_dtype_kwargs
+    from ..models.tuned import load_lora
 
     meta = read_meta(path)
     t2i = TextToImage.load(meta["base_model_path"], device=device, dtype=dtype, scheduler=scheduler,
                            safety_checker=safety_checker)
     final = Path(meta["_dir"])
     if meta["mode"] == "lora":
-        t2i.pipe.load_lora_weights(str(final), weight_name=LORA_WEIGHTS)
+        load_lora(t2i.pipe, final, LORA_WEIGHTS)
     elif (final / "transformer").is_dir():  # a full Flow-DPO fine-tune: the pipeline's transformer class
         cls = type(t2i.pipe.transformer)
         t2i.pipe.transformer = cls.from_pretrained(final / "transformer", **diffusers_dtype_kwargs(t2i.dtype)).to(t2i.device)
