@@ -23,11 +23,13 @@ log = logging.getLogger("richpref")
 
 
 @flow(name="rounds")
-def rounds(config: str = "rounds-tiny", overrides: list[str] | None = None, data_dir: str = "data") -> dict:
-    """Run the rounds of `config` (a name in configs/ or a YAML path); returns the table of every round."""
+def rounds(config: str = "rounds-tiny", overrides: list[str] | None = None, data_dir: str = "data",
+           models_root: str | None = None) -> dict:
+    """Run the rounds of `config` (a name in configs/ or a YAML path); returns the table of every round.
+    `models_root`: where the models are, over the config's (else RICHPREF_MODELS_ROOT)."""
     from prefect.artifacts import create_table_artifact
 
-    cfg = load_rounds_config(config, overrides)
+    cfg = load_rounds_config(config, overrides, models_root)
     state = RoundsState(data_dir, cfg)
     out = rounds_dir(data_dir, cfg)
     finished: list[dict] = []

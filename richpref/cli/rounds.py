@@ -14,11 +14,12 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.schemas.training import load_evaluate_config, load_finetune_config
 
     try:
-        cfg = load_rounds_config(args.config, args.set)  # bad configs fail before Prefect or a model starts
+        cfg = load_rounds_config(args.config, args.set, args.models_root)  # bad configs fail before Prefect starts
         load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
         load_finetune_config(cfg.finetune, cfg.finetune_overrides)
         load_evaluate_config(cfg.evaluate, cfg.evaluate_overrides)
-        result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir)
+        result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir,
+                          models_root=args.models_root)
     except (ProfileError, ModelNotAvailable, ValueError) as exc:
         return fail(exc)
     print(result["markdown"])
@@ -31,4 +32,7 @@ def register(sub) -> None:
     r.add_argument("--config", default="rounds-tiny", help="rounds config: a name in configs/ or a YAML path")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a rounds config value, e.g. --set rounds=3 (repeatable)")
+    r.add_argument("--models-root", default=None,
+                   help="directory relative model references resolve against (default: RICHPREF_MODELS_ROOT, else "
+                        "the config's models_root)")
     r.set_defaults(fn=cmd_rounds)

@@ -2,6 +2,7 @@
 the tuned model -> curate again, with an evaluation of every round."""
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import yaml
@@ -38,14 +39,20 @@ class RoundsConfig(BaseModel):
         return self
 
 
-def load_rounds_config(name_or_path: str, overrides: list[str] | None = None) -> RoundsConfig:
-    """`configs/<name>.yaml` (e.g. rounds-tiny) or a YAML path, with `key=value` overrides."""
+def load_rounds_config(name_or_path: str, overrides: list[str] | None = None,
+                       models_root: str | None = None) -> RoundsConfig:
+    """`configs/<name>.yaml` (e.g. rounds-tiny) or a YAML path, with `key=value` overrides. `models_root`
+    (the command's --models-root), else RICHPREF_MODELS_ROOT, replaces the config's, as for every config."""
     path = find_profile(name_or_path, "rounds")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ProfileError(f"rounds config {path}: not valid YAML ({exc})") from exc
+    data = apply_overrides(data, overrides)
+    root = models_root or os.environ.get("RICHPREF_MODELS_ROOT")
+    if root:
+        data["models_root"] = root
     try:
-        return RoundsConfig.model_validate(apply_overrides(data, overrides))
+        return RoundsConfig.model_validate(data)
     except ValidationError as exc:
         raise ProfileError(f"rounds config {path} is invalid:\n{exc}") from exc

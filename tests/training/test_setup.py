@@ -1,11 +1,12 @@
-"""Finetune and evaluate configs find their models as curate profiles do: `--models-root`, else
+"""Finetune, evaluate and rounds configs find their models as curate profiles do: `--models-root`, else
 RICHPREF_MODELS_ROOT, else the config's own `models_root` (relative to the cwd)."""
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from richpref.cli.commands import main
+from richpref.cli.commands import build_parser, main
+from richpref.schemas.rounds import load_rounds_config
 from richpref.schemas.training import load_evaluate_config, load_finetune_config
 from richpref.training.evaluation import preflight as evaluate_preflight
 from richpref.training.finetune import with_pairs
@@ -23,13 +24,17 @@ def test_finetune_and_evaluate_configs_honour_models_root(tiny_models, tmp_path,
     assert cfg.models_root == root and finetune_preflight(cfg) == "flux"
     ev = load_evaluate_config("evaluate-tiny-flux", ["models=[{name: base, path: flux}]"])
     assert ev.models_root == root
+    assert load_rounds_config("rounds-tiny").models_root == root
     evaluate_preflight(ev)
     # an explicit root (the command's --models-root) wins over the environment
     assert load_finetune_config("finetune-tiny-sd3", models_root="/elsewhere").models_root == "/elsewhere"
     assert load_evaluate_config("evaluate-tiny-sd3", models_root="/elsewhere").models_root == "/elsewhere"
+    assert load_rounds_config("rounds-tiny", models_root="/elsewhere").models_root == "/elsewhere"
+    assert build_parser().parse_args(["rounds", "--models-root", "/elsewhere"]).models_root == "/elsewhere"
 
     monkeypatch.delenv("RICHPREF_MODELS_ROOT")
     assert load_finetune_config("finetune-tiny-flux").models_root == "data/models/tiny"
+    assert load_rounds_config("rounds-tiny").models_root == "data/models/tiny"
     assert main(["doctor", "--finetune", "finetune-tiny-flux", "--models-root", root]) == 0
     assert "finetune finetune-tiny-flux: flux lora" in capsys.readouterr().out
     for command in (["finetune", "--config", "finetune-tiny-flux", "--set", "model=gone"],
