@@ -32,7 +32,8 @@ def register(sub) -> None:
     rd = sub.add_parser("relabel-dataset", help="rescore a Pick-a-Pic-format Parquet dataset's jpg_0/jpg_1 and rewrite label_0")
     rd.add_argument("src", help="Parquet file(s): a path, folder, glob or fsspec URL (quote globs)")
     rd.add_argument("out_dir", help="data dir of the run: the relabelled part-*.parquet, README.md and plots land in "
-                                    "OUT_DIR/runs/RUN/pairs/ (richpref status/inspect --data-dir OUT_DIR --run RUN read it)")
+                                    "OUT_DIR/runs/RUN/pairs/ (`richpref --data-dir OUT_DIR status RUN` and "
+                                    "`inspect RUN` read it)")
     rd.add_argument("--run", default="relabel", help="run name under OUT_DIR/runs/ (default relabel); a rerun computes "
                                                      "only the shards that are missing or stale")
     rd.add_argument("--profile", default="tiny", help="profile whose score.rewards score the images")
