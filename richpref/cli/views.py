@@ -30,6 +30,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+@_refuses_missing_run
 def cmd_status(args: argparse.Namespace) -> int:
     from richpref.views.inspect import format_status, status
 

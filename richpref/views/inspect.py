@@ -171,6 +171,8 @@ def status(data_dir: str, run: str) -> dict:
     from richpref.tasks import ALL_STAGES, stages_for
 
     store = RunStore(data_dir, run)
+    if not store.fs.exists(store.root):  # a typo or another --data-dir: not a run with every shard missing
+        raise RunNotFound(_no_shards(store, run))
     last = store.last_run()
     failed_by_stage: dict[str, list[int]] = {}
     for f in last.get("failed", []):

@@ -1,4 +1,4 @@
-"""`richpref summary | report | card | inspect` on a run that does not exist: one `error:` line with the
+"""`richpref summary | status | report | card | inspect` on a run that does not exist: one `error:` line with the
 fix and exit 2 (bad input), not a traceback."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from richpref.cli.commands import main
 
 
-@pytest.mark.parametrize("command", [["summary"], ["report"], ["card"], ["inspect", "-c", "select 1"]])
+@pytest.mark.parametrize("command", [["summary"], ["status"], ["report"], ["card"], ["inspect", "-c", "select 1"]])
 def test_a_view_of_a_run_with_no_shards_names_it_and_the_fix(command, tmp_path, capsys):
     rc = main(["--data-dir", str(tmp_path), command[0], "no-such-run", *command[1:]])
     err = capsys.readouterr().err
