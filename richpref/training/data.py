@@ -65,7 +65,11 @@ def pair_files(path: str) -> list[str]:
         return parquet_files(path)
     from .remote_pairs import remote_parquet_files
 
-    files = remote_parquet_files(path)
+    try:
+        files = remote_parquet_files(path)
+    except OSError as exc:  # s3fs: a missing bucket, a refused credential, an unreachable endpoint
+        raise DataError(f"data source path {path!r} cannot be listed ({type(exc).__name__}: {exc}); check the URL "
+                        "and the store's credentials and endpoint") from exc
     if not files:
         raise DataError(f"data source path {path!r} has no .parquet files (give a file, a folder of them or a glob)")
     return files

@@ -302,6 +302,13 @@ def test_the_finetune_preflight_reads_s3_pairs_footers_for_edit_masks_and_refuse
         preflight(with_pairs(cfg, f"s3://{bucket}/plain/"))
     with pytest.raises(DataError, match="no .parquet files"):
         preflight(with_pairs(cfg, f"s3://{bucket}/nothing/"))
+    # the command, with a refused credential: one error line naming the path, before Prefect starts
+    bad = {**_env(s3, tiny_models), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    r = _cli(["--data-dir", str(tmp_path / "data"), "finetune", "--config", "finetune-tiny-flux",
+              "--pairs", f"s3://{bucket}/masked/"], bad, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: data source path 's3://{bucket}/masked/' cannot be listed (PermissionError"), r.stderr
+    assert "check the URL and the store's credentials and endpoint" in r.stderr
 
 
 def test_a_worker_with_a_wrong_s3_credential_fails_the_preflight_in_seconds_naming_it(s3, bucket):
