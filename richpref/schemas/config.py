@@ -295,6 +295,15 @@ def read_profile_data(path: Path, seen: tuple[Path, ...] = (), notes: list[str] 
     return {**read_profile_data(base_path, (*seen, path.resolve()), notes), **data}
 
 
+def apply_models_root(data: dict, models_root: str | None) -> dict:
+    """The command's --models-root, else RICHPREF_MODELS_ROOT, replaces a profile's or config's own
+    `models_root` (where relative model references resolve)."""
+    root = models_root or os.environ.get("RICHPREF_MODELS_ROOT")
+    if root:
+        data["models_root"] = root
+    return data
+
+
 def load_profile(name_or_path: str, overrides: list[str] | None = None, models_root: str | None = None) -> Profile:
     path = find_profile(name_or_path)
     notes: list[str] = []
@@ -302,8 +311,7 @@ def load_profile(name_or_path: str, overrides: list[str] | None = None, models_r
     moved = [move_override(o.split("=", 1)[0].strip()) + (o,) if "=" in o else (o, None, o) for o in overrides or []]
     notes += [why for _, why, _ in moved if why]
     data = apply_overrides(data, [f"{new}={o.split('=', 1)[1]}" if why else o for new, why, o in moved])
-    if models_root or os.environ.get("RICHPREF_MODELS_ROOT"):
-        data["models_root"] = models_root or os.environ["RICHPREF_MODELS_ROOT"]
+    apply_models_root(data, models_root)
     try:
         notes += migrate(data, f"profile {path}")
         warn_moved(notes, str(path))

@@ -2,13 +2,12 @@
 the tuned model -> curate again, with an evaluation of every round."""
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import ProfileError, apply_overrides, find_profile
+from .config import ProfileError, apply_models_root, apply_overrides, find_profile
 
 
 class RoundsConfig(BaseModel):
@@ -48,10 +47,7 @@ def load_rounds_config(name_or_path: str, overrides: list[str] | None = None,
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ProfileError(f"rounds config {path}: not valid YAML ({exc})") from exc
-    data = apply_overrides(data, overrides)
-    root = models_root or os.environ.get("RICHPREF_MODELS_ROOT")
-    if root:
-        data["models_root"] = root
+    data = apply_models_root(apply_overrides(data, overrides), models_root)
     try:
         return RoundsConfig.model_validate(data)
     except ValidationError as exc:

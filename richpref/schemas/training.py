@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import ProfileError, RewardSpec, SourceConfig, apply_overrides, find_profile, read_profile_data
+from .config import (ProfileError, RewardSpec, SourceConfig, apply_models_root, apply_overrides, find_profile,
+                     read_profile_data)
 
 
 class _Strict(BaseModel):
@@ -273,11 +273,7 @@ def _load_yaml(name_or_path: str, overrides: list[str] | None, models_root: str 
     the base's whole value (as profiles do). `models_root` (the command's --models-root), else
     RICHPREF_MODELS_ROOT, replaces the config's `models_root`, as for curate profiles."""
     path = find_profile(name_or_path, kind)
-    data = apply_overrides(read_profile_data(path), overrides)
-    root = models_root or os.environ.get("RICHPREF_MODELS_ROOT")
-    if root:
-        data["models_root"] = root
-    return data, str(path)
+    return apply_models_root(apply_overrides(read_profile_data(path), overrides), models_root), str(path)
 
 
 def load_finetune_config(name_or_path: str, overrides: list[str] | None = None,

@@ -75,19 +75,6 @@ def pair_files(path: str) -> list[str]:
     return files
 
 
-def parquet_columns(file: str) -> list[str]:
-    """The column names of one Parquet file, local or at a URL (its footer only)."""
-    import pyarrow.parquet as pq
-
-    if "://" not in file:
-        return pq.read_schema(file).names
-    from richpref.common.objstore import url_to_fs
-
-    fs, inner = url_to_fs(file)
-    with fs.open(inner, "rb") as fh:
-        return pq.ParquetFile(fh).schema_arrow.names
-
-
 def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
     """The source as a `datasets.Dataset` of the four Pick-a-Pic columns (and `edit_mask` when
     `need_mask`), ties and bad labels dropped."""

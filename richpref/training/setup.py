@@ -15,7 +15,8 @@ import torch
 from ..models.runtime import resolve_model_ref
 from ..schemas.training import FinetuneConfig, FlowSettings
 from .checkpoints import TrainingError, load_init_lora, load_init_unet
-from .data import MASK_COLUMN, pair_files, parquet_columns
+from ..sources.parquet import footer
+from .data import MASK_COLUMN, pair_files
 from .flow_models import FLOW_ARCHS, LORA_TARGETS, UNET_LORA_TARGETS, ArchMismatch, check_arch, load_flow_parts
 from .models import add_lora, frozen_copy, load_parts
 
@@ -70,7 +71,7 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
         if src.path is None:
             continue  # a `datasets` source: checked when loaded
         files = pair_files(src.path)  # a path with no pairs: refused before Prefect and accelerate start
-        if cfg.loss_mask == "edit_region" and MASK_COLUMN not in parquet_columns(files[0]):
+        if cfg.loss_mask == "edit_region" and MASK_COLUMN not in footer(files[0]).schema.to_arrow_schema().names:
             raise ValueError(f"data source {src.label!r} ({src.path}) has no {MASK_COLUMN!r} column, which "
                              "loss_mask: edit_region needs: export the pairs again with a richpref that writes "
                              "edit masks (export stage), or set loss_mask: none")
