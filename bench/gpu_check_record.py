@@ -44,8 +44,11 @@ def collect(out: Path) -> tuple[list[dict], dict]:
             for m in map(STEP.match, log) if m]
     for f in sorted(out.glob("doctor-*.json")):
         rep = json.loads(f.read_text())["report"]
+        # load seconds too: the tables the affinity plan and bench/schedule.py weigh (richpref/run/affinity.py)
         runs.append({"side": f.stem, "repeat": 0, "hours_per_worker": rep["total"]["hours_per_worker"],
-                     **{f"{s['stage']}.items_per_s": s["items_per_s"] for s in rep.get("stages", [])}})
+                     "start_s": rep.get("start_s", 0.0),
+                     **{f"{s['stage']}.items_per_s": s["items_per_s"] for s in rep.get("stages", [])},
+                     **{f"{s['stage']}.load_s": s["load_s"] for s in rep.get("stages", [])}})
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

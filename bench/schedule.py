@@ -8,6 +8,9 @@ real local Dask cluster of simulated GPU workers, each stage's model call replac
 Per-item seconds and model load seconds come from a `richpref doctor` table: by default the tiny
 profile on one H200 (docs/benchmarks.md, "`richpref doctor` on a GPU", bfloat16 run, commit 4d081d0),
 or `--doctor-json` (written by `richpref doctor --json`). Every time is multiplied by --time-scale.
+A doctor file with a worker start (`start_s`: imports and device start, timed apart since the doctor
+splits them from the first model stage's load) has each worker sleep it once, before its first load;
+the built-in table's sample load holds it.
 Each worker has one GPU slot (`GPU=1`, two model shards at once: richpref/run/gpu_claims.py)
 and one CPU slot: three threads, made as a curate run's local workers are (forked from one process
 that imported the stages and model libraries, the shard task preloaded, curate's Dask settings). A
@@ -59,7 +62,7 @@ def _table(path: str | None) -> dict[str, tuple[float, float]]:
     return {k: (1.0 / c.s_per_item, c.load_s) for k, c in costs.items()}
 
 
-def _sleeping(name: str, per_item: float, load_s: float, loads_model: bool, items: int):
+def _sleeping(name: str, per_item: float, load_s: float, loads_model: bool, items: int, start_s: float = 0.0):
     """The shard function of a simulated stage: sleeps instead of the model; rows pass through."""
 
     def compute(inputs, profile):
@@ -68,7 +71,7 @@ def _sleeping(name: str, per_item: float, load_s: float, loads_model: bool, item
         rows = inputs.rows
         ids = [f"i{inputs.shard:05d}-{k}" for k in range(items)] if name == "source" else rows.column("item_id").to_pylist()
         if loads_model:
-            _sleeping_load(name, load_s)(profile)
+            _sleeping_load(name, load_s, start_s)(profile)
         t0 = time.time()
         time.sleep(len(ids) * per_item)
         if loads_model:
@@ -81,13 +84,22 @@ def _sleeping(name: str, per_item: float, load_s: float, loads_model: bool, item
     return compute
 
 
-def _sleeping_load(name: str, load_s: float):
-    """A simulated stage's `load` (the live dispatch loads a stage ahead on an idle worker)."""
+STARTED_ENV = "RICHPREF_SCHEDULE_STARTED"  # set in a worker process once it paid its start
+
+
+def _sleeping_load(name: str, load_s: float, start_s: float = 0.0):
+    """A simulated stage's `load` (the live dispatch loads a stage ahead on an idle worker); a worker's
+    first load sleeps its process start first (`start_s` of the doctor table, if it has one)."""
 
     def load(profile):
         from richpref.models.runtime import resident
 
         def sleep_load():
+            if start_s and not os.environ.get(STARTED_ENV):
+                t0 = time.time()
+                time.sleep(start_s)
+                _trace("load", "start", t0)
+                os.environ[STARTED_ENV] = "1"  # this worker process's own environment
             t0 = time.time()
             time.sleep(load_s)
             _trace("load", name, t0)
@@ -135,17 +147,17 @@ def idle_breakdown(lines: list[str], start: float, end: float) -> tuple[dict[str
     return out, by_stage
 
 
-def simulated_stages(table, scale: float, items: int, shards: int):
+def simulated_stages(table, scale: float, items: int, shards: int, start_s: float = 0.0):
     from richpref.tasks import ALL_STAGES
 
     out = []
     for st in ALL_STAGES:
         rate, load = table[st.name]
         per_item, load_s = scale / rate, scale * load
-        stage = replace(st, compute=_sleeping(st.name, per_item, load_s, st.loads_model, items), version="sim",
+        stage = replace(st, compute=_sleeping(st.name, per_item, load_s, st.loads_model, items, start_s), version="sim",
                         fan_out=(lambda p: 1) if st.fan_out else None, config_view=None,
                         key_extra=lambda p: "", output=st.output,
-                        load=_sleeping_load(st.name, load_s) if st.loads_model else None)
+                        load=_sleeping_load(st.name, load_s, start_s) if st.loads_model else None)
         if not st.reads:
             stage = replace(stage, count_shards=lambda p: shards, shard_key=lambda p, s, n=items: f"sim-{s}-{n}")
         out.append((stage, per_item if st.loads_model else 0.0))
@@ -185,13 +197,14 @@ def child(args) -> None:
     from prefect import flow
 
     from richpref.models.runtime import resident
-    from richpref.run.affinity import StageCost
+    from richpref.run.affinity import StageCost, read_start_s
     from richpref.schemas.config import load_profile
 
     table = _table(args.doctor_json)
-    stages = simulated_stages(table, args.time_scale, args.items, args.shards)
+    start = args.time_scale * read_start_s(args.doctor_json)  # once per worker, before its first model
+    stages = simulated_stages(table, args.time_scale, args.items, args.shards, start)
     model_s = sum(per_item * args.items * args.shards for _, per_item in stages)
-    load_s = sum(args.time_scale * table[s.name][1] for s, _ in stages if s.loads_model)
+    load_s = start + sum(args.time_scale * table[s.name][1] for s, _ in stages if s.loads_model)
     bound = (model_s / args.workers + load_s) / (model_s / args.workers)
     # The plan weighs the times the simulated stages sleep: the table's, times --time-scale.
     costs = None if args.no_affinity else {k: StageCost(args.time_scale / rate, args.time_scale * load)
@@ -199,13 +212,15 @@ def child(args) -> None:
     print(f"bound when every worker loads every model once ({load_s:.1f}s of loads each): "
           f"busy<={1 / bound:.3f} wall/ideal>={bound:.3f}", flush=True)
     # Any schedule: no model shard starts before the first model stage's model has loaded somewhere.
-    first_load = next(args.time_scale * table[s.name][1] for s, _ in stages if s.loads_model)
+    first_load = start + next(args.time_scale * table[s.name][1] for s, _ in stages if s.loads_model)
     any_bound = (model_s / args.workers + first_load) / (model_s / args.workers)
     print(f"bound of any schedule (every worker idles while the first model stage loads, {first_load:.1f}s): "
           f"busy<={1 / any_bound:.3f} wall/ideal>={any_bound:.3f}", flush=True)
     rule = _rule_without_fixed_cost(stages, args, table)
+    rule_wall = rule.wall_s + start  # every worker pays its start before its first load
+    rule_busy = model_s / (args.workers * rule_wall)
     print(f"the dispatch rule simulated with the sleeps alone (no cost of a shard task, no loads ahead): "
-          f"busy={rule.busy:.3f} wall/ideal={rule.wall_s / (model_s / args.workers):.3f} loads={rule.loads}", flush=True)
+          f"busy={rule_busy:.3f} wall/ideal={rule_wall / (model_s / args.workers):.3f} loads={rule.loads}", flush=True)
     data = tempfile.mkdtemp(prefix="richpref-schedule-")
     os.environ.setdefault("PREFECT_HOME", f"{data}/.prefect")
     trace = os.path.join(data, "sleeps.txt")
@@ -229,7 +244,8 @@ def child(args) -> None:
     wall, models = figures["wall"], figures["models"]
     ideal = model_s / args.workers
     print(f"{args.workers} simulated GPU workers, {args.shards} shards x {args.items} items, time scale "
-          f"{args.time_scale}; per-item times from {args.doctor_json or 'the built-in doctor table (tiny, H200, bf16)'}")
+          f"{args.time_scale}; per-item times from {args.doctor_json or 'the built-in doctor table (tiny, H200, bf16)'}"
+          + (f"; each worker's start {start:.1f}s" if start else ""))
     print(f"model seconds {model_s:.1f}, ideal wall {ideal:.1f}s, wall {wall:.1f}s, model loads {models['loads']}")
     if figures["plan"]:
         p = figures["plan"]
@@ -240,7 +256,7 @@ def child(args) -> None:
           + f" (of {args.workers * wall:.1f}); same-model gaps by stage: "
           + ", ".join(f"{k} {v:.1f}" for k, v in figures["gaps_by_stage"].items()), flush=True)
     cpu, runs = figures["cpu"], figures["shards"]
-    print(f"CPU seconds over the flow's wall: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+    print("CPU seconds over the flow's wall: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
           + f"; {sum(cpu.values()) / (os.cpu_count() * wall):.2f} of this machine's {os.cpu_count()} cores; "
           f"{1000 * sum(cpu.values()) / runs:.1f} ms a shard ({runs} shards, one task run each)", flush=True)
     busy = model_s / (args.workers * wall)
@@ -248,7 +264,7 @@ def child(args) -> None:
     harness.print_child("RESULT ", {"schedule": {
         "wall_s": wall, "ideal_s": ideal, "model_s": model_s, "busy": busy, "wall_over_ideal": wall / ideal,
         "loads": models["loads"], "swaps": models["swaps"], "bound_wall_over_ideal": bound,
-        "any_bound_busy": 1 / any_bound, "rule_busy": rule.busy,
+        "any_bound_busy": 1 / any_bound, "rule_busy": rule_busy, "start_s": start,
         "shards_run": runs, "pipelined_s": figures["pipelined_s"],
         "cores_used": sum(cpu.values()) / (os.cpu_count() * wall),
         **{f"cpu_{k}_s": v for k, v in cpu.items()},

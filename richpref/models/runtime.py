@@ -74,6 +74,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def start_process(devices: set[str]) -> None:
+    """What a process pays once before its first model, whichever model that is: importing the model
+    libraries and starting each accelerator (its context, the first kernel). Timed apart, the first
+    model stage's load is its own; charged to it, a swap back to that stage looked as slow as a start."""
+    from richpref.models.libraries import import_model_libraries
+
+    import_model_libraries()
+    for name in sorted(devices):
+        device = resolve_device(name)
+        if device.type != "cpu":
+            x = torch.ones(64, 64, device=device)
+            (x @ x).sum().item()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """'auto' = float16 on GPU, float32 on CPU (half precision is slow or unsupported there)."""
     if dtype == "auto":

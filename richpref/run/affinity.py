@@ -48,7 +48,8 @@ class StageCost:
 
 
 # Tiny profile on one H200 in bfloat16 (`richpref doctor`, docs/benchmarks.md, commit 4d081d0):
-# items/s and load seconds per stage.
+# items/s and load seconds per stage. Measured before the doctor timed a worker's start apart: the
+# sample load (10.29 s) holds the process's imports and CUDA start (edit's SD1.5 + ControlNet: 1.37 s).
 _TINY_H200 = {
     "source": (6665.945, 0.27), "sample": (111.573, 10.29), "critique": (16.534, 0.44), "instruct": (33.129, 0.35),
     "edit": (41.461, 1.37), "cutout": (37.871, 0.94), "check": (4.143, 0.4), "filter": (1161.558, 0.0),
@@ -62,6 +63,14 @@ def read_doctor_table(path: str | Path) -> dict[str, StageCost]:
     """The stage costs of a `richpref doctor --json PATH` file."""
     stages = json.loads(Path(path).read_text(encoding="utf-8"))["report"]["stages"]
     return {s["stage"]: StageCost(float(s["s_per_item"]), float(s["load_s"])) for s in stages}
+
+
+def read_start_s(doctor_json: str | None) -> float:
+    """A worker process's start before its first model (`start_s` of a doctor file); 0 for the
+    built-in table and older files, whose first model stage's load holds it."""
+    if not doctor_json:
+        return 0.0
+    return float(json.loads(Path(doctor_json).read_text(encoding="utf-8"))["report"].get("start_s", 0.0))
 
 
 def stage_costs(doctor_json: str | None) -> tuple[dict[str, StageCost], str]:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextlib
 import threading
 
-# What a local CPU cluster's workers import before their models: richpref's stages (torch) and the
-# model libraries their loaders import (lazily, in each worker that loads a model).
-WORKER_IMPORTS = ("richpref.tasks", "transformers", "diffusers", "diffusers.models", "diffusers.pipelines.stable_diffusion",
-                  "diffusers.pipelines.controlnet", "transformers.models.llava", "transformers.models.qwen2_5_vl",
-                  "transformers.models.clip", "open_clip", "richpref.models.rembg_import", "pandas")
+from richpref.models.libraries import MODEL_LIBRARIES
+
+# What a local CPU cluster's workers import before their models: richpref's stages (torch), the
+# model libraries their loaders import (lazily, in each worker that loads a model) and pandas.
+WORKER_IMPORTS = ("richpref.tasks", *MODEL_LIBRARIES, "pandas")
 
 
 @contextlib.contextmanager

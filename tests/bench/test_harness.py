@@ -312,3 +312,23 @@ def test_the_schedule_bench_splits_a_workers_slot_time_as_its_trace_says():
     assert got == pytest.approx({"compute": 2.5 + 2.0, "load": 1.5, "gap_same_model": 0.25 + 0.25 + 0.5,
                                  "gap_switch": 1.0 + 0.5, "head": 1.0, "tail": 2.5})
     assert by_stage == pytest.approx({"a": 0.25, "b": 0.75})
+
+
+def test_the_schedule_bench_sleeps_a_workers_start_once_before_its_first_load(tmp_path, monkeypatch):
+    import schedule
+
+    from richpref.models.runtime import resident
+
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv(schedule.TRACE_ENV, str(trace))
+    monkeypatch.setenv(schedule.STARTED_ENV, "")  # not started; set back when the test ends
+    resident.release()
+    try:
+        for name in ("a", "b", "a"):
+            schedule._sleeping_load(name, 0.01, 0.05)(None)
+    finally:
+        resident.release()
+    events = [line.split()[1:3] for line in trace.read_text().splitlines()]
+    assert events == [["load", "start"], ["load", "a"], ["load", "b"], ["load", "a"]]
+    t0, t1 = map(float, trace.read_text().splitlines()[0].split()[3:])
+    assert t1 - t0 >= 0.05

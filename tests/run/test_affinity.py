@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from richpref.run.affinity import DEFAULT_COSTS, StageCost, Task, costs_for, plan, read_doctor_table, stage_costs, worker_shares
+from richpref.run.affinity import (DEFAULT_COSTS, StageCost, Task, costs_for, plan, read_doctor_table, read_start_s,
+                                   stage_costs, worker_shares)
 
 
 def test_worker_shares_are_proportional_to_work():
@@ -69,6 +70,10 @@ def test_the_table_comes_from_a_doctor_file_or_the_built_in_one(tmp_path):
     assert str(path) in where
     assert stage_costs(None)[0] is DEFAULT_COSTS
     assert costs_for(["sample", "score"], costs)["score"] == StageCost(1.0, 2.0)  # missing: the medians
+    # A file written before the doctor timed a worker's start apart, and the built-in table: none.
+    assert read_start_s(str(path)) == read_start_s(None) == 0.0
+    path.write_text(json.dumps({"report": {"start_s": 4.5, "stages": []}}))
+    assert read_start_s(str(path)) == 4.5
 
 
 def test_the_plans_busy_counts_model_calls_not_a_shards_fixed_cost():

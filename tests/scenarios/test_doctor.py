@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from richpref.cli.commands import main
-from richpref.doctor.measure import StageCost, project, steady_rate
+from richpref.doctor.measure import START_ROW, StageCost, project, project_total, steady_rate
 from richpref.doctor.checks import weight_files, weights_bytes
 from richpref.models.runtime import resident
 from richpref.tasks import PIPELINE
@@ -58,7 +58,9 @@ def test_doctor_measures_every_stage_of_the_tiny_profile(flow_report):
     # Images are the bulk of a run's bytes.
     assert by["sample"]["disk_bytes"] > 3 * by["critique"]["disk_bytes"]
     total = flow_report["total"]
-    assert total["worker_hours"] == pytest.approx(sum(s["projected"]["worker_hours"] for s in stages))
+    start = flow_report["start_s"]  # apart from the first model stage's load; once per worker (2)
+    assert start > 0 and flow_report["start_devices"] == ["cpu"]
+    assert total["worker_hours"] == pytest.approx(sum(s["projected"]["worker_hours"] for s in stages) + 2 * start / 3600)
     assert resident._key is None  # the last stage's models were released
 
 
@@ -75,7 +77,7 @@ def test_doctor_flow_writes_a_table_artifact(flow_report):
     artifacts = asyncio.run(read())
     assert artifacts and artifacts[0].type == "table"
     rows = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
-    assert [r["stage"] for r in rows] == STAGES + ["total"]
+    assert [r["stage"] for r in rows] == STAGES[:1] + [START_ROW] + STAGES[1:] + ["total"]
     assert {"load_s", "peak_rss_mib", "items_per_s", "hours_per_worker", "worker_hours", "disk_kib_per_item"} <= set(rows[0])
 
 
@@ -88,6 +90,15 @@ def test_projection_by_hand():
     assert four["hours_per_worker"] == pytest.approx((36 + 250 * 0.5) / 3600)
     assert four["worker_hours"] == pytest.approx((4 * 36 + 500) / 3600)
     assert four["disk_gb"] == pytest.approx(1000 * 1000 / 1e9)
+    # A worker's start (imports, device) once per worker, on top of its stages.
+    other = StageCost("score", ["r"], "cpu", 0.0, load_s=2.0, items=8, rows=8, shards=2, compute_s=1.0, warmup_s=0.0,
+                      s_per_item=0.1, peak_rss_mib=3.0, gpu_peak_mib=None, disk_bytes=0)
+    for c in (cost, other):
+        c.projected = project(c, 1000, 4)
+    total = project_total([cost, other], 9.0, 4)
+    assert total["hours_per_worker"] == pytest.approx((36 + 125 + 2 + 25 + 9) / 3600)
+    assert total["worker_hours"] == pytest.approx((4 * 36 + 500 + 4 * 2 + 100 + 4 * 9) / 3600)
+    assert total["peak_rss_mib"] == 3.0 and "gpu_peak_mib" not in total
     # Shards after the first give the rate; the first one's excess is warm-up.
     assert steady_rate([5.0, 2.0, 2.0], [4, 4, 4]) == pytest.approx((3.0, 0.5))
     assert steady_rate([3.0], [6]) == (0.0, 0.5)
