@@ -36,7 +36,7 @@ KEY_META = b"richpref.eval_key"
 
 def with_data_dir(cfg: EvaluateConfig, data_dir: str) -> EvaluateConfig:
     """`cfg` with each relative model `path` that names a finetune output under the data dir (the shipped
-    configs say `finetune/<finetune config>`, where `richpref finetune` writes) and each relative `lora`
+    configs say `finetune/<finetune config's name>`, where `richpref finetune` writes) and each relative `lora`
     found there made absolute; other references keep resolving against models_root, then the cwd."""
     from richpref.training.models import is_finetune_output
 

@@ -62,3 +62,44 @@ def test_deployment_runs_on_a_worker_then_a_second_run_computes_nothing(server):
     assert _task_states_of_latest_run(server) == []
     assert len(RunStore(str(server["data"]), "served").read_log("work.jsonl")) == len(work)
     assert _pairs(server["data"], "served") == pairs
+
+
+def test_every_deployment_names_a_flow_its_parameters_and_a_config_that_loads():
+    """prefect.yaml, which `richpref serve` deploys: a typo in a config name would fail only when a
+    worker runs the deployment."""
+    import importlib.util
+    import inspect
+
+    import yaml
+
+    from richpref.schemas.config import load_profile
+    from richpref.schemas.rounds import load_rounds_config
+    from richpref.schemas.training import load_evaluate_config, load_finetune_config
+
+    root = Path(__file__).resolve().parents[2]
+    loaders = {"curate": load_profile, "doctor": load_profile, "finetune": load_finetune_config,
+               "evaluate": load_evaluate_config, "rounds": load_rounds_config}
+    deployments = yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]
+    seen, params_of = set(), {}
+    for d in deployments:
+        path, name = d["entrypoint"].split(":")
+        spec = importlib.util.spec_from_file_location(f"deployed_{name}", root / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        flow = getattr(module, name)
+        assert flow.name == name, d["entrypoint"]
+        params = d.get("parameters", {})
+        assert set(params) <= set(inspect.signature(flow.fn).parameters), (d["name"], params)
+        loaders[name](params.get("profile") or params["config"])
+        seen.add(f"{name}/{d['name']}")
+        params_of[f"{name}/{d['name']}"] = params
+    assert len(seen) == len(deployments)  # `prefect deployment run FLOW/NAME` names one deployment
+    # The flow-matching chains: curate into the run the Flow-DPO config reads; evaluate its output.
+    for curate, tune, evaluate in [("flux-dev-paper", "flux-dev-flowdpo", "flux-dev"),
+                                   ("sd35-medium-paper", "sd35-medium-flowdpo", "sd35-medium"),
+                                   ("qwen-image-paper", "qwen-image-flowdpo", "qwen-image")]:
+        run = params_of[f"curate/{curate}"]["run"]
+        cfg = load_finetune_config(params_of[f"finetune/{tune}"]["config"])
+        assert [s.path for s in cfg.data] == [f"data/runs/{run}/pairs"], tune
+        models = load_evaluate_config(params_of[f"evaluate/{evaluate}"]["config"]).models
+        assert f"finetune/{cfg.name}" in [m.path for m in models], evaluate

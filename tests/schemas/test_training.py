@@ -65,3 +65,16 @@ def test_rpo_recipe_is_dpo_on_100k_pickapic_rows_then_the_pairs_alone_from_that_
     assert re.search(r"--config finetune-sd15-dpo-pickapic100k.*\n.*--config finetune-sd15-rpo --pairs", readme)
     for f in REPO.glob("configs/*.yaml"):  # every config says what it is
         assert f.read_text().startswith("# "), f
+
+
+def test_every_tuned_model_an_evaluate_config_names_is_where_a_finetune_config_writes():
+    """`richpref finetune --config X` writes to <data>/finetune/<X's name>; an evaluate config's tuned
+    model must name that folder, or `richpref evaluate` after the finetune finds no model."""
+    from richpref.schemas.training import load_evaluate_config, load_finetune_config
+    from richpref.training.finetune import default_output_dir
+
+    written = {default_output_dir(load_finetune_config(str(f)), "") for f in REPO.glob("configs/finetune-*.yaml")}
+    named = [(f.name, m.path) for f in sorted(REPO.glob("configs/evaluate-*.yaml"))
+             for m in load_evaluate_config(str(f)).models if m.path.startswith("finetune/")]
+    assert len(named) >= 7  # every evaluate config compares a base with its tuned model
+    assert [n for n in named if n[1] not in written] == []
