@@ -41,5 +41,7 @@ def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, 
     create_table_artifact(result["table"], key=artifact_key(cfg.name),
                           description=f"Mean reward per model over {len(texts)} images ({len(prompts)} prompts)"
                           + "".join(f"; {t}" for n, t in result.pop("titles").items() if t != n))
-    log.info("evaluate %s:\n%s", cfg.name, result["markdown"])
+    # The table is the artifact (UI) and the command's output (CLI); the log says where its files are.
+    log.info("evaluate %s: table of %d model(s) written to %s (table.md, table.parquet, scores.parquet)", cfg.name,
+             len(cfg.models), out)
     return {"output_dir": str(out), **result, "prompts": len(prompts), "images_per_model": len(texts)}

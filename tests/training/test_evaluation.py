@@ -54,7 +54,7 @@ def tuned_model(tiny_models, tmp_path_factory):
     return tmp / "run"
 
 
-def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_path):
+def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_path, caplog):
     from prefect.client.orchestration import get_client
 
     from flows.evaluate import evaluate
@@ -66,7 +66,10 @@ def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_p
     overrides = [f"models_root={tiny_models}", "prompts.limit=3",
                  f"models=[{{name: base, path: sd15}}, {{name: tuned, path: {tuned_model}}}]"]
     out = tmp_path / "eval"
-    result = evaluate(config="evaluate-tiny", overrides=overrides, output_dir=str(out))
+    with caplog.at_level("INFO", logger="richpref"):
+        result = evaluate(config="evaluate-tiny", overrides=overrides, output_dir=str(out))
+    # The command prints the table; the log names its files instead of printing it a second time.
+    assert str(out) in caplog.text and "| model |" not in caplog.text and "| model |" in result["markdown"]
     cfg = load_evaluate_config("evaluate-tiny", overrides)
     assert result["prompts"] == 3 and result["images_per_model"] == 3
 
