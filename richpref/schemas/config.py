@@ -240,14 +240,18 @@ CONFIG_KINDS = ("finetune", "evaluate", "rounds")  # configs/<kind>-<name>.yaml;
 
 def find_profile(name_or_path: str, kind: str = "profile") -> Path:
     """The YAML of a profile (`kind` "profile") or of a finetune, evaluate or rounds config: a path, or a
-    name under configs/. Not found: the message lists the names of that kind only."""
+    name under configs/; a config's name may leave out its kind, as its deployment does
+    (`finetune --config flux-dev-flowdpo`, deployment finetune/flux-dev-flowdpo: finetune-flux-dev-flowdpo.yaml).
+    Not found: the message lists the names of that kind only."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
         return p
-    for d in configs_dirs():
-        c = d / f"{name_or_path}.yaml"
-        if c.exists():
-            return c
+    prefixed = kind in CONFIG_KINDS and not name_or_path.startswith(f"{kind}-")
+    for name in ([f"{kind}-{name_or_path}"] if prefixed else []) + [name_or_path]:
+        for d in configs_dirs():
+            c = d / f"{name}.yaml"
+            if c.exists():
+                return c
     stems = {c.stem for d in configs_dirs() if d.is_dir() for c in d.glob("*.yaml")}
     names = sorted(n for n in stems if (n.startswith(f"{kind}-") if kind in CONFIG_KINDS
                                         else not n.startswith(tuple(f"{k}-" for k in CONFIG_KINDS))))

@@ -4,6 +4,7 @@ leaves the check stage's answers (the score stage's scores) where they are, and 
 `check:` (`score:`) asks the model again."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,8 @@ from richpref.run.runner import content_key
 from richpref.schemas.config import (CheckConfig, FilterConfig, Profile, ProfileError, RelabelConfig, ScoreConfig,
                                      load_profile)
 from richpref.tasks import STAGES
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def keys(*overrides: str) -> dict[str, str]:
@@ -74,6 +77,41 @@ def test_a_section_added_to_the_profile_is_in_the_run_hash_with_nothing_else_to_
     bigger = create_model("BiggerProfile", __base__=Profile, extra_stage=(extra, extra()))
     assert sections(bigger) == (*STAGE_SECTIONS, "extra_stage")
     assert profile_hash(bigger(name="p")) != profile_hash(bigger(name="p", extra_stage=extra(level=2)))
+
+
+def test_a_config_is_found_by_its_deployments_name_without_its_kind():
+    from richpref.schemas.config import find_profile
+
+    configs = REPO / "configs"
+    assert find_profile("flux-dev-flowdpo", "finetune") == find_profile("finetune-flux-dev-flowdpo", "finetune") \
+        == configs / "finetune-flux-dev-flowdpo.yaml"
+    assert find_profile("flux-dev", "evaluate") == configs / "evaluate-flux-dev.yaml"
+    assert find_profile("tiny", "rounds") == configs / "rounds-tiny.yaml"
+    assert find_profile("tiny", "finetune") == configs / "finetune-tiny.yaml"  # not the tiny profile
+    assert find_profile("tiny") == configs / "tiny.yaml"
+
+
+def test_every_profile_and_config_a_command_in_the_docs_names_exists():
+    """A newcomer copies `--profile X` / `--config X` from the README, the docs or the Makefile."""
+    import re
+
+    from richpref.schemas.config import find_profile
+
+    kind_of = {"curate": "profile", "doctor": "profile", "relabel-dataset": "profile", "finetune": "finetune",
+               "evaluate": "evaluate", "rounds": "rounds"}
+    found = 0
+    for f in [REPO / "README.md", REPO / "Makefile", *sorted((REPO / "docs").glob("*.md"))]:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            command = re.search(r"\b(curate|doctor|relabel-dataset|finetune|evaluate|rounds)\b.*?--(profile|config)[ =]"
+                                r"([a-z0-9][a-z0-9_.-]*)", line)
+            if command is None or command.group(3).endswith((".yaml", ".yml")):
+                continue
+            kind = "profile" if command.group(2) == "profile" else kind_of[command.group(1)]
+            if command.group(1) == "doctor" and command.group(2) == "config":
+                continue
+            find_profile(command.group(3), kind)  # raises, naming the missing one
+            found += 1
+    assert found > 20
 
 
 def test_a_config_not_found_lists_the_names_of_its_own_kind():
