@@ -29,7 +29,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     r = sub.add_parser("rounds", help="RPO rounds: curate, fine-tune, sample from the tuned model, curate again")
-    r.add_argument("--config", default="rounds-tiny", help="rounds config: a name in configs/ (rounds-tiny, or tiny) or a YAML path")
+    r.add_argument("--config", default="rounds-tiny",
+                   help="rounds config: a name in configs/ (rounds-tiny, or tiny) or a YAML path")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a rounds config value, e.g. --set rounds=3 (repeatable)")
     r.add_argument("--models-root", default=None,

@@ -74,7 +74,8 @@ def register(sub) -> None:
     """Add the `finetune` and `evaluate` subcommands to the `richpref` parser's subparsers."""
     f = sub.add_parser("finetune", help="Diffusion-DPO (SD1.5/SDXL) or Flow-DPO (SD3, FLUX.1, Qwen-Image) "
                                               "fine-tune (the finetune flow, under accelerate launch)")
-    f.add_argument("--config", default="finetune-tiny", help="finetune config: a name in configs/ (finetune-flux-dev-flowdpo, or flux-dev-flowdpo) or a YAML path")
+    f.add_argument("--config", default="finetune-tiny",
+                   help="finetune config: a name in configs/ (finetune-flux-dev-flowdpo, or flux-dev-flowdpo) or a YAML path")
     f.add_argument("--pairs", default=None, help="Pick-a-Pic Parquet file/folder for the config's `pairs` source "
                                                  "(e.g. data/runs/demo/pairs)")
     f.add_argument("--output-dir", default=None, help="default: <data-dir>/finetune/<config name>; rerun to resume")
@@ -93,7 +94,8 @@ def register(sub) -> None:
     f.set_defaults(fn=cmd_finetune)
 
     e = sub.add_parser("evaluate", help="base vs tuned: same prompts and seeds, reward table and image grid")
-    e.add_argument("--config", default="evaluate-tiny", help="evaluate config: a name in configs/ (evaluate-flux-dev, or flux-dev) or a YAML path")
+    e.add_argument("--config", default="evaluate-tiny",
+                   help="evaluate config: a name in configs/ (evaluate-flux-dev, or flux-dev) or a YAML path")
     e.add_argument("--output-dir", default=None, help="default: <data-dir>/evaluate/<config name>")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     e.add_argument("--models-root", default=None, help=_ROOT_HELP)
