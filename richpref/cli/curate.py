@@ -52,6 +52,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def _curate(args: argparse.Namespace, server) -> int:
+    from richpref.doctor.checks import ModelProblem
     from richpref.run.cluster import ClusterError
     from richpref.run.plan import finished_and_current, plan_run
     from richpref.schemas.config import ProfileError, load_profile
@@ -85,6 +86,8 @@ def _curate(args: argparse.Namespace, server) -> int:
                 print(plan.format().splitlines()[0])
                 return _outcome(args, store.last_run().get("state", ""), store.uri(store.stage_dir("pairs")),
                                 store.uri(store.root))
+        if not args.dask_address:
+            _find_models(profile, plan)
         from richpref.ops.entrypoints import CURATE, load_flow, run_flow
         from richpref.run.orchestration import close_early_cluster, start_cluster_early, task_runner
         from richpref.run.runner import CurateFailed
@@ -114,7 +117,21 @@ def _curate(args: argparse.Namespace, server) -> int:
             close_early_cluster(runner)
     except (ProfileError, SourceError, ClusterError) as exc:
         return fail(exc)
+    except ModelProblem as exc:
+        return fail(exc, exc.exit_code)
     return _outcome(args, result["state"], result["pairs"], result["run_dir"])
+
+
+def _find_models(profile, plan) -> None:
+    """On this machine (no remote workers, whose models may live elsewhere): every model a stage with
+    shards to compute loads resolves, before Prefect starts (a wrong --models-root failed every shard of
+    the first model stage instead). Resolving reads no weights and imports no model library."""
+    from richpref.doctor.checks import model_refs, resolve
+
+    todo = None if plan is None else {s.stage for s in plan.stages if s.todo or s.blocked}
+    for ref in model_refs(profile):
+        if todo is None or ref.stage in todo:
+            resolve(ref, profile)  # ModelProblem: the stage, the model, the cause and the fix
 
 
 def _load_first_model_ahead(stages, plan, profile, args: argparse.Namespace) -> None:

@@ -47,3 +47,24 @@ print(json.dumps({{**seen, "code": code, "server_exit": server.proc.poll()}}))
     assert got["torch"] is False and got["prefect"] is False, got
     assert got["code"] == 2 and "--until no-such-stage" in out.stderr
     assert got["server_exit"] is not None  # stopped and reaped when the command returned
+
+
+def test_a_model_that_is_not_there_fails_before_the_flow_naming_the_stage_and_where_it_looked(tmp_path, capsys):
+    code = main(["--data-dir", str(tmp_path / "data"), "curate", "--run", "r", "--models-root", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "sample: model 'sd15' cannot be loaded" in err and str(tmp_path / "nowhere" / "sd15") in err
+    assert not (tmp_path / "data" / "runs" / "r" / "source").exists()  # nothing ran
+
+
+def test_the_models_checked_before_the_flow_are_those_this_machine_loads(tiny_models):
+    import pytest
+
+    from richpref.cli.curate import _find_models
+    from richpref.doctor.checks import ModelProblem
+    from richpref.schemas.config import load_profile
+
+    served = ["critique.model=no-such/critic", "critique.engine={backend: server, endpoint: 'http://127.0.0.1:9/v1'}"]
+    _find_models(load_profile("tiny", served, str(tiny_models)), None)  # its weights live on that server
+    with pytest.raises(ModelProblem, match="critique: model 'no-such/critic'"):
+        _find_models(load_profile("tiny", served[:1], str(tiny_models)), None)
