@@ -125,13 +125,10 @@ def _curate(args: argparse.Namespace, server) -> int:
 def _find_models(profile, plan) -> None:
     """On this machine (no remote workers, whose models may live elsewhere): every model a stage with
     shards to compute loads resolves, before Prefect starts (a wrong --models-root failed every shard of
-    the first model stage instead). Resolving reads no weights and imports no model library."""
-    from richpref.doctor.checks import model_refs, resolve
+    the first model stage instead)."""
+    from richpref.doctor.checks import resolve_models
 
-    todo = None if plan is None else {s.stage for s in plan.stages if s.todo or s.blocked}
-    for ref in model_refs(profile):
-        if todo is None or ref.stage in todo:
-            resolve(ref, profile)  # ModelProblem: the stage, the model, the cause and the fix
+    resolve_models(profile, None if plan is None else {s.stage for s in plan.stages if s.todo or s.blocked})
 
 
 def _load_first_model_ahead(stages, plan, profile, args: argparse.Namespace) -> None:

@@ -13,15 +13,24 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.schemas.rounds import load_rounds_config
     from richpref.schemas.training import load_evaluate_config, load_finetune_config
 
+    from richpref.doctor.checks import ModelProblem, resolve_models
+    from richpref.run.runner import CurateFailed
+    from richpref.training.launcher import LaunchFailed
+
     try:
         cfg = load_rounds_config(args.config, args.set, args.models_root)  # bad configs fail before Prefect starts
-        load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
+        # The first round curates with every model of the profile: they resolve before it starts.
+        resolve_models(load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root))
         load_finetune_config(cfg.finetune, cfg.finetune_overrides)
         load_evaluate_config(cfg.evaluate, cfg.evaluate_overrides)
         result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir,
                           models_root=args.models_root)
     except (ProfileError, ModelNotAvailable, ValueError) as exc:
         return fail(exc)
+    except ModelProblem as exc:
+        return fail(exc, exc.exit_code)
+    except (CurateFailed, LaunchFailed) as exc:  # a round's curate or fine-tune: the message names what to redo
+        return fail(exc, 1)
     print(result["markdown"])
     print(f"written to {result['rounds_dir']} (table.parquet, table.md, rewards.png; round-<k>/finetune)")
     return 0

@@ -71,6 +71,14 @@ def model_refs(profile: Profile) -> list[ModelRef]:
             for stage in stages_for(profile) if stage.models is not None for use in stage.models(profile) if use.ref]
 
 
+def resolve_models(profile: Profile, stages: set[str] | None = None) -> None:
+    """Resolve every model the profile's `stages` (None: all) load, reading no weights and importing no
+    model library: a model that is not there raises ModelProblem (the stage, the model, the cause, the fix)."""
+    for ref in model_refs(profile):
+        if stages is None or ref.stage in stages:
+            resolve(ref, profile)
+
+
 def _cutout_check(ref: ModelRef, profile: Profile) -> None:
     from richpref.models import cutout as rembg_models
     from richpref.tasks.cutout import _under_root

@@ -150,3 +150,22 @@ def test_tuned_weights_are_in_the_sample_key(tmp_path):
     assert plain == "" and first and second and first != second
     with pytest.raises(ProfileError, match="exclusive"):
         load_profile("tiny", [f"sample.lora={lora.parent}", f"sample.unet={tmp_path}"])
+
+
+def test_the_command_refuses_a_missing_model_before_round_one_and_ends_a_failed_round_in_one_line(
+        tiny_models, tmp_path, capsys, monkeypatch):
+    import richpref.ops.entrypoints as entrypoints
+    from richpref.cli.commands import main
+    from richpref.run.runner import CurateFailed
+
+    data = str(tmp_path / "data")
+    assert main(["--data-dir", data, "rounds", "--models-root", str(tmp_path / "nowhere")]) == 3
+    err = capsys.readouterr().err
+    assert "sample: model 'sd15' cannot be loaded" in err and str(tmp_path / "nowhere" / "sd15") in err
+
+    def failing_round(*args, **kwargs):
+        raise CurateFailed("1 shard(s) failed; fix the cause and rerun the same command to redo only those")
+
+    monkeypatch.setattr(entrypoints, "run_flow", failing_round)
+    assert main(["--data-dir", data, "rounds", "--models-root", str(tiny_models)]) == 1
+    assert capsys.readouterr().err.startswith("error: 1 shard(s) failed")
