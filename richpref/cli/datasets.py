@@ -8,21 +8,25 @@ from richpref.cli.errors import fail
 
 
 def cmd_relabel_dataset(args: argparse.Namespace) -> int:
+    from richpref.doctor.checks import ModelProblem, resolve_models
     from richpref.schemas.config import ProfileError, load_profile
     from richpref.recipes.relabel_dataset import DatasetError, dataset_profile, relabel_dataset
 
     try:
         prof = load_profile(args.profile, args.set, args.models_root)
+        run_profile = dataset_profile(args.src, prof, args.reward, drop_near_ties=args.drop_near_ties)
         if args.plan:
             from richpref.run.plan import plan_run
 
-            run_profile = dataset_profile(args.src, prof, args.reward, drop_near_ties=args.drop_near_ties)
             print(plan_run(run_profile, args.out_dir, args.run).format())
             return 0
+        resolve_models(run_profile)  # the rewards that score: a missing one fails before any shard
         result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward, drop_near_ties=args.drop_near_ties,
                                  run=args.run)
     except (ProfileError, DatasetError) as exc:
         return fail(exc)
+    except ModelProblem as exc:
+        return fail(exc, exc.exit_code)
     print(json.dumps({k: result[k] for k in ("rows", "kept", "rejected", "agreement_with_source_label", "pairs", "report")},
                      indent=2))
     return 0

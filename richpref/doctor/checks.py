@@ -238,10 +238,11 @@ def available_bytes(device: str) -> int:
 
 
 def section_of(stage: str) -> str:
-    """The profile section that configures a stage (the rebuild's rewards stage runs score's models)."""
-    from richpref.tasks import REBUILD, STAGES
+    """The profile section that configures a stage (the rebuild's rewards stage and relabel-dataset's
+    pickapic_score run score's models)."""
+    from richpref.tasks import REBUILD, RELABEL_DATASET, STAGES
 
-    stages = {**STAGES, **{s.name: s for s in REBUILD}}
+    stages = {**STAGES, **{s.name: s for s in (*REBUILD, *RELABEL_DATASET)}}
     return stages[stage].section if stage in stages else stage
 
 

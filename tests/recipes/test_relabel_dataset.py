@@ -149,3 +149,19 @@ def test_relabel_dataset_resumes_only_the_missing_shards_and_counts_every_row(ti
     again = relabel_dataset(str(tmp_path / "src.parquet"), str(out), profile, reward="clip", rows_per_shard=2)
     assert [(r["stage"], r["shard"]) for r in store.read_log("work.jsonl")[before:]] == [("pickapic_export", 1)]
     assert {k: again[k] for k in ("rows", "kept", "rejected")} == {k: summary[k] for k in ("rows", "kept", "rejected")}
+
+
+def test_relabel_dataset_refuses_a_reward_model_that_is_not_there_before_any_shard(tmp_path, capsys):
+    from richpref.cli.commands import main
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src.parquet"
+    pq.write_table(pa.table({"caption": ["a cat"], "jpg_0": [_jpeg(_image(rng))], "jpg_1": [_jpeg(_image(rng))],
+                             "label_0": [1.0]}), src)
+    out = tmp_path / "out"
+    rc = main(["relabel-dataset", str(src), str(out), "--profile", "tiny", "--reward", "imagereward",
+               "--models-root", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert rc == 3 and "pickapic_score: model 'imagereward' cannot be loaded" in err, err
+    assert str(tmp_path / "nowhere" / "imagereward") in err and "Traceback" not in err
+    assert not (out / "runs" / "relabel" / "source").exists()
