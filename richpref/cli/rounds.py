@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from richpref.cli.errors import fail
+from richpref.cli.errors import MODEL_MISSING, fail
 
 
 def cmd_rounds(args: argparse.Namespace) -> int:
@@ -25,7 +25,9 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         load_evaluate_config(cfg.evaluate, cfg.evaluate_overrides)
         result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir,
                           models_root=args.models_root)
-    except (ProfileError, ModelNotAvailable, ValueError) as exc:
+    except ModelNotAvailable as exc:
+        return fail(exc, MODEL_MISSING)
+    except (ProfileError, ValueError) as exc:
         return fail(exc)
     except ModelProblem as exc:
         return fail(exc, exc.exit_code)

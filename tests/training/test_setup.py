@@ -40,7 +40,7 @@ def test_finetune_and_evaluate_configs_honour_models_root(tiny_models, tmp_path,
     for command in (["finetune", "--config", "finetune-tiny-flux", "--set", "model=gone"],
                     ["evaluate", "--config", "evaluate-tiny-flux", "--set", "models=[{name: a, path: gone}]"]):
         args = ["--data-dir", str(tmp_path / "data"), *command, "--models-root", "/no/such/root"]
-        assert main(args) == 2  # refused before Prefect starts, naming the root it looked in
+        assert main(args) == 3  # refused before Prefect starts, naming the root it looked in (3: a model)
         assert "looked in /no/such/root/" in capsys.readouterr().err
 
 
