@@ -221,6 +221,9 @@ def child(args) -> None:
     rule_busy = model_s / (args.workers * rule_wall)
     print(f"the dispatch rule simulated with the sleeps alone (no cost of a shard task, no loads ahead): "
           f"busy={rule_busy:.3f} wall/ideal={rule_wall / (model_s / args.workers):.3f} loads={rule.loads}", flush=True)
+    live_sim_busy = _live_dispatch_simulated(stages, args, table, model_s, start)
+    print(f"the live dispatch on a simulated cluster with the sleeps alone (tests/dispatch_sim.py: loads ahead, "
+          f"no cost of a shard task): busy={live_sim_busy:.3f}", flush=True)
     data = tempfile.mkdtemp(prefix="richpref-schedule-")
     os.environ.setdefault("PREFECT_HOME", f"{data}/.prefect")
     trace = os.path.join(data, "sleeps.txt")
@@ -265,6 +268,7 @@ def child(args) -> None:
         "wall_s": wall, "ideal_s": ideal, "model_s": model_s, "busy": busy, "wall_over_ideal": wall / ideal,
         "loads": models["loads"], "swaps": models["swaps"], "bound_wall_over_ideal": bound,
         "any_bound_busy": 1 / any_bound, "rule_busy": rule_busy, "start_s": start,
+        "live_sim_busy": live_sim_busy,
         "shards_run": runs, "pipelined_s": figures["pipelined_s"],
         "cores_used": sum(cpu.values()) / (os.cpu_count() * wall),
         **{f"cpu_{k}_s": v for k, v in cpu.items()},
@@ -281,6 +285,21 @@ def _rule_without_fixed_cost(stages, args, table):
     seconds = {st.out: per_item * args.items for st, per_item in stages}
     load = {st.out: args.time_scale * table[st.name][1] for st, _ in stages}
     return affinity_plan(todo, seconds, load, args.workers, fixed_s=0.0)
+
+
+def _live_dispatch_simulated(stages, args, table, model_s: float, start: float) -> float:
+    """Busy of richpref/run/dispatch.py itself on the tests' simulated cluster (a clock, no Dask or
+    Prefect) with the sleeps' times: what the live rule reaches where a shard task costs nothing."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from dispatch_sim import Simulated, Stage
+
+    sim_stages = [Stage(st.out, tuple(st.reads), st.loads_model) for st, _ in stages]
+    todo = [(i, st, s) for i, st in enumerate(sim_stages) for s in range(args.shards)]
+    seconds = {st.out: per_item * args.items for st, per_item in stages if st.loads_model}
+    loads = {st.out: args.time_scale * table[st.name][1] for st, _ in stages if st.loads_model}
+    sim = Simulated(todo, seconds, loads, [f"w{i}" for i in range(args.workers)], seconds, loads)
+    sim.run()
+    return model_s / (args.workers * (max(sim.ends.values()) + start))
 
 
 STATE: dict = {}  # what the flow of a child process works on, set before it runs

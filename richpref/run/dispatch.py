@@ -15,7 +15,8 @@ Here the rule is applied to the run's own events instead:
   `affinity.choose_stage` (the stage's remaining work against its model load; the stage furthest below
   its share of the workers first); while its own stage has shards to come and another worker computes,
   it waits for them while fewer others hold the stage than its whole share (`affinity.waits_for_inputs`),
-  else switches only to a stage whose ready shards pay the loads there and back;
+  else switches only to a stage whose ready shards pay the loads there and back; where a model stage
+  that makes its inputs has shards left and no holder (`affinity.fed`), it switches by the rule;
 - a worker whose stage has ready shards leaves it for a stage nobody holds that `affinity.pulled_to`
   gives, once its shards in flight end (one model in use at a time);
 - at the start, while the first model stage's inputs are computed, the workers the rule would give
@@ -41,7 +42,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from richpref.run.affinity import choose_stage, pulled_to, waits_for_inputs, worker_shares
+from richpref.run.affinity import choose_stage, fed, model_feeders, pulled_to, waits_for_inputs, worker_shares
 
 log = logging.getLogger("richpref")
 DEPTH = 2  # model shards in flight per worker and shard computing at once: the next one starts meanwhile
@@ -102,13 +103,16 @@ class Dispatcher:
         self.load_timed: dict[str, deque[float]] = {k: deque(maxlen=TIMED) for k in self.model_stages}  # preloads
         self.flying: dict[tuple[str, int], tuple[_Worker | None, float]] = {}
         self.report = Dispatch()
+        reads: dict[str, set[str]] = {}
         for _, st, s in todo:
             ins = [(r, s) for r in st.reads if (r, s) in self.task]  # inputs computed in this pass
+            reads.setdefault(st.out, set()).update(r for r, _ in ins)
             for dep in ins:
                 self.readers.setdefault(dep, []).append((st.out, s))
             (self.not_done if st.loads_model else self.unsubmitted)[(st.out, s)] = len(ins)
             if st.loads_model:
                 self.left[st.out] += 1
+        self.feeders = model_feeders(reads, set(self.model_stages))
 
     def run(self) -> Dispatch:
         for key, n in self.not_done.items():
@@ -178,10 +182,16 @@ class Dispatcher:
                     if w.stage is not None and self.left[w.stage] and self._producing(w):
                         # Its own stage has shards to come: it waits for them (`waits_for_inputs`), or
                         # leaves only for enough ready work to pay the loads there and back (else it
-                        # swaps back and forth as inputs trickle in).
+                        # swaps back and forth as inputs trickle in); where no worker makes its inputs
+                        # (`fed`), it goes where the rule says.
                         mates = sum(1 for o in self.workers if o is not w and o.stage == w.stage)
-                        ready = [] if waits_for_inputs(mates, worker_shares(left, len(self.workers))[w.stage]) else \
-                            [k for k in ready if len(self.ready[k]) * self.seconds(k) >= self.load(k) + self.load(w.stage)]
+                        others = {o.stage for o in self.workers if o is not w} | {o.leaving_for for o in self.workers}
+                        inputs_made = fed(w.stage, self.feeders, self.left, others)
+                        if waits_for_inputs(mates, worker_shares(left, len(self.workers))[w.stage], inputs_made):
+                            ready = []
+                        elif inputs_made:
+                            ready = [k for k in ready
+                                     if len(self.ready[k]) * self.seconds(k) >= self.load(k) + self.load(w.stage)]
                     holders = {k: sum(1 for o in self.workers if o is not w and o.stage == k) for k in ready}
                     pick = choose_stage(ready, holders, {k: self.load(k) for k in ready}, left, len(self.workers))
                 if pick is None:
