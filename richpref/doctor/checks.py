@@ -68,7 +68,14 @@ def model_refs(profile: Profile) -> list[ModelRef]:
 
     return [ModelRef(stage.name, use.field, use.ref, use.kind, file=use.file, device=str(resolve_device(use.cfg.device)),
                      dtype=use.cfg.dtype)
-            for stage in stages_for(profile) if stage.models is not None for use in stage.models(profile) if use.ref]
+            for stage in stages_for(profile) if stage.models is not None for use in stage.models(profile)
+            if use.ref and not _served_elsewhere(use)]
+
+
+def _served_elsewhere(use) -> bool:
+    """A model a running server serves (its section's `engine.endpoint`): its weights live there, so
+    it is neither found nor fitted here."""
+    return bool(getattr(getattr(use.cfg, "engine", None), "endpoint", None))
 
 
 def resolve_models(profile: Profile, stages: set[str] | None = None) -> None:

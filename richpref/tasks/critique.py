@@ -66,8 +66,6 @@ def vlm_models(section: str) -> dict:
     """A VLM stage's models (`Stage.models`, `Stage.load`): the VLM of its config section."""
     def models(profile: Profile) -> list[ModelUse]:
         cfg = getattr(profile, section)
-        if cfg.engine.endpoint:  # served by a server someone runs: its weights live there
-            return []
         return [ModelUse(f"{section}.model", cfg.model, "vlm", cfg)]
 
     def load(profile: Profile) -> list[str]:
