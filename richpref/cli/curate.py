@@ -52,7 +52,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def _curate(args: argparse.Namespace, server) -> int:
-    from richpref.doctor.checks import ModelProblem
+    from richpref.doctor.checks import ModelProblem, resolve_models
     from richpref.run.cluster import ClusterError
     from richpref.run.plan import finished_and_current, plan_run
     from richpref.schemas.config import ProfileError, load_profile
@@ -87,7 +87,10 @@ def _curate(args: argparse.Namespace, server) -> int:
                 return _outcome(args, store.last_run().get("state", ""), store.uri(store.stage_dir("pairs")),
                                 store.uri(store.root))
         if not args.dask_address:
-            _find_models(profile, plan)
+            # On this machine (no remote workers, whose models may live elsewhere): every model of the
+            # stages with shards to compute resolves before Prefect starts (a wrong --models-root failed
+            # every shard of the first model stage instead).
+            resolve_models(profile, None if plan is None else {s.stage for s in plan.stages if s.todo or s.blocked})
         from richpref.ops.entrypoints import CURATE, load_flow, run_flow
         from richpref.run.orchestration import close_early_cluster, start_cluster_early, task_runner
         from richpref.run.runner import CurateFailed
@@ -115,20 +118,9 @@ def _curate(args: argparse.Namespace, server) -> int:
             return fail(exc, 1)
         finally:
             close_early_cluster(runner)
-    except (ProfileError, SourceError, ClusterError) as exc:
+    except (ProfileError, SourceError, ClusterError, ModelProblem) as exc:
         return fail(exc)
-    except ModelProblem as exc:
-        return fail(exc, exc.exit_code)
     return _outcome(args, result["state"], result["pairs"], result["run_dir"])
-
-
-def _find_models(profile, plan) -> None:
-    """On this machine (no remote workers, whose models may live elsewhere): every model a stage with
-    shards to compute loads resolves, before Prefect starts (a wrong --models-root failed every shard of
-    the first model stage instead)."""
-    from richpref.doctor.checks import resolve_models
-
-    resolve_models(profile, None if plan is None else {s.stage for s in plan.stages if s.todo or s.blocked})
 
 
 def _load_first_model_ahead(stages, plan, profile, args: argparse.Namespace) -> None:

@@ -23,10 +23,8 @@ def cmd_relabel_dataset(args: argparse.Namespace) -> int:
         resolve_models(run_profile)  # the rewards that score: a missing one fails before any shard
         result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward, drop_near_ties=args.drop_near_ties,
                                  run=args.run)
-    except (ProfileError, DatasetError) as exc:
+    except (ProfileError, DatasetError, ModelProblem) as exc:
         return fail(exc)
-    except ModelProblem as exc:
-        return fail(exc, exc.exit_code)
     print(json.dumps({k: result[k] for k in ("rows", "kept", "rejected", "agreement_with_source_label", "pairs", "report")},
                      indent=2))
     return 0

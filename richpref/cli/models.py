@@ -70,7 +70,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         return fail(exc)
     except DoctorError as exc:
-        return fail(exc, exc.exit_code)
+        return fail(exc)
     print(format_report(report))
     if args.json:
         print(f"table written to {write_json(report, args.json)}")

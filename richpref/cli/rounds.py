@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from richpref.cli.errors import MODEL_MISSING, fail
+from richpref.cli.errors import fail
 
 
 def cmd_rounds(args: argparse.Namespace) -> int:
@@ -12,7 +12,6 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.schemas.config import ProfileError, load_profile
     from richpref.schemas.rounds import load_rounds_config
     from richpref.schemas.training import load_evaluate_config, load_finetune_config
-
     from richpref.doctor.checks import ModelProblem, resolve_models
     from richpref.run.runner import CurateFailed
     from richpref.training.launcher import LaunchFailed
@@ -25,12 +24,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         load_evaluate_config(cfg.evaluate, cfg.evaluate_overrides)
         result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir,
                           models_root=args.models_root)
-    except ModelNotAvailable as exc:
-        return fail(exc, MODEL_MISSING)
-    except (ProfileError, ValueError) as exc:
+    except (ProfileError, ModelNotAvailable, ModelProblem, ValueError) as exc:
         return fail(exc)
-    except ModelProblem as exc:
-        return fail(exc, exc.exit_code)
     except (CurateFailed, LaunchFailed) as exc:  # a round's curate or fine-tune: the message names what to redo
         return fail(exc, 1)
     print(result["markdown"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from richpref.cli.errors import MODEL_MISSING, fail
+from richpref.cli.errors import fail
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -39,9 +39,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
                           overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
                           data_dir=args.data_dir, models_root=args.models_root)
-    except ModelNotAvailable as exc:
-        return fail(exc, MODEL_MISSING)
-    except (ProfileError, DataError, ValueError, FileNotFoundError) as exc:
+    except (ProfileError, ModelNotAvailable, DataError, ValueError, FileNotFoundError) as exc:
         return fail(exc)
     except LaunchFailed as exc:
         return fail(exc, 1)
@@ -61,9 +59,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         preflight(with_data_dir(load_evaluate_config(args.config, args.set, args.models_root), args.data_dir))
         result = run_flow(EVALUATE, config=args.config, overrides=args.set, output_dir=args.output_dir,
                           data_dir=args.data_dir, models_root=args.models_root)
-    except ModelNotAvailable as exc:
-        return fail(exc, MODEL_MISSING)
-    except (ProfileError, ValueError) as exc:
+    except (ProfileError, ModelNotAvailable, ValueError) as exc:
         return fail(exc)
     print(result["markdown"])
     print(f"written to {result['output_dir']} (table.parquet, table.md, scores.parquet, grid.png)")

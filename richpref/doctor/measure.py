@@ -352,7 +352,6 @@ def _start_row(report: DoctorReport) -> dict[str, Any]:
             "disk_kib_per_item": 0.0, "disk_gb": 0.0}
 
 
-
 def format_report(report: DoctorReport) -> str:
     rows = table_rows(report)
     k = report.workers

@@ -28,6 +28,8 @@ os.environ.setdefault("USE_HUB_KERNELS", "NO")
 class ModelNotAvailable(RuntimeError):
     """A model reference that resolves neither to a local directory nor to a reachable Hub id."""
 
+    exit_code = 3  # what a command that refuses it exits with (richpref/cli/errors.py)
+
 
 def resolve_model_ref(ref: str, models_root: str | os.PathLike | None = None) -> str:
     """Return a local path for `ref` if one exists, else `ref` itself (a Hub id).

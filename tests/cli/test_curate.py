@@ -56,15 +56,3 @@ def test_a_model_that_is_not_there_fails_before_the_flow_naming_the_stage_and_wh
     assert "sample: model 'sd15' cannot be loaded" in err and str(tmp_path / "nowhere" / "sd15") in err
     assert not (tmp_path / "data" / "runs" / "r" / "source").exists()  # nothing ran
 
-
-def test_the_models_checked_before_the_flow_are_those_this_machine_loads(tiny_models):
-    import pytest
-
-    from richpref.cli.curate import _find_models
-    from richpref.doctor.checks import ModelProblem
-    from richpref.schemas.config import load_profile
-
-    served = ["critique.model=no-such/critic", "critique.engine={backend: server, endpoint: 'http://127.0.0.1:9/v1'}"]
-    _find_models(load_profile("tiny", served, str(tiny_models)), None)  # its weights live on that server
-    with pytest.raises(ModelProblem, match="critique: model 'no-such/critic'"):
-        _find_models(load_profile("tiny", served[:1], str(tiny_models)), None)

@@ -222,3 +222,16 @@ def test_doctor_measures_the_rebuild_stages_and_checks_their_judges(tiny_models,
     rc, err, seconds = _doctor(capsys, _profile(tmp_path, tiny_models, "tiny-rebuild", score={"rewards": rewards}))
     assert rc == 3 and "rewards: model" in err and f"{judge} holds no reward checkpoint 'HPSv3.safetensors'" in err
     assert f"--local-dir {judge}" in err and "score.rewards.hpsv3.file" in err and "doctor: samples:" not in err
+
+
+def test_a_vlm_served_at_an_endpoint_is_neither_found_nor_fitted_here(tiny_models):
+    """Its weights live on that server: a name only the server knows is no missing model here."""
+    from richpref.doctor.checks import ModelProblem, model_refs, resolve_models
+    from richpref.schemas.config import load_profile
+
+    served = ["critique.model=no-such/critic", "critique.engine={backend: server, endpoint: 'http://127.0.0.1:9/v1'}"]
+    profile = load_profile("tiny", served, str(tiny_models))
+    assert "critique" not in {r.stage for r in model_refs(profile)}
+    resolve_models(profile)
+    with pytest.raises(ModelProblem, match="critique: model 'no-such/critic'"):
+        resolve_models(load_profile("tiny", served[:1], str(tiny_models)))
