@@ -178,6 +178,19 @@ def test_float_noise_of_a_z_score_by_hand():
     assert z_noise(np.array([1.0, 2, 3, 4]), spread, 1e-3) == pytest.approx(4e-3 / math.sqrt(1.25))  # rho max|x| / spread
     assert z_noise(np.array([7.0, 7.0]), standardise(np.array([7.0, 7.0]))[1], 1e-3) == 0  # no spread: z is exactly 0
     assert relative_noise("float32") == 2 ** -15 and relative_noise("torch.float16") == 2 ** -8
+    assert relative_noise("bfloat16") == 2 ** -5 and relative_noise("float64") == 2 ** -15  # 4 ulps; unknown: float32
+
+
+def test_a_16_bit_reward_is_recorded_in_its_dtype_so_its_ties_widen(tiny_models):
+    """The dtype the score stage records per reward (`scorer_dtype`) sets the tie noise relabel allows it:
+    a head in bfloat16, a VLM scorer by its model's dtype; a scorer that names none is float32."""
+    from richpref.models.rewards import load_reward
+    from richpref.tasks.pairing import scorer_dtype
+
+    clip = load_reward("clip", str(tiny_models / "clip"), device="cpu", dtype="bfloat16")
+    vlm = load_reward("vlm_score", str(tiny_models / "qwen2.5-vl"), device="cpu", dtype="bfloat16")
+    assert (scorer_dtype(clip), scorer_dtype(vlm), scorer_dtype(ChannelValue(0))) == ("bfloat16", "bfloat16", "float32")
+    assert not hasattr(vlm, "dtype")  # found through its model, as a VLM scorer is
 
 
 # ------------------------------------------------------------------ the subject gate and the config's rules
