@@ -170,6 +170,21 @@ def test_identical_images_and_margins_within_float_noise_are_ties_on_any_process
     assert (a["status"], a["chosen"], b["status"], b["chosen"]) == ("ok", 1, "ok", 0)
 
 
+def test_a_reward_scored_in_bfloat16_makes_ties_of_margins_within_its_rounding():
+    # red over the shard: [10, 100, 40, 30, 101, 20], spread s; "near" has margin 1/s. The tie tolerance is
+    # 2 rho max|x| / s: float32 (rho 2^-15) 0.006/s keeps it, bfloat16 (rho 2^-5) 6.3/s makes it a tie;
+    # a and b (margins 20/s) are pairs either way.
+    class Half(ChannelValue):
+        dtype = "bfloat16"  # what the score stage records for it (a served head reports its dtype so)
+
+    images = {"original": [solid(10, 0), solid(100, 0), solid(40, 0)], "edited": [solid(30, 0), solid(101, 0), solid(20, 0)]}
+    cfg = clip("red"), RelabelConfig(min_margin=0.0)
+    for scorer, near_status in ((ChannelValue(0), "ok"), (Half(0), "rejected")):
+        a, near, b = relabel(["a", "near", "b"], ["p"] * 3, images, cfg, {"red": scorer}.__getitem__).to_pylist()
+        assert (a["status"], near["status"], b["status"]) == ("ok", near_status, "ok"), near["reason"]
+    assert near["reason"].startswith("tie: composite margin") and "float noise" in near["reason"]
+
+
 def test_float_noise_of_a_z_score_by_hand():
     from richpref.tasks.pairing import relative_noise, standardise, z_noise
 
