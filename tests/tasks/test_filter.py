@@ -56,3 +56,37 @@ def test_filter_names_every_failed_check(vlms):
         checks = json.loads(r["checks"])
         # P(present) >= 0 always holds: every non-exempt attribute is checked and kept -> the check passes.
         assert checks["attributes"] in ("pass",) or checks["attributes"].startswith("skipped")
+
+
+def answers(**rows: dict):
+    """A check stage table of hand-set answers, one kept row per item (P(yes) 0.5 everywhere unless given)."""
+    from richpref.schemas.tables import CHECKS, rows_to_table
+    from richpref.tasks.base import kept
+
+    base = {"candidate": 0, "p_executed_each": [0.5], "p_no_stray": 0.5, "p_subject_kept": 0.5, "attributes": [],
+            "p_attr_original": [], "p_attr_edited": [], "template": "t", "model_id": "m", "p_source": "logits"}
+    return rows_to_table([kept(item, **{**base, **given}) for item, given in rows.items()], CHECKS)
+
+
+def test_thresholds_pass_at_equality_and_each_decision_is_the_rows_own():
+    cfg = FilterConfig(min_executed=0.5, min_no_stray=0.5, min_subject_kept=0.5, min_attribute_present=0.5,
+                       min_attributes_kept=1.0, on_no_attributes="drop")
+    scarf = {"attributes": ["red scarf", "blue hat"], "p_attr_original": [0.5, 0.9], "p_attr_edited": [0.5, 0.1]}
+    table = answers(
+        equal=scarf,  # every P at its threshold passes; the hat is lost, but the instruction names it: exempt
+        hat_lost={**scarf},  # the same answers, an instruction that names no attribute: the hat is lost
+        unlisted={"attributes": [], "attributes_error": "the model listed no attribute"},
+        low={"p_no_stray": 0.4999})
+    instructions = [["Take off the hat"], ["Make the sky pink"], ["Make the sky pink"], ["Make the sky pink"]]
+    out = {r["item_id"]: r for r in filter_stage.decide_rows(table, instructions, cfg).to_pylist()}
+    assert out["equal"]["status"] == "ok" and out["equal"]["attr_exempt"] == [False, True]
+    assert out["hat_lost"]["reason"].startswith("attributes_lost: 0.50 of 2 attributes kept")
+    assert out["unlisted"]["reason"] == "attributes_lost: the model listed no attribute"
+    assert out["low"]["reason"].startswith("stray_content: P(yes)=0.500 < filter.min_no_stray=0.5")
+    lenient = cfg.model_copy(update={"on_no_attributes": "skip", "min_attributes_kept": 0.0})
+    out = {r["item_id"]: r for r in filter_stage.decide_rows(table, instructions, lenient).to_pylist()}
+    assert json.loads(out["hat_lost"]["checks"])["attributes"] == "skipped: filter.min_attributes_kept=0"
+    kept_all = lenient.model_copy(update={"min_attributes_kept": 1.0})
+    out = {r["item_id"]: r for r in filter_stage.decide_rows(table, instructions, kept_all).to_pylist()}
+    assert out["unlisted"]["status"] == "ok"
+    assert json.loads(out["unlisted"]["checks"])["attributes"] == "skipped: the model listed no attribute"
