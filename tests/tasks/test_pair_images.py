@@ -58,7 +58,7 @@ def test_edit_mask_of_a_changed_square_is_the_dilated_square():
     edited = base.copy()
     edited[20:30, 30:42] = (100, 100, 200)  # a 12 x 10 square, changed in one channel by 100
     edited[5, 5] = (255, 0, 0)  # one isolated pixel: a speck, not a change
-    edited[50:60, 10:20] += 20  # a change under the threshold
+    edited[50:60, 10:20] += 32  # a change at the threshold: only one above it counts
     a, b = _bytes(Image.fromarray(base), "PNG"), _bytes(Image.fromarray(edited), "PNG")
     mask = Image.open(io.BytesIO(edit_mask(a, b, threshold=32, dilation=3)))
     assert mask.format == "PNG" and mask.mode == "L" and mask.size == (80, 64)
