@@ -56,6 +56,11 @@ def test_loss_matches_hand_computed_values():
     # SimpleTuner's form (FLOW_DPO.md L17-19) gives the same number.
     win_adv, lose_adv = 0.5 - 1.0, 2.0 - 2.5
     assert -F.logsigmoid(torch.tensor(2.0 / 2 * (win_adv + lose_adv))).item() == pytest.approx(terms.loss.item())
+    # A per-sample loss weight of 2 (sigma_sqrt / cosmap at this σ; one σ per pair, so both halves): every
+    # loss doubles, inside = −β/2·((2 − 1) − (4 − 5)) = −2, loss = log(1 + e²).
+    weighted = flow_dpo_terms(model, ref, target, beta=2.0, sample_weight=torch.tensor([2.0, 2.0]))
+    assert weighted.margin.item() == pytest.approx(-2.0, abs=1e-6)
+    assert weighted.loss.item() == pytest.approx(math.log(1 + math.e ** 2), abs=1e-6)
 
 
 def test_noising_and_target_by_hand():
