@@ -108,6 +108,33 @@ def test_mixture_weights_epochs_and_resume_offsets():
     assert PairMixture([10, 30], [3.0, 1.0], seed=8).locate(range(100)) != where[:100]
 
 
+def test_mixture_draws_across_blocks_as_one_stream():
+    """Past a block of source choices (65,536 samples: any long run) each source's draws go on where the
+    earlier blocks left them: every pass over a source is a permutation of its rows, and a fresh
+    mixture resumed in a later block draws the same. Blocks of 8 here, so 200 samples cross 25 of them."""
+    class SmallBlocks(PairMixture):
+        BLOCK = 8
+
+    where = SmallBlocks([3, 5], [1.0, 1.0], seed=3).locate(range(200))
+    for source, n in ((0, 3), (1, 5)):
+        rows = [r for s, r in where if s == source]
+        passes = [rows[k:k + n] for k in range(0, len(rows) - n + 1, n)]
+        assert len(passes) >= 10 and all(sorted(p) == list(range(n)) for p in passes), (source, rows)
+    assert SmallBlocks([3, 5], [1.0, 1.0], seed=3).locate(range(150, 200)) == where[150:]
+
+
+def test_heldout_rows_are_those_whose_hash_falls_below_the_fraction():
+    import datasets
+
+    from richpref.training.data import seed_for, split_heldout
+
+    rows = datasets.Dataset.from_dict({"caption": [f"c{r}" for r in range(400)]})
+    train, held = split_heldout(rows, 0.1, 5, "pairs")
+    expected = [r for r in range(400) if seed_for(5, "heldout", "pairs", r) % 100_000 < 10_000]
+    assert held["caption"] == [f"c{r}" for r in expected] and 20 < len(expected) < 60
+    assert train["caption"] == [f"c{r}" for r in range(400) if r not in set(expected)]
+
+
 def test_positions_split_across_processes_like_one_process():
     mix, aug = PairMixture([5], [1.0], 0), Augment(64)
     one = PairBatches([None], mix, aug, batch_size=4, rank=0, world=1, start=8)
