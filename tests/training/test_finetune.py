@@ -153,8 +153,10 @@ def test_batches_put_the_preferred_image_first_and_flip_pairs_together():
     ds = datasets.Dataset.from_dict({"caption": ["a", "b"], "jpg_0": [_png(red)] * 2, "jpg_1": [_png(blue)] * 2,
                                      "label_0": [1, 0]})
     batches = PairBatches([ds], PairMixture([2], [1.0], 0), Augment(64, hflip=True, seed=1), batch_size=2)
-    for micro in range(4):
+    flipped = []  # per sample: the bright half moved to the left (the originals' left half is black)
+    for micro in range(8):
         b = batches[micro]
+        flipped += [bool((b["pixels"][k].max(0).values[:, 0] > 0).all()) for k in range(2)]
         captions = list(b["captions"])
         px = b["pixels"]  # [chosen..., rejected...], values in [-1, 1]
         for k, cap in enumerate(captions):
@@ -164,6 +166,9 @@ def test_batches_put_the_preferred_image_first_and_flip_pairs_together():
             assert rejected[0].max() > 0.9 or rejected[2].max() > 0.9
             # Both images of a pair flip together: their bright halves are on the same side.
             assert (chosen.max(0).values[:, 0] > 0).all() == (rejected.max(0).values[:, 0] > 0).all()
+    assert 0 < sum(flipped) < len(flipped)  # half the samples, drawn per sample number
+    unflipped = PairBatches([ds], PairMixture([2], [1.0], 0), Augment(64, hflip=False, seed=1), batch_size=2)
+    assert not any((unflipped[m]["pixels"][:, :, :, 0] > -1).any() for m in range(8))
     empty = PairBatches([ds], PairMixture([2], [1.0], 0), Augment(64, proportion_empty_prompts=1.0), batch_size=2)
     assert list(empty[0]["captions"]) == ["", ""]
 
