@@ -68,14 +68,15 @@ def generate(pipe, seed: int = 3) -> np.ndarray:
 # --- data -------------------------------------------------------------------------------------------
 
 def test_ties_dropped_and_missing_columns_named(pairs_file, tmp_path):
-    # a run's pairs/ folder where one shard kept no pair: the empty file is left out
+    # a run's pairs/ folder where the first shard kept no pair: the empty file is left out, the others read
     folder = tmp_path / "pairs"
     folder.mkdir()
     table = pq.read_table(pairs_file)
-    pq.write_table(table, folder / "part-00000.parquet")
-    pq.write_table(table.slice(0, 0), folder / "part-00001.parquet")
+    pq.write_table(table.slice(0, 0), folder / "part-00000.parquet")
+    pq.write_table(table, folder / "part-00001.parquet")
+    pq.write_table(table, folder / "part-00002.parquet")
     ds = load_pair_source(PairSourceConfig(path=str(folder)))
-    assert len(ds) == 12 and set(ds["label_0"]) == {0.0, 1.0}
+    assert len(ds) == 24 and set(ds["label_0"]) == {0.0, 1.0}
     pq.write_table(pa.table({"caption": ["x"], "jpg_0": [b"x"]}), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"lacks column\(s\) \['jpg_1', 'label_0'\]"):
         load_pair_source(PairSourceConfig(path=str(tmp_path / "bad.parquet")))
