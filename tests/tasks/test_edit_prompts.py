@@ -25,6 +25,9 @@ def test_a_prompt_that_fits_is_given_whole():
     f = fit_prompt("a cat", ["make it red", "add a hat"], EditConfig(), _words(77))
     assert (f.text, f.used, f.dropped, f.note, f.reject) == ("a cat, make it red, add a hat", ["make it red", "add a hat"],
                                                               [], None, None)
+    # exactly at the encoder's limit (8 words + 2 tokens = 10) it still fits; a blank instruction is no step
+    exact = fit_prompt("a cat", ["make it red", "  ", "add a hat"], EditConfig(), _words(10))
+    assert (exact.text, exact.used, exact.note) == (f.text, f.used, None)
 
 
 def test_cap_keeps_the_leading_instructions_that_fit_and_records_the_rest():
