@@ -96,6 +96,24 @@ def test_a_dead_holder_on_this_host_loses_its_lease_at_once(tmp_path):
     taken.release()
 
 
+def test_whether_a_holder_holds_by_hand():
+    """Expired at its expiry; on this host also gone when its pid is no process, or when that pid now
+    belongs to a process started at another time (pid reuse); a holder of another host only expires."""
+    import psutil
+
+    from richpref.run.leases import holder_alive
+
+    now, me = time.time(), socket.gethostname()
+    started = psutil.Process(os.getpid()).create_time()
+    live = {"host": me, "pid": os.getpid(), "started": started, "expires": now + 60}
+    assert holder_alive(live, now)
+    assert not holder_alive({**live, "expires": now}, now)
+    assert not holder_alive({**live, "pid": 0}, now)
+    assert not holder_alive({**live, "started": started - 5}, now) and not holder_alive({**live, "started": started + 5}, now)
+    assert holder_alive({**live, "started": started + 0.5}, now)  # create times are rounded
+    assert holder_alive({**live, "host": me + "-elsewhere", "pid": 0}, now)
+
+
 def test_a_computing_holder_keeps_its_lease_past_the_first_expiry(tmp_path):
     shard = _shard(tmp_path)
     lease = try_lease(FS, shard, seconds=0.6)
