@@ -91,6 +91,7 @@ def test_a_dead_holder_on_this_host_loses_its_lease_at_once(tmp_path):
     gone.wait()
     shard = _shard(tmp_path)
     _write_record(lease_prefix(shard) + "0000", pid=gone.pid, expires=time.time() + 600)
+    assert current_holder(FS, shard) is None
     taken = try_lease(FS, shard, seconds=30)
     assert isinstance(taken, Lease) and taken.generation == 1
     taken.release()
