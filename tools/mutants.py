@@ -67,6 +67,8 @@ def main() -> int:
     ap.add_argument("tests", nargs="+", help="test files (relative to the repository)")
     ap.add_argument("-k", default=None, help="pytest's -k expression")
     ap.add_argument("--only", default="", help="mutant numbers to run, e.g. 4,9 (default: all)")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds a mutant's tests may run; past them it counts as killed (a flip can loop forever)")
     args = ap.parse_args()
     source = (REPO / args.module).read_text()
     tree = ast.parse(source)
@@ -85,10 +87,13 @@ def main() -> int:
                 continue
             (copy / args.module).write_text(mutant(tree, site))
             t0 = time.time()
-            failed = subprocess.run(cmd, cwd=copy, env=env, capture_output=True).returncode != 0
+            try:
+                failed = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, timeout=args.timeout).returncode != 0
+                verdict = "killed" if failed else "LIVED"
+            except subprocess.TimeoutExpired:
+                failed, verdict = True, "killed (timed out)"
             line = source.splitlines()[site[0].lineno - 1].strip()
-            print(f"  #{n} line {site[0].lineno}: {'killed' if failed else 'LIVED'} ({time.time() - t0:.0f} s)  {line[:100]}",
-                  flush=True)
+            print(f"  #{n} line {site[0].lineno}: {verdict} ({time.time() - t0:.0f} s)  {line[:100]}", flush=True)
             if not failed:
                 lived.append(n)
         (copy / args.module).write_text(source)
