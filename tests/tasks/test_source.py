@@ -214,6 +214,30 @@ def test_dedupe_keeps_the_first_occurrence_across_shards_whatever_order_and_work
     assert all(r["status"] == "ok" for r in _rows(shard_source(cfg.model_copy(update={"dedupe": "none"}))))
 
 
+def test_one_process_without_a_scratch_folder_dedupes_shards_in_any_order_and_reads_each_row_group_once(tmp_path):
+    """Rows 2k and 2k+1 share an image, so a first occurrence can sit in the range just before a shard
+    (rows 14 and 15: shards 2 and 3). One process, no scratch folder: in order, each shard reads only its
+    own row group (the earlier ranges' digests are kept, not computed again); out of order, a shard
+    computes every earlier range it has not seen, past the ones it has."""
+    from richpref.sources import dedupe
+
+    path = tmp_path / "neighbours.parquet"
+    _pickapic(path, 40, row_group_size=5, image_of=lambda i: i // 2, label_of=lambda i: 1.0)
+    cfg = SourceConfig(kind="parquet", path=str(path), pickapic_preferred=True, shard_size=5)
+    dedupe._INDEXES.clear()
+    parquet_reader.ROW_GROUPS_READ.clear()
+    parquet_reader._LAST_GROUP.clear()
+    in_order = _rows(shard_source(cfg))
+    assert [r["status"] for r in in_order] == ["ok", "rejected"] * 20
+    assert in_order[15]["reason"] == f"duplicate: {in_order[14]['item_id']}"
+    assert parquet_reader.ROW_GROUPS_READ == [("neighbours.parquet", g) for g in range(8)]
+
+    dedupe._INDEXES.clear()
+    view = open_view(cfg)
+    shuffled = {k: compute_shard(cfg, k, view=view).to_pylist() for k in (1, 3, 0, 2, 7, 5, 4, 6)}
+    assert [r for k in range(8) for r in shuffled[k]] == in_order
+
+
 # Pick-a-Pic rows the trainers skip, and bad rows ------------------------------------------------------
 
 def test_pickapic_ties_unlabelled_and_identical_pairs_are_rejected_with_reasons(tmp_path):
