@@ -14,6 +14,7 @@ import os
 import tomllib
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -91,6 +92,28 @@ def test_pickapic_reads_back_with_datasets(run_dir, tmp_path):
         winner, loser = (r["jpg_0"], r["jpg_1"]) if r["label_0"] == 1 else (r["jpg_1"], r["jpg_0"])
         assert (r["caption"], winner, loser) == (caption, win, lose), item
     assert rows["a"]["edit_mask"] == MASK and rows["c"]["candidate_0"] == 0
+    # the pairs' own columns, order and types (caption, jpg_0, jpg_1, label_0 first), zstd-compressed
+    for name in ("train-00000.parquet", "train-00001.parquet"):
+        meta = pq.ParquetFile(out / "data" / name).metadata
+        assert meta.schema.to_arrow_schema().remove_metadata().equals(SCHEMA.remove_metadata()), name
+        assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+@pytest.mark.parametrize("data, ext", [
+    (RED, ".png"), (YELLOW_JPG, ".jpg"), (img((1, 2, 3), "WEBP"), ".webp"), (img((1, 2, 3), "GIF"), None),
+    (b"RIFF\x00\x00\x00\x00WAVEfmt ", None), (b"RIFX\x00\x00\x00\x00WEBPVP8 ", None), (b"", None), (None, None)])
+def test_an_image_file_extension_comes_from_its_magic_number(data, ext):
+    from richpref.exports.formats import image_ext
+
+    assert image_ext(data) == ext
+
+
+@pytest.mark.parametrize("label, reason", [(1, None), (0, None), (2, "bad_label: label_0=2, expected 0 or 1"),
+                                           (None, "bad_label: label_0=None, expected 0 or 1")])
+def test_a_label_other_than_0_or_1_is_a_reason_naming_it(label, reason):
+    from richpref.exports.formats import Pair, common_reason
+
+    assert common_reason(Pair("x", row("x", "a kite", RED, BLUE, label))) == reason
 
 
 def kohya_pairs(image_dir: str, caption_extension: str) -> dict[str, tuple[str, bytes, bytes]]:
@@ -116,6 +139,7 @@ def test_kohya_wl_reads_back_as_a_preference_subset(run_dir, tmp_path):
     out = tmp_path / "kohya"
     m = export_run(run_dir, "r", "kohya-wl", out)
     assert skipped(m) == {"d": "missing_image", "e": "empty_caption"} and m["skipped"] == {"empty_caption": 1, "missing_image": 1}
+    assert m["config"] == "dataset_config.toml"  # the printed result names it
     config = tomllib.loads((out / "dataset_config.toml").read_text())
     subset = config["datasets"][0]["subsets"][0]
     assert subset["preference"] is True and Path(subset["image_dir"]) == (out / "1_pairs").resolve()
@@ -128,9 +152,16 @@ def simpletuner_pairs(config: list[dict]) -> dict[str, tuple]:
     (get_conditioning_sample): the image dataset's files, captions from `textfile` (newline-separated),
     the reference_strict (and mask) conditioning image at the same relative path in its own folder."""
     by_id = {d["id"]: d for d in config}
+    assert all(d["type"] == "local" for d in config)
     (src,) = [d for d in config if d.get("dataset_type") == "image"]
+    assert src["caption_strategy"] == "textfile"  # else SimpleTuner captions each image by its file name
     conds = {by_id[c]["conditioning_type"]: by_id[c] for c in src["conditioning_data"]}
-    assert all(c["source_dataset_id"] == src["id"] for c in conds.values())
+    assert all(c["source_dataset_id"] == src["id"] and c["dataset_type"] == "conditioning" for c in conds.values())
+    (text,) = [d for d in config if d.get("dataset_type") == "text_embeds"]
+    assert text["default"] is True  # the text embeds of every dataset without its own
+    root = Path(src["instance_data_dir"]).parent  # caches inside the export folder, one per kind
+    caches = [Path(src["cache_dir_vae"]), Path(text["cache_dir"])]
+    assert all(c.is_relative_to(root) for c in caches) and caches[0] != caches[1]
     out = {}
     for path in sorted(Path(src["instance_data_dir"]).iterdir()):
         if path.suffix not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -147,6 +178,7 @@ def test_simpletuner_reads_back_as_flow_dpo_datasets(run_dir, tmp_path):
     out = tmp_path / "st"
     m = export_run(run_dir, "r", "simpletuner", out)
     assert skipped(m) == {"b": "image_formats_differ", "d": "missing_image", "e": "empty_caption"}
+    assert m["config"] == "multidatabackend.json"
     got = simpletuner_pairs(json.loads((out / "multidatabackend.json").read_text()))
     assert got == {k: ([cap], win, lose, None) for k, (cap, win, lose) in HELD.items()}
     # masks: on the original-vs-edit pairs a and f; not on the two edits c, so no masked config
@@ -160,6 +192,11 @@ def test_simpletuner_masked_config_when_every_pair_has_a_mask(tmp_path):
     m = export_run(str(data), "m", "simpletuner", tmp_path / "st")
     got = simpletuner_pairs(json.loads((tmp_path / "st" / m["config_masked"]).read_text()))
     assert got == {"a": (["a red bicycle"], RED, BLUE, MASK), "f": (["a blue teapot"], BLUE, GREEN, MASK)}
+    assert (m["masks_written"], m["masks_absent"]) == (2, 0)
+    # one pair, without a mask: no masked config
+    write_shard(RunStore(str(data), "one"), "pairs", 0, rows_to_table([row("z", "a kite", RED, BLUE, 1)], SCHEMA), key="k")
+    m = export_run(str(data), "one", "simpletuner", tmp_path / "st1")
+    assert (m["masks_written"], m["masks_absent"]) == (0, 1) and "config_masked" not in m
 
 
 def flow_factory_records(manifest: Path) -> list[dict]:
@@ -174,6 +211,7 @@ def flow_factory_records(manifest: Path) -> list[dict]:
         assert set(r["input"]) <= {"prompt", "negative_prompt", "media"} and r["supervision"]["type"] == "preference"
         side = lambda s: (manifest.parent / s["media"][0]["path"]).read_bytes()  # noqa: E731
         assert [x["type"] for x in r["supervision"]["chosen"]["media"]] == ["image"]
+        assert [x["type"] for x in r["supervision"]["rejected"]["media"]] == ["image"]
         records.append({"prompt": r["input"]["prompt"], "chosen": side(r["supervision"]["chosen"]),
                         "rejected": side(r["supervision"]["rejected"]), "metadata": r["metadata"]})
     return records
@@ -188,6 +226,12 @@ def test_jsonl_reads_back_as_flow_factory_offline_dpo(run_dir, tmp_path):
     assert {k: (r["prompt"], r["chosen"], r["rejected"]) for k, r in recs.items()} == expected
     assert recs["a"]["metadata"]["label_0"] == 1 and recs["b"]["metadata"]["label_0"] == 0
     assert recs["a"]["metadata"]["scores"] == {"imagereward_0": 0.1, "imagereward_1": None}  # NaN -> null
+    assert recs["a"]["metadata"]["model_ids"] == {} and recs["a"]["metadata"]["run"] == "r"
+    assert m["config"] == "train.jsonl"
+    # each image file named with its own encoding's extension (b: a PNG winner, a JPEG loser)
+    (line_b,) = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines() if '"item_id": "b"' in x]
+    assert [line_b["supervision"][s]["media"][0]["path"] for s in ("chosen", "rejected")] == [
+        "images/chosen/b.png", "images/rejected/b.jpg"]
 
 
 def test_rerun_is_idempotent_and_drops_files_no_longer_exported(run_dir, tmp_path):
@@ -226,6 +270,27 @@ def test_cli_prints_counts_and_refuses_a_run_without_pairs(run_dir, tmp_path, ca
     assert "shard 3 left out: not_committed" in text
     assert main(["--data-dir", str(tmp_path / "none"), "export", "r", "--format", "jsonl", "--out", str(tmp_path / "p")]) == 2
     assert "no committed pairs shards" in capsys.readouterr().err
+
+
+def test_the_printed_result_names_the_trainer_configs_and_cuts_a_long_skip_list(tmp_path):
+    from richpref.exports.writer import MANIFEST, format_result
+
+    skipped = [{"item_id": f"i{k}", "shard": 0, "row": k, "reason": "image_formats_differ"} for k in range(3)]
+    m = {"written": 5, "run": "r", "format": "simpletuner", "layout_doc": "docs/exports.md", "skipped_pairs": skipped,
+         "skipped": {"image_formats_differ": 3}, "shards_skipped": [], "config": "multidatabackend.json",
+         "config_masked": "multidatabackend.masked.json"}
+    assert format_result(m, tmp_path, show=2).splitlines() == [
+        f"exported 5 pair(s) of run r as simpletuner into {tmp_path} (layout: docs/exports.md)",
+        "skipped 3 pair(s) the format cannot hold: image_formats_differ=3",
+        "  i0 (shard 0, row 0): image_formats_differ",
+        "  i1 (shard 0, row 1): image_formats_differ",
+        f"  … and 1 more (all in {MANIFEST})",
+        f"trainer config: {tmp_path / 'multidatabackend.json'}",
+        f"with the edit masks (masked Flow-DPO): {tmp_path / 'multidatabackend.masked.json'}",
+        f"manifest: {tmp_path / MANIFEST}"]
+    assert "… and" not in format_result(m, tmp_path, show=3)
+    m.update(skipped_pairs=[], skipped={}, config=None, config_masked=None)
+    assert format_result(m, tmp_path).splitlines()[1:] == ["skipped 0 pairs", f"manifest: {tmp_path / MANIFEST}"]
 
 
 def test_every_format_takes_the_export_stage_output(mini_run, tmp_path):
