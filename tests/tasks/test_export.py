@@ -88,3 +88,46 @@ def test_dataset_card_and_plots(mini_run, capsys):
         assert f"../plots/{png}" in card
     # the card and plots do not disturb readers of the pairs folder
     assert len(store.shards("pairs")) == 1
+
+
+def _png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_each_relabelled_row_becomes_one_pair_with_its_winner_side_and_provenance():
+    """By hand, three relabel rows: an edit that beat its original (label_0 = 0), an original that beat
+    its edit (a flipped pair, label_0 = 1) and two edits of one item (jpg_0 the lower-numbered edit);
+    every other column carried from its stage, the extra reward columns as strict JSON."""
+    import pyarrow as pa
+    import pytest
+
+    from richpref.tasks.export import export_rows
+
+    orig, e0, e1 = _png((200, 0, 0)), _png((0, 200, 0)), _png((0, 0, 200))
+    scores = pa.table({"item_id": ["a", "b", "c"], "status": ["ok"] * 3, "chosen": [1, 0, 1],
+                       "flipped": [False, True, False], "margin": [0.5, 0.25, 0.125],
+                       "candidate_0": [-1, -1, 0], "candidate_1": [0, 0, 1],
+                       "hps_0": [0.1, 0.9, 0.3], "hps_1": [0.2, float("nan"), 0.4]})
+    samples = pa.table({"prompt": ["pa", "pb", "pc"], "image": [orig] * 3, "model_id": ["sd", "sd", "sd"]})
+    edits = pa.table({"image": [e0, e0, e1], "edit_prompt": ["ea", "eb", "ec1"], "model_id": ["ed"] * 3,
+                      "editor": ["controlnet"] * 3})
+    side0 = pa.table({"image": [None, None, e0]}, schema=pa.schema([("image", pa.binary())]))
+    critiques = pa.table({"critique": ["ca", "cb", "cc"], "model_id": ["critic"] * 3})
+    instructions = pa.table({"instructions": [["ia"], ["ib"], ["ic"]], "model_id": ["qwen"] * 3})
+    sources = pa.table({"source": ["s"] * 3})
+    rows = export_rows(scores, samples, edits, critiques, instructions, sources, "cfg", side0_edits=side0).to_pylist()
+
+    assert [(r["item_id"], r["caption"], r["label_0"], r["candidate_0"], r["candidate_1"], r["flipped"], r["margin"])
+            for r in rows] == [("a", "pa", 0, -1, 0, False, 0.5), ("b", "pb", 1, -1, 0, True, 0.25),
+                               ("c", "pc", 0, 0, 1, False, 0.125)]
+    assert [(r["jpg_0"], r["jpg_1"]) for r in rows] == [(orig, e0), (orig, e0), (e0, e1)]  # PNG in, PNG out
+    assert [(r["critique"], r["instructions"], r["edit_prompt"], r["source"], r["editor"], r["config_hash"])
+            for r in rows][2] == ("cc", ["ic"], "ec1", "s", "controlnet", "cfg")
+    assert json.loads(rows[1]["scores"]) == {"hps_0": 0.9, "hps_1": None}  # NaN -> null
+    assert json.loads(rows[0]["model_ids"]) == {"sample": "sd", "critique": "critic", "instruct": "qwen", "edit": "ed"}
+
+    bad = scores.set_column(2, "chosen", pa.array([1, 2, 1]))
+    with pytest.raises(ValueError, match="relabel row b has chosen=2; expected 0 or 1"):
+        export_rows(bad, samples, edits, critiques, instructions, sources, "cfg", side0_edits=side0)
