@@ -75,7 +75,8 @@ def model_refs(profile: Profile) -> list[ModelRef]:
 def _served_elsewhere(use) -> bool:
     """A model a running server serves (its section's `engine.endpoint`): its weights live there, so
     it is neither found nor fitted here."""
-    return bool(getattr(getattr(use.cfg, "engine", None), "endpoint", None))
+    engine = getattr(use.cfg, "engine", None)
+    return engine is not None and engine.weights_elsewhere
 
 
 def resolve_models(profile: Profile, stages: set[str] | None = None) -> None:

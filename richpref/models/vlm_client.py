@@ -329,9 +329,9 @@ def connect(engine: EngineConfig, model_ref: str, models_root: str | None = None
     try:
         path = resolve_model_ref(model_ref, models_root)
     except ModelNotAvailable:
-        if engine.launch:
+        if not engine.weights_elsewhere:
             raise
-        path = model_ref  # a remote server may hold a model this machine does not have
+        path = model_ref
     tokenizer = _local_tokenizer(path, trust_remote_code)
     if image_caps is not None and image_caps.max_tiles:
         if not engine.launch:

@@ -65,6 +65,12 @@ class EngineConfig(BaseModel):
 
     max_model_len: int | None = Field(None, ge=256)  # vLLM --max-model-len; unset: from the stage's needs
 
+    @property
+    def weights_elsewhere(self) -> bool:
+        """A server someone else runs (`endpoint`) holds the model: this machine neither finds, fits nor
+        loads its weights. A server richpref launches (`launch`) loads them from here."""
+        return self.endpoint is not None
+
     def answer_key(self) -> dict | None:
         """What the launcher adds to the key of a stage that reads answer probabilities: the launcher
         (transformers serve answers 0/1, vLLM / SGLang give probabilities); None for a running

@@ -311,7 +311,7 @@ def reward_models(profile: Profile, gate: bool = True) -> list[ModelUse]:
     cfg, uses = profile.score, []
     for name in cfg.scored():
         spec = cfg.rewards[name]
-        if spec.engine.endpoint:  # served by a server someone runs: its weights live there
+        if spec.engine.weights_elsewhere:
             continue
         uses.append(ModelUse(f"score.rewards.{name}.model", spec.model, "reward", cfg,
                              spec.file or REWARD_KINDS[spec.kind].defaults.get("file")))

@@ -36,3 +36,11 @@ def test_image_caps_resize_before_either_backend():
     with pytest.raises(ValueError):
         ImageCaps(min_pixels=10, max_pixels=5)
     assert np.asarray(ImageCaps(min_pixels=40000).apply(img)).shape[:2] == (141, 282)
+
+
+def test_only_a_server_someone_else_runs_holds_the_weights_elsewhere():
+    """The one rule the doctor, the score stage, the reward and judge loaders and the VLM client follow:
+    at an endpoint the weights are not looked for here; launched or in-process they are."""
+    assert EngineConfig(backend="server", endpoint="http://10.0.0.1:8000/v1").weights_elsewhere
+    assert not EngineConfig(backend="server", launch="vllm").weights_elsewhere
+    assert not EngineConfig().weights_elsewhere

@@ -69,7 +69,7 @@ def load_reward_spec(spec, models_root: str | None = None, *, device: str = "aut
         try:
             return resolve_model_ref(ref, models_root)
         except ModelNotAvailable:
-            if spec.engine.endpoint:  # a server someone runs holds the weights, not this machine
+            if spec.engine.weights_elsewhere:
                 return ref
             raise
 

@@ -100,7 +100,7 @@ def load_judge_vlm(path: str, *, engine=None, adapter: str | None = None, device
     """The judge's VLM on its engine (models/vlm_engine.py): in-process (`VisionLanguageModel`) or a
     client of a server (`ServedVLM`) that takes `images` images per question."""
     engine = judge_engine(engine, images)
-    if adapter is not None and not (engine is not None and engine.endpoint):  # a running server holds its own weights
+    if adapter is not None and not (engine is not None and engine.weights_elsewhere):
         path = str(merged_dir(path, adapter))
     return load_vlm(engine, path, device=device, dtype=dtype, max_new_tokens=1024)
 
