@@ -33,7 +33,7 @@ def test_a_commit_interrupted_after_its_claim_is_finished_by_the_next_holder(tmp
     assert not os.path.exists(path) and stage_manifests(store, "sample") == {}
     [tmp] = [n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n]
     # the next holder, before computing: it finishes that commit from the claim
-    commit.recover(store, path, manifest_path(store, "sample", 0), "k1")
+    assert commit.recover(store, path, manifest_path(store, "sample", 0), "k1") is True  # committed: not computed again
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == m.sha256
     assert stage_manifests(store, "sample")[0].key == "k1"
     assert not os.path.exists(os.path.join(store.stage_dir("sample"), tmp))
@@ -56,6 +56,8 @@ def test_a_key_committed_then_replaced_can_be_committed_again(tmp_path):
         assert m is not None, key
         assert json.loads(open(manifest_path(store, "sample", 0)).read())["key"] == key
     assert store.read_shard("sample", 0).column("prompt").to_pylist() == ["z"]
+    # the next holder of a committed shard finds its manifest (nothing to compute)
+    assert commit.recover(store, path, manifest_path(store, "sample", 0), "k1") is True
 
 
 def test_a_holder_killed_before_its_claim_leaves_a_temporary_file_the_next_holder_removes(tmp_path, monkeypatch):
@@ -173,3 +175,41 @@ def test_a_presumed_dead_holder_whose_manifest_write_the_next_holder_cleans_up_e
     lease.release()
     assert m is not None and stage_manifests(store, "sample")[0].sha256 == m.sha256
     assert [n for n in os.listdir(store.stage_dir("sample")) if ".tmp-" in n] == []
+
+
+def test_a_holder_whose_lease_was_taken_over_commits_nothing_and_the_new_holders_claim_names_its_lease(tmp_path):
+    import time
+
+    import pytest
+
+    store = RunStore(str(tmp_path), "r")
+    path = store.shard_path("sample", 0)
+    os.makedirs(store.stage_dir("sample"))
+    old = try_lease(store.fs, path, seconds=0.05)
+    time.sleep(0.2)  # expired: the next process takes the shard over
+    new = try_lease(store.fs, path, seconds=30)
+    assert isinstance(old, Lease) and isinstance(new, Lease)
+    before = set(os.listdir(store.stage_dir("sample")))
+    with pytest.raises(commit.LeaseLost, match="taken over"):
+        write_shard(store, "sample", 0, _table("x"), "k1", lease=old)
+    assert set(os.listdir(store.stage_dir("sample"))) == before  # no bytes, claim or temporary file left
+    write_shard(store, "sample", 0, _table("y"), "k1", lease=new)
+    claim = json.loads(open(commit.claim_path(path, "k1")).read())
+    assert claim["fence"] == new.fencing_token != old.fencing_token
+    assert store.read_shard("sample", 0).column("prompt").to_pylist() == ["y"]
+    new.release()
+
+
+def test_recovering_a_shard_touches_no_other_shards_files_and_a_missing_stage_folder_is_not_committed(tmp_path):
+    store = RunStore(str(tmp_path), "r")
+    os.makedirs(store.stage_dir("sample"))
+    others = [store.shard_path("sample", 5) + ".tmp-" + "a" * 32, store.shard_path("sample", 30) + ".tmp-" + "b" * 32,
+              manifest_path(store, "sample", 30) + ".tmp-" + "c" * 32]
+    for other in others:  # live holders of shards 5 and 30 writing their commits
+        write_atomic(other, b"bytes")
+    mine = store.shard_path("sample", 3) + ".tmp-" + "d" * 32  # left by a holder of shard 3 killed before its claim
+    write_atomic(mine, b"bytes")
+    assert commit.recover(store, store.shard_path("sample", 3), manifest_path(store, "sample", 3), "k") is False
+    assert all(os.path.exists(o) for o in others) and not os.path.exists(mine)
+    assert commit.recover(store, store.shard_path("edit", 0), manifest_path(store, "edit", 0), "k") is False
+    assert not os.path.exists(store.stage_dir("edit"))
