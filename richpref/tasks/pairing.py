@@ -40,6 +40,8 @@ def standardise(values: np.ndarray, groups: np.ndarray | None = None) -> tuple[n
     two images does not turn any gap, 1e-4 or 2.0, into the same +-1. No spread: z is 0. Non-finite
     values (a report-only reward with no score) take no part and get NaN."""
     values = np.asarray(values, dtype=np.float64)
+    if not len(values):  # a shard without a pair to score: nothing to standardise, and no empty-mean warning
+        return values.copy(), 0.0
     finite = np.isfinite(values)
     if not finite.all():
         z = np.full_like(values, np.nan)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -161,6 +162,53 @@ def test_ties_too_few_samples_and_missing_samples_have_reasons():
                      ["a"]).to_pylist()
     assert [r["status"] for r in bvw] == ["rejected", OK, "rejected"]
     assert bvw[0]["reason"].startswith("not_selected")
+
+
+@pytest.mark.parametrize("standardize, z_a, z_b", [
+    # by item: minus the item's mean, over the pooled spread (a: 1; b: sqrt(1/2))
+    ("item", [-1, 1, 1, -1], [0, 0, 2 ** 0.5, -(2 ** 0.5)]),
+    # over the shard: minus the mean of all four, over their spread (a: sqrt(5); b: sqrt(3/4))
+    ("shard", [-3 / 5 ** 0.5, -1 / 5 ** 0.5, 3 / 5 ** 0.5, 1 / 5 ** 0.5], [-0.5 / 0.75 ** 0.5] * 2 + [1.5 / 0.75 ** 0.5, -0.5 / 0.75 ** 0.5]),
+])
+def test_a_pairs_z_scores_composite_margin_and_winner_by_hand(standardize, z_a, z_b):
+    """Two rewards, a (weight 1) and b (weight 0.5), two items of two samples: raw a = 0, 2 | 6, 4 and
+    b = 1, 1 | 3, 1. The composite is 1 z_a + 0.5 z_b; jpg_1 wins (chosen 1) where its composite is higher."""
+    cfg = load_profile("tiny-rebuild", ["score.rewards={a: {kind: clip, model: clip}, b: {kind: clip, model: clip}}",
+                                       "relabel.weights={a: 1.0, b: 0.5}", "relabel.min_margin=0",
+                                       f"relabel.standardize={standardize}"]).relabel
+    raw = {("x", 0): (0.0, 1.0), ("x", 1): (2.0, 1.0), ("y", 0): (6.0, 3.0), ("y", 1): (4.0, 1.0)}
+    scores = rows_to_table([{"item_id": i, "status": OK, "candidate": c, "a": a, "b": b, "seed": 10 * c + 7,
+                             "digest": f"{i}{c}", "dtypes": "{}"} for (i, c), (a, b) in raw.items()],
+                           sample_scores_schema(["a", "b"]))
+    samples = rows_to_table([], sample_scores_schema(["a", "b"]))
+    x, y = rank_items(["x", "y"], samples, scores, cfg, 2, ["a", "b"]).to_pylist()
+    comp = [za + 0.5 * zb for za, zb in zip(z_a, z_b)]
+    for r, k in ((x, 0), (y, 2)):
+        assert [r["a_z0"], r["a_z1"], r["b_z0"], r["b_z1"]] == pytest.approx([z_a[k], z_a[k + 1], z_b[k], z_b[k + 1]])
+        assert [r["composite_0"], r["composite_1"]] == pytest.approx(comp[k:k + 2])
+        assert r["margin"] == pytest.approx(abs(comp[k + 1] - comp[k]))
+        assert (r["a_0"], r["a_1"], r["seed_0"], r["seed_1"]) == (raw[(r["item_id"], 0)][0], raw[(r["item_id"], 1)][0], 7, 17)
+    assert (x["status"], x["chosen"]) == (OK, 1) and (y["status"], y["chosen"]) == (OK, 0)
+
+
+def test_best_vs_worst_of_equal_samples_is_the_first_two_a_tie_and_a_prompt_without_samples_lists_why():
+    cfg = load_profile("tiny-rebuild", ["score.rewards={a: {kind: clip, model: clip}}", "relabel.weights={a: 1.0}",
+                                       "relabel.min_margin=0", "relabel.pairing=best_vs_worst"]).relabel
+    scores = _scores([{"item_id": "x", "status": OK, "candidate": c, "a": 2.0, "seed": c, "digest": f"d{c}",
+                       "dtypes": "{}"} for c in range(3)]
+                     + [{"item_id": "z", "status": OK, "candidate": 0, "a": 1.0, "seed": 0, "digest": "e",
+                         "dtypes": "{}"}])
+    samples = rows_to_table([{"item_id": "z", "status": "rejected", "reason": "flat_image: std 0", "candidate": 1}],
+                            sample_scores_schema(["a"]))
+    x = rank_items(["x"], samples, scores, cfg, 3, ["a"]).to_pylist()
+    assert x[0]["reason"].startswith("tie: composite margin 0") and x[0]["candidate_0"] == 0 and x[0]["candidate_1"] == 1
+    assert all(r["reason"].startswith("not_selected: best_vs_worst pairs samples 0 and 1") for r in x[1:])
+    with warnings.catch_warnings():  # a shard without a pair to score warned "Mean of empty slice"
+        warnings.simplefilter("error")
+        z = rank_items(["z"], samples, scores, cfg, 3, ["a"]).to_pylist()
+    assert [(r["item_id"], r["candidate"], r["candidate_0"], r["candidate_1"]) for r in z] == [
+        ("z", 0, 0, 1), ("z", 1, 0, 2), ("z", 2, 1, 2)]
+    assert {r["reason"] for r in z} == {"too_few_samples: 1 valid sample(s) of 3 (1: flat_image: std 0; 2: missing)"}
 
 
 def test_export_reads_back_as_pick_a_pic(rebuilt, tmp_path):
