@@ -119,6 +119,22 @@ def test_a_large_row_group_is_read_only_up_to_the_rows_asked_for(tmp_path, monke
     assert shard.column("image").to_pylist() == [_jpeg(2 * (i % 7)) for i in range(100, 105)]
 
 
+def test_a_streamed_row_group_gives_every_shard_the_rows_a_whole_read_gives_and_is_read_once(tmp_path, monkeypatch):
+    """Rows 1000-2499 of one 2,600-row group in shards of 333: streamed in batches of 1,024, the first
+    shard's rows start inside the first batch and later shards' cross into the next ones."""
+    path = tmp_path / "long.parquet"
+    _pickapic(path, 2600, row_group_size=2600, image_of=lambda i: i % 5, label_of=lambda i: 1.0)
+    cfg = SourceConfig(kind="parquet", path=str(path), pickapic_preferred=True, offset=1000, limit=1500,
+                       shard_size=333, dedupe="none")
+    whole = _rows(shard_source(cfg))
+    assert [r["source_row"] for r in whole] == list(range(1000, 2500))
+    parquet_reader._LAST_GROUP.clear()
+    parquet_reader.ROW_GROUPS_READ.clear()
+    monkeypatch.setattr(parquet_reader, "WHOLE_ROW_GROUP_BYTES", 1)  # force the streaming path
+    assert _rows(shard_source(cfg)) == whole
+    assert parquet_reader.ROW_GROUPS_READ == [("long.parquet", 0)]  # read once, kept for the later shards
+
+
 @pytest.mark.parametrize("whole_groups", [True, False])
 def test_a_files_footer_is_parsed_once_however_many_shards_and_row_groups_are_read(tmp_path, monkeypatch,
                                                                                  whole_groups):
