@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import shutil
 import ssl
-import types
 
 import certifi
 import prefect.client.orchestration as orchestration
