@@ -229,7 +229,7 @@ def test_a_parquet_source_on_s3_is_read_with_one_version_check_and_footer_a_view
 
 
 def test_dedupe_digests_are_written_once_into_an_s3_run_folder_and_read_back_by_other_workers(s3, bucket, tmp_path):
-    from test_source import _dupes_source
+    from test_dedupe import _dupes_source
 
     from richpref.sources import dedupe
     from richpref.sources import parquet as parquet_reader
