@@ -1,6 +1,6 @@
 """Image helpers the stage tests (tests/tasks/) share with the image backend tests outside that
 folder (tests/models/, tests/scenarios/): diffusion settings for 64×64 runs, a
-flat scene with a bright ellipse, PNG decoding, the per-item seed transcribed from its contract.
+flat scene with a bright ellipse, image encoding and PNG decoding, the per-item seed transcribed from its contract.
 Not a test module."""
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def _arr(im: Image.Image) -> np.ndarray:
 
 def _png(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
+
+
+def encoded(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    """`im` as the bytes of an image file in `fmt` (PIL's save options in `kw`)."""
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
 
 
 def _scene(size=(64, 64), bg=(30, 60, 90), fg=(250, 200, 40)) -> Image.Image:

@@ -90,12 +90,6 @@ def test_dataset_card_and_plots(mini_run, capsys):
     assert len(store.shards("pairs")) == 1
 
 
-def _png(color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_each_relabelled_row_becomes_one_pair_with_its_winner_side_and_provenance():
     """By hand, three relabel rows: an edit that beat its original (label_0 = 0), an original that beat
     its edit (a flipped pair, label_0 = 1) and two edits of one item (jpg_0 the lower-numbered edit);
@@ -105,7 +99,9 @@ def test_each_relabelled_row_becomes_one_pair_with_its_winner_side_and_provenanc
 
     from richpref.tasks.export import export_rows
 
-    orig, e0, e1 = _png((200, 0, 0)), _png((0, 200, 0)), _png((0, 0, 200))
+    from image_helpers import encoded
+
+    orig, e0, e1 = (encoded(Image.new("RGB", (8, 8), c)) for c in ((200, 0, 0), (0, 200, 0), (0, 0, 200)))
     scores = pa.table({"item_id": ["a", "b", "c"], "status": ["ok"] * 3, "chosen": [1, 0, 1],
                        "flipped": [False, True, False], "margin": [0.5, 0.25, 0.125],
                        "candidate_0": [-1, -1, 0], "candidate_1": [0, 0, 1],

@@ -9,13 +9,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from image_helpers import encoded
 from richpref.tasks.pair_images import change_mask, edit_mask, jpeg_quality, pair_images, pair_quality
 
-
-def _bytes(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def _noise(size, seed=0) -> Image.Image:
@@ -25,14 +21,14 @@ def _noise(size, seed=0) -> Image.Image:
 
 @pytest.mark.parametrize("q", [35, 75, 90, 97])
 def test_jpeg_quality_is_read_back_from_the_tables(q):
-    assert jpeg_quality(_bytes(_noise((32, 32)), "JPEG", quality=q)) == q
-    assert jpeg_quality(_bytes(_noise((32, 32)), "PNG")) is None
-    assert pair_quality(_bytes(_noise((32, 32)), "PNG"), None) == 95 and pair_quality(b"x", 80) == 80
+    assert jpeg_quality(encoded(_noise((32, 32)), "JPEG", quality=q)) == q
+    assert jpeg_quality(encoded(_noise((32, 32)), "PNG")) is None
+    assert pair_quality(encoded(_noise((32, 32)), "PNG"), None) == 95 and pair_quality(b"x", 80) == 80
 
 
 def test_a_1000x667_jpeg_original_and_its_edit_leave_at_one_size_and_one_format():
-    original = _bytes(_noise((1000, 667)), "JPEG", quality=85)
-    edit = _bytes(_noise((624, 416), seed=1), "PNG")  # an edit at SD 1.5's working size
+    original = encoded(_noise((1000, 667)), "JPEG", quality=85)
+    edit = encoded(_noise((624, 416), seed=1), "PNG")  # an edit at SD 1.5's working size
     for fmt, pil in (("png", "PNG"), ("jpeg", "JPEG")):
         a, b = pair_images(original, edit, image_format=fmt, quality=pair_quality(original, None))
         ia, ib = Image.open(io.BytesIO(a)), Image.open(io.BytesIO(b))
@@ -46,10 +42,10 @@ def test_a_1000x667_jpeg_original_and_its_edit_leave_at_one_size_and_one_format(
 
 
 def test_a_source_jpeg_already_at_the_pair_size_and_quality_is_not_compressed_twice():
-    original = _bytes(_noise((64, 48)), "JPEG", quality=90)
-    a, b = pair_images(original, _bytes(_noise((64, 48), 1), "PNG"), image_format="jpeg", quality=90)
+    original = encoded(_noise((64, 48)), "JPEG", quality=90)
+    a, b = pair_images(original, encoded(_noise((64, 48), 1), "PNG"), image_format="jpeg", quality=90)
     assert a == original and jpeg_quality(b) == 90
-    a, _ = pair_images(original, _bytes(_noise((64, 48), 1), "PNG"), image_format="png")
+    a, _ = pair_images(original, encoded(_noise((64, 48), 1), "PNG"), image_format="png")
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(a))), np.asarray(Image.open(io.BytesIO(original))))
 
 
@@ -59,7 +55,7 @@ def test_edit_mask_of_a_changed_square_is_the_dilated_square():
     edited[20:30, 30:42] = (100, 100, 200)  # a 12 x 10 square, changed in one channel by 100
     edited[5, 5] = (255, 0, 0)  # one isolated pixel: a speck, not a change
     edited[50:60, 10:20] += 32  # a change at the threshold: only one above it counts
-    a, b = _bytes(Image.fromarray(base), "PNG"), _bytes(Image.fromarray(edited), "PNG")
+    a, b = encoded(Image.fromarray(base), "PNG"), encoded(Image.fromarray(edited), "PNG")
     mask = Image.open(io.BytesIO(edit_mask(a, b, threshold=32, dilation=3)))
     assert mask.format == "PNG" and mask.mode == "L" and mask.size == (80, 64)
     expected = np.zeros((64, 80), np.uint8)
@@ -72,16 +68,16 @@ def test_edit_mask_of_a_changed_square_is_the_dilated_square():
 
 
 def test_edit_mask_is_null_when_it_cannot_be_computed():
-    a = _bytes(_noise((16, 16)), "PNG")
+    a = encoded(_noise((16, 16)), "PNG")
     assert edit_mask(a, b"not an image", threshold=32, dilation=3) is None
-    assert edit_mask(a, _bytes(_noise((20, 16)), "PNG"), threshold=32, dilation=3) is None
+    assert edit_mask(a, encoded(_noise((20, 16)), "PNG"), threshold=32, dilation=3) is None
 
 
 def test_export_rows_carry_the_pair_at_one_size_with_its_mask():
     from richpref.schemas.config import ExportConfig
     from richpref.tasks.export import export_rows
 
-    original = _bytes(Image.new("RGB", (100, 67), (10, 20, 30)), "JPEG", quality=80)
+    original = encoded(Image.new("RGB", (100, 67), (10, 20, 30)), "JPEG", quality=80)
     edited = Image.new("RGB", (64, 40), (10, 20, 30))
     edited.paste((200, 20, 30), (10, 10, 20, 20))
     scores = pa.table({"item_id": ["i"], "status": ["ok"], "chosen": [1], "flipped": [False], "margin": [0.5],
@@ -89,7 +85,7 @@ def test_export_rows_carry_the_pair_at_one_size_with_its_mask():
 
     def export(**cfg):
         t = export_rows(scores, pa.table({"prompt": ["p"], "image": [original], "model_id": ["m"]}),
-                        pa.table({"image": [_bytes(edited, "PNG")], "edit_prompt": ["e"], "model_id": ["m"], "editor": ["x"]}),
+                        pa.table({"image": [encoded(edited, "PNG")], "edit_prompt": ["e"], "model_id": ["m"], "editor": ["x"]}),
                         pa.table({"critique": ["c"], "model_id": ["m"]}), pa.table({"instructions": [["i"]], "model_id": ["m"]}),
                         pa.table({"source": ["s"]}), "h", cfg=ExportConfig(**cfg))
         row = t.to_pylist()[0]
