@@ -21,7 +21,7 @@ from richpref.tasks.edit import edit_prompt, edit_rows, load_editor
 from richpref.models.editor import ANNOTATOR_FILES, ControlDetector, ControlNetEditor, annotator_network
 from richpref.models.runtime import ModelNotAvailable
 from richpref.models.tiny.diffusion import build_random_annotator
-from image_helpers import EDIT, _arr
+from image_helpers import EDIT, _arr, encoded
 from image_helpers import _scene as ellipse_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,12 +43,6 @@ PIPELINES = {
 }
 
 
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _scene(shift: int) -> Image.Image:
     """A 64 px picture with structure (a disc on a gradient) so edits have something to change."""
     y, x = np.mgrid[0:64, 0:64]
@@ -60,7 +54,7 @@ def _scene(shift: int) -> Image.Image:
 def _shard(n: int = 3):
     rows = pa.table({"item_id": [f"it{i}" for i in range(n)], "prompt": [f"a red ball {i}" for i in range(n)],
                      "instructions": [["make the ball blue", "add a hat"]] * n})
-    return rows, [_png(_scene(4 * i)) for i in range(n)]
+    return rows, [encoded(_scene(4 * i)) for i in range(n)]
 
 
 # --- config --------------------------------------------------------------------------------------

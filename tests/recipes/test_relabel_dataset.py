@@ -15,12 +15,11 @@ from PIL import Image
 
 from relabel_helpers import _image, solid
 from richpref.schemas.config import RelabelConfig, RewardModel, ScoreConfig, SubjectGateConfig, load_profile
+from image_helpers import encoded
 
 
 def _jpeg(im):
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return encoded(im, "JPEG", quality=90)
 
 
 def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_path):

@@ -13,12 +13,11 @@ from PIL import Image
 from richpref.common.images import BadImage, decode_image
 from richpref.prompts import render
 from richpref.run.storage import RunStore
+from image_helpers import encoded
 
 
 def _png(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=kw.pop("format", "PNG"), **kw)
-    return buf.getvalue()
+    return encoded(img, kw.pop("format", "PNG"), **kw)
 
 
 def _animated_gif() -> bytes:

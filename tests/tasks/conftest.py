@@ -6,14 +6,13 @@ several modules, so both are session-scoped here: built once, never more often t
 them too."""
 from __future__ import annotations
 
-import io
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from image_helpers import _scene
+from image_helpers import _scene, encoded
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +32,7 @@ def vlms(tmp_path_factory):
 
 
 def _jpeg(color) -> bytes:
-    buf = io.BytesIO()
-    _scene((48, 40), fg=color).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return encoded(_scene((48, 40), fg=color), "JPEG", quality=90)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from image_helpers import _png, _seed_by_hand
+from image_helpers import _png, _seed_by_hand, encoded
 from richpref.models.runtime import resident
 from richpref.models.tiny import LAYOUT
 from richpref.schemas.config import SampleConfig, SourceConfig
@@ -88,11 +88,11 @@ def test_sample_stage_rejects_bad_dataset_images_with_reasons_and_keeps_the_rest
 def test_flat_dataset_images_are_rejected_with_a_reason():
     from PIL import Image
 
-    flat = _png_bytes(Image.new("RGB", (32, 32), (0, 0, 0)))
+    flat = encoded(Image.new("RGB", (32, 32), (0, 0, 0)))
     almost = np.zeros((32, 32, 3), np.uint8)
     almost[0, 0] = 3  # one pixel off black: still flat
     varied = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    images = [flat, _png_bytes(Image.fromarray(almost)), _png_bytes(Image.fromarray(varied))]
+    images = [flat, encoded(Image.fromarray(almost)), encoded(Image.fromarray(varied))]
     table = rows_to_table([{"item_id": f"i{k}", "status": "ok", "reason": None, "source": "t", "source_row": k,
                             "prompt": "a cat", "image": data} for k, data in enumerate(images)], PROMPTS)
     out = sample_rows(table, SampleConfig(), lambda: None).to_pylist()
@@ -100,14 +100,6 @@ def test_flat_dataset_images_are_rejected_with_a_reason():
     assert all(r["reason"].startswith("flat_image: pixel std") for r in out[:2])
     # 0 turns the check off
     assert [r["status"] for r in sample_rows(table, SampleConfig(min_image_std=0), lambda: None).to_pylist()] == ["ok"] * 3
-
-
-def _png_bytes(image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ rejected rows (a missing column fails the whole input). Dedupe across shards: te
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -22,13 +21,12 @@ from richpref.sources import parquet as parquet_reader
 from richpref.sources import SourceError
 from richpref.tasks.source import check_source, clean_prompt, open_view, shard_source
 from test_bad_inputs import GOOD
+from image_helpers import encoded
 
 
 def _jpeg(seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
+    return encoded(Image.fromarray(pixels), "JPEG")
 
 
 def _rows(tables) -> list[dict]:

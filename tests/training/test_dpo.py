@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from richpref.training.dpo import diffusion_dpo_terms, dpo_loss, per_sample_mse
+from image_helpers import encoded
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,8 +115,6 @@ def test_rejects_malformed_inputs():
 
 
 def _random_pairs(n: int):
-    import io
-
     import datasets
     import numpy as np
     from PIL import Image
@@ -123,9 +122,7 @@ def _random_pairs(n: int):
     rng = np.random.default_rng(0)
 
     def png() -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
-        return buf.getvalue()
+        return encoded(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
 
     return datasets.Dataset.from_dict({"caption": [f"thing {i}" for i in range(n)], "jpg_0": [png() for _ in range(n)],
                                        "jpg_1": [png() for _ in range(n)], "label_0": [i % 2 for i in range(n)]})

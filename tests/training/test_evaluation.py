@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from richpref.training.evaluation import summary_table, to_markdown
+from image_helpers import encoded
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,9 +40,7 @@ def tuned_model(tiny_models, tmp_path_factory):
     rng = np.random.default_rng(0)
 
     def png() -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
-        return buf.getvalue()
+        return encoded(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
 
     tmp = tmp_path_factory.mktemp("tuned")
     data = tmp / "pairs.parquet"

@@ -3,7 +3,6 @@ weights load back into diffusers pipelines, a 2-process accelerate run killed an
 finetune flow, and launching it once per set of curated pairs."""
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -18,15 +17,14 @@ from PIL import Image
 
 from richpref.schemas.training import FinetuneConfig, PairSourceConfig
 from richpref.training.data import Augment, DataError, PairBatches, PairMixture, load_pair_source
+from image_helpers import encoded
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array.astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    return encoded(Image.fromarray(array.astype(np.uint8)))
 
 
 def write_pairs(path: Path, n: int, seed: int = 0, ties: int = 0) -> Path:

@@ -2,7 +2,6 @@
 reference, learning a toy preference, the LoRA round trip, and the configs refused before training."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import warnings
@@ -16,14 +15,13 @@ import torch
 from PIL import Image
 
 from richpref.schemas.training import FinetuneConfig
+from image_helpers import encoded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _png(array: np.ndarray, mode: str = "RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array.astype(np.uint8), mode=None if mode == "RGB" else mode).save(buf, format="PNG")
-    return buf.getvalue()
+    return encoded(Image.fromarray(array.astype(np.uint8), mode=None if mode == "RGB" else mode))
 
 
 def write_brightness_pairs(path: Path, n: int, seed: int = 0, masks: bool = False) -> Path:

@@ -11,11 +11,11 @@ models); SDXL gets each pair's (original h, w, crop top, left, target h, w) on b
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
 import torch
+from image_helpers import encoded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,9 +46,7 @@ def _pairs(sizes: list[tuple[int, int]]):
     rng = np.random.default_rng(1)
 
     def png(w: int, h: int) -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-        return buf.getvalue()
+        return encoded(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
 
     return datasets.Dataset.from_dict({
         "caption": [f"a thing number {i}" for i in range(len(sizes))],
