@@ -236,5 +236,5 @@ def _key_extra(profile: Profile) -> str:
     return ":".join(parts)
 
 
-STAGE = Stage(name="instruct", version="4", section="instruct", reads=("critique", "sample"), compute=compute,
+STAGE = Stage(name="instruct", version="5", section="instruct", reads=("critique", "sample"), compute=compute,
               key_extra=_key_extra, schema=INSTRUCTIONS, **vlm_models("instruct"))

@@ -74,9 +74,16 @@ _COMMENTARY = re.compile(
     r"aligns?|matches|better)\b", re.I)
 
 
+# A short opening phrase and its comma ("Overall, ", "This way, "), after which an edit may still follow.
+_OPENER = re.compile(r"^[^,.!?]{1,30},\s*")
+
+
 def is_commentary(sentence: str) -> bool:
-    """A remark about the edits ("This will make ...", "These changes ensure ..."), not an edit."""
-    return bool(_COMMENTARY.match((sentence or "").strip())) and not _opens_with_verb(sentence)
+    """A remark about the edits ("This will make ...", "These changes ensure ..."), not an edit: an
+    imperative, also after an opening phrase ("Overall, make the colours more vivid"), is an edit."""
+    text = (sentence or "").strip()
+    return (bool(_COMMENTARY.match(text)) and not _opens_with_verb(text)
+            and not _opens_with_verb(_OPENER.sub("", text, count=1)))
 
 
 _REMOVE = frozenset("remove delete erase eliminate".split())

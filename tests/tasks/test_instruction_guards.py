@@ -129,6 +129,19 @@ class TestNoEditAndCommentary:
         assert is_commentary("These changes ensure the scene matches the prompt.")
         assert not is_commentary("Make this lamp brighter.")
         assert not is_commentary("The apple should be red.")
+        assert is_commentary("Overall, these changes make the scene match.")
+        assert is_commentary("This way, the dog will look friendlier.")
+        assert not is_commentary(None)
+
+    @pytest.mark.parametrize("sentence", ["Overall, make the colours more vivid.", "This way, make the dog bigger.",
+                                          "Together, make both cats sit closer.", "Doing so, give the lamp a warm glow."])
+    def test_an_edit_after_an_opening_phrase_is_no_commentary(self, sentence):
+        """A bug: the commentary rule matched these (an opener, then "make" or "add"), so the instruct stage
+        dropped a real edit from the second item on as "a remark about the edits"."""
+        assert not is_commentary(sentence)
+        c = instruct_stage.check_text(f"Remove the extra hand. {sentence}", True, "two cats and a dog and a lamp",
+                                      "", InstructConfig(drop_vague=False, min_grounding=0))
+        assert c.items == ["Remove the extra hand.", sentence]
 
     def test_commentary_after_an_edit_is_dropped_but_not_a_guard_failure(self):
         cfg = InstructConfig(on_guard_fail="reject_row")
