@@ -81,9 +81,8 @@ _OPENER = re.compile(r"^[^,.!?]{1,30},\s*")
 def is_commentary(sentence: str) -> bool:
     """A remark about the edits ("This will make ...", "These changes ensure ..."), not an edit: an
     imperative, also after an opening phrase ("Overall, make the colours more vivid"), is an edit."""
-    text = (sentence or "").strip()
-    return (bool(_COMMENTARY.match(text)) and not _opens_with_verb(text)
-            and not _opens_with_verb(_OPENER.sub("", text, count=1)))
+    text = (sentence or "").strip()  # a remark opens with "this", "overall" ..., never with a verb
+    return bool(_COMMENTARY.match(text)) and not _opens_with_verb(_OPENER.sub("", text, count=1))
 
 
 _REMOVE = frozenset("remove delete erase eliminate".split())

@@ -190,6 +190,18 @@ class TestContradiction:
         assert contradiction("Remove the dog from the sofa.", "a dog and a cat") == \
             "removes 'the dog', which the prompt asks for"
 
+    def test_a_recolouring_of_a_part_conflicts_through_its_owner_and_every_colour_the_prompt_gives(self):
+        assert contradiction("Make the cat's fur white.", "a black cat on a sofa") == \
+            "makes the cat white, where the prompt asks for a black cat"
+        assert contradiction("Make the cats' fur white.", "two black cats") == \
+            "makes the cat white, where the prompt asks for a black cat"
+        assert contradiction("Make the bus' wheels red.", "a yellow bus") == \
+            "makes the bus red, where the prompt asks for a yellow bus"  # "bus'" keeps its s
+        assert contradiction("Make the car green.", "a red car next to a blue car") == \
+            "makes the car green, where the prompt asks for a blue/red car"
+        assert contradiction("Make the car blue.", "red car on a street") == \
+            "makes the car blue, where the prompt asks for a red car"  # the colour is the prompt's first word
+
 
 @pytest.mark.parametrize("rest,phrase", [
     ("the parked cars blocking the bus.", "the parked cars"),
