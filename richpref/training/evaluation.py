@@ -198,11 +198,10 @@ def to_markdown(rows: list[dict], titles: dict[str, str] | None = None) -> str:
     cols = list(rows[0])
     fmt = lambda v: "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
 
-    def head(c: str) -> str:
-        for name, title in (titles or {}).items():
-            if c == name or c.startswith(f"{name}_win_vs_"):
-                return c.replace(name, title, 1)
-        return c
+    def head(c: str) -> str:  # "hpsv2_win_vs_base" -> "hpsv2 (HPSv2 v2.0) win vs base"
+        name, win, base = c.partition("_win_vs_")
+        title = (titles or {}).get(name, name)
+        return f"{title} win vs {base}" if win else title
 
     lines = ["| " + " | ".join(head(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]

@@ -38,7 +38,7 @@ def test_the_hpsv2_version_is_explicit_and_named_in_every_table():
     assert paper.rewards["hpsv2"].version == "v2.0"
     titles = reward_titles({n: s.model_dump() for n, s in paper.rewards.items()})
     table = to_markdown([{"model": "sd15", "hpsv2": 0.27, "hpsv2_win_vs_sd15": None}], titles)
-    assert table.startswith("| model | hpsv2 (HPSv2 v2.0) | hpsv2 (HPSv2 v2.0)_win_vs_sd15 |")
+    assert table.startswith("| model | hpsv2 (HPSv2 v2.0) | hpsv2 (HPSv2 v2.0) win vs sd15 |")
 
 
 def test_rpo_recipe_is_dpo_on_100k_pickapic_rows_then_the_pairs_alone_from_that_checkpoint():

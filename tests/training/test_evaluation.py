@@ -26,7 +26,7 @@ def test_summary_table_means_and_win_rates_by_hand():
     assert rows[1] == {"model": "tuned", "images": 4, "pickscore": 2.5, "aesthetic": 5.5,
                        "pickscore_win_vs_base": 0.625, "aesthetic_win_vs_base": 0.75}
     md = to_markdown(rows)
-    assert md.splitlines()[0] == "| model | images | pickscore | aesthetic | pickscore_win_vs_base | aesthetic_win_vs_base |"
+    assert md.splitlines()[0] == "| model | images | pickscore | aesthetic | pickscore win vs base | aesthetic win vs base |"
     assert "| tuned | 4 | 2.5000 | 5.5000 | 0.6250 | 0.7500 |" in md
 
 
