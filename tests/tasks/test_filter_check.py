@@ -211,3 +211,131 @@ def test_check_asks_only_about_the_instructions_that_reached_the_editor(vlms, mo
     pair = side_by_side(decode_image(images["original"][0]), decode_image(images["edited"][0]))
     np.testing.assert_allclose(out[0]["p_executed_each"], vlms["qwen"].p_yes(
         [pair] * 2, [render(sections["executed"], instruction=s) for s in every[0][:2]]), atol=1e-6)
+
+
+def test_undecodable_images_reject_their_rows_by_item_and_candidate_without_a_model():
+    rows, prompts, instructions, images = filter_input(2)
+    rows = pa.table({"item_id": ["f0", "f1"], "candidate": pa.array([0, 2], pa.int32())})
+    images["original_cutout"] = [b"", images["original_cutout"][1]]
+    images["edited"] = [images["edited"][0], b"broken"]
+
+    def no_model():
+        raise AssertionError("no row needs the model")
+
+    out = filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(), no_model).to_pylist()
+    assert [(r["item_id"], r["candidate"], r["status"], r["template"]) for r in out] == [
+        ("f0", 0, "rejected", "filter_v2"), ("f1", 2, "rejected", "filter_v2")]
+    assert out[0]["reason"] == "bad_image: empty image bytes" and out[1]["reason"].startswith("bad_image: cannot decode")
+
+
+class FailingOriginalCutout(FailingOnePair):
+    """The tiny Qwen, except that every question about one original cut-out (its attributes, asked
+    once per item) gets a failed request."""
+
+    def __init__(self, vlm, original_cutout: bytes) -> None:
+        from richpref.common.images import decode_image
+
+        super().__init__(vlm, marker="")
+        self.original = np.asarray(decode_image(original_cutout))
+
+    def yes_no(self, images, texts, **kw):
+        answers = self.vlm.yes_no(images, texts, **kw)
+        return [YesNo(None, "answer", "vlm_request_failed: HTTP 503 after 2 attempt(s)")
+                if np.array_equal(np.asarray(im), self.original) else a for a, im in zip(answers, images)]
+
+
+def test_a_failed_question_about_an_items_original_rejects_every_edit_of_that_item(vlms):
+    """The original's attributes are asked once, with the item's first pair, and serve all its edits:
+    without them a later edit's attribute check would be decided on an empty list."""
+    rows, prompts, instructions, images = filter_input(2)
+    three = pa.table({"item_id": ["f0", "f0", "f1"], "candidate": pa.array([0, 1, 0], pa.int32())})
+    by_row = {k: [v[0], v[0], v[1]] for k, v in images.items()}
+    by_row["edited"][1], by_row["edited_cutout"][1] = encode_png(image(77)), encode_png(image(78, (48, 64)))
+    args = (three, [prompts[0], prompts[0], prompts[1]], [instructions[0], instructions[0], instructions[1]], by_row,
+            CheckConfig(max_new_tokens=8))
+    clean = filter_check.check_rows(*args, lambda: vlms["qwen"]).to_pylist()
+    assert clean[0]["attributes"] and clean[1]["attributes"]  # there are questions about f0's original
+    failing = FailingOriginalCutout(vlms["qwen"], images["original_cutout"][0])
+    out = filter_check.check_rows(*args, lambda: failing).to_pylist()
+    assert [(r["item_id"], r["candidate"], r["status"]) for r in out] == [
+        ("f0", 0, "rejected"), ("f0", 1, "rejected"), ("f1", 0, "ok")]
+    assert out[0]["reason"] == out[1]["reason"] == "vlm_request_failed: HTTP 503 after 2 attempt(s)"
+    assert out[1]["model_id"] == vlms["qwen"].model_id and out[1]["template"] == "filter_v2"
+    assert out[2]["p_attr_original"] == pytest.approx(clean[2]["p_attr_original"], abs=1e-6)
+    assert out[2]["attributes_error"] == clean[2]["attributes_error"]
+
+
+class ListingNothing(FailingOnePair):
+    """The tiny Qwen, answering the attribute listing with an empty text (a model that ends at once);
+    `listings` counts the listing calls."""
+
+    def __init__(self, vlm) -> None:
+        super().__init__(vlm, marker="\0")
+        self.listings = 0
+
+    def generate_detailed(self, images, texts, **kw):
+        from richpref.models.vlm import Generation
+
+        self.listings += 1
+        return [Generation("", True, 0) for _ in images]
+
+
+def test_an_item_with_no_attribute_listed_is_kept_with_why_and_no_attribute_answers(vlms):
+    rows, prompts, instructions, images = filter_input(1)
+    vlm = ListingNothing(vlms["qwen"])
+    [r] = filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(), lambda: vlm).to_pylist()
+    assert (r["status"], r["attributes"], r["attributes_raw"]) == ("ok", [], "")
+    assert r["attributes_error"] == "the model listed no attribute"
+    assert r["p_attr_original"] == r["p_attr_edited"] == [] and vlm.listings == 1
+    vlm.listings = 0
+    [off] = filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(attributes=False),
+                                    lambda: vlm).to_pylist()
+    assert vlm.listings == 0 and off["attributes"] is None and off["p_attr_original"] is None
+    assert off["p_executed_each"] == pytest.approx(r["p_executed_each"], abs=1e-6)
+
+
+def test_a_template_asking_about_all_instructions_at_once_gets_one_executed_answer(vlms):
+    from richpref.common.images import decode_image, side_by_side
+
+    rows, prompts, instructions, images = filter_input(1)
+    assert len(instructions[0]) == 2
+    cfg = CheckConfig(template="filter_v1", attributes=False)
+    [r] = filter_check.check_rows(rows, prompts, instructions, images, cfg, lambda: vlms["qwen"]).to_pylist()
+    pair = side_by_side(decode_image(images["original"][0]), decode_image(images["edited"][0]))
+    asked = render(load_sections("filter_v1")["executed"], instructions=filter_check.bullets(instructions[0]))
+    assert r["p_executed_each"] == pytest.approx(vlms["qwen"].p_yes([pair], [asked]), abs=1e-6)
+
+
+def _questions(*sizes: int) -> list[tuple]:
+    return [(pair, f"q{k}") for pair, n in enumerate(sizes) for k in range(n)]
+
+
+@pytest.mark.parametrize("sizes,batch_size,batches", [
+    ((3, 2, 5, 1), 4, [[0], [1], [2], [3]]),  # 3+2 > 4; a pair of 5 goes alone, whole
+    ((3, 2, 5, 1), 6, [[0, 1], [2, 3]]),  # 3+2 <= 6 < 3+2+5; 5+1 = 6 fits
+    ((1, 1, 1, 1, 1), 2, [[0, 1], [2, 3], [4]]),
+    ((2,), 1, [[0]]),
+])
+def test_in_process_batches_hold_whole_pairs_up_to_the_batch_size(sizes, batch_size, batches):
+    got = filter_check.pair_batches(_questions(*sizes), batch_size, served=False)
+    assert [sorted({q[0] for q in b}) for b in got] == batches
+    assert [q for b in got for q in b] == _questions(*sizes)  # every question once, in order
+
+
+def test_a_served_model_gets_every_question_in_one_list():
+    qs = _questions(3, 2, 5)
+    assert filter_check.pair_batches(qs, 2, served=True) == [qs]
+    assert filter_check.pair_batches([], 2, served=True) == filter_check.pair_batches([], 2, served=False) == []
+
+
+def test_a_failed_attribute_listing_rejects_the_pair_with_that_failure(vlms):
+    from richpref.models.vlm import Generation
+
+    class ListingFailed(ListingNothing):
+        def generate_detailed(self, images, texts, **kw):
+            return [Generation("", False, 0, error="vlm_request_failed: timed out after 3 attempt(s)") for _ in images]
+
+    rows, prompts, instructions, images = filter_input(1)
+    [r] = filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(), lambda: ListingFailed(vlms["qwen"])).to_pylist()
+    assert (r["item_id"], r["status"]) == ("f0", "rejected")
+    assert r["reason"] == "vlm_request_failed: timed out after 3 attempt(s)"
