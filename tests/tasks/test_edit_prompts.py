@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from richpref.schemas.config import EditConfig, load_profile
-from richpref.tasks.edit_prompts import fit_prompt
+from richpref.tasks.edit_prompts import edit_prompt, fit_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,8 +43,20 @@ def test_cap_keeps_the_leading_instructions_that_fit_and_records_the_rest():
 
 
 def test_no_instruction_fitting_rejects_the_row():
-    f = fit_prompt("a very long prompt " * 10, ["make it red"], EditConfig(), _words(12))
-    assert f.reject.startswith("prompt_too_long: no instruction fits the text encoder") and f.used == []
+    f = fit_prompt("a very long prompt " * 10, ["make it red", "add a hat"], EditConfig(), _words(12))
+    assert f.reject == ("prompt_too_long: no instruction fits the text encoder "
+                        "(words reads 12 tokens, the whole prompt has 48)")  # 40 + 3 + 3 words + 2
+    assert f.used == [] and f.dropped == ["make it red", "add a hat"] and f.text.endswith("prompt , make it red, add a hat")
+
+
+def test_the_edit_prompt_is_the_prompt_and_its_instructions_or_the_instructions_alone():
+    steps = ["make it red", " ", "", "add a hat"]
+    assert edit_prompt("a cat", steps, EditConfig()) == "a cat, make it red, add a hat"
+    assert edit_prompt("a cat", steps, EditConfig(joiner=". ")) == "a cat. make it red. add a hat"
+    alone = EditConfig(prompt_mode="instructions_only")
+    assert edit_prompt("a cat", steps, alone) == "make it red, add a hat"
+    f = fit_prompt("a cat", ["make it red", "add a hat"], alone, _words(6))  # 3 words + 2 fit, 6 + 2 do not
+    assert (f.text, f.used, f.dropped) == ("make it red", ["make it red"], ["add a hat"])
 
 
 def test_an_edit_prompt_past_77_clip_tokens_drops_and_records_its_last_instructions(tiny_models):
