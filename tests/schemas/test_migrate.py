@@ -125,3 +125,46 @@ def test_old_relabel_overrides_move_to_their_sections():
     # a whole old rewards block given on the command line replaces score.rewards, as it replaced relabel.rewards
     profile, _ = loaded("tiny", ["relabel.rewards={clip: {kind: clip, model: clip}}", "relabel.report_only=[]"])
     assert profile.score.scored() == ["clip"] and profile.relabel.weights == {"clip": 1.0}
+
+
+def test_old_report_only_alone_stops_those_rewards_voting():
+    profile, [message] = loaded("tiny", ["relabel.weights={imagereward: 1.0, pickscore: 2.0}",
+                                         "relabel.report_only=[imagereward]"])
+    assert profile.relabel.weights == {"pickscore": 2.0} and "relabel.report_only is gone" in message
+    from richpref.schemas.migrate import split_relabel
+
+    data = {"score": {"rewards": {"clip": {}, "hpsv2": {}, "ict": {}}}, "relabel": {"report_only": ["hpsv2"]}}
+    split_relabel(data, "here", strict=False)
+    assert data["relabel"] == {"weights": {"clip": 1.0, "ict": 1.0}}  # no weights yet: every scored reward voted
+    data = {"relabel": {"report_only": ["clip"], "weights": {"clip": 2.0, "ict": 0.5}}}
+    split_relabel(data, "here", strict=False)
+    assert data["relabel"] == {"weights": {"ict": 0.5}}
+
+
+@pytest.mark.parametrize("block,clash", [
+    ("  rewards: {clip: {kind: clip, model: clip}}\n", "relabel.rewards and score.rewards are both set"),
+    ("  subject_gate: {model: dinov2}\n", "relabel.subject_gate and score.subject_gate are both set"),
+])
+def test_one_file_setting_a_relabel_block_in_both_layouts_is_refused(tmp_path, block, clash):
+    inner = block.strip().split(":", 1)[0]
+    path = tmp_path / "both.yaml"
+    path.write_text(f"name: both\nextends: tiny\nrelabel:\n{block}score:\n{block}")
+    with pytest.raises(ProfileError, match=f"{clash}.*remove relabel.{inner}"):
+        load_profile(str(path))
+
+
+def test_old_relabel_blocks_split_by_hand():
+    from richpref.schemas.migrate import split_relabel
+
+    data = {"relabel": {"rewards": {"unused": {"kind": "ict", "weight": 0}, "b": {"kind": "clip"}, "c": {"weight": 2}}}}
+    assert split_relabel(data, "here", strict=True)[0].startswith("relabel.rewards.unused (weight 0, not in report_only)")
+    assert data == {"score": {"rewards": {"b": {"kind": "clip"}, "c": {}}}, "relabel": {"weights": {"b": 1.0, "c": 2}}}
+    data = {"score": {"subject_gate": {"model": "dinov2", "stride": 14}},
+            "relabel": {"subject_gate": {"patch": 28, "min_consistency": 0.2}}}
+    split_relabel(data, "here", strict=False)  # an override's old block merges into the profile's gate
+    assert data == {"score": {"subject_gate": {"model": "dinov2", "stride": 14, "patch": 28}},
+                    "relabel": {"min_consistency": 0.2}}
+    data = {"relabel": {"subject_gate": None}}
+    split_relabel(data, "here", strict=True)
+    assert data == {"score": {"subject_gate": None}, "relabel": {}}
+    assert split_relabel({"relabel": {"min_margin": 0.1}}, "here", strict=True) == []
