@@ -276,7 +276,8 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 
 
 def read_profile_data(path: Path, seen: tuple[Path, ...] = (), notes: list[str] | None = None) -> dict:
-    """A profile's YAML as a dict. `extends: <profile>` starts from that profile: each section the
+    """A profile's YAML as a dict. `extends: <profile>` (a name, or a YAML path from the file's own
+    folder or the working one) starts from that profile: each section the
     file names replaces the base's whole section (so `edit:` in a profile that extends `tiny` sets
     the editor without inheriting settings of another editor kind). Each file's keys of the previous
     layout move to their sections before the merge (schemas/migrate.py); `notes` collects the moves."""
@@ -293,7 +294,8 @@ def read_profile_data(path: Path, seen: tuple[Path, ...] = (), notes: list[str] 
     base = data.pop("extends", None) if isinstance(data, dict) else None
     if base is None:
         return data
-    base_path = find_profile(str(base))
+    beside = path.parent / str(base)  # a YAML path is read from the extending file's folder first
+    base_path = beside if beside.suffix in (".yaml", ".yml") and beside.is_file() else find_profile(str(base))
     if base_path.resolve() in seen or base_path.resolve() == path.resolve():
         raise ProfileError(f"profile {path}: `extends: {base}` makes a cycle")
     return {**read_profile_data(base_path, (*seen, path.resolve()), notes), **data}

@@ -130,3 +130,45 @@ def test_a_config_not_found_lists_the_names_of_its_own_kind():
     assert head == "profile 'no-such-name' not found" and "tiny" in names
     assert not any(n.startswith(("evaluate-", "finetune-", "rounds-")) for n in names)
     assert listed("rounds")[1] == ["rounds-tiny"]
+
+
+def test_a_field_added_after_runs_were_keyed_is_in_the_key_only_when_set():
+    """Unset, `variant`, `num_samples` and `max_sequence_length` stay out of the sample stage's key, so runs keyed
+    before they existed keep their shards; set, they change it."""
+    from richpref.schemas.config import SampleConfig, config_data, config_hash
+
+    data = config_data(SampleConfig())
+    assert not {"variant", "max_sequence_length", "num_samples"} & set(data)
+    assert "steps" in data and "scheduler" in data  # the sample stage's scheduler was always keyed
+    for field, value in (("variant", "fp16"), ("num_samples", 4), ("max_sequence_length", 256)):
+        changed = SampleConfig(**{field: value})
+        assert config_data(changed)[field] == value and config_hash(changed) != config_hash(SampleConfig())
+
+
+def test_an_override_value_may_hold_an_equals_sign():
+    assert load_profile("tiny", ["edit.joiner=a=b"]).edit.joiner == "a=b"
+
+
+def test_a_profile_extends_a_yaml_beside_it_from_any_working_folder(tmp_path, monkeypatch):
+    """A bug: `extends: base.yaml` was looked for in the working folder only, so a profile kept beside
+    its base loaded from that folder and nowhere else ("profile 'base.yaml' not found")."""
+    mine = tmp_path / "profiles"
+    mine.mkdir()
+    (mine / "base.yaml").write_text("name: base\nextends: tiny\nedit:\n  joiner: ' / '\n")
+    (mine / "large.yaml").write_text("name: large\nextends: base.yaml\nsource:\n  kind: prompts\n  shard_size: 4\n")
+    monkeypatch.chdir(tmp_path)
+    profile = load_profile("profiles/large.yaml")
+    assert (profile.name, profile.edit.joiner, profile.source.shard_size) == ("large", " / ", 4)
+
+
+def test_extends_in_a_loop_is_refused_naming_the_loop(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nextends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("name: b\nextends: a.yaml\n")
+    with pytest.raises(ProfileError, match=r"`extends: a.yaml` makes a cycle"):
+        load_profile(str(tmp_path / "a.yaml"))
+
+
+def test_a_path_that_is_no_yaml_file_is_not_taken_for_a_profile(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # a folder named like the profile, where a user runs the command
+    assert load_profile("tiny").name == "tiny"
