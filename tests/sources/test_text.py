@@ -1,0 +1,44 @@
+"""Prompt and JSONL files (richpref/sources/text.py), and a source of several files read across their
+boundaries (richpref/sources/base.py ConcatReader), through the source stage's shards."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from richpref.schemas.config import SourceConfig
+from richpref.tasks.source import shard_source
+
+
+def _rows(cfg: SourceConfig) -> list[dict]:
+    return [r for t in shard_source(cfg) for r in t.to_pylist()]
+
+
+def test_a_prompt_file_saved_with_windows_line_ends_gives_the_same_prompts(tmp_path):
+    (tmp_path / "unix.txt").write_bytes(b"a red cat\na blue dog\n")
+    (tmp_path / "windows.txt").write_bytes(b"a red cat\r\na blue dog\r\n")
+    got = {name: [r["prompt"] for r in _rows(SourceConfig(kind="prompts", path=str(tmp_path / name)))]
+           for name in ("unix.txt", "windows.txt")}
+    assert got["windows.txt"] == got["unix.txt"] == ["a red cat", "a blue dog"]
+
+
+def test_a_prompt_line_that_is_not_utf8_is_a_rejected_row_naming_its_line(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"a red cat\ncaf\xe9 au lait\na blue dog\n")
+    rows = _rows(SourceConfig(kind="prompts", path=str(path), shard_size=2))
+    assert [r["status"] for r in rows] == ["ok", "rejected", "ok"]
+    assert rows[1]["reason"] == "bad_row: line 2: not valid UTF-8 (invalid continuation byte at byte 3)"
+    assert rows[2]["prompt"] == "a blue dog" and rows[2]["source_row"] == 2
+
+
+@pytest.mark.parametrize("shard_size", [1, 2, 3, 7, 20])
+def test_a_source_of_several_files_reads_across_their_boundaries_in_any_shard_size(tmp_path, shard_size):
+    sizes = {"a.jsonl": 3, "b.jsonl": 1, "c.jsonl": 5, "d.jsonl": 2}
+    for name, n in sizes.items():
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": f"{name} {i}"}) + "\n" for i in range(n)))
+    rows = _rows(SourceConfig(kind="jsonl", path=str(tmp_path), prompt_column="prompt", shard_size=shard_size))
+    assert [r["prompt"] for r in rows] == [f"{name} {i}" for name, n in sizes.items() for i in range(n)]
+    assert [r["source_row"] for r in rows] == list(range(11))
+    limited = _rows(SourceConfig(kind="jsonl", path=str(tmp_path), prompt_column="prompt", shard_size=shard_size,
+                                 offset=2, limit=7))
+    assert [r["prompt"] for r in limited] == [r["prompt"] for r in rows[2:9]]
