@@ -238,14 +238,16 @@ def configs_dirs() -> list[Path]:
 CONFIG_KINDS = ("finetune", "evaluate", "rounds")  # configs/<kind>-<name>.yaml; the other YAMLs are profiles
 
 
-def find_profile(name_or_path: str, kind: str = "profile") -> Path:
+def find_profile(name_or_path: str, kind: str = "profile", folder: Path | None = None) -> Path:
     """The YAML of a profile (`kind` "profile") or of a finetune, evaluate or rounds config: a path, or a
     name under configs/; a config's name may leave out its kind, as its deployment does
     (`finetune --config flux-dev-flowdpo`, deployment finetune/flux-dev-flowdpo: finetune-flux-dev-flowdpo.yaml).
+    A YAML path is looked for in `folder` (an extending file's own) first, then the working folder.
     Not found: the message lists the names of that kind only."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p
+    for candidate in ([folder / p] if folder is not None else []) + [p]:
+        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+            return candidate
     prefixed = kind in CONFIG_KINDS and not name_or_path.startswith(f"{kind}-")
     for name in ([f"{kind}-{name_or_path}"] if prefixed else []) + [name_or_path]:
         for d in configs_dirs():
@@ -294,8 +296,7 @@ def read_profile_data(path: Path, seen: tuple[Path, ...] = (), notes: list[str] 
     base = data.pop("extends", None) if isinstance(data, dict) else None
     if base is None:
         return data
-    beside = path.parent / str(base)  # a YAML path is read from the extending file's folder first
-    base_path = beside if beside.suffix in (".yaml", ".yml") and beside.is_file() else find_profile(str(base))
+    base_path = find_profile(str(base), folder=path.parent)
     if base_path.resolve() in seen or base_path.resolve() == path.resolve():
         raise ProfileError(f"profile {path}: `extends: {base}` makes a cycle")
     return {**read_profile_data(base_path, (*seen, path.resolve()), notes), **data}
