@@ -178,6 +178,9 @@ def preflight(cfg: EvaluateConfig) -> None:
                                         "final/finetune.json: run `richpref finetune` first.") from None
 
 
+WIN_VS = "_win_vs_"  # a win-rate column: f"{reward}{WIN_VS}{base model}"
+
+
 def summary_table(scores: dict[str, dict[str, list[float]]], models: list[str]) -> list[dict]:
     """One row per model: images, mean of each reward, win rate against models[0] (ties count half)."""
     rows = []
@@ -188,7 +191,7 @@ def summary_table(scores: dict[str, dict[str, list[float]]], models: list[str]) 
             row[reward] = float(np.mean(per_model[m]))
         for reward, per_model in scores.items():
             a, b = np.asarray(per_model[m]), np.asarray(per_model[base])
-            row[f"{reward}_win_vs_{base}"] = None if m == base else float(np.mean((a > b) + 0.5 * (a == b)))
+            row[f"{reward}{WIN_VS}{base}"] = None if m == base else float(np.mean((a > b) + 0.5 * (a == b)))
         rows.append(row)
     return rows
 
@@ -199,7 +202,7 @@ def to_markdown(rows: list[dict], titles: dict[str, str] | None = None) -> str:
     fmt = lambda v: "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
 
     def head(c: str) -> str:  # "hpsv2_win_vs_base" -> "hpsv2 (HPSv2 v2.0) win vs base"
-        name, win, base = c.partition("_win_vs_")
+        name, win, base = c.partition(WIN_VS)
         title = (titles or {}).get(name, name)
         return f"{title} win vs {base}" if win else title
 
