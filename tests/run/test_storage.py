@@ -6,16 +6,10 @@ import json
 import uuid
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from richpref.run.runner import parquet_bytes as _parquet  # how the runner writes a shard
 from richpref.run.storage import RunStore, check_run_name, join
-
-
-def _parquet(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 @pytest.fixture

@@ -132,15 +132,27 @@ def test_bad_images_are_rejected_without_loading_a_model():
     assert r["status"] == "rejected" and r["reason"].startswith("bad_image:")
 
 
-class FailingOnePair:
-    """The tiny Qwen, except that every question naming `marker` gets a failed request (as the
-    served client reports one after its retries)."""
+class OnTinyQwen:
+    """The tiny Qwen answering as it does; a subclass changes one kind of answer (as a served
+    client reports a failed request, or a model that says nothing)."""
 
-    def __init__(self, vlm, marker: str) -> None:
-        self.vlm, self.marker, self.model_id = vlm, marker, vlm.model_id
+    def __init__(self, vlm) -> None:
+        self.vlm, self.model_id = vlm, vlm.model_id
 
     def generate_detailed(self, images, texts, **kw):
         return self.vlm.generate_detailed(images, texts, **kw)
+
+    def yes_no(self, images, texts, **kw):
+        return self.vlm.yes_no(images, texts, **kw)
+
+
+class FailingOnePair(OnTinyQwen):
+    """Every question naming `marker` gets a failed request (as the served client reports one after
+    its retries)."""
+
+    def __init__(self, vlm, marker: str) -> None:
+        super().__init__(vlm)
+        self.marker = marker
 
     def yes_no(self, images, texts, **kw):
         answers = self.vlm.yes_no(images, texts, **kw)
@@ -228,14 +240,14 @@ def test_undecodable_images_reject_their_rows_by_item_and_candidate_without_a_mo
     assert out[0]["reason"] == "bad_image: empty image bytes" and out[1]["reason"].startswith("bad_image: cannot decode")
 
 
-class FailingOriginalCutout(FailingOnePair):
-    """The tiny Qwen, except that every question about one original cut-out (its attributes, asked
-    once per item) gets a failed request."""
+class FailingOriginalCutout(OnTinyQwen):
+    """Every question about one original cut-out (its attributes, asked once per item) gets a failed
+    request."""
 
     def __init__(self, vlm, original_cutout: bytes) -> None:
         from richpref.common.images import decode_image
 
-        super().__init__(vlm, marker="")
+        super().__init__(vlm)
         self.original = np.asarray(decode_image(original_cutout))
 
     def yes_no(self, images, texts, **kw):
@@ -265,12 +277,12 @@ def test_a_failed_question_about_an_items_original_rejects_every_edit_of_that_it
     assert out[2]["attributes_error"] == clean[2]["attributes_error"]
 
 
-class ListingNothing(FailingOnePair):
-    """The tiny Qwen, answering the attribute listing with an empty text (a model that ends at once);
-    `listings` counts the listing calls."""
+class ListingNothing(OnTinyQwen):
+    """The attribute listing is answered with an empty text (a model that ends at once); `listings`
+    counts the listing calls."""
 
     def __init__(self, vlm) -> None:
-        super().__init__(vlm, marker="\0")
+        super().__init__(vlm)
         self.listings = 0
 
     def generate_detailed(self, images, texts, **kw):
