@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..schemas.config import SourceConfig
 from .base import BAD_ROW, RAW, ConcatReader, SourceError
-from .hf import hf_reader
+from .hf import cached_snapshot, hf_reader
 from .parquet import ParquetPart
 from .text import JsonlPart, PromptPart, check_text_file
 
@@ -77,10 +77,7 @@ def open_reader(cfg: SourceConfig) -> ConcatReader:
         if not cfg.dataset:
             raise SourceError("source.kind 'hf' needs source.dataset (a Hub id, a folder saved with `datasets`, "
                               "or a folder of Parquet/JSONL files)")
-        dataset = cfg.dataset
-        if not os.path.isabs(dataset) and not os.path.isdir(dataset) and os.path.isdir(resolve_input_path_or_none(dataset)):
-            dataset = resolve_input_path_or_none(dataset)
-        reader = hf_reader(dataset, cfg.split, cfg.revision, cfg.prompt_column,
+        reader = hf_reader(local_dataset(cfg.dataset), cfg.split, cfg.revision, cfg.prompt_column,
                            None if cfg.limit is None else cfg.offset + cfg.limit)
         reader.source_id = cfg.dataset  # item ids name the dataset as configured
         return reader
@@ -93,19 +90,26 @@ def open_reader(cfg: SourceConfig) -> ConcatReader:
     return ConcatReader(source_id, [part(f, cfg.prompt_column) for f in files])
 
 
-def resolve_input_path_or_none(path: str) -> str:
+def local_dataset(dataset: str) -> str:
+    """`source.dataset` as a folder when it names one (a relative one from the working directory, then
+    from the project root), else as given: a Hub id."""
+    if os.path.isabs(dataset) or os.path.isdir(dataset):
+        return dataset
     try:
-        return resolve_input_path(path)
+        found = resolve_input_path(dataset)
     except SourceError:
-        return ""
+        return dataset
+    return found if os.path.isdir(found) else dataset
 
 
 def stamp(cfg: SourceConfig) -> tuple:
     """What says the source's files are unchanged since last looked at: each file's size and
-    modification time (a Hub id: the id and revision asked for)."""
+    modification time; a Hub id in the local Hub cache: its snapshot's files, whose paths name the
+    commit; a Hub id asked of the Hub: the id and revision asked for)."""
     if cfg.kind == "hf":
-        root = cfg.dataset and (cfg.dataset if os.path.isdir(cfg.dataset) else resolve_input_path_or_none(cfg.dataset))
-        if not root or not os.path.isdir(root):
+        dataset = local_dataset(cfg.dataset) if cfg.dataset else ""
+        root = dataset if os.path.isdir(dataset) else (dataset and cached_snapshot(dataset, cfg.revision))
+        if not root:
             return ("hub", cfg.dataset, cfg.revision)
         files = sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
     else:

@@ -121,7 +121,10 @@ def split_files(root: str, split: str) -> list[str]:
         raise SourceError(f"dataset folder {root!r} has no split {split!r}; it has {sorted(patterns)} (set source.split)")
     files: list[str] = []
     for pattern in patterns.get(split, ["**"]):
-        files += resolve_pattern(pattern, root, allowed_extensions=list(DATA_EXTENSIONS))
+        try:
+            files += resolve_pattern(pattern, root, allowed_extensions=list(DATA_EXTENSIONS))
+        except FileNotFoundError:  # no data file matches: said below, with what the folder holds
+            continue
     files = sorted({f for f in files if os.path.splitext(f)[1] in DATA_EXTENSIONS})
     if not files:
         found = sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True))[:5]
@@ -154,24 +157,43 @@ def hub_parquet_reader(dataset: str, split: str, revision: str | None, prompt_co
     return reader
 
 
+def cached_snapshot(dataset: str, revision: str | None) -> str | None:
+    """The folder of `dataset` at `revision` in the local Hub cache (its name is the commit), or None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(dataset, repo_type="dataset", revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):  # not cached, or no valid Hub id
+        return None
+
+
+def hub_reader(dataset: str, split: str, revision: str | None, prompt_column: str, rows: int | None) -> ConcatReader:
+    """A dataset asked of the Hub itself: Parquet read in place, anything else streamed."""
+    try:
+        return hub_parquet_reader(dataset, split, revision, prompt_column) or \
+            ConcatReader(dataset, [StreamingPart(dataset, split, revision, rows)])
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the Hub answers (no network, no such repo, no access): one message
+        raise SourceError(f"dataset {dataset!r} is neither a local folder nor in the local Hub cache, and the Hub "
+                          f"(HF_ENDPOINT) could not serve it ({type(exc).__name__}: {exc}); check the id, the network "
+                          f"and HF_TOKEN, or download it first (`hf download --repo-type dataset {dataset}`)") from exc
+
+
 def hf_reader(dataset: str, split: str, revision: str | None, prompt_column: str, rows: int | None) -> ConcatReader:
     """A reader for `source.kind: hf`: a local folder, the local Hub cache, or (online) the Hub."""
     if os.path.isdir(dataset):
         if is_saved_dataset(dataset):
             return ConcatReader(dataset, [SavedDatasetPart(dataset, split)])
         return ConcatReader(dataset, file_parts(split_files(dataset, split), prompt_column))
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        snapshot = snapshot_download(dataset, repo_type="dataset", revision=revision, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
+    snapshot = cached_snapshot(dataset, revision)
+    if snapshot is None:
         if _offline():
             raise SourceError(f"dataset {dataset!r} is neither a local folder nor in the local Hub cache and the Hub is "
                               f"offline; download it first (`hf download --repo-type dataset {dataset}`) or point "
-                              "source.dataset at a local copy") from exc
-        return hub_parquet_reader(dataset, split, revision, prompt_column) or \
-            ConcatReader(dataset, [StreamingPart(dataset, split, revision, rows)])
+                              "source.dataset at a local copy")
+        return hub_reader(dataset, split, revision, prompt_column, rows)
     reader = ConcatReader(dataset, file_parts(split_files(snapshot, split), prompt_column))
     reader.revision = os.path.basename(snapshot)  # type: ignore[attr-defined]
     return reader
