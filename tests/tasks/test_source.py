@@ -334,3 +334,36 @@ def test_hf_kind_reads_a_hub_dataset_from_the_local_hub_cache_offline(tmp_path, 
     assert [r["image"] for r in rows] == [_jpeg(2 * i) for i in range(6)]
     with pytest.raises(SourceError, match="neither a local folder nor in the local Hub cache"):
         check_source(cfg.model_copy(update={"dataset": "someone/not-downloaded"}))
+
+
+# where a source's files are ----------------------------------------------------------------------------
+
+def test_a_relative_source_path_is_read_from_the_working_directory_then_the_project_root(tmp_path, monkeypatch):
+    import re
+
+    import richpref
+    from richpref.tasks.source import resolve_input_path
+
+    demo = "richpref/data/demo_prompts.txt"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_input_path(demo) == str(Path(richpref.__file__).resolve().parents[1] / demo)
+    (tmp_path / demo).parent.mkdir(parents=True)
+    (tmp_path / demo).write_text("mine\n")
+    assert resolve_input_path(demo) == str(tmp_path / demo)
+    assert resolve_input_path("s3://bucket/prompts") == "s3://bucket/prompts"
+    with pytest.raises(SourceError, match=re.escape(f"'nowhere.txt' matches no file (looked in {tmp_path} and the project root)")):
+        resolve_input_path("nowhere.txt")
+
+
+def test_a_source_folder_is_its_files_of_the_kind_in_every_subfolder_in_name_order(tmp_path):
+    folder = tmp_path / "prompts"
+    (folder / "b").mkdir(parents=True)
+    (folder / "b" / "c.txt").write_text("two\n")
+    (folder / "a.txt").write_text("one\n")
+    (folder / "other.jsonl").write_text('{"caption": "not a prompt file"}\n')
+    rows = _rows(shard_source(SourceConfig(kind="prompts", path=str(folder))))
+    assert [r["prompt"] for r in rows] == ["one", "two"] and {r["source"] for r in rows} == {"prompts"}
+    with pytest.raises(SourceError, match="source.kind 'prompts' needs source.path"):
+        check_source(SourceConfig(kind="prompts", path=""))
+    with pytest.raises(SourceError, match="source.kind 'hf' needs source.dataset"):
+        check_source(SourceConfig(kind="hf"))
