@@ -64,6 +64,16 @@ def test_a_jsonl_repo_folder_reads_its_prompt_column_and_one_mixing_formats_is_r
         check_source(cfg)
 
 
+def test_a_repo_folder_with_a_subfolder_per_split_reads_the_split_asked_for(tmp_path):
+    for split, files in (("train", {"a": ["t0", "t1"], "b": ["t2"]}), ("test", {"c": ["held"]})):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for name, prompts in files.items():
+            pq.write_table(pa.table({"caption": prompts}), tmp_path / "data" / split / f"{name}.parquet")
+    # before: FileNotFoundError on the first of `datasets`' split patterns that matched no file
+    assert _prompts(SourceConfig(kind="hf", dataset=str(tmp_path))) == ["t0", "t1", "t2"]
+    assert _prompts(SourceConfig(kind="hf", dataset=str(tmp_path), split="test")) == ["held"]
+
+
 def test_a_folder_without_data_files_fails_naming_what_it_holds(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.md").write_text("no data here")
