@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ import torch
 from ..models.runtime import resolve_model_ref
 from ..schemas.training import FinetuneConfig, FlowSettings
 from .checkpoints import TrainingError, load_init_lora, load_init_unet
+from ..sources.base import SourceError
 from ..sources.parquet import footer
-from .data import MASK_COLUMN, pair_files
+from .data import MASK_COLUMN, PAIR_COLUMNS, DataError, pair_files
 from .flow_models import FLOW_ARCHS, LORA_TARGETS, UNET_LORA_TARGETS, ArchMismatch, check_arch, load_flow_parts
 from .models import add_lora, frozen_copy, load_parts
 
@@ -50,8 +52,9 @@ def _init_from_arch(path: str) -> str | None:
 def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
     """The checkpoint's family, after refusing what cannot train: a Flow-DPO config on a UNet (or the
     reverse), init_from made for another base, a 12B+ full fine-tune without FSDP and gradient
-    checkpointing, a pairs path with no Parquet file, edit_region without edit masks (a footer read, also
-    of pairs at an s3:// URL). Each message names the input and the fix."""
+    checkpointing, a pairs path with no Parquet file, a pairs file that is no Parquet or lacks the
+    Pick-a-Pic columns, edit_region without edit masks (every file's footer read, also at an s3:// URL).
+    Each message names the input and the fix."""
     model_dir = resolve_model_ref(cfg.model, cfg.models_root)
     family = check_arch(model_dir, cfg.arch, cfg.is_flow, cfg.model)
     if cfg.init_from:
@@ -71,11 +74,26 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
         if src.path is None:
             continue  # a `datasets` source: checked when loaded
         files = pair_files(src.path)  # a path with no pairs: refused before Prefect and accelerate start
-        if cfg.loss_mask == "edit_region" and MASK_COLUMN not in footer(files[0]).schema.to_arrow_schema().names:
-            raise ValueError(f"data source {src.label!r} ({src.path}) has no {MASK_COLUMN!r} column, which "
-                             "loss_mask: edit_region needs: export the pairs again with a richpref that writes "
-                             "edit masks (export stage), or set loss_mask: none")
+        with ThreadPoolExecutor(8) as pool:  # one footer read each (a request each on an object store)
+            columns = list(pool.map(_pair_columns, files, [src.label] * len(files)))
+        for f, names in zip(files, columns):
+            missing = [c for c in PAIR_COLUMNS if c not in names]
+            if missing:
+                raise DataError(f"data source {src.label!r}: {f} lacks column(s) {missing} (has {sorted(names)}); "
+                                "training needs Pick-a-Pic columns caption, jpg_0, jpg_1, label_0")
+            if cfg.loss_mask == "edit_region" and MASK_COLUMN not in names:
+                raise DataError(f"data source {src.label!r}: {f} has no {MASK_COLUMN!r} column, which "
+                                "loss_mask: edit_region needs: export the pairs again with a richpref that writes "
+                                "edit masks (export stage), or set loss_mask: none")
     return family
+
+
+def _pair_columns(path: str, label: str) -> list[str]:
+    try:
+        return footer(path).schema.to_arrow_schema().names
+    except SourceError as exc:
+        raise DataError(f"data source {label!r}: {path} is not a readable Parquet file ({exc.__cause__}); give "
+                        "Pick-a-Pic Parquet pairs (a run's pairs/ folder, or `richpref export --format pickapic`)") from exc
 
 
 @dataclass

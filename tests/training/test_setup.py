@@ -18,7 +18,8 @@ def test_finetune_and_evaluate_configs_honour_models_root(tiny_models, tmp_path,
     root = str(tiny_models)
     pairs = tmp_path / "pairs"
     pairs.mkdir()
-    pq.write_table(pa.table({"caption": ["c"]}), pairs / "part-00000.parquet")  # the preflight lists, not reads
+    pq.write_table(pa.table({"caption": ["c"], "jpg_0": [b""], "jpg_1": [b""], "label_0": [1.0]}),
+                   pairs / "part-00000.parquet")  # the preflight reads footers, not images
     monkeypatch.setenv("RICHPREF_MODELS_ROOT", root)
     cfg = with_pairs(load_finetune_config("finetune-tiny-flux"), str(pairs))
     assert cfg.models_root == root and finetune_preflight(cfg) == "flux"
@@ -50,4 +51,22 @@ def test_finetune_refuses_a_pairs_path_without_parquet_before_prefect_starts(tin
             "--pairs", str(tmp_path / "no-pairs-here")]
     assert main(args) == 2  # 1 (and a Prefect traceback) once the flow had launched accelerate
     assert f"data source path '{tmp_path / 'no-pairs-here'}' has no .parquet files" in capsys.readouterr().err
+    assert not (data / "finetune").exists()
+
+
+def test_finetune_refuses_a_pairs_file_that_is_no_parquet_or_lacks_a_column_before_prefect_starts(tiny_models, tmp_path,
+                                                                                                    capsys):
+    data, pairs = tmp_path / "data", tmp_path / "pairs"
+    pairs.mkdir()
+    good = {"caption": ["c"], "jpg_0": [b""], "jpg_1": [b""], "label_0": [1.0]}
+    pq.write_table(pa.table(good), pairs / "a.parquet")
+    pq.write_table(pa.table({k: v for k, v in good.items() if k != "label_0"}), pairs / "b.parquet")
+    args = ["--data-dir", str(data), "finetune", "--config", "finetune-tiny-flux", "--models-root", str(tiny_models),
+            "--pairs", str(pairs)]
+    assert main(args) == 2
+    assert f"data source 'pairs': {pairs / 'b.parquet'} lacks column(s) ['label_0']" in capsys.readouterr().err
+    (pairs / "b.parquet").write_bytes(b"not parquet")
+    assert main(args) == 2  # before: accelerate launched twice, then "see train.log"
+    err = capsys.readouterr().err
+    assert f"data source 'pairs': {pairs / 'b.parquet'} is not a readable Parquet file" in err and "magic bytes" in err
     assert not (data / "finetune").exists()
