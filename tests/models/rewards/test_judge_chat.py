@@ -52,6 +52,24 @@ def test_score_list_reads_json_python_literals_bad_quotes_and_bare_numbers():
     assert score_list("") == [] and score_list(None) == []
 
 
+@pytest.mark.parametrize("answer,scores", [
+    # the object's scores, not the numbers around it or in its reasoning (which the last-resort reading would take)
+    ("Answer 1: {'score': [7, 8], 'reasoning': 'the 2 cats'} (out of 10)", [7, 8]),
+    ("{'score': [3, 4], 'valid': True, 'off': False, 'note': None, 'reasoning': 'step 2'}", [3, 4]),
+    ('{"score": [9, 3], "reasoning": "the "hat" is 1 of 2"}', [9, 3]),
+    ('{score: [1, 2], reasoning: "x 5"}', [1, 2]),
+    ('{\n "reasoning": "a",\n "score": [4, 5]\n}\nof 10', [4, 5]),
+    ('{"score": 7, "reasoning": "a 1"}', [7]),  # one number
+    ('{"score": ["7", null, 8.5, true], "reasoning": "3 of them"}', [7, 8.5]),  # numbers as text; no null or bool
+    ('{"score": true, "reasoning": "r 4"}', []),  # a bool is no score
+    ('{"rationale": "looks like 3 cats"}', []),  # a reason without a score gives none
+    ('{"reason": "looks like 3 cats"}', []),
+    ('step 1: "Score": 6', [6]),  # no object: the numbers after the key, in any case
+])
+def test_score_list_reads_the_objects_scores_not_the_numbers_around_it(answer, scores):
+    assert score_list(answer) == scores
+
+
 def test_edit_score_is_sqrt_of_the_minima_on_ten_and_nan_without_a_usable_score():
     got = edit_score('{"reasoning": "a", "score": [20, 15]}', '{"reasoning": "b", "score": [25, 10]}', 25)
     assert got["semantics"] == pytest.approx(6.0) and got["quality"] == pytest.approx(4.0)
@@ -60,6 +78,7 @@ def test_edit_score_is_sqrt_of_the_minima_on_ten_and_nan_without_a_usable_score(
     assert math.isnan(edit_score('{"score": [30, 27]}', '{"score": [5, 5]}', 25)["overall"])  # min 27/2.5 > 10
     assert math.isnan(edit_score('{"score": [-1, 20]}', '{"score": [5, 5]}', 25)["overall"])
     assert edit_score('{"score": [0, 9]}', '{"score": [5]}', 10)["overall"] == 0.0
+    assert edit_score('{"score": [25]}', '{"score": [10]}', 25)["semantics"] == 10.0  # the top of the scale counts
 
 
 # ---------------------------------------------------------------- questions and preprocessing
