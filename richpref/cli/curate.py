@@ -5,7 +5,7 @@ import argparse
 import os
 import warnings
 
-from richpref.cli.errors import fail
+from richpref.cli.errors import fail, run_name
 
 
 def _prefect_api_for(args: argparse.Namespace) -> dict:
@@ -150,7 +150,7 @@ def _outcome(args: argparse.Namespace, state: str, pairs: str, run_dir: str) -> 
 def register(sub) -> None:
     c = sub.add_parser("curate", help="run the curate flow (ephemeral Prefect unless PREFECT_API_URL is set)")
     c.add_argument("--profile", default="tiny", help="profile name in configs/ or a YAML path")
-    c.add_argument("--run", default="demo", help="run name: outputs go to <data-dir>/runs/<run>/")
+    c.add_argument("--run", default="demo", type=run_name, help="run name: outputs go to <data-dir>/runs/<run>/")
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a profile value, e.g. --set edit.strength=0.6 (repeatable)")
     c.add_argument("--models-root", default=None, help="directory relative model references resolve against")

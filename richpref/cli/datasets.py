@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from richpref.cli.errors import fail
+from richpref.cli.errors import fail, run_name
 
 
 def cmd_relabel_dataset(args: argparse.Namespace) -> int:
@@ -36,7 +36,7 @@ def register(sub) -> None:
     rd.add_argument("out_dir", help="data dir of the run: the relabelled part-*.parquet, README.md and plots land in "
                                     "OUT_DIR/runs/RUN/pairs/ (`richpref --data-dir OUT_DIR status RUN` and "
                                     "`inspect RUN` read it)")
-    rd.add_argument("--run", default="relabel", help="run name under OUT_DIR/runs/ (default relabel); a rerun computes "
+    rd.add_argument("--run", default="relabel", type=run_name, help="run name under OUT_DIR/runs/ (default relabel); a rerun computes "
                                                      "only the shards that are missing or stale")
     rd.add_argument("--profile", default="tiny", help="profile whose score.rewards score the images")
     rd.add_argument("--reward", default=None, help="use only this reward of the profile (e.g. imagereward)")

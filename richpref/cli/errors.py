@@ -13,3 +13,15 @@ def fail(exc: BaseException | str, code: int | None = None) -> int:
     """
     print(f"error: {exc}", file=sys.stderr)
     return code if code is not None else getattr(exc, "exit_code", 2)
+
+
+def run_name(value: str) -> str:
+    """argparse type of a RUN argument: a name refused here is a usage error (exit 2), not a traceback."""
+    import argparse
+
+    from richpref.schemas.common import check_run_name
+
+    try:
+        return check_run_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc

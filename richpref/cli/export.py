@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from richpref.cli.errors import fail
+from richpref.cli.errors import fail, run_name
 from richpref.exports.formats import FORMATS
 
 
@@ -21,7 +21,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     e = sub.add_parser("export", help="write RUN's committed pairs in another trainer's layout "
                                       "(Pick-a-Pic Parquet, kohya w/l folders, SimpleTuner Flow-DPO, Flow-Factory jsonl)")
-    e.add_argument("run")
+    e.add_argument("run", type=run_name)
     e.add_argument("--format", required=True, choices=FORMATS,
                    help="pickapic: Parquet; kohya-wl: sd-scripts preference w/ and l/ folders; simpletuner: "
                         "Flow-DPO win/lose datasets; jsonl: Flow-Factory offline-DPO train.jsonl")

@@ -5,7 +5,7 @@ import argparse
 import functools
 import json
 
-from richpref.cli.errors import fail
+from richpref.cli.errors import fail, run_name
 
 
 def _refuses_missing_run(cmd):
@@ -89,27 +89,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     s = sub.add_parser("summary", help="rows per stage, rejects by reason, flip rate")
-    s.add_argument("run")
+    s.add_argument("run", type=run_name)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_summary)
 
     st = sub.add_parser("status", help="per stage: shards done / missing / failed")
-    st.add_argument("run")
+    st.add_argument("run", type=run_name)
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
 
     r = sub.add_parser("report", help="write a static HTML page of RUN's pairs (thumbnails, texts, scores)")
-    r.add_argument("run")
+    r.add_argument("run", type=run_name)
     r.add_argument("--out", help="file to write (default <run>/report.html)")
     r.set_defaults(fn=cmd_report)
 
     dc = sub.add_parser("card", help="write RUN's dataset card (pairs/README.md) and plots (plots/*.png)")
-    dc.add_argument("run")
+    dc.add_argument("run", type=run_name)
     dc.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the pairs as a Hub dataset")
     dc.add_argument("--public", action="store_true", help="with --push-to-hub: create a public repo")
     dc.set_defaults(fn=cmd_card)
 
     i = sub.add_parser("inspect", help="duckdb with one view per stage of RUN")
-    i.add_argument("run")
+    i.add_argument("run", type=run_name)
     i.add_argument("-c", "--command", help="run one SQL statement and exit")
     i.set_defaults(fn=cmd_inspect)

@@ -16,16 +16,8 @@ import pyarrow as pa
 
 from richpref.common.objstore import cat_small, is_object_store, read_parquet, url_to_fs
 from richpref.common.atomic import write_atomic
+from richpref.schemas.common import check_run_name
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_run_name(run: str) -> str:
-    if not RUN_NAME.match(run or ""):
-        raise ValueError(
-            f"run name {run!r} is not allowed: use letters, digits, '.', '_' or '-' (it names a folder under runs/)"
-        )
-    return run
 
 
 def join(base: str, *parts: str) -> str:

@@ -7,6 +7,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .common import check_run_name
 from .config import ProfileError, apply_models_root, apply_overrides, find_profile
 
 
@@ -35,6 +36,7 @@ class RoundsConfig(BaseModel):
     def _slice(self) -> "RoundsConfig":
         if self.prompts == "next" and self.prompts_per_round is None:
             raise ValueError("prompts: next needs prompts_per_round (how many source rows each round takes)")
+        check_run_name(f"{self.name}-round-{self.rounds}")  # the longest run name the rounds make, checked before any runs
         return self
 
 

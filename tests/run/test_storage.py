@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from richpref.run.runner import parquet_bytes as _parquet  # how the runner writes a shard
-from richpref.run.storage import RunStore, check_run_name, join
+from richpref.run.storage import RunStore, join
+from richpref.schemas.common import check_run_name
 
 
 @pytest.fixture

@@ -1,0 +1,33 @@
+"""How the commands refuse an input: a RUN name that is no plain folder name is a usage error of every
+command that takes one (exit 2, the rule in one line), never a traceback; a rounds config whose name
+makes such run names is refused before its flow starts."""
+from __future__ import annotations
+
+import pytest
+
+from richpref.cli.commands import main
+
+
+@pytest.mark.parametrize("command", [
+    ["curate", "--profile", "tiny", "--plan", "--run", "{}"],
+    ["relabel-dataset", "src.parquet", "out", "--run", "{}"],
+    ["export", "{}", "--format", "pickapic", "--out", "out"],
+    *([view, "{}"] for view in ("summary", "status", "report", "card", "inspect")),
+])
+@pytest.mark.parametrize("run", ["../up", ".hidden"])
+def test_a_run_name_that_is_no_plain_folder_name_is_a_usage_error_of_every_command(command, run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data-dir", str(tmp_path), *(run if a == "{}" else a for a in command)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err  # before: a ValueError traceback (exit 1) from the run store
+    assert f"run name {run!r} is not allowed: use letters, digits, '.', '_' or '-', starting with a letter" in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_a_rounds_name_that_makes_no_plain_run_name_is_refused_before_prefect_starts(tiny_models, tmp_path, capsys):
+    args = ["--data-dir", str(tmp_path), "rounds", "--config", "rounds-tiny", "--models-root", str(tiny_models)]
+    for name, run in (("../x", "../x-round-2"), ("r" * 121, "r" * 121 + "-round-2")):
+        assert main([*args, "--set", f"name={name}"]) == 2  # before: the rounds flow started, then a ValueError
+        err = capsys.readouterr().err
+        assert f"run name {run!r} is not allowed" in err and "Flow run" not in err
+    assert not list(tmp_path.iterdir())
