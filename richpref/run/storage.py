@@ -19,7 +19,6 @@ from richpref.common.atomic import write_atomic
 from richpref.schemas.common import check_run_name
 
 
-
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
