@@ -49,14 +49,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 @_refuses_missing_run
 def cmd_card(args: argparse.Namespace) -> int:
-    from richpref.views.datacard import push_to_hub, write_run_report
+    from richpref.views.datacard import PushFailed, push_to_hub, write_run_report
     from richpref.run.storage import RunStore
 
     written = write_run_report(args.data_dir, args.run)
     print(json.dumps(written, indent=2))
     if args.push_to_hub:
         store = RunStore(args.data_dir, args.run)
-        print(push_to_hub(store.uri(store.stage_dir("pairs")), args.push_to_hub, private=not args.public))
+        try:
+            print(push_to_hub(store.uri(store.stage_dir("pairs")), args.push_to_hub, private=not args.public))
+        except PushFailed as exc:  # the card is written; the upload failed: exit 1
+            return fail(exc, 1)
     return 0
 
 
@@ -64,9 +67,14 @@ def cmd_card(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from richpref.views.inspect import connect
 
+    import duckdb
+
     con, views = connect(args.data_dir, args.run)
     if args.command:
-        print(con.sql(args.command))
+        try:
+            print(con.sql(args.command))
+        except duckdb.Error as exc:  # a statement duckdb refuses is a bad argument: one line, exit 2
+            return fail(exc)
         return 0
     print(f"views: {', '.join(views)} (joined on item_id). End a statement with ';', quit with .quit or Ctrl-D.")
     buf = ""

@@ -263,14 +263,23 @@ def write_relabel_report(out_dir: str, summary: dict, scores: pa.Table | None, r
     return out
 
 
+class PushFailed(RuntimeError):
+    """The Hub did not take the upload; the message says why and how to retry."""
+
+
 def push_to_hub(folder: str, repo_id: str, *, token: str | None = None, private: bool = True) -> str:
     """Upload a pairs folder (its Parquet shards and README.md) as a Hub dataset; returns the repo URL.
-    Needs network access and a token with write access (`huggingface-cli login` or `token=`)."""
+    Needs network access and a token with write access (`hf auth login` or `token=`)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset",
-                      allow_patterns=["part-*.parquet", "README.md"],
-                      commit_message="richpref: upload preference pairs")
+    try:
+        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset",
+                          allow_patterns=["part-*.parquet", "README.md"],
+                          commit_message="richpref: upload preference pairs")
+    except Exception as exc:  # noqa: BLE001 - offline, no network, no token, no write access: one message
+        raise PushFailed(f"{folder} was not uploaded to the Hub dataset {repo_id!r} ({type(exc).__name__}: {exc}); "
+                         "check HF_HUB_OFFLINE, the network and a token with write access (`hf auth login`), "
+                         "then push again") from exc
     return str(url)

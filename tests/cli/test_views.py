@@ -1,6 +1,10 @@
 """`richpref summary | status | report | card | inspect` on a run that does not exist: one `error:` line with the
-fix and exit 2 (bad input), not a traceback."""
+fix and exit 2 (bad input), not a traceback. On a run that exists (a copy of the mini run): a SQL statement
+duckdb refuses is one `error:` line and exit 2; a card whose upload the Hub refuses is written, then one
+`error:` line and exit 1."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 
@@ -14,3 +18,19 @@ def test_a_view_of_a_run_with_no_shards_names_it_and_the_fix(command, tmp_path, 
     assert rc == 2
     assert err.strip() == (f"error: run 'no-such-run' has no shards under {tmp_path}/runs/no-such-run; "
                            "run `richpref curate --run no-such-run` first")
+
+
+def test_a_bad_statement_and_a_refused_upload_are_one_line_each(mini_run, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(mini_run[0], data)  # the card writes into the run: a copy keeps the shared one as it is
+    assert main(["--data-dir", str(data), "inspect", "mini", "-c", "select 1 as one"]) == 0
+    assert "one" in capsys.readouterr().out
+    assert main(["--data-dir", str(data), "inspect", "mini", "-c", "select no_such_column from pairs"]) == 2
+    err = capsys.readouterr().err  # before: a duckdb BinderException traceback
+    assert err.startswith('error: Binder Error: Referenced column "no_such_column" not found') and "Traceback" not in err
+    # HF_HUB_OFFLINE=1 (tests/conftest.py): the Hub refuses; before: an OfflineModeIsEnabled traceback
+    assert main(["--data-dir", str(data), "card", "mini", "--push-to-hub", "someone/pairs"]) == 1
+    out, err = capsys.readouterr()
+    assert "README.md" in out and (data / "runs" / "mini" / "pairs" / "README.md").is_file()
+    assert err.startswith(f"error: {data}/runs/mini/pairs was not uploaded to the Hub dataset 'someone/pairs' "
+                          "(OfflineModeIsEnabled: ") and "`hf auth login`" in err and "Traceback" not in err
