@@ -12,7 +12,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         m = export_run(args.data_dir, args.run, args.format, args.out)
-    except (ExportError, ValueError) as exc:
+    except (ExportError, ValueError, OSError) as exc:  # OSError: an --out that cannot be written
         return fail(exc)
     print(format_result(m, args.out))
     return 0

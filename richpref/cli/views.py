@@ -43,7 +43,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from richpref.views.report import write_report
 
-    print(write_report(args.data_dir, args.run, args.out))
+    try:
+        print(write_report(args.data_dir, args.run, args.out))
+    except OSError as exc:  # --out a folder, or a place that cannot be written (a run not found says so too)
+        return fail(exc)
     return 0
 
 
@@ -108,7 +111,7 @@ def register(sub) -> None:
 
     r = sub.add_parser("report", help="write a static HTML page of RUN's pairs (thumbnails, texts, scores)")
     r.add_argument("run", type=run_name)
-    r.add_argument("--out", help="file to write (default <run>/report.html)")
+    r.add_argument("--out", help="file to write, its folder created (default <run>/report.html)")
     r.set_defaults(fn=cmd_report)
 
     dc = sub.add_parser("card", help="write RUN's dataset card (pairs/README.md) and plots (plots/*.png)")

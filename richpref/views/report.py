@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from pathlib import Path
 
 from PIL import Image
 
@@ -150,8 +151,8 @@ def write_report(data_dir: str, run: str, out: str | None = None) -> str:
     store = RunStore(data_dir, run)
     if out is None:
         return store.write_text("report.html", page)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(page)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(page, encoding="utf-8")
     return out
 
 
