@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from richpref.cli.errors import fail
+from richpref.cli.errors import fail, folder
 from richpref.cli import curate, datasets, export, models, rounds, serve, training, views
 
 
@@ -34,7 +34,13 @@ def _quiet_defaults(data_dir: str) -> None:
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
     if "://" not in data_dir:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        from richpref.common.objstore import DataDirError
+
+        try:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file on its path, no permission
+            raise DataDirError(f"data dir {data_dir} cannot be made ({exc}); give a folder you can write "
+                               "(--data-dir or RICHPREF_DATA_DIR)") from exc
     else:  # fail in seconds, naming the data dir and the fix, not after models have loaded
         from richpref.common.objstore import check_reachable
 
@@ -44,7 +50,7 @@ def _quiet_defaults(data_dir: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="richpref", description="Curate rich preference pairs for text-to-image "
                                 "models (critique, instruct, edit, filter, relabel, export) and fine-tune on them.")
-    p.add_argument("--data-dir", default=os.environ.get("RICHPREF_DATA_DIR", "data"),
+    p.add_argument("--data-dir", default=os.environ.get("RICHPREF_DATA_DIR", "data"), type=folder,
                    help="where runs live (local dir or fsspec URL); default ./data")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -1,6 +1,8 @@
 """How every `richpref` command reports an input it refuses: one line on stderr, an exit code."""
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 
 
@@ -17,11 +19,17 @@ def fail(exc: BaseException | str, code: int | None = None) -> int:
 
 def run_name(value: str) -> str:
     """argparse type of a RUN argument: a name refused here is a usage error (exit 2), not a traceback."""
-    import argparse
-
     from richpref.schemas.common import check_run_name
 
     try:
         return check_run_name(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def folder(value: str) -> str:
+    """argparse type of a folder a command writes into, created when missing (a local path or an fsspec
+    URL): a local path that is a file is a usage error, not a FileExistsError at the first write."""
+    if "://" not in value and os.path.exists(value) and not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"{value} is a file, not a folder; give a folder (created when missing)")
+    return value

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from richpref.cli.errors import fail, run_name
+from richpref.cli.errors import fail, folder, run_name
 from richpref.exports.formats import FORMATS
 
 
@@ -25,5 +25,5 @@ def register(sub) -> None:
     e.add_argument("--format", required=True, choices=FORMATS,
                    help="pickapic: Parquet; kohya-wl: sd-scripts preference w/ and l/ folders; simpletuner: "
                         "Flow-DPO win/lose datasets; jsonl: Flow-Factory offline-DPO train.jsonl")
-    e.add_argument("--out", required=True, help="folder to write (created; a rerun updates it in place)")
+    e.add_argument("--out", required=True, type=folder, help="folder to write (created; a rerun updates it in place)")
     e.set_defaults(fn=cmd_export)

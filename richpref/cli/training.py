@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from richpref.cli.errors import fail
+from richpref.cli.errors import fail, folder
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -78,7 +78,7 @@ def register(sub) -> None:
                    help="finetune config: a name in configs/ (finetune-flux-dev-flowdpo, or flux-dev-flowdpo) or a YAML path")
     f.add_argument("--pairs", default=None, help="Pick-a-Pic Parquet file/folder for the config's `pairs` source "
                                                  "(e.g. data/runs/demo/pairs)")
-    f.add_argument("--output-dir", default=None, help="default: <data-dir>/finetune/<config name>; rerun to resume")
+    f.add_argument("--output-dir", default=None, type=folder, help="default: <data-dir>/finetune/<config name>; rerun to resume")
     f.add_argument("--num-processes", type=int, default=1, help="accelerate processes on this machine (one per GPU)")
     f.add_argument("--num-machines", type=int, default=1,
                    help="machines training together (run the same command on each, with its own --machine-rank)")
@@ -96,7 +96,7 @@ def register(sub) -> None:
     e = sub.add_parser("evaluate", help="base vs tuned: same prompts and seeds, reward table and image grid")
     e.add_argument("--config", default="evaluate-tiny",
                    help="evaluate config: a name in configs/ (evaluate-flux-dev, or flux-dev) or a YAML path")
-    e.add_argument("--output-dir", default=None, help="default: <data-dir>/evaluate/<config name>")
+    e.add_argument("--output-dir", default=None, type=folder, help="default: <data-dir>/evaluate/<config name>")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     e.add_argument("--models-root", default=None, help=_ROOT_HELP)
     e.set_defaults(fn=cmd_evaluate)

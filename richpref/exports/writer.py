@@ -75,8 +75,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _previous(out: Path, fmt: str) -> dict:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file, not a folder; give a folder (created when missing)")
     path = out / MANIFEST
     if not path.is_file():
         return {}

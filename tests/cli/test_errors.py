@@ -1,6 +1,7 @@
 """How the commands refuse an input: a RUN name that is no plain folder name is a usage error of every
 command that takes one (exit 2, the rule in one line), never a traceback; a rounds config whose name
-makes such run names is refused before its flow starts."""
+makes such run names is refused before its flow starts; a folder argument that is a file, or a data dir
+that cannot be made, is one line too."""
 from __future__ import annotations
 
 import pytest
@@ -31,3 +32,26 @@ def test_a_rounds_name_that_makes_no_plain_run_name_is_refused_before_prefect_st
         err = capsys.readouterr().err
         assert f"run name {run!r} is not allowed" in err and "Flow run" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", [
+    ["--data-dir", "{}", "summary", "r"],
+    ["relabel-dataset", "src.parquet", "{}"],
+    ["export", "r", "--format", "pickapic", "--out", "{}"],
+    ["finetune", "--output-dir", "{}"],
+    ["evaluate", "--output-dir", "{}"],
+])
+def test_a_folder_argument_that_is_a_file_is_a_usage_error(command, tmp_path, capsys):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    with pytest.raises(SystemExit) as exit_:  # before: FileExistsError / NotADirectoryError tracebacks
+        main(["--data-dir", str(tmp_path / "data"), *(str(file) if a == "{}" else a for a in command)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{file} is a file, not a folder; give a folder (created when missing)" in err, err
+
+
+def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    data = tmp_path / "a-file" / "data"  # below a file
+    assert main(["--data-dir", str(data), "summary", "r"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: data dir {data} cannot be made ([Errno 20] Not a directory")
