@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from richpref.doctor.pipelines import PipelineProblem, check_pipeline_files, check_text_to_image, components
-from richpref.models.runtime import ModelNotAvailable, resolve_device, resolve_model_ref
-from richpref.schemas.config import Profile
+from richpref.models.runtime import ModelNotAvailable, device_missing, resolve_device, resolve_model_ref
+from richpref.schemas.config import Profile, ProfileError
 
 # Bytes per element of each safetensors dtype; floating ones are cast to the stage's dtype at load.
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -66,10 +66,24 @@ def model_refs(profile: Profile) -> list[ModelRef]:
     """Every model the profile's stages load, in pipeline order: what each stage declares (`Stage.models`)."""
     from richpref.tasks import stages_for
 
-    return [ModelRef(stage.name, use.field, use.ref, use.kind, file=use.file, device=str(resolve_device(use.cfg.device)),
+    return [ModelRef(stage.name, use.field, use.ref, use.kind, file=use.file, device=local_device(stage.section, use.cfg.device),
                      dtype=use.cfg.dtype)
             for stage in stages_for(profile) if stage.models is not None for use in stage.models(profile)
             if use.ref and not _served_elsewhere(use)]
+
+
+def local_device(section: str, name: str) -> str:
+    """The device a section's models load on, on this machine; ProfileError naming the setting and the
+    fix when it has no such device (a curate on a cluster checks on its workers instead)."""
+    try:
+        device = resolve_device(name)
+        missing = device_missing(device)
+    except ValueError as exc:
+        missing = str(exc)
+    if missing:
+        raise ProfileError(f"{section}.device {name!r}: {missing}; set {section}.device to auto or cpu (doctor: "
+                           "--device cpu), or run on a machine that has it")
+    return str(device)
 
 
 def _served_elsewhere(use) -> bool:

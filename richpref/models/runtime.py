@@ -69,11 +69,28 @@ def resolve_model_ref(ref: str, models_root: str | os.PathLike | None = None) ->
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """`auto`: the GPU when torch sees one, else the CPU; a name torch does not know is a ValueError."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"{device!r} is no device name (auto, cpu, cuda, cuda:1, mps)") from exc
+
+
+def device_missing(device: torch.device) -> str | None:
+    """Why this machine cannot run on `device` (None when it can): asked before any model loads."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            return "torch sees no CUDA device here"
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA device(s)"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "torch sees no MPS device here"
+    return None
 
 
 def start_process(devices: set[str]) -> None:

@@ -1,10 +1,11 @@
 """How the commands refuse an input: a RUN name that is no plain folder name is a usage error of every
 command that takes one (exit 2, the rule in one line), never a traceback; a rounds config whose name
 makes such run names is refused before its flow starts; a folder argument that is a file, or a data dir
-that cannot be made, is one line too."""
+that cannot be made, is one line too; so is a stage device this machine lacks (doctor, curate)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from richpref.cli.commands import main
 
@@ -55,3 +56,16 @@ def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     data = tmp_path / "a-file" / "data"  # below a file
     assert main(["--data-dir", str(data), "summary", "r"]) == 2
     assert capsys.readouterr().err.startswith(f"error: data dir {data} cannot be made ([Errno 20] Not a directory")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a CUDA device")
+def test_a_stage_device_this_machine_lacks_is_refused_before_any_model_loads(tiny_models, tmp_path, capsys):
+    root = ["--models-root", str(tiny_models)]
+    assert main(["--data-dir", str(tmp_path), "doctor", "--profile", "tiny", "--device", "cuda", *root]) == 2
+    assert capsys.readouterr().err.strip() == (  # before: torch's "Found no NVIDIA driver" traceback mid-doctor
+        "error: sample.device 'cuda': torch sees no CUDA device here; set sample.device to auto or cpu "
+        "(doctor: --device cpu), or run on a machine that has it")
+    assert main(["--data-dir", str(tmp_path), "curate", "--profile", "tiny", "--run", "r", "--set", "critique.device=gpu",
+                 *root]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: critique.device 'gpu': 'gpu' is no device name") and "Flow run" not in err

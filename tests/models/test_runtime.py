@@ -1,11 +1,15 @@
 """The model runtime: the one-resident-model slot frees memory when a model leaves it, and only then; what
-survives a stage's end is not walked again; Hub kernels stay off unless the user turns them on."""
+survives a stage's end is not walked again; Hub kernels stay off unless the user turns them on; a device
+name torch does not know, or a device this machine lacks, is said before any model loads."""
 from __future__ import annotations
 
 import gc
 
+import pytest
+import torch
+
 import richpref.models.runtime as runtime
-from richpref.models.runtime import ResidentModel
+from richpref.models.runtime import ResidentModel, device_missing, resolve_device
 
 
 def test_release_collects_garbage_only_when_a_model_leaves(monkeypatch):
@@ -25,7 +29,7 @@ def test_release_collects_garbage_only_when_a_model_leaves(monkeypatch):
 
 FREEZE_CHECK = """
 import gc, time, weakref
-from richpref.models.runtime import ResidentModel
+from richpref.models.runtime import ResidentModel, device_missing, resolve_device
 
 class Model:  # a model whose parts point back at it: only a full collection frees it
     def __init__(self):
@@ -52,7 +56,7 @@ def test_the_first_load_freezes_the_loaded_modules_and_released_models_are_still
 
 STAGE_END_CHECK = """
 import gc, weakref
-from richpref.models.runtime import ResidentModel
+from richpref.models.runtime import ResidentModel, device_missing, resolve_device
 
 class Model:
     def __init__(self):
@@ -123,3 +127,15 @@ def test_hub_kernels_are_off_unless_the_user_turns_them_on():
     env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
     assert not _hub_kernels_enabled(env)
     assert _hub_kernels_enabled({**env, "USE_HUB_KERNELS": "YES"})
+
+
+def test_a_device_name_torch_does_not_know_or_a_device_this_machine_lacks_is_said(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"'nosuch' is no device name \(auto, cpu, cuda, cuda:1, mps\)"):
+        resolve_device("nosuch")  # before: torch's RuntimeError listing every device type it knows
+    assert device_missing(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert device_missing(torch.device("cuda")) == "torch sees no CUDA device here"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the count a 2-GPU machine reports
+    assert device_missing(torch.device("cuda")) is None and device_missing(torch.device("cuda:1")) is None
+    assert device_missing(torch.device("cuda:2")) == "this machine has 2 CUDA device(s)"
