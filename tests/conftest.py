@@ -208,14 +208,11 @@ def finished_run(runs_dir, tiny_models, prefect_harness, session_torch_threads):
 def prefect_server(tmp_path_factory, tiny_models):
     """A real Prefect server on loopback with work pools, the project's deployments and a process
     worker (`richpref serve`), shared by the tests that run flows in subprocesses."""
-    import socket
-
+    from richpref.common.procs import free_port
     from richpref.ops import serve
 
     data = tmp_path_factory.mktemp("served")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(data / "server.log", "w")
     procs = serve.start(data_dir=str(data), port=port, log=log)
     env = serve.server_env(str(data), "127.0.0.1", port)

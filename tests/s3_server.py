@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,18 +16,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from richpref.common.procs import free_port
+
 # The server checks signatures (moto's IAM auth: the first 3 requests, which create the user, its
 # key and its policy, go unchecked), so a wrong secret is refused as on AWS.
 NO_AUTH_REQUESTS = 3
 # Seconds/1000 the server waits before answering each request: a remote store's round trip (S3 from
 # EC2 in its region: a GET of a small object takes about 10-30 ms), for benchmarks that time a run.
 LATENCY_ENV = "RICHPREF_S3_LATENCY_MS"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 
+from richpref.cli.errors import fail
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from richpref.ops.serve import serve_forever
+    from richpref.ops.serve import ServeError, serve_forever
 
-    return serve_forever(data_dir=args.data_dir, host=args.host, port=args.port, worker_pool=args.pool or None,
-                         verbose=args.verbose)
-
+    try:
+        return serve_forever(data_dir=args.data_dir, host=args.host, port=args.port, worker_pool=args.pool or None,
+                             verbose=args.verbose)
+    except ServeError as exc:
+        return fail(exc)
+    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:  # a server or step that did not come up
+        return fail(f"{exc}{'' if args.verbose else ' (run again with --verbose to see its output)'}", 1)
 
 
 def register(sub) -> None:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -178,3 +179,22 @@ def wait_healthy(url: str, what: str, proc=None, timeout: float = 90.0, poll_s: 
                 pass
             time.sleep(poll_s)
     raise TimeoutError(f"{what} at {url} was not ready after {timeout:.0f}s")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server this process starts (parallel runs do not collide)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server already listens on (host, port): bound as servers bind (SO_REUSEADDR), so a
+    port a stopped server left in TIME_WAIT counts as free."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False

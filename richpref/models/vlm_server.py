@@ -11,26 +11,19 @@ import json
 import math
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from richpref.common.procs import spawn_owned, stop_owned
+from richpref.common.procs import free_port, spawn_owned, stop_owned
 from ..schemas.serving import EngineConfig, ImageCaps
 from ..schemas.vlm_engines import LAUNCHERS, VLM_ENGINES
 
 
 class ServerStartError(RuntimeError):
     """A launched server exited or did not become healthy in time."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gpu_env(device: str) -> dict[str, str]:
@@ -222,4 +215,4 @@ class LaunchedServer:
         self.stop()
 
 
-__all__ = ["LaunchedServer", "ServerStartError", "free_port", "image_tokens", "launch_command", "stage_max_model_len"]
+__all__ = ["LaunchedServer", "ServerStartError", "image_tokens", "launch_command", "stage_max_model_len"]

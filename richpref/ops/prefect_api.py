@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
+from richpref.common.procs import free_port, spawn_owned, stop_owned, wait_healthy
 
 
 # The task run recorder writes the task runs and their states from the events the clients send. By
@@ -30,12 +29,6 @@ from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
 # events, a shard costs the server 60% less, and the last batch is written as it stops.
 RECORDER_BATCHES = {"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
                     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1"}
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def server_command(port: int, host: str = "127.0.0.1") -> list[str]:
@@ -68,7 +61,7 @@ def spawn_server(log_path: str | None = None, host: str = "127.0.0.1", url_host:
     the caller goes on meanwhile). `settings_env`: this process's Prefect settings as environment
     variables, where they may differ from what the server reads itself (environment, PREFECT_HOME's
     profile); without them this needs no Prefect import, so a command can spawn it first thing."""
-    port = _free_port(host)
+    port = free_port(host)
     env = {**RECORDER_BATCHES, **os.environ, **(settings_env or {}), "PREFECT_UI_ENABLED": "0",
            "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Callable
 
 import yaml
 
-from richpref.common.procs import spawn_owned, stop_owned
+from richpref.common.procs import free_port, spawn_owned, stop_owned
 from richpref.common.atomic import write_atomic
 from ..schemas.training import FinetuneConfig
 from .models import REFUSED_INPUT, read_meta
@@ -28,13 +27,6 @@ CONFIG_FILE = "finetune-config.yaml"
 
 class LaunchFailed(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    """A port for the process group's rendezvous, so parallel runs on one machine do not collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 MACHINES_ENV = ("RICHPREF_NUM_MACHINES", "RICHPREF_MACHINE_RANK", "RICHPREF_MAIN_PROCESS_IP", "RICHPREF_MAIN_PROCESS_PORT")

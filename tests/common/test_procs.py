@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -141,3 +142,12 @@ def test_sigkilled_curate_leaves_no_prefect_server(registry, tiny_models, tmp_pa
         if curate.poll() is None:
             curate.kill()
             curate.wait()
+
+
+def test_a_free_port_is_free_and_a_listened_port_is_in_use():
+    port = procs.free_port()
+    assert not procs.port_in_use("127.0.0.1", port)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert procs.port_in_use("127.0.0.1", port)

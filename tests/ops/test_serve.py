@@ -1,5 +1,6 @@
 """Operating richpref as a Prefect project: a real server, a process worker, deployments, and a second
-run of a finished run answered from the shard manifests (no shard task runs)."""
+run of a finished run answered from the shard manifests (no shard task runs); a second `richpref serve`
+on the port the server holds is refused in one line."""
 from __future__ import annotations
 
 import hashlib
@@ -103,3 +104,12 @@ def test_every_deployment_names_a_flow_its_parameters_and_a_config_that_loads():
         assert [s.path for s in cfg.data] == [f"data/runs/{run}/pairs"], tune
         models = load_evaluate_config(params_of[f"evaluate/{evaluate}"]["config"]).models
         assert f"finetune/{cfg.name}" in [m.path for m in models], evaluate
+
+
+def test_a_second_serve_on_a_port_in_use_is_refused_naming_the_port(server, capsys):
+    from richpref.cli.commands import main
+
+    port = int(server["env"]["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0])
+    assert main(["--data-dir", str(server["data"]), "serve", "--port", str(port), "--pool", ""]) == 2
+    assert capsys.readouterr().err.strip() == (  # before: "the Prefect server exited with code 1" traceback
+        f"error: port {port} on 127.0.0.1 is in use (another `richpref serve` or Prefect server?): stop it, or give --port")

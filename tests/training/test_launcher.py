@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from richpref.training.launcher import DEFAULT_MAIN_PORT, Machines, accelerate_command, free_port
+from richpref.common.procs import free_port
+from richpref.training.launcher import DEFAULT_MAIN_PORT, Machines, accelerate_command
 from test_finetune import metrics, pairs_file, tiny_config, write_pairs  # noqa: F401 - pairs_file is a fixture
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from richpref.common.procs import spawn_owned, stop_owned, wait_healthy
 from richpref.models.rewards import load_reward, load_reward_spec
-from richpref.models.vlm_server import free_port
+from richpref.common.procs import free_port
 from richpref.schemas.relabel import RewardSpec
 from richpref.schemas.serving import EngineConfig
 from test_vlm_client import gone
