@@ -8,15 +8,30 @@ from richpref.cli.errors import fail
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from richpref.ops.serve import ServeError, serve_forever
+    from richpref.common.procs import PortInUse
+    from richpref.ops.serve import serve_forever
 
     try:
         return serve_forever(data_dir=args.data_dir, host=args.host, port=args.port, worker_pool=args.pool or None,
                              verbose=args.verbose)
-    except ServeError as exc:
+    except PortInUse as exc:
         return fail(exc)
     except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:  # a server or step that did not come up
         return fail(f"{exc}{'' if args.verbose else ' (run again with --verbose to see its output)'}", 1)
+
+
+def cmd_serve_judge(args: argparse.Namespace) -> int:
+    from richpref.common.procs import PortInUse
+    from richpref.models.judge_server import serve
+    from richpref.models.rewards.base import RewardLoadError
+    from richpref.models.runtime import ModelNotAvailable
+
+    try:
+        return serve(args)
+    except PortInUse as exc:
+        return fail(exc)
+    except (ModelNotAvailable, RewardLoadError) as exc:  # a checkpoint not there, or not the reference's layout
+        return fail(exc, 3)
 
 
 def register(sub) -> None:
@@ -26,7 +41,7 @@ def register(sub) -> None:
     sv.add_argument("--pool", default="cpu", help="work pool the worker serves ('' for no worker)")
     sv.add_argument("--verbose", action="store_true", help="show server and worker output")
     sv.set_defaults(fn=cmd_serve)
-    from richpref.models.judge_server import parser as judge_parser, serve as serve_judge  # serve judge --kind …
+    from richpref.models.judge_server import parser as judge_parser  # serve judge --kind …
 
     judge_parser(sv.add_subparsers(dest="serving", metavar="judge").add_parser(
-        "judge", help="richpref's judge server: a head judge (hpsv3, edit_reward) over HTTP")).set_defaults(fn=serve_judge)
+        "judge", help="richpref's judge server: a head judge (hpsv3, edit_reward) over HTTP")).set_defaults(fn=cmd_serve_judge)

@@ -188,6 +188,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class PortInUse(RuntimeError):
+    """A server's port that something already listens on; the message names it and the fix."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Before a server starts (and loads anything): refuse a port another server holds."""
+    if port_in_use(host, port):
+        raise PortInUse(f"port {port} on {host} is in use (another server listens there): stop it, or give --port")
+
+
 def port_in_use(host: str, port: int) -> bool:
     """Whether a server already listens on (host, port): bound as servers bind (SO_REUSEADDR), so a
     port a stopped server left in TIME_WAIT counts as free."""

@@ -149,10 +149,14 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from richpref.common.procs import check_port_free
+
     from .rewards import load_reward
     from .runtime import resolve_model_ref
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.port:
+        check_port_free(args.host, args.port)  # before the judge loads (a minute for a 7B one)
     model = resolve_model_ref(args.model, args.models_root)
     options = {"backbone": resolve_model_ref(args.backbone, args.models_root) if args.backbone else None,
                "file": args.file, "template": args.template}

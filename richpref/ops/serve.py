@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from richpref.common.procs import port_in_use, spawn_owned, stop_owned, wait_healthy
+from richpref.common.procs import check_port_free, spawn_owned, stop_owned, wait_healthy
 from richpref.ops.prefect_api import RECORDER_BATCHES
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -34,10 +34,6 @@ def server_env(data_dir: str, host: str, port: int) -> dict[str, str]:
     return env
 
 
-class ServeError(RuntimeError):
-    """The server cannot start as asked; the message says why and the fix."""
-
-
 def _prefect() -> str:
     exe = Path(sys.executable).parent / "prefect"
     return str(exe) if exe.exists() else "prefect"
@@ -46,9 +42,7 @@ def _prefect() -> str:
 def start(data_dir: str = "data", host: str = "127.0.0.1", port: int = 4200, pools=("cpu", "gpu"),
           worker_pool: str | None = "cpu", deploy: bool = True, log=None) -> list[subprocess.Popen]:
     """Start server (+ pools, deployments, worker); returns the processes (server first)."""
-    if port_in_use(host, port):
-        raise ServeError(f"port {port} on {host} is in use (another `richpref serve` or Prefect server?): stop it, "
-                         "or give --port")
+    check_port_free(host, port)  # else a healthy server there would pass for the one started here
     env = server_env(data_dir, host, port)
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     out = log or subprocess.DEVNULL

@@ -1,7 +1,8 @@
 """How the commands refuse an input: a RUN name that is no plain folder name is a usage error of every
 command that takes one (exit 2, the rule in one line), never a traceback; a rounds config whose name
 makes such run names is refused before its flow starts; a folder argument that is a file, or a data dir
-that cannot be made, is one line too; so is a stage device this machine lacks (doctor, curate)."""
+that cannot be made, is one line too; so is a stage device this machine lacks (doctor, curate), and a
+judge server's missing checkpoint or busy port."""
 from __future__ import annotations
 
 import pytest
@@ -69,3 +70,20 @@ def test_a_stage_device_this_machine_lacks_is_refused_before_any_model_loads(tin
                  *root]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: critique.device 'gpu': 'gpu' is no device name") and "Flow run" not in err
+
+
+def test_a_judge_servers_missing_checkpoint_or_busy_port_is_one_line(tiny_models, tmp_path, capsys):
+    import socket
+
+    judge = ["serve", "judge", "--kind", "hpsv3", "--models-root", str(tiny_models)]
+    assert main(["--data-dir", str(tmp_path), *judge, "--model", str(tmp_path / "none"), "--port", "0"]) == 3
+    assert capsys.readouterr().err.startswith(f"error: model '{tmp_path / 'none'}' not found")  # before: a traceback
+    assert main(["--data-dir", str(tmp_path), *judge, "--model", "hpsv3", "--backbone", "qwen2.5-vl", "--port", "0"]) == 3
+    assert "this reward needs 'qwen2_vl'" in capsys.readouterr().err  # a backbone of another family
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["--data-dir", str(tmp_path), *judge, "--model", "hpsv3", "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: port {port} on 127.0.0.1 is in use (another server listens there): stop it, or give --port")

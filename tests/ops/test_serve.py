@@ -112,4 +112,4 @@ def test_a_second_serve_on_a_port_in_use_is_refused_naming_the_port(server, caps
     port = int(server["env"]["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0])
     assert main(["--data-dir", str(server["data"]), "serve", "--port", str(port), "--pool", ""]) == 2
     assert capsys.readouterr().err.strip() == (  # before: "the Prefect server exited with code 1" traceback
-        f"error: port {port} on 127.0.0.1 is in use (another `richpref serve` or Prefect server?): stop it, or give --port")
+        f"error: port {port} on 127.0.0.1 is in use (another server listens there): stop it, or give --port")
