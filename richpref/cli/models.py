@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from richpref.cli.errors import fail
+from richpref.cli.errors import fail, folder
 
 
 def _progress_lines() -> None:
@@ -83,7 +83,7 @@ def register(sub) -> None:
     msub = m.add_subparsers(dest="models_cmd", required=True)
 
     b = msub.add_parser("build-tiny", help="build the tiny random-weight models into DIR")
-    b.add_argument("dir", nargs="?", default="data/models/tiny")
+    b.add_argument("dir", nargs="?", default="data/models/tiny", type=folder)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build is there")
     b.set_defaults(fn=cmd_build_tiny)
@@ -92,7 +92,7 @@ def register(sub) -> None:
                          help="convert a LLaVA-NeXT native llava_qwen checkpoint (lmms-lab/llava-critic-7b) "
                               "to transformers' LLaVA-OneVision layout")
     cv.add_argument("src", help="directory of the native checkpoint")
-    cv.add_argument("dst", help="new directory for the transformers model + processor")
+    cv.add_argument("dst", type=folder, help="new directory for the transformers model + processor")
     cv.add_argument("--dtype", default="keep", choices=["keep", "float32", "float16", "bfloat16"])
     cv.add_argument("--vision-heads", type=int, default=None, help="SigLIP attention heads, for towers not built in")
     cv.add_argument("--vision-layers", type=int, default=None,

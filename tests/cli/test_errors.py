@@ -42,6 +42,8 @@ def test_a_rounds_name_that_makes_no_plain_run_name_is_refused_before_prefect_st
     ["export", "r", "--format", "pickapic", "--out", "{}"],
     ["finetune", "--output-dir", "{}"],
     ["evaluate", "--output-dir", "{}"],
+    ["models", "build-tiny", "{}"],
+    ["models", "convert-llava-critic", "src", "{}"],
 ])
 def test_a_folder_argument_that_is_a_file_is_a_usage_error(command, tmp_path, capsys):
     file = tmp_path / "a-file"
