@@ -277,23 +277,32 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A config file's YAML, which must be a mapping of keys (an empty file: no keys)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{what} {path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ProfileError(f"{what} {path}: its top level is a {type(data).__name__}, not a mapping of keys "
+                           "(`key: value` lines)")
+    return data
+
+
 def read_profile_data(path: Path, seen: tuple[Path, ...] = (), notes: list[str] | None = None) -> dict:
     """A profile's YAML as a dict. `extends: <profile>` (a name, or a YAML path from the file's own
     folder or the working one) starts from that profile: each section the
     file names replaces the base's whole section (so `edit:` in a profile that extends `tiny` sets
     the editor without inheriting settings of another editor kind). Each file's keys of the previous
     layout move to their sections before the merge (schemas/migrate.py); `notes` collects the moves."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"profile {path}: not valid YAML ({exc})") from exc
+    data = read_yaml_mapping(path, "profile")
     try:
         moved = move_sections(data, f"profile {path}")
     except ValueError as exc:
         raise ProfileError(str(exc)) from exc
     if notes is not None:
         notes += moved
-    base = data.pop("extends", None) if isinstance(data, dict) else None
+    base = data.pop("extends", None)
     if base is None:
         return data
     base_path = find_profile(str(base), folder=path.parent)

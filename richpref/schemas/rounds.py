@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .common import check_run_name
-from .config import ProfileError, apply_models_root, apply_overrides, find_profile
+from .config import ProfileError, apply_models_root, apply_overrides, find_profile, read_yaml_mapping
 
 
 class RoundsConfig(BaseModel):
@@ -45,10 +44,7 @@ def load_rounds_config(name_or_path: str, overrides: list[str] | None = None,
     """`configs/<name>.yaml` (e.g. rounds-tiny) or a YAML path, with `key=value` overrides. `models_root`
     (the command's --models-root), else RICHPREF_MODELS_ROOT, replaces the config's, as for every config."""
     path = find_profile(name_or_path, "rounds")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"rounds config {path}: not valid YAML ({exc})") from exc
+    data = read_yaml_mapping(path, "rounds config")
     data = apply_models_root(apply_overrides(data, overrides), models_root)
     try:
         return RoundsConfig.model_validate(data)

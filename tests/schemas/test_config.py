@@ -172,3 +172,16 @@ def test_a_path_that_is_no_yaml_file_is_not_taken_for_a_profile(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()  # a folder named like the profile, where a user runs the command
     assert load_profile("tiny").name == "tiny"
+
+
+def test_a_config_file_that_is_no_mapping_is_refused_naming_it(tmp_path):
+    from richpref.schemas.rounds import load_rounds_config
+    from richpref.schemas.training import load_finetune_config
+
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- source\n- sample\n")
+    for load, what in ((load_profile, "profile"), (load_finetune_config, "profile"), (load_rounds_config, "rounds config")):
+        with pytest.raises(ProfileError, match=rf"{what} {listed}: its top level is a list, not a mapping of keys"):
+            load(str(listed))  # before: TypeError (list indices must be integers) from the models_root step
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_rounds_config(str(tmp_path / "empty.yaml")).name == "rounds"  # an empty file: no keys, the defaults
