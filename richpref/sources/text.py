@@ -3,7 +3,8 @@
 One pass over the file's bytes finds where each row starts (blank lines are no rows in JSONL, as in
 `datasets`' json reader; in a prompt file every line is a row). Rows [a, b) then cost one seek and
 the bytes of those lines. A line that is not valid JSON, not an object or not UTF-8 becomes a bad
-row naming its line, never an exception.
+row naming its line, never an exception. A UTF-8 BOM opening a JSONL file is dropped (prompts drop it
+as they drop every control and format character).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from array import array
 from .base import BAD_ROW, RAW, SourceError
 
 _INDEX: dict[tuple[str, int, int, bool], tuple[array, array, int]] = {}
+BOM = b"\xef\xbb\xbf"
 
 
 def _index(path: str, skip_blank: bool) -> tuple[array, array, int]:
@@ -38,6 +40,7 @@ def _index(path: str, skip_blank: bool) -> tuple[array, array, int]:
 
 class _LinePart:
     skip_blank = False
+    drops_bom = False  # a UTF-8 BOM opening the file is no part of its first row
 
     def __init__(self, path: str, column: str) -> None:
         self.path = path
@@ -66,8 +69,10 @@ class _LinePart:
 
     def fingerprint(self, start: int, stop: int, columns: list[str]) -> str:
         h = hashlib.sha256()
-        for _, raw in self._raw(start, stop):
+        for number, raw in self._raw(start, stop):
             h.update(hashlib.sha256(raw).digest())
+            if number == 1 and self.drops_bom and raw.startswith(BOM):
+                h.update(b"bom dropped")  # read as a bad row before: only this shard is computed again
         return h.hexdigest()
 
 
@@ -93,6 +98,7 @@ class JsonlPart(_LinePart):
     """One JSON object a line."""
 
     skip_blank = True
+    drops_bom = True
 
     def columns(self) -> list[str]:
         """Keys of the first objects of the file (a row missing a key is a row with a missing value)."""
@@ -108,6 +114,8 @@ class JsonlPart(_LinePart):
     def read(self, start: int, stop: int, columns: list[str], until: int | None = None) -> list[dict]:
         rows = []
         for number, raw in self._raw(start, stop):
+            if number == 1:
+                raw = raw.removeprefix(BOM)  # a file saved "UTF-8 with BOM" (Windows editors)
             text = raw.decode("utf-8", errors="replace").strip()
             try:
                 value = json.loads(text)

@@ -22,6 +22,16 @@ def test_a_prompt_file_saved_with_windows_line_ends_gives_the_same_prompts(tmp_p
     assert got["windows.txt"] == got["unix.txt"] == ["a red cat", "a blue dog"]
 
 
+@pytest.mark.parametrize("kind,text", [("prompts", "a red cat\na blue dog\n"),
+                                       ("jsonl", '{"caption": "a red cat"}\n{"caption": "a blue dog"}\n')])
+def test_a_file_saved_utf8_with_bom_gives_the_rows_of_one_without(tmp_path, kind, text):
+    (tmp_path / "plain").write_bytes(text.encode())
+    (tmp_path / "bom").write_bytes(b"\xef\xbb\xbf" + text.encode())  # what Windows editors write
+    got = {name: [(r["prompt"], r["status"]) for r in _rows(SourceConfig(kind=kind, path=str(tmp_path / name)))]
+           for name in ("plain", "bom")}
+    assert got["bom"] == got["plain"] == [("a red cat", "ok"), ("a blue dog", "ok")]  # before (jsonl): line 1 a bad row
+
+
 def test_a_prompt_line_that_is_not_utf8_is_a_rejected_row_naming_its_line(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes(b"a red cat\ncaf\xe9 au lait\na blue dog\n")
