@@ -72,7 +72,7 @@ class _LinePart:
         for number, raw in self._raw(start, stop):
             h.update(hashlib.sha256(raw).digest())
             if number == 1 and self.drops_bom and raw.startswith(BOM):
-                h.update(b"bom dropped")  # read as a bad row before: only this shard is computed again
+                h.update(b"bom dropped")  # a bad row before: this shard (with dedupe, the later ones too) recomputes
         return h.hexdigest()
 
 
