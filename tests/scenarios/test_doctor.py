@@ -99,9 +99,20 @@ def test_projection_by_hand():
     assert total["hours_per_worker"] == pytest.approx((36 + 125 + 2 + 25 + 9) / 3600)
     assert total["worker_hours"] == pytest.approx((4 * 36 + 500 + 4 * 2 + 100 + 4 * 9) / 3600)
     assert total["peak_rss_mib"] == 3.0 and "gpu_peak_mib" not in total
+    assert total["disk_gb"] == pytest.approx(1000 * 1000 / 1e9) and total["disk_bytes_per_item"] == pytest.approx(8000 / 8)
+    other.gpu_peak_mib, cost.gpu_peak_mib = 700.0, 300.0  # the largest device peak of any stage
+    assert project_total([cost, other], 9.0, 4)["gpu_peak_mib"] == 700.0
+    one_item = StageCost("x", [], "cpu", 0.0, load_s=0.0, items=1, rows=1, shards=1, compute_s=1.0, warmup_s=0.0,
+                         s_per_item=1.0, peak_rss_mib=1.0, gpu_peak_mib=None, disk_bytes=500)
+    assert project(one_item, 10, 1)["disk_gb"] == pytest.approx(5000 / 1e9)
     # Shards after the first give the rate; the first one's excess is warm-up.
     assert steady_rate([5.0, 2.0, 2.0], [4, 4, 4]) == pytest.approx((3.0, 0.5))
+    assert steady_rate([5.0, 2.0, 3.0], [2, 4, 6]) == pytest.approx((4.0, 0.5))  # 5 s - 0.5 s/item * 2 items
+    assert steady_rate([5.0, 2.0], [4, 4]) == pytest.approx((3.0, 0.5))  # two shards suffice
+    assert steady_rate([1.0, 2.0], [4, 4]) == (0.0, 0.5)  # a first shard faster than the rate: no warm-up
+    assert steady_rate([5.0, 0.1], [4, 0]) == pytest.approx((0.0, 5.1 / 4))  # later shards with no items: all steady
     assert steady_rate([3.0], [6]) == (0.0, 0.5)
+    assert steady_rate([3.0], [1]) == (0.0, 3.0)
 
 
 def _safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
