@@ -5,7 +5,7 @@ import argparse
 import os
 import warnings
 
-from richpref.cli.errors import fail, run_name
+from richpref.cli.errors import at_least, fail, run_name
 
 
 def _prefect_api_for(args: argparse.Namespace) -> dict:
@@ -154,7 +154,7 @@ def register(sub) -> None:
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a profile value, e.g. --set edit.strength=0.6 (repeatable)")
     c.add_argument("--models-root", default=None, help="directory relative model references resolve against")
-    c.add_argument("--workers", "--dask-workers", dest="workers", type=int, default=1,
+    c.add_argument("--workers", "--dask-workers", dest="workers", type=at_least(1), default=1,
                    help="spread each stage's shards over a local Dask cluster of N worker processes (one per GPU "
                         "with dask-cuda on a GPU machine; see docs/operations.md)")
     c.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",

@@ -33,3 +33,17 @@ def folder(value: str) -> str:
     if "://" not in value and os.path.exists(value) and not os.path.isdir(value):
         raise argparse.ArgumentTypeError(f"{value} is a file, not a folder; give a folder (created when missing)")
     return value
+
+
+def at_least(low: int):
+    """argparse type of a count: a whole number of at least `low` (a usage error otherwise, not a run
+    that silently takes another value or fails once started)."""
+    def count(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is below {low}")
+        return n
+    return count

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from richpref.cli.errors import fail, folder
+from richpref.cli.errors import at_least, fail, folder
 
 
 def _progress_lines() -> None:
@@ -94,8 +94,8 @@ def register(sub) -> None:
     cv.add_argument("src", help="directory of the native checkpoint")
     cv.add_argument("dst", type=folder, help="new directory for the transformers model + processor")
     cv.add_argument("--dtype", default="keep", choices=["keep", "float32", "float16", "bfloat16"])
-    cv.add_argument("--vision-heads", type=int, default=None, help="SigLIP attention heads, for towers not built in")
-    cv.add_argument("--vision-layers", type=int, default=None,
+    cv.add_argument("--vision-heads", type=at_least(1), default=None, help="SigLIP attention heads, for towers not built in")
+    cv.add_argument("--vision-layers", type=at_least(1), default=None,
                     help="SigLIP layers to keep (default: tower depth - 1, as LLaVA-NeXT)")
     cv.set_defaults(fn=cmd_convert_llava_critic)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from richpref.cli.errors import fail, folder
+from richpref.cli.errors import at_least, fail, folder
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -79,15 +79,15 @@ def register(sub) -> None:
     f.add_argument("--pairs", default=None, help="Pick-a-Pic Parquet file/folder for the config's `pairs` source "
                                                  "(e.g. data/runs/demo/pairs)")
     f.add_argument("--output-dir", default=None, type=folder, help="default: <data-dir>/finetune/<config name>; rerun to resume")
-    f.add_argument("--num-processes", type=int, default=1, help="accelerate processes on this machine (one per GPU)")
-    f.add_argument("--num-machines", type=int, default=1,
+    f.add_argument("--num-processes", type=at_least(1), default=1, help="accelerate processes on this machine (one per GPU)")
+    f.add_argument("--num-machines", type=at_least(1), default=1,
                    help="machines training together (run the same command on each, with its own --machine-rank)")
     f.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0..M-1 (0: the main one)")
     f.add_argument("--main-process-ip", default=None, metavar="HOST",
                    help="address of the rank-0 machine, reachable from every machine (with --num-machines > 1)")
     f.add_argument("--main-process-port", type=int, default=None, metavar="PORT",
                    help="rendezvous port on the rank-0 machine (default 29500; the same on every machine)")
-    f.add_argument("--max-restarts", type=int, default=1, help="relaunch after a crash this many times (resumes)")
+    f.add_argument("--max-restarts", type=at_least(0), default=1, help="relaunch after a crash this many times (resumes)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set max_train_steps=100 (repeatable)")
     f.add_argument("--models-root", default=None, help=_ROOT_HELP)

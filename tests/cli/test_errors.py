@@ -2,7 +2,8 @@
 command that takes one (exit 2, the rule in one line), never a traceback; a rounds config whose name
 makes such run names is refused before its flow starts; a folder argument that is a file, or a data dir
 that cannot be made, is one line too; so is a stage device this machine lacks (doctor, curate), and a
-judge server's missing checkpoint or busy port."""
+judge server's missing checkpoint or busy port; a count below its least (workers, processes, machines,
+restarts) is a usage error before anything runs."""
 from __future__ import annotations
 
 import pytest
@@ -89,3 +90,17 @@ def test_a_judge_servers_missing_checkpoint_or_busy_port_is_one_line(tiny_models
         assert main(["--data-dir", str(tmp_path), *judge, "--model", "hpsv3", "--port", str(port)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: port {port} on 127.0.0.1 is in use (another server listens there): stop it, or give --port")
+
+
+@pytest.mark.parametrize("command,message", [
+    (["curate", "--profile", "tiny", "--run", "r", "--workers", "-2"], "argument --workers/--dask-workers: -2 is below 1"),
+    (["curate", "--profile", "tiny", "--run", "r", "--workers", "two"], "'two' is not a whole number"),
+    (["finetune", "--num-processes", "0"], "argument --num-processes: 0 is below 1"),  # before: the flow started
+    (["finetune", "--num-machines", "0"], "argument --num-machines: 0 is below 1"),
+    (["finetune", "--max-restarts", "-1"], "argument --max-restarts: -1 is below 0"),
+])
+def test_a_count_below_its_least_is_a_usage_error(command, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # before: --workers -2 ran a whole curate on one worker
+        main(["--data-dir", str(tmp_path / "data"), *command])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
