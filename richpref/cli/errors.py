@@ -47,3 +47,11 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"{n} is below {low}")
         return n
     return count
+
+
+def port(value: str) -> int:
+    """argparse type of a TCP port, 0..65535 (0: any free one)."""
+    n = at_least(0)(value)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"{n} is above 65535, the last TCP port")
+    return n

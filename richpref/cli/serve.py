@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 
-from richpref.cli.errors import fail
+from richpref.cli.errors import fail, port
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def cmd_serve_judge(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     sv = sub.add_parser("serve", help="local Prefect server + work pools + deployments + a process worker")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    sv.add_argument("--port", type=int, default=4200)
+    sv.add_argument("--port", type=port, default=4200)
     sv.add_argument("--pool", default="cpu", help="work pool the worker serves ('' for no worker)")
     sv.add_argument("--verbose", action="store_true", help="show server and worker output")
     sv.set_defaults(fn=cmd_serve)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from richpref.cli.errors import at_least, fail, folder
+from richpref.cli.errors import at_least, fail, folder, port
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -85,7 +85,7 @@ def register(sub) -> None:
     f.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0..M-1 (0: the main one)")
     f.add_argument("--main-process-ip", default=None, metavar="HOST",
                    help="address of the rank-0 machine, reachable from every machine (with --num-machines > 1)")
-    f.add_argument("--main-process-port", type=int, default=None, metavar="PORT",
+    f.add_argument("--main-process-port", type=port, default=None, metavar="PORT",
                    help="rendezvous port on the rank-0 machine (default 29500; the same on every machine)")
     f.add_argument("--max-restarts", type=at_least(0), default=1, help="relaunch after a crash this many times (resumes)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

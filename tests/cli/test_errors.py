@@ -98,6 +98,8 @@ def test_a_judge_servers_missing_checkpoint_or_busy_port_is_one_line(tiny_models
     (["finetune", "--num-processes", "0"], "argument --num-processes: 0 is below 1"),  # before: the flow started
     (["finetune", "--num-machines", "0"], "argument --num-machines: 0 is below 1"),
     (["finetune", "--max-restarts", "-1"], "argument --max-restarts: -1 is below 0"),
+    (["serve", "--port", "70000"], "argument --port: 70000 is above 65535, the last TCP port"),  # before: OverflowError
+    (["finetune", "--main-process-port", "-1"], "argument --main-process-port: -1 is below 0"),
 ])
 def test_a_count_below_its_least_is_a_usage_error(command, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # before: --workers -2 ran a whole curate on one worker
