@@ -80,7 +80,7 @@ def register(sub) -> None:
                                                  "(e.g. data/runs/demo/pairs)")
     f.add_argument("--output-dir", default=None, type=folder, help="default: <data-dir>/finetune/<config name>; rerun to resume")
     f.add_argument("--num-processes", type=at_least(1), default=1, help="accelerate processes on this machine (one per GPU)")
-    f.add_argument("--num-machines", type=at_least(1), default=1,
+    f.add_argument("--num-machines", type=int, default=1,
                    help="machines training together (run the same command on each, with its own --machine-rank)")
     f.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0..M-1 (0: the main one)")
     f.add_argument("--main-process-ip", default=None, metavar="HOST",

@@ -2,8 +2,8 @@
 command that takes one (exit 2, the rule in one line), never a traceback; a rounds config whose name
 makes such run names is refused before its flow starts; a folder argument that is a file, or a data dir
 that cannot be made, is one line too; so is a stage device this machine lacks (doctor, curate), and a
-judge server's missing checkpoint or busy port; a count below its least (workers, processes, machines,
-restarts) is a usage error before anything runs."""
+judge server's missing checkpoint or busy port; a count below its least (workers, processes,
+restarts; machines: tests/training/test_launcher.py) is a usage error before anything runs."""
 from __future__ import annotations
 
 import pytest
@@ -96,7 +96,6 @@ def test_a_judge_servers_missing_checkpoint_or_busy_port_is_one_line(tiny_models
     (["curate", "--profile", "tiny", "--run", "r", "--workers", "-2"], "argument --workers/--dask-workers: -2 is below 1"),
     (["curate", "--profile", "tiny", "--run", "r", "--workers", "two"], "'two' is not a whole number"),
     (["finetune", "--num-processes", "0"], "argument --num-processes: 0 is below 1"),  # before: the flow started
-    (["finetune", "--num-machines", "0"], "argument --num-machines: 0 is below 1"),
     (["finetune", "--max-restarts", "-1"], "argument --max-restarts: -1 is below 0"),
     (["serve", "--port", "70000"], "argument --port: 70000 is above 65535, the last TCP port"),  # before: OverflowError
     (["finetune", "--main-process-port", "-1"], "argument --main-process-port: -1 is below 0"),
