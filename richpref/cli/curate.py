@@ -100,6 +100,10 @@ def _curate(args: argparse.Namespace, server) -> int:
             runner = task_runner(args.workers, args.dask_address)
             flow_fn = flow_fn.with_options(task_runner=runner)
         api = _prefect_api_for(args)  # refuses a loopback API with a remote scheduler before anything starts
+        if args.dask_address:
+            from richpref.run.cluster import check_scheduler
+
+            check_scheduler(args.dask_address)  # a scheduler nothing answers: seconds, not Dask's 30 s in the flow
 
         def while_server_starts(url: str) -> None:
             start_cluster_early(runner, url)  # a local Dask cluster starts while the Prefect server does

@@ -45,6 +45,17 @@ def url_host(url: str) -> str | None:
     return urlparse(url if "://" in url else f"tcp://{url}").hostname
 
 
+def check_scheduler(address: str, timeout_s: float = 5.0) -> None:
+    """The Dask scheduler at `address` takes a TCP connection (seconds, before Prefect starts); else
+    ClusterError naming it and the fix. Dask's own client waited 30 s, then raised a bare OSError."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 8786), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"the Dask scheduler at {address} cannot be reached ({exc}); start it "
+                           "(`dask scheduler`, docs/operations.md) or fix --dask-address") from exc
+
+
 def refuse_loopback_api(api_url: str | None, dask_address: str | None) -> None:
     """A Prefect API on 127.0.0.1/localhost cannot be reached by workers on other nodes: refuse it
     (before any worker is asked) when the scheduler is not on this machine's loopback."""

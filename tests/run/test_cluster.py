@@ -1,5 +1,5 @@
 """Preflight of a Dask cluster (richpref/run/cluster.py) and which shards claim a GPU: real local Dask
-clusters, no mocks. The multi-node run itself: tests/scenarios/test_multinode.py."""
+clusters, no mocks; a scheduler address nothing answers is refused in seconds, before Prefect starts. The multi-node run itself: tests/scenarios/test_multinode.py."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from richpref.run.cluster import ClusterError, check_cluster, refuse_loopback_api
+from richpref.run.cluster import ClusterError, check_cluster, check_scheduler, refuse_loopback_api
 from richpref.tasks import ALL_STAGES
 
 BIN = Path(sys.executable).parent
@@ -252,3 +252,23 @@ def test_the_preflight_warns_of_a_gpu_worker_with_too_few_threads_for_its_two_mo
     hits = [r.getMessage() for r in caplog.records if "fewer than 3 threads" in r.getMessage()]
     assert bool(hits) == warned, hits
     assert not warned or "--nthreads 3" in hits[0]
+
+
+def test_a_scheduler_address_nothing_answers_is_refused_in_seconds_before_prefect_starts(tmp_path, capsys):
+    import socket
+
+    from richpref.cli.commands import main
+    from richpref.common.procs import free_port
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_scheduler(f"tcp://127.0.0.1:{listening.getsockname()[1]}")  # answers: passes
+    closed = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(ClusterError, match=rf"the Dask scheduler at {closed} cannot be reached .*fix --dask-address"):
+        check_scheduler(closed)
+    t0 = time.monotonic()
+    assert main(["--data-dir", str(tmp_path), "curate", "--profile", "tiny", "--run", "r", "--dask-address", closed]) == 2
+    err = capsys.readouterr().err  # before: 30 s inside the started flow, then a bare OSError traceback
+    assert err.startswith(f"error: the Dask scheduler at {closed} cannot be reached") and "Flow run" not in err
+    assert time.monotonic() - t0 < 20
