@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from richpref.cli.errors import fail, folder
+from richpref.cli.errors import fail
 from richpref.cli import curate, datasets, export, models, rounds, serve, training, views
 
 
@@ -38,7 +38,7 @@ def _quiet_defaults(data_dir: str) -> None:
 
         try:
             Path(data_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file on its path, no permission
+        except OSError as exc:  # a file there or on its path, no permission: the data dir's one check
             raise DataDirError(f"data dir {data_dir} cannot be made ({exc}); give a folder you can write "
                                "(--data-dir or RICHPREF_DATA_DIR)") from exc
     else:  # fail in seconds, naming the data dir and the fix, not after models have loaded
@@ -50,7 +50,7 @@ def _quiet_defaults(data_dir: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="richpref", description="Curate rich preference pairs for text-to-image "
                                 "models (critique, instruct, edit, filter, relabel, export) and fine-tune on them.")
-    p.add_argument("--data-dir", default=os.environ.get("RICHPREF_DATA_DIR", "data"), type=folder,
+    p.add_argument("--data-dir", default=os.environ.get("RICHPREF_DATA_DIR", "data"),
                    help="where runs live (local dir or fsspec URL); default ./data")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -38,7 +38,6 @@ def test_a_rounds_name_that_makes_no_plain_run_name_is_refused_before_prefect_st
 
 
 @pytest.mark.parametrize("command", [
-    ["--data-dir", "{}", "summary", "r"],
     ["relabel-dataset", "src.parquet", "{}"],
     ["export", "r", "--format", "pickapic", "--out", "{}"],
     ["finetune", "--output-dir", "{}"],
@@ -57,9 +56,9 @@ def test_a_folder_argument_that_is_a_file_is_a_usage_error(command, tmp_path, ca
 
 def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
-    data = tmp_path / "a-file" / "data"  # below a file
-    assert main(["--data-dir", str(data), "summary", "r"]) == 2
-    assert capsys.readouterr().err.startswith(f"error: data dir {data} cannot be made ([Errno 20] Not a directory")
+    for data, cause in ((tmp_path / "a-file", "[Errno 17] File exists"), (tmp_path / "a-file" / "data", "[Errno 20] Not a directory")):
+        assert main(["--data-dir", str(data), "summary", "r"]) == 2  # before: FileExistsError / NotADirectoryError
+        assert capsys.readouterr().err.startswith(f"error: data dir {data} cannot be made ({cause}")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a CUDA device")
