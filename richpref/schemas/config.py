@@ -94,7 +94,7 @@ class SampleConfig(StageConfig, PipelineSettings):
 class CritiqueConfig(VLMStageConfig):
     model: str = "lmms-lab/llava-critic-7b"
     template: str = "critique_v2"
-    max_new_tokens: int = 256
+    max_new_tokens: int = Field(256, ge=1)
     reject_no_issues: bool = True  # a critique that finds nothing to fix ("No issues.") ends the item
 
 

@@ -113,10 +113,10 @@ class FinetuneConfig(_Strict):
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     lr_warmup_steps: int = Field(500, ge=0)
     optimizer: Literal["adamw", "adafactor"] = "adamw"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = Field(0.9, ge=0, lt=1)  # AdamW's own bounds, checked before the launch
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(1e-2, ge=0)
-    adam_epsilon: float = 1e-8
+    adam_epsilon: float = Field(1e-8, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
 
     train_batch_size: int = Field(1, ge=1)  # pairs per process per micro-step

@@ -185,3 +185,19 @@ def test_a_config_file_that_is_no_mapping_is_refused_naming_it(tmp_path):
             load(str(listed))  # before: TypeError (list indices must be integers) from the models_root step
     (tmp_path / "empty.yaml").write_text("")
     assert load_rounds_config(str(tmp_path / "empty.yaml")).name == "rounds"  # an empty file: no keys, the defaults
+
+
+@pytest.mark.parametrize("override", ["critique.max_new_tokens=0", "check.max_new_tokens=0", "instruct.max_new_tokens=0"])
+def test_an_answer_length_a_model_refuses_mid_run_is_refused_when_the_profile_loads(override):
+    # transformers' generate raises on max_new_tokens 0 only in the stage's first shard, after sampling
+    with pytest.raises(ProfileError, match=rf"{override.split('=')[0]}\n.*greater than or equal to 1"):
+        load_profile("tiny", [override])
+
+
+@pytest.mark.parametrize("override", ["adam_beta1=1", "adam_beta2=-0.1", "adam_epsilon=-1e-8"])
+def test_an_optimizer_setting_adamw_refuses_is_refused_before_the_launch(override):
+    # torch's AdamW raises on these only inside the launched training process, after the models load
+    from richpref.schemas.training import load_finetune_config
+    with pytest.raises(ProfileError, match=override.split("=")[0]):
+        load_finetune_config("finetune-tiny", [override])
+    assert load_finetune_config("finetune-tiny", ["adam_beta1=0", "adam_beta2=0.5", "adam_epsilon=0"]).adam_beta1 == 0

@@ -13,7 +13,7 @@ from ..vlm import VLMStageConfig
 class CheckConfig(VLMStageConfig):
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     template: str = "filter_v2"
-    max_new_tokens: int = 64  # for the attribute list
+    max_new_tokens: int = Field(64, ge=1)  # for the attribute list
     # UPER §3.2.1 attribute check: the VLM lists up to max_attributes key attributes of the subject in
     # the original cut-out, then is asked whether each is present in the original and in the edit
     # (the filter's min_attribute_present / min_attributes_kept judge the answers). false: not asked.
