@@ -149,11 +149,18 @@ def score_task(name: str, cfg: EvaluateConfig, image_files: dict[str, str]) -> d
 
 
 def preflight(cfg: EvaluateConfig) -> None:
-    """Before anything loads: only per-image rewards (pair rewards rate an edit against its original),
-    and every model must resolve (a missing one fails now, not after all the generating)."""
+    """Before anything loads: the prompts read, only per-image rewards (pair rewards rate an edit
+    against its original), and every model must resolve (a missing one fails now, not after all the
+    generating)."""
     from richpref.models.rewards import MODEL_REF_OPTIONS, PAIR_KINDS
     from richpref.models.runtime import ModelNotAvailable
+    from richpref.tasks.source import SourceError
     from richpref.training.models import is_finetune_output
+
+    try:
+        load_prompts(cfg)  # the source's view stays open for the flow's own read
+    except SourceError as exc:
+        raise ValueError(f"evaluate.prompts: {exc}") from None
 
     pairwise = [f"{n} ({s.kind})" for n, s in cfg.rewards.items() if s.kind in PAIR_KINDS]
     if pairwise:

@@ -134,6 +134,18 @@ def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path
         preflight(missing)
 
 
+def test_preflight_refuses_prompts_that_are_missing_or_empty(tmp_path):
+    # before, the flow started and failed with a traceback on the missing file
+    from richpref.training.evaluation import preflight
+    from richpref.schemas.training import load_evaluate_config
+
+    with pytest.raises(ValueError, match=r"evaluate.prompts: source.path '.*none.txt' matches no prompts file"):
+        preflight(load_evaluate_config("evaluate-tiny", [f"prompts.path={tmp_path / 'none.txt'}"]))
+    (tmp_path / "blank.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"evaluate.prompts \(prompts .*blank.txt\) gave no usable prompt"):
+        preflight(load_evaluate_config("evaluate-tiny", [f"prompts.path={tmp_path / 'blank.txt'}"]))
+
+
 def test_tuned_model_paths_resolve_against_the_data_dir(tiny_models, tmp_path, monkeypatch):
     """The shipped evaluate configs name the tuned model relative to the data dir (where `richpref
     finetune` writes it), so `--data-dir X` finds X/finetune/<config>, whatever the working directory."""
