@@ -13,6 +13,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.schemas.rounds import load_rounds_config
     from richpref.schemas.training import load_evaluate_config, load_finetune_config
     from richpref.doctor.checks import ModelProblem, resolve_models
+    from richpref.recipes.rounds import evaluate_overrides
+    from richpref.training.evaluation import preflight as evaluate_preflight
     from richpref.run.runner import CurateFailed
     from richpref.training.launcher import LaunchFailed
 
@@ -21,7 +23,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         # The first round curates with every model of the profile: they resolve before it starts.
         resolve_models(load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root))
         load_finetune_config(cfg.finetune, cfg.finetune_overrides)
-        load_evaluate_config(cfg.evaluate, cfg.evaluate_overrides)
+        # The evaluation after each round: its prompts, rewards and base model, before round 1 starts.
+        evaluate_preflight(load_evaluate_config(cfg.evaluate, evaluate_overrides(cfg, [])))
         result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir,
                           models_root=args.models_root)
     except (ProfileError, ModelNotAvailable, ModelProblem, ValueError) as exc:

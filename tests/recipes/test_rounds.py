@@ -169,3 +169,18 @@ def test_the_command_refuses_a_missing_model_before_round_one_and_ends_a_failed_
     monkeypatch.setattr(entrypoints, "run_flow", failing_round)
     assert main(["--data-dir", data, "rounds", "--models-root", str(tiny_models)]) == 1
     assert capsys.readouterr().err.startswith("error: 1 shard(s) failed")
+
+
+@pytest.mark.parametrize("override, code, named", [
+    ("prompts.path=nowhere.txt", 2, "evaluate.prompts: source.path 'nowhere.txt'"),
+    ("rewards.pickscore.model=nowhere", 3, "model 'nowhere' not found")])
+def test_the_evaluation_after_each_round_is_checked_before_round_one(tiny_models, tmp_path, capsys, monkeypatch,
+                                                                      override, code, named):
+    # before, round 1 curated and fine-tuned, then its evaluation failed
+    import richpref.ops.entrypoints as entrypoints
+    from richpref.cli.commands import main
+
+    monkeypatch.setattr(entrypoints, "run_flow", lambda *a, **k: pytest.fail("round 1 started"))
+    args = ["--data-dir", str(tmp_path), "rounds", "--models-root", str(tiny_models), "--set", f'evaluate_overrides=["{override}"]']
+    assert main(args) == code
+    assert named in capsys.readouterr().err
