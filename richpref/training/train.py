@@ -177,11 +177,14 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
 
         sigma_table = SigmaTable(parts.scheduler, setup.flow.shift)
 
+    # arch auto on a flow-matching checkpoint without a `flow:` section: the steps use setup's defaults
+    step_cfg = cfg if setup.flow is None else cfg.model_copy(update={"flow": setup.flow})
+
     def micro_step(batch: dict, tag: str = "noise", grad: bool = True):
         if setup.flow is not None:
             from .flow_step import flow_micro_step
 
-            return flow_micro_step(batch, parts, unet, base_unet, reference, cfg, text=text, sigma_table=sigma_table,
+            return flow_micro_step(batch, parts, unet, base_unet, reference, step_cfg, text=text, sigma_table=sigma_table,
                                    device=device, weight_dtype=weight_dtype, autocast=accelerator.autocast, tag=tag,
                                    grad=grad)
         return dpo_micro_step(batch, parts, unet, base_unet, reference, cfg, device=device, weight_dtype=weight_dtype,

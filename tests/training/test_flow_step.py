@@ -221,6 +221,14 @@ def test_flux_lora_loads_into_the_flux_pipeline(tiny_models, pairs, tmp_path):
     assert np.abs(after - before).mean() > 1e-5
 
 
+def test_a_config_without_a_flow_section_trains_a_flow_checkpoint_with_the_flow_defaults(tiny_models, pairs, tmp_path):
+    # preflight reads the family (arch auto); before, the step read the missing section and crashed
+    from richpref.training.train import train
+
+    meta = train(flow_config(tiny_models, pairs, "sd3", flow=None, max_train_steps=1), tmp_path / "out")
+    assert meta["arch"] == "sd3" and meta["steps"] == 1
+
+
 # --- refused before training -----------------------------------------------------------------------
 
 def test_configs_for_another_family_are_refused_naming_the_fix(tiny_models, pairs, tmp_path, monkeypatch):
