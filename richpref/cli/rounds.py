@@ -13,7 +13,9 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.schemas.rounds import load_rounds_config
     from richpref.schemas.training import load_evaluate_config, load_finetune_config
     from richpref.doctor.checks import ModelProblem, resolve_models
-    from richpref.recipes.rounds import evaluate_overrides
+    from richpref.recipes.rounds import evaluate_overrides, finetune_overrides
+    from richpref.training.finetune import PAIRS_SOURCE
+    from richpref.training.setup import preflight as finetune_preflight
     from richpref.training.evaluation import preflight as evaluate_preflight
     from richpref.run.runner import CurateFailed
     from richpref.training.launcher import LaunchFailed
@@ -22,7 +24,9 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         cfg = load_rounds_config(args.config, args.set, args.models_root)  # bad configs fail before Prefect starts
         # The first round curates with every model of the profile: they resolve before it starts.
         resolve_models(load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root))
-        load_finetune_config(cfg.finetune, cfg.finetune_overrides)
+        # Round 1's fine-tune: its model, its family and its other pairs sources (its own pairs come later).
+        tune = load_finetune_config(cfg.finetune, finetune_overrides(cfg, None, []))
+        finetune_preflight(tune.model_copy(update={"data": [s for s in tune.data if s.name != PAIRS_SOURCE]}))
         # The evaluation after each round: its prompts, rewards and base model, before round 1 starts.
         evaluate_preflight(load_evaluate_config(cfg.evaluate, evaluate_overrides(cfg, [])))
         result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir,

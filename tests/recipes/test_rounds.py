@@ -172,15 +172,17 @@ def test_the_command_refuses_a_missing_model_before_round_one_and_ends_a_failed_
 
 
 @pytest.mark.parametrize("override, code, named", [
-    ("prompts.path=nowhere.txt", 2, "evaluate.prompts: source.path 'nowhere.txt'"),
-    ("rewards.pickscore.model=nowhere", 3, "model 'nowhere' not found")])
-def test_the_evaluation_after_each_round_is_checked_before_round_one(tiny_models, tmp_path, capsys, monkeypatch,
-                                                                      override, code, named):
-    # before, round 1 curated and fine-tuned, then its evaluation failed
+    ('evaluate_overrides=["prompts.path=nowhere.txt"]', 2, "evaluate.prompts: source.path 'nowhere.txt'"),
+    ('evaluate_overrides=["rewards.pickscore.model=nowhere"]', 3, "model 'nowhere' not found"),
+    ('finetune_overrides=["model=nowhere"]', 3, "model 'nowhere' not found"),
+    ('finetune_overrides=["arch=flux"]', 2, "is a sd15 checkpoint but the config says arch: flux")])
+def test_the_fine_tune_and_evaluation_of_each_round_are_checked_before_round_one(tiny_models, tmp_path, capsys,
+                                                                                   monkeypatch, override, code, named):
+    # before, round 1 curated, then its fine-tune or evaluation failed
     import richpref.ops.entrypoints as entrypoints
     from richpref.cli.commands import main
 
     monkeypatch.setattr(entrypoints, "run_flow", lambda *a, **k: pytest.fail("round 1 started"))
-    args = ["--data-dir", str(tmp_path), "rounds", "--models-root", str(tiny_models), "--set", f'evaluate_overrides=["{override}"]']
+    args = ["--data-dir", str(tmp_path), "rounds", "--models-root", str(tiny_models), "--set", override]
     assert main(args) == code
     assert named in capsys.readouterr().err
