@@ -2,14 +2,18 @@
 
 Per item that reached the edit stage: original and edited thumbnails, prompt, critique,
 instructions, filter verdict, every reward score and the chosen side; filters by verdict and flip;
-the relabel plots when the run has them. Images are inlined (data URIs): the file can be mailed or
-opened from any folder, and the page loads nothing from the network.
+the relabel plots when the run has them. A run without an edit stage (`pipeline: rebuild`,
+`relabel-dataset`) shows its exported pairs: both images, the preferred one framed, the scores, and
+for a relabelled dataset the source's label (the flip filter then shows the pairs whose label
+changed). Images are inlined (data URIs): the file can be mailed or opened from any folder, and the
+page loads nothing from the network.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -37,7 +41,7 @@ body {{ font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }}
 <p id="counts">{counts}</p>
 <div class="bar">
  verdict <select id="verdict"><option value="">any</option><option>keep</option><option>drop</option><option value="none">not filtered</option></select>
- <label><input type="checkbox" id="flipped"> flipped only</label>
+ <label><input type="checkbox" id="flipped"> {flip_label} only</label>
  <label><input type="checkbox" id="exported"> exported only</label>
  <span id="shown"></span>
 </div>
@@ -78,10 +82,50 @@ def _esc(value) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _score_rows(scores: dict) -> str:
+    """One table row per score with both sides (`<name>_0`, `<name>_1`), the composite last."""
+    names = sorted(k[:-2] for k in scores if k.endswith("_0") and scores.get(k[:-2] + "_1") is not None
+                   and scores[k] is not None)
+    names = [n for n in names if n != "composite"] + [n for n in names if n == "composite"]
+    return "".join(f"<tr><td>{'<b>composite</b>' if n == 'composite' else _esc(n)}</td><td>{scores[n + '_0']:.4g}</td>"
+                   f"<td>{scores[n + '_1']:.4g}</td></tr>" for n in names)
+
+
+def _exported_pairs(con) -> tuple[list[str], str]:
+    """(blocks, counts) of a run without an edit stage: one block per exported pair."""
+    cols = {c for (c, *_r) in con.execute('describe "pairs"').fetchall()}
+    source_label = "label_0_source" if "label_0_source" in cols else "null"
+    order = "item_id, candidate_0, candidate_1" if "candidate_0" in cols else "item_id"
+    rows = con.execute(f'select item_id, caption, jpg_0, jpg_1, label_0, margin, scores, {source_label} from "pairs" '
+                       f"order by {order}").fetchall()
+    blocks, changed = [], 0
+    for item, caption, jpg_0, jpg_1, label_0, margin, scores, source in rows:
+        chosen = 0 if label_0 == 1 else 1
+        # the source's preference (label_0 1: jpg_0, 0: jpg_1; 0.5: a tie, which no label contradicts)
+        differs = source is not None and source != 0.5 and (source > 0.5) != (label_0 == 1)
+        changed += differs
+        was = "" if source is None else (f"<p>source label_0 {source:g}: "
+                                         f"{'changed' if differs else 'tie' if source == 0.5 else 'kept'}</p>")
+        blocks.append(
+            f'<div class="pair" data-verdict="keep" data-flipped="{str(differs).lower()}" data-exported="true" '
+            f'data-item="{_esc(item)}">'
+            f'<div><img alt="jpg_0" src="{_thumb(jpg_0)}" class="{"chosen" if chosen == 0 else ""}"><br>jpg_0</div>'
+            f'<div><img alt="jpg_1" src="{_thumb(jpg_1)}" class="{"chosen" if chosen == 1 else ""}"><br>jpg_1</div>'
+            f'<div class="meta"><p><b>{_esc(caption)}</b> <small>{_esc(item)}</small></p>'
+            f'<table class="s"><tr><td></td><td>jpg_0</td><td>jpg_1</td></tr>{_score_rows(json.loads(scores or "{}"))}</table>'
+            f'<p>preferred: jpg_{chosen}{_margin(margin)}</p>{was}</div></div>')
+    counts = f"{len(rows)} exported pairs" + (f", {changed} with a label other than the source's"
+                                              if source_label != "null" else "")
+    return blocks, counts
+
+
 def build_report(data_dir: str, run: str) -> str:
     con, views = connect(data_dir, run)
     if "edit" not in views:
-        raise RunNotFound(f"run {run!r} has no edit stage output yet: nothing to show")
+        if "pairs" not in views:
+            raise RunNotFound(f"run {run!r} has no edit stage output and no exported pairs yet: nothing to show")
+        blocks, counts = _exported_pairs(con)
+        return _page(data_dir, run, blocks, counts, "label changed")
     has = set(views)
     score_cols = []
     if "relabel" in has:
@@ -130,6 +174,14 @@ def build_report(data_dir: str, run: str) -> str:
             f'<p>chosen: {"edited" if chosen == 1 else "original (flipped)" if chosen == 0 else "-"}'
             f'{_margin(it["margin"])}</p></div></div>')
 
+    kept = sum(1 for it in items if it["verdict"] == "keep")
+    counts = (f"{len(items)} edits, {kept} kept by the filter, "
+              f"{sum(1 for it in items if it['exported'])} in exported pairs, "
+              f"{sum(1 for it in items if it['flipped'])} flipped")
+    return _page(data_dir, run, blocks, counts, "flipped")
+
+
+def _page(data_dir: str, run: str, blocks: list[str], counts: str, flip_label: str) -> str:
     store = RunStore(data_dir, run)
     plots = []
     for d in (join(store.root, "plots"), store.stage_dir("pairs")):
@@ -138,11 +190,7 @@ def build_report(data_dir: str, run: str) -> str:
                 if p.endswith(".png"):
                     data = base64.b64encode(store.fs.cat_file(p)).decode()
                     plots.append(f'<img alt="{_esc(p.rsplit("/", 1)[-1])}" src="data:image/png;base64,{data}">')
-    kept = sum(1 for it in items if it["verdict"] == "keep")
-    counts = (f"{len(items)} edits, {kept} kept by the filter, "
-              f"{sum(1 for it in items if it['exported'])} in exported pairs, "
-              f"{sum(1 for it in items if it['flipped'])} flipped")
-    return PAGE.format(run=_esc(run), thumb=THUMB, counts=_esc(counts), pairs="\n".join(blocks),
+    return PAGE.format(run=_esc(run), thumb=THUMB, counts=_esc(counts), pairs="\n".join(blocks), flip_label=flip_label,
                        plots="\n".join(plots) or "<p>none in this run</p>")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +72,15 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
     assert Image.open(pairs / "plots" / "reward_distributions.png").format == "PNG"
     ds = datasets.load_dataset("parquet", data_files=str(pairs / "part-*.parquet"), split="train")
     assert ds.num_rows == 5 and set(ds["label_0"]) <= {0, 1}
+
+    from richpref.views.report import build_report  # the pairs, each with the source's label beside the new one
+
+    page = build_report(str(out), "relabel")
+    changed = 2 - sum(agree)  # the tie contradicts no label; the second file has no label_0
+    assert f"5 exported pairs, {changed} with a label other than the source&#x27;s" in page
+    assert page.count('data-flipped="true"') == changed
+    assert sorted(re.findall(r"source label_0 [\d.]+: \w+", page)) == sorted(
+        [f"source label_0 {o}: {'changed' if w != o else 'kept'}" for w, o in zip(want[:2], [1, 0])] + ["source label_0 0.5: tie"])
 
 
 def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp_path):

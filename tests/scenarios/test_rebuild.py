@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import warnings
 
@@ -283,6 +284,20 @@ def test_status_plan_and_views_follow_the_rebuild(rebuilt, tiny_models):
     in_pair = con.execute("select count(*) from pairs_full where in_pair").fetchone()[0]
     assert in_pair == len({(i, c) for i, a, b in con.execute("select item_id, candidate_0, candidate_1 from pairs").fetchall()
                            for c in (a, b)})
+
+
+def test_the_report_shows_the_exported_pairs_with_the_preferred_image_framed(rebuilt):
+    # before, a run without an edit stage had "nothing to show"
+    from richpref.views.report import build_report
+
+    data, store, _, _ = rebuilt
+    pairs = read(store, "pairs")
+    page = build_report(data, "r")
+    assert f"{pairs.num_rows} exported pairs<" in page and page.count('class="pair"') == pairs.num_rows
+    framed = re.findall(r'<img alt="(jpg_[01])" src="data:image/jpeg;base64,[^"]+" class="chosen">', page)
+    assert framed == [f"jpg_{0 if label == 1 else 1}" for label in pairs.sort_by(
+        [("item_id", "ascending"), ("candidate_0", "ascending"), ("candidate_1", "ascending")]).column("label_0").to_pylist()]
+    assert "<b>composite</b>" in page and "label changed only" in page
 
 
 def test_flux_dev_rebuild_samples_with_the_flux_family(tiny_models):
