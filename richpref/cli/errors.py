@@ -35,6 +35,19 @@ def folder(value: str) -> str:
     return value
 
 
+def output_file(value: str) -> str:
+    """argparse type of a local file a command writes after its work, its folder created when missing: a
+    path that is a folder, or lies under a file, is a usage error before the work, not an error after it."""
+    if os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"{value} is a folder; give a file path (its folder is created when missing)")
+    above = os.path.dirname(os.path.abspath(value))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise argparse.ArgumentTypeError(f"{value}: {above} is a file, not a folder")
+    return value
+
+
 def at_least(low: int):
     """argparse type of a count: a whole number of at least `low` (a usage error otherwise, not a run
     that silently takes another value or fails once started)."""

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from richpref.cli.errors import at_least, fail, folder
+from richpref.cli.errors import at_least, fail, folder, output_file
 
 
 def _progress_lines() -> None:
@@ -102,10 +102,10 @@ def register(sub) -> None:
     d = sub.add_parser("doctor", help="load every model of a profile, run a few items through every stage and "
                                       "project the cost of a full run")
     d.add_argument("--profile", default="tiny", help="profile name in configs/ or a YAML path")
-    d.add_argument("--items", type=int, default=8, help="source items to run through every stage (default 8)")
-    d.add_argument("--project-items", type=int, default=100_000, help="items to project the run's cost to")
-    d.add_argument("--workers", type=int, default=1, help="workers (GPUs) the projected run spreads over")
-    d.add_argument("--json", metavar="PATH", default=None, help="also write the table as JSON")
+    d.add_argument("--items", type=at_least(1), default=8, help="source items to run through every stage (default 8)")
+    d.add_argument("--project-items", type=at_least(1), default=100_000, help="items to project the run's cost to")
+    d.add_argument("--workers", type=at_least(1), default=1, help="workers (GPUs) the projected run spreads over")
+    d.add_argument("--json", metavar="PATH", type=output_file, default=None, help="also write the table as JSON")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a profile value, e.g. --set sample.dtype=float16 (repeatable)")
     d.add_argument("--models-root", default=None, help="directory relative model references resolve against")

@@ -5,7 +5,7 @@ import argparse
 import functools
 import json
 
-from richpref.cli.errors import fail, run_name
+from richpref.cli.errors import fail, output_file, run_name
 
 
 def _refuses_missing_run(cmd):
@@ -111,7 +111,7 @@ def register(sub) -> None:
 
     r = sub.add_parser("report", help="write a static HTML page of RUN's pairs (thumbnails, texts, scores)")
     r.add_argument("run", type=run_name)
-    r.add_argument("--out", help="file to write, its folder created (default <run>/report.html)")
+    r.add_argument("--out", type=output_file, help="file to write, its folder created (default <run>/report.html)")
     r.set_defaults(fn=cmd_report)
 
     dc = sub.add_parser("card", help="write RUN's dataset card (pairs/README.md) and plots (plots/*.png)")

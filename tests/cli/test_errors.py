@@ -98,9 +98,22 @@ def test_a_judge_servers_missing_checkpoint_or_busy_port_is_one_line(tiny_models
     (["finetune", "--max-restarts", "-1"], "argument --max-restarts: -1 is below 0"),
     (["serve", "--port", "70000"], "argument --port: 70000 is above 65535, the last TCP port"),  # before: OverflowError
     (["finetune", "--main-process-port", "-1"], "argument --main-process-port: -1 is below 0"),
+    (["doctor", "--items", "0"], "argument --items: 0 is below 1"),  # before: exit 1, after the config loaded
 ])
 def test_a_count_below_its_least_is_a_usage_error(command, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # before: --workers -2 ran a whole curate on one worker
         main(["--data-dir", str(tmp_path / "data"), *command])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("command", [["doctor", "--json", "{}"], ["report", "r", "--out", "{}"]])
+def test_a_file_argument_that_is_a_folder_or_lies_under_a_file_is_a_usage_error(command, tmp_path, capsys):
+    # before: the doctor ran every model, then an IsADirectoryError traceback; the report was built, then refused
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    for path, message in ((tmp_path, f"{tmp_path} is a folder; give a file path"),
+                          (file / "out.json", f"{file / 'out.json'}: {file} is a file, not a folder")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--data-dir", str(tmp_path / "data"), *(str(path) if a == "{}" else a for a in command)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
