@@ -230,6 +230,7 @@ def test_doctor_measures_the_rebuild_stages_and_checks_their_judges(tiny_models,
     shutil.copytree(tiny_models / "hpsv3" / "base", judge / "base")
     rewards = {**yaml.safe_load((REPO / "configs" / "tiny-rebuild.yaml").read_text())["score"]["rewards"],
                "hpsv3": {"kind": "hpsv3", "model": str(judge), "backbone": str(judge / "base")}}
+    capsys.readouterr()  # the first doctor's output (its log lines, where an earlier test left Prefect's console handler)
     rc, err, seconds = _doctor(capsys, _profile(tmp_path, tiny_models, "tiny-rebuild", score={"rewards": rewards}))
     assert rc == 3 and "rewards: model" in err and f"{judge} holds no reward checkpoint 'HPSv3.safetensors'" in err
     assert f"--local-dir {judge}" in err and "score.rewards.hpsv3.file" in err and "doctor: samples:" not in err
