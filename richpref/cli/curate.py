@@ -52,7 +52,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def _curate(args: argparse.Namespace, server) -> int:
-    from richpref.doctor.checks import ModelProblem, resolve_models
+    from richpref.doctor.checks import ModelProblem, check_key_inputs, resolve_models
     from richpref.run.cluster import ClusterError
     from richpref.run.plan import finished_and_current, plan_run
     from richpref.schemas.config import ProfileError, load_profile
@@ -72,6 +72,7 @@ def _curate(args: argparse.Namespace, server) -> int:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ProfileError(f"--doctor-json {args.doctor_json}: not a `richpref doctor --json` file ({exc})") from exc
         stages = stages_for(profile, args.until)  # an unknown --until stage: a ProfileError naming the stages
+        check_key_inputs(profile, stages)  # a prompt template or tuned weights that are not there
         plan = None
         if args.plan or not args.force_flow:
             plan = plan_run(profile, args.data_dir, args.run, args.until)

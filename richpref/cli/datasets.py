@@ -8,7 +8,8 @@ from richpref.cli.errors import fail, folder, run_name
 
 
 def cmd_relabel_dataset(args: argparse.Namespace) -> int:
-    from richpref.doctor.checks import ModelProblem, resolve_models
+    from richpref.doctor.checks import ModelProblem, check_key_inputs, resolve_models
+    from richpref.tasks import stages_for
     from richpref.schemas.config import ProfileError, load_profile
     from richpref.recipes.relabel_dataset import DatasetError, dataset_profile, relabel_dataset
 
@@ -21,6 +22,7 @@ def cmd_relabel_dataset(args: argparse.Namespace) -> int:
             print(plan_run(run_profile, args.out_dir, args.run).format())
             return 0
         resolve_models(run_profile)  # the rewards that score: a missing one fails before any shard
+        check_key_inputs(run_profile, stages_for(run_profile))  # and a judge's question that is not there
         result = relabel_dataset(args.src, args.out_dir, prof, reward=args.reward, drop_near_ties=args.drop_near_ties,
                                  run=args.run)
     except (ProfileError, DatasetError, ModelProblem) as exc:

@@ -12,7 +12,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.schemas.config import ProfileError, load_profile
     from richpref.schemas.rounds import load_rounds_config
     from richpref.schemas.training import load_evaluate_config, load_finetune_config
-    from richpref.doctor.checks import ModelProblem, resolve_models
+    from richpref.doctor.checks import ModelProblem, check_key_inputs, resolve_models
+    from richpref.tasks import stages_for
     from richpref.recipes.rounds import evaluate_overrides, finetune_overrides
     from richpref.training.finetune import PAIRS_SOURCE
     from richpref.training.setup import preflight as finetune_preflight
@@ -23,7 +24,9 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     try:
         cfg = load_rounds_config(args.config, args.set, args.models_root)  # bad configs fail before Prefect starts
         # The first round curates with every model of the profile: they resolve before it starts.
-        resolve_models(load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root))
+        profile = load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
+        resolve_models(profile)
+        check_key_inputs(profile, stages_for(profile))  # its prompt templates
         # Round 1's fine-tune: its model, its family and its other pairs sources (its own pairs come later).
         tune = load_finetune_config(cfg.finetune, finetune_overrides(cfg, None, []))
         finetune_preflight(tune.model_copy(update={"data": [s for s in tune.data if s.name != PAIRS_SOURCE]}))

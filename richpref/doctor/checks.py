@@ -101,6 +101,16 @@ def resolve_models(profile: Profile, stages: set[str] | None = None) -> None:
             resolve(ref, profile)
 
 
+def check_key_inputs(profile: Profile, stages) -> None:
+    """What each stage's key reads besides its section (prompt templates, tuned weights) is there: a
+    missing one is refused before Prefect starts, not when its stage is reached after the ones before it."""
+    for stage in stages:
+        try:
+            stage.key_extra(profile)
+        except (ValueError, OSError) as exc:
+            raise ProfileError(f"{stage.section}: {exc}") from None
+
+
 def _cutout_check(ref: ModelRef, profile: Profile) -> None:
     from richpref.models import cutout as rembg_models
     from richpref.tasks.cutout import _under_root
@@ -313,6 +323,10 @@ def check_memory(refs: list[ModelRef], profile: Profile) -> dict[str, int]:
 
 
 def preflight(profile: Profile) -> tuple[list[ModelRef], dict[str, int]]:
-    """Resolve and size every model of the profile; the first problem raises ModelProblem."""
+    """Resolve and size every model of the profile; the first problem raises ModelProblem (a prompt template
+    or tuned weights that are not there: ProfileError)."""
+    from richpref.tasks import stages_for
+
+    check_key_inputs(profile, stages_for(profile))
     refs = [resolve(r, profile) for r in model_refs(profile)]
     return refs, check_memory(refs, profile)

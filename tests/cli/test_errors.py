@@ -2,7 +2,8 @@
 command that takes one (exit 2, the rule in one line), never a traceback; a rounds config whose name
 makes such run names is refused before its flow starts; a folder argument that is a file, or a data dir
 that cannot be made, is one line too; so is a stage device this machine lacks (doctor, curate), and a
-judge server's missing checkpoint or busy port; a count below its least (workers, processes,
+judge server's missing checkpoint or busy port, a stage's prompt template or tuned weights that are not
+there (before Prefect starts); a count below its least (workers, processes,
 restarts; machines: tests/training/test_launcher.py) is a usage error before anything runs."""
 from __future__ import annotations
 
@@ -59,6 +60,29 @@ def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     for data, cause in ((tmp_path / "a-file", "[Errno 17] File exists"), (tmp_path / "a-file" / "data", "[Errno 20] Not a directory")):
         assert main(["--data-dir", str(data), "summary", "r"]) == 2  # before: FileExistsError / NotADirectoryError
         assert capsys.readouterr().err.startswith(f"error: data dir {data} cannot be made ({cause}")
+
+
+@pytest.mark.parametrize("command", [
+    ["curate", "--profile", "tiny", "--run", "r", "--set", "critique.template=nosuch"],
+    ["doctor", "--profile", "tiny", "--set", "critique.template=nosuch"],
+    ["curate", "--profile", "tiny", "--run", "r", "--set", "sample.lora={tmp}/no-lora"],
+    ["rounds", "--set", 'curate_overrides=["instruct.visible_template=nosuch"]'],
+    ["relabel-dataset", "{tmp}/pairs.parquet", "{tmp}/out", "--reward", "vlm_score", "--set",
+     "score.rewards.vlm_score.template=nosuch"],
+])
+def test_what_a_stage_key_reads_that_is_not_there_is_refused_before_prefect_starts(command, tiny_models, tmp_path,
+                                                                                     capsys):
+    # before, the stages ahead of it ran first, then the flow failed with a traceback
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1.0]}), tmp_path / "pairs.parquet")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    assert main(["--data-dir", str(tmp_path / "data"), *args, "--models-root", str(tiny_models)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(("error: critique: template 'nosuch' not found", "error: instruct: template 'nosuch' not found",
+                           "error: score: template 'nosuch' not found", "error: sample: LoRA weights")), err
+    assert not list(tmp_path.glob("**/runs/*"))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a CUDA device")
