@@ -34,5 +34,6 @@ with keep_torch_threads():  # numba's OpenMP start resets torch's thread count
     _import_rembg()
 
 from rembg import new_session  # noqa: E402
+from rembg.sessions import sessions_names  # noqa: E402  the session names this rembg knows
 
-__all__ = ["new_session"]
+__all__ = ["new_session", "sessions_names"]

@@ -247,3 +247,14 @@ def test_a_vlm_served_at_an_endpoint_is_neither_found_nor_fitted_here(tiny_model
     resolve_models(profile)
     with pytest.raises(ModelProblem, match="critique: model 'no-such/critic'"):
         resolve_models(load_profile("tiny", served[:1], str(tiny_models)))
+
+
+def test_a_cutout_model_rembg_has_no_session_for_is_refused_before_any_stage(tiny_models):
+    # before, the cut-out stage failed on it after sample, critique, instruct and edit had run
+    from richpref.doctor.checks import ModelProblem, resolve_models
+    from richpref.schemas.config import load_profile
+
+    with pytest.raises(ModelProblem, match=r"(?s)'nosuch' is no rembg session; this rembg has .*\bsam\b.*"
+                                           r"fix: set cutout.model to one of those sessions"):
+        resolve_models(load_profile("tiny", ["cutout.model=nosuch"], str(tiny_models)))
+    resolve_models(load_profile("tiny", ["cutout.model=sam"], str(tiny_models)), {"cutout"})  # rembg fetches its files
