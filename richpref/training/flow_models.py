@@ -33,6 +33,11 @@ LORA_TARGETS = {
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
+def lora_targets(arch: str, targets: list[str]) -> list[str]:
+    """The modules a LoRA adapts: the config's, where the UNet default on a transformer means its family's."""
+    return LORA_TARGETS[arch] if arch in FLOW_ARCHS and list(targets) == UNET_LORA_TARGETS else list(targets)
+
+
 class ArchMismatch(ValueError):
     """A config made for another model family than the checkpoint holds."""
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from ..models.runtime import resolve_model_ref
 from ..schemas.training import FinetuneConfig
-from .flow_models import FLOW_ARCHS, LORA_TARGETS, UNET_LORA_TARGETS, detect_family
+from .flow_models import FLOW_ARCHS, detect_family, lora_targets
 
 GB = 1024**3
 
 
-def _shapes(folder: Path) -> dict[str, list[int]]:
+def weight_shapes(folder: Path) -> dict[str, list[int]]:
+    """Each weight's shape in a model folder's safetensors headers (nothing loaded)."""
     from safetensors import safe_open
 
     out = {}
@@ -40,12 +41,10 @@ def estimate_memory(cfg: FinetuneConfig, num_processes: int = 1) -> dict:
     model_dir = resolve_model_ref(cfg.model, cfg.models_root)
     arch = detect_family(model_dir)
     sub = "transformer" if arch in FLOW_ARCHS else "unet"
-    shapes = _shapes(Path(model_dir) / sub)
+    shapes = weight_shapes(Path(model_dir) / sub)
     n = sum(_numel(s) for s in shapes.values())
     wbytes = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
-    targets = list(cfg.lora.target_modules)
-    if arch in FLOW_ARCHS and targets == UNET_LORA_TARGETS:
-        targets = LORA_TARGETS[arch]
+    targets = lora_targets(arch, cfg.lora.target_modules)
     est = {"arch": arch, "params": n, "weights_gb": n * wbytes / GB}
     if cfg.mode == "lora":
         lora = sum(cfg.lora.rank * (s[0] + s[1]) for k, s in shapes.items()
@@ -60,7 +59,7 @@ def estimate_memory(cfg: FinetuneConfig, num_processes: int = 1) -> dict:
     if arch not in FLOW_ARCHS:
         for enc in ("text_encoder", "text_encoder_2"):
             if (Path(model_dir) / enc).is_dir():
-                text += sum(_numel(s) for s in _shapes(Path(model_dir) / enc).values())
+                text += sum(_numel(s) for s in weight_shapes(Path(model_dir) / enc).values())
     est["text_encoders_gb"] = text * wbytes / GB
     est["total_gb"] = est["weights_gb"] + est["training_state_gb"] + est["reference_gb"] + est["text_encoders_gb"]
     return est

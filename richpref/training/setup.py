@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from .checkpoints import TrainingError, load_init_lora, load_init_unet
 from ..sources.base import SourceError
 from ..sources.parquet import footer
 from .data import MASK_COLUMN, PAIR_COLUMNS, DataError, pair_files
-from .flow_models import FLOW_ARCHS, LORA_TARGETS, UNET_LORA_TARGETS, ArchMismatch, check_arch, load_flow_parts
+from .flow_models import FLOW_ARCHS, ArchMismatch, check_arch, load_flow_parts, lora_targets
+from .memory import weight_shapes
 from .models import add_lora, frozen_copy, load_parts
 
 log = logging.getLogger("richpref")
@@ -29,17 +31,22 @@ BIG_TRANSFORMER = 12e9  # parameters: FLUX.1 (12B), Qwen-Image (20B)
 
 def transformer_params(model_dir: str) -> int:
     """Parameter count of a pipeline's transformer, from its safetensors headers (nothing loaded)."""
-    from safetensors import safe_open
+    return sum(math.prod(shape) for shape in weight_shapes(Path(model_dir) / "transformer").values())
 
-    total = 0
-    for f in sorted((Path(model_dir) / "transformer").glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
+
+def check_lora_targets(cfg: FinetuneConfig, model_dir: str, family: str) -> None:
+    """Each LoRA target names a module of the trained network (PEFT's rule: the module's name, or its
+    dotted tail), read from the safetensors headers; before, a launch failed on it after the models loaded."""
+    sub = "transformer" if family in FLOW_ARCHS else "unet"
+    modules = {k.rsplit(".", 1)[0] for k in weight_shapes(Path(model_dir) / sub)}
+    if not modules:  # weights without safetensors headers: PEFT names a missing target when it loads them
+        return
+    missing = [t for t in lora_targets(family, cfg.lora.target_modules)
+               if not any(m == t or m.endswith("." + t) for m in modules)]
+    if missing:
+        raise ArchMismatch(f"lora.target_modules {missing}: no module of the {sub} of {cfg.model!r} ends with that name; "
+                           f"name its attention projections (e.g. to_q, to_k, to_v, to_out.0) or drop lora.target_modules "
+                           "for the family's default")
 
 
 def _init_from_arch(path: str) -> str | None:
@@ -62,6 +69,8 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
         if other and other != family:
             raise ArchMismatch(f"init_from {cfg.init_from}: made for a {other} model, this run trains {cfg.model!r} "
                                f"({family}); give weights trained on the same base, or drop init_from")
+    if cfg.mode == "lora":
+        check_lora_targets(cfg, model_dir, family)
     if family in FLOW_ARCHS and cfg.mode == "full":
         n = transformer_params(model_dir)
         on_fsdp = cfg.fsdp if fsdp is None else fsdp
@@ -139,10 +148,7 @@ def setup_model(cfg: FinetuneConfig, device: torch.device, weight_dtype: torch.d
     torch.manual_seed(cfg.seed)  # LoRA init: the same on every process
     if cfg.mode == "lora":
         _move(model, device, weight_dtype)
-        settings = cfg.lora
-        if flow is not None and list(settings.target_modules) == UNET_LORA_TARGETS:
-            settings = settings.model_copy(update={"target_modules": LORA_TARGETS[arch]})
-        add_lora(model, settings)
+        add_lora(model, cfg.lora.model_copy(update={"target_modules": lora_targets(arch, cfg.lora.target_modules)}))
         if cfg.init_from:
             load_init_lora(model, resolve_model_ref(cfg.init_from, cfg.models_root), arch)
         for p in model.parameters():  # trainable weights stay in float32 under mixed precision

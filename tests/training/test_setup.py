@@ -70,3 +70,21 @@ def test_finetune_refuses_a_pairs_file_that_is_no_parquet_or_lacks_a_column_befo
     err = capsys.readouterr().err
     assert f"data source 'pairs': {pairs / 'b.parquet'} is not a readable Parquet file" in err and "magic bytes" in err
     assert not (data / "finetune").exists()
+
+
+def test_a_lora_target_the_network_lacks_is_refused_before_the_launch(tiny_models):
+    # before, both launches failed on PEFT's NoMatchingPeftModuleError after the models loaded
+    import pytest
+
+    from richpref.training.flow_models import ArchMismatch
+
+    for config, targets in (("finetune-tiny", "[to_q, nosuch]"), ("finetune-tiny-flux", "[attn.to_q, to_qq]")):
+        cfg = load_finetune_config(config, [f"lora.target_modules={targets}", "data=[]"], str(tiny_models))
+        with pytest.raises(ArchMismatch, match=r"lora.target_modules \['(nosuch|to_qq)'\]: no module of the "
+                                               r"(unet|transformer) of '(sd15|flux)' ends with that name"):
+            finetune_preflight(cfg)
+    # a dotted tail and the family's defaults pass (the UNet default means the transformer's own on FLUX)
+    finetune_preflight(load_finetune_config("finetune-tiny-flux", ["lora.target_modules=[to_out.0, ff.net.2]", "data=[]"],
+                                            str(tiny_models)))
+    finetune_preflight(load_finetune_config("finetune-tiny-flux", ["lora.target_modules=[to_k, to_q, to_v, to_out.0]",
+                                                                   "data=[]"], str(tiny_models)))
