@@ -141,3 +141,18 @@ def test_a_file_argument_that_is_a_folder_or_lies_under_a_file_is_a_usage_error(
         with pytest.raises(SystemExit) as exit_:
             main(["--data-dir", str(tmp_path / "data"), *(str(path) if a == "{}" else a for a in command)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_argument_types_take_their_bounds_and_look_up_to_the_first_folder_that_exists(tmp_path):
+    import argparse
+
+    from richpref.cli.errors import at_least, output_file, port
+
+    assert at_least(1)("1") == 1 and port("0") == 0 and port("65535") == 65535
+    with pytest.raises(argparse.ArgumentTypeError, match="65536 is above 65535"):
+        port("65536")
+    nested = str(tmp_path / "new" / "deeper" / "report.html")  # folders made when written
+    assert output_file(nested) == nested
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match=f"{tmp_path / 'a-file'} is a file, not a folder"):
+        output_file(str(tmp_path / "a-file" / "sub" / "out.json"))
