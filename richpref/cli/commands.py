@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("richpref").setLevel(logging.INFO)  # one progress line per shard
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:  # Ctrl-C: what richpref started has been stopped on the way up here
+        print("interrupted: the work already committed is kept; run the same command again to go on from there",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -156,3 +156,17 @@ def test_the_argument_types_take_their_bounds_and_look_up_to_the_first_folder_th
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(argparse.ArgumentTypeError, match=f"{tmp_path / 'a-file'} is a file, not a folder"):
         output_file(str(tmp_path / "a-file" / "sub" / "out.json"))
+
+
+def test_ctrl_c_ends_a_command_in_one_line_that_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    # before, a traceback from wherever the interrupt landed (a Dask wait, the Prefect server's start)
+    import richpref.ops.entrypoints as entrypoints
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entrypoints, "run_flow", interrupted)
+    monkeypatch.setattr("richpref.training.evaluation.preflight", lambda cfg: None)
+    assert main(["--data-dir", str(tmp_path), "evaluate", "--config", "evaluate-tiny"]) == 130
+    assert capsys.readouterr().err == ("interrupted: the work already committed is kept; run the same command again "
+                                       "to go on from there\n")
