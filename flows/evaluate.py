@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from richpref.common.objstore import local_folder
 from richpref.training.evaluation import (artifact_key, generate_task, image_plan, load_prompts, preflight, score_task,
                                  with_data_dir, write_results)
 from richpref.schemas.training import load_evaluate_config
@@ -28,7 +29,7 @@ def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, 
 
     cfg = with_data_dir(load_evaluate_config(config, overrides, models_root), data_dir)
     preflight(cfg)
-    out = Path(output_dir or Path(data_dir) / "evaluate" / cfg.name)
+    out = Path(output_dir or local_folder(data_dir, "evaluate", cfg.name, what="evaluate"))
     out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(cfg)
     texts, seeds, index = image_plan(prompts, cfg)

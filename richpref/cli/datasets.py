@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from richpref.cli.errors import fail, folder, run_name
+from richpref.cli.errors import data_folder, fail, run_name
 
 
 def cmd_relabel_dataset(args: argparse.Namespace) -> int:
@@ -35,7 +35,7 @@ def cmd_relabel_dataset(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     rd = sub.add_parser("relabel-dataset", help="rescore a Pick-a-Pic-format Parquet dataset's jpg_0/jpg_1 and rewrite label_0")
     rd.add_argument("src", help="Parquet file(s): a path, folder, glob or fsspec URL (quote globs)")
-    rd.add_argument("out_dir", type=folder, help="data dir of the run: the relabelled part-*.parquet, README.md and plots land in "
+    rd.add_argument("out_dir", type=data_folder, help="data dir of the run: the relabelled part-*.parquet, README.md and plots land in "
                                     "OUT_DIR/runs/RUN/pairs/ (`richpref --data-dir OUT_DIR status RUN` and "
                                     "`inspect RUN` read it)")
     rd.add_argument("--run", default="relabel", type=run_name, help="run name under OUT_DIR/runs/ (default relabel); a rerun computes "

@@ -27,12 +27,21 @@ def run_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def folder(value: str) -> str:
-    """argparse type of a folder a command writes into, created when missing (a local path or an fsspec
-    URL): a local path that is a file is a usage error, not a FileExistsError at the first write."""
+def data_folder(value: str) -> str:
+    """argparse type of a data dir a command writes a run into, created when missing (a local path or an
+    fsspec URL): a local path that is a file is a usage error, not a FileExistsError at the first write."""
     if "://" not in value and os.path.exists(value) and not os.path.isdir(value):
         raise argparse.ArgumentTypeError(f"{value} is a file, not a folder; give a folder (created when missing)")
     return value
+
+
+def folder(value: str) -> str:
+    """argparse type of a local folder a command writes into (trainer checkpoints, an export, models): a
+    URL would become a local folder named after it (`s3:/bucket/...`), so it is a usage error too."""
+    if "://" in value:
+        raise argparse.ArgumentTypeError(f"{value}: this command writes a local folder; give a local or shared-filesystem "
+                                         "path (copy the folder to the store afterwards)")
+    return data_folder(value)
 
 
 def output_file(value: str) -> str:

@@ -14,7 +14,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.schemas.training import load_evaluate_config, load_finetune_config
     from richpref.doctor.checks import ModelProblem, check_key_inputs, resolve_models
     from richpref.tasks import stages_for
-    from richpref.recipes.rounds import evaluate_overrides, finetune_overrides
+    from richpref.common.objstore import DataDirError
+    from richpref.recipes.rounds import evaluate_overrides, finetune_overrides, rounds_dir
     from richpref.training.finetune import PAIRS_SOURCE
     from richpref.training.setup import preflight as finetune_preflight
     from richpref.training.evaluation import preflight as evaluate_preflight
@@ -23,6 +24,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_rounds_config(args.config, args.set, args.models_root)  # bad configs fail before Prefect starts
+        rounds_dir(args.data_dir, cfg)  # its fine-tunes and table are local files
         # The first round curates with every model of the profile: they resolve before it starts.
         profile = load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
         resolve_models(profile)
@@ -34,7 +36,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         evaluate_preflight(load_evaluate_config(cfg.evaluate, evaluate_overrides(cfg, [])))
         result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir,
                           models_root=args.models_root)
-    except (ProfileError, ModelNotAvailable, ModelProblem, ValueError) as exc:
+    except (ProfileError, ModelNotAvailable, ModelProblem, DataDirError, ValueError) as exc:
         return fail(exc)
     except (CurateFailed, LaunchFailed) as exc:  # a round's curate or fine-tune: the message names what to redo
         return fail(exc, 1)

@@ -15,7 +15,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from richpref.models.runtime import ModelNotAvailable
     from richpref.schemas.config import ProfileError
     from richpref.schemas.training import load_finetune_config
-    from richpref.training.finetune import with_pairs
+    from richpref.common.objstore import DataDirError
+    from richpref.training.finetune import default_output_dir, with_pairs
     from richpref.training.data import DataError
     from richpref.training.launcher import LaunchFailed, check_fsdp_device
     from richpref.training.setup import preflight
@@ -34,12 +35,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         # A bad config, a checkpoint of another family, pairs without the masks it needs: refused before
         # Prefect starts and before any model loads.
         cfg = with_pairs(load_finetune_config(args.config, args.set, args.models_root), args.pairs)
+        if args.output_dir is None:
+            default_output_dir(cfg, args.data_dir)  # a data dir on an object store holds no checkpoints
         preflight(cfg)
         check_fsdp_device(cfg)
         result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
                           overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
                           data_dir=args.data_dir, models_root=args.models_root)
-    except (ProfileError, ModelNotAvailable, DataError, ValueError, FileNotFoundError) as exc:
+    except (ProfileError, ModelNotAvailable, DataError, DataDirError, ValueError, FileNotFoundError) as exc:
         return fail(exc)
     except LaunchFailed as exc:
         return fail(exc, 1)
@@ -49,6 +52,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from richpref.ops.entrypoints import EVALUATE, run_flow
+    from richpref.common.objstore import DataDirError, local_folder
     from richpref.training.evaluation import preflight, with_data_dir
     from richpref.models.runtime import ModelNotAvailable
     from richpref.schemas.config import ProfileError
@@ -56,10 +60,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         # before Prefect starts
-        preflight(with_data_dir(load_evaluate_config(args.config, args.set, args.models_root), args.data_dir))
+        cfg = load_evaluate_config(args.config, args.set, args.models_root)
+        if args.output_dir is None:
+            local_folder(args.data_dir, "evaluate", cfg.name, what="evaluate")  # the images and tables are local files
+        preflight(with_data_dir(cfg, args.data_dir))
         result = run_flow(EVALUATE, config=args.config, overrides=args.set, output_dir=args.output_dir,
                           data_dir=args.data_dir, models_root=args.models_root)
-    except (ProfileError, ModelNotAvailable, ValueError) as exc:
+    except (ProfileError, ModelNotAvailable, DataDirError, ValueError) as exc:
         return fail(exc)
     print(result["markdown"])
     print(f"written to {result['output_dir']} (table.parquet, table.md, scores.parquet, grid.png)")

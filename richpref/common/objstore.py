@@ -7,6 +7,7 @@ Credentials and endpoint come from the store's own environment variables (for S3
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
@@ -27,6 +28,16 @@ class DataDirError(RuntimeError):
 
 def protocol(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def local_folder(data_dir: str, *parts: str, what: str) -> str:
+    """`data_dir/parts...` for `what` writes only local files (trainer checkpoints, evaluation images, the
+    rounds' table): a data dir that is a URL is refused, naming `what` and the fix, instead of becoming a
+    local folder named after it (`s3:/bucket/...` under the working directory)."""
+    if "://" in data_dir:
+        raise DataDirError(f"{what} writes a local folder, and the data dir {data_dir} is not one: give a local or "
+                           "shared-filesystem folder (--output-dir, or a --data-dir for this command)")
+    return os.path.join(data_dir, *parts)
 
 
 def storage_options(url: str) -> dict:

@@ -31,7 +31,10 @@ STATE = "rounds.json"
 
 
 def rounds_dir(data_dir: str, cfg: RoundsConfig) -> Path:
-    return Path(data_dir) / "rounds" / cfg.name
+    """Each round's fine-tune and the table: local files (the curated runs may live on an object store)."""
+    from richpref.common.objstore import local_folder
+
+    return Path(local_folder(data_dir, "rounds", cfg.name, what="rounds"))
 
 
 def round_run(cfg: RoundsConfig, k: int) -> str:

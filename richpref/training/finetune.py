@@ -32,8 +32,10 @@ def with_pairs(cfg: FinetuneConfig, pairs: str | None) -> FinetuneConfig:
 
 def default_output_dir(cfg: FinetuneConfig, data_dir: str) -> str:
     """<data_dir>/finetune/<config name>: where a rerun of the same config resumes."""
+    from richpref.common.objstore import local_folder
+
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.name) or "finetune"
-    return str(Path(data_dir) / "finetune" / name)
+    return local_folder(data_dir, "finetune", name, what="finetune")
 
 
 def last_metrics(output_dir: str) -> dict:

@@ -7,6 +7,8 @@ there (before Prefect starts); a count below its least (workers, processes,
 restarts; machines: tests/training/test_launcher.py) is a usage error before anything runs."""
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -73,9 +75,6 @@ def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
 def test_what_a_stage_key_reads_that_is_not_there_is_refused_before_prefect_starts(command, tiny_models, tmp_path,
                                                                                      capsys):
     # before, the stages ahead of it ran first, then the flow failed with a traceback
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1.0]}), tmp_path / "pairs.parquet")
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
     assert main(["--data-dir", str(tmp_path / "data"), *args, "--models-root", str(tiny_models)]) == 2
@@ -146,7 +145,7 @@ def test_a_file_argument_that_is_a_folder_or_lies_under_a_file_is_a_usage_error(
 def test_the_argument_types_take_their_bounds_and_look_up_to_the_first_folder_that_exists(tmp_path):
     import argparse
 
-    from richpref.cli.errors import at_least, output_file, port
+    from richpref.cli.errors import at_least, data_folder, folder, output_file, port
 
     assert at_least(1)("1") == 1 and port("0") == 0 and port("65535") == 65535
     with pytest.raises(argparse.ArgumentTypeError, match="65536 is above 65535"):
@@ -156,6 +155,10 @@ def test_the_argument_types_take_their_bounds_and_look_up_to_the_first_folder_th
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(argparse.ArgumentTypeError, match=f"{tmp_path / 'a-file'} is a file, not a folder"):
         output_file(str(tmp_path / "a-file" / "sub" / "out.json"))
+    # a run's data dir may be a URL; a folder the command writes itself (export, checkpoints) may not
+    assert data_folder("s3://bucket/data") == "s3://bucket/data"
+    with pytest.raises(argparse.ArgumentTypeError, match="s3://bucket/out: this command writes a local folder"):
+        folder("s3://bucket/out")  # before, `export --out s3://...` wrote ./s3:/bucket/out
 
 
 def test_ctrl_c_ends_a_command_in_one_line_that_says_how_to_go_on(tmp_path, capsys, monkeypatch):
@@ -170,3 +173,19 @@ def test_ctrl_c_ends_a_command_in_one_line_that_says_how_to_go_on(tmp_path, caps
     assert main(["--data-dir", str(tmp_path), "evaluate", "--config", "evaluate-tiny"]) == 130
     assert capsys.readouterr().err == ("interrupted: the work already committed is kept; run the same command again "
                                        "to go on from there\n")
+
+
+@pytest.mark.parametrize("command", [["finetune", "--config", "finetune-tiny", "--pairs", "{pairs}"],
+                                     ["evaluate", "--config", "evaluate-tiny"], ["rounds"]])
+def test_a_data_dir_on_an_object_store_is_no_home_for_local_outputs(command, tiny_models, tmp_path, capsys, monkeypatch):
+    # before, the checkpoints, images or tables went to a local folder named `s3:/bucket/data/...`
+    import richpref.common.objstore as objstore
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(objstore, "check_reachable", lambda url: None)  # the store itself is not the point
+    pairs = tmp_path / "pairs.parquet"  # the preflight reads footers, not images
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1.0]}), pairs)
+    args = [a.replace("{pairs}", str(pairs)) for a in command]
+    assert main(["--data-dir", "s3://bucket/data", *args, "--models-root", str(tiny_models)]) == 2
+    assert f"{command[0]} writes a local folder, and the data dir s3://bucket/data is not one" in capsys.readouterr().err
+    assert not (tmp_path / "s3:").exists()
