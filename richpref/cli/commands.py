@@ -13,17 +13,12 @@ from richpref.cli.errors import fail
 from richpref.cli import curate, datasets, export, models, rounds, serve, training, views
 
 
-def _local_prefect_home() -> str:
-    """Prefect's local state for a data dir on an object store: the user's cache folder."""
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "richpref" / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
-    return str(home)
-
-
 def _quiet_defaults(data_dir: str) -> None:
     """Offline-friendly defaults, set before prefect/transformers are imported; the user's env wins."""
+    from richpref.common.objstore import state_dir
+
     defaults = {
-        "PREFECT_HOME": str(Path(data_dir).resolve() / ".prefect") if "://" not in data_dir else _local_prefect_home(),
+        "PREFECT_HOME": state_dir(data_dir, ".prefect"),
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "richpref",

@@ -8,6 +8,7 @@ Credentials and endpoint come from the store's own environment variables (for S3
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
@@ -38,6 +39,16 @@ def local_folder(data_dir: str, *parts: str, what: str) -> str:
         raise DataDirError(f"{what} writes a local folder, and the data dir {data_dir} is not one: give a local or "
                            "shared-filesystem folder (--output-dir, or a --data-dir for this command)")
     return os.path.join(data_dir, *parts)
+
+
+def state_dir(data_dir: str, name: str) -> str:
+    """Where a data dir's local state lives (Prefect's home): `<data_dir>/<name>`, or for a data dir on an
+    object store the user's cache folder (`$XDG_CACHE_HOME/richpref/<name without its dot>`)."""
+    if "://" not in data_dir:
+        return str(Path(data_dir).resolve() / name)
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "richpref" / name.lstrip(".")
+    home.mkdir(parents=True, exist_ok=True)
+    return str(home)
 
 
 def storage_options(url: str) -> dict:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from richpref.common.procs import check_port_free, spawn_owned, stop_owned, wait_healthy
+from richpref.common.objstore import state_dir
 from richpref.ops.prefect_api import RECORDER_BATCHES
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -20,7 +21,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 def server_env(data_dir: str, host: str, port: int) -> dict[str, str]:
     env = {**RECORDER_BATCHES, **os.environ}
     env.update({
-        "PREFECT_HOME": str(Path(data_dir).resolve() / ".prefect-server"),
+        "PREFECT_HOME": state_dir(data_dir, ".prefect-server"),  # a URL data dir: the user's cache
         "PREFECT_API_URL": f"http://{host}:{port}/api",
         "PREFECT_SERVER_API_HOST": host,
         "PREFECT_SERVER_API_PORT": str(port),

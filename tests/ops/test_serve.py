@@ -113,3 +113,15 @@ def test_a_second_serve_on_a_port_in_use_is_refused_naming_the_port(server, caps
     assert main(["--data-dir", str(server["data"]), "serve", "--port", str(port), "--pool", ""]) == 2
     assert capsys.readouterr().err.strip() == (  # before: "the Prefect server exited with code 1" traceback
         f"error: port {port} on 127.0.0.1 is in use (another server listens there): stop it, or give --port")
+
+
+def test_the_servers_prefect_home_is_under_a_local_data_dir_or_in_the_users_cache(tmp_path, monkeypatch):
+    # before, a data dir on an object store gave it a local folder named s3:/bucket/data/.prefect-server
+    from richpref.ops.serve import server_env
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert server_env("s3://bucket/data", "127.0.0.1", 4200)["PREFECT_HOME"] == str(
+        tmp_path / "cache" / "richpref" / "prefect-server")
+    assert server_env("data", "127.0.0.1", 4200)["PREFECT_HOME"] == str(tmp_path / "data" / ".prefect-server")
+    assert not (tmp_path / "s3:").exists()
