@@ -65,11 +65,13 @@ def pair_files(path: str) -> list[str]:
         return parquet_files(path)
     from .remote_pairs import remote_parquet_files
 
+    from richpref.common.objstore import credentials_hint
+
     try:
         files = remote_parquet_files(path)
-    except OSError as exc:  # s3fs: a missing bucket, a refused credential, an unreachable endpoint
-        raise DataError(f"data source path {path!r} cannot be listed ({type(exc).__name__}: {exc}); check the URL "
-                        "and the store's credentials and endpoint") from exc
+    except Exception as exc:  # noqa: BLE001 - s3fs/botocore: a missing bucket, no or a refused credential, no endpoint
+        raise DataError(f"data source path {path!r} cannot be listed ({type(exc).__name__}: {exc}); check the URL; "
+                        f"{credentials_hint(path)}") from exc
     if not files:
         raise DataError(f"data source path {path!r} has no .parquet files (give a file, a folder of them or a glob)")
     return files
