@@ -371,8 +371,12 @@ def test_a_source_folder_is_its_files_of_the_kind_in_every_subfolder_in_name_ord
 
 def test_a_store_url_without_credentials_is_a_source_error_naming_the_variables(monkeypatch):
     # before, botocore's NoCredentialsError traceback (it is no OSError)
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    import s3fs
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()  # one an S3 test made with its server's endpoint and key
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup either

@@ -96,8 +96,12 @@ def test_pairs_at_a_store_url_without_credentials_are_a_data_error_naming_the_va
 
     from richpref.training.data import DataError, pair_files
 
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    import s3fs
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()  # one an S3 test made with its server's endpoint and key
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup either
