@@ -49,6 +49,9 @@ def parquet_files(path: str) -> list[str]:
         root = Path(__file__).resolve().parents[2]
         if glob.glob(str(root / p)):
             p = root / p
+    if p.is_dir() and (p / "run.json").is_file() and (p / "pairs").is_dir():
+        # a run's folder: its stages' tables are no pairs, and reading them all would train on nothing
+        raise DataError(f"data source path {path!r} is a run's folder: give its pairs, {str(Path(path) / 'pairs')!r}")
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*.parquet"))
     else:

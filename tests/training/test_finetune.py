@@ -80,6 +80,9 @@ def test_ties_dropped_and_missing_columns_named(pairs_file, tmp_path):
         load_pair_source(PairSourceConfig(path=str(tmp_path / "bad.parquet")))
     with pytest.raises(DataError, match="no .parquet files"):
         load_pair_source(PairSourceConfig(path=str(tmp_path / "nothing-here")))
+    (tmp_path / "run.json").write_text("{}")  # the run's folder itself: before, every stage's table was read
+    with pytest.raises(DataError, match=rf"{tmp_path}' is a run's folder: give its pairs, '{folder}'"):
+        load_pair_source(PairSourceConfig(path=str(tmp_path)))
 
 
 def test_heldout_split_always_leaves_a_pair_to_train():
