@@ -128,7 +128,9 @@ def _cutout_check(ref: ModelRef, profile: Profile) -> None:
         from richpref.models.rembg_import import sessions_names
 
         if ref.ref not in sessions_names:
-            raise ModelNotAvailable(f"{ref.ref!r} is no rembg session; this rembg has {', '.join(sorted(sessions_names))}")
+            raise ModelProblem(ref.stage, ref.ref, f"{ref.ref!r} is no rembg session; this rembg has "
+                               f"{', '.join(sorted(sessions_names))}", f"set {ref.field} to one of those sessions "
+                               "(u2net is the default), or u2net_custom with cutout.model_path for an .onnx of your own")
     else:
         ref.path = str(expected)
         if not expected.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -153,10 +155,7 @@ def resolve(ref: ModelRef, profile: Profile) -> ModelRef:
     except ModelNotAvailable as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hub_id = ref.ref.count("/") == 1 and not ref.ref.startswith((".", "/", "~"))
-        if ref.kind == "rembg" and "no rembg session" in str(exc):
-            fix = (f"set {ref.field} to one of those sessions (u2net is the default), or u2net_custom with "
-                   "cutout.model_path for an .onnx of your own")
-        elif ref.kind == "rembg":
+        if ref.kind == "rembg":
             fix = f"run `rembg d {ref.ref}` on a connected machine and copy the file into the rembg home"
         elif offline and hub_id:
             fix = (f"download it on a connected machine: `huggingface-cli download {ref.ref}` (then copy the "
