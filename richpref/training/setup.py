@@ -45,7 +45,7 @@ def check_lora_targets(cfg: FinetuneConfig, model_dir: str, family: str) -> None
                if not any(m == t or m.endswith("." + t) for m in modules)]
     if missing:
         raise ArchMismatch(f"lora.target_modules {missing}: no module of the {sub} of {cfg.model!r} ends with that name; "
-                           f"name its attention projections (e.g. to_q, to_k, to_v, to_out.0) or drop lora.target_modules "
+                           "name its attention projections (e.g. to_q, to_k, to_v, to_out.0) or drop lora.target_modules "
                            "for the family's default")
 
 
