@@ -157,10 +157,12 @@ def read_many(fs, paths: list[str]) -> dict[str, bytes | None]:
 
 def read_parquet(f, columns: list[str] | None = None):
     """A Parquet file's table (or those `columns`), from an open file object or an Arrow buffer, read
-    through pyarrow's file reader. Not `pyarrow.parquet.read_table(f)`: its dataset scanner reads a
-    Python file object from pyarrow's threads, and a thread it left behind aborted the interpreter at
-    exit (`terminate called without an active exception`, SIGABRT) after one process in five to eight
-    that had read a run's shards: `richpref summary`, a curate of a finished run."""
+    on the calling thread. pyarrow reads a Python file object from its own threads otherwise (the dataset
+    scanner of `read_table`; `ParquetFile`'s pre-buffering, on by default, on its I/O pool), and such a
+    thread left at exit aborted the interpreter (`terminate called without an active exception`,
+    SIGABRT): one process in five to eight through `read_table`, a few in a hundred under load through
+    pre-buffering (`richpref summary`, a curate of a finished run). A run's shards are small: one thread
+    decodes them at no loss worth a thread pool."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(f).read(columns=columns)
+    return pq.ParquetFile(f, pre_buffer=False).read(columns=columns, use_threads=False)

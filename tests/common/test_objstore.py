@@ -44,6 +44,28 @@ def test_a_process_that_read_a_runs_shards_exits_cleanly(tmp_path):
     assert not failed, failed
 
 
+THREADS_AFTER_READING = """
+import os, sys
+from richpref.run.storage import RunStore
+store = RunStore(sys.argv[1], "r")
+before = len(os.listdir("/proc/self/task"))  # pyarrow's own, from its import (jemalloc's among them)
+for s in range(32):
+    store.read_shard("relabel", s, ["status", "flipped"])
+    store.read_shard("relabel", s)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+def test_reading_a_runs_shards_starts_no_thread_that_could_be_left_at_exit(tmp_path):
+    # before, pre-buffering read the file from pyarrow's I/O pool (a thread per read, up to 8): the
+    # threads the exit abort above needs; now none is started, so its rare aborts have no cause left
+    _shards(tmp_path)
+    repo = str(Path(__file__).resolve().parents[2])
+    r = subprocess.run([sys.executable, "-c", THREADS_AFTER_READING, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, cwd=repo, check=True)
+    assert r.stdout.strip() == "0", r.stdout
+
+
 def test_read_parquet_gives_the_table_and_the_columns_asked_for(tmp_path):
     _shards(tmp_path)
     path = tmp_path / "runs" / "r" / "relabel" / "part-00003.parquet"
