@@ -89,7 +89,7 @@ def relabel_dataset(src: str, out_dir: str, profile: Profile, reward: str | None
     store = RunStore(out_dir, run)
     source, decided, pairs = manifests["source"], manifests["relabel"], manifests["pairs"]
     rows, kept = sum(m.rows for m in source.values()), sum(m.rows for m in pairs.values())
-    reasons = reason_counts(decided.values())
+    reasons = reason_counts([*source.values(), *decided.values()])  # a pair without a caption stops at the source
     if rows != kept + sum(reasons.values()):
         raise RuntimeError(f"run {run}: {rows} source rows but {kept} kept and {sum(reasons.values())} rejected")
     agree = with_label = 0

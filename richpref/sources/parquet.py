@@ -155,6 +155,13 @@ class ParquetPart:
             rows += self._read_group(rg, lo, hi, end, columns).to_pylist()
         return rows
 
+    def statistics(self, start: int, stop: int, column: str) -> list:
+        """The footer's statistics of top-level `column` in the row groups holding rows [start, stop)
+        (None for a chunk written without them)."""
+        meta = self._meta()
+        return [meta.row_group(rg).column(i).statistics for rg, _lo, _hi in self._groups(start, stop)
+                for i in range(meta.row_group(rg).num_columns) if meta.row_group(rg).column(i).path_in_schema == column]
+
     def fingerprint(self, start: int, stop: int, columns: list[str]) -> str:
         """Footer facts of the row groups holding rows [start, stop), for the columns read: row counts,
         encoded sizes and statistics. A changed value changes its row group's sizes or statistics."""

@@ -3,9 +3,11 @@
 Shard k holds `source.shard_size` rows of one file (a shard never spans two files, so each file's
 rows keep their shards when another file is added), read by row group: computing a shard reads only
 its rows. Its key is the file's version and the footer facts of those rows (richpref/sources/parquet.py),
-so counting and keying shards reads no data pages. Every row is kept: `jpg_0`/`jpg_1` as raw encoded
-bytes (a `datasets` Image struct gives its `bytes`), the other columns as they are. An undecodable
-image is the score stage's to reject, with its reason.
+so counting and keying shards reads no data pages. Every row is kept but one whose caption is null or
+ASCII whitespace alone (`bad_prompt: …`, as the curate source says; only shards whose footer allows one
+are keyed anew for that rule): `jpg_0`/`jpg_1` as raw encoded bytes (a `datasets`
+Image struct gives its `bytes`), the other columns as they are. An undecodable image is the score
+stage's to reject, with its reason.
 
 `item_id` is the source's own `item_id` when it has one, else a hash of the caption and both images;
 a repeat within a shard gets `#n` appended, so every row of a shard has its own key.
@@ -19,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..schemas.config import Profile
-from ..schemas.tables import OK
+from ..schemas.tables import OK, REJECTED
 from ..sources import SourceError, source_files
 from ..sources.parquet import ParquetPart, file_version, footer, open_parquet
 from .base import Stage, StageInputs
@@ -63,10 +65,37 @@ def count_shards(profile: Profile) -> int:
     return len(shard_ranges(profile))
 
 
+def may_hold_blank_captions(part: ParquetPart, start: int, stop: int) -> bool:
+    """Whether rows [start, stop) may hold a caption that is missing or blank, from the footer alone: a
+    null, a smallest value that is empty or starts with whitespace, or no statistics to say."""
+    for s in part.statistics(start, stop, "caption"):
+        if s is None or not s.has_null_count or s.null_count > 0 or not s.has_min_max:
+            return True
+        # a blank caption (`blank_caption`) sorts first: empty, or starting with an ASCII space or control
+        if isinstance(s.min, (str, bytes)) and (len(s.min) == 0 or s.min[:1] <= (b" " if isinstance(s.min, bytes) else " ")):
+            return True
+    return False
+
+
+def blank_caption(caption) -> str | None:
+    """Why a pair has no caption to score against (and condition a trainer on), or None: null, or text
+    of ASCII whitespace alone. Other values are kept as they are, as before this rule."""
+    if caption is None:
+        return "bad_prompt: missing"
+    if isinstance(caption, (str, bytes)) and not caption.strip(b" \t\n\r\x0b\x0c" if isinstance(caption, bytes)
+                                                                 else " \t\n\r\x0b\x0c"):
+        return "bad_prompt: empty"
+    return None
+
+
 def shard_key(profile: Profile, shard: int) -> str:
     f, a, b = shard_ranges(profile)[shard]
     part = ParquetPart(f)
     payload = [STAGE.name, VERSION, shard, list(map(str, file_version(f))), a, b, part.fingerprint(a, b, part.columns())]
+    if may_hold_blank_captions(part, a, b):
+        # Such rows are rejected since 2026-12 (before: kept, scored against ""): only these shards are
+        # keyed anew, so a dataset without them keeps every shard (and its scores).
+        payload.append("blank captions rejected")
     return hashlib.sha256(repr(payload).encode()).hexdigest()
 
 
@@ -110,8 +139,11 @@ def pickapic_rows(table: pa.Table) -> pa.Table:
         n = seen.get(base, 0)
         seen[base] = n + 1
         ids.append(base if n == 0 else f"{base}#{n}")
-    cols = {"item_id": pa.array(ids, type=pa.string()), "status": pa.array([OK] * table.num_rows, type=pa.string()),
-            "reason": pa.nulls(table.num_rows, type=pa.string())}
+    # A pair without a caption has nothing for the rewards to score against (and a trainer to condition on).
+    reasons = [blank_caption(c) for c in captions]
+    cols = {"item_id": pa.array(ids, type=pa.string()),
+            "status": pa.array([OK if r is None else REJECTED for r in reasons], type=pa.string()),
+            "reason": pa.array(reasons, type=pa.string())}
     for name in table.schema.names:
         if name != "item_id":
             cols[name] = a if name == "jpg_0" else b if name == "jpg_1" else table.column(name)

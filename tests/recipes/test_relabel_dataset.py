@@ -174,3 +174,30 @@ def test_relabel_dataset_refuses_a_reward_model_that_is_not_there_before_any_sha
     assert rc == 3 and "pickapic_score: model 'imagereward' cannot be loaded" in err, err
     assert str(tmp_path / "nowhere" / "imagereward") in err and "Traceback" not in err
     assert not (out / "runs" / "relabel" / "source").exists()
+
+
+def test_a_pair_without_a_caption_stops_at_the_source_and_only_shards_that_may_hold_one_are_keyed_anew(
+        tiny_models, tmp_path):
+    # before, it was kept, scored against "" and exported with a null caption (diffusers' DPO script fails on it)
+    from richpref.recipes.relabel_dataset import relabel_dataset
+    from richpref.sources.parquet import ParquetPart
+    from richpref.tasks.pickapic_source import may_hold_blank_captions
+
+    rng = np.random.default_rng(3)
+    captions = ["prompt 0", "prompt 1", None, " \t", "prompt 4"]
+    table = pa.table({"caption": captions, "jpg_0": [_jpeg(_image(rng)) for _ in range(5)],
+                      "jpg_1": [_jpeg(_image(rng)) for _ in range(5)], "label_0": [1.0, 0.0, 1.0, 0.0, 1.0]})
+    pq.write_table(table, tmp_path / "src.parquet", row_group_size=2)  # row groups = shards of 2 rows
+    part = ParquetPart(str(tmp_path / "src.parquet"))
+    # the footer tells: shard 1 may hold one (a null, or a smallest value that starts with whitespace)
+    assert [may_hold_blank_captions(part, a, a + 2) for a in (0, 2, 4)] == [False, True, False]
+    pq.write_table(table.slice(3, 1), tmp_path / "blank.parquet")  # " \t" alone: no null, its smallest value is blank
+    pq.write_table(table.slice(0, 2), tmp_path / "plain.parquet", write_statistics=False)  # nothing to tell by
+    assert may_hold_blank_captions(ParquetPart(str(tmp_path / "blank.parquet")), 0, 1)
+    assert may_hold_blank_captions(ParquetPart(str(tmp_path / "plain.parquet")), 0, 2)
+
+    summary = relabel_dataset(str(tmp_path / "src.parquet"), str(tmp_path / "out"), load_profile("tiny", models_root=str(
+        tiny_models)), reward="clip", rows_per_shard=2)
+    assert (summary["rows"], summary["kept"], summary["rejected"]) == (5, 3, {"bad_prompt": 2})
+    source = pq.read_table(tmp_path / "out" / "runs" / "relabel" / "source" / "part-00001.parquet")
+    assert source.column("reason").to_pylist() == ["bad_prompt: missing", "bad_prompt: empty"]
