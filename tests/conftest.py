@@ -277,3 +277,23 @@ def small_reference(prefect_server):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def no_store_credentials(monkeypatch):
+    """No S3 credentials anywhere botocore looks (variables, files, instance metadata), no endpoint, and
+    no s3fs instance an S3 test made with its server's endpoint and key. After: the instances made here
+    (no credentials, cached by their options alone) go, and those of the S3 tests come back."""
+    import s3fs
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    cached = dict(s3fs.S3FileSystem._cache)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem._cache.update(cached)

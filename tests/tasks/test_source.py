@@ -369,17 +369,8 @@ def test_a_source_folder_is_its_files_of_the_kind_in_every_subfolder_in_name_ord
         check_source(SourceConfig(kind="hf"))
 
 
-def test_a_store_url_without_credentials_is_a_source_error_naming_the_variables(monkeypatch):
+def test_a_store_url_without_credentials_is_a_source_error_naming_the_variables(no_store_credentials):
     # before, botocore's NoCredentialsError traceback (it is no OSError)
-    import s3fs
-
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
-    s3fs.S3FileSystem.clear_instance_cache()  # one an S3 test made with its server's endpoint and key
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup either
     with pytest.raises(SourceError, match=r"source.path 's3://no-such-bucket/prompts/' cannot be listed "
                                           r"\(NoCredentialsError: .*\); set AWS_ACCESS_KEY_ID"):
         check_source(SourceConfig(kind="parquet", path="s3://no-such-bucket/prompts/"))

@@ -90,21 +90,12 @@ def test_a_lora_target_the_network_lacks_is_refused_before_the_launch(tiny_model
                                                                    "data=[]"], str(tiny_models)))
 
 
-def test_pairs_at_a_store_url_without_credentials_are_a_data_error_naming_the_variables(monkeypatch):
+def test_pairs_at_a_store_url_without_credentials_are_a_data_error_naming_the_variables(no_store_credentials):
     # before, botocore's NoCredentialsError traceback from the finetune preflight (it is no OSError)
     import pytest
 
     from richpref.training.data import DataError, pair_files
 
-    import s3fs
-
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
-    s3fs.S3FileSystem.clear_instance_cache()  # one an S3 test made with its server's endpoint and key
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup either
     with pytest.raises(DataError, match=r"data source path 's3://no-such-bucket/pairs/' cannot be listed "
                                         r"\(NoCredentialsError: .*set AWS_ACCESS_KEY_ID"):
         pair_files("s3://no-such-bucket/pairs/")
