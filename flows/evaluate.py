@@ -10,9 +10,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from richpref.common.objstore import local_folder
-from richpref.training.evaluation import (artifact_key, generate_task, image_plan, load_prompts, preflight, score_task,
-                                 with_data_dir, write_results)
+from richpref.training.evaluation import (artifact_key, default_output_dir, generate_task, image_plan, preflight,
+                                 score_task, with_data_dir, write_results)
 from richpref.schemas.training import load_evaluate_config
 
 log = logging.getLogger("richpref")
@@ -28,10 +27,9 @@ def evaluate(config: str = "evaluate-tiny", overrides: list[str] | None = None, 
     from richpref.models.runtime import resident
 
     cfg = with_data_dir(load_evaluate_config(config, overrides, models_root), data_dir)
-    preflight(cfg)
-    out = Path(output_dir or local_folder(data_dir, "evaluate", cfg.name, what="evaluate"))
+    prompts = preflight(cfg)
+    out = Path(output_dir or default_output_dir(cfg, data_dir))
     out.mkdir(parents=True, exist_ok=True)
-    prompts = load_prompts(cfg)
     texts, seeds, index = image_plan(prompts, cfg)
     log.info("evaluate %s: %d prompts × %d images × %d models", cfg.name, len(prompts), cfg.images_per_prompt,
              len(cfg.models))

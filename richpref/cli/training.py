@@ -52,8 +52,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from richpref.ops.entrypoints import EVALUATE, run_flow
-    from richpref.common.objstore import DataDirError, local_folder
-    from richpref.training.evaluation import preflight, with_data_dir
+    from richpref.common.objstore import DataDirError
+    from richpref.training.evaluation import default_output_dir, preflight, with_data_dir
     from richpref.models.runtime import ModelNotAvailable
     from richpref.schemas.config import ProfileError
     from richpref.schemas.training import load_evaluate_config
@@ -62,7 +62,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         # before Prefect starts
         cfg = load_evaluate_config(args.config, args.set, args.models_root)
         if args.output_dir is None:
-            local_folder(args.data_dir, "evaluate", cfg.name, what="evaluate")  # the images and tables are local files
+            default_output_dir(cfg, args.data_dir)  # a data dir on an object store holds no images or tables
         preflight(with_data_dir(cfg, args.data_dir))
         result = run_flow(EVALUATE, config=args.config, overrides=args.set, output_dir=args.output_dir,
                           data_dir=args.data_dir, models_root=args.models_root)

@@ -148,17 +148,24 @@ def score_task(name: str, cfg: EvaluateConfig, image_files: dict[str, str]) -> d
     return out
 
 
-def preflight(cfg: EvaluateConfig) -> None:
-    """Before anything loads: the prompts read, only per-image rewards (pair rewards rate an edit
-    against its original), and every model must resolve (a missing one fails now, not after all the
-    generating)."""
+def default_output_dir(cfg: EvaluateConfig, data_dir: str) -> str:
+    """<data_dir>/evaluate/<config name>: a local folder (its images and tables are local files)."""
+    from richpref.common.objstore import local_folder
+
+    return local_folder(data_dir, "evaluate", cfg.name, what="evaluate")
+
+
+def preflight(cfg: EvaluateConfig) -> list[str]:
+    """Before anything loads: the prompts read (returned), only per-image rewards (pair rewards rate an
+    edit against its original), and every model must resolve (a missing one fails now, not after all
+    the generating)."""
     from richpref.models.rewards import MODEL_REF_OPTIONS, PAIR_KINDS
     from richpref.models.runtime import ModelNotAvailable
     from richpref.tasks.source import SourceError
     from richpref.training.models import is_finetune_output
 
     try:
-        load_prompts(cfg)  # the source's view stays open for the flow's own read
+        prompts = load_prompts(cfg)
     except SourceError as exc:
         raise ValueError(f"evaluate.prompts: {exc}") from None
 
@@ -183,6 +190,7 @@ def preflight(cfg: EvaluateConfig) -> None:
             except ModelNotAvailable as exc:
                 raise ModelNotAvailable(f"evaluate model {model.name!r}: {exc} A finetune output folder has "
                                         "final/finetune.json: run `richpref finetune` first.") from None
+    return prompts
 
 
 WIN_VS = "_win_vs_"  # a win-rate column: f"{reward}{WIN_VS}{base model}"
