@@ -100,6 +100,12 @@ def credentials_hint(url: str) -> str:
     return S3_ENV_HINT if proto in ("s3", "s3a") else f"check the {proto}:// credentials and endpoint"
 
 
+def cannot_list(url: str, exc: BaseException) -> str:
+    """The tail of an error for a store URL that could not be listed: any failure (s3fs's OSErrors,
+    botocore's NoCredentialsError and EndpointConnectionError, which are not), and where the fix lies."""
+    return f"cannot be listed ({type(exc).__name__}: {exc}); {credentials_hint(url)}"
+
+
 def check_reachable(url: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, naming `url` and the fix, when the store behind `url` cannot be listed (wrong
     credentials, unreachable endpoint, no such bucket). Local paths: nothing to check."""

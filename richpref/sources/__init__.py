@@ -47,7 +47,7 @@ def source_files(cfg: SourceConfig) -> tuple[list[str], str]:
 def remote_files(cfg: SourceConfig, url: str) -> tuple[list[str], str]:
     """Parquet files behind an fsspec URL (s3://, gs://, hf://datasets/...): a folder (its Parquet
     files, recursively), a file or a glob. They are read by row group, never downloaded whole."""
-    from richpref.common.objstore import DataDirError, credentials_hint, url_to_fs
+    from richpref.common.objstore import DataDirError, cannot_list, url_to_fs
 
     if cfg.kind != "parquet":
         raise SourceError(f"source.path {cfg.path!r}: remote {cfg.kind} files are not read in place; use Parquet "
@@ -64,8 +64,7 @@ def remote_files(cfg: SourceConfig, url: str) -> tuple[list[str], str]:
     except DataDirError as exc:
         raise SourceError(f"source.path {cfg.path!r}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - s3fs/botocore: no credentials, a refused one, an unreachable endpoint
-        raise SourceError(f"source.path {cfg.path!r} cannot be listed ({type(exc).__name__}: {exc}); "
-                          f"{credentials_hint(url)} (docs/operations.md)") from exc
+        raise SourceError(f"source.path {cfg.path!r} {cannot_list(url, exc)} (docs/operations.md)") from exc
     files = sorted(proto + f for f in found)
     if not files:
         raise SourceError(f"source.path {cfg.path!r} matches no parquet file")

@@ -66,15 +66,14 @@ def pair_files(path: str) -> list[str]:
     listed without copying anything); DataError naming the path when it has none."""
     if "://" not in path:
         return parquet_files(path)
-    from .remote_pairs import remote_parquet_files
+    from richpref.common.objstore import cannot_list
 
-    from richpref.common.objstore import credentials_hint
+    from .remote_pairs import remote_parquet_files
 
     try:
         files = remote_parquet_files(path)
     except Exception as exc:  # noqa: BLE001 - s3fs/botocore: a missing bucket, no or a refused credential, no endpoint
-        raise DataError(f"data source path {path!r} cannot be listed ({type(exc).__name__}: {exc}); check the URL; "
-                        f"{credentials_hint(path)}") from exc
+        raise DataError(f"data source path {path!r} {cannot_list(path, exc)}") from exc
     if not files:
         raise DataError(f"data source path {path!r} has no .parquet files (give a file, a folder of them or a glob)")
     return files
