@@ -130,7 +130,7 @@ def build_report(data_dir: str, run: str) -> str:
     score_cols = []
     if "relabel" in has:
         score_cols = [c for (c, *_r) in con.execute('describe "relabel"').fetchall()
-                      if c.endswith(("_0", "_1")) and not c.startswith("composite")]
+                      if c.endswith(("_0", "_1")) and not c.startswith(("composite", "candidate"))]  # indexes, not scores
     q = ["select e.item_id, e.candidate, s.prompt, s.image as img0, e.image as img1, e.status as edit_status, e.reason as edit_reason"]
     q.append(", c.critique" if "critique" in has else ", null as critique")
     q.append(", i.instructions" if "instruct" in has else ", null as instructions")
@@ -154,11 +154,7 @@ def build_report(data_dir: str, run: str) -> str:
     for it in items:
         verdict = it["verdict"] or "none"
         chosen = it["chosen"]
-        scores = "".join(
-            f"<tr><td>{_esc(c[:-2])}</td><td>{it[c[:-2] + '_0']:.4g}</td><td>{it[c[:-2] + '_1']:.4g}</td></tr>"
-            for c in score_cols if c.endswith("_0") and it.get(c) is not None and it.get(c[:-2] + "_1") is not None)
-        comp = (f"<tr><td><b>composite</b></td><td>{it['composite_0']:.4g}</td><td>{it['composite_1']:.4g}</td></tr>"
-                if it["composite_0"] is not None else "")
+        scores = _score_rows({c: it[c] for c in (*score_cols, "composite_0", "composite_1")})
         instructions = "".join(f"<li>{_esc(x)}</li>" for x in (it["instructions"] or []))
         reason = it["filter_reason"] or it["relabel_reason"] or it["edit_reason"] or ""
         blocks.append(
@@ -170,7 +166,7 @@ def build_report(data_dir: str, run: str) -> str:
             f'<div class="meta"><p><b>{_esc(it["prompt"])}</b> <small>{_esc(it["item_id"])}</small></p>'
             f'<p><i>critique:</i> {_esc(it["critique"])}</p><p><i>instructions:</i></p><ul>{instructions}</ul>'
             f'<p class="{"keep" if verdict == "keep" else "drop"}">filter: {_esc(verdict)} {_esc(reason)}</p>'
-            f'<table class="s"><tr><td></td><td>original</td><td>edited</td></tr>{scores}{comp}</table>'
+            f'<table class="s"><tr><td></td><td>original</td><td>edited</td></tr>{scores}</table>'
             f'<p>chosen: {"edited" if chosen == 1 else "original (flipped)" if chosen == 0 else "-"}'
             f'{_margin(it["margin"])}</p></div></div>')
 

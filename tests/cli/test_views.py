@@ -36,3 +36,5 @@ def test_a_bad_statement_and_a_refused_upload_are_one_line_each(mini_run, tmp_pa
                           "(OfflineModeIsEnabled: ") and "`hf auth login`" in err and "Traceback" not in err
     page = tmp_path / "new" / "folder" / "report.html"  # before: FileNotFoundError for the missing folder
     assert main(["--data-dir", str(data), "report", "mini", "--out", str(page)]) == 0 and page.is_file()
+    html = page.read_text()  # each pair's scores, composite last; the candidate indexes are no score
+    assert "<td><b>composite</b></td>" in html and "<td>pickscore</td>" in html and "<td>candidate</td>" not in html
