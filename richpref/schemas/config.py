@@ -188,7 +188,7 @@ class Profile(_Strict):
         """A saved profile of the previous layout (a run's profile.json) still loads, with a warning."""
         if isinstance(data, dict) and {"filter", "relabel"} & set(data):
             data = copy.deepcopy(data)  # the caller's dict stays as given
-            warn_moved(migrate(data, "data"), "data")
+            warn_moved(migrate(data, "data"), "a saved profile uses keys")
         return data
 
     @model_validator(mode="after")
@@ -325,12 +325,13 @@ def load_profile(name_or_path: str, overrides: list[str] | None = None, models_r
     notes: list[str] = []
     data = read_profile_data(path, notes=notes)
     moved = [move_override(o.split("=", 1)[0].strip()) + (o,) if "=" in o else (o, None, o) for o in overrides or []]
-    notes += [why for _, why, _ in moved if why]
+    set_notes = [f"--set {why}" for _, why, _ in moved if why]
     data = apply_overrides(data, [f"{new}={o.split('=', 1)[1]}" if why else o for new, why, o in moved])
     apply_models_root(data, models_root)
     try:
-        notes += migrate(data, f"profile {path}")
-        warn_moved(notes, str(path))
+        notes += migrate(data, f"profile {path}")  # the file's keys, or a whole old block given with --set
+        # a key moved from --set alone is the command's, not the file's: the user edits their command line
+        warn_moved(notes + set_notes, f"profile {path} uses keys" if notes else "the command's --set uses keys")
         return Profile.model_validate(data)
     except ValueError as exc:  # a ValidationError, or a key given in both layouts
         raise ProfileError(f"profile {path} is invalid:\n{exc}") from exc

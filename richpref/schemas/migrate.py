@@ -137,8 +137,8 @@ def attributes_off(data: dict) -> list[str]:
 
 
 def warn_moved(notes: list[str], where: str) -> None:
-    """One warning per profile load, naming every move."""
+    """One warning per profile load, naming every move; `where` names what holds the old keys."""
     if notes:
-        warnings.warn(f"profile {where} uses the previous layout ({'; '.join(dict.fromkeys(notes))}); it loads this "
+        warnings.warn(f"{where} of the previous layout ({'; '.join(dict.fromkeys(notes))}); it loads this "
                       "release, the next release refuses the old form: move the keys", ProfileMigrationWarning,
                       stacklevel=3)

@@ -33,6 +33,7 @@ def test_an_old_yaml_loads_with_one_warning_naming_every_move(tmp_path):
     path = tmp_path / "old.yaml"
     path.write_text(OLD)
     profile, [message] = loaded(path)
+    assert message.startswith(f"profile {path} uses keys of the previous layout (filter.model is now check.model")
     assert profile.check.model == "qwen2.5-vl" and profile.check.engine.launch == "vllm"
     assert (profile.check.max_new_tokens, profile.check.batch_size, profile.filter.min_executed) == (24, 8, 0.4)
     for key in ("model", "max_new_tokens", "batch_size", "engine"):
@@ -48,8 +49,10 @@ def test_an_old_override_moves_and_wins_over_the_yaml(tmp_path):
     profile, [message] = loaded("tiny", ["filter.max_new_tokens=12", "filter.engine.backend=server",
                                          "filter.engine.launch=vllm"])
     assert (profile.check.max_new_tokens, profile.check.engine.launch) == (12, "vllm")
-    assert "filter.max_new_tokens is now check.max_new_tokens" in message
-    assert "filter.engine.backend is now check.engine.backend" in message
+    # the old keys are the command's, not the file's: the warning says so (before, it named tiny.yaml)
+    assert message.startswith("the command's --set uses keys of the previous layout (--set filter.max_new_tokens "
+                              "is now check.max_new_tokens; "), message
+    assert "--set filter.engine.backend is now check.engine.backend" in message
     assert loaded("tiny", ["check.max_new_tokens=12"])[1] == []  # the new form warns of nothing
 
 
