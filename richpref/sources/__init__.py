@@ -5,13 +5,15 @@ import glob
 import os
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
+
 from ..schemas.config import SourceConfig
 from .base import BAD_ROW, RAW, ConcatReader, SourceError
 from .hf import cached_snapshot, hf_reader
 from .parquet import ParquetPart
 from .text import JsonlPart, PromptPart, check_text_file
 
-__all__ = ["BAD_ROW", "RAW", "ConcatReader", "SourceError", "open_reader", "resolve_input_path", "stamp"]
+__all__ = ["BAD_ROW", "RAW", "ConcatReader", "SourceError", "open_reader", "resolve_input_path", "run_folder_pairs", "stamp"]
 
 _EXTENSIONS = {"parquet": ("*.parquet",), "jsonl": ("*.jsonl", "*.json"), "prompts": ("*.txt",)}
 
@@ -26,11 +28,22 @@ def resolve_input_path(path: str) -> str:
     raise SourceError(f"source.path {path!r} matches no file (looked in {Path.cwd()} and the project root)")
 
 
+def run_folder_pairs(fs, path: str) -> str | None:
+    """Its `pairs/` folder when `path` (in filesystem `fs`) is a run's folder, else None. Given where
+    Parquet rows are read, a run's folder would read every stage's table: none of them is the pairs."""
+    path = path.rstrip("/")
+    if fs.isdir(path) and fs.isfile(f"{path}/run.json") and fs.isdir(f"{path}/pairs"):
+        return f"{path}/pairs"
+    return None
+
+
 def source_files(cfg: SourceConfig) -> tuple[list[str], str]:
     """(files in row order, source id). A folder means its files of the kind's extension, recursively."""
     if not cfg.path:
         raise SourceError(f"source.kind {cfg.kind!r} needs source.path (a file, folder or glob)")
     resolved = resolve_input_path(cfg.path)
+    if cfg.kind == "parquet" and "://" not in resolved and (pairs := run_folder_pairs(LocalFileSystem(), resolved)):
+        raise SourceError(f"source.path {cfg.path!r} is a run's folder: give its pairs, {pairs!r}")
     if "://" in resolved:
         return remote_files(cfg, resolved)
     if os.path.isdir(resolved):
@@ -55,12 +68,16 @@ def remote_files(cfg: SourceConfig, url: str) -> tuple[list[str], str]:
     try:
         fs, inner = url_to_fs(url)
         proto = url[: url.index("://") + 3]
+        if pairs := run_folder_pairs(fs, inner):
+            raise SourceError(f"source.path {cfg.path!r} is a run's folder: give its pairs, {proto + pairs!r}")
         if fs.isdir(inner):
             found = fs.glob(inner.rstrip("/") + "/**/*.parquet")
             source_id = inner.rstrip("/").rsplit("/", 1)[-1]
         else:
             found = fs.glob(inner)
             source_id = ",".join(f.rsplit("/", 1)[-1] for f in sorted(found))
+    except SourceError:
+        raise
     except DataDirError as exc:
         raise SourceError(f"source.path {cfg.path!r}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - s3fs/botocore: no credentials, a refused one, an unreachable endpoint

@@ -22,7 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fsspec.implementations.local import LocalFileSystem
+
 from ..schemas.training import PairSourceConfig
+from ..sources import run_folder_pairs
 
 log = logging.getLogger("richpref")
 
@@ -49,9 +52,8 @@ def parquet_files(path: str) -> list[str]:
         root = Path(__file__).resolve().parents[2]
         if glob.glob(str(root / p)):
             p = root / p
-    if p.is_dir() and (p / "run.json").is_file() and (p / "pairs").is_dir():
-        # a run's folder: its stages' tables are no pairs, and reading them all would train on nothing
-        raise DataError(f"data source path {path!r} is a run's folder: give its pairs, {str(Path(path) / 'pairs')!r}")
+    if pairs := run_folder_pairs(LocalFileSystem(), str(p)):
+        raise DataError(f"data source path {path!r} is a run's folder: give its pairs, {pairs!r}")
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*.parquet"))
     else:
@@ -66,14 +68,18 @@ def pair_files(path: str) -> list[str]:
     listed without copying anything); DataError naming the path when it has none."""
     if "://" not in path:
         return parquet_files(path)
-    from richpref.common.objstore import cannot_list
+    from richpref.common.objstore import cannot_list, url_to_fs
 
     from .remote_pairs import remote_parquet_files
 
     try:
-        files = remote_parquet_files(path)
+        fs, inner = url_to_fs(path)
+        pairs = run_folder_pairs(fs, inner)
+        files = [] if pairs else remote_parquet_files(path)
     except Exception as exc:  # noqa: BLE001 - s3fs/botocore: a missing bucket, no or a refused credential, no endpoint
         raise DataError(f"data source path {path!r} {cannot_list(path, exc)}") from exc
+    if pairs:
+        raise DataError(f"data source path {path!r} is a run's folder: give its pairs, {path[: path.index('://') + 3] + pairs!r}")
     if not files:
         raise DataError(f"data source path {path!r} has no .parquet files (give a file, a folder of them or a glob)")
     return files

@@ -99,6 +99,14 @@ def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp
     pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "b.parquet")
     with pytest.raises(DatasetError, match="caption, jpg_0, jpg_1"):
         relabel_dataset(str(tmp_path / "b.parquet"), str(tmp_path / "out"), profile, reward="clip")
+    # a run's folder: before, its first stage table was named as lacking Pick-a-Pic columns
+    run = tmp_path / "runs" / "demo"
+    for stage in ("check", "pairs"):
+        (run / stage).mkdir(parents=True)
+        pq.write_table(pa.table({"prompt": ["x"]}), run / stage / "part-00000.parquet")
+    (run / "run.json").write_text("{}")
+    with pytest.raises(DatasetError, match=rf"^'{run}' is a run's folder: give its pairs, '{run}/pairs'$"):
+        relabel_dataset(str(run), str(tmp_path / "out"), profile, reward="clip")
 
 
 def test_relabel_dataset_follows_the_reward_and_drops_near_ties_only_when_asked():

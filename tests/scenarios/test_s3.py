@@ -88,7 +88,7 @@ def test_the_cli_curates_to_s3_the_same_shards_as_to_a_local_folder(s3, bucket, 
                       if any(f"{bucket}{s}data/runs/r/{stage}/{name}" in r for s in ("/", "?list-type=2&prefix=")
                              for stage in ("source", "sample") for name in ("part-", "work.jsonl.d/"))]
     assert len(shard_requests) / 4 <= 16, "\n".join(shard_requests)
-    assert remote.stderr.count("uses the previous layout (relabel.dtype is now score.dtype") == 1, remote.stderr[-3000:]
+    assert remote.stderr.count("the command's --set uses keys of the previous layout (--set relabel.dtype is now score.dtype") == 1, remote.stderr[-3000:]
     # the same run on a local folder, in this process (one torch thread, as the CLI run had)
     load_flow(CURATE)(profile="tiny", run="r", data_dir=str(tmp_path / "local"), overrides=overrides,
                       models_root=str(tiny_models), until="sample")
@@ -279,6 +279,27 @@ def test_training_pairs_on_s3_are_read_by_row_group_and_match_the_local_file(s3,
     assert got[rows] == {c: want[rows][c] for c in got.column_names}
     assert got.column_names == ["caption", "jpg_0", "jpg_1", "label_0"]
     assert sorted({g for _, g in remote_pairs.ROW_GROUPS_READ}) == [0, 4]  # the batch's row groups only
+
+
+def test_a_run_folder_on_s3_given_as_pairs_or_as_a_source_names_its_pairs_folder(s3, bucket, tmp_path):
+    import pyarrow.parquet as pq
+
+    from richpref.common.objstore import url_to_fs
+    from richpref.schemas.config import SourceConfig
+    from richpref.sources import SourceError, source_files
+    from richpref.training.data import DataError, pair_files
+
+    fs, _ = url_to_fs(f"s3://{bucket}")
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "part-00000.parquet")
+    for stage in ("check", "pairs"):
+        fs.put_file(str(tmp_path / "part-00000.parquet"), f"{bucket}/runs/demo/{stage}/part-00000.parquet")
+    fs.pipe_file(f"{bucket}/runs/demo/run.json", b"{}")
+    run = f"s3://{bucket}/runs/demo"
+    with pytest.raises(DataError, match=rf"^data source path '{run}/' is a run's folder: give its pairs, '{run}/pairs'$"):
+        pair_files(run + "/")
+    with pytest.raises(SourceError, match=rf"^source.path '{run}' is a run's folder: give its pairs, '{run}/pairs'$"):
+        source_files(SourceConfig(kind="parquet", path=run))
+    assert source_files(SourceConfig(kind="parquet", path=run + "/pairs"))[0] == [f"{run}/pairs/part-00000.parquet"]
 
 
 def test_the_finetune_preflight_reads_s3_pairs_footers_for_edit_masks_and_refuses_an_empty_url(s3, bucket, tiny_models,
