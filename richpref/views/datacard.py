@@ -205,6 +205,8 @@ def write_run_report(data_dir: str, run: str) -> dict[str, str]:
         from richpref.views.datacard_rebuild import write_rebuild_card
 
         return write_rebuild_card(store, run, summary, profile, _read_stage(store, "rewards"), _read_stage(store, "ranked"))
+    if profile.get("pipeline") == "relabel_dataset":
+        return _rewrite_relabel_card(store, run)
     scores = _read_stage(store, "relabel")
     stats = score_stats(scores) if scores is not None else {"scored": 0, "rewards": {}, "margin": {}}
     min_margin = profile.get("relabel", {}).get("min_margin", 0.0)
@@ -261,6 +263,22 @@ def write_relabel_report(out_dir: str, summary: dict, scores: pa.Table | None, r
     fs.pipe_file(f"{root}/README.md", render_relabel_card(summary, stats).encode())
     out["README.md"] = f"{out_dir.rstrip('/')}/README.md"
     return out
+
+
+def _rewrite_relabel_card(store, run: str) -> dict[str, str]:
+    """A relabel-dataset run's card and plots again, from its summary (relabel.json) and scores, as the
+    command wrote them: not the edit card, whose columns and flip rate such a run has not."""
+    from richpref.run.storage import join
+
+    path = join(store.root, "relabel.json")
+    if not store.fs.exists(path):
+        raise FileNotFoundError(f"run {run} is a relabel-dataset run without its summary ({store.uri(path)}): "
+                                "run `richpref relabel-dataset` again to finish it (done shards are kept)")
+    summary = json.loads(store.fs.cat_file(path))
+    scores = _read_stage(store, "relabel")
+    # the run's own pairs folder, not the one relabel.json names: the run may have been moved since
+    pairs = store.uri(store.stage_dir("pairs"))
+    return write_relabel_report(pairs, summary, scores, list(summary["rewards"]), summary["min_margin"])
 
 
 class PushFailed(RuntimeError):

@@ -73,6 +73,17 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
     ds = datasets.load_dataset("parquet", data_files=str(pairs / "part-*.parquet"), split="train")
     assert ds.num_rows == 5 and set(ds["label_0"]) <= {0, 1}
 
+    # `richpref card` writes the same card and plots again, in the run's folder wherever it was moved to;
+    # before, it wrote the edit pipeline's card (jpg_1 "its edit", a flip rate, an edit_mask column)
+    card, plot = (pairs / "README.md").read_bytes(), (pairs / "plots" / "flip_rate.png").read_bytes()
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert main(["--data-dir", str(moved), "card", "relabel"]) == 0
+    assert (moved / "runs/relabel/pairs/README.md").read_bytes() == card
+    assert (moved / "runs/relabel/pairs/plots/flip_rate.png").read_bytes() == plot
+    assert not (moved / "runs/relabel/plots").exists() and not out.exists()
+    out = moved
+
     from richpref.views.report import build_report  # the pairs, each with the source's label beside the new one
 
     page = build_report(str(out), "relabel")
