@@ -7,7 +7,7 @@ import duckdb
 
 from richpref.run.runner import ShardManifest, stage_manifests
 from richpref.run.shard_contract import reason_counts
-from richpref.run.storage import RunStore
+from richpref.run.storage import RunStore, join
 from richpref.tasks import ALL_OUTPUTS, PAIR_KEYED
 
 SQL_STRING = str.maketrans({"'": "''"})
@@ -128,7 +128,11 @@ def summary(data_dir: str, run: str) -> dict:
     if not present:
         raise RunNotFound(_no_shards(store, run))
     out = {"run": run, "stages": stages}
-    if "relabel" in present:
+    relabelled = _relabel_dataset_summary(store)
+    if relabelled is not None:
+        # jpg_1 is no edit of jpg_0 here: what the run changed is the source's labels
+        out["agreement_with_source_label"] = relabelled.get("agreement_with_source_label")
+    elif "relabel" in present:
         # over the pairs that hold the original (best-vs-worst pairs of two edits cannot flip)
         n = flipped = 0
         for status, flip, candidate_0 in _columns(store, "relabel", present["relabel"], ["status", "flipped", "candidate_0"]):
@@ -141,6 +145,15 @@ def summary(data_dir: str, run: str) -> dict:
             labels[label] = labels.get(label, 0) + 1
         out["label_0"] = dict(sorted(labels.items(), key=lambda kv: (kv[0] is None, kv[0])))
     return out
+
+
+def _relabel_dataset_summary(store: RunStore) -> dict | None:
+    """A relabel-dataset run's relabel.json ({} before the command wrote it); None for other runs."""
+    profile = join(store.root, "profile.json")
+    if not store.fs.exists(profile) or json.loads(store.fs.cat_file(profile)).get("pipeline") != "relabel_dataset":
+        return None
+    path = join(store.root, "relabel.json")
+    return json.loads(store.fs.cat_file(path)) if store.fs.exists(path) else {}
 
 
 def _columns(store: RunStore, out: str, manifests: dict[int, ShardManifest], columns: list[str]):
@@ -157,13 +170,15 @@ def format_summary(s: dict) -> str:
         lines.append(f"{st['stage']:<10} {st['rows']:>6} {st['kept']:>6} {st['rejected']:>9}  {reasons}")
     if s.get("flip_rate") is not None:
         lines.append(f"flip rate (edit scored lower than the original): {s['flip_rate']:.1%}")
+    if s.get("agreement_with_source_label") is not None:
+        lines.append(f"agreement with the source label: {s['agreement_with_source_label']:.1%}")
     if "label_0" in s:
         lines.append(f"pairs label_0 counts: {json.dumps({str(k): v for k, v in s['label_0'].items()})}")
     return "\n".join(lines)
 
 
 def status(data_dir: str, run: str) -> dict:
-    """Per stage of the run's pipeline: shards done / missing / failed (as of the last curate run).
+    """Per stage of the run's pipeline: shards done / missing / failed (as of the run's last command).
     Done is the runner's answer: committed for the key the shard has under the run's profile
     (profile.json); a run without its profile counts every committed shard."""
     from richpref.run.runner import plan_stages
@@ -200,7 +215,7 @@ def status(data_dir: str, run: str) -> dict:
 
 
 def format_status(st: dict) -> str:
-    lines = [f"run {st['run']}: {st['shards']} shard(s), last curate run {st['state']}",
+    lines = [f"run {st['run']}: {st['shards']} shard(s), last run {st['state']}",
              f"{'stage':<10} {'done':>5} {'missing':>8} {'failed':>7}"]
     for s in st["stages"]:
         lines.append(f"{s['stage']:<10} {s['done']:>5} {len(s['missing']):>8} {len(s['failed']):>7}"

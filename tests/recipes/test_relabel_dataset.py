@@ -83,6 +83,11 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
     assert (moved / "runs/relabel/pairs/plots/flip_rate.png").read_bytes() == plot
     assert not (moved / "runs/relabel/plots").exists() and not out.exists()
     out = moved
+    from richpref.views.inspect import format_summary, summary as run_summary
+
+    # no flip rate: jpg_1 is no edit of jpg_0 (before, the summary said "edit scored lower than the original")
+    text = format_summary(run_summary(str(out), "relabel"))
+    assert "flip rate" not in text and f"agreement with the source label: {sum(agree) / 2:.1%}" in text
 
     from richpref.views.report import build_report  # the pairs, each with the source's label beside the new one
 
