@@ -5,7 +5,8 @@ import argparse
 import os
 import warnings
 
-from richpref.cli.errors import at_least, fail, run_name
+from richpref.cli.errors import fail, run_name
+from richpref.common.argtypes import at_least
 
 
 def _prefect_api_for(args: argparse.Namespace) -> dict:

@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-from richpref.cli.errors import at_least, fail, folder, output_file
+from richpref.cli.errors import fail, folder, output_file
+from richpref.common.argtypes import at_least
 
 
 def _progress_lines() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 
-from richpref.cli.errors import fail, port
+from richpref.cli.errors import fail
+from richpref.common.argtypes import port
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

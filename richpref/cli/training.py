@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from richpref.cli.errors import at_least, fail, folder, port
+from richpref.cli.errors import fail, folder
+from richpref.common.argtypes import at_least, port
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -32,6 +32,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from richpref.common.argtypes import at_least, port
+
 log = logging.getLogger("richpref")
 
 HEAD_JUDGES = ("hpsv3", "edit_reward")  # routes and fields: rewards/served_head.py (imported when serving: torch)
@@ -142,9 +144,9 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--models-root", default=None, help="directory relative model references resolve against")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
-    p.add_argument("--batch-size", type=int, default=8, help="model batch of a request that names none")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="model batch of a request that names none")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--port", type=port, default=8700, help="TCP port (0: any free one)")
     return p
 
 

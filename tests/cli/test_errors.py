@@ -122,6 +122,9 @@ def test_a_judge_servers_missing_checkpoint_or_busy_port_is_one_line(tiny_models
     (["serve", "--port", "70000"], "argument --port: 70000 is above 65535, the last TCP port"),  # before: OverflowError
     (["finetune", "--main-process-port", "-1"], "argument --main-process-port: -1 is below 0"),
     (["doctor", "--items", "0"], "argument --items: 0 is below 1"),  # before: exit 1, after the config loaded
+    # the judge server's own parser (before: an OverflowError traceback; a batch of 0 taken after the judge loaded)
+    (["serve", "judge", "--kind", "hpsv3", "--model", "m", "--port", "-1"], "argument --port: -1 is below 0"),
+    (["serve", "judge", "--kind", "hpsv3", "--model", "m", "--batch-size", "0"], "argument --batch-size: 0 is below 1"),
 ])
 def test_a_count_below_its_least_is_a_usage_error(command, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # before: --workers -2 ran a whole curate on one worker
@@ -145,7 +148,8 @@ def test_a_file_argument_that_is_a_folder_or_lies_under_a_file_is_a_usage_error(
 def test_the_argument_types_take_their_bounds_and_look_up_to_the_first_folder_that_exists(tmp_path):
     import argparse
 
-    from richpref.cli.errors import at_least, data_folder, folder, output_file, port
+    from richpref.cli.errors import data_folder, folder, output_file
+    from richpref.common.argtypes import at_least, port
 
     assert at_least(1)("1") == 1 and port("0") == 0 and port("65535") == 65535
     with pytest.raises(argparse.ArgumentTypeError, match="65536 is above 65535"):
