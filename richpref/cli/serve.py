@@ -15,7 +15,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve_forever(data_dir=args.data_dir, host=args.host, port=args.port, worker_pool=args.pool or None,
                              verbose=args.verbose)
-    except PortInUse as exc:
+    except (PortInUse, JudgeArgumentError) as exc:
         return fail(exc)
     except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:  # a server or step that did not come up
         return fail(f"{exc}{'' if args.verbose else ' (run again with --verbose to see its output)'}", 1)
@@ -23,13 +23,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_serve_judge(args: argparse.Namespace) -> int:
     from richpref.common.procs import PortInUse
-    from richpref.models.judge_server import serve
+    from richpref.models.judge_server import JudgeArgumentError, serve
     from richpref.models.rewards.base import RewardLoadError
     from richpref.models.runtime import ModelNotAvailable
 
     try:
         return serve(args)
-    except PortInUse as exc:
+    except (PortInUse, JudgeArgumentError) as exc:
         return fail(exc)
     except (ModelNotAvailable, RewardLoadError) as exc:  # a checkpoint not there, or not the reference's layout
         return fail(exc, 3)

@@ -150,22 +150,46 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def serve(args: argparse.Namespace) -> int:
-    from richpref.common.procs import check_port_free
+class JudgeArgumentError(ValueError):
+    """An argument the judge server cannot serve with, found before the judge loads."""
 
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The device, the templates and the port, before the judge loads (a minute for a 7B one)."""
+    from richpref.common.procs import check_port_free
+    from richpref.prompts import load_head_template
+
+    from .runtime import device_missing, resolve_device
+
+    try:
+        missing = device_missing(resolve_device(args.device))
+    except ValueError as exc:
+        missing = str(exc)
+    if missing:
+        raise JudgeArgumentError(f"--device {args.device!r}: {missing}; give auto or cpu, or run on a machine that has it")
+    if args.quality_template and args.kind != "edit_reward":
+        raise JudgeArgumentError("--quality-template is edit_reward's; hpsv3 takes --template only")
+    for flag, name in (("--template", args.template), ("--quality-template", args.quality_template)):
+        try:
+            if name:
+                load_head_template(name)
+        except ValueError as exc:
+            raise JudgeArgumentError(f"{flag}: {exc}") from exc
+    if args.port:
+        check_port_free(args.host, args.port)
+
+
+def serve(args: argparse.Namespace) -> int:
     from .rewards import load_reward
     from .runtime import resolve_model_ref
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.port:
-        check_port_free(args.host, args.port)  # before the judge loads (a minute for a 7B one)
+    check_arguments(args)
     model = resolve_model_ref(args.model, args.models_root)
     options = {"backbone": resolve_model_ref(args.backbone, args.models_root) if args.backbone else None,
                "file": args.file, "template": args.template}
     if args.kind == "edit_reward":
         options["quality_template"] = args.quality_template
-    elif args.quality_template:
-        raise SystemExit("--quality-template is edit_reward's; hpsv3 takes --template only")
     judge = load_reward(args.kind, model, device=args.device, dtype=args.dtype, **options)
     app = JudgeApp(args.kind, judge, model=model, batch_size=args.batch_size)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(app))
@@ -181,7 +205,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return serve(parser().parse_args(argv))
+    try:
+        return serve(parser().parse_args(argv))
+    except JudgeArgumentError as exc:  # a launcher reads the line from the server's output
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -105,6 +105,14 @@ def test_a_judge_servers_missing_checkpoint_or_busy_port_is_one_line(tiny_models
     assert capsys.readouterr().err.startswith(f"error: model '{tmp_path / 'none'}' not found")  # before: a traceback
     assert main(["--data-dir", str(tmp_path), *judge, "--model", "hpsv3", "--backbone", "qwen2.5-vl", "--port", "0"]) == 3
     assert "this reward needs 'qwen2_vl'" in capsys.readouterr().err  # a backbone of another family
+    # before the judge loads; before, a ValueError or RuntimeError traceback (the last after the base loaded)
+    for flag, message in ((["--template", "nosuch"], "error: --template: template 'nosuch' not found; available: "),
+                          (["--template", "critique_v1"], "error: --template: template 'critique_v1' has fields ['prompt'] and 0 "),
+                          (["--device", "gpu"], "error: --device 'gpu': 'gpu' is no device name"),
+                          (["--device", "cuda:99"], "error: --device 'cuda:99': "),
+                          (["--quality-template", "x"], "error: --quality-template is edit_reward's")):
+        assert main(["--data-dir", str(tmp_path), *judge, "--model", "hpsv3", "--port", "0", *flag]) == 2, flag
+        assert capsys.readouterr().err.startswith(message), flag
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
