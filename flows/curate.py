@@ -72,7 +72,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     if manifests.get("pairs"):
         from richpref.views.datacard import write_run_report
 
-        summary["report"] = write_run_report(data_dir, run)  # pairs/README.md dataset card + plots/*.png
+        summary["report"] = write_run_report(data_dir, run)  # pairs/README.md dataset card + pairs/plots/*.png
     store.write_text("run.json", json.dumps(summary, indent=2))
     run_artifact(summary)
     if failures:

@@ -94,3 +94,20 @@ def _flip_rate(relabel_rows: list[dict]) -> float:
     where the edit scored lower. Ties and other rejects are not pairs; pairs of two edits cannot flip."""
     with_original = [r for r in relabel_rows if r["status"] == "ok" and r.get("candidate_0") in (None, -1)]
     return sum(bool(r["flipped"]) for r in with_original) / len(with_original)
+
+
+def card_images_uploaded(card_path) -> list[str]:
+    """The card's image links; each must be a file beside it that a push to the Hub uploads (HUB_FILES)."""
+    import re
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    from richpref.views.card_parts import HUB_FILES
+
+    folder = Path(card_path).parent
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", Path(card_path).read_text(encoding="utf-8"))
+    assert links, "the card shows no image"
+    for link in links:
+        assert (folder / link).is_file(), f"{link}: no such file beside the card"
+        assert any(fnmatch(link, pattern) for pattern in HUB_FILES), f"{link}: not uploaded with the card"
+    return links

@@ -114,9 +114,9 @@ def register(sub) -> None:
     r.add_argument("--out", type=output_file, help="file to write, its folder created (default <run>/report.html)")
     r.set_defaults(fn=cmd_report)
 
-    dc = sub.add_parser("card", help="write RUN's dataset card (pairs/README.md) and plots (plots/*.png)")
+    dc = sub.add_parser("card", help="write RUN's dataset card (pairs/README.md) and its plots (pairs/plots/*.png)")
     dc.add_argument("run", type=run_name)
-    dc.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the pairs as a Hub dataset")
+    dc.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the pairs, the card and its plots as a Hub dataset")
     dc.add_argument("--public", action="store_true", help="with --push-to-hub: create a public repo")
     dc.set_defaults(fn=cmd_card)
 

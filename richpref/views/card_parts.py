@@ -7,6 +7,9 @@ import json
 from richpref.schemas.migrate import migrate
 from richpref.schemas.reward_titles import reward_titles  # noqa: F401 - the cards' names for rewards
 
+PLOTS_DIR = "plots"  # beside the card, in the pairs folder: the card's links are relative
+HUB_FILES = ("part-*.parquet", "README.md", f"{PLOTS_DIR}/*.png")  # what a push uploads of the pairs folder
+
 
 def counts_table(stages: list[dict]) -> list[str]:
     """The card's "Counts" section: one row per stage, its kept and rejected rows and why."""

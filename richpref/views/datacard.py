@@ -1,9 +1,12 @@
-"""Dataset card (README.md beside the pairs) and plots (PNG in the run folder) for a curated run or a
-relabelled dataset; optional upload to the Hugging Face Hub.
+"""Dataset card (README.md beside the pairs) and its plots (PNG, in the pairs folder's plots/) for a
+curated run or a relabelled dataset; optional upload to the Hugging Face Hub.
 
-    write_run_report(data_dir, run)     -> <run>/pairs/README.md, <run>/plots/*.png
+    write_run_report(data_dir, run)     -> <run>/pairs/README.md, <run>/pairs/plots/*.png
     write_relabel_report(out_dir, ...)  -> <out_dir>/README.md, <out_dir>/plots/*.png
-    push_to_hub(folder, repo_id)        -> uploads the Parquet files and README.md of a folder
+    push_to_hub(folder, repo_id)        -> uploads a folder's Parquet files, README.md and plots (HUB_FILES)
+
+The card and its plots live in one folder, so the card's image links hold wherever it is copied or
+uploaded.
 
 The card states counts per stage with reject reasons, the flip rate, label counts, per-reward score
 summaries, composite margins and the effective config, so a dataset can be judged without the run.
@@ -19,7 +22,7 @@ import pyarrow.compute as pc
 
 from richpref.run.runner import stage_manifests
 from richpref.schemas.reward_titles import reward_titles
-from richpref.views.card_parts import USAGE, _front_matter, counts_table, votes  # noqa: F401 - USAGE re-exported
+from richpref.views.card_parts import HUB_FILES, PLOTS_DIR, USAGE, _front_matter, counts_table, votes  # noqa: F401 - USAGE re-exported
 from richpref.views.plots import flip_rate_png, margin_histogram_png, reward_distributions_png
 
 PLOTS = ("reward_distributions.png", "flip_rate.png", "margin_histogram.png")
@@ -192,7 +195,7 @@ def _read_stage(store, stage: str) -> pa.Table | None:
 
 
 def write_run_report(data_dir: str, run: str) -> dict[str, str]:
-    """README.md beside the run's pairs and the PNG plots under `<run>/plots/`; returns their locations.
+    """README.md beside the run's pairs and the PNG plots under `<run>/pairs/plots/`; returns their locations.
     Call it after the export stage (the curate flow does at its end)."""
     from richpref.views.inspect import summary as run_summary
     from richpref.run.storage import RunStore, join
@@ -211,14 +214,14 @@ def write_run_report(data_dir: str, run: str) -> dict[str, str]:
     stats = score_stats(scores) if scores is not None else {"scored": 0, "rewards": {}, "margin": {}}
     min_margin = profile.get("relabel", {}).get("min_margin", 0.0)
     out = {}
-    store.fs.makedirs(join(store.root, "plots"), exist_ok=True)
+    plots = join(store.stage_dir("pairs"), PLOTS_DIR)
+    store.fs.makedirs(plots, exist_ok=True)
     for name, png in plots_for(scores, min_margin, ("original", "edited")).items():
-        path = join(store.root, "plots", name)
+        path = join(plots, name)
         store.fs.pipe_file(path, png)
         out[name] = store.uri(path)
-    store.fs.makedirs(store.stage_dir("pairs"), exist_ok=True)
     card = join(store.stage_dir("pairs"), "README.md")
-    store.fs.pipe_file(card, render_run_card(run, summary, stats, profile, "../plots").encode())
+    store.fs.pipe_file(card, render_run_card(run, summary, stats, profile, PLOTS_DIR).encode())
     out["README.md"] = store.uri(card)
     return out
 
@@ -241,7 +244,7 @@ def render_relabel_card(summary: dict, stats: dict) -> str:
               f"- jpg_1 preferred: {1 - stats['composite_flip_rate']:.1%}" if stats.get("composite_flip_rate") is not None else "",
               "", "## Scores", ""]
     lines += _score_table(stats, weights, labels, reward_titles(summary["rewards"]))
-    lines += ["", "## Plots", ""] + [f"![{p[:-4]}](plots/{p})" for p in PLOTS]
+    lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({PLOTS_DIR}/{p})" for p in PLOTS]
     lines += ["", "## Use", "", USAGE, "", "## Config", "", "```json",
               json.dumps({k: summary.get(k) for k in ("source", "rewards", "standardize", "min_margin", "near_ties")}, indent=2), "```", ""]
     return "\n".join(lines)
@@ -256,10 +259,10 @@ def write_relabel_report(out_dir: str, summary: dict, scores: pa.Table | None, r
     stats = score_stats(scores) if scores is not None and scores.num_rows else {"scored": 0, "rewards": {}, "margin": {},
                                                                                  "composite_flip_rate": None}
     out = {}
-    fs.makedirs(f"{root}/plots", exist_ok=True)
+    fs.makedirs(f"{root}/{PLOTS_DIR}", exist_ok=True)
     for name, png in plots_for(scores, min_margin, ("jpg_0", "jpg_1")).items():
-        fs.pipe_file(f"{root}/plots/{name}", png)
-        out[name] = f"{out_dir.rstrip('/')}/plots/{name}"
+        fs.pipe_file(f"{root}/{PLOTS_DIR}/{name}", png)
+        out[name] = f"{out_dir.rstrip('/')}/{PLOTS_DIR}/{name}"
     fs.pipe_file(f"{root}/README.md", render_relabel_card(summary, stats).encode())
     out["README.md"] = f"{out_dir.rstrip('/')}/README.md"
     return out
@@ -286,7 +289,7 @@ class PushFailed(RuntimeError):
 
 
 def push_to_hub(folder: str, repo_id: str, *, token: str | None = None, private: bool = True) -> str:
-    """Upload a pairs folder (its Parquet shards and README.md) as a Hub dataset; returns the repo URL.
+    """Upload a pairs folder (its Parquet shards, README.md and its plots) as a Hub dataset; returns the repo URL.
     Needs network access and a token with write access (`hf auth login` or `token=`)."""
     from huggingface_hub import HfApi
 
@@ -294,7 +297,7 @@ def push_to_hub(folder: str, repo_id: str, *, token: str | None = None, private:
     try:
         url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset",
-                          allow_patterns=["part-*.parquet", "README.md"],
+                          allow_patterns=list(HUB_FILES),
                           commit_message="richpref: upload preference pairs")
     except Exception as exc:  # noqa: BLE001 - offline, no network, no token, no write access: one message
         raise PushFailed(f"{folder} was not uploaded to the Hub dataset {repo_id!r} ({type(exc).__name__}: {exc}); "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from richpref.views.card_parts import PLOTS_DIR
 from richpref.views.inspect import RunNotFound, connect
 from richpref.run.storage import RunStore, join
 
@@ -180,12 +181,15 @@ def build_report(data_dir: str, run: str) -> str:
 def _page(data_dir: str, run: str, blocks: list[str], counts: str, flip_label: str) -> str:
     store = RunStore(data_dir, run)
     plots = []
-    for d in (join(store.root, "plots"), store.stage_dir("pairs")):
+    # the card's folder; the run folder's plots/ of a run carded by an earlier release
+    for d in (join(store.stage_dir("pairs"), PLOTS_DIR), join(store.root, "plots")):
         if store.fs.exists(d):
             for p in sorted(store.fs.ls(d, detail=False)):
                 if p.endswith(".png"):
                     data = base64.b64encode(store.fs.cat_file(p)).decode()
                     plots.append(f'<img alt="{_esc(p.rsplit("/", 1)[-1])}" src="data:image/png;base64,{data}">')
+        if plots:
+            break
     return PAGE.format(run=_esc(run), thumb=THUMB, counts=_esc(counts), pairs="\n".join(blocks), flip_label=flip_label,
                        plots="\n".join(plots) or "<p>none in this run</p>")
 

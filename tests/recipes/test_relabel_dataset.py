@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from relabel_helpers import _image, solid
+from relabel_helpers import _image, card_images_uploaded, solid
 from richpref.schemas.config import RelabelConfig, RewardModel, ScoreConfig, SubjectGateConfig, load_profile
 from image_helpers import encoded
 
@@ -70,6 +70,7 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
     assert summary["agreement_with_source_label"] == pytest.approx(sum(agree) / 2)
     assert "`clip`" in (pairs / "README.md").read_text() and "Near-ties: kept" in (pairs / "README.md").read_text()
     assert Image.open(pairs / "plots" / "reward_distributions.png").format == "PNG"
+    assert len(card_images_uploaded(pairs / "README.md")) == 3
     ds = datasets.load_dataset("parquet", data_files=str(pairs / "part-*.parquet"), split="train")
     assert ds.num_rows == 5 and set(ds["label_0"]) <= {0, 1}
 
@@ -95,6 +96,7 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
     changed = 2 - sum(agree)  # the tie contradicts no label; the second file has no label_0
     assert f"5 exported pairs, {changed} with a label other than the source&#x27;s" in page
     assert page.count('data-flipped="true"') == changed
+    assert all(f'alt="{p}"' in page for p in ("reward_distributions.png", "flip_rate.png", "margin_histogram.png"))  # before: none
     assert sorted(re.findall(r"source label_0 [\d.]+: \w+", page)) == sorted(
         [f"source label_0 {o}: {'changed' if w != o else 'kept'}" for w, o in zip(want[:2], [1, 0])] + ["source label_0 0.5: tie"])
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from relabel_helpers import _flip_rate
+from relabel_helpers import _flip_rate, card_images_uploaded
 
 
 def test_export_is_read_unmodified_like_the_diffusion_dpo_training_scripts(mini_run):
@@ -85,7 +85,9 @@ def test_dataset_card_and_plots(mini_run, capsys):
     for png in ("reward_distributions.png", "flip_rate.png", "margin_histogram.png"):
         im = Image.open(written[png])
         assert im.format == "PNG" and im.width > 100
-        assert f"../plots/{png}" in card
+        assert f"plots/{png}" in card
+    # every image of the card lies beside it and is uploaded with it (before, ../plots: none on the Hub)
+    assert len(card_images_uploaded(written["README.md"])) == 3
     # the card and plots do not disturb readers of the pairs folder
     assert len(store.shards("pairs")) == 1
 
