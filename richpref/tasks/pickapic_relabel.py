@@ -6,7 +6,7 @@ jpg_0 plays the original and jpg_1 the edit of the curate pipeline's score and r
 keyed by the scoring view only), then weights, per-shard z-scores and ties (`relabel`: no model
 call), then the kept pairs in Pick-a-Pic format (`pairs`): `label_0` 1 when jpg_0 scores higher, the
 source's label kept as `label_0_source`, the pair's `margin` and every score (`scores`, JSON), the
-source's other columns as they are.
+source's other columns as they are (but a `flipped` column, which follows the new label).
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def export_pairs(decided: pa.Table, source: pa.Table) -> pa.Table:
     if "label_0" in rows.schema.names:
         cols["label_0_source"] = rows.column("label_0").cast(pa.float64())
     cols["margin"] = decided.column("margin")
+    if "flipped" in cols:  # a richpref export relabelled: its `flipped` must follow the new label, as margin does
+        cols["flipped"] = decided.column("flipped")
     score_cols = [c for c in decided.schema.names if c not in NOT_SCORES]
     cols["scores"] = pa.array([json.dumps(r, sort_keys=True) for r in decided.select(score_cols).to_pylist()], type=pa.string())
     return pa.table(cols)
@@ -62,7 +64,7 @@ SCORE = Stage(name="pickapic_score", version="1", section="score", reads=("sourc
               models=lambda p: reward_models(p, gate=False), load=lambda p: load_models(p, gate=False))
 RELABEL = Stage(name="pickapic_relabel", version="1", section="relabel", reads=("source", "score"), compute=relabel,
                 output="relabel", loads_model=False, schema=lambda p: scores_schema(p.score.scored()))
-EXPORT = Stage(name="pickapic_export", version="1", section="export", reads=("relabel", "source"), compute=export,
+EXPORT = Stage(name="pickapic_export", version="2", section="export", reads=("relabel", "source"), compute=export,
                output="pairs", config_view=lambda cfg: {}, loads_model=False,  # no export setting applies
                schema=pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
                                  ("label_0", pa.int64()), ("item_id", pa.string()), ("margin", pa.float64()),

@@ -127,6 +127,21 @@ def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp
         relabel_dataset(str(run), str(tmp_path / "out"), profile, reward="clip")
 
 
+def test_a_relabelled_richpref_export_keeps_its_columns_but_flipped_follows_the_new_label():
+    from richpref.tasks.pickapic_relabel import export_pairs
+
+    # a richpref export relabelled: both labels reversed by the reward. Before, `flipped` stayed the
+    # source's and contradicted the new label_0 (1 = jpg_0, the original, preferred = a flipped pair)
+    source = pa.table({"caption": ["a", "b"], "jpg_0": [b"0", b"2"], "jpg_1": [b"1", b"3"], "label_0": [1, 0],
+                       "item_id": ["x", "y"], "flipped": [True, False], "editor": ["e", "e"]})
+    decided = pa.table({"item_id": ["x", "y"], "chosen": pa.array([1, 0], pa.int8()), "flipped": [False, True],
+                        "margin": [0.5, 0.25], "clip_0": [0.1, 0.9]})
+    got = export_pairs(decided, source).to_pydict()
+    assert got["label_0"] == [0, 1] and got["label_0_source"] == [1.0, 0.0]
+    assert got["flipped"] == [False, True] and got["editor"] == ["e", "e"] and got["margin"] == [0.5, 0.25]
+    assert [json.loads(j) for j in got["scores"]] == [{"clip_0": 0.1}, {"clip_0": 0.9}]
+
+
 def test_relabel_dataset_follows_the_reward_and_drops_near_ties_only_when_asked():
     from richpref.recipes.relabel_dataset import dataset_relabel_config
 
