@@ -81,7 +81,7 @@ def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict) -> 
     lines += ["", "## Rewards over the scored samples", "", "| reward | weight | mean ± std [min, max] | samples |", "|---|---|---|---|"]
     for name, s in stats["rewards"].items():
         cell = f"{s['mean']:.4g} ± {s['std']:.3g} [{s['min']:.4g}, {s['max']:.4g}]" if s else "–"
-        lines.append(f"| {titles.get(name, name)} | {rewards.get(name, {}).get('weight', 1.0):g} | {cell} | {s['n'] if s else 0} |")
+        lines.append(f"| {titles.get(name, name)} | {weights.get(name, 0.0):g} | {cell} | {s['n'] if s else 0} |")
     lines += ["", "## Use", "", USAGE, "", "## Config", "", "The effective profile of the run:", "", "```json",
               json.dumps(profile, indent=2), "```", ""]
     return "\n".join(lines)

@@ -233,6 +233,11 @@ def test_export_reads_back_as_pick_a_pic(rebuilt, tmp_path):
     card = (store.root + "/pairs/README.md")
     text = open(card).read()
     assert "regenerated set" in text and f"N = {N}" in text and "all_with_margin" in text and "imagereward" in text
+    # each reward's weight in the table is its vote (before, 1 for every reward: the previous layout's key)
+    for title, weight in (("imagereward", prof.relabel.weight("imagereward")), ("pickscore", prof.relabel.weight("pickscore")),
+                          ("hpsv2 (HPSv2 v2.0)", prof.relabel.weight("hpsv2"))):
+        assert f"| {title} | {weight:g} | " in text
+    assert {prof.relabel.weight(n) for n in ("imagereward", "pickscore", "hpsv2")} == {1.0, 0.5, 0.0}
 
 
 def test_resume_recomputes_only_missing_work(rebuilt, tmp_path, tiny_models):
