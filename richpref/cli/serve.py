@@ -15,7 +15,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve_forever(data_dir=args.data_dir, host=args.host, port=args.port, worker_pool=args.pool or None,
                              verbose=args.verbose)
-    except (PortInUse, JudgeArgumentError) as exc:
+    except PortInUse as exc:
         return fail(exc)
     except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:  # a server or step that did not come up
         return fail(f"{exc}{'' if args.verbose else ' (run again with --verbose to see its output)'}", 1)
