@@ -1,7 +1,7 @@
 """The dataset card of a rebuild run (`pipeline: rebuild`): it says the set is regenerated and how
 (generator, samples per prompt and their seeds, rewards and weights, pairing, margin), with the counts
 of every stage, the label balance, per-reward score summaries over the samples and the kept pairs'
-composite margins."""
+composite margins, and plots of the kept pairs' scores and margins beside it."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from richpref.views.card_parts import USAGE, _front_matter, counts_table, reward_titles, votes
+from richpref.views.card_parts import PLOTS_DIR, USAGE, _front_matter, counts_table, reward_titles, votes
 
 PAIRING = {"best_vs_worst": "each prompt's best sample against its worst",
            "all_with_margin": "every pair of a prompt's samples"}
@@ -39,7 +39,7 @@ def rebuild_stats(scores: pa.Table | None, ranked: pa.Table | None, names: list[
     return out
 
 
-def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict) -> str:
+def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict, plots: list[str]) -> str:
     sample, relabel = profile.get("sample", {}), profile.get("relabel", {})
     rewards, weights, _, _ = votes(profile)
     titles = reward_titles(rewards)
@@ -82,6 +82,8 @@ def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict) -> 
     for name, s in stats["rewards"].items():
         cell = f"{s['mean']:.4g} ± {s['std']:.3g} [{s['min']:.4g}, {s['max']:.4g}]" if s else "–"
         lines.append(f"| {titles.get(name, name)} | {weights.get(name, 0.0):g} | {cell} | {s['n'] if s else 0} |")
+    lines += ["", "## Plots", "", "Over the kept pairs: each reward's raw score of the preferred image against the "
+              "rejected one's; the composite margins.", ""] + [f"![{p[:-4]}]({PLOTS_DIR}/{p})" for p in plots]
     lines += ["", "## Use", "", USAGE, "", "## Config", "", "The effective profile of the run:", "", "```json",
               json.dumps(profile, indent=2), "```", ""]
     return "\n".join(lines)
@@ -92,14 +94,37 @@ def _description(profile: dict) -> str:
     return f"Profile: `{name}`" + (f": {profile['description'].strip()}" if profile.get("description") else ".")
 
 
+def rebuild_plots(ranked: pa.Table | None, names: list[str], min_margin: float) -> dict[str, bytes]:
+    """Over the kept pairs: each reward's raw score of the preferred image against the rejected one's,
+    and the composite margins (a rebuild has no original to flip against: no flip-rate plot)."""
+    from richpref.views.plots import margin_histogram_png, reward_distributions_png
+
+    kept = ranked.filter(pc.equal(ranked.column("status"), "ok")) if ranked is not None else None
+    dist, margins = {}, []
+    if kept is not None and kept.num_rows:
+        chosen = kept.column("chosen").to_pylist()
+        for n in (n for n in names if f"{n}_0" in kept.schema.names):
+            sides = list(zip(kept.column(f"{n}_0").to_pylist(), kept.column(f"{n}_1").to_pylist()))
+            dist[n] = ([pair[c] for pair, c in zip(sides, chosen)], [pair[1 - c] for pair, c in zip(sides, chosen)])
+        margins = kept.column("margin").to_pylist()
+    return {"reward_distributions.png": reward_distributions_png(dist, ("preferred", "rejected")),
+            "margin_histogram.png": margin_histogram_png(margins, min_margin)}
+
+
 def write_rebuild_card(store, run: str, summary: dict, profile: dict, scores: pa.Table | None,
                        ranked: pa.Table | None) -> dict[str, str]:
-    """<run>/pairs/README.md of a rebuild run; returns its location."""
+    """<run>/pairs/README.md of a rebuild run and its plots (<run>/pairs/plots/); returns their locations."""
     from richpref.run.storage import join
 
     scored = list(votes(profile)[0])
     stats = rebuild_stats(scores, ranked, scored)
-    store.fs.makedirs(store.stage_dir("pairs"), exist_ok=True)
+    out = {}
+    plots = join(store.stage_dir("pairs"), PLOTS_DIR)
+    store.fs.makedirs(plots, exist_ok=True)
+    for name, png in rebuild_plots(ranked, scored, profile.get("relabel", {}).get("min_margin", 0.0)).items():
+        store.fs.pipe_file(join(plots, name), png)
+        out[name] = store.uri(join(plots, name))
     card = join(store.stage_dir("pairs"), "README.md")
-    store.fs.pipe_file(card, render_rebuild_card(run, summary, stats, profile).encode())
-    return {"README.md": store.uri(card)}
+    store.fs.pipe_file(card, render_rebuild_card(run, summary, stats, profile, list(out)).encode())
+    out["README.md"] = store.uri(card)
+    return out

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from relabel_helpers import card_images_uploaded
 from richpref.common.faults import InjectedFault
 from richpref.recipes.inline import run_inline
 from richpref.schemas.config import ProfileError, load_profile
@@ -238,6 +239,8 @@ def test_export_reads_back_as_pick_a_pic(rebuilt, tmp_path):
                           ("hpsv2 (HPSv2 v2.0)", prof.relabel.weight("hpsv2"))):
         assert f"| {title} | {weight:g} | " in text
     assert {prof.relabel.weight(n) for n in ("imagereward", "pickscore", "hpsv2")} == {1.0, 0.5, 0.0}
+    # its plots lie beside it and are uploaded with it (before, a rebuild card had none)
+    assert card_images_uploaded(card) == ["plots/reward_distributions.png", "plots/margin_histogram.png"]
 
 
 def test_resume_recomputes_only_missing_work(rebuilt, tmp_path, tiny_models):
