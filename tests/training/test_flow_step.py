@@ -243,6 +243,11 @@ def test_configs_for_another_family_are_refused_naming_the_fix(tiny_models, pair
     with pytest.raises(ArchMismatch, match=r"'sd15' is a sd15 checkpoint but the config says arch: qwen_image"):
         preflight(flow_config(tiny_models, pairs, "sd15", flow=None, arch="qwen_image"))
     assert preflight(flow_config(tiny_models, pairs, "flux", flow=None)) == "flux"  # arch auto: read, not assumed
+    # more prompt tokens than the family's pipeline samples with (before: trained, on T5 tokens no sampler gives)
+    for model, limit in (("flux", 512), ("sd3", 512), ("qwen-image", 1024)):
+        with pytest.raises(ArchMismatch, match=rf"^flow.max_sequence_length {limit + 1}: .* at most {limit} prompt tokens"):
+            preflight(flow_config(tiny_models, pairs, model, flow={"max_sequence_length": limit + 1}))
+        assert preflight(flow_config(tiny_models, pairs, model, flow={"max_sequence_length": limit}))
 
     # init_from made for another base (its finetune.json says so)
     other = tmp_path / "sd15-lora"
