@@ -104,6 +104,15 @@ def round_size(side: int, multiple: int) -> int:
     return max(multiple, int(round(side / multiple)) * multiple)
 
 
+def check_sequence_length(family: str, tokens: int | None, setting: str = "max_sequence_length") -> None:
+    """ValueError naming `setting` when a flow family's pipeline takes fewer prompt tokens than `tokens`
+    (the UNet families have no such setting: CLIP's 77 tokens)."""
+    limit = MAX_SEQUENCE_LENGTH.get(family)
+    if tokens is not None and limit is not None and tokens > limit:
+        raise ValueError(f"{setting} {tokens}: {family} models take at most {limit} prompt tokens; set it to "
+                         f"{limit} or less")
+
+
 def call_kwargs(family: str, *, guidance_scale: float, n: int, negative_prompt: str | None = None,
                 max_sequence_length: int | None = None) -> dict[str, Any]:
     """The guidance, negative-prompt and sequence-length arguments of one pipeline call of `n` prompts."""
@@ -112,10 +121,7 @@ def call_kwargs(family: str, *, guidance_scale: float, n: int, negative_prompt: 
         return {"guidance_scale": guidance_scale, "negative_prompt": negatives}
     out: dict[str, Any] = {}
     if max_sequence_length is not None:
-        limit = MAX_SEQUENCE_LENGTH[family]
-        if max_sequence_length > limit:
-            raise ValueError(f"max_sequence_length {max_sequence_length}: {family} models take at most {limit} "
-                             f"prompt tokens; set it to {limit} or less")
+        check_sequence_length(family, max_sequence_length)
         out["max_sequence_length"] = max_sequence_length
     if family == "sd3":
         out.update(guidance_scale=guidance_scale, negative_prompt=negatives)

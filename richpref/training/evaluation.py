@@ -161,8 +161,9 @@ def preflight(cfg: EvaluateConfig) -> list[str]:
     the generating)."""
     from richpref.models.rewards import MODEL_REF_OPTIONS, PAIR_KINDS
     from richpref.models.runtime import ModelNotAvailable
+    from richpref.models.families import check_sequence_length, detect_checkpoint_family
     from richpref.tasks.source import SourceError
-    from richpref.training.models import is_finetune_output
+    from richpref.training.models import is_finetune_output, read_meta
 
     try:
         prompts = load_prompts(cfg)
@@ -184,12 +185,19 @@ def preflight(cfg: EvaluateConfig) -> list[str]:
                 lora_file(model.lora)
             except TunedWeightsError as exc:
                 raise ModelNotAvailable(f"evaluate model {model.name!r}: {exc}") from None
-        if not is_finetune_output(model.path):
+        if is_finetune_output(model.path):
+            base = read_meta(model.path).get("base_model_path") or ""
+        else:
             try:
-                resolve_model_ref(model.path, cfg.models_root)
+                base = resolve_model_ref(model.path, cfg.models_root)
             except ModelNotAvailable as exc:
                 raise ModelNotAvailable(f"evaluate model {model.name!r}: {exc} A finetune output folder has "
                                         "final/finetune.json: run `richpref finetune` first.") from None
+        if cfg.max_sequence_length is not None and base and Path(base, "model_index.json").is_file():
+            try:  # before the first model generates: the sampler refuses it after loading
+                check_sequence_length(detect_checkpoint_family(base), cfg.max_sequence_length)
+            except ValueError as exc:
+                raise ValueError(f"evaluate model {model.name!r}: {exc}") from None
     return prompts
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..models.families import MAX_SEQUENCE_LENGTH, detect_checkpoint_family
+from ..models.families import check_sequence_length, detect_checkpoint_family
 from ..models.runtime import resolve_model_ref
 from ..schemas.training import FinetuneConfig, FlowSettings
 from .checkpoints import TrainingError, load_init_lora, load_init_unet
@@ -72,13 +72,8 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
                                f"({family}); give weights trained on the same base, or drop init_from")
     if cfg.mode == "lora":
         check_lora_targets(cfg, model_dir, family)
-    tokens = cfg.flow.max_sequence_length if cfg.flow is not None else None
-    if family in FLOW_ARCHS and tokens is not None:
-        checkpoint = detect_checkpoint_family(model_dir)  # FLUX.1 [schnell] takes fewer tokens than [dev]
-        if tokens > MAX_SEQUENCE_LENGTH[checkpoint]:
-            raise ArchMismatch(f"flow.max_sequence_length {tokens}: {checkpoint} models take at most "
-                               f"{MAX_SEQUENCE_LENGTH[checkpoint]} prompt tokens (its pipeline samples no more); set "
-                               f"it to {MAX_SEQUENCE_LENGTH[checkpoint]} or less")
+    if family in FLOW_ARCHS and cfg.flow is not None:  # the sampler's limit (FLUX.1 [schnell] takes fewer than [dev])
+        check_sequence_length(detect_checkpoint_family(model_dir), cfg.flow.max_sequence_length, "flow.max_sequence_length")
     if family in FLOW_ARCHS and cfg.mode == "full":
         n = transformer_params(model_dir)
         on_fsdp = cfg.fsdp if fsdp is None else fsdp

@@ -132,6 +132,12 @@ def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path
                                                      f"models=[{{name: tuned, path: {tmp_path / 'nothing'}}}]"])
     with pytest.raises(ModelNotAvailable, match="evaluate model 'tuned'.*run `richpref finetune` first"):
         preflight(missing)
+    # more prompt tokens than the family's sampler takes: before, refused after the first model loaded
+    long = load_evaluate_config("evaluate-tiny-flux", [f"models_root={tiny_models}", "max_sequence_length=513",
+                                                       "models=[{name: base, path: flux}]"])
+    with pytest.raises(ValueError, match=r"^evaluate model 'base': max_sequence_length 513: flux_dev models take at most 512"):
+        preflight(long)
+    assert preflight(long.model_copy(update={"max_sequence_length": 512}))
 
 
 def test_preflight_refuses_prompts_that_are_missing_or_empty(tmp_path):

@@ -245,7 +245,7 @@ def test_configs_for_another_family_are_refused_naming_the_fix(tiny_models, pair
     assert preflight(flow_config(tiny_models, pairs, "flux", flow=None)) == "flux"  # arch auto: read, not assumed
     # more prompt tokens than the family's pipeline samples with (before: trained, on T5 tokens no sampler gives)
     for model, limit in (("flux", 512), ("sd3", 512), ("qwen-image", 1024)):
-        with pytest.raises(ArchMismatch, match=rf"^flow.max_sequence_length {limit + 1}: .* at most {limit} prompt tokens"):
+        with pytest.raises(ValueError, match=rf"^flow.max_sequence_length {limit + 1}: .* at most {limit} prompt tokens"):
             preflight(flow_config(tiny_models, pairs, model, flow={"max_sequence_length": limit + 1}))
         assert preflight(flow_config(tiny_models, pairs, model, flow={"max_sequence_length": limit}))
 
