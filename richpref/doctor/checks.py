@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from richpref.doctor.pipelines import PipelineProblem, check_pipeline_files, check_text_to_image, components
+from richpref.models.families import check_sequence_length, detect_checkpoint_family
 from richpref.models.runtime import ModelNotAvailable, device_missing, resolve_device, resolve_model_ref
 from richpref.schemas.config import Profile, ProfileError
 
@@ -176,6 +177,12 @@ def resolve(ref: ModelRef, profile: Profile) -> ModelRef:
                 check_pipeline_files(ref.path)
         except PipelineProblem as exc:
             raise ModelProblem(ref.stage, ref.ref, exc.cause, exc.fix, kind="load_failed") from None
+        if ref.field == "sample.model":  # the sampler refuses it only once the model has loaded
+            try:
+                check_sequence_length(detect_checkpoint_family(ref.path), profile.sample.max_sequence_length,
+                                      "sample.max_sequence_length")
+            except ValueError as exc:
+                raise ProfileError(f"{exc} (sample.model {ref.ref!r})") from None
     variant = getattr(getattr(profile, section_of(ref.stage)), "variant", None)
     if ref.kind == "diffusers" and variant and ref.path and Path(ref.path).is_dir() \
             and not any(f".{variant}." in f.name for f in Path(ref.path).rglob("*")):

@@ -98,6 +98,16 @@ def test_doctor_names_a_missing_variant(tiny_models, tmp_path):
     assert "sample.variant=null" in info.value.fix
 
 
+def test_the_preflight_refuses_more_prompt_tokens_than_the_samplers_family_takes(tiny_models):
+    # before: the sample stage's first shard failed once the model had loaded
+    from richpref.doctor.checks import resolve_models
+    from richpref.schemas.config import ProfileError, load_profile
+
+    with pytest.raises(ProfileError, match=r"^sample.max_sequence_length 513: flux_dev models take at most 512 .*'flux'"):
+        resolve_models(load_profile("tiny-flux", ["sample.max_sequence_length=513"], str(tiny_models)))
+    resolve_models(load_profile("tiny-flux", ["sample.max_sequence_length=512"], str(tiny_models)), {"sample"})
+
+
 def test_loading_a_pipeline_shows_its_bar_only_where_progress_bars_are_on(tiny_models, monkeypatch, capfd):
     """richpref's commands set HF_HUB_DISABLE_PROGRESS_BARS=1 (the user's env wins); diffusers does not
     read it, so each model load printed "Loading pipeline components..." into the run's output."""
