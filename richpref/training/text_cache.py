@@ -30,6 +30,14 @@ log = logging.getLogger("richpref")
 
 # diffusers' DreamBooth LoRA scripts' --max_sequence_length defaults
 DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 77, "flux": 512, "qwen_image": 512}
+
+
+def default_max_len(model_dir: str, arch: str) -> int:
+    """The scripts' default, capped at what the checkpoint's sampler takes: FLUX.1 [schnell] samples
+    with 256 T5 tokens, and its joint attention sees the padding, so training on 512 would not match."""
+    from richpref.models.families import MAX_SEQUENCE_LENGTH, detect_checkpoint_family
+
+    return min(DEFAULT_MAX_SEQUENCE_LENGTH[arch], MAX_SEQUENCE_LENGTH[detect_checkpoint_family(model_dir)])
 EMBEDS = "embeds.safetensors"
 INDEX = "index.json"
 META = "meta.json"
@@ -102,7 +110,7 @@ def build_text_cache(model_dir: str, arch: str, captions: list[str], output_dir:
     """Encode every distinct caption (and "") once; reuse the run's cache when it holds them all."""
     from safetensors.torch import save_file
 
-    max_len = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[arch]
+    max_len = max_sequence_length or default_max_len(model_dir, arch)
     folder = Path(output_dir) / "text_embeds" / f"{arch}-{cache_key(model_dir, arch, max_len)}"
     wanted = sorted(set(captions) | {""})
     if (folder / META).exists():

@@ -287,6 +287,21 @@ def test_long_captions_are_truncated_and_counted(tiny_models, tmp_path):
     assert again.meta == cache.meta  # reused, not encoded again
 
 
+def test_the_default_prompt_length_is_the_scripts_capped_at_what_the_checkpoints_sampler_takes(tiny_models, tmp_path):
+    import shutil
+
+    from richpref.training.text_cache import default_max_len
+
+    assert [default_max_len(str(tiny_models / m), a) for m, a in (("flux", "flux"), ("sd3", "sd3"), ("qwen-image", "qwen_image"))] \
+        == [512, 77, 512]
+    # FLUX.1 [schnell] (no guidance embedding) samples with 256 T5 tokens: before, it trained on 512
+    schnell = tmp_path / "schnell"
+    shutil.copytree(tiny_models / "flux", schnell, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")])
+    config = schnell / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": False}))
+    assert default_max_len(str(schnell), "flux") == 256
+
+
 def test_chance_warning():
     from richpref.training.heldout import chance_warning
 
