@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from richpref.doctor.pipelines import PipelineProblem, check_pipeline_files, check_text_to_image, components
-from richpref.models.families import check_sequence_length, detect_checkpoint_family
+from richpref.models.families import base_family, check_sequence_length, detect_checkpoint_family
 from richpref.models.runtime import ModelNotAvailable, device_missing, resolve_device, resolve_model_ref
 from richpref.schemas.config import Profile, ProfileError
 
@@ -138,6 +138,19 @@ def _cutout_check(ref: ModelRef, profile: Profile) -> None:
             raise ModelNotAvailable(rembg_models._missing_model_message(ref.ref, expected))
 
 
+def check_tuned_base(profile: Profile, family: str) -> None:
+    """sample.lora / sample.unet, when a finetune output, trained on the family sample.model is."""
+    from richpref.models.tuned import tuned_arch
+
+    for key in ("lora", "unet"):
+        path = getattr(profile.sample, key)
+        arch = tuned_arch(path) if path else None
+        if arch and arch != base_family(family):
+            raise ProfileError(f"sample.{key} {path} was trained on a {arch} model, and sample.model "
+                               f"{profile.sample.model!r} is a {family} checkpoint: give weights tuned from this "
+                               "model, or sample with the model they were tuned from")
+
+
 def is_native_llava(path: str) -> bool:
     config = Path(path) / "config.json"
     try:
@@ -177,12 +190,13 @@ def resolve(ref: ModelRef, profile: Profile) -> ModelRef:
                 check_pipeline_files(ref.path)
         except PipelineProblem as exc:
             raise ModelProblem(ref.stage, ref.ref, exc.cause, exc.fix, kind="load_failed") from None
-        if ref.field == "sample.model":  # the sampler refuses it only once the model has loaded
+        if ref.field == "sample.model":  # the sampler refuses these only once the model has loaded
+            family = detect_checkpoint_family(ref.path)
             try:
-                check_sequence_length(detect_checkpoint_family(ref.path), profile.sample.max_sequence_length,
-                                      "sample.max_sequence_length")
+                check_sequence_length(family, profile.sample.max_sequence_length, "sample.max_sequence_length")
             except ValueError as exc:
                 raise ProfileError(f"{exc} (sample.model {ref.ref!r})") from None
+            check_tuned_base(profile, family)
     variant = getattr(getattr(profile, section_of(ref.stage)), "variant", None)
     if ref.kind == "diffusers" and variant and ref.path and Path(ref.path).is_dir() \
             and not any(f".{variant}." in f.name for f in Path(ref.path).rglob("*")):

@@ -104,6 +104,11 @@ def round_size(side: int, multiple: int) -> int:
     return max(multiple, int(round(side / multiple)) * multiple)
 
 
+def base_family(family: str) -> str:
+    """The family a LoRA or a fine-tune is made for: FLUX.1 [dev] and [schnell] share one transformer."""
+    return "flux" if family in ("flux_dev", "flux_schnell") else family
+
+
 def check_sequence_length(family: str, tokens: int | None, setting: str = "max_sequence_length") -> None:
     """ValueError naming `setting` when a flow family's pipeline takes fewer prompt tokens than `tokens`
     (the UNet families have no such setting: CLIP's 77 tokens)."""

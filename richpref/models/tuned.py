@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -30,7 +31,11 @@ class _NoTextEncoderKeysNote(logging.Filter):
 
 
 def load_lora(pipe, folder: str | os.PathLike, weight_name: str = LORA_WEIGHTS) -> None:
-    """`pipe.load_lora_weights` without diffusers' note that the LoRA has no text-encoder keys."""
+    """`pipe.load_lora_weights` without diffusers' note that the LoRA has no text-encoder keys; a LoRA
+    none of whose weights fit the pipeline's UNet or transformer (made for another base: diffusers
+    then loads nothing and only logs it) is a TunedWeightsError, not an untuned model under its name."""
+    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    before = set(pipe.get_list_adapters().get(denoiser, []))
     note = logging.getLogger("diffusers.loaders.lora_base")
     quiet = _NoTextEncoderKeysNote()
     note.addFilter(quiet)
@@ -38,11 +43,26 @@ def load_lora(pipe, folder: str | os.PathLike, weight_name: str = LORA_WEIGHTS) 
         pipe.load_lora_weights(str(folder), weight_name=weight_name)
     finally:
         note.removeFilter(quiet)
+    if not set(pipe.get_list_adapters().get(denoiser, [])) - before:
+        model = type(getattr(pipe, denoiser)).__name__
+        raise TunedWeightsError(f"LoRA weights {Path(folder) / weight_name}: none of its weights fit this pipeline's "
+                                f"{denoiser} ({model}), so it was trained on another base model; give a LoRA of this "
+                                "model (or sample with the model it was trained on)")
 
 
 def _final(path: Path) -> Path:
     """A finetune output folder's `final/`, else the path itself."""
     return path / "final" if (path / "final" / FINETUNE_META).exists() else path
+
+
+def tuned_arch(path: str | os.PathLike) -> str | None:
+    """The family (sd15, sdxl, sd3, flux, qwen_image) a finetune output folder was trained on, from its
+    finetune.json; None for weights without one (a LoRA file or folder from elsewhere)."""
+    meta = _final(Path(path)) / FINETUNE_META
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("arch") if meta.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def lora_file(path: str | os.PathLike) -> Path:

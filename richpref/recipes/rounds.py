@@ -90,6 +90,20 @@ def curate_overrides(cfg: RoundsConfig, k: int, data_dir: str, previous: dict | 
     return out
 
 
+def check_same_base(profile, tune, arch: str) -> None:
+    """Rounds are on-policy: round 1 samples with the profile's sample.model and every later round with
+    the weights tuned from the fine-tune's model, so both must be one family (a LoRA of another base
+    loads nothing). ValueError naming both."""
+    from richpref.models.families import base_family, detect_checkpoint_family
+    from richpref.models.runtime import resolve_model_ref
+
+    sampler = detect_checkpoint_family(resolve_model_ref(profile.sample.model, profile.models_root))
+    if base_family(sampler) != arch:
+        raise ValueError(f"rounds: the profile samples with {profile.sample.model!r} (a {sampler} checkpoint) and the "
+                         f"fine-tune tunes {tune.model!r} (a {arch} one); round 2 samples with the tuned weights: give "
+                         "the profile and the finetune config the same base model")
+
+
 def finetune_overrides(cfg: RoundsConfig, previous: dict | None, earlier_pairs: list[str]) -> list[str]:
     """Round k's finetune overrides: start from round k-1's weights; mix in earlier rounds' pairs."""
     out = [*cfg.finetune_overrides, *_models_root(cfg)]

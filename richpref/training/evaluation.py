@@ -161,7 +161,8 @@ def preflight(cfg: EvaluateConfig) -> list[str]:
     the generating)."""
     from richpref.models.rewards import MODEL_REF_OPTIONS, PAIR_KINDS
     from richpref.models.runtime import ModelNotAvailable
-    from richpref.models.families import check_sequence_length, detect_checkpoint_family
+    from richpref.models.families import base_family, check_sequence_length, detect_checkpoint_family
+    from richpref.models.tuned import tuned_arch
     from richpref.tasks.source import SourceError
     from richpref.training.models import is_finetune_output, read_meta
 
@@ -193,11 +194,16 @@ def preflight(cfg: EvaluateConfig) -> list[str]:
             except ModelNotAvailable as exc:
                 raise ModelNotAvailable(f"evaluate model {model.name!r}: {exc} A finetune output folder has "
                                         "final/finetune.json: run `richpref finetune` first.") from None
-        if cfg.max_sequence_length is not None and base and Path(base, "model_index.json").is_file():
-            try:  # before the first model generates: the sampler refuses it after loading
-                check_sequence_length(detect_checkpoint_family(base), cfg.max_sequence_length)
+        if base and Path(base, "model_index.json").is_file():  # the sampler refuses these after loading
+            family = detect_checkpoint_family(base)
+            try:
+                check_sequence_length(family, cfg.max_sequence_length)
             except ValueError as exc:
                 raise ValueError(f"evaluate model {model.name!r}: {exc}") from None
+            arch = tuned_arch(model.lora) if model.lora else None
+            if arch and arch != base_family(family):
+                raise ValueError(f"evaluate model {model.name!r}: its lora {model.lora} was tuned on a {arch} model and "
+                                 f"{model.path} is a {family} checkpoint: give the LoRA's own base")
     return prompts
 
 

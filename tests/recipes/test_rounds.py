@@ -57,6 +57,33 @@ def test_round_two_samples_with_round_one_weights(two_rounds):
     assert all(base[i][1] != tuned[i][1] for i in base), "round 2 sampled as the base model: the LoRA is not applied"
 
 
+def test_round_one_weights_are_refused_by_a_sampler_of_another_family(two_rounds, tiny_models):
+    # before, diffusers loaded none of the SD 1.5 LoRA into FLUX.1 (and said so only in a log line),
+    # and the untuned FLUX.1 sampled under the LoRA's name
+    from richpref.doctor.checks import resolve_models
+    from richpref.models.generator import TextToImage
+    from richpref.models.tuned import TunedWeightsError, apply_tuned
+    from richpref.schemas.config import ProfileError, load_profile
+
+    data, _ = two_rounds
+    tuned = data / "rounds" / "rounds-tiny" / "round-1" / "finetune"
+    with pytest.raises(ProfileError, match=r"sample.lora .* was trained on a sd15 model, and sample.model 'flux' is a flux_dev"):
+        resolve_models(load_profile("tiny-flux", [f"sample.lora={tuned}"], str(tiny_models)), {"sample"})
+    resolve_models(load_profile("tiny", [f"sample.lora={tuned}"], str(tiny_models)), {"sample"})
+    from richpref.schemas.training import load_evaluate_config
+    from richpref.training.evaluation import preflight
+
+    models = f"models=[{{name: base, path: flux}}, {{name: t, path: flux, lora: {tuned}}}]"
+    with pytest.raises(ValueError, match=r"evaluate model 't': its lora .* was tuned on a sd15 model and flux is a flux_dev"):
+        preflight(load_evaluate_config("evaluate-tiny-flux", [f"models_root={tiny_models}", models]))
+    flux = TextToImage.load(str(tiny_models / "flux"), device="cpu")
+    try:
+        with pytest.raises(TunedWeightsError, match=r"none of its weights fit this pipeline's transformer \(FluxTransformer2DModel\)"):
+            apply_tuned(flux, lora=str(tuned))
+    finally:
+        flux.close()
+
+
 def test_table_has_base_and_both_rounds(two_rounds):
     data, result = two_rounds
     out = data / "rounds" / "rounds-tiny"
@@ -175,7 +202,11 @@ def test_the_command_refuses_a_missing_model_before_round_one_and_ends_a_failed_
     ('evaluate_overrides=["prompts.path=nowhere.txt"]', 2, "evaluate.prompts: source.path 'nowhere.txt'"),
     ('evaluate_overrides=["rewards.pickscore.model=nowhere"]', 3, "model 'nowhere' not found"),
     ('finetune_overrides=["model=nowhere"]', 3, "model 'nowhere' not found"),
-    ('finetune_overrides=["arch=flux"]', 2, "is a sd15 checkpoint but the config says arch: flux")])
+    ('finetune_overrides=["arch=flux"]', 2, "is a sd15 checkpoint but the config says arch: flux"),
+    # round 1 from FLUX.1, tuning SD 1.5: before, round 2 loaded the SD 1.5 LoRA into FLUX.1, where none of
+    # it fits, and sampled the untuned FLUX.1 under the LoRA's name
+    ("profile=tiny-flux", 2, "rounds: the profile samples with 'flux' (a flux_dev checkpoint) and the fine-tune tunes "
+                             "'sd15' (a sd15 one)")])
 def test_the_fine_tune_and_evaluation_of_each_round_are_checked_before_round_one(tiny_models, tmp_path, capsys,
                                                                                    monkeypatch, override, code, named):
     # before, round 1 curated, then its fine-tune or evaluation failed
