@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..models.families import check_sequence_length, detect_checkpoint_family
+from ..models.families import check_sequence_length, detect_checkpoint_family, size_multiple
 from ..models.runtime import resolve_model_ref
 from ..schemas.training import FinetuneConfig, FlowSettings
 from .checkpoints import TrainingError, load_init_lora, load_init_unet
@@ -72,8 +72,14 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
                                f"({family}); give weights trained on the same base, or drop init_from")
     if cfg.mode == "lora":
         check_lora_targets(cfg, model_dir, family)
+    checkpoint = detect_checkpoint_family(model_dir)
     if family in FLOW_ARCHS and cfg.flow is not None:  # the sampler's limit (FLUX.1 [schnell] takes fewer than [dev])
-        check_sequence_length(detect_checkpoint_family(model_dir), cfg.flow.max_sequence_length, "flow.max_sequence_length")
+        check_sequence_length(checkpoint, cfg.flow.max_sequence_length, "flow.max_sequence_length")
+    multiple = size_multiple(checkpoint)  # the latent grid (and a transformer's 2x2 patches) must tile the crop
+    if cfg.resolution % multiple:
+        low = max(multiple, cfg.resolution // multiple * multiple)
+        raise ValueError(f"resolution {cfg.resolution}: {checkpoint} models take sides in multiples of {multiple}; set "
+                         f"it to {low} or {low + multiple}")
     if family in FLOW_ARCHS and cfg.mode == "full":
         n = transformer_params(model_dir)
         on_fsdp = cfg.fsdp if fsdp is None else fsdp

@@ -248,6 +248,11 @@ def test_configs_for_another_family_are_refused_naming_the_fix(tiny_models, pair
         with pytest.raises(ValueError, match=rf"^flow.max_sequence_length {limit + 1}: .* at most {limit} prompt tokens"):
             preflight(flow_config(tiny_models, pairs, model, flow={"max_sequence_length": limit + 1}))
         assert preflight(flow_config(tiny_models, pairs, model, flow={"max_sequence_length": limit}))
+    # a side the latent grid does not tile (before: trained, on crops the VAE and the 2x2 patches cut short)
+    with pytest.raises(ValueError, match=r"^resolution 40: flux_dev models take sides in multiples of 16; set it to 32 or 48$"):
+        preflight(flow_config(tiny_models, pairs, "flux", resolution=40))
+    with pytest.raises(ValueError, match=r"^resolution 36: sd15 models take sides in multiples of 8; set it to 32 or 40$"):
+        preflight(flow_config(tiny_models, pairs, "sd15", flow=None, resolution=36))
 
     # init_from made for another base (its finetune.json says so)
     other = tmp_path / "sd15-lora"
