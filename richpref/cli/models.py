@@ -47,10 +47,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         from richpref.schemas.config import ProfileError
         from richpref.schemas.training import load_finetune_config
         from richpref.training.memory import estimate_memory, format_estimate
+        from richpref.training.setup import preflight
 
         try:
             cfg = load_finetune_config(args.finetune, args.set, args.models_root)
             print(format_estimate(cfg, estimate_memory(cfg, args.workers), args.workers))
+            # then what the launch would refuse on the model side (the pairs may not be curated yet)
+            preflight(cfg.model_copy(update={"data": [s for s in cfg.data if s.path is None]}))
         except (ProfileError, ModelNotAvailable, ValueError, FileNotFoundError) as exc:
             return fail(exc)
         return 0

@@ -38,6 +38,10 @@ def test_finetune_and_evaluate_configs_honour_models_root(tiny_models, tmp_path,
     assert load_rounds_config("rounds-tiny").models_root == "data/models/tiny"
     assert main(["doctor", "--finetune", "finetune-tiny-flux", "--models-root", root]) == 0
     assert "finetune finetune-tiny-flux: flux lora" in capsys.readouterr().out
+    # the estimate, then what the launch would refuse (before: an estimate of a config that cannot train)
+    assert main(["doctor", "--finetune", "finetune-tiny-flux", "--models-root", root, "--set", "resolution=70"]) == 2
+    out, err = capsys.readouterr()
+    assert "finetune finetune-tiny-flux: flux lora" in out and err.startswith("error: resolution 70: flux_dev models take")
     for command in (["finetune", "--config", "finetune-tiny-flux", "--set", "model=gone"],
                     ["evaluate", "--config", "evaluate-tiny-flux", "--set", "models=[{name: a, path: gone}]"]):
         args = ["--data-dir", str(tmp_path / "data"), *command, "--models-root", "/no/such/root"]
