@@ -26,6 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..schemas.training import PairSourceConfig
 from ..sources import run_folder_pairs
+from ..tasks.pickapic_source import blank_caption
 
 log = logging.getLogger("richpref")
 
@@ -129,8 +130,14 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
         log.info("data source %s: dropped %d of %d rows whose label_0 is not 0 or 1 (ties)",
                  src.label, len(ds) - len(keep), len(ds))
         ds = ds.select(keep)
+    # a pair without a caption has no prompt its preference is for: before, it trained as an unconditional one
+    captioned = [i for i, c in enumerate(ds["caption"]) if blank_caption(c) is None]
+    if len(captioned) < len(ds):
+        log.info("data source %s: dropped %d of %d rows without a caption (null, or whitespace alone)",
+                 src.label, len(ds) - len(captioned), len(ds))
+        ds = ds.select(captioned)
     if len(ds) == 0:
-        raise DataError(f"data source {src.label!r} has no usable pairs (no rows with label_0 in {{0, 1}})")
+        raise DataError(f"data source {src.label!r} has no usable pairs (no rows with label_0 in {{0, 1}} and a caption)")
     if need_mask:
         present = sum(m is not None for m in ds[MASK_COLUMN])
         if present == 0:

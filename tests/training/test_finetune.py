@@ -85,6 +85,19 @@ def test_ties_dropped_and_missing_columns_named(pairs_file, tmp_path):
         load_pair_source(PairSourceConfig(path=str(tmp_path)))
 
 
+def test_pairs_without_a_caption_are_dropped_not_trained_as_unconditional(pairs_file, tmp_path):
+    table = pq.read_table(pairs_file).slice(0, 4)
+    captions = table.column("caption").to_pylist()
+    blank = table.set_column(table.schema.get_field_index("caption"), "caption",
+                             pa.array([None, " \t", *captions[2:]], pa.string()))
+    pq.write_table(blank, tmp_path / "pairs.parquet")
+    ds = load_pair_source(PairSourceConfig(path=str(tmp_path / "pairs.parquet")))
+    assert ds["caption"] == captions[2:]  # before: all 4, the first two trained with the empty prompt
+    pq.write_table(blank.slice(0, 2), tmp_path / "none.parquet")
+    with pytest.raises(DataError, match=r"no usable pairs \(no rows with label_0 in \{0, 1\} and a caption\)"):
+        load_pair_source(PairSourceConfig(path=str(tmp_path / "none.parquet")))
+
+
 def test_heldout_split_always_leaves_a_pair_to_train():
     import datasets
 
