@@ -196,9 +196,16 @@ def status(data_dir: str, run: str) -> dict:
             stage, _, shard = part.partition("/part-")
             if shard.isdigit():
                 failed_by_stage.setdefault(stage, []).append(int(shard))
-    profile_json = store.root + "/profile.json"
+    profile_json, profile, note = store.root + "/profile.json", None, None
     if store.fs.exists(profile_json):
-        profile = Profile.model_validate_json(store.fs.cat_file(profile_json))
+        try:
+            profile = Profile.model_validate_json(store.fs.cat_file(profile_json))
+        except ValueError as exc:  # saved by another release: its keys cannot be recomputed here
+            first = exc.errors()[0] if hasattr(exc, "errors") else None
+            why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(exc).splitlines()[0]
+            note = (f"{store.uri(profile_json)} does not load in this release ({why}): every committed shard "
+                    "is counted as done, whatever its key")
+    if profile is not None:
         stages_run = stages_for(profile)
         done = {st.out: plan.done for st, plan in zip(stages_run, plan_stages(stages_run, profile, store))}
     else:
@@ -211,7 +218,8 @@ def status(data_dir: str, run: str) -> dict:
         failed = sorted(failed_by_stage.get(st.name, []))
         missing = [s for s in expected if s not in have and s not in failed]
         stages.append({"stage": st.out, "done": len(have), "missing": missing, "failed": failed})
-    return {"run": run, "state": last.get("state", "unknown"), "shards": len(expected), "stages": stages}
+    return {"run": run, "state": last.get("state", "unknown"), "shards": len(expected), "stages": stages,
+            **({"note": note} if note else {})}
 
 
 def format_status(st: dict) -> str:
@@ -220,4 +228,6 @@ def format_status(st: dict) -> str:
     for s in st["stages"]:
         lines.append(f"{s['stage']:<10} {s['done']:>5} {len(s['missing']):>8} {len(s['failed']):>7}"
                      + (f"  failed: {s['failed']}" if s["failed"] else ""))
+    if st.get("note"):
+        lines.append(f"note: {st['note']}")
     return "\n".join(lines)

@@ -68,6 +68,21 @@ def test_status_reports_missing_and_failed_shards(finished_run, runs_dir):
         (store_root / "run.json").write_text(json.dumps(data))
 
 
+def test_status_of_a_run_saved_by_another_release_counts_its_shards_and_says_why(finished_run, runs_dir, tmp_path):
+    from richpref.run.storage import RunStore
+    from richpref.views.inspect import format_status
+
+    copy = RunStore(str(tmp_path), "ref")
+    shutil.copytree(RunStore(str(runs_dir), "ref").root, copy.root)
+    profile = json.loads((Path(copy.root) / "profile.json").read_text())
+    profile["sample"]["key_of_a_newer_release"] = 1
+    (Path(copy.root) / "profile.json").write_text(json.dumps(profile))
+    st = status(str(tmp_path), "ref")  # before: a pydantic ValidationError traceback
+    assert st["shards"] == 3 and all(s["done"] == 3 for s in st["stages"] if s["stage"] in ("source", "pairs"))
+    assert format_status(st).endswith("does not load in this release (sample.key_of_a_newer_release: Extra inputs "
+                                      "are not permitted): every committed shard is counted as done, whatever its key")
+
+
 def test_pairs_full_view_has_one_row_per_source_item(finished_run, runs_dir):
     con, views = connect(str(runs_dir), "ref")
     assert "pairs_full" in views
