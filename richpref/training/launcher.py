@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from filelock import FileLock, Timeout
 
 from richpref.common.procs import free_port, spawn_owned, stop_owned
 from richpref.common.atomic import write_atomic
@@ -141,8 +142,27 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
         log.info("finetune %s: already trained to step %d", output_dir, done["steps"])
         return read_meta(output_dir)
     check_fsdp_device(cfg)
-    config_path = write_config(cfg, output_dir)
     run_env = {**os.environ, **(env or {})}
+    machines = machines or Machines.from_env(run_env)
+    # Two launches on one output folder would resume from each other's checkpoints and overwrite them:
+    # one holds it (per machine rank: the machines of one run share the folder) until its trainers end.
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(Path(output_dir) / f".launch-rank{machines.machine_rank}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise LaunchFailed(f"{output_dir} is being trained by another launch on this machine (rank "
+                           f"{machines.machine_rank}); wait for it to end, or give another --output-dir") from None
+    try:
+        return _launch(cfg, output_dir, num_processes, max_restarts, run_env, log_file, on_poll, poll_seconds, machines)
+    finally:
+        lock.release()
+
+
+def _launch(cfg: FinetuneConfig, output_dir: str | os.PathLike, num_processes: int, max_restarts: int,
+            run_env: dict[str, str], log_file: str | None, on_poll: Callable[[], None] | None, poll_seconds: float,
+            machines: Machines) -> dict:
+    config_path = write_config(cfg, output_dir)
     if cfg.models_root:  # the trainers read the written config; the environment must not send them elsewhere
         run_env["RICHPREF_MODELS_ROOT"] = cfg.models_root
     if num_processes > 1 and "OMP_NUM_THREADS" not in run_env:
@@ -151,8 +171,7 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
     refused.unlink(missing_ok=True)  # left by an earlier launch on input that has been fixed since
     codes = []
     for attempt in range(max_restarts + 1):
-        cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision, cfg.fsdp,
-                                 machines or Machines.from_env(run_env))
+        cmd = accelerate_command(config_path, output_dir, num_processes, cfg.mixed_precision, cfg.fsdp, machines)
         log.info("launch %d/%d: %s", attempt + 1, max_restarts + 1, " ".join(cmd))
         # The trainers die with this process (richpref.common.procs), also when it is SIGKILLed.
         proc = spawn_owned(cmd, name="accelerate-train", env=run_env, log_path=log_file)

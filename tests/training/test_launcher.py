@@ -85,6 +85,26 @@ def test_a_trainer_that_stops_on_bad_input_is_not_relaunched(tiny_models, tmp_pa
     assert (tmp_path / "train.log").read_text().count("Traceback") <= 1  # one launch, not three
 
 
+def test_a_second_launch_on_an_output_folder_in_training_is_refused(tiny_models, pairs_file, tmp_path):  # noqa: F811
+    # before, both trained into the folder, each resuming from and overwriting the other's checkpoints
+    from richpref.training.launcher import LaunchFailed, launch_training
+
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = ("import sys, time\nfrom filelock import FileLock\nlock = FileLock(sys.argv[1])\nlock.acquire()\nprint('held', flush=True)\n"
+            "time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out / ".launch-rank0.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another launch's trainers are running
+        with pytest.raises(LaunchFailed, match=rf"^{out} is being trained by another launch on this machine \(rank 0\); "
+                                               "wait for it to end, or give another --output-dir$"):
+            launch_training(tiny_config(tiny_models, pairs_file), out)
+        assert not (out / "finetune-config.yaml").exists()  # nothing of the held run was touched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """End a `richpref finetune` and everything it started (its own process group), by its pid."""
     if proc.poll() is None:
