@@ -197,11 +197,14 @@ def _read_stage(store, stage: str) -> pa.Table | None:
 def write_run_report(data_dir: str, run: str) -> dict[str, str]:
     """README.md beside the run's pairs and the PNG plots under `<run>/pairs/plots/`; returns their locations.
     Call it after the export stage (the curate flow does at its end)."""
-    from richpref.views.inspect import summary as run_summary
+    from richpref.views.inspect import RunNotFound, summary as run_summary
     from richpref.run.storage import RunStore, join
 
     store = RunStore(data_dir, run)
     summary = run_summary(data_dir, run)
+    if not stage_manifests(store, "pairs"):  # the card describes the pairs: none yet, no card
+        raise RunNotFound(f"run {run!r} has no committed pairs shards under {store.uri(store.stage_dir('pairs'))}; "
+                          f"run `richpref curate --run {run}` to its end first")
     profile_path = join(store.root, "profile.json")
     profile = json.loads(store.fs.cat_file(profile_path)) if store.fs.exists(profile_path) else {}
     if profile.get("pipeline") == "rebuild":

@@ -20,6 +20,15 @@ def test_a_view_of_a_run_with_no_shards_names_it_and_the_fix(command, tmp_path, 
                            "run `richpref curate --run no-such-run` first")
 
 
+def test_a_card_of_a_run_without_pairs_yet_is_refused_and_writes_nothing(mini_run, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(mini_run[0], data)
+    shutil.rmtree(data / "runs" / "mini" / "pairs")  # stopped before the export stage (`--until relabel`)
+    assert main(["--data-dir", str(data), "card", "mini"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: run 'mini' has no committed pairs shards under {data}/runs/mini/pairs")
+    assert not (data / "runs" / "mini" / "pairs").exists()  # before: a card and plots of no pairs, in a new pairs/
+
+
 def test_a_bad_statement_and_a_refused_upload_are_one_line_each(mini_run, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(mini_run[0], data)  # the card writes into the run: a copy keeps the shared one as it is
