@@ -57,6 +57,23 @@ def _init_from_arch(path: str) -> str | None:
     return None
 
 
+def check_init_from(cfg: FinetuneConfig, path: str, family: str) -> None:
+    """init_from made for this base and holding what `mode` continues (a LoRA, or a full UNet): before,
+    another mode's weights failed each launch of the trainer after the models loaded."""
+    from ..models.tuned import TunedWeightsError, lora_file, unet_dir
+
+    other = _init_from_arch(path)
+    if other and other != family:
+        raise ArchMismatch(f"init_from {cfg.init_from}: made for a {other} model, this run trains {cfg.model!r} "
+                           f"({family}); give weights trained on the same base, or drop init_from")
+    if cfg.mode == "full" and family in FLOW_ARCHS:
+        raise ArchMismatch(f"init_from {cfg.init_from} with mode: full: Flow-DPO continues LoRA runs only; use mode: lora")
+    try:
+        lora_file(path) if cfg.mode == "lora" else unet_dir(path)
+    except TunedWeightsError as exc:
+        raise ArchMismatch(f"init_from {cfg.init_from} (mode: {cfg.mode}): {exc}") from None
+
+
 def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
     """The checkpoint's family, after refusing what cannot train: a Flow-DPO config on a UNet (or the
     reverse), init_from made for another base, a 12B+ full fine-tune without FSDP and gradient
@@ -66,10 +83,7 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
     model_dir = resolve_model_ref(cfg.model, cfg.models_root)
     family = check_arch(model_dir, cfg.arch, cfg.is_flow, cfg.model)
     if cfg.init_from:
-        other = _init_from_arch(resolve_model_ref(cfg.init_from, cfg.models_root))
-        if other and other != family:
-            raise ArchMismatch(f"init_from {cfg.init_from}: made for a {other} model, this run trains {cfg.model!r} "
-                               f"({family}); give weights trained on the same base, or drop init_from")
+        check_init_from(cfg, resolve_model_ref(cfg.init_from, cfg.models_root), family)
     if cfg.mode == "lora":
         check_lora_targets(cfg, model_dir, family)
     checkpoint = detect_checkpoint_family(model_dir)
