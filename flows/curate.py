@@ -17,7 +17,7 @@ from richpref.run.orchestration import failure_message, preflight, run_artifact,
 from richpref.run.affinity import stage_costs
 from richpref.run.gpu_claims import release_after_stage
 from richpref.run.pipeline import model_swaps, models_used, pipeline_pass
-from richpref.run.run_state import ended
+from richpref.run.run_state import check_same_pipeline, ended
 from richpref.run.runner import CurateFailed, ShardManifest
 from richpref.schemas.config import load_profile, profile_hash
 from richpref.run.storage import RunStore
@@ -35,6 +35,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     freeze_at_exit()  # the process of a Dask run's flow loads no model, and holds all the imports too
     prof = load_profile(profile, overrides, models_root)
     store = RunStore(data_dir, run)
+    check_same_pipeline(store, prof)  # a run of another pipeline: its shards are not this one's to replace
     store.write_text("profile.json", prof.model_dump_json(indent=2))
     store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 

@@ -56,6 +56,8 @@ def _curate(args: argparse.Namespace, server) -> int:
     from richpref.doctor.checks import ModelProblem, check_key_inputs, resolve_models
     from richpref.run.cluster import ClusterError
     from richpref.run.plan import finished_and_current, plan_run
+    from richpref.run.run_state import check_same_pipeline
+    from richpref.run.storage import RunStore
     from richpref.schemas.config import ProfileError, load_profile
     from richpref.schemas.migrate import ProfileMigrationWarning
     from richpref.tasks.source import SourceError, check_source
@@ -74,6 +76,7 @@ def _curate(args: argparse.Namespace, server) -> int:
                 raise ProfileError(f"--doctor-json {args.doctor_json}: not a `richpref doctor --json` file ({exc})") from exc
         stages = stages_for(profile, args.until)  # an unknown --until stage: a ProfileError naming the stages
         check_key_inputs(profile, stages)  # a prompt template or tuned weights that are not there
+        check_same_pipeline(RunStore(args.data_dir, args.run), profile)  # before the plan: its shards are another's
         plan = None
         if args.plan or not args.force_flow:
             plan = plan_run(profile, args.data_dir, args.run, args.until)
@@ -82,8 +85,6 @@ def _curate(args: argparse.Namespace, server) -> int:
                 return 0
             if plan.up_to_date and finished_and_current(profile, args.data_dir, args.run, args.until):
                 # Nothing the flow would compute: skip starting Prefect (--force-flow runs it anyway).
-                from richpref.run.storage import RunStore
-
                 store = RunStore(args.data_dir, args.run)
                 print(plan.format().splitlines()[0])
                 return _outcome(args, store.last_run().get("state", ""), store.uri(store.stage_dir("pairs")),

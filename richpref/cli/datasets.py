@@ -12,10 +12,13 @@ def cmd_relabel_dataset(args: argparse.Namespace) -> int:
     from richpref.tasks import stages_for
     from richpref.schemas.config import ProfileError, load_profile
     from richpref.recipes.relabel_dataset import DatasetError, dataset_profile, relabel_dataset
+    from richpref.run.run_state import check_same_pipeline
+    from richpref.run.storage import RunStore
 
     try:
         prof = load_profile(args.profile, args.set, args.models_root)
         run_profile = dataset_profile(args.src, prof, args.reward, drop_near_ties=args.drop_near_ties)
+        check_same_pipeline(RunStore(args.out_dir, args.run), run_profile)  # e.g. --run of a curate run
         if args.plan:
             from richpref.run.plan import plan_run
 

@@ -13,7 +13,7 @@ from richpref.run.leases import Busy
 from richpref.run.gpu_claims import release_after_stage
 from richpref.run.runner import ShardManifest, content_key, drop_shards_from, run_shard, stage_shards
 from richpref.schemas.config import Profile
-from richpref.run.run_state import ended
+from richpref.run.run_state import check_same_pipeline, ended
 from richpref.run.storage import RunStore
 
 
@@ -24,6 +24,7 @@ def run_inline(profile: Profile, data_dir: str, run: str, *, until: str | None =
 
     stages = stages_for(profile, until)
     store = RunStore(data_dir, run)
+    check_same_pipeline(store, profile)
     store.write_text("profile.json", profile.model_dump_json(indent=2))
     manifests: dict[str, dict[int, ShardManifest]] = {}
     for stage in stages:

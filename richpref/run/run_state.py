@@ -4,6 +4,8 @@ No heavy import here: `richpref curate` asks it before spawning its Prefect serv
 """
 from __future__ import annotations
 
+import json
+
 COMPLETED = "completed"
 STOPPED_AFTER = "stopped after "  # + the last stage of a flow run with `until`
 
@@ -26,3 +28,21 @@ def covers(state: str | None, until: str | None, stages: list[str] | None = None
     if stages is None or last not in stages or until not in stages:
         return last == until
     return stages.index(last) >= stages.index(until)
+
+
+def check_same_pipeline(store, profile) -> None:
+    """A run folder holds one pipeline's stages: the edit, rebuild and relabel-dataset pipelines share
+    stage folders (source, relabel, pairs), so a run of another pipeline would replace the shards the
+    first one computed, and with them the keys of all its later stages. ProfileError naming the run."""
+    from richpref.schemas.config import ProfileError
+
+    path = f"{store.root}/profile.json"
+    try:
+        saved = json.loads(store.fs.cat_file(path)) if store.fs.exists(path) else None
+    except ValueError:
+        return  # unreadable: the status command says why; this one rewrites it
+    pipeline = (saved or {}).get("pipeline", "edit") if saved is not None else None
+    if pipeline is not None and pipeline != profile.pipeline:
+        raise ProfileError(f"run {store.run!r} at {store.uri(store.root)} holds the {pipeline} pipeline's shards "
+                           f"(profile {saved.get('name', '?')!r}); a {profile.pipeline} profile would replace them: "
+                           "give another --run")

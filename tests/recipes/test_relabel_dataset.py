@@ -127,6 +127,30 @@ def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp
         relabel_dataset(str(run), str(tmp_path / "out"), profile, reward="clip")
 
 
+def test_a_run_of_another_pipeline_is_not_overwritten(tiny_models, tmp_path, capsys):
+    # before, `--run demo` on a curate run replaced its source and relabel shards with the dataset's, and
+    # with them the keys of every later stage (a curate of it again would redo all the GPU work)
+    from richpref.cli.commands import main
+    from richpref.recipes.inline import run_inline
+    from richpref.schemas.config import ProfileError
+
+    pq.write_table(pa.table({"caption": ["x"], "jpg_0": [solid(1, 2)], "jpg_1": [solid(3, 4)]}), tmp_path / "a.parquet")
+    run = tmp_path / "data" / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "profile.json").write_text(json.dumps({"name": "tiny", "source": {"kind": "prompts"}}))  # an edit run, as saved
+    message = (f"run 'demo' at {run} holds the edit pipeline's shards (profile 'tiny'); a relabel_dataset profile "
+               "would replace them: give another --run")
+    assert main(["relabel-dataset", str(tmp_path / "a.parquet"), str(tmp_path / "data"), "--run", "demo",
+                 "--models-root", str(tiny_models), "--reward", "clip"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert main(["--data-dir", str(tmp_path / "data"), "curate", "--profile", "tiny-rebuild", "--run", "demo",
+                 "--models-root", str(tiny_models), "--plan"]) == 2
+    assert "a rebuild profile would replace them" in capsys.readouterr().err
+    with pytest.raises(ProfileError, match="a rebuild profile would replace them"):  # the flows' own check
+        run_inline(load_profile("tiny-rebuild", models_root=str(tiny_models)), str(tmp_path / "data"), "demo")
+    assert sorted(p.name for p in run.iterdir()) == ["profile.json"]  # nothing written
+
+
 def test_a_relabelled_richpref_export_keeps_its_columns_but_flipped_follows_the_new_label():
     from richpref.tasks.pickapic_relabel import export_pairs
 
