@@ -275,11 +275,12 @@ def _rewrite_relabel_card(store, run: str) -> dict[str, str]:
     """A relabel-dataset run's card and plots again, from its summary (relabel.json) and scores, as the
     command wrote them: not the edit card, whose columns and flip rate such a run has not."""
     from richpref.run.storage import join
+    from richpref.views.inspect import RunNotFound
 
     path = join(store.root, "relabel.json")
-    if not store.fs.exists(path):
-        raise FileNotFoundError(f"run {run} is a relabel-dataset run without its summary ({store.uri(path)}): "
-                                "run `richpref relabel-dataset` again to finish it (done shards are kept)")
+    if not store.fs.exists(path):  # stopped before its end: one error line (exit 2), not a traceback
+        raise RunNotFound(f"run {run} is a relabel-dataset run without its summary ({store.uri(path)}): "
+                          "run `richpref relabel-dataset` again to finish it (done shards are kept)")
     summary = json.loads(store.fs.cat_file(path))
     scores = _read_stage(store, "relabel")
     # the run's own pairs folder, not the one relabel.json names: the run may have been moved since

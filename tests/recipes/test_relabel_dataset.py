@@ -83,6 +83,11 @@ def test_relabel_dataset_cli_rewrites_label_0_and_drops_ties(tiny_models, tmp_pa
     assert (moved / "runs/relabel/pairs/README.md").read_bytes() == card
     assert (moved / "runs/relabel/pairs/plots/flip_rate.png").read_bytes() == plot
     assert not (moved / "runs/relabel/plots").exists() and not out.exists()
+    summary_file = moved / "runs/relabel/relabel.json"
+    kept = summary_file.read_bytes()
+    summary_file.unlink()  # a run stopped before its end: one line naming the fix (before: a traceback)
+    assert main(["--data-dir", str(moved), "card", "relabel"]) == 2
+    summary_file.write_bytes(kept)
     out = moved
     from richpref.views.inspect import format_summary, summary as run_summary
 
