@@ -36,6 +36,23 @@ def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+class OtherConfig(ValueError):
+    """An output folder whose checkpoints another config made: resuming would mix the two runs."""
+
+
+def check_resumable(cfg_hash: str, output_dir: str | os.PathLike) -> tuple[int, Path] | None:
+    """The checkpoint a launch on `output_dir` resumes from (None: it starts fresh); OtherConfig when
+    another config made it. The launcher asks before starting the trainers, the trainer again."""
+    existing = checkpoints(Path(output_dir))
+    if not existing:
+        return None
+    state = json.loads((existing[-1][1] / TRAINER_STATE).read_text())
+    if state.get("config_hash") != cfg_hash:
+        raise OtherConfig(f"{existing[-1][1]} was made with another config (hash {state.get('config_hash')}, now "
+                          f"{cfg_hash}): use a new output dir, or delete its checkpoint-* folders to start over")
+    return existing[-1]
+
+
 def finished(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict | None:
     """The finetune.json of `output_dir` if it holds this config trained to max_train_steps, else None."""
     path = Path(output_dir) / "final" / FINETUNE_META

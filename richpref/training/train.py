@@ -25,7 +25,7 @@ import torch
 from ..common.atomic import write_atomic
 from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
-from .checkpoints import (TRAINER_STATE, TrainingError, checkpoints, finished, full_state_dict, param_norm,
+from .checkpoints import (TRAINER_STATE, OtherConfig, TrainingError, check_resumable, finished, full_state_dict, param_norm,
                           register_lora_hooks, save_checkpoint, write_final)
 from .data import Augment, DataError, PairBatches, PairMixture, load_sources, split_heldout
 from .heldout import HeldOut, plot_metrics
@@ -124,15 +124,7 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    existing = checkpoints(out)
-    resume_from = existing[-1] if existing else None
-    if resume_from:
-        state = json.loads((resume_from[1] / TRAINER_STATE).read_text())
-        if state.get("config_hash") != cfg_hash:
-            raise TrainingError(
-                f"{resume_from[1]} was made with another config (hash {state.get('config_hash')}, now {cfg_hash}): "
-                "use a new output dir, or delete its checkpoint-* folders to start over"
-            )
+    resume_from = check_resumable(cfg_hash, out)
 
     setup = setup_model(cfg, device, weight_dtype, fsdp=accelerator.distributed_type == DistributedType.FSDP)
     parts, unet, reference, vae_dtype, model_dir = (setup.parts, setup.model, setup.reference, setup.vae_dtype,
@@ -297,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg, args.output_dir)
-    except DataError as exc:  # e.g. an image that cannot be decoded, met at some step
+    except (DataError, OtherConfig) as exc:  # e.g. an image that cannot be decoded, met at some step
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.output_dir) / REFUSED_INPUT, f"{exc}\n".encode())  # every process may write it
         print(f"error: {exc}", file=sys.stderr)

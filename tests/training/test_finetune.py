@@ -245,14 +245,26 @@ def test_sdxl_lora_loads_into_sdxl_pipeline(tiny_models, pairs_file, tmp_path):
     assert np.abs(generate(pipe) - before).mean() > 1e-4
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tiny_models, pairs_file, tmp_path):
-    from richpref.training.train import TrainingError, train
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_models, pairs_file, tmp_path, capsys):
+    from richpref.cli.commands import main
+    from richpref.training.checkpoints import OtherConfig
+    from richpref.training.launcher import launch_training
+    from richpref.training.train import train
 
     ckpt = tmp_path / "run" / "checkpoint-2"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "samples_seen": 4, "config_hash": "other"}))
-    with pytest.raises(TrainingError, match="another config"):
+    with pytest.raises(OtherConfig, match="another config"):
         train(tiny_config(tiny_models, pairs_file), tmp_path / "run")
+    # before, the launcher started the trainers, which failed on it, were relaunched and failed again;
+    # the command ended naming train.log, not the folder and the fix
+    with pytest.raises(OtherConfig, match="another config"):
+        launch_training(tiny_config(tiny_models, pairs_file), tmp_path / "run", max_restarts=2)
+    assert not (tmp_path / "run" / "finetune-config.yaml").exists()
+    args = ["--data-dir", str(tmp_path / "data"), "finetune", "--config", "finetune-tiny", "--models-root", str(tiny_models),
+            "--pairs", str(pairs_file), "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith(f"error: {ckpt} was made with another config (hash other, now ")
 
 
 # --- the finetune flow: two processes under accelerate launch, killed and relaunched ---------------
