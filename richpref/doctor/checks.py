@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from richpref.doctor.pipelines import PipelineProblem, check_pipeline_files, check_text_to_image, components
-from richpref.models.families import base_family, check_sequence_length, detect_checkpoint_family
-from richpref.models.runtime import ModelNotAvailable, device_missing, resolve_device, resolve_model_ref
+from richpref.models.families import check_sequence_length, detect_checkpoint_family
+from richpref.models.runtime import ModelNotAvailable, device_problem, resolve_device, resolve_model_ref
 from richpref.schemas.config import Profile, ProfileError
 
 # Bytes per element of each safetensors dtype; floating ones are cast to the stage's dtype at load.
@@ -76,15 +76,11 @@ def model_refs(profile: Profile) -> list[ModelRef]:
 def local_device(section: str, name: str) -> str:
     """The device a section's models load on, on this machine; ProfileError naming the setting and the
     fix when it has no such device (a curate on a cluster checks on its workers instead)."""
-    try:
-        device = resolve_device(name)
-        missing = device_missing(device)
-    except ValueError as exc:
-        missing = str(exc)
+    missing = device_problem(name)
     if missing:
         raise ProfileError(f"{section}.device {name!r}: {missing}; set {section}.device to auto or cpu (doctor: "
                            "--device cpu), or run on a machine that has it")
-    return str(device)
+    return str(resolve_device(name))
 
 
 def _served_elsewhere(use) -> bool:
@@ -140,15 +136,14 @@ def _cutout_check(ref: ModelRef, profile: Profile) -> None:
 
 def check_tuned_base(profile: Profile, family: str) -> None:
     """sample.lora / sample.unet, when a finetune output, trained on the family sample.model is."""
-    from richpref.models.tuned import tuned_arch
+    from richpref.models.tuned import tuned_elsewhere
 
     for key in ("lora", "unet"):
         path = getattr(profile.sample, key)
-        arch = tuned_arch(path) if path else None
-        if arch and arch != base_family(family):
-            raise ProfileError(f"sample.{key} {path} was trained on a {arch} model, and sample.model "
-                               f"{profile.sample.model!r} is a {family} checkpoint: give weights tuned from this "
-                               "model, or sample with the model they were tuned from")
+        why = tuned_elsewhere(path, family) if path else None
+        if why:
+            raise ProfileError(f"sample.{key} {why} (sample.model {profile.sample.model!r}): give weights tuned from "
+                               "this model, or sample with the model they were tuned from")
 
 
 def is_native_llava(path: str) -> bool:

@@ -159,12 +159,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     from richpref.common.procs import check_port_free
     from richpref.prompts import load_head_template
 
-    from .runtime import device_missing, resolve_device
+    from .runtime import device_problem
 
-    try:
-        missing = device_missing(resolve_device(args.device))
-    except ValueError as exc:
-        missing = str(exc)
+    missing = device_problem(args.device)
     if missing:
         raise JudgeArgumentError(f"--device {args.device!r}: {missing}; give auto or cpu, or run on a machine that has it")
     if args.quality_template and args.kind != "edit_reward":

@@ -93,6 +93,15 @@ def device_missing(device: torch.device) -> str | None:
     return None
 
 
+def device_problem(name: str) -> str | None:
+    """Why this machine cannot run on the device named `name` (not a device name, or none such here);
+    None when it can. Asked before any model loads."""
+    try:
+        return device_missing(resolve_device(name))
+    except ValueError as exc:
+        return str(exc)
+
+
 def start_process(devices: set[str]) -> None:
     """What a process pays once before its first model, whichever model that is: importing the model
     libraries and starting each accelerator (its context, the first kernel). Timed apart, the first

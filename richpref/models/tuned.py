@@ -65,6 +65,17 @@ def tuned_arch(path: str | os.PathLike) -> str | None:
         return None
 
 
+def tuned_elsewhere(path: str | os.PathLike, family: str) -> str | None:
+    """Why weights at `path` (a finetune output) cannot go into a model of `family` (sd15, flux_dev, …):
+    they were tuned on another family's model; None when they fit or say nothing of their base."""
+    from .families import base_family
+
+    arch = tuned_arch(path)
+    if arch and arch != base_family(family):
+        return f"{path} was tuned on a {arch} model, and this is a {family} checkpoint"
+    return None
+
+
 def lora_file(path: str | os.PathLike) -> Path:
     """The LoRA safetensors file of a file, a folder holding pytorch_lora_weights.safetensors, or a
     finetune output folder."""

@@ -37,12 +37,14 @@ def check_same_pipeline(store, profile) -> None:
     from richpref.schemas.config import ProfileError
 
     path = f"{store.root}/profile.json"
+    if not store.fs.exists(path):
+        return  # a new run
     try:
-        saved = json.loads(store.fs.cat_file(path)) if store.fs.exists(path) else None
+        saved = json.loads(store.fs.cat_file(path))
     except ValueError:
         return  # unreadable: the status command says why; this one rewrites it
-    pipeline = (saved or {}).get("pipeline", "edit") if saved is not None else None
-    if pipeline is not None and pipeline != profile.pipeline:
+    pipeline = saved.get("pipeline", "edit")  # saved before the field existed: the edit pipeline
+    if pipeline != profile.pipeline:
         raise ProfileError(f"run {store.run!r} at {store.uri(store.root)} holds the {pipeline} pipeline's shards "
                            f"(profile {saved.get('name', '?')!r}); a {profile.pipeline} profile would replace them: "
                            "give another --run")

@@ -161,8 +161,8 @@ def preflight(cfg: EvaluateConfig) -> list[str]:
     the generating)."""
     from richpref.models.rewards import MODEL_REF_OPTIONS, PAIR_KINDS
     from richpref.models.runtime import ModelNotAvailable
-    from richpref.models.families import base_family, check_sequence_length, detect_checkpoint_family
-    from richpref.models.tuned import tuned_arch
+    from richpref.models.families import check_sequence_length, detect_checkpoint_family
+    from richpref.models.tuned import tuned_elsewhere
     from richpref.tasks.source import SourceError
     from richpref.training.models import is_finetune_output, read_meta
 
@@ -200,10 +200,9 @@ def preflight(cfg: EvaluateConfig) -> list[str]:
                 check_sequence_length(family, cfg.max_sequence_length)
             except ValueError as exc:
                 raise ValueError(f"evaluate model {model.name!r}: {exc}") from None
-            arch = tuned_arch(model.lora) if model.lora else None
-            if arch and arch != base_family(family):
-                raise ValueError(f"evaluate model {model.name!r}: its lora {model.lora} was tuned on a {arch} model and "
-                                 f"{model.path} is a {family} checkpoint: give the LoRA's own base")
+            why = tuned_elsewhere(model.lora, family) if model.lora else None
+            if why:
+                raise ValueError(f"evaluate model {model.name!r}: its lora {why} ({model.path}): give the LoRA's own base")
     return prompts
 
 

@@ -11,6 +11,19 @@ PLOTS_DIR = "plots"  # beside the card, in the pairs folder: the card's links ar
 HUB_FILES = ("part-*.parquet", "README.md", f"{PLOTS_DIR}/*.png")  # what a push uploads of the pairs folder
 
 
+def write_card(fs, folder: str, card: str, plots: dict[str, bytes]) -> dict[str, str]:
+    """A card (README.md) and its plots (plots/NAME.png) into one pairs folder of filesystem `fs`;
+    returns each one's path, the card last."""
+    fs.makedirs(f"{folder}/{PLOTS_DIR}", exist_ok=True)
+    out = {}
+    for name, png in plots.items():
+        out[name] = f"{folder}/{PLOTS_DIR}/{name}"
+        fs.pipe_file(out[name], png)
+    out["README.md"] = f"{folder}/README.md"
+    fs.pipe_file(out["README.md"], card.encode())
+    return out
+
+
 def counts_table(stages: list[dict]) -> list[str]:
     """The card's "Counts" section: one row per stage, its kept and rejected rows and why."""
     lines = ["## Counts", "", "| stage | rows | kept | rejected | reject reasons |", "|---|---|---|---|---|"]

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 
 from richpref.run.runner import stage_manifests
 from richpref.schemas.reward_titles import reward_titles
-from richpref.views.card_parts import HUB_FILES, PLOTS_DIR, USAGE, _front_matter, counts_table, votes  # noqa: F401 - USAGE re-exported
+from richpref.views.card_parts import (HUB_FILES, PLOTS_DIR, USAGE, _front_matter, counts_table,  # noqa: F401 - USAGE re-exported
+                                      votes, write_card)
 from richpref.views.plots import flip_rate_png, margin_histogram_png, reward_distributions_png
 
 PLOTS = ("reward_distributions.png", "flip_rate.png", "margin_histogram.png")
@@ -216,17 +217,9 @@ def write_run_report(data_dir: str, run: str) -> dict[str, str]:
     scores = _read_stage(store, "relabel")
     stats = score_stats(scores) if scores is not None else {"scored": 0, "rewards": {}, "margin": {}}
     min_margin = profile.get("relabel", {}).get("min_margin", 0.0)
-    out = {}
-    plots = join(store.stage_dir("pairs"), PLOTS_DIR)
-    store.fs.makedirs(plots, exist_ok=True)
-    for name, png in plots_for(scores, min_margin, ("original", "edited")).items():
-        path = join(plots, name)
-        store.fs.pipe_file(path, png)
-        out[name] = store.uri(path)
-    card = join(store.stage_dir("pairs"), "README.md")
-    store.fs.pipe_file(card, render_run_card(run, summary, stats, profile, PLOTS_DIR).encode())
-    out["README.md"] = store.uri(card)
-    return out
+    written = write_card(store.fs, store.stage_dir("pairs"), render_run_card(run, summary, stats, profile, PLOTS_DIR),
+                         plots_for(scores, min_margin, ("original", "edited")))
+    return {name: store.uri(path) for name, path in written.items()}
 
 
 def render_relabel_card(summary: dict, stats: dict) -> str:
@@ -261,14 +254,8 @@ def write_relabel_report(out_dir: str, summary: dict, scores: pa.Table | None, r
     root = root.rstrip("/")
     stats = score_stats(scores) if scores is not None and scores.num_rows else {"scored": 0, "rewards": {}, "margin": {},
                                                                                  "composite_flip_rate": None}
-    out = {}
-    fs.makedirs(f"{root}/{PLOTS_DIR}", exist_ok=True)
-    for name, png in plots_for(scores, min_margin, ("jpg_0", "jpg_1")).items():
-        fs.pipe_file(f"{root}/{PLOTS_DIR}/{name}", png)
-        out[name] = f"{out_dir.rstrip('/')}/{PLOTS_DIR}/{name}"
-    fs.pipe_file(f"{root}/README.md", render_relabel_card(summary, stats).encode())
-    out["README.md"] = f"{out_dir.rstrip('/')}/README.md"
-    return out
+    written = write_card(fs, root, render_relabel_card(summary, stats), plots_for(scores, min_margin, ("jpg_0", "jpg_1")))
+    return {name: out_dir.rstrip("/") + path[len(root):] for name, path in written.items()}  # as given: a URL stays one
 
 
 def _rewrite_relabel_card(store, run: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from richpref.views.card_parts import PLOTS_DIR, USAGE, _front_matter, counts_table, reward_titles, votes
+from richpref.views.card_parts import PLOTS_DIR, USAGE, _front_matter, counts_table, reward_titles, votes, write_card
 
 PAIRING = {"best_vs_worst": "each prompt's best sample against its worst",
            "all_with_margin": "every pair of a prompt's samples"}
@@ -114,17 +114,9 @@ def rebuild_plots(ranked: pa.Table | None, names: list[str], min_margin: float) 
 def write_rebuild_card(store, run: str, summary: dict, profile: dict, scores: pa.Table | None,
                        ranked: pa.Table | None) -> dict[str, str]:
     """<run>/pairs/README.md of a rebuild run and its plots (<run>/pairs/plots/); returns their locations."""
-    from richpref.run.storage import join
-
     scored = list(votes(profile)[0])
     stats = rebuild_stats(scores, ranked, scored)
-    out = {}
-    plots = join(store.stage_dir("pairs"), PLOTS_DIR)
-    store.fs.makedirs(plots, exist_ok=True)
-    for name, png in rebuild_plots(ranked, scored, profile.get("relabel", {}).get("min_margin", 0.0)).items():
-        store.fs.pipe_file(join(plots, name), png)
-        out[name] = store.uri(join(plots, name))
-    card = join(store.stage_dir("pairs"), "README.md")
-    store.fs.pipe_file(card, render_rebuild_card(run, summary, stats, profile, list(out)).encode())
-    out["README.md"] = store.uri(card)
-    return out
+    plots = rebuild_plots(ranked, scored, profile.get("relabel", {}).get("min_margin", 0.0))
+    written = write_card(store.fs, store.stage_dir("pairs"), render_rebuild_card(run, summary, stats, profile, list(plots)),
+                         plots)
+    return {name: store.uri(path) for name, path in written.items()}

@@ -67,14 +67,14 @@ def test_round_one_weights_are_refused_by_a_sampler_of_another_family(two_rounds
 
     data, _ = two_rounds
     tuned = data / "rounds" / "rounds-tiny" / "round-1" / "finetune"
-    with pytest.raises(ProfileError, match=r"sample.lora .* was trained on a sd15 model, and sample.model 'flux' is a flux_dev"):
+    with pytest.raises(ProfileError, match=r"sample.lora .* was tuned on a sd15 model, and this is a flux_dev checkpoint \(sample.model 'flux'\)"):
         resolve_models(load_profile("tiny-flux", [f"sample.lora={tuned}"], str(tiny_models)), {"sample"})
     resolve_models(load_profile("tiny", [f"sample.lora={tuned}"], str(tiny_models)), {"sample"})
     from richpref.schemas.training import load_evaluate_config
     from richpref.training.evaluation import preflight
 
     models = f"models=[{{name: base, path: flux}}, {{name: t, path: flux, lora: {tuned}}}]"
-    with pytest.raises(ValueError, match=r"evaluate model 't': its lora .* was tuned on a sd15 model and flux is a flux_dev"):
+    with pytest.raises(ValueError, match=r"evaluate model 't': its lora .* was tuned on a sd15 model, and this is a flux_dev checkpoint \(flux\)"):
         preflight(load_evaluate_config("evaluate-tiny-flux", [f"models_root={tiny_models}", models]))
     flux = TextToImage.load(str(tiny_models / "flux"), device="cpu")
     try:
