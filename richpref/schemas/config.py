@@ -16,6 +16,7 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
+from .config_errors import describe_invalid
 from .common import RUNTIME_FIELDS, StageConfig, _Strict
 from .diffusion import PipelineSettings
 from .editors import EditorSettings, PromptMode
@@ -326,7 +327,8 @@ def load_profile(name_or_path: str, overrides: list[str] | None = None, models_r
     data = read_profile_data(path, notes=notes)
     moved = [move_override(o.split("=", 1)[0].strip()) + (o,) if "=" in o else (o, None, o) for o in overrides or []]
     set_notes = [f"--set {why}" for _, why, _ in moved if why]
-    data = apply_overrides(data, [f"{new}={o.split('=', 1)[1]}" if why else o for new, why, o in moved])
+    overrides = [f"{new}={o.split('=', 1)[1]}" if why else o for new, why, o in moved]
+    data = apply_overrides(data, overrides)
     apply_models_root(data, models_root)
     try:
         notes += migrate(data, f"profile {path}")  # the file's keys, or a whole old block given with --set
@@ -334,4 +336,4 @@ def load_profile(name_or_path: str, overrides: list[str] | None = None, models_r
         warn_moved(notes + set_notes, f"profile {path} uses keys" if notes else "the command's --set uses keys")
         return Profile.model_validate(data)
     except ValueError as exc:  # a ValidationError, or a key given in both layouts
-        raise ProfileError(f"profile {path} is invalid:\n{exc}") from exc
+        raise ProfileError(f"profile {path} is invalid:\n{describe_invalid(exc, Profile, overrides)}") from exc

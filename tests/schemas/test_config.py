@@ -190,7 +190,7 @@ def test_a_config_file_that_is_no_mapping_is_refused_naming_it(tmp_path):
 @pytest.mark.parametrize("override", ["critique.max_new_tokens=0", "check.max_new_tokens=0", "instruct.max_new_tokens=0"])
 def test_an_answer_length_a_model_refuses_mid_run_is_refused_when_the_profile_loads(override):
     # transformers' generate raises on max_new_tokens 0 only in the stage's first shard, after sampling
-    with pytest.raises(ProfileError, match=rf"{override.split('=')[0]}\n.*greater than or equal to 1"):
+    with pytest.raises(ProfileError, match=rf"- {override.split('=')[0]} \(--set {override}\): .*greater than or equal to 1"):
         load_profile("tiny", [override])
 
 
@@ -201,3 +201,33 @@ def test_an_optimizer_setting_adamw_refuses_is_refused_before_the_launch(overrid
     with pytest.raises(ProfileError, match=override.split("=")[0]):
         load_finetune_config("finetune-tiny", [override])
     assert load_finetune_config("finetune-tiny", ["adam_beta1=0", "adam_beta2=0.5", "adam_epsilon=0"]).adam_beta1 == 0
+
+
+def test_an_unknown_key_names_where_it_came_from_and_the_nearest_known_keys(tmp_path):
+    # before: pydantic's "Extra inputs are not permitted" under "profile …/tiny.yaml is invalid", as if
+    # the file were wrong, and no word of the key meant
+    from richpref.schemas.rounds import load_rounds_config
+    from richpref.schemas.training import load_evaluate_config, load_finetune_config
+
+    with pytest.raises(ProfileError) as err:
+        load_profile("tiny", ["edit.strenght=0.5", "source.limit=abc"])
+    lines = str(err.value).splitlines()[1:]
+    assert "- edit.strenght (--set edit.strenght=0.5): no such key; did you mean edit.strength?" in lines
+    assert any(line.startswith("- source.limit (--set source.limit=abc): Input should be a valid integer") for line in lines)
+    with pytest.raises(ProfileError, match=r"- max_steps \(--set max_steps=2\): no such key; did you mean max_train_steps\?"):
+        load_finetune_config("finetune-tiny", ["max_steps=2"])
+    with pytest.raises(ProfileError, match=r"- roundz \(--set roundz=3\): no such key; did you mean rounds\?"):
+        load_rounds_config("rounds-tiny", ["roundz=3"])
+    with pytest.raises(ProfileError, match=r"- prompt \(--set prompt=\[\]\): no such key; did you mean prompts\?"):
+        load_evaluate_config("evaluate-tiny", ["prompt=[]"])
+    # a key in the file: its value is shown, and no --set is named; keys inside a list of sections too
+    (tmp_path / "p.yaml").write_text("extends: tiny\nsource: {kind: prompts, limt: 3}\nsample: {steps: -1}\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile(str(tmp_path / "p.yaml"))
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"profile {tmp_path / 'p.yaml'} is invalid:"
+    assert "- source.limt: no such key; did you mean source.limit?" in lines
+    assert "- sample.steps: Input should be greater than or equal to 1 (is -1)" in lines
+    (tmp_path / "f.yaml").write_text("extends: finetune-tiny\ndata: [{name: pairs, path: x, wieght: 2}]\n")
+    with pytest.raises(ProfileError, match=r"- data.0.wieght: no such key; did you mean data.0.weight\?"):
+        load_finetune_config(str(tmp_path / "f.yaml"))
