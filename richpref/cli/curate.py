@@ -67,6 +67,10 @@ def _curate(args: argparse.Namespace, server) -> int:
         # A bad profile or a missing input file fails here, before Prefect or any model starts.
         profile = load_profile(args.profile, args.set, args.models_root)
         check_source(profile.source)
+        if (args.doctor_json or args.no_affinity) and args.workers == 1 and not args.dask_address:
+            given = "--doctor-json" if args.doctor_json else "--no-affinity"
+            raise ProfileError(f"{given} shapes the plan of Dask workers, and this run has none: add --workers N "
+                               "(N > 1) or --dask-address, or leave it out")
         if args.doctor_json:
             from richpref.run.affinity import read_doctor_table
 
@@ -161,11 +165,12 @@ def register(sub) -> None:
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a profile value, e.g. --set edit.strength=0.6 (repeatable)")
     c.add_argument("--models-root", default=None, help="directory relative model references resolve against")
-    c.add_argument("--workers", "--dask-workers", dest="workers", type=at_least(1), default=1,
-                   help="spread each stage's shards over a local Dask cluster of N worker processes (one per GPU "
-                        "with dask-cuda on a GPU machine; see docs/operations.md)")
-    c.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
-                   help="run the shards on an existing Dask cluster (GPU workers started with --resources GPU=1)")
+    where = c.add_mutually_exclusive_group()  # a local cluster of N workers, or a cluster started elsewhere
+    where.add_argument("--workers", "--dask-workers", dest="workers", type=at_least(1), default=1,
+                       help="spread each stage's shards over a local Dask cluster of N worker processes (one per "
+                            "GPU with dask-cuda on a GPU machine; see docs/operations.md)")
+    where.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
+                       help="run the shards on an existing Dask cluster (GPU workers started with --resources GPU=1)")
     c.add_argument("--doctor-json", default=None, metavar="PATH",
                    help="on Dask, weigh the plan of which GPU worker runs which stage with this `richpref doctor --json` "
                         "file (seconds per item and model load seconds per stage; default: a built-in table)")

@@ -1,6 +1,8 @@
 """`richpref curate` command-line checks that fail before Prefect or any model starts."""
 from __future__ import annotations
 
+import pytest
+
 from richpref.cli.commands import main
 
 
@@ -13,6 +15,19 @@ def test_a_doctor_json_that_is_not_a_doctor_table_is_refused_before_the_flow(tmp
         err = capsys.readouterr().err
         assert code == 2 and f"--doctor-json {path}: not a `richpref doctor --json` file" in err, err
     assert not (tmp_path / "data" / "runs").exists()  # refused before any run folder was made
+
+
+def test_a_dask_only_option_without_dask_workers_is_refused_not_ignored(tmp_path, capsys):
+    # before: --doctor-json and --no-affinity were ignored by an in-process run, and --workers was
+    # ignored beside --dask-address
+    for extra in (["--doctor-json", str(tmp_path / "d.json")], ["--no-affinity"]):
+        code = main(["--data-dir", str(tmp_path / "data"), "curate", "--run", "r", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{extra[0]} shapes the plan of Dask workers, and this run has none" in err, err
+    with pytest.raises(SystemExit, match="2"):
+        main(["curate", "--workers", "2", "--dask-address", "tcp://127.0.0.1:1"])
+    assert "argument --dask-address: not allowed with argument --workers" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "runs").exists()
 
 
 def test_the_prefect_server_is_spawned_before_the_heavy_imports_and_stopped_when_unused(tmp_path):
