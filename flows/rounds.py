@@ -15,7 +15,8 @@ from flows.curate import curate
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from richpref.recipes.rounds import (RoundsState, curate_overrides, curate_stats, evaluate_overrides, finetune_dir,
-                             finetune_overrides, inject_fault, round_run, rounds_dir, rounds_table, write_table)
+                                     finetune_overrides, inject_fault, round_prompts, round_run, rounds_dir,
+                                     rounds_table, write_table)
 from richpref.schemas.rounds import load_rounds_config
 from richpref.run.storage import RunStore
 
@@ -30,6 +31,8 @@ def rounds(config: str = "rounds-tiny", overrides: list[str] | None = None, data
     from prefect.artifacts import create_table_artifact
 
     cfg = load_rounds_config(config, overrides, models_root)
+    if cfg.prompts == "next":
+        round_prompts(cfg)  # every round has source rows: a short source fails here, not after round 1
     state = RoundsState(data_dir, cfg)
     out = rounds_dir(data_dir, cfg)
     finished: list[dict] = []

@@ -15,7 +15,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.doctor.checks import ModelProblem, check_key_inputs, resolve_models
     from richpref.tasks import stages_for
     from richpref.common.objstore import DataDirError
-    from richpref.recipes.rounds import check_same_base, evaluate_overrides, finetune_overrides, rounds_dir
+    from richpref.recipes.rounds import (check_same_base, evaluate_overrides, finetune_overrides, round_prompts,
+                                         rounds_dir)
     from richpref.training.finetune import PAIRS_SOURCE
     from richpref.training.setup import preflight as finetune_preflight
     from richpref.training.evaluation import preflight as evaluate_preflight
@@ -29,6 +30,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         profile = load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
         resolve_models(profile)
         check_key_inputs(profile, stages_for(profile))  # its prompt templates
+        if cfg.prompts == "next":
+            round_prompts(cfg)  # every round has source rows (a short source fails before round 1, not after)
         # Round 1's fine-tune: its model, its family and its other pairs sources (its own pairs come later).
         tune = load_finetune_config(cfg.finetune, finetune_overrides(cfg, None, []))
         arch = finetune_preflight(tune.model_copy(update={"data": [s for s in tune.data if s.name != PAIRS_SOURCE]}))

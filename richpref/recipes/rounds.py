@@ -58,23 +58,33 @@ def _models_root(cfg: RoundsConfig) -> list[str]:
     return [_set("models_root", cfg.models_root)] if cfg.models_root else []
 
 
-def prompt_slice(cfg: RoundsConfig, k: int, data_dir: str) -> str:
-    """Round k's rows of the profile's source (`prompts: next`) as a prompts file; returns its path."""
+def round_prompts(cfg: RoundsConfig) -> list[list[str]]:
+    """Every round's prompts of the profile's source (`prompts: next`: prompts_per_round rows each, in
+    order), read in one pass. The source's `limit` bounds the rows all rounds share (its `offset` is where
+    they start). A round left without a usable row is refused (ValueError), so before round 1 starts."""
     from richpref.tasks.source import iter_source_rows
 
     source = load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root).source
     n = cfg.prompts_per_round
-    lo, hi = (k - 1) * n, k * n
-    prompts = []
-    for i, row in enumerate(iter_source_rows(source.model_copy(update={"limit": hi}))):
-        if i >= lo and row["status"] == OK:
-            prompts.append(row["prompt"].replace("\n", " "))
-    if not prompts:
-        raise ValueError(f"round {k}: the source has no usable rows {lo}..{hi - 1} (prompts: next); lower rounds "
-                         "or prompts_per_round, or use prompts: same")
+    end = cfg.rounds * n if source.limit is None else min(cfg.rounds * n, source.limit)
+    slices: list[list[str]] = [[] for _ in range(cfg.rounds)]
+    for i, row in enumerate(iter_source_rows(source.model_copy(update={"limit": end}))):
+        if row["status"] == OK:
+            slices[i // n].append(row["prompt"].replace("\n", " "))
+    for k, prompts in enumerate(slices, 1):
+        if not prompts:
+            lo, hi = (k - 1) * n, min(k * n, end)
+            rows = f"rows {lo}..{hi - 1}" if hi > lo else f"row {lo} or later (source.limit is {source.limit})"
+            raise ValueError(f"round {k}: the source has no usable {rows} (prompts: next); lower rounds "
+                             "or prompts_per_round, raise source.limit, or use prompts: same")
+    return slices
+
+
+def prompt_slice(cfg: RoundsConfig, k: int, data_dir: str) -> str:
+    """Round k's rows of the profile's source (`prompts: next`) as a prompts file; returns its path."""
     path = rounds_dir(data_dir, cfg) / f"round-{k}" / "prompts.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    path.write_text("\n".join(round_prompts(cfg)[k - 1]) + "\n", encoding="utf-8")
     return str(path)
 
 

@@ -217,3 +217,38 @@ def test_the_fine_tune_and_evaluation_of_each_round_are_checked_before_round_one
     args = ["--data-dir", str(tmp_path), "rounds", "--models-root", str(tiny_models), "--set", override]
     assert main(args) == code
     assert named in capsys.readouterr().err
+
+
+def test_prompts_next_takes_each_rounds_slice_within_the_source_limit_and_offset(tmp_path):
+    # before: a round's slice replaced source.limit, so round 2 of limit 8 and 6 prompts a round read
+    # rows 6..11, past the rows the user had bounded the source to
+    from richpref.recipes.rounds import prompt_slice
+    from richpref.schemas.rounds import load_rounds_config
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(20)))
+
+    def rounds_slice(k: int, *source: str, rounds: int = 2) -> list[str]:
+        curate = json.dumps(["source.kind=prompts", f"source.path={prompts}", *source])
+        cfg = load_rounds_config(CONFIG, ["prompts=next", "prompts_per_round=6", f"rounds={rounds}",
+                                          f"curate_overrides={curate}"])
+        return Path(prompt_slice(cfg, k, str(tmp_path / "data"))).read_text().splitlines()
+
+    assert rounds_slice(1) == [f"prompt {i}" for i in range(6)]
+    assert rounds_slice(2) == [f"prompt {i}" for i in range(6, 12)]
+    assert rounds_slice(2, "source.limit=8") == ["prompt 6", "prompt 7"]
+    assert rounds_slice(2, "source.offset=3", "source.limit=10") == [f"prompt {i}" for i in range(9, 13)]
+    with pytest.raises(ValueError, match=r"round 3: the source has no usable row 12 or later \(source.limit is 8\)"):
+        rounds_slice(1, "source.limit=8", rounds=3)  # round 1 too: the whole plan is refused before it starts
+
+
+def test_the_command_refuses_rounds_the_source_has_no_rows_for_before_round_one(tiny_models, tmp_path, capsys,
+                                                                                monkeypatch):
+    import richpref.ops.entrypoints as entrypoints
+    from richpref.cli.commands import main
+
+    monkeypatch.setattr(entrypoints, "run_flow", lambda *a, **k: pytest.fail("round 1 started"))
+    sets = ["prompts=next", "prompts_per_round=6", "rounds=3"]  # rounds-tiny's source.limit is 8
+    args = ["--data-dir", str(tmp_path), "rounds", "--models-root", str(tiny_models), *(a for s in sets for a in ("--set", s))]
+    assert main(args) == 2
+    assert "round 3: the source has no usable row 12 or later (source.limit is 8)" in capsys.readouterr().err
