@@ -64,9 +64,16 @@ def test_loss_matches_hand_computed_values():
 
 
 def test_noising_and_target_by_hand():
-    x0, eps = torch.tensor([[2.0]]), torch.tensor([[-1.0]])
-    xt, v = flow_noisy(x0, eps, torch.tensor([0.25]))
-    assert xt.item() == pytest.approx(0.75 * 2.0 + 0.25 * -1.0) and v.item() == pytest.approx(-3.0)
+    # two samples of (C, H, W) = (1, 1, 2), each with its own σ; ε of magnitude ≠ 1, so σ·ε is told apart
+    # from σ/ε (an ε of −1 gave both the same x_t)
+    x0 = torch.tensor([2.0, 4.0, -1.0, 3.0]).view(2, 1, 1, 2)
+    eps = torch.tensor([-2.0, 0.5, 4.0, 1.0]).view(2, 1, 1, 2)
+    xt, v = flow_noisy(x0, eps, torch.tensor([0.25, 0.5]))
+    assert xt.shape == v.shape == (2, 1, 1, 2)
+    # x_t = (1 − σ)·x0 + σ·ε ; v = ε − x0
+    assert xt.flatten().tolist() == pytest.approx([0.75 * 2 + 0.25 * -2, 0.75 * 4 + 0.25 * 0.5,
+                                                   0.5 * -1 + 0.5 * 4, 0.5 * 3 + 0.5 * 1])
+    assert v.flatten().tolist() == pytest.approx([-4.0, -3.5, 5.0, -2.0])
 
 
 def test_loss_matches_the_flow_grpo_transcription():
