@@ -43,7 +43,7 @@ demo: models
 	$(VENV)/bin/richpref --data-dir $(DATA) curate --profile tiny --run $(RUN)
 	@echo
 	@echo "Query it:  $(VENV)/bin/richpref --data-dir $(DATA) inspect $(RUN)"
-	@echo "      or:  duckdb -c \"select status, reason, count(*) from '$(DATA)/runs/$(RUN)/filter/*.parquet' group by all\""
+	@echo "      or:  $(VENV)/bin/richpref --data-dir $(DATA) inspect $(RUN) -c \"select status, reason, count(*) from filter group by all\""
 
 # Debian packages some tests need, installed in one apt-get call where missing (when we can: root + apt):
 # chromium renders the report test's HTML; postgresql and iproute2 run the multi-node test's Prefect server
