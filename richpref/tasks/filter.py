@@ -49,12 +49,22 @@ def attribute_check(attrs: list[str], p_orig: list[float], p_edit: list[float], 
     if share >= cfg.min_attributes_kept:
         return exempt, share, "pass"
     named = ", ".join(f"{attrs[j]!r} (P={p_edit[j]:.3f})" for j in lost)
-    return exempt, share, (f"fail: {share:.2f} of {len(checked)} attributes kept "
+    return exempt, share, (f"fail: {below(share, cfg.min_attributes_kept, 2)} of {len(checked)} attributes kept "
                            f"(< filter.min_attributes_kept={cfg.min_attributes_kept}); lost {named}")
 
 
 def threshold_outcome(p: float, minimum: float, field: str) -> str:
-    return "pass" if p >= minimum else f"fail: P(yes)={p:.3f} < filter.{field}={minimum}"
+    return "pass" if p >= minimum else f"fail: P(yes)={below(p, minimum)} < filter.{field}={minimum}"
+
+
+def below(p: float, minimum: float, digits: int = 3) -> str:
+    """p with `digits` decimals, or as many more as it takes to read as less than `minimum` (0.52196
+    against 0.522 is 0.52196, not 0.522)."""
+    for digits in range(digits, 10):
+        text = f"{p:.{digits}f}"
+        if float(text) < minimum:
+            return text
+    return repr(p)
 
 
 def decide_rows(checks: pa.Table, instructions: list, cfg: FilterConfig, attributes_asked: bool = True) -> pa.Table:
@@ -114,5 +124,5 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return decide_rows(inputs.rows, instructions, profile.filter, profile.check.attributes)
 
 
-STAGE = Stage(name="filter", version="5", section="filter", reads=("check", "instruct"), compute=compute,
+STAGE = Stage(name="filter", version="6", section="filter", reads=("check", "instruct"), compute=compute,
               loads_model=False, schema=VERDICTS)

@@ -82,7 +82,10 @@ def test_thresholds_pass_at_equality_and_each_decision_is_the_rows_own():
     assert out["equal"]["status"] == "ok" and out["equal"]["attr_exempt"] == [False, True]
     assert out["hat_lost"]["reason"].startswith("attributes_lost: 0.50 of 2 attributes kept")
     assert out["unlisted"]["reason"] == "attributes_lost: the model listed no attribute"
-    assert out["low"]["reason"].startswith("stray_content: P(yes)=0.500 < filter.min_no_stray=0.5")
+    # a P just under its threshold reads as under it (before: "P(yes)=0.500 < filter.min_no_stray=0.5")
+    assert out["low"]["reason"].startswith("stray_content: P(yes)=0.4999 < filter.min_no_stray=0.5")
+    assert filter_stage.threshold_outcome(0.3, 0.5, "min_executed") == "fail: P(yes)=0.300 < filter.min_executed=0.5"
+    assert filter_stage.below(2 / 3, 0.67, 2) == "0.667" and filter_stage.below(0.5, 1.0, 2) == "0.50"
     lenient = cfg.model_copy(update={"on_no_attributes": "skip", "min_attributes_kept": 0.0})
     out = {r["item_id"]: r for r in filter_stage.decide_rows(table, instructions, lenient).to_pylist()}
     assert json.loads(out["hat_lost"]["checks"])["attributes"] == "skipped: filter.min_attributes_kept=0"
