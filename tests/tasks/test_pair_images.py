@@ -64,6 +64,9 @@ def test_edit_mask_of_a_changed_square_is_the_dilated_square():
     # no dilation: the square itself; identical images: all zero
     m0 = change_mask(Image.fromarray(base), Image.fromarray(edited), threshold=32, dilation=0)
     assert (np.asarray(m0) == 255).sum() == 120
+    # a dilation of one pixel: 14 x 12 (the smallest dilation a mask takes)
+    m1 = change_mask(Image.fromarray(base), Image.fromarray(edited), threshold=32, dilation=1)
+    assert (np.asarray(m1) == 255).sum() == 14 * 12
     assert not np.asarray(Image.open(io.BytesIO(edit_mask(a, a, threshold=32, dilation=3)))).any()
 
 
