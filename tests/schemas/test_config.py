@@ -231,3 +231,21 @@ def test_an_unknown_key_names_where_it_came_from_and_the_nearest_known_keys(tmp_
     (tmp_path / "f.yaml").write_text("extends: finetune-tiny\ndata: [{name: pairs, path: x, wieght: 2}]\n")
     with pytest.raises(ProfileError, match=r"- data.0.wieght: no such key; did you mean data.0.weight\?"):
         load_finetune_config(str(tmp_path / "f.yaml"))
+
+
+def test_a_profile_that_changes_the_models_of_the_profile_it_extends_describes_itself():
+    # the dataset card's Profile line is the profile's description: an inherited one described another
+    # pipeline (tiny-sd3's card said "sd15-paper's pipeline at tiny sizes", sd35-medium-paper's "sd15-paper on SDXL")
+    import yaml
+
+    from richpref.schemas.config import CONFIG_KINDS, configs_dirs
+
+    undescribed = []
+    for path in sorted(configs_dirs()[-1].glob("*.yaml")):
+        if path.stem.startswith(tuple(f"{k}-" for k in CONFIG_KINDS)):
+            continue
+        data = yaml.safe_load(path.read_text())
+        changes = data.get("sample", {}).get("model") or data.get("edit", {}).get("kind") or "score" in data
+        if data.get("extends") and changes and not data.get("description"):
+            undescribed.append(path.stem)
+    assert not undescribed
