@@ -26,8 +26,9 @@ def describe_invalid(exc: ValueError, model: type[BaseModel], overrides: list[st
             hint = f"; did you mean {' or '.join('.'.join([*loc[:-1], k]) for k in near)}?" if near else ""
             lines.append(f"- {key}{where}: no such key{hint}")
         else:
-            value = "" if origin or err["type"] == "missing" else f" (is {_short(err.get('input'))})"
-            lines.append(f"- {key}{where}: {err['msg']}{value}")
+            scalar = not isinstance(err.get("input"), (dict, list))  # a section's whole text says nothing more
+            value = f" (is {_short(err.get('input'))})" if scalar and not origin and err["type"] != "missing" else ""
+            lines.append(f"- {key}{where}: {err['msg'].removeprefix('Value error, ')}{value}")
     return "\n".join(lines)
 
 

@@ -228,6 +228,11 @@ def test_an_unknown_key_names_where_it_came_from_and_the_nearest_known_keys(tmp_
     assert lines[0] == f"profile {tmp_path / 'p.yaml'} is invalid:"
     assert "- source.limt: no such key; did you mean source.limit?" in lines
     assert "- sample.steps: Input should be greater than or equal to 1 (is -1)" in lines
+    # a check across sections: its own words, without pydantic's prefix or the whole profile's text
+    with pytest.raises(ProfileError) as err:
+        load_profile("tiny", ["relabel.weights.imagerewrd=1"])
+    assert str(err.value).splitlines()[1] == ("- (top level): relabel.weights names ['imagerewrd'], not in score.rewards "
+                                              "(imagereward, pickscore, clip, hpsv2, aesthetic, ict, hp, vlm_score)")
     (tmp_path / "f.yaml").write_text("extends: finetune-tiny\ndata: [{name: pairs, path: x, wieght: 2}]\n")
     with pytest.raises(ProfileError, match=r"- data.0.wieght: no such key; did you mean data.0.weight\?"):
         load_finetune_config(str(tmp_path / "f.yaml"))
