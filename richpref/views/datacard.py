@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -214,6 +215,17 @@ def _read_stage(store, stage: str) -> pa.Table | None:
     return pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="default")
 
 
+def _originals(store) -> Counter:
+    """How many pairs' originals each model generated (None: the dataset's own image), from the pairs'
+    model_ids column (read concurrently: a request or more per shard on an object store)."""
+    def ids(shard: int) -> list:
+        return store.read_shard("pairs", shard, ["model_ids"]).column("model_ids").to_pylist()
+
+    with ThreadPoolExecutor(8) as pool:
+        shards = list(pool.map(ids, sorted(stage_manifests(store, "pairs"))))
+    return Counter(json.loads(i or "{}").get("sample") for shard in shards for i in shard)
+
+
 def write_run_report(data_dir: str, run: str) -> dict[str, str]:
     """README.md beside the run's pairs and the PNG plots under `<run>/pairs/plots/`; returns their locations.
     Call it after the export stage (the curate flow does at its end)."""
@@ -236,8 +248,7 @@ def write_run_report(data_dir: str, run: str) -> dict[str, str]:
     scores = _read_stage(store, "relabel")
     stats = score_stats(scores) if scores is not None else {"scored": 0, "rewards": {}, "margin": {}}
     min_margin = profile.get("relabel", {}).get("min_margin", 0.0)
-    originals = Counter(json.loads(ids or "{}").get("sample") for s in sorted(stage_manifests(store, "pairs"))
-                        for ids in store.read_shard("pairs", s, ["model_ids"]).column("model_ids").to_pylist())
+    originals = _originals(store)
     card = render_run_card(run, summary, stats, profile, PLOTS_DIR, originals)
     written = write_card(store.fs, store.stage_dir("pairs"), card,
                          plots_for(scores, min_margin, ("original", "edited")))
