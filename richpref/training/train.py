@@ -254,7 +254,8 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
                          result["heldout_implicit_acc"], result["heldout_reward_margin"], result["heldout_pairs"],
                          result["heldout_draws"])
 
-        if global_step % cfg.checkpointing_steps == 0 and global_step < cfg.max_train_steps:
+        # the last step too (as diffusers' scripts do): a run trained longer later resumes from it
+        if global_step % cfg.checkpointing_steps == 0:
             save_checkpoint(accelerator, out, global_step, samples_seen, cfg_hash, cfg.checkpoints_total_limit)
         _inject_fault(global_step, is_main, out)
 

@@ -308,7 +308,7 @@ def test_two_process_run_resumes_from_its_checkpoint(resumed_lora_run):
         assert resumed[0][key] == pytest.approx(killed[2][key], rel=1e-6, abs=1e-9), key
     assert resumed[0]["samples_seen"] == 3 * 2  # 2 processes × 1 pair × 3 steps
     assert result["steps"] == 6 and result["mode"] == "lora"
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # keep the last 1
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]  # keep the last 1: the last step's
     assert not list(out.glob("*.tmp*"))
 
 
@@ -322,6 +322,22 @@ def test_finetune_flow_uses_the_pairs_and_is_a_noop_when_done(resumed_lora_run, 
     assert [(d["name"], d["path"]) for d in saved["data"]] == [("pairs", str(pairs_file.parent))]
     again = finetune(config=str(config), pairs=str(pairs_file.parent), output_dir=str(out), num_processes=2)
     assert again["steps"] == 6 and len(metrics(out)) == 7  # nothing launched, nothing logged
+
+
+def test_a_run_trained_longer_resumes_from_its_last_step(resumed_lora_run, pairs_file, tmp_path):
+    # before: the last step saved no checkpoint, so 6 -> 8 steps resumed from step 4 and did 5 and 6 again
+    import shutil
+
+    from flows.finetune import finetune
+
+    out, _, config = resumed_lora_run
+    longer = tmp_path / "run"
+    shutil.copytree(out, longer)
+    result = finetune(config=str(config), pairs=str(pairs_file.parent), output_dir=str(longer), num_processes=2,
+                      overrides=["max_train_steps=8"])
+    added = metrics(longer)[len(metrics(out)):]
+    assert [r["step"] for r in added] == [7, 8] and all(r["resumed_from"] == 6 for r in added)
+    assert result["steps"] == 8
 
 
 def test_lora_output_loads_into_pipeline_and_changes_output(resumed_lora_run, tiny_models, capfd):
