@@ -68,6 +68,14 @@ def start(data_dir: str = "data", host: str = "127.0.0.1", port: int = 4200, poo
     return procs
 
 
+def _shown(exe: str) -> str:
+    """The command as the user types it from here: .venv/bin/prefect, not a bare `prefect` that is on
+    no PATH until the virtual environment is activated."""
+    if os.path.isabs(exe) and Path(exe).is_relative_to(Path.cwd()):
+        return os.path.relpath(exe)
+    return exe
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     for p in reversed(procs):
         stop_owned(p, timeout=20)
@@ -77,7 +85,7 @@ def serve_forever(**kwargs) -> int:
     procs = start(log=None if kwargs.pop("verbose", False) else subprocess.DEVNULL, **kwargs)
     env = server_env(kwargs.get("data_dir", "data"), kwargs.get("host", "127.0.0.1"), kwargs.get("port", 4200))
     print(f"Prefect server: {env['PREFECT_API_URL'][:-4]}  (UI and API)\n"
-          f"Run:  PREFECT_API_URL={env['PREFECT_API_URL']} prefect deployment run 'curate/tiny' --watch\n"
+          f"Run:  PREFECT_API_URL={env['PREFECT_API_URL']} {_shown(_prefect())} deployment run 'curate/tiny' --watch\n"
           "Ctrl-C stops the worker and the server.", flush=True)
     try:
         while all(p.poll() is None for p in procs):

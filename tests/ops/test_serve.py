@@ -125,3 +125,13 @@ def test_the_servers_prefect_home_is_under_a_local_data_dir_or_in_the_users_cach
         tmp_path / "cache" / "richpref" / "prefect-server")
     assert server_env("data", "127.0.0.1", 4200)["PREFECT_HOME"] == str(tmp_path / "data" / ".prefect-server")
     assert not (tmp_path / "s3:").exists()
+
+
+def test_the_printed_command_names_the_environments_prefect_as_typed_from_here(tmp_path, monkeypatch):
+    # before: a bare `prefect`, on no PATH until the virtual environment is activated
+    from richpref.ops.serve import _shown
+
+    monkeypatch.chdir(tmp_path)
+    assert _shown(str(tmp_path / ".venv" / "bin" / "prefect")) == ".venv/bin/prefect"
+    assert _shown("/opt/elsewhere/bin/prefect") == "/opt/elsewhere/bin/prefect"
+    assert _shown("prefect") == "prefect"
