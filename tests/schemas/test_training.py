@@ -78,3 +78,14 @@ def test_every_tuned_model_an_evaluate_config_names_is_where_a_finetune_config_w
              for m in load_evaluate_config(str(f)).models if m.path.startswith("finetune/")]
     assert len(named) >= 7  # every evaluate config compares a base with its tuned model
     assert [n for n in named if n[1] not in written] == []
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen-image"])
+def test_the_tiny_flow_configs_train_on_the_text_length_their_profile_and_evaluation_sample_with(family):
+    # before: finetune-tiny-* trained on 32 tokens, and tiny-* and evaluate-tiny-* sampled with 64
+    from richpref.schemas.config import load_profile
+    from richpref.schemas.training import load_evaluate_config, load_finetune_config
+
+    trained = load_finetune_config(f"finetune-tiny-{family}").flow.max_sequence_length
+    assert trained == load_profile(f"tiny-{family}").sample.max_sequence_length
+    assert trained == load_evaluate_config(f"evaluate-tiny-{family}").max_sequence_length
