@@ -39,6 +39,13 @@ def rebuild_stats(scores: pa.Table | None, ranked: pa.Table | None, names: list[
     return out
 
 
+def _tuned(sample: dict) -> str:
+    """The tuned weights the generator sampled with (RPO rounds, an on-policy rebuild), if any."""
+    if sample.get("lora"):
+        return f" with the LoRA `{sample['lora']}`"
+    return f" with the tuned UNet `{sample['unet']}`" if sample.get("unet") else ""
+
+
 def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict, plots: list[str]) -> str:
     sample, relabel = profile.get("sample", {}), profile.get("relabel", {})
     rewards, weights, _, _ = votes(profile)
@@ -55,7 +62,7 @@ def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict, plo
               "every label comes from reward models (source → samples → rewards → ranked → export).", "",
               f"- Prompts: `{where}` (column `{src.get('prompt_column', 'caption')}`, duplicates by "
               f"`{src.get('dedupe') or 'none'}` dropped).",
-              f"- Generator: `{sample.get('model')}`, {sample.get('steps')} steps, guidance {sample.get('guidance_scale')}, "
+              f"- Generator: `{sample.get('model')}`{_tuned(sample)}, {sample.get('steps')} steps, guidance {sample.get('guidance_scale')}, "
               f"{sample.get('width')}×{sample.get('height')}.",
               f"- Samples per prompt: N = {n}; sample k of a prompt is seeded from (`sample.seed` = {sample.get('seed', 0)}, "
               "item id, k), sample 0 with the item's own seed, so each image can be drawn again on its own "

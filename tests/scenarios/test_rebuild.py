@@ -322,3 +322,12 @@ def test_flux_dev_rebuild_samples_with_the_flux_family(tiny_models):
     assert [(r["candidate"], r["status"]) for r in out] == [(0, OK), (1, OK)]
     assert out[0]["seed"] != out[1]["seed"] and out[0]["image"] != out[1]["image"]
     assert Image.open(io.BytesIO(out[0]["image"])).size == (64, 64)
+
+
+def test_the_rebuild_cards_generator_line_names_the_tuned_weights_it_sampled_with():
+    # before: "Generator: `sd15`" for a rebuild sampled from a LoRA over sd15 (an on-policy rebuild)
+    from richpref.views.datacard_rebuild import _tuned
+
+    assert _tuned({"model": "sd15", "lora": "/r/final"}) == " with the LoRA `/r/final`"
+    assert _tuned({"model": "sd15", "unet": "/r/final"}) == " with the tuned UNet `/r/final`"
+    assert _tuned({"model": "sd15", "lora": None, "unet": None}) == ""
