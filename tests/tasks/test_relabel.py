@@ -131,6 +131,16 @@ def test_best_against_worst_by_hand():
     assert b0["reason"].startswith("not_selected:")
 
 
+def test_the_pair_chosen_from_an_items_composites_by_hand():
+    choose = relabel_stage.choose_pair
+    composites = {-1: 0.5, 0: 0.2, 1: 0.9, 2: 0.9}  # -1 is the original; edits 1 and 2 tie: the lower wins
+    assert choose(composites, "best_vs_original") == (-1, 1)
+    assert choose(composites, "best_vs_worst") == (0, 1)
+    assert choose({-1: 0.9, 0: 0.2, 1: 0.5}, "best_vs_worst") == (-1, 0)  # the original best: it is jpg_0
+    # every image scored the same: the best edit (the lowest) against the original, which the stage calls a tie
+    assert choose({-1: 0.3, 0: 0.3, 1: 0.3}, "best_vs_worst") == (-1, 0)
+
+
 def test_shard_standardisation_counts_each_original_once_by_hand():
     a0, *_rest, b0, b1 = several_edits("best_vs_original", standardize="shard")
     # the shard's 7 images: originals [10, 40], edits [30, 20, 0, 30, 10]: mean 20, std √(1200/7)
