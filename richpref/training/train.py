@@ -126,6 +126,10 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
 
     resume_from = check_resumable(cfg_hash, out)
 
+    # the pairs before the models: a source without a usable pair fails in seconds, not after a model load
+    masks = cfg.loss_mask == "edit_region"
+    with accelerator.main_process_first():
+        sources, labels = load_sources(cfg.data, need_mask=masks)
     setup = setup_model(cfg, device, weight_dtype, fsdp=accelerator.distributed_type == DistributedType.FSDP)
     parts, unet, reference, vae_dtype, model_dir = (setup.parts, setup.model, setup.reference, setup.vae_dtype,
                                                     setup.model_dir)
@@ -149,9 +153,6 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
         global_step, samples_seen = state["global_step"], state["samples_seen"]
         log.info("finetune %s: resumed from %s (step %d)", out, resume_from[1].name, global_step)
 
-    masks = cfg.loss_mask == "edit_region"
-    with accelerator.main_process_first():
-        sources, labels = load_sources(cfg.data, need_mask=masks)
     split = [split_heldout(ds, cfg.heldout_fraction, cfg.seed, label) for ds, label in zip(sources, labels)]
     sources = [train_ds for train_ds, _ in split]
     held = [h for _, h in split if h is not None]

@@ -98,6 +98,18 @@ def test_pairs_without_a_caption_are_dropped_not_trained_as_unconditional(pairs_
         load_pair_source(PairSourceConfig(path=str(tmp_path / "none.parquet")))
 
 
+def test_the_trainer_reads_its_pairs_before_it_loads_a_model(tiny_models, pairs_file, tmp_path, monkeypatch):
+    # before: the models loaded first (minutes for a 12B transformer), then a source without a usable pair failed
+    import richpref.training.train as trainer
+
+    table = pq.read_table(pairs_file).slice(0, 2)
+    ties = table.set_column(table.schema.get_field_index("label_0"), "label_0", pa.array([0.5, 0.5]))
+    pq.write_table(ties, tmp_path / "ties.parquet")
+    monkeypatch.setattr(trainer, "setup_model", lambda *a, **k: pytest.fail("a model loaded before the pairs were read"))
+    with pytest.raises(DataError, match="has no usable pairs"):
+        trainer.train(tiny_config(tiny_models, tmp_path / "ties.parquet", mode="lora", max_train_steps=1), tmp_path / "out")
+
+
 def test_heldout_split_always_leaves_a_pair_to_train():
     import datasets
 
