@@ -29,12 +29,13 @@ def test_bad_images_and_non_finite_scores_are_rejected_with_a_reason():
             return np.array([np.nan if np.asarray(im)[..., 2].mean() > 0 else 1.0 for im in images])
 
     score = ScoreConfig(rewards={"red": RewardModel(kind="clip", model="-"), "nanny": RewardModel(kind="clip", model="-")})
-    images = {"original": [solid(1, 0), b"not an image", solid(5, 0), solid(7, 0)],
-              "edited": [solid(2, 0), solid(3, 0), solid(6, 0, 9), solid(9, 0)]}
-    out = relabel_stage.relabel_rows(["a", "b", "c", "d"], ["p"] * 4, images, score, RelabelConfig(),
+    images = {"original": [solid(1, 0), b"not an image", solid(5, 0), solid(7, 0), solid(4, 0, 9)],
+              "edited": [solid(2, 0), solid(3, 0), solid(6, 0, 9), solid(9, 0), solid(8, 0)]}
+    out = relabel_stage.relabel_rows(["a", "b", "c", "d", "e"], ["p"] * 5, images, score, RelabelConfig(),
                                      {"red": ChannelValue(0), "nanny": NaNOnBlue()}.__getitem__).to_pylist()
-    assert [r["status"] for r in out] == ["ok", "rejected", "rejected", "ok"]
+    assert [r["status"] for r in out] == ["ok", "rejected", "rejected", "ok", "rejected"]
     assert out[1]["reason"].startswith("bad_image:") and out[2]["reason"] == "bad_score: non-finite nanny score"
+    assert out[4]["reason"] == "bad_score: non-finite nanny score"  # the original's score too
 
 
 class Mute:
