@@ -31,8 +31,8 @@ def rounds(config: str = "rounds-tiny", overrides: list[str] | None = None, data
     from prefect.artifacts import create_table_artifact
 
     cfg = load_rounds_config(config, overrides, models_root)
-    if cfg.prompts == "next":
-        round_prompts(cfg)  # every round has source rows: a short source fails here, not after round 1
+    # every round's prompts, read once: a source too short for the last round fails here, not after round 1
+    slices = round_prompts(cfg) if cfg.prompts == "next" else None
     state = RoundsState(data_dir, cfg)
     out = rounds_dir(data_dir, cfg)
     finished: list[dict] = []
@@ -45,8 +45,8 @@ def rounds(config: str = "rounds-tiny", overrides: list[str] | None = None, data
             continue
         previous = finished[-1]["finetune"] if finished else None
         run = round_run(cfg, k)
-        curate(profile=cfg.profile, run=run, data_dir=data_dir, overrides=curate_overrides(cfg, k, data_dir, previous),
-               models_root=cfg.models_root)
+        curate(profile=cfg.profile, run=run, data_dir=data_dir, models_root=cfg.models_root,
+               overrides=curate_overrides(cfg, k, data_dir, previous, slices))
         inject_fault(k, "curate")
         store = RunStore(data_dir, run)
         pairs = store.uri(store.stage_dir("pairs"))

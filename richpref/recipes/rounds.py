@@ -80,19 +80,22 @@ def round_prompts(cfg: RoundsConfig) -> list[list[str]]:
     return slices
 
 
-def prompt_slice(cfg: RoundsConfig, k: int, data_dir: str) -> str:
-    """Round k's rows of the profile's source (`prompts: next`) as a prompts file; returns its path."""
+def prompt_slice(cfg: RoundsConfig, k: int, data_dir: str, prompts: list[str]) -> str:
+    """Round k's prompts (`round_prompts(cfg)[k - 1]`) as a prompts file; returns its path."""
     path = rounds_dir(data_dir, cfg) / f"round-{k}" / "prompts.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(round_prompts(cfg)[k - 1]) + "\n", encoding="utf-8")
+    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     return str(path)
 
 
-def curate_overrides(cfg: RoundsConfig, k: int, data_dir: str, previous: dict | None) -> list[str]:
-    """The profile overrides of round k: the source slice, and round k-1's weights for sampling."""
+def curate_overrides(cfg: RoundsConfig, k: int, data_dir: str, previous: dict | None,
+                     slices: list[list[str]] | None = None) -> list[str]:
+    """The profile overrides of round k: its source slice (`prompts: next`: of `slices`, every round's
+    prompts, read once by round_prompts), and round k-1's weights for sampling."""
     out = list(cfg.curate_overrides)
     if cfg.prompts == "next":
-        out += [_set("source.kind", "prompts"), _set("source.path", prompt_slice(cfg, k, data_dir)),
+        prompts = (slices or round_prompts(cfg))[k - 1]
+        out += [_set("source.kind", "prompts"), _set("source.path", prompt_slice(cfg, k, data_dir, prompts)),
                 _set("source.limit", None), _set("source.image_column", None), _set("source.pickapic_preferred", False)]
     if previous is not None:
         key = "sample.lora" if previous["mode"] == "lora" else "sample.unet"

@@ -222,7 +222,7 @@ def test_the_fine_tune_and_evaluation_of_each_round_are_checked_before_round_one
 def test_prompts_next_takes_each_rounds_slice_within_the_source_limit_and_offset(tmp_path):
     # before: a round's slice replaced source.limit, so round 2 of limit 8 and 6 prompts a round read
     # rows 6..11, past the rows the user had bounded the source to
-    from richpref.recipes.rounds import prompt_slice
+    from richpref.recipes.rounds import prompt_slice, round_prompts
     from richpref.schemas.rounds import load_rounds_config
 
     prompts = tmp_path / "prompts.txt"
@@ -232,7 +232,7 @@ def test_prompts_next_takes_each_rounds_slice_within_the_source_limit_and_offset
         curate = json.dumps(["source.kind=prompts", f"source.path={prompts}", *source])
         cfg = load_rounds_config(CONFIG, ["prompts=next", "prompts_per_round=6", f"rounds={rounds}",
                                           f"curate_overrides={curate}"])
-        return Path(prompt_slice(cfg, k, str(tmp_path / "data"))).read_text().splitlines()
+        return Path(prompt_slice(cfg, k, str(tmp_path / "data"), round_prompts(cfg)[k - 1])).read_text().splitlines()
 
     assert rounds_slice(1) == [f"prompt {i}" for i in range(6)]
     assert rounds_slice(2) == [f"prompt {i}" for i in range(6, 12)]

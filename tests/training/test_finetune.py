@@ -85,7 +85,9 @@ def test_ties_dropped_and_missing_columns_named(pairs_file, tmp_path):
         load_pair_source(PairSourceConfig(path=str(tmp_path)))
 
 
-def test_pairs_without_a_caption_are_dropped_not_trained_as_unconditional(pairs_file, tmp_path):
+def test_pairs_without_a_caption_are_dropped_not_trained_as_unconditional(pairs_file, tmp_path, tiny_models,
+                                                                         monkeypatch):
+    import richpref.training.train as trainer
     table = pq.read_table(pairs_file).slice(0, 4)
     captions = table.column("caption").to_pylist()
     blank = table.set_column(table.schema.get_field_index("caption"), "caption",
@@ -96,18 +98,10 @@ def test_pairs_without_a_caption_are_dropped_not_trained_as_unconditional(pairs_
     pq.write_table(blank.slice(0, 2), tmp_path / "none.parquet")
     with pytest.raises(DataError, match=r"no usable pairs \(no rows with label_0 in \{0, 1\} and a caption\)"):
         load_pair_source(PairSourceConfig(path=str(tmp_path / "none.parquet")))
-
-
-def test_the_trainer_reads_its_pairs_before_it_loads_a_model(tiny_models, pairs_file, tmp_path, monkeypatch):
-    # before: the models loaded first (minutes for a 12B transformer), then a source without a usable pair failed
-    import richpref.training.train as trainer
-
-    table = pq.read_table(pairs_file).slice(0, 2)
-    ties = table.set_column(table.schema.get_field_index("label_0"), "label_0", pa.array([0.5, 0.5]))
-    pq.write_table(ties, tmp_path / "ties.parquet")
+    # the trainer reads its pairs before it loads a model (before: minutes of a 12B load, then this error)
     monkeypatch.setattr(trainer, "setup_model", lambda *a, **k: pytest.fail("a model loaded before the pairs were read"))
     with pytest.raises(DataError, match="has no usable pairs"):
-        trainer.train(tiny_config(tiny_models, tmp_path / "ties.parquet", mode="lora", max_train_steps=1), tmp_path / "out")
+        trainer.train(tiny_config(tiny_models, tmp_path / "none.parquet", mode="lora", max_train_steps=1), tmp_path / "o")
 
 
 def test_heldout_split_always_leaves_a_pair_to_train():
@@ -343,13 +337,11 @@ def test_a_run_trained_longer_resumes_from_its_last_step(resumed_lora_run, pairs
     from flows.finetune import finetune
 
     out, _, config = resumed_lora_run
-    longer = tmp_path / "run"
-    shutil.copytree(out, longer)
+    shutil.copytree(out, longer := tmp_path / "run")
     result = finetune(config=str(config), pairs=str(pairs_file.parent), output_dir=str(longer), num_processes=2,
                       overrides=["max_train_steps=8"])
     added = metrics(longer)[len(metrics(out)):]
-    assert [r["step"] for r in added] == [7, 8] and all(r["resumed_from"] == 6 for r in added)
-    assert result["steps"] == 8
+    assert [r["step"] for r in added] == [7, 8] and all(r["resumed_from"] == 6 for r in added) and result["steps"] == 8
 
 
 def test_lora_output_loads_into_pipeline_and_changes_output(resumed_lora_run, tiny_models, capfd):

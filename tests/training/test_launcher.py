@@ -146,7 +146,7 @@ def test_two_machines_train_as_one_process_group(tiny_models, pairs_file, prefec
     assert "2 process(es) × 2 pairs × 1 accumulation = 4 pairs/step" in (out / "train.log").read_text()
     assert (out / "train-machine1.log").exists()  # each machine's launcher output in a file of its own
     # The checkpoint holds the random state of both processes, the weights once (rank 0 saved them).
-    ckpt = out / "checkpoint-1"
+    ckpt = out / "checkpoint-2"  # the last step's (keep 1)
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     lora = load_file(out / "final" / "pytorch_lora_weights.safetensors")
     ups = [t for k, t in lora.items() if "lora_B" in k or "lora.up" in k]
