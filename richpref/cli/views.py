@@ -104,7 +104,7 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_summary)
 
-    st = sub.add_parser("status", help="per stage: shards done / missing / failed")
+    st = sub.add_parser("status", help="per stage: shards done / stale (committed for another config or version) / missing / failed")
     st.add_argument("run", type=run_name)
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)

@@ -180,7 +180,8 @@ def format_summary(s: dict) -> str:
 def status(data_dir: str, run: str) -> dict:
     """Per stage of the run's pipeline: shards done / missing / failed (as of the run's last command).
     Done is the runner's answer: committed for the key the shard has under the run's profile
-    (profile.json); a run without its profile counts every committed shard."""
+    (profile.json); a run without its profile counts every committed shard. `stale`: the missing
+    shards that are committed for another key (another config or richpref version)."""
     from richpref.run.runner import plan_stages
     from richpref.schemas.config import Profile
     from richpref.tasks import ALL_STAGES, stages_for
@@ -217,17 +218,26 @@ def status(data_dir: str, run: str) -> dict:
         have = done.get(st.out, [])
         failed = sorted(failed_by_stage.get(st.name, []))
         missing = [s for s in expected if s not in have and s not in failed]
-        stages.append({"stage": st.out, "done": len(have), "missing": missing, "failed": failed})
+        # committed, but for another key (another config or richpref version): the next curate redoes them
+        committed = set(stage_manifests(store, st.out)) if profile is not None and missing else set()
+        stale = [s for s in missing if s in committed]
+        stages.append({"stage": st.out, "done": len(have), "missing": missing, "stale": stale, "failed": failed})
     return {"run": run, "state": last.get("state", "unknown"), "shards": len(expected), "stages": stages,
             **({"note": note} if note else {})}
 
 
 def format_status(st: dict) -> str:
+    """The table of `status`: per stage, shards done, stale (committed for another key), missing (never
+    committed) and failed."""
     lines = [f"run {st['run']}: {st['shards']} shard(s), last run {st['state']}",
-             f"{'stage':<10} {'done':>5} {'missing':>8} {'failed':>7}"]
+             f"{'stage':<10} {'done':>5} {'stale':>6} {'missing':>8} {'failed':>7}"]
     for s in st["stages"]:
-        lines.append(f"{s['stage']:<10} {s['done']:>5} {len(s['missing']):>8} {len(s['failed']):>7}"
+        stale = len(s.get("stale", []))
+        lines.append(f"{s['stage']:<10} {s['done']:>5} {stale:>6} {len(s['missing']) - stale:>8} {len(s['failed']):>7}"
                      + (f"  failed: {s['failed']}" if s["failed"] else ""))
+    if any(s.get("stale") for s in st["stages"]):
+        lines.append("stale: committed for another config or richpref version; the next curate of this run "
+                     "redoes them (and what reads them): `curate --plan` lists them")
     if st.get("note"):
         lines.append(f"note: {st['note']}")
     return "\n".join(lines)

@@ -83,6 +83,27 @@ def test_status_of_a_run_saved_by_another_release_counts_its_shards_and_says_why
                                       "are not permitted): every committed shard is counted as done, whatever its key")
 
 
+def test_status_tells_stale_shards_from_missing_ones(finished_run, runs_dir, tmp_path):
+    # before: shards committed for another config or version were counted "missing", as if never made
+    from richpref.run.storage import RunStore
+    from richpref.views.inspect import format_status
+
+    copy = RunStore(str(tmp_path), "ref")
+    shutil.copytree(RunStore(str(runs_dir), "ref").root, copy.root)
+    for part in (Path(copy.root) / "pairs").glob("part-00002.*"):
+        part.unlink()  # one pairs shard never committed
+    profile = json.loads((Path(copy.root) / "profile.json").read_text())
+    profile["filter"]["min_executed"] = 0.123  # the filter's key changes, and with it relabel's and export's
+    (Path(copy.root) / "profile.json").write_text(json.dumps(profile))
+    st = {s["stage"]: s for s in status(str(tmp_path), "ref")["stages"]}
+    assert (st["score"]["done"], st["filter"]["done"], st["filter"]["stale"], st["relabel"]["stale"]) == (3, 0, [0, 1, 2], [0, 1, 2])
+    assert st["pairs"]["missing"] == [0, 1, 2] and st["pairs"]["stale"] == [0, 1]
+    table = format_status(status(str(tmp_path), "ref")).splitlines()
+    assert table[1].split() == ["stage", "done", "stale", "missing", "failed"]
+    assert next(line for line in table if line.startswith("pairs")).split() == ["pairs", "0", "2", "1", "0"]
+    assert table[-1].startswith("stale: committed for another config or richpref version")
+
+
 def test_pairs_full_view_has_one_row_per_source_item(finished_run, runs_dir):
     con, views = connect(str(runs_dir), "ref")
     assert "pairs_full" in views
