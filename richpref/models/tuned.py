@@ -123,6 +123,14 @@ def weights_fingerprint(lora: str | None = None, unet: str | None = None) -> str
     return _files_digest(stats)
 
 
+def finetune_fingerprint(path: str | os.PathLike) -> str:
+    """weights_fingerprint of a finetune output folder's final weights, a LoRA or a full UNet."""
+    try:
+        return weights_fingerprint(lora=str(path))
+    except TunedWeightsError:
+        return weights_fingerprint(unet=str(path))
+
+
 def apply_tuned(t2i, lora: str | None = None, unet: str | None = None) -> None:
     """Put the tuned weights into a loaded `TextToImage` (LoRA loaded into its pipeline; UNet swapped)."""
     if lora:

@@ -77,7 +77,8 @@ def image_plan(prompts: list[str], cfg: EvaluateConfig) -> tuple[list[str], list
 
 
 def _generation_key(model: EvalModelConfig, texts: list[str], seeds: list[int], cfg: EvaluateConfig) -> str:
-    from richpref.models.tuned import weights_fingerprint
+    from richpref.models.tuned import finetune_fingerprint, weights_fingerprint
+    from richpref.training.models import is_finetune_output
 
     settings = {"path": model.path, "models_root": cfg.models_root, "texts": texts, "seeds": seeds,
                 **cfg.model_dump(mode="json", include={"steps", "guidance_scale", "height", "width", "scheduler",
@@ -87,6 +88,8 @@ def _generation_key(model: EvalModelConfig, texts: list[str], seeds: list[int], 
         settings["max_sequence_length"] = cfg.max_sequence_length
     if model.lora:
         settings["lora"] = weights_fingerprint(lora=model.lora)
+    if is_finetune_output(model.path):  # the weights' content: a folder trained again is a new key
+        settings["tuned"] = finetune_fingerprint(model.path)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

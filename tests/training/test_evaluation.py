@@ -120,6 +120,23 @@ def test_evaluate_base_vs_tuned(prefect_harness, tiny_models, tuned_model, tmp_p
     assert (out / "images" / "base.parquet").stat().st_mtime_ns == stamp
 
 
+def test_a_tuned_model_trained_again_in_its_folder_makes_new_images(tuned_model, tiny_models, tmp_path):
+    # before: its images were keyed by the folder's path alone, so evaluate reused the old weights' images
+    import shutil
+
+    from richpref.schemas.training import load_evaluate_config
+    from richpref.training.evaluation import _generation_key
+
+    shutil.copytree(tuned_model, tmp_path / "run")
+    cfg = load_evaluate_config("evaluate-tiny", [f"models_root={tiny_models}",
+                                                 f"models=[{{name: tuned, path: {tmp_path / 'run'}}}]"])
+    key = _generation_key(cfg.models[0], ["a cat"], [0], cfg)
+    assert _generation_key(cfg.models[0], ["a cat"], [0], cfg) == key  # the same weights: the same images
+    weights = next((tmp_path / "run" / "final" / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")  # trained again: other bytes at the same path
+    assert _generation_key(cfg.models[0], ["a cat"], [0], cfg) != key
+
+
 def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path):
     from richpref.training.evaluation import preflight
     from richpref.models.runtime import ModelNotAvailable
