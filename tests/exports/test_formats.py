@@ -143,6 +143,7 @@ def test_kohya_wl_reads_back_as_a_preference_subset(run_dir, tmp_path):
     config = tomllib.loads((out / "dataset_config.toml").read_text())
     subset = config["datasets"][0]["subsets"][0]
     assert subset["preference"] is True and Path(subset["image_dir"]) == (out / "1_pairs").resolve()
+    assert subset["num_repeats"] == 1  # each pair once per epoch, as the folder's "1_" prefix says
     got = kohya_pairs(subset["image_dir"], config["general"]["caption_extension"])
     assert got == {**HELD, "b": ("a yellow kite", GREEN, YELLOW_JPG)}  # a .png winner beside a .jpg loser
 
