@@ -22,7 +22,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from richpref.training.launcher import LaunchFailed, check_fsdp_device
     from richpref.training.setup import preflight
     from richpref.training.checkpoints import check_resumable
-    from richpref.schemas.training import finetune_config_hash
 
     import os
 
@@ -43,7 +42,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         preflight(cfg)
         check_fsdp_device(cfg)
         # checkpoints of another config in the output folder: refused now, not after Prefect and accelerate start
-        check_resumable(finetune_config_hash(cfg), args.output_dir or default_output_dir(cfg, args.data_dir))
+        check_resumable(cfg, args.output_dir or default_output_dir(cfg, args.data_dir))
         result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
                           overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
                           data_dir=args.data_dir, models_root=args.models_root)

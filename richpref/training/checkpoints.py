@@ -2,6 +2,7 @@
 weights with their finetune.json, and whether a config is already trained there."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,28 +41,67 @@ class OtherConfig(ValueError):
     """An output folder whose checkpoints another config made: resuming would mix the two runs."""
 
 
-def check_resumable(cfg_hash: str, output_dir: str | os.PathLike) -> tuple[int, Path] | None:
+def data_key(cfg: FinetuneConfig) -> str:
+    """What a config trains on, by content: each pair source's Parquet footers (rows, row groups, column
+    statistics), so pairs curated again at the same path, or a file replaced, make another key, and a
+    copy or a move of the same files keeps it; a `datasets` source by its name."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..sources.parquet import footer
+    from .data import pair_files
+
+    def digest(path: str) -> list:
+        meta = footer(path).to_dict()
+        return [os.path.basename(path), hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()]
+
+    parts = []
+    for src in cfg.data:
+        if src.path is None:
+            parts.append(src.model_dump(mode="json", exclude={"name", "weight"}))
+            continue
+        with ThreadPoolExecutor(8) as pool:  # a request each on an object store
+            parts.append(list(pool.map(digest, pair_files(src.path))))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _other_data(where: Path, recorded: str | None, now: str) -> None:
+    """OtherConfig when `where` was trained on pairs other than the config's now (a record without a
+    data key, from before it was kept, is taken as the same)."""
+    if recorded is not None and recorded != now:
+        raise OtherConfig(f"{where} was trained on other pairs than the config's now (data key {recorded}, now {now}: "
+                          "pairs curated again or files replaced): give a new --output-dir to train on them, or delete "
+                          "its checkpoint-* folders and final/ to train there from scratch")
+
+
+def check_resumable(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> tuple[int, Path] | None:
     """The checkpoint a launch on `output_dir` resumes from (None: it starts fresh); OtherConfig when
-    another config made it. The launcher asks before starting the trainers, the trainer again."""
+    another config made it, or when it (or the final weights there) trained on other pairs. The CLI and
+    the launcher ask before starting the trainers, the trainer again."""
+    cfg_hash, data = finetune_config_hash(cfg), data_key(cfg)
     existing = checkpoints(Path(output_dir))
+    final = Path(output_dir) / "final" / FINETUNE_META
     if not existing:
+        if final.exists():
+            _other_data(final.parent, json.loads(final.read_text()).get("data_key"), data)
         return None
     state = json.loads((existing[-1][1] / TRAINER_STATE).read_text())
     if state.get("config_hash") != cfg_hash:
         raise OtherConfig(f"{existing[-1][1]} was made with another config (hash {state.get('config_hash')}, now "
                           f"{cfg_hash}): use a new output dir, or delete its checkpoint-* folders to start over")
+    _other_data(existing[-1][1], state.get("data_key"), data)
     return existing[-1]
 
 
 def finished(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict | None:
-    """The finetune.json of `output_dir` if it holds this config trained to max_train_steps, else None."""
+    """The finetune.json of `output_dir` if it holds this config trained to max_train_steps on the same
+    pairs, else None."""
     path = Path(output_dir) / "final" / FINETUNE_META
     if not path.exists():
         return None
     meta = json.loads(path.read_text())
-    if meta.get("config_hash") == finetune_config_hash(cfg) and meta.get("steps", 0) >= cfg.max_train_steps:
-        return meta
-    return None
+    if meta.get("config_hash") != finetune_config_hash(cfg) or meta.get("steps", 0) < cfg.max_train_steps:
+        return None
+    return meta if meta.get("data_key") in (None, data_key(cfg)) else None  # None: recorded before data keys
 
 
 def register_lora_hooks(accelerator, base_unet) -> None:
@@ -89,7 +129,8 @@ def register_lora_hooks(accelerator, base_unet) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, out: Path, step: int, samples_seen: int, cfg_hash: str, keep: int | None) -> None:
+def save_checkpoint(accelerator, out: Path, step: int, samples_seen: int, cfg_hash: str, keep: int | None,
+                    data: str | None = None) -> None:
     """save_state into a temporary folder, then rename it into place and prune the oldest."""
     tmp = out / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -98,7 +139,7 @@ def save_checkpoint(accelerator, out: Path, step: int, samples_seen: int, cfg_ha
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"global_step": step, "samples_seen": samples_seen, "config_hash": cfg_hash,
+        state = {"global_step": step, "samples_seen": samples_seen, "config_hash": cfg_hash, "data_key": data,
                  "num_processes": accelerator.num_processes, "time": time.time()}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         dest = out / f"checkpoint-{step}"
@@ -144,13 +185,13 @@ def param_norm(model, params) -> float:
 
 
 def write_final(unet, out: Path, cfg: FinetuneConfig, cfg_hash: str, arch: str, model_dir: str, step: int,
-                last: dict, state_dict: dict | None = None) -> dict:
+                last: dict, state_dict: dict | None = None, data: str | None = None) -> dict:
     """final/: the tuned weights (`state_dict`: gathered by full_state_dict from a sharded model) and finetune.json."""
     tmp = out / f"final.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     save_tuned(unet, tmp, cfg, arch, state_dict)
     meta = {"base_model": cfg.model, "base_model_path": model_dir, "arch": arch, "mode": cfg.mode, "steps": step,
-            "config_hash": cfg_hash, "config": cfg.model_dump(mode="json"), "last_metrics": last}
+            "config_hash": cfg_hash, "data_key": data, "config": cfg.model_dump(mode="json"), "last_metrics": last}
     (tmp / FINETUNE_META).write_text(json.dumps(meta, indent=2))
     final = out / "final"
     if final.exists():

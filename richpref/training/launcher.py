@@ -133,7 +133,6 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
     `on_poll` is called every `poll_seconds` while training runs (progress reports). `machines`
     (default: from RICHPREF_NUM_MACHINES etc., see Machines.from_env) spreads it over several
     machines; their output_dir must then be one shared folder."""
-    from ..schemas.training import finetune_config_hash
     from .checkpoints import check_resumable, finished
 
     if num_processes < 1:
@@ -155,7 +154,7 @@ def launch_training(cfg: FinetuneConfig, output_dir: str | os.PathLike, *, num_p
         raise LaunchFailed(f"{output_dir} is being trained by another launch on this machine (rank "
                            f"{machines.machine_rank}); wait for it to end, or give another --output-dir") from None
     try:
-        check_resumable(finetune_config_hash(cfg), output_dir)  # OtherConfig: before any trainer starts
+        check_resumable(cfg, output_dir)  # OtherConfig: before any trainer starts
         return _launch(cfg, output_dir, num_processes, max_restarts, run_env, log_file, on_poll, poll_seconds, machines)
     finally:
         lock.release()

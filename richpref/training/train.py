@@ -25,8 +25,8 @@ import torch
 from ..common.atomic import write_atomic
 from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
-from .checkpoints import (TRAINER_STATE, OtherConfig, TrainingError, check_resumable, finished, full_state_dict, param_norm,
-                          register_lora_hooks, save_checkpoint, write_final)
+from .checkpoints import (TRAINER_STATE, OtherConfig, TrainingError, check_resumable, data_key, finished, full_state_dict,
+                          param_norm, register_lora_hooks, save_checkpoint, write_final)
 from .data import Augment, DataError, PairBatches, PairMixture, load_sources, split_heldout
 from .heldout import HeldOut, plot_metrics
 from .models import FINETUNE_META, REFUSED_INPUT, AdapterSwitch
@@ -124,7 +124,8 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    resume_from = check_resumable(cfg_hash, out)
+    resume_from = check_resumable(cfg, out)
+    data = data_key(cfg)  # recorded in each checkpoint and in final/: what these weights trained on
 
     # the pairs before the models: a source without a usable pair fails in seconds, not after a model load
     masks = cfg.loss_mask == "edit_region"
@@ -257,14 +258,15 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
 
         # the last step too (as diffusers' scripts do): a run trained longer later resumes from it
         if global_step % cfg.checkpointing_steps == 0:
-            save_checkpoint(accelerator, out, global_step, samples_seen, cfg_hash, cfg.checkpoints_total_limit)
+            save_checkpoint(accelerator, out, global_step, samples_seen, cfg_hash, cfg.checkpoints_total_limit, data)
         _inject_fault(global_step, is_main, out)
 
     accelerator.wait_for_everyone()
     summary = {}
     gathered = full_state_dict(unet)  # under FSDP each process holds a shard: every one takes part in the gather
     if is_main:
-        summary = write_final(base_unet, out, cfg, cfg_hash, setup.arch, model_dir, global_step, last_logged, gathered)
+        summary = write_final(base_unet, out, cfg, cfg_hash, setup.arch, model_dir, global_step, last_logged, gathered,
+                              data)
         if heldout is not None:
             plot_metrics(out, METRICS)
     accelerator.wait_for_everyone()
