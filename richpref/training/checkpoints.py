@@ -42,11 +42,14 @@ class OtherConfig(ValueError):
 
 
 def data_key(cfg: FinetuneConfig) -> str:
-    """What a config trains on, by content: each pair source's Parquet footers (rows, row groups, column
-    statistics), so pairs curated again at the same path, or a file replaced, make another key, and a
-    copy or a move of the same files keeps it; a `datasets` source by its name."""
+    """What a config trains on and from, by content: each pair source's Parquet footers (rows, row groups,
+    column statistics), so pairs curated again at the same path, or a file replaced, make another key,
+    and a copy or a move of the same files keeps it; a `datasets` source by its name; the `init_from`
+    weights' bytes."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from ..models.runtime import resolve_model_ref
+    from ..models.tuned import TunedWeightsError, weights_fingerprint
     from ..sources.parquet import footer
     from .data import pair_files
 
@@ -61,16 +64,23 @@ def data_key(cfg: FinetuneConfig) -> str:
             continue
         with ThreadPoolExecutor(8) as pool:  # a request each on an object store
             parts.append(list(pool.map(digest, pair_files(src.path))))
+    if cfg.init_from:  # the weights it starts from: trained again at the same path, another start
+        path = resolve_model_ref(cfg.init_from, cfg.models_root)
+        try:
+            parts.append(weights_fingerprint(**{"lora" if cfg.mode == "lora" else "unet": path}))
+        except TunedWeightsError:  # not weights of this mode: the preflight refuses it, naming why
+            parts.append(path)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def _other_data(where: Path, recorded: str | None, now: str) -> None:
-    """OtherConfig when `where` was trained on pairs other than the config's now (a record without a
-    data key, from before it was kept, is taken as the same)."""
+    """OtherConfig when `where` was trained on other pairs or from other init_from weights than the
+    config's now (a record without a data key, from before it was kept, is taken as the same)."""
     if recorded is not None and recorded != now:
-        raise OtherConfig(f"{where} was trained on other pairs than the config's now (data key {recorded}, now {now}: "
-                          "pairs curated again or files replaced): give a new --output-dir to train on them, or delete "
-                          "its checkpoint-* folders and final/ to train there from scratch")
+        raise OtherConfig(f"{where} was trained on other pairs, or from other init_from weights, than the config's "
+                          f"now (data key {recorded}, now {now}: pairs curated again, files replaced, init_from trained "
+                          "again): give a new --output-dir to train on them, or delete its checkpoint-* folders and "
+                          "final/ to train there from scratch")
 
 
 def check_resumable(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> tuple[int, Path] | None:

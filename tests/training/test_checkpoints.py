@@ -83,6 +83,14 @@ def test_the_data_key_follows_the_pairs_content_not_their_path(tmp_path):
     assert data_key(_config(tmp_path / "copy")) == key  # moved or copied: the same pairs
     _pairs(tmp_path / "a", ["a cat", "a cow"])  # curated again at the same path
     assert data_key(_config(tmp_path / "a")) != key
+    # the weights it starts from: a LoRA trained again at the same path is another start
+    (tmp_path / "init.safetensors").write_bytes(b"lora one")
+    continued = _config(tmp_path / "copy").model_copy(update={"init_from": str(tmp_path / "init.safetensors"),
+                                                                      "mode": "lora"})
+    start = data_key(continued)
+    assert start != key and data_key(continued) == start
+    (tmp_path / "init.safetensors").write_bytes(b"lora two")
+    assert data_key(continued) != start
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
@@ -96,7 +104,8 @@ def test_a_run_on_pairs_curated_again_is_neither_done_nor_resumed(tmp_path, chec
     assert finished(cfg, tmp_path / "out") is not None
     _pairs(tmp_path / "pairs", ["a cat", "a cow"])
     assert finished(cfg, tmp_path / "out") is None
-    with pytest.raises(OtherConfig, match="was trained on other pairs than the config's now .*give a new --output-dir"):
+    with pytest.raises(OtherConfig, match="was trained on other pairs, or from other init_from weights, than the "
+                                          "config.s now .*give a new --output-dir"):
         check_resumable(cfg, tmp_path / "out")
 
 
