@@ -93,3 +93,19 @@ def test_thresholds_pass_at_equality_and_each_decision_is_the_rows_own():
     out = {r["item_id"]: r for r in filter_stage.decide_rows(table, instructions, kept_all).to_pylist()}
     assert out["unlisted"]["status"] == "ok"
     assert json.loads(out["unlisted"]["checks"])["attributes"] == "skipped: the model listed no attribute"
+
+
+def test_the_executed_check_reduces_each_instructions_p_by_its_min_or_mean_by_hand():
+    # the mean was untested: a sum in its place passed (found by a mutation sweep)
+    table = answers(two={"p_executed_each": [0.3, 0.4]}, spread={"p_executed_each": [0.2, 0.9]})
+    instructions = [["Add a hat", "Make it red"]] * 2
+    for reduce, expected in (("min", {"two": "P(yes)=0.300", "spread": "P(yes)=0.200"}),
+                             ("mean", {"two": "P(yes)=0.350", "spread": None})):
+        cfg = FilterConfig(min_executed=0.5, min_no_stray=0.5, min_subject_kept=0.5, on_no_attributes="keep",
+                           executed_reduce=reduce)
+        out = {r["item_id"]: r for r in filter_stage.decide_rows(table, instructions, cfg).to_pylist()}
+        for item, p in expected.items():
+            if p is None:  # mean 0.55: passes
+                assert out[item]["status"] == "ok", (reduce, item)
+            else:
+                assert out[item]["reason"].startswith(f"not_executed: {p} < filter.min_executed=0.5"), (reduce, item)
