@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from richpref.views.card_parts import PLOTS_DIR, USAGE, _front_matter, counts_table, reward_titles, votes, write_card
+from richpref.views.card_parts import (PLOTS_DIR, USAGE, _front_matter, counts_table, generated_by, originals,
+                                      reward_titles, votes, write_card)
 
 PAIRING = {"best_vs_worst": "each prompt's best sample against its worst",
            "all_with_margin": "every pair of a prompt's samples"}
@@ -39,14 +40,8 @@ def rebuild_stats(scores: pa.Table | None, ranked: pa.Table | None, names: list[
     return out
 
 
-def _tuned(sample: dict) -> str:
-    """The tuned weights the generator sampled with (RPO rounds, an on-policy rebuild), if any."""
-    if sample.get("lora"):
-        return f" with the LoRA `{sample['lora']}`"
-    return f" with the tuned UNet `{sample['unet']}`" if sample.get("unet") else ""
-
-
-def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict, plots: list[str]) -> str:
+def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict, plots: list[str],
+                        models: dict[str | None, int]) -> str:
     sample, relabel = profile.get("sample", {}), profile.get("relabel", {})
     rewards, weights, _, _ = votes(profile)
     titles = reward_titles(rewards)
@@ -62,8 +57,7 @@ def render_rebuild_card(run: str, summary: dict, stats: dict, profile: dict, plo
               "every label comes from reward models (source → samples → rewards → ranked → export).", "",
               f"- Prompts: `{where}` (column `{src.get('prompt_column', 'caption')}`, duplicates by "
               f"`{src.get('dedupe') or 'none'}` dropped).",
-              f"- Generator: `{sample.get('model')}`{_tuned(sample)}, {sample.get('steps')} steps, guidance {sample.get('guidance_scale')}, "
-              f"{sample.get('width')}×{sample.get('height')}.",
+              f"- Images: {generated_by(sample, models)}.",
               f"- Samples per prompt: N = {n}; sample k of a prompt is seeded from (`sample.seed` = {sample.get('seed', 0)}, "
               "item id, k), sample 0 with the item's own seed, so each image can be drawn again on its own "
               "(`seed_0`/`seed_1` of every pair).",
@@ -124,6 +118,6 @@ def write_rebuild_card(store, run: str, summary: dict, profile: dict, scores: pa
     scored = list(votes(profile)[0])
     stats = rebuild_stats(scores, ranked, scored)
     plots = rebuild_plots(ranked, scored, profile.get("relabel", {}).get("min_margin", 0.0))
-    written = write_card(store.fs, store.stage_dir("pairs"), render_rebuild_card(run, summary, stats, profile, list(plots)),
-                         plots)
+    card = render_rebuild_card(run, summary, stats, profile, list(plots), originals(store))
+    written = write_card(store.fs, store.stage_dir("pairs"), card, plots)
     return {name: store.uri(path) for name, path in written.items()}
