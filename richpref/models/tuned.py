@@ -123,8 +123,9 @@ def weights_fingerprint(lora: str | None = None, unet: str | None = None) -> str
     return _files_digest(stats)
 
 
-def finetune_fingerprint(path: str | os.PathLike) -> str:
-    """weights_fingerprint of a finetune output folder's final weights, a LoRA or a full UNet."""
+def tuned_fingerprint(path: str | os.PathLike) -> str:
+    """weights_fingerprint of the tuned weights at `path`, a LoRA or a full UNet (a file, its folder, or
+    a finetune output folder); TunedWeightsError when it holds neither."""
     try:
         return weights_fingerprint(lora=str(path))
     except TunedWeightsError:

@@ -49,7 +49,7 @@ def data_key(cfg: FinetuneConfig) -> str:
     from concurrent.futures import ThreadPoolExecutor
 
     from ..models.runtime import resolve_model_ref
-    from ..models.tuned import TunedWeightsError, weights_fingerprint
+    from ..models.tuned import TunedWeightsError, tuned_fingerprint
     from ..sources.parquet import footer
     from .data import pair_files
 
@@ -67,8 +67,8 @@ def data_key(cfg: FinetuneConfig) -> str:
     if cfg.init_from:  # the weights it starts from: trained again at the same path, another start
         path = resolve_model_ref(cfg.init_from, cfg.models_root)
         try:
-            parts.append(weights_fingerprint(**{"lora" if cfg.mode == "lora" else "unet": path}))
-        except TunedWeightsError:  # not weights of this mode: the preflight refuses it, naming why
+            parts.append(tuned_fingerprint(path))
+        except TunedWeightsError:  # no weights there: the preflight refuses it, naming why
             parts.append(path)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 

@@ -77,7 +77,7 @@ def image_plan(prompts: list[str], cfg: EvaluateConfig) -> tuple[list[str], list
 
 
 def _generation_key(model: EvalModelConfig, texts: list[str], seeds: list[int], cfg: EvaluateConfig) -> str:
-    from richpref.models.tuned import finetune_fingerprint, weights_fingerprint
+    from richpref.models.tuned import tuned_fingerprint, weights_fingerprint
     from richpref.training.models import is_finetune_output
 
     settings = {"path": model.path, "models_root": cfg.models_root, "texts": texts, "seeds": seeds,
@@ -89,7 +89,7 @@ def _generation_key(model: EvalModelConfig, texts: list[str], seeds: list[int], 
     if model.lora:
         settings["lora"] = weights_fingerprint(lora=model.lora)
     if is_finetune_output(model.path):  # the weights' content: a folder trained again is a new key
-        settings["tuned"] = finetune_fingerprint(model.path)
+        settings["tuned"] = tuned_fingerprint(model.path)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
