@@ -243,6 +243,9 @@ def test_the_subject_gate_rejects_edits_that_changed_too_much_and_never_votes():
     assert a["subject_consistency"] == pytest.approx(1 - 10 / 255)
     z = (np.array([10.0, 30, 40, 0]) - 20) / np.std([10.0, 30, 40, 0])
     assert (a["composite_0"], a["composite_1"]) == (pytest.approx(z[0]), pytest.approx(z[1]))
+    # a consistency at the threshold passes (untested before; found by a mutation sweep)
+    at = cfg[0], RelabelConfig(min_consistency=a["subject_consistency"])
+    assert relabel(["a"], ["p"], {k: v[:1] for k, v in images.items()}, at, scorers.__getitem__).to_pylist()[0]["status"] == "ok"
 
 
 def test_relabel_config_rules():

@@ -330,6 +330,10 @@ def test_an_edit_judge_gates_edits_it_scores_below_the_threshold():
     assert out[0]["status"] == "ok" and out[0]["chosen"] == 1
     assert out[1]["status"] == "rejected"
     assert out[1]["reason"] == "edit_judged_poor: judge 13 < relabel.edit_gate.min_score 20"
+    at = cfg.model_copy(update={"edit_gate": cfg.edit_gate.model_copy(update={"min_score": 13.0})})
+    again = relabel_stage.relabel_rows(["a", "b"], ["p", "p"], images, score, at,
+                                       {"red": ChannelValue(0), "judge": PairJudge()}.__getitem__).to_pylist()
+    assert again[1]["status"] == "ok"  # a score at the threshold passes (untested before; a mutation sweep)
     # The gate is relabel's (its key), and must name an edit judge of score.rewards.
     assert config_hash(RelabelConfig(weights={"red": 1.0})) != config_hash(cfg)
     with pytest.raises(ValidationError, match="edit_gate.reward 'red' is not a scored edit judge.*in score.rewards: \\['judge'\\]"):
