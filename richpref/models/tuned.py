@@ -56,9 +56,11 @@ def _final(path: Path) -> Path:
 
 
 def tuned_arch(path: str | os.PathLike) -> str | None:
-    """The family (sd15, sdxl, sd3, flux, qwen_image) a finetune output folder was trained on, from its
-    finetune.json; None for weights without one (a LoRA file or folder from elsewhere)."""
-    meta = _final(Path(path)) / FINETUNE_META
+    """The family (sd15, sdxl, sd3, flux, qwen_image) tuned weights were trained on, from the finetune.json
+    of their finetune output (the folder, its final/, or the final/ a weights file lies in); None for
+    weights without one (a LoRA file or folder from elsewhere)."""
+    p = Path(path)
+    meta = p.parent / FINETUNE_META if p.is_file() else _final(p) / FINETUNE_META
     try:
         return json.loads(meta.read_text(encoding="utf-8")).get("arch") if meta.is_file() else None
     except (OSError, ValueError):

@@ -89,13 +89,12 @@ def prompt_slice(cfg: RoundsConfig, k: int, data_dir: str, prompts: list[str]) -
 
 
 def curate_overrides(cfg: RoundsConfig, k: int, data_dir: str, previous: dict | None,
-                     slices: list[list[str]] | None = None) -> list[str]:
-    """The profile overrides of round k: its source slice (`prompts: next`: of `slices`, every round's
-    prompts, read once by round_prompts), and round k-1's weights for sampling."""
+                     slices: list[list[str]] | None) -> list[str]:
+    """The profile overrides of round k: its source slice (`prompts: next`: `slices` holds every round's
+    prompts, read once by round_prompts; None with `prompts: same`), and round k-1's weights for sampling."""
     out = list(cfg.curate_overrides)
     if cfg.prompts == "next":
-        prompts = (slices or round_prompts(cfg))[k - 1]
-        out += [_set("source.kind", "prompts"), _set("source.path", prompt_slice(cfg, k, data_dir, prompts)),
+        out += [_set("source.kind", "prompts"), _set("source.path", prompt_slice(cfg, k, data_dir, slices[k - 1])),
                 _set("source.limit", None), _set("source.image_column", None), _set("source.pickapic_preferred", False)]
     if previous is not None:
         key = "sample.lora" if previous["mode"] == "lora" else "sample.unet"

@@ -4,7 +4,6 @@ and the model side of a run (`setup_model`): UNet or flow transformer, LoRA or f
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -50,19 +49,12 @@ def check_lora_targets(cfg: FinetuneConfig, model_dir: str, family: str) -> None
                            "for the family's default")
 
 
-def _init_from_arch(path: str) -> str | None:
-    for cand in (Path(path) / "finetune.json", Path(path) / "final" / "finetune.json", Path(path).parent / "finetune.json"):
-        if cand.is_file():
-            return json.loads(cand.read_text()).get("arch")
-    return None
-
-
 def check_init_from(cfg: FinetuneConfig, path: str, family: str) -> None:
     """init_from made for this base and holding what `mode` continues (a LoRA, or a full UNet): before,
     another mode's weights failed each launch of the trainer after the models loaded."""
-    from ..models.tuned import TunedWeightsError, lora_file, unet_dir
+    from ..models.tuned import TunedWeightsError, lora_file, tuned_arch, unet_dir
 
-    other = _init_from_arch(path)
+    other = tuned_arch(path)
     if other and other != family:
         raise ArchMismatch(f"init_from {cfg.init_from}: made for a {other} model, this run trains {cfg.model!r} "
                            f"({family}); give weights trained on the same base, or drop init_from")

@@ -143,7 +143,7 @@ def _images_line(export: dict) -> str:
 
 
 def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_rel: str,
-                    originals: dict[str | None, int]) -> str:
+                    models: dict[str | None, int]) -> str:
     rewards, weights, _, _ = votes(profile)
     labels = ("original", "edited")
     edit = profile.get("edit", {})
@@ -156,7 +156,7 @@ def render_run_card(run: str, summary: dict, stats: dict, profile: dict, plots_r
               "per item and `relabel.pairing: best_vs_worst`, a pair may hold two edits: `candidate_0`/`candidate_1` "
               "say which images a pair holds (-1 = the original).", "",
               _profile_line(run, profile), "",
-              f"Originals: {generated_by(profile.get('sample', {}), originals)}.", "",
+              f"Originals: {generated_by(profile.get('sample', {}), models)}.", "",
               _sample_line(profile.get("sample", {})), "",
               f"Editor: `{edit.get('kind', 'controlnet_img2img')}` (`{edit.get('model', '?')}`), edit resolution "
               f"`{edit.get('resolution', 'native')}`, edit prompts past a text encoder's limit: "
@@ -219,8 +219,7 @@ def write_run_report(data_dir: str, run: str) -> dict[str, str]:
     scores = _read_stage(store, "relabel")
     stats = score_stats(scores) if scores is not None else {"scored": 0, "rewards": {}, "margin": {}}
     min_margin = profile.get("relabel", {}).get("min_margin", 0.0)
-    models = originals(store)
-    card = render_run_card(run, summary, stats, profile, PLOTS_DIR, models)
+    card = render_run_card(run, summary, stats, profile, PLOTS_DIR, originals(store))
     written = write_card(store.fs, store.stage_dir("pairs"), card,
                          plots_for(scores, min_margin, ("original", "edited")))
     return {name: store.uri(path) for name, path in written.items()}
