@@ -60,8 +60,8 @@ def threshold_outcome(p: float, minimum: float, field: str) -> str:
 def below(p: float, minimum: float, digits: int = 3) -> str:
     """p with `digits` decimals, or as many more as it takes to read as less than `minimum` (0.52196
     against 0.522 is 0.52196, not 0.522)."""
-    for shown in range(digits, 10):
-        text = f"{p:.{shown}f}"
+    for digits in range(digits, 10):
+        text = f"{p:.{digits}f}"
         if float(text) < minimum:
             return text
     return repr(p)
