@@ -4,9 +4,10 @@ weights loaded): `richpref doctor --finetune CONFIG`.
 Counted: the denoiser's weights in the training precision; LoRA weights, their gradients and AdamW
 states in float32; for a full fine-tune the float32 trainable weights, gradients and AdamW's two states,
 sharded over the processes under FSDP, and the frozen reference copy (whole on every device: accelerate
-does not prepare it). Not counted: activations (batch, resolution, gradient checkpointing), the VAE
-(small), and the text encoders, which a Flow-DPO run
-releases after caching the caption embeddings (a UNet run keeps them: listed apart).
+does not prepare it). A UNet run keeps its text encoders on the device (listed apart); a Flow-DPO run
+encodes its captions before the transformer loads and releases the encoders, so its peak is the larger
+of that phase (the encoders' weights as stored: transformers loads them in their own dtype) and training.
+Not counted: activations (batch, resolution, gradient checkpointing) and the VAE (small).
 """
 from __future__ import annotations
 
@@ -55,13 +56,15 @@ def estimate_memory(cfg: FinetuneConfig, num_processes: int = 1) -> dict:
         # The frozen reference is not prepared by accelerate: a whole copy on every device, also under FSDP.
         est.update(trainable=n, training_state_gb=n * 16 / GB / shard, reference_gb=n * wbytes / GB)
         est["weights_gb"] /= shard
-    text = 0
-    if arch not in FLOW_ARCHS:
-        for enc in ("text_encoder", "text_encoder_2"):
-            if (Path(model_dir) / enc).is_dir():
-                text += sum(_numel(s) for s in weight_shapes(Path(model_dir) / enc).values())
-    est["text_encoders_gb"] = text * wbytes / GB
-    est["total_gb"] = est["weights_gb"] + est["training_state_gb"] + est["reference_gb"] + est["text_encoders_gb"]
+    encoders = sorted(Path(model_dir).glob("text_encoder*"))
+    if arch in FLOW_ARCHS:
+        est["text_encoders_gb"] = 0.0
+        est["text_encoding_gb"] = sum(f.stat().st_size for d in encoders for f in d.glob("*.safetensors")) / GB
+    else:
+        est["text_encoders_gb"] = sum(_numel(s) for d in encoders for s in weight_shapes(d).values()) * wbytes / GB
+        est["text_encoding_gb"] = 0.0
+    est["training_gb"] = est["weights_gb"] + est["training_state_gb"] + est["reference_gb"] + est["text_encoders_gb"]
+    est["total_gb"] = max(est["training_gb"], est["text_encoding_gb"])
     return est
 
 
@@ -70,5 +73,7 @@ def format_estimate(cfg: FinetuneConfig, est: dict, num_processes: int) -> str:
             f"{est['trainable'] / 1e6:.3g}M trained, mixed precision {cfg.mixed_precision}, "
             f"{'FSDP over ' + str(num_processes) + ' processes, ' if cfg.fsdp else ''}per device: weights "
             f"{est['weights_gb']:.3g} GB + trained weights/grads/AdamW {est['training_state_gb']:.3g} GB + reference "
-            f"{est['reference_gb']:.3g} GB + text encoders {est['text_encoders_gb']:.3g} GB = {est['total_gb']:.3g} GB "
-            "before activations")
+            f"{est['reference_gb']:.3g} GB + text encoders {est['text_encoders_gb']:.3g} GB = {est['training_gb']:.3g} GB "
+            "before activations"
+            + (f"; caption encoding, before the transformer loads: {est['text_encoding_gb']:.3g} GB"
+               if est["text_encoding_gb"] else ""))

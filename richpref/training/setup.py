@@ -137,11 +137,18 @@ def _move(module, device: torch.device, dtype: torch.dtype):
     return module.to(device)
 
 
-def setup_model(cfg: FinetuneConfig, device: torch.device, weight_dtype: torch.dtype, fsdp: bool = False) -> ModelSetup:
+def flow_settings(cfg: FinetuneConfig, arch: str) -> FlowSettings | None:
+    """A flow-matching run's settings (the defaults where the config has no `flow:` section); None for a UNet."""
+    return (cfg.flow or FlowSettings()) if arch in FLOW_ARCHS else None
+
+
+def setup_model(cfg: FinetuneConfig, device: torch.device, weight_dtype: torch.dtype, fsdp: bool = False,
+                arch: str | None = None) -> ModelSetup:
+    """`arch`: the family `preflight` returned, when the caller ran it already."""
     model_dir = resolve_model_ref(cfg.model, cfg.models_root)
     vae_dir = resolve_model_ref(cfg.vae, cfg.models_root) if cfg.vae else None
-    arch = preflight(cfg, fsdp=fsdp)
-    flow = (cfg.flow or FlowSettings()) if arch in FLOW_ARCHS else None
+    arch = arch or preflight(cfg, fsdp=fsdp)
+    flow = flow_settings(cfg, arch)
     if flow is not None:
         parts = load_flow_parts(model_dir, arch, vae_dir)
         text_encoders = []

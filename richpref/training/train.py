@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..common.atomic import write_atomic
+from ..models.runtime import resolve_model_ref
 from ..schemas.config import ProfileError
 from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetune_config
 from .checkpoints import (TRAINER_STATE, OtherConfig, TrainingError, check_resumable, data_key, finished, full_state_dict,
@@ -31,7 +32,7 @@ from .data import Augment, DataError, PairBatches, PairMixture, load_sources, sp
 from .heldout import HeldOut, plot_metrics
 from .models import FINETUNE_META, REFUSED_INPUT, AdapterSwitch
 from .reference import log_start
-from .setup import setup_model
+from .setup import flow_settings, preflight, setup_model
 from .unet_step import dpo_micro_step  # noqa: F401 - the UNet step, imported from here by callers
 
 log = logging.getLogger("richpref")
@@ -131,7 +132,24 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     masks = cfg.loss_mask == "edit_region"
     with accelerator.main_process_first():
         sources, labels = load_sources(cfg.data, need_mask=masks)
-    setup = setup_model(cfg, device, weight_dtype, fsdp=accelerator.distributed_type == DistributedType.FSDP)
+    split = [split_heldout(ds, cfg.heldout_fraction, cfg.seed, label) for ds, label in zip(sources, labels)]
+    sources = [train_ds for train_ds, _ in split]
+    held = [h for _, h in split if h is not None]
+    on_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    arch = preflight(cfg, fsdp=on_fsdp)
+    flow = flow_settings(cfg, arch)
+    text = None
+    if flow is not None:
+        # every caption encoded once, before the transformer loads: the text encoders (T5-XXL, Qwen2.5-VL-7B)
+        # and the transformer never share the device, and the encoders are gone before training
+        from .text_cache import build_text_cache
+
+        captions = [str(c or "") for ds in sources + held for c in ds["caption"]]
+        with accelerator.main_process_first():
+            text = build_text_cache(resolve_model_ref(cfg.model, cfg.models_root), arch, captions, out,
+                                    max_sequence_length=flow.max_sequence_length,
+                                    batch_size=flow.text_encode_batch_size, device=device)
+    setup = setup_model(cfg, device, weight_dtype, fsdp=on_fsdp, arch=arch)
     parts, unet, reference, vae_dtype, model_dir = (setup.parts, setup.model, setup.reference, setup.vae_dtype,
                                                     setup.model_dir)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -154,19 +172,8 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
         global_step, samples_seen = state["global_step"], state["samples_seen"]
         log.info("finetune %s: resumed from %s (step %d)", out, resume_from[1].name, global_step)
 
-    split = [split_heldout(ds, cfg.heldout_fraction, cfg.seed, label) for ds, label in zip(sources, labels)]
-    sources = [train_ds for train_ds, _ in split]
-    held = [h for _, h in split if h is not None]
     heldout = HeldOut(held, cfg, cfg.train_batch_size) if held else None
-    text = None
-    if setup.flow is not None:  # every caption encoded once, then the encoders are gone
-        from .text_cache import build_text_cache
-
-        captions = [str(c or "") for ds in sources + held for c in ds["caption"]]
-        with accelerator.main_process_first():
-            text = build_text_cache(model_dir, setup.arch, captions, out,
-                                    max_sequence_length=setup.flow.max_sequence_length,
-                                    batch_size=setup.flow.text_encode_batch_size, device=device)
+    if setup.flow is not None:
         from .flow_dpo import SigmaTable
 
         sigma_table = SigmaTable(parts.scheduler, setup.flow.shift)
