@@ -2,7 +2,7 @@
 
 The idempotency key is a hash of the pairs shards' manifests (their URIs and content hashes): a
 retried or repeated curate run that produced the same pairs gets the flow run that already exists,
-new pairs get a new one.
+new pairs get a new one, which trains into a folder of its own (the finetune flow's `pairs_key`).
 """
 from __future__ import annotations
 
@@ -31,8 +31,11 @@ def launch_finetune(summary: dict, deployment: str, parameters: dict | None = No
     if kept == 0:
         log.warning("curate run %s kept no pairs: not starting %s", summary.get("run"), deployment)
         return None
-    key = f"finetune-{pairs_key(summary)[:32]}"
-    flow_run = run_deployment(deployment, parameters={"pairs": summary["pairs"], **(parameters or {})},
+    content = pairs_key(summary)
+    key = f"finetune-{content[:32]}"
+    # pairs_key: the flow trains these pairs into a folder of their own (data/finetune/<config>-<key>)
+    flow_run = run_deployment(deployment, parameters={"pairs": summary["pairs"], "pairs_key": content,
+                                                      **(parameters or {})},
                               timeout=0, idempotency_key=key)
     log.info("finetune deployment %s: flow run %s (idempotency key %s)", deployment, flow_run.id, key)
     return str(flow_run.id)

@@ -30,11 +30,15 @@ def with_pairs(cfg: FinetuneConfig, pairs: str | None) -> FinetuneConfig:
     return cfg.model_copy(update={"data": data})
 
 
-def default_output_dir(cfg: FinetuneConfig, data_dir: str) -> str:
-    """<data_dir>/finetune/<config name>: where a rerun of the same config resumes."""
+def default_output_dir(cfg: FinetuneConfig, data_dir: str, pairs_key: str | None = None) -> str:
+    """<data_dir>/finetune/<config name>: where a rerun of the same config resumes. With `pairs_key` (a
+    finetune that a curate run launched: `flows.launch.pairs_key`), <config name>-<key[:12]>: each set of
+    pairs trains its own model, where one folder would refuse pairs it did not train on."""
     from richpref.common.objstore import local_folder
 
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.name) or "finetune"
+    if pairs_key:
+        name = f"{name}-{pairs_key[:12]}"
     return local_folder(data_dir, "finetune", name, what="finetune")
 
 

@@ -1,9 +1,12 @@
-"""The curate flow end to end on the tiny profile: counts, format, caching, resume, config changes."""
+"""The curate flow end to end on the tiny profile: counts, format, caching, resume, config changes, and
+the finetune deployment it launches once per set of pairs."""
 from __future__ import annotations
 
 import hashlib
 import io
+from uuid import UUID
 
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -323,3 +326,40 @@ def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, ru
     out = until("edit")  # a completed run covers every stage, and its record stays the whole run's
     assert "up to date, nothing to compute" in out and "pairs (Pick-a-Pic format)" in out
     assert json.loads(store.fs.cat_file(store.root + "/run.json"))["state"] == "completed"
+
+
+# --- launching the finetune deployment from curate -------------------------------------------------
+
+def test_curate_launches_the_finetune_deployment_once_per_pairs(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.finetune import finetune
+    from flows.launch import launch_finetune, pairs_key
+    from richpref.schemas.training import load_finetune_config
+    from richpref.training.finetune import default_output_dir
+    from richpref.run.runner import write_shard
+    from richpref.run.storage import RunStore
+
+    finetune.to_deployment(name="tiny-test").apply()
+    store = RunStore(str(tmp_path / "data"), "demo")
+    table = pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1]})
+    manifest = write_shard(store, "pairs", 0, table, "k1")
+    summary = {"run": "demo", "pairs": store.uri(store.stage_dir("pairs")), "manifests": {"pairs": [manifest.to_dict()]}}
+
+    tiny = load_finetune_config("finetune-tiny")
+    assert default_output_dir(tiny, "data") == "data/finetune/finetune-tiny"  # `richpref finetune`: by config
+    first = launch_finetune(summary, "finetune/tiny-test")
+    assert launch_finetune(summary, "finetune/tiny-test") == first  # a retried curate run: same flow run
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(first))
+    assert run.parameters["pairs"] == summary["pairs"] and run.parameters["pairs_key"] == pairs_key(summary)
+
+    changed = write_shard(store, "pairs", 0, table.set_column(0, "caption", pa.array(["b"])), "k1")
+    changed_summary = {**summary, "manifests": {"pairs": [changed.to_dict()]}}
+    other = launch_finetune(changed_summary, "finetune/tiny-test")
+    assert other != first
+    # each set of pairs trains its own model (one folder refuses the pairs it did not train on)
+    for s in (summary, changed_summary):
+        assert default_output_dir(tiny, "data", pairs_key(s)) == f"data/finetune/finetune-tiny-{pairs_key(s)[:12]}"
+    empty = {**summary, "manifests": {"pairs": [{**manifest.to_dict(), "kept": 0}]}}
+    assert launch_finetune(empty, "finetune/tiny-test") is None

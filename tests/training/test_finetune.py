@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from uuid import UUID
 
 import numpy as np
 import pyarrow as pa
@@ -368,32 +367,3 @@ def test_lora_output_loads_into_pipeline_and_changes_output(resumed_lora_run, ti
     assert np.array_equal(generate(tuned.pipe), after)
     # diffusers' note that a UNet LoRA has no text-encoder keys, once per load and per encoder: not shown
     assert "No LoRA keys associated to" not in capfd.readouterr().err
-
-
-# --- launching the finetune deployment from curate -------------------------------------------------
-
-def test_curate_launches_the_finetune_deployment_once_per_pairs(prefect_harness, tmp_path):
-    from prefect.client.orchestration import get_client
-
-    from flows.finetune import finetune
-    from flows.launch import launch_finetune
-    from richpref.run.runner import write_shard
-    from richpref.run.storage import RunStore
-
-    finetune.to_deployment(name="tiny-test").apply()
-    store = RunStore(str(tmp_path / "data"), "demo")
-    table = pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"y"], "label_0": [1]})
-    manifest = write_shard(store, "pairs", 0, table, "k1")
-    summary = {"run": "demo", "pairs": store.uri(store.stage_dir("pairs")), "manifests": {"pairs": [manifest.to_dict()]}}
-
-    first = launch_finetune(summary, "finetune/tiny-test")
-    assert launch_finetune(summary, "finetune/tiny-test") == first  # a retried curate run: same flow run
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(UUID(first))
-    assert run.parameters["pairs"] == summary["pairs"]
-
-    changed = write_shard(store, "pairs", 0, table.set_column(0, "caption", pa.array(["b"])), "k1")
-    other = launch_finetune({**summary, "manifests": {"pairs": [changed.to_dict()]}}, "finetune/tiny-test")
-    assert other != first
-    empty = {**summary, "manifests": {"pairs": [{**manifest.to_dict(), "kept": 0}]}}
-    assert launch_finetune(empty, "finetune/tiny-test") is None
