@@ -115,3 +115,16 @@ def test_a_folder_recorded_before_data_keys_is_taken_as_the_same_pairs(tmp_path)
     _finished_run(tmp_path / "out", cfg, None, checkpoint=True)
     assert finished(cfg, tmp_path / "out") is not None
     assert check_resumable(cfg, tmp_path / "out")[0] == 4
+
+
+def test_only_complete_checkpoints_count_in_step_order(tmp_path):
+    from richpref.training.checkpoints import TRAINER_STATE, checkpoints
+
+    for name, state in [("checkpoint-9", True), ("checkpoint-10", True), ("checkpoint-12", False),
+                        ("checkpoint-14.tmp", True), ("final", True)]:
+        (tmp_path / name).mkdir()
+        if state:
+            (tmp_path / name / TRAINER_STATE).write_text("{}")
+    # checkpoint-12: its trainer state never written (a save cut short, a partial copy); .tmp: a save in progress
+    assert checkpoints(tmp_path) == [(9, tmp_path / "checkpoint-9"), (10, tmp_path / "checkpoint-10")]
+    assert checkpoints(tmp_path / "missing") == []
