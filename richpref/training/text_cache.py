@@ -1,11 +1,17 @@
 """Text embeddings of a Flow-DPO run, computed once per caption and kept with the run.
 
 The text encoders of SD3 (CLIP-L, CLIP-G, T5-XXL), FLUX.1 (CLIP-L, T5-XXL) and Qwen-Image (Qwen2.5-VL)
-weigh 5–9 GB; training needs only their outputs. Before training, the pipeline is loaded without its
-transformer and VAE, its own `encode_prompt` encodes every distinct caption (and the empty one, for
-`proportion_empty_prompts`), and the results are written to `<output_dir>/text_embeds/<key>/` as one
-safetensors file plus an index; the encoders are then released. A rerun with the same model and
-sequence length reuses the files.
+weigh 5–16 GB; training needs only their outputs. Before the transformer loads, the pipeline is loaded
+without its transformer and VAE, its own `encode_prompt` encodes every distinct caption (and the empty
+one, for `proportion_empty_prompts`), and the results are written to `<output_dir>/text_embeds/<key>/`
+with an index; the encoders are then released. A rerun with the same model and sequence length reuses
+the files.
+
+A caption's embeddings are large (FLUX.1: 512 T5 tokens × 4096 = 4 MiB in bf16; SD3 and FLUX.1 attend
+to the padding, so it is kept), so the cache is written in files of about CHUNK_BYTES each (what building
+holds in memory), in the dtype the encoders gave (their stored one: bf16 for FLUX.1's T5, so float32
+copies would double it for nothing), and read lazily: each batch reads its captions' tensors from the
+memory-mapped files, so training processes share the page cache instead of each loading the whole cache.
 
 Captions longer than an encoder takes are truncated as the pipelines (and diffusers' training
 scripts) truncate them: CLIP at 77 tokens, T5 / Qwen at `max_sequence_length`. They are counted and
@@ -18,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,9 +45,10 @@ def default_max_len(model_dir: str, arch: str) -> int:
     from richpref.models.families import MAX_SEQUENCE_LENGTH, detect_checkpoint_family
 
     return min(DEFAULT_MAX_SEQUENCE_LENGTH[arch], MAX_SEQUENCE_LENGTH[detect_checkpoint_family(model_dir)])
-EMBEDS = "embeds.safetensors"
+EMBEDS = "embeds-{:05d}.safetensors"  # (a single embeds.safetensors in caches written before the chunks)
 INDEX = "index.json"
 META = "meta.json"
+CHUNK_BYTES = 1 << 30
 
 
 def _encode(pipe, arch: str, captions: list[str], device, max_len: int) -> list[dict]:
@@ -80,18 +88,24 @@ class TextEmbeddings:
     """Caption -> the tensors its transformer call needs, batched (Qwen-Image's padded, with a mask)."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         self.index = json.loads((folder / INDEX).read_text())
-        self.tensors = load_file(str(folder / EMBEDS))
         self.meta = json.loads((folder / META).read_text())
+        self._where = {}  # tensor name -> the open (memory-mapped) file holding it
+        for f in sorted(folder.glob("embeds*.safetensors")):
+            handle = safe_open(str(f), framework="pt", device="cpu")
+            self._where.update(dict.fromkeys(handle.keys(), handle))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
 
     def batch(self, captions: list[str], device, dtype) -> dict:
         rows = [self.index[c] for c in captions]
-        pe = [self.tensors[f"{r}.prompt_embeds"] for r in rows]
+        pe = [self.tensor(f"{r}.prompt_embeds") for r in rows]
         out = {}
-        if f"{rows[0]}.pooled_prompt_embeds" in self.tensors:
-            out["pooled_prompt_embeds"] = torch.stack([self.tensors[f"{r}.pooled_prompt_embeds"] for r in rows])
+        if f"{rows[0]}.pooled_prompt_embeds" in self._where:
+            out["pooled_prompt_embeds"] = torch.stack([self.tensor(f"{r}.pooled_prompt_embeds") for r in rows])
             out["prompt_embeds"] = torch.stack(pe)
         else:
             longest = max(e.shape[0] for e in pe)
@@ -122,26 +136,29 @@ def build_text_cache(model_dir: str, arch: str, captions: list[str], output_dir:
     pipe = pipeline_class(arch).from_pretrained(model_dir, transformer=None, vae=None)
     pipe.to(device)
     truncated = count_truncated(pipe, arch, wanted, max_len)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():  # a build cut short: its chunk files are not this build's
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     tensors: dict[str, torch.Tensor] = {}
+    files = 0
     for start in range(0, len(wanted), batch_size):
         chunk = wanted[start: start + batch_size]
         for i, rec in enumerate(_encode(pipe, arch, chunk, device, max_len)):
             for name, t in rec.items():
-                tensors[f"{start + i}.{name}"] = t.detach().float().cpu().contiguous()
+                tensors[f"{start + i}.{name}"] = t.detach().cpu().contiguous()
+        if sum(t.nbytes for t in tensors.values()) >= CHUNK_BYTES or start + batch_size >= len(wanted):
+            save_file(tensors, str(tmp / EMBEDS.format(files)))
+            tensors, files = {}, files + 1
     del pipe
     gc.collect()
     if truncated:
         log.warning("text embeddings: %d of %d captions are longer than the text encoders take (CLIP 77 tokens, "
                     "%d for the long encoder) and were truncated, as the pipelines do", truncated, len(wanted), max_len)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / EMBEDS))
     (tmp / INDEX).write_text(json.dumps({c: i for i, c in enumerate(wanted)}))
     (tmp / META).write_text(json.dumps({"model": model_dir, "arch": arch, "max_sequence_length": max_len,
-                                        "captions": len(wanted), "truncated": truncated}))
+                                        "captions": len(wanted), "truncated": truncated, "files": files}))
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     log.info("text embeddings: %d captions encoded into %s", len(wanted), folder)

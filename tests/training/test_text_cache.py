@@ -1,0 +1,100 @@
+"""The caption embeddings of a Flow-DPO run (richpref/training/text_cache.py): truncation, the default
+length, and a cache that neither building nor training holds whole in memory."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from richpref.training import text_cache
+from richpref.training.text_cache import TextEmbeddings, build_text_cache
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CAPTIONS = ["a cat", "a dog", "a red car", "two birds", "a house"]
+
+
+def test_long_captions_are_truncated_and_counted(tiny_models, tmp_path):
+    from richpref.training.text_cache import build_text_cache
+
+    long = "a dog running on a beach near the water " * 20
+    cache = build_text_cache(str(tiny_models / "flux"), "flux", ["a cat", long], tmp_path, max_sequence_length=16)
+    assert cache.meta["truncated"] == 1 and cache.meta["captions"] == 3  # with "" for empty prompts
+    batch = cache.batch([long, "a cat"], "cpu", torch.float32)
+    assert batch["prompt_embeds"].shape[:2] == (2, 16) and batch["pooled_prompt_embeds"].shape[0] == 2
+    again = build_text_cache(str(tiny_models / "flux"), "flux", ["a cat"], tmp_path, max_sequence_length=16)
+    assert again.meta == cache.meta  # reused, not encoded again
+
+
+def test_the_default_prompt_length_is_the_scripts_capped_at_what_the_checkpoints_sampler_takes(tiny_models, tmp_path):
+    import shutil
+
+    from richpref.training.text_cache import default_max_len
+
+    assert [default_max_len(str(tiny_models / m), a) for m, a in (("flux", "flux"), ("sd3", "sd3"), ("qwen-image", "qwen_image"))] \
+        == [512, 77, 512]
+    # FLUX.1 [schnell] (no guidance embedding) samples with 256 T5 tokens: before, it trained on 512
+    schnell = tmp_path / "schnell"
+    shutil.copytree(tiny_models / "flux", schnell, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")])
+    config = schnell / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": False}))
+    assert default_max_len(str(schnell), "flux") == 256
+
+
+def test_the_cache_is_written_in_chunks_and_read_the_same(tiny_models, tmp_path, monkeypatch):
+    model = str(tiny_models / "sd3")
+    whole = build_text_cache(model, "sd3", CAPTIONS, tmp_path / "whole", max_sequence_length=16, batch_size=2)
+    assert whole.meta["files"] == 1
+    monkeypatch.setattr(text_cache, "CHUNK_BYTES", 1)  # every encoded batch closes a file
+    folder = tmp_path / "chunked" / "text_embeds" / f"sd3-{text_cache.cache_key(model, 'sd3', 16)}"
+    stale = folder.with_name(folder.name + ".tmp")  # left by a build cut short: none of it is kept
+    stale.mkdir(parents=True)
+    save_file({"0.prompt_embeds": torch.zeros(1)}, str(stale / text_cache.EMBEDS.format(9)))
+    chunked = build_text_cache(model, "sd3", CAPTIONS, tmp_path / "chunked", max_sequence_length=16, batch_size=2)
+    # 6 captions ("" too) in batches of 2: three files, so building held one batch at a time, not the whole cache
+    assert sorted(f.name for f in folder.glob("embeds*")) == [f"embeds-0000{i}.safetensors" for i in range(3)]
+    assert chunked.meta["files"] == 3 and not stale.exists()
+    for captions in (CAPTIONS[:2], ["", CAPTIONS[4], CAPTIONS[0]]):
+        a, b = whole.batch(captions, "cpu", torch.float32), chunked.batch(captions, "cpu", torch.float32)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cache_keeps_the_encoders_dtype(tiny_models, tmp_path):
+    # FLUX.1's T5 is stored in bf16: float32 copies of its outputs doubled a cache of 4 MiB a caption
+    import shutil
+
+    from transformers import T5EncoderModel
+
+    model = tmp_path / "flux-bf16"
+    shutil.copytree(tiny_models / "flux", model)
+    T5EncoderModel.from_pretrained(model / "text_encoder_2", dtype=torch.bfloat16).save_pretrained(model / "text_encoder_2")
+    cache = build_text_cache(str(model), "flux", CAPTIONS, tmp_path / "out", max_sequence_length=16)
+    [file] = (tmp_path / "out" / "text_embeds").glob("flux-*/embeds*.safetensors")
+    with safe_open(str(file), framework="pt") as f:
+        assert f.get_slice("0.prompt_embeds").get_dtype() == "BF16"
+    assert cache.batch(CAPTIONS[:2], "cpu", torch.float32)["prompt_embeds"].dtype == torch.float32
+
+
+def test_opening_a_cache_reads_no_tensors(tmp_path):
+    # memory-mapped: opening the cache reads no tensor data, and the training processes share the page cache
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    n, shape = 64, (512, 1024)  # 2 MiB each in float32: 128 MiB
+    # the one file of a cache written before the chunks: still read
+    save_file({f"{i}.prompt_embeds": torch.full(shape, float(i)) for i in range(n)}, str(folder / "embeds.safetensors"))
+    (folder / text_cache.INDEX).write_text(json.dumps({f"caption {i}": i for i in range(n)}))
+    (folder / text_cache.META).write_text(json.dumps({"captions": n}))
+
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    before = resident_mib()
+    cache = TextEmbeddings(folder)
+    assert resident_mib() - before < 32
+    batch = cache.batch(["caption 3", "caption 60"], "cpu", torch.float32)["prompt_embeds"]
+    assert batch.shape == (2, *shape) and batch[0, 0, 0] == 3 and batch[1, -1, -1] == 60
