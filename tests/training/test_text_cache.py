@@ -28,6 +28,15 @@ def test_long_captions_are_truncated_and_counted(tiny_models, tmp_path):
     assert batch["prompt_embeds"].shape[:2] == (2, 16) and batch["pooled_prompt_embeds"].shape[0] == 2
     again = build_text_cache(str(tiny_models / "flux"), "flux", ["a cat"], tmp_path, max_sequence_length=16)
     assert again.meta == cache.meta  # reused, not encoded again
+    # SD3 cuts at its CLIPs' 77 tokens and T5's limit, Qwen-Image at its one encoder's
+    middle = "a dog running on a beach near the water " * 3  # 47 CLIP tokens, 79 of the tiny T5's
+    sd3 = build_text_cache(str(tiny_models / "sd3"), "sd3", ["a cat", middle, long], tmp_path, max_sequence_length=16)
+    assert sd3.meta["truncated"] == 2
+    assert build_text_cache(str(tiny_models / "sd3"), "sd3", ["a cat", middle, long], tmp_path / "t5",
+                            max_sequence_length=128).meta["truncated"] == 1
+    qwen = build_text_cache(str(tiny_models / "qwen-image"), "qwen_image", ["a cat", middle, long], tmp_path,
+                            max_sequence_length=16)
+    assert qwen.meta["truncated"] == 2 and qwen.batch([long], "cpu", torch.float32)["prompt_embeds"].shape[1] <= 16
 
 
 def test_the_default_prompt_length_is_the_scripts_capped_at_what_the_checkpoints_sampler_takes(tiny_models, tmp_path):
