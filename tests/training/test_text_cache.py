@@ -36,7 +36,16 @@ def test_long_captions_are_truncated_and_counted(tiny_models, tmp_path):
                             max_sequence_length=128).meta["truncated"] == 1
     qwen = build_text_cache(str(tiny_models / "qwen-image"), "qwen_image", ["a cat", middle, long], tmp_path,
                             max_sequence_length=16)
-    assert qwen.meta["truncated"] == 2 and qwen.batch([long], "cpu", torch.float32)["prompt_embeds"].shape[1] <= 16
+    assert qwen.meta["truncated"] == 2
+    # Qwen-Image's embeddings keep their own length: a batch pads them and masks exactly the padding
+    batch = qwen.batch(["a cat", long], "cpu", torch.float32)
+    lengths = [qwen.tensor(f"{qwen.index[c]}.prompt_embeds").shape[0] for c in ("a cat", long)]
+    assert lengths[0] < lengths[1] == batch["prompt_embeds"].shape[1] <= 16
+    assert batch["prompt_embeds_mask"].sum(1).tolist() == lengths
+    # a caption of exactly the limit (T5's 4 tokens of "a cat", its end token included) is not cut
+    for limit, cut in ((4, 0), (3, 1)):
+        assert build_text_cache(str(tiny_models / "flux"), "flux", ["a cat"], tmp_path / f"at{limit}",
+                                max_sequence_length=limit).meta["truncated"] == cut
 
 
 def test_the_default_prompt_length_is_the_scripts_capped_at_what_the_checkpoints_sampler_takes(tiny_models, tmp_path):
