@@ -140,15 +140,14 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     flow = flow_settings(cfg, arch)
     text = None
     if flow is not None:
-        # every caption encoded once, before the transformer loads: the text encoders (T5-XXL, Qwen2.5-VL-7B)
-        # and the transformer never share the device, and the encoders are gone before training
+        # every caption encoded once (each process a share), before the transformer loads: the text encoders
+        # (T5-XXL, Qwen2.5-VL-7B) and the transformer never share the device, and are gone before training
         from .text_cache import build_text_cache
 
         captions = [str(c or "") for ds in sources + held for c in ds["caption"]]
-        with accelerator.main_process_first():
-            text = build_text_cache(resolve_model_ref(cfg.model, cfg.models_root), arch, captions, out,
-                                    max_sequence_length=flow.max_sequence_length,
-                                    batch_size=flow.text_encode_batch_size, device=device)
+        text = build_text_cache(resolve_model_ref(cfg.model, cfg.models_root), arch, captions, out,
+                                max_sequence_length=flow.max_sequence_length, batch_size=flow.text_encode_batch_size,
+                                device=device, rank=rank, world=world, barrier=accelerator.wait_for_everyone)
     setup = setup_model(cfg, device, weight_dtype, fsdp=on_fsdp, arch=arch)
     parts, unet, reference, vae_dtype, model_dir = (setup.parts, setup.model, setup.reference, setup.vae_dtype,
                                                     setup.model_dir)

@@ -189,7 +189,7 @@ def test_learns_a_toy_preference_on_held_out_pairs(tiny_models, pairs, tmp_path)
     assert [r["step"] for r in held] == [20, 40]
     assert held[-1]["heldout_implicit_acc"] > 0.6 and held[-1]["heldout_reward_margin"] > 0
     assert meta["arch"] == "sd3" and meta["last_metrics"]["heldout_implicit_acc"] == held[-1]["heldout_implicit_acc"]
-    assert (out / "heldout.png").exists() and list((out / "text_embeds").glob("sd3-*/embeds-00000.safetensors"))
+    assert (out / "heldout.png").exists() and list((out / "text_embeds").glob("sd3-*/embeds-00-00000.safetensors"))
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_models / "sd3")
     pipe.set_progress_bar_config(disable=True)

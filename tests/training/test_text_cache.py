@@ -3,6 +3,7 @@ length, and a cache that neither building nor training holds whole in memory."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 
 import pytest
@@ -71,10 +72,10 @@ def test_the_cache_is_written_in_chunks_and_read_the_same(tiny_models, tmp_path,
     folder = tmp_path / "chunked" / "text_embeds" / f"sd3-{text_cache.cache_key(model, 'sd3', 16)}"
     stale = folder.with_name(folder.name + ".tmp")  # left by a build cut short: none of it is kept
     stale.mkdir(parents=True)
-    save_file({"0.prompt_embeds": torch.zeros(1)}, str(stale / text_cache.EMBEDS.format(9)))
+    save_file({"0.prompt_embeds": torch.zeros(1)}, str(stale / text_cache.EMBEDS.format(0, 9)))
     chunked = build_text_cache(model, "sd3", CAPTIONS, tmp_path / "chunked", max_sequence_length=16, batch_size=2)
     # 6 captions ("" too) in batches of 2: three files, so building held one batch at a time, not the whole cache
-    assert sorted(f.name for f in folder.glob("embeds*")) == [f"embeds-0000{i}.safetensors" for i in range(3)]
+    assert sorted(f.name for f in folder.glob("embeds*")) == [f"embeds-00-0000{i}.safetensors" for i in range(3)]
     assert chunked.meta["files"] == 3 and not stale.exists()
     for captions in (CAPTIONS[:2], ["", CAPTIONS[4], CAPTIONS[0]]):
         a, b = whole.batch(captions, "cpu", torch.float32), chunked.batch(captions, "cpu", torch.float32)
@@ -116,3 +117,54 @@ def test_opening_a_cache_reads_no_tensors(tmp_path):
     assert resident_mib() - before < 32
     batch = cache.batch(["caption 3", "caption 60"], "cpu", torch.float32)["prompt_embeds"]
     assert batch.shape == (2, *shape) and batch[0, 0, 0] == 3 and batch[1, -1, -1] == 60
+
+
+LONG = "a dog running on a beach near the water " * 20
+
+
+def _encode_share(rank: int, world: int, model: str, out: str, store: str) -> None:
+    """One process of a 2-process run (spawned, gloo on CPU), as train.py calls the cache."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        build_text_cache(model, "sd3", [*CAPTIONS, LONG], out, max_sequence_length=16, batch_size=2, rank=rank,
+                         world=world, barrier=dist.barrier)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_the_processes_of_a_run_share_the_encoding(tiny_models, tmp_path):
+    # before, the main process encoded every caption while the others waited at a barrier that times out
+    model = str(tiny_models / "sd3")
+    one = build_text_cache(model, "sd3", [*CAPTIONS, LONG], tmp_path / "one", max_sequence_length=16, batch_size=2)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_encode_share, args=(r, 2, model, str(tmp_path / "two"), str(tmp_path / "store")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    [folder] = (tmp_path / "two" / "text_embeds").glob("sd3-*")
+    # 7 captions ("" too) in 4 batches of 2: process 0 encoded batches 0 and 2, process 1 batches 1 and 3
+    # (LONG, the one cut, is in batch 1: the count is the sum of both processes')
+    keys = {}
+    for f in sorted(folder.glob("embeds*")):
+        with safe_open(str(f), framework="pt") as h:
+            keys[f.name] = sorted({int(k.split(".")[0]) for k in h.keys()})
+    assert keys == {"embeds-00-00000.safetensors": [0, 1, 4, 5], "embeds-01-00000.safetensors": [2, 3, 6]}
+    two = TextEmbeddings(folder)
+    assert two.index == one.index and two.meta["truncated"] == one.meta["truncated"] == 1
+    assert two.meta["processes"] == 2 and not folder.with_name(folder.name + ".tmp").exists()
+    assert sorted(f.name for f in folder.iterdir()) == [*keys, "index.json", "meta.json"]
+    for c in one.index:  # the same batches, so the same embeddings
+        a, b = one.batch([c], "cpu", torch.float32), two.batch([c], "cpu", torch.float32)
+        assert all(torch.equal(a[k], b[k]) for k in a)
