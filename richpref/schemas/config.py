@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from .config_errors import describe_invalid
+from .config_errors import invalid_message
 from .common import RUNTIME_FIELDS, StageConfig, _Strict
 from .diffusion import PipelineSettings
 from .editors import EditorSettings, PromptMode
@@ -336,4 +336,4 @@ def load_profile(name_or_path: str, overrides: list[str] | None = None, models_r
         warn_moved(notes + set_notes, f"profile {path} uses keys" if notes else "the command's --set uses keys")
         return Profile.model_validate(data)
     except ValueError as exc:  # a ValidationError, or a key given in both layouts
-        raise ProfileError(f"profile {path} is invalid:\n{describe_invalid(exc, Profile, overrides)}") from exc
+        raise ProfileError(invalid_message("profile", path, exc, Profile, overrides)) from exc

@@ -9,6 +9,13 @@ import typing
 from pydantic import BaseModel, ValidationError
 
 
+def invalid_message(what: str, path, exc: ValueError, model: type[BaseModel], overrides: list[str] | None = None) -> str:
+    """"<what> <path> is invalid:" (with its --set values, when there were some: the file alone may be
+    fine) and one line per problem."""
+    given = " with its --set values" if overrides else ""
+    return f"{what} {path}{given} is invalid:\n{describe_invalid(exc, model, overrides)}"
+
+
 def describe_invalid(exc: ValueError, model: type[BaseModel], overrides: list[str] | None = None) -> str:
     """One line per problem of `exc` (validating `model`), or `exc`'s own text when it is no
     ValidationError (a key given in both layouts)."""
@@ -33,11 +40,13 @@ def describe_invalid(exc: ValueError, model: type[BaseModel], overrides: list[st
 
 
 def _override_of(loc: list[str], given: dict[str, str]) -> str | None:
-    """The --set that set this key, or a section above it (`--set edit={...}`)."""
+    """The --set that set this key, or a section above it (`--set edit={...}`); for a check of a whole
+    section, the --sets of keys inside it (`--set edit.kind=...` against the profile's other edit keys)."""
     for n in range(len(loc), 0, -1):
         if ".".join(loc[:n]) in given:
             return given[".".join(loc[:n])]
-    return None
+    inside = [o for k, o in given.items() if loc and k.startswith(".".join(loc) + ".")]
+    return ", --set ".join(inside) or None
 
 
 def _short(value: object) -> str:

@@ -69,7 +69,9 @@ class EditorSettings(BaseModel):
             takers = {f: [k for k, d in EDITOR_DEFAULTS.items() if f in d] for f in stray}
             where = "; ".join(f"{f} is for {', '.join(ks)}" for f, ks in takers.items())
             raise ValueError(f"edit.kind {self.kind!r} takes no {', '.join(stray)} ({where}); remove "
-                             f"{'them' if len(stray) > 1 else 'it'}. Settings of {self.kind}: {', '.join(sorted(own))}")
+                             f"{'them' if len(stray) > 1 else 'it'}, or on the command line give the whole section: "
+                             f"--set 'edit={{kind: {self.kind}, model: ...}}'. Settings of {self.kind}: "
+                             f"{', '.join(sorted(own))}")
         for name, default in own.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)

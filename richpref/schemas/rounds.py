@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .common import check_run_name
-from .config_errors import describe_invalid
+from .config_errors import invalid_message
 from .config import ProfileError, apply_models_root, apply_overrides, find_profile, read_yaml_mapping
 
 
@@ -50,4 +50,4 @@ def load_rounds_config(name_or_path: str, overrides: list[str] | None = None,
     try:
         return RoundsConfig.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"rounds config {path} is invalid:\n{describe_invalid(exc, RoundsConfig, overrides)}") from exc
+        raise ProfileError(invalid_message("rounds config", path, exc, RoundsConfig, overrides)) from exc

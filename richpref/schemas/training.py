@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config_errors import describe_invalid
+from .config_errors import invalid_message
 from .config import (ProfileError, RewardSpec, SourceConfig, apply_models_root, apply_overrides, find_profile,
                      read_profile_data)
 
@@ -284,7 +284,7 @@ def load_finetune_config(name_or_path: str, overrides: list[str] | None = None,
     try:
         return FinetuneConfig.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"finetune config {path} is invalid:\n{describe_invalid(exc, FinetuneConfig, overrides)}") from exc
+        raise ProfileError(invalid_message("finetune config", path, exc, FinetuneConfig, overrides)) from exc
 
 
 def load_evaluate_config(name_or_path: str, overrides: list[str] | None = None,
@@ -293,4 +293,4 @@ def load_evaluate_config(name_or_path: str, overrides: list[str] | None = None,
     try:
         return EvaluateConfig.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"evaluate config {path} is invalid:\n{describe_invalid(exc, EvaluateConfig, overrides)}") from exc
+        raise ProfileError(invalid_message("evaluate config", path, exc, EvaluateConfig, overrides)) from exc

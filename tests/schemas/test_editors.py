@@ -43,3 +43,19 @@ def test_no_module_lists_the_editor_kinds_by_hand():
     found = {str(p.relative_to(ROOT)): lines for p in sorted((ROOT / "richpref").rglob("*.py"))
              if decls not in p.parents and (lines := literal_lists(p, set(EDITOR_KINDS)))}
     assert not found, f"editor kinds listed outside richpref/schemas/editor_kinds/: {found}"
+
+
+def test_settings_of_another_editor_are_refused_naming_them_and_how_to_switch():
+    from richpref.schemas.config import ProfileError, load_profile
+
+    # the tiny profile's ControlNet settings do not carry over to another kind set on the command line
+    with pytest.raises(ProfileError) as err:
+        load_profile("tiny", ["edit.kind=instruct_pix2pix"])
+    message = str(err.value)
+    assert message.splitlines()[0].endswith("tiny.yaml with its --set values is invalid:")  # not the file alone
+    assert "edit (--set edit.kind=instruct_pix2pix): edit.kind 'instruct_pix2pix' takes no controlnet, control, " \
+           "strength (controlnet is for controlnet_img2img" in message
+    assert "--set 'edit={kind: instruct_pix2pix, model: ...}'" in message
+    switched = load_profile("tiny", ["edit={kind: instruct_pix2pix, model: instruct-pix2pix}"])
+    assert switched.edit.kind == "instruct_pix2pix" and switched.edit.strength is None
+    assert switched.edit.image_guidance_scale == EDITOR_KINDS["instruct_pix2pix"].defaults["image_guidance_scale"]
