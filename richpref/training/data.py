@@ -86,6 +86,14 @@ def pair_files(path: str) -> list[str]:
     return files
 
 
+def check_has_pairs(label: str, path: str, rows: int, files: int) -> None:
+    """DataError when the Parquet files of a pair source hold 0 rows together (a curate run that kept no
+    pair: each shard is an empty file), from their footers; before, training failed in `datasets`, twice."""
+    if rows == 0:
+        raise DataError(f"data source {label!r}: {path} holds no pairs (its {files} Parquet file(s) have 0 rows); "
+                        "a run that kept none: `richpref summary RUN` shows why its rows were rejected")
+
+
 def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
     """The source as a `datasets.Dataset` of the four Pick-a-Pic columns (and `edit_mask` when
     `need_mask`), ties and bad labels dropped."""
@@ -95,13 +103,16 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
         from .remote_pairs import RemotePairs
 
         ds = RemotePairs(pair_files(src.path))
+        check_has_pairs(src.label, src.path, len(ds), len(ds.files))
     elif src.path is not None:
         import pyarrow.parquet as pq
 
         files = parquet_files(src.path)
         # A run's shard that kept no pair is an empty file, which `datasets` cannot read ("BatchSize must be
-        # greater than 0"): left out, unless every file is empty (then the schema still names missing columns).
-        files = [f for f in files if pq.ParquetFile(f).metadata.num_rows > 0] or files[:1]
+        # greater than 0"): left out
+        rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        check_has_pairs(src.label, src.path, sum(rows), len(files))
+        files = [f for f, n in zip(files, rows) if n > 0]
         ds = datasets.load_dataset("parquet", data_files=files, split="train")
     else:
         try:

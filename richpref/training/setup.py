@@ -19,7 +19,7 @@ from ..schemas.training import FinetuneConfig, FlowSettings
 from .checkpoints import TrainingError, load_init_lora, load_init_unet
 from ..sources.base import SourceError
 from ..sources.parquet import footer
-from .data import MASK_COLUMN, PAIR_COLUMNS, DataError, pair_files
+from .data import MASK_COLUMN, PAIR_COLUMNS, DataError, check_has_pairs, pair_files
 from .flow_models import FLOW_ARCHS, ArchMismatch, check_arch, load_flow_parts, lora_targets
 from .memory import weight_shapes
 from .models import add_lora, frozen_copy, load_parts
@@ -99,8 +99,9 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
             continue  # a `datasets` source: checked when loaded
         files = pair_files(src.path)  # a path with no pairs: refused before Prefect and accelerate start
         with ThreadPoolExecutor(8) as pool:  # one footer read each (a request each on an object store)
-            columns = list(pool.map(_pair_columns, files, [src.label] * len(files)))
-        for f, names in zip(files, columns):
+            footers = list(pool.map(_pair_footer, files, [src.label] * len(files)))
+        check_has_pairs(src.label, src.path, sum(meta.num_rows for meta in footers), len(files))
+        for f, names in zip(files, (meta.schema.to_arrow_schema().names for meta in footers)):
             missing = [c for c in PAIR_COLUMNS if c not in names]
             if missing:
                 raise DataError(f"data source {src.label!r}: {f} lacks column(s) {missing} (has {sorted(names)}); "
@@ -112,9 +113,9 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
     return family
 
 
-def _pair_columns(path: str, label: str) -> list[str]:
+def _pair_footer(path: str, label: str):
     try:
-        return footer(path).schema.to_arrow_schema().names
+        return footer(path)
     except SourceError as exc:
         raise DataError(f"data source {label!r}: {path} is not a readable Parquet file ({exc.__cause__}); give "
                         "Pick-a-Pic Parquet pairs (a run's pairs/ folder, or `richpref export --format pickapic`)") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from richpref.cli.commands import build_parser, main
 from richpref.schemas.rounds import load_rounds_config
@@ -56,6 +57,27 @@ def test_finetune_refuses_a_pairs_path_without_parquet_before_prefect_starts(tin
     assert main(args) == 2  # 1 (and a Prefect traceback) once the flow had launched accelerate
     assert f"data source path '{tmp_path / 'no-pairs-here'}' has no .parquet files" in capsys.readouterr().err
     assert not (data / "finetune").exists()
+
+
+def test_finetune_refuses_pairs_of_a_run_that_kept_none_before_prefect_starts(tiny_models, tmp_path, capsys):
+    # before: accelerate started, `datasets` failed ("Instruction 'train' corresponds to no data!"), twice
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    empty = pa.table({"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
+                      "jpg_1": pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())})
+    for shard in range(2):
+        pq.write_table(empty, pairs / f"part-0000{shard}.parquet")
+    data = tmp_path / "data"
+    args = ["--data-dir", str(data), "finetune", "--config", "finetune-tiny-flux", "--models-root", str(tiny_models),
+            "--pairs", str(pairs)]
+    assert main(args) == 2
+    assert f"data source 'pairs': {pairs} holds no pairs (its 2 Parquet file(s) have 0 rows)" in capsys.readouterr().err
+    assert not (data / "finetune").exists()
+    from richpref.schemas.training import PairSourceConfig
+    from richpref.training.data import DataError, load_pair_source
+
+    with pytest.raises(DataError, match="holds no pairs"):  # the trainer's own read says the same
+        load_pair_source(PairSourceConfig(path=str(pairs)))
 
 
 def test_finetune_refuses_a_pairs_file_that_is_no_parquet_or_lacks_a_column_before_prefect_starts(tiny_models, tmp_path,
