@@ -98,6 +98,9 @@ def export_run(data_dir: str, run: str, fmt: str, out: str | Path) -> dict:
     if not manifests:
         raise ExportError(f"run {run!r} has no committed pairs shards under {store.uri(store.stage_dir('pairs'))}; "
                           f"run `richpref curate --run {run}` to its end first")
+    if not any(m.kept for m in manifests.values()):  # an empty dataset would fail in the trainer, not here
+        raise ExportError(f"run {run!r} kept no pairs (its {len(manifests)} pairs shard(s) hold 0 rows): nothing to "
+                          f"export; `richpref summary {run}` shows why its rows were rejected")
     shards, bad_shards = [], []
     for shard, m in sorted(manifests.items()):
         path = store.shard_path("pairs", shard)

@@ -271,6 +271,12 @@ def test_cli_prints_counts_and_refuses_a_run_without_pairs(run_dir, tmp_path, ca
     assert "shard 3 left out: not_committed" in text
     assert main(["--data-dir", str(tmp_path / "none"), "export", "r", "--format", "jsonl", "--out", str(tmp_path / "p")]) == 2
     assert "no committed pairs shards" in capsys.readouterr().err
+    # a run that kept none: before, an empty dataset and its trainer config were written, exit 0
+    write_shard(RunStore(str(tmp_path / "kept-none"), "r"), "pairs", 0, rows_to_table([], SCHEMA), key="k")
+    assert main(["--data-dir", str(tmp_path / "kept-none"), "export", "r", "--format", "kohya-wl", "--out",
+                 str(tmp_path / "q")]) == 2
+    assert "run 'r' kept no pairs (its 1 pairs shard(s) hold 0 rows)" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_the_printed_result_names_the_trainer_configs_and_cuts_a_long_skip_list(tmp_path):
