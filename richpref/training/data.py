@@ -90,8 +90,10 @@ def check_has_pairs(label: str, path: str, rows: int, files: int) -> None:
     """DataError when the Parquet files of a pair source hold 0 rows together (a curate run that kept no
     pair: each shard is an empty file), from their footers; before, training failed in `datasets`, twice."""
     if rows == 0:
+        parts = str(path).rstrip("/").split("/")
+        run = parts[-2] if len(parts) >= 3 and parts[-1] == "pairs" and parts[-3] == "runs" else "RUN"
         raise DataError(f"data source {label!r}: {path} holds no pairs (its {files} Parquet file(s) have 0 rows); "
-                        "a run that kept none: `richpref summary RUN` shows why its rows were rejected")
+                        f"a run that kept none: `richpref summary {run}` shows why its rows were rejected")
 
 
 def load_pair_source(src: PairSourceConfig, need_mask: bool = False):

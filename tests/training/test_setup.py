@@ -61,8 +61,8 @@ def test_finetune_refuses_a_pairs_path_without_parquet_before_prefect_starts(tin
 
 def test_finetune_refuses_pairs_of_a_run_that_kept_none_before_prefect_starts(tiny_models, tmp_path, capsys):
     # before: accelerate started, `datasets` failed ("Instruction 'train' corresponds to no data!"), twice
-    pairs = tmp_path / "pairs"
-    pairs.mkdir()
+    pairs = tmp_path / "runs" / "none-kept" / "pairs"
+    pairs.mkdir(parents=True)
     empty = pa.table({"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
                       "jpg_1": pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())})
     for shard in range(2):
@@ -71,7 +71,8 @@ def test_finetune_refuses_pairs_of_a_run_that_kept_none_before_prefect_starts(ti
     args = ["--data-dir", str(data), "finetune", "--config", "finetune-tiny-flux", "--models-root", str(tiny_models),
             "--pairs", str(pairs)]
     assert main(args) == 2
-    assert f"data source 'pairs': {pairs} holds no pairs (its 2 Parquet file(s) have 0 rows)" in capsys.readouterr().err
+    assert f"data source 'pairs': {pairs} holds no pairs (its 2 Parquet file(s) have 0 rows); a run that kept none: " \
+           "`richpref summary none-kept` shows why" in capsys.readouterr().err
     assert not (data / "finetune").exists()
     from richpref.schemas.training import PairSourceConfig
     from richpref.training.data import DataError, load_pair_source
