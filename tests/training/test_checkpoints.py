@@ -10,7 +10,6 @@ sharded tiny FLUX.1 transformer in 2 processes."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 
 import pyarrow as pa
@@ -19,6 +18,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from fsdp_worker import main as worker
+from process_helpers import run_spawned
 
 from richpref.schemas.training import FinetuneConfig
 from richpref.training.checkpoints import OtherConfig, check_resumable, data_key, finished
@@ -26,20 +26,7 @@ from richpref.training.checkpoints import OtherConfig, check_resumable, data_key
 
 
 def test_sharded_full_finetune_saves_the_whole_transformer(paths, tmp_path):
-    # spawned, not forked: a fork of a process whose autograd threads already ran (an earlier training test
-    # in the same pytest worker) fails in the child's backward
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(rank, 2, str(paths.flux), str(tmp_path))) for rank in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_spawned(worker, [(rank, 2, str(paths.flux), str(tmp_path)) for rank in range(2)]) == [0, 0]
 
     base = FluxTransformer2DModel.from_pretrained(paths.flux, subfolder="transformer")
     tuned = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")  # every weight, whole, not rank 0's shard

@@ -3,7 +3,6 @@ length, and a cache that neither building nor training holds whole in memory."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 
 import pytest
@@ -13,6 +12,7 @@ from safetensors.torch import save_file
 
 from richpref.training import text_cache
 from richpref.training.text_cache import TextEmbeddings, build_text_cache
+from process_helpers import run_spawned
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -140,19 +140,8 @@ def test_the_processes_of_a_run_share_the_encoding(tiny_models, tmp_path):
     # before, the main process encoded every caption while the others waited at a barrier that times out
     model = str(tiny_models / "sd3")
     one = build_text_cache(model, "sd3", [*CAPTIONS, LONG], tmp_path / "one", max_sequence_length=16, batch_size=2)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_encode_share, args=(r, 2, model, str(tmp_path / "two"), str(tmp_path / "store")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    shares = [(rank, 2, model, str(tmp_path / "two"), str(tmp_path / "store")) for rank in range(2)]
+    assert run_spawned(_encode_share, shares) == [0, 0]
     [folder] = (tmp_path / "two" / "text_embeds").glob("sd3-*")
     # 7 captions ("" too) in 4 batches of 2: process 0 encoded batches 0 and 2, process 1 batches 1 and 3
     # (LONG, the one cut, is in batch 1: the count is the sum of both processes')
