@@ -21,9 +21,12 @@ def test_memory_estimate_counts_lora_full_and_fsdp(tiny_models, pairs):
                   if p.requires_grad)
     assert est["trainable"] == trained and est["reference_gb"] == 0  # LoRA: no second copy
     assert est["weights_gb"] == pytest.approx(est["params"] * 2 / 1024**3)
+    # float32 trained weights, their gradients and AdamW's two states: 16 bytes per trained parameter
+    assert est["training_state_gb"] == pytest.approx(trained * 16 / 1024**3)
     full = estimate_memory(flow_config(tiny_models, pairs, "flux", mode="full"))
     sharded = estimate_memory(flow_config(tiny_models, pairs, "flux", mode="full", fsdp=True), num_processes=4)
     assert full["reference_gb"] == pytest.approx(full["weights_gb"])
+    assert full["training_state_gb"] == pytest.approx(full["params"] * 16 / 1024**3)
     # FSDP shards the trained copy and its optimizer state; the frozen reference stays whole on each device
     assert sharded["reference_gb"] == pytest.approx(full["reference_gb"])
     assert sharded["weights_gb"] + sharded["training_state_gb"] == pytest.approx(
