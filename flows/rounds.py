@@ -51,7 +51,8 @@ def rounds(config: str = "rounds-tiny", overrides: list[str] | None = None, data
         store = RunStore(data_dir, run)
         pairs = store.uri(store.stage_dir("pairs"))
         tuned = finetune(config=cfg.finetune, pairs=pairs, output_dir=finetune_dir(data_dir, cfg, k),
-                         overrides=finetune_overrides(cfg, previous, [r["pairs"] for r in finished]), data_dir=data_dir,
+                         overrides=finetune_overrides(cfg, previous, [r["pairs"] for r in finished], str(out)),
+                         data_dir=data_dir,
                          models_root=cfg.models_root)
         inject_fault(k, "finetune")
         finished.append({"round": k, "run": run, "pairs": pairs, "curate": curate_stats(data_dir, run),

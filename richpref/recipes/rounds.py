@@ -116,9 +116,13 @@ def check_same_base(profile, tune, arch: str) -> None:
                          "the profile and the finetune config the same base model")
 
 
-def finetune_overrides(cfg: RoundsConfig, previous: dict | None, earlier_pairs: list[str]) -> list[str]:
-    """Round k's finetune overrides: start from round k-1's weights; mix in earlier rounds' pairs."""
+def finetune_overrides(cfg: RoundsConfig, previous: dict | None, earlier_pairs: list[str],
+                       text_cache: str | None = None) -> list[str]:
+    """Round k's finetune overrides: start from round k-1's weights; mix in earlier rounds' pairs; keep
+    Flow-DPO caption embeddings in `text_cache`, shared by the rounds (the same prompts are not encoded again)."""
     out = [*cfg.finetune_overrides, *_models_root(cfg)]
+    if text_cache:
+        out.append(_set("text_cache_dir", text_cache))
     if previous is not None:
         out += [_set("init_from", previous["output_dir"]),
                 _set("reference", "init" if cfg.reference == "previous" else "base")]

@@ -79,6 +79,9 @@ class FinetuneConfig(_Strict):
     # arch is checked against the checkpoint: a Flow-DPO config on a UNet checkpoint is refused.
     arch: Literal["auto", "sd15", "sdxl", "sd3", "flux", "qwen_image"] = "auto"
     flow: FlowSettings | None = None  # set: a Flow-DPO config (needs a flow-matching checkpoint)
+    # Flow-DPO: the folder whose text_embeds/ caches the caption embeddings (default: the output folder).
+    # Runs of one model on the same captions share it (rounds do), one run at a time.
+    text_cache_dir: str | None = None
     vae: str | None = None  # another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)
     mode: Literal["full", "lora"] = "full"
     lora: LoraSettings = LoraSettings()
@@ -191,7 +194,7 @@ class FinetuneConfig(_Strict):
 _RUNTIME_FIELDS = {
     "name", "models_root", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
     "vae_encode_batch_size", "dataloader_num_workers", "log_every", "mixed_precision", "gradient_checkpointing",
-    "fsdp", "heldout_max_pairs", "heldout_draws", "eval_every",
+    "fsdp", "heldout_max_pairs", "heldout_draws", "eval_every", "text_cache_dir",
 }
 
 

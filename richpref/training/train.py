@@ -145,9 +145,10 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
         from .text_cache import build_text_cache
 
         captions = [str(c or "") for ds in sources + held for c in ds["caption"]]
-        text = build_text_cache(resolve_model_ref(cfg.model, cfg.models_root), arch, captions, out,
-                                max_sequence_length=flow.max_sequence_length, batch_size=flow.text_encode_batch_size,
-                                device=device, rank=rank, world=world, barrier=accelerator.wait_for_everyone)
+        text = build_text_cache(resolve_model_ref(cfg.model, cfg.models_root), arch, captions,
+                                cfg.text_cache_dir or out, max_sequence_length=flow.max_sequence_length,
+                                batch_size=flow.text_encode_batch_size, device=device, rank=rank, world=world,
+                                barrier=accelerator.wait_for_everyone)
     setup = setup_model(cfg, device, weight_dtype, fsdp=on_fsdp, arch=arch)
     parts, unet, reference, vae_dtype, model_dir = (setup.parts, setup.model, setup.reference, setup.vae_dtype,
                                                     setup.model_dir)

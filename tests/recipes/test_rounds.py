@@ -107,6 +107,8 @@ def test_round_two_finetunes_from_round_one(two_rounds, tmp_path):
     meta = read_meta(data / "rounds" / "rounds-tiny" / "round-2" / "finetune")
     assert meta["config"]["init_from"] == str(round1) and meta["config"]["reference"] == "init"
     assert read_meta(round1)["config"]["init_from"] is None
+    # a Flow-DPO config's caption embeddings: one cache in the rounds folder, not one per round
+    assert meta["config"]["text_cache_dir"] == read_meta(round1)["config"]["text_cache_dir"] == str(round1.parents[1])
     # Training from round 1's LoRA with a vanishing learning rate ends where round 1 ended.
     cfg = load_finetune_config("finetune-tiny", [f"models_root={meta['config']['models_root']}", f"init_from={round1}",
                                                  "learning_rate=1.0e-12", "max_train_steps=1", "weight_decay=0",

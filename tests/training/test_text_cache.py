@@ -157,3 +157,19 @@ def test_the_processes_of_a_run_share_the_encoding(tiny_models, tmp_path):
     for c in one.index:  # the same batches, so the same embeddings
         a, b = one.batch([c], "cpu", torch.float32), two.batch([c], "cpu", torch.float32)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_runs_sharing_a_text_cache_dir_encode_their_captions_once(tiny_models, tmp_path, monkeypatch):
+    # rounds give every round's finetune the rounds folder: before, each round encoded the same prompts again
+    from test_flow_step import flow_config, write_brightness_pairs
+    from richpref.training.train import train
+
+    pairs = write_brightness_pairs(tmp_path / "pairs.parquet", 8)
+    loads = []
+    pipeline_class = text_cache.pipeline_class
+    monkeypatch.setattr(text_cache, "pipeline_class", lambda arch: loads.append(arch) or pipeline_class(arch))
+    for k in (1, 2):
+        cfg = flow_config(tiny_models, pairs, "sd3", max_train_steps=1, text_cache_dir=str(tmp_path / "rounds"))
+        train(cfg, tmp_path / f"round-{k}")
+        assert not (tmp_path / f"round-{k}" / "text_embeds").exists()
+    assert loads == ["sd3"] and list((tmp_path / "rounds" / "text_embeds").glob("sd3-*/index.json"))
