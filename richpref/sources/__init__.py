@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
@@ -35,6 +36,12 @@ def run_folder_pairs(fs, path: str) -> str | None:
     if fs.isdir(path) and fs.isfile(f"{path}/run.json") and fs.isdir(f"{path}/pairs"):
         return f"{path}/pairs"
     return None
+
+
+def run_of_pairs(fs, path: str) -> str | None:
+    """The run's name when `path` is a run's `pairs/` folder (the reverse of run_folder_pairs), else None."""
+    parent = posixpath.dirname(path.rstrip("/"))
+    return posixpath.basename(parent) if parent and run_folder_pairs(fs, parent) else None
 
 
 def source_files(cfg: SourceConfig) -> tuple[list[str], str]:

@@ -83,11 +83,13 @@ def _other_data(where: Path, recorded: str | None, now: str) -> None:
                           "final/ to train there from scratch")
 
 
-def check_resumable(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> tuple[int, Path] | None:
+def check_resumable(cfg: FinetuneConfig, output_dir: str | os.PathLike,
+                    data: str | None = None) -> tuple[int, Path] | None:
     """The checkpoint a launch on `output_dir` resumes from (None: it starts fresh); OtherConfig when
     another config made it, or when it (or the final weights there) trained on other pairs. The CLI and
-    the launcher ask before starting the trainers, the trainer again."""
-    cfg_hash, data = finetune_config_hash(cfg), data_key(cfg)
+    the launcher ask before starting the trainers, the trainer again. `data`: the config's data_key, when
+    the caller has it."""
+    cfg_hash, data = finetune_config_hash(cfg), data or data_key(cfg)
     existing = checkpoints(Path(output_dir))
     final = Path(output_dir) / "final" / FINETUNE_META
     if not existing:

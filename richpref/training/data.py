@@ -25,7 +25,7 @@ from PIL import Image
 from fsspec.implementations.local import LocalFileSystem
 
 from ..schemas.training import PairSourceConfig
-from ..sources import run_folder_pairs
+from ..sources import run_folder_pairs, run_of_pairs
 from ..tasks.pickapic_source import blank_caption
 
 log = logging.getLogger("richpref")
@@ -90,10 +90,11 @@ def check_has_pairs(label: str, path: str, rows: int, files: int) -> None:
     """DataError when the Parquet files of a pair source hold 0 rows together (a curate run that kept no
     pair: each shard is an empty file), from their footers; before, training failed in `datasets`, twice."""
     if rows == 0:
-        parts = str(path).rstrip("/").split("/")
-        run = parts[-2] if len(parts) >= 3 and parts[-1] == "pairs" and parts[-3] == "runs" else "RUN"
+        from richpref.common.objstore import url_to_fs
+
+        run = run_of_pairs(*url_to_fs(path)) if "://" in path else run_of_pairs(LocalFileSystem(), path)
         raise DataError(f"data source {label!r}: {path} holds no pairs (its {files} Parquet file(s) have 0 rows); "
-                        f"a run that kept none: `richpref summary {run}` shows why its rows were rejected")
+                        f"a run that kept none: `richpref summary {run or 'RUN'}` shows why its rows were rejected")
 
 
 def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
@@ -107,12 +108,12 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
         ds = RemotePairs(pair_files(src.path))
         check_has_pairs(src.label, src.path, len(ds), len(ds.files))
     elif src.path is not None:
-        import pyarrow.parquet as pq
+        from ..sources.parquet import footer
 
         files = parquet_files(src.path)
         # A run's shard that kept no pair is an empty file, which `datasets` cannot read ("BatchSize must be
         # greater than 0"): left out
-        rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        rows = [footer(f).num_rows for f in files]  # read already by the preflight and the data key: cached
         check_has_pairs(src.label, src.path, sum(rows), len(files))
         files = [f for f, n in zip(files, rows) if n > 0]
         ds = datasets.load_dataset("parquet", data_files=files, split="train")

@@ -125,8 +125,10 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    resume_from = check_resumable(cfg, out)
     data = data_key(cfg)  # recorded in each checkpoint and in final/: what these weights trained on
+    resume_from = check_resumable(cfg, out, data)
+    on_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    arch = preflight(cfg, fsdp=on_fsdp)  # the checks `richpref finetune` made: a deployment run skips the CLI
 
     # the pairs before the models: a source without a usable pair fails in seconds, not after a model load
     masks = cfg.loss_mask == "edit_region"
@@ -135,8 +137,6 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
     split = [split_heldout(ds, cfg.heldout_fraction, cfg.seed, label) for ds, label in zip(sources, labels)]
     sources = [train_ds for train_ds, _ in split]
     held = [h for _, h in split if h is not None]
-    on_fsdp = accelerator.distributed_type == DistributedType.FSDP
-    arch = preflight(cfg, fsdp=on_fsdp)
     flow = flow_settings(cfg, arch)
     text = None
     if flow is not None:

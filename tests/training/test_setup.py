@@ -63,6 +63,7 @@ def test_finetune_refuses_pairs_of_a_run_that_kept_none_before_prefect_starts(ti
     # before: accelerate started, `datasets` failed ("Instruction 'train' corresponds to no data!"), twice
     pairs = tmp_path / "runs" / "none-kept" / "pairs"
     pairs.mkdir(parents=True)
+    (pairs.parent / "run.json").write_text("{}")  # a run's folder: its run.json beside pairs/
     empty = pa.table({"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
                       "jpg_1": pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())})
     for shard in range(2):
