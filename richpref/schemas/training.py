@@ -203,8 +203,13 @@ _RUNTIME_FIELDS = {
 _LATER_DEFAULTS = {"flow": None, "loss_mask": "none", "mask_floor": 0.1, "heldout_fraction": 0.0}
 
 
+def learning_settings(cfg: FinetuneConfig) -> dict:
+    """The config's values that change what is learned (all but the runtime fields)."""
+    return cfg.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
+
+
 def finetune_config_hash(cfg: FinetuneConfig) -> str:
-    data = cfg.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
+    data = learning_settings(cfg)
     for key, default in _LATER_DEFAULTS.items():
         if data.get(key) == default:
             data.pop(key)

@@ -12,13 +12,16 @@ import time
 import uuid
 from pathlib import Path
 
-from ..schemas.training import FinetuneConfig, finetune_config_hash
+import yaml
+
+from ..schemas.training import FinetuneConfig, finetune_config_hash, learning_settings
 from .models import FINETUNE_META, save_tuned
 
 log = logging.getLogger("richpref")
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "finetune-config.yaml"  # the config of the folder's latest launch, as its trainers read it
 LORA_CHECKPOINT = "unet_lora.safetensors"
 
 
@@ -83,6 +86,29 @@ def _other_data(where: Path, recorded: str | None, now: str) -> None:
                           "final/ to train there from scratch")
 
 
+def _flat(value, key: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for name, item in value.items() for k, v in _flat(item, f"{key}.{name}" if key else name).items()}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{key}[{i}]").items()}
+    return {key: value}
+
+
+def _changed_settings(output_dir: Path, cfg: FinetuneConfig, recorded_hash: str | None) -> str:
+    """'; changed: loss_mask: none → edit_region, ...' between the config that made the folder's
+    checkpoints (its written config, when that is the one) and `cfg`; '' where that config is unknown."""
+    try:
+        made = FinetuneConfig.model_validate(yaml.safe_load((output_dir / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, yaml.YAMLError):  # none written, or one this richpref cannot read
+        return ""
+    if finetune_config_hash(made) != recorded_hash:
+        return ""
+    before, now = _flat(learning_settings(made)), _flat(learning_settings(cfg))
+    changes = [f"{k}: {json.dumps(before.get(k))} → {json.dumps(now.get(k))}"
+               for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+    return f"; changed: {', '.join(changes)}" if changes else ""
+
+
 def check_resumable(cfg: FinetuneConfig, output_dir: str | os.PathLike,
                     data: str | None = None) -> tuple[int, Path] | None:
     """The checkpoint a launch on `output_dir` resumes from (None: it starts fresh); OtherConfig when
@@ -99,7 +125,8 @@ def check_resumable(cfg: FinetuneConfig, output_dir: str | os.PathLike,
     state = json.loads((existing[-1][1] / TRAINER_STATE).read_text())
     if state.get("config_hash") != cfg_hash:
         raise OtherConfig(f"{existing[-1][1]} was made with another config (hash {state.get('config_hash')}, now "
-                          f"{cfg_hash}): use a new output dir, or delete its checkpoint-* folders to start over")
+                          f"{cfg_hash}{_changed_settings(Path(output_dir), cfg, state.get('config_hash'))}): give a "
+                          "new --output-dir to train with this one, or delete its checkpoint-* folders to start over")
     _other_data(existing[-1][1], state.get("data_key"), data)
     return existing[-1]
 

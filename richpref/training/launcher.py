@@ -19,11 +19,11 @@ from filelock import FileLock, Timeout
 from richpref.common.procs import free_port, spawn_owned, stop_owned
 from richpref.common.atomic import write_atomic
 from ..schemas.training import FinetuneConfig
+from .checkpoints import CONFIG_FILE
 from .models import REFUSED_INPUT, read_meta
 
 log = logging.getLogger("richpref")
 
-CONFIG_FILE = "finetune-config.yaml"
 
 
 class LaunchFailed(RuntimeError):

@@ -115,3 +115,27 @@ def test_only_complete_checkpoints_count_in_step_order(tmp_path):
     # checkpoint-12: its trainer state never written (a save cut short, a partial copy); .tmp: a save in progress
     assert checkpoints(tmp_path) == [(9, tmp_path / "checkpoint-9"), (10, tmp_path / "checkpoint-10")]
     assert checkpoints(tmp_path / "missing") == []
+
+
+def test_a_checkpoint_of_another_config_names_the_settings_that_changed(tmp_path):
+    # before, the refusal gave two hashes only: which of a --set's or an edited config's values made the
+    # checkpoints another run's was left to the user to find
+    from richpref.training.launcher import write_config
+
+    _pairs(tmp_path / "pairs", ["a cat"])
+    made = _config(tmp_path / "pairs")
+    _finished_run(tmp_path / "out", made, data_key(made), checkpoint=True)
+    write_config(made, tmp_path / "out")
+    now = made.model_copy(update={"loss_mask": "edit_region", "beta": 2500.0, "max_train_steps": 8})
+    with pytest.raises(OtherConfig) as refused:
+        check_resumable(now, tmp_path / "out")
+    assert '; changed: beta: 5000.0 → 2500.0, loss_mask: "none" → "edit_region"): give a new --output-dir' in str(refused.value)
+    shutil.copytree(tmp_path / "pairs", tmp_path / "moved")
+    other_pairs = made.model_copy(update={"data": [made.data[0].model_copy(update={"path": str(tmp_path / "moved")})]})
+    with pytest.raises(OtherConfig, match=r'changed: data\[0\].path: ".*pairs" → ".*moved"\)'):
+        check_resumable(other_pairs, tmp_path / "out")
+    # a written config that is not the one the checkpoints were made with (edited since) says nothing of them
+    write_config(now, tmp_path / "out")
+    with pytest.raises(OtherConfig) as refused:
+        check_resumable(made.model_copy(update={"beta": 1.0}), tmp_path / "out")
+    assert "changed" not in str(refused.value)
