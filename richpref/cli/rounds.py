@@ -15,8 +15,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.doctor.checks import ModelProblem, check_key_inputs, resolve_models
     from richpref.tasks import stages_for
     from richpref.common.objstore import DataDirError
-    from richpref.recipes.rounds import (check_same_base, evaluate_overrides, finetune_overrides, round_prompts,
-                                         rounds_dir)
+    from richpref.recipes.rounds import (RoundsState, check_same_base, evaluate_overrides, finetune_overrides,
+                                         round_prompts)
     from richpref.training.finetune import PAIRS_SOURCE
     from richpref.training.setup import preflight as finetune_preflight
     from richpref.training.evaluation import preflight as evaluate_preflight
@@ -25,7 +25,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_rounds_config(args.config, args.set, args.models_root)  # bad configs fail before Prefect starts
-        rounds_dir(args.data_dir, cfg)  # its fine-tunes and table are local files
+        RoundsState(args.data_dir, cfg)  # its fine-tunes and table are local files; a name another config used
         # The first round curates with every model of the profile: they resolve before it starts.
         profile = load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
         resolve_models(profile)

@@ -193,13 +193,34 @@ def write_table(out: Path, rows: list[dict], rewards: list[str]) -> str:
     return markdown
 
 
+# Rounds config values that leave what each round curates and learns as it was: more rounds, another
+# evaluation, models moved. Any other change under the same name is refused (it would curate the recorded
+# rounds' runs again, replacing their pairs, and then meet their fine-tunes' checkpoints).
+_EXTENDS_RECORD = {"name", "rounds", "evaluate", "evaluate_overrides", "models_root"}
+
+
+class OtherRounds(ValueError):
+    """The rounds folder holds finished rounds of a config that curates or learns otherwise."""
+
+
 class RoundsState:
-    """`rounds.json`: the finished rounds of this config (another config starts the record afresh)."""
+    """`rounds.json`: the finished rounds of this config (a config that only adds rounds or changes the
+    evaluation starts the record afresh; the rounds are then found done by their curate and finetune keys)."""
 
     def __init__(self, data_dir: str, cfg: RoundsConfig) -> None:
+        from richpref.schemas.common import setting_changes
+
         self.path = rounds_dir(data_dir, cfg) / STATE
         self.config = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+        self.settings = cfg.model_dump(mode="json")
         data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        recorded = {k: v for k, v in data.get("settings", {}).items() if k not in _EXTENDS_RECORD}
+        now = {k: v for k, v in self.settings.items() if k not in _EXTENDS_RECORD}
+        if data.get("rounds") and recorded and (changes := setting_changes(recorded, now)):
+            raise OtherRounds(
+                f"{self.path.parent} holds round(s) {', '.join(sorted(data['rounds'], key=int))} of another rounds "
+                f"config (changed: {', '.join(changes)}): give these rounds a name of their own (--set "
+                f"name={cfg.name}-2), or delete {self.path.parent} to start its rounds over")
         self.rounds: dict[str, dict] = data.get("rounds", {}) if data.get("config") == self.config else {}
 
     def done(self, k: int) -> dict | None:
@@ -210,5 +231,5 @@ class RoundsState:
         self.rounds[str(k)] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"config": self.config, "rounds": self.rounds}, indent=2))
+        tmp.write_text(json.dumps({"config": self.config, "settings": self.settings, "rounds": self.rounds}, indent=2))
         tmp.replace(self.path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ..schemas.common import setting_changes
 from ..schemas.training import FinetuneConfig, finetune_config_hash, learning_settings
 from .models import FINETUNE_META, save_tuned
 
@@ -86,14 +87,6 @@ def _other_data(where: Path, recorded: str | None, now: str) -> None:
                           "final/ to train there from scratch")
 
 
-def _flat(value, key: str = "") -> dict:
-    if isinstance(value, dict):
-        return {k: v for name, item in value.items() for k, v in _flat(item, f"{key}.{name}" if key else name).items()}
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{key}[{i}]").items()}
-    return {key: value}
-
-
 def _changed_settings(output_dir: Path, cfg: FinetuneConfig, recorded_hash: str | None) -> str:
     """'; changed: loss_mask: none → edit_region, ...' between the config that made the folder's
     checkpoints (its written config, when that is the one) and `cfg`; '' where that config is unknown."""
@@ -103,9 +96,7 @@ def _changed_settings(output_dir: Path, cfg: FinetuneConfig, recorded_hash: str 
         return ""
     if finetune_config_hash(made) != recorded_hash:
         return ""
-    before, now = _flat(learning_settings(made)), _flat(learning_settings(cfg))
-    changes = [f"{k}: {json.dumps(before.get(k))} → {json.dumps(now.get(k))}"
-               for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+    changes = setting_changes(learning_settings(made), learning_settings(cfg))
     return f"; changed: {', '.join(changes)}" if changes else ""
 
 

@@ -254,3 +254,28 @@ def test_the_command_refuses_rounds_the_source_has_no_rows_for_before_round_one(
     args = ["--data-dir", str(tmp_path), "rounds", "--models-root", str(tiny_models), *(a for s in sets for a in ("--set", s))]
     assert main(args) == 2
     assert "round 3: the source has no usable row 12 or later (source.limit is 8)" in capsys.readouterr().err
+
+
+def test_rounds_of_another_config_under_the_same_name_are_refused_naming_the_change(tiny_models, tmp_path, capsys,
+                                                                                   monkeypatch):
+    # before: the rounds record was started afresh, round 1 curated its run again under the new profile
+    # (replacing the recorded round's pairs), and only its fine-tune refused the checkpoints it found
+    import richpref.ops.entrypoints as entrypoints
+    from richpref.cli.commands import main
+    from richpref.recipes.rounds import OtherRounds, RoundsState
+    from richpref.schemas.rounds import load_rounds_config
+
+    data = str(tmp_path / "data")
+    RoundsState(data, load_rounds_config(CONFIG, [f"models_root={tiny_models}"])).finish(1, {"round": 1})
+    changed = ["curate_overrides=[\"source.limit=16\"]", "reference=base"]
+    with pytest.raises(OtherRounds, match=r"holds round\(s\) 1 of another rounds config \(changed: curate_overrides\[0\]: "
+                                          r'"source.limit=8" → "source.limit=16", reference: "previous" → "base"\): '
+                                          r"give these rounds a name of their own \(--set name=rounds-tiny-2\)"):
+        RoundsState(data, load_rounds_config(CONFIG, changed))
+    # more rounds, another evaluation, the models moved: the rounds go on (found done by their keys)
+    more = RoundsState(data, load_rounds_config(CONFIG, ["rounds=3", 'evaluate_overrides=["prompts.limit=1"]']))
+    assert more.rounds == {}
+    monkeypatch.setattr(entrypoints, "run_flow", lambda *a, **k: pytest.fail("round 1 started"))
+    args = ["--data-dir", data, "rounds", "--models-root", str(tiny_models), *(a for s in changed for a in ("--set", s))]
+    assert main(args) == 2
+    assert "of another rounds config (changed: curate_overrides[0]" in capsys.readouterr().err
