@@ -56,7 +56,7 @@ def dataset_profile(src: str, profile: Profile, reward: str | None = None, *, ro
     """The profile of the run: `pipeline: relabel_dataset`, the dataset as its Parquet source (an
     absolute path, so the run's profile.json names it wherever it is read), the relabel config for
     independent pairs. Refuses a dataset without the Pick-a-Pic columns before any model loads."""
-    from richpref.tasks.pickapic_source import check_pickapic_columns, pickapic_files
+    from richpref.tasks.pickapic_source import check_pickapic_columns, pickapic_files, shard_ranges
 
     score, cfg = dataset_relabel_config(profile.score, profile.relabel, reward, drop_near_ties)
     path = src if "://" in src else os.path.abspath(src)
@@ -64,9 +64,13 @@ def dataset_profile(src: str, profile: Profile, reward: str | None = None, *, ro
                                                "shard_size": rows_per_shard or profile.source.shard_size})
     prof = profile.model_copy(update={"pipeline": "relabel_dataset", "score": score, "relabel": cfg, "source": source})
     try:
-        check_pickapic_columns(pickapic_files(prof))
+        files = pickapic_files(prof)
+        check_pickapic_columns(files)
     except SourceError as exc:
         raise DatasetError(str(exc).replace(f"source.path {path!r}", f"{src!r}")) from exc
+    if not shard_ranges(prof):  # else a run of 0 pairs, and a card and plots of nothing
+        raise DatasetError(f"{src!r} has no rows in its {len(files)} Parquet file(s): nothing to relabel; give the "
+                           "dataset's files")
     return prof
 
 

@@ -122,6 +122,13 @@ def test_relabel_dataset_refuses_cutout_rewards_and_item_groups(tiny_models, tmp
     pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "b.parquet")
     with pytest.raises(DatasetError, match="caption, jpg_0, jpg_1"):
         relabel_dataset(str(tmp_path / "b.parquet"), str(tmp_path / "out"), profile, reward="clip")
+    # no rows: before, a run of 0 pairs with a card and plots of nothing, reported as done
+    pq.write_table(pa.table({"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
+                             "jpg_1": pa.array([], pa.binary())}), tmp_path / "empty.parquet")
+    with pytest.raises(DatasetError, match=rf"^'{tmp_path}/empty.parquet' has no rows in its 1 Parquet file\(s\): "
+                                           "nothing to relabel"):
+        relabel_dataset(str(tmp_path / "empty.parquet"), str(tmp_path / "out"), profile, reward="clip")
+    assert not (tmp_path / "out").exists()
     # a run's folder: before, its first stage table was named as lacking Pick-a-Pic columns
     run = tmp_path / "runs" / "demo"
     for stage in ("check", "pairs"):
