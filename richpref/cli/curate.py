@@ -184,7 +184,8 @@ def register(sub) -> None:
                    help="print which shards each stage would compute (done / todo / blocked on a todo input) and exit")
     c.add_argument("--until", metavar="STAGE", default=None,
                    help="stop after STAGE, a stage of the profile's pipeline (e.g. instruct, to read the instructions "
-                        "before paying for edits; --plan lists them); a later run without it continues from there")
+                        "before paying for edits; --plan lists them) or the table it writes (status lists them); a "
+                        "later run without it continues from there")
     c.add_argument("--force-flow", action="store_true",
                    help="start the flow even when the run is finished and up to date (it then computes nothing)")
     c.set_defaults(fn=cmd_curate)

@@ -41,14 +41,16 @@ PAIR_KEYED: frozenset[str] = frozenset({rebuild_pair.STAGE.out})
 
 def stages_for(profile, until: str | None = None) -> tuple[Stage, ...]:
     """The stages a profile's `pipeline` runs, in order (the source first), up to the stage named
-    `until` (a `--until` run; None: all of them)."""
+    `until` (a `--until` run; None: all of them), or the stage writing the table it names (`pairs`, as
+    status and inspect call it: the export stage)."""
     stages = {"rebuild": REBUILD, "relabel_dataset": RELABEL_DATASET}.get(profile.pipeline, ALL_STAGES)
     if until is None:
         return stages
     names = [s.name for s in stages]
-    if until not in names:
+    last = until if until in names else {s.out: s.name for s in stages}.get(until)
+    if last is None:
         raise ProfileError(f"--until {until}: profile {profile.name!r} ({profile.pipeline} pipeline) runs {', '.join(names)}")
-    return stages[: names.index(until) + 1]
+    return stages[: names.index(last) + 1]
 
 
 def table_schemas(profile) -> dict:

@@ -325,6 +325,7 @@ def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, ru
     assert pair_files(runs_dir, "until") == pair_files(runs_dir, "ref")
     out = until("edit")  # a completed run covers every stage, and its record stays the whole run's
     assert "up to date, nothing to compute" in out and "pairs (Pick-a-Pic format)" in out
+    assert "up to date, nothing to compute" in until("pairs")  # the export stage's table: the whole run
     assert json.loads(store.fs.cat_file(store.root + "/run.json"))["state"] == "completed"
 
 

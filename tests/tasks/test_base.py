@@ -67,3 +67,13 @@ def test_until_names_a_stage_of_the_profiles_pipeline(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--until ranked" in err and ", ".join(s.name for s in ALL_STAGES) in err
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_until_takes_a_table_name_as_status_and_inspect_show_it():
+    # before, `--until pairs` (the table status lists last) was refused: its stage is named export
+    from richpref.tasks import stages_for
+
+    assert stages_for(load_profile("tiny"), "pairs") == ALL_STAGES
+    assert [s.name for s in stages_for(load_profile("tiny"), "check")][-2:] == ["cutout", "check"]
+    relabel = load_profile("tiny").model_copy(update={"pipeline": "relabel_dataset"})
+    assert stages_for(relabel, "score") == RELABEL_DATASET[:2]
