@@ -90,7 +90,12 @@ def test_table_has_base_and_both_rounds(two_rounds):
     table = pq.read_table(out / "table.parquet").to_pylist()
     assert [r["model"] for r in table] == ["base", "round-1", "round-2"] and [r["round"] for r in table] == [0, 1, 2]
     assert {"pickscore", "imagereward", "aesthetic", "hpsv2", "flip_rate", "pairs_kept"} <= set(table[0])
-    assert table[0]["pairs_kept"] is None and all(r["pairs_kept"] >= 0 for r in table[1:])
+    assert table[0]["pairs_kept"] is None and table[0]["flip_rate"] is None
+    for k in (1, 2):  # each round's figures are its own run's: its pairs, the share of them that flipped
+        parts = sorted((data / "runs" / f"rounds-tiny-round-{k}" / "pairs").glob("part-*.parquet"))
+        flipped = [f for p in parts for f in pq.read_table(p, columns=["flipped"]).column("flipped").to_pylist()]
+        assert table[k]["pairs_kept"] == len(flipped) > 0
+        assert table[k]["flip_rate"] == pytest.approx(sum(flipped) / len(flipped))
     assert table == result["table"]
     assert (out / "table.md").read_text().count("\n") == 5 and (out / "rewards.png").stat().st_size > 0
 
@@ -279,3 +284,14 @@ def test_rounds_of_another_config_under_the_same_name_are_refused_naming_the_cha
     args = ["--data-dir", data, "rounds", "--models-root", str(tiny_models), *(a for s in changed for a in ("--set", s))]
     assert main(args) == 2
     assert "of another rounds config (changed: curate_overrides[0]" in capsys.readouterr().err
+
+
+def test_the_rounds_table_puts_each_rounds_curate_figures_on_its_row():
+    from richpref.recipes.rounds import rounds_table
+
+    evaluated = [{"model": m, "images": 2, "pickscore": v} for m, v in (("base", 0.1), ("round-1", 0.2), ("round-2", 0.3))]
+    rows = rounds_table(evaluated, [{"flip_rate": 0.25, "pairs_kept": 3}, {"flip_rate": 0.5, "pairs_kept": 4}])
+    assert rows == [
+        {"model": "base", "round": 0, "images": 2, "pickscore": 0.1, "flip_rate": None, "pairs_kept": None},
+        {"model": "round-1", "round": 1, "images": 2, "pickscore": 0.2, "flip_rate": 0.25, "pairs_kept": 3},
+        {"model": "round-2", "round": 2, "images": 2, "pickscore": 0.3, "flip_rate": 0.5, "pairs_kept": 4}]
