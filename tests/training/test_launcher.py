@@ -152,3 +152,25 @@ def test_two_machines_train_as_one_process_group(tiny_models, pairs_file, prefec
     ups = [t for k, t in lora.items() if "lora_B" in k or "lora.up" in k]
     assert ups and any(t.abs().max() > 0 for t in ups)  # LoRA's up-projections start at zero: training moved them
     assert not list(Path(out).glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("processes, cpus, preset, threads", [(2, 8, None, "4"), (3, 2, None, "1"), (3, None, None, "1"),
+                                                               (2, 8, "3", "3"), (1, 8, None, None)])
+def test_trainers_on_one_machine_share_its_cores(tiny_models, pairs_file, tmp_path, monkeypatch,  # noqa: F811
+                                                 processes, cpus, preset, threads):
+    # each trainer's torch would start a thread per core: N of them on one machine oversubscribe it N times
+    import richpref.training.launcher as launcher
+
+    started = []
+
+    def spawn(cmd, *, name, env, log_path):
+        started.append(env)
+        raise RuntimeError("not started")
+
+    monkeypatch.setattr(launcher, "spawn_owned", spawn)
+    monkeypatch.setattr(launcher.os, "cpu_count", lambda: cpus)
+    env = {} if preset is None else {"OMP_NUM_THREADS": preset}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with pytest.raises(RuntimeError, match="not started"):
+        launcher.launch_training(tiny_config(tiny_models, pairs_file), tmp_path / "run", num_processes=processes, env=env)
+    assert started[0].get("OMP_NUM_THREADS") == threads
