@@ -8,10 +8,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from richpref.views.inspect import connect, status, summary
+from relabel_helpers import _flip_rate
+from richpref.views.inspect import connect, format_summary, status, summary
 
 
 def test_summary_counts_add_up(finished_run, runs_dir):
@@ -24,6 +26,16 @@ def test_summary_counts_add_up(finished_run, runs_dir):
         assert stages[a]["rows"] == stages[a]["kept"] + stages[a]["rejected"]
         assert sum(stages[a]["reasons"].values()) == stages[a]["rejected"]
     assert stages["score"]["rows"] == stages["check"]["kept"]  # every answered pair is scored, whatever the filter says
+    # the flip rate and the label counts, from the relabel and pairs tables read here
+    run = runs_dir / "runs" / "ref"
+    relabel = [r for p in sorted((run / "relabel").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert s["flip_rate"] == pytest.approx(_flip_rate(relabel))
+    labels = [x for p in sorted((run / "pairs").glob("part-*.parquet"))
+              for x in pq.read_table(p, columns=["label_0"]).column("label_0").to_pylist()]
+    assert s["label_0"] == {0: labels.count(0), 1: labels.count(1)} and len(labels) == stages["pairs"]["kept"]
+    printed = format_summary(s).splitlines()  # what every curate prints at its end
+    assert printed[-2:] == [f"flip rate (edit scored lower than the original): {_flip_rate(relabel):.1%}",
+                            f'pairs label_0 counts: {{"0": {labels.count(0)}, "1": {labels.count(1)}}}']
 
 
 def test_the_summary_counts_from_the_manifests_and_reads_only_relabel_and_pairs(finished_run, runs_dir):
