@@ -15,8 +15,8 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.doctor.checks import ModelProblem, check_key_inputs, resolve_models
     from richpref.tasks import stages_for
     from richpref.common.objstore import DataDirError
-    from richpref.recipes.rounds import (RoundsState, check_same_base, evaluate_overrides, finetune_overrides,
-                                         round_prompts)
+    from richpref.recipes.rounds import (RoundsState, check_continues, check_same_base, evaluate_overrides,
+                                         finetune_overrides, round_prompts)
     from richpref.training.finetune import PAIRS_SOURCE
     from richpref.training.setup import preflight as finetune_preflight
     from richpref.training.evaluation import preflight as evaluate_preflight
@@ -36,6 +36,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         tune = load_finetune_config(cfg.finetune, finetune_overrides(cfg, None, []))
         arch = finetune_preflight(tune.model_copy(update={"data": [s for s in tune.data if s.name != PAIRS_SOURCE]}))
         check_same_base(profile, tune, arch)  # round k > 1 samples with the tuned weights
+        check_continues(cfg, tune, arch)  # and fine-tunes from them
         # The evaluation after each round: its prompts, rewards and base model, before round 1 starts.
         evaluate_preflight(load_evaluate_config(cfg.evaluate, evaluate_overrides(cfg, [])))
         result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir,

@@ -112,25 +112,33 @@ def _files_digest(files: tuple[tuple[str, int, int], ...]) -> str:
     return h.hexdigest()
 
 
+def _fingerprint(files: list[Path]) -> str:
+    return _files_digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file())
+
+
 def weights_fingerprint(lora: str | None = None, unet: str | None = None) -> str:
     """sha256 of the tuned weights' bytes ("" without any): read once per file version."""
     if lora:
-        files = [lora_file(lora)]
-    elif unet:
-        d = unet_dir(unet)
-        files = sorted(f for f in d.iterdir() if f.is_file())
-    else:
-        return ""
-    stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _files_digest(stats)
+        return _fingerprint([lora_file(lora)])
+    if unet:
+        return _fingerprint(_folder_files(unet_dir(unet)))
+    return ""
 
 
 def tuned_fingerprint(path: str | os.PathLike) -> str:
-    """weights_fingerprint of the tuned weights at `path`, a LoRA or a full UNet (a file, its folder, or
-    a finetune output folder); TunedWeightsError when it holds neither."""
+    """weights_fingerprint of the tuned weights at `path`, a LoRA, a full UNet (a file, its folder, or a
+    finetune output folder) or the transformer of a full Flow-DPO output; TunedWeightsError when it
+    holds none of them."""
     try:
         return weights_fingerprint(lora=str(path))
     except TunedWeightsError:
+        transformer = _final(Path(path)) / "transformer"
+        if (transformer / "config.json").is_file():
+            return _fingerprint(_folder_files(transformer))
         return weights_fingerprint(unet=str(path))
 
 

@@ -116,6 +116,19 @@ def check_same_base(profile, tune, arch: str) -> None:
                          "the profile and the finetune config the same base model")
 
 
+def check_continues(cfg: RoundsConfig, tune, arch: str) -> None:
+    """Round k > 1 samples with round k-1's tuned weights and fine-tunes from them: flow-matching models
+    do both with a LoRA only (curate samples them with `sample.lora`; Flow-DPO's init_from continues a
+    LoRA). ValueError naming the fix, before round 1 rather than after it."""
+    from richpref.schemas.training import FLOW_ARCHS
+
+    if cfg.rounds > 1 and tune.mode == "full" and arch in FLOW_ARCHS:
+        raise ValueError(f"rounds: {cfg.rounds} rounds of a full fine-tune of {tune.model!r} (a {arch} flow-matching "
+                         "model): round 2 samples with round 1's weights and fine-tunes from them, which a flow-matching "
+                         "model does with a LoRA only; set the fine-tune's mode: lora (--set 'finetune_overrides="
+                         "[\"mode=lora\"]'), or rounds: 1")
+
+
 def finetune_overrides(cfg: RoundsConfig, previous: dict | None, earlier_pairs: list[str],
                        text_cache: str | None = None) -> list[str]:
     """Round k's finetune overrides: start from round k-1's weights; mix in earlier rounds' pairs; keep

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from ..schemas.training import FLOW_ARCHS
+
 UNET_ARCHS = ("sd15", "sdxl")
-FLOW_ARCHS = ("sd3", "flux", "qwen_image")
 # transformer class -> family, and the text-to-image pipeline whose encode_prompt / save_lora_weights it uses
 TRANSFORMER_FAMILY = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
                       "QwenImageTransformer2DModel": "qwen_image"}

@@ -226,6 +226,21 @@ def test_the_fine_tune_and_evaluation_of_each_round_are_checked_before_round_one
     assert named in capsys.readouterr().err
 
 
+def test_rounds_of_a_full_flow_dpo_fine_tune_are_refused_before_round_one(tiny_models, tmp_path, capsys, monkeypatch):
+    # before, round 1 curated and fine-tuned, then round 2 failed: it samples with round 1's weights as
+    # sample.unet, which names a UNet, and Flow-DPO continues LoRA runs only
+    import richpref.ops.entrypoints as entrypoints
+    from richpref.cli.commands import main
+
+    monkeypatch.setattr(entrypoints, "run_flow", lambda *a, **k: pytest.fail("round 1 started"))
+    sets = ["profile=tiny-flux", "finetune=finetune-tiny-flux", "evaluate=evaluate-tiny-flux", 'finetune_overrides=["mode=full"]']
+    args = ["--data-dir", str(tmp_path), "rounds", "--models-root", str(tiny_models), *(a for s in sets for a in ("--set", s))]
+    assert main(args) == 2
+    assert "rounds: 2 rounds of a full fine-tune of 'flux' (a flux flow-matching model)" in capsys.readouterr().err
+    monkeypatch.setattr(entrypoints, "run_flow", lambda *a, **k: {"markdown": "", "rounds_dir": "-"})
+    assert main([*args, "--set", "rounds=1"]) == 0  # one round continues from nothing
+
+
 def test_prompts_next_takes_each_rounds_slice_within_the_source_limit_and_offset(tmp_path):
     # before: a round's slice replaced source.limit, so round 2 of limit 8 and 6 prompts a round read
     # rows 6..11, past the rows the user had bounded the source to

@@ -137,6 +137,36 @@ def test_a_tuned_model_trained_again_in_its_folder_makes_new_images(tuned_model,
     assert _generation_key(cfg.models[0], ["a cat"], [0], cfg) != key
 
 
+def test_a_full_flow_dpo_fine_tune_is_evaluated_by_its_transformer(tiny_models, tmp_path):
+    # before: its images' key looked for the tuned weights in final/ or final/unet/ and the evaluation
+    # failed ("no diffusers UNet folder") on the final/transformer/ a full Flow-DPO run writes
+    import json
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from richpref.schemas.training import load_evaluate_config
+    from richpref.training.evaluation import _generation_key, generate_task
+
+    final = tmp_path / "run" / "final"
+    tuned = FluxTransformer2DModel.from_pretrained(tiny_models / "flux", subfolder="transformer")
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.mul_(1.5)  # other weights than the base's: other images
+    tuned.save_pretrained(final / "transformer")
+    (final / "finetune.json").write_text(json.dumps({"mode": "full", "arch": "flux", "steps": 1,
+                                                     "base_model_path": str(tiny_models / "flux")}))
+    cfg = load_evaluate_config("evaluate-tiny-flux", [f"models_root={tiny_models}", "steps=1", "height=32", "width=32",
+                                                      f"models=[{{name: base, path: flux}}, {{name: full, path: {tmp_path / 'run'}}}]"])
+    key = _generation_key(cfg.models[1], ["a cat"], [0], cfg)
+    images = {m.name: pq.read_table(generate_task.fn(m, ["a cat"], [0], cfg, str(tmp_path / "eval"))).column("image")[0]
+              for m in cfg.models}
+    assert images["full"] != images["base"]
+    weights = next((final / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")  # trained again: other bytes at the same path
+    assert _generation_key(cfg.models[1], ["a cat"], [0], cfg) != key
+
+
 def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path):
     from richpref.training.evaluation import preflight
     from richpref.models.runtime import ModelNotAvailable
