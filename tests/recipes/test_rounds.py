@@ -310,3 +310,27 @@ def test_the_rounds_table_puts_each_rounds_curate_figures_on_its_row():
         {"model": "base", "round": 0, "images": 2, "pickscore": 0.1, "flip_rate": None, "pairs_kept": None},
         {"model": "round-1", "round": 1, "images": 2, "pickscore": 0.2, "flip_rate": 0.25, "pairs_kept": 3},
         {"model": "round-2", "round": 2, "images": 2, "pickscore": 0.3, "flip_rate": 0.5, "pairs_kept": 4}]
+
+
+def test_each_rounds_overrides_sample_and_start_from_the_round_before(tmp_path):
+    from richpref.recipes.rounds import curate_overrides, finetune_overrides
+    from richpref.schemas.rounds import load_rounds_config
+
+    cfg = load_rounds_config(CONFIG, ["mix_previous=0.5", "models_root=/m"])
+    assert curate_overrides(cfg, 1, str(tmp_path), None, None) == ["source.limit=8"]  # round 1: the profile's model
+    lora, full = {"output_dir": "/r1", "mode": "lora"}, {"output_dir": "/r1", "mode": "full"}
+    assert curate_overrides(cfg, 2, str(tmp_path), lora, None)[1:] == ['sample.lora="/r1"', "sample.use_dataset_image=false"]
+    assert curate_overrides(cfg, 2, str(tmp_path), full, None)[1] == 'sample.unet="/r1"'
+    sliced = load_rounds_config(CONFIG, ["prompts=next", "prompts_per_round=1"])
+    second = curate_overrides(sliced, 2, str(tmp_path), None, [["a cat"], ["a dog"]])
+    path = tmp_path / "rounds" / "rounds-tiny" / "round-2" / "prompts.txt"
+    assert second[1:] == ['source.kind="prompts"', f'source.path="{path}"', "source.limit=null", "source.image_column=null",
+                          "source.pickapic_preferred=false"] and path.read_text() == "a dog\n"
+    assert finetune_overrides(cfg, None, []) == ['models_root="/m"']
+    second = finetune_overrides(cfg, lora, ["/runs/r1/pairs"], "/rounds")
+    assert second[:4] == ['models_root="/m"', 'text_cache_dir="/rounds"', 'init_from="/r1"', 'reference="init"']
+    assert json.loads(second[4].split("=", 1)[1]) == [{"name": "pairs", "path": "data/runs/demo/pairs", "split": "train",
+                                                       "weight": 1.0},
+                                                      {"name": "round-1", "path": "/runs/r1/pairs", "weight": 0.5}]
+    base = load_rounds_config(CONFIG, ["reference=base"])
+    assert finetune_overrides(base, lora, ["/runs/r1/pairs"])[1:] == ['init_from="/r1"', 'reference="base"']  # no mixing
