@@ -97,6 +97,10 @@ def unet_dir(path: str | os.PathLike) -> Path:
     for cand in (p, p / "unet"):
         if (cand / "config.json").exists():
             return cand
+    if (p / "transformer" / "config.json").exists():
+        raise TunedWeightsError(f"UNet weights {path}: a full fine-tune of a flow-matching transformer "
+                                "(final/transformer/), not a UNet; a flow-matching model samples and continues "
+                                "from tuned weights as a LoRA (sample.lora, init_from with mode: lora)")
     raise TunedWeightsError(f"UNet weights {path}: no diffusers UNet folder (config.json) there, in unet/ or in "
                             "final/unet/; give a full finetune output folder or a saved UNet")
 

@@ -146,6 +146,7 @@ def test_a_full_flow_dpo_fine_tune_is_evaluated_by_its_transformer(tiny_models, 
     from diffusers import FluxTransformer2DModel
 
     from richpref.schemas.training import load_evaluate_config
+    from richpref.models.tuned import TunedWeightsError, weights_fingerprint
     from richpref.training.evaluation import _generation_key, generate_task
 
     final = tmp_path / "run" / "final"
@@ -165,6 +166,10 @@ def test_a_full_flow_dpo_fine_tune_is_evaluated_by_its_transformer(tiny_models, 
     weights = next((final / "transformer").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes() + b" ")  # trained again: other bytes at the same path
     assert _generation_key(cfg.models[1], ["a cat"], [0], cfg) != key
+    # given to curate as sample.unet: named for what it is (before: "no diffusers UNet folder ... give a full
+    # finetune output folder", which it is)
+    with pytest.raises(TunedWeightsError, match=r"a full fine-tune of a flow-matching transformer .* as a LoRA \(sample.lora"):
+        weights_fingerprint(unet=str(tmp_path / "run"))
 
 
 def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path):
