@@ -131,11 +131,10 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
             f"data source {src.label!r} lacks column(s) {missing} (has {sorted(ds.column_names)}); "
             "training needs Pick-a-Pic columns caption, jpg_0, jpg_1, label_0"
         )
-    if need_mask and MASK_COLUMN not in ds.column_names:
-        raise DataError(
-            f"data source {src.label!r} has no {MASK_COLUMN!r} column, which loss_mask: edit_region needs: export "
-            f"the pairs again with a richpref that writes edit masks (export stage), or set loss_mask: none")
-    ds = ds.select_columns(list(PAIR_COLUMNS) + ([MASK_COLUMN] if need_mask else []))
+    masked = need_mask and MASK_COLUMN in ds.column_names
+    if need_mask and not masked:  # e.g. Pick-a-Pic pairs mixed with RPO's: no edit relates their two images
+        log.info("data source %s has no %s column: its pairs' loss covers the whole image", src.label, MASK_COLUMN)
+    ds = ds.select_columns(list(PAIR_COLUMNS) + ([MASK_COLUMN] if masked else []))
     if src.limit is not None:
         ds = ds.select(range(min(src.limit, len(ds))))
     labels = np.asarray(ds["label_0"], dtype=np.float64)
@@ -152,15 +151,17 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
         ds = ds.select(captioned)
     if len(ds) == 0:
         raise DataError(f"data source {src.label!r} has no usable pairs (no rows with label_0 in {{0, 1}} and a caption)")
-    if need_mask:
+    if masked:
         present = sum(m is not None for m in ds[MASK_COLUMN])
-        if present == 0:
-            raise DataError(f"data source {src.label!r}: every {MASK_COLUMN} is null, loss_mask: edit_region has no "
-                            "region to weight: export the pairs with edit masks, or set loss_mask: none")
         if present < len(ds):
             log.info("data source %s: %d of %d pairs have no edit_mask; their loss covers the whole image",
                      src.label, len(ds) - present, len(ds))
     return ds
+
+
+def has_masks(ds) -> bool:
+    """Whether a loaded source holds an edit mask for any of its pairs."""
+    return MASK_COLUMN in ds.column_names and any(m is not None for m in ds[MASK_COLUMN])
 
 
 def split_heldout(ds, fraction: float, seed: int, label: str):
@@ -339,7 +340,7 @@ class PairBatches(torch.utils.data.Dataset):
         for s in sorted({s for s, _ in where}):  # one batched read per source
             idx = [r for s2, r in where if s2 == s]
             cols = self.sources[s][idx]
-            names = PAIR_COLUMNS + ((MASK_COLUMN,) if self.masks else ())
+            names = PAIR_COLUMNS + ((MASK_COLUMN,) if MASK_COLUMN in self.sources[s].column_names else ())
             for k, r in enumerate(idx):
                 rows[(s, r)] = {c: cols[c][k] for c in names}
         samples = []
@@ -382,6 +383,10 @@ def load_sources(configs: list[PairSourceConfig], need_mask: bool = False) -> tu
         raise DataError("finetune.data is empty: give at least one Pick-a-Pic-format source (path or dataset)")
     sources = [load_pair_source(c, need_mask) for c in configs]
     labels = [c.label for c in configs]
+    if need_mask and not any(has_masks(ds) for ds in sources):
+        raise DataError(f"loss_mask: edit_region, but no pair of data source(s) {labels} has an {MASK_COLUMN}: there is "
+                        "no region to weight; export the pairs with edit masks (the export stage writes them), or set "
+                        "loss_mask: none")
     for c, ds in zip(configs, sources):
         log.info("data source %s: %d pairs, weight %g", c.label, len(ds), c.weight)
     return sources, labels

@@ -94,6 +94,7 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
                 f"model {cfg.model!r}: a full fine-tune of its {n / 1e9:.1f}B-parameter transformer (plus its "
                 "reference) does not fit one device: use mode: lora (the reference is then the same transformer "
                 "with adapters off), or set fsdp: true and gradient_checkpointing: true and launch on several GPUs")
+    masked = []  # per path source: whether its files hold edit masks
     for src in cfg.data:
         if src.path is None:
             continue  # a `datasets` source: checked when loaded
@@ -101,15 +102,22 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
         with ThreadPoolExecutor(8) as pool:  # one footer read each (a request each on an object store)
             footers = list(pool.map(_pair_footer, files, [src.label] * len(files)))
         check_has_pairs(src.label, src.path, sum(meta.num_rows for meta in footers), len(files))
+        with_mask = []
         for f, names in zip(files, (meta.schema.to_arrow_schema().names for meta in footers)):
             missing = [c for c in PAIR_COLUMNS if c not in names]
             if missing:
                 raise DataError(f"data source {src.label!r}: {f} lacks column(s) {missing} (has {sorted(names)}); "
                                 "training needs Pick-a-Pic columns caption, jpg_0, jpg_1, label_0")
-            if cfg.loss_mask == "edit_region" and MASK_COLUMN not in names:
-                raise DataError(f"data source {src.label!r}: {f} has no {MASK_COLUMN!r} column, which "
-                                "loss_mask: edit_region needs: export the pairs again with a richpref that writes "
-                                "edit masks (export stage), or set loss_mask: none")
+            with_mask.append(MASK_COLUMN in names)
+        if cfg.loss_mask == "edit_region" and any(with_mask) and not all(with_mask):  # one source reads as one table
+            raise DataError(f"data source {src.label!r}: {files[with_mask.index(False)]} has no {MASK_COLUMN!r} column "
+                            f"and {files[with_mask.index(True)]} has one: export the source's pairs again with a "
+                            "richpref that writes edit masks (export stage), or give them as two sources")
+        masked.append(all(with_mask))
+    if cfg.loss_mask == "edit_region" and len(masked) == len(cfg.data) and not any(masked):
+        raise DataError(f"loss_mask: edit_region, but no file of data source(s) {[s.label for s in cfg.data]} has an "
+                        f"{MASK_COLUMN!r} column: there is no region to weight; export the pairs again with a richpref "
+                        "that writes edit masks (export stage), or set loss_mask: none")
     return family
 
 

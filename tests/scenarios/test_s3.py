@@ -319,7 +319,7 @@ def test_the_finetune_preflight_reads_s3_pairs_footers_for_edit_masks_and_refuse
         fs.put_file(str(tmp_path / f"{name}.parquet"), f"{bucket}/{name}/part-00000.parquet")
     cfg = load_finetune_config("finetune-tiny-flux", ["loss_mask=edit_region"], models_root=str(tiny_models))
     assert preflight(with_pairs(cfg, f"s3://{bucket}/masked/")) == "flux"
-    with pytest.raises(ValueError, match="has no 'edit_mask' column"):
+    with pytest.raises(ValueError, match="has an 'edit_mask' column: there is no region to weight"):
         preflight(with_pairs(cfg, f"s3://{bucket}/plain/"))
     with pytest.raises(DataError, match="no .parquet files"):
         preflight(with_pairs(cfg, f"s3://{bucket}/nothing/"))

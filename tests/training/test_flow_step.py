@@ -291,7 +291,7 @@ def test_configs_for_another_family_are_refused_naming_the_fix(tiny_models, pair
     assert preflight(flow_config(tiny_models, pairs, "flux", mode="full", fsdp=True, gradient_checkpointing=True)) == "flux"
 
     # edit_region on pairs without edit masks
-    with pytest.raises(ValueError, match=r"no 'edit_mask' column.*set loss_mask: none"):
+    with pytest.raises(ValueError, match=r"no file of data source\(s\) \['pairs'\] has an 'edit_mask' column.*set loss_mask: none"):
         preflight(flow_config(tiny_models, pairs, "flux", loss_mask="edit_region"))
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from richpref.cli.commands import build_parser, main
 from richpref.schemas.rounds import load_rounds_config
-from richpref.schemas.training import load_evaluate_config, load_finetune_config
+from richpref.schemas.training import PairSourceConfig, load_evaluate_config, load_finetune_config
 from richpref.training.evaluation import preflight as evaluate_preflight
 from richpref.training.finetune import with_pairs
 from richpref.training.setup import preflight as finetune_preflight
@@ -98,6 +98,26 @@ def test_finetune_refuses_a_pairs_file_that_is_no_parquet_or_lacks_a_column_befo
     err = capsys.readouterr().err
     assert f"data source 'pairs': {pairs / 'b.parquet'} is not a readable Parquet file" in err and "magic bytes" in err
     assert not (data / "finetune").exists()
+
+
+def test_edit_region_needs_edit_masks_in_some_source_and_in_all_of_a_sources_files(tiny_models, tmp_path):
+    pair = {"caption": ["c"], "jpg_0": [b""], "jpg_1": [b""], "label_0": [1.0]}
+    for name, columns in (("masked", {**pair, "edit_mask": pa.array([None], pa.binary())}), ("plain", pair)):
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.table(columns), tmp_path / name / "part-00000.parquet")
+    cfg = load_finetune_config("finetune-tiny-flux", ["loss_mask=edit_region"], models_root=str(tiny_models))
+
+    def sources(*names: str):
+        return cfg.model_copy(update={"data": [PairSourceConfig(name=n, path=str(tmp_path / n)) for n in names]})
+
+    # before, a source without masks was refused beside a masked one: its pairs now weigh the whole image
+    assert finetune_preflight(sources("masked", "plain")) == "flux"
+    with pytest.raises(ValueError, match=r"edit_region, but no file of data source\(s\) \['plain'\] has an 'edit_mask'"):
+        finetune_preflight(sources("plain"))
+    pq.write_table(pa.table(pair), tmp_path / "masked" / "part-00001.parquet")  # one source, read as one table
+    with pytest.raises(ValueError, match=r"data source 'masked': .*part-00001.parquet has no 'edit_mask' column and "
+                                         r".*part-00000.parquet has one"):
+        finetune_preflight(sources("masked", "plain"))
 
 
 def test_a_lora_target_the_network_lacks_is_refused_before_the_launch(tiny_models):
