@@ -172,6 +172,18 @@ def test_a_full_flow_dpo_fine_tune_is_evaluated_by_its_transformer(tiny_models, 
         weights_fingerprint(unet=str(tmp_path / "run"))
 
 
+def test_full_unet_weights_are_refused_by_a_flow_matching_model(tuned_model, tiny_models):
+    from richpref.models.generator import TextToImage
+    from richpref.models.tuned import TunedWeightsError, apply_tuned
+
+    flux = TextToImage.load(str(tiny_models / "flux"), device="cpu")
+    try:
+        with pytest.raises(TunedWeightsError, match=r"is a flux_dev flow-matching transformer, not a UNet; give its tuned LoRA"):
+            apply_tuned(flux, unet=str(tuned_model))
+    finally:
+        flux.close()
+
+
 def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path):
     from richpref.training.evaluation import preflight
     from richpref.models.runtime import ModelNotAvailable
