@@ -30,6 +30,26 @@ def test_summary_table_means_and_win_rates_by_hand():
     assert "| tuned | 4 | 2.5000 | 5.5000 | 0.6250 | 0.7500 |" in md
 
 
+def test_every_image_has_its_own_seed_the_same_for_every_model():
+    from richpref.schemas.training import load_evaluate_config
+    from richpref.training.evaluation import image_plan
+
+    cfg = load_evaluate_config("evaluate-tiny", ["images_per_prompt=3", "seed=10"])
+    assert image_plan(["a cat", "a dog"], cfg) == (["a cat"] * 3 + ["a dog"] * 3, [10, 11, 12, 13, 14, 15],
+                                                   [0, 0, 0, 1, 1, 1])
+
+
+def test_the_images_key_follows_the_text_length_they_are_sampled_with(tiny_models):
+    from richpref.schemas.training import load_evaluate_config
+    from richpref.training.evaluation import _generation_key
+
+    def key(*overrides: str) -> str:
+        cfg = load_evaluate_config("evaluate-tiny-flux", [f"models_root={tiny_models}", *overrides])
+        return _generation_key(cfg.models[0], ["a cat"], [0], cfg)
+
+    assert len({key(), key("max_sequence_length=128"), key("max_sequence_length=null")}) == 3
+
+
 @pytest.fixture(scope="module")
 def tuned_model(tiny_models, tmp_path_factory):
     """A full DPO fine-tune of the tiny SD 1.5: 2 steps with a large lr, so its images differ."""
