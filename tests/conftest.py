@@ -138,6 +138,16 @@ def paths(tiny_models):
 
 
 @pytest.fixture
+def tiny_flux(tiny_models):
+    """The tiny FLUX.1 [dev] loaded as the sampler loads it (for tuned weights put into it), closed after."""
+    from richpref.models.generator import TextToImage
+
+    flux = TextToImage.load(str(tiny_models / "flux"), device="cpu")
+    yield flux
+    flux.close()
+
+
+@pytest.fixture
 def release_resident():
     """After the test, release the resident image model (models.runtime.resident)."""
     from richpref.models.runtime import resident

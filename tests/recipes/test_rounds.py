@@ -57,11 +57,10 @@ def test_round_two_samples_with_round_one_weights(two_rounds):
     assert all(base[i][1] != tuned[i][1] for i in base), "round 2 sampled as the base model: the LoRA is not applied"
 
 
-def test_round_one_weights_are_refused_by_a_sampler_of_another_family(two_rounds, tiny_models):
+def test_round_one_weights_are_refused_by_a_sampler_of_another_family(two_rounds, tiny_models, tiny_flux):
     # before, diffusers loaded none of the SD 1.5 LoRA into FLUX.1 (and said so only in a log line),
     # and the untuned FLUX.1 sampled under the LoRA's name
     from richpref.doctor.checks import resolve_models
-    from richpref.models.generator import TextToImage
     from richpref.models.tuned import TunedWeightsError, apply_tuned
     from richpref.schemas.config import ProfileError, load_profile
 
@@ -76,12 +75,8 @@ def test_round_one_weights_are_refused_by_a_sampler_of_another_family(two_rounds
     models = f"models=[{{name: base, path: flux}}, {{name: t, path: flux, lora: {tuned}}}]"
     with pytest.raises(ValueError, match=r"evaluate model 't': its lora .* was tuned on a sd15 model, and this is a flux_dev checkpoint \(flux\)"):
         preflight(load_evaluate_config("evaluate-tiny-flux", [f"models_root={tiny_models}", models]))
-    flux = TextToImage.load(str(tiny_models / "flux"), device="cpu")
-    try:
-        with pytest.raises(TunedWeightsError, match=r"none of its weights fit this pipeline's transformer \(FluxTransformer2DModel\)"):
-            apply_tuned(flux, lora=str(tuned))
-    finally:
-        flux.close()
+    with pytest.raises(TunedWeightsError, match=r"none of its weights fit this pipeline's transformer \(FluxTransformer2DModel\)"):
+        apply_tuned(tiny_flux, lora=str(tuned))
 
 
 def test_table_has_base_and_both_rounds(two_rounds):

@@ -192,16 +192,11 @@ def test_a_full_flow_dpo_fine_tune_is_evaluated_by_its_transformer(tiny_models, 
         weights_fingerprint(unet=str(tmp_path / "run"))
 
 
-def test_full_unet_weights_are_refused_by_a_flow_matching_model(tuned_model, tiny_models):
-    from richpref.models.generator import TextToImage
+def test_full_unet_weights_are_refused_by_a_flow_matching_model(tuned_model, tiny_flux):
     from richpref.models.tuned import TunedWeightsError, apply_tuned
 
-    flux = TextToImage.load(str(tiny_models / "flux"), device="cpu")
-    try:
-        with pytest.raises(TunedWeightsError, match=r"is a flux_dev flow-matching transformer, not a UNet; give its tuned LoRA"):
-            apply_tuned(flux, unet=str(tuned_model))
-    finally:
-        flux.close()
+    with pytest.raises(TunedWeightsError, match=r"is a flux_dev flow-matching transformer, not a UNet; give its tuned LoRA"):
+        apply_tuned(tiny_flux, unet=str(tuned_model))
 
 
 def test_preflight_refuses_pair_rewards_and_missing_models(tiny_models, tmp_path):
