@@ -15,7 +15,7 @@ from flows.curate import curate
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from richpref.recipes.rounds import (RoundsState, curate_overrides, curate_stats, evaluate_overrides, finetune_dir,
-                                     finetune_overrides, inject_fault, round_prompts, round_run, rounds_dir,
+                                     finetune_overrides, inject_fault, preflight, round_run, rounds_dir,
                                      rounds_table, write_table)
 from richpref.schemas.rounds import load_rounds_config
 from richpref.run.storage import RunStore
@@ -31,9 +31,9 @@ def rounds(config: str = "rounds-tiny", overrides: list[str] | None = None, data
     from prefect.artifacts import create_table_artifact
 
     cfg = load_rounds_config(config, overrides, models_root)
-    # every round's prompts, read once: a source too short for the last round fails here, not after round 1
-    slices = round_prompts(cfg) if cfg.prompts == "next" else None
     state = RoundsState(data_dir, cfg)
+    # every round's models, prompts (read once), fine-tune and evaluation: what fails, fails before round 1
+    slices = preflight(cfg)
     out = rounds_dir(data_dir, cfg)
     finished: list[dict] = []
     result: dict = {"rounds_dir": str(out), "table": [], "markdown": ""}

@@ -9,36 +9,18 @@ from richpref.cli.errors import fail
 def cmd_rounds(args: argparse.Namespace) -> int:
     from richpref.ops.entrypoints import ROUNDS, run_flow
     from richpref.models.runtime import ModelNotAvailable
-    from richpref.schemas.config import ProfileError, load_profile
+    from richpref.schemas.config import ProfileError
     from richpref.schemas.rounds import load_rounds_config
-    from richpref.schemas.training import load_evaluate_config, load_finetune_config
-    from richpref.doctor.checks import ModelProblem, check_key_inputs, resolve_models
-    from richpref.tasks import stages_for
+    from richpref.doctor.checks import ModelProblem
     from richpref.common.objstore import DataDirError
-    from richpref.recipes.rounds import (RoundsState, check_continues, check_same_base, evaluate_overrides,
-                                         finetune_overrides, round_prompts)
-    from richpref.training.finetune import PAIRS_SOURCE
-    from richpref.training.setup import preflight as finetune_preflight
-    from richpref.training.evaluation import preflight as evaluate_preflight
+    from richpref.recipes.rounds import RoundsState, preflight
     from richpref.run.runner import CurateFailed
     from richpref.training.launcher import LaunchFailed
 
     try:
         cfg = load_rounds_config(args.config, args.set, args.models_root)  # bad configs fail before Prefect starts
         RoundsState(args.data_dir, cfg)  # its fine-tunes and table are local files; a name another config used
-        # The first round curates with every model of the profile: they resolve before it starts.
-        profile = load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
-        resolve_models(profile)
-        check_key_inputs(profile, stages_for(profile))  # its prompt templates
-        if cfg.prompts == "next":
-            round_prompts(cfg)  # every round has source rows (a short source fails before round 1, not after)
-        # Round 1's fine-tune: its model, its family and its other pairs sources (its own pairs come later).
-        tune = load_finetune_config(cfg.finetune, finetune_overrides(cfg, None, []))
-        arch = finetune_preflight(tune.model_copy(update={"data": [s for s in tune.data if s.name != PAIRS_SOURCE]}))
-        check_same_base(profile, tune, arch)  # round k > 1 samples with the tuned weights
-        check_continues(cfg, tune, arch)  # and fine-tunes from them
-        # The evaluation after each round: its prompts, rewards and base model, before round 1 starts.
-        evaluate_preflight(load_evaluate_config(cfg.evaluate, evaluate_overrides(cfg, [])))
+        preflight(cfg)  # every round's models, prompts, fine-tune and evaluation (the flow checks them too)
         result = run_flow(ROUNDS, config=args.config, overrides=args.set, data_dir=args.data_dir,
                           models_root=args.models_root)
     except (ProfileError, ModelNotAvailable, ModelProblem, DataDirError, ValueError) as exc:

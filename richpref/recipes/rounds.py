@@ -80,6 +80,31 @@ def round_prompts(cfg: RoundsConfig) -> list[list[str]]:
     return slices
 
 
+def preflight(cfg: RoundsConfig) -> list[list[str]] | None:
+    """What every round needs, checked before round 1 (by the command before Prefect starts, and by the
+    flow, which deployments run): round 1's models and prompt templates, the source's rows for every round,
+    the fine-tune's model, family and other pairs sources, that later rounds can sample and fine-tune from
+    the tuned weights, and the evaluation. Raises ProfileError, ModelNotAvailable, ModelProblem,
+    DataDirError or ValueError naming the problem. Returns every round's prompts (`prompts: next`), else None."""
+    from richpref.doctor.checks import check_key_inputs, resolve_models
+    from richpref.tasks import stages_for
+    from richpref.training.evaluation import preflight as evaluate_preflight
+    from richpref.training.finetune import PAIRS_SOURCE
+    from richpref.training.setup import preflight as finetune_preflight
+
+    profile = load_profile(cfg.profile, cfg.curate_overrides, cfg.models_root)
+    resolve_models(profile)
+    check_key_inputs(profile, stages_for(profile))
+    slices = round_prompts(cfg) if cfg.prompts == "next" else None
+    # round 1's fine-tune without its own pairs, which round 1 makes
+    tune = load_finetune_config(cfg.finetune, finetune_overrides(cfg, None, []))
+    arch = finetune_preflight(tune.model_copy(update={"data": [s for s in tune.data if s.name != PAIRS_SOURCE]}))
+    check_same_base(profile, tune, arch)
+    check_continues(cfg, tune, arch)
+    evaluate_preflight(load_evaluate_config(cfg.evaluate, evaluate_overrides(cfg, [])))
+    return slices
+
+
 def prompt_slice(cfg: RoundsConfig, k: int, data_dir: str, prompts: list[str]) -> str:
     """Round k's prompts (`round_prompts(cfg)[k - 1]`) as a prompts file; returns its path."""
     path = rounds_dir(data_dir, cfg) / f"round-{k}" / "prompts.txt"

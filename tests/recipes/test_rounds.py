@@ -236,6 +236,19 @@ def test_rounds_of_a_full_flow_dpo_fine_tune_are_refused_before_round_one(tiny_m
     assert main([*args, "--set", "rounds=1"]) == 0  # one round continues from nothing
 
 
+def test_the_flow_checks_every_round_before_round_one(prefect_harness, tiny_models, tmp_path, monkeypatch):
+    # a deployment runs the flow without the command: before, it curated and fine-tuned round 1 of a
+    # full Flow-DPO fine-tune, then failed in round 2
+    import flows.rounds as rounds_flow
+    from richpref.ops.entrypoints import ROUNDS, load_flow
+
+    monkeypatch.setattr(rounds_flow, "curate", lambda **k: pytest.fail("round 1 started"))
+    sets = ["profile=tiny-flux", "finetune=finetune-tiny-flux", "evaluate=evaluate-tiny-flux",
+            'finetune_overrides=["mode=full"]', f"models_root={tiny_models}"]
+    with pytest.raises(ValueError, match="rounds: 2 rounds of a full fine-tune of 'flux'"):
+        load_flow(ROUNDS)(config=CONFIG, overrides=sets, data_dir=str(tmp_path))
+
+
 def test_prompts_next_takes_each_rounds_slice_within_the_source_limit_and_offset(tmp_path):
     # before: a round's slice replaced source.limit, so round 2 of limit 8 and 6 prompts a round read
     # rows 6..11, past the rows the user had bounded the source to
