@@ -263,7 +263,8 @@ def find_profile(name_or_path: str, kind: str = "profile", folder: Path | None =
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """`stage.key=value` strings (value parsed as YAML) applied on top of the profile's YAML."""
+    """`stage.key=value` strings (value parsed as YAML) applied on top of the profile's YAML. A number
+    steps into a list (`models.1.path=...`: the second entry's path)."""
     for item in overrides or []:
         if "=" not in item:
             raise ProfileError(f"override {item!r} must look like section.key=value (e.g. edit.strength=0.6)")
@@ -271,11 +272,23 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         keys = dotted.strip().split(".")
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
+            key = _key_in(node, k, item)
+            if isinstance(node, dict):
+                node.setdefault(key, {})
+            node = node[key]
+            if not isinstance(node, (dict, list)):
                 raise ProfileError(f"override {item!r}: {k!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[_key_in(node, keys[-1], item)] = yaml.safe_load(raw)
     return data
+
+
+def _key_in(node: dict | list, k: str, item: str) -> str | int:
+    if isinstance(node, dict):
+        return k
+    if not (k.isdigit() and int(k) < len(node)):
+        raise ProfileError(f"override {item!r}: {k!r} is not an entry of a list of {len(node)}: give its index, "
+                           f"0 to {len(node) - 1}, or set the whole list")
+    return int(k)
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict:

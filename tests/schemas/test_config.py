@@ -11,7 +11,7 @@ import pytest
 
 from richpref.run.runner import content_key
 from richpref.schemas.config import (CheckConfig, FilterConfig, Profile, ProfileError, RelabelConfig, ScoreConfig,
-                                     load_profile)
+                                     apply_overrides, load_profile)
 from richpref.tasks import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,6 +147,19 @@ def test_a_field_added_after_runs_were_keyed_is_in_the_key_only_when_set():
 
 def test_an_override_value_may_hold_an_equals_sign():
     assert load_profile("tiny", ["edit.joiner=a=b"]).edit.joiner == "a=b"
+
+
+def test_an_override_steps_into_a_list_by_index():
+    # before: `--set models.1.path=...` was refused ("'models' is not a section"); the whole list had to be given
+    data = {"models": [{"name": "base", "path": "sd15"}, {"name": "tuned", "path": "a"}], "tags": ["x", "y"]}
+    out = apply_overrides(data, ["models.1.path=b", "models.0.lora=l", "tags.0=z"])
+    assert out == {"models": [{"name": "base", "path": "sd15", "lora": "l"}, {"name": "tuned", "path": "b"}],
+                   "tags": ["z", "y"]}
+    for bad in ("models.2.path=c", "models.tuned.path=c", "tags.-1=c"):
+        with pytest.raises(ProfileError, match=r"is not an entry of a list of 2: give its index, 0 to 1"):
+            apply_overrides(data, [bad])
+    with pytest.raises(ProfileError, match="'name' is not a section"):
+        apply_overrides(data, ["models.0.name.x=1"])
 
 
 def test_a_profile_extends_a_yaml_beside_it_from_any_working_folder(tmp_path, monkeypatch):
