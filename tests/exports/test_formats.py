@@ -255,11 +255,12 @@ def test_rerun_is_idempotent_and_drops_files_no_longer_exported(run_dir, tmp_pat
 
 def test_same_item_twice_gets_two_names(tmp_path):
     data = tmp_path / "data"
-    two = [row("x", "a kite", RED, BLUE, 1, c0=-1, c1=0), row("x", "a kite", RED, GREEN, 0, c0=-1, c1=1)]
+    # the original against its second edit, and two edits (the names come from the candidates, not the rows)
+    two = [row("x", "a kite", RED, BLUE, 1, c0=-1, c1=1), row("x", "a kite", RED, GREEN, 0, c0=0, c1=2)]
     write_shard(RunStore(str(data), "two"), "pairs", 0, rows_to_table(two, SCHEMA), key="k")
     export_run(str(data), "two", "kohya-wl", tmp_path / "k")
     got = kohya_pairs(str(tmp_path / "k" / "1_pairs"), ".txt")
-    assert got == {"x__orig_e0": ("a kite", RED, BLUE), "x__orig_e1": ("a kite", GREEN, RED)}
+    assert got == {"x__orig_e1": ("a kite", RED, BLUE), "x__e0_e2": ("a kite", GREEN, RED)}
 
 
 def test_cli_prints_counts_and_refuses_a_run_without_pairs(run_dir, tmp_path, capsys):
