@@ -29,12 +29,12 @@ class RunPlan:
         return all(not s.todo and not s.blocked for s in self.stages)
 
     def format(self) -> str:
-        w = max([10, *(len(s.stage) for s in self.stages)])
+        w = max([10, *(len(s.table or s.stage) for s in self.stages)])
         lines = [f"run {self.run}: " + ("up to date, nothing to compute" if self.up_to_date else "work to do")
                  + f" (checked in {self.seconds:.2f}s)",
                  f"{'stage':<{w}} {'done':>5} {'todo':>5} {'blocked':>8}"]
-        for s in self.stages:
-            lines.append(f"{s.stage:<{w}} {len(s.done):>5} {len(s.todo):>5} {len(s.blocked):>8}"
+        for s in self.stages:  # named as `richpref status` names them
+            lines.append(f"{s.table or s.stage:<{w}} {len(s.done):>5} {len(s.todo):>5} {len(s.blocked):>8}"
                          + (f"  todo: {_ranges(s.todo)}" if s.todo else ""))
         return "\n".join(lines)
 

@@ -378,6 +378,7 @@ class StagePlan:
     done: list[int] = field(default_factory=list)
     todo: list[int] = field(default_factory=list)  # inputs known, output missing or computed for another key
     blocked: list[int] = field(default_factory=list)  # waits on an input shard that is itself to do
+    table: str = ""  # what the stage writes, the name status and inspect show (export: pairs)
 
 
 def plan_stages(stages: tuple[Stage, ...], profile: Profile, store: RunStore) -> list[StagePlan]:
@@ -389,7 +390,7 @@ def plan_stages(stages: tuple[Stage, ...], profile: Profile, store: RunStore) ->
         state = stage_state(stage, profile, store, done, pending)
         done[stage.out] = state.done
         pending[stage.out] = set(state.todo) | set(state.blocked)
-        plans.append(StagePlan(stage.name, sorted(state.done), sorted(state.todo), state.blocked))
+        plans.append(StagePlan(stage.name, sorted(state.done), sorted(state.todo), state.blocked, stage.out))
     return plans
 
 

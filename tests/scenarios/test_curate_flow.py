@@ -273,7 +273,11 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
     lines = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()[2:]}
     assert lines["sample"] == ["3", "0", "0"] and lines["critique"] == ["2", "1", "0"]
     for later in stages_from("instruct"):
-        assert lines[later] == ["2", "0", "1"], later
+        assert lines[ALL_STAGES[[s.name for s in ALL_STAGES].index(later)].out] == ["2", "0", "1"], later
+    # named as status names them (before: `export` here, `pairs` there)
+    assert main(["--data-dir", str(runs_dir), "status", "planned"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[2:]]
+    assert list(lines) == [r[0] for r in rows if len(r) == 5 and r[1].isdigit()]
     # a changed edit config: edit and later are to do (or blocked), nothing before
     assert main([*argv, "--set", "edit.strength=0.5", "--plan"]) == 0
     lines = {ln.split()[0]: ln.split()[1:4] for ln in capsys.readouterr().out.splitlines()[2:]}
