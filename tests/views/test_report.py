@@ -136,6 +136,42 @@ def test_every_query_in_the_docs_runs_against_a_run(finished_run, runs_dir):
         con.execute(q.replace("<item_id>", item)).fetchall()
 
 
+def _read(run: Path, table: str) -> list[dict]:
+    return [r for p in sorted((run / table).glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def test_each_edit_of_the_report_shows_its_filter_verdict_choice_and_export(finished_run, runs_dir):
+    """Read from the run's tables here: per edit, the filter's verdict, the side relabel chose (framed),
+    whether it flipped and whether a pair holds it; and the counts above the pairs."""
+    import re
+
+    from richpref.views.report import build_report
+
+    run = runs_dir / "runs" / "ref"
+    page = build_report(str(runs_dir), "ref")
+    verdicts = {(r["item_id"], r["candidate"]): r["verdict"] for r in _read(run, "filter")}
+    relabel = {(r["item_id"], r["candidate"]): r for r in _read(run, "relabel") if r["status"] == "ok"}
+    exported = {(r["item_id"], c) for r in _read(run, "pairs") for c in (r["candidate_0"], r["candidate_1"])}
+    edits = sorted((r["item_id"], r["candidate"]) for r in _read(run, "edit"))
+    blocks = re.findall(r'<div class="pair" data-verdict="([^"]*)" data-flipped="(\w+)" data-exported="(\w+)" '
+                        r'data-item="([^"]*)" data-candidate="(-?\d+)">(.*?)</div></div>', page, re.S)
+    assert [(item, int(c)) for *_, item, c, _ in blocks] == edits
+    assert len(relabel) > 0 and any(r["flipped"] for r in relabel.values()) and exported
+    for verdict, flipped, in_pairs, item, c, body in blocks:
+        key = (item, int(c))
+        assert verdict == (verdicts.get(key) or "none")
+        r = relabel.get(key)
+        assert flipped == str(bool(r and r["flipped"])).lower()
+        assert in_pairs == str(key in exported).lower()
+        framed = re.findall(r'<img alt="(original|edited)" src="[^"]*" class="chosen">', body)
+        assert framed == ([] if r is None else ["original" if r["chosen"] == 0 else "edited"])
+        assert ("original (flipped)" in body) == bool(r and r["chosen"] == 0)
+    kept = sum(v == "keep" for v in verdicts.values())
+    flips = sum(bool(r["flipped"]) for r in relabel.values())
+    assert (f"{len(edits)} edits, {kept} kept by the filter, {len(exported & set(edits))} in exported pairs, "
+            f"{flips} flipped") in page
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
