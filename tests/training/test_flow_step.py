@@ -221,6 +221,35 @@ def test_flux_lora_loads_into_the_flux_pipeline(tiny_models, pairs, tmp_path):
     assert np.abs(after - before).mean() > 1e-5
 
 
+def test_a_flow_dpo_run_resumed_from_its_checkpoint_trains_as_if_never_stopped(tiny_models, pairs, tmp_path):
+    # the LoRA, its optimizer, the data position and the noise and sigma draws all come back from checkpoint-2
+    from safetensors.torch import load_file
+
+    from richpref.training.train import train
+
+    def run(out, steps):
+        return train(flow_config(tiny_models, pairs, "flux", max_train_steps=steps, checkpointing_steps=2,
+                                 train_batch_size=2), out)
+
+    run(tmp_path / "whole", 4)
+    run(tmp_path / "parts", 2)
+    run(tmp_path / "parts", 4)  # trained longer: resumes from checkpoint-2
+    whole, parts = (metrics_of(tmp_path / d) for d in ("whole", "parts"))
+    assert [r.get("resumed_from") for r in parts if r["step"] > 2] == [2, 2]
+    later = [r for r in parts if r["step"] > 2]
+    assert [r["step"] for r in whole] == [1, 2, 3, 4] and [r["step"] for r in later] == [3, 4]
+    for a, b in zip(whole[2:], later):
+        for key in ("loss", "implicit_acc", "reward_margin", "grad_norm", "samples_seen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    final = [load_file(tmp_path / d / "final" / "pytorch_lora_weights.safetensors") for d in ("whole", "parts")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.allclose(final[0][k], final[1][k], atol=1e-7) for k in final[0])
+
+
+def metrics_of(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r and "step" in r]
+
+
 def test_captions_are_encoded_before_the_transformer_loads(tiny_models, pairs, tmp_path, monkeypatch):
     # before, the text encoders (T5-XXL, Qwen2.5-VL-7B) loaded beside the transformer and its training state
     from richpref.training import setup, text_cache
