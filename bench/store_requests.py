@@ -101,7 +101,7 @@ def fake_run(store, profile, stages) -> None:
 
 def plan_requests(n: int, data_dir: str, work: Path, s3=None) -> dict:
     from richpref.schemas.config import load_profile
-    from richpref.run.runner import plan_stages
+    from richpref.run.plan import plan_stages
     from richpref.run.storage import RunStore
     from richpref.tasks import ALL_STAGES
 

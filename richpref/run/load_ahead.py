@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from richpref.run.gpu_claims import compute_turn, takes_turns
 
 if TYPE_CHECKING:
-    from richpref.run.runner import StagePlan
+    from richpref.run.plan import StagePlan
     from richpref.run.storage import RunStore
     from richpref.schemas.config import Profile
     from richpref.tasks.base import Stage

@@ -1,20 +1,58 @@
 """What a curate run would compute, worked out from the shard manifests alone (no Prefect, no model).
 
 The shard runner's own rule (richpref/run/runner.py), applied ahead of the flow: a shard is done when its
-manifest carries the content key the flow would compute for it now. A shard whose inputs are
-themselves to be computed cannot be keyed yet: it is `blocked`. `richpref curate --plan` prints this;
-`richpref curate` uses it to return at once, without starting Prefect, when a finished run is up to
-date. No shard's bytes are read.
+manifest carries the content key the flow would compute for it now. A key follows the input shards'
+keys, never their bytes, so a shard whose inputs are to be computed is keyed with the keys they will be
+committed for: it is done when its manifest carries that key (an input redone after its file was lost
+leaves it as it is), and otherwise `blocked` until its inputs are. `richpref curate --plan` prints
+this, `richpref status` counts from it; `richpref curate` uses it to return at once, without starting
+Prefect, when a finished run is up to date. No shard's bytes are read.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from richpref.schemas.config import Profile, profile_hash
 from richpref.run.run_state import covers
-from richpref.run.runner import StagePlan, plan_stages
+from richpref.run.runner import is_current, key_from_input_keys, stage_manifests
 from richpref.run.storage import RunStore
+from richpref.tasks.base import Stage
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    done: list[int] = field(default_factory=list)  # committed for the key they have (or will have) now
+    todo: list[int] = field(default_factory=list)  # inputs ready, output missing or computed for another key
+    blocked: list[int] = field(default_factory=list)  # to compute once an input shard is (computed or kept)
+    table: str = ""  # what the stage writes, the name status and inspect show (export: pairs)
+
+
+def plan_stages(stages: tuple[Stage, ...], profile: Profile, store: RunStore) -> list[StagePlan]:
+    """Per stage: shards done, to do, or blocked on an input to do; from the manifests alone."""
+    keys: dict[str, dict[int, str]] = {}  # per table, each shard's key now (done, to do or blocked)
+    ready: dict[str, set[int]] = {}  # done shards whose inputs are done too: the run can read them now
+    plans = []
+    for stage in stages:
+        plan, keys[stage.out], ready[stage.out] = StagePlan(stage.name, table=stage.out), {}, set()
+        have = stage_manifests(store, stage.out)
+        candidates = (range(stage.count_shards(profile)) if not stage.reads
+                      else sorted(set.union(*(set(keys[r]) for r in stage.reads))))
+        for s in candidates:
+            if any(s not in keys[r] for r in stage.reads):  # an input shard nothing makes: no key
+                plan.blocked.append(s)
+                continue
+            key = keys[stage.out][s] = key_from_input_keys(stage, profile, s, {r: keys[r][s] for r in stage.reads})
+            inputs_ready = all(s in ready[r] for r in stage.reads)
+            if is_current(have.get(s), key):
+                plan.done.append(s)
+                if inputs_ready:
+                    ready[stage.out].add(s)
+            else:
+                (plan.todo if inputs_ready else plan.blocked).append(s)
+        plans.append(plan)
+    return plans
 
 
 @dataclass

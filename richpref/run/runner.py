@@ -76,6 +76,11 @@ class ShardManifest:
 def content_key(stage: Stage, profile: Profile, shard: int, inputs: dict[str, ShardManifest]) -> str:
     """Same key <=> same output: code version, effective config, shard, input shards' keys. A stage
     that reads no stage (the source) keys each shard itself, from the rows it reads."""
+    return key_from_input_keys(stage, profile, shard, {name: inputs[name].key for name in stage.reads})
+
+
+def key_from_input_keys(stage: Stage, profile: Profile, shard: int, input_keys: dict[str, str]) -> str:
+    """content_key from the input shards' keys alone (a plan knows them before the inputs are committed)."""
     if stage.shard_key is not None:
         return stage.shard_key(profile, shard)
     payload = {
@@ -85,7 +90,7 @@ def content_key(stage: Stage, profile: Profile, shard: int, inputs: dict[str, Sh
                               else getattr(profile, stage.section)),
         "extra": stage.key_extra(profile),
         "shard": shard,
-        "inputs": {name: inputs[name].key for name in stage.reads},
+        "inputs": {name: input_keys[name] for name in stage.reads},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -348,15 +353,13 @@ class StageState:
 
 
 def stage_state(stage: Stage, profile: Profile, store: RunStore, upstream: dict[str, dict[int, ShardManifest]],
-                upstream_pending: dict[str, set[int]] | None = None, source_shards: int | None = None) -> StageState:
+                source_shards: int | None = None) -> StageState:
     """Which shards of `stage` are done, to do or blocked, given its input stages' done shards
-    (`upstream`) and, for a plan, the input shards still to do (`upstream_pending`: they block).
-    `source_shards`: a stage that reads no stage's shard count, when the caller has counted it."""
+    (`upstream`). `source_shards`: a stage that reads no stage's shard count, when the caller has
+    counted it. (A plan ahead of the run: richpref/run/plan.py.)"""
     state = StageState(stage.name)
-    pending = upstream_pending or {}
     count = source_shards if source_shards is not None else (0 if stage.reads else stage.count_shards(profile))
-    candidates = (range(count) if not stage.reads
-                  else sorted(set.union(*(set(upstream[r]) | pending.get(r, set()) for r in stage.reads))))
+    candidates = range(count) if not stage.reads else sorted(set.union(*(set(upstream[r]) for r in stage.reads)))
     have = stage_manifests(store, stage.out)
     for s in candidates:
         if any(s not in upstream[r] for r in stage.reads):
@@ -370,28 +373,6 @@ def stage_state(stage: Stage, profile: Profile, store: RunStore, upstream: dict[
         else:
             state.todo[s] = key
     return state
-
-
-@dataclass
-class StagePlan:
-    stage: str
-    done: list[int] = field(default_factory=list)
-    todo: list[int] = field(default_factory=list)  # inputs known, output missing or computed for another key
-    blocked: list[int] = field(default_factory=list)  # waits on an input shard that is itself to do
-    table: str = ""  # what the stage writes, the name status and inspect show (export: pairs)
-
-
-def plan_stages(stages: tuple[Stage, ...], profile: Profile, store: RunStore) -> list[StagePlan]:
-    """Per stage: shards done, to do, or blocked on an input to do; from the manifests alone."""
-    done: dict[str, dict[int, ShardManifest]] = {}
-    pending: dict[str, set[int]] = {}  # shards to compute: their keys are unknown yet
-    plans = []
-    for stage in stages:
-        state = stage_state(stage, profile, store, done, pending)
-        done[stage.out] = state.done
-        pending[stage.out] = set(state.todo) | set(state.blocked)
-        plans.append(StagePlan(stage.name, sorted(state.done), sorted(state.todo), state.blocked, stage.out))
-    return plans
 
 
 def shard_count_from_rows(rows: int, shard_size: int) -> int:

@@ -182,7 +182,7 @@ def status(data_dir: str, run: str) -> dict:
     Done is the runner's answer: committed for the key the shard has under the run's profile
     (profile.json); a run without its profile counts every committed shard. `stale`: the missing
     shards that are committed for another key (another config or richpref version)."""
-    from richpref.run.runner import plan_stages
+    from richpref.run.plan import plan_stages
     from richpref.schemas.config import Profile
     from richpref.tasks import ALL_STAGES, stages_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from richpref.run.load_ahead import LOADS_LOG, stage_to_load
-from richpref.run.runner import StagePlan
+from richpref.run.plan import StagePlan
 from richpref.run.storage import RunStore
 from richpref.schemas.config import load_profile
 from richpref.tasks import stages_for

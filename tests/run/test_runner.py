@@ -35,11 +35,12 @@ def test_plan_and_status_read_manifests_not_shard_bytes(finished_run, runs_dir, 
     # A shard without its manifest is not done (killed after its file, before its manifest).
     store.fs.rm(manifest_path(store, "edit", 2))
     plan = {s.stage: s for s in plan_run(profile, str(runs_dir), "unread").stages}
-    assert plan["edit"].todo == [2] and plan["cutout"].blocked == [2] and plan["instruct"].todo == []
+    assert plan["edit"].todo == [2] and plan["instruct"].todo == []
     assert 2 not in stage_manifests(store, "edit")
-    # status asks the runner too: cutout's shard 2 still has its manifest, but it waits on edit's.
-    st = {s["stage"]: s for s in status(str(runs_dir), "unread")["stages"]}
-    assert st["edit"]["missing"] == [2] and st["cutout"]["missing"] == [2] and st["instruct"]["missing"] == []
+    # edit's shard 2 is redone for the key it had, so cutout's shard 2 keeps its key: done, not blocked
+    assert plan["cutout"].done == [0, 1, 2] and not plan["cutout"].blocked
+    st = {s["stage"]: s for s in status(str(runs_dir), "unread")["stages"]}  # status asks the plan too
+    assert st["edit"]["missing"] == [2] and st["cutout"]["missing"] == [] and st["instruct"]["missing"] == []
 
 
 def test_views_read_committed_shards_only(finished_run, runs_dir):
