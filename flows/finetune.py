@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import flow
 
 from richpref.schemas.training import load_finetune_config
-from richpref.training.finetune import default_output_dir, summary_markdown, train_task, with_pairs
+from richpref.training.finetune import check_before_launch, default_output_dir, summary_markdown, train_task, with_pairs
 
 
 @flow(name="finetune")
@@ -28,6 +28,7 @@ def finetune(config: str = "finetune-tiny", pairs: str | None = None, output_dir
 
     cfg = with_pairs(load_finetune_config(config, overrides, models_root), pairs)
     out = output_dir or default_output_dir(cfg, data_dir, pairs_key)
+    check_before_launch(cfg, out)  # a bad config fails here naming the fix, not in each launch of the trainer
     meta = train_task(cfg, out, num_processes, max_restarts)
     final = str(Path(out) / "final")
     create_markdown_artifact(summary_markdown(cfg, meta, final), key="finetune-summary",

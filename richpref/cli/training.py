@@ -17,11 +17,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from richpref.schemas.config import ProfileError
     from richpref.schemas.training import load_finetune_config
     from richpref.common.objstore import DataDirError
-    from richpref.training.finetune import default_output_dir, with_pairs
+    from richpref.training.finetune import check_before_launch, default_output_dir, with_pairs
     from richpref.training.data import DataError
-    from richpref.training.launcher import LaunchFailed, check_fsdp_device
-    from richpref.training.setup import preflight
-    from richpref.training.checkpoints import check_resumable
+    from richpref.training.launcher import LaunchFailed
 
     import os
 
@@ -39,10 +37,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         cfg = with_pairs(load_finetune_config(args.config, args.set, args.models_root), args.pairs)
         if args.output_dir is None:
             default_output_dir(cfg, args.data_dir)  # a data dir on an object store holds no checkpoints
-        preflight(cfg)
-        check_fsdp_device(cfg)
-        # checkpoints of another config in the output folder: refused now, not after Prefect and accelerate start
-        check_resumable(cfg, args.output_dir or default_output_dir(cfg, args.data_dir))
+        # checkpoints of another config in the output folder too: refused now, not after Prefect starts
+        check_before_launch(cfg, args.output_dir or default_output_dir(cfg, args.data_dir))
         result = run_flow(FINETUNE, config=args.config, pairs=args.pairs, output_dir=args.output_dir,
                           overrides=args.set, num_processes=args.num_processes, max_restarts=args.max_restarts,
                           data_dir=args.data_dir, models_root=args.models_root)

@@ -1,7 +1,7 @@
 """The finetune flow's steps: the pairs source, the output folder, the training task, the summary.
 
-flows/finetune.py composes them; `richpref finetune` checks the config with `with_pairs` before
-Prefect starts.
+flows/finetune.py composes them; `richpref finetune` makes the flow's checks (check_before_launch) before
+Prefect starts too.
 """
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ def default_output_dir(cfg: FinetuneConfig, data_dir: str, pairs_key: str | None
     if pairs_key:
         name = f"{name}-{pairs_key[:12]}"
     return local_folder(data_dir, "finetune", name, what="finetune")
+
+
+def check_before_launch(cfg: FinetuneConfig, output_dir: str) -> str:
+    """What would fail in the trainer, refused before it launches (by `richpref finetune` before Prefect
+    starts, and by the flow, which deployments run): the model, its family and the data sources, the
+    FSDP device, and checkpoints of another config in `output_dir`. Returns the model's family."""
+    from richpref.training.checkpoints import check_resumable
+    from richpref.training.launcher import check_fsdp_device
+    from richpref.training.setup import preflight
+
+    arch = preflight(cfg)
+    check_fsdp_device(cfg)
+    check_resumable(cfg, output_dir)
+    return arch
 
 
 def last_metrics(output_dir: str) -> dict:

@@ -329,6 +329,22 @@ def test_finetune_flow_uses_the_pairs_and_is_a_noop_when_done(resumed_lora_run, 
     assert again["steps"] == 6 and len(metrics(out)) == 7  # nothing launched, nothing logged
 
 
+def test_the_flow_refuses_a_config_the_trainer_would_fail_on_before_launching(prefect_harness, tiny_models,
+                                                                              pairs_file, tmp_path):
+    # a deployment runs the flow without the command's checks: before, it launched the trainer twice (each
+    # failing on the config), then said "launch again to resume from the latest checkpoint"
+    import yaml
+
+    from flows.finetune import finetune
+    from richpref.training.flow_models import ArchMismatch
+
+    config = tmp_path / "ft.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_models, pairs_file).model_dump(mode="json")))
+    with pytest.raises(ArchMismatch, match="is a sd15 checkpoint but the config says arch: flux"):
+        finetune(config=str(config), output_dir=str(tmp_path / "out"), overrides=["arch=flux"])
+    assert not (tmp_path / "out" / "train.log").exists()
+
+
 def test_a_run_trained_longer_resumes_from_its_last_step(resumed_lora_run, pairs_file, tmp_path):
     # before: the last step saved no checkpoint, so 6 -> 8 steps resumed from step 4 and did 5 and 6 again
     import shutil
