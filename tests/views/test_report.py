@@ -166,6 +166,12 @@ def test_each_edit_of_the_report_shows_its_filter_verdict_choice_and_export(fini
         framed = re.findall(r'<img alt="(original|edited)" src="[^"]*" class="chosen">', body)
         assert framed == ([] if r is None else ["original" if r["chosen"] == 0 else "edited"])
         assert ("original (flipped)" in body) == bool(r and r["chosen"] == 0)
+        scored = [c[:-2] for c in (r or {}) if c.endswith("_0") and not c.startswith("candidate")
+                  and r[c] is not None and r.get(c[:-2] + "_1") is not None]
+        for name in scored:  # each score of both images, the composite in bold
+            label = "<b>composite</b>" if name == "composite" else name
+            assert f"<tr><td>{label}</td><td>{r[name + '_0']:.4g}</td><td>{r[name + '_1']:.4g}</td></tr>" in body
+        assert body.count("<tr>") == 1 + len(scored)
     kept = sum(v == "keep" for v in verdicts.values())
     flips = sum(bool(r["flipped"]) for r in relabel.values())
     assert (f"{len(edits)} edits, {kept} kept by the filter, {len(exported & set(edits))} in exported pairs, "
