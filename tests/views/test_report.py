@@ -143,6 +143,7 @@ def _read(run: Path, table: str) -> list[dict]:
 def test_each_edit_of_the_report_shows_its_filter_verdict_choice_and_export(finished_run, runs_dir):
     """Read from the run's tables here: per edit, the filter's verdict, the side relabel chose (framed),
     whether it flipped and whether a pair holds it; and the counts above the pairs."""
+    import html
     import re
 
     from richpref.views.report import build_report
@@ -153,6 +154,8 @@ def test_each_edit_of_the_report_shows_its_filter_verdict_choice_and_export(fini
     relabel = {(r["item_id"], r["candidate"]): r for r in _read(run, "relabel") if r["status"] == "ok"}
     exported = {(r["item_id"], c) for r in _read(run, "pairs") for c in (r["candidate_0"], r["candidate_1"])}
     edits = sorted((r["item_id"], r["candidate"]) for r in _read(run, "edit"))
+    critiques = {r["item_id"]: r["critique"] for r in _read(run, "critique")}
+    instructions = {r["item_id"]: r["instructions"] for r in _read(run, "instruct")}
     blocks = re.findall(r'<div class="pair" data-verdict="([^"]*)" data-flipped="(\w+)" data-exported="(\w+)" '
                         r'data-item="([^"]*)" data-candidate="(-?\d+)">(.*?)</div></div>', page, re.S)
     assert [(item, int(c)) for *_, item, c, _ in blocks] == edits
@@ -172,6 +175,8 @@ def test_each_edit_of_the_report_shows_its_filter_verdict_choice_and_export(fini
             label = "<b>composite</b>" if name == "composite" else name
             assert f"<tr><td>{label}</td><td>{r[name + '_0']:.4g}</td><td>{r[name + '_1']:.4g}</td></tr>" in body
         assert body.count("<tr>") == 1 + len(scored)
+        assert f"<i>critique:</i> {html.escape(critiques[item] or '')}</p>" in body
+        assert f"<ul>{''.join(f'<li>{html.escape(x)}</li>' for x in instructions[item] or [])}</ul>" in body
     kept = sum(v == "keep" for v in verdicts.values())
     flips = sum(bool(r["flipped"]) for r in relabel.values())
     assert (f"{len(edits)} edits, {kept} kept by the filter, {len(exported & set(edits))} in exported pairs, "
