@@ -258,3 +258,14 @@ def test_a_cutout_model_rembg_has_no_session_for_is_refused_before_any_stage(tin
                                            r"fix: set cutout.model to one of those sessions"):
         resolve_models(load_profile("tiny", ["cutout.model=nosuch"], str(tiny_models)))
     resolve_models(load_profile("tiny", ["cutout.model=sam"], str(tiny_models)), {"cutout"})  # rembg fetches its files
+
+
+def test_only_the_models_of_the_stages_with_work_are_resolved(tiny_models, tmp_path):
+    # a resumed run whose sample stage is done needs no sampler (curate resolves the stages its plan has work in)
+    from richpref.doctor.checks import ModelProblem, resolve_models
+    from richpref.schemas.config import load_profile
+
+    profile = load_profile("tiny", [f"sample.model={tmp_path / 'gone'}"], str(tiny_models))
+    resolve_models(profile, {"critique", "edit", "score"})
+    with pytest.raises(ModelProblem, match="sample: model .*gone"):
+        resolve_models(profile, {"sample", "edit"})
