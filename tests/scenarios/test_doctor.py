@@ -260,6 +260,22 @@ def test_a_cutout_model_rembg_has_no_session_for_is_refused_before_any_stage(tin
     resolve_models(load_profile("tiny", ["cutout.model=sam"], str(tiny_models)), {"cutout"})  # rembg fetches its files
 
 
+def test_a_stock_rembg_model_missing_offline_is_refused_naming_where_it_goes(tiny_models, tmp_path, monkeypatch):
+    import re
+
+    from richpref.doctor.checks import ModelProblem, resolve_models
+    from richpref.schemas.config import load_profile
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("U2NET_HOME", "")  # the check sets it from cutout.home: restored after the test
+    profile = load_profile("tiny", ["cutout.model=u2net", f"cutout.home={tmp_path}"], str(tiny_models))
+    where = re.escape(f"expected its weights at {tmp_path}/models/u2net/u2net.onnx and we are offline")
+    with pytest.raises(ModelProblem, match=f"(?s)cutout: model 'u2net' cannot be loaded.*{where}"):
+        resolve_models(profile, {"cutout"})
+    (tmp_path / "u2net.onnx").write_bytes(b"onnx")
+    resolve_models(profile, {"cutout"})
+
+
 def test_only_the_models_of_the_stages_with_work_are_resolved(tiny_models, tmp_path):
     # a resumed run whose sample stage is done needs no sampler (curate resolves the stages its plan has work in)
     from richpref.doctor.checks import ModelProblem, resolve_models
