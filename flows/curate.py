@@ -13,7 +13,9 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from richpref.models.runtime import freeze_at_exit
-from richpref.run.orchestration import failure_message, preflight, run_artifact, run_stage, stage_artifact
+from richpref.doctor.checks import check_key_inputs, resolve_models
+from richpref.run.orchestration import dask_runner, failure_message, preflight, run_artifact, run_stage, stage_artifact
+from richpref.run.plan import plan_run
 from richpref.run.affinity import stage_costs
 from richpref.run.gpu_claims import release_after_stage
 from richpref.run.pipeline import model_swaps, models_used, pipeline_pass
@@ -40,6 +42,12 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     store.write_text("run.json", json.dumps({"run": run, "profile": prof.name, "state": "running", "failed": []}))
 
     stages = stages_for(prof, until)
+    # What `richpref curate` checks before Prefect starts, for the runs it did not start (deployments):
+    # a prompt template or tuned weights that are not there, and, with this machine's models, a model
+    # of a stage with work; now, not when that stage is reached after the ones before it.
+    check_key_inputs(prof, stages)
+    if dask_runner() is None:
+        resolve_models(prof, plan_run(prof, data_dir, run, until).stages_with_work())
     preflight(data_dir, stages)  # on a Dask cluster: every worker can take part, or fail now naming it
     costs, table = stage_costs(doctor_json) if affinity else (None, None)
     models_before = model_swaps()

@@ -97,7 +97,7 @@ def _curate(args: argparse.Namespace, server) -> int:
             # On this machine (no remote workers, whose models may live elsewhere): every model of the
             # stages with shards to compute resolves before Prefect starts (a wrong --models-root failed
             # every shard of the first model stage instead).
-            resolve_models(profile, None if plan is None else {s.stage for s in plan.stages if s.todo or s.blocked})
+            resolve_models(profile, None if plan is None else plan.stages_with_work())
         from richpref.ops.entrypoints import CURATE, load_flow, run_flow
         from richpref.run.orchestration import close_early_cluster, start_cluster_early, task_runner
         from richpref.run.runner import CurateFailed

@@ -28,7 +28,7 @@ from richpref.run.shard_task import TORCH_THREADS_ENV, submit_shard
 log = logging.getLogger("richpref")
 
 
-def _dask_runner():
+def dask_runner():
     """The flow's DaskTaskRunner, or None on any other task runner."""
     from prefect.context import FlowRunContext
 
@@ -45,7 +45,7 @@ def _one_accelerator_per_task(stage: Stage, profile: Profile):
     computing). Shards of model-free stages claim none: they run on any worker's free thread.
     Elsewhere: no-op."""
     claim = gpu_claim(stage, profile)
-    if not claim or _dask_runner() is None:
+    if not claim or dask_runner() is None:
         return contextlib.nullcontext()
     import dask
 
@@ -53,7 +53,7 @@ def _one_accelerator_per_task(stage: Stage, profile: Profile):
 
 
 def _gpu_watch(stage: Stage):
-    runner = _dask_runner() if stage.loads_model else None
+    runner = dask_runner() if stage.loads_model else None
     if runner is None:
         return None
     from richpref.run.cluster import GpuWatch
@@ -75,7 +75,7 @@ def _wait(fut, watch) -> None:
 def preflight(data_dir: str, stages: tuple[Stage, ...]) -> None:
     """Before the first shard on a Dask cluster: every worker's resources, device, versions, and its
     reach of the data dir and the Prefect API (richpref/run/cluster.py). Fails in seconds, naming the worker."""
-    runner = _dask_runner()
+    runner = dask_runner()
     if runner is None:
         return
     from prefect.settings import get_current_settings

@@ -130,9 +130,9 @@ def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run
     `costs`: the stage cost table the affinity plan weighs (None: no plan). Returns the shards that
     failed in this pass (their downstream shards are not failures of their own) and the plan.
     Only on a Dask task runner; elsewhere it does nothing."""
-    from richpref.run.orchestration import _dask_runner
+    from richpref.run.orchestration import dask_runner
 
-    runner = _dask_runner()
+    runner = dask_runner()
     if runner is None or not stages or stages[0].reads:
         return PassResult()
     first = stages[0].count_shards(profile)
@@ -241,10 +241,10 @@ def _preloader(todo, profile: Profile):
     """The live dispatch's preload: a Dask task on a given worker loading a stage's models
     (richpref/run/shard_task.py), for a stage whose models run in the worker's process and that declares
     its loader; None for the others (a served VLM's shards start their server themselves)."""
-    from richpref.run.orchestration import _dask_runner
+    from richpref.run.orchestration import dask_runner
     from richpref.run.shard_task import load_stage_models
 
-    client = _dask_runner().client
+    client = dask_runner().client
     stages = {st.out: st for _, st, _ in todo}
 
     def preload(out: str, address: str):
@@ -266,9 +266,9 @@ def _worker_models() -> dict:
 def model_swaps(since: dict | None = None) -> dict | None:
     """Model loads and swaps summed over the Dask workers (None on another task runner); `since`: an
     earlier answer, subtracted (workers of a cluster kept between runs count from their start)."""
-    from richpref.run.orchestration import _dask_runner
+    from richpref.run.orchestration import dask_runner
 
-    runner = _dask_runner()
+    runner = dask_runner()
     if runner is None:
         return None
     per = runner.client.run(_worker_models, on_error="return")

@@ -66,6 +66,10 @@ class RunPlan:
     def up_to_date(self) -> bool:
         return all(not s.todo and not s.blocked for s in self.stages)
 
+    def stages_with_work(self) -> set[str]:
+        """The stages with shards to compute: their models must be there, the others' need not."""
+        return {s.stage for s in self.stages if s.todo or s.blocked}
+
     def format(self) -> str:
         w = max([10, *(len(s.table or s.stage) for s in self.stages)])
         lines = [f"run {self.run}: " + ("up to date, nothing to compute" if self.up_to_date else "work to do")

@@ -288,6 +288,24 @@ def test_cli_returns_at_once_for_an_up_to_date_run_and_plans_the_rest(finished_r
         main(argv)
 
 
+def test_the_flow_refuses_a_missing_model_of_a_stage_with_work_before_its_first_shard(finished_run, runs_dir,
+                                                                                      tiny_models, tmp_path):
+    # a deployment runs the flow without the command's checks: before, source and sample ran, then every
+    # critique shard failed on the model
+    from richpref.doctor.checks import ModelProblem
+
+    models = tmp_path / "models"  # the tiny models but the critic
+    models.mkdir()
+    for m in tiny_models.iterdir():
+        if m.name != "llava-critic":
+            (models / m.name).symlink_to(m)
+    with pytest.raises(ModelProblem, match="critique: model 'llava-critic'"):
+        curate_run(tmp_path, "new", models)
+    assert not RunStore(str(tmp_path), "new").shards("source")
+    copy_run(runs_dir, "ref", "critiqued")  # a run whose critiques are done needs no critic to finish
+    assert curate_run(runs_dir, "critiqued", models)["state"] == "completed"
+
+
 def test_until_stops_after_that_stage_and_a_later_run_continues(finished_run, runs_dir, tiny_models, capsys):
     import json
     import shutil
