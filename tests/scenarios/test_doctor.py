@@ -156,6 +156,8 @@ def test_a_missing_model_fails_fast_with_the_download_command(tiny_models, tmp_p
     assert rc == 3 and seconds < 30
     assert "critique: model 'nobody/missing-critic-7b' cannot be loaded" in err
     assert "huggingface-cli download nobody/missing-critic-7b" in err and "HF_HUB_OFFLINE=1" in err
+    assert ("fix: download it on a connected machine: `huggingface-cli download nobody/missing-critic-7b` (then copy "
+            "the Hugging Face cache here), or point critique.model at a local directory") in err
     # Nothing else started: no stage ran, no model was loaded.
     assert "doctor: sample:" not in err and resident._key is None
 
@@ -164,7 +166,8 @@ def test_a_missing_local_model_names_the_path_and_the_build_command(tiny_models,
     profile = _profile(tmp_path, tiny_models, edit={"controlnet": "no-such-controlnet"})
     rc, err, _ = _doctor(capsys, profile)
     assert rc == 3 and "edit: model 'no-such-controlnet'" in err and "edit.controlnet" in err
-    assert "richpref models build-tiny" in err
+    assert ("fix: point edit.controlnet at an existing directory or a Hub id 'owner/name'; for the tiny profile run "
+            "`richpref models build-tiny <models_root>`") in err  # a path, not a Hub id: no download to suggest
 
 
 def test_a_native_llava_checkpoint_names_the_converter(tiny_models, tmp_path, capsys):
