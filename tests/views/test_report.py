@@ -156,10 +156,13 @@ def test_each_edit_of_the_report_shows_its_filter_verdict_choice_and_export(fini
     edits = sorted((r["item_id"], r["candidate"]) for r in _read(run, "edit"))
     critiques = {r["item_id"]: r["critique"] for r in _read(run, "critique")}
     instructions = {r["item_id"]: r["instructions"] for r in _read(run, "instruct")}
+    reasons = {(r["item_id"], r["candidate"]): r["reason"] for t in ("edit", "relabel", "filter")  # the filter's first
+               for r in _read(run, t) if r["reason"]}
     blocks = re.findall(r'<div class="pair" data-verdict="([^"]*)" data-flipped="(\w+)" data-exported="(\w+)" '
                         r'data-item="([^"]*)" data-candidate="(-?\d+)">(.*?)</div></div>', page, re.S)
     assert [(item, int(c)) for *_, item, c, _ in blocks] == edits
     assert len(relabel) > 0 and any(r["flipped"] for r in relabel.values()) and exported
+    assert {reasons.get((item, int(c))) for *_, item, c, _ in blocks} - {None}  # some edits show why they dropped
     for verdict, flipped, in_pairs, item, c, body in blocks:
         key = (item, int(c))
         assert verdict == (verdicts.get(key) or "none")
@@ -176,6 +179,7 @@ def test_each_edit_of_the_report_shows_its_filter_verdict_choice_and_export(fini
             assert f"<tr><td>{label}</td><td>{r[name + '_0']:.4g}</td><td>{r[name + '_1']:.4g}</td></tr>" in body
         assert body.count("<tr>") == 1 + len(scored)
         assert f"<i>critique:</i> {html.escape(critiques[item] or '')}</p>" in body
+        assert f">filter: {html.escape(verdict)} {html.escape(reasons.get(key, ''))}</p>" in body
         assert f"<ul>{''.join(f'<li>{html.escape(x)}</li>' for x in instructions[item] or [])}</ul>" in body
     kept = sum(v == "keep" for v in verdicts.values())
     flips = sum(bool(r["flipped"]) for r in relabel.values())
