@@ -273,8 +273,8 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         node = data
         for k in keys[:-1]:
             key = _key_in(node, k, item)
-            if isinstance(node, dict):
-                node.setdefault(key, {})
+            if isinstance(node, dict) and node.get(key) is None:  # absent, or an empty `key:` line
+                node[key] = {}
             node = node[key]
             if not isinstance(node, (dict, list)):
                 raise ProfileError(f"override {item!r}: {k!r} is not a section")

@@ -160,6 +160,7 @@ def test_an_override_steps_into_a_list_by_index():
             apply_overrides(data, [bad])
     with pytest.raises(ProfileError, match="'name' is not a section"):
         apply_overrides(data, ["models.0.name.x=1"])
+    assert apply_overrides({"flow": None}, ["flow.shift=3"]) == {"flow": {"shift": 3}}  # an empty `flow:` line
 
 
 def test_a_profile_extends_a_yaml_beside_it_from_any_working_folder(tmp_path, monkeypatch):
