@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -89,13 +90,18 @@ def test_edit_stage_takes_the_scheduler(tiny_models):
 
 
 def test_doctor_names_a_missing_variant(tiny_models, tmp_path):
-    from richpref.doctor.checks import ModelProblem, preflight
+    from richpref.doctor.checks import ModelProblem, preflight, resolve_models
     from richpref.schemas.config import load_profile
 
     profile = load_profile("tiny", ["sample.variant=fp16"], str(tiny_models))
     with pytest.raises(ModelProblem, match="no 'fp16' weight files") as info:
         preflight(profile)
     assert "sample.variant=null" in info.value.fix
+    with_fp16 = tmp_path / "sd15"  # the same pipeline with its fp16 variant files beside the plain ones
+    shutil.copytree(tiny_models / "sd15", with_fp16)
+    for f in with_fp16.rglob("diffusion_pytorch_model.safetensors"):
+        shutil.copy(f, f.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    resolve_models(load_profile("tiny", ["sample.variant=fp16", f"sample.model={with_fp16}"], str(tiny_models)), {"sample"})
 
 
 def test_the_preflight_refuses_more_prompt_tokens_than_the_samplers_family_takes(tiny_models):
