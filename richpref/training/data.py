@@ -348,7 +348,8 @@ class PairBatches(torch.utils.data.Dataset):
             row = rows[(s, r)]
             at = f"data source {self.labels[s]!r} row {r}"
             mask = _mask(row.get(MASK_COLUMN), at) if self.masks else None
-            samples.append(self.augment(str(row["caption"] or ""), _image(row["jpg_0"], at), _image(row["jpg_1"], at),
+            samples.append(self.augment(str(row["caption"] or ""), _image(row["jpg_0"], f"{at} jpg_0"),
+                                        _image(row["jpg_1"], f"{at} jpg_1"),
                                         float(row["label_0"]), p, mask))
         # Chosen images first, then rejected ones: the layout the DPO loss splits in halves.
         pixels = np.stack([x["chosen"] for x in samples] + [x["rejected"] for x in samples])
