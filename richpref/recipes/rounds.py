@@ -96,9 +96,11 @@ def preflight(cfg: RoundsConfig) -> list[list[str]] | None:
     resolve_models(profile)
     check_key_inputs(profile, stages_for(profile))
     slices = round_prompts(cfg) if cfg.prompts == "next" else None
-    # round 1's fine-tune without its own pairs, which round 1 makes
+    # round 1's fine-tune without its own pairs, which round 1 makes (and whose edit masks the other
+    # sources need not have: the mask rule waits for round 1's launch, which checks it with the pairs)
     tune = load_finetune_config(cfg.finetune, finetune_overrides(cfg, None, []))
-    arch = finetune_preflight(tune.model_copy(update={"data": [s for s in tune.data if s.name != PAIRS_SOURCE]}))
+    arch = finetune_preflight(tune.model_copy(update={"data": [s for s in tune.data if s.name != PAIRS_SOURCE],
+                                                      "loss_mask": "none"}))
     check_same_base(profile, tune, arch)
     check_continues(cfg, tune, arch)
     evaluate_preflight(load_evaluate_config(cfg.evaluate, evaluate_overrides(cfg, [])))

@@ -236,6 +236,19 @@ def test_rounds_of_a_full_flow_dpo_fine_tune_are_refused_before_round_one(tiny_m
     assert main([*args, "--set", "rounds=1"]) == 0  # one round continues from nothing
 
 
+def test_an_edit_region_fine_tune_is_not_refused_before_round_one_makes_its_masked_pairs(tiny_models, tmp_path,
+                                                                                        monkeypatch):
+    # before: round 1's fine-tune was checked without its pairs, so no source had masks: "no file of data
+    # source(s) [] has an 'edit_mask' column"
+    import richpref.ops.entrypoints as entrypoints
+    from richpref.cli.commands import main
+
+    monkeypatch.setattr(entrypoints, "run_flow", lambda *a, **k: {"markdown": "", "rounds_dir": "-"})
+    args = ["--data-dir", str(tmp_path), "rounds", "--models-root", str(tiny_models), "--set",
+            'finetune_overrides=["loss_mask=edit_region"]']
+    assert main(args) == 0
+
+
 def test_the_flow_checks_every_round_before_round_one(prefect_harness, tiny_models, tmp_path, monkeypatch):
     # a deployment runs the flow without the command: before, it curated and fine-tuned round 1 of a
     # full Flow-DPO fine-tune, then failed in round 2
