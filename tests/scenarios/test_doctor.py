@@ -134,6 +134,7 @@ def test_weight_bytes_from_safetensors_headers(tmp_path):
     _safetensors(unet / "diffusion_pytorch_model.safetensors", {"w": ("F32", [10, 10]), "steps": ("I64", [3])})
     _safetensors(unet / "diffusion_pytorch_model.fp16.safetensors", {"w": ("F16", [10, 10]), "steps": ("I64", [3])})
     (unet / "diffusion_pytorch_model.bin").write_bytes(b"x" * 999)  # a .bin copy beside safetensors: not read
+    (unet / "config.json").write_text("{}")  # no weights
     assert [f.name for f in weight_files(str(tmp_path))] == ["diffusion_pytorch_model.safetensors"]
     assert [f.name for f in weight_files(str(tmp_path), "fp16")] == ["diffusion_pytorch_model.fp16.safetensors"]
     # Floats cast to the stage's dtype; integer tensors stay as stored.
