@@ -114,6 +114,13 @@ class TextEmbeddings:
         return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in out.items()}
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
 def cache_key(model_dir: str, arch: str, max_len: int) -> str:
     return hashlib.sha256(json.dumps([os.path.abspath(model_dir), arch, max_len]).encode()).hexdigest()[:12]
 
@@ -121,7 +128,8 @@ def cache_key(model_dir: str, arch: str, max_len: int) -> str:
 def build_text_cache(model_dir: str, arch: str, captions: list[str], output_dir: str | os.PathLike, *,
                      max_sequence_length: int | None = None, batch_size: int = 8, device: torch.device | str = "cpu",
                      rank: int = 0, world: int = 1, barrier=lambda: None) -> TextEmbeddings:
-    """Encode every distinct caption (and "") once; reuse the run's cache when it holds them all.
+    """Encode every distinct caption (and "") once; reuse the run's cache when it holds them all, and
+    extend it with the ones it lacks (the next round's captions beside the earlier rounds' mixed in).
 
     Every process of a run calls it (`barrier`: the run's wait for every process): each encodes every
     world-th batch on its own device, so a run on 8 GPUs encodes 8 times as fast and none waits alone
@@ -131,18 +139,25 @@ def build_text_cache(model_dir: str, arch: str, captions: list[str], output_dir:
 
     max_len = max_sequence_length or default_max_len(model_dir, arch)
     folder = Path(output_dir) / "text_embeds" / f"{arch}-{cache_key(model_dir, arch, max_len)}"
-    wanted = sorted(set(captions) | {""})
+    known: dict[str, int] = {}  # the cache's captions, kept as they are
+    earlier = {"truncated": 0, "files": 0}
     if (folder / META).exists():
         cached = TextEmbeddings(folder)
-        if all(c in cached.index for c in wanted):
+        if all(c in cached.index for c in set(captions) | {""}):
             log.info("text embeddings: %d captions from %s", len(cached.index), folder)
             return cached
+        known, earlier = cached.index, {k: cached.meta.get(k, 0) for k in earlier}
+        del cached
+    wanted = sorted((set(captions) | {""}) - set(known))
+    first = max(known.values(), default=-1) + 1  # the new captions' numbers follow the cache's
     tmp = folder.with_name(folder.name + ".tmp")
     barrier()  # every process has looked at the cache before it is rebuilt
     if rank == 0:
         if tmp.exists():  # a build cut short: its files are not this build's
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        for f in folder.glob("embeds*.safetensors") if known else ():  # the cache's files, linked, not copied
+            _link_or_copy(f, tmp / f.name)
     barrier()
     quiet_loading()
     pipe = pipeline_class(arch).from_pretrained(model_dir, transformer=None, vae=None)
@@ -154,9 +169,10 @@ def build_text_cache(model_dir: str, arch: str, captions: list[str], output_dir:
     for k, start in enumerate(mine):
         for i, rec in enumerate(_encode(pipe, arch, wanted[start: start + batch_size], device, max_len)):
             for name, t in rec.items():
-                tensors[f"{start + i}.{name}"] = t.detach().cpu().contiguous()
+                tensors[f"{first + start + i}.{name}"] = t.detach().cpu().contiguous()
         if sum(t.nbytes for t in tensors.values()) >= CHUNK_BYTES or k == len(mine) - 1:
-            save_file(tensors, str(tmp / EMBEDS.format(rank, files)))
+            # numbered after every file of the cache, so no name is taken
+            save_file(tensors, str(tmp / EMBEDS.format(rank, earlier["files"] + files)))
             tensors, files = {}, files + 1
     del pipe
     gc.collect()
@@ -171,13 +187,15 @@ def build_text_cache(model_dir: str, arch: str, captions: list[str], output_dir:
             log.warning("text embeddings: %d of %d captions are longer than the text encoders take (CLIP 77 tokens, "
                         "%d for the long encoder) and were truncated, as the pipelines do", truncated, len(wanted),
                         max_len)
-        (tmp / INDEX).write_text(json.dumps({c: i for i, c in enumerate(wanted)}))
+        index = {**known, **{c: first + i for i, c in enumerate(wanted)}}
+        (tmp / INDEX).write_text(json.dumps(index))
         (tmp / META).write_text(json.dumps({"model": model_dir, "arch": arch, "max_sequence_length": max_len,
-                                            "captions": len(wanted), "truncated": truncated, "files": files,
-                                            "processes": world}))
+                                            "captions": len(index), "truncated": earlier["truncated"] + truncated,
+                                            "files": earlier["files"] + files, "processes": world}))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-        log.info("text embeddings: %d captions encoded into %s by %d process(es)", len(wanted), folder, world)
+        log.info("text embeddings: %d captions encoded into %s by %d process(es)%s", len(wanted), folder, world,
+                 f", beside the {len(known)} it held" if known else "")
     barrier()
     return TextEmbeddings(folder)

@@ -82,6 +82,25 @@ def test_the_cache_is_written_in_chunks_and_read_the_same(tiny_models, tmp_path,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_cache_is_extended_with_the_captions_it_lacks(tiny_models, tmp_path, monkeypatch):
+    # the next round's captions beside the earlier rounds' (mix_previous): before, all were encoded again
+    model = str(tiny_models / "flux")
+    first = build_text_cache(model, "flux", CAPTIONS[:3], tmp_path, max_sequence_length=16, batch_size=2)
+    kept = {c: first.batch([c], "cpu", torch.float32) for c in ["", *CAPTIONS[:3]]}
+    encoded, encode = [], text_cache._encode
+    monkeypatch.setattr(text_cache, "_encode", lambda pipe, arch, caps, *a: encoded.extend(caps) or encode(pipe, arch, caps, *a))
+    grown = build_text_cache(model, "flux", [*CAPTIONS[1:], LONG], tmp_path, max_sequence_length=16, batch_size=2)
+    assert sorted(encoded) == sorted([*CAPTIONS[3:], LONG])  # only what it lacked
+    assert (grown.meta["captions"], grown.meta["truncated"], grown.meta["files"]) == (7, 1, first.meta["files"] + 1)
+    fresh = build_text_cache(model, "flux", [*CAPTIONS, LONG], tmp_path / "fresh", max_sequence_length=16, batch_size=2)
+    for c in ["", *CAPTIONS, LONG]:
+        a, b = grown.batch([c], "cpu", torch.float32), fresh.batch([c], "cpu", torch.float32)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), c
+        if c in kept:  # the cache's own tensors, as they were
+            assert all(torch.equal(a[k], kept[c][k]) for k in a), c
+    assert build_text_cache(model, "flux", CAPTIONS, tmp_path, max_sequence_length=16).meta == grown.meta  # reused
+
+
 def test_the_cache_keeps_the_encoders_dtype(tiny_models, tmp_path):
     # FLUX.1's T5 is stored in bf16: float32 copies of its outputs doubled a cache of 4 MiB a caption
     import shutil
@@ -122,14 +141,14 @@ def test_opening_a_cache_reads_no_tensors(tmp_path):
 LONG = "a dog running on a beach near the water " * 20
 
 
-def _encode_share(rank: int, world: int, model: str, out: str, store: str) -> None:
+def _encode_share(rank: int, world: int, model: str, out: str, store: str, more: tuple = ()) -> None:
     """One process of a 2-process run (spawned, gloo on CPU), as train.py calls the cache."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        build_text_cache(model, "sd3", [*CAPTIONS, LONG], out, max_sequence_length=16, batch_size=2, rank=rank,
+        build_text_cache(model, "sd3", [*CAPTIONS, LONG, *more], out, max_sequence_length=16, batch_size=2, rank=rank,
                          world=world, barrier=dist.barrier)
     finally:
         dist.barrier()
@@ -157,6 +176,13 @@ def test_the_processes_of_a_run_share_the_encoding(tiny_models, tmp_path):
     for c in one.index:  # the same batches, so the same embeddings
         a, b = one.batch([c], "cpu", torch.float32), two.batch([c], "cpu", torch.float32)
         assert all(torch.equal(a[k], b[k]) for k in a)
+    # extended by both processes: the one new caption's batch is process 0's, in a file after the cache's
+    more = [(*share[:4], str(tmp_path / "store2"), ("a green kite",)) for share in shares]
+    assert run_spawned(_encode_share, more) == [0, 0]
+    grown = TextEmbeddings(folder)
+    assert grown.index == {**one.index, "a green kite": 7} and grown.meta["files"] == 3
+    assert sorted(f.name for f in folder.glob("embeds*")) == sorted([*keys, "embeds-00-00002.safetensors"])
+    assert all(torch.equal(grown.tensor(f"{i}.prompt_embeds"), two.tensor(f"{i}.prompt_embeds")) for i in range(7))
 
 
 def test_runs_sharing_a_text_cache_dir_encode_their_captions_once(tiny_models, tmp_path, monkeypatch):
