@@ -280,6 +280,19 @@ def test_a_stock_rembg_model_missing_offline_is_refused_naming_where_it_goes(tin
     resolve_models(profile, {"cutout"})
 
 
+def test_the_memory_fix_names_the_half_precision_each_model_takes(tiny_models):
+    # bfloat16 for the VLMs and the flow-matching transformers (FLUX.1 overflows in float16), else float16
+    from richpref.doctor.checks import memory_fix
+    from richpref.schemas.config import load_profile
+
+    def half(profile: str, stage: str) -> str:
+        return memory_fix(stage, load_profile(profile, None, str(tiny_models))).split("dtype=")[1].split(";")[0]
+
+    assert [half("tiny", s) for s in ("sample", "critique", "edit", "check")] == ["float16", "bfloat16", "float16", "bfloat16"]
+    assert [half("tiny-flux-kontext", s) for s in ("sample", "edit")] == ["float16", "bfloat16"]
+    assert [half("tiny-flux", s) for s in ("sample", "edit")] == ["bfloat16", "bfloat16"]
+
+
 def test_only_the_models_of_the_stages_with_work_are_resolved(tiny_models, tmp_path):
     # a resumed run whose sample stage is done needs no sampler (curate resolves the stages its plan has work in)
     from richpref.doctor.checks import ModelProblem, resolve_models
