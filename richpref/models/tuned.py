@@ -91,13 +91,19 @@ def lora_file(path: str | os.PathLike) -> Path:
     return cand
 
 
+def flow_transformer_dir(path: str | os.PathLike) -> Path | None:
+    """The transformer folder of a full Flow-DPO output (its final/transformer/), else None."""
+    d = _final(Path(path)) / "transformer"
+    return d if (d / "config.json").is_file() else None
+
+
 def unet_dir(path: str | os.PathLike) -> Path:
     """A diffusers UNet folder (config.json + weights): the path, its `unet/`, or a finetune output's."""
     p = _final(Path(path))
     for cand in (p, p / "unet"):
         if (cand / "config.json").exists():
             return cand
-    if (p / "transformer" / "config.json").exists():
+    if flow_transformer_dir(p) is not None:
         raise TunedWeightsError(f"UNet weights {path}: a full fine-tune of a flow-matching transformer "
                                 "(final/transformer/), not a UNet; a flow-matching model samples and continues "
                                 "from tuned weights as a LoRA (sample.lora, init_from with mode: lora)")
@@ -140,8 +146,8 @@ def tuned_fingerprint(path: str | os.PathLike) -> str:
     try:
         return weights_fingerprint(lora=str(path))
     except TunedWeightsError:
-        transformer = _final(Path(path)) / "transformer"
-        if (transformer / "config.json").is_file():
+        transformer = flow_transformer_dir(path)
+        if transformer is not None:
             return _fingerprint(_folder_files(transformer))
         return weights_fingerprint(unet=str(path))
 

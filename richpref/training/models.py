@@ -231,7 +231,7 @@ def load_finetuned(path: str | os.PathLike, *, device: str = "auto", dtype: str 
     from diffusers import UNet2DConditionModel
 
     from ..models.generator import TextToImage, diffusers_dtype_kwargs
-    from ..models.tuned import load_lora
+    from ..models.tuned import flow_transformer_dir, load_lora
 
     meta = read_meta(path)
     t2i = TextToImage.load(meta["base_model_path"], device=device, dtype=dtype, scheduler=scheduler,
@@ -239,9 +239,9 @@ def load_finetuned(path: str | os.PathLike, *, device: str = "auto", dtype: str 
     final = Path(meta["_dir"])
     if meta["mode"] == "lora":
         load_lora(t2i.pipe, final, LORA_WEIGHTS)
-    elif (final / "transformer").is_dir():  # a full Flow-DPO fine-tune: the pipeline's transformer class
+    elif (transformer := flow_transformer_dir(final)) is not None:  # a full Flow-DPO fine-tune: the pipeline's class
         cls = type(t2i.pipe.transformer)
-        t2i.pipe.transformer = cls.from_pretrained(final / "transformer", **diffusers_dtype_kwargs(t2i.dtype)).to(t2i.device)
+        t2i.pipe.transformer = cls.from_pretrained(transformer, **diffusers_dtype_kwargs(t2i.dtype)).to(t2i.device)
     else:
         unet = UNet2DConditionModel.from_pretrained(final / "unet", **diffusers_dtype_kwargs(t2i.dtype))
         t2i.pipe.unet = unet.to(t2i.device)
