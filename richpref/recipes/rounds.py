@@ -96,11 +96,9 @@ def preflight(cfg: RoundsConfig) -> list[list[str]] | None:
     resolve_models(profile)
     check_key_inputs(profile, stages_for(profile))
     slices = round_prompts(cfg) if cfg.prompts == "next" else None
-    # round 1's fine-tune without its own pairs, which round 1 makes (and whose edit masks the other
-    # sources need not have: the mask rule waits for round 1's launch, which checks it with the pairs)
+    # round 1's fine-tune, whose own pairs round 1 makes (they may hold the edit masks the others lack)
     tune = load_finetune_config(cfg.finetune, finetune_overrides(cfg, None, []))
-    arch = finetune_preflight(tune.model_copy(update={"data": [s for s in tune.data if s.name != PAIRS_SOURCE],
-                                                      "loss_mask": "none"}))
+    arch = finetune_preflight(tune, made_later=frozenset({PAIRS_SOURCE}))
     check_same_base(profile, tune, arch)
     check_continues(cfg, tune, arch)
     evaluate_preflight(load_evaluate_config(cfg.evaluate, evaluate_overrides(cfg, [])))

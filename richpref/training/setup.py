@@ -66,12 +66,13 @@ def check_init_from(cfg: FinetuneConfig, path: str, family: str) -> None:
         raise ArchMismatch(f"init_from {cfg.init_from} (mode: {cfg.mode}): {exc}") from None
 
 
-def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
+def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None, made_later: frozenset[str] = frozenset()) -> str:
     """The checkpoint's family, after refusing what cannot train: a Flow-DPO config on a UNet (or the
     reverse), init_from made for another base, a 12B+ full fine-tune without FSDP and gradient
     checkpointing, a pairs path with no Parquet file, a pairs file that is no Parquet or lacks the
     Pick-a-Pic columns, edit_region without edit masks (every file's footer read, also at an s3:// URL).
-    Each message names the input and the fix."""
+    `made_later`: the names of sources not written yet (a rounds run's own pairs), whose files are not
+    read and which may hold the masks. Each message names the input and the fix."""
     model_dir = resolve_model_ref(cfg.model, cfg.models_root)
     family = check_arch(model_dir, cfg.arch, cfg.is_flow, cfg.model)
     if cfg.init_from:
@@ -96,8 +97,8 @@ def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None) -> str:
                 "with adapters off), or set fsdp: true and gradient_checkpointing: true and launch on several GPUs")
     masked = []  # per path source: whether its files hold edit masks
     for src in cfg.data:
-        if src.path is None:
-            continue  # a `datasets` source: checked when loaded
+        if src.path is None or src.name in made_later:
+            continue  # a `datasets` source: checked when loaded; one made later: checked when it is
         files = pair_files(src.path)  # a path with no pairs: refused before Prefect and accelerate start
         with ThreadPoolExecutor(8) as pool:  # one footer read each (a request each on an object store)
             footers = list(pool.map(_pair_footer, files, [src.label] * len(files)))
