@@ -29,11 +29,12 @@ from richpref.tasks import stages_for
 @flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", overrides: list[str] | None = None,
            models_root: str | None = None, finetune_deployment: str | None = None, until: str | None = None,
-           doctor_json: str | None = None, affinity: bool = True) -> dict:
+           doctor_json: str | None = None, affinity: bool = True, check_models: bool = True) -> dict:
     """Curate preference pairs for `run` with `profile`; returns per-stage counts and the pairs location.
     `until` names the last stage to run (a later run without it continues from there). On Dask, the
     model shards follow an affinity plan weighted by `doctor_json` (a `richpref doctor --json` file;
-    default: the built-in table), unless `affinity` is False."""
+    default: the built-in table), unless `affinity` is False. `check_models` False: the caller resolved
+    the models of the stages with work already (`richpref curate` does, before Prefect starts)."""
     freeze_at_exit()  # the process of a Dask run's flow loads no model, and holds all the imports too
     prof = load_profile(profile, overrides, models_root)
     store = RunStore(data_dir, run)
@@ -46,7 +47,7 @@ def curate(profile: str = "tiny", run: str = "demo", data_dir: str = "data", ove
     # a prompt template or tuned weights that are not there, and, with this machine's models, a model
     # of a stage with work; now, not when that stage is reached after the ones before it.
     check_key_inputs(prof, stages)
-    if dask_runner() is None:
+    if check_models and dask_runner() is None:  # the plan reads every manifest: the command, having planned, skips it
         resolve_models(prof, plan_run(prof, data_dir, run, until).stages_with_work())
     preflight(data_dir, stages)  # on a Dask cluster: every worker can take part, or fail now naming it
     costs, table = stage_costs(doctor_json) if affinity else (None, None)

@@ -124,6 +124,7 @@ def _curate(args: argparse.Namespace, server) -> int:
                                   models_root=args.models_root, **({"until": args.until} if args.until else {}),
                                   **({"doctor_json": args.doctor_json} if args.doctor_json else {}),
                                   **({"affinity": False} if args.no_affinity else {}),
+                                  check_models=False,  # resolved above, from the plan this command made
                                   spawned_server=server, while_server_starts=while_server_starts)
         except CurateFailed as exc:
             return fail(exc, 1)
