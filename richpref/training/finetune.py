@@ -13,6 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from richpref.schemas.training import FinetuneConfig, PairSourceConfig
+from richpref.training.heldout import PLOT
 from richpref.training.launcher import Machines, launch_training
 from richpref.training.train import METRICS
 
@@ -93,7 +94,7 @@ def summary_markdown(cfg: FinetuneConfig, meta: dict, final: str) -> str:
                      f"{last['heldout_implicit_acc']:.3f}, reward margin {last['heldout_reward_margin']:.4g}")
     if last.get("warning"):
         lines.append(f"- **warning**: {last['warning']}")
-    plot = Path(final).parent / "heldout.png"
+    plot = Path(final).parent / PLOT
     if plot.exists():
         lines.append(f"- curves: `{plot}`")
     return "\n".join(lines)

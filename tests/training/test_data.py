@@ -1,8 +1,12 @@
-"""Pair sources as the trainer reads them (richpref/training/data.py): edit masks under
+"""Pair sources as the trainer reads them (richpref/training/data.py): the held-out split, the weighted
+mixture and its resume, micro-batches across processes, the chosen image first, and edit masks under
 `loss_mask: edit_region` when some sources have them and others do not."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
+from image_helpers import encoded
 from test_flow_step import write_brightness_pairs
 
 from richpref.schemas.training import PairSourceConfig
@@ -27,3 +31,97 @@ def test_a_source_without_edit_masks_trains_on_whole_images_beside_a_masked_one(
             assert mask[:, :15].min() == 1 and mask[:, 17:].max() == 0
     with pytest.raises(DataError, match=r"edit_region, but no pair of data source\(s\) \['pickapic'\] has an edit_mask"):
         load_sources([pickapic], need_mask=True)
+
+
+def _png(array: np.ndarray) -> bytes:
+    return encoded(Image.fromarray(array.astype(np.uint8)))
+
+
+def test_heldout_split_always_leaves_a_pair_to_train():
+    import datasets
+
+    from richpref.training.data import split_heldout
+
+    two = datasets.Dataset.from_dict({"caption": ["a", "b"]})
+    train, held = split_heldout(two, 0.25, 0, "pairs")  # both rows draw below 0.25 (a tiny curate run's pairs)
+    assert (len(train), len(held)) == (1, 1)
+    train, held = split_heldout(two.select([0]), 0.25, 0, "pairs")
+    assert len(train) == 1 and held is None
+
+
+def test_mixture_weights_epochs_and_resume_offsets():
+    mix = PairMixture([10, 30], [3.0, 1.0], seed=7)
+    where = mix.locate(range(4000))
+    share = sum(s == 0 for s, _ in where) / len(where)
+    assert share == pytest.approx(0.75, abs=0.03)
+    # Within a source, the first pass over its rows is a permutation: no repeats before all are seen.
+    first_pass = [r for s, r in where if s == 0][:10]
+    assert sorted(first_pass) == list(range(10))
+    # Resuming at sample 2500 with a fresh mixture gives the same draws as the uninterrupted stream.
+    assert PairMixture([10, 30], [3.0, 1.0], seed=7).locate(range(2500, 2600)) == where[2500:2600]
+    assert PairMixture([10, 30], [3.0, 1.0], seed=8).locate(range(100)) != where[:100]
+
+
+def test_mixture_draws_across_blocks_as_one_stream():
+    """Past a block of source choices (65,536 samples: any long run) each source's draws go on where the
+    earlier blocks left them: every pass over a source is a permutation of its rows, and a fresh
+    mixture resumed in a later block draws the same. Blocks of 8 here, so 200 samples cross 25 of them."""
+    class SmallBlocks(PairMixture):
+        BLOCK = 8
+
+    where = SmallBlocks([3, 5], [1.0, 1.0], seed=3).locate(range(200))
+    for source, n in ((0, 3), (1, 5)):
+        rows = [r for s, r in where if s == source]
+        passes = [rows[k:k + n] for k in range(0, len(rows) - n + 1, n)]
+        assert len(passes) >= 10 and all(sorted(p) == list(range(n)) for p in passes), (source, rows)
+    assert SmallBlocks([3, 5], [1.0, 1.0], seed=3).locate(range(150, 200)) == where[150:]
+
+
+def test_heldout_rows_are_those_whose_hash_falls_below_the_fraction():
+    import datasets
+
+    from richpref.training.data import seed_for, split_heldout
+
+    rows = datasets.Dataset.from_dict({"caption": [f"c{r}" for r in range(400)]})
+    train, held = split_heldout(rows, 0.1, 5, "pairs")
+    expected = [r for r in range(400) if seed_for(5, "heldout", "pairs", r) % 100_000 < 10_000]
+    assert held["caption"] == [f"c{r}" for r in expected] and 20 < len(expected) < 60
+    assert train["caption"] == [f"c{r}" for r in range(400) if r not in set(expected)]
+
+
+def test_positions_split_across_processes_like_one_process():
+    mix, aug = PairMixture([5], [1.0], 0), Augment(64)
+    one = PairBatches([None], mix, aug, batch_size=4, rank=0, world=1, start=8)
+    two = [PairBatches([None], mix, aug, batch_size=2, rank=r, world=2, start=8) for r in (0, 1)]
+    for micro in range(3):
+        assert sorted(two[0].positions(micro) + two[1].positions(micro)) == one.positions(micro)
+
+
+def test_batches_put_the_preferred_image_first_and_flip_pairs_together():
+    import datasets
+
+    red, blue = np.zeros((64, 64, 3)), np.zeros((64, 64, 3))
+    red[..., 0], blue[..., 2] = 255, 255
+    red[:, :32] = 0  # left half black: a flip is visible
+    blue[:, :32] = 0
+    ds = datasets.Dataset.from_dict({"caption": ["a", "b"], "jpg_0": [_png(red)] * 2, "jpg_1": [_png(blue)] * 2,
+                                     "label_0": [1, 0]})
+    batches = PairBatches([ds], PairMixture([2], [1.0], 0), Augment(64, hflip=True, seed=1), batch_size=2)
+    flipped = []  # per sample: the bright half moved to the left (the originals' left half is black)
+    for micro in range(8):
+        b = batches[micro]
+        flipped += [bool((b["pixels"][k].max(0).values[:, 0] > 0).all()) for k in range(2)]
+        captions = list(b["captions"])
+        px = b["pixels"]  # [chosen..., rejected...], values in [-1, 1]
+        for k, cap in enumerate(captions):
+            chosen, rejected = px[k], px[2 + k]
+            chosen_is_red = chosen[0].max() > 0.9
+            assert chosen_is_red == (cap == "a")  # label_0 = 1 -> jpg_0 (red) preferred
+            assert rejected[0].max() > 0.9 or rejected[2].max() > 0.9
+            # Both images of a pair flip together: their bright halves are on the same side.
+            assert (chosen.max(0).values[:, 0] > 0).all() == (rejected.max(0).values[:, 0] > 0).all()
+    assert 0 < sum(flipped) < len(flipped)  # half the samples, drawn per sample number
+    unflipped = PairBatches([ds], PairMixture([2], [1.0], 0), Augment(64, hflip=False, seed=1), batch_size=2)
+    assert not any((unflipped[m]["pixels"][:, :, :, 0] > -1).any() for m in range(8))
+    empty = PairBatches([ds], PairMixture([2], [1.0], 0), Augment(64, proportion_empty_prompts=1.0), batch_size=2)
+    assert list(empty[0]["captions"]) == ["", ""]
