@@ -40,6 +40,13 @@ def decode_image(data: bytes | None) -> Image.Image:
         raise BadImage(f"bad_image: cannot decode ({type(exc).__name__}: {exc})") from None
     if img.width < 8 or img.height < 8:
         raise BadImage(f"bad_image: {img.width}x{img.height} is too small (min 8x8)")
+    return as_rgb(img)
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """An opened image as the RGB pixels every model here sees: the first frame, transparency over white,
+    16-bit values scaled to 8 bits (PIL's own convert("RGB") keeps the colour under transparent pixels,
+    often black, and clips 16-bit values to white)."""
     if getattr(img, "is_animated", False):
         img.seek(0)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -245,16 +245,18 @@ class PairMixture:
 
 
 def _image(value: Any, where: str) -> Image.Image:
+    """A pair's image as the curation's stages decode it (common/images.py), so that the pixels trained on
+    are those the rewards scored."""
+    from richpref.common.images import BadImage, as_rgb, decode_image
+
     if isinstance(value, dict):
         value = value.get("bytes")
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if not value:
-        raise DataError(f"{where}: empty image")
+        return as_rgb(value)
     try:
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-        raise DataError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from None
+        return decode_image(value)
+    except BadImage as exc:
+        raise DataError(f"{where}: {str(exc).removeprefix('bad_image: ')}") from None
 
 
 @dataclass

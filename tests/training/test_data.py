@@ -3,6 +3,8 @@ mixture and its resume, micro-batches across processes, the chosen image first, 
 `loss_mask: edit_region` when some sources have them and others do not."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -125,3 +127,33 @@ def test_batches_put_the_preferred_image_first_and_flip_pairs_together():
     assert not any((unflipped[m]["pixels"][:, :, :, 0] > -1).any() for m in range(8))
     empty = PairBatches([ds], PairMixture([2], [1.0], 0), Augment(64, proportion_empty_prompts=1.0), batch_size=2)
     assert list(empty[0]["captions"]) == ["", ""]
+
+
+def test_pairs_decode_as_the_stages_do_transparency_over_white_and_16_bit_scaled():
+    """The pixels trained on are those the rewards scored (common/images.decode_image); PIL's convert("RGB")
+    gave black under transparent pixels and clipped 16-bit values to white."""
+    import datasets
+
+    from richpref.common.images import decode_image
+
+    def png(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[4:12, 4:12] = (255, 0, 0, 255)  # a red square on transparent black
+    gray16 = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257  # 16-bit grey, 0 to 65535
+    ds = datasets.Dataset.from_dict({"caption": ["a"], "jpg_0": [png(rgba)], "jpg_1": [png(gray16)], "label_0": [1]})
+    pixels = PairBatches([ds], PairMixture([1], [1.0], 0), Augment(16, hflip=False), batch_size=1)[0]["pixels"]
+    chosen, rejected = pixels[0].numpy(), pixels[1].numpy()
+    assert chosen[:, 0, 0].tolist() == [1.0, 1.0, 1.0] and chosen[:, 8, 8].tolist() == [1.0, -1.0, -1.0]
+    expected = np.asarray(decode_image(png(gray16)), np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    assert np.array_equal(rejected, expected) and abs(float(rejected.mean())) < 0.01
+    as_pil = datasets.Dataset.from_dict({"caption": ["a"], "jpg_0": [png(rgba)], "jpg_1": [png(rgba)], "label_0": [0]})
+    as_pil = as_pil.cast_column("jpg_0", datasets.Image())  # a Hub dataset's Image feature: PIL images
+    assert PairBatches([as_pil], PairMixture([1], [1.0], 0), Augment(16, hflip=False), batch_size=1)[0]["pixels"][
+        1, :, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    empty = datasets.Dataset.from_dict({"caption": ["a"], "jpg_0": [b""], "jpg_1": [png(rgba)], "label_0": [1]})
+    with pytest.raises(DataError, match="data source 'pairs' row 0 jpg_0: empty image bytes"):
+        PairBatches([empty], PairMixture([1], [1.0], 0), Augment(16), batch_size=1, labels=["pairs"])[0]
