@@ -37,6 +37,15 @@ def test_bad_images_and_non_finite_scores_are_rejected_with_a_reason():
     assert out[1]["reason"].startswith("bad_image:") and out[2]["reason"] == "bad_score: non-finite nanny score"
     assert out[4]["reason"] == "bad_score: non-finite nanny score"  # the original's score too
 
+    # every candidate edit of an item whose original cannot be decoded, and an edit that cannot be, rejected
+    images = {"original": [b"not an image", b"not an image", solid(1, 0)], "edited": [solid(2, 0), solid(3, 0), b""]}
+    out = relabel_stage.relabel_rows(["a", "a", "b"], ["p"] * 3, images, score, RelabelConfig(),
+                                     {"red": ChannelValue(0), "nanny": ChannelValue(0)}.__getitem__,
+                                     candidates=[0, 1, 0]).to_pylist()
+    assert [(r["item_id"], r["status"], r["reason"][:32]) for r in out] == [
+        ("a", "rejected", "bad_image: cannot decode (Uniden"), ("a", "rejected", "bad_image: cannot decode (Uniden"),
+        ("b", "rejected", "bad_image: empty image bytes")]
+
 
 class Mute:
     """A generative judge whose answers on images with any blue hold no score (NaN, raw answer in `unparsed`)."""
