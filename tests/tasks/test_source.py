@@ -298,6 +298,9 @@ def test_hf_kind_reads_a_saved_dataset_and_a_hub_layout_folder(tmp_path):
     images = [_jpeg(i) for i in range(12)]
     ds = datasets.Dataset.from_dict({"caption": prompts, "jpg": images})
     ds.save_to_disk(str(tmp_path / "saved"))
+    features = datasets.Features({"caption": datasets.Value("string"), "jpg": datasets.Image()})  # imagefolder's
+    datasets.Dataset.from_dict({"caption": prompts, "jpg": [{"bytes": b, "path": None} for b in images]},
+                               features=features).save_to_disk(str(tmp_path / "saved_images"))
     repo = tmp_path / "repo" / "data"
     repo.mkdir(parents=True)
     pq.write_table(pa.table({"caption": prompts[:7], "jpg": pa.array(images[:7], pa.binary())}),
@@ -305,7 +308,7 @@ def test_hf_kind_reads_a_saved_dataset_and_a_hub_layout_folder(tmp_path):
     pq.write_table(pa.table({"caption": prompts[7:], "jpg": pa.array(images[7:], pa.binary())}),
                    repo / "train-00001-of-00002.parquet")
     pq.write_table(pa.table({"caption": ["held out"], "jpg": pa.array([b"x"], pa.binary())}), repo / "test-00000-of-00001.parquet")
-    for dataset in (str(tmp_path / "saved"), str(tmp_path / "repo")):
+    for dataset in (str(tmp_path / "saved"), str(tmp_path / "saved_images"), str(tmp_path / "repo")):
         cfg = SourceConfig(kind="hf", dataset=dataset, image_column="jpg", offset=3, limit=6, shard_size=4)
         rows = _rows(shard_source(cfg))
         assert [r["prompt"] for r in rows] == prompts[3:9], dataset
