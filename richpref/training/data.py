@@ -27,6 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ..schemas.training import PairSourceConfig
 from ..sources import run_folder_pairs, run_of_pairs
 from ..tasks.pickapic_source import blank_caption
+from .pair_rows import FileRows, LocalPairs, located
 
 log = logging.getLogger("richpref")
 
@@ -115,11 +116,12 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
         # greater than 0"): left out
         rows = [footer(f).num_rows for f in files]  # read already by the preflight and the data key: cached
         check_has_pairs(src.label, src.path, sum(rows), len(files))
-        files = [f for f, n in zip(files, rows) if n > 0]
-        ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        files, rows = zip(*[(f, n) for f, n in zip(files, rows) if n > 0])
+        ds = LocalPairs(datasets.load_dataset("parquet", data_files=list(files), split="train"),
+                        FileRows(list(files), list(rows)))
     else:
         try:
-            ds = datasets.load_dataset(src.dataset, split=src.split)
+            ds = LocalPairs(datasets.load_dataset(src.dataset, split=src.split))
         except Exception as exc:  # noqa: BLE001 - name the source, keep the cause
             raise DataError(
                 f"data source {src.label!r}: cannot load dataset {src.dataset!r} split {src.split!r} ({exc}). "
@@ -348,7 +350,7 @@ class PairBatches(torch.utils.data.Dataset):
         samples = []
         for p, (s, r) in zip(positions, where):
             row = rows[(s, r)]
-            at = f"data source {self.labels[s]!r} row {r}"
+            at = f"data source {self.labels[s]!r} {located(self.sources[s], r)}"
             mask = _mask(row.get(MASK_COLUMN), at) if self.masks else None
             samples.append(self.augment(str(row["caption"] or ""), _image(row["jpg_0"], f"{at} jpg_0"),
                                         _image(row["jpg_1"], f"{at} jpg_1"),

@@ -25,12 +25,13 @@ PLOT = "heldout.png"
 
 
 class HeldOut:
-    def __init__(self, sources: list, cfg, batch_size: int) -> None:
+    def __init__(self, sources: list, cfg, batch_size: int, labels: list[str] | None = None) -> None:
         sizes = [len(s) for s in sources]
         self.count = min(sum(sizes), cfg.heldout_max_pairs)
         mixture = PairMixture(sizes, [1.0] * len(sizes), cfg.seed + 1)
         augment = Augment(cfg.resolution, False, False, 0.0, cfg.seed)
-        self.batches = PairBatches(sources, mixture, augment, batch_size, masks=cfg.loss_mask == "edit_region")
+        self.batches = PairBatches(sources, mixture, augment, batch_size, labels=labels,
+                                   masks=cfg.loss_mask == "edit_region")
         self.n_batches = -(-self.count // batch_size)
         self.draws = cfg.heldout_draws
         self.history: list[dict] = []

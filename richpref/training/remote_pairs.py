@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..sources.parquet import footer, open_parquet
+from .pair_rows import FileRows
 
 ROW_GROUPS_KEPT = 4
 ROW_GROUPS_READ: list[tuple[str, int]] = []  # (file, row group) whose data pages were read (tests check it)
@@ -30,6 +31,7 @@ class RemotePairs:
             for g in range(meta.num_row_groups):
                 self._spans.append((f, g, total))
                 total += meta.row_group(g).num_rows
+        self._origin = FileRows(files, [footer(f).num_rows for f in files])
         self._starts = [s[2] for s in self._spans]
         self._total = total
         self.column_names = columns or list(footer(files[0]).schema.to_arrow_schema().names)
@@ -45,6 +47,10 @@ class RemotePairs:
     def select(self, indices) -> "RemotePairs":
         return RemotePairs(self.files, self.column_names, self.rows[np.asarray(list(indices), dtype=np.int64)],
                            self._groups)
+
+    def where(self, k: int) -> str:
+        """The file and row of pair k (richpref/training/pair_rows.py)."""
+        return self._origin.where(int(self.rows[k]))
 
     def _group(self, i: int) -> pa.Table:
         f, g, _ = self._spans[i]

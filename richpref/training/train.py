@@ -136,7 +136,7 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
         sources, labels = load_sources(cfg.data, need_mask=masks)
     split = [split_heldout(ds, cfg.heldout_fraction, cfg.seed, label) for ds, label in zip(sources, labels)]
     sources = [train_ds for train_ds, _ in split]
-    held = [h for _, h in split if h is not None]
+    held, held_labels = [h for _, h in split if h is not None], [n for (_, h), n in zip(split, labels) if h is not None]
     flow = flow_settings(cfg, arch)
     text = None
     if flow is not None:
@@ -172,7 +172,7 @@ def train(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict:
         global_step, samples_seen = state["global_step"], state["samples_seen"]
         log.info("finetune %s: resumed from %s (step %d)", out, resume_from[1].name, global_step)
 
-    heldout = HeldOut(held, cfg, cfg.train_batch_size) if held else None
+    heldout = HeldOut(held, cfg, cfg.train_batch_size, held_labels) if held else None
     if setup.flow is not None:
         from .flow_dpo import SigmaTable
 

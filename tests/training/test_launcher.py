@@ -79,7 +79,7 @@ def test_a_trainer_that_stops_on_bad_input_is_not_relaunched(tiny_models, tmp_pa
     pq.write_table(good.set_column(good.schema.get_field_index("jpg_1"), "jpg_1", pa.array(jpg_1)), path)
     out = tmp_path / "run"
     cfg = tiny_config(tiny_models, path, train_batch_size=4, max_train_steps=2)
-    with pytest.raises(LaunchFailed, match=r"data source 'pairs' row 3 jpg_1: cannot decode \(UnidentifiedImageError") as err:
+    with pytest.raises(LaunchFailed, match=rf"data source 'pairs' {path} row 3 jpg_1: cannot decode \(UnidentifiedImageError") as err:
         launch_training(cfg, out, max_restarts=2, log_file=str(tmp_path / "train.log"))
     assert "not relaunched" in str(err.value)
     assert (tmp_path / "train.log").read_text().count("Traceback") <= 1  # one launch, not three
