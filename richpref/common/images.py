@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -18,6 +19,12 @@ def encode_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
+
+
+def without_addresses(exc: Exception) -> str:
+    """`Type: message` without the memory addresses of objects it names (`<_io.BytesIO object at 0x7f…>`):
+    a reason stored in a row must not differ between two processes that decode the same bytes."""
+    return re.sub(r" at 0x[0-9a-fA-F]+>", ">", f"{type(exc).__name__}: {exc}")
 
 
 def decode_image(data: bytes | None) -> Image.Image:
@@ -37,7 +44,7 @@ def decode_image(data: bytes | None) -> Image.Image:
     except Image.DecompressionBombError:
         raise BadImage(f"bad_image: over {MAX_PIXELS} pixels") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-        raise BadImage(f"bad_image: cannot decode ({type(exc).__name__}: {exc})") from None
+        raise BadImage(f"bad_image: cannot decode ({without_addresses(exc)})") from None
     if img.width < 8 or img.height < 8:
         raise BadImage(f"bad_image: {img.width}x{img.height} is too small (min 8x8)")
     return as_rgb(img)

@@ -373,6 +373,8 @@ class PairBatches(torch.utils.data.Dataset):
 
 
 def _mask(value: Any, where: str) -> Image.Image | None:
+    from richpref.common.images import without_addresses
+
     if isinstance(value, dict):
         value = value.get("bytes")
     if value is None:
@@ -380,7 +382,7 @@ def _mask(value: Any, where: str) -> Image.Image | None:
     try:
         return Image.open(io.BytesIO(value)).convert("L")
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-        raise DataError(f"{where}: cannot decode edit_mask ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{where}: cannot decode edit_mask ({without_addresses(exc)})") from None
 
 
 def load_sources(configs: list[PairSourceConfig], need_mask: bool = False) -> tuple[list, list[str]]:

@@ -27,6 +27,14 @@ def test_unusable_bytes_raise_the_rows_reject_reason(data, reason):
     assert str(err.value).startswith(reason)
 
 
+def test_a_reject_reason_is_the_same_in_every_process():
+    """A row's reason is part of its shard's bytes: PIL names the buffer it read by its memory address,
+    which differs between processes (a shard redone after a crash would differ from the first)."""
+    with pytest.raises(BadImage) as err:
+        decode_image(b"not an image at all")
+    assert str(err.value) == "bad_image: cannot decode (UnidentifiedImageError: cannot identify image file <_io.BytesIO object>)"
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG's signature, header chunk (a 1-bit image of that size) and an empty data chunk: no pixels."""
     def chunk(kind: bytes, body: bytes) -> bytes:
