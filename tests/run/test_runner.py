@@ -53,12 +53,13 @@ def test_views_read_committed_shards_only(finished_run, runs_dir):
     assert left == rows - stage_manifests(RunStore(str(runs_dir), "ref"), "edit")[2].rows
 
 
-def test_a_shard_whose_manifest_is_missing_is_computed_again_and_only_it(finished_run, runs_dir, tiny_models):
+def test_a_shard_whose_manifest_is_missing_or_damaged_is_computed_again_and_only_it(finished_run, runs_dir, tiny_models):
     store = _copy(runs_dir, "nomanifest")
     store.fs.rm(manifest_path(store, "filter", 1))
+    store.fs.pipe_file(manifest_path(store, "critique", 0), b'{"shard": 0, "uri": "cut off')  # damaged: not committed
     curate_run(runs_dir, "nomanifest", tiny_models)
     # Later shards are keyed on the filter shard's key, not its bytes: they stay done.
-    assert work(runs_dir, "nomanifest") == [("filter", 1)]
+    assert sorted(work(runs_dir, "nomanifest")) == [("critique", 0), ("filter", 1)]
     _assert_cpu_recorded(store.read_log("work.jsonl")[0])
     ref = stage_manifests(RunStore(str(runs_dir), "ref"), "pairs")
     again = stage_manifests(store, "pairs")
