@@ -154,7 +154,7 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
     if len(ds) == 0:
         raise DataError(f"data source {src.label!r} has no usable pairs (no rows with label_0 in {{0, 1}} and a caption)")
     if masked:
-        present = sum(m is not None for m in ds[MASK_COLUMN])
+        present = ds.present(MASK_COLUMN)
         if present < len(ds):
             log.info("data source %s: %d of %d pairs have no edit_mask; their loss covers the whole image",
                      src.label, len(ds) - present, len(ds))
@@ -163,7 +163,7 @@ def load_pair_source(src: PairSourceConfig, need_mask: bool = False):
 
 def has_masks(ds) -> bool:
     """Whether a loaded source holds an edit mask for any of its pairs."""
-    return MASK_COLUMN in ds.column_names and any(m is not None for m in ds[MASK_COLUMN])
+    return MASK_COLUMN in ds.column_names and ds.present(MASK_COLUMN) > 0
 
 
 def split_heldout(ds, fraction: float, seed: int, label: str):

@@ -61,6 +61,10 @@ class LocalPairs:
             return self.ds[int(self.rows[int(key)])]
         return self.ds[[int(self.rows[int(k)]) for k in key]]
 
+    def present(self, column: str) -> int:
+        """Pairs whose `column` is not null, counted in Arrow (a million masks never become Python bytes)."""
+        return len(self.rows) - self.ds.with_format("arrow")[column].take(pa.array(self.rows)).null_count
+
     def where(self, k: int) -> str:
         row = int(self.rows[k])
         return self.origin.where(row) if self.origin is not None else f"row {row}"

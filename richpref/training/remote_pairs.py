@@ -63,11 +63,18 @@ class RemotePairs:
         self._groups.move_to_end(key)
         return self._groups[key]
 
+    def _column(self, key: str) -> pa.ChunkedArray:
+        """One column of the kept rows: that column's chunks only."""
+        parts = [open_parquet(f).read(columns=[key]).column(key) for f in self.files]
+        return pa.chunked_array([c for p in parts for c in p.chunks]).take(pa.array(self.rows))
+
+    def present(self, column: str) -> int:
+        """Pairs whose `column` is not null (counted in Arrow)."""
+        return len(self.rows) - self._column(column).null_count
+
     def __getitem__(self, key):
-        if isinstance(key, str):  # one column (labels): that column's chunks only
-            parts = [open_parquet(f).read(columns=[key]).column(key) for f in self.files]
-            values = pa.chunked_array([c for p in parts for c in p.chunks]).to_numpy(zero_copy_only=False)
-            return values[self.rows].tolist()
+        if isinstance(key, str):
+            return self._column(key).to_pylist()
         idx = [int(key)] if isinstance(key, (int, np.integer)) else [int(k) for k in key]
         out: dict[str, list] = {c: [] for c in self.column_names}
         for k in idx:

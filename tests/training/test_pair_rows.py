@@ -46,3 +46,17 @@ def test_remote_pairs_name_the_file_and_row_too(tmp_path):
     pairs = RemotePairs([first, second]).select([4, 1, 2])
     assert [pairs.where(k) for k in range(3)] == [f"{second} row 2", f"{first} row 1", f"{second} row 0"]
     assert pairs["caption"] == ["b2", "a1", "b0"]
+
+
+def test_masks_present_are_counted_among_the_kept_pairs(tmp_path):
+    import datasets
+
+    from richpref.training.pair_rows import LocalPairs
+
+    masks = [None, b"m1", None, b"m3", b"m4"]
+    local = LocalPairs(datasets.Dataset.from_dict({"edit_mask": masks})).select([0, 1, 2])
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"edit_mask": pa.array(masks, pa.binary())}), path)
+    remote = RemotePairs([str(path)]).select([2, 3, 4])
+    assert (local.present("edit_mask"), remote.present("edit_mask")) == (1, 2)
+    assert (local["edit_mask"], remote["edit_mask"]) == ([None, b"m1", None], [None, b"m3", b"m4"])
