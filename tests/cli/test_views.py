@@ -1,7 +1,8 @@
 """`richpref summary | status | report | card | inspect` on a run that does not exist: one `error:` line with the
 fix and exit 2 (bad input), not a traceback. On a run that exists (a copy of the mini run): a SQL statement
 duckdb refuses is one `error:` line and exit 2; a card whose upload the Hub refuses is written, then one
-`error:` line and exit 1; a report's --out folder is created (an --out that is a folder: tests/cli/test_errors.py)."""
+`error:` line and exit 1; a report's --out folder is created (an --out that is a folder: tests/cli/test_errors.py);
+the inspect shell runs statements over several lines, reports a refused one and goes on."""
 from __future__ import annotations
 
 import shutil
@@ -47,3 +48,25 @@ def test_a_bad_statement_and_a_refused_upload_are_one_line_each(mini_run, tmp_pa
     assert main(["--data-dir", str(data), "report", "mini", "--out", str(page)]) == 0 and page.is_file()
     html = page.read_text()  # each pair's scores, composite last; the candidate indexes are no score
     assert "<td><b>composite</b></td>" in html and "<td>pickscore</td>" in html and "<td>candidate</td>" not in html
+
+
+def _typed(*lines):
+    """`input` that returns `lines`, then raises EOFError (Ctrl-D)."""
+    given = iter(lines)
+
+    def read(prompt=""):
+        try:
+            return next(given)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
+def test_the_shell_runs_statements_across_lines_reports_an_error_and_goes_on(mini_run, monkeypatch, capsys):
+    monkeypatch.setattr("builtins.input", _typed("select count(*) as n", "from pairs;", "select * from no_such_view;",
+                                                 "select 41 + 1 as answer;", ".quit", "select 'never read';"))
+    assert main(["--data-dir", str(mini_run[0]), "inspect", "mini"]) == 0
+    out = capsys.readouterr().out
+    assert "views: source," in out and "error: Catalog Error" in out and "42" in out and "never read" not in out
+    monkeypatch.setattr("builtins.input", _typed("select 'read' as x;"))  # Ctrl-D ends it too
+    assert main(["--data-dir", str(mini_run[0]), "inspect", "mini"]) == 0 and "read" in capsys.readouterr().out
