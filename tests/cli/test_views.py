@@ -51,22 +51,22 @@ def test_a_bad_statement_and_a_refused_upload_are_one_line_each(mini_run, tmp_pa
 
 
 def _typed(*lines):
-    """`input` that returns `lines`, then raises EOFError (Ctrl-D)."""
-    given = iter(lines)
-
+    """`input` that returns `lines`, then raises EOFError (Ctrl-D); `read.left` the lines not read."""
     def read(prompt=""):
-        try:
-            return next(given)
-        except StopIteration:
-            raise EOFError from None
+        if not read.left:
+            raise EOFError
+        return read.left.pop(0)
+    read.left = list(lines)
     return read
 
 
 def test_the_shell_runs_statements_across_lines_reports_an_error_and_goes_on(mini_run, monkeypatch, capsys):
-    monkeypatch.setattr("builtins.input", _typed("select count(*) as n", "from pairs;", "select * from no_such_view;",
-                                                 "select 41 + 1 as answer;", ".quit", "select 'never read';"))
+    typed = _typed("select count(*) as n", "from pairs;", "select * from no_such_view;", "select 41 + 1 as answer;",
+                   ".quit", "select 'never read';")
+    monkeypatch.setattr("builtins.input", typed)
     assert main(["--data-dir", str(mini_run[0]), "inspect", "mini"]) == 0
     out = capsys.readouterr().out
-    assert "views: source," in out and "error: Catalog Error" in out and "42" in out and "never read" not in out
+    assert "views: source," in out and "error: Catalog Error" in out and "42" in out
+    assert typed.left == ["select 'never read';"]
     monkeypatch.setattr("builtins.input", _typed("select 'read' as x;"))  # Ctrl-D ends it too
     assert main(["--data-dir", str(mini_run[0]), "inspect", "mini"]) == 0 and "read" in capsys.readouterr().out
