@@ -16,7 +16,6 @@ import io
 import json
 from pathlib import Path
 
-from PIL import Image
 
 from richpref.views.card_parts import PLOTS_DIR
 from richpref.views.inspect import RunNotFound, connect
@@ -66,9 +65,14 @@ apply();
 
 
 def _thumb(data: bytes | None) -> str:
-    if not data:
+    """A JPEG data URL of the image as the stages saw it (common/images.py: transparency over white); ""
+    for none or one that cannot be decoded."""
+    from richpref.common.images import BadImage, decode_image
+
+    try:
+        img = decode_image(data)
+    except BadImage:
         return ""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
     img.thumbnail((THUMB * 2, THUMB * 2))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)

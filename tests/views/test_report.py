@@ -227,3 +227,17 @@ def test_inspect_notebook_executes_against_a_run(finished_run, runs_dir, monkeyp
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "source" in text and "pairs" in text  # the summary table printed
     assert any("image/png" in o.get("data", {}) for o in outputs), "the pair grid was not drawn"
+
+
+def test_a_thumbnail_shows_the_image_as_the_stages_saw_it():
+    import base64
+    import io
+
+    from image_helpers import encoded
+    from richpref.views.report import _thumb
+
+    transparent = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # black under full transparency
+    url = _thumb(encoded(transparent))
+    shown = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert np.asarray(shown).min() > 240  # white, as decode_image composites it (before: black)
+    assert _thumb(None) == "" and _thumb(b"not an image") == ""  # before: the report failed on it
