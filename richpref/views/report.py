@@ -16,7 +16,6 @@ import io
 import json
 from pathlib import Path
 
-
 from richpref.views.card_parts import PLOTS_DIR
 from richpref.views.inspect import RunNotFound, connect
 from richpref.run.storage import RunStore, join
