@@ -42,13 +42,20 @@ def _png(array: np.ndarray) -> bytes:
 def test_heldout_split_always_leaves_a_pair_to_train():
     import datasets
 
-    from richpref.training.data import split_heldout
+    from richpref.training.data import seed_for, split_heldout
 
     two = datasets.Dataset.from_dict({"caption": ["a", "b"]})
     train, held = split_heldout(two, 0.25, 0, "pairs")  # both rows draw below 0.25 (a tiny curate run's pairs)
-    assert (len(train), len(held)) == (1, 1)
+    draws = [seed_for(0, "heldout", "pairs", r) % 100_000 for r in (0, 1)]
+    assert (len(train), len(held)) == (1, 1) and train["caption"] == [["a", "b"][draws.index(max(draws))]]
     train, held = split_heldout(two.select([0]), 0.25, 0, "pairs")
     assert len(train) == 1 and held is None
+
+
+def test_a_mixture_needs_a_weight_per_source_and_a_source():
+    for sizes, weights in (([], []), ([3], [1.0, 2.0]), ([3, 4], [1.0])):
+        with pytest.raises(ValueError, match="one weight per source and at least one source"):
+            PairMixture(sizes, weights, 0)
 
 
 def test_mixture_weights_epochs_and_resume_offsets():

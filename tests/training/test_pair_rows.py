@@ -23,13 +23,18 @@ def _write(path, captions, labels, jpg_1=None):
     return str(path)
 
 
-def test_a_pair_is_named_by_its_file_and_row_there(tmp_path):
+def test_a_pair_is_named_by_its_file_and_row_there(tmp_path, caplog):
     _write(tmp_path / "a.parquet", ["kept", "a tie", None], [1.0, 0.5, 0.0])  # rows 1 and 2 dropped
     _write(tmp_path / "b.parquet", [], [])  # a run's shard that kept no pair: left out
     broken = _write(tmp_path / "c.parquet", ["c0", "c1", "c2", "c3"], [0.0, 1.0, 0.0, 1.0],
                     jpg_1=[GOOD, GOOD, b"not an image", GOOD])
-    ds = load_pair_source(PairSourceConfig(name="pairs", path=str(tmp_path)))
+    with caplog.at_level("INFO", logger="richpref"):
+        ds = load_pair_source(PairSourceConfig(name="pairs", path=str(tmp_path)))
     assert len(ds) == 5 and ds["caption"] == ["kept", "c0", "c1", "c2", "c3"] and ds["label_0"] == [1, 0, 1, 0, 1]
+    assert "data source pairs: dropped 1 of 7 rows whose label_0 is not 0 or 1 (ties)" in caplog.text
+    assert "data source pairs: dropped 1 of 6 rows without a caption" in caplog.text
+    limited = [load_pair_source(PairSourceConfig(name="pairs", path=str(tmp_path), limit=n)) for n in (2, 100)]
+    assert [x["caption"] for x in limited] == [["kept"], ds["caption"]]  # the limit counts rows before the drops
     assert [ds.where(k) for k in (0, 3)] == [f"{tmp_path / 'a.parquet'} row 0", f"{broken} row 2"]
     named = dict(zip(ds["caption"], (ds.where(k) for k in range(len(ds)))))  # the captions are unique
     train, held = split_heldout(ds, 0.5, 0, "pairs")
@@ -48,7 +53,7 @@ def test_remote_pairs_name_the_file_and_row_too(tmp_path):
     assert pairs["caption"] == ["b2", "a1", "b0"]
 
 
-def test_masks_present_are_counted_among_the_kept_pairs(tmp_path):
+def test_masks_present_are_counted_among_the_kept_pairs(tmp_path, caplog):
     import datasets
 
     from richpref.training.pair_rows import LocalPairs
@@ -60,3 +65,9 @@ def test_masks_present_are_counted_among_the_kept_pairs(tmp_path):
     remote = RemotePairs([str(path)]).select([2, 3, 4])
     assert (local.present("edit_mask"), remote.present("edit_mask")) == (1, 2)
     assert (local["edit_mask"], remote["edit_mask"]) == ([None, b"m1", None], [None, b"m3", b"m4"])
+    pq.write_table(pa.table({"caption": ["a", "b", "c"], "jpg_0": [GOOD] * 3, "jpg_1": [GOOD] * 3,
+                             "label_0": [1.0, 0.0, 1.0], "edit_mask": pa.array([b"m0", None, b"m2"], pa.binary())}),
+                   tmp_path / "pairs.parquet")
+    with caplog.at_level("INFO", logger="richpref"):
+        load_pair_source(PairSourceConfig(name="pairs", path=str(tmp_path / "pairs.parquet")), need_mask=True)
+    assert "data source pairs: 1 of 3 pairs have no edit_mask; their loss covers the whole image" in caplog.text
