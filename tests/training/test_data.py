@@ -164,3 +164,57 @@ def test_pairs_decode_as_the_stages_do_transparency_over_white_and_16_bit_scaled
     empty = datasets.Dataset.from_dict({"caption": ["a"], "jpg_0": [b""], "jpg_1": [png(rgba)], "label_0": [1]})
     with pytest.raises(DataError, match="data source 'pairs' row 0 jpg_0: empty image bytes"):
         PairBatches([empty], PairMixture([1], [1.0], 0), Augment(16), batch_size=1, labels=["pairs"])[0]
+
+
+def _gradient(width: int, height: int, channel: int = 0) -> Image.Image:
+    """Each column x has value x mod 256 in `channel`: a crop's offset shows in its pixels."""
+    a = np.zeros((height, width, 3), np.uint8)
+    a[..., channel] = (np.arange(width) % 256)[None, :]
+    return Image.fromarray(a)
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def test_augment_resizes_the_shorter_side_crops_the_centre_and_flips_by_the_sample_number():
+    from richpref.training.data import seed_for
+
+    aug = Augment(32)  # the Diffusion-DPO recipe's defaults: centre crop, horizontal flips
+    assert (aug.random_crop, aug.hflip) == (False, True)
+    wide, tall = _gradient(100, 50), _gradient(50, 100)
+    flips = {}
+    for p in range(8):
+        flip = np.random.default_rng(seed_for(0, "augment", p)).random(4)[1] < 0.5
+        out = aug("c", wide, wide, 1.0, p)
+        # 100x50 -> 64x32 (the shorter side to 32), then the centre 32 columns: x from 16 to 48
+        expected = wide.resize((64, 32), Image.BILINEAR).crop((16, 0, 48, 32))
+        expected = expected.transpose(Image.FLIP_LEFT_RIGHT) if flip else expected
+        assert out["original_size"] == (50, 100) and out["crop_top_left"] == (0, 16)
+        assert np.array_equal(out["chosen"], _pixels(expected)) and np.array_equal(out["rejected"], out["chosen"])
+        flips[p] = flip
+        out = Augment(32, hflip=False)("c", tall, tall, 1.0, p)
+        assert out["crop_top_left"] == (16, 0)  # 50x100 -> 32x64, the middle 32 rows
+        assert np.array_equal(out["chosen"], _pixels(tall.resize((32, 64), Image.BILINEAR).crop((0, 16, 32, 48))))
+    assert 0 < sum(flips.values()) < 8
+
+
+def test_augment_random_crop_and_a_second_image_or_mask_of_another_size():
+    from richpref.training.data import seed_for
+
+    img0, img1 = _gradient(100, 50), _gradient(80, 40, channel=1)  # the edit at another size
+    mask = Image.fromarray(np.kron(np.eye(2, dtype=np.uint8) * 255, np.ones((25, 50), np.uint8)))  # 100x50, 2x2 blocks
+    small_mask = mask.resize((20, 10), Image.NEAREST)  # the same mask at a fifth of the size
+    aug = Augment(32, random_crop=True, hflip=False)
+    for p in range(4):
+        u, v = np.random.default_rng(seed_for(0, "augment", p)).random(4)[2:]
+        out = aug("c", img0, img1, 0.0, p, small_mask)  # label 0: jpg_1 is chosen
+        left = int(v * (64 - 32 + 1))  # any of the 33 offsets of a 32 crop in 64 columns; rows: 32 of 32
+        assert out["crop_top_left"] == (int(u * 1), left) == (0, left)
+        box = (left, 0, left + 32, 32)
+        assert np.array_equal(out["rejected"], _pixels(img0.resize((64, 32), Image.BILINEAR).crop(box)))
+        assert np.array_equal(out["chosen"], _pixels(img1.resize((100, 50), Image.BILINEAR).resize((64, 32), Image.BILINEAR).crop(box)))
+        expected_mask = mask.resize((64, 32), Image.BILINEAR).crop(box)
+        assert np.array_equal(out["mask"][0], np.asarray(expected_mask, np.float32) / 255.0)
+        tall = _gradient(50, 100)
+        assert aug("c", tall, tall, 1.0, p)["crop_top_left"] == (int(u * (64 - 32 + 1)), int(v * 1))
