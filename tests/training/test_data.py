@@ -84,6 +84,12 @@ def test_mixture_draws_across_blocks_as_one_stream():
         passes = [rows[k:k + n] for k in range(0, len(rows) - n + 1, n)]
         assert len(passes) >= 10 and all(sorted(p) == list(range(n)) for p in passes), (source, rows)
     assert SmallBlocks([3, 5], [1.0, 1.0], seed=3).locate(range(150, 200)) == where[150:]
+    # each block's sources are its own draw (seeded by the block), not a block drawn before repeated
+    from richpref.training.data import seed_for
+
+    for block in (0, 1, 24):
+        drawn = np.random.default_rng(seed_for(3, "mixture", block)).choice(2, size=8, p=[0.5, 0.5])
+        assert [s for s, _ in where[8 * block:8 * block + 8]] == drawn.tolist()
 
 
 def test_heldout_rows_are_those_whose_hash_falls_below_the_fraction():
