@@ -133,6 +133,14 @@ def test_all_ones_mask_is_the_unmasked_loss_and_floor_zero_ignores_outside():
                            flow_dpo_terms(changed, ref, target, beta=100.0, weight=w_floor).margin)
 
 
+def test_mask_weights_by_hand_floor_outside_one_inside_area_mean_on_a_border():
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1.0  # the top half changed
+    mask[..., 2, :2] = 1.0  # and half of the 2x2 cell at latent row 1, column 0
+    w = mask_weights(mask, (2, 2), floor=0.1)  # 2x2 cells of the mask per latent pixel
+    assert torch.allclose(w[0, 0], torch.tensor([[1.0, 1.0], [0.1 + 0.9 * 0.5, 0.1]]))
+
+
 def test_mask_on_flux_packed_tokens_gives_the_same_loss():
     g = torch.Generator().manual_seed(3)
     pred, target = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
