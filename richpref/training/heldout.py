@@ -13,9 +13,10 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .data import Augment, PairBatches, PairMixture
+from .data import Augment, PairBatches, seed_for
 
 log = logging.getLogger("richpref")
 
@@ -24,13 +25,31 @@ LOSS_DROP = 0.1  # relative fall of the training loss that makes chance-level he
 PLOT = "heldout.png"
 
 
+class EachPairOnce:
+    """The pairs an evaluation scores, each once: all held-out pairs of every source, or `limit` of them
+    drawn (for the run's seed) uniformly from all, so each source counts by its number of pairs. `locate`
+    (PairMixture's) gives position p the p-th; past the end it wraps, to fill a last batch whose extra
+    margins are not counted."""
+
+    def __init__(self, sizes: list[int], limit: int, seed: int) -> None:
+        total = sum(sizes)
+        chosen = np.arange(total)
+        if total > limit:
+            chosen = np.sort(np.random.default_rng(seed_for(seed, "heldout-pairs")).permutation(total)[:limit])
+        starts = np.cumsum([0, *sizes[:-1]])
+        source = np.searchsorted(starts, chosen, side="right") - 1
+        self.pairs = [(int(s), int(g - starts[s])) for s, g in zip(source, chosen)]
+
+    def locate(self, positions) -> list[tuple[int, int]]:
+        return [self.pairs[int(p) % len(self.pairs)] for p in positions]
+
+
 class HeldOut:
     def __init__(self, sources: list, cfg, batch_size: int, labels: list[str] | None = None) -> None:
-        sizes = [len(s) for s in sources]
-        self.count = min(sum(sizes), cfg.heldout_max_pairs)
-        mixture = PairMixture(sizes, [1.0] * len(sizes), cfg.seed + 1)
+        pairs = EachPairOnce([len(s) for s in sources], cfg.heldout_max_pairs, cfg.seed + 1)
+        self.count = len(pairs.pairs)
         augment = Augment(cfg.resolution, False, False, 0.0, cfg.seed)
-        self.batches = PairBatches(sources, mixture, augment, batch_size, labels=labels,
+        self.batches = PairBatches(sources, pairs, augment, batch_size, labels=labels,
                                    masks=cfg.loss_mask == "edit_region")
         self.n_batches = -(-self.count // batch_size)
         self.draws = cfg.heldout_draws
@@ -43,9 +62,9 @@ class HeldOut:
         `step_fn(batch, tag)` returns the DPO terms of a batch under the draw named `tag`."""
         margins = []
         for draw in range(self.draws):
-            for m in range(self.n_batches):
-                terms = step_fn(self.batches[m], f"heldout-{draw}")
-                margins.append(terms.margin.detach().float().cpu())
+            drawn = [step_fn(self.batches[m], f"heldout-{draw}").margin.detach().float().cpu()
+                     for m in range(self.n_batches)]
+            margins.append(torch.cat(drawn)[:self.count])  # a last batch's filling is not counted
         margin = torch.cat(margins)
         acc = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
         return {"heldout_implicit_acc": acc, "heldout_reward_margin": float(margin.mean()),

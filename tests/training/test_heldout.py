@@ -9,14 +9,36 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from richpref.training.heldout import HeldOut, chance_warning
+from richpref.training.heldout import EachPairOnce, HeldOut, chance_warning
 
 
-def _heldout(draws: int, batches: list[str]) -> HeldOut:
+def _heldout(draws: int, batches: list[str], count: int = 4) -> HeldOut:
     """A HeldOut over named batches (its pairs need no loading here: evaluate only indexes them)."""
     h = HeldOut.__new__(HeldOut)
-    h.draws, h.batches, h.n_batches, h.count, h.history, h.warned = draws, batches, len(batches), 4, [], False
+    h.draws, h.batches, h.n_batches, h.count, h.history, h.warned = draws, batches, len(batches), count, [], False
     return h
+
+
+def test_each_held_out_pair_is_scored_once_and_sources_count_by_their_pairs():
+    # before: a mixture of the sources at equal weights, so a source of 4 pairs beside one of 60 had each
+    # of its pairs scored about 8 times, and a batch's filling past the last pair was counted as well
+    every = EachPairOnce([2, 3], 64, seed=1)
+    assert every.pairs == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    assert every.locate([4, 5, 6]) == [(1, 2), (0, 0), (0, 1)]  # past the end: the filling of a last batch
+    assert EachPairOnce([1, 2, 1], 64, seed=1).pairs == [(0, 0), (1, 0), (1, 1), (2, 0)]
+    some = EachPairOnce([60, 4], 10, seed=1)
+    assert len(set(some.pairs)) == 10 and some.pairs == sorted(some.pairs)
+    assert all(r < (60, 4)[s] for s, r in some.pairs) and EachPairOnce([60, 4], 10, seed=1).pairs == some.pairs
+    drawn = [s for seed in range(200) for s, _ in EachPairOnce([60, 4], 10, seed).pairs]
+    assert drawn.count(1) / len(drawn) == pytest.approx(4 / 64, abs=0.02)  # by its share of the pairs
+
+
+def test_a_last_batchs_filling_is_not_counted():
+    def step(batch, tag):
+        return SimpleNamespace(margin=torch.tensor({"b0": [1.0, 1.0], "b1": [-1.0, 9.0]}[batch]))
+
+    out = _heldout(2, ["b0", "b1"], count=3).evaluate(step)  # 3 pairs in batches of 2: b1's second is filling
+    assert out["heldout_implicit_acc"] == pytest.approx(2 / 3) and out["heldout_reward_margin"] == pytest.approx(1 / 3)
 
 
 def test_accuracy_counts_ties_half_over_every_batch_and_draw():
@@ -60,3 +82,24 @@ def test_record_marks_every_evaluation_at_chance_and_logs_once(caplog):
     assert "warning" in third and len([r for r in caplog.records if "stays near 0.5" in r.message]) == 1
     assert [e["step"] for e in h.history] == [10, 20, 30]
     assert pytest.approx(h.history[0]["heldout_implicit_acc"]) == 0.5
+
+
+def test_held_out_batches_cover_each_pair_once_at_the_runs_resolution():
+    import datasets
+    from PIL import Image
+
+    from image_helpers import encoded
+
+    png = encoded(Image.new("RGB", (24, 24), (9, 9, 9)))
+    ds = datasets.Dataset.from_dict({"caption": ["a", "b", "c"], "jpg_0": [png] * 3, "jpg_1": [png] * 3,
+                                     "label_0": [1, 0, 1]})
+    cfg = SimpleNamespace(heldout_max_pairs=64, seed=0, resolution=16, loss_mask="none", heldout_draws=2)
+    h = HeldOut([ds], cfg, batch_size=2, labels=["pairs"])
+    assert (h.count, h.n_batches, h.draws, h.warned, h.history) == (3, 2, 2, False, [])
+    # the same pixels at every evaluation: no flip, no random crop; masks only under edit_region
+    assert (h.batches.augment.hflip, h.batches.augment.random_crop, h.batches.masks) == (False, False, False)
+    assert HeldOut([ds], SimpleNamespace(**{**vars(cfg), "loss_mask": "edit_region"}), 2).batches.masks
+    batches = [h.batches[m] for m in range(h.n_batches)]
+    assert [c for b in batches for c in b["captions"]][:3] == ["a", "b", "c"]
+    assert batches[0]["pixels"].shape == (4, 3, 16, 16)  # chosen and rejected of 2 pairs
+
