@@ -55,16 +55,29 @@ def _final(path: Path) -> Path:
     return path / "final" if (path / "final" / FINETUNE_META).exists() else path
 
 
-def tuned_arch(path: str | os.PathLike) -> str | None:
-    """The family (sd15, sdxl, sd3, flux, qwen_image) tuned weights were trained on, from the finetune.json
-    of their finetune output (the folder, its final/, or the final/ a weights file lies in); None for
-    weights without one (a LoRA file or folder from elsewhere)."""
+def tuned_meta(path: str | os.PathLike) -> dict | None:
+    """The finetune.json of tuned weights' finetune output (the folder, its final/, or the final/ a weights
+    file lies in); None for weights without one (a LoRA file or folder from elsewhere)."""
     p = Path(path)
     meta = p.parent / FINETUNE_META if p.is_file() else _final(p) / FINETUNE_META
     try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("arch") if meta.is_file() else None
+        return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
     except (OSError, ValueError):
         return None
+
+
+def tuned_arch(path: str | os.PathLike) -> str | None:
+    """The family (sd15, sdxl, sd3, flux, qwen_image) tuned weights were trained on (their finetune.json)."""
+    return (tuned_meta(path) or {}).get("arch")
+
+
+def lora_ranks(path: str | os.PathLike) -> list[int]:
+    """The ranks of a LoRA file's down projections, read from its safetensors header (no tensor loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file(path)), "pt") as f:
+        return sorted({f.get_slice(k).get_shape()[0] for k in f.keys()
+                       if k.endswith(("lora_A.weight", "lora_down.weight", "lora.down.weight"))})
 
 
 def tuned_elsewhere(path: str | os.PathLike, family: str) -> str | None:

@@ -239,7 +239,7 @@ def load_init_lora(unet, init_from: str, arch: str) -> None:
     from ..models.tuned import lora_file
     from .models import _pipeline_class
 
-    from .flow_models import FLOW_ARCHS, lora_base_check, pipeline_class
+    from .flow_models import FLOW_ARCHS, ArchMismatch, lora_base_check, pipeline_class
 
     f = lora_file(init_from)
     cls = pipeline_class(arch) if arch in FLOW_ARCHS else _pipeline_class(arch)
@@ -248,12 +248,14 @@ def load_init_lora(unet, init_from: str, arch: str) -> None:
     lora_base_check(None, state, arch, init_from)
     prefix = "transformer." if arch in FLOW_ARCHS else "unet."
     state = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    result = set_peft_model_state_dict(unet, state)
-    if getattr(result, "unexpected_keys", None) or not state:
-        raise TrainingError(f"init_from {init_from}: its LoRA does not fit this one (rank, target modules, or a "
-                            f"LoRA for another base model): "
-                            f"{(getattr(result, 'unexpected_keys', None) or ['no ' + prefix[:-1] + ' weights'])[:3]}; "
-                            "give a LoRA trained with the same base and lora settings, or drop init_from")
+    try:
+        unfit = getattr(set_peft_model_state_dict(unet, state), "unexpected_keys", None) or []
+    except RuntimeError as exc:  # a tensor of another shape: another rank (the preflight checks it first)
+        unfit = [str(exc).strip().splitlines()[-1].strip()[:200]]
+    if unfit or not state:  # the same on every launch: refused, not relaunched
+        raise ArchMismatch(f"init_from {init_from}: its LoRA does not fit this one (rank, target modules, or a "
+                           f"LoRA for another base model): {(unfit or ['no ' + prefix[:-1] + ' weights'])[:3]}; "
+                           "give a LoRA trained with the same base and lora settings, or drop init_from")
 
 
 def load_init_unet(unet, init_from: str) -> None:

@@ -64,6 +64,32 @@ def check_init_from(cfg: FinetuneConfig, path: str, family: str) -> None:
         lora_file(path) if cfg.mode == "lora" else unet_dir(path)
     except TunedWeightsError as exc:
         raise ArchMismatch(f"init_from {cfg.init_from} (mode: {cfg.mode}): {exc}") from None
+    differ = lora_differences(cfg, path) if cfg.mode == "lora" else []
+    if differ:  # before: a size-mismatch traceback in the trainer, at each of its launches
+        raise ArchMismatch(f"init_from {cfg.init_from}: its LoRA was trained with {'; '.join(differ)}: continue it with "
+                           "the lora: settings it was trained with, or drop init_from")
+
+
+def lora_differences(cfg: FinetuneConfig, path: str) -> list[str]:
+    """How the LoRA at `path` differs from `cfg.lora`: its rank (from its weights), its alpha and target
+    modules (from its finetune.json, where it has one)."""
+    from ..models.tuned import lora_ranks, tuned_meta
+
+    try:
+        out, ranks = [], lora_ranks(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors has its own errors for a file that is not one
+        raise ArchMismatch(f"init_from {cfg.init_from}: its LoRA weights cannot be read ({type(exc).__name__}: "
+                           f"{exc}); give a LoRA safetensors file, or drop init_from") from None
+    if ranks and ranks != [cfg.lora.rank]:
+        out.append(f"rank {'/'.join(map(str, ranks))} (lora.rank is {cfg.lora.rank})")
+    then = ((tuned_meta(path) or {}).get("config") or {}).get("lora")
+    if then:
+        alpha_then, alpha_now = then.get("alpha") or then.get("rank"), cfg.lora.alpha or cfg.lora.rank
+        if alpha_then != alpha_now:  # the adapter's scale, alpha / rank: another start than init_from's model
+            out.append(f"alpha {alpha_then:g} (lora.alpha is {alpha_now:g})")
+        if sorted(then.get("target_modules") or []) != sorted(cfg.lora.target_modules):
+            out.append(f"target_modules {then.get('target_modules')} (lora.target_modules is {cfg.lora.target_modules})")
+    return out
 
 
 def preflight(cfg: FinetuneConfig, *, fsdp: bool | None = None, made_later: frozenset[str] = frozenset()) -> str:

@@ -29,6 +29,7 @@ from ..schemas.training import FinetuneConfig, finetune_config_hash, load_finetu
 from .checkpoints import (TRAINER_STATE, OtherConfig, TrainingError, check_resumable, data_key, finished, full_state_dict,
                           param_norm, register_lora_hooks, save_checkpoint, write_final)
 from .data import Augment, DataError, PairBatches, PairMixture, load_sources, split_heldout
+from .flow_models import ArchMismatch
 from .heldout import HeldOut, plot_metrics
 from .models import FINETUNE_META, REFUSED_INPUT, AdapterSwitch
 from .reference import log_start
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg, args.output_dir)
-    except (DataError, OtherConfig) as exc:  # e.g. an image that cannot be decoded, met at some step
+    except (DataError, OtherConfig, ArchMismatch) as exc:  # e.g. an image that cannot be decoded, met at some step
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.output_dir) / REFUSED_INPUT, f"{exc}\n".encode())  # every process may write it
         print(f"error: {exc}", file=sys.stderr)

@@ -57,3 +57,19 @@ def test_continued_finetune_starts_at_log2_with_the_init_as_reference(tuned, tin
     assert abs(first["loss"] - math.log(2)) > 1e-2  # the base is not where training starts
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("step 0" in w and "does not start at its reference" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("tuned", ["lora"], indirect=True)
+def test_a_lora_of_another_rank_is_refused_once_in_the_trainer_too(tuned, tiny_models, pairs_file, tmp_path,  # noqa: F811
+                                                                   monkeypatch):
+    """The preflight refuses it (tests/training/test_flow_step.py); past it, the trainer's own load names the
+    misfit as an input it refuses (not relaunched) instead of a size-mismatch RuntimeError."""
+    from richpref.training import setup
+    from richpref.training.flow_models import ArchMismatch
+    from richpref.training.train import train
+
+    _, init = tuned
+    monkeypatch.setattr(setup, "lora_differences", lambda cfg, path: [])
+    with pytest.raises(ArchMismatch, match=r"its LoRA does not fit this one .*size mismatch"):
+        train(tiny_config(tiny_models, pairs_file, mode="lora", lora={"rank": 8}, init_from=str(init), max_train_steps=1),
+              tmp_path / "other-rank")

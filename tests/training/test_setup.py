@@ -1,6 +1,9 @@
 """Finetune, evaluate and rounds configs find their models as curate profiles do: `--models-root`, else
-RICHPREF_MODELS_ROOT, else the config's own `models_root` (relative to the cwd)."""
+RICHPREF_MODELS_ROOT, else the config's own `models_root` (relative to the cwd). The preflight's refusals
+of init_from weights that the run cannot continue."""
 from __future__ import annotations
+
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +15,7 @@ from richpref.schemas.training import PairSourceConfig, load_evaluate_config, lo
 from richpref.training.evaluation import preflight as evaluate_preflight
 from richpref.training.finetune import with_pairs
 from richpref.training.setup import preflight as finetune_preflight
+from test_flow_step import flow_config, write_brightness_pairs
 
 
 def test_finetune_and_evaluate_configs_honour_models_root(tiny_models, tmp_path, monkeypatch, capsys):
@@ -147,3 +151,47 @@ def test_pairs_at_a_store_url_without_credentials_are_a_data_error_naming_the_va
     with pytest.raises(DataError, match=r"data source path 's3://no-such-bucket/pairs/' cannot be listed "
                                         r"\(NoCredentialsError: .*set AWS_ACCESS_KEY_ID"):
         pair_files("s3://no-such-bucket/pairs/")
+
+
+def test_init_from_made_for_another_base_mode_or_lora_settings_is_refused(tiny_models, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from richpref.training.flow_models import ArchMismatch
+    from richpref.training.setup import preflight
+
+    pairs = write_brightness_pairs(tmp_path / "pairs.parquet", 8)
+    # init_from made for another base (its finetune.json says so)
+    other = tmp_path / "sd15-lora"
+    other.mkdir()
+    (other / "finetune.json").write_text(json.dumps({"arch": "sd15", "mode": "lora"}))
+    with pytest.raises(ArchMismatch, match=r"init_from .*made for a sd15 model.*drop init_from"):
+        preflight(flow_config(tiny_models, pairs, "flux", init_from=str(other)))
+    # init_from of the other mode: before, each launch of the trainer failed on it after the models loaded
+    lora = {"unet.a.to_q.lora_A.weight": torch.zeros(8, 16), "unet.a.to_q.lora_B.weight": torch.zeros(16, 8)}
+    save_file(lora, other / "pytorch_lora_weights.safetensors")  # a LoRA output: no UNet to continue in full
+    with pytest.raises(ArchMismatch, match=r"init_from .*sd15-lora \(mode: full\): UNet weights .*no diffusers UNet folder"):
+        preflight(flow_config(tiny_models, pairs, "sd15", flow=None, mode="full", init_from=str(other)))
+    assert preflight(flow_config(tiny_models, pairs, "sd15", flow=None, init_from=str(other))) == "sd15"
+    # a LoRA of other lora: settings (before: a size-mismatch traceback at each launch, or another scale)
+    with pytest.raises(ArchMismatch, match=r"trained with rank 8 \(lora.rank is 4\): continue it"):
+        preflight(flow_config(tiny_models, pairs, "sd15", flow=None, lora={"rank": 4}, init_from=str(other)))
+    trained = {"rank": 8, "alpha": 16, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+    (other / "finetune.json").write_text(json.dumps({"arch": "sd15", "mode": "lora", "config": {"lora": trained}}))
+    with pytest.raises(ArchMismatch, match=r"trained with alpha 16 \(lora.alpha is 8\): continue it with the lora: "
+                                           r"settings it was trained with, or drop init_from"):
+        preflight(flow_config(tiny_models, pairs, "sd15", flow=None, init_from=str(other)))
+    with pytest.raises(ArchMismatch, match=r"trained with target_modules \['to_q', 'to_k', 'to_v', 'to_out.0'\] "
+                                           r"\(lora.target_modules is \['to_q'\]\)"):
+        preflight(flow_config(tiny_models, pairs, "sd15", flow=None, lora={"rank": 8, "alpha": 16, "target_modules": ["to_q"]},
+                              init_from=str(other)))
+    assert preflight(flow_config(tiny_models, pairs, "sd15", flow=None, lora={"rank": 8, "alpha": 16}, init_from=str(other)))
+    (other / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ArchMismatch, match=r"its LoRA weights cannot be read"):
+        preflight(flow_config(tiny_models, pairs, "sd15", flow=None, init_from=str(other)))
+    save_file(lora, other / "pytorch_lora_weights.safetensors")
+    (other / "finetune.json").write_text(json.dumps({"arch": "flux", "mode": "lora"}))
+    with pytest.raises(ArchMismatch, match=r"with mode: full: Flow-DPO continues LoRA runs only; use mode: lora"):
+        preflight(flow_config(tiny_models, pairs, "flux", mode="full", fsdp=True, gradient_checkpointing=True,
+                              init_from=str(other)))
+    (other / "finetune.json").write_text(json.dumps({"arch": "sd15", "mode": "lora"}))
