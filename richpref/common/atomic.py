@@ -4,6 +4,7 @@ bytes go straight to the target in one PUT (a rename there would be a copy and a
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,17 @@ from richpref.common.objstore import ensure_folder, is_object_store
 
 def temp_name(path: str | os.PathLike) -> str:
     return f"{os.fspath(path)}.tmp-{uuid.uuid4().hex}"
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A second name `dst` for the local file `src` (a hard link), or a copy on a filesystem without
+    hard links. FileNotFoundError when `src` is gone."""
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, fs=None, before_commit: Callable[[], None] | None = None) -> None:

@@ -30,11 +30,11 @@ import json
 import logging
 import os
 import re
-import shutil
 import uuid
 
 from fsspec.implementations.local import LocalFileSystem
 
+from richpref.common.atomic import link_or_copy
 from richpref.run.leases import Lease, create_exclusive
 from richpref.common.objstore import cat_small, ensure_folder, list_names
 
@@ -81,12 +81,7 @@ def _place(fs, tmp: str, path: str) -> bool:
     try:
         if isinstance(fs, LocalFileSystem):
             link = f"{path}.tmp-{uuid.uuid4().hex}"
-            try:
-                os.link(tmp, link)  # a second name for the same bytes, renamed into place atomically
-            except FileNotFoundError:
-                raise
-            except OSError:  # a filesystem without hard links: a copy, renamed into place
-                shutil.copyfile(tmp, link)
+            link_or_copy(tmp, link)  # a second name for the same bytes, renamed into place atomically
             os.replace(link, path)
             try:  # rename(2) leaves both names when they are one file already (a re-finished commit)
                 os.unlink(link)

@@ -11,7 +11,6 @@ and a Prefect table artifact of the table (flows/evaluate.py composes these step
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -24,7 +23,7 @@ from PIL import Image, ImageDraw
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from richpref.common.images import encode_png
+from richpref.common.images import decode_image, encode_png
 from richpref.models.runtime import resolve_model_ref
 from richpref.schemas.tables import OK
 from richpref.schemas.training import EvalModelConfig, EvaluateConfig
@@ -142,7 +141,7 @@ def score_task(name: str, cfg: EvaluateConfig, image_files: dict[str, str]) -> d
     try:
         for model, path in image_files.items():
             t = pq.read_table(path)
-            images = [Image.open(io.BytesIO(b)).convert("RGB") for b in t.column("image").to_pylist()]
+            images = [decode_image(b) for b in t.column("image").to_pylist()]
             out[model] = [float(x) for x in reward.score(images, t.column("prompt").to_pylist(), batch_size=cfg.batch_size)]
     finally:
         close = getattr(reward, "close", None)
@@ -253,7 +252,7 @@ def image_grid(image_files: dict[str, str], prompt_index: list[int], n_prompts: 
         draw.text((c * cell + 4, 2), model, fill="black")
         images = pq.read_table(image_files[model], columns=["image"]).column("image").to_pylist()
         for r, k in enumerate(firsts):
-            im = Image.open(io.BytesIO(images[k])).convert("RGB").resize((cell, cell), Image.BILINEAR)
+            im = decode_image(images[k]).resize((cell, cell), Image.BILINEAR)
             grid.paste(im, (c * cell, header + r * cell))
     return grid
 

@@ -31,7 +31,7 @@ class RemotePairs:
             for g in range(meta.num_row_groups):
                 self._spans.append((f, g, total))
                 total += meta.row_group(g).num_rows
-        self._origin = FileRows(files, [footer(f).num_rows for f in files])
+        self._origin = FileRows(files, [footer(f).num_rows for f in files])  # footers: read once, cached
         self._starts = [s[2] for s in self._spans]
         self._total = total
         self.column_names = columns or list(footer(files[0]).schema.to_arrow_schema().names)

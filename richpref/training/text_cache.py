@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from richpref.common.atomic import link_or_copy
 from richpref.models.generator import quiet_loading
 
 from .flow_models import pipeline_class
@@ -114,13 +115,6 @@ class TextEmbeddings:
         return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in out.items()}
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # a filesystem without hard links
-        shutil.copy2(src, dst)
-
-
 def cache_key(model_dir: str, arch: str, max_len: int) -> str:
     return hashlib.sha256(json.dumps([os.path.abspath(model_dir), arch, max_len]).encode()).hexdigest()[:12]
 
@@ -157,7 +151,7 @@ def build_text_cache(model_dir: str, arch: str, captions: list[str], output_dir:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         for f in folder.glob("embeds*.safetensors") if known else ():  # the cache's files, linked, not copied
-            _link_or_copy(f, tmp / f.name)
+            link_or_copy(f, tmp / f.name)
     barrier()
     quiet_loading()
     pipe = pipeline_class(arch).from_pretrained(model_dir, transformer=None, vae=None)
