@@ -41,6 +41,7 @@ def _index(path: str, skip_blank: bool) -> tuple[array, array, int]:
 class _LinePart:
     skip_blank = False
     drops_bom = False  # a UTF-8 BOM opening the file is no part of its first row
+    rejects_bad_utf8 = False  # JSONL lines once decoded with errors="replace"
 
     def __init__(self, path: str, column: str) -> None:
         self.path = path
@@ -73,6 +74,8 @@ class _LinePart:
             h.update(hashlib.sha256(raw).digest())
             if number == 1 and self.drops_bom and raw.startswith(BOM):
                 h.update(b"bom dropped")  # a bad row before: this shard (with dedupe, the later ones too) recomputes
+            if self.rejects_bad_utf8 and not _is_utf8(raw):
+                h.update(b"bad utf-8 rejected")  # kept with U+FFFD before: only shards holding such a line recompute
         return h.hexdigest()
 
 
@@ -99,6 +102,7 @@ class JsonlPart(_LinePart):
 
     skip_blank = True
     drops_bom = True
+    rejects_bad_utf8 = True
 
     def columns(self) -> list[str]:
         """Keys of the first objects of the file (a row missing a key is a row with a missing value)."""
@@ -116,7 +120,12 @@ class JsonlPart(_LinePart):
         for number, raw in self._raw(start, stop):
             if number == 1:
                 raw = raw.removeprefix(BOM)  # a file saved "UTF-8 with BOM" (Windows editors)
-            text = raw.decode("utf-8", errors="replace").strip()
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:  # kept with U+FFFD it would train on a prompt nobody wrote
+                rows.append({BAD_ROW: f"line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                             RAW: repr(raw.rstrip(b"\r\n"))})
+                continue
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
@@ -127,6 +136,14 @@ class JsonlPart(_LinePart):
                 continue
             rows.append(value)
         return rows
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def check_text_file(path: str) -> None:

@@ -2,11 +2,13 @@
 boundaries (richpref/sources/base.py ConcatReader), through the source stage's shards."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
 from richpref.schemas.config import SourceConfig
+from richpref.sources.text import JsonlPart
 from richpref.tasks.source import shard_source
 
 
@@ -39,6 +41,21 @@ def test_a_prompt_line_that_is_not_utf8_is_a_rejected_row_naming_its_line(tmp_pa
     assert [r["status"] for r in rows] == ["ok", "rejected", "ok"]
     assert rows[1]["reason"] == "bad_row: line 2: not valid UTF-8 (invalid continuation byte at byte 3)"
     assert rows[2]["prompt"] == "a blue dog" and rows[2]["source_row"] == 2
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_a_rejected_row_naming_its_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"caption": "a red cat"}\n{"caption": "caf\xe9 au lait"}\n{"caption": "a blue dog"}\n')
+    rows = _rows(SourceConfig(kind="jsonl", path=str(path), shard_size=2))
+    assert [r["status"] for r in rows] == ["ok", "rejected", "ok"]  # before: kept as "caf\ufffd au lait"
+    assert rows[1]["reason"] == "bad_row: line 2: not valid UTF-8 (invalid continuation byte at byte 16)"
+    assert rows[2]["prompt"] == "a blue dog" and rows[2]["source_row"] == 2
+    # A run resumed across the fix recomputes the shard holding that line, and only that one.
+    part = JsonlPart(str(path), "caption")
+    line_hashes = [hashlib.sha256(hashlib.sha256(line).digest()).hexdigest()
+                   for line in path.read_bytes().splitlines(keepends=True)]
+    assert part.fingerprint(0, 1, []) == line_hashes[0] and part.fingerprint(2, 3, []) == line_hashes[2]
+    assert part.fingerprint(1, 2, []) != line_hashes[1]
 
 
 @pytest.mark.parametrize("shard_size", [1, 2, 3, 7, 20])
