@@ -111,10 +111,11 @@ class _CountingFile(io.RawIOBase):
 
 
 def _count_parquet_reads() -> None:
-    """Every Parquet file the source opens is opened through a _CountingFile."""
+    """Every Parquet file the source opens (to read rows, or the bytes its keys hash) is opened through
+    a _CountingFile."""
     from richpref.sources import parquet
 
-    real = parquet.open_parquet
+    real, real_bytes = parquet.open_parquet, parquet._open_bytes
 
     def counted(path: str, size: int | None = None, **kw):
         if parquet.is_url(path):
@@ -122,6 +123,7 @@ def _count_parquet_reads() -> None:
         return parquet.pq.ParquetFile(_CountingFile(path), **kw)
 
     parquet.open_parquet = counted
+    parquet._open_bytes = lambda path, size: real_bytes(path, size) if parquet.is_url(path) else _CountingFile(path)
 
 
 def child(args) -> None:
@@ -144,10 +146,11 @@ def child(args) -> None:
             content_key(source.STAGE, profile, k, {})
             rows += source.compute_shard(cfg, k).num_rows
         assert rows == args.limit, rows
-    else:  # check the source, count its shards, then key, compute and commit shard 0
+    else:  # check the source, count its shards, key every shard (as a run's plan does), compute and commit shard 0
         n = source.check_source(cfg)
+        keys = [content_key(source.STAGE, profile, k, {}) for k in range(n)]
         store = RunStore(args.data, "bench")
-        run_shard(source.STAGE, 0, {}, store, profile, content_key(source.STAGE, profile, 0, {}))
+        run_shard(source.STAGE, 0, {}, store, profile, keys[0])
     seconds = time.perf_counter() - t0
     read_bytes = _rchar() - rchar0
     cache = Path(os.environ["HF_DATASETS_CACHE"])

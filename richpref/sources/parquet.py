@@ -1,7 +1,8 @@
 """Parquet files read by row group: rows [a, b) cost the row groups that hold them, nothing more.
 
-The row count and the fingerprint come from the footer alone (row-group sizes and column
-statistics), so counting a source's shards or keying one of them reads no data pages. A file's
+The row count comes from the footer alone, and so does most of the fingerprint (row-group sizes
+and column statistics); to see an edit that keeps those, it also hashes the stored bytes of the
+columns that are not raw bytes (captions, labels: small), never the images. A file's
 parsed footer is kept per (path, size, modification time): it is read again only when the file
 changes.
 """
@@ -21,6 +22,7 @@ from .base import SourceError
 WHOLE_ROW_GROUP_BYTES = 64 << 20
 
 _FOOTERS: dict[tuple[str, int, int], pq.FileMetaData] = {}
+_CONTENT: dict[tuple, str] = {}  # (file version, row group, columns) -> digest of its stored bytes
 _LAST_GROUP: dict[tuple, tuple[int, pa.Table]] = {}  # the last rows read: (first row in its group, rows)
 # (file name, row group) of every row group whose data pages were read, in order (tests check it).
 ROW_GROUPS_READ: list[tuple[str, int]] = []
@@ -162,9 +164,13 @@ class ParquetPart:
         return [meta.row_group(rg).column(i).statistics for rg, _lo, _hi in self._groups(start, stop)
                 for i in range(meta.row_group(rg).num_columns) if meta.row_group(rg).column(i).path_in_schema == column]
 
-    def fingerprint(self, start: int, stop: int, columns: list[str]) -> str:
-        """Footer facts of the row groups holding rows [start, stop), for the columns read: row counts,
-        encoded sizes and statistics. A changed value changes its row group's sizes or statistics."""
+    def fingerprint(self, start: int, stop: int, columns: list[str], content: bool = True) -> str:
+        """Of the row groups holding rows [start, stop), for the columns read: footer facts (row counts,
+        encoded sizes, statistics), and (`content`) the stored bytes of every column but raw-bytes ones.
+        Footer facts alone miss an edit that keeps them (a word for one as long, a label 0 for a 1: a
+        quarter of one-word caption edits kept them); images are large, and two of equal encoded length
+        are rare, so their chunks are keyed by their facts and never read here. A caller that keys the
+        file's version as well needs no `content`."""
         meta = self._meta()
         h = hashlib.sha256()
         for rg, lo, hi in self._groups(start, stop):
@@ -178,4 +184,44 @@ class ParquetPart:
                 s = c.statistics
                 if s is not None:
                     h.update(repr((s.null_count, s.num_values, s.has_min_max and (s.min, s.max))).encode())
+            if content:
+                h.update(self._content_digest(rg, columns).encode())
         return h.hexdigest()
+
+    def _content_digest(self, rg: int, columns: list[str]) -> str:
+        """sha256 of the stored bytes of row group `rg`'s chunks of `columns`, raw-bytes columns left out:
+        one read per run of adjacent chunks, kept per file version."""
+        key = (*self.version(), rg, tuple(columns))
+        if key not in _CONTENT:
+            meta = self._meta()
+            g, runs = meta.row_group(rg), []
+            for i in range(g.num_columns):
+                c = g.column(i)
+                if c.path_in_schema.split(".")[0] not in columns or _raw_bytes(meta.schema.column(i)):
+                    continue
+                a = min(o for o in (c.dictionary_page_offset, c.data_page_offset) if o)  # None/0: no such page
+                if runs and runs[-1][1] == a:
+                    runs[-1][1] = a + c.total_compressed_size
+                else:
+                    runs.append([a, a + c.total_compressed_size])
+            h = hashlib.sha256()
+            with _open_bytes(self.path, self.version()[1]) as f:
+                for a, b in runs:
+                    f.seek(a)
+                    h.update(f.read(b - a))
+            _CONTENT[key] = h.hexdigest()
+        return _CONTENT[key]
+
+
+def _raw_bytes(column) -> bool:
+    """A column of undecoded bytes (images), not text, JSON or numbers."""
+    return column.physical_type in ("BYTE_ARRAY", "FIXED_LEN_BYTE_ARRAY") and column.logical_type.type == "NONE"
+
+
+def _open_bytes(path: str, size: int):
+    if not is_url(path):
+        return open(path, "rb")
+    from richpref.common.objstore import url_to_fs
+
+    fs, inner = url_to_fs(path)
+    return fs.open(inner, "rb", cache_type="none", size=size)

@@ -91,7 +91,8 @@ def blank_caption(caption) -> str | None:
 def shard_key(profile: Profile, shard: int) -> str:
     f, a, b = shard_ranges(profile)[shard]
     part = ParquetPart(f)
-    payload = [STAGE.name, VERSION, shard, list(map(str, file_version(f))), a, b, part.fingerprint(a, b, part.columns())]
+    payload = [STAGE.name, VERSION, shard, list(map(str, file_version(f))), a, b,
+               part.fingerprint(a, b, part.columns(), content=False)]  # the file's version sees every edit
     if may_hold_blank_captions(part, a, b):
         # Such rows are rejected since 2026-12 (before: kept, scored against ""): only these shards are
         # keyed anew, so a dataset without them keeps every shard (and its scores).

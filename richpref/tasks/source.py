@@ -3,7 +3,8 @@
 An ordinary stage that reads no other stage: shard k holds source rows [offset + k·n, offset +
 (k+1)·n), and computing it reads only those rows (richpref/sources: Parquet row groups, lines of a
 text file, slices of a saved or streamed `datasets` dataset). Its key is cheap: the reader's
-fingerprint of those rows (Parquet footer facts, line bytes, dataset fingerprint or Hub revision).
+fingerprint of those rows (Parquet footer facts and caption/label bytes, line bytes, dataset
+fingerprint or Hub revision).
 A missing column fails the whole input at once, before any model loads; a bad row is rejected with a
 reason. `item_id` is a stable hash of the source and the row, so it joins every later table.
 """

@@ -96,7 +96,7 @@ def test_offset_and_limit_read_only_the_row_groups_holding_those_rows(tmp_path):
     assert check_source(cfg) == 3  # 20 rows / 8: counted from the footer
     view = open_view(cfg)
     keys = [view.shard_key(k) for k in range(3)]
-    assert parquet_reader.ROW_GROUPS_READ == []  # counting and keying read no data
+    assert parquet_reader.ROW_GROUPS_READ == []  # counting and keying decode no page (keys read text chunks, no images)
     rows = _rows(shard_source(cfg))
     assert [r["source_row"] for r in rows] == list(range(35, 55))
     assert sorted(set(parquet_reader.ROW_GROUPS_READ)) == [("big.parquet", 3), ("big.parquet", 4), ("big.parquet", 5)]
