@@ -45,21 +45,29 @@ class OtherConfig(ValueError):
     """An output folder whose checkpoints another config made: resuming would mix the two runs."""
 
 
-def data_key(cfg: FinetuneConfig) -> str:
+DATA_KEY_VERSION = "2-"  # keys without it were made of the footers alone (kept folders are compared so)
+
+
+def data_key(cfg: FinetuneConfig, footers_only: bool = False) -> str:
     """What a config trains on and from, by content: each pair source's Parquet footers (rows, row groups,
-    column statistics), so pairs curated again at the same path, or a file replaced, make another key,
-    and a copy or a move of the same files keeps it; a `datasets` source by its name; the `init_from`
-    weights' bytes."""
+    column statistics) and the bytes of its columns but the images (labels, captions), so pairs curated
+    again at the same path, relabelled, or a file replaced, make another key, and a copy or a move of the
+    same files keeps it; a `datasets` source by its name; the `init_from` weights' bytes. `footers_only`:
+    the key of earlier versions, which missed a label flipped or a word for one as long."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..models.runtime import resolve_model_ref
     from ..models.tuned import TunedWeightsError, tuned_fingerprint
-    from ..sources.parquet import footer
+    from ..sources.parquet import ParquetPart, footer
     from .data import pair_files
 
     def digest(path: str) -> list:
         meta = footer(path).to_dict()
-        return [os.path.basename(path), hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()]
+        out = [os.path.basename(path), hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()]
+        if not footers_only:
+            part = ParquetPart(path)
+            out.append(part.fingerprint(0, part.num_rows(), part.columns()))
+        return out
 
     parts = []
     for src in cfg.data:
@@ -74,13 +82,22 @@ def data_key(cfg: FinetuneConfig) -> str:
             parts.append(tuned_fingerprint(path))
         except TunedWeightsError:  # no weights there: the preflight refuses it, naming why
             parts.append(path)
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return key if footers_only else DATA_KEY_VERSION + key
 
 
-def _other_data(where: Path, recorded: str | None, now: str) -> None:
+def same_data(recorded: str | None, now: str, cfg: FinetuneConfig) -> bool:
+    """Whether a recorded data key names the config's data now (None: recorded before data keys; a key
+    of an earlier version is compared with the key that version makes)."""
+    if recorded is None or recorded == now:
+        return True
+    return not recorded.startswith(DATA_KEY_VERSION) and recorded == data_key(cfg, footers_only=True)
+
+
+def _other_data(where: Path, recorded: str | None, now: str, cfg: FinetuneConfig) -> None:
     """OtherConfig when `where` was trained on other pairs or from other init_from weights than the
     config's now (a record without a data key, from before it was kept, is taken as the same)."""
-    if recorded is not None and recorded != now:
+    if not same_data(recorded, now, cfg):
         raise OtherConfig(f"{where} was trained on other pairs, or from other init_from weights, than the config's "
                           f"now (data key {recorded}, now {now}: pairs curated again, files replaced, init_from trained "
                           "again): give a new --output-dir to train on them, or delete its checkpoint-* folders and "
@@ -111,14 +128,14 @@ def check_resumable(cfg: FinetuneConfig, output_dir: str | os.PathLike,
     final = Path(output_dir) / "final" / FINETUNE_META
     if not existing:
         if final.exists():
-            _other_data(final.parent, json.loads(final.read_text()).get("data_key"), data)
+            _other_data(final.parent, json.loads(final.read_text()).get("data_key"), data, cfg)
         return None
     state = json.loads((existing[-1][1] / TRAINER_STATE).read_text())
     if state.get("config_hash") != cfg_hash:
         raise OtherConfig(f"{existing[-1][1]} was made with another config (hash {state.get('config_hash')}, now "
                           f"{cfg_hash}{_changed_settings(Path(output_dir), cfg, state.get('config_hash'))}): give a "
                           "new --output-dir to train with this one, or delete its checkpoint-* folders to start over")
-    _other_data(existing[-1][1], state.get("data_key"), data)
+    _other_data(existing[-1][1], state.get("data_key"), data, cfg)
     return existing[-1]
 
 
@@ -131,7 +148,7 @@ def finished(cfg: FinetuneConfig, output_dir: str | os.PathLike) -> dict | None:
     meta = json.loads(path.read_text())
     if meta.get("config_hash") != finetune_config_hash(cfg) or meta.get("steps", 0) < cfg.max_train_steps:
         return None
-    return meta if meta.get("data_key") in (None, data_key(cfg)) else None  # None: recorded before data keys
+    return meta if same_data(meta.get("data_key"), data_key(cfg), cfg) else None
 
 
 def register_lora_hooks(accelerator, base_unet) -> None:

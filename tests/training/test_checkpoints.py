@@ -41,10 +41,11 @@ def test_sharded_full_finetune_saves_the_whole_transformer(paths, tmp_path):
     assert image.shape == (32, 32, 3) and float(abs(image).sum()) > 0
 
 
-def _pairs(folder, captions: list[str]) -> None:
+def _pairs(folder, captions: list[str], labels: list[int] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"caption": captions, "jpg_0": [b"a"] * len(captions), "jpg_1": [b"b"] * len(captions),
-                             "label_0": [0] * len(captions)}), folder / "part-00000.parquet")
+                             "label_0": labels or [0] * len(captions)}), folder / "part-00000.parquet",
+                   compression="none")
 
 
 def _config(pairs) -> FinetuneConfig:
@@ -93,6 +94,23 @@ def test_a_run_on_pairs_curated_again_is_neither_done_nor_resumed(tmp_path, chec
     assert finished(cfg, tmp_path / "out") is None
     with pytest.raises(OtherConfig, match="was trained on other pairs, or from other init_from weights, than the "
                                           "config.s now .*give a new --output-dir"):
+        check_resumable(cfg, tmp_path / "out")
+
+
+def test_pairs_relabelled_with_the_same_footer_are_other_pairs_and_a_footer_key_of_before_is_still_read(tmp_path):
+    _pairs(tmp_path / "pairs", ["a cat", "a dog", "a cow"], labels=[0, 1, 0])
+    cfg = _config(tmp_path / "pairs")
+    before = data_key(cfg, footers_only=True)  # what earlier versions recorded
+    _finished_run(tmp_path / "out", cfg, before, checkpoint=True)
+    assert finished(cfg, tmp_path / "out") is not None and check_resumable(cfg, tmp_path / "out")[0] == 4
+    now = data_key(cfg)
+    _pairs(tmp_path / "pairs", ["a cat", "a dog", "a cow"], labels=[1, 0, 0])  # relabelled: the footer unchanged
+    assert data_key(cfg, footers_only=True) == before  # before: the same key, a resume went on with other labels
+    assert data_key(cfg) != now
+    shutil.rmtree(tmp_path / "out")
+    _finished_run(tmp_path / "out", cfg, now, checkpoint=True)
+    assert finished(cfg, tmp_path / "out") is None
+    with pytest.raises(OtherConfig, match="was trained on other pairs"):
         check_resumable(cfg, tmp_path / "out")
 
 
