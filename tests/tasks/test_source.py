@@ -105,14 +105,20 @@ def test_offset_and_limit_read_only_the_row_groups_holding_those_rows(tmp_path):
         check_source(cfg.model_copy(update={"offset": 500}))
 
 
-def test_a_large_row_group_is_read_only_up_to_the_rows_asked_for(tmp_path, monkeypatch):
-    path = tmp_path / "one-group.parquet"
-    _pickapic(path, 300, row_group_size=300, image_of=lambda i: i % 7)
+@pytest.mark.parametrize("before", [0, 10])
+def test_a_large_row_group_is_read_only_up_to_the_rows_asked_for(tmp_path, monkeypatch, before):
+    """`before`: rows of a file ahead of it in the source (the bound is counted in the file's own rows)."""
+    if before:
+        _pickapic(tmp_path / "a-first.parquet", before, row_group_size=before)
+    _pickapic(tmp_path / "b-one-group.parquet", 300, row_group_size=300, image_of=lambda i: i % 7)
     monkeypatch.setattr(parquet_reader, "WHOLE_ROW_GROUP_BYTES", 1)  # force the streaming path
-    cfg = SourceConfig(kind="parquet", path=str(path), image_column="jpg_0", offset=100, limit=5, shard_size=5)
+    cfg = SourceConfig(kind="parquet", path=str(tmp_path), image_column="jpg_0", offset=before + 100, limit=5,
+                       shard_size=5)
     [shard] = shard_source(cfg)
-    assert shard.column("source_row").to_pylist() == list(range(100, 105))
+    assert shard.column("source_row").to_pylist() == list(range(before + 100, before + 105))
     assert shard.column("image").to_pylist() == [_jpeg(2 * (i % 7)) for i in range(100, 105)]
+    [(first, kept)] = parquet_reader._LAST_GROUP.values()
+    assert (first, kept.num_rows) == (100, 5)  # decoded up to its row 105, not on to the group's 300
 
 
 def test_a_streamed_row_group_gives_every_shard_the_rows_a_whole_read_gives_and_is_read_once(tmp_path, monkeypatch):
