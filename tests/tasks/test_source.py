@@ -121,15 +121,19 @@ def test_a_large_row_group_is_read_only_up_to_the_rows_asked_for(tmp_path, monke
     assert (first, kept.num_rows) == (100, 5)  # decoded up to its row 105, not on to the group's 300
 
 
-def test_a_streamed_row_group_gives_every_shard_the_rows_a_whole_read_gives_and_is_read_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("before", [0, 10])
+def test_a_streamed_row_group_gives_every_shard_the_rows_a_whole_read_gives_and_is_read_once(tmp_path, monkeypatch,
+                                                                                             before):
     """Rows 1000-2499 of one 2,600-row group in shards of 333: streamed in batches of 1,024, the first
-    shard's rows start inside the first batch and later shards' cross into the next ones."""
-    path = tmp_path / "long.parquet"
-    _pickapic(path, 2600, row_group_size=2600, image_of=lambda i: i % 5, label_of=lambda i: 1.0)
-    cfg = SourceConfig(kind="parquet", path=str(path), pickapic_preferred=True, offset=1000, limit=1500,
+    shard's rows start inside the first batch and later shards' cross into the next ones. `before`: rows
+    of a file ahead of it in the source."""
+    if before:
+        _pickapic(tmp_path / "a-first.parquet", before, row_group_size=before, label_of=lambda i: 1.0)
+    _pickapic(tmp_path / "long.parquet", 2600, row_group_size=2600, image_of=lambda i: i % 5, label_of=lambda i: 1.0)
+    cfg = SourceConfig(kind="parquet", path=str(tmp_path), pickapic_preferred=True, offset=before + 1000, limit=1500,
                        shard_size=333, dedupe="none")
     whole = _rows(shard_source(cfg))
-    assert [r["source_row"] for r in whole] == list(range(1000, 2500))
+    assert [r["source_row"] for r in whole] == list(range(before + 1000, before + 2500))
     parquet_reader._LAST_GROUP.clear()
     parquet_reader.ROW_GROUPS_READ.clear()
     monkeypatch.setattr(parquet_reader, "WHOLE_ROW_GROUP_BYTES", 1)  # force the streaming path
