@@ -1,9 +1,12 @@
 """Parquet sources (richpref/sources/parquet.py): a shard's key follows the rows it holds, also after an
-edit that keeps every footer fact (a word for one as long, a label flipped)."""
+edit that keeps every footer fact (a word for one as long, a label flipped); a run's folder is refused."""
 from __future__ import annotations
+
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from richpref.schemas.config import SourceConfig
 from richpref.sources import parquet as parquet_reader
@@ -67,3 +70,21 @@ def test_an_edit_that_keeps_every_footer_fact_changes_the_key_of_its_shard_only(
     before = sum(read)
     assert _keys(path, pickapic_preferred=True) == c  # kept per file version: not read again
     assert sum(read) == before
+
+
+def test_a_runs_folder_as_parquet_source_is_refused_naming_its_pairs_and_only_a_runs_folder(tmp_path):
+    from richpref.sources import SourceError
+    from richpref.tasks.source import check_source
+
+    run = tmp_path / "run"
+    for stage in ("pairs", "source"):
+        (run / stage).mkdir(parents=True)
+        pq.write_table(pa.table({"caption": ["a red cat"]}), run / stage / "part-00000.parquet")
+    (run / "run.json").write_text("{}")
+    with pytest.raises(SourceError, match=rf"^source.path '{run}' is a run's folder: give its pairs, '{run}/pairs'$"):
+        check_source(SourceConfig(kind="parquet", path=str(run)))
+    (run / "run.json").unlink()  # a folder of Parquet files with a pairs/ among them: read as it is
+    assert check_source(SourceConfig(kind="parquet", path=str(run), shard_size=1)) == 2
+    (run / "run.json").write_text("{}")
+    shutil.rmtree(run / "pairs")  # a run.json beside no pairs/: no run's folder
+    assert check_source(SourceConfig(kind="parquet", path=str(run), shard_size=1)) == 1
