@@ -50,23 +50,25 @@ DATA_KEY_VERSION = "2-"  # keys without it were made of the footers alone (kept 
 
 def data_key(cfg: FinetuneConfig, footers_only: bool = False) -> str:
     """What a config trains on and from, by content: each pair source's Parquet footers (rows, row groups,
-    column statistics) and the bytes of its columns but the images (labels, captions), so pairs curated
-    again at the same path, relabelled, or a file replaced, make another key, and a copy or a move of the
-    same files keeps it; a `datasets` source by its name; the `init_from` weights' bytes. `footers_only`:
-    the key of earlier versions, which missed a label flipped or a word for one as long."""
+    column statistics) and the bytes of the columns training reads, images and masks aside (captions,
+    labels), so pairs curated again at the same path, relabelled, or a file replaced, make another key,
+    and a copy or a move of the same files keeps it; a `datasets` source by its name; the `init_from`
+    weights' bytes. `footers_only`: the key of earlier versions, which missed a label flipped or a word
+    for one as long."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..models.runtime import resolve_model_ref
     from ..models.tuned import TunedWeightsError, tuned_fingerprint
     from ..sources.parquet import ParquetPart, footer
-    from .data import pair_files
+    from .data import MASK_COLUMN, PAIR_COLUMNS, pair_files
 
     def digest(path: str) -> list:
         meta = footer(path).to_dict()
         out = [os.path.basename(path), hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()]
-        if not footers_only:
+        if not footers_only:  # the columns training reads: not the provenance (critiques: large, unread)
             part = ParquetPart(path)
-            out.append(part.fingerprint(0, part.num_rows(), part.columns()))
+            read = [c for c in (*PAIR_COLUMNS, MASK_COLUMN) if c in part.columns()]
+            out.append(part.fingerprint(0, part.num_rows(), read))
         return out
 
     parts = []
