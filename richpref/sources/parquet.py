@@ -217,9 +217,10 @@ def _raw_bytes(column) -> bool:
 
 
 def _open_bytes(path: str, size: int):
+    """The file's bytes as they are stored (`size`: a remote object's, sparing its request for it)."""
     if not is_url(path):
         return open(path, "rb")
     from richpref.common.objstore import url_to_fs
 
     fs, inner = url_to_fs(path)
-    return fs.open(inner, "rb", cache_type="none", size=size)
+    return fs.open(inner, "rb", cache_type="none", **({"size": size} if size else {}))
