@@ -195,6 +195,23 @@ def test_a_reward_scored_in_bfloat16_makes_ties_of_margins_within_its_rounding()
     assert near["reason"].startswith("tie: composite margin") and "float noise" in near["reason"]
 
 
+def test_the_tie_tolerance_is_twice_the_noise_of_one_composite_by_hand():
+    # A margin is the difference of two composites, each moved by up to `noise`: 2 * noise. bfloat16 (rho
+    # 2^-5), red over the shard [10, 100, 50, 40, 30, 108, 56, 20], spread s: noise = 108 / 32 / s, so
+    # the tolerance is 6.75/s: "8" (margin 8/s) is a pair, "6" (6/s) a tie (3 * noise would make both ties).
+    class Half(ChannelValue):
+        dtype = "bfloat16"
+
+    images = {"original": [solid(10, 0), solid(100, 0), solid(50, 0), solid(40, 0)],
+              "edited": [solid(30, 0), solid(108, 0), solid(56, 0), solid(20, 0)]}
+    out = relabel(["a", "8", "6", "b"], ["p"] * 4, images, (clip("red"), RelabelConfig(min_margin=0.0)),
+                  {"red": Half(0)}.__getitem__).to_pylist()
+    spread = float(np.std([10, 100, 50, 40, 30, 108, 56, 20]))
+    assert out[1]["margin"] == pytest.approx(8 / spread) and out[2]["margin"] == pytest.approx(6 / spread)
+    assert [r["status"] for r in out] == ["ok", "ok", "rejected", "ok"]
+    assert out[2]["reason"].endswith(f"float noise {2 * 108 / 32 / spread:.2g}")
+
+
 def test_float_noise_of_a_z_score_by_hand():
     from richpref.tasks.pairing import relative_noise, standardise, z_noise
 
