@@ -92,6 +92,7 @@ def _micro(tiny_models, pairs, tmp_path, model="sd3", monkeypatch=None, **kw):
     real = flow_step.encode_flow_latents
 
     def spy(*a, **k):
+        seen["generators"] = a[2]
         seen["latents"] = real(*a, **k)
         return seen["latents"]
 
@@ -126,6 +127,20 @@ def test_micro_step_shares_noise_and_sigma_and_targets_eps_minus_x0(tiny_models,
     margin = -2000 / 2 * ((lp[:b] - lr[:b]) - (lp[b:] - lr[b:]))  # chosen = first half of the batch
     assert torch.allclose(terms.margin, margin, rtol=1e-3, atol=1e-3)
     assert terms.margin.abs().max() > 1e-3  # the check above is not 0 == 0
+
+
+def test_each_image_of_a_pair_draws_its_vae_sample_from_its_own_seed(tiny_models, pairs, tmp_path, monkeypatch):
+    """The chosen and the rejected image share ε and σ, never their VAE sample: each image's generator is
+    seeded by (seed, "vae", tag, pair, side), the same on a resume."""
+    from richpref.training.data import seed_for
+
+    _, batches, step, _, seen = _micro(tiny_models, pairs, tmp_path, "sd3", monkeypatch)
+    batch = batches[0]
+    step(batch)
+    positions = batch["positions"].tolist()
+    assert [g.initial_seed() for g in seen["generators"]] == [seed_for(0, "vae", "noise", p, side)
+                                                               for side in (0, 1) for p in positions]
+    assert len({g.initial_seed() for g in seen["generators"]}) == 2 * len(positions)
 
 
 def test_reference_is_the_transformer_with_adapters_off_and_never_trains(tiny_models, pairs, tmp_path, monkeypatch):
