@@ -178,3 +178,30 @@ def test_sdxl_time_ids_by_hand():
 
     ids = sdxl_time_ids(torch.tensor([[512, 768], [1024, 683]]), torch.tensor([[0, 128], [170, 0]]), 1024)
     assert ids.tolist() == [[512, 768, 0, 128, 1024, 1024], [1024, 683, 170, 0, 1024, 1024]]
+
+
+def test_each_image_of_a_pair_draws_its_vae_sample_from_its_own_seed(sd15, monkeypatch):
+    """Chosen and rejected share ε and t, never their VAE sample: each image's generator is seeded by
+    (seed, "vae", pair, side), and by the tag too for other draws than training's (held-out pairs)."""
+    from richpref.schemas.training import FinetuneConfig
+    from richpref.training import unet_step
+    from richpref.training.data import Augment, PairBatches, PairMixture, seed_for
+
+    parts, reference = _setup(sd15)
+    seen, real = [], unet_step.encode_latents
+
+    def spy(vae, pixels, generators, batch_size):
+        seen.append(generators)
+        return real(vae, pixels, generators, batch_size)
+
+    monkeypatch.setattr(unet_step, "encode_latents", spy)
+    batch = PairBatches([_pairs([(64, 64)] * 2)], PairMixture([2], [1.0], 0), Augment(64, hflip=False), batch_size=2)[0]
+    cfg = FinetuneConfig(model="unused", resolution=64, beta=BETA, seed=3)
+    for tag in ("noise", "heldout"):
+        unet_step.dpo_micro_step(batch, parts, parts.unet, parts.unet, reference, cfg, device=torch.device("cpu"),
+                                 tag=tag, grad=False)
+    positions = batch["positions"].tolist()
+    assert [[g.initial_seed() for g in gens] for gens in seen] == [
+        [seed_for(3, "vae", p, side) for side in (0, 1) for p in positions],  # as before tags: resumes keep their draws
+        [seed_for(3, "vae", "heldout", p, side) for side in (0, 1) for p in positions]]
+    assert len({g.initial_seed() for gens in seen for g in gens}) == 4 * len(positions)
