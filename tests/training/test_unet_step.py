@@ -119,6 +119,11 @@ def test_pairs_share_noise_and_timestep_and_the_loss_uses_the_right_target(sd15,
     # One timestep per pair, the same for its two images; pairs draw their own.
     assert torch.equal(t[:b], t[b:]) and len(set(t[:b].tolist())) > 1
     assert torch.equal(ref_call["t"], t) and torch.equal(ref_call["sample"], model_call["sample"])
+    from richpref.training.models import encode_text
+
+    text, _ = encode_text(parts, list(batch["captions"]), torch.device("cpu"), torch.float32)
+    assert torch.equal(model_call["context"], text.repeat(2, 1, 1))  # each pair's caption on both its images
+    assert torch.equal(ref_call["context"], model_call["context"])
     x0, eps, abar = _recovered(parts, batch, model_call)
     assert not torch.allclose(x0[:b], x0[b:], atol=1e-2)  # the two images differ...
     assert torch.allclose(eps[:b], eps[b:], atol=2e-3)  # ...their noise does not
