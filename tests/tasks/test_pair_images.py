@@ -26,6 +26,13 @@ def test_jpeg_quality_is_read_back_from_the_tables(q):
     assert pair_quality(encoded(_noise((32, 32)), "PNG"), None) == 95 and pair_quality(b"x", 80) == 80
 
 
+def test_every_libjpeg_quality_is_read_back():
+    # The tables follow libjpeg's formula in floats (libjpeg divides integers below 50: a table entry
+    # may differ by one), which the nearest match absorbs at every quality.
+    got = {q: jpeg_quality(encoded(_noise((8, 8)), "JPEG", quality=q)) for q in range(1, 101)}
+    assert {q: v for q, v in got.items() if v != q} == {}
+
+
 def test_a_1000x667_jpeg_original_and_its_edit_leave_at_one_size_and_one_format():
     original = encoded(_noise((1000, 667)), "JPEG", quality=85)
     edit = encoded(_noise((624, 416), seed=1), "PNG")  # an edit at SD 1.5's working size
