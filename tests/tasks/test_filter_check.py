@@ -351,3 +351,27 @@ def test_a_failed_attribute_listing_rejects_the_pair_with_that_failure(vlms):
     [r] = filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(), lambda: ListingFailed(vlms["qwen"])).to_pylist()
     assert (r["item_id"], r["status"]) == ("f0", "rejected")
     assert r["reason"] == "vlm_request_failed: timed out after 3 attempt(s)"
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_in_process_questions_are_asked_in_batches_of_the_check_batch_size(vlms, batch_size):
+    """Batch size 1 (where out-of-memory retries end) asks one question at a time, not a pair at once."""
+    vlm, sizes = vlms["qwen"], []
+
+    class Recording:
+        model_id = vlm.model_id
+
+        def generate_detailed(self, images, texts, **kw):
+            return vlm.generate_detailed(images, texts, **kw)
+
+        def yes_no(self, images, texts, **kw):
+            sizes.append((len(images), kw["batch_size"]))
+            return vlm.yes_no(images, texts, **kw)
+
+    rows, prompts, instructions, images = filter_input(1)
+    cfg = FilterConfig(min_executed=0, min_no_stray=0, min_subject_kept=0)
+    filter_stage.filter_rows(rows, prompts, instructions, images, CheckConfig(max_new_tokens=8, batch_size=batch_size),
+                             cfg, lambda: Recording())
+    # (questions in the call, the batch the VLM runs them in): a batch of whole pairs in one forward, or
+    # one question a forward at batch size 1
+    assert sizes == ([(6, 1)] if batch_size == 1 else [(6, 6)])
