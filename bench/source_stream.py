@@ -115,7 +115,7 @@ def _count_parquet_reads() -> None:
     a _CountingFile."""
     from richpref.sources import parquet
 
-    real, real_bytes = parquet.open_parquet, parquet._open_bytes
+    real, real_bytes = parquet.open_parquet, parquet.open_stored
 
     def counted(path: str, size: int | None = None, **kw):
         if parquet.is_url(path):
@@ -123,7 +123,7 @@ def _count_parquet_reads() -> None:
         return parquet.pq.ParquetFile(_CountingFile(path), **kw)
 
     parquet.open_parquet = counted
-    parquet._open_bytes = lambda path, size: real_bytes(path, size) if parquet.is_url(path) else _CountingFile(path)
+    parquet.open_stored = lambda path, size: real_bytes(path, size) if parquet.is_url(path) else _CountingFile(path)
 
 
 def child(args) -> None:

@@ -45,16 +45,22 @@ def file_version(path: str) -> tuple[str, int, object]:
     return path, int(info.get("size") or 0), str(version)
 
 
-def open_parquet(path: str, size: int | None = None, **kw) -> pq.ParquetFile:
-    """A local file, or a remote object through fsspec: reads fetch the byte ranges asked for (the
-    footer, then the row groups' column chunks), never the whole object. `size`: the object's size
-    where known (its version), which spares a remote open its request for it."""
+def open_stored(path: str, size: int | None = None):
+    """The file's bytes as stored, local or through fsspec: a remote read fetches the byte range asked
+    for, never the whole object. `size`: the object's size where known (its version), which spares a
+    remote open its request for it."""
     if not is_url(path):
-        return pq.ParquetFile(path, **kw)
+        return open(path, "rb")
     from richpref.common.objstore import url_to_fs
 
     fs, inner = url_to_fs(path)
-    return pq.ParquetFile(fs.open(inner, "rb", cache_type="none", **({"size": size} if size else {})), **kw)
+    return fs.open(inner, "rb", cache_type="none", **({"size": size} if size else {}))
+
+
+def open_parquet(path: str, size: int | None = None, **kw) -> pq.ParquetFile:
+    """A Parquet file whose reads fetch the byte ranges asked for (the footer, then the row groups'
+    column chunks): a local path as Arrow opens it, a remote one through `open_stored`."""
+    return pq.ParquetFile(open_stored(path, size) if is_url(path) else path, **kw)
 
 
 def footer(path: str, version: tuple | None = None) -> pq.FileMetaData:
@@ -203,7 +209,7 @@ class ParquetPart:
                     else:
                         runs.append([a, a + c.total_compressed_size])
             if runs:
-                with _open_bytes(self.path, self.version()[1]) as f:
+                with open_stored(self.path, self.version()[1]) as f:
                     for a, b in runs:
                         f.seek(a)
                         h.update(f.read(b - a))
@@ -214,13 +220,3 @@ class ParquetPart:
 def _raw_bytes(column) -> bool:
     """A column of undecoded bytes (images), not text, JSON or numbers."""
     return column.physical_type in ("BYTE_ARRAY", "FIXED_LEN_BYTE_ARRAY") and column.logical_type.type == "NONE"
-
-
-def _open_bytes(path: str, size: int):
-    """The file's bytes as they are stored (`size`: a remote object's, sparing its request for it)."""
-    if not is_url(path):
-        return open(path, "rb")
-    from richpref.common.objstore import url_to_fs
-
-    fs, inner = url_to_fs(path)
-    return fs.open(inner, "rb", cache_type="none", **({"size": size} if size else {}))

@@ -35,7 +35,7 @@ def test_an_edit_that_keeps_every_footer_fact_changes_the_key_of_its_shard_only(
     path = tmp_path / "source.parquet"  # edited in place, as a user fixes a source
 
     read = []
-    opened = parquet_reader._open_bytes
+    opened = parquet_reader.open_stored
 
     class Counted:
         def __init__(self, f):
@@ -54,7 +54,7 @@ def test_an_edit_that_keeps_every_footer_fact_changes_the_key_of_its_shard_only(
             read.append(n)
             return self.f.read(n)
 
-    monkeypatch.setattr(parquet_reader, "_open_bytes", lambda path, size: Counted(opened(path, size)))
+    monkeypatch.setattr(parquet_reader, "open_stored", lambda path, size: Counted(opened(path, size)))
     parquet_reader.ROW_GROUPS_READ.clear()
     keys, footers = [], []
     for rows in ((captions, labels), (edited, labels), (captions, flipped)):
