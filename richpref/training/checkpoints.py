@@ -63,10 +63,10 @@ def data_key(cfg: FinetuneConfig, footers_only: bool = False) -> str:
     from .data import MASK_COLUMN, PAIR_COLUMNS, pair_files
 
     def digest(path: str) -> list:
-        meta = footer(path).to_dict()
+        part = ParquetPart(path)  # its version asked once (a request on an object store)
+        meta = footer(path, part.version()).to_dict()
         out = [os.path.basename(path), hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()]
         if not footers_only:  # the columns training reads: not the provenance (critiques: large, unread)
-            part = ParquetPart(path)
             read = [c for c in (*PAIR_COLUMNS, MASK_COLUMN) if c in part.columns()]
             out.append(part.fingerprint(0, part.num_rows(), read))
         return out

@@ -25,13 +25,14 @@ class RemotePairs:
                  _groups: OrderedDict | None = None) -> None:
         self.files = files
         self._spans = []  # (file, row group, first global row)
-        total = 0
+        total, counts = 0, []
         for f in files:
-            meta = footer(f)
+            meta = footer(f)  # a version request each on an object store: once per file here
+            counts.append(meta.num_rows)
             for g in range(meta.num_row_groups):
                 self._spans.append((f, g, total))
                 total += meta.row_group(g).num_rows
-        self._origin = FileRows(files, [footer(f).num_rows for f in files])  # footers: read once, cached
+        self._origin = FileRows(files, counts)
         self._starts = [s[2] for s in self._spans]
         self._total = total
         self.column_names = columns or list(footer(files[0]).schema.to_arrow_schema().names)
