@@ -6,9 +6,10 @@ what its stage does.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import pyarrow as pa
 
@@ -89,6 +90,9 @@ class Stage:
     # A stage that reads no other stage (the source) counts its shards and keys each one itself.
     count_shards: Callable[[Profile], int] | None = None
     shard_key: Callable[[Profile, int], str] | None = None
+    # The scope a plan or pass keys all the stage's shards in, one after another: the source looks at
+    # its files (a listing, a version per file) once in it, not once a shard.
+    key_scope: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
     # The part of the section's config that decides the output, when not all of it does (a scoring
     # stage leaves the thresholds to the decision stage after it, so tuning one costs no model call).
     config_view: Callable[[Any], Any] | None = None

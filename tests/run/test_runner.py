@@ -147,3 +147,29 @@ def test_a_last_flows_state_covers_the_stages_it_recorded():
     assert covers("stopped after critique", "critique") and not covers("stopped after critique", "sample")
     for state in ("running", "failed", None, "stopped after no-such-stage"):
         assert not covers(state, "sample", names), state
+
+
+def test_keying_a_stages_shards_hashes_what_they_share_once_and_gives_the_keys_of_before(tiny_models):
+    """A plan of 6,250 shards spent 7 of its 9 s hashing each stage's config (and the export's whole
+    profile) again for every shard."""
+    import hashlib
+    import json
+    from dataclasses import replace
+
+    from richpref.run.runner import keying
+    from richpref.schemas.config import config_hash, load_profile
+    from richpref.tasks import STAGES
+
+    profile = load_profile("tiny", models_root=str(tiny_models))
+    for stage in STAGES.values():
+        calls = []
+        counted = replace(stage, key_extra=lambda p, _extra=stage.key_extra: calls.append(1) or _extra(p))
+        with keying(counted, profile) as key_of:
+            keys = [key_of(s, {r: f"{r}-{s}" for r in stage.reads}) for s in range(3)]
+        assert len(calls) == 1, stage.name
+        section = getattr(profile, stage.section)
+        for s, key in enumerate(keys):  # the payload keys were made of: runs made before keep their keys
+            payload = {"stage": stage.name, "version": stage.version, "extra": stage.key_extra(profile), "shard": s,
+                       "config": config_hash(stage.config_view(section) if stage.config_view else section),
+                       "inputs": {r: f"{r}-{s}" for r in stage.reads}}
+            assert key == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(), stage.name

@@ -352,3 +352,30 @@ def test_a_worker_with_a_wrong_s3_credential_fails_the_preflight_in_seconds_nami
     assert f"({worker})" in msg and f"cannot read and write the data dir {url}" in msg, msg
     assert "AWS_SECRET_ACCESS_KEY" in msg and "AWS_ENDPOINT_URL_S3" in msg, msg
     assert took < 15, took
+
+
+def test_a_plan_over_an_s3_source_asks_its_listing_and_file_versions_once_not_once_a_shard(s3, bucket, tmp_path):
+    """Each shard's key looked at the source's files anew (to see a file changed since): on S3 a LIST
+    and a HEAD a file, for every shard a plan, stage pass or pipelined pass keys."""
+    import pyarrow.parquet as pq
+
+    from richpref.common.objstore import url_to_fs
+    from richpref.run.plan import plan_stages
+    from richpref.run.storage import RunStore
+    from richpref.schemas.config import Profile, SourceConfig
+    from richpref.tasks.source import STAGE
+
+    fs, _ = url_to_fs(f"s3://{bucket}")
+    for f in range(4):
+        pq.write_table(pa.table({"caption": [f"prompt {f} {i}" for i in range(30)]}), tmp_path / f"{f}.parquet",
+                       row_group_size=10)
+        fs.put_file(str(tmp_path / f"{f}.parquet"), f"{bucket}/src/{f}.parquet")
+    profile = Profile(name="p", source=SourceConfig(kind="parquet", path=f"s3://{bucket}/src", prompt_column="caption",
+                                                    shard_size=2))
+    before = len(s3.requests())
+    [plan] = plan_stages((STAGE,), profile, RunStore(str(tmp_path / "data"), "r"))
+    asked = s3.requests()[before:]
+    assert len(plan.todo) == 60
+    heads, lists = [r for r in asked if r.startswith("HEAD")], [r for r in asked if "list-type" in r]
+    # a few views' worth (counting the shards opens one), not 60 shards' (before: 331 HEADs, 4 a shard)
+    assert len(heads) <= 8 * 4 and len(lists) <= 12, (len(heads), len(lists))
