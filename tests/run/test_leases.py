@@ -97,6 +97,16 @@ def test_a_dead_holder_on_this_host_loses_its_lease_at_once(tmp_path):
     taken.release()
 
 
+def test_a_shard_whose_holders_died_twice_is_taken_by_a_third_and_its_release_removes_all_three(tmp_path):
+    shard = _shard(tmp_path)
+    for generation in (0, 1):
+        _write_record(f"{lease_prefix(shard)}{generation:04d}", host="another-host", expires=time.time() - 1)
+    taken = try_lease(FS, shard, seconds=30)
+    assert isinstance(taken, Lease) and taken.generation == 2
+    taken.release()
+    assert not [p for p in os.listdir(tmp_path) if ".lease-" in p]
+
+
 def test_whether_a_holder_holds_by_hand():
     """Expired at its expiry; on this host also gone when its pid is no process, or when that pid now
     belongs to a process started at another time (pid reuse); a holder of another host only expires."""
@@ -113,6 +123,17 @@ def test_whether_a_holder_holds_by_hand():
     assert not holder_alive({**live, "started": started - 5}, now) and not holder_alive({**live, "started": started + 5}, now)
     assert holder_alive({**live, "started": started + 0.5}, now)  # create times are rounded
     assert holder_alive({**live, "host": me + "-elsewhere", "pid": 0}, now)
+
+
+def test_a_holder_whose_process_this_user_may_not_signal_is_alive(monkeypatch):
+    """Asking about another user's process is refused (EPERM): the process exists."""
+    from richpref.run import leases
+
+    def refused(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(leases.os, "kill", refused)
+    monkeypatch.setattr(leases, "_process_started", lambda pid: None)
+    assert leases.holder_alive({"host": socket.gethostname(), "pid": 12345, "expires": time.time() + 60})
 
 
 def test_a_computing_holder_keeps_its_lease_past_the_first_expiry(tmp_path):
@@ -149,3 +170,6 @@ def test_where_a_store_cannot_refuse_a_second_create_the_writer_whose_bytes_were
     monkeypatch.setattr(fs, "pipe_file", lambda p, data, **kw: (plain(p, data), plain(p, b"theirs")))
     assert not leases.create_exclusive(fs, "/claims/b", b"ours")
     assert fs.cat_file("/claims/b") == b"theirs"
+    # removed right after our write (its holder released it): not ours either
+    monkeypatch.setattr(fs, "pipe_file", lambda p, data, **kw: (plain(p, data), fs.rm_file(p)))
+    assert not leases.create_exclusive(fs, "/claims/c", b"ours")
