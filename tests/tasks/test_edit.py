@@ -27,6 +27,10 @@ def test_guard_rejects_blank_and_unchanged_edits():
     speckle = np.full((64, 64, 3), 128, np.uint8)
     speckle[::2] = 131  # half the rows 3 levels up: std = 1.5
     assert guard_reason(original, Image.fromarray(speckle), 0.01) is None
+    # flat in two channels, not in the third (a red gradient): an image
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[..., 0] = np.arange(64, dtype=np.uint8)[None, :] * 4
+    assert guard_reason(original, Image.fromarray(red), 0.01) is None
 
 
 def test_edit_prompt_join_and_instruction_only():
@@ -42,7 +46,8 @@ def _edit_inputs(n: int = 3):
         [{"item_id": f"e{i}", "status": "ok", "reason": None, "prompt": "a ball", "instructions": ["make it blue"]}
          for i in range(n)] + [{"item_id": "bad", "status": "ok", "reason": None, "prompt": "a ball",
                                 "instructions": ["make it blue"]},
-                               {"item_id": "none", "status": "ok", "reason": None, "prompt": "a ball", "instructions": []}],
+                               {"item_id": "none", "status": "ok", "reason": None, "prompt": "a ball",
+                                "instructions": ["  ", ""]}],
         INSTRUCTIONS,
     ).select(["item_id", "prompt", "instructions"])
     originals = [encode_png(_scene(bg=(30 + 40 * i, 60, 90))) for i in range(n)] + [b"not an image", encode_png(_scene())]
@@ -58,7 +63,8 @@ def test_edit_rows_on_tiny_models(model, controlnet, paths, release_resident):
     assert out.schema == EDITS
     by_id = {r["item_id"]: r for r in out.to_pylist()}
     assert by_id["bad"]["status"] == "rejected" and by_id["bad"]["reason"].startswith("bad_image:")
-    assert by_id["none"]["reason"] == "no_instructions: nothing to edit with"
+    assert by_id["bad"]["edit_prompt"] == "a ball, make it blue"  # what it would have been edited with
+    assert by_id["none"]["reason"] == "no_instructions: nothing to edit with"  # blank instructions are none
     for i in range(3):
         r = by_id[f"e{i}"]
         assert r["status"] == "ok", r["reason"]
