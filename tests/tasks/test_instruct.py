@@ -68,6 +68,27 @@ class TestInstructGuards:
         c = self.check(text)
         assert instruct_stage.finish(c, InstructConfig()).split(":")[0] == code
 
+    def test_size_limits_are_inclusive(self):
+        item = "Remove the blue cup"
+        assert self.check(f"- {item}", max_instruction_chars=len(item)).reject is None
+        assert self.check(f"- {item}", max_instruction_chars=len(item) - 1).reject.startswith("overlong_instruction:")
+        three = "- Remove the blue cup\n- Make the apple red\n- Remove the cup"
+        assert self.check(three, max_instructions=3).reject is None
+        assert self.check(three, max_instructions=2).reject.startswith("too_many_instructions: 3")
+
+    def test_a_no_edit_answer_rejects_the_row_only_when_nothing_else_is_an_edit(self):
+        alone = self.check("- No edits are needed.\n- These changes make the apple match the prompt.")
+        assert alone.reject.startswith("no_edit_needed:")  # a no-edit answer and a remark: nothing to edit
+        mixed = self.check("- No edits are needed.\n- Remove the blue cup")
+        assert mixed.reject is None and mixed.items == ["Remove the blue cup"]
+        assert mixed.reasons[0].startswith("no_edit_needed:")
+
+    def test_a_remark_is_dropped_after_the_first_item_only(self):
+        # "This apple should be red" reads as a remark, but a list's first item is the model's first edit
+        c = self.check("- This apple should be red\n- Remove the blue cup\n- This keeps the scene faithful to the prompt.")
+        assert c.items == ["This apple should be red", "Remove the blue cup"]
+        assert c.reasons == ["commentary: a remark about the edits, not an edit"]
+
     def test_everything_dropped_rejects_the_row(self):
         c = self.check("- Add a cat\n- Add a dog")
         assert instruct_stage.finish(c, InstructConfig()).startswith("no_instructions_left:")
@@ -183,3 +204,19 @@ def test_faithfulness_check_runs_in_the_stage_and_keys_its_template(vlms):
         assert r["status"] == "rejected" and r["reason"].startswith("no_instructions_left: every instruction was dropped (judged_unfaithful")
     on = Profile(name="t", instruct=InstructConfig(min_faithful=0.5))
     assert len(instruct_stage.STAGE.key_extra(on).split(":")) == 3
+
+
+def test_a_yes_no_question_left_unanswered_rejects_its_row_with_the_reason():
+    """A served VLM whose request failed for good answers no P(yes): the row is rejected naming why,
+    not kept as if its instructions had passed."""
+    from richpref.models.vlm import YesNo
+
+    class Answers:  # the VLM's yes_no as a served engine returns it after its retries
+        def yes_no(self, images, questions, batch_size):
+            return [YesNo(0.9, "logprobs"), YesNo(None, "logprobs", error="server_error: 503 after 4 tries")]
+
+    checked = [instruct_stage.Checked(items=["Remove the blue cup"]), instruct_stage.Checked(items=["Make it red"])]
+    asks = [(0, 0, "is there a cup?"), (1, 0, "is it red?")]
+    instruct_stage.ask_and_drop(Answers(), ["img0", "img1"], checked, asks, 0.5, 2, lambda j, p: "low")
+    assert checked[0].reject is None and checked[0].items == ["Remove the blue cup"]
+    assert checked[1].reject == "server_error: 503 after 4 tries"
