@@ -11,12 +11,14 @@ import contextlib
 import functools
 import gc
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device, a dtype or a model is touched: planning and inspecting a
+    import torch   # run import this module and never do
 
 # transformers (>= 5.2x, with the `kernels` package installed) swaps layers of a model loaded on CUDA
 # for kernels it downloads from the Hub at load time: an offline GPU node then cannot load LLaVA or a
@@ -70,6 +72,8 @@ def resolve_model_ref(ref: str, models_root: str | os.PathLike | None = None) ->
 
 def resolve_device(device: str = "auto") -> torch.device:
     """`auto`: the GPU when torch sees one, else the CPU; a name torch does not know is a ValueError."""
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -82,6 +86,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def device_missing(device: torch.device) -> str | None:
     """Why this machine cannot run on `device` (None when it can): asked before any model loads."""
+    import torch
+
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
@@ -106,6 +112,8 @@ def start_process(devices: set[str]) -> None:
     """What a process pays once before its first model, whichever model that is: importing the model
     libraries and starting each accelerator (its context, the first kernel). Timed apart, the first
     model stage's load is its own; charged to it, a swap back to that stage looked as slow as a start."""
+    import torch
+
     from richpref.models.libraries import import_model_libraries
 
     import_model_libraries()
@@ -118,6 +126,8 @@ def start_process(devices: set[str]) -> None:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """'auto' = float16 on GPU, float32 on CPU (half precision is slow or unsupported there)."""
+    import torch
+
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -138,6 +148,8 @@ def keep_torch_threads():
     """Undo a library's change to torch's intra-op thread count (torch and numba share libgomp, and
     numba's OpenMP layer sets it to every core when it starts): oversubscribed cores make the small
     ops of a model run many times slower when several workers share a machine."""
+    import torch
+
     threads = torch.get_num_threads()
     try:
         yield
@@ -226,6 +238,8 @@ def freeze_loaded_modules() -> None:
     the objects made since, not those: ~350 ms of CPU a release became ~10 ms (docs/benchmarks.md).
     Nothing is done where the process froze objects itself. Objects frozen here that later become
     cyclic garbage are not collected; they were alive before any model, so there are few of them."""
+    import torch  # noqa: F401 - its objects (imported lazily, at the latest by the load) frozen with the rest
+
     if gc.get_freeze_count() == 0:
         gc.collect()
         gc.freeze()
@@ -255,7 +269,8 @@ def free_accelerator_memory(freeze_survivors: bool = False) -> None:
     gc.collect()
     if freeze_survivors:
         gc.freeze()
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # not imported: no model was ever loaded, nothing is cached
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 

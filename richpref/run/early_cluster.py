@@ -20,9 +20,9 @@ import threading
 
 from richpref.models.libraries import MODEL_LIBRARIES
 
-# What a local CPU cluster's workers import before their models: richpref's stages (torch), the
+# What a local CPU cluster's workers import before their models: richpref's stages, torch and the
 # model libraries their loaders import (lazily, in each worker that loads a model) and pandas.
-WORKER_IMPORTS = ("richpref.tasks", *MODEL_LIBRARIES, "pandas")
+WORKER_IMPORTS = ("richpref.tasks", "torch", *MODEL_LIBRARIES, "pandas")
 
 
 @contextlib.contextmanager

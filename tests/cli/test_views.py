@@ -70,3 +70,23 @@ def test_the_shell_runs_statements_across_lines_reports_an_error_and_goes_on(min
     assert typed.left == ["select 'never read';"]
     monkeypatch.setattr("builtins.input", _typed("select 'read' as x;"))  # Ctrl-D ends it too
     assert main(["--data-dir", str(mini_run[0]), "inspect", "mini"]) == 0 and "read" in capsys.readouterr().out
+
+
+def test_planning_and_inspecting_a_run_import_no_torch(mini_run, tiny_models, tmp_path):
+    """torch (1.5 s of a 2.9 s `richpref status`) is for loading models: none of these loads one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    runs = [["--data-dir", str(mini_run[0]), *cmd] for cmd in (["status", "mini"], ["summary", "mini"],
+                                                               ["inspect", "mini", "-c", "select count(*) from pairs"])]
+    runs.append(["--data-dir", str(tmp_path), "curate", "--profile", "tiny", "--models-root", str(tiny_models), "--plan"])
+    code = ("import json, sys; from richpref.cli.commands import main; "
+            "print(json.dumps([main(a), 'torch' in sys.modules]))")
+    for argv in runs:
+        done = subprocess.run([sys.executable, "-c", code.replace("main(a)", f"main({argv!r})")], cwd=repo,
+                              env={**os.environ, "PYTHONPATH": repo, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                              text=True, timeout=120)
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, False], (argv, done.stdout, done.stderr[-2000:])

@@ -89,6 +89,7 @@ def test_a_stage_end_release_frees_the_model_and_freezes_what_survives_it():
 
 EXIT_FREEZE_CHECK = """
 import atexit, gc
+import torch  # a process that loads models (the runtime imports it at the first)
 from richpref.models.runtime import freeze_at_exit
 
 atexit.register(lambda: print("at-exit", gc.get_freeze_count() > 10_000))  # runs after freeze_at_exit's

@@ -86,7 +86,7 @@ def _in_a_forked_worker(target):
 
     _stop_forkserver()  # one started by another test
     try:
-        with workers_forked_after(("richpref.tasks",)):
+        with workers_forked_after(("richpref.tasks", "torch")):
             ctx = get_mp_context()
             queue = ctx.SimpleQueue()
             child = ctx.Process(target=target, args=(queue,))

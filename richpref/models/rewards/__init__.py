@@ -26,9 +26,23 @@ import importlib
 from typing import Any, Callable
 
 from ...schemas.rewards import REWARD_KINDS
-from .base import (LinearHead, PairReward, Reward, RewardLoadError, checkpoint_file, is_pairwise, load_state_dict,
-                   zscore)
-from .clip import AestheticScore, CLIPSimilarity, HPScore, ICTScore
+
+# Imported at their first use (PEP 562): the scorer classes need torch, and a command that plans or
+# inspects a run (its stages import this package) never scores.
+_LAZY = {**dict.fromkeys(("LinearHead", "PairReward", "Reward", "RewardLoadError", "checkpoint_file", "load_state_dict",
+                          "zscore"), "base"),
+         **dict.fromkeys(("AestheticScore", "CLIPSimilarity", "HPScore", "ICTScore"), "clip")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_pairwise(scorer: object) -> bool:
+    """Whether a scorer judges an (original, edit) pair rather than one image."""
+    return bool(getattr(scorer, "pairwise", False))
 
 
 def _loader(kind: str) -> Callable[..., Any]:

@@ -41,10 +41,6 @@ class PairReward(Protocol):
                     *, batch_size: int = 8) -> np.ndarray: ...
 
 
-def is_pairwise(scorer: object) -> bool:
-    return bool(getattr(scorer, "pairwise", False))
-
-
 def batches(n: int, batch_size: int) -> Iterator[slice]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
