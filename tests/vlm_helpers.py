@@ -1,8 +1,13 @@
 """Inputs of the VLM stages, shared by the critique, instruct, check and filter tests
 (tests/tasks/) and tests/models/test_vlm_client.py: seeded noise images, three prompts, and the rows and
-images an instruct or check/filter call takes. Not a test module."""
+images an instruct or check/filter call takes; a fault-injecting proxy in front of a served VLM. Not a
+test module."""
 from __future__ import annotations
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
 import numpy as np
 import pyarrow as pa
 from PIL import Image
@@ -34,3 +39,49 @@ def filter_input(n=3):
         "edited_cutout": [encode_png(image(60 + k, (48, 64))) for k in range(n)],
     }
     return rows, PROMPTS[:n], instructions, images
+
+
+class FaultProxy:
+    """Forwards /v1/chat/completions to `upstream`; a request whose text holds a marker gets garbage
+    (marker "GARBAGE") or HTTP 500 (marker "FAIL500"); the first `busy_for` requests get HTTP 503 (a
+    loaded server's refusal)."""
+
+    def __init__(self, upstream: str, busy_for: int = 0) -> None:
+        proxy = self
+        self.busy_for = busy_for
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with proxy.lock:
+                    busy, proxy.busy_for = proxy.busy_for > 0, proxy.busy_for - 1
+                if busy:
+                    return self._send(503, b'{"error": "overloaded"}')
+                if b"GARBAGE" in body:
+                    return self._send(200, b"<html>this is not json</html>")
+                if b"FAIL500" in body:
+                    return self._send(500, b'{"error": "injected"}')
+                resp = httpx.post(proxy.upstream + self.path[len("/v1"):], content=body,
+                                  headers={"Content-Type": "application/json"}, timeout=120)
+                self._send(resp.status_code, resp.content)
+
+            def _send(self, code, data):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.upstream = upstream
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

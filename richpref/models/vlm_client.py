@@ -6,7 +6,9 @@ Each item is one chat completion: one user turn [image as a PNG data URL, text],
 timeouts, 429 and 5xx are retried with exponential backoff (tenacity); a request that still fails,
 or an answer that cannot be read, becomes that item's `error` (`code: detail`) and the stage rejects
 its row. A server that cannot be reached at all is not a row's fault: a launched server that died is
-started again (`engine.restarts`), otherwise the shard fails with `ServerUnavailable`.
+started again (`engine.restarts`), otherwise the shard fails with `ServerUnavailable`. Nor is a server
+that still refuses for load (429, 502, 503, 504) after the retries: the shard fails with `ServerBusy`,
+to be rerun, instead of committing its rows as rejected.
 
 Yes/no and rating answers are one token. The answer tokens get a logit bias of +100 when the model's
 tokenizer is at hand, so the answer is always one of them; their probabilities come from the
@@ -37,6 +39,15 @@ log = logging.getLogger("richpref")
 
 class ServerUnavailable(RuntimeError):
     """The server cannot be reached (down, or died and may not be restarted): the shard fails."""
+
+
+class ServerBusy(RuntimeError):
+    """The server refused a request for load through every retry: the shard fails (a rerun redoes it);
+    a row rejected for it would stay rejected in the committed shard."""
+
+
+# A gateway's or a loaded server's refusals: about the server's state, not the request.
+BUSY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class RowFailure(Exception):
@@ -135,6 +146,11 @@ class ServedVLM:
             data = attempt(body)
         except httpx.HTTPStatusError as exc:
             detail = exc.response.text[:200].replace("\n", " ")
+            if exc.response.status_code in BUSY_STATUSES:
+                raise ServerBusy(f"the VLM server at {self.base_url} answered HTTP {exc.response.status_code} "
+                                 f"after {self.engine.retries + 1} attempt(s) ({detail}): it is overloaded or not "
+                                 "ready; rerun when it answers, or raise engine.retries (finished shards are kept)"
+                                 ) from None
             raise RowFailure(f"vlm_request_failed: HTTP {exc.response.status_code} after "
                              f"{self.engine.retries + 1} attempt(s): {detail}") from None
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
@@ -354,4 +370,4 @@ def connect(engine: EngineConfig, model_ref: str, models_root: str | None = None
                      image_caps=image_caps)
 
 
-__all__ = ["RowFailure", "ServedVLM", "ServerUnavailable", "connect", "image_data_url"]
+__all__ = ["RowFailure", "ServedVLM", "ServerBusy", "ServerUnavailable", "connect", "image_data_url"]

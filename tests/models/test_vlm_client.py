@@ -2,8 +2,8 @@
 (`transformers serve` on the tiny Qwen2.5-VL and LLaVA-OneVision), against the in-process backend.
 
 One server per model for the module; every server a test starts is stopped by pid and checked gone.
-Faults (garbage bodies, HTTP 500, a server that is down) come from a small proxy in front of the
-real server; a dead server is a real SIGKILL.
+Faults (garbage bodies, HTTP 500, a server busy with HTTP 503, a server that is down) come from a
+small proxy in front of the real server (tests/vlm_helpers.py); a dead server is a real SIGKILL.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import shutil
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 
 from richpref.common.images import encode_png
 from richpref.models.vlm import YES_NO, VisionLanguageModel
-from richpref.models.vlm_client import ServerUnavailable, connect
+from richpref.models.vlm_client import ServerBusy, ServerUnavailable, connect
 from richpref.prompts import load_template
 from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, InstructConfig
 from richpref.schemas.serving import EngineConfig
@@ -30,7 +29,7 @@ from richpref.tasks import critique as critique_stage
 from richpref.tasks import filter as filter_stage
 from richpref.tasks import filter_check
 from richpref.tasks import instruct as instruct_stage
-from vlm_helpers import PROMPTS, filter_input, image, instruct_input
+from vlm_helpers import PROMPTS, FaultProxy, filter_input, image, instruct_input
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -177,45 +176,6 @@ def test_filter_through_the_server(served):
 # ------------------------------------------------------------------ faults
 
 
-class FaultProxy:
-    """Forwards /v1/chat/completions to `upstream`; a request whose text holds a marker gets garbage
-    (marker "GARBAGE") or HTTP 500 (marker "FAIL500")."""
-
-    def __init__(self, upstream: str) -> None:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if b"GARBAGE" in body:
-                    return self._send(200, b"<html>this is not json</html>")
-                if b"FAIL500" in body:
-                    return self._send(500, b'{"error": "injected"}')
-                resp = httpx.post(proxy.upstream + self.path[len("/v1"):], content=body,
-                                  headers={"Content-Type": "application/json"}, timeout=120)
-                self._send(resp.status_code, resp.content)
-
-            def _send(self, code, data):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.upstream = upstream
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_garbage_or_http_error_rejects_only_that_row(served):
     remote, local = served["critic"]
     proxy = FaultProxy(remote.base_url)
@@ -234,6 +194,26 @@ def test_garbage_or_http_error_rejects_only_that_row(served):
     assert out[1]["reason"].startswith("vlm_bad_response: not JSON")
     assert out[3]["reason"].startswith("vlm_request_failed: HTTP 500 after 2 attempt(s)")
     assert [(out[k]["raw"], out[k]["status"]) for k in (0, 2)] == [(want[k]["raw"], want[k]["status"]) for k in (0, 2)]
+
+
+def test_a_server_busy_through_every_retry_fails_the_shard_and_a_rerun_completes(served):
+    """HTTP 503 (or 429, 502, 504) says the server is loaded, not that the row is bad: a row rejected
+    for it would stay rejected in the committed shard."""
+    remote, local = served["critic"]
+    proxy = FaultProxy(remote.base_url, busy_for=2)  # both attempts of the first request
+    client = connect(EngineConfig(backend="server", endpoint=proxy.url, retries=1, concurrency=1), remote.served_name)
+    cfg = CritiqueConfig(max_new_tokens=8, reject_no_issues=False)
+    rows = pa.table({"item_id": ["a", "b"], "prompt": PROMPTS[:2]})
+    images = [encode_png(image(k)) for k in range(2)]
+    try:
+        with pytest.raises(ServerBusy, match=r"answered HTTP 503 after 2 attempt\(s\)"):
+            critique_stage.critique_rows(rows, images, cfg, lambda: client)
+        rerun = critique_stage.critique_rows(rows, images, cfg, lambda: client).to_pylist()  # no longer busy
+    finally:
+        client.close()
+        proxy.stop()
+    want = critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()
+    assert [(r["raw"], r["status"]) for r in rerun] == [(r["raw"], r["status"]) for r in want]
 
 
 def test_an_unreachable_endpoint_fails_the_shard_and_a_rerun_completes(served):
