@@ -44,9 +44,9 @@ def filter_input(n=3):
 class FaultProxy:
     """Forwards /v1/chat/completions to `upstream`; a request whose text holds a marker gets garbage
     (marker "GARBAGE") or HTTP 500 (marker "FAIL500"); the first `busy_for` requests get HTTP 503 (a
-    loaded server's refusal)."""
+    loaded server's refusal), saying `Retry-After: retry_after` where given."""
 
-    def __init__(self, upstream: str, busy_for: int = 0) -> None:
+    def __init__(self, upstream: str, busy_for: int = 0, retry_after: str | None = None) -> None:
         proxy = self
         self.busy_for = busy_for
 
@@ -59,7 +59,7 @@ class FaultProxy:
                 with proxy.lock:
                     busy, proxy.busy_for = proxy.busy_for > 0, proxy.busy_for - 1
                 if busy:
-                    return self._send(503, b'{"error": "overloaded"}')
+                    return self._send(503, b'{"error": "overloaded"}', retry_after)
                 if b"GARBAGE" in body:
                     return self._send(200, b"<html>this is not json</html>")
                 if b"FAIL500" in body:
@@ -68,8 +68,10 @@ class FaultProxy:
                                   headers={"Content-Type": "application/json"}, timeout=120)
                 self._send(resp.status_code, resp.content)
 
-            def _send(self, code, data):
+            def _send(self, code, data, retry_after=None):
                 self.send_response(code)
+                if retry_after is not None:
+                    self.send_header("Retry-After", retry_after)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -3,9 +3,9 @@ the VLM stages use in-process (`generate_detailed`, `yes_no`, `expected_score`).
 
 Each item is one chat completion: one user turn [image as a PNG data URL, text], greedy
 (temperature 0), `max_tokens`. Requests run `engine.concurrency` at a time. Connection errors,
-timeouts, 429 and 5xx are retried with exponential backoff (tenacity); a request that still fails,
-or an answer that cannot be read, becomes that item's `error` (`code: detail`) and the stage rejects
-its row. A server that cannot be reached at all is not a row's fault: a launched server that died is
+timeouts, 429 and 5xx are retried with exponential backoff or after a `Retry-After` (tenacity); a
+request that still fails, or an answer that cannot be read, becomes that item's `error` (`code:
+detail`) and the stage rejects its row. A server that cannot be reached at all is not a row's fault: a launched server that died is
 started again (`engine.restarts`), otherwise the shard fails with `ServerUnavailable`. Nor is a server
 that still refuses for load (429, 502, 503, 504) after the retries: the shard fails with `ServerBusy`,
 to be rerun, instead of committing its rows as rejected.
@@ -56,6 +56,20 @@ class RowFailure(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+_BACKOFF = wait_exponential(multiplier=0.25, max=8.0)
+
+
+def _wait(state) -> float:
+    """Before a retry: the seconds the server's `Retry-After` asks for (a 429's or 503's; at most a
+    minute), else exponential backoff."""
+    exc = state.outcome.exception()
+    after = exc.response.headers.get("Retry-After") if isinstance(exc, httpx.HTTPStatusError) else None
+    try:
+        return min(60.0, max(0.0, float(after)))
+    except (TypeError, ValueError):  # none, or an HTTP date: backoff
+        return _BACKOFF(state)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -141,7 +155,7 @@ class ServedVLM:
         """One completion, retried on transient failures; RowFailure when it fails for good."""
         attempt = retry(retry=retry_if_exception(_retryable), reraise=True,
                         stop=stop_after_attempt(self.engine.retries + 1),
-                        wait=wait_exponential(multiplier=0.25, max=8.0))(self._post_once)
+                        wait=_wait)(self._post_once)
         try:
             data = attempt(body)
         except httpx.HTTPStatusError as exc:

@@ -18,10 +18,11 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
+from tenacity import RetryCallState
 
 from richpref.common.images import encode_png
 from richpref.models.vlm import YES_NO, VisionLanguageModel
-from richpref.models.vlm_client import ServerBusy, ServerUnavailable, connect
+from richpref.models.vlm_client import ServerBusy, ServerUnavailable, _wait, connect
 from richpref.prompts import load_template
 from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, InstructConfig
 from richpref.schemas.serving import EngineConfig
@@ -101,9 +102,6 @@ def argmax_answer(local: VisionLanguageModel, images, prompts) -> list[float]:
     return [1.0 if spellings[k] in YES_NO[0] else 0.0 for k in probs.argmax(axis=1)]
 
 
-# ------------------------------------------------------------------ launch, equality with in-process
-
-
 def test_launched_server_is_healthy_and_owned(served):
     from richpref.common.procs import registry_dir
 
@@ -173,9 +171,6 @@ def test_filter_through_the_server(served):
     assert remote.stats["requests"] >= 3 * 3
 
 
-# ------------------------------------------------------------------ faults
-
-
 def test_garbage_or_http_error_rejects_only_that_row(served):
     remote, local = served["critic"]
     proxy = FaultProxy(remote.base_url)
@@ -214,6 +209,28 @@ def test_a_server_busy_through_every_retry_fails_the_shard_and_a_rerun_completes
         proxy.stop()
     want = critique_stage.critique_rows(rows, images, cfg, lambda: local).to_pylist()
     assert [(r["raw"], r["status"]) for r in rerun] == [(r["raw"], r["status"]) for r in want]
+
+
+def test_a_busy_servers_retry_after_is_waited_for(served):
+    remote, _ = served["critic"]
+    proxy = FaultProxy(remote.base_url, busy_for=1, retry_after="1.5")
+    client = connect(EngineConfig(backend="server", endpoint=proxy.url, retries=1), remote.served_name)
+    try:
+        start = time.monotonic()
+        [answer] = client.generate_detailed([image(0)], [PROMPTS[0]], max_new_tokens=4)
+        waited = time.monotonic() - start
+    finally:
+        client.close()
+        proxy.stop()
+    assert answer.error is None and waited >= 1.5  # the backoff alone: 0.25 s
+
+    def wait_for(retry_after):  # before retrying a 503 that said `Retry-After: retry_after`
+        state, response = RetryCallState(None, None, (), {}), httpx.Response(503, headers={"Retry-After": retry_after})
+        error = httpx.HTTPStatusError("busy", request=httpx.Request("POST", "http://x"), response=response)
+        state.set_exception((type(error), error, None))
+        return _wait(state)
+    # capped at a minute; as asked; an HTTP date or nothing readable: the backoff
+    assert [wait_for(a) for a in ("3600", "2", "Wed, 21 Oct 2026 07:28:00 GMT", "")] == [60.0, 2.0, 0.25, 0.25]
 
 
 def test_an_unreachable_endpoint_fails_the_shard_and_a_rerun_completes(served):
