@@ -122,6 +122,11 @@ def test_pairs_full_view_has_one_row_per_source_item(finished_run, runs_dir):
     n, ids, exported = con.execute("select count(*), count(distinct item_id), count(*) filter (where exported) from pairs_full").fetchone()
     assert n == ids == 12
     assert exported == con.execute("select count(*) from pairs").fetchone()[0]
+    columns = con.execute("describe pairs_full").fetchall()
+    names = [name for name, *_ in columns]
+    assert not [name for name, ctype, *_ in columns if ctype.upper().startswith("BLOB")]  # images: in the stage views
+    # item_id and the edit's candidate once; a name an earlier stage took gets its stage as prefix
+    assert names.count("item_id") == names.count("candidate") == 1 and {"critique_status", "relabel_status"} <= set(names)
 
 
 def test_every_query_in_the_docs_runs_against_a_run(finished_run, runs_dir):
