@@ -190,6 +190,19 @@ def test_a_changed_row_changes_the_key_of_its_shard_only(tmp_path):
         [open_view(cfg).shard_key(k) for k in range(3)]
 
 
+
+def test_a_view_is_kept_while_its_files_are_unchanged_and_a_key_scope_looks_at_them_once(tmp_path):
+    """A worker computing shard after shard reuses its view, and the keys it memoised (a dedupe chain's)."""
+    from richpref.tasks.source import files_looked_at_once
+
+    (path := tmp_path / "p.txt").write_text("a\nb\n")
+    view = open_view(cfg := SourceConfig(kind="prompts", path=str(path), shard_size=1))
+    with files_looked_at_once():
+        assert open_view(cfg) is view
+        path.write_text("a\nbb\n")
+        assert open_view(cfg) is view  # a plan keys its shards from one look at the files
+    assert open_view(cfg) is not view
+
 # Pick-a-Pic rows the trainers skip, and bad rows ------------------------------------------------------
 
 def test_pickapic_ties_unlabelled_and_identical_pairs_are_rejected_with_reasons(tmp_path):
@@ -283,8 +296,6 @@ def test_a_source_with_bad_rows_keeps_every_row_with_a_reason(tmp_path):
 
 
 def test_a_missing_column_fails_the_whole_input_before_any_model_loads(tmp_path):
-    import pyarrow.parquet as pq
-
     path = tmp_path / "pickapic.parquet"
     pq.write_table(pa.table({"prompt": ["a cat"], "jpg_0": [GOOD], "jpg_1": [GOOD], "label_0": [1.0]}), path)
     with pytest.raises(SourceError, match=r"no column\(s\) \['caption'\].*prompt_column"):
