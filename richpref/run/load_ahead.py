@@ -51,10 +51,10 @@ def load_ahead(stage: Stage, profile: Profile, store: RunStore) -> threading.Thr
     turn.acquire()  # here, not on the thread: no shard can take the turn before the load does
 
     def load() -> None:
-        t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             from richpref.run.shard_task import load_stage_models
 
+            t0, cpu0 = time.perf_counter(), time.thread_time()  # after Prefect's import: not the stage's load
             models = load_stage_models(stage, profile)
         except Exception as exc:  # noqa: BLE001 - the stage's first shard loads it and reports the error
             log.debug("%s: loading its models ahead failed (%s); its first shard loads them", stage.name, exc)
