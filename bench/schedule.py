@@ -159,7 +159,7 @@ def simulated_stages(table, scale: float, items: int, shards: int, start_s: floa
                         key_extra=lambda p: "", output=st.output,
                         load=_sleeping_load(st.name, load_s, start_s) if st.loads_model else None)
         if not st.reads:
-            stage = replace(stage, count_shards=lambda p: shards, shard_key=lambda p, s, n=items: f"sim-{s}-{n}")
+            stage = replace(stage, count_shards=lambda p: shards, shard_keys=lambda p, n=items: lambda s: f"sim-{s}-{n}")
         out.append((stage, per_item if st.loads_model else 0.0))
     return out
 

@@ -5,10 +5,10 @@ Each item is one chat completion: one user turn [image as a PNG data URL, text],
 (temperature 0), `max_tokens`. Requests run `engine.concurrency` at a time. Connection errors,
 timeouts, 429 and 5xx are retried with exponential backoff or after a `Retry-After` (tenacity); a
 request that still fails, or an answer that cannot be read, becomes that item's `error` (`code:
-detail`) and the stage rejects its row. A server that cannot be reached at all is not a row's fault: a launched server that died is
-started again (`engine.restarts`), otherwise the shard fails with `ServerUnavailable`. Nor is a server
-that still refuses for load (429, 502, 503, 504) after the retries: the shard fails with `ServerBusy`,
-to be rerun, instead of committing its rows as rejected.
+detail`) and the stage rejects its row. A server that cannot be reached at all is not a row's fault:
+a launched server that died is started again (`engine.restarts`), otherwise the shard fails with
+`ServerUnavailable`. Nor is a server that still refuses for load (429, 502, 503, 504) after the
+retries: the shard fails with `ServerBusy`, to be rerun, instead of committing its rows as rejected.
 
 Yes/no and rating answers are one token. The answer tokens get a logit bias of +100 when the model's
 tokenizer is at hand, so the answer is always one of them; their probabilities come from the

@@ -24,7 +24,7 @@ from richpref.run.affinity import Plan, StageCost, Task, costs_for, plan
 from richpref.run.final_states import FinalStates
 from richpref.run.gpu_claims import computing_at_once, gpu_claim, takes_turns
 from richpref.run.leases import Busy
-from richpref.run.runner import ShardManifest, drop_shards_from, is_current, keying, stage_manifests
+from richpref.run.runner import ShardManifest, drop_shards_from, is_current, stage_keyer, stage_manifests
 from richpref.schemas.config import Profile
 from richpref.run.storage import RunStore
 from richpref.tasks import ALL_OUTPUTS
@@ -145,17 +145,17 @@ def pipeline_pass(stages: tuple[Stage, ...], store: RunStore, data_dir: str, run
         have = stage_manifests(store, stage.out)
         refs[stage.out] = {}
         shards = range(first) if not stage.reads else sorted(set.intersection(*(set(refs[r]) for r in stage.reads)))
-        with keying(stage, profile) as key_of:
-            for s in shards:
-                inputs = {r: refs[r][s] for r in stage.reads}
-                key = key_of(s, {r: m.key for r, m in inputs.items()})
-                m = have.get(s)
-                if is_current(m, key):
-                    refs[stage.out][s] = m
-                    continue
-                refs[stage.out][s] = Submitted(key)
-                inputs_of[(stage.out, s)], keys[(stage.out, s)] = inputs, key
-                todo.append((idx, stage, s))
+        key_of = stage_keyer(stage, profile)
+        for s in shards:
+            inputs = {r: refs[r][s] for r in stage.reads}
+            key = key_of(s, {r: m.key for r, m in inputs.items()})
+            m = have.get(s)
+            if is_current(m, key):
+                refs[stage.out][s] = m
+                continue
+            refs[stage.out][s] = Submitted(key)
+            inputs_of[(stage.out, s)], keys[(stage.out, s)] = inputs, key
+            todo.append((idx, stage, s))
     homes = gpu_workers(runner.client) if costs is not None and any(st.loads_model for _, st, _ in todo) else []
     live = Live(homes, *_model_seconds(todo, profile, costs)) if homes else None
     the_plan = affinity_plan(todo, live.shard_seconds, live.load_s, len(homes)) if live else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from richpref.schemas.config import Profile, profile_hash
 from richpref.run.run_state import covers
-from richpref.run.runner import is_current, keying, stage_manifests
+from richpref.run.runner import is_current, stage_keyer, stage_manifests
 from richpref.run.storage import RunStore
 from richpref.tasks.base import Stage
 
@@ -37,21 +37,21 @@ def plan_stages(stages: tuple[Stage, ...], profile: Profile, store: RunStore) ->
     for stage in stages:
         plan, keys[stage.out], ready[stage.out] = StagePlan(stage.name, table=stage.out), {}, set()
         have = stage_manifests(store, stage.out)
-        with keying(stage, profile) as key_of:
-            candidates = (range(stage.count_shards(profile)) if not stage.reads
-                          else sorted(set.union(*(set(keys[r]) for r in stage.reads))))
-            for s in candidates:
-                if any(s not in keys[r] for r in stage.reads):  # an input shard nothing makes: no key
-                    plan.blocked.append(s)
-                    continue
-                key = keys[stage.out][s] = key_of(s, {r: keys[r][s] for r in stage.reads})
-                inputs_ready = all(s in ready[r] for r in stage.reads)
-                if is_current(have.get(s), key):
-                    plan.done.append(s)
-                    if inputs_ready:
-                        ready[stage.out].add(s)
-                else:
-                    (plan.todo if inputs_ready else plan.blocked).append(s)
+        key_of = stage_keyer(stage, profile)
+        candidates = (range(stage.count_shards(profile)) if not stage.reads
+                      else sorted(set.union(*(set(keys[r]) for r in stage.reads))))
+        for s in candidates:
+            if any(s not in keys[r] for r in stage.reads):  # an input shard nothing makes: no key
+                plan.blocked.append(s)
+                continue
+            key = keys[stage.out][s] = key_of(s, {r: keys[r][s] for r in stage.reads})
+            inputs_ready = all(s in ready[r] for r in stage.reads)
+            if is_current(have.get(s), key):
+                plan.done.append(s)
+                if inputs_ready:
+                    ready[stage.out].add(s)
+            else:
+                (plan.todo if inputs_ready else plan.blocked).append(s)
         plans.append(plan)
     return plans
 

@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -77,19 +77,16 @@ class ShardManifest:
 def content_key(stage: Stage, profile: Profile, shard: int, inputs: dict[str, ShardManifest]) -> str:
     """Same key <=> same output: code version, effective config, shard, input shards' keys. A stage
     that reads no stage (the source) keys each shard itself, from the rows it reads."""
-    return key_from_input_keys(stage, profile, shard, {name: inputs[name].key for name in stage.reads})
-
-
-def key_from_input_keys(stage: Stage, profile: Profile, shard: int, input_keys: dict[str, str]) -> str:
-    """content_key from the input shards' keys alone (a plan knows them before the inputs are committed)."""
-    return stage_keyer(stage, profile)(shard, input_keys)
+    return stage_keyer(stage, profile)(shard, {name: inputs[name].key for name in stage.reads})
 
 
 def stage_keyer(stage: Stage, profile: Profile) -> Callable[[int, dict[str, str]], str]:
-    """key_from_input_keys of one stage and profile: what all its shards' keys share (code version,
-    config, extra) is hashed once, not once a shard."""
-    if stage.shard_key is not None:
-        return lambda shard, input_keys: stage.shard_key(profile, shard)
+    """content_key of one stage and profile from the input shards' keys alone (a plan knows them before
+    the inputs are committed), for keying many shards in a row: what their keys share (code version,
+    config, extra; the source's look at its files) is worked out once, not once a shard."""
+    if stage.shard_keys is not None:
+        own = stage.shard_keys(profile)
+        return lambda shard, input_keys: own(shard)
     shared = {
         "stage": stage.name,
         "version": stage.version,
@@ -102,14 +99,6 @@ def stage_keyer(stage: Stage, profile: Profile) -> Callable[[int, dict[str, str]
         payload = {**shared, "shard": shard, "inputs": {name: input_keys[name] for name in stage.reads}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return key
-
-
-@contextlib.contextmanager
-def keying(stage: Stage, profile: Profile) -> Iterator[Callable[[int, dict[str, str]], str]]:
-    """For a plan or pass that keys many shards of `stage` in a row: its stage_keyer, within the
-    stage's key scope (the source looks at its files once in it)."""
-    with stage.key_scope():
-        yield stage_keyer(stage, profile)
 
 
 # manifests ----------------------------------------------------------------------------------------
@@ -378,18 +367,18 @@ def stage_state(stage: Stage, profile: Profile, store: RunStore, upstream: dict[
     count = source_shards if source_shards is not None else (0 if stage.reads else stage.count_shards(profile))
     candidates = range(count) if not stage.reads else sorted(set.union(*(set(upstream[r]) for r in stage.reads)))
     have = stage_manifests(store, stage.out)
-    with keying(stage, profile) as key_of:
-        for s in candidates:
-            if any(s not in upstream[r] for r in stage.reads):
-                state.blocked.append(s)
-                continue
-            inputs = {r: upstream[r][s] for r in stage.reads}
-            key = key_of(s, {r: m.key for r, m in inputs.items()})
-            state.inputs[s] = inputs
-            if is_current(have.get(s), key):
-                state.done[s] = have[s]
-            else:
-                state.todo[s] = key
+    key_of = stage_keyer(stage, profile)
+    for s in candidates:
+        if any(s not in upstream[r] for r in stage.reads):
+            state.blocked.append(s)
+            continue
+        inputs = {r: upstream[r][s] for r in stage.reads}
+        key = key_of(s, {r: m.key for r, m in inputs.items()})
+        state.inputs[s] = inputs
+        if is_current(have.get(s), key):
+            state.done[s] = have[s]
+        else:
+            state.todo[s] = key
     return state
 
 

@@ -6,10 +6,9 @@ what its stage does.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -87,12 +86,11 @@ class Stage:
     output: str = ""  # the folder it writes; defaults to the stage name
     # Output rows per input row when the stage starts the (item_id, candidate) key (edit), else None.
     fan_out: Callable[[Profile], int] | None = None
-    # A stage that reads no other stage (the source) counts its shards and keys each one itself.
+    # A stage that reads no other stage (the source) counts its shards and keys each one itself:
+    # `shard_keys(profile)` looks at its input once (a listing, a version per file) and returns the key
+    # of each shard, for a plan or pass that keys thousands of them in a row.
     count_shards: Callable[[Profile], int] | None = None
-    shard_key: Callable[[Profile, int], str] | None = None
-    # The scope a plan or pass keys all the stage's shards in, one after another: the source looks at
-    # its files (a listing, a version per file) once in it, not once a shard.
-    key_scope: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
+    shard_keys: Callable[[Profile], Callable[[int], str]] | None = None
     # The part of the section's config that decides the output, when not all of it does (a scoring
     # stage leaves the thresholds to the decision stage after it, so tuning one costs no model call).
     config_view: Callable[[Any], Any] | None = None

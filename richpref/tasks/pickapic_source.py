@@ -88,16 +88,23 @@ def blank_caption(caption) -> str | None:
     return None
 
 
-def shard_key(profile: Profile, shard: int) -> str:
-    f, a, b = shard_ranges(profile)[shard]
-    part = ParquetPart(f)
-    payload = [STAGE.name, VERSION, shard, list(map(str, file_version(f))), a, b,
-               part.fingerprint(a, b, part.columns(), content=False)]  # the file's version sees every edit
-    if may_hold_blank_captions(part, a, b):
-        # Such rows are rejected since 2026-12 (before: kept, scored against ""): only these shards are
-        # keyed anew, so a dataset without them keeps every shard (and its scores).
-        payload.append("blank captions rejected")
-    return hashlib.sha256(repr(payload).encode()).hexdigest()
+def shard_keys(profile: Profile):
+    """The key of each shard, from one listing of the dataset's files and one version of each."""
+    ranges, parts, versions = shard_ranges(profile), {}, {}
+
+    def key(shard: int) -> str:
+        f, a, b = ranges[shard]
+        if f not in parts:
+            parts[f], versions[f] = ParquetPart(f), list(map(str, file_version(f)))
+        part = parts[f]
+        payload = [STAGE.name, VERSION, shard, versions[f], a, b,
+                   part.fingerprint(a, b, part.columns(), content=False)]  # the file's version sees every edit
+        if may_hold_blank_captions(part, a, b):
+            # Such rows are rejected since 2026-12 (before: kept, scored against ""): only these shards are
+            # keyed anew, so a dataset without them keeps every shard (and its scores).
+            payload.append("blank captions rejected")
+        return hashlib.sha256(repr(payload).encode()).hexdigest()
+    return key
 
 
 def _image_bytes(column: pa.ChunkedArray) -> pa.Array:
@@ -158,6 +165,6 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 
 
 STAGE = Stage(name="pickapic_source", version=VERSION, section="source", reads=(), compute=compute, output="source",
-              count_shards=count_shards, shard_key=shard_key, loads_model=False,
+              count_shards=count_shards, shard_keys=shard_keys, loads_model=False,
               schema=pa.schema([("item_id", pa.string()), ("status", pa.string()), ("reason", pa.string()),
                                 ("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary())]))

@@ -14,8 +14,6 @@ import hashlib
 import io
 import json
 import unicodedata
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -205,39 +203,19 @@ class SourceView:
 
 
 _VIEWS: dict[str, tuple[tuple, SourceView]] = {}
-_PINNED: ContextVar[dict[str, SourceView] | None] = ContextVar("pinned_source_views", default=None)
-
-
-@contextmanager
-def files_looked_at_once() -> Iterator[None]:
-    """Within it, a source's files are listed and their versions asked at its first view only. A view
-    asks them anew each time, to see a file changed since; a plan keying thousands of shards in a
-    moment would do that (a glob and a stat a file, on an object store a LIST and a HEAD a file) for
-    each shard."""
-    token = _PINNED.set({})
-    try:
-        yield
-    finally:
-        _PINNED.reset(token)
 
 
 def open_view(cfg: SourceConfig) -> SourceView:
     """The process's view of `cfg`, opened again when a file of the source changed."""
     key = cfg.model_dump_json()
-    pinned = _PINNED.get()
-    if pinned is not None and key in pinned:
-        return pinned[key]
     now = stamp(cfg)
     hit = _VIEWS.get(key)
     if hit is not None and hit[0] == now:
-        view = hit[1]
-    else:
-        view = SourceView(cfg)
-        while len(_VIEWS) >= 8:
-            _VIEWS.pop(next(iter(_VIEWS)))
-        _VIEWS[key] = (now, view)
-    if pinned is not None:
-        pinned[key] = view
+        return hit[1]
+    view = SourceView(cfg)
+    while len(_VIEWS) >= 8:
+        _VIEWS.pop(next(iter(_VIEWS)))
+    _VIEWS[key] = (now, view)
     return view
 
 
@@ -275,8 +253,7 @@ def _compute(inputs: StageInputs, profile: Profile) -> pa.Table:
 STAGE = Stage(
     name="source", version=VERSION, section="source", reads=(), compute=_compute,
     count_shards=lambda profile: open_view(profile.source).num_shards,
-    shard_key=lambda profile, shard: open_view(profile.source).shard_key(shard),
-    key_scope=files_looked_at_once,
+    shard_keys=lambda profile: open_view(profile.source).shard_key,  # one view: one look at the files
     loads_model=False, schema=PROMPTS,
 )
 

@@ -71,7 +71,7 @@ def _stages():
         st = replace(by[name], compute=_sleeping(name), version="sim", config_view=None, key_extra=lambda p: "",
                      load=_loading(name) if by[name].load is not None else None)
         if not st.reads:
-            st = replace(st, count_shards=lambda p: SHARDS, shard_key=lambda p, s: f"sim-{s}")
+            st = replace(st, count_shards=lambda p: SHARDS, shard_keys=lambda p: lambda s: f"sim-{s}")
         out.append(st)
     return tuple(out)
 

@@ -156,7 +156,7 @@ def test_keying_a_stages_shards_hashes_what_they_share_once_and_gives_the_keys_o
     import json
     from dataclasses import replace
 
-    from richpref.run.runner import keying
+    from richpref.run.runner import stage_keyer
     from richpref.schemas.config import config_hash, load_profile
     from richpref.tasks import STAGES
 
@@ -164,8 +164,8 @@ def test_keying_a_stages_shards_hashes_what_they_share_once_and_gives_the_keys_o
     for stage in STAGES.values():
         calls = []
         counted = replace(stage, key_extra=lambda p, _extra=stage.key_extra: calls.append(1) or _extra(p))
-        with keying(counted, profile) as key_of:
-            keys = [key_of(s, {r: f"{r}-{s}" for r in stage.reads}) for s in range(3)]
+        key_of = stage_keyer(counted, profile)
+        keys = [key_of(s, {r: f"{r}-{s}" for r in stage.reads}) for s in range(3)]
         assert len(calls) == 1, stage.name
         section = getattr(profile, stage.section)
         for s, key in enumerate(keys):  # the payload keys were made of: runs made before keep their keys

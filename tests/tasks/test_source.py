@@ -191,17 +191,16 @@ def test_a_changed_row_changes_the_key_of_its_shard_only(tmp_path):
 
 
 
-def test_a_view_is_kept_while_its_files_are_unchanged_and_a_key_scope_looks_at_them_once(tmp_path):
+def test_a_view_is_kept_while_its_files_are_unchanged_and_its_keys_are_of_one_look_at_them(tmp_path):
     """A worker computing shard after shard reuses its view, and the keys it memoised (a dedupe chain's)."""
-    from richpref.tasks.source import files_looked_at_once
+    from richpref.tasks.source import STAGE
 
     (path := tmp_path / "p.txt").write_text("a\nb\n")
     view = open_view(cfg := SourceConfig(kind="prompts", path=str(path), shard_size=1))
-    with files_looked_at_once():
-        assert open_view(cfg) is view
-        path.write_text("a\nbb\n")
-        assert open_view(cfg) is view  # a plan keys its shards from one look at the files
-    assert open_view(cfg) is not view
+    assert open_view(cfg) is view
+    key_of = STAGE.shard_keys(type("P", (), {"source": cfg}))  # as a plan keys a stage's shards
+    path.write_text("a\nbb\n")
+    assert key_of(1) == view.shard_key(1) and open_view(cfg) is not view
 
 # Pick-a-Pic rows the trainers skip, and bad rows ------------------------------------------------------
 
