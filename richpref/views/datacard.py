@@ -74,20 +74,24 @@ def score_stats(scores: pa.Table) -> dict[str, Any]:
     return out
 
 
-def plots_for(scores: pa.Table | None, min_margin: float, labels: tuple[str, str]) -> dict[str, bytes]:
+def plot_inputs(scores: pa.Table | None) -> tuple[dict[str, tuple[list, list]], dict[str, float], list]:
+    """What the plots draw: per reward, both sides' scores over the scored rows; per reward, and for the
+    composite, the share of pairs where side 1 scores lower (score_stats); the kept pairs' margins."""
     if scores is None or scores.num_rows == 0:
-        scores = None
-    names = reward_names(scores) if scores is not None else []
-    rows = scored_rows(scores) if scores is not None else None
-    dist = {n: (rows.column(f"{n}_0").to_pylist(), rows.column(f"{n}_1").to_pylist()) for n in names} if rows else {}
-    stats = score_stats(scores) if scores is not None else {"rewards": {}, "composite_flip_rate": None}
+        return {}, {}, []
+    rows = scored_rows(scores)
+    dist = ({n: (rows.column(f"{n}_0").to_pylist(), rows.column(f"{n}_1").to_pylist()) for n in reward_names(scores)}
+            if rows.num_rows else {})
+    stats = score_stats(scores)
     rates = {n: s["side_1_lower"] for n, s in stats["rewards"].items() if s["side_1_lower"] is not None}
     if stats["composite_flip_rate"] is not None:
         rates["composite"] = stats["composite_flip_rate"]
-    margins = []
-    if scores is not None:
-        kept = scores.filter(pc.equal(scores.column("status"), "ok"))
-        margins = kept.column("margin").to_pylist()
+    margins = scores.filter(pc.equal(scores.column("status"), "ok")).column("margin").to_pylist()
+    return dist, rates, margins
+
+
+def plots_for(scores: pa.Table | None, min_margin: float, labels: tuple[str, str]) -> dict[str, bytes]:
+    dist, rates, margins = plot_inputs(scores)
     return {"reward_distributions.png": reward_distributions_png(dist, labels),
             "flip_rate.png": flip_rate_png(rates, title=f"share of pairs where {labels[1]} scores lower"),
             "margin_histogram.png": margin_histogram_png(margins, min_margin)}

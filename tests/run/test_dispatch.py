@@ -61,6 +61,8 @@ def test_a_worker_idle_while_the_first_stage_computes_loads_the_next_stage_meanw
     assert report.preloads == 2 and sorted(ran[0] for ran in with_preload.ran.values()) == ["load a", "load b"]
     assert sorted(ran[0] for ran in without.ran.values()) == ["a0", "b0"], without.ran
     assert max(with_preload.ends.values()) <= max(without.ends.values())
+    # a load ahead is timed from its submission to its end: the cluster's 0.3 s, not the table's
+    assert list(with_preload.load_timed["a"]) == approx([0.3]) and with_preload.load("a") == approx(0.3)
 
 
 def test_a_load_ahead_that_fails_is_reported_and_the_run_goes_on(caplog):
@@ -145,3 +147,37 @@ def test_a_worker_does_not_wait_for_inputs_that_nobody_makes():
     sim.run()
     busy = sum(16 * s for s in true_s.values()) / (2 * max(sim.ends.values()))
     assert busy > 0.83, (busy, sim.ran)
+
+
+def test_a_resumed_pass_starts_with_the_shards_whose_inputs_are_committed():
+    # Stage a was committed by an earlier pass: b's shards read nothing computed in this one, so they
+    # are ready at the start (before, they would wait for inputs that never finish).
+    stages = [Stage("b", ("a",)), Stage("c", ("b",)), Stage("export", ("c",), loads_model=False)]
+    todo = [(i, st, s) for i, st in enumerate(stages) for s in range(4)]
+    sim = Simulated(todo, {"b": 0.05, "c": 0.05}, {"b": 0.3, "c": 0.3}, ["w0"], {"b": 0.05, "c": 0.05},
+                    {"b": 0.3, "c": 0.3}, preload=False)
+    report = sim.run()
+    assert sum(report.shards.values()) == 8 and sim.ran["w0"][0] == "b0", sim.ran
+    assert {k for k in sim.ends} == {(st.name, s) for st in stages for s in range(4)}
+
+
+def test_a_stages_seconds_and_load_are_what_the_run_timed():
+    # The table says every shard takes 1 s and every load 5 s; the cluster takes 0.05 s and 0.3 s. The
+    # dispatch times each shard from its submission or its worker's previous shard, whichever is later:
+    # a shard after one of its stage is its seconds alone, the first after another stage adds the load.
+    sim, _ = _dispatch({"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 5.0, "b": 5.0, "c": 5.0}, workers=1, preload=False)
+    assert sim.seconds("b") == approx(0.05) and sim.seconds("c") == approx(0.05)
+    assert sim.load("b") == approx(0.3) and sim.load("c") == approx(0.3)
+
+
+def test_a_worker_idle_mid_run_loads_a_stage_nobody_holds_and_its_load_is_timed_from_then():
+    # a's 8 shards take 1 s each; b and c are quick. The worker with no a shard left and b held by the
+    # other loads c ahead (at 4.3 s, while a's last shards run); that load is timed from its
+    # submission (1 s), not from the start of the run.
+    stages = [Stage("source", (), loads_model=False), Stage("a", ("source",)), Stage("b", ("a",)), Stage("c", ("b",))]
+    todo = [(i, st, s) for i, st in enumerate(stages) for s in range(8)]
+    true_s, loads = {"a": 1.0, "b": 0.05, "c": 0.05}, {"a": 0.3, "b": 0.3, "c": 1.0}
+    sim = Simulated(todo, true_s, loads, ["w0", "w1"], true_s, loads)
+    sim.run()
+    assert sum("load c" in ran for ran in sim.ran.values()) == 1 and list(sim.load_timed["c"]) == approx([1.0])
+    assert sim.load("c") == approx(1.0)
