@@ -3,8 +3,8 @@
 One pass over the file's bytes finds where each row starts (blank lines are no rows in JSONL, as in
 `datasets`' json reader; in a prompt file every line is a row). Rows [a, b) then cost one seek and
 the bytes of those lines. A line that is not valid JSON, not an object or not UTF-8 becomes a bad
-row naming its line, never an exception. A UTF-8 BOM opening a JSONL file is dropped (prompts drop it
-as they drop every control and format character).
+row naming its line, never an exception. A UTF-8 BOM opening a JSONL file is dropped (a prompt drops it
+as it drops every format character that only shapes how text is set: richpref/tasks/prompt_text.py).
 """
 from __future__ import annotations
 

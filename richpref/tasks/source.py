@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import unicodedata
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -24,9 +23,11 @@ from ..sources import BAD_ROW, RAW, SourceError, open_reader, resolve_input_path
 from ..sources.base import ConcatReader
 from ..sources.dedupe import Digest, ensure_ranges, index_for, save_digest
 from .base import Stage, StageInputs, kept, rejected
+from .prompt_text import clean_prompt
 
 # 3: read per shard; Pick-a-Pic ties, has_label / are_different false rejected; dedupe; bad rows kept
-VERSION = "3"
+# 4: invisible format characters in prompts dropped, not spaced; ZWNJ, ZWJ and emoji tags kept (prompt_text.py)
+VERSION = "4"
 PICKAPIC_FLAGS = ("has_label", "are_different")
 RANGE_FIELDS = {"offset", "limit", "shard_size"}  # in the key as each shard's own row range
 
@@ -64,27 +65,6 @@ def _image_bytes(value: Any) -> bytes | None:
         value.save(buf, format="PNG")
         return buf.getvalue()
     return None
-
-
-def clean_prompt(value: Any, max_chars: int) -> tuple[str | None, str | None]:
-    """(prompt, None) or (None, reason)."""
-    if value is None:
-        return None, "bad_prompt: missing"
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "bad_prompt: not valid UTF-8"
-    if not isinstance(value, str):
-        return None, f"bad_prompt: expected text, got {type(value).__name__}"
-    # Control characters carry no meaning for an image model; tabs/newlines become spaces.
-    text = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in value)
-    text = " ".join(text.split())
-    if not text:
-        return None, "bad_prompt: empty"
-    if len(text) > max_chars:
-        return None, f"bad_prompt: {len(text)} characters, over source.max_prompt_chars={max_chars}"
-    return text, None
 
 
 def preferred_column(label_0: Any, ties: str = "keep") -> tuple[str | None, str | None]:

@@ -52,10 +52,10 @@ def _helpers(path: Path, stage_modules: set[str]) -> list[Path]:
 
 def current() -> dict[str, dict[str, str]]:
     """{stage name: {"version", "code"}} as the code stands."""
-    from richpref.tasks import PIPELINE, REBUILD, RELABEL_DATASET
+    from richpref.tasks import ALL_STAGES, REBUILD, RELABEL_DATASET
 
-    # The source keys itself from its rows; a Pick-a-Pic source's key holds its version.
-    stages = {s.name: s for s in (*PIPELINE, *REBUILD[1:], *RELABEL_DATASET)}
+    # The sources too: their keys hold their versions beside their rows' bytes.
+    stages = {s.name: s for s in (*ALL_STAGES, *REBUILD[1:], *RELABEL_DATASET)}
     modules = {s.name: Path(sys.modules[s.compute.__module__].__file__) for s in stages.values()}
     stage_modules = {p.stem for p in modules.values()}
     out = {}

@@ -19,7 +19,7 @@ from PIL import Image
 from richpref.schemas.config import SourceConfig
 from richpref.sources import parquet as parquet_reader
 from richpref.sources import SourceError
-from richpref.tasks.source import check_source, clean_prompt, open_view, shard_source
+from richpref.tasks.source import check_source, open_view, shard_source
 from test_bad_inputs import GOOD
 from image_helpers import encoded
 
@@ -261,24 +261,6 @@ def test_a_file_that_is_not_text_fails_as_a_whole_naming_it(tmp_path):
     broken.write_bytes(b"PAR1 not really")
     with pytest.raises(SourceError, match=r"broken.parquet: not a readable Parquet file"):
         check_source(SourceConfig(kind="parquet", path=str(broken)))
-
-
-@pytest.mark.parametrize("value,reason", [
-    ("", "bad_prompt: empty"),
-    ("   \t\n ", "bad_prompt: empty"),
-    ("x" * 10_000, "bad_prompt: 10000 characters"),
-    (b"\xff\xfe caf\xe9", "bad_prompt: not valid UTF-8"),
-    (None, "bad_prompt: missing"),
-    (42, "bad_prompt: expected text"),
-])
-def test_bad_prompts_get_reasons(value, reason):
-    prompt, why = clean_prompt(value, 2000)
-    assert prompt is None and why.startswith(reason)
-
-
-def test_control_characters_are_removed_not_passed_to_models():
-    prompt, why = clean_prompt("a\x00 red\x1b[31m cat\u200b\r\nsitting", 2000)
-    assert why is None and prompt == "a red [31m cat sitting"
 
 
 def test_a_source_with_bad_rows_keeps_every_row_with_a_reason(tmp_path):
