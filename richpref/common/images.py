@@ -6,7 +6,7 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 MAX_PIXELS = 64_000_000
 
@@ -28,7 +28,7 @@ def without_addresses(exc: Exception) -> str:
 
 
 def decode_image(data: bytes | None) -> Image.Image:
-    """Bytes -> RGB image, or BadImage naming what is wrong."""
+    """Bytes -> RGB image, upright, or BadImage naming what is wrong."""
     if data is None or len(data) == 0:
         raise BadImage("bad_image: empty image bytes")
     try:
@@ -47,7 +47,17 @@ def decode_image(data: bytes | None) -> Image.Image:
         raise BadImage(f"bad_image: cannot decode ({without_addresses(exc)})") from None
     if img.width < 8 or img.height < 8:
         raise BadImage(f"bad_image: {img.width}x{img.height} is too small (min 8x8)")
-    return as_rgb(img)
+    return as_rgb(upright(img))
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says, as every viewer shows it (and datasets',
+    transformers' and diffusers' image loading); an unreadable EXIF block is ignored, as viewers do."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels as stored
+        return img
+    return img if orientation in (None, 1) else ImageOps.exif_transpose(img)
 
 
 def as_rgb(img: Image.Image) -> Image.Image:

@@ -58,7 +58,8 @@ def export(inputs: StageInputs, profile: Profile) -> pa.Table:
     return export_pairs(inputs.rows, inputs.lookup("source", inputs.tables["source"].schema.names))
 
 
-SCORE = Stage(name="pickapic_score", version="1", section="score", reads=("source",), compute=score, output="score",
+# 2: images decoded upright as their EXIF orientation says (common/images.py)
+SCORE = Stage(name="pickapic_score", version="2", section="score", reads=("source",), compute=score, output="score",
               key_extra=templates_key, config_view=scoring_view,
               schema=lambda p: reward_scores_schema(p.score.scored()),
               models=lambda p: reward_models(p, gate=False), load=lambda p: load_models(p, gate=False))

@@ -26,7 +26,8 @@ from .base import Stage, StageInputs, kept, rejected
 from .prompt_text import clean_prompt
 
 # 3: read per shard; Pick-a-Pic ties, has_label / are_different false rejected; dedupe; bad rows kept
-# 4: invisible format characters in prompts dropped, not spaced; ZWNJ, ZWJ and emoji tags kept (prompt_text.py)
+# 4: invisible format characters in prompts dropped, not spaced; ZWNJ, ZWJ and emoji tags kept (prompt_text.py).
+#    Every later stage's key follows, so runs also redo the stages that now decode images upright (EXIF).
 VERSION = "4"
 PICKAPIC_FLAGS = ("has_label", "are_different")
 RANGE_FIELDS = {"offset", "limit", "shard_size"}  # in the key as each shard's own row range

@@ -85,6 +85,21 @@ def test_an_animated_image_gives_its_first_frame():
     assert np.asarray(decode_image(data))[0, 0, 0] > 150
 
 
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says():
+    # A camera stores its pixels as the sensor read them and the turn in EXIF; every viewer (and
+    # datasets', transformers' and diffusers' image loading) shows it turned. Before, the models
+    # critiqued and edited it sideways, and the pairs left sideways.
+    stored = np.zeros((16, 24, 3), dtype=np.uint8)
+    stored[:8, :8] = (255, 255, 255)  # top left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored image is turned 90° clockwise for display
+    data = encoded(Image.fromarray(stored), "JPEG", exif=exif.tobytes(), quality=100)
+    upright = np.asarray(decode_image(data))
+    assert upright.shape == (24, 16, 3) and upright[2, -3, 0] > 200 and upright[2, 2, 0] < 50  # now top right
+    exif[0x0112] = 1  # upright already: as stored
+    assert np.asarray(decode_image(encoded(Image.fromarray(stored), "JPEG", exif=exif.tobytes()))).shape == (16, 24, 3)
+
+
 def test_png_encoding_is_lossless():
     pixels = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
     assert np.array_equal(np.asarray(decode_image(encode_png(Image.fromarray(pixels)))), pixels)
