@@ -50,14 +50,26 @@ def decode_image(data: bytes | None) -> Image.Image:
     return as_rgb(upright(img))
 
 
-def upright(img: Image.Image) -> Image.Image:
-    """The image turned as its EXIF orientation says, as every viewer shows it (and datasets',
-    transformers' and diffusers' image loading); an unreadable EXIF block is ignored, as viewers do."""
+def _turn(img: Image.Image) -> int:
+    """The EXIF orientation that turns `img` for display (2..8), else 1 (none, or an unreadable EXIF
+    block, which viewers ignore too)."""
     try:
         orientation = img.getexif().get(ExifTags.Base.Orientation)
     except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels as stored
-        return img
-    return img if orientation in (None, 1) else ImageOps.exif_transpose(img)
+        return 1
+    return orientation if orientation in range(2, 9) else 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says, as every viewer shows it (and datasets',
+    transformers' and diffusers' image loading)."""
+    return img if _turn(img) == 1 else ImageOps.exif_transpose(img)
+
+
+def stored_upright(data: bytes) -> bool:
+    """Whether an image file's pixels are stored as they are shown (no EXIF turn): a reader of pixels
+    alone (as the Diffusion-DPO scripts read pairs) then sees what a viewer shows."""
+    return _turn(Image.open(io.BytesIO(data))) == 1
 
 
 def as_rgb(img: Image.Image) -> Image.Image:

@@ -88,6 +88,7 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     )
 
 
-STAGE = Stage(name="export", version="4", section="export", reads=("relabel", "sample", "edit", "critique", "instruct", "source"),
+# 5: a source JPEG turned by EXIF is re-encoded upright, not kept as stored (pair_images.py)
+STAGE = Stage(name="export", version="5", section="export", reads=("relabel", "sample", "edit", "critique", "instruct", "source"),
               compute=compute, output="pairs", key_extra=lambda p: profile_hash(p),
               loads_model=False, schema=PAIRS)

@@ -19,7 +19,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from richpref.common.images import BadImage, decode_image, encode_png
+from richpref.common.images import BadImage, decode_image, encode_png, stored_upright
 
 # The IJG standard luminance quantisation table (quality 50), in natural (row-major) order: what
 # libjpeg scales for every `quality` (Annex K of the JPEG standard).
@@ -68,15 +68,16 @@ def pair_quality(source: bytes, jpeg_quality_: int | None) -> int:
 def pair_images(side0: bytes, side1: bytes, *, image_format: str = "png", quality: int = DEFAULT_JPEG_QUALITY,
                 side0_is_source: bool = True) -> tuple[bytes, bytes]:
     """(jpg_0, jpg_1): both images at side 1's size, both encoded as `image_format` (`jpeg` at
-    `quality`). A source JPEG on side 0 already at that size and quality is kept as it is, so neither
-    image is compressed twice. Raises BadImage when a side cannot be decoded."""
+    `quality`). A source JPEG on side 0 already at that size and quality, stored upright, is kept as it
+    is, so neither image is compressed twice. Raises BadImage when a side cannot be decoded."""
     if image_format not in ("png", "jpeg"):
         raise ValueError(f"image_format {image_format!r}: expected png or jpeg")
     a, b = decode_image(side0), decode_image(side1)
     resized = a.size != b.size
     if resized:
         a = a.resize(b.size, Image.Resampling.LANCZOS)
-    if image_format == "jpeg" and side0_is_source and not resized and jpeg_quality(side0) == quality:
+    if (image_format == "jpeg" and side0_is_source and not resized and jpeg_quality(side0) == quality
+            and stored_upright(side0)):
         out0 = side0
     else:
         out0 = encode(a, image_format, quality)

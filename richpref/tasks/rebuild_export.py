@@ -55,6 +55,7 @@ def compute(inputs: StageInputs, profile: Profile) -> pa.Table:
     return export_pairs(inputs.rows, inputs.tables["samples"], inputs.tables["source"], profile)
 
 
-STAGE = Stage(name="rebuild_export", version="1", section="export", reads=("ranked", "samples", "source"),
+# 2: a source JPEG turned by EXIF is re-encoded upright, not kept as stored (pair_images.py)
+STAGE = Stage(name="rebuild_export", version="2", section="export", reads=("ranked", "samples", "source"),
               compute=compute, output="pairs", key_extra=lambda p: profile_hash(p), loads_model=False,
               schema=REBUILD_PAIRS)

@@ -56,6 +56,16 @@ def test_a_source_jpeg_already_at_the_pair_size_and_quality_is_not_compressed_tw
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(a))), np.asarray(Image.open(io.BytesIO(original))))
 
 
+def test_a_source_jpeg_turned_by_exif_leaves_upright_as_both_images_are():
+    # Kept as it was, its stored pixels stay sideways for the trainers that read pixels only
+    # (Image.open(...).convert("RGB"), as Diffusion-DPO's scripts do), beside an upright edit.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: shown 90° clockwise
+    original = encoded(_noise((48, 64)), "JPEG", quality=90, exif=exif.tobytes())
+    a, b = pair_images(original, encoded(_noise((64, 48), 1), "PNG"), image_format="jpeg", quality=90)
+    assert a != original and Image.open(io.BytesIO(a)).size == Image.open(io.BytesIO(b)).size == (64, 48)
+
+
 def test_edit_mask_of_a_changed_square_is_the_dilated_square():
     base = np.full((64, 80, 3), 100, np.uint8)
     edited = base.copy()
