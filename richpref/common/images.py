@@ -35,6 +35,7 @@ def decode_image(data: bytes | None) -> Image.Image:
         with warnings.catch_warnings():
             # Our own pixel limit below gives the reason; PIL's bomb warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", "Corrupt EXIF data")  # ignored as viewers do (`upright`)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_PIXELS:
                 raise BadImage(f"bad_image: {img.width}x{img.height} is over {MAX_PIXELS} pixels")
@@ -54,7 +55,9 @@ def _turn(img: Image.Image) -> int:
     """The EXIF orientation that turns `img` for display (2..8), else 1 (none, or an unreadable EXIF
     block, which viewers ignore too)."""
     try:
-        orientation = img.getexif().get(ExifTags.Base.Orientation)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Corrupt EXIF data")  # a row's image, not a log line
+            orientation = img.getexif().get(ExifTags.Base.Orientation)
     except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels as stored
         return 1
     return orientation if orientation in range(2, 9) else 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -96,8 +97,14 @@ def test_a_photo_is_turned_upright_as_its_exif_orientation_says():
     data = encoded(Image.fromarray(stored), "JPEG", exif=exif.tobytes(), quality=100)
     upright = np.asarray(decode_image(data))
     assert upright.shape == (24, 16, 3) and upright[2, -3, 0] > 200 and upright[2, 2, 0] < 50  # now top right
-    exif[0x0112] = 1  # upright already: as stored
-    assert np.asarray(decode_image(encoded(Image.fromarray(stored), "JPEG", exif=exif.tobytes()))).shape == (16, 24, 3)
+    exif[0x0112] = 2  # mirrored: the top left shown top right, the size kept
+    mirrored = np.asarray(decode_image(encoded(Image.fromarray(stored), "JPEG", exif=exif.tobytes(), quality=100)))
+    assert mirrored.shape == (16, 24, 3) and mirrored[2, -3, 0] > 200 and mirrored[2, 2, 0] < 50
+    exif[0x0112] = 1  # upright already: as stored; so is one whose EXIF block is broken (and it warns nothing)
+    for block in (exif.tobytes(), b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert np.asarray(decode_image(encoded(Image.fromarray(stored), "JPEG", exif=block))).shape == (16, 24, 3)
 
 
 def test_png_encoding_is_lossless():

@@ -35,3 +35,8 @@ def test_bad_prompts_get_reasons(value, reason):
 ])
 def test_invisible_characters_are_dropped_unless_they_change_what_the_text_says(raw, prompt):
     assert clean_prompt(raw, 2000) == (prompt, None)
+
+
+def test_a_prompt_of_exactly_the_limit_is_kept():
+    assert clean_prompt(" " + "x" * 2000 + "\n", 2000) == ("x" * 2000, None)  # counted after cleaning
+    assert clean_prompt("x" * 2001, 2000)[1] == "bad_prompt: 2001 characters, over source.max_prompt_chars=2000"
