@@ -48,6 +48,7 @@ def test_a_bad_statement_and_a_refused_upload_are_one_line_each(mini_run, tmp_pa
     assert main(["--data-dir", str(data), "report", "mini", "--out", str(page)]) == 0 and page.is_file()
     html = page.read_text()  # each pair's scores, composite last; the candidate indexes are no score
     assert "<td><b>composite</b></td>" in html and "<td>pickscore</td>" in html and "<td>candidate</td>" not in html
+    assert ">filter: drop filter: not_executed(p_yes=0.10 &lt; 0.5)</p>" in html  # the filter's reason, first
 
 
 def _typed(*lines):
