@@ -18,7 +18,7 @@ from typing import Any
 AS_SPACE = frozenset({"Cc", "Zl", "Zp"})
 WORD_BREAK = "\u200b"  # zero-width space
 JOINERS = frozenset({"\u200c", "\u200d"})  # ZWNJ, ZWJ
-EMOJI_TAGS = range(0xE0020, 0xE0080)  # tag characters (subdivision flags such as 🏴󠁧󠁢󠁳󠁣󠁴󠁿)
+EMOJI_TAGS = range(0xE0020, 0xE0080)  # tag characters: a black flag + tags spell a subdivision's flag (Scotland's)
 
 
 def _clean_char(ch: str) -> str:
