@@ -6,8 +6,8 @@ Each figure is `n` items through the stage function (`critique_rows`, `instruct_
 `filter_rows`: decoding, prompts, generation, yes/no passes, parsing and guards included, model
 loading excluded) with the stage's `batch_size` set to 1, 4 and 16, after one warm-up call. Settings follow
 the tiny profile (24 new tokens, 64 px images, its guard and filter settings). Goal: >= 3x items/s
-at batch 16 vs batch 1. On the harness: each repeat a fresh process that loads the models once, warms
-every stage up, then times one call per batch size in alternated order; raw runs go to
+at batch 16 vs batch 1 (other sizes are recorded as vlm_stages_small, without it). On the harness:
+each repeat a fresh process that loads the models once, warms every stage up, then times one call per batch size in alternated order; raw runs go to
 bench/results/vlm_stages-<commit>.json. Models are built into a temporary directory unless --models-root points at
 a tiny build (`richpref models build-tiny`).
 """
@@ -97,6 +97,9 @@ def child(args) -> None:
     harness.print_child("RESULT ", out)
 
 
+GOAL_SIZES = (1, 16)  # the batch sizes the goal compares
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=32)
@@ -106,11 +109,16 @@ def main() -> None:
     if args.child:
         return child(args)
     sides = [f"b{bs}" for bs in args.batch_sizes]
-    harness.run("vlm_stages", args.repeats, sides, "worst_speedup", "x", ">= 3", script=__file__,
+    # The goal is set for batch 16 against batch 1: other sizes (the quick set's 1 and 2, where 2x is the
+    # most there is) are recorded apart, without it, so the report's vlm_stages row stays a verdict on it.
+    at_goal_sizes = (args.batch_sizes[0], args.batch_sizes[-1]) == GOAL_SIZES
+    harness.run("vlm_stages" if at_goal_sizes else "vlm_stages_small", args.repeats, sides, "worst_speedup", "x",
+                ">= 3" if at_goal_sizes else None, script=__file__,
                 args=harness.child_argv(sys.argv[1:]), derive=lambda res: harness.rate_ratios(res, sides, "items_per_s"),
                 note=f"items/s at batch {args.batch_sizes[-1]} / batch {args.batch_sizes[0]}, the smallest "
                      f"of critique, instruct and filter; {args.n} items, tiny VLMs, 24 new tokens, one "
-                     f"timed call per batch size after a warm-up")
+                     f"timed call per batch size after a warm-up"
+                     + ("" if at_goal_sizes else "; the goal (>= 3) is set for batch 16 / batch 1, not judged here"))
 
 
 if __name__ == "__main__":
