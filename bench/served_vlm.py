@@ -174,7 +174,7 @@ def child(args) -> None:
 
         qwen = local["qwen"]
         before = dict(vlm_prefix.STATS)
-        filter_check.answers_sharing_image(qwen, qs)
+        filter_check.answers_sharing_image(qwen, qs, f.batch_size)
         enc = vlm_prefix.STATS["image_encodings"] - before["image_encodings"]
         gens, passes = m, len(order)
         out["filter_cost"] = {"passes_per_pair": passes / m, "prompt_tokens_per_pair": total / m,

@@ -2,10 +2,12 @@
 
 Every question is one user turn [image, question]; rendered with the chat template, the questions
 about one image share their first tokens (system turn, image tokens, …). The shared prefix runs once
-with the pixels (one vision-encoder pass), its key/value cache is kept, and each question's remaining
-tokens run on top of it, the cache cropped back to the prefix before the next. The probabilities are
-those of the full prompts up to float noise (`tests/models/test_vlm_client.py` checks them against
-`VisionLanguageModel.p_yes`). Used by the filter, whose pairs ask 10-17 questions about four images.
+with the pixels (one vision-encoder pass), its key/value cache is kept, and the questions' remaining
+tokens run on top of it, `batch_size` questions a forward pass (the cache repeated over the batch, the
+shorter questions padded at their end, each read at its own last token), the cache cut back to the
+prefix before the next batch. The probabilities are those of the full prompts up to float noise
+(`tests/models/test_vlm_prefix.py` checks them against `VisionLanguageModel.p_yes`). Used by the check
+stage, whose pairs ask 10-17 questions about four images.
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ def _common_prefix(rows: list[list[int]]) -> int:
     return k
 
 
-def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str]) -> np.ndarray:
-    """P(yes) per prompt about one `image` (same numbers as `vlm.p_yes`), the image encoded once."""
+def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str], batch_size: int = 1) -> np.ndarray:
+    """P(yes) per prompt about one `image` (same numbers as `vlm.p_yes`), the image encoded once and
+    the prompts' own tokens run `batch_size` at a time."""
     vlm._check_loaded()
     if len(prompts) < 2:
         STATS["image_encodings"] += len(prompts)
@@ -50,22 +53,38 @@ def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str]) -> 
     cache_arg = "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
     prefix = {k: (v[:, :length] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
                   and isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in enc.items()}
+    tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else rows[0][-1]
     out = []
     with torch.inference_mode():
         first = vlm.model(**prefix, use_cache=True, logits_to_keep=1)
         cache = first.past_key_values
         STATS["image_encodings"] += 1
         STATS["forward_passes"] += 1
-        for row in rows:
+        held = 1  # the cache's batch size
+        for start in range(0, len(rows), max(1, batch_size)):
+            suffixes = [row[length:] for row in rows[start:start + max(1, batch_size)]]
             extra = cache.get_seq_length() - length
             if extra > 0:
                 cache.crop(-extra)  # back to the shared prefix
-            suffix = torch.tensor([row[length:]], device=vlm.device)
-            logits = vlm.model(input_ids=suffix, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits
+            if held != len(suffixes):
+                if held > 1:
+                    cache.batch_select_indices(torch.tensor([0], device=vlm.device))  # every row holds the prefix
+                if len(suffixes) > 1:
+                    cache.batch_repeat_interleave(len(suffixes))
+                held = len(suffixes)
+            # Padding after a question's last token leaves its logits alone (causal attention), so no mask:
+            # with one, Qwen2.5-VL would count the suffix's positions from 0, not from the prefix's end.
+            width = max(len(s) for s in suffixes)
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=vlm.device)
+            ends = sorted({len(s) - 1 for s in suffixes})
+            logits = vlm.model(input_ids=ids, use_cache=True, logits_to_keep=torch.tensor(ends, device=vlm.device),
+                               **{cache_arg: cache}).logits
             STATS["forward_passes"] += 1
-            probs = torch.softmax(logits[0, -1].float(), dim=-1).double()
-            yes, no = (float(probs[g].sum()) for g in groups)
-            out.append(yes / (yes + no))
+            for k, s in enumerate(suffixes):
+                probs = torch.softmax(logits[k, ends.index(len(s) - 1)].float(), dim=-1).double()
+                yes, no = (float(probs[g].sum()) for g in groups)
+                out.append(yes / (yes + no))
     return np.asarray(out, dtype=np.float64)
 
 

@@ -192,8 +192,9 @@ def pair_batches(qs: list, batch_size: int, served: bool) -> list[list]:
     return batches
 
 
-def answers_sharing_image(vlm, qs: list) -> list:
-    """In-process: each run of questions about one image encodes that image once (models/vlm_prefix.py)."""
+def answers_sharing_image(vlm, qs: list, batch_size: int) -> list:
+    """In-process: each run of questions about one image encodes that image once, and asks them
+    `batch_size` a forward pass on top of it (models/vlm_prefix.py)."""
     from ..models.vlm import YesNo
     from ..models.vlm_prefix import p_yes_sharing_image
 
@@ -202,7 +203,7 @@ def answers_sharing_image(vlm, qs: list) -> list:
         end = start
         while end < len(qs) and qs[end][2] is qs[start][2]:
             end += 1
-        p = p_yes_sharing_image(vlm, qs[start][2], [q[3] for q in qs[start:end]])
+        p = p_yes_sharing_image(vlm, qs[start][2], [q[3] for q in qs[start:end]], batch_size)
         answers += [YesNo(float(x), "logits") for x in p]
         start = end
     return answers
@@ -215,7 +216,7 @@ def ask_pairs(vlm, todo: list[dict], sections: dict[str, str], cfg: CheckConfig,
     from ..models.vlm import VisionLanguageModel
 
     if isinstance(vlm, VisionLanguageModel) and cfg.share_image_prefix:
-        answers = answers_sharing_image(vlm, qs)
+        answers = answers_sharing_image(vlm, qs, cfg.batch_size)
     else:
         answers = []
     for chunk in ([] if answers or not qs else pair_batches(qs, cfg.batch_size, served=hasattr(vlm, "served_name"))):

@@ -361,20 +361,6 @@ def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, 
     assert {r["visible_source"] for r in served.read_stage("instruct").to_pylist()} <= {"answer", None}
 
 
-@pytest.mark.parametrize("name", ["qwen", "critic"])
-def test_questions_about_one_image_share_its_encoding_in_process(served, name):
-    from richpref.models import vlm_prefix
-
-    _, local = served[name]
-    img = image(5, (48, 64))
-    prompts = [f"Does the image show {w}? Answer yes or no." for w in ("a dog", "a red car", "an apple", "it")]
-    before = dict(vlm_prefix.STATS)
-    shared = vlm_prefix.p_yes_sharing_image(local, img, prompts)
-    assert vlm_prefix.STATS["image_encodings"] - before["image_encodings"] == 1
-    assert vlm_prefix.STATS["forward_passes"] - before["forward_passes"] == 1 + len(prompts)
-    np.testing.assert_allclose(shared, local.p_yes([img] * len(prompts), prompts, batch_size=1), atol=1e-5)
-
-
 def test_each_image_is_encoded_once_by_the_request_worker_that_needs_it(monkeypatch):
     import threading
     from concurrent.futures import ThreadPoolExecutor

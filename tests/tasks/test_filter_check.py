@@ -375,3 +375,15 @@ def test_in_process_questions_are_asked_in_batches_of_the_check_batch_size(vlms,
     # (questions in the call, the batch the VLM runs them in): a batch of whole pairs in one forward, or
     # one question a forward at batch size 1
     assert sizes == ([(6, 1)] if batch_size == 1 else [(6, 6)])
+
+
+def test_in_process_questions_sharing_an_image_run_in_batches_of_the_check_batch_size(vlms, monkeypatch):
+    from richpref.models import vlm_prefix
+
+    seen, real = [], vlm_prefix.p_yes_sharing_image
+    monkeypatch.setattr(vlm_prefix, "p_yes_sharing_image",
+                        lambda vlm, img, prompts, batch_size: seen.append(batch_size) or real(vlm, img, prompts, batch_size))
+    rows, prompts, instructions, images = filter_input(1)
+    filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(max_new_tokens=8, batch_size=3),
+                            lambda: vlms["qwen"])
+    assert seen and set(seen) == {3}

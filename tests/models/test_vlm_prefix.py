@@ -1,0 +1,44 @@
+"""In-process prefix sharing: the questions about one image encode it once and run in batches on top
+of its cached prefix, with the probabilities `VisionLanguageModel.p_yes` gives each full prompt."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from richpref.models import vlm_prefix
+from richpref.models.vlm import VisionLanguageModel
+from vlm_helpers import image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Questions of different lengths, so a batch pads its shorter ones.
+QUESTIONS = [f"Does the image show {w}? Answer yes or no." for w in
+             ("a dog", "a red car parked beside a tall green tree", "an apple", "it", "two blue birds on a wire")]
+
+
+@pytest.fixture(scope="module")
+def local(tiny_models):
+    out = {name: VisionLanguageModel.load(str(tiny_models / folder), device="cpu")
+           for name, folder in (("critic", "llava-critic"), ("qwen", "qwen2.5-vl"))}
+    yield out
+    for m in out.values():
+        m.close()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5, 8])
+@pytest.mark.parametrize("name", ["qwen", "critic"])
+def test_questions_about_one_image_share_its_encoding_and_run_in_batches(local, name, batch_size):
+    vlm, img = local[name], image(5, (48, 64))
+    before = dict(vlm_prefix.STATS)
+    shared = vlm_prefix.p_yes_sharing_image(vlm, img, QUESTIONS, batch_size)
+    assert vlm_prefix.STATS["image_encodings"] - before["image_encodings"] == 1
+    # the prefix, then ceil(5 / batch size) passes over the questions' own tokens
+    assert vlm_prefix.STATS["forward_passes"] - before["forward_passes"] == 1 + -(-len(QUESTIONS) // batch_size)
+    np.testing.assert_allclose(shared, vlm.p_yes([img] * len(QUESTIONS), QUESTIONS, batch_size=1), atol=1e-5)
+
+
+def test_a_batch_after_a_larger_one_starts_from_the_prefix_alone(local):
+    """Batches of 3 then 2: the cache repeated for the first is cut back to one row for the second."""
+    vlm, img = local["qwen"], image(7, (64, 48))
+    shared = vlm_prefix.p_yes_sharing_image(vlm, img, QUESTIONS, 3)
+    np.testing.assert_allclose(shared, vlm.p_yes([img] * len(QUESTIONS), QUESTIONS, batch_size=1), atol=1e-5)
