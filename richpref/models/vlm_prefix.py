@@ -30,7 +30,7 @@ def _common_prefix(rows: list[list[int]]) -> int:
     return k
 
 
-def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str], batch_size: int = 1) -> np.ndarray:
+def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str], batch_size: int) -> np.ndarray:
     """P(yes) per prompt about one `image` (same numbers as `vlm.p_yes`), the image encoded once and
     the prompts' own tokens run `batch_size` at a time."""
     vlm._check_loaded()
@@ -53,8 +53,6 @@ def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str], bat
     cache_arg = "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
     prefix = {k: (v[:, :length] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
                   and isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in enc.items()}
-    tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else rows[0][-1]
     out = []
     with torch.inference_mode():
         first = vlm.model(**prefix, use_cache=True, logits_to_keep=1)
@@ -76,7 +74,7 @@ def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str], bat
             # Padding after a question's last token leaves its logits alone (causal attention), so no mask:
             # with one, Qwen2.5-VL would count the suffix's positions from 0, not from the prefix's end.
             width = max(len(s) for s in suffixes)
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=vlm.device)
+            ids = torch.tensor([s + s[-1:] * (width - len(s)) for s in suffixes], device=vlm.device)
             ends = sorted({len(s) - 1 for s in suffixes})
             logits = vlm.model(input_ids=ids, use_cache=True, logits_to_keep=torch.tensor(ends, device=vlm.device),
                                **{cache_arg: cache}).logits

@@ -42,3 +42,16 @@ def test_a_batch_after_a_larger_one_starts_from_the_prefix_alone(local):
     vlm, img = local["qwen"], image(7, (64, 48))
     shared = vlm_prefix.p_yes_sharing_image(vlm, img, QUESTIONS, 3)
     np.testing.assert_allclose(shared, vlm.p_yes([img] * len(QUESTIONS), QUESTIONS, batch_size=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("questions", [QUESTIONS[:2], [QUESTIONS[0], QUESTIONS[0]]],
+                         ids=["two", "one-asked-twice"])
+def test_two_questions_or_one_asked_twice_still_share_the_image(local, questions):
+    """Two questions share the prefix too; a question asked twice (an attribute listed twice) is all
+    prefix but its last token, which its own pass then reads."""
+    vlm, img = local["qwen"], image(9, (64, 64))
+    before = dict(vlm_prefix.STATS)
+    shared = vlm_prefix.p_yes_sharing_image(vlm, img, questions, 8)
+    assert vlm_prefix.STATS["image_encodings"] - before["image_encodings"] == 1
+    assert vlm_prefix.STATS["forward_passes"] - before["forward_passes"] == 2
+    np.testing.assert_allclose(shared, vlm.p_yes([img] * len(questions), questions, batch_size=1), atol=1e-5)
