@@ -11,7 +11,10 @@ Parquet file, counted by a file object the source's `open_parquet` is given in t
 /proc/self/io rchar of the source work, every read of the process, lazy imports included), its peak RSS and whether the `datasets` cache gained anything.
 N repeats (--repeats, default 3), cases alternated; raw runs in bench/results/.
 Headline: bytes read from the large file / bytes of the row groups that hold the rows read, plus
-the footer (goal <= 1.2); large / small bytes and time ratios are derived figures.
+the footer (goal <= 1.2); large / small bytes and time ratios are derived figures. Of the bytes read,
+key_mb are the ones the shard keys hash (the caption and label chunks of every row group the keyed
+shards cover: first-shard keys every shard, as a run's plan does), and rows_read_over_needed the ratio
+without them.
 """
 from __future__ import annotations
 
@@ -110,6 +113,22 @@ class _CountingFile(io.RawIOBase):
         super().close()
 
 
+class _KeyFile(_CountingFile):
+    """A file opened for the bytes a shard key hashes (`open_stored`): counted in the total, and apart."""
+
+    keyed = 0
+
+    def readinto(self, b) -> int:
+        n = super().readinto(b)
+        _KeyFile.keyed += n or 0
+        return n
+
+    def read(self, n=-1) -> bytes:
+        data = super().read(n)
+        _KeyFile.keyed += len(data)
+        return data
+
+
 def _count_parquet_reads() -> None:
     """Every Parquet file the source opens (to read rows, or the bytes its keys hash) is opened through
     a _CountingFile."""
@@ -123,7 +142,7 @@ def _count_parquet_reads() -> None:
         return parquet.pq.ParquetFile(_CountingFile(path), **kw)
 
     parquet.open_parquet = counted
-    parquet.open_stored = lambda path, size: real_bytes(path, size) if parquet.is_url(path) else _CountingFile(path)
+    parquet.open_stored = lambda path, size: real_bytes(path, size) if parquet.is_url(path) else _KeyFile(path)
 
 
 def child(args) -> None:
@@ -157,7 +176,7 @@ def child(args) -> None:
     cached = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.exists() else 0
     print(json.dumps({"seconds": seconds, "shards": n, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "datasets_cache_bytes": cached, "read_bytes": read_bytes,
-                      "file_read_bytes": _CountingFile.total}))
+                      "file_read_bytes": _CountingFile.total, "key_read_bytes": _KeyFile.keyed}))
 
 
 def needed_mb(path: Path, rows: int) -> float:
@@ -228,6 +247,9 @@ def main() -> None:
             r.update(rchar_mb=r.pop("read_bytes") / 1e6, read_mb=r.pop("file_read_bytes") / 1e6,
                      file_mb=(size if r["side"] == "large" else small.stat().st_size) / 1e6, needed_mb=need[r["side"]])
             r["read_over_needed"] = r["read_mb"] / r["needed_mb"]
+            # of which the keys': the text and label chunks of every row group a key covers, hashed
+            r["key_mb"] = r.pop("key_read_bytes") / 1e6
+            r["rows_read_over_needed"] = (r["read_mb"] - r["key_mb"]) / r["needed_mb"]
         rat = harness.ratios(runs, ("large", "read_mb"), ("small", "read_mb"), "read_ratio")
         rat = [{**x, **y} for x, y in zip(rat, harness.ratios(runs, ("large", "seconds"), ("small", "seconds"), "time_ratio"))]
         s = harness.summarize(runs + rat)
