@@ -223,6 +223,20 @@ def test_float_noise_of_a_z_score_by_hand():
     assert relative_noise("bfloat16") == 2 ** -5 and relative_noise("float64") == 2 ** -15  # 4 ulps; unknown: float32
 
 
+def test_a_reward_with_no_score_is_left_out_of_the_standardisation_by_hand():
+    """NaN (a report-only reward that scored nothing) takes no part: the rest are standardised as if it
+    were not there, over all of them or around their group's mean, and it stays NaN."""
+    from richpref.tasks.pairing import standardise
+
+    values = np.array([1.0, np.nan, 3, 5, 9])
+    z, spread = standardise(values, np.array([0, 0, 0, 1, 1]))  # finite groups: {1, 3} around 2, {5, 9} around 7
+    assert spread == pytest.approx(math.sqrt(2.5))
+    np.testing.assert_allclose(z, np.array([-1, np.nan, 1, -2, 2]) / math.sqrt(2.5))
+    z, spread = standardise(values)  # around 4.5
+    assert spread == pytest.approx(math.sqrt(8.75))
+    np.testing.assert_allclose(z, np.array([-3.5, np.nan, -1.5, 0.5, 4.5]) / math.sqrt(8.75))
+
+
 def test_a_16_bit_reward_is_recorded_in_its_dtype_so_its_ties_widen(tiny_models):
     """The dtype the score stage records per reward (`scorer_dtype`) sets the tie noise relabel allows it:
     a head in bfloat16, a VLM scorer by its model's dtype; a scorer that names none is float32."""
