@@ -53,7 +53,7 @@ def standardise(values: np.ndarray, groups: np.ndarray | None = None) -> tuple[n
         groups = np.asarray(groups)
         means = {g: values[groups == g].mean() for g in np.unique(groups)}
         dev = values - np.array([means[g] for g in groups])
-    spread = float(np.sqrt(np.mean(dev ** 2))) if len(values) else 0.0
+    spread = float(np.sqrt(np.mean(dev ** 2)))
     if spread < 1e-12:
         return np.zeros_like(values), 0.0
     return dev / spread, spread
