@@ -97,8 +97,20 @@ def chance_warning(train_losses: list[float], heldout_accs: list[float]) -> str 
     return None
 
 
+def metric_series(rows: list[dict]) -> dict[str, tuple[list, list]]:
+    """What the plot draws, as (steps, values): the training loss and implicit accuracy of the logged
+    steps (records with a loss), and the held-out implicit accuracy of each evaluation."""
+    train = [r for r in rows if r.get("kind") != "heldout" and "loss" in r]
+    held = [r for r in rows if r.get("kind") == "heldout"]
+    steps = [r["step"] for r in train]
+    return {"train_loss": (steps, [r["loss"] for r in train]),
+            "train_acc": (steps, [r["implicit_acc"] for r in train]),
+            "heldout_acc": ([r["step"] for r in held], [r["heldout_implicit_acc"] for r in held])}
+
+
 def plot_metrics(output_dir: str | Path, metrics_file: str = "metrics.jsonl") -> Path | None:
-    """Training loss and held-out implicit accuracy against steps, as <output_dir>/heldout.png."""
+    """Training loss and held-out implicit accuracy against steps, as <output_dir>/heldout.png; None
+    without a metrics file."""
     path = Path(output_dir) / metrics_file
     if not path.exists():
         return None
@@ -107,14 +119,12 @@ def plot_metrics(output_dir: str | Path, metrics_file: str = "metrics.jsonl") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    train = [r for r in rows if r.get("kind") != "heldout" and "loss" in r]
-    held = [r for r in rows if r.get("kind") == "heldout"]
+    series = metric_series([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    a.plot(*series["train_loss"], label="train loss")
     a.set_xlabel("step"), a.set_title("DPO loss")
-    b.plot([r["step"] for r in train], [r["implicit_acc"] for r in train], alpha=0.4, label="train")
-    b.plot([r["step"] for r in held], [r["heldout_implicit_acc"] for r in held], marker="o", label="held-out")
+    b.plot(*series["train_acc"], alpha=0.4, label="train")
+    b.plot(*series["heldout_acc"], marker="o", label="held-out")
     b.axhline(0.5, color="grey", lw=0.8, ls="--")
     b.set_ylim(0, 1), b.set_xlabel("step"), b.set_title("implicit accuracy"), b.legend()
     fig.tight_layout()

@@ -3,6 +3,7 @@
 pairs: tests/training/test_flow_step.py."""
 from __future__ import annotations
 
+import json
 import logging
 from types import SimpleNamespace
 
@@ -103,3 +104,20 @@ def test_held_out_batches_cover_each_pair_once_at_the_runs_resolution():
     assert [c for b in batches for c in b["captions"]][:3] == ["a", "b", "c"]
     assert batches[0]["pixels"].shape == (4, 3, 16, 16)  # chosen and rejected of 2 pairs
 
+
+
+def test_the_plot_draws_the_logged_steps_and_each_evaluation(tmp_path):
+    from richpref.training.heldout import PLOT, metric_series, plot_metrics
+
+    rows = [{"launch": "a1", "step": 0},  # a record with no loss: not a training point
+            {"step": 1, "loss": 0.69, "implicit_acc": 0.5},
+            {"step": 2, "loss": 0.60, "implicit_acc": 0.75},
+            {"step": 2, "kind": "heldout", "heldout_implicit_acc": 0.625, "heldout_reward_margin": 0.1},
+            {"step": 4, "loss": 0.41, "implicit_acc": 1.0},
+            {"step": 4, "kind": "heldout", "heldout_implicit_acc": 0.5, "loss": 9.9}]  # held out, whatever it holds
+    assert metric_series(rows) == {"train_loss": ([1, 2, 4], [0.69, 0.60, 0.41]),
+                                   "train_acc": ([1, 2, 4], [0.5, 0.75, 1.0]),
+                                   "heldout_acc": ([2, 4], [0.625, 0.5])}
+    assert plot_metrics(tmp_path) is None  # no metrics file, no plot
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert plot_metrics(tmp_path) == tmp_path / PLOT and (tmp_path / PLOT).stat().st_size > 0
