@@ -31,6 +31,9 @@ def test_memory_estimate_counts_lora_full_and_fsdp(tiny_models, pairs):
     assert sharded["reference_gb"] == pytest.approx(full["reference_gb"])
     assert sharded["weights_gb"] + sharded["training_state_gb"] == pytest.approx(
         (full["weights_gb"] + full["training_state_gb"]) / 4)
+    for e in (est, full, sharded):  # what training holds on a device, before activations
+        assert e["training_gb"] == pytest.approx(e["weights_gb"] + e["training_state_gb"] + e["reference_gb"]
+                                                 + e["text_encoders_gb"])
 
 
 def test_a_flow_run_peaks_at_the_larger_of_caption_encoding_and_training(tiny_models, pairs):
@@ -52,3 +55,4 @@ def test_a_flow_run_peaks_at_the_larger_of_caption_encoding_and_training(tiny_mo
     encoder = CLIPTextModel.from_pretrained(Path(tiny_models) / "sd15" / "text_encoder").num_parameters()
     assert sd15["text_encoders_gb"] == pytest.approx(encoder * 4 / GB) and sd15["text_encoding_gb"] == 0  # float32
     assert sd15["total_gb"] == pytest.approx(sd15["training_gb"])
+    assert sd15["training_gb"] == pytest.approx(sd15["weights_gb"] + sd15["training_state_gb"] + sd15["text_encoders_gb"])
