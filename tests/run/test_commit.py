@@ -213,3 +213,25 @@ def test_recovering_a_shard_touches_no_other_shards_files_and_a_missing_stage_fo
     assert all(os.path.exists(o) for o in others) and not os.path.exists(mine)
     assert commit.recover(store, store.shard_path("edit", 0), manifest_path(store, "edit", 0), "k") is False
     assert not os.path.exists(store.stage_dir("edit"))
+
+
+def test_a_paused_holder_whose_commit_another_finished_writes_nothing_when_it_wakes(tmp_path, monkeypatch):
+    """Its claimed commit was finished by the next holder and the shard has moved on to another key
+    since: its temporary file is gone, so it must not put its old manifest back over the new one."""
+    store = RunStore(str(tmp_path), "r")
+    path, manifest_file = store.shard_path("sample", 0), manifest_path(store, "sample", 0)
+    os.makedirs(store.stage_dir("sample"))
+    paused = []
+    monkeypatch.setattr(commit, "_finish", lambda _store, _manifest, claim: paused.append(claim))
+    lease = try_lease(store.fs, path, seconds=30)
+    write_shard(store, "sample", 0, _table("old"), "k1", lease=lease)  # claimed, then paused
+    lease.release()
+    monkeypatch.undo()
+    assert commit.recover(store, path, manifest_file, "k1")  # the next holder finishes it
+    lease = try_lease(store.fs, path, seconds=30)
+    new = write_shard(store, "sample", 0, _table("new"), "k2", lease=lease)
+    lease.release()
+    commit._finish(store, manifest_file, paused[0])  # the first holder wakes up
+    assert stage_manifests(store, "sample")[0].key == "k2"
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == new.sha256
