@@ -123,6 +123,12 @@ def option_token_ids(tokenizer: Any, options: Sequence[Option]) -> list[list[int
     return groups
 
 
+def chat_text(processor: Any, prompt: str) -> str:
+    """One user turn [image, prompt] in the model's chat template, ready for the answer."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 class VisionLanguageModel:
     """A loaded VLM plus its processor. Build with `VisionLanguageModel.load(path)`."""
 
@@ -218,12 +224,7 @@ class VisionLanguageModel:
 
     def _encode(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Chat-formatted, left-padded model inputs for one batch of (image, prompt) items."""
-        texts = []
-        for prompt in prompts:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            texts.append(
-                self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            )
+        texts = [chat_text(self.processor, prompt) for prompt in prompts]
         rgb = [im.convert("RGB") for im in images]
         if self.image_caps is not None:
             rgb = [self.image_caps.apply(im) for im in rgb]

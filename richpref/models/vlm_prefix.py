@@ -16,7 +16,7 @@ import inspect
 import numpy as np
 import torch
 
-from .vlm import YES_NO, VisionLanguageModel
+from .vlm import YES_NO, VisionLanguageModel, chat_text
 
 # Counters a benchmark reads: vision-encoder passes and forward passes.
 STATS = {"image_encodings": 0, "forward_passes": 0}
@@ -30,6 +30,25 @@ def _common_prefix(rows: list[list[int]]) -> int:
     return k
 
 
+def question_rows(vlm: VisionLanguageModel, first: list[int], prompts: list[str],
+                  image_token: int | None) -> list[list[int]] | None:
+    """Each prompt's token ids with the image's tokens, `first` being the first prompt's as the processor
+    made them, without processing the image again: a prompt's chat text tokenized alone holds the image
+    as one placeholder token, where the first prompt's run of image tokens goes. None where that does
+    not give back `first` exactly (then the processor makes each row)."""
+    def spliced(prompt: str, run: list[int]) -> list[int] | None:
+        ids = vlm.tokenizer(chat_text(vlm.processor, prompt))["input_ids"]
+        at = [k for k, t in enumerate(ids) if t == image_token]
+        return ids[:at[0]] + run + ids[at[0] + 1:] if len(at) == 1 else None
+
+    start = first.index(image_token) if image_token in first else -1
+    end = start + next((k for k, t in enumerate(first[start:]) if t != image_token), 0)
+    if start < 0 or end <= start or spliced(prompts[0], first[start:end]) != first:
+        return None
+    rows = [first] + [spliced(p, first[start:end]) for p in prompts[1:]]
+    return rows if all(r is not None for r in rows) else None
+
+
 def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str], batch_size: int) -> np.ndarray:
     """P(yes) per prompt about one `image` (same numbers as `vlm.p_yes`), the image encoded once and
     the prompts' own tokens run `batch_size` at a time."""
@@ -39,8 +58,10 @@ def p_yes_sharing_image(vlm: VisionLanguageModel, image, prompts: list[str], bat
         STATS["forward_passes"] += len(prompts)
         return vlm.p_yes([image] * len(prompts), prompts, batch_size=1)
     enc = vlm._encode([image], [prompts[0]])  # pixels and the first prompt's tokens
-    rows = [enc["input_ids"][0].tolist()] + [vlm._encode([image], [p])["input_ids"][0].tolist() for p in prompts[1:]]
     image_token = getattr(vlm.model.config, "image_token_id", None) or getattr(vlm.model.config, "image_token_index", None)
+    first = enc["input_ids"][0].tolist()
+    rows = question_rows(vlm, first, prompts, image_token) or (
+        [first] + [vlm._encode([image], [p])["input_ids"][0].tolist() for p in prompts[1:]])
     last_image = max((k for k, t in enumerate(rows[0]) if t == image_token), default=-1)
     length = min(_common_prefix(rows), min(len(r) for r in rows) - 1)
     if length <= last_image:  # the questions do not share the image's tokens: ask them one by one

@@ -55,3 +55,23 @@ def test_two_questions_or_one_asked_twice_still_share_the_image(local, questions
     assert vlm_prefix.STATS["image_encodings"] - before["image_encodings"] == 1
     assert vlm_prefix.STATS["forward_passes"] - before["forward_passes"] == 2
     np.testing.assert_allclose(shared, vlm.p_yes([img] * len(questions), questions, batch_size=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen", "critic"])
+def test_the_questions_tokens_are_the_processors_without_processing_the_image_again(local, name, monkeypatch):
+    vlm, img = local[name], image(3, (80, 48))
+    first = vlm._encode([img], [QUESTIONS[0]])["input_ids"][0].tolist()
+    want = [first] + [vlm._encode([img], [q])["input_ids"][0].tolist() for q in QUESTIONS[1:]]
+    image_token = getattr(vlm.model.config, "image_token_id", None) or vlm.model.config.image_token_index
+    monkeypatch.setattr(vlm, "_encode", lambda *a: pytest.fail("the image was processed again"))
+    assert vlm_prefix.question_rows(vlm, first, QUESTIONS, image_token) == want
+
+
+def test_token_ids_that_do_not_splice_back_leave_the_rows_to_the_processor(local):
+    """Where the chat text tokenized alone does not give back the processor's first row, nothing is
+    spliced (the caller asks the processor for each row): here, a first row not made for the image."""
+    vlm = local["qwen"]
+    first = vlm._encode([image(3, (80, 48))], [QUESTIONS[0]])["input_ids"][0].tolist()
+    image_token = vlm.model.config.image_token_id
+    assert vlm_prefix.question_rows(vlm, first[:-1], QUESTIONS, image_token) is None
+    assert vlm_prefix.question_rows(vlm, first, QUESTIONS, None) is None
