@@ -8,8 +8,8 @@ loading excluded) with the stage's `batch_size` set to 1, 4 and 16, after one wa
 the tiny profile (24 new tokens, 64 px images, its guard and filter settings). Goal: >= 3x items/s
 at batch 16 vs batch 1 (other sizes are recorded as vlm_stages_small, without it). On the harness:
 each repeat a fresh process that loads the models once, warms every stage up, then times one call per
-batch size in alternated order; raw runs go to bench/results/vlm_stages-<commit>.json. Models are built into a temporary directory unless --models-root points at
-a tiny build (`richpref models build-tiny`).
+batch size in alternated order; raw runs go to bench/results/vlm_stages-<commit>.json. Models are
+built into a temporary directory unless --models-root points at a tiny build (`richpref models build-tiny`).
 """
 from __future__ import annotations
 
