@@ -58,11 +58,11 @@ def child(a) -> None:
 
     _tower(vlm.model).register_forward_pre_hook(hook, with_kwargs=True)
     if a.attributes != "model":  # the model's generation runs (and is counted); its list is a fixed one
-        from richpref.tasks import filter_check
+        from richpref.tasks import check as check_stage
 
-        listed_by_model = filter_check.attribute_lists
+        listed_by_model = check_stage.attribute_lists
         fixed = [f"attribute {j}" for j in range(int(a.attributes))]
-        filter_check.attribute_lists = lambda *args: {iid: (list(fixed), raw, None)
+        check_stage.attribute_lists = lambda *args: {iid: (list(fixed), raw, None)
                                                       for iid, (_, raw, _) in listed_by_model(*args).items()}
     n = a.pairs
     ids = [f"item{k:04d}" for k in range(n)]

@@ -35,7 +35,7 @@ from vlm_stages import PROMPTS, _png  # noqa: E402
 from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, InstructConfig  # noqa: E402
 from richpref.schemas.serving import EngineConfig  # noqa: E402
 from richpref.tasks import filter as filter_stage  # noqa: E402
-from richpref.tasks import filter_check  # noqa: E402
+from richpref.tasks import check as check_stage  # noqa: E402
 from richpref.tasks.critique import critique_rows  # noqa: E402
 from richpref.tasks.instruct import instruct_rows  # noqa: E402
 
@@ -150,7 +150,7 @@ def child(args) -> None:
 
         # ---- filter cost per pair: the questions the stage asks, in the order it sends them
         f = CheckConfig(max_new_tokens=24)
-        sections = filter_check.load_filter_template(f)
+        sections = check_stage.load_filter_template(f)
         m = min(n, 8)
         todo = []
         for k in range(m):
@@ -163,18 +163,18 @@ def child(args) -> None:
         # The attribute list a tiny model writes is gibberish: count with check.max_attributes (5) per item.
         listed = {t["iid"]: (["red colour", "round shape", "shiny surface", "metal handle", "white label"], "", None)
                   for t in todo}
-        qs = filter_check.pair_questions(todo, sections, True, listed)
+        qs = check_stage.pair_questions(todo, sections, True, listed)
         # one attribute-list generation per item, about its original cut-out, asked before its questions
         order = []
         for k, t in enumerate(todo):
-            order.append((t["original_cut"], filter_check.render(sections["attributes"], max_attributes=f.max_attributes)))
+            order.append((t["original_cut"], check_stage.render(sections["attributes"], max_attributes=f.max_attributes)))
             order += [(q[2], q[3]) for q in qs if q[0] == k]
         total, cached, prefixes = prefix_counts(local["qwen"], order)
         from richpref.models import vlm_prefix
 
         qwen = local["qwen"]
         before = dict(vlm_prefix.STATS)
-        filter_check.answers_sharing_image(qwen, qs, f.batch_size)
+        check_stage.answers_sharing_image(qwen, qs, f.batch_size)
         enc = vlm_prefix.STATS["image_encodings"] - before["image_encodings"]
         gens, passes = m, len(order)
         out["filter_cost"] = {"passes_per_pair": passes / m, "prompt_tokens_per_pair": total / m,

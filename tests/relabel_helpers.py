@@ -15,7 +15,7 @@ from richpref.schemas.tables import CHECKS, CRITIQUES, CUTOUTS, EDITS, INSTRUCTI
 from richpref.run.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
-from richpref.tasks import relabel_score as score_stage
+from richpref.tasks import score as score_stage
 
 
 class ChannelValue:

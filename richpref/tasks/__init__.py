@@ -1,6 +1,6 @@
 """The curate stages, in pipeline order. Each module: a pure function over a shard + its Stage."""
-from . import (critique, cutout, edit, export, filter, filter_check, instruct, pickapic_relabel, pickapic_source,
-               rebuild_export, rebuild_pair, rebuild_score, rebuild_sample, relabel, relabel_score, sample)
+from . import (check, critique, cutout, edit, export, filter, instruct, pickapic_relabel, pickapic_source,
+               rebuild_export, rebuild_pair, rebuild_score, rebuild_sample, relabel, sample, score)
 from .base import Stage
 from ..schemas.config import ProfileError
 
@@ -10,9 +10,9 @@ PIPELINE: tuple[Stage, ...] = (
     instruct.STAGE,
     edit.STAGE,
     cutout.STAGE,
-    filter_check.STAGE,  # the VLM's answers as probabilities
+    check.STAGE,  # the VLM's answers as probabilities
     filter.STAGE,  # thresholds: keep or drop, no model call
-    relabel_score.STAGE,  # the reward models' raw scores
+    score.STAGE,  # the reward models' raw scores
     relabel.STAGE,  # weights, gate, pairing, ties: no model call
     export.STAGE,
 )

@@ -23,7 +23,7 @@ import pyarrow as pa
 from ..schemas.config import CheckConfig, FilterConfig, Profile
 from ..schemas.tables import OK, VERDICTS, rows_to_table
 from .base import Stage, StageInputs, kept, rejected
-from .filter_check import check_rows, load_filter_template, parse_attributes  # noqa: F401
+from .check import check_rows, load_filter_template, parse_attributes  # noqa: F401
 from .vlm_text import content_words
 
 # check name -> reject code when it fails

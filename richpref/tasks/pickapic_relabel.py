@@ -18,7 +18,7 @@ from ..schemas.config import Profile
 from ..schemas.tables import reward_scores_schema, scores_schema
 from .base import Stage, StageInputs
 from .relabel import decide_rows
-from .relabel_score import load_models, load_scorer, reward_models, score_rows, scoring_view, templates_key
+from .score import load_models, load_scorer, reward_models, score_rows, scoring_view, templates_key
 
 # Columns of the relabel table that are not a score (they are not in the exported `scores`).
 NOT_SCORES = ("item_id", "status", "reason", "chosen", "flipped", "margin", "candidate", "candidate_0", "candidate_1")

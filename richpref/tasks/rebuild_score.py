@@ -17,7 +17,7 @@ from richpref.tasks.pairing import scorer_dtype
 from ..schemas.config import Profile, ScoreConfig
 from ..schemas.tables import rows_to_table, sample_scores_schema
 from .base import Stage, StageInputs, kept, rejected
-from .relabel_score import digest, load_models, load_scorer, reward_models, scoring_view, templates_key
+from .score import digest, load_models, load_scorer, reward_models, scoring_view, templates_key
 
 
 def score_samples(rows: pa.Table, cfg: ScoreConfig, get_scorer) -> pa.Table:

@@ -15,7 +15,7 @@ richpref/tasks/pairing.py) or whose two images are the same bytes is a tie and i
 exported labels are always 0 or 1.
 
 Everything here is a cheap function of the scores and the thresholds: changing a threshold or a
-weight recomputes this stage, never the reward models (`relabel_score`).
+weight recomputes this stage, never the reward models (`score`, tasks/score.py).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from richpref.tasks.pairing import relative_noise, standardise, z_noise
 from ..schemas.config import Profile, RelabelConfig, ScoreConfig
 from ..schemas.tables import OK, rows_to_table, scores_schema
 from .base import Stage, StageContractError, StageInputs, kept, rejected
-from .relabel_score import SUBJECT, score_rows
+from .score import SUBJECT, score_rows
 
 
 def choose_pair(composites: dict[int, float], pairing: str) -> tuple[int, int]:

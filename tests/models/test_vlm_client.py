@@ -28,7 +28,7 @@ from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, I
 from richpref.schemas.serving import EngineConfig
 from richpref.tasks import critique as critique_stage
 from richpref.tasks import filter as filter_stage
-from richpref.tasks import filter_check
+from richpref.tasks import check as check_stage
 from richpref.tasks import instruct as instruct_stage
 from vlm_helpers import PROMPTS, FaultProxy, filter_input, image, instruct_input
 
@@ -330,10 +330,10 @@ def test_vlm_score_reward_through_the_server(served):
 
 def test_in_process_filter_batches_hold_whole_pairs():
     qs = [(0, "a"), (0, "b"), (0, "c"), (1, "a"), (1, "b"), (2, "a"), (2, "b"), (2, "c"), (2, "d"), (2, "e")]
-    sizes = [[len(b), {q[0] for q in b}] for b in filter_check.pair_batches(qs, 5, served=False)]
+    sizes = [[len(b), {q[0] for q in b}] for b in check_stage.pair_batches(qs, 5, served=False)]
     assert sizes == [[5, {0, 1}], [5, {2}]]  # pair 2 alone fills a batch; no pair is split
-    assert [len(b) for b in filter_check.pair_batches(qs, 1, served=False)] == [3, 2, 5]
-    assert filter_check.pair_batches(qs, 5, served=True) == [qs] and filter_check.pair_batches([], 5, False) == []
+    assert [len(b) for b in check_stage.pair_batches(qs, 1, served=False)] == [3, 2, 5]
+    assert check_stage.pair_batches(qs, 5, served=True) == [qs] and check_stage.pair_batches([], 5, False) == []
 
 
 def test_curate_flow_runs_the_vlm_stages_through_launched_servers(finished_run, runs_dir, tiny_models, tmp_path,

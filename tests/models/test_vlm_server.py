@@ -99,7 +99,7 @@ def test_switching_launcher_recomputes_check_the_endpoint_alone_does_not(section
 
 def test_switching_a_vlm_score_rewards_launcher_recomputes_score():
     from richpref.schemas.config import ScoreConfig
-    from richpref.tasks.relabel_score import scoring_view
+    from richpref.tasks.score import scoring_view
 
     def view(engine):
         cfg = ScoreConfig(rewards={"vlm_score": {"kind": "vlm_score", "model": "qwen", "engine": engine}})

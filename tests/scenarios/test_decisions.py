@@ -1,7 +1,7 @@
 """Scores apart from decisions, across the stages: the model stages (check, score) key on what the
 models measure, not on thresholds, and a threshold or weight tuned on a finished run calls no model
 and equals a fresh run. The subject gate and the relabel config's rules: tests/tasks/test_relabel.py;
-weight-0 rewards: tests/tasks/test_relabel_score.py; relabel-dataset's settings: tests/recipes/test_relabel_dataset.py."""
+weight-0 rewards: tests/tasks/test_score.py; relabel-dataset's settings: tests/recipes/test_relabel_dataset.py."""
 from __future__ import annotations
 
 import shutil

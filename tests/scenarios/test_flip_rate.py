@@ -9,7 +9,7 @@ import pytest
 from richpref.run.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
-from richpref.tasks import relabel_score as score_stage
+from richpref.tasks import score as score_stage
 from relabel_helpers import _flip_rate, run_stage, write_upstream
 
 

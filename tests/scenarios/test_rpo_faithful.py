@@ -13,7 +13,7 @@ from richpref.schemas.config import load_profile
 from richpref.run.storage import RunStore
 from richpref.tasks import export as export_stage
 from richpref.tasks import relabel as relabel_stage
-from richpref.tasks import relabel_score as score_stage
+from richpref.tasks import score as score_stage
 from richpref.tasks.filter import decide_rows
 
 

@@ -66,7 +66,7 @@ def test_a_launcher_enters_the_key_of_a_stage_that_reads_probabilities_where_it_
     """transformers serve answers 0/1, vLLM and SGLang give probabilities; in-process and at an
     endpoint nothing is added, so their keys stay."""
     from richpref.schemas.config import CheckConfig
-    from richpref.tasks.filter_check import checking_view
+    from richpref.tasks.check import checking_view
 
     def answers(**engine):
         return checking_view(CheckConfig(engine=EngineConfig(**engine) if engine else EngineConfig())).get("answers")

@@ -1,6 +1,6 @@
 """Edit prompts past a text encoder's limit (tasks/edit_prompts.py): instructions that do not reach
 the editor are left out (`cap`) or marked past the encoder's cut (`truncate`), recorded with a reason,
-and not asked about by check (tests/tasks/test_filter_check.py)."""
+and not asked about by check (tests/tasks/test_check.py)."""
 from __future__ import annotations
 
 import io

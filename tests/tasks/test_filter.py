@@ -1,6 +1,6 @@
 """The filter stage (richpref/tasks/filter.py): keep or drop each pair from the check stage's answers,
 no model call: the attribute rule by hand, and every failed check named in the reason. The VLM's
-answers themselves: test_filter_check.py."""
+answers themselves: test_check.py."""
 from __future__ import annotations
 
 import json

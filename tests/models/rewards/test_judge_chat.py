@@ -167,7 +167,7 @@ def test_merging_a_judges_lora_shows_no_deprecation_notice_of_peft(tiny_models, 
 
 def test_an_unparsed_judge_answer_is_recorded_and_rejects_its_pair_keeping_the_raw_text(tiny_models):
     from richpref.tasks.relabel import decide_rows
-    from richpref.tasks.relabel_score import score_rows
+    from richpref.tasks.score import score_rows
 
     cfg = ScoreConfig(device="cpu", rewards={"es": {"kind": "edit_score", "model": str(tiny_models / "qwen2.5-vl"),
                                                       "adapter": str(tiny_models / "editscore-lora"),
@@ -205,7 +205,7 @@ def test_judge_options_fit_their_kind_and_stay_out_of_other_rewards_keys():
         RewardSpec(kind="unified_reward", model="CodeGoat24/UnifiedReward-qwen-7b", adapter="x/y")
     with pytest.raises(ValueError, match="takes no max_new_tokens"):
         RewardSpec(kind="clip", model="openai/clip", max_new_tokens=3)
-    from richpref.tasks.relabel_score import scoring_view
+    from richpref.tasks.score import scoring_view
 
     view = scoring_view(ScoreConfig())["rewards"]["imagereward"]
     judged = ScoreConfig(rewards={**ScoreConfig().rewards, "es": RewardModel(kind="edit_score", model="m", adapter="a")})
@@ -223,7 +223,7 @@ def test_a_missing_adapter_fails_naming_it(tiny_models, tmp_path):
 def test_tiny_judges_profile_resolves_its_judges_and_keys_their_questions(tiny_models, tmp_path):
     from richpref.doctor.checks import ModelProblem, preflight
     from richpref.schemas.config import load_profile
-    from richpref.tasks.relabel_score import templates_key
+    from richpref.tasks.score import templates_key
 
     profile = load_profile("tiny-judges", models_root=str(tiny_models))
     assert profile.score.scored() == ["imagereward", "unified_reward", "edit_score", "hpsv3", "edit_reward"]

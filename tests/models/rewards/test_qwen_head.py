@@ -303,7 +303,7 @@ def test_an_edit_judge_votes_in_relabel_on_the_edit_instructions(judge_cls, call
 def test_a_tiny_edit_reward_scores_through_relabel_as_it_does_alone(tiny_models, images):
     from richpref.common.images import encode_png
     from richpref.schemas.config import RewardModel, ScoreConfig
-    from richpref.tasks.relabel_score import score_rows
+    from richpref.tasks.score import score_rows
 
     root = tiny_models / "edit-reward"
     judge = load_reward("edit_reward", str(root), backbone=str(root / "base"), device="cpu", dtype="float32")

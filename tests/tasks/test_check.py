@@ -1,4 +1,4 @@
-"""The check stage (richpref/tasks/filter_check.py): the filter's questions to the VLM, answered as
+"""The check stage (richpref/tasks/check_stage.py): the filter's questions to the VLM, answered as
 probabilities, nothing decided. On the tiny Qwen2.5-VL: every stored probability is the model's
 answer to the rendered question, an item's attributes are listed once for all its edits and not at
 all when the attribute check is off, bad images are rejected without a model. With the served
@@ -21,7 +21,7 @@ from richpref.schemas.config import CheckConfig, FilterConfig
 from richpref.schemas.serving import EngineConfig
 from richpref.schemas.tables import CHECKS, VERDICTS
 from richpref.tasks import filter as filter_stage
-from richpref.tasks import filter_check
+from richpref.tasks import check as check_stage
 from richpref.tasks.vlm_text import parse_list
 from vlm_helpers import filter_input, image
 
@@ -165,13 +165,13 @@ def test_a_failed_request_rejects_its_pair_in_check_and_filter(vlms):
     check = CheckConfig(max_new_tokens=8)
     cfg = FilterConfig(min_executed=0, min_no_stray=0, min_subject_kept=0, min_attributes_kept=0.01)
     vlm = FailingOnePair(vlms["qwen"], "second dog")  # pair f1's instruction
-    checks = filter_check.check_rows(rows, prompts, instructions, images, check, lambda: vlm)
+    checks = check_stage.check_rows(rows, prompts, instructions, images, check, lambda: vlm)
     assert checks.schema == CHECKS
     a, b, c = checks.to_pylist()
     assert b["status"] == "rejected" and b["reason"] == "vlm_request_failed: HTTP 500 after 2 attempt(s)"
     assert (a["status"], c["status"]) == ("ok", "ok") and a["p_source"] == c["p_source"] == "logits"
     # the other pairs' answers are those of a run without the failure
-    clean = filter_check.check_rows(rows, prompts, instructions, images, check, lambda: vlms["qwen"]).to_pylist()
+    clean = check_stage.check_rows(rows, prompts, instructions, images, check, lambda: vlms["qwen"]).to_pylist()
     for got, want in ((a, clean[0]), (c, clean[2])):
         assert got["p_executed_each"] == pytest.approx(want["p_executed_each"], abs=1e-6)
         assert got["p_attr_edited"] == pytest.approx(want["p_attr_edited"], abs=1e-6)
@@ -185,7 +185,7 @@ def test_a_failed_request_rejects_its_pair_in_check_and_filter(vlms):
 
 def test_the_check_key_leaves_out_transport_and_prefix_sharing():
     """The thresholds are another section's (tests/schemas/test_config.py keys the stages)."""
-    view = filter_check.checking_view
+    view = check_stage.checking_view
     base = view(CheckConfig())
     assert view(CheckConfig(share_image_prefix=False, batch_size=2)) == base
     endpoint = EngineConfig(backend="server", endpoint="http://127.0.0.1:8000/v1")
@@ -214,8 +214,8 @@ def test_check_asks_only_about_the_instructions_that_reached_the_editor(vlms, mo
                           "edit_instructions": pa.array([every[0][:2], None], pa.list_(pa.string()))}),
         "instruct": pa.table({"item_id": rows.column("item_id"), "prompt": prompts, "instructions": every}),
     }
-    monkeypatch.setattr(filter_check, "load_vlm", lambda cfg, root: vlms["qwen"])
-    out = filter_check.compute(StageInputs(0, cutout, tables), profile).to_pylist()
+    monkeypatch.setattr(check_stage, "load_vlm", lambda cfg, root: vlms["qwen"])
+    out = check_stage.compute(StageInputs(0, cutout, tables), profile).to_pylist()
     assert [len(r["p_executed_each"]) for r in out] == [2, 1]
     sections = load_sections(profile.check.template)
     from richpref.common.images import decode_image, side_by_side
@@ -234,7 +234,7 @@ def test_undecodable_images_reject_their_rows_by_item_and_candidate_without_a_mo
     def no_model():
         raise AssertionError("no row needs the model")
 
-    out = filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(), no_model).to_pylist()
+    out = check_stage.check_rows(rows, prompts, instructions, images, CheckConfig(), no_model).to_pylist()
     assert [(r["item_id"], r["candidate"], r["status"], r["template"]) for r in out] == [
         ("f0", 0, "rejected", "filter_v2"), ("f1", 2, "rejected", "filter_v2")]
     assert out[0]["reason"] == "bad_image: empty image bytes" and out[1]["reason"].startswith("bad_image: cannot decode")
@@ -265,10 +265,10 @@ def test_a_failed_question_about_an_items_original_rejects_every_edit_of_that_it
     by_row["edited"][1], by_row["edited_cutout"][1] = encode_png(image(77)), encode_png(image(78, (48, 64)))
     args = (three, [prompts[0], prompts[0], prompts[1]], [instructions[0], instructions[0], instructions[1]], by_row,
             CheckConfig(max_new_tokens=8))
-    clean = filter_check.check_rows(*args, lambda: vlms["qwen"]).to_pylist()
+    clean = check_stage.check_rows(*args, lambda: vlms["qwen"]).to_pylist()
     assert clean[0]["attributes"] and clean[1]["attributes"]  # there are questions about f0's original
     failing = FailingOriginalCutout(vlms["qwen"], images["original_cutout"][0])
-    out = filter_check.check_rows(*args, lambda: failing).to_pylist()
+    out = check_stage.check_rows(*args, lambda: failing).to_pylist()
     assert [(r["item_id"], r["candidate"], r["status"]) for r in out] == [
         ("f0", 0, "rejected"), ("f0", 1, "rejected"), ("f1", 0, "ok")]
     assert out[0]["reason"] == out[1]["reason"] == "vlm_request_failed: HTTP 503 after 2 attempt(s)"
@@ -295,12 +295,12 @@ class ListingNothing(OnTinyQwen):
 def test_an_item_with_no_attribute_listed_is_kept_with_why_and_no_attribute_answers(vlms):
     rows, prompts, instructions, images = filter_input(1)
     vlm = ListingNothing(vlms["qwen"])
-    [r] = filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(), lambda: vlm).to_pylist()
+    [r] = check_stage.check_rows(rows, prompts, instructions, images, CheckConfig(), lambda: vlm).to_pylist()
     assert (r["status"], r["attributes"], r["attributes_raw"]) == ("ok", [], "")
     assert r["attributes_error"] == "the model listed no attribute"
     assert r["p_attr_original"] == r["p_attr_edited"] == [] and vlm.listings == 1
     vlm.listings = 0
-    [off] = filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(attributes=False),
+    [off] = check_stage.check_rows(rows, prompts, instructions, images, CheckConfig(attributes=False),
                                     lambda: vlm).to_pylist()
     assert vlm.listings == 0 and off["attributes"] is None and off["p_attr_original"] is None
     assert off["p_executed_each"] == pytest.approx(r["p_executed_each"], abs=1e-6)
@@ -312,9 +312,9 @@ def test_a_template_asking_about_all_instructions_at_once_gets_one_executed_answ
     rows, prompts, instructions, images = filter_input(1)
     assert len(instructions[0]) == 2
     cfg = CheckConfig(template="filter_v1", attributes=False)
-    [r] = filter_check.check_rows(rows, prompts, instructions, images, cfg, lambda: vlms["qwen"]).to_pylist()
+    [r] = check_stage.check_rows(rows, prompts, instructions, images, cfg, lambda: vlms["qwen"]).to_pylist()
     pair = side_by_side(decode_image(images["original"][0]), decode_image(images["edited"][0]))
-    asked = render(load_sections("filter_v1")["executed"], instructions=filter_check.bullets(instructions[0]))
+    asked = render(load_sections("filter_v1")["executed"], instructions=check_stage.bullets(instructions[0]))
     assert r["p_executed_each"] == pytest.approx(vlms["qwen"].p_yes([pair], [asked]), abs=1e-6)
 
 
@@ -329,15 +329,15 @@ def _questions(*sizes: int) -> list[tuple]:
     ((2,), 1, [[0]]),
 ])
 def test_in_process_batches_hold_whole_pairs_up_to_the_batch_size(sizes, batch_size, batches):
-    got = filter_check.pair_batches(_questions(*sizes), batch_size, served=False)
+    got = check_stage.pair_batches(_questions(*sizes), batch_size, served=False)
     assert [sorted({q[0] for q in b}) for b in got] == batches
     assert [q for b in got for q in b] == _questions(*sizes)  # every question once, in order
 
 
 def test_a_served_model_gets_every_question_in_one_list():
     qs = _questions(3, 2, 5)
-    assert filter_check.pair_batches(qs, 2, served=True) == [qs]
-    assert filter_check.pair_batches([], 2, served=True) == filter_check.pair_batches([], 2, served=False) == []
+    assert check_stage.pair_batches(qs, 2, served=True) == [qs]
+    assert check_stage.pair_batches([], 2, served=True) == check_stage.pair_batches([], 2, served=False) == []
 
 
 def test_a_failed_attribute_listing_rejects_the_pair_with_that_failure(vlms):
@@ -348,7 +348,7 @@ def test_a_failed_attribute_listing_rejects_the_pair_with_that_failure(vlms):
             return [Generation("", False, 0, error="vlm_request_failed: timed out after 3 attempt(s)") for _ in images]
 
     rows, prompts, instructions, images = filter_input(1)
-    [r] = filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(), lambda: ListingFailed(vlms["qwen"])).to_pylist()
+    [r] = check_stage.check_rows(rows, prompts, instructions, images, CheckConfig(), lambda: ListingFailed(vlms["qwen"])).to_pylist()
     assert (r["item_id"], r["status"]) == ("f0", "rejected")
     assert r["reason"] == "vlm_request_failed: timed out after 3 attempt(s)"
 
@@ -384,6 +384,6 @@ def test_in_process_questions_sharing_an_image_run_in_batches_of_the_check_batch
     monkeypatch.setattr(vlm_prefix, "p_yes_sharing_image",
                         lambda vlm, img, prompts, batch_size: seen.append(batch_size) or real(vlm, img, prompts, batch_size))
     rows, prompts, instructions, images = filter_input(1)
-    filter_check.check_rows(rows, prompts, instructions, images, CheckConfig(max_new_tokens=8, batch_size=3),
+    check_stage.check_rows(rows, prompts, instructions, images, CheckConfig(max_new_tokens=8, batch_size=3),
                             lambda: vlms["qwen"])
     assert seen and set(seen) == {3}

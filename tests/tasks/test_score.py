@@ -1,4 +1,4 @@
-"""The score stage (richpref/tasks/relabel_score.py): the reward models' raw scores, nothing decided.
+"""The score stage (richpref/tasks/score.py): the reward models' raw scores, nothing decided.
 Bad images are rejected with a reason, a non-finite score is recorded (and rejects the pair in relabel
 when its reward votes or gates), every reward of `score.rewards` and only those are loaded, and a
 reward (or the subject gate) with `on_cutout` scores the cut-outs. The head judges' questions: the
@@ -17,7 +17,7 @@ from relabel_helpers import ChannelValue, solid
 from richpref.prompts import REWARD_TOKEN, load_head_template
 from richpref.schemas.config import RelabelConfig, RewardModel, RewardSpec, ScoreConfig
 from richpref.schemas.rewards import REWARD_KINDS
-from richpref.tasks.relabel_score import TEMPLATE_OPTIONS, templates_key
+from richpref.tasks.score import TEMPLATE_OPTIONS, templates_key
 from richpref.tasks import relabel as relabel_stage
 
 
@@ -61,7 +61,7 @@ class Mute:
 def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
     from richpref.views.datacard import score_stats
     from richpref.tasks.export import scores_json
-    from richpref.tasks.relabel_score import score_rows
+    from richpref.tasks.score import score_rows
 
     images = {"original": [solid(1, 0), solid(5, 0), solid(7, 3)], "edited": [solid(2, 0), solid(6, 0, 9), solid(9, 1)]}
     score = ScoreConfig(rewards={"red": RewardModel(kind="clip", model="-"),
@@ -91,7 +91,7 @@ def test_a_report_only_reward_without_a_score_reports_it_and_decides_nothing():
 
 
 def test_a_report_only_edit_judge_that_gates_still_rejects_what_it_cannot_score():
-    from richpref.tasks.relabel_score import score_rows
+    from richpref.tasks.score import score_rows
 
     class NoScore:
         model_id, pairwise = "no-score", True
