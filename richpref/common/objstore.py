@@ -87,11 +87,15 @@ def url_to_fs(url: str, **extra):
 def quick_fs(url: str, timeout_s: float = 5.0):
     """(filesystem, path) for a check that must answer in seconds: a fresh instance and, on S3, one
     attempt with short timeouts (a wrong endpoint must not spend minutes in retries)."""
-    extra: dict = {"skip_instance_cache": True}
-    if protocol(url) in ("s3", "s3a"):
+    extra: dict = {"skip_instance_cache": True}  # a fresh instance: its one attempt is not the run's setting
+    s3 = protocol(url) in ("s3", "s3a")
+    if s3:
         extra.update(config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s,
-                                    "retries": {"max_attempts": 1, "mode": "standard"}})
-    return url_to_fs(url, **extra)
+                                    "retries": {"total_max_attempts": 1, "mode": "standard"}})
+    fs, path = url_to_fs(url, **extra)
+    if s3:  # s3fs retries timeouts itself too (5 tries, a class setting): a hung endpoint took 15 s at 1 s
+        fs.retries = 1
+    return fs, path
 
 
 def credentials_hint(url: str) -> str:

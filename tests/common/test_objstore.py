@@ -1,15 +1,21 @@
-"""Reading a run's Parquet shards (richpref/common/objstore.py read_parquet, through RunStore)."""
+"""Reading a run's Parquet shards (richpref/common/objstore.py read_parquet, through RunStore); the data
+dir check against an endpoint that never answers."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from richpref.common.objstore import read_parquet
+import pytest
+
+from richpref.common.objstore import DataDirError, check_reachable, read_parquet
 
 READ_ALL = """
 import sys
@@ -74,3 +80,35 @@ def test_read_parquet_gives_the_table_and_the_columns_asked_for(tmp_path):
     with open(path, "rb") as f:
         assert read_parquet(f, ["flipped"]).equals(pq.read_table(path, columns=["flipped"]))
     assert read_parquet(pa.BufferReader(path.read_bytes()), ["status"]).column_names == ["status"]
+
+
+def test_an_s3_endpoint_that_never_answers_is_asked_once_and_fails_in_its_timeout(monkeypatch):
+    # before: 10 requests, 15 s at a 1 s timeout (botocore's max_attempts counts retries, and s3fs
+    # retries a timeout 5 times on its own), about a minute at the default 5 s
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(listener.accept()[0])  # kept open, never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DataDirError, match=r"data dir s3://bucket/data cannot be reached: ReadTimeoutError"):
+            check_reachable("s3://bucket/data", timeout_s=1.0)
+    finally:
+        listener.close()
+        for c in held:
+            c.close()
+    assert len(held) == 1
+    assert time.monotonic() - t0 < 10
