@@ -233,6 +233,33 @@ def prefect_server(tmp_path_factory, tiny_models):
 
 
 @pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server (tests/s3_server.py) for the module, its endpoint and key in the environment."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3):
+    """A new, empty bucket on the module's S3 server."""
+    import uuid
+
+    name = f"b-{uuid.uuid4().hex[:10]}"
+    s3.make_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run as fast on one thread, and other load on a shared machine cannot stall them.
     Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""

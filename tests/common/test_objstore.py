@@ -1,5 +1,6 @@
 """Reading a run's Parquet shards (richpref/common/objstore.py read_parquet, through RunStore); the data
-dir check against an endpoint that never answers."""
+dir check against an endpoint that never answers; on a real S3 server (moto, the `s3` fixture), listings
+that see other clients' writes and small files read in one request."""
 from __future__ import annotations
 
 import socket
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 
 import pytest
 
-from richpref.common.objstore import DataDirError, check_reachable, read_parquet
+from richpref.common.objstore import DataDirError, cat_small, check_reachable, list_names, read_many, read_parquet
 
 READ_ALL = """
 import sys
@@ -112,3 +113,33 @@ def test_an_s3_endpoint_that_never_answers_is_asked_once_and_fails_in_its_timeou
             c.close()
     assert len(held) == 1
     assert time.monotonic() - t0 < 10
+
+
+def test_a_run_store_on_s3_lists_what_another_process_wrote_after_its_first_listing(s3, bucket):
+    # fsspec keeps an s3fs listing unless told not to: a worker would miss another's leases and manifests
+    import fsspec
+
+    from richpref.run.storage import RunStore
+
+    store = RunStore(f"s3://{bucket}/data", "r")
+    other = fsspec.filesystem("s3", skip_instance_cache=True)  # another process's own client
+    other.pipe(f"{bucket}/data/runs/r/sample/a.json", b"{}")
+    assert list_names(store.fs, f"{bucket}/data/runs/r/sample") == ["a.json"]
+    other.pipe(f"{bucket}/data/runs/r/sample/b.json", b"{}")
+    assert list_names(store.fs, f"{bucket}/data/runs/r/sample") == ["a.json", "b.json"]
+
+
+def test_small_files_on_s3_are_read_in_one_get_each_without_asking_their_size(s3, bucket):
+    # s3fs asks for an object's size (a HEAD) before a read it may split, unless told to read it whole
+    from richpref.run.storage import RunStore
+
+    store = RunStore(f"s3://{bucket}/data", "r")
+    paths = [f"{bucket}/data/runs/r/sample/{k}.json" for k in range(3)]
+    for k, path in enumerate(paths):
+        store.fs.pipe(path, b"%d" % k)
+    before = len(s3.requests())
+    assert cat_small(store.fs, paths[0]) == b"0"
+    assert read_many(store.fs, [*paths[1:], f"{bucket}/data/runs/r/sample/gone.json"]) == {
+        paths[1]: b"1", paths[2]: b"2", f"{bucket}/data/runs/r/sample/gone.json": None}
+    asked = s3.requests()[before:]
+    assert len(asked) == 4 and all(r.startswith("GET ") for r in asked), asked

@@ -11,35 +11,11 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import pyarrow as pa
 import pytest
 
-from s3_server import S3Server
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture
-def bucket(s3):
-    name = f"b-{uuid.uuid4().hex[:10]}"
-    s3.make_bucket(name)
-    return name
 
 
 def _cli(args, env, timeout=600):
@@ -383,17 +359,3 @@ def test_a_plan_over_an_s3_source_asks_its_listing_and_file_versions_once_not_on
     # the same whatever the shard count (before: 4 HEADs and a LIST more a shard: 331 HEADs at 60 shards)
     assert asked[1] == asked[2] and asked[2][0] <= 10 * 4, asked
 
-
-def test_a_run_store_on_s3_lists_what_another_process_wrote_after_its_first_listing(s3, bucket):
-    # fsspec keeps an s3fs listing unless told not to: a worker would miss another's leases and manifests
-    import fsspec
-
-    from richpref.common.objstore import list_names
-    from richpref.run.storage import RunStore
-
-    store = RunStore(f"s3://{bucket}/data", "r")
-    other = fsspec.filesystem("s3", skip_instance_cache=True)  # another process's own client
-    other.pipe(f"{bucket}/data/runs/r/sample/a.json", b"{}")
-    assert list_names(store.fs, f"{bucket}/data/runs/r/sample") == ["a.json"]
-    other.pipe(f"{bucket}/data/runs/r/sample/b.json", b"{}")
-    assert list_names(store.fs, f"{bucket}/data/runs/r/sample") == ["a.json", "b.json"]
