@@ -47,7 +47,18 @@ def test_one_process_per_machine_still_joins_the_group_on_a_fixed_port():
 def test_one_machine_is_what_it_was():
     args = _parsed(accelerate_command("c", "o", 2))
     assert (args.num_machines, args.num_processes, args.machine_rank, args.main_process_ip) == (1, 2, None, None)
+    assert args.multi_gpu is True and args.main_process_port > 0  # torchrun, on a port free here
     assert _parsed(accelerate_command("c", "o", 1)).multi_gpu is False
+
+
+def test_fsdp_shards_every_process_of_every_machine_without_the_data_parallel_flag():
+    one = _parsed(accelerate_command("c", "o", 2, fsdp=True))
+    two = _parsed(accelerate_command("c", "o", 2, fsdp=True, machines=Machines(2, 1, "node0")))
+    for args in (one, two):
+        assert (args.use_fsdp, args.multi_gpu) == (True, False)  # accelerate takes one of the two
+        assert (args.fsdp_sharding_strategy, args.fsdp_auto_wrap_policy) == ("FULL_SHARD", "TRANSFORMER_BASED_WRAP")
+    assert (one.num_processes, one.main_process_port > 0) == (2, True)
+    assert (two.num_processes, two.machine_rank, two.main_process_ip, two.main_process_port) == (4, 1, "node0", DEFAULT_MAIN_PORT)
 
 
 def test_machines_come_from_the_environment_of_a_prefect_worker():
