@@ -1,7 +1,8 @@
 """Training on several machines: the `accelerate launch` command `richpref finetune --num-machines M
 --machine-rank R --main-process-ip HOST` builds, checked against accelerate's own parser, the bad
 inputs it refuses before anything starts, a real two-machine run (two `richpref finetune` processes
-on this machine, one process group over gloo), and a trainer that stops on bad input, not relaunched."""
+on this machine, one process group over gloo), a trainer that stops on bad input, not relaunched, and
+one that keeps crashing, relaunched as often as asked."""
 from __future__ import annotations
 
 import json
@@ -94,6 +95,18 @@ def test_a_trainer_that_stops_on_bad_input_is_not_relaunched(tiny_models, tmp_pa
         launch_training(cfg, out, max_restarts=2, log_file=str(tmp_path / "train.log"))
     assert "not relaunched" in str(err.value)
     assert (tmp_path / "train.log").read_text().count("Traceback") <= 1  # one launch, not three
+
+
+def test_a_trainer_that_keeps_crashing_is_launched_once_and_max_restarts_times_more(tiny_models, tmp_path, monkeypatch):
+    from richpref.training import launcher
+
+    launches = tmp_path / "launches"
+    crash = [sys.executable, "-c", f"open({str(launches)!r}, 'a').write('x'); raise SystemExit(3)"]
+    monkeypatch.setattr(launcher, "accelerate_command", lambda *args: crash)  # the trainer, crashing at once
+    cfg = tiny_config(tiny_models, write_pairs(tmp_path / "pairs.parquet", 2))
+    with pytest.raises(launcher.LaunchFailed, match=r"failed 3 time\(s\) \(exit codes \[3, 3, 3\]\).*Launch again to resume"):
+        launcher.launch_training(cfg, tmp_path / "run", max_restarts=2)
+    assert launches.read_text() == "xxx"
 
 
 def test_a_second_launch_on_an_output_folder_in_training_is_refused(tiny_models, pairs_file, tmp_path):  # noqa: F811
