@@ -1,7 +1,9 @@
-"""Processes a test spawns as the processes of one distributed run (gloo on CPU)."""
+"""Processes a test spawns as the processes of one distributed run (gloo on CPU), and whether a process
+is gone."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 
 def run_spawned(target, args_per_process: list[tuple], timeout: float = 120) -> list[int | None]:
@@ -21,3 +23,17 @@ def run_spawned(target, args_per_process: list[tuple], timeout: float = 120) -> 
                 p.kill()
                 p.join()
     return [p.exitcode for p in procs]
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has exited: no such process, or a zombie not yet reaped (state Z or X),
+    which still answers kill(0)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] in "ZX"
+    except OSError:
+        return True

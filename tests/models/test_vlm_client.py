@@ -22,7 +22,7 @@ from tenacity import RetryCallState
 
 from richpref.common.images import encode_png
 from richpref.models.vlm import YES_NO, VisionLanguageModel
-from richpref.models.vlm_client import ServerBusy, ServerUnavailable, _wait, connect
+from richpref.models.vlm_client import ServedVLM, ServerBusy, ServerUnavailable, _retryable, _wait, connect
 from richpref.prompts import load_template
 from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, InstructConfig
 from richpref.schemas.serving import EngineConfig
@@ -30,24 +30,12 @@ from richpref.tasks import critique as critique_stage
 from richpref.tasks import filter as filter_stage
 from richpref.tasks import check as check_stage
 from richpref.tasks import instruct as instruct_stage
+from process_helpers import gone
 from vlm_helpers import PROMPTS, FaultProxy, filter_input, image, instruct_input
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LAUNCH = EngineConfig(backend="server", launch="transformers", startup_timeout_s=240, retries=1)
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    # a zombie not yet reaped still answers kill(0); it is gone once its state is Z or X
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] in "ZX"
-    except OSError:
-        return True
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +219,26 @@ def test_a_busy_servers_retry_after_is_waited_for(served):
         return _wait(state)
     # capped at a minute; as asked; an HTTP date or nothing readable: the backoff
     assert [wait_for(a) for a in ("3600", "2", "Wed, 21 Oct 2026 07:28:00 GMT", "")] == [60.0, 2.0, 0.25, 0.25]
+
+
+def test_a_loaded_or_failing_server_and_a_lost_connection_are_retried_a_refused_request_is_not():
+    def answered(code):
+        return httpx.HTTPStatusError("x", request=httpx.Request("POST", "http://x"), response=httpx.Response(code))
+
+    assert [_retryable(answered(c)) for c in (500, 502, 503, 504, 429)] == [True] * 5
+    assert [_retryable(answered(c)) for c in (400, 404, 413, 422, 499)] == [False] * 5  # the same again would fail
+    assert _retryable(httpx.ConnectError("refused")) and _retryable(httpx.ReadTimeout("slow"))
+    assert not _retryable(ValueError("not JSON"))
+
+
+def test_a_request_that_times_out_on_a_live_launched_server_rejects_its_row_and_leaves_the_server(served):
+    remote, _ = served["critic"]  # its launched server, alive: the request, not the server, failed
+    hasty = ServedVLM(LAUNCH.model_copy(update={"retries": 0, "request_timeout_s": 0.001, "restarts": 1}),
+                      remote.served_name, remote.model_id, server=remote.server)
+    [answer] = hasty.generate_detailed([image(0)], [PROMPTS[0]], max_new_tokens=4)
+    hasty.http.close()  # not close(): that stops the module's server
+    assert answer.error.startswith("vlm_request_failed: ") and "Timeout after 1 attempt(s)" in answer.error, answer
+    assert remote.server.starts == 1 and hasty.restarts_left == 1
 
 
 def test_an_unreachable_endpoint_fails_the_shard_and_a_rerun_completes(served):

@@ -20,7 +20,7 @@ from richpref.models.rewards.judge_chat import ask, qwen_resize
 from richpref.models.rewards.judge_parse import edit_score, final_score, score_list
 from richpref.schemas.config import Profile, RelabelConfig, RewardModel, RewardSpec, ScoreConfig
 from richpref.schemas.serving import EngineConfig
-from test_vlm_client import gone
+from process_helpers import gone
 from vlm_helpers import PROMPTS, image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

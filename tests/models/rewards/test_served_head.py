@@ -22,7 +22,7 @@ from richpref.models.rewards import load_reward, load_reward_spec
 from richpref.common.procs import free_port
 from richpref.schemas.relabel import RewardSpec
 from richpref.schemas.serving import EngineConfig
-from test_vlm_client import gone
+from process_helpers import gone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
