@@ -4,6 +4,8 @@ images an instruct or check/filter call takes; a fault-injecting proxy in front 
 test module."""
 from __future__ import annotations
 
+import json
+
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -44,7 +46,7 @@ def filter_input(n=3):
 class FaultProxy:
     """Forwards /v1/chat/completions to `upstream`; a request whose text holds a marker gets garbage
     (marker "GARBAGE") or HTTP 500 (marker "FAIL500"); the first `busy_for` requests get HTTP 503 (a
-    loaded server's refusal), saying `Retry-After: retry_after` where given."""
+    loaded server's refusal), saying `Retry-After: retry_after` where given. `bodies`: the requests' JSON."""
 
     def __init__(self, upstream: str, busy_for: int = 0, retry_after: str | None = None) -> None:
         proxy = self
@@ -57,6 +59,7 @@ class FaultProxy:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with proxy.lock:
+                    proxy.bodies.append(json.loads(body))
                     busy, proxy.busy_for = proxy.busy_for > 0, proxy.busy_for - 1
                 if busy:
                     return self._send(503, b'{"error": "overloaded"}', retry_after)
@@ -79,6 +82,7 @@ class FaultProxy:
 
         self.upstream = upstream
         self.lock = threading.Lock()
+        self.bodies: list[dict] = []  # every request's JSON, as sent
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

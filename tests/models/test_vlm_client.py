@@ -211,7 +211,8 @@ def test_a_busy_servers_retry_after_is_waited_for(served):
         client.close()
         proxy.stop()
     assert answer.error is None and waited >= 1.5  # the backoff alone: 0.25 s
-    # one completion counted (the refused try is not), with the tokens its usage reports
+    # asked greedily, twice (the refused try, then the answered one); counted once, with its usage's tokens
+    assert [(b["temperature"], b["max_tokens"]) for b in proxy.bodies] == [(0.0, 4)] * 2
     assert client.stats["requests"] == 1 and client.stats["prompt_tokens"] > 0 and client.stats["completion_tokens"] > 0
 
     def wait_for(retry_after):  # before retrying a 503 that said `Retry-After: retry_after`
