@@ -1,7 +1,7 @@
 """Inputs of the VLM stages, shared by the critique, instruct, check and filter tests
 (tests/tasks/) and tests/models/test_vlm_client.py: seeded noise images, three prompts, and the rows and
-images an instruct or check/filter call takes; a fault-injecting proxy in front of a served VLM. Not a
-test module."""
+images an instruct or check/filter call takes; a fault-injecting proxy in front of a served VLM; what a
+served answer must equal in process. Not a test module."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ import pyarrow as pa
 from PIL import Image
 
 from richpref.common.images import encode_png
+from richpref.models.vlm import YES_NO, VisionLanguageModel
 
 
 def image(seed: int, size=(64, 64)) -> Image.Image:
@@ -91,3 +92,36 @@ class FaultProxy:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def endoftext_split(local: VisionLanguageModel, img, prompt: str, max_new_tokens: int) -> str | None:
+    """The in-process greedy text after the last <|endoftext|> the model wrote, or None if it wrote none.
+
+    The tiny Qwen's generation config ends answers at <|im_end|> only, so it may write <|endoftext|>
+    mid-answer; in-process decoding skips that special token, while transformers serve's Qwen reply
+    parser closes the content at it and returns only what follows (vLLM and SGLang, and real Qwen
+    configs that stop at <|endoftext|>, do not meet this)."""
+    import torch
+
+    tok = local.tokenizer
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    inputs = local._encode([img], [prompt])
+    with torch.inference_mode():
+        ids = local.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                   top_p=None, top_k=None)[0, inputs["input_ids"].shape[1]:].tolist()
+    ids = ids[: next((k for k, t in enumerate(ids) if t in local._eos_ids()), len(ids))]
+    if eot not in ids:
+        return None
+    last = len(ids) - 1 - ids[::-1].index(eot)
+    return tok.decode(ids[last + 1:], skip_special_tokens=True).strip()
+
+
+def same_text(served_text: str, local_text: str, local, img, prompt, max_new_tokens) -> bool:
+    return served_text == local_text or served_text == endoftext_split(local, img, prompt, max_new_tokens)
+
+
+def argmax_answer(local: VisionLanguageModel, images, prompts) -> list[float]:
+    """What a one-token answer under the yes/no logit bias must be: the most likely single spelling."""
+    spellings = [s for group in YES_NO for s in group]
+    probs = local.option_probabilities(images, prompts, [(s,) for s in spellings])
+    return [1.0 if spellings[k] in YES_NO[0] else 0.0 for k in probs.argmax(axis=1)]

@@ -8,6 +8,7 @@ small proxy in front of the real server (tests/vlm_helpers.py); a dead server is
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ import pytest
 from tenacity import RetryCallState
 
 from richpref.common.images import encode_png
-from richpref.models.vlm import YES_NO, VisionLanguageModel
+from richpref.models.vlm import VisionLanguageModel
 from richpref.models.vlm_client import ServedVLM, ServerBusy, ServerUnavailable, _retryable, _wait, connect
 from richpref.prompts import load_template
 from richpref.schemas.config import CheckConfig, CritiqueConfig, FilterConfig, InstructConfig
@@ -31,7 +32,7 @@ from richpref.tasks import filter as filter_stage
 from richpref.tasks import check as check_stage
 from richpref.tasks import instruct as instruct_stage
 from process_helpers import gone
-from vlm_helpers import PROMPTS, FaultProxy, filter_input, image, instruct_input
+from vlm_helpers import PROMPTS, FaultProxy, argmax_answer, filter_input, image, instruct_input, same_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,39 +56,6 @@ def served(tiny_models):
             local.close()
         assert all(gone(p) for p in pids), "a launched server outlived its client"
         assert not [d for d in log_dirs if d.exists()], "a stopped server's temporary log folder was left behind"
-
-
-def endoftext_split(local: VisionLanguageModel, img, prompt: str, max_new_tokens: int) -> str | None:
-    """The in-process greedy text after the last <|endoftext|> the model wrote, or None if it wrote none.
-
-    The tiny Qwen's generation config ends answers at <|im_end|> only, so it may write <|endoftext|>
-    mid-answer; in-process decoding skips that special token, while transformers serve's Qwen reply
-    parser closes the content at it and returns only what follows (vLLM and SGLang, and real Qwen
-    configs that stop at <|endoftext|>, do not meet this)."""
-    import torch
-
-    tok = local.tokenizer
-    eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    inputs = local._encode([img], [prompt])
-    with torch.inference_mode():
-        ids = local.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                   top_p=None, top_k=None)[0, inputs["input_ids"].shape[1]:].tolist()
-    ids = ids[: next((k for k, t in enumerate(ids) if t in local._eos_ids()), len(ids))]
-    if eot not in ids:
-        return None
-    last = len(ids) - 1 - ids[::-1].index(eot)
-    return tok.decode(ids[last + 1:], skip_special_tokens=True).strip()
-
-
-def same_text(served_text: str, local_text: str, local, img, prompt, max_new_tokens) -> bool:
-    return served_text == local_text or served_text == endoftext_split(local, img, prompt, max_new_tokens)
-
-
-def argmax_answer(local: VisionLanguageModel, images, prompts) -> list[float]:
-    """What a one-token answer under the yes/no logit bias must be: the most likely single spelling."""
-    spellings = [s for group in YES_NO for s in group]
-    probs = local.option_probabilities(images, prompts, [(s,) for s in spellings])
-    return [1.0 if spellings[k] in YES_NO[0] else 0.0 for k in probs.argmax(axis=1)]
 
 
 def test_launched_server_is_healthy_and_owned(served):
@@ -242,6 +210,25 @@ def test_a_request_that_times_out_on_a_live_launched_server_rejects_its_row_and_
     hasty.http.close()  # not close(): that stops the module's server
     assert answer.error.startswith("vlm_request_failed: ") and "Timeout after 1 attempt(s)" in answer.error, answer
     assert remote.server.starts == 1 and hasty.restarts_left == 1
+
+
+def test_yes_no_is_read_from_the_answer_tokens_top_logprobs_where_a_server_returns_them(monkeypatch):
+    # vLLM's and SGLang's reply shape (transformers serve returns no logprobs: its answers read "answer")
+    def reply(top, content):
+        logprobs = {"content": [{"token": content, "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in top]}]}
+        return {"choices": [{"message": {"content": content}, "logprobs": logprobs if top else None}]}
+
+    replies = iter([reply([("Yes", 0.5), (" yes", 0.1), (" no", 0.2), ("maybe", 0.2)], "Yes"),
+                    reply([("maybe", 0.9)], "No."), reply([], "perhaps")])
+    client = ServedVLM(EngineConfig(backend="server", endpoint="http://127.0.0.1:9/v1", concurrency=1), "m", "m")
+    asked = []
+    monkeypatch.setattr(client, "_post", lambda body: asked.append(body) or next(replies))
+    got = client.yes_no([image(0)] * 3, ["q"] * 3)
+    client.close()
+    assert {(b["max_tokens"], b["logprobs"], b["top_logprobs"]) for b in asked} == {(1, True, client.engine.top_logprobs)}
+    assert (got[0].p, got[0].source) == (pytest.approx(0.75), "logprobs")  # (0.5 + 0.1) / (0.5 + 0.1 + 0.2)
+    assert (got[1].p, got[1].source, got[1].error) == (0.0, "answer", None)  # no option among them: the answer
+    assert got[2].p is None and got[2].error.startswith("unparseable_answer: 'perhaps' is none of ['Yes', 'No']")
 
 
 def test_an_unreachable_endpoint_fails_the_shard_and_a_rerun_completes(served):
