@@ -121,6 +121,22 @@ def test_the_last_holder_of_a_stage_with_ready_shards_is_not_pulled_away():
     assert pulled_to("check", holders_of_own=6, **{**ask, "ready_s": lambda k: 1.0}) is None  # pays no loads
 
 
+def test_a_worker_is_pulled_to_an_unheld_stage_only_at_its_share_and_where_the_ready_work_pays_both_loads():
+    from richpref.run.affinity import pulled_to
+
+    def pull(other_share=2.75, ready_s=1.5, held=(), ready=("a", "b")):
+        return pulled_to("a", list(ready), lambda k: ready_s, {"a", *held}, {"a": 3.5, "b": other_share},
+                         2, {"a": 0.5, "b": 1.0})
+
+    # a, held by 2 of its 3.5 workers' share, would lack 2.5 of it without this worker: b must want more
+    assert pull() == "b" and pull(other_share=2.5) is None
+    assert pull(ready_s=1.5) == "b" and pull(ready_s=1.49) is None  # loads there (1.0) and back (0.5)
+    assert pull(held=("b",)) is None and pull(ready=("a",)) is None
+    # a stage that wants less than one worker is not worth one; one that wants exactly one is
+    assert [pulled_to("a", ["b"], lambda k: 9.0, {"a"}, {"a": 1.5, "b": b}, 2, {"a": 0.5, "b": 1.0})
+            for b in (0.9, 1.0)] == [None, "b"]
+
+
 def test_a_stage_is_fed_while_each_model_stage_it_reads_with_shards_left_has_a_holder():
     from richpref.run.affinity import fed, model_feeders
 
