@@ -137,6 +137,21 @@ def test_a_worker_is_pulled_to_an_unheld_stage_only_at_its_share_and_where_the_r
             for b in (0.9, 1.0)] == [None, "b"]
 
 
+def test_a_free_worker_switches_to_the_stage_furthest_below_its_share_whose_load_its_work_pays():
+    from richpref.run.affinity import choose_stage
+
+    def choose(load_b=2.0, holders_c=0):
+        return choose_stage(["b", "c"], {"b": 1, "c": holders_c}, {"b": load_b, "c": 5.0}, {"b": 4.0, "c": 2.0}, 4)
+
+    # shares of 4 workers: b 8/3 (held by 1), c 4/3 (by none); b's load is worth its half of 4 s left
+    assert choose() == "b"
+    assert choose(load_b=2.01) == "c"  # no longer paid by b's work: c, whose load nobody else pays
+    assert choose(load_b=2.01, holders_c=1) is None  # neither pays its load: wait
+    assert choose_stage(["c", "b"], {"b": 0, "c": 0}, {"b": 1.0, "c": 1.0}, {"b": 3.0, "c": 3.0}, 2) == "c"  # a tie: first ready
+    # b wants 4 of 6 workers and has 3, c wants 2 and has none: c is further below its share
+    assert choose_stage(["b", "c"], {"b": 3, "c": 0}, {"b": 1.0, "c": 1.0}, {"b": 8.0, "c": 4.0}, 6) == "c"
+
+
 def test_a_stage_is_fed_while_each_model_stage_it_reads_with_shards_left_has_a_holder():
     from richpref.run.affinity import fed, model_feeders
 
