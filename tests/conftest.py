@@ -235,13 +235,18 @@ def prefect_server(tmp_path_factory, tiny_models):
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server (tests/s3_server.py) for the module, its endpoint and key in the environment."""
+    from s3fs import S3FileSystem
     from s3_server import S3Server
 
+    # fsspec keeps one S3FileSystem per set of arguments, and the endpoint is not one of them (it comes
+    # from the environment): an instance made for an earlier module's server would call a stopped one
+    S3FileSystem.clear_instance_cache()
     server = S3Server(tmp_path_factory.mktemp("s3"))
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     yield server
     server.stop()
+    S3FileSystem.clear_instance_cache()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
