@@ -5,7 +5,6 @@ served answer must equal in process. Not a test module."""
 from __future__ import annotations
 
 import json
-
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

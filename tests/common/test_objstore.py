@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 import pytest
 
 from richpref.common.objstore import DataDirError, cat_small, check_reachable, list_names, read_many, read_parquet
